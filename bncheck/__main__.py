@@ -1,0 +1,6 @@
+"""`python -m bncheck` runs the same CLI as the console script."""
+
+from bncheck.cli import main
+
+if __name__ == "__main__":
+    main()

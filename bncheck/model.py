@@ -1,0 +1,285 @@
+"""The framework-neutral view of a model: its normalization layers and what a probe measured in them.
+
+Backends (ONNX, Keras) build these objects; checks, the report and the renderers read them and never touch a
+framework. Everything here is plain data: numpy arrays, tuples, strings, numbers.
+
+Conventions
+- Axes are non-negative indices into the *normalized input* tensor of the layer (for a layer that normalizes
+  a reshaped copy of its input, such as a lowered InstanceNorm, into that reshaped tensor).
+- A dimension is an ``int`` when known, a ``str`` when symbolic (its name, e.g. ``"batch"``), ``None`` when
+  unknown.
+- A parameter array is ``None`` when it is unknown (a graph input, computed at run time, or absent): it is
+  never guessed.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Dim = int | str | None
+
+
+class Kind(str, enum.Enum):
+    """What a normalization layer normalizes over; drives which checks apply."""
+
+    BATCH = "batch"  # BatchNormalization: per channel, over batch and spatial axes
+    INSTANCE = "instance"  # per sample and channel, over spatial axes
+    LAYER = "layer"  # per sample, over the trailing axes
+    GROUP = "group"  # per sample and group of channels
+    RMS = "rms"  # root-mean-square: scales, does not centre
+    MEAN_VARIANCE = "mean-variance"  # ONNX MeanVarianceNormalization over explicit axes
+    MOMENTS = "moments"  # a decomposed mean/variance chain whose axes fit none of the above
+    UNIT = "unit"  # L2 normalization (Keras UnitNormalization)
+
+    def __str__(self) -> str:  # rich tables and messages show the value, not "Kind.BATCH"
+        return self.value
+
+
+@dataclass(frozen=True, eq=False)
+class NormLayer:
+    """One normalization layer, as a backend found it.
+
+    ``axes`` are the axes the layer's statistics are (or, for inference-mode BatchNormalization, were)
+    computed over. ``uses_running_stats`` says the output at inference is computed from the stored ``mean``
+    and ``var`` instead of from the input; ``batch_statistics`` says the statistics computed at inference mix
+    the samples of a batch (the train-mode defect). ``training`` is the layer's own flag as written in the
+    file, which can be set without batch statistics (the lowered-InstanceNorm trap; see ``notes``).
+    """
+
+    name: str
+    kind: Kind
+    op_type: str
+    nodes: tuple[str, ...]
+    input: str
+    output: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    domain: str = ""
+    axes: tuple[int, ...] | None = None
+    channel_axis: int | None = 1
+    channels: int | None = None
+    groups: int | None = None
+    epsilon: float | None = None
+    momentum: float | None = None
+    training: bool = False
+    batch_statistics: bool = False
+    uses_running_stats: bool = False
+    centered: bool = True
+    scale: np.ndarray | None = field(default=None, repr=False)
+    bias: np.ndarray | None = field(default=None, repr=False)
+    mean: np.ndarray | None = field(default=None, repr=False)
+    var: np.ndarray | None = field(default=None, repr=False)
+    input_shape: tuple[Dim, ...] | None = None
+    batch_axis: int | None = 0
+    notes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def computes_statistics(self) -> bool:
+        """True when the layer computes its mean/variance from its input at inference."""
+        return not self.uses_running_stats
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, shape (symbolic dims as names) and numpy dtype name."""
+
+    name: str
+    shape: tuple[Dim, ...] | None
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the report says about the file itself."""
+
+    path: str
+    format: str  # "onnx" | "keras" | "h5"
+    sha256: str
+    opset: dict[str, int] | None = None
+    producer: str | None = None
+    ir_version: int | None = None
+    framework_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Note:
+    """A model-level remark that is not a finding (checker failure, no norm layers, folded BN, ...)."""
+
+    level: str  # "info" | "warning"
+    message: str
+
+
+@dataclass(eq=False)
+class ModelView:
+    """A loaded model as bncheck sees it. ``handle`` is backend-private state, never read by checks."""
+
+    info: ModelInfo
+    layers: list[NormLayer]
+    inputs: list[InputSpec]
+    notes: list[Note] = field(default_factory=list)
+    handle: Any = field(default=None, repr=False)
+
+    def layer(self, name: str) -> NormLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- probe statistics
+
+
+@dataclass(frozen=True, eq=False)
+class TensorStats:
+    """Per-channel summary of one tensor in one probe batch; small arrays only, never the activation.
+
+    ``sample_mean`` and ``sample_sq`` are [N, C]: the mean and the mean of squares of each sample's channel
+    over the remaining (spatial) axes. They are float64 (aggregated in numpy: a float32 sum of squares over
+    the whole batch loses 3e-4). ``count`` is elements per channel in the whole batch.
+    """
+
+    batch_size: int
+    count: int
+    sample_mean: np.ndarray
+    sample_sq: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    zeros: np.ndarray
+    nonfinite: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.sample_mean.shape[1])
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-channel mean over the batch (every sample has the same element count)."""
+        return self.sample_mean.mean(axis=0)
+
+    @property
+    def var(self) -> np.ndarray:
+        """Per-channel population variance over the batch, E[x^2] - E[x]^2 clipped at 0."""
+        return np.maximum(self.sample_sq.mean(axis=0) - self.mean**2, 0.0)
+
+    @property
+    def total_nonfinite(self) -> int:
+        return int(np.sum(self.nonfinite))
+
+    @property
+    def total_zeros(self) -> int:
+        return int(np.sum(self.zeros))
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProbe:
+    """What one layer saw in one probe batch.
+
+    ``source`` is "runtime" when the numbers come from the runtime, "spec" when they were computed by the
+    reference implementation because the runtime does not follow the spec for this node (train-mode
+    BatchNormalization in onnxruntime); then ``runtime_deviation`` is the largest |runtime - spec| seen.
+    """
+
+    layer: str
+    batch_size: int
+    input: TensorStats | None
+    output: TensorStats | None
+    source: str = "runtime"
+    runtime_deviation: float | None = None
+
+
+@dataclass(frozen=True)
+class BatchDependence:
+    """How much a layer's per-sample statistics move when a sample's batch companions change.
+
+    Each change is the largest absolute difference, over the probed samples, companions and batch sizes, of
+    a sample's per-channel mean (and mean of squares) against the same sample probed alone, divided by
+    ``scale`` (the layer's per-channel spread, so the number is in units of standard deviations).
+    """
+
+    layer: str
+    input_change: float
+    output_change: float
+    samples: int
+    batch_sizes: tuple[int, ...]
+    worst_batch_size: int | None = None
+
+
+@dataclass(eq=False)
+class ProbeResult:
+    """Everything a probe measured, per batch size and per layer."""
+
+    batch_sizes: tuple[int, ...]
+    layers: dict[int, dict[str, LayerProbe]]  # batch size -> layer name -> stats
+    dependence: dict[str, BatchDependence] = field(default_factory=dict)
+    data: dict[str, TensorStats] | None = None  # with --data: each layer's input over all samples
+    data_source: str = "synthetic"
+    data_samples: int = 0
+    seed: int = 0
+    call_style: str | None = None  # Keras: "as-written" or "predict"; None for ONNX
+    notes: list[str] = field(default_factory=list)
+
+    def at(self, batch_size: int, layer: str) -> LayerProbe | None:
+        return self.layers.get(batch_size, {}).get(layer)
+
+
+def summarize(values: np.ndarray | None) -> dict[str, float | int | None] | None:
+    """min/median/max/count of a parameter array, or None when the parameter is unknown."""
+    if values is None:
+        return None
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if flat.size == 0:
+        return {"count": 0, "min": None, "median": None, "max": None}
+    finite = flat[np.isfinite(flat)]
+    base = finite if finite.size else flat
+    return {
+        "count": int(flat.size),
+        "min": float(np.min(base)) if finite.size else None,
+        "median": float(np.median(base)) if finite.size else None,
+        "max": float(np.max(base)) if finite.size else None,
+        "nonfinite": int(flat.size - finite.size),
+    }
+
+
+def normalized_set_size(layer: NormLayer, batch: int | None = None) -> tuple[int | None, tuple[str, ...]]:
+    """Elements in one normalized set of ``layer`` and the symbolic dims it depends on.
+
+    Returns ``(known_product, symbolic_dim_names)``: the product of the known dims (times channels per group
+    for GroupNorm), and the names of the symbolic dims that also enter it. ``batch`` substitutes a batch
+    size for the batch axis. ``(None, ())`` when the shape or axes are unknown.
+    """
+    if layer.axes is None or layer.input_shape is None:
+        return None, ()
+    product = 1
+    symbolic: list[str] = []
+    for axis in layer.axes:
+        if axis >= len(layer.input_shape):
+            return None, ()
+        if layer.kind is Kind.GROUP and axis == layer.channel_axis:
+            continue
+        dim = layer.input_shape[axis]
+        if batch is not None and axis == layer.batch_axis:
+            dim = batch
+        if isinstance(dim, int):
+            product *= dim
+        elif isinstance(dim, str):
+            symbolic.append(dim)
+        else:
+            return None, ()
+    if layer.kind is Kind.GROUP:
+        if not layer.groups or not layer.channels:
+            return None, ()
+        product *= max(layer.channels // layer.groups, 1)
+    return product, tuple(symbolic)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN/Inf: callers encode them as strings; this returns None for non-finite numbers."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
