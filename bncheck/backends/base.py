@@ -33,6 +33,7 @@ class ProbeSettings:
     seed: int = 0
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: dict[str, np.ndarray] | None = None
+    data_path: str | None = None  # --data; the engine reads it into ``data`` once the model's inputs are known
     data_source: str = "synthetic"
     samples: int = 4
     progress: Callable[[int, int], None] | None = None

@@ -1,0 +1,142 @@
+"""BN002 train-mode: the layer normalizes with batch statistics at inference.
+
+What it does
+    Statically, it flags BatchNormalization nodes in training mode (ONNX ``training_mode=1``, or the training
+    outputs of opset < 14; a Keras layer called with a baked ``training=True``), MeanVarianceNormalization over
+    the batch axis, and hand-written moments (ReduceMean chains) whose axes include the batch axis. With
+    `probe`, it runs samples alone and inside batches with different companions and flags the first layer on
+    each path whose per-sample output changes with its companions while its input does not; layers downstream
+    of it are marked "affected" in the layer table, not reported again.
+
+Why is this bad?
+    At inference a sample's prediction must not depend on which other samples share its batch. Batch
+    statistics make it so: results change with batch size and composition, and at batch size 1 on small
+    feature maps the layer collapses (BN001).
+
+Example
+    A TF1 graph built with ``is_training=True`` and frozen; a PyTorch model exported without ``model.eval()``;
+    ``mean, var = tf.nn.moments(x, axes=[0, 1, 2])`` used at inference.
+
+Fix
+    Export or build the inference graph with training off (``model.eval()``, ``training=False``,
+    ``is_training=False``) so the layer uses its moving statistics; or run ``bncheck fix --data`` to turn the
+    node into an inference node with statistics recomputed from calibration data. Not a defect: PyTorch's
+    exporter writes InstanceNorm as a training-mode BatchNormalization over a [1, N*C, ...] reshape, whose
+    statistics are per sample; it is reported as info.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from bncheck.checks._util import describe
+from bncheck.findings import Finding, Severity
+from bncheck.model import BatchDependence, ModelView, NormLayer, ProbeResult
+
+CODE = "BN002"
+SLUG = "train-mode"
+SEVERITY = Severity.ERROR
+
+#: A sample's per-channel mean or mean of squares that moves by more than this many per-channel standard
+#: deviations when its batch companions change means batch statistics. Measured float32 noise on clean
+#: models (different batch sizes use different kernels) stays below 1e-5; a real batch dependence moves by
+#: order 0.1 to 1.
+OUTPUT_TOLERANCE = 1e-3
+#: Below this, the layer's input did not move: the dependence starts in this layer.
+INPUT_TOLERANCE = 1e-4
+
+HINT = (
+    "Export or build the inference graph with training off (model.eval(), training=False, is_training=False) "
+    "so the layer uses its moving statistics, or run `bncheck fix MODEL --data CALIB -o FIXED`."
+)
+HINT_MOMENTS = (
+    "Compute moments over the batch axis only in training; at inference use moving averages "
+    "(a BatchNormalization layer does both), or run `bncheck fix MODEL --data CALIB -o FIXED`."
+)
+
+
+def is_culprit(dep: BatchDependence) -> bool:
+    """The layer's output depends on the batch while its input does not: the dependence starts here."""
+    return dep.output_change > OUTPUT_TOLERANCE and dep.input_change <= INPUT_TOLERANCE
+
+
+def is_affected(dep: BatchDependence) -> bool:
+    """The layer's input already depends on the batch (an upstream layer uses batch statistics)."""
+    return dep.input_change > INPUT_TOLERANCE
+
+
+def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
+    for layer in view.layers:
+        dep = probe.dependence.get(layer.name) if probe is not None else None
+        dynamic = dep is not None and is_culprit(dep)
+        if layer.batch_statistics or dynamic:
+            yield _finding(layer, dep, dynamic, probe)
+        elif layer.training:
+            reason = "; ".join(layer.notes) or "its statistics do not mix the samples of a batch"
+            yield Finding(
+                CODE,
+                SLUG,
+                Severity.INFO,
+                layer.name,
+                f"{describe(layer)} has a training flag but is not batch-dependent: {reason}",
+                "Nothing to fix; reported so that the training flag is not mistaken for a defect.",
+                {"kind": "static", "training_flag": True, "batch_statistics": False},
+            )
+
+
+def _finding(
+    layer: NormLayer, dep: BatchDependence | None, dynamic: bool, probe: ProbeResult | None
+) -> Finding:
+    evidence: dict[str, object] = {
+        "kind": "batch-dependence" if dynamic else "static",
+        "training_flag": layer.training,
+        "axes": list(layer.axes) if layer.axes is not None else None,
+        "predicted": layer.batch_statistics,
+    }
+    if dep is not None:
+        evidence.update(
+            output_change=dep.output_change,
+            input_change=dep.input_change,
+            samples=dep.samples,
+            batch_sizes=list(dep.batch_sizes),
+            worst_batch_size=dep.worst_batch_size,
+            tolerance=OUTPUT_TOLERANCE,
+        )
+    if probe is not None and probe.call_style is not None:
+        evidence["call_style"] = probe.call_style
+    runtime_note = _runtime_note(layer, probe)
+    if runtime_note:
+        evidence["runtime_deviation"] = runtime_note
+    decomposed = layer.op_type == "decomposed"
+    if decomposed or not layer.training:
+        what = (
+            f"{describe(layer)} computes its moments over axes {list(layer.axes or [])}, which include the "
+            "batch axis"
+        )
+    else:
+        what = f"{describe(layer)} runs in training mode"
+    if dynamic:
+        what = (
+            f"{what if layer.batch_statistics else describe(layer)}: a sample's output moved by "
+            f"{dep.output_change:.3g} standard deviations when its batch companions changed, its input by "  # type: ignore[union-attr]
+            f"{dep.input_change:.2g}"  # type: ignore[union-attr]
+        )
+    else:
+        what += ": it normalizes with the statistics of the current batch, so a sample's output depends on its batch neighbours"
+    notes = [n for n in layer.notes if n]
+    if notes:
+        what += " (" + "; ".join(notes) + ")"
+    if runtime_note:
+        what += f"; onnxruntime's own output for this node differs from the ONNX spec by up to {runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec"
+    return Finding(CODE, SLUG, SEVERITY, layer.name, what, HINT_MOMENTS if decomposed else HINT, evidence)
+
+
+def _runtime_note(layer: NormLayer, probe: ProbeResult | None) -> float | None:
+    if probe is None:
+        return None
+    worst = None
+    for batch_size in probe.batch_sizes:
+        seen = probe.at(batch_size, layer.name)
+        if seen is not None and seen.source == "spec" and seen.runtime_deviation is not None:
+            worst = seen.runtime_deviation if worst is None else max(worst, seen.runtime_deviation)
+    return worst

@@ -1,0 +1,130 @@
+"""BN003 stale-stats: moving statistics never updated, or far from the data's.
+
+What it does
+    Statically, it flags inference-mode batch norms whose running mean is exactly 0 and running variance
+    exactly 1 in every channel: the initial values, so the update ops never ran. A layer with only some
+    channels at those values is not stale (a dead channel can legitimately have mean 0). With
+    ``probe --data``, it compares each layer's observed input statistics (all calibration samples, inference
+    mode) with the stored ones and warns when the median over channels of the standardized mean shift
+    ``|m - mu| / sqrt(var + eps)`` exceeds 0.5, or the median of ``|ln((v + eps) / (var + eps))|`` exceeds
+    ln 2 (variance off by a factor of 2).
+
+Why is this bad?
+    At inference a batch norm normalizes with its moving averages. If they never moved (TF1 update ops not in
+    the train op's control dependencies; a layer frozen too early) or moved too little (decay 0.999 needs
+    thousands of steps), or were accumulated on other data, every activation is mis-scaled and shifted: the
+    model works in training mode and fails in inference mode.
+
+Example
+    ``tf.contrib.layers.batch_norm(x, is_training=True)`` trained without running ``tf.GraphKeys.UPDATE_OPS``:
+    moving_mean stays 0, moving_variance stays 1.
+
+Fix
+    Make the update ops run during training (``tf.control_dependencies(update_ops)``; Keras ``fit`` does it),
+    train long enough for the decay, or recompute the statistics from representative data:
+    ``bncheck fix MODEL --data CALIB -o FIXED``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from bncheck.checks._util import describe
+from bncheck.findings import Finding, Severity
+from bncheck.model import ModelView, NormLayer, ProbeResult
+
+CODE = "BN003"
+SLUG = "stale-stats"
+SEVERITY = Severity.ERROR
+
+#: Drift thresholds (medians over channels): a mean off by half a standard deviation, a variance off by 2x.
+MEAN_SHIFT_THRESHOLD = 0.5
+LOG_VAR_RATIO_THRESHOLD = math.log(2.0)
+
+HINT_DEFAULTS = (
+    "The update ops never ran: make them part of training (tf.control_dependencies(UPDATE_OPS); Keras fit "
+    "does it), or recompute the statistics: `bncheck fix MODEL --data CALIB -o FIXED`."
+)
+HINT_DRIFT = (
+    "Recompute the moving statistics on representative data (`bncheck fix MODEL --data CALIB -o FIXED`), or "
+    "train longer / with a smaller momentum decay so the averages converge."
+)
+
+
+def has_default_stats(layer: NormLayer) -> bool:
+    """Running mean exactly 0 and running variance exactly 1 in every channel."""
+    if layer.mean is None or layer.var is None or layer.mean.size == 0:
+        return False
+    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0))
+
+
+def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[float, float]:
+    """(median standardized mean shift, median |log variance ratio|) over channels."""
+    eps = float(layer.epsilon or 0.0)
+    mu = np.asarray(layer.mean, dtype=np.float64).ravel()
+    var = np.asarray(layer.var, dtype=np.float64).ravel()
+    m = np.asarray(observed_mean, dtype=np.float64).ravel()
+    v = np.asarray(observed_var, dtype=np.float64).ravel()
+    ok = np.isfinite(mu) & np.isfinite(var) & (var + eps > 0) & np.isfinite(m) & np.isfinite(v)
+    if not np.any(ok):
+        return 0.0, 0.0
+    tiny = np.finfo(np.float32).tiny
+    shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
+    ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
+    return float(np.median(shift)), float(np.median(ratio))
+
+
+def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
+    for layer in view.layers:
+        if not layer.uses_running_stats:
+            continue  # train-mode layers ignore their running statistics; BN002 covers them
+        if has_default_stats(layer):
+            yield Finding(
+                CODE,
+                SLUG,
+                SEVERITY,
+                layer.name,
+                f"{describe(layer)} running mean is exactly 0 and running variance exactly 1 in all "
+                f"{layer.mean.size} channels: the moving averages were never updated",  # type: ignore[union-attr]
+                HINT_DEFAULTS,
+                {"kind": "defaults", "channels": int(layer.mean.size)},  # type: ignore[union-attr]
+            )
+            continue
+        finding = _drift_finding(layer, probe)
+        if finding is not None:
+            yield finding
+
+
+def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | None:
+    if probe is None or probe.data is None or layer.mean is None or layer.var is None:
+        return None
+    seen = probe.data.get(layer.name)
+    if seen is None or seen.total_nonfinite:
+        return None
+    if seen.channels != layer.mean.size:
+        return None
+    shift, log_ratio = drift(layer, seen.mean, seen.var)
+    if shift <= MEAN_SHIFT_THRESHOLD and log_ratio <= LOG_VAR_RATIO_THRESHOLD:
+        return None
+    return Finding(
+        CODE,
+        SLUG,
+        Severity.WARNING,
+        layer.name,
+        f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
+        f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
+        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f})",
+        HINT_DRIFT,
+        {
+            "kind": "drift",
+            "median_mean_shift": shift,
+            "median_log_var_ratio": log_ratio,
+            "mean_shift_threshold": MEAN_SHIFT_THRESHOLD,
+            "log_var_ratio_threshold": LOG_VAR_RATIO_THRESHOLD,
+            "samples": probe.data_samples,
+            "data": probe.data_source,
+        },
+    )

@@ -1,0 +1,150 @@
+"""BN004 epsilon: epsilon zero, below TensorFlow's 1.001e-5 clamp, or dominating the variance.
+
+What it does
+    - epsilon == 0: an error when some channel's running variance is 0 (0/0 at inference), else a warning
+      (a constant input gives 0/0).
+    - 0 < epsilon < 1e-5 (beyond float32 rounding; PyTorch's and ONNX's default 1e-5 is stored as
+      9.99999975e-06 and is fine) on a batch norm: a warning, with the largest relative change of the output
+      that the clamp to 1.001e-5 causes on this layer's stored variances.
+    - epsilon >= 0.1 x the running variance in some channel: a warning with the number of channels and the
+      worst factor ``sqrt(var / (var + eps))`` by which their outputs shrink.
+
+Why is this bad?
+    TensorFlow's fused batch-norm kernel and cuDNN silently raise epsilon to 1.001e-5, so the same weights give
+    different outputs in different runtimes; the difference is largest in channels of small variance. An
+    epsilon large against the variance shrinks the normalized output (Keras's default 1e-3 on a layer whose
+    variance is 1e-3 halves it): BN with mean 0, var 1, gamma 1, beta 0 is then not the identity. An epsilon of
+    0 divides by zero on a constant channel.
+
+Example
+    ``BatchNormalization(epsilon=1e-8)`` in Keras, converted to ONNX: onnxruntime uses 1e-8, TensorFlow 1.001e-5.
+
+Fix
+    Use epsilon >= 1.001e-5 (1e-3 is Keras's default, 1e-5 PyTorch's) when training, so that every runtime
+    computes the same thing; for a trained model, keep epsilon and check the runtime you deploy to; where
+    epsilon dominates, recompute statistics or lower epsilon and re-validate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from bncheck.checks._util import describe, number
+from bncheck.findings import Finding, Severity
+from bncheck.model import Kind, ModelView, NormLayer, ProbeResult
+
+CODE = "BN004"
+SLUG = "epsilon"
+SEVERITY = Severity.WARNING
+
+TF_EPSILON_CLAMP = 1.001e-5
+#: 1e-5 rounded to float32 is 9.99999975e-06; anything within this relative distance of 1e-5 is 1e-5.
+FLOAT32_ROUNDING = 1e-6
+DOMINANCE_RATIO = 0.1
+
+
+def below_clamp(epsilon: float) -> bool:
+    return 0.0 < epsilon < 1e-5 * (1.0 - FLOAT32_ROUNDING)
+
+
+def clamp_effect(epsilon: float, var: np.ndarray | None) -> float | None:
+    """Largest relative output change over channels when epsilon is raised to 1.001e-5 (None: var unknown)."""
+    if var is None:
+        return None
+    v = np.asarray(var, dtype=np.float64).ravel()
+    v = v[np.isfinite(v) & (v >= 0)]
+    if v.size == 0:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.sqrt((v + epsilon) / (v + TF_EPSILON_CLAMP))
+    return float(np.max(np.abs(1.0 - factor)))
+
+
+def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
+    for layer in view.layers:
+        if layer.epsilon is None:
+            continue
+        eps = float(layer.epsilon)
+        var = _running_var(layer)
+        if eps == 0.0:
+            yield _zero(layer, var)
+            continue
+        if layer.kind is Kind.BATCH and below_clamp(eps):
+            effect = clamp_effect(eps, var)
+            change = f"; on this layer's variances the clamp changes outputs by up to {effect:.3g} (relative)" if effect is not None else ""
+            yield Finding(
+                CODE,
+                SLUG,
+                SEVERITY,
+                layer.name,
+                f"{describe(layer)} epsilon {eps:.3g} is below 1.001e-5, the minimum TensorFlow's fused kernel "
+                f"and cuDNN silently clamp to: runtimes disagree{change}",
+                "Train and export with epsilon >= 1.001e-5 so every runtime computes the same output; otherwise "
+                "validate the model on the runtime you deploy to.",
+                {"kind": "below-clamp", "epsilon": eps, "clamp": TF_EPSILON_CLAMP, "max_relative_change": effect},
+            )
+        finding = _dominance(layer, eps, var)
+        if finding is not None:
+            yield finding
+
+
+def _running_var(layer: NormLayer) -> np.ndarray | None:
+    if not layer.uses_running_stats or layer.var is None:
+        return None
+    return np.asarray(layer.var, dtype=np.float64).ravel()
+
+
+def _zero(layer: NormLayer, var: np.ndarray | None) -> Finding:
+    zero_channels = int(np.sum(var == 0.0)) if var is not None else 0
+    if zero_channels:
+        return Finding(
+            CODE,
+            SLUG,
+            Severity.ERROR,
+            layer.name,
+            f"{describe(layer)} epsilon is 0 and {zero_channels} channel(s) have running variance 0: "
+            "division by zero at inference (NaN/Inf outputs)",
+            "Set epsilon > 0 (1e-5 or 1e-3) and re-export.",
+            {"kind": "zero", "epsilon": 0.0, "zero_variance_channels": zero_channels},
+        )
+    return Finding(
+        CODE,
+        SLUG,
+        SEVERITY,
+        layer.name,
+        f"{describe(layer)} epsilon is 0: a channel whose variance is 0 divides by zero",
+        "Set epsilon > 0 (1e-5 or 1e-3) and re-export.",
+        {"kind": "zero", "epsilon": 0.0, "zero_variance_channels": 0},
+    )
+
+
+def _dominance(layer: NormLayer, eps: float, var: np.ndarray | None) -> Finding | None:
+    if var is None:
+        return None
+    valid = np.isfinite(var) & (var >= 0)
+    dominated = valid & (eps >= DOMINANCE_RATIO * var)
+    count = int(np.sum(dominated))
+    if count == 0:
+        return None
+    factors = np.sqrt(var[dominated] / (var[dominated] + eps))
+    worst = float(np.min(factors))
+    return Finding(
+        CODE,
+        SLUG,
+        SEVERITY,
+        layer.name,
+        f"{describe(layer)} epsilon {eps:.3g} is at least {DOMINANCE_RATIO} x the running variance in {count} of "
+        f"{var.size} channels: their outputs shrink by up to a factor {worst:.3g} (sqrt(var / (var + eps)))",
+        "Expected only if those channels are really near-constant; otherwise lower epsilon (and retrain) or "
+        "recompute the statistics on representative data.",
+        {
+            "kind": "dominates",
+            "epsilon": eps,
+            "channels": count,
+            "of_channels": int(var.size),
+            "worst_factor": worst,
+            "min_variance": number(float(np.min(var[dominated]))),
+        },
+    )

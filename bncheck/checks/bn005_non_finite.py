@@ -1,0 +1,120 @@
+"""BN005 non-finite: NaN/Inf in parameters or outputs, negative variance.
+
+What it does
+    Statically, it flags NaN or Inf in any stored parameter (scale, bias, running mean, running variance) and
+    negative running variances. With `probe`, it reports the first layer (in graph order) whose input or
+    output holds NaN/Inf, and at which batch sizes: downstream layers inherit them and are not reported again.
+
+Why is this bad?
+    A NaN parameter makes its whole channel NaN for every input; a negative running variance makes
+    ``sqrt(var + eps)`` NaN at inference (training never produces one: the file was corrupted, mis-converted,
+    or stores something else, such as a standard deviation minus an offset). NaN then spreads to every output.
+
+Example
+    A checkpoint saved after a diverged step; a converter that wrote ``log(var)`` into the variance slot.
+
+Fix
+    Restore the parameters from a healthy checkpoint, or recompute running statistics from data
+    (``bncheck fix MODEL --data CALIB -o FIXED``); find where NaN first appears with ``bncheck probe``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from bncheck.checks._util import describe, number
+from bncheck.findings import Finding, Severity
+from bncheck.model import ModelView, NormLayer, ProbeResult
+
+CODE = "BN005"
+SLUG = "non-finite"
+SEVERITY = Severity.ERROR
+
+HINT_PARAMS = (
+    "Restore the parameters from a healthy checkpoint, or recompute the running statistics from data "
+    "(`bncheck fix MODEL --data CALIB -o FIXED`)."
+)
+HINT_OBSERVED = (
+    "Follow the tensor upstream from this layer: the first NaN/Inf comes from here or from the ops just before "
+    "it (log/div/sqrt of bad values, overflow in float16)."
+)
+
+
+def bad_parameters(layer: NormLayer) -> dict[str, dict[str, int]]:
+    """{parameter: {"nan": n, "inf": m}} for every parameter holding non-finite values."""
+    found: dict[str, dict[str, int]] = {}
+    for name in ("scale", "bias", "mean", "var"):
+        values = getattr(layer, name)
+        if values is None:
+            continue
+        arr = np.asarray(values, dtype=np.float64)
+        nan, inf = int(np.sum(np.isnan(arr))), int(np.sum(np.isinf(arr)))
+        if nan or inf:
+            found[name] = {"nan": nan, "inf": inf}
+    return found
+
+
+def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
+    flagged: set[str] = set()
+    for layer in view.layers:
+        params = bad_parameters(layer)
+        if params:
+            flagged.add(layer.name)
+            listed = ", ".join(f"{k} ({v['nan']} NaN, {v['inf']} Inf)" for k, v in params.items())
+            yield Finding(
+                CODE,
+                SLUG,
+                SEVERITY,
+                layer.name,
+                f"{describe(layer)} has non-finite parameters: {listed}",
+                HINT_PARAMS,
+                {"kind": "parameters", "parameters": params},
+            )
+        if layer.var is not None and layer.uses_running_stats:
+            var = np.asarray(layer.var, dtype=np.float64).ravel()
+            negative = var[np.isfinite(var) & (var < 0)]
+            if negative.size:
+                flagged.add(layer.name)
+                yield Finding(
+                    CODE,
+                    SLUG,
+                    SEVERITY,
+                    layer.name,
+                    f"{describe(layer)} has a negative running variance in {negative.size} channel(s) (min "
+                    f"{negative.min():.3g}): sqrt(var + eps) is NaN at inference",
+                    HINT_PARAMS,
+                    {"kind": "negative-variance", "channels": int(negative.size), "min": number(negative.min())},
+                )
+    first = _first_observed(view, probe)
+    if first is not None:
+        layer, where, sizes = first
+        if layer.name not in flagged:
+            yield Finding(
+                CODE,
+                SLUG,
+                SEVERITY,
+                layer.name,
+                f"NaN/Inf first appear at the {where} of {describe(layer)} at batch size "
+                f"{', '.join(map(str, sizes))}",
+                HINT_OBSERVED,
+                {"kind": "observed", "where": where, "batch_sizes": sizes},
+            )
+
+
+def _first_observed(view: ModelView, probe: ProbeResult | None) -> tuple[NormLayer, str, list[int]] | None:
+    """The first layer in graph order whose input or output holds NaN/Inf in some probe batch."""
+    if probe is None:
+        return None
+    for layer in view.layers:
+        for where in ("input", "output"):
+            sizes = []
+            for batch_size in probe.batch_sizes:
+                seen = probe.at(batch_size, layer.name)
+                stats = getattr(seen, where) if seen is not None else None
+                if stats is not None and stats.total_nonfinite:
+                    sizes.append(batch_size)
+            if sizes:
+                return layer, where, sizes
+    return None

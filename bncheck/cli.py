@@ -1,0 +1,175 @@
+"""Command line: parse, call the engine, render, exit. No analysis here.
+
+Exit codes: 0 nothing at or above --fail-on; 1 findings at or above it; 2 could not run (usage error,
+unreadable model, runtime failure: one line on stderr, the traceback only with --debug).
+Heavy modules (numpy, onnx, onnxruntime, rich, keras) are imported inside the commands so that
+`bncheck --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from bncheck import __version__
+
+FAIL_ON = ("error", "warning", "info", "never")
+
+
+class BatchSizes(click.ParamType):
+    """Comma-separated positive integers, e.g. 1,2,32."""
+
+    name = "SIZES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(part) for part in str(value).split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not sizes or any(s < 1 for s in sizes):
+            self.fail(f"{value!r}: batch sizes must be integers >= 1", param, ctx)
+        return tuple(sorted(set(sizes)))
+
+
+class InputShape(click.ParamType):
+    """NAME:DIMxDIM... (the non-batch dims of one input)."""
+
+    name = "NAME:DIMxDIM"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, tuple[int, ...]]:
+        if isinstance(value, tuple):
+            return value
+        name, sep, dims = str(value).rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d < 1 for d in shape):
+            self.fail(f"{value!r} is not NAME:DIMxDIM... with positive integer dims (e.g. input:3x224x224)",
+                      param, ctx)
+        return name, shape
+
+
+def _common(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command shares (report format and CI gating)."""
+    options = [
+        click.argument("model", type=click.Path(dir_okay=True, path_type=str)),
+        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+                     help="Report format on stdout. json: the JSON document alone."),
+        click.option("--output", "-o", "output", type=click.Path(dir_okay=False, writable=True, path_type=str),
+                     help="Also write the JSON report to this file."),
+        click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
+                     help="Exit 1 when a finding is at or above this severity."),
+        click.option("--select", multiple=True, metavar="CODES",
+                     help="Only these checks (codes or slugs, comma-separated; repeatable)."),
+        click.option("--ignore", multiple=True, metavar="CODES",
+                     help="Skip these checks (codes or slugs, comma-separated; repeatable)."),
+        click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bncheck")
+def main() -> None:
+    """Diagnose the normalization layers of saved ONNX and Keras models.
+
+    \b
+    Findings: BN001 collapse, BN002 train-mode, BN003 stale-stats, BN004 epsilon, BN005 non-finite.
+    Exit codes: 0 clean (below --fail-on), 1 findings at or above --fail-on, 2 could not run.
+    """
+
+
+@main.command()
+@_common
+def inspect(model: str, fmt: str, output: str | None, fail_on: str, select: tuple[str, ...],
+            ignore: tuple[str, ...], debug: bool) -> None:
+    """List every normalization layer of MODEL and the findings that need no execution."""
+
+    def run() -> Any:
+        from bncheck import engine
+
+        return engine.inspect(model, select=select, ignore=ignore, fail_on=fail_on)
+
+    _finish(run, fmt, output, debug)
+
+
+@main.command()
+@_common
+@click.option("--batch-sizes", type=BatchSizes(), default="1,2,32", show_default=True,
+              help="Probe batch sizes, comma-separated.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
+@click.option("--input-shape", "input_shapes", type=InputShape(), multiple=True,
+              help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Calibration data: .npy (single-input models) or .npz keyed by input name.")
+@click.option("--samples", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Samples whose batch dependence is tested.")
+def probe(model: str, fmt: str, output: str | None, fail_on: str, select: tuple[str, ...],
+          ignore: tuple[str, ...], debug: bool, batch_sizes: tuple[int, ...], seed: int,
+          input_shapes: tuple[tuple[str, tuple[int, ...]], ...], data: str | None, samples: int) -> None:
+    """Run probe batches through MODEL and report collapse, batch dependence, drift and NaN/Inf per layer."""
+
+    def run() -> Any:
+        from bncheck import engine
+        from bncheck.backends import ProbeSettings
+        from bncheck.render.progress import progress_bar
+
+        with progress_bar("probing") as progress:
+            settings = ProbeSettings(
+                batch_sizes=batch_sizes, seed=seed, input_shapes=dict(input_shapes),
+                data_path=data, data_source=data or "synthetic",
+                samples=samples, progress=progress,
+            )
+            return engine.probe(model, settings, select=select, ignore=ignore, fail_on=fail_on)
+
+    _finish(run, fmt, output, debug)
+
+
+def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool) -> None:
+    """Run the command, render its report, exit with its code; any failure is exit 2 with one line."""
+    try:
+        report = run()
+        if fmt == "json" or output:
+            from bncheck.render import json as json_render
+
+            document = json_render.render(report)
+        if output:
+            with open(output, "w", encoding="utf-8") as handle:
+                handle.write(document)
+        if fmt == "json":
+            click.echo(document, nl=False)
+        else:
+            from bncheck.render import table
+
+            click.echo(table.render(report, width=100, color=sys.stdout.isatty()), nl=False)
+    except click.exceptions.Exit:
+        raise
+    except Exception as error:  # every failure is exit 2 with one line: the contract CI relies on
+        _fail(error, debug)
+    sys.exit(report.exit_code)
+
+
+def _fail(error: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    known = type(error).__name__ in ("BackendError", "ProbeDataError", "UnknownCheckError")
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) and not known:
+        known, text = True, f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}".lstrip(": ")
+    prefix = "bncheck: error: " if known else f"bncheck: internal error ({type(error).__name__}): "
+    suffix = "" if known or debug else " (run with --debug for the traceback)"
+    click.echo(prefix + text + suffix, err=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The pipeline: load -> model view -> probe -> checks -> report. No rendering, no printing.
+
+The backend is chosen lazily by file type, so importing this module imports no framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+from bncheck.backends import ProbeSettings, backend_for
+from bncheck.checks import run_checks, selected
+from bncheck.model import ModelView, ProbeResult
+from bncheck.report import Report, dedupe, sort_findings
+
+
+def inspect(path: str, *, select: Sequence[str] = (), ignore: Sequence[str] = (), fail_on: str = "error") -> Report:
+    """Static analysis: load the model, walk its normalization layers, run every selected check's static part."""
+    checks = selected(select, ignore)
+    view = backend_for(path).load(path)
+    return _report("inspect", view, [], checks, {"select": list(select), "ignore": list(ignore)}, fail_on)
+
+
+def probe(
+    path: str,
+    settings: ProbeSettings,
+    *,
+    select: Sequence[str] = (),
+    ignore: Sequence[str] = (),
+    fail_on: str = "error",
+) -> Report:
+    """Static analysis plus probe batches: every static finding of `inspect`, and the dynamic ones."""
+    checks = selected(select, ignore)
+    backend = backend_for(path)
+    view = backend.load(path)
+    if settings.data_path is not None and settings.data is None:
+        from bncheck.probe_data import load_data
+
+        settings = replace(settings, data=load_data(settings.data_path, view.inputs))
+    probes = backend.probe(view, settings) if view.layers else []
+    recorded: dict[str, Any] = {
+        k: v for k, v in asdict(settings).items() if k not in ("data", "data_path", "progress", "input_shapes")
+    }
+    recorded["input_shapes"] = {k: list(v) for k, v in settings.input_shapes.items()}
+    recorded.update(select=list(select), ignore=list(ignore))
+    return _report("probe", view, probes, checks, recorded, fail_on)
+
+
+def _report(
+    command: str,
+    view: ModelView,
+    probes: list[ProbeResult],
+    checks: tuple,
+    settings: dict[str, Any],
+    fail_on: str,
+) -> Report:
+    findings = []
+    for probe_result in probes or [None]:
+        findings.extend(run_checks(view, probe_result, checks))
+    settings["fail_on"] = fail_on
+    return Report(
+        command=command,
+        model=view.info,
+        layers=list(view.layers),
+        findings=sort_findings(dedupe(findings), [layer.name for layer in view.layers]),
+        notes=list(view.notes),
+        probes=probes,
+        settings=settings,
+        fail_on=fail_on,
+    )

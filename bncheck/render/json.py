@@ -1,0 +1,175 @@
+"""The JSON document (schema v1, bncheck/schema/report.schema.json). Sorted keys, no timestamps, no NaN.
+
+A new field is an addition (consumers ignore unknown fields); renaming, removing or retyping one bumps
+SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from bncheck import __version__
+from bncheck.checks._util import number, shape_json
+from bncheck.findings import Finding
+from bncheck.model import NormLayer, ProbeResult, TensorStats, summarize
+from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes
+from bncheck.checks import bn002_train_mode
+
+
+def render(report: Report) -> str:
+    return json.dumps(to_document(report), sort_keys=True, allow_nan=False, indent=2) + "\n"
+
+
+def to_document(report: Report) -> dict[str, Any]:
+    batch_sizes = sorted({b for p in report.probes for b in p.batch_sizes})
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "bncheck", "version": __version__},
+        "model": {
+            "path": report.model.path,
+            "format": report.model.format,
+            "sha256": report.model.sha256,
+            "opset": report.model.opset,
+            "producer": report.model.producer,
+            "ir_version": report.model.ir_version,
+            "framework_version": report.model.framework_version,
+        },
+        "command": report.command,
+        "settings": _clean(report.settings),
+        "layers": [_layer(report, layer, batch_sizes) for layer in report.layers],
+        "findings": [_finding(f) for f in report.findings],
+        "notes": [{"level": n.level, "message": n.message} for n in report.notes],
+        "summary": {
+            "layers": len(report.layers),
+            "findings": report.counts(),
+            "max_severity": report.max_severity.label if report.max_severity else None,
+        },
+        "exit_code": report.exit_code,
+    }
+    if report.probes:
+        doc["probe"] = {
+            "batch_sizes": batch_sizes,
+            "runs": [_probe(p, report.layers) for p in report.probes],
+        }
+    for name, section in report.sections.items():
+        doc[name] = _clean(section)
+    return doc
+
+
+def _layer(report: Report, layer: NormLayer, batch_sizes: list[int]) -> dict[str, Any]:
+    return {
+        "name": layer.name,
+        "nodes": list(layer.nodes),
+        "kind": layer.kind.value,
+        "op_type": layer.op_type,
+        "domain": layer.domain,
+        "inputs": list(layer.inputs),
+        "outputs": list(layer.outputs),
+        "input": layer.input,
+        "output": layer.output,
+        "axes": list(layer.axes) if layer.axes is not None else None,
+        "channel_axis": layer.channel_axis,
+        "channels": layer.channels,
+        "groups": layer.groups,
+        "epsilon": number(layer.epsilon),
+        "momentum": number(layer.momentum),
+        "training": layer.training,
+        "batch_statistics": layer.batch_statistics,
+        "uses_running_stats": layer.uses_running_stats,
+        "input_shape": shape_json(layer.input_shape),
+        "normalized_set_size": set_sizes(layer, batch_sizes),
+        "scale": _clean(summarize(layer.scale)),
+        "bias": _clean(summarize(layer.bias)),
+        "running_mean": _clean(summarize(layer.mean)),
+        "running_var": _clean(summarize(layer.var)),
+        "notes": list(layer.notes),
+        "status": layer_status(report, layer),
+        "findings": sorted({f.code for f in report.findings_for(layer.name)}),
+    }
+
+
+def _finding(finding: Finding) -> dict[str, Any]:
+    return {
+        "code": finding.code,
+        "check": finding.check,
+        "severity": finding.severity.label,
+        "layer": finding.layer,
+        "message": finding.message,
+        "evidence": _clean(finding.evidence),
+        "hint": finding.hint,
+    }
+
+
+def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "call_style": probe.call_style,
+        "batch_sizes": list(probe.batch_sizes),
+        "seed": probe.seed,
+        "data": probe.data_source,
+        "data_samples": probe.data_samples,
+        "notes": list(probe.notes),
+        "layers": {},
+    }
+    for layer in layers:
+        entry: dict[str, Any] = {"by_batch_size": {}}
+        for batch_size in probe.batch_sizes:
+            seen = probe.at(batch_size, layer.name)
+            if seen is None:
+                continue
+            entry["by_batch_size"][str(batch_size)] = {
+                "status": probe_cell(probe, layer, batch_size),
+                "source": seen.source,
+                "runtime_deviation": number(seen.runtime_deviation),
+                "input": _stats(seen.input),
+                "output": _stats(seen.output),
+            }
+        dep = probe.dependence.get(layer.name)
+        if dep is not None:
+            entry["batch_dependence"] = {
+                "input_change": number(dep.input_change),
+                "output_change": number(dep.output_change),
+                "samples": dep.samples,
+                "batch_sizes": list(dep.batch_sizes),
+                "worst_batch_size": dep.worst_batch_size,
+                "verdict": "culprit" if bn002_train_mode.is_culprit(dep)
+                else "affected" if bn002_train_mode.is_affected(dep) else "independent",
+            }
+        if probe.data is not None and layer.name in probe.data:
+            entry["data_input"] = _stats(probe.data[layer.name])
+        out["layers"][layer.name] = entry
+    return out
+
+
+def _stats(stats: TensorStats | None) -> dict[str, Any] | None:
+    """Channel-averaged summary of a tensor's per-channel statistics (the per-channel arrays stay internal)."""
+    if stats is None:
+        return None
+    with np.errstate(invalid="ignore"):
+        return {
+            "count_per_channel": stats.count,
+            "channels": stats.channels,
+            "mean": number(float(np.mean(stats.mean))),
+            "std": number(float(np.mean(np.sqrt(stats.var)))),
+            "min": number(float(np.min(stats.min))),
+            "max": number(float(np.max(stats.max))),
+            "zeros": stats.total_zeros,
+            "nonfinite": stats.total_nonfinite,
+        }
+
+
+def _clean(value: Any) -> Any:
+    """Make evidence JSON-safe: numpy scalars/arrays to Python, NaN/Inf to strings, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_clean(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return number(value)
+    return value

@@ -1,0 +1,127 @@
+"""The report: what one command found, plus the pure functions renderers share (verdicts, exit code).
+
+A report is data. Renderers (bncheck.render.*) turn it into text; nothing here prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bncheck.checks import bn001_collapse, bn002_train_mode
+from bncheck.findings import Finding, Severity
+from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size
+
+SCHEMA_VERSION = 1
+
+#: --fail-on choices; "never" always exits 0 when the command ran.
+FAIL_ON_CHOICES = ("error", "warning", "info", "never")
+
+
+@dataclass(eq=False)
+class Report:
+    command: str
+    model: ModelInfo
+    layers: list[NormLayer]
+    findings: list[Finding]
+    notes: list[Note] = field(default_factory=list)
+    probes: list[ProbeResult] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    fail_on: str = "error"
+    sections: dict[str, Any] = field(default_factory=dict)  # later commands' additions (e.g. "fix")
+
+    @property
+    def max_severity(self) -> Severity | None:
+        return max((f.severity for f in self.findings), default=None)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.findings, self.fail_on)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.label: 0 for s in sorted(Severity, reverse=True)}
+        for finding in self.findings:
+            counts[finding.severity.label] += 1
+        return counts
+
+    def findings_for(self, layer: str) -> list[Finding]:
+        return [f for f in self.findings if f.layer == layer]
+
+
+def exit_code(findings: Iterable[Finding], fail_on: str) -> int:
+    """0 when no finding is at or above ``fail_on`` (or it is "never"), else 1. Exit 2 is the CLI's."""
+    if fail_on == "never":
+        return 0
+    threshold = Severity.parse(fail_on)
+    return 1 if any(f.severity >= threshold for f in findings) else 0
+
+
+def sort_findings(findings: Iterable[Finding], layer_order: list[str]) -> list[Finding]:
+    """Graph order of layers, then severity (worst first), then code: stable output for golden files."""
+    position = {name: i for i, name in enumerate(layer_order)}
+    return sorted(findings, key=lambda f: (position.get(f.layer, len(position)), -int(f.severity), f.code))
+
+
+def dedupe(findings: Iterable[Finding]) -> list[Finding]:
+    """Merge findings that several probe call styles (Keras) reported for the same code, layer and kind.
+
+    The first one is kept; the call styles of all of them are listed in its evidence.
+    """
+    merged: dict[tuple[str, str, str, str], Finding] = {}
+    styles: dict[tuple[str, str, str, str], list[str]] = {}
+    for finding in findings:
+        key = (finding.code, finding.layer, str(finding.evidence.get("kind")), finding.message)
+        style = finding.evidence.get("call_style")
+        if key not in merged:
+            merged[key] = finding
+            styles[key] = []
+        if style is not None and style not in styles[key]:
+            styles[key].append(style)
+    out = []
+    for key, finding in merged.items():
+        if styles[key]:
+            evidence = dict(finding.evidence)
+            evidence.pop("call_style", None)
+            evidence["call_styles"] = styles[key]
+            finding = Finding(finding.code, finding.check, finding.severity, finding.layer, finding.message,
+                              finding.hint, evidence)
+        out.append(finding)
+    return out
+
+
+def layer_status(report: Report, layer: NormLayer) -> str:
+    """One word for the layer table: worst finding severity, "affected" (downstream of batch
+    dependence), or "ok"."""
+    worst = max((f.severity for f in report.findings_for(layer.name)), default=None)
+    if worst is not None:
+        return worst.label
+    if any(
+        (dep := probe.dependence.get(layer.name)) is not None and bn002_train_mode.is_affected(dep)
+        for probe in report.probes
+    ):
+        return "affected"
+    return "ok"
+
+
+def set_sizes(layer: NormLayer, batch_sizes: Iterable[int]) -> dict[str, Any]:
+    """Elements per normalized set: statically (with the symbolic dims it depends on) and per batch size."""
+    static, symbolic = normalized_set_size(layer)
+    by_batch: dict[str, int | None] = {}
+    for batch in batch_sizes:
+        size, left = normalized_set_size(layer, batch=batch)
+        by_batch[str(batch)] = size if not left else None
+    return {"static": static if not symbolic else None, "known_factor": static, "depends_on": list(symbolic),
+            "by_batch_size": by_batch}
+
+
+def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:
+    """Short per-batch-size status of a layer for the table: collapsed / nan / ok / -."""
+    seen = probe.at(batch_size, layer.name)
+    if seen is None:
+        return "-"
+    if any(s is not None and s.total_nonfinite for s in (seen.input, seen.output)):
+        return "nan/inf"
+    if bn001_collapse.is_collapsed(seen.input, seen.output):
+        return "constant"
+    return "ok"
