@@ -1,0 +1,55 @@
+"""The Keras backend: `.keras` and legacy `.h5` files.
+
+``load`` is static (bncheck.backends.keras_static: zipfile + json + h5py, no keras import, nothing executed),
+so `bncheck inspect` works without the optional extra. ``probe`` imports keras lazily (the ``bncheck[keras]``
+extra), refuses files that carry code (Lambda layers, objects from outside Keras) before anything is loaded,
+loads with ``safe_mode=True`` only, and runs the shared probe plan through bncheck.backends.keras_probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from bncheck.backends.base import Backend, BackendError, ProbeSettings
+from bncheck.backends.keras_static import KerasFile, read
+from bncheck.model import ModelInfo, ModelView, ProbeResult
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class KerasBackend(Backend):
+    """Keras 3 ``.keras`` archives and legacy (Keras 2/tf_keras or Keras 3) ``.h5``/``.hdf5`` files."""
+
+    format = "keras"
+
+    def load(self, path: str) -> ModelView:
+        """Read the file statically; ``view.handle`` is the :class:`KerasFile` (config, unsafe list)."""
+        static = read(path)
+        try:
+            sha = sha256_of(path)
+        except OSError as exc:
+            raise BackendError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        info = ModelInfo(
+            path=path,
+            format=static.format,
+            sha256=sha,
+            producer="keras",
+            framework_version=static.keras_version,
+        )
+        return ModelView(info=info, layers=static.layers, inputs=static.inputs, notes=static.notes, handle=static)
+
+    def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
+        """One ProbeResult per call style: "as-written" and "predict" when a training flag is baked, else
+        "predict" only. Raises BackendError when keras is missing or the file carries code."""
+        static = view.handle
+        if not isinstance(static, KerasFile):
+            raise BackendError(f"{view.info.path}: not loaded by the Keras backend")
+        from bncheck.backends.keras_probe import probe_keras
+
+        return probe_keras(view, static, settings)
