@@ -75,7 +75,7 @@ class Graph:
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], opset: int,
               doc: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, inputs, outputs, initializer=self.inits)
-        model = helper.make_model(
+        return helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", opset)],
             ir_version=IR_VERSION,
@@ -83,7 +83,6 @@ class Graph:
             producer_version=PRODUCER_VERSION,
             doc_string=doc,
         )
-        return model
 
 
 def image_input(name: str = "input") -> onnx.ValueInfoProto:
@@ -527,17 +526,13 @@ def drift_base() -> ConvNetParams:
 def calibrate_exact(params: ConvNetParams, data: np.ndarray, chunk: int = 256) -> None:
     """Set every BN's running statistics to the exact statistics of its input over ``data``, layer by layer
     (each layer measured with the upstream layers already set), as a model trained to convergence has."""
+    assert len(data) % chunk == 0, "equal chunks, so that chunk moments average to the whole's"
     for n, _, _, _ in CONVNET:
-        total = np.zeros(params.bns[n].mean.size)
-        total_sq = np.zeros_like(total)
-        for start in range(0, len(data), chunk):
-            m, v = bn_input_moments(params, data[start:start + chunk], n)
-            total += m * 1.0
-            total_sq += v + m * m
-        chunks = len(range(0, len(data), chunk))
-        mean = total / chunks  # equal chunk sizes (LARGE_SAMPLE is a multiple of chunk)
+        moments = [bn_input_moments(params, data[start:start + chunk], n) for start in range(0, len(data), chunk)]
+        mean = np.mean([m for m, _ in moments], axis=0)
+        mean_sq = np.mean([v + m * m for m, v in moments], axis=0)
         params.bns[n].mean = mean.astype(np.float32)
-        params.bns[n].var = (total_sq / chunks - mean * mean).astype(np.float32)
+        params.bns[n].var = (mean_sq - mean * mean).astype(np.float32)
 
 
 def ema_updates(params: ConvNetParams, rng: np.random.Generator) -> None:
