@@ -1,0 +1,51 @@
+"""The ONNX backend: safe loading (onnx_load), the static walk (onnx_walk), the probe (onnx_probe)."""
+
+from __future__ import annotations
+
+from bncheck.backends.base import Backend, ProbeSettings
+from bncheck.model import InputSpec, ModelView, ProbeResult
+
+
+class OnnxBackend(Backend):
+    """ONNX files: read without executing anything; probes run in onnxruntime (see onnx_probe)."""
+
+    format = "onnx"
+
+    def load(self, path: str) -> ModelView:
+        from bncheck.backends.onnx_load import load_onnx
+        from bncheck.backends.onnx_walk import walk_with_notes
+
+        handle = load_onnx(path)
+        layers, walk_notes = walk_with_notes(handle)
+        assert handle.info is not None  # load_onnx always sets it
+        return ModelView(
+            info=handle.info,
+            layers=layers,
+            inputs=graph_inputs(handle),
+            notes=list(handle.notes) + walk_notes,
+            handle=handle,
+        )
+
+    def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
+        from bncheck.backends.onnx_probe import run_probe
+
+        return [run_probe(view, settings)]
+
+
+def graph_inputs(handle) -> list[InputSpec]:
+    """The graph inputs a caller must feed: declared inputs that are not initializers."""
+    from onnx import helper
+
+    graph = handle.model.graph
+    stored = {init.name for init in graph.initializer}
+    specs = []
+    for value in graph.input:
+        if value.name in stored:
+            continue
+        elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(elem).name if elem else "unknown"
+        except (KeyError, ValueError, TypeError):
+            dtype = "unknown"
+        specs.append(InputSpec(name=value.name, shape=handle.value_shapes.get(value.name), dtype=dtype))
+    return specs

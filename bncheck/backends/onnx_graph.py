@@ -1,0 +1,333 @@
+"""An indexed, read-only view of an ONNX graph for the walk: producers, consumers, constants, shapes.
+
+Built once per model (linear time), so that every lookup the pattern matchers make is O(1) and the walk of
+a ResNet-50-sized graph stays linear. Constant folding here is deliberately tiny (only what reduction axes
+and parameters need: Constant, Identity, Cast, shape-only ops, and Shape/Size/Range/Concat on known
+shapes); onnx's own folding lives in onnx.reference, which would need the model's inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bncheck.model import Dim
+
+if TYPE_CHECKING:
+    import onnx
+
+    from bncheck.backends.onnx_load import OnnxHandle
+
+#: ops whose output holds the same values as their (first) input, possibly reshaped or re-typed.
+TRANSPARENT = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+#: ops that keep values and layout (a tensor and its copy through them are the same data).
+VALUE_PRESERVING = frozenset({"Identity", "Cast"})
+
+
+def as_float_array(value: np.ndarray | None) -> np.ndarray | None:
+    """Parameters as float numpy arrays: float32/float64 stay as stored, float16/bfloat16 widen to float32,
+    integers to float64; anything else (strings) is unknown."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.dtype in (np.float32, np.float64):
+        return arr
+    try:
+        return arr.astype(np.float32 if arr.dtype.kind in "fV" else np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
+def topological_order(nodes: list["onnx.NodeProto"]) -> list[int]:
+    """Kahn's algorithm, stable in file order. ONNX requires sorted graphs; broken files are not."""
+    produced_by: dict[str, int] = {}
+    for idx, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                produced_by[out] = idx
+    indegree = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for idx, node in enumerate(nodes):
+        deps = {produced_by[i] for i in node.input if i in produced_by and produced_by[i] != idx}
+        indegree[idx] = len(deps)
+        for dep in deps:
+            users[dep].append(idx)
+    ready = [i for i, d in enumerate(indegree) if d == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        idx = heapq.heappop(ready)
+        order.append(idx)
+        for user in users[idx]:
+            indegree[user] -= 1
+            if indegree[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) < len(nodes):  # a cycle: keep the rest in file order rather than drop nodes
+        seen = set(order)
+        order.extend(i for i in range(len(nodes)) if i not in seen)
+    return order
+
+
+class GraphIndex:
+    """Producers, consumers and topological positions of one graph's nodes."""
+
+    def __init__(self, handle: "OnnxHandle") -> None:
+        from onnx import helper, numpy_helper
+
+        self._helper = helper
+        self._numpy_helper = numpy_helper
+        model = handle.model
+        graph = model.graph
+        self.model = model
+        self.shapes = handle.value_shapes
+        self.types = handle.value_types
+        self.opset = {(op.domain or ""): int(op.version) for op in model.opset_import}
+        if "ai.onnx" in self.opset:
+            self.opset.setdefault("", self.opset["ai.onnx"])
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        self.graph_input_set = set(self.graph_inputs)
+        self.graph_outputs = {o.name for o in graph.output}
+        nodes = list(graph.node)
+        self.nodes = [nodes[i] for i in topological_order(nodes)]
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for idx, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = idx
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(idx)
+        self._attrs: dict[int, dict[str, Any]] = {}
+        self._const: dict[str, np.ndarray | None] = {}
+
+    # ------------------------------------------------------------------ structure
+
+    def node_name(self, idx: int) -> str:
+        node = self.nodes[idx]
+        if node.name:
+            return node.name
+        for out in node.output:
+            if out:
+                return out
+        return f"{node.op_type}_{idx}"
+
+    def attrs(self, idx: int) -> dict[str, Any]:
+        cached = self._attrs.get(idx)
+        if cached is None:
+            cached = {a.name: self._helper.get_attribute_value(a) for a in self.nodes[idx].attribute}
+            self._attrs[idx] = cached
+        return cached
+
+    def op(self, idx: int) -> str:
+        return self.nodes[idx].op_type
+
+    def produced_by(self, tensor: str, *ops: str) -> int | None:
+        idx = self.producer.get(tensor)
+        if idx is None or (ops and self.nodes[idx].op_type not in ops):
+            return None
+        return idx
+
+    def users(self, tensor: str, *ops: str) -> list[int]:
+        found = self.consumers.get(tensor, [])
+        if not ops:
+            return list(found)
+        return [i for i in found if self.nodes[i].op_type in ops]
+
+    def is_used(self, tensor: str) -> bool:
+        return bool(tensor) and (tensor in self.graph_outputs or bool(self.consumers.get(tensor)))
+
+    def shape(self, tensor: str) -> tuple[Dim, ...] | None:
+        return self.shapes.get(tensor)
+
+    def rank(self, tensor: str) -> int | None:
+        shape = self.shapes.get(tensor)
+        return None if shape is None else len(shape)
+
+    def root(self, tensor: str) -> tuple[str, list[int]]:
+        """Back through Identity/Cast to the tensor whose values these are, with the nodes passed."""
+        passed: list[int] = []
+        while True:
+            idx = self.produced_by(tensor, *VALUE_PRESERVING)
+            if idx is None or not self.nodes[idx].input:
+                return tensor, passed
+            passed.append(idx)
+            tensor = self.nodes[idx].input[0]
+
+    def same(self, a: str, b: str) -> bool:
+        return a == b or self.root(a)[0] == self.root(b)[0]
+
+    def aliases(self, tensor: str, depth: int = 3) -> dict[str, list[int]]:
+        """Tensors holding ``tensor``'s values (forward through transparent ops), with the nodes passed."""
+        found = {tensor: []}
+        frontier = [tensor]
+        for _ in range(depth):
+            nxt = []
+            for t in frontier:
+                for user in self.users(t, *TRANSPARENT):
+                    node = self.nodes[user]
+                    if node.input[0] != t or not node.output or not node.output[0]:
+                        continue
+                    out = node.output[0]
+                    if out not in found:
+                        found[out] = found[t] + [user]
+                        nxt.append(out)
+            frontier = nxt
+        return found
+
+    # ------------------------------------------------------------------ constants
+
+    def param(self, tensor: str) -> np.ndarray | None:
+        """The stored value of ``tensor`` if it is a constant reachable through Identity/Constant/Cast and
+        shape-only ops; None when it is a graph input or computed (unknown, never guessed)."""
+        if not tensor:
+            return None
+        if tensor in self._const:
+            return self._const[tensor]
+        self._const[tensor] = None  # cycle guard
+        value = self._param(tensor)
+        self._const[tensor] = value
+        return value
+
+    def _param(self, tensor: str) -> np.ndarray | None:
+        init = self.initializers.get(tensor)
+        if init is not None:
+            try:
+                return self._numpy_helper.to_array(init)
+            except Exception:  # noqa: BLE001 - an unreadable initializer is an unknown parameter
+                return None
+        idx = self.producer.get(tensor)
+        if idx is None:
+            return None
+        node = self.nodes[idx]
+        op = node.op_type
+        attrs = self.attrs(idx)
+        if op == "Constant" and node.domain in ("", "ai.onnx"):
+            for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+                if key in attrs:
+                    val = attrs[key]
+                    if key == "value":
+                        try:
+                            return self._numpy_helper.to_array(val)
+                        except Exception:  # noqa: BLE001
+                            return None
+                    dtype = np.float32 if key.startswith("value_float") else np.int64
+                    return np.asarray(val, dtype=dtype)
+            return None
+        if op not in TRANSPARENT or not node.input:
+            return None
+        src = self.param(node.input[0])
+        if src is None:
+            return None
+        if op == "Identity":
+            return src
+        if op == "Cast":
+            from onnx import helper
+
+            try:
+                return src.astype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
+            except Exception:  # noqa: BLE001
+                return None
+        if op == "Flatten":
+            axis = int(attrs.get("axis", 1))
+            axis = axis + src.ndim if axis < 0 else axis
+            lead = int(np.prod(src.shape[:axis])) if axis else 1
+            return src.reshape(lead, -1)
+        shape = self.shape(tensor)
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            try:
+                return src.reshape(shape)
+            except ValueError:
+                return None
+        return src  # reshape target unknown: the values are still the stored ones
+
+    def ints(self, tensor: str) -> np.ndarray | None:
+        """An integer tensor's value (axes, shapes), folding Shape/Size/Range/Concat over known shapes."""
+        value = self.param(tensor)
+        if value is not None:
+            return np.asarray(value).astype(np.int64)
+        idx = self.producer.get(tensor)
+        if idx is None:
+            return None
+        node = self.nodes[idx]
+        op = node.op_type
+        attrs = self.attrs(idx)
+        if op == "Identity" or op == "Cast":
+            return self.ints(node.input[0])
+        if op == "Shape":
+            shape = self.shape(node.input[0])
+            if shape is None:
+                return None
+            part = shape[slice(attrs.get("start", 0), attrs.get("end"))]
+            if all(isinstance(d, int) for d in part):
+                return np.asarray(part, dtype=np.int64)
+            return None
+        if op == "Size":
+            src = self.produced_by(node.input[0], "Shape")
+            if src is not None and not self.attrs(src):
+                rank = self.rank(self.nodes[src].input[0])
+                return None if rank is None else np.asarray(rank, dtype=np.int64)
+            shape = self.shape(node.input[0])
+            if shape is not None and all(isinstance(d, int) for d in shape):
+                return np.asarray(int(np.prod(shape)), dtype=np.int64)
+            return None
+        if op == "Range" and len(node.input) == 3:
+            parts = [self.ints(t) for t in node.input]
+            if any(p is None or p.size != 1 for p in parts):
+                return None
+            start, limit, delta = (int(p.ravel()[0]) for p in parts)  # type: ignore[union-attr]
+            if delta == 0:
+                return None
+            return np.arange(start, limit, delta, dtype=np.int64)
+        if op == "Concat":
+            parts = [self.ints(t) for t in node.input]
+            if any(p is None for p in parts):
+                return None
+            return np.concatenate([np.atleast_1d(p) for p in parts])  # type: ignore[arg-type]
+        if op in ("Add", "Sub", "Mul") and len(node.input) == 2:
+            a, b = self.ints(node.input[0]), self.ints(node.input[1])
+            if a is None or b is None:
+                return None
+            return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, b)
+        if op == "Neg":
+            a = self.ints(node.input[0])
+            return None if a is None else -a
+        if op in ("Unsqueeze", "Squeeze", "Reshape"):
+            src = self.ints(node.input[0])
+            return None if src is None else src.ravel()
+        return None
+
+    def scalar(self, tensor: str) -> float | None:
+        """A constant holding one number (a scalar or any shape of size 1), as a Python float."""
+        value = self.param(tensor)
+        if value is None:
+            return None
+        arr = np.asarray(value)
+        if arr.size != 1:
+            return None
+        try:
+            return float(arr.ravel()[0])
+        except (TypeError, ValueError):
+            return None
+
+    def is_param_like(self, tensor: str) -> bool:
+        """True when ``tensor`` does not depend on the data: a constant, or a graph input (a weight fed at
+        run time) reached through shape-only ops. Used to tell an affine Mul/Add from other arithmetic."""
+        seen = 0
+        while seen < 8:
+            if tensor in self.initializers or tensor in self.graph_input_set:
+                return True
+            idx = self.producer.get(tensor)
+            if idx is None:
+                return False
+            node = self.nodes[idx]
+            if node.op_type == "Constant":
+                return True
+            if node.op_type not in TRANSPARENT and node.op_type != "Expand":
+                return False
+            tensor = node.input[0]
+            seen += 1
+        return False

@@ -1,0 +1,370 @@
+"""Load an ONNX file safely: clear one-line errors, external data confined to the model's folder.
+
+Order matters for safety: the graph is parsed with ``load_external_data=False``, every external-data
+location is validated (relative, no ``..``, resolving inside the model's folder with symlinks followed, a
+regular file that exists), and only then are weights read, by onnx's own loader. A model whose graph fails
+``onnx.checker`` or strict shape inference is still returned; the failure becomes a warning
+:class:`~bncheck.model.Note`, because a diagnostic tool must say what it can about a broken file.
+
+Models above 2 GB are checked and shape-inferred by path: serializing a ModelProto with its weights loaded
+would exceed protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bncheck.backends.base import BackendError
+from bncheck.model import Dim, ModelInfo, Note
+
+if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
+    import onnx
+
+#: protobuf cannot serialize a message above 2 GiB; beyond this, onnx works from paths.
+PROTOBUF_LIMIT = 2**31 - 1
+_TEXT_PROBE = 4096
+
+
+@dataclass(eq=False)
+class OnnxHandle:
+    """A loaded ONNX model and what the walk and the probe need to know about its tensors.
+
+    ``value_shapes`` holds every tensor whose rank is known (graph inputs/outputs, value_info after onnx
+    shape inference, initializers); each dim is an int, a symbolic name, or None. ``info`` and ``notes``
+    are what the report shows about the file and about load-time problems (checker, shape inference).
+    """
+
+    path: str
+    model: "onnx.ModelProto"
+    external_data: bool
+    value_shapes: dict[str, tuple[Dim, ...]]
+    value_types: dict[str, int]
+    size_bytes: int
+    info: ModelInfo | None = None
+    notes: list[Note] = field(default_factory=list)
+
+
+def _fail(path: str, reason: str) -> BackendError:
+    """A BackendError whose message is one line naming the file."""
+    reason = " ".join(str(reason).split())
+    return BackendError(f"{path}: {reason}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__
+
+
+def _looks_like_text(head: bytes) -> str | None:
+    """A more useful reason than 'parse error' for the text files people pass by mistake."""
+    if head.startswith(b"version https://git-lfs"):
+        return "is a Git LFS pointer file, not the model (run `git lfs pull`)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        if len(head) == _TEXT_PROBE:  # maybe a multi-byte character cut at the probe boundary
+            try:
+                text = head[:-4].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        else:
+            return None
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    if text and printable / len(text) > 0.97:
+        return "is a text file, not an ONNX protobuf"
+    return None
+
+
+def _check_file(path: str) -> int:
+    """Existence, type and size of the model file; returns its size."""
+    if not os.path.lexists(path):
+        raise _fail(path, "no such file")
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not an ONNX file")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _fail(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(path, "is not a regular file")
+    if st.st_size == 0:
+        raise _fail(path, "is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise _fail(path, "cannot be read (permission denied)")
+    return st.st_size
+
+
+def _parse(path: str) -> "onnx.ModelProto":
+    """Parse the protobuf without external data; one-line errors for everything that is not a model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    with open(path, "rb") as fh:
+        head = fh.read(_TEXT_PROBE)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        text_reason = _looks_like_text(head)
+        if text_reason:
+            raise _fail(path, text_reason) from exc
+        raise _fail(path, f"not a valid ONNX protobuf (truncated or corrupt): {_first_line(exc)}") from exc
+    except OSError as exc:
+        raise _fail(path, f"cannot be read ({exc.strerror or exc})") from exc
+    # protobuf parses many byte strings without complaint: an ONNX model has an IR version and a graph.
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        text_reason = _looks_like_text(head)
+        if text_reason:
+            raise _fail(path, text_reason)
+        raise _fail(path, "not an ONNX model (no IR version, graph or opset; truncated or not a protobuf)")
+    if not model.graph.node and not model.graph.output:
+        raise _fail(path, "not an ONNX model (the graph has no nodes and no outputs; truncated?)")
+    return model
+
+
+def _external_tensors(model: "onnx.ModelProto") -> list["onnx.TensorProto"]:
+    """Every tensor (initializers and attribute tensors, subgraphs included) stored outside the file."""
+    import onnx
+    from onnx import external_data_helper
+
+    # onnx's own enumeration (initializers, Constant/attribute tensors, subgraphs); private but stable
+    # since onnx 1.5 and exactly what its loader iterates, so both see the same set.
+    tensors = external_data_helper._get_all_tensors(model)
+    return [t for t in tensors if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _validate_external(path: str, model: "onnx.ModelProto") -> tuple[bool, int]:
+    """Refuse unsafe or missing external-data locations before any weight byte is read.
+
+    Returns (uses external data, total bytes of the distinct external files).
+    """
+    tensors = _external_tensors(model)
+    if not tensors:
+        return False, 0
+    base = os.path.dirname(os.path.abspath(path))
+    base_real = os.path.realpath(base)
+    seen: dict[str, int] = {}
+    for tensor in tensors:
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location", "")
+        if not location:
+            raise _fail(path, f"external data of tensor {tensor.name!r} has no location")
+        if "\x00" in location:
+            raise _fail(path, f"refused external data location {location!r}: contains a NUL byte")
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+            raise _fail(path, f"refused external data location {location!r}: absolute path")
+        parts = location.replace("\\", "/").split("/")
+        if ".." in parts:
+            raise _fail(path, f"refused external data location {location!r}: contains '..'")
+        target = os.path.realpath(os.path.join(base, location))
+        if os.path.commonpath([target, base_real]) != base_real:
+            raise _fail(path, f"refused external data location {location!r}: resolves outside the model's folder")
+        if target in seen:
+            continue
+        if not os.path.lexists(os.path.join(base, location)) or not os.path.exists(target):
+            raise _fail(path, f"missing external data file {location!r} (tensor {tensor.name!r})")
+        st = os.stat(target)
+        if not stat.S_ISREG(st.st_mode):
+            raise _fail(path, f"refused external data location {location!r}: not a regular file")
+        seen[target] = st.st_size
+    return True, sum(seen.values())
+
+
+def _load_weights(path: str, model: "onnx.ModelProto") -> None:
+    from onnx import external_data_helper
+
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        external_data_helper.load_external_data_for_model(model, base)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dims(type_proto: "onnx.TypeProto") -> tuple[Dim, ...] | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for dim in type_proto.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param") and dim.dim_param:
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _collect_shapes(
+    inferred: "onnx.ModelProto", model: "onnx.ModelProto"
+) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
+    shapes: dict[str, tuple[Dim, ...]] = {}
+    types: dict[str, int] = {}
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+        types[init.name] = int(init.data_type)
+    stored = set(shapes)  # an initializer's own dims beat a graph input's declaration of it
+    graph = inferred.graph
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if not info.type.HasField("tensor_type") or info.name in stored:
+            continue
+        if info.type.tensor_type.elem_type:
+            types[info.name] = int(info.type.tensor_type.elem_type)
+        dims = _dims(info.type)
+        if dims is not None:
+            shapes[info.name] = dims
+    return shapes, types
+
+
+def _check_and_infer(
+    path: str, model: "onnx.ModelProto", large: bool
+) -> tuple["onnx.ModelProto", list[Note]]:
+    """Run onnx.checker and strict shape inference; failures become notes, never errors.
+
+    Returns the model carrying inferred value_info (weights not loaded when large) and the notes.
+    """
+    import onnx
+
+    notes: list[Note] = []
+    try:
+        if large:
+            onnx.checker.check_model(os.path.abspath(path))
+        else:
+            onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - any checker failure is a finding about the file, not a crash
+        notes.append(Note("warning", f"onnx.checker rejects the model: {_first_line(exc)}"))
+
+    def infer(strict: bool) -> "onnx.ModelProto":
+        if large:
+            with tempfile.TemporaryDirectory(prefix="bncheck-") as tmp:
+                out = os.path.join(tmp, "inferred.onnx")
+                onnx.shape_inference.infer_shapes_path(
+                    os.path.abspath(path), out, strict_mode=strict, data_prop=True
+                )
+                return onnx.load(out, load_external_data=False)
+        return onnx.shape_inference.infer_shapes(_sorted(model), strict_mode=strict, data_prop=True)
+
+    try:
+        return _through_contrib(infer(strict=True), large), notes
+    except Exception as exc:  # noqa: BLE001 - strict inference failure is reported, then we go on
+        notes.append(Note("warning", f"onnx shape inference (strict) fails: {_first_line(exc)}"))
+    try:
+        return _through_contrib(infer(strict=False), large), notes
+    except Exception as exc:  # noqa: BLE001
+        notes.append(Note("warning", f"onnx shape inference fails; shapes are unknown: {_first_line(exc)}"))
+        return model, notes
+
+
+#: onnxruntime contrib ops onnx cannot infer, whose first output has the shape of their first input.
+_SHAPE_PRESERVING_CONTRIB = frozenset(
+    {
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "GroupNorm",
+        "SkipGroupNorm",
+        "BiasGelu",
+        "FastGelu",
+        "Gelu",
+        "QuickGelu",
+    }
+)
+
+
+def _through_contrib(inferred: "onnx.ModelProto", large: bool, rounds: int = 8) -> "onnx.ModelProto":
+    """Carry shapes across contrib norm ops (unknown to onnx) and re-infer what follows them.
+
+    onnx stops at ops it has no schema for; a transformer exported with SkipLayerNormalization would
+    otherwise have no shapes after its first block. Only in memory (small models).
+    """
+    import onnx
+
+    if large:
+        return inferred
+    for _ in range(rounds):
+        graph = inferred.graph
+        known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)
+                 if v.type.tensor_type.HasField("shape")}
+        added = False
+        for node in graph.node:
+            if node.op_type not in _SHAPE_PRESERVING_CONTRIB or not node.input or not node.output:
+                continue
+            src, out = node.input[0], node.output[0]
+            if src in known and out and out not in known:
+                info = onnx.ValueInfoProto()
+                info.CopyFrom(known[src])
+                info.name = out
+                graph.value_info.append(info)
+                known[out] = info
+                added = True
+        if not added:
+            break
+        inferred = onnx.shape_inference.infer_shapes(inferred, strict_mode=False, data_prop=True)
+    return inferred
+
+
+def _sorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """The model itself when its nodes are in topological order (as ONNX requires), else a sorted copy:
+    onnx's shape inference visits nodes in file order and would infer nothing after a misplaced one."""
+    from bncheck.backends.onnx_graph import topological_order
+
+    nodes = list(model.graph.node)
+    order = topological_order(nodes)
+    if order == list(range(len(nodes))):
+        return model
+    copy = type(model)()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes[i] for i in order)
+    return copy
+
+
+def model_info(path: str, model: "onnx.ModelProto") -> ModelInfo:
+    """The report's model section: path as the user gave it, streamed sha256, opsets, producer."""
+    opset = {(op.domain or "ai.onnx"): int(op.version) for op in model.opset_import}
+    producer = " ".join(x for x in (model.producer_name, model.producer_version) if x) or None
+    return ModelInfo(
+        path=path,
+        format="onnx",
+        sha256=_sha256(path),
+        opset=opset,
+        producer=producer,
+        ir_version=int(model.ir_version),
+    )
+
+
+def load_onnx(path: str) -> OnnxHandle:
+    """Load ``path`` with its weights, validating external data first; BackendError on any user error."""
+    size = _check_file(path)
+    model = _parse(path)
+    external, external_size = _validate_external(path, model)
+    total = size + external_size
+    large = total > PROTOBUF_LIMIT
+    if external:
+        _load_weights(path, model)
+    inferred, notes = _check_and_infer(path, model, large)
+    shapes, types = _collect_shapes(inferred, model)
+    return OnnxHandle(
+        path=os.path.abspath(path),
+        model=model,
+        external_data=external,
+        value_shapes=shapes,
+        value_types=types,
+        size_bytes=total,
+        info=model_info(path, model),
+        notes=notes,
+    )

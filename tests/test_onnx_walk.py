@@ -1,0 +1,567 @@
+"""The ONNX walk: every normalization op and decomposed chain, classified and filled as model.py documents.
+
+Fixtures are built here with onnx.helper; the decomposed ones are run by onnxruntime (or onnx.reference where
+onnxruntime departs from the spec) to prove they really compute what the walk says they compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from bncheck.backends.onnx_backend import OnnxBackend
+from bncheck.backends.onnx_load import load_onnx
+from bncheck.backends.onnx_walk import walk, walk_with_notes
+from bncheck.model import Kind, normalized_set_size
+
+F32 = TensorProto.FLOAT
+RNG = np.random.default_rng(1234)
+F32_EPS = float(np.float32(1e-5))
+
+
+def const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def vinfo(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, F32, shape)
+
+
+def save(tmp_path: Path, nodes, inputs, outputs, inits=(), opset=17, name="m", extra_opsets=()) -> str:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="bncheck-tests")
+    model.ir_version = 10 if opset >= 21 else 8
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def load_layers(path: str):
+    view = OnnxBackend().load(path)
+    return view.layers, view
+
+
+def channel_params(c: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.uniform(0.5, 1.5, c).astype(np.float32),
+        rng.uniform(-0.5, 0.5, c).astype(np.float32),
+        rng.uniform(0.1, 0.3, c).astype(np.float32),
+        rng.uniform(0.5, 1.5, c).astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------- BatchNormalization versions
+
+
+def bn_graph(tmp_path, opset, attrs, outputs=("y",), shape=("N", 3, 4, 4), domain="", name="bn"):
+    c = shape[-1] if domain == "com.ms.internal.nhwc" else shape[1]
+    s, b, m, v = channel_params(c)
+    node = helper.make_node(
+        "BatchNormalization", ["x", "s", "b", "m", "v"], list(outputs), name="bn1", domain=domain, **attrs
+    )
+    outs = [vinfo("y", list(shape))] + [vinfo(o, None) for o in outputs[1:] if o]
+    extra = [(domain, 1)] if domain else []
+    path = save(
+        tmp_path,
+        [node],
+        [vinfo("x", list(shape))],
+        outs,
+        [const("s", s), const("b", b), const("m", m), const("v", v)],
+        opset=opset,
+        name=name,
+        extra_opsets=extra,
+    )
+    return path, (s, b, m, v)
+
+
+@pytest.mark.parametrize("opset", [7, 9, 14, 15])
+def test_batchnorm_inference_versions_use_running_stats(tmp_path, opset):
+    path, (s, b, m, v) = bn_graph(tmp_path, opset, {"epsilon": 1e-3, "momentum": 0.99})
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.op_type == "BatchNormalization"
+    assert layer.axes == (0, 2, 3) and layer.channel_axis == 1 and layer.channels == 3
+    assert layer.uses_running_stats and not layer.training and not layer.batch_statistics
+    assert layer.epsilon == float(np.float32(1e-3)) and layer.momentum == float(np.float32(0.99))
+    for got, want in zip((layer.scale, layer.bias, layer.mean, layer.var), (s, b, m, v)):
+        np.testing.assert_array_equal(got, want)
+    assert layer.name == "bn1" and layer.nodes == ("bn1",) and layer.input == "x" and layer.output == "y"
+    assert layer.input_shape == ("N", 3, 4, 4)
+
+
+@pytest.mark.parametrize("opset", [14, 15])
+def test_batchnorm_training_mode_uses_batch_statistics(tmp_path, opset):
+    path, _ = bn_graph(tmp_path, opset, {"training_mode": 1}, outputs=("y", "rm", "rv"))
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH
+    assert layer.training and layer.batch_statistics and not layer.uses_running_stats
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_batchnorm_pre_v14_extra_outputs_mean_training(tmp_path, opset):
+    path, _ = bn_graph(tmp_path, opset, {}, outputs=("y", "rm", "rv", "sm", "sv"))
+    (layer,), _ = load_layers(path)
+    assert layer.training and layer.batch_statistics and not layer.uses_running_stats
+    assert any("extra output" in n for n in layer.notes)
+
+
+def test_batchnorm_v6_is_test_and_spatial(tmp_path):
+    path, _ = bn_graph(tmp_path, 6, {"is_test": 1}, name="v6test")
+    (layer,), _ = load_layers(path)
+    assert not layer.training and layer.uses_running_stats and layer.axes == (0, 2, 3)
+    assert layer.extra["is_test"] == 1
+
+    path, _ = bn_graph(tmp_path, 6, {"is_test": 0}, outputs=("y", "rm", "rv"), name="v6train")
+    (layer,), _ = load_layers(path)
+    assert layer.training and layer.batch_statistics
+
+    path, _ = bn_graph(tmp_path, 6, {"is_test": 1, "spatial": 0}, name="v6spatial0")
+    (layer,), _ = load_layers(path)
+    assert layer.axes == (0,) and layer.extra["spatial"] == 0 and layer.uses_running_stats
+
+
+def test_batchnorm_v7_spatial0_is_per_activation(tmp_path):
+    path, _ = bn_graph(tmp_path, 7, {"spatial": 0})
+    (layer,), _ = load_layers(path)
+    assert layer.axes == (0,) and layer.kind is Kind.BATCH
+
+
+def test_nhwc_domain_batchnorm_has_channel_last(tmp_path):
+    path, _ = bn_graph(tmp_path, 15, {}, shape=("N", 4, 4, 3), domain="com.ms.internal.nhwc")
+    (layer,), view = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.domain == "com.ms.internal.nhwc"
+    assert layer.channel_axis == 3 and layer.axes == (0, 1, 2) and layer.channels == 3
+
+
+# ---------------------------------------------------------------------------- other ops
+
+
+def single_op(tmp_path, op, inputs, attrs, shape, inits, opset, domain="", extra_opsets=(), name="op"):
+    node = helper.make_node(op, inputs, ["y"], name="norm", domain=domain, **attrs)
+    return save(
+        tmp_path,
+        [node],
+        [vinfo("x", list(shape))] + [vinfo(i, None) for i in inputs[1:] if i and i not in {t.name for t in inits}],
+        [vinfo("y", list(shape))],
+        inits,
+        opset=opset,
+        name=name,
+        extra_opsets=extra_opsets,
+    )
+
+
+def test_instance_normalization(tmp_path):
+    s, b, _, _ = channel_params(3)
+    path = single_op(tmp_path, "InstanceNormalization", ["x", "s", "b"], {"epsilon": 1e-4}, ("N", 3, 5, 5),
+                     [const("s", s), const("b", b)], 17)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.INSTANCE and layer.axes == (2, 3) and layer.channels == 3
+    assert not layer.batch_statistics and not layer.uses_running_stats
+    np.testing.assert_array_equal(layer.scale, s)
+
+
+@pytest.mark.parametrize("axis, axes", [(-1, (2,)), (1, (1, 2)), (0, (0, 1, 2))])
+def test_layer_normalization_axes(tmp_path, axis, axes):
+    shape = ("N", 6, 8)
+    scale = np.ones(shape[axis:] if axis else (2, 6, 8), np.float32)
+    path = single_op(tmp_path, "LayerNormalization", ["x", "s"], {"axis": axis}, shape if axis else (2, 6, 8),
+                     [const("s", scale)], 17)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and layer.axes == axes
+    assert layer.channel_axis == 2 and layer.channels == 8 and layer.epsilon == F32_EPS
+    assert layer.batch_statistics == (0 in axes)
+
+
+def test_group_normalization_18_and_21(tmp_path):
+    x = ("N", 6, 4, 4)
+    path = single_op(tmp_path, "GroupNormalization", ["x", "s", "b"], {"num_groups": 3}, x,
+                     [const("s", np.ones(3)), const("b", np.zeros(3))], 18, name="g18")
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.GROUP and layer.groups == 3 and layer.channels == 6 and layer.axes == (1, 2, 3)
+    assert layer.extra["per_group_scale"] and layer.scale.shape == (3,)
+    path = single_op(tmp_path, "GroupNormalization", ["x", "s", "b"], {"num_groups": 3}, x,
+                     [const("s", np.ones(6)), const("b", np.zeros(6))], 21, name="g21")
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.GROUP and layer.scale.shape == (6,) and "per_group_scale" not in layer.extra
+    assert normalized_set_size(layer) == (2 * 16, ())
+
+
+def test_rms_normalization_23(tmp_path):
+    path = single_op(tmp_path, "RMSNormalization", ["x", "s"], {}, ("N", 7, 16), [const("s", np.ones(16))], 23)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.RMS and not layer.centered and layer.axes == (2,) and layer.channels == 16
+
+
+@pytest.mark.parametrize("axes, batch", [(None, True), ([2, 3], False), ([0, 1, 2, 3], True)])
+def test_mean_variance_normalization(tmp_path, axes, batch):
+    attrs = {} if axes is None else {"axes": axes}
+    path = single_op(tmp_path, "MeanVarianceNormalization", ["x"], attrs, (2, 3, 4, 4), [], 13)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.MEAN_VARIANCE and layer.epsilon is None
+    assert layer.axes == (tuple(axes) if axes else (0, 2, 3))
+    assert layer.batch_statistics is batch
+    assert any("1e-09" in n for n in layer.notes)
+
+
+def test_microsoft_contrib_ops(tmp_path):
+    h = 16
+    nodes = [
+        helper.make_node("SkipLayerNormalization", ["x", "skip", "g", "beta"], ["y1"], name="sln",
+                         domain="com.microsoft", epsilon=1e-6),
+        helper.make_node("SimplifiedLayerNormalization", ["y1", "g"], ["y2"], name="simp", axis=-1),
+        helper.make_node("SkipSimplifiedLayerNormalization", ["y2", "skip", "g"], ["y3"], name="ssln",
+                         domain="com.microsoft"),
+        helper.make_node("Reshape", ["y3", "shp"], ["y4"], name="to_nhwc"),
+        helper.make_node("GroupNorm", ["y4", "g8", "b8"], ["y"], name="gn", domain="com.microsoft",
+                         groups=4, activation=0, channels_last=1, epsilon=1e-5),
+    ]
+    path = save(
+        tmp_path,
+        nodes,
+        [vinfo("x", [2, 4, h]), vinfo("skip", [2, 4, h])],
+        [vinfo("y", [2, 2, 4, 8])],
+        [const("g", np.ones(h)), const("beta", np.zeros(h)), const("shp", [2, 2, 4, 8], np.int64),
+         const("g8", np.ones(8)), const("b8", np.zeros(8))],
+        opset=17,
+        extra_opsets=[("com.microsoft", 1)],
+    )
+    layers, view = load_layers(path)
+    assert [(l.name, l.kind) for l in layers] == [
+        ("sln", Kind.LAYER), ("simp", Kind.RMS), ("ssln", Kind.RMS), ("gn", Kind.GROUP)
+    ]
+    sln, simp, ssln, gn = layers
+    assert sln.epsilon == float(np.float32(1e-6)) and sln.axes == (2,) and sln.bias is not None
+    assert not simp.centered and simp.axes == (2,)
+    assert gn.channel_axis == 3 and gn.channels == 8 and gn.groups == 4 and gn.axes == (1, 2, 3)
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def test_parameters_through_identity_constant_and_cast(tmp_path):
+    s, b, m, v = channel_params(3)
+    nodes = [
+        helper.make_node("Identity", ["s_init"], ["s_id"]),
+        helper.make_node("Identity", ["s_id"], ["s_id2"]),
+        helper.make_node("Constant", [], ["b_c"], value=numpy_helper.from_array(b, "b_c")),
+        helper.make_node("Constant", [], ["m16"], value=numpy_helper.from_array(m.astype(np.float16), "m16")),
+        helper.make_node("Cast", ["m16"], ["m_c"], to=F32),
+        helper.make_node("Constant", [], ["v_c"], value_floats=v.tolist()),
+        helper.make_node("BatchNormalization", ["x", "s_id2", "b_c", "m_c", "v_c"], ["y"], name="bn"),
+    ]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 2, 2])], [vinfo("y", ["N", 3, 2, 2])], [const("s_init", s)])
+    (layer,), _ = load_layers(path)
+    np.testing.assert_array_equal(layer.scale, s)
+    np.testing.assert_array_equal(layer.bias, b)
+    np.testing.assert_array_equal(layer.mean, m.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(layer.var, v)
+    assert layer.mean.dtype == np.float32
+
+
+def test_parameters_from_graph_inputs_or_computed_are_unknown(tmp_path):
+    s, b, m, v = channel_params(3)
+    nodes = [
+        helper.make_node("Relu", ["b_init"], ["b_computed"]),
+        helper.make_node("BatchNormalization", ["x", "s_in", "b_computed", "m", "v"], ["y"], name="bn"),
+    ]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 2, 2]), vinfo("s_in", [3])], [vinfo("y", ["N", 3, 2, 2])],
+                [const("b_init", b), const("m", m), const("v", v)])
+    (layer,), view = load_layers(path)
+    assert layer.scale is None and layer.bias is None
+    np.testing.assert_array_equal(layer.mean, m)
+    assert [i.name for i in view.inputs] == ["x", "s_in"] and view.inputs[0].dtype == "float32"
+
+
+def test_unnamed_node_is_named_by_first_output(tmp_path):
+    s, b, m, v = channel_params(3)
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["bn_out"])
+    path = save(tmp_path, [node], [vinfo("x", ["N", 3, 2, 2])], [vinfo("bn_out", None)],
+                [const("s", s), const("b", b), const("m", m), const("v", v)])
+    (layer,), _ = load_layers(path)
+    assert layer.name == "bn_out" and layer.nodes == ("bn_out",)
+
+
+# ---------------------------------------------------------------------------- the trap
+
+
+def lowered_instance_norm(tmp_path, n=2, c=3, h=4, w=4, name="trap") -> str:
+    """What torch.onnx.export(dynamo=True) writes for nn.InstanceNorm2d(affine=True): x reshaped to
+    [1, N*C, H, W], training-mode BatchNormalization with ones/zeros params and 3 outputs (running outputs
+    unused), reshaped back, then the affine as Mul/Add."""
+    gamma = np.linspace(0.5, 1.5, c, dtype=np.float32).reshape(1, c, 1, 1)
+    beta = np.linspace(-0.2, 0.2, c, dtype=np.float32).reshape(1, c, 1, 1)
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape_in"], ["x_r"], name="view"),
+        helper.make_node("BatchNormalization", ["x_r", "ones", "zeros", "rmean", "rvar"],
+                         ["bn_y", "running_mean_out", "running_var_out"], name="_native_batch_norm_legit",
+                         epsilon=1e-5, momentum=0.9, training_mode=1),
+        helper.make_node("Reshape", ["bn_y", "shape_out"], ["y_r"], name="view_1"),
+        helper.make_node("Mul", ["y_r", "gamma"], ["y_s"], name="mul"),
+        helper.make_node("Add", ["y_s", "beta"], ["y"], name="add"),
+    ]
+    inits = [
+        const("shape_in", [1, n * c, h, w], np.int64), const("shape_out", [n, c, h, w], np.int64),
+        const("ones", np.ones(n * c)), const("zeros", np.zeros(n * c)),
+        const("rmean", np.zeros(n * c)), const("rvar", np.ones(n * c)),
+        const("gamma", gamma), const("beta", beta),
+    ]
+    return save(tmp_path, nodes, [vinfo("x", [n, c, h, w])], [vinfo("y", [n, c, h, w])], inits, opset=18,
+                name=name)
+
+
+def test_trap_fixture_really_is_an_instance_norm(tmp_path):
+    path = lowered_instance_norm(tmp_path)
+    x = RNG.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    (got,) = ReferenceEvaluator(path).run(None, {"x": x})  # the spec (onnxruntime departs here, #29790)
+    mu = x.mean(axis=(2, 3), keepdims=True)
+    var = x.var(axis=(2, 3), keepdims=True)
+    gamma = np.linspace(0.5, 1.5, 3, dtype=np.float32).reshape(1, 3, 1, 1)
+    beta = np.linspace(-0.2, 0.2, 3, dtype=np.float32).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(got, (x - mu) / np.sqrt(var + 1e-5) * gamma + beta, rtol=1e-4, atol=1e-5)
+
+
+def test_trap_lowered_instance_norm_is_instance_not_train_mode(tmp_path):
+    (layer,), view = load_layers(lowered_instance_norm(tmp_path))
+    assert layer.kind is Kind.INSTANCE and layer.op_type == "BatchNormalization"
+    assert layer.training and not layer.batch_statistics and not layer.uses_running_stats
+    assert layer.batch_axis is None and layer.axes == (0, 2, 3)
+    assert layer.input == "x_r" and layer.input_shape == (1, 6, 4, 4)
+    assert layer.mean is None and layer.var is None  # unused running statistics are not the layer's
+    assert layer.extra["lowered_instance_norm"] and layer.extra["source"] == "x"
+    assert any("lowered InstanceNorm" in n for n in layer.notes)
+    assert normalized_set_size(layer, batch=1) == (16, ())
+
+
+def test_train_mode_bn_with_used_running_outputs_is_not_the_trap(tmp_path):
+    path = lowered_instance_norm(tmp_path)
+    model = onnx.load(path)
+    model.graph.output.append(vinfo("running_mean_out", None))
+    onnx.save(model, path)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.batch_statistics
+
+
+# ---------------------------------------------------------------------------- decomposed chains
+
+
+def run_ort(path: str, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def moments_chain(axes, opset, eps=1e-5, square="Pow", tail="Div", affine=True, c_axis=-1):
+    """ReduceMean -> Sub -> (Pow 2 | Mul self) -> ReduceMean -> Add(eps) -> Sqrt -> (Div | Reciprocal+Mul)."""
+    nodes, inits = [], [const("eps", eps), const("two", 2.0)]
+
+    def reduce(name, src, out):
+        if opset >= 18:
+            nodes.append(helper.make_node("ReduceMean", [src, "axes"], [out], name=name, keepdims=1))
+        else:
+            nodes.append(helper.make_node("ReduceMean", [src], [out], name=name, axes=list(axes), keepdims=1))
+
+    if opset >= 18:
+        inits.append(const("axes", list(axes), np.int64))
+    reduce("mean", "x", "mu")
+    nodes.append(helper.make_node("Sub", ["x", "mu"], ["d"], name="sub"))
+    if square == "Pow":
+        nodes.append(helper.make_node("Pow", ["d", "two"], ["d2"], name="sq"))
+    else:
+        nodes.append(helper.make_node("Mul", ["d", "d"], ["d2"], name="sq"))
+    reduce("var", "d2", "var")
+    nodes.append(helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"))
+    nodes.append(helper.make_node("Sqrt", ["ve"], ["std"], name="sqrt"))
+    out = "y" if not affine else "normed"
+    if tail == "Div":
+        nodes.append(helper.make_node("Div", ["d", "std"], [out], name="div"))
+    else:
+        nodes.append(helper.make_node("Reciprocal", ["std"], ["inv"], name="recip"))
+        nodes.append(helper.make_node("Mul", ["d", "inv"], [out], name="mul_inv"))
+    if affine:
+        nodes.append(helper.make_node("Mul", ["normed", "gamma"], ["scaled"], name="gamma_mul"))
+        nodes.append(helper.make_node("Add", ["scaled", "beta"], ["y"], name="beta_add"))
+    return nodes, inits
+
+
+def numpy_norm(x, axes, eps, gamma=1.0, beta=0.0):
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * gamma + beta
+
+
+@pytest.mark.parametrize("opset, square, tail", [(17, "Pow", "Div"), (18, "Mul", "Reciprocal"), (13, "Mul", "Div")])
+def test_decomposed_layer_norm(tmp_path, opset, square, tail):
+    axes, shape = (-1,), (2, 5, 8)
+    nodes, inits = moments_chain(axes, opset, square=square, tail=tail)
+    gamma, beta = RNG.uniform(0.5, 1.5, 8).astype(np.float32), RNG.uniform(-1, 1, 8).astype(np.float32)
+    inits += [const("gamma", gamma), const("beta", beta)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 5, 8])], [vinfo("y", ["N", 5, 8])], inits, opset=opset)
+    x = RNG.normal(size=shape).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (2,), 1e-5, gamma, beta), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and layer.op_type == "decomposed" and layer.axes == (2,)
+    assert layer.name == "mean" and layer.input == "x" and layer.output == "y"
+    assert set(layer.nodes) == {n.name for n in nodes}
+    assert layer.epsilon == F32_EPS and not layer.batch_statistics and layer.channels == 8
+    np.testing.assert_array_equal(layer.scale, gamma)
+    np.testing.assert_array_equal(layer.bias, beta)
+
+
+def test_decomposed_batch_moments_are_batch_statistics(tmp_path):
+    nodes, inits = moments_chain((0, 2, 3), 18, eps=1e-3, affine=False)
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3, 3])], [vinfo("y", ["N", 4, 3, 3])], inits, opset=18)
+    x = RNG.normal(size=(5, 4, 3, 3)).astype(np.float32)
+    got = run_ort(path, x)
+    np.testing.assert_allclose(got, numpy_norm(x, (0, 2, 3), 1e-3), rtol=1e-4, atol=1e-5)
+    # batch dependence, measured: sample 0 alone differs from sample 0 within the batch
+    assert np.abs(run_ort(path, x[:1]) - got[:1]).max() > 0.1
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.op_type == "decomposed" and layer.axes == (0, 2, 3)
+    assert layer.batch_statistics and not layer.training and not layer.uses_running_stats
+    assert layer.channel_axis == 1 and layer.channels == 4 and layer.output == "y"
+    assert layer.scale is None and layer.bias is None
+    assert normalized_set_size(layer, batch=1) == (9, ())
+
+
+def tf_batch_norm(tmp_path, opset=13) -> tuple[str, list]:
+    """tf.nn.moments(x, [0, 1, 2]) + tf.nn.batch_normalization, NHWC, as tf2onnx writes it: squared
+    difference, squeezed moments, inv = Reciprocal(Sqrt(var + eps)) * gamma, y = x * inv + (beta - mean * inv)."""
+    c = 4
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mu"], name="moments/mean", axes=[0, 1, 2], keepdims=1),
+        helper.make_node("Sub", ["x", "mu"], ["d"], name="moments/SquaredDifference/sub"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="moments/SquaredDifference"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], name="moments/variance", axes=[0, 1, 2], keepdims=1),
+        helper.make_node("Squeeze", ["mu", "sq_axes"], ["mean_s"], name="moments/Squeeze"),
+        helper.make_node("Squeeze", ["var", "sq_axes"], ["var_s"], name="moments/Squeeze_1"),
+        helper.make_node("Add", ["var_s", "eps"], ["ve"], name="batchnorm/add"),
+        helper.make_node("Sqrt", ["ve"], ["std"], name="batchnorm/Sqrt"),
+        helper.make_node("Reciprocal", ["std"], ["inv"], name="batchnorm/Rsqrt"),
+        helper.make_node("Mul", ["inv", "gamma"], ["inv_g"], name="batchnorm/mul"),
+        helper.make_node("Mul", ["x", "inv_g"], ["x_inv"], name="batchnorm/mul_1"),
+        helper.make_node("Mul", ["mean_s", "inv_g"], ["m_inv"], name="batchnorm/mul_2"),
+        helper.make_node("Sub", ["beta", "m_inv"], ["shift"], name="batchnorm/sub"),
+        helper.make_node("Add", ["x_inv", "shift"], ["y"], name="batchnorm/add_1"),
+    ]
+    gamma = np.linspace(0.5, 2, c, dtype=np.float32)
+    beta = np.linspace(-1, 1, c, dtype=np.float32)
+    inits = [const("eps", 1e-3), const("gamma", gamma), const("beta", beta),
+             const("sq_axes", [0, 1, 2], np.int64)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 3, c])], [vinfo("y", ["N", 3, 3, c])], inits, opset=opset,
+                name="tfbn")
+    return path, [gamma, beta]
+
+
+def test_tf_nn_batch_normalization_form(tmp_path):
+    path, (gamma, beta) = tf_batch_norm(tmp_path)
+    x = RNG.normal(size=(6, 3, 3, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (0, 1, 2), 1e-3, gamma, beta), rtol=1e-4, atol=1e-4)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.batch_statistics and layer.axes == (0, 1, 2)
+    assert layer.channel_axis == 3 and layer.channels == 4
+    assert layer.name == "moments/mean" and layer.output == "y" and len(layer.nodes) == 14
+    assert layer.epsilon == float(np.float32(1e-3))
+    np.testing.assert_array_equal(layer.scale, gamma)
+    np.testing.assert_array_equal(layer.bias, beta)
+
+
+def test_decomposed_rms_norm(tmp_path):
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["x2"], name="square"),
+        helper.make_node("ReduceMean", ["x2", "axes"], ["ms"], name="rms_mean", keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+        helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+        helper.make_node("Div", ["x", "rms"], ["normed"], name="div"),
+        helper.make_node("Mul", ["normed", "w"], ["y"], name="scale"),
+    ]
+    w = np.linspace(0.5, 1.5, 8, dtype=np.float32)
+    inits = [const("axes", [-1], np.int64), const("eps", 1e-6), const("w", w)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 8])], [vinfo("y", ["N", 3, 8])], inits, opset=18)
+    x = RNG.normal(size=(2, 3, 8)).astype(np.float32)
+    want = x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(run_ort(path, x), want, rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.RMS and not layer.centered and layer.axes == (2,) and layer.name == "square"
+    assert layer.output == "y" and not layer.batch_statistics
+    np.testing.assert_array_equal(layer.scale, w)
+
+
+@pytest.mark.parametrize("axes, kind", [((2, 3), Kind.INSTANCE), ((1,), Kind.MOMENTS), ((1, 2, 3), Kind.LAYER)])
+def test_decomposed_kind_from_axes(tmp_path, axes, kind):
+    nodes, inits = moments_chain(axes, 18, affine=False)
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3, 3])], [vinfo("y", ["N", 4, 3, 3])], inits, opset=18)
+    x = RNG.normal(size=(2, 4, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, axes, 1e-5), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is kind and layer.axes == axes and not layer.batch_statistics
+
+
+def test_reduce_mean_alone_is_not_a_layer(tmp_path):
+    nodes = [helper.make_node("ReduceMean", ["x"], ["y"], name="gap", axes=[2, 3], keepdims=0)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3, 3])], [vinfo("y", ["N", 4])], opset=13)
+    layers, view = load_layers(path)
+    assert layers == [] and any("no normalization layer" in n.message for n in view.notes)
+
+
+# ---------------------------------------------------------------------------- model notes and order
+
+
+def test_folded_batchnorm_note(tmp_path):
+    w = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "k"], ["ck"], name="bn_scale"),
+        helper.make_node("Add", ["ck", "t"], ["y"], name="bn_shift"),
+    ]
+    inits = [const("w", w), const("k", np.ones((1, 4, 1, 1))), const("t", np.zeros((1, 4, 1, 1)))]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 4, 8, 8])], inits)
+    layers, view = load_layers(path)
+    assert layers == []
+    messages = [n.message for n in view.notes if n.level == "info"]
+    assert any("no normalization layer" in m for m in messages)
+    assert any("folded into the Conv" in m and "'conv'" in m for m in messages)
+
+
+def resnet_like(tmp_path, blocks=53) -> str:
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(blocks):
+        s, b, m, v = channel_params(8, seed=i)
+        inits += [const(f"w{i}", RNG.normal(size=(8, 8, 1, 1)) * 0.1), const(f"s{i}", s), const(f"b{i}", b),
+                  const(f"m{i}", m), const(f"v{i}", v)]
+        nodes += [
+            helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}"),
+            helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"],
+                             name=f"bn{i}"),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        prev = f"r{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"], name="out"))
+    return save(tmp_path, nodes, [vinfo("x", ["N", 8, 7, 7])], [vinfo("y", ["N", 8, 7, 7])], inits, opset=15,
+                name="resnetlike")
+
+
+def test_layers_come_in_graph_order(tmp_path):
+    path = resnet_like(tmp_path)
+    model = onnx.load(path)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))  # an unsorted file: the walk sorts topologically
+    onnx.save(model, path)
+    layers, view = load_layers(path)
+    assert [l.name for l in layers] == [f"bn{i}" for i in range(53)]
+    assert all(l.input_shape == ("N", 8, 7, 7) for l in layers)
+    assert any("checker" in n.message for n in view.notes)  # unsorted graphs fail onnx.checker
+
+
+def test_walk_and_walk_with_notes_agree(tmp_path):
+    handle = load_onnx(resnet_like(tmp_path, blocks=3))
+    layers, notes = walk_with_notes(handle)
+    assert [l.name for l in walk(handle)] == [l.name for l in layers] == ["bn0", "bn1", "bn2"]
+    assert notes == []
