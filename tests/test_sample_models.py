@@ -188,7 +188,8 @@ def test_collapse_head_bn_outputs_its_bias_at_batch_1_per_spec_and_not_at_batch_
 
 
 def _shape(name: str) -> list:
-    return [d.dim_param or d.dim_value for d in onnx.load(SAMPLES_DIR / name).graph.input[0].type.tensor_type.shape.dim]
+    dims = onnx.load(SAMPLES_DIR / name).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
 
 
 @pytest.mark.parametrize(("filename", "layer"), [("instancenorm_1x1.onnx", "in_gap"),
