@@ -183,7 +183,7 @@ def _load_weights(path: str, model: "onnx.ModelProto") -> None:
     base = os.path.dirname(os.path.abspath(path))
     try:
         external_data_helper.load_external_data_for_model(model, base)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, OSError, ValueError: all user errors
         raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
 
 

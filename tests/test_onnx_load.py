@@ -1,0 +1,312 @@
+"""Loading ONNX files safely: one-line BackendErrors naming the file, external data confined to the model's
+folder and refused before any byte is read, broken graphs still walked with the failure as a note."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.backends import onnx_load
+from bncheck.backends.base import BackendError
+from bncheck.backends.onnx_backend import OnnxBackend
+from bncheck.backends.onnx_load import load_onnx
+from bncheck.model import Kind
+
+F32 = TensorProto.FLOAT
+C = 64  # channels: 256-byte parameters, large enough for onnx to store them externally
+
+
+def bn_model(opset: int = 15) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    params = {
+        "s": rng.uniform(0.5, 1.5, C),
+        "b": rng.uniform(-0.5, 0.5, C),
+        "m": rng.uniform(0.1, 0.3, C),
+        "v": rng.uniform(0.5, 1.5, C),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", C, 2, 2])],
+        [helper.make_tensor_value_info("y", F32, ["N", C, 2, 2])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="bncheck-tests",
+                              producer_version="0.1")
+    model.ir_version = 8
+    return model
+
+
+def saved(tmp_path: Path, name: str = "model.onnx") -> Path:
+    path = tmp_path / name
+    onnx.save(bn_model(), str(path))
+    return path
+
+
+def assert_one_line_error(path, *words: str) -> str:
+    with pytest.raises(BackendError) as info:
+        load_onnx(str(path))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}:")
+    for word in words:
+        assert word in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------- bad files
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(tmp_path / "nope.onnx", "no such file")
+
+
+def test_directory(tmp_path):
+    assert_one_line_error(tmp_path, "is a directory")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    assert_one_line_error(path, "empty")
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is not a model\nbut some notes about one\n" * 20)
+    assert_one_line_error(path, "text file")
+
+
+def test_git_lfs_pointer(tmp_path):
+    path = tmp_path / "lfs.onnx"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    assert_one_line_error(path, "Git LFS pointer")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_bytes(tmp_path, seed):
+    path = tmp_path / "random.onnx"
+    path.write_bytes(np.random.default_rng(seed).bytes(4096))
+    assert_one_line_error(path, "not")
+
+
+def test_not_a_protobuf(tmp_path):
+    path = tmp_path / "image.onnx"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    assert_one_line_error(path, "not")
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.99])
+def test_truncated_model(tmp_path, fraction):
+    data = saved(tmp_path).read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    assert_one_line_error(path, "truncated")
+
+
+def test_backend_load_raises_the_same_one_line_error(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(BackendError, match="empty"):
+        OnnxBackend().load(str(path))
+
+
+# ---------------------------------------------------------------------------- external data
+
+
+def save_external(tmp_path: Path, location: str = "weights.bin") -> Path:
+    path = tmp_path / "ext.onnx"
+    onnx.save(bn_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+    return path
+
+
+def set_location(path: Path, location: str) -> None:
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(path))
+
+
+def load_returns_promptly(path: Path) -> str:
+    """load_onnx in a thread: if it opened the FIFO target it would block; we require a quick refusal."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            load_onnx(str(path))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert outcome, "load_onnx blocked: it opened the external data target"
+    assert isinstance(outcome[0], BackendError)
+    message = str(outcome[0])
+    assert "\n" not in message and message.startswith(f"{path}:")
+    return message
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    path = save_external(tmp_path)
+    handle = load_onnx(str(path))
+    assert handle.external_data
+    assert handle.size_bytes == path.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+    (layer,) = OnnxBackend().load(str(path)).layers
+    want = numpy_helper.to_array(bn_model().graph.initializer[3])
+    np.testing.assert_array_equal(layer.var, want)
+
+
+def test_external_data_in_a_subfolder_loads(tmp_path):
+    path = save_external(tmp_path)
+    (tmp_path / "data").mkdir()
+    os.rename(tmp_path / "weights.bin", tmp_path / "data" / "weights.bin")
+    set_location(path, "data/weights.bin")
+    assert load_onnx(str(path)).external_data
+
+
+def test_symlink_inside_the_folder_is_refused_by_onnx_as_one_line(tmp_path):
+    # onnx >= 1.21's loader refuses every symlinked location; we pass its reason on, on one line
+    path = save_external(tmp_path)
+    (tmp_path / "data").mkdir()
+    os.rename(tmp_path / "weights.bin", tmp_path / "data" / "real.bin")
+    os.symlink(tmp_path / "data" / "real.bin", tmp_path / "data" / "weights.bin")
+    set_location(path, "data/weights.bin")
+    assert_one_line_error(path, "symbolic link")
+
+
+def outside_fifo(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    fifo = outside / "weights.bin"
+    os.mkfifo(fifo)
+    return fifo
+
+
+def test_absolute_location_refused_before_reading(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    path = save_external(model_dir)
+    fifo = outside_fifo(tmp_path)
+    set_location(path, str(fifo))
+    message = load_returns_promptly(path)
+    assert "refused" in message and "absolute" in message
+
+
+def test_dotdot_location_refused_before_reading(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    path = save_external(model_dir)
+    outside_fifo(tmp_path)
+    set_location(path, "../outside/weights.bin")
+    message = load_returns_promptly(path)
+    assert "refused" in message and "'..'" in message
+
+
+def test_symlink_out_of_the_folder_refused_before_reading(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    path = save_external(model_dir)
+    os.remove(model_dir / "weights.bin")
+    fifo = outside_fifo(tmp_path)
+    os.symlink(fifo, model_dir / "weights.bin")
+    message = load_returns_promptly(path)
+    assert "refused" in message and "outside the model's folder" in message
+
+
+def test_fifo_inside_the_folder_refused_before_reading(tmp_path):
+    path = save_external(tmp_path)
+    os.remove(tmp_path / "weights.bin")
+    os.mkfifo(tmp_path / "weights.bin")
+    message = load_returns_promptly(path)
+    assert "not a regular file" in message
+
+
+def test_missing_external_file_is_named(tmp_path):
+    path = save_external(tmp_path, location="params.data")
+    os.remove(tmp_path / "params.data")
+    assert_one_line_error(path, "missing external data file", "params.data")
+
+
+def test_external_data_out_of_bounds_is_one_line(tmp_path):
+    path = save_external(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 10)  # shorter than the offsets recorded
+    assert_one_line_error(path, "external data")
+
+
+def test_large_model_path_is_checked_and_inferred_by_path(tmp_path, monkeypatch):
+    # the threshold is the only thing lowered: checker and shape inference really run on the files
+    monkeypatch.setattr(onnx_load, "PROTOBUF_LIMIT", 100)
+    path = save_external(tmp_path)
+    handle = load_onnx(str(path))
+    assert handle.size_bytes > 100 and handle.notes == []
+    assert handle.value_shapes["y"] == ("N", C, 2, 2)
+    (layer,) = OnnxBackend().load(str(path)).layers
+    assert layer.var is not None and layer.var.shape == (C,)
+
+
+# ---------------------------------------------------------------------------- broken but walkable graphs
+
+
+def test_checker_failure_is_a_warning_note_and_the_graph_is_walked(tmp_path):
+    model = bn_model()
+    model.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"], name="bogus"))
+    model.graph.output.append(helper.make_tensor_value_info("z", F32, None))
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    view = OnnxBackend().load(str(path))
+    assert [l.name for l in view.layers] == ["bn"]
+    assert any(n.level == "warning" and "onnx.checker" in n.message for n in view.notes)
+
+
+def test_strict_shape_inference_failure_is_a_warning_note(tmp_path):
+    model = bn_model()
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("y", F32, ["N", C + 1, 2, 2]))  # wrong channels
+    path = tmp_path / "bad_shape.onnx"
+    onnx.save(model, str(path))
+    view = OnnxBackend().load(str(path))
+    assert [l.name for l in view.layers] == ["bn"]
+    assert any(n.level == "warning" and "shape inference" in n.message for n in view.notes)
+
+
+def test_custom_domain_op_does_not_stop_loading(tmp_path):
+    model = bn_model()
+    model.graph.node.append(helper.make_node("MyOp", ["y"], ["z"], name="custom", domain="com.example"))
+    model.graph.output.append(helper.make_tensor_value_info("z", F32, None))
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    view = OnnxBackend().load(str(path))
+    assert [(l.name, l.kind) for l in view.layers] == [("bn", Kind.BATCH)]
+
+
+# ---------------------------------------------------------------------------- what the handle says
+
+
+def test_model_info_and_shapes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved(tmp_path, "m.onnx")
+    handle = load_onnx("m.onnx")
+    info = handle.info
+    assert info.path == "m.onnx" and handle.path == str(tmp_path / "m.onnx")
+    assert info.format == "onnx" and info.opset == {"ai.onnx": 15} and info.ir_version == 8
+    assert info.producer == "bncheck-tests 0.1"
+    assert info.sha256 == hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest()
+    assert handle.value_shapes["x"] == ("N", C, 2, 2) and handle.value_shapes["y"] == ("N", C, 2, 2)
+    assert handle.value_shapes["s"] == (C,) and handle.value_types["y"] == TensorProto.FLOAT
+    assert not handle.external_data and handle.notes == []
+    view = OnnxBackend().load("m.onnx")
+    assert view.info == info and [(i.name, i.shape, i.dtype) for i in view.inputs] == [("x", ("N", C, 2, 2), "float32")]
