@@ -134,6 +134,70 @@ def probe(model: str, fmt: str, output: str | None, fail_on: str, select: tuple[
     _finish(run, fmt, output, debug)
 
 
+@main.command("checks")
+def list_checks() -> None:
+    """List the checks: code, slug, default severity, one-line summary."""
+    from bncheck.checks import ALL_CHECKS
+
+    for module in ALL_CHECKS:
+        summary = (module.__doc__ or "").strip().splitlines()[0].split(":", 1)[-1].strip()
+        click.echo(f"{module.CODE}  {module.SLUG:12} {module.SEVERITY.label:8} {summary}")
+
+
+@main.command()
+@click.argument("check")
+def explain(check: str) -> None:
+    """Explain CHECK (a code or slug): what it does, why it matters, an example, the fix."""
+    from bncheck.checks import ALL_CHECKS, UnknownCheckError, resolve
+
+    try:
+        [code] = resolve([check])
+    except (UnknownCheckError, ValueError) as error:
+        _fail(error, debug=False)
+    module = next(m for m in ALL_CHECKS if m.CODE == code)
+    click.echo(f"{module.CODE} {module.SLUG} (default severity: {module.SEVERITY.label})\n")
+    click.echo((module.__doc__ or "").strip())
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--data", type=click.Path(dir_okay=False, path_type=str),
+              help="Calibration data: .npy (single-input models) or .npz keyed by input name. Required unless "
+                   "--dry-run.")
+@click.option("--output", "-o", "fixed", type=click.Path(dir_okay=False, path_type=str),
+              help="Write the fixed model here (never the input; external data is written next to it).")
+@click.option("--only", multiple=True, metavar="CODES",
+              help="Repair only these: BN002/train-mode, BN003/stale-stats (comma-separated; repeatable).")
+@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Calibration batch size (a model with a fixed batch dimension uses its own).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Report format on stdout. json: the JSON document alone.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True, path_type=str),
+              help="Also write the JSON report to this file.")
+@click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
+              help="Exit 1 when a finding of the ORIGINAL model is at or above this severity.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def fix(model: str, data: str | None, fixed: str | None, only: tuple[str, ...], dry_run: bool, batch_size: int,
+        fmt: str, report_path: str | None, fail_on: str, debug: bool) -> None:
+    """Write a repaired copy of MODEL: stale and train-mode batch norms get statistics from --data.
+
+    The findings are the ORIGINAL model's (exit code as for probe); the fix section says what was done per
+    layer and holds a re-probe of the fixed model with the same data.
+
+    \b
+    Example: bncheck fix model.onnx --data calib.npz -o fixed.onnx
+    """
+
+    def run() -> Any:
+        from bncheck import fixing
+
+        return fixing.fix(model, fixed, data, only=only, dry_run=dry_run, fail_on=fail_on,
+                          batch_size=batch_size)
+
+    _finish(run, fmt, report_path, debug)
+
+
 def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool) -> None:
     """Run the command, render its report, exit with its code; any failure is exit 2 with one line."""
     try:

@@ -11,6 +11,7 @@ import io
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -44,8 +45,8 @@ def render(report: Report, width: int = 100, color: bool = False) -> str:
                 Text.assemble((f"{label.upper():7} ", _STYLE[label]), (f"{finding.code} {finding.check} ", "bold"),
                               (finding.layer, "bold"))
             )
-            console.print(Text("    " + finding.message))
-            console.print(Text("    fix: " + finding.hint, style="dim"))
+            console.print(Padding(Text(finding.message), (0, 0, 0, 4), expand=False))
+            console.print(Padding(Text("fix: " + finding.hint, style="dim"), (0, 0, 0, 4), expand=False))
     for name, section in report.sections.items():
         summary = section.get("summary") if isinstance(section, dict) else None
         if summary:

@@ -1,0 +1,120 @@
+"""Tiny ONNX models built in tests (onnx.helper), one normalization op each, for the check tests.
+
+Deterministic: every array comes from the arguments or a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+F32 = TensorProto.FLOAT
+
+
+def _save(model: onnx.ModelProto, path: Path) -> str:
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _arr(value, channels: int, default: float) -> np.ndarray:
+    if value is None:
+        return np.full(channels, default, dtype=np.float32)
+    return np.asarray(value, dtype=np.float32).reshape(channels)
+
+
+def bn_model(
+    path: Path,
+    *,
+    channels: int = 3,
+    hw: Sequence[int] = (4, 4),
+    scale=None,
+    bias=None,
+    mean=None,
+    var=None,
+    epsilon: float = 1e-5,
+    training: bool = False,
+    momentum: float = 0.9,
+    name: str = "bn",
+    opset: int = 15,
+) -> str:
+    """x[N, C, *hw] -> BatchNormalization -> y. Training mode gets the three outputs onnxruntime needs.
+
+    Defaults are "trained-looking" (mean 0.1..0.3, var 0.5..1.5), not the initial 0/1.
+    """
+    rng = np.random.default_rng(0)
+    scale = _arr(scale, channels, 1.0) if scale is not None else rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    bias = _arr(bias, channels, 0.0) if bias is not None else rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+    mean = _arr(mean, channels, 0.0) if mean is not None else rng.uniform(0.1, 0.3, channels).astype(np.float32)
+    var = _arr(var, channels, 1.0) if var is not None else rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    shape = ["N", channels, *hw]
+    outputs = ["y"] + (["running_mean", "running_var"] if training else [])
+    attrs = {"epsilon": epsilon, "momentum": momentum}
+    if training:
+        attrs["training_mode"] = 1
+    node = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], outputs, name=name, **attrs)
+    graph_outputs = [helper.make_tensor_value_info("y", F32, shape)]
+    if training:
+        graph_outputs += [helper.make_tensor_value_info(o, F32, [channels]) for o in outputs[1:]]
+    graph = helper.make_graph(
+        [node], "bn", [helper.make_tensor_value_info("x", F32, shape)], graph_outputs,
+        initializer=[numpy_helper.from_array(a, n) for a, n in
+                     ((scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return _save(model, path)
+
+
+def layernorm_model(path: Path, *, shape: Sequence = ("N", 4, 8), axis: int = -1, epsilon: float = 1e-5,
+                    name: str = "ln") -> str:
+    """x -> LayerNormalization(axis) -> y (opset 17), scale 1.5 and bias 0.25 over the normalized dims."""
+    rank = len(shape)
+    norm_shape = [d for d in shape[axis % rank:]]
+    scale = np.full(norm_shape, 1.5, dtype=np.float32)
+    bias = np.full(norm_shape, 0.25, dtype=np.float32)
+    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], name=name, axis=axis,
+                            epsilon=epsilon)
+    graph = helper.make_graph(
+        [node], "ln", [helper.make_tensor_value_info("x", F32, list(shape))],
+        [helper.make_tensor_value_info("y", F32, list(shape))],
+        initializer=[numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(bias, "bias")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def instancenorm_model(path: Path, *, channels: int = 3, hw: Sequence[int] = (4, 4), name: str = "in") -> str:
+    """x[N, C, *hw] -> InstanceNormalization -> y, bias 0.25 per channel."""
+    shape = ["N", channels, *hw]
+    node = helper.make_node("InstanceNormalization", ["x", "scale", "bias"], ["y"], name=name, epsilon=1e-5)
+    graph = helper.make_graph(
+        [node], "in", [helper.make_tensor_value_info("x", F32, shape)],
+        [helper.make_tensor_value_info("y", F32, shape)],
+        initializer=[numpy_helper.from_array(np.full(channels, 1.5, np.float32), "scale"),
+                     numpy_helper.from_array(np.full(channels, 0.25, np.float32), "bias")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+
+
+def moments_model(path: Path, *, axes: Sequence[int] = (0, 2, 3), channels: int = 3, hw: Sequence[int] = (4, 4),
+                  epsilon: float = 1e-3) -> str:
+    """Hand-written normalization: ReduceMean -> Sub -> Mul -> ReduceMean -> Add(eps) -> Sqrt -> Div (opset 17)."""
+    shape = ["N", channels, *hw]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mu"], name="moments/mean", axes=list(axes), keepdims=1),
+        helper.make_node("Sub", ["x", "mu"], ["d"], name="moments/sub"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="moments/sq"),
+        helper.make_node("ReduceMean", ["d2"], ["v"], name="moments/var", axes=list(axes), keepdims=1),
+        helper.make_node("Add", ["v", "eps"], ["ve"], name="moments/add_eps"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="moments/sqrt"),
+        helper.make_node("Div", ["d", "sd"], ["y"], name="moments/div"),
+    ]
+    graph = helper.make_graph(
+        nodes, "moments", [helper.make_tensor_value_info("x", F32, shape)],
+        [helper.make_tensor_value_info("y", F32, shape)],
+        initializer=[numpy_helper.from_array(np.array(epsilon, np.float32), "eps")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)

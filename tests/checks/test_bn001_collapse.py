@@ -1,0 +1,50 @@
+"""BN001 collapse: static prediction from axes and shapes; observation in probe batches."""
+
+from __future__ import annotations
+
+from tests.builders import bn_model, instancenorm_model, layernorm_model
+
+
+def test_train_mode_bn_on_1x1_maps_is_predicted_to_collapse_at_batch_size_1(tmp_path, inspect_findings):
+    path = bn_model(tmp_path / "m.onnx", hw=(1, 1), training=True)
+    [finding] = inspect_findings(path, "BN001")
+    assert finding.severity.label == "error"
+    assert finding.layer == "bn"
+    assert finding.evidence["kind"] == "static"
+    assert finding.evidence["condition"] == {"batch_size": 1}
+    assert "batch size 1" in finding.message
+
+
+def test_train_mode_bn_on_2x2_maps_does_not_collapse(tmp_path, inspect_findings):
+    assert inspect_findings(bn_model(tmp_path / "m.onnx", hw=(2, 2), training=True), "BN001") == []
+
+
+def test_inference_bn_on_1x1_maps_does_not_collapse(tmp_path, inspect_findings):
+    assert inspect_findings(bn_model(tmp_path / "m.onnx", hw=(1, 1)), "BN001") == []
+
+
+def test_instancenorm_on_1x1_maps_collapses_for_every_input(tmp_path, inspect_findings):
+    [finding] = inspect_findings(instancenorm_model(tmp_path / "m.onnx", hw=(1, 1)), "BN001")
+    assert finding.evidence["condition"] == {}
+    assert "for every input" in finding.message
+
+
+def test_layernorm_over_an_axis_of_size_1_collapses(tmp_path, inspect_findings):
+    [finding] = inspect_findings(layernorm_model(tmp_path / "m.onnx", shape=("N", 4, 1)), "BN001")
+    assert finding.layer == "ln"
+
+
+def test_layernorm_over_8_features_does_not_collapse(tmp_path, inspect_findings):
+    assert inspect_findings(layernorm_model(tmp_path / "m.onnx", shape=("N", 4, 8)), "BN001") == []
+
+
+def test_probe_observes_collapse_at_batch_1_only(tmp_path, probe_findings):
+    path = bn_model(tmp_path / "m.onnx", hw=(1, 1), training=True, bias=[0.5, -0.25, 1.0])
+    [finding] = probe_findings(path, "BN001", batch_sizes=(1, 2, 8))
+    assert finding.evidence["kind"] == "observed"
+    assert finding.evidence["batch_sizes"] == [1]
+    assert finding.evidence["predicted"] is True
+
+
+def test_probe_observes_no_collapse_on_instancenorm_4x4(tmp_path, probe_findings):
+    assert probe_findings(instancenorm_model(tmp_path / "m.onnx", hw=(4, 4)), "BN001") == []

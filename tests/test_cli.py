@@ -1,0 +1,189 @@
+"""The CLI contract: exit codes 0/1/2, JSON alone on stdout, one-line errors, select/ignore, lazy imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bncheck.cli import main
+from tests.builders import bn_model
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def clean(tmp_path) -> str:
+    return bn_model(tmp_path / "clean.onnx")
+
+
+@pytest.fixture
+def stale(tmp_path) -> str:
+    return bn_model(tmp_path / "stale.onnx", mean=[0, 0, 0], var=[1, 1, 1])
+
+
+@pytest.fixture
+def low_eps(tmp_path) -> str:
+    return bn_model(tmp_path / "eps.onnx", epsilon=1e-8)
+
+
+def test_clean_model_exits_0(runner, clean):
+    result = runner.invoke(main, ["inspect", clean])
+    assert result.exit_code == 0, result.output
+    assert "0 errors" in result.stdout
+
+
+def test_error_finding_exits_1(runner, stale):
+    assert runner.invoke(main, ["inspect", stale]).exit_code == 1
+
+
+def test_warning_exits_0_by_default_and_1_with_fail_on_warning(runner, low_eps):
+    assert runner.invoke(main, ["inspect", low_eps]).exit_code == 0
+    assert runner.invoke(main, ["inspect", low_eps, "--fail-on", "warning"]).exit_code == 1
+
+
+def test_fail_on_never_exits_0_with_errors(runner, stale):
+    assert runner.invoke(main, ["inspect", stale, "--fail-on", "never"]).exit_code == 0
+
+
+def test_json_stdout_is_the_document_alone(runner, stale):
+    result = runner.invoke(main, ["inspect", stale, "--format", "json"])
+    document = json.loads(result.stdout)
+    assert document["findings"][0]["code"] == "BN003"
+    assert document["exit_code"] == result.exit_code == 1
+    assert result.stderr == ""
+
+
+def test_output_file_gets_the_json_while_stdout_gets_the_table(runner, stale, tmp_path):
+    out = tmp_path / "report.json"
+    result = runner.invoke(main, ["inspect", stale, "--output", str(out)])
+    assert "BN003" in result.stdout and not result.stdout.lstrip().startswith("{")
+    assert json.loads(out.read_text())["summary"]["findings"]["error"] == 1
+
+
+def test_ignore_by_slug_drops_the_finding(runner, stale):
+    result = runner.invoke(main, ["inspect", stale, "--ignore", "stale-stats", "--format", "json"])
+    assert json.loads(result.stdout)["findings"] == []
+    assert result.exit_code == 0
+
+
+def test_select_by_code_keeps_only_that_check(runner, tmp_path):
+    path = bn_model(tmp_path / "two.onnx", mean=[0, 0, 0], var=[1, 1, 1], epsilon=1e-8)
+    result = runner.invoke(main, ["inspect", path, "--select", "BN004", "--format", "json"])
+    assert [f["code"] for f in json.loads(result.stdout)["findings"]] == ["BN004"]
+
+
+def test_unknown_check_name_is_exit_2_one_line(runner, clean):
+    result = runner.invoke(main, ["inspect", clean, "--select", "BN999"])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "BN999" in result.stderr
+
+
+def _unreadable(tmp_path: Path, kind: str) -> str:
+    path = tmp_path / f"{kind}.onnx"
+    if kind == "missing":
+        return str(path)
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not a model\n")
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        full = Path(bn_model(tmp_path / "full.onnx")).read_bytes()
+        path.write_bytes(full[: len(full) // 2])
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty", "text", "random", "truncated"])
+def test_unreadable_model_is_exit_2_one_line_naming_the_file(runner, tmp_path, kind):
+    path = _unreadable(tmp_path, kind)
+    result = runner.invoke(main, ["inspect", path])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert Path(path).name in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_debug_shows_the_traceback(runner, tmp_path):
+    path = _unreadable(tmp_path, "text")
+    result = runner.invoke(main, ["inspect", path, "--debug"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr
+
+
+def test_bad_batch_sizes_are_a_usage_error(runner, clean):
+    result = runner.invoke(main, ["probe", clean, "--batch-sizes", "1,zero"])
+    assert result.exit_code == 2
+    assert "batch" in result.stderr.lower()
+
+
+def test_bad_input_shape_syntax_is_a_usage_error(runner, clean):
+    assert runner.invoke(main, ["probe", clean, "--input-shape", "x:3xfour"]).exit_code == 2
+
+
+def test_help_lists_the_commands(runner):
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "inspect" in result.stdout and "probe" in result.stdout
+
+
+def test_help_imports_no_framework():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from bncheck.cli import main\n"
+        "CliRunner().invoke(main, ['--help'])\n"
+        "heavy = [m for m in ('onnx', 'onnxruntime', 'keras', 'numpy', 'rich') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
+def test_installed_console_script_runs_with_real_exit_code(stale):
+    script = shutil.which("bncheck", path=os.path.dirname(sys.executable))
+    assert script, "the bncheck console script is not installed next to this Python"
+    proc = subprocess.run([script, "inspect", stale, "--format", "json"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["findings"][0]["check"] == "stale-stats"
+
+
+def test_python_dash_m_runs_the_cli(clean):
+    proc = subprocess.run([sys.executable, "-m", "bncheck", "inspect", clean], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_checks_lists_every_code_with_its_default_severity(runner):
+    result = runner.invoke(main, ["checks"])
+    assert result.exit_code == 0
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["BN001", "collapse", "error"], ["BN002", "train-mode", "error"], ["BN003", "stale-stats", "error"],
+        ["BN004", "epsilon", "warning"], ["BN005", "non-finite", "error"],
+    ]
+
+
+def test_explain_prints_the_check_docstring_by_slug(runner):
+    result = runner.invoke(main, ["explain", "collapse"])
+    assert result.exit_code == 0
+    assert "Why is this bad?" in result.stdout and "BN001" in result.stdout
+
+
+def test_explain_unknown_check_is_exit_2(runner):
+    result = runner.invoke(main, ["explain", "BN999"])
+    assert result.exit_code == 2 and "BN999" in result.stderr
