@@ -244,6 +244,19 @@ class GraphIndex:
                 return None
         return src  # reshape target unknown: the values are still the stored ones
 
+    def stored_source(self, tensor: str) -> str:
+        """The constant a parameter operand was reshaped/cast from, so it is reported as stored (a
+        LayerNorm scale flattened to [1, D] by an exporter is still the [D] or [H, W] array in the file)."""
+        for _ in range(8):
+            idx = self.producer.get(tensor)
+            if idx is None or self.nodes[idx].op_type not in TRANSPARENT or not self.nodes[idx].input:
+                return tensor
+            src = self.nodes[idx].input[0]
+            if self.param(src) is None:
+                return tensor
+            tensor = src
+        return tensor
+
     def ints(self, tensor: str) -> np.ndarray | None:
         """An integer tensor's value (axes, shapes), folding Shape/Size/Range/Concat over known shapes."""
         value = self.param(tensor)

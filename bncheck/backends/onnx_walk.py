@@ -788,6 +788,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     groups = None
     kind: Kind
     group_like = None
+    flattened = False  # Flatten to 2D then reduce axis 1: the LayerNorm idiom (onnx's function body)
     flatten = g.produced_by(x, "Flatten")
     if axes is not None and flatten is not None and rank == 2 and axes == (1,):
         src = g.nodes[flatten].input[0]
@@ -797,6 +798,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
             if a is not None:
                 x, axes, rank = src, tuple(range(a, src_rank)), src_rank  # type: ignore[arg-type]
                 passed = passed + [flatten]
+                flattened = True
     elif axes == (2,) and rank == 3 and g.produced_by(x, "Reshape") is not None:
         group_like = _group_source(g, x)
         if group_like is not None:
@@ -824,6 +826,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
             kind = Kind.LAYER
         else:
             kind = Kind.GROUP
+    elif flattened:
+        kind, channel_axis = Kind.LAYER, rank - 1
     elif batch_stats and set(axes) != set(range(rank)):
         kind = Kind.BATCH
         kept = [a for a in range(rank) if a not in axes]
@@ -848,8 +852,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         notes.append("epsilon is added to the standard deviation, not to the variance")
     names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed)))
     first = min(set(nodes) | set(passed))
-    scale = as_float_array(g.param(chain.scale)) if chain.scale else None
-    bias = as_float_array(g.param(chain.bias)) if chain.bias else None
+    scale = as_float_array(g.param(g.stored_source(chain.scale))) if chain.scale else None
+    bias = as_float_array(g.param(g.stored_source(chain.bias))) if chain.bias else None
     output = chain.output
     if passed:  # traced back through reshapes: include the reshape back to the source shape
         hop = _follow_transparent(g, output)
