@@ -382,8 +382,10 @@ class _LegacyWeights:
                 parts = weight_name.split("/")
                 if len(parts) >= 2 and parts[-1].split(":")[0] == var and parts[-2] == path[-1]:
                     candidates.append(parts)
-            if len(candidates) > 1:  # same layer name in two nested models: keep those whose scope fits the path
-                candidates = [c for c in candidates if _scope_fits(c[:-2], path[:-1])]
+            if len(candidates) > 1:  # same layer name in two nested models: the longest scope on the path wins
+                fitting = [c for c in candidates if _scope_fits(c[:-2], path[:-1])]
+                longest = max((len(c) for c in fitting), default=0)
+                candidates = [c for c in fitting if len(c) == longest]
             if len(candidates) != 1:
                 return {}, f"variable {var!r} of {'/'.join(path)} not found unambiguously in model_weights/{path[0]}"
             dataset = top.get("/".join(candidates[0]))
@@ -561,7 +563,11 @@ def _build(
 
 
 def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:
-    """Record every Lambda-like layer and every object whose module or registered name is outside Keras."""
+    """Record every Lambda-like layer and every object whose module or registered name is outside Keras.
+
+    ``where`` is the path of the layer being scanned ("" for the model itself); every nested object of a
+    layer's config (initializers, dtype policies, wrapped layers) is checked too.
+    """
     if isinstance(obj, list):
         for item in obj:
             _scan_unsafe(item, where, ctx)
@@ -569,20 +575,22 @@ def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:
     if not isinstance(obj, dict):
         return
     cls = obj.get("class_name")
-    here = where
-    if isinstance(cls, str) and isinstance(obj.get("config"), dict) and "name" in obj["config"]:
-        here = f"{where}/{obj['config']['name']}" if where else str(obj["config"]["name"])
     if isinstance(cls, str):
         module, registered = obj.get("module"), obj.get("registered_name")
-        label = here or "the model"
+        label = repr(where) if where else "the model"
         if cls in CODE_CLASSES:
-            ctx.unsafe.append(f"layer {label!r} is a {cls} (it carries code)")
-        elif isinstance(module, str) and not (module.split(".")[0] in ("keras", "tf_keras")):
-            ctx.unsafe.append(f"{label!r} uses {cls} from module {module!r}, outside Keras")
+            ctx.unsafe.append(f"layer {label} is a {cls} (it carries code)" if where else f"the model holds a {cls}")
+        elif isinstance(module, str) and module.split(".")[0] not in ("keras", "tf_keras"):
+            ctx.unsafe.append(f"{label} uses {cls} from module {module!r}, outside Keras")
         elif registered is not None and registered != cls:
-            ctx.unsafe.append(f"{label!r} uses the registered object {registered!r}, outside Keras")
-    for value in obj.values():
-        _scan_unsafe(value, here, ctx)
+            ctx.unsafe.append(f"{label} uses the registered object {registered!r}, outside Keras")
+    for key, value in obj.items():
+        if key == "layers" and isinstance(value, list):
+            for entry in value:
+                name = _entry_name(entry) if isinstance(entry, dict) else "?"
+                _scan_unsafe(entry, f"{where}/{name}" if where else name, ctx)
+        else:
+            _scan_unsafe(value, where, ctx)
 
 
 def _walk_model(
@@ -618,22 +626,36 @@ def _walk_pass(
     emitted: dict[tuple[int, str, int], str | None],
     collect: bool,
 ) -> list[str | None]:
-    """One pass over a model level; ``emitted[(model call, layer, node)]`` is the context a layer call leaves."""
+    """One pass over a model level; ``emitted[(model call, layer, node)]`` is the context a layer call leaves.
+
+    Input shapes come from the file (Keras 3 records them per call and in build_config); where it records
+    none (tf_keras .h5, Sequential in legacy .h5) they are propagated through the common layers.
+    """
     entries = _layer_entries(model_cfg)
     sequential = model_cfg.get("class_name") == "Sequential"
     groups = ctx.weights.child_groups(model_cfg, group) if isinstance(ctx.weights, _KerasWeights) else {}
-    shapes = _infer_shapes(model_cfg, calls[0].shape if calls else None) if sequential else {}
     last: dict[int, str | None] = {k: call.context for k, call in enumerate(calls)}
+    out_shapes: dict[tuple[int, str, int], tuple[Dim, ...] | None] = {}
+    seq_shape: dict[int, tuple[Dim, ...] | None] = {
+        k: call.shape or _shape((model_cfg.get("config") or {}).get("build_input_shape")) for k, call in enumerate(calls)
+    }
     for index, entry in enumerate(entries):
         cls = str(entry.get("class_name", ""))
         cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
         name = _entry_name(entry)
         layer_path = prefix + (name,)
+        if cls == "InputLayer":
+            shape = _shape(cfg.get("batch_shape") or cfg.get("batch_input_shape"))
+            for k in range(len(calls)):
+                out_shapes[(k, name, 0)] = shape
+                if sequential:
+                    seq_shape[k] = shape or seq_shape[k]
+            continue
         own = _node_calls(entry)
         if any(t is False for t, _, _ in own):
             ctx.explicit_false = True
         if sequential or not own:
-            own = [(None, shapes.get(index), ())]
+            own = [(None, None, ())]
         recorded = _shape((entry.get("build_config") or {}).get("input_shape"))
         layer_calls: list[_Call] = []
         keys: list[tuple[int, str, int]] = []
@@ -641,11 +663,13 @@ def _walk_pass(
             for node_index, (training, shape, refs) in enumerate(own):
                 if sequential:
                     context = last[k]
+                    shape = shape or recorded or seq_shape[k] or _shape(cfg.get("batch_input_shape"))
                 else:
                     context = parent.context or next(
                         (emitted[(k, ref, idx)] for ref, idx in refs if emitted.get((k, ref, idx))), None
                     )
-                layer_calls.append(_Call(parent.chain + (training,), shape or recorded, refs, context))
+                    shape = shape or recorded or (out_shapes.get((k, refs[0][0], refs[0][1])) if refs else None)
+                layer_calls.append(_Call(parent.chain + (training,), shape, refs, context))
                 keys.append((k, name, node_index))
         if cls in MODEL_CLASSES:
             inner = _walk_model(entry, layer_path, layer_calls, ctx, groups.get(index), collect)
@@ -657,6 +681,10 @@ def _walk_pass(
             own_flag = "/".join(layer_path) if call.chain[-1] is True else None
             emitted[key] = call.context or own_flag or inner_emitted
             last[key[0]] = emitted[key] or last[key[0]]
+            out = _output_shape(cls, cfg, call.shape) if call.shape is not None and cls not in MODEL_CLASSES else None
+            out_shapes[key] = out
+            if sequential:
+                seq_shape[key[0]] = out
     return [last[k] for k in range(len(calls))]
 
 
@@ -700,7 +728,7 @@ def _norm_layer(
     elif rank is None:
         notes.append("input shape not recorded in the file: axes unknown")
     # Parameters
-    names = _expected_vars(kind, cls, cfg)
+    names = _expected_vars(NORM_KINDS[cls], cls, cfg)  # by class: LayerNormalization(rms_scaling) keeps gamma
     params: dict[str, np.ndarray] = {}
     problem = None
     if names and ctx.weights is not None:
@@ -824,31 +852,6 @@ def _apply_leak(ctx: _Ctx) -> list[NormLayer]:
 
 
 # --------------------------------------------------------------------------- shapes for files without them
-
-
-def _infer_shapes(model_cfg: dict[str, Any], input_shape: tuple[Dim, ...] | None) -> dict[int, tuple[Dim, ...]]:
-    """Input shape of each layer of a Sequential whose config records none (tf_keras and legacy .h5 files).
-
-    Covers the layers that make up ordinary convnets and MLPs; after any other layer the shape is unknown.
-    """
-    entries = _layer_entries(model_cfg)
-    cfg = model_cfg.get("config") or {}
-    shape = input_shape or _shape(cfg.get("build_input_shape"))
-    out: dict[int, tuple[Dim, ...]] = {}
-    for index, entry in enumerate(entries):
-        c = entry.get("config") if isinstance(entry.get("config"), dict) else {}
-        cls = entry.get("class_name")
-        recorded = _shape((entry.get("build_config") or {}).get("input_shape"))
-        if cls == "InputLayer":
-            shape = _shape(c.get("batch_shape") or c.get("batch_input_shape"))
-            continue
-        if shape is None:
-            shape = recorded or _shape(c.get("batch_input_shape"))
-        if shape is None:
-            continue
-        out[index] = shape
-        shape = _output_shape(str(cls), c, shape)
-    return out
 
 
 def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[Dim, ...] | None:

@@ -1,0 +1,404 @@
+"""The static Keras reader: every layout Keras 3.15 writes, tf_keras's legacy layout, hostile files.
+
+Models are built here with the installed Keras (numpy backend: the fastest to import, and nothing here
+trains), saved to tmp_path, and read back by bncheck without Keras; parameters are compared with what Keras
+itself holds. The tf_keras (Keras 2) .h5 layout cannot be written here (it needs TensorFlow): that file is
+assembled with h5py following the layout tf_keras writes (root ``model_config``, ``model_weights/<layer>/
+<layer>/<var>:0``, old-style inbound nodes ``[[["d1", 0, 0, {"training": true}]]]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "numpy")
+keras = pytest.importorskip("keras")
+from keras import layers  # noqa: E402
+
+from bncheck.backends.base import BackendError  # noqa: E402
+from bncheck.backends.keras_backend import KerasBackend  # noqa: E402
+from bncheck.backends.keras_static import MAX_RATIO, read  # noqa: E402
+from bncheck.model import Kind  # noqa: E402
+
+C = keras.initializers.Constant
+
+
+def _randomize(model: keras.Model, seed: int = 0) -> None:
+    """Distinct values in every variable, so a mix-up of gamma/beta/mean/var shows."""
+    rng = np.random.default_rng(seed)
+    for var in model.weights:
+        value = rng.uniform(0.5, 1.5, tuple(var.shape)).astype("float32")
+        var.assign(value)
+
+
+def _keras_layer(model: keras.Model, path: str):
+    layer = model
+    for part in path.split("/"):
+        layer = layer.get_layer(part)
+    return layer
+
+
+def _assert_params_match(model: keras.Model, view) -> None:
+    for norm in view.layers:
+        layer = _keras_layer(model, norm.name)
+        expected = {v.path.split("/")[-1]: np.asarray(v.numpy()) for v in layer.weights}
+        got = {"gamma": norm.scale, "beta": norm.bias, "moving_mean": norm.mean, "moving_variance": norm.var}
+        if norm.op_type == "RMSNormalization":
+            got = {"scale": norm.scale}
+        for key, value in got.items():
+            if key in expected:
+                np.testing.assert_array_equal(value, expected[key], err_msg=f"{norm.name}.{key}")
+            else:
+                assert value is None, f"{norm.name}.{key} should be absent"
+
+
+def _all_kinds_model() -> keras.Model:
+    inp = keras.Input((6,), name="x")
+    x = layers.Dense(8, name="d")(inp)
+    x = layers.BatchNormalization(name="bn_full")(x)
+    x = layers.BatchNormalization(scale=False, name="bn_noscale")(x)
+    x = layers.BatchNormalization(center=False, name="bn_nocenter")(x)
+    x = layers.BatchNormalization(center=False, scale=False, name="bn_bare")(x)
+    x = layers.LayerNormalization(name="ln")(x)
+    x = layers.LayerNormalization(rms_scaling=True, name="ln_rms")(x)
+    x = layers.UnitNormalization(name="unit")(x)
+    x = layers.Reshape((2, 4), name="reshape")(x)
+    x = layers.GroupNormalization(groups=2, name="gn")(x)
+    x = layers.RMSNormalization(name="rms")(x)
+    model = keras.Model(inp, x, name="kinds")
+    _randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_every_norm_kind_reads_the_parameters_keras_holds_including_scale_and_center_false(tmp_path, suffix):
+    model = _all_kinds_model()
+    path = str(tmp_path / f"kinds{suffix}")
+    model.save(path)
+    view = KerasBackend().load(path)
+    assert [layer.name for layer in view.layers] == [
+        "bn_full", "bn_noscale", "bn_nocenter", "bn_bare", "ln", "ln_rms", "unit", "gn", "rms"
+    ]
+    _assert_params_match(model, view)
+    kinds = {layer.name: layer.kind for layer in view.layers}
+    assert kinds["bn_full"] is Kind.BATCH and kinds["ln"] is Kind.LAYER and kinds["gn"] is Kind.GROUP
+    assert kinds["ln_rms"] is Kind.RMS and kinds["rms"] is Kind.RMS and kinds["unit"] is Kind.UNIT
+    assert view.info.format == suffix[1:] and view.info.framework_version == keras.__version__
+    assert len(view.info.sha256) == 64
+
+
+def test_axes_are_in_the_input_rank_with_channels_last_or_first(tmp_path):
+    inp = keras.Input((5, 5, 3), name="img")
+    a = layers.BatchNormalization(name="last")(inp)
+    b = layers.BatchNormalization(axis=1, name="first")(inp)
+    g = layers.GroupNormalization(groups=3, name="gn")(inp)
+    n = layers.LayerNormalization(axis=[1, 2], name="ln")(inp)
+    model = keras.Model(inp, [a, b, g, n])
+    path = str(tmp_path / "axes.keras")
+    model.save(path)
+    view = KerasBackend().load(path)
+    last, first, gn, ln = (view.layer(n) for n in ("last", "first", "gn", "ln"))
+    assert (last.axes, last.channel_axis, last.channels) == ((0, 1, 2), 3, 3)
+    assert (first.axes, first.channel_axis, first.channels) == ((0, 2, 3), 1, 5)
+    assert (gn.axes, gn.channel_axis, gn.groups) == ((1, 2, 3), 3, 3)
+    assert ln.axes == (1, 2)
+    assert last.input_shape == ("batch", 5, 5, 3)
+    assert view.inputs[0].name == "img" and view.inputs[0].shape == ("batch", 5, 5, 3)
+
+
+def _nested_model() -> keras.Model:
+    f_in = keras.Input((4,))
+    f = layers.BatchNormalization(name="bn")(layers.Dense(4, name="d")(f_in))
+    inner = keras.Model(f_in, f, name="inner")
+    seq = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="d"), layers.BatchNormalization(name="bn")],
+                           name="seq")
+    deep_in = keras.Input((4,))
+    deep = keras.Model(deep_in, seq(inner(deep_in)), name="deep")
+    inp = keras.Input((4,))
+    x = layers.BatchNormalization(name="bn")(inp)
+    model = keras.Model(inp, deep(x), name="outer")
+    _randomize(model, seed=1)
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_nested_functional_and_sequential_layers_are_named_by_path_with_their_own_weights(tmp_path, suffix):
+    model = _nested_model()
+    path = str(tmp_path / f"nested{suffix}")
+    model.save(path)
+    view = KerasBackend().load(path)
+    assert [layer.name for layer in view.layers] == ["bn", "deep/inner/bn", "deep/seq/bn"]
+    _assert_params_match(model, view)  # three layers named "bn": each got its own variables
+
+
+def test_keras_weights_group_is_a_class_counter_and_vars_carry_the_layer_name(tmp_path):
+    """The layout the reader relies on, as Keras 3 writes it (guards against a Keras change)."""
+    model = _nested_model()
+    path = tmp_path / "nested.keras"
+    model.save(path)
+    with zipfile.ZipFile(path) as zf:
+        assert set(zf.namelist()) == {"metadata.json", "config.json", "model.weights.h5"}
+        (tmp_path / "w.h5").write_bytes(zf.read("model.weights.h5"))
+    with h5py.File(tmp_path / "w.h5") as f:
+        assert f["layers/batch_normalization/vars"].attrs["name"] == "bn"
+        assert f["layers/functional/layers/functional/layers/batch_normalization/vars"].attrs["name"] == "bn"
+        assert f["layers/functional/layers/sequential/layers/batch_normalization/vars"].attrs["name"] == "bn"
+        assert sorted(f["layers/batch_normalization/vars"].keys()) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_baked_training_flag_is_read_in_both_formats_with_keras3_call_style_notes(tmp_path, suffix):
+    inp = keras.Input((4,))
+    x = layers.BatchNormalization(name="baked")(inp, training=True)
+    y = layers.BatchNormalization(name="plain")(inp)
+    model = keras.Model(inp, [x, y])
+    path = str(tmp_path / f"baked{suffix}")
+    model.save(path)
+    view = KerasBackend().load(path)
+    baked, plain = view.layer("baked"), view.layer("plain")
+    assert baked.training and baked.batch_statistics and not baked.uses_running_stats
+    assert any("model.predict(x)" in note and "override" in note for note in baked.notes)
+    assert not plain.training and plain.uses_running_stats
+    assert view.handle.baked
+
+
+def test_baked_flag_on_a_non_trainable_layer_is_a_flag_without_batch_statistics(tmp_path):
+    inp = keras.Input((4,))
+    bn = layers.BatchNormalization(name="frozen")
+    bn.trainable = False
+    model = keras.Model(inp, bn(inp, training=True))
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    layer = KerasBackend().load(path).layer("frozen")
+    assert layer.training and not layer.batch_statistics and layer.uses_running_stats
+
+
+def test_keras3_baked_flag_marks_downstream_batchnorm_as_batch_statistics(tmp_path):
+    inp = keras.Input((4,))
+    a = layers.BatchNormalization(name="a")(inp, training=True)
+    b = layers.BatchNormalization(name="b")(layers.Dense(4, name="d")(a))
+    model = keras.Model(inp, b)
+    path = str(tmp_path / "leak.keras")
+    model.save(path)
+    b_layer = KerasBackend().load(path).layer("b")
+    assert not b_layer.training and b_layer.batch_statistics
+    assert any("runs after a's baked training=True" in note for note in b_layer.notes)
+    # ... which is what Keras 3 does: at batch 1, b's output is its beta in model(x)
+    x1 = np.random.default_rng(0).normal(size=(1, 4)).astype("float32")
+    beta = model.get_layer("b").beta.numpy()
+    np.testing.assert_allclose(np.asarray(model(x1))[0], beta, atol=1e-6)
+
+
+def test_nested_model_called_with_training_true_bakes_its_layers(tmp_path):
+    f_in = keras.Input((4,))
+    inner = keras.Model(f_in, layers.BatchNormalization(name="bn")(f_in), name="inner")
+    inp = keras.Input((4,))
+    model = keras.Model(inp, inner(inp, training=True))
+    path = str(tmp_path / "nested_baked.h5")
+    model.save(path)
+    layer = KerasBackend().load(path).layer("inner/bn")
+    assert layer.training and layer.batch_statistics
+
+
+def _tf_keras_h5(path, *, training: bool = True) -> None:
+    """A Functional model as tf_keras 2.15 writes it to .h5 (Dense -> BatchNormalization on 1-D features)."""
+    rng = np.random.default_rng(3)
+    kwargs = {"training": True} if training else {}
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "name": "model",
+            "trainable": True,
+            "layers": [
+                {"class_name": "InputLayer", "name": "input_1", "inbound_nodes": [],
+                 "config": {"batch_input_shape": [None, 4], "dtype": "float32", "sparse": False,
+                            "ragged": False, "name": "input_1"}},
+                {"class_name": "Dense", "name": "d1", "inbound_nodes": [[["input_1", 0, 0, {}]]],
+                 "config": {"name": "d1", "trainable": True, "dtype": "float32", "units": 6,
+                            "activation": "linear", "use_bias": True}},
+                {"class_name": "BatchNormalization", "name": "bn", "inbound_nodes": [[["d1", 0, 0, kwargs]]],
+                 "config": {"name": "bn", "trainable": True, "dtype": "float32", "axis": [1], "momentum": 0.99,
+                            "epsilon": 0.001, "center": True, "scale": True}},
+            ],
+            "input_layers": [["input_1", 0, 0]],
+            "output_layers": [["bn", 0, 0]],
+        },
+    }
+    values = {
+        "d1": {"kernel:0": rng.normal(size=(4, 6)), "bias:0": rng.normal(size=6)},
+        "bn": {"gamma:0": rng.uniform(0.5, 1.5, 6), "beta:0": rng.normal(size=6),
+               "moving_mean:0": rng.normal(size=6), "moving_variance:0": rng.uniform(0.5, 1.5, 6)},
+    }
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = "2.15.0"
+        f.attrs["backend"] = "tensorflow"
+        f.attrs["model_config"] = json.dumps(config)
+        weights = f.create_group("model_weights")
+        weights.attrs["layer_names"] = np.array([b"input_1", b"d1", b"bn"])
+        weights.attrs["keras_version"] = "2.15.0"
+        weights.attrs["backend"] = "tensorflow"
+        weights.create_group("input_1").attrs["weight_names"] = np.array([], dtype="S1")
+        for layer, variables in values.items():
+            group = weights.create_group(layer)
+            group.attrs["weight_names"] = np.array([f"{layer}/{v}".encode() for v in variables])
+            for var, value in variables.items():
+                group.create_dataset(f"{layer}/{var}", data=value.astype("float32"))
+    return values
+
+
+def test_tf_keras_legacy_h5_layout_is_read_and_its_baked_flag_wins_in_every_call_style(tmp_path):
+    path = str(tmp_path / "tf_keras.h5")
+    values = _tf_keras_h5(path)
+    view = KerasBackend().load(path)
+    bn = view.layer("bn")
+    np.testing.assert_array_equal(bn.scale, values["bn"]["gamma:0"].astype("float32"))
+    np.testing.assert_array_equal(bn.var, values["bn"]["moving_variance:0"].astype("float32"))
+    assert (bn.axes, bn.channel_axis, bn.input_shape) == ((0,), 1, ("batch", 6))  # shape propagated via Dense
+    assert bn.training and bn.batch_statistics
+    assert any("every call style" in note and "model.predict(x)" in note for note in bn.notes)
+    assert view.info.framework_version == "2.15.0" and view.handle.keras2
+
+
+def test_lambda_layer_is_recorded_for_the_probe_to_refuse_while_inspect_still_reads_the_norm_layers(tmp_path):
+    inp = keras.Input((4,))
+    x = layers.BatchNormalization(name="bn")(inp)
+    x = layers.Lambda(lambda t: t * 2.0, name="double")(x)
+    model = keras.Model(inp, x)
+    path = str(tmp_path / "lambda.keras")
+    model.save(path)
+    view = KerasBackend().load(path)
+    assert [layer.name for layer in view.layers] == ["bn"]
+    assert any("'double'" in item and "Lambda" in item for item in view.handle.unsafe)
+    assert any("probe refused" in note.message for note in view.notes)
+
+
+def test_foreign_module_in_config_is_recorded_as_unsafe(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), layers.BatchNormalization(name="bn")])
+    path = tmp_path / "foreign.keras"
+    model.save(path)
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    config = json.loads(members["config.json"])
+    config["config"]["layers"][1]["module"] = "evil_package.layers"
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    static = read(str(path))
+    assert any("evil_package.layers" in item and "'bn'" in item for item in static.unsafe)
+    assert [layer.name for layer in static.layers] == ["bn"]
+
+
+def test_static_load_does_not_import_keras(tmp_path):
+    model = _all_kinds_model()
+    path = str(tmp_path / "kinds.keras")
+    model.save(path)
+    code = (
+        "import sys; from bncheck.backends.keras_backend import KerasBackend; "
+        f"v = KerasBackend().load({path!r}); assert len(v.layers) == 9; "
+        "assert not any(m == 'keras' or m.startswith(('keras.', 'jax', 'tensorflow')) for m in sys.modules), "
+        "sorted(m for m in sys.modules if 'keras' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _assert_one_line_error(path, *fragments):
+    with pytest.raises(BackendError) as info:
+        KerasBackend().load(str(path))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_zip_bomb_member_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("metadata.json", "{}")
+        zf.writestr("config.json", "{}")
+        zf.writestr("model.weights.h5", b"\0" * (16 * 1024**2))  # 16 MiB of zeros deflate ~1000:1
+    info = zipfile.ZipFile(path).getinfo("model.weights.h5")
+    assert info.file_size > MAX_RATIO * info.compress_size
+    _assert_one_line_error(path, "zip bomb")
+
+
+def test_member_declaring_more_than_the_limit_is_refused(tmp_path, monkeypatch):
+    import bncheck.backends.keras_static as ks
+
+    path = tmp_path / "big.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("config.json", json.dumps({"class_name": "Sequential", "config": {"layers": []}}))
+    monkeypatch.setattr(ks, "MAX_JSON_BYTES", 10)
+    _assert_one_line_error(path, "config.json", "limit 10")
+
+
+def test_non_zip_keras_file_is_refused(tmp_path):
+    path = tmp_path / "text.keras"
+    path.write_text("this is not a zip archive\n")
+    _assert_one_line_error(path, "not a .keras file")
+
+
+def test_truncated_keras_archive_is_refused(tmp_path):
+    model = _all_kinds_model()
+    path = tmp_path / "whole.keras"
+    model.save(path)
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(path.read_bytes()[:-500])
+    _assert_one_line_error(cut)
+
+
+def test_member_path_escaping_the_archive_is_refused(tmp_path):
+    path = tmp_path / "escape.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("../../etc/evil", "x")
+    _assert_one_line_error(path, "escapes the archive")
+
+
+def test_broken_hdf5_file_is_refused(tmp_path):
+    path = tmp_path / "broken.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(2000))
+    _assert_one_line_error(path, "not a readable HDF5 file")
+
+
+def test_truncated_legacy_h5_is_refused(tmp_path):
+    model = _all_kinds_model()
+    whole = tmp_path / "whole.h5"
+    model.save(whole)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    _assert_one_line_error(cut)
+
+
+def test_broken_weights_inside_a_keras_archive_is_refused(tmp_path):
+    path = tmp_path / "badweights.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("config.json", json.dumps({"class_name": "Sequential", "config": {"layers": []}}))
+        zf.writestr("model.weights.h5", b"garbage" * 100)
+    _assert_one_line_error(path, "model.weights.h5")
+
+
+def test_weights_only_h5_is_refused_with_a_hint(tmp_path):
+    model = _all_kinds_model()
+    path = tmp_path / "only.weights.h5"
+    model.save_weights(path)
+    _assert_one_line_error(path, "model_config", "model.save()")
+
+
+def test_config_that_is_not_a_model_is_refused(tmp_path):
+    path = tmp_path / "notmodel.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("config.json", "[1, 2, 3]")
+    _assert_one_line_error(path, "not a Keras model")
