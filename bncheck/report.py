@@ -122,6 +122,6 @@ def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:
         return "-"
     if any(s is not None and s.total_nonfinite for s in (seen.input, seen.output)):
         return "nan/inf"
-    if bn001_collapse.is_collapsed(seen.input, seen.output):
+    if bn001_collapse.is_collapsed(seen.input, seen.output, layer.bias if layer.computes_statistics else None):
         return "constant"
     return "ok"

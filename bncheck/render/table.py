@@ -53,7 +53,8 @@ def render(report: Report, width: int = 100, color: bool = False) -> str:
             console.print(Text(f"{name}: {summary}"))
     console.print(Text(_summary_line(report), style=_STYLE.get(
         report.max_severity.label if report.max_severity else "ok", "")))
-    return buffer.getvalue()
+    # rich pads wrapped lines to the width; trailing blanks only get in the way of copy and diff
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
 
 
 def _layer_table(report: Report) -> Table:
