@@ -310,3 +310,16 @@ def test_model_info_and_shapes(tmp_path, monkeypatch):
     assert not handle.external_data and handle.notes == []
     view = OnnxBackend().load("m.onnx")
     assert view.info == info and [(i.name, i.shape, i.dtype) for i in view.inputs] == [("x", ("N", C, 2, 2), "float32")]
+
+
+def test_dims_onnx_invents_are_unknown_but_declared_names_stay(tmp_path):
+    node = helper.make_node("NonZero", ["x"], ["nz"], name="nz")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F32, ["batch", 3])],
+                              [helper.make_tensor_value_info("nz", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "nz.onnx"
+    onnx.save(model, str(path))
+    handle = load_onnx(str(path))
+    assert handle.value_shapes["x"] == ("batch", 3)
+    assert handle.value_shapes["nz"] == (2, None)

@@ -565,3 +565,45 @@ def test_walk_and_walk_with_notes_agree(tmp_path):
     layers, notes = walk_with_notes(handle)
     assert [l.name for l in walk(handle)] == [l.name for l in layers] == ["bn0", "bn1", "bn2"]
     assert notes == []
+
+
+def test_norm_ops_in_subgraphs_and_local_functions_are_noted(tmp_path):
+    s, b, m, v = channel_params(3)
+    inner_bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["then_y"], name="inner_bn")
+    then_graph = helper.make_graph([inner_bn], "then", [], [vinfo("then_y", ["N", 3, 2, 2])])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["else_y"])], "else", [],
+                                   [vinfo("else_y", ["N", 3, 2, 2])])
+    func = helper.make_function(
+        "local", "MyNorm", ["fx", "fs", "fb"], ["fy"],
+        [helper.make_node("LayerNormalization", ["fx", "fs", "fb"], ["fy"], axis=-1)],
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    nodes = [
+        helper.make_node("If", ["cond"], ["y1"], name="branch", then_branch=then_graph, else_branch=else_graph),
+        helper.make_node("MyNorm", ["y1", "g2", "b2"], ["y"], name="fn", domain="local"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [vinfo("x", ["N", 3, 2, 2]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [vinfo("y", ["N", 3, 2, 2])],
+        initializer=[const("s", s), const("b", b), const("m", m), const("v", v), const("g2", np.ones(2)),
+                     const("b2", np.zeros(2))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[func])
+    model.ir_version = 8
+    path = tmp_path / "hidden.onnx"
+    onnx.save(model, str(path))
+    layers, view = load_layers(str(path))
+    assert layers == []
+    assert any(n.level == "warning" and n.message.startswith("2 normalization op(s)") for n in view.notes)
+
+
+def test_decomposed_chain_with_unknown_axes_is_moments(tmp_path):
+    nodes, inits = moments_chain((2,), 18, affine=False)
+    inits = [i for i in inits if i.name != "axes"]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3]), helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+                [vinfo("y", ["N", 4, 3])], inits, opset=18)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.MOMENTS and layer.axes is None and not layer.batch_statistics
+    assert any("axes unknown" in n for n in layer.notes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -195,7 +196,12 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _dims(type_proto: "onnx.TypeProto") -> tuple[Dim, ...] | None:
+_GENERATED_DIM = re.compile(r"unk__\d+")
+
+
+def _dims(type_proto: "onnx.TypeProto", declared: frozenset[str] = frozenset()) -> tuple[Dim, ...] | None:
+    """Dims as int / symbolic name / None. The ``unk__N`` names onnx's inference invents for dims it
+    cannot compute are unknown (None), unless the file itself declares such a name."""
     if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
         return None
     dims: list[Dim] = []
@@ -203,10 +209,20 @@ def _dims(type_proto: "onnx.TypeProto") -> tuple[Dim, ...] | None:
         if dim.HasField("dim_value"):
             dims.append(int(dim.dim_value))
         elif dim.HasField("dim_param") and dim.dim_param:
-            dims.append(dim.dim_param)
+            generated = _GENERATED_DIM.fullmatch(dim.dim_param) and dim.dim_param not in declared
+            dims.append(None if generated else dim.dim_param)
         else:
             dims.append(None)
     return tuple(dims)
+
+
+def _declared_dim_names(model: "onnx.ModelProto") -> frozenset[str]:
+    graph = model.graph
+    names = set()
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if info.type.HasField("tensor_type"):
+            names.update(d.dim_param for d in info.type.tensor_type.shape.dim if d.dim_param)
+    return frozenset(names)
 
 
 def _collect_shapes(
@@ -218,13 +234,14 @@ def _collect_shapes(
         shapes[init.name] = tuple(int(d) for d in init.dims)
         types[init.name] = int(init.data_type)
     stored = set(shapes)  # an initializer's own dims beat a graph input's declaration of it
+    declared = _declared_dim_names(model)
     graph = inferred.graph
     for info in list(graph.input) + list(graph.value_info) + list(graph.output):
         if not info.type.HasField("tensor_type") or info.name in stored:
             continue
         if info.type.tensor_type.elem_type:
             types[info.name] = int(info.type.tensor_type.elem_type)
-        dims = _dims(info.type)
+        dims = _dims(info.type, declared)
         if dims is not None:
             shapes[info.name] = dims
     return shapes, types
