@@ -1,0 +1,914 @@
+"""`bncheck fix` for ONNX: recompute batch-norm statistics from calibration data and rewrite what is unsafe.
+
+What is repaired (everything else is left alone, and said so):
+
+- a BatchNormalization in inference mode whose running statistics are stale (exactly 0/1: never updated; or
+  drifting from the data by BN003's thresholds) gets its running mean and variance recomputed;
+- a train-mode BatchNormalization becomes an inference node (``training_mode`` 0, or ``is_test`` 1 before
+  opset 7; the running/saved-statistics outputs removed) with statistics recomputed from the data; when one
+  of those extra outputs is read by a node or is a graph output it is left alone ("not-fixed");
+- a hand-written batch-moments chain that the walk recognizes (kind BATCH, op_type "decomposed") is replaced
+  by one inference BatchNormalization, after the chain has been checked structurally (no intermediate
+  tensor read elsewhere, every other input constant) and numerically (onnx.reference on the chain alone
+  against the batch-norm formula).
+
+The lowered-InstanceNorm trap (a training-mode BatchNormalization on a [1, N*C, ...] reshape) is not a bug
+and is never touched.
+
+Statistics are measured by the probe's in-graph statistics engine (``onnx_probe.measure_inputs``), layer
+by layer in topological order: a layer is measured only after every repairable layer upstream of it has
+been repaired, because its input changes when they are. Layers whose upstream repairs are all done are
+measured together in one pass over the data, so a model needs as many passes as its longest chain of
+dependent repairs, not one per layer. Variances are population variances over batch and spatial axes,
+accumulated over all calibration samples in float64.
+
+How many samples are needed (the rule the refusal quotes): a layer's statistics are estimated from
+``samples x positions`` values per channel (positions = spatial elements per sample). bncheck requires at
+least :data:`MIN_SAMPLES` samples (positions of one sample are correlated: fewer samples describe a few
+inputs, not the data) and at least :data:`MIN_VALUES_PER_CHANNEL` values per channel (the standard error
+of the mean is then at most a tenth of the channel's standard deviation, well inside BN003's drift
+threshold of half a standard deviation). A layer on 1x1 maps therefore needs 100 samples, one on 8x8 maps 8.
+
+Preservation: edits are recorded and replayed on the model as parsed from the file without its weights, so
+everything not repaired is written back exactly as it was read: other initializers, node names and order,
+metadata, opsets, and the external-data layout (the external files are copied next to the output with the
+same offsets; repaired tensors stored there are patched in place, new small tensors are stored inline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+from bncheck.backends.base import BackendError
+from bncheck.backends.onnx_load import OnnxHandle
+from bncheck.checks import bn003_stale_stats
+from bncheck.model import Kind, ModelView, NormLayer, TensorStats, summarize
+
+#: at least this many samples per layer (see the module docstring for the rule).
+MIN_SAMPLES = 8
+#: at least this many values per channel (samples x spatial positions).
+MIN_VALUES_PER_CHANNEL = 100
+#: a moments chain must agree with the batch-norm formula to this relative tolerance (float32 arithmetic).
+CHAIN_TOLERANCE = 1e-4
+
+TRAIN_MODE = "BN002"
+STALE = "BN003"
+REPAIRABLE = (TRAIN_MODE, STALE)
+
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+@dataclass
+class LayerFix:
+    """What `fix` did (or would do) to one layer, for the report's ``fix`` section."""
+
+    layer: str
+    action: str  # recalibrated | to-inference | replaced-moments | not-fixed | unchanged
+    reason: str
+    code: str | None = None
+    old: dict[str, Any] | None = None
+    new: dict[str, Any] | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "action": self.action, "reason": self.reason, "code": self.code,
+                "old": self.old, "new": self.new, "evidence": self.evidence}
+
+
+@dataclass
+class FixOutcome:
+    layers: list[LayerFix]
+    written: list[str]
+    samples: int
+    samples_used: int
+    batch_size: int
+    passes: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    """A layer that needs statistics from the data before its fate is known."""
+
+    index: int
+    layer: NormLayer
+    what: str  # "train" | "stale" | "moments"
+    code: str
+    reason: str
+    defaults: bool = False
+
+
+# ====================================================================== entry point
+
+
+def fix_onnx(
+    view: ModelView,
+    output: str | None,
+    data: dict[str, np.ndarray] | None,
+    repair: set[str],
+    *,
+    dry_run: bool = False,
+    batch_size: int = 32,
+    data_label: str = "the data",
+    flagged: dict[str, dict[str, Any]] | None = None,
+) -> FixOutcome:
+    """Plan, measure and apply the repairs of ``view``'s model; write ``output`` unless ``dry_run``.
+
+    ``data`` maps input names to arrays whose first axis is samples (None only for a dry run: the plan is
+    then static). ``repair`` holds the codes to repair (BN002, BN003). ``flagged`` maps the layers the
+    original model's probe reported as BN003 drift to that finding's evidence: they are recalibrated even
+    when, with their upstream layers repaired, their drift falls under the thresholds. Raises BackendError
+    for refusals.
+    """
+    handle: OnnxHandle = view.handle
+    src = handle.path
+    if not dry_run:
+        check_output(src, output)
+    graph = _GraphFacts(handle.model)
+    results: dict[int, LayerFix] = {}
+    pending: list[_Pending] = []
+    for i, layer in enumerate(view.layers):
+        planned = _plan(i, layer, graph, repair)
+        if isinstance(planned, LayerFix):
+            results[i] = planned
+        else:
+            pending.append(planned)
+    samples = int(next(iter(data.values())).shape[0]) if data else 0
+    batch, usable = _batching(view, samples, batch_size)
+    notes: list[str] = []
+    if usable < samples:
+        notes.append(f"the model's batch dimension is fixed at {batch}: {samples - usable} of {samples} "
+                     "samples left out")
+    passes = 0
+    if data is None:
+        for p in pending:
+            if p.what == "stale" and not p.defaults:
+                results[p.index] = LayerFix(p.layer.name, "unchanged", "drift from the data cannot be judged "
+                                            "without --data", None, _old(p.layer))
+            else:
+                results[p.index] = LayerFix(p.layer.name, _ACTION[p.what], p.reason + " (dry run without "
+                                            "--data: new statistics not computed)", p.code,
+                                            _old(p.layer) if p.what != "moments" else None)
+    elif pending:
+        _check_samples_static(pending, usable, data_label)
+        fixer = _Fixer(handle, view, data, batch, usable, data_label)
+        fixer.flagged = dict(flagged or {})
+        for group in _by_depth(pending, graph, handle):
+            stats = fixer.measure([p.layer for p in group])
+            passes += 1
+            for p in group:
+                results[p.index] = fixer.apply(p, stats.get(p.layer.name))
+        written: list[str] = []
+        if not dry_run:
+            written = fixer.write(output)  # type: ignore[arg-type]
+        return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch,
+                          passes, notes)
+    written = [] if dry_run else _Fixer(handle, view, data or {}, batch, usable, data_label).write(output)  # type: ignore[arg-type]
+    return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch, passes, notes)
+
+
+_ACTION = {"train": "to-inference", "stale": "recalibrated", "moments": "replaced-moments"}
+
+
+def check_output(src: str, output: str | None) -> None:
+    """Refuse a missing output and any output that is the input model (or one of its external files)."""
+    if not output:
+        raise BackendError(f"{src}: no output given: pass -o FIXED.onnx (or --dry-run to write nothing)")
+    if os.path.isdir(output):
+        raise BackendError(f"{output}: is a directory; give the fixed model's file name")
+    if _same_file(src, output):
+        raise BackendError(f"{output}: refusing to overwrite the input model; write the fixed model elsewhere")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise BackendError(f"{output}: folder {parent} does not exist")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# ====================================================================== static plan
+
+
+class _GraphFacts:
+    """Consumers (subgraphs included), graph outputs, initializers and node positions of a model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.opset = {(op.domain or ""): int(op.version) for op in model.opset_import}
+        if "ai.onnx" in self.opset:
+            self.opset.setdefault("", self.opset["ai.onnx"])
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.graph_outputs = {o.name for o in graph.output}
+        self.graph_inputs = {i.name for i in graph.input}
+        self.uses: Counter[str] = Counter()
+        self.users: dict[str, list[str]] = {}
+        for node in graph.node:
+            for name in _node_reads(node):
+                self.uses[name] += 1
+                self.users.setdefault(name, []).append(_node_key(node))
+        self.by_key = {_node_key(node): node for node in graph.node}
+        self.by_name: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            self.by_name.setdefault(node.name or (node.output[0] if node.output else ""), []).append(node)
+        self.value_types: dict[str, int] = {}
+
+
+def _node_key(node: onnx.NodeProto) -> str:
+    """A node's identity that survives edits: its first output (unique in SSA form), else its name."""
+    for out in node.output:
+        if out:
+            return "out:" + out
+    return "name:" + node.name
+
+
+def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
+    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
+    for name in node.input:
+        if name:
+            yield name
+    for attr in node.attribute:
+        subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subgraphs:
+            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            for inner in sub.node:
+                local.update(o for o in inner.output if o)
+            for inner in sub.node:
+                for name in _node_reads(inner):
+                    if name not in local:
+                        yield name
+
+
+def _old(layer: NormLayer) -> dict[str, Any]:
+    return {"mean": summarize(layer.mean), "var": summarize(layer.var)}
+
+
+def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> LayerFix | _Pending:
+    """The static decision for one layer: a final LayerFix, or a _Pending that needs the data."""
+    name = layer.name
+    if layer.extra.get("lowered_instance_norm"):
+        return LayerFix(name, "unchanged", "lowered InstanceNorm (training-mode BatchNormalization on a "
+                        "[1, N*C, ...] reshape): per-sample statistics, not a defect; left as is")
+    if layer.kind is not Kind.BATCH:
+        if layer.batch_statistics:
+            return LayerFix(name, "not-fixed", f"{layer.op_type} {layer.kind.value} norm over axes "
+                            f"{list(layer.axes or [])} mixes the samples of a batch, but it is not a batch-norm "
+                            "pattern bncheck can rewrite exactly (only BatchNormalization and hand-written "
+                            "batch moments over every axis but the channel axis 1)", TRAIN_MODE)
+        return LayerFix(name, "unchanged", f"{layer.kind.value} norm: statistics per sample, nothing to "
+                        "recalibrate")
+    if layer.op_type == "decomposed":
+        if TRAIN_MODE not in repair:
+            return LayerFix(name, "not-fixed", "hand-written batch moments: BN002 not selected by --only",
+                            TRAIN_MODE)
+        why = _moments_unsafe(layer, graph)
+        if why:
+            return LayerFix(name, "not-fixed", f"hand-written batch moments left as is: {why}", TRAIN_MODE)
+        return _Pending(i, layer, "moments", TRAIN_MODE, "hand-written batch moments over axes "
+                        f"{list(layer.axes or [])} replaced by an inference BatchNormalization")
+    if layer.op_type != "BatchNormalization" or layer.domain not in ("", "ai.onnx"):
+        return LayerFix(name, "not-fixed" if layer.batch_statistics else "unchanged",
+                        f"{layer.domain or 'ai.onnx'}.{layer.op_type} is not rewritten by bncheck",
+                        TRAIN_MODE if layer.batch_statistics else None)
+    node = graph.by_key.get("out:" + layer.output)
+    if node is None or node.op_type != "BatchNormalization":
+        return LayerFix(name, "not-fixed", "the BatchNormalization node could not be found by its output",
+                        TRAIN_MODE if layer.batch_statistics else None)
+    if layer.extra.get("spatial") == 0:
+        return LayerFix(name, "not-fixed", "spatial=0 (per-activation statistics) is not recomputed",
+                        TRAIN_MODE if layer.batch_statistics else STALE)
+    if layer.batch_statistics:
+        if TRAIN_MODE not in repair:
+            return LayerFix(name, "not-fixed", "train-mode BatchNormalization: BN002 not selected by --only",
+                            TRAIN_MODE, _old(layer))
+        for out in list(node.output[1:]):
+            if not out:
+                continue
+            readers = graph.users.get(out, [])
+            if out in graph.graph_outputs:
+                return LayerFix(name, "not-fixed", f"its training output {out!r} is a graph output; removing "
+                                "it would change the model's interface (re-export the model in inference "
+                                "mode instead)", TRAIN_MODE, _old(layer))
+            if readers:
+                return LayerFix(name, "not-fixed", f"its training output {out!r} is read by "
+                                f"{readers[0].split(':', 1)[1]!r}; an inference node has no such output "
+                                "(re-export the model in inference mode instead)", TRAIN_MODE, _old(layer))
+        return _Pending(i, layer, "train", TRAIN_MODE, "train-mode BatchNormalization turned into an inference "
+                        "node with statistics from the data")
+    if not layer.uses_running_stats:
+        return LayerFix(name, "unchanged", "does not use running statistics")
+    if layer.mean is None or layer.var is None:
+        return LayerFix(name, "not-fixed" if STALE in repair else "unchanged", "running statistics are not "
+                        "constants of the file (fed or computed at run time): not recomputed", None)
+    defaults = bn003_stale_stats.has_default_stats(layer)
+    if STALE not in repair:
+        if defaults:
+            return LayerFix(name, "not-fixed", "running statistics never updated: BN003 not selected by --only",
+                            STALE, _old(layer))
+        return LayerFix(name, "unchanged", "stale-statistics repair (BN003) not selected by --only", None,
+                        _old(layer))
+    if defaults:
+        return _Pending(i, layer, "stale", STALE, f"running mean exactly 0 and variance exactly 1 in all "
+                        f"{layer.mean.size} channels (never updated): recomputed from the data", defaults=True)
+    return _Pending(i, layer, "stale", STALE, "running statistics compared with the data")
+
+
+def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
+    """Why a decomposed batch-moments chain cannot be replaced by a BatchNormalization, or None."""
+    if not layer.batch_statistics or not layer.centered:
+        return "not centred batch moments"
+    if any("standard deviation, not to the variance" in note for note in layer.notes):
+        return "epsilon is added to the standard deviation, which BatchNormalization cannot express"
+    shape = layer.input_shape
+    if shape is None or layer.axes is None:
+        return "input rank or reduction axes unknown"
+    rank = len(shape)
+    if rank < 2 or layer.channel_axis != 1 or set(layer.axes) != set(range(rank)) - {1}:
+        return (f"axes {list(layer.axes)} of a rank-{rank} input are not 'every axis but axis 1', the only "
+                "layout BatchNormalization normalizes")
+    if layer.epsilon is None or not math.isfinite(layer.epsilon) or layer.epsilon < 0:
+        return "epsilon unknown"
+    nodes = _chain_nodes(layer, graph)
+    if isinstance(nodes, str):
+        return nodes
+    keys = {_node_key(n) for n in nodes}
+    produced = {o for n in nodes for o in n.output if o}
+    for out in produced - {layer.output}:
+        if out in graph.graph_outputs:
+            return f"intermediate tensor {out!r} is a graph output"
+        outside = [u for u in graph.users.get(out, []) if u not in keys]
+        if outside:
+            return f"intermediate tensor {out!r} is also read by {outside[0].split(':', 1)[1]!r}"
+    if layer.output not in produced:
+        return "the chain's output is not produced by its nodes"
+    return None
+
+
+def _chain_nodes(layer: NormLayer, graph: _GraphFacts) -> list[onnx.NodeProto] | str:
+    found = []
+    for name in layer.nodes:
+        matches = graph.by_name.get(name, [])
+        if len(matches) != 1:
+            return f"node {name!r} cannot be identified uniquely"
+        found.append(matches[0])
+    return found
+
+
+# ====================================================================== samples
+
+
+def _batching(view: ModelView, samples: int, batch_size: int) -> tuple[int, int]:
+    """(batch size to feed, samples usable): a model with a fixed batch dimension takes only full batches."""
+    fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
+    if len(fixed) == 1:
+        batch = fixed.pop()
+        return batch, (samples // batch) * batch
+    return batch_size, samples
+
+
+def _positions(layer: NormLayer) -> int | None:
+    """Spatial positions per sample of a layer's input (elements per channel per sample), if known."""
+    shape = layer.input_shape
+    if shape is None or layer.channel_axis is None:
+        return None
+    out = 1
+    for axis, dim in enumerate(shape):
+        if axis in (0, layer.channel_axis):
+            continue
+        if not isinstance(dim, int):
+            return None
+        out *= dim
+    return out
+
+
+def samples_needed(positions: int) -> int:
+    """The sample count the documented rule asks for a layer with ``positions`` values per sample and channel."""
+    return max(MIN_SAMPLES, math.ceil(MIN_VALUES_PER_CHANNEL / max(positions, 1)))
+
+
+def _too_few(layer: NormLayer, positions: int, usable: int, data_label: str) -> BackendError:
+    need = samples_needed(positions)
+    return BackendError(
+        f"{data_label}: {usable} sample(s) are too few to estimate the statistics of layer {layer.name!r} "
+        f"({positions} value(s) per channel per sample): at least {need} needed (rule: >= {MIN_SAMPLES} samples "
+        f"and >= {MIN_VALUES_PER_CHANNEL} values per channel)"
+    )
+
+
+def _check_samples_static(pending: list[_Pending], usable: int, data_label: str) -> None:
+    worst: tuple[int, NormLayer, int] | None = None
+    for p in pending:
+        positions = _positions(p.layer)
+        if positions is None:
+            continue
+        need = samples_needed(positions)
+        if worst is None or need > worst[0]:
+            worst = (need, p.layer, positions)
+    if usable < MIN_SAMPLES and worst is None and pending:
+        raise _too_few(pending[0].layer, MIN_VALUES_PER_CHANNEL, usable, data_label)
+    if worst is not None and usable < worst[0]:
+        raise _too_few(worst[1], worst[2], usable, data_label)
+
+
+# ====================================================================== order of repairs
+
+
+def _by_depth(pending: list[_Pending], graph: _GraphFacts, handle: OnnxHandle) -> list[list[_Pending]]:
+    """Groups of layers that can be measured in one pass: each after every pending layer upstream of it."""
+    from bncheck.backends.onnx_graph import GraphIndex
+
+    index = GraphIndex(handle)
+    owner: dict[str, int] = {}
+    for k, p in enumerate(pending):
+        for name in p.layer.nodes:
+            owner[name] = k
+    upstream: dict[str, int] = {}  # tensor -> bit set of the pending layers it depends on
+    for idx, node in enumerate(index.nodes):
+        mask = 0
+        for name in _node_reads(node):
+            mask |= upstream.get(name, 0)
+        k = owner.get(index.node_name(idx))
+        if k is not None:
+            mask |= 1 << k
+        for out in node.output:
+            if out:
+                upstream[out] = mask
+    depth: dict[int, int] = {}
+    for k in range(len(pending)):  # pending is in topological order: upstream layers come first
+        mask = upstream.get(pending[k].layer.input, 0) & ~(1 << k)
+        depth[k] = 1 + max((depth.get(j, 0) for j in range(k) if mask >> j & 1), default=-1)
+    groups: dict[int, list[_Pending]] = {}
+    for k in sorted(range(len(pending)), key=lambda k: depth[k]):
+        groups.setdefault(depth[k], []).append(pending[k])
+    return [groups[d] for d in sorted(groups)]
+
+
+# ====================================================================== measuring and editing
+
+
+Edit = Callable[[onnx.ModelProto, "_Sink"], None]
+
+
+class _Sink:
+    """Where an edit puts tensor bytes: inline in the proto, or patched into a copied external-data file."""
+
+    def __init__(self, external: dict[str, tuple[str, int, int | None]] | None = None) -> None:
+        self.external = external or {}  # tensor name -> (copied file path, offset, length)
+
+    def set_tensor(self, tensor: TensorProto, values: np.ndarray) -> None:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        array = np.asarray(values).astype(dtype).reshape(tuple(tensor.dims))
+        target = self.external.get(tensor.name)
+        if target is not None and tensor.data_location == TensorProto.EXTERNAL:
+            path, offset, length = target
+            raw = array.tobytes()
+            if length is None or length == len(raw):
+                with open(path, "r+b") as fh:
+                    fh.seek(offset)
+                    fh.write(raw)
+                for entry in tensor.external_data:
+                    if entry.key == "checksum":
+                        entry.value = hashlib.sha1(raw).hexdigest()
+                return
+        fresh = numpy_helper.from_array(array, tensor.name)
+        tensor.ClearField("external_data")
+        tensor.data_location = TensorProto.DEFAULT
+        for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            tensor.ClearField(fld)
+        tensor.raw_data = fresh.raw_data
+
+
+def _find_node(model: onnx.ModelProto, key: str) -> tuple[int, onnx.NodeProto]:
+    for pos, node in enumerate(model.graph.node):
+        if _node_key(node) == key:
+            return pos, node
+    raise BackendError(f"internal: node {key} vanished while editing")  # pragma: no cover
+
+
+def _unique(model: onnx.ModelProto, base: str) -> str:
+    taken = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    taken |= {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _set_stat_input(model: onnx.ModelProto, sink: _Sink, node_key: str, position: int, values: np.ndarray,
+                    dtype: int, label: str) -> None:
+    """Give input ``position`` of a node new constant values: in place when only this node reads that
+    initializer, else through a new initializer (so every other reader keeps its bytes)."""
+    facts = _GraphFacts(model)
+    _, node = _find_node(model, node_key)
+    current = node.input[position] if len(node.input) > position else ""
+    init = facts.initializers.get(current)
+    if (init is not None and facts.uses[current] == 1 and current not in facts.graph_outputs
+            and current not in facts.graph_inputs and init.data_type in _FLOAT_TYPES
+            and int(np.prod(init.dims)) == values.size):
+        sink.set_tensor(init, values.reshape(tuple(init.dims)))
+        return
+    name = _unique(model, f"{node.name or node.output[0]}.{label}")
+    model.graph.initializer.append(
+        numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(dtype)), name))
+    while len(node.input) <= position:
+        node.input.append("")
+    node.input[position] = name
+
+
+def _edit_stats(node_key: str, mean: np.ndarray, var: np.ndarray, dtype: int) -> Edit:
+    def edit(model: onnx.ModelProto, sink: _Sink) -> None:
+        _set_stat_input(model, sink, node_key, 3, mean, dtype, "running_mean")
+        _set_stat_input(model, sink, node_key, 4, var, dtype, "running_var")
+    return edit
+
+
+def _edit_to_inference(node_key: str, opset: int) -> Edit:
+    def edit(model: onnx.ModelProto, sink: _Sink) -> None:
+        _, node = _find_node(model, node_key)
+        removed = {o for o in node.output[1:] if o}
+        del node.output[1:]
+        for attr in node.attribute:
+            if attr.name == "training_mode":
+                attr.i = 0
+            if attr.name == "is_test":
+                attr.i = 1
+        if opset < 7 and not any(a.name == "is_test" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("is_test", 1))
+        kept = [v for v in model.graph.value_info if v.name not in removed]
+        if len(kept) != len(model.graph.value_info):
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(kept)
+    return edit
+
+
+def _edit_replace_chain(keys: list[str], output: str, x: str, eps: float, name: str, params: dict[str, np.ndarray],
+                        dtype: int, opset: int) -> Edit:
+    def edit(model: onnx.ModelProto, sink: _Sink) -> None:
+        graph = model.graph
+        positions = {}
+        for key in keys:
+            pos, _ = _find_node(model, key)
+            positions[key] = pos
+        producer = next(k for k in keys if k == "out:" + output) if "out:" + output in keys else None
+        anchor = positions[producer] if producer else max(positions.values())
+        np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+        names = {}
+        for label in ("scale", "bias", "mean", "var"):
+            names[label] = _unique(model, f"{name}.{label}")
+            graph.initializer.append(numpy_helper.from_array(params[label].astype(np_dtype), names[label]))
+        attrs: dict[str, Any] = {"epsilon": float(eps)}
+        if opset < 7:
+            attrs["is_test"] = 1
+        old = list(graph.node)
+        drop = set(positions.values())
+        kept_names = {n.name for pos, n in enumerate(old) if pos not in drop}
+        node_name, k = name, 1
+        while node_name in kept_names:
+            k += 1
+            node_name = f"{name}_{k}"
+        bn = helper.make_node("BatchNormalization", [x, names["scale"], names["bias"], names["mean"], names["var"]],
+                              [output], name=node_name, **attrs)
+        new_nodes = []
+        for pos, node in enumerate(old):
+            if pos == anchor:
+                new_nodes.append(bn)
+            elif pos not in drop:
+                new_nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        _drop_dead_constants(model)
+        removed_values = {o for pos in drop for o in old[pos].output if o and o != output}
+        kept = [v for v in graph.value_info if v.name not in removed_values]
+        if len(kept) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+    return edit
+
+
+def _drop_dead_constants(model: onnx.ModelProto) -> None:
+    """Initializers and Constant nodes that only the removed chain read (its epsilon, axes, gamma, beta)."""
+    graph = model.graph
+    while True:
+        facts = _GraphFacts(model)
+        dead_nodes = [n for n in graph.node if n.op_type == "Constant" and n.output
+                      and not facts.uses[n.output[0]] and n.output[0] not in facts.graph_outputs]
+        dead_inits = [t.name for t in graph.initializer if not facts.uses[t.name]
+                      and t.name not in facts.graph_outputs and t.name not in facts.graph_inputs]
+        if not dead_nodes and not dead_inits:
+            return
+        if dead_nodes:
+            keep = [n for n in graph.node if n not in dead_nodes]
+            del graph.node[:]
+            graph.node.extend(keep)
+        if dead_inits:
+            dead = set(dead_inits)
+            keep_i = [t for t in graph.initializer if t.name not in dead]
+            del graph.initializer[:]
+            graph.initializer.extend(keep_i)
+
+
+class _Fixer:
+    """The working copy (weights loaded, edited as repairs are decided) and the edits to replay."""
+
+    def __init__(self, handle: OnnxHandle, view: ModelView, data: dict[str, np.ndarray], batch: int, usable: int,
+                 data_label: str) -> None:
+        self.handle = handle
+        self.view = view
+        self.data = data
+        self.batch = batch
+        self.usable = usable
+        self.data_label = data_label
+        self.edits: list[Edit] = []
+        self.opset = _GraphFacts(handle.model).opset.get("", 0)
+        self.flagged: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ statistics
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.usable, self.batch):
+            stop = min(start + self.batch, self.usable)
+            yield {name: array[start:stop] for name, array in self.data.items()}
+
+    def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
+        from bncheck.backends.onnx_probe import measure_inputs
+
+        work = OnnxHandle(path=self.handle.path, model=self.handle.model, external_data=False,
+                          value_shapes=self.handle.value_shapes, value_types=self.handle.value_types,
+                          size_bytes=self.handle.size_bytes, info=self.handle.info, notes=[])
+        return measure_inputs(work, layers, self.batches())
+
+    # ------------------------------------------------------------------ decisions
+
+    def apply(self, p: _Pending, stats: TensorStats | None) -> LayerFix:
+        layer = p.layer
+        old = _old(layer) if p.what != "moments" else None
+        if stats is None:
+            return LayerFix(layer.name, "not-fixed", "its input could not be measured", p.code, old)
+        samples = int(stats.sample_mean.shape[0])
+        positions = int(stats.count // max(samples, 1))
+        if samples < samples_needed(positions):
+            raise _too_few(layer, positions, samples, self.data_label)
+        evidence: dict[str, Any] = {"samples": samples, "values_per_channel": int(stats.count)}
+        if stats.total_nonfinite:
+            return LayerFix(layer.name, "not-fixed", f"its input holds {stats.total_nonfinite} NaN/Inf value(s) "
+                            "on the calibration data: no honest statistics", p.code, old, None, evidence)
+        channels = layer.channels or (layer.mean.size if layer.mean is not None else None)
+        if channels is not None and stats.channels != channels:
+            return LayerFix(layer.name, "not-fixed", f"measured {stats.channels} channels, the layer has "
+                            f"{channels}", p.code, old, None, evidence)
+        mean = np.asarray(stats.mean, dtype=np.float64)
+        var = np.asarray(stats.var, dtype=np.float64)
+        new = {"mean": summarize(mean), "var": summarize(var)}
+        if p.what == "stale" and not p.defaults:
+            shift, log_ratio = bn003_stale_stats.drift(layer, mean, var)
+            evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
+            drifts = (shift > bn003_stale_stats.MEAN_SHIFT_THRESHOLD
+                      or log_ratio > bn003_stale_stats.LOG_VAR_RATIO_THRESHOLD)
+            before = self.flagged.get(layer.name)
+            now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
+            if not drifts and before is None:
+                return LayerFix(layer.name, "unchanged", f"running statistics agree with the data ({now}; "
+                                f"thresholds {bn003_stale_stats.MEAN_SHIFT_THRESHOLD} sd, x2)", None, old, None,
+                                evidence)
+            if drifts:
+                reason = f"running statistics drift from the data ({now}): recomputed from the data"
+            else:
+                was = _drift_text(before)
+                evidence["original_drift"] = before
+                reason = (f"BN003 drift in the original model ({was}; {now} once the layers upstream are "
+                          "repaired): recomputed from the data")
+        else:
+            reason = p.reason
+        if p.what in ("stale", "train"):
+            key = "out:" + layer.output
+            _, node = _find_node(self.handle.model, key)
+            dtype = self._value_type(node.input[0])
+            edits = [_edit_stats(key, mean, var, dtype)]
+            if p.what == "train":
+                edits.insert(0, _edit_to_inference(key, self.opset))
+        else:
+            built = self._moments_edit(layer, mean, var)
+            if isinstance(built, str):
+                return LayerFix(layer.name, "not-fixed", f"hand-written batch moments left as is: {built}",
+                                p.code, None, None, evidence)
+            edits = [built]
+        for edit in edits:
+            edit(self.handle.model, _Sink())
+            self.edits.extend([edit])
+        return LayerFix(layer.name, _ACTION[p.what], reason, p.code, old, new, evidence)
+
+    def _value_type(self, name: str) -> int:
+        t = self.handle.value_types.get(name)
+        return int(t) if t in _FLOAT_TYPES else TensorProto.FLOAT
+
+    def _moments_edit(self, layer: NormLayer, mean: np.ndarray, var: np.ndarray) -> Edit | str:
+        facts = _GraphFacts(self.handle.model)
+        nodes = _chain_nodes(layer, facts)
+        if isinstance(nodes, str):
+            return nodes
+        in_type = self.handle.value_types.get(layer.input)
+        out_type = self.handle.value_types.get(layer.output)
+        if in_type not in _FLOAT_TYPES or (out_type is not None and out_type != in_type):
+            return "input and output types differ or are not floating point"
+        c = mean.size
+        scale = _per_channel(layer.scale, c, len(layer.input_shape or ()), 1.0)
+        bias = _per_channel(layer.bias, c, len(layer.input_shape or ()), 0.0)
+        if isinstance(scale, str) or isinstance(bias, str):
+            return scale if isinstance(scale, str) else bias  # type: ignore[return-value]
+        external = _external_inputs(nodes, layer.input)
+        g = _graph_index(self.handle)
+        for name in external:
+            if g.param(name) is None:
+                return f"the chain reads {name!r}, which is not a constant"
+        problem = _verify_chain(self.handle, g, nodes, layer, scale, bias, external)
+        if problem:
+            return problem
+        params = {"scale": scale, "bias": bias, "mean": mean, "var": var}
+        return _edit_replace_chain([_node_key(n) for n in nodes], layer.output, layer.input,
+                                   float(layer.epsilon or 0.0), layer.name, params, int(in_type), self.opset)
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, output: str) -> list[str]:
+        """Replay the edits on the file as parsed without weights and write it with its external-data layout."""
+        src = self.handle.path
+        model = onnx.load(src, load_external_data=False)
+        out_dir = os.path.dirname(os.path.abspath(output))
+        src_dir = os.path.dirname(os.path.abspath(src))
+        written: list[str] = []
+        mapping = _external_names(model, src, src_dir, output, out_dir)
+        sink_targets: dict[str, tuple[str, int, int | None]] = {}
+        for location, new_location in mapping.items():
+            target = os.path.join(out_dir, new_location)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(os.path.join(src_dir, location), target)
+            written.append(target)
+        for tensor, (location, offset, length) in _iter_external(model):
+            new_location = mapping[location]
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = new_location
+            sink_targets[tensor.name] = (os.path.join(out_dir, new_location), offset, length)
+        sink = _Sink(sink_targets)
+        for edit in self.edits:
+            edit(model, sink)
+        fd, tmp = tempfile.mkstemp(prefix=".bncheck-", suffix=".onnx", dir=out_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(model.SerializeToString())
+            os.replace(tmp, output)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return [os.path.abspath(output)] + written
+
+
+def _drift_text(evidence: dict[str, Any]) -> str:
+    shift = evidence.get("median_mean_shift")
+    ratio = evidence.get("median_log_var_ratio")
+    if isinstance(shift, (int, float)) and isinstance(ratio, (int, float)):
+        return f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(ratio):.2f}"
+    return "reported by the probe"
+
+
+def _graph_index(handle: OnnxHandle):
+    from bncheck.backends.onnx_graph import GraphIndex
+
+    return GraphIndex(handle)
+
+
+def _per_channel(values: np.ndarray | None, channels: int, rank: int, default: float) -> np.ndarray | str:
+    """A chain's gamma/beta as a [C] vector (absent: ``default``), or why it is not per channel."""
+    if values is None:
+        return np.full(channels, default)
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 1:
+        return np.full(channels, float(arr.ravel()[0]))
+    if arr.ndim > rank:
+        return f"parameter of shape {list(arr.shape)} does not broadcast per channel"
+    padded = (1,) * (rank - arr.ndim) + tuple(arr.shape)
+    if any(d != 1 for axis, d in enumerate(padded) if axis != 1) or padded[1] != channels:
+        return f"parameter of shape {list(arr.shape)} is not per channel"
+    return arr.reshape(channels)
+
+
+def _external_inputs(nodes: list[onnx.NodeProto], x: str) -> list[str]:
+    produced = {o for n in nodes for o in n.output if o}
+    seen: list[str] = []
+    for n in nodes:
+        for name in n.input:
+            if name and name not in produced and name != x and name not in seen:
+                seen.append(name)
+    return seen
+
+
+def _verify_chain(handle: OnnxHandle, g, nodes: list[onnx.NodeProto], layer: NormLayer, scale: np.ndarray,
+                  bias: np.ndarray, external: list[str]) -> str | None:
+    """Run the chain alone (onnx.reference) on random input and compare with the batch-norm formula."""
+    from onnx.reference import ReferenceEvaluator
+
+    shape = [d if isinstance(d, int) else (4 if axis == 0 else 3) for axis, d in enumerate(layer.input_shape or ())]
+    in_type = handle.value_types.get(layer.input, TensorProto.FLOAT)
+    np_dtype = helper.tensor_dtype_to_np_dtype(in_type)
+    inits = [numpy_helper.from_array(np.asarray(g.param(name)), name) for name in external]
+    graph = helper.make_graph(
+        [_copy(n) for n in nodes], "chain",
+        [helper.make_tensor_value_info(layer.input, in_type, shape)],
+        [helper.make_tensor_value_info(layer.output, in_type, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=list(handle.model.opset_import))
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(np_dtype)
+    try:
+        (got,) = ReferenceEvaluator(model).run(None, {layer.input: x})
+    except Exception as exc:  # noqa: BLE001 - an unverifiable chain is left alone, never guessed
+        return f"the chain could not be evaluated on its own ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    axes = tuple(a for a in range(len(shape)) if a != 1)
+    xd = x.astype(np.float64)
+    m = xd.mean(axis=axes, keepdims=True)
+    v = xd.var(axis=axes, keepdims=True)
+    bshape = [1] * len(shape)
+    bshape[1] = -1
+    want = (xd - m) / np.sqrt(v + float(layer.epsilon or 0.0)) * scale.reshape(bshape) + bias.reshape(bshape)
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != want.shape:
+        return f"the chain's output shape {list(got.shape)} differs from its input's {list(want.shape)}"
+    tol = CHAIN_TOLERANCE if np_dtype != np.float16 else 1e-2
+    err = float(np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))))
+    if not err <= tol:
+        return (f"the chain does not compute the batch-norm formula (largest relative difference {err:.3g} on a "
+                "random input); it is left alone")
+    return None
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    return out
+
+
+# ====================================================================== external data
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    from onnx import external_data_helper
+
+    return list(external_data_helper._get_all_tensors(model))  # onnx's own enumeration (see onnx_load)
+
+
+def _iter_external(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, tuple[str, int, int | None]]]:
+    for tensor in _all_tensors(model):
+        if tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            offset = int(entries.get("offset", 0) or 0)
+            length = int(entries["length"]) if entries.get("length") else None
+            yield tensor, (entries.get("location", ""), offset, length)
+
+
+def _external_names(model: onnx.ModelProto, src: str, src_dir: str, output: str, out_dir: str) -> dict[str, str]:
+    """Where each external-data file of the input goes next to the output.
+
+    The same relative name when the output is in another folder; in the input's own folder the copies are
+    prefixed with the output's file name, so the input's files are never overwritten.
+    """
+    locations: list[str] = []
+    for _, (location, _, _) in _iter_external(model):
+        if location not in locations:
+            locations.append(location)
+    if not locations:
+        return {}
+    same_dir = os.path.realpath(src_dir) == os.path.realpath(out_dir)
+    base = os.path.basename(output)
+    mapping: dict[str, str] = {}
+    protected = {os.path.realpath(src)} | {os.path.realpath(os.path.join(src_dir, loc)) for loc in locations}
+    for location in locations:
+        if same_dir:
+            new = f"{base}.data" if len(locations) == 1 else f"{base}.{location.replace('/', '_')}"
+        else:
+            new = location
+        target = os.path.realpath(os.path.join(out_dir, new))
+        if target in protected or target == os.path.realpath(output):
+            raise BackendError(f"{output}: writing external data {new!r} would overwrite a file of the input "
+                               "model; write the fixed model into another folder")
+        mapping[location] = new
+    return mapping
