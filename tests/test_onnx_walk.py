@@ -607,3 +607,24 @@ def test_decomposed_chain_with_unknown_axes_is_moments(tmp_path):
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.MOMENTS and layer.axes is None and not layer.batch_statistics
     assert any("axes unknown" in n for n in layer.notes)
+
+
+def test_decomposed_layer_norm_with_casts_around_the_square(tmp_path):
+    """torch's exporter (opset < 17, fp16 models) casts the deviation to float before Pow and back."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mu"], name="mean", axes=[-1]),
+        helper.make_node("Sub", ["x", "mu"], ["d"], name="sub"),
+        helper.make_node("Cast", ["d"], ["d32"], name="cast_up", to=TensorProto.DOUBLE),
+        helper.make_node("Pow", ["d32", "two"], ["d2"], name="pow"),
+        helper.make_node("Cast", ["d2"], ["d2f"], name="cast_down", to=F32),
+        helper.make_node("ReduceMean", ["d2f"], ["var"], name="var", axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"),
+        helper.make_node("Sqrt", ["ve"], ["std"], name="sqrt"),
+        helper.make_node("Div", ["d", "std"], ["y"], name="div"),
+    ]
+    inits = [const("two", 2.0, np.float64), const("eps", 1e-5)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 6])], [vinfo("y", ["N", 6])], inits, opset=13)
+    x = RNG.normal(size=(3, 6)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (1,), 1e-5), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and layer.axes == (1,) and set(layer.nodes) == {n.name for n in nodes}

@@ -146,7 +146,7 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
             notes.append(
                 f"opset {version}: {len(extra_outputs)} extra output(s) (running/saved statistics) mean training mode"
             )
-    if version < 7 and "is_test" in attrs or (version < 7 and not nhwc):
+    if version < 7 and not nhwc:
         is_test = int(attrs.get("is_test", 0))
         extra["is_test"] = is_test
         if is_test:
@@ -503,10 +503,12 @@ def _match_variance(g: GraphIndex, r1: int, x: str, m: str, axes) -> tuple[str, 
         node = g.nodes[sub]
         if len(node.input) != 2 or node.input[1] not in aliases or not g.same(node.input[0], x):
             continue
-        for sq, sq_idx in _squares(g, node.output[0]):
-            for r2 in g.users(sq, "ReduceMean"):
-                if _reduce_axes(g, r2) == axes:
-                    return g.nodes[r2].output[0], {sub, sq_idx, r2, *passed}
+        for dev, cast in _value_aliases(g, node.output[0]).items():  # exporters may Cast before squaring
+            for sq, sq_idx in _squares(g, dev):
+                for sq_alias, cast2 in _value_aliases(g, sq).items():
+                    for r2 in g.users(sq_alias, "ReduceMean"):
+                        if _reduce_axes(g, r2) == axes:
+                            return g.nodes[r2].output[0], {sub, sq_idx, r2, *passed, *cast, *cast2}
     # (b) mean(x^2) - mean(x)^2
     for sq_m, sq_m_idx in ((o, i) for a in aliases for o, i in _squares(g, a)):
         for sub in g.users(sq_m, "Sub"):
@@ -520,6 +522,22 @@ def _match_variance(g: GraphIndex, r1: int, x: str, m: str, axes) -> tuple[str, 
             if sq is not None and g.same(sq[0], x):
                 return node.output[0], {sq_m_idx, sub, r2, sq[1]}
     return None
+
+
+def _value_aliases(g: GraphIndex, tensor: str) -> dict[str, list[int]]:
+    """``tensor`` and its copies through Identity/Cast, with the nodes passed."""
+    found: dict[str, list[int]] = {tensor: []}
+    frontier = [tensor]
+    for _ in range(2):
+        nxt = []
+        for t in frontier:
+            for user in g.users(t, "Identity", "Cast"):
+                out = g.nodes[user].output[0] if g.nodes[user].output else ""
+                if out and out not in found:
+                    found[out] = found[t] + [user]
+                    nxt.append(out)
+        frontier = nxt
+    return found
 
 
 def _single_user(g: GraphIndex, tensor: str, *ops: str) -> int | None:
@@ -537,10 +555,12 @@ def _other(node, tensor: str) -> str | None:
     return None
 
 
-def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[], dict[str, int]]) -> bool:
+def _match_tail(
+    g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[], dict[str, tuple[int, ...]]]
+) -> bool:
     """From the variance: + eps, sqrt, division of the deviation (or x * inv + (beta - mean * inv)).
 
-    ``deviations()`` maps tensors holding the numerator (x - mean, or x for RMS) to the node making them.
+    ``deviations()`` maps tensors holding the numerator (x - mean, or x for RMS) to the nodes making them.
     Fills chain.epsilon/output/scale/bias and adds nodes. False if no normalization follows.
     """
     std = inv = None
@@ -586,7 +606,7 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
             node = g.nodes[d]
             if node.input[1] == std and node.input[0] in devs:
                 normalized = node.output[0]
-                chain.nodes |= {d, devs[node.input[0]]} - {-1}
+                chain.nodes |= {d, *devs[node.input[0]]}
                 break
             one = g.scalar(node.input[0])
             if node.input[1] == std and one == 1.0:
@@ -603,7 +623,7 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
             other = _other(g.nodes[mul], inv)
             if other in devs:
                 normalized = g.nodes[mul].output[0]
-                chain.nodes |= {mul, devs[other]} - {-1}
+                chain.nodes |= {mul, *devs[other]}
                 break
         if normalized is None and _match_tf_form(g, chain, inv):
             return True
@@ -619,7 +639,7 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
                     if other in devs:
                         normalized = g.nodes[mul2].output[0]
                         chain.scale = gamma
-                        chain.nodes |= {mul, mul2, devs[other]} - {-1}
+                        chain.nodes |= {mul, mul2, *devs[other]}
                         break
                 if normalized is None:
                     saved = chain.scale
@@ -736,12 +756,13 @@ def _decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int
         aliases = g.aliases(m)
 
         def deviations(chain=chain, aliases=aliases) -> dict[str, int]:
-            devs = {}
-            for alias in aliases:
+            devs: dict[str, tuple[int, ...]] = {}
+            for alias, passed in aliases.items():
                 for sub in g.users(alias, "Sub"):
                     sn = g.nodes[sub]
                     if sn.input[1] == alias and g.same(sn.input[0], chain.x):
-                        devs[sn.output[0]] = sub
+                        for dev, cast in _value_aliases(g, sn.output[0]).items():
+                            devs[dev] = (sub, *passed, *cast)
             return devs
 
         if not _match_tail(g, chain, v, deviations):
@@ -761,12 +782,9 @@ def _decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int
         x = sq[0]
         chain = _Chain(x=x, mean=node.output[0], reduce=idx, axes=axes, centered=False, nodes={idx, sq[1]})
 
-        def numerators(x=x) -> dict[str, int]:
+        def numerators(x=x) -> dict[str, tuple[int, ...]]:
             root = g.root(x)[0]
-            found = {root: -1}
-            for alias in g.aliases(root, depth=2):
-                found.setdefault(alias, -1)
-            return found
+            return {alias: () for alias in g.aliases(root, depth=2)}
 
         if not _match_tail(g, chain, node.output[0], numerators):
             continue
