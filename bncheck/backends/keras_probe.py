@@ -1,0 +1,235 @@
+"""Run probe batches through a Keras model: the only module of bncheck that imports keras.
+
+Order of business, so that a hostile file never runs: the static reader's list of code-carrying layers
+(Lambda, objects from outside Keras) is checked first and the probe is refused, naming the layer, before
+keras is even imported; then the file is loaded with ``keras.saving.load_model(path, safe_mode=True)``,
+never ``safe_mode=False``, and without custom objects, so anything unknown to Keras fails to load.
+
+Capture: each normalization layer's ``call`` is wrapped on the instance (recursing into nested models), so
+every call of the layer, a shared layer's too, hands its input and output to :func:`tensor_stats` and only
+the small per-channel summaries are kept. (Measured with keras 3.15 in issue 4: sub-models over
+``layer.output`` fail for layers inside nested models and see only the first call of a shared layer.) A
+layer called several times in one forward pass has its calls pooled as if they were more positions of the
+same sample; the probe result notes it.
+
+Call styles: "as-written" calls ``model(x)`` with ``training`` left unset, so a baked ``training=True``
+takes effect as it would in the user's code; "predict" calls ``model(x, training=False)``, which is what
+``model.predict`` passes in Keras 3. Both are eager calls (``model.predict`` would trace the wrapped calls
+under jit on the jax backend).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from bncheck.backends.base import BackendError, ProbeSettings
+from bncheck.backends.keras_static import KerasFile
+from bncheck.model import Kind, LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
+
+#: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
+MIN_KERAS = (3, 11, 3)
+INSTALL_HINT = "pip install 'bncheck[keras]'"
+
+AS_WRITTEN = "as-written"
+PREDICT = "predict"
+
+
+def import_keras(path: str) -> Any:
+    """Import keras, choosing the numpy backend when the user has not chosen one.
+
+    numpy, not Keras's default tensorflow: measured in issue 4 it is the fastest and lightest backend for
+    inference (MobileNetV2 import+load+probe 2.1-2.6 s, 500 MB peak; jax 19-27 s, compiling), and the
+    default tensorflow backend fails when TensorFlow is not installed, which bncheck does not require.
+    KERAS_BACKEND must be set before keras is first imported; a user's own setting is respected.
+    """
+    os.environ.setdefault("KERAS_BACKEND", "numpy")
+    try:
+        import keras
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or ""
+        if missing.split(".")[0] == "keras":
+            raise BackendError(f"{path}: probing a Keras model needs Keras: {INSTALL_HINT}") from None
+        backend = os.environ.get("KERAS_BACKEND", "")
+        raise BackendError(
+            f"{path}: keras cannot start with KERAS_BACKEND={backend!r} ({missing or exc} is not installed): "
+            f"unset KERAS_BACKEND to use the numpy backend, or install it"
+        ) from None
+    version = tuple(int(p) for p in re.findall(r"\d+", keras.__version__)[:3])
+    if version < MIN_KERAS:
+        raise BackendError(
+            f"{path}: keras {keras.__version__} is older than 3.11.3, whose safe_mode can be bypassed: "
+            f"{INSTALL_HINT} --upgrade"
+        )
+    return keras
+
+
+def refuse_unsafe(static: KerasFile) -> None:
+    """Refuse, before anything is imported or loaded, a file whose config carries code."""
+    if static.unsafe:
+        raise BackendError(
+            f"{static.path}: refusing to probe, nothing was executed: {'; '.join(static.unsafe)} "
+            "(bncheck inspect still reads the file)"
+        )
+
+
+def load(keras: Any, path: str) -> Any:
+    try:
+        # safe_mode=True only: a lambda or any object outside Keras fails to load instead of running.
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise BackendError(f"{path}: keras could not load the model ({text})") from None
+
+
+def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
+    """Keras layer objects by bncheck path ("inner/bn1"), recursing into nested models."""
+    found: dict[str, Any] = {}
+
+    def walk(container: Any, prefix: str) -> None:
+        for layer in getattr(container, "layers", []):
+            path = f"{prefix}/{layer.name}" if prefix else layer.name
+            if path in names and path not in found:
+                found[path] = layer
+            if hasattr(layer, "layers"):
+                walk(layer, path)
+
+    walk(model, "")
+    return found
+
+
+def channel_axis_of(norm: NormLayer, layer: Any, rank: int) -> int:
+    """The per-channel axis for statistics: the static one, else from the live layer's ``axis``."""
+    if norm.channel_axis is not None and norm.input_shape is not None and len(norm.input_shape) == rank:
+        return norm.channel_axis
+    axis = getattr(layer, "axis", -1)
+    if isinstance(axis, (list, tuple)):
+        axis = axis[-1] if norm.kind is not Kind.GROUP else axis[0]
+    return int(axis) % rank
+
+
+class _Capture:
+    """Per forward pass: every call's input/output statistics of every wrapped layer."""
+
+    def __init__(self, stats: Callable[..., TensorStats]) -> None:
+        self.stats = stats
+        self.seen: dict[str, list[tuple[TensorStats, TensorStats]]] = {}
+
+    def wrap(self, name: str, norm: NormLayer, layer: Any, to_numpy: Callable[[Any], np.ndarray]) -> None:
+        original = layer.call
+        capture = self
+
+        def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            outputs = original(inputs, *args, **kwargs)
+            x, y = to_numpy(inputs), to_numpy(outputs)
+            axis = channel_axis_of(norm, layer, x.ndim)
+            capture.seen.setdefault(name, []).append((capture.stats(x, axis), capture.stats(y, axis)))
+            return outputs
+
+        # An instance attribute shadows the class's call; Layer.__call__ looks it up on the instance.
+        object.__setattr__(layer, "call", call)
+
+
+def pool(calls: list[TensorStats]) -> TensorStats:
+    """Several calls of one layer in one pass, as more positions of each sample (counts weight the means)."""
+    if len(calls) == 1:
+        return calls[0]
+    per_sample = [c.count / max(c.batch_size, 1) for c in calls]
+    total = sum(per_sample)
+    return TensorStats(
+        batch_size=calls[0].batch_size,
+        count=sum(c.count for c in calls),
+        sample_mean=sum(w * c.sample_mean for w, c in zip(per_sample, calls)) / total,
+        sample_sq=sum(w * c.sample_sq for w, c in zip(per_sample, calls)) / total,
+        min=np.minimum.reduce([c.min for c in calls]),
+        max=np.maximum.reduce([c.max for c in calls]),
+        zeros=sum(c.zeros for c in calls),
+        nonfinite=sum(c.nonfinite for c in calls),
+    )
+
+
+class KerasRunner:
+    """A loaded model with wrapped norm layers; ``runner(style)`` is a probe-plan Runner for that style."""
+
+    def __init__(self, view: ModelView, static: KerasFile) -> None:
+        from bncheck.probe_plan import tensor_stats
+
+        refuse_unsafe(static)
+        self.keras = import_keras(static.path)
+        self.path = static.path
+        self.view = view
+        self.model = load(self.keras, static.path)
+        names = [layer.name for layer in view.layers]
+        self.layers = find_layers(self.model, names)
+        missing = [n for n in names if n not in self.layers]
+        if missing:
+            raise BackendError(f"{self.path}: keras loaded the model without layer(s) {', '.join(missing)}")
+        self.capture = _Capture(tensor_stats)
+        convert = self.keras.ops.convert_to_numpy
+        for norm in view.layers:
+            self.capture.wrap(norm.name, norm, self.layers[norm.name], lambda t: np.asarray(convert(t)))
+        self.input_names = [spec.name for spec in view.inputs]
+        self.shared: set[str] = set()
+
+    def run(self, feeds: dict[str, np.ndarray], style: str) -> dict[str, LayerProbe]:
+        arrays = [feeds[name] for name in self.input_names]
+        args = arrays[0] if len(arrays) == 1 else arrays
+        self.capture.seen = {}
+        try:
+            if style == AS_WRITTEN:
+                self.model(args)
+            else:
+                self.model(args, training=False)
+        except BackendError:
+            raise
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise BackendError(f"{self.path}: keras failed to run the model ({text})") from None
+        batch = int(arrays[0].shape[0]) if arrays and np.ndim(arrays[0]) else 1
+        out: dict[str, LayerProbe] = {}
+        for name, calls in self.capture.seen.items():
+            if len(calls) > 1:
+                self.shared.add(name)
+            out[name] = LayerProbe(
+                layer=name,
+                batch_size=batch,
+                input=pool([c[0] for c in calls]),
+                output=pool([c[1] for c in calls]),
+            )
+        return out
+
+    def runner(self, style: str) -> Callable[[dict[str, np.ndarray]], dict[str, LayerProbe]]:
+        return lambda feeds: self.run(feeds, style)
+
+
+def call_styles(static: KerasFile) -> list[str]:
+    """Both styles when a training flag is baked (and can matter), else the inference style only."""
+    return [AS_WRITTEN, PREDICT] if static.baked else [PREDICT]
+
+
+def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> list[ProbeResult]:
+    from bncheck.probe_plan import run_plan
+
+    runner = KerasRunner(view, static)
+    results = []
+    for style in call_styles(static):
+        result = run_plan(view, settings, runner.runner(style), call_style=style)
+        result.notes.append(_style_note(style, static))
+        for name in sorted(runner.shared):
+            result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
+        results.append(result)
+    return results
+
+
+def _style_note(style: str, static: KerasFile) -> str:
+    if style == AS_WRITTEN:
+        return "call style as-written: model(x), training left unset, so baked training flags take effect"
+    if static.keras2 and static.baked:
+        return (
+            "call style predict: model(x, training=False) under Keras 3; the file was saved by Keras 2/tf_keras, "
+            "where the baked flag wins even in model.predict"
+        )
+    return "call style predict: model(x, training=False), what model.predict(x) does in Keras 3"
