@@ -151,6 +151,7 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         extra["is_test"] = is_test
         if is_test:
             training = False
+            notes = [n for n in notes if "extra output" not in n]
         elif not training:
             training = True
             notes.append(
