@@ -15,22 +15,17 @@ What each file is and the findings bncheck must produce on it: sample_models/KER
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
 import os
+import re
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Callable
 
-# jax, not numpy: two samples are trained with model.fit, which Keras's numpy backend does not implement.
-# Set before keras is imported (Keras reads it once); the untrained samples do not depend on it.
-os.environ["KERAS_BACKEND"] = "jax"
-
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import zipfile  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SEED = 20261125
 OUT = Path(__file__).resolve().parent
@@ -349,6 +344,10 @@ def write_calibration(out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # jax, not numpy: two samples are trained with model.fit, which Keras's numpy backend does not implement.
+    # Set before keras is first imported (every builder imports it lazily, so importing this module for its
+    # SAMPLES table has no side effect); the untrained samples' bytes do not depend on the backend.
+    os.environ["KERAS_BACKEND"] = "jax"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--only", nargs="*", default=None, help="sample file names (default: all)")

@@ -155,9 +155,9 @@ class KerasRunner:
     """A loaded model with wrapped norm layers; ``runner(style)`` is a probe-plan Runner for that style."""
 
     def __init__(self, view: ModelView, static: KerasFile) -> None:
+        refuse_unsafe(static)  # first: nothing imported, nothing loaded
         from bncheck.probe_plan import tensor_stats
 
-        refuse_unsafe(static)
         self.keras = import_keras(static.path)
         self.path = static.path
         self.view = view
@@ -211,6 +211,7 @@ def call_styles(static: KerasFile) -> list[str]:
 
 
 def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> list[ProbeResult]:
+    refuse_unsafe(static)
     from bncheck.probe_plan import run_plan
 
     runner = KerasRunner(view, static)

@@ -1,0 +1,281 @@
+"""The Keras probe: refusal before execution, the runner's statistics, call styles, and the Keras samples.
+
+Real Keras (numpy backend, small models), real files; the statistics are compared with numpy statistics of
+the layer tensors that Keras itself computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "numpy")
+keras = pytest.importorskip("keras")
+from keras import layers  # noqa: E402
+
+from bncheck import engine  # noqa: E402
+from bncheck.backends.base import BackendError, ProbeSettings  # noqa: E402
+from bncheck.backends.keras_backend import KerasBackend  # noqa: E402
+from bncheck.backends.keras_probe import AS_WRITTEN, PREDICT, KerasRunner, pool  # noqa: E402
+from bncheck.probe_plan import tensor_stats  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SCRIPT = SAMPLES / "make_keras_samples.py"
+FAST = ProbeSettings(batch_sizes=(1, 2, 8), samples=2)
+
+
+def _save(model, path: Path) -> str:
+    model.save(path)
+    return str(path)
+
+
+def _assert_stats_equal(got, x: np.ndarray, channel_axis: int, what: str) -> None:
+    want = tensor_stats(x, channel_axis)
+    assert got.batch_size == want.batch_size and got.count == want.count, what
+    for field in ("sample_mean", "sample_sq", "min", "max", "zeros", "nonfinite"):
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-6, atol=1e-7,
+                                   err_msg=f"{what}.{field}")
+
+
+# --------------------------------------------------------------------------- refusal
+
+
+def test_lambda_layer_probe_is_refused_and_nothing_is_executed(tmp_path):
+    marker = tmp_path / "lambda_ran.txt"
+
+    def side_effect(t, path=str(marker)):
+        with open(path, "w") as f:  # runs whenever Keras executes the lambda
+            f.write("executed")
+        return t * 2.0
+
+    inp = keras.Input((4,))
+    x = layers.BatchNormalization(name="bn")(inp)
+    model = keras.Model(inp, layers.Lambda(side_effect, name="writes_a_file")(x))
+    path = _save(model, tmp_path / "lambda.keras")
+    marker.unlink()  # building the model traced the lambda once; from here on nothing may run it
+    view = KerasBackend().load(path)
+    with pytest.raises(BackendError) as info:
+        KerasBackend().probe(view, FAST)
+    message = str(info.value)
+    assert "\n" not in message and "'writes_a_file'" in message and "Lambda" in message
+    assert "nothing was executed" in message
+    assert not marker.exists()
+
+
+def test_object_from_outside_keras_probe_is_refused(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), layers.BatchNormalization(name="bn")])
+    path = tmp_path / "foreign.keras"
+    model.save(path)
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    config = json.loads(members["config.json"])
+    config["config"]["layers"][1]["registered_name"] = "my_package>TrojanNorm"
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with pytest.raises(BackendError, match="my_package>TrojanNorm"):
+        KerasBackend().probe(KerasBackend().load(str(path)), FAST)
+
+
+def _subprocess(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_probe_without_keras_says_which_extra_to_install():
+    path = str(SAMPLES / "keras_epsilon_1e-8.keras")
+    code = (
+        "import sys; sys.modules['keras'] = None\n"  # keras not importable, as without the extra
+        "from bncheck.backends.keras_backend import KerasBackend\n"
+        "from bncheck.backends.base import BackendError, ProbeSettings\n"
+        f"view = KerasBackend().load({path!r})\n"
+        "try:\n    KerasBackend().probe(view, ProbeSettings())\n"
+        "except BackendError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    out = _subprocess(code, env)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'bncheck[keras]'" in out.stdout and path in out.stdout
+
+
+def test_keras_backend_defaults_to_numpy_when_unset():
+    path = str(SAMPLES / "keras_epsilon_1e-8.keras")
+    code = (
+        "from bncheck.backends.keras_backend import KerasBackend\n"
+        "from bncheck.backends.base import ProbeSettings\n"
+        f"view = KerasBackend().load({path!r})\n"
+        "KerasBackend().probe(view, ProbeSettings(batch_sizes=(1,), samples=1))\n"
+        "import keras; print(keras.backend.backend())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    out = _subprocess(code, env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "numpy"
+
+
+# --------------------------------------------------------------------------- the runner's numbers
+
+
+def test_probe_statistics_equal_numpy_statistics_of_the_layer_tensors_keras_computes(tmp_path):
+    seq = keras.Sequential(
+        [keras.Input((4, 4, 6)), layers.BatchNormalization(name="s_bn"), layers.GroupNormalization(3, name="s_gn")],
+        name="block",
+    )
+    inp = keras.Input((4, 4, 3), name="img")
+    conv = layers.Conv2D(6, 3, padding="same", name="conv")(inp)
+    bn_out = layers.BatchNormalization(name="bn")(conv)
+    block_out = seq(bn_out)
+    ln_out = layers.LayerNormalization(name="ln")(block_out)
+    model = keras.Model(inp, ln_out)
+    rng = np.random.default_rng(0)
+    for var in model.weights:
+        var.assign(rng.uniform(0.5, 1.5, tuple(var.shape)).astype("float32"))
+    path = _save(model, tmp_path / "stats.keras")
+
+    x = rng.normal(size=(5, 4, 4, 3)).astype("float32")
+    # What Keras computes, layer by layer, in inference mode
+    tensors = keras.Model(inp, [conv, bn_out, block_out])(x, training=False)
+    conv_t, bn_t, block_t = (np.asarray(t) for t in tensors)
+    s_bn_t = np.asarray(seq.get_layer("s_bn")(bn_t, training=False))
+    s_gn_t = np.asarray(seq.get_layer("s_gn")(s_bn_t))
+    ln_t = np.asarray(model.get_layer("ln")(block_t))
+
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    got = runner.run({"img": x}, PREDICT)
+    assert set(got) == {"bn", "block/s_bn", "block/s_gn", "ln"}
+    for name, tin, tout in [("bn", conv_t, bn_t), ("block/s_bn", bn_t, s_bn_t), ("block/s_gn", s_bn_t, s_gn_t),
+                            ("ln", block_t, ln_t)]:
+        _assert_stats_equal(got[name].input, tin, 3, f"{name}.input")
+        _assert_stats_equal(got[name].output, tout, 3, f"{name}.output")
+
+
+def test_shared_layer_pools_every_call(tmp_path):
+    inp = keras.Input((3,))
+    shared = layers.BatchNormalization(name="shared")
+    first = shared(inp)
+    second = shared(layers.Dense(3, name="d")(first))
+    model = keras.Model(inp, second)
+    rng = np.random.default_rng(1)
+    for var in model.weights:
+        var.assign(rng.uniform(0.5, 1.5, tuple(var.shape)).astype("float32"))
+    path = _save(model, tmp_path / "shared.keras")
+    x = rng.normal(size=(4, 3)).astype("float32")
+    mid = np.asarray(model.get_layer("d")(np.asarray(shared(x, training=False))))
+    out_a, out_b = np.asarray(shared(x, training=False)), np.asarray(shared(mid, training=False))
+
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    got = runner.run({view.inputs[0].name: x}, PREDICT)["shared"]
+    want_in = pool([tensor_stats(x, 1), tensor_stats(mid, 1)])
+    want_out = pool([tensor_stats(out_a, 1), tensor_stats(out_b, 1)])
+    np.testing.assert_allclose(got.input.sample_mean, want_in.sample_mean, rtol=1e-6)
+    np.testing.assert_allclose(got.output.sample_sq, want_out.sample_sq, rtol=1e-6)
+    assert got.output.count == 2 * 4 and "shared" in runner.shared
+    [result] = KerasBackend().probe(view, FAST)
+    assert any("shared is called more than once" in note for note in result.notes)
+
+
+# --------------------------------------------------------------------------- call styles
+
+
+def test_baked_flag_model_runs_both_call_styles_and_collapses_to_beta_only_as_written():
+    view = KerasBackend().load(str(SAMPLES / "keras_baked_training_1d.keras"))
+    results = KerasBackend().probe(view, FAST)
+    assert [r.call_style for r in results] == [AS_WRITTEN, PREDICT]
+    beta = view.layer("logits_bn").bias
+    as_written = results[0].at(1, "logits_bn").output
+    predict = results[1].at(1, "logits_bn").output
+    np.testing.assert_array_equal(as_written.min, beta)
+    np.testing.assert_array_equal(as_written.max, beta)
+    assert not np.allclose(predict.mean, beta, atol=1e-3)
+    assert results[0].dependence["logits_bn"].output_change > 0.1
+    assert results[1].dependence["logits_bn"].output_change < 1e-4
+
+
+def test_model_without_a_baked_flag_is_probed_in_predict_style_only():
+    view = KerasBackend().load(str(SAMPLES / "keras_epsilon_1e-8.keras"))
+    assert [r.call_style for r in KerasBackend().probe(view, FAST)] == [PREDICT]
+
+
+def test_keras3_baked_flag_reaches_downstream_layers_as_written_as_the_static_reader_predicts(tmp_path):
+    inp = keras.Input((4,))
+    a = layers.BatchNormalization(name="a", beta_initializer=keras.initializers.Constant(0.5))(inp, training=True)
+    b = layers.BatchNormalization(name="b", beta_initializer=keras.initializers.Constant(0.25))(
+        layers.Dense(4, name="d")(a)
+    )
+    path = _save(keras.Model(inp, b), tmp_path / "leak.keras")
+    view = KerasBackend().load(path)
+    assert view.layer("b").batch_statistics and not view.layer("b").training
+    as_written, predict = KerasBackend().probe(view, FAST)
+    np.testing.assert_allclose(as_written.at(1, "b").output.max, 0.25)  # b collapsed to its beta too
+    np.testing.assert_allclose(as_written.at(1, "b").output.min, 0.25)
+    assert not np.allclose(predict.at(1, "b").output.mean, 0.25)
+
+
+# --------------------------------------------------------------------------- the samples
+
+
+def _load_script():
+    """The sample script as a module (it imports keras only inside its builders, so this is side-effect free)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_keras_samples", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SAMPLES
+
+
+EXPECTED = _load_script()
+
+
+def _codes(report) -> list[list[str]]:
+    return sorted({(f.code, f.severity.label, f.layer) for f in report.findings})
+
+
+def _expected(view, value):
+    if isinstance(value, str):  # "every BN: BN003 error" (the untrained MobileNetV2-style model)
+        return sorted(("BN003", "error", layer.name) for layer in view.layers)
+    return sorted(tuple(item) for item in value)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_keras_sample_gives_exactly_its_intended_findings(name):
+    path = str(SAMPLES / name)
+    _, _, inspect_expected, probe_expected, data_expected = EXPECTED[name]
+    view = KerasBackend().load(path)
+    assert _codes(engine.inspect(path)) == _expected(view, inspect_expected)
+    probe_expected = inspect_expected if probe_expected == "same" else probe_expected
+    assert _codes(engine.probe(path, FAST)) == _expected(view, probe_expected)
+    if data_expected is not None:
+        data = {view.inputs[0].name: np.load(SAMPLES / "keras_calib.npy")}
+        settings = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data=data, data_source="keras_calib.npy")
+        assert _codes(engine.probe(path, settings)) == _expected(view, data_expected)
+
+
+def test_keras_samples_are_small():
+    for name in EXPECTED:
+        assert (SAMPLES / name).stat().st_size < 1024**2, name
+
+
+UNTRAINED = ["keras_baked_training_1d.keras", "keras_mobilenetv2_untrained.keras", "keras_legacy_convnet.h5",
+             "keras_epsilon_1e-8.keras", "keras_nested.keras"]
+
+
+def test_untrained_keras_samples_are_what_the_script_writes(tmp_path):
+    """Byte for byte. The two fitted samples depend on XLA's float arithmetic: their claims (statistics that
+    match, or drift from, keras_calib.npy) are checked through their findings above instead."""
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--only", *UNTRAINED],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for name in UNTRAINED:
+        assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes(), name
