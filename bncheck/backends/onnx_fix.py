@@ -151,6 +151,7 @@ def fix_onnx(
     if usable < samples:
         notes.append(f"the model's batch dimension is fixed at {batch}: {samples - usable} of {samples} "
                      "samples left out")
+    fixer = _Fixer(handle, data or {}, batch, usable, data_label, flagged or {})
     passes = 0
     if data is None:
         for p in pending:
@@ -163,20 +164,14 @@ def fix_onnx(
                                             _old(p.layer) if p.what != "moments" else None)
     elif pending:
         _check_samples_static(pending, usable, data_label)
-        fixer = _Fixer(handle, view, data, batch, usable, data_label)
-        fixer.flagged = dict(flagged or {})
-        for group in _by_depth(pending, graph, handle):
+        for group in _by_depth(pending, handle):
             stats = fixer.measure([p.layer for p in group])
             passes += 1
             for p in group:
                 results[p.index] = fixer.apply(p, stats.get(p.layer.name))
-        written: list[str] = []
-        if not dry_run:
-            written = fixer.write(output)  # type: ignore[arg-type]
-        return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch,
-                          passes, notes)
-    written = [] if dry_run else _Fixer(handle, view, data or {}, batch, usable, data_label).write(output)  # type: ignore[arg-type]
-    return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch, passes, notes)
+    written = [] if dry_run else fixer.write(output)  # type: ignore[arg-type]
+    return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch, passes,
+                      notes)
 
 
 _ACTION = {"train": "to-inference", "stale": "recalibrated", "moments": "replaced-moments"}
@@ -403,26 +398,24 @@ def samples_needed(positions: int) -> int:
     return max(MIN_SAMPLES, math.ceil(MIN_VALUES_PER_CHANNEL / max(positions, 1)))
 
 
-def _too_few(layer: NormLayer, positions: int, usable: int, data_label: str) -> BackendError:
-    need = samples_needed(positions)
+def _too_few(layer: NormLayer, positions: int | None, usable: int, data_label: str) -> BackendError:
+    need = samples_needed(positions) if positions else MIN_SAMPLES
+    per = f"{positions} value(s) per channel per sample" if positions else "spatial size unknown"
     return BackendError(
         f"{data_label}: {usable} sample(s) are too few to estimate the statistics of layer {layer.name!r} "
-        f"({positions} value(s) per channel per sample): at least {need} needed (rule: >= {MIN_SAMPLES} samples "
-        f"and >= {MIN_VALUES_PER_CHANNEL} values per channel)"
+        f"({per}): at least {need} needed (rule: >= {MIN_SAMPLES} samples and >= {MIN_VALUES_PER_CHANNEL} "
+        "values per channel)"
     )
 
 
 def _check_samples_static(pending: list[_Pending], usable: int, data_label: str) -> None:
-    worst: tuple[int, NormLayer, int] | None = None
+    """Refuse before any measurement when the shapes already show the data is too small."""
+    worst: tuple[int, NormLayer, int | None] | None = None
     for p in pending:
         positions = _positions(p.layer)
-        if positions is None:
-            continue
-        need = samples_needed(positions)
+        need = samples_needed(positions) if positions else MIN_SAMPLES
         if worst is None or need > worst[0]:
             worst = (need, p.layer, positions)
-    if usable < MIN_SAMPLES and worst is None and pending:
-        raise _too_few(pending[0].layer, MIN_VALUES_PER_CHANNEL, usable, data_label)
     if worst is not None and usable < worst[0]:
         raise _too_few(worst[1], worst[2], usable, data_label)
 
@@ -430,7 +423,7 @@ def _check_samples_static(pending: list[_Pending], usable: int, data_label: str)
 # ====================================================================== order of repairs
 
 
-def _by_depth(pending: list[_Pending], graph: _GraphFacts, handle: OnnxHandle) -> list[list[_Pending]]:
+def _by_depth(pending: list[_Pending], handle: OnnxHandle) -> list[list[_Pending]]:
     """Groups of layers that can be measured in one pass: each after every pending layer upstream of it."""
     from bncheck.backends.onnx_graph import GraphIndex
 
@@ -628,17 +621,16 @@ def _drop_dead_constants(model: onnx.ModelProto) -> None:
 class _Fixer:
     """The working copy (weights loaded, edited as repairs are decided) and the edits to replay."""
 
-    def __init__(self, handle: OnnxHandle, view: ModelView, data: dict[str, np.ndarray], batch: int, usable: int,
-                 data_label: str) -> None:
+    def __init__(self, handle: OnnxHandle, data: dict[str, np.ndarray], batch: int, usable: int, data_label: str,
+                 flagged: dict[str, dict[str, Any]]) -> None:
         self.handle = handle
-        self.view = view
         self.data = data
         self.batch = batch
         self.usable = usable
         self.data_label = data_label
         self.edits: list[Edit] = []
         self.opset = _GraphFacts(handle.model).opset.get("", 0)
-        self.flagged: dict[str, dict[str, Any]] = {}
+        self.flagged = dict(flagged)
 
     # ------------------------------------------------------------------ statistics
 
