@@ -152,6 +152,10 @@ class TensorStats:
     max: np.ndarray
     zeros: np.ndarray
     nonfinite: np.ndarray
+    # True when computed from the other side of a per-channel affine map (inference BatchNormalization:
+    # the probe measures the output and derives the input). Then ``zeros`` is exact only for channels whose
+    # range excludes 0 (0) or is exactly 0 (all); elsewhere it is 0, a lower bound.
+    derived: bool = False
 
     @property
     def channels(self) -> int:

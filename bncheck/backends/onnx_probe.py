@@ -1,0 +1,761 @@
+"""The ONNX probe: measure every normalization layer inside onnxruntime, returning small tensors only.
+
+How (issue 3, section 2)
+- The model is augmented in memory. For each measured tensor T (a layer's input or output) reduction
+  nodes return, per sample and channel, the mean and the mean of squares ([N, C], float32, aggregated in
+  float64 in numpy), per-channel min and max, and counts of zeros. Never the activation itself, except for
+  tensors of at most ``SMALL_SAMPLE`` elements per sample, which are fetched whole (exact numpy statistics).
+- Fast form (NCHW tensors of rank >= 3): GlobalAveragePool(T), GlobalAveragePool(T*T), GlobalMaxPool(T),
+  GlobalMaxPool(-T) (a depthwise 1x1 Conv with weight -1) and the zero indicator
+  GlobalAveragePool(Relu(1 - BIG*T*T)) (a depthwise Conv with bias 1, Relu fused). These are exactly the
+  ops onnxruntime's NCHWc layout transformer runs in its blocked layout: a ReduceMean would force a
+  reorder (a full copy) of each measured tensor, and the NCHWc convolutions are what make
+  ORT_ENABLE_ALL about 1.6x faster than ORT_ENABLE_EXTENDED on ResNet-50 here. NaN/Inf propagate into
+  the per-sample means; a batch where a fast-measured tensor is not finite is measured again with exact
+  counts (generic form, below), so non-finite counts are exact.
+- Generic form (other layouts, exact counts): ReduceMean / ReduceSumSquare / ReduceMin / ReduceMax over
+  every axis but batch and channel, Equal/IsNaN/IsInf counts.
+- Execution order PRIORITY_BASED, so that reductions run right after their producer and every measured
+  activation is freed as in plain inference. With ties broken by node index, where the nodes go matters:
+  generic nodes sit right after their producer; fast nodes are appended at the end in reverse layer order,
+  because the NCHWc transformer renumbers the convolutions in onnxruntime's reverse-DFS topological order
+  (highest-index leaf first), which then interleaves each layer's reductions with its producer (measured
+  on ResNet-50 at batch 32: 0.95 GB instead of 3.4 GB with the nodes right after their producer).
+- Graph optimizations: ORT_ENABLE_ALL. It fuses Conv+BatchNormalization when only the BN output is read,
+  which changes nothing measured beyond float32 rounding; ``tests/test_onnx_probe.py`` proves every
+  measured tensor equals a plain ORT_DISABLE_ALL run of the unaugmented model.
+- Inference-mode BatchNormalization is an affine map per channel (y = a*x + b): its output is measured
+  (which keeps Conv+BN fusion possible) and its input derived (``derived=True`` on the derived side).
+- Train-mode BatchNormalization: onnxruntime does not follow the ONNX spec for it (DEVELOPERS.md,
+  onnxruntime#29790: when B equals the running mean, or scale equals the running variance, the running
+  statistics it updates share memory with that initializer and the output is corrupted). The augmented
+  copy therefore computes each train-mode BN by the spec's own decomposition (ReduceMean over (0, 2, ...),
+  population variance, normalize, scale, bias, and the running-statistic outputs) under the node's output
+  names, so the layer and everything downstream follow the spec; the original node still runs on the
+  same input, its output renamed, and is measured too: ``LayerProbe.source == "spec"`` and
+  ``runtime_deviation`` is the largest |runtime - spec| of its output statistics. The decomposition uses
+  private copies of scale/B/mean/var, so the runtime node's in-place writes cannot reach it.
+- Weights: never a second copy in this process. The augmented model is a weight-less stub whose
+  initializers point at external data: the original files when the model has external data, else a
+  temporary file written tensor by tensor from the loaded model; onnxruntime reads them itself
+  (``session.model_external_initializers_file_folder_path``). One InferenceSession with a dynamic batch
+  serves every batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from bncheck.backends.base import BackendError, ProbeSettings
+from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
+from bncheck.probe_data import ProbeDataError, resolve_shape
+from bncheck.probe_plan import merge_stats, run_plan, tensor_stats
+
+if TYPE_CHECKING:
+    import onnx
+
+    from bncheck.backends.onnx_load import OnnxHandle
+
+#: elements per sample up to which a measured tensor is fetched whole (exact statistics in numpy).
+SMALL_SAMPLE = 4096
+#: gain of the in-graph zero indicator relu(1 - BIG * x^2): 1 for x == 0, 0 for |x| >= 5.4e-20.
+ZERO_GAIN = 3.0e38
+_ALIGN = 4096
+#: initializers up to this size stay inside the stub (a negligible copy; shape inference needs them).
+EMBED_BYTES = 64 * 1024
+_SHAPE_TYPES = (6, 7)  # INT32, INT64: shapes, axes, indices
+_PREFIX = "__bncheck"
+
+
+@dataclass
+class _Measure:
+    """How one tensor is measured and where its numbers come out."""
+
+    tensor: str
+    batch_axis: int | None
+    channel_axis: int | None
+    mode: str  # "fast" | "generic" | "full"
+    outputs: dict[str, str] = field(default_factory=dict)
+    length: int | None = None  # elements per (sample, channel), when static
+
+
+@dataclass
+class _LayerPlan:
+    layer: NormLayer
+    input: _Measure | None = None
+    output: _Measure | None = None
+    runtime: _Measure | None = None  # train-mode BN: the runtime node's own output
+    affine: tuple[np.ndarray, np.ndarray] | None = None  # inference BN: y = a*x + b per channel
+    note: str | None = None
+
+
+# --------------------------------------------------------------------------- small graph helpers
+
+
+class _Builder:
+    """Adds nodes and small initializers to the stub graph; opset-aware reductions."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{_PREFIX}_{self._count}_{hint}"
+
+    def node(self, op: str, inputs: list[str], hint: str, n_out: int = 1, **attrs: Any) -> list[str]:
+        from onnx import helper
+
+        outs = [self.name(f"{hint}_{i}" if n_out > 1 else hint) for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=outs[0], **attrs))
+        return outs
+
+    def one(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
+        return self.node(op, inputs, hint, **attrs)[0]
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def reduce(self, op: str, x: str, axes: list[int], hint: str, keepdims: int = 0) -> str:
+        as_input = self.opset >= 18 or (op == "ReduceSum" and self.opset >= 13)
+        if as_input:
+            return self.one(op, [x, self.const(np.array(axes, np.int64), "axes")], hint, keepdims=keepdims)
+        return self.one(op, [x], hint, axes=axes, keepdims=keepdims)
+
+
+# --------------------------------------------------------------------------- the augmented stub
+
+
+def _opset(model: "onnx.ModelProto") -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def _nbytes(tensor: Any) -> int:
+    from onnx import helper
+
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 8
+    return count * itemsize
+
+
+def _write_weights(model: "onnx.ModelProto", folder: str) -> list[Any]:
+    """Stream every top-level initializer into ``folder/weights.bin``; return weight-less external stubs."""
+    import onnx
+    from onnx import numpy_helper
+
+    stubs = []
+    path = os.path.join(folder, "weights.bin")
+    offset = 0
+    with open(path, "wb") as fh:
+        for tensor in model.graph.initializer:
+            small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
+            if small or tensor.data_type == onnx.TensorProto.STRING or (
+                tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+            ):
+                # small tensors stay inline: shapes, axes and constants must be readable by
+                # onnxruntime's shape inference, which does not read external data
+                copy = onnx.TensorProto()
+                copy.CopyFrom(tensor)
+                stubs.append(copy)
+                continue
+            data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            pad = (-offset) % _ALIGN
+            if pad:
+                fh.write(b"\0" * pad)
+                offset += pad
+            fh.write(data)
+            stub = onnx.TensorProto()
+            stub.name = tensor.name
+            stub.data_type = tensor.data_type
+            stub.dims.extend(tensor.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(data)
+            del data
+            stubs.append(stub)
+    return stubs
+
+
+def _stub(handle: "OnnxHandle", tmp: str) -> tuple["onnx.ModelProto", str]:
+    """A ModelProto without weight bytes, and the folder its external data lives in."""
+    import onnx
+
+    if handle.external_data:
+        # The graph and the external-data references, re-read without weights (the loader already
+        # validated every location); onnxruntime reads the weights from the original folder.
+        return onnx.load(handle.path, load_external_data=False), os.path.dirname(os.path.abspath(handle.path))
+    src = handle.model
+    stub = onnx.ModelProto()
+    for fname in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if src.HasField(fname):
+            setattr(stub, fname, getattr(src, fname))
+    stub.opset_import.extend(src.opset_import)
+    stub.metadata_props.extend(src.metadata_props)
+    stub.functions.extend(src.functions)
+    graph = stub.graph
+    graph.name = src.graph.name
+    graph.node.extend(src.graph.node)
+    graph.input.extend(src.graph.input)
+    graph.output.extend(src.graph.output)
+    graph.value_info.extend(src.graph.value_info)
+    graph.sparse_initializer.extend(src.graph.sparse_initializer)
+    graph.initializer.extend(_write_weights(src, tmp))
+    return stub, tmp
+
+
+class _Augmenter:
+    """Builds the instrumented stub for a list of layers."""
+
+    def __init__(self, handle: "OnnxHandle", layers: list[NormLayer], tmp: str, exact: bool, inputs_only: bool):
+        self.handle = handle
+        self.exact = exact
+        self.inputs_only = inputs_only
+        self.model, self.folder = _stub(handle, tmp)
+        self.opset = _opset(self.model)
+        self.b = _Builder(self.opset)
+        self.shapes = dict(handle.value_shapes)
+        self.types = dict(handle.value_types)
+        self.measures: dict[tuple[str, int | None, int | None], _Measure] = {}
+        self.after: dict[str, list[Any]] = {}  # producer output -> measure nodes to place after it
+        self.tail: list[list[Any]] = []  # fast-form node groups, appended in reverse
+        self.replaced: dict[int, list[Any]] = {}  # node index -> nodes replacing/following it
+        self.outputs: list[str] = []
+        # every train-mode BN follows the spec, measured or not: layers downstream depend on it
+        self.decomposed: dict[str, str] = {}  # spec output name -> runtime node's renamed output
+        for idx, node in enumerate(list(self.model.graph.node)):
+            if self._is_train_bn(node):
+                y = node.output[0]
+                if self._decompose(idx):
+                    self.decomposed[y] = self.model.graph.node[idx].output[0]
+        self.plans = [self._plan(layer) for layer in layers]
+
+    # ------------------------------------------------------------ measuring one tensor
+
+    def _static_length(self, tensor: str, batch_axis: int | None, channel_axis: int | None) -> int | None:
+        shape = self.shapes.get(tensor)
+        if shape is None:
+            return None
+        total = 1
+        for axis, dim in enumerate(shape):
+            if axis in (batch_axis, channel_axis):
+                continue
+            if not isinstance(dim, int):
+                return None
+            total *= dim
+        return total
+
+    def measure(self, tensor: str, batch_axis: int | None, channel_axis: int | None) -> _Measure | None:
+        shape = self.shapes.get(tensor)
+        rank = None if shape is None else len(shape)
+        if rank is not None:
+            batch_axis = None if batch_axis is None or rank == 0 else batch_axis % rank
+            channel_axis = None if channel_axis is None or rank == 0 else channel_axis % rank
+        key = (tensor, batch_axis, channel_axis)
+        if key in self.measures:
+            return self.measures[key]
+        per_sample = 1
+        if shape is not None:
+            for axis, dim in enumerate(shape):
+                if axis == batch_axis:
+                    continue
+                per_sample = per_sample * dim if isinstance(dim, int) and per_sample is not None else None
+        else:
+            per_sample = None
+        elem = self.types.get(tensor, 1)
+        group: list[Any] = []
+        start = len(self.b.nodes)
+        m = _Measure(tensor, batch_axis, channel_axis, "full", length=self._static_length(tensor, batch_axis, channel_axis))
+        if per_sample is not None and per_sample <= SMALL_SAMPLE:
+            m.mode = "full"
+            m.outputs["full"] = tensor
+        elif rank is None:
+            return None
+        elif (
+            not self.exact
+            and elem == 1
+            and rank >= 3
+            and batch_axis == 0
+            and channel_axis == 1
+            and isinstance(shape[1], int)
+        ):
+            m.mode = "fast"
+            self._fast(m, int(shape[1]))
+        else:
+            m.mode = "generic"
+            self._generic(m, rank, elem)
+        group = self.b.nodes[start:]
+        del self.b.nodes[start:]
+        if m.mode == "fast":
+            self.tail.append(group)
+        else:
+            self.after.setdefault(tensor, []).extend(group)
+        self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+        self.measures[key] = m
+        return m
+
+    def _fast(self, m: _Measure, channels: int) -> None:
+        b, t = self.b, m.tensor
+        m.outputs["mean"] = b.one("GlobalAveragePool", [t], "mean")
+        square = b.one("Mul", [t, t], "square")
+        m.outputs["sq"] = b.one("GlobalAveragePool", [square], "sq")
+        m.outputs["max"] = b.one("GlobalMaxPool", [t], "max")
+        neg_w = b.const(-np.ones((channels, 1, 1, 1), np.float32), "neg_w")
+        negated = b.one("Conv", [t, neg_w], "neg", group=channels, kernel_shape=[1, 1])
+        m.outputs["negmin"] = b.one("GlobalMaxPool", [negated], "negmin")
+        zero_w = b.const(np.full((channels, 1, 1, 1), -ZERO_GAIN, np.float32), "zero_w")
+        zero_b = b.const(np.ones(channels, np.float32), "zero_b")
+        lifted = b.one("Conv", [square, zero_w, zero_b], "zero_lin", group=channels, kernel_shape=[1, 1])
+        indicator = b.one("Relu", [lifted], "zero_ind")
+        m.outputs["zfrac"] = b.one("GlobalAveragePool", [indicator], "zfrac")
+        if m.length is None:  # symbolic spatial dims: the runtime shape sizes the counts
+            m.outputs["shape"] = b.one("Shape", [t], "shape")
+
+    def _generic(self, m: _Measure, rank: int, elem: int) -> None:
+        import onnx
+
+        b, t = self.b, m.tensor
+        if elem != onnx.TensorProto.FLOAT:
+            t = b.one("Cast", [t], "as_float", to=onnx.TensorProto.FLOAT)
+        keep = [a for a in (m.batch_axis, m.channel_axis) if a is not None]
+        spatial = [a for a in range(rank) if a not in keep]
+        if spatial:
+            m.outputs["mean"] = b.reduce("ReduceMean", t, spatial, "mean")
+            m.outputs["sumsq"] = b.reduce("ReduceSumSquare", t, spatial, "sumsq")
+            m.outputs["min"] = b.reduce("ReduceMin", t, spatial, "min")
+            m.outputs["max"] = b.reduce("ReduceMax", t, spatial, "max")
+        else:
+            m.outputs["full"] = t
+            return
+        zero = b.const(np.zeros((), np.float32), "zero")
+        is_zero = b.one("Cast", [b.one("Equal", [t, zero], "eq0")], "eq0f", to=onnx.TensorProto.FLOAT)
+        m.outputs["zeros"] = b.reduce("ReduceSum", is_zero, spatial, "zeros")
+        nonfinite = b.one("Or", [b.one("IsNaN", [t], "isnan"), b.one("IsInf", [t], "isinf")], "nonfinite")
+        m.outputs["nonfinite"] = b.reduce(
+            "ReduceSum", b.one("Cast", [nonfinite], "nonfinite_f", to=onnx.TensorProto.FLOAT), spatial, "nfcount"
+        )
+        # NaN-free extremes: ReduceMin/Max propagate NaN, the reference ignores it
+        m.outputs["min"] = b.reduce(
+            "ReduceMin", b.one("Where", [b.one("IsNaN", [t], "isnan2"), b.const(np.array(np.inf, np.float32), "inf"), t], "nonan_lo"), spatial, "min"
+        )
+        m.outputs["max"] = b.reduce(
+            "ReduceMax", b.one("Where", [b.one("IsNaN", [t], "isnan3"), b.const(np.array(-np.inf, np.float32), "ninf"), t], "nonan_hi"), spatial, "max"
+        )
+        m.outputs["shape"] = b.one("Shape", [m.tensor], "shape")
+
+    # ------------------------------------------------------------ per layer
+
+    def _is_train_bn(self, node: Any) -> bool:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            return False
+        for attr in node.attribute:
+            if attr.name == "training_mode":
+                return bool(attr.i)
+        return self.opset < 14 and any(o for o in node.output[1:])
+
+    def _plan(self, layer: NormLayer) -> _LayerPlan:
+        plan = _LayerPlan(layer)
+        if layer.op_type == "BatchNormalization" and layer.training:
+            runtime_out = self.decomposed.get(layer.output)
+            if runtime_out is not None:
+                plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
+                if not self.inputs_only:
+                    plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+                    plan.runtime = self.measure(runtime_out, layer.batch_axis, layer.channel_axis)
+                return plan
+            plan.note = f"{layer.name}: train-mode BatchNormalization measured as onnxruntime computes it"
+        affine = _inference_affine(layer)
+        if affine is not None and not self.exact and not self.inputs_only:
+            plan.affine = affine
+            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+            return plan
+        plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
+        if not self.inputs_only and layer.output:
+            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+        return plan
+
+    def _decompose(self, idx: int) -> bool:
+        """Replace a train-mode BN by the spec's decomposition; keep the original node on renamed outputs."""
+        import onnx
+
+        node = self.model.graph.node[idx]
+        if len(node.input) < 5 or not all(node.input[:5]):
+            return False
+        x = node.input[0]
+        shape = self.shapes.get(x)
+        elem = self.types.get(x, onnx.TensorProto.FLOAT)
+        if shape is None or len(shape) < 2 or elem != onnx.TensorProto.FLOAT:
+            return False
+        rank = len(shape)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        spatial_mode = int(attrs.get("spatial", 1)) if self.opset < 9 else 1
+        eps = float(attrs.get("epsilon", 1e-5))
+        momentum = float(attrs.get("momentum", 0.9))
+        axes = [0] if spatial_mode == 0 else [0] + list(range(2, rank))
+        b = self.b
+        start = len(b.nodes)
+        params = {}
+        for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
+            # private copies: onnxruntime's train-mode kernel may write the running statistics into a
+            # buffer it shares with an equal initializer (onnxruntime#29790)
+            params[role] = b.one("Identity", [name], f"spec_{role}")
+        mean = b.reduce("ReduceMean", x, axes, "spec_mean", keepdims=1)
+        centered = b.one("Sub", [x, mean], "spec_centered")
+        var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
+        eps_c = b.const(np.array(eps, np.float32), "spec_eps")
+        normed = b.one("Div", [centered, b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")], "spec_norm")
+        if spatial_mode == 0:
+            scale_r, bias_r = params["scale"], params["bias"]
+        else:
+            shape_c = b.const(np.array([-1] + [1] * (rank - 2), np.int64), "spec_cshape")
+            scale_r = b.one("Reshape", [params["scale"], shape_c], "spec_scale_r")
+            bias_r = b.one("Reshape", [params["bias"], shape_c], "spec_bias_r")
+        outputs = list(node.output)
+        y_spec = outputs[0]
+        b.nodes.append(onnx.helper.make_node("Add", [b.one("Mul", [normed, scale_r], "spec_scaled"), bias_r], [y_spec], name=b.name("spec_y")))
+        flat = b.const(np.array([-1], np.int64), "spec_flat")
+        keep = 1.0 - momentum
+        for pos, (stat, running) in enumerate(((mean, params["mean"]), (var, params["var"])), start=1):
+            if pos < len(outputs) and outputs[pos]:
+                cur = b.one("Reshape", [stat, flat], "spec_cur")
+                mom = b.const(np.array(momentum, np.float32), "spec_mom")
+                kp = b.const(np.array(keep, np.float32), "spec_keep")
+                b.nodes.append(
+                    onnx.helper.make_node(
+                        "Add",
+                        [b.one("Mul", [running, mom], "spec_run"), b.one("Mul", [cur, kp], "spec_new")],
+                        [outputs[pos]],
+                        name=b.name("spec_running"),
+                    )
+                )
+        spec_nodes = b.nodes[start:]
+        del b.nodes[start:]
+        # the runtime's own node, on renamed outputs; three outputs so that onnxruntime's shape
+        # inference accepts training_mode=1 (DEVELOPERS.md)
+        renamed = [self.b.name("runtime_y")]
+        want = max(len(outputs), 3) if attrs.get("training_mode", 0) else len(outputs)
+        for pos in range(1, want):
+            renamed.append(self.b.name(f"runtime_out{pos}") if pos < 3 or pos >= len(outputs) else outputs[pos])
+        del node.output[:]
+        node.output.extend(renamed)
+        self.shapes[renamed[0]] = shape
+        self.types[renamed[0]] = elem
+        self.replaced[idx] = spec_nodes
+        return True
+
+    # ------------------------------------------------------------ assembling
+
+    def finish(self) -> "onnx.ModelProto":
+        from onnx import helper
+
+        graph = self.model.graph
+        original = list(graph.node)
+        ordered: list[Any] = []
+        placed: set[str] = set()
+
+        def place_after(outputs: Iterable[str]) -> None:
+            for out in outputs:
+                if out in self.after and out not in placed:
+                    placed.add(out)
+                    ordered.extend(self.after[out])
+
+        place_after(v.name for v in graph.input)
+        place_after(t.name for t in graph.initializer)
+        for i, node in enumerate(original):
+            ordered.append(node)
+            place_after(node.output)
+            for extra in self.replaced.get(i, []):
+                ordered.append(extra)
+                place_after(extra.output)
+        leftover = [g for t, g in self.after.items() if t not in placed]
+        for group in leftover:
+            ordered.extend(group)
+        for group in reversed(self.tail):
+            ordered.extend(group)
+        del graph.node[:]
+        graph.node.extend(ordered)
+        graph.initializer.extend(self.b.inits)
+        existing = {o.name for o in graph.output}
+        for name in self.outputs:
+            if name not in existing:
+                graph.output.append(helper.make_empty_tensor_value_info(name))
+                existing.add(name)
+        return self.model
+
+
+def _inference_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray] | None:
+    """y = a*x + b per channel for an inference-mode BatchNormalization whose parameters are known."""
+    if layer.op_type != "BatchNormalization" or layer.training or not layer.uses_running_stats:
+        return None
+    if layer.domain not in ("", "ai.onnx") or layer.channel_axis != 1 or layer.batch_axis != 0:
+        return None
+    if any(p is None for p in (layer.scale, layer.bias, layer.mean, layer.var)) or layer.epsilon is None:
+        return None
+    params = [np.asarray(p, np.float64).ravel() for p in (layer.scale, layer.bias, layer.mean, layer.var)]
+    if len({p.size for p in params}) != 1 or (layer.extra.get("spatial", 1) == 0):
+        return None
+    scale, bias, mean, var = params
+    with np.errstate(all="ignore"):
+        a = scale / np.sqrt(var + np.float64(np.float32(layer.epsilon)))
+        b = bias - mean * a
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a != 0)):
+        return None
+    return a, b
+
+
+# --------------------------------------------------------------------------- session and decoding
+
+
+def _session(model: "onnx.ModelProto", folder: str, exact: bool):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _decode(m: _Measure, values: dict[str, np.ndarray]) -> TensorStats:
+    if "full" in m.outputs:
+        return tensor_stats(values[m.outputs["full"]], m.channel_axis, m.batch_axis)
+    if m.mode == "fast":
+        mean = np.asarray(values[m.outputs["mean"]], np.float64)
+        n, c = mean.shape[0], mean.shape[1]
+        mean = mean.reshape(n, c)
+        sq = np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c)
+        mx = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c)
+        mn = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c)
+        zfrac = np.asarray(values[m.outputs["zfrac"]], np.float64).reshape(n, c)
+        length = m.length
+        if length is None:
+            length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
+        zeros = np.rint(zfrac * length).sum(axis=0).astype(np.int64)
+        nonfinite = np.zeros(c, np.int64)
+        return TensorStats(n, n * length, mean, sq, mn.min(axis=0), mx.max(axis=0), zeros, nonfinite)
+    # generic: reductions keep batch and channel axes in their original order
+    def nc(name: str) -> np.ndarray:
+        arr = np.asarray(values[m.outputs[name]], np.float64)
+        if m.batch_axis is None and m.channel_axis is None:
+            return arr.reshape(1, 1)
+        if m.batch_axis is None:
+            return arr.reshape(1, -1)
+        if m.channel_axis is None:
+            return arr.reshape(-1, 1)
+        return arr.T if m.channel_axis < m.batch_axis else arr
+
+    shape = [int(d) for d in values[m.outputs["shape"]]]
+    length = 1
+    for axis, dim in enumerate(shape):
+        if axis not in (m.batch_axis, m.channel_axis):
+            length *= dim
+    mean = nc("mean")
+    n = mean.shape[0]
+    sq = nc("sumsq") / max(length, 1)
+    mn = np.fmin.reduce(nc("min"), axis=0)
+    mx = np.fmax.reduce(nc("max"), axis=0)
+    mn = np.where(np.isposinf(mn) & (nc("nonfinite").sum(axis=0) > 0), np.nan, mn)
+    mx = np.where(np.isneginf(mx) & (nc("nonfinite").sum(axis=0) > 0), np.nan, mx)
+    zeros = np.rint(nc("zeros").sum(axis=0)).astype(np.int64)
+    nonfinite = np.rint(nc("nonfinite").sum(axis=0)).astype(np.int64)
+    return TensorStats(n, n * length, mean, sq, mn, mx, zeros, nonfinite)
+
+
+def _needs_exact(m: _Measure, stats: TensorStats) -> bool:
+    """A fast-form tensor whose numbers are not finite: NaN/Inf counts need the exact form."""
+    return m.mode == "fast" and not (
+        np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq))
+    )
+
+
+def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats:
+    """Input statistics of y = a*x + b from the output's: x = (y - b) / a per channel."""
+    with np.errstate(all="ignore"):
+        mean = (out.sample_mean - b) / a
+        sq = (out.sample_sq - 2.0 * b * out.sample_mean + b * b) / (a * a)
+        lo = (out.min - b) / a
+        hi = (out.max - b) / a
+    lo, hi = np.where(a > 0, lo, hi), np.where(a > 0, hi, lo)
+    zero_range = (lo == 0) & (hi == 0)
+    per_channel = out.count // max(out.channels, 1) if out.channels else 0
+    zeros = np.where(zero_range, per_channel, 0).astype(np.int64)
+    return TensorStats(out.batch_size, out.count, mean, sq, lo, hi, zeros, out.nonfinite.copy(), derived=True)
+
+
+def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
+    worst = 0.0
+    for r, s in ((runtime.sample_mean, spec.sample_mean), (runtime.min, spec.min), (runtime.max, spec.max)):
+        r = np.asarray(r, np.float64)
+        s = np.asarray(s, np.float64)
+        if r.shape != s.shape:
+            return math.inf
+        both = np.isfinite(r) & np.isfinite(s)
+        if np.any(np.isfinite(r) != np.isfinite(s)):
+            worst = math.inf
+        if both.any():
+            worst = max(worst, float(np.max(np.abs(r[both] - s[both]))))
+    return worst
+
+
+class _Engine:
+    """Owns the augmented session(s) for one model; turns feeds into per-layer statistics."""
+
+    def __init__(self, handle: "OnnxHandle", layers: list[NormLayer], inputs_only: bool = False) -> None:
+        self.handle = handle
+        self.layers = layers
+        self.inputs_only = inputs_only
+        self.tmp = tempfile.mkdtemp(prefix="bncheck-probe-")
+        self.exact = False
+        self.notes: list[str] = []
+        self._open(exact=False)
+
+    def _open(self, exact: bool) -> None:
+        self.session = None  # free the previous session (and its weights) first
+        try:
+            aug = _Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only)
+            model = aug.finish()
+            self.plans = aug.plans
+            self.output_names = list(aug.outputs)
+            self.session = _session(model, aug.folder, exact)
+            del model, aug
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any runtime failure is one line for the user
+            raise BackendError(f"{self.handle.path}: onnxruntime cannot run the instrumented model: {_line(exc)}") from exc
+        self.exact = exact
+        for plan in self.plans:
+            if plan.note and plan.note not in self.notes:
+                self.notes.append(plan.note)
+
+    def close(self) -> None:
+        self.session = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(f"{self.handle.path}: onnxruntime failed: {_line(exc)}") from exc
+        return dict(zip(self.output_names, values))
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, LayerProbe]:
+        values = self._run(feeds)
+        decoded: dict[int, TensorStats] = {}
+        for plan in self.plans:
+            for m in (plan.input, plan.output, plan.runtime):
+                if m is not None and id(m) not in decoded:
+                    stats = _decode(m, values)
+                    if not self.exact and _needs_exact(m, stats):
+                        self.notes.append("NaN/Inf seen: statistics measured with exact counts (slower)")
+                        self._open(exact=True)
+                        return self(feeds)
+                    decoded[id(m)] = stats
+        probes: dict[str, LayerProbe] = {}
+        for plan in self.plans:
+            get = lambda m: decoded.get(id(m)) if m is not None else None  # noqa: E731
+            inp, out = get(plan.input), get(plan.output)
+            if plan.affine is not None and out is not None:
+                inp = _derive_input(out, *plan.affine)
+            batch = (out or inp).batch_size if (out or inp) else 0
+            if plan.runtime is not None and out is not None:
+                runtime = get(plan.runtime)
+                dev = _deviation(runtime, out) if runtime is not None else None
+                probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out, "spec", dev)
+            elif inp is not None or out is not None:
+                probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out)
+        return probes
+
+
+def _line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def _gather_tables(handle: "OnnxHandle") -> dict[str, int]:
+    """Rows of the table each integer graph input indexes through a Gather (its valid range)."""
+    graph = handle.model.graph
+    inits = {t.name: t for t in graph.initializer}
+    highs: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) >= 2 and node.input[0] in inits:
+            axis = 0
+            for attr in node.attribute:
+                if attr.name == "axis":
+                    axis = int(attr.i)
+            dims = list(inits[node.input[0]].dims)
+            if dims:
+                rows = int(dims[axis % len(dims)])
+                name = node.input[1]
+                highs[name] = min(highs.get(name, rows), rows)
+    return highs
+
+
+def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
+    """Fail on bad --input-shape / unresolvable dims before any session is built (ProbeDataError)."""
+    names = {spec.name for spec in view.inputs}
+    for name in settings.input_shapes:
+        if name not in names:
+            raise ProbeDataError(
+                f"--input-shape {name}: the model has no input of that name (inputs: {', '.join(sorted(names))})"
+            )
+    if settings.data is None:
+        for spec in view.inputs:
+            resolve_shape(spec, 1, settings.input_shapes)
+
+
+def run_probe(view: ModelView, settings: ProbeSettings) -> ProbeResult:
+    """Probe every normalization layer of an ONNX model (see the module docstring)."""
+    handle = view.handle
+    if not view.layers:
+        return ProbeResult(batch_sizes=tuple(settings.batch_sizes), layers={b: {} for b in settings.batch_sizes},
+                           data_source=settings.data_source, seed=settings.seed,
+                           notes=["no normalization layer to probe"])
+    _check_inputs(view, settings)
+    engine = _Engine(handle, view.layers)
+    try:
+        result = run_plan(view, settings, engine, int_high=_gather_tables(handle))
+        result.notes.extend(n for n in engine.notes if n not in result.notes)
+        return result
+    finally:
+        engine.close()
+
+
+def measure_inputs(
+    handle: "OnnxHandle", layers: list[NormLayer], batches: Iterable[dict[str, np.ndarray]]
+) -> dict[str, TensorStats]:
+    """Each layer's input statistics accumulated over all ``batches`` (inference mode, model as is)."""
+    engine = _Engine(handle, layers, inputs_only=True)
+    try:
+        parts: dict[str, list[TensorStats]] = {}
+        for feeds in batches:
+            for name, probe in engine(feeds).items():
+                if probe.input is not None:
+                    parts.setdefault(name, []).append(probe.input)
+        return {name: merge_stats(items) for name, items in parts.items()}
+    finally:
+        engine.close()

@@ -1,0 +1,263 @@
+"""Probe inputs: option parsing, shape resolution, seeded synthetic samples and user data files.
+
+numpy only (no framework), so the CLI can validate ``--batch-sizes``, ``--input-shape`` and ``--data``
+before any backend is imported, and both backends (ONNX, Keras) draw their inputs the same way.
+
+Synthetic inputs (documented in the README and in ``bncheck probe --help``):
+
+- floating inputs: independent standard normal values N(0, 1), cast to the input's dtype;
+- integer inputs: uniform in ``[0, high)``, where ``high`` is the row count of the embedding table the input
+  feeds through a Gather (the backend finds it) and :data:`DEFAULT_INT_HIGH` otherwise;
+- boolean inputs: fair coin flips.
+
+Samples are drawn with ``numpy.random.default_rng(seed)`` in one block of ``n`` samples, so sample ``i`` is
+the same whatever batch it is later placed in: the batch-dependence test relies on that.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from bncheck.model import Dim, InputSpec
+
+#: exclusive upper bound of synthetic integer inputs that feed no Gather (token ids, class ids, flags).
+DEFAULT_INT_HIGH = 2
+#: largest batch size accepted on the command line; above it a probe batch of a real model would not fit
+#: in memory anyway, and a typo such as 3200 should fail fast.
+MAX_BATCH_SIZE = 4096
+
+
+class ProbeDataError(ValueError):
+    """Bad probe options or data; the message is one line for the user (exit 2)."""
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,32"`` -> ``(1, 2, 32)``: positive integers, duplicates dropped, order kept."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or all(not p for p in parts):
+        raise ProbeDataError("--batch-sizes is empty; give comma-separated positive integers such as 1,2,32")
+    sizes: list[int] = []
+    for part in parts:
+        if not part:
+            raise ProbeDataError(f"--batch-sizes {text!r} has an empty entry")
+        try:
+            value = int(part)
+        except ValueError:
+            raise ProbeDataError(f"--batch-sizes: {part!r} is not an integer") from None
+        if value < 1:
+            raise ProbeDataError(f"--batch-sizes: {value} is not a positive batch size")
+        if value > MAX_BATCH_SIZE:
+            raise ProbeDataError(f"--batch-sizes: {value} is larger than the maximum {MAX_BATCH_SIZE}")
+        if value not in sizes:
+            sizes.append(value)
+    return tuple(sizes)
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"pixels:3x224x224"`` -> ``("pixels", (3, 224, 224))``: the dims after the batch dimension.
+
+    The name is everything before the last colon (ONNX input names may contain colons). ``NAME:`` with no
+    dims declares a rank-1 input (batch only).
+    """
+    name, sep, dims_text = str(text).rpartition(":")
+    name = name.strip()
+    if not sep or not name:
+        raise ProbeDataError(f"--input-shape {text!r}: expected NAME:DIMxDIM... (dims after the batch dimension)")
+    dims_text = dims_text.strip().lower()
+    if not dims_text:
+        return name, ()
+    dims: list[int] = []
+    for part in dims_text.split("x"):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise ProbeDataError(f"--input-shape {text!r}: {part!r} is not an integer dimension") from None
+        if value < 1:
+            raise ProbeDataError(f"--input-shape {text!r}: dimension {value} must be positive")
+        dims.append(value)
+    return name, tuple(dims)
+
+
+def _dim_text(dim: Dim) -> str:
+    return "?" if dim is None else str(dim)
+
+
+def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int, ...]] | None) -> tuple[int, ...]:
+    """The concrete shape of input ``spec`` for a batch of ``batch`` samples.
+
+    Axis 0 is the batch axis (symbolic or unknown: set to ``batch``; fixed: must equal ``batch``). The other
+    dims come from ``overrides[spec.name]`` (``--input-shape``) when given, else must be fixed ints.
+    Rank-0 inputs have no batch axis and resolve to ``()``.
+    """
+    overrides = overrides or {}
+    shape = spec.shape
+    override = overrides.get(spec.name)
+    if shape is None:
+        if override is None:
+            raise ProbeDataError(
+                f"input {spec.name!r} has an unknown shape; give it with --input-shape {spec.name}:DIMxDIM..."
+            )
+        return (batch, *override)
+    if len(shape) == 0:
+        return ()
+    first = shape[0]
+    if isinstance(first, int) and first != batch:
+        raise ProbeDataError(
+            f"input {spec.name!r} has a fixed batch dimension of {first}; it cannot be probed at batch size {batch}"
+        )
+    rest = shape[1:]
+    if override is not None:
+        if len(override) != len(rest):
+            raise ProbeDataError(
+                f"--input-shape {spec.name}: gives {len(override)} dims but the input has {len(rest)} after the "
+                f"batch dimension ({'x'.join(_dim_text(d) for d in rest) or 'none'})"
+            )
+        for i, (given, declared) in enumerate(zip(override, rest), start=1):
+            if isinstance(declared, int) and given != declared:
+                raise ProbeDataError(
+                    f"--input-shape {spec.name}: dim {i} is fixed to {declared} in the model, not {given}"
+                )
+        return (batch, *override)
+    dims: list[int] = [batch]
+    for i, dim in enumerate(rest, start=1):
+        if isinstance(dim, int):
+            dims.append(dim)
+        else:
+            label = f"symbolic dim {dim!r}" if isinstance(dim, str) else "an unknown dim"
+            raise ProbeDataError(
+                f"input {spec.name!r} has {label} at axis {i}; give it with --input-shape "
+                f"{spec.name}:{'x'.join(str(d) if isinstance(d, int) else 'DIM' for d in rest)}"
+            )
+    return tuple(dims)
+
+
+def _numpy_dtype(spec: InputSpec) -> np.dtype:
+    try:
+        return np.dtype(spec.dtype)
+    except TypeError:
+        raise ProbeDataError(f"input {spec.name!r} has dtype {spec.dtype!r}, which bncheck cannot feed") from None
+
+
+def synthetic_inputs(
+    inputs: list[InputSpec],
+    n: int,
+    seed: int,
+    overrides: Mapping[str, tuple[int, ...]] | None,
+    int_high: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """``n`` seeded samples per input (first axis), drawn as the module docstring documents."""
+    rng = np.random.default_rng(seed)
+    int_high = int_high or {}
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        shape = resolve_shape(spec, n, overrides)
+        dtype = _numpy_dtype(spec)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+        elif dtype.kind in "iu":
+            high = int(int_high.get(spec.name, DEFAULT_INT_HIGH))
+            if high < 1:
+                raise ProbeDataError(f"input {spec.name!r} indexes an empty table; no valid integer exists")
+            if dtype.kind == "u" or np.iinfo(dtype).max < high:
+                high = min(high, int(np.iinfo(dtype).max) + 1)
+            feeds[spec.name] = rng.integers(0, high, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.random(shape) < 0.5
+        else:
+            raise ProbeDataError(f"input {spec.name!r} has dtype {spec.dtype!r}, which bncheck cannot synthesize")
+    return feeds
+
+
+def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
+    """Validate one data array against its input; returns it in the input's dtype."""
+    dtype = _numpy_dtype(spec)
+    if array.dtype.kind not in "biuf":
+        raise ProbeDataError(f"{where}: dtype {array.dtype} is not numeric; input {spec.name!r} needs {dtype}")
+    if dtype.kind == "f" and array.dtype.kind != "f":
+        raise ProbeDataError(f"{where}: dtype {array.dtype} but input {spec.name!r} is {dtype} (floating point)")
+    if dtype.kind in "iu" and array.dtype.kind not in "iu":
+        raise ProbeDataError(f"{where}: dtype {array.dtype} but input {spec.name!r} is {dtype} (integer)")
+    if dtype.kind == "b" and array.dtype.kind != "b":
+        raise ProbeDataError(f"{where}: dtype {array.dtype} but input {spec.name!r} is bool")
+    if array.ndim == 0:
+        raise ProbeDataError(f"{where}: a scalar; expected samples along the first axis")
+    if array.shape[0] == 0:
+        raise ProbeDataError(f"{where}: holds no samples (first axis has length 0)")
+    if spec.shape is not None:
+        rest = spec.shape[1:]
+        got = array.shape[1:]
+        expected = "x".join(_dim_text(d) for d in rest) or "(none)"
+        if len(got) != len(rest):
+            raise ProbeDataError(
+                f"{where}: shape {tuple(array.shape)} has {len(got)} dims after the sample axis; input "
+                f"{spec.name!r} needs {len(rest)} ({expected})"
+            )
+        for i, (g, d) in enumerate(zip(got, rest), start=1):
+            if isinstance(d, int) and g != d:
+                raise ProbeDataError(
+                    f"{where}: shape {tuple(array.shape)} has {g} at axis {i}; input {spec.name!r} needs {d} "
+                    f"(sample shape {expected})"
+                )
+    if dtype.kind in "iu" and array.dtype != dtype:
+        info = np.iinfo(dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ProbeDataError(f"{where}: integer values do not fit input {spec.name!r}'s dtype {dtype}")
+    return np.ascontiguousarray(array.astype(dtype, copy=False))
+
+
+def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Read ``--data``: ``.npy`` for a single-input model, ``.npz`` keyed by input name; first axis = samples.
+
+    Floating data is cast to a floating input's dtype, integers to an integer input's; other mismatches,
+    wrong shapes, and missing or unknown keys raise :class:`ProbeDataError` naming what is wrong. Never
+    unpickles (``allow_pickle=False``).
+    """
+    if not os.path.exists(path):
+        raise ProbeDataError(f"{path}: no such data file")
+    if os.path.isdir(path):
+        raise ProbeDataError(f"{path}: is a directory, not a .npy/.npz file")
+    suffix = os.path.splitext(path)[1].lower()
+    names = [spec.name for spec in inputs]
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ProbeDataError(f"{path}: cannot be read without unpickling objects ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise ProbeDataError(f"{path}: not a readable .npy/.npz file ({exc})") from None
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(loaded, np.ndarray):
+        if suffix == ".npz":
+            raise ProbeDataError(f"{path}: is a .npy array, not an .npz archive")
+        if len(inputs) != 1:
+            raise ProbeDataError(
+                f"{path}: a .npy file feeds one input but the model has {len(inputs)} ({', '.join(names)}); "
+                "use an .npz keyed by input name"
+            )
+        arrays[names[0]] = _check_array(inputs[0], loaded, f"{path}")
+    else:
+        with loaded:
+            keys = list(loaded.files)
+            unknown = [k for k in keys if k not in names]
+            missing = [n for n in names if n not in keys]
+            if unknown:
+                raise ProbeDataError(
+                    f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; the model's inputs are "
+                    f"{', '.join(map(repr, names))}"
+                )
+            if missing:
+                raise ProbeDataError(f"{path}: missing key(s) {', '.join(map(repr, missing))} for the model's inputs")
+            for spec in inputs:
+                try:
+                    array = loaded[spec.name]
+                except ValueError as exc:
+                    raise ProbeDataError(f"{path}[{spec.name}]: cannot be read without unpickling ({exc})") from None
+                arrays[spec.name] = _check_array(spec, array, f"{path}[{spec.name}]")
+    counts = {name: int(a.shape[0]) for name, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise ProbeDataError(f"{path}: inputs have different numbers of samples ({listing})")
+    return arrays

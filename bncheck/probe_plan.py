@@ -1,0 +1,328 @@
+"""The probe plan: which batches to run, and what to derive from their statistics. Framework-neutral.
+
+A backend supplies a *runner* (feeds -> per-layer statistics of that batch); this module decides the
+batches, runs each exactly once, and turns the results into a :class:`~bncheck.model.ProbeResult`:
+
+- one batch per requested batch size (``ProbeResult.layers``);
+- the batch-dependence test: K samples, each run alone and inside batches of every requested size with
+  other samples as companions (``ProbeResult.dependence``);
+- with ``--data``: every data sample once, in inference mode, for each layer's input statistics
+  (``ProbeResult.data``).
+
+Runs are shared between these uses to keep runtime calls few: the batch of size b that holds probe
+samples 0..b-1 *is* the probe batch for b, the first sample's solo run *is* the batch-1 probe, and a
+batch holds as many of the K samples as fit (each sample's companions are the other samples of its
+batch). With batch sizes 1,2,32 and K=4 that is 4 solo runs, 2 runs of 2 and 1 run of 32: 40 samples
+of compute for the 35 a plain run at 1, 2 and 32 needs.
+
+Batch dependence is measured per layer and per tensor (input, output) as the largest change of a probe
+sample's per-channel mean and mean of squares between its solo run and any batch, in units of the
+layer's per-channel standard deviation (pooled over every row of every dependence run). A mean-of-squares
+change is divided by ``2 * rms * std`` (the first-order change of E[x^2] for a shift of one std), so both
+numbers are in the same unit. A channel whose spread is below ``SCALE_FLOOR`` times its rms uses that floor
+(float32 rounding of a nearly constant channel would otherwise look like a huge relative change).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from bncheck.backends.base import ProbeSettings
+from bncheck.model import BatchDependence, LayerProbe, ModelView, ProbeResult, TensorStats
+from bncheck.probe_data import ProbeDataError, synthetic_inputs
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, LayerProbe]]
+
+#: per-channel std floor for the batch-dependence unit, relative to the channel's rms.
+SCALE_FLOOR = 1e-4
+_TINY = 1e-30
+
+
+# --------------------------------------------------------------------------- numpy statistics
+
+
+def tensor_stats(x: np.ndarray, channel_axis: int | None, batch_axis: int | None = 0) -> TensorStats:
+    """Per-channel statistics of a full tensor, in float64: the reference the in-graph numbers must equal.
+
+    ``batch_axis=None`` treats the whole tensor as one sample; ``channel_axis=None`` as one channel.
+    ``min``/``max`` ignore NaN (they are NaN only for a channel without a number); Inf counts.
+    """
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        a = a.astype(np.float64)
+    rank = a.ndim
+    if batch_axis is not None:
+        batch_axis %= max(rank, 1)
+    if channel_axis is not None:
+        channel_axis %= max(rank, 1)
+    if batch_axis is None:
+        a = a[np.newaxis]
+        channel_axis = None if channel_axis is None else channel_axis + 1
+        batch_axis = 0
+    if channel_axis is None:
+        a = np.expand_dims(a, batch_axis + 1)
+        channel_axis = batch_axis + 1
+    a = np.moveaxis(a, (batch_axis, channel_axis), (0, 1))
+    n, c = a.shape[0], a.shape[1]
+    flat = a.reshape(n, c, -1)
+    wide = flat.astype(np.float64)
+    length = flat.shape[2]
+    with np.errstate(invalid="ignore", over="ignore"):
+        sample_mean = wide.mean(axis=2) if length else np.zeros((n, c))
+        sample_sq = (wide * wide).mean(axis=2) if length else np.zeros((n, c))
+    per_channel = np.moveaxis(wide, 1, 0).reshape(c, -1)
+    finite = np.isfinite(per_channel)
+    nan = np.isnan(per_channel)
+    with np.errstate(invalid="ignore"):
+        big = np.where(nan, np.inf, per_channel)
+        small = np.where(nan, -np.inf, per_channel)
+        cmin = big.min(axis=1) if per_channel.shape[1] else np.full(c, np.nan)
+        cmax = small.max(axis=1) if per_channel.shape[1] else np.full(c, np.nan)
+    all_nan = nan.all(axis=1)
+    cmin = np.where(all_nan, np.nan, cmin)
+    cmax = np.where(all_nan, np.nan, cmax)
+    return TensorStats(
+        batch_size=int(n),
+        count=int(n * length),
+        sample_mean=sample_mean,
+        sample_sq=sample_sq,
+        min=cmin.astype(np.float64),
+        max=cmax.astype(np.float64),
+        zeros=(per_channel == 0).sum(axis=1).astype(np.int64),
+        nonfinite=(~finite).sum(axis=1).astype(np.int64),
+    )
+
+
+def merge_stats(parts: Iterable[TensorStats]) -> TensorStats:
+    """Statistics of the concatenation of several batches of the same tensor (samples appended)."""
+    items = list(parts)
+    if not items:
+        raise ValueError("merge_stats needs at least one batch")
+    if len(items) == 1:
+        return items[0]
+    return TensorStats(
+        batch_size=sum(p.batch_size for p in items),
+        count=sum(p.count for p in items),
+        sample_mean=np.concatenate([p.sample_mean for p in items], axis=0),
+        sample_sq=np.concatenate([p.sample_sq for p in items], axis=0),
+        min=np.fmin.reduce([p.min for p in items]),
+        max=np.fmax.reduce([p.max for p in items]),
+        zeros=np.sum([p.zeros for p in items], axis=0),
+        nonfinite=np.sum([p.nonfinite for p in items], axis=0),
+    )
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which runs to make. Each run is a tuple of pool indices (one per batch row)."""
+
+    runs: tuple[tuple[int, ...], ...]
+    probe_runs: dict[int, tuple[int, ...]]  # requested batch size -> its probe run
+    solo_runs: tuple[tuple[int, ...], ...]  # one per probe sample (empty: no dependence test)
+    group_runs: dict[int, tuple[tuple[int, ...], ...]]  # batch size > 1 -> runs holding probe samples
+    data_runs: tuple[tuple[int, ...], ...]
+    samples: int  # K
+    pool_needed: int  # distinct indices used before wrapping
+
+
+def make_plan(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool) -> Plan:
+    """The runs for these batch sizes and K; ``pool_size`` (data) wraps indices modulo the sample count."""
+    k = max(1, int(samples))
+    if pool_size is not None:
+        k = min(k, pool_size)
+    big = tuple(b for b in batch_sizes if b > 1)
+    wrap = (lambda i: i % pool_size) if pool_size else (lambda i: i)
+    solo = tuple((i,) for i in range(k)) if big else ()
+    groups: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for b in big:
+        count = -(-k // b)
+        groups[b] = tuple(tuple(wrap(g * b + j) for j in range(b)) for g in range(count))
+    probe_runs: dict[int, tuple[int, ...]] = {}
+    for b in batch_sizes:
+        probe_runs[b] = (0,) if b == 1 else groups[b][0]
+    data_runs: tuple[tuple[int, ...], ...] = ()
+    if with_data and pool_size:
+        chunk = max(batch_sizes)
+        data_runs = tuple(tuple(range(s, min(s + chunk, pool_size))) for s in range(0, pool_size, chunk))
+    ordered: list[tuple[int, ...]] = []
+    for run in [*solo, *(probe_runs[b] for b in batch_sizes), *(r for b in big for r in groups[b]), *data_runs]:
+        if run not in ordered:
+            ordered.append(run)
+    needed = max([max(r) + 1 for r in ordered] + [k])
+    return Plan(tuple(ordered), probe_runs, solo, groups, data_runs, k, needed)
+
+
+def _needed_pool(batch_sizes: tuple[int, ...], samples: int) -> int:
+    return make_plan(batch_sizes, samples, None, False).pool_needed
+
+
+def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...]) -> dict[str, np.ndarray]:
+    index = np.asarray(rows, dtype=np.int64)
+    return {name: np.ascontiguousarray(np.take(array, index, axis=0)) for name, array in pool.items()}
+
+
+# --------------------------------------------------------------------------- batch dependence
+
+
+def _rows(stats: TensorStats, row: int) -> tuple[np.ndarray, np.ndarray]:
+    return stats.sample_mean[row], stats.sample_sq[row]
+
+
+def _change(
+    solo: list[tuple[np.ndarray, np.ndarray]],
+    batched: list[tuple[int, int, np.ndarray, np.ndarray]],
+    pooled: list[TensorStats],
+) -> tuple[float, int | None]:
+    """Largest solo-vs-batch change in std units, and the batch size where it happened."""
+    if not solo or not batched or not pooled:
+        return math.nan, None
+    means = np.concatenate([p.sample_mean for p in pooled], axis=0)
+    squares = np.concatenate([p.sample_sq for p in pooled], axis=0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean_c = np.nanmean(np.where(np.isfinite(means), means, np.nan), axis=0)
+        sq_c = np.nanmean(np.where(np.isfinite(squares), squares, np.nan), axis=0)
+        rms = np.sqrt(np.maximum(sq_c, 0.0))
+        std = np.sqrt(np.maximum(sq_c - mean_c**2, 0.0))
+    rms = np.nan_to_num(rms, nan=0.0)
+    scale = np.maximum(np.nan_to_num(std, nan=0.0), SCALE_FLOOR * rms) + _TINY
+    best, worst_b = -1.0, None
+    for sample, batch_size, mean, sq in batched:
+        solo_mean, solo_sq = solo[sample]
+        with np.errstate(invalid="ignore", over="ignore"):
+            d_mean = np.abs(mean - solo_mean) / scale
+            d_sq = np.abs(sq - solo_sq) / (2.0 * rms * scale + _TINY)
+        both = np.concatenate([d_mean, d_sq])
+        finite_a = np.isfinite(np.concatenate([mean, sq]))
+        finite_b = np.isfinite(np.concatenate([solo_mean, solo_sq]))
+        mismatch = finite_a != finite_b  # NaN/Inf only with (or only without) companions: dependence
+        value = -1.0
+        if mismatch.any():
+            value = math.inf
+        comparable = finite_a & finite_b & np.isfinite(both)
+        if comparable.any():
+            value = max(value, float(both[comparable].max()))
+        if value > best:
+            best, worst_b = value, batch_size
+    if best < 0:
+        return math.nan, None
+    return best, worst_b
+
+
+def _dependence(plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layer: str) -> BatchDependence | None:
+    sizes = tuple(sorted(plan.group_runs))
+    if not plan.solo_runs or not sizes:
+        return None
+    out: dict[str, tuple[float, int | None]] = {}
+    for side in ("input", "output"):
+        solo: list[tuple[np.ndarray, np.ndarray]] = []
+        pooled: list[TensorStats] = []
+        for run in plan.solo_runs:
+            probe = results[run].get(layer)
+            stats = getattr(probe, side) if probe else None
+            if stats is None or stats.sample_mean.shape[0] != 1:
+                break
+            solo.append(_rows(stats, 0))
+            pooled.append(stats)
+        else:
+            batched: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+            for b in sizes:
+                for run in plan.group_runs[b]:
+                    probe = results[run].get(layer)
+                    stats = getattr(probe, side) if probe else None
+                    if stats is None or stats.sample_mean.shape[0] != len(run):
+                        continue  # no per-sample rows (a layer without a batch axis)
+                    pooled.append(stats)
+                    for row, index in enumerate(run):
+                        if index < plan.samples and (index,) in plan.solo_runs and run.index(index) == row:
+                            batched.append((index, b, *_rows(stats, row)))
+            out[side] = _change(solo, batched, pooled)
+            continue
+        out[side] = (math.nan, None)
+    return BatchDependence(
+        layer=layer,
+        input_change=out["input"][0],
+        output_change=out["output"][0],
+        samples=plan.samples,
+        batch_sizes=sizes,
+        worst_batch_size=out["output"][1],
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_plan(
+    view: ModelView,
+    settings: ProbeSettings,
+    runner: Runner,
+    *,
+    call_style: str | None = None,
+    int_high: Mapping[str, int] | None = None,
+) -> ProbeResult:
+    """Run every batch of the plan once through ``runner`` and assemble the :class:`ProbeResult`.
+
+    ``int_high`` bounds synthetic integer inputs per input name (the backend knows which feed a Gather).
+    """
+    batch_sizes = tuple(settings.batch_sizes)
+    if not batch_sizes:
+        raise ProbeDataError("no batch sizes to probe")
+    notes: list[str] = []
+    if settings.data is not None:
+        pool = dict(settings.data)
+        counts = {int(np.asarray(a).shape[0]) for a in pool.values()}
+        if len(counts) != 1:
+            raise ProbeDataError("the data arrays have different numbers of samples")
+        pool_size = counts.pop()
+        plan = make_plan(batch_sizes, settings.samples, pool_size, True)
+        if max(batch_sizes) > pool_size:
+            notes.append(
+                f"the data holds {pool_size} samples; batches larger than that repeat samples"
+            )
+        data_samples = pool_size
+    else:
+        needed = _needed_pool(batch_sizes, settings.samples)
+        pool = synthetic_inputs(view.inputs, needed, settings.seed, settings.input_shapes, int_high)
+        plan = make_plan(batch_sizes, settings.samples, None, False)
+        data_samples = 0
+    results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
+    total = len(plan.runs)
+    if settings.progress:
+        settings.progress(0, total)
+    for done, run in enumerate(plan.runs, start=1):
+        results[run] = runner(_take(pool, run))
+        if settings.progress:
+            settings.progress(done, total)
+    layers = {b: dict(results[plan.probe_runs[b]]) for b in batch_sizes}
+    dependence: dict[str, BatchDependence] = {}
+    names = [layer.name for layer in view.layers]
+    for name in names:
+        dep = _dependence(plan, results, name)
+        if dep is not None:
+            dependence[name] = dep
+    data: dict[str, TensorStats] | None = None
+    if plan.data_runs:
+        data = {}
+        for name in names:
+            parts = [results[run][name].input for run in plan.data_runs if name in results[run]]
+            if parts and all(p is not None for p in parts):
+                data[name] = merge_stats(parts)  # type: ignore[arg-type]
+    if not plan.solo_runs:
+        notes.append("batch dependence not tested: it needs a batch size above 1")
+    return ProbeResult(
+        batch_sizes=batch_sizes,
+        layers=layers,
+        dependence=dependence,
+        data=data,
+        data_source=settings.data_source,
+        data_samples=data_samples,
+        seed=settings.seed,
+        call_style=call_style,
+        notes=notes,
+    )
