@@ -16,11 +16,12 @@ The lowered-InstanceNorm trap (a training-mode BatchNormalization on a [1, N*C, 
 and is never touched.
 
 Statistics are measured by the probe's in-graph statistics engine (``onnx_probe.measure_inputs``), layer
-by layer in topological order: a layer is measured only after every repairable layer upstream of it has
-been repaired, because its input changes when they are. Layers whose upstream repairs are all done are
-measured together in one pass over the data, so a model needs as many passes as its longest chain of
-dependent repairs, not one per layer. Variances are population variances over batch and spatial axes,
-accumulated over all calibration samples in float64.
+by layer in topological order: a layer's statistics count only when every layer upstream of it has already
+been repaired, because its input changes when they are. Each pass over the data measures every undecided
+layer; in topological order, a layer is decided from that pass unless a layer upstream of it was repaired
+in the same pass (it then waits for the next one). A model whose statistics are fine takes one pass; a
+chain of k dependent repairs takes k passes. Variances are population variances over batch and spatial
+axes, accumulated over all calibration samples in float64.
 
 How many samples are needed (the rule the refusal quotes): a layer's statistics are estimated from
 ``samples x positions`` values per channel (positions = spatial elements per sample). bncheck requires at
@@ -164,11 +165,24 @@ def fix_onnx(
                                             _old(p.layer) if p.what != "moments" else None)
     elif pending:
         _check_samples_static(pending, usable, data_label)
-        for group in _by_depth(pending, handle):
-            stats = fixer.measure([p.layer for p in group])
+        ups = _upstream_masks(pending, handle)
+        remaining = list(range(len(pending)))
+        while remaining:
+            # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
+            # of it was repaired in this same round (then it waits for the next pass)
+            stats = fixer.measure([pending[k].layer for k in remaining])
             passes += 1
-            for p in group:
+            changed = 0
+            later = []
+            for k in remaining:
+                if ups[k] & changed:
+                    later.append(k)
+                    continue
+                p = pending[k]
                 results[p.index] = fixer.apply(p, stats.get(p.layer.name))
+                if results[p.index].action in _ACTION.values():
+                    changed |= 1 << k
+            remaining = later
     written = [] if dry_run else fixer.write(output)  # type: ignore[arg-type]
     return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch, passes,
                       notes)
@@ -423,8 +437,8 @@ def _check_samples_static(pending: list[_Pending], usable: int, data_label: str)
 # ====================================================================== order of repairs
 
 
-def _by_depth(pending: list[_Pending], handle: OnnxHandle) -> list[list[_Pending]]:
-    """Groups of layers that can be measured in one pass: each after every pending layer upstream of it."""
+def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
+    """For each pending layer, the bit set of the pending layers upstream of its input."""
     from bncheck.backends.onnx_graph import GraphIndex
 
     index = GraphIndex(handle)
@@ -443,14 +457,7 @@ def _by_depth(pending: list[_Pending], handle: OnnxHandle) -> list[list[_Pending
         for out in node.output:
             if out:
                 upstream[out] = mask
-    depth: dict[int, int] = {}
-    for k in range(len(pending)):  # pending is in topological order: upstream layers come first
-        mask = upstream.get(pending[k].layer.input, 0) & ~(1 << k)
-        depth[k] = 1 + max((depth.get(j, 0) for j in range(k) if mask >> j & 1), default=-1)
-    groups: dict[int, list[_Pending]] = {}
-    for k in sorted(range(len(pending)), key=lambda k: depth[k]):
-        groups.setdefault(depth[k], []).append(pending[k])
-    return [groups[d] for d in sorted(groups)]
+    return [upstream.get(p.layer.input, 0) & ~(1 << k) for k, p in enumerate(pending)]
 
 
 # ====================================================================== measuring and editing
