@@ -279,3 +279,38 @@ def test_untrained_keras_samples_are_what_the_script_writes(tmp_path):
     assert out.returncode == 0, out.stderr
     for name in UNTRAINED:
         assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes(), name
+
+
+def test_static_batch_statistics_prediction_matches_keras_as_written_at_batch_1(tmp_path):
+    """Nested, Sequential and shared layers around a baked flag: every BatchNormalization the static reader
+    marks as using batch statistics collapses to its beta at batch 1 in model(x); every one it does not
+    mark (and gives no execution-order caveat) does not."""
+    def bn(name, beta):
+        return layers.BatchNormalization(name=name, beta_initializer=keras.initializers.Constant(beta))
+
+    i_in = keras.Input((6,))
+    inner = keras.Model(i_in, bn("bn1", 0.1)(layers.Dense(6, name="d")(i_in)), name="inner")
+    seq = keras.Sequential([keras.Input((6,)), bn("bn1", 0.2), layers.Dense(6, name="sd")], name="seq")
+    inp = keras.Input((6,))
+    x = bn("bn0", 0.3)(inp)
+    x = inner(x, training=True)
+    x = seq(x)
+    x = inner(x)  # second call of the nested model, no flag of its own
+    shared = bn("shared_bn", 0.4)
+    model = keras.Model(inp, shared(shared(x)))
+    path = _save(model, tmp_path / "graph.keras")
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    x1 = np.random.default_rng(2).normal(size=(1, 6)).astype("float32") * 3.0
+    seen = runner.run({view.inputs[0].name: x1}, AS_WRITTEN)
+    verdicts = {}
+    for layer in view.layers:
+        out = seen[layer.name].output
+        collapsed = bool(np.allclose(out.min, layer.bias, atol=1e-4) and np.allclose(out.max, layer.bias, atol=1e-4))
+        verdicts[layer.name] = (layer.batch_statistics, collapsed)
+    assert verdicts == {
+        "bn0": (False, False),
+        "inner/bn1": (True, True),
+        "seq/bn1": (True, True),
+        "shared_bn": (True, True),
+    }

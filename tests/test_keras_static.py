@@ -402,3 +402,19 @@ def test_config_that_is_not_a_model_is_refused(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("config.json", "[1, 2, 3]")
     _assert_one_line_error(path, "not a Keras model")
+
+
+def test_recompressed_keras_archive_reads_the_same_parameters(tmp_path):
+    """Keras stores members uncompressed (read in place); a user's re-zip with DEFLATE goes through a
+    capped temporary copy and must give the same view."""
+    model = _all_kinds_model()
+    stored = tmp_path / "stored.keras"
+    model.save(stored)
+    deflated = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name))
+    assert zipfile.ZipFile(deflated).getinfo("model.weights.h5").compress_type == zipfile.ZIP_DEFLATED
+    view = KerasBackend().load(str(deflated))
+    _assert_params_match(model, view)
+    assert [layer.name for layer in view.layers] == [layer.name for layer in KerasBackend().load(str(stored)).layers]

@@ -416,13 +416,15 @@ class _Call:
 
     ``chain``: explicit training kwargs of the enclosing model calls (outermost first) and this call's own.
     ``context``: the layer whose baked training=True is certainly in Keras 3's call context when this call
-    starts (it ran upstream in the same model call), or None.
+    starts (it ran upstream in the same model call), or None. ``before``: the layers that certainly finished
+    before it starts (upstream in the graph).
     """
 
     chain: tuple[bool | None, ...]
     shape: tuple[Dim, ...] | None
     inbound: tuple[tuple[str, int], ...] = ()
     context: str | None = None
+    before: frozenset[str] = frozenset()  # layer paths certainly finished before this call starts
 
 
 def _layer_entries(model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -531,6 +533,7 @@ class _Ctx:
     notes: list[Note] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     explicit_false: bool = False
+    baked_calls: list[tuple[str, frozenset[str]]] = field(default_factory=list)  # (layer, what ran before it)
 
 
 def _build(
@@ -600,14 +603,15 @@ def _walk_model(
     ctx: _Ctx,
     group: str | None,
     collect: bool = True,
-) -> list[str | None]:
+) -> list[tuple[str | None, frozenset[str]]]:
     """Walk one Functional/Sequential level; return, per call of this model, the baked layer whose
-    training=True is in the call context when the call returns (Keras 3 never restores it), or None.
+    training=True is in the call context when the call returns (Keras 3 never restores it) or None, and the
+    layers that have finished when it returns.
 
     A shared layer's calls sit at one place in the config but run at different times, so the contexts are
     computed by repeated passes until they settle; norm layers are recorded in a last pass (``collect``).
     """
-    emitted: dict[tuple[int, str, int], str | None] = {}
+    emitted: dict[tuple[int, str, int], tuple[str | None, frozenset[str]]] = {}
     entries = _layer_entries(model_cfg)
     for _ in range(len(entries) + 1):
         before = dict(emitted)
@@ -623,10 +627,11 @@ def _walk_pass(
     calls: list[_Call],
     ctx: _Ctx,
     group: str | None,
-    emitted: dict[tuple[int, str, int], str | None],
+    emitted: dict[tuple[int, str, int], tuple[str | None, frozenset[str]]],
     collect: bool,
-) -> list[str | None]:
-    """One pass over a model level; ``emitted[(model call, layer, node)]`` is the context a layer call leaves.
+) -> list[tuple[str | None, frozenset[str]]]:
+    """One pass over a model level; ``emitted[(model call, layer, node)]`` is the context a layer call leaves
+    and the layers finished when it returns.
 
     Input shapes come from the file (Keras 3 records them per call and in build_config); where it records
     none (tf_keras .h5, Sequential in legacy .h5) they are propagated through the common layers.
@@ -634,7 +639,7 @@ def _walk_pass(
     entries = _layer_entries(model_cfg)
     sequential = model_cfg.get("class_name") == "Sequential"
     groups = ctx.weights.child_groups(model_cfg, group) if isinstance(ctx.weights, _KerasWeights) else {}
-    last: dict[int, str | None] = {k: call.context for k, call in enumerate(calls)}
+    last: dict[int, tuple[str | None, frozenset[str]]] = {k: (call.context, call.before) for k, call in enumerate(calls)}
     out_shapes: dict[tuple[int, str, int], tuple[Dim, ...] | None] = {}
     seq_shape: dict[int, tuple[Dim, ...] | None] = {
         k: call.shape or _shape((model_cfg.get("config") or {}).get("build_input_shape")) for k, call in enumerate(calls)
@@ -648,6 +653,7 @@ def _walk_pass(
             shape = _shape(cfg.get("batch_shape") or cfg.get("batch_input_shape"))
             for k in range(len(calls)):
                 out_shapes[(k, name, 0)] = shape
+                emitted[(k, name, 0)] = (None, calls[k].before)
                 if sequential:
                     seq_shape[k] = shape or seq_shape[k]
             continue
@@ -662,25 +668,29 @@ def _walk_pass(
         for k, parent in enumerate(calls):
             for node_index, (training, shape, refs) in enumerate(own):
                 if sequential:
-                    context = last[k]
+                    context, before = last[k]
                     shape = shape or recorded or seq_shape[k] or _shape(cfg.get("batch_input_shape"))
                 else:
-                    context = parent.context or next(
-                        (emitted[(k, ref, idx)] for ref, idx in refs if emitted.get((k, ref, idx))), None
-                    )
+                    upstream = [emitted[(k, ref, idx)] for ref, idx in refs if (k, ref, idx) in emitted]
+                    context = parent.context or next((c for c, _ in upstream if c), None)
+                    before = parent.before.union(*(done for _, done in upstream))
                     shape = shape or recorded or (out_shapes.get((k, refs[0][0], refs[0][1])) if refs else None)
-                layer_calls.append(_Call(parent.chain + (training,), shape, refs, context))
+                layer_calls.append(_Call(parent.chain + (training,), shape, refs, context, before))
                 keys.append((k, name, node_index))
         if cls in MODEL_CLASSES:
             inner = _walk_model(entry, layer_path, layer_calls, ctx, groups.get(index), collect)
         else:
-            inner = [None] * len(layer_calls)
+            inner = [(None, frozenset())] * len(layer_calls)
             if cls in NORM_KINDS and collect:
                 ctx.layers.append(_norm_layer(entry, cls, cfg, layer_path, layer_calls, ctx, groups.get(index)))
-        for call, key, inner_emitted in zip(layer_calls, keys, inner):
-            own_flag = "/".join(layer_path) if call.chain[-1] is True else None
-            emitted[key] = call.context or own_flag or inner_emitted
-            last[key[0]] = emitted[key] or last[key[0]]
+        path_text = "/".join(layer_path)
+        for call, key, (inner_context, inner_done) in zip(layer_calls, keys, inner):
+            own_flag = path_text if call.chain[-1] is True else None
+            if own_flag and collect:
+                ctx.baked_calls.append((own_flag, call.before))
+            done = call.before | inner_done | {path_text}
+            emitted[key] = (call.context or own_flag or inner_context, done)
+            last[key[0]] = (emitted[key][0] or last[key[0]][0], last[key[0]][1] | done)
             out = _output_shape(cls, cfg, call.shape) if call.shape is not None and cls not in MODEL_CLASSES else None
             out_shapes[key] = out
             if sequential:
@@ -835,7 +845,10 @@ def _apply_leak(ctx: _Ctx) -> list[NormLayer]:
             out.append(layer)
             continue
         source = layer.extra.get("leak_from")
-        if source and not ctx.explicit_false and layer.extra.get("trainable", True):
+        runs_first = layer.extra.get("calls") == 1 and all(layer.name in before for _, before in ctx.baked_calls)
+        if runs_first and not source:
+            out.append(layer)  # upstream of every baked call: it has finished before any of them starts
+        elif source and not ctx.explicit_false and layer.extra.get("trainable", True):
             note = (
                 f"no baked flag of its own, but it runs after {source}'s baked training=True in the same call and "
                 "Keras 3 keeps that value for later layers: batch statistics in model(x); model.predict(x) and "
