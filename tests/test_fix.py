@@ -1,0 +1,517 @@
+"""`bncheck fix`: real models built here (onnx.helper), run by real onnxruntime, repaired and proven.
+
+Tolerance of "fixed outputs close to the original's at batch 32": the original train-mode model normalizes a
+batch with that batch's own statistics, the fixed one with statistics of 2048 calibration samples of the same
+distribution. They differ by the batch's sampling error, about sigma / sqrt(values per channel) (32 samples x
+64 positions: about 2% of a standard deviation per channel and layer). We require the largest difference over
+all 32 x 4 logits to stay within 0.2 standard deviation of the original logits; measured over batch seeds
+90-99: 0.027 to 0.103 (0.061 for the seed tested). Calibrated on exactly the batch it is compared with, the
+fixed model reproduces the original to float32 noise (1e-5 of the logits' spread), which is tested as well.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.backends import BackendError
+from bncheck.cli import main
+from bncheck.fixing import fix
+
+F32 = TensorProto.FLOAT
+C_IN, C1, C2, HW, CLASSES = 3, 8, 6, 8, 4
+INPUT_MEAN = np.array([1.5, -0.5, 3.0])
+INPUT_STD = np.array([2.0, 0.5, 1.0])
+#: fixed-vs-original logits at batch 32, in logit standard deviations (see the module docstring)
+BATCH32_TOLERANCE = 0.2
+
+
+def samples(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, C_IN, HW, HW)) * INPUT_STD[None, :, None, None] + INPUT_MEAN[None, :, None, None]
+    return x.astype(np.float32)
+
+
+def convnet(*, training: bool = False, stale: tuple[str, ...] = (), opset: int = 15,
+            running_out_is_graph_output: bool = False) -> onnx.ModelProto:
+    """input[N,3,8,8] -> conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu -> GAP -> flatten -> gemm -> logits.
+
+    ``training``: both BNs in training mode (three outputs, running outputs unused). ``stale``: these BNs
+    hold running mean 0 / var 1. Other running statistics are trained-looking and never equal to the bias
+    or scale (onnxruntime issue #29790).
+    """
+    rng = np.random.default_rng(7)
+    inits: list[TensorProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    nodes = []
+    outputs = [helper.make_tensor_value_info("logits", F32, ["N", CLASSES])]
+    x = "input"
+    for i, (cin, cout) in enumerate(((C_IN, C1), (C1, C2)), start=1):
+        w = const(f"conv{i}.w", rng.normal(0, 1 / np.sqrt(cin * 9), (cout, cin, 3, 3)))
+        b = const(f"conv{i}.b", rng.normal(0, 0.1, cout))
+        nodes.append(helper.make_node("Conv", [x, w, b], [f"conv{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        name = f"bn{i}"
+        mean = np.zeros(cout) if name in stale else rng.uniform(-0.3, 0.3, cout) + 0.05
+        var = np.ones(cout) if name in stale else rng.uniform(0.5, 2.0, cout)
+        ins = [f"conv{i}", const(f"{name}.scale", rng.uniform(0.6, 1.4, cout) + 0.01),
+               const(f"{name}.bias", rng.uniform(-0.2, 0.2, cout) + 0.5), const(f"{name}.mean", mean),
+               const(f"{name}.var", var)]
+        outs = [name] + ([f"{name}.running_mean", f"{name}.running_var"] if training else [])
+        if training and opset < 14:
+            outs += [f"{name}.saved_mean", f"{name}.saved_var"]  # opsets 9-13: one output or five
+        attrs = {"epsilon": 1e-5, "momentum": 0.9}
+        if training and opset >= 14:
+            attrs["training_mode"] = 1  # before opset 14 the extra outputs alone mean training mode
+        nodes.append(helper.make_node("BatchNormalization", ins, outs, name=name, **attrs))
+        if training and running_out_is_graph_output and i == 1:
+            outputs.append(helper.make_tensor_value_info(f"{name}.running_mean", F32, [cout]))
+        nodes.append(helper.make_node("Relu", [name], [f"relu{i}"], name=f"relu{i}"))
+        x = f"relu{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
+    w = const("fc.w", rng.normal(0, 0.5, (C2, CLASSES)))
+    b = const("fc.b", rng.normal(0, 0.1, CLASSES))
+    nodes.append(helper.make_node("Gemm", ["flat", w, b], ["logits"], name="fc"))
+    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test-fix")
+    model.ir_version = 8
+    helper.set_model_props(model, {"author": "bncheck tests", "purpose": "fix"})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(path, input=samples(2048, seed=1))
+    return str(path)
+
+
+def run(path: str, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input": x})[0]
+
+
+def reference(path: str, x: np.ndarray) -> np.ndarray:
+    """The ONNX spec's output (onnx.reference), used for train-mode originals (onnxruntime issue #29790)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(path).run(["logits"], {"input": x})[0]
+
+
+def actions(report) -> dict[str, str]:
+    return {entry["layer"]: entry["action"] for entry in report.sections["fix"]["layers"]}
+
+
+def proof_findings(report) -> list[tuple[str, str]]:
+    doc = report.sections["fix"]["reprobe"]
+    return [(f["code"], f["layer"]) for f in doc["findings"]
+            if f["code"] in ("BN001", "BN002", "BN003") and f["severity"] != "info"]
+
+
+# ---------------------------------------------------------------------------- train mode
+
+
+@pytest.fixture(scope="module")
+def train_fixed(tmp_path_factory: pytest.TempPathFactory, calib: str):
+    tmp = tmp_path_factory.mktemp("train")
+    src = save(convnet(training=True), tmp / "train.onnx")
+    out = str(tmp / "fixed.onnx")
+    report = fix(src, out, calib)
+    return src, out, report
+
+
+def test_train_mode_layers_become_inference_nodes(train_fixed) -> None:
+    src, out, report = train_fixed
+    assert actions(report) == {"bn1": "to-inference", "bn2": "to-inference"}
+    model = onnx.load(out)
+    for node in (n for n in model.graph.node if n.op_type == "BatchNormalization"):
+        assert list(node.output) == [node.name]
+        assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "training_mode")) == 0
+
+
+def test_report_findings_are_the_original_models(train_fixed) -> None:
+    _, _, report = train_fixed
+    assert report.command == "fix"
+    assert {(f.code, f.layer) for f in report.findings} >= {("BN002", "bn1"), ("BN002", "bn2")}
+    assert report.exit_code == 1
+
+
+def test_reprobe_has_no_train_mode_collapse_or_stale_findings(train_fixed) -> None:
+    _, _, report = train_fixed
+    assert report.sections["fix"]["reprobe"]["command"] == "probe"
+    assert proof_findings(report) == []
+
+
+def test_fixed_outputs_close_to_original_at_batch_32(train_fixed) -> None:
+    src, out, _ = train_fixed
+    batch = samples(32, seed=99)  # same distribution as the calibration data, other samples
+    original = reference(src, batch)
+    fixed = run(out, batch)
+    spread = float(np.std(original))
+    assert np.max(np.abs(fixed - original)) <= BATCH32_TOLERANCE * spread
+
+
+def test_calibrated_on_the_batch_itself_the_fixed_model_reproduces_the_original(tmp_path: Path) -> None:
+    batch = samples(64, seed=11)
+    np.savez(tmp_path / "batch.npz", input=batch)
+    src = save(convnet(training=True), tmp_path / "train.onnx")
+    fix(src, str(tmp_path / "fixed.onnx"), str(tmp_path / "batch.npz"))
+    original = reference(src, batch)
+    fixed = run(str(tmp_path / "fixed.onnx"), batch)
+    assert np.max(np.abs(fixed - original)) <= 1e-5 * float(np.std(original))
+
+
+def test_fixed_output_of_a_sample_does_not_depend_on_its_batch(train_fixed) -> None:
+    _, out, _ = train_fixed
+    batch = samples(32, seed=5)
+    together = run(out, batch)
+    for i in (0, 7, 31):
+        alone = run(out, batch[i:i + 1])
+        np.testing.assert_allclose(alone[0], together[i], rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_model_passes_full_check_and_loads_in_onnxruntime(train_fixed) -> None:
+    _, out, _ = train_fixed
+    onnx.checker.check_model(out, full_check=True)
+    assert run(out, samples(2, seed=3)).shape == (2, CLASSES)
+
+
+def test_statistics_are_measured_after_upstream_repairs(train_fixed, calib: str) -> None:
+    """bn2's new statistics are those of its input in the fixed model (bn1 already in inference mode)."""
+    _, out, _ = train_fixed
+    model = onnx.load(out)
+    model.graph.output.append(helper.make_tensor_value_info("conv2", F32, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.load(calib)["input"]
+    acts = np.concatenate([session.run(["conv2"], {"input": x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+    acts = acts.astype(np.float64)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == "bn2")
+    np.testing.assert_allclose(inits[node.input[3]], acts.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(inits[node.input[4]], acts.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_untouched_parts_are_bit_identical(train_fixed) -> None:
+    src, out, _ = train_fixed
+    a, b = onnx.load(src), onnx.load(out)
+    repaired = {f"bn{i}.{s}" for i in (1, 2) for s in ("mean", "var")}
+    ia = {t.name: t.SerializeToString() for t in a.graph.initializer if t.name not in repaired}
+    ib = {t.name: t.SerializeToString() for t in b.graph.initializer if t.name not in repaired}
+    assert ia == ib
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    assert [n.name for n in a.graph.node] == [n.name for n in b.graph.node]
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert a.metadata_props == b.metadata_props
+    assert a.opset_import == b.opset_import
+    assert (a.ir_version, a.producer_name, a.graph.input, a.graph.output) == (
+        b.ir_version, b.producer_name, b.graph.input, b.graph.output)
+    for na, nb in zip(a.graph.node, b.graph.node):
+        if na.op_type != "BatchNormalization":
+            assert na == nb
+
+
+def test_fixing_a_fixed_model_changes_nothing(train_fixed, calib: str, tmp_path: Path) -> None:
+    _, out, _ = train_fixed
+    again = str(tmp_path / "again.onnx")
+    report = fix(out, again, calib)
+    assert set(actions(report).values()) == {"unchanged"}
+    a, b = onnx.load(out), onnx.load(again)
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(ta), numpy_helper.to_array(tb), rtol=1e-6, atol=1e-7)
+    assert a.graph == b.graph
+
+
+def test_opset_12_training_outputs_are_removed(train_fixed, calib: str, tmp_path: Path) -> None:
+    src = save(convnet(training=True, opset=12), tmp_path / "old.onnx")
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, calib)
+    assert actions(report) == {"bn1": "to-inference", "bn2": "to-inference"}
+    model = onnx.load(out)
+    assert all(len(n.output) == 1 for n in model.graph.node if n.op_type == "BatchNormalization")
+    onnx.checker.check_model(out, full_check=True)
+    x = samples(8, seed=21)  # same weights and data as the opset-15 model: same fixed model
+    np.testing.assert_allclose(run(out, x), run(train_fixed[1], x), rtol=1e-5, atol=1e-6)
+
+
+def test_removed_training_output_still_read_is_not_fixed(tmp_path: Path, calib: str) -> None:
+    src = save(convnet(training=True, running_out_is_graph_output=True), tmp_path / "m.onnx")
+    report = fix(src, str(tmp_path / "f.onnx"), calib)
+    entry = next(e for e in report.sections["fix"]["layers"] if e["layer"] == "bn1")
+    assert entry["action"] == "not-fixed"
+    assert "graph output" in entry["reason"]
+    assert actions(report)["bn2"] == "to-inference"
+
+
+# ---------------------------------------------------------------------------- stale statistics
+
+
+@pytest.fixture(scope="module")
+def stale_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save(convnet(stale=("bn1",)), tmp_path_factory.mktemp("stale") / "stale.onnx")
+
+
+def test_never_updated_statistics_are_recalibrated(stale_model: str, calib: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(stale_model, out, calib)
+    got = actions(report)
+    assert got["bn1"] == "recalibrated"
+    entry = next(e for e in report.sections["fix"]["layers"] if e["layer"] == "bn1")
+    assert entry["old"]["mean"]["max"] == 0.0 and entry["new"]["mean"]["max"] != 0.0
+    assert proof_findings(report) == []
+    assert ("BN003", "bn1") in {(f.code, f.layer) for f in report.findings}
+
+
+def test_refuses_without_data(stale_model: str, tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="--data"):
+        fix(stale_model, str(tmp_path / "f.onnx"), None)
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_refuses_to_overwrite_the_input(stale_model: str, calib: str) -> None:
+    before = Path(stale_model).read_bytes()
+    with pytest.raises(BackendError, match="overwrite the input"):
+        fix(stale_model, stale_model, calib)
+    assert Path(stale_model).read_bytes() == before
+
+
+def test_refuses_too_few_samples_and_says_how_many(stale_model: str, tmp_path: Path) -> None:
+    few = tmp_path / "few.npz"
+    np.savez(few, input=samples(5, seed=2))
+    with pytest.raises(BackendError, match="at least 8 needed"):
+        fix(stale_model, str(tmp_path / "f.onnx"), str(few))
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_dry_run_writes_nothing(stale_model: str, calib: str, tmp_path: Path) -> None:
+    out = tmp_path / "f.onnx"
+    report = fix(stale_model, str(out), calib, dry_run=True)
+    assert not out.exists()
+    assert actions(report)["bn1"] == "recalibrated"
+    assert report.sections["fix"]["dry_run"] is True and report.sections["fix"]["reprobe"] is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_limits_what_is_repaired(tmp_path: Path, calib: str) -> None:
+    model = convnet(training=True)
+    bn2 = next(n for n in model.graph.node if n.name == "bn2")  # bn2 back to inference mode, stale
+    del bn2.output[1:]
+    next(a for a in bn2.attribute if a.name == "training_mode").i = 0
+    for t in model.graph.initializer:
+        if t.name in ("bn2.mean", "bn2.var"):
+            t.CopyFrom(numpy_helper.from_array(np.full(C2, 0.0 if t.name.endswith("mean") else 1.0, np.float32),
+                                               t.name))
+    src = save(model, tmp_path / "both.onnx")
+    only_stale = fix(src, str(tmp_path / "a.onnx"), calib, only=["stale-stats"])
+    assert actions(only_stale) == {"bn1": "not-fixed", "bn2": "recalibrated"}
+    only_train = fix(src, str(tmp_path / "b.onnx"), calib, only=["BN002"])
+    assert actions(only_train) == {"bn1": "to-inference", "bn2": "not-fixed"}
+    both = fix(src, str(tmp_path / "c.onnx"), calib)
+    assert actions(both) == {"bn1": "to-inference", "bn2": "recalibrated"}
+
+
+# ---------------------------------------------------------------------------- hand-written moments, traps
+
+
+def moments_convnet(*, mean_read_elsewhere: bool = False) -> onnx.ModelProto:
+    """conv1 -> hand-written batch norm (opset 18: axes as an input; Pow 2; gamma/beta [1,C,1,1]) -> relu -> GAP
+    -> flatten -> gemm. ``mean_read_elsewhere``: the batch mean also feeds a second graph output."""
+    rng = np.random.default_rng(3)
+    f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    inits = [
+        numpy_helper.from_array(f(rng.normal(0, 0.3, (C1, C_IN, 3, 3))), "conv1.w"),
+        numpy_helper.from_array(f(rng.normal(0, 0.1, C1)), "conv1.b"),
+        numpy_helper.from_array(np.array([0, 2, 3], np.int64), "axes"),
+        numpy_helper.from_array(f(2.0), "two"),
+        numpy_helper.from_array(f(1e-3), "eps"),
+        numpy_helper.from_array(f(rng.uniform(0.5, 1.5, (1, C1, 1, 1))), "gamma"),
+        numpy_helper.from_array(f(rng.uniform(-0.5, 0.5, (1, C1, 1, 1))), "beta"),
+        numpy_helper.from_array(f(rng.normal(0, 0.5, (C1, CLASSES))), "fc.w"),
+        numpy_helper.from_array(f(np.zeros(CLASSES)), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv1.w", "conv1.b"], ["conv1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["conv1", "axes"], ["mu"], name="hbn/mean"),
+        helper.make_node("Sub", ["conv1", "mu"], ["dev"], name="hbn/sub"),
+        helper.make_node("Pow", ["dev", "two"], ["dev2"], name="hbn/pow"),
+        helper.make_node("ReduceMean", ["dev2", "axes"], ["var"], name="hbn/var"),
+        helper.make_node("Add", ["var", "eps"], ["var_eps"], name="hbn/add_eps"),
+        helper.make_node("Sqrt", ["var_eps"], ["std"], name="hbn/sqrt"),
+        helper.make_node("Div", ["dev", "std"], ["normed"], name="hbn/div"),
+        helper.make_node("Mul", ["normed", "gamma"], ["scaled"], name="hbn/gamma"),
+        helper.make_node("Add", ["scaled", "beta"], ["hbn"], name="hbn/beta"),
+        helper.make_node("Relu", ["hbn"], ["relu1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["relu1"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc"),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", F32, ["N", CLASSES])]
+    if mean_read_elsewhere:
+        nodes.append(helper.make_node("Identity", ["mu"], ["batch_mean"], name="expose_mean"))
+        outputs.append(helper.make_tensor_value_info("batch_mean", F32, [1, C1, 1, 1]))
+    graph = helper.make_graph(nodes, "moments", [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_handwritten_batch_moments_become_one_inference_batch_norm(tmp_path: Path) -> None:
+    batch = samples(64, seed=12)
+    np.savez(tmp_path / "batch.npz", input=batch)
+    src = save(moments_convnet(), tmp_path / "m.onnx")
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, str(tmp_path / "batch.npz"))
+    assert actions(report) == {"hbn/mean": "replaced-moments"}
+    model = onnx.load(out)
+    assert [n.op_type for n in model.graph.node] == ["Conv", "BatchNormalization", "Relu", "GlobalAveragePool",
+                                                     "Flatten", "Gemm"]
+    assert {t.name for t in model.graph.initializer} >= {"conv1.w", "conv1.b", "fc.w", "fc.b"}
+    assert not {"axes", "two", "eps", "gamma", "beta"} & {t.name for t in model.graph.initializer}
+    onnx.checker.check_model(out, full_check=True)
+    original = reference(src, batch)  # calibrated on exactly this batch: same numbers
+    assert np.max(np.abs(run(out, batch) - original)) <= 1e-5 * float(np.std(original))
+    assert proof_findings(report) == []
+
+
+def test_moments_chain_whose_mean_is_read_elsewhere_is_not_fixed(tmp_path: Path, calib: str) -> None:
+    src = save(moments_convnet(mean_read_elsewhere=True), tmp_path / "m.onnx")
+    out = tmp_path / "fixed.onnx"
+    report = fix(src, str(out), calib)
+    entry = report.sections["fix"]["layers"][0]
+    assert entry["action"] == "not-fixed" and "'mu'" in entry["reason"]
+    assert onnx.load(str(out)).graph == onnx.load(src).graph
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def test_drifting_sample_is_recalibrated_towards_exact_statistics(tmp_path: Path) -> None:
+    """stale_drift.onnx and trained_matching.onnx share their weights; the latter's statistics are exact
+    (2048 samples). Recalibrated on the 64 samples of calib_drift.npz, the drifting model's logits come within
+    0.2 logit standard deviations of the exact model's (measured 0.13; the original is 6.4 away)."""
+    calib = str(SAMPLES / "calib_drift.npz")
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(str(SAMPLES / "stale_drift.onnx"), out, calib)
+    assert actions(report) == {"bn1": "recalibrated", "bn2": "recalibrated", "bn3": "recalibrated"}
+    assert report.sections["fix"]["passes"] == 3  # each layer after the one upstream of it
+    assert proof_findings(report) == []
+    x = np.load(calib)["input"]
+    exact = run(str(SAMPLES / "trained_matching.onnx"), x)
+    spread = float(np.std(exact))
+    assert np.max(np.abs(run(out, x) - exact)) <= 0.2 * spread
+    assert np.max(np.abs(run(str(SAMPLES / "stale_drift.onnx"), x) - exact)) > 2 * spread
+
+
+def test_model_with_good_statistics_takes_one_pass_and_is_copied_unchanged(tmp_path: Path) -> None:
+    src = SAMPLES / "trained_matching.onnx"
+    out = tmp_path / "fixed.onnx"
+    report = fix(str(src), str(out), str(SAMPLES / "calib_drift.npz"))
+    assert set(actions(report).values()) == {"unchanged"}
+    assert report.sections["fix"]["passes"] == 1
+    assert onnx.load(str(out)) == onnx.load(str(src))
+
+
+def test_lowered_instance_norm_is_left_alone() -> None:
+    root = SAMPLES
+    report = fix(str(root / "instancenorm_lowered_to_bn.onnx"), None, str(root / "calib_drift.npz"), dry_run=True)
+    entry = next(e for e in report.sections["fix"]["layers"] if e["layer"] == "instnorm_bn")
+    assert entry["action"] == "unchanged" and "lowered InstanceNorm" in entry["reason"]
+
+
+# ---------------------------------------------------------------------------- external data
+
+
+def test_external_data_is_written_next_to_the_output(tmp_path: Path, calib: str) -> None:
+    src_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir(), out_dir.mkdir()
+    model = convnet(stale=("bn1", "bn2"))
+    onnx.save(model, str(src_dir / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.weights", size_threshold=0)
+    out = out_dir / "fixed.onnx"
+    fix(str(src_dir / "m.onnx"), str(out), calib)
+    assert (out_dir / "m.weights").exists()
+    plain_in = onnx.load(str(src_dir / "m.onnx"), load_external_data=False)
+    plain_out = onnx.load(str(out), load_external_data=False)
+    assert [(t.name, list(t.external_data)) for t in plain_in.graph.initializer] == [
+        (t.name, list(t.external_data)) for t in plain_out.graph.initializer]
+    onnx.checker.check_model(str(out), full_check=True)
+    assert run(str(out), samples(3, seed=4)).shape == (3, CLASSES)
+    fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    assert not np.all(fixed["bn1.mean"] == 0)
+    # the same folder as the input: the copy gets the output's name, the input's file is untouched
+    before = (src_dir / "m.weights").read_bytes()
+    fix(str(src_dir / "m.onnx"), str(src_dir / "fixed.onnx"), calib)
+    assert (src_dir / "fixed.onnx.data").exists() and (src_dir / "m.weights").read_bytes() == before
+    assert run(str(src_dir / "fixed.onnx"), samples(3, seed=4)).shape == (3, CLASSES)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_fix_json_and_exit_codes(stale_model: str, calib: str, tmp_path: Path) -> None:
+    out = tmp_path / "f.onnx"
+    result = CliRunner().invoke(main, ["fix", stale_model, "--data", calib, "-o", str(out), "--format", "json",
+                                       "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 1, result.stderr  # the original model has a BN003 error
+    doc = json.loads(result.stdout)
+    assert doc["command"] == "fix" and doc["fix"]["output"] == str(out)
+    assert json.loads((tmp_path / "r.json").read_text()) == doc
+    schema = json.loads(resources.files("bncheck").joinpath("schema/report.schema.json").read_text())
+    jsonschema.validate(doc, schema)
+    jsonschema.validate(doc["fix"]["reprobe"], schema)
+    assert doc["fix"]["layers"][0]["action"] == "recalibrated"
+    assert out.exists()
+    never = CliRunner().invoke(main, ["fix", stale_model, "--data", calib, "-o", str(out), "--fail-on", "never"])
+    assert never.exit_code == 0 and "fix: wrote" in never.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--data"),
+        (["--data", "CALIB", "-o", "MODEL"], "overwrite the input"),
+        (["--data", "FEW", "-o", "OUT"], "at least 8 needed"),
+        (["--data", "CALIB"], "-o FIXED"),
+        (["--data", "CALIB", "-o", "OUT", "--only", "BN004"], "BN002/train-mode and BN003/stale-stats"),
+    ],
+)
+def test_cli_refusals_exit_2_with_one_line(stale_model: str, calib: str, tmp_path: Path, extra: list[str],
+                                          message: str) -> None:
+    few = tmp_path / "few.npz"
+    np.savez(few, input=samples(5, seed=2))
+    subst = {"CALIB": calib, "MODEL": stale_model, "FEW": str(few), "OUT": str(tmp_path / "o.onnx")}
+    args = ["fix", stale_model] + [subst.get(a, a) for a in extra]
+    if "-o" not in extra and "--data" not in extra:
+        args += ["-o", str(tmp_path / "o.onnx")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("bncheck: error: ")
+    assert result.stdout == ""
+    assert not (tmp_path / "o.onnx").exists()
