@@ -314,3 +314,18 @@ def test_static_batch_statistics_prediction_matches_keras_as_written_at_batch_1(
         "seq/bn1": (True, True),
         "shared_bn": (True, True),
     }
+
+
+def test_models_with_dict_inputs_and_embedding_inputs_are_probed_with_valid_indices(tmp_path):
+    a = keras.Input((4,), name="a")
+    tok = keras.Input((5,), dtype="int32", name="tok")
+    emb = layers.GlobalAveragePooling1D(name="pool")(layers.Embedding(1000, 4, name="emb")(tok))
+    out = layers.BatchNormalization(name="bn")(layers.Concatenate(name="cat")([a, emb]))
+    path = _save(keras.Model({"a": a, "tok": tok}, out), tmp_path / "dict_inputs.keras")
+    view = KerasBackend().load(path)
+    assert [(s.name, s.dtype) for s in view.inputs] == [("a", "float32"), ("tok", "int32")]
+    from bncheck.backends.keras_probe import embedding_bounds
+
+    assert embedding_bounds(view.handle.config, ["a", "tok"]) == {"tok": 1000}
+    [result] = KerasBackend().probe(view, FAST)
+    assert result.at(8, "bn").output.total_nonfinite == 0

@@ -176,7 +176,10 @@ class KerasRunner:
 
     def run(self, feeds: dict[str, np.ndarray], style: str) -> dict[str, LayerProbe]:
         arrays = [feeds[name] for name in self.input_names]
-        args = arrays[0] if len(arrays) == 1 else arrays
+        if isinstance(getattr(self.model, "input", None), dict):  # built with a dict of inputs: feed a dict
+            args: Any = {key: feeds[tensor.name] for key, tensor in self.model.input.items()}
+        else:
+            args = arrays[0] if len(arrays) == 1 else arrays
         self.capture.seen = {}
         try:
             if style == AS_WRITTEN:
@@ -215,14 +218,36 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
     from bncheck.probe_plan import run_plan
 
     runner = KerasRunner(view, static)
+    bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
     results = []
     for style in call_styles(static):
-        result = run_plan(view, settings, runner.runner(style), call_style=style)
+        result = run_plan(view, settings, runner.runner(style), call_style=style, int_high=bounds)
         result.notes.append(_style_note(style, static))
         for name in sorted(runner.shared):
             result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
         results.append(result)
     return results
+
+
+def embedding_bounds(config: dict[str, Any], inputs: list[str]) -> dict[str, int]:
+    """Synthetic integer inputs must index every Embedding they feed: input name -> smallest input_dim."""
+    from bncheck.backends.keras_static import layer_entries, node_calls
+
+    bounds: dict[str, int] = {}
+    for entry in layer_entries(config):
+        dim = (entry.get("config") or {}).get("input_dim")
+        if entry.get("class_name") != "Embedding" or not isinstance(dim, int):
+            continue
+        for _, _, refs in node_calls(entry):
+            for producer, _ in refs:
+                if producer in inputs:
+                    bounds[producer] = min(dim, bounds.get(producer, dim))
+    if config.get("class_name") == "Sequential":  # a Sequential starting with an Embedding
+        first = next((e for e in layer_entries(config) if e.get("class_name") != "InputLayer"), {})
+        dim = (first.get("config") or {}).get("input_dim")
+        if first.get("class_name") == "Embedding" and isinstance(dim, int) and inputs:
+            bounds[inputs[0]] = dim
+    return bounds
 
 
 def _style_note(style: str, static: KerasFile) -> str:

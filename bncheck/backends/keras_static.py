@@ -136,12 +136,11 @@ def _read_keras(path: str) -> KerasFile:
             return _build(path, "keras", config, None, version, None, notes)
         with _open_member(path, zf, weights_info) as raw:
             try:
-                with h5py.File(raw, "r") as weights:
-                    return _build(path, "keras", config, _KerasWeights(weights), version, None, notes)
-            except BackendError:
-                raise
-            except Exception as exc:  # h5py raises OSError/KeyError/ValueError on damaged files
+                weights = h5py.File(raw, "r")
+            except Exception as exc:  # h5py raises OSError/ValueError on what is not HDF5
                 raise BackendError(f"{path}: model.weights.h5 is not a readable HDF5 file ({_one_line(exc)})") from None
+            with weights:
+                return _build(path, "keras", config, _KerasWeights(weights), version, None, notes)
 
 
 def _read_h5(path: str) -> KerasFile:
@@ -331,7 +330,7 @@ class _KerasWeights:
         sequential = model_cfg.get("class_name") == "Sequential"
         used: dict[str, int] = {}
         groups: dict[int, str] = {}
-        for index, entry in enumerate(_layer_entries(model_cfg)):
+        for index, entry in enumerate(layer_entries(model_cfg)):
             if sequential and entry.get("class_name") == "InputLayer":
                 continue  # Sequential.layers hides its InputLayer, so it takes no counter
             snake = _snake_case(str(entry.get("class_name", "")))
@@ -345,6 +344,12 @@ class _KerasWeights:
         return groups
 
     def lookup(self, group: str, layer_name: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
+        try:
+            return self._lookup(group, layer_name, names)
+        except (OSError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged group or dataset
+            return {}, f"unreadable variables in model.weights.h5 ({_one_line(exc)})"
+
+    def _lookup(self, group: str, layer_name: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
         vars_group = self.h5.get(f"{group}/vars")
         attr = _attr_str(vars_group.attrs.get("name")) if vars_group is not None else None
         if vars_group is None or (attr is not None and attr != layer_name):
@@ -371,6 +376,12 @@ class _LegacyWeights:
         self.group = group
 
     def lookup(self, path: tuple[str, ...], names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
+        try:
+            return self._lookup(path, names)
+        except (OSError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged group or dataset
+            return {}, f"unreadable variables in model_weights ({_one_line(exc)})"
+
+    def _lookup(self, path: tuple[str, ...], names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
         top = self.group.get(path[0])
         if top is None:
             return {}, f"no model_weights/{path[0]} group"
@@ -427,7 +438,8 @@ class _Call:
     before: frozenset[str] = frozenset()  # layer paths certainly finished before this call starts
 
 
-def _layer_entries(model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def layer_entries(model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layer configs of a Functional/Sequential config (``[]`` for anything else)."""
     cfg = model_cfg.get("config")
     entries = cfg.get("layers") if isinstance(cfg, dict) else None
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
@@ -444,7 +456,7 @@ def _shape(value: Any) -> tuple[Dim, ...] | None:
     return tuple(value)
 
 
-def _node_calls(entry: dict[str, Any]) -> list[tuple[bool | None, tuple[Dim, ...] | None, tuple[tuple[str, int], ...]]]:
+def node_calls(entry: dict[str, Any]) -> list[tuple[bool | None, tuple[Dim, ...] | None, tuple[tuple[str, int], ...]]]:
     """(explicit training kwarg, input shape, inbound (layer, node) refs) of each inbound node of a layer."""
     out = []
     for node in entry.get("inbound_nodes") or []:
@@ -482,7 +494,7 @@ def _keras_tensors(value: Any) -> Iterator[dict[str, Any]]:
 
 
 def _model_inputs(model_cfg: dict[str, Any]) -> list[InputSpec]:
-    entries = _layer_entries(model_cfg)
+    entries = layer_entries(model_cfg)
     by_name = {_entry_name(e): e for e in entries}
     cfg = model_cfg.get("config") or {}
     specs = []
@@ -498,6 +510,8 @@ def _model_inputs(model_cfg: dict[str, Any]) -> list[InputSpec]:
         return [InputSpec(_entry_name(first) if first.get("class_name") == "InputLayer" else "input",
                           _symbolic(shape, "input"), _dtype(first.get("config")))]
     refs = cfg.get("input_layers") or []
+    if isinstance(refs, dict):  # keras.Model({"a": in_a, ...}, ...): inputs keyed by name
+        refs = list(refs.values())
     if refs and not isinstance(refs[0], list):
         refs = [refs]
     for ref in refs:
@@ -612,7 +626,7 @@ def _walk_model(
     computed by repeated passes until they settle; norm layers are recorded in a last pass (``collect``).
     """
     emitted: dict[tuple[int, str, int], tuple[str | None, frozenset[str]]] = {}
-    entries = _layer_entries(model_cfg)
+    entries = layer_entries(model_cfg)
     for _ in range(len(entries) + 1):
         before = dict(emitted)
         _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, collect=False)
@@ -636,7 +650,7 @@ def _walk_pass(
     Input shapes come from the file (Keras 3 records them per call and in build_config); where it records
     none (tf_keras .h5, Sequential in legacy .h5) they are propagated through the common layers.
     """
-    entries = _layer_entries(model_cfg)
+    entries = layer_entries(model_cfg)
     sequential = model_cfg.get("class_name") == "Sequential"
     groups = ctx.weights.child_groups(model_cfg, group) if isinstance(ctx.weights, _KerasWeights) else {}
     last: dict[int, tuple[str | None, frozenset[str]]] = {k: (call.context, call.before) for k, call in enumerate(calls)}
@@ -657,7 +671,7 @@ def _walk_pass(
                 if sequential:
                     seq_shape[k] = shape or seq_shape[k]
             continue
-        own = _node_calls(entry)
+        own = node_calls(entry)
         if any(t is False for t, _, _ in own):
             ctx.explicit_false = True
         if sequential or not own:
