@@ -469,6 +469,9 @@ def test_external_data_is_written_next_to_the_output(tmp_path: Path, calib: str)
     fix(str(src_dir / "m.onnx"), str(src_dir / "fixed.onnx"), calib)
     assert (src_dir / "fixed.onnx.data").exists() and (src_dir / "m.weights").read_bytes() == before
     assert run(str(src_dir / "fixed.onnx"), samples(3, seed=4)).shape == (3, CLASSES)
+    with pytest.raises(BackendError, match="external data"):
+        fix(str(src_dir / "m.onnx"), str(src_dir / "m.weights"), calib)
+    assert (src_dir / "m.weights").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -137,6 +137,10 @@ def fix_onnx(
     src = handle.path
     if not dry_run:
         check_output(src, output)
+        if handle.external_data:  # refuse a clash with the input's external files before any work
+            out_dir = os.path.dirname(os.path.abspath(output))  # type: ignore[arg-type]
+            _external_names(onnx.load(src, load_external_data=False), src, os.path.dirname(src), output,  # type: ignore[arg-type]
+                            out_dir)
     graph = _GraphFacts(handle.model)
     results: dict[int, LayerFix] = {}
     pending: list[_Pending] = []
@@ -747,7 +751,16 @@ class _Fixer:
     # ------------------------------------------------------------------ writing
 
     def write(self, output: str) -> list[str]:
-        """Replay the edits on the file as parsed without weights and write it with its external-data layout."""
+        """Write the repaired model; returns the files written (the model first).
+
+        Without external data the working copy is the file as parsed, edits applied: it is written as is.
+        With external data the working copy holds the weights in memory, so the edits are replayed on the
+        file parsed without its weights, and the external files are copied next to the output (same
+        offsets) and patched where a repaired tensor lives.
+        """
+        if not self.handle.external_data:
+            _atomic_write(self.handle.model.SerializeToString(), output)
+            return [os.path.abspath(output)]
         src = self.handle.path
         model = onnx.load(src, load_external_data=False)
         out_dir = os.path.dirname(os.path.abspath(output))
@@ -769,16 +782,21 @@ class _Fixer:
         sink = _Sink(sink_targets)
         for edit in self.edits:
             edit(model, sink)
-        fd, tmp = tempfile.mkstemp(prefix=".bncheck-", suffix=".onnx", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(model.SerializeToString())
-            os.replace(tmp, output)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _atomic_write(model.SerializeToString(), output)
         return [os.path.abspath(output)] + written
+
+
+def _atomic_write(data: bytes, output: str) -> None:
+    """Write through a temporary file in the same folder: a failed write leaves no half model behind."""
+    fd, tmp = tempfile.mkstemp(prefix=".bncheck-", suffix=".onnx", dir=os.path.dirname(os.path.abspath(output)))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _drift_text(evidence: dict[str, Any]) -> str:
@@ -900,13 +918,16 @@ def _external_names(model: onnx.ModelProto, src: str, src_dir: str, output: str,
     base = os.path.basename(output)
     mapping: dict[str, str] = {}
     protected = {os.path.realpath(src)} | {os.path.realpath(os.path.join(src_dir, loc)) for loc in locations}
+    if os.path.realpath(output) in protected:
+        raise BackendError(f"{output}: refusing to overwrite the input model's external data file")
     for location in locations:
         if same_dir:
             new = f"{base}.data" if len(locations) == 1 else f"{base}.{location.replace('/', '_')}"
         else:
             new = location
         target = os.path.realpath(os.path.join(out_dir, new))
-        if target in protected or target == os.path.realpath(output):
+        if target in protected or target == os.path.realpath(output) or any(
+                os.path.exists(target) and os.path.exists(p) and os.path.samefile(target, p) for p in protected):
             raise BackendError(f"{output}: writing external data {new!r} would overwrite a file of the input "
                                "model; write the fixed model into another folder")
         mapping[location] = new
