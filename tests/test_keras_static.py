@@ -418,3 +418,16 @@ def test_recompressed_keras_archive_reads_the_same_parameters(tmp_path):
     view = KerasBackend().load(str(deflated))
     _assert_params_match(model, view)
     assert [layer.name for layer in view.layers] == [layer.name for layer in KerasBackend().load(str(stored)).layers]
+
+
+def test_deeply_nested_models_are_walked_in_linear_time_with_their_weights(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), layers.BatchNormalization(name="bn")], name="m0")
+    for i in range(1, 20):
+        inp = keras.Input((4,))
+        model = keras.Model(inp, layers.BatchNormalization(name="bn")(model(inp)), name=f"m{i}")
+    path = str(tmp_path / "deep.keras")
+    model.save(path)
+    view = KerasBackend().load(path)  # without memoized passes this walk takes 3**19 passes
+    assert len(view.layers) == 20 and view.layers[0].name == "/".join(f"m{i}" for i in range(18, -1, -1)) + "/bn"
+    assert all(layer.var is not None for layer in view.layers)
+    assert not [n for n in view.notes if n.level == "warning"]

@@ -176,12 +176,16 @@ def _read_h5(path: str) -> KerasFile:
 
 
 def _guard_member(path: str, info: zipfile.ZipInfo) -> None:
-    """Refuse members that escape the archive or inflate like a zip bomb, before anything is decompressed."""
+    """Refuse members that escape the archive or inflate like a zip bomb, before anything is decompressed.
+
+    Every member is checked for its path and ratio (Keras extracts assets when it loads the file for the
+    probe); the absolute size limits apply to the members bncheck reads.
+    """
     name = info.filename.replace("\\", "/")
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
         raise BackendError(f"{path}: archive member {info.filename!r} has a path that escapes the archive")
-    limit = MAX_WEIGHTS_BYTES if name.endswith(".h5") else MAX_JSON_BYTES
-    if info.file_size > limit:
+    limit = {"config.json": MAX_JSON_BYTES, "metadata.json": MAX_JSON_BYTES, "model.weights.h5": MAX_WEIGHTS_BYTES}.get(name)
+    if limit is not None and info.file_size > limit:
         raise BackendError(f"{path}: archive member {info.filename!r} declares {info.file_size} bytes (limit {limit})")
     if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
         raise BackendError(
@@ -548,6 +552,7 @@ class _Ctx:
     unsafe: list[str] = field(default_factory=list)
     explicit_false: bool = False
     baked_calls: list[tuple[str, frozenset[str]]] = field(default_factory=list)  # (layer, what ran before it)
+    memo: dict[Any, list[tuple[str | None, frozenset[str]]]] = field(default_factory=dict)
 
 
 def _build(
@@ -563,14 +568,17 @@ def _build(
         raise BackendError(f"{path}: the model config is not a Keras model description")
     keras2 = bool(version) and str(version).split(".")[0] in ("1", "2")
     ctx = _Ctx(path, weights, keras2, notes=list(notes))
-    _scan_unsafe(config, "", ctx)
     cls = config["class_name"]
-    if cls in MODEL_CLASSES:
-        _walk_model(config, (), [_Call((), None)], ctx, "" if fmt == "keras" else None)
-        inputs = _model_inputs(config)
-    else:
-        ctx.notes.append(Note("warning", f"the top-level object is a {cls}, not a Functional or Sequential model"))
-        inputs = []
+    try:
+        _scan_unsafe(config, "", ctx)
+        if cls in MODEL_CLASSES:
+            _walk_model(config, (), [_Call((), None)], ctx, "" if fmt == "keras" else None)
+            inputs = _model_inputs(config)
+        else:
+            ctx.notes.append(Note("warning", f"the top-level object is a {cls}, not a Functional or Sequential model"))
+            inputs = []
+    except RecursionError:
+        raise BackendError(f"{path}: the model config is nested too deeply to read") from None
     if ctx.unsafe:
         ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + "; ".join(ctx.unsafe)))
     saved = f"keras {version}" if version else "an unknown Keras version"
@@ -625,6 +633,11 @@ def _walk_model(
     A shared layer's calls sit at one place in the config but run at different times, so the contexts are
     computed by repeated passes until they settle; norm layers are recorded in a last pass (``collect``).
     """
+    # Passes that only compute contexts are memoized: without it, nested models would be re-walked
+    # 3**depth times (a deeply nested hostile config would never finish).
+    key = (id(model_cfg), prefix, tuple((c.chain, c.shape, c.inbound, c.context, c.before) for c in calls))
+    if not collect and key in ctx.memo:
+        return ctx.memo[key]
     emitted: dict[tuple[int, str, int], tuple[str | None, frozenset[str]]] = {}
     entries = layer_entries(model_cfg)
     for _ in range(len(entries) + 1):
@@ -632,7 +645,9 @@ def _walk_model(
         _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, collect=False)
         if emitted == before:
             break
-    return _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, collect=collect)
+    result = _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, collect=collect)
+    ctx.memo[key] = result
+    return result
 
 
 def _walk_pass(
