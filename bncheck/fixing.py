@@ -103,12 +103,18 @@ def _repair_codes(only: Sequence[str]) -> set[str]:
     return codes or set(REPAIRABLE)
 
 
+def _listing(layers: list[str], shown: int = 4) -> str:
+    """'a, b, c' or 'a, b, c, d and 7 more': the summary stays one readable line on big models."""
+    head = ", ".join(layers[:shown])
+    return head if len(layers) <= shown else f"{head} and {len(layers) - shown} more"
+
+
 def _summary(layers: list[dict[str, Any]], output: str | None, dry_run: bool, reprobe: dict | None) -> str:
-    counts: dict[str, int] = {}
+    names: dict[str, list[str]] = {}
     for entry in layers:
-        counts[entry["action"]] = counts.get(entry["action"], 0) + 1
+        names.setdefault(entry["action"], []).append(entry["layer"])
     order = ("to-inference", "recalibrated", "replaced-moments", "not-fixed")
-    done = ", ".join(f"{counts[a]} {a}" for a in order if counts.get(a)) or "nothing to repair"
+    done = "; ".join(f"{a} {_listing(names[a])}" for a in order if names.get(a)) or "nothing to repair"
     if dry_run:
         return f"dry run, nothing written; would do: {done}"
     text = f"wrote {output}: {done}"
