@@ -760,7 +760,7 @@ class _Fixer:
         """
         if not self.handle.external_data:
             _atomic_write(self.handle.model.SerializeToString(), output)
-            return [os.path.abspath(output)]
+            return [output]
         src = self.handle.path
         model = onnx.load(src, load_external_data=False)
         out_dir = os.path.dirname(os.path.abspath(output))
@@ -772,7 +772,7 @@ class _Fixer:
             target = os.path.join(out_dir, new_location)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(os.path.join(src_dir, location), target)
-            written.append(target)
+            written.append(os.path.join(os.path.dirname(output), new_location))  # as the user wrote the path
         for tensor, (location, offset, length) in _iter_external(model):
             new_location = mapping[location]
             for entry in tensor.external_data:
@@ -783,7 +783,7 @@ class _Fixer:
         for edit in self.edits:
             edit(model, sink)
         _atomic_write(model.SerializeToString(), output)
-        return [os.path.abspath(output)] + written
+        return [output] + written
 
 
 def _atomic_write(data: bytes, output: str) -> None:
