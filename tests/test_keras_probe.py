@@ -329,3 +329,20 @@ def test_models_with_dict_inputs_and_embedding_inputs_are_probed_with_valid_indi
     assert embedding_bounds(view.handle.config, ["a", "tok"]) == {"tok": 1000}
     [result] = KerasBackend().probe(view, FAST)
     assert result.at(8, "bn").output.total_nonfinite == 0
+
+
+def test_baked_dropout_training_flag_turns_a_later_batchnorm_to_batch_statistics_in_keras3(tmp_path):
+    """Monte-Carlo dropout written as Dropout(...)(x, training=True): Keras 3 keeps training=True in the call
+    context, so the BatchNormalization after it uses batch statistics in model(x). Both call styles run."""
+    inp = keras.Input((6,))
+    x = layers.Dropout(0.2, name="mc_dropout")(layers.Dense(6, name="d")(inp), training=True)
+    out = layers.BatchNormalization(name="bn", beta_initializer=keras.initializers.Constant(0.5))(x)
+    path = _save(keras.Model(inp, out), tmp_path / "mc_dropout.keras")
+    view = KerasBackend().load(path)
+    bn = view.layer("bn")
+    assert bn.batch_statistics and not bn.training
+    assert any("mc_dropout's baked training=True" in note for note in bn.notes)
+    as_written, predict = KerasBackend().probe(view, FAST)
+    assert (as_written.call_style, predict.call_style) == (AS_WRITTEN, PREDICT)
+    np.testing.assert_allclose(as_written.at(1, "bn").output.max, 0.5, atol=1e-4)
+    np.testing.assert_allclose(as_written.at(1, "bn").output.min, 0.5, atol=1e-4)

@@ -95,8 +95,11 @@ class KerasFile:
 
     @property
     def baked(self) -> bool:
-        """Some BatchNormalization call has an effective baked training=True."""
-        return any(layer.kind is Kind.BATCH and layer.extra.get("baked") for layer in self.layers)
+        """Some BatchNormalization runs with a baked training=True: its own, an enclosing model's, or (Keras 3)
+        one that an earlier layer, a Dropout say, left in the call context."""
+        return any(
+            layer.kind is Kind.BATCH and (layer.extra.get("baked") or layer.batch_statistics) for layer in self.layers
+        )
 
 
 # --------------------------------------------------------------------------- file access
