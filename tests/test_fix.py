@@ -352,6 +352,7 @@ def moments_convnet(*, mean_read_elsewhere: bool = False) -> onnx.ModelProto:
         numpy_helper.from_array(f(rng.uniform(-0.5, 0.5, (1, C1, 1, 1))), "beta"),
         numpy_helper.from_array(f(rng.normal(0, 0.5, (C1, CLASSES))), "fc.w"),
         numpy_helper.from_array(f(np.zeros(CLASSES)), "fc.b"),
+        numpy_helper.from_array(f([1.0, 2.0]), "unused_before"),  # dead in the original too: must stay
     ]
     nodes = [
         helper.make_node("Conv", ["input", "conv1.w", "conv1.b"], ["conv1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -391,7 +392,7 @@ def test_handwritten_batch_moments_become_one_inference_batch_norm(tmp_path: Pat
     model = onnx.load(out)
     assert [n.op_type for n in model.graph.node] == ["Conv", "BatchNormalization", "Relu", "GlobalAveragePool",
                                                      "Flatten", "Gemm"]
-    assert {t.name for t in model.graph.initializer} >= {"conv1.w", "conv1.b", "fc.w", "fc.b"}
+    assert {t.name for t in model.graph.initializer} >= {"conv1.w", "conv1.b", "fc.w", "fc.b", "unused_before"}
     assert not {"axes", "two", "eps", "gamma", "beta"} & {t.name for t in model.graph.initializer}
     onnx.checker.check_model(out, full_check=True)
     original = reference(src, batch)  # calibrated on exactly this batch: same numbers

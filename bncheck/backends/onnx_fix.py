@@ -241,7 +241,6 @@ class _GraphFacts:
         self.by_name: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
             self.by_name.setdefault(node.name or (node.output[0] if node.output else ""), []).append(node)
-        self.value_types: dict[str, int] = {}
 
 
 def _node_key(node: onnx.NodeProto) -> str:
@@ -556,10 +555,7 @@ def _edit_to_inference(node_key: str, opset: int) -> Edit:
                 attr.i = 1
         if opset < 7 and not any(a.name == "is_test" for a in node.attribute):
             node.attribute.append(helper.make_attribute("is_test", 1))
-        kept = [v for v in model.graph.value_info if v.name not in removed]
-        if len(kept) != len(model.graph.value_info):
-            del model.graph.value_info[:]
-            model.graph.value_info.extend(kept)
+        _delete_where(model.graph.value_info, lambda v: v.name in removed)
     return edit
 
 
@@ -571,8 +567,7 @@ def _edit_replace_chain(keys: list[str], output: str, x: str, eps: float, name: 
         for key in keys:
             pos, _ = _find_node(model, key)
             positions[key] = pos
-        producer = next(k for k in keys if k == "out:" + output) if "out:" + output in keys else None
-        anchor = positions[producer] if producer else max(positions.values())
+        anchor = positions.get("out:" + output, max(positions.values()))  # where the chain's output was made
         np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
         names = {}
         for label in ("scale", "bias", "mean", "var"):
@@ -581,7 +576,7 @@ def _edit_replace_chain(keys: list[str], output: str, x: str, eps: float, name: 
         attrs: dict[str, Any] = {"epsilon": float(eps)}
         if opset < 7:
             attrs["is_test"] = 1
-        old = list(graph.node)
+        old = [_copy(n) for n in graph.node]  # detached copies: the repeated field is cleared below
         drop = set(positions.values())
         kept_names = {n.name for pos, n in enumerate(old) if pos not in drop}
         node_name, k = name, 1
@@ -596,37 +591,33 @@ def _edit_replace_chain(keys: list[str], output: str, x: str, eps: float, name: 
                 new_nodes.append(bn)
             elif pos not in drop:
                 new_nodes.append(node)
+        read = {name for pos in drop for name in _node_reads(old[pos])}
         del graph.node[:]
         graph.node.extend(new_nodes)
-        _drop_dead_constants(model)
+        _drop_dead_constants(model, read)
         removed_values = {o for pos in drop for o in old[pos].output if o and o != output}
-        kept = [v for v in graph.value_info if v.name not in removed_values]
-        if len(kept) != len(graph.value_info):
-            del graph.value_info[:]
-            graph.value_info.extend(kept)
+        _delete_where(graph.value_info, lambda v: v.name in removed_values)
     return edit
 
 
-def _drop_dead_constants(model: onnx.ModelProto) -> None:
-    """Initializers and Constant nodes that only the removed chain read (its epsilon, axes, gamma, beta)."""
+def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:
+    """Drop the initializers and Constant nodes that only the removed chain read (its epsilon, axes, gamma,
+    beta); anything else, used or not, stays as it was."""
     graph = model.graph
-    while True:
-        facts = _GraphFacts(model)
-        dead_nodes = [n for n in graph.node if n.op_type == "Constant" and n.output
-                      and not facts.uses[n.output[0]] and n.output[0] not in facts.graph_outputs]
-        dead_inits = [t.name for t in graph.initializer if not facts.uses[t.name]
-                      and t.name not in facts.graph_outputs and t.name not in facts.graph_inputs]
-        if not dead_nodes and not dead_inits:
-            return
-        if dead_nodes:
-            keep = [n for n in graph.node if n not in dead_nodes]
-            del graph.node[:]
-            graph.node.extend(keep)
-        if dead_inits:
-            dead = set(dead_inits)
-            keep_i = [t for t in graph.initializer if t.name not in dead]
-            del graph.initializer[:]
-            graph.initializer.extend(keep_i)
+    facts = _GraphFacts(model)
+    dead = {name for name in read if not facts.uses[name] and name not in facts.graph_outputs
+            and name not in facts.graph_inputs}
+    if not dead:
+        return
+    _delete_where(graph.node, lambda n: n.op_type == "Constant" and bool(n.output) and n.output[0] in dead)
+    _delete_where(graph.initializer, lambda t: t.name in dead)
+
+
+def _delete_where(repeated: Any, condition: Callable[[Any], bool]) -> None:
+    """Delete matching entries of a protobuf repeated field in place (no copies of the others: weights)."""
+    for i in reversed(range(len(repeated))):
+        if condition(repeated[i]):
+            del repeated[i]
 
 
 class _Fixer:
