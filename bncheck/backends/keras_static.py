@@ -87,6 +87,7 @@ class KerasFile:
     inputs: list[InputSpec]
     notes: list[Note] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
+    baked_layers: list[str] = field(default_factory=list)  # layers (any kind) called with training=True
 
     @property
     def keras2(self) -> bool:
@@ -97,9 +98,11 @@ class KerasFile:
     def baked(self) -> bool:
         """Some BatchNormalization runs with a baked training=True: its own, an enclosing model's, or (Keras 3)
         one that an earlier layer, a Dropout say, left in the call context."""
-        return any(
-            layer.kind is Kind.BATCH and (layer.extra.get("baked") or layer.batch_statistics) for layer in self.layers
-        )
+        batch_norms = [layer for layer in self.layers if layer.kind is Kind.BATCH]
+        if any(layer.extra.get("baked") or layer.batch_statistics for layer in batch_norms):
+            return True
+        # Keras 3: a flag baked anywhere may reach a BatchNormalization through the call context
+        return bool(batch_norms) and bool(self.baked_layers) and not self.keras2
 
 
 # --------------------------------------------------------------------------- file access
@@ -587,7 +590,8 @@ def _build(
     saved = f"keras {version}" if version else "an unknown Keras version"
     ctx.notes.insert(0, Note("info", f"saved by {saved}" + (f" (backend {backend})" if backend else "")))
     layers = _apply_leak(ctx) if not keras2 else ctx.layers
-    return KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe)
+    baked_layers = sorted({source for source, _ in ctx.baked_calls})
+    return KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe, baked_layers)
 
 
 def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:
@@ -867,9 +871,7 @@ def _apply_leak(ctx: _Ctx) -> list[NormLayer]:
     layers may or may not, depending on Keras's execution order: they get a note, and the probe's as-written
     run measures them.
     """
-    if not any(layer.extra.get("baked") for layer in ctx.layers) and not any(
-        layer.extra.get("leak_from") for layer in ctx.layers
-    ):
+    if not ctx.baked_calls:
         return ctx.layers
     out = []
     for layer in ctx.layers:
