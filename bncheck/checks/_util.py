@@ -28,5 +28,7 @@ def shape_json(shape: tuple[Any, ...] | None) -> list[Any] | None:
 
 
 def describe(layer: NormLayer) -> str:
-    """'BatchNormalization (batch)' style label for messages."""
+    """'BatchNormalization (batch norm)' style label for messages."""
+    if layer.op_type == "decomposed":
+        return f"Hand-written {layer.kind.value} norm ({len(layer.nodes)} nodes)"
     return f"{layer.op_type} ({layer.kind.value} norm)"

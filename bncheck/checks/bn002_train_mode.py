@@ -44,6 +44,9 @@ SEVERITY = Severity.ERROR
 OUTPUT_TOLERANCE = 1e-3
 #: Below this, the layer's input did not move: the dependence starts in this layer.
 INPUT_TOLERANCE = 1e-4
+#: onnxruntime's train-mode BatchNormalization differs from the spec by float32 rounding (1e-6) on most
+#: nodes and by whole activations where issue #29790 bites; only the latter is worth a sentence.
+RUNTIME_DEVIATION_NOTE = 1e-4
 
 HINT = (
     "Export or build the inference graph with training off (model.eval(), training=False, is_training=False) "
@@ -108,26 +111,22 @@ def _finding(
     if runtime_note:
         evidence["runtime_deviation"] = runtime_note
     decomposed = layer.op_type == "decomposed"
-    if decomposed or not layer.training:
-        what = (
-            f"{describe(layer)} computes its moments over axes {list(layer.axes or [])}, which include the "
-            "batch axis"
-        )
+    if layer.batch_statistics and (decomposed or not layer.training):
+        what = (f"{describe(layer)} computes its moments over axes {list(layer.axes or [])}, which include "
+                "the batch axis: a sample's output depends on its batch neighbours")
+    elif layer.batch_statistics:
+        what = (f"{describe(layer)} runs in training mode: it normalizes with the statistics of the current "
+                "batch, so a sample's output depends on its batch neighbours")
     else:
-        what = f"{describe(layer)} runs in training mode"
+        what = f"{describe(layer)} output depends on its batch neighbours"
     if dynamic:
-        what = (
-            f"{what if layer.batch_statistics else describe(layer)}: a sample's output moved by "
-            f"{dep.output_change:.3g} standard deviations when its batch companions changed, its input by "  # type: ignore[union-attr]
-            f"{dep.input_change:.2g}"  # type: ignore[union-attr]
-        )
-    else:
-        what += ": it normalizes with the statistics of the current batch, so a sample's output depends on its batch neighbours"
-    notes = [n for n in layer.notes if n]
-    if notes:
-        what += " (" + "; ".join(notes) + ")"
+        what += (f"; measured: a sample's output moved by {dep.output_change:.3g} standard deviations when "  # type: ignore[union-attr]
+                 f"its batch companions changed, its input by {dep.input_change:.2g}")  # type: ignore[union-attr]
+    if not decomposed and layer.notes:
+        what += " (" + "; ".join(n for n in layer.notes if n) + ")"
     if runtime_note:
-        what += f"; onnxruntime's own output for this node differs from the ONNX spec by up to {runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec"
+        what += (f"; onnxruntime's own output for this node differs from the ONNX spec by up to "
+                 f"{runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec")
     return Finding(CODE, SLUG, SEVERITY, layer.name, what, HINT_MOMENTS if decomposed else HINT, evidence)
 
 
@@ -137,6 +136,7 @@ def _runtime_note(layer: NormLayer, probe: ProbeResult | None) -> float | None:
     worst = None
     for batch_size in probe.batch_sizes:
         seen = probe.at(batch_size, layer.name)
-        if seen is not None and seen.source == "spec" and seen.runtime_deviation is not None:
+        if (seen is not None and seen.source == "spec" and seen.runtime_deviation is not None
+                and seen.runtime_deviation > RUNTIME_DEVIATION_NOTE):
             worst = seen.runtime_deviation if worst is None else max(worst, seen.runtime_deviation)
     return worst
