@@ -13,6 +13,7 @@ from typing import Any
 
 from bncheck.backends import BackendError, ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
+from bncheck.model import ModelView
 from bncheck.report import Report
 
 #: What `fix` repairs, by check code.
@@ -50,12 +51,13 @@ def fix(
             )
     from bncheck import engine
 
+    view = backend.load(path)
+    settings = ProbeSettings(data_path=data_path, data_source=data_path or "synthetic",
+                             batch_sizes=_probe_batch_sizes(view))
     if data_path is not None:
-        settings = ProbeSettings(data_path=data_path, data_source=data_path)
         report = engine.probe(path, settings, fail_on=fail_on)
     else:
         report = engine.inspect(path, fail_on=fail_on)
-    view = backend.load(path)
     data = None
     if data_path is not None:
         from bncheck.probe_data import load_data
@@ -70,7 +72,7 @@ def fix(
         from bncheck.render.json import to_document
 
         assert output is not None
-        fixed = engine.probe(output, ProbeSettings(data_path=data_path, data_source=data_path), fail_on=fail_on)
+        fixed = engine.probe(output, settings, fail_on=fail_on)
         reprobe = to_document(fixed)
     layers = [entry.as_dict() for entry in outcome.layers]
     report.command = "fix"
@@ -90,6 +92,12 @@ def fix(
         "reprobe": reprobe,
     }
     return report
+
+
+def _probe_batch_sizes(view: ModelView) -> tuple[int, ...]:
+    """The probe's default batch sizes, or the model's own when its batch dimension is fixed."""
+    fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
+    return (fixed.pop(),) if len(fixed) == 1 else ProbeSettings().batch_sizes
 
 
 def _repair_codes(only: Sequence[str]) -> set[str]:

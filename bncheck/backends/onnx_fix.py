@@ -694,7 +694,9 @@ class _Fixer:
         if p.what in ("stale", "train"):
             key = "out:" + layer.output
             _, node = _find_node(self.handle.model, key)
-            dtype = self._value_type(node.input[0])
+            # new statistics tensors take the stored statistics' type (opset 15 lets it differ from X's)
+            stored = self.handle.value_types.get(node.input[3]) if len(node.input) > 3 else None
+            dtype = int(stored) if stored in _FLOAT_TYPES else self._value_type(node.input[0])
             edits = [_edit_stats(key, mean, var, dtype)]
             if p.what == "train":
                 edits.insert(0, _edit_to_inference(key, self.opset))
