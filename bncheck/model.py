@@ -153,9 +153,12 @@ class TensorStats:
     zeros: np.ndarray
     nonfinite: np.ndarray
     # True when computed from the other side of a per-channel affine map (inference BatchNormalization:
-    # the probe measures the output and derives the input). Then ``zeros`` is exact only for channels whose
-    # range excludes 0 (0) or is exactly 0 (all); elsewhere it is 0, a lower bound.
+    # the probe measures the output and derives the input).
     derived: bool = False
+    # False when ``zeros`` was not counted element by element (derived side, or the ONNX probe's fast
+    # form): it is then exact only for channels whose range excludes 0 (0) or is exactly 0 (all), and
+    # elsewhere 0, a lower bound.
+    zeros_exact: bool = True
 
     @property
     def channels(self) -> int:

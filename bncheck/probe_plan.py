@@ -26,6 +26,7 @@ numbers are in the same unit. A channel whose spread is below ``SCALE_FLOOR`` ti
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -185,7 +186,8 @@ def _change(
         return math.nan, None
     means = np.concatenate([p.sample_mean for p in pooled], axis=0)
     squares = np.concatenate([p.sample_sq for p in pooled], axis=0)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels: no scale, no comparison
         mean_c = np.nanmean(np.where(np.isfinite(means), means, np.nan), axis=0)
         sq_c = np.nanmean(np.where(np.isfinite(squares), squares, np.nan), axis=0)
         rms = np.sqrt(np.maximum(sq_c, 0.0))

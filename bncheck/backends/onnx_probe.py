@@ -65,8 +65,6 @@ if TYPE_CHECKING:
 
 #: elements per sample up to which a measured tensor is fetched whole (exact statistics in numpy).
 SMALL_SAMPLE = 4096
-#: gain of the in-graph zero indicator relu(1 - BIG * x^2): 1 for x == 0, 0 for |x| >= 5.4e-20.
-ZERO_GAIN = 3.0e38
 _ALIGN = 4096
 #: initializers up to this size stay inside the stub (a negligible copy; shape inference needs them).
 EMBED_BYTES = 64 * 1024
@@ -317,19 +315,15 @@ class _Augmenter:
         return m
 
     def _fast(self, m: _Measure, channels: int) -> None:
+        """NCHWc-native statistics with one temporary: -t (depthwise 1x1 Conv), then its square in place."""
         b, t = self.b, m.tensor
         m.outputs["mean"] = b.one("GlobalAveragePool", [t], "mean")
-        square = b.one("Mul", [t, t], "square")
-        m.outputs["sq"] = b.one("GlobalAveragePool", [square], "sq")
         m.outputs["max"] = b.one("GlobalMaxPool", [t], "max")
         neg_w = b.const(-np.ones((channels, 1, 1, 1), np.float32), "neg_w")
         negated = b.one("Conv", [t, neg_w], "neg", group=channels, kernel_shape=[1, 1])
         m.outputs["negmin"] = b.one("GlobalMaxPool", [negated], "negmin")
-        zero_w = b.const(np.full((channels, 1, 1, 1), -ZERO_GAIN, np.float32), "zero_w")
-        zero_b = b.const(np.ones(channels, np.float32), "zero_b")
-        lifted = b.one("Conv", [square, zero_w, zero_b], "zero_lin", group=channels, kernel_shape=[1, 1])
-        indicator = b.one("Relu", [lifted], "zero_ind")
-        m.outputs["zfrac"] = b.one("GlobalAveragePool", [indicator], "zfrac")
+        square = b.one("Mul", [negated, negated], "square")
+        m.outputs["sq"] = b.one("GlobalAveragePool", [square], "sq")
         if m.length is None:  # symbolic spatial dims: the runtime shape sizes the counts
             m.outputs["shape"] = b.one("Shape", [t], "shape")
 
@@ -551,13 +545,15 @@ def _decode(m: _Measure, values: dict[str, np.ndarray]) -> TensorStats:
         sq = np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c)
         mx = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c)
         mn = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c)
-        zfrac = np.asarray(values[m.outputs["zfrac"]], np.float64).reshape(n, c)
         length = m.length
         if length is None:
             length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
-        zeros = np.rint(zfrac * length).sum(axis=0).astype(np.int64)
+        lo, hi = mn.min(axis=0), mx.max(axis=0)
+        # zeros are not counted in the fast form (it would cost a full-size temporary per tensor): exact
+        # where min/max decide it, else 0 (a lower bound), flagged by zeros_exact=False
+        zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
         nonfinite = np.zeros(c, np.int64)
-        return TensorStats(n, n * length, mean, sq, mn.min(axis=0), mx.max(axis=0), zeros, nonfinite)
+        return TensorStats(n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False)
     # generic: reductions keep batch and channel axes in their original order
     def nc(name: str) -> np.ndarray:
         arr = np.asarray(values[m.outputs[name]], np.float64)
@@ -604,7 +600,8 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
     zero_range = (lo == 0) & (hi == 0)
     per_channel = out.count // max(out.channels, 1) if out.channels else 0
     zeros = np.where(zero_range, per_channel, 0).astype(np.int64)
-    return TensorStats(out.batch_size, out.count, mean, sq, lo, hi, zeros, out.nonfinite.copy(), derived=True)
+    return TensorStats(out.batch_size, out.count, mean, sq, lo, hi, zeros, out.nonfinite.copy(), derived=True,
+                       zeros_exact=False)
 
 
 def _deviation(runtime: TensorStats, spec: TensorStats) -> float:

@@ -1,0 +1,79 @@
+"""The numpy reference statistics and the probe plan (bncheck.probe_plan), framework-free."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bncheck.probe_plan import make_plan, merge_stats, tensor_stats
+
+
+def test_tensor_stats_matches_direct_numpy_for_nchw():
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 3, 5, 6)).astype(np.float32)
+    x[1, 2, 0, :3] = 0.0
+    s = tensor_stats(x, channel_axis=1, batch_axis=0)
+    wide = x.astype(np.float64)
+    np.testing.assert_allclose(s.sample_mean, wide.mean(axis=(2, 3)))
+    np.testing.assert_allclose(s.sample_sq, (wide**2).mean(axis=(2, 3)))
+    np.testing.assert_allclose(s.mean, wide.mean(axis=(0, 2, 3)))
+    np.testing.assert_allclose(s.var, wide.var(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_array_equal(s.min, wide.min(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(s.max, wide.max(axis=(0, 2, 3)))
+    assert s.zeros.tolist() == [0, 0, 3] and s.count == 4 * 30 and s.batch_size == 4
+
+
+def test_tensor_stats_handles_channel_last_and_missing_axes():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    last = tensor_stats(x, channel_axis=-1, batch_axis=0)
+    np.testing.assert_allclose(last.sample_mean, x.mean(axis=1))
+    whole = tensor_stats(x, channel_axis=None, batch_axis=None)
+    assert whole.sample_mean.shape == (1, 1) and whole.sample_mean[0, 0] == x.mean()
+    per_sample = tensor_stats(x, channel_axis=None, batch_axis=0)
+    np.testing.assert_allclose(per_sample.sample_mean[:, 0], x.reshape(2, -1).mean(axis=1))
+
+
+def test_tensor_stats_counts_nonfinite_and_ignores_nan_in_extremes():
+    x = np.ones((2, 2, 3), np.float32)
+    x[0, 0, 0] = np.nan
+    x[1, 1, 2] = np.inf
+    s = tensor_stats(x, 1, 0)
+    assert s.nonfinite.tolist() == [1, 1]
+    assert s.min.tolist() == [1.0, 1.0] and s.max.tolist() == [1.0, np.inf]
+    assert np.isnan(s.sample_mean[0, 0]) and np.isinf(s.sample_mean[1, 1])
+
+
+def test_merge_stats_equals_stats_of_the_concatenation():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(3, 4, 5)).astype(np.float32), rng.normal(size=(2, 4, 5)).astype(np.float32)
+    merged = merge_stats([tensor_stats(a, 1), tensor_stats(b, 1)])
+    whole = tensor_stats(np.concatenate([a, b]), 1)
+    for field in ("sample_mean", "sample_sq", "min", "max", "zeros", "nonfinite"):
+        np.testing.assert_allclose(getattr(merged, field), getattr(whole, field))
+    assert merged.count == whole.count and merged.batch_size == 5
+
+
+def test_plan_for_1_2_32_uses_seven_runs_and_forty_samples():
+    plan = make_plan((1, 2, 32), 4, None, False)
+    assert len(plan.runs) == 7
+    assert sum(len(r) for r in plan.runs) == 40
+    assert plan.probe_runs[1] == (0,) and plan.probe_runs[32] == tuple(range(32))
+    assert plan.group_runs[2] == ((0, 1), (2, 3))
+    assert plan.solo_runs == ((0,), (1,), (2,), (3,))
+
+
+def test_plan_puts_every_probe_sample_in_a_batch_of_every_size():
+    plan = make_plan((1, 3, 8), 5, None, False)
+    for size, runs in plan.group_runs.items():
+        assert all(len(r) == size for r in runs)
+        assert set(range(5)) <= {i for r in runs for i in r}
+
+
+def test_plan_with_data_wraps_small_data_and_covers_every_sample_once():
+    plan = make_plan((1, 2, 4), 4, 3, True)
+    assert plan.samples == 3
+    assert plan.probe_runs[4] == (0, 1, 2, 0)
+    assert sorted(i for r in plan.data_runs for i in r) == [0, 1, 2]
+
+
+def test_plan_without_a_batch_size_above_one_has_no_dependence_runs():
+    plan = make_plan((1,), 4, None, False)
+    assert plan.runs == ((0,),) and plan.solo_runs == ()
