@@ -40,7 +40,7 @@ def fix(
     backend = backend_for(path)
     if backend.format != "onnx":
         raise BackendError(f"{path}: `bncheck fix` rewrites ONNX models only ({backend.format} given)")
-    from bncheck.backends.onnx_fix import check_output, fix_onnx
+    from bncheck.backends.onnx_fix import check_output, fix_onnx, precheck
 
     if not dry_run:
         check_output(path, output)
@@ -52,21 +52,23 @@ def fix(
     from bncheck import engine
 
     view = backend.load(path)
+    data = None
+    if data_path is not None:
+        from bncheck.probe_data import load_data
+
+        data = load_data(data_path, view.inputs)
+    label = data_path or "the data"
+    precheck(view, output, data, repair, dry_run=dry_run, batch_size=batch_size, data_label=label)
     settings = ProbeSettings(data_path=data_path, data_source=data_path or "synthetic",
                              batch_sizes=_probe_batch_sizes(view))
     if data_path is not None:
         report = engine.probe(path, settings, fail_on=fail_on)
     else:
         report = engine.inspect(path, fail_on=fail_on)
-    data = None
-    if data_path is not None:
-        from bncheck.probe_data import load_data
-
-        data = load_data(data_path, view.inputs)
     flagged = {f.layer: dict(f.evidence) for f in report.findings
                if f.code == "BN003" and f.evidence.get("kind") == "drift"}
     outcome = fix_onnx(view, output, data, repair, dry_run=dry_run, batch_size=batch_size,
-                       data_label=data_path or "the data", flagged=flagged)
+                       data_label=label, flagged=flagged)
     reprobe = None
     if outcome.written and data_path is not None:
         from bncheck.render.json import to_document

@@ -134,28 +134,8 @@ def fix_onnx(
     for refusals.
     """
     handle: OnnxHandle = view.handle
-    src = handle.path
-    if not dry_run:
-        check_output(src, output)
-        if handle.external_data:  # refuse a clash with the input's external files before any work
-            out_dir = os.path.dirname(os.path.abspath(output))  # type: ignore[arg-type]
-            _external_names(onnx.load(src, load_external_data=False), src, os.path.dirname(src), output,  # type: ignore[arg-type]
-                            out_dir)
-    graph = _GraphFacts(handle.model)
-    results: dict[int, LayerFix] = {}
-    pending: list[_Pending] = []
-    for i, layer in enumerate(view.layers):
-        planned = _plan(i, layer, graph, repair)
-        if isinstance(planned, LayerFix):
-            results[i] = planned
-        else:
-            pending.append(planned)
+    results, pending, batch, usable, notes = _prepare(view, output, data, repair, dry_run, batch_size, data_label)
     samples = int(next(iter(data.values())).shape[0]) if data else 0
-    batch, usable = _batching(view, samples, batch_size)
-    notes: list[str] = []
-    if usable < samples:
-        notes.append(f"the model's batch dimension is fixed at {batch}: {samples - usable} of {samples} "
-                     "samples left out")
     fixer = _Fixer(handle, data or {}, batch, usable, data_label, flagged or {})
     passes = 0
     if data is None:
@@ -168,7 +148,6 @@ def fix_onnx(
                                             "--data: new statistics not computed)", p.code,
                                             _old(p.layer) if p.what != "moments" else None)
     elif pending:
-        _check_samples_static(pending, usable, data_label)
         ups = _upstream_masks(pending, handle)
         remaining = list(range(len(pending)))
         while remaining:
@@ -190,6 +169,45 @@ def fix_onnx(
     written = [] if dry_run else fixer.write(output)  # type: ignore[arg-type]
     return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch, passes,
                       notes)
+
+
+def precheck(view: ModelView, output: str | None, data: dict[str, np.ndarray] | None, repair: set[str], *,
+             dry_run: bool = False, batch_size: int = 32, data_label: str = "the data") -> None:
+    """Every refusal that needs no execution (output, external files, too few samples for a known shape),
+    so that `fix` fails in a second instead of after probing the model."""
+    _prepare(view, output, data, repair, dry_run, batch_size, data_label)
+
+
+def _prepare(view: ModelView, output: str | None, data: dict[str, np.ndarray] | None, repair: set[str],
+             dry_run: bool, batch_size: int, data_label: str
+             ) -> tuple[dict[int, LayerFix], list[_Pending], int, int, list[str]]:
+    """Static refusals and the static plan: (decided layers, pending layers, batch, usable samples, notes)."""
+    handle: OnnxHandle = view.handle
+    src = handle.path
+    if not dry_run:
+        check_output(src, output)
+        if handle.external_data:  # a clash with the input's external files
+            out_dir = os.path.dirname(os.path.abspath(output))  # type: ignore[arg-type]
+            _external_names(onnx.load(src, load_external_data=False), src, os.path.dirname(src), output,  # type: ignore[arg-type]
+                            out_dir)
+    graph = _GraphFacts(handle.model)
+    results: dict[int, LayerFix] = {}
+    pending: list[_Pending] = []
+    for i, layer in enumerate(view.layers):
+        planned = _plan(i, layer, graph, repair)
+        if isinstance(planned, LayerFix):
+            results[i] = planned
+        else:
+            pending.append(planned)
+    samples = int(next(iter(data.values())).shape[0]) if data else 0
+    batch, usable = _batching(view, samples, batch_size)
+    notes: list[str] = []
+    if usable < samples:
+        notes.append(f"the model's batch dimension is fixed at {batch}: {samples - usable} of {samples} "
+                     "samples left out")
+    if data is not None and pending:
+        _check_samples_static(pending, usable, data_label)
+    return results, pending, batch, usable, notes
 
 
 _ACTION = {"train": "to-inference", "stale": "recalibrated", "moments": "replaced-moments"}
