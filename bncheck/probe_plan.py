@@ -133,12 +133,17 @@ class Plan:
     pool_needed: int  # distinct indices used before wrapping
 
 
-def make_plan(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool) -> Plan:
-    """The runs for these batch sizes and K; ``pool_size`` (data) wraps indices modulo the sample count."""
+def make_plan(
+    batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool, dependence: bool = True
+) -> Plan:
+    """The runs for these batch sizes and K; ``pool_size`` (data) wraps indices modulo the sample count.
+
+    ``dependence=False`` (a model whose batch dimension is fixed) plans no solo runs and no groups.
+    """
     k = max(1, int(samples))
     if pool_size is not None:
         k = min(k, pool_size)
-    big = tuple(b for b in batch_sizes if b > 1)
+    big = tuple(b for b in batch_sizes if b > 1) if dependence else ()
     wrap = (lambda i: i % pool_size) if pool_size else (lambda i: i)
     solo = tuple((i,) for i in range(k)) if big else ()
     groups: dict[int, tuple[tuple[int, ...], ...]] = {}
@@ -147,7 +152,7 @@ def make_plan(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None,
         groups[b] = tuple(tuple(wrap(g * b + j) for j in range(b)) for g in range(count))
     probe_runs: dict[int, tuple[int, ...]] = {}
     for b in batch_sizes:
-        probe_runs[b] = (0,) if b == 1 else groups[b][0]
+        probe_runs[b] = tuple(wrap(i) for i in range(b)) if b not in groups else groups[b][0]
     data_runs: tuple[tuple[int, ...], ...] = ()
     if with_data and pool_size:
         chunk = max(batch_sizes)
@@ -156,12 +161,21 @@ def make_plan(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None,
     for run in [*solo, *(probe_runs[b] for b in batch_sizes), *(r for b in big for r in groups[b]), *data_runs]:
         if run not in ordered:
             ordered.append(run)
-    needed = max([max(r) + 1 for r in ordered] + [k])
+    needed = max([max(r) + 1 for r in ordered] + ([k] if solo else []))
     return Plan(tuple(ordered), probe_runs, solo, groups, data_runs, k, needed)
 
 
-def _needed_pool(batch_sizes: tuple[int, ...], samples: int) -> int:
-    return make_plan(batch_sizes, samples, None, False).pool_needed
+def _needed_pool(batch_sizes: tuple[int, ...], samples: int, dependence: bool = True) -> int:
+    return make_plan(batch_sizes, samples, None, False, dependence).pool_needed
+
+
+def _fixed_batch(view: ModelView) -> int | None:
+    """The batch size every input fixes in its declared shape, or None when the batch dimension is free."""
+    fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
+    free = any(not spec.shape or not isinstance(spec.shape[0], int) for spec in view.inputs)
+    if len(fixed) == 1 and not free:
+        return int(fixed.pop())
+    return None
 
 
 def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -276,22 +290,32 @@ def run_plan(
     if not batch_sizes:
         raise ProbeDataError("no batch sizes to probe")
     notes: list[str] = []
+    dependence = True
+    fixed = _fixed_batch(view)
+    if fixed is not None and set(batch_sizes) != {fixed}:
+        notes.append(
+            f"the model's batch dimension is fixed to {fixed}: probed at batch size {fixed} only "
+            f"(requested {','.join(map(str, batch_sizes))}); batch dependence not tested"
+        )
+        batch_sizes, dependence = (fixed,), False
+    elif fixed is not None:
+        dependence = False
+        notes.append(f"the model's batch dimension is fixed to {fixed}: batch dependence not tested")
     if settings.data is not None:
         pool = dict(settings.data)
         counts = {int(np.asarray(a).shape[0]) for a in pool.values()}
         if len(counts) != 1:
             raise ProbeDataError("the data arrays have different numbers of samples")
         pool_size = counts.pop()
-        plan = make_plan(batch_sizes, settings.samples, pool_size, True)
+        plan = make_plan(batch_sizes, settings.samples, pool_size, True, dependence)
         if max(batch_sizes) > pool_size:
             notes.append(
                 f"the data holds {pool_size} samples; batches larger than that repeat samples"
             )
         data_samples = pool_size
     else:
-        needed = _needed_pool(batch_sizes, settings.samples)
-        pool = synthetic_inputs(view.inputs, needed, settings.seed, settings.input_shapes, int_high)
-        plan = make_plan(batch_sizes, settings.samples, None, False)
+        plan = make_plan(batch_sizes, settings.samples, None, False, dependence)
+        pool = synthetic_inputs(view.inputs, plan.pool_needed, settings.seed, settings.input_shapes, int_high)
         data_samples = 0
     results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
     total = len(plan.runs)
@@ -315,7 +339,7 @@ def run_plan(
             parts = [results[run][name].input for run in plan.data_runs if name in results[run]]
             if parts and all(p is not None for p in parts):
                 data[name] = merge_stats(parts)  # type: ignore[arg-type]
-    if not plan.solo_runs:
+    if not plan.solo_runs and dependence:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     return ProbeResult(
         batch_sizes=batch_sizes,

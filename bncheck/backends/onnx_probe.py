@@ -722,7 +722,8 @@ def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
             )
     if settings.data is None:
         for spec in view.inputs:
-            resolve_shape(spec, 1, settings.input_shapes)
+            fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else 1
+            resolve_shape(spec, fixed, settings.input_shapes)
 
 
 def run_probe(view: ModelView, settings: ProbeSettings) -> ProbeResult:
