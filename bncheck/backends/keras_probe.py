@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -79,7 +80,10 @@ def refuse_unsafe(static: KerasFile) -> None:
 def load(keras: Any, path: str) -> Any:
     try:
         # safe_mode=True only: a lambda or any object outside Keras fails to load instead of running.
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        # Keras's deprecation warnings would litter stderr, which the CLI keeps for one-line errors.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
         text = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise BackendError(f"{path}: keras could not load the model ({text})") from None
@@ -182,10 +186,14 @@ class KerasRunner:
             args = arrays[0] if len(arrays) == 1 else arrays
         self.capture.seen = {}
         try:
-            if style == AS_WRITTEN:
-                self.model(args)
-            else:
-                self.model(args, training=False)
+            # NaN/Inf in activations are measured and reported (BN005); numpy's warnings would only litter
+            # stderr, which the CLI keeps for one-line errors.
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if style == AS_WRITTEN:
+                    self.model(args)
+                else:
+                    self.model(args, training=False)
         except BackendError:
             raise
         except Exception as exc:
