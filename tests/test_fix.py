@@ -519,3 +519,9 @@ def test_cli_refusals_exit_2_with_one_line(stale_model: str, calib: str, tmp_pat
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("bncheck: error: ")
     assert result.stdout == ""
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_collapsing_norm_that_no_statistics_can_repair_is_reported_not_fixed() -> None:
+    report = fix(str(SAMPLES / "instancenorm_1x1.onnx"), None, None, dry_run=True)
+    entry = next(e for e in report.sections["fix"]["layers"] if e["layer"] == "in_gap")
+    assert entry["action"] == "not-fixed" and "BN001" in entry["reason"]

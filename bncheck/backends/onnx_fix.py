@@ -54,7 +54,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx_load import OnnxHandle
-from bncheck.checks import bn003_stale_stats
+from bncheck.checks import bn001_collapse, bn003_stale_stats
 from bncheck.model import Kind, ModelView, NormLayer, TensorStats, summarize
 
 #: at least this many samples per layer (see the module docstring for the rule).
@@ -302,6 +302,10 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> Lay
                             f"{list(layer.axes or [])} mixes the samples of a batch, but it is not a batch-norm "
                             "pattern bncheck can rewrite exactly (only BatchNormalization and hand-written "
                             "batch moments over every axis but the channel axis 1)", TRAIN_MODE)
+        if bn001_collapse.collapse_condition(layer) is not None:
+            return LayerFix(name, "not-fixed", f"{layer.kind.value} norm over a set of one element (BN001 "
+                            "collapse): no statistics can repair it; normalize over more elements or remove "
+                            "the layer", "BN001")
         return LayerFix(name, "unchanged", f"{layer.kind.value} norm: statistics per sample, nothing to "
                         "recalibrate")
     if layer.op_type == "decomposed":
