@@ -61,13 +61,14 @@ def fix(
     precheck(view, output, data, repair, dry_run=dry_run, batch_size=batch_size, data_label=label)
     settings = ProbeSettings(data_path=data_path, data_source=data_path or "synthetic",
                              batch_sizes=_probe_batch_sizes(view))
+    del view  # one copy of the weights at a time: the probes load the model themselves
     if data_path is not None:
         report = engine.probe(path, settings, fail_on=fail_on)
     else:
         report = engine.inspect(path, fail_on=fail_on)
     flagged = {f.layer: dict(f.evidence) for f in report.findings
                if f.code == "BN003" and f.evidence.get("kind") == "drift"}
-    outcome = fix_onnx(view, output, data, repair, dry_run=dry_run, batch_size=batch_size,
+    outcome = fix_onnx(backend.load(path), output, data, repair, dry_run=dry_run, batch_size=batch_size,
                        data_label=label, flagged=flagged)
     reprobe = None
     if outcome.written and data_path is not None:
