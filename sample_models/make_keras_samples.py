@@ -4,9 +4,10 @@ Every weight of the untrained samples is set from numpy with a fixed seed (not f
 whose random streams differ per backend), and the .keras archives are rewritten without their time stamps
 (zip member dates, ``date_saved``) and with Keras's ``shared_object_id`` values (memory addresses) renumbered
 in order of appearance, so those files are the same bytes on every run; ``tests/test_keras_probe.py`` checks
-that. The two fitted samples (matching statistics, drifting statistics) are trained by ``model.fit`` on the
-jax backend (Keras's numpy backend cannot train): their bytes depend on XLA's float arithmetic, so the tests
-check what they claim (their moving statistics against their calibration data), not their bytes.
+that. The untrained samples are built on Keras's numpy backend; the two fitted samples (matching statistics,
+drifting statistics) are trained by ``model.fit`` on the jax backend (the numpy backend cannot train), in a
+child process: their bytes depend on XLA's float arithmetic, so the tests check what they claim (their
+moving statistics against their calibration data), not their bytes.
 
 Run:  python sample_models/make_keras_samples.py [--out DIR] [--only NAME ...]
 
@@ -20,6 +21,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -344,16 +347,23 @@ def write_calibration(out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # jax, not numpy: two samples are trained with model.fit, which Keras's numpy backend does not implement.
-    # Set before keras is first imported (every builder imports it lazily, so importing this module for its
-    # SAMPLES table has no side effect); the untrained samples' bytes do not depend on the backend.
-    os.environ["KERAS_BACKEND"] = "jax"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--only", nargs="*", default=None, help="sample file names (default: all)")
     args = parser.parse_args(argv)
+    names = list(args.only if args.only is not None else SAMPLES)
+    fitted = [n for n in names if SAMPLES[n][1]]
+    untrained = [n for n in names if not SAMPLES[n][1]]
+    if fitted and untrained:
+        # One backend per process (Keras reads KERAS_BACKEND once, at import): the fitted samples in a child.
+        subprocess.run([sys.executable, __file__, "--out", str(args.out), "--only", *fitted], check=True)
+        names = untrained
+    # Fitting needs jax (Keras's numpy backend does not implement fit); the untrained samples are built with
+    # numpy, the fastest to import and build (their .keras bytes are the same under jax; the legacy .h5
+    # records the backend). Set before keras is first imported: every builder imports it lazily.
+    os.environ["KERAS_BACKEND"] = "jax" if fitted and not untrained else "numpy"
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.only if args.only is not None else SAMPLES:
+    for name in names:
         path = write(name, args.out)
         print(f"{path}  {path.stat().st_size} bytes")
     if args.only is None:
