@@ -30,10 +30,12 @@ inputs, not the data) and at least :data:`MIN_VALUES_PER_CHANNEL` values per cha
 of the mean is then at most a tenth of the channel's standard deviation, well inside BN003's drift
 threshold of half a standard deviation). A layer on 1x1 maps therefore needs 100 samples, one on 8x8 maps 8.
 
-Preservation: edits are recorded and replayed on the model as parsed from the file without its weights, so
-everything not repaired is written back exactly as it was read: other initializers, node names and order,
-metadata, opsets, and the external-data layout (the external files are copied next to the output with the
-same offsets; repaired tensors stored there are patched in place, new small tensors are stored inline).
+Preservation: everything not repaired is written back exactly as it was read: other initializers, node
+names and order, metadata, opsets, and the external-data layout. A model without external data is edited in
+place (the loaded proto is the file as parsed) and serialized; for a model with external data the edits are
+recorded and replayed on the file parsed without its weights, the external files are copied next to the
+output with the same offsets (renamed after the output when it shares the input's folder), repaired tensors
+stored there are patched in place, and new small tensors are stored inline.
 """
 
 from __future__ import annotations
