@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import tempfile
 import zipfile
