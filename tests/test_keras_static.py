@@ -208,7 +208,7 @@ def test_nested_model_called_with_training_true_bakes_its_layers(tmp_path):
     assert layer.training and layer.batch_statistics
 
 
-def _tf_keras_h5(path, *, training: bool = True) -> None:
+def _tf_keras_h5(path, *, training: bool = True, second_bn: bool = False) -> dict:
     """A Functional model as tf_keras 2.15 writes it to .h5 (Dense -> BatchNormalization on 1-D features)."""
     rng = np.random.default_rng(3)
     kwargs = {"training": True} if training else {}
@@ -232,17 +232,26 @@ def _tf_keras_h5(path, *, training: bool = True) -> None:
             "output_layers": [["bn", 0, 0]],
         },
     }
+    if second_bn:  # a BatchNormalization after the baked one, without a flag of its own
+        config["config"]["layers"].append(
+            {"class_name": "BatchNormalization", "name": "bn_after", "inbound_nodes": [[["bn", 0, 0, {}]]],
+             "config": {"name": "bn_after", "trainable": True, "dtype": "float32", "axis": [1], "momentum": 0.99,
+                        "epsilon": 0.001, "center": True, "scale": True}}
+        )
+        config["config"]["output_layers"] = [["bn_after", 0, 0]]
     values = {
         "d1": {"kernel:0": rng.normal(size=(4, 6)), "bias:0": rng.normal(size=6)},
         "bn": {"gamma:0": rng.uniform(0.5, 1.5, 6), "beta:0": rng.normal(size=6),
                "moving_mean:0": rng.normal(size=6), "moving_variance:0": rng.uniform(0.5, 1.5, 6)},
     }
+    if second_bn:
+        values["bn_after"] = {k: v + 1.0 for k, v in values["bn"].items()}
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = "2.15.0"
         f.attrs["backend"] = "tensorflow"
         f.attrs["model_config"] = json.dumps(config)
         weights = f.create_group("model_weights")
-        weights.attrs["layer_names"] = np.array([b"input_1", b"d1", b"bn"])
+        weights.attrs["layer_names"] = np.array([b"input_1", *(name.encode() for name in values)])
         weights.attrs["keras_version"] = "2.15.0"
         weights.attrs["backend"] = "tensorflow"
         weights.create_group("input_1").attrs["weight_names"] = np.array([], dtype="S1")
@@ -431,3 +440,13 @@ def test_deeply_nested_models_are_walked_in_linear_time_with_their_weights(tmp_p
     assert len(view.layers) == 20 and view.layers[0].name == "/".join(f"m{i}" for i in range(18, -1, -1)) + "/bn"
     assert all(layer.var is not None for layer in view.layers)
     assert not [n for n in view.notes if n.level == "warning"]
+
+
+def test_tf_keras_baked_flag_does_not_reach_later_layers(tmp_path):
+    """Keras 2 restores the call context after each layer: only the layer with the flag trains."""
+    path = str(tmp_path / "tf_keras_two.h5")
+    values = _tf_keras_h5(path, second_bn=True)
+    view = KerasBackend().load(path)
+    after = view.layer("bn_after")
+    assert not after.batch_statistics and after.uses_running_stats and after.notes == ()
+    np.testing.assert_array_equal(after.mean, values["bn_after"]["moving_mean:0"].astype("float32"))
