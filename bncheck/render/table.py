@@ -47,10 +47,10 @@ def render(report: Report, width: int = 100, color: bool = False) -> str:
             )
             console.print(Padding(Text(finding.message), (0, 0, 0, 4), expand=False))
             console.print(Padding(Text("fix: " + finding.hint, style="dim"), (0, 0, 0, 4), expand=False))
-    for name, section in report.sections.items():
-        summary = section.get("summary") if isinstance(section, dict) else None
-        if summary:
-            console.print(Text(f"{name}: {summary}"))
+    fix = report.sections.get("fix")
+    if isinstance(fix, dict):
+        console.print(_fix_table(fix))
+        console.print(Text(f"fix: {fix.get('summary', '')}", style="bold"))
     console.print(Text(_summary_line(report), style=_STYLE.get(
         report.max_severity.label if report.max_severity else "ok", "")))
     # rich pads wrapped lines to the width; trailing blanks only get in the way of copy and diff
@@ -85,6 +85,29 @@ def _layer_table(report: Report) -> Table:
         row.append(Text(status, style=_STYLE.get(status, "")))
         table.add_row(*row)
     return table
+
+
+def _fix_table(fix: dict) -> Table:
+    """What `bncheck fix` did per layer: action, and why (old -> new running statistics medians)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="fix", title_justify="left")
+    table.add_column("layer", overflow="fold", max_width=24)
+    table.add_column("action", no_wrap=True)
+    table.add_column("mean / var median: old -> new", no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for entry in fix.get("layers", []):
+        table.add_row(entry.get("layer", "?"), entry.get("action", "?"),
+                      _old_new(entry.get("old"), entry.get("new")), entry.get("reason") or "")
+    return table
+
+
+def _old_new(old: dict | None, new: dict | None) -> str:
+    def pair(stats: dict | None) -> str:
+        if not stats or not stats.get("mean") or not stats.get("var"):
+            return "-"
+        mean, var = stats["mean"].get("median"), stats["var"].get("median")
+        return "-" if mean is None or var is None else f"{mean:.3g} / {var:.3g}"
+
+    return "" if new is None else f"{pair(old)} -> {pair(new)}"
 
 
 def _mode(layer: NormLayer) -> str:
