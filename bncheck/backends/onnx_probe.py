@@ -1,45 +1,50 @@
 """The ONNX probe: measure every normalization layer inside onnxruntime, returning small tensors only.
 
 How (issue 3, section 2)
-- The model is augmented in memory. For each measured tensor T (a layer's input or output) reduction
-  nodes return, per sample and channel, the mean and the mean of squares ([N, C], float32, aggregated in
-  float64 in numpy), per-channel min and max, and counts of zeros. Never the activation itself, except for
-  tensors of at most ``SMALL_SAMPLE`` elements per sample, which are fetched whole (exact numpy statistics).
-- Fast form (NCHW tensors of rank >= 3): GlobalAveragePool(T), GlobalAveragePool(T*T), GlobalMaxPool(T),
-  GlobalMaxPool(-T) (a depthwise 1x1 Conv with weight -1) and the zero indicator
-  GlobalAveragePool(Relu(1 - BIG*T*T)) (a depthwise Conv with bias 1, Relu fused). These are exactly the
-  ops onnxruntime's NCHWc layout transformer runs in its blocked layout: a ReduceMean would force a
-  reorder (a full copy) of each measured tensor, and the NCHWc convolutions are what make
-  ORT_ENABLE_ALL about 1.6x faster than ORT_ENABLE_EXTENDED on ResNet-50 here. NaN/Inf propagate into
-  the per-sample means; a batch where a fast-measured tensor is not finite is measured again with exact
-  counts (generic form, below), so non-finite counts are exact.
-- Generic form (other layouts, exact counts): ReduceMean / ReduceSumSquare / ReduceMin / ReduceMax over
-  every axis but batch and channel, Equal/IsNaN/IsInf counts.
-- Execution order PRIORITY_BASED, so that reductions run right after their producer and every measured
-  activation is freed as in plain inference. With ties broken by node index, where the nodes go matters:
-  generic nodes sit right after their producer; fast nodes are appended at the end in reverse layer order,
-  because the NCHWc transformer renumbers the convolutions in onnxruntime's reverse-DFS topological order
-  (highest-index leaf first), which then interleaves each layer's reductions with its producer (measured
-  on ResNet-50 at batch 32: 0.95 GB instead of 3.4 GB with the nodes right after their producer).
+- The model is augmented in memory. For each measured tensor T (a layer's input or output) added nodes
+  return, per sample and channel, the mean and the mean of squares ([N, C], float32, aggregated in float64
+  in numpy) and the min and max, never the activation itself, except for tensors of at most
+  ``SMALL_SAMPLE`` elements per sample, which are fetched whole (exact numpy statistics).
+- Fast form (float32 NCHW tensors of rank >= 3): GlobalAveragePool(T), GlobalMaxPool(T), then one
+  temporary -T (a depthwise 1x1 Conv with weight -1), GlobalMaxPool(-T) and GlobalAveragePool((-T)^2).
+  These are ops onnxruntime's NCHWc layout transformer keeps in its blocked layout; a ReduceMean would force
+  a reorder (a full copy) of every measured tensor, and NCHWc convolutions are what make ORT_ENABLE_ALL
+  about 1.6x faster than ORT_ENABLE_EXTENDED on ResNet-50 here. Exact zeros are not counted in this form
+  (it would cost a second temporary per tensor): ``TensorStats.zeros_exact`` is False and zeros are known
+  where min/max decide them. NaN/Inf propagate into the per-sample means: a batch where a fast-measured
+  tensor is not finite switches the engine to the exact form (a new session, the old one freed first), so
+  NaN/Inf counts are exact.
+- Generic (exact) form, for other layouts and after NaN/Inf: ReduceMean / ReduceSumSquare / ReduceMin /
+  ReduceMax over every axis but batch and channel, Equal/IsNaN/IsInf counts, at ORT_ENABLE_EXTENDED.
+- Execution order PRIORITY_BASED, so that the added nodes run right after their producer instead of at
+  the end of the graph with every measured activation alive. Ties are broken by node index, so placement
+  matters: generic nodes sit right after their producer; fast nodes are appended at the end in reverse
+  layer order, because the NCHWc transformer renumbers nodes in onnxruntime's reverse-DFS topological
+  order (highest-index leaf first), which then interleaves each layer's statistics with its producer
+  (ResNet-50, batch 32: 0.95 GB peak instead of 3.4 GB with the nodes right after their producer).
 - Graph optimizations: ORT_ENABLE_ALL. It fuses Conv+BatchNormalization when only the BN output is read,
-  which changes nothing measured beyond float32 rounding; ``tests/test_onnx_probe.py`` proves every
-  measured tensor equals a plain ORT_DISABLE_ALL run of the unaugmented model.
+  which changes nothing measured beyond float32 rounding; ``tests/test_onnx_probe.py`` proves the
+  statistics equal numpy statistics of the full tensors of a plain ORT_DISABLE_ALL run of the unaugmented
+  model.
 - Inference-mode BatchNormalization is an affine map per channel (y = a*x + b): its output is measured
-  (which keeps Conv+BN fusion possible) and its input derived (``derived=True`` on the derived side).
+  (which keeps Conv+BN fusion possible) and its input derived (``TensorStats.derived``).
 - Train-mode BatchNormalization: onnxruntime does not follow the ONNX spec for it (DEVELOPERS.md,
   onnxruntime#29790: when B equals the running mean, or scale equals the running variance, the running
-  statistics it updates share memory with that initializer and the output is corrupted). The augmented
-  copy therefore computes each train-mode BN by the spec's own decomposition (ReduceMean over (0, 2, ...),
-  population variance, normalize, scale, bias, and the running-statistic outputs) under the node's output
-  names, so the layer and everything downstream follow the spec; the original node still runs on the
-  same input, its output renamed, and is measured too: ``LayerProbe.source == "spec"`` and
-  ``runtime_deviation`` is the largest |runtime - spec| of its output statistics. The decomposition uses
-  private copies of scale/B/mean/var, so the runtime node's in-place writes cannot reach it.
-- Weights: never a second copy in this process. The augmented model is a weight-less stub whose
-  initializers point at external data: the original files when the model has external data, else a
-  temporary file written tensor by tensor from the loaded model; onnxruntime reads them itself
-  (``session.model_external_initializers_file_folder_path``). One InferenceSession with a dynamic batch
-  serves every batch size.
+  statistics it updates share memory with that initializer and the output is corrupted). Rather than
+  post-correcting numbers, the augmented copy computes every train-mode BN by the spec's own decomposition
+  (ReduceMean over (0, 2, ...), population variance, normalize, scale, bias, and the running-statistic
+  outputs) under the node's output names, so the layer and everything downstream follow the spec in one
+  run; the original node still runs on the same input with its outputs renamed, and is measured too:
+  ``LayerProbe.source == "spec"`` and ``runtime_deviation`` is the largest |runtime - spec| of its output
+  statistics (per-sample means, min, max). The decomposition reads its parameters through Identity copies,
+  so the runtime node's in-place writes cannot reach it; ``tests/test_onnx_probe.py`` checks it against
+  ``onnx.reference``.
+- Weights: no second copy in this process. The augmented model is a weight-less stub whose initializers
+  point at external data: the original files when the model has external data, else a temporary file
+  written tensor by tensor from the loaded model; onnxruntime reads them itself
+  (``session.model_external_initializers_file_folder_path``). Small tensors (<= 64 KiB, integer tensors)
+  stay inline for onnxruntime's shape inference. One InferenceSession with a dynamic batch serves every
+  batch size.
 """
 
 from __future__ import annotations
@@ -532,6 +537,9 @@ def _session(model: "onnx.ModelProto", folder: str, exact: bool):
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    # no CPU arena: the arena keeps freed activations and rounds growth up (measured +110 MB peak at
+    # batch 32 on ResNet-50); the probe runs a handful of batches, so malloc's cost does not matter
+    so.enable_cpu_mem_arena = False
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -598,8 +606,7 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
         hi = (out.max - b) / a
     lo, hi = np.where(a > 0, lo, hi), np.where(a > 0, hi, lo)
     zero_range = (lo == 0) & (hi == 0)
-    per_channel = out.count // max(out.channels, 1) if out.channels else 0
-    zeros = np.where(zero_range, per_channel, 0).astype(np.int64)
+    zeros = np.where(zero_range, out.count, 0).astype(np.int64)  # count is per channel
     return TensorStats(out.batch_size, out.count, mean, sq, lo, hi, zeros, out.nonfinite.copy(), derived=True,
                        zeros_exact=False)
 
