@@ -12,7 +12,7 @@ from typing import Any
 from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import run_checks, selected
 from bncheck.model import ModelView, ProbeResult
-from bncheck.report import Report, dedupe, sort_findings
+from bncheck.report import Report, merge_findings, sort_findings
 
 
 def inspect(path: str, *, select: Sequence[str] = (), ignore: Sequence[str] = (), fail_on: str = "error") -> Report:
@@ -55,15 +55,15 @@ def _report(
     settings: dict[str, Any],
     fail_on: str,
 ) -> Report:
-    findings = []
-    for probe_result in probes or [None]:
-        findings.extend(run_checks(view, probe_result, checks))
+    static = list(run_checks(view, None, checks))
+    per_probe = [(p.call_style, list(run_checks(view, p, checks))) for p in probes]
+    findings = merge_findings(static, per_probe)
     settings["fail_on"] = fail_on
     return Report(
         command=command,
         model=view.info,
         layers=list(view.layers),
-        findings=sort_findings(dedupe(findings), [layer.name for layer in view.layers]),
+        findings=sort_findings(findings, [layer.name for layer in view.layers]),
         notes=list(view.notes),
         probes=probes,
         settings=settings,

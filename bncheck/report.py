@@ -6,7 +6,7 @@ A report is data. Renderers (bncheck.render.*) turn it into text; nothing here p
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bncheck.checks import bn001_collapse, bn002_train_mode
@@ -63,31 +63,36 @@ def sort_findings(findings: Iterable[Finding], layer_order: list[str]) -> list[F
     return sorted(findings, key=lambda f: (position.get(f.layer, len(position)), -int(f.severity), f.code))
 
 
-def dedupe(findings: Iterable[Finding]) -> list[Finding]:
-    """Merge findings that several probe call styles (Keras) reported for the same code, layer and kind.
+def merge_findings(
+    static: Iterable[Finding], per_probe: Iterable[tuple[str | None, Iterable[Finding]]]
+) -> list[Finding]:
+    """One list from the static findings and the findings of each probe run (Keras has two call styles).
 
-    The first one is kept; the call styles of all of them are listed in its evidence.
+    A probe run repeats the static findings (checks report them whenever they hold); those are dropped. A
+    finding only a probe produced replaces a static one of the same code on the same layer (the check
+    already folded the prediction into it), and one produced in several call styles is kept once, with
+    ``call_styles`` listing them in its evidence.
     """
-    merged: dict[tuple[str, str, str, str], Finding] = {}
-    styles: dict[tuple[str, str, str, str], list[str]] = {}
-    for finding in findings:
-        key = (finding.code, finding.layer, str(finding.evidence.get("kind")), finding.message)
-        style = finding.evidence.get("call_style")
-        if key not in merged:
-            merged[key] = finding
-            styles[key] = []
-        if style is not None and style not in styles[key]:
-            styles[key].append(style)
-    out = []
-    for key, finding in merged.items():
+    static = list(static)
+    static_keys = {(f.code, f.layer, f.message) for f in static}
+    dynamic: dict[tuple[str, str, str], Finding] = {}
+    styles: dict[tuple[str, str, str], list[str]] = {}
+    for call_style, findings in per_probe:
+        for finding in findings:
+            if (finding.code, finding.layer, finding.message) in static_keys:
+                continue
+            key = (finding.code, finding.layer, str(finding.evidence.get("kind")))
+            dynamic.setdefault(key, finding)
+            styles.setdefault(key, [])
+            if call_style is not None and call_style not in styles[key]:
+                styles[key].append(call_style)
+    replaced = {(code, layer) for code, layer, _ in dynamic}
+    merged = [f for f in static if (f.code, f.layer) not in replaced]
+    for key, finding in dynamic.items():
         if styles[key]:
-            evidence = dict(finding.evidence)
-            evidence.pop("call_style", None)
-            evidence["call_styles"] = styles[key]
-            finding = Finding(finding.code, finding.check, finding.severity, finding.layer, finding.message,
-                              finding.hint, evidence)
-        out.append(finding)
-    return out
+            finding = replace(finding, evidence={**finding.evidence, "call_styles": styles[key]})
+        merged.append(finding)
+    return merged
 
 
 def layer_status(report: Report, layer: NormLayer) -> str:

@@ -105,8 +105,6 @@ def _finding(
             worst_batch_size=dep.worst_batch_size,
             tolerance=OUTPUT_TOLERANCE,
         )
-    if probe is not None and probe.call_style is not None:
-        evidence["call_style"] = probe.call_style
     runtime_note = _runtime_note(layer, probe)
     if runtime_note:
         evidence["runtime_deviation"] = runtime_note
