@@ -48,7 +48,10 @@ t1 = time.perf_counter()
 result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
 wall = time.perf_counter() - t0
 assert len(result.dependence) == 53, len(result.dependence)
-print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+deps = result.dependence.values()
+print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "max_output_change": max(d.output_change for d in deps),
+                  "max_input_change": max(d.input_change for d in deps)}))
 """
 
 
@@ -76,7 +79,9 @@ def main() -> None:
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("wall", "rss_mb")} for k, v in runs.items()}
     ratios = {f: med["probe"][f] / med["plain"][f] for f in ("wall", "rss_mb")}
     print(json.dumps({"repeats": args.repeats, "median": med, "ratio_probe_over_plain": ratios,
-                      "probe_load_median_s": statistics.median(r["load"] for r in runs["probe"])}, indent=2))
+                      "probe_load_median_s": statistics.median(r["load"] for r in runs["probe"]),
+                      "dependence_noise": max(max(r["max_output_change"], r["max_input_change"]) for r in runs["probe"])},
+                     indent=2))
 
 
 if __name__ == "__main__":

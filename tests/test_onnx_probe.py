@@ -93,8 +93,9 @@ def _compare_with_plain_run(path: str, size: int = 5, input_shapes=None) -> dict
             _assert_close(getattr(probe, side), ref)
     engine = _Engine(view.handle, view.layers)
     modes = {m.mode for p in engine.plans for m in (p.input, p.output) if m is not None}
+    ordered = engine.statistics_first
     engine.close()
-    return {"modes": ",".join(sorted(modes))}
+    return {"modes": ",".join(sorted(modes)), "statistics_first": ordered}
 
 
 # --------------------------------------------------------------------------- statistics are right
@@ -105,6 +106,7 @@ def test_in_graph_statistics_at_ort_enable_all_equal_numpy_of_an_unoptimized_pla
     # the augmented session runs at ORT_ENABLE_ALL (Conv+BN fusion, NCHWc), the reference at DISABLE_ALL
     info = _compare_with_plain_run(_resnet(tmp_path / "r.onnx", width=8, image=64))
     assert info["modes"] == "fast,full"
+    assert info["statistics_first"]  # the re-ordered, pre-optimized graph, not the fallback
 
 
 def test_generic_form_statistics_equal_numpy_for_channel_last_layer_norm(tmp_path):
