@@ -29,12 +29,13 @@ import time, resource, json, sys
 t0 = time.perf_counter()
 import numpy as np
 import onnxruntime as ort
+t_import = time.perf_counter() - t0
 sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 rng = np.random.default_rng(0)
 for b in (1, 2, 32):
     sess.run(None, {"input": rng.standard_normal((b, 3, 224, 224), dtype=np.float32)})
 wall = time.perf_counter() - t0
-print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"wall": wall, "import": t_import, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 PROBE = r"""
@@ -45,11 +46,13 @@ from bncheck.backends.base import ProbeSettings
 backend = OnnxBackend()
 view = backend.load(sys.argv[1])
 t1 = time.perf_counter()
+rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
 wall = time.perf_counter() - t0
 assert len(result.dependence) == 53, len(result.dependence)
 deps = result.dependence.values()
 print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_after_load_mb": rss_load,
                   "max_output_change": max(d.output_change for d in deps),
                   "max_input_change": max(d.input_change for d in deps)}))
 """
@@ -78,6 +81,11 @@ def main() -> None:
         print(f"repeat {rep + 1}: plain {runs['plain'][-1]} probe {runs['probe'][-1]}", file=sys.stderr)
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("wall", "rss_mb")} for k, v in runs.items()}
     ratios = {f: med["probe"][f] / med["plain"][f] for f in ("wall", "rss_mb")}
+    # the probe engine alone (run_probe after the backend's load) against the plain session + runs
+    engine = statistics.median(r["wall"] - r["load"] for r in runs["probe"])
+    plain_session_runs = statistics.median(r["wall"] - r["import"] for r in runs["plain"])
+    ratios["wall_run_probe_only"] = engine / plain_session_runs
+    ratios["rss_after_load"] = statistics.median(r["rss_after_load_mb"] for r in runs["probe"]) / med["plain"]["rss_mb"]
     print(json.dumps({"repeats": args.repeats, "median": med, "ratio_probe_over_plain": ratios,
                       "probe_load_median_s": statistics.median(r["load"] for r in runs["probe"]),
                       "dependence_noise": max(max(r["max_output_change"], r["max_input_change"]) for r in runs["probe"])},

@@ -237,6 +237,27 @@ def test_batch_dependence_is_float32_noise_for_layer_norm(tmp_path, capsys):
         assert out < CLEAN_NOISE and inp < CLEAN_NOISE
 
 
+def test_batch_dependence_is_float32_noise_for_layer_norm_after_matmul(tmp_path, capsys):
+    # MatMul kernels may block rows differently per batch size: the noise a transformer block shows
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["h2"], name="mm2"),
+             helper.make_node("LayerNormalization", ["h2", "s", "b"], ["y"], name="ln", axis=-1)]
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 768)) / 8).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((768, 768)) / 16).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.ones(768, np.float32), "s"), numpy_helper.from_array(np.zeros(768, np.float32), "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 64, 64])],
+                              [helper.make_tensor_value_info("y", F32, ["N", 64, 768])], inits)
+    path = str(tmp_path / "mlp.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    _, result = _probe(path, batch_sizes=(1, 2, 32))
+    out, inp = _changes(result)
+    with capsys.disabled():
+        print(f"\n[noise] MatMul -> LayerNorm [N, 64, 768]: output_change {out:.3g}, input_change {inp:.3g}")
+    assert out < CLEAN_NOISE and inp < CLEAN_NOISE
+
+
 # --------------------------------------------------------------------------- inputs and failures
 
 
