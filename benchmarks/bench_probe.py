@@ -35,7 +35,8 @@ rng = np.random.default_rng(0)
 for b in (1, 2, 32):
     sess.run(None, {"input": rng.standard_normal((b, 3, 224, 224), dtype=np.float32)})
 wall = time.perf_counter() - t0
-print(json.dumps({"wall": wall, "import": t_import, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"wall": wall, "import": t_import, "rss_mb": rss}))
 """
 
 PROBE = r"""
@@ -88,7 +89,8 @@ def main() -> None:
     ratios["rss_after_load"] = statistics.median(r["rss_after_load_mb"] for r in runs["probe"]) / med["plain"]["rss_mb"]
     print(json.dumps({"repeats": args.repeats, "median": med, "ratio_probe_over_plain": ratios,
                       "probe_load_median_s": statistics.median(r["load"] for r in runs["probe"]),
-                      "dependence_noise": max(max(r["max_output_change"], r["max_input_change"]) for r in runs["probe"])},
+                      "dependence_noise": max(max(r["max_output_change"], r["max_input_change"])
+                                              for r in runs["probe"])},
                      indent=2))
 
 

@@ -231,7 +231,9 @@ def _change(
     return best, worst_b
 
 
-def _dependence(plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layer: str) -> BatchDependence | None:
+def _dependence(
+    plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layer: str
+) -> BatchDependence | None:
     sizes = tuple(sorted(plan.group_runs))
     if not plan.solo_runs or not sizes:
         return None

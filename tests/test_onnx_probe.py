@@ -149,7 +149,8 @@ def test_external_data_model_gives_the_same_statistics(tmp_path):
     _, a = _probe(path, batch_sizes=(1, 4))
     _, b = _probe(str(ext_dir / "r.onnx"), batch_sizes=(1, 4))
     for name, probe in a.layers[4].items():
-        np.testing.assert_allclose(b.layers[4][name].output.sample_mean, probe.output.sample_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(b.layers[4][name].output.sample_mean, probe.output.sample_mean,
+                                   rtol=1e-6, atol=1e-7)
     assert sorted(os.listdir(ext_dir)) == ["r.data", "r.onnx"]  # nothing written next to the user's model
 
 
@@ -169,10 +170,13 @@ def test_measure_inputs_accumulates_numpy_statistics_over_batches(tmp_path):
 # --------------------------------------------------------------------------- train-mode BN follows the spec
 
 
+#: bias == running mean (0) and scale == running variance (1): what onnxruntime gets wrong (#29790)
+_EQUAL_PARAMS = {"bias": [0.0] * 3, "mean": [0.0] * 3, "var": [1.0] * 3, "scale": [1.0] * 3}
+
+
 @pytest.mark.parametrize("hw", [(1, 1), (4, 4)])
 def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw):
-    # bias == running mean (0) and scale == running var (1): the case onnxruntime gets wrong
-    path = bn_model(tmp_path / "t.onnx", channels=3, hw=hw, training=True, bias=[0.0] * 3, mean=[0.0] * 3, var=[1.0] * 3, scale=[1.0] * 3)
+    path = bn_model(tmp_path / "t.onnx", channels=3, hw=hw, training=True, **_EQUAL_PARAMS)
     view = OnnxBackend().load(path)
     aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False)
     sess = _session(aug.finish(), aug.folder, exact=False)
@@ -184,7 +188,7 @@ def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw):
 
 
 def test_train_mode_bn_reports_the_runtime_deviation_from_the_spec(tmp_path):
-    buggy = bn_model(tmp_path / "bug.onnx", channels=3, hw=(1, 1), training=True, bias=[0.0] * 3, mean=[0.0] * 3, var=[1.0] * 3, scale=[1.0] * 3)
+    buggy = bn_model(tmp_path / "bug.onnx", channels=3, hw=(1, 1), training=True, **_EQUAL_PARAMS)
     _, result = _probe(buggy, batch_sizes=(1, 4))
     probe = result.at(4, "bn")
     assert probe.source == "spec" and probe.runtime_deviation > 1e-2
@@ -193,6 +197,22 @@ def test_train_mode_bn_reports_the_runtime_deviation_from_the_spec(tmp_path):
     clean = bn_model(tmp_path / "ok.onnx", channels=3, hw=(4, 4), training=True)
     _, result = _probe(clean, batch_sizes=(1, 4))
     assert result.at(4, "bn").source == "spec" and result.at(4, "bn").runtime_deviation < 1e-4
+
+
+def test_a_train_mode_node_onnxruntime_rejects_is_probed_by_the_spec_alone(tmp_path):
+    # opset 9 allows 1 or 5 outputs; onnxruntime refuses this 3-output training node outright
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], name="bn")]
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n)
+             for n, v in (("s", 1.0), ("b", 0.5), ("m", 0.1), ("v", 1.2))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 1, 1])],
+                              [helper.make_tensor_value_info("y", F32, ["N", 3, 1, 1])], inits)
+    path = str(tmp_path / "bn9.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)]), path)
+    _, result = _probe(path, batch_sizes=(1, 4))
+    probe = result.at(1, "bn")
+    assert probe.source == "spec" and probe.runtime_deviation is None
+    np.testing.assert_array_equal(probe.output.max, 0.5)  # batch 1 on 1x1 maps: exactly B
+    assert any("spec only" in note for note in result.notes)
 
 
 # --------------------------------------------------------------------------- batch-dependence numbers
@@ -246,7 +266,8 @@ def test_batch_dependence_is_float32_noise_for_layer_norm_after_matmul(tmp_path,
              helper.make_node("LayerNormalization", ["h2", "s", "b"], ["y"], name="ln", axis=-1)]
     inits = [numpy_helper.from_array((rng.standard_normal((64, 768)) / 8).astype(np.float32), "w1"),
              numpy_helper.from_array((rng.standard_normal((768, 768)) / 16).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.ones(768, np.float32), "s"), numpy_helper.from_array(np.zeros(768, np.float32), "b")]
+             numpy_helper.from_array(np.ones(768, np.float32), "s"),
+             numpy_helper.from_array(np.zeros(768, np.float32), "b")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 64, 64])],
                               [helper.make_tensor_value_info("y", F32, ["N", 64, 768])], inits)
     path = str(tmp_path / "mlp.onnx")
@@ -307,11 +328,13 @@ def _two_input_model(path: Path) -> str:
         helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"], name="bn"),
     ]
     inits = [numpy_helper.from_array(table, "table")] + [
-        numpy_helper.from_array(np.full(8, val, np.float32), n) for n, val in (("s", 1.5), ("b", 0.1), ("m", 0.2), ("v", 0.8))
+        numpy_helper.from_array(np.full(8, val, np.float32), n)
+        for n, val in (("s", 1.5), ("b", 0.1), ("m", 0.2), ("v", 0.8))
     ]
     graph = helper.make_graph(
         nodes, "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 8]), helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("x", F32, ["N", 8]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
         [helper.make_tensor_value_info("y", F32, ["N", 8])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)

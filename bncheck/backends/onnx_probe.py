@@ -100,6 +100,7 @@ class _LayerPlan:
     output: _Measure | None = None
     runtime: _Measure | None = None  # train-mode BN: the runtime node's own output
     affine: tuple[np.ndarray, np.ndarray] | None = None  # inference BN: y = a*x + b per channel
+    spec: bool = False  # a train-mode BN computed by the spec's decomposition
     note: str | None = None
 
 
@@ -236,8 +237,17 @@ def _stub(handle: "OnnxHandle", tmp: str) -> tuple["onnx.ModelProto", str]:
 class _Augmenter:
     """Builds the instrumented stub for a list of layers."""
 
-    def __init__(self, handle: "OnnxHandle", layers: list[NormLayer], tmp: str, exact: bool, inputs_only: bool):
+    def __init__(
+        self,
+        handle: "OnnxHandle",
+        layers: list[NormLayer],
+        tmp: str,
+        exact: bool,
+        inputs_only: bool,
+        keep_runtime: bool = True,
+    ):
         self.handle = handle
+        self.keep_runtime = keep_runtime
         self.exact = exact
         self.inputs_only = inputs_only
         self.model, self.folder = _stub(handle, tmp)
@@ -292,9 +302,9 @@ class _Augmenter:
         else:
             per_sample = None
         elem = self.types.get(tensor, 1)
-        group: list[Any] = []
         start = len(self.b.nodes)
-        m = _Measure(tensor, batch_axis, channel_axis, "full", length=self._static_length(tensor, batch_axis, channel_axis))
+        length = self._static_length(tensor, batch_axis, channel_axis)
+        m = _Measure(tensor, batch_axis, channel_axis, "full", length=length)
         if per_sample is not None and per_sample <= SMALL_SAMPLE:
             m.mode = "full"
             m.outputs["full"] = tensor
@@ -324,7 +334,7 @@ class _Augmenter:
         return m
 
     def _fast(self, m: _Measure, channels: int) -> None:
-        """NCHWc-native statistics: mean and max of t, -t (a depthwise 1x1 Conv) and its max, t^2 and its mean."""
+        """NCHWc-native statistics: mean and max of t; -t (a depthwise 1x1 Conv) and its max; mean of t^2."""
         b, t = self.b, m.tensor
         m.outputs["mean"] = b.one("GlobalAveragePool", [t], "mean")
         m.outputs["max"] = b.one("GlobalMaxPool", [t], "max")
@@ -349,8 +359,6 @@ class _Augmenter:
         if spatial:
             m.outputs["mean"] = b.reduce("ReduceMean", t, spatial, "mean")
             m.outputs["sumsq"] = b.reduce("ReduceSumSquare", t, spatial, "sumsq")
-            m.outputs["min"] = b.reduce("ReduceMin", t, spatial, "min")
-            m.outputs["max"] = b.reduce("ReduceMax", t, spatial, "max")
         else:
             m.outputs["full"] = t
             return
@@ -361,13 +369,12 @@ class _Augmenter:
         m.outputs["nonfinite"] = b.reduce(
             "ReduceSum", b.one("Cast", [nonfinite], "nonfinite_f", to=onnx.TensorProto.FLOAT), spatial, "nfcount"
         )
-        # NaN-free extremes: ReduceMin/Max propagate NaN, the reference ignores it
-        m.outputs["min"] = b.reduce(
-            "ReduceMin", b.one("Where", [b.one("IsNaN", [t], "isnan2"), b.const(np.array(np.inf, np.float32), "inf"), t], "nonan_lo"), spatial, "min"
-        )
-        m.outputs["max"] = b.reduce(
-            "ReduceMax", b.one("Where", [b.one("IsNaN", [t], "isnan3"), b.const(np.array(-np.inf, np.float32), "ninf"), t], "nonan_hi"), spatial, "max"
-        )
+        # NaN-free extremes: ReduceMin/Max propagate NaN, the numpy reference ignores it
+        is_nan = b.one("IsNaN", [t], "isnan_x")
+        low = b.one("Where", [is_nan, b.const(np.array(np.inf, np.float32), "inf"), t], "nonan_lo")
+        high = b.one("Where", [is_nan, b.const(np.array(-np.inf, np.float32), "ninf"), t], "nonan_hi")
+        m.outputs["min"] = b.reduce("ReduceMin", low, spatial, "min")
+        m.outputs["max"] = b.reduce("ReduceMax", high, spatial, "max")
         m.outputs["shape"] = b.one("Shape", [m.tensor], "shape")
 
     # ------------------------------------------------------------ per layer
@@ -385,10 +392,12 @@ class _Augmenter:
         if layer.op_type == "BatchNormalization" and layer.training:
             runtime_out = self.decomposed.get(layer.output)
             if runtime_out is not None:
+                plan.spec = True
                 plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
                 if not self.inputs_only:
                     plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
-                    plan.runtime = self.measure(runtime_out, layer.batch_axis, layer.channel_axis)
+                    if self.keep_runtime:
+                        plan.runtime = self.measure(runtime_out, layer.batch_axis, layer.channel_axis)
                 return plan
             plan.note = f"{layer.name}: train-mode BatchNormalization measured as onnxruntime computes it"
         affine = _inference_affine(layer)
@@ -430,7 +439,8 @@ class _Augmenter:
         centered = b.one("Sub", [x, mean], "spec_centered")
         var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
         eps_c = b.const(np.array(eps, np.float32), "spec_eps")
-        normed = b.one("Div", [centered, b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")], "spec_norm")
+        std = b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")
+        normed = b.one("Div", [centered, std], "spec_norm")
         if spatial_mode == 0:
             scale_r, bias_r = params["scale"], params["bias"]
         else:
@@ -439,7 +449,8 @@ class _Augmenter:
             bias_r = b.one("Reshape", [params["bias"], shape_c], "spec_bias_r")
         outputs = list(node.output)
         y_spec = outputs[0]
-        b.nodes.append(onnx.helper.make_node("Add", [b.one("Mul", [normed, scale_r], "spec_scaled"), bias_r], [y_spec], name=b.name("spec_y")))
+        scaled = b.one("Mul", [normed, scale_r], "spec_scaled")
+        b.nodes.append(onnx.helper.make_node("Add", [scaled, bias_r], [y_spec], name=b.name("spec_y")))
         flat = b.const(np.array([-1], np.int64), "spec_flat")
         keep = 1.0 - momentum
         for pos, (stat, running) in enumerate(((mean, params["mean"]), (var, params["var"])), start=1):
@@ -489,8 +500,11 @@ class _Augmenter:
         place_after(v.name for v in graph.input)
         place_after(t.name for t in graph.initializer)
         for i, node in enumerate(original):
-            ordered.append(node)
-            place_after(node.output)
+            if i in self.replaced and not self.keep_runtime:
+                pass  # the runtime's own train-mode node cannot run: the spec's decomposition replaces it
+            else:
+                ordered.append(node)
+                place_after(node.output)
             for extra in self.replaced.get(i, []):
                 ordered.append(extra)
                 place_after(extra.output)
@@ -721,13 +735,34 @@ class _Engine:
         self.inputs_only = inputs_only
         self.tmp = tempfile.mkdtemp(prefix="bncheck-probe-")
         self.exact = False
+        self.decomposed: dict[str, str] = {}
         self.notes: list[str] = []
         self._open(exact=False)
 
     def _open(self, exact: bool) -> None:
         self.session = None  # free the previous session (and its weights) first
         try:
-            aug = _Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only)
+            self._build(exact, keep_runtime=True)
+        except BackendError:
+            if not self.decomposed:
+                raise
+            # onnxruntime rejects a train-mode node itself (e.g. an opset-9 node with 3 outputs): probe by
+            # the spec alone, without the runtime's deviation
+            self._build(exact, keep_runtime=False)
+            self.notes.append(
+                "onnxruntime cannot run the train-mode BatchNormalization node(s) as written; they are "
+                "measured by the ONNX spec only (no runtime deviation)"
+            )
+        self.exact = exact
+        for plan in self.plans:
+            if plan.note and plan.note not in self.notes:
+                self.notes.append(plan.note)
+
+    def _build(self, exact: bool, keep_runtime: bool) -> None:
+        self.session = None
+        try:
+            aug = _Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime)
+            self.decomposed = dict(aug.decomposed)
             model = aug.finish()
             self.plans = aug.plans
             self.output_names = list(aug.outputs)
@@ -748,11 +783,9 @@ class _Engine:
         except BackendError:
             raise
         except Exception as exc:  # noqa: BLE001 - any runtime failure is one line for the user
-            raise BackendError(f"{self.handle.path}: onnxruntime cannot run the instrumented model: {_line(exc)}") from exc
-        self.exact = exact
-        for plan in self.plans:
-            if plan.note and plan.note not in self.notes:
-                self.notes.append(plan.note)
+            raise BackendError(
+                f"{self.handle.path}: onnxruntime cannot run the instrumented model: {_line(exc)}"
+            ) from exc
 
     def close(self) -> None:
         self.session = None
@@ -784,7 +817,7 @@ class _Engine:
             if plan.affine is not None and out is not None:
                 inp = _derive_input(out, *plan.affine)
             batch = (out or inp).batch_size if (out or inp) else 0
-            if plan.runtime is not None and out is not None:
+            if plan.spec and out is not None:
                 runtime = get(plan.runtime)
                 dev = _deviation(runtime, out) if runtime is not None else None
                 probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out, "spec", dev)
