@@ -309,6 +309,9 @@ def run_plan(
         if len(counts) != 1:
             raise ProbeDataError("the data arrays have different numbers of samples")
         pool_size = counts.pop()
+        if pool_size == 1 and dependence and any(b > 1 for b in batch_sizes):
+            dependence = False
+            notes.append("batch dependence not tested: the data holds one sample, so every batch repeats it")
         plan = make_plan(batch_sizes, settings.samples, pool_size, True, dependence)
         if max(batch_sizes) > pool_size:
             notes.append(

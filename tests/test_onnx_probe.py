@@ -167,6 +167,31 @@ def test_measure_inputs_accumulates_numpy_statistics_over_batches(tmp_path):
         _assert_close(stats[layer.name], ref)
 
 
+def test_measure_inputs_downstream_of_a_train_mode_bn_follow_the_spec(tmp_path):
+    # train-mode BN (the onnxruntime-corrupted case) -> Relu -> inference BN: the second layer's input
+    # must be what onnx.reference computes, not what onnxruntime's train-mode kernel outputs
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n)
+             for n, v in (("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0),
+                          ("s2", 2.0), ("b2", 0.1), ("m2", 0.3), ("v2", 0.5))]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t", "rm", "rv"], name="train_bn",
+                         training_mode=1),
+        helper.make_node("Relu", ["t"], ["r"], name="relu"),
+        helper.make_node("BatchNormalization", ["r", "s2", "b2", "m2", "v2"], ["y"], name="bn2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 2, 2])],
+                              [helper.make_tensor_value_info("y", F32, ["N", 3, 2, 2])], inits)
+    path = str(tmp_path / "chain.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    view = OnnxBackend().load(path)
+    x = np.random.default_rng(3).standard_normal((6, 3, 2, 2), dtype=np.float32)
+    stats = measure_inputs(view.handle, view.layers, [{"x": x}])
+    model = onnx.load(path)
+    model.graph.output.append(helper.make_empty_tensor_value_info("r"))
+    reference = ReferenceEvaluator(model).run(["r"], {"x": x})[0]
+    _assert_close(stats["bn2"], tensor_stats(reference, 1, 0))
+
+
 # --------------------------------------------------------------------------- train-mode BN follows the spec
 
 
