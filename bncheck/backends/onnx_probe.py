@@ -573,6 +573,7 @@ def _session(model: "onnx.ModelProto", folder: str, exact: bool):
 def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
     """Order ``graph.node`` so that every added node runs as soon as its inputs exist, before the next
     node of the model itself; the model's own nodes keep their (topological) order."""
+    import heapq
     import re
 
     nodes = list(graph.node)
@@ -589,29 +590,43 @@ def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
         found = re.search(rf"{_PREFIX}_(\d+)_", nodes[i].name)
         return (int(found.group(1)) if found else 1 << 40, i)
 
-    pending = sorted((i for i in range(len(nodes)) if i not in main), key=key)
+    # Kahn's algorithm for the added nodes, smallest construction number first, drained after each
+    # model node (linear in the graph size: large transformers have thousands of nodes)
     available = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {""}
+    missing: dict[int, int] = {}
+    waiting: dict[str, list[int]] = {}
+    ready: list[tuple[tuple[int, int], int]] = []
+    for i in range(len(nodes)):
+        if i in main:
+            continue
+        needed = {t for t in nodes[i].input if t not in available}
+        missing[i] = len(needed)
+        for t in needed:
+            waiting.setdefault(t, []).append(i)
+        if not needed:
+            heapq.heappush(ready, (key(i), i))
     order: list[int] = []
 
+    def produce(i: int) -> None:
+        order.append(i)
+        for out in nodes[i].output:
+            if out and out not in available:
+                available.add(out)
+                for j in waiting.pop(out, []):
+                    missing[j] -= 1
+                    if missing[j] == 0:
+                        heapq.heappush(ready, (key(j), j))
+
     def drain() -> None:
-        ready = True
         while ready:
-            ready = False
-            for i in pending:
-                if all(t in available for t in nodes[i].input):
-                    order.append(i)
-                    available.update(nodes[i].output)
-                    pending.remove(i)
-                    ready = True
-                    break
+            produce(heapq.heappop(ready)[1])
 
     drain()
     for i in range(len(nodes)):
         if i in main:
-            order.append(i)
-            available.update(nodes[i].output)
+            produce(i)
             drain()
-    if pending:
+    if len(order) != len(nodes):
         raise ValueError("added nodes depend on tensors no node produces")
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
