@@ -267,6 +267,10 @@ class _Augmenter:
                 y = node.output[0]
                 if self._decompose(idx):
                     self.decomposed[y] = self.model.graph.node[idx].output[0]
+        graph = self.model.graph
+        self.known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+        self.known |= {out for node in graph.node for out in node.output if out}
+        self.known |= {out for nodes in self.replaced.values() for node in nodes for out in node.output if out}
         self.plans = [self._plan(layer) for layer in layers]
 
     # ------------------------------------------------------------ measuring one tensor
@@ -293,6 +297,8 @@ class _Augmenter:
         key = (tensor, batch_axis, channel_axis)
         if key in self.measures:
             return self.measures[key]
+        if not tensor or tensor not in self.known:
+            return None  # not a tensor of the main graph (e.g. inside a subgraph): not measurable
         per_sample = 1
         if shape is not None:
             for axis, dim in enumerate(shape):
@@ -770,6 +776,8 @@ class _Engine:
             )
         self.exact = exact
         for plan in self.plans:
+            if plan.input is None and plan.output is None:
+                plan.note = f"{plan.layer.name}: not measured (its tensors have no known rank or are not in the main graph)"
             if plan.note and plan.note not in self.notes:
                 self.notes.append(plan.note)
 
