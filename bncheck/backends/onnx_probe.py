@@ -777,7 +777,8 @@ class _Engine:
         self.exact = exact
         for plan in self.plans:
             if plan.input is None and plan.output is None:
-                plan.note = f"{plan.layer.name}: not measured (its tensors have no known rank or are not in the main graph)"
+                plan.note = (f"{plan.layer.name}: not measured (its tensors have no known rank or are not in the "
+                             "main graph)")
             if plan.note and plan.note not in self.notes:
                 self.notes.append(plan.note)
 
