@@ -1,0 +1,58 @@
+"""onnx.checker and shape inference run on a weight-less skeleton of the model (fast, no copy of the weights)
+and still see what matters: shapes through large weights, small shape tensors' values, graph errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.backends.onnx_backend import OnnxBackend
+from bncheck.backends.onnx_load import SKELETON_KEEP_BYTES, _skeleton
+
+
+def _conv_reshape_bn(path, ir_version: int = 8, bad_attribute: bool = False) -> str:
+    """Two Convs with large weights, Reshape by a small shape initializer, then BatchNormalization."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)  # 4.6 KB > SKELETON_KEEP_BYTES
+    big = rng.standard_normal((64, 16, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c2", "shape"], ["r"], name="reshape"),
+        helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn",
+                         **({"epsilon": 1e-5} if not bad_attribute else {"epsilon": 1e-5, "spatial": 1})),
+    ]
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(big, "w2"),
+             numpy_helper.from_array(np.array([0, 64, 4, 16], np.int64), "shape")]
+    inits += [numpy_helper.from_array(np.full(64, v, np.float32), n)
+              for n, v in (("s", 1.0), ("b", 0.1), ("m", 0.2), ("v", 0.9))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 4, 16])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=ir_version)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_skeleton_drops_only_large_initializers(tmp_path):
+    model = onnx.load(_conv_reshape_bn(tmp_path / "m.onnx"))
+    skeleton = _skeleton(model)
+    kept = {t.name for t in skeleton.graph.initializer}
+    assert kept == {"shape", "s", "b", "m", "v"}
+    assert {i.name for i in skeleton.graph.input} == {"x", "w", "w2"}
+    assert all(len(t.raw_data) <= SKELETON_KEEP_BYTES for t in skeleton.graph.initializer)
+    assert skeleton.ByteSize() < 4000 < model.ByteSize()
+
+
+def test_shapes_are_inferred_through_large_weights_and_small_shape_tensors(tmp_path):
+    view = OnnxBackend().load(_conv_reshape_bn(tmp_path / "m.onnx"))
+    [layer] = view.layers
+    assert layer.input_shape == ("N", 64, 4, 16)
+    assert view.notes == []
+    assert [i.name for i in view.inputs] == ["x"]
+
+
+def test_checker_failures_are_still_reported_from_the_skeleton(tmp_path):
+    view = OnnxBackend().load(_conv_reshape_bn(tmp_path / "m.onnx", bad_attribute=True))
+    assert any("onnx.checker rejects" in n.message for n in view.notes)
+    assert [layer.name for layer in view.layers] == ["bn"]
