@@ -8,7 +8,7 @@ weights, non-default statistics) in a temporary folder, then alternates, ``--rep
 (b) the probe through the ONNX backend: load (checker, shape inference, walk) + ``run_probe`` with batch
     sizes 1,2,32, including the batch-dependence runs (K=4).
 Each measurement runs in its own subprocess; wall time is taken inside the child from before its first
-import to the end of its work, peak RSS from ``resource.getrusage`` (ru_maxrss). Reports medians and the
+import to the end of its work, peak RSS from /proc/self/status (VmHWM). Reports medians and the
 ratios b/a. Interpreter start-up (identical for both) is excluded.
 """
 
@@ -24,8 +24,18 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-PLAIN = r"""
-import time, resource, json, sys
+# Peak RSS is VmHWM from /proc/self/status: ru_maxrss is inherited from the parent at fork and kept across
+# exec on Linux, so a child of a large parent would report the parent's peak.
+PEAK = r"""
+def peak_mb():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+"""
+
+PLAIN = PEAK + r"""
+import time, json, sys
 t0 = time.perf_counter()
 import numpy as np
 import onnxruntime as ort
@@ -35,24 +45,23 @@ rng = np.random.default_rng(0)
 for b in (1, 2, 32):
     sess.run(None, {"input": rng.standard_normal((b, 3, 224, 224), dtype=np.float32)})
 wall = time.perf_counter() - t0
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"wall": wall, "import": t_import, "rss_mb": rss}))
+print(json.dumps({"wall": wall, "import": t_import, "rss_mb": peak_mb()}))
 """
 
-PROBE = r"""
-import time, resource, json, sys
+PROBE = PEAK + r"""
+import time, json, sys
 t0 = time.perf_counter()
 from bncheck.backends.onnx_backend import OnnxBackend
 from bncheck.backends.base import ProbeSettings
 backend = OnnxBackend()
 view = backend.load(sys.argv[1])
 t1 = time.perf_counter()
-rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss_load = peak_mb()
 result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
 wall = time.perf_counter() - t0
 assert len(result.dependence) == 53, len(result.dependence)
 deps = result.dependence.values()
-print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": peak_mb(),
                   "rss_after_load_mb": rss_load,
                   "max_output_change": max(d.output_change for d in deps),
                   "max_input_change": max(d.input_change for d in deps)}))
@@ -69,12 +78,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--keep", help="build the model in this folder and keep it")
     args = parser.parse_args()
-    sys.path.insert(0, HERE)
-    from resnet_model import build_resnet50
-
     folder = args.keep or tempfile.mkdtemp(prefix="bncheck-bench-")
     os.makedirs(folder, exist_ok=True)
-    model = build_resnet50(os.path.join(folder, "resnet50_bn.onnx"))
+    model = os.path.join(folder, "resnet50_bn.onnx")
+    # built in a child too, so that this process stays small
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); "
+                    f"from resnet_model import build_resnet50; build_resnet50({model!r})"], check=True)
     runs: dict[str, list[dict]] = {"plain": [], "probe": []}
     for rep in range(args.repeats):
         for name, code in (("plain", PLAIN), ("probe", PROBE)):

@@ -154,6 +154,18 @@ def test_external_data_model_gives_the_same_statistics(tmp_path):
     assert sorted(os.listdir(ext_dir)) == ["r.data", "r.onnx"]  # nothing written next to the user's model
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_the_handle_model_is_restored_after_the_probe_released_its_weights(tmp_path, external):
+    path = _resnet(tmp_path / "r.onnx", width=8, image=32)
+    if external:
+        onnx.save(onnx.load(path), path, save_as_external_data=True, location="r.data", size_threshold=1024)
+    view = OnnxBackend().load(path)
+    before = view.handle.model.SerializeToString()
+    run_probe(view, ProbeSettings(batch_sizes=(1, 2)))
+    assert view.handle.model.SerializeToString() == before
+    assert view.handle.external_data is external
+
+
 def test_measure_inputs_accumulates_numpy_statistics_over_batches(tmp_path):
     path = _resnet(tmp_path / "r.onnx", width=8, image=64)
     view = OnnxBackend().load(path)
