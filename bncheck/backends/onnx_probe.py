@@ -691,6 +691,16 @@ def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _session_statistics_first(model: "onnx.ModelProto", folder: str, tmp: str, main_outputs: set[str]):
     """Fast-form session whose added nodes run right after their producers, even after NCHWc rewriting.
 
@@ -711,6 +721,7 @@ def _session_statistics_first(model: "onnx.ModelProto", folder: str, tmp: str, m
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EMBED_BYTES))
     first = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del first
+    _trim()
     graph_only = onnx.load(optimized, load_external_data=False)
     _statistics_first(graph_only.graph, main_outputs)
     so = _options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp)
@@ -960,6 +971,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     int_high = _gather_tables(handle)
     engine = _Engine(handle, view.layers)
     restore = _release(handle, engine.initializer_stubs) if release_weights else (lambda: None)
+    _trim()
     try:
         result = run_plan(view, settings, engine, int_high=int_high)
         result.notes.extend(n for n in engine.notes if n not in result.notes)
