@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,10 +86,14 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); "
                     f"from resnet_model import build_resnet50; build_resnet50({model!r})"], check=True)
     runs: dict[str, list[dict]] = {"plain": [], "probe": []}
-    for rep in range(args.repeats):
-        for name, code in (("plain", PLAIN), ("probe", PROBE)):
-            runs[name].append(_child(code, model))
-        print(f"repeat {rep + 1}: plain {runs['plain'][-1]} probe {runs['probe'][-1]}", file=sys.stderr)
+    try:
+        for rep in range(args.repeats):
+            for name, code in (("plain", PLAIN), ("probe", PROBE)):
+                runs[name].append(_child(code, model))
+            print(f"repeat {rep + 1}: plain {runs['plain'][-1]} probe {runs['probe'][-1]}", file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("wall", "rss_mb")} for k, v in runs.items()}
     ratios = {f: med["probe"][f] / med["plain"][f] for f in ("wall", "rss_mb")}
     # the probe engine alone (run_probe after the backend's load) against the plain session + runs
