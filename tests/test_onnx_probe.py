@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -417,6 +418,9 @@ def test_a_runtime_failure_is_a_one_line_backend_error(tmp_path):
     model.opset_import.append(helper.make_opsetid("example.custom", 1))
     onnx.save(model, path)
     view = OnnxBackend().load(path)
+    before = set(os.listdir(tempfile.gettempdir()))
     with pytest.raises(BackendError) as info:
         run_probe(view, ProbeSettings(batch_sizes=(1,)))
     assert "\n" not in str(info.value) and "c.onnx" in str(info.value)
+    leftovers = {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("bncheck-probe-")}
+    assert not leftovers  # the temporary weights are removed on failure too

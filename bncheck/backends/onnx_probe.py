@@ -825,7 +825,11 @@ class _Engine:
         self.decomposed: dict[str, str] = {}
         self.initializer_stubs: list[Any] | None = None  # the weights this engine wrote, as external stubs
         self.notes: list[str] = []
-        self._open(exact=False)
+        try:
+            self._open(exact=False)
+        except BaseException:
+            self.close()  # no temporary weights left behind when the model cannot run
+            raise
 
     def _open(self, exact: bool) -> None:
         self.session = None  # free the previous session (and its weights) first
