@@ -187,3 +187,30 @@ def test_explain_prints_the_check_docstring_by_slug(runner):
 def test_explain_unknown_check_is_exit_2(runner):
     result = runner.invoke(main, ["explain", "BN999"])
     assert result.exit_code == 2 and "BN999" in result.stderr
+
+
+def _conv_only(tmp_path) -> str:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Mul", ["c", "s"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="shift")]
+    inits = [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.full((1, 4, 1, 1), 2.0, np.float32), "s"),
+             numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                              initializer=inits)
+    path = tmp_path / "conv_only.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["inspect", "probe"])
+def test_model_without_normalization_layers_exits_0_saying_so(runner, tmp_path, command):
+    result = runner.invoke(main, [command, _conv_only(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "no normalization layer" in result.stdout
+    assert "folded" in result.stdout
