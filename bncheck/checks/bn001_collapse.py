@@ -135,8 +135,8 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             evidence["batch_sizes"] = observed
             sizes = ", ".join(str(b) for b in observed)
             message = (
-                f"{describe(layer)} output is constant (equal to its bias) at batch size {sizes} while its "
-                "input varies: the normalized set has one element"
+                f"{describe(layer)} output is constant (its bias) at batch size {sizes} whatever the input: "
+                "the normalized set has one element"
             )
         else:
             evidence["kind"] = "static"
