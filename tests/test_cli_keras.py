@@ -1,0 +1,67 @@
+"""Keras files through the real CLI: hostile or broken files are exit 2 with one line; inspect of a Lambda
+model still reports what it can read statically."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("KERAS_BACKEND", "numpy")  # before keras is imported; the test extra installs keras
+
+import keras  # noqa: E402
+
+from bncheck.cli import main  # noqa: E402
+
+
+def _lambda_model(tmp_path) -> tuple[str, str]:
+    marker = tmp_path / "ran.txt"
+
+    def side_effect(t, path=str(marker)):
+        with open(path, "w") as f:
+            f.write("executed")
+        return t
+
+    inp = keras.Input((4,))
+    x = keras.layers.BatchNormalization(name="bn")(inp)
+    model = keras.Model(inp, keras.layers.Lambda(side_effect, name="writes_a_file")(x))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    marker.unlink(missing_ok=True)
+    return str(path), str(marker)
+
+
+def test_probe_of_a_lambda_model_is_exit_2_one_line_and_runs_nothing(tmp_path):
+    path, marker = _lambda_model(tmp_path)
+    result = CliRunner().invoke(main, ["probe", path])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "writes_a_file" in result.stderr
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_inspect_of_a_lambda_model_still_lists_its_batch_norm(tmp_path):
+    path, _ = _lambda_model(tmp_path)
+    result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
+    assert result.exit_code in (0, 1)
+    assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["bn"]
+
+
+@pytest.mark.parametrize("kind", ["not-a-zip", "zip-without-config", "broken-h5"])
+def test_broken_keras_files_are_exit_2_one_line(tmp_path, kind):
+    if kind == "not-a-zip":
+        path = tmp_path / "model.keras"
+        path.write_bytes(b"definitely not a zip archive\n" * 10)
+    elif kind == "zip-without-config":
+        path = tmp_path / "model.keras"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("readme.txt", "no config here")
+    else:
+        path = tmp_path / "model.h5"
+        path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and path.name in lines[0] and "Traceback" not in result.stderr
