@@ -21,20 +21,19 @@ FAIL_ON = ("error", "warning", "info", "never")
 
 
 class BatchSizes(click.ParamType):
-    """Comma-separated positive integers, e.g. 1,2,32."""
+    """Comma-separated positive integers, e.g. 1,2,32 (parsed by bncheck.probe_data, one parser for all)."""
 
     name = "SIZES"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
         if isinstance(value, tuple):
             return value
+        from bncheck.probe_data import ProbeDataError, parse_batch_sizes
+
         try:
-            sizes = tuple(int(part) for part in str(value).split(",") if part.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
-        if not sizes or any(s < 1 for s in sizes):
-            self.fail(f"{value!r}: batch sizes must be integers >= 1", param, ctx)
-        return tuple(sorted(set(sizes)))
+            return parse_batch_sizes(value)
+        except ProbeDataError as error:
+            self.fail(str(error), param, ctx)
 
 
 class InputShape(click.ParamType):
@@ -45,15 +44,12 @@ class InputShape(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, tuple[int, ...]]:
         if isinstance(value, tuple):
             return value
-        name, sep, dims = str(value).rpartition(":")
+        from bncheck.probe_data import ProbeDataError, parse_input_shape
+
         try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or any(d < 1 for d in shape):
-            self.fail(f"{value!r} is not NAME:DIMxDIM... with positive integer dims (e.g. input:3x224x224)",
-                      param, ctx)
-        return name, shape
+            return parse_input_shape(value)
+        except ProbeDataError as error:
+            self.fail(str(error), param, ctx)
 
 
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,7 +73,35 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A click group whose usage errors are one line on stderr (exit 2), as the exit-code contract says.
+
+    click's own format is three lines (usage, hint, error); CI logs and wrappers want one.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # bare `bncheck`: show the help as click does
+                error.show()
+                sys.exit(error.exit_code)
+            command = error.ctx.command_path if error.ctx is not None else "bncheck"
+            click.echo(f"bncheck: usage error: {error.format_message()} (see '{command} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bncheck")
 def main() -> None:
     """Diagnose the normalization layers of saved ONNX and Keras models.

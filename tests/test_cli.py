@@ -214,3 +214,24 @@ def test_model_without_normalization_layers_exits_0_saying_so(runner, tmp_path, 
     assert result.exit_code == 0, result.output
     assert "no normalization layer" in result.stdout
     assert "folded" in result.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["probe", "MODEL", "--batch-sizes", "0,2"],
+    ["inspect"],
+    ["inspect", "MODEL", "--format", "xml"],
+    ["inspect", "MODEL", "--fail-on", "sometimes"],
+    ["nosuch"],
+])
+def test_usage_errors_are_exit_2_with_one_line_on_stderr(runner, clean, args):
+    result = runner.invoke(main, [clean if a == "MODEL" else a for a in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bncheck: usage error:"), result.stderr
+    assert result.stdout == ""
+
+
+def test_usage_error_exit_code_is_2_in_a_real_process(clean):
+    proc = subprocess.run([sys.executable, "-m", "bncheck", "probe", clean, "--batch-sizes", "x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
