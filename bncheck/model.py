@@ -159,6 +159,10 @@ class TensorStats:
     # form): it is then exact only for channels whose range excludes 0 (0) or is exactly 0 (all), and
     # elsewhere 0, a lower bound.
     zeros_exact: bool = True
+    # False when ``min`` and ``max`` were not measured (NaN): the ONNX probe skips them for inference-mode
+    # BatchNormalization, an affine map per channel that cannot collapse (BN001 judges layers that compute
+    # statistics). ``nonfinite`` still holds: a NaN/Inf element makes its sample's mean non-finite.
+    minmax_measured: bool = True
 
     @property
     def channels(self) -> int:

@@ -114,6 +114,9 @@ def merge_stats(parts: Iterable[TensorStats]) -> TensorStats:
         max=np.fmax.reduce([p.max for p in items]),
         zeros=np.sum([p.zeros for p in items], axis=0),
         nonfinite=np.sum([p.nonfinite for p in items], axis=0),
+        derived=any(p.derived for p in items),
+        zeros_exact=all(p.zeros_exact for p in items),
+        minmax_measured=all(p.minmax_measured for p in items),
     )
 
 

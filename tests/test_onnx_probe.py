@@ -56,8 +56,12 @@ def _assert_close(got: TensorStats, ref: TensorStats, rel: float = 1e-4) -> None
     """Equal up to float32 rounding, in units of each channel's rms."""
     with np.errstate(invalid="ignore"):
         rms = np.sqrt(np.maximum(ref.sample_sq.mean(axis=0), 0)) + 1e-12
-    for a, b, unit in ((got.sample_mean, ref.sample_mean, rms), (got.sample_sq, ref.sample_sq, rms**2),
-                       (got.min, ref.min, rms), (got.max, ref.max, rms)):
+    pairs = [(got.sample_mean, ref.sample_mean, rms), (got.sample_sq, ref.sample_sq, rms**2)]
+    if got.minmax_measured:
+        pairs += [(got.min, ref.min, rms), (got.max, ref.max, rms)]
+    else:  # not measured (an inference BN's output, or its derived input): NaN, never a wrong number
+        assert np.all(np.isnan(got.min)) and np.all(np.isnan(got.max))
+    for a, b, unit in pairs:
         np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
         ok = np.isfinite(b) & np.isfinite(np.broadcast_to(unit, np.shape(b)))
         np.testing.assert_array_less((np.abs(a - b) / unit)[ok], rel)
@@ -163,8 +167,22 @@ def test_the_handle_model_is_restored_after_the_probe_released_its_weights(tmp_p
     view = OnnxBackend().load(path)
     before = view.handle.model.SerializeToString()
     run_probe(view, ProbeSettings(batch_sizes=(1, 2)))
+    assert view.handle.model_pending  # the reload is lazy: `bncheck probe` never pays for it
     assert view.handle.model.SerializeToString() == before
+    assert not view.handle.model_pending
     assert view.handle.external_data is external
+    run_probe(view, ProbeSettings(batch_sizes=(1, 2)))  # a second probe of the same view works too
+    assert view.handle.model.SerializeToString() == before
+
+
+def test_a_model_file_gone_before_the_lazy_reload_is_a_one_line_backend_error(tmp_path):
+    path = _conv_bn(tmp_path / "c.onnx", ["N", 3, 8, 8])
+    view = OnnxBackend().load(path)
+    run_probe(view, ProbeSettings(batch_sizes=(1,)))
+    os.remove(path)
+    with pytest.raises(BackendError) as info:
+        view.handle.model
+    assert "\n" not in str(info.value) and "c.onnx" in str(info.value)
 
 
 def test_measure_inputs_accumulates_numpy_statistics_over_batches(tmp_path):
@@ -424,3 +442,98 @@ def test_a_runtime_failure_is_a_one_line_backend_error(tmp_path):
     assert "\n" not in str(info.value) and "c.onnx" in str(info.value)
     leftovers = {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("bncheck-probe-")}
     assert not leftovers  # the temporary weights are removed on failure too
+
+
+# --------------------------------------------------------------------------- what is not measured
+
+
+def _bn_then_instance_norm(path: Path) -> str:
+    """x -> Conv -> BN (inference) -> y -> InstanceNormalization: y is an inference BN's output (no min/max
+    needed) and a statistics-computing layer's input (min/max needed), measured once."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")] + [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in ((rng.uniform(0.5, 2, 4), "s"), (rng.normal(0, 1, 4), "b"), (rng.normal(0, 1, 4), "m"),
+                     (rng.uniform(0.5, 2, 4), "v"), (np.ones(4), "s2"), (np.zeros(4), "b2"))
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn"),
+        helper.make_node("InstanceNormalization", ["y", "s2", "b2"], ["z"], name="in"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 40, 40])],
+                              [helper.make_tensor_value_info("z", F32, ["N", 4, 40, 40])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def test_inference_bn_min_max_are_not_measured_and_render_as_null(tmp_path):
+    import jsonschema
+    from importlib import resources
+    import json
+
+    from bncheck import engine
+    from bncheck.render import json as json_render
+
+    path = _conv_bn(tmp_path / "c.onnx", ["N", 3, 40, 40])
+    _, result = _probe(path, batch_sizes=(1, 2))
+    probe = result.at(2, "bn1")
+    for stats in (probe.input, probe.output):
+        assert not stats.minmax_measured and np.all(np.isnan(stats.min)) and np.all(np.isnan(stats.max))
+    _compare_with_plain_run(path)  # means and squares still equal numpy's
+    document = json.loads(json_render.render(engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))))
+    schema = json.loads(resources.files("bncheck").joinpath("schema/report.schema.json").read_text())
+    jsonschema.validate(document, schema)
+    cells = [at[side] for run in document["probe"]["runs"] for entry in run["layers"].values()
+             for at in entry["by_batch_size"].values() for side in ("input", "output")]
+    assert cells and all(c["min"] is None and c["max"] is None for c in cells)
+
+
+def test_a_tensor_an_inference_bn_outputs_and_a_norm_reads_gets_min_and_max(tmp_path):
+    path = _bn_then_instance_norm(tmp_path / "bn_in.onnx")
+    _, result = _probe(path, batch_sizes=(1, 2))
+    assert result.at(2, "in").input.minmax_measured and result.at(2, "bn").output.minmax_measured
+    _compare_with_plain_run(path)  # min/max of the shared tensor equal numpy's
+
+
+# --------------------------------------------------------------------------- where the weights are read from
+
+
+def _wide_conv_bn(path: Path, raw: bool = True) -> str:
+    """Conv (64 -> 64, 3x3: 147 KiB of weights, above EMBED_BYTES) + BN, weights inside the file, as
+    raw_data or (``raw=False``) as float_data."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
+    weight = (numpy_helper.from_array(w, "w") if raw
+              else helper.make_tensor("w", F32, w.shape, w.ravel().tolist(), raw=False))
+    inits = [weight] + [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (rng.uniform(0.5, 2, 64), "s"), (rng.normal(0, 1, 64), "b"), (rng.normal(0, 1, 64), "m"),
+        (rng.uniform(0.5, 2, 64), "v"))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 64, 20, 20])],
+                              [helper.make_tensor_value_info("y", F32, ["N", 64, 20, 20])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_weights_are_read_from_the_model_file_itself_when_stored_as_raw_data(tmp_path, raw):
+    path = _wide_conv_bn(tmp_path / "wide.onnx", raw=raw)
+    view = OnnxBackend().load(path)
+    engine = _Engine(view.handle, view.layers)
+    try:
+        weight = next(t for t in engine.initializer_stubs if t.name == "w")
+        where = {e.key: e.value for e in weight.external_data}
+        written = [n for n in os.listdir(engine.tmp) if n.startswith("weights-")]
+    finally:
+        engine.close()
+    if raw:  # no copy written: the stub points at the raw_data bytes inside wide.onnx
+        assert where["location"] == "wide.onnx" and not written
+        with open(path, "rb") as fh:
+            fh.seek(int(where["offset"]))
+            assert fh.read(int(where["length"])) == view.handle.model.graph.initializer[0].raw_data
+    else:  # float_data: the probe writes its own copy
+        assert where["location"].startswith("weights-") and written
+    _compare_with_plain_run(path)
+    assert sorted(os.listdir(tmp_path)) == ["wide.onnx"]

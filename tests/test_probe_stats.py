@@ -51,6 +51,17 @@ def test_merge_stats_equals_stats_of_the_concatenation():
     assert merged.count == whole.count and merged.batch_size == 5
 
 
+def test_merge_stats_keeps_what_was_not_measured():
+    from dataclasses import replace
+
+    x = tensor_stats(np.ones((2, 3, 4), np.float32), 1)
+    unmeasured = replace(x, min=np.full(3, np.nan), max=np.full(3, np.nan), minmax_measured=False,
+                         zeros_exact=False, derived=True)
+    merged = merge_stats([x, unmeasured])
+    assert not merged.minmax_measured and not merged.zeros_exact and merged.derived
+    assert merge_stats([x, x]).minmax_measured and merge_stats([x, x]).zeros_exact
+
+
 def test_plan_for_1_2_32_uses_seven_runs_and_forty_samples():
     plan = make_plan((1, 2, 32), 4, None, False)
     assert len(plan.runs) == 7

@@ -20,7 +20,7 @@ import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from bncheck.backends.base import BackendError
 from bncheck.model import Dim, ModelInfo, Note
@@ -40,16 +40,48 @@ class OnnxHandle:
     ``value_shapes`` holds every tensor whose rank is known (graph inputs/outputs, value_info after onnx
     shape inference, initializers); each dim is an int, a symbolic name, or None. ``info`` and ``notes``
     are what the report shows about the file and about load-time problems (checker, shape inference).
+
+    ``model`` may be reloaded lazily (:meth:`defer_model`): the probe swaps it for a weight-less skeleton
+    while it runs, and the weights come back from the file only when someone reads ``model`` again (the
+    fix path does; ``bncheck probe`` never does, and saves the reload: 0.15 s on ResNet-50).
     """
 
     path: str
-    model: "onnx.ModelProto"
+    model: "onnx.ModelProto"  # a property (below): assigning it cancels a pending reload
     external_data: bool
     value_shapes: dict[str, tuple[Dim, ...]]
     value_types: dict[str, int]
     size_bytes: int
     info: ModelInfo | None = None
     notes: list[Note] = field(default_factory=list)
+
+    def defer_model(self, placeholder: "onnx.ModelProto", reload: "Callable[[], onnx.ModelProto]") -> None:
+        """Hold ``placeholder`` until ``model`` is next read, then replace it by ``reload()`` (called once;
+        if it raises, the next read calls it again)."""
+        self.__dict__["_model"] = placeholder
+        self.__dict__["_reload"] = reload
+
+    @property
+    def model_pending(self) -> bool:
+        """True while ``model`` is a placeholder waiting for its lazy reload."""
+        return self.__dict__.get("_reload") is not None
+
+
+def _get_model(handle: OnnxHandle) -> "onnx.ModelProto":
+    reload = handle.__dict__.get("_reload")
+    if reload is not None:
+        handle.__dict__["_model"] = reload()
+        handle.__dict__["_reload"] = None
+    return handle.__dict__["_model"]
+
+
+def _set_model(handle: OnnxHandle, value: "onnx.ModelProto") -> None:
+    handle.__dict__["_reload"] = None
+    handle.__dict__["_model"] = value
+
+
+# after @dataclass, so that its generated __init__ (model=...) goes through the setter
+OnnxHandle.model = property(_get_model, _set_model, doc="The ModelProto, reloaded on first read if deferred.")  # type: ignore[assignment]
 
 
 def _fail(path: str, reason: str) -> BackendError:

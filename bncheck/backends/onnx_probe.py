@@ -44,13 +44,18 @@ How (issue 3, section 2)
   so the runtime node's in-place writes cannot reach it; ``tests/test_onnx_probe.py`` checks it against
   ``onnx.reference``.
 - Weights: no second copy in this process. The augmented model is a weight-less stub whose initializers
-  point at external data: the original files when the model has external data, else a temporary file
-  written tensor by tensor from the loaded model; onnxruntime reads them itself
-  (``session.model_external_initializers_file_folder_path``). Small tensors (<= 64 KiB, integer tensors)
-  stay inline for onnxruntime's shape inference. While the batches run, ``run_probe`` also swaps the view's
-  loaded ModelProto for a weight-less skeleton and reloads it from the file afterwards (:func:`_release`).
-  One session with a dynamic batch serves every batch size (the optimizing session is freed before it is
-  built). ResNet-50 (benchmarks/README.md): peak RSS 1.2x plain inference, wall time 1.9x.
+  point at external data: the original files when the model has external data; else the ``raw_data``
+  bytes inside the model file itself, at their offsets (:func:`raw_data_offsets`); else (weights stored
+  as float_data and the like) a temporary file written tensor by tensor from the loaded model.
+  onnxruntime reads them itself (``session.model_external_initializers_file_folder_path``). Small
+  tensors (<= 64 KiB, integer tensors) stay inline for onnxruntime's shape inference. While the batches
+  run, ``run_probe`` also swaps the view's loaded ModelProto for a weight-less skeleton, reloaded from the
+  file only when ``handle.model`` is next read (:func:`_release`). One session with a dynamic batch serves
+  every batch size (the optimizing session is freed before it is built).
+- Inference-mode BatchNormalization outputs are measured without min/max (mean and mean of squares
+  only): the layer is an affine map per channel and cannot collapse, and min/max cost a depthwise Conv
+  and two GlobalMaxPool per tensor (``TensorStats.minmax_measured`` is False, min/max NaN).
+  ResNet-50 (benchmarks/README.md): see there for the current wall-time and peak-RSS ratios.
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ class _Measure:
     mode: str  # "fast" | "generic" | "full"
     outputs: dict[str, str] = field(default_factory=dict)
     length: int | None = None  # elements per (sample, channel), when static
+    # fast form only: False when min/max are not measured (the output of an inference-mode BN, which
+    # cannot collapse: see _Augmenter.measure); ``group`` holds its nodes so that min/max can be added
+    # when another layer measures the same tensor with them
+    minmax: bool = True
+    group: list[Any] | None = None
+    channels: int | None = None
 
 
 @dataclass
@@ -212,6 +223,124 @@ def _write_weights(model: "onnx.ModelProto", folder: str) -> list[Any]:
     return stubs
 
 
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("bad varint")
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterable[tuple[int, int, int, int]]:
+    """(field number, wire type, value start, value end) of each protobuf field in buf[start:end]; the
+    value of a length-delimited field is its payload."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, after = _varint(buf, pos)
+        elif wire == 1:
+            after = pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            after = pos + length
+        elif wire == 5:
+            after = pos + 4
+        else:  # groups (3, 4): not in ONNX files
+            raise ValueError(f"unsupported wire type {wire}")
+        if after > end:
+            raise ValueError("truncated field")
+        yield number, wire, pos, after
+        pos = after
+
+
+def raw_data_offsets(path: str) -> dict[str, tuple[int, int]] | None:
+    """Byte offset and length of each top-level initializer's ``raw_data`` inside the ONNX file ``path``,
+    or None when the file's layout is not the plain one (a repeated graph field, duplicate names).
+
+    Why by hand: neither onnx nor protobuf's Python API tells where a field's bytes sit in the file, and
+    with those offsets the probe's session reads the weights straight from the user's file as external
+    data (``offset``/``length``), instead of this process writing a 100 MB copy first (0.15 s on
+    ResNet-50). Only the wire format is walked (ModelProto.graph = 7, GraphProto.initializer = 5,
+    TensorProto.name = 8, raw_data = 9); values are never decoded beyond names.
+    """
+    import mmap
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return None
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        graphs = [(a, b) for number, wire, a, b in _fields(buf, 0, size) if number == 7 and wire == 2]
+        if len(graphs) != 1:
+            return None  # protobuf would merge several graph fields: not worth following
+        found: dict[str, tuple[int, int]] = {}
+        for number, wire, a, b in _fields(buf, *graphs[0]):
+            if number != 5 or wire != 2:
+                continue
+            name, raw = None, None
+            for f_number, f_wire, fa, fb in _fields(buf, a, b):
+                if f_number == 8 and f_wire == 2:
+                    name = bytes(buf[fa:fb]).decode("utf-8", "replace")
+                elif f_number == 9 and f_wire == 2:
+                    raw = (fa, fb - fa)  # the last occurrence wins, as in protobuf
+            if name is None or name in found:
+                return None if name in found else found
+            if raw is not None:
+                found[name] = raw
+        return found
+    except (ValueError, IndexError):
+        return None
+    finally:
+        buf.close()
+
+
+def _in_file_stubs(handle: "OnnxHandle") -> list[Any] | None:
+    """Initializer stubs whose large tensors point into the model file itself (see
+    :func:`raw_data_offsets`); None when some large tensor's bytes are not found there as raw_data of the
+    right length (then the probe writes a copy, :func:`_write_weights`)."""
+    import onnx
+
+    location = os.path.basename(handle.path)
+    offsets: dict[str, tuple[int, int]] | None = None
+    stubs = []
+    for tensor in handle.model.graph.initializer:
+        small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
+        external = tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+        if external:
+            # a skeleton from an earlier probe: it must point into this file too
+            where = {entry.key: entry.value for entry in tensor.external_data}
+            if where.get("location") != location:
+                return None
+            stubs.append(_copy(tensor))
+            continue
+        if small or tensor.data_type == onnx.TensorProto.STRING:
+            stubs.append(_copy(tensor))
+            continue
+        if offsets is None:
+            offsets = raw_data_offsets(handle.path) or {}
+        found = offsets.get(tensor.name)
+        if found is None or not tensor.HasField("raw_data") or found[1] != _nbytes(tensor):
+            return None
+        stub = onnx.TensorProto()
+        stub.name = tensor.name
+        stub.data_type = tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(found[0])), ("length", str(found[1]))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        stubs.append(stub)
+    return stubs
+
+
 def _copy(tensor: Any) -> Any:
     import onnx
 
@@ -246,10 +375,14 @@ def _stub(handle: "OnnxHandle", tmp: str) -> tuple["onnx.ModelProto", str]:
     """A ModelProto without weight bytes, and the folder its external data lives in."""
     import onnx
 
+    folder = os.path.dirname(os.path.abspath(handle.path))
     if handle.external_data:
         # The graph and the external-data references, re-read without weights (the loader already
         # validated every location); onnxruntime reads the weights from the original folder.
-        return onnx.load(handle.path, load_external_data=False), os.path.dirname(os.path.abspath(handle.path))
+        return onnx.load(handle.path, load_external_data=False), folder
+    in_file = _in_file_stubs(handle)
+    if in_file is not None:  # onnxruntime reads the weights from the model file itself
+        return _skeleton(handle.model, in_file), folder
     return _skeleton(handle.model, _write_weights(handle.model, tmp)), tmp
 
 
@@ -258,9 +391,12 @@ def _release(handle: "OnnxHandle", stubs: list[Any] | None):
 
     The probe's own session reads the weights from files, so the ModelProto the loader filled would be a
     second copy of every weight in this process (102 MB on ResNet-50, 0.19x of plain inference's peak).
-    The skeleton keeps the graph; its initializers point at the files (the original external data, or the
-    copy this probe wrote). The restorer reloads the model from ``handle.path`` with the loader's own
-    validation, exactly as ``load_onnx`` produced it.
+    The skeleton keeps the graph; its initializers point at the files (the original external data, the
+    model file itself, or the copy this probe wrote). The restorer makes the reload lazy (:meth:`OnnxHandle.defer_model`): the model
+    is reloaded from ``handle.path`` with the loader's own validation, exactly as ``load_onnx`` produced
+    it, when someone next reads ``handle.model`` (``bncheck probe`` never does: 0.15 s saved on
+    ResNet-50). The skeleton's external references may point into the probe's temporary folder, which is
+    gone by then; a reader gets the reloaded model, never the skeleton.
     """
     import onnx
 
@@ -278,14 +414,19 @@ def _release(handle: "OnnxHandle", stubs: list[Any] | None):
     handle.model = skeleton
     del kept
 
-    def restore() -> None:
-        model = onnx_load._parse(handle.path)
-        if handle.external_data:
-            onnx_load._validate_external(handle.path, model)
-            onnx_load._load_weights(handle.path, model)
-        handle.model = model
+    def reload() -> "onnx.ModelProto":
+        try:
+            model = onnx_load._parse(handle.path)
+            if handle.external_data:
+                onnx_load._validate_external(handle.path, model)
+                onnx_load._load_weights(handle.path, model)
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the file changed under us: say so in one line
+            raise BackendError(f"{handle.path}: cannot reload the model after probing: {_line(exc)}") from exc
+        return model
 
-    return restore
+    return lambda: handle.defer_model(skeleton, reload)
 
 
 class _Augmenter:
@@ -343,7 +484,12 @@ class _Augmenter:
             total *= dim
         return total
 
-    def measure(self, tensor: str, batch_axis: int | None, channel_axis: int | None) -> _Measure | None:
+    def measure(
+        self, tensor: str, batch_axis: int | None, channel_axis: int | None, minmax: bool = True
+    ) -> _Measure | None:
+        """How ``tensor`` is measured. ``minmax=False`` lets the fast form skip the per-channel min and max
+        (two GlobalMaxPool and a depthwise Conv for -t: ~40% of the added kernel time on ResNet-50); the
+        other forms measure them anyway (fetched whole, or reduced exactly)."""
         shape = self.shapes.get(tensor)
         rank = None if shape is None else len(shape)
         if rank is not None:
@@ -351,7 +497,15 @@ class _Augmenter:
             channel_axis = None if channel_axis is None or rank == 0 else channel_axis % rank
         key = (tensor, batch_axis, channel_axis)
         if key in self.measures:
-            return self.measures[key]
+            m = self.measures[key]
+            if minmax and not m.minmax and m.group is not None and m.channels is not None:
+                start = len(self.b.nodes)
+                self._fast_minmax(m, m.channels)
+                m.group.extend(self.b.nodes[start:])
+                del self.b.nodes[start:]
+                m.minmax = True
+                self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+            return m
         if not tensor or tensor not in self.known:
             return None  # not a tensor of the main graph (e.g. inside a subgraph): not measurable
         per_sample = 1
@@ -380,13 +534,16 @@ class _Augmenter:
             and isinstance(shape[1], int)
         ):
             m.mode = "fast"
-            self._fast(m, int(shape[1]))
+            m.minmax = minmax
+            m.channels = int(shape[1])
+            self._fast(m, m.channels)
         else:
             m.mode = "generic"
             self._generic(m, rank, elem)
         group = self.b.nodes[start:]
         del self.b.nodes[start:]
         if m.mode == "fast":
+            m.group = group
             self.tail.append(group)
         else:
             self.after.setdefault(tensor, []).extend(group)
@@ -395,19 +552,25 @@ class _Augmenter:
         return m
 
     def _fast(self, m: _Measure, channels: int) -> None:
-        """NCHWc-native statistics: mean and max of t; -t (a depthwise 1x1 Conv) and its max; mean of t^2."""
+        """NCHWc-native statistics: mean of t and of t^2; with ``m.minmax`` also max of t and of -t."""
         b, t = self.b, m.tensor
         m.outputs["mean"] = b.one("GlobalAveragePool", [t], "mean")
-        m.outputs["max"] = b.one("GlobalMaxPool", [t], "max")
-        neg_w = b.const(-np.ones((channels, 1, 1, 1), np.float32), "neg_w")
-        negated = b.one("Conv", [t, neg_w], "neg", group=channels, kernel_shape=[1, 1])
-        m.outputs["negmin"] = b.one("GlobalMaxPool", [negated], "negmin")
+        if m.minmax:
+            self._fast_minmax(m, channels)
         # Mul(t, t): NCHWc-native (Pow is not: a reorder per tensor); added after the min, so that -t is
         # freed before t^2 exists: one temporary at a time
         square = b.one("Mul", [t, t], "square")
         m.outputs["sq"] = b.one("GlobalAveragePool", [square], "sq")
         if m.length is None:  # symbolic spatial dims: the runtime shape sizes the counts
             m.outputs["shape"] = b.one("Shape", [t], "shape")
+
+    def _fast_minmax(self, m: _Measure, channels: int) -> None:
+        """Max of t, and max of -t (a depthwise 1x1 Conv with weight -1: NCHWc-native, unlike Neg)."""
+        b, t = self.b, m.tensor
+        m.outputs["max"] = b.one("GlobalMaxPool", [t], "max")
+        neg_w = b.const(-np.ones((channels, 1, 1, 1), np.float32), "neg_w")
+        negated = b.one("Conv", [t, neg_w], "neg", group=channels, kernel_shape=[1, 1])
+        m.outputs["negmin"] = b.one("GlobalMaxPool", [negated], "negmin")
 
     def _generic(self, m: _Measure, rank: int, elem: int) -> None:
         import onnx
@@ -463,8 +626,12 @@ class _Augmenter:
             plan.note = f"{layer.name}: train-mode BatchNormalization measured as onnxruntime computes it"
         affine = _inference_affine(layer)
         if affine is not None and not self.exact and not self.inputs_only:
+            # An inference BN is an affine map per channel: its output is constant (or zero) exactly when
+            # its input is, so it cannot collapse (BN001 judges layers that compute statistics only) and
+            # its min/max are not needed: mean and mean of squares only. NaN/Inf still show: one
+            # non-finite element makes its sample's mean non-finite (see _needs_exact).
             plan.affine = affine
-            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, minmax=False)
             return plan
         plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
         if not self.inputs_only and layer.output:
@@ -738,17 +905,22 @@ def _decode(m: _Measure, values: dict[str, np.ndarray]) -> TensorStats:
         n, c = mean.shape[0], mean.shape[1]
         mean = mean.reshape(n, c)
         sq = np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c)
-        mx = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c)
-        mn = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c)
         length = m.length
         if length is None:
             length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
-        lo, hi = mn.min(axis=0), mx.max(axis=0)
+        if "max" in m.outputs:
+            lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
+            hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
+        else:  # not measured (an inference BN's output): NaN, flagged by minmax_measured=False
+            lo = hi = np.full(c, np.nan)
         # zeros are not counted in the fast form (it would cost a full-size temporary per tensor): exact
         # where min/max decide it, else 0 (a lower bound), flagged by zeros_exact=False
         zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
+        # NaN/Inf: none here; a non-finite element makes its sample's mean non-finite, and such a batch is
+        # re-run in the exact form, which counts them (_needs_exact)
         nonfinite = np.zeros(c, np.int64)
-        return TensorStats(n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False)
+        return TensorStats(n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False,
+                           minmax_measured="max" in m.outputs)
     # generic: reductions keep batch and channel axes in their original order
     def nc(name: str) -> np.ndarray:
         arr = np.asarray(values[m.outputs[name]], np.float64)
@@ -778,7 +950,11 @@ def _decode(m: _Measure, values: dict[str, np.ndarray]) -> TensorStats:
 
 
 def _needs_exact(m: _Measure, stats: TensorStats) -> bool:
-    """A fast-form tensor whose numbers are not finite: NaN/Inf counts need the exact form."""
+    """A fast-form tensor whose numbers are not finite: NaN/Inf counts need the exact form.
+
+    The per-sample means alone decide it (also where min/max are not measured): a NaN or Inf element makes
+    its sample's mean (a sum) non-finite; so does a finite square overflowing float32, which the exact
+    form then measures correctly."""
     return m.mode == "fast" and not (
         np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq))
     )
@@ -795,7 +971,7 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
     zero_range = (lo == 0) & (hi == 0)
     zeros = np.where(zero_range, out.count, 0).astype(np.int64)  # count is per channel
     return TensorStats(out.batch_size, out.count, mean, sq, lo, hi, zeros, out.nonfinite.copy(), derived=True,
-                       zeros_exact=False)
+                       zeros_exact=False, minmax_measured=out.minmax_measured)
 
 
 def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
@@ -965,8 +1141,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     """Probe every normalization layer of an ONNX model (see the module docstring).
 
     With ``release_weights`` (default), ``view.handle.model`` is a weight-less skeleton while the batches
-    run and is reloaded from ``view.handle.path`` afterwards (see :func:`_release`); pass False when the
-    handle's model carries in-memory edits that are not in the file.
+    run and is reloaded from ``view.handle.path`` when next read (see :func:`_release`); pass False when
+    the handle's model carries in-memory edits that are not in the file.
     """
     handle = view.handle
     if not view.layers:
@@ -984,10 +1160,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         return result
     finally:
         engine.close()
-        try:
-            restore()
-        except Exception as exc:  # noqa: BLE001 - the file changed under us: say so in one line
-            raise BackendError(f"{handle.path}: cannot reload the model after probing: {_line(exc)}") from exc
+        restore()  # lazy: the weights are reloaded when handle.model is next read
 
 
 def measure_inputs(
