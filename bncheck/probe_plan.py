@@ -279,18 +279,37 @@ def _dependence(
 # --------------------------------------------------------------------------- entry point
 
 
+def _overlapped(open_runner: Callable[[], Runner], draw: Callable[[], dict[str, np.ndarray]]):
+    """Build the runner while a worker thread draws the synthetic inputs; return both.
+
+    Why a thread: numpy's generators and onnxruntime's session creation both release the GIL, so on
+    ResNet-50 the 32 synthetic images (0.05 s) are drawn for free while the session is built.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool_thread:
+        future = pool_thread.submit(draw)
+        runner = open_runner()
+        return runner, future.result()
+
+
 def run_plan(
     view: ModelView,
     settings: ProbeSettings,
-    runner: Runner,
+    runner: Runner | None,
     *,
     call_style: str | None = None,
     int_high: Mapping[str, int] | None = None,
+    open_runner: Callable[[], Runner] | None = None,
 ) -> ProbeResult:
     """Run every batch of the plan once through ``runner`` and assemble the :class:`ProbeResult`.
 
     ``int_high`` bounds synthetic integer inputs per input name (the backend knows which feed a Gather).
+    ``open_runner`` (with ``runner`` None) builds the runner once the plan is known, while synthetic
+    inputs are drawn (:func:`_overlapped`); the caller closes what it built, also on errors.
     """
+    if (runner is None) == (open_runner is None):
+        raise ValueError("run_plan needs exactly one of runner and open_runner")
     batch_sizes = tuple(settings.batch_sizes)
     if not batch_sizes:
         raise ProbeDataError("no batch sizes to probe")
@@ -316,6 +335,8 @@ def run_plan(
             dependence = False
             notes.append("batch dependence not tested: the data holds one sample, so every batch repeats it")
         plan = make_plan(batch_sizes, settings.samples, pool_size, True, dependence)
+        if open_runner is not None:
+            runner = open_runner()
         if max(batch_sizes) > pool_size:
             notes.append(
                 f"the data holds {pool_size} samples; batches larger than that repeat samples"
@@ -323,8 +344,17 @@ def run_plan(
         data_samples = pool_size
     else:
         plan = make_plan(batch_sizes, settings.samples, None, False, dependence)
-        pool = synthetic_inputs(view.inputs, plan.pool_needed, settings.seed, settings.input_shapes, int_high)
+        needed = plan.pool_needed
+
+        def draw() -> dict[str, np.ndarray]:
+            return synthetic_inputs(view.inputs, needed, settings.seed, settings.input_shapes, int_high)
+
+        if open_runner is not None:
+            runner, pool = _overlapped(open_runner, draw)
+        else:
+            pool = draw()
         data_samples = 0
+    assert runner is not None
     results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
     total = len(plan.runs)
     if settings.progress:
