@@ -182,6 +182,11 @@ def _fixed_batch(view: ModelView) -> int | None:
 
 
 def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The pool's ``rows`` as one batch. Consecutive rows are a slice of a C-contiguous array, itself
+    contiguous: no copy (the batch of 32 on ResNet-50 is 19 MB, 0.05 s to copy into fresh pages)."""
+    start = rows[0] if rows else 0
+    if rows == tuple(range(start, start + len(rows))):
+        return {name: np.ascontiguousarray(array[start:start + len(rows)]) for name, array in pool.items()}
     index = np.asarray(rows, dtype=np.int64)
     return {name: np.ascontiguousarray(np.take(array, index, axis=0)) for name, array in pool.items()}
 

@@ -88,3 +88,14 @@ def test_plan_with_data_wraps_small_data_and_covers_every_sample_once():
 def test_plan_without_a_batch_size_above_one_has_no_dependence_runs():
     plan = make_plan((1,), 4, None, False)
     assert plan.runs == ((0,),) and plan.solo_runs == ()
+
+
+def test_take_returns_the_rows_and_slices_consecutive_rows_without_copying():
+    from bncheck.probe_plan import _take
+
+    pool = {"x": np.arange(5 * 3, dtype=np.float32).reshape(5, 3)}
+    for rows in ((1, 2, 3), (4, 0), (2,)):
+        np.testing.assert_array_equal(_take(pool, rows)["x"], pool["x"][list(rows)])
+        assert _take(pool, rows)["x"].flags["C_CONTIGUOUS"]
+    assert np.shares_memory(_take(pool, (1, 2, 3))["x"], pool["x"])
+    assert not np.shares_memory(_take(pool, (4, 0))["x"], pool["x"])

@@ -967,6 +967,12 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
     with np.errstate(all="ignore"):
         mean = (out.sample_mean - b) / a
         sq = (out.sample_sq - 2.0 * b * out.sample_mean + b * b) / (a * a)
+    if not out.minmax_measured:  # nothing to map (the usual case: 53 layers x 7 runs on ResNet-50)
+        c = out.min.shape[0]
+        return TensorStats(out.batch_size, out.count, mean, sq, np.full(c, np.nan), np.full(c, np.nan),
+                           np.zeros(c, np.int64), out.nonfinite.copy(), derived=True, zeros_exact=False,
+                           minmax_measured=False)
+    with np.errstate(all="ignore"):
         lo = (out.min - b) / a
         hi = (out.max - b) / a
     lo, hi = np.where(a > 0, lo, hi), np.where(a > 0, hi, lo)
