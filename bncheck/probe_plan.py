@@ -216,27 +216,25 @@ def _change(
         std = np.sqrt(np.maximum(sq_c - mean_c**2, 0.0))
     rms = np.nan_to_num(rms, nan=0.0)
     scale = np.maximum(np.nan_to_num(std, nan=0.0), SCALE_FLOOR * rms) + _TINY
-    best, worst_b = -1.0, None
-    for sample, batch_size, mean, sq in batched:
-        solo_mean, solo_sq = solo[sample]
-        with np.errstate(invalid="ignore", over="ignore"):
-            d_mean = np.abs(mean - solo_mean) / scale
-            d_sq = np.abs(sq - solo_sq) / (2.0 * rms * scale + _TINY)
-        both = np.concatenate([d_mean, d_sq])
-        finite_a = np.isfinite(np.concatenate([mean, sq]))
-        finite_b = np.isfinite(np.concatenate([solo_mean, solo_sq]))
-        mismatch = finite_a != finite_b  # NaN/Inf only with (or only without) companions: dependence
-        value = -1.0
-        if mismatch.any():
-            value = math.inf
-        comparable = finite_a & finite_b & np.isfinite(both)
-        if comparable.any():
-            value = max(value, float(both[comparable].max()))
-        if value > best:
-            best, worst_b = value, batch_size
-    if best < 0:
+    # every (sample, batch) row at once: [rows, C] arrays (this runs for every layer and side)
+    mean = np.stack([row[2] for row in batched])
+    sq = np.stack([row[3] for row in batched])
+    solo_mean = np.stack([solo[row[0]][0] for row in batched])
+    solo_sq = np.stack([solo[row[0]][1] for row in batched])
+    with np.errstate(invalid="ignore", over="ignore"):
+        d_mean = np.abs(mean - solo_mean) / scale
+        d_sq = np.abs(sq - solo_sq) / (2.0 * rms * scale + _TINY)
+    both = np.concatenate([d_mean, d_sq], axis=1)
+    finite_a = np.isfinite(np.concatenate([mean, sq], axis=1))
+    finite_b = np.isfinite(np.concatenate([solo_mean, solo_sq], axis=1))
+    mismatch = (finite_a != finite_b).any(axis=1)  # NaN/Inf only with (or only without) companions: dependence
+    comparable = finite_a & finite_b & np.isfinite(both)
+    largest = np.where(comparable, both, -1.0).max(axis=1)  # -1: nothing comparable in that row
+    values = np.where(mismatch, math.inf, np.maximum(largest, -1.0))
+    worst = int(np.argmax(values))  # the first row holding the largest change
+    if values[worst] < 0:
         return math.nan, None
-    return best, worst_b
+    return float(values[worst]), batched[worst][1]
 
 
 def _dependence(
