@@ -28,8 +28,8 @@ def render(report: Report, width: int = 100, color: bool = False) -> str:
         no_color=not color, highlight=False, soft_wrap=False,
     )
     model = report.model
-    console.print(Text(f"bncheck {report.command}: {model.path} ({model.format}"
-                       + (f", {model.producer}" if model.producer else "") + ")", style="bold"))
+    producer = f", {model.producer}" if model.producer and model.producer != model.format else ""
+    console.print(Text(f"bncheck {report.command}: {model.path} ({model.format}{producer})", style="bold"))
     for note in report.notes:
         console.print(Text(f"{note.level}: {note.message}", style=_STYLE.get(note.level, "")))
     if report.layers:
