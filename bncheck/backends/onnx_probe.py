@@ -890,6 +890,8 @@ def _session_statistics_first(model: "onnx.ModelProto", folder: str, tmp: str, m
     so.optimized_model_filepath = optimized
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EMBED_BYTES))
+    # this session only writes the optimized graph and never runs: packing weights for its kernels is waste
+    so.add_session_config_entry("session.disable_prepacking", "1")
     first = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del first
     # no malloc_trim here: the running session's creation reuses these freed pages without faulting them
