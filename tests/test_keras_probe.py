@@ -25,6 +25,7 @@ from bncheck.backends.base import BackendError, ProbeSettings  # noqa: E402
 from bncheck.backends.keras_backend import KerasBackend  # noqa: E402
 from bncheck.backends.keras_probe import AS_WRITTEN, PREDICT, KerasRunner, pool  # noqa: E402
 from bncheck.probe_plan import tensor_stats  # noqa: E402
+from tests.keras_files import bn_model_with_config_field  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SCRIPT = SAMPLES / "make_keras_samples.py"
@@ -70,19 +71,9 @@ def test_lambda_layer_probe_is_refused_and_nothing_is_executed(tmp_path):
 
 
 def test_object_from_outside_keras_probe_is_refused(tmp_path):
-    model = keras.Sequential([keras.Input((3,)), layers.BatchNormalization(name="bn")])
-    path = tmp_path / "foreign.keras"
-    model.save(path)
-    with zipfile.ZipFile(path) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
-    config = json.loads(members["config.json"])
-    config["config"]["layers"][1]["registered_name"] = "my_package>TrojanNorm"
-    members["config.json"] = json.dumps(config).encode()
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
+    path = bn_model_with_config_field(tmp_path, "registered_name", "my_package>TrojanNorm")
     with pytest.raises(BackendError, match="my_package>TrojanNorm"):
-        KerasBackend().probe(KerasBackend().load(str(path)), FAST)
+        KerasBackend().probe(KerasBackend().load(path), FAST)
 
 
 def _subprocess(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:

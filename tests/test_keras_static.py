@@ -27,6 +27,7 @@ from bncheck.backends.base import BackendError  # noqa: E402
 from bncheck.backends.keras_backend import KerasBackend  # noqa: E402
 from bncheck.backends.keras_static import MAX_RATIO, read  # noqa: E402
 from bncheck.model import Kind  # noqa: E402
+from tests.keras_files import bn_model_with_config_field  # noqa: E402
 
 C = keras.initializers.Constant
 
@@ -290,18 +291,8 @@ def test_lambda_layer_is_recorded_for_the_probe_to_refuse_while_inspect_still_re
 
 
 def test_foreign_module_in_config_is_recorded_as_unsafe(tmp_path):
-    model = keras.Sequential([keras.Input((3,)), layers.BatchNormalization(name="bn")])
-    path = tmp_path / "foreign.keras"
-    model.save(path)
-    with zipfile.ZipFile(path) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
-    config = json.loads(members["config.json"])
-    config["config"]["layers"][1]["module"] = "evil_package.layers"
-    members["config.json"] = json.dumps(config).encode()
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    static = read(str(path))
+    path = bn_model_with_config_field(tmp_path, "module", "evil_package.layers")
+    static = read(path)
     assert any("evil_package.layers" in item and "'bn'" in item for item in static.unsafe)
     assert [layer.name for layer in static.layers] == ["bn"]
 
