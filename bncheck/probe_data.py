@@ -82,6 +82,17 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, tuple(dims)
 
 
+def _mismatch(given: tuple[int, ...], declared: tuple[Dim, ...]) -> int | None:
+    """Where concrete dims ``given`` contradict the model's ``declared`` ones: None if they fit, 0 if the
+    ranks differ, else the 1-based position of the first fixed dim that differs (symbolic dims fit anything)."""
+    if len(given) != len(declared):
+        return 0
+    for position, (g, d) in enumerate(zip(given, declared), start=1):
+        if isinstance(d, int) and g != d:
+            return position
+    return None
+
+
 def _dim_text(dim: Dim) -> str:
     return "?" if dim is None else str(dim)
 
@@ -111,16 +122,17 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
         )
     rest = shape[1:]
     if override is not None:
-        if len(override) != len(rest):
+        axis = _mismatch(override, rest)
+        if axis == 0:
             raise ProbeDataError(
                 f"--input-shape {spec.name}: gives {len(override)} dims but the input has {len(rest)} after the "
                 f"batch dimension ({'x'.join(_dim_text(d) for d in rest) or 'none'})"
             )
-        for i, (given, declared) in enumerate(zip(override, rest), start=1):
-            if isinstance(declared, int) and given != declared:
-                raise ProbeDataError(
-                    f"--input-shape {spec.name}: dim {i} is fixed to {declared} in the model, not {given}"
-                )
+        if axis is not None:
+            raise ProbeDataError(
+                f"--input-shape {spec.name}: dim {axis} is fixed to {rest[axis - 1]} in the model, "
+                f"not {override[axis - 1]}"
+            )
         return (batch, *override)
     dims: list[int] = [batch]
     for i, dim in enumerate(rest, start=1):
@@ -191,17 +203,17 @@ def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
         rest = spec.shape[1:]
         got = array.shape[1:]
         expected = "x".join(_dim_text(d) for d in rest) or "(none)"
-        if len(got) != len(rest):
+        axis = _mismatch(got, rest)
+        if axis == 0:
             raise ProbeDataError(
                 f"{where}: shape {tuple(array.shape)} has {len(got)} dims after the sample axis; input "
                 f"{spec.name!r} needs {len(rest)} ({expected})"
             )
-        for i, (g, d) in enumerate(zip(got, rest), start=1):
-            if isinstance(d, int) and g != d:
-                raise ProbeDataError(
-                    f"{where}: shape {tuple(array.shape)} has {g} at axis {i}; input {spec.name!r} needs {d} "
-                    f"(sample shape {expected})"
-                )
+        if axis is not None:
+            raise ProbeDataError(
+                f"{where}: shape {tuple(array.shape)} has {got[axis - 1]} at axis {axis}; input {spec.name!r} "
+                f"needs {rest[axis - 1]} (sample shape {expected})"
+            )
     if dtype.kind in "iu" and array.dtype != dtype:
         info = np.iinfo(dtype)
         if array.size and (array.min() < info.min or array.max() > info.max):
