@@ -701,25 +701,24 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
 
 def _match_affine(g: GraphIndex, chain: _Chain) -> None:
     """Optional ``* gamma`` then ``+ beta`` after the normalized tensor, through Cast/Reshape copies."""
-    out = chain.output
     if chain.scale is None:
-        hop = _follow_transparent(g, out)
-        mul = _single_user(g, hop[0], "Mul")
-        if mul is not None and len(g.users(hop[0])) == 1:
-            other = _other(g.nodes[mul], hop[0])
-            if other is not None and g.is_param_like(other):
-                chain.scale = other
-                chain.nodes |= set(hop[1]) | {mul}
-                out = g.nodes[mul].output[0]
-    hop = _follow_transparent(g, out)
-    add = _single_user(g, hop[0], "Add")
-    if add is not None and len(g.users(hop[0])) == 1:
-        other = _other(g.nodes[add], hop[0])
-        if other is not None and g.is_param_like(other):
-            chain.bias = other
-            chain.nodes |= set(hop[1]) | {add}
-            out = g.nodes[add].output[0]
-    chain.output = out
+        chain.scale = _absorb_param_op(g, chain, "Mul")
+    chain.bias = _absorb_param_op(g, chain, "Add") or chain.bias
+
+
+def _absorb_param_op(g: GraphIndex, chain: _Chain, op: str) -> str | None:
+    """If the chain's output (past transparent copies) feeds only an ``op`` with a parameter as its other
+    operand, extend the chain through it and return that parameter's name."""
+    tensor, passed = _follow_transparent(g, chain.output)
+    node = _single_user(g, tensor, op)
+    if node is None or len(g.users(tensor)) != 1:
+        return None
+    other = _other(g.nodes[node], tensor)
+    if other is None or not g.is_param_like(other):
+        return None
+    chain.nodes |= set(passed) | {node}
+    chain.output = g.nodes[node].output[0]
+    return other
 
 
 def _follow_transparent(g: GraphIndex, tensor: str) -> tuple[str, list[int]]:
