@@ -52,7 +52,7 @@ print(json.dumps({"wall": wall, "import": t_import, "rss_mb": peak_mb()}))
 PROBE = PEAK + r"""
 import time, json, sys
 t0 = time.perf_counter()
-from bncheck.backends.onnx_backend import OnnxBackend
+from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.base import ProbeSettings
 backend = OnnxBackend()
 view = backend.load(sys.argv[1])

@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from bncheck import __version__
-
-FAIL_ON = ("error", "warning", "info", "never")
+from bncheck.findings import FAIL_ON_LEVELS
+from bncheck.render import FORMATS
 
 
 class BatchSizes(click.ParamType):
@@ -56,11 +56,11 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every command shares (report format and CI gating)."""
     options = [
         click.argument("model", type=click.Path(dir_okay=True, path_type=str)),
-        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                      help="Report format on stdout. json: the JSON document alone."),
         click.option("--output", "-o", "output", type=click.Path(dir_okay=False, writable=True, path_type=str),
                      help="Also write the JSON report to this file."),
-        click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
+        click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
                      help="Exit 1 when a finding is at or above this severity."),
         click.option("--select", multiple=True, metavar="CODES",
                      help="Only these checks (codes or slugs, comma-separated; repeatable)."),
@@ -195,11 +195,11 @@ def explain(check: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Calibration batch size (a model with a fixed batch dimension uses its own).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Report format on stdout. json: the JSON document alone.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True, path_type=str),
               help="Also write the JSON report to this file.")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
+@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
               help="Exit 1 when a finding of the ORIGINAL model is at or above this severity.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def fix(model: str, data: str | None, fixed: str | None, only: tuple[str, ...], dry_run: bool, batch_size: int,
@@ -246,18 +246,22 @@ def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool) -
     sys.exit(report.exit_code)
 
 
-def _fail(error: BaseException, debug: bool) -> None:
+def _fail(error: BaseException, debug: bool) -> NoReturn:
+    from bncheck.errors import BncheckError, one_line
+
     if debug:
         traceback.print_exc()
-    known = type(error).__name__ in ("BackendError", "ProbeDataError", "UnknownCheckError")
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, OSError) and not known:
-        known, text = True, f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}".lstrip(": ")
-    prefix = "bncheck: error: " if known else f"bncheck: internal error ({type(error).__name__}): "
-    suffix = "" if known or debug else " (run with --debug for the traceback)"
-    click.echo(prefix + text + suffix, err=True)
+    if isinstance(error, BncheckError):
+        line = f"bncheck: error: {one_line(error, limit=2000)}"
+    elif isinstance(error, OSError):
+        where = getattr(error, "filename", None) or ""
+        line = f"bncheck: error: {where}: {error.strerror or error}".replace("error: : ", "error: ")
+    else:
+        line = f"bncheck: internal error ({type(error).__name__}): {one_line(error, limit=2000)}"
+        if not debug:
+            line += " (run with --debug for the traceback)"
+    click.echo(line, err=True)
     sys.exit(2)
-
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,10 @@ class Severity(enum.IntEnum):
         return cls[text.strip().upper()]
 
 
+#: --fail-on values, most severe first; "never" gates on nothing.
+FAIL_ON_LEVELS: tuple[str, ...] = (*(s.label for s in sorted(Severity, reverse=True)), "never")
+
+
 @dataclass(frozen=True)
 class Finding:
     """One problem on one layer. ``evidence`` holds numbers (JSON-safe after encoding), ``hint`` the fix."""
@@ -35,5 +41,24 @@ class Finding:
     hint: str
     evidence: dict[str, Any] = field(default_factory=dict)
 
-    def sort_key(self) -> tuple[int, str, str]:
-        return (-int(self.severity), self.code, self.layer)
+
+def number(value: float | int | None) -> float | int | str | None:
+    """A JSON-safe number: NaN/Inf become the strings "nan", "inf", "-inf" (JSON has no such numbers).
+
+    numpy scalars are accepted through the numbers ABCs they register with (this module imports no numpy).
+    """
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    f = float(value)
+    if math.isnan(f):
+        return "nan"
+    if math.isinf(f):
+        return "inf" if f > 0 else "-inf"
+    return f
+
+
+def shape_json(shape: tuple[Any, ...] | None) -> list[Any] | None:
+    """A shape for JSON: ints and dim names kept, anything else (unknown) as null."""
+    return None if shape is None else [d if isinstance(d, (int, str)) else None for d in shape]

@@ -1,6 +1,6 @@
 """`bncheck fix`: diagnose, repair, write, and prove the repair by probing the written model again.
 
-Framework-neutral orchestration; the rewriting itself is the backend's (bncheck.backends.onnx_fix). The
+Framework-neutral orchestration; the rewriting itself is the backend's (bncheck.backends.onnx.fix). The
 report's findings are those of the ORIGINAL model (so the exit code means what it means for inspect/probe:
 the file given has problems); the ``fix`` section says what was done per layer and holds the re-probe of
 the fixed model with the same data, which is the proof.
@@ -40,7 +40,7 @@ def fix(
     backend = backend_for(path)
     if backend.format != "onnx":
         raise BackendError(f"{path}: `bncheck fix` rewrites ONNX models only ({backend.format} given)")
-    from bncheck.backends.onnx_fix import check_output, fix_onnx, precheck
+    from bncheck.backends.onnx.fix import check_output, fix_onnx, precheck
 
     if not dry_run:
         check_output(path, output)

@@ -15,9 +15,8 @@ Conventions
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -289,8 +288,20 @@ def normalized_set_size(layer: NormLayer, batch: int | None = None) -> tuple[int
     return product, tuple(symbolic)
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """JSON has no NaN/Inf: callers encode them as strings; this returns None for non-finite numbers."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What `bncheck probe` asks of a backend.
+
+    ``data`` maps input name to an array whose first axis is samples (None: synthetic inputs from ``seed``).
+    ``input_shapes`` fixes symbolic non-batch dims per input. ``samples`` is K, the number of samples whose
+    batch dependence is tested. ``progress`` is called with (done, total) steps, or None.
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 2, 32)
+    seed: int = 0
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    data: dict[str, np.ndarray] | None = None
+    data_path: str | None = None  # --data; the engine reads it into ``data`` once the model's inputs are known
+    data_source: str = "synthetic"
+    samples: int = 4
+    progress: Callable[[int, int], None] | None = None

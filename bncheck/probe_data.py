@@ -21,6 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
+from bncheck.errors import DataError
 from bncheck.model import Dim, InputSpec
 
 #: exclusive upper bound of synthetic integer inputs that feed no Gather (token ids, class ids, flags).
@@ -30,7 +31,7 @@ DEFAULT_INT_HIGH = 2
 MAX_BATCH_SIZE = 4096
 
 
-class ProbeDataError(ValueError):
+class ProbeDataError(DataError, ValueError):
     """Bad probe options or data; the message is one line for the user (exit 2)."""
 
 

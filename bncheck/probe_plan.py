@@ -32,8 +32,14 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from bncheck.backends.base import ProbeSettings
-from bncheck.model import BatchDependence, LayerProbe, ModelView, ProbeResult, TensorStats
+from bncheck.model import (
+    BatchDependence,
+    LayerProbe,
+    ModelView,
+    ProbeResult,
+    ProbeSettings,
+    TensorStats,
+)
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, LayerProbe]]
@@ -166,10 +172,6 @@ def make_plan(
             ordered.append(run)
     needed = max([max(r) + 1 for r in ordered] + ([k] if solo else []))
     return Plan(tuple(ordered), probe_runs, solo, groups, data_runs, k, needed)
-
-
-def _needed_pool(batch_sizes: tuple[int, ...], samples: int, dependence: bool = True) -> int:
-    return make_plan(batch_sizes, samples, None, False, dependence).pool_needed
 
 
 def _fixed_batch(view: ModelView) -> int | None:
@@ -317,16 +319,16 @@ def run_plan(
     if not batch_sizes:
         raise ProbeDataError("no batch sizes to probe")
     notes: list[str] = []
-    dependence = True
+    test_dependence = True
     fixed = _fixed_batch(view)
     if fixed is not None and set(batch_sizes) != {fixed}:
         notes.append(
             f"the model's batch dimension is fixed to {fixed}: probed at batch size {fixed} only "
             f"(requested {','.join(map(str, batch_sizes))}); batch dependence not tested"
         )
-        batch_sizes, dependence = (fixed,), False
+        batch_sizes, test_dependence = (fixed,), False
     elif fixed is not None:
-        dependence = False
+        test_dependence = False
         notes.append(f"the model's batch dimension is fixed to {fixed}: batch dependence not tested")
     if settings.data is not None:
         pool = dict(settings.data)
@@ -334,10 +336,10 @@ def run_plan(
         if len(counts) != 1:
             raise ProbeDataError("the data arrays have different numbers of samples")
         pool_size = counts.pop()
-        if pool_size == 1 and dependence and any(b > 1 for b in batch_sizes):
-            dependence = False
+        if pool_size == 1 and test_dependence and any(b > 1 for b in batch_sizes):
+            test_dependence = False
             notes.append("batch dependence not tested: the data holds one sample, so every batch repeats it")
-        plan = make_plan(batch_sizes, settings.samples, pool_size, True, dependence)
+        plan = make_plan(batch_sizes, settings.samples, pool_size, True, test_dependence)
         if open_runner is not None:
             runner = open_runner()
         if max(batch_sizes) > pool_size:
@@ -346,7 +348,7 @@ def run_plan(
             )
         data_samples = pool_size
     else:
-        plan = make_plan(batch_sizes, settings.samples, None, False, dependence)
+        plan = make_plan(batch_sizes, settings.samples, None, False, test_dependence)
         needed = plan.pool_needed
 
         def draw() -> dict[str, np.ndarray]:
@@ -380,7 +382,7 @@ def run_plan(
             parts = [results[run][name].input for run in plan.data_runs if name in results[run]]
             if parts and all(p is not None for p in parts):
                 data[name] = merge_stats(parts)  # type: ignore[arg-type]
-    if not plan.solo_runs and dependence:
+    if test_dependence and not plan.solo_runs:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     return ProbeResult(
         batch_sizes=batch_sizes,

@@ -9,14 +9,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bncheck.checks import bn001_collapse, bn002_train_mode
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size
+from bncheck.verdicts import is_affected, is_collapsed
 
 SCHEMA_VERSION = 1
 
 #: --fail-on choices; "never" always exits 0 when the command ran.
-FAIL_ON_CHOICES = ("error", "warning", "info", "never")
 
 
 @dataclass(eq=False)
@@ -102,7 +101,7 @@ def layer_status(report: Report, layer: NormLayer) -> str:
     if worst is not None:
         return worst.label
     if any(
-        (dep := probe.dependence.get(layer.name)) is not None and bn002_train_mode.is_affected(dep)
+        (dep := probe.dependence.get(layer.name)) is not None and is_affected(dep)
         for probe in report.probes
     ):
         return "affected"
@@ -127,6 +126,6 @@ def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:
         return "-"
     if any(s is not None and s.total_nonfinite for s in (seen.input, seen.output)):
         return "nan/inf"
-    if bn001_collapse.is_collapsed(seen.input, seen.output, layer.bias if layer.computes_statistics else None):
+    if is_collapsed(seen.input, seen.output, layer.bias if layer.computes_statistics else None):
         return "constant"
     return "ok"

@@ -235,3 +235,10 @@ def test_usage_error_exit_code_is_2_in_a_real_process(clean):
     proc = subprocess.run([sys.executable, "-m", "bncheck", "probe", clean, "--batch-sizes", "x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_probe_at_batch_size_1_only_says_dependence_was_not_tested(runner, clean):
+    result = runner.invoke(main, ["probe", str(clean), "--batch-sizes", "1", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.stdout)["probe"]["runs"]
+    assert "batch dependence not tested: it needs a batch size above 1" in runs[0]["notes"]

@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 
 import jsonschema
-
 import numpy as np
 import onnx
 import onnxruntime as ort

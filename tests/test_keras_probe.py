@@ -22,8 +22,8 @@ from keras import layers  # noqa: E402
 
 from bncheck import engine  # noqa: E402
 from bncheck.backends.base import BackendError, ProbeSettings  # noqa: E402
-from bncheck.backends.keras_backend import KerasBackend  # noqa: E402
-from bncheck.backends.keras_probe import AS_WRITTEN, PREDICT, KerasRunner, pool  # noqa: E402
+from bncheck.backends.keras import KerasBackend  # noqa: E402
+from bncheck.backends.keras.probe import AS_WRITTEN, PREDICT, KerasRunner, pool  # noqa: E402
 from bncheck.probe_plan import tensor_stats  # noqa: E402
 from tests.keras_files import bn_model_with_config_field  # noqa: E402
 
@@ -84,7 +84,7 @@ def test_probe_without_keras_says_which_extra_to_install():
     path = str(SAMPLES / "keras_epsilon_1e-8.keras")
     code = (
         "import sys; sys.modules['keras'] = None\n"  # keras not importable, as without the extra
-        "from bncheck.backends.keras_backend import KerasBackend\n"
+        "from bncheck.backends.keras import KerasBackend\n"
         "from bncheck.backends.base import BackendError, ProbeSettings\n"
         f"view = KerasBackend().load({path!r})\n"
         "try:\n    KerasBackend().probe(view, ProbeSettings())\n"
@@ -99,7 +99,7 @@ def test_probe_without_keras_says_which_extra_to_install():
 def test_keras_backend_defaults_to_numpy_when_unset():
     path = str(SAMPLES / "keras_epsilon_1e-8.keras")
     code = (
-        "from bncheck.backends.keras_backend import KerasBackend\n"
+        "from bncheck.backends.keras import KerasBackend\n"
         "from bncheck.backends.base import ProbeSettings\n"
         f"view = KerasBackend().load({path!r})\n"
         "KerasBackend().probe(view, ProbeSettings(batch_sizes=(1,), samples=1))\n"
@@ -320,7 +320,7 @@ def test_models_with_dict_inputs_and_embedding_inputs_are_probed_with_valid_indi
     path = _save(keras.Model({"a": a, "tok": tok}, out), tmp_path / "dict_inputs.keras")
     view = KerasBackend().load(path)
     assert [(s.name, s.dtype) for s in view.inputs] == [("a", "float32"), ("tok", "int32")]
-    from bncheck.backends.keras_probe import embedding_bounds
+    from bncheck.backends.keras.probe import embedding_bounds
 
     assert embedding_bounds(view.handle.config, ["a", "tok"]) == {"tok": 1000}
     [result] = KerasBackend().probe(view, FAST)

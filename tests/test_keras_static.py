@@ -24,8 +24,8 @@ keras = pytest.importorskip("keras")
 from keras import layers  # noqa: E402
 
 from bncheck.backends.base import BackendError  # noqa: E402
-from bncheck.backends.keras_backend import KerasBackend  # noqa: E402
-from bncheck.backends.keras_static import MAX_RATIO, read  # noqa: E402
+from bncheck.backends.keras import KerasBackend  # noqa: E402
+from bncheck.backends.keras.archive import MAX_RATIO, read  # noqa: E402
 from bncheck.model import Kind  # noqa: E402
 from tests.keras_files import bn_model_with_config_field  # noqa: E402
 
@@ -302,7 +302,7 @@ def test_static_load_does_not_import_keras(tmp_path):
     path = str(tmp_path / "kinds.keras")
     model.save(path)
     code = (
-        "import sys; from bncheck.backends.keras_backend import KerasBackend; "
+        "import sys; from bncheck.backends.keras import KerasBackend; "
         f"v = KerasBackend().load({path!r}); assert len(v.layers) == 9; "
         "assert not any(m == 'keras' or m.startswith(('keras.', 'jax', 'tensorflow')) for m in sys.modules), "
         "sorted(m for m in sys.modules if 'keras' in m)"
@@ -335,7 +335,7 @@ def test_zip_bomb_member_is_refused_before_inflating(tmp_path):
 
 
 def test_member_declaring_more_than_the_limit_is_refused(tmp_path, monkeypatch):
-    import bncheck.backends.keras_static as ks
+    import bncheck.backends.keras.archive as ks
 
     path = tmp_path / "big.keras"
     with zipfile.ZipFile(path, "w") as zf:

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bncheck.backends import onnx_load
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx_backend import OnnxBackend
-from bncheck.backends.onnx_load import load_onnx
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx import load as onnx_load
+from bncheck.backends.onnx.load import load_onnx
 from bncheck.model import Kind
 
 F32 = TensorProto.FLOAT

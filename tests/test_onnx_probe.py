@@ -5,7 +5,6 @@ BatchNormalization, batch-dependence numbers, inputs. Real models, real onnxrunt
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +17,15 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from bncheck.backends.base import BackendError, ProbeSettings
-from bncheck.backends.onnx_backend import OnnxBackend
-from bncheck.backends.onnx_probe import _Augmenter, _Engine, _gather_tables, _session, measure_inputs, run_probe
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
+from bncheck.backends.onnx.run import (
+    _Engine,
+    _gather_tables,
+    _session,
+    measure_inputs,
+    run_probe,
+)
 from bncheck.model import TensorStats
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 from bncheck.probe_plan import make_plan, tensor_stats
@@ -468,9 +474,10 @@ def _bn_then_instance_norm(path: Path) -> str:
 
 
 def test_inference_bn_min_max_are_not_measured_and_render_as_null(tmp_path):
-    import jsonschema
-    from importlib import resources
     import json
+    from importlib import resources
+
+    import jsonschema
 
     from bncheck import engine
     from bncheck.render import json as json_render

@@ -20,7 +20,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bncheck.backends.onnx_backend import OnnxBackend
+from bncheck.backends.onnx import OnnxBackend
 from bncheck.model import Kind
 
 FAMILIES = {

@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bncheck.backends.onnx_backend import OnnxBackend
-from bncheck.backends.onnx_load import SKELETON_KEEP_BYTES, _skeleton
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx.load import SKELETON_KEEP_BYTES, _skeleton
 
 
 def _conv_reshape_bn(path, ir_version: int = 8, bad_attribute: bool = False) -> str:

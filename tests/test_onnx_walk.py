@@ -15,9 +15,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from bncheck.backends.onnx_backend import OnnxBackend
-from bncheck.backends.onnx_load import load_onnx
-from bncheck.backends.onnx_walk import walk, walk_with_notes
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx.load import load_onnx
+from bncheck.backends.onnx.walk import walk, walk_with_notes
 from bncheck.model import Kind, normalized_set_size
 
 F32 = TensorProto.FLOAT

@@ -15,9 +15,9 @@ def backend_for(path: str) -> Backend:
     """The backend for ``path``, chosen by its suffix (.onnx and anything unknown: ONNX)."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in _KERAS_SUFFIXES:
-        from bncheck.backends.keras_backend import KerasBackend
+        from bncheck.backends.keras import KerasBackend
 
         return KerasBackend()
-    from bncheck.backends.onnx_backend import OnnxBackend
+    from bncheck.backends.onnx import OnnxBackend
 
     return OnnxBackend()

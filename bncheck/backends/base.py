@@ -8,35 +8,15 @@ message is the one line the CLI prints (exit 2).
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
-from typing import Callable
 
-import numpy as np
-
-from bncheck.model import ModelView, ProbeResult
+from bncheck.errors import BncheckError, ErrorKind
+from bncheck.model import ModelView, ProbeResult, ProbeSettings
 
 
-class BackendError(Exception):
+class BackendError(BncheckError):
     """The model cannot be loaded or run. The message is one line, for the user."""
 
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """What `bncheck probe` asks of a backend.
-
-    ``data`` maps input name to an array whose first axis is samples (None: synthetic inputs from ``seed``).
-    ``input_shapes`` fixes symbolic non-batch dims per input. ``samples`` is K, the number of samples whose
-    batch dependence is tested. ``progress`` is called with (done, total) steps, or None.
-    """
-
-    batch_sizes: tuple[int, ...] = (1, 2, 32)
-    seed: int = 0
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    data: dict[str, np.ndarray] | None = None
-    data_path: str | None = None  # --data; the engine reads it into ``data`` once the model's inputs are known
-    data_source: str = "synthetic"
-    samples: int = 4
-    progress: Callable[[int, int], None] | None = None
+    kind = ErrorKind.MODEL
 
 
 class Backend(abc.ABC):

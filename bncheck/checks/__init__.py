@@ -17,6 +17,7 @@ from bncheck.checks import (
     bn004_epsilon,
     bn005_non_finite,
 )
+from bncheck.errors import UsageError
 from bncheck.findings import Finding
 from bncheck.model import ModelView, ProbeResult
 
@@ -29,7 +30,7 @@ ALL_CHECKS: tuple[ModuleType, ...] = (
 )
 
 
-class UnknownCheckError(ValueError):
+class UnknownCheckError(UsageError, ValueError):
     """A --select/--ignore entry names no check."""
 
 

@@ -28,91 +28,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
-
-from bncheck.checks._util import describe, shape_json
-from bncheck.findings import Finding, Severity
-from bncheck.model import Kind, ModelView, NormLayer, ProbeResult, TensorStats
+from bncheck.checks._util import describe
+from bncheck.findings import Finding, Severity, shape_json
+from bncheck.model import ModelView, NormLayer, ProbeResult
+from bncheck.verdicts import CONSTANT_TOLERANCE, collapse_condition, is_collapsed  # noqa: F401 (re-exported)
 
 CODE = "BN001"
 SLUG = "collapse"
 SEVERITY = Severity.ERROR
 
-#: Relative spread (max - min over batch and spatial positions, over max(1, |value|)) below which a channel
-#: counts as constant. The ONNX reference gives exactly the bias on a one-element set; onnxruntime's kernels
-#: give it up to rounding amplified by 1/sqrt(eps) (measured: 3e-5 on a BN at batch 1, 2.3e-4 on an
-#: InstanceNorm on 1x1 maps), while a working normalization spreads its output over about |gamma| x 4.
-CONSTANT_TOLERANCE = 1e-3
-
 HINT = (
     "Run the layer in inference mode with moving statistics (export with model.eval() / training=False), or "
     "normalize over more elements (LayerNorm over channels, GroupNorm with more channels per group)."
 )
-
-
-def collapse_condition(layer: NormLayer) -> dict[str, int] | None:
-    """The condition under which ``layer``'s normalized set has one element, or None if it never does.
-
-    ``{}`` means for every input; ``{"batch_size": 1}`` means at batch size 1; ``{"<dim>": 1}`` for another
-    symbolic dimension. Unknown shapes or axes give None: the check does not guess.
-    """
-    if not layer.computes_statistics or not layer.centered or layer.kind is Kind.UNIT:
-        return None
-    if layer.axes is None or layer.input_shape is None:
-        return None
-    product = 1
-    free: dict[str, int] = {}
-    for axis in layer.axes:
-        if axis >= len(layer.input_shape):
-            return None
-        if layer.kind is Kind.GROUP and axis == layer.channel_axis:
-            continue
-        dim = layer.input_shape[axis]
-        if isinstance(dim, int):
-            product *= dim
-        elif axis == layer.batch_axis:
-            free["batch_size"] = 1  # an unknown or symbolic batch dim admits 1
-        elif isinstance(dim, str):
-            free[dim] = 1
-        else:
-            return None
-    if layer.kind is Kind.GROUP:
-        if not layer.groups or not layer.channels:
-            return None
-        product *= max(layer.channels // layer.groups, 1)
-    return free if product == 1 else None
-
-
-def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndarray | None = None) -> bool:
-    """Output constant per channel over batch and positions (or all zero) while the input is not; or, when
-    the input has a single value per channel (batch 1 on 1x1 maps) so that "varies" cannot be judged within
-    the batch, output equal to the layer's ``bias`` in every channel while the input is not all zero."""
-    if inp is None or out is None or out.count == 0:
-        return False
-    if out.total_nonfinite or inp.total_nonfinite:
-        return False  # BN005's business
-
-    def constant(stats: TensorStats) -> np.ndarray:
-        spread = stats.max.astype(np.float64) - stats.min.astype(np.float64)
-        scale = np.maximum(1.0, np.maximum(np.abs(stats.max), np.abs(stats.min)))
-        return spread <= CONSTANT_TOLERANCE * scale
-
-    all_zero = bool(np.all(out.zeros == out.count))
-    input_all_zero = bool(np.all(inp.zeros == inp.count))
-    if input_all_zero:
-        return False  # a dead input makes any centred norm output its bias: the cause is upstream
-    if all_zero:
-        return True
-    if not np.all(constant(out)):
-        return False
-    if not np.all(constant(inp)):
-        return True
-    if bias is None or np.size(bias) != out.channels:
-        return False
-    beta = np.asarray(bias, dtype=np.float64).ravel()
-    scale = np.maximum(1.0, np.abs(beta))
-    return bool(np.all(np.abs(out.max - beta) <= CONSTANT_TOLERANCE * scale)
-                and np.all(np.abs(out.min - beta) <= CONSTANT_TOLERANCE * scale))
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:

@@ -32,21 +32,17 @@ from collections.abc import Iterator
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity
 from bncheck.model import BatchDependence, ModelView, NormLayer, ProbeResult
+from bncheck.verdicts import (  # noqa: F401 (re-exported)
+    INPUT_TOLERANCE,
+    OUTPUT_TOLERANCE,
+    RUNTIME_DEVIATION_NOTE,
+    is_affected,
+    is_culprit,
+)
 
 CODE = "BN002"
 SLUG = "train-mode"
 SEVERITY = Severity.ERROR
-
-#: A sample's per-channel mean or mean of squares that moves by more than this many per-channel standard
-#: deviations when its batch companions change means batch statistics. Measured float32 noise on clean
-#: models (different batch sizes use different kernels) stays below 1e-5; a real batch dependence moves by
-#: order 0.1 to 1.
-OUTPUT_TOLERANCE = 1e-3
-#: Below this, the layer's input did not move: the dependence starts in this layer.
-INPUT_TOLERANCE = 1e-4
-#: onnxruntime's train-mode BatchNormalization differs from the spec by float32 rounding (1e-6) on most
-#: nodes and by whole activations where issue #29790 bites; only the latter is worth a sentence.
-RUNTIME_DEVIATION_NOTE = 1e-4
 
 HINT = (
     "Export or build the inference graph with training off (model.eval(), training=False, is_training=False) "
@@ -56,16 +52,6 @@ HINT_MOMENTS = (
     "Compute moments over the batch axis only in training; at inference use moving averages "
     "(a BatchNormalization layer does both), or run `bncheck fix MODEL --data CALIB -o FIXED`."
 )
-
-
-def is_culprit(dep: BatchDependence) -> bool:
-    """The layer's output depends on the batch while its input does not: the dependence starts here."""
-    return dep.output_change > OUTPUT_TOLERANCE and dep.input_change <= INPUT_TOLERANCE
-
-
-def is_affected(dep: BatchDependence) -> bool:
-    """The layer's input already depends on the batch (an upstream layer uses batch statistics)."""
-    return dep.input_change > INPUT_TOLERANCE
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:

@@ -30,19 +30,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
-
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, ProbeResult
+from bncheck.verdicts import (  # noqa: F401 (re-exported)
+    LOG_VAR_RATIO_THRESHOLD,
+    MEAN_SHIFT_THRESHOLD,
+    drift,
+    has_default_stats,
+)
 
 CODE = "BN003"
 SLUG = "stale-stats"
 SEVERITY = Severity.ERROR
-
-#: Drift thresholds (medians over channels): a mean off by half a standard deviation, a variance off by 2x.
-MEAN_SHIFT_THRESHOLD = 0.5
-LOG_VAR_RATIO_THRESHOLD = math.log(2.0)
 
 HINT_DEFAULTS = (
     "The update ops never ran: make them part of training (tf.control_dependencies(UPDATE_OPS); Keras fit "
@@ -52,29 +52,6 @@ HINT_DRIFT = (
     "Recompute the moving statistics on representative data (`bncheck fix MODEL --data CALIB -o FIXED`), or "
     "train longer / with a smaller momentum decay so the averages converge."
 )
-
-
-def has_default_stats(layer: NormLayer) -> bool:
-    """Running mean exactly 0 and running variance exactly 1 in every channel."""
-    if layer.mean is None or layer.var is None or layer.mean.size == 0:
-        return False
-    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0))
-
-
-def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[float, float]:
-    """(median standardized mean shift, median |log variance ratio|) over channels."""
-    eps = float(layer.epsilon or 0.0)
-    mu = np.asarray(layer.mean, dtype=np.float64).ravel()
-    var = np.asarray(layer.var, dtype=np.float64).ravel()
-    m = np.asarray(observed_mean, dtype=np.float64).ravel()
-    v = np.asarray(observed_var, dtype=np.float64).ravel()
-    ok = np.isfinite(mu) & np.isfinite(var) & (var + eps > 0) & np.isfinite(m) & np.isfinite(v)
-    if not np.any(ok):
-        return 0.0, 0.0
-    tiny = np.finfo(np.float32).tiny
-    shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
-    ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
-    return float(np.median(shift)), float(np.median(ratio))
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:

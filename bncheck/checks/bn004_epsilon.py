@@ -31,36 +31,20 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bncheck.checks._util import describe, number
-from bncheck.findings import Finding, Severity
+from bncheck.checks._util import describe
+from bncheck.findings import Finding, Severity, number
 from bncheck.model import Kind, ModelView, NormLayer, ProbeResult
+from bncheck.verdicts import (  # noqa: F401 (re-exported)
+    DOMINANCE_RATIO,
+    FLOAT32_ROUNDING,
+    TF_EPSILON_CLAMP,
+    below_clamp,
+    clamp_effect,
+)
 
 CODE = "BN004"
 SLUG = "epsilon"
 SEVERITY = Severity.WARNING
-
-TF_EPSILON_CLAMP = 1.001e-5
-#: 1e-5 rounded to float32 is 9.99999975e-06; anything within this relative distance of 1e-5 is 1e-5.
-FLOAT32_ROUNDING = 1e-6
-DOMINANCE_RATIO = 0.1
-
-
-def below_clamp(epsilon: float) -> bool:
-    return 0.0 < epsilon < 1e-5 * (1.0 - FLOAT32_ROUNDING)
-
-
-def clamp_effect(epsilon: float, var: np.ndarray | None) -> float | None:
-    """Largest relative output change over channels when epsilon is raised to 1.001e-5 (None: var unknown)."""
-    if var is None:
-        return None
-    v = np.asarray(var, dtype=np.float64).ravel()
-    v = v[np.isfinite(v) & (v >= 0)]
-    if v.size == 0:
-        return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.sqrt((v + epsilon) / (v + TF_EPSILON_CLAMP))
-    return float(np.max(np.abs(1.0 - factor)))
-
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     for layer in view.layers:

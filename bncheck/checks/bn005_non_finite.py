@@ -24,8 +24,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bncheck.checks._util import describe, number
-from bncheck.findings import Finding, Severity
+from bncheck.checks._util import describe
+from bncheck.findings import Finding, Severity, number
 from bncheck.model import ModelView, NormLayer, ProbeResult
 
 CODE = "BN005"

@@ -1,1 +1,4 @@
-"""Renderers: a Report in, a string out. One module per format (pip-audit style)."""
+"""Renderers: one module per report format, each turning a Report into text."""
+
+#: The values of --format, defined once for every command.
+FORMATS: tuple[str, ...] = ("table", "json")

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 
 from bncheck import __version__
-from bncheck.checks._util import number, shape_json
-from bncheck.findings import Finding
+from bncheck.findings import Finding, number, shape_json
 from bncheck.model import NormLayer, ProbeResult, TensorStats, summarize
 from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes
-from bncheck.checks import bn002_train_mode
+from bncheck.verdicts import is_affected, is_culprit
 
 
 def render(report: Report) -> str:
@@ -134,8 +133,8 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
                 "samples": dep.samples,
                 "batch_sizes": list(dep.batch_sizes),
                 "worst_batch_size": dep.worst_batch_size,
-                "verdict": "culprit" if bn002_train_mode.is_culprit(dep)
-                else "affected" if bn002_train_mode.is_affected(dep) else "independent",
+                "verdict": "culprit" if is_culprit(dep)
+                else "affected" if is_affected(dep) else "independent",
             }
         if probe.data is not None and layer.name in probe.data:
             entry["data_input"] = _stats(probe.data[layer.name])

@@ -9,7 +9,7 @@ shapes); onnx's own folding lives in onnx.reference, which would need the model'
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -18,8 +18,8 @@ from bncheck.model import Dim
 if TYPE_CHECKING:
     import onnx
 
-    from bncheck.backends.onnx_load import OnnxHandle
-
+#: the default ONNX operator domain, as exporters spell it.
+ONNX_DOMAINS = ("", "ai.onnx")
 #: ops whose output holds the same values as their (first) input, possibly reshaped or re-typed.
 TRANSPARENT = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 #: ops that keep values and layout (a tensor and its copy through them are the same data).
@@ -70,10 +70,20 @@ def topological_order(nodes: list["onnx.NodeProto"]) -> list[int]:
     return order
 
 
+class GraphSource(Protocol):
+    """What the index reads of a loaded model (the loader's handle provides it; no import of the loader here)."""
+
+    @property
+    def model(self) -> onnx.ModelProto: ...
+
+    value_shapes: dict[str, tuple[Dim, ...]]
+    value_types: dict[str, int]
+
+
 class GraphIndex:
     """Producers, consumers and topological positions of one graph's nodes."""
 
-    def __init__(self, handle: "OnnxHandle") -> None:
+    def __init__(self, handle: GraphSource) -> None:
         from onnx import helper, numpy_helper
 
         self._helper = helper
@@ -344,3 +354,39 @@ class GraphIndex:
             tensor = node.input[0]
             seen += 1
         return False
+
+
+def shape_dim(g: GraphIndex, tensor: str, axis: int | None) -> int | None:
+    shape = g.shape(tensor)
+    if shape is None or axis is None or not -len(shape) <= axis < len(shape):
+        return None
+    dim = shape[axis]
+    return dim if isinstance(dim, int) else None
+
+
+
+
+def node_input(node, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+
+
+def norm_axis(axis: int, rank: int | None) -> int | None:
+    if axis >= 0:
+        return axis
+    return None if rank is None else axis + rank
+
+
+
+
+def other_input(node, tensor: str) -> str | None:
+    if len(node.input) != 2:
+        return None
+    if node.input[0] == tensor:
+        return node.input[1]
+    if node.input[1] == tensor:
+        return node.input[0]
+    return None
+
+

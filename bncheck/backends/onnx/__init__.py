@@ -12,8 +12,8 @@ class OnnxBackend(Backend):
     format = "onnx"
 
     def load(self, path: str) -> ModelView:
-        from bncheck.backends.onnx_load import load_onnx
-        from bncheck.backends.onnx_walk import walk_with_notes
+        from bncheck.backends.onnx.load import load_onnx
+        from bncheck.backends.onnx.walk import walk_with_notes
 
         handle = load_onnx(path)
         layers, walk_notes = walk_with_notes(handle)
@@ -27,7 +27,7 @@ class OnnxBackend(Backend):
         )
 
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
-        from bncheck.backends.onnx_probe import run_probe
+        from bncheck.backends.onnx.run import run_probe
 
         return [run_probe(view, settings)]
 

@@ -28,8 +28,15 @@ from typing import Any, Callable
 import numpy as np
 
 from bncheck.backends.base import BackendError, ProbeSettings
-from bncheck.backends.keras_static import KerasFile
-from bncheck.model import Kind, LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
+from bncheck.backends.keras.archive import KerasFile
+from bncheck.model import (
+    Kind,
+    LayerProbe,
+    ModelView,
+    NormLayer,
+    ProbeResult,
+    TensorStats,
+)
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
@@ -239,7 +246,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
 
 def embedding_bounds(config: dict[str, Any], inputs: list[str]) -> dict[str, int]:
     """Synthetic integer inputs must index every Embedding they feed: input name -> smallest input_dim."""
-    from bncheck.backends.keras_static import layer_entries, node_calls
+    from bncheck.backends.keras.config import layer_entries, node_calls
 
     bounds: dict[str, int] = {}
     for entry in layer_entries(config):

@@ -1,56 +1,18 @@
-"""Read Keras model files without Keras: ``.keras`` archives and legacy ``.h5`` files, nothing executed.
-
-Only zipfile, json, h5py and numpy are used, so ``bncheck inspect`` works without the ``keras`` extra and a
-hostile file cannot run code: no class is instantiated, no function deserialized. What the files hold was
-measured with keras 3.15 (see issue 4 and tests/test_keras_static.py):
-
-- ``.keras`` is a zip of ``metadata.json`` (keras_version), ``config.json`` (the layer graph) and
-  ``model.weights.h5``. A layer's variables sit at ``layers/<snake_class>[_<n>]/vars/<i>``: the group is a
-  counter per class in ``model.layers`` order (a Sequential's InputLayer is not in ``model.layers``), not the
-  layer name; the ``vars`` group carries the layer name as attribute ``name``; nested models nest the path
-  (``layers/functional/layers/batch_normalization``); ``scale=False``/``center=False`` drop gamma/beta and
-  shift the indices.
-- legacy ``.h5`` keeps ``model_config`` (JSON) as a root attribute and the variables of top-level layer L
-  under ``model_weights/L/<weight name>`` where the names are listed in L's ``weight_names`` attribute,
-  e.g. ``L/gamma`` (keras 3), ``L/gamma:0`` (tf_keras), ``seq/L/gamma`` or ``inner/bn1/gamma`` (nested).
-- A baked ``training=True`` is a call kwarg: ``"kwargs": {"training": true}`` in a Keras 3 inbound node,
-  ``[["d1", 0, 0, {"training": true}]]`` in the tf_keras (Keras 2) node format.
-
-The training flag's meaning depends on the Keras version that runs the file (measured with keras 3.15;
-tf_keras from its documented behaviour, no TensorFlow here): in Keras 3 the outermost explicit ``training``
-wins (``model.predict(x)`` and ``model(x, training=False)`` override every baked flag, a nested model called
-with ``training=True`` overrides its layers' own flags), and a baked ``training=True`` stays in the call
-context for every layer called after it in the same call (the context is never restored), so downstream
-layers use batch statistics too; in tf_keras a layer's own baked flag wins in every call style.
+"""Walk a Keras model config: normalization layers, their call flags, inputs and shapes. No class is instantiated.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 import re
-import struct
-import tempfile
-import zipfile
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.keras.weights import KerasWeights, expected_vars, layer_entries
 from bncheck.model import Dim, InputSpec, Kind, NormLayer, Note
-
-#: Largest uncompressed size accepted for config.json / metadata.json (a big model's config is a few MB).
-MAX_JSON_BYTES = 64 * 1024**2
-#: Largest uncompressed size accepted for model.weights.h5 (declared or actually read).
-MAX_WEIGHTS_BYTES = 16 * 1024**3
-#: Members larger than RATIO_FLOOR that inflate more than MAX_RATIO times their stored size are refused as
-#: zip bombs. Keras writes members stored (ratio 1) and DEFLATE tops out near 1032:1; Keras's own loader uses
-#: the same ratio (keras.src.saving.saving_lib._ZIP_MEMBER_MAX_EXPANSION = 100).
-MAX_RATIO = 100
-RATIO_FLOOR = 1024**2
 
 NORM_KINDS: dict[str, Kind] = {
     "BatchNormalization": Kind.BATCH,
@@ -73,360 +35,6 @@ _SAME_SHAPE = frozenset(
 )
 
 
-@dataclass
-class KerasFile:
-    """What the static reader found. ``unsafe`` lists, per layer path, why the probe must refuse the file."""
-
-    path: str
-    format: str  # "keras" | "h5"
-    keras_version: str | None
-    backend: str | None
-    config: dict[str, Any]
-    layers: list[NormLayer]
-    inputs: list[InputSpec]
-    notes: list[Note] = field(default_factory=list)
-    unsafe: list[str] = field(default_factory=list)
-    baked_layers: list[str] = field(default_factory=list)  # layers (any kind) called with training=True
-
-    @property
-    def keras2(self) -> bool:
-        """Saved by Keras 2 / tf_keras: a baked flag wins in every call style."""
-        return bool(self.keras_version) and self.keras_version.split(".")[0] in ("1", "2")
-
-    @property
-    def baked(self) -> bool:
-        """Some BatchNormalization runs with a baked training=True: its own, an enclosing model's, or (Keras 3)
-        one that an earlier layer, a Dropout say, left in the call context."""
-        batch_norms = [layer for layer in self.layers if layer.kind is Kind.BATCH]
-        if any(layer.extra.get("baked") or layer.batch_statistics for layer in batch_norms):
-            return True
-        # Keras 3: a flag baked anywhere may reach a BatchNormalization through the call context
-        return bool(batch_norms) and bool(self.baked_layers) and not self.keras2
-
-
-# --------------------------------------------------------------------------- file access
-
-
-def read(path: str) -> KerasFile:
-    """Read ``path`` (.keras or .h5/.hdf5) into a :class:`KerasFile`. Raises BackendError (one line)."""
-    if not os.path.exists(path):
-        raise BackendError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise BackendError(f"{path}: is a directory, not a Keras model file")
-    if path.lower().endswith(".keras"):
-        return _read_keras(path)
-    return _read_h5(path)
-
-
-def _read_keras(path: str) -> KerasFile:
-    import h5py
-
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise BackendError(f"{path}: not a .keras file (not a readable zip archive: {exc})") from None
-    with zf:
-        members = {info.filename: info for info in zf.infolist()}
-        for info in members.values():
-            _guard_member(path, info)
-        if "config.json" not in members:
-            raise BackendError(f"{path}: not a .keras file (no config.json in the archive)")
-        config = _read_json_member(path, zf, members["config.json"])
-        metadata = _read_json_member(path, zf, members["metadata.json"]) if "metadata.json" in members else {}
-        version = metadata.get("keras_version") if isinstance(metadata, dict) else None
-        weights_info = members.get("model.weights.h5")
-        notes: list[Note] = []
-        if weights_info is None:
-            notes.append(Note("warning", "the archive has no model.weights.h5: parameters are unknown"))
-            return _build(path, "keras", config, None, version, None, notes)
-        with _open_member(path, zf, weights_info) as raw:
-            try:
-                weights = h5py.File(raw, "r")
-            except Exception as exc:  # h5py raises OSError/ValueError on what is not HDF5
-                raise BackendError(f"{path}: model.weights.h5 is not a readable HDF5 file ({_one_line(exc)})") from None
-            with weights:
-                return _build(path, "keras", config, _KerasWeights(weights), version, None, notes)
-
-
-def _read_h5(path: str) -> KerasFile:
-    import h5py
-
-    try:
-        handle = h5py.File(path, "r")
-    except Exception as exc:
-        raise BackendError(f"{path}: not a readable HDF5 file ({_one_line(exc)})") from None
-    with handle:
-        try:
-            raw = handle.attrs.get("model_config")
-            if raw is None:
-                raise BackendError(
-                    f"{path}: no model_config in this HDF5 file (a weights-only file?): save the whole model "
-                    "with model.save()"
-                )
-            if isinstance(raw, bytes):
-                raw = raw.decode("utf-8")
-            if len(raw) > MAX_JSON_BYTES:
-                raise BackendError(f"{path}: model_config is larger than {MAX_JSON_BYTES} bytes")
-            config = _parse_json(path, "model_config", raw)
-            version = _attr_str(handle.attrs.get("keras_version"))
-            backend = _attr_str(handle.attrs.get("backend"))
-            group = handle.get("model_weights")
-            weights = _LegacyWeights(group) if group is not None else None
-            notes = [] if weights is not None else [Note("warning", "no model_weights group: parameters are unknown")]
-            return _build(path, "h5", config, weights, version, backend, notes)
-        except BackendError:
-            raise
-        except Exception as exc:
-            raise BackendError(f"{path}: damaged Keras HDF5 file ({_one_line(exc)})") from None
-
-
-def _guard_member(path: str, info: zipfile.ZipInfo) -> None:
-    """Refuse members that escape the archive or inflate like a zip bomb, before anything is decompressed.
-
-    Every member is checked for its path and ratio (Keras extracts assets when it loads the file for the
-    probe); the absolute size limits apply to the members bncheck reads.
-    """
-    name = info.filename.replace("\\", "/")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
-        raise BackendError(f"{path}: archive member {info.filename!r} has a path that escapes the archive")
-    limit = {"config.json": MAX_JSON_BYTES, "metadata.json": MAX_JSON_BYTES, "model.weights.h5": MAX_WEIGHTS_BYTES}.get(name)
-    if limit is not None and info.file_size > limit:
-        raise BackendError(f"{path}: archive member {info.filename!r} declares {info.file_size} bytes (limit {limit})")
-    if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-        raise BackendError(
-            f"{path}: archive member {info.filename!r} inflates {info.compress_size} bytes to {info.file_size} "
-            f"(more than {MAX_RATIO}x): refusing a possible zip bomb"
-        )
-
-
-def _read_json_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
-    try:
-        with zf.open(info) as member:
-            data = member.read(MAX_JSON_BYTES + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        raise BackendError(f"{path}: cannot read {info.filename} from the archive ({_one_line(exc)})") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise BackendError(f"{path}: {info.filename} is larger than {MAX_JSON_BYTES} bytes")
-    return _parse_json(path, info.filename, data)
-
-
-def _parse_json(path: str, what: str, data: str | bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise BackendError(f"{path}: {what} is not valid JSON ({_one_line(exc)})") from None
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of bytes [start, start+size) of a file: a stored zip member, read in place.
-
-    Written by hand because zipfile's own member file re-reads the member from its start on every backward
-    seek before Python 3.12, and HDF5 seeks backwards constantly (quadratic on a large weights file).
-    """
-
-    def __init__(self, path: str, start: int, size: int) -> None:
-        super().__init__()
-        self._file = open(path, "rb")
-        self._start, self._size, self._pos = start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), self._size - self._pos))
-        if n == 0:
-            return 0
-        self._file.seek(self._start + self._pos)
-        data = self._file.read(n)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _open_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> io.IOBase:
-    """A seekable file object over the member: in place when stored, else inflated into a capped temp file."""
-    if info.compress_type == zipfile.ZIP_STORED and info.flag_bits & 0x1 == 0:
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            header = f.read(30)
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise BackendError(f"{path}: damaged zip archive (bad local header for {info.filename})")
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        if start + info.compress_size > os.path.getsize(path):
-            raise BackendError(f"{path}: damaged zip archive ({info.filename} runs past the end of the file)")
-        return _Window(path, start, info.compress_size)
-    tmp = tempfile.TemporaryFile()
-    try:
-        with zf.open(info) as member:
-            copied = 0
-            while chunk := member.read(1 << 20):
-                copied += len(chunk)
-                if copied > MAX_WEIGHTS_BYTES or copied > MAX_RATIO * max(info.compress_size, 1) + RATIO_FLOOR:
-                    raise BackendError(f"{path}: {info.filename} inflates past the limits: refusing a possible zip bomb")
-                tmp.write(chunk)
-    except BackendError:
-        tmp.close()
-        raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        tmp.close()
-        raise BackendError(f"{path}: cannot read {info.filename} from the archive ({_one_line(exc)})") from None
-    tmp.seek(0)
-    return tmp
-
-
-def _attr_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
-
-
-# --------------------------------------------------------------------------- weights lookup
-
-
-_VAR_NAMES = {
-    Kind.BATCH: ("gamma", "beta", "moving_mean", "moving_variance"),
-    Kind.LAYER: ("gamma", "beta"),
-    Kind.GROUP: ("gamma", "beta"),
-    Kind.RMS: ("scale",),
-    Kind.UNIT: (),
-}
-
-
-def _expected_vars(kind: Kind, cls: str, cfg: dict[str, Any]) -> tuple[str, ...]:
-    """Variable names in the order the layer creates them (absent ones dropped, so indices shift)."""
-    scale, center = bool(cfg.get("scale", True)), bool(cfg.get("center", True))
-    if kind is Kind.BATCH:
-        return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale, center, True, True)) if keep)
-    if kind is Kind.LAYER:
-        rms = bool(cfg.get("rms_scaling", False))
-        return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale or rms, center and not rms)) if keep)
-    if kind is Kind.GROUP:
-        return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale, center)) if keep)
-    return _VAR_NAMES[kind]
-
-
-class _KerasWeights:
-    """Variables of a .keras archive, addressed by the class-counter group paths Keras writes."""
-
-    def __init__(self, h5: Any) -> None:
-        self.h5 = h5
-
-    def child_groups(self, model_cfg: dict[str, Any], base: str) -> dict[int, str]:
-        """Group path of each entry of ``model_cfg``'s layer list (by index), computed the way Keras names them."""
-        sequential = model_cfg.get("class_name") == "Sequential"
-        used: dict[str, int] = {}
-        groups: dict[int, str] = {}
-        for index, entry in enumerate(layer_entries(model_cfg)):
-            if sequential and entry.get("class_name") == "InputLayer":
-                continue  # Sequential.layers hides its InputLayer, so it takes no counter
-            snake = _snake_case(str(entry.get("class_name", "")))
-            if snake in used:
-                used[snake] += 1
-                name = f"{snake}_{used[snake]}"
-            else:
-                used[snake] = 0
-                name = snake
-            groups[index] = f"{base}/layers/{name}" if base else f"layers/{name}"
-        return groups
-
-    def lookup(self, group: str, layer_name: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
-        try:
-            return self._lookup(group, layer_name, names)
-        except (OSError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged group or dataset
-            return {}, f"unreadable variables in model.weights.h5 ({_one_line(exc)})"
-
-    def _lookup(self, group: str, layer_name: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
-        vars_group = self.h5.get(f"{group}/vars")
-        attr = _attr_str(vars_group.attrs.get("name")) if vars_group is not None else None
-        if vars_group is None or (attr is not None and attr != layer_name):
-            # The counter did not land on this layer (a layer shared with another model, a class Keras names
-            # differently): find the sibling group whose vars carry this layer's name, if exactly one does.
-            parent = self.h5.get(group.rsplit("/", 1)[0])
-            found = [
-                g["vars"] for g in (parent.values() if parent is not None else [])
-                if "vars" in g and _attr_str(g["vars"].attrs.get("name")) == layer_name
-            ]
-            if len(found) != 1:
-                return {}, f"variables not found in model.weights.h5 (looked for {group}/vars)"
-            vars_group = found[0]
-        count = sum(1 for key in vars_group.keys() if key.isdigit())
-        if count < len(names):
-            return {}, f"{group}/vars holds {count} variables, expected {len(names)} ({', '.join(names)})"
-        return {name: np.asarray(vars_group[str(i)][()]) for i, name in enumerate(names)}, None
-
-
-class _LegacyWeights:
-    """Variables of a legacy .h5 file, found by name in the top-level layer's ``weight_names`` list."""
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-
-    def lookup(self, path: tuple[str, ...], names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
-        try:
-            return self._lookup(path, names)
-        except (OSError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged group or dataset
-            return {}, f"unreadable variables in model_weights ({_one_line(exc)})"
-
-    def _lookup(self, path: tuple[str, ...], names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
-        top = self.group.get(path[0])
-        if top is None:
-            return {}, f"no model_weights/{path[0]} group"
-        weight_names = [_attr_str(w) for w in top.attrs.get("weight_names", [])]
-        found: dict[str, np.ndarray] = {}
-        for var in names:
-            candidates = []
-            for weight_name in weight_names:
-                parts = weight_name.split("/")
-                if len(parts) >= 2 and parts[-1].split(":")[0] == var and parts[-2] == path[-1]:
-                    candidates.append(parts)
-            if len(candidates) > 1:  # same layer name in two nested models: the longest scope on the path wins
-                fitting = [c for c in candidates if _scope_fits(c[:-2], path[:-1])]
-                longest = max((len(c) for c in fitting), default=0)
-                candidates = [c for c in fitting if len(c) == longest]
-            if len(candidates) != 1:
-                return {}, f"variable {var!r} of {'/'.join(path)} not found unambiguously in model_weights/{path[0]}"
-            dataset = top.get("/".join(candidates[0]))
-            if dataset is None:
-                return {}, f"model_weights/{path[0]}/{'/'.join(candidates[0])} is listed but missing"
-            found[var] = np.asarray(dataset[()])
-        return found, None
-
-
-def _scope_fits(scope: list[str], model_path: tuple[str, ...]) -> bool:
-    """Every scope component names a model on the layer's path (tf_keras prefixes some names with the model)."""
-    return all(part in model_path for part in scope)
-
-
-def _snake_case(name: str) -> str:
-    """keras.src.utils.naming.to_snake_case, copied (the static reader must not import keras)."""
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
 # --------------------------------------------------------------------------- config walk
 
 
@@ -445,13 +53,6 @@ class _Call:
     inbound: tuple[tuple[str, int], ...] = ()
     context: str | None = None
     before: frozenset[str] = frozenset()  # layer paths certainly finished before this call starts
-
-
-def layer_entries(model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The layer configs of a Functional/Sequential config (``[]`` for anything else)."""
-    cfg = model_cfg.get("config")
-    entries = cfg.get("layers") if isinstance(cfg, dict) else None
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 def _entry_name(entry: dict[str, Any]) -> str:
@@ -560,7 +161,7 @@ class _Ctx:
     memo: dict[Any, list[tuple[str | None, frozenset[str]]]] = field(default_factory=dict)
 
 
-def _build(
+def build(
     path: str,
     fmt: str,
     config: Any,
@@ -673,7 +274,7 @@ def _walk_pass(
     """
     entries = layer_entries(model_cfg)
     sequential = model_cfg.get("class_name") == "Sequential"
-    groups = ctx.weights.child_groups(model_cfg, group) if isinstance(ctx.weights, _KerasWeights) else {}
+    groups = ctx.weights.child_groups(model_cfg, group) if isinstance(ctx.weights, KerasWeights) else {}
     last: dict[int, tuple[str | None, frozenset[str]]] = {k: (call.context, call.before) for k, call in enumerate(calls)}
     out_shapes: dict[tuple[int, str, int], tuple[Dim, ...] | None] = {}
     seq_shape: dict[int, tuple[Dim, ...] | None] = {
@@ -773,11 +374,11 @@ def _norm_layer(
     elif rank is None:
         notes.append("input shape not recorded in the file: axes unknown")
     # Parameters
-    names = _expected_vars(NORM_KINDS[cls], cls, cfg)  # by class: LayerNormalization(rms_scaling) keeps gamma
+    names = expected_vars(NORM_KINDS[cls], cls, cfg)  # by class: LayerNormalization(rms_scaling) keeps gamma
     params: dict[str, np.ndarray] = {}
     problem = None
     if names and ctx.weights is not None:
-        if isinstance(ctx.weights, _KerasWeights):
+        if isinstance(ctx.weights, KerasWeights):
             params, problem = ctx.weights.lookup(group, path[-1], names) if group else ({}, "no weights group")
         else:
             params, problem = ctx.weights.lookup(path, names)
@@ -952,3 +553,36 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
             spatial[i] = spatial[i] + total if isinstance(spatial[i], int) else None
         return (shape[0], *spatial, shape[-1])
     return None
+
+
+@dataclass
+class KerasFile:
+    """What the static reader found. ``unsafe`` lists, per layer path, why the probe must refuse the file."""
+
+    path: str
+    format: str  # "keras" | "h5"
+    keras_version: str | None
+    backend: str | None
+    config: dict[str, Any]
+    layers: list[NormLayer]
+    inputs: list[InputSpec]
+    notes: list[Note] = field(default_factory=list)
+    unsafe: list[str] = field(default_factory=list)
+    baked_layers: list[str] = field(default_factory=list)  # layers (any kind) called with training=True
+
+    @property
+    def keras2(self) -> bool:
+        """Saved by Keras 2 / tf_keras: a baked flag wins in every call style."""
+        return bool(self.keras_version) and self.keras_version.split(".")[0] in ("1", "2")
+
+    @property
+    def baked(self) -> bool:
+        """Some BatchNormalization runs with a baked training=True: its own, an enclosing model's, or (Keras 3)
+        one that an earlier layer, a Dropout say, left in the call context."""
+        batch_norms = [layer for layer in self.layers if layer.kind is Kind.BATCH]
+        if any(layer.extra.get("baked") or layer.batch_statistics for layer in batch_norms):
+            return True
+        # Keras 3: a flag baked anywhere may reach a BatchNormalization through the call context
+        return bool(batch_norms) and bool(self.baked_layers) and not self.keras2
+
+

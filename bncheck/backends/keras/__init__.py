@@ -3,7 +3,7 @@
 ``load`` is static (bncheck.backends.keras_static: zipfile + json + h5py, no keras import, nothing executed),
 so `bncheck inspect` works without the optional extra. ``probe`` imports keras lazily (the ``bncheck[keras]``
 extra), refuses files that carry code (Lambda layers, objects from outside Keras) before anything is loaded,
-loads with ``safe_mode=True`` only, and runs the shared probe plan through bncheck.backends.keras_probe.
+loads with ``safe_mode=True`` only, and runs the shared probe plan through bncheck.backends.keras.probe.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from bncheck.backends.base import Backend, BackendError, ProbeSettings
-from bncheck.backends.keras_static import KerasFile, read
+from bncheck.backends.keras.archive import KerasFile, read
 from bncheck.model import ModelInfo, ModelView, ProbeResult
 
 
@@ -50,6 +50,6 @@ class KerasBackend(Backend):
         static = view.handle
         if not isinstance(static, KerasFile):
             raise BackendError(f"{view.info.path}: not loaded by the Keras backend")
-        from bncheck.backends.keras_probe import probe_keras
+        from bncheck.backends.keras.probe import probe_keras
 
         return probe_keras(view, static, settings)

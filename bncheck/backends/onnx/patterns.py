@@ -1,18 +1,4 @@
-"""The static walk: every normalization layer of an ONNX graph, in graph order, as NormLayer objects.
-
-Two kinds of layers are found:
-
-- normalization *ops* (BatchNormalization in all its versions, InstanceNormalization, LayerNormalization,
-  GroupNormalization, RMSNormalization, MeanVarianceNormalization and the com.microsoft / NHWC contrib ops);
-- *decomposed* chains ``ReduceMean -> Sub -> (Pow 2 | Mul) -> ReduceMean -> Add(eps) -> Sqrt -> (Div |
-  Reciprocal, Mul)`` (and the ``E[x^2] - E[x]^2`` variant onnx's own function bodies use, the RMS chain
-  without the Sub, and tf.nn.batch_normalization's ``x * inv + (beta - mean * inv)``), which exporters write
-  for LayerNorm and hand-written batch norms produce. Their reduction axes decide the kind: axes including
-  the batch axis are batch statistics, the train-mode defect at inference.
-
-The trap: PyTorch's dynamo exporter lowers InstanceNorm to a training-mode BatchNormalization on the input
-reshaped to ``[1, N*C, ...]`` whose running-stat outputs nobody reads. It looks like the train-mode defect
-and is not; it is reported as an INSTANCE layer with a note.
+"""Decomposed normalization chains (ReduceMean/Sub/Pow/Sqrt/Div forms) recognized by data flow.
 """
 
 from __future__ import annotations
@@ -20,402 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
-from bncheck.backends.onnx_graph import GraphIndex, as_float_array
-from bncheck.backends.onnx_load import OnnxHandle
-from bncheck.model import Kind, NormLayer, Note
-
-_ONNX = ("", "ai.onnx")
-_MS = ("com.microsoft",)
-_NHWC = ("com.ms.internal.nhwc",)
-MVN_SPEC_EPSILON = 1e-9
-
-
-def walk(handle: OnnxHandle) -> list[NormLayer]:
-    """Every normalization layer of ``handle``'s main graph, in topological order."""
-    return walk_with_notes(handle)[0]
-
-
-def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
-    """The layers, and the model-level notes (no layer found, folded BN, norm ops the walk cannot see)."""
-    g = GraphIndex(handle)
-    found: list[tuple[int, NormLayer]] = []
-    used: set[int] = set()
-    for idx, node in enumerate(g.nodes):
-        handler = _OP_HANDLERS.get(node.op_type)
-        if handler is None:
-            continue
-        domains, fn = handler
-        if node.domain not in domains:
-            continue
-        layer, nodes = fn(g, idx)
-        used.update(nodes)
-        found.append((min(nodes), layer))
-    for layer, nodes in _decomposed(g, used):
-        used.update(nodes)
-        found.append((min(nodes), layer))
-    found.sort(key=lambda item: item[0])
-    layers = [layer for _, layer in found]
-    return layers, _model_notes(g, layers)
-
-
-# ====================================================================== helpers
-
-
-def _eps(attrs: dict, default: float = 1e-5) -> float:
-    """The epsilon attribute as stored (float32), the spec default rounded the same way when absent."""
-    return float(np.float32(attrs.get("epsilon", default)))
-
-
-def _shape_dim(g: GraphIndex, tensor: str, axis: int | None) -> int | None:
-    shape = g.shape(tensor)
-    if shape is None or axis is None or not -len(shape) <= axis < len(shape):
-        return None
-    dim = shape[axis]
-    return dim if isinstance(dim, int) else None
-
-
-def _input(node, i: int) -> str:
-    return node.input[i] if len(node.input) > i else ""
-
-
-def _params(g: GraphIndex, node, *positions: int):
-    return tuple(as_float_array(g.param(_input(node, i))) for i in positions)
-
-
-def _norm_axis(axis: int, rank: int | None) -> int | None:
-    if axis >= 0:
-        return axis
-    return None if rank is None else axis + rank
-
-
-def _trailing(axis: int | None, rank: int | None) -> tuple[int, ...] | None:
-    if axis is None or rank is None:
-        return None
-    return tuple(range(axis, rank))
-
-
-def _channels(g: GraphIndex, x: str, channel_axis: int | None, *params) -> int | None:
-    dim = _shape_dim(g, x, channel_axis)
-    if dim is not None:
-        return dim
-    for p in params:
-        if p is not None and p.ndim == 1:
-            return int(p.size)
-    return None
-
-
-def _base(g: GraphIndex, idx: int, **fields) -> NormLayer:
-    node = g.nodes[idx]
-    x = _input(node, 0)
-    return NormLayer(
-        name=g.node_name(idx),
-        op_type=node.op_type,
-        domain=node.domain,
-        nodes=(g.node_name(idx),),
-        input=x,
-        output=node.output[0] if node.output else "",
-        inputs=tuple(node.input),
-        outputs=tuple(node.output),
-        input_shape=g.shape(x),
-        **fields,
-    )
-
-
-# ====================================================================== ops
-
-
-def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
-    node = g.nodes[idx]
-    attrs = g.attrs(idx)
-    nhwc = node.domain in _NHWC
-    version = g.opset.get(node.domain, g.opset.get("", 0))
-    x = _input(node, 0)
-    rank = g.rank(x)
-    scale, bias, mean, var = _params(g, node, 1, 2, 3, 4)
-    extra_outputs = [o for o in node.output[1:] if o]
-    notes: list[str] = []
-    extra: dict = {"opset": version}
-    if "training_mode" in attrs or version >= 14:
-        training = bool(attrs.get("training_mode", 0))
-        extra["training_mode"] = int(attrs.get("training_mode", 0))
-    else:
-        training = bool(extra_outputs)
-        if extra_outputs:
-            notes.append(
-                f"opset {version}: {len(extra_outputs)} extra output(s) (running/saved statistics) mean training mode"
-            )
-    if version < 7 and not nhwc:
-        is_test = int(attrs.get("is_test", 0))
-        extra["is_test"] = is_test
-        if is_test:
-            training = False
-            notes = [n for n in notes if "extra output" not in n]
-        elif not training:
-            training = True
-            notes.append(
-                "opset < 7 with is_test=0: training mode per the spec (batch statistics); "
-                "runtimes that ignore is_test with a single output use the running statistics"
-            )
-    spatial = int(attrs.get("spatial", 1)) if version < 9 else 1
-    if nhwc:
-        channel_axis = None if rank is None else rank - 1
-        axes = None if rank is None else tuple(range(rank - 1))
-    else:
-        channel_axis = 1
-        axes = (0,) if spatial == 0 else (None if rank is None else (0,) + tuple(range(2, rank)))
-    if spatial == 0:
-        extra["spatial"] = 0
-        notes.append("spatial=0: per-activation statistics over the batch axis only")
-    common = dict(
-        channel_axis=channel_axis,
-        channels=_channels(g, x, channel_axis, scale, mean),
-        epsilon=_eps(attrs),
-        momentum=float(np.float32(attrs.get("momentum", 0.9))),
-        scale=scale,
-        bias=bias,
-    )
-    if training and _is_lowered_instance_norm(g, idx):
-        reshape = g.produced_by(x, "Reshape")
-        extra.update(lowered_instance_norm=True, unused_running_mean=mean, unused_running_var=var)
-        source = g.nodes[reshape].input[0] if reshape is not None else None
-        if source:
-            extra["source"] = source
-        note = (
-            "lowered InstanceNorm (PyTorch dynamo export): training-mode BatchNormalization on the input "
-            "reshaped to [1, N*C, ...]; each sample's channel is normalized over its own spatial axes, "
-            "the running-statistic outputs are unused; not batch statistics"
-        )
-        layer = _base(
-            g,
-            idx,
-            kind=Kind.INSTANCE,
-            axes=axes,
-            training=True,
-            batch_statistics=False,
-            uses_running_stats=False,
-            batch_axis=None,
-            notes=tuple(notes + [note]),
-            extra=extra,
-            **common,
-        )
-        return layer, [idx]
-    layer = _base(
-        g,
-        idx,
-        kind=Kind.BATCH,
-        axes=axes,
-        training=training,
-        batch_statistics=training,
-        uses_running_stats=not training,
-        mean=mean,
-        var=var,
-        notes=tuple(notes),
-        extra=extra,
-        **common,
-    )
-    return layer, [idx]
-
-
-def _is_lowered_instance_norm(g: GraphIndex, idx: int) -> bool:
-    """X comes from a Reshape to [1, ...] and the running-statistic outputs are not read."""
-    node = g.nodes[idx]
-    x = _input(node, 0)
-    reshape = g.produced_by(x, "Reshape")
-    if reshape is None:
-        return False
-    target = g.ints(_input(g.nodes[reshape], 1))
-    leading_one = (target is not None and target.size > 0 and int(target.ravel()[0]) == 1) or (
-        _shape_dim(g, x, 0) == 1
-    )
-    running_unused = not any(g.is_used(o) for o in node.output[1:3])
-    return leading_one and running_unused
-
-
-def _instance_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
-    node = g.nodes[idx]
-    x = _input(node, 0)
-    rank = g.rank(x)
-    scale, bias = _params(g, node, 1, 2)
-    layer = _base(
-        g,
-        idx,
-        kind=Kind.INSTANCE,
-        axes=None if rank is None else tuple(range(2, rank)),
-        channel_axis=1,
-        channels=_channels(g, x, 1, scale, bias),
-        epsilon=_eps(g.attrs(idx)),
-        scale=scale,
-        bias=bias,
-    )
-    return layer, [idx]
-
-
-def _trailing_norm(
-    g: GraphIndex, idx: int, kind: Kind, scale_at: int, bias_at: int | None, centered: bool, default_axis: int = -1
-) -> tuple[NormLayer, list[int]]:
-    """LayerNormalization, RMSNormalization and their contrib cousins: statistics over axis..r-1."""
-    node = g.nodes[idx]
-    attrs = g.attrs(idx)
-    x = _input(node, 0)
-    rank = g.rank(x)
-    scale = as_float_array(g.param(_input(node, scale_at)))
-    bias = as_float_array(g.param(_input(node, bias_at))) if bias_at is not None else None
-    raw_axis = int(attrs.get("axis", default_axis))
-    axis = _norm_axis(raw_axis, rank)
-    axes = _trailing(axis, rank)
-    channel_axis = None if rank is None else rank - 1
-    batch_stats = axes is not None and 0 in axes
-    notes = ()
-    if batch_stats:
-        notes = (f"axis={raw_axis} includes the batch axis: a sample's output depends on its batch companions",)
-    layer = _base(
-        g,
-        idx,
-        kind=kind,
-        axes=axes,
-        channel_axis=channel_axis,
-        channels=_channels(g, x, channel_axis, scale),
-        epsilon=_eps(attrs),
-        scale=scale,
-        bias=bias,
-        centered=centered,
-        batch_statistics=batch_stats,
-        notes=notes,
-        extra={"axis": raw_axis},
-    )
-    return layer, [idx]
-
-
-def _layer_norm(g, idx):
-    return _trailing_norm(g, idx, Kind.LAYER, 1, 2, True)
-
-
-def _rms_norm(g, idx):
-    return _trailing_norm(g, idx, Kind.RMS, 1, None, False)
-
-
-def _skip_layer_norm(g, idx):
-    # inputs: input, skip, gamma, beta?, bias?; the normalized tensor is input + skip (+ bias)
-    layer, nodes = _trailing_norm(g, idx, Kind.LAYER, 2, 3, True)
-    return _with_skip_note(layer), nodes
-
-
-def _skip_simplified_layer_norm(g, idx):
-    layer, nodes = _trailing_norm(g, idx, Kind.RMS, 2, None, False)
-    return _with_skip_note(layer), nodes
-
-
-def _with_skip_note(layer: NormLayer) -> NormLayer:
-    from dataclasses import replace
-
-    note = "normalizes input + skip (+ bias), over the last axis"
-    return replace(layer, notes=layer.notes + (note,))
-
-
-def _group_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
-    node = g.nodes[idx]
-    attrs = g.attrs(idx)
-    x = _input(node, 0)
-    rank = g.rank(x)
-    scale, bias = _params(g, node, 1, 2)
-    version = g.opset.get(node.domain, 0)
-    groups = int(attrs.get("num_groups", 0)) or None
-    extra = {"opset": version}
-    notes: tuple[str, ...] = ()
-    channels = _shape_dim(g, x, 1)
-    if version < 21:
-        extra["per_group_scale"] = True
-        notes = ("opset 18 GroupNormalization: scale and bias are per group, not per channel",)
-    elif channels is None and scale is not None:
-        channels = int(scale.size)
-    layer = _base(
-        g,
-        idx,
-        kind=Kind.GROUP,
-        axes=None if rank is None else tuple(range(1, rank)),
-        channel_axis=1,
-        channels=channels,
-        groups=groups,
-        epsilon=_eps(attrs),
-        scale=scale,
-        bias=bias,
-        notes=notes,
-        extra=extra,
-    )
-    return layer, [idx]
-
-
-def _ms_group_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
-    """com.microsoft GroupNorm / SkipGroupNorm: NHWC by default (channels_last=1)."""
-    node = g.nodes[idx]
-    attrs = g.attrs(idx)
-    x = _input(node, 0)
-    rank = g.rank(x)
-    scale, bias = _params(g, node, 1, 2)
-    channels_last = int(attrs.get("channels_last", 1))
-    channel_axis = (None if rank is None else rank - 1) if channels_last else 1
-    layer = _base(
-        g,
-        idx,
-        kind=Kind.GROUP,
-        axes=None if rank is None else tuple(range(1, rank)),
-        channel_axis=channel_axis,
-        channels=_channels(g, x, channel_axis, scale),
-        groups=int(attrs.get("groups", 0)) or None,
-        epsilon=_eps(attrs),
-        scale=scale,
-        bias=bias,
-        extra={"channels_last": channels_last, "activation": int(attrs.get("activation", 0))},
-    )
-    return layer, [idx]
-
-
-def _mvn(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
-    node = g.nodes[idx]
-    x = _input(node, 0)
-    rank = g.rank(x)
-    raw = [int(a) for a in g.attrs(idx).get("axes", [0, 2, 3])]
-    axes = None
-    if rank is not None or all(a >= 0 for a in raw):
-        axes = tuple(sorted({_norm_axis(a, rank) for a in raw}))  # type: ignore[misc]
-    kept = None if axes is None or rank is None else [a for a in range(rank) if a not in axes]
-    channel_axis = kept[0] if kept is not None and len(kept) == 1 else None
-    batch_stats = axes is not None and 0 in axes
-    notes = [f"no epsilon attribute: the ONNX spec adds {MVN_SPEC_EPSILON:g} to the standard deviation"]
-    if batch_stats:
-        notes.append("axes include the batch axis: statistics mix the samples of a batch")
-    layer = _base(
-        g,
-        idx,
-        kind=Kind.MEAN_VARIANCE,
-        axes=axes,
-        channel_axis=channel_axis,
-        channels=_shape_dim(g, x, channel_axis),
-        epsilon=None,
-        batch_statistics=batch_stats,
-        notes=tuple(notes),
-        extra={"spec_epsilon": MVN_SPEC_EPSILON},
-    )
-    return layer, [idx]
-
-
-_OP_HANDLERS: dict[str, tuple[tuple[str, ...], Callable[[GraphIndex, int], tuple[NormLayer, list[int]]]]] = {
-    "BatchNormalization": (_ONNX + _NHWC, _batch_norm),
-    "InstanceNormalization": (_ONNX, _instance_norm),
-    "LayerNormalization": (_ONNX + _MS, _layer_norm),
-    "GroupNormalization": (_ONNX, _group_norm),
-    "RMSNormalization": (_ONNX, _rms_norm),
-    "MeanVarianceNormalization": (_ONNX, _mvn),
-    # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain, the others in com.microsoft
-    "SimplifiedLayerNormalization": (_ONNX + _MS, _rms_norm),
-    "SkipLayerNormalization": (_MS, _skip_layer_norm),
-    "SkipSimplifiedLayerNormalization": (_MS, _skip_simplified_layer_norm),
-    "GroupNorm": (_MS, _ms_group_norm),
-    "SkipGroupNorm": (_MS, _ms_group_norm),
-}
-
+from bncheck.backends.onnx.graph import (
+    ONNX_DOMAINS,
+    GraphIndex,
+    as_float_array,
+    node_input,
+    norm_axis,
+    other_input,
+    shape_dim,
+)
+from bncheck.model import Kind, NormLayer
 
 # ====================================================================== decomposed chains
 
@@ -441,9 +41,9 @@ def _reduce_axes(g: GraphIndex, idx: int) -> tuple[int, ...] | None | bool:
     """Normalized axes of a ReduceMean; None if unknown; False if it reduces nothing (noop)."""
     node = g.nodes[idx]
     attrs = g.attrs(idx)
-    rank = g.rank(_input(node, 0))
+    rank = g.rank(node_input(node, 0))
     if g.opset.get("", 0) >= 18 or len(node.input) > 1:
-        axes_in = _input(node, 1)
+        axes_in = node_input(node, 1)
         if not axes_in:
             if int(attrs.get("noop_with_empty_axes", 0)):
                 return False
@@ -519,7 +119,7 @@ def _match_variance(g: GraphIndex, r1: int, x: str, m: str, axes) -> tuple[str, 
             r2 = g.produced_by(node.input[0], "ReduceMean")
             if r2 is None or _reduce_axes(g, r2) != axes:
                 continue
-            sq = _square_of(g, _input(g.nodes[r2], 0))
+            sq = _square_of(g, node_input(g.nodes[r2], 0))
             if sq is not None and g.same(sq[0], x):
                 return node.output[0], {sq_m_idx, sub, r2, sq[1]}
     return None
@@ -546,16 +146,6 @@ def _single_user(g: GraphIndex, tensor: str, *ops: str) -> int | None:
     return users[0] if len(users) == 1 else None
 
 
-def _other(node, tensor: str) -> str | None:
-    if len(node.input) != 2:
-        return None
-    if node.input[0] == tensor:
-        return node.input[1]
-    if node.input[1] == tensor:
-        return node.input[0]
-    return None
-
-
 def _match_tail(
     g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[], dict[str, tuple[int, ...]]]
 ) -> bool:
@@ -567,7 +157,7 @@ def _match_tail(
     std = inv = None
     for alias, passed in g.aliases(var).items():  # the variance may be squeezed/cast first (tf.nn.moments)
         for add in g.users(alias, "Add"):
-            eps = g.scalar(_other(g.nodes[add], alias) or "")
+            eps = g.scalar(other_input(g.nodes[add], alias) or "")
             if eps is None:
                 continue
             ve = g.nodes[add].output[0]
@@ -577,7 +167,7 @@ def _match_tail(
                 break
             if std is None:
                 for p in g.users(ve, "Pow"):
-                    if g.scalar(_input(g.nodes[p], 1)) == -0.5:
+                    if g.scalar(node_input(g.nodes[p], 1)) == -0.5:
                         inv, chain.epsilon = g.nodes[p].output[0], eps
                         chain.nodes |= {add, p, *passed}
                         break
@@ -589,7 +179,7 @@ def _match_tail(
         for s in g.users(var, "Sqrt"):  # eps added to the standard deviation (MVN) or none at all
             s_out = g.nodes[s].output[0]
             for add in g.users(s_out, "Add"):
-                eps = g.scalar(_other(g.nodes[add], s_out) or "")
+                eps = g.scalar(other_input(g.nodes[add], s_out) or "")
                 if eps is not None:
                     std, chain.epsilon, chain.eps_after_sqrt = g.nodes[add].output[0], eps, True
                     chain.nodes |= {s, add}
@@ -621,7 +211,7 @@ def _match_tail(
                 break
     if normalized is None and inv is not None:
         for mul in g.users(inv, "Mul"):
-            other = _other(g.nodes[mul], inv)
+            other = other_input(g.nodes[mul], inv)
             if other in devs:
                 normalized = g.nodes[mul].output[0]
                 chain.nodes |= {mul, *devs[other]}
@@ -631,12 +221,12 @@ def _match_tail(
         if normalized is None:
             for mul in g.users(inv, "Mul"):  # inv * gamma, then (x - mean) * that
                 node = g.nodes[mul]
-                gamma = _other(node, inv)
+                gamma = other_input(node, inv)
                 if gamma is None or not g.is_param_like(gamma):
                     continue
                 inv2 = node.output[0]
                 for mul2 in g.users(inv2, "Mul"):
-                    other = _other(g.nodes[mul2], inv2)
+                    other = other_input(g.nodes[mul2], inv2)
                     if other in devs:
                         normalized = g.nodes[mul2].output[0]
                         chain.scale = gamma
@@ -665,7 +255,7 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
     xs = ms = None
     mean_nodes: list[int] = []
     for mul in g.users(k, "Mul"):
-        other = _other(g.nodes[mul], k)
+        other = other_input(g.nodes[mul], k)
         if other is None:
             continue
         if other in mean_aliases and ms is None:
@@ -691,7 +281,7 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
     shift_out = g.nodes[shift].output[0]
     xs_out = g.nodes[xs].output[0]
     for add in g.users(xs_out, "Add"):
-        if _other(g.nodes[add], xs_out) == shift_out:
+        if other_input(g.nodes[add], xs_out) == shift_out:
             chain.nodes |= {xs, ms, add} | shift_nodes | set(mean_nodes)
             chain.bias = beta
             chain.output = g.nodes[add].output[0]
@@ -713,7 +303,7 @@ def _absorb_param_op(g: GraphIndex, chain: _Chain, op: str) -> str | None:
     node = _single_user(g, tensor, op)
     if node is None or len(g.users(tensor)) != 1:
         return None
-    other = _other(g.nodes[node], tensor)
+    other = other_input(g.nodes[node], tensor)
     if other is None or not g.is_param_like(other):
         return None
     chain.nodes |= set(passed) | {node}
@@ -736,17 +326,17 @@ def _follow_transparent(g: GraphIndex, tensor: str) -> tuple[str, list[int]]:
     return tensor, passed
 
 
-def _decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]]]:
+def decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]]]:
     results: list[tuple[NormLayer, list[int]]] = []
     taken = set(used)
     rms_candidates = []
     for idx, node in enumerate(g.nodes):
-        if node.op_type != "ReduceMean" or node.domain not in _ONNX or idx in taken:
+        if node.op_type != "ReduceMean" or node.domain not in ONNX_DOMAINS or idx in taken:
             continue
         axes = _reduce_axes(g, idx)
         if axes is False:
             continue
-        x, m = _input(node, 0), node.output[0]
+        x, m = node_input(node, 0), node.output[0]
         var = _match_variance(g, idx, x, m, axes)
         if var is None:
             rms_candidates.append((idx, axes))
@@ -776,7 +366,7 @@ def _decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int
         if idx in taken:
             continue
         node = g.nodes[idx]
-        sq = _square_of(g, _input(node, 0))
+        sq = _square_of(g, node_input(node, 0))
         if sq is None:
             continue
         x = sq[0]
@@ -812,7 +402,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         src = g.nodes[flatten].input[0]
         src_rank = g.rank(src)
         if src_rank is not None:
-            a = _norm_axis(int(g.attrs(flatten).get("axis", 1)), src_rank)
+            a = norm_axis(int(g.attrs(flatten).get("axis", 1)), src_rank)
             if a is not None:
                 x, axes, rank = src, tuple(range(a, src_rank)), src_rank  # type: ignore[arg-type]
                 passed = passed + [flatten]
@@ -836,7 +426,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         kind = Kind.MOMENTS
         notes.append("reduction axes unknown (computed at run time or rank unknown)")
     elif group_like is not None:
-        c = _shape_dim(g, x, 1)
+        c = shape_dim(g, x, 1)
         channel_axis = 1
         if c is not None and groups == c:
             kind, axes = Kind.INSTANCE, tuple(range(2, rank))
@@ -860,7 +450,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     else:
         kind = Kind.MOMENTS
     if channels is None:
-        channels = _shape_dim(g, x, channel_axis)
+        channels = shape_dim(g, x, channel_axis)
     if batch_stats:
         notes.append(
             f"statistics computed in the graph over axes {axes}, which include the batch axis: "
@@ -928,72 +518,3 @@ def _group_source(g: GraphIndex, x: str) -> tuple[str, int, list[int]] | None:
     if isinstance(src_shape[1], int) and src_shape[1] % n_groups:
         return None
     return tensor, n_groups, passed
-
-
-# ====================================================================== model notes
-
-
-_NORM_OPS = frozenset(_OP_HANDLERS)
-
-
-def _model_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
-    notes: list[Note] = []
-    folded = []
-    for idx, node in enumerate(g.nodes):
-        if node.op_type not in ("Conv", "ConvTranspose") or not node.output:
-            continue
-        for user in g.users(node.output[0], "Mul", "Add"):
-            other = _other(g.nodes[user], node.output[0])
-            if other is not None and g.param(other) is not None:
-                folded.append(g.node_name(idx))
-                break
-    if not layers:
-        notes.append(Note("info", "no normalization layer found in the graph: nothing to check"))
-    if folded:
-        notes.append(
-            Note(
-                "info",
-                f"{len(folded)} Conv node(s) (first: {folded[0]!r}) are followed by Mul/Add with constant "
-                "operands: BatchNorm may have been folded into the Conv weights; folded statistics cannot "
-                "be checked",
-            )
-        )
-    hidden = _hidden_norm_ops(g)
-    if hidden:
-        notes.append(
-            Note(
-                "warning",
-                f"{hidden} normalization op(s) inside control-flow subgraphs or model-local functions "
-                "were not inspected",
-            )
-        )
-    return notes
-
-
-def _hidden_norm_ops(g: GraphIndex) -> int:
-    """Norm ops the walk does not reach: inside If/Loop/Scan bodies and model-local functions called."""
-    from onnx import AttributeProto
-
-    count = 0
-    stack = []
-    for node in g.nodes:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                stack.append(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                stack.extend(attr.graphs)
-    while stack:
-        graph = stack.pop()
-        for node in graph.node:
-            count += node.op_type in _NORM_OPS
-            for attr in node.attribute:
-                if attr.type == AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
-    functions = {(f.domain, f.name): f for f in g.model.functions}
-    if functions:
-        called = {(n.domain, n.op_type) for n in g.nodes}
-        for key in called & set(functions):
-            count += sum(n.op_type in _NORM_OPS for n in functions[key].node)
-    return count

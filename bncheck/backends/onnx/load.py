@@ -12,8 +12,6 @@ would exceed protobuf's 2 GB limit.
 
 from __future__ import annotations
 
-from typing import Any
-
 import hashlib
 import os
 import re
@@ -21,9 +19,10 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx.graph import topological_order
 from bncheck.model import Dim, ModelInfo, Note
 
 if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
@@ -455,7 +454,6 @@ def _through_contrib(inferred: "onnx.ModelProto", large: bool, rounds: int = 8) 
 def _sorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """The model itself when its nodes are in topological order (as ONNX requires), else a sorted copy:
     onnx's shape inference visits nodes in file order and would infer nothing after a misplaced one."""
-    from bncheck.backends.onnx_graph import topological_order
 
     nodes = list(model.graph.node)
     order = topological_order(nodes)

@@ -54,9 +54,9 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
+from bncheck import verdicts
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx_load import OnnxHandle
-from bncheck.checks import bn001_collapse, bn003_stale_stats
+from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.model import Kind, ModelView, NormLayer, TensorStats, summarize
 
 #: at least this many samples per layer (see the module docstring for the rule).
@@ -304,7 +304,7 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> Lay
                             f"{list(layer.axes or [])} mixes the samples of a batch, but it is not a batch-norm "
                             "pattern bncheck can rewrite exactly (only BatchNormalization and hand-written "
                             "batch moments over every axis but the channel axis 1)", TRAIN_MODE)
-        if bn001_collapse.collapse_condition(layer) is not None:
+        if verdicts.collapse_condition(layer) is not None:
             return LayerFix(name, "not-fixed", f"{layer.kind.value} norm over a set of one element (BN001 "
                             "collapse): no statistics can repair it; normalize over more elements or remove "
                             "the layer", "BN001")
@@ -353,7 +353,7 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> Lay
     if layer.mean is None or layer.var is None:
         return LayerFix(name, "not-fixed" if STALE in repair else "unchanged", "running statistics are not "
                         "constants of the file (fed or computed at run time): not recomputed", None)
-    defaults = bn003_stale_stats.has_default_stats(layer)
+    defaults = verdicts.has_default_stats(layer)
     if STALE not in repair:
         if defaults:
             return LayerFix(name, "not-fixed", "running statistics never updated: BN003 not selected by --only",
@@ -466,7 +466,7 @@ def _check_samples_static(pending: list[_Pending], usable: int, data_label: str)
 
 def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
     """For each pending layer, the bit set of the pending layers upstream of its input."""
-    from bncheck.backends.onnx_graph import GraphIndex
+    from bncheck.backends.onnx.graph import GraphIndex
 
     index = GraphIndex(handle)
     owner: dict[str, int] = {}
@@ -666,7 +666,7 @@ class _Fixer:
             yield {name: array[start:stop] for name, array in self.data.items()}
 
     def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
-        from bncheck.backends.onnx_probe import measure_inputs
+        from bncheck.backends.onnx.run import measure_inputs
 
         work = OnnxHandle(path=self.handle.path, model=self.handle.model, external_data=False,
                           value_shapes=self.handle.value_shapes, value_types=self.handle.value_types,
@@ -696,15 +696,15 @@ class _Fixer:
         var = np.asarray(stats.var, dtype=np.float64)
         new = {"mean": summarize(mean), "var": summarize(var)}
         if p.what == "stale" and not p.defaults:
-            shift, log_ratio = bn003_stale_stats.drift(layer, mean, var)
+            shift, log_ratio = verdicts.drift(layer, mean, var)
             evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-            drifts = (shift > bn003_stale_stats.MEAN_SHIFT_THRESHOLD
-                      or log_ratio > bn003_stale_stats.LOG_VAR_RATIO_THRESHOLD)
+            drifts = (shift > verdicts.MEAN_SHIFT_THRESHOLD
+                      or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD)
             before = self.flagged.get(layer.name)
             now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
             if not drifts and before is None:
                 return LayerFix(layer.name, "unchanged", f"running statistics agree with the data ({now}; "
-                                f"thresholds {bn003_stale_stats.MEAN_SHIFT_THRESHOLD} sd, x2)", None, old, None,
+                                f"thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)", None, old, None,
                                 evidence)
             if drifts:
                 reason = f"running statistics drift from the data ({now}): recomputed from the data"
@@ -825,7 +825,7 @@ def _drift_text(evidence: dict[str, Any]) -> str:
 
 
 def _graph_index(handle: OnnxHandle):
-    from bncheck.backends.onnx_graph import GraphIndex
+    from bncheck.backends.onnx.graph import GraphIndex
 
     return GraphIndex(handle)
 

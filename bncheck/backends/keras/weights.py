@@ -1,0 +1,154 @@
+"""Find a layer's variables in model.weights.h5 (.keras) or model_weights (legacy .h5).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from bncheck.errors import one_line
+from bncheck.model import Kind
+
+# --------------------------------------------------------------------------- weights lookup
+
+
+_VAR_NAMES = {
+    Kind.BATCH: ("gamma", "beta", "moving_mean", "moving_variance"),
+    Kind.LAYER: ("gamma", "beta"),
+    Kind.GROUP: ("gamma", "beta"),
+    Kind.RMS: ("scale",),
+    Kind.UNIT: (),
+}
+
+
+def expected_vars(kind: Kind, cls: str, cfg: dict[str, Any]) -> tuple[str, ...]:
+    """Variable names in the order the layer creates them (absent ones dropped, so indices shift)."""
+    scale, center = bool(cfg.get("scale", True)), bool(cfg.get("center", True))
+    if kind is Kind.BATCH:
+        return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale, center, True, True)) if keep)
+    if kind is Kind.LAYER:
+        rms = bool(cfg.get("rms_scaling", False))
+        return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale or rms, center and not rms)) if keep)
+    if kind is Kind.GROUP:
+        return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale, center)) if keep)
+    return _VAR_NAMES[kind]
+
+
+class KerasWeights:
+    """Variables of a .keras archive, addressed by the class-counter group paths Keras writes."""
+
+    def __init__(self, h5: Any) -> None:
+        self.h5 = h5
+
+    def child_groups(self, model_cfg: dict[str, Any], base: str) -> dict[int, str]:
+        """Group path of each entry of ``model_cfg``'s layer list (by index), computed the way Keras names them."""
+        sequential = model_cfg.get("class_name") == "Sequential"
+        used: dict[str, int] = {}
+        groups: dict[int, str] = {}
+        for index, entry in enumerate(layer_entries(model_cfg)):
+            if sequential and entry.get("class_name") == "InputLayer":
+                continue  # Sequential.layers hides its InputLayer, so it takes no counter
+            snake = _snake_case(str(entry.get("class_name", "")))
+            if snake in used:
+                used[snake] += 1
+                name = f"{snake}_{used[snake]}"
+            else:
+                used[snake] = 0
+                name = snake
+            groups[index] = f"{base}/layers/{name}" if base else f"layers/{name}"
+        return groups
+
+    def lookup(self, group: str, layer_name: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
+        try:
+            return self._lookup(group, layer_name, names)
+        except (OSError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged group or dataset
+            return {}, f"unreadable variables in model.weights.h5 ({one_line(exc)})"
+
+    def _lookup(self, group: str, layer_name: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
+        vars_group = self.h5.get(f"{group}/vars")
+        attr = attr_str(vars_group.attrs.get("name")) if vars_group is not None else None
+        if vars_group is None or (attr is not None and attr != layer_name):
+            # The counter did not land on this layer (a layer shared with another model, a class Keras names
+            # differently): find the sibling group whose vars carry this layer's name, if exactly one does.
+            parent = self.h5.get(group.rsplit("/", 1)[0])
+            found = [
+                g["vars"] for g in (parent.values() if parent is not None else [])
+                if "vars" in g and attr_str(g["vars"].attrs.get("name")) == layer_name
+            ]
+            if len(found) != 1:
+                return {}, f"variables not found in model.weights.h5 (looked for {group}/vars)"
+            vars_group = found[0]
+        count = sum(1 for key in vars_group.keys() if key.isdigit())
+        if count < len(names):
+            return {}, f"{group}/vars holds {count} variables, expected {len(names)} ({', '.join(names)})"
+        return {name: np.asarray(vars_group[str(i)][()]) for i, name in enumerate(names)}, None
+
+
+class LegacyWeights:
+    """Variables of a legacy .h5 file, found by name in the top-level layer's ``weight_names`` list."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def lookup(self, path: tuple[str, ...], names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
+        try:
+            return self._lookup(path, names)
+        except (OSError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged group or dataset
+            return {}, f"unreadable variables in model_weights ({one_line(exc)})"
+
+    def _lookup(self, path: tuple[str, ...], names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
+        top = self.group.get(path[0])
+        if top is None:
+            return {}, f"no model_weights/{path[0]} group"
+        weight_names = [attr_str(w) for w in top.attrs.get("weight_names", [])]
+        found: dict[str, np.ndarray] = {}
+        for var in names:
+            candidates = []
+            for weight_name in weight_names:
+                parts = weight_name.split("/")
+                if len(parts) >= 2 and parts[-1].split(":")[0] == var and parts[-2] == path[-1]:
+                    candidates.append(parts)
+            if len(candidates) > 1:  # same layer name in two nested models: the longest scope on the path wins
+                fitting = [c for c in candidates if _scope_fits(c[:-2], path[:-1])]
+                longest = max((len(c) for c in fitting), default=0)
+                candidates = [c for c in fitting if len(c) == longest]
+            if len(candidates) != 1:
+                return {}, f"variable {var!r} of {'/'.join(path)} not found unambiguously in model_weights/{path[0]}"
+            dataset = top.get("/".join(candidates[0]))
+            if dataset is None:
+                return {}, f"model_weights/{path[0]}/{'/'.join(candidates[0])} is listed but missing"
+            found[var] = np.asarray(dataset[()])
+        return found, None
+
+
+def _scope_fits(scope: list[str], model_path: tuple[str, ...]) -> bool:
+    """Every scope component names a model on the layer's path (tf_keras prefixes some names with the model)."""
+    return all(part in model_path for part in scope)
+
+
+def _snake_case(name: str) -> str:
+    """keras.src.utils.naming.to_snake_case, copied (the static reader must not import keras)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def attr_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+
+
+def layer_entries(model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layer configs of a Functional/Sequential config (``[]`` for anything else)."""
+    cfg = model_cfg.get("config")
+    entries = cfg.get("layers") if isinstance(cfg, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+

@@ -1,0 +1,634 @@
+"""The augmented copy of a model that the probe runs: weight-less stub, measuring nodes, spec-following train-mode BN.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from bncheck.backends.base import BackendError
+from bncheck.backends.onnx.protobuf import raw_data_offsets
+from bncheck.errors import one_line
+from bncheck.model import NormLayer
+
+if TYPE_CHECKING:
+    import onnx
+
+    from bncheck.backends.onnx.load import OnnxHandle
+
+
+#: elements per sample up to which a measured tensor is fetched whole (exact statistics in numpy).
+SMALL_SAMPLE = 4096
+_ALIGN = 4096
+#: initializers up to this size stay inside the stub (a negligible copy; shape inference needs them).
+EMBED_BYTES = 64 * 1024
+_SHAPE_TYPES = (6, 7)  # INT32, INT64: shapes, axes, indices
+PREFIX = "__bncheck"
+
+
+@dataclass
+class Measure:
+    """How one tensor is measured and where its numbers come out."""
+
+    tensor: str
+    batch_axis: int | None
+    channel_axis: int | None
+    mode: str  # "fast" | "generic" | "full"
+    outputs: dict[str, str] = field(default_factory=dict)
+    length: int | None = None  # elements per (sample, channel), when static
+    # fast form only: False when min/max are not measured (the output of an inference-mode BN, which
+    # cannot collapse: see Augmenter.measure); ``group`` holds its nodes so that min/max can be added
+    # when another layer measures the same tensor with them
+    minmax: bool = True
+    group: list[Any] | None = None
+    channels: int | None = None
+
+
+@dataclass
+class LayerPlan:
+    layer: NormLayer
+    input: Measure | None = None
+    output: Measure | None = None
+    runtime: Measure | None = None  # train-mode BN: the runtime node's own output
+    affine: tuple[np.ndarray, np.ndarray] | None = None  # inference BN: y = a*x + b per channel
+    spec: bool = False  # a train-mode BN computed by the spec's decomposition
+    note: str | None = None
+
+
+# --------------------------------------------------------------------------- small graph helpers
+
+
+class _Builder:
+    """Adds nodes and small initializers to the stub graph; opset-aware reductions."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{PREFIX}_{self._count}_{hint}"
+
+    def node(self, op: str, inputs: list[str], hint: str, n_out: int = 1, **attrs: Any) -> list[str]:
+        from onnx import helper
+
+        outs = [self.name(f"{hint}_{i}" if n_out > 1 else hint) for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=outs[0], **attrs))
+        return outs
+
+    def one(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
+        return self.node(op, inputs, hint, **attrs)[0]
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def reduce(self, op: str, x: str, axes: list[int], hint: str, keepdims: int = 0) -> str:
+        as_input = self.opset >= 18 or (op == "ReduceSum" and self.opset >= 13)
+        if as_input:
+            return self.one(op, [x, self.const(np.array(axes, np.int64), "axes")], hint, keepdims=keepdims)
+        return self.one(op, [x], hint, axes=axes, keepdims=keepdims)
+
+
+# --------------------------------------------------------------------------- the augmented stub
+
+
+def _opset(model: "onnx.ModelProto") -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def _nbytes(tensor: Any) -> int:
+    from onnx import helper
+
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 8
+    return count * itemsize
+
+
+def _write_weights(model: "onnx.ModelProto", folder: str) -> list[Any]:
+    """Stream every top-level initializer into a new ``folder/weights-N.bin``; return weight-less external
+    stubs. Tensors already external (a skeleton from an earlier call) are kept as they are."""
+    import onnx
+    from onnx import numpy_helper
+
+    stubs = []
+    count = sum(1 for name in os.listdir(folder) if name.startswith("weights-"))
+    location = f"weights-{count}.bin"
+    path = os.path.join(folder, location)
+    offset = 0
+    with open(path, "wb") as fh:
+        for tensor in model.graph.initializer:
+            small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
+            if small or tensor.data_type == onnx.TensorProto.STRING or (
+                tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+            ):
+                # small tensors stay inline: shapes, axes and constants must be readable by
+                # onnxruntime's shape inference, which does not read external data
+                copy = onnx.TensorProto()
+                copy.CopyFrom(tensor)
+                stubs.append(copy)
+                continue
+            data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            pad = (-offset) % _ALIGN
+            if pad:
+                fh.write(b"\0" * pad)
+                offset += pad
+            fh.write(data)
+            stub = onnx.TensorProto()
+            stub.name = tensor.name
+            stub.data_type = tensor.data_type
+            stub.dims.extend(tensor.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(data)
+            del data
+            stubs.append(stub)
+    return stubs
+
+
+def _in_file_stubs(handle: "OnnxHandle") -> list[Any] | None:
+    """Initializer stubs whose large tensors point into the model file itself (see
+    :func:`raw_data_offsets`); None when some large tensor's bytes are not found there as raw_data of the
+    right length (then the probe writes a copy, :func:`_write_weights`)."""
+    import onnx
+
+    location = os.path.basename(handle.path)
+    offsets: dict[str, tuple[int, int]] | None = None
+    stubs = []
+    for tensor in handle.model.graph.initializer:
+        small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
+        external = tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+        if external:
+            # a skeleton from an earlier probe: it must point into this file too
+            where = {entry.key: entry.value for entry in tensor.external_data}
+            if where.get("location") != location:
+                return None
+            stubs.append(_copy(tensor))
+            continue
+        if small or tensor.data_type == onnx.TensorProto.STRING:
+            stubs.append(_copy(tensor))
+            continue
+        if offsets is None:
+            offsets = raw_data_offsets(handle.path) or {}
+        found = offsets.get(tensor.name)
+        if found is None or not tensor.HasField("raw_data") or found[1] != _nbytes(tensor):
+            return None
+        stub = onnx.TensorProto()
+        stub.name = tensor.name
+        stub.data_type = tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(found[0])), ("length", str(found[1]))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        stubs.append(stub)
+    return stubs
+
+
+def _copy(tensor: Any) -> Any:
+    import onnx
+
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return copy
+
+
+def _skeleton(src: "onnx.ModelProto", initializers: list[Any]) -> "onnx.ModelProto":
+    """``src`` with ``initializers`` in place of its own (the graph is copied, never the weights)."""
+    import onnx
+
+    stub = onnx.ModelProto()
+    for fname in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if src.HasField(fname):
+            setattr(stub, fname, getattr(src, fname))
+    stub.opset_import.extend(src.opset_import)
+    stub.metadata_props.extend(src.metadata_props)
+    stub.functions.extend(src.functions)
+    graph = stub.graph
+    graph.name = src.graph.name
+    graph.node.extend(src.graph.node)
+    graph.input.extend(src.graph.input)
+    graph.output.extend(src.graph.output)
+    graph.value_info.extend(src.graph.value_info)
+    graph.sparse_initializer.extend(src.graph.sparse_initializer)
+    graph.initializer.extend(initializers)
+    return stub
+
+
+def stub(handle: "OnnxHandle", tmp: str) -> tuple["onnx.ModelProto", str]:
+    """A ModelProto without weight bytes, and the folder its external data lives in."""
+    import onnx
+
+    folder = os.path.dirname(os.path.abspath(handle.path))
+    if handle.external_data:
+        # The graph and the external-data references, re-read without weights (the loader already
+        # validated every location); onnxruntime reads the weights from the original folder.
+        return onnx.load(handle.path, load_external_data=False), folder
+    in_file = _in_file_stubs(handle)
+    if in_file is not None:  # onnxruntime reads the weights from the model file itself
+        return _skeleton(handle.model, in_file), folder
+    return _skeleton(handle.model, _write_weights(handle.model, tmp)), tmp
+
+
+def release(handle: "OnnxHandle", stubs: list[Any] | None):
+    """Swap ``handle.model`` for a weight-less skeleton for the duration of a probe; return the restorer.
+
+    The probe's own session reads the weights from files, so the ModelProto the loader filled would be a
+    second copy of every weight in this process (102 MB on ResNet-50, 0.19x of plain inference's peak).
+    The skeleton keeps the graph; its initializers point at the files (the original external data, the
+    model file itself, or the copy this probe wrote). The restorer makes the reload lazy (:meth:`OnnxHandle.defer_model`): the model
+    is reloaded from ``handle.path`` with the loader's own validation, exactly as ``load_onnx`` produced
+    it, when someone next reads ``handle.model`` (``bncheck probe`` never does: 0.15 s saved on
+    ResNet-50). The skeleton's external references may point into the probe's temporary folder, which is
+    gone by then; a reader gets the reloaded model, never the skeleton.
+    """
+    import onnx
+
+    from bncheck.backends.onnx import load as onnx_load
+
+    if handle.external_data:
+        skeleton = onnx.load(handle.path, load_external_data=False)
+    else:
+        # the external stubs of the weights this probe already wrote; a later stub copies them as they
+        # are, so the skeleton also serves the exact form's second session
+        if stubs is None:
+            return lambda: None
+        skeleton = _skeleton(handle.model, stubs)
+    kept = handle.model
+    handle.model = skeleton
+    del kept
+
+    def reload() -> "onnx.ModelProto":
+        try:
+            model = onnx_load._parse(handle.path)
+            if handle.external_data:
+                onnx_load._validate_external(handle.path, model)
+                onnx_load._load_weights(handle.path, model)
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the file changed under us: say so in one line
+            raise BackendError(f"{handle.path}: cannot reload the model after probing: {one_line(exc)}") from exc
+        return model
+
+    return lambda: handle.defer_model(skeleton, reload)
+
+
+class Augmenter:
+    """Builds the instrumented stub for a list of layers."""
+
+    def __init__(
+        self,
+        handle: "OnnxHandle",
+        layers: list[NormLayer],
+        tmp: str,
+        exact: bool,
+        inputs_only: bool,
+        keep_runtime: bool = True,
+    ):
+        self.handle = handle
+        self.keep_runtime = keep_runtime
+        self.exact = exact
+        self.inputs_only = inputs_only
+        self.model, self.folder = stub(handle, tmp)
+        self.initializer_stubs = None if handle.external_data else [_copy(t) for t in self.model.graph.initializer]
+        self.opset = _opset(self.model)
+        self.b = _Builder(self.opset)
+        self.shapes = dict(handle.value_shapes)
+        self.types = dict(handle.value_types)
+        self.measures: dict[tuple[str, int | None, int | None], Measure] = {}
+        self.after: dict[str, list[Any]] = {}  # producer output -> measure nodes to place after it
+        self.tail: list[list[Any]] = []  # fast-form node groups, appended in reverse
+        self.replaced: dict[int, list[Any]] = {}  # node index -> nodes replacing/following it
+        self.outputs: list[str] = []
+        # every train-mode BN follows the spec, measured or not: layers downstream depend on it
+        self.decomposed: dict[str, str] = {}  # spec output name -> runtime node's renamed output
+        for idx, node in enumerate(list(self.model.graph.node)):
+            if self._is_train_bn(node):
+                y = node.output[0]
+                if self._decompose(idx):
+                    self.decomposed[y] = self.model.graph.node[idx].output[0]
+        graph = self.model.graph
+        self.known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+        self.known |= {out for node in graph.node for out in node.output if out}
+        self.known |= {out for nodes in self.replaced.values() for node in nodes for out in node.output if out}
+        self.plans = [self._plan(layer) for layer in layers]
+
+    # ------------------------------------------------------------ measuring one tensor
+
+    def _static_length(self, tensor: str, batch_axis: int | None, channel_axis: int | None) -> int | None:
+        shape = self.shapes.get(tensor)
+        if shape is None:
+            return None
+        total = 1
+        for axis, dim in enumerate(shape):
+            if axis in (batch_axis, channel_axis):
+                continue
+            if not isinstance(dim, int):
+                return None
+            total *= dim
+        return total
+
+    def measure(
+        self, tensor: str, batch_axis: int | None, channel_axis: int | None, minmax: bool = True
+    ) -> Measure | None:
+        """How ``tensor`` is measured. ``minmax=False`` lets the fast form skip the per-channel min and max
+        (two GlobalMaxPool and a depthwise Conv for -t: ~40% of the added kernel time on ResNet-50); the
+        other forms measure them anyway (fetched whole, or reduced exactly)."""
+        shape = self.shapes.get(tensor)
+        rank = None if shape is None else len(shape)
+        if rank is not None:
+            batch_axis = None if batch_axis is None or rank == 0 else batch_axis % rank
+            channel_axis = None if channel_axis is None or rank == 0 else channel_axis % rank
+        key = (tensor, batch_axis, channel_axis)
+        if key in self.measures:
+            m = self.measures[key]
+            if minmax and not m.minmax and m.group is not None and m.channels is not None:
+                start = len(self.b.nodes)
+                self._fast_minmax(m, m.channels)
+                m.group.extend(self.b.nodes[start:])
+                del self.b.nodes[start:]
+                m.minmax = True
+                self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+            return m
+        if not tensor or tensor not in self.known:
+            return None  # not a tensor of the main graph (e.g. inside a subgraph): not measurable
+        per_sample = 1
+        if shape is not None:
+            for axis, dim in enumerate(shape):
+                if axis == batch_axis:
+                    continue
+                per_sample = per_sample * dim if isinstance(dim, int) and per_sample is not None else None
+        else:
+            per_sample = None
+        elem = self.types.get(tensor, 1)
+        start = len(self.b.nodes)
+        length = self._static_length(tensor, batch_axis, channel_axis)
+        m = Measure(tensor, batch_axis, channel_axis, "full", length=length)
+        if per_sample is not None and per_sample <= SMALL_SAMPLE:
+            m.mode = "full"
+            m.outputs["full"] = tensor
+        elif rank is None:
+            return None
+        elif (
+            not self.exact
+            and elem == 1
+            and rank >= 3
+            and batch_axis == 0
+            and channel_axis == 1
+            and isinstance(shape[1], int)
+        ):
+            m.mode = "fast"
+            m.minmax = minmax
+            m.channels = int(shape[1])
+            self._fast(m, m.channels)
+        else:
+            m.mode = "generic"
+            self._generic(m, rank, elem)
+        group = self.b.nodes[start:]
+        del self.b.nodes[start:]
+        if m.mode == "fast":
+            m.group = group
+            self.tail.append(group)
+        else:
+            self.after.setdefault(tensor, []).extend(group)
+        self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+        self.measures[key] = m
+        return m
+
+    def _fast(self, m: Measure, channels: int) -> None:
+        """NCHWc-native statistics: mean of t and of t^2; with ``m.minmax`` also max of t and of -t."""
+        b, t = self.b, m.tensor
+        m.outputs["mean"] = b.one("GlobalAveragePool", [t], "mean")
+        if m.minmax:
+            self._fast_minmax(m, channels)
+        # Mul(t, t): NCHWc-native (Pow is not: a reorder per tensor); added after the min, so that -t is
+        # freed before t^2 exists: one temporary at a time
+        square = b.one("Mul", [t, t], "square")
+        m.outputs["sq"] = b.one("GlobalAveragePool", [square], "sq")
+        if m.length is None:  # symbolic spatial dims: the runtime shape sizes the counts
+            m.outputs["shape"] = b.one("Shape", [t], "shape")
+
+    def _fast_minmax(self, m: Measure, channels: int) -> None:
+        """Max of t, and max of -t (a depthwise 1x1 Conv with weight -1: NCHWc-native, unlike Neg)."""
+        b, t = self.b, m.tensor
+        m.outputs["max"] = b.one("GlobalMaxPool", [t], "max")
+        neg_w = b.const(-np.ones((channels, 1, 1, 1), np.float32), "neg_w")
+        negated = b.one("Conv", [t, neg_w], "neg", group=channels, kernel_shape=[1, 1])
+        m.outputs["negmin"] = b.one("GlobalMaxPool", [negated], "negmin")
+
+    def _generic(self, m: Measure, rank: int, elem: int) -> None:
+        import onnx
+
+        b, t = self.b, m.tensor
+        if elem != onnx.TensorProto.FLOAT:
+            t = b.one("Cast", [t], "as_float", to=onnx.TensorProto.FLOAT)
+        keep = [a for a in (m.batch_axis, m.channel_axis) if a is not None]
+        spatial = [a for a in range(rank) if a not in keep]
+        if spatial:
+            m.outputs["mean"] = b.reduce("ReduceMean", t, spatial, "mean")
+            m.outputs["sumsq"] = b.reduce("ReduceSumSquare", t, spatial, "sumsq")
+        else:
+            m.outputs["full"] = t
+            return
+        zero = b.const(np.zeros((), np.float32), "zero")
+        is_zero = b.one("Cast", [b.one("Equal", [t, zero], "eq0")], "eq0f", to=onnx.TensorProto.FLOAT)
+        m.outputs["zeros"] = b.reduce("ReduceSum", is_zero, spatial, "zeros")
+        nonfinite = b.one("Or", [b.one("IsNaN", [t], "isnan"), b.one("IsInf", [t], "isinf")], "nonfinite")
+        m.outputs["nonfinite"] = b.reduce(
+            "ReduceSum", b.one("Cast", [nonfinite], "nonfinite_f", to=onnx.TensorProto.FLOAT), spatial, "nfcount"
+        )
+        # NaN-free extremes: ReduceMin/Max propagate NaN, the numpy reference ignores it
+        is_nan = b.one("IsNaN", [t], "isnan_x")
+        low = b.one("Where", [is_nan, b.const(np.array(np.inf, np.float32), "inf"), t], "nonan_lo")
+        high = b.one("Where", [is_nan, b.const(np.array(-np.inf, np.float32), "ninf"), t], "nonan_hi")
+        m.outputs["min"] = b.reduce("ReduceMin", low, spatial, "min")
+        m.outputs["max"] = b.reduce("ReduceMax", high, spatial, "max")
+        m.outputs["shape"] = b.one("Shape", [m.tensor], "shape")
+
+    # ------------------------------------------------------------ per layer
+
+    def _is_train_bn(self, node: Any) -> bool:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            return False
+        for attr in node.attribute:
+            if attr.name == "training_mode":
+                return bool(attr.i)
+        return self.opset < 14 and any(o for o in node.output[1:])
+
+    def _plan(self, layer: NormLayer) -> LayerPlan:
+        plan = LayerPlan(layer)
+        if layer.op_type == "BatchNormalization" and layer.training:
+            runtime_out = self.decomposed.get(layer.output)
+            if runtime_out is not None:
+                plan.spec = True
+                plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
+                if not self.inputs_only:
+                    plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+                    if self.keep_runtime:
+                        plan.runtime = self.measure(runtime_out, layer.batch_axis, layer.channel_axis)
+                return plan
+            plan.note = f"{layer.name}: train-mode BatchNormalization measured as onnxruntime computes it"
+        affine = _inference_affine(layer)
+        if affine is not None and not self.exact and not self.inputs_only:
+            # An inference BN is an affine map per channel: its output is constant (or zero) exactly when
+            # its input is, so it cannot collapse (BN001 judges layers that compute statistics only) and
+            # its min/max are not needed: mean and mean of squares only. NaN/Inf still show: one
+            # non-finite element makes its sample's mean non-finite (see _needs_exact).
+            plan.affine = affine
+            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, minmax=False)
+            return plan
+        plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
+        if not self.inputs_only and layer.output:
+            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+        return plan
+
+    def _decompose(self, idx: int) -> bool:
+        """Replace a train-mode BN by the spec's decomposition; keep the original node on renamed outputs."""
+        import onnx
+
+        node = self.model.graph.node[idx]
+        if len(node.input) < 5 or not all(node.input[:5]):
+            return False
+        x = node.input[0]
+        shape = self.shapes.get(x)
+        elem = self.types.get(x, onnx.TensorProto.FLOAT)
+        if shape is None or len(shape) < 2 or elem != onnx.TensorProto.FLOAT:
+            return False
+        rank = len(shape)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        spatial_mode = int(attrs.get("spatial", 1)) if self.opset < 9 else 1
+        eps = float(attrs.get("epsilon", 1e-5))
+        momentum = float(attrs.get("momentum", 0.9))
+        axes = [0] if spatial_mode == 0 else [0] + list(range(2, rank))
+        b = self.b
+        start = len(b.nodes)
+        params = {}
+        for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
+            # private copies: onnxruntime's train-mode kernel may write the running statistics into a
+            # buffer it shares with an equal initializer (onnxruntime#29790)
+            params[role] = b.one("Identity", [name], f"spec_{role}")
+        mean = b.reduce("ReduceMean", x, axes, "spec_mean", keepdims=1)
+        centered = b.one("Sub", [x, mean], "spec_centered")
+        var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
+        eps_c = b.const(np.array(eps, np.float32), "spec_eps")
+        std = b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")
+        normed = b.one("Div", [centered, std], "spec_norm")
+        if spatial_mode == 0:
+            scale_r, bias_r = params["scale"], params["bias"]
+        else:
+            shape_c = b.const(np.array([-1] + [1] * (rank - 2), np.int64), "spec_cshape")
+            scale_r = b.one("Reshape", [params["scale"], shape_c], "spec_scale_r")
+            bias_r = b.one("Reshape", [params["bias"], shape_c], "spec_bias_r")
+        outputs = list(node.output)
+        y_spec = outputs[0]
+        scaled = b.one("Mul", [normed, scale_r], "spec_scaled")
+        b.nodes.append(onnx.helper.make_node("Add", [scaled, bias_r], [y_spec], name=b.name("spec_y")))
+        flat = b.const(np.array([-1], np.int64), "spec_flat")
+        keep = 1.0 - momentum
+        for pos, (stat, running) in enumerate(((mean, params["mean"]), (var, params["var"])), start=1):
+            if pos < len(outputs) and outputs[pos]:
+                cur = b.one("Reshape", [stat, flat], "spec_cur")
+                mom = b.const(np.array(momentum, np.float32), "spec_mom")
+                kp = b.const(np.array(keep, np.float32), "spec_keep")
+                b.nodes.append(
+                    onnx.helper.make_node(
+                        "Add",
+                        [b.one("Mul", [running, mom], "spec_run"), b.one("Mul", [cur, kp], "spec_new")],
+                        [outputs[pos]],
+                        name=b.name("spec_running"),
+                    )
+                )
+        spec_nodes = b.nodes[start:]
+        del b.nodes[start:]
+        # the runtime's own node, on renamed outputs; three outputs so that onnxruntime's shape
+        # inference accepts training_mode=1 (DEVELOPERS.md)
+        renamed = [self.b.name("runtime_y")]
+        want = max(len(outputs), 3) if attrs.get("training_mode", 0) else len(outputs)
+        for pos in range(1, want):
+            renamed.append(self.b.name(f"runtime_out{pos}") if pos < 3 or pos >= len(outputs) else outputs[pos])
+        del node.output[:]
+        node.output.extend(renamed)
+        self.shapes[renamed[0]] = shape
+        self.types[renamed[0]] = elem
+        self.replaced[idx] = spec_nodes
+        return True
+
+    # ------------------------------------------------------------ assembling
+
+    def finish(self) -> "onnx.ModelProto":
+        from onnx import helper
+
+        graph = self.model.graph
+        original = list(graph.node)
+        ordered: list[Any] = []
+        placed: set[str] = set()
+
+        def place_after(outputs: Iterable[str]) -> None:
+            for out in outputs:
+                if out in self.after and out not in placed:
+                    placed.add(out)
+                    ordered.extend(self.after[out])
+
+        place_after(v.name for v in graph.input)
+        place_after(t.name for t in graph.initializer)
+        for i, node in enumerate(original):
+            if i in self.replaced and not self.keep_runtime:
+                pass  # the runtime's own train-mode node cannot run: the spec's decomposition replaces it
+            else:
+                ordered.append(node)
+                place_after(node.output)
+            for extra in self.replaced.get(i, []):
+                ordered.append(extra)
+                place_after(extra.output)
+        leftover = [g for t, g in self.after.items() if t not in placed]
+        for group in leftover:
+            ordered.extend(group)
+        for group in reversed(self.tail):
+            ordered.extend(group)
+        del graph.node[:]
+        graph.node.extend(ordered)
+        graph.initializer.extend(self.b.inits)
+        existing = {o.name for o in graph.output}
+        for name in self.outputs:
+            if name not in existing:
+                graph.output.append(helper.make_empty_tensor_value_info(name))
+                existing.add(name)
+        return self.model
+
+
+def _inference_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray] | None:
+    """y = a*x + b per channel for an inference-mode BatchNormalization whose parameters are known."""
+    if layer.op_type != "BatchNormalization" or layer.training or not layer.uses_running_stats:
+        return None
+    if layer.domain not in ("", "ai.onnx") or layer.channel_axis != 1 or layer.batch_axis != 0:
+        return None
+    if any(p is None for p in (layer.scale, layer.bias, layer.mean, layer.var)) or layer.epsilon is None:
+        return None
+    params = [np.asarray(p, np.float64).ravel() for p in (layer.scale, layer.bias, layer.mean, layer.var)]
+    if len({p.size for p in params}) != 1 or (layer.extra.get("spatial", 1) == 0):
+        return None
+    scale, bias, mean, var = params
+    with np.errstate(all="ignore"):
+        a = scale / np.sqrt(var + np.float64(np.float32(layer.epsilon)))
+        b = bias - mean * a
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a != 0)):
+        return None
+    return a, b

@@ -1,0 +1,455 @@
+"""Run the augmented model in onnxruntime: sessions, decoding the measured statistics, the probe entry points.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from bncheck.backends.base import BackendError, ProbeSettings
+from bncheck.backends.onnx.instrument import (
+    EMBED_BYTES,
+    PREFIX,
+    Augmenter,
+    Measure,
+    release,
+)
+from bncheck.errors import one_line
+from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
+from bncheck.probe_data import ProbeDataError, resolve_shape
+from bncheck.probe_plan import merge_stats, run_plan, tensor_stats
+
+if TYPE_CHECKING:
+    import onnx
+
+    from bncheck.backends.onnx.load import OnnxHandle
+
+
+# --------------------------------------------------------------------------- session and decoding
+
+
+def _options(level: Any, folder: str) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.graph_optimization_level = level
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    # CPU arena on (onnxruntime's default, as in plain inference). Measured on ResNet-50 once inference
+    # BNs stopped measuring min/max: 0.16 s faster over the whole probe (without it every activation is
+    # a fresh mmap whose pages fault in again), peak 650 MB in 10 of 12 runs (1.26x plain; outliers 711
+    # and 723); without it 593-604 MB in about half the runs and 680-712 MB in the others (glibc).
+    so.enable_cpu_mem_arena = True
+    return so
+
+
+def _session(model: "onnx.ModelProto", folder: str, exact: bool):
+    """One session on the augmented stub: ORT_ENABLE_ALL (fast form) or ORT_ENABLE_EXTENDED (exact form)."""
+    import onnxruntime as ort
+
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so = _options(level, folder)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
+    """Order ``graph.node`` so that every added node runs as soon as its inputs exist, before the next
+    node of the model itself; the model's own nodes keep their (topological) order."""
+    import heapq
+    import re
+
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    main: set[int] = set()
+    stack = [producer[o] for o in main_outputs if o in producer]
+    while stack:
+        i = stack.pop()
+        if i not in main:
+            main.add(i)
+            stack.extend(producer[t] for t in nodes[i].input if t in producer)
+
+    def key(i: int) -> tuple[int, int]:
+        found = re.search(rf"{PREFIX}_(\d+)_", nodes[i].name)
+        return (int(found.group(1)) if found else 1 << 40, i)
+
+    # Kahn's algorithm for the added nodes, smallest construction number first, drained after each
+    # model node (linear in the graph size: large transformers have thousands of nodes)
+    available = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {""}
+    missing: dict[int, int] = {}
+    waiting: dict[str, list[int]] = {}
+    ready: list[tuple[tuple[int, int], int]] = []
+    for i in range(len(nodes)):
+        if i in main:
+            continue
+        needed = {t for t in nodes[i].input if t not in available}
+        missing[i] = len(needed)
+        for t in needed:
+            waiting.setdefault(t, []).append(i)
+        if not needed:
+            heapq.heappush(ready, (key(i), i))
+    order: list[int] = []
+
+    def produce(i: int) -> None:
+        order.append(i)
+        for out in nodes[i].output:
+            if out and out not in available:
+                available.add(out)
+                for j in waiting.pop(out, []):
+                    missing[j] -= 1
+                    if missing[j] == 0:
+                        heapq.heappush(ready, (key(j), j))
+
+    def drain() -> None:
+        while ready:
+            produce(heapq.heappop(ready)[1])
+
+    drain()
+    for i in range(len(nodes)):
+        if i in main:
+            produce(i)
+            drain()
+    if len(order) != len(nodes):
+        raise ValueError("added nodes depend on tensors no node produces")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _session_statistics_first(model: "onnx.ModelProto", folder: str, tmp: str, main_outputs: set[str]):
+    """Fast-form session whose added nodes run right after their producers, even after NCHWc rewriting.
+
+    onnxruntime breaks PRIORITY_BASED ties by node index, and the nodes its layout transformer creates
+    (NCHWc pools for our statistics) get new, higher indices than the model's own untouched nodes (its
+    Relu, Add), which then run first and keep an extra activation alive. So: optimize once at
+    ORT_ENABLE_ALL and save the optimized graph (weights to the temporary folder), put every added node
+    right after its producer, and run that graph with optimizations off. Measured on ResNet-50 at batch
+    32: peak -115 MB during the run, -40 MB of session state; +0.2 s of session creation.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    optimized = os.path.join(tmp, "optimized.onnx")
+    so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+    so.optimized_model_filepath = optimized
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EMBED_BYTES))
+    # this session only writes the optimized graph and never runs: packing weights for its kernels is waste
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    first = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del first
+    # no malloc_trim here: the running session's creation reuses these freed pages without faulting them
+    # in again (ResNet-50: 0.07 s), and run_probe trims once the view's weights are released (same peak)
+    graph_only = onnx.load(optimized, load_external_data=False)
+    _statistics_first(graph_only.graph, main_outputs)
+    so = _options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp)
+    return ort.InferenceSession(graph_only.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
+    if "full" in m.outputs:
+        return tensor_stats(values[m.outputs["full"]], m.channel_axis, m.batch_axis)
+    if m.mode == "fast":
+        mean = np.asarray(values[m.outputs["mean"]], np.float64)
+        n, c = mean.shape[0], mean.shape[1]
+        mean = mean.reshape(n, c)
+        sq = np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c)
+        length = m.length
+        if length is None:
+            length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
+        if "max" in m.outputs:
+            lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
+            hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
+        else:  # not measured (an inference BN's output): NaN, flagged by minmax_measured=False
+            lo = hi = np.full(c, np.nan)
+        # zeros are not counted in the fast form (it would cost a full-size temporary per tensor): exact
+        # where min/max decide it, else 0 (a lower bound), flagged by zeros_exact=False
+        zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
+        # NaN/Inf: none here; a non-finite element makes its sample's mean non-finite, and such a batch is
+        # re-run in the exact form, which counts them (_needs_exact)
+        nonfinite = np.zeros(c, np.int64)
+        return TensorStats(n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False,
+                           minmax_measured="max" in m.outputs)
+    # generic: reductions keep batch and channel axes in their original order
+    def nc(name: str) -> np.ndarray:
+        arr = np.asarray(values[m.outputs[name]], np.float64)
+        if m.batch_axis is None and m.channel_axis is None:
+            return arr.reshape(1, 1)
+        if m.batch_axis is None:
+            return arr.reshape(1, -1)
+        if m.channel_axis is None:
+            return arr.reshape(-1, 1)
+        return arr.T if m.channel_axis < m.batch_axis else arr
+
+    shape = [int(d) for d in values[m.outputs["shape"]]]
+    length = 1
+    for axis, dim in enumerate(shape):
+        if axis not in (m.batch_axis, m.channel_axis):
+            length *= dim
+    mean = nc("mean")
+    n = mean.shape[0]
+    sq = nc("sumsq") / max(length, 1)
+    mn = np.fmin.reduce(nc("min"), axis=0)
+    mx = np.fmax.reduce(nc("max"), axis=0)
+    mn = np.where(np.isposinf(mn) & (nc("nonfinite").sum(axis=0) > 0), np.nan, mn)
+    mx = np.where(np.isneginf(mx) & (nc("nonfinite").sum(axis=0) > 0), np.nan, mx)
+    zeros = np.rint(nc("zeros").sum(axis=0)).astype(np.int64)
+    nonfinite = np.rint(nc("nonfinite").sum(axis=0)).astype(np.int64)
+    return TensorStats(n, n * length, mean, sq, mn, mx, zeros, nonfinite)
+
+
+def _needs_exact(m: Measure, stats: TensorStats) -> bool:
+    """A fast-form tensor whose numbers are not finite: NaN/Inf counts need the exact form.
+
+    The per-sample means alone decide it (also where min/max are not measured): a NaN or Inf element makes
+    its sample's mean (a sum) non-finite; so does a finite square overflowing float32, which the exact
+    form then measures correctly."""
+    return m.mode == "fast" and not (
+        np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq))
+    )
+
+
+def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats:
+    """Input statistics of y = a*x + b from the output's: x = (y - b) / a per channel."""
+    with np.errstate(all="ignore"):
+        mean = (out.sample_mean - b) / a
+        sq = (out.sample_sq - 2.0 * b * out.sample_mean + b * b) / (a * a)
+    if not out.minmax_measured:  # nothing to map (the usual case: 53 layers x 7 runs on ResNet-50)
+        c = out.min.shape[0]
+        return TensorStats(out.batch_size, out.count, mean, sq, np.full(c, np.nan), np.full(c, np.nan),
+                           np.zeros(c, np.int64), out.nonfinite.copy(), derived=True, zeros_exact=False,
+                           minmax_measured=False)
+    with np.errstate(all="ignore"):
+        lo = (out.min - b) / a
+        hi = (out.max - b) / a
+    lo, hi = np.where(a > 0, lo, hi), np.where(a > 0, hi, lo)
+    zero_range = (lo == 0) & (hi == 0)
+    zeros = np.where(zero_range, out.count, 0).astype(np.int64)  # count is per channel
+    return TensorStats(out.batch_size, out.count, mean, sq, lo, hi, zeros, out.nonfinite.copy(), derived=True,
+                       zeros_exact=False, minmax_measured=out.minmax_measured)
+
+
+def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
+    worst = 0.0
+    for r, s in ((runtime.sample_mean, spec.sample_mean), (runtime.min, spec.min), (runtime.max, spec.max)):
+        r = np.asarray(r, np.float64)
+        s = np.asarray(s, np.float64)
+        if r.shape != s.shape:
+            return math.inf
+        both = np.isfinite(r) & np.isfinite(s)
+        if np.any(np.isfinite(r) != np.isfinite(s)):
+            worst = math.inf
+        if both.any():
+            worst = max(worst, float(np.max(np.abs(r[both] - s[both]))))
+    return worst
+
+
+class _Engine:
+    """Owns the augmented session(s) for one model; turns feeds into per-layer statistics."""
+
+    def __init__(self, handle: "OnnxHandle", layers: list[NormLayer], inputs_only: bool = False) -> None:
+        self.handle = handle
+        self.layers = layers
+        self.inputs_only = inputs_only
+        self.tmp = tempfile.mkdtemp(prefix="bncheck-probe-")
+        self.exact = False
+        self.decomposed: dict[str, str] = {}
+        self.initializer_stubs: list[Any] | None = None  # the weights this engine wrote, as external stubs
+        self.notes: list[str] = []
+        try:
+            self._open(exact=False)
+        except BaseException:
+            self.close()  # no temporary weights left behind when the model cannot run
+            raise
+
+    def _open(self, exact: bool) -> None:
+        self.session = None  # free the previous session (and its weights) first
+        try:
+            self._build(exact, keep_runtime=True)
+        except BackendError:
+            if not self.decomposed:
+                raise
+            # onnxruntime rejects a train-mode node itself (e.g. an opset-9 node with 3 outputs): probe by
+            # the spec alone, without the runtime's deviation
+            self._build(exact, keep_runtime=False)
+            self.notes.append(
+                "onnxruntime cannot run the train-mode BatchNormalization node(s) as written; they are "
+                "measured by the ONNX spec only (no runtime deviation)"
+            )
+        self.exact = exact
+        for plan in self.plans:
+            if plan.input is None and plan.output is None:
+                plan.note = (f"{plan.layer.name}: not measured (its tensors have no known rank or are not in the "
+                             "main graph)")
+            if plan.note and plan.note not in self.notes:
+                self.notes.append(plan.note)
+
+    def _build(self, exact: bool, keep_runtime: bool) -> None:
+        self.session = None
+        try:
+            aug = Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime)
+            if self.initializer_stubs is None:
+                self.initializer_stubs = aug.initializer_stubs
+            self.decomposed = dict(aug.decomposed)
+            model = aug.finish()
+            self.plans = aug.plans
+            self.output_names = list(aug.outputs)
+            main_outputs = {o.name for o in self.handle.model.graph.output}
+            folder = aug.folder
+            del aug
+            self.session = None
+            self.statistics_first = False
+            if not exact:
+                try:
+                    self.session = _session_statistics_first(model, folder, self.tmp, main_outputs)
+                    self.statistics_first = True
+                except Exception:  # noqa: BLE001 - an optimization of memory only: fall back to one pass
+                    self.session = None
+            if self.session is None:
+                self.session = _session(model, folder, exact)
+            del model
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any runtime failure is one line for the user
+            raise BackendError(
+                f"{self.handle.path}: onnxruntime cannot run the instrumented model: {one_line(exc)}"
+            ) from exc
+
+    def close(self) -> None:
+        self.session = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(f"{self.handle.path}: onnxruntime failed: {one_line(exc)}") from exc
+        return dict(zip(self.output_names, values))
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, LayerProbe]:
+        values = self._run(feeds)
+        decoded: dict[int, TensorStats] = {}
+        for plan in self.plans:
+            for m in (plan.input, plan.output, plan.runtime):
+                if m is not None and id(m) not in decoded:
+                    stats = _decode(m, values)
+                    if not self.exact and _needs_exact(m, stats):
+                        self.notes.append("NaN/Inf seen: statistics measured with exact counts (slower)")
+                        self._open(exact=True)
+                        return self(feeds)
+                    decoded[id(m)] = stats
+        probes: dict[str, LayerProbe] = {}
+        for plan in self.plans:
+            get = lambda m: decoded.get(id(m)) if m is not None else None  # noqa: E731
+            inp, out = get(plan.input), get(plan.output)
+            if plan.affine is not None and out is not None:
+                inp = _derive_input(out, *plan.affine)
+            batch = (out or inp).batch_size if (out or inp) else 0
+            if plan.spec and out is not None:
+                runtime = get(plan.runtime)
+                dev = _deviation(runtime, out) if runtime is not None else None
+                probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out, "spec", dev)
+            elif inp is not None or out is not None:
+                probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out)
+        return probes
+
+
+def _gather_tables(handle: "OnnxHandle") -> dict[str, int]:
+    """Rows of the table each integer graph input indexes through a Gather (its valid range)."""
+    graph = handle.model.graph
+    inits = {t.name: t for t in graph.initializer}
+    highs: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) >= 2 and node.input[0] in inits:
+            axis = 0
+            for attr in node.attribute:
+                if attr.name == "axis":
+                    axis = int(attr.i)
+            dims = list(inits[node.input[0]].dims)
+            if dims:
+                rows = int(dims[axis % len(dims)])
+                name = node.input[1]
+                highs[name] = min(highs.get(name, rows), rows)
+    return highs
+
+
+def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
+    """Fail on bad --input-shape / unresolvable dims before any session is built (ProbeDataError)."""
+    names = {spec.name for spec in view.inputs}
+    for name in settings.input_shapes:
+        if name not in names:
+            raise ProbeDataError(
+                f"--input-shape {name}: the model has no input of that name (inputs: {', '.join(sorted(names))})"
+            )
+    if settings.data is None:
+        for spec in view.inputs:
+            fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else 1
+            resolve_shape(spec, fixed, settings.input_shapes)
+
+
+def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = True) -> ProbeResult:
+    """Probe every normalization layer of an ONNX model (see the module docstring).
+
+    With ``release_weights`` (default), ``view.handle.model`` is a weight-less skeleton while the batches
+    run and is reloaded from ``view.handle.path`` when next read (see :func:`release`); pass False when
+    the handle's model carries in-memory edits that are not in the file.
+    """
+    handle = view.handle
+    if not view.layers:
+        return ProbeResult(batch_sizes=tuple(settings.batch_sizes), layers={b: {} for b in settings.batch_sizes},
+                           data_source=settings.data_source, seed=settings.seed,
+                           notes=["no normalization layer to probe"])
+    _check_inputs(view, settings)
+    int_high = _gather_tables(handle)
+    engines: list[_Engine] = []
+    restorers: list[Any] = []
+
+    def open_engine() -> _Engine:
+        # built inside run_plan, while it draws the synthetic inputs in a worker thread
+        engine = _Engine(handle, view.layers)
+        engines.append(engine)
+        if release_weights:
+            restorers.append(release(handle, engine.initializer_stubs))
+        _trim()
+        return engine
+
+    try:
+        result = run_plan(view, settings, None, open_runner=open_engine, int_high=int_high)
+        result.notes.extend(n for n in engines[0].notes if n not in result.notes)
+        return result
+    finally:
+        for engine in engines:
+            engine.close()
+        for restore in restorers:
+            restore()  # lazy: the weights are reloaded when handle.model is next read
+
+
+def measure_inputs(
+    handle: "OnnxHandle", layers: list[NormLayer], batches: Iterable[dict[str, np.ndarray]]
+) -> dict[str, TensorStats]:
+    """Each layer's input statistics accumulated over all ``batches`` (inference mode, model as is)."""
+    engine = _Engine(handle, layers, inputs_only=True)
+    _trim()  # the optimizing session's freed heap back to the OS
+    try:
+        parts: dict[str, list[TensorStats]] = {}
+        for feeds in batches:
+            for name, probe in engine(feeds).items():
+                if probe.input is not None:
+                    parts.setdefault(name, []).append(probe.input)
+        return {name: merge_stats(items) for name, items in parts.items()}
+    finally:
+        engine.close()

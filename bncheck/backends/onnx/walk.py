@@ -1,0 +1,475 @@
+"""The static walk: every normalization layer of an ONNX graph, in graph order, as NormLayer objects.
+
+Two kinds of layers are found:
+
+- normalization *ops* (BatchNormalization in all its versions, InstanceNormalization, LayerNormalization,
+  GroupNormalization, RMSNormalization, MeanVarianceNormalization and the com.microsoft / NHWC contrib ops);
+- *decomposed* chains ``ReduceMean -> Sub -> (Pow 2 | Mul) -> ReduceMean -> Add(eps) -> Sqrt -> (Div |
+  Reciprocal, Mul)`` (and the ``E[x^2] - E[x]^2`` variant onnx's own function bodies use, the RMS chain
+  without the Sub, and tf.nn.batch_normalization's ``x * inv + (beta - mean * inv)``), which exporters write
+  for LayerNorm and hand-written batch norms produce. Their reduction axes decide the kind: axes including
+  the batch axis are batch statistics, the train-mode defect at inference.
+
+The trap: PyTorch's dynamo exporter lowers InstanceNorm to a training-mode BatchNormalization on the input
+reshaped to ``[1, N*C, ...]`` whose running-stat outputs nobody reads. It looks like the train-mode defect
+and is not; it is reported as an INSTANCE layer with a note.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from bncheck.backends.onnx.graph import (
+    ONNX_DOMAINS,
+    GraphIndex,
+    as_float_array,
+    node_input,
+    norm_axis,
+    other_input,
+    shape_dim,
+)
+from bncheck.backends.onnx.load import OnnxHandle
+from bncheck.backends.onnx.patterns import decomposed
+from bncheck.model import Kind, NormLayer, Note
+
+_MS = ("com.microsoft",)
+_NHWC = ("com.ms.internal.nhwc",)
+MVN_SPEC_EPSILON = 1e-9
+
+
+def walk(handle: OnnxHandle) -> list[NormLayer]:
+    """Every normalization layer of ``handle``'s main graph, in topological order."""
+    return walk_with_notes(handle)[0]
+
+
+def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
+    """The layers, and the model-level notes (no layer found, folded BN, norm ops the walk cannot see)."""
+    g = GraphIndex(handle)
+    found: list[tuple[int, NormLayer]] = []
+    used: set[int] = set()
+    for idx, node in enumerate(g.nodes):
+        handler = _OP_HANDLERS.get(node.op_type)
+        if handler is None:
+            continue
+        domains, fn = handler
+        if node.domain not in domains:
+            continue
+        layer, nodes = fn(g, idx)
+        used.update(nodes)
+        found.append((min(nodes), layer))
+    for layer, nodes in decomposed(g, used):
+        used.update(nodes)
+        found.append((min(nodes), layer))
+    found.sort(key=lambda item: item[0])
+    layers = [layer for _, layer in found]
+    return layers, _model_notes(g, layers)
+
+
+# ====================================================================== helpers
+
+
+def _eps(attrs: dict, default: float = 1e-5) -> float:
+    """The epsilon attribute as stored (float32), the spec default rounded the same way when absent."""
+    return float(np.float32(attrs.get("epsilon", default)))
+
+
+def _params(g: GraphIndex, node, *positions: int):
+    return tuple(as_float_array(g.param(node_input(node, i))) for i in positions)
+
+
+def _trailing(axis: int | None, rank: int | None) -> tuple[int, ...] | None:
+    if axis is None or rank is None:
+        return None
+    return tuple(range(axis, rank))
+
+
+def _channels(g: GraphIndex, x: str, channel_axis: int | None, *params) -> int | None:
+    dim = shape_dim(g, x, channel_axis)
+    if dim is not None:
+        return dim
+    for p in params:
+        if p is not None and p.ndim == 1:
+            return int(p.size)
+    return None
+
+
+def _base(g: GraphIndex, idx: int, **fields) -> NormLayer:
+    node = g.nodes[idx]
+    x = node_input(node, 0)
+    return NormLayer(
+        name=g.node_name(idx),
+        op_type=node.op_type,
+        domain=node.domain,
+        nodes=(g.node_name(idx),),
+        input=x,
+        output=node.output[0] if node.output else "",
+        inputs=tuple(node.input),
+        outputs=tuple(node.output),
+        input_shape=g.shape(x),
+        **fields,
+    )
+
+
+# ====================================================================== ops
+
+
+def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
+    node = g.nodes[idx]
+    attrs = g.attrs(idx)
+    nhwc = node.domain in _NHWC
+    version = g.opset.get(node.domain, g.opset.get("", 0))
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    scale, bias, mean, var = _params(g, node, 1, 2, 3, 4)
+    extra_outputs = [o for o in node.output[1:] if o]
+    notes: list[str] = []
+    extra: dict = {"opset": version}
+    if "training_mode" in attrs or version >= 14:
+        training = bool(attrs.get("training_mode", 0))
+        extra["training_mode"] = int(attrs.get("training_mode", 0))
+    else:
+        training = bool(extra_outputs)
+        if extra_outputs:
+            notes.append(
+                f"opset {version}: {len(extra_outputs)} extra output(s) (running/saved statistics) mean training mode"
+            )
+    if version < 7 and not nhwc:
+        is_test = int(attrs.get("is_test", 0))
+        extra["is_test"] = is_test
+        if is_test:
+            training = False
+            notes = [n for n in notes if "extra output" not in n]
+        elif not training:
+            training = True
+            notes.append(
+                "opset < 7 with is_test=0: training mode per the spec (batch statistics); "
+                "runtimes that ignore is_test with a single output use the running statistics"
+            )
+    spatial = int(attrs.get("spatial", 1)) if version < 9 else 1
+    if nhwc:
+        channel_axis = None if rank is None else rank - 1
+        axes = None if rank is None else tuple(range(rank - 1))
+    else:
+        channel_axis = 1
+        axes = (0,) if spatial == 0 else (None if rank is None else (0,) + tuple(range(2, rank)))
+    if spatial == 0:
+        extra["spatial"] = 0
+        notes.append("spatial=0: per-activation statistics over the batch axis only")
+    common = dict(
+        channel_axis=channel_axis,
+        channels=_channels(g, x, channel_axis, scale, mean),
+        epsilon=_eps(attrs),
+        momentum=float(np.float32(attrs.get("momentum", 0.9))),
+        scale=scale,
+        bias=bias,
+    )
+    if training and _is_lowered_instance_norm(g, idx):
+        reshape = g.produced_by(x, "Reshape")
+        extra.update(lowered_instance_norm=True, unused_running_mean=mean, unused_running_var=var)
+        source = g.nodes[reshape].input[0] if reshape is not None else None
+        if source:
+            extra["source"] = source
+        note = (
+            "lowered InstanceNorm (PyTorch dynamo export): training-mode BatchNormalization on the input "
+            "reshaped to [1, N*C, ...]; each sample's channel is normalized over its own spatial axes, "
+            "the running-statistic outputs are unused; not batch statistics"
+        )
+        layer = _base(
+            g,
+            idx,
+            kind=Kind.INSTANCE,
+            axes=axes,
+            training=True,
+            batch_statistics=False,
+            uses_running_stats=False,
+            batch_axis=None,
+            notes=tuple(notes + [note]),
+            extra=extra,
+            **common,
+        )
+        return layer, [idx]
+    layer = _base(
+        g,
+        idx,
+        kind=Kind.BATCH,
+        axes=axes,
+        training=training,
+        batch_statistics=training,
+        uses_running_stats=not training,
+        mean=mean,
+        var=var,
+        notes=tuple(notes),
+        extra=extra,
+        **common,
+    )
+    return layer, [idx]
+
+
+def _is_lowered_instance_norm(g: GraphIndex, idx: int) -> bool:
+    """X comes from a Reshape to [1, ...] and the running-statistic outputs are not read."""
+    node = g.nodes[idx]
+    x = node_input(node, 0)
+    reshape = g.produced_by(x, "Reshape")
+    if reshape is None:
+        return False
+    target = g.ints(node_input(g.nodes[reshape], 1))
+    leading_one = (target is not None and target.size > 0 and int(target.ravel()[0]) == 1) or (
+        shape_dim(g, x, 0) == 1
+    )
+    running_unused = not any(g.is_used(o) for o in node.output[1:3])
+    return leading_one and running_unused
+
+
+def _instance_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
+    node = g.nodes[idx]
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    scale, bias = _params(g, node, 1, 2)
+    layer = _base(
+        g,
+        idx,
+        kind=Kind.INSTANCE,
+        axes=None if rank is None else tuple(range(2, rank)),
+        channel_axis=1,
+        channels=_channels(g, x, 1, scale, bias),
+        epsilon=_eps(g.attrs(idx)),
+        scale=scale,
+        bias=bias,
+    )
+    return layer, [idx]
+
+
+def _trailing_norm(
+    g: GraphIndex, idx: int, kind: Kind, scale_at: int, bias_at: int | None, centered: bool, default_axis: int = -1
+) -> tuple[NormLayer, list[int]]:
+    """LayerNormalization, RMSNormalization and their contrib cousins: statistics over axis..r-1."""
+    node = g.nodes[idx]
+    attrs = g.attrs(idx)
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    scale = as_float_array(g.param(node_input(node, scale_at)))
+    bias = as_float_array(g.param(node_input(node, bias_at))) if bias_at is not None else None
+    raw_axis = int(attrs.get("axis", default_axis))
+    axis = norm_axis(raw_axis, rank)
+    axes = _trailing(axis, rank)
+    channel_axis = None if rank is None else rank - 1
+    batch_stats = axes is not None and 0 in axes
+    notes = ()
+    if batch_stats:
+        notes = (f"axis={raw_axis} includes the batch axis: a sample's output depends on its batch companions",)
+    layer = _base(
+        g,
+        idx,
+        kind=kind,
+        axes=axes,
+        channel_axis=channel_axis,
+        channels=_channels(g, x, channel_axis, scale),
+        epsilon=_eps(attrs),
+        scale=scale,
+        bias=bias,
+        centered=centered,
+        batch_statistics=batch_stats,
+        notes=notes,
+        extra={"axis": raw_axis},
+    )
+    return layer, [idx]
+
+
+def _layer_norm(g, idx):
+    return _trailing_norm(g, idx, Kind.LAYER, 1, 2, True)
+
+
+def _rms_norm(g, idx):
+    return _trailing_norm(g, idx, Kind.RMS, 1, None, False)
+
+
+def _skip_layer_norm(g, idx):
+    # inputs: input, skip, gamma, beta?, bias?; the normalized tensor is input + skip (+ bias)
+    layer, nodes = _trailing_norm(g, idx, Kind.LAYER, 2, 3, True)
+    return _with_skip_note(layer), nodes
+
+
+def _skip_simplified_layer_norm(g, idx):
+    layer, nodes = _trailing_norm(g, idx, Kind.RMS, 2, None, False)
+    return _with_skip_note(layer), nodes
+
+
+def _with_skip_note(layer: NormLayer) -> NormLayer:
+    from dataclasses import replace
+
+    note = "normalizes input + skip (+ bias), over the last axis"
+    return replace(layer, notes=layer.notes + (note,))
+
+
+def _group_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
+    node = g.nodes[idx]
+    attrs = g.attrs(idx)
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    scale, bias = _params(g, node, 1, 2)
+    version = g.opset.get(node.domain, 0)
+    groups = int(attrs.get("num_groups", 0)) or None
+    extra = {"opset": version}
+    notes: tuple[str, ...] = ()
+    channels = shape_dim(g, x, 1)
+    if version < 21:
+        extra["per_group_scale"] = True
+        notes = ("opset 18 GroupNormalization: scale and bias are per group, not per channel",)
+    elif channels is None and scale is not None:
+        channels = int(scale.size)
+    layer = _base(
+        g,
+        idx,
+        kind=Kind.GROUP,
+        axes=None if rank is None else tuple(range(1, rank)),
+        channel_axis=1,
+        channels=channels,
+        groups=groups,
+        epsilon=_eps(attrs),
+        scale=scale,
+        bias=bias,
+        notes=notes,
+        extra=extra,
+    )
+    return layer, [idx]
+
+
+def _ms_group_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
+    """com.microsoft GroupNorm / SkipGroupNorm: NHWC by default (channels_last=1)."""
+    node = g.nodes[idx]
+    attrs = g.attrs(idx)
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    scale, bias = _params(g, node, 1, 2)
+    channels_last = int(attrs.get("channels_last", 1))
+    channel_axis = (None if rank is None else rank - 1) if channels_last else 1
+    layer = _base(
+        g,
+        idx,
+        kind=Kind.GROUP,
+        axes=None if rank is None else tuple(range(1, rank)),
+        channel_axis=channel_axis,
+        channels=_channels(g, x, channel_axis, scale),
+        groups=int(attrs.get("groups", 0)) or None,
+        epsilon=_eps(attrs),
+        scale=scale,
+        bias=bias,
+        extra={"channels_last": channels_last, "activation": int(attrs.get("activation", 0))},
+    )
+    return layer, [idx]
+
+
+def _mvn(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
+    node = g.nodes[idx]
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    raw = [int(a) for a in g.attrs(idx).get("axes", [0, 2, 3])]
+    axes = None
+    if rank is not None or all(a >= 0 for a in raw):
+        axes = tuple(sorted({norm_axis(a, rank) for a in raw}))  # type: ignore[misc]
+    kept = None if axes is None or rank is None else [a for a in range(rank) if a not in axes]
+    channel_axis = kept[0] if kept is not None and len(kept) == 1 else None
+    batch_stats = axes is not None and 0 in axes
+    notes = [f"no epsilon attribute: the ONNX spec adds {MVN_SPEC_EPSILON:g} to the standard deviation"]
+    if batch_stats:
+        notes.append("axes include the batch axis: statistics mix the samples of a batch")
+    layer = _base(
+        g,
+        idx,
+        kind=Kind.MEAN_VARIANCE,
+        axes=axes,
+        channel_axis=channel_axis,
+        channels=shape_dim(g, x, channel_axis),
+        epsilon=None,
+        batch_statistics=batch_stats,
+        notes=tuple(notes),
+        extra={"spec_epsilon": MVN_SPEC_EPSILON},
+    )
+    return layer, [idx]
+
+
+_OP_HANDLERS: dict[str, tuple[tuple[str, ...], Callable[[GraphIndex, int], tuple[NormLayer, list[int]]]]] = {
+    "BatchNormalization": (ONNX_DOMAINS + _NHWC, _batch_norm),
+    "InstanceNormalization": (ONNX_DOMAINS, _instance_norm),
+    "LayerNormalization": (ONNX_DOMAINS + _MS, _layer_norm),
+    "GroupNormalization": (ONNX_DOMAINS, _group_norm),
+    "RMSNormalization": (ONNX_DOMAINS, _rms_norm),
+    "MeanVarianceNormalization": (ONNX_DOMAINS, _mvn),
+    # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain, the others in com.microsoft
+    "SimplifiedLayerNormalization": (ONNX_DOMAINS + _MS, _rms_norm),
+    "SkipLayerNormalization": (_MS, _skip_layer_norm),
+    "SkipSimplifiedLayerNormalization": (_MS, _skip_simplified_layer_norm),
+    "GroupNorm": (_MS, _ms_group_norm),
+    "SkipGroupNorm": (_MS, _ms_group_norm),
+}
+
+
+# ====================================================================== model notes
+
+
+_NORM_OPS = frozenset(_OP_HANDLERS)
+
+
+def _model_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
+    notes: list[Note] = []
+    folded = []
+    for idx, node in enumerate(g.nodes):
+        if node.op_type not in ("Conv", "ConvTranspose") or not node.output:
+            continue
+        for user in g.users(node.output[0], "Mul", "Add"):
+            other = other_input(g.nodes[user], node.output[0])
+            if other is not None and g.param(other) is not None:
+                folded.append(g.node_name(idx))
+                break
+    if not layers:
+        notes.append(Note("info", "no normalization layer found in the graph: nothing to check"))
+    if folded:
+        notes.append(
+            Note(
+                "info",
+                f"{len(folded)} Conv node(s) (first: {folded[0]!r}) are followed by Mul/Add with constant "
+                "operands: BatchNorm may have been folded into the Conv weights; folded statistics cannot "
+                "be checked",
+            )
+        )
+    hidden = _hidden_norm_ops(g)
+    if hidden:
+        notes.append(
+            Note(
+                "warning",
+                f"{hidden} normalization op(s) inside control-flow subgraphs or model-local functions "
+                "were not inspected",
+            )
+        )
+    return notes
+
+
+def _hidden_norm_ops(g: GraphIndex) -> int:
+    """Norm ops the walk does not reach: inside If/Loop/Scan bodies and model-local functions called."""
+    from onnx import AttributeProto
+
+    count = 0
+    stack = []
+    for node in g.nodes:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                stack.append(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                stack.extend(attr.graphs)
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            count += node.op_type in _NORM_OPS
+            for attr in node.attribute:
+                if attr.type == AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+    functions = {(f.domain, f.name): f for f in g.model.functions}
+    if functions:
+        called = {(n.domain, n.op_type) for n in g.nodes}
+        for key in called & set(functions):
+            count += sum(n.op_type in _NORM_OPS for n in functions[key].node)
+    return count

@@ -1,0 +1,47 @@
+"""One exception hierarchy: every failure bncheck reports is a BncheckError with a kind; the CLI maps it to exit 2.
+
+Standard library only, so that every layer (CLI, engine, backends, data loading) can raise it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(str, enum.Enum):
+    """What went wrong, for the JSON error document and for callers of the Python API."""
+
+    USAGE = "usage"  # bad options or arguments
+    MODEL = "model"  # the model file cannot be read or is not supported
+    DATA = "data"  # the calibration data cannot be read or does not fit the model
+    RUNTIME = "runtime"  # the model could not be run
+    INTERNAL = "internal"  # a bug in bncheck
+
+
+class BncheckError(Exception):
+    """A failure with a one-line message for the user. ``kind`` says whose side it is on."""
+
+    kind: ErrorKind = ErrorKind.RUNTIME
+
+    def __init__(self, message: str, kind: ErrorKind | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+class UsageError(BncheckError):
+    kind = ErrorKind.USAGE
+
+
+class ModelError(BncheckError):
+    kind = ErrorKind.MODEL
+
+
+class DataError(BncheckError):
+    kind = ErrorKind.DATA
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (libraries' messages span several), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

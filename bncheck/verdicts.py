@@ -1,0 +1,158 @@
+"""Verdict thresholds and the predicates built on them, in one neutral module.
+
+The checks judge with these; the report, the renderers and `fix` read the same predicates here, so that no
+consumer imports an individual check and every threshold is defined once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bncheck.model import BatchDependence, Kind, NormLayer, TensorStats
+
+#: Relative spread (max - min over batch and spatial positions, over max(1, |value|)) below which a channel
+#: counts as constant. The ONNX reference gives exactly the bias on a one-element set; onnxruntime's kernels
+#: give it up to rounding amplified by 1/sqrt(eps) (measured: 3e-5 on a BN at batch 1, 2.3e-4 on an
+#: InstanceNorm on 1x1 maps), while a working normalization spreads its output over about |gamma| x 4.
+CONSTANT_TOLERANCE = 1e-3
+
+
+def collapse_condition(layer: NormLayer) -> dict[str, int] | None:
+    """The condition under which ``layer``'s normalized set has one element, or None if it never does.
+
+    ``{}`` means for every input; ``{"batch_size": 1}`` means at batch size 1; ``{"<dim>": 1}`` for another
+    symbolic dimension. Unknown shapes or axes give None: the check does not guess.
+    """
+    if not layer.computes_statistics or not layer.centered or layer.kind is Kind.UNIT:
+        return None
+    if layer.axes is None or layer.input_shape is None:
+        return None
+    product = 1
+    free: dict[str, int] = {}
+    for axis in layer.axes:
+        if axis >= len(layer.input_shape):
+            return None
+        if layer.kind is Kind.GROUP and axis == layer.channel_axis:
+            continue
+        dim = layer.input_shape[axis]
+        if isinstance(dim, int):
+            product *= dim
+        elif axis == layer.batch_axis:
+            free["batch_size"] = 1  # an unknown or symbolic batch dim admits 1
+        elif isinstance(dim, str):
+            free[dim] = 1
+        else:
+            return None
+    if layer.kind is Kind.GROUP:
+        if not layer.groups or not layer.channels:
+            return None
+        product *= max(layer.channels // layer.groups, 1)
+    return free if product == 1 else None
+
+
+def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndarray | None = None) -> bool:
+    """Output constant per channel over batch and positions (or all zero) while the input is not; or, when
+    the input has a single value per channel (batch 1 on 1x1 maps) so that "varies" cannot be judged within
+    the batch, output equal to the layer's ``bias`` in every channel while the input is not all zero."""
+    if inp is None or out is None or out.count == 0:
+        return False
+    if out.total_nonfinite or inp.total_nonfinite:
+        return False  # BN005's business
+
+    def constant(stats: TensorStats) -> np.ndarray:
+        spread = stats.max.astype(np.float64) - stats.min.astype(np.float64)
+        scale = np.maximum(1.0, np.maximum(np.abs(stats.max), np.abs(stats.min)))
+        return spread <= CONSTANT_TOLERANCE * scale
+
+    all_zero = bool(np.all(out.zeros == out.count))
+    input_all_zero = bool(np.all(inp.zeros == inp.count))
+    if input_all_zero:
+        return False  # a dead input makes any centred norm output its bias: the cause is upstream
+    if all_zero:
+        return True
+    if not np.all(constant(out)):
+        return False
+    if not np.all(constant(inp)):
+        return True
+    if bias is None or np.size(bias) != out.channels:
+        return False
+    beta = np.asarray(bias, dtype=np.float64).ravel()
+    scale = np.maximum(1.0, np.abs(beta))
+    return bool(np.all(np.abs(out.max - beta) <= CONSTANT_TOLERANCE * scale)
+                and np.all(np.abs(out.min - beta) <= CONSTANT_TOLERANCE * scale))
+
+
+#: A sample's per-channel mean or mean of squares that moves by more than this many per-channel standard
+#: deviations when its batch companions change means batch statistics. Measured float32 noise on clean
+#: models (different batch sizes use different kernels) stays below 1e-5; a real batch dependence moves by
+#: order 0.1 to 1.
+OUTPUT_TOLERANCE = 1e-3
+#: Below this, the layer's input did not move: the dependence starts in this layer.
+INPUT_TOLERANCE = 1e-4
+#: onnxruntime's train-mode BatchNormalization differs from the spec by float32 rounding (1e-6) on most
+#: nodes and by whole activations where issue #29790 bites; only the latter is worth a sentence.
+RUNTIME_DEVIATION_NOTE = 1e-4
+
+
+def is_culprit(dep: BatchDependence) -> bool:
+    """The layer's output depends on the batch while its input does not: the dependence starts here."""
+    return dep.output_change > OUTPUT_TOLERANCE and dep.input_change <= INPUT_TOLERANCE
+
+
+def is_affected(dep: BatchDependence) -> bool:
+    """The layer's input already depends on the batch (an upstream layer uses batch statistics)."""
+    return dep.input_change > INPUT_TOLERANCE
+
+
+#: Drift thresholds (medians over channels): a mean off by half a standard deviation, a variance off by 2x.
+MEAN_SHIFT_THRESHOLD = 0.5
+LOG_VAR_RATIO_THRESHOLD = math.log(2.0)
+
+
+def has_default_stats(layer: NormLayer) -> bool:
+    """Running mean exactly 0 and running variance exactly 1 in every channel."""
+    if layer.mean is None or layer.var is None or layer.mean.size == 0:
+        return False
+    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0))
+
+
+def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[float, float]:
+    """(median standardized mean shift, median |log variance ratio|) over channels."""
+    eps = float(layer.epsilon or 0.0)
+    mu = np.asarray(layer.mean, dtype=np.float64).ravel()
+    var = np.asarray(layer.var, dtype=np.float64).ravel()
+    m = np.asarray(observed_mean, dtype=np.float64).ravel()
+    v = np.asarray(observed_var, dtype=np.float64).ravel()
+    ok = np.isfinite(mu) & np.isfinite(var) & (var + eps > 0) & np.isfinite(m) & np.isfinite(v)
+    if not np.any(ok):
+        return 0.0, 0.0
+    tiny = np.finfo(np.float32).tiny
+    shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
+    ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
+    return float(np.median(shift)), float(np.median(ratio))
+
+
+TF_EPSILON_CLAMP = 1.001e-5
+#: 1e-5 rounded to float32 is 9.99999975e-06; anything within this relative distance of 1e-5 is 1e-5.
+FLOAT32_ROUNDING = 1e-6
+DOMINANCE_RATIO = 0.1
+
+
+def below_clamp(epsilon: float) -> bool:
+    return 0.0 < epsilon < 1e-5 * (1.0 - FLOAT32_ROUNDING)
+
+
+def clamp_effect(epsilon: float, var: np.ndarray | None) -> float | None:
+    """Largest relative output change over channels when epsilon is raised to 1.001e-5 (None: var unknown)."""
+    if var is None:
+        return None
+    v = np.asarray(var, dtype=np.float64).ravel()
+    v = v[np.isfinite(v) & (v >= 0)]
+    if v.size == 0:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.sqrt((v + epsilon) / (v + TF_EPSILON_CLAMP))
+    return float(np.max(np.abs(1.0 - factor)))
+
