@@ -178,7 +178,7 @@ def explain(check: str) -> None:
         [code] = resolve([check])
     except (UnknownCheckError, ValueError) as error:
         _fail(error, debug=False)
-    module = next(m for m in ALL_CHECKS if m.CODE == code)
+    module = next(m for m in ALL_CHECKS if code == m.CODE)
     click.echo(f"{module.CODE} {module.SLUG} (default severity: {module.SEVERITY.label})\n")
     click.echo((module.__doc__ or "").strip())
 

@@ -17,7 +17,7 @@ the same whatever batch it is later placed in: the batch-dependence test relies 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 

@@ -73,7 +73,7 @@ def layernorm_model(path: Path, *, shape: Sequence = ("N", 4, 8), axis: int = -1
                     name: str = "ln") -> str:
     """x -> LayerNormalization(axis) -> y (opset 17), scale 1.5 and bias 0.25 over the normalized dims."""
     rank = len(shape)
-    norm_shape = [d for d in shape[axis % rank:]]
+    norm_shape = list(shape[axis % rank:])
     scale = np.full(norm_shape, 1.5, dtype=np.float32)
     bias = np.full(norm_shape, 0.25, dtype=np.float32)
     node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], name=name, axis=axis,

@@ -38,7 +38,7 @@ def _offending(paths: list[Path], forbidden) -> list[str]:
 
 
 def _is_framework(name: str) -> bool:
-    return name.split(".")[0] in FRAMEWORKS
+    return name.split(".", maxsplit=1)[0] in FRAMEWORKS
 
 
 def _is_single_check(name: str) -> bool:

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 os.environ.setdefault("KERAS_BACKEND", "numpy")  # before keras is imported; the test extra installs keras
 
-import keras  # noqa: E402
+import keras
 
-from bncheck.cli import main  # noqa: E402
+from bncheck.cli import main
 
 
 def _lambda_model(tmp_path) -> tuple[str, str]:
@@ -35,7 +35,7 @@ def _lambda_model(tmp_path) -> tuple[str, str]:
 
 
 def test_probe_of_a_lambda_model_is_exit_2_one_line_and_runs_nothing(tmp_path):
-    path, marker = _lambda_model(tmp_path)
+    path, _marker = _lambda_model(tmp_path)
     result = CliRunner().invoke(main, ["probe", path])
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "writes_a_file" in result.stderr

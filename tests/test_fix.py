@@ -143,7 +143,7 @@ def train_fixed(tmp_path_factory: pytest.TempPathFactory, calib: str):
 
 
 def test_train_mode_layers_become_inference_nodes(train_fixed) -> None:
-    src, out, report = train_fixed
+    _src, out, report = train_fixed
     assert actions(report) == {"bn1": "to-inference", "bn2": "to-inference"}
     model = onnx.load(out)
     for node in (n for n in model.graph.node if n.op_type == "BatchNormalization"):
@@ -340,7 +340,7 @@ def moments_convnet(*, mean_read_elsewhere: bool = False) -> onnx.ModelProto:
     """conv1 -> hand-written batch norm (opset 18: axes as an input; Pow 2; gamma/beta [1,C,1,1]) -> relu -> GAP
     -> flatten -> gemm. ``mean_read_elsewhere``: the batch mean also feeds a second graph output."""
     rng = np.random.default_rng(3)
-    f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    f = lambda a: np.asarray(a, dtype=np.float32)
     inits = [
         numpy_helper.from_array(f(rng.normal(0, 0.3, (C1, C_IN, 3, 3))), "conv1.w"),
         numpy_helper.from_array(f(rng.normal(0, 0.1, C1)), "conv1.b"),

@@ -18,14 +18,14 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "numpy")
 keras = pytest.importorskip("keras")
-from keras import layers  # noqa: E402
+from keras import layers
 
-from bncheck import engine  # noqa: E402
-from bncheck.backends.base import BackendError, ProbeSettings  # noqa: E402
-from bncheck.backends.keras import KerasBackend  # noqa: E402
-from bncheck.backends.keras.probe import AS_WRITTEN, PREDICT, KerasRunner, pool  # noqa: E402
-from bncheck.probe_plan import tensor_stats  # noqa: E402
-from tests.keras_files import bn_model_with_config_field  # noqa: E402
+from bncheck import engine
+from bncheck.backends.base import BackendError, ProbeSettings
+from bncheck.backends.keras import KerasBackend
+from bncheck.backends.keras.probe import AS_WRITTEN, PREDICT, KerasRunner, pool
+from bncheck.probe_plan import tensor_stats
+from tests.keras_files import bn_model_with_config_field
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SCRIPT = SAMPLES / "make_keras_samples.py"

@@ -21,13 +21,13 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "numpy")
 keras = pytest.importorskip("keras")
-from keras import layers  # noqa: E402
+from keras import layers
 
-from bncheck.backends.base import BackendError  # noqa: E402
-from bncheck.backends.keras import KerasBackend  # noqa: E402
-from bncheck.backends.keras.archive import MAX_RATIO, read  # noqa: E402
-from bncheck.model import Kind  # noqa: E402
-from tests.keras_files import bn_model_with_config_field  # noqa: E402
+from bncheck.backends.base import BackendError
+from bncheck.backends.keras import KerasBackend
+from bncheck.backends.keras.archive import MAX_RATIO, read
+from bncheck.model import Kind
+from tests.keras_files import bn_model_with_config_field
 
 C = keras.initializers.Constant
 

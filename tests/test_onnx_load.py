@@ -146,7 +146,7 @@ def load_returns_promptly(path: Path) -> str:
         try:
             load_onnx(str(path))
             outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             outcome.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)

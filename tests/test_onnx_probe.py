@@ -144,7 +144,7 @@ def test_symbolic_spatial_dims_resolved_by_input_shape_give_exact_statistics(tmp
 
 def test_nan_mid_network_is_counted_exactly(tmp_path):
     path = _conv_bn(tmp_path / "nan.onnx", ["N", 3, 40, 40], nan_channel=2)
-    view, result = _probe(path, batch_sizes=(1, 3))
+    _view, result = _probe(path, batch_sizes=(1, 3))
     probe = result.at(3, "bn1")
     assert probe.output.nonfinite[2] == 3 * 40 * 40 and probe.output.nonfinite[[0, 1, 3]].sum() == 0
     assert any("NaN/Inf" in n for n in result.notes)
@@ -295,7 +295,7 @@ def test_batch_dependence_is_large_for_train_mode_bn_on_1x1_maps(tmp_path):
 
 def test_batch_dependence_is_large_for_hand_written_batch_moments(tmp_path):
     path = moments_model(tmp_path / "m.onnx", axes=(0, 2, 3), hw=(4, 4))
-    view, result = _probe(path, batch_sizes=(1, 2, 32))
+    _view, result = _probe(path, batch_sizes=(1, 2, 32))
     out, inp = _changes(result)
     assert out > 0.1 and inp == 0.0
 

@@ -135,7 +135,7 @@ def test_batchnorm_v7_spatial0_is_per_activation(tmp_path):
 
 def test_nhwc_domain_batchnorm_has_channel_last(tmp_path):
     path, _ = bn_graph(tmp_path, 15, {}, shape=("N", 4, 4, 3), domain="com.ms.internal.nhwc")
-    (layer,), view = load_layers(path)
+    (layer,), _view = load_layers(path)
     assert layer.kind is Kind.BATCH and layer.domain == "com.ms.internal.nhwc"
     assert layer.channel_axis == 3 and layer.axes == (0, 1, 2) and layer.channels == 3
 
@@ -232,11 +232,11 @@ def test_microsoft_contrib_ops(tmp_path):
         opset=17,
         extra_opsets=[("com.microsoft", 1)],
     )
-    layers, view = load_layers(path)
+    layers, _view = load_layers(path)
     assert [(l.name, l.kind) for l in layers] == [
         ("sln", Kind.LAYER), ("simp", Kind.RMS), ("ssln", Kind.RMS), ("gn", Kind.GROUP)
     ]
-    sln, simp, ssln, gn = layers
+    sln, simp, _ssln, gn = layers
     assert sln.epsilon == float(np.float32(1e-6)) and sln.axes == (2,) and sln.bias is not None
     assert not simp.centered and simp.axes == (2,)
     assert gn.channel_axis == 3 and gn.channels == 8 and gn.groups == 4 and gn.axes == (1, 2, 3)
@@ -266,7 +266,7 @@ def test_parameters_through_identity_constant_and_cast(tmp_path):
 
 
 def test_parameters_from_graph_inputs_or_computed_are_unknown(tmp_path):
-    s, b, m, v = channel_params(3)
+    _s, b, m, v = channel_params(3)
     nodes = [
         helper.make_node("Relu", ["b_init"], ["b_computed"]),
         helper.make_node("BatchNormalization", ["x", "s_in", "b_computed", "m", "v"], ["y"], name="bn"),
@@ -328,7 +328,7 @@ def test_trap_fixture_really_is_an_instance_norm(tmp_path):
 
 
 def test_trap_lowered_instance_norm_is_instance_not_train_mode(tmp_path):
-    (layer,), view = load_layers(lowered_instance_norm(tmp_path))
+    (layer,), _view = load_layers(lowered_instance_norm(tmp_path))
     assert layer.kind is Kind.INSTANCE and layer.op_type == "BatchNormalization"
     assert layer.training and not layer.batch_statistics and not layer.uses_running_stats
     assert layer.batch_axis is None and layer.axes == (0, 2, 3)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, shape_json
 from bncheck.model import ModelView, NormLayer, ProbeResult
-from bncheck.verdicts import CONSTANT_TOLERANCE, collapse_condition, is_collapsed  # noqa: F401 (re-exported)
+from bncheck.verdicts import collapse_condition, is_collapsed
 
 CODE = "BN001"
 SLUG = "collapse"

@@ -32,11 +32,9 @@ from collections.abc import Iterator
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity
 from bncheck.model import BatchDependence, ModelView, NormLayer, ProbeResult
-from bncheck.verdicts import (  # noqa: F401 (re-exported)
-    INPUT_TOLERANCE,
+from bncheck.verdicts import (
     OUTPUT_TOLERANCE,
     RUNTIME_DEVIATION_NOTE,
-    is_affected,
     is_culprit,
 )
 

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, ProbeResult
-from bncheck.verdicts import (  # noqa: F401 (re-exported)
+from bncheck.verdicts import (
     LOG_VAR_RATIO_THRESHOLD,
     MEAN_SHIFT_THRESHOLD,
     drift,

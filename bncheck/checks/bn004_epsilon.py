@@ -34,9 +34,8 @@ import numpy as np
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, number
 from bncheck.model import Kind, ModelView, NormLayer, ProbeResult
-from bncheck.verdicts import (  # noqa: F401 (re-exported)
+from bncheck.verdicts import (
     DOMINANCE_RATIO,
-    FLOAT32_ROUNDING,
     TF_EPSILON_CLAMP,
     below_clamp,
     clamp_effect,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -524,7 +525,7 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
         kernel = c.get("pool_size" if pooling else "kernel_size")
         strides = c.get("strides") or kernel if pooling else c.get("strides", 1)
         dilation = c.get("dilation_rate", 1)
-        as_tuple = lambda v: tuple(v) if isinstance(v, list) else (v,) * n  # noqa: E731
+        as_tuple = lambda v: tuple(v) if isinstance(v, list) else (v,) * n
         kernel, strides, dilation = as_tuple(kernel), as_tuple(strides), as_tuple(dilation)
         spatial = shape[2:] if first else shape[1:-1]
         if len(spatial) != n:

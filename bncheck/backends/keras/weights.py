@@ -80,7 +80,7 @@ class KerasWeights:
             if len(found) != 1:
                 return {}, f"variables not found in model.weights.h5 (looked for {group}/vars)"
             vars_group = found[0]
-        count = sum(1 for key in vars_group.keys() if key.isdigit())
+        count = sum(1 for key in vars_group if key.isdigit())
         if count < len(names):
             return {}, f"{group}/vars holds {count} variables, expected {len(names)} ({', '.join(names)})"
         return {name: np.asarray(vars_group[str(i)][()]) for i, name in enumerate(names)}, None

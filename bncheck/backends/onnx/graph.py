@@ -40,7 +40,7 @@ def as_float_array(value: np.ndarray | None) -> np.ndarray | None:
         return None
 
 
-def topological_order(nodes: list["onnx.NodeProto"]) -> list[int]:
+def topological_order(nodes: list[onnx.NodeProto]) -> list[int]:
     """Kahn's algorithm, stable in file order. ONNX requires sorted graphs; broken files are not."""
     produced_by: dict[str, int] = {}
     for idx, node in enumerate(nodes):
@@ -207,7 +207,7 @@ class GraphIndex:
         if init is not None:
             try:
                 return self._numpy_helper.to_array(init)
-            except Exception:  # noqa: BLE001 - an unreadable initializer is an unknown parameter
+            except Exception:
                 return None
         idx = self.producer.get(tensor)
         if idx is None:
@@ -222,7 +222,7 @@ class GraphIndex:
                     if key == "value":
                         try:
                             return self._numpy_helper.to_array(val)
-                        except Exception:  # noqa: BLE001
+                        except Exception:
                             return None
                     dtype = np.float32 if key.startswith("value_float") else np.int64
                     return np.asarray(val, dtype=dtype)
@@ -239,7 +239,7 @@ class GraphIndex:
 
             try:
                 return src.astype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return None
         if op == "Flatten":
             axis = int(attrs.get("axis", 1))
@@ -278,7 +278,7 @@ class GraphIndex:
         node = self.nodes[idx]
         op = node.op_type
         attrs = self.attrs(idx)
-        if op == "Identity" or op == "Cast":
+        if op in {"Identity", "Cast"}:
             return self.ints(node.input[0])
         if op == "Shape":
             shape = self.shape(node.input[0])

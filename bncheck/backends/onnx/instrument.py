@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class _Builder:
 # --------------------------------------------------------------------------- the augmented stub
 
 
-def _opset(model: "onnx.ModelProto") -> int:
+def _opset(model: onnx.ModelProto) -> int:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             return int(op.version)
@@ -121,7 +122,7 @@ def _nbytes(tensor: Any) -> int:
     return count * itemsize
 
 
-def _write_weights(model: "onnx.ModelProto", folder: str) -> list[Any]:
+def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
     """Stream every top-level initializer into a new ``folder/weights-N.bin``; return weight-less external
     stubs. Tensors already external (a skeleton from an earlier call) are kept as they are."""
     import onnx
@@ -164,7 +165,7 @@ def _write_weights(model: "onnx.ModelProto", folder: str) -> list[Any]:
     return stubs
 
 
-def _in_file_stubs(handle: "OnnxHandle") -> list[Any] | None:
+def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
     """Initializer stubs whose large tensors point into the model file itself (see
     :func:`raw_data_offsets`); None when some large tensor's bytes are not found there as raw_data of the
     right length (then the probe writes a copy, :func:`_write_weights`)."""
@@ -211,7 +212,7 @@ def _copy(tensor: Any) -> Any:
     return copy
 
 
-def _skeleton(src: "onnx.ModelProto", initializers: list[Any]) -> "onnx.ModelProto":
+def _skeleton(src: onnx.ModelProto, initializers: list[Any]) -> onnx.ModelProto:
     """``src`` with ``initializers`` in place of its own (the graph is copied, never the weights)."""
     import onnx
 
@@ -233,7 +234,7 @@ def _skeleton(src: "onnx.ModelProto", initializers: list[Any]) -> "onnx.ModelPro
     return stub
 
 
-def stub(handle: "OnnxHandle", tmp: str) -> tuple["onnx.ModelProto", str]:
+def stub(handle: OnnxHandle, tmp: str) -> tuple[onnx.ModelProto, str]:
     """A ModelProto without weight bytes, and the folder its external data lives in."""
     import onnx
 
@@ -248,7 +249,7 @@ def stub(handle: "OnnxHandle", tmp: str) -> tuple["onnx.ModelProto", str]:
     return _skeleton(handle.model, _write_weights(handle.model, tmp)), tmp
 
 
-def release(handle: "OnnxHandle", stubs: list[Any] | None):
+def release(handle: OnnxHandle, stubs: list[Any] | None):
     """Swap ``handle.model`` for a weight-less skeleton for the duration of a probe; return the restorer.
 
     The probe's own session reads the weights from files, so the ModelProto the loader filled would be a
@@ -276,7 +277,7 @@ def release(handle: "OnnxHandle", stubs: list[Any] | None):
     handle.model = skeleton
     del kept
 
-    def reload() -> "onnx.ModelProto":
+    def reload() -> onnx.ModelProto:
         try:
             model = onnx_load._parse(handle.path)
             if handle.external_data:
@@ -284,7 +285,7 @@ def release(handle: "OnnxHandle", stubs: list[Any] | None):
                 onnx_load._load_weights(handle.path, model)
         except BackendError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the file changed under us: say so in one line
+        except Exception as exc:
             raise BackendError(f"{handle.path}: cannot reload the model after probing: {one_line(exc)}") from exc
         return model
 
@@ -296,7 +297,7 @@ class Augmenter:
 
     def __init__(
         self,
-        handle: "OnnxHandle",
+        handle: OnnxHandle,
         layers: list[NormLayer],
         tmp: str,
         exact: bool,
@@ -573,7 +574,7 @@ class Augmenter:
 
     # ------------------------------------------------------------ assembling
 
-    def finish(self) -> "onnx.ModelProto":
+    def finish(self) -> onnx.ModelProto:
         from onnx import helper
 
         graph = self.model.graph

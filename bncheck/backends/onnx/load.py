@@ -18,8 +18,9 @@ import re
 import stat
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import topological_order
@@ -47,7 +48,7 @@ class OnnxHandle:
     """
 
     path: str
-    model: "onnx.ModelProto"  # a property (below): assigning it cancels a pending reload
+    model: onnx.ModelProto  # a property (below): assigning it cancels a pending reload
     external_data: bool
     value_shapes: dict[str, tuple[Dim, ...]]
     value_types: dict[str, int]
@@ -55,7 +56,7 @@ class OnnxHandle:
     info: ModelInfo | None = None
     notes: list[Note] = field(default_factory=list)
 
-    def defer_model(self, placeholder: "onnx.ModelProto", reload: "Callable[[], onnx.ModelProto]") -> None:
+    def defer_model(self, placeholder: onnx.ModelProto, reload: Callable[[], onnx.ModelProto]) -> None:
         """Hold ``placeholder`` until ``model`` is next read, then replace it by ``reload()`` (called once;
         if it raises, the next read calls it again)."""
         self.__dict__["_model"] = placeholder
@@ -67,7 +68,7 @@ class OnnxHandle:
         return self.__dict__.get("_reload") is not None
 
 
-def _get_model(handle: OnnxHandle) -> "onnx.ModelProto":
+def _get_model(handle: OnnxHandle) -> onnx.ModelProto:
     reload = handle.__dict__.get("_reload")
     if reload is not None:
         handle.__dict__["_model"] = reload()
@@ -75,7 +76,7 @@ def _get_model(handle: OnnxHandle) -> "onnx.ModelProto":
     return handle.__dict__["_model"]
 
 
-def _set_model(handle: OnnxHandle, value: "onnx.ModelProto") -> None:
+def _set_model(handle: OnnxHandle, value: onnx.ModelProto) -> None:
     handle.__dict__["_reload"] = None
     handle.__dict__["_model"] = value
 
@@ -137,7 +138,7 @@ def _check_file(path: str) -> int:
     return st.st_size
 
 
-def _parse(path: str, digest: "hashlib._Hash | None" = None) -> "onnx.ModelProto":
+def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
     """Parse the protobuf without external data; one-line errors for everything that is not a model.
 
     The file is read once; with ``digest``, it is hashed in a thread while protobuf parses (hashlib releases
@@ -178,7 +179,7 @@ def _parse(path: str, digest: "hashlib._Hash | None" = None) -> "onnx.ModelProto
     return model
 
 
-def _external_tensors(model: "onnx.ModelProto") -> list["onnx.TensorProto"]:
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every tensor (initializers and attribute tensors, subgraphs included) stored outside the file."""
     import onnx
     from onnx import external_data_helper
@@ -189,7 +190,7 @@ def _external_tensors(model: "onnx.ModelProto") -> list["onnx.TensorProto"]:
     return [t for t in tensors if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL]
 
 
-def _validate_external(path: str, model: "onnx.ModelProto") -> tuple[bool, int]:
+def _validate_external(path: str, model: onnx.ModelProto) -> tuple[bool, int]:
     """Refuse unsafe or missing external-data locations before any weight byte is read.
 
     Returns (uses external data, total bytes of the distinct external files).
@@ -226,13 +227,13 @@ def _validate_external(path: str, model: "onnx.ModelProto") -> tuple[bool, int]:
     return True, sum(seen.values())
 
 
-def _load_weights(path: str, model: "onnx.ModelProto") -> None:
+def _load_weights(path: str, model: onnx.ModelProto) -> None:
     from onnx import external_data_helper
 
     base = os.path.dirname(os.path.abspath(path))
     try:
         external_data_helper.load_external_data_for_model(model, base)
-    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, OSError, ValueError: all user errors
+    except Exception as exc:
         raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
 
 
@@ -249,7 +250,7 @@ _GENERATED_DIM = re.compile(r"unk__\d+")
 UNKNOWN_GENERATED_DIMS = False
 
 
-def _dims(type_proto: "onnx.TypeProto", declared: frozenset[str] = frozenset()) -> tuple[Dim, ...] | None:
+def _dims(type_proto: onnx.TypeProto, declared: frozenset[str] = frozenset()) -> tuple[Dim, ...] | None:
     """Dims as int / symbolic name / None. The ``unk__N`` names onnx's inference invents for dims it
     cannot compute become None only when UNKNOWN_GENERATED_DIMS is on (and the file does not declare them)."""
     if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
@@ -268,7 +269,7 @@ def _dims(type_proto: "onnx.TypeProto", declared: frozenset[str] = frozenset()) 
     return tuple(dims)
 
 
-def _declared_dim_names(model: "onnx.ModelProto") -> frozenset[str]:
+def _declared_dim_names(model: onnx.ModelProto) -> frozenset[str]:
     graph = model.graph
     names = set()
     for info in list(graph.input) + list(graph.output) + list(graph.value_info):
@@ -278,7 +279,7 @@ def _declared_dim_names(model: "onnx.ModelProto") -> frozenset[str]:
 
 
 def _collect_shapes(
-    inferred: "onnx.ModelProto", model: "onnx.ModelProto"
+    inferred: onnx.ModelProto, model: onnx.ModelProto
 ) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
     shapes: dict[str, tuple[Dim, ...]] = {}
     types: dict[str, int] = {}
@@ -304,7 +305,7 @@ def _collect_shapes(
 SKELETON_KEEP_BYTES = 4096
 
 
-def _skeleton(model: "onnx.ModelProto") -> "onnx.ModelProto":
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without its large weights: each large initializer becomes a typed graph input.
 
     onnx.checker and shape inference serialize the whole ModelProto (on a ResNet-50, 102 MB twice: 0.6 s and
@@ -333,18 +334,18 @@ def _skeleton(model: "onnx.ModelProto") -> "onnx.ModelProto":
 
 def _copy_fields(source: Any, target: Any, skip: str) -> None:
     """Copy every set field of a protobuf message but one (CopyFrom would copy the weights too)."""
-    for field, value in source.ListFields():
-        if field.name == skip:
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
             continue
-        if field.is_repeated:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
+        if descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
         else:
-            setattr(target, field.name, value)
+            setattr(target, descriptor.name, value)
 
 
-def _nbytes(tensor: "onnx.TensorProto") -> int:
+def _nbytes(tensor: onnx.TensorProto) -> int:
     """Size of a tensor from its dims and element type, without touching its data (reading raw_data or
     asking for ByteSize would copy or walk the bytes: 25 ms on a ResNet-50)."""
     from onnx import helper
@@ -360,8 +361,8 @@ def _nbytes(tensor: "onnx.TensorProto") -> int:
 
 
 def _check_and_infer(
-    path: str, model: "onnx.ModelProto", large: bool
-) -> tuple["onnx.ModelProto", list[Note]]:
+    path: str, model: onnx.ModelProto, large: bool
+) -> tuple[onnx.ModelProto, list[Note]]:
     """Run onnx.checker and strict shape inference; failures become notes, never errors.
 
     Both run on the weight-less skeleton (see _skeleton), in memory. Only a skeleton that itself exceeds
@@ -379,10 +380,10 @@ def _check_and_infer(
             onnx.checker.check_model(os.path.abspath(path))
         else:
             onnx.checker.check_model(skeleton)
-    except Exception as exc:  # noqa: BLE001 - any checker failure is a finding about the file, not a crash
+    except Exception as exc:
         notes.append(Note("warning", f"onnx.checker rejects the model: {_first_line(exc)}"))
 
-    def infer(strict: bool) -> "onnx.ModelProto":
+    def infer(strict: bool) -> onnx.ModelProto:
         if large:
             with tempfile.TemporaryDirectory(prefix="bncheck-") as tmp:
                 out = os.path.join(tmp, "inferred.onnx")
@@ -394,11 +395,11 @@ def _check_and_infer(
 
     try:
         return _through_contrib(infer(strict=True), large), notes
-    except Exception as exc:  # noqa: BLE001 - strict inference failure is reported, then we go on
+    except Exception as exc:
         notes.append(Note("warning", f"onnx shape inference (strict) fails: {_first_line(exc)}"))
     try:
         return _through_contrib(infer(strict=False), large), notes
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         notes.append(Note("warning", f"onnx shape inference fails; shapes are unknown: {_first_line(exc)}"))
         return model, notes
 
@@ -419,7 +420,7 @@ _SHAPE_PRESERVING_CONTRIB = frozenset(
 )
 
 
-def _through_contrib(inferred: "onnx.ModelProto", large: bool, rounds: int = 8) -> "onnx.ModelProto":
+def _through_contrib(inferred: onnx.ModelProto, large: bool, rounds: int = 8) -> onnx.ModelProto:
     """Carry shapes across contrib norm ops (unknown to onnx) and re-infer what follows them.
 
     onnx stops at ops it has no schema for; a transformer exported with SkipLayerNormalization would
@@ -451,7 +452,7 @@ def _through_contrib(inferred: "onnx.ModelProto", large: bool, rounds: int = 8) 
     return inferred
 
 
-def _sorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model itself when its nodes are in topological order (as ONNX requires), else a sorted copy:
     onnx's shape inference visits nodes in file order and would infer nothing after a misplaced one."""
 
@@ -466,7 +467,7 @@ def _sorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return copy
 
 
-def model_info(path: str, model: "onnx.ModelProto", sha256: str | None = None) -> ModelInfo:
+def model_info(path: str, model: onnx.ModelProto, sha256: str | None = None) -> ModelInfo:
     """The report's model section: path as the user gave it, sha256 (streamed unless given), opsets,
     producer."""
     opset = {(op.domain or "ai.onnx"): int(op.version) for op in model.opset_import}

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
@@ -37,7 +37,7 @@ class _Chain:
     bias: str | None = None
 
 
-def _reduce_axes(g: GraphIndex, idx: int) -> tuple[int, ...] | None | bool:
+def _reduce_axes(g: GraphIndex, idx: int) -> tuple[int, ...] | bool | None:
     """Normalized axes of a ReduceMean; None if unknown; False if it reduces nothing (noop)."""
     node = g.nodes[idx]
     attrs = g.attrs(idx)
@@ -82,9 +82,9 @@ def _squares(g: GraphIndex, tensor: str) -> list[tuple[str, int]]:
     out = []
     for u in g.users(tensor, "Mul", "Pow"):
         node = g.nodes[u]
-        if len(node.input) == 2 and node.output and _square_of(g, node.output[0]) is not None:
-            if g.same(node.input[0], tensor):
-                out.append((node.output[0], u))
+        squared = len(node.input) == 2 and node.output and _square_of(g, node.output[0]) is not None
+        if squared and g.same(node.input[0], tensor):
+            out.append((node.output[0], u))
     return out
 
 
@@ -374,7 +374,7 @@ def decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]
 
         def numerators(x=x) -> dict[str, tuple[int, ...]]:
             root = g.root(x)[0]
-            return {alias: () for alias in g.aliases(root, depth=2)}
+            return dict.fromkeys(g.aliases(root, depth=2), ())
 
         if not _match_tail(g, chain, node.output[0], numerators):
             continue

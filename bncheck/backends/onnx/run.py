@@ -7,7 +7,8 @@ import math
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def _options(level: Any, folder: str) -> Any:
     return so
 
 
-def _session(model: "onnx.ModelProto", folder: str, exact: bool):
+def _session(model: onnx.ModelProto, folder: str, exact: bool):
     """One session on the augmented stub: ORT_ENABLE_ALL (fast form) or ORT_ENABLE_EXTENDED (exact form)."""
     import onnxruntime as ort
 
@@ -130,7 +131,7 @@ def _trim() -> None:
         pass
 
 
-def _session_statistics_first(model: "onnx.ModelProto", folder: str, tmp: str, main_outputs: set[str]):
+def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, main_outputs: set[str]):
     """Fast-form session whose added nodes run right after their producers, even after NCHWc rewriting.
 
     onnxruntime breaks PRIORITY_BASED ties by node index, and the nodes its layout transformer creates
@@ -261,7 +262,7 @@ def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
 class _Engine:
     """Owns the augmented session(s) for one model; turns feeds into per-layer statistics."""
 
-    def __init__(self, handle: "OnnxHandle", layers: list[NormLayer], inputs_only: bool = False) -> None:
+    def __init__(self, handle: OnnxHandle, layers: list[NormLayer], inputs_only: bool = False) -> None:
         self.handle = handle
         self.layers = layers
         self.inputs_only = inputs_only
@@ -317,14 +318,14 @@ class _Engine:
                 try:
                     self.session = _session_statistics_first(model, folder, self.tmp, main_outputs)
                     self.statistics_first = True
-                except Exception:  # noqa: BLE001 - an optimization of memory only: fall back to one pass
+                except Exception:
                     self.session = None
             if self.session is None:
                 self.session = _session(model, folder, exact)
             del model
         except BackendError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any runtime failure is one line for the user
+        except Exception as exc:
             raise BackendError(
                 f"{self.handle.path}: onnxruntime cannot run the instrumented model: {one_line(exc)}"
             ) from exc
@@ -336,7 +337,7 @@ class _Engine:
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             values = self.session.run(self.output_names, feeds)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise BackendError(f"{self.handle.path}: onnxruntime failed: {one_line(exc)}") from exc
         return dict(zip(self.output_names, values))
 
@@ -354,7 +355,7 @@ class _Engine:
                     decoded[id(m)] = stats
         probes: dict[str, LayerProbe] = {}
         for plan in self.plans:
-            get = lambda m: decoded.get(id(m)) if m is not None else None  # noqa: E731
+            get = lambda m: decoded.get(id(m)) if m is not None else None
             inp, out = get(plan.input), get(plan.output)
             if plan.affine is not None and out is not None:
                 inp = _derive_input(out, *plan.affine)
@@ -368,7 +369,7 @@ class _Engine:
         return probes
 
 
-def _gather_tables(handle: "OnnxHandle") -> dict[str, int]:
+def _gather_tables(handle: OnnxHandle) -> dict[str, int]:
     """Rows of the table each integer graph input indexes through a Gather (its valid range)."""
     graph = handle.model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -439,7 +440,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
 
 def measure_inputs(
-    handle: "OnnxHandle", layers: list[NormLayer], batches: Iterable[dict[str, np.ndarray]]
+    handle: OnnxHandle, layers: list[NormLayer], batches: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, TensorStats]:
     """Each layer's input statistics accumulated over all ``batches`` (inference mode, model as is)."""
     engine = _Engine(handle, layers, inputs_only=True)

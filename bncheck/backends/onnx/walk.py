@@ -17,7 +17,7 @@ and is not; it is reported as an INSTANCE layer with a note.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -157,14 +157,14 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
     if spatial == 0:
         extra["spatial"] = 0
         notes.append("spatial=0: per-activation statistics over the batch axis only")
-    common = dict(
-        channel_axis=channel_axis,
-        channels=_channels(g, x, channel_axis, scale, mean),
-        epsilon=_eps(attrs),
-        momentum=float(np.float32(attrs.get("momentum", 0.9))),
-        scale=scale,
-        bias=bias,
-    )
+    common = {
+        "channel_axis": channel_axis,
+        "channels": _channels(g, x, channel_axis, scale, mean),
+        "epsilon": _eps(attrs),
+        "momentum": float(np.float32(attrs.get("momentum", 0.9))),
+        "scale": scale,
+        "bias": bias,
+    }
     if training and _is_lowered_instance_norm(g, idx):
         reshape = g.produced_by(x, "Reshape")
         extra.update(lowered_instance_norm=True, unused_running_mean=mean, unused_running_var=var)
