@@ -29,12 +29,19 @@ def probe(
     select: Sequence[str] = (),
     ignore: Sequence[str] = (),
     fail_on: str = "error",
+    arrays: Any = None,
 ) -> Report:
-    """Static analysis plus probe batches: every static finding of `inspect`, and the dynamic ones."""
+    """Static analysis plus probe batches: every static finding of `inspect`, and the dynamic ones.
+
+    ``arrays`` (the Python API) is in-memory data: one array or a mapping of input name to array."""
     checks = selected(select, ignore)
     backend = backend_for(path)
     view = backend.load(path)
-    if settings.data_path is not None and settings.data is None:
+    if arrays is not None:
+        from bncheck.probe_data import data_from_arrays
+
+        settings = replace(settings, data=data_from_arrays(arrays, view.inputs))
+    elif settings.data_path is not None and settings.data is None:
         from bncheck.probe_data import load_data
 
         settings = replace(settings, data=load_data(settings.data_path, view.inputs))

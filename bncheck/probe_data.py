@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -274,3 +275,20 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
         listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise ProbeDataError(f"{path}: inputs have different numbers of samples ({listing})")
     return arrays
+
+
+def data_from_arrays(data: Any, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """In-memory data for the Python API: one array (single-input models) or a mapping of input name to array,
+    checked like a ``--data`` file."""
+    names = [spec.name for spec in inputs]
+    if not isinstance(data, Mapping):
+        if len(inputs) != 1:
+            raise ProbeDataError(f"one array feeds one input but the model has {len(inputs)} ({', '.join(names)})")
+        data = {names[0]: data}
+    unknown = [k for k in data if k not in names]
+    missing = [n for n in names if n not in data]
+    if unknown or missing:
+        raise ProbeDataError(
+            f"data keys {', '.join(map(repr, data))} do not match the model's inputs {', '.join(map(repr, names))}"
+        )
+    return {spec.name: _check_array(spec, np.asarray(data[spec.name]), f"data[{spec.name!r}]") for spec in inputs}

@@ -15,7 +15,19 @@ from bncheck.verdicts import is_affected, is_collapsed
 
 SCHEMA_VERSION = 1
 
-#: --fail-on choices; "never" always exits 0 when the command ran.
+
+class ExitCode(int):
+    """An int (what the CLI exits with) that can be called with another threshold: ``code(fail_on="info")``."""
+
+    _findings: list[Finding]
+
+    def __new__(cls, value: int, findings: list[Finding]) -> ExitCode:
+        self = super().__new__(cls, value)
+        self._findings = findings
+        return self
+
+    def __call__(self, fail_on: str | None = None) -> int:
+        return int(self) if fail_on is None else exit_code(self._findings, fail_on)
 
 
 @dataclass(eq=False)
@@ -35,8 +47,15 @@ class Report:
         return max((f.severity for f in self.findings), default=None)
 
     @property
-    def exit_code(self) -> int:
-        return exit_code(self.findings, self.fail_on)
+    def exit_code(self) -> ExitCode:
+        """The exit code under the report's --fail-on; ``report.exit_code(fail_on="warning")`` asks another."""
+        return ExitCode(exit_code(self.findings, self.fail_on), self.findings)
+
+    def to_json(self) -> str:
+        """The CLI's JSON document for this report."""
+        from bncheck.render.json import render
+
+        return render(self)
 
     def counts(self) -> dict[str, int]:
         counts = {s.label: 0 for s in sorted(Severity, reverse=True)}

@@ -1,0 +1,101 @@
+"""Configuration discovery and validation, and baselines (files read and written for real in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bncheck import baseline, config
+from bncheck.errors import UsageError
+from bncheck.findings import Finding, Severity
+
+
+def _finding(code: str, layer: str) -> Finding:
+    return Finding(code, "x", Severity.ERROR, layer, "m", "h")
+
+
+def test_pyproject_table_is_found_from_a_subfolder(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.bncheck]\nfail-on = "warning"\nselect = ["BN002"]\n')
+    sub = tmp_path / "a" / "b"
+    sub.mkdir(parents=True)
+    found = config.find(sub)
+    assert found == tmp_path / "pyproject.toml"
+    cfg = config.load(found)
+    assert cfg.fail_on == "warning" and cfg.select == ("BN002",)
+
+
+def test_pyproject_without_the_table_is_skipped_for_one_further_up(tmp_path):
+    (tmp_path / "bncheck.toml").write_text('ignore = ["BN004"]\n')
+    inner = tmp_path / "proj"
+    inner.mkdir()
+    (inner / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    assert config.find(inner) == tmp_path / "bncheck.toml"
+
+
+def test_bncheck_toml_wins_over_pyproject_in_the_same_folder(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.bncheck]\nfail-on = "info"\n')
+    (tmp_path / "bncheck.toml").write_text('fail-on = "never"\n')
+    assert config.discover(None, str(tmp_path)).fail_on == "never"
+
+
+def test_no_file_means_no_settings(tmp_path):
+    assert config.find(tmp_path) is None
+    assert config.discover(None, str(tmp_path)) == config.Config()
+
+
+def test_unknown_keys_are_a_usage_error_naming_a_few(tmp_path):
+    path = tmp_path / "bncheck.toml"
+    path.write_text("".join(f"k{i} = 1\n" for i in range(10)))
+    with pytest.raises(UsageError, match=r"unknown key\(s\) 'k0', 'k1', 'k2' and 7 more"):
+        config.load(path)
+
+
+def test_bad_fail_on_and_bad_toml_are_usage_errors(tmp_path):
+    path = tmp_path / "bncheck.toml"
+    path.write_text('fail-on = "sometimes"\n')
+    with pytest.raises(UsageError, match="fail-on"):
+        config.load(path)
+    path.write_text("select = [\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        config.load(path)
+
+
+def test_per_model_settings_match_by_glob_and_resolve_data_next_to_the_file(tmp_path):
+    path = tmp_path / "bncheck.toml"
+    path.write_text('[per-model."models/*.onnx"]\ninput-shape = ["x:3x32x32"]\ndata = "calib.npz"\nbatch-sizes = [1, 8]\n')
+    cfg = config.load(path)
+    entry = cfg.for_model(str(tmp_path / "models" / "a.onnx"))
+    assert entry is not None and entry.input_shapes == ("x:3x32x32",) and entry.batch_sizes == "1,8"
+    assert entry.data == str(tmp_path / "calib.npz")
+    assert cfg.for_model(str(tmp_path / "other" / "a.keras")) is None
+
+
+def test_per_layer_ignores_glob_on_layer_names(tmp_path):
+    path = tmp_path / "bncheck.toml"
+    path.write_text('[per-layer-ignores]\n"backbone/*" = ["BN004", "stale-stats"]\n')
+    cfg = config.load(path)
+    from bncheck.checks import resolve
+
+    assert cfg.ignored(_finding("BN004", "backbone/bn1"), resolve)
+    assert cfg.ignored(_finding("BN003", "backbone/bn1"), resolve)
+    assert not cfg.ignored(_finding("BN002", "backbone/bn1"), resolve)
+    assert not cfg.ignored(_finding("BN004", "head/bn"), resolve)
+
+
+def test_baseline_round_trip_hides_known_findings_and_lists_gone_ones(tmp_path):
+    path = str(tmp_path / "baseline.json")
+    count = baseline.write(path, [("models/a.onnx", [_finding("BN003", "bn1"), _finding("BN004", "bn2")])])
+    assert count == 2
+    recorded = baseline.read(path)
+    applied = baseline.apply(recorded, "elsewhere/a.onnx", [_finding("BN003", "bn1"), _finding("BN002", "bn3")])
+    assert [f.code for f in applied.kept] == ["BN002"]
+    assert [f.code for f in applied.suppressed] == ["BN003"]
+    assert applied.gone == [("a.onnx", "BN004", "bn2")]
+
+
+def test_a_file_that_is_not_a_baseline_is_refused(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"findings": []}))
+    with pytest.raises(UsageError, match="not a bncheck baseline"):
+        baseline.read(str(path))
