@@ -1,0 +1,106 @@
+"""Many models per run: expand files and folders, run one command per model (optionally in processes).
+
+A model that cannot be loaded becomes a failure entry for that model; the others are still reported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bncheck.errors import BncheckError, ErrorKind, one_line
+
+if TYPE_CHECKING:
+    from bncheck.report import Report
+
+MODEL_SUFFIXES = (".onnx", ".keras", ".h5", ".hdf5")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A model bncheck could not check: the one line it would print, and whose side the problem is on."""
+
+    path: str
+    message: str
+    kind: str
+
+
+
+
+def expand(paths: Iterable[str]) -> list[str]:
+    """Files as given; folders walked recursively for model files (sorted, hidden folders skipped).
+
+    A missing path is kept, so that it is reported as a failure for that path rather than silently dropped.
+    """
+    found: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(MODEL_SUFFIXES))
+        else:
+            found.append(path)
+    unique: dict[str, None] = dict.fromkeys(found)  # keeps order, drops repeats
+    return list(unique)
+
+
+def failure(path: str, error: BaseException) -> Failure:
+    kind = error.kind.value if isinstance(error, BncheckError) else ErrorKind.INTERNAL.value
+    text = one_line(error, limit=2000)
+    if isinstance(error, OSError) and not isinstance(error, BncheckError):
+        kind, text = ErrorKind.MODEL.value, f"{path}: {error.strerror or error}"
+    elif kind == ErrorKind.INTERNAL.value:
+        text = f"internal error ({type(error).__name__}): {text}"
+    return Failure(path=path, message=text, kind=kind)
+
+
+def _guarded(job: Callable[[str], Report], path: str) -> Report | Failure:
+    try:
+        return job(path)
+    except Exception as error:  # one model's failure must not hide the others' reports
+        return failure(path, error)
+
+
+def run(
+    models: Sequence[str],
+    job: Callable[[str], Report],
+    jobs: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Report | Failure]:
+    """``job(path)`` for every model, in the order given; ``jobs`` > 1 runs them in that many processes."""
+    total = len(models)
+    if progress:
+        progress(0, total)
+    if jobs <= 1 or total <= 1:
+        results = []
+        for done, path in enumerate(models, start=1):
+            results.append(_guarded(job, path))
+            if progress:
+                progress(done, total)
+        return results
+    import concurrent.futures
+    import functools
+    import multiprocessing
+
+    # spawn, not fork: onnxruntime's thread pools do not survive a fork
+    context = multiprocessing.get_context("spawn")
+    out: list[Report | Failure | None] = [None] * total
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, total), mp_context=context) as pool:
+        futures = {pool.submit(functools.partial(_guarded, job), path): i for i, path in enumerate(models)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+            index = futures[future]
+            try:
+                out[index] = future.result()
+            except Exception as error:  # the worker process itself died (e.g. killed for memory)
+                out[index] = failure(models[index], error)
+            if progress:
+                progress(done, total)
+    return [r for r in out if r is not None]
+
+
+def worst_exit(results: Sequence[Report | Failure]) -> int:
+    """2 if any model could not be checked, else the worst model's exit code."""
+    codes = [2 if isinstance(r, Failure) else int(r.exit_code) for r in results]
+    return max(codes, default=0)
