@@ -19,7 +19,25 @@ from bncheck.verdicts import is_affected, is_culprit
 
 
 def render(report: Report) -> str:
-    return json.dumps(to_document(report), sort_keys=True, allow_nan=False, indent=2) + "\n"
+    return _dump(to_document(report))
+
+
+def render_error(message: str, kind: str, *, command: str | None = None, model_path: str | None = None) -> str:
+    """The document of a run that could not finish (exit 2), so that a gate reading stdout or the report file
+    never takes empty input, or an old report, for success."""
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "bncheck", "version": __version__},
+        "error": {"message": message, "kind": kind},
+        "exit_code": 2,
+    }
+    if command is not None:
+        doc["command"] = command
+    return _dump(doc)
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, sort_keys=True, allow_nan=False, indent=2) + "\n"
 
 
 def to_document(report: Report) -> dict[str, Any]:
@@ -37,7 +55,7 @@ def to_document(report: Report) -> dict[str, Any]:
             "framework_version": report.model.framework_version,
         },
         "command": report.command,
-        "settings": _clean(report.settings),
+        "settings": jsonable(report.settings),
         "layers": [_layer(report, layer, batch_sizes) for layer in report.layers],
         "findings": [_finding(f) for f in report.findings],
         "notes": [{"level": n.level, "message": n.message} for n in report.notes],
@@ -54,7 +72,7 @@ def to_document(report: Report) -> dict[str, Any]:
             "runs": [_probe(p, report.layers) for p in report.probes],
         }
     for name, section in report.sections.items():
-        doc[name] = _clean(section)
+        doc[name] = jsonable(section)
     return doc
 
 
@@ -80,10 +98,10 @@ def _layer(report: Report, layer: NormLayer, batch_sizes: list[int]) -> dict[str
         "uses_running_stats": layer.uses_running_stats,
         "input_shape": shape_json(layer.input_shape),
         "normalized_set_size": set_sizes(layer, batch_sizes),
-        "scale": _clean(summarize(layer.scale)),
-        "bias": _clean(summarize(layer.bias)),
-        "running_mean": _clean(summarize(layer.mean)),
-        "running_var": _clean(summarize(layer.var)),
+        "scale": jsonable(summarize(layer.scale)),
+        "bias": jsonable(summarize(layer.bias)),
+        "running_mean": jsonable(summarize(layer.mean)),
+        "running_var": jsonable(summarize(layer.var)),
         "notes": list(layer.notes),
         "status": layer_status(report, layer),
         "findings": sorted({f.code for f in report.findings_for(layer.name)}),
@@ -97,7 +115,7 @@ def _finding(finding: Finding) -> dict[str, Any]:
         "severity": finding.severity.label,
         "layer": finding.layer,
         "message": finding.message,
-        "evidence": _clean(finding.evidence),
+        "evidence": jsonable(finding.evidence),
         "hint": finding.hint,
     }
 
@@ -160,14 +178,14 @@ def _stats(stats: TensorStats | None) -> dict[str, Any] | None:
         }
 
 
-def _clean(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Make evidence JSON-safe: numpy scalars/arrays to Python, NaN/Inf to strings, tuples to lists."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return [_clean(v) for v in value.tolist()]
+        return [jsonable(v) for v in value.tolist()]
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, float, np.integer, np.floating)):

@@ -1,107 +1,218 @@
-"""The human report: a rich layer table, the findings with their hints, a one-line summary.
+"""The human report: a layer table that fits the terminal, a legend, the findings with their hints, a summary.
 
-The only module that imports rich for output (the progress bar has its own). Meant to be read at 100 columns,
-never parsed: CI should use --format json.
+The only report renderer that imports rich (the progress bar has its own). Never parsed: CI uses json, sarif
+or github. Every model-supplied string goes through ``text.literal`` and into a rich ``Text`` (never markup),
+so a name such as ``[/red]`` or one holding escape sequences prints as the characters it is.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from bncheck.model import NormLayer
+from bncheck.render.summary import summary_line
+from bncheck.render.text import literal, shorten_names
 from bncheck.report import Report, layer_status, probe_cell, set_sizes
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green", "affected": "magenta"}
 
+#: Two spaces between columns (rich: one padding cell plus the blank divider of the SIMPLE_HEAD box).
+_GAP = 2
+#: Layer names get at least this many cells (or their full length when shorter) before columns are dropped.
+_MIN_LAYER = 32
+#: Columns dropped, in this order, when the terminal is too narrow for the layer names.
+_DROPPABLE = ("ch", "eps", "kind")
 
-def render(report: Report, width: int = 100, color: bool = False) -> str:
+#: What the table's own words mean; a legend line is printed only for the words the table shows.
+LEGEND = {
+    "mean / var": "medians of the stored running mean and variance",
+    "set": "elements one mean/variance is taken over",
+    "n=": "that set's size at this probe batch size",
+    "batch!": "uses the batch's own statistics at inference",
+    "constant": "output did not vary with the input (collapse)",
+    "affected": "downstream of a batch-dependent layer",
+}
+
+
+def render(report: Report, width: int | None = None, color: bool = False) -> str:
+    """The report as text, ``width`` cells wide (None: the terminal's width, ``COLUMNS``, else 80)."""
     buffer = io.StringIO()
     console = Console(
-        file=buffer, width=width, force_terminal=color, color_system="standard" if color else None,
-        no_color=not color, highlight=False, soft_wrap=False,
+        file=buffer,
+        width=width,
+        force_terminal=color,
+        color_system="standard" if color else None,
+        no_color=not color,
+        highlight=False,
+        soft_wrap=False,
+        emoji=False,
+        markup=False,
     )
+    width = console.width
     model = report.model
     producer = f", {model.producer}" if model.producer and model.producer != model.format else ""
-    console.print(Text(f"bncheck {report.command}: {model.path} ({model.format}{producer})", style="bold"))
+    console.print(Text(literal(f"bncheck {report.command}: {model.path} ({model.format}{producer})"), style="bold"))
     for note in report.notes:
-        console.print(Text(f"{note.level}: {note.message}", style=_STYLE.get(note.level, "")))
+        console.print(Text(literal(f"{note.level}: {note.message}"), style=_STYLE.get(note.level, "")))
     if report.layers:
-        console.print(_layer_table(report))
+        grid = _layer_grid(report)
+        console.print(grid.table(width))
+        if grid.dropped:
+            console.print(Text(f"({', '.join(grid.dropped)} hidden: terminal too narrow)", style="dim"))
+        _print_legend(console, grid.words)
     for probe in report.probes:
         for line in probe.notes:
-            console.print(Text(f"probe: {line}", style="dim"))
+            console.print(Text(literal(f"probe: {line}"), style="dim"))
     if report.findings:
         console.print(Text("Findings", style="bold"))
         for finding in report.findings:
             label = finding.severity.label
             console.print(
-                Text.assemble((f"{label.upper():7} ", _STYLE[label]), (f"{finding.code} {finding.check} ", "bold"),
-                              (finding.layer, "bold"))
+                Text.assemble(
+                    (f"{label.upper():7} ", _STYLE[label]),
+                    (f"{finding.code} {finding.check} ", "bold"),
+                    (literal(finding.layer), "bold"),
+                )
             )
-            console.print(Padding(Text(finding.message), (0, 0, 0, 4), expand=False))
-            console.print(Padding(Text("fix: " + finding.hint, style="dim"), (0, 0, 0, 4), expand=False))
+            console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
+            console.print(Padding(Text(literal("fix: " + finding.hint), style="dim"), (0, 0, 0, 4), expand=False))
     fix = report.sections.get("fix")
     if isinstance(fix, dict):
-        console.print(_fix_table(fix))
-        console.print(Text(f"fix: {fix.get('summary', '')}", style="bold"))
-    console.print(Text(_summary_line(report), style=_STYLE.get(
-        report.max_severity.label if report.max_severity else "ok", "")))
-    # rich pads wrapped lines to the width; trailing blanks only get in the way of copy and diff
+        console.print(_fix_table(fix, width))
+        console.print(Text(literal(f"fix: {fix.get('summary', '')}"), style="bold"))
+    console.print(
+        Text(summary_line(report), style=_STYLE.get(report.max_severity.label if report.max_severity else "ok", ""))
+    )
+    # rich pads lines to the width; trailing blanks only get in the way of copy and diff
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
 
 
-def _layer_table(report: Report) -> Table:
+@dataclass
+class _Column:
+    key: str
+    header: str
+    justify: str = "left"
+    cells: list[Text] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return max([cell_len(self.header)] + [c.cell_len for c in self.cells])
+
+
+@dataclass
+class _Grid:
+    """The layer table as plain cells, laid out for a width only when printed."""
+
+    names: list[str]
+    columns: list[_Column]
+    words: set[str]
+    dropped: list[str] = field(default_factory=list)
+
+    def table(self, width: int) -> Table:
+        longest = max(cell_len(n) for n in self.names)
+        kept = self.columns
+        for count in range(len(_DROPPABLE) + 1):
+            kept = [c for c in self.columns if c.key not in _DROPPABLE[:count]]
+            others = sum(c.width for c in kept) + _GAP * len(kept)
+            if width - others >= min(longest, _MIN_LAYER):
+                break
+        self.dropped = [c.key for c in self.columns if c not in kept]
+        room = max(min(longest, width - others), min(longest, 8))
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+        table.add_column("layer", no_wrap=True)
+        for column in kept:
+            table.add_column(column.header, justify=column.justify, no_wrap=True)  # type: ignore[arg-type]
+        for row, name in enumerate(shorten_names(self.names, room, cell_len)):
+            table.add_row(Text(name), *(c.cells[row] for c in kept))
+        return table
+
+
+def _layer_grid(report: Report) -> _Grid:
     batch_sizes = sorted({b for p in report.probes for b in p.batch_sizes})
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    table.add_column("layer", overflow="fold", max_width=28)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("ch", justify="right")
-    table.add_column("eps", justify="right")
-    table.add_column("mode", no_wrap=True)
+    columns = [
+        _Column("kind", "kind"),
+        _Column("ch", "ch", "right"),
+        _Column("eps", "eps", "right"),
+        _Column("mode", "mode"),
+    ]
     if not batch_sizes:
-        table.add_column("running mean / var (median)", overflow="fold")
-        table.add_column("set", justify="right")
-    for batch_size in batch_sizes:
-        table.add_column(f"b={batch_size}", justify="right", no_wrap=True)
-    table.add_column("status", no_wrap=True)
+        columns += [_Column("stats", "mean / var"), _Column("set", "set", "right")]
+    columns += [_Column(f"b={b}", f"b={b}", "right") for b in batch_sizes]
+    columns.append(_Column("status", "status"))
+    by_key = {c.key: c for c in columns}
+    words: set[str] = set()
     for layer in report.layers:
         status = layer_status(report, layer)
-        row = [layer.name, layer.kind.value, _num(layer.channels), _eps(layer.epsilon), _mode(layer)]
+        cells: dict[str, Any] = {
+            "kind": layer.kind.value,
+            "ch": _num(layer.channels),
+            "eps": _eps(layer.epsilon),
+            "mode": _mode(layer),
+            "status": Text(status, style=_STYLE.get(status, "")),
+        }
         if not batch_sizes:
-            row += [_stats(layer), _set(layer)]
+            cells |= {"stats": _stats(layer), "set": _set(layer)}
+            words |= {"mean / var", "set"}
         sizes = set_sizes(layer, batch_sizes)["by_batch_size"]
         for batch_size in batch_sizes:
-            cells = {probe_cell(p, layer, batch_size) for p in report.probes}
-            cell = "constant" if "constant" in cells else "nan/inf" if "nan/inf" in cells else cells.pop()
+            seen = {probe_cell(p, layer, batch_size) for p in report.probes}
+            cell = "constant" if "constant" in seen else "nan/inf" if "nan/inf" in seen else seen.pop()
             size = sizes.get(str(batch_size))
-            row.append(cell if size is None else f"n={size} {cell}")
-        row.append(Text(status, style=_STYLE.get(status, "")))
-        table.add_row(*row)
-    return table
+            cells[f"b={batch_size}"] = cell if size is None else f"n={size} {cell}"
+            words |= {"constant"} & {cell} | ({"n="} if size is not None else set())
+        words |= {w for w in ("batch!", "affected") if w in (cells["mode"], status)}
+        for key, value in cells.items():
+            by_key[key].cells.append(value if isinstance(value, Text) else Text(literal(value)))
+    return _Grid([literal(layer.name) for layer in report.layers], columns, words)
 
 
-def _fix_table(fix: dict) -> Table:
+def _print_legend(console: Console, words: set[str]) -> None:
+    shown = [(word, text) for word, text in LEGEND.items() if word in words]
+    if not shown:
+        return
+    grid = Table.grid(padding=(0, 2, 0, 0))
+    grid.add_column(no_wrap=True, style="dim")
+    grid.add_column(style="dim")
+    for word, text in shown:
+        grid.add_row(word, text)
+    console.print(grid)
+
+
+def _fix_table(fix: dict[str, Any], width: int) -> Table:
     """What `bncheck fix` did per layer: action, and why (old -> new running statistics medians)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="fix", title_justify="left")
-    table.add_column("layer", overflow="fold", max_width=24)
+    entries: Sequence[dict[str, Any]] = fix.get("layers", [])
+    names = [literal(str(e.get("layer", "?"))) for e in entries]
+    room = min(max((cell_len(n) for n in names), default=5), max(12, width // 4))
+    table = Table(
+        box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0), title="fix", title_justify="left"
+    )
+    table.add_column("layer", no_wrap=True)
     table.add_column("action", no_wrap=True)
-    table.add_column("mean / var median: old -> new", no_wrap=True)
+    table.add_column("mean / var median: old -> new", overflow="fold")
     table.add_column("reason", overflow="fold")
-    for entry in fix.get("layers", []):
-        table.add_row(entry.get("layer", "?"), entry.get("action", "?"),
-                      _old_new(entry.get("old"), entry.get("new")), entry.get("reason") or "")
+    for name, entry in zip(shorten_names(names, room, cell_len), entries):
+        table.add_row(
+            Text(name),
+            Text(literal(str(entry.get("action", "?")))),
+            Text(_old_new(entry.get("old"), entry.get("new"))),
+            Text(literal(str(entry.get("reason") or ""))),
+        )
     return table
 
 
-def _old_new(old: dict | None, new: dict | None) -> str:
-    def pair(stats: dict | None) -> str:
+def _old_new(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
+    def pair(stats: dict[str, Any] | None) -> str:
         if not stats or not stats.get("mean") or not stats.get("var"):
             return "-"
         mean, var = stats["mean"].get("median"), stats["var"].get("median")
@@ -130,7 +241,7 @@ def _set(layer: NormLayer) -> str:
         return str(sizes["static"])
     if sizes["known_factor"] is None:
         return "?"
-    names = "*".join(sizes["depends_on"])
+    names = "*".join(literal(str(n)) for n in sizes["depends_on"])
     return f"{sizes['known_factor']}*{names}" if sizes["known_factor"] != 1 else names
 
 
@@ -140,14 +251,3 @@ def _num(value: int | None) -> str:
 
 def _eps(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
-
-
-def _summary_line(report: Report) -> str:
-    counts = report.counts()
-    parts = [f"{n} {label}{'s' if n != 1 and label != 'info' else ''}" for label, n in counts.items()]
-    worst = report.max_severity.label if report.max_severity else "none"
-    threshold = report.fail_on
-    verdict = "fails" if report.exit_code else "passes"
-    return (f"{len(report.layers)} normalization layer(s), " + ", ".join(parts)
-            + f"; worst: {worst}; {verdict} --fail-on {threshold} (exit {report.exit_code})")
-

@@ -1,0 +1,114 @@
+"""The table fits the terminal, shortens long names in the middle, explains its words, prints names literally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bncheck import engine
+from bncheck.backends import ProbeSettings
+from bncheck.render import json as json_render
+from bncheck.render import table
+from tests.named_models import HOSTILE_NAMES, TORCH_NAMES, bn_chain_model
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+WIDTHS = (60, 80, 120, 200)
+
+
+def _probe(path: str):
+    return engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 32)))
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tables")
+    long_names = bn_chain_model(folder / "torch_names.onnx", TORCH_NAMES)
+    hostile = bn_chain_model(folder / "hostile.onnx", HOSTILE_NAMES, stale=True)
+    return {
+        "collapse probe": _probe(str(SAMPLES / "collapse_1x1_train_mode.onnx")),
+        "resnet inspect": engine.inspect(str(SAMPLES / "clean_resnet.onnx")),
+        "torch names probe": _probe(long_names),
+        "torch names inspect": engine.inspect(long_names),
+        "hostile inspect": engine.inspect(hostile),
+        "hostile probe": _probe(hostile),
+    }
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_no_line_is_longer_than_the_terminal(reports, width):
+    for name, report in reports.items():
+        lines = table.render(report, width=width).splitlines()
+        assert max(len(line) for line in lines) <= width, (name, width)
+
+
+def test_a_wide_terminal_shows_full_names_and_every_column(reports):
+    text = table.render(reports["torch names probe"], width=200)
+    for name in TORCH_NAMES:
+        assert name in text
+    header = text.splitlines()[1].split()
+    assert header == ["layer", "kind", "ch", "eps", "mode", "b=1", "b=2", "b=32", "status"]
+    assert "hidden" not in text
+
+
+def test_at_80_columns_long_names_are_shortened_in_the_middle_and_stay_apart(reports):
+    lines = table.render(reports["torch names probe"], width=80).splitlines()
+    rows = [line.split()[0] for line in lines[3 : 3 + len(TORCH_NAMES)]]
+    assert "/layer1/.../bn1/BatchNormalization" in rows
+    assert all("..." in row for row in rows)
+    assert len(set(rows)) == len(TORCH_NAMES), rows
+    assert any("hidden: terminal too narrow" in line for line in lines)
+
+
+def test_json_keeps_the_full_names(reports):
+    document = json.loads(json_render.render(reports["torch names probe"]))
+    assert [layer["name"] for layer in document["layers"]] == list(TORCH_NAMES)
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_hostile_names_print_literally_one_row_each(reports, color):
+    report = reports["hostile inspect"]
+    text = table.render(report, width=120, color=color)
+    assert "\x07" not in text and "\x1b]" not in text and "\u202e" not in text
+    assert "\x1b[31mred" not in text  # only the table's own SGR codes, never the name's
+    for shown in ("[/red]", "\\x1b]0;title\\x07", "row\\nbreak", "\\x1b[31mred", "a\\u202eb"):
+        assert shown in text
+    if not color:
+        lines = text.splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("[/red]"))
+        assert [line.split()[0] for line in lines[first : first + len(HOSTILE_NAMES)]] == [
+            "[/red]",
+            "\\x1b]0;title\\x07",
+            "row\\nbreak",
+            "\\x1b[31mred",
+            "a\\u202eb",
+        ]
+        assert sum(line.startswith("ERROR   BN003 stale-stats") for line in lines) == len(HOSTILE_NAMES)
+
+
+def test_markup_in_a_name_is_not_interpreted(reports):
+    text = table.render(reports["hostile probe"], width=100)
+    assert "ERROR   BN003 stale-stats [/red]" in text
+
+
+def test_legend_explains_the_words_the_table_shows(reports):
+    probe_text = table.render(reports["collapse probe"], width=100)
+    legend = {line.split()[0] for line in probe_text.splitlines() if line.startswith(("n=", "batch!", "constant"))}
+    assert legend == {"n=", "batch!", "constant"}
+    assert not any(line.startswith(("set ", "affected ")) for line in probe_text.splitlines())
+    inspect_text = table.render(reports["resnet inspect"], width=100)
+    assert any(line.startswith("set ") for line in inspect_text.splitlines())
+    assert not any(line.startswith(("n= ", "constant ")) for line in inspect_text.splitlines())
+
+
+def test_affected_is_explained_when_a_layer_is_affected():
+    text = table.render(_probe(str(SAMPLES / "handwritten_batch_moments.onnx")), width=100)
+    assert any(line.rstrip().endswith("affected") for line in text.splitlines())  # a layer's status
+    assert any(line.startswith("affected ") for line in text.splitlines())  # its legend line
+
+
+def test_summary_line_gets_singular_and_plural_right(tmp_path):
+    one = bn_chain_model(tmp_path / "one.onnx", ["bn"], stale=True)
+    text = table.render(engine.inspect(one), width=120)
+    assert "1 normalization layer, 1 error, 0 warnings, 0 info;" in text
