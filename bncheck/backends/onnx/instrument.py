@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
 from bncheck.model import NormLayer
@@ -309,6 +310,7 @@ class Augmenter:
         self.exact = exact
         self.inputs_only = inputs_only
         self.model, self.folder = stub(handle, tmp)
+        free_unset_dims(self.model.graph)  # a batch written as 0 would be a literal 0 to onnxruntime
         self.initializer_stubs = None if handle.external_data else [_copy(t) for t in self.model.graph.initializer]
         self.opset = _opset(self.model)
         self.b = _Builder(self.opset)

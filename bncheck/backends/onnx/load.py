@@ -257,7 +257,9 @@ def _dims(type_proto: onnx.TypeProto, declared: frozenset[str] = frozenset()) ->
         return None
     dims: list[Dim] = []
     for dim in type_proto.tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
+        if dim.HasField("dim_value") and dim.dim_value <= 0:
+            dims.append(None)  # -1/0: how some exporters write an unknown dim (see free_unset_dims)
+        elif dim.HasField("dim_value"):
             dims.append(int(dim.dim_value))
         elif dim.HasField("dim_param") and dim.dim_param:
             # the unk__N names onnx invents are kept as symbolic names (golden reports depend on it);
@@ -360,6 +362,35 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     return count * itemsize
 
 
+#: the name a batch dim written as -1 or 0 gets (axis 0 of a graph input).
+FREE_BATCH_DIM = "batch"
+
+
+def _unset(dim: Any) -> bool:
+    return dim.HasField("dim_value") and dim.dim_value <= 0
+
+
+def _has_unset_dims(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    return any(_unset(d) for v in (*graph.input, *graph.output, *graph.value_info)
+               if v.type.HasField("tensor_type") for d in v.type.tensor_type.shape.dim)
+
+
+def free_unset_dims(graph: Any) -> None:
+    """Dims written as -1 or 0 become symbolic (older paddle2onnx and tf2onnx mark unknown dims so, and
+    onnxruntime treats them as dynamic): axis 0 of a graph input is named :data:`FREE_BATCH_DIM`, any
+    other is cleared (unknown). Edits ``graph`` in place: pass a copy."""
+    for values, is_input in ((graph.input, True), (graph.output, False), (graph.value_info, False)):
+        for value in values:
+            if not value.type.HasField("tensor_type"):
+                continue
+            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                if _unset(dim):
+                    dim.Clear()
+                    if is_input and axis == 0:
+                        dim.dim_param = FREE_BATCH_DIM
+
+
 def _check_and_infer(
     path: str, model: onnx.ModelProto, large: bool
 ) -> tuple[onnx.ModelProto, list[Note]]:
@@ -372,6 +403,11 @@ def _check_and_infer(
     import onnx
 
     skeleton = _skeleton(model)
+    if _has_unset_dims(skeleton):  # never edit the caller's model (fix writes it back)
+        if skeleton is model:  # only small initializers: a cheap copy
+            skeleton = type(model)()
+            skeleton.CopyFrom(model)
+        free_unset_dims(skeleton.graph)
     if skeleton is not model:  # the skeleton is small unless the graph itself is huge
         large = skeleton.ByteSize() > PROTOBUF_LIMIT
     notes: list[Note] = []
