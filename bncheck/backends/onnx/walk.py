@@ -31,6 +31,7 @@ from bncheck.backends.onnx.graph import (
     shape_dim,
 )
 from bncheck.backends.onnx.load import OnnxHandle
+from bncheck.backends.onnx.names import readable_names
 from bncheck.backends.onnx.patterns import decomposed
 from bncheck.model import Kind, NormLayer, Note
 
@@ -63,7 +64,7 @@ def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
         used.update(nodes)
         found.append((min(nodes), layer))
     found.sort(key=lambda item: item[0])
-    layers = [layer for _, layer in found]
+    layers = readable_names(g, found)
     return layers, _model_notes(g, layers)
 
 

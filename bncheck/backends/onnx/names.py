@@ -1,0 +1,143 @@
+"""Layer names people recognise: the module path the user wrote, not the name an exporter generated.
+
+PyTorch's dynamo exporter names a BatchNormalization node ``node__native_batch_norm_legit_no_training_3__0``
+and keeps the module path (``head.head_bn``) in the node's metadata (``pkg.torch.onnx.name_scopes``,
+``namespace``) and in the weight names (``head.head_bn.weight``, ``head.head_bn.running_mean``). paddle2onnx
+writes ``p2o.BatchNormalization.3``, other exporters ``BatchNormalization_12`` or nothing at all. A layer is
+named after the metadata's module path when there is one, else, when its node name is empty or generated,
+after the common prefix of its weight names; the node names stay in ``NormLayer.nodes``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterable
+from dataclasses import replace
+
+from bncheck.backends.onnx.graph import GraphIndex
+from bncheck.model import NormLayer
+
+#: metadata_props keys the PyTorch exporter writes (torch >= 2.5)
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+NAMESPACE = "namespace"
+#: characters that separate the components of a module path or a weight name
+_SEPARATORS = "./:"
+#: exporter prefixes and suffixes around an op type in generated node names (p2o.BatchNormalization.3,
+#: BatchNormalization_12, BatchNormalization@0, BatchNormalization__7)
+_DECOR = r"(?:p2o\.)?{op}(?:[._@#:-]*\d+)*"
+#: weight names that exporters invent themselves (they say nothing about the user's module)
+_GENERATED_WEIGHT = re.compile(r"^(?:onnx::.*|val_\d+|_v_\d+|const.*|\d+)$", re.IGNORECASE)
+
+
+def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> list[NormLayer]:
+    """``found`` (main node index, layer) pairs renamed as the module docstring says; names unique."""
+    pairs = list(found)
+    by_name = {g.node_name(i): i for i in range(len(g.nodes))}
+    names = [_readable(g, idx, layer, by_name) for idx, layer in pairs]
+    unique = _unique(names)
+    return [layer if name == layer.name else replace(layer, name=name) for (_, layer), name in zip(pairs, unique)]
+
+
+def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]) -> str:
+    indices = [idx] + [by_name[n] for n in layer.nodes if n in by_name and by_name[n] != idx]
+    for i in indices:
+        path = module_path(g.nodes[i])
+        if path:
+            return path
+    if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
+        return layer.name
+    prefix = weight_prefix(_weights(g, layer, indices))
+    return prefix or layer.name
+
+
+def module_path(node) -> str | None:
+    """The module path of a node exported by PyTorch's dynamo exporter, from its metadata (None if absent).
+
+    ``name_scopes`` is a Python list literal, e.g. ``['', 'head', 'head.head_bn', '_native_batch_norm_...']``:
+    the last entry is the traced op, the one before it the module that called it. ``namespace`` says the same
+    as ``': __main__.M/head: __main__.Head/head.head_bn: torch...BatchNorm1d/_native_batch_norm_...: aten...'``.
+    """
+    props = {p.key: p.value for p in node.metadata_props}
+    scopes = props.get(NAME_SCOPES)
+    if scopes:
+        try:
+            parsed = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            parsed = None
+        if isinstance(parsed, (list, tuple)) and all(isinstance(s, str) for s in parsed):
+            named = [s for s in parsed[:-1] if s]
+            if named:
+                return named[-1]
+    namespace = props.get(NAMESPACE)
+    if namespace:
+        segments = [s.split(":", 1)[0].strip() for s in namespace.split("/")[:-1]]
+        named = [s for s in segments if s]
+        if named:
+            return named[-1]
+    return None
+
+
+def is_generated(name: str, op_type: str) -> bool:
+    """True when ``name`` is empty or an exporter's invention rather than something the user named."""
+    if not name or name.startswith("node_"):  # dynamo names every node node_<fx name>
+        return True
+    return re.fullmatch(_DECOR.format(op=re.escape(op_type)), name, flags=re.IGNORECASE) is not None
+
+
+def weight_prefix(names: Iterable[str]) -> str | None:
+    """The common leading components of weight names (``head_bn.weight``, ``head_bn.running_mean`` ->
+    ``head_bn``; a single ``ln.weight`` -> ``ln``), or None when they share none or are generated."""
+    # TensorFlow's ":0" output suffix is not a component of the name
+    usable = sorted({re.sub(r":\d+$", "", n) for n in names if n and not _GENERATED_WEIGHT.match(n)})
+    if not usable:
+        return None
+    first, last = usable[0], usable[-1]  # the common prefix of a sorted list is that of its extremes
+    common = 0
+    while common < min(len(first), len(last)) and first[common] == last[common]:
+        common += 1
+    prefix = first[:common]
+    # cut at the last component boundary: a path separator when there is one (head_bn.weight), else an
+    # underscore (paddle's conv1_bn_scale, conv1_bn_mean -> conv1_bn)
+    cut = max(prefix.rfind(c) for c in _SEPARATORS)
+    if cut < 0:
+        cut = prefix.rfind("_")
+    if cut <= 0:
+        return None
+    return prefix[:cut]
+
+
+def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
+    """The stored tensors the layer's nodes read, apart from the normalized input; for a hand-written chain
+    only the non-scalar ones (its scale and bias, not the axes and epsilon constants)."""
+    chain = layer.op_type == "decomposed"
+    tensors = [t for i in indices for t in g.nodes[i].input] if chain else list(layer.inputs)
+    found = []
+    for tensor in tensors:
+        if not tensor or tensor == layer.input:
+            continue
+        source = g.stored_source(tensor)
+        stored = source in g.initializers or g.produced_by(source, "Constant") is not None
+        value = g.param(source) if stored else None
+        if value is None or (layer.op_type == "decomposed" and value.size <= 1):
+            continue
+        found.append(source)
+    return found
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Later layers that share a name (a module called twice) get ``#2``, ``#3``... in graph order."""
+    taken = set(names)
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+            continue
+        k = 2
+        while f"{name}#{k}" in taken or f"{name}#{k}" in seen:
+            k += 1
+        seen.add(f"{name}#{k}")
+        out.append(f"{name}#{k}")
+    return out

@@ -1,0 +1,121 @@
+"""Layer names: the module path the user wrote, not the node name an exporter generated (PyTorch dynamo,
+paddle2onnx, unnamed nodes); node names kept in ``nodes``; names unique within a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.backends.onnx.names import is_generated, weight_prefix
+from bncheck.cli import main
+
+RNG = np.random.default_rng(7)
+
+
+def _bn(name: str, x: str, y: str, prefix: str, inits: list, stale: bool = False, scopes: list[str] | None = None):
+    """A BatchNormalization reading ``prefix.weight`` ... like torch's exporters write them."""
+    c = 4
+    values = {
+        "weight": RNG.uniform(0.5, 1.5, c), "bias": RNG.uniform(-0.5, 0.5, c),
+        "running_mean": np.zeros(c) if stale else RNG.uniform(0.1, 0.3, c),
+        "running_var": np.ones(c) if stale else RNG.uniform(0.5, 1.5, c),
+    }
+    names = []
+    for key, value in values.items():
+        tensor = f"{prefix}.{key}"
+        if tensor not in {i.name for i in inits}:
+            inits.append(numpy_helper.from_array(value.astype(np.float32), tensor))
+        names.append(tensor)
+    node = helper.make_node("BatchNormalization", [x, *names], [y], name=name)
+    if scopes is not None:  # what torch.onnx.export(dynamo=True) writes
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(scopes))
+        node.metadata_props.add(
+            key="namespace", value=": __main__.M/" + "/".join(f"{s}: torch.nn.Module" for s in scopes[1:]),
+        )
+    return node
+
+
+def _dynamo_like(tmp_path: Path) -> str:
+    inits: list = []
+    nodes = [
+        _bn("node__native_batch_norm_legit_no_training__0", "x", "a", "bn", inits,
+            scopes=["", "bn", "_native_batch_norm_legit_no_training"]),
+        # the same module called a second time: same metadata, same weights
+        _bn("node__native_batch_norm_legit_no_training_1__0", "a", "b", "bn", inits,
+            scopes=["", "bn", "_native_batch_norm_legit_no_training_1"]),
+        # no metadata (an older exporter, or stripped): the weight names say head.head_bn
+        _bn("node__native_batch_norm_legit_no_training_2__0", "b", "c", "head.head_bn", inits, stale=True),
+        # a name the user gave stays
+        _bn("my_bn", "c", "y", "other", inits),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "dynamo_like.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_layers_are_named_after_module_paths_and_keep_node_names(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["inspect", _dynamo_like(tmp_path), "--format", "json"])
+    assert result.exit_code == 1, result.output  # head.head_bn's running stats are 0/1 (BN003)
+    doc = json.loads(result.stdout)
+    assert [(layer["name"], layer["nodes"]) for layer in doc["layers"]] == [
+        ("bn", ["node__native_batch_norm_legit_no_training__0"]),
+        ("bn#2", ["node__native_batch_norm_legit_no_training_1__0"]),
+        ("head.head_bn", ["node__native_batch_norm_legit_no_training_2__0"]),
+        ("my_bn", ["my_bn"]),
+    ]
+    assert [(f["code"], f["layer"]) for f in doc["findings"]] == [("BN003", "head.head_bn")]
+
+
+def test_probe_reports_under_the_readable_names(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["probe", _dynamo_like(tmp_path), "--format", "json", "--batch-sizes", "1,2"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert sorted(doc["probe"]["runs"][0]["layers"]) == ["bn", "bn#2", "head.head_bn", "my_bn"]
+
+
+def test_unnamed_and_paddle_nodes_take_their_weight_prefix(tmp_path: Path) -> None:
+    inits: list = []
+    first = _bn("", "x", "a", "conv1_bn", inits)
+    inits[:] = [numpy_helper.from_array(numpy_helper.to_array(t), t.name.replace(".", "_")) for t in inits]
+    first.input[1:] = [t.name for t in inits]
+    nodes = [first, _bn("p2o.BatchNormalization.3", "a", "y", "batch_norm2d_7", inits)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "p2o.onnx"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [(layer["name"], layer["nodes"]) for layer in doc["layers"]] == [
+        ("conv1_bn", ["a"]),  # unnamed node: its output was the only name it had
+        ("batch_norm2d_7", ["p2o.BatchNormalization.3"]),
+    ]
+
+
+def test_generated_names_and_weight_prefixes() -> None:
+    for name in ("", "node_bn_3", "BatchNormalization_12", "p2o.BatchNormalization.3", "BatchNormalization@0",
+                 "batchnormalization__7"):
+        assert is_generated(name, "BatchNormalization"), name
+    for name in ("bn1", "/layer1/bn1/BatchNormalization", "model/bn/FusedBatchNormV3", "stem_bn"):
+        assert not is_generated(name, "BatchNormalization"), name
+    assert weight_prefix(["head_bn.weight", "head_bn.running_mean"]) == "head_bn"
+    assert weight_prefix(["ln.weight"]) == "ln"
+    assert weight_prefix(["model/bn/gamma:0", "model/bn/beta:0"]) == "model/bn"
+    assert weight_prefix(["conv1_bn_scale", "conv1_bn_offset"]) == "conv1_bn"
+    assert weight_prefix(["bn.weight", "blocks.1.weight"]) is None
+    assert weight_prefix(["onnx::BatchNormalization_12", "val_3"]) is None
