@@ -185,11 +185,17 @@ def explain(check: str) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--data", type=click.Path(dir_okay=False, path_type=str),
-              help="Calibration data: .npy (single-input models) or .npz keyed by input name. Required unless "
-                   "--dry-run.")
 @click.option("--output", "-o", "fixed", type=click.Path(dir_okay=False, path_type=str),
-              help="Write the fixed model here (never the input; external data is written next to it).")
+              help="Write the fixed model here (never over a file the command reads; ONNX external data is "
+                   "written next to it). Required unless --dry-run.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=str),
+              help="Calibration data: .npy (single-input models) or .npz keyed by input name. Needed only for "
+                   "layers whose stored statistics are stale, and to find drift.")
+@click.option("--stats", type=click.Choice(["auto", "stored", "data"]), default="auto", show_default=True,
+              help="Statistics of repaired layers: stored (the file's, where sound), data (recomputed from "
+                   "--data), auto (stored where sound, data where given and needed).")
+@click.option("--min-samples", type=click.IntRange(2, None), default=None, metavar="N",
+              help="Fewest calibration samples accepted (default 8; fewer estimate nothing usable).")
 @click.option("--only", multiple=True, metavar="CODES",
               help="Repair only these: BN002/train-mode, BN003/stale-stats (comma-separated; repeatable).")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
@@ -200,24 +206,33 @@ def explain(check: str) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True, path_type=str),
               help="Also write the JSON report to this file.")
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
-              help="Exit 1 when a finding of the ORIGINAL model is at or above this severity.")
+              help="Exit 1 when the WRITTEN model has a finding at or above this severity.")
+@click.option("--exit-non-zero-on-fix", is_flag=True,
+              help="Exit 1 whenever the model was changed, even when nothing remains.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def fix(model: str, data: str | None, fixed: str | None, only: tuple[str, ...], dry_run: bool, batch_size: int,
-        fmt: str, report_path: str | None, fail_on: str, debug: bool) -> None:
-    """Write a repaired copy of MODEL: stale and train-mode batch norms get statistics from --data.
+def fix(model: str, fixed: str | None, data: str | None, stats: str, min_samples: int | None,
+        only: tuple[str, ...], dry_run: bool, batch_size: int, fmt: str, report_path: str | None, fail_on: str,
+        exit_non_zero_on_fix: bool, debug: bool) -> None:
+    """Write a repaired copy of MODEL (ONNX or Keras): train-mode batch norms switched to inference, stale
+    statistics recomputed from --data.
 
-    The findings are the ORIGINAL model's (exit code as for probe); the fix section says what was done per
-    layer and holds a re-probe of the fixed model with the same data.
+    The findings listed are the ORIGINAL model's; the written model is checked again with the same data.
+    Exit codes as linters' fix modes: 0 when the written model has no finding at or above --fail-on, 1 when
+    some remain (listed under "Remaining"), 2 when nothing could be done.
 
     \b
-    Example: bncheck fix model.onnx --data calib.npz -o fixed.onnx
+    Examples:
+      bncheck fix train_mode.onnx -o fixed.onnx            # stored statistics, no data needed
+      bncheck fix model.onnx --data calib.npz -o fixed.onnx
+      bncheck fix model.keras --data calib.npy -o fixed.keras
     """
 
     def run() -> Any:
         from bncheck import fixing
 
         return fixing.fix(model, fixed, data, only=only, dry_run=dry_run, fail_on=fail_on,
-                          batch_size=batch_size)
+                          batch_size=batch_size, stats=stats, min_samples=min_samples,
+                          exit_non_zero_on_fix=exit_non_zero_on_fix, report_path=report_path)
 
     _finish(run, fmt, report_path, debug)
 

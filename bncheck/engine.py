@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
-from bncheck.backends import ProbeSettings, backend_for
+from bncheck.backends import Backend, ProbeSettings, backend_for
 from bncheck.checks import run_checks, selected
 from bncheck.model import ModelView, ProbeResult
 from bncheck.report import Report, merge_findings, sort_findings
@@ -34,14 +34,27 @@ def probe(
     """Static analysis plus probe batches: every static finding of `inspect`, and the dynamic ones.
 
     ``arrays`` (the Python API) is in-memory data: one array or a mapping of input name to array."""
-    checks = selected(select, ignore)
     backend = backend_for(path)
     view = backend.load(path)
     if arrays is not None:
         from bncheck.probe_data import data_from_arrays
 
         settings = replace(settings, data=data_from_arrays(arrays, view.inputs))
-    elif settings.data_path is not None and settings.data is None:
+    return probe_view(backend, view, settings, select=select, ignore=ignore, fail_on=fail_on)
+
+
+def probe_view(
+    backend: Backend,
+    view: ModelView,
+    settings: ProbeSettings,
+    *,
+    select: Sequence[str] = (),
+    ignore: Sequence[str] = (),
+    fail_on: str = "error",
+) -> Report:
+    """`probe` on a model already loaded by ``backend`` (fix loads it once for its plan and its probe)."""
+    checks = selected(select, ignore)
+    if settings.data_path is not None and settings.data is None:
         from bncheck.probe_data import load_data
 
         settings = replace(settings, data=load_data(settings.data_path, view.inputs))

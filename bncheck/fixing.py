@@ -1,25 +1,27 @@
-"""`bncheck fix`: diagnose, repair, write, and prove the repair by probing the written model again.
+"""`bncheck fix`: diagnose, repair, write, and prove the repair by checking the written model again.
 
-Framework-neutral orchestration; the rewriting itself is the backend's (bncheck.backends.onnx.fix). The
-report's findings are those of the ORIGINAL model (so the exit code means what it means for inspect/probe:
-the file given has problems); the ``fix`` section says what was done per layer and holds the re-probe of
-the fixed model with the same data, which is the proof.
+Framework-neutral orchestration through the backend interface (``Backend.check_fix`` and ``Backend.fix``);
+the rewriting itself is the backend's. The model is loaded once (its view serves the plan, the probe of the
+original and the repair) and the data once. The report's findings are those of the ORIGINAL model; its
+``fix`` part (a :class:`~bncheck.fix_result.FixResult`) says what was done per layer and holds the re-check
+of the written model with the same data, whose findings decide the exit code (as linters' fix modes do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from bncheck.backends import BackendError, ProbeSettings, backend_for
+from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
+from bncheck.errors import BncheckError, ErrorKind
+from bncheck.fix_result import MIN_SAMPLES, FixRequest, FixResult
 from bncheck.model import ModelView
+from bncheck.outputs import refuse_overwrite
 from bncheck.report import Report
 
 #: What `fix` repairs, by check code.
 REPAIRABLE = ("BN002", "BN003")
-#: Findings that must be absent from the re-probe of a fixed model (the proof).
-PROOF_CODES = ("BN001", "BN002", "BN003")
 
 
 def fix(
@@ -30,71 +32,67 @@ def fix(
     dry_run: bool = False,
     fail_on: str = "error",
     batch_size: int = 32,
+    stats: str = "auto",
+    min_samples: int | None = None,
+    exit_non_zero_on_fix: bool = False,
+    report_path: str | None = None,
 ) -> Report:
-    """Repair ``path`` into ``output`` with statistics from ``data_path``; return the report (command "fix").
-
-    Refusals (no output, output is the input, no data, too few samples, unsupported format) raise
-    BackendError before anything is written.
-    """
+    """Repair ``path`` into ``output`` (statistics stored where sound, else from ``data_path``); return the
+    report (command "fix"). Refusals raise a BncheckError before anything is written."""
     repair = _repair_codes(only)
-    backend = backend_for(path)
-    if backend.format != "onnx":
-        raise BackendError(f"{path}: `bncheck fix` rewrites ONNX models only ({backend.format} given)")
-    from bncheck.backends.onnx.fix import check_output, fix_onnx, precheck
-
+    reads = [("model", path), ("--data file", data_path)]
     if not dry_run:
-        check_output(path, output)
-        if data_path is None:
-            raise BackendError(
-                f"{path}: fix needs calibration data (--data CALIB): statistics are recomputed from data, "
-                "and drifting statistics can only be found with data (no data, no honest statistics)"
-            )
-    from bncheck import engine
-
+        refuse_overwrite(output, "the fixed model", reads)
+    refuse_overwrite(report_path, "--report", [*reads, ("fixed model", output)])
+    backend = backend_for(path)
     view = backend.load(path)
     data = None
     if data_path is not None:
         from bncheck.probe_data import load_data
 
         data = load_data(data_path, view.inputs)
-    label = data_path or "the data"
-    precheck(view, output, data, repair, dry_run=dry_run, batch_size=batch_size, data_label=label)
-    settings = ProbeSettings(data_path=data_path, data_source=data_path or "synthetic",
+    request = FixRequest(output=output, data=data, repair=frozenset(repair), stats=stats, dry_run=dry_run,
+                         batch_size=batch_size, min_samples=min_samples or MIN_SAMPLES,
+                         data_label=data_path or "the data")
+    backend.check_fix(view, request)  # refusals first: a second, not a probe, before "no"
+    from bncheck import engine
+
+    settings = ProbeSettings(data=data, data_path=data_path, data_source=data_path or "synthetic",
                              batch_sizes=_probe_batch_sizes(view))
-    del view  # one copy of the weights at a time: the probes load the model themselves
-    if data_path is not None:
-        report = engine.probe(path, settings, fail_on=fail_on)
-    else:
-        report = engine.inspect(path, fail_on=fail_on)
+    synthetic = data is None
+    report = _check(lambda: engine.probe_view(backend, view, settings, fail_on=fail_on),
+                    lambda: engine.inspect(path, fail_on=fail_on), synthetic)
     flagged = {f.layer: dict(f.evidence) for f in report.findings
                if f.code == "BN003" and f.evidence.get("kind") == "drift"}
-    outcome = fix_onnx(backend.load(path), output, data, repair, dry_run=dry_run, batch_size=batch_size,
-                       data_label=label, flagged=flagged)
-    reprobe = None
-    if outcome.written and data_path is not None:
-        from bncheck.render.json import to_document
-
+    outcome = backend.fix(view, replace(request, flagged=flagged))
+    after = None
+    if outcome.written:
         assert output is not None
-        fixed = engine.probe(output, settings, fail_on=fail_on)
-        reprobe = to_document(fixed)
-    layers = [entry.as_dict() for entry in outcome.layers]
+        written = output
+        after = _check(lambda: engine.probe(written, settings, fail_on=fail_on),
+                       lambda: engine.inspect(written, fail_on=fail_on), synthetic)
     report.command = "fix"
-    report.settings = dict(report.settings, output=output, data=data_path, only=sorted(repair),
-                           dry_run=dry_run, batch_size=batch_size, fail_on=fail_on)
-    report.sections["fix"] = {
-        "output": None if dry_run else output,
-        "dry_run": dry_run,
-        "written": [] if dry_run else outcome.written,
-        "samples": outcome.samples,
-        "samples_used": outcome.samples_used,
-        "batch_size": outcome.batch_size,
-        "passes": outcome.passes,
-        "notes": outcome.notes,
-        "layers": layers,
-        "summary": _summary(layers, output, dry_run, reprobe),
-        "reprobe": reprobe,
-    }
+    report.settings = dict(report.settings, output=output, data=data_path, only=sorted(repair), stats=stats,
+                           dry_run=dry_run, batch_size=batch_size, min_samples=request.min_samples,
+                           exit_non_zero_on_fix=exit_non_zero_on_fix, fail_on=fail_on)
+    report.fix = FixResult(outcome=outcome, output=None if dry_run else output, dry_run=dry_run, stats=stats,
+                           after=after, exit_non_zero_on_fix=exit_non_zero_on_fix, min_samples=request.min_samples)
     return report
+
+
+def _check(probe: Callable[[], Report], inspect: Callable[[], Report], synthetic: bool) -> Report:
+    """Probe (with the data, or synthetic inputs); a model whose inputs synthetic data cannot fill (symbolic
+    non-batch dims) is checked statically instead, and the report says so."""
+    try:
+        return probe()
+    except BncheckError as error:
+        if not synthetic or error.kind is not ErrorKind.DATA:
+            raise
+        report = inspect()
+        from bncheck.model import Note
+
+        report.notes.append(Note("warning", f"checked statically only, the probe could not run: {error}"))
+        return report
 
 
 def _probe_batch_sizes(view: ModelView) -> tuple[int, ...]:
@@ -112,31 +110,3 @@ def _repair_codes(only: Sequence[str]) -> set[str]:
             f"--only {', '.join(other)}: fix repairs only BN002/train-mode and BN003/stale-stats"
         )
     return codes or set(REPAIRABLE)
-
-
-def _listing(layers: list[str], shown: int = 4) -> str:
-    """'a, b, c' or 'a, b, c, d and 7 more': the summary stays one readable line on big models."""
-    head = ", ".join(layers[:shown])
-    return head if len(layers) <= shown else f"{head} and {len(layers) - shown} more"
-
-
-def _summary(layers: list[dict[str, Any]], output: str | None, dry_run: bool, reprobe: dict | None) -> str:
-    names: dict[str, list[str]] = {}
-    for entry in layers:
-        names.setdefault(entry["action"], []).append(entry["layer"])
-    order = ("to-inference", "recalibrated", "replaced-moments", "not-fixed")
-    done = "; ".join(f"{a} {_listing(names[a])}" for a in order if names.get(a)) or "nothing to repair"
-    if dry_run:
-        return f"dry run, nothing written; would do: {done}"
-    text = f"wrote {output}: {done}"
-    if reprobe is not None:
-        left = [f for f in reprobe["findings"]
-                if f["code"] in PROOF_CODES and f["severity"] in ("error", "warning")]
-        if left:
-            names = ", ".join(sorted({f"{f['code']} {f['layer']}" for f in left}))
-            text += f"; re-probe still finds {len(left)} collapse/train-mode/stale-stats finding(s): {names}"
-        else:
-            counts_after = reprobe["summary"]["findings"]
-            text += (f"; re-probe: no collapse, train-mode or stale-stats finding ({counts_after['error']} error(s), "
-                     f"{counts_after['warning']} warning(s) left)")
-    return text

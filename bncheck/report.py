@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bncheck.findings import Finding, Severity
+from bncheck.fix_result import FixResult
 from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size
 from bncheck.verdicts import is_affected, is_collapsed
 
@@ -20,14 +21,16 @@ class ExitCode(int):
     """An int (what the CLI exits with) that can be called with another threshold: ``code(fail_on="info")``."""
 
     _findings: list[Finding]
+    _minimum: int
 
-    def __new__(cls, value: int, findings: list[Finding]) -> ExitCode:
+    def __new__(cls, value: int, findings: list[Finding], minimum: int = 0) -> ExitCode:
         self = super().__new__(cls, value)
         self._findings = findings
+        self._minimum = minimum  # fix --exit-non-zero-on-fix: 1 whatever the threshold
         return self
 
     def __call__(self, fail_on: str | None = None) -> int:
-        return int(self) if fail_on is None else exit_code(self._findings, fail_on)
+        return int(self) if fail_on is None else max(self._minimum, exit_code(self._findings, fail_on))
 
 
 @dataclass(eq=False)
@@ -40,7 +43,8 @@ class Report:
     probes: list[ProbeResult] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     fail_on: str = "error"
-    sections: dict[str, Any] = field(default_factory=dict)  # later commands' additions (e.g. "fix")
+    sections: dict[str, Any] = field(default_factory=dict)  # later commands' additions
+    fix: FixResult | None = None  # `bncheck fix`: what was repaired and the re-check of the written model
 
     @property
     def max_severity(self) -> Severity | None:
@@ -48,7 +52,12 @@ class Report:
 
     @property
     def exit_code(self) -> ExitCode:
-        """The exit code under the report's --fail-on; ``report.exit_code(fail_on="warning")`` asks another."""
+        """The exit code under the report's --fail-on; ``report.exit_code(fail_on="warning")`` asks another.
+        A fix report is judged on the written model (:func:`fix_exit_code`)."""
+        if self.fix is not None:
+            judged = self.fix.after.findings if self.fix.after is not None else self.findings
+            forced = 1 if self.fix.exit_non_zero_on_fix and self.fix.changed else 0
+            return ExitCode(fix_exit_code(self.fix, self.findings, self.fail_on), judged, forced)
         return ExitCode(exit_code(self.findings, self.fail_on), self.findings)
 
     def to_json(self) -> str:
@@ -73,6 +82,17 @@ def exit_code(findings: Iterable[Finding], fail_on: str) -> int:
         return 0
     threshold = Severity.parse(fail_on)
     return 1 if any(f.severity >= threshold for f in findings) else 0
+
+
+def fix_exit_code(fix: FixResult, original: Iterable[Finding], fail_on: str) -> int:
+    """The convention of linters' fix modes (ruff --fix): judged on the WRITTEN model's findings, so a
+    successful repair exits 0; with ``--exit-non-zero-on-fix`` any change exits 1. A dry run writes
+    nothing: the model stays as it is, judged on its own findings."""
+    if fix.exit_non_zero_on_fix and fix.changed:
+        return 1
+    if fix.after is not None:
+        return exit_code(fix.after.findings, fail_on)
+    return exit_code(original, fail_on)
 
 
 def sort_findings(findings: Iterable[Finding], layer_order: list[str]) -> list[Finding]:

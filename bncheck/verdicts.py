@@ -118,6 +118,22 @@ def has_default_stats(layer: NormLayer) -> bool:
     return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0))
 
 
+def stored_stats_problem(layer: NormLayer) -> str | None:
+    """Why ``layer``'s stored running statistics cannot serve at inference, or None when they are sound:
+    unknown, never updated (exactly 0 and 1: BN003's static rule), non-finite, or a negative variance."""
+    if layer.mean is None or layer.var is None:
+        return "running statistics are not constants of the file"
+    mean = np.asarray(layer.mean, dtype=np.float64)
+    var = np.asarray(layer.var, dtype=np.float64)
+    if has_default_stats(layer):
+        return "running mean exactly 0 and variance exactly 1 (never updated)"
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+        return "non-finite running statistics"
+    if np.any(var < 0):
+        return "negative running variance"
+    return None
+
+
 def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[float, float]:
     """(median standardized mean shift, median |log variance ratio|) over channels."""
     eps = float(layer.epsilon or 0.0)

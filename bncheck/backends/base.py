@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 
 from bncheck.errors import BncheckError, ErrorKind
+from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import ModelView, ProbeResult, ProbeSettings
 
 
@@ -20,7 +21,7 @@ class BackendError(BncheckError):
 
 
 class Backend(abc.ABC):
-    """Load a model into a view; probe it."""
+    """Load a model into a view; probe it; write a repaired copy of it."""
 
     format: str = ""
 
@@ -31,3 +32,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
         """Run probe batches; one result per call style (ONNX has one, Keras may have two)."""
+
+    def check_fix(self, view: ModelView, request: FixRequest) -> None:
+        """Every refusal of ``fix`` that needs no execution (raise BackendError), before any probe runs."""
+        raise BackendError(f"{view.info.path}: `bncheck fix` does not rewrite {self.format} models")
+
+    def fix(self, view: ModelView, request: FixRequest) -> FixOutcome:
+        """Repair ``view``'s model into ``request.output`` (nothing written in a dry run)."""
+        raise BackendError(f"{view.info.path}: `bncheck fix` does not rewrite {self.format} models")

@@ -7,12 +7,14 @@ SCHEMA_VERSION.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from bncheck import __version__
 from bncheck.findings import Finding, number, shape_json
+from bncheck.fix_result import FixResult, LayerFix
 from bncheck.model import NormLayer, ProbeResult, TensorStats, summarize
 from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes
 from bncheck.verdicts import is_affected, is_culprit
@@ -73,7 +75,54 @@ def to_document(report: Report) -> dict[str, Any]:
         }
     for name, section in report.sections.items():
         doc[name] = jsonable(section)
+    if report.fix is not None:
+        doc["fix"] = _fix(report.fix, report.fail_on)
     return doc
+
+
+def _fix(fix: FixResult, fail_on: str) -> dict[str, Any]:
+    outcome = fix.outcome
+    return {
+        "output": fix.output,
+        "dry_run": fix.dry_run,
+        "stats": fix.stats,
+        "min_samples": fix.min_samples,
+        "written": list(outcome.written),
+        "changed": fix.changed,
+        "samples": outcome.samples,
+        "samples_used": outcome.samples_used,
+        "padded": outcome.padded,
+        "batch_size": outcome.batch_size,
+        "passes": outcome.passes,
+        "notes": list(outcome.notes),
+        "layers": [_layer_fix(entry) for entry in outcome.layers],
+        "summary": fix.summary(fail_on),
+        "remaining": [_finding(f) for f in fix.remaining(fail_on)],
+        "reprobe": to_document(fix.after) if fix.after is not None else None,
+    }
+
+
+def _layer_fix(entry: LayerFix) -> dict[str, Any]:
+    spread = entry.uncertainty
+    return {
+        "layer": entry.layer,
+        "action": entry.action,
+        "reason": entry.reason,
+        "code": entry.code,
+        "source": entry.source,
+        "old": jsonable(asdict(entry.old)) if entry.old is not None else None,
+        "new": jsonable(asdict(entry.new)) if entry.new is not None else None,
+        "uncertainty": None if spread is None else {
+            "samples": spread.samples,
+            "values_per_channel": spread.values_per_channel,
+            "mean_se_sd": number(spread.mean_se_sd),
+            "mean_se_sd_max": number(spread.mean_se_sd_max),
+            "var_rel_error": number(spread.var_rel_error),
+            "var_rel_error_max": number(spread.var_rel_error_max),
+            "large": spread.large,
+        },
+        "evidence": jsonable(entry.evidence),
+    }
 
 
 def _layer(report: Report, layer: NormLayer, batch_sizes: list[int]) -> dict[str, Any]:

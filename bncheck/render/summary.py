@@ -8,12 +8,22 @@ from bncheck.report import Report
 
 def summary_line(report: Report) -> str:
     """``3 normalization layers, 2 errors, 0 warnings, 0 info; worst: error; fails --fail-on error (exit 1)``."""
-    counts = report.counts()
-    parts = [plural(n, label, "info" if label == "info" else None) for label, n in counts.items()]
     worst = report.max_severity.label if report.max_severity else "none"
     verdict = "fails" if report.exit_code else "passes"
+    fix = report.fix
+    if fix is not None:  # judged on the written model (linters' fix convention)
+        before = f"before: {_counts(report)}"
+        if fix.after is None:
+            return f"{before}; nothing written: the model as it is {verdict} --fail-on {report.fail_on} (exit {report.exit_code})"
+        why = " (--exit-non-zero-on-fix: the model was changed)" if fix.exit_non_zero_on_fix and fix.changed else ""
+        return (f"{before}; after: {_counts(fix.after)}; {verdict} --fail-on {report.fail_on} "
+                f"(exit {report.exit_code}){why}")
     return (
         f"{plural(len(report.layers), 'normalization layer')}, "
-        + ", ".join(parts)
+        + _counts(report)
         + f"; worst: {worst}; {verdict} --fail-on {report.fail_on} (exit {report.exit_code})"
     )
+
+
+def _counts(report: Report) -> str:
+    return ", ".join(plural(n, label, "info" if label == "info" else None) for label, n in report.counts().items())

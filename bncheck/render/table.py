@@ -8,7 +8,6 @@ so a name such as ``[/red]`` or one holding escape sequences prints as the chara
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from bncheck.fix_result import FixResult, LayerFix, StatsSummary
 from bncheck.model import NormLayer
 from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
@@ -87,10 +87,8 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
             )
             console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
             console.print(Padding(Text(literal("fix: " + finding.hint), style="dim"), (0, 0, 0, 4), expand=False))
-    fix = report.sections.get("fix")
-    if isinstance(fix, dict):
-        console.print(_fix_table(fix, width))
-        console.print(Text(literal(f"fix: {fix.get('summary', '')}"), style="bold"))
+    if report.fix is not None:
+        _print_fix(console, report.fix, report.fail_on, width)
     console.print(
         Text(summary_line(report), style=_STYLE.get(report.max_severity.label if report.max_severity else "ok", ""))
     )
@@ -189,36 +187,50 @@ def _print_legend(console: Console, words: set[str]) -> None:
     console.print(grid)
 
 
-def _fix_table(fix: dict[str, Any], width: int) -> Table:
-    """What `bncheck fix` did per layer: action, and why (old -> new running statistics medians)."""
-    entries: Sequence[dict[str, Any]] = fix.get("layers", [])
-    names = [literal(str(e.get("layer", "?"))) for e in entries]
+def _print_fix(console: Console, fix: FixResult, fail_on: str, width: int) -> None:
+    """What `bncheck fix` did per layer, the notes, the written model's remaining findings, one summary."""
+    console.print(_fix_table(fix, width))
+    for note in fix.outcome.notes:
+        console.print(Text(literal(f"fix: {note}"), style="yellow" if "uncertain" in note else "dim"))
+    left = fix.remaining(fail_on)
+    if left:
+        console.print(Text(literal(f"Remaining in {fix.output} (at or above --fail-on {fail_on})"), style="bold"))
+        for finding in left:
+            label = finding.severity.label
+            console.print(Text.assemble((f"{label.upper():7} ", _STYLE[label]),
+                                        (f"{finding.code} {finding.check} ", "bold"), (literal(finding.layer), "bold")))
+            console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
+    console.print(Text(literal(f"fix: {fix.summary(fail_on)}"), style="bold"))
+
+
+def _fix_table(fix: FixResult, width: int) -> Table:
+    """Per layer: action, where the statistics come from (old -> new medians), their uncertainty, and why."""
+    entries = fix.outcome.layers
+    names = [literal(e.layer) for e in entries]
     room = min(max((cell_len(n) for n in names), default=5), max(12, width // 4))
     table = Table(
         box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0), title="fix", title_justify="left"
     )
     table.add_column("layer", no_wrap=True)
     table.add_column("action", no_wrap=True)
-    table.add_column("mean / var median: old -> new", overflow="fold")
+    table.add_column("mean / var median", overflow="fold")
     table.add_column("reason", overflow="fold")
     for name, entry in zip(shorten_names(names, room, cell_len), entries):
-        table.add_row(
-            Text(name),
-            Text(literal(str(entry.get("action", "?")))),
-            Text(_old_new(entry.get("old"), entry.get("new"))),
-            Text(literal(str(entry.get("reason") or ""))),
-        )
+        reason = entry.reason
+        if entry.uncertainty is not None:
+            reason += f" [{entry.uncertainty.text()}]"
+        table.add_row(Text(name), Text(entry.action), Text(_old_new(entry)), Text(literal(reason)))
     return table
 
 
-def _old_new(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
-    def pair(stats: dict[str, Any] | None) -> str:
-        if not stats or not stats.get("mean") or not stats.get("var"):
-            return "-"
-        mean, var = stats["mean"].get("median"), stats["var"].get("median")
+def _old_new(entry: LayerFix) -> str:
+    def pair(stats: StatsSummary | None) -> str:
+        mean, var = stats.medians() if stats is not None else (None, None)
         return "-" if mean is None or var is None else f"{mean:.3g} / {var:.3g}"
 
-    return "" if new is None else f"{pair(old)} -> {pair(new)}"
+    if entry.source == "stored":
+        return f"kept {pair(entry.old)}"
+    return "" if entry.new is None else f"{pair(entry.old)} -> {pair(entry.new)}"
 
 
 def _mode(layer: NormLayer) -> str:

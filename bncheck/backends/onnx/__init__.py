@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bncheck.backends.base import Backend, ProbeSettings
+from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import InputSpec, ModelView, ProbeResult
 
 
@@ -30,6 +31,16 @@ class OnnxBackend(Backend):
         from bncheck.backends.onnx.run import run_probe
 
         return [run_probe(view, settings)]
+
+    def check_fix(self, view: ModelView, request: FixRequest) -> None:
+        from bncheck.backends.onnx.fix import precheck
+
+        precheck(view, request)
+
+    def fix(self, view: ModelView, request: FixRequest) -> FixOutcome:
+        from bncheck.backends.onnx.fix import fix_onnx
+
+        return fix_onnx(view, request)
 
 
 def graph_inputs(handle) -> list[InputSpec]:

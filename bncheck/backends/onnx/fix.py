@@ -23,12 +23,13 @@ in the same pass (it then waits for the next one). A model whose statistics are 
 chain of k dependent repairs takes k passes. Variances are population variances over batch and spatial
 axes, accumulated over all calibration samples in float64.
 
-How many samples are needed (the rule the refusal quotes): a layer's statistics are estimated from
-``samples x positions`` values per channel (positions = spatial elements per sample). bncheck requires at
-least :data:`MIN_SAMPLES` samples (positions of one sample are correlated: fewer samples describe a few
-inputs, not the data) and at least :data:`MIN_VALUES_PER_CHANNEL` values per channel (the standard error
-of the mean is then at most a tenth of the channel's standard deviation, well inside BN003's drift
-threshold of half a standard deviation). A layer on 1x1 maps therefore needs 100 samples, one on 8x8 maps 8.
+Where the statistics come from (``--stats``, see bncheck.fix_result): a train-mode node whose stored running
+statistics are sound (not exactly 0/1, finite, no negative variance) becomes an inference node with them, no
+data needed (``auto`` without data, ``stored``); with data, ``auto`` keeps them unless the data show drift
+(BN003's thresholds), and ``data`` always recomputes. Stale statistics need data; without it the fix refuses,
+naming the layers. How many samples are enough (a floor, then a reported uncertainty) is
+bncheck.fix_result's rule, shared with the Keras backend. A model with a fixed batch dimension uses every
+sample: its last batch is completed with repeated samples that the statistics leave out.
 
 Preservation: everything not repaired is written back exactly as it was read: other initializers, node
 names and order, metadata, opsets, and the external-data layout. A model without external data is edited in
@@ -47,7 +48,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,12 +58,18 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.load import OnnxHandle
-from bncheck.model import Kind, ModelView, NormLayer, TensorStats, summarize
+from bncheck.fix_result import (
+    MIN_SAMPLES,
+    FixOutcome,
+    FixRequest,
+    LayerFix,
+    StatsSummary,
+    calibration_batches,
+    listing,
+    uncertainty,
+)
+from bncheck.model import Kind, ModelView, NormLayer, TensorStats
 
-#: at least this many samples per layer (see the module docstring for the rule).
-MIN_SAMPLES = 8
-#: at least this many values per channel (samples x spatial positions).
-MIN_VALUES_PER_CHANNEL = 100
 #: a moments chain must agree with the batch-norm formula to this relative tolerance (float32 arithmetic).
 CHAIN_TOLERANCE = 1e-4
 
@@ -71,34 +78,6 @@ STALE = "BN003"
 REPAIRABLE = (TRAIN_MODE, STALE)
 
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-
-
-@dataclass
-class LayerFix:
-    """What `fix` did (or would do) to one layer, for the report's ``fix`` section."""
-
-    layer: str
-    action: str  # recalibrated | to-inference | replaced-moments | not-fixed | unchanged
-    reason: str
-    code: str | None = None
-    old: dict[str, Any] | None = None
-    new: dict[str, Any] | None = None
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "action": self.action, "reason": self.reason, "code": self.code,
-                "old": self.old, "new": self.new, "evidence": self.evidence}
-
-
-@dataclass
-class FixOutcome:
-    layers: list[LayerFix]
-    written: list[str]
-    samples: int
-    samples_used: int
-    batch_size: int
-    passes: int
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,44 +90,42 @@ class _Pending:
     code: str
     reason: str
     defaults: bool = False
+    # a train-mode layer with sound stored statistics (--stats auto with data): keep them unless the data
+    # show drift
+    prefer_stored: bool = False
 
 
 # ====================================================================== entry point
 
 
-def fix_onnx(
-    view: ModelView,
-    output: str | None,
-    data: dict[str, np.ndarray] | None,
-    repair: set[str],
-    *,
-    dry_run: bool = False,
-    batch_size: int = 32,
-    data_label: str = "the data",
-    flagged: dict[str, dict[str, Any]] | None = None,
-) -> FixOutcome:
-    """Plan, measure and apply the repairs of ``view``'s model; write ``output`` unless ``dry_run``.
+def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
+    """Plan, measure and apply the repairs of ``view``'s model; write ``request.output`` unless a dry run.
 
-    ``data`` maps input names to arrays whose first axis is samples (None only for a dry run: the plan is
-    then static). ``repair`` holds the codes to repair (BN002, BN003). ``flagged`` maps the layers the
-    original model's probe reported as BN003 drift to that finding's evidence: they are recalibrated even
-    when, with their upstream layers repaired, their drift falls under the thresholds. Raises BackendError
-    for refusals.
+    ``request.data`` maps input names to arrays whose first axis is samples (None: train-mode layers switch
+    to their stored statistics where sound, and anything that needs data is refused, or only planned in a
+    dry run). ``request.flagged`` maps the layers the original model's probe reported as BN003 drift to
+    that finding's evidence: they are recalibrated even when, with their upstream layers repaired, their
+    drift falls under the thresholds. Raises BackendError for refusals, before anything is measured.
     """
     handle: OnnxHandle = view.handle
-    results, pending, batch, usable, notes = _prepare(view, output, data, repair, dry_run, batch_size, data_label)
-    samples = int(next(iter(data.values())).shape[0]) if data else 0
-    fixer = _Fixer(handle, data or {}, batch, usable, data_label, flagged or {})
+    data = request.data
+    plan = _prepare(view, request)
+    results = plan.results
+    fixer = _Fixer(handle, data or {}, plan.batch, request.min_samples, request.data_label, request.flagged,
+                   fixed=plan.fixed)
+    for layer in plan.stored:  # train-mode layers switched to inference with their own statistics
+        fixer.record(_edit_to_inference("out:" + layer.output, fixer.opset))
     passes = 0
+    pending = plan.pending
     if data is None:
         for p in pending:
             if p.what == "stale" and not p.defaults:
                 results[p.index] = LayerFix(p.layer.name, "unchanged", "drift from the data cannot be judged "
-                                            "without --data", None, _old(p.layer))
+                                            "without --data", old=StatsSummary.stored(p.layer))
             else:
-                results[p.index] = LayerFix(p.layer.name, _ACTION[p.what], p.reason + " (dry run without "
-                                            "--data: new statistics not computed)", p.code,
-                                            _old(p.layer) if p.what != "moments" else None)
+                results[p.index] = LayerFix(p.layer.name, "not-fixed" if not request.dry_run else _ACTION[p.what],
+                                            p.reason + " (without --data: new statistics not computed)", p.code,
+                                            old=StatsSummary.stored(p.layer) if p.what != "moments" else None)
     elif pending:
         ups = _upstream_masks(pending, handle)
         remaining = list(range(len(pending)))
@@ -165,51 +142,87 @@ def fix_onnx(
                     continue
                 p = pending[k]
                 results[p.index] = fixer.apply(p, stats.get(p.layer.name))
-                if results[p.index].action in _ACTION.values():
+                if results[p.index].changed:
                     changed |= 1 << k
             remaining = later
-    written = [] if dry_run else fixer.write(output)  # type: ignore[arg-type]
-    return FixOutcome([results[i] for i in range(len(view.layers))], written, samples, usable, batch, passes,
-                      notes)
+    written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
+    layers = [results[i] for i in range(len(view.layers))]
+    notes = list(plan.notes)
+    notes += [f"{e.layer}: the new statistics are uncertain ({e.uncertainty.text()}); more calibration samples "
+              "would pin them" for e in layers if e.uncertainty is not None and e.uncertainty.large]
+    return FixOutcome(layers, written, plan.samples, plan.samples, plan.batch, passes, plan.padded, notes)
 
 
-def precheck(view: ModelView, output: str | None, data: dict[str, np.ndarray] | None, repair: set[str], *,
-             dry_run: bool = False, batch_size: int = 32, data_label: str = "the data") -> None:
-    """Every refusal that needs no execution (output, external files, too few samples for a known shape),
-    so that `fix` fails in a second instead of after probing the model."""
-    _prepare(view, output, data, repair, dry_run, batch_size, data_label)
+def precheck(view: ModelView, request: FixRequest) -> None:
+    """Every refusal that needs no execution (output, external files, stale layers without data, too few
+    samples), so that `fix` fails in a second instead of after probing the model."""
+    _prepare(view, request)
 
 
-def _prepare(view: ModelView, output: str | None, data: dict[str, np.ndarray] | None, repair: set[str],
-             dry_run: bool, batch_size: int, data_label: str
-             ) -> tuple[dict[int, LayerFix], list[_Pending], int, int, list[str]]:
-    """Static refusals and the static plan: (decided layers, pending layers, batch, usable samples, notes)."""
+@dataclass
+class _Plan:
+    results: dict[int, LayerFix]  # layers decided statically
+    pending: list[_Pending]  # layers that need the data
+    stored: list[NormLayer]  # train-mode layers switched to their stored statistics
+    batch: int
+    fixed: bool  # the model's batch dimension is fixed at ``batch``
+    samples: int
+    padded: int
+    notes: list[str]
+
+
+def _prepare(view: ModelView, request: FixRequest) -> _Plan:
+    """Static refusals and the static plan."""
     handle: OnnxHandle = view.handle
     src = handle.path
-    if not dry_run:
+    output, data = request.output, request.data
+    if not request.dry_run:
         check_output(src, output)
+        assert output is not None  # check_output refuses a missing one
         if handle.external_data:  # a clash with the input's external files
-            out_dir = os.path.dirname(os.path.abspath(output))  # type: ignore[arg-type]
-            _external_names(onnx.load(src, load_external_data=False), src, os.path.dirname(src), output,  # type: ignore[arg-type]
-                            out_dir)
+            out_dir = os.path.dirname(os.path.abspath(output))
+            _external_names(onnx.load(src, load_external_data=False), src, os.path.dirname(src), output, out_dir)
     graph = _GraphFacts(handle.model)
     results: dict[int, LayerFix] = {}
     pending: list[_Pending] = []
+    stored: list[NormLayer] = []
+    refused: list[str] = []
     for i, layer in enumerate(view.layers):
-        planned = _plan(i, layer, graph, repair)
-        if isinstance(planned, LayerFix):
+        planned = _plan(i, layer, graph, request)
+        if isinstance(planned, _Refused):
+            refused.append(f"{layer.name} ({planned.why})")
+        elif isinstance(planned, LayerFix):
             results[i] = planned
+            if planned.source == "stored" and planned.changed:
+                stored.append(layer)
         else:
             pending.append(planned)
+    if refused:
+        raise BackendError(f"{src}: --stats stored keeps the file's statistics, but they cannot serve in "
+                           f"{listing(refused)}: use --stats auto with --data CALIB to recompute them")
+    needs_data = [p.layer.name for p in pending if not (p.what == "stale" and not p.defaults)]
+    if data is None and needs_data and not request.dry_run:
+        raise BackendError(f"{src}: {listing(needs_data)} need calibration data (--data CALIB): their stored "
+                           "statistics are stale (never updated, non-finite or negative) or absent; layers "
+                           "with sound statistics need none (or pass --only to skip these)")
     samples = int(next(iter(data.values())).shape[0]) if data else 0
-    batch, usable = _batching(view, samples, batch_size)
+    batch, fixed = _batching(view, request.batch_size)
+    padded = (-samples) % batch if fixed else 0
     notes: list[str] = []
-    if usable < samples:
-        notes.append(f"the model's batch dimension is fixed at {batch}: {samples - usable} of {samples} "
-                     "samples left out")
-    if data is not None and pending:
-        _check_samples_static(pending, usable, data_label)
-    return results, pending, batch, usable, notes
+    if padded:
+        notes.append(f"the model's batch dimension is fixed at {batch}: the last batch was completed with "
+                     f"{padded} repeated sample(s), left out of the statistics")
+    if data is not None and pending and samples < request.min_samples:
+        raise BackendError(
+            f"{request.data_label}: {samples} sample(s) are too few to estimate the statistics of "
+            f"{listing([p.layer.name for p in pending])}: at least {request.min_samples} needed "
+            f"(floor {MIN_SAMPLES}; --min-samples N overrides it)")
+    return _Plan(results, pending, stored, batch, fixed, samples, padded, notes)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    why: str
 
 
 _ACTION = {"train": "to-inference", "stale": "recalibrated", "moments": "replaced-moments"}
@@ -288,13 +301,12 @@ def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
                         yield name
 
 
-def _old(layer: NormLayer) -> dict[str, Any]:
-    return {"mean": summarize(layer.mean), "var": summarize(layer.var)}
-
-
-def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> LayerFix | _Pending:
-    """The static decision for one layer: a final LayerFix, or a _Pending that needs the data."""
+def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> LayerFix | _Pending | _Refused:
+    """The static decision for one layer: a final LayerFix, a _Pending that needs the data, or _Refused
+    (--stats stored on statistics that cannot serve)."""
     name = layer.name
+    repair = request.repair
+    old = StatsSummary.stored(layer)
     if layer.extra.get("lowered_instance_norm"):
         return LayerFix(name, "unchanged", "lowered InstanceNorm (training-mode BatchNormalization on a "
                         "[1, N*C, ...] reshape): per-sample statistics, not a defect; left as is")
@@ -333,7 +345,7 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> Lay
     if layer.batch_statistics:
         if TRAIN_MODE not in repair:
             return LayerFix(name, "not-fixed", "train-mode BatchNormalization: BN002 not selected by --only",
-                            TRAIN_MODE, _old(layer))
+                            TRAIN_MODE, old=old)
         for out in list(node.output[1:]):
             if not out:
                 continue
@@ -341,13 +353,24 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> Lay
             if out in graph.graph_outputs:
                 return LayerFix(name, "not-fixed", f"its training output {out!r} is a graph output; removing "
                                 "it would change the model's interface (re-export the model in inference "
-                                "mode instead)", TRAIN_MODE, _old(layer))
+                                "mode instead)", TRAIN_MODE, old=old)
             if readers:
                 return LayerFix(name, "not-fixed", f"its training output {out!r} is read by "
                                 f"{readers[0].split(':', 1)[1]!r}; an inference node has no such output "
-                                "(re-export the model in inference mode instead)", TRAIN_MODE, _old(layer))
+                                "(re-export the model in inference mode instead)", TRAIN_MODE, old=old)
+        problem = verdicts.stored_stats_problem(layer)
+        if problem is None and (request.stats == "stored" or (request.stats == "auto" and request.data is None)):
+            return LayerFix(name, "to-inference", "train-mode BatchNormalization turned into an inference node "
+                            "with its stored running statistics (sound: not 0/1, finite, variance >= 0)",
+                            TRAIN_MODE, source="stored", old=old)
+        if problem is not None and request.stats == "stored":
+            return _Refused(problem)
+        if problem is None and request.stats == "auto":
+            return _Pending(i, layer, "train", TRAIN_MODE, "train-mode BatchNormalization turned into an "
+                            "inference node", prefer_stored=True)
+        why = f"stored statistics unusable: {problem}" if problem else "--stats data"
         return _Pending(i, layer, "train", TRAIN_MODE, "train-mode BatchNormalization turned into an inference "
-                        "node with statistics from the data")
+                        f"node with statistics from the data ({why})")
     if not layer.uses_running_stats:
         return LayerFix(name, "unchanged", "does not use running statistics")
     if layer.mean is None or layer.var is None:
@@ -357,12 +380,15 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, repair: set[str]) -> Lay
     if STALE not in repair:
         if defaults:
             return LayerFix(name, "not-fixed", "running statistics never updated: BN003 not selected by --only",
-                            STALE, _old(layer))
-        return LayerFix(name, "unchanged", "stale-statistics repair (BN003) not selected by --only", None,
-                        _old(layer))
+                            STALE, old=old)
+        return LayerFix(name, "unchanged", "stale-statistics repair (BN003) not selected by --only", old=old)
+    if defaults and request.stats == "stored":
+        return _Refused("running mean exactly 0 and variance exactly 1 (never updated)")
     if defaults:
         return _Pending(i, layer, "stale", STALE, f"running mean exactly 0 and variance exactly 1 in all "
                         f"{layer.mean.size} channels (never updated): recomputed from the data", defaults=True)
+    if request.stats == "stored":
+        return LayerFix(name, "unchanged", "--stats stored: running statistics kept as stored", old=old)
     return _Pending(i, layer, "stale", STALE, "running statistics compared with the data")
 
 
@@ -410,55 +436,12 @@ def _chain_nodes(layer: NormLayer, graph: _GraphFacts) -> list[onnx.NodeProto] |
 # ====================================================================== samples
 
 
-def _batching(view: ModelView, samples: int, batch_size: int) -> tuple[int, int]:
-    """(batch size to feed, samples usable): a model with a fixed batch dimension takes only full batches."""
+def _batching(view: ModelView, batch_size: int) -> tuple[int, bool]:
+    """(batch size to feed, whether the model fixes it): a fixed batch dimension takes only full batches."""
     fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
     if len(fixed) == 1:
-        batch = fixed.pop()
-        return batch, (samples // batch) * batch
-    return batch_size, samples
-
-
-def _positions(layer: NormLayer) -> int | None:
-    """Spatial positions per sample of a layer's input (elements per channel per sample), if known."""
-    shape = layer.input_shape
-    if shape is None or layer.channel_axis is None:
-        return None
-    out = 1
-    for axis, dim in enumerate(shape):
-        if axis in (0, layer.channel_axis):
-            continue
-        if not isinstance(dim, int):
-            return None
-        out *= dim
-    return out
-
-
-def samples_needed(positions: int) -> int:
-    """The sample count the documented rule asks for a layer with ``positions`` values per sample and channel."""
-    return max(MIN_SAMPLES, math.ceil(MIN_VALUES_PER_CHANNEL / max(positions, 1)))
-
-
-def _too_few(layer: NormLayer, positions: int | None, usable: int, data_label: str) -> BackendError:
-    need = samples_needed(positions) if positions else MIN_SAMPLES
-    per = f"{positions} value(s) per channel per sample" if positions else "spatial size unknown"
-    return BackendError(
-        f"{data_label}: {usable} sample(s) are too few to estimate the statistics of layer {layer.name!r} "
-        f"({per}): at least {need} needed (rule: >= {MIN_SAMPLES} samples and >= {MIN_VALUES_PER_CHANNEL} "
-        "values per channel)"
-    )
-
-
-def _check_samples_static(pending: list[_Pending], usable: int, data_label: str) -> None:
-    """Refuse before any measurement when the shapes already show the data is too small."""
-    worst: tuple[int, NormLayer, int | None] | None = None
-    for p in pending:
-        positions = _positions(p.layer)
-        need = samples_needed(positions) if positions else MIN_SAMPLES
-        if worst is None or need > worst[0]:
-            worst = (need, p.layer, positions)
-    if worst is not None and usable < worst[0]:
-        raise _too_few(worst[1], worst[2], usable, data_label)
+        return int(fixed.pop()), True
+    return batch_size, False
 
 
 # ====================================================================== order of repairs
@@ -647,12 +630,13 @@ def _delete_where(repeated: Any, condition: Callable[[Any], bool]) -> None:
 class _Fixer:
     """The working copy (weights loaded, edited as repairs are decided) and the edits to replay."""
 
-    def __init__(self, handle: OnnxHandle, data: dict[str, np.ndarray], batch: int, usable: int, data_label: str,
-                 flagged: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, handle: OnnxHandle, data: dict[str, np.ndarray], batch: int, min_samples: int,
+                 data_label: str, flagged: dict[str, dict[str, Any]], fixed: bool = False) -> None:
         self.handle = handle
+        self.fixed = fixed  # the model's batch dimension is fixed: every batch must be full
         self.data = data
         self.batch = batch
-        self.usable = usable
+        self.min_samples = min_samples
         self.data_label = data_label
         self.edits: list[Edit] = []
         self.opset = _GraphFacts(handle.model).opset.get("", 0)
@@ -660,42 +644,53 @@ class _Fixer:
 
     # ------------------------------------------------------------------ statistics
 
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, self.usable, self.batch):
-            stop = min(start + self.batch, self.usable)
-            yield {name: array[start:stop] for name, array in self.data.items()}
-
     def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
         from bncheck.backends.onnx.run import measure_inputs
 
         work = OnnxHandle(path=self.handle.path, model=self.handle.model, external_data=False,
                           value_shapes=self.handle.value_shapes, value_types=self.handle.value_types,
                           size_bytes=self.handle.size_bytes, info=self.handle.info, notes=[])
-        return measure_inputs(work, layers, self.batches())
+        return measure_inputs(work, layers, calibration_batches(self.data, self.batch, fixed=self.fixed))
 
     # ------------------------------------------------------------------ decisions
 
+    def record(self, edit: Edit) -> None:
+        edit(self.handle.model, _Sink())
+        self.edits.append(edit)
+
     def apply(self, p: _Pending, stats: TensorStats | None) -> LayerFix:
         layer = p.layer
-        old = _old(layer) if p.what != "moments" else None
+        old = StatsSummary.stored(layer) if p.what != "moments" else None
         if stats is None:
-            return LayerFix(layer.name, "not-fixed", "its input could not be measured", p.code, old)
+            return LayerFix(layer.name, "not-fixed", "its input could not be measured", p.code, old=old)
         samples = int(stats.sample_mean.shape[0])
-        positions = int(stats.count // max(samples, 1))
-        if samples < samples_needed(positions):
-            raise _too_few(layer, positions, samples, self.data_label)
+        if samples < self.min_samples:  # the static check saw the data's size; this is the measured one
+            raise BackendError(f"{self.data_label}: {samples} sample(s) reached layer {layer.name!r}: at least "
+                               f"{self.min_samples} needed (--min-samples N overrides the floor)")
+        spread = uncertainty(stats)
         evidence: dict[str, Any] = {"samples": samples, "values_per_channel": int(stats.count)}
         if stats.total_nonfinite:
             return LayerFix(layer.name, "not-fixed", f"its input holds {stats.total_nonfinite} NaN/Inf value(s) "
-                            "on the calibration data: no honest statistics", p.code, old, None, evidence)
+                            "on the calibration data: no honest statistics", p.code, old=old, evidence=evidence)
         channels = layer.channels or (layer.mean.size if layer.mean is not None else None)
         if channels is not None and stats.channels != channels:
             return LayerFix(layer.name, "not-fixed", f"measured {stats.channels} channels, the layer has "
-                            f"{channels}", p.code, old, None, evidence)
+                            f"{channels}", p.code, old=old, evidence=evidence)
         mean = np.asarray(stats.mean, dtype=np.float64)
         var = np.asarray(stats.var, dtype=np.float64)
-        new = {"mean": summarize(mean), "var": summarize(var)}
-        if p.what == "stale" and not p.defaults:
+        new = StatsSummary.of(mean, var)
+        key = "out:" + layer.output
+        if p.what == "train" and p.prefer_stored:
+            shift, log_ratio = verdicts.drift(layer, mean, var)
+            evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
+            now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
+            if not (shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD):
+                self.record(_edit_to_inference(key, self.opset))
+                return LayerFix(layer.name, "to-inference", f"{p.reason} with its stored running statistics, "
+                                f"which agree with the data ({now})", p.code, source="stored", old=old,
+                                evidence=evidence)
+            reason = f"{p.reason} with statistics from the data (the stored ones drift from it: {now})"
+        elif p.what == "stale" and not p.defaults:
             shift, log_ratio = verdicts.drift(layer, mean, var)
             evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
             drifts = (shift > verdicts.MEAN_SHIFT_THRESHOLD
@@ -704,8 +699,7 @@ class _Fixer:
             now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
             if not drifts and before is None:
                 return LayerFix(layer.name, "unchanged", f"running statistics agree with the data ({now}; "
-                                f"thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)", None, old, None,
-                                evidence)
+                                f"thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)", old=old, evidence=evidence)
             if drifts:
                 reason = f"running statistics drift from the data ({now}): recomputed from the data"
             else:
@@ -716,7 +710,6 @@ class _Fixer:
         else:
             reason = p.reason
         if p.what in ("stale", "train"):
-            key = "out:" + layer.output
             _, node = _find_node(self.handle.model, key)
             # new statistics tensors take the stored statistics' type (opset 15 lets it differ from X's)
             stored = self.handle.value_types.get(node.input[3]) if len(node.input) > 3 else None
@@ -728,12 +721,12 @@ class _Fixer:
             built = self._moments_edit(layer, mean, var)
             if isinstance(built, str):
                 return LayerFix(layer.name, "not-fixed", f"hand-written batch moments left as is: {built}",
-                                p.code, None, None, evidence)
+                                p.code, evidence=evidence)
             edits = [built]
         for edit in edits:
-            edit(self.handle.model, _Sink())
-            self.edits.extend([edit])
-        return LayerFix(layer.name, _ACTION[p.what], reason, p.code, old, new, evidence)
+            self.record(edit)
+        return LayerFix(layer.name, _ACTION[p.what], reason, p.code, source="data", old=old, new=new,
+                        uncertainty=spread, evidence=evidence)
 
     def _value_type(self, name: str) -> int:
         t = self.handle.value_types.get(name)

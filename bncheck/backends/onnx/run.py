@@ -440,17 +440,25 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
 
 def measure_inputs(
-    handle: OnnxHandle, layers: list[NormLayer], batches: Iterable[dict[str, np.ndarray]]
+    handle: OnnxHandle, layers: list[NormLayer],
+    batches: Iterable[dict[str, np.ndarray] | tuple[dict[str, np.ndarray], int]],
 ) -> dict[str, TensorStats]:
-    """Each layer's input statistics accumulated over all ``batches`` (inference mode, model as is)."""
+    """Each layer's input statistics accumulated over all ``batches`` (inference mode, model as is).
+
+    A batch may come as (feeds, n): only its first n samples count (a fixed-batch model's last batch
+    completed with repeats, see bncheck.fix_result.calibration_batches)."""
+    from bncheck.fix_result import first_samples
+
     engine = _Engine(handle, layers, inputs_only=True)
     _trim()  # the optimizing session's freed heap back to the OS
     try:
         parts: dict[str, list[TensorStats]] = {}
-        for feeds in batches:
+        for batch in batches:
+            feeds, real = batch if isinstance(batch, tuple) else (batch, None)
             for name, probe in engine(feeds).items():
                 if probe.input is not None:
-                    parts.setdefault(name, []).append(probe.input)
+                    parts.setdefault(name, []).append(
+                        probe.input if real is None else first_samples(probe.input, real))
         return {name: merge_stats(items) for name, items in parts.items()}
     finally:
         engine.close()
