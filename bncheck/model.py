@@ -49,6 +49,8 @@ class NormLayer:
     and ``var`` instead of from the input; ``batch_statistics`` says the statistics computed at inference mix
     the samples of a batch (the train-mode defect). ``training`` is the layer's own flag as written in the
     file, which can be set without batch statistics (the lowered-InstanceNorm trap; see ``notes``).
+    ``running_stats_used_by`` names the call styles that use the stored statistics although the layer as
+    written computes batch statistics (Keras 3: ``model.predict(x)`` overrides a baked ``training=True``).
     """
 
     name: str
@@ -69,6 +71,7 @@ class NormLayer:
     training: bool = False
     batch_statistics: bool = False
     uses_running_stats: bool = False
+    running_stats_used_by: tuple[str, ...] = ()
     centered: bool = True
     scale: np.ndarray | None = field(default=None, repr=False)
     bias: np.ndarray | None = field(default=None, repr=False)

@@ -111,6 +111,12 @@ MEAN_SHIFT_THRESHOLD = 0.5
 LOG_VAR_RATIO_THRESHOLD = math.log(2.0)
 
 
+def judged_running_stats(layer: NormLayer) -> bool:
+    """The layer's stored running statistics are used by some way of calling it: at inference, or (Keras 3)
+    by ``predict()`` although a baked ``training=True`` makes the plain call use batch statistics."""
+    return layer.uses_running_stats or bool(layer.running_stats_used_by)
+
+
 def has_default_stats(layer: NormLayer) -> bool:
     """Running mean exactly 0 and running variance exactly 1 in every channel."""
     if layer.mean is None or layer.var is None or layer.mean.size == 0:
@@ -153,22 +159,73 @@ def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray)
 TF_EPSILON_CLAMP = 1.001e-5
 #: 1e-5 rounded to float32 is 9.99999975e-06; anything within this relative distance of 1e-5 is 1e-5.
 FLOAT32_ROUNDING = 1e-6
-DOMINANCE_RATIO = 0.1
+#: epsilon at least this multiple of a channel's running variance damps that channel's output by at least
+#: 1/sqrt(2) (sqrt(var / (var + eps)) <= 0.71); below it the damping is a few percent and not worth a word.
+DOMINANCE_RATIO = 1.0
+#: A channel whose expected output spread, |gamma| * sqrt(var / (var + eps)), is at most this fraction of the
+#: layer's largest channel spread is dead: its output is its beta whatever epsilon is (trained models carry
+#: such channels, variance down to 1e-44 or gamma near 0, and their epsilon "dominance" means nothing). On
+#: trained models shipped in public packages the dead channels sit 1e-8 to 1e-30 below the layer's largest.
+NEGLIGIBLE_OUTPUT_RATIO = 1e-3
 
 
 def below_clamp(epsilon: float) -> bool:
     return 0.0 < epsilon < 1e-5 * (1.0 - FLOAT32_ROUNDING)
 
 
-def clamp_effect(epsilon: float, var: np.ndarray | None) -> float | None:
-    """Largest relative output change over channels when epsilon is raised to 1.001e-5 (None: var unknown)."""
+def output_spread(layer: NormLayer) -> np.ndarray | None:
+    """Per channel, |gamma| * sqrt(var / (var + eps)): the standard deviation of an inference batch norm's
+    output on inputs distributed as its running statistics (None: variance unknown)."""
+    if layer.var is None:
+        return None
+    var = np.asarray(layer.var, dtype=np.float64).ravel()
+    eps = float(layer.epsilon or 0.0)
+    gamma = np.ones_like(var)
+    if layer.scale is not None and np.size(layer.scale) == var.size:
+        gamma = np.abs(np.asarray(layer.scale, dtype=np.float64).ravel())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return gamma * np.sqrt(np.clip(var, 0.0, None) / (np.clip(var, 0.0, None) + eps))
+
+
+def live_channels(layer: NormLayer) -> np.ndarray | None:
+    """Mask of channels whose output is not negligible (see NEGLIGIBLE_OUTPUT_RATIO); None: variance unknown."""
+    spread = output_spread(layer)
+    if spread is None:
+        return None
+    finite = np.isfinite(spread)
+    if not np.any(finite):
+        return finite
+    top = float(np.max(spread[finite]))
+    return finite & (spread > NEGLIGIBLE_OUTPUT_RATIO * top)
+
+
+def clamp_effect(epsilon: float, var: np.ndarray | None, live: np.ndarray | None = None) -> float | None:
+    """Largest relative output change over (live) channels when epsilon is raised to 1.001e-5 (None: var
+    unknown)."""
     if var is None:
         return None
     v = np.asarray(var, dtype=np.float64).ravel()
-    v = v[np.isfinite(v) & (v >= 0)]
+    keep = np.isfinite(v) & (v >= 0)
+    if live is not None and live.shape == v.shape:
+        keep &= live
+    v = v[keep]
     if v.size == 0:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.sqrt((v + epsilon) / (v + TF_EPSILON_CLAMP))
     return float(np.max(np.abs(1.0 - factor)))
 
+
+def default_stats_output(layer: NormLayer) -> tuple[str, float] | None:
+    """For a batch norm at its initial values (mean 0, var 1, gamma 1, beta 0), what it computes, epsilon
+    included, and the factor 1 / sqrt(1 + eps): "output = x / sqrt(1 + 0.001) = 0.9995 x", not the identity.
+    None for any other layer."""
+    if not has_default_stats(layer) or layer.epsilon is None:
+        return None
+    if layer.scale is not None and not bool(np.all(np.asarray(layer.scale) == 1.0)):
+        return None
+    if layer.bias is not None and not bool(np.all(np.asarray(layer.bias) == 0.0)):
+        return None
+    eps = float(layer.epsilon)
+    factor = 1.0 / math.sqrt(1.0 + eps)
+    return f"output = x / sqrt(1 + {eps:g}) = {factor:.6g} x", factor

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bncheck.checks._util import describe
+from bncheck.checks._util import describe, is_keras
 from bncheck.findings import Finding, Severity
 from bncheck.model import BatchDependence, ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import (
@@ -45,6 +45,11 @@ SEVERITY = Severity.ERROR
 HINT = (
     "Export or build the inference graph with training off (model.eval(), training=False, is_training=False) "
     "so the layer uses its moving statistics, or run `bncheck fix MODEL --data CALIB -o FIXED`."
+)
+#: Keras files: the flag is in the saved call; Keras 3's predict() already overrides it.
+HINT_KERAS = (
+    "Call the layer without training=True and save the model again; meanwhile Keras 3's model.predict(x) and "
+    "model(x, training=False) use the moving statistics (check them: BN003, `bncheck probe --data`)."
 )
 HINT_MOMENTS = (
     "Compute moments over the batch axis only in training; at inference use moving averages "
@@ -109,7 +114,8 @@ def _finding(
     if runtime_note:
         what += (f"; onnxruntime's own output for this node differs from the ONNX spec by up to "
                  f"{runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec")
-    return Finding(CODE, SLUG, SEVERITY, layer.name, what, HINT_MOMENTS if decomposed else HINT, evidence)
+    hint = HINT_KERAS if is_keras(layer) else HINT_MOMENTS if decomposed else HINT
+    return Finding(CODE, SLUG, SEVERITY, layer.name, what, hint, evidence)
 
 
 def _runtime_note(layer: NormLayer, probe: ProbeResult | None) -> float | None:

@@ -13,16 +13,19 @@ Why is this bad?
     At inference a batch norm normalizes with its moving averages. If they never moved (TF1 update ops not in
     the train op's control dependencies; a layer frozen too early) or moved too little (decay 0.999 needs
     thousands of steps), or were accumulated on other data, every activation is mis-scaled and shifted: the
-    model works in training mode and fails in inference mode.
+    model works in training mode and fails in inference mode. A Keras layer called with a baked
+    ``training=True`` is judged too: Keras 3's ``model.predict(x)`` overrides the flag and uses these
+    statistics. At the initial values the layer is not even the identity: it computes ``x / sqrt(1 + eps)``.
 
 Example
     ``tf.contrib.layers.batch_norm(x, is_training=True)`` trained without running ``tf.GraphKeys.UPDATE_OPS``:
     moving_mean stays 0, moving_variance stays 1.
 
 Fix
-    Make the update ops run during training (``tf.control_dependencies(update_ops)``; Keras ``fit`` does it),
-    train long enough for the decay, or recompute the statistics from representative data:
-    ``bncheck fix MODEL --data CALIB -o FIXED``.
+    Recompute the statistics from representative data: ``bncheck fix MODEL --data CALIB -o FIXED`` (ONNX); in
+    Keras, run ``model(x, training=True)`` over representative batches with each BatchNormalization's
+    ``momentum`` lowered so the averages converge, then save. When training a TF1 graph, make the update ops
+    run (``tf.control_dependencies(update_ops)``) and train long enough for the decay.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from bncheck.checks._util import describe
+from bncheck.checks._util import describe, is_keras
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import (
     LOG_VAR_RATIO_THRESHOLD,
     MEAN_SHIFT_THRESHOLD,
+    default_stats_output,
     drift,
     has_default_stats,
+    judged_running_stats,
 )
 
 CODE = "BN003"
@@ -45,34 +50,60 @@ SLUG = "stale-stats"
 SEVERITY = Severity.ERROR
 
 HINT_DEFAULTS = (
-    "The update ops never ran: make them part of training (tf.control_dependencies(UPDATE_OPS); Keras fit "
-    "does it), or recompute the statistics: `bncheck fix MODEL --data CALIB -o FIXED`."
+    "The moving averages never moved: recompute them from representative data "
+    "(`bncheck fix MODEL --data CALIB -o FIXED`); when training a TF1 graph, make the update ops run "
+    "(tf.control_dependencies(UPDATE_OPS))."
 )
 HINT_DRIFT = (
     "Recompute the moving statistics on representative data (`bncheck fix MODEL --data CALIB -o FIXED`), or "
     "train longer / with a smaller momentum decay so the averages converge."
 )
+#: Keras has no update ops to forget (fit updates the averages); the statistics are recomputed in Keras itself.
+HINT_KERAS = (
+    "Recompute the moving statistics in Keras: run model(x, training=True) over representative batches with "
+    "each BatchNormalization's momentum lowered (0.0 for one large batch, or enough batches for the default "
+    "0.99 to converge: a few hundred), then save the model."
+)
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     for layer in view.layers:
-        if not layer.uses_running_stats:
-            continue  # train-mode layers ignore their running statistics; BN002 covers them
+        if not judged_running_stats(layer):
+            continue  # train-mode layers that no call style runs with their running statistics: BN002's
         if has_default_stats(layer):
-            yield Finding(
-                CODE,
-                SLUG,
-                SEVERITY,
-                layer.name,
-                f"{describe(layer)} running mean is exactly 0 and running variance exactly 1 in all "
-                f"{layer.mean.size} channels: the moving averages were never updated",  # type: ignore[union-attr]
-                HINT_DEFAULTS,
-                {"kind": "defaults", "channels": int(layer.mean.size)},  # type: ignore[union-attr]
-            )
+            yield _defaults_finding(layer)
             continue
         finding = _drift_finding(layer, probe)
         if finding is not None:
             yield finding
+
+
+def _used_by(layer: NormLayer) -> str:
+    if layer.uses_running_stats or not layer.running_stats_used_by:
+        return ""
+    return f" (used by {' and '.join(layer.running_stats_used_by)}, although the layer's own call uses batch statistics)"
+
+
+def _defaults_finding(layer: NormLayer) -> Finding:
+    channels = int(layer.mean.size)  # type: ignore[union-attr]
+    evidence: dict[str, object] = {"kind": "defaults", "channels": channels}
+    output = default_stats_output(layer)
+    effect = ""
+    if output is not None:
+        evidence["output_factor"] = output[1]
+        effect = f"; at these values the layer computes {output[0]}: epsilon keeps it from being the identity"
+    if layer.running_stats_used_by and not layer.uses_running_stats:
+        evidence["used_by"] = list(layer.running_stats_used_by)
+    return Finding(
+        CODE,
+        SLUG,
+        SEVERITY,
+        layer.name,
+        f"{describe(layer)} running mean is exactly 0 and running variance exactly 1 in all {channels} channels"
+        f"{_used_by(layer)}: the moving averages were never updated{effect}",
+        HINT_KERAS if is_keras(layer) else HINT_DEFAULTS,
+        evidence,
+    )
 
 
 def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | None:
@@ -93,8 +124,8 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         layer.name,
         f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
         f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
-        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f})",
-        HINT_DRIFT,
+        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}){_used_by(layer)}",
+        HINT_KERAS if is_keras(layer) else HINT_DRIFT,
         {
             "kind": "drift",
             "median_mean_shift": shift,

@@ -1,28 +1,31 @@
-"""BN004 epsilon: epsilon zero, below TensorFlow's 1.001e-5 clamp, or dominating the variance.
+"""BN004 epsilon: epsilon zero, below TensorFlow's 1.001e-5 clamp, or larger than some channels' variance.
 
 What it does
     - epsilon == 0: an error when some channel's running variance is 0 (0/0 at inference), else a warning
       (a constant input gives 0/0).
     - 0 < epsilon < 1e-5 (beyond float32 rounding; PyTorch's and ONNX's default 1e-5 is stored as
       9.99999975e-06 and is fine) on a batch norm: a warning, with the largest relative change of the output
-      that the clamp to 1.001e-5 causes on this layer's stored variances.
-    - epsilon >= 0.1 x the running variance in some channel: a warning with the number of channels and the
-      worst factor ``sqrt(var / (var + eps))`` by which their outputs shrink.
+      that the clamp to 1.001e-5 causes on this layer's stored variances (dead channels left out).
+    - epsilon >= the running variance in some live channel: info, with the number of channels and the worst
+      factor ``sqrt(var / (var + eps))`` by which epsilon damps their outputs. Dead channels (output spread
+      ``|gamma| * sqrt(var / (var + eps))`` at most 1e-3 of the layer's largest: variance ~1e-44 or gamma ~0)
+      are left out: their output is their beta whatever epsilon is.
 
 Why is this bad?
     TensorFlow's fused batch-norm kernel and cuDNN silently raise epsilon to 1.001e-5, so the same weights give
     different outputs in different runtimes; the difference is largest in channels of small variance. An
-    epsilon large against the variance shrinks the normalized output (Keras's default 1e-3 on a layer whose
-    variance is 1e-3 halves it): BN with mean 0, var 1, gamma 1, beta 0 is then not the identity. An epsilon of
-    0 divides by zero on a constant channel.
+    epsilon of 0 divides by zero on a constant channel. An epsilon large against a channel's variance is not a
+    train/inference mismatch (training normalized with the same epsilon); it is reported as info because it
+    explains why the layer is not the identity at mean 0 / variance 1 (``x / sqrt(1 + eps)``) and why such
+    channels are damped.
 
 Example
     ``BatchNormalization(epsilon=1e-8)`` in Keras, converted to ONNX: onnxruntime uses 1e-8, TensorFlow 1.001e-5.
 
 Fix
     Use epsilon >= 1.001e-5 (1e-3 is Keras's default, 1e-5 PyTorch's) when training, so that every runtime
-    computes the same thing; for a trained model, keep epsilon and check the runtime you deploy to; where
-    epsilon dominates, recompute statistics or lower epsilon and re-validate.
+    computes the same thing; for a trained model, keep epsilon and check the runtime you deploy to. An epsilon
+    larger than some channels' variance needs no fix when the model was trained with it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ from bncheck.findings import Finding, Severity, number
 from bncheck.model import Kind, ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import (
     DOMINANCE_RATIO,
+    NEGLIGIBLE_OUTPUT_RATIO,
     TF_EPSILON_CLAMP,
     below_clamp,
     clamp_effect,
+    judged_running_stats,
+    live_channels,
 )
 
 CODE = "BN004"
@@ -54,8 +60,9 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         if eps == 0.0:
             yield _zero(layer, var)
             continue
+        live = live_channels(layer) if var is not None else None
         if layer.kind is Kind.BATCH and below_clamp(eps):
-            effect = clamp_effect(eps, var)
+            effect = clamp_effect(eps, var, live)
             change = f"; on this layer's variances the clamp changes outputs by up to {effect:.3g} (relative)" if effect is not None else ""
             yield Finding(
                 CODE,
@@ -68,13 +75,13 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 "validate the model on the runtime you deploy to.",
                 {"kind": "below-clamp", "epsilon": eps, "clamp": TF_EPSILON_CLAMP, "max_relative_change": effect},
             )
-        finding = _dominance(layer, eps, var)
+        finding = _dominance(layer, eps, var, live)
         if finding is not None:
             yield finding
 
 
 def _running_var(layer: NormLayer) -> np.ndarray | None:
-    if not layer.uses_running_stats or layer.var is None:
+    if not judged_running_stats(layer) or layer.var is None:
         return None
     return np.asarray(layer.var, dtype=np.float64).ravel()
 
@@ -103,30 +110,37 @@ def _zero(layer: NormLayer, var: np.ndarray | None) -> Finding:
     )
 
 
-def _dominance(layer: NormLayer, eps: float, var: np.ndarray | None) -> Finding | None:
+def _dominance(layer: NormLayer, eps: float, var: np.ndarray | None, live: np.ndarray | None) -> Finding | None:
     if var is None:
         return None
     valid = np.isfinite(var) & (var >= 0)
     dominated = valid & (eps >= DOMINANCE_RATIO * var)
+    dead = int(np.sum(dominated & ~live)) if live is not None else 0
+    if live is not None:
+        dominated &= live
     count = int(np.sum(dominated))
     if count == 0:
         return None
     factors = np.sqrt(var[dominated] / (var[dominated] + eps))
     worst = float(np.min(factors))
+    skipped = f"; {dead} dead channel(s) left out" if dead else ""
     return Finding(
         CODE,
         SLUG,
-        SEVERITY,
+        Severity.INFO,
         layer.name,
-        f"{describe(layer)} epsilon {eps:.3g} is at least {DOMINANCE_RATIO} x the running variance in {count} of "
-        f"{var.size} channels: their outputs shrink by up to a factor {worst:.3g} (sqrt(var / (var + eps)))",
-        "Expected only if those channels are really near-constant; otherwise lower epsilon (and retrain) or "
-        "recompute the statistics on representative data.",
+        f"{describe(layer)} epsilon {eps:.3g} is at least the running variance in {count} of {var.size} "
+        f"channels: epsilon damps their outputs by up to a factor {worst:.3g} (sqrt(var / (var + eps))), as it "
+        f"did in training; not a train/inference mismatch{skipped}",
+        "Nothing to fix if the model was trained with this epsilon; a lower epsilon would change these channels' "
+        "outputs.",
         {
             "kind": "dominates",
             "epsilon": eps,
             "channels": count,
             "of_channels": int(var.size),
+            "dead_channels": dead,
+            "negligible_output_ratio": NEGLIGIBLE_OUTPUT_RATIO,
             "worst_factor": worst,
             "min_variance": number(float(np.min(var[dominated]))),
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.builders import bn_model
 
@@ -11,6 +12,31 @@ def test_mean_0_var_1_in_every_channel_is_stale(tmp_path, inspect_findings):
     [finding] = inspect_findings(bn_model(tmp_path / "m.onnx", mean=[0, 0, 0], var=[1, 1, 1]), "BN003")
     assert finding.severity.label == "error"
     assert finding.evidence == {"kind": "defaults", "channels": 3}
+    assert "UPDATE_OPS" in finding.hint  # an ONNX file may come from a TF1 graph
+
+
+def test_layer_at_its_initial_values_explains_the_epsilon_effect(tmp_path, inspect_findings):
+    path = bn_model(tmp_path / "m.onnx", mean=[0] * 3, var=[1] * 3, scale=[1] * 3, bias=[0] * 3, epsilon=1e-3)
+    [finding] = inspect_findings(path, "BN003")
+    assert "output = x / sqrt(1 + 0.001) = 0.9995 x" in finding.message
+    assert abs(finding.evidence["output_factor"] - 1 / np.sqrt(1.001)) < 1e-9
+
+
+def test_keras_layer_with_baked_training_and_initial_statistics_is_stale(tmp_path, inspect_findings):
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "numpy")
+    keras = pytest.importorskip("keras")
+    inp = keras.Input((4,))
+    out = keras.layers.BatchNormalization(name="baked")(keras.layers.Dense(4, name="d")(inp), training=True)
+    path = tmp_path / "baked.keras"
+    keras.Model(inp, out).save(path)  # never fitted: moving mean 0, moving variance 1
+    [finding] = inspect_findings(str(path), "BN003")
+    assert finding.layer == "baked" and finding.severity.label == "error"
+    assert finding.evidence["used_by"] == ["model.predict(x)", "model(x, training=False)"]
+    assert "UPDATE_OPS" not in finding.hint and "model(x, training=True)" in finding.hint
+    [train_mode] = inspect_findings(str(path), "BN002")  # and still train-mode, with a Keras action
+    assert "model.eval()" not in train_mode.hint and "without training=True" in train_mode.hint
 
 
 def test_some_channels_at_defaults_are_not_stale(tmp_path, inspect_findings):

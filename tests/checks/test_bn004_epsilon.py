@@ -19,6 +19,16 @@ def test_epsilon_1e_8_is_below_the_clamp_with_its_output_change(tmp_path, inspec
     assert finding.evidence["kind"] == "below-clamp"
     expected = 1 - np.sqrt((1e-4 + 1e-8) / (1e-4 + 1.001e-5))
     assert abs(finding.evidence["max_relative_change"] - expected) < 1e-4
+    assert "1.001e-5" in finding.message and "clamp" in finding.message
+
+
+def test_clamp_effect_leaves_dead_channels_out(tmp_path, inspect_findings):
+    # the dead channel's relative change would be 97%, of an output that is its beta anyway
+    path = bn_model(tmp_path / "m.onnx", channels=4, epsilon=1e-8, var=[1e-44, 1e-4, 1.0, 2.0])
+    [finding] = inspect_findings(path, "BN004")
+    assert finding.severity.label == "warning" and finding.evidence["kind"] == "below-clamp"
+    expected = 1 - np.sqrt((1e-4 + 1e-8) / (1e-4 + 1.001e-5))
+    assert abs(finding.evidence["max_relative_change"] - expected) < 1e-4
 
 
 def test_epsilon_zero_with_a_zero_variance_channel_is_an_error(tmp_path, inspect_findings):
@@ -32,12 +42,36 @@ def test_epsilon_zero_without_zero_variance_is_a_warning(tmp_path, inspect_findi
     assert finding.severity.label == "warning"
 
 
-def test_epsilon_dominating_small_variances_reports_channels_and_factor(tmp_path, inspect_findings):
+def test_epsilon_dominating_small_variances_is_info_with_channels_and_factor(tmp_path, inspect_findings):
     path = bn_model(tmp_path / "m.onnx", epsilon=1e-3, var=[1e-3, 0.5, 1.0])
     [finding] = inspect_findings(path, "BN004")
+    assert finding.severity.label == "info"
     assert finding.evidence["kind"] == "dominates"
     assert finding.evidence["channels"] == 1
     assert abs(finding.evidence["worst_factor"] - np.sqrt(0.5)) < 1e-4
+    assert "not a train/inference mismatch" in finding.message
+
+
+def test_epsilon_a_tenth_of_the_variance_damps_by_five_percent_and_is_not_reported(tmp_path, inspect_findings):
+    path = bn_model(tmp_path / "m.onnx", epsilon=1e-5, var=[1e-4, 0.5, 1.0])
+    assert inspect_findings(path, "BN004") == []
+
+
+def test_trained_like_model_with_dead_channels_gets_no_epsilon_finding(tmp_path, inspect_findings):
+    # as in trained models shipped in public packages: a channel whose variance decayed to a float32
+    # denormal, and one whose filter was switched off (gamma ~ 0) with a variance below epsilon
+    path = bn_model(tmp_path / "m.onnx", channels=4, epsilon=1e-5, var=[1e-44, 4e-6, 0.7, 1.3],
+                    scale=[1.0, 1e-9, 0.9, 1.1])
+    assert inspect_findings(path, "BN004") == []
+
+
+def test_a_live_channel_next_to_dead_ones_is_still_reported_and_the_dead_ones_counted(tmp_path, inspect_findings):
+    path = bn_model(tmp_path / "m.onnx", channels=4, epsilon=1e-3, var=[1e-44, 5e-4, 0.7, 1.3],
+                    scale=[1.0, 1.0, 0.9, 1.1])
+    [finding] = inspect_findings(path, "BN004")
+    assert finding.severity.label == "info"
+    assert (finding.evidence["channels"], finding.evidence["dead_channels"]) == (1, 1)
+    assert abs(finding.evidence["worst_factor"] - np.sqrt(5e-4 / 1.5e-3)) < 1e-4
 
 
 def test_layernorm_epsilon_below_clamp_is_not_a_batch_norm_clamp_issue(tmp_path, inspect_findings):

@@ -23,6 +23,8 @@ NORM_KINDS: dict[str, Kind] = {
     "UnitNormalization": Kind.UNIT,
     "RMSNormalization": Kind.RMS,
 }
+#: Keras 3 call styles that use the moving statistics even where a baked training=True is in force.
+KERAS3_OVERRIDES = ("model.predict(x)", "model(x, training=False)")
 MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
 #: Layers whose config carries code (Python bytecode, a wrapped module or a SavedModel): never run by bncheck.
 CODE_CLASSES = frozenset({"Lambda", "TorchModuleWrapper", "JaxLayer", "FlaxLayer", "TFSMLayer", "__lambda__"})
@@ -424,6 +426,8 @@ def _norm_layer(
         training=kind is Kind.BATCH and baked,
         batch_statistics=batch_statistics,
         uses_running_stats=kind is Kind.BATCH and not batch_statistics,
+        # Keras 3's predict() and training=False override a baked flag: the moving statistics still count
+        running_stats_used_by=KERAS3_OVERRIDES if batch_statistics and not ctx.keras2 else (),
         centered=kind in (Kind.BATCH, Kind.LAYER, Kind.GROUP) and bool(cfg.get("center", True)),
         scale=params.get("gamma", params.get("scale")),
         bias=params.get("beta"),
@@ -489,7 +493,8 @@ def _apply_leak(ctx: _Ctx) -> list[NormLayer]:
                 "Keras 3 keeps that value for later layers: batch statistics in model(x); model.predict(x) and "
                 "model(x, training=False) override it"
             )
-            out.append(replace(layer, batch_statistics=True, uses_running_stats=False, notes=layer.notes + (note,)))
+            out.append(replace(layer, batch_statistics=True, uses_running_stats=False,
+                               running_stats_used_by=KERAS3_OVERRIDES, notes=layer.notes + (note,)))
         else:
             note = (
                 "Keras 3 keeps a baked training=True for the layers called after it in model(x); whether this "
