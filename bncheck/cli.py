@@ -8,6 +8,7 @@ Heavy modules (numpy, onnx, onnxruntime, rich, keras) are imported inside the co
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,7 +18,13 @@ import click
 
 from bncheck import __version__
 from bncheck.findings import FAIL_ON_LEVELS
-from bncheck.render import FORMATS
+from bncheck.render import FORMATS, render_error
+from bncheck.render.text import literal
+
+FORMAT_HELP = ("Report format on stdout: table (for people), json (the JSON document alone), sarif (SARIF 2.1.0, "
+               "for code scanning), github (workflow annotations).")
+OUTPUT_HELP = ("Also write the report to this file, replaced atomically: in the --format chosen, JSON for the "
+               "table. Never a file the command reads (exit 2).")
 
 
 class BatchSizes(click.ParamType):
@@ -57,9 +64,9 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("model", type=click.Path(dir_okay=True, path_type=str)),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-                     help="Report format on stdout. json: the JSON document alone."),
+                     help=FORMAT_HELP),
         click.option("--output", "-o", "output", type=click.Path(dir_okay=False, writable=True, path_type=str),
-                     help="Also write the JSON report to this file."),
+                     help=OUTPUT_HELP),
         click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
                      help="Exit 1 when a finding is at or above this severity."),
         click.option("--select", multiple=True, metavar="CODES",
@@ -90,7 +97,12 @@ class OneLineErrors(click.Group):
                 error.show()
                 sys.exit(error.exit_code)
             command = error.ctx.command_path if error.ctx is not None else "bncheck"
-            click.echo(f"bncheck: usage error: {error.format_message()} (see '{command} --help')", err=True)
+            message = error.format_message()
+            click.echo(literal(f"bncheck: usage error: {message} (see '{command} --help')"), err=True)
+            fmt = _requested_format(sys.argv[1:] if args is None else list(args))
+            if fmt is not None:
+                name = error.ctx.info_name if error.ctx is not None and error.ctx.parent is not None else None
+                click.echo(render_error(fmt, message, "usage", command=name), nl=False)
             sys.exit(2)
         except click.ClickException as error:
             error.show()
@@ -99,6 +111,17 @@ class OneLineErrors(click.Group):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _requested_format(args: list[str]) -> str | None:
+    """The --format value on a command line that click could not parse (the JSON reader still gets a document)."""
+    for index, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--format=") else None
+        if arg == "--format" and index + 1 < len(args):
+            value = args[index + 1]
+        if value in FORMATS:
+            return value
+    return None
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,7 +146,7 @@ def inspect(model: str, fmt: str, output: str | None, fail_on: str, select: tupl
 
         return engine.inspect(model, select=select, ignore=ignore, fail_on=fail_on)
 
-    _finish(run, fmt, output, debug)
+    _finish(run, fmt, output, debug, command="inspect", model=model)
 
 
 @main.command()
@@ -155,7 +178,7 @@ def probe(model: str, fmt: str, output: str | None, fail_on: str, select: tuple[
             )
             return engine.probe(model, settings, select=select, ignore=ignore, fail_on=fail_on)
 
-    _finish(run, fmt, output, debug)
+    _finish(run, fmt, output, debug, command="probe", model=model, inputs=[("--data file", data)])
 
 
 @main.command("checks")
@@ -202,9 +225,9 @@ def explain(check: str) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Calibration batch size (a model with a fixed batch dimension uses its own).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help="Report format on stdout. json: the JSON document alone.")
+              help=FORMAT_HELP)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True, path_type=str),
-              help="Also write the JSON report to this file.")
+              help=OUTPUT_HELP.replace("this file", "this file (not the fixed model: that is -o)"))
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
               help="Exit 1 when the WRITTEN model has a finding at or above this severity.")
 @click.option("--exit-non-zero-on-fix", is_flag=True,
@@ -234,49 +257,88 @@ def fix(model: str, fixed: str | None, data: str | None, stats: str, min_samples
                           batch_size=batch_size, stats=stats, min_samples=min_samples,
                           exit_non_zero_on_fix=exit_non_zero_on_fix, report_path=report_path)
 
-    _finish(run, fmt, report_path, debug)
+    inputs = [("--data file", data), ("fixed model", fixed)]
+    _finish(run, fmt, report_path, debug, command="fix", model=model, inputs=inputs)
 
 
-def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool) -> None:
-    """Run the command, render its report, exit with its code; any failure is exit 2 with one line."""
+def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool, *, command: str, model: str,
+            inputs: list[tuple[str, str | None]] | None = None) -> NoReturn:
+    """Run the command, render its report, exit with its code.
+
+    Any failure is exit 2 with one line on stderr and, in the machine formats, the error document on stdout
+    and in the report file. The report file is checked against the command's inputs before anything runs.
+    """
+    from bncheck.render import FILE_FORMATS, render
+
+    checked = None
     try:
-        report = run()
-        if fmt == "json" or output:
-            from bncheck.render import json as json_render
-
-            document = json_render.render(report)
         if output:
-            with open(output, "w", encoding="utf-8") as handle:
-                handle.write(document)
-        if fmt == "json":
-            click.echo(document, nl=False)
-        else:
-            from bncheck.render import table
+            _refuse_inputs(output, model, inputs or [])
+            checked = output
+        report = run()
+        if output:
+            from bncheck.outputs import refuse_overwrite, write_atomic
 
-            click.echo(table.render(report, width=100, color=sys.stdout.isatty()), nl=False)
+            written = report.fix.outcome.written if report.fix is not None else []
+            refuse_overwrite(output, "the report", [("fixed model's external data", path) for path in written])
+            write_atomic(output, render(report, FILE_FORMATS[fmt]))
+        click.echo(render(report, fmt, color=sys.stdout.isatty()), nl=False)
     except click.exceptions.Exit:
         raise
     except Exception as error:  # every failure is exit 2 with one line: the contract CI relies on
-        _fail(error, debug)
+        _fail(error, debug, fmt=fmt, command=command, model=model, output=checked)
     sys.exit(report.exit_code)
 
 
-def _fail(error: BaseException, debug: bool) -> NoReturn:
-    from bncheck.errors import BncheckError, one_line
+def _refuse_inputs(output: str, model: str, inputs: list[tuple[str, str | None]]) -> None:
+    """UsageError when the report file is the model, one of ``inputs`` or a data file the model names."""
+    import os
+
+    from bncheck.outputs import refuse_overwrite
+
+    def external_files() -> list[tuple[str, str | None]]:
+        # a model's data files lie in its folder (the loader refuses others): parse it only for a target there
+        folder = os.path.realpath(os.path.dirname(os.path.abspath(model)))
+        if os.path.commonpath([os.path.realpath(output), folder]) != folder:
+            return []
+        from bncheck import engine
+
+        return [("model's external data file", path) for path in engine.input_files(model)[1:]]
+
+    refuse_overwrite(output, "the report", [("model", model), *inputs], external_files)
+
+
+def _fail(error: BaseException, debug: bool, *, fmt: str = "table", command: str | None = None,
+          model: str | None = None, output: str | None = None) -> NoReturn:
+    """Exit 2: one line on stderr (model-supplied text made literal), the error document for machine formats."""
+    from bncheck.errors import BncheckError, ErrorKind, one_line
 
     if debug:
         traceback.print_exc()
     if isinstance(error, BncheckError):
-        line = f"bncheck: error: {one_line(error, limit=2000)}"
+        kind, text = error.kind.value, one_line(error, limit=2000)
+        line = f"bncheck: error: {text}"
     elif isinstance(error, OSError):
         where = getattr(error, "filename", None) or ""
-        line = f"bncheck: error: {where}: {error.strerror or error}".replace("error: : ", "error: ")
+        kind, text = ErrorKind.MODEL.value, f"{where}: {error.strerror or error}".removeprefix(": ")
+        line = f"bncheck: error: {text}"
     else:
-        line = f"bncheck: internal error ({type(error).__name__}): {one_line(error, limit=2000)}"
-        if not debug:
-            line += " (run with --debug for the traceback)"
-    click.echo(line, err=True)
+        kind, text = ErrorKind.INTERNAL.value, f"internal error ({type(error).__name__}): {one_line(error, limit=2000)}"
+        line = f"bncheck: {text}" + ("" if debug else " (run with --debug for the traceback)")
+    click.echo(literal(line), err=True)
+    document = render_error(fmt, text, kind, command=command, model_path=model)
+    if document:
+        click.echo(document, nl=False)
+    if output:
+        from bncheck.outputs import write_atomic
+        from bncheck.render import FILE_FORMATS
+
+        # so that a gate reading the file sees this failure, not the previous run's report; if even that cannot
+        # be written, the one line above already says what failed (a second line would break the contract)
+        with contextlib.suppress(BncheckError):
+            write_atomic(output, render_error(FILE_FORMATS[fmt], text, kind, command=command, model_path=model))
     sys.exit(2)
+
 
 if __name__ == "__main__":
     main()

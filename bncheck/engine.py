@@ -22,6 +22,11 @@ def inspect(path: str, *, select: Sequence[str] = (), ignore: Sequence[str] = ()
     return _report("inspect", view, [], checks, {"select": list(select), "ignore": list(ignore)}, fail_on)
 
 
+def input_files(path: str) -> list[str]:
+    """The files that loading the model at ``path`` reads (the model and, for ONNX, its external data)."""
+    return backend_for(path).input_files(path)
+
+
 def probe(
     path: str,
     settings: ProbeSettings,

@@ -40,3 +40,7 @@ class Backend(abc.ABC):
     def fix(self, view: ModelView, request: FixRequest) -> FixOutcome:
         """Repair ``view``'s model into ``request.output`` (nothing written in a dry run)."""
         raise BackendError(f"{view.info.path}: `bncheck fix` does not rewrite {self.format} models")
+
+    def input_files(self, path: str) -> list[str]:
+        """Every file that loading ``path`` reads: the model, plus any data files it names (ONNX)."""
+        return [path]

@@ -53,7 +53,7 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
         width=width,
         force_terminal=color,
         color_system="standard" if color else None,
-        no_color=not color,
+        no_color=None if color else True,  # None: rich honours NO_COLOR
         highlight=False,
         soft_wrap=False,
         emoji=False,

@@ -42,6 +42,11 @@ class OnnxBackend(Backend):
 
         return fix_onnx(view, request)
 
+    def input_files(self, path: str) -> list[str]:
+        from bncheck.backends.onnx.load import input_files
+
+        return input_files(path)
+
 
 def graph_inputs(handle) -> list[InputSpec]:
     """The graph inputs a caller must feed: declared inputs that are not initializers."""

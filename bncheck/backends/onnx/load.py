@@ -190,6 +190,18 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in tensors if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL]
 
 
+def input_files(path: str) -> list[str]:
+    """The model file and the external-data files its tensors name (just the model when it cannot be parsed:
+    then loading fails before any data file is read)."""
+    try:
+        model = _parse(path)
+    except BackendError:
+        return [path]
+    base = os.path.dirname(os.path.abspath(path))
+    locations = {e.value: None for t in _external_tensors(model) for e in t.external_data if e.key == "location"}
+    return [path, *(os.path.join(base, location) for location in locations if "\x00" not in location)]
+
+
 def _validate_external(path: str, model: onnx.ModelProto) -> tuple[bool, int]:
     """Refuse unsafe or missing external-data locations before any weight byte is read.
 
