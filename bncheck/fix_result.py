@@ -226,7 +226,7 @@ class FixResult:
             left = self.remaining(fail_on)
             if left:
                 shown = listing(sorted({f"{f.code} {f.layer}" for f in left}))
-                text += f"; the written model still has {len(left)} finding(s) at or above {fail_on}: {shown}"
+                text += f"; the written model still has {len(left)} finding{'' if len(left) == 1 else 's'} at or above {fail_on}: {shown}"
             else:
                 text += f"; the written model has no finding at or above {fail_on}"
         return text

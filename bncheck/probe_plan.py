@@ -344,7 +344,7 @@ def run_plan(
             runner = open_runner()
         if max(batch_sizes) > pool_size:
             notes.append(
-                f"the data holds {pool_size} samples; batches larger than that repeat samples"
+                f"the data holds {pool_size} sample{'' if pool_size == 1 else 's'}; batches larger than that repeat samples"
             )
         data_samples = pool_size
     else:
