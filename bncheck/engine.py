@@ -63,7 +63,8 @@ def probe_view(
         from bncheck.probe_data import load_data
 
         settings = replace(settings, data=load_data(settings.data_path, view.inputs))
-    probes = backend.probe(view, settings) if view.layers else []
+    # also without normalization layers: the probe tests the model's outputs for batch dependence
+    probes = backend.probe(view, settings)
     recorded: dict[str, Any] = {
         k: v for k, v in asdict(settings).items() if k not in ("data", "data_path", "progress", "input_shapes")
     }

@@ -224,6 +224,48 @@ class BatchDependence:
     worst_batch_size: int | None = None
 
 
+@dataclass(frozen=True)
+class OutputComparison:
+    """How far one model output moves between two ways of running the same samples.
+
+    ``shift`` is the root mean square, over the compared samples and the output's elements, of the change
+    in units of ``scale`` (the output's spread across samples: the root mean over positions of each
+    position's variance across samples), so "1.0" means outputs moved by one output standard deviation;
+    ``max_shift`` is the largest per-sample value. ``agreement`` is the fraction of samples whose arg-max
+    over the last axis is unchanged, for outputs that look like class scores (rank 2, more than one
+    column); None otherwise.
+    """
+
+    output: str
+    shift: float
+    max_shift: float
+    samples: int
+    scale: float
+    agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class LocatedDependence:
+    """The first tensor (in topological order) that depends on a sample's batch companions, found by
+    bisection when the model's outputs depend on the batch and no normalization layer explains it."""
+
+    node: str  # the producing node's name (its first output's name when unnamed)
+    op_type: str
+    tensor: str
+    axes: tuple[int, ...] | None  # the op's reduction axes, when it has any
+    change: float  # the tensor's largest per-sample change, in its standard deviations
+    runs: int  # extra runs the search made
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """The model run with statistics recomputed from the data (what `fix` computes) against the stored ones."""
+
+    layers: tuple[str, ...]  # the layers whose statistics were recomputed
+    outputs: dict[str, OutputComparison]
+    samples: int
+
+
 @dataclass(eq=False)
 class ProbeResult:
     """Everything a probe measured, per batch size and per layer."""
@@ -237,6 +279,12 @@ class ProbeResult:
     seed: int = 0
     call_style: str | None = None  # Keras: "as-written" or "predict"; None for ONNX
     notes: list[str] = field(default_factory=list)
+    # the model's outputs, solo against in a batch: output name -> batch size -> comparison (empty when
+    # not tested); ``located``: where an unexplained dependence starts
+    output_dependence: dict[str, dict[int, OutputComparison]] = field(default_factory=dict)
+    located: LocatedDependence | None = None
+    # with --data and drifting statistics: the outputs with recomputed statistics against the stored ones
+    recalibration: Recalibration | None = None
 
     def at(self, batch_size: int, layer: str) -> LayerProbe | None:
         return self.layers.get(batch_size, {}).get(layer)

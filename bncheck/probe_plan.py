@@ -35,14 +35,33 @@ import numpy as np
 from bncheck.model import (
     BatchDependence,
     LayerProbe,
+    LocatedDependence,
     ModelView,
+    OutputComparison,
     ProbeResult,
     ProbeSettings,
+    Recalibration,
     TensorStats,
 )
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 
-Runner = Callable[[dict[str, np.ndarray]], dict[str, LayerProbe]]
+
+@dataclass
+class Observed:
+    """What one run gave: per-layer statistics and the model's own outputs (name -> array, batch first)."""
+
+    layers: dict[str, LayerProbe]
+    outputs: dict[str, np.ndarray]
+
+
+#: A runner returns an :class:`Observed`, or the per-layer statistics alone (the outputs then go untested).
+Runner = Callable[[dict[str, np.ndarray]], "Observed | dict[str, LayerProbe]"]
+#: Finds where an unexplained batch dependence starts: (feeds of a sample alone, feeds of a batch holding
+#: it, its row in that batch) -> the located tensor, or None.
+Locator = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], int], "LocatedDependence | None"]
+#: Most samples whose solo outputs are compared when the outputs depend on the batch (extra solo runs for
+#: the rows of the largest batch: the arg-max agreement is then a fraction of that many samples).
+EFFECT_SAMPLES = 32
 
 #: per-channel std floor for the batch-dependence unit, relative to the channel's rms.
 SCALE_FLOOR = 1e-4
@@ -281,6 +300,139 @@ def _dependence(
     )
 
 
+# --------------------------------------------------------------------------- the model's outputs
+
+
+def output_scale(rows: np.ndarray) -> float:
+    """An output's spread across samples (``rows``: samples first): the root of the mean over positions of
+    each position's variance across the samples, floored at ``SCALE_FLOOR`` times its rms (a near-constant
+    output would otherwise turn float32 rounding into a large relative change)."""
+    flat = np.asarray(rows, np.float64).reshape(rows.shape[0], -1)
+    finite = np.where(np.isfinite(flat), flat, np.nan)
+    spread = rms = 0.0
+    if finite.size:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN positions: no spread, no comparison
+            spread = float(np.sqrt(np.nanmean(np.nanvar(finite, axis=0))))
+            rms = float(np.sqrt(np.nanmean(finite * finite)))
+    spread = spread if math.isfinite(spread) else 0.0
+    rms = rms if math.isfinite(rms) else 0.0
+    return max(spread, SCALE_FLOOR * rms) + _TINY
+
+
+def sample_shifts(reference: np.ndarray, other: np.ndarray, scale: float) -> np.ndarray:
+    """Per sample (first axis): the rms over elements of ``other - reference``, in units of ``scale``;
+    inf for a sample whose NaN/Inf elements are not the same in both."""
+    a = np.asarray(reference, np.float64).reshape(reference.shape[0], -1)
+    b = np.asarray(other, np.float64).reshape(other.shape[0], -1)
+    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+    both = finite_a & finite_b
+    with np.errstate(all="ignore"):
+        diff = np.where(both, (b - a) / scale, 0.0)
+        shifts = np.sqrt((diff * diff).sum(axis=1) / np.maximum(both.sum(axis=1), 1))
+    return np.where((finite_a != finite_b).any(axis=1), math.inf, shifts)
+
+
+def looks_like_scores(shape: tuple[int, ...]) -> bool:
+    """Class scores: rank 2 (samples x columns) with more than one column."""
+    return len(shape) == 2 and shape[1] > 1
+
+
+def compare_outputs(name: str, reference: np.ndarray, other: np.ndarray, scale: float) -> OutputComparison:
+    """``other`` against ``reference`` (the same samples, first axis): shift in sd, arg-max agreement."""
+    shifts = sample_shifts(reference, other, scale)
+    with np.errstate(over="ignore"):
+        shift = float(np.sqrt(np.mean(shifts * shifts))) if shifts.size else math.nan
+    agreement = None
+    if looks_like_scores(tuple(reference.shape)) and reference.shape[0]:
+        agreement = float(np.mean(np.argmax(reference, axis=1) == np.argmax(other, axis=1)))
+    return OutputComparison(name, shift, float(np.max(shifts)) if shifts.size else math.nan,
+                            int(shifts.size), scale, agreement)
+
+
+def _per_sample(array: np.ndarray, batch: int) -> bool:
+    """A numeric output with one row per sample of the batch (not, e.g., a running mean of shape [C])."""
+    return array.ndim >= 1 and array.shape[0] == batch and array.dtype.kind in "fiub"
+
+
+def compare_recalibrated(
+    layers: tuple[str, ...], stored: Mapping[str, np.ndarray], recomputed: Mapping[str, np.ndarray]
+) -> Recalibration:
+    """The model's outputs with its stored statistics against the same samples with statistics recomputed
+    from the data (the reference: its spread is the unit)."""
+    outputs: dict[str, OutputComparison] = {}
+    samples = 0
+    for name, reference in recomputed.items():
+        other = stored.get(name)
+        if other is None or other.shape != reference.shape or not _per_sample(reference, reference.shape[0]):
+            continue
+        outputs[name] = compare_outputs(name, reference, other, output_scale(reference))
+        samples = max(samples, int(reference.shape[0]))
+    return Recalibration(layers, outputs, samples)
+
+
+def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str, float]]:
+    """Layers whose running statistics BN003 finds never updated or far from the data's (with --data):
+    name -> drift numbers. These are what `fix` recomputes."""
+    from bncheck.verdicts import drift, drifts, has_default_stats, judged_running_stats
+
+    found: dict[str, dict[str, float]] = {}
+    if result.data is None:
+        return found
+    for layer in view.layers:
+        seen = result.data.get(layer.name)
+        if not judged_running_stats(layer) or layer.mean is None or layer.var is None or seen is None:
+            continue
+        if seen.total_nonfinite or seen.channels != layer.mean.size:
+            continue
+        shift, log_ratio = drift(layer, seen.mean, seen.var)
+        if has_default_stats(layer) or drifts(shift, log_ratio):
+            found[layer.name] = {"median_mean_shift": shift, "median_log_var_ratio": log_ratio}
+    return found
+
+
+def _output_dependence(
+    solo: dict[int, dict[str, np.ndarray]],
+    groups: list[tuple[int, tuple[int, ...], dict[str, np.ndarray]]],
+) -> tuple[dict[str, dict[int, OutputComparison]], tuple[float, int, tuple[int, ...], int] | None]:
+    """Each output of each sample alone against the same sample inside every batch that holds it.
+
+    Returns output -> batch size -> comparison, and the worst (change, sample, batch run, row)."""
+    if not solo or not groups:
+        return {}, None
+    names = [n for n in next(iter(solo.values())) if all(n in outs for outs in solo.values())]
+    found: dict[str, dict[int, OutputComparison]] = {}
+    worst: tuple[float, int, tuple[int, ...], int] | None = None
+    for name in names:
+        if not all(_per_sample(outs[name], 1) for outs in solo.values()):
+            continue
+        usable = [(b, run, outs[name]) for b, run, outs in groups
+                  if name in outs and _per_sample(outs[name], len(run))
+                  and outs[name].shape[1:] == next(iter(solo.values()))[name].shape[1:]]
+        if not usable:
+            continue
+        scale = output_scale(np.concatenate([array for _, _, array in usable]))
+        by_size: dict[int, tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, tuple[int, ...], int]]]] = {}
+        for b, run, array in usable:
+            refs, others, where = by_size.setdefault(b, ([], [], []))
+            for row, index in enumerate(run):
+                if index in solo and run.index(index) == row:
+                    refs.append(solo[index][name][0])
+                    others.append(array[row])
+                    where.append((index, run, row))
+        found[name] = {}
+        for b, (refs, others, where) in sorted(by_size.items()):
+            if not refs:
+                continue
+            reference, other = np.stack(refs), np.stack(others)
+            found[name][b] = compare_outputs(name, reference, other, scale)
+            shifts = sample_shifts(reference, other, scale)
+            top = int(np.argmax(shifts))
+            if worst is None or shifts[top] > worst[0]:
+                worst = (float(shifts[top]), *where[top])
+    return found, worst
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -306,12 +458,18 @@ def run_plan(
     call_style: str | None = None,
     int_high: Mapping[str, int] | None = None,
     open_runner: Callable[[], Runner] | None = None,
+    locate: Locator | None = None,
 ) -> ProbeResult:
     """Run every batch of the plan once through ``runner`` and assemble the :class:`ProbeResult`.
 
     ``int_high`` bounds synthetic integer inputs per input name (the backend knows which feed a Gather).
     ``open_runner`` (with ``runner`` None) builds the runner once the plan is known, while synthetic
     inputs are drawn (:func:`_overlapped`); the caller closes what it built, also on errors.
+    ``locate`` finds where an unexplained batch dependence of the outputs starts (see :data:`Locator`).
+
+    The model's outputs come from the dependence test's own runs. Only when they depend on the batch are
+    more runs made: each remaining sample of the group runs alone (up to :data:`EFFECT_SAMPLES` in all), for
+    the effect numbers, and the locator's, when no recognised layer explains the dependence.
     """
     if (runner is None) == (open_runner is None):
         raise ValueError("run_plan needs exactly one of runner and open_runner")
@@ -361,11 +519,16 @@ def run_plan(
         data_samples = 0
     assert runner is not None
     results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
+    # the model's outputs of the dependence test's runs only (data runs can be many)
+    outputs: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+    keep = set(plan.solo_runs) | {run for runs in plan.group_runs.values() for run in runs}
     total = len(plan.runs)
     if settings.progress:
         settings.progress(0, total)
     for done, run in enumerate(plan.runs, start=1):
-        results[run] = runner(_take(pool, run))
+        results[run], seen = _observe(runner, _take(pool, run))
+        if run in keep:
+            outputs[run] = seen
         if settings.progress:
             settings.progress(done, total)
     layers = {b: dict(results[plan.probe_runs[b]]) for b in batch_sizes}
@@ -384,6 +547,8 @@ def run_plan(
                 data[name] = merge_stats(parts)  # type: ignore[arg-type]
     if test_dependence and not plan.solo_runs:
         notes.append("batch dependence not tested: it needs a batch size above 1")
+    output_dependence, located = _outputs_test(
+        view, plan, pool, runner, outputs, dependence, locate, notes)
     return ProbeResult(
         batch_sizes=batch_sizes,
         layers=layers,
@@ -394,4 +559,51 @@ def run_plan(
         seed=settings.seed,
         call_style=call_style,
         notes=notes,
+        output_dependence=output_dependence,
+        located=located,
     )
+
+
+def _observe(runner: Runner, feeds: dict[str, np.ndarray]) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray]]:
+    got = runner(feeds)
+    if isinstance(got, Observed):
+        return got.layers, got.outputs
+    return got, {}
+
+
+def _outputs_test(
+    view: ModelView,
+    plan: Plan,
+    pool: Mapping[str, np.ndarray],
+    runner: Runner,
+    outputs: dict[tuple[int, ...], dict[str, np.ndarray]],
+    dependence: Mapping[str, BatchDependence],
+    locate: Locator | None,
+    notes: list[str],
+) -> tuple[dict[str, dict[int, OutputComparison]], LocatedDependence | None]:
+    """The batch-dependence test on the model's outputs (see :func:`run_plan`)."""
+    from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE, explains_dependence
+
+    solo = {run[0]: outputs[run] for run in plan.solo_runs if run in outputs}
+    groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b]
+              if run in outputs]
+    found, worst = _output_dependence(solo, groups)
+    if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
+        return found, None
+    extra: list[int] = []
+    for _, run, _ in groups:
+        extra.extend(i for i in run if i not in solo and i not in extra)
+    extra = extra[: max(EFFECT_SAMPLES - len(solo), 0)]
+    for index in extra:
+        solo[index] = _observe(runner, _take(pool, (index,)))[1]
+    if extra:
+        found, worst = _output_dependence(solo, groups)
+        notes.append(f"the model's outputs depend on the batch: {len(extra)} more sample(s) run alone to "
+                     "measure the effect")
+    if locate is None or worst is None or explains_dependence(view.layers, dependence):
+        return found, None
+    _, index, run, row = worst
+    located = locate(_take(pool, (index,)), _take(pool, run), row)
+    if located is None:
+        notes.append("the model's outputs depend on the batch, but no tensor was found where it starts")
+    return found, located

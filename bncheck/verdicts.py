@@ -7,10 +7,11 @@ consumer imports an individual check and every threshold is defined once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from bncheck.model import BatchDependence, Kind, NormLayer, TensorStats
+from bncheck.model import BatchDependence, Kind, NormLayer, OutputComparison, TensorStats
 
 #: Relative spread (max - min over batch and spatial positions, over max(1, |value|)) below which a channel
 #: counts as constant. The ONNX reference gives exactly the bias on a one-element set; onnxruntime's kernels
@@ -96,6 +97,29 @@ INPUT_TOLERANCE = 1e-4
 RUNTIME_DEVIATION_NOTE = 1e-4
 
 
+#: A model output of a sample that moves by more than this (rms over its elements, in output standard
+#: deviations across samples) between the sample alone and the sample in a batch means the outputs depend on
+#: the batch. Measured float32 noise on batch-invariant models (probe defaults, batch sizes 1,2,32): exactly 0
+#: on every ONNX sample model, the ResNet-like one included (onnxruntime computes each row alike at these
+#: sizes); up to 1.7e-6 with Keras's numpy backend (MobileNetV2). A real dependence moves outputs by 0.1 to
+#: several sd; 1e-3 leaves a factor of about 600 over the noise.
+OUTPUT_DEPENDENCE_TOLERANCE = 1e-3
+
+
+def outputs_depend(comparisons: Mapping[str, Mapping[int, OutputComparison]]) -> bool | None:
+    """Whether some model output of some sample moved with its batch companions; None when not measured."""
+    found = [c for per in comparisons.values() for c in per.values()]
+    if not found:
+        return None
+    return any(not c.max_shift <= OUTPUT_DEPENDENCE_TOLERANCE for c in found if c.max_shift == c.max_shift)
+
+
+def explains_dependence(layers: Iterable[NormLayer], dependence: Mapping[str, BatchDependence]) -> bool:
+    """A recognised layer accounts for a batch dependence: batch statistics by construction, or a layer whose
+    output moved with its companions while its input did not (:func:`is_culprit`)."""
+    return any(layer.batch_statistics for layer in layers) or any(is_culprit(d) for d in dependence.values())
+
+
 def is_culprit(dep: BatchDependence) -> bool:
     """The layer's output depends on the batch while its input does not: the dependence starts here."""
     return dep.output_change > OUTPUT_TOLERANCE and dep.input_change <= INPUT_TOLERANCE
@@ -154,6 +178,27 @@ def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray)
     shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
     ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
     return float(np.median(shift)), float(np.median(ratio))
+
+
+def drifts(shift: float, log_ratio: float) -> bool:
+    """A layer's running statistics are far from the data's (the output of :func:`drift`)."""
+    return shift > MEAN_SHIFT_THRESHOLD or log_ratio > LOG_VAR_RATIO_THRESHOLD
+
+
+#: Drift changes predictions materially (BN003 error instead of warning) when, with the statistics
+#: recomputed from the data, the model's top-1 agrees with the stored-statistics model on fewer than this
+#: fraction of the data's samples, or its outputs move by more than EFFECT_SHIFT_ERROR output standard
+#: deviations (rms over samples). Measured with calib_drift.npz (64 samples): stale_drift.onnx 8.0 sd and 56%
+#: agreement; trained_matching.onnx has no drifting layer, and recomputing all its layers anyway from these 64
+#: samples (its stored statistics came from 2048) moves its logits 0.15 sd with 98.4% agreement: sampling
+#: noise stays well under both thresholds.
+EFFECT_AGREEMENT_ERROR = 0.95
+EFFECT_SHIFT_ERROR = 0.5
+
+
+def changes_predictions(shift: float, agreement: float | None) -> bool:
+    """The recomputed-statistics comparison of one output crosses either error threshold."""
+    return not shift <= EFFECT_SHIFT_ERROR or (agreement is not None and agreement < EFFECT_AGREEMENT_ERROR)
 
 
 TF_EPSILON_CLAMP = 1.001e-5

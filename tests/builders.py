@@ -41,8 +41,11 @@ def bn_model(
     momentum: float = 0.9,
     name: str = "bn",
     opset: int = 15,
+    instance_after: bool = False,
 ) -> str:
     """x[N, C, *hw] -> BatchNormalization -> y. Training mode gets the three outputs onnxruntime needs.
+    ``instance_after`` adds an InstanceNormalization ("in", scale 1, bias 0) after the BN, which undoes any
+    per-channel affine map: the BN's running statistics then do not change the model's output.
 
     Defaults are "trained-looking" (mean 0.1..0.3, var 0.5..1.5), not the initial 0/1.
     """
@@ -56,15 +59,20 @@ def bn_model(
     attrs = {"epsilon": epsilon, "momentum": momentum}
     if training:
         attrs["training_mode"] = 1
+    if instance_after:
+        outputs[0] = "z"
     node = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], outputs, name=name, **attrs)
+    nodes = [node]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))]
+    if instance_after:
+        nodes.append(helper.make_node("InstanceNormalization", ["z", "in_scale", "in_bias"], ["y"], name="in"))
+        inits += [numpy_helper.from_array(np.ones(channels, np.float32), "in_scale"),
+                  numpy_helper.from_array(np.zeros(channels, np.float32), "in_bias")]
     graph_outputs = [helper.make_tensor_value_info("y", F32, shape)]
     if training:
         graph_outputs += [helper.make_tensor_value_info(o, F32, [channels]) for o in outputs[1:]]
-    graph = helper.make_graph(
-        [node], "bn", [helper.make_tensor_value_info("x", F32, shape)], graph_outputs,
-        initializer=[numpy_helper.from_array(a, n) for a, n in
-                     ((scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))],
-    )
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", F32, shape)], graph_outputs,
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return _save(model, path)
 
@@ -118,3 +126,28 @@ def moments_model(path: Path, *, axes: Sequence[int] = (0, 2, 3), channels: int 
         initializer=[numpy_helper.from_array(np.array(epsilon, np.float32), "eps")],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool = False) -> str:
+    """x[N, C] -> Gemm -> Relu -> h; h - ReduceMean(h, axes=[0]) -> Gemm -> logits. No normalization op:
+    the centering over the batch axis is the only thing that mixes samples."""
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array(rng.normal(size=(channels, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w2")
+    inits = [w1, w2]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Relu", ["h0"], ["h"], name="relu")]
+    if axes_as_input:
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+        nodes.append(helper.make_node("ReduceMean", ["h", "axes"], ["m"], name="batch_mean", keepdims=1))
+        opset = 18
+    else:
+        nodes.append(helper.make_node("ReduceMean", ["h"], ["m"], name="batch_mean", axes=[0], keepdims=1))
+        opset = 15
+    nodes += [helper.make_node("Sub", ["h", "m"], ["c"], name="center"),
+              helper.make_node("MatMul", ["c", "w2"], ["logits"], name="fc2")]
+    graph = helper.make_graph(nodes, "batch_centering", [helper.make_tensor_value_info("x", F32, ["N", channels])],
+                              [helper.make_tensor_value_info("logits", F32, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return _save(model, path)

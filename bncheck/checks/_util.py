@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bncheck.model import NormLayer
+from collections.abc import Mapping
+
+from bncheck.model import NormLayer, OutputComparison, Recalibration
 
 
 def describe(layer: NormLayer) -> str:
@@ -15,3 +17,49 @@ def describe(layer: NormLayer) -> str:
 def is_keras(layer: NormLayer) -> bool:
     """A layer read from a Keras file: its hints name Keras actions, not exporter or TF1 ones."""
     return layer.domain == "keras"
+
+
+def comparison_evidence(c: OutputComparison) -> dict[str, object]:
+    """One output comparison as evidence numbers."""
+    return {"shift_sd": c.shift, "max_shift_sd": c.max_shift, "top1_agreement": c.agreement, "samples": c.samples,
+            "output_sd": c.scale}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> dict[str, object] | None:
+    """BN002's effect at the model's outputs: each output of a sample alone against the same sample in a
+    batch of each size; ``summary`` is the one line the table shows (the output that moved most)."""
+    if not per_output:
+        return None
+    outputs = {name: {str(b): comparison_evidence(c) for b, c in per.items()} for name, per in per_output.items()}
+    worst = max(((c.shift, name, b) for name, per in per_output.items() for b, c in per.items()
+                 if c.shift == c.shift), default=None)
+    if worst is None:
+        return {"reference": "alone", "outputs": outputs, "summary": "model outputs not comparable"}
+    _, name, size = worst
+    per = per_output[name]
+    others = ", ".join(f"{per[b].shift:.2g} at {b}" for b in sorted(per) if b != size)
+    line = f"{name} move {per[size].shift:.3g} sd alone vs batch {size}" + (f" ({others})" if others else "")
+    scored = [(b, c) for b, c in sorted(per.items()) if c.agreement is not None]
+    if scored:
+        b, c = scored[-1]
+        line += f"; top-1 alone agrees with batch {b} on {_pct(c.agreement)} of {c.samples} samples"  # type: ignore[arg-type]
+    return {"reference": "alone", "outputs": outputs, "summary": line}
+
+
+def recalibration_effect(recal: Recalibration) -> dict[str, object]:
+    """BN003's effect at the model's outputs: stored statistics against statistics recomputed from the data."""
+    outputs = {name: comparison_evidence(c) for name, c in recal.outputs.items()}
+    worst = max(((c.shift, name) for name, c in recal.outputs.items() if c.shift == c.shift), default=None)
+    if worst is None:
+        line = "model outputs not comparable"
+    else:
+        c = recal.outputs[worst[1]]
+        line = f"{worst[1]} move {c.shift:.3g} sd with statistics recomputed from the data"
+        if c.agreement is not None:
+            line += f"; top-1 agrees on {_pct(c.agreement)} of {c.samples} samples"
+    return {"reference": "statistics recomputed from the data", "recomputed_layers": list(recal.layers),
+            "samples": recal.samples, "outputs": outputs, "summary": line}

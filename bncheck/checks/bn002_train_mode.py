@@ -29,13 +29,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bncheck.checks._util import describe, is_keras
+from bncheck.checks._util import batch_effect, describe, is_keras
 from bncheck.findings import Finding, Severity
 from bncheck.model import BatchDependence, ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import (
+    OUTPUT_DEPENDENCE_TOLERANCE,
     OUTPUT_TOLERANCE,
     RUNTIME_DEVIATION_NOTE,
+    explains_dependence,
     is_culprit,
+    outputs_depend,
 )
 
 CODE = "BN002"
@@ -58,11 +61,14 @@ HINT_MOMENTS = (
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
+    depend = outputs_depend(probe.output_dependence) if probe is not None else None
+    effect = batch_effect(probe.output_dependence) if depend and probe is not None else None
     for layer in view.layers:
         dep = probe.dependence.get(layer.name) if probe is not None else None
-        dynamic = dep is not None and is_culprit(dep)
+        # outputs measured batch-invariant: a layer's own movement changes no prediction, no dynamic finding
+        dynamic = dep is not None and is_culprit(dep) and depend is not False
         if layer.batch_statistics or dynamic:
-            yield _finding(layer, dep, dynamic, probe)
+            yield _finding(layer, dep, dynamic, probe, effect)
         elif layer.training:
             reason = "; ".join(layer.notes) or "its statistics do not mix the samples of a batch"
             yield Finding(
@@ -74,10 +80,34 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 "Nothing to fix; reported so that the training flag is not mistaken for a defect.",
                 {"kind": "static", "training_flag": True, "batch_statistics": False},
             )
+    if probe is not None and depend and not explains_dependence(view.layers, probe.dependence):
+        yield _unexplained(probe, effect)
+
+
+def _unexplained(probe: ProbeResult, effect: dict[str, object] | None) -> Finding:
+    """The outputs depend on the batch and no normalization layer explains it: the op the probe located."""
+    evidence: dict[str, object] = {"kind": "batch-dependence", "output_tolerance": OUTPUT_DEPENDENCE_TOLERANCE}
+    if effect is not None:
+        evidence["output_effect"] = effect
+    found = probe.located
+    if found is None:
+        name = next(iter(probe.output_dependence))
+        what = (f"model output {name!r} depends on a sample's batch companions, and no normalization layer "
+                "explains it; where it starts was not located")
+        return Finding(CODE, SLUG, SEVERITY, name, what, HINT_MOMENTS, evidence)
+    axes = f" over axes {list(found.axes)}" if found.axes is not None else ""
+    batch_axis = " (which include the batch axis 0)" if found.axes is not None and 0 in found.axes else ""
+    evidence.update(op_type=found.op_type, axes=list(found.axes) if found.axes is not None else None,
+                    tensor=found.tensor, tensor_change=found.change, located_runs=found.runs)
+    what = (f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
+            f"batch companions: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
+            "between a sample alone and in a batch, while its inputs did not")
+    return Finding(CODE, SLUG, SEVERITY, found.node, what, HINT_MOMENTS, evidence)
 
 
 def _finding(
-    layer: NormLayer, dep: BatchDependence | None, dynamic: bool, probe: ProbeResult | None
+    layer: NormLayer, dep: BatchDependence | None, dynamic: bool, probe: ProbeResult | None,
+    effect: dict[str, object] | None,
 ) -> Finding:
     evidence: dict[str, object] = {
         "kind": "batch-dependence" if dynamic else "static",
@@ -94,6 +124,8 @@ def _finding(
             worst_batch_size=dep.worst_batch_size,
             tolerance=OUTPUT_TOLERANCE,
         )
+    if effect is not None:
+        evidence["output_effect"] = effect
     runtime_note = _runtime_note(layer, probe)
     if runtime_note:
         evidence["runtime_deviation"] = runtime_note

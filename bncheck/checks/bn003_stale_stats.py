@@ -5,9 +5,12 @@ What it does
     exactly 1 in every channel: the initial values, so the update ops never ran. A layer with only some
     channels at those values is not stale (a dead channel can legitimately have mean 0). With
     ``probe --data``, it compares each layer's observed input statistics (all calibration samples, inference
-    mode) with the stored ones and warns when the median over channels of the standardized mean shift
-    ``|m - mu| / sqrt(var + eps)`` exceeds 0.5, or the median of ``|ln((v + eps) / (var + eps))|`` exceeds
-    ln 2 (variance off by a factor of 2).
+    mode) with the stored ones and reports a layer when the median over channels of the standardized mean
+    shift ``|m - mu| / sqrt(var + eps)`` exceeds 0.5, or the median of ``|ln((v + eps) / (var + eps))|``
+    exceeds ln 2 (variance off by a factor of 2). Its severity follows the effect on the model's outputs:
+    the probe runs the model with the statistics recomputed from the data (what `fix` computes) and compares
+    outputs with the stored-statistics model; an error when top-1 agrees on fewer than 95% of the samples or
+    outputs move by more than 0.5 output standard deviations, else a warning (only layer statistics moved).
 
 Why is this bad?
     At inference a batch norm normalizes with its moving averages. If they never moved (TF1 update ops not in
@@ -33,14 +36,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from bncheck.checks._util import describe, is_keras
+from bncheck.checks._util import describe, is_keras, recalibration_effect
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import (
+    EFFECT_AGREEMENT_ERROR,
+    EFFECT_SHIFT_ERROR,
     LOG_VAR_RATIO_THRESHOLD,
     MEAN_SHIFT_THRESHOLD,
+    changes_predictions,
     default_stats_output,
     drift,
+    drifts,
     has_default_stats,
     judged_running_stats,
 )
@@ -115,24 +122,31 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     if seen.channels != layer.mean.size:
         return None
     shift, log_ratio = drift(layer, seen.mean, seen.var)
-    if shift <= MEAN_SHIFT_THRESHOLD and log_ratio <= LOG_VAR_RATIO_THRESHOLD:
+    if not drifts(shift, log_ratio):
         return None
-    return Finding(
-        CODE,
-        SLUG,
-        Severity.WARNING,
-        layer.name,
-        f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
-        f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
-        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}){_used_by(layer)}",
-        HINT_KERAS if is_keras(layer) else HINT_DRIFT,
-        {
-            "kind": "drift",
-            "median_mean_shift": shift,
-            "median_log_var_ratio": log_ratio,
-            "mean_shift_threshold": MEAN_SHIFT_THRESHOLD,
-            "log_var_ratio_threshold": LOG_VAR_RATIO_THRESHOLD,
-            "samples": probe.data_samples,
-            "data": probe.data_source,
-        },
-    )
+    message = (f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
+               f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
+               f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}){_used_by(layer)}")
+    evidence: dict[str, object] = {
+        "kind": "drift",
+        "median_mean_shift": shift,
+        "median_log_var_ratio": log_ratio,
+        "mean_shift_threshold": MEAN_SHIFT_THRESHOLD,
+        "log_var_ratio_threshold": LOG_VAR_RATIO_THRESHOLD,
+        "samples": probe.data_samples,
+        "data": probe.data_source,
+    }
+    # severity follows the effect on the model's outputs, when the probe could measure it
+    severity = Severity.WARNING
+    recal = probe.recalibration
+    if recal is not None and recal.outputs:
+        effect = recalibration_effect(recal)
+        effect.update(error_shift_sd=EFFECT_SHIFT_ERROR, error_top1_agreement=EFFECT_AGREEMENT_ERROR)
+        evidence["output_effect"] = effect
+        if any(changes_predictions(c.shift, c.agreement) for c in recal.outputs.values()):
+            severity = Severity.ERROR
+            message += "; this changes the model's predictions (see the output effect)"
+        else:
+            message += "; the model's outputs barely change"
+    return Finding(CODE, SLUG, severity, layer.name, message, HINT_KERAS if is_keras(layer) else HINT_DRIFT,
+                   evidence)

@@ -15,7 +15,7 @@ import numpy as np
 from bncheck import __version__
 from bncheck.findings import Finding, number, shape_json
 from bncheck.fix_result import FixResult, LayerFix
-from bncheck.model import NormLayer, ProbeResult, TensorStats, summarize
+from bncheck.model import NormLayer, OutputComparison, ProbeResult, TensorStats, summarize
 from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes
 from bncheck.verdicts import is_affected, is_culprit
 
@@ -206,7 +206,23 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
         if probe.data is not None and layer.name in probe.data:
             entry["data_input"] = _stats(probe.data[layer.name])
         out["layers"][layer.name] = entry
+    # the model's outputs, each sample alone against the same sample in a batch of each size
+    out["outputs"] = {name: {str(b): _comparison(c) for b, c in per.items()}
+                      for name, per in probe.output_dependence.items()}
+    if probe.located is not None:
+        found = probe.located
+        out["located"] = {"node": found.node, "op_type": found.op_type, "tensor": found.tensor,
+                          "axes": list(found.axes) if found.axes is not None else None,
+                          "change": number(found.change), "runs": found.runs}
+    if probe.recalibration is not None:
+        out["recalibration"] = {"layers": list(probe.recalibration.layers), "samples": probe.recalibration.samples,
+                                "outputs": {n: _comparison(c) for n, c in probe.recalibration.outputs.items()}}
     return out
+
+
+def _comparison(c: OutputComparison) -> dict[str, Any]:
+    return {"shift_sd": number(c.shift), "max_shift_sd": number(c.max_shift), "samples": c.samples,
+            "output_sd": number(c.scale), "top1_agreement": number(c.agreement)}
 
 
 def _stats(stats: TensorStats | None) -> dict[str, Any] | None:

@@ -86,6 +86,9 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
                 )
             )
             console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
+            effect = finding.evidence.get("output_effect")
+            if isinstance(effect, dict) and effect.get("summary"):
+                console.print(Padding(Text(literal(f"effect: {effect['summary']}")), (0, 0, 0, 4), expand=False))
             console.print(Padding(Text(literal("fix: " + finding.hint), style="dim"), (0, 0, 0, 4), expand=False))
     if report.fix is not None:
         _print_fix(console, report.fix, report.fail_on, width)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from tests.builders import bn_model, layernorm_model, moments_model
+import pytest
+
+from bncheck import engine
+from bncheck.backends import ProbeSettings
+from tests.builders import batch_centering_model, bn_model, layernorm_model, moments_model
 
 
 def test_training_mode_bn_is_an_error(tmp_path, inspect_findings):
@@ -39,3 +43,44 @@ def test_probe_finds_no_batch_dependence_in_layernorm(tmp_path, probe_findings):
 
 def test_probe_finds_no_batch_dependence_in_inference_bn(tmp_path, probe_findings):
     assert probe_findings(bn_model(tmp_path / "m.onnx"), "BN002") == []
+
+
+@pytest.mark.parametrize("axes_as_input", [False, True])
+def test_batch_centering_without_a_norm_op_is_located_at_the_reduce_mean(tmp_path, axes_as_input):
+    path = batch_centering_model(tmp_path / "m.onnx", axes_as_input=axes_as_input)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.severity.label == "error"
+    assert finding.layer == "batch_mean"
+    assert finding.evidence["kind"] == "batch-dependence"
+    assert finding.evidence["op_type"] == "ReduceMean" and finding.evidence["axes"] == [0]
+    assert finding.evidence["tensor"] == "m" and finding.evidence["tensor_change"] > 0.1
+    assert finding.evidence["located_runs"] <= 2 * 4  # bisection over 5 nodes: at most 4 steps of 2 runs
+    assert "ReduceMean over axes [0]" in finding.message
+    outputs = finding.evidence["output_effect"]["outputs"]["logits"]
+    assert outputs["8"]["shift_sd"] > 0.1 and outputs["8"]["samples"] == 8
+    assert outputs["8"]["top1_agreement"] < 1.0
+
+
+def test_clean_model_outputs_do_not_move_with_the_batch(tmp_path):
+    report = engine.probe(bn_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    [probe] = report.probes
+    assert [f for f in report.findings if f.code == "BN002"] == []
+    per_size = probe.output_dependence["y"]
+    assert sorted(per_size) == [2, 8]
+    assert all(c.shift < 1e-6 and c.samples == 4 for c in per_size.values())
+    assert probe.located is None
+    assert not any("more sample(s) run alone" in note for note in probe.notes)  # no extra runs when clean
+
+
+def test_train_mode_finding_carries_the_effect_on_the_outputs(tmp_path):
+    path = bn_model(tmp_path / "m.onnx", training=True, channels=4, hw=(2, 2))
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    effect = finding.evidence["output_effect"]
+    by_size = effect["outputs"]["y"]
+    # batch 1 on 2x2 maps normalizes each sample by its own statistics: against batch 8 it moves ~1 sd
+    assert 0.2 < by_size["8"]["shift_sd"] < 5 and by_size["8"]["samples"] == 8
+    assert 0.05 < by_size["2"]["shift_sd"] < 5 and by_size["2"]["samples"] == 4
+    assert by_size["8"]["top1_agreement"] is None  # rank 4: not class scores
+    assert effect["summary"].startswith("y move ")

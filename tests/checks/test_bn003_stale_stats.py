@@ -56,13 +56,27 @@ def _calibration(tmp_path, mean: float, std: float) -> str:
     return str(path)
 
 
-def test_statistics_far_from_the_data_drift(tmp_path, probe_findings):
+def test_statistics_far_from_the_data_that_move_the_outputs_are_an_error(tmp_path, probe_findings):
     model = bn_model(tmp_path / "m.onnx", mean=[0.1, 0.1, 0.1], var=[1, 1, 1])
     data = _calibration(tmp_path, mean=3.0, std=2.0)
     [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
-    assert finding.severity.label == "warning"
+    assert finding.severity.label == "error"
     assert finding.evidence["kind"] == "drift"
     assert finding.evidence["median_mean_shift"] > 2.5
+    effect = finding.evidence["output_effect"]
+    # the BN is the whole model: its output moves by the mean shift (~1.5 sd of the data-normalized output)
+    assert effect["outputs"]["y"]["shift_sd"] > 1.0
+    assert effect["recomputed_layers"] == ["bn"] and effect["samples"] == 64
+    assert "changes the model's predictions" in finding.message
+
+
+def test_drift_that_does_not_reach_the_outputs_is_a_warning(tmp_path, probe_findings):
+    # an InstanceNormalization after the BN undoes its per-channel affine map: statistics moved, outputs not
+    model = bn_model(tmp_path / "m.onnx", mean=[0.1, 0.1, 0.1], var=[1, 1, 1], instance_after=True)
+    data = _calibration(tmp_path, mean=3.0, std=2.0)
+    [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
+    assert finding.severity.label == "warning"
+    assert finding.evidence["output_effect"]["outputs"]["y"]["shift_sd"] < 1e-3
 
 
 def test_statistics_matching_the_data_do_not_drift(tmp_path, probe_findings):

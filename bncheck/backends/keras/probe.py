@@ -38,6 +38,7 @@ from bncheck.model import (
     ProbeResult,
     TensorStats,
 )
+from bncheck.probe_plan import Observed
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
@@ -187,6 +188,20 @@ class KerasRunner:
         self.shared: set[str] = set()
 
     def run(self, feeds: dict[str, np.ndarray], style: str) -> dict[str, LayerProbe]:
+        return self.observe(feeds, style).layers
+
+    def _outputs(self, result: Any) -> dict[str, np.ndarray]:
+        """The model's outputs by name (Keras's output names, else positions)."""
+        convert = self.keras.ops.convert_to_numpy
+        if isinstance(result, dict):
+            return {str(k): np.asarray(convert(v)) for k, v in result.items()}
+        items = list(result) if isinstance(result, (list, tuple)) else [result]
+        names = list(getattr(self.model, "output_names", None) or [])
+        if len(names) != len(items):
+            names = [f"output_{i}" for i in range(len(items))]
+        return {name: np.asarray(convert(item)) for name, item in zip(names, items)}
+
+    def observe(self, feeds: dict[str, np.ndarray], style: str) -> Observed:
         arrays = [feeds[name] for name in self.input_names]
         if isinstance(getattr(self.model, "input", None), dict):  # built with a dict of inputs: feed a dict
             args: Any = {key: feeds[tensor.name] for key, tensor in self.model.input.items()}
@@ -198,10 +213,7 @@ class KerasRunner:
             # stderr, which the CLI keeps for one-line errors.
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if style == AS_WRITTEN:
-                    self.model(args)
-                else:
-                    self.model(args, training=False)
+                result = self.model(args) if style == AS_WRITTEN else self.model(args, training=False)
         except BackendError:
             raise
         except Exception as exc:
@@ -218,10 +230,10 @@ class KerasRunner:
                 input=pool([c[0] for c in calls]),
                 output=pool([c[1] for c in calls]),
             )
-        return out
+        return Observed(out, self._outputs(result))
 
-    def runner(self, style: str) -> Callable[[dict[str, np.ndarray]], dict[str, LayerProbe]]:
-        return lambda feeds: self.run(feeds, style)
+    def runner(self, style: str) -> Callable[[dict[str, np.ndarray]], Observed]:
+        return lambda feeds: self.observe(feeds, style)
 
 
 def call_styles(static: KerasFile) -> list[str]:

@@ -23,7 +23,7 @@ from bncheck.backends.onnx.instrument import (
 from bncheck.errors import one_line
 from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
 from bncheck.probe_data import ProbeDataError, resolve_shape
-from bncheck.probe_plan import merge_stats, run_plan, tensor_stats
+from bncheck.probe_plan import Observed, Runner, drifting_layers, merge_stats, run_plan, tensor_stats
 
 if TYPE_CHECKING:
     import onnx
@@ -308,7 +308,9 @@ class _Engine:
             self.decomposed = dict(aug.decomposed)
             model = aug.finish()
             self.plans = aug.plans
-            self.output_names = list(aug.outputs)
+            # the model's own outputs too: the batch-dependence test compares them (probe_plan)
+            self.model_outputs = [o.name for o in self.handle.model.graph.output]
+            self.output_names = list(aug.outputs) + [o for o in self.model_outputs if o not in aug.outputs]
             main_outputs = {o.name for o in self.handle.model.graph.output}
             folder = aug.folder
             del aug
@@ -342,6 +344,10 @@ class _Engine:
         return dict(zip(self.output_names, values))
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, LayerProbe]:
+        return self.observe(feeds).layers
+
+    def observe(self, feeds: dict[str, np.ndarray]) -> Observed:
+        """Per-layer statistics of one batch, and the model's own outputs."""
         values = self._run(feeds)
         decoded: dict[int, TensorStats] = {}
         for plan in self.plans:
@@ -351,7 +357,7 @@ class _Engine:
                     if not self.exact and _needs_exact(m, stats):
                         self.notes.append("NaN/Inf seen: statistics measured with exact counts (slower)")
                         self._open(exact=True)
-                        return self(feeds)
+                        return self.observe(feeds)
                     decoded[id(m)] = stats
         probes: dict[str, LayerProbe] = {}
         for plan in self.plans:
@@ -366,7 +372,7 @@ class _Engine:
                 probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out, "spec", dev)
             elif inp is not None or out is not None:
                 probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out)
-        return probes
+        return Observed(probes, {name: values[name] for name in self.model_outputs})
 
 
 def _gather_tables(handle: OnnxHandle) -> dict[str, int]:
@@ -410,33 +416,44 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     the handle's model carries in-memory edits that are not in the file.
     """
     handle = view.handle
-    if not view.layers:
-        return ProbeResult(batch_sizes=tuple(settings.batch_sizes), layers={b: {} for b in settings.batch_sizes},
-                           data_source=settings.data_source, seed=settings.seed,
-                           notes=["no normalization layer to probe"])
+    # without normalization layers too: the model's outputs are still tested for batch dependence
     _check_inputs(view, settings)
     int_high = _gather_tables(handle)
     engines: list[_Engine] = []
     restorers: list[Any] = []
 
-    def open_engine() -> _Engine:
+    def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
         engine = _Engine(handle, view.layers)
         engines.append(engine)
         if release_weights:
             restorers.append(release(handle, engine.initializer_stubs))
         _trim()
-        return engine
+        return engine.observe
+
+    def locate(solo: dict[str, np.ndarray], batch: dict[str, np.ndarray], row: int):
+        from bncheck.backends.onnx.locate import locate_dependence
+
+        return locate_dependence(handle, engines[0].tmp, solo, batch, row)
 
     try:
-        result = run_plan(view, settings, None, open_runner=open_engine, int_high=int_high)
+        result = run_plan(view, settings, None, open_runner=open_engine, int_high=int_high, locate=locate)
         result.notes.extend(n for n in engines[0].notes if n not in result.notes)
-        return result
     finally:
         for engine in engines:
             engine.close()
         for restore in restorers:
             restore()  # lazy: the weights are reloaded when handle.model is next read
+    flagged = drifting_layers(view, result)
+    if flagged and settings.data is not None:
+        from bncheck.backends.onnx.effect import recalibration
+
+        found = recalibration(handle.path, settings.data, flagged)
+        if isinstance(found, str):
+            result.notes.append(f"output effect of the drifting statistics not measured: {found}")
+        else:
+            result.recalibration = found
+    return result
 
 
 def measure_inputs(

@@ -1,0 +1,67 @@
+"""The model run with its batch-norm statistics recomputed from the data (`fix`'s own computation, in memory)
+against the model as stored: what BN003's severity follows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from bncheck.backends.base import BackendError
+from bncheck.errors import one_line
+from bncheck.model import Recalibration
+from bncheck.probe_plan import compare_recalibrated
+
+#: samples of the data fed for the output comparison (all of them up to this; its outputs are held in memory)
+MAX_SAMPLES = 1024
+
+
+def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(0, usable, batch):
+        yield {name: np.ascontiguousarray(array[start:min(start + batch, usable)]) for name, array in data.items()}
+
+
+def _outputs(session: Any, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feeds in batches:
+        for name, value in zip(names, session.run(names, feeds)):
+            parts[name].append(np.asarray(value))
+    return {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks and chunks[0].ndim}
+
+
+def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, dict[str, Any]]) -> Recalibration | str:
+    """Recompute the statistics `fix` would (layers ``flagged`` by the probe's drift, and those never updated)
+    on a fresh copy of the model, and compare its outputs on the data with the stored model's.
+
+    Returns a reason (str) when it cannot be measured (e.g. too few samples for `fix`'s rule)."""
+    import onnxruntime as ort
+
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.backends.onnx.fix import fix_onnx
+
+    view = OnnxBackend().load(path)
+    try:
+        outcome = fix_onnx(view, None, dict(data), {"BN003"}, dry_run=True, flagged=flagged)
+    except BackendError as exc:
+        return one_line(exc)
+    changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
+    if not changed:
+        return Recalibration((), {}, 0)
+    batch = outcome.batch_size
+    usable = outcome.samples_used  # whole batches only when the batch dimension is fixed (fix's rule)
+    if usable > MAX_SAMPLES:
+        usable = MAX_SAMPLES - MAX_SAMPLES % batch
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        recomputed = ort.InferenceSession(view.handle.model.SerializeToString(), so,
+                                          providers=["CPUExecutionProvider"])
+        del view
+        stored = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        after = _outputs(recomputed, _batches(data, batch, usable))
+        before = _outputs(stored, _batches(data, batch, usable))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
+    return compare_recalibrated(changed, before, after)

@@ -1,0 +1,142 @@
+"""Where an unexplained batch dependence starts: bisection over the graph's tensors in topological order.
+
+Called by the probe only when the model's outputs depend on a sample's batch companions and no normalization
+layer explains it. The predicate bisected is "some tensor live across the cut after node i depends on the
+batch" (live: produced at or before node i, read after it or a graph output). It is false before the first
+batch-dependent node whose dependence reaches the outputs and true from that node on, so the smallest cut
+where it holds is right after that node: its inputs (live across the previous cut, or graph inputs and
+weights) do not depend on the batch, one of its outputs does. Each step builds a session whose outputs are
+that cut's tensors and runs the sample alone and in its batch: about 2 log2(nodes) runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bncheck.backends.onnx.instrument import stub
+from bncheck.model import LocatedDependence
+from bncheck.probe_plan import output_scale, sample_shifts
+
+if TYPE_CHECKING:
+    from bncheck.backends.onnx.load import OnnxHandle
+
+
+def tensor_change(solo: np.ndarray, batch: np.ndarray, row: int) -> float | None:
+    """How much a tensor of the sample alone differs from the same tensor in its batch, in the tensor's
+    standard deviations (rms over elements); None when the two cannot be compared (not floating point, or
+    shapes that differ other than in the batch dimension).
+
+    A tensor with a row per sample compares the sample's row; one whose shape does not follow the batch (a
+    reduction over the batch axis) is compared whole."""
+    if solo.dtype.kind != "f" or batch.dtype.kind != "f":
+        return None
+    if solo.ndim and batch.ndim and solo.shape[0] == 1 and batch.shape[0] > row and solo.shape[1:] == batch.shape[1:] \
+            and batch.shape[0] != 1:
+        scale = output_scale(batch)
+        return float(sample_shifts(solo[:1], batch[row:row + 1], scale)[0])
+    if solo.shape == batch.shape:
+        flat = np.asarray(solo, np.float64).reshape(1, -1)
+        other = np.asarray(batch, np.float64).reshape(1, -1)
+        finite = flat[np.isfinite(flat)]
+        spread = float(np.std(finite)) if finite.size else 0.0
+        rms = float(np.sqrt(np.mean(finite * finite))) if finite.size else 0.0
+        return float(sample_shifts(flat, other, max(spread, 1e-4 * rms) + 1e-30)[0])
+    return None
+
+
+def _axes(node: Any, constants: dict[str, np.ndarray]) -> tuple[int, ...] | None:
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name in ("axes", "axis"):
+            value = helper.get_attribute_value(attr)
+            return tuple(int(a) for a in (value if isinstance(value, (list, tuple)) else [value]))
+    if len(node.input) > 1 and node.input[1] in constants and node.op_type.startswith("Reduce"):
+        return tuple(int(a) for a in np.asarray(constants[node.input[1]]).ravel())
+    return None
+
+
+def _constants(graph: Any) -> dict[str, np.ndarray]:
+    """Small integer initializers and Constant outputs (reduction axes given as inputs)."""
+    from onnx import helper, numpy_helper
+
+    found: dict[str, np.ndarray] = {}
+    for tensor in graph.initializer:
+        if tensor.data_type in (6, 7) and not tensor.external_data:
+            found[tensor.name] = numpy_helper.to_array(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    found[node.output[0]] = numpy_helper.to_array(helper.get_attribute_value(attr))
+    return found
+
+
+def locate_dependence(
+    handle: OnnxHandle, tmp: str, solo: dict[str, np.ndarray], batch: dict[str, np.ndarray], row: int
+) -> LocatedDependence | None:
+    """The first node whose output depends on the batch (see the module docstring), or None."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from bncheck.backends.onnx.run import _options
+    from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE
+
+    model, folder = stub(handle, tmp)
+    graph = model.graph
+    nodes = list(graph.node)
+    if not nodes:
+        return None
+    last_read: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            last_read[name] = i
+    graph_outputs = {o.name for o in graph.output}
+    produced_at = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    runs = 0
+    changes: dict[str, float] = {}
+
+    def live(cut: int) -> list[str]:
+        return [t for t, i in produced_at.items() if i <= cut and (last_read.get(t, -1) > cut or t in graph_outputs)]
+
+    def dependent(cut: int) -> bool:
+        nonlocal runs
+        names = [t for t in live(cut) if t not in changes]
+        if names:
+            del graph.output[:]
+            graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
+            so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
+            session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            alone = session.run(names, solo)
+            together = session.run(names, batch)
+            runs += 2
+            for name, a, b in zip(names, alone, together):
+                change = tensor_change(np.asarray(a), np.asarray(b), row)
+                changes[name] = -1.0 if change is None else change
+        return any(changes[t] > OUTPUT_DEPENDENCE_TOLERANCE for t in live(cut))
+
+    lo, hi = 0, len(nodes) - 1
+    if not dependent(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if dependent(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    node = nodes[lo]
+    moved = [(changes.get(t, -1.0), t) for t in node.output if t]
+    change, tensor = max(moved)
+    if not change > OUTPUT_DEPENDENCE_TOLERANCE:
+        return None
+    return LocatedDependence(
+        node=node.name or node.output[0],
+        op_type=node.op_type,
+        tensor=tensor,
+        axes=_axes(node, _constants(graph)),
+        change=change if math.isfinite(change) else math.inf,
+        runs=runs,
+    )
