@@ -40,19 +40,23 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
 
     from bncheck.backends.onnx import OnnxBackend
     from bncheck.backends.onnx.fix import fix_onnx
+    from bncheck.fix_result import FixRequest
 
     view = OnnxBackend().load(path)
+    request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
     try:
-        outcome = fix_onnx(view, None, dict(data), {"BN003"}, dry_run=True, flagged=flagged)
+        outcome = fix_onnx(view, request)  # a dry run edits the loaded copy in memory and writes nothing
     except BackendError as exc:
         return one_line(exc)
     changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
     if not changed:
         return Recalibration((), {}, 0)
     batch = outcome.batch_size
-    usable = outcome.samples_used  # whole batches only when the batch dimension is fixed (fix's rule)
-    if usable > MAX_SAMPLES:
-        usable = MAX_SAMPLES - MAX_SAMPLES % batch
+    usable = min(outcome.samples, MAX_SAMPLES)
+    if any(spec.shape and spec.shape[0] == batch for spec in view.inputs):
+        usable -= usable % batch  # a fixed batch dimension takes whole batches only
+    if not usable:
+        return f"fewer samples than the model's fixed batch size {batch}"
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
