@@ -81,6 +81,9 @@ class NormLayer:
     batch_axis: int | None = 0
     notes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # why the parameters stored in the file could not be read (None: read, or the layer stores none); the
+    # static checks cannot judge such a layer, so it is reported "unknown", never "ok"
+    unreadable: str | None = None
 
     @property
     def computes_statistics(self) -> bool:

@@ -135,7 +135,7 @@ def merge_findings(
 
 def layer_status(report: Report, layer: NormLayer) -> str:
     """One word for the layer table: worst finding severity, "affected" (downstream of batch
-    dependence), or "ok"."""
+    dependence), "unknown" (its stored parameters could not be read), or "ok"."""
     worst = max((f.severity for f in report.findings_for(layer.name)), default=None)
     if worst is not None:
         return worst.label
@@ -144,7 +144,14 @@ def layer_status(report: Report, layer: NormLayer) -> str:
         for probe in report.probes
     ):
         return "affected"
+    if layer.unreadable:
+        return "unknown"
     return "ok"
+
+
+def unknown_layers(report: Report) -> int:
+    """Layers whose stored parameters could not be read (the static checks could not judge them)."""
+    return sum(1 for layer in report.layers if layer.unreadable)
 
 
 def set_sizes(layer: NormLayer, batch_sizes: Iterable[int]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from bncheck import __version__
 from bncheck.findings import Finding, number, shape_json
 from bncheck.fix_result import FixResult, LayerFix
 from bncheck.model import NormLayer, OutputComparison, ProbeResult, TensorStats, summarize
-from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes
+from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes, unknown_layers
 from bncheck.verdicts import is_affected, is_culprit
 
 
@@ -63,6 +63,7 @@ def to_document(report: Report) -> dict[str, Any]:
         "notes": [{"level": n.level, "message": n.message} for n in report.notes],
         "summary": {
             "layers": len(report.layers),
+            "unknown": unknown_layers(report),
             "findings": report.counts(),
             "max_severity": report.max_severity.label if report.max_severity else None,
         },

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bncheck.render.text import plural
-from bncheck.report import Report
+from bncheck.report import Report, unknown_layers
 
 
 def summary_line(report: Report) -> str:
@@ -18,8 +18,11 @@ def summary_line(report: Report) -> str:
         why = " (--exit-non-zero-on-fix: the model was changed)" if fix.exit_non_zero_on_fix and fix.changed else ""
         return (f"{before}; after: {_counts(fix.after)}; {verdict} --fail-on {report.fail_on} "
                 f"(exit {report.exit_code}){why}")
+    unknown = unknown_layers(report)
     return (
-        f"{plural(len(report.layers), 'normalization layer')}, "
+        f"{plural(len(report.layers), 'normalization layer')}"
+        + (f" ({unknown} with unreadable parameters: unknown)" if unknown else "")
+        + ", "
         + _counts(report)
         + f"; worst: {worst}; {verdict} --fail-on {report.fail_on} (exit {report.exit_code})"
     )

@@ -25,7 +25,7 @@ from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
 from bncheck.report import Report, layer_status, probe_cell, set_sizes
 
-_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green", "affected": "magenta"}
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green", "affected": "magenta", "unknown": "yellow"}
 
 #: Two spaces between columns (rich: one padding cell plus the blank divider of the SIMPLE_HEAD box).
 _GAP = 2
@@ -42,6 +42,7 @@ LEGEND = {
     "batch!": "uses the batch's own statistics at inference",
     "constant": "output did not vary with the input (collapse)",
     "affected": "downstream of a batch-dependent layer",
+    "unknown": "its parameters could not be read from the file: not checked",
 }
 
 
@@ -172,7 +173,7 @@ def _layer_grid(report: Report) -> _Grid:
             size = sizes.get(str(batch_size))
             cells[f"b={batch_size}"] = cell if size is None else f"n={size} {cell}"
             words |= {"constant"} & {cell} | ({"n="} if size is not None else set())
-        words |= {w for w in ("batch!", "affected") if w in (cells["mode"], status)}
+        words |= {w for w in ("batch!", "affected", "unknown") if w in (cells["mode"], status)}
         for key, value in cells.items():
             by_key[key].cells.append(value if isinstance(value, Text) else Text(literal(value)))
     return _Grid([literal(layer.name) for layer in report.layers], columns, words)

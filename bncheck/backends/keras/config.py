@@ -436,6 +436,7 @@ def _norm_layer(
         input_shape=_symbolic(shape, name) if shape is not None else None,
         batch_axis=0,
         notes=tuple(notes),
+        unreadable=problem or ("the file holds no weights" if names and ctx.weights is None else None),
         extra={
             "path": list(path),
             "calls": len(calls),

@@ -102,14 +102,14 @@ class LegacyWeights:
         top = self.group.get(path[0])
         if top is None:
             return {}, f"no model_weights/{path[0]} group"
-        weight_names = [attr_str(w) for w in top.attrs.get("weight_names", [])]
+        weight_names = [attr_str(w) or "" for w in top.attrs.get("weight_names", [])]
+        if len(path) == 1:
+            return _by_position(top, path[0], weight_names, names)
         found: dict[str, np.ndarray] = {}
         for var in names:
-            candidates = []
-            for weight_name in weight_names:
-                parts = weight_name.split("/")
-                if len(parts) >= 2 and parts[-1].split(":")[0] == var and parts[-2] == path[-1]:
-                    candidates.append(parts)
+            candidates = _named(weight_names, var, path[-1])
+            if not candidates:  # Keras 2.0 scopes: batch_normalization_1_1/gamma:0 for layer batch_normalization_1
+                candidates = _named(weight_names, var, path[-1], renamed=True)
             if len(candidates) > 1:  # same layer name in two nested models: the longest scope on the path wins
                 fitting = [c for c in candidates if _scope_fits(c[:-2], path[:-1])]
                 longest = max((len(c) for c in fitting), default=0)
@@ -121,6 +121,37 @@ class LegacyWeights:
                 return {}, f"model_weights/{path[0]}/{'/'.join(candidates[0])} is listed but missing"
             found[var] = np.asarray(dataset[()])
         return found, None
+
+
+def _by_position(
+    top: Any, layer: str, weight_names: list[str], names: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """A top-level layer's group holds its own weights in creation order; Keras assigns them by position
+    (legacy_h5_format.load_weights_from_hdf5_group), whatever scope the names carry (Keras 2.0 wrote
+    ``batch_normalization_1_1/gamma:0`` in group ``batch_normalization_1``)."""
+    if len(weight_names) != len(names):
+        return {}, (f"model_weights/{layer} lists {len(weight_names)} weight(s), the layer has {len(names)} "
+                    f"({', '.join(names)})")
+    found: dict[str, np.ndarray] = {}
+    for var, weight_name in zip(names, weight_names):
+        dataset = top.get(weight_name)
+        if dataset is None:
+            return {}, f"model_weights/{layer}/{weight_name} is listed but missing"
+        found[var] = np.asarray(dataset[()])
+    return found, None
+
+
+def _named(weight_names: list[str], var: str, layer: str, renamed: bool = False) -> list[list[str]]:
+    """Weight names ``.../<layer>/<var>:0`` split at '/'; ``renamed`` also accepts ``<layer>_<k>`` scopes."""
+    found = []
+    for weight_name in weight_names:
+        parts = weight_name.split("/")
+        if len(parts) < 2 or parts[-1].split(":")[0] != var:
+            continue
+        scope = parts[-2]
+        if scope == layer or (renamed and re.fullmatch(re.escape(layer) + r"_\d+", scope)):
+            found.append(parts)
+    return found
 
 
 def _scope_fits(scope: list[str], model_path: tuple[str, ...]) -> bool:

@@ -203,6 +203,8 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         var=var,
         notes=tuple(notes),
         extra=extra,
+        unreadable=None if training or (mean is not None and var is not None)
+        else "running statistics not stored in the file (graph inputs or computed)",
         **common,
     )
     return layer, [idx]

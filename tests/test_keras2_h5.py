@@ -1,0 +1,121 @@
+"""Keras 2.0.x .h5 files: BN weights named ``batch_normalization_1_1/gamma:0`` inside group ``batch_normalization_1``
+are read by position, as Keras loads them; a layer whose parameters cannot be read is ``unknown``, never ``ok``.
+
+The files are written with h5py in the layout Keras 2.0.5 wrote (root ``model_config`` of class ``Model``,
+``model_weights/<layer>`` groups whose ``weight_names`` carry TensorFlow's uniquified scope ``<layer>_1``),
+as in the fer package's emotion_model.hdf5. No Keras is needed: the static reader does not import it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+from click.testing import CliRunner
+
+from bncheck.backends.keras import KerasBackend
+from bncheck.cli import main
+
+CHANNELS = 4
+
+
+def _keras20_h5(path: Path, *, reset: bool = False, drop_var: bool = False) -> dict[str, np.ndarray]:
+    """Input 8x8x1 -> Conv2D(4) -> BatchNormalization -> Conv2D(4) -> BatchNormalization, as Keras 2.0.5 saved it.
+
+    ``reset``: every moving mean 0 and variance 1 (the update ops never ran). ``drop_var``: the second BN's
+    group lists three weights instead of four (a damaged file)."""
+    rng = np.random.default_rng(11)
+    layers = [{"class_name": "InputLayer", "name": "input_1", "inbound_nodes": [],
+               "config": {"batch_input_shape": [None, 8, 8, 1], "name": "input_1", "dtype": "float32",
+                          "sparse": False}}]
+    values: dict[str, dict[str, np.ndarray]] = {}
+    previous = "input_1"
+    for i in (1, 2):
+        conv, bn = f"conv2d_{i}", f"batch_normalization_{i}"
+        layers.append({"class_name": "Conv2D", "name": conv, "inbound_nodes": [[[previous, 0, 0, {}]]],
+                       "config": {"name": conv, "filters": CHANNELS, "kernel_size": [3, 3], "strides": [1, 1],
+                                  "padding": "same", "data_format": "channels_last", "use_bias": False,
+                                  "activation": "linear", "trainable": True}})
+        layers.append({"class_name": "BatchNormalization", "name": bn, "inbound_nodes": [[[conv, 0, 0, {}]]],
+                       "config": {"name": bn, "axis": -1, "momentum": 0.99, "epsilon": 0.001, "center": True,
+                                  "scale": True, "trainable": True}})
+        values[conv] = {"kernel": rng.normal(size=(3, 3, 1 if i == 1 else CHANNELS, CHANNELS))}
+        values[bn] = {
+            "gamma": rng.uniform(0.5, 1.5, CHANNELS), "beta": rng.normal(size=CHANNELS),
+            "moving_mean": np.zeros(CHANNELS) if reset else rng.normal(size=CHANNELS),
+            "moving_variance": np.ones(CHANNELS) if reset else rng.uniform(0.5, 1.5, CHANNELS),
+        }
+        previous = bn
+    config = {"class_name": "Model", "config": {"name": "model_1", "layers": layers,
+                                                "input_layers": [["input_1", 0, 0]],
+                                                "output_layers": [[previous, 0, 0]]}}
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = "2.0.5"
+        f.attrs["backend"] = "tensorflow"
+        f.attrs["model_config"] = json.dumps(config)
+        weights = f.create_group("model_weights")
+        weights.attrs["layer_names"] = np.array([b"input_1", *(name.encode() for name in values)])
+        weights.attrs["keras_version"] = "2.0.5"
+        weights.create_group("input_1").attrs["weight_names"] = np.array([], dtype="S1")
+        for layer, variables in values.items():
+            group = weights.create_group(layer)
+            listed = list(variables)
+            if drop_var and layer == "batch_normalization_2":
+                listed = listed[:3]
+            # TensorFlow uniquified the scope when the model was built a second time: <layer>_1
+            group.attrs["weight_names"] = np.array([f"{layer}_1/{v}:0".encode() for v in listed])
+            for var in listed:
+                group.create_dataset(f"{layer}_1/{var}:0", data=variables[var].astype("float32"))
+    return {f"{layer}/{var}": value for layer, variables in values.items() for var, value in variables.items()}
+
+
+def test_keras20_bn_weights_are_read_by_position(tmp_path: Path) -> None:
+    path = tmp_path / "keras20.h5"
+    values = _keras20_h5(path)
+    view = KerasBackend().load(str(path))
+    assert [layer.name for layer in view.layers] == ["batch_normalization_1", "batch_normalization_2"]
+    for layer in view.layers:
+        assert layer.unreadable is None
+        np.testing.assert_array_equal(layer.scale, values[f"{layer.name}/gamma"].astype("float32"))
+        np.testing.assert_array_equal(layer.bias, values[f"{layer.name}/beta"].astype("float32"))
+        np.testing.assert_array_equal(layer.mean, values[f"{layer.name}/moving_mean"].astype("float32"))
+        np.testing.assert_array_equal(layer.var, values[f"{layer.name}/moving_variance"].astype("float32"))
+    assert not [note for note in view.notes if note.level == "warning"]
+
+
+def test_sound_keras20_file_passes_with_every_layer_ok(tmp_path: Path) -> None:
+    path = tmp_path / "keras20.h5"
+    _keras20_h5(path)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["findings"] == []
+    assert [layer["status"] for layer in doc["layers"]] == ["ok", "ok"]
+    assert doc["summary"]["unknown"] == 0
+
+
+def test_keras20_file_whose_moving_stats_were_reset_fails_with_bn003(tmp_path: Path) -> None:
+    path = tmp_path / "keras20_reset.h5"
+    _keras20_h5(path, reset=True)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert [(f["code"], f["layer"]) for f in doc["findings"]] == [
+        ("BN003", "batch_normalization_1"), ("BN003", "batch_normalization_2"),
+    ]
+
+
+def test_layer_whose_weights_cannot_be_read_is_unknown_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "keras20_damaged.h5"
+    _keras20_h5(path, reset=True, drop_var=True)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    doc = json.loads(result.stdout)
+    assert [(layer["name"], layer["status"]) for layer in doc["layers"]] == [
+        ("batch_normalization_1", "error"), ("batch_normalization_2", "unknown"),
+    ]
+    assert doc["summary"]["unknown"] == 1
+    table = CliRunner().invoke(main, ["inspect", str(path)], env={"COLUMNS": "120"})
+    assert "1 with unreadable parameters" in table.stdout
+    assert "batch_normalization_2" in table.stdout and " unknown" in table.stdout
