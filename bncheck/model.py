@@ -92,6 +92,20 @@ class NormLayer:
 
 
 @dataclass(frozen=True)
+class BatchOp:
+    """An op outside every recognised normalization layer that reduces over the batch axis (``axes`` include
+    0): a sample's result depends on its batch companions. Only the first such op on a path is recorded."""
+
+    name: str
+    op_type: str
+    axes: tuple[int, ...]
+    input: str
+    output: str
+    input_shape: tuple[Dim, ...] | None = None
+    keepdims: bool = True
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """A model input: name, shape (symbolic dims as names) and numpy dtype name."""
 
@@ -130,6 +144,7 @@ class ModelView:
     inputs: list[InputSpec]
     notes: list[Note] = field(default_factory=list)
     handle: Any = field(default=None, repr=False)
+    batch_ops: list[BatchOp] = field(default_factory=list)
 
     def layer(self, name: str) -> NormLayer:
         for layer in self.layers:

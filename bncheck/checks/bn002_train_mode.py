@@ -3,7 +3,9 @@
 What it does
     Statically, it flags BatchNormalization nodes in training mode (ONNX ``training_mode=1``, or the training
     outputs of opset < 14; a Keras layer called with a baked ``training=True``), MeanVarianceNormalization over
-    the batch axis, and hand-written moments (ReduceMean chains) whose axes include the batch axis. With
+    the batch axis, hand-written norms (found by data flow, whatever ops compute the moments) whose axes
+    include the batch axis, and any other reduction over the batch axis (``x - ReduceMean(x, axes=[0])``),
+    reported on that op: the first on each path, not the reductions it feeds. With
     `probe`, it runs samples alone and inside batches with different companions and flags the first layer on
     each path whose per-sample output changes with its companions while its input does not; layers downstream
     of it are marked "affected" in the layer table, not reported again.
@@ -15,7 +17,7 @@ Why is this bad?
 
 Example
     A TF1 graph built with ``is_training=True`` and frozen; a PyTorch model exported without ``model.eval()``;
-    ``mean, var = tf.nn.moments(x, axes=[0, 1, 2])`` used at inference.
+    ``mean, var = tf.nn.moments(x, axes=[0, 1, 2])`` used at inference; ``x - x.mean(0)`` in a forward pass.
 
 Fix
     Export or build the inference graph with training off (``model.eval()``, ``training=False``,
@@ -30,8 +32,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from bncheck.checks._util import batch_effect, describe, is_keras
-from bncheck.findings import Finding, Severity
-from bncheck.model import BatchDependence, ModelView, NormLayer, ProbeResult
+from bncheck.findings import Finding, Severity, shape_json
+from bncheck.model import BatchDependence, BatchOp, ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import (
     OUTPUT_DEPENDENCE_TOLERANCE,
     OUTPUT_TOLERANCE,
@@ -60,9 +62,17 @@ HINT_MOMENTS = (
 )
 
 
+HINT_REDUCTION = (
+    "Reduce over the sample's own axes at inference (leave axis 0 out), or use statistics stored at training "
+    "time; if mixing the batch is intended, ignore BN002 for this model (--ignore BN002)."
+)
+
+
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     depend = outputs_depend(probe.output_dependence) if probe is not None else None
     effect = batch_effect(probe.output_dependence) if depend and probe is not None else None
+    for op in view.batch_ops:
+        yield _reduction_finding(op, effect)
     for layer in view.layers:
         dep = probe.dependence.get(layer.name) if probe is not None else None
         # outputs measured batch-invariant: a layer's own movement changes no prediction, no dynamic finding
@@ -80,7 +90,8 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 "Nothing to fix; reported so that the training flag is not mistaken for a defect.",
                 {"kind": "static", "training_flag": True, "batch_statistics": False},
             )
-    if probe is not None and depend and not explains_dependence(view.layers, probe.dependence):
+    # a reduction over the batch axis found statically explains it too (and is reported above, with the effect)
+    if probe is not None and depend and not view.batch_ops and not explains_dependence(view.layers, probe.dependence):
         yield _unexplained(probe, effect)
 
 
@@ -103,6 +114,31 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None) -> Findin
             f"batch companions: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
             "between a sample alone and in a batch, while its inputs did not")
     return Finding(CODE, SLUG, SEVERITY, found.node, what, HINT_MOMENTS, evidence)
+
+
+def _reduction_finding(op: BatchOp, effect: dict[str, object] | None) -> Finding:
+    evidence: dict[str, object] = {
+        "kind": "batch-reduction",
+        "op_type": op.op_type,
+        "axes": list(op.axes),
+        "keepdims": op.keepdims,
+        "input": op.input,
+        "input_shape": shape_json(op.input_shape),
+        "predicted": True,
+        "training_flag": False,
+    }
+    if effect is not None:
+        evidence["output_effect"] = effect
+    return Finding(
+        CODE,
+        SLUG,
+        SEVERITY,
+        op.name,
+        f"{op.op_type} {op.name!r} reduces over axes {list(op.axes)}, which include the batch axis, outside any "
+        "normalization layer: a sample's result depends on its batch companions",
+        HINT_REDUCTION,
+        evidence,
+    )
 
 
 def _finding(

@@ -14,10 +14,10 @@ class OnnxBackend(Backend):
 
     def load(self, path: str) -> ModelView:
         from bncheck.backends.onnx.load import load_onnx
-        from bncheck.backends.onnx.walk import walk_with_notes
+        from bncheck.backends.onnx.walk import walk_all
 
         handle = load_onnx(path)
-        layers, walk_notes = walk_with_notes(handle)
+        layers, walk_notes, batch_ops = walk_all(handle)
         assert handle.info is not None  # load_onnx always sets it
         return ModelView(
             info=handle.info,
@@ -25,6 +25,7 @@ class OnnxBackend(Backend):
             inputs=graph_inputs(handle),
             notes=list(handle.notes) + walk_notes,
             handle=handle,
+            batch_ops=batch_ops,
         )
 
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:

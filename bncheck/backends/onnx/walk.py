@@ -8,7 +8,9 @@ Two kinds of layers are found:
   Reciprocal, Mul)`` (and the ``E[x^2] - E[x]^2`` variant onnx's own function bodies use, the RMS chain
   without the Sub, and tf.nn.batch_normalization's ``x * inv + (beta - mean * inv)``), which exporters write
   for LayerNorm and hand-written batch norms produce. Their reduction axes decide the kind: axes including
-  the batch axis are batch statistics, the train-mode defect at inference.
+  the batch axis are batch statistics, the train-mode defect at inference; then, by data flow
+  (dataflow.py), the decomposed norms those fixed sequences miss, and the reductions over the batch axis
+  that no layer holds.
 
 The trap: PyTorch's dynamo exporter lowers InstanceNorm to a training-mode BatchNormalization on the input
 reshaped to ``[1, N*C, ...]`` whose running-stat outputs nobody reads. It looks like the train-mode defect
@@ -17,10 +19,11 @@ and is not; it is reported as an INSTANCE layer with a note.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from bncheck.backends.onnx.dataflow import batch_reductions, dataflow_norms
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -33,7 +36,7 @@ from bncheck.backends.onnx.graph import (
 from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
 from bncheck.backends.onnx.patterns import decomposed
-from bncheck.model import Kind, NormLayer, Note
+from bncheck.model import BatchOp, Kind, NormLayer, Note
 
 _MS = ("com.microsoft",)
 _NHWC = ("com.ms.internal.nhwc",)
@@ -47,8 +50,15 @@ def walk(handle: OnnxHandle) -> list[NormLayer]:
 
 def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
     """The layers, and the model-level notes (no layer found, folded BN, norm ops the walk cannot see)."""
+    layers, notes, _ = walk_all(handle)
+    return layers, notes
+
+
+def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[BatchOp]]:
+    """The layers, the model-level notes, and the batch reductions outside every layer (dataflow.py)."""
     g = GraphIndex(handle)
     found: list[tuple[int, NormLayer]] = []
+    spans: list[tuple[int, NormLayer, list[int]]] = []
     used: set[int] = set()
     for idx, node in enumerate(g.nodes):
         handler = _OP_HANDLERS.get(node.op_type)
@@ -59,13 +69,15 @@ def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
             continue
         layer, nodes = fn(g, idx)
         used.update(nodes)
-        found.append((min(nodes), layer))
+        spans.append((min(nodes), layer, nodes))
     for layer, nodes in decomposed(g, used):
         used.update(nodes)
-        found.append((min(nodes), layer))
-    found.sort(key=lambda item: item[0])
+        spans.append((min(nodes), layer, nodes))
+    spans.extend((min(nodes), layer, nodes) for layer, nodes in dataflow_norms(g, used))
+    batch_ops = batch_reductions(g, spans)
+    found = sorted(((first, layer) for first, layer, _ in spans), key=lambda item: item[0])
     layers = readable_names(g, found)
-    return layers, _model_notes(g, layers)
+    return layers, _model_notes(g, layers, batch_ops), batch_ops
 
 
 # ====================================================================== helpers
@@ -415,7 +427,7 @@ _OP_HANDLERS: dict[str, tuple[tuple[str, ...], Callable[[GraphIndex, int], tuple
 _NORM_OPS = frozenset(_OP_HANDLERS)
 
 
-def _model_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
+def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[BatchOp] = ()) -> list[Note]:
     notes: list[Note] = []
     folded = []
     for idx, node in enumerate(g.nodes):
@@ -426,7 +438,10 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
             if other is not None and g.param(other) is not None:
                 folded.append(g.node_name(idx))
                 break
-    if not layers:
+    if not layers and batch_ops:
+        notes.append(Note("info", f"no normalization layer found in the graph; {len(batch_ops)} reduction(s) over "
+                                  "the batch axis checked"))
+    elif not layers:
         notes.append(Note("info", "no normalization layer found in the graph: nothing to check"))
     if folded:
         notes.append(

@@ -1,0 +1,361 @@
+"""Batch dependence found by data flow: decomposed norms in any arrangement, and bare batch reductions.
+
+Every tensor gets a symbolic *form* in one pass in topological order ("the mean of x over axes A", "x minus
+that mean", "its variance plus eps", "one over its square root", "x normalized over A", ...), whatever ops
+compute it: ReduceMean, or ReduceSum / ReduceSumSquare divided by a count from Shape/Gather or a constant;
+``Div(Sqrt)``, ``Mul(Reciprocal(Sqrt))``, ``Pow(-0.5)`` and ``Rsqrt``; gamma before or after the division;
+the mean computed once or twice. A tensor whose form is "x normalized over A" ends a decomposed norm. The
+fixed-sequence matcher (patterns.py) runs first; this pass finds what it misses.
+
+Then every reduction over the batch axis (axis 0, when axis 0 can be the batch) that no recognised layer
+holds and that no earlier batch-dependent tensor feeds is reported on its own: ``x - ReduceMean(x, [0])``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, GraphIndex, node_input
+from bncheck.backends.onnx.patterns import _Chain, _chain_layer, _reduce_axes
+from bncheck.model import BatchOp, NormLayer
+
+#: reductions whose result over axis 0 mixes the samples of a batch
+REDUCE_OPS = frozenset({
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceMax", "ReduceMin",
+    "ReduceProd", "ReduceLogSum", "ReduceLogSumExp",
+})
+#: forms holding one value per reduced set: they survive reshapes (keepdims=0 then Unsqueeze, say)
+_STATS = frozenset({"sum", "sumsq", "sumsqdev", "mean", "meansq", "sqmean", "var", "var_eps", "std", "inv"})
+#: a sum divided by a count becomes the matching mean
+_AVERAGED = {"sum": "mean", "sumsq": "meansq", "sumsqdev": "var"}
+_RESHAPES = frozenset({"Squeeze", "Unsqueeze", "Reshape", "Expand", "Flatten"})
+
+
+@dataclass(frozen=True)
+class Form:
+    """What a tensor holds in terms of a source tensor ``x`` and reduction axes (``nodes`` compute it)."""
+
+    what: str
+    x: str
+    axes: tuple[int, ...]
+    nodes: frozenset[int]
+    centered: bool = True
+    eps: float | None = None
+    eps_after_sqrt: bool = False
+    scale: str | None = None
+    bias: str | None = None
+
+
+class _Flow:
+    def __init__(self, g: GraphIndex) -> None:
+        self.g = g
+        self.forms: dict[str, Form] = {}
+        self.extended: set[str] = set()  # norm tensors that an affine op carried further
+        self._shape_only: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def form(self, tensor: str) -> Form | None:
+        return self.forms.get(tensor)
+
+    def source(self, tensor: str) -> str:
+        return self.g.root(tensor)[0]
+
+    def is_count(self, tensor: str) -> bool:
+        """A positive constant or a number computed from shapes only (Shape -> Gather -> Mul -> Cast)."""
+        value = self.g.scalar(tensor)
+        if value is not None:
+            return value > 0
+        return self.shape_only(tensor)
+
+    def shape_only(self, tensor: str, depth: int = 0) -> bool:
+        if tensor in self._shape_only:
+            return self._shape_only[tensor]
+        g = self.g
+        result = False
+        if tensor in g.initializers:
+            result = True
+        elif depth < 32:
+            idx = g.producer.get(tensor)
+            if idx is not None:
+                node = g.nodes[idx]
+                if node.op_type in ("Shape", "Size", "Constant"):
+                    result = True
+                elif node.input:
+                    result = all(self.shape_only(t, depth + 1) for t in node.input if t)
+        self._shape_only[tensor] = result
+        return result
+
+    def param(self, tensor: str) -> bool:
+        return self.g.is_param_like(tensor)
+
+    def single_use(self, tensor: str) -> bool:
+        return len(self.g.users(tensor)) == 1 and tensor not in self.g.graph_outputs
+
+    # ------------------------------------------------------------------ the pass
+
+    def run(self) -> None:
+        for idx, node in enumerate(self.g.nodes):
+            if not node.output or not node.output[0]:
+                continue
+            out = self._apply(idx, node)
+            if out is not None:
+                self.forms[node.output[0]] = out
+
+    def _apply(self, idx: int, node) -> Form | None:
+        op, g = node.op_type, self.g
+        ins = list(node.input)
+        if op in ("Identity", "Cast"):
+            return self.form(ins[0]) if ins else None
+        if node.domain not in ONNX_DOMAINS and op != "Rsqrt":
+            return None
+        first = self.form(ins[0]) if ins else None
+        if op in _RESHAPES:
+            return first if first is not None and first.what in _STATS else None
+        if op in ("ReduceMean", "ReduceSum", "ReduceSumSquare"):
+            axes = _reduce_axes(g, idx)
+            if not isinstance(axes, tuple) or not axes:
+                return None
+            return self._reduce(idx, op, ins[0], axes)
+        if op == "Sqrt" and first is not None:
+            if first.what == "var_eps":
+                return replace(first, what="std", nodes=first.nodes | {idx})
+            if first.what in ("var", "meansq"):
+                return replace(first, what="std", eps=0.0, centered=first.what == "var", nodes=first.nodes | {idx})
+            return None
+        if op == "Reciprocal" and first is not None and first.what == "std" and first.scale is None:
+            return replace(first, what="inv", nodes=first.nodes | {idx})
+        if op == "Rsqrt" and first is not None:
+            return self._rsqrt(first, idx)
+        if len(ins) != 2:
+            return None
+        a, b = ins
+        fa, fb = self.form(a), self.form(b)
+        if op == "Pow":
+            exponent = g.scalar(b)
+            if exponent == 2.0:
+                return self._square(a, fa, idx)
+            if exponent == 0.5 and fa is not None and fa.what in ("var_eps", "var", "meansq"):
+                return self.apply_sqrt(fa, idx)
+            if exponent == -0.5 and fa is not None:
+                return self._rsqrt(fa, idx)
+            return None
+        if op == "Mul":
+            if g.same(a, b):
+                return self._square(a, fa, idx)
+            return self._mul(a, fa, b, fb, idx) or self._mul(b, fb, a, fa, idx)
+        if op == "Div":
+            return self._div(a, fa, b, fb, idx)
+        if op == "Sub":
+            return self._sub(a, fa, b, fb, idx)
+        if op == "Add":
+            return self._add(a, fa, b, idx) or self._add(b, fb, a, idx)
+        return None
+
+    def apply_sqrt(self, f: Form, idx: int) -> Form:
+        if f.what == "var_eps":
+            return replace(f, what="std", nodes=f.nodes | {idx})
+        return replace(f, what="std", eps=0.0, centered=f.what == "var", nodes=f.nodes | {idx})
+
+    def _rsqrt(self, f: Form, idx: int) -> Form | None:
+        if f.what == "var_eps":
+            return replace(f, what="inv", nodes=f.nodes | {idx})
+        if f.what in ("var", "meansq"):
+            return replace(f, what="inv", eps=0.0, centered=f.what == "var", nodes=f.nodes | {idx})
+        return None
+
+    def _reduce(self, idx: int, op: str, t: str, axes: tuple[int, ...]) -> Form | None:
+        f = self.form(t)
+        node_set = frozenset({idx})
+        if f is None:
+            what = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceSumSquare": "sumsq"}[op]
+            return Form(what, self.source(t), axes, node_set)
+        if op == "ReduceSumSquare" and f.what == "dev" and f.scale is None and f.axes == axes:
+            return replace(f, what="sumsqdev", nodes=f.nodes | node_set)
+        if f.what == "sq" and op != "ReduceSumSquare":
+            return Form("meansq" if op == "ReduceMean" else "sumsq", f.x, axes, f.nodes | node_set)
+        if f.what == "sqdev" and f.axes == axes and op != "ReduceSumSquare":
+            return replace(f, what="var" if op == "ReduceMean" else "sumsqdev", nodes=f.nodes | node_set)
+        return None
+
+    def _square(self, t: str, f: Form | None, idx: int) -> Form | None:
+        if f is None:
+            return Form("sq", self.source(t), (), frozenset({idx}))
+        if f.what == "dev" and f.scale is None:
+            return replace(f, what="sqdev", nodes=f.nodes | {idx})
+        if f.what == "mean":
+            return replace(f, what="sqmean", nodes=f.nodes | {idx})
+        return None
+
+    def _mul(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
+        """``a * b`` with ``a`` the operand carrying the form."""
+        if fa is None:
+            # x * 1/rms: an RMS norm (the centred x * k form is tf.nn.batch_normalization's, patterns.py's)
+            if fb is not None and fb.what == "inv" and not fb.centered and self.source(a) == fb.x:
+                return replace(fb, what="norm", nodes=fb.nodes | {idx})
+            return None
+        if fa.what in _AVERAGED:
+            value = self.g.scalar(b)
+            if value is not None and 0.0 < value < 1.0:  # times 1/N
+                return replace(fa, what=_AVERAGED[fa.what], nodes=fa.nodes | {idx})
+            return None
+        if fa.what == "dev" and fb is not None and fb.what == "inv" and fb.centered and _same_stats(fa, fb):
+            if fa.scale is not None and fb.scale is not None:
+                return None
+            return Form("norm", fa.x, fa.axes, fa.nodes | fb.nodes | {idx}, eps=fb.eps,
+                        eps_after_sqrt=fb.eps_after_sqrt, scale=fa.scale or fb.scale)
+        if fb is not None or not self.param(b):
+            return None
+        if fa.what in ("dev", "inv") and fa.scale is None:
+            return replace(fa, scale=b, nodes=fa.nodes | {idx})
+        if fa.what == "norm" and fa.scale is None and fa.bias is None and self.single_use(a):
+            self.extended.add(a)
+            return replace(fa, scale=b, nodes=fa.nodes | {idx})
+        return None
+
+    def _div(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
+        if fa is not None and fa.what in _AVERAGED and fb is None and self.is_count(b):
+            return replace(fa, what=_AVERAGED[fa.what], nodes=fa.nodes | {idx})
+        if fb is None or fb.what != "std" or fb.scale is not None:
+            return None
+        if fa is None:
+            if self.g.scalar(a) == 1.0:
+                return replace(fb, what="inv", nodes=fb.nodes | {idx})
+            if not fb.centered and self.source(a) == fb.x:
+                return replace(fb, what="norm", nodes=fb.nodes | {idx})
+            return None
+        if fa.what == "dev" and fb.centered and _same_stats(fa, fb):
+            return Form("norm", fa.x, fa.axes, fa.nodes | fb.nodes | {idx}, eps=fb.eps,
+                        eps_after_sqrt=fb.eps_after_sqrt, scale=fa.scale)
+        return None
+
+    def _sub(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
+        if fb is None:
+            return None
+        if fa is None and fb.what == "mean" and self.source(a) == fb.x:
+            return replace(fb, what="dev", nodes=fb.nodes | {idx})
+        if fa is not None and fa.what == "meansq" and fb.what == "sqmean" and _same_stats(fa, fb):
+            return Form("var", fa.x, fa.axes, fa.nodes | fb.nodes | {idx})
+        return None
+
+    def _add(self, a: str, fa: Form | None, b: str, idx: int) -> Form | None:
+        if fa is None:
+            return None
+        if fa.what in ("var", "meansq") and self.form(b) is None:
+            eps = self.g.scalar(b)
+            if eps is not None and eps >= 0:
+                return replace(fa, what="var_eps", eps=eps, centered=fa.what == "var", nodes=fa.nodes | {idx})
+        if fa.what == "std" and fa.eps == 0.0 and not fa.eps_after_sqrt and self.form(b) is None:
+            eps = self.g.scalar(b)
+            if eps is not None and eps > 0:  # MVN: epsilon added to the standard deviation
+                return replace(fa, eps=eps, eps_after_sqrt=True, nodes=fa.nodes | {idx})
+        if fa.what == "norm" and fa.bias is None and self.form(b) is None and self.param(b) and self.single_use(a):
+            self.extended.add(a)
+            return replace(fa, bias=b, nodes=fa.nodes | {idx})
+        return None
+
+
+def _same_stats(a: Form, b: Form) -> bool:
+    return a.x == b.x and a.axes == b.axes
+
+
+# ====================================================================== entry points
+
+
+def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]]]:
+    """Decomposed norms the fixed-sequence matcher missed (none of their nodes in ``used``), as (layer, node
+    positions)."""
+    flow = _Flow(g)
+    flow.run()
+    results: list[tuple[NormLayer, list[int]]] = []
+    taken = set(used)
+    ends = [(t, f) for t, f in flow.forms.items() if f.what == "norm" and t not in flow.extended]
+    for tensor, f in sorted(ends, key=lambda item: min(item[1].nodes)):
+        nodes = sorted(f.nodes)
+        if taken & set(nodes):
+            continue
+        taken |= set(nodes)
+        reduce = min(i for i in nodes if g.op(i).startswith("Reduce"))
+        chain = _Chain(x=f.x, mean=g.nodes[reduce].output[0], reduce=reduce, axes=f.axes, centered=f.centered,
+                       nodes=set(nodes), epsilon=f.eps, eps_after_sqrt=f.eps_after_sqrt, output=tensor,
+                       scale=f.scale, bias=f.bias)
+        results.append((_chain_layer(g, chain, nodes), nodes))
+    return results
+
+
+def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]]]) -> list[BatchOp]:
+    """Reductions over the batch axis held by no recognised layer and fed by no earlier batch dependence.
+
+    ``layers`` are (first node, layer, node positions). A tensor is batch-dependent downstream of a layer
+    that uses batch statistics or of a reported reduction; reductions fed by one are its consequences.
+    """
+    in_layer: dict[int, NormLayer] = {}
+    for _, held_by, nodes in layers:
+        for i in nodes:
+            in_layer[i] = held_by
+    dependent: set[str] = set()
+    found: list[BatchOp] = []
+    for idx, node in enumerate(g.nodes):
+        fed = any(t in dependent for t in node.input if t)
+        layer = in_layer.get(idx)
+        source = layer is not None and layer.batch_statistics
+        if not fed and layer is None and node.op_type in REDUCE_OPS and node.domain in ONNX_DOMAINS:
+            op = _batch_reduction(g, idx)
+            if op is not None:
+                found.append(op)
+                source = True
+        if (fed or source) and node.op_type not in ("Shape", "Size"):
+            dependent.update(o for o in node.output if o)
+    return found
+
+
+def _batch_reduction(g: GraphIndex, idx: int) -> BatchOp | None:
+    node = g.nodes[idx]
+    axes = _reduce_axes(g, idx)
+    x = node_input(node, 0)
+    if not isinstance(axes, tuple) or 0 not in axes or not _axis0_is_batch(g, x) or not _data_dependent(g, x):
+        return None
+    return BatchOp(
+        name=g.node_name(idx),
+        op_type=node.op_type,
+        axes=axes,
+        input=x,
+        output=node.output[0],
+        input_shape=g.shape(x),
+        keepdims=bool(int(g.attrs(idx).get("keepdims", 1))),
+    )
+
+
+def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
+    """Axis 0 of ``tensor`` can hold several samples: not a fixed 1, not a fixed size in a model whose inputs
+    have a free batch dim, not a dim that the inputs name only on another axis (a sequence length, say)."""
+    shape = g.shape(tensor)
+    if not shape:
+        return True  # unknown: the walk's convention, axis 0 is the batch
+    dim = shape[0]
+    inputs = [g.shape(i) for i in g.graph_inputs]
+    leading = {s[0] for s in inputs if s}
+    if isinstance(dim, int):
+        return dim > 1 and not any(isinstance(d, str) for d in leading)
+    if isinstance(dim, str):
+        elsewhere = {d for s in inputs if s for d in s[1:] if isinstance(d, str)}
+        return not (dim in elsewhere and dim not in leading)
+    return True
+
+
+def _data_dependent(g: GraphIndex, tensor: str) -> bool:
+    """``tensor`` depends on a graph input's values (not only on constants or on shapes)."""
+    seen: set[str] = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        if t in g.graph_input_set:
+            return True
+        idx = g.producer.get(t)
+        if idx is None or g.op(idx) in ("Shape", "Size", "Constant"):
+            continue
+        stack.extend(g.nodes[idx].input)
+    return False

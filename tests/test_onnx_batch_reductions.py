@@ -1,0 +1,217 @@
+"""Static batch dependence found by data flow: decomposed batch norms written in any arrangement, and bare
+reductions over the batch axis, in graphs built here with onnx.helper and read by the real ONNX backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck import engine
+from bncheck.backends import ProbeSettings
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.model import Kind
+
+F32 = TensorProto.FLOAT
+GAMMA = np.array([1.5, 0.5, 2.0], np.float32)
+BETA = np.array([0.25, -1.0, 3.0], np.float32)
+
+
+class _Graph:
+    """A graph under construction: nodes named after their output, constants as initializers."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def op(self, op: str, inputs: list[str], out: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def save(self, path, x_shape, y_shape, opset: int = 17) -> str:
+        graph = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", F32, x_shape)],
+                                  [helper.make_tensor_value_info("y", F32, y_shape)], initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(path))
+        return str(path)
+
+
+def _findings(path: str, code: str | None = None):
+    return [f for f in engine.inspect(path).findings if code is None or f.code == code]
+
+
+# ---------------------------------------------------------------------- bare batch reductions
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceLogSumExp"])
+def test_batch_centering_without_any_norm_op_is_train_mode_on_the_reduction(tmp_path, op):
+    g = _Graph()
+    g.op(op, ["x"], "batch_stat", axes=[0], keepdims=1)
+    g.op("Sub", ["x", "batch_stat"], "y")
+    path = g.save(tmp_path / "center.onnx", ["N", 3, 4, 4], ["N", 3, 4, 4], opset=13 if op != "ReduceSum" else 11)
+    view = OnnxBackend().load(path)
+    assert view.layers == []
+    [finding] = _findings(path)
+    assert (finding.code, finding.severity.label, finding.layer) == ("BN002", "error", "batch_stat")
+    assert finding.evidence["op_type"] == op and finding.evidence["axes"] == [0]
+    assert op in finding.message and "[0]" in finding.message
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_axes_as_an_input_and_negative_axes_resolve_to_the_batch_axis(tmp_path, keepdims):
+    g = _Graph()
+    g.op("ReduceMean", ["x", g.const("axes", np.array([-3], np.int64))], "m", keepdims=keepdims)
+    m = g.op("Unsqueeze", ["m", g.const("zero", np.array([0], np.int64))], "m1") if not keepdims else "m"
+    g.op("Sub", ["x", m], "y")
+    path = g.save(tmp_path / "neg.onnx", ["N", 3, 5], ["N", 3, 5], opset=18)
+    [finding] = _findings(path, "BN002")
+    assert finding.layer == "m" and finding.evidence["axes"] == [0]
+    assert finding.evidence["keepdims"] is bool(keepdims)
+
+
+def test_reductions_fed_by_a_batch_reduction_are_not_reported_again(tmp_path):
+    g = _Graph()
+    g.op("ReduceMean", ["x"], "m", axes=[0], keepdims=1)
+    g.op("Sub", ["x", "m"], "d")
+    g.op("Mul", ["d", "d"], "d2")
+    g.op("ReduceMean", ["d2"], "v", axes=[0], keepdims=1)  # a variance, never used to normalize
+    g.op("Add", ["d", "v"], "y")
+    path = g.save(tmp_path / "two.onnx", ["N", 3], ["N", 3], opset=13)
+    assert [f.layer for f in _findings(path, "BN002")] == ["m"]
+
+
+def test_reductions_that_cannot_mix_samples_are_not_reported(tmp_path):
+    g = _Graph()
+    g.op("ReduceMean", ["x"], "gap", axes=[2, 3], keepdims=1)  # per sample
+    g.op("ReduceMean", [g.const("w", np.ones((4, 3, 1, 1), np.float32))], "wmean", axes=[0], keepdims=1)  # weights
+    g.op("Reshape", ["x", g.const("shape", np.array([1, -1, 4, 4], np.int64))], "flat")  # [1, N*3, 4, 4]
+    g.op("ReduceMean", ["flat"], "inst", axes=[0, 2, 3], keepdims=1)  # axis 0 has size 1
+    g.op("Reshape", ["inst", g.const("back", np.array([-1, 3, 1, 1], np.int64))], "inst_back")
+    g.op("Add", ["gap", "wmean"], "s")
+    g.op("Add", ["s", "inst_back"], "y")
+    path = g.save(tmp_path / "clean.onnx", ["N", 3, 4, 4], ["N", 3, 1, 1], opset=13)
+    assert _findings(path) == []
+
+
+def test_a_fixed_leading_axis_in_a_dynamic_batch_model_is_not_the_batch(tmp_path):
+    g = _Graph()
+    g.op("Transpose", ["x"], "t", perm=[1, 0, 2])  # [3, N, 5]: axis 0 is a feature axis here
+    g.op("ReduceSum", ["t"], "s", axes=[0], keepdims=0)
+    g.op("Add", ["s", g.const("b", np.zeros(5, np.float32))], "y")
+    path = g.save(tmp_path / "t.onnx", ["N", 3, 5], ["N", 5], opset=11)
+    assert _findings(path) == []
+
+
+# ---------------------------------------------------------------------- decomposed batch norms
+
+
+def _count(g: _Graph, axis_positions: list[int]) -> str:
+    """The number of reduced elements, computed from the input's shape (Shape -> Gather -> ReduceProd)."""
+    g.op("Shape", ["x"], "shape")
+    g.op("Gather", ["shape", g.const("reduced_axes", np.array(axis_positions, np.int64))], "dims", axis=0)
+    g.op("ReduceProd", ["dims"], "count_i", keepdims=0)
+    return g.op("Cast", ["count_i"], "count", to=F32)
+
+
+def _sum_shape_div_norm(tmp_path) -> str:
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta over axis 0 of [N, 3]; sums divided by a count taken
+    from the shape; gamma multiplies the deviation before the division."""
+    g = _Graph()
+    count = _count(g, [0])
+    g.op("ReduceSum", ["x", g.const("axes", np.array([0], np.int64))], "sum", keepdims=1)
+    g.op("Div", ["sum", count], "mean")
+    g.op("Sub", ["x", "mean"], "dev")
+    g.op("Mul", ["dev", "dev"], "sq")
+    g.op("ReduceSum", ["sq", "axes"], "sqsum", keepdims=1)
+    g.op("Div", ["sqsum", count], "var")
+    g.op("Mul", [g.const("gamma", GAMMA), "dev"], "scaled")
+    g.op("Add", ["var", g.const("eps", np.float32(1e-5))], "var_eps")
+    g.op("Sqrt", ["var_eps"], "std")
+    g.op("Div", ["scaled", "std"], "normed")
+    g.op("Add", ["normed", g.const("beta", BETA)], "y")
+    return g.save(tmp_path / "sum_shape_div.onnx", ["N", 3], ["N", 3], opset=13)
+
+
+def test_reducesum_shape_div_norm_with_gamma_first_is_a_batch_layer_that_collapses_at_batch_1(tmp_path):
+    path = _sum_shape_div_norm(tmp_path)
+    [layer] = OnnxBackend().load(path).layers
+    assert layer.kind is Kind.BATCH and layer.batch_statistics and layer.axes == (0,)
+    np.testing.assert_array_equal(layer.scale, GAMMA)
+    np.testing.assert_array_equal(layer.bias, BETA)
+    assert abs(layer.epsilon - 1e-5) < 1e-9
+    codes = {f.code: f for f in _findings(path)}
+    assert set(codes) == {"BN001", "BN002"}
+    assert codes["BN001"].evidence["condition"] == {"batch_size": 1}
+    assert codes["BN002"].layer == layer.name and codes["BN002"].evidence["axes"] == [0]
+
+
+def test_reducesum_shape_div_norm_outputs_beta_at_batch_1_in_onnxruntime(tmp_path):
+    path = _sum_shape_div_norm(tmp_path)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 4), samples=2))
+    [collapse] = [f for f in report.findings if f.code == "BN001"]
+    assert collapse.evidence["kind"] == "observed" and collapse.evidence["batch_sizes"] == [1]
+
+
+def _torch_style(tmp_path, inverse: str) -> str:
+    """gamma * (x - mean) / sqrt(var + eps) + beta over (0, 2, 3), as torch.onnx writes it (the mean computed
+    twice, once for the variance and once for the deviation), with the division in one of its forms."""
+    g = _Graph()
+    axes = g.const("axes", np.array([0, 2, 3], np.int64))
+    g.op("ReduceMean", ["x", axes], "mean_a", keepdims=1)
+    g.op("ReduceMean", ["x", axes], "mean_b", keepdims=1)
+    g.op("Sub", ["x", "mean_b"], "dev_b")
+    g.op("Mul", ["dev_b", "dev_b"], "sq")
+    g.op("ReduceMean", ["sq", axes], "var", keepdims=0)
+    g.op("Reshape", ["var", g.const("cshape", np.array([1, 3, 1, 1], np.int64))], "var4")
+    g.op("Sub", ["x", "mean_a"], "dev")
+    g.op("Mul", ["dev", g.const("gamma", GAMMA.reshape(1, 3, 1, 1))], "scaled")
+    g.op("Add", ["var4", g.const("eps", np.float32(1e-5))], "var_eps")
+    if inverse == "div-sqrt":
+        g.op("Sqrt", ["var_eps"], "std")
+        g.op("Div", ["scaled", "std"], "normed")
+    elif inverse == "mul-reciprocal-sqrt":
+        g.op("Sqrt", ["var_eps"], "std")
+        g.op("Reciprocal", ["std"], "inv")
+        g.op("Mul", ["scaled", "inv"], "normed")
+    else:  # pow -0.5
+        g.op("Pow", ["var_eps", g.const("minus_half", np.float32(-0.5))], "inv")
+        g.op("Mul", ["inv", "scaled"], "normed")
+    g.op("Add", ["normed", g.const("beta", BETA.reshape(1, 3, 1, 1))], "y")
+    return g.save(tmp_path / f"torch_{inverse}.onnx", ["N", 3, 4, 4], ["N", 3, 4, 4], opset=18)
+
+
+@pytest.mark.parametrize("inverse", ["div-sqrt", "mul-reciprocal-sqrt", "pow-0.5"])
+def test_torch_style_chain_with_gamma_before_the_division_is_one_batch_layer(tmp_path, inverse):
+    path = _torch_style(tmp_path, inverse)
+    view = OnnxBackend().load(path)
+    [layer] = view.layers
+    assert layer.kind is Kind.BATCH and layer.batch_statistics and layer.axes == (0, 2, 3)
+    assert layer.channel_axis == 1 and layer.channels == 3 and layer.output == "y"
+    assert {"mean_a", "mean_b", "var", "normed", "y"} <= set(layer.nodes)
+    np.testing.assert_array_equal(np.ravel(layer.scale), GAMMA)
+    assert view.batch_ops == []  # the reductions belong to the layer: one finding, not four
+    [finding] = _findings(path, "BN002")
+    assert finding.layer == layer.name and finding.evidence["axes"] == [0, 2, 3]
+
+
+def test_the_same_chain_over_per_sample_axes_is_an_instance_norm_without_batch_findings(tmp_path):
+    g = _Graph()
+    axes = g.const("axes", np.array([2, 3], np.int64))
+    g.op("ReduceMean", ["x", axes], "mean", keepdims=1)
+    g.op("Sub", ["x", "mean"], "dev")
+    g.op("Mul", ["dev", "dev"], "sq")
+    g.op("ReduceMean", ["sq", axes], "var", keepdims=1)
+    g.op("Mul", ["dev", g.const("gamma", GAMMA.reshape(1, 3, 1, 1))], "scaled")
+    g.op("Add", ["var", g.const("eps", np.float32(1e-5))], "var_eps")
+    g.op("Sqrt", ["var_eps"], "std")
+    g.op("Div", ["scaled", "std"], "y")
+    path = g.save(tmp_path / "inst.onnx", ["N", 3, 4, 4], ["N", 3, 4, 4], opset=18)
+    [layer] = OnnxBackend().load(path).layers
+    assert layer.kind is Kind.INSTANCE and not layer.batch_statistics
+    assert _findings(path) == []
