@@ -215,3 +215,13 @@ def test_the_same_chain_over_per_sample_axes_is_an_instance_norm_without_batch_f
     [layer] = OnnxBackend().load(path).layers
     assert layer.kind is Kind.INSTANCE and not layer.batch_statistics
     assert _findings(path) == []
+
+
+def test_probe_reports_the_reduction_once_where_static_and_located_findings_meet(tmp_path):
+    g = _Graph()
+    g.op("ReduceMean", ["x"], "batch_stat", axes=[0], keepdims=1)
+    g.op("Sub", ["x", "batch_stat"], "y")
+    path = g.save(tmp_path / "center.onnx", ["N", 3, 4, 4], ["N", 3, 4, 4], opset=13)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), samples=2))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.layer == "batch_stat" and finding.evidence["axes"] == [0]

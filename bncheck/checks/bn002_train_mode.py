@@ -90,8 +90,8 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 "Nothing to fix; reported so that the training flag is not mistaken for a defect.",
                 {"kind": "static", "training_flag": True, "batch_statistics": False},
             )
-    # a reduction over the batch axis found statically explains it too (and is reported above, with the effect)
-    if probe is not None and depend and not view.batch_ops and not explains_dependence(view.layers, probe.dependence):
+    # located by the probe: replaces the static batch-reduction finding on the same op (report.merge_findings)
+    if probe is not None and depend and not explains_dependence(view.layers, probe.dependence):
         yield _unexplained(probe, effect)
 
 
