@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from bncheck.errors import BncheckError, ErrorKind, one_line
 from bncheck.model import (
     BatchDependence,
     LayerProbe,
@@ -193,6 +194,24 @@ def make_plan(
     return Plan(tuple(ordered), probe_runs, solo, groups, data_runs, k, needed)
 
 
+def make_fixed_plan(fixed: int, samples: int, pool_size: int | None, with_data: bool) -> Plan:
+    """The runs for a model whose batch dimension is fixed to ``fixed`` (>= 2): the dependence test keeps K
+    probe samples in their rows and replaces their companions (a second run of the same size)."""
+    k = max(1, min(int(samples), fixed - 1, pool_size or fixed))
+    wrap = (lambda i: i % pool_size) if pool_size else (lambda i: i)
+    first = tuple(wrap(i) for i in range(fixed))
+    second = tuple(wrap(i) for i in range(k)) + tuple(wrap(fixed + j) for j in range(fixed - k))
+    dependence = second != first
+    solo = (first,) * k if dependence else ()  # each probe sample's reference is its row of the first run
+    groups: dict[int, tuple[tuple[int, ...], ...]] = {fixed: (second,)} if dependence else {}
+    data_runs: tuple[tuple[int, ...], ...] = ()
+    if with_data and pool_size:
+        data_runs = tuple(tuple(range(s, min(s + fixed, pool_size))) for s in range(0, pool_size, fixed))
+    ordered = list(dict.fromkeys([first, *(groups[fixed] if groups else ()), *data_runs]))
+    needed = max(max(r) + 1 for r in ordered)
+    return Plan(tuple(ordered), {fixed: first}, solo, groups, data_runs, k, needed)
+
+
 def _fixed_batch(view: ModelView) -> int | None:
     """The batch size every input fixes in its declared shape, or None when the batch dimension is free."""
     fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
@@ -200,6 +219,20 @@ def _fixed_batch(view: ModelView) -> int | None:
     if len(fixed) == 1 and not free:
         return int(fixed.pop())
     return None
+
+
+def _plan_for(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool,
+              dependence: bool, fixed: int | None) -> Plan:
+    if fixed is not None and fixed >= 2 and dependence:
+        return make_fixed_plan(fixed, samples, pool_size, with_data)
+    return make_plan(batch_sizes, samples, pool_size, with_data, dependence)
+
+
+def _ran(plan: Plan, results: Mapping[tuple[int, ...], object]) -> Plan:
+    """``plan`` without the runs that could not run: no dependence test without every reference run."""
+    groups = {b: runs for b, runs in plan.group_runs.items() if all(r in results for r in runs)}
+    solo = plan.solo_runs if all(r in results for r in plan.solo_runs) and groups else ()
+    return replace(plan, solo_runs=solo, group_runs=groups if solo else {})
 
 
 def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -268,13 +301,14 @@ def _dependence(
     for side in ("input", "output"):
         solo: list[tuple[np.ndarray, np.ndarray]] = []
         pooled: list[TensorStats] = []
-        for run in plan.solo_runs:
+        for k, run in enumerate(plan.solo_runs):  # sample k alone, or in its reference run (fixed batch)
             probe = results[run].get(layer)
             stats = getattr(probe, side) if probe else None
-            if stats is None or stats.sample_mean.shape[0] != 1:
+            if stats is None or stats.sample_mean.shape[0] != len(run):
                 break
-            solo.append(_rows(stats, 0))
-            pooled.append(stats)
+            solo.append(_rows(stats, run.index(k)))
+            if run not in plan.solo_runs[:k]:
+                pooled.append(stats)
         else:
             batched: list[tuple[int, int, np.ndarray, np.ndarray]] = []
             for b in sizes:
@@ -285,7 +319,7 @@ def _dependence(
                         continue  # no per-sample rows (a layer without a batch axis)
                     pooled.append(stats)
                     for row, index in enumerate(run):
-                        if index < plan.samples and (index,) in plan.solo_runs and run.index(index) == row:
+                        if index < len(plan.solo_runs) and run != plan.solo_runs[index] and run.index(index) == row:
                             batched.append((index, b, *_rows(stats, row)))
             out[side] = _change(solo, batched, pooled)
             continue
@@ -477,17 +511,18 @@ def run_plan(
     if not batch_sizes:
         raise ProbeDataError("no batch sizes to probe")
     notes: list[str] = []
+    requested = batch_sizes
     test_dependence = True
     fixed = _fixed_batch(view)
-    if fixed is not None and set(batch_sizes) != {fixed}:
-        notes.append(
-            f"the model's batch dimension is fixed to {fixed}: probed at batch size {fixed} only "
-            f"(requested {','.join(map(str, batch_sizes))}); batch dependence not tested"
-        )
-        batch_sizes, test_dependence = (fixed,), False
-    elif fixed is not None:
-        test_dependence = False
-        notes.append(f"the model's batch dimension is fixed to {fixed}: batch dependence not tested")
+    if fixed is not None:
+        skipped = [b for b in batch_sizes if b != fixed]
+        if skipped:
+            notes.append(f"batch size(s) {','.join(map(str, skipped))} not run: the model's batch dimension is "
+                         f"fixed to {fixed}")
+        batch_sizes = (fixed,)
+        if fixed == 1:
+            test_dependence = False
+            notes.append("the model's batch dimension is fixed to 1: batch dependence cannot be tested")
     if settings.data is not None:
         pool = dict(settings.data)
         counts = {int(np.asarray(a).shape[0]) for a in pool.values()}
@@ -497,7 +532,7 @@ def run_plan(
         if pool_size == 1 and test_dependence and any(b > 1 for b in batch_sizes):
             test_dependence = False
             notes.append("batch dependence not tested: the data holds one sample, so every batch repeats it")
-        plan = make_plan(batch_sizes, settings.samples, pool_size, True, test_dependence)
+        plan = _plan_for(batch_sizes, settings.samples, pool_size, True, test_dependence, fixed)
         if open_runner is not None:
             runner = open_runner()
         if max(batch_sizes) > pool_size:
@@ -506,11 +541,15 @@ def run_plan(
             )
         data_samples = pool_size
     else:
-        plan = make_plan(batch_sizes, settings.samples, None, False, test_dependence)
+        plan = _plan_for(batch_sizes, settings.samples, None, False, test_dependence, fixed)
         needed = plan.pool_needed
 
+        specs = view.inputs
+        if fixed is not None:  # the pool holds more samples than one batch: drawn along a free axis 0
+            specs = [replace(s, shape=(None, *s.shape[1:])) if s.shape else s for s in specs]
+
         def draw() -> dict[str, np.ndarray]:
-            return synthetic_inputs(view.inputs, needed, settings.seed, settings.input_shapes, int_high)
+            return synthetic_inputs(specs, needed, settings.seed, settings.input_shapes, int_high)
 
         if open_runner is not None:
             runner, pool = _overlapped(open_runner, draw)
@@ -525,12 +564,33 @@ def run_plan(
     total = len(plan.runs)
     if settings.progress:
         settings.progress(0, total)
+    failed: dict[int, BncheckError] = {}
     for done, run in enumerate(plan.runs, start=1):
-        results[run], seen = _observe(runner, _take(pool, run))
-        if run in keep:
-            outputs[run] = seen
+        if len(run) not in failed or run in plan.data_runs:
+            try:
+                results[run], seen = _observe(runner, _take(pool, run))
+            except BncheckError as exc:
+                # a size the model cannot run (memory, a shape it rejects) is a note while another size ran
+                if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME) or run in plan.data_runs:
+                    raise
+                failed[len(run)] = exc
+            else:
+                if run in keep:
+                    outputs[run] = seen
         if settings.progress:
             settings.progress(done, total)
+    if failed:
+        if all(b in failed for b in batch_sizes):
+            raise failed[batch_sizes[0]]
+        for b, error in failed.items():
+            notes.append(f"batch size {b} could not run: {one_line(error)}")
+        batch_sizes = tuple(b for b in batch_sizes if b not in failed)
+        plan = _ran(plan, results)
+        if test_dependence and not plan.solo_runs and fixed is None:
+            notes.append("batch dependence not tested: batch size 1 could not run")
+    if fixed is not None and plan.solo_runs:
+        notes.append(f"batch dependence tested inside the fixed batch of {fixed}: {plan.samples} sample(s) kept in "
+                     "their rows while their companions were replaced")
     layers = {b: dict(results[plan.probe_runs[b]]) for b in batch_sizes}
     dependence: dict[str, BatchDependence] = {}
     names = [layer.name for layer in view.layers]
@@ -545,11 +605,12 @@ def run_plan(
             parts = [results[run][name].input for run in plan.data_runs if name in results[run]]
             if parts and all(p is not None for p in parts):
                 data[name] = merge_stats(parts)  # type: ignore[arg-type]
-    if test_dependence and not plan.solo_runs:
+    if test_dependence and not plan.solo_runs and not failed:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     output_dependence, located = _outputs_test(
         view, plan, pool, runner, outputs, dependence, locate, notes)
     return ProbeResult(
+        requested_batch_sizes=requested,
         batch_sizes=batch_sizes,
         layers=layers,
         dependence=dependence,
@@ -584,12 +645,17 @@ def _outputs_test(
     """The batch-dependence test on the model's outputs (see :func:`run_plan`)."""
     from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE, explains_dependence
 
-    solo = {run[0]: outputs[run] for run in plan.solo_runs if run in outputs}
+    # sample k's reference: its run alone, or its row of the reference run (a fixed batch, make_fixed_plan)
+    solo = {k: {n: a[run.index(k):run.index(k) + 1] if np.ndim(a) and len(a) == len(run) else a
+                for n, a in outputs[run].items()}
+            for k, run in enumerate(plan.solo_runs) if run in outputs}
     groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b]
               if run in outputs]
     found, worst = _output_dependence(solo, groups)
     if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
         return found, None
+    if any(len(run) != 1 for run in plan.solo_runs):
+        return found, None  # a fixed batch: no sample can run alone for the effect or the locator
     extra: list[int] = []
     for _, run, _ in groups:
         extra.extend(i for i in run if i not in solo and i not in extra)

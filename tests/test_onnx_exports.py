@@ -37,12 +37,15 @@ def _convnet(
     batch,
     *,
     flatten=None,
+    fc_in: int = 4,
+    conv_training: bool = False,
     head_training: bool = False,
     opset: int = 17,
 ) -> str:
     """x[batch, 3, 8, 8] -> Conv -> BN -> Relu -> GlobalAveragePool -> Reshape(flatten) -> MatMul -> BN (1-d
-    head) -> y[batch, 5]: the net torch.onnx.export writes for ``x.view(x.size(0), -1)``. ``flatten`` is the
-    Reshape's constant (default ``[batch, -1]`` for a fixed batch, ``[0, -1]`` otherwise)."""
+    head) -> y: the net torch.onnx.export writes for ``x.view(x.size(0), -1)``. ``flatten`` is the Reshape's
+    constant (default ``[batch, -1]`` for a fixed batch, as the exporter bakes it, ``[0, -1]`` otherwise),
+    ``fc_in`` the MatMul's input width."""
     rng = np.random.default_rng(0)
     fixed = isinstance(batch, int) and batch > 0
     if flatten is None:
@@ -56,15 +59,17 @@ def _convnet(
     inits = [
         numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "conv.weight"),
         numpy_helper.from_array(np.asarray(flatten, np.int64), "flat_shape"),
-        numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "fc.weight"),
+        numpy_helper.from_array(rng.standard_normal((fc_in, 5)).astype(np.float32), "fc.weight"),
         *bn_params("bn", 4), *bn_params("head_bn", 5),
     ]
     head_attrs = {"training_mode": 1} if head_training else {}
     head_outputs = ["y", "head_rm", "head_rv"] if head_training else ["y"]
+    conv_attrs = {"training_mode": 1} if conv_training else {}
+    conv_outputs = ["b", "bn_rm", "bn_rv"] if conv_training else ["b"]
     nodes = [
         helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
-                         ["b"], name="bn"),
+                         conv_outputs, name="bn", **conv_attrs),
         helper.make_node("Relu", ["b"], ["r"], name="relu"),
         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
         helper.make_node("Reshape", ["p", "flat_shape"], ["f"], name="flatten"),
@@ -72,9 +77,11 @@ def _convnet(
         helper.make_node("BatchNormalization", ["h", "head_bn.weight", "head_bn.bias", "head_bn.running_mean",
                                                 "head_bn.running_var"], head_outputs, name="head_bn", **head_attrs),
     ]
-    outputs = [helper.make_tensor_value_info("y", F32, [batch, 5])]
+    outputs = [helper.make_tensor_value_info("y", F32, None)]
     if head_training:
         outputs += [helper.make_tensor_value_info(n, F32, [5]) for n in head_outputs[1:]]
+    if conv_training:
+        outputs += [helper.make_tensor_value_info(n, F32, [4]) for n in conv_outputs[1:]]
     graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", F32, [batch, 3, 8, 8])], outputs,
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -94,3 +101,152 @@ def test_a_batch_dim_written_as_minus_one_or_zero_is_symbolic(tmp_path, written)
     result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
     set_size = json.loads(result.stdout)["layers"][0]["normalized_set_size"]
     assert set_size["known_factor"] == 64 and set_size["depends_on"] == ["batch"]
+
+
+# --------------------------------------------------------------------------- fixed batch dim
+
+
+@pytest.mark.parametrize("fixed", [1, 8])
+def test_a_fixed_batch_baked_into_a_reshape_is_relaxed_and_tested_for_dependence(tmp_path, fixed):
+    """torch.onnx.export without dynamic axes: input [fixed, ...] and view(fixed, -1) as a Reshape constant.
+    The probe's copy computes that constant from the fed batch, proves it equal, and runs every size."""
+    path = _convnet(tmp_path / "m.onnx", fixed, head_training=True)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 1 and run["batch_sizes"] == [1, 2, 32] and run["requested_batch_sizes"] == [1, 2, 32]
+    assert run["batch_handling"].startswith(f"fixed to {fixed} in the file; relaxed to symbolic, validated (1 ")
+    assert run["layers"]["head_bn"]["batch_dependence"]["verdict"] == "culprit"
+    assert run["layers"]["bn"]["batch_dependence"]["verdict"] == "independent"
+    assert {f["code"] for f in doc["findings"] if f["layer"] == "head_bn"} >= {"BN002"}
+
+
+def test_a_fixed_batch_that_cannot_be_relaxed_is_tested_inside_the_batch(tmp_path):
+    """Reshape [8, 4, 1, 1] -> [32, 1] mixes the batch into the rows: no output follows the fed batch, so the
+    probe runs at 8 and swaps a sample's companions inside the batch of 8."""
+    path = _convnet(tmp_path / "m.onnx", 8, flatten=[32, 1], fc_in=1, conv_training=True)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 1 and run["batch_sizes"] == [8] and run["requested_batch_sizes"] == [1, 2, 32]
+    assert "cannot be relaxed (no output has the batch size 8 as its first dim)" in run["batch_handling"]
+    assert "batch size(s) 1,2,32 not run: the model's batch dimension is fixed to 8" in run["notes"]
+    dependence = run["layers"]["bn"]["batch_dependence"]
+    assert dependence["verdict"] == "culprit" and dependence["batch_sizes"] == [8]
+    assert any(n.startswith("batch dependence tested inside the fixed batch of 8") for n in run["notes"])
+
+
+def test_a_fixed_batch_of_one_that_cannot_be_relaxed_says_how_to_re_export(tmp_path):
+    path = _convnet(tmp_path / "m.onnx", 1, flatten=[4, 1], fc_in=1)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1]
+    assert "the model's batch dimension is fixed to 1: batch dependence cannot be tested" in run["notes"]
+    assert any("dynamic_axes={'x': {0: 'batch'}}" in n for n in run["notes"])
+    assert "batch_dependence" not in run["layers"]["bn"]
+    table = CliRunner().invoke(main, ["probe", path, "--batch-sizes", "1,2,32"]).stdout
+    assert "ran at batch size(s) 1 (requested 1,2,32)" in " ".join(table.split())
+
+
+# --------------------------------------------------------------------------- sizes that cannot run
+
+
+def test_a_batch_size_that_cannot_run_is_a_note_and_the_others_are_reported(tmp_path):
+    """Expand to [2, 1, 1, 1] broadcasts batches of 1 and 2 and rejects 32 at run time."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array([2, 1, 1, 1], np.int64), "to2")] + [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in ((rng.uniform(0.5, 1.5, 3), "s"), (rng.uniform(-0.2, 0.2, 3), "b"),
+                     (rng.uniform(-0.2, 0.2, 3), "m"), (rng.uniform(0.5, 1.5, 3), "v"))
+    ]
+    nodes = [helper.make_node("Expand", ["x", "to2"], ["e"], name="expand"),
+             helper.make_node("BatchNormalization", ["e", "s", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", F32, None)], inits)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1, 2] and doc["probe"]["batch_sizes"] == [1, 2]
+    assert any(n.startswith("batch size 32 could not run: ") for n in run["notes"])
+
+
+# --------------------------------------------------------------------------- old opsets and IR versions
+
+
+def _opset6_bn(path: Path, extra: list | None = None) -> str:
+    """What pytorch 0.3 wrote: IR 3, opset 6, BatchNormalization-6 (is_test=1), every initializer also listed
+    among the graph inputs, input batch fixed to 2."""
+    rng = np.random.default_rng(0)
+    params = {n: a.astype(np.float32) for n, a in (("s", rng.uniform(0.5, 1.5, 3)), ("b", rng.uniform(-0.2, 0.2, 3)),
+                                                     ("m", rng.uniform(-0.2, 0.2, 3)), ("v", rng.uniform(0.5, 1.5, 3)))}
+    nodes = [helper.make_node("BatchNormalization", ["x", *params], ["y"], name="bn", is_test=1, epsilon=1e-5),
+             *(extra or [])]
+    inputs = [helper.make_tensor_value_info("x", F32, [2, 3, 4, 4])]
+    inputs += [helper.make_tensor_value_info(n, F32, [3]) for n in params]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(nodes[-1].output[0], F32, None)],
+                              [numpy_helper.from_array(a, n) for n, a in params.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_opset_6_batch_norm_with_ir_3_initializer_inputs_is_upgraded_and_probed(tmp_path):
+    code, doc = _probe_json(_opset6_bn(tmp_path / "m.onnx"), "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1, 2, 32]
+    assert any(n.startswith("opset 6 upgraded to 13 for the probe") for n in run["notes"])
+    assert run["layers"]["bn"]["batch_dependence"]["verdict"] == "independent"
+    assert doc["model"]["opset"] == {"ai.onnx": 6}  # the report describes the file as written
+
+
+def test_an_opset_the_converter_cannot_upgrade_keeps_the_static_findings(tmp_path):
+    # an op without schema in the default domain (old pytorch's ATen fallback): no conversion adapter
+    path = _opset6_bn(tmp_path / "m.onnx", [helper.make_node("ATen", ["y"], ["z"], name="aten", operator="foo")])
+    model = onnx.load(path)
+    for name in ("m", "v"):  # initial statistics: a static BN003 finding that must survive
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        tensor.CopyFrom(numpy_helper.from_array(np.full(3, 0.0 if name == "m" else 1.0, np.float32), name))
+    onnx.save(model, path)
+    code, doc = _probe_json(path)
+    run = _run(doc)
+    assert code == 1 and {f["code"] for f in doc["findings"]} == {"BN003"}
+    assert run["batch_sizes"] == [] and len([n for n in run["notes"] if "could not be upgraded" in n]) == 1
+    assert any(n.startswith("not probed: ") for n in run["notes"])
+
+
+def test_the_batch_norm_models_the_onnx_package_ships_are_probed():
+    folder = Path(onnx.__file__).parent / "backend" / "test" / "data" / "pytorch-converted"
+    paths = sorted(folder.glob("test_BatchNorm*/model.onnx"))
+    assert paths
+    for path in paths:
+        code, doc = _probe_json(str(path), "--batch-sizes", "1,2,32")
+        assert _run(doc)["batch_sizes"] == [1, 2, 32], path
+        # their running statistics are the initial 0/1 (never trained): BN003 is right
+        assert code == 1 and {f["code"] for f in doc["findings"]} == {"BN003"}, path
+
+
+# --------------------------------------------------------------------------- parameters declared as inputs
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_graph_inputs_that_only_feed_norm_parameters_are_fed_fixed_not_batched(tmp_path, training):
+    """onnx's backend node tests declare scale, bias, mean and var as graph inputs (x fixed to batch 2)."""
+    outputs = ["y", "running_mean", "running_var"] if training else ["y"]
+    node = helper.make_node("BatchNormalization", ["x", "s", "bias", "mean", "var"], outputs, name="bn",
+                            **({"training_mode": 1} if training else {}))
+    inputs = [helper.make_tensor_value_info("x", F32, [2, 3, 4, 5])]
+    inputs += [helper.make_tensor_value_info(n, F32, [3]) for n in ("s", "bias", "mean", "var")]
+    graph_outputs = [helper.make_tensor_value_info("y", F32, [2, 3, 4, 5])]
+    graph_outputs += [helper.make_tensor_value_info(n, F32, [3]) for n in outputs[1:]]
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(helper.make_graph([node], "g", inputs, graph_outputs),
+                                opset_imports=[helper.make_opsetid("", 15)]), path)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert run["batch_sizes"] == [1, 2, 32]
+    assert any(n.startswith("input(s) 's', 'bias', 'mean', 'var' only feed normalization parameters") for n in
+               run["notes"])
+    verdict = run["layers"]["bn"]["batch_dependence"]["verdict"]
+    if training:
+        assert code == 1 and verdict == "culprit" and "BN002" in {f["code"] for f in doc["findings"]}
+    else:
+        assert code == 0 and verdict == "independent"

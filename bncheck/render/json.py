@@ -178,6 +178,8 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
         "data": probe.data_source,
         "data_samples": probe.data_samples,
         "notes": list(probe.notes),
+        "requested_batch_sizes": list(probe.requested_batch_sizes or probe.batch_sizes),
+        "batch_handling": probe.batch_handling,
         "layers": {},
     }
     for layer in layers:

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bncheck.fix_result import FixResult, LayerFix, StatsSummary
-from bncheck.model import NormLayer
+from bncheck.model import NormLayer, ProbeResult
 from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
 from bncheck.report import Report, layer_status, probe_cell, set_sizes
@@ -73,6 +73,9 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
             console.print(Text(f"({', '.join(grid.dropped)} hidden: terminal too narrow)", style="dim"))
         _print_legend(console, grid.words)
     for probe in report.probes:
+        sizes = _sizes_line(probe)
+        if sizes:
+            console.print(Text(literal(f"probe: {sizes}"), style="dim"))
         for line in probe.notes:
             console.print(Text(literal(f"probe: {line}"), style="dim"))
     if report.findings:
@@ -235,6 +238,19 @@ def _old_new(entry: LayerFix) -> str:
     if entry.source == "stored":
         return f"kept {pair(entry.old)}"
     return "" if entry.new is None else f"{pair(entry.old)} -> {pair(entry.new)}"
+
+
+def _sizes_line(probe: ProbeResult) -> str | None:
+    """Which batch sizes ran and how a fixed batch dim was handled; None when all asked for ran as written."""
+    requested = tuple(probe.requested_batch_sizes) or tuple(probe.batch_sizes)
+    if probe.batch_handling is None and requested == tuple(probe.batch_sizes):
+        return None
+    text = f"ran at batch size(s) {','.join(map(str, probe.batch_sizes))}"
+    if requested != tuple(probe.batch_sizes):
+        text += f" (requested {','.join(map(str, requested))})"
+    if probe.batch_handling:
+        text += f"; batch dimension {probe.batch_handling}"
+    return text
 
 
 def _mode(layer: NormLayer) -> str:

@@ -50,11 +50,15 @@ class OnnxBackend(Backend):
 
 
 def graph_inputs(handle) -> list[InputSpec]:
-    """The graph inputs a caller must feed: declared inputs that are not initializers."""
+    """The graph inputs the probe feeds per sample: declared inputs that are neither initializers nor
+    only a norm's parameters."""
     from onnx import helper
+
+    from bncheck.backends.onnx.probe_copy import parameter_inputs
 
     graph = handle.model.graph
     stored = {init.name for init in graph.initializer}
+    stored |= set(parameter_inputs(graph))  # fed as fixed tensors by the probe, not batched (probe_copy)
     specs = []
     for value in graph.input:
         if value.name in stored:

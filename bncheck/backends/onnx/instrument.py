@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import onnx
 
     from bncheck.backends.onnx.load import OnnxHandle
+    from bncheck.backends.onnx.probe_copy import ProbeCopy
 
 
 #: elements per sample up to which a measured tensor is fetched whole (exact statistics in numpy).
@@ -304,18 +305,29 @@ class Augmenter:
         exact: bool,
         inputs_only: bool,
         keep_runtime: bool = True,
+        base: ProbeCopy | None = None,
     ):
+        """``base``: the prepared copy (probe_copy.prepare) to instrument instead of the handle's model."""
         self.handle = handle
         self.keep_runtime = keep_runtime
         self.exact = exact
         self.inputs_only = inputs_only
-        self.model, self.folder = stub(handle, tmp)
-        free_unset_dims(self.model.graph)  # a batch written as 0 would be a literal 0 to onnxruntime
-        self.initializer_stubs = None if handle.external_data else [_copy(t) for t in self.model.graph.initializer]
+        if base is None:
+            self.model, self.folder = stub(handle, tmp)
+            free_unset_dims(self.model.graph)  # a batch written as 0 would be a literal 0 to onnxruntime
+            self.initializer_stubs = (None if handle.external_data
+                                      else [_copy(t) for t in self.model.graph.initializer])
+            self.shapes = dict(handle.value_shapes)
+            self.types = dict(handle.value_types)
+        else:
+            self.model = type(base.model)()
+            self.model.CopyFrom(base.model)  # weight-less: a cheap copy, edited below
+            self.folder = base.folder
+            self.initializer_stubs = base.initializer_stubs
+            self.shapes = dict(base.shapes)
+            self.types = dict(base.types)
         self.opset = _opset(self.model)
         self.b = _Builder(self.opset)
-        self.shapes = dict(handle.value_shapes)
-        self.types = dict(handle.value_types)
         self.measures: dict[tuple[str, int | None, int | None], Measure] = {}
         self.after: dict[str, list[Any]] = {}  # producer output -> measure nodes to place after it
         self.tail: list[list[Any]] = []  # fast-form node groups, appended in reverse

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from bncheck.backends.onnx.instrument import (
     Measure,
     release,
 )
+from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.errors import one_line
 from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
 from bncheck.probe_data import ProbeDataError, resolve_shape
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     import onnx
 
     from bncheck.backends.onnx.load import OnnxHandle
+    from bncheck.backends.onnx.probe_copy import ProbeCopy
 
 
 # --------------------------------------------------------------------------- session and decoding
@@ -262,11 +265,15 @@ def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
 class _Engine:
     """Owns the augmented session(s) for one model; turns feeds into per-layer statistics."""
 
-    def __init__(self, handle: OnnxHandle, layers: list[NormLayer], inputs_only: bool = False) -> None:
+    def __init__(self, handle: OnnxHandle, layers: list[NormLayer], inputs_only: bool = False,
+                 copy: ProbeCopy | None = None, tmp: str | None = None) -> None:
+        """``copy``: the prepared probe copy (probe_copy.prepare), whose files live in ``tmp`` (then owned
+        and removed by this engine)."""
         self.handle = handle
         self.layers = layers
         self.inputs_only = inputs_only
-        self.tmp = tempfile.mkdtemp(prefix="bncheck-probe-")
+        self.copy = copy
+        self.tmp = tmp or tempfile.mkdtemp(prefix="bncheck-probe-")
         self.exact = False
         self.decomposed: dict[str, str] = {}
         self.initializer_stubs: list[Any] | None = None  # the weights this engine wrote, as external stubs
@@ -302,7 +309,8 @@ class _Engine:
     def _build(self, exact: bool, keep_runtime: bool) -> None:
         self.session = None
         try:
-            aug = Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime)
+            aug = Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime,
+                            base=self.copy)
             if self.initializer_stubs is None:
                 self.initializer_stubs = aug.initializer_stubs
             self.decomposed = dict(aug.decomposed)
@@ -337,6 +345,8 @@ class _Engine:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.copy is not None and self.copy.fixed_feeds:
+            feeds = {**feeds, **self.copy.fixed_feeds}
         try:
             values = self.session.run(self.output_names, feeds)
         except Exception as exc:
@@ -421,10 +431,16 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     int_high = _gather_tables(handle)
     engines: list[_Engine] = []
     restorers: list[Any] = []
+    tmp = tempfile.mkdtemp(prefix="bncheck-probe-")
+    try:
+        copy = prepare(handle, view, settings, tmp, int_high)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
-        engine = _Engine(handle, view.layers)
+        engine = _Engine(handle, view.layers, copy=copy, tmp=tmp)
         engines.append(engine)
         if release_weights:
             restorers.append(release(handle, engine.initializer_stubs))
@@ -437,11 +453,23 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         return locate_dependence(handle, engines[0].tmp, solo, batch, row)
 
     try:
-        result = run_plan(view, settings, None, open_runner=open_engine, int_high=int_high, locate=locate)
+        try:
+            result = run_plan(replace(view, inputs=copy.inputs), settings, None, open_runner=open_engine,
+                              int_high=int_high, locate=locate)
+        except BackendError as exc:
+            if not copy.unconverted:
+                raise
+            # the converter failed and onnxruntime has no kernel for the old opset: the static findings stand
+            return ProbeResult(batch_sizes=(), layers={}, data_source=settings.data_source, seed=settings.seed,
+                               requested_batch_sizes=tuple(settings.batch_sizes),
+                               notes=[*copy.notes, f"not probed: {one_line(exc)}"])
+        result.notes[:0] = [n for n in copy.notes if n not in result.notes]
         result.notes.extend(n for n in engines[0].notes if n not in result.notes)
+        result.batch_handling = copy.batch
     finally:
         for engine in engines:
             engine.close()
+        shutil.rmtree(tmp, ignore_errors=True)
         for restore in restorers:
             restore()  # lazy: the weights are reloaded when handle.model is next read
     flagged = drifting_layers(view, result)

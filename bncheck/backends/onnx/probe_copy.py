@@ -1,0 +1,409 @@
+"""The in-memory copy of a model that the probe instruments, made runnable as exporters write files.
+
+The walk and the static checks read the original; only this copy is changed, and only where a run proves the
+change harmless:
+
+- dims written as -1 or 0 become symbolic (onnxruntime takes 0 literally);
+- an opset below 7 (onnxruntime has no kernel for BatchNormalization-6) is upgraded with
+  ``onnx.version_converter``;
+- IR < 4 lists every initializer among the graph inputs: those are weights, dropped from the copy's inputs;
+- graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
+- a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
+  shapes are cleared and re-inferred, and Reshape/Expand shape constants that bake the batch in are computed
+  from the fed batch instead. The relaxation is kept only when plain runs prove it: at the original size the
+  outputs equal the original model's, and at other sizes every output whose first dim was the batch follows
+  the fed batch. Otherwise the probe runs at the fixed size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bncheck.backends.onnx.instrument import _copy, stub
+from bncheck.backends.onnx.load import free_unset_dims
+from bncheck.errors import one_line
+from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings
+from bncheck.probe_data import synthetic_inputs
+
+if TYPE_CHECKING:
+    import onnx
+
+    from bncheck.backends.onnx.load import OnnxHandle
+
+#: name of the relaxed batch dim in the copy.
+BATCH = "batch"
+#: onnxruntime's oldest default-domain opset; BatchNormalization-6 and older have no kernel.
+MIN_RUNNABLE_OPSET = 7
+#: targets tried in turn by the version converter (newest first: the instrumentation uses opset-11 ops).
+UPGRADE_TARGETS = (13, 11, 9, 7)
+#: norm ops and the input positions that hold parameters (scale, bias, running mean, running var).
+_PARAMETER_SLOTS: dict[str, dict[int, float]] = {
+    "BatchNormalization": {1: 1.0, 2: 0.0, 3: 0.0, 4: 1.0},
+    "InstanceNormalization": {1: 1.0, 2: 0.0},
+    "LayerNormalization": {1: 1.0, 2: 0.0},
+    "GroupNormalization": {1: 1.0, 2: 0.0},
+    "RMSNormalization": {1: 1.0},
+}
+#: outputs compared between the original and the relaxed copy: float32 noise of a different kernel choice.
+_RTOL = 1e-4
+
+
+@dataclass
+class ProbeCopy:
+    """The prepared, weight-less copy: what :class:`~bncheck.backends.onnx.instrument.Augmenter` instruments."""
+
+    model: onnx.ModelProto
+    folder: str
+    shapes: dict[str, tuple[Dim, ...]]
+    types: dict[str, int]
+    initializer_stubs: list[Any] | None
+    inputs: list[InputSpec]  # the batched inputs as the plan sees them (a relaxed batch dim is symbolic)
+    fixed_feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    batch: str | None = None  # how the batch dim was handled, for the report (None: free in the file)
+    unconverted: bool = False  # an opset onnxruntime cannot run, and the converter failed
+    notes: list[str] = field(default_factory=list)
+
+
+def parameter_inputs(graph: Any) -> dict[str, float]:
+    """Graph inputs (not initializers) read only as a norm's parameters, with the neutral value each gets
+    (scale 1, bias 0, mean 0, variance 1). Such inputs (onnx's backend test models declare scale, bias,
+    mean and variance so) carry no batch axis and are not samples."""
+    stored = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    candidates = {v.name for v in graph.input if v.name not in stored and v.name not in outputs}
+    value: dict[str, float] = {}
+    other: set[str] = set()
+    for node in graph.node:
+        slots = _PARAMETER_SLOTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        for pos, name in enumerate(node.input):
+            if name not in candidates:
+                continue
+            if slots is not None and pos in slots and value.get(name, slots[pos]) == slots[pos]:
+                value[name] = slots[pos]
+            else:
+                other.add(name)
+        for attr in node.attribute:  # read inside a subgraph: not only a parameter
+            if attr.type in (5, 10):  # GRAPH, GRAPHS
+                other |= candidates
+    return {name: v for name, v in value.items() if name not in other}
+
+
+def _fixed_feeds(graph: Any, names: dict[str, float]) -> dict[str, np.ndarray]:
+    from onnx import helper
+
+    feeds: dict[str, np.ndarray] = {}
+    for info in graph.input:
+        if info.name not in names:
+            continue
+        tt = info.type.tensor_type
+        dims = [int(d.dim_value) for d in tt.shape.dim if d.HasField("dim_value") and d.dim_value > 0]
+        if len(dims) != len(tt.shape.dim):
+            continue  # unknown size: left unfed, onnxruntime names it
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
+        feeds[info.name] = np.full(dims, names[info.name], dtype=dtype)
+    return feeds
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """The copy at a runnable opset (``onnx.version_converter``), or unchanged with the reason it failed."""
+    from onnx import version_converter
+
+    source = _opset(model)
+    reason = ""
+    for target in UPGRADE_TARGETS:
+        if target <= source:
+            break
+        try:
+            return version_converter.convert_version(model, target), None
+        except Exception as exc:  # the converter raises plain RuntimeErrors from C++ assertions
+            reason = reason or one_line(RuntimeError(str(exc).split(" failed: ", 1)[-1]), 160)
+    return model, reason or "no conversion target"
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4 lists every initializer among the inputs; they are weights (constants), not inputs."""
+    from onnx import helper
+
+    stored = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in stored]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    model.ir_version = max(int(model.ir_version), int(helper.find_min_ir_version_for(list(model.opset_import))), 4)
+
+
+def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
+    """Shapes and types of the copy by onnx shape inference (value_info of the model itself untouched)."""
+    import onnx
+
+    from bncheck.backends.onnx.load import _collect_shapes
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = model
+    return _collect_shapes(inferred, model)
+
+
+# --------------------------------------------------------------------------- batch relaxation
+
+
+def _relaxed(model: onnx.ModelProto, batched: list[str], fixed: int) -> onnx.ModelProto:
+    """A copy whose batched inputs (and outputs whose first dim is ``fixed``) have a symbolic batch dim, with
+    every intermediate shape cleared (stale: they were inferred for the fixed batch)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    for info in graph.input:
+        if info.name in batched:
+            dim = info.type.tensor_type.shape.dim[0]
+            dim.Clear()
+            dim.dim_param = BATCH
+    for info in graph.output:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
+            dims[0].Clear()
+            dims[0].dim_param = BATCH
+    del graph.value_info[:]
+    return copy
+
+
+def _constant_values(graph: Any) -> dict[str, tuple[np.ndarray, Any]]:
+    """Integer constants (initializers and Constant nodes) by name, with the proto holding them."""
+    from onnx import numpy_helper
+
+    found: dict[str, tuple[np.ndarray, Any]] = {}
+    for tensor in graph.initializer:
+        if tensor.data_type == 7 and len(tensor.dims) == 1:  # INT64, 1-D: a shape
+            found[tensor.name] = (numpy_helper.to_array(tensor), tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type == 7 and len(attr.t.dims) == 1:
+                    found[node.output[0]] = (numpy_helper.to_array(attr.t), node)
+                elif attr.name == "value_ints":  # the torch exporter's form
+                    found[node.output[0]] = (np.asarray(attr.ints, np.int64), node)
+        elif node.op_type == "Concat" and node.input and all(i in found for i in node.input):
+            # the torch exporter writes view(8, -1)'s target as Concat(Constant [8], Constant [-1])
+            found[node.output[0]] = (np.concatenate([found[i][0] for i in node.input]), node)
+    return found
+
+
+def _batch_fed(graph: Any, batched: list[str]) -> set[str]:
+    """Tensors computed from a batched input (a Reshape of a parameter bakes no batch)."""
+    reached = set(batched)
+    for node in graph.node:  # graphs are topologically sorted (the loader warns when not)
+        if any(name in reached for name in node.input):
+            reached.update(o for o in node.output if o)
+    return reached
+
+
+def _rewrite_batch_constants(model: onnx.ModelProto, batched: list[str], fixed: int) -> int:
+    """Reshape/Expand targets whose first element is the fixed batch, on a batch-fed tensor, become
+    ``Concat(Shape(input)[0:1], rest)``: the fed batch instead of the baked one. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = _constant_values(graph)
+    fed = _batch_fed(graph, batched)
+    sites = [
+        (i, node) for i, node in enumerate(graph.node)
+        if node.op_type in ("Reshape", "Expand") and node.domain in ("", "ai.onnx") and len(node.input) > 1
+        and node.input[0] in fed and node.input[1] in constants
+        and constants[node.input[1]][0].size >= 1 and int(constants[node.input[1]][0][0]) == fixed
+    ]
+    if not sites:
+        return 0
+    prefix = "__bncheck_batch"
+    zero = numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_index")
+    graph.initializer.append(zero)
+    source_shape = helper.make_node("Shape", [batched[0]], [f"{prefix}_shape"], name=f"{prefix}_shape")
+    batch = helper.make_node("Gather", [f"{prefix}_shape", zero.name], [f"{prefix}_size"], name=f"{prefix}_size",
+                             axis=0)
+    added: list[tuple[int, Any]] = []
+    for count, (i, node) in enumerate(sites):
+        rest = constants[node.input[1]][0][1:]
+        target = f"{prefix}_target_{count}"
+        parts = [batch.output[0]]
+        if rest.size:
+            tail = numpy_helper.from_array(rest.astype(np.int64), f"{prefix}_rest_{count}")
+            graph.initializer.append(tail)
+            parts.append(tail.name)
+        added.append((i, helper.make_node("Concat", parts, [target], name=target, axis=0)))
+        node.input[1] = target
+    nodes = list(graph.node)
+    for i, concat in reversed(added):
+        nodes.insert(i, concat)
+    del graph.node[:]
+    graph.node.extend([source_shape, batch, *nodes])
+    return len(sites)
+
+
+def _session(model: onnx.ModelProto, folder: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # a failing validation run is expected; its reason is returned, not logged
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _quiet():
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind != "f":
+        return bool(np.array_equal(a, b))
+    scale = float(np.nanmax(np.abs(a[np.isfinite(a)]), initial=0.0))
+    return bool(np.allclose(a, b, rtol=_RTOL, atol=_RTOL * max(scale, 1e-6), equal_nan=True))
+
+
+def _validate(
+    original: onnx.ModelProto,
+    relaxed: onnx.ModelProto,
+    folder: str,
+    inputs: list[InputSpec],
+    fixed: int,
+    others: list[int],
+    settings: ProbeSettings,
+    fixed_feeds: dict[str, np.ndarray],
+    int_high: dict[str, int],
+) -> str | None:
+    """None when the relaxed copy is proven equal (see the module docstring), else why not (one line)."""
+    names = [o.name for o in original.graph.output]
+    inputs = [InputSpec(s.name, (None, *s.shape[1:]), s.dtype) if s.shape else s for s in inputs]
+
+    def feeds(n: int) -> dict[str, np.ndarray]:
+        return {**synthetic_inputs(inputs, n, settings.seed, settings.input_shapes, int_high), **fixed_feeds}
+
+    try:
+        reference = dict(zip(names, _session(original, folder).run(names, feeds(fixed), _quiet())))
+    except Exception as exc:
+        return f"the model itself does not run at its batch size {fixed}: {one_line(exc, 160)}"
+    try:
+        session = _session(relaxed, folder)
+        got = dict(zip(names, session.run(names, feeds(fixed), _quiet())))
+    except Exception as exc:
+        return f"the relaxed copy does not run: {one_line(exc, 160)}"
+    for name in names:
+        if not _equal(np.asarray(reference[name]), np.asarray(got[name])):
+            return f"output {name!r} differs from the original at batch size {fixed}"
+    batched = [n for n in names if np.ndim(reference[n]) and np.shape(reference[n])[0] == fixed]
+    if not batched:
+        return f"no output has the batch size {fixed} as its first dim"
+    for size in others:
+        try:
+            values = dict(zip(names, session.run(names, feeds(size), _quiet())))
+        except Exception as exc:
+            return f"the relaxed copy fails at batch size {size}: {one_line(exc, 160)}"
+        for name in batched:
+            if np.shape(values[name])[:1] != (size,):
+                return (f"output {name!r} has first dim {np.shape(values[name])[:1] or '()'} at batch size "
+                        f"{size}, not {size}")
+    return None
+
+
+def _fixed_batch(inputs: list[InputSpec]) -> int | None:
+    fixed = {s.shape[0] for s in inputs if s.shape and isinstance(s.shape[0], int)}
+    free = any(not s.shape or not isinstance(s.shape[0], int) for s in inputs)
+    return int(fixed.pop()) if len(fixed) == 1 and not free else None
+
+
+def _relax(
+    copy: ProbeCopy, model: onnx.ModelProto, settings: ProbeSettings, int_high: dict[str, int]
+) -> onnx.ModelProto:
+    """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``."""
+    fixed = _fixed_batch(copy.inputs)
+    if fixed is None or set(settings.batch_sizes) <= {fixed}:
+        if fixed is not None:
+            copy.batch = f"fixed to {fixed} in the file"
+        return model
+    batched = [s.name for s in copy.inputs if s.shape]
+    others = sorted({b for b in settings.batch_sizes if b != fixed})
+    others = sorted({others[0], others[-1]})  # the smallest and largest requested; sizes between run alike
+    relaxed = _relaxed(model, batched, fixed)
+    why = _validate(model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high)
+    how = f"fixed to {fixed} in the file; relaxed to symbolic, validated"
+    if why is not None:
+        rewritten = _relaxed(model, batched, fixed)
+        count = _rewrite_batch_constants(rewritten, batched, fixed)
+        if count:
+            second = _validate(model, rewritten, copy.folder, copy.inputs, fixed, others, settings,
+                               copy.fixed_feeds, int_high)
+            if second is None:
+                relaxed, why = rewritten, None
+                how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
+    if why is not None:
+        copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
+        if fixed == 1:
+            copy.notes.append(
+                f"the batch dimension is fixed to 1 and relaxing it failed ({why}): batch dependence cannot be "
+                "tested; re-export with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
+                f"{{{batched[0]!r}: {{0: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
+                "batch in the input signature)"
+            )
+        return model
+    copy.batch = how
+    copy.inputs = [
+        InputSpec(s.name, (BATCH, *s.shape[1:]), s.dtype) if s.name in batched and s.shape else s
+        for s in copy.inputs
+    ]
+    return relaxed
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def prepare(handle: OnnxHandle, view: ModelView, settings: ProbeSettings, tmp: str,
+            int_high: dict[str, int] | None = None) -> ProbeCopy:
+    """The probe's copy of ``handle``'s model for ``settings`` (see the module docstring)."""
+    model, folder = stub(handle, tmp)
+    stubs = None if handle.external_data else [_copy(t) for t in model.graph.initializer]
+    free_unset_dims(model.graph)
+    copy = ProbeCopy(model, folder, dict(handle.value_shapes), dict(handle.value_types), stubs, list(view.inputs))
+    changed = False
+    if _opset(model) < MIN_RUNNABLE_OPSET:
+        upgraded, why = _upgrade(model)
+        if why is None:
+            copy.notes.append(f"opset {_opset(model)} upgraded to {_opset(upgraded)} for the probe "
+                              "(onnx.version_converter; the static checks read the file as written)")
+            model, changed = upgraded, True
+        else:
+            copy.unconverted = True
+            copy.notes.append(f"opset {_opset(model)} could not be upgraded to one onnxruntime runs "
+                              f"(onnx.version_converter: {why})")
+    if model.ir_version < 4:
+        _drop_initializer_inputs(model)
+        changed = True
+    params = parameter_inputs(model.graph)
+    fed = {s.name for s in view.inputs}
+    copy.fixed_feeds = _fixed_feeds(model.graph, {k: v for k, v in params.items() if k not in fed})
+    if copy.fixed_feeds:
+        listed = ", ".join(repr(n) for n in copy.fixed_feeds)
+        copy.notes.append(f"input(s) {listed} only feed normalization parameters: fed as fixed tensors (scale 1, "
+                          "bias 0, mean 0, variance 1), not batched")
+    relaxed = _relax(copy, model, settings, dict(int_high or {}))
+    if relaxed is not model:
+        model, changed = relaxed, True
+    copy.model = model
+    if changed:
+        shapes, types = _infer(model)
+        copy.shapes.update(shapes)
+        copy.types.update(types)
+    return copy
