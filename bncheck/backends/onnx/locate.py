@@ -22,6 +22,7 @@ from bncheck.probe_plan import output_scale, sample_shifts
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.load import OnnxHandle
+    from bncheck.backends.onnx.probe_copy import ProbeCopy
 
 
 def tensor_change(solo: np.ndarray, batch: np.ndarray, row: int) -> float | None:
@@ -76,16 +77,23 @@ def _constants(graph: Any) -> dict[str, np.ndarray]:
 
 
 def locate_dependence(
-    handle: OnnxHandle, tmp: str, solo: dict[str, np.ndarray], batch: dict[str, np.ndarray], row: int
+    handle: OnnxHandle, tmp: str, solo: dict[str, np.ndarray], batch: dict[str, np.ndarray], row: int,
+    base: ProbeCopy | None = None,
 ) -> LocatedDependence | None:
-    """The first node whose output depends on the batch (see the module docstring), or None."""
+    """The first node whose output depends on the batch (see the module docstring), or None. ``base``: the
+    probe's runnable copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect instead."""
     import onnxruntime as ort
     from onnx import helper
 
     from bncheck.backends.onnx.run import _options
     from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE
 
-    model, folder = stub(handle, tmp)
+    if base is None:
+        model, folder = stub(handle, tmp)
+    else:
+        model, folder = type(base.model)(), base.folder
+        model.CopyFrom(base.model)
+        solo, batch = {**solo, **base.fixed_feeds}, {**batch, **base.fixed_feeds}
     graph = model.graph
     nodes = list(graph.node)
     if not nodes:

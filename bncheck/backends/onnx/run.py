@@ -450,7 +450,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     def locate(solo: dict[str, np.ndarray], batch: dict[str, np.ndarray], row: int):
         from bncheck.backends.onnx.locate import locate_dependence
 
-        return locate_dependence(handle, engines[0].tmp, solo, batch, row)
+        return locate_dependence(handle, engines[0].tmp, solo, batch, row, base=copy)
 
     try:
         try:
