@@ -22,9 +22,10 @@ from bncheck.render import FORMATS, render_error
 from bncheck.render.text import literal
 
 FORMAT_HELP = ("Report format on stdout: table (for people), json (the JSON document alone), sarif (SARIF 2.1.0, "
-               "for code scanning), github (workflow annotations).")
-OUTPUT_HELP = ("Also write the report to this file, replaced atomically: in the --format chosen, JSON for the "
-               "table. Never a file the command reads (exit 2).")
+               "for code scanning), github (workflow annotations), html (a page with pictures; use -o).")
+OUTPUT_HELP = ("Also write the report to this file, replaced atomically: in the --format chosen; with table or "
+               "github, the extension may choose (.json, .sarif, .html; else JSON). Never a file the command "
+               "reads (exit 2).")
 
 
 class BatchSizes(click.ParamType):
@@ -60,19 +61,28 @@ class InputShape(click.ParamType):
 
 
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every command shares (report format and CI gating)."""
+    """Options inspect and probe share: models, report format, CI gating, configuration, baselines."""
     options = [
-        click.argument("model", type=click.Path(dir_okay=True, path_type=str)),
+        click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str), metavar="MODEL..."),
         click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                      help=FORMAT_HELP),
         click.option("--output", "-o", "output", type=click.Path(dir_okay=False, writable=True, path_type=str),
                      help=OUTPUT_HELP),
-        click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
-                     help="Exit 1 when a finding is at or above this severity."),
+        click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default=None,
+                     help="Exit 1 when a finding is at or above this severity.  [default: error]"),
         click.option("--select", multiple=True, metavar="CODES",
                      help="Only these checks (codes or slugs, comma-separated; repeatable)."),
         click.option("--ignore", multiple=True, metavar="CODES",
                      help="Skip these checks (codes or slugs, comma-separated; repeatable)."),
+        click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Check this many models at once, in separate processes."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str),
+                     help="Settings file (default: bncheck.toml or [tool.bncheck] in pyproject.toml, searched "
+                          "upward from the current folder). Command-line options win."),
+        click.option("--baseline", type=click.Path(dir_okay=False, path_type=str),
+                     help="Hide the findings recorded in this baseline; fail only on new ones."),
+        click.option("--write-baseline", type=click.Path(dir_okay=False, path_type=str),
+                     help="Record the current findings in this file (keyed on model file, code, layer)."),
         click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
     ]
     for option in reversed(options):
@@ -137,22 +147,20 @@ def main() -> None:
 
 @main.command()
 @_common
-def inspect(model: str, fmt: str, output: str | None, fail_on: str, select: tuple[str, ...],
-            ignore: tuple[str, ...], debug: bool) -> None:
-    """List every normalization layer of MODEL and the findings that need no execution."""
+def inspect(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str | None, select: tuple[str, ...],
+            ignore: tuple[str, ...], jobs: int, config_path: str | None, baseline: str | None,
+            write_baseline: str | None, debug: bool) -> None:
+    """List every normalization layer of each MODEL (files or folders) and the findings that need no execution."""
+    from bncheck.jobs import Options
 
-    def run() -> Any:
-        from bncheck import engine
-
-        return engine.inspect(model, select=select, ignore=ignore, fail_on=fail_on)
-
-    _finish(run, fmt, output, debug, command="inspect", model=model)
+    options = Options(command="inspect", select=select, ignore=ignore, fail_on=fail_on)
+    _run_models(models, options, fmt, output, debug, jobs, config_path, baseline, write_baseline)
 
 
 @main.command()
 @_common
-@click.option("--batch-sizes", type=BatchSizes(), default="1,2,32", show_default=True,
-              help="Probe batch sizes, comma-separated.")
+@click.option("--batch-sizes", type=BatchSizes(), default=None,
+              help="Probe batch sizes, comma-separated.  [default: 1,2,32]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
 @click.option("--input-shape", "input_shapes", type=InputShape(), multiple=True,
               help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224.")
@@ -160,25 +168,127 @@ def inspect(model: str, fmt: str, output: str | None, fail_on: str, select: tupl
               help="Calibration data: .npy (single-input models) or .npz keyed by input name.")
 @click.option("--samples", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Samples whose batch dependence is tested.")
-def probe(model: str, fmt: str, output: str | None, fail_on: str, select: tuple[str, ...],
-          ignore: tuple[str, ...], debug: bool, batch_sizes: tuple[int, ...], seed: int,
+def probe(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str | None, select: tuple[str, ...],
+          ignore: tuple[str, ...], jobs: int, config_path: str | None, baseline: str | None,
+          write_baseline: str | None, debug: bool, batch_sizes: tuple[int, ...] | None, seed: int,
           input_shapes: tuple[tuple[str, tuple[int, ...]], ...], data: str | None, samples: int) -> None:
-    """Run probe batches through MODEL and report collapse, batch dependence, drift and NaN/Inf per layer."""
+    """Run probe batches through each MODEL and report collapse, batch dependence, drift and NaN/Inf per layer."""
+    from bncheck.jobs import Options
 
-    def run() -> Any:
-        from bncheck import engine
-        from bncheck.backends import ProbeSettings
+    options = Options(command="probe", select=select, ignore=ignore, fail_on=fail_on, batch_sizes=batch_sizes,
+                      seed=seed, samples=samples, input_shapes=input_shapes, data=data)
+    _run_models(models, options, fmt, output, debug, jobs, config_path, baseline, write_baseline,
+                inputs=[("--data file", data)])
+
+
+@main.command("config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Settings file to show instead of the one found upward from the current folder.")
+def show_config(config_path: str | None) -> None:
+    """Show the settings that apply here (the file found, and what it sets)."""
+    from bncheck import config
+
+    try:
+        cfg = config.discover(config_path)
+    except Exception as error:
+        _fail(error, debug=False)
+    click.echo(literal(f"config file: {cfg.path or '(none found: defaults apply)'}"))
+    click.echo(f"select: {', '.join(cfg.select) or '(all checks)'}")
+    click.echo(f"ignore: {', '.join(cfg.ignore) or '(none)'}")
+    click.echo(f"fail-on: {cfg.fail_on or 'error (default)'}")
+    click.echo(f"batch-sizes: {cfg.batch_sizes or '1,2,32 (default)'}")
+    for pattern, codes in cfg.per_layer_ignores.items():
+        click.echo(literal(f"per-layer-ignores: {pattern} = {', '.join(codes)}"))
+    for entry in cfg.models:
+        parts = [f"input-shape {' '.join(entry.input_shapes)}" if entry.input_shapes else "",
+                 f"data {entry.data}" if entry.data else "", f"batch-sizes {entry.batch_sizes}" if entry.batch_sizes else ""]
+        click.echo(literal(f"per-model: {entry.pattern}: {'; '.join(p for p in parts if p) or '(nothing)'}"))
+    click.echo("command-line options override these.")
+
+
+def _run_models(models: tuple[str, ...], options: Any, fmt: str, output: str | None, debug: bool, jobs: int,
+                config_path: str | None, baseline: str | None, write_baseline: str | None,
+                inputs: list[tuple[str, str | None]] | None = None) -> NoReturn:
+    """One model file: its report as before. Several, or a folder: one section / document per model."""
+    import dataclasses
+    import os
+
+    command = options.command
+    try:
+        from bncheck import config as config_module
+
+        cfg = config_module.discover(config_path)
+        recorded = None
+        if baseline is not None:
+            from bncheck import baseline as baseline_module
+
+            recorded = frozenset(baseline_module.read(baseline))
+        options = dataclasses.replace(options, config=cfg, baseline=recorded)
+        if write_baseline:
+            from bncheck.outputs import refuse_overwrite
+
+            refuse_overwrite(write_baseline, "--write-baseline", [("model", m) for m in models] + (inputs or []))
+    except Exception as error:
+        _fail(error, debug, fmt=fmt, command=command, model=models[0] if len(models) == 1 else None)
+    if len(models) == 1 and not os.path.isdir(models[0]):
+        from bncheck.jobs import check_model
+
+        single = dataclasses.replace(options, progress=command == "probe")
+
+        def run() -> Any:
+            report = check_model(models[0], single)
+            _write_baseline(write_baseline, [(models[0], report)])
+            return report
+
+        _finish(run, fmt, output, debug, command=command, model=models[0], inputs=inputs)
+    _finish_many(models, options, fmt, output, debug, jobs, write_baseline, inputs or [])
+
+
+def _write_baseline(path: str | None, results: list[tuple[str, Any]]) -> None:
+    if path:
+        from bncheck import baseline as baseline_module
+        from bncheck.report import Report
+
+        pairs = [(model, result.findings) for model, result in results if isinstance(result, Report)]
+        baseline_module.write(path, pairs)
+
+
+def _finish_many(models: tuple[str, ...], options: Any, fmt: str, output: str | None, debug: bool, jobs: int,
+                 write_baseline: str | None, inputs: list[tuple[str, str | None]]) -> NoReturn:
+    import functools
+
+    from bncheck import many
+    from bncheck.jobs import check_model
+
+    command = options.command
+    try:
+        paths = many.expand(models)
+        if not paths:
+            from bncheck.errors import UsageError
+
+            raise UsageError(f"no model files (.onnx, .keras, .h5, .hdf5) in {', '.join(models)}")
+        if output:
+            for path in paths:
+                _refuse_inputs(output, path, inputs)
         from bncheck.render.progress import progress_bar
 
-        with progress_bar("probing") as progress:
-            settings = ProbeSettings(
-                batch_sizes=batch_sizes, seed=seed, input_shapes=dict(input_shapes),
-                data_path=data, data_source=data or "synthetic",
-                samples=samples, progress=progress,
-            )
-            return engine.probe(model, settings, select=select, ignore=ignore, fail_on=fail_on)
+        with progress_bar("models") as progress:
+            results = many.run(paths, functools.partial(check_model, options=options), jobs=jobs, progress=progress)
+        _write_baseline(write_baseline, list(zip(paths, results)))
+        from bncheck.render import file_format
+        from bncheck.render.many import render_many
 
-    _finish(run, fmt, output, debug, command="probe", model=model, inputs=[("--data file", data)])
+        if output:
+            from bncheck.outputs import write_atomic
+
+            write_atomic(output, render_many(results, file_format(fmt, output), command))
+        click.echo(render_many(results, fmt, command, color=sys.stdout.isatty()), nl=False)
+        for result in results:
+            if isinstance(result, many.Failure):  # the one-line-per-failure contract, on stderr
+                click.echo(literal(f"bncheck: error: {result.message}"), err=True)
+    except Exception as error:
+        _fail(error, debug, fmt=fmt, command=command)
+    sys.exit(many.worst_exit(results))
 
 
 @main.command("checks")
@@ -268,7 +378,7 @@ def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool, *
     Any failure is exit 2 with one line on stderr and, in the machine formats, the error document on stdout
     and in the report file. The report file is checked against the command's inputs before anything runs.
     """
-    from bncheck.render import FILE_FORMATS, render
+    from bncheck.render import file_format, render
 
     checked = None
     try:
@@ -281,7 +391,7 @@ def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool, *
 
             written = report.fix.outcome.written if report.fix is not None else []
             refuse_overwrite(output, "the report", [("fixed model's external data", path) for path in written])
-            write_atomic(output, render(report, FILE_FORMATS[fmt]))
+            write_atomic(output, render(report, file_format(fmt, output)))
         click.echo(render(report, fmt, color=sys.stdout.isatty()), nl=False)
     except click.exceptions.Exit:
         raise
@@ -331,12 +441,12 @@ def _fail(error: BaseException, debug: bool, *, fmt: str = "table", command: str
         click.echo(document, nl=False)
     if output:
         from bncheck.outputs import write_atomic
-        from bncheck.render import FILE_FORMATS
+        from bncheck.render import file_format
 
         # so that a gate reading the file sees this failure, not the previous run's report; if even that cannot
         # be written, the one line above already says what failed (a second line would break the contract)
         with contextlib.suppress(BncheckError):
-            write_atomic(output, render_error(FILE_FORMATS[fmt], text, kind, command=command, model_path=model))
+            write_atomic(output, render_error(file_format(fmt, output), text, kind, command=command, model_path=model))
     sys.exit(2)
 
 

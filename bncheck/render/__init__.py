@@ -12,10 +12,23 @@ if TYPE_CHECKING:
     from bncheck.report import Report
 
 #: The values of --format, defined once for every command.
-FORMATS: tuple[str, ...] = ("table", "json", "sarif", "github")
+FORMATS: tuple[str, ...] = ("table", "json", "sarif", "github", "html")
 
 #: What a report file (-o) holds for each --format: a table is for reading, so its file gets the JSON.
-FILE_FORMATS: dict[str, str] = {"table": "json", "json": "json", "sarif": "sarif", "github": "github"}
+FILE_FORMATS: dict[str, str] = {"table": "json", "json": "json", "sarif": "sarif", "github": "github", "html": "html"}
+#: With --format table or github (read by people or by the CI log), the file's extension may name the file's
+#: format instead: `--format github -o bncheck.sarif` annotates the log and writes SARIF for code scanning.
+_EXTENSIONS = {".sarif": "sarif", ".json": "json", ".html": "html", ".htm": "html"}
+
+
+def file_format(fmt: str, path: str) -> str:
+    """The format of the report file ``path`` written next to ``fmt`` on stdout."""
+    if fmt in ("table", "github"):
+        name = path.lower()
+        for suffix, named in _EXTENSIONS.items():
+            if name.endswith(suffix) or name.endswith(suffix + ".json"):
+                return named
+    return FILE_FORMATS[fmt]
 
 
 def render(report: Report, fmt: str, *, color: bool = False) -> str:

@@ -38,6 +38,41 @@ th{background:#fafafa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 def render(report: Report) -> str:
     """The whole page for ``report`` (inspect, probe or fix)."""
     _pyplot()  # fail before any work when the extra is missing
+    return _page(f"bncheck {report.command}: {report.model.path}", _body(report))
+
+
+def render_many(results: Sequence[Any], command: str, summary: str) -> str:
+    """One page for several models (``results`` holds reports and many.Failure entries)."""
+    _pyplot()
+    parts = [f"<h1>bncheck {_e(command)}: {len(results)} models</h1><p>{_e(summary)}</p>"]
+    for result in results:
+        if isinstance(result, Report):
+            parts.append(f"<section>{_body(result)}</section>")
+        else:
+            parts.append(f"<section><h1>bncheck {_e(command)}: <code>{_e(result.path)}</code></h1>"
+                         f"<div class=\"finding\" style=\"border-color:{_COLORS['error']}\">could not be checked "
+                         f"({_e(result.kind)}): {_e(result.message)}</div></section>")
+    return _page(f"bncheck {command}: {len(results)} models", "\n".join(parts))
+
+
+def render_error(message: str, kind: str, *, command: str | None = None, model_path: str | None = None) -> str:
+    """A page saying the run could not finish (exit 2): a report file never shows an older run's success."""
+    what = f"bncheck {command}" if command else "bncheck"
+    where = f": <code>{_e(model_path)}</code>" if model_path else ""
+    body = (f"<h1>{_e(what)}{where}</h1><div class=\"finding\" style=\"border-color:{_COLORS['error']}\">"
+            f"could not run ({_e(kind)}): {_e(message)}</div><p>exit 2</p>")
+    return _page(f"{what}: error", body)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def _body(report: Report) -> str:
     parts = [_header(report), _findings(report.findings), _layers(report)]
     if report.probes:
         parts.append(_probe_pictures(report))
@@ -45,13 +80,7 @@ def render(report: Report) -> str:
         parts.append(_fix_section(report))
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n.level)}: {_e(n.message)}</li>" for n in report.notes) + "</ul>")
-    body = "\n".join(parts)
-    title = _e(f"bncheck {report.command}: {report.model.path}")
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{title}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n"
-    )
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- text parts

@@ -1,0 +1,112 @@
+"""One `inspect` or `probe` of one model, as the command line asks for it: options merged with the project's
+configuration (the command line wins), then per-layer ignores and the baseline applied to the findings.
+
+Module-level and picklable, so that `-j N` can run models in worker processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from bncheck.config import Config
+from bncheck.model import Note
+from bncheck.report import Report
+
+DEFAULT_BATCH_SIZES = (1, 2, 32)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line said; None / empty means "not given" (the configuration or the default applies)."""
+
+    command: str  # "inspect" | "probe"
+    select: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    fail_on: str | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    seed: int = 0
+    samples: int = 4
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    data: str | None = None
+    config: Config = field(default_factory=Config)
+    baseline: frozenset[tuple[str, str, str]] | None = None
+    progress: bool = False  # a progress bar for this model's probe batches (one model, at a terminal)
+
+
+def resolved_fail_on(options: Options) -> str:
+    return options.fail_on or options.config.fail_on or "error"
+
+
+def check_model(path: str, options: Options) -> Report:
+    """Run the command on ``path`` and return its report (raises BncheckError when it cannot run)."""
+    from bncheck import engine
+
+    cfg = options.config
+    select = options.select or cfg.select
+    ignore = options.ignore or cfg.ignore
+    fail_on = resolved_fail_on(options)
+    if options.command == "inspect":
+        report = engine.inspect(path, select=select, ignore=ignore, fail_on=fail_on)
+    else:
+        report = _probe(path, options, select, ignore, fail_on)
+    return _filtered(report, path, options)
+
+
+def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str) -> Report:
+    from contextlib import nullcontext
+
+    from bncheck import engine
+    from bncheck.model import ProbeSettings
+    from bncheck.probe_data import parse_batch_sizes, parse_input_shape
+
+    cfg = options.config
+    per_model = cfg.for_model(path)
+    batch_sizes = options.batch_sizes
+    if batch_sizes is None:
+        text = (per_model.batch_sizes if per_model else None) or cfg.batch_sizes
+        batch_sizes = parse_batch_sizes(text) if text else DEFAULT_BATCH_SIZES
+    shapes = dict(options.input_shapes)
+    if not shapes and per_model is not None:
+        shapes = dict(parse_input_shape(spec) for spec in per_model.input_shapes)
+    data = options.data or (per_model.data if per_model else None)
+    if options.progress:
+        from bncheck.render.progress import progress_bar
+
+        bar = progress_bar("probing")
+    else:
+        bar = nullcontext(None)
+    with bar as progress:
+        settings = ProbeSettings(
+            batch_sizes=batch_sizes, seed=options.seed, input_shapes=shapes, data_path=data,
+            data_source=data or "synthetic", samples=options.samples, progress=progress,
+        )
+        return engine.probe(path, settings, select=select, ignore=ignore, fail_on=fail_on)
+
+
+def _filtered(report: Report, path: str, options: Options) -> Report:
+    """The report without the findings that per-layer ignores and the baseline hide, each said in a note."""
+    from bncheck.checks import resolve
+
+    cfg = options.config
+    findings = report.findings
+    notes = list(report.notes)
+    if cfg.per_layer_ignores:
+        kept = [f for f in findings if not cfg.ignored(f, resolve)]
+        if len(kept) != len(findings):
+            hidden = len(findings) - len(kept)
+            notes.append(Note("info", f"{hidden} finding{'s' if hidden != 1 else ''} hidden by per-layer-ignores "
+                                      f"in {cfg.path}"))
+        findings = kept
+    if options.baseline is not None:
+        from bncheck import baseline
+
+        applied = baseline.apply(set(options.baseline), path, findings)
+        findings = applied.kept
+        if applied.suppressed:
+            n = len(applied.suppressed)
+            notes.append(Note("info", f"{n} finding{'s' if n != 1 else ''} hidden by the baseline"))
+        for _, code, layer in applied.gone:
+            notes.append(Note("info", f"baselined {code} on {layer!r} no longer occurs: update the baseline"))
+    if findings is report.findings and notes == report.notes:
+        return report
+    return replace(report, findings=findings, notes=notes)
