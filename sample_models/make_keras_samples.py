@@ -280,7 +280,7 @@ SAMPLES: dict[str, tuple[Callable, bool, list, list, list | None]] = {
     "keras_mobilenetv2_untrained.keras": (mobilenetv2_untrained, False, "every BN: BN003 error", "same", None),
     "keras_trained_matching.keras": (trained_matching, True, [], [], []),
     "keras_brief_fit_drift.keras": (
-        brief_fit_drift, True, [], [], [["BN003", "warning", "bn_1"], ["BN003", "warning", "bn_2"]],
+        brief_fit_drift, True, [], [], [["BN003", "error", "bn_1"], ["BN003", "error", "bn_2"]],
     ),
     "keras_legacy_convnet.h5": (
         legacy_h5, False,

@@ -342,3 +342,64 @@ def test_baked_dropout_training_flag_turns_a_later_batchnorm_to_batch_statistics
     assert (as_written.call_style, predict.call_style) == (AS_WRITTEN, PREDICT)
     np.testing.assert_allclose(as_written.at(1, "bn").output.max, 0.5, atol=1e-4)
     np.testing.assert_allclose(as_written.at(1, "bn").output.min, 0.5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- drift: effect on the outputs
+
+
+def _briefly_fitted_classifier(tmp_path: Path, momentum: float = 0.99, steps: int = 10):
+    """Dense-BN-ReLU x2 -> 10 logits whose moving statistics are what ``steps`` fit updates at ``momentum``
+    leave (m <- momentum * m + (1 - momentum) * batch statistic, from 0/1; weights untrained, batches the
+    whole data). Returns the file, the data, and the logits with exact statistics computed in numpy."""
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,), name="features")
+    x = layers.ReLU()(layers.BatchNormalization(momentum=momentum, name="bn_1")(layers.Dense(32, name="dense_1")(inp)))
+    x = layers.ReLU()(layers.BatchNormalization(momentum=momentum, name="bn_2")(layers.Dense(32, name="dense_2")(x)))
+    model = keras.Model(inp, layers.Dense(10, name="logits")(x))
+    data = (rng.normal(size=(256, 8)) * np.linspace(0.5, 3, 8) + np.linspace(-2, 4, 8)).astype(np.float32)
+    keep = momentum**steps
+    h = data.astype(np.float64)
+    for dense, bn in (("dense_1", "bn_1"), ("dense_2", "bn_2")):
+        kernel, bias = (np.asarray(w, np.float64) for w in model.get_layer(dense).get_weights())
+        h = h @ kernel + bias
+        layer = model.get_layer(bn)
+        mean, var = h.mean(axis=0), h.var(axis=0)
+        layer.moving_mean.assign((1 - keep) * mean.astype(np.float32))
+        layer.moving_variance.assign((keep + (1 - keep) * var).astype(np.float32))
+        gamma, beta = (np.asarray(w).astype(np.float64) for w in (layer.gamma, layer.beta))
+        h = np.maximum((h - mean) / np.sqrt(var + layer.epsilon) * gamma + beta, 0.0)
+    kernel, bias = (np.asarray(w, np.float64) for w in model.get_layer("logits").get_weights())
+    exact = h @ kernel + bias
+    path = _save(model, tmp_path / "brief.keras")
+    np.save(tmp_path / "data.npy", data)
+    return path, str(tmp_path / "data.npy"), data, model, exact
+
+
+def test_briefly_fitted_classifier_drift_is_an_error_with_its_output_effect(tmp_path):
+    path, data_path, data, model, exact = _briefly_fitted_classifier(tmp_path)
+    # the case to catch: predict() agrees with exact statistics on well under half of the training samples
+    stored = np.asarray(model.predict(data, verbose=0))
+    agreement = float(np.mean(np.argmax(stored, axis=1) == np.argmax(exact, axis=1)))
+    assert 0.2 < agreement < 0.6
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data_path,
+                                              data_source=data_path))
+    drift = [f for f in report.findings if f.code == "BN003"]
+    assert {f.layer for f in drift} == {"bn_1", "bn_2"} and {f.severity.label for f in drift} == {"error"}
+    effect = drift[0].evidence["output_effect"]
+    logits = effect["outputs"]["logits"]
+    assert logits["samples"] == 256 and effect["recomputed_layers"] == ["bn_1", "bn_2"]
+    assert logits["top1_agreement"] == pytest.approx(agreement, abs=1.5 / 256)  # numpy's exact statistics agree
+    assert logits["shift_sd"] > 0.5
+    assert "top-1 agrees on" in effect["summary"]
+
+
+def test_brief_fit_sample_drift_is_an_error_and_the_matching_one_stays_clean():
+    data = str(SAMPLES / "keras_calib.npy")
+    settings = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data, data_source=data)
+    drift = engine.probe(str(SAMPLES / "keras_brief_fit_drift.keras"), settings)
+    [probe] = drift.probes
+    assert probe.recalibration is not None and probe.recalibration.outputs["out"].shift > 0.5
+    assert {(f.code, f.severity.label) for f in drift.findings} == {("BN003", "error")}
+    clean = engine.probe(str(SAMPLES / "keras_trained_matching.keras"), settings)
+    assert clean.findings == [] and clean.probes[0].recalibration is None  # no drift: nothing recomputed

@@ -36,6 +36,7 @@ from bncheck.model import (
     ModelView,
     NormLayer,
     ProbeResult,
+    Recalibration,
     TensorStats,
 )
 from bncheck.probe_plan import Observed
@@ -130,12 +131,17 @@ class _Capture:
     def __init__(self, stats: Callable[..., TensorStats]) -> None:
         self.stats = stats
         self.seen: dict[str, list[tuple[TensorStats, TensorStats]]] = {}
+        # layers whose moving statistics are set, on each call, to the statistics of the batch they receive
+        # (see recalibration)
+        self.recompute: set[str] = set()
 
     def wrap(self, name: str, norm: NormLayer, layer: Any, to_numpy: Callable[[Any], np.ndarray]) -> None:
         original = layer.call
         capture = self
 
         def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            if name in capture.recompute:
+                _set_moving_stats(layer, norm, to_numpy(inputs))
             outputs = original(inputs, *args, **kwargs)
             x, y = to_numpy(inputs), to_numpy(outputs)
             axis = channel_axis_of(norm, layer, x.ndim)
@@ -144,6 +150,15 @@ class _Capture:
 
         # An instance attribute shadows the class's call; Layer.__call__ looks it up on the instance.
         object.__setattr__(layer, "call", call)
+
+
+def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray) -> None:
+    """The layer's moving mean and variance := the population statistics of ``x`` per channel."""
+    axis = channel_axis_of(norm, layer, x.ndim)
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    wide = np.asarray(x, np.float64)
+    for variable, value in ((layer.moving_mean, wide.mean(axis=others)), (layer.moving_variance, wide.var(axis=others))):
+        variable.assign(value.astype(np.dtype(str(variable.dtype))))
 
 
 def pool(calls: list[TensorStats]) -> TensorStats:
@@ -243,7 +258,7 @@ def call_styles(static: KerasFile) -> list[str]:
 
 def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> list[ProbeResult]:
     refuse_unsafe(static)
-    from bncheck.probe_plan import run_plan
+    from bncheck.probe_plan import drifting_layers, run_plan
 
     runner = KerasRunner(view, static)
     bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
@@ -254,7 +269,49 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         for name in sorted(runner.shared):
             result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
         results.append(result)
+    if settings.data is not None and any(drifting_layers(view, r) for r in results):
+        found = recalibration(runner, settings.data)
+        for result in results:
+            if isinstance(found, str):
+                result.notes.append(f"output effect of the drifting statistics not measured: {found}")
+            else:
+                result.recalibration = found
     return results
+
+
+#: input elements fed at once when recomputing statistics (one batch: the statistics are then exact)
+RECALIBRATION_ELEMENTS = 1 << 24
+
+
+def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibration | str:
+    """``predict`` outputs with every BatchNormalization's moving statistics recomputed from the data, against
+    the stored ones (Keras has no `fix`; this is its computation: exact population statistics, layer by
+    layer downstream of the recomputed ones).
+
+    One forward pass over the data as a single batch gives exactly that: each layer, on its call, takes the
+    statistics of the input it receives, which already went through the recomputed layers upstream (a
+    pass per layer would be needed otherwise). The original statistics are restored afterwards."""
+    from bncheck.probe_plan import compare_recalibrated
+
+    per_sample = max(sum(int(np.prod(a.shape[1:])) for a in data.values()), 1)
+    total = int(next(iter(data.values())).shape[0])
+    count = min(total, max(RECALIBRATION_ELEMENTS // per_sample, 32))
+    feeds = {name: np.ascontiguousarray(array[:count]) for name, array in data.items()}
+    names = tuple(n.name for n in runner.view.layers
+                  if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean"))
+    if not names:
+        return "no BatchNormalization with moving statistics"
+    saved = {n: (np.array(runner.layers[n].moving_mean), np.array(runner.layers[n].moving_variance)) for n in names}
+    stored = runner.observe(feeds, PREDICT).outputs
+    runner.capture.recompute = set(names)
+    try:
+        recomputed = runner.observe(feeds, PREDICT).outputs
+    finally:
+        runner.capture.recompute = set()
+        for n, (mean, var) in saved.items():
+            runner.layers[n].moving_mean.assign(mean)
+            runner.layers[n].moving_variance.assign(var)
+    return compare_recalibrated(names, stored, recomputed)
 
 
 def embedding_bounds(config: dict[str, Any], inputs: list[str]) -> dict[str, int]:
