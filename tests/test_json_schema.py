@@ -41,3 +41,18 @@ def test_nan_evidence_is_encoded_as_strings(schema, tmp_path):
     document = json.loads(json_render.render(engine.inspect(path)))
     assert document["layers"][0]["scale"]["nonfinite"] == 1
     jsonschema.validate(document, schema)
+    document = json.loads(json_render.render(engine.inspect(path)))
+    assert document["layers"][0]["scale"]["nonfinite"] == 1
+    jsonschema.validate(document, schema)
+
+
+@pytest.mark.parametrize("kind", ["usage", "model", "data", "runtime", "internal"])
+def test_exit_2_error_documents_validate(schema, kind):
+    document = json.loads(json_render.render_error("m.onnx: something", kind, command="probe"))
+    jsonschema.validate(document, schema)
+    assert document["exit_code"] == 2 and document["error"] == {"message": "m.onnx: something", "kind": kind}
+
+
+def test_a_document_without_error_must_be_a_full_report(schema):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"schema_version": 1, "tool": {"name": "bncheck", "version": "0"}, "exit_code": 2}, schema)

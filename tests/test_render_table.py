@@ -112,3 +112,13 @@ def test_summary_line_gets_singular_and_plural_right(tmp_path):
     one = bn_chain_model(tmp_path / "one.onnx", ["bn"], stale=True)
     text = table.render(engine.inspect(one), width=120)
     assert "1 normalization layer, 1 error, 0 warnings, 0 info;" in text
+
+
+def test_names_shorter_than_the_header_never_get_a_cell_cropped(tmp_path):
+    """The "layer" header's width counts when columns are fitted: no cell is cut short ("...") at any width
+    the table can fit."""
+    report = _probe(bn_chain_model(tmp_path / "short.onnx", ["b1", "b2"], stale=True))
+    for width in range(56, 101):
+        text = table.render(report, width=width)
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert "\u2026" not in text, width  # rich crops a cell with an ellipsis when the table does not fit

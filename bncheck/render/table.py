@@ -19,6 +19,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from bncheck.findings import Finding
 from bncheck.fix_result import FixResult, LayerFix, StatsSummary
 from bncheck.model import NormLayer, ProbeResult
 from bncheck.render.summary import summary_line
@@ -81,19 +82,7 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
     if report.findings:
         console.print(Text("Findings", style="bold"))
         for finding in report.findings:
-            label = finding.severity.label
-            console.print(
-                Text.assemble(
-                    (f"{label.upper():7} ", _STYLE[label]),
-                    (f"{finding.code} {finding.check} ", "bold"),
-                    (literal(finding.layer), "bold"),
-                )
-            )
-            console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
-            effect = finding.evidence.get("output_effect")
-            if isinstance(effect, dict) and effect.get("summary"):
-                console.print(Padding(Text(literal(f"effect: {effect['summary']}")), (0, 0, 0, 4), expand=False))
-            console.print(Padding(Text(literal("fix: " + finding.hint), style="dim"), (0, 0, 0, 4), expand=False))
+            _print_finding(console, finding, hint=True)
     if report.fix is not None:
         _print_fix(console, report.fix, report.fail_on, width)
     console.print(
@@ -130,7 +119,7 @@ class _Grid:
         for count in range(len(_DROPPABLE) + 1):
             kept = [c for c in self.columns if c.key not in _DROPPABLE[:count]]
             others = sum(c.width for c in kept) + _GAP * len(kept)
-            if width - others >= min(longest, _MIN_LAYER):
+            if width - others >= max(len("layer"), min(longest, _MIN_LAYER)):  # the header is a floor too
                 break
         self.dropped = [c.key for c in self.columns if c not in kept]
         room = max(min(longest, width - others), min(longest, 8))
@@ -194,6 +183,24 @@ def _print_legend(console: Console, words: set[str]) -> None:
     console.print(grid)
 
 
+def _print_finding(console: Console, finding: Finding, hint: bool) -> None:
+    """``ERROR   BN001 collapse LAYER``, then the message (and the hint) indented under it."""
+    label = finding.severity.label
+    console.print(
+        Text.assemble(
+            (f"{label.upper():7} ", _STYLE[label]),
+            (f"{finding.code} {finding.check} ", "bold"),
+            (literal(finding.layer), "bold"),
+        )
+    )
+    console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
+    effect = finding.evidence.get("output_effect")
+    if isinstance(effect, dict) and effect.get("summary"):
+        console.print(Padding(Text(literal(f"effect: {effect['summary']}")), (0, 0, 0, 4), expand=False))
+    if hint:
+        console.print(Padding(Text(literal("fix: " + finding.hint), style="dim"), (0, 0, 0, 4), expand=False))
+
+
 def _print_fix(console: Console, fix: FixResult, fail_on: str, width: int) -> None:
     """What `bncheck fix` did per layer, the notes, the written model's remaining findings, one summary."""
     console.print(_fix_table(fix, width))
@@ -203,10 +210,7 @@ def _print_fix(console: Console, fix: FixResult, fail_on: str, width: int) -> No
     if left:
         console.print(Text(literal(f"Remaining in {fix.output} (at or above --fail-on {fail_on})"), style="bold"))
         for finding in left:
-            label = finding.severity.label
-            console.print(Text.assemble((f"{label.upper():7} ", _STYLE[label]),
-                                        (f"{finding.code} {finding.check} ", "bold"), (literal(finding.layer), "bold")))
-            console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
+            _print_finding(console, finding, hint=False)
     console.print(Text(literal(f"fix: {fix.summary(fail_on)}"), style="bold"))
 
 
