@@ -303,6 +303,8 @@ class ProbeResult:
     located: LocatedDependence | None = None
     # with --data and drifting statistics: the outputs with recomputed statistics against the stored ones
     recalibration: Recalibration | None = None
+    # layers the probe could not measure, with the reason (shown as "not measured", never "ok")
+    unmeasured: dict[str, str] = field(default_factory=dict)
     requested_batch_sizes: tuple[int, ...] = ()  # what the user asked for; ``batch_sizes`` are those that ran
     batch_handling: str | None = None  # how a batch dim fixed in the file was handled (None: free)
 

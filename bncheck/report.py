@@ -134,11 +134,14 @@ def merge_findings(
 
 
 def layer_status(report: Report, layer: NormLayer) -> str:
-    """One word for the layer table: worst finding severity, "affected" (downstream of batch
-    dependence), "unknown" (its stored parameters could not be read), or "ok"."""
+    """One word for the layer table: worst finding severity, "not measured" (a probe ran but could not
+    measure it), "affected" (downstream of batch dependence), "unknown" (its stored parameters could not be
+    read), or "ok"."""
     worst = max((f.severity for f in report.findings_for(layer.name)), default=None)
     if worst is not None:
         return worst.label
+    if report.probes and unmeasured_reason(report, layer) is not None:
+        return "not measured"
     if any(
         (dep := probe.dependence.get(layer.name)) is not None and is_affected(dep)
         for probe in report.probes
@@ -147,6 +150,18 @@ def layer_status(report: Report, layer: NormLayer) -> str:
     if layer.unreadable:
         return "unknown"
     return "ok"
+
+
+def unmeasured_reason(report: Report, layer: NormLayer) -> str | None:
+    """Why no probe measured ``layer`` (None when some probe did, or none ran)."""
+    if any(probe.at(b, layer.name) is not None for probe in report.probes for b in probe.batch_sizes):
+        return None
+    for probe in report.probes:
+        if layer.name in probe.unmeasured:
+            return probe.unmeasured[layer.name]
+    if any(not probe.batch_sizes for probe in report.probes):
+        return "no batch size could run"
+    return "no statistics came out of the probe runs"
 
 
 def unknown_layers(report: Report) -> int:

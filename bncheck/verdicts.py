@@ -130,6 +130,18 @@ def is_affected(dep: BatchDependence) -> bool:
     return dep.input_change > INPUT_TOLERANCE
 
 
+def dependence_verdict(dep: BatchDependence) -> str:
+    """culprit / affected / independent, or "unknown" when a number needed to say independent is NaN (no
+    comparable statistics): never "independent" without the numbers."""
+    if is_culprit(dep):
+        return "culprit"
+    if is_affected(dep):
+        return "affected"
+    if math.isnan(dep.output_change) or math.isnan(dep.input_change):
+        return "unknown"
+    return "independent"
+
+
 #: Drift thresholds (medians over channels): a mean off by half a standard deviation, a variance off by 2x.
 MEAN_SHIFT_THRESHOLD = 0.5
 LOG_VAR_RATIO_THRESHOLD = math.log(2.0)

@@ -250,3 +250,65 @@ def test_graph_inputs_that_only_feed_norm_parameters_are_fed_fixed_not_batched(t
         assert code == 1 and verdict == "culprit" and "BN002" in {f["code"] for f in doc["findings"]}
     else:
         assert code == 0 and verdict == "independent"
+
+
+# --------------------------------------------------------------------------- no static rank
+
+
+def _computed_reshape_layer_norm(path: Path) -> str:
+    """x[N, 4, 8] -> Reshape(x, Concat([-1], Gather(Shape(x), NonZero(Shape(x)))[1:])) -> LayerNorm -> mean.
+    The target's length comes from NonZero, so no shape inference knows the LayerNorm's rank."""
+    ints = {n: numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+            (("one", [1]), ("minus1", [-1]), ("big", [99]))}
+    nodes = [
+        helper.make_node("Shape", ["x"], ["sh"]),
+        helper.make_node("NonZero", ["sh"], ["nz"]),
+        helper.make_node("Reshape", ["nz", "minus1"], ["nzf"]),
+        helper.make_node("Gather", ["sh", "nzf"], ["dims"]),
+        helper.make_node("Slice", ["dims", "one", "big"], ["tail"]),
+        helper.make_node("Concat", ["minus1", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),
+        helper.make_node("LayerNormalization", ["r", "scale", "bias"], ["n"], name="ln", axis=-1),
+        helper.make_node("ReduceMean", ["n"], ["y"], keepdims=0),
+    ]
+    inits = [*ints.values(), numpy_helper.from_array(np.full(8, 1.5, np.float32), "scale"),
+             numpy_helper.from_array(np.full(8, 0.25, np.float32), "bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 4, 8])],
+                              [helper.make_tensor_value_info("y", F32, [])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def test_a_layer_norm_after_a_computed_reshape_is_measured_without_a_static_rank(tmp_path):
+    path = _computed_reshape_layer_norm(tmp_path / "m.onnx")
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    layer = _run(doc)["layers"]["ln"]
+    assert code == 0 and doc["layers"][0]["status"] == "ok" and doc["layers"][0]["input_shape"] is None
+    assert {b: s["input"]["count_per_channel"] for b, s in layer["by_batch_size"].items()} == \
+        {"1": 32, "2": 64, "32": 1024}
+    # per sample, over its 32 values: LayerNorm's output is bias-centred with scale 1.5
+    assert abs(layer["by_batch_size"]["32"]["output"]["mean"] - 0.25) < 1e-5
+    assert layer["batch_dependence"]["verdict"] == "independent"
+
+
+def test_a_layer_no_probe_measured_is_not_measured_with_its_reason_never_ok(tmp_path):
+    """What the table and JSON say of a layer without statistics, and of a dependence whose numbers are NaN
+    (the ONNX walk leaves no such layer today: the report is assembled from a real load)."""
+    import math
+
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.engine import _report
+    from bncheck.model import BatchDependence, ProbeResult
+    from bncheck.render import json as render_json
+    from bncheck.render import table as render_table
+
+    view = OnnxBackend().load(_computed_reshape_layer_norm(tmp_path / "m.onnx"))
+    probe = ProbeResult(batch_sizes=(1, 2), layers={1: {}, 2: {}}, unmeasured={"ln": "its tensors are elsewhere"},
+                        dependence={"ln": BatchDependence("ln", math.nan, math.nan, 4, (2,))})
+    report = _report("probe", view, [probe], (), {}, "error")
+    doc = json.loads(render_json.render(report))
+    assert doc["layers"][0]["status"] == "not measured"
+    assert doc["probe"]["runs"][0]["layers"]["ln"]["not_measured"] == "its tensors are elsewhere"
+    assert doc["probe"]["runs"][0]["layers"]["ln"]["batch_dependence"]["verdict"] == "unknown"
+    table = render_table.render(report, width=120)
+    assert "not measured" in table.split("\n")[3] and "ln: not measured (its tensors are elsewhere)" in table

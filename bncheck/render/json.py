@@ -17,7 +17,7 @@ from bncheck.findings import Finding, number, shape_json
 from bncheck.fix_result import FixResult, LayerFix
 from bncheck.model import NormLayer, OutputComparison, ProbeResult, TensorStats, summarize
 from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes, unknown_layers
-from bncheck.verdicts import is_affected, is_culprit
+from bncheck.verdicts import dependence_verdict
 
 
 def render(report: Report) -> str:
@@ -203,9 +203,10 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
                 "samples": dep.samples,
                 "batch_sizes": list(dep.batch_sizes),
                 "worst_batch_size": dep.worst_batch_size,
-                "verdict": "culprit" if is_culprit(dep)
-                else "affected" if is_affected(dep) else "independent",
+                "verdict": dependence_verdict(dep),
             }
+        if not entry["by_batch_size"]:
+            entry["not_measured"] = probe.unmeasured.get(layer.name, "no statistics came out of the probe runs")
         if probe.data is not None and layer.name in probe.data:
             entry["data_input"] = _stats(probe.data[layer.name])
         out["layers"][layer.name] = entry

@@ -26,7 +26,8 @@ from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
 from bncheck.report import Report, layer_status, probe_cell, set_sizes
 
-_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green", "affected": "magenta", "unknown": "yellow"}
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green", "affected": "magenta", "unknown": "yellow",
+          "not measured": "yellow"}
 
 #: Two spaces between columns (rich: one padding cell plus the blank divider of the SIMPLE_HEAD box).
 _GAP = 2
@@ -77,6 +78,9 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
         sizes = _sizes_line(probe)
         if sizes:
             console.print(Text(literal(f"probe: {sizes}"), style="dim"))
+        for name, reason in probe.unmeasured.items():
+            if not any(line.startswith(f"{name}: not measured") for line in probe.notes):
+                console.print(Text(literal(f"probe: {name}: not measured ({reason})"), style="dim"))
         for line in probe.notes:
             console.print(Text(literal(f"probe: {line}"), style="dim"))
     if report.findings:

@@ -401,7 +401,7 @@ class Augmenter:
             m.mode = "full"
             m.outputs["full"] = tensor
         elif rank is None:
-            return None
+            return self._measure_flat(key, minmax)
         elif (
             not self.exact
             and elem == 1
@@ -425,6 +425,29 @@ class Augmenter:
         else:
             self.after.setdefault(tensor, []).extend(group)
         self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+        self.measures[key] = m
+        return m
+
+    def _measure_flat(self, key: tuple[str, int | None, int | None], minmax: bool) -> Measure | None:
+        """A tensor without a static rank (after a Reshape whose target is computed at run time): measured
+        through Reshape(t, [0, -1]) (batch axis 0, no channel axis) or [0, 0, -1] (channel axis 1), a view
+        of known rank whose per-(sample, channel) statistics are those of ``t``; the reduction needs no rank."""
+        tensor, batch_axis, channel_axis = key
+        if batch_axis != 0 or channel_axis not in (None, 1):
+            return None  # a channel axis counted from the end would need the rank
+        target = [0, -1] if channel_axis is None else [0, 0, -1]
+        start = len(self.b.nodes)
+        view = self.b.one("Reshape", [tensor, self.b.const(np.array(target, np.int64), "flat_shape")], "flat")
+        reshape = self.b.nodes[start:]
+        del self.b.nodes[start:]
+        self.known.add(view)
+        self.shapes[view] = (None,) * len(target)
+        self.types[view] = self.types.get(tensor, 1)
+        m = self.measure(view, batch_axis, channel_axis, minmax)
+        if m is None:
+            return None
+        # the view's own measuring nodes follow the Reshape, right after the tensor's producer
+        self.after.setdefault(tensor, []).extend([*reshape, *self.after.pop(view, [])])
         self.measures[key] = m
         return m
 

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from bncheck.backends.onnx.probe_copy import ProbeCopy
 
 
+#: why a layer has no statistics: neither of its tensors could be instrumented.
+UNMEASURABLE = ("its tensors are not in the main graph, or have no static rank and a channel axis other than 1 "
+                "(a flattened view cannot keep it)")
+
 # --------------------------------------------------------------------------- session and decoding
 
 
@@ -301,8 +305,7 @@ class _Engine:
         self.exact = exact
         for plan in self.plans:
             if plan.input is None and plan.output is None:
-                plan.note = (f"{plan.layer.name}: not measured (its tensors have no known rank or are not in the "
-                             "main graph)")
+                plan.note = f"{plan.layer.name}: not measured ({UNMEASURABLE})"
             if plan.note and plan.note not in self.notes:
                 self.notes.append(plan.note)
 
@@ -466,6 +469,9 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         result.notes[:0] = [n for n in copy.notes if n not in result.notes]
         result.notes.extend(n for n in engines[0].notes if n not in result.notes)
         result.batch_handling = copy.batch
+        for plan in engines[0].plans:
+            if plan.input is None and plan.output is None:
+                result.unmeasured[plan.layer.name] = UNMEASURABLE
     finally:
         for engine in engines:
             engine.close()
