@@ -108,19 +108,6 @@ def uncertainty(stats: TensorStats) -> Uncertainty:
                        float(np.median(var_rel)), float(np.max(var_rel)))
 
 
-def first_samples(stats: TensorStats, n: int) -> TensorStats:
-    """``stats`` without the rows past ``n``: a fixed-batch model's last batch completed with repeated
-    samples counts only its real ones. min/max/zeros/nonfinite keep the repeats, which are copies of samples
-    already counted (their presence is what `fix` reads)."""
-    if n >= stats.batch_size:
-        return stats
-    per_sample = stats.count // max(stats.batch_size, 1)
-    return TensorStats(batch_size=n, count=per_sample * n, sample_mean=stats.sample_mean[:n],
-                       sample_sq=stats.sample_sq[:n], min=stats.min, max=stats.max, zeros=stats.zeros,
-                       nonfinite=stats.nonfinite, derived=stats.derived, zeros_exact=False,
-                       minmax_measured=stats.minmax_measured)
-
-
 def calibration_batches(data: dict[str, np.ndarray], batch: int, fixed: bool = False
                         ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(feeds, real samples) per batch of ``data``. With a ``fixed`` batch size the last batch is completed

@@ -146,6 +146,19 @@ def merge_stats(parts: Iterable[TensorStats]) -> TensorStats:
     )
 
 
+def first_samples(stats: TensorStats, n: int) -> TensorStats:
+    """``stats`` without the rows past ``n``: a fixed-batch model's last batch completed with repeated
+    samples counts only its real ones. min/max/zeros/nonfinite keep the repeats, copies of samples already
+    counted (min/max unchanged; the counts may be high, their presence is what is read)."""
+    if n >= stats.batch_size:
+        return stats
+    per_sample = stats.count // max(stats.batch_size, 1)
+    return TensorStats(batch_size=n, count=per_sample * n, sample_mean=stats.sample_mean[:n],
+                       sample_sq=stats.sample_sq[:n], min=stats.min, max=stats.max, zeros=stats.zeros,
+                       nonfinite=stats.nonfinite, derived=stats.derived, zeros_exact=False,
+                       minmax_measured=stats.minmax_measured)
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -163,7 +176,8 @@ class Plan:
 
 
 def make_plan(
-    batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool, dependence: bool = True
+    batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool, dependence: bool = True,
+    fixed_batch: bool = False,
 ) -> Plan:
     """The runs for these batch sizes and K; ``pool_size`` (data) wraps indices modulo the sample count.
 
@@ -185,7 +199,10 @@ def make_plan(
     data_runs: tuple[tuple[int, ...], ...] = ()
     if with_data and pool_size:
         chunk = max(batch_sizes)
-        data_runs = tuple(tuple(range(s, min(s + chunk, pool_size))) for s in range(0, pool_size, chunk))
+        # a model with a fixed batch dimension takes only full batches: the last one is completed with
+        # repeats (wrapped indices), which run_plan leaves out of the data statistics (real_rows)
+        stop = (lambda s: s + chunk) if fixed_batch else (lambda s: min(s + chunk, pool_size))
+        data_runs = tuple(tuple(wrap(i) for i in range(s, stop(s))) for s in range(0, pool_size, chunk))
     ordered: list[tuple[int, ...]] = []
     for run in [*solo, *(probe_runs[b] for b in batch_sizes), *(r for b in big for r in groups[b]), *data_runs]:
         if run not in ordered:
@@ -206,10 +223,19 @@ def make_fixed_plan(fixed: int, samples: int, pool_size: int | None, with_data: 
     groups: dict[int, tuple[tuple[int, ...], ...]] = {fixed: (second,)} if dependence else {}
     data_runs: tuple[tuple[int, ...], ...] = ()
     if with_data and pool_size:
-        data_runs = tuple(tuple(range(s, min(s + fixed, pool_size))) for s in range(0, pool_size, fixed))
+        # whole batches only: the last one is completed with repeats that run_plan leaves out (real_rows)
+        data_runs = tuple(tuple(wrap(i) for i in range(s, s + fixed)) for s in range(0, pool_size, fixed))
     ordered = list(dict.fromkeys([first, *(groups[fixed] if groups else ()), *data_runs]))
     needed = max(max(r) + 1 for r in ordered)
     return Plan(tuple(ordered), {fixed: first}, solo, groups, data_runs, k, needed)
+
+
+def real_rows(run: tuple[int, ...]) -> int:
+    """Rows of a data run before its indices wrap around (the rest repeat samples to fill a fixed batch)."""
+    for i in range(1, len(run)):
+        if run[i] != run[i - 1] + 1:
+            return i
+    return len(run)
 
 
 def _fixed_batch(view: ModelView) -> int | None:
@@ -225,7 +251,7 @@ def _plan_for(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None,
               dependence: bool, fixed: int | None) -> Plan:
     if fixed is not None and fixed >= 2 and dependence:
         return make_fixed_plan(fixed, samples, pool_size, with_data)
-    return make_plan(batch_sizes, samples, pool_size, with_data, dependence)
+    return make_plan(batch_sizes, samples, pool_size, with_data, dependence, fixed is not None)
 
 
 def _ran(plan: Plan, results: Mapping[tuple[int, ...], object]) -> Plan:
@@ -602,9 +628,9 @@ def run_plan(
     if plan.data_runs:
         data = {}
         for name in names:
-            parts = [results[run][name].input for run in plan.data_runs if name in results[run]]
-            if parts and all(p is not None for p in parts):
-                data[name] = merge_stats(parts)  # type: ignore[arg-type]
+            parts = [(results[run][name].input, real_rows(run)) for run in plan.data_runs if name in results[run]]
+            if parts and all(p is not None for p, _ in parts):
+                data[name] = merge_stats(first_samples(p, n) for p, n in parts)  # type: ignore[arg-type]
     if test_dependence and not plan.solo_runs and not failed:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     output_dependence, located = _outputs_test(

@@ -528,3 +528,159 @@ def test_collapsing_norm_that_no_statistics_can_repair_is_reported_not_fixed() -
     report = fix(str(SAMPLES / "instancenorm_1x1.onnx"), None, None, dry_run=True)
     entry = entry_of(report, "in_gap")
     assert entry.action == "not-fixed" and "BN001" in entry.reason
+
+
+# ---------------------------------------------------------------------------- stored statistics (no data)
+
+
+def test_train_mode_export_fixed_without_data_predicts_as_the_eval_model(tmp_path: Path) -> None:
+    """A train-mode export whose running statistics are the eval model's: switched to inference with them, no
+    data needed; batch-1 predictions equal the eval-mode model's to float32 noise."""
+    src = save(convnet(training=True), tmp_path / "train.onnx")
+    reference_model = save(convnet(training=False), tmp_path / "eval.onnx")  # same weights and statistics
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, None)
+    assert actions(report) == {"bn1": "to-inference", "bn2": "to-inference"}
+    assert {e.source for e in report.fix.outcome.layers} == {"stored"}
+    assert report.fix.outcome.samples == 0 and report.fix.outcome.passes == 0
+    x = samples(16, seed=31)
+    for i in range(16):
+        np.testing.assert_allclose(run(out, x[i:i + 1]), run(reference_model, x[i:i + 1]), rtol=1e-6, atol=1e-6)
+    assert report.exit_code == 0 and report.fix.remaining("error") == []
+
+
+def test_stale_layers_without_data_are_refused_by_name(tmp_path: Path) -> None:
+    src = save(convnet(training=True, stale=("bn2",)), tmp_path / "m.onnx")
+    with pytest.raises(BackendError) as refused:
+        fix(src, str(tmp_path / "f.onnx"), None)
+    message = str(refused.value)
+    assert "bn2" in message and "bn1" not in message and "--data" in message and "\n" not in message
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_stats_stored_refuses_stale_statistics_even_with_data(tmp_path: Path, calib: str) -> None:
+    src = save(convnet(training=True, stale=("bn1",)), tmp_path / "m.onnx")
+    with pytest.raises(BackendError, match=r"--stats stored.*bn1"):
+        fix(src, str(tmp_path / "f.onnx"), calib, stats="stored")
+
+
+def test_stats_auto_with_data_keeps_stored_statistics_that_match_the_data(tmp_path: Path, calib: str) -> None:
+    """auto with data: stored statistics are kept where the data agree with them, recomputed where they drift.
+    trained_matching.onnx's statistics are exact for its data; turned into a train-mode export they are kept."""
+    model = onnx.load(str(SAMPLES / "trained_matching.onnx"))
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.output.extend([f"{node.name}.rm", f"{node.name}.rv"])
+            node.attribute.append(helper.make_attribute("training_mode", 1))
+    src = save(model, tmp_path / "train.onnx")
+    data = str(SAMPLES / "calib_drift.npz")
+    auto = fix(src, str(tmp_path / "auto.onnx"), data)
+    assert {e.source for e in auto.fix.outcome.layers} == {"stored"}
+    forced = fix(src, str(tmp_path / "data.onnx"), data, stats="data")
+    assert {e.source for e in forced.fix.outcome.layers} == {"data"}
+
+
+# ---------------------------------------------------------------------------- exit codes (ruff --fix convention)
+
+
+def test_exit_0_when_the_written_model_is_clean_and_1_with_exit_non_zero_on_fix(tmp_path: Path) -> None:
+    src = save(convnet(training=True), tmp_path / "m.onnx")
+    plain = CliRunner().invoke(main, ["fix", src, "-o", str(tmp_path / "a.onnx")])
+    assert plain.exit_code == 0, plain.output
+    assert "the written model has no finding at or above error" in plain.stdout
+    flagged = CliRunner().invoke(main, ["fix", src, "-o", str(tmp_path / "b.onnx"), "--exit-non-zero-on-fix"])
+    assert flagged.exit_code == 1 and "--exit-non-zero-on-fix" in flagged.stdout
+    clean = save(convnet(), tmp_path / "clean.onnx")  # nothing to change: 0 even with the flag
+    unchanged = CliRunner().invoke(main, ["fix", clean, "-o", str(tmp_path / "c.onnx"), "--exit-non-zero-on-fix"])
+    assert unchanged.exit_code == 0, unchanged.output
+
+
+def test_exit_1_when_findings_remain_in_the_written_model_and_the_report_says_which(tmp_path: Path) -> None:
+    """A negative running variance (BN005) is not something fix repairs: the written model keeps it."""
+    model = convnet(training=True)
+    bn2 = next(n for n in model.graph.node if n.name == "bn2")  # inference again, with a negative variance
+    del bn2.output[1:]
+    next(a for a in bn2.attribute if a.name == "training_mode").i = 0
+    for t in model.graph.initializer:
+        if t.name == "bn2.var":
+            values = numpy_helper.to_array(t).copy()
+            values[3] = -0.25
+            t.CopyFrom(numpy_helper.from_array(values, t.name))
+    src = save(model, tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["fix", src, "-o", str(tmp_path / "f.onnx"), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == 1
+    assert {(f["code"], f["layer"]) for f in doc["fix"]["remaining"]} == {("BN005", "bn2")}
+    assert {e["layer"]: e["action"] for e in doc["fix"]["layers"]}["bn1"] == "to-inference"
+    table = CliRunner().invoke(main, ["fix", src, "-o", str(tmp_path / "g.onnx")])
+    assert "Remaining in" in table.stdout and "negative running variance" in table.stdout
+
+
+def test_probe_refuses_to_write_its_report_over_the_model(tmp_path: Path) -> None:
+    src = save(convnet(), tmp_path / "m.onnx")
+    before = Path(src).read_bytes()
+    result = CliRunner().invoke(main, ["probe", src, "-o", src])
+    assert result.exit_code == 2 and "overwrite the input model" in result.stderr
+    assert Path(src).read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- small calibration sets
+
+
+def test_64_samples_on_a_layer_with_one_value_per_channel_are_used_with_their_uncertainty(tmp_path: Path) -> None:
+    """head_bn normalizes 1x1 maps: 64 samples give 64 values per channel, a standard error of the mean of
+    1/8 sd and a relative error of the variance of about sqrt(2/64) = 18%."""
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(str(SAMPLES / "collapse_1x1_train_mode.onnx"), out, str(SAMPLES / "calib_drift.npz"),
+                 stats="data")
+    entry = entry_of(report, "head_bn")
+    assert entry.action == "to-inference" and entry.source == "data"
+    spread = entry.uncertainty
+    assert spread is not None and spread.samples == 64 and spread.values_per_channel == 64
+    assert 0.09 < spread.mean_se_sd < 0.16
+    assert 0.1 < spread.var_rel_error < 0.35
+    assert not spread.large
+    assert proof_findings(report) == []
+    doc = json.loads(report.to_json())
+    assert doc["fix"]["layers"][-1]["uncertainty"]["samples"] == 64
+
+
+def test_few_samples_warn_and_min_samples_overrides_the_floor(tmp_path: Path) -> None:
+    x = np.load(SAMPLES / "calib_drift.npz")["input"]
+    np.savez(tmp_path / "six.npz", input=x[:6])
+    src = str(SAMPLES / "collapse_1x1_train_mode.onnx")
+    with pytest.raises(BackendError, match="at least 8 needed"):
+        fix(src, str(tmp_path / "a.onnx"), str(tmp_path / "six.npz"), stats="data")
+    report = fix(src, str(tmp_path / "b.onnx"), str(tmp_path / "six.npz"), stats="data", min_samples=4)
+    assert entry_of(report, "head_bn").uncertainty.large
+    assert any("head_bn: the new statistics are uncertain" in note for note in report.fix.outcome.notes)
+
+
+def fixed_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    model.graph.input[0].type.tensor_type.shape.dim[0].ClearField("dim_param")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
+
+def test_fixed_batch_model_uses_every_sample_of_a_partial_last_batch(tmp_path: Path) -> None:
+    """100 samples on a batch-8 model: 12 full batches and one of 4 completed with 4 repeats, which are left
+    out: the new statistics are exactly those of the 100 samples."""
+    x = samples(100, seed=41)
+    np.savez(tmp_path / "calib.npz", input=x)
+    src = save(fixed_batch(convnet(stale=("bn1",)), 8), tmp_path / "m.onnx")
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, str(tmp_path / "calib.npz"))
+    outcome = report.fix.outcome
+    assert actions(report)["bn1"] == "recalibrated"
+    assert (outcome.samples_used, outcome.padded, outcome.batch_size) == (100, 4, 8)
+    assert entry_of(report, "bn1").uncertainty.samples == 100
+    assert report.probes[0].data["bn1"].batch_size == 100  # the probe's data pass also counts each sample once
+    # conv1's output over exactly the 100 samples (the free-batch model computes the same conv)
+    probe_model = convnet(stale=("bn1",))
+    probe_model.graph.output.append(helper.make_tensor_value_info("conv1", F32, None))
+    session = ort.InferenceSession(probe_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    acts = session.run(["conv1"], {"input": x})[0].astype(np.float64)
+    fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    np.testing.assert_allclose(fixed["bn1.mean"], acts.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fixed["bn1.var"], acts.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.errors import one_line
 from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
 from bncheck.probe_data import ProbeDataError, resolve_shape
-from bncheck.probe_plan import Observed, Runner, drifting_layers, merge_stats, run_plan, tensor_stats
+from bncheck.probe_plan import Observed, Runner, drifting_layers, first_samples, merge_stats, run_plan, tensor_stats
 
 if TYPE_CHECKING:
     import onnx
@@ -498,8 +498,6 @@ def measure_inputs(
 
     A batch may come as (feeds, n): only its first n samples count (a fixed-batch model's last batch
     completed with repeats, see bncheck.fix_result.calibration_batches)."""
-    from bncheck.fix_result import first_samples
-
     engine = _Engine(handle, layers, inputs_only=True)
     _trim()  # the optimizing session's freed heap back to the OS
     try:
