@@ -46,7 +46,7 @@ def test_a_folder_is_one_json_document_with_a_report_per_model_and_the_worst_exi
     assert result.exit_code == 1
     document = json.loads(result.stdout)
     assert [Path(m["model"]["path"]).name for m in document["models"]] == ["clean.onnx", "stale.onnx"]
-    assert document["exit_code"] == 1 and document["summary"]["errors"] == 2
+    assert document["exit_code"] == 1 and document["totals"]["errors"] == 2
 
 
 def test_a_broken_model_is_an_error_entry_while_the_others_are_reported(models):
@@ -54,7 +54,7 @@ def test_a_broken_model_is_an_error_entry_while_the_others_are_reported(models):
     result = _invoke("inspect", str(models), "--format", "json")
     assert result.exit_code == 2
     document = json.loads(result.stdout)
-    entries = {Path(m["model"]["path"]).name: m for m in document["models"]}
+    entries = {Path(m["model"]["path"] if "model" in m else m["model_path"]).name: m for m in document["models"]}
     assert entries["broken.onnx"]["error"]["kind"] == "model"
     assert entries["stale.onnx"]["exit_code"] == 1 and entries["clean.onnx"]["exit_code"] == 0
     assert result.stderr.count("\n") == 1 and "broken.onnx" in result.stderr
@@ -173,3 +173,16 @@ def test_the_github_action_script_runs_locally(models, tmp_path):
     assert done.stdout.count("::error ") == 2
     assert json.loads((tmp_path / "bncheck.sarif").read_text())["runs"][0]["results"]
     assert (tmp_path / "github_output").read_text() == "exit-code=1\n"
+
+
+def test_many_model_document_and_its_error_entries_validate_against_the_schema(models):
+    from importlib import resources
+
+    schema = json.loads(resources.files("bncheck").joinpath("schema/report.schema.json").read_text())
+    (models / "broken.onnx").write_bytes(b"\x08\x07not a model")
+    document = json.loads(_invoke("inspect", str(models), "--format", "json").stdout)
+    jsonschema.Draft202012Validator(schema).validate(document)
+    assert [m["exit_code"] for m in document["models"]] == [2, 0, 1]
+    bad = dict(document, totals={"models": "three"})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(schema).validate(bad)

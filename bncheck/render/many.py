@@ -54,13 +54,14 @@ def _table(results: Sequence[Result], command: str, color: bool) -> str:
 
 
 def _json(results: Sequence[Result], command: str, color: bool) -> str:
-    from bncheck.render.json import to_document
+    from bncheck.render.json import render_error, to_document
 
     models: list[dict[str, Any]] = []
     for result in results:
         if isinstance(result, Failure):
-            models.append({"model": {"path": result.path}, "error": {"message": result.message, "kind": result.kind},
-                           "exit_code": 2})
+            document = json.loads(render_error(result.message, result.kind, command=command))
+            document["model_path"] = result.path  # no "model" object: it could not be read
+            models.append(document)
         else:
             models.append(to_document(result))
     document = {
@@ -69,7 +70,7 @@ def _json(results: Sequence[Result], command: str, color: bool) -> str:
         "command": command,
         "models": models,
         "exit_code": worst_exit(results),
-        "summary": {
+        "totals": {
             "models": len(results),
             "failed": sum(isinstance(r, Failure) for r in results),
             "errors": sum(r.counts()["error"] for r in results if isinstance(r, Report)),
