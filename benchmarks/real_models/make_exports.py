@@ -1,180 +1,57 @@
-"""Real torch.onnx exports of a small trained convnet, as users produce them, for the real-world set.
+"""Real exports of small trained models, as users produce them, for the real-world set.
 
-Usage (from a venv outside the repo; torch is no dependency of bncheck):
-    python3 -m venv /work/venvs/torch
-    /work/venvs/torch/bin/pip install torch==2.13.0 onnx onnxscript numpy
-    /work/venvs/torch/bin/python benchmarks/real_models/make_exports.py [--cache DIR]
+Usage, each from its own venv outside the repo (no framework is a dependency of bncheck):
+    python3 -m venv /work/venvs/torch && /work/venvs/torch/bin/pip install torch==2.13.0 onnx onnxscript numpy
+    /work/venvs/torch/bin/python benchmarks/real_models/make_exports.py torch
+    python3 -m venv /work/venvs/tf && /work/venvs/tf/bin/pip install tensorflow-cpu tf2onnx onnx numpy
+    /work/venvs/tf/bin/python benchmarks/real_models/make_exports.py tf
+    python3 -m venv /work/venvs/paddle && /work/venvs/paddle/bin/pip install paddlepaddle paddle2onnx packaging onnx numpy
+    /work/venvs/paddle/bin/python benchmarks/real_models/make_exports.py paddle
 
-Trains a small Conv-BN-ReLU net with a Linear + BatchNorm1d head for a few deterministic SGD steps on
-synthetic data (so that its running statistics are real, not 0/1), then writes into ``<cache>/exports/``:
-  convnet_dynamo        default (dynamo) exporter from eval(), dynamic batch (its optimizer folds every BN)
-  convnet_dynamo_unopt  the same with optimize=False: the BN nodes stay (the exports below keep them too)
-  convnet_train_legacy  legacy exporter (dynamo=False), training=TrainingMode.TRAINING, example batch 2,
-                        dynamic batch: BN nodes with training_mode=1 (a real defect, BN002 expected)
-  convnet_fixed_b1      default exporter, fixed batch 1, no dynamic axes; x.view(x.size(0), -1) bakes the batch
-  convnet_fixed_b8      the same at batch 8
-  convnet_dynamic_hw    default exporter, dynamic batch, height and width
-  handnorm_batch        gamma * (x - mean) / sqrt(var + eps) + beta with moments over dims (0, 2, 3), written
-                        by hand (a real defect: batch statistics at inference, BN002 expected)
-and ``exports.json`` describing them in the format of manifest.json (inputs, probe arguments, batch sizes).
+Each framework's module (exports_torch.py, exports_tf.py, exports_paddle.py) trains its models for a few
+deterministic steps on synthetic data and writes them into ``<cache>/exports/``; this script merges their
+descriptions (inputs, probe arguments, batch sizes, in the format of manifest.json) into
+``<cache>/exports/exports.json``, which run.py reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
+import importlib
 import json
+import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 HERE = Path(__file__).resolve().parent
-SIZE = 64  # input height and width
 
 
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        chans = [3, 16, 32, 64]
-        layers: list[nn.Module] = []
-        for cin, cout in itertools.pairwise(chans):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                       nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, 32)
-        self.head_bn = nn.BatchNorm1d(32)
-        self.out = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.features(x))
-        # the flatten users write: in a fixed-batch export the Reshape's target shape holds the batch size
-        x = x.view(x.size(0), -1)
-        return self.out(torch.relu(self.head_bn(self.fc(x))))
-
-
-class HandNorm(nn.Module):
-    """A norm written by hand, as in many research repos: moments over (0, 2, 3) are batch statistics."""
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-        return self.gamma * (x - mean) / torch.sqrt(var + self.eps) + self.beta
-
-
-class HandNormNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.norm1 = HandNorm(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.norm2 = HandNorm(32)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = torch.relu(self.norm2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def train(model: nn.Module, steps: int = 40) -> nn.Module:
-    """A few SGD steps on a learnable synthetic task: the running statistics follow real activations."""
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        x = torch.randn(32, 3, SIZE, SIZE, generator=gen) * 0.5 + 0.2
-        y = (x[:, 0].mean(dim=(1, 2)) * 20).long().clamp(0, 9)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def export_dynamo(model: nn.Module, path: Path, batch: int, dynamic: dict[int, str],
-                  optimize: bool = True) -> None:
-    x = torch.randn(batch, 3, SIZE, SIZE)
-    shapes = {"x": {axis: torch.export.Dim(name, min=1 if axis == 0 else 16, max=4096)
-                    for axis, name in dynamic.items()}} if dynamic else None
-    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["logits"], dynamo=True,
-                      dynamic_shapes=shapes, external_data=False, optimize=optimize)
-
-
-def export_legacy_training(model: nn.Module, path: Path) -> None:
-    torch.onnx.export(model, (torch.randn(2, 3, SIZE, SIZE),), str(path), input_names=["x"],
-                      output_names=["logits"], dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
-                      do_constant_folding=False, dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-
-
-def entry(model_id: str, path: Path, covers: str, batch: int | str, probe_args: list[str],
-          batch_sizes: list[int]) -> dict:
-    return {"id": model_id, "package": f"torch {torch.__version__} export", "version": torch.__version__,
-            "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "covers": covers,
-            "inputs": [{"name": "x", "shape": [batch, 3, SIZE, SIZE], "dtype": "float32"}],
-            "probe_args": probe_args, "batch_sizes": batch_sizes}
+def entry(source: str, model_id: str, path: Path, covers: str, inputs: list[dict], probe_args: list[str],
+          batch_sizes: list[int], expect: str | None = None) -> dict:
+    """One exports.json row; ``inputs`` as in manifest.json (a dim "B" is the batch); ``expect``: the finding
+    code a model broken by construction must get (run.py makes no twins of it)."""
+    row = {"id": model_id, "package": source, "version": source.split()[1], "path": str(path),
+           "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "covers": covers, "inputs": inputs,
+           "probe_args": probe_args, "batch_sizes": batch_sizes}
+    return {**row, "expect": expect} if expect else row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("framework", choices=["torch", "tf", "paddle"])
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     args = parser.parse_args()
     out = args.cache / "exports"
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    net = train(ConvNet())
-    entries = []
-
-    path = out / "convnet_dynamo.onnx"
-    export_dynamo(net, path, 2, {0: "batch"})
-    entries.append(entry("convnet_dynamo", path, "torch default (dynamo) exporter from eval(), dynamic batch: "
-                         "its optimizer folds all 4 BN (3 conv + BatchNorm1d head) into Conv/Gemm", "B", [],
-                         [1, 2, 32]))
-
-    path = out / "convnet_dynamo_unopt.onnx"
-    export_dynamo(net, path, 2, {0: "batch"}, optimize=False)
-    entries.append(entry("convnet_dynamo_unopt", path, "dynamo exporter with optimize=False: 4 BN kept, node "
-                         "names like node__native_batch_norm_legit_no_training_3__0", "B", [], [1, 2, 32]))
-
-    path = out / "convnet_train_legacy.onnx"
-    export_legacy_training(train(ConvNet()), path)
-    entries.append(entry("convnet_train_legacy", path, "legacy exporter with training=TrainingMode.TRAINING, "
-                         "example batch 2, dynamic batch: training_mode=1 BNs (defect by construction)", "B",
-                         [], [1, 2, 32]))
-
-    for batch in (1, 8):
-        path = out / f"convnet_fixed_b{batch}.onnx"
-        export_dynamo(net, path, batch, {}, optimize=False)
-        entries.append(entry(f"convnet_fixed_b{batch}", path, f"dynamo exporter (optimize=False), fixed batch "
-                             f"{batch} "
-                             "(no dynamic axes), Reshape from x.view(x.size(0), -1) bakes the batch in",
-                             batch, [], [batch]))
-
-    path = out / "convnet_dynamic_hw.onnx"
-    export_dynamo(net, path, 2, {0: "batch", 2: "height", 3: "width"}, optimize=False)
-    entries.append(entry("convnet_dynamic_hw", path, "dynamo exporter (optimize=False), dynamic batch, height "
-                         "and width",
-                         "B", ["--input-shape", f"x:3x{SIZE}x{SIZE}"], [1, 2, 32]))
-
-    torch.manual_seed(0)
-    hand = train(HandNormNet())
-    path = out / "handnorm_batch.onnx"
-    export_dynamo(hand, path, 2, {0: "batch"})
-    entries.append(entry("handnorm_batch", path, "hand-written gamma*(x-mean)/sqrt(var+eps)+beta, moments over "
-                         "dims (0,2,3) (batch statistics at inference: defect by construction), default "
-                         "exporter, dynamic batch", "B", [], [1, 2, 32]))
-
-    (out / "exports.json").write_text(json.dumps({"models": entries}, indent=1) + "\n")
+    sys.path.insert(0, str(HERE))
+    entries = importlib.import_module(f"exports_{args.framework}").export(out)
+    index = out / "exports.json"
+    known = json.loads(index.read_text())["models"] if index.exists() else []
+    new_ids = {e["id"] for e in entries}
+    merged = [e for e in known if e["id"] not in new_ids] + entries
+    index.write_text(json.dumps({"models": merged}, indent=1) + "\n")
     for e in entries:
-        print(f"{e['id']:22} {Path(e['path']).stat().st_size / 1e3:8.1f} kB  {e['path']}")
+        print(f"{e['id']:24} {Path(e['path']).stat().st_size / 1e3:8.1f} kB  {e['path']}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,393 @@
+"""Run bncheck on the real-world set and its broken twins, against plain inference, and write the table.
+
+Usage (with the Python of the venv that has bncheck installed; it needs onnx, numpy and h5py):
+    python benchmarks/real_models/fetch.py
+    /work/venvs/torch/bin/python benchmarks/real_models/make_exports.py torch    # optional, see README
+    python benchmarks/real_models/run.py [--repeats 1] [--only ID,...] [--bncheck PATH] [--no-readme]
+
+For every model of manifest.json, of ``.cache/exports/exports.json`` and for the broken twins that
+twins.py writes into ``.cache/twins/`` (train-mode and 0/1 statistics, for every model with a
+BatchNormalization), this runs as whole subprocesses:
+  - ``bncheck inspect --format json MODEL``;
+  - ``bncheck probe --format json [probe_args] MODEL`` (default batch sizes 1,2,32);
+  - plain inference in the same venv: onnxruntime session (default options) + one pass at each batch size
+    the model runs (1, 2, 32, or its static batch), or for Keras files ``keras.saving.load_model`` + one call
+    per batch size with the backend bncheck uses (KERAS_BACKEND, default numpy).
+Wall time is measured by this process around each child (start to exit, interpreter start-up included for
+both sides); peak RSS is VmHWM from /proc/self/status inside each child (bncheck runs under a small wrapper
+that reads it at exit; ru_maxrss would include this parent's pages inherited at fork). Plain and probe are
+interleaved ``--repeats`` times and medians are reported. Results go to ``.cache/results.json`` and, unless
+``--no-readme``, into benchmarks/README.md between the real-models markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import twins
+from fetch import DEFAULT_CACHE, load_manifest, model_path, sha256_of
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+START = "<!-- real-models-table:start -->"
+END = "<!-- real-models-table:end -->"
+TIMEOUT = 1800
+
+# Runs the bncheck console script in-process and writes the child's own peak RSS at exit.
+WRAPPER = r"""
+import atexit, os, sys
+def _peak():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                with open(os.environ["REAL_MODELS_RSS_FILE"], "w") as out:
+                    out.write(str(int(line.split()[1]) / 1024))
+atexit.register(_peak)
+from importlib.metadata import entry_points
+main = entry_points(group="console_scripts", name="bncheck")[0].load()
+sys.argv = ["bncheck", *sys.argv[1:]]
+main()
+"""
+
+PEAK = r"""
+def peak_mb():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+"""
+
+FEEDS = r"""
+import numpy as np
+def feeds(inputs, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in inputs:
+        shape = tuple(batch if d == "B" else d for d in spec["shape"])
+        dtype = np.dtype(spec["dtype"])
+        if "value" in spec:
+            out[spec["name"]] = np.full(shape, spec["value"], dtype)
+        elif dtype.kind in "iu":
+            out[spec["name"]] = rng.integers(spec.get("low", 0), spec.get("high", 2), shape).astype(dtype)
+        else:
+            out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+    return out
+"""
+
+PLAIN_ONNX = PEAK + FEEDS + r"""
+import json, sys
+import onnxruntime as ort
+spec = json.loads(sys.argv[2])
+sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+for b in spec["batch_sizes"]:
+    sess.run(None, feeds(spec["inputs"], b))
+print(json.dumps({"rss_mb": peak_mb()}))
+"""
+
+PLAIN_KERAS = PEAK + FEEDS + r"""
+import json, os, sys
+os.environ.setdefault("KERAS_BACKEND", "numpy")
+import keras
+spec = json.loads(sys.argv[2])
+model = keras.saving.load_model(sys.argv[1], compile=False)
+for b in spec["batch_sizes"]:
+    x = feeds(spec["inputs"], b)
+    model(list(x.values()) if len(x) > 1 else next(iter(x.values())), training=False)
+print(json.dumps({"rss_mb": peak_mb(), "backend": keras.backend.backend()}))
+"""
+
+
+def interpreter_of(script: Path) -> str:
+    """The Python of a console script (its shebang), so that plain inference runs in bncheck's own venv."""
+    first = script.read_text(errors="replace").splitlines()[0]
+    return first[2:].strip() if first.startswith("#!") else sys.executable
+
+
+def bncheck_revision(python: str) -> str:
+    """bncheck's version and the git commit of its source tree (an editable install follows a moving branch)."""
+    where = subprocess.run([python, "-c", "import bncheck, os; print(os.path.dirname(bncheck.__file__))"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(["git", "-C", where or ".", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", where or ".", "status", "--porcelain", "--", "."], capture_output=True,
+                           text=True, check=False).stdout.strip()
+    return f"{commit or 'unknown commit'}{' (modified)' if dirty else ''} at {where}"
+
+
+def collect_models(cache: Path, only: set[str] | None) -> list[dict]:
+    """Shipped models, exports and twins, each with path, kind (shipped/export/twin-*) and its parent."""
+    models = []
+    for entry in load_manifest():
+        path = model_path(cache, entry)
+        if not path.exists() or sha256_of(path) != entry["sha256"]:
+            sys.exit(f"{path}: missing or wrong sha256; run fetch.py first")
+        models.append({**entry, "path": str(path), "origin": "shipped"})
+    exports = cache / "exports" / "exports.json"
+    if exports.exists():
+        for entry in json.loads(exports.read_text())["models"]:
+            if Path(entry["path"]).exists():
+                models.append({**entry, "origin": "export"})
+    else:
+        print(f"note: {exports} not found; run make_exports.py for the export rows", file=sys.stderr)
+    out = cache / "twins"
+    out.mkdir(parents=True, exist_ok=True)
+    twin_rows = []
+    for parent in models:
+        src = Path(parent["path"])
+        if parent.get("expect"):
+            continue  # broken by construction already
+        base = {k: v for k, v in parent.items() if k not in ("id", "path", "sha256", "covers", "origin", "expect")}
+        if src.suffix == ".onnx" and twins.count_bn(src) > 0:
+            dest = out / f"{parent['id']}__trainmode.onnx"
+            twins.train_mode_twin(src, dest)
+            twin_rows.append({**base, "id": dest.stem, "path": str(dest), "origin": "twin-trainmode",
+                              "parent": parent["id"], "covers": "every BN in training mode (opset >= 14)"})
+            dest = out / f"{parent['id']}__stats01.onnx"
+            twins.stats01_twin(src, dest)
+            twin_rows.append({**base, "id": dest.stem, "path": str(dest), "origin": "twin-stats01",
+                              "parent": parent["id"], "covers": "running mean 0, variance 1 on every BN"})
+        elif src.suffix in (".h5", ".hdf5"):
+            dest = out / f"{parent['id']}__stats01{src.suffix}"
+            twins.keras_stats01_twin(src, dest)
+            twin_rows.append({**base, "id": dest.stem, "path": str(dest), "origin": "twin-stats01",
+                              "parent": parent["id"], "covers": "moving mean 0, variance 1 on every BN"})
+    models += twin_rows
+    return [m for m in models if not only or m["id"] in only or m.get("parent") in only]
+
+
+def _one_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_bncheck(bncheck: Path, args: list[str], measure_rss: bool) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".rss", delete=False) as tmp:
+        rss_file = tmp.name
+    env = {**os.environ, "REAL_MODELS_RSS_FILE": rss_file}
+    cmd = [interpreter_of(bncheck), "-c", WRAPPER, *args] if measure_rss else [str(bncheck), *args]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT, check=False)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired:
+        code, stdout, stderr = -9, "", f"timeout after {TIMEOUT} s"
+    wall = time.perf_counter() - t0
+    rss = None
+    try:
+        text = Path(rss_file).read_text()
+        rss = float(text) if text else None
+    finally:
+        os.unlink(rss_file)
+    doc = None
+    if stdout.strip():
+        try:
+            doc = json.loads(stdout)
+        except json.JSONDecodeError:
+            doc = None
+    return {"cmd": "bncheck " + " ".join(args), "exit": code, "wall": wall, "rss_mb": rss, "doc": doc,
+            "stderr": stderr.strip(), "stderr_line": _one_line(stderr), "traceback": "Traceback" in stderr}
+
+
+def run_plain(python: str, model: dict) -> dict:
+    code = PLAIN_KERAS if Path(model["path"]).suffix in (".h5", ".hdf5", ".keras") else PLAIN_ONNX
+    spec = json.dumps({"inputs": model["inputs"], "batch_sizes": model["batch_sizes"]})
+    t0 = time.perf_counter()
+    proc = subprocess.run([python, "-c", code, model["path"], spec], capture_output=True, text=True,
+                          timeout=TIMEOUT, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"exit": proc.returncode, "wall": wall, "rss_mb": None, "error": _one_line(proc.stderr)}
+    return {"exit": 0, "wall": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def findings_of(doc: dict | None) -> Counter[str]:
+    """Counts by code and severity initial, e.g. {'BN004 w': 7}."""
+    if not doc:
+        return Counter()
+    return Counter(f"{f['code']} {f['severity'][0]}" for f in doc.get("findings", []))
+
+
+def layer_kinds(doc: dict | None) -> Counter[str]:
+    return Counter(layer.get("kind", "?") for layer in (doc or {}).get("layers", []))
+
+
+def evaluate(model: dict, bncheck: Path, python: str, repeats: int) -> dict:
+    inspect = run_bncheck(bncheck, ["inspect", "--format", "json", model["path"]], measure_rss=False)
+    probe_args = ["probe", "--format", "json", *model.get("probe_args", []), model["path"]]
+    probes, plains = [], []
+    for _ in range(repeats):
+        plains.append(run_plain(python, model))
+        probes.append(run_bncheck(bncheck, probe_args, measure_rss=True))
+    probe = probes[-1]
+    ok_plain = [p for p in plains if p["exit"] == 0]
+    ok_probe = [p for p in probes if p["exit"] in (0, 1)]
+    result = {"id": model["id"], "origin": model["origin"], "parent": model.get("parent"), "expect": model.get("expect"),
+              "package": model["package"], "version": model["version"], "path": model["path"],
+              "covers": model["covers"], "inspect": {k: v for k, v in inspect.items() if k != "doc"},
+              "probe": {k: v for k, v in probe.items() if k != "doc"},
+              "plain": plains[-1], "inspect_doc": inspect["doc"], "probe_doc": probe["doc"],
+              "layers": dict(layer_kinds(inspect["doc"] or probe["doc"])),
+              "inspect_findings": dict(findings_of(inspect["doc"])),
+              "probe_findings": dict(findings_of(probe["doc"])),
+              "probe_notes": (probe["doc"] or {}).get("notes", []),
+              "probe_batch_sizes": ((probe["doc"] or {}).get("settings") or {}).get("batch_sizes")}
+    if ok_plain and ok_probe:
+        plain_wall = statistics.median(p["wall"] for p in ok_plain)
+        probe_wall = statistics.median(p["wall"] for p in ok_probe)
+        result["plain_wall"], result["probe_wall"] = plain_wall, probe_wall
+        result["time_ratio"] = probe_wall / plain_wall
+        rss_probe = [p["rss_mb"] for p in ok_probe if p["rss_mb"]]
+        rss_plain = [p["rss_mb"] for p in ok_plain if p.get("rss_mb")]
+        if rss_probe and rss_plain:
+            result["plain_rss"], result["probe_rss"] = statistics.median(rss_plain), statistics.median(rss_probe)
+            result["rss_ratio"] = result["probe_rss"] / result["plain_rss"]
+    return result
+
+
+def layers_with(doc: dict | None, code: str) -> set[str]:
+    return {f["layer"] for f in (doc or {}).get("findings", []) if f["code"] == code}
+
+
+def recall(results: list[dict]) -> list[str]:
+    lines = []
+    for origin, code in (("twin-trainmode", "BN002"), ("twin-stats01", "BN003")):
+        rows = [r for r in results if r["origin"] == origin]
+        if not rows:
+            continue
+        hit_probe = [r for r in rows if layers_with(r["probe_doc"], code)]
+        hit_inspect = [r for r in rows if layers_with(r["inspect_doc"], code)]
+        bn_total = sum(r["layers"].get("batch", 0) for r in rows)
+        bn_probe = sum(len(layers_with(r["probe_doc"], code)) for r in rows)
+        bn_inspect = sum(len(layers_with(r["inspect_doc"], code)) for r in rows)
+        missed = ", ".join(r["id"] for r in rows if r not in hit_probe) or "none"
+        lines.append(f"- {code} on {origin} twins: probe {len(hit_probe)}/{len(rows)} models "
+                     f"({bn_probe}/{bn_total} BN layers), inspect {len(hit_inspect)}/{len(rows)} models "
+                     f"({bn_inspect}/{bn_total} BN layers); probe missed: {missed}")
+    for r in results:
+        if r.get("expect"):
+            where = [step for step in ("inspect", "probe") if layers_with(r[f"{step}_doc"], r["expect"])]
+            lines.append(f"- {r['expect']} on `{r['id']}` (broken by construction): "
+                         + (f"found by {' and '.join(where)}" if where else "NOT found"))
+    return lines
+
+
+def _fmt_findings(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}x{v}" for k, v in sorted(counts.items())) or "-"
+
+
+def _fmt_notes(notes: list) -> str:
+    """First note of each level with the count of the others (a Keras 2 file gives one per layer)."""
+    by_level: dict[str, list[str]] = {}
+    for note in notes:
+        level, message = (note.get("level", "?"), note.get("message", "")) if isinstance(note, dict) else ("?", note)
+        by_level.setdefault(level, []).append(str(message))
+    parts = []
+    for level, messages in by_level.items():
+        more = f" (+{len(messages) - 1} more)" if len(messages) > 1 else ""
+        parts.append(f"{level}: {messages[0][:220]}{more}")
+    return "; ".join(parts)
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def markdown(results: list[dict], repeats: int, stamp: str, revision: str) -> str:
+    head = ("| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | "
+            "probe s / plain s | time ratio | peak RSS MB probe / plain | memory ratio |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    rows = []
+    for r in results:
+        kinds = " ".join(f"{k} {v}" for k, v in sorted(r["layers"].items())) or "0"
+        insp = f"{r['inspect']['exit']}: {_fmt_findings(r['inspect_findings'])}"
+        prob = f"{r['probe']['exit']}: {_fmt_findings(r['probe_findings'])}"
+        if r["probe"]["exit"] == 2 or r["probe"]["traceback"]:
+            prob += " (see failures)"
+        if r["plain"]["exit"] != 0:
+            secs = f"{r['probe']['wall']:.2f} / plain failed"
+        else:
+            secs = f"{r.get('probe_wall', r['probe']['wall']):.2f} / {r.get('plain_wall', r['plain']['wall']):.2f}"
+        rss = f"{r['probe_rss']:.0f} / {r['plain_rss']:.0f}" if r.get("rss_ratio") else "-"
+        source = r["package"] + ("" if r["origin"] == "export" else f" {r['version']}")
+        if r["origin"].startswith("twin"):
+            source = f"twin of {r['parent']}"
+        rows.append(f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {secs} | "
+                    f"{_fmt_ratio(r.get('time_ratio'))} | {rss} | {_fmt_ratio(r.get('rss_ratio'))} |")
+    ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode"]
+    summary = []
+    if ratios:
+        t = sorted(r["time_ratio"] for r in ratios)
+        m = sorted(r["rss_ratio"] for r in ratios if r.get("rss_ratio"))
+        summary.append(f"Time ratio over {len(t)} models (train-mode twins excluded): median {statistics.median(t):.2f}x, "
+                       f"max {t[-1]:.2f}x; memory ratio median {statistics.median(m):.2f}x, max {m[-1]:.2f}x.")
+    fails = []
+    for r in results:
+        for step in ("inspect", "probe"):
+            s = r[step]
+            if s["exit"] == 2 or s["exit"] < 0 or s["traceback"]:
+                fails.append(f"- `{r['id']}` {step} exit {s['exit']}: `{s['stderr_line'][:300]}`")
+        if r["plain"]["exit"] != 0:
+            fails.append(f"- `{r['id']}` plain inference exit {r['plain']['exit']}: `{r['plain'].get('error', '')[:300]}`")
+    notes = [f"- `{r['id']}`: {_fmt_notes(r['probe_notes'])}" for r in results if r["probe_notes"]]
+    text = [(f"Run {stamp}, bncheck {revision}, {repeats} repeat(s) per model, `bncheck probe` with default "
+            "batch sizes 1,2,32."),
+            "", head + "\n".join(rows), "", *summary, "", "Recall on broken twins:", "", *recall(results), "",
+            "Failures (exit 2, crashes, plain inference failures):", "", *(fails or ["- none"]), "",
+            "Probe notes:", "", *(notes or ["- none"])]
+    return "\n".join(text)
+
+
+def write_readme(block: str) -> None:
+    text = README.read_text()
+    new = f"{START}\n{block}\n{END}"
+    if START in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _m: new, text, flags=re.DOTALL)
+    else:
+        text = text.rstrip("\n") + "\n\n" + new + "\n"
+    README.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--bncheck", type=Path, default=Path(sys.executable).parent / "bncheck",
+                        help="the bncheck console script (default: beside this Python)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", help="comma-separated model ids (a shipped model's id includes its twins)")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    models = collect_models(args.cache, only)
+    python = interpreter_of(args.bncheck)
+    revision = bncheck_revision(python)
+    results = []
+    for model in models:
+        result = evaluate(model, args.bncheck, python, args.repeats)
+        results.append(result)
+        print(f"{model['id']:34} inspect {result['inspect']['exit']} {_fmt_findings(result['inspect_findings'])} | "
+              f"probe {result['probe']['exit']} {_fmt_findings(result['probe_findings'])} | "
+              f"time {_fmt_ratio(result.get('time_ratio'))} rss {_fmt_ratio(result.get('rss_ratio'))} "
+              f"{result['probe']['stderr_line'][:150] if result['probe']['exit'] == 2 else ''}", file=sys.stderr)
+    (args.cache / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    after = bncheck_revision(python)
+    if after != revision:
+        revision = f"{revision} (changed to {after} during the run: rerun for consistent rows)"
+    block = markdown(results, args.repeats, stamp, revision)
+    if not args.no_readme and not only:
+        write_readme(block)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
