@@ -318,30 +318,51 @@ def markdown(results: list[dict], repeats: int, stamp: str, revision: str) -> st
         else:
             secs = f"{r.get('probe_wall', r['probe']['wall']):.2f} / {r.get('plain_wall', r['plain']['wall']):.2f}"
         rss = f"{r['probe_rss']:.0f} / {r['plain_rss']:.0f}" if r.get("rss_ratio") else "-"
+        if not r["layers"]:
+            secs += " (no norm layer)"
         source = r["package"] + ("" if r["origin"] == "export" else f" {r['version']}")
         if r["origin"].startswith("twin"):
             source = f"twin of {r['parent']}"
         rows.append(f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {secs} | "
                     f"{_fmt_ratio(r.get('time_ratio'))} | {rss} | {_fmt_ratio(r.get('rss_ratio'))} |")
-    ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode"]
+    ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode" and not r.get("expect")]
     summary = []
     if ratios:
         t = sorted(r["time_ratio"] for r in ratios)
         m = sorted(r["rss_ratio"] for r in ratios if r.get("rss_ratio"))
-        summary.append(f"Time ratio over {len(t)} models (train-mode twins excluded): median {statistics.median(t):.2f}x, "
-                       f"max {t[-1]:.2f}x; memory ratio median {statistics.median(m):.2f}x, max {m[-1]:.2f}x.")
+        summary.append(f"Time ratio over the {len(t)} models in inference mode (train-mode models excluded): median {statistics.median(t):.2f}x, max {t[-1]:.2f}x; memory ratio median "
+                       f"{statistics.median(m):.2f}x, max {m[-1]:.2f}x.")
+        train = sorted(r["time_ratio"] for r in results if r.get("time_ratio") and
+                       (r["origin"] == "twin-trainmode" or r.get("expect")))
+        if train:
+            summary.append(f"Train-mode models ({len(train)}): time ratio median {statistics.median(train):.2f}x, "
+                           f"max {train[-1]:.2f}x.")
     fails = []
     for r in results:
         for step in ("inspect", "probe"):
             s = r[step]
-            if s["exit"] == 2 or s["exit"] < 0 or s["traceback"]:
+            if s["exit"] not in (0, 1) or s["traceback"] or (s["exit"] == 1 and r[f"{step}_doc"] is None):
                 fails.append(f"- `{r['id']}` {step} exit {s['exit']}: `{s['stderr_line'][:300]}`")
         if r["plain"]["exit"] != 0:
             fails.append(f"- `{r['id']}` plain inference exit {r['plain']['exit']}: `{r['plain'].get('error', '')[:300]}`")
     notes = [f"- `{r['id']}`: {_fmt_notes(r['probe_notes'])}" for r in results if r["probe_notes"]]
+    on_trained = []
+    for r in results:
+        if r["origin"].startswith("twin") or r.get("expect"):
+            continue
+        for step in ("inspect", "probe"):
+            groups: dict[tuple[str, str], list[dict]] = {}
+            for f in (r[f"{step}_doc"] or {}).get("findings", []):
+                groups.setdefault((f["code"], f["severity"]), []).append(f)
+            for (code, severity), found in sorted(groups.items()):
+                first = found[0]
+                on_trained.append(f"- `{r['id']}` {step}: {code} {severity} x{len(found)}, first on `{first['layer']}`: "
+                                  f"{first['message'][:260]}")
     text = [(f"Run {stamp}, bncheck {revision}, {repeats} repeat(s) per model, `bncheck probe` with default "
             "batch sizes 1,2,32."),
             "", head + "\n".join(rows), "", *summary, "", "Recall on broken twins:", "", *recall(results), "",
+            ("Findings on trained models (shipped and clean exports; each a false positive until numbers show a "
+            "defect):"), "", *(on_trained or ["- none"]), "",
             "Failures (exit 2, crashes, plain inference failures):", "", *(fails or ["- none"]), "",
             "Probe notes:", "", *(notes or ["- none"])]
     return "\n".join(text)
