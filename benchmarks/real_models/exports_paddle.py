@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import paddle
 import paddle2onnx
-
 from make_exports import entry
 
 SIZE = 64

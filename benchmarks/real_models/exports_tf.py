@@ -20,7 +20,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tf2onnx
-
 from make_exports import entry
 
 SIZE = 64

@@ -19,9 +19,8 @@ import itertools
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from make_exports import entry
+from torch import nn
 
 SIZE = 64  # input height and width
 
