@@ -12,6 +12,7 @@ import hashlib
 
 from bncheck.backends.base import Backend, BackendError, ProbeSettings
 from bncheck.backends.keras.archive import KerasFile, read
+from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import ModelInfo, ModelView, ProbeResult
 
 
@@ -53,3 +54,20 @@ class KerasBackend(Backend):
         from bncheck.backends.keras.probe import probe_keras
 
         return probe_keras(view, static, settings)
+
+    def check_fix(self, view: ModelView, request: FixRequest) -> None:
+        from bncheck.backends.keras.fix import check_keras_fix
+
+        check_keras_fix(view, self._static(view), request)
+
+    def fix(self, view: ModelView, request: FixRequest) -> FixOutcome:
+        """Needs keras (the optional extra): missing, a BackendError with the install hint (exit 2)."""
+        from bncheck.backends.keras.fix import fix_keras
+
+        return fix_keras(view, self._static(view), request)
+
+    @staticmethod
+    def _static(view: ModelView) -> KerasFile:
+        if not isinstance(view.handle, KerasFile):
+            raise BackendError(f"{view.info.path}: not loaded by the Keras backend")
+        return view.handle

@@ -63,7 +63,7 @@ def import_keras(path: str) -> Any:
     except ImportError as exc:
         missing = getattr(exc, "name", None) or ""
         if missing.split(".")[0] == "keras":
-            raise BackendError(f"{path}: probing a Keras model needs Keras: {INSTALL_HINT}") from None
+            raise BackendError(f"{path}: running a Keras model (probe, fix) needs Keras: {INSTALL_HINT}") from None
         backend = os.environ.get("KERAS_BACKEND", "")
         raise BackendError(
             f"{path}: keras cannot start with KERAS_BACKEND={backend!r} ({missing or exc} is not installed): "

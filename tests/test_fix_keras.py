@@ -1,0 +1,147 @@
+"""`bncheck fix` on Keras files: statistics from data, baked training=True calls turned into inference calls,
+the written file loaded back by real Keras with safe_mode=True; code-carrying files refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("KERAS_BACKEND", "numpy")  # before keras is imported; the test extra installs keras
+
+import keras
+
+from bncheck.backends import BackendError
+from bncheck.cli import main
+from bncheck.fixing import fix
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def load_safe(path: str):
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def bn_input_stats(model, layer: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of ``layer``'s input over ``x`` (inference mode), in float64."""
+    probe = keras.Model(model.inputs, model.get_layer(layer).input)
+    acts = np.asarray(probe(x, training=False), dtype=np.float64)
+    axes = tuple(range(acts.ndim - 1))
+    return acts.mean(axis=axes), acts.var(axis=axes)
+
+
+def training_flags(config: object) -> list[bool]:
+    """Every explicit ``training`` kwarg recorded in a Keras config."""
+    found: list[bool] = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "training" and isinstance(value, bool):
+                found.append(value)
+            else:
+                found += training_flags(value)
+    elif isinstance(config, list):
+        for value in config:
+            found += training_flags(value)
+    return found
+
+
+def test_keras_file_fixed_with_data_loads_with_safe_mode_and_holds_the_datas_statistics(tmp_path: Path) -> None:
+    calib = str(SAMPLES / "keras_calib.npy")
+    out = str(tmp_path / "fixed.keras")
+    report = fix(str(SAMPLES / "keras_brief_fit_drift.keras"), out, calib)
+    actions = {e.layer: e.action for e in report.fix.outcome.layers}
+    assert actions == {"bn_1": "recalibrated", "bn_2": "recalibrated"}
+    assert report.exit_code == 0 and report.fix.after is not None
+    assert [f for f in report.fix.after.findings if f.code == "BN003"] == []
+    fixed = load_safe(out)
+    x = np.load(calib)
+    for name in ("bn_1", "bn_2"):  # bn_2's statistics are those of its input with bn_1 already repaired
+        mean, var = bn_input_stats(fixed, name, x)
+        layer = fixed.get_layer(name)
+        np.testing.assert_allclose(np.asarray(layer.moving_mean), mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(layer.moving_variance), var, rtol=1e-4, atol=1e-5)
+    assert report.fix.outcome.layers[0].uncertainty.samples == 256
+
+
+def test_h5_file_fixed_with_data_loads_with_safe_mode(tmp_path: Path) -> None:
+    x = np.random.default_rng(5).normal(1.0, 2.0, (48, 8, 8, 3)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    out = str(tmp_path / "fixed.h5")
+    report = fix(str(SAMPLES / "keras_legacy_convnet.h5"), out, str(tmp_path / "calib.npy"), stats="data")
+    entries = {e.layer: e for e in report.fix.outcome.layers}
+    assert entries["head_bn"].action == "to-inference" and entries["head_bn"].source == "data"
+    assert h5py.is_hdf5(out)
+    fixed = load_safe(out)
+    assert training_flags(fixed.get_config()) == []
+    mean, var = bn_input_stats(fixed, "head_bn", x)
+    np.testing.assert_allclose(np.asarray(fixed.get_layer("head_bn").moving_mean), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fixed.get_layer("head_bn").moving_variance), var, rtol=1e-4, atol=1e-5)
+    assert report.exit_code == 0, [f.message for f in report.fix.remaining("error")]
+
+
+def test_baked_training_call_becomes_an_inference_call_without_data(tmp_path: Path) -> None:
+    src = str(SAMPLES / "keras_baked_training_1d.keras")
+    with zipfile.ZipFile(src) as archive:
+        assert True in training_flags(json.loads(archive.read("config.json")))
+    out = str(tmp_path / "fixed.keras")
+    result = CliRunner().invoke(main, ["fix", src, "-o", out, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [(e["layer"], e["action"], e["source"]) for e in doc["fix"]["layers"]] == [
+        ("logits_bn", "to-inference", "stored")]
+    with zipfile.ZipFile(out) as archive:
+        assert training_flags(json.loads(archive.read("config.json"))) == []
+    original, fixed = load_safe(src), load_safe(out)
+    x = np.random.default_rng(3).normal(size=(6, *original.input_shape[1:])).astype(np.float32)
+    for i in range(len(x)):  # batch 1: the fixed model as written = the original in inference mode
+        np.testing.assert_allclose(np.asarray(fixed(x[i:i + 1])), np.asarray(original(x[i:i + 1], training=False)),
+                                   rtol=1e-6, atol=1e-6)
+    assert doc["fix"]["reprobe"]["findings"] == []
+
+
+def test_stale_keras_statistics_without_data_are_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"bn_Conv1, .* need calibration data \(--data CALIB\)"):
+        fix(str(SAMPLES / "keras_mobilenetv2_untrained.keras"), str(tmp_path / "f.keras"), None)
+    assert not (tmp_path / "f.keras").exists()
+
+
+def test_keras_file_with_a_lambda_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran.txt"
+
+    def side_effect(t, path=str(marker)):
+        with open(path, "w") as f:
+            f.write("executed")
+        return t
+
+    inp = keras.Input((4,))
+    x = keras.layers.BatchNormalization(name="bn")(inp, training=True)
+    model = keras.Model(inp, keras.layers.Lambda(side_effect, name="writes_a_file")(x))
+    src = str(tmp_path / "lambda.keras")
+    model.save(src)
+    marker.unlink(missing_ok=True)
+    result = CliRunner().invoke(main, ["fix", src, "-o", str(tmp_path / "f.keras")])
+    assert result.exit_code == 2 and "writes_a_file" in result.stderr
+    assert not marker.exists() and not (tmp_path / "f.keras").exists()
+
+
+def test_fix_without_keras_is_exit_2_with_the_install_hint(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src = str(SAMPLES / "keras_baked_training_1d.keras")
+    code = (
+        "import sys; sys.modules['keras'] = None\n"  # keras not importable, as without the extra
+        "from bncheck.cli import main\n"
+        f"main(['fix', {src!r}, '-o', {str(tmp_path / 'f.keras')!r}])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "pip install 'bncheck[keras]'" in out.stderr
+    assert not (tmp_path / "f.keras").exists()
