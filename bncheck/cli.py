@@ -23,9 +23,9 @@ from bncheck.render.text import literal
 
 FORMAT_HELP = ("Report format on stdout: table (for people), json (the JSON document alone), sarif (SARIF 2.1.0, "
                "for code scanning), github (workflow annotations), html (a page with pictures; use -o).")
-OUTPUT_HELP = ("Also write the report to this file, replaced atomically: in the --format chosen; with table or "
-               "github, the extension may choose (.json, .sarif, .html; else JSON). Never a file the command "
-               "reads (exit 2).")
+OUTPUT_HELP = ("Also write the report to this file, replaced atomically: in the --format chosen (JSON for the "
+               "table); with table or github, a .json, .sarif or .html extension chooses instead. Never a file "
+               "the command reads (exit 2).")
 
 
 class BatchSizes(click.ParamType):
