@@ -145,3 +145,19 @@ def test_fix_without_keras_is_exit_2_with_the_install_hint(tmp_path: Path) -> No
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "pip install 'bncheck[keras]'" in out.stderr
     assert not (tmp_path / "f.keras").exists()
+
+
+def test_probing_as_written_leaves_the_loaded_moving_statistics_alone() -> None:
+    """Keras 3 updates a BatchNormalization's moving statistics in a training=True call: the as-written probe
+    style must not leave those updates behind for the predict style (or fix) to read."""
+    from bncheck.backends.keras import KerasBackend
+    from bncheck.backends.keras.probe import AS_WRITTEN, KerasRunner
+
+    path = str(SAMPLES / "keras_baked_training_1d.keras")
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    layer = runner.layers["logits_bn"]
+    before = np.array(layer.moving_mean)
+    x = np.random.default_rng(0).normal(size=(32, *runner.model.input_shape[1:])).astype(np.float32)
+    runner.run({view.inputs[0].name: x}, AS_WRITTEN)
+    np.testing.assert_array_equal(np.array(layer.moving_mean), before)

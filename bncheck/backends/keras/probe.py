@@ -228,7 +228,17 @@ class KerasRunner:
             # stderr, which the CLI keeps for one-line errors.
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = self.model(args) if style == AS_WRITTEN else self.model(args, training=False)
+                if style == AS_WRITTEN:
+                    # a baked training=True call updates the moving statistics in Keras 3: keep the loaded
+                    # ones, which every later run (the predict style, fix) must see as stored
+                    kept = [np.array(v) for v in self.model.non_trainable_variables]
+                    try:
+                        result = self.model(args)
+                    finally:
+                        for variable, value in zip(self.model.non_trainable_variables, kept):
+                            variable.assign(value)
+                else:
+                    result = self.model(args, training=False)
         except BackendError:
             raise
         except Exception as exc:
