@@ -277,6 +277,19 @@ def test_tf_keras_legacy_h5_layout_is_read_and_its_baked_flag_wins_in_every_call
     assert view.info.framework_version == "2.15.0" and view.handle.keras2
 
 
+def test_tf_keras_baked_layer_with_initial_statistics_is_stale_once_the_flag_is_removed(tmp_path):
+    from bncheck import engine
+
+    path = str(tmp_path / "tf_keras_fresh.h5")
+    _tf_keras_h5(path)
+    with h5py.File(path, "r+") as f:  # the moving statistics as Keras creates them: never updated
+        f["model_weights/bn/bn/moving_mean:0"][...] = 0.0
+        f["model_weights/bn/bn/moving_variance:0"][...] = 1.0
+    [finding] = [f for f in engine.inspect(path).findings if f.code == "BN003"]
+    assert finding.layer == "bn" and finding.evidence["used_by"] == ["model(x) once the baked training=True is removed"]
+    assert "UPDATE_OPS" not in finding.hint
+
+
 def test_lambda_layer_is_recorded_for_the_probe_to_refuse_while_inspect_still_reads_the_norm_layers(tmp_path):
     inp = keras.Input((4,))
     x = layers.BatchNormalization(name="bn")(inp)

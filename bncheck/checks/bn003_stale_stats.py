@@ -18,7 +18,7 @@ Why is this bad?
     thousands of steps), or were accumulated on other data, every activation is mis-scaled and shifted: the
     model works in training mode and fails in inference mode. A Keras layer called with a baked
     ``training=True`` is judged too: Keras 3's ``model.predict(x)`` overrides the flag and uses these
-    statistics. At the initial values the layer is not even the identity: it computes ``x / sqrt(1 + eps)``.
+    statistics (Keras 2, where the flag wins everywhere: they count once the flag is removed). At the initial values the layer is not even the identity: it computes ``x / sqrt(1 + eps)``.
 
 Example
     ``tf.contrib.layers.batch_norm(x, is_training=True)`` trained without running ``tf.GraphKeys.UPDATE_OPS``:

@@ -25,6 +25,8 @@ NORM_KINDS: dict[str, Kind] = {
 }
 #: Keras 3 call styles that use the moving statistics even where a baked training=True is in force.
 KERAS3_OVERRIDES = ("model.predict(x)", "model(x, training=False)")
+#: Keras 2 / tf_keras: the baked flag wins in every call style; the statistics count once it is removed.
+KERAS2_AFTER_FIX = ("model(x) once the baked training=True is removed",)
 MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
 #: Layers whose config carries code (Python bytecode, a wrapped module or a SavedModel): never run by bncheck.
 CODE_CLASSES = frozenset({"Lambda", "TorchModuleWrapper", "JaxLayer", "FlaxLayer", "TFSMLayer", "__lambda__"})
@@ -427,7 +429,7 @@ def _norm_layer(
         batch_statistics=batch_statistics,
         uses_running_stats=kind is Kind.BATCH and not batch_statistics,
         # Keras 3's predict() and training=False override a baked flag: the moving statistics still count
-        running_stats_used_by=KERAS3_OVERRIDES if batch_statistics and not ctx.keras2 else (),
+        running_stats_used_by=(KERAS2_AFTER_FIX if ctx.keras2 else KERAS3_OVERRIDES) if batch_statistics else (),
         centered=kind in (Kind.BATCH, Kind.LAYER, Kind.GROUP) and bool(cfg.get("center", True)),
         scale=params.get("gamma", params.get("scale")),
         bias=params.get("beta"),
