@@ -362,6 +362,53 @@ def normalized_set_size(layer: NormLayer, batch: int | None = None) -> tuple[int
     return product, tuple(symbolic)
 
 
+def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
+    """Elements in one normalized set of ``layer`` at the shapes a probe ran, from its measured counts.
+
+    A probe records ``count`` (elements per channel over the batch), the batch size and the channel count;
+    ``count / batch`` is the product of the other dims at run time. The static shape says which of those
+    are fixed, so the symbolic ones multiply to the rest. None when the axes or shape are unknown, or when
+    the layer's set takes some symbolic dims and not others (their sizes cannot be told apart).
+    """
+    stats = None if seen is None else (seen.input if seen.input is not None else seen.output)
+    if stats is None or layer.axes is None or layer.input_shape is None or stats.batch_size <= 0:
+        return None
+    shape, axes = layer.input_shape, set(layer.axes)
+    if any(axis >= len(shape) for axis in axes) or stats.count % stats.batch_size:
+        return None
+    channel_axis = None if layer.channel_axis is None else layer.channel_axis % len(shape)
+    others = [a for a in range(len(shape)) if a not in (layer.batch_axis, channel_axis)]
+    fixed = 1
+    free: list[int] = []
+    for axis in others:
+        dim = shape[axis]
+        if isinstance(dim, int) and dim >= 0:
+            fixed *= dim
+        else:
+            free.append(axis)
+    per_sample = stats.count // stats.batch_size
+    if fixed == 0 or per_sample % fixed:
+        return None
+    free_in = [a for a in free if a in axes]
+    if free_in and len(free_in) != len(free):
+        return None
+    size = per_sample // fixed if free_in else 1
+    for axis in axes:
+        dim = shape[axis]
+        if axis == layer.batch_axis:
+            size *= stats.batch_size
+        elif axis == channel_axis:
+            if layer.kind is Kind.GROUP:
+                if not layer.groups:
+                    return None
+                size *= max(stats.channels // layer.groups, 1)
+            else:
+                size *= stats.channels
+        elif isinstance(dim, int) and dim >= 0:
+            size *= dim
+    return size
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """What `bncheck probe` asks of a backend.

@@ -36,6 +36,21 @@ class ProbeDataError(DataError, ValueError):
     """Bad probe options or data; the message is one line for the user (exit 2)."""
 
 
+class MissingDimsError(ProbeDataError):
+    """An input has dims after the batch dim that neither the model nor ``--input-shape`` sizes.
+
+    ``missing`` lists (axis, dim) of the unsized dims; ``rest`` is the input's shape after the batch dim
+    (None when its rank is unknown). :func:`check_sizes` joins these for all inputs into one message.
+    """
+
+    def __init__(self, message: str, spec: InputSpec, missing: list[tuple[int, Dim]], rest: tuple[Dim, ...] | None):
+        super().__init__(message)
+        self.spec, self.missing, self.rest = spec, missing, rest
+
+#: the size the exit-2 message's --input-shape example gives each unsized dim
+EXAMPLE_DIM = 64
+
+
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     """``"1,2,32"`` -> ``(1, 2, 32)``: positive integers, duplicates dropped, order kept."""
     parts = [p.strip() for p in str(text).split(",")]
@@ -111,8 +126,9 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
     override = overrides.get(spec.name)
     if shape is None:
         if override is None:
-            raise ProbeDataError(
-                f"input {spec.name!r} has an unknown shape; give it with --input-shape {spec.name}:DIMxDIM..."
+            raise MissingDimsError(
+                f"input {spec.name!r} has an unknown shape; give it with --input-shape {spec.name}:DIMxDIM...",
+                spec, [], None,
             )
         return (batch, *override)
     if len(shape) == 0:
@@ -136,17 +152,47 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
                 f"not {override[axis - 1]}"
             )
         return (batch, *override)
-    dims: list[int] = [batch]
-    for i, dim in enumerate(rest, start=1):
-        if isinstance(dim, int):
-            dims.append(dim)
-        else:
-            label = f"symbolic dim {dim!r}" if isinstance(dim, str) else "an unknown dim"
-            raise ProbeDataError(
-                f"input {spec.name!r} has {label} at axis {i}; give it with --input-shape "
-                f"{spec.name}:{'x'.join(str(d) if isinstance(d, int) else 'DIM' for d in rest)}"
-            )
-    return tuple(dims)
+    missing: list[tuple[int, Dim]] = [(i, dim) for i, dim in enumerate(rest, start=1) if not isinstance(dim, int)]
+    if missing:
+        raise MissingDimsError(_missing_message([MissingDimsError("", spec, missing, rest)]), spec, missing, rest)
+    return (batch, *(int(d) for d in rest))  # type: ignore[arg-type]
+
+
+def check_sizes(inputs: list[InputSpec], overrides: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Fail before anything runs when some input dim has no size, with one message for all inputs."""
+    missing: list[MissingDimsError] = []
+    for spec in inputs:
+        first = spec.shape[0] if spec.shape else None
+        try:
+            resolve_shape(spec, first if isinstance(first, int) and first > 0 else 1, overrides)
+        except MissingDimsError as exc:
+            missing.append(exc)
+    if missing:
+        raise ProbeDataError(_missing_message(missing))
+
+
+def _missing_message(missing: list[MissingDimsError]) -> str:
+    """Every unsized dim named once (dims sharing a name are one dim), then one complete example."""
+    named: dict[str, list[str]] = {}
+    for exc in missing:
+        if exc.rest is None:
+            named.setdefault(f"the shape of input {exc.spec.name!r}", [])
+        for axis, dim in exc.missing:
+            # the Keras reader names a free dim <input>_dim<axis>: that name is not the model's
+            if isinstance(dim, str) and dim != f"{exc.spec.name}_dim{axis}":
+                named.setdefault(repr(dim), []).append(f"input {exc.spec.name!r} axis {axis}")
+            else:
+                named.setdefault(f"input {exc.spec.name!r} axis {axis} (unnamed)", [])
+    listing = ", ".join(f"{key} ({', '.join(where)})" if where else key for key, where in named.items())
+    example = " ".join(f"--input-shape {exc.spec.name}:{_example(exc.rest)}" for exc in missing)
+    return (f"no size for {listing}: give every input's dims after the batch dimension, e.g. {example} "
+            "(the sizes your model runs at), or probe with --data")
+
+
+def _example(rest: tuple[Dim, ...] | None) -> str:
+    if rest is None:
+        return "DIMxDIM..."
+    return "x".join(str(d) if isinstance(d, int) else str(EXAMPLE_DIM) for d in rest)
 
 
 def _numpy_dtype(spec: InputSpec) -> np.dtype:
@@ -164,6 +210,7 @@ def synthetic_inputs(
     int_high: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """``n`` seeded samples per input (first axis), drawn as the module docstring documents."""
+    check_sizes(inputs, overrides)
     rng = np.random.default_rng(seed)
     int_high = int_high or {}
     feeds: dict[str, np.ndarray] = {}

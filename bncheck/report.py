@@ -11,7 +11,7 @@ from typing import Any
 
 from bncheck.findings import Finding, Severity
 from bncheck.fix_result import FixResult
-from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size
+from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size, observed_set_size
 from bncheck.verdicts import is_affected, is_collapsed
 
 SCHEMA_VERSION = 1
@@ -109,10 +109,17 @@ def merge_findings(
     A probe run repeats the static findings (checks report them whenever they hold); those are dropped. A
     finding only a probe produced replaces a static one of the same code on the same layer (the check
     already folded the prediction into it), and one produced in several call styles is kept once, with
-    ``call_styles`` listing them in its evidence.
+    ``call_styles`` listing them in its evidence. A static finding marked ``replaced_by_probe`` (a prediction
+    about input sizes the model does not fix) is kept only when a probe run repeats it: the probe measured
+    the sizes that ran.
     """
     static = list(static)
+    per_probe = [(style, list(findings)) for style, findings in per_probe]
     static_keys = {(f.code, f.layer, f.message) for f in static}
+    repeated = {(f.code, f.layer, f.message) for _, findings in per_probe for f in findings}
+    if per_probe:
+        static = [f for f in static
+                  if not f.evidence.get("replaced_by_probe") or (f.code, f.layer, f.message) in repeated]
     dynamic: dict[tuple[str, str, str], Finding] = {}
     styles: dict[tuple[str, str, str], list[str]] = {}
     for call_style, findings in per_probe:
@@ -169,15 +176,26 @@ def unknown_layers(report: Report) -> int:
     return sum(1 for layer in report.layers if layer.unreadable)
 
 
-def set_sizes(layer: NormLayer, batch_sizes: Iterable[int]) -> dict[str, Any]:
-    """Elements per normalized set: statically (with the symbolic dims it depends on) and per batch size."""
+def set_sizes(layer: NormLayer, batch_sizes: Iterable[int], probes: Iterable[ProbeResult] = ()) -> dict[str, Any]:
+    """Elements per normalized set: statically (with the symbolic dims it depends on) and per batch size.
+
+    ``by_batch_size`` holds what a probe measured at the shapes it ran when there is a probe (``observed``
+    lists those batch sizes), else the static size when the shape fixes it (None when it does not)."""
     static, symbolic = normalized_set_size(layer)
+    probes = list(probes)
     by_batch: dict[str, int | None] = {}
+    observed: list[int] = []
     for batch in batch_sizes:
+        seen = next((n for p in probes if (n := observed_set_size(layer, p.at(batch, layer.name))) is not None),
+                    None)
+        if seen is not None:
+            by_batch[str(batch)] = seen
+            observed.append(batch)
+            continue
         size, left = normalized_set_size(layer, batch=batch)
         by_batch[str(batch)] = size if not left else None
     return {"static": static if not symbolic else None, "known_factor": static, "depends_on": list(symbolic),
-            "by_batch_size": by_batch}
+            "by_batch_size": by_batch, "observed": observed}
 
 
 def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:

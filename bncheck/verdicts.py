@@ -53,6 +53,13 @@ def collapse_condition(layer: NormLayer) -> dict[str, int] | None:
     return free if product == 1 else None
 
 
+def collapse_is_certain(condition: dict[str, int] | None) -> bool:
+    """The condition holds for every input size: at most the batch size enters it (a set over fixed dims,
+    after global pooling or on a 1-D head). A condition on another symbolic dim (a feature map's height)
+    holds only for inputs that small, which the model does not fix."""
+    return condition is not None and set(condition) <= {"batch_size"}
+
+
 def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndarray | None = None) -> bool:
     """Output constant per channel over batch and positions (or all zero) while the input is not; or, when
     the input has a single value per channel (batch 1 on 1x1 maps) so that "varies" cannot be judged within

@@ -4,9 +4,13 @@ What it does
     Statically, from the layer's normalization axes and the inferred input shape, it finds layers whose
     normalized set (the elements one mean and variance are computed over) has exactly one element for some
     legal input: a train-mode BatchNormalization on 1x1 feature maps at batch size 1, an InstanceNorm on 1x1
-    maps, a LayerNorm over an axis of size 1, a GroupNorm with one element per group. With `probe`, it also
-    reports the batch sizes at which a layer's output was observed constant over the batch and spatial
-    positions in every channel (or all zero) while its input was not.
+    maps, a LayerNorm over an axis of size 1, a GroupNorm with one element per group. Only a set that has one
+    element at batch size 1 whatever the input size (fixed dims: after global pooling, on a 1-D head) is an
+    error statically; one that also needs a symbolic dim (a feature map's height) to be 1 is an info naming
+    that condition, since the model runs at input sizes it does not fix. With `probe`, the observation at
+    the shapes that ran replaces the prediction: the batch sizes at which a layer's output was constant over
+    the batch and spatial positions in every channel (or all zero) while its input was not, or at which the
+    measured set had one element.
 
 Why is this bad?
     With one element, x - mean(x) = 0 and the normalized value is 0 whatever the input; the layer outputs its
@@ -26,12 +30,13 @@ Fix
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, shape_json
-from bncheck.model import ModelView, NormLayer, ProbeResult
-from bncheck.verdicts import collapse_condition, is_collapsed
+from bncheck.model import Dim, Kind, ModelView, NormLayer, ProbeResult, observed_set_size
+from bncheck.verdicts import collapse_condition, collapse_is_certain, is_collapsed
 
 CODE = "BN001"
 SLUG = "collapse"
@@ -46,49 +51,120 @@ HINT = (
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     for layer in view.layers:
         condition = collapse_condition(layer)
-        observed = _observed_batch_sizes(layer, probe)
-        if not observed and condition is None:
-            continue
+        sizes = _observed_sizes(layer, probe)
+        observed = _observed_batch_sizes(layer, probe, sizes)
         evidence: dict[str, object] = {
             "axes": list(layer.axes) if layer.axes is not None else None,
             "input_shape": shape_json(layer.input_shape),
             "predicted": condition is not None,
         }
+        if sizes:
+            evidence["observed_set_size"] = {str(b): n for b, n in sizes.items()}
         if condition is not None:
             evidence["condition"] = condition
-            evidence["normalized_set_size"] = 1
-        where = _where(condition)
         if observed:
             evidence["kind"] = "observed"
             evidence["batch_sizes"] = observed
-            sizes = ", ".join(str(b) for b in observed)
+            evidence["normalized_set_size"] = 1
+            listed = ", ".join(str(b) for b in observed)
             message = (
-                f"{describe(layer)} output is constant (its bias) at batch size {sizes} whatever the input: "
+                f"{describe(layer)} output is constant (its bias) at batch size {listed} whatever the input: "
                 "the normalized set has one element"
             )
-        else:
+            yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
+        elif condition is None:
+            continue
+        elif collapse_is_certain(condition):
+            if "batch_size" in condition and 1 in sizes:
+                continue  # probed at batch size 1 and not constant: the observation wins
             evidence["kind"] = "static"
+            evidence["normalized_set_size"] = 1
             message = (
-                f"{describe(layer)} normalizes over a set of one element {where}: its output is its bias "
-                "for every input"
+                f"{describe(layer)} normalizes over a set of one element {_where(condition)}: its output is its "
+                "bias for every input"
             )
-        yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
+            yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
+        elif not sizes:  # with a probe, the sizes that ran replace the prediction
+            evidence["kind"] = "conditional"
+            evidence["replaced_by_probe"] = True  # a probe measures the sizes that run instead
+            evidence["depends_on"] = [k for k in condition if k != "batch_size"]
+            yield Finding(CODE, SLUG, Severity.INFO, layer.name, _conditional(view, layer, condition), HINT, evidence)
 
 
-def _where(condition: dict[str, int] | None) -> str:
+def _where(condition: dict[str, int]) -> str:
     if not condition:
         return "for every input"
-    parts = [("batch size 1" if k == "batch_size" else f"{k} = 1") for k in condition]
-    return "at " + " and ".join(parts)
+    return "at batch size 1"
 
 
-def _observed_batch_sizes(layer: NormLayer, probe: ProbeResult | None) -> list[int]:
+def _conditional(view: ModelView, layer: NormLayer, condition: dict[str, int]) -> str:
+    """The condition in the model's own words: its dim names, or the axis when the name was invented."""
+    shape = layer.input_shape or ()
+    terms = []
+    for axis in layer.axes or ():
+        if layer.kind is Kind.GROUP and axis == layer.channel_axis:
+            continue
+        terms.append("batch" if axis == layer.batch_axis else _dim_label(shape[axis], axis))
+    dims = [_dim_label(shape[a], a) for a in layer.axes or () if isinstance(shape[a], str) and a != layer.batch_axis]
+    when = (["batch size 1"] if "batch_size" in condition else []) + [f"{d} = 1" for d in dims]
+    inputs = "; ".join(
+        f"{spec.name}: {' x '.join(_input_dim(d, i) for i, d in enumerate(spec.shape))}"
+        for spec in view.inputs
+        if spec.shape is not None and any(not isinstance(d, int) for d in spec.shape[1:])
+    )
+    inputs_text = f" (input {inputs})" if inputs else ""
+    return (
+        f"{describe(layer)} normalizes over {' x '.join(terms)} elements, whose size the model does not fix"
+        f"{inputs_text}: a set of one element only at {' and '.join(when)}; `bncheck probe` at the input sizes "
+        "you run measures it"
+    )
+
+
+#: dim names the tools invent for dims the file leaves unnamed (onnx shape inference's unk__N, the Keras
+#: reader's <layer>_dim<i>): not the model's own, so the message names the axis instead
+_INVENTED = re.compile(r"unk__\d+|.+_dim\d+")
+
+
+def _dim_label(dim: Dim, axis: int) -> str:
+    if isinstance(dim, int):
+        return str(dim)
+    if isinstance(dim, str) and not _INVENTED.fullmatch(dim):
+        return repr(dim)
+    return f"axis {axis}"
+
+
+def _input_dim(dim: Dim, axis: int) -> str:
+    if isinstance(dim, int):
+        return str(dim)
+    if isinstance(dim, str) and not _INVENTED.fullmatch(dim):
+        return dim
+    return "batch" if axis == 0 else "?"
+
+
+def _observed_sizes(layer: NormLayer, probe: ProbeResult | None) -> dict[int, int]:
+    """Batch size -> elements in one normalized set at the shapes the probe ran."""
+    if probe is None:
+        return {}
+    found = {}
+    for batch_size in probe.batch_sizes:
+        size = observed_set_size(layer, probe.at(batch_size, layer.name))
+        if size is not None:
+            found[batch_size] = size
+    return found
+
+
+def _observed_batch_sizes(layer: NormLayer, probe: ProbeResult | None, sizes: dict[int, int]) -> list[int]:
+    """Batch sizes at which the output was seen constant, or the measured set had one element in a layer
+    that centres on its own statistics (x - mean(x) = 0 exactly, whatever the input)."""
     if probe is None:
         return []
-    sizes = []
+    one_element = layer.computes_statistics and layer.centered and layer.kind is not Kind.UNIT
+    found = []
     for batch_size in probe.batch_sizes:
         seen = probe.at(batch_size, layer.name)
         bias = layer.bias if layer.computes_statistics else None
-        if seen is not None and is_collapsed(seen.input, seen.output, bias):
-            sizes.append(batch_size)
-    return sizes
+        if seen is None:
+            continue
+        if is_collapsed(seen.input, seen.output, bias) or (one_element and sizes.get(batch_size) == 1):
+            found.append(batch_size)
+    return found

@@ -155,7 +155,7 @@ def _layers(report: Report) -> str:
 def _cell(probes: Iterable[ProbeResult], layer: NormLayer, batch: int) -> str:
     for probe in probes:
         if batch in probe.batch_sizes and probe.at(batch, layer.name) is not None:
-            size = set_sizes(layer, [batch])["by_batch_size"].get(str(batch))
+            size = set_sizes(layer, [batch], [probe])["by_batch_size"].get(str(batch))
             return f"n={size if size is not None else '?'} {probe_cell(probe, layer, batch)}"
     return "-"
 
@@ -225,7 +225,7 @@ def _set_size_plot(layers: Sequence[NormLayer], probe: ProbeResult, style: str) 
     for batch in probe.batch_sizes:
         xs, ys, collapsed = [], [], []
         for i, layer in enumerate(layers):
-            size = set_sizes(layer, [batch])["by_batch_size"].get(str(batch))
+            size = set_sizes(layer, [batch], [probe])["by_batch_size"].get(str(batch))
             if size is None:
                 continue
             xs.append(i)

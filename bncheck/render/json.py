@@ -15,7 +15,7 @@ import numpy as np
 from bncheck import __version__
 from bncheck.findings import Finding, number, shape_json
 from bncheck.fix_result import FixResult, LayerFix
-from bncheck.model import NormLayer, OutputComparison, ProbeResult, TensorStats, summarize
+from bncheck.model import NormLayer, OutputComparison, ProbeResult, TensorStats, observed_set_size, summarize
 from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes, unknown_layers
 from bncheck.verdicts import dependence_verdict
 
@@ -147,7 +147,7 @@ def _layer(report: Report, layer: NormLayer, batch_sizes: list[int]) -> dict[str
         "batch_statistics": layer.batch_statistics,
         "uses_running_stats": layer.uses_running_stats,
         "input_shape": shape_json(layer.input_shape),
-        "normalized_set_size": set_sizes(layer, batch_sizes),
+        "normalized_set_size": set_sizes(layer, batch_sizes, report.probes),
         "scale": jsonable(summarize(layer.scale)),
         "bias": jsonable(summarize(layer.bias)),
         "running_mean": jsonable(summarize(layer.mean)),
@@ -190,6 +190,7 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
                 continue
             entry["by_batch_size"][str(batch_size)] = {
                 "status": probe_cell(probe, layer, batch_size),
+                "normalized_set_size": observed_set_size(layer, seen),
                 "source": seen.source,
                 "runtime_deviation": number(seen.runtime_deviation),
                 "input": _stats(seen.input),

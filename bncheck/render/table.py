@@ -162,7 +162,7 @@ def _layer_grid(report: Report) -> _Grid:
         if not batch_sizes:
             cells |= {"stats": _stats(layer), "set": _set(layer)}
             words |= {"mean / var", "set"}
-        sizes = set_sizes(layer, batch_sizes)["by_batch_size"]
+        sizes = set_sizes(layer, batch_sizes, report.probes)["by_batch_size"]
         for batch_size in batch_sizes:
             seen = {probe_cell(p, layer, batch_size) for p in report.probes}
             cell = "constant" if "constant" in seen else "nan/inf" if "nan/inf" in seen else seen.pop()

@@ -24,7 +24,7 @@ from bncheck.backends.onnx.instrument import (
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.errors import one_line
 from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
-from bncheck.probe_data import ProbeDataError, resolve_shape
+from bncheck.probe_data import ProbeDataError, check_sizes
 from bncheck.probe_plan import Observed, Runner, drifting_layers, first_samples, merge_stats, run_plan, tensor_stats
 
 if TYPE_CHECKING:
@@ -416,9 +416,7 @@ def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
                 f"--input-shape {name}: the model has no input of that name (inputs: {', '.join(sorted(names))})"
             )
     if settings.data is None:
-        for spec in view.inputs:
-            fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else 1
-            resolve_shape(spec, fixed, settings.input_shapes)
+        check_sizes(view.inputs, settings.input_shapes)
 
 
 def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = True) -> ProbeResult:

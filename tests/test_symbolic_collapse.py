@@ -1,0 +1,123 @@
+"""Collapse (BN001) with symbolic spatial dims: a verdict about the shapes that really run.
+
+`inspect` reports at most an info naming the condition in the model's own dim names, unless the set is one
+element at batch 1 for every input size (after global pooling); `probe` replaces the prediction with what
+it measured and shows n= (the normalized set's size) per layer and batch size; a missing --input-shape is
+one exit-2 line naming every unsized dim once with one complete example.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.cli import main
+from tests.builders import bn_model
+
+
+def _conv_bn_head(path: Path) -> str:
+    """x[N, 3, H, W] -> Conv -> train-mode BN -> GlobalAveragePool -> train-mode BN (a 1x1 head)."""
+    rng = np.random.default_rng(0)
+
+    def init(name: str, value) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+    inits = [init("w", rng.normal(size=(8, 3, 3, 3)))]
+    for p in ("conv_bn", "head_bn"):
+        inits += [init(f"{p}.weight", np.ones(8)), init(f"{p}.bias", np.full(8, 0.1)),
+                  init(f"{p}.running_mean", np.full(8, 0.2)), init(f"{p}.running_var", np.full(8, 1.5))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "conv_bn.weight", "conv_bn.bias", "conv_bn.running_mean",
+                                                "conv_bn.running_var"], ["y", "rm", "rv"], name="conv_bn",
+                         training_mode=1),
+        helper.make_node("GlobalAveragePool", ["y"], ["g"], name="gap"),
+        helper.make_node("BatchNormalization", ["g", "head_bn.weight", "head_bn.bias", "head_bn.running_mean",
+                                                "head_bn.running_var"], ["z", "rm2", "rv2"], name="head_bn",
+                         training_mode=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8, 1, 1])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _json(args: list[str], code: int) -> dict:
+    result = CliRunner().invoke(main, [*args, "--format", "json", "--select", "BN001"])
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+def test_inspect_gives_an_info_in_the_models_dim_names_when_the_set_needs_symbolic_dims_of_1(tmp_path):
+    doc = _json(["inspect", bn_model(tmp_path / "m.onnx", hw=("H", "W"), training=True)], 0)
+    [finding] = doc["findings"]
+    assert (finding["code"], finding["severity"], finding["evidence"]["kind"]) == ("BN001", "info", "conditional")
+    assert "batch size 1 and 'H' = 1 and 'W' = 1" in finding["message"]
+    assert "unk__" not in finding["message"]
+
+
+def test_inspect_keeps_the_error_for_a_set_of_one_at_batch_1_whatever_the_input_size(tmp_path):
+    doc = _json(["inspect", _conv_bn_head(tmp_path / "m.onnx")], 1)
+    by_layer = {f["layer"]: f for f in doc["findings"]}
+    assert (by_layer["head_bn"]["severity"], by_layer["head_bn"]["evidence"]["kind"]) == ("error", "static")
+    # the conv BN's output dims are onnx's unk__N: the message names the axes and the input's own dims
+    conv = by_layer["conv_bn"]
+    assert conv["severity"] == "info"
+    assert "axis 2 = 1 and axis 3 = 1" in conv["message"] and "x: N x 3 x H x W" in conv["message"]
+
+
+def test_probe_replaces_the_prediction_with_the_observation_and_shows_n(tmp_path):
+    path = _conv_bn_head(tmp_path / "m.onnx")
+    doc = _json(["probe", path, "--input-shape", "x:3x20x16", "--batch-sizes", "1,2"], 1)
+    assert [(f["layer"], f["severity"], f["evidence"]["kind"]) for f in doc["findings"]] == [
+        ("head_bn", "error", "observed"),
+    ]
+    sizes = {layer["name"]: layer["normalized_set_size"]["by_batch_size"] for layer in doc["layers"]}
+    assert sizes == {"conv_bn": {"1": 320, "2": 640}, "head_bn": {"1": 1, "2": 2}}
+    runs = doc["probe"]["runs"][0]["layers"]
+    assert {b: e["normalized_set_size"] for b, e in runs["conv_bn"]["by_batch_size"].items()} == {"1": 320, "2": 640}
+    table = CliRunner().invoke(main, ["probe", path, "--input-shape", "x:3x20x16", "--batch-sizes", "1,2"],
+                               env={"COLUMNS": "120"})
+    assert "n=320 ok" in table.stdout and "n=1 constant" in table.stdout
+
+
+def test_probe_with_data_takes_the_unsized_dims_from_its_shape(tmp_path):
+    path = bn_model(tmp_path / "m.onnx", hw=("H", "W"), training=True)
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(1).normal(size=(4, 3, 5, 7)).astype(np.float32))
+    doc = _json(["probe", path, "--data", str(data), "--batch-sizes", "1,2"], 0)
+    assert doc["findings"] == []
+    assert doc["layers"][0]["normalized_set_size"]["by_batch_size"] == {"1": 35, "2": 70}
+
+
+def test_missing_input_shape_names_every_unsized_dim_once_with_one_complete_example(tmp_path):
+    inits = [numpy_helper.from_array(np.ones(3, np.float32), n) for n in ("s", "b", "m", "v")]
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn"),
+         helper.make_node("Add", ["y", "x2"], ["z"], name="add")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+         helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 3, "H", None])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3, "H", "W"])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    path = tmp_path / "two.onnx"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["probe", str(path)])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.count("'H'") == 1 and line.count("'W'") == 1 and "input 'x2' axis 3 (unnamed)" in line
+    assert "--input-shape x:3x64x64 --input-shape x2:3x64x64" in line
+    example = line.split("e.g. ")[1].split(" (")[0].split()
+    rerun = CliRunner().invoke(main, ["probe", str(path), *example, "--batch-sizes", "1,2"])
+    assert rerun.exit_code == 0, rerun.output
