@@ -127,7 +127,7 @@ def test_a_fixed_batch_that_cannot_be_relaxed_is_tested_inside_the_batch(tmp_pat
     code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
     run = _run(doc)
     assert code == 1 and run["batch_sizes"] == [8] and run["requested_batch_sizes"] == [1, 2, 32]
-    assert "cannot be relaxed (no output has the batch size 8 as its first dim)" in run["batch_handling"]
+    assert "cannot be relaxed (no output has a dim of the batch size 8)" in run["batch_handling"]
     assert "batch size(s) 1,2,32 not run: the model's batch dimension is fixed to 8" in run["notes"]
     dependence = run["layers"]["bn"]["batch_dependence"]
     assert dependence["verdict"] == "culprit" and dependence["batch_sizes"] == [8]
@@ -312,3 +312,18 @@ def test_a_layer_no_probe_measured_is_not_measured_with_its_reason_never_ok(tmp_
     assert doc["probe"]["runs"][0]["layers"]["ln"]["batch_dependence"]["verdict"] == "unknown"
     table = render_table.render(report, width=120)
     assert "not measured" in table.split("\n")[3] and "ln: not measured (its tensors are elsewhere)" in table
+
+
+def test_a_fixed_batch_relaxes_when_the_output_carries_the_batch_on_another_axis(tmp_path):
+    """A CTC head puts the batch on axis 1 ([T, N, C], here T = 1): that output follows the fed batch there."""
+    path = _convnet(tmp_path / "m.onnx", 1)
+    model = onnx.load(path)
+    model.graph.node.append(helper.make_node("Unsqueeze", ["y", "axes0"], ["ctc"], name="to_tnc"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "axes0"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("ctc", F32, [1, 1, 5]))
+    onnx.save(model, path)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1, 2, 32], run["batch_handling"]
+    assert run["batch_handling"].startswith("fixed to 1 in the file; relaxed to symbolic, validated")
