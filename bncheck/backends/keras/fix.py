@@ -138,7 +138,7 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
                 results[i] = LayerFix(layer.name, "not-fixed", "baked training=True: BN002 not selected by --only",
                                       TRAIN_MODE, old=old)
                 continue
-            base = "baked training=True call turned into an inference call"
+            base = "baked training=True removed (an inference call)"
             if problem is None and (request.stats == "stored" or (request.stats == "auto" and request.data is None)):
                 results[i] = LayerFix(layer.name, "to-inference", f"{base} with its stored moving statistics "
                                       "(sound: not 0/1, finite, variance >= 0)", TRAIN_MODE, source="stored", old=old)

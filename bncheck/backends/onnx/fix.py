@@ -197,12 +197,13 @@ def _prepare(view: ModelView, request: FixRequest) -> _Plan:
                 stored.append(layer)
         else:
             pending.append(planned)
+    shown = view.info.path  # the path as the user gave it
     if refused:
-        raise BackendError(f"{src}: --stats stored keeps the file's statistics, but they cannot serve in "
+        raise BackendError(f"{shown}: --stats stored keeps the file's statistics, but they cannot serve in "
                            f"{listing(refused)}: use --stats auto with --data CALIB to recompute them")
     needs_data = [p.layer.name for p in pending if not (p.what == "stale" and not p.defaults)]
     if data is None and needs_data and not request.dry_run:
-        raise BackendError(f"{src}: {listing(needs_data)} need calibration data (--data CALIB): their stored "
+        raise BackendError(f"{shown}: {listing(needs_data)} need calibration data (--data CALIB): their stored "
                            "statistics are stale (never updated, non-finite or negative) or absent; layers "
                            "with sound statistics need none (or pass --only to skip these)")
     samples = int(next(iter(data.values())).shape[0]) if data else 0
@@ -360,17 +361,15 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
                                 "(re-export the model in inference mode instead)", TRAIN_MODE, old=old)
         problem = verdicts.stored_stats_problem(layer)
         if problem is None and (request.stats == "stored" or (request.stats == "auto" and request.data is None)):
-            return LayerFix(name, "to-inference", "train-mode BatchNormalization turned into an inference node "
-                            "with its stored running statistics (sound: not 0/1, finite, variance >= 0)",
+            return LayerFix(name, "to-inference", "switched to inference with its stored running statistics "
+                            "(sound: not 0/1, finite, variance >= 0)",
                             TRAIN_MODE, source="stored", old=old)
         if problem is not None and request.stats == "stored":
             return _Refused(problem)
         if problem is None and request.stats == "auto":
-            return _Pending(i, layer, "train", TRAIN_MODE, "train-mode BatchNormalization turned into an "
-                            "inference node", prefer_stored=True)
+            return _Pending(i, layer, "train", TRAIN_MODE, "switched to inference", prefer_stored=True)
         why = f"stored statistics unusable: {problem}" if problem else "--stats data"
-        return _Pending(i, layer, "train", TRAIN_MODE, "train-mode BatchNormalization turned into an inference "
-                        f"node with statistics from the data ({why})")
+        return _Pending(i, layer, "train", TRAIN_MODE, f"switched to inference with statistics from the data ({why})")
     if not layer.uses_running_stats:
         return LayerFix(name, "unchanged", "does not use running statistics")
     if layer.mean is None or layer.var is None:
