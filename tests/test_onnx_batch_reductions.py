@@ -225,3 +225,39 @@ def test_probe_reports_the_reduction_once_where_static_and_located_findings_meet
     report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), samples=2))
     [finding] = [f for f in report.findings if f.code == "BN002"]
     assert finding.layer == "batch_stat" and finding.evidence["axes"] == [0]
+
+
+def test_e_x2_minus_e_x_squared_from_reducesumsquare_with_gamma_in_the_inverse_is_a_batch_layer(tmp_path):
+    g = _Graph()
+    count = _count(g, [0])
+    g.op("ReduceSum", ["x", g.const("axes", np.array([0], np.int64))], "sum", keepdims=1)
+    g.op("Div", ["sum", count], "mean")
+    g.op("ReduceSumSquare", ["x"], "sumsq", axes=[0], keepdims=1)
+    g.op("Div", ["sumsq", count], "meansq")
+    g.op("Mul", ["mean", "mean"], "mean2")
+    g.op("Sub", ["meansq", "mean2"], "var")
+    g.op("Add", ["var", g.const("eps", np.float32(1e-3))], "var_eps")
+    g.op("Pow", ["var_eps", g.const("minus_half", np.float32(-0.5))], "inv")
+    g.op("Mul", ["inv", g.const("gamma", GAMMA)], "k")
+    g.op("Sub", ["x", "mean"], "dev")
+    g.op("Mul", ["dev", "k"], "normed")
+    g.op("Add", ["normed", g.const("beta", BETA)], "y")
+    path = g.save(tmp_path / "esq.onnx", ["N", 3], ["N", 3], opset=13)
+    [layer] = OnnxBackend().load(path).layers
+    assert layer.kind is Kind.BATCH and layer.batch_statistics and layer.axes == (0,)
+    assert abs(layer.epsilon - 1e-3) < 1e-9
+    np.testing.assert_array_equal(layer.scale, GAMMA)
+    np.testing.assert_array_equal(layer.bias, BETA)
+
+
+def test_rms_over_the_batch_axis_is_batch_statistics(tmp_path):
+    g = _Graph()
+    g.op("Mul", ["x", "x"], "sq")
+    g.op("ReduceMean", ["sq"], "meansq", axes=[0], keepdims=1)
+    g.op("Add", ["meansq", g.const("eps", np.float32(1e-6))], "meansq_eps")
+    g.op("Sqrt", ["meansq_eps"], "rms")
+    g.op("Div", ["x", "rms"], "y")
+    path = g.save(tmp_path / "rms.onnx", ["N", 3], ["N", 3], opset=13)
+    [layer] = OnnxBackend().load(path).layers
+    assert layer.kind is Kind.RMS and layer.batch_statistics and not layer.centered
+    assert [(f.code, f.layer) for f in _findings(path)] == [("BN002", layer.name)]

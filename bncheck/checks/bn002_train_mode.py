@@ -53,7 +53,8 @@ HINT = (
 )
 #: Keras files: the flag is in the saved call; Keras 3's predict() already overrides it.
 HINT_KERAS = (
-    "Call the layer without training=True and save the model again; meanwhile Keras 3's model.predict(x) and "
+    "Call the layer without training=True and save the model again (`bncheck fix MODEL --data CALIB -o FIXED` "
+    "removes the flag and recomputes the moving statistics); meanwhile Keras 3's model.predict(x) and "
     "model(x, training=False) use the moving statistics (check them: BN003, `bncheck probe --data`)."
 )
 HINT_MOMENTS = (

@@ -65,11 +65,11 @@ HINT_DRIFT = (
     "Recompute the moving statistics on representative data (`bncheck fix MODEL --data CALIB -o FIXED`), or "
     "train longer / with a smaller momentum decay so the averages converge."
 )
-#: Keras has no update ops to forget (fit updates the averages); the statistics are recomputed in Keras itself.
+#: Keras has no update ops to forget (fit updates the averages): recompute the statistics, by bncheck or in Keras.
 HINT_KERAS = (
-    "Recompute the moving statistics in Keras: run model(x, training=True) over representative batches with "
-    "each BatchNormalization's momentum lowered (0.0 for one large batch, or enough batches for the default "
-    "0.99 to converge: a few hundred), then save the model."
+    "Recompute the moving statistics: `bncheck fix MODEL --data CALIB -o FIXED`, or in Keras run "
+    "model(x, training=True) over representative batches with each BatchNormalization's momentum lowered (0.0 "
+    "for one large batch, or enough batches for the default 0.99 to converge: a few hundred), then save."
 )
 
 
