@@ -300,6 +300,10 @@ class ProbeResult:
     # the model's outputs, solo against in a batch: output name -> batch size -> comparison (empty when
     # not tested); ``located``: where an unexplained dependence starts
     output_dependence: dict[str, dict[int, OutputComparison]] = field(default_factory=dict)
+    # when a sample's outputs differ between alone and in a batch: the largest change (output sd) of the
+    # same sample at the same row of a batch of the same size whose companions are copies of it (None: not
+    # run). Only batch composition differs, so batch-invariant models give exactly 0 (same kernels).
+    companion_change: float | None = None
     located: LocatedDependence | None = None
     # with --data and drifting statistics: the outputs with recomputed statistics against the stored ones
     recalibration: Recalibration | None = None

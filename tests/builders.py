@@ -151,3 +151,32 @@ def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return _save(model, path)
+
+
+def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, offset: float = 100.0) -> str:
+    """x[N, P, F] -> + offset -> mean and mean of squares over P by ReduceSum -> variance as E[h^2] - E[h]^2
+    (as jax2tf writes LayerNorm) -> y = (E[h] - offset) / sqrt(variance), [N, F]. Batch-invariant, but
+    onnxruntime's ReduceSum adds in another order at batch 1 than at batch 32, and the cancellation amplifies
+    that rounding: a sample alone and in a batch differ measurably (magika v3.3 does the same)."""
+    inits = [numpy_helper.from_array(np.array(offset, np.float32), "offset"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1.0 / positions, np.float32), "inv_count")]
+    nodes = [
+        helper.make_node("Add", ["x", "offset"], ["h"], name="shift"),
+        helper.make_node("ReduceSum", ["h", "axes"], ["s1"], name="sum", keepdims=0),
+        helper.make_node("Mul", ["s1", "inv_count"], ["m"], name="mean"),
+        helper.make_node("Mul", ["h", "h"], ["h2"], name="square"),
+        helper.make_node("ReduceSum", ["h2", "axes"], ["s2"], name="sum_sq", keepdims=0),
+        helper.make_node("Mul", ["s2", "inv_count"], ["m2"], name="mean_sq"),
+        helper.make_node("Mul", ["m", "m"], ["mm"], name="mean_squared"),
+        helper.make_node("Sub", ["m2", "mm"], ["v"], name="variance"),
+        helper.make_node("Sqrt", ["v"], ["sd"], name="std"),
+        helper.make_node("Sub", ["m", "offset"], ["c"], name="center"),
+        helper.make_node("Div", ["c", "sd"], ["y"], name="normalize"),
+    ]
+    graph = helper.make_graph(nodes, "cancellation",
+                              [helper.make_tensor_value_info("x", F32, ["N", positions, features])],
+                              [helper.make_tensor_value_info("y", F32, ["N", features])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return _save(model, path)

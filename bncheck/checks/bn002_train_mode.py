@@ -70,7 +70,7 @@ HINT_REDUCTION = (
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
-    depend = outputs_depend(probe.output_dependence) if probe is not None else None
+    depend = outputs_depend(probe.output_dependence, probe.companion_change) if probe is not None else None
     effect = batch_effect(probe.output_dependence) if depend and probe is not None else None
     for op in view.batch_ops:
         yield _reduction_finding(op, effect)

@@ -6,7 +6,8 @@ import pytest
 
 from bncheck import engine
 from bncheck.backends import ProbeSettings
-from tests.builders import batch_centering_model, bn_model, layernorm_model, moments_model
+from bncheck.verdicts import COMPANION_TOLERANCE, OUTPUT_DEPENDENCE_TOLERANCE
+from tests.builders import batch_centering_model, bn_model, cancellation_model, layernorm_model, moments_model
 
 
 def test_training_mode_bn_is_an_error(tmp_path, inspect_findings):
@@ -57,6 +58,7 @@ def test_batch_centering_without_a_norm_op_is_located_at_the_reduce_mean(tmp_pat
     assert finding.evidence["tensor"] == "m" and finding.evidence["tensor_change"] > 0.1
     assert finding.evidence["located_runs"] <= 2 * 4  # bisection over 5 nodes: at most 4 steps of 2 runs
     assert "ReduceMean over axes [0]" in finding.message
+    assert report.probes[0].companion_change > COMPANION_TOLERANCE
     outputs = finding.evidence["output_effect"]["outputs"]["logits"]
     assert outputs["8"]["shift_sd"] > 0.1 and outputs["8"]["samples"] == 8
     assert outputs["8"]["top1_agreement"] < 1.0
@@ -69,8 +71,8 @@ def test_clean_model_outputs_do_not_move_with_the_batch(tmp_path):
     per_size = probe.output_dependence["y"]
     assert sorted(per_size) == [2, 8]
     assert all(c.shift < 1e-6 and c.samples == 4 for c in per_size.values())
-    assert probe.located is None
-    assert not any("more sample(s) run alone" in note for note in probe.notes)  # no extra runs when clean
+    assert probe.located is None and probe.companion_change is None  # no extra run when clean
+    assert not any("more sample(s) run alone" in note for note in probe.notes)
 
 
 def test_train_mode_finding_carries_the_effect_on_the_outputs(tmp_path):
@@ -84,3 +86,14 @@ def test_train_mode_finding_carries_the_effect_on_the_outputs(tmp_path):
     assert 0.05 < by_size["2"]["shift_sd"] < 5 and by_size["2"]["samples"] == 4
     assert by_size["8"]["top1_agreement"] is None  # rank 4: not class scores
     assert effect["summary"].startswith("y move ")
+
+
+def test_float32_rounding_between_batch_sizes_is_not_a_batch_dependence(tmp_path):
+    # ReduceSum adds in another order at batch 1 than in a batch, and E[h^2] - E[h]^2 amplifies it
+    report = engine.probe(cancellation_model(tmp_path / "m.onnx"), ProbeSettings())
+    [probe] = report.probes
+    worst = max(c.max_shift for c in probe.output_dependence["y"].values())
+    assert worst > OUTPUT_DEPENDENCE_TOLERANCE  # alone vs in a batch: the outputs do differ
+    assert probe.companion_change == 0.0  # same size, other companions: bit-identical
+    assert [f for f in report.findings if f.code == "BN002"] == [] and probe.located is None
+    assert any("not a batch dependence" in note for note in probe.notes)

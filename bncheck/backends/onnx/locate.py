@@ -6,7 +6,11 @@ batch" (live: produced at or before node i, read after it or a graph output). It
 batch-dependent node whose dependence reaches the outputs and true from that node on, so the smallest cut
 where it holds is right after that node: its inputs (live across the previous cut, or graph inputs and
 weights) do not depend on the batch, one of its outputs does. Each step builds a session whose outputs are
-that cut's tensors and runs the sample alone and in its batch: about 2 log2(nodes) runs.
+that cut's tensors and runs two batches of the same size that hold the sample at the same row, one with
+other samples and one with copies of it as companions: about 2 log2(nodes) runs. Same size and row means
+same kernels, so a tensor that does not depend on the companions is bit-identical in both (comparing the
+sample alone with the sample in a batch would mistake the rounding of batch-size-dependent kernels,
+amplified by cancellations such as E[x^2] - E[x]^2, for a dependence).
 """
 
 from __future__ import annotations
@@ -18,34 +22,30 @@ import numpy as np
 
 from bncheck.backends.onnx.instrument import stub
 from bncheck.model import LocatedDependence
-from bncheck.probe_plan import output_scale, sample_shifts
+from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.load import OnnxHandle
     from bncheck.backends.onnx.probe_copy import ProbeCopy
 
 
-def tensor_change(solo: np.ndarray, batch: np.ndarray, row: int) -> float | None:
-    """How much a tensor of the sample alone differs from the same tensor in its batch, in the tensor's
-    standard deviations (rms over elements); None when the two cannot be compared (not floating point, or
-    shapes that differ other than in the batch dimension).
+def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float | None:
+    """How much a tensor differs between two runs of the same batch size ``batch`` that hold the same sample
+    at ``row`` with other companions, in the tensor's standard deviations (rms over elements); None when
+    the two cannot be compared (not floating point, or shapes that differ).
 
-    A tensor with a row per sample compares the sample's row; one whose shape does not follow the batch (a
-    reduction over the batch axis) is compared whole."""
-    if solo.dtype.kind != "f" or batch.dtype.kind != "f":
+    A tensor with a row per sample compares that row (unit: the spread across ``a``'s rows); one whose shape
+    does not follow the batch (a reduction over the batch axis) is compared whole (unit: its spread)."""
+    if a.dtype.kind != "f" or b.dtype.kind != "f" or a.shape != b.shape:
         return None
-    if solo.ndim and batch.ndim and solo.shape[0] == 1 and batch.shape[0] > row and solo.shape[1:] == batch.shape[1:] \
-            and batch.shape[0] != 1:
-        scale = output_scale(batch)
-        return float(sample_shifts(solo[:1], batch[row:row + 1], scale)[0])
-    if solo.shape == batch.shape:
-        flat = np.asarray(solo, np.float64).reshape(1, -1)
-        other = np.asarray(batch, np.float64).reshape(1, -1)
-        finite = flat[np.isfinite(flat)]
-        spread = float(np.std(finite)) if finite.size else 0.0
-        rms = float(np.sqrt(np.mean(finite * finite))) if finite.size else 0.0
-        return float(sample_shifts(flat, other, max(spread, 1e-4 * rms) + 1e-30)[0])
-    return None
+    if a.ndim and a.shape[0] == batch and batch > 1:
+        return float(sample_shifts(a[row:row + 1], b[row:row + 1], output_scale(a))[0])
+    flat = np.asarray(a, np.float64).reshape(1, -1)
+    other = np.asarray(b, np.float64).reshape(1, -1)
+    finite = flat[np.isfinite(flat)]
+    spread = float(np.std(finite)) if finite.size else 0.0
+    rms = float(np.sqrt(np.mean(finite * finite))) if finite.size else 0.0
+    return float(sample_shifts(flat, other, max(spread, SCALE_FLOOR * rms) + 1e-30)[0])
 
 
 def _axes(node: Any, constants: dict[str, np.ndarray]) -> tuple[int, ...] | None:
@@ -77,7 +77,7 @@ def _constants(graph: Any) -> dict[str, np.ndarray]:
 
 
 def locate_dependence(
-    handle: OnnxHandle, tmp: str, solo: dict[str, np.ndarray], batch: dict[str, np.ndarray], row: int,
+    handle: OnnxHandle, tmp: str, batch: dict[str, np.ndarray], copies: dict[str, np.ndarray], row: int,
     base: ProbeCopy | None = None,
 ) -> LocatedDependence | None:
     """The first node whose output depends on the batch (see the module docstring), or None. ``base``: the
@@ -86,14 +86,15 @@ def locate_dependence(
     from onnx import helper
 
     from bncheck.backends.onnx.run import _options
-    from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE
+    from bncheck.verdicts import COMPANION_TOLERANCE
 
     if base is None:
         model, folder = stub(handle, tmp)
     else:
         model, folder = type(base.model)(), base.folder
         model.CopyFrom(base.model)
-        solo, batch = {**solo, **base.fixed_feeds}, {**batch, **base.fixed_feeds}
+        batch, copies = {**batch, **base.fixed_feeds}, {**copies, **base.fixed_feeds}
+    size = int(np.shape(next(iter(batch.values())))[0]) if batch else 0
     graph = model.graph
     nodes = list(graph.node)
     if not nodes:
@@ -118,13 +119,13 @@ def locate_dependence(
             graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
             so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            alone = session.run(names, solo)
-            together = session.run(names, batch)
+            first = session.run(names, batch)
+            second = session.run(names, copies)
             runs += 2
-            for name, a, b in zip(names, alone, together):
-                change = tensor_change(np.asarray(a), np.asarray(b), row)
+            for name, a, b in zip(names, first, second):
+                change = tensor_change(np.asarray(a), np.asarray(b), row, size)
                 changes[name] = -1.0 if change is None else change
-        return any(changes[t] > OUTPUT_DEPENDENCE_TOLERANCE for t in live(cut))
+        return any(changes[t] > COMPANION_TOLERANCE for t in live(cut))
 
     lo, hi = 0, len(nodes) - 1
     if not dependent(hi):
@@ -138,7 +139,7 @@ def locate_dependence(
     node = nodes[lo]
     moved = [(changes.get(t, -1.0), t) for t in node.output if t]
     change, tensor = max(moved)
-    if not change > OUTPUT_DEPENDENCE_TOLERANCE:
+    if not change > COMPANION_TOLERANCE:
         return None
     return LocatedDependence(
         node=node.name or node.output[0],

@@ -448,10 +448,10 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         _trim()
         return engine.observe
 
-    def locate(solo: dict[str, np.ndarray], batch: dict[str, np.ndarray], row: int):
+    def locate(batch: dict[str, np.ndarray], copies: dict[str, np.ndarray], row: int):
         from bncheck.backends.onnx.locate import locate_dependence
 
-        return locate_dependence(handle, engines[0].tmp, solo, batch, row, base=copy)
+        return locate_dependence(handle, engines[0].tmp, batch, copies, row, base=copy)
 
     try:
         try:
