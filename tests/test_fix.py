@@ -596,15 +596,15 @@ def test_exit_0_when_the_written_model_is_clean_and_1_with_exit_non_zero_on_fix(
 
 
 def test_exit_1_when_findings_remain_in_the_written_model_and_the_report_says_which(tmp_path: Path) -> None:
-    """A negative running variance (BN005) is not something fix repairs: the written model keeps it."""
+    """A NaN scale (BN005) is not something fix repairs: the written model keeps it."""
     model = convnet(training=True)
-    bn2 = next(n for n in model.graph.node if n.name == "bn2")  # inference again, with a negative variance
+    bn2 = next(n for n in model.graph.node if n.name == "bn2")  # inference again, with a NaN gamma
     del bn2.output[1:]
     next(a for a in bn2.attribute if a.name == "training_mode").i = 0
     for t in model.graph.initializer:
-        if t.name == "bn2.var":
+        if t.name == "bn2.scale":
             values = numpy_helper.to_array(t).copy()
-            values[3] = -0.25
+            values[3] = np.nan
             t.CopyFrom(numpy_helper.from_array(values, t.name))
     src = save(model, tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["fix", src, "-o", str(tmp_path / "f.onnx"), "--format", "json"])
@@ -614,7 +614,22 @@ def test_exit_1_when_findings_remain_in_the_written_model_and_the_report_says_wh
     assert {(f["code"], f["layer"]) for f in doc["fix"]["remaining"]} == {("BN005", "bn2")}
     assert {e["layer"]: e["action"] for e in doc["fix"]["layers"]}["bn1"] == "to-inference"
     table = CliRunner().invoke(main, ["fix", src, "-o", str(tmp_path / "g.onnx")])
-    assert "Remaining in" in table.stdout and "negative running variance" in table.stdout
+    assert "Remaining in" in table.stdout and "BN005 non-finite bn2" in table.stdout
+
+
+def test_negative_running_variance_is_recomputed_from_data_and_refused_without(tmp_path: Path, calib: str) -> None:
+    model = convnet()
+    for t in model.graph.initializer:
+        if t.name == "bn2.var":
+            values = numpy_helper.to_array(t).copy()
+            values[3] = -0.25
+            t.CopyFrom(numpy_helper.from_array(values, t.name))
+    src = save(model, tmp_path / "m.onnx")
+    with pytest.raises(BackendError, match=r"bn2 need calibration data"):
+        fix(src, str(tmp_path / "a.onnx"), None)
+    report = fix(src, str(tmp_path / "b.onnx"), calib)
+    assert actions(report)["bn2"] == "recalibrated" and "negative running variance" in entry_of(report, "bn2").reason
+    assert report.exit_code == 0, [f.message for f in report.fix.remaining("error")]
 
 
 def test_probe_refuses_to_write_its_report_over_the_model(tmp_path: Path) -> None:

@@ -578,6 +578,8 @@ class KerasFile:
     notes: list[Note] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     baked_layers: list[str] = field(default_factory=list)  # layers (any kind) called with training=True
+    # the probe's loaded model (a KerasRunner), kept so that `fix` runs the same model instead of loading it again
+    runner: Any = field(default=None, repr=False, compare=False)
 
     @property
     def keras2(self) -> bool:

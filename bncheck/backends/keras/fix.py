@@ -65,7 +65,9 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
     fixed = len(fixed_dims) == 1
     batch = int(fixed_dims.pop()) if fixed else request.batch_size
     padded = (-samples) % batch if fixed and samples else 0
-    runner = KerasRunner(view, static)  # refuses unsafe files again, imports keras, loads with safe_mode=True
+    # the model the probe of the original loaded (its as-written calls restore the moving statistics), else
+    # a fresh load: refuses unsafe files again, imports keras, loads with safe_mode=True
+    runner = static.runner if static.runner is not None else KerasRunner(view, static)
     passes = 0
     if data is None:
         for p in pending:

@@ -270,7 +270,8 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
     refuse_unsafe(static)
     from bncheck.probe_plan import drifting_layers, run_plan
 
-    runner = KerasRunner(view, static)
+    runner = static.runner if static.runner is not None else KerasRunner(view, static)
+    static.runner = runner  # fix, after probing the original, runs this same loaded model
     bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
     results = []
     for style in call_styles(static):

@@ -376,16 +376,19 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
         return LayerFix(name, "not-fixed" if STALE in repair else "unchanged", "running statistics are not "
                         "constants of the file (fed or computed at run time): not recomputed", None)
     defaults = verdicts.has_default_stats(layer)
+    # never updated, non-finite or a negative variance: unusable, recomputed from the data like defaults
+    problem = verdicts.stored_stats_problem(layer)
     if STALE not in repair:
-        if defaults:
-            return LayerFix(name, "not-fixed", "running statistics never updated: BN003 not selected by --only",
-                            STALE, old=old)
+        if problem:
+            return LayerFix(name, "not-fixed", f"{problem}: BN003 not selected by --only", STALE, old=old)
         return LayerFix(name, "unchanged", "stale-statistics repair (BN003) not selected by --only", old=old)
-    if defaults and request.stats == "stored":
-        return _Refused("running mean exactly 0 and variance exactly 1 (never updated)")
+    if problem and request.stats == "stored":
+        return _Refused(problem)
     if defaults:
         return _Pending(i, layer, "stale", STALE, f"running mean exactly 0 and variance exactly 1 in all "
                         f"{layer.mean.size} channels (never updated): recomputed from the data", defaults=True)
+    if problem:
+        return _Pending(i, layer, "stale", STALE, f"{problem}: recomputed from the data", defaults=True)
     if request.stats == "stored":
         return LayerFix(name, "unchanged", "--stats stored: running statistics kept as stored", old=old)
     return _Pending(i, layer, "stale", STALE, "running statistics compared with the data")
