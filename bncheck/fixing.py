@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
-from bncheck.errors import BncheckError, ErrorKind
+from bncheck.errors import BncheckError, ErrorKind, UsageError
 from bncheck.fix_result import MIN_SAMPLES, FixRequest, FixResult
 from bncheck.model import ModelView
 from bncheck.outputs import refuse_overwrite
@@ -40,6 +40,8 @@ def fix(
     """Repair ``path`` into ``output`` (statistics stored where sound, else from ``data_path``); return the
     report (command "fix"). Refusals raise a BncheckError before anything is written."""
     repair = _repair_codes(only)
+    if stats == "data" and data_path is None and not dry_run:
+        raise UsageError("--stats data recomputes the statistics from calibration data: pass --data CALIB")
     reads = [("model", path), ("--data file", data_path)]
     if not dry_run:
         refuse_overwrite(output, "the fixed model", reads)

@@ -506,6 +506,7 @@ def test_cli_fix_json_and_exit_codes(stale_model: str, calib: str, tmp_path: Pat
         (["--data", "FEW", "-o", "OUT"], "at least 8 needed"),
         (["--data", "CALIB"], "-o FIXED"),
         (["--data", "CALIB", "-o", "OUT", "--only", "BN004"], "BN002/train-mode and BN003/stale-stats"),
+        (["-o", "OUT", "--stats", "data"], "--stats data recomputes the statistics from calibration data"),
     ],
 )
 def test_cli_refusals_exit_2_with_one_line(stale_model: str, calib: str, tmp_path: Path, extra: list[str],
