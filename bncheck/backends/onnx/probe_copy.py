@@ -358,8 +358,8 @@ def _relax(
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
             copy.notes.append(
-                f"the batch dimension is fixed to 1 and relaxing it failed ({why}): batch dependence cannot be "
-                "tested; re-export with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
+                f"relaxing the fixed batch dimension of 1 failed ({why}); to test batch dependence, re-export "
+                "with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
                 f"{{{batched[0]!r}: {{0: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
                 "batch in the input signature)"
             )
