@@ -163,7 +163,8 @@ def inspect(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str 
               help="Probe batch sizes, comma-separated.  [default: 1,2,32]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
 @click.option("--input-shape", "input_shapes", type=InputShape(), multiple=True,
-              help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224.")
+              help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224; "
+                   "with --data, its shape gives them.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Calibration data: .npy (single-input models) or .npz keyed by input name.")
 @click.option("--samples", type=click.IntRange(1, 64), default=4, show_default=True,
