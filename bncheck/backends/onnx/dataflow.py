@@ -294,16 +294,20 @@ def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]
         for i in nodes:
             in_layer[i] = held_by
     dependent: set[str] = set()
+    valued = set(g.graph_inputs)  # tensors that depend on an input's values, not only on its shape
     found: list[BatchOp] = []
     for idx, node in enumerate(g.nodes):
         fed = any(t in dependent for t in node.input if t)
         layer = in_layer.get(idx)
         source = layer is not None and layer.batch_statistics
-        if not fed and layer is None and node.op_type in REDUCE_OPS and node.domain in ONNX_DOMAINS:
+        data = node.op_type not in ("Shape", "Size") and any(t in valued for t in node.input if t)
+        if not fed and layer is None and data and node.op_type in REDUCE_OPS and node.domain in ONNX_DOMAINS:
             op = _batch_reduction(g, idx)
             if op is not None:
                 found.append(op)
                 source = True
+        if data:
+            valued.update(o for o in node.output if o)
         if (fed or source) and node.op_type not in ("Shape", "Size"):
             dependent.update(o for o in node.output if o)
     return found
@@ -313,7 +317,7 @@ def _batch_reduction(g: GraphIndex, idx: int) -> BatchOp | None:
     node = g.nodes[idx]
     axes = _reduce_axes(g, idx)
     x = node_input(node, 0)
-    if not isinstance(axes, tuple) or 0 not in axes or not _axis0_is_batch(g, x) or not _data_dependent(g, x):
+    if not isinstance(axes, tuple) or 0 not in axes or not _axis0_is_batch(g, x):
         return None
     return BatchOp(
         name=g.node_name(idx),
@@ -341,21 +345,3 @@ def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
         elsewhere = {d for s in inputs if s for d in s[1:] if isinstance(d, str)}
         return not (dim in elsewhere and dim not in leading)
     return True
-
-
-def _data_dependent(g: GraphIndex, tensor: str) -> bool:
-    """``tensor`` depends on a graph input's values (not only on constants or on shapes)."""
-    seen: set[str] = set()
-    stack = [tensor]
-    while stack:
-        t = stack.pop()
-        if t in seen or not t:
-            continue
-        seen.add(t)
-        if t in g.graph_input_set:
-            return True
-        idx = g.producer.get(t)
-        if idx is None or g.op(idx) in ("Shape", "Size", "Constant"):
-            continue
-        stack.extend(g.nodes[idx].input)
-    return False
