@@ -463,9 +463,9 @@ def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
         mask = 0
         for name in _node_reads(node):
             mask |= upstream.get(name, 0)
-        k = owner.get(index.node_name(idx))
-        if k is not None:
-            mask |= 1 << k
+        own = owner.get(index.node_name(idx))
+        if own is not None:
+            mask |= 1 << own
         for out in node.output:
             if out:
                 upstream[out] = mask
@@ -702,7 +702,7 @@ class _Fixer:
             if not drifts and before is None:
                 return LayerFix(layer.name, "unchanged", f"running statistics agree with the data ({now}; "
                                 f"thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)", old=old, evidence=evidence)
-            if drifts:
+            if drifts or before is None:
                 reason = f"running statistics drift from the data ({now}): recomputed from the data"
             else:
                 was = _drift_text(before)
