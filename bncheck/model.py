@@ -375,7 +375,12 @@ def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
     the layer's set takes some symbolic dims and not others (their sizes cannot be told apart).
     """
     stats = None if seen is None else (seen.input if seen.input is not None else seen.output)
-    if stats is None or layer.axes is None or layer.input_shape is None or stats.batch_size <= 0:
+    if stats is None or stats.batch_size <= 0:
+        return None
+    if layer.kind is Kind.BATCH and layer.axes is None and layer.channel_axis is not None \
+            and layer.extra.get("spatial", 1) != 0:
+        return stats.count  # every axis but the channel's, whatever the rank: the count per channel
+    if layer.axes is None or layer.input_shape is None:
         return None
     shape, axes = layer.input_shape, set(layer.axes)
     if any(axis >= len(shape) for axis in axes) or stats.count % stats.batch_size:

@@ -121,3 +121,31 @@ def test_missing_input_shape_names_every_unsized_dim_once_with_one_complete_exam
     example = line.split("e.g. ")[1].split(" (")[0].split()
     rerun = CliRunner().invoke(main, ["probe", str(path), *example, "--batch-sizes", "1,2"])
     assert rerun.exit_code == 0, rerun.output
+
+
+def _seen(batch: int, channels: int, per_sample: int):
+    from bncheck.model import LayerProbe, TensorStats
+
+    zeros = np.zeros((batch, channels))
+    stats = TensorStats(batch, batch * per_sample, zeros, zeros, np.zeros(channels), np.zeros(channels),
+                        np.zeros(channels, np.int64), np.zeros(channels, np.int64))
+    return LayerProbe("l", batch, stats, None)
+
+
+def test_observed_set_size_follows_the_layers_axes_at_the_measured_counts():
+    from bncheck.model import Kind, NormLayer, observed_set_size
+
+    def layer(kind, axes, shape, channel_axis=1, **kw):
+        return NormLayer("l", kind, "Op", ("l",), "x", "y", axes=axes, input_shape=shape, channel_axis=channel_axis,
+                         **kw)
+
+    # batch norm over N, H, W with symbolic H, W: 2 samples of 5x7 maps
+    assert observed_set_size(layer(Kind.BATCH, (0, 2, 3), ("N", 3, "H", "W")), _seen(2, 3, 35)) == 70
+    # instance norm: per sample, over H, W
+    assert observed_set_size(layer(Kind.INSTANCE, (2, 3), ("N", 3, "H", 7)), _seen(2, 3, 35)) == 35
+    # layer norm over the last (channel) axis of [N, T, D]: T is symbolic and not in the set
+    assert observed_set_size(layer(Kind.LAYER, (2,), ("N", "T", 16), channel_axis=2), _seen(2, 16, 9)) == 16
+    # batch norm of unknown rank: every axis but the channel's, the count per channel
+    assert observed_set_size(layer(Kind.BATCH, None, None), _seen(2, 3, 40)) == 80
+    # a set over H but not W, both symbolic: their sizes cannot be told apart
+    assert observed_set_size(layer(Kind.MOMENTS, (2,), ("N", 3, "H", "W")), _seen(2, 3, 35)) is None

@@ -167,8 +167,10 @@ def _layer_grid(report: Report) -> _Grid:
             seen = {probe_cell(p, layer, batch_size) for p in report.probes}
             cell = "constant" if "constant" in seen else "nan/inf" if "nan/inf" in seen else seen.pop()
             size = sizes.get(str(batch_size))
-            cells[f"b={batch_size}"] = cell if size is None else f"n={size} {cell}"
-            words |= {"constant"} & {cell} | ({"n="} if size is not None else set())
+            probed = any(p.at(batch_size, layer.name) is not None for p in report.probes)
+            n = size if size is not None else "?" if probed else None  # ?: measured, its axes unknown
+            cells[f"b={batch_size}"] = cell if n is None else f"n={n} {cell}"
+            words |= {"constant"} & {cell} | ({"n="} if n is not None else set())
         words |= {w for w in ("batch!", "affected", "unknown") if w in (cells["mode"], status)}
         for key, value in cells.items():
             by_key[key].cells.append(value if isinstance(value, Text) else Text(literal(value)))
