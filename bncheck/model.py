@@ -273,6 +273,7 @@ class LocatedDependence:
     axes: tuple[int, ...] | None  # the op's reduction axes, when it has any
     change: float  # the tensor's largest per-sample change, in its standard deviations
     runs: int  # extra runs the search made
+    batch_size: int | None = None  # the size of the batch the sample was compared in (the smallest that moves it)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,13 @@ def test_batch_centering_without_a_norm_op_is_located_at_the_reduce_mean(tmp_pat
     assert outputs["8"]["top1_agreement"] < 1.0
 
 
+def test_localisation_runs_in_the_smallest_batch_that_moves_the_outputs(tmp_path):
+    report = engine.probe(batch_centering_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 8, 2)))
+    [probe] = report.probes
+    assert probe.located is not None and probe.located.node == "batch_mean"
+    assert probe.located.batch_size == 2  # not 8: the batch-2 run already shows the dependence
+
+
 def test_clean_model_outputs_do_not_move_with_the_batch(tmp_path):
     report = engine.probe(bn_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
     [probe] = report.probes

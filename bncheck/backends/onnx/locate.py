@@ -88,6 +88,7 @@ def locate_dependence(
     from bncheck.backends.onnx.run import _options
     from bncheck.verdicts import COMPANION_TOLERANCE
 
+    batch_size = next((int(np.shape(a)[0]) for a in batch.values() if np.ndim(a)), None)
     if base is None:
         model, folder = stub(handle, tmp)
     else:
@@ -148,4 +149,5 @@ def locate_dependence(
         axes=_axes(node, _constants(graph)),
         change=change if math.isfinite(change) else math.inf,
         runs=runs,
+        batch_size=batch_size,
     )
