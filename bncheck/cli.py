@@ -169,15 +169,20 @@ def inspect(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str 
               help="Calibration data: .npy (single-input models) or .npz keyed by input name.")
 @click.option("--samples", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Samples whose batch dependence is tested.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"]), default="cpu",
+              show_default=True,
+              help="onnxruntime execution provider for ONNX models (auto: the best this onnxruntime has; "
+                   "nodes a GPU provider cannot run fall back to the CPU).")
 def probe(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str | None, select: tuple[str, ...],
           ignore: tuple[str, ...], jobs: int, config_path: str | None, baseline: str | None,
           write_baseline: str | None, debug: bool, batch_sizes: tuple[int, ...] | None, seed: int,
-          input_shapes: tuple[tuple[str, tuple[int, ...]], ...], data: str | None, samples: int) -> None:
+          input_shapes: tuple[tuple[str, tuple[int, ...]], ...], data: str | None, samples: int,
+          provider: str) -> None:
     """Run probe batches through each MODEL and report collapse, batch dependence, drift and NaN/Inf per layer."""
     from bncheck.jobs import Options
 
     options = Options(command="probe", select=select, ignore=ignore, fail_on=fail_on, batch_sizes=batch_sizes,
-                      seed=seed, samples=samples, input_shapes=input_shapes, data=data)
+                      seed=seed, samples=samples, input_shapes=input_shapes, data=data, provider=provider)
     _run_models(models, options, fmt, output, debug, jobs, config_path, baseline, write_baseline,
                 inputs=[("--data file", data)])
 

@@ -28,6 +28,7 @@ class Options:
     samples: int = 4
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     data: str | None = None
+    provider: str = "cpu"
     config: Config = field(default_factory=Config)
     baseline: frozenset[tuple[str, str, str]] | None = None
     progress: bool = False  # a progress bar for this model's probe batches (one model, at a terminal)
@@ -79,6 +80,7 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
         settings = ProbeSettings(
             batch_sizes=batch_sizes, seed=options.seed, input_shapes=shapes, data_path=data,
             data_source=data or "synthetic", samples=options.samples, progress=progress,
+            provider=options.provider,
         )
         return engine.probe(path, settings, select=select, ignore=ignore, fail_on=fail_on)
 

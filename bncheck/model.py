@@ -436,3 +436,4 @@ class ProbeSettings:
     data_source: str = "synthetic"
     samples: int = 4
     progress: Callable[[int, int], None] | None = None
+    provider: str = "cpu"  # cpu | cuda | tensorrt | auto: onnxruntime execution provider (ONNX models)

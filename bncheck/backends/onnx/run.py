@@ -22,6 +22,7 @@ from bncheck.backends.onnx.instrument import (
     release,
 )
 from bncheck.backends.onnx.probe_copy import prepare
+from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.errors import one_line
 from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
 from bncheck.probe_data import ProbeDataError, check_sizes
@@ -57,13 +58,13 @@ def _options(level: Any, folder: str) -> Any:
     return so
 
 
-def _session(model: onnx.ModelProto, folder: str, exact: bool):
+def _session(model: onnx.ModelProto, folder: str, exact: bool, providers: list[str] | None = None):
     """One session on the augmented stub: ORT_ENABLE_ALL (fast form) or ORT_ENABLE_EXTENDED (exact form)."""
     import onnxruntime as ort
 
     level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so = _options(level, folder)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), so, providers=providers or [CPU])
 
 
 def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
@@ -270,10 +271,12 @@ class _Engine:
     """Owns the augmented session(s) for one model; turns feeds into per-layer statistics."""
 
     def __init__(self, handle: OnnxHandle, layers: list[NormLayer], inputs_only: bool = False,
-                 copy: ProbeCopy | None = None, tmp: str | None = None) -> None:
+                 copy: ProbeCopy | None = None, tmp: str | None = None, providers: list[str] | None = None) -> None:
         """``copy``: the prepared probe copy (probe_copy.prepare), whose files live in ``tmp`` (then owned
-        and removed by this engine)."""
+        and removed by this engine). ``providers``: onnxruntime's list (providers.resolve); CPU alone when
+        None."""
         self.handle = handle
+        self.providers = providers or [CPU]
         self.layers = layers
         self.inputs_only = inputs_only
         self.copy = copy
@@ -327,7 +330,18 @@ class _Engine:
             del aug
             self.session = None
             self.statistics_first = False
-            if not exact:
+            if self.providers != [CPU]:
+                # the statistics-first re-ordering works on the CPU provider's optimized (NCHWc) graph
+                try:
+                    self.session = _session(model, folder, exact, self.providers)
+                except Exception as exc:
+                    self._to_cpu(one_line(exc))
+                else:
+                    if self.providers[0] not in self.session.get_providers():
+                        # onnxruntime drops a provider it cannot start (no device, missing CUDA libraries)
+                        # with a log line only: what runs is what the session reports
+                        self._to_cpu("onnxruntime did not enable it")
+            if self.session is None and not exact:
                 try:
                     self.session = _session_statistics_first(model, folder, self.tmp, main_outputs)
                     self.statistics_first = True
@@ -347,13 +361,24 @@ class _Engine:
         self.session = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def _to_cpu(self, reason: str) -> None:
+        """The GPU provider refused the instrumented model: the CPU provider alone from now on, said in a note."""
+        self.notes.append(fallback_note(self.providers[0], reason))
+        self.providers = [CPU]
+        self.session = None
+
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.copy is not None and self.copy.fixed_feeds:
             feeds = {**feeds, **self.copy.fixed_feeds}
         try:
             values = self.session.run(self.output_names, feeds)
         except Exception as exc:
-            raise BackendError(f"{self.handle.path}: onnxruntime failed: {one_line(exc)}") from exc
+            if self.providers == [CPU]:
+                raise BackendError(f"{self.handle.path}: onnxruntime failed: {one_line(exc)}") from exc
+            # e.g. a kernel the GPU provider registers but rejects at run time: the same batch on the CPU
+            self._to_cpu(one_line(exc))
+            self._open(self.exact)
+            return self._run(feeds)
         return dict(zip(self.output_names, values))
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, LayerProbe]:
@@ -429,6 +454,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     handle = view.handle
     # without normalization layers too: the model's outputs are still tested for batch dependence
     _check_inputs(view, settings)
+    providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
     engines: list[_Engine] = []
     restorers: list[Any] = []
@@ -441,7 +467,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
     def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
-        engine = _Engine(handle, view.layers, copy=copy, tmp=tmp)
+        engine = _Engine(handle, view.layers, copy=copy, tmp=tmp, providers=providers)
         engines.append(engine)
         if release_weights:
             restorers.append(release(handle, engine.initializer_stubs))
@@ -465,7 +491,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                                requested_batch_sizes=tuple(settings.batch_sizes),
                                notes=[*copy.notes, f"not probed: {one_line(exc)}"])
         result.notes[:0] = [n for n in copy.notes if n not in result.notes]
-        result.notes.extend(n for n in engines[0].notes if n not in result.notes)
+        ran = ran_note(engines[0].providers, settings.provider)
+        result.notes.extend(n for n in [*engines[0].notes, *([ran] if ran else [])] if n not in result.notes)
         result.batch_handling = copy.batch
         for plan in engines[0].plans:
             if plan.input is None and plan.output is None:
