@@ -327,3 +327,19 @@ def test_a_fixed_batch_relaxes_when_the_output_carries_the_batch_on_another_axis
     run = _run(doc)
     assert code == 0 and run["batch_sizes"] == [1, 2, 32], run["batch_handling"]
     assert run["batch_handling"].startswith("fixed to 1 in the file; relaxed to symbolic, validated")
+
+
+def test_a_fixed_batch_with_symbolic_spatial_dims_is_relaxed_on_the_data_given(tmp_path):
+    """--data supplies the dims the model leaves symbolic: the relaxation is proven on it."""
+    path = _convnet(tmp_path / "m.onnx", 8)
+    model = onnx.load(path)
+    for axis, name in ((2, "H"), (3, "W")):
+        dim = model.graph.input[0].type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_param = name
+    onnx.save(model, path)
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32))
+    code, doc = _probe_json(path, "--data", str(tmp_path / "d.npy"))
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1, 2, 32]
+    assert run["batch_handling"].startswith("fixed to 8 in the file; relaxed to symbolic, validated")

@@ -26,7 +26,7 @@ from bncheck.backends.onnx.instrument import _copy, stub
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings
-from bncheck.probe_data import synthetic_inputs
+from bncheck.probe_data import ProbeDataError, synthetic_inputs
 
 if TYPE_CHECKING:
     import onnx
@@ -290,8 +290,15 @@ def _validate(
     inputs = [InputSpec(s.name, (None, *s.shape[1:]), s.dtype) if s.shape else s for s in inputs]
 
     def feeds(n: int) -> dict[str, np.ndarray]:
+        if settings.data is not None:  # --data also supplies dims the model leaves symbolic
+            rows = [{k: v[i % len(v)] for k, v in settings.data.items()} for i in range(n)]
+            return {**{k: np.stack([r[k] for r in rows]) for k in settings.data}, **fixed_feeds}
         return {**synthetic_inputs(inputs, n, settings.seed, settings.input_shapes, int_high), **fixed_feeds}
 
+    try:
+        feeds(1)
+    except ProbeDataError as exc:
+        return f"no inputs to prove it with: {exc}"
     try:
         reference = dict(zip(names, _session(original, folder).run(names, feeds(fixed), _quiet())))
     except Exception as exc:
