@@ -88,3 +88,21 @@ def test_statistics_matching_the_data_do_not_drift(tmp_path, probe_findings):
 def test_no_drift_judgement_without_data(tmp_path, probe_findings):
     model = bn_model(tmp_path / "m.onnx", mean=[0.1, 0.1, 0.1], var=[1, 1, 1])
     assert probe_findings(model, "BN003") == []
+
+
+def test_sample_drift_changes_predictions_and_the_matching_model_stays_clean():
+    from pathlib import Path
+
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+
+    samples = Path(__file__).resolve().parents[2] / "sample_models"
+    data = str(samples / "calib_drift.npz")
+    settings = ProbeSettings(batch_sizes=(1, 2), data_path=data, data_source=data)
+    stale = engine.probe(str(samples / "stale_drift.onnx"), settings)
+    drift = [f for f in stale.findings if f.code == "BN003"]
+    assert {f.severity.label for f in drift} == {"error"} and len(drift) == 3
+    logits = drift[0].evidence["output_effect"]["outputs"]["logits"]
+    assert logits["shift_sd"] > 2.0 and logits["top1_agreement"] < 0.8 and logits["samples"] == 64
+    clean = engine.probe(str(samples / "trained_matching.onnx"), settings)
+    assert clean.findings == [] and clean.probes[0].recalibration is None  # nothing drifts: nothing recomputed
