@@ -6,7 +6,7 @@ import enum
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, SupportsFloat
 
 
 class Severity(enum.IntEnum):
@@ -42,7 +42,7 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
-def number(value: float | int | None) -> float | int | str | None:
+def number(value: SupportsFloat | None) -> float | int | str | None:
     """A JSON-safe number: NaN/Inf become the strings "nan", "inf", "-inf" (JSON has no such numbers).
 
     numpy scalars are accepted through the numbers ABCs they register with (this module imports no numpy).
@@ -50,7 +50,7 @@ def number(value: float | int | None) -> float | int | str | None:
     if value is None:
         return None
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
+        return int(value)  # numpy integers register as Integral
     f = float(value)
     if math.isnan(f):
         return "nan"

@@ -6,6 +6,7 @@ Module-level and picklable, so that `-j N` can run models in worker processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from bncheck.config import Config
@@ -54,7 +55,7 @@ def check_model(path: str, options: Options) -> Report:
 
 
 def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str) -> Report:
-    from contextlib import nullcontext
+    from contextlib import AbstractContextManager, nullcontext
 
     from bncheck import engine
     from bncheck.model import ProbeSettings
@@ -70,12 +71,11 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
     if not shapes and per_model is not None:
         shapes = dict(parse_input_shape(spec) for spec in per_model.input_shapes)
     data = options.data or (per_model.data if per_model else None)
+    bar: AbstractContextManager[Callable[[int, int], None] | None] = nullcontext(None)
     if options.progress:
         from bncheck.render.progress import progress_bar
 
         bar = progress_bar("probing")
-    else:
-        bar = nullcontext(None)
     with bar as progress:
         settings = ProbeSettings(
             batch_sizes=batch_sizes, seed=options.seed, input_shapes=shapes, data_path=data,

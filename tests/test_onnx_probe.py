@@ -435,7 +435,10 @@ def test_progress_is_reported_up_to_the_total(tmp_path):
     assert seen[0] == (0, 7) and seen[-1] == (7, 7)
 
 
-def test_a_runtime_failure_is_a_one_line_backend_error(tmp_path):
+def test_a_runtime_failure_is_a_one_line_backend_error(tmp_path, monkeypatch):
+    private = tmp_path / "tmp"  # other processes' probes may use the shared temporary folder meanwhile
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     path = _conv_bn(tmp_path / "c.onnx", ["N", 3, 8, 8])
     model = onnx.load(path)
     model.graph.node.append(helper.make_node("Mystery", ["out"], ["z"], name="custom", domain="example.custom"))

@@ -6,7 +6,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 DELAY_SECONDS = 1.0
 
@@ -23,22 +22,25 @@ def progress_bar(description: str, enabled: bool | None = None) -> Iterator[Call
         yield None
         return
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
     start = time.monotonic()
-    state: dict[str, Any] = {"progress": None, "task": None}
+    bar: Progress | None = None
+    task: TaskID | None = None
 
     def update(done: int, total: int) -> None:
-        if state["progress"] is None:
+        nonlocal bar, task
+        if bar is None:
             if time.monotonic() - start < DELAY_SECONDS:
                 return
-            state["progress"] = Progress(console=Console(stderr=True), transient=True)
-            state["progress"].start()
-            state["task"] = state["progress"].add_task(description, total=total)
-        state["progress"].update(state["task"], completed=done, total=total)
+            bar = Progress(console=Console(stderr=True), transient=True)
+            bar.start()
+            task = bar.add_task(description, total=total)
+        assert task is not None
+        bar.update(task, completed=done, total=total)
 
     try:
         yield update
     finally:
-        if state["progress"] is not None:
-            state["progress"].stop()
+        if bar is not None:
+            bar.stop()

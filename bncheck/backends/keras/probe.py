@@ -170,12 +170,12 @@ def pool(calls: list[TensorStats]) -> TensorStats:
     return TensorStats(
         batch_size=calls[0].batch_size,
         count=sum(c.count for c in calls),
-        sample_mean=sum(w * c.sample_mean for w, c in zip(per_sample, calls)) / total,
-        sample_sq=sum(w * c.sample_sq for w, c in zip(per_sample, calls)) / total,
+        sample_mean=np.sum([w * c.sample_mean for w, c in zip(per_sample, calls)], axis=0) / total,
+        sample_sq=np.sum([w * c.sample_sq for w, c in zip(per_sample, calls)], axis=0) / total,
         min=np.minimum.reduce([c.min for c in calls]),
         max=np.maximum.reduce([c.max for c in calls]),
-        zeros=sum(c.zeros for c in calls),
-        nonfinite=sum(c.nonfinite for c in calls),
+        zeros=np.sum([c.zeros for c in calls], axis=0),
+        nonfinite=np.sum([c.nonfinite for c in calls], axis=0),
     )
 
 

@@ -9,6 +9,7 @@ shapes); onnx's own folding lives in onnx.reference, which would need the model'
 from __future__ import annotations
 
 import heapq
+import math
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -172,7 +173,7 @@ class GraphIndex:
 
     def aliases(self, tensor: str, depth: int = 3) -> dict[str, list[int]]:
         """Tensors holding ``tensor``'s values (forward through transparent ops), with the nodes passed."""
-        found = {tensor: []}
+        found: dict[str, list[int]] = {tensor: []}
         frontier = [tensor]
         for _ in range(depth):
             nxt = []
@@ -295,7 +296,7 @@ class GraphIndex:
                 return None if rank is None else np.asarray(rank, dtype=np.int64)
             shape = self.shape(node.input[0])
             if shape is not None and all(isinstance(d, int) for d in shape):
-                return np.asarray(int(np.prod(shape)), dtype=np.int64)
+                return np.asarray(math.prod(int(d) for d in shape if isinstance(d, int)), dtype=np.int64)
             return None
         if op == "Range" and len(node.input) == 3:
             parts = [self.ints(t) for t in node.input]
@@ -316,11 +317,11 @@ class GraphIndex:
                 return None
             return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](a, b)
         if op == "Neg":
-            a = self.ints(node.input[0])
-            return None if a is None else -a
+            negated = self.ints(node.input[0])
+            return None if negated is None else -negated
         if op in ("Unsqueeze", "Squeeze", "Reshape"):
-            src = self.ints(node.input[0])
-            return None if src is None else src.ravel()
+            values = self.ints(node.input[0])
+            return None if values is None else values.ravel()
         return None
 
     def scalar(self, tensor: str) -> float | None:

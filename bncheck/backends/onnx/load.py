@@ -285,7 +285,7 @@ def _dims(type_proto: onnx.TypeProto, declared: frozenset[str] = frozenset()) ->
 
 def _declared_dim_names(model: onnx.ModelProto) -> frozenset[str]:
     graph = model.graph
-    names = set()
+    names: set[str] = set()
     for info in list(graph.input) + list(graph.output) + list(graph.value_info):
         if info.type.HasField("tensor_type"):
             names.update(d.dim_param for d in info.type.tensor_type.shape.dim if d.dim_param)

@@ -116,12 +116,12 @@ def _match_variance(g: GraphIndex, r1: int, x: str, m: str, axes) -> tuple[str, 
             node = g.nodes[sub]
             if node.input[1] != sq_m:
                 continue
-            r2 = g.produced_by(node.input[0], "ReduceMean")
-            if r2 is None or _reduce_axes(g, r2) != axes:
+            mean_of_squares = g.produced_by(node.input[0], "ReduceMean")
+            if mean_of_squares is None or _reduce_axes(g, mean_of_squares) != axes:
                 continue
-            sq = _square_of(g, node_input(g.nodes[r2], 0))
-            if sq is not None and g.same(sq[0], x):
-                return node.output[0], {sq_m_idx, sub, r2, sq[1]}
+            squared = _square_of(g, node_input(g.nodes[mean_of_squares], 0))
+            if squared is not None and g.same(squared[0], x):
+                return node.output[0], {sq_m_idx, sub, mean_of_squares, squared[1]}
     return None
 
 
@@ -333,9 +333,10 @@ def decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]
     for idx, node in enumerate(g.nodes):
         if node.op_type != "ReduceMean" or node.domain not in ONNX_DOMAINS or idx in taken:
             continue
-        axes = _reduce_axes(g, idx)
-        if axes is False:
+        found_axes = _reduce_axes(g, idx)
+        if isinstance(found_axes, bool):  # a no-op reduction
             continue
+        axes = found_axes
         x, m = node_input(node, 0), node.output[0]
         var = _match_variance(g, idx, x, m, axes)
         if var is None:
@@ -345,7 +346,7 @@ def decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]
         chain = _Chain(x=x, mean=m, reduce=idx, axes=axes, centered=True, nodes={idx} | var_nodes)
         aliases = g.aliases(m)
 
-        def deviations(chain=chain, aliases=aliases) -> dict[str, int]:
+        def deviations(chain=chain, aliases=aliases) -> dict[str, tuple[int, ...]]:
             devs: dict[str, tuple[int, ...]] = {}
             for alias, passed in aliases.items():
                 for sub in g.users(alias, "Sub"):
@@ -404,7 +405,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         if src_rank is not None:
             a = norm_axis(int(g.attrs(flatten).get("axis", 1)), src_rank)
             if a is not None:
-                x, axes, rank = src, tuple(range(a, src_rank)), src_rank  # type: ignore[arg-type]
+                x, axes, rank = src, tuple(range(a, src_rank)), src_rank
                 passed = passed + [flatten]
                 flattened = True
     elif axes == (2,) and rank == 3 and g.produced_by(x, "Reshape") is not None:

@@ -271,7 +271,7 @@ def _trailing_norm(
     axes = _trailing(axis, rank)
     channel_axis = None if rank is None else rank - 1
     batch_stats = axes is not None and 0 in axes
-    notes = ()
+    notes: tuple[str, ...] = ()
     if batch_stats:
         notes = (f"axis={raw_axis} includes the batch axis: a sample's output depends on its batch companions",)
     layer = _base(
@@ -383,7 +383,8 @@ def _mvn(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
     raw = [int(a) for a in g.attrs(idx).get("axes", [0, 2, 3])]
     axes = None
     if rank is not None or all(a >= 0 for a in raw):
-        axes = tuple(sorted({norm_axis(a, rank) for a in raw}))  # type: ignore[misc]
+        normalized = [norm_axis(a, rank) for a in raw]
+        axes = tuple(sorted({a for a in normalized if a is not None}))
     kept = None if axes is None or rank is None else [a for a in range(rank) if a not in axes]
     channel_axis = kept[0] if kept is not None and len(kept) == 1 else None
     batch_stats = axes is not None and 0 in axes
