@@ -57,6 +57,8 @@ def test_batch_centering_without_any_norm_op_is_train_mode_on_the_reduction(tmp_
     path = g.save(tmp_path / "center.onnx", ["N", 3, 4, 4], ["N", 3, 4, 4], opset=13 if op != "ReduceSum" else 11)
     view = OnnxBackend().load(path)
     assert view.layers == []
+    assert [n.message for n in view.notes] == [
+        "no normalization layer found in the graph, but 1 reduction over the batch axis (BN002)"]
     [finding] = _findings(path)
     assert (finding.code, finding.severity.label, finding.layer) == ("BN002", "error", "batch_stat")
     assert finding.evidence["op_type"] == op and finding.evidence["axes"] == [0]

@@ -440,8 +440,9 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
                 folded.append(g.node_name(idx))
                 break
     if not layers and batch_ops:
-        notes.append(Note("info", f"no normalization layer found in the graph; {len(batch_ops)} reduction(s) over "
-                                  "the batch axis checked"))
+        count = len(batch_ops)
+        notes.append(Note("info", f"no normalization layer found in the graph, but {count} "
+                                  f"reduction{'s' if count > 1 else ''} over the batch axis (BN002)"))
     elif not layers:
         notes.append(Note("info", "no normalization layer found in the graph: nothing to check"))
     if folded:
