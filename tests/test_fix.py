@@ -700,3 +700,22 @@ def test_fixed_batch_model_uses_every_sample_of_a_partial_last_batch(tmp_path: P
     fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     np.testing.assert_allclose(fixed["bn1.mean"], acts.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fixed["bn1.var"], acts.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_fix_keeps_the_loaded_onnx_model_through_its_probe(tmp_path: Path) -> None:
+    """fix probes the original and then edits the same loaded model: the probe must not release its weights
+    for a lazy re-read of the file (a plain probe does, to save memory)."""
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.fix_result import FixRequest
+
+    src = save(convnet(training=True), tmp_path / "m.onnx")
+    backend = OnnxBackend()
+    view = backend.load(src)
+    backend.check_fix(view, FixRequest(output=str(tmp_path / "f.onnx"), data=None, repair=frozenset({"BN002"})))
+    engine.probe_view(backend, view, ProbeSettings())
+    assert not view.handle.model_pending
+    plain = backend.load(src)
+    engine.probe_view(backend, plain, ProbeSettings())
+    assert plain.handle.model_pending  # the plain probe's memory saving is unchanged

@@ -6,6 +6,9 @@ from bncheck.backends.base import Backend, ProbeSettings
 from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import InputSpec, ModelView, ProbeResult
 
+#: `fix` keeps a model of up to this size loaded through its probe; larger ones are re-read from the file.
+KEEP_WEIGHTS_BYTES = 1 << 30
+
 
 class OnnxBackend(Backend):
     """ONNX files: read without executing anything; probes run in onnxruntime (see onnx_probe)."""
@@ -31,12 +34,15 @@ class OnnxBackend(Backend):
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
         from bncheck.backends.onnx.run import run_probe
 
-        return [run_probe(view, settings)]
+        return [run_probe(view, settings, release_weights=not view.handle.keep_weights)]
 
     def check_fix(self, view: ModelView, request: FixRequest) -> None:
         from bncheck.backends.onnx.fix import precheck
 
         precheck(view, request)
+        # fix probes the original, then edits the same loaded model: keep its weights through the probe (one
+        # read of the file) unless holding them twice would cost too much memory
+        view.handle.keep_weights = view.handle.size_bytes <= KEEP_WEIGHTS_BYTES
 
     def fix(self, view: ModelView, request: FixRequest) -> FixOutcome:
         from bncheck.backends.onnx.fix import fix_onnx

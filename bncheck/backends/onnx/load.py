@@ -55,6 +55,9 @@ class OnnxHandle:
     size_bytes: int
     info: ModelInfo | None = None
     notes: list[Note] = field(default_factory=list)
+    # True: a probe keeps the weights in ``model`` instead of releasing and re-reading them afterwards (`fix`
+    # reads the model again after probing it; it sets this when the file is small enough to hold twice)
+    keep_weights: bool = False
 
     def defer_model(self, placeholder: onnx.ModelProto, reload: Callable[[], onnx.ModelProto]) -> None:
         """Hold ``placeholder`` until ``model`` is next read, then replace it by ``reload()`` (called once;
