@@ -63,6 +63,8 @@ Locator = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], int], "Located
 #: Most samples whose solo outputs are compared when the outputs depend on the batch (extra solo runs for
 #: the rows of the largest batch: the arg-max agreement is then a fraction of that many samples).
 EFFECT_SAMPLES = 32
+#: elements per sample of a model output kept for the batch-dependence comparison (see _thin)
+OUTPUT_ELEMENTS = 1 << 16
 
 #: per-channel std floor for the batch-dependence unit, relative to the channel's rms.
 SCALE_FLOOR = 1e-4
@@ -655,8 +657,20 @@ def run_plan(
 def _observe(runner: Runner, feeds: dict[str, np.ndarray]) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray]]:
     got = runner(feeds)
     if isinstance(got, Observed):
-        return got.layers, got.outputs
+        return got.layers, {name: _thin(array) for name, array in got.outputs.items()}
     return got, {}
+
+
+def _thin(array: np.ndarray) -> np.ndarray:
+    """An output kept for the comparison: at most OUTPUT_ELEMENTS evenly spaced elements per sample for
+    outputs of rank > 2 (a segmentation map at batch 32 would otherwise hold GBs; rms shifts and spreads
+    are estimated as well from a regular subset). Rank <= 2 stays whole: arg-max needs every column."""
+    a = np.asarray(array)
+    if a.ndim <= 2 or a[:1].size <= OUTPUT_ELEMENTS:
+        return a
+    flat = a.reshape(a.shape[0], -1)
+    step = -(-flat.shape[1] // OUTPUT_ELEMENTS)
+    return np.ascontiguousarray(flat[:, ::step])
 
 
 def _outputs_test(
