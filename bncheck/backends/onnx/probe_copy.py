@@ -284,8 +284,10 @@ def _validate(
     settings: ProbeSettings,
     fixed_feeds: dict[str, np.ndarray],
     int_high: dict[str, int],
+    memo: dict[str, Any],
 ) -> str | None:
-    """None when the relaxed copy is proven equal (see the module docstring), else why not (one line)."""
+    """None when the relaxed copy is proven equal (see the module docstring), else why not (one line).
+    ``memo`` keeps the original model's outputs between attempts (one run of the original)."""
     names = [o.name for o in original.graph.output]
     inputs = [InputSpec(s.name, (None, *s.shape[1:]), s.dtype) if s.shape else s for s in inputs]
 
@@ -300,7 +302,9 @@ def _validate(
     except ProbeDataError as exc:
         return f"no inputs to prove it with: {exc}"
     try:
-        reference = dict(zip(names, _session(original, folder).run(names, feeds(fixed), _quiet())))
+        if "reference" not in memo:
+            memo["reference"] = dict(zip(names, _session(original, folder).run(names, feeds(fixed), _quiet())))
+        reference = memo["reference"]
     except Exception as exc:
         return f"the model itself does not run at its batch size {fixed}: {one_line(exc, 160)}"
     try:
@@ -347,17 +351,20 @@ def _relax(
             copy.batch = f"fixed to {fixed} in the file"
         return model
     batched = [s.name for s in copy.inputs if s.shape]
-    others = sorted({b for b in settings.batch_sizes if b != fixed})
-    others = sorted({others[0], others[-1]})  # the smallest and largest requested; sizes between run alike
+    # one other size proves the outputs follow the batch; larger sizes run the same graph (a size the probe
+    # then cannot run is a note), and validating at the largest would double its most expensive run
+    others = [min(b for b in settings.batch_sizes if b != fixed)]
+    memo: dict[str, Any] = {}
     relaxed = _relaxed(model, batched, fixed)
-    why = _validate(model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high)
+    why = _validate(model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high,
+                    memo)
     how = f"fixed to {fixed} in the file; relaxed to symbolic, validated"
     if why is not None:
         rewritten = _relaxed(model, batched, fixed)
         count = _rewrite_batch_constants(rewritten, batched, fixed)
         if count:
             second = _validate(model, rewritten, copy.folder, copy.inputs, fixed, others, settings,
-                               copy.fixed_feeds, int_high)
+                               copy.fixed_feeds, int_high, memo)
             if second is None:
                 relaxed, why = rewritten, None
                 how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
