@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bncheck.backends.base import BackendError
+from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx import load as onnx_load
 from bncheck.backends.onnx.load import load_onnx
@@ -244,6 +244,40 @@ def test_external_data_out_of_bounds_is_one_line(tmp_path):
     path = save_external(tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"\0" * 10)  # shorter than the offsets recorded
     assert_one_line_error(path, "external data")
+
+
+def _wide_external(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """x[N, 512] -> MatMul (a 2 MiB weight) -> BatchNormalization(1024) -> y, every tensor external."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(512, 1024)).astype(np.float32)
+    params = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+        ("s", rng.uniform(0.5, 1.5, 1024)), ("b", np.zeros(1024)), ("m", np.zeros(1024)), ("v", np.ones(1024)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"], name="bn")],
+        "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1024])],
+        [numpy_helper.from_array(w, "w"), *params])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    path = tmp_path / "wide.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return path, w
+
+
+def test_load_reads_norm_parameters_but_leaves_large_weights_in_their_file(tmp_path):
+    path, w = _wide_external(tmp_path)
+    handle = load_onnx(str(path))
+    inits = {t.name: t for t in handle.model.graph.initializer}
+    assert inits["w"].data_location == TensorProto.EXTERNAL and not inits["w"].raw_data  # 2 MiB: not read
+    assert all(inits[n].data_location != TensorProto.EXTERNAL for n in "sbmv")
+    (layer,) = OnnxBackend().load(str(path)).layers
+    assert layer.scale is not None and layer.scale.shape == (1024,)
+    view = OnnxBackend().load(str(path))
+    [probe] = OnnxBackend().probe(view, ProbeSettings(batch_sizes=(1, 2)))  # onnxruntime reads the file itself
+    assert probe.layers[2]["bn"].output is not None
+    onnx_load.load_remaining_weights(handle)  # what fix does before it edits and measures
+    np.testing.assert_array_equal(numpy_helper.to_array(handle.model.graph.initializer[0]), w)
 
 
 def test_large_model_path_is_checked_and_inferred_by_path(tmp_path, monkeypatch):

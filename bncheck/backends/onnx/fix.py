@@ -57,7 +57,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx.load import OnnxHandle
+from bncheck.backends.onnx.load import OnnxHandle, load_remaining_weights
 from bncheck.fix_result import (
     MIN_SAMPLES,
     FixOutcome,
@@ -108,6 +108,7 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     drift falls under the thresholds. Raises BackendError for refusals, before anything is measured.
     """
     handle: OnnxHandle = view.handle
+    load_remaining_weights(handle)  # the loader reads large external tensors only when they are needed
     data = request.data
     plan = _prepare(view, request)
     results = plan.results

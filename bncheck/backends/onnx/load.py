@@ -252,6 +252,42 @@ def _load_weights(path: str, model: onnx.ModelProto) -> None:
         raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
 
 
+#: external tensors up to this size are read at load (norm parameters, biases, shapes); larger ones stay
+#: references to their file until :func:`load_remaining_weights`.
+VIEW_LOAD_BYTES = 1 << 20
+#: ops whose parameter inputs are read at load whatever their size (the checks judge them)
+_NORM_OP = re.compile(r"Norm", re.IGNORECASE)
+
+
+def _load_view_weights(path: str, model: onnx.ModelProto) -> None:
+    """Read only the external tensors the view needs: small ones and normalization ops' parameters.
+
+    The probe's onnxruntime session reads the weights from their files itself, so reading every weight
+    here would hold a second copy during the probe (a 2.7 GB model: 2x plain inference's peak) and make
+    ``inspect`` read the whole data file; ``fix`` reads the rest (:func:`load_remaining_weights`).
+    """
+    import onnx
+    from onnx import external_data_helper
+
+    base = os.path.dirname(os.path.abspath(path))
+    norm_inputs = {name for node in model.graph.node if _NORM_OP.search(node.op_type) for name in node.input[1:]}
+    try:
+        for tensor in _external_tensors(model):
+            if _nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
+                # what load_external_data_for_model does, tensor by tensor
+                external_data_helper.load_external_data_for_tensor(tensor, base)
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+    except Exception as exc:
+        raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
+
+
+def load_remaining_weights(handle: OnnxHandle) -> None:
+    """Read the external tensors the loader left in their files (see :func:`_load_view_weights`)."""
+    if handle.external_data:
+        _load_weights(handle.path, handle.model)
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -542,7 +578,7 @@ def load_onnx(path: str) -> OnnxHandle:
     total = size + external_size
     large = total > PROTOBUF_LIMIT
     if external:
-        _load_weights(path, model)
+        _load_view_weights(path, model)
     inferred, notes = _check_and_infer(path, model, large)
     shapes, types = _collect_shapes(inferred, model)
     return OnnxHandle(

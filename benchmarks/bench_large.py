@@ -1,0 +1,185 @@
+"""Benchmark: a model over 2 GB (weights in an external-data file) through `inspect` and `probe`.
+
+Usage: python benchmarks/bench_large.py [--repeats 3] [--layers 10] [--width 8192] [--keep DIR]
+
+Generates, in a temporary folder (removed at the end unless --keep; never committed), a wide MLP: input
+[N, 4096], ``--layers`` blocks of MatMul (width x width, float32) + BatchNormalization + Relu, a
+LayerNormalization every other block, and a 1000-way head; 10 blocks of 8192 are 2.7 GB of weights in one
+external-data file, written tensor by tensor (this process never holds them all). Then, in separate
+processes, ``--repeats`` times:
+
+- **inspect**: ``bncheck.engine.inspect`` (load, checker, shape inference, walk, static checks): wall time,
+  and the bytes it read (``rchar`` of /proc/self/io: every byte through read(); ``read_bytes``: from disk,
+  past the page cache), against the size of the norm parameters and of the whole weights file;
+- **plain**: onnxruntime session + one pass at batch 1, 2, 32 (peak RSS = VmHWM);
+- **probe**: load + probe at batch 1, 2, 32 (peak RSS), so that two copies of the weights would show as ~2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+IN = 4096
+
+PEAK = r"""
+def status(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+def io():
+    with open("/proc/self/io") as fh:
+        return {k: int(v) for k, v in (line.split(": ") for line in fh)}
+"""
+
+INSPECT = PEAK + r"""
+import time, json, sys
+t0 = time.perf_counter()
+# imported first, so that the bytes counted are the model's, not the modules' (whose import is timed)
+import numpy, onnx, onnx.checker, onnx.shape_inference
+from bncheck import engine
+io0 = io()
+report = engine.inspect(sys.argv[1])
+io1 = io()
+wall = time.perf_counter() - t0
+print(json.dumps({"wall": wall, "rchar": io1["rchar"] - io0["rchar"], "read_bytes": io1["read_bytes"] - io0["read_bytes"],
+                  "rss_mb": status("VmHWM"), "findings": len(report.findings)}))
+"""
+
+PLAIN = PEAK + r"""
+import time, json, sys
+t0 = time.perf_counter()
+import numpy as np
+import onnxruntime as ort
+sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+for b in (1, 2, 32):
+    sess.run(None, {"input": rng.standard_normal((b, IN), dtype=np.float32)})
+print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM")}))
+""".replace("IN", str(IN))
+
+PROBE = PEAK + r"""
+import time, json, sys
+t0 = time.perf_counter()
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.base import ProbeSettings
+backend = OnnxBackend()
+view = backend.load(sys.argv[1])
+rss_load = status("VmHWM")
+result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
+assert len(result.dependence) == len(view.layers), (len(result.dependence), len(view.layers))
+print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM"), "rss_after_load_mb": rss_load}))
+"""
+
+
+def build(folder: str, layers: int, width: int, seed: int = 0) -> tuple[str, int, int]:
+    """Write model.onnx + weights.bin into ``folder``; return (path, weight bytes, norm parameter bytes)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    data = os.path.join(folder, "weights.bin")
+    inits: list = []
+    nodes: list = []
+    sizes = {"weights": 0, "norm": 0}
+
+    with open(data, "wb") as fh:
+
+        def external(name: str, array: np.ndarray) -> str:
+            # one tensor in memory at a time: appended to the data file, referenced by offset
+            array = np.ascontiguousarray(array, np.float32)
+            offset = fh.tell()
+            fh.write(array.tobytes())
+            tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+            # by hand: onnx's set_external_data wants the bytes in raw_data first (a second copy)
+            for key, value in (("location", "weights.bin"), ("offset", offset), ("length", array.nbytes)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = TensorProto.EXTERNAL
+            inits.append(tensor)
+            sizes["weights"] += array.nbytes
+            return name
+
+        def norm_param(name: str, array: np.ndarray) -> str:
+            sizes["norm"] += array.nbytes
+            return external(name, array.astype(np.float32))
+
+        x, cin = "input", IN
+        for i in range(layers):
+            w = external(f"w{i}", (rng.standard_normal((cin, width), dtype=np.float32) / np.sqrt(cin)))
+            nodes.append(helper.make_node("MatMul", [x, w], [f"mm{i}"], name=f"mm{i}"))
+            params = [norm_param(f"bn{i}_{k}", v) for k, v in (
+                ("scale", rng.uniform(0.5, 1.5, width)), ("bias", rng.normal(0, 0.1, width)),
+                ("mean", rng.normal(0, 0.2, width)), ("var", rng.uniform(0.5, 2.0, width)))]
+            nodes.append(helper.make_node("BatchNormalization", [f"mm{i}", *params], [f"bn{i}"], name=f"bn{i}"))
+            y = f"bn{i}"
+            if i % 2:
+                scale = norm_param(f"ln{i}_scale", rng.uniform(0.8, 1.2, width))
+                bias = norm_param(f"ln{i}_bias", rng.normal(0, 0.05, width))
+                nodes.append(helper.make_node("LayerNormalization", [y, scale, bias], [f"ln{i}"], name=f"ln{i}",
+                                              axis=-1))
+                y = f"ln{i}"
+            nodes.append(helper.make_node("Relu", [y], [f"relu{i}"], name=f"relu{i}"))
+            x, cin = f"relu{i}", width
+        head = external("head_w", (rng.standard_normal((cin, 1000), dtype=np.float32) / np.sqrt(cin)))
+        nodes.append(helper.make_node("MatMul", [x, head], ["logits"], name="head"))
+    inits.append(numpy_helper.from_array(np.zeros(1, np.float32), "unused_inline"))  # one inline tensor too
+    graph = helper.make_graph(nodes, "wide_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", IN])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bncheck-bench")
+    model.ir_version = 8
+    path = os.path.join(folder, "model.onnx")
+    onnx.save(model, path)  # the graph alone: every weight is already external
+    return path, sizes["weights"], sizes["norm"]
+
+
+def _child(code: str, model: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, model], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--width", type=int, default=8192)
+    parser.add_argument("--keep", help="build the model in this folder and keep it")
+    args = parser.parse_args()
+    folder = args.keep or tempfile.mkdtemp(prefix="bncheck-large-")
+    os.makedirs(folder, exist_ok=True)
+    runs: dict[str, list[dict]] = {"inspect": [], "plain": [], "probe": []}
+    loads: list[float] = []
+    try:
+        path, weights, norm = build(folder, args.layers, args.width)
+        print(f"model: {weights / 1e9:.2f} GB of weights, {norm / 1e3:.0f} kB of norm parameters", file=sys.stderr)
+        for rep in range(args.repeats):
+            loads.append(os.getloadavg()[0])
+            for name, code in (("inspect", INSPECT), ("plain", PLAIN), ("probe", PROBE)):
+                runs[name].append(_child(code, path))
+            print(f"repeat {rep + 1}: " + " ".join(f"{k} {v[-1]}" for k, v in runs.items()), file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0] if isinstance(v[0][f], (int, float))}
+           for k, v in runs.items()}
+    print(json.dumps({
+        "repeats": args.repeats, "load_average_1min": loads, "weights_bytes": weights, "norm_param_bytes": norm,
+        "median": med,
+        "inspect_read_over_weights": med["inspect"]["rchar"] / weights,
+        "probe_over_plain_rss": med["probe"]["rss_mb"] / med["plain"]["rss_mb"],
+        "probe_over_plain_rss_range": [min(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"])),
+                                       max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"]))],
+        "probe_over_plain_wall": med["probe"]["wall"] / med["plain"]["wall"],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
