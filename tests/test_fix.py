@@ -531,6 +531,14 @@ def test_collapsing_norm_that_no_statistics_can_repair_is_reported_not_fixed() -
     assert entry.action == "not-fixed" and "BN001" in entry.reason
 
 
+def test_instancenorm_on_symbolic_maps_is_not_called_a_collapse_by_fix(tmp_path: Path) -> None:
+    from tests.builders import instancenorm_model
+
+    report = fix(instancenorm_model(tmp_path / "in.onnx", hw=("H", "W")), None, None, dry_run=True)
+    entry = entry_of(report, "in")
+    assert entry.action == "unchanged" and "BN001" not in entry.reason
+
+
 # ---------------------------------------------------------------------------- stored statistics (no data)
 
 

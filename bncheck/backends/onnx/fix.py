@@ -318,7 +318,7 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
                             f"{list(layer.axes or [])} mixes the samples of a batch, but it is not a batch-norm "
                             "pattern bncheck can rewrite exactly (only BatchNormalization and hand-written "
                             "batch moments over every axis but the channel axis 1)", TRAIN_MODE)
-        if verdicts.collapse_condition(layer) is not None:
+        if verdicts.collapse_is_certain(verdicts.collapse_condition(layer)):  # not on sizes the model leaves free
             return LayerFix(name, "not-fixed", f"{layer.kind.value} norm over a set of one element (BN001 "
                             "collapse): no statistics can repair it; normalize over more elements or remove "
                             "the layer", "BN001")
