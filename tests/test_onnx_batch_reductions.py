@@ -263,3 +263,17 @@ def test_rms_over_the_batch_axis_is_batch_statistics(tmp_path):
     [layer] = OnnxBackend().load(path).layers
     assert layer.kind is Kind.RMS and layer.batch_statistics and not layer.centered
     assert [(f.code, f.layer) for f in _findings(path)] == [("BN002", layer.name)]
+
+
+def test_a_batch_reduction_that_reaches_no_prediction_is_info_once_probed(tmp_path):
+    g = _Graph()
+    g.op("ReduceMean", ["x"], "batch_mean", axes=[0], keepdims=1)
+    g.op("Mul", ["batch_mean", g.const("zero", np.zeros((), np.float32))], "nothing")  # 0 * finite = 0 exactly
+    g.op("Relu", ["x"], "r")
+    g.op("Add", ["r", "nothing"], "y")
+    path = g.save(tmp_path / "dead_branch.onnx", ["N", 3, 4, 4], ["N", 3, 4, 4], opset=13)
+    [static] = _findings(path, "BN002")
+    assert static.severity.label == "error" and static.layer == "batch_mean"
+    probed = [f for f in engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8))).findings if f.code == "BN002"]
+    assert [(f.layer, f.severity.label) for f in probed] == [("batch_mean", "info")]
+    assert probed[0].evidence["outputs_batch_invariant"] is True

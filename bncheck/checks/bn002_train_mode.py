@@ -73,7 +73,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     depend = outputs_depend(probe.output_dependence, probe.companion_change) if probe is not None else None
     effect = batch_effect(probe.output_dependence) if depend and probe is not None else None
     for op in view.batch_ops:
-        yield _reduction_finding(op, effect)
+        yield _reduction_finding(op, effect, measured_invariant=depend is False)
     for layer in view.layers:
         dep = probe.dependence.get(layer.name) if probe is not None else None
         # outputs measured batch-invariant: a layer's own movement changes no prediction, no dynamic finding
@@ -117,7 +117,9 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None) -> Findin
     return Finding(CODE, SLUG, SEVERITY, found.node, what, HINT_MOMENTS, evidence)
 
 
-def _reduction_finding(op: BatchOp, effect: dict[str, object] | None) -> Finding:
+def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_invariant: bool = False) -> Finding:
+    """The static finding on a reduction over the batch axis; info when the probe measured every model output
+    batch-invariant (the reduction then reaches no prediction: a branch that ends nowhere, say)."""
     evidence: dict[str, object] = {
         "kind": "batch-reduction",
         "op_type": op.op_type,
@@ -130,6 +132,18 @@ def _reduction_finding(op: BatchOp, effect: dict[str, object] | None) -> Finding
     }
     if effect is not None:
         evidence["output_effect"] = effect
+    if measured_invariant:
+        evidence["outputs_batch_invariant"] = True
+        return Finding(
+            CODE,
+            SLUG,
+            Severity.INFO,
+            op.name,
+            f"{op.op_type} {op.name!r} reduces over axes {list(op.axes)}, which include the batch axis, but the "
+            "probe measured every model output batch-invariant: the reduction changes no prediction here",
+            HINT_REDUCTION,
+            evidence,
+        )
     return Finding(
         CODE,
         SLUG,
