@@ -49,12 +49,13 @@ SEVERITY = Severity.ERROR
 
 HINT = (
     "Export or build the inference graph with training off (model.eval(), training=False, is_training=False) "
-    "so the layer uses its moving statistics, or run `bncheck fix MODEL --data CALIB -o FIXED`."
+    "so the layer uses its moving statistics, or run `bncheck fix MODEL -o FIXED` (it switches the layer to its "
+    "stored statistics where they are sound; add --data CALIB where they are not)."
 )
 #: Keras files: the flag is in the saved call; Keras 3's predict() already overrides it.
 HINT_KERAS = (
-    "Call the layer without training=True and save the model again (`bncheck fix MODEL --data CALIB -o FIXED` "
-    "removes the flag and recomputes the moving statistics); meanwhile Keras 3's model.predict(x) and "
+    "Call the layer without training=True and save the model again (`bncheck fix MODEL -o FIXED` removes the "
+    "flag; with --data CALIB it also recomputes the moving statistics); meanwhile Keras 3's model.predict(x) and "
     "model(x, training=False) use the moving statistics (check them: BN003, `bncheck probe --data`)."
 )
 HINT_MOMENTS = (
