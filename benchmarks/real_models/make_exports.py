@@ -1,11 +1,14 @@
 """Real exports of small trained models, as users produce them, for the real-world set.
 
 Usage, each from its own venv outside the repo (no framework is a dependency of bncheck):
-    python3 -m venv /work/venvs/torch && /work/venvs/torch/bin/pip install torch==2.13.0 onnx onnxscript numpy
+    python3 -m venv /work/venvs/torch
+    /work/venvs/torch/bin/pip install torch==2.13.0 onnx onnxscript numpy
     /work/venvs/torch/bin/python benchmarks/real_models/make_exports.py torch
-    python3 -m venv /work/venvs/tf && /work/venvs/tf/bin/pip install tensorflow-cpu tf2onnx onnx numpy
+    python3 -m venv /work/venvs/tf
+    /work/venvs/tf/bin/pip install tensorflow-cpu tf2onnx onnx numpy
     /work/venvs/tf/bin/python benchmarks/real_models/make_exports.py tf
-    python3 -m venv /work/venvs/paddle && /work/venvs/paddle/bin/pip install paddlepaddle paddle2onnx packaging onnx numpy
+    python3 -m venv /work/venvs/paddle
+    /work/venvs/paddle/bin/pip install paddlepaddle paddle2onnx packaging onnx numpy
     /work/venvs/paddle/bin/python benchmarks/real_models/make_exports.py paddle
 
 Each framework's module (exports_torch.py, exports_tf.py, exports_paddle.py) trains its models for a few

@@ -231,9 +231,10 @@ def evaluate(model: dict, bncheck: Path, python: str, repeats: int) -> dict:
     probe = probes[-1]
     ok_plain = [p for p in plains if p["exit"] == 0]
     ok_probe = [p for p in probes if p["exit"] in (0, 1)]
-    result = {"id": model["id"], "origin": model["origin"], "parent": model.get("parent"), "expect": model.get("expect"),
+    result = {"id": model["id"], "origin": model["origin"], "parent": model.get("parent"),
+              "expect": model.get("expect"),
               "package": model["package"], "version": model["version"], "path": model["path"],
-              "covers": model["covers"], "inspect": {k: v for k, v in inspect.items() if k != "doc"},
+              "covers": model["covers"], "batch_sizes": model["batch_sizes"], "inspect": {k: v for k, v in inspect.items() if k != "doc"},
               "probe": {k: v for k, v in probe.items() if k != "doc"},
               "plain": plains[-1], "inspect_doc": inspect["doc"], "probe_doc": probe["doc"],
               "layers": dict(layer_kinds(inspect["doc"] or probe["doc"])),
@@ -298,14 +299,27 @@ def _fmt_notes(notes: list) -> str:
     return "; ".join(parts)
 
 
+def _probe_ran(r: dict) -> str:
+    """Batch sizes the probe really ran (and how it handled a fixed batch), against plain inference's."""
+    runs = ((r["probe_doc"] or {}).get("probe") or {}).get("runs") or []
+    sizes = ",".join(str(b) for b in runs[0].get("batch_sizes") or []) if runs else "-"
+    handling = runs[0].get("batch_handling") if runs else None
+    if isinstance(handling, dict):
+        handling = handling.get("mode") or handling.get("kind") or json.dumps(handling, sort_keys=True)
+    if handling and len(str(handling)) > 90:
+        handling = str(handling)[:89] + "…"
+    plain = ",".join(str(b) for b in r.get("batch_sizes", []))
+    return f"{sizes}{f' ({handling})' if handling else ''} ({plain})"
+
+
 def _fmt_ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
-def markdown(results: list[dict], repeats: int, stamp: str, revision: str) -> str:
-    head = ("| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | "
-            "probe s / plain s | time ratio | peak RSS MB probe / plain | memory ratio |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> str:
+    head = ("| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | probe ran "
+            "(plain ran) | probe s / plain s | time ratio | peak RSS MB probe / plain | memory ratio |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     rows = []
     for r in results:
         kinds = " ".join(f"{k} {v}" for k, v in sorted(r["layers"].items())) or "0"
@@ -323,14 +337,15 @@ def markdown(results: list[dict], repeats: int, stamp: str, revision: str) -> st
         source = r["package"] + ("" if r["origin"] == "export" else f" {r['version']}")
         if r["origin"].startswith("twin"):
             source = f"twin of {r['parent']}"
-        rows.append(f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {secs} | "
+        rows.append(f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {_probe_ran(r)} | {secs} | "
                     f"{_fmt_ratio(r.get('time_ratio'))} | {rss} | {_fmt_ratio(r.get('rss_ratio'))} |")
     ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode" and not r.get("expect")]
     summary = []
     if ratios:
         t = sorted(r["time_ratio"] for r in ratios)
         m = sorted(r["rss_ratio"] for r in ratios if r.get("rss_ratio"))
-        summary.append(f"Time ratio over the {len(t)} models in inference mode (train-mode models excluded): median {statistics.median(t):.2f}x, max {t[-1]:.2f}x; memory ratio median "
+        summary.append(f"Time ratio over the {len(t)} models in inference mode (train-mode models excluded): median "
+                       f"{statistics.median(t):.2f}x, max {t[-1]:.2f}x; memory ratio median "
                        f"{statistics.median(m):.2f}x, max {m[-1]:.2f}x.")
         train = sorted(r["time_ratio"] for r in results if r.get("time_ratio") and
                        (r["origin"] == "twin-trainmode" or r.get("expect")))
@@ -344,8 +359,10 @@ def markdown(results: list[dict], repeats: int, stamp: str, revision: str) -> st
             if s["exit"] not in (0, 1) or s["traceback"] or (s["exit"] == 1 and r[f"{step}_doc"] is None):
                 fails.append(f"- `{r['id']}` {step} exit {s['exit']}: `{s['stderr_line'][:300]}`")
         if r["plain"]["exit"] != 0:
-            fails.append(f"- `{r['id']}` plain inference exit {r['plain']['exit']}: `{r['plain'].get('error', '')[:300]}`")
-    notes = [f"- `{r['id']}`: {_fmt_notes(r['probe_notes'])}" for r in results if r["probe_notes"]]
+            error = r["plain"].get("error", "")[:300]
+            fails.append(f"- `{r['id']}` plain inference exit {r['plain']['exit']}: `{error}`")
+    notes = [f"- `{r['id']}`: {_fmt_notes(r['probe_notes'])}" for r in results
+             if r["probe_notes"] and not r["origin"].startswith("twin")]
     on_trained = []
     for r in results:
         if r["origin"].startswith("twin") or r.get("expect"):
@@ -356,15 +373,15 @@ def markdown(results: list[dict], repeats: int, stamp: str, revision: str) -> st
                 groups.setdefault((f["code"], f["severity"]), []).append(f)
             for (code, severity), found in sorted(groups.items()):
                 first = found[0]
-                on_trained.append(f"- `{r['id']}` {step}: {code} {severity} x{len(found)}, first on `{first['layer']}`: "
-                                  f"{first['message'][:260]}")
-    text = [(f"Run {stamp}, bncheck {revision}, {repeats} repeat(s) per model, `bncheck probe` with default "
-            "batch sizes 1,2,32."),
+                on_trained.append(f"- `{r['id']}` {step}: {code} {severity} x{len(found)}, first on "
+                                  f"`{first['layer']}`: {first['message'][:260]}")
+    text = [(f"Run {stamp}, bncheck {revision}, {repeats} interleaved plain/probe pair(s) per model (medians), "
+             "`bncheck probe` with default batch sizes 1,2,32 unless the manifest says otherwise."),
             "", head + "\n".join(rows), "", *summary, "", "Recall on broken twins:", "", *recall(results), "",
             ("Findings on trained models (shipped and clean exports; each a false positive until numbers show a "
             "defect):"), "", *(on_trained or ["- none"]), "",
             "Failures (exit 2, crashes, plain inference failures):", "", *(fails or ["- none"]), "",
-            "Probe notes:", "", *(notes or ["- none"])]
+            "Probe notes (twins left out: theirs repeat their model's):", "", *(notes or ["- none"])]
     return "\n".join(text)
 
 
@@ -383,28 +400,46 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--bncheck", type=Path, default=Path(sys.executable).parent / "bncheck",
                         help="the bncheck console script (default: beside this Python)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="plain/probe pairs per shipped or exported model")
+    parser.add_argument("--twin-repeats", type=int, default=1, help="plain/probe pairs per broken twin")
     parser.add_argument("--only", help="comma-separated model ids (a shipped model's id includes its twins)")
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--revision", help="what to call the bncheck under test in the table (default: the git "
+                        "commit of its source tree)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the README table from .cache/results.json without running anything")
     args = parser.parse_args()
+    if args.render_only:
+        saved = json.loads((args.cache / "results.json").read_text())
+        sizes = {m["id"]: m["batch_sizes"] for m in load_manifest()}
+        exports = args.cache / "exports" / "exports.json"
+        if exports.exists():
+            sizes.update({m["id"]: m["batch_sizes"] for m in json.loads(exports.read_text())["models"]})
+        for r in saved["results"]:  # results written before run.py recorded them
+            r.setdefault("batch_sizes", sizes.get(r["id"]) or sizes.get(r.get("parent") or "", []))
+        write_readme(markdown(saved["results"], saved["repeats"], saved["stamp"], saved["revision"]))
+        return
     only = set(args.only.split(",")) if args.only else None
     models = collect_models(args.cache, only)
     python = interpreter_of(args.bncheck)
-    revision = bncheck_revision(python)
+    revision = args.revision or bncheck_revision(python)
     results = []
     for model in models:
-        result = evaluate(model, args.bncheck, python, args.repeats)
+        repeats = args.twin_repeats if model["origin"].startswith("twin") else args.repeats
+        result = evaluate(model, args.bncheck, python, repeats)
         results.append(result)
         print(f"{model['id']:34} inspect {result['inspect']['exit']} {_fmt_findings(result['inspect_findings'])} | "
               f"probe {result['probe']['exit']} {_fmt_findings(result['probe_findings'])} | "
               f"time {_fmt_ratio(result.get('time_ratio'))} rss {_fmt_ratio(result.get('rss_ratio'))} "
               f"{result['probe']['stderr_line'][:150] if result['probe']['exit'] == 2 else ''}", file=sys.stderr)
-    (args.cache / "results.json").write_text(json.dumps(results, indent=1, default=str))
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    after = bncheck_revision(python)
+    after = args.revision or bncheck_revision(python)
     if after != revision:
         revision = f"{revision} (changed to {after} during the run: rerun for consistent rows)"
-    block = markdown(results, args.repeats, stamp, revision)
+    repeats = f"{args.repeats} ({args.twin_repeats} for twins)"
+    (args.cache / "results.json").write_text(json.dumps({"results": results, "repeats": repeats, "stamp": stamp,
+                                                         "revision": revision}, indent=1, default=str))
+    block = markdown(results, repeats, stamp, revision)
     if not args.no_readme and not only:
         write_readme(block)
     print(block)

@@ -92,7 +92,7 @@ def stats01_twin(src: Path, dest: Path) -> int:
 
 def keras_stats01_twin(src: Path, dest: Path) -> int:
     """Copy of a Keras .h5 with every moving mean 0 and moving variance 1; returns how many datasets changed."""
-    import h5py  # type: ignore[import-untyped]
+    import h5py
 
     shutil.copyfile(src, dest)
     changed = 0
