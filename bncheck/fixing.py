@@ -99,7 +99,7 @@ def _check(probe: Callable[[], Report], inspect: Callable[[], Report], synthetic
 
 def _probe_batch_sizes(view: ModelView) -> tuple[int, ...]:
     """The probe's default batch sizes, or the model's own when its batch dimension is fixed."""
-    fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
+    fixed = {spec.batch_dim for spec in view.inputs if isinstance(spec.batch_dim, int)}
     return (fixed.pop(),) if len(fixed) == 1 else ProbeSettings().batch_sizes
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -107,11 +107,46 @@ class BatchOp:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A model input: name, shape (symbolic dims as names) and numpy dtype name."""
+    """A model input: name, shape (symbolic dims as names), numpy dtype name and where its samples sit.
+
+    ``batch_axis`` is the axis that carries the batch (0 for most inputs; 1 for a recurrent state shaped
+    [layers, batch, hidden]); None for an input fed the same tensor in every batch (a scalar sample rate, a
+    parameter-like input). Probe data always holds samples on its first axis; the batch axis is where they
+    go when fed. ``fill`` is the value a synthetic unbatched input gets (a constant the model compares it
+    with, say); None: drawn like any other input.
+    """
 
     name: str
     shape: tuple[Dim, ...] | None
     dtype: str
+    batch_axis: int | None = 0
+    fill: float | None = None
+
+    @property
+    def batched(self) -> bool:
+        """True when the input carries samples (rank 0 never does; an unknown rank is taken as batched)."""
+        return self.batch_axis is not None and (self.shape is None or self.batch_axis < len(self.shape))
+
+    @property
+    def batch_dim(self) -> Dim:
+        """The declared size of the batch axis (None: unknown, or the input has no batch axis)."""
+        if not self.batched or self.shape is None:
+            return None
+        return self.shape[self.batch_axis]  # type: ignore[index]
+
+    @property
+    def sample_shape(self) -> tuple[Dim, ...] | None:
+        """The declared dims without the batch axis (all of them for an unbatched input)."""
+        if self.shape is None or not self.batched:
+            return self.shape
+        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1:]  # type: ignore[operator]
+
+    def with_batch_dim(self, dim: Dim) -> InputSpec:
+        """This input with ``dim`` declared at its batch axis."""
+        if self.shape is None or not self.batched:
+            return self
+        axis = int(self.batch_axis)  # type: ignore[arg-type]
+        return replace(self, shape=(*self.shape[:axis], dim, *self.shape[axis + 1:]))
 
 
 @dataclass(frozen=True)

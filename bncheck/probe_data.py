@@ -8,7 +8,9 @@ Synthetic inputs (documented in the README and in ``bncheck probe --help``):
 - floating inputs: independent standard normal values N(0, 1), cast to the input's dtype;
 - integer inputs: uniform in ``[0, high)``, where ``high`` is the row count of the embedding table the input
   feeds through a Gather (the backend finds it) and :data:`DEFAULT_INT_HIGH` otherwise;
-- boolean inputs: fair coin flips.
+- boolean inputs: fair coin flips;
+- an input without a batch axis (a scalar sample rate) with a ``fill`` value (the constant the model compares
+  it with, found by the backend): that value.
 
 Samples are drawn with ``numpy.random.default_rng(seed)`` in one block of ``n`` samples, so sample ``i`` is
 the same whatever batch it is later placed in: the batch-dependence test relies on that.
@@ -115,30 +117,32 @@ def _dim_text(dim: Dim) -> str:
 
 
 def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int, ...]] | None) -> tuple[int, ...]:
-    """The concrete shape of input ``spec`` for a batch of ``batch`` samples.
+    """The concrete shape of ``batch`` samples of input ``spec``, samples first.
 
-    Axis 0 is the batch axis (symbolic or unknown: set to ``batch``; fixed: must equal ``batch``). The other
-    dims come from ``overrides[spec.name]`` (``--input-shape``) when given, else must be fixed ints.
-    Rank-0 inputs have no batch axis and resolve to ``()``.
+    The input's batch axis (symbolic or unknown: set to ``batch``; fixed: must equal ``batch``) comes first;
+    the other dims, in order, come from ``overrides[spec.name]`` (``--input-shape``) when given, else must
+    be fixed ints. An input without a batch axis (rank 0, or ``batch_axis`` None) resolves to its own shape,
+    whatever ``batch``.
     """
     overrides = overrides or {}
     shape = spec.shape
     override = overrides.get(spec.name)
+    lead: tuple[int, ...] = (batch,) if spec.batched else ()
     if shape is None:
         if override is None:
             raise MissingDimsError(
                 f"input {spec.name!r} has an unknown shape; give it with --input-shape {spec.name}:DIMxDIM...",
                 spec, [], None,
             )
-        return (batch, *override)
+        return (*lead, *override)
     if len(shape) == 0:
         return ()
-    first = shape[0]
+    first = spec.batch_dim
     if isinstance(first, int) and first != batch:
         raise ProbeDataError(
             f"input {spec.name!r} has a fixed batch dimension of {first}; it cannot be probed at batch size {batch}"
         )
-    rest = shape[1:]
+    rest = spec.sample_shape or ()
     if override is not None:
         axis = _mismatch(override, rest)
         if axis == 0:
@@ -151,18 +155,18 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
                 f"--input-shape {spec.name}: dim {axis} is fixed to {rest[axis - 1]} in the model, "
                 f"not {override[axis - 1]}"
             )
-        return (batch, *override)
+        return (*lead, *override)
     missing: list[tuple[int, Dim]] = [(i, dim) for i, dim in enumerate(rest, start=1) if not isinstance(dim, int)]
     if missing:
         raise MissingDimsError(_missing_message([MissingDimsError("", spec, missing, rest)]), spec, missing, rest)
-    return (batch, *(int(d) for d in rest))  # type: ignore[arg-type]
+    return (*lead, *(int(d) for d in rest))  # type: ignore[arg-type]
 
 
 def check_sizes(inputs: list[InputSpec], overrides: Mapping[str, tuple[int, ...]] | None) -> None:
     """Fail before anything runs when some input dim has no size, with one message for all inputs."""
     missing: list[MissingDimsError] = []
     for spec in inputs:
-        first = spec.shape[0] if spec.shape else None
+        first = spec.batch_dim
         try:
             resolve_shape(spec, first if isinstance(first, int) and first > 0 else 1, overrides)
         except MissingDimsError as exc:
@@ -209,7 +213,8 @@ def synthetic_inputs(
     overrides: Mapping[str, tuple[int, ...]] | None,
     int_high: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``n`` seeded samples per input (first axis), drawn as the module docstring documents."""
+    """``n`` seeded samples per input (first axis), drawn as the module docstring documents; an input
+    without a batch axis gets one tensor (its ``fill`` value when it has one)."""
     check_sizes(inputs, overrides)
     rng = np.random.default_rng(seed)
     int_high = int_high or {}
@@ -217,7 +222,9 @@ def synthetic_inputs(
     for spec in inputs:
         shape = resolve_shape(spec, n, overrides)
         dtype = _numpy_dtype(spec)
-        if dtype.kind == "f":
+        if spec.fill is not None and not spec.batched:
+            feeds[spec.name] = np.full(shape, spec.fill, dtype=dtype)
+        elif dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
         elif dtype.kind in "iu":
             high = int(int_high.get(spec.name, DEFAULT_INT_HIGH))
@@ -244,24 +251,26 @@ def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
         raise ProbeDataError(f"{where}: dtype {array.dtype} but input {spec.name!r} is {dtype} (integer)")
     if dtype.kind == "b" and array.dtype.kind != "b":
         raise ProbeDataError(f"{where}: dtype {array.dtype} but input {spec.name!r} is bool")
-    if array.ndim == 0:
+    if spec.batched and array.ndim == 0:
         raise ProbeDataError(f"{where}: a scalar; expected samples along the first axis")
-    if array.shape[0] == 0:
+    if spec.batched and array.shape[0] == 0:
         raise ProbeDataError(f"{where}: holds no samples (first axis has length 0)")
     if spec.shape is not None:
-        rest = spec.shape[1:]
-        got = array.shape[1:]
+        # an input without a batch axis takes its tensor as fed, the same in every batch
+        rest = spec.sample_shape or ()
+        got = array.shape[1:] if spec.batched else array.shape
         expected = "x".join(_dim_text(d) for d in rest) or "(none)"
         axis = _mismatch(got, rest)
         if axis == 0:
             raise ProbeDataError(
-                f"{where}: shape {tuple(array.shape)} has {len(got)} dims after the sample axis; input "
+                f"{where}: shape {tuple(array.shape)} has {len(got)} dims "
+                f"{'after the sample axis' if spec.batched else '(fed as is, no batch axis)'}; input "
                 f"{spec.name!r} needs {len(rest)} ({expected})"
             )
         if axis is not None:
             raise ProbeDataError(
-                f"{where}: shape {tuple(array.shape)} has {got[axis - 1]} at axis {axis}; input {spec.name!r} "
-                f"needs {rest[axis - 1]} (sample shape {expected})"
+                f"{where}: shape {tuple(array.shape)} has {got[axis - 1]} at axis {axis - (not spec.batched)}; "
+                f"input {spec.name!r} needs {rest[axis - 1]} (sample shape {expected})"
             )
     if dtype.kind in "iu" and array.dtype != dtype:
         info = np.iinfo(dtype)
@@ -271,7 +280,8 @@ def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
 
 
 def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Read ``--data``: ``.npy`` for a single-input model, ``.npz`` keyed by input name; first axis = samples.
+    """Read ``--data``: ``.npy`` for a single-input model, ``.npz`` keyed by input name; first axis = samples
+    (an input without a batch axis, such as a scalar sample rate, takes its one tensor as fed).
 
     Floating data is cast to a floating input's dtype, integers to an integer input's; other mismatches,
     wrong shapes, and missing or unknown keys raise :class:`ProbeDataError` naming what is wrong. Never
@@ -317,7 +327,8 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
                 except ValueError as exc:
                     raise ProbeDataError(f"{path}[{spec.name}]: cannot be read without unpickling ({exc})") from None
                 arrays[spec.name] = _check_array(spec, array, f"{path}[{spec.name}]")
-    counts = {name: int(a.shape[0]) for name, a in arrays.items()}
+    batched = {spec.name for spec in inputs if spec.batched}
+    counts = {name: int(a.shape[0]) for name, a in arrays.items() if name in batched}
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise ProbeDataError(f"{path}: inputs have different numbers of samples ({listing})")

@@ -241,9 +241,11 @@ def real_rows(run: tuple[int, ...]) -> int:
 
 
 def _fixed_batch(view: ModelView) -> int | None:
-    """The batch size every input fixes in its declared shape, or None when the batch dimension is free."""
-    fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
-    free = any(not spec.shape or not isinstance(spec.shape[0], int) for spec in view.inputs)
+    """The batch size every batched input fixes in its declared shape, or None when the batch dimension is
+    free."""
+    batched = [spec for spec in view.inputs if spec.batched]
+    fixed = {spec.batch_dim for spec in batched if isinstance(spec.batch_dim, int)}
+    free = any(not isinstance(spec.batch_dim, int) for spec in batched)
     if len(fixed) == 1 and not free:
         return int(fixed.pop())
     return None
@@ -263,14 +265,30 @@ def _ran(plan: Plan, results: Mapping[tuple[int, ...], object]) -> Plan:
     return replace(plan, solo_runs=solo, group_runs=groups if solo else {})
 
 
-def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The pool's ``rows`` as one batch. Consecutive rows are a slice of a C-contiguous array, itself
-    contiguous: no copy (the batch of 32 on ResNet-50 is 19 MB, 0.05 s to copy into fresh pages)."""
+def batch_axes(view: ModelView) -> dict[str, int | None]:
+    """Input name -> the axis its samples go to when fed (None: fed as is, the same in every batch)."""
+    return {spec.name: spec.batch_axis if spec.batched else None for spec in view.inputs}
+
+
+def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...],
+               axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """The pool's ``rows`` (samples first) as one batch, each input's samples moved to its batch axis
+    (``axes``, default 0); an input whose axis is None is passed as is. Consecutive rows are a slice of a
+    C-contiguous array, itself contiguous: no copy (the batch of 32 on ResNet-50 is 19 MB, 0.05 s to copy
+    into fresh pages)."""
+    axes = axes or {}
     start = rows[0] if rows else 0
-    if rows == tuple(range(start, start + len(rows))):
-        return {name: np.ascontiguousarray(array[start:start + len(rows)]) for name, array in pool.items()}
+    consecutive = rows == tuple(range(start, start + len(rows)))
     index = np.asarray(rows, dtype=np.int64)
-    return {name: np.ascontiguousarray(np.take(array, index, axis=0)) for name, array in pool.items()}
+    feeds: dict[str, np.ndarray] = {}
+    for name, array in pool.items():
+        axis = axes.get(name, 0)
+        if axis is None:
+            feeds[name] = array
+            continue
+        part = array[start:start + len(rows)] if consecutive else np.take(array, index, axis=0)
+        feeds[name] = np.ascontiguousarray(np.moveaxis(part, 0, axis) if axis else part)
+    return feeds
 
 
 # --------------------------------------------------------------------------- batch dependence
@@ -541,6 +559,7 @@ def run_plan(
     notes: list[str] = []
     requested = batch_sizes
     test_dependence = True
+    axes = batch_axes(view)
     fixed = _fixed_batch(view)
     if fixed is not None:
         skipped = [b for b in batch_sizes if b != fixed]
@@ -553,7 +572,7 @@ def run_plan(
             notes.append("the model's batch dimension is fixed to 1: batch dependence cannot be tested")
     if settings.data is not None:
         pool = dict(settings.data)
-        counts = {int(np.asarray(a).shape[0]) for a in pool.values()}
+        counts = {int(np.asarray(a).shape[0]) for name, a in pool.items() if axes.get(name, 0) is not None}
         if len(counts) != 1:
             raise ProbeDataError("the data arrays have different numbers of samples")
         pool_size = counts.pop()
@@ -573,8 +592,8 @@ def run_plan(
         needed = plan.pool_needed
 
         specs = view.inputs
-        if fixed is not None:  # the pool holds more samples than one batch: drawn along a free axis 0
-            specs = [replace(s, shape=(None, *s.shape[1:])) if s.shape else s for s in specs]
+        if fixed is not None:  # the pool holds more samples than one batch: drawn along a free batch axis
+            specs = [s.with_batch_dim(None) for s in specs]
 
         def draw() -> dict[str, np.ndarray]:
             return synthetic_inputs(specs, needed, settings.seed, settings.input_shapes, int_high)
@@ -596,7 +615,7 @@ def run_plan(
     for done, run in enumerate(plan.runs, start=1):
         if len(run) not in failed or run in plan.data_runs:
             try:
-                results[run], seen = _observe(runner, _take(pool, run))
+                results[run], seen = _observe(runner, _take(pool, run, axes))
             except BncheckError as exc:
                 # a size the model cannot run (memory, a shape it rejects) is a note while another size ran
                 if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME) or run in plan.data_runs:
@@ -687,6 +706,8 @@ def _outputs_test(
     companion change (None: not run) and the located start of an unexplained dependence."""
     from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE, explains_dependence, outputs_depend
 
+    axes = batch_axes(view)
+
     # sample k's reference: its run alone, or its row of the reference run (a fixed batch, make_fixed_plan)
     solo = {k: {n: a[run.index(k):run.index(k) + 1] if np.ndim(a) and len(a) == len(run) else a
                 for n, a in outputs[run].items()}
@@ -710,7 +731,7 @@ def _outputs_test(
     candidates += [worst] if not candidates or candidates[0][2] != worst[2] else []
     for _, index, run, row in candidates:
         copies = tuple(index for _ in run)
-        swapped = _observe(runner, _take(pool, copies))[1]
+        swapped = _observe(runner, _take(pool, copies, axes))[1]
         companion = _companion_change(outputs[run], swapped, row, len(run))
         if outputs_depend(found, companion):
             break
@@ -724,14 +745,14 @@ def _outputs_test(
         extra.extend(i for i in group if i not in solo and i not in extra)
     extra = extra[: max(EFFECT_SAMPLES - len(solo), 0)]
     for sample in extra:
-        solo[sample] = _observe(runner, _take(pool, (sample,)))[1]
+        solo[sample] = _observe(runner, _take(pool, (sample,), axes))[1]
     if extra:
         found, _ = _output_dependence(solo, groups)
         notes.append(f"the model's outputs depend on the batch: {len(extra)} more sample(s) run alone to "
                      "measure the effect")
     if locate is None or explains_dependence(view.layers, dependence):
         return found, companion, None
-    located = locate(_take(pool, run), _take(pool, copies), row)
+    located = locate(_take(pool, run, axes), _take(pool, copies, axes), row)
     if located is None:
         notes.append("the model's outputs depend on the batch, but no tensor was found where it starts")
     return found, companion, located

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 from bncheck.backends.base import Backend, ProbeSettings
 from bncheck.fix_result import FixOutcome, FixRequest
-from bncheck.model import InputSpec, ModelView, ProbeResult
+from bncheck.model import Dim, InputSpec, ModelView, ProbeResult
 
 #: `fix` keeps a model of up to this size loaded through its probe; larger ones are re-read from the file.
 KEEP_WEIGHTS_BYTES = 1 << 30
@@ -65,14 +68,70 @@ def graph_inputs(handle) -> list[InputSpec]:
     graph = handle.model.graph
     stored = {init.name for init in graph.initializer}
     stored |= set(parameter_inputs(graph))  # fed as fixed tensors by the probe, not batched (probe_copy)
+    values = [value for value in graph.input if value.name not in stored]
+    shapes = [handle.value_shapes.get(value.name) for value in values]
     specs = []
-    for value in graph.input:
-        if value.name in stored:
-            continue
+    for value, shape, axis in zip(values, shapes, batch_axes(shapes)):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
             dtype = helper.tensor_dtype_to_np_dtype(elem).name if elem else "unknown"
         except (KeyError, ValueError, TypeError):
             dtype = "unknown"
-        specs.append(InputSpec(name=value.name, shape=handle.value_shapes.get(value.name), dtype=dtype))
+        fill = _compared_constant(graph, value.name) if axis is None and dtype[:3] in ("int", "uin") else None
+        specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, batch_axis=axis, fill=fill))
     return specs
+
+
+def batch_axes(shapes: list[tuple[Dim, ...] | None]) -> list[int | None]:
+    """Each input's batch axis, from the dims the inputs declare (None: fed as is, the same in every batch).
+
+    The batch is the dim the inputs name on axis 0 (the most common name there). An input that names it on
+    another axis carries it there (a recurrent state [layers, batch, hidden]). An input whose axis 0 is a
+    fixed size, while another input's is free, carries the batch at its only free dim when that dim is
+    unnamed (exporters that name no dim), and has none when every dim is fixed (a parameter-like tensor).
+    A scalar has none. Anything else keeps axis 0, as before this was inferred.
+    """
+    firsts = [s[0] for s in shapes if s and isinstance(s[0], str)]
+    name = Counter(firsts).most_common(1)[0][0] if firsts else None
+    batch_free = any(s is None or (s and not isinstance(s[0], int)) for s in shapes)
+    axes: list[int | None] = []
+    for shape in shapes:
+        if shape is None:
+            axes.append(0)
+        elif not shape:
+            axes.append(None)
+        elif name is not None and name in shape:
+            axes.append(shape.index(name))
+        elif not isinstance(shape[0], int) or not batch_free:
+            axes.append(0)
+        else:
+            free = [axis for axis, dim in enumerate(shape) if not isinstance(dim, int)]
+            if not free:
+                axes.append(None)
+            elif len(free) == 1 and shape[free[0]] is None:
+                axes.append(free[0])
+            else:
+                axes.append(0)
+    return axes
+
+
+def _compared_constant(graph: Any, name: str) -> float | None:
+    """A constant the graph tests input ``name`` against with Equal (a sample rate selecting a branch):
+    the value a synthetic feed of it gets, so that the model takes a branch it was built for."""
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = attr.t
+    for node in graph.node:
+        if node.op_type == "Equal" and name in node.input:
+            other = [i for i in node.input if i != name]
+            tensor = constants.get(other[0]) if other else None
+            if tensor is not None:
+                array = numpy_helper.to_array(tensor)
+                if array.size == 1 and array.dtype.kind in "iu":
+                    return float(array.reshape(()))
+    return None

@@ -53,7 +53,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
         return Recalibration((), {}, 0)
     batch = outcome.batch_size
     usable = min(outcome.samples, MAX_SAMPLES)
-    if any(spec.shape and spec.shape[0] == batch for spec in view.inputs):
+    if any(spec.batch_dim == batch for spec in view.inputs):
         usable -= usable % batch  # a fixed batch dimension takes whole batches only
     if not usable:
         return f"fewer samples than the model's fixed batch size {batch}"

@@ -441,7 +441,7 @@ def _chain_nodes(layer: NormLayer, graph: _GraphFacts) -> list[onnx.NodeProto] |
 
 def _batching(view: ModelView, batch_size: int) -> tuple[int, bool]:
     """(batch size to feed, whether the model fixes it): a fixed batch dimension takes only full batches."""
-    fixed = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
+    fixed = {spec.batch_dim for spec in view.inputs if isinstance(spec.batch_dim, int)}
     if len(fixed) == 1:
         return int(fixed.pop()), True
     return batch_size, False

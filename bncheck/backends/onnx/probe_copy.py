@@ -155,9 +155,10 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple[Dim, ...]], dict[str
 # --------------------------------------------------------------------------- batch relaxation
 
 
-def _relaxed(model: onnx.ModelProto, batched: list[str], fixed: int) -> onnx.ModelProto:
-    """A copy whose batched inputs (and outputs whose first dim is ``fixed``) have a symbolic batch dim, with
-    every intermediate shape cleared (stale: they were inferred for the fixed batch)."""
+def _relaxed(model: onnx.ModelProto, batched: dict[str, int], fixed: int) -> onnx.ModelProto:
+    """A copy whose batched inputs (name -> batch axis; and outputs whose first dim is ``fixed``) have a
+    symbolic batch dim, with every intermediate shape cleared (stale: they were inferred for the fixed
+    batch)."""
     import onnx
 
     copy = onnx.ModelProto()
@@ -165,7 +166,7 @@ def _relaxed(model: onnx.ModelProto, batched: list[str], fixed: int) -> onnx.Mod
     graph = copy.graph
     for info in graph.input:
         if info.name in batched:
-            dim = info.type.tensor_type.shape.dim[0]
+            dim = info.type.tensor_type.shape.dim[batched[info.name]]
             dim.Clear()
             dim.dim_param = BATCH
     for info in graph.output:
@@ -198,7 +199,7 @@ def _constant_values(graph: Any) -> dict[str, tuple[np.ndarray, Any]]:
     return found
 
 
-def _batch_fed(graph: Any, batched: list[str]) -> set[str]:
+def _batch_fed(graph: Any, batched: dict[str, int]) -> set[str]:
     """Tensors computed from a batched input (a Reshape of a parameter bakes no batch)."""
     reached = set(batched)
     for node in graph.node:  # graphs are topologically sorted (the loader warns when not)
@@ -207,9 +208,9 @@ def _batch_fed(graph: Any, batched: list[str]) -> set[str]:
     return reached
 
 
-def _rewrite_batch_constants(model: onnx.ModelProto, batched: list[str], fixed: int) -> int:
+def _rewrite_batch_constants(model: onnx.ModelProto, batched: dict[str, int], fixed: int) -> int:
     """Reshape/Expand targets whose first element is the fixed batch, on a batch-fed tensor, become
-    ``Concat(Shape(input)[0:1], rest)``: the fed batch instead of the baked one. Returns how many."""
+    ``Concat(Shape(input)[axis:axis+1], rest)``: the fed batch instead of the baked one. Returns how many."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -224,9 +225,10 @@ def _rewrite_batch_constants(model: onnx.ModelProto, batched: list[str], fixed: 
     if not sites:
         return 0
     prefix = "__bncheck_batch"
-    zero = numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_index")
+    source, axis = next(iter(batched.items()))
+    zero = numpy_helper.from_array(np.array([axis], np.int64), f"{prefix}_index")
     graph.initializer.append(zero)
-    source_shape = helper.make_node("Shape", [batched[0]], [f"{prefix}_shape"], name=f"{prefix}_shape")
+    source_shape = helper.make_node("Shape", [source], [f"{prefix}_shape"], name=f"{prefix}_shape")
     batch = helper.make_node("Gather", [f"{prefix}_shape", zero.name], [f"{prefix}_size"], name=f"{prefix}_size",
                              axis=0)
     added: list[tuple[int, Any]] = []
@@ -288,14 +290,19 @@ def _validate(
 ) -> str | None:
     """None when the relaxed copy is proven equal (see the module docstring), else why not (one line).
     ``memo`` keeps the original model's outputs between attempts (one run of the original)."""
+    from bncheck.probe_plan import _take
+
     names = [o.name for o in original.graph.output]
-    inputs = [InputSpec(s.name, (None, *s.shape[1:]), s.dtype) if s.shape else s for s in inputs]
+    inputs = [s.with_batch_dim(None) for s in inputs]
+    axes = {s.name: s.batch_axis if s.batched else None for s in inputs}
 
     def feeds(n: int) -> dict[str, np.ndarray]:
         if settings.data is not None:  # --data also supplies dims the model leaves symbolic
-            rows = [{k: v[i % len(v)] for k, v in settings.data.items()} for i in range(n)]
-            return {**{k: np.stack([r[k] for r in rows]) for k in settings.data}, **fixed_feeds}
-        return {**synthetic_inputs(inputs, n, settings.seed, settings.input_shapes, int_high), **fixed_feeds}
+            pool = dict(settings.data)
+            size = next((len(v) for k, v in pool.items() if axes.get(k, 0) is not None), 1)
+            return {**_take(pool, tuple(i % size for i in range(n)), axes), **fixed_feeds}
+        pool = synthetic_inputs(inputs, n, settings.seed, settings.input_shapes, int_high)
+        return {**_take(pool, tuple(range(n)), axes), **fixed_feeds}
 
     try:
         feeds(1)
@@ -336,8 +343,9 @@ def _validate(
 
 
 def _fixed_batch(inputs: list[InputSpec]) -> int | None:
-    fixed = {s.shape[0] for s in inputs if s.shape and isinstance(s.shape[0], int)}
-    free = any(not s.shape or not isinstance(s.shape[0], int) for s in inputs)
+    batched = [s for s in inputs if s.batched]
+    fixed = {s.batch_dim for s in batched if isinstance(s.batch_dim, int)}
+    free = any(not isinstance(s.batch_dim, int) for s in batched)
     return int(fixed.pop()) if len(fixed) == 1 and not free else None
 
 
@@ -350,7 +358,7 @@ def _relax(
         if fixed is not None:
             copy.batch = f"fixed to {fixed} in the file"
         return model
-    batched = [s.name for s in copy.inputs if s.shape]
+    batched = {s.name: int(s.batch_axis) for s in copy.inputs if s.shape and s.batched}  # type: ignore[arg-type]
     # one other size proves the outputs follow the batch; larger sizes run the same graph (a size the probe
     # then cannot run is a note), and validating at the largest would double its most expensive run
     others = [min(b for b in settings.batch_sizes if b != fixed)]
@@ -371,18 +379,16 @@ def _relax(
     if why is not None:
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
+            first, axis = next(iter(batched.items()))
             copy.notes.append(
                 f"relaxing the fixed batch dimension of 1 failed ({why}); to test batch dependence, re-export "
                 "with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
-                f"{{{batched[0]!r}: {{0: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
+                f"{{{first!r}: {{{axis}: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
                 "batch in the input signature)"
             )
         return model
     copy.batch = how
-    copy.inputs = [
-        InputSpec(s.name, (BATCH, *s.shape[1:]), s.dtype) if s.name in batched and s.shape else s
-        for s in copy.inputs
-    ]
+    copy.inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
     return relaxed
 
 

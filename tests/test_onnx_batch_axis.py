@@ -1,0 +1,140 @@
+"""Inputs whose batch is not on axis 0: a recurrent state [layers, batch, hidden] next to x [batch, features],
+and a scalar (a sample rate) that every batch gets the same, as silero-vad's exports declare them.
+
+The fixture is built with onnx.helper: x [N, 8] and state [2, N, 4]; the state goes through a BatchNormalization
+and joins x before a LayerNormalization; ``sr`` selects the branch the model was built for (another value fails
+at run time, as in silero-vad). Each test runs the CLI and asserts what the user sees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.backends.onnx import OnnxBackend, batch_axes
+from bncheck.cli import main
+
+F32 = TensorProto.FLOAT
+RATE = 16000
+
+
+def _model(path: Path, *, batch: str | None = "N", mix_state: bool = False) -> str:
+    """x[N, 8], state[2, N, 4], sr[] -> y[N, 8] (LayerNorm of x + BN(state) flattened), state_out[2, N, 4].
+    ``batch=None`` leaves the batch dims unnamed (as spox writes them); ``mix_state`` subtracts the state's
+    mean over its batch axis (1) before the BN: a hand-written batch dependence no layer explains."""
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "bn.weight"),
+        numpy_helper.from_array(rng.uniform(-0.2, 0.2, c).astype(np.float32), "bn.bias"),
+        numpy_helper.from_array(rng.uniform(-0.2, 0.2, c).astype(np.float32), "bn.running_mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "bn.running_var"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "ln.weight"),
+        numpy_helper.from_array(rng.uniform(-0.2, 0.2, 8).astype(np.float32), "ln.bias"),
+        numpy_helper.from_array(np.array([0, 8], np.int64), "flat"),
+        numpy_helper.from_array(np.array(RATE, np.int64), "rate"),
+        numpy_helper.from_array(np.array([0, 7], np.int64), "bad_shape"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    source = "state"
+    nodes = []
+    if mix_state:
+        nodes += [helper.make_node("ReduceMean", ["state"], ["state_mean"], name="state_mean", axes=[1]),
+                  helper.make_node("Sub", ["state", "state_mean"], ["state_c"], name="state_centre")]
+        source = "state_c"
+    nodes += [
+        helper.make_node("Transpose", [source], ["s_t"], name="state_t", perm=[1, 2, 0]),  # [N, 4, 2]
+        helper.make_node("BatchNormalization", ["s_t", "bn.weight", "bn.bias", "bn.running_mean",
+                                                "bn.running_var"], ["s_bn"], name="state_bn"),
+        helper.make_node("Reshape", ["s_bn", "flat"], ["s_flat"], name="state_flat"),
+        helper.make_node("Add", ["x", "s_flat"], ["z"], name="join"),
+        helper.make_node("LayerNormalization", ["z", "ln.weight", "ln.bias"], ["ln_out"], name="ln", axis=-1),
+        helper.make_node("Mul", ["state", "half"], ["state_out"], name="state_next"),
+        helper.make_node("Equal", ["sr", "rate"], ["is_rate"], name="is_rate"),
+        helper.make_node(
+            "If", ["is_rate"], ["y"], name="by_rate",
+            then_branch=helper.make_graph([helper.make_node("Identity", ["ln_out"], ["y_then"])], "then", [],
+                                          [helper.make_tensor_value_info("y_then", F32, None)]),
+            # a rate the model was not built for fails at run time (8 values do not fold into rows of 7)
+            else_branch=helper.make_graph([helper.make_node("Reshape", ["ln_out", "bad_shape"], ["y_else"])],
+                                          "else", [], [helper.make_tensor_value_info("y_else", F32, None)]),
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes, "batch_on_axis_1",
+        [helper.make_tensor_value_info("x", F32, [batch, 8]),
+         helper.make_tensor_value_info("state", F32, [2, batch, 4]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", F32, [batch, 8]),
+         helper.make_tensor_value_info("state_out", F32, [2, batch, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    out = path / f"state_{batch or 'unnamed'}{'_mixed' if mix_state else ''}.onnx"
+    onnx.save(model, str(out))
+    return str(out)
+
+
+def _probe(path: str, *args: str) -> tuple[int, dict]:
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json", "--batch-sizes", "1,2,32", *args])
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_batch_axes_follow_the_dim_the_inputs_share_and_leave_scalars_and_fixed_tensors_unbatched():
+    assert batch_axes([("batch", "sequence"), (2, "batch", 128)]) == [0, 1]
+    assert batch_axes([(None, None), (2, None, 128), ()]) == [0, 1, None]  # unnamed dims (spox)
+    assert batch_axes([("N", 8), (1, 16)]) == [0, None]  # a parameter-like tensor next to a free batch
+    # unchanged where nothing says otherwise: fixed-batch files, per-input names (tf2onnx's unk__N), unknown rank
+    assert batch_axes([(8, 3), (8, 5)]) == [0, 0]
+    assert batch_axes([("unk__1", 3), ("unk__2", 3), None]) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("batch", ["N", None])
+def test_state_with_the_batch_on_axis_1_probes_at_1_2_32_and_the_scalar_is_fed_fixed(tmp_path, batch):
+    path = _model(tmp_path, batch=batch)
+    inputs = {spec.name: spec for spec in OnnxBackend().load(path).inputs}
+    assert (inputs["x"].batch_axis, inputs["state"].batch_axis, inputs["sr"].batch_axis) == (0, 1, None)
+    assert inputs["sr"].fill == RATE  # the rate the graph tests it against, not a random 0/1
+
+    code, doc = _probe(path, *(["--input-shape", "x:8", "--input-shape", "state:2x4"] if batch is None else []))
+    run = doc["probe"]["runs"][0]
+    assert code == 0 and doc["findings"] == []
+    assert run["batch_sizes"] == [1, 2, 32] and not any("not run" in n for n in run["notes"])
+    assert set(run["layers"]) == {"state_bn", "ln"}
+    # the state's BN normalizes over its batch and its 2 layers: 32 samples x 2 at batch 32
+    assert [run["layers"]["state_bn"]["by_batch_size"][b]["normalized_set_size"] for b in ("1", "2", "32")] == [2, 4, 64]
+    assert run["layers"]["state_bn"]["batch_dependence"]["verdict"] == "independent"
+    assert run["outputs"]["y"]["32"]["max_shift_sd"] == 0.0
+
+
+def test_a_dependence_along_the_state_batch_axis_is_found(tmp_path):
+    code, doc = _probe(_model(tmp_path, mix_state=True))
+    run = doc["probe"]["runs"][0]
+    assert run["batch_sizes"] == [1, 2, 32]
+    assert run["outputs"]["y"]["32"]["max_shift_sd"] > 0.1
+    assert code == 1 and [(f["code"], f["layer"]) for f in doc["findings"]] == [("BN002", "state_mean")]
+
+
+def test_data_holds_samples_first_and_the_scalar_as_fed(tmp_path):
+    path = _model(tmp_path)
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.standard_normal((40, 8)).astype(np.float32),
+             state=rng.standard_normal((40, 2, 4)).astype(np.float32), sr=np.array(RATE, np.int64))
+    code, doc = _probe(path, "--data", str(data))
+    run = doc["probe"]["runs"][0]
+    assert code == 0 and doc["findings"] == []
+    assert run["data_samples"] == 40 and run["batch_sizes"] == [1, 2, 32]
+
+    np.savez(data, x=rng.standard_normal((40, 8)).astype(np.float32),
+             state=rng.standard_normal((2, 40, 4)).astype(np.float32), sr=np.array(RATE, np.int64))
+    result = CliRunner().invoke(main, ["probe", path, "--data", str(data)])
+    assert result.exit_code == 2 and "has 40 at axis 1; input 'state' needs 2" in result.stderr
