@@ -109,8 +109,9 @@ def build(folder: str, layers: int, width: int, seed: int = 0) -> tuple[str, int
             return name
 
         def norm_param(name: str, array: np.ndarray) -> str:
+            array = array.astype(np.float32)
             sizes["norm"] += array.nbytes
-            return external(name, array.astype(np.float32))
+            return external(name, array)
 
         x, cin = "input", IN
         for i in range(layers):
