@@ -568,7 +568,6 @@ class Augmenter:
         var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
         eps_c = b.const(np.array(eps, np.float32), "spec_eps")
         std = b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")
-        normed = b.one("Div", [centered, std], "spec_norm")
         if spatial_mode == 0:
             scale_r, bias_r = params["scale"], params["bias"]
         else:
@@ -577,7 +576,9 @@ class Augmenter:
             bias_r = b.one("Reshape", [params["bias"], shape_c], "spec_bias_r")
         outputs = list(node.output)
         y_spec = outputs[0]
-        scaled = b.one("Mul", [normed, scale_r], "spec_scaled")
+        # scale / std per channel first: one full-size Mul instead of a Div and a Mul (a centred value of
+        # exactly 0, a one-element set, still gives exactly the bias)
+        scaled = b.one("Mul", [centered, b.one("Div", [scale_r, std], "spec_gain")], "spec_scaled")
         b.nodes.append(onnx.helper.make_node("Add", [scaled, bias_r], [y_spec], name=b.name("spec_y")))
         flat = b.const(np.array([-1], np.int64), "spec_flat")
         keep = 1.0 - momentum
