@@ -385,7 +385,7 @@ class Augmenter:
             return m
         if not tensor or tensor not in self.known:
             return None  # not a tensor of the main graph (e.g. inside a subgraph): not measurable
-        per_sample = 1
+        per_sample: int | None = 1
         if shape is not None:
             for axis, dim in enumerate(shape):
                 if axis == batch_axis:
@@ -408,6 +408,7 @@ class Augmenter:
             and rank >= 3
             and batch_axis == 0
             and channel_axis == 1
+            and shape is not None
             and isinstance(shape[1], int)
         ):
             m.mode = "fast"
