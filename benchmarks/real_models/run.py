@@ -286,11 +286,17 @@ def _fmt_findings(counts: dict[str, int]) -> str:
     return " ".join(f"{k}x{v}" for k, v in sorted(counts.items())) or "-"
 
 
+def all_notes(doc: dict | None) -> list:
+    """The report's notes and each probe run's (where the probe says what it did with batch and noise)."""
+    runs = ((doc or {}).get("probe") or {}).get("runs") or []
+    return [*(doc or {}).get("notes", []), *(n for run in runs for n in run.get("notes", []))]
+
+
 def _fmt_notes(notes: list) -> str:
     """First note of each level with the count of the others (a Keras 2 file gives one per layer)."""
     by_level: dict[str, list[str]] = {}
     for note in notes:
-        level, message = (note.get("level", "?"), note.get("message", "")) if isinstance(note, dict) else ("?", note)
+        level, message = (note.get("level", "?"), note.get("message", "")) if isinstance(note, dict) else ("run", note)
         by_level.setdefault(level, []).append(str(message))
     parts = []
     for level, messages in by_level.items():
@@ -361,8 +367,8 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
         if r["plain"]["exit"] != 0:
             error = r["plain"].get("error", "")[:300]
             fails.append(f"- `{r['id']}` plain inference exit {r['plain']['exit']}: `{error}`")
-    notes = [f"- `{r['id']}`: {_fmt_notes(r['probe_notes'])}" for r in results
-             if r["probe_notes"] and not r["origin"].startswith("twin")]
+    notes = [f"- `{r['id']}`: {_fmt_notes(all_notes(r['probe_doc']))}" for r in results
+             if all_notes(r["probe_doc"]) and not r["origin"].startswith("twin")]
     on_trained = []
     for r in results:
         if r["origin"].startswith("twin") or r.get("expect"):
