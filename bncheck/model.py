@@ -188,6 +188,15 @@ class ModelView:
         raise KeyError(name)
 
 
+def fixed_batch(inputs: list[InputSpec]) -> int | None:
+    """The batch size every batched input fixes in its declared shape, or None when the batch dimension is
+    free (or the inputs disagree)."""
+    batched = [spec for spec in inputs if spec.batched]
+    fixed = {spec.batch_dim for spec in batched if isinstance(spec.batch_dim, int)}
+    free = any(not isinstance(spec.batch_dim, int) for spec in batched)
+    return int(fixed.pop()) if len(fixed) == 1 and not free else None
+
+
 # --------------------------------------------------------------------------- probe statistics
 
 

@@ -43,6 +43,7 @@ from bncheck.model import (
     ProbeSettings,
     Recalibration,
     TensorStats,
+    fixed_batch,
 )
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 
@@ -238,17 +239,6 @@ def real_rows(run: tuple[int, ...]) -> int:
         if run[i] != run[i - 1] + 1:
             return i
     return len(run)
-
-
-def _fixed_batch(view: ModelView) -> int | None:
-    """The batch size every batched input fixes in its declared shape, or None when the batch dimension is
-    free."""
-    batched = [spec for spec in view.inputs if spec.batched]
-    fixed = {spec.batch_dim for spec in batched if isinstance(spec.batch_dim, int)}
-    free = any(not isinstance(spec.batch_dim, int) for spec in batched)
-    if len(fixed) == 1 and not free:
-        return int(fixed.pop())
-    return None
 
 
 def _plan_for(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool,
@@ -560,7 +550,7 @@ def run_plan(
     requested = batch_sizes
     test_dependence = True
     axes = batch_axes(view)
-    fixed = _fixed_batch(view)
+    fixed = fixed_batch(view.inputs)
     if fixed is not None:
         skipped = [b for b in batch_sizes if b != fixed]
         if skipped:

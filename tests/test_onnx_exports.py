@@ -118,6 +118,9 @@ def test_a_fixed_batch_baked_into_a_reshape_is_relaxed_and_tested_for_dependence
     assert run["layers"]["head_bn"]["batch_dependence"]["verdict"] == "culprit"
     assert run["layers"]["bn"]["batch_dependence"]["verdict"] == "independent"
     assert {f["code"] for f in doc["findings"] if f["layer"] == "head_bn"} >= {"BN002"}
+    # the 1-d head collapses at batch 1: a defect when the file runs batch 1, not when it fixes batch 8
+    collapse = {f["severity"] for f in doc["findings"] if f["code"] == "BN001" and f["layer"] == "head_bn"}
+    assert collapse == ({"error"} if fixed == 1 else {"info"})
 
 
 def test_a_fixed_batch_that_cannot_be_relaxed_is_tested_inside_the_batch(tmp_path):

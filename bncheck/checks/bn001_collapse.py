@@ -35,7 +35,7 @@ from collections.abc import Iterator
 
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, shape_json
-from bncheck.model import Dim, Kind, ModelView, NormLayer, ProbeResult, observed_set_size
+from bncheck.model import Dim, Kind, ModelView, NormLayer, ProbeResult, fixed_batch, observed_set_size
 from bncheck.verdicts import collapse_condition, collapse_is_certain, is_collapsed
 
 CODE = "BN001"
@@ -71,6 +71,13 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 f"{describe(layer)} output is constant (its bias) at batch size {listed} whatever the input: "
                 "the normalized set has one element"
             )
+            fixed = fixed_batch(view.inputs)
+            if fixed is not None and all(b < fixed for b in observed):
+                # the probe ran a relaxed copy at sizes the file never runs: no defect at the file's own size
+                evidence["file_batch_size"] = fixed
+                message += f", a batch size this file does not run (its batch dimension is fixed to {fixed})"
+                yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, HINT, evidence)
+                continue
             yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
         elif condition is None:
             continue

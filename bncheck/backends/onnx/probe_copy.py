@@ -25,7 +25,7 @@ import numpy as np
 from bncheck.backends.onnx.instrument import _copy, stub
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.errors import one_line
-from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings
+from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 
 if TYPE_CHECKING:
@@ -342,18 +342,11 @@ def _validate(
     return None
 
 
-def _fixed_batch(inputs: list[InputSpec]) -> int | None:
-    batched = [s for s in inputs if s.batched]
-    fixed = {s.batch_dim for s in batched if isinstance(s.batch_dim, int)}
-    free = any(not isinstance(s.batch_dim, int) for s in batched)
-    return int(fixed.pop()) if len(fixed) == 1 and not free else None
-
-
 def _relax(
     copy: ProbeCopy, model: onnx.ModelProto, settings: ProbeSettings, int_high: dict[str, int]
 ) -> onnx.ModelProto:
     """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``."""
-    fixed = _fixed_batch(copy.inputs)
+    fixed = fixed_batch(copy.inputs)
     if fixed is None or set(settings.batch_sizes) <= {fixed}:
         if fixed is not None:
             copy.batch = f"fixed to {fixed} in the file"
