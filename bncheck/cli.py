@@ -341,7 +341,7 @@ def explain(check: str) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Calibration batch size (a model with a fixed batch dimension uses its own).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help=FORMAT_HELP)
+              help=FORMAT_HELP.replace("use -o", "use --report"))
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True, path_type=str),
               help=OUTPUT_HELP.replace("this file", "this file (not the fixed model: that is -o)"))
 @click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
@@ -352,8 +352,8 @@ def explain(check: str) -> None:
 def fix(model: str, fixed: str | None, data: str | None, stats: str, min_samples: int | None,
         only: tuple[str, ...], dry_run: bool, batch_size: int, fmt: str, report_path: str | None, fail_on: str,
         exit_non_zero_on_fix: bool, debug: bool) -> None:
-    """Write a repaired copy of MODEL (ONNX or Keras): train-mode batch norms switched to inference, stale
-    statistics recomputed from --data.
+    """Write a repaired copy of MODEL (ONNX or Keras): train-mode batch norms switched to inference (with
+    their stored statistics where sound: no data needed), stale or drifting statistics recomputed from --data.
 
     The findings listed are the ORIGINAL model's; the written model is checked again with the same data.
     Exit codes as linters' fix modes: 0 when the written model has no finding at or above --fail-on, 1 when
