@@ -15,7 +15,7 @@ from typing import Any
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.config import KerasFile, build
 from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, attr_str
-from bncheck.errors import one_line
+from bncheck.errors import BncheckError, one_line
 from bncheck.model import Note
 
 #: Largest uncompressed size accepted for config.json / metadata.json (a big model's config is a few MB).
@@ -27,6 +27,8 @@ MAX_WEIGHTS_BYTES = 16 * 1024**3
 #: the same ratio (keras.src.saving.saving_lib._ZIP_MEMBER_MAX_EXPANSION = 100).
 MAX_RATIO = 100
 RATIO_FLOOR = 1024**2
+#: Links scanned in an HDF5 file before it is refused as unreasonable (a MobileNet's weights hold about 1,000).
+MAX_H5_LINKS = 1_000_000
 
 
 def read(path: str) -> KerasFile:
@@ -67,6 +69,12 @@ def _read_keras(path: str) -> KerasFile:
             except Exception as exc:  # h5py raises OSError/ValueError on what is not HDF5
                 raise BackendError(f"{path}: model.weights.h5 is not a readable HDF5 file ({one_line(exc)})") from None
             with weights:
+                try:
+                    guard_hdf5(path, weights, "model.weights.h5")
+                except BackendError:
+                    raise
+                except Exception as exc:  # h5py on a damaged link table or object header
+                    raise BackendError(f"{path}: damaged model.weights.h5 ({one_line(exc)})") from None
                 return build(path, "keras", config, KerasWeights(weights), version, None, notes)
 
 
@@ -79,6 +87,7 @@ def _read_h5(path: str) -> KerasFile:
         raise BackendError(f"{path}: not a readable HDF5 file ({one_line(exc)})") from None
     with handle:
         try:
+            guard_hdf5(path, handle)
             raw = handle.attrs.get("model_config")
             if raw is None:
                 raise BackendError(
@@ -96,10 +105,49 @@ def _read_h5(path: str) -> KerasFile:
             weights = LegacyWeights(group) if group is not None else None
             notes = [] if weights is not None else [Note("warning", "no model_weights group: parameters are unknown")]
             return build(path, "h5", config, weights, version, backend, notes)
-        except BackendError:
+        except BncheckError:
             raise
         except Exception as exc:
             raise BackendError(f"{path}: damaged Keras HDF5 file ({one_line(exc)})") from None
+
+
+def guard_hdf5(path: str, h5: Any, member: str = "") -> None:
+    """Refuse an HDF5 file that would make h5py read other files, before any dataset is read: external links,
+    datasets with external storage (raw bytes in another file), virtual datasets (mappings of other files'
+    datasets). Keras refuses the same files ("Not allowed: H5 file with external Dataset").
+
+    Every link is inspected without being followed (``getlink=True``); groups reached by hard links are
+    scanned once each, so a group linked into itself cannot loop.
+    """
+    import h5py
+
+    where = f"{path}: {member}" if member else f"{path}:"
+    stack, seen, count = [h5["/"]], {h5["/"].id}, 0
+    while stack:
+        group = stack.pop()
+        for name in group:
+            count += 1
+            if count > MAX_H5_LINKS:
+                raise BackendError(f"{where} more than {MAX_H5_LINKS:,} HDF5 links: refusing an unreasonable file")
+            link_path = f"{group.name.rstrip('/')}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise BackendError(f"{where} {link_path!r} is an external link to {link.filename!r}: "
+                                   "refusing to read other files")
+            if not isinstance(link, h5py.HardLink):
+                continue  # a soft link names a path inside this file, scanned as itself
+            target = group.get(name)
+            if isinstance(target, h5py.Dataset):
+                if target.external:
+                    files = sorted({str(entry[0]) for entry in target.external})
+                    raise BackendError(f"{where} dataset {link_path!r} has external storage in {files[0]!r}: "
+                                       "refusing to read other files")
+                if target.is_virtual:
+                    raise BackendError(f"{where} dataset {link_path!r} is a virtual dataset mapping other files: "
+                                       "refusing to read other files")
+            elif isinstance(target, h5py.Group) and target.id not in seen:
+                seen.add(target.id)
+                stack.append(target)
 
 
 def _guard_member(path: str, info: zipfile.ZipInfo) -> None:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import numpy as np
 
+from bncheck import budget
 from bncheck.errors import one_line
 from bncheck.model import Kind
 
@@ -83,7 +85,7 @@ class KerasWeights:
         count = sum(1 for key in vars_group if key.isdigit())
         if count < len(names):
             return {}, f"{group}/vars holds {count} variables, expected {len(names)} ({', '.join(names)})"
-        return {name: np.asarray(vars_group[str(i)][()]) for i, name in enumerate(names)}, None
+        return {name: read_dataset(vars_group[str(i)]) for i, name in enumerate(names)}, None
 
 
 class LegacyWeights:
@@ -119,7 +121,7 @@ class LegacyWeights:
             dataset = top.get("/".join(candidates[0]))
             if dataset is None:
                 return {}, f"model_weights/{path[0]}/{'/'.join(candidates[0])} is listed but missing"
-            found[var] = np.asarray(dataset[()])
+            found[var] = read_dataset(dataset)
         return found, None
 
 
@@ -137,7 +139,7 @@ def _by_position(
         dataset = top.get(weight_name)
         if dataset is None:
             return {}, f"model_weights/{layer}/{weight_name} is listed but missing"
-        found[var] = np.asarray(dataset[()])
+        found[var] = read_dataset(dataset)
     return found, None
 
 
@@ -152,6 +154,16 @@ def _named(weight_names: list[str], var: str, layer: str, renamed: bool = False)
         if scope == layer or (renamed and re.fullmatch(re.escape(layer) + r"_\d+", scope)):
             found.append(parts)
     return found
+
+
+def read_dataset(dataset: Any) -> np.ndarray:
+    """A dataset's values, after checking its declared size against the memory budget: an HDF5 dataset can
+    declare billions of never-written values (read as its fill value) or inflate from a few compressed bytes."""
+    shape = getattr(dataset, "shape", None)
+    if shape:  # a Dataset (h5py hands back groups and links as other types, which fail below as before)
+        need = math.prod(int(d) for d in shape) * int(dataset.dtype.itemsize)
+        budget.check(need, f"reading HDF5 dataset {dataset.name!r} (shape {tuple(shape)}, {dataset.dtype})")
+    return np.asarray(dataset[()])
 
 
 def _scope_fits(scope: list[str], model_path: tuple[str, ...]) -> bool:
