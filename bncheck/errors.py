@@ -45,3 +45,11 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's text on one line (libraries' messages span several), cut to ``limit`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def few(items: object, limit: int = 3) -> str:
+    """``'k0', 'k1', 'k2' and 9,997 more``: a message names at most ``limit`` items of a list (each repr'd)."""
+    listed = list(items)  # type: ignore[call-overload]
+    shown = ", ".join(repr(x) for x in listed[:limit])
+    rest = len(listed) - limit
+    return f"{shown} and {rest:,} more" if rest > 0 else shown

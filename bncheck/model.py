@@ -192,8 +192,9 @@ def fixed_batch(inputs: list[InputSpec]) -> int | None:
     """The batch size every batched input fixes in its declared shape, or None when the batch dimension is
     free (or the inputs disagree)."""
     batched = [spec for spec in inputs if spec.batched]
-    fixed = {spec.batch_dim for spec in batched if isinstance(spec.batch_dim, int)}
-    free = any(not isinstance(spec.batch_dim, int) for spec in batched)
+    # a batch dim of 0 or -1 is how some exporters write a dynamic one (onnxruntime treats it so)
+    fixed = {spec.batch_dim for spec in batched if isinstance(spec.batch_dim, int) and spec.batch_dim > 0}
+    free = any(not isinstance(spec.batch_dim, int) or spec.batch_dim < 1 for spec in batched)
     return int(fixed.pop()) if len(fixed) == 1 and not free else None
 
 

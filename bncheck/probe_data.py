@@ -18,13 +18,15 @@ the same whatever batch it is later placed in: the batch-dependence test relies 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from bncheck.errors import DataError
+from bncheck import budget
+from bncheck.errors import DataError, few
 from bncheck.model import Dim, InputSpec
 
 #: exclusive upper bound of synthetic integer inputs that feed no Gather (token ids, class ids, flags).
@@ -32,6 +34,9 @@ DEFAULT_INT_HIGH = 2
 #: largest batch size accepted on the command line; above it a probe batch of a real model would not fit
 #: in memory anyway, and a typo such as 3200 should fail fast.
 MAX_BATCH_SIZE = 4096
+#: largest dimension accepted in --input-shape (int32's maximum, what onnxruntime's kernels index with);
+#: the memory budget (bncheck.budget) then judges the whole shape.
+MAX_DIM = 2**31 - 1
 
 
 class ProbeDataError(DataError, ValueError):
@@ -93,12 +98,19 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
         part = part.strip()
         try:
             value = int(part)
-        except ValueError:
-            raise ProbeDataError(f"--input-shape {text!r}: {part!r} is not an integer dimension") from None
+        except ValueError:  # also the digits past Python's int conversion limit
+            raise ProbeDataError(f"--input-shape {_short(text)}: {_short(part)} is not an integer dimension") from None
         if value < 1:
             raise ProbeDataError(f"--input-shape {text!r}: dimension {value} must be positive")
+        if value > MAX_DIM:
+            raise ProbeDataError(f"--input-shape {_short(text)}: dimension {_short(part)} is larger than {MAX_DIM}")
         dims.append(value)
     return name, tuple(dims)
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """An option value for a message: repr'd, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def _mismatch(given: tuple[int, ...], declared: tuple[Dim, ...]) -> int | None:
@@ -138,7 +150,7 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
     if len(shape) == 0:
         return ()
     first = spec.batch_dim
-    if isinstance(first, int) and first != batch:
+    if isinstance(first, int) and first > 0 and first != batch:  # 0 and -1: dynamic, as exporters write it
         raise ProbeDataError(
             f"input {spec.name!r} has a fixed batch dimension of {first}; it cannot be probed at batch size {batch}"
         )
@@ -156,6 +168,12 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
                 f"not {override[axis - 1]}"
             )
         return (*lead, *override)
+    for i, dim in enumerate(rest, start=1):
+        if isinstance(dim, int) and dim < 1:
+            raise ProbeDataError(
+                f"input {spec.name!r} declares dim {dim} at axis {i}: a probe needs positive dims; give the "
+                f"shape with --input-shape {spec.name}:{'x'.join(str(d) if isinstance(d, int) and d > 0 else 'DIM' for d in rest)}"
+            )
     missing: list[tuple[int, Dim]] = [(i, dim) for i, dim in enumerate(rest, start=1) if not isinstance(dim, int)]
     if missing:
         raise MissingDimsError(_missing_message([MissingDimsError("", spec, missing, rest)]), spec, missing, rest)
@@ -214,13 +232,23 @@ def synthetic_inputs(
     int_high: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """``n`` seeded samples per input (first axis), drawn as the module docstring documents; an input
-    without a batch axis gets one tensor (its ``fill`` value when it has one)."""
+    without a batch axis gets one tensor (its ``fill`` value when it has one).
+
+    The bytes they need are checked against the memory budget before anything is drawn.
+    """
     check_sizes(inputs, overrides)
     rng = np.random.default_rng(seed)
     int_high = int_high or {}
     feeds: dict[str, np.ndarray] = {}
+    shapes = {spec.name: resolve_shape(spec, n, overrides) for spec in inputs}
+    sizes = {spec.name: math.prod(shapes[spec.name]) * _numpy_dtype(spec).itemsize for spec in inputs}
+    largest = max(sizes, key=sizes.__getitem__, default=None)
+    if largest is not None:
+        shape_text = "x".join(map(str, shapes[largest][1:])) or "scalar"
+        budget.check(sum(sizes.values()), f"the probe's synthetic inputs ({n} samples; input {largest!r}: "
+                                          f"{shape_text} per sample)")
     for spec in inputs:
-        shape = resolve_shape(spec, n, overrides)
+        shape = shapes[spec.name]
         dtype = _numpy_dtype(spec)
         if spec.fill is not None and not spec.batched:
             feeds[spec.name] = np.full(shape, spec.fill, dtype=dtype)
@@ -305,7 +333,7 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
             raise ProbeDataError(f"{path}: is a .npy array, not an .npz archive")
         if len(inputs) != 1:
             raise ProbeDataError(
-                f"{path}: a .npy file feeds one input but the model has {len(inputs)} ({', '.join(names)}); "
+                f"{path}: a .npy file feeds one input but the model has {len(inputs)} ({few(names)}); "
                 "use an .npz keyed by input name"
             )
         arrays[names[0]] = _check_array(inputs[0], loaded, f"{path}")
@@ -315,13 +343,13 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
             unknown = [k for k in keys if k not in names]
             missing = [n for n in names if n not in keys]
             if unknown:
-                raise ProbeDataError(
-                    f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; the model's inputs are "
-                    f"{', '.join(map(repr, names))}"
-                )
+                raise ProbeDataError(f"{path}: unknown key(s) {few(unknown)}; the model's inputs are {few(names)}")
             if missing:
-                raise ProbeDataError(f"{path}: missing key(s) {', '.join(map(repr, missing))} for the model's inputs")
+                raise ProbeDataError(f"{path}: missing key(s) {few(missing)} for the model's inputs")
             for spec in inputs:
+                member = loaded.zip.getinfo(f"{spec.name}.npy") if f"{spec.name}.npy" in loaded.zip.namelist() else None
+                if member is not None:  # a compressed member may inflate far past the file's size
+                    budget.check(member.file_size, f"{path}[{spec.name}] ({member.file_size:,} bytes uncompressed)")
                 try:
                     array = loaded[spec.name]
                 except ValueError as exc:
@@ -330,7 +358,7 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     batched = {spec.name for spec in inputs if spec.batched}
     counts = {name: int(a.shape[0]) for name, a in arrays.items() if name in batched}
     if len(set(counts.values())) > 1:
-        listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        listing = ", ".join(f"{k!r}: {v}" for k, v in list(counts.items())[:3]) + (" ..." if len(counts) > 3 else "")
         raise ProbeDataError(f"{path}: inputs have different numbers of samples ({listing})")
     return arrays
 
@@ -341,12 +369,12 @@ def data_from_arrays(data: Any, inputs: list[InputSpec]) -> dict[str, np.ndarray
     names = [spec.name for spec in inputs]
     if not isinstance(data, Mapping):
         if len(inputs) != 1:
-            raise ProbeDataError(f"one array feeds one input but the model has {len(inputs)} ({', '.join(names)})")
+            raise ProbeDataError(f"one array feeds one input but the model has {len(inputs)} ({few(names)})")
         data = {names[0]: data}
     unknown = [k for k in data if k not in names]
     missing = [n for n in names if n not in data]
     if unknown or missing:
         raise ProbeDataError(
-            f"data keys {', '.join(map(repr, data))} do not match the model's inputs {', '.join(map(repr, names))}"
+            f"data keys {few(data)} do not match the model's inputs {few(names)}"
         )
     return {spec.name: _check_array(spec, np.asarray(data[spec.name]), f"data[{spec.name!r}]") for spec in inputs}

@@ -45,7 +45,7 @@ from bncheck.model import (
     TensorStats,
     fixed_batch,
 )
-from bncheck.probe_data import ProbeDataError, synthetic_inputs
+from bncheck.probe_data import MAX_BATCH_SIZE, ProbeDataError, synthetic_inputs
 
 
 @dataclass
@@ -551,6 +551,12 @@ def run_plan(
     test_dependence = True
     axes = batch_axes(view)
     fixed = fixed_batch(view.inputs)
+    if fixed is not None and fixed > MAX_BATCH_SIZE:  # refused before any plan or allocation is made
+        name = next(spec.name for spec in view.inputs if spec.batched and spec.batch_dim == fixed)
+        raise ProbeDataError(
+            f"input {name!r} declares a fixed batch dimension of {fixed}, above the largest probe batch size "
+            f"{MAX_BATCH_SIZE}: this model cannot be probed"
+        )
     if fixed is not None:
         skipped = [b for b in batch_sizes if b != fixed]
         if skipped:

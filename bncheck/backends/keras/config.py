@@ -191,7 +191,7 @@ def build(
     except RecursionError:
         raise BackendError(f"{path}: the model config is nested too deeply to read") from None
     if ctx.unsafe:
-        ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + "; ".join(ctx.unsafe)))
+        ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + few_reasons(ctx.unsafe)))
     saved = f"keras {version}" if version else "an unknown Keras version"
     ctx.notes.insert(0, Note("info", f"saved by {saved}" + (f" (backend {backend})" if backend else "")))
     layers = _apply_leak(ctx) if not keras2 else ctx.layers
@@ -597,3 +597,9 @@ class KerasFile:
         return bool(batch_norms) and bool(self.baked_layers) and not self.keras2
 
 
+
+
+def few_reasons(reasons: list[str], limit: int = 3) -> str:
+    """The first few reasons a probe is refused, and how many more (a hostile config may give thousands)."""
+    rest = len(reasons) - limit
+    return "; ".join(reasons[:limit]) + (f"; and {rest:,} more" if rest > 0 else "")

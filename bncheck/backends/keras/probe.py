@@ -30,6 +30,8 @@ import numpy as np
 
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras.archive import KerasFile
+from bncheck.backends.keras.config import few_reasons
+from bncheck.errors import few
 from bncheck.model import (
     Kind,
     LayerProbe,
@@ -82,7 +84,7 @@ def refuse_unsafe(static: KerasFile) -> None:
     """Refuse, before anything is imported or loaded, a file whose config carries code."""
     if static.unsafe:
         raise BackendError(
-            f"{static.path}: refusing to probe, nothing was executed: {'; '.join(static.unsafe)} "
+            f"{static.path}: refusing to probe, nothing was executed: {few_reasons(static.unsafe)} "
             "(bncheck inspect still reads the file)"
         )
 
@@ -194,7 +196,7 @@ class KerasRunner:
         self.layers = find_layers(self.model, names)
         missing = [n for n in names if n not in self.layers]
         if missing:
-            raise BackendError(f"{self.path}: keras loaded the model without layer(s) {', '.join(missing)}")
+            raise BackendError(f"{self.path}: keras loaded the model without layer(s) {few(missing)}")
         self.capture = _Capture(tensor_stats)
         convert = self.keras.ops.convert_to_numpy
         for norm in view.layers:

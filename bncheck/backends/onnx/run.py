@@ -23,7 +23,7 @@ from bncheck.backends.onnx.instrument import (
 )
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
-from bncheck.errors import one_line
+from bncheck.errors import few, one_line
 from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
 from bncheck.probe_data import ProbeDataError, check_sizes
 from bncheck.probe_plan import Observed, Runner, drifting_layers, first_samples, merge_stats, run_plan, tensor_stats
@@ -438,7 +438,7 @@ def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
     for name in settings.input_shapes:
         if name not in names:
             raise ProbeDataError(
-                f"--input-shape {name}: the model has no input of that name (inputs: {', '.join(sorted(names))})"
+                f"--input-shape {name}: the model has no input of that name (inputs: {few(sorted(names))})"
             )
     if settings.data is None:
         check_sizes(view.inputs, settings.input_shapes)
