@@ -224,6 +224,21 @@ def _numpy_dtype(spec: InputSpec) -> np.dtype:
         raise ProbeDataError(f"input {spec.name!r} has dtype {spec.dtype!r}, which bncheck cannot feed") from None
 
 
+def synthetic_shapes(
+    inputs: list[InputSpec], n: int, overrides: Mapping[str, tuple[int, ...]] | None
+) -> dict[str, tuple[int, ...]]:
+    """The shape of each input for ``n`` samples, after checking the bytes they need against the memory
+    budget (nothing is allocated here)."""
+    shapes = {spec.name: resolve_shape(spec, n, overrides) for spec in inputs}
+    sizes = {spec.name: math.prod(shapes[spec.name]) * _numpy_dtype(spec).itemsize for spec in inputs}
+    largest = max(sizes, key=sizes.__getitem__, default=None)
+    if largest is not None:
+        shape_text = "x".join(map(str, shapes[largest][1:])) or "scalar"
+        budget.check(sum(sizes.values()), f"the probe's synthetic inputs ({n} samples; input {largest!r}: "
+                                          f"{shape_text} per sample)")
+    return shapes
+
+
 def synthetic_inputs(
     inputs: list[InputSpec],
     n: int,
@@ -240,13 +255,7 @@ def synthetic_inputs(
     rng = np.random.default_rng(seed)
     int_high = int_high or {}
     feeds: dict[str, np.ndarray] = {}
-    shapes = {spec.name: resolve_shape(spec, n, overrides) for spec in inputs}
-    sizes = {spec.name: math.prod(shapes[spec.name]) * _numpy_dtype(spec).itemsize for spec in inputs}
-    largest = max(sizes, key=sizes.__getitem__, default=None)
-    if largest is not None:
-        shape_text = "x".join(map(str, shapes[largest][1:])) or "scalar"
-        budget.check(sum(sizes.values()), f"the probe's synthetic inputs ({n} samples; input {largest!r}: "
-                                          f"{shape_text} per sample)")
+    shapes = synthetic_shapes(inputs, n, overrides)
     for spec in inputs:
         shape = shapes[spec.name]
         dtype = _numpy_dtype(spec)

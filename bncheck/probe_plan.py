@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bncheck.errors import BncheckError, ErrorKind, one_line
+from bncheck.errors import BncheckError, ErrorKind, few, one_line
 from bncheck.model import (
     BatchDependence,
     LayerProbe,
@@ -45,7 +45,7 @@ from bncheck.model import (
     TensorStats,
     fixed_batch,
 )
-from bncheck.probe_data import MAX_BATCH_SIZE, ProbeDataError, synthetic_inputs
+from bncheck.probe_data import MAX_BATCH_SIZE, ProbeDataError, synthetic_inputs, synthetic_shapes
 
 
 @dataclass
@@ -239,6 +239,35 @@ def real_rows(run: tuple[int, ...]) -> int:
         if run[i] != run[i - 1] + 1:
             return i
     return len(run)
+
+
+def preflight(view: ModelView, settings: ProbeSettings) -> None:
+    """Refuse, before a runtime loads the model, a probe that cannot run: --input-shape for an unknown input,
+    dims that do not resolve or are not positive, a fixed batch above MAX_BATCH_SIZE, synthetic inputs over
+    the memory budget. Backends call it first; :func:`run_plan` meets the same conditions again later."""
+    names = [spec.name for spec in view.inputs]
+    for name in settings.input_shapes:
+        if name not in names:
+            raise ProbeDataError(f"--input-shape {name}: the model has no input of that name (inputs: {few(names)})")
+    fixed = fixed_batch(view.inputs)
+    _refuse_huge_batch(view, fixed)
+    if settings.data is None and settings.batch_sizes:
+        batch_sizes = (fixed,) if fixed is not None else tuple(settings.batch_sizes)
+        plan = _plan_for(batch_sizes, settings.samples, None, False, fixed != 1, fixed)
+        specs = view.inputs
+        if fixed is not None:  # as run_plan draws them: along a free batch axis
+            specs = [s.with_batch_dim(None) for s in specs]
+        synthetic_shapes(specs, plan.pool_needed, settings.input_shapes)
+
+
+def _refuse_huge_batch(view: ModelView, fixed: int | None) -> None:
+    """A fixed batch above MAX_BATCH_SIZE is refused before any plan is made (planning it would not end)."""
+    if fixed is not None and fixed > MAX_BATCH_SIZE:
+        name = next(spec.name for spec in view.inputs if spec.batched and spec.batch_dim == fixed)
+        raise ProbeDataError(
+            f"input {name!r} declares a fixed batch dimension of {fixed}, above the largest probe batch size "
+            f"{MAX_BATCH_SIZE}: this model cannot be probed"
+        )
 
 
 def _plan_for(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool,
@@ -551,12 +580,7 @@ def run_plan(
     test_dependence = True
     axes = batch_axes(view)
     fixed = fixed_batch(view.inputs)
-    if fixed is not None and fixed > MAX_BATCH_SIZE:  # refused before any plan or allocation is made
-        name = next(spec.name for spec in view.inputs if spec.batched and spec.batch_dim == fixed)
-        raise ProbeDataError(
-            f"input {name!r} declares a fixed batch dimension of {fixed}, above the largest probe batch size "
-            f"{MAX_BATCH_SIZE}: this model cannot be probed"
-        )
+    _refuse_huge_batch(view, fixed)
     if fixed is not None:
         skipped = [b for b in batch_sizes if b != fixed]
         if skipped:

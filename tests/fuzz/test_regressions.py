@@ -171,8 +171,10 @@ def test_huge_integer_in_input_shape_is_a_usage_error(value: str) -> None:
 def test_declared_zero_or_negative_dim_names_the_input_and_the_dim(dim: int) -> None:
     with Workspace() as ws:
         corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=["N", 3, dim, 4])
-        result = _run(ws, "probe", "m.onnx")
-        _refused(result, "'x'", "axis 2", str(dim))
+        _refused(_run(ws, "probe", "m.onnx"), "'x'", "axis 2", "--input-shape")
+        # Keras input shapes are read as written: the same refusal, with the dim
+        corpus.write_keras(ws.model_dir / "k.keras", corpus.keras_bn_config([None, dim, 4]), corpus.keras_weights(4))
+        _refused(_run(ws, "probe", "k.keras"), "'x'", "axis 1", str(dim))
 
 
 @pytest.mark.parametrize("batch", [2**40, 2**63 - 1])

@@ -270,8 +270,9 @@ def call_styles(static: KerasFile) -> list[str]:
 
 def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> list[ProbeResult]:
     refuse_unsafe(static)
-    from bncheck.probe_plan import drifting_layers, run_plan
+    from bncheck.probe_plan import drifting_layers, preflight, run_plan
 
+    preflight(view, settings)  # before Keras loads the model
     runner = static.runner if static.runner is not None else KerasRunner(view, static)
     static.runner = runner  # fix, after probing the original, runs this same loaded model
     bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])

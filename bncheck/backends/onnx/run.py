@@ -26,7 +26,16 @@ from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolv
 from bncheck.errors import few, one_line
 from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
 from bncheck.probe_data import ProbeDataError, check_sizes
-from bncheck.probe_plan import Observed, Runner, drifting_layers, first_samples, merge_stats, run_plan, tensor_stats
+from bncheck.probe_plan import (
+    Observed,
+    Runner,
+    drifting_layers,
+    first_samples,
+    merge_stats,
+    preflight,
+    run_plan,
+    tensor_stats,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -454,6 +463,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     handle = view.handle
     # without normalization layers too: the model's outputs are still tested for batch dependence
     _check_inputs(view, settings)
+    preflight(view, settings)
     providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
     engines: list[_Engine] = []
