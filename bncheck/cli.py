@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -391,7 +392,11 @@ def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool, *
         if output:
             _refuse_inputs(output, model, inputs or [])
             checked = output
-        report = run()
+        # stderr holds nothing but the one-line error: a library's Python warning becomes a note of the report
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = run()
+        _warnings_to_notes(report, caught)
         if output:
             from bncheck.outputs import refuse_overwrite, write_atomic
 
@@ -424,6 +429,16 @@ def _refuse_inputs(output: str, model: str, inputs: list[tuple[str, str | None]]
     refuse_overwrite(output, "the report", [("model", model), *inputs], external_files)
 
 
+def _warnings_to_notes(report: Any, caught: list[warnings.WarningMessage]) -> None:
+    from bncheck.model import Note
+
+    texts = list(dict.fromkeys(f"{w.category.__name__}: {' '.join(str(w.message).split())[:300]}" for w in caught))
+    for text in texts[:5]:
+        report.notes.append(Note("warning", text))
+    if len(texts) > 5:
+        report.notes.append(Note("warning", f"and {len(texts) - 5:,} more Python warnings"))
+
+
 def _fail(error: BaseException, debug: bool, *, fmt: str = "table", command: str | None = None,
           model: str | None = None, output: str | None = None) -> NoReturn:
     """Exit 2: one line on stderr (model-supplied text made literal), the error document for machine formats."""
@@ -433,6 +448,10 @@ def _fail(error: BaseException, debug: bool, *, fmt: str = "table", command: str
         traceback.print_exc()
     if isinstance(error, BncheckError):
         kind, text = error.kind.value, one_line(error, limit=2000)
+        line = f"bncheck: error: {text}"
+    elif isinstance(error, MemoryError):  # an allocation the budget's estimates did not foresee
+        kind, text = ErrorKind.RUNTIME.value, (f"out of memory ({one_line(error, limit=200)}); try smaller "
+                                               "--batch-sizes or --input-shape")
         line = f"bncheck: error: {text}"
     elif isinstance(error, OSError):
         where = getattr(error, "filename", None) or ""

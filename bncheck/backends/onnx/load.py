@@ -18,12 +18,14 @@ import re
 import stat
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import topological_order
+from bncheck.errors import few
 from bncheck.model import Dim, ModelInfo, Note
 
 if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
@@ -242,14 +244,44 @@ def _validate_external(path: str, model: onnx.ModelProto) -> tuple[bool, int]:
     return True, sum(seen.values())
 
 
-def _load_weights(path: str, model: onnx.ModelProto) -> None:
+#: the external_data keys onnx's loader reads; others are ignored by it (with a Python warning)
+EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
+def _unknown_key_notes(model: onnx.ModelProto) -> list[Note]:
+    """One note naming (a few of) the external_data keys onnx's loader ignores, and the tensors with them."""
+    unknown: dict[str, None] = {}  # ordered set
+    tensors: list[str] = []
+    for tensor in _external_tensors(model):
+        keys = [e.key for e in tensor.external_data if e.key not in EXTERNAL_DATA_KEYS]
+        if keys:
+            tensors.append(tensor.name)
+            unknown.update(dict.fromkeys(keys))
+    if not unknown:
+        return []
+    return [Note("warning", f"external data of tensor(s) {few(tensors)}: unknown key(s) {few(unknown)} (ignored)")]
+
+
+def _warning_notes(caught: list[warnings.WarningMessage]) -> list[Note]:
+    """onnx's Python warnings while reading weights, as notes: stderr belongs to the CLI's one-line errors."""
+    texts = dict.fromkeys(" ".join(str(w.message).split())[:300] for w in caught)
+    notes = [Note("warning", f"onnx: {text}") for text in texts
+             if not text.startswith("Ignoring unknown external data key")]  # _unknown_key_notes says it shorter
+    return notes[:10]  # one per distinct warning; a hostile file could raise thousands
+
+
+def _load_weights(path: str, model: onnx.ModelProto) -> list[Note]:
+    """Read all external data (locations already validated); returns onnx's warnings as notes."""
     from onnx import external_data_helper
 
     base = os.path.dirname(os.path.abspath(path))
-    try:
-        external_data_helper.load_external_data_for_model(model, base)
-    except Exception as exc:
-        raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            external_data_helper.load_external_data_for_model(model, base)
+        except Exception as exc:
+            raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
+    return _warning_notes(caught)
 
 
 #: external tensors up to this size are read at load (norm parameters, biases, shapes); larger ones stay
@@ -259,7 +291,7 @@ VIEW_LOAD_BYTES = 1 << 20
 _NORM_OP = re.compile(r"Norm", re.IGNORECASE)
 
 
-def _load_view_weights(path: str, model: onnx.ModelProto) -> None:
+def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
     """Read only the external tensors the view needs: small ones and normalization ops' parameters.
 
     The probe's onnxruntime session reads the weights from their files itself, so reading every weight
@@ -271,15 +303,18 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> None:
 
     base = os.path.dirname(os.path.abspath(path))
     norm_inputs = {name for node in model.graph.node if _NORM_OP.search(node.op_type) for name in node.input[1:]}
-    try:
-        for tensor in _external_tensors(model):
-            if _nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
-                # what load_external_data_for_model does, tensor by tensor
-                external_data_helper.load_external_data_for_tensor(tensor, base)
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                del tensor.external_data[:]
-    except Exception as exc:
-        raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for tensor in _external_tensors(model):
+                if _nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
+                    # what load_external_data_for_model does, tensor by tensor
+                    external_data_helper.load_external_data_for_tensor(tensor, base)
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    del tensor.external_data[:]
+        except Exception as exc:
+            raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
+    return _warning_notes(caught)
 
 
 def load_remaining_weights(handle: OnnxHandle) -> None:
@@ -577,9 +612,9 @@ def load_onnx(path: str) -> OnnxHandle:
     external, external_size = _validate_external(path, model)
     total = size + external_size
     large = total > PROTOBUF_LIMIT
-    if external:
-        _load_view_weights(path, model)
+    weight_notes = _unknown_key_notes(model) + _load_view_weights(path, model) if external else []
     inferred, notes = _check_and_infer(path, model, large)
+    notes = weight_notes + notes
     shapes, types = _collect_shapes(inferred, model)
     return OnnxHandle(
         path=os.path.abspath(path),

@@ -54,8 +54,11 @@ UNMEASURABLE = ("its tensors are not in the main graph, or have no static rank a
 def _options(level: Any, folder: str) -> Any:
     import onnxruntime as ort
 
+    # onnxruntime logs its errors (ANSI-coloured, several lines) to stderr, which belongs to the CLI's one
+    # line; the same errors reach bncheck as exceptions, so only fatal messages may still be logged
+    ort.set_default_logger_severity(4)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.graph_optimization_level = level
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
