@@ -93,7 +93,7 @@ def test_probe_without_keras_says_which_extra_to_install():
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     out = _subprocess(code, env)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'bncheck[keras]'" in out.stdout and path in out.stdout
+    assert "pip install 'keras>=3.12' jax" in out.stdout and path in out.stdout
 
 
 def test_keras_backend_defaults_to_numpy_when_unset():

@@ -45,7 +45,9 @@ from bncheck.probe_plan import Observed
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
-INSTALL_HINT = "pip install 'bncheck[keras]'"
+#: the keras extra's own packages: `pip install 'bncheck[keras]'` would fetch whatever holds the name
+#: bncheck on the package index (no release of this project is published there)
+INSTALL_HINT = "pip install 'keras>=3.12' jax"
 
 AS_WRITTEN = "as-written"
 PREDICT = "predict"
