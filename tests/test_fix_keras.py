@@ -143,7 +143,7 @@ def test_fix_without_keras_is_exit_2_with_the_install_hint(tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "pip install 'bncheck[keras]'" in out.stderr
+    assert out.stderr.count("\n") == 1 and "pip install 'keras>=3.12' jax" in out.stderr
     assert not (tmp_path / "f.keras").exists()
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import bncheck
 
-pytest.importorskip("matplotlib", reason="the html extra is not installed: pip install 'bncheck[html]'")
+pytest.importorskip("matplotlib", reason="the html extra is not installed: pip install '.[html]'")
 from bncheck.render import html as html_render
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

@@ -22,7 +22,9 @@ from bncheck.verdicts import OUTPUT_TOLERANCE, is_affected, is_culprit
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-INSTALL_HINT = "pip install 'bncheck[html]'"
+#: the html extra's package by name: `pip install 'bncheck[html]'` would fetch whatever holds the name bncheck
+#: on the package index (no release of this project is published there)
+INSTALL_HINT = "pip install 'matplotlib>=3.7'"
 _COLORS = {"error": "#c62828", "warning": "#ef6c00", "info": "#1565c0", "ok": "#2e7d32", "affected": "#8e24aa"}
 
 _STYLE = """
