@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import heapq
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -40,6 +42,12 @@ _SAME_SHAPE = frozenset(
 )
 
 
+#: Deepest nesting of models in models the walk accepts (real models nest a few levels).
+MAX_DEPTH = 32
+#: Most layer calls the walk records, counted after identical calls of a nested model are merged (a large
+#: real model has a few thousand): past it the file is refused rather than walked for minutes.
+MAX_CALLS = 200_000
+
 # --------------------------------------------------------------------------- config walk
 
 
@@ -58,6 +66,7 @@ class _Call:
     inbound: tuple[tuple[str, int], ...] = ()
     context: str | None = None
     before: frozenset[str] = frozenset()  # layer paths certainly finished before this call starts
+    count: int = 1  # how many calls this one stands for (identical calls of a nested model are merged)
 
 
 def _entry_name(entry: dict[str, Any]) -> str:
@@ -164,6 +173,8 @@ class _Ctx:
     explicit_false: bool = False
     baked_calls: list[tuple[str, frozenset[str]]] = field(default_factory=list)  # (layer, what ran before it)
     memo: dict[Any, list[tuple[str | None, frozenset[str]]]] = field(default_factory=dict)
+    ordered: bool = True  # track what ran before what (needed only when some call bakes training=True)
+    calls: int = 0  # layer calls walked so far (see MAX_CALLS)
 
 
 def build(
@@ -182,6 +193,9 @@ def build(
     cls = config["class_name"]
     try:
         _scan_unsafe(config, "", ctx)
+        # the order of calls matters only for a baked training=True (Keras 3 carries it on to later calls);
+        # without one, the walk skips that bookkeeping, quadratic in a long chain
+        ctx.ordered = re.search(r'"training": (?!false|0[,}\]]|null)', json.dumps(config)) is not None
         if cls in MODEL_CLASSES:
             _walk_model(config, (), [_Call((), None)], ctx, "" if fmt == "keras" else None)
             inputs = _model_inputs(config)
@@ -247,19 +261,70 @@ def _walk_model(
     """
     # Passes that only compute contexts are memoized: without it, nested models would be re-walked
     # 3**depth times (a deeply nested hostile config would never finish).
-    key = (id(model_cfg), prefix, tuple((c.chain, c.shape, c.inbound, c.context, c.before) for c in calls))
+    if len(prefix) > MAX_DEPTH:
+        raise BackendError(f"{ctx.path}: models nested more than {MAX_DEPTH} deep in the config: refusing to walk it")
+    key = (id(model_cfg), prefix, tuple((c.chain, c.shape, c.inbound, c.context, c.before, c.count) for c in calls))
     if not collect and key in ctx.memo:
         return ctx.memo[key]
     emitted: dict[tuple[int, str, int], tuple[str | None, frozenset[str]]] = {}
     entries = layer_entries(model_cfg)
+    # layers in graph order: one pass then settles every context, except around layers called several times
+    order = list(range(len(entries))) if model_cfg.get("class_name") == "Sequential" else _graph_order(entries)
     for _ in range(len(entries) + 1):
         before = dict(emitted)
-        _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, collect=False)
+        _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, order, collect=False)
         if emitted == before:
             break
-    result = _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, collect=collect)
+    result = _walk_pass(model_cfg, prefix, calls, ctx, group, emitted, order, collect=collect)
     ctx.memo[key] = result
     return result
+
+
+def _graph_order(entries: list[dict[str, Any]]) -> list[int]:
+    """Indices of a Functional model's layer entries in dependency order (producers first, file order among
+    equals): Kahn's algorithm, linear in the config. Entries on a cycle (a shared layer feeding itself) follow
+    in file order; the repeated passes settle them."""
+    index = {_entry_name(e): i for i, e in enumerate(entries)}
+    users: list[list[int]] = [[] for _ in entries]
+    waiting = [0] * len(entries)
+    for i, entry in enumerate(entries):
+        producers = {index[ref] for _, _, refs in node_calls(entry) for ref, _ in refs if ref in index} - {i}
+        waiting[i] = len(producers)
+        for producer in producers:
+            users[producer].append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users[i]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    placed = set(order)
+    return order + [i for i in range(len(entries)) if i not in placed]
+
+
+def _merge_calls(calls: list[_Call]) -> tuple[list[_Call], list[int]]:
+    """Identical calls (same flags, shape, inbound refs and context) merged into one that stands for all of
+    them (``count``), finished-before sets intersected (what certainly ran before each); and, per original
+    call, the index of its merged call. A model called n times inside a model called m times is then walked
+    for its distinct calls, not m * n times (fan-out nesting would otherwise grow exponentially)."""
+    merged: list[_Call] = []
+    where: dict[Any, int] = {}
+    index: list[int] = []
+    for call in calls:
+        key = (call.chain, call.shape, call.inbound, call.context)
+        if key in where:
+            i = where[key]
+            old = merged[i]
+            merged[i] = replace(old, before=old.before & call.before, count=old.count + call.count)
+        else:
+            where[key] = len(merged)
+            merged.append(call)
+        index.append(where[key])
+    return merged, index
 
 
 def _walk_pass(
@@ -269,6 +334,7 @@ def _walk_pass(
     ctx: _Ctx,
     group: str | None,
     emitted: dict[tuple[int, str, int], tuple[str | None, frozenset[str]]],
+    order: list[int],
     collect: bool,
 ) -> list[tuple[str | None, frozenset[str]]]:
     """One pass over a model level; ``emitted[(model call, layer, node)]`` is the context a layer call leaves
@@ -285,7 +351,8 @@ def _walk_pass(
     seq_shape: dict[int, tuple[Dim, ...] | None] = {
         k: call.shape or _shape((model_cfg.get("config") or {}).get("build_input_shape")) for k, call in enumerate(calls)
     }
-    for index, entry in enumerate(entries):
+    for index in order:
+        entry = entries[index]
         cls = str(entry.get("class_name", ""))
         cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
         name = _entry_name(entry)
@@ -314,12 +381,18 @@ def _walk_pass(
                 else:
                     upstream = [emitted[(k, ref, idx)] for ref, idx in refs if (k, ref, idx) in emitted]
                     context = parent.context or next((c for c, _ in upstream if c), None)
-                    before = parent.before.union(*(done for _, done in upstream))
+                    before = parent.before.union(*(done for _, done in upstream)) if ctx.ordered else frozenset()
                     shape = shape or recorded or (out_shapes.get((k, refs[0][0], refs[0][1])) if refs else None)
-                layer_calls.append(_Call(parent.chain + (training,), shape, refs, context, before))
+                layer_calls.append(_Call(parent.chain + (training,), shape, refs, context, before, parent.count))
                 keys.append((k, name, node_index))
+        ctx.calls += len(layer_calls)
+        if ctx.calls > MAX_CALLS:
+            raise BackendError(f"{ctx.path}: the model config has more than {MAX_CALLS:,} layer calls: refusing to "
+                               "walk it")
         if cls in MODEL_CLASSES:
-            inner = _walk_model(entry, layer_path, layer_calls, ctx, groups.get(index), collect)
+            merged, merged_index = _merge_calls(layer_calls)
+            inner_merged = _walk_model(entry, layer_path, merged, ctx, groups.get(index), collect)
+            inner = [inner_merged[i] for i in merged_index]
         else:
             inner = [(None, frozenset())] * len(layer_calls)
             if cls in NORM_KINDS and collect:
@@ -329,9 +402,9 @@ def _walk_pass(
             own_flag = path_text if call.chain[-1] is True else None
             if own_flag and collect:
                 ctx.baked_calls.append((own_flag, call.before))
-            done = call.before | inner_done | {path_text}
+            done = call.before | inner_done | {path_text} if ctx.ordered else frozenset()
             emitted[key] = (call.context or own_flag or inner_context, done)
-            last[key[0]] = (emitted[key][0] or last[key[0]][0], last[key[0]][1] | done)
+            last[key[0]] = (emitted[key][0] or last[key[0]][0], last[key[0]][1] | done if ctx.ordered else frozenset())
             out = _output_shape(cls, cfg, call.shape) if call.shape is not None and cls not in MODEL_CLASSES else None
             out_shapes[key] = out
             if sequential:
@@ -398,11 +471,12 @@ def _norm_layer(
         channels = shape[channel_axis]
     # Training flag
     effective = [_effective(c.chain, ctx.keras2) for c in calls]
+    counts = [c.count for c in calls]
     baked = any(v is True for v in effective)
     trainable = cfg.get("trainable", True) is not False
     batch_statistics = kind is Kind.BATCH and baked and trainable
     if kind is Kind.BATCH and baked:
-        notes.append(_baked_note(ctx.keras2, effective, trainable))
+        notes.append(_baked_note(ctx.keras2, effective, counts, trainable))
     if kind is Kind.BATCH and cfg.get("renorm"):
         notes.append("batch renormalization")
     if cls == "SyncBatchNormalization" or cfg.get("synchronized"):
@@ -441,9 +515,9 @@ def _norm_layer(
         unreadable=problem or ("the file holds no weights" if names and ctx.weights is None else None),
         extra={
             "path": list(path),
-            "calls": len(calls),
+            "calls": sum(counts),
             "baked": baked,
-            "baked_calls": sum(1 for v in effective if v is True),
+            "baked_calls": sum(n for n, v in zip(counts, effective) if v is True),
             "trainable": trainable,
             "inbound": [list(r) for c in calls for r in c.inbound],
             "leak_from": next((c.context for c, v in zip(calls, effective) if c.context and v is not True), None),
@@ -451,9 +525,9 @@ def _norm_layer(
     )
 
 
-def _baked_note(keras2: bool, effective: list[bool | None], trainable: bool) -> str:
-    count = sum(1 for v in effective if v is True)
-    which = "" if count == len(effective) else f" on {count} of {len(effective)} calls"
+def _baked_note(keras2: bool, effective: list[bool | None], counts: list[int], trainable: bool) -> str:
+    count = sum(n for n, v in zip(counts, effective) if v is True)
+    which = "" if count == sum(counts) else f" on {count:,} of {sum(counts):,} calls"
     if not trainable:
         return (
             f"baked training=True{which}, but the layer is not trainable, so it uses its moving statistics in "
