@@ -44,6 +44,11 @@ def _install(log_path: str, model_dir: str, allowed: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    limit = int(os.environ.pop("BNCHECK_FUZZ_RLIMIT_AS", "0"))
+    if limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     log, model_dir, allowed_json, sep, *rest = sys.argv[1:]
     assert sep == "--"
     _install(log, model_dir, json.loads(allowed_json))

@@ -1,7 +1,8 @@
 """The exit contract every bncheck run must keep, whatever the input, and a runner that checks it.
 
 A run is a real ``python -m bncheck``-equivalent subprocess (bncheck's own ``main`` under an audit hook, see
-``_audited_main.py``) with a wall-clock timeout and an address-space limit (RLIMIT_AS). The contract:
+``_audited_main.py``) with a wall-clock timeout and an address-space limit (RLIMIT_AS, set by the wrapper
+before bncheck is imported: ``preexec_fn`` is unsafe in a process with threads). The contract:
 
 - the exit code is 0, 1 or 2 (no signal, no other code);
 - exit 2: stderr is exactly one line, ``bncheck: error: ...`` or ``bncheck: usage error: ...``, never an
@@ -19,7 +20,6 @@ import ctypes.util
 import json
 import os
 import re
-import resource
 import struct
 import subprocess
 import sys
@@ -137,15 +137,11 @@ class Workspace:
         # floats 12345.0: statistics computed from these bytes are recognisable in a report
         self.canary.write_bytes(struct.pack("<f", 12345.0) * 4096)
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._tmp.cleanup()
-
-
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
 def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
@@ -154,7 +150,7 @@ def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> 
     log.close()
     allowed = [str(ws.keras_home), *SYSTEM_DIRS]
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HYPOTHESIS"))}
-    run_env.update({"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(ws.model_dir),
+    run_env.update({"BNCHECK_FUZZ_RLIMIT_AS": str(MEMORY_LIMIT), "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(ws.model_dir),
                     "KERAS_HOME": str(ws.keras_home),
                     "COLUMNS": "100"})
     run_env.update(env or {})
@@ -162,7 +158,7 @@ def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> 
     process = subprocess.Popen(
         [sys.executable, str(HERE / "_audited_main.py"), log.name, str(ws.model_dir), json.dumps(allowed), "--", *args],
         cwd=ws.model_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env=run_env, preexec_fn=_limit_memory, text=True, errors="replace",
+        env=run_env, text=True, errors="replace",
     )
     return process, {"args": args, "log": log.name, "watch": watch, "start": time.monotonic()}
 

@@ -7,8 +7,10 @@ the recipe into files in a workspace; the same recipe always gives the same byte
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -143,10 +145,7 @@ def build_onnx(recipe: dict[str, Any], folder: Path, canary: Path) -> Path:
         names = ["scale", "bias", "mean", "var"]
         outs = ["y", "rm", "rv", "sm", "sv"][: recipe["outputs"]]
         norm = helper.make_node(op, [src, *names], outs, name=name)
-    elif op == "InstanceNormalization":
-        names = ["scale", "bias"]
-        norm = helper.make_node(op, [src, *names], ["y"], name=name)
-    elif op == "LayerNormalization":
+    elif op in ("InstanceNormalization", "LayerNormalization"):
         names = ["scale", "bias"]
         norm = helper.make_node(op, [src, *names], ["y"], name=name)
     elif op == "GroupNormalization":
@@ -173,10 +172,8 @@ def build_onnx(recipe: dict[str, Any], folder: Path, canary: Path) -> Path:
         norm = None
     if norm is not None:
         for key, value in attrs.items():
-            try:
+            with contextlib.suppress(ValueError, TypeError):  # a value onnx cannot store as an attribute
                 norm.attribute.append(_attr(key, value))
-            except (ValueError, TypeError):
-                pass
         sub = [norm]
     for key in names:
         inits.append(_tensor(key, params[key], recipe["param_type"]))
@@ -313,7 +310,7 @@ def mutate_bytes(data: bytes, mutations: list[tuple[str, float, int, int]]) -> b
 
 
 JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), FLOATS.filter(lambda f: f == f and abs(f) != float("inf")),
+    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), FLOATS.filter(math.isfinite),
               NAMES),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(NAMES, inner, max_size=3)),
     max_leaves=6,
@@ -322,16 +319,15 @@ JSON_VALUES = st.recursive(
 
 def mutate_json(document: Any, edits: list[tuple[float, Any]]) -> Any:
     """Replace values found at relative positions of a JSON tree's depth-first walk by drawn values."""
+    def walk(node: Any, slots: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, child in items:
+            slots.append((node, key))
+            walk(child, slots)
+        return slots
+
     for where, value in edits:
-        slots: list[tuple[Any, Any]] = []
-
-        def walk(node: Any) -> None:
-            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-            for key, child in items:
-                slots.append((node, key))
-                walk(child)
-
-        walk(document)
+        slots = walk(document, [])
         if slots:
             parent, key = slots[int(where * len(slots))]
             parent[key] = value
