@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,18 @@ def onnx_recipes(draw: st.DrawFn) -> dict[str, Any]:
                                           "symlink", "offset", "unknown_keys", "dir", "short"])),
         "raw_data": draw(st.sampled_from(["ok", "ok", "ok", "short", "long", "empty"])),
         "output_dims": draw(st.sampled_from(["same", "same", "none", "wrong"])),
+        "give_shape": draw(st.booleans()),  # probe with --input-shape for the symbolic dims
     }
     return recipe
+
+
+def probe_options(recipe: dict[str, Any]) -> list[str]:
+    """``--input-shape`` giving the recipe's symbolic non-batch dims (2 each), when it asks for it."""
+    rest = recipe["dims"][1:]
+    if not recipe["give_shape"] or all(isinstance(d, int) for d in rest):
+        return []
+    dims = "x".join(str(d) if isinstance(d, int) else "2" for d in rest)
+    return ["--input-shape", f"{recipe['input_name']}:{dims}"]
 
 
 def _np_type(elem: int) -> Any:
@@ -157,7 +168,8 @@ def build_onnx(recipe: dict[str, Any], folder: Path, canary: Path) -> Path:
         norm = helper.make_node(op, [src], ["y"], name=name)
     else:  # a hand-written batch norm: moments over the drawn axes
         names = []
-        axes = attrs.pop("axes", [0, 2, 3]) if isinstance(attrs.get("axes"), list) else [0, 2, 3]
+        drawn = attrs.pop("axes", None)
+        axes = drawn if isinstance(drawn, list) and drawn else [0, 2, 3]
         eps = numpy_helper.from_array(np.array(1e-5, np.float32), "eps")
         inits.append(eps)
         sub = [
@@ -278,20 +290,23 @@ def _external(model: onnx.ModelProto, how: str, folder: Path, canary: Path) -> N
 
 SEEDS = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".onnx", ".keras", ".h5") and p.stat().st_size < 60_000)
 
+#: (operation, position seed, size, byte value): the position comes from a PRNG seeded by the drawn integer,
+#: so mutations spread over the whole file (hypothesis favours small numbers, which would hit the header only)
 MUTATIONS = st.lists(
-    st.tuples(st.sampled_from(["flip", "set", "delete", "insert", "duplicate", "truncate", "zero"]),
-              st.floats(0, 1, exclude_max=True), st.integers(1, 64), st.integers(0, 255)),
-    min_size=1, max_size=6,
+    st.tuples(st.sampled_from(["flip", "flip", "flip", "set", "set", "zero", "delete", "insert", "duplicate",
+                               "truncate"]),
+              st.integers(0, 2**32 - 1), st.integers(1, 64), st.integers(0, 255)),
+    min_size=1, max_size=4,
 )
 
 
-def mutate_bytes(data: bytes, mutations: list[tuple[str, float, int, int]]) -> bytes:
-    """Apply byte-level mutations at relative positions (so a recipe fits any seed)."""
+def mutate_bytes(data: bytes, mutations: list[tuple[str, int, int, int]]) -> bytes:
+    """Apply byte-level mutations at positions drawn from their seeds (so a recipe fits any seed file)."""
     buf = bytearray(data)
     for op, where, size, value in mutations:
         if not buf:
             break
-        pos = int(where * len(buf))
+        pos = random.Random(where).randrange(len(buf))
         if op == "flip":
             buf[pos] ^= 1 << (value % 8)
         elif op == "set":
@@ -317,8 +332,8 @@ JSON_VALUES = st.recursive(
 )
 
 
-def mutate_json(document: Any, edits: list[tuple[float, Any]]) -> Any:
-    """Replace values found at relative positions of a JSON tree's depth-first walk by drawn values."""
+def mutate_json(document: Any, edits: list[tuple[int, Any]]) -> Any:
+    """Replace values at seeded positions of a JSON tree's depth-first walk by drawn values."""
     def walk(node: Any, slots: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for key, child in items:
@@ -329,7 +344,7 @@ def mutate_json(document: Any, edits: list[tuple[float, Any]]) -> Any:
     for where, value in edits:
         slots = walk(document, [])
         if slots:
-            parent, key = slots[int(where * len(slots))]
+            parent, key = slots[random.Random(where).randrange(len(slots))]
             parent[key] = value
     return document
 
@@ -342,7 +357,7 @@ def mutated_files(draw: st.DrawFn) -> dict[str, Any]:
     if seed.endswith(".keras"):
         recipe["level"] = draw(st.sampled_from(["bytes", "config", "weights"]))
         if recipe["level"] == "config":
-            recipe["json"] = draw(st.lists(st.tuples(st.floats(0, 1, exclude_max=True), JSON_VALUES), min_size=1,
+            recipe["json"] = draw(st.lists(st.tuples(st.integers(0, 2**32 - 1), JSON_VALUES), min_size=1,
                                            max_size=4))
     return recipe
 

@@ -30,7 +30,8 @@ def test_random_onnx_graphs_keep_the_contract(recipe: dict, options: tuple[str, 
     with Workspace() as ws:
         strategies.build_onnx(recipe, ws.model_dir, ws.canary)
         _check(contract.run_many(ws, [["inspect", "m.onnx", "--format", fmt],
-                                      ["probe", "m.onnx", "--format", fmt, "--batch-sizes", sizes]]))
+                                      ["probe", "m.onnx", "--format", fmt, "--batch-sizes", sizes,
+                                       *strategies.probe_options(recipe)]]))
 
 
 @settings(max_examples=30) if QUICK else settings()

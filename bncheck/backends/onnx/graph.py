@@ -127,11 +127,34 @@ class GraphIndex:
         return f"{node.op_type}_{idx}"
 
     def attrs(self, idx: int) -> dict[str, Any]:
+        """The node's attributes by name. One stored with another type than its operator's schema declares
+        (an epsilon written as a string, a training_mode as a float) is left out, so readers see the default:
+        onnx.checker reports such a model, and the walk must still describe it."""
         cached = self._attrs.get(idx)
         if cached is None:
-            cached = {a.name: self._helper.get_attribute_value(a) for a in self.nodes[idx].attribute}
+            node = self.nodes[idx]
+            declared = self._attribute_types(node)
+            cached = {}
+            for attribute in node.attribute:
+                if attribute.name in declared and attribute.type != declared[attribute.name]:
+                    continue
+                try:
+                    cached[attribute.name] = self._helper.get_attribute_value(attribute)
+                except (ValueError, TypeError):  # an attribute without a value onnx can decode
+                    continue
             self._attrs[idx] = cached
         return cached
+
+    def _attribute_types(self, node: onnx.NodeProto) -> dict[str, int]:
+        """Attribute name -> AttributeProto type from the operator's schema at the model's opset ({} if unknown)."""
+        import onnx
+
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        try:
+            schema = onnx.defs.get_schema(node.op_type, self.opset.get(domain, 1), domain)
+        except Exception:
+            return {}
+        return {name: int(attr.type) for name, attr in schema.attributes.items()}
 
     def op(self, idx: int) -> str:
         return self.nodes[idx].op_type
