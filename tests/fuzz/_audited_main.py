@@ -12,9 +12,11 @@ import atexit
 import json
 import os
 import sys
+from collections.abc import Callable
 
 
-def _install(log_path: str, model_dir: str, allowed: list[str]) -> None:
+def install(log_path: str, model_dir: str, allowed: list[str]) -> Callable[[], None]:
+    """Install the hook; returns the function that writes the log (registered at exit too)."""
     roots = tuple(os.path.realpath(p).rstrip("/") + "/" for p in [model_dir, *allowed])
     # imports open thousands of files under the interpreter's folders: a prefix test spares them realpath;
     # the model's folder always gets realpath, since a hostile input may hold a symlink that leads out
@@ -41,6 +43,48 @@ def _install(log_path: str, model_dir: str, allowed: list[str]) -> None:
 
     atexit.register(flush)
     sys.addaudithook(hook)
+    return flush
+
+
+def run_forked(args: list[str], log_path: str, model_dir: str, allowed: list[str], out_path: str, err_path: str,
+               env: dict[str, str]) -> None:
+    """The body of a run in a process forked from the harness's fork server (bncheck and its libraries
+    already imported there, nothing run): the same main, hook and limits as the script form, without paying
+    the interpreter's start and imports per run (the long profile's thousands of runs)."""
+    import tempfile
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(model_dir)
+    tempfile.tempdir = None  # the fork server may have cached the harness's temporary folder
+    limit = int(os.environ.pop("BNCHECK_FUZZ_RLIMIT_AS", "0"))
+    if limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    flush = install(log_path, model_dir, allowed)
+    from bncheck.cli import main
+
+    code = 0
+    try:
+        main(args=args, prog_name="bncheck")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:  # what python would print and exit 1 for
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
@@ -51,7 +95,7 @@ if __name__ == "__main__":
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     log, model_dir, allowed_json, sep, *rest = sys.argv[1:]
     assert sep == "--"
-    _install(log, model_dir, json.loads(allowed_json))
+    install(log, model_dir, json.loads(allowed_json))
     sys.argv = ["bncheck", *rest]
     from bncheck.cli import main
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -144,7 +146,47 @@ class Workspace:
         self._tmp.cleanup()
 
 
-def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+#: runs forked from a fork server that has imported bncheck and its libraries (see _audited_main.run_forked)
+#: instead of a new interpreter each: the long profile's default (BNCHECK_FUZZ_FORK=0 turns it off)
+FORK = os.environ.get("BNCHECK_FUZZ_FORK", "1" if os.environ.get("BNCHECK_FUZZ") == "long" else "0") == "1"
+@functools.cache
+def _fork_context() -> Any:
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.fuzz._audited_main", "bncheck.cli", "bncheck.engine", "numpy", "onnx",
+                                    "onnxruntime", "h5py", "rich.console"])
+    return context
+
+
+class _Forked:
+    """A forked run with the parts of subprocess.Popen that :func:`finish` uses."""
+
+    def __init__(self, target_args: tuple) -> None:
+        from tests.fuzz._audited_main import run_forked
+
+        self.out_path, self.err_path = target_args[4], target_args[5]
+        self.process = _fork_context().Process(target=run_forked, args=target_args, daemon=True)
+        self.process.start()
+        self.returncode: int | None = None
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.process.join(timeout)
+        if self.process.is_alive():
+            raise subprocess.TimeoutExpired("bncheck", timeout or 0)
+        self.returncode = self.process.exitcode
+        texts = []
+        for path in (self.out_path, self.err_path):
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                texts.append(handle.read())
+        return texts[0], texts[1]
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+
+
+def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> tuple[Any, dict]:
     """Start one audited bncheck run in ``ws`` (cwd: the model folder); :func:`finish` collects it."""
     log = tempfile.NamedTemporaryFile(prefix="audit-", suffix=".json", dir=ws.root, delete=False)
     log.close()
@@ -155,6 +197,13 @@ def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> 
                     "COLUMNS": "100"})
     run_env.update(env or {})
     watch = _Inotify(str(ws.outside))
+    if FORK:
+        out = tempfile.NamedTemporaryFile(prefix="out-", dir=ws.root, delete=False)
+        err = tempfile.NamedTemporaryFile(prefix="err-", dir=ws.root, delete=False)
+        out.close()
+        err.close()
+        forked = _Forked((args, log.name, str(ws.model_dir), allowed, out.name, err.name, run_env))
+        return forked, {"args": args, "log": log.name, "watch": watch, "start": time.monotonic()}
     process = subprocess.Popen(
         [sys.executable, str(HERE / "_audited_main.py"), log.name, str(ws.model_dir), json.dumps(allowed), "--", *args],
         cwd=ws.model_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -163,7 +212,7 @@ def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> 
     return process, {"args": args, "log": log.name, "watch": watch, "start": time.monotonic()}
 
 
-def finish(process: subprocess.Popen, state: dict, timeout: float = TIMEOUT) -> Run:
+def finish(process: Any, state: dict, timeout: float = TIMEOUT) -> Run:
     timed_out = False
     remaining = max(0.1, timeout - (time.monotonic() - state["start"]))
     try:
