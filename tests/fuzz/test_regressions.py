@@ -326,3 +326,32 @@ def test_readme_never_installs_bncheck_by_name_from_the_package_index() -> None:
     found = [m for command in blocks + [f"`{c}`" for c in inline] for m in bare.findall(command)]
     assert not found, found
     assert 'pip install "bncheck @ git+' in text
+
+
+
+# ------------------------------------------------------------------------ found by the fuzz suite itself
+
+
+def test_onnx_attribute_of_the_wrong_type_is_read_as_absent() -> None:
+    """training_mode stored as a float (NaN): the walk uses the default instead of crashing."""
+    import onnx
+    from onnx import helper
+
+    with Workspace() as ws:
+        path = corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=["N", 3, 4, 4])
+        model = onnx.load(str(path))
+        model.graph.node[0].attribute.append(helper.make_attribute("training_mode", float("nan")))
+        onnx.save(model, str(path))
+        document = json.loads(_run(ws, "inspect", "m.onnx", "--format", "json").stdout)
+        assert [layer["training"] for layer in document["layers"]] == [False]
+        # onnxruntime refuses the mismatched attribute: one line naming it
+        _refused(_run(ws, "probe", "m.onnx", "--input-shape", "x:3x4x4"), "attribute")
+
+
+def test_keras_config_field_of_the_wrong_type_is_a_one_line_error() -> None:
+    """A tensor's config written as `true`: exit 2 naming the malformed config, not an internal error."""
+    with Workspace() as ws:
+        config = corpus.keras_bn_config([None, 4])
+        config["config"]["layers"][1]["inbound_nodes"][0]["args"][0]["config"] = True
+        corpus.write_keras(ws.model_dir / "m.keras", config, corpus.keras_weights(4))
+        _refused(_run(ws, "inspect", "m.keras"), "malformed model config")

@@ -15,6 +15,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.weights import KerasWeights, expected_vars, layer_entries
+from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, Kind, NormLayer, Note
 
 NORM_KINDS: dict[str, Kind] = {
@@ -204,6 +205,10 @@ def build(
             inputs = []
     except RecursionError:
         raise BackendError(f"{path}: the model config is nested too deeply to read") from None
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        # a field of another type than Keras writes (a bool where a dict belongs, a string for a list): the file
+        # was not written by Keras as is, and no partial description of it would be trustworthy
+        raise BackendError(f"{path}: malformed model config ({type(exc).__name__}: {one_line(exc, limit=150)})") from None
     if ctx.unsafe:
         ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + few_reasons(ctx.unsafe)))
     saved = f"keras {version}" if version else "an unknown Keras version"

@@ -277,7 +277,10 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
     preflight(view, settings)  # before Keras loads the model
     runner = static.runner if static.runner is not None else KerasRunner(view, static)
     static.runner = runner  # fix, after probing the original, runs this same loaded model
-    bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
+    try:
+        bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError):  # a malformed Embedding entry: no bound
+        bounds = {}
     results = []
     for style in call_styles(static):
         result = run_plan(view, settings, runner.runner(style), call_style=style, int_high=bounds)
