@@ -35,8 +35,9 @@ class OnnxBackend(Backend):
         )
 
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
-        from bncheck.backends.onnx.run import run_probe
+        from bncheck.backends.onnx.run import quiet_onnxruntime, run_probe
 
+        quiet_onnxruntime()
         return [run_probe(view, settings, release_weights=not view.handle.keep_weights)]
 
     def check_fix(self, view: ModelView, request: FixRequest) -> None:
@@ -49,7 +50,9 @@ class OnnxBackend(Backend):
 
     def fix(self, view: ModelView, request: FixRequest) -> FixOutcome:
         from bncheck.backends.onnx.fix import fix_onnx
+        from bncheck.backends.onnx.run import quiet_onnxruntime
 
+        quiet_onnxruntime()
         return fix_onnx(view, request)
 
     def input_files(self, path: str) -> list[str]:

@@ -58,7 +58,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     if not usable:
         return f"fewer samples than the model's fixed batch size {batch}"
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions; logged, they would reach stderr
     try:
         recomputed = ort.InferenceSession(view.handle.model.SerializeToString(), so,
                                           providers=["CPUExecutionProvider"])

@@ -51,12 +51,19 @@ UNMEASURABLE = ("its tensors are not in the main graph, or have no static rank a
 # --------------------------------------------------------------------------- session and decoding
 
 
+def quiet_onnxruntime() -> None:
+    """onnxruntime logs its errors (ANSI-coloured, several lines) to stderr, which belongs to the CLI's one
+    line; the same errors reach bncheck as exceptions, so only fatal messages may still be logged. Process-wide:
+    called before any session is built (the probe copy's, the probe's, the fix's and the effect's)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+
+
 def _options(level: Any, folder: str) -> Any:
     import onnxruntime as ort
 
-    # onnxruntime logs its errors (ANSI-coloured, several lines) to stderr, which belongs to the CLI's one
-    # line; the same errors reach bncheck as exceptions, so only fatal messages may still be logged
-    ort.set_default_logger_severity(4)
+    quiet_onnxruntime()
     so = ort.SessionOptions()
     so.log_severity_level = 4
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
