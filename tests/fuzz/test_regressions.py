@@ -355,3 +355,23 @@ def test_keras_config_field_of_the_wrong_type_is_a_one_line_error() -> None:
         config["config"]["layers"][1]["inbound_nodes"][0]["args"][0]["config"] = True
         corpus.write_keras(ws.model_dir / "m.keras", config, corpus.keras_weights(4))
         _refused(_run(ws, "inspect", "m.keras"), "malformed model config")
+
+
+def test_attribute_type_is_checked_for_an_operator_newer_than_the_opset() -> None:
+    """LayerNormalization declared at opset 7 (it exists from 17) with epsilon written as a string."""
+    import onnx
+    from onnx import helper
+
+    with Workspace() as ws:
+        path = ws.model_dir / "m.onnx"
+        node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], name="ln", epsilon="text")
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+            initializer=[helper.make_tensor("scale", onnx.TensorProto.FLOAT, [4], [1.0] * 4),
+                         helper.make_tensor("bias", onnx.TensorProto.FLOAT, [4], [0.0] * 4)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+        model.ir_version = 3
+        path.write_bytes(model.SerializeToString())
+        _run(ws, "inspect", "m.onnx")
+        _run(ws, "probe", "m.onnx")

@@ -152,8 +152,11 @@ class GraphIndex:
         domain = "" if node.domain == "ai.onnx" else node.domain
         try:
             schema = onnx.defs.get_schema(node.op_type, self.opset.get(domain, 1), domain)
-        except Exception:
-            return {}
+        except Exception:  # onnx.defs.SchemaError: not defined at this opset (LayerNormalization at opset 7)
+            try:  # the latest definition's types still say what a reader may assume
+                schema = onnx.defs.get_schema(node.op_type, domain)
+            except Exception:  # an operator onnx does not define at all (contrib ops)
+                return {}
         return {name: int(attr.type) for name, attr in schema.attributes.items()}
 
     def op(self, idx: int) -> str:
