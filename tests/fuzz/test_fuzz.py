@@ -7,6 +7,7 @@ failing example prints its recipe, and ``corpus.py`` is where it goes once fixed
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -19,6 +20,12 @@ QUICK = os.environ.get("BNCHECK_FUZZ") != "long"
 
 
 def _check(runs: list[contract.Run]) -> None:
+    log = os.environ.get("BNCHECK_FUZZ_LOG")  # one line per example, to count a long run while it goes
+    if log:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"args": [r.args[:2] for r in runs], "exit": [r.returncode for r in runs],
+                                     "seconds": [round(r.seconds, 2) for r in runs],
+                                     "violations": [v for r in runs for v in r.violations()]}) + "\n")
     for run in runs:
         assert not run.violations(), "\n".join(run.violations() + [run.describe()])
 
