@@ -233,9 +233,9 @@ def synthetic_shapes(
     sizes = {spec.name: math.prod(shapes[spec.name]) * _numpy_dtype(spec).itemsize for spec in inputs}
     largest = max(sizes, key=sizes.__getitem__, default=None)
     if largest is not None:
-        shape_text = "x".join(map(str, shapes[largest][1:])) or "scalar"
-        budget.check(sum(sizes.values()), f"the probe's synthetic inputs ({n} samples; input {largest!r}: "
-                                          f"{shape_text} per sample)")
+        shape_text = "x".join(map(str, shapes[largest])) or "scalar"
+        budget.check(sum(sizes.values()), f"the probe's synthetic inputs ({n} samples; input {largest!r} "
+                                          f"{shape_text})")
     return shapes
 
 
