@@ -41,6 +41,14 @@ class Finding:
     hint: str
     evidence: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def effect(self) -> str | None:
+        """The one-line summary of the measured effect on the model's outputs, when the probe measured one."""
+        measured = self.evidence.get("output_effect")
+        if isinstance(measured, dict) and isinstance(measured.get("summary"), str):
+            return str(measured["summary"])
+        return None
+
 
 def number(value: SupportsFloat | None) -> float | int | str | None:
     """A JSON-safe number: NaN/Inf become the strings "nan", "inf", "-inf" (JSON has no such numbers).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bncheck import engine
@@ -62,3 +63,17 @@ def test_hostile_names_stay_on_one_annotation_line(tmp_path):
 def test_error_annotation_for_a_run_that_could_not_finish():
     text = github.render_error("m.onnx: not an ONNX model", "model", command="probe", model_path="m.onnx")
     assert text == "::error file=m.onnx,title=bncheck probe (model error)::m.onnx: not an ONNX model\n"
+
+
+def test_a_measured_effect_on_the_outputs_reaches_annotations_and_sarif():
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    model = str(Path(__file__).resolve().parent.parent / "sample_models" / "train_mode_bn.onnx")
+    github = CliRunner().invoke(main, ["probe", model, "--format", "github"]).stdout
+    culprit = next(line for line in github.splitlines() if "::bn1: " in line)
+    assert "%0Aeffect: logits move " in culprit
+    sarif = json.loads(CliRunner().invoke(main, ["probe", model, "--format", "sarif"]).stdout)
+    texts = [r["message"]["text"] for r in sarif["runs"][0]["results"] if r["message"]["text"].startswith("bn1: ")]
+    assert texts and "(effect: logits move " in texts[0]

@@ -115,16 +115,11 @@ def _findings(findings: Sequence[Finding]) -> str:
             f"<div class=\"finding\" style=\"border-color:{color}\"><span class=\"sev\" style=\"color:{color}\">"
             f"{_e(f.severity.label)}</span> <b>{_e(f.code)} {_e(f.check)}</b> <code>{_e(f.layer)}</code>"
             f"<div>{_e(f.message)}</div><div class=\"muted\">fix: {_e(f.hint)}</div>"
-            + "".join(f"<div><b>effect on the outputs:</b> {_e(s)}</div>" for s in _effects(f.evidence))
+            + (f"<div><b>effect on the outputs:</b> {_e(f.effect)}</div>" if f.effect else "")
             + (f"<div class=\"muted\">evidence: {evidence}</div>" if evidence else "")
             + "</div>"
         )
     return "<h2>Findings</h2>" + "".join(items)
-
-
-def _effects(evidence: dict[str, Any]) -> list[str]:
-    """The one-line summaries of measured effects nested in a finding's evidence (e.g. output_effect)."""
-    return [str(v["summary"]) for v in evidence.values() if isinstance(v, dict) and isinstance(v.get("summary"), str)]
 
 
 def _short(value: Any) -> str:

@@ -200,9 +200,8 @@ def _print_finding(console: Console, finding: Finding, hint: bool) -> None:
         )
     )
     console.print(Padding(Text(literal(finding.message)), (0, 0, 0, 4), expand=False))
-    effect = finding.evidence.get("output_effect")
-    if isinstance(effect, dict) and effect.get("summary"):
-        console.print(Padding(Text(literal(f"effect: {effect['summary']}")), (0, 0, 0, 4), expand=False))
+    if finding.effect:
+        console.print(Padding(Text(literal(f"effect: {finding.effect}")), (0, 0, 0, 4), expand=False))
     if hint:
         console.print(Padding(Text(literal("fix: " + finding.hint), style="dim"), (0, 0, 0, 4), expand=False))
 
