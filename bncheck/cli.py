@@ -162,7 +162,8 @@ def inspect(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str 
 @_common
 @click.option("--batch-sizes", type=BatchSizes(), default=None,
               help="Probe batch sizes, comma-separated.  [default: 1,2,32]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the synthetic inputs (a non-negative integer, as numpy's generator takes).")
 @click.option("--input-shape", "input_shapes", type=InputShape(), multiple=True,
               help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224; "
                    "with --data, its shape gives them.")

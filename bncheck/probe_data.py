@@ -252,6 +252,8 @@ def synthetic_inputs(
     The bytes they need are checked against the memory budget before anything is drawn.
     """
     check_sizes(inputs, overrides)
+    if seed < 0:  # numpy's generator takes non-negative seeds only
+        raise ProbeDataError(f"seed {seed} is negative: give a non-negative integer")
     rng = np.random.default_rng(seed)
     int_high = int_high or {}
     feeds: dict[str, np.ndarray] = {}

@@ -375,3 +375,41 @@ def test_attribute_type_is_checked_for_an_operator_newer_than_the_opset() -> Non
         path.write_bytes(model.SerializeToString())
         _run(ws, "inspect", "m.onnx")
         _run(ws, "probe", "m.onnx")
+
+
+def test_name_that_is_not_utf8_is_a_one_line_error() -> None:
+    """A flipped bit inside a tensor name: protobuf hands the name back as bytes; JSON once failed on it."""
+    with Workspace() as ws:
+        path = corpus.onnx_bn(ws.model_dir / "m.onnx")
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b"bias", b"bi\xb2s"))
+        _refused(_run(ws, "inspect", "m.onnx", "--format", "json"), "not UTF-8")
+
+
+def test_local_function_domain_at_an_old_opset_probes() -> None:
+    """A model calling a local function (its own opset domain) at IR 3: the probe copy's IR upgrade once
+    crashed on the domain onnx has no IR version for."""
+    from onnx import helper
+
+    with Workspace() as ws:
+        path = corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=[1, 3, 4, 4])
+        import onnx
+
+        model = onnx.load(str(path))
+        inputs = ["x", "scale", "bias", "mean", "var"]
+        opsets = [helper.make_opsetid("", 7)]
+        body = helper.make_function("local", "Body", inputs, ["y"], list(model.graph.node), opsets)
+        del model.graph.node[:]
+        model.graph.node.append(helper.make_node("Body", inputs, ["y"], domain="local", name="call"))
+        del model.opset_import[:]
+        model.opset_import.extend([*opsets, helper.make_opsetid("local", 1)])
+        model.functions.append(body)
+        model.ir_version = 3
+        path.write_bytes(model.SerializeToString())
+        _run(ws, "probe", "m.onnx")
+
+
+def test_negative_seed_is_a_usage_error() -> None:
+    with Workspace() as ws:
+        corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=[1, 3, 4, 4])
+        _refused(_run(ws, "probe", "m.onnx", "--seed", "-1"), "usage error", "--seed")

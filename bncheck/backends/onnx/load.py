@@ -181,7 +181,26 @@ def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
         raise _fail(path, "not an ONNX model (no IR version, graph or opset; truncated or not a protobuf)")
     if not model.graph.node and not model.graph.output:
         raise _fail(path, "not an ONNX model (the graph has no nodes and no outputs; truncated?)")
+    bad = _non_utf8_name(model)
+    if bad is not None:
+        raise _fail(path, f"not a valid ONNX model: the name {bad!r} is not UTF-8 text (corrupt file?)")
     return model
+
+
+def _non_utf8_name(model: onnx.ModelProto) -> bytes | None:
+    """The first name (tensor, node, op, domain, producer) that protobuf could not decode as UTF-8, which it
+    then hands back as bytes: ONNX requires UTF-8, and every later stage (matching, reports) needs text."""
+    texts: list[object] = [model.producer_name, model.producer_version, model.domain]
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        texts += [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+        for node in graph.node:
+            texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
+            for attribute in node.attribute:
+                graphs += [attribute.g] if attribute.HasField("g") else []
+                graphs += list(attribute.graphs)
+    return next((t for t in texts if isinstance(t, bytes)), None)
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

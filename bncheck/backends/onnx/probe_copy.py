@@ -136,7 +136,11 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
     if len(kept) != len(model.graph.input):
         del model.graph.input[:]
         model.graph.input.extend(kept)
-    model.ir_version = max(int(model.ir_version), int(helper.find_min_ir_version_for(list(model.opset_import))), 4)
+    try:
+        needed = int(helper.find_min_ir_version_for(list(model.opset_import)))
+    except ValueError:  # an opset onnx has no IR version for (a local function domain, a future version)
+        needed = 4
+    model.ir_version = max(int(model.ir_version), needed, 4)
 
 
 def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
