@@ -44,6 +44,10 @@ SYSTEM_DIRS = sorted({
     sys.prefix, sys.base_prefix, sys.exec_prefix, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
     sysconfig.get_paths()["platlib"], str(REPO / "bncheck"), str(REPO / "bncheck.egg-info"), "/proc", "/sys", "/dev", "/usr/lib", "/usr/share",
     "/usr/local/lib", "/lib", "/etc/ld.so.cache", "/etc/localtime",
+    # matplotlib's font cache: Keras imports matplotlib when it is installed (the html extra), a library cache
+    os.environ.get("MPLCONFIGDIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                                   "matplotlib"),
+    os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "matplotlib"),
 })
 
 
