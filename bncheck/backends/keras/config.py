@@ -71,7 +71,7 @@ class _Call:
 
 
 def _entry_name(entry: dict[str, Any]) -> str:
-    cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+    cfg: dict[str, Any] = entry["config"] if isinstance(entry.get("config"), dict) else {}
     return str(entry.get("name") or cfg.get("name") or entry.get("class_name", "?"))
 
 
@@ -350,7 +350,7 @@ def _walk_pass(
     """
     entries = layer_entries(model_cfg)
     sequential = model_cfg.get("class_name") == "Sequential"
-    groups = ctx.weights.child_groups(model_cfg, group) if isinstance(ctx.weights, KerasWeights) else {}
+    groups = ctx.weights.child_groups(model_cfg, group or "") if isinstance(ctx.weights, KerasWeights) else {}
     last: dict[int, tuple[str | None, frozenset[str]]] = {k: (call.context, call.before) for k, call in enumerate(calls)}
     out_shapes: dict[tuple[int, str, int], tuple[Dim, ...] | None] = {}
     seq_shape: dict[int, tuple[Dim, ...] | None] = {
@@ -359,7 +359,7 @@ def _walk_pass(
     for index in order:
         entry = entries[index]
         cls = str(entry.get("class_name", ""))
-        cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+        cfg: dict[str, Any] = entry["config"] if isinstance(entry.get("config"), dict) else {}
         name = _entry_name(entry)
         layer_path = prefix + (name,)
         if cls == "InputLayer":
@@ -472,8 +472,9 @@ def _norm_layer(
         if key in params and params[key].ndim == 1:
             channels = int(params[key].shape[0])
             break
-    if channels is None and shape is not None and channel_axis is not None and isinstance(shape[channel_axis], int):
-        channels = shape[channel_axis]
+    if channels is None and shape is not None and channel_axis is not None:
+        dim = shape[channel_axis]
+        channels = dim if isinstance(dim, int) else None
     # Training flag
     effective = [_effective(c.chain, ctx.keras2) for c in calls]
     counts = [c.count for c in calls]
@@ -596,7 +597,8 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
         return shape[:-1] + (c["units"],)
     if cls == "Flatten":
         rest = shape[1:]
-        return (shape[0], math.prod(rest) if all(isinstance(d, int) for d in rest) else None)
+        sizes = [d for d in rest if isinstance(d, int)]
+        return (shape[0], math.prod(sizes) if len(sizes) == len(rest) else None)
     if cls == "Reshape" and isinstance(c.get("target_shape"), list):
         return (shape[0],) + tuple(c["target_shape"])
     first = c.get("data_format") == "channels_first"
@@ -617,7 +619,7 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
         spatial = shape[2:] if first else shape[1:-1]
         if len(spatial) != n:
             return None
-        out = []
+        out: list[Dim] = []
         for size, k, s, d in zip(spatial, kernel, strides, dilation):
             if not isinstance(size, int) or not all(isinstance(v, int) for v in (k, s, d)):
                 out.append(None)
@@ -635,11 +637,12 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
         return (shape[0], channels, *out) if first else (shape[0], *out, channels)
     if cls.startswith("ZeroPadding") and isinstance(c.get("padding"), list) and not first:
         pads = c["padding"]
-        spatial = list(shape[1:-1])
-        for i, p in enumerate(pads[: len(spatial)]):
+        padded: list[Dim] = list(shape[1:-1])
+        for i, p in enumerate(pads[: len(padded)]):
             total = sum(p) if isinstance(p, list) else 2 * p
-            spatial[i] = spatial[i] + total if isinstance(spatial[i], int) else None
-        return (shape[0], *spatial, shape[-1])
+            size = padded[i]
+            padded[i] = size + total if isinstance(size, int) else None
+        return (shape[0], *padded, shape[-1])
     return None
 
 
@@ -663,7 +666,8 @@ class KerasFile:
     @property
     def keras2(self) -> bool:
         """Saved by Keras 2 / tf_keras: a baked flag wins in every call style."""
-        return bool(self.keras_version) and self.keras_version.split(".")[0] in ("1", "2")
+        version = self.keras_version
+        return bool(version) and version is not None and version.split(".")[0] in ("1", "2")
 
     @property
     def baked(self) -> bool:

@@ -157,7 +157,7 @@ class GraphIndex:
                 schema = onnx.defs.get_schema(node.op_type, domain)
             except Exception:  # an operator onnx does not define at all (contrib ops)
                 return {}
-        return {name: int(attr.type) for name, attr in schema.attributes.items()}
+        return {name: int(attr.type) for name, attr in schema.attributes.items()}  # type: ignore[call-overload]  # a pybind enum: int() works, the stub omits __int__
 
     def op(self, idx: int) -> str:
         return self.nodes[idx].op_type

@@ -389,6 +389,7 @@ class _Engine:
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.copy is not None and self.copy.fixed_feeds:
             feeds = {**feeds, **self.copy.fixed_feeds}
+        assert self.session is not None  # built before any batch runs
         try:
             values = self.session.run(self.output_names, feeds)
         except Exception as exc:
@@ -422,7 +423,8 @@ class _Engine:
             inp, out = get(plan.input), get(plan.output)
             if plan.affine is not None and out is not None:
                 inp = _derive_input(out, *plan.affine)
-            batch = (out or inp).batch_size if (out or inp) else 0
+            source = out or inp
+            batch = source.batch_size if source is not None else 0
             if plan.spec and out is not None:
                 runtime = get(plan.runtime)
                 dev = _deviation(runtime, out) if runtime is not None else None
