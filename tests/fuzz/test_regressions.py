@@ -413,3 +413,14 @@ def test_negative_seed_is_a_usage_error() -> None:
     with Workspace() as ws:
         corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=[1, 3, 4, 4])
         _refused(_run(ws, "probe", "m.onnx", "--seed", "-1"), "usage error", "--seed")
+
+
+def test_int64_tensor_with_short_raw_data_in_a_fixed_batch_model_probes_to_a_clean_error() -> None:
+    """The probe copy's batch relaxation read every 1-D int64 initializer as a shape; a short raw_data crashed it."""
+    from onnx import TensorProto
+
+    with Workspace() as ws:
+        corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=[1, 3, 4, 4], stats_type=TensorProto.INT64,
+                       raw_scale=b"\x00" * 7)
+        _run(ws, "inspect", "m.onnx")
+        _refused(_run(ws, "probe", "m.onnx"), "m.onnx")

@@ -134,7 +134,10 @@ def _compared_constant(graph: Any, name: str) -> float | None:
             other = [i for i in node.input if i != name]
             tensor = constants.get(other[0]) if other else None
             if tensor is not None:
-                array = numpy_helper.to_array(tensor)
+                try:
+                    array = numpy_helper.to_array(tensor)
+                except ValueError:  # raw_data of the wrong length: not a usable constant
+                    continue
                 if array.size == 1 and array.dtype.kind in "iu":
                     return float(array.reshape(()))
     return None

@@ -15,6 +15,7 @@ amplified by cancellations such as E[x^2] - E[x]^2, for a dependence).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -65,14 +66,15 @@ def _constants(graph: Any) -> dict[str, np.ndarray]:
     from onnx import helper, numpy_helper
 
     found: dict[str, np.ndarray] = {}
-    for tensor in graph.initializer:
-        if tensor.data_type in (6, 7) and not tensor.external_data:
-            found[tensor.name] = numpy_helper.to_array(tensor)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    found[node.output[0]] = numpy_helper.to_array(helper.get_attribute_value(attr))
+    with contextlib.suppress(ValueError):  # raw_data of the wrong length: onnxruntime reports that tensor
+        for tensor in graph.initializer:
+            if tensor.data_type in (6, 7) and not tensor.external_data:
+                found[tensor.name] = numpy_helper.to_array(tensor)
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        found[node.output[0]] = numpy_helper.to_array(helper.get_attribute_value(attr))
     return found
 
 

@@ -186,15 +186,25 @@ def _constant_values(graph: Any) -> dict[str, tuple[np.ndarray, Any]]:
     """Integer constants (initializers and Constant nodes) by name, with the proto holding them."""
     from onnx import numpy_helper
 
+    def values(tensor: Any) -> np.ndarray | None:
+        try:
+            return numpy_helper.to_array(tensor)
+        except ValueError:  # raw_data of the wrong length: no shape to rewrite (onnxruntime reports the tensor)
+            return None
+
     found: dict[str, tuple[np.ndarray, Any]] = {}
     for tensor in graph.initializer:
         if tensor.data_type == 7 and len(tensor.dims) == 1:  # INT64, 1-D: a shape
-            found[tensor.name] = (numpy_helper.to_array(tensor), tensor)
+            array = values(tensor)
+            if array is not None:
+                found[tensor.name] = (array, tensor)
     for node in graph.node:
         if node.op_type == "Constant" and node.output:
             for attr in node.attribute:
                 if attr.name == "value" and attr.t.data_type == 7 and len(attr.t.dims) == 1:
-                    found[node.output[0]] = (numpy_helper.to_array(attr.t), node)
+                    array = values(attr.t)
+                    if array is not None:
+                        found[node.output[0]] = (array, node)
                 elif attr.name == "value_ints":  # the torch exporter's form
                     found[node.output[0]] = (np.asarray(attr.ints, np.int64), node)
         elif node.op_type == "Concat" and node.input and all(i in found for i in node.input):
