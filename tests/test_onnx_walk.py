@@ -6,6 +6,7 @@ onnxruntime departs from the spec) to prove they really compute what the walk sa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +160,15 @@ def single_op(tmp_path, op, inputs, attrs, shape, inits, opset, domain="", extra
 
 def test_instance_normalization(tmp_path):
     s, b, _, _ = channel_params(3)
-    path = single_op(tmp_path, "InstanceNormalization", ["x", "s", "b"], {"epsilon": 1e-4}, ("N", 3, 5, 5),
-                     [const("s", s), const("b", b)], 17)
+    path = single_op(
+        tmp_path,
+        "InstanceNormalization",
+        ["x", "s", "b"],
+        {"epsilon": 1e-4},
+        ("N", 3, 5, 5),
+        [const("s", s), const("b", b)],
+        17,
+    )
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.INSTANCE and layer.axes == (2, 3) and layer.channels == 3
     assert not layer.batch_statistics and not layer.uses_running_stats
@@ -171,8 +179,15 @@ def test_instance_normalization(tmp_path):
 def test_layer_normalization_axes(tmp_path, axis, axes):
     shape = ("N", 6, 8)
     scale = np.ones(shape[axis:] if axis else (2, 6, 8), np.float32)
-    path = single_op(tmp_path, "LayerNormalization", ["x", "s"], {"axis": axis}, shape if axis else (2, 6, 8),
-                     [const("s", scale)], 17)
+    path = single_op(
+        tmp_path,
+        "LayerNormalization",
+        ["x", "s"],
+        {"axis": axis},
+        shape if axis else (2, 6, 8),
+        [const("s", scale)],
+        17,
+    )
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.LAYER and layer.axes == axes
     assert layer.channel_axis == 2 and layer.channels == 8 and layer.epsilon == F32_EPS
@@ -181,13 +196,29 @@ def test_layer_normalization_axes(tmp_path, axis, axes):
 
 def test_group_normalization_18_and_21(tmp_path):
     x = ("N", 6, 4, 4)
-    path = single_op(tmp_path, "GroupNormalization", ["x", "s", "b"], {"num_groups": 3}, x,
-                     [const("s", np.ones(3)), const("b", np.zeros(3))], 18, name="g18")
+    path = single_op(
+        tmp_path,
+        "GroupNormalization",
+        ["x", "s", "b"],
+        {"num_groups": 3},
+        x,
+        [const("s", np.ones(3)), const("b", np.zeros(3))],
+        18,
+        name="g18",
+    )
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.GROUP and layer.groups == 3 and layer.channels == 6 and layer.axes == (1, 2, 3)
     assert layer.extra["per_group_scale"] and layer.scale.shape == (3,)
-    path = single_op(tmp_path, "GroupNormalization", ["x", "s", "b"], {"num_groups": 3}, x,
-                     [const("s", np.ones(6)), const("b", np.zeros(6))], 21, name="g21")
+    path = single_op(
+        tmp_path,
+        "GroupNormalization",
+        ["x", "s", "b"],
+        {"num_groups": 3},
+        x,
+        [const("s", np.ones(6)), const("b", np.zeros(6))],
+        21,
+        name="g21",
+    )
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.GROUP and layer.scale.shape == (6,) and "per_group_scale" not in layer.extra
     assert normalized_set_size(layer) == (2 * 16, ())
@@ -213,28 +244,52 @@ def test_mean_variance_normalization(tmp_path, axes, batch):
 def test_microsoft_contrib_ops(tmp_path):
     h = 16
     nodes = [
-        helper.make_node("SkipLayerNormalization", ["x", "skip", "g", "beta"], ["y1"], name="sln",
-                         domain="com.microsoft", epsilon=1e-6),
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["x", "skip", "g", "beta"],
+            ["y1"],
+            name="sln",
+            domain="com.microsoft",
+            epsilon=1e-6,
+        ),
         helper.make_node("SimplifiedLayerNormalization", ["y1", "g"], ["y2"], name="simp", axis=-1),
-        helper.make_node("SkipSimplifiedLayerNormalization", ["y2", "skip", "g"], ["y3"], name="ssln",
-                         domain="com.microsoft"),
+        helper.make_node(
+            "SkipSimplifiedLayerNormalization", ["y2", "skip", "g"], ["y3"], name="ssln", domain="com.microsoft"
+        ),
         helper.make_node("Reshape", ["y3", "shp"], ["y4"], name="to_nhwc"),
-        helper.make_node("GroupNorm", ["y4", "g8", "b8"], ["y"], name="gn", domain="com.microsoft",
-                         groups=4, activation=0, channels_last=1, epsilon=1e-5),
+        helper.make_node(
+            "GroupNorm",
+            ["y4", "g8", "b8"],
+            ["y"],
+            name="gn",
+            domain="com.microsoft",
+            groups=4,
+            activation=0,
+            channels_last=1,
+            epsilon=1e-5,
+        ),
     ]
     path = save(
         tmp_path,
         nodes,
         [vinfo("x", [2, 4, h]), vinfo("skip", [2, 4, h])],
         [vinfo("y", [2, 2, 4, 8])],
-        [const("g", np.ones(h)), const("beta", np.zeros(h)), const("shp", [2, 2, 4, 8], np.int64),
-         const("g8", np.ones(8)), const("b8", np.zeros(8))],
+        [
+            const("g", np.ones(h)),
+            const("beta", np.zeros(h)),
+            const("shp", [2, 2, 4, 8], np.int64),
+            const("g8", np.ones(8)),
+            const("b8", np.zeros(8)),
+        ],
         opset=17,
         extra_opsets=[("com.microsoft", 1)],
     )
     layers, _view = load_layers(path)
     assert [(l.name, l.kind) for l in layers] == [
-        ("sln", Kind.LAYER), ("simp", Kind.RMS), ("ssln", Kind.RMS), ("gn", Kind.GROUP)
+        ("sln", Kind.LAYER),
+        ("simp", Kind.RMS),
+        ("ssln", Kind.RMS),
+        ("gn", Kind.GROUP),
     ]
     sln, simp, _ssln, gn = layers
     assert sln.epsilon == float(np.float32(1e-6)) and sln.axes == (2,) and sln.bias is not None
@@ -271,8 +326,13 @@ def test_parameters_from_graph_inputs_or_computed_are_unknown(tmp_path):
         helper.make_node("Relu", ["b_init"], ["b_computed"]),
         helper.make_node("BatchNormalization", ["x", "s_in", "b_computed", "m", "v"], ["y"], name="bn"),
     ]
-    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 2, 2]), vinfo("s_in", [3])], [vinfo("y", ["N", 3, 2, 2])],
-                [const("b_init", b), const("m", m), const("v", v)])
+    path = save(
+        tmp_path,
+        nodes,
+        [vinfo("x", ["N", 3, 2, 2]), vinfo("s_in", [3])],
+        [vinfo("y", ["N", 3, 2, 2])],
+        [const("b_init", b), const("m", m), const("v", v)],
+    )
     (layer,), view = load_layers(path)
     assert layer.scale is None and layer.bias is None
     np.testing.assert_array_equal(layer.mean, m)
@@ -283,8 +343,13 @@ def test_parameters_from_graph_inputs_or_computed_are_unknown(tmp_path):
 def test_unnamed_node_is_named_by_first_output(tmp_path):
     s, b, m, v = channel_params(3)
     node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["bn_out"])
-    path = save(tmp_path, [node], [vinfo("x", ["N", 3, 2, 2])], [vinfo("bn_out", None)],
-                [const("s", s), const("b", b), const("m", m), const("v", v)])
+    path = save(
+        tmp_path,
+        [node],
+        [vinfo("x", ["N", 3, 2, 2])],
+        [vinfo("bn_out", None)],
+        [const("s", s), const("b", b), const("m", m), const("v", v)],
+    )
     (layer,), _ = load_layers(path)
     assert layer.name == "bn_out" and layer.nodes == ("bn_out",)
 
@@ -300,21 +365,30 @@ def lowered_instance_norm(tmp_path, n=2, c=3, h=4, w=4, name="trap") -> str:
     beta = np.linspace(-0.2, 0.2, c, dtype=np.float32).reshape(1, c, 1, 1)
     nodes = [
         helper.make_node("Reshape", ["x", "shape_in"], ["x_r"], name="view"),
-        helper.make_node("BatchNormalization", ["x_r", "ones", "zeros", "rmean", "rvar"],
-                         ["bn_y", "running_mean_out", "running_var_out"], name="_native_batch_norm_legit",
-                         epsilon=1e-5, momentum=0.9, training_mode=1),
+        helper.make_node(
+            "BatchNormalization",
+            ["x_r", "ones", "zeros", "rmean", "rvar"],
+            ["bn_y", "running_mean_out", "running_var_out"],
+            name="_native_batch_norm_legit",
+            epsilon=1e-5,
+            momentum=0.9,
+            training_mode=1,
+        ),
         helper.make_node("Reshape", ["bn_y", "shape_out"], ["y_r"], name="view_1"),
         helper.make_node("Mul", ["y_r", "gamma"], ["y_s"], name="mul"),
         helper.make_node("Add", ["y_s", "beta"], ["y"], name="add"),
     ]
     inits = [
-        const("shape_in", [1, n * c, h, w], np.int64), const("shape_out", [n, c, h, w], np.int64),
-        const("ones", np.ones(n * c)), const("zeros", np.zeros(n * c)),
-        const("rmean", np.zeros(n * c)), const("rvar", np.ones(n * c)),
-        const("gamma", gamma), const("beta", beta),
+        const("shape_in", [1, n * c, h, w], np.int64),
+        const("shape_out", [n, c, h, w], np.int64),
+        const("ones", np.ones(n * c)),
+        const("zeros", np.zeros(n * c)),
+        const("rmean", np.zeros(n * c)),
+        const("rvar", np.ones(n * c)),
+        const("gamma", gamma),
+        const("beta", beta),
     ]
-    return save(tmp_path, nodes, [vinfo("x", [n, c, h, w])], [vinfo("y", [n, c, h, w])], inits, opset=18,
-                name=name)
+    return save(tmp_path, nodes, [vinfo("x", [n, c, h, w])], [vinfo("y", [n, c, h, w])], inits, opset=18, name=name)
 
 
 def test_trap_fixture_really_is_an_instance_norm(tmp_path):
@@ -452,10 +526,10 @@ def tf_batch_norm(tmp_path, opset=13) -> tuple[str, list]:
     ]
     gamma = np.linspace(0.5, 2, c, dtype=np.float32)
     beta = np.linspace(-1, 1, c, dtype=np.float32)
-    inits = [const("eps", 1e-3), const("gamma", gamma), const("beta", beta),
-             const("sq_axes", [0, 1, 2], np.int64)]
-    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 3, c])], [vinfo("y", ["N", 3, 3, c])], inits, opset=opset,
-                name="tfbn")
+    inits = [const("eps", 1e-3), const("gamma", gamma), const("beta", beta), const("sq_axes", [0, 1, 2], np.int64)]
+    path = save(
+        tmp_path, nodes, [vinfo("x", ["N", 3, 3, c])], [vinfo("y", ["N", 3, 3, c])], inits, opset=opset, name="tfbn"
+    )
     return path, [gamma, beta]
 
 
@@ -534,18 +608,25 @@ def resnet_like(tmp_path, blocks=53) -> str:
     prev = "x"
     for i in range(blocks):
         s, b, m, v = channel_params(8, seed=i)
-        inits += [const(f"w{i}", RNG.normal(size=(8, 8, 1, 1)) * 0.1), const(f"s{i}", s), const(f"b{i}", b),
-                  const(f"m{i}", m), const(f"v{i}", v)]
+        inits += [
+            const(f"w{i}", RNG.normal(size=(8, 8, 1, 1)) * 0.1),
+            const(f"s{i}", s),
+            const(f"b{i}", b),
+            const(f"m{i}", m),
+            const(f"v{i}", v),
+        ]
         nodes += [
             helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}"),
-            helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"],
-                             name=f"bn{i}"),
+            helper.make_node(
+                "BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"], name=f"bn{i}"
+            ),
             helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"),
         ]
         prev = f"r{i}"
     nodes.append(helper.make_node("Identity", [prev], ["y"], name="out"))
-    return save(tmp_path, nodes, [vinfo("x", ["N", 8, 7, 7])], [vinfo("y", ["N", 8, 7, 7])], inits, opset=15,
-                name="resnetlike")
+    return save(
+        tmp_path, nodes, [vinfo("x", ["N", 8, 7, 7])], [vinfo("y", ["N", 8, 7, 7])], inits, opset=15, name="resnetlike"
+    )
 
 
 def test_layers_come_in_graph_order(tmp_path):
@@ -572,10 +653,14 @@ def test_norm_ops_in_subgraphs_and_local_functions_are_noted(tmp_path):
     s, b, m, v = channel_params(3)
     inner_bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["then_y"], name="inner_bn")
     then_graph = helper.make_graph([inner_bn], "then", [], [vinfo("then_y", ["N", 3, 2, 2])])
-    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["else_y"])], "else", [],
-                                   [vinfo("else_y", ["N", 3, 2, 2])])
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["else_y"])], "else", [], [vinfo("else_y", ["N", 3, 2, 2])]
+    )
     func = helper.make_function(
-        "local", "MyNorm", ["fx", "fs", "fb"], ["fy"],
+        "local",
+        "MyNorm",
+        ["fx", "fs", "fb"],
+        ["fy"],
         [helper.make_node("LayerNormalization", ["fx", "fs", "fb"], ["fy"], axis=-1)],
         opset_imports=[helper.make_opsetid("", 17)],
     )
@@ -584,14 +669,22 @@ def test_norm_ops_in_subgraphs_and_local_functions_are_noted(tmp_path):
         helper.make_node("MyNorm", ["y1", "g2", "b2"], ["y"], name="fn", domain="local"),
     ]
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [vinfo("x", ["N", 3, 2, 2]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
         [vinfo("y", ["N", 3, 2, 2])],
-        initializer=[const("s", s), const("b", b), const("m", m), const("v", v), const("g2", np.ones(2)),
-                     const("b2", np.zeros(2))],
+        initializer=[
+            const("s", s),
+            const("b", b),
+            const("m", m),
+            const("v", v),
+            const("g2", np.ones(2)),
+            const("b2", np.zeros(2)),
+        ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
-                              functions=[func])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[func]
+    )
     model.ir_version = 8
     path = tmp_path / "hidden.onnx"
     onnx.save(model, str(path))
@@ -603,8 +696,14 @@ def test_norm_ops_in_subgraphs_and_local_functions_are_noted(tmp_path):
 def test_decomposed_chain_with_unknown_axes_is_moments(tmp_path):
     nodes, inits = moments_chain((2,), 18, affine=False)
     inits = [i for i in inits if i.name != "axes"]
-    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3]), helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
-                [vinfo("y", ["N", 4, 3])], inits, opset=18)
+    path = save(
+        tmp_path,
+        nodes,
+        [vinfo("x", ["N", 4, 3]), helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+        [vinfo("y", ["N", 4, 3])],
+        inits,
+        opset=18,
+    )
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.MOMENTS and layer.axes is None and not layer.batch_statistics
     assert any("axes unknown" in n for n in layer.notes)
@@ -629,3 +728,31 @@ def test_decomposed_layer_norm_with_casts_around_the_square(tmp_path):
     np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (1,), 1e-5), rtol=1e-4, atol=1e-5)
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.LAYER and layer.axes == (1,) and set(layer.nodes) == {n.name for n in nodes}
+
+
+def test_an_attribute_a_later_opset_added_is_type_checked_too(tmp_path):
+    """Found by the fuzz suite: training_mode (opset 14) written as a string on an opset-7 BatchNormalization
+    crashed the walk with int(b'text'); it is left out like any attribute of the wrong type."""
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    c = 2
+    params = [
+        helper.make_tensor(n, TensorProto.FLOAT, [c], np.full(c, v, np.float32))
+        for n, v in (("s", 1.0), ("b", 0.0), ("m", 0.5), ("v", 2.0))
+    ]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn", training_mode="text")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c])],
+        params,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code in (0, 1), result.stderr
+    assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["bn"]

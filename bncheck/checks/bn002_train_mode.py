@@ -105,16 +105,25 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None) -> Findin
     found = probe.located
     if found is None:
         name = next(iter(probe.output_dependence))
-        what = (f"model output {name!r} depends on a sample's batch companions, and no normalization layer "
-                "explains it; where it starts was not located")
+        what = (
+            f"model output {name!r} depends on a sample's batch companions, and no normalization layer "
+            "explains it; where it starts was not located"
+        )
         return Finding(CODE, SLUG, SEVERITY, name, what, HINT_MOMENTS, evidence)
     axes = f" over axes {list(found.axes)}" if found.axes is not None else ""
     batch_axis = " (which include the batch axis 0)" if found.axes is not None and 0 in found.axes else ""
-    evidence.update(op_type=found.op_type, axes=list(found.axes) if found.axes is not None else None,
-                    tensor=found.tensor, tensor_change=found.change, located_runs=found.runs)
-    what = (f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
-            f"batch companions: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
-            "between a sample alone and in a batch, while its inputs did not")
+    evidence.update(
+        op_type=found.op_type,
+        axes=list(found.axes) if found.axes is not None else None,
+        tensor=found.tensor,
+        tensor_change=found.change,
+        located_runs=found.runs,
+    )
+    what = (
+        f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
+        f"batch companions: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
+        "between a sample alone and in a batch, while its inputs did not"
+    )
     return Finding(CODE, SLUG, SEVERITY, found.node, what, HINT_MOMENTS, evidence)
 
 
@@ -158,7 +167,10 @@ def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_i
 
 
 def _finding(
-    layer: NormLayer, dep: BatchDependence | None, dynamic: bool, probe: ProbeResult | None,
+    layer: NormLayer,
+    dep: BatchDependence | None,
+    dynamic: bool,
+    probe: ProbeResult | None,
     effect: dict[str, object] | None,
 ) -> Finding:
     evidence: dict[str, object] = {
@@ -183,21 +195,29 @@ def _finding(
         evidence["runtime_deviation"] = runtime_note
     decomposed = layer.op_type == "decomposed"
     if layer.batch_statistics and (decomposed or not layer.training):
-        what = (f"{describe(layer)} computes its moments over axes {list(layer.axes or [])}, which include "
-                "the batch axis: a sample's output depends on its batch neighbours")
+        what = (
+            f"{describe(layer)} computes its moments over axes {list(layer.axes or [])}, which include "
+            "the batch axis: a sample's output depends on its batch neighbours"
+        )
     elif layer.batch_statistics:
-        what = (f"{describe(layer)} runs in training mode: it normalizes with the statistics of the current "
-                "batch, so a sample's output depends on its batch neighbours")
+        what = (
+            f"{describe(layer)} runs in training mode: it normalizes with the statistics of the current "
+            "batch, so a sample's output depends on its batch neighbours"
+        )
     else:
         what = f"{describe(layer)} output depends on its batch neighbours"
-    if dynamic:
-        what += (f"; measured: a sample's output moved by {dep.output_change:.3g} standard deviations when "  # type: ignore[union-attr]
-                 f"its batch companions changed, its input by {dep.input_change:.2g}")  # type: ignore[union-attr]
+    if dynamic and dep is not None:
+        what += (
+            f"; measured: a sample's output moved by {dep.output_change:.3g} standard deviations when "
+            f"its batch companions changed, its input by {dep.input_change:.2g}"
+        )
     if not decomposed and layer.notes:
         what += " (" + "; ".join(n for n in layer.notes if n) + ")"
     if runtime_note:
-        what += (f"; onnxruntime's own output for this node differs from the ONNX spec by up to "
-                 f"{runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec")
+        what += (
+            f"; onnxruntime's own output for this node differs from the ONNX spec by up to "
+            f"{runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec"
+        )
     hint = HINT_KERAS if is_keras(layer) else HINT_MOMENTS if decomposed else HINT
     return Finding(CODE, SLUG, SEVERITY, layer.name, what, hint, evidence)
 
@@ -208,7 +228,11 @@ def _runtime_note(layer: NormLayer, probe: ProbeResult | None) -> float | None:
     worst = None
     for batch_size in probe.batch_sizes:
         seen = probe.at(batch_size, layer.name)
-        if (seen is not None and seen.source == "spec" and seen.runtime_deviation is not None
-                and seen.runtime_deviation > RUNTIME_DEVIATION_NOTE):
+        if (
+            seen is not None
+            and seen.source == "spec"
+            and seen.runtime_deviation is not None
+            and seen.runtime_deviation > RUNTIME_DEVIATION_NOTE
+        ):
             worst = seen.runtime_deviation if worst is None else max(worst, seen.runtime_deviation)
     return worst

@@ -146,18 +146,24 @@ class GraphIndex:
         return cached
 
     def _attribute_types(self, node: onnx.NodeProto) -> dict[str, int]:
-        """Attribute name -> AttributeProto type from the operator's schema at the model's opset ({} if unknown)."""
+        """Attribute name -> AttributeProto type: the operator's schema at the model's opset, over its latest one
+        (readers also look for attributes a later opset added, such as training_mode; {} if onnx has none)."""
         import onnx
 
         domain = "" if node.domain == "ai.onnx" else node.domain
-        try:
-            schema = onnx.defs.get_schema(node.op_type, self.opset.get(domain, 1), domain)
-        except Exception:  # onnx.defs.SchemaError: not defined at this opset (LayerNormalization at opset 7)
-            try:  # the latest definition's types still say what a reader may assume
-                schema = onnx.defs.get_schema(node.op_type, domain)
-            except Exception:  # an operator onnx does not define at all (contrib ops)
-                return {}
-        return {name: int(attr.type) for name, attr in schema.attributes.items()}  # type: ignore[call-overload]  # a pybind enum: int() works, the stub omits __int__
+        types: dict[str, int] = {}
+        for version in (None, self.opset.get(domain, 1)):
+            try:
+                schema = (
+                    onnx.defs.get_schema(node.op_type, domain)
+                    if version is None
+                    else onnx.defs.get_schema(node.op_type, version, domain)
+                )
+            except Exception:  # onnx.defs.SchemaError: unknown operator, or not defined at this opset
+                continue
+            # a pybind enum: int() works, the stub omits __int__
+            types.update({name: int(attr.type) for name, attr in schema.attributes.items()})  # type: ignore[call-overload]
+        return types
 
     def op(self, idx: int) -> str:
         return self.nodes[idx].op_type
@@ -391,20 +397,14 @@ def shape_dim(g: GraphIndex, tensor: str, axis: int | None) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-
-
 def node_input(node, i: int) -> str:
     return node.input[i] if len(node.input) > i else ""
-
-
 
 
 def norm_axis(axis: int, rank: int | None) -> int | None:
     if axis >= 0:
         return axis
     return None if rank is None else axis + rank
-
-
 
 
 def other_input(node, tensor: str) -> str | None:
@@ -415,5 +415,3 @@ def other_input(node, tensor: str) -> str | None:
     if node.input[1] == tensor:
         return node.input[0]
     return None
-
-
