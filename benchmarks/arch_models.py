@@ -45,19 +45,22 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
-    def conv(self, x: str, cin: int, cout: int, kernel: tuple[int, ...], stride: tuple[int, ...],
-             group: int = 1) -> str:
+    def conv(
+        self, x: str, cin: int, cout: int, kernel: tuple[int, ...], stride: tuple[int, ...], group: int = 1
+    ) -> str:
         fan_in = cin // group * int(np.prod(kernel))
-        w = self.init((self.rng.standard_normal((cout, cin // group, *kernel)) * np.sqrt(2.0 / fan_in))
-                      .astype(np.float32), "w")
+        w = self.init(
+            (self.rng.standard_normal((cout, cin // group, *kernel)) * np.sqrt(2.0 / fan_in)).astype(np.float32), "w"
+        )
         pads = [k // 2 for k in kernel] * 2
-        return self.op("Conv", [x, w], "conv", kernel_shape=list(kernel), strides=list(stride), pads=pads,
-                       group=group)
+        return self.op("Conv", [x, w], "conv", kernel_shape=list(kernel), strides=list(stride), pads=pads, group=group)
 
     def bn(self, x: str, c: int) -> str:
         rng = self.rng
-        names = [self.init(v.astype(np.float32), "bn_p") for v in (
-            rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c))]
+        names = [
+            self.init(v.astype(np.float32), "bn_p")
+            for v in (rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c))
+        ]
         return self.op("BatchNormalization", [x, *names], "bn", epsilon=1e-5)
 
     def save(self, path: str, name: str, inputs: list[Any], outputs: list[Any], opset: int = 17) -> str:
@@ -65,8 +68,7 @@ class _Graph:
         from onnx import helper
 
         graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                                  producer_name="bncheck-bench")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="bncheck-bench")
         model.ir_version = 8
         onnx.save(model, path)
         return path
@@ -85,8 +87,15 @@ def build_mobilenet_v2(path: str, seed: int = 0) -> str:
     x = relu6(g.bn(g.conv("input", 3, 32, (3, 3), (2, 2)), 32))
     cin = 32
     # (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper
-    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                       (6, 160, 3, 2), (6, 320, 1, 1)):
+    for t, c, n, s in (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ):
         for i in range(n):
             stride = s if i == 0 else 1
             hidden = cin * t
@@ -102,13 +111,17 @@ def build_mobilenet_v2(path: str, seed: int = 0) -> str:
     w = g.init((g.rng.standard_normal((1280, 1000)) * 0.01).astype(np.float32), "fc_w")
     b = g.init(np.zeros(1000, np.float32), "fc_b")
     g.nodes.append(helper.make_node("Gemm", [x, w, b], ["logits"], name="fc"))
-    return g.save(path, "mobilenet_v2",
-                  [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
-                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])])
+    return g.save(
+        path,
+        "mobilenet_v2",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+    )
 
 
-def build_transformer(path: str, seed: int = 0, layers: int = 6, d: int = 512, heads: int = 8,
-                      ff: int = 2048, seq: int = 128) -> str:
+def build_transformer(
+    path: str, seed: int = 0, layers: int = 6, d: int = 512, heads: int = 8, ff: int = 2048, seq: int = 128
+) -> str:
     from onnx import TensorProto, helper
 
     g = _Graph(seed)
@@ -134,8 +147,9 @@ def build_transformer(path: str, seed: int = 0, layers: int = 6, d: int = 512, h
     x = layer_norm("input")
     for _ in range(layers):
         q, k, v = (heads_first(linear(x, d, d)) for _ in range(3))
-        scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], "kT", perm=[0, 1, 3, 2])], "qk"), inv_sqrt],
-                      "scores")
+        scores = g.op(
+            "Mul", [g.op("MatMul", [q, g.op("Transpose", [k], "kT", perm=[0, 1, 3, 2])], "qk"), inv_sqrt], "scores"
+        )
         ctx = g.op("MatMul", [g.op("Softmax", [scores], "softmax", axis=-1), v], "ctx")
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], "merge", perm=[0, 2, 1, 3]), merge], "ctx_flat")
         x = layer_norm(g.op("Add", [x, linear(ctx, d, d)], "res1"))
@@ -145,9 +159,12 @@ def build_transformer(path: str, seed: int = 0, layers: int = 6, d: int = 512, h
     w = g.init((g.rng.standard_normal((d, 10)) / np.sqrt(d)).astype(np.float32), "cls_w")
     b = g.init(np.zeros(10, np.float32), "cls_b")
     g.nodes.append(helper.make_node("Gemm", [pooled, w, b], ["logits"], name="cls"))
-    return g.save(path, "transformer_encoder",
-                  [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", seq, d])],
-                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])])
+    return g.save(
+        path,
+        "transformer_encoder",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", seq, d])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+    )
 
 
 def build_conv3d(path: str, seed: int = 0, frames: int = 16, image: int = 112) -> str:
@@ -155,14 +172,25 @@ def build_conv3d(path: str, seed: int = 0, frames: int = 16, image: int = 112) -
 
     g = _Graph(seed)
     x, cin = "input", 3
-    for cout, stride in ((32, (1, 2, 2)), (64, (2, 2, 2)), (64, (1, 1, 1)), (128, (2, 2, 2)),
-                         (128, (1, 1, 1)), (256, (2, 2, 2)), (256, (1, 1, 1)), (512, (1, 2, 2))):
+    for cout, stride in (
+        (32, (1, 2, 2)),
+        (64, (2, 2, 2)),
+        (64, (1, 1, 1)),
+        (128, (2, 2, 2)),
+        (128, (1, 1, 1)),
+        (256, (2, 2, 2)),
+        (256, (1, 1, 1)),
+        (512, (1, 2, 2)),
+    ):
         x = g.op("Relu", [g.bn(g.conv(x, cin, cout, (3, 3, 3), stride), cout)], "relu")
         cin = cout
     x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "gap")], "flatten")
     w = g.init((g.rng.standard_normal((cin, 400)) * 0.01).astype(np.float32), "fc_w")
     b = g.init(np.zeros(400, np.float32), "fc_b")
     g.nodes.append(helper.make_node("Gemm", [x, w, b], ["logits"], name="fc"))
-    return g.save(path, "conv3d",
-                  [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, frames, image, image])],
-                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 400])])
+    return g.save(
+        path,
+        "conv3d",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, frames, image, image])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 400])],
+    )

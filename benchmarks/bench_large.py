@@ -39,7 +39,9 @@ def io():
         return {k: int(v) for k, v in (line.split(": ") for line in fh)}
 """
 
-INSPECT = PEAK + r"""
+INSPECT = (
+    PEAK
+    + r"""
 import time, json, sys
 t0 = time.perf_counter()
 # imported first, so that the bytes counted are the model's, not the modules' (whose import is timed)
@@ -52,8 +54,11 @@ wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "rchar": io1["rchar"] - io0["rchar"], "read_bytes": io1["read_bytes"] - io0["read_bytes"],
                   "rss_mb": status("VmHWM"), "findings": len(report.findings)}))
 """
+)
 
-PLAIN = PEAK + r"""
+PLAIN = (
+    PEAK
+    + r"""
 import time, json, sys
 t0 = time.perf_counter()
 import numpy as np
@@ -64,8 +69,11 @@ for b in (1, 2, 32):
     sess.run(None, {"input": rng.standard_normal((b, IN), dtype=np.float32)})
 print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM")}))
 """.replace("IN", str(IN))
+)
 
-PROBE = PEAK + r"""
+PROBE = (
+    PEAK
+    + r"""
 import time, json, sys
 t0 = time.perf_counter()
 from bncheck.backends.onnx import OnnxBackend
@@ -77,6 +85,7 @@ result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
 assert len(result.dependence) == len(view.layers), (len(result.dependence), len(view.layers))
 print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM"), "rss_after_load_mb": rss_load}))
 """
+)
 
 
 def build(folder: str, layers: int, width: int, seed: int = 0) -> tuple[str, int, int]:
@@ -117,24 +126,36 @@ def build(folder: str, layers: int, width: int, seed: int = 0) -> tuple[str, int
         for i in range(layers):
             w = external(f"w{i}", (rng.standard_normal((cin, width), dtype=np.float32) / np.sqrt(cin)))
             nodes.append(helper.make_node("MatMul", [x, w], [f"mm{i}"], name=f"mm{i}"))
-            params = [norm_param(f"bn{i}_{k}", v) for k, v in (
-                ("scale", rng.uniform(0.5, 1.5, width)), ("bias", rng.normal(0, 0.1, width)),
-                ("mean", rng.normal(0, 0.2, width)), ("var", rng.uniform(0.5, 2.0, width)))]
+            params = [
+                norm_param(f"bn{i}_{k}", v)
+                for k, v in (
+                    ("scale", rng.uniform(0.5, 1.5, width)),
+                    ("bias", rng.normal(0, 0.1, width)),
+                    ("mean", rng.normal(0, 0.2, width)),
+                    ("var", rng.uniform(0.5, 2.0, width)),
+                )
+            ]
             nodes.append(helper.make_node("BatchNormalization", [f"mm{i}", *params], [f"bn{i}"], name=f"bn{i}"))
             y = f"bn{i}"
             if i % 2:
                 scale = norm_param(f"ln{i}_scale", rng.uniform(0.8, 1.2, width))
                 bias = norm_param(f"ln{i}_bias", rng.normal(0, 0.05, width))
-                nodes.append(helper.make_node("LayerNormalization", [y, scale, bias], [f"ln{i}"], name=f"ln{i}",
-                                              axis=-1))
+                nodes.append(
+                    helper.make_node("LayerNormalization", [y, scale, bias], [f"ln{i}"], name=f"ln{i}", axis=-1)
+                )
                 y = f"ln{i}"
             nodes.append(helper.make_node("Relu", [y], [f"relu{i}"], name=f"relu{i}"))
             x, cin = f"relu{i}", width
         head = external("head_w", (rng.standard_normal((cin, 1000), dtype=np.float32) / np.sqrt(cin)))
         nodes.append(helper.make_node("MatMul", [x, head], ["logits"], name="head"))
     inits.append(numpy_helper.from_array(np.zeros(1, np.float32), "unused_inline"))  # one inline tensor too
-    graph = helper.make_graph(nodes, "wide_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", IN])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "wide_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", IN])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bncheck-bench")
     model.ir_version = 8
     path = os.path.join(folder, "model.onnx")
@@ -169,17 +190,29 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0] if isinstance(v[0][f], (int, float))}
-           for k, v in runs.items()}
-    print(json.dumps({
-        "repeats": args.repeats, "load_average_1min": loads, "weights_bytes": weights, "norm_param_bytes": norm,
-        "median": med,
-        "inspect_read_over_weights": med["inspect"]["rchar"] / weights,
-        "probe_over_plain_rss": med["probe"]["rss_mb"] / med["plain"]["rss_mb"],
-        "probe_over_plain_rss_range": [min(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"])),
-                                       max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"]))],
-        "probe_over_plain_wall": med["probe"]["wall"] / med["plain"]["wall"],
-    }, indent=2))
+    med = {
+        k: {f: statistics.median(r[f] for r in v) for f in v[0] if isinstance(v[0][f], (int, float))}
+        for k, v in runs.items()
+    }
+    print(
+        json.dumps(
+            {
+                "repeats": args.repeats,
+                "load_average_1min": loads,
+                "weights_bytes": weights,
+                "norm_param_bytes": norm,
+                "median": med,
+                "inspect_read_over_weights": med["inspect"]["rchar"] / weights,
+                "probe_over_plain_rss": med["probe"]["rss_mb"] / med["plain"]["rss_mb"],
+                "probe_over_plain_rss_range": [
+                    min(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"])),
+                    max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"])),
+                ],
+                "probe_over_plain_wall": med["probe"]["wall"] / med["plain"]["wall"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

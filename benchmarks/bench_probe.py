@@ -52,7 +52,9 @@ def peak_mb():
                 return int(line.split()[1]) / 1024
 """
 
-PLAIN = PEAK + r"""
+PLAIN = (
+    PEAK
+    + r"""
 import time, json, sys
 t0 = time.perf_counter()
 import numpy as np
@@ -65,9 +67,12 @@ for b in (1, 2, 32):
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "import": t_import, "rss_mb": peak_mb()}))
 """
+)
 
 # Counting wrappers only (the probe runs unchanged): every onnxruntime run, and the output-level test.
-PROBE = PEAK + r"""
+PROBE = (
+    PEAK
+    + r"""
 import time, json, sys
 t0 = time.perf_counter()
 from bncheck.backends.onnx import OnnxBackend
@@ -107,6 +112,7 @@ print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": peak_mb(), "rss_after
                   "max_output_change": max((d.output_change for d in deps), default=0.0),
                   "max_input_change": max((d.input_change for d in deps), default=0.0)}))
 """
+)
 
 
 def _child(code: str, model: str) -> dict:
@@ -117,8 +123,15 @@ def _child(code: str, model: str) -> dict:
 def _build(name: str, path: str) -> None:
     module, function, kwargs = MODELS[name]
     # built in a child, so that this process stays small
-    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); "
-                    f"from {module} import {function}; {function}({path!r}, **{kwargs!r})"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {HERE!r}); "
+            f"from {module} import {function}; {function}({path!r}, **{kwargs!r})",
+        ],
+        check=True,
+    )
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
@@ -154,7 +167,8 @@ def markdown(summary: dict[str, dict], repeats: int) -> str:
             f"| **{s['ratio_wall']:.2f}x** ({w[0]:.2f}-{w[1]:.2f}) | {s['median']['plain']['rss_mb']:.0f} MB "
             f"| {s['median']['probe']['rss_mb']:.0f} MB | **{s['ratio_rss_mb']:.2f}x** ({r[0]:.2f}-{r[1]:.2f}) "
             f"| {s['runs']:.0f} | {s['dyn_runs']:.0f}, {s['dyn_s']:.2f} s"
-            f"{' (located)' if s['located'] else ''} |")
+            f"{' (located)' if s['located'] else ''} |"
+        )
     lines.append(f"\nmedians of {repeats} interleaved repeats")
     return "\n".join(lines)
 
@@ -185,8 +199,10 @@ def main() -> None:
             for name, path in paths.items():
                 for side, code in (("plain", PLAIN), ("probe", PROBE)):
                     runs[name][side].append(_child(code, path))
-                print(f"repeat {rep + 1} {name}: plain {runs[name]['plain'][-1]} probe {runs[name]['probe'][-1]}",
-                      file=sys.stderr)
+                print(
+                    f"repeat {rep + 1} {name}: plain {runs[name]['plain'][-1]} probe {runs[name]['probe'][-1]}",
+                    file=sys.stderr,
+                )
         loads.append(os.getloadavg()[0])
     finally:
         if not args.keep:
@@ -198,8 +214,9 @@ def main() -> None:
         print(f"load average (1 min) at each repeat: {', '.join(f'{x:.1f}' for x in loads)}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"repeats": args.repeats, "load_average_1min": loads, "runs": runs, "models": summary}, fh,
-                      indent=1)
+            json.dump(
+                {"repeats": args.repeats, "load_average_1min": loads, "runs": runs, "models": summary}, fh, indent=1
+            )
 
 
 if __name__ == "__main__":

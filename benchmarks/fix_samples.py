@@ -53,7 +53,7 @@ def outputs(path: str, x: np.ndarray, batch: int) -> np.ndarray:
 
     session = ReferenceEvaluator(path)
     name = session.input_names[0]
-    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def counts(report) -> str:  # type: ignore[no-untyped-def]
@@ -70,7 +70,9 @@ def main() -> None:
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="bncheck-fix-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     x = np.load(CALIB)["input"]
-    print(f"{'sample':31} {'data':4} {'stats':5} {'before':9} {'after':9} exit  batch-1 argmax agreement, before -> after")
+    print(
+        f"{'sample':31} {'data':4} {'stats':5} {'before':9} {'after':9} exit  batch-1 argmax agreement, before -> after"
+    )
     for k, (name, data, stats) in enumerate(ONNX):
         src = str(SAMPLES / name)
         out = str(out_dir / f"{k}_{name.replace('.onnx', '.fixed.onnx')}")
@@ -78,8 +80,10 @@ def main() -> None:
         report = fix(src, out, str(data) if data else None, stats=stats, only=only)
         before_alone = outputs(src, x, 1).argmax(axis=1)
         fixed_alone = outputs(out, x, 1).argmax(axis=1)
-        line = (f"{name:31} {'yes' if data else 'no':4} {stats + ('*' if only else ''):5} {counts(report):9} {counts(report.fix.after):9} "
-                f"{int(report.exit_code):4}  ")
+        line = (
+            f"{name:31} {'yes' if data else 'no':4} {stats + ('*' if only else ''):5} {counts(report):9} {counts(report.fix.after):9} "
+            f"{int(report.exit_code):4}  "
+        )
         if name in BATCH_CONTEXT:
             in_batch = outputs(src, x, 64).argmax(axis=1)
             line += f"vs its batch-64 output {np.mean(before_alone == in_batch):.0%} -> {np.mean(fixed_alone == in_batch):.0%}"
@@ -94,8 +98,10 @@ def main() -> None:
         src = str(SAMPLES / name)
         out = str(out_dir / name.replace(".keras", ".fixed.keras").replace(".h5", ".fixed.h5"))
         report = fix(src, out, str(data) if data else None)
-        print(f"{name:31} {'yes' if data else 'no':4} {'auto':5} {counts(report):9} {counts(report.fix.after):9} "
-              f"{int(report.exit_code):4}  {', '.join(f'{e.layer} {e.action}' for e in report.fix.outcome.layers)}")
+        print(
+            f"{name:31} {'yes' if data else 'no':4} {'auto':5} {counts(report):9} {counts(report.fix.after):9} "
+            f"{int(report.exit_code):4}  {', '.join(f'{e.layer} {e.action}' for e in report.fix.outcome.layers)}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def build_resnet50(path: str, seed: int = 0, opset: int = 17, width: int = 64, image: int = 224,
-                   variant: str = "a", train: bool = False, batch_mix: bool = False) -> str:
+def build_resnet50(
+    path: str,
+    seed: int = 0,
+    opset: int = 17,
+    width: int = 64,
+    image: int = 224,
+    variant: str = "a",
+    train: bool = False,
+    batch_mix: bool = False,
+) -> str:
     """Write the model to ``path`` and return it. ``width``/``image`` shrink it for quick experiments;
     ``variant``/``train``/``batch_mix``: see the module docstring."""
     import onnx
@@ -37,11 +45,17 @@ def build_resnet50(path: str, seed: int = 0, opset: int = 17, width: int = 64, i
     def conv(x: str, cin: int, cout: int, k: int, stride: int) -> str:
         w = name("conv_w")
         fan_in = cin * k * k
-        inits.append(numpy_helper.from_array(
-            (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32), w))
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32), w
+            )
+        )
         out = name("conv")
-        nodes.append(helper.make_node("Conv", [x, w], [out], name=out, kernel_shape=[k, k],
-                                      strides=[stride, stride], pads=[k // 2] * 4))
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, w], [out], name=out, kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4
+            )
+        )
         return out
 
     def bn(x: str, c: int) -> str:
@@ -55,8 +69,16 @@ def build_resnet50(path: str, seed: int = 0, opset: int = 17, width: int = 64, i
             inits.append(numpy_helper.from_array(value.astype(np.float32), f"{base}_{key}"))
         inputs = [x] + [f"{base}_{k}" for k in params]
         if train:
-            nodes.append(helper.make_node("BatchNormalization", inputs, [base, f"{base}_rm", f"{base}_rv"],
-                                          name=base, epsilon=1e-5, training_mode=1))
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    inputs,
+                    [base, f"{base}_rm", f"{base}_rv"],
+                    name=base,
+                    epsilon=1e-5,
+                    training_mode=1,
+                )
+            )
         else:
             nodes.append(helper.make_node("BatchNormalization", inputs, [base], name=base, epsilon=1e-5))
         return base
@@ -68,8 +90,9 @@ def build_resnet50(path: str, seed: int = 0, opset: int = 17, width: int = 64, i
 
     x = relu(bn(conv("input", 3, width, 7, 2), width))
     pooled = name("maxpool")
-    nodes.append(helper.make_node("MaxPool", [x], [pooled], name=pooled, kernel_shape=[3, 3], strides=[2, 2],
-                                  pads=[1, 1, 1, 1]))
+    nodes.append(
+        helper.make_node("MaxPool", [x], [pooled], name=pooled, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    )
     x, cin = pooled, width
     for stage, (blocks, mid) in enumerate(zip((3, 4, 6, 3), (width, width * 2, width * 4, width * 8))):
         cout = mid * 4
@@ -105,7 +128,8 @@ def build_resnet50(path: str, seed: int = 0, opset: int = 17, width: int = 64, i
     else:
         nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"], name="fc"))
     graph = helper.make_graph(
-        nodes, "resnet50",
+        nodes,
+        "resnet50",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, image, image])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
         initializer=inits,

@@ -22,11 +22,15 @@ from bncheck.findings import FAIL_ON_LEVELS
 from bncheck.render import FORMATS, render_error
 from bncheck.render.text import literal
 
-FORMAT_HELP = ("Report format on stdout: table (for people), json (the JSON document alone), sarif (SARIF 2.1.0, "
-               "for code scanning), github (workflow annotations), html (a page with pictures; use -o).")
-OUTPUT_HELP = ("Also write the report to this file, replaced atomically: in the --format chosen (JSON for the "
-               "table); with table or github, a .json, .sarif or .html extension chooses instead. Never a file "
-               "the command reads (exit 2).")
+FORMAT_HELP = (
+    "Report format on stdout: table (for people), json (the JSON document alone), sarif (SARIF 2.1.0, "
+    "for code scanning), github (workflow annotations), html (a page with pictures; use -o)."
+)
+OUTPUT_HELP = (
+    "Also write the report to this file, replaced atomically: in the --format chosen (JSON for the "
+    "table); with table or github, a .json, .sarif or .html extension chooses instead. Never a file "
+    "the command reads (exit 2)."
+)
 
 
 class BatchSizes(click.ParamType):
@@ -50,7 +54,9 @@ class InputShape(click.ParamType):
 
     name = "NAME:DIMxDIM"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, tuple[int, ...]]:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, tuple[int, ...]]:
         if isinstance(value, tuple):
             return value
         from bncheck.probe_data import ProbeDataError, parse_input_shape
@@ -65,25 +71,55 @@ def _common(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options inspect and probe share: models, report format, CI gating, configuration, baselines."""
     options = [
         click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str), metavar="MODEL..."),
-        click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-                     help=FORMAT_HELP),
-        click.option("--output", "-o", "output", type=click.Path(dir_okay=False, writable=True, path_type=str),
-                     help=OUTPUT_HELP),
-        click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default=None,
-                     help="Exit 1 when a finding is at or above this severity.  [default: error]"),
-        click.option("--select", multiple=True, metavar="CODES",
-                     help="Only these checks (codes or slugs, comma-separated; repeatable)."),
-        click.option("--ignore", multiple=True, metavar="CODES",
-                     help="Skip these checks (codes or slugs, comma-separated; repeatable)."),
-        click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
-                     help="Check this many models at once, in separate processes."),
-        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str),
-                     help="Settings file (default: bncheck.toml or [tool.bncheck] in pyproject.toml, searched "
-                          "upward from the current folder). Command-line options win."),
-        click.option("--baseline", type=click.Path(dir_okay=False, path_type=str),
-                     help="Hide the findings recorded in this baseline; fail only on new ones."),
-        click.option("--write-baseline", type=click.Path(dir_okay=False, path_type=str),
-                     help="Record the current findings in this file (keyed on model file, code, layer)."),
+        click.option(
+            "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help=FORMAT_HELP
+        ),
+        click.option(
+            "--output", "-o", "output", type=click.Path(dir_okay=False, writable=True, path_type=str), help=OUTPUT_HELP
+        ),
+        click.option(
+            "--fail-on",
+            type=click.Choice(FAIL_ON_LEVELS),
+            default=None,
+            help="Exit 1 when a finding is at or above this severity.  [default: error]",
+        ),
+        click.option(
+            "--select",
+            multiple=True,
+            metavar="CODES",
+            help="Only these checks (codes or slugs, comma-separated; repeatable).",
+        ),
+        click.option(
+            "--ignore",
+            multiple=True,
+            metavar="CODES",
+            help="Skip these checks (codes or slugs, comma-separated; repeatable).",
+        ),
+        click.option(
+            "--jobs",
+            "-j",
+            type=click.IntRange(1, 64),
+            default=1,
+            show_default=True,
+            help="Check this many models at once, in separate processes.",
+        ),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False, path_type=str),
+            help="Settings file (default: bncheck.toml or [tool.bncheck] in pyproject.toml, searched "
+            "upward from the current folder). Command-line options win.",
+        ),
+        click.option(
+            "--baseline",
+            type=click.Path(dir_okay=False, path_type=str),
+            help="Hide the findings recorded in this baseline; fail only on new ones.",
+        ),
+        click.option(
+            "--write-baseline",
+            type=click.Path(dir_okay=False, path_type=str),
+            help="Record the current findings in this file (keyed on model file, code, layer).",
+        ),
         click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
     ]
     for option in reversed(options):
@@ -97,8 +133,14 @@ class OneLineErrors(click.Group):
     click's own format is three lines (usage, hint, error); CI logs and wrappers want one.
     """
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -148,9 +190,19 @@ def main() -> None:
 
 @main.command()
 @_common
-def inspect(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str | None, select: tuple[str, ...],
-            ignore: tuple[str, ...], jobs: int, config_path: str | None, baseline: str | None,
-            write_baseline: str | None, debug: bool) -> None:
+def inspect(
+    models: tuple[str, ...],
+    fmt: str,
+    output: str | None,
+    fail_on: str | None,
+    select: tuple[str, ...],
+    ignore: tuple[str, ...],
+    jobs: int,
+    config_path: str | None,
+    baseline: str | None,
+    write_baseline: str | None,
+    debug: bool,
+) -> None:
     """List every normalization layer of each MODEL (files or folders) and the findings that need no execution."""
     from bncheck.jobs import Options
 
@@ -160,38 +212,90 @@ def inspect(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str 
 
 @main.command()
 @_common
-@click.option("--batch-sizes", type=BatchSizes(), default=None,
-              help="Probe batch sizes, comma-separated.  [default: 1,2,32]")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the synthetic inputs (a non-negative integer, as numpy's generator takes).")
-@click.option("--input-shape", "input_shapes", type=InputShape(), multiple=True,
-              help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224; "
-                   "with --data, its shape gives them.")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=str),
-              help="Calibration data: .npy (single-input models) or .npz keyed by input name.")
-@click.option("--samples", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Samples whose batch dependence is tested.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"]), default="cpu",
-              show_default=True,
-              help="onnxruntime execution provider for ONNX models (auto: the best this onnxruntime has; "
-                   "nodes a GPU provider cannot run fall back to the CPU).")
-def probe(models: tuple[str, ...], fmt: str, output: str | None, fail_on: str | None, select: tuple[str, ...],
-          ignore: tuple[str, ...], jobs: int, config_path: str | None, baseline: str | None,
-          write_baseline: str | None, debug: bool, batch_sizes: tuple[int, ...] | None, seed: int,
-          input_shapes: tuple[tuple[str, tuple[int, ...]], ...], data: str | None, samples: int,
-          provider: str) -> None:
+@click.option(
+    "--batch-sizes", type=BatchSizes(), default=None, help="Probe batch sizes, comma-separated.  [default: 1,2,32]"
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the synthetic inputs (a non-negative integer, as numpy's generator takes).",
+)
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    type=InputShape(),
+    multiple=True,
+    help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224; "
+    "with --data, its shape gives them.",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    help="Calibration data: .npy (single-input models) or .npz keyed by input name.",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Samples whose batch dependence is tested.",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "tensorrt", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="onnxruntime execution provider for ONNX models (auto: the best this onnxruntime has; "
+    "nodes a GPU provider cannot run fall back to the CPU).",
+)
+def probe(
+    models: tuple[str, ...],
+    fmt: str,
+    output: str | None,
+    fail_on: str | None,
+    select: tuple[str, ...],
+    ignore: tuple[str, ...],
+    jobs: int,
+    config_path: str | None,
+    baseline: str | None,
+    write_baseline: str | None,
+    debug: bool,
+    batch_sizes: tuple[int, ...] | None,
+    seed: int,
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    data: str | None,
+    samples: int,
+    provider: str,
+) -> None:
     """Run probe batches through each MODEL and report collapse, batch dependence, drift and NaN/Inf per layer."""
     from bncheck.jobs import Options
 
-    options = Options(command="probe", select=select, ignore=ignore, fail_on=fail_on, batch_sizes=batch_sizes,
-                      seed=seed, samples=samples, input_shapes=input_shapes, data=data, provider=provider)
-    _run_models(models, options, fmt, output, debug, jobs, config_path, baseline, write_baseline,
-                inputs=[("--data file", data)])
+    options = Options(
+        command="probe",
+        select=select,
+        ignore=ignore,
+        fail_on=fail_on,
+        batch_sizes=batch_sizes,
+        seed=seed,
+        samples=samples,
+        input_shapes=input_shapes,
+        data=data,
+        provider=provider,
+    )
+    _run_models(
+        models, options, fmt, output, debug, jobs, config_path, baseline, write_baseline, inputs=[("--data file", data)]
+    )
 
 
 @main.command("config")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str),
-              help="Settings file to show instead of the one found upward from the current folder.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Settings file to show instead of the one found upward from the current folder.",
+)
 def show_config(config_path: str | None) -> None:
     """Show the settings that apply here (the file found, and what it sets)."""
     from bncheck import config
@@ -208,15 +312,27 @@ def show_config(config_path: str | None) -> None:
     for pattern, codes in cfg.per_layer_ignores.items():
         click.echo(literal(f"per-layer-ignores: {pattern} = {', '.join(codes)}"))
     for entry in cfg.models:
-        parts = [f"input-shape {' '.join(entry.input_shapes)}" if entry.input_shapes else "",
-                 f"data {entry.data}" if entry.data else "", f"batch-sizes {entry.batch_sizes}" if entry.batch_sizes else ""]
+        parts = [
+            f"input-shape {' '.join(entry.input_shapes)}" if entry.input_shapes else "",
+            f"data {entry.data}" if entry.data else "",
+            f"batch-sizes {entry.batch_sizes}" if entry.batch_sizes else "",
+        ]
         click.echo(literal(f"per-model: {entry.pattern}: {'; '.join(p for p in parts if p) or '(nothing)'}"))
     click.echo("command-line options override these.")
 
 
-def _run_models(models: tuple[str, ...], options: Any, fmt: str, output: str | None, debug: bool, jobs: int,
-                config_path: str | None, baseline: str | None, write_baseline: str | None,
-                inputs: list[tuple[str, str | None]] | None = None) -> NoReturn:
+def _run_models(
+    models: tuple[str, ...],
+    options: Any,
+    fmt: str,
+    output: str | None,
+    debug: bool,
+    jobs: int,
+    config_path: str | None,
+    baseline: str | None,
+    write_baseline: str | None,
+    inputs: list[tuple[str, str | None]] | None = None,
+) -> NoReturn:
     """One model file: its report as before. Several, or a folder: one section / document per model."""
     import dataclasses
     import os
@@ -261,8 +377,16 @@ def _write_baseline(path: str | None, results: list[tuple[str, Any]]) -> None:
         baseline_module.write(path, pairs)
 
 
-def _finish_many(models: tuple[str, ...], options: Any, fmt: str, output: str | None, debug: bool, jobs: int,
-                 write_baseline: str | None, inputs: list[tuple[str, str | None]]) -> NoReturn:
+def _finish_many(
+    models: tuple[str, ...],
+    options: Any,
+    fmt: str,
+    output: str | None,
+    debug: bool,
+    jobs: int,
+    write_baseline: str | None,
+    inputs: list[tuple[str, str | None]],
+) -> NoReturn:
     import functools
 
     from bncheck import many
@@ -326,34 +450,89 @@ def explain(check: str) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
-@click.option("--output", "-o", "fixed", type=click.Path(dir_okay=False, path_type=str),
-              help="Write the fixed model here (never over a file the command reads; ONNX external data is "
-                   "written next to it). Required unless --dry-run.")
-@click.option("--data", type=click.Path(dir_okay=False, path_type=str),
-              help="Calibration data: .npy (single-input models) or .npz keyed by input name. Needed only for "
-                   "layers whose stored statistics are stale, and to find drift.")
-@click.option("--stats", type=click.Choice(["auto", "stored", "data"]), default="auto", show_default=True,
-              help="Statistics of repaired layers: stored (the file's, where sound), data (recomputed from "
-                   "--data), auto (stored where sound, data where given and needed).")
-@click.option("--min-samples", type=click.IntRange(2, None), default=None, metavar="N",
-              help="Fewest calibration samples accepted (default 8; fewer estimate nothing usable).")
-@click.option("--only", multiple=True, metavar="CODES",
-              help="Repair only these: BN002/train-mode, BN003/stale-stats (comma-separated; repeatable).")
+@click.option(
+    "--output",
+    "-o",
+    "fixed",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Write the fixed model here (never over a file the command reads; ONNX external data is "
+    "written next to it). Required unless --dry-run.",
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Calibration data: .npy (single-input models) or .npz keyed by input name. Needed only for "
+    "layers whose stored statistics are stale, and to find drift.",
+)
+@click.option(
+    "--stats",
+    type=click.Choice(["auto", "stored", "data"]),
+    default="auto",
+    show_default=True,
+    help="Statistics of repaired layers: stored (the file's, where sound), data (recomputed from "
+    "--data), auto (stored where sound, data where given and needed).",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(2, None),
+    default=None,
+    metavar="N",
+    help="Fewest calibration samples accepted (default 8; fewer estimate nothing usable).",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="CODES",
+    help="Repair only these: BN002/train-mode, BN003/stale-stats (comma-separated; repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
-              help="Calibration batch size (a model with a fixed batch dimension uses its own).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help=FORMAT_HELP.replace("use -o", "use --report"))
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True, path_type=str),
-              help=OUTPUT_HELP.replace("this file", "this file (not the fixed model: that is -o)"))
-@click.option("--fail-on", type=click.Choice(FAIL_ON_LEVELS), default="error", show_default=True,
-              help="Exit 1 when the WRITTEN model has a finding at or above this severity.")
-@click.option("--exit-non-zero-on-fix", is_flag=True,
-              help="Exit 1 whenever the model was changed, even when nothing remains.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    default=32,
+    show_default=True,
+    help="Calibration batch size (a model with a fixed batch dimension uses its own).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help=FORMAT_HELP.replace("use -o", "use --report"),
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=str),
+    help=OUTPUT_HELP.replace("this file", "this file (not the fixed model: that is -o)"),
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON_LEVELS),
+    default="error",
+    show_default=True,
+    help="Exit 1 when the WRITTEN model has a finding at or above this severity.",
+)
+@click.option(
+    "--exit-non-zero-on-fix", is_flag=True, help="Exit 1 whenever the model was changed, even when nothing remains."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def fix(model: str, fixed: str | None, data: str | None, stats: str, min_samples: int | None,
-        only: tuple[str, ...], dry_run: bool, batch_size: int, fmt: str, report_path: str | None, fail_on: str,
-        exit_non_zero_on_fix: bool, debug: bool) -> None:
+def fix(
+    model: str,
+    fixed: str | None,
+    data: str | None,
+    stats: str,
+    min_samples: int | None,
+    only: tuple[str, ...],
+    dry_run: bool,
+    batch_size: int,
+    fmt: str,
+    report_path: str | None,
+    fail_on: str,
+    exit_non_zero_on_fix: bool,
+    debug: bool,
+) -> None:
     """Write a repaired copy of MODEL (ONNX or Keras): train-mode batch norms switched to inference (with
     their stored statistics where sound: no data needed), stale or drifting statistics recomputed from --data.
 
@@ -371,16 +550,34 @@ def fix(model: str, fixed: str | None, data: str | None, stats: str, min_samples
     def run() -> Any:
         from bncheck import fixing
 
-        return fixing.fix(model, fixed, data, only=only, dry_run=dry_run, fail_on=fail_on,
-                          batch_size=batch_size, stats=stats, min_samples=min_samples,
-                          exit_non_zero_on_fix=exit_non_zero_on_fix, report_path=report_path)
+        return fixing.fix(
+            model,
+            fixed,
+            data,
+            only=only,
+            dry_run=dry_run,
+            fail_on=fail_on,
+            batch_size=batch_size,
+            stats=stats,
+            min_samples=min_samples,
+            exit_non_zero_on_fix=exit_non_zero_on_fix,
+            report_path=report_path,
+        )
 
     inputs = [("--data file", data), ("fixed model", fixed)]
     _finish(run, fmt, report_path, debug, command="fix", model=model, inputs=inputs)
 
 
-def _finish(run: Callable[[], Any], fmt: str, output: str | None, debug: bool, *, command: str, model: str,
-            inputs: list[tuple[str, str | None]] | None = None) -> NoReturn:
+def _finish(
+    run: Callable[[], Any],
+    fmt: str,
+    output: str | None,
+    debug: bool,
+    *,
+    command: str,
+    model: str,
+    inputs: list[tuple[str, str | None]] | None = None,
+) -> NoReturn:
     """Run the command, render its report, exit with its code.
 
     Any failure is exit 2 with one line on stderr and, in the machine formats, the error document on stdout
@@ -440,8 +637,15 @@ def _warnings_to_notes(report: Any, caught: list[warnings.WarningMessage]) -> No
         report.notes.append(Note("warning", f"and {len(texts) - 5:,} more Python warnings"))
 
 
-def _fail(error: BaseException, debug: bool, *, fmt: str = "table", command: str | None = None,
-          model: str | None = None, output: str | None = None) -> NoReturn:
+def _fail(
+    error: BaseException,
+    debug: bool,
+    *,
+    fmt: str = "table",
+    command: str | None = None,
+    model: str | None = None,
+    output: str | None = None,
+) -> NoReturn:
     """Exit 2: one line on stderr (model-supplied text made literal), the error document for machine formats."""
     from bncheck.errors import BncheckError, ErrorKind, one_line
 
@@ -451,8 +655,10 @@ def _fail(error: BaseException, debug: bool, *, fmt: str = "table", command: str
         kind, text = error.kind.value, one_line(error, limit=2000)
         line = f"bncheck: error: {text}"
     elif isinstance(error, MemoryError):  # an allocation the budget's estimates did not foresee
-        kind, text = ErrorKind.RUNTIME.value, (f"out of memory ({one_line(error, limit=200)}); try smaller "
-                                               "--batch-sizes or --input-shape")
+        kind, text = (
+            ErrorKind.RUNTIME.value,
+            (f"out of memory ({one_line(error, limit=200)}); try smaller --batch-sizes or --input-shape"),
+        )
         line = f"bncheck: error: {text}"
     elif isinstance(error, OSError):
         where = getattr(error, "filename", None) or ""

@@ -172,4 +172,4 @@ def _sizes(value: Any, where: str) -> str | None:
         return value
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return ",".join(str(v) for v in value)
-    raise UsageError(f"{where} batch-sizes: expected a list of integers or a string like \"1,2,32\"")
+    raise UsageError(f'{where} batch-sizes: expected a list of integers or a string like "1,2,32"')

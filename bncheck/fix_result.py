@@ -81,8 +81,9 @@ class Uncertainty:
         return self.mean_se_sd > MEAN_SE_WARN or self.var_rel_error > VAR_REL_WARN
 
     def text(self) -> str:
-        return (f"{self.samples} samples: mean +-{self.mean_se_sd:.2g} sd, variance +-{self.var_rel_error:.0%}"
-                + (" (uncertain)" if self.large else ""))
+        return f"{self.samples} samples: mean +-{self.mean_se_sd:.2g} sd, variance +-{self.var_rel_error:.0%}" + (
+            " (uncertain)" if self.large else ""
+        )
 
 
 def uncertainty(stats: TensorStats) -> Uncertainty:
@@ -104,12 +105,19 @@ def uncertainty(stats: TensorStats) -> Uncertainty:
         var_rel = se_var[live] / var[live]
     if not mean_sd.size:
         return Uncertainty(n, int(stats.count), 0.0, 0.0, 0.0, 0.0)
-    return Uncertainty(n, int(stats.count), float(np.median(mean_sd)), float(np.max(mean_sd)),
-                       float(np.median(var_rel)), float(np.max(var_rel)))
+    return Uncertainty(
+        n,
+        int(stats.count),
+        float(np.median(mean_sd)),
+        float(np.max(mean_sd)),
+        float(np.median(var_rel)),
+        float(np.max(var_rel)),
+    )
 
 
-def calibration_batches(data: dict[str, np.ndarray], batch: int, fixed: bool = False
-                        ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+def calibration_batches(
+    data: dict[str, np.ndarray], batch: int, fixed: bool = False
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(feeds, real samples) per batch of ``data``. With a ``fixed`` batch size the last batch is completed
     with the data's first samples (repeats); the second item says how many rows count."""
     total = int(next(iter(data.values())).shape[0]) if data else 0

@@ -53,32 +53,63 @@ def fix(
         from bncheck.probe_data import load_data
 
         data = load_data(data_path, view.inputs)
-    request = FixRequest(output=output, data=data, repair=frozenset(repair), stats=stats, dry_run=dry_run,
-                         batch_size=batch_size, min_samples=min_samples or MIN_SAMPLES,
-                         data_label=data_path or "the data")
+    request = FixRequest(
+        output=output,
+        data=data,
+        repair=frozenset(repair),
+        stats=stats,
+        dry_run=dry_run,
+        batch_size=batch_size,
+        min_samples=min_samples or MIN_SAMPLES,
+        data_label=data_path or "the data",
+    )
     backend.check_fix(view, request)  # refusals first: a second, not a probe, before "no"
     from bncheck import engine
 
-    settings = ProbeSettings(data=data, data_path=data_path, data_source=data_path or "synthetic",
-                             batch_sizes=_probe_batch_sizes(view))
+    settings = ProbeSettings(
+        data=data, data_path=data_path, data_source=data_path or "synthetic", batch_sizes=_probe_batch_sizes(view)
+    )
     synthetic = data is None
-    report = _check(lambda: engine.probe_view(backend, view, settings, fail_on=fail_on),
-                    lambda: engine.inspect(path, fail_on=fail_on), synthetic)
-    flagged = {f.layer: dict(f.evidence) for f in report.findings
-               if f.code == "BN003" and f.evidence.get("kind") == "drift"}
+    report = _check(
+        lambda: engine.probe_view(backend, view, settings, fail_on=fail_on),
+        lambda: engine.inspect(path, fail_on=fail_on),
+        synthetic,
+    )
+    flagged = {
+        f.layer: dict(f.evidence) for f in report.findings if f.code == "BN003" and f.evidence.get("kind") == "drift"
+    }
     outcome = backend.fix(view, replace(request, flagged=flagged))
     after = None
     if outcome.written:
         assert output is not None
         written = output
-        after = _check(lambda: engine.probe(written, settings, fail_on=fail_on),
-                       lambda: engine.inspect(written, fail_on=fail_on), synthetic)
+        after = _check(
+            lambda: engine.probe(written, settings, fail_on=fail_on),
+            lambda: engine.inspect(written, fail_on=fail_on),
+            synthetic,
+        )
     report.command = "fix"
-    report.settings = dict(report.settings, output=output, data=data_path, only=sorted(repair), stats=stats,
-                           dry_run=dry_run, batch_size=batch_size, min_samples=request.min_samples,
-                           exit_non_zero_on_fix=exit_non_zero_on_fix, fail_on=fail_on)
-    report.fix = FixResult(outcome=outcome, output=None if dry_run else output, dry_run=dry_run, stats=stats,
-                           after=after, exit_non_zero_on_fix=exit_non_zero_on_fix, min_samples=request.min_samples)
+    report.settings = dict(
+        report.settings,
+        output=output,
+        data=data_path,
+        only=sorted(repair),
+        stats=stats,
+        dry_run=dry_run,
+        batch_size=batch_size,
+        min_samples=request.min_samples,
+        exit_non_zero_on_fix=exit_non_zero_on_fix,
+        fail_on=fail_on,
+    )
+    report.fix = FixResult(
+        outcome=outcome,
+        output=None if dry_run else output,
+        dry_run=dry_run,
+        stats=stats,
+        after=after,
+        exit_non_zero_on_fix=exit_non_zero_on_fix,
+        min_samples=request.min_samples,
+    )
     return report
 
 
@@ -108,7 +139,5 @@ def _repair_codes(only: Sequence[str]) -> set[str]:
     codes = resolve(only)
     other = sorted(codes - set(REPAIRABLE))
     if other:
-        raise UnknownCheckError(
-            f"--only {', '.join(other)}: fix repairs only BN002/train-mode and BN003/stale-stats"
-        )
+        raise UnknownCheckError(f"--only {', '.join(other)}: fix repairs only BN002/train-mode and BN003/stale-stats")
     return codes or set(REPAIRABLE)

@@ -78,8 +78,13 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
         bar = progress_bar("probing")
     with bar as progress:
         settings = ProbeSettings(
-            batch_sizes=batch_sizes, seed=options.seed, input_shapes=shapes, data_path=data,
-            data_source=data or "synthetic", samples=options.samples, progress=progress,
+            batch_sizes=batch_sizes,
+            seed=options.seed,
+            input_shapes=shapes,
+            data_path=data,
+            data_source=data or "synthetic",
+            samples=options.samples,
+            progress=progress,
             provider=options.provider,
         )
         return engine.probe(path, settings, select=select, ignore=ignore, fail_on=fail_on)
@@ -96,8 +101,9 @@ def _filtered(report: Report, path: str, options: Options) -> Report:
         kept = [f for f in findings if not cfg.ignored(f, resolve)]
         if len(kept) != len(findings):
             hidden = len(findings) - len(kept)
-            notes.append(Note("info", f"{hidden} finding{'s' if hidden != 1 else ''} hidden by per-layer-ignores "
-                                      f"in {cfg.path}"))
+            notes.append(
+                Note("info", f"{hidden} finding{'s' if hidden != 1 else ''} hidden by per-layer-ignores in {cfg.path}")
+            )
         findings = kept
     if options.baseline is not None:
         from bncheck import baseline

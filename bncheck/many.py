@@ -27,8 +27,6 @@ class Failure:
     kind: str
 
 
-
-
 def expand(paths: Iterable[str]) -> list[str]:
     """Files as given; folders walked recursively for model files (sorted, hidden folders skipped).
 

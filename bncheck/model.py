@@ -139,14 +139,14 @@ class InputSpec:
         """The declared dims without the batch axis (all of them for an unbatched input)."""
         if self.shape is None or not self.batched:
             return self.shape
-        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1:]  # type: ignore[operator]
+        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1 :]  # type: ignore[operator]
 
     def with_batch_dim(self, dim: Dim) -> InputSpec:
         """This input with ``dim`` declared at its batch axis."""
         if self.shape is None or not self.batched:
             return self
         axis = int(self.batch_axis)  # type: ignore[arg-type]
-        return replace(self, shape=(*self.shape[:axis], dim, *self.shape[axis + 1:]))
+        return replace(self, shape=(*self.shape[:axis], dim, *self.shape[axis + 1 :]))
 
 
 @dataclass(frozen=True)
@@ -423,8 +423,12 @@ def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
     stats = None if seen is None else (seen.input if seen.input is not None else seen.output)
     if stats is None or stats.batch_size <= 0:
         return None
-    if layer.kind is Kind.BATCH and layer.axes is None and layer.channel_axis is not None \
-            and layer.extra.get("spatial", 1) != 0:
+    if (
+        layer.kind is Kind.BATCH
+        and layer.axes is None
+        and layer.channel_axis is not None
+        and layer.extra.get("spatial", 1) != 0
+    ):
         return stats.count  # every axis but the channel's, whatever the rank: the count per channel
     if layer.axes is None or layer.input_shape is None:
         return None

@@ -54,6 +54,7 @@ class MissingDimsError(ProbeDataError):
         super().__init__(message)
         self.spec, self.missing, self.rest = spec, missing, rest
 
+
 #: the size the exit-2 message's --input-shape example gives each unsized dim
 EXAMPLE_DIM = 64
 
@@ -144,7 +145,9 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
         if override is None:
             raise MissingDimsError(
                 f"input {spec.name!r} has an unknown shape; give it with --input-shape {spec.name}:DIMxDIM...",
-                spec, [], None,
+                spec,
+                [],
+                None,
             )
         return (*lead, *override)
     if len(shape) == 0:
@@ -207,8 +210,10 @@ def _missing_message(missing: list[MissingDimsError]) -> str:
                 named.setdefault(f"input {exc.spec.name!r} axis {axis} (unnamed)", [])
     listing = ", ".join(f"{key} ({', '.join(where)})" if where else key for key, where in named.items())
     example = " ".join(f"--input-shape {exc.spec.name}:{_example(exc.rest)}" for exc in missing)
-    return (f"no size for {listing}: give every input's dims after the batch dimension, e.g. {example} "
-            "(the sizes your model runs at), or probe with --data")
+    return (
+        f"no size for {listing}: give every input's dims after the batch dimension, e.g. {example} "
+        "(the sizes your model runs at), or probe with --data"
+    )
 
 
 def _example(rest: tuple[Dim, ...] | None) -> str:
@@ -234,8 +239,7 @@ def synthetic_shapes(
     largest = max(sizes, key=sizes.__getitem__, default=None)
     if largest is not None:
         shape_text = "x".join(map(str, shapes[largest])) or "scalar"
-        budget.check(sum(sizes.values()), f"the probe's synthetic inputs ({n} samples; input {largest!r} "
-                                          f"{shape_text})")
+        budget.check(sum(sizes.values()), f"the probe's synthetic inputs ({n} samples; input {largest!r} {shape_text})")
     return shapes
 
 
@@ -385,7 +389,5 @@ def data_from_arrays(data: Any, inputs: list[InputSpec]) -> dict[str, np.ndarray
     unknown = [k for k in data if k not in names]
     missing = [n for n in names if n not in data]
     if unknown or missing:
-        raise ProbeDataError(
-            f"data keys {few(data)} do not match the model's inputs {few(names)}"
-        )
+        raise ProbeDataError(f"data keys {few(data)} do not match the model's inputs {few(names)}")
     return {spec.name: _check_array(spec, np.asarray(data[spec.name]), f"data[{spec.name!r}]") for spec in inputs}

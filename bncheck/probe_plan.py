@@ -156,10 +156,19 @@ def first_samples(stats: TensorStats, n: int) -> TensorStats:
     if n >= stats.batch_size:
         return stats
     per_sample = stats.count // max(stats.batch_size, 1)
-    return TensorStats(batch_size=n, count=per_sample * n, sample_mean=stats.sample_mean[:n],
-                       sample_sq=stats.sample_sq[:n], min=stats.min, max=stats.max, zeros=stats.zeros,
-                       nonfinite=stats.nonfinite, derived=stats.derived, zeros_exact=False,
-                       minmax_measured=stats.minmax_measured)
+    return TensorStats(
+        batch_size=n,
+        count=per_sample * n,
+        sample_mean=stats.sample_mean[:n],
+        sample_sq=stats.sample_sq[:n],
+        min=stats.min,
+        max=stats.max,
+        zeros=stats.zeros,
+        nonfinite=stats.nonfinite,
+        derived=stats.derived,
+        zeros_exact=False,
+        minmax_measured=stats.minmax_measured,
+    )
 
 
 # --------------------------------------------------------------------------- the plan
@@ -179,7 +188,11 @@ class Plan:
 
 
 def make_plan(
-    batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool, dependence: bool = True,
+    batch_sizes: tuple[int, ...],
+    samples: int,
+    pool_size: int | None,
+    with_data: bool,
+    dependence: bool = True,
     fixed_batch: bool = False,
 ) -> Plan:
     """The runs for these batch sizes and K; ``pool_size`` (data) wraps indices modulo the sample count.
@@ -270,8 +283,14 @@ def _refuse_huge_batch(view: ModelView, fixed: int | None) -> None:
         )
 
 
-def _plan_for(batch_sizes: tuple[int, ...], samples: int, pool_size: int | None, with_data: bool,
-              dependence: bool, fixed: int | None) -> Plan:
+def _plan_for(
+    batch_sizes: tuple[int, ...],
+    samples: int,
+    pool_size: int | None,
+    with_data: bool,
+    dependence: bool,
+    fixed: int | None,
+) -> Plan:
     if fixed is not None and fixed >= 2 and dependence:
         return make_fixed_plan(fixed, samples, pool_size, with_data)
     return make_plan(batch_sizes, samples, pool_size, with_data, dependence, fixed is not None)
@@ -289,8 +308,9 @@ def batch_axes(view: ModelView) -> dict[str, int | None]:
     return {spec.name: spec.batch_axis if spec.batched else None for spec in view.inputs}
 
 
-def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...],
-               axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+def _take(
+    pool: Mapping[str, np.ndarray], rows: tuple[int, ...], axes: Mapping[str, int | None] | None = None
+) -> dict[str, np.ndarray]:
     """The pool's ``rows`` (samples first) as one batch, each input's samples moved to its batch axis
     (``axes``, default 0); an input whose axis is None is passed as is. Consecutive rows are a slice of a
     C-contiguous array, itself contiguous: no copy (the batch of 32 on ResNet-50 is 19 MB, 0.05 s to copy
@@ -305,7 +325,7 @@ def _take(pool: Mapping[str, np.ndarray], rows: tuple[int, ...],
         if axis is None:
             feeds[name] = array
             continue
-        part = array[start:start + len(rows)] if consecutive else np.take(array, index, axis=0)
+        part = array[start : start + len(rows)] if consecutive else np.take(array, index, axis=0)
         feeds[name] = np.ascontiguousarray(np.moveaxis(part, 0, axis) if axis else part)
     return feeds
 
@@ -445,8 +465,9 @@ def compare_outputs(name: str, reference: np.ndarray, other: np.ndarray, scale: 
     agreement = None
     if looks_like_scores(tuple(reference.shape)) and reference.shape[0]:
         agreement = float(np.mean(np.argmax(reference, axis=1) == np.argmax(other, axis=1)))
-    return OutputComparison(name, shift, float(np.max(shifts)) if shifts.size else math.nan,
-                            int(shifts.size), scale, agreement)
+    return OutputComparison(
+        name, shift, float(np.max(shifts)) if shifts.size else math.nan, int(shifts.size), scale, agreement
+    )
 
 
 def _per_sample(array: np.ndarray, batch: int) -> bool:
@@ -505,9 +526,13 @@ def _output_dependence(
     for name in names:
         if not all(_per_sample(outs[name], 1) for outs in solo.values()):
             continue
-        usable = [(b, run, outs[name]) for b, run, outs in groups
-                  if name in outs and _per_sample(outs[name], len(run))
-                  and outs[name].shape[1:] == next(iter(solo.values()))[name].shape[1:]]
+        usable = [
+            (b, run, outs[name])
+            for b, run, outs in groups
+            if name in outs
+            and _per_sample(outs[name], len(run))
+            and outs[name].shape[1:] == next(iter(solo.values()))[name].shape[1:]
+        ]
         if not usable:
             continue
         scale = output_scale(np.concatenate([array for _, _, array in usable]))
@@ -584,8 +609,9 @@ def run_plan(
     if fixed is not None:
         skipped = [b for b in batch_sizes if b != fixed]
         if skipped:
-            notes.append(f"batch size(s) {','.join(map(str, skipped))} not run: the model's batch dimension is "
-                         f"fixed to {fixed}")
+            notes.append(
+                f"batch size(s) {','.join(map(str, skipped))} not run: the model's batch dimension is fixed to {fixed}"
+            )
         batch_sizes = (fixed,)
         if fixed == 1:
             test_dependence = False
@@ -656,8 +682,10 @@ def run_plan(
         if test_dependence and not plan.solo_runs and fixed is None:
             notes.append("batch dependence not tested: batch size 1 could not run")
     if fixed is not None and plan.solo_runs:
-        notes.append(f"batch dependence tested inside the fixed batch of {fixed}: {plan.samples} sample(s) kept in "
-                     "their rows while their companions were replaced")
+        notes.append(
+            f"batch dependence tested inside the fixed batch of {fixed}: {plan.samples} sample(s) kept in "
+            "their rows while their companions were replaced"
+        )
     layers = {b: dict(results[plan.probe_runs[b]]) for b in batch_sizes}
     dependence: dict[str, BatchDependence] = {}
     names = [layer.name for layer in view.layers]
@@ -675,7 +703,8 @@ def run_plan(
     if test_dependence and not plan.solo_runs and not failed:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     output_dependence, companion_change, located = _outputs_test(
-        view, plan, pool, runner, outputs, dependence, locate, notes)
+        view, plan, pool, runner, outputs, dependence, locate, notes
+    )
     return ProbeResult(
         requested_batch_sizes=requested,
         batch_sizes=batch_sizes,
@@ -729,11 +758,15 @@ def _outputs_test(
     axes = batch_axes(view)
 
     # sample k's reference: its run alone, or its row of the reference run (a fixed batch, make_fixed_plan)
-    solo = {k: {n: a[run.index(k):run.index(k) + 1] if np.ndim(a) and len(a) == len(run) else a
-                for n, a in outputs[run].items()}
-            for k, run in enumerate(plan.solo_runs) if run in outputs}
-    groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b]
-              if run in outputs]
+    solo = {
+        k: {
+            n: a[run.index(k) : run.index(k) + 1] if np.ndim(a) and len(a) == len(run) else a
+            for n, a in outputs[run].items()
+        }
+        for k, run in enumerate(plan.solo_runs)
+        if run in outputs
+    }
+    groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b] if run in outputs]
     found, worst = _output_dependence(solo, groups)
     if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
         return found, None, None
@@ -745,9 +778,12 @@ def _outputs_test(
     # the same sample at the same row with copies of itself as companions (bit-identical when they do not).
     # Tried first in the smallest batch that moves the outputs, where the locator then bisects too (batch
     # 2 rather than 32: each of its runs and fetched tensors 16x smaller); the largest change second.
-    candidates = [w for b in sorted({size for size, _, _ in groups})
-                  for w in [_output_dependence(solo, [g for g in groups if g[0] == b])[1]]
-                  if w is not None and w[0] > OUTPUT_DEPENDENCE_TOLERANCE][:1]
+    candidates = [
+        w
+        for b in sorted({size for size, _, _ in groups})
+        for w in [_output_dependence(solo, [g for g in groups if g[0] == b])[1]]
+        if w is not None and w[0] > OUTPUT_DEPENDENCE_TOLERANCE
+    ][:1]
     candidates += [worst] if not candidates or candidates[0][2] != worst[2] else []
     for _, index, run, row in candidates:
         copies = tuple(index for _ in run)
@@ -756,9 +792,11 @@ def _outputs_test(
         if outputs_depend(found, companion):
             break
     else:
-        notes.append(f"the model's outputs differ by up to {worst[0]:.2g} output sd between a sample alone and "
-                     f"in a batch of {len(run)}, and by {companion:.2g} when only its companions change: float32 "
-                     "rounding of batch-size-dependent kernels, not a batch dependence")
+        notes.append(
+            f"the model's outputs differ by up to {worst[0]:.2g} output sd between a sample alone and "
+            f"in a batch of {len(run)}, and by {companion:.2g} when only its companions change: float32 "
+            "rounding of batch-size-dependent kernels, not a batch dependence"
+        )
         return found, companion, None
     extra: list[int] = []
     for _, group, _ in groups:
@@ -768,8 +806,9 @@ def _outputs_test(
         solo[sample] = _observe(runner, _take(pool, (sample,), axes))[1]
     if extra:
         found, _ = _output_dependence(solo, groups)
-        notes.append(f"the model's outputs depend on the batch: {len(extra)} more sample(s) run alone to "
-                     "measure the effect")
+        notes.append(
+            f"the model's outputs depend on the batch: {len(extra)} more sample(s) run alone to measure the effect"
+        )
     if locate is None or explains_dependence(view.layers, dependence):
         return found, companion, None
     located = locate(_take(pool, run, axes), _take(pool, copies, axes), row)
@@ -786,6 +825,6 @@ def _companion_change(a: dict[str, np.ndarray], b: dict[str, np.ndarray], row: i
         other = b.get(name)
         if other is None or other.shape != array.shape or not _per_sample(array, batch):
             continue
-        shift = float(sample_shifts(array[row:row + 1], other[row:row + 1], output_scale(array))[0])
+        shift = float(sample_shifts(array[row : row + 1], other[row : row + 1], output_scale(array))[0])
         worst = max(worst, shift)
     return worst

@@ -118,8 +118,9 @@ def merge_findings(
     static_keys = {(f.code, f.layer, f.message) for f in static}
     repeated = {(f.code, f.layer, f.message) for _, findings in per_probe for f in findings}
     if per_probe:
-        static = [f for f in static
-                  if not f.evidence.get("replaced_by_probe") or (f.code, f.layer, f.message) in repeated]
+        static = [
+            f for f in static if not f.evidence.get("replaced_by_probe") or (f.code, f.layer, f.message) in repeated
+        ]
     dynamic: dict[tuple[str, str, str], Finding] = {}
     styles: dict[tuple[str, str, str], list[str]] = {}
     for call_style, findings in per_probe:
@@ -149,10 +150,7 @@ def layer_status(report: Report, layer: NormLayer) -> str:
         return worst.label
     if report.probes and unmeasured_reason(report, layer) is not None:
         return "not measured"
-    if any(
-        (dep := probe.dependence.get(layer.name)) is not None and is_affected(dep)
-        for probe in report.probes
-    ):
+    if any((dep := probe.dependence.get(layer.name)) is not None and is_affected(dep) for probe in report.probes):
         return "affected"
     if layer.unreadable:
         return "unknown"
@@ -186,16 +184,20 @@ def set_sizes(layer: NormLayer, batch_sizes: Iterable[int], probes: Iterable[Pro
     by_batch: dict[str, int | None] = {}
     observed: list[int] = []
     for batch in batch_sizes:
-        seen = next((n for p in probes if (n := observed_set_size(layer, p.at(batch, layer.name))) is not None),
-                    None)
+        seen = next((n for p in probes if (n := observed_set_size(layer, p.at(batch, layer.name))) is not None), None)
         if seen is not None:
             by_batch[str(batch)] = seen
             observed.append(batch)
             continue
         size, left = normalized_set_size(layer, batch=batch)
         by_batch[str(batch)] = size if not left else None
-    return {"static": static if not symbolic else None, "known_factor": static, "depends_on": list(symbolic),
-            "by_batch_size": by_batch, "observed": observed}
+    return {
+        "static": static if not symbolic else None,
+        "known_factor": static,
+        "depends_on": list(symbolic),
+        "by_batch_size": by_batch,
+        "observed": observed,
+    }
 
 
 def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:

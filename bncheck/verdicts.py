@@ -88,8 +88,10 @@ def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndar
         return False
     beta = np.asarray(bias, dtype=np.float64).ravel()
     scale = np.maximum(1.0, np.abs(beta))
-    return bool(np.all(np.abs(out.max - beta) <= CONSTANT_TOLERANCE * scale)
-                and np.all(np.abs(out.min - beta) <= CONSTANT_TOLERANCE * scale))
+    return bool(
+        np.all(np.abs(out.max - beta) <= CONSTANT_TOLERANCE * scale)
+        and np.all(np.abs(out.min - beta) <= CONSTANT_TOLERANCE * scale)
+    )
 
 
 #: A sample's per-channel mean or mean of squares that moves by more than this many per-channel standard
@@ -120,8 +122,9 @@ OUTPUT_DEPENDENCE_TOLERANCE = 1e-3
 COMPANION_TOLERANCE = 1e-4
 
 
-def outputs_depend(comparisons: Mapping[str, Mapping[int, OutputComparison]],
-                   companion_change: float | None = None) -> bool | None:
+def outputs_depend(
+    comparisons: Mapping[str, Mapping[int, OutputComparison]], companion_change: float | None = None
+) -> bool | None:
     """Whether some model output of some sample moved with its batch companions; None when not measured.
 
     ``companion_change`` (when measured) decides: see COMPANION_TOLERANCE."""

@@ -105,8 +105,12 @@ def baked_training_1d(rng):
     model = keras.Model(inp, out, name="classifier")
     set_weights(model, rng, trained_stats=True)
     model.get_layer("logits_bn").set_weights(
-        [np.ones(10, np.float32), np.zeros(10, np.float32),
-         rng.normal(0.0, 0.3, 10).astype(np.float32), rng.uniform(0.5, 1.5, 10).astype(np.float32)]
+        [
+            np.ones(10, np.float32),
+            np.zeros(10, np.float32),
+            rng.normal(0.0, 0.3, 10).astype(np.float32),
+            rng.uniform(0.5, 1.5, 10).astype(np.float32),
+        ]
     )
     return model
 
@@ -272,7 +276,8 @@ def nested(rng):
 #:          from `probe --data keras_calib.npy`)
 SAMPLES: dict[str, tuple[Callable, bool, list, list, list | None]] = {
     "keras_baked_training_1d.keras": (
-        baked_training_1d, False,
+        baked_training_1d,
+        False,
         [["BN001", "error", "logits_bn"], ["BN002", "error", "logits_bn"]],
         [["BN001", "error", "logits_bn"], ["BN002", "error", "logits_bn"]],
         None,
@@ -280,16 +285,26 @@ SAMPLES: dict[str, tuple[Callable, bool, list, list, list | None]] = {
     "keras_mobilenetv2_untrained.keras": (mobilenetv2_untrained, False, "every BN: BN003 error", "same", None),
     "keras_trained_matching.keras": (trained_matching, True, [], [], []),
     "keras_brief_fit_drift.keras": (
-        brief_fit_drift, True, [], [], [["BN003", "error", "bn_1"], ["BN003", "error", "bn_2"]],
+        brief_fit_drift,
+        True,
+        [],
+        [],
+        [["BN003", "error", "bn_1"], ["BN003", "error", "bn_2"]],
     ),
     "keras_legacy_convnet.h5": (
-        legacy_h5, False,
+        legacy_h5,
+        False,
         [["BN001", "error", "head_bn"], ["BN002", "error", "head_bn"]],
         [["BN001", "error", "head_bn"], ["BN002", "error", "head_bn"]],
         None,
     ),
-    "keras_epsilon_1e-8.keras": (epsilon_tiny, False, [["BN004", "warning", "bn_eps"]],
-                                 [["BN004", "warning", "bn_eps"]], None),
+    "keras_epsilon_1e-8.keras": (
+        epsilon_tiny,
+        False,
+        [["BN004", "warning", "bn_eps"]],
+        [["BN004", "warning", "bn_eps"]],
+        None,
+    ),
     "keras_nested.keras": (nested, False, [], [], None),
 }
 

@@ -72,8 +72,9 @@ class Graph:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
         return outs[0]
 
-    def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], opset: int,
-              doc: str) -> onnx.ModelProto:
+    def model(
+        self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], opset: int, doc: str
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, inputs, outputs, initializer=self.inits)
         return helper.make_model(
             graph,
@@ -131,24 +132,35 @@ def conv_weights(rng: np.random.Generator, cin: int, cout: int, k: int = 3) -> t
 def add_conv(g: Graph, x: str, name: str, w: np.ndarray, b: np.ndarray, stride: int) -> str:
     k = w.shape[2]
     pad = k // 2
-    return g.op("Conv", [x, g.const(f"{name}.weight", w), g.const(f"{name}.bias", b)], name,
-                kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4)
+    return g.op(
+        "Conv",
+        [x, g.const(f"{name}.weight", w), g.const(f"{name}.bias", b)],
+        name,
+        kernel_shape=[k, k],
+        strides=[stride, stride],
+        pads=[pad] * 4,
+    )
 
 
 def add_bn(g: Graph, x: str, name: str, p: BNParams) -> str:
     """BatchNormalization-15; a train-mode node gets its three outputs (one output fails onnxruntime's shape
     inference), the running outputs left unused as an exporter leaves them."""
-    inputs = [x, g.const(f"{name}.scale", p.scale), g.const(f"{name}.bias", p.bias),
-              g.const(f"{name}.running_mean", p.mean), g.const(f"{name}.running_var", p.var)]
+    inputs = [
+        x,
+        g.const(f"{name}.scale", p.scale),
+        g.const(f"{name}.bias", p.bias),
+        g.const(f"{name}.running_mean", p.mean),
+        g.const(f"{name}.running_var", p.var),
+    ]
     if p.training:
         outputs = [name, f"{name}.running_mean_out", f"{name}.running_var_out"]
-        return g.op("BatchNormalization", inputs, name, outputs, epsilon=p.epsilon, momentum=p.momentum,
-                    training_mode=1)
+        return g.op(
+            "BatchNormalization", inputs, name, outputs, epsilon=p.epsilon, momentum=p.momentum, training_mode=1
+        )
     return g.op("BatchNormalization", inputs, name, epsilon=p.epsilon, momentum=p.momentum)
 
 
-def add_head(g: Graph, x: str, rng: np.random.Generator, channels: int, classes: int = 10,
-             pool: bool = True) -> None:
+def add_head(g: Graph, x: str, rng: np.random.Generator, channels: int, classes: int = 10, pool: bool = True) -> None:
     """Global average pooling (optional), Flatten, Gemm -> "logits"."""
     if pool:
         x = g.op("GlobalAveragePool", [x], "gap")
@@ -190,8 +202,9 @@ def convnet(name: str, params: ConvNetParams, doc: str, opset: int = 15) -> onnx
     return g.model([image_input()], [logits_output()], opset, doc)
 
 
-def convnet_variant(name: str, doc: str, change: Callable[[ConvNetParams, np.random.Generator], None],
-                    opset: int = 15) -> onnx.ModelProto:
+def convnet_variant(
+    name: str, doc: str, change: Callable[[ConvNetParams, np.random.Generator], None], opset: int = 15
+) -> onnx.ModelProto:
     rng = rng_for(name)
     params = convnet_params(rng)
     change(params, rng)
@@ -202,8 +215,11 @@ def convnet_variant(name: str, doc: str, change: Callable[[ConvNetParams, np.ran
 
 
 def clean_bn_convnet() -> onnx.ModelProto:
-    return convnet_variant("clean_bn_convnet", "Clean: Conv+BN+Relu x3, inference BNs, trained-looking "
-                           "statistics, epsilon 1e-5.", lambda p, r: None)
+    return convnet_variant(
+        "clean_bn_convnet",
+        "Clean: Conv+BN+Relu x3, inference BNs, trained-looking statistics, epsilon 1e-5.",
+        lambda p, r: None,
+    )
 
 
 def train_mode_bn() -> onnx.ModelProto:
@@ -211,8 +227,12 @@ def train_mode_bn() -> onnx.ModelProto:
         for bn in p.bns.values():
             bn.training = True
 
-    return convnet_variant("train_mode_bn", "Defect: every BatchNormalization has training_mode=1 (batch "
-                           "statistics at inference); maps >= 4x4, so no collapse.", change)
+    return convnet_variant(
+        "train_mode_bn",
+        "Defect: every BatchNormalization has training_mode=1 (batch "
+        "statistics at inference); maps >= 4x4, so no collapse.",
+        change,
+    )
 
 
 def stale_stats() -> onnx.ModelProto:
@@ -225,9 +245,13 @@ def stale_stats() -> onnx.ModelProto:
         p.bns["3"].mean[:half] = 0.0
         p.bns["3"].var[:half] = 1.0
 
-    return convnet_variant("stale_stats", "Defect: bn1 and bn2 keep the initial running statistics (mean 0, "
-                           "var 1 in every channel: update ops never ran). bn3 has them in half its channels "
-                           "only (not stale).", change)
+    return convnet_variant(
+        "stale_stats",
+        "Defect: bn1 and bn2 keep the initial running statistics (mean 0, "
+        "var 1 in every channel: update ops never ran). bn3 has them in half its channels "
+        "only (not stale).",
+        change,
+    )
 
 
 def collapse_1x1_train_mode() -> onnx.ModelProto:
@@ -246,9 +270,11 @@ def collapse_1x1_train_mode() -> onnx.ModelProto:
     head.training = True
     x = add_bn(g, x, "head_bn", head)
     add_head(g, x, rng, 16, pool=False)
-    doc = ("Defect (seed 000): global average pooling to 1x1, then a training_mode=1 BatchNormalization "
-           "(head_bn): at batch size 1 it normalizes one value per channel, so its output is its bias for "
-           "every input and the logits are constant. bn1, bn2: inference mode, clean.")
+    doc = (
+        "Defect (seed 000): global average pooling to 1x1, then a training_mode=1 BatchNormalization "
+        "(head_bn): at batch size 1 it normalizes one value per channel, so its output is its bias for "
+        "every input and the logits are constant. bn1, bn2: inference mode, clean."
+    )
     return g.model([image_input()], [logits_output()], 15, doc)
 
 
@@ -257,8 +283,12 @@ def epsilon_1e_8() -> onnx.ModelProto:
         p.bns["2"].epsilon = 1e-8
         p.bns["2"].var[3] = 2e-4  # a low-variance channel, where TensorFlow's clamp to 1.001e-5 changes ~2.4%
 
-    return convnet_variant("epsilon_1e-8", "Defect: bn2 has epsilon 1e-8, below the 1.001e-5 TensorFlow/cuDNN "
-                           "clamp (runtimes disagree); its channel 3 has running variance 2e-4.", change)
+    return convnet_variant(
+        "epsilon_1e-8",
+        "Defect: bn2 has epsilon 1e-8, below the 1.001e-5 TensorFlow/cuDNN "
+        "clamp (runtimes disagree); its channel 3 has running variance 2e-4.",
+        change,
+    )
 
 
 def epsilon_zero_zero_var() -> onnx.ModelProto:
@@ -266,8 +296,12 @@ def epsilon_zero_zero_var() -> onnx.ModelProto:
         p.bns["2"].epsilon = 0.0
         p.bns["2"].var[5] = 0.0
 
-    return convnet_variant("epsilon_zero_zero_var", "Defect: bn2 has epsilon 0 and channel 5 has running "
-                           "variance exactly 0: division by zero at inference (Inf/NaN).", change)
+    return convnet_variant(
+        "epsilon_zero_zero_var",
+        "Defect: bn2 has epsilon 0 and channel 5 has running "
+        "variance exactly 0: division by zero at inference (Inf/NaN).",
+        change,
+    )
 
 
 def nan_gamma() -> onnx.ModelProto:
@@ -281,8 +315,11 @@ def negative_variance() -> onnx.ModelProto:
     def change(p: ConvNetParams, rng: np.random.Generator) -> None:
         p.bns["2"].var[7] = -0.25
 
-    return convnet_variant("negative_variance", "Defect: bn2's running variance is -0.25 in channel 7 "
-                           "(sqrt of a negative number: NaN at inference).", change)
+    return convnet_variant(
+        "negative_variance",
+        "Defect: bn2's running variance is -0.25 in channel 7 (sqrt of a negative number: NaN at inference).",
+        change,
+    )
 
 
 def layernorm_transformer_block() -> onnx.ModelProto:
@@ -314,12 +351,15 @@ def layernorm_transformer_block() -> onnx.ModelProto:
     m = g.op("Relu", [linear(h2, "mlp_fc1", d, hidden)], "mlp_relu")
     g.op("Add", [x1, linear(m, "mlp_fc2", hidden, d)], "residual2", ["y"])
     io_ = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", seq, d]) for n in ("x", "y")]
-    return g.model(io_[:1], io_[1:], 17, "Clean: pre-LN transformer block with LayerNormalization (ln1, ln2; "
-                   "axis -1, epsilon 1e-5) on [batch, 8, 32].")
+    return g.model(
+        io_[:1],
+        io_[1:],
+        17,
+        "Clean: pre-LN transformer block with LayerNormalization (ln1, ln2; axis -1, epsilon 1e-5) on [batch, 8, 32].",
+    )
 
 
-def add_handwritten_bn(g: Graph, x: str, prefix: str, rng: np.random.Generator, channels: int,
-                       eps: float) -> str:
+def add_handwritten_bn(g: Graph, x: str, prefix: str, rng: np.random.Generator, channels: int, eps: float) -> str:
     """tf.nn.moments + tf.nn.batch_normalization as exported: moments over (0, 2, 3), i.e. over the batch."""
     axes = [0, 2, 3]
     mean = g.op("ReduceMean", [x], f"{prefix}_mean", axes=axes, keepdims=1)
@@ -347,9 +387,11 @@ def handwritten_batch_moments() -> onnx.ModelProto:
     x = add_bn(g, x, "bn2", trained_bn(rng, 16))
     x = g.op("Relu", [x], "relu2")
     add_head(g, x, rng, 16)
-    doc = ("Defect: a hand-written batch norm (ReduceMean over axes 0,2,3 -> Sub -> Mul -> ReduceMean -> "
-           "Add(1e-3) -> Sqrt -> Div, then gamma/beta) on 8x8 maps: batch statistics at inference, so a "
-           "sample's output depends on its batch companions. bn2: inference BatchNormalization, clean.")
+    doc = (
+        "Defect: a hand-written batch norm (ReduceMean over axes 0,2,3 -> Sub -> Mul -> ReduceMean -> "
+        "Add(1e-3) -> Sqrt -> Div, then gamma/beta) on 8x8 maps: batch statistics at inference, so a "
+        "sample's output depends on its batch companions. bn2: inference BatchNormalization, clean."
+    )
     return g.model([image_input()], [logits_output()], 15, doc)
 
 
@@ -366,19 +408,25 @@ def instancenorm_lowered_to_bn() -> onnx.ModelProto:
     h = g.op("Relu", [x], "relu1")
     xr = g.op("Reshape", [h, g.const("instnorm.reshape_shape", [1, -1, 8, 8], np.int64)], "instnorm_reshape")
     axes = g.const("instnorm.axes", [0, 2, 3], np.int64)
-    rmean = g.op("Squeeze", [g.op("ReduceMean", [xr, axes], "instnorm_running_mean_reduce", keepdims=1)],
-                 "instnorm_running_mean")
+    rmean = g.op(
+        "Squeeze", [g.op("ReduceMean", [xr, axes], "instnorm_running_mean_reduce", keepdims=1)], "instnorm_running_mean"
+    )
     mean = g.op("ReduceMean", [xr, axes], "instnorm_mean", keepdims=1)
     centered = g.op("Sub", [xr, mean], "instnorm_sub")
     sq = g.op("Mul", [centered, centered], "instnorm_square")
-    rvar = g.op("Squeeze", [g.op("ReduceMean", [sq, axes], "instnorm_var_reduce", keepdims=1)],
-                "instnorm_running_var")
+    rvar = g.op("Squeeze", [g.op("ReduceMean", [sq, axes], "instnorm_var_reduce", keepdims=1)], "instnorm_running_var")
     channels = g.op("Shape", [xr], "instnorm_channels", start=1, end=2)
     ones = g.op("Expand", [g.const("instnorm.one", [1.0]), channels], "instnorm_scale")
     zeros = g.op("Expand", [g.const("instnorm.zero", [0.0]), channels], "instnorm_bias")
-    y = g.op("BatchNormalization", [xr, ones, zeros, rmean, rvar], "instnorm_bn",
-             ["instnorm_bn", "instnorm_bn.running_mean_out", "instnorm_bn.running_var_out"],
-             epsilon=EPS, momentum=0.9, training_mode=1)
+    y = g.op(
+        "BatchNormalization",
+        [xr, ones, zeros, rmean, rvar],
+        "instnorm_bn",
+        ["instnorm_bn", "instnorm_bn.running_mean_out", "instnorm_bn.running_var_out"],
+        epsilon=EPS,
+        momentum=0.9,
+        training_mode=1,
+    )
     shape = g.op("Shape", [h], "instnorm_shape")
     y = g.op("Reshape", [y, shape], "instnorm_reshape_back")
     y = g.op("Mul", [y, g.const("instnorm.weight", rng.uniform(0.6, 1.4, (8, 1, 1)))], "instnorm_affine_mul")
@@ -389,9 +437,11 @@ def instancenorm_lowered_to_bn() -> onnx.ModelProto:
     x = add_bn(g, x, "bn2", trained_bn(rng, 16))
     x = g.op("Relu", [x], "relu3")
     add_head(g, x, rng, 16)
-    doc = ("Clean (trap): InstanceNorm2d as torch.onnx's dynamo exporter lowers it: Reshape to [1, N*C, 8, 8], "
-           "BatchNormalization training_mode=1 (instnorm_bn) whose running inputs are computed and running "
-           "outputs unused, Reshape back, affine Mul/Add. Per-sample statistics: not a train-mode bug.")
+    doc = (
+        "Clean (trap): InstanceNorm2d as torch.onnx's dynamo exporter lowers it: Reshape to [1, N*C, 8, 8], "
+        "BatchNormalization training_mode=1 (instnorm_bn) whose running inputs are computed and running "
+        "outputs unused, Reshape back, affine Mul/Add. Per-sample statistics: not a train-mode bug."
+    )
     return g.model([image_input()], [logits_output()], 18, doc)
 
 
@@ -400,15 +450,25 @@ def layernorm_size1_axis() -> onnx.ModelProto:
     name = "layernorm_size1_axis"
     rng = rng_for(name)
     g = Graph(name)
-    x = g.op("LayerNormalization", ["x", g.const("ln_feature.weight", [1.3]), g.const("ln_feature.bias", [0.25])],
-             "ln_feature", axis=-1, epsilon=EPS)
+    x = g.op(
+        "LayerNormalization",
+        ["x", g.const("ln_feature.weight", [1.3]), g.const("ln_feature.bias", [0.25])],
+        "ln_feature",
+        axis=-1,
+        epsilon=EPS,
+    )
     x = g.op("MatMul", [x, g.const("proj.weight", rng.normal(0.0, 1.0, (1, 16)))], "proj")
     x = g.op("Relu", [x], "relu")
     g.op("MatMul", [x, g.const("out.weight", rng.normal(0.0, 0.25, (16, 4)))], "out", ["y"])
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 1])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 4])]
-    return g.model(inputs, outputs, 17, "Defect: LayerNormalization (ln_feature) over the last axis, of size 1: "
-                   "its output is its bias (0.25) for every input, at every batch size.")
+    return g.model(
+        inputs,
+        outputs,
+        17,
+        "Defect: LayerNormalization (ln_feature) over the last axis, of size 1: "
+        "its output is its bias (0.25) for every input, at every batch size.",
+    )
 
 
 def instancenorm_1x1() -> onnx.ModelProto:
@@ -422,12 +482,21 @@ def instancenorm_1x1() -> onnx.ModelProto:
         x = add_bn(g, x, f"bn{n}", trained_bn(rng, cout))
         x = g.op("Relu", [x], f"relu{n}")
     x = g.op("GlobalAveragePool", [x], "gap")
-    x = g.op("InstanceNormalization", [x, g.const("in_gap.scale", rng.uniform(0.6, 1.4, 16)),
-                                       g.const("in_gap.bias", rng.normal(0.05, 0.2, 16))], "in_gap", epsilon=EPS)
+    x = g.op(
+        "InstanceNormalization",
+        [x, g.const("in_gap.scale", rng.uniform(0.6, 1.4, 16)), g.const("in_gap.bias", rng.normal(0.05, 0.2, 16))],
+        "in_gap",
+        epsilon=EPS,
+    )
     add_head(g, x, rng, 16, pool=False)
-    return g.model([image_input()], [logits_output()], 15, "Defect: InstanceNormalization (in_gap) on 1x1 maps "
-                   "after global pooling: one element per instance and channel, output = its bias for every "
-                   "input. bn1, bn2: inference mode, clean.")
+    return g.model(
+        [image_input()],
+        [logits_output()],
+        15,
+        "Defect: InstanceNormalization (in_gap) on 1x1 maps "
+        "after global pooling: one element per instance and channel, output = its bias for every "
+        "input. bn1, bn2: inference mode, clean.",
+    )
 
 
 def nan_midnetwork() -> onnx.ModelProto:
@@ -448,9 +517,14 @@ def nan_midnetwork() -> onnx.ModelProto:
             x = g.op("Add", [x, g.const("log_shift", shift)], "log_shift_add")
             x = g.op("Log", [x], "log")
     add_head(g, x, params.fc_rng, 16)
-    return g.model([image_input()], [logits_output()], 15, "Defect: a Log of a negative value after relu1 makes "
-                   "NaN mid-network; bn2 is the first normalization layer that sees it (bn3 inherits it). "
-                   "Every parameter is finite.")
+    return g.model(
+        [image_input()],
+        [logits_output()],
+        15,
+        "Defect: a Log of a negative value after relu1 makes "
+        "NaN mid-network; bn2 is the first normalization layer that sees it (bn3 inherits it). "
+        "Every parameter is finite.",
+    )
 
 
 def clean_resnet() -> onnx.ModelProto:
@@ -472,8 +546,13 @@ def clean_resnet() -> onnx.ModelProto:
     short = conv_bn(x, "b2_down", 8, 16, 2, k=1, relu=False)
     x = g.op("Relu", [g.op("Add", [short, y], "b2_add")], "b2_relu")
     add_head(g, x, rng, 16)
-    return g.model([image_input()], [logits_output()], 15, "Clean: ResNet-like (stem, identity block, "
-                   "downsampling block with projection shortcut), random weights, trained-looking statistics.")
+    return g.model(
+        [image_input()],
+        [logits_output()],
+        15,
+        "Clean: ResNet-like (stem, identity block, "
+        "downsampling block with projection shortcut), random weights, trained-looking statistics.",
+    )
 
 
 # --------------------------------------------------------------------------- the drift pair (numpy, float64)
@@ -501,8 +580,9 @@ def np_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndar
 def np_bn(x: np.ndarray, p: BNParams, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     shape = (1, -1, 1, 1)
     scale = p.scale.astype(np.float64).reshape(shape)
-    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + p.epsilon) * scale + \
-        p.bias.astype(np.float64).reshape(shape)
+    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + p.epsilon) * scale + p.bias.astype(
+        np.float64
+    ).reshape(shape)
 
 
 def bn_input_moments(params: ConvNetParams, x: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
@@ -528,7 +608,7 @@ def calibrate_exact(params: ConvNetParams, data: np.ndarray, chunk: int = 256) -
     (each layer measured with the upstream layers already set), as a model trained to convergence has."""
     assert len(data) % chunk == 0, "equal chunks, so that chunk moments average to the whole's"
     for n, _, _, _ in CONVNET:
-        moments = [bn_input_moments(params, data[start:start + chunk], n) for start in range(0, len(data), chunk)]
+        moments = [bn_input_moments(params, data[start : start + chunk], n) for start in range(0, len(data), chunk)]
         mean = np.mean([m for m, _ in moments], axis=0)
         mean_sq = np.mean([v + m * m for m, v in moments], axis=0)
         params.bns[n].mean = mean.astype(np.float32)
@@ -588,15 +668,23 @@ def stale_drift_params() -> ConvNetParams:
 
 
 def trained_matching() -> onnx.ModelProto:
-    return convnet("trained_matching", trained_matching_params(), "Clean with its data: running statistics "
-                   f"computed exactly (layer by layer, {LARGE_SAMPLE} samples) from the distribution "
-                   f"{CALIB_FILE} is drawn from. Same weights as stale_drift.onnx.")
+    return convnet(
+        "trained_matching",
+        trained_matching_params(),
+        "Clean with its data: running statistics "
+        f"computed exactly (layer by layer, {LARGE_SAMPLE} samples) from the distribution "
+        f"{CALIB_FILE} is drawn from. Same weights as stale_drift.onnx.",
+    )
 
 
 def stale_drift() -> onnx.ModelProto:
-    return convnet("stale_drift", stale_drift_params(), f"Defect visible with data: running statistics after "
-                   f"{EMA_STEPS} EMA updates (decay {EMA_DECAY}) from (0, 1): far from the statistics of "
-                   f"{CALIB_FILE}'s distribution. Same weights as trained_matching.onnx.")
+    return convnet(
+        "stale_drift",
+        stale_drift_params(),
+        f"Defect visible with data: running statistics after "
+        f"{EMA_STEPS} EMA updates (decay {EMA_DECAY}) from (0, 1): far from the statistics of "
+        f"{CALIB_FILE}'s distribution. Same weights as trained_matching.onnx.",
+    )
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -649,8 +737,12 @@ def write_all(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="directory to write into (default: this script's directory)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="directory to write into (default: this script's directory)",
+    )
     args = parser.parse_args(argv)
     for path in write_all(args.out):
         print(f"{path}  {path.stat().st_size} bytes")

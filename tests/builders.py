@@ -66,28 +66,33 @@ def bn_model(
     inits = [numpy_helper.from_array(a, n) for a, n in ((scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))]
     if instance_after:
         nodes.append(helper.make_node("InstanceNormalization", ["z", "in_scale", "in_bias"], ["y"], name="in"))
-        inits += [numpy_helper.from_array(np.ones(channels, np.float32), "in_scale"),
-                  numpy_helper.from_array(np.zeros(channels, np.float32), "in_bias")]
+        inits += [
+            numpy_helper.from_array(np.ones(channels, np.float32), "in_scale"),
+            numpy_helper.from_array(np.zeros(channels, np.float32), "in_bias"),
+        ]
     graph_outputs = [helper.make_tensor_value_info("y", F32, shape)]
     if training:
         graph_outputs += [helper.make_tensor_value_info(o, F32, [channels]) for o in outputs[1:]]
-    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", F32, shape)], graph_outputs,
-                              initializer=inits)
+    graph = helper.make_graph(
+        nodes, "bn", [helper.make_tensor_value_info("x", F32, shape)], graph_outputs, initializer=inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return _save(model, path)
 
 
-def layernorm_model(path: Path, *, shape: Sequence = ("N", 4, 8), axis: int = -1, epsilon: float = 1e-5,
-                    name: str = "ln") -> str:
+def layernorm_model(
+    path: Path, *, shape: Sequence = ("N", 4, 8), axis: int = -1, epsilon: float = 1e-5, name: str = "ln"
+) -> str:
     """x -> LayerNormalization(axis) -> y (opset 17), scale 1.5 and bias 0.25 over the normalized dims."""
     rank = len(shape)
-    norm_shape = list(shape[axis % rank:])
+    norm_shape = list(shape[axis % rank :])
     scale = np.full(norm_shape, 1.5, dtype=np.float32)
     bias = np.full(norm_shape, 0.25, dtype=np.float32)
-    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], name=name, axis=axis,
-                            epsilon=epsilon)
+    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], name=name, axis=axis, epsilon=epsilon)
     graph = helper.make_graph(
-        [node], "ln", [helper.make_tensor_value_info("x", F32, list(shape))],
+        [node],
+        "ln",
+        [helper.make_tensor_value_info("x", F32, list(shape))],
         [helper.make_tensor_value_info("y", F32, list(shape))],
         initializer=[numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(bias, "bias")],
     )
@@ -99,16 +104,21 @@ def instancenorm_model(path: Path, *, channels: int = 3, hw: Sequence[int] = (4,
     shape = ["N", channels, *hw]
     node = helper.make_node("InstanceNormalization", ["x", "scale", "bias"], ["y"], name=name, epsilon=1e-5)
     graph = helper.make_graph(
-        [node], "in", [helper.make_tensor_value_info("x", F32, shape)],
+        [node],
+        "in",
+        [helper.make_tensor_value_info("x", F32, shape)],
         [helper.make_tensor_value_info("y", F32, shape)],
-        initializer=[numpy_helper.from_array(np.full(channels, 1.5, np.float32), "scale"),
-                     numpy_helper.from_array(np.full(channels, 0.25, np.float32), "bias")],
+        initializer=[
+            numpy_helper.from_array(np.full(channels, 1.5, np.float32), "scale"),
+            numpy_helper.from_array(np.full(channels, 0.25, np.float32), "bias"),
+        ],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
 
 
-def moments_model(path: Path, *, axes: Sequence[int] = (0, 2, 3), channels: int = 3, hw: Sequence[int] = (4, 4),
-                  epsilon: float = 1e-3) -> str:
+def moments_model(
+    path: Path, *, axes: Sequence[int] = (0, 2, 3), channels: int = 3, hw: Sequence[int] = (4, 4), epsilon: float = 1e-3
+) -> str:
     """Hand-written normalization: ReduceMean -> Sub -> Mul -> ReduceMean -> Add(eps) -> Sqrt -> Div (opset 17)."""
     shape = ["N", channels, *hw]
     nodes = [
@@ -121,7 +131,9 @@ def moments_model(path: Path, *, axes: Sequence[int] = (0, 2, 3), channels: int 
         helper.make_node("Div", ["d", "sd"], ["y"], name="moments/div"),
     ]
     graph = helper.make_graph(
-        nodes, "moments", [helper.make_tensor_value_info("x", F32, shape)],
+        nodes,
+        "moments",
+        [helper.make_tensor_value_info("x", F32, shape)],
         [helper.make_tensor_value_info("y", F32, shape)],
         initializer=[numpy_helper.from_array(np.array(epsilon, np.float32), "eps")],
     )
@@ -135,8 +147,10 @@ def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool 
     w1 = numpy_helper.from_array(rng.normal(size=(channels, 8)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w2")
     inits = [w1, w2]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
-             helper.make_node("Relu", ["h0"], ["h"], name="relu")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+    ]
     if axes_as_input:
         inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
         nodes.append(helper.make_node("ReduceMean", ["h", "axes"], ["m"], name="batch_mean", keepdims=1))
@@ -144,10 +158,17 @@ def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool 
     else:
         nodes.append(helper.make_node("ReduceMean", ["h"], ["m"], name="batch_mean", axes=[0], keepdims=1))
         opset = 15
-    nodes += [helper.make_node("Sub", ["h", "m"], ["c"], name="center"),
-              helper.make_node("MatMul", ["c", "w2"], ["logits"], name="fc2")]
-    graph = helper.make_graph(nodes, "batch_centering", [helper.make_tensor_value_info("x", F32, ["N", channels])],
-                              [helper.make_tensor_value_info("logits", F32, ["N", 5])], inits)
+    nodes += [
+        helper.make_node("Sub", ["h", "m"], ["c"], name="center"),
+        helper.make_node("MatMul", ["c", "w2"], ["logits"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch_centering",
+        [helper.make_tensor_value_info("x", F32, ["N", channels])],
+        [helper.make_tensor_value_info("logits", F32, ["N", 5])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return _save(model, path)
@@ -158,9 +179,11 @@ def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, 
     (as jax2tf writes LayerNorm) -> y = (E[h] - offset) / sqrt(variance), [N, F]. Batch-invariant, but
     onnxruntime's ReduceSum adds in another order at batch 1 than at batch 32, and the cancellation amplifies
     that rounding: a sample alone and in a batch differ measurably (magika v3.3 does the same)."""
-    inits = [numpy_helper.from_array(np.array(offset, np.float32), "offset"),
-             numpy_helper.from_array(np.array([1], np.int64), "axes"),
-             numpy_helper.from_array(np.array(1.0 / positions, np.float32), "inv_count")]
+    inits = [
+        numpy_helper.from_array(np.array(offset, np.float32), "offset"),
+        numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(1.0 / positions, np.float32), "inv_count"),
+    ]
     nodes = [
         helper.make_node("Add", ["x", "offset"], ["h"], name="shift"),
         helper.make_node("ReduceSum", ["h", "axes"], ["s1"], name="sum", keepdims=0),
@@ -174,9 +197,13 @@ def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, 
         helper.make_node("Sub", ["m", "offset"], ["c"], name="center"),
         helper.make_node("Div", ["c", "sd"], ["y"], name="normalize"),
     ]
-    graph = helper.make_graph(nodes, "cancellation",
-                              [helper.make_tensor_value_info("x", F32, ["N", positions, features])],
-                              [helper.make_tensor_value_info("y", F32, ["N", features])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "cancellation",
+        [helper.make_tensor_value_info("x", F32, ["N", positions, features])],
+        [helper.make_tensor_value_info("y", F32, ["N", features])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     return _save(model, path)

@@ -173,8 +173,11 @@ def test_checks_lists_every_code_with_its_default_severity(runner):
     assert result.exit_code == 0
     lines = result.stdout.strip().splitlines()
     assert [line.split()[:3] for line in lines] == [
-        ["BN001", "collapse", "error"], ["BN002", "train-mode", "error"], ["BN003", "stale-stats", "error"],
-        ["BN004", "epsilon", "warning"], ["BN005", "non-finite", "error"],
+        ["BN001", "collapse", "error"],
+        ["BN002", "train-mode", "error"],
+        ["BN003", "stale-stats", "error"],
+        ["BN004", "epsilon", "warning"],
+        ["BN005", "non-finite", "error"],
     ]
 
 
@@ -194,15 +197,23 @@ def _conv_only(tmp_path) -> str:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("Mul", ["c", "s"], ["m"], name="scale"),
-             helper.make_node("Add", ["m", "b"], ["y"], name="shift")]
-    inits = [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
-             numpy_helper.from_array(np.full((1, 4, 1, 1), 2.0, np.float32), "s"),
-             numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "b")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])],
-                              initializer=inits)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Mul", ["c", "s"], ["m"], name="scale"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="shift"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
+        numpy_helper.from_array(np.full((1, 4, 1, 1), 2.0, np.float32), "s"),
+        numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        initializer=inits,
+    )
     path = tmp_path / "conv_only.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
     return str(path)
@@ -216,13 +227,16 @@ def test_model_without_normalization_layers_exits_0_saying_so(runner, tmp_path, 
     assert "folded" in result.stdout
 
 
-@pytest.mark.parametrize("args", [
-    ["probe", "MODEL", "--batch-sizes", "0,2"],
-    ["inspect"],
-    ["inspect", "MODEL", "--format", "xml"],
-    ["inspect", "MODEL", "--fail-on", "sometimes"],
-    ["nosuch"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["probe", "MODEL", "--batch-sizes", "0,2"],
+        ["inspect"],
+        ["inspect", "MODEL", "--format", "xml"],
+        ["inspect", "MODEL", "--fail-on", "sometimes"],
+        ["nosuch"],
+    ],
+)
 def test_usage_errors_are_exit_2_with_one_line_on_stderr(runner, clean, args):
     result = runner.invoke(main, [clean if a == "MODEL" else a for a in args])
     assert result.exit_code == 2
@@ -232,8 +246,9 @@ def test_usage_errors_are_exit_2_with_one_line_on_stderr(runner, clean, args):
 
 
 def test_usage_error_exit_code_is_2_in_a_real_process(clean):
-    proc = subprocess.run([sys.executable, "-m", "bncheck", "probe", clean, "--batch-sizes", "x"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bncheck", "probe", clean, "--batch-sizes", "x"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 

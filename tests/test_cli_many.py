@@ -63,7 +63,9 @@ def test_a_broken_model_is_an_error_entry_while_the_others_are_reported(models):
 def test_table_has_a_section_per_model_and_a_closing_line(models):
     result = _invoke("inspect", str(models / "clean.onnx"), str(models / "sub"))
     assert result.stdout.count("bncheck inspect:") == 2
-    assert result.stdout.rstrip().endswith("2 models: 1 with findings at or above --fail-on, 0 could not be checked; exit 1")
+    assert result.stdout.rstrip().endswith(
+        "2 models: 1 with findings at or above --fail-on, 0 could not be checked; exit 1"
+    )
 
 
 def test_parallel_jobs_give_the_same_document(models):
@@ -167,8 +169,9 @@ def test_the_github_action_script_runs_locally(models, tmp_path):
         "BNCHECK_SARIF": "true",
         "GITHUB_OUTPUT": str(tmp_path / "github_output"),
     }
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "github_action.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "github_action.sh")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 1
     assert done.stdout.count("::error ") == 2
     assert json.loads((tmp_path / "bncheck.sarif").read_text())["runs"][0]["results"]

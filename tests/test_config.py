@@ -63,7 +63,9 @@ def test_bad_fail_on_and_bad_toml_are_usage_errors(tmp_path):
 
 def test_per_model_settings_match_by_glob_and_resolve_data_next_to_the_file(tmp_path):
     path = tmp_path / "bncheck.toml"
-    path.write_text('[per-model."models/*.onnx"]\ninput-shape = ["x:3x32x32"]\ndata = "calib.npz"\nbatch-sizes = [1, 8]\n')
+    path.write_text(
+        '[per-model."models/*.onnx"]\ninput-shape = ["x:3x32x32"]\ndata = "calib.npz"\nbatch-sizes = [1, 8]\n'
+    )
     cfg = config.load(path)
     entry = cfg.for_model(str(tmp_path / "models" / "a.onnx"))
     assert entry is not None and entry.input_shapes == ("x:3x32x32",) and entry.batch_sizes == "1,8"

@@ -42,8 +42,9 @@ def samples(n: int, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def convnet(*, training: bool = False, stale: tuple[str, ...] = (), opset: int = 15,
-            running_out_is_graph_output: bool = False) -> onnx.ModelProto:
+def convnet(
+    *, training: bool = False, stale: tuple[str, ...] = (), opset: int = 15, running_out_is_graph_output: bool = False
+) -> onnx.ModelProto:
     """input[N,3,8,8] -> conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu -> GAP -> flatten -> gemm -> logits.
 
     ``training``: both BNs in training mode (three outputs, running outputs unused). ``stale``: these BNs
@@ -67,9 +68,13 @@ def convnet(*, training: bool = False, stale: tuple[str, ...] = (), opset: int =
         name = f"bn{i}"
         mean = np.zeros(cout) if name in stale else rng.uniform(-0.3, 0.3, cout) + 0.05
         var = np.ones(cout) if name in stale else rng.uniform(0.5, 2.0, cout)
-        ins = [f"conv{i}", const(f"{name}.scale", rng.uniform(0.6, 1.4, cout) + 0.01),
-               const(f"{name}.bias", rng.uniform(-0.2, 0.2, cout) + 0.5), const(f"{name}.mean", mean),
-               const(f"{name}.var", var)]
+        ins = [
+            f"conv{i}",
+            const(f"{name}.scale", rng.uniform(0.6, 1.4, cout) + 0.01),
+            const(f"{name}.bias", rng.uniform(-0.2, 0.2, cout) + 0.5),
+            const(f"{name}.mean", mean),
+            const(f"{name}.var", var),
+        ]
         outs = [name] + ([f"{name}.running_mean", f"{name}.running_var"] if training else [])
         if training and opset < 14:
             outs += [f"{name}.saved_mean", f"{name}.saved_var"]  # opsets 9-13: one output or five
@@ -86,8 +91,9 @@ def convnet(*, training: bool = False, stale: tuple[str, ...] = (), opset: int =
     w = const("fc.w", rng.normal(0, 0.5, (C2, CLASSES)))
     b = const("fc.b", rng.normal(0, 0.1, CLASSES))
     nodes.append(helper.make_node("Gemm", ["flat", w, b], ["logits"], name="fc"))
-    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])],
-                              outputs, initializer=inits)
+    graph = helper.make_graph(
+        nodes, "convnet", [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])], outputs, initializer=inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test-fix")
     model.ir_version = 8
     helper.set_model_props(model, {"author": "bncheck tests", "purpose": "fix"})
@@ -130,8 +136,11 @@ def entry_of(report, layer: str):
 
 
 def proof_findings(report) -> list[tuple[str, str]]:
-    return [(f.code, f.layer) for f in report.fix.after.findings
-            if f.code in ("BN001", "BN002", "BN003") and f.severity.label != "info"]
+    return [
+        (f.code, f.layer)
+        for f in report.fix.after.findings
+        if f.code in ("BN001", "BN002", "BN003") and f.severity.label != "info"
+    ]
 
 
 # ---------------------------------------------------------------------------- train mode
@@ -192,7 +201,7 @@ def test_fixed_output_of_a_sample_does_not_depend_on_its_batch(train_fixed) -> N
     batch = samples(32, seed=5)
     together = run(out, batch)
     for i in (0, 7, 31):
-        alone = run(out, batch[i:i + 1])
+        alone = run(out, batch[i : i + 1])
         np.testing.assert_allclose(alone[0], together[i], rtol=1e-5, atol=1e-5)
 
 
@@ -211,7 +220,7 @@ def test_statistics_are_measured_after_upstream_repairs(train_fixed, calib: str)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     x = np.load(calib)["input"]
-    acts = np.concatenate([session.run(["conv2"], {"input": x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+    acts = np.concatenate([session.run(["conv2"], {"input": x[i : i + 256]})[0] for i in range(0, len(x), 256)])
     acts = acts.astype(np.float64)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     node = next(n for n in model.graph.node if n.name == "bn2")
@@ -232,7 +241,11 @@ def test_untouched_parts_are_bit_identical(train_fixed) -> None:
     assert a.metadata_props == b.metadata_props
     assert a.opset_import == b.opset_import
     assert (a.ir_version, a.producer_name, a.graph.input, a.graph.output) == (
-        b.ir_version, b.producer_name, b.graph.input, b.graph.output)
+        b.ir_version,
+        b.producer_name,
+        b.graph.input,
+        b.graph.output,
+    )
     for na, nb in zip(a.graph.node, b.graph.node):
         if na.op_type != "BatchNormalization":
             assert na == nb
@@ -326,8 +339,9 @@ def test_only_limits_what_is_repaired(tmp_path: Path, calib: str) -> None:
     next(a for a in bn2.attribute if a.name == "training_mode").i = 0
     for t in model.graph.initializer:
         if t.name in ("bn2.mean", "bn2.var"):
-            t.CopyFrom(numpy_helper.from_array(np.full(C2, 0.0 if t.name.endswith("mean") else 1.0, np.float32),
-                                               t.name))
+            t.CopyFrom(
+                numpy_helper.from_array(np.full(C2, 0.0 if t.name.endswith("mean") else 1.0, np.float32), t.name)
+            )
     src = save(model, tmp_path / "both.onnx")
     only_stale = fix(src, str(tmp_path / "a.onnx"), calib, only=["stale-stats"])
     assert actions(only_stale) == {"bn1": "not-fixed", "bn2": "recalibrated"}
@@ -377,8 +391,9 @@ def moments_convnet(*, mean_read_elsewhere: bool = False) -> onnx.ModelProto:
     if mean_read_elsewhere:
         nodes.append(helper.make_node("Identity", ["mu"], ["batch_mean"], name="expose_mean"))
         outputs.append(helper.make_tensor_value_info("batch_mean", F32, [1, C1, 1, 1]))
-    graph = helper.make_graph(nodes, "moments", [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])],
-                              outputs, initializer=inits)
+    graph = helper.make_graph(
+        nodes, "moments", [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])], outputs, initializer=inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -393,8 +408,14 @@ def test_handwritten_batch_moments_become_one_inference_batch_norm(tmp_path: Pat
     report = fix(src, out, str(tmp_path / "batch.npz"))
     assert actions(report) == {"hbn/mean": "replaced-moments"}
     model = onnx.load(out)
-    assert [n.op_type for n in model.graph.node] == ["Conv", "BatchNormalization", "Relu", "GlobalAveragePool",
-                                                     "Flatten", "Gemm"]
+    assert [n.op_type for n in model.graph.node] == [
+        "Conv",
+        "BatchNormalization",
+        "Relu",
+        "GlobalAveragePool",
+        "Flatten",
+        "Gemm",
+    ]
     assert {t.name for t in model.graph.initializer} >= {"conv1.w", "conv1.b", "fc.w", "fc.b", "unused_before"}
     assert not {"axes", "two", "eps", "gamma", "beta"} & {t.name for t in model.graph.initializer}
     onnx.checker.check_model(out, full_check=True)
@@ -455,15 +476,22 @@ def test_external_data_is_written_next_to_the_output(tmp_path: Path, calib: str)
     src_dir, out_dir = tmp_path / "in", tmp_path / "out"
     src_dir.mkdir(), out_dir.mkdir()
     model = convnet(stale=("bn1", "bn2"))
-    onnx.save(model, str(src_dir / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="m.weights", size_threshold=0)
+    onnx.save(
+        model,
+        str(src_dir / "m.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="m.weights",
+        size_threshold=0,
+    )
     out = out_dir / "fixed.onnx"
     fix(str(src_dir / "m.onnx"), str(out), calib)
     assert (out_dir / "m.weights").exists()
     plain_in = onnx.load(str(src_dir / "m.onnx"), load_external_data=False)
     plain_out = onnx.load(str(out), load_external_data=False)
     assert [(t.name, list(t.external_data)) for t in plain_in.graph.initializer] == [
-        (t.name, list(t.external_data)) for t in plain_out.graph.initializer]
+        (t.name, list(t.external_data)) for t in plain_out.graph.initializer
+    ]
     onnx.checker.check_model(str(out), full_check=True)
     assert run(str(out), samples(3, seed=4)).shape == (3, CLASSES)
     fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
@@ -483,8 +511,10 @@ def test_external_data_is_written_next_to_the_output(tmp_path: Path, calib: str)
 
 def test_cli_fix_json_and_exit_codes(stale_model: str, calib: str, tmp_path: Path) -> None:
     out = tmp_path / "f.onnx"
-    result = CliRunner().invoke(main, ["fix", stale_model, "--data", calib, "-o", str(out), "--format", "json",
-                                       "--report", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        ["fix", stale_model, "--data", calib, "-o", str(out), "--format", "json", "--report", str(tmp_path / "r.json")],
+    )
     assert result.exit_code == 0, result.stderr  # the original's BN003 error is gone from the written model
     doc = json.loads(result.stdout)
     assert doc["command"] == "fix" and doc["fix"]["output"] == str(out)
@@ -509,8 +539,9 @@ def test_cli_fix_json_and_exit_codes(stale_model: str, calib: str, tmp_path: Pat
         (["-o", "OUT", "--stats", "data"], "--stats data recomputes the statistics from calibration data"),
     ],
 )
-def test_cli_refusals_exit_2_with_one_line(stale_model: str, calib: str, tmp_path: Path, extra: list[str],
-                                          message: str) -> None:
+def test_cli_refusals_exit_2_with_one_line(
+    stale_model: str, calib: str, tmp_path: Path, extra: list[str], message: str
+) -> None:
     few = tmp_path / "few.npz"
     np.savez(few, input=samples(5, seed=2))
     subst = {"CALIB": calib, "MODEL": stale_model, "FEW": str(few), "OUT": str(tmp_path / "o.onnx")}
@@ -554,7 +585,7 @@ def test_train_mode_export_fixed_without_data_predicts_as_the_eval_model(tmp_pat
     assert report.fix.outcome.samples == 0 and report.fix.outcome.passes == 0
     x = samples(16, seed=31)
     for i in range(16):
-        np.testing.assert_allclose(run(out, x[i:i + 1]), run(reference_model, x[i:i + 1]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(run(out, x[i : i + 1]), run(reference_model, x[i : i + 1]), rtol=1e-6, atol=1e-6)
     assert report.exit_code == 0 and report.fix.remaining("error") == []
 
 
@@ -656,8 +687,7 @@ def test_64_samples_on_a_layer_with_one_value_per_channel_are_used_with_their_un
     """head_bn normalizes 1x1 maps: 64 samples give 64 values per channel, a standard error of the mean of
     1/8 sd and a relative error of the variance of about sqrt(2/64) = 18%."""
     out = str(tmp_path / "fixed.onnx")
-    report = fix(str(SAMPLES / "collapse_1x1_train_mode.onnx"), out, str(SAMPLES / "calib_drift.npz"),
-                 stats="data")
+    report = fix(str(SAMPLES / "collapse_1x1_train_mode.onnx"), out, str(SAMPLES / "calib_drift.npz"), stats="data")
     entry = entry_of(report, "head_bn")
     assert entry.action == "to-inference" and entry.source == "data"
     spread = entry.uncertainty

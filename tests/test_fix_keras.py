@@ -94,14 +94,16 @@ def test_baked_training_call_becomes_an_inference_call_without_data(tmp_path: Pa
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [(e["layer"], e["action"], e["source"]) for e in doc["fix"]["layers"]] == [
-        ("logits_bn", "to-inference", "stored")]
+        ("logits_bn", "to-inference", "stored")
+    ]
     with zipfile.ZipFile(out) as archive:
         assert training_flags(json.loads(archive.read("config.json"))) == []
     original, fixed = load_safe(src), load_safe(out)
     x = np.random.default_rng(3).normal(size=(6, *original.input_shape[1:])).astype(np.float32)
     for i in range(len(x)):  # batch 1: the fixed model as written = the original in inference mode
-        np.testing.assert_allclose(np.asarray(fixed(x[i:i + 1])), np.asarray(original(x[i:i + 1], training=False)),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(fixed(x[i : i + 1])), np.asarray(original(x[i : i + 1], training=False)), rtol=1e-6, atol=1e-6
+        )
     assert doc["fix"]["reprobe"]["findings"] == []
 
 

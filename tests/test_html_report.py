@@ -79,7 +79,9 @@ def test_fix_report_shows_before_and_after(tmp_path):
 
 
 #: Chromium's own services (clock, component updates), contacted whatever page is open.
-BROWSER_SERVICES = re.compile(rb"^(GET http://|POST http://|CONNECT )[a-z0-9.-]*(google\.com|googleapis\.com|gvt1\.com)[:/]")
+BROWSER_SERVICES = re.compile(
+    rb"^(GET http://|POST http://|CONNECT )[a-z0-9.-]*(google\.com|googleapis\.com|gvt1\.com)[:/]"
+)
 
 
 def _chromium(page: Path, *extra: str) -> tuple[str, list[bytes]]:
@@ -105,10 +107,19 @@ def _chromium(page: Path, *extra: str) -> tuple[str, list[bytes]]:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     flags = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={page.parent / 'chromium-profile'}", "--window-size=1280,2400",
-        f"--proxy-server=http://127.0.0.1:{server.getsockname()[1]}", "--proxy-bypass-list=<-loopback>",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={page.parent / 'chromium-profile'}",
+        "--window-size=1280,2400",
+        f"--proxy-server=http://127.0.0.1:{server.getsockname()[1]}",
+        "--proxy-bypass-list=<-loopback>",
     ]
     try:
         dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)

@@ -22,13 +22,16 @@ def schema() -> dict:
     return schema
 
 
-@pytest.mark.parametrize("builder,kwargs", [
-    (bn_model, {}),
-    (bn_model, {"scale": [float("nan"), 1, 1], "var": [1, -1, 1]}),
-    (bn_model, {"training": True, "hw": (1, 1)}),
-    (layernorm_model, {}),
-    (moments_model, {}),
-])
+@pytest.mark.parametrize(
+    "builder,kwargs",
+    [
+        (bn_model, {}),
+        (bn_model, {"scale": [float("nan"), 1, 1], "var": [1, -1, 1]}),
+        (bn_model, {"training": True, "hw": (1, 1)}),
+        (layernorm_model, {}),
+        (moments_model, {}),
+    ],
+)
 def test_inspect_and_probe_reports_validate(schema, tmp_path, builder, kwargs):
     path = builder(tmp_path / "m.onnx", **kwargs)
     for report in (engine.inspect(path), engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))):

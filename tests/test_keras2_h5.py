@@ -27,30 +27,69 @@ def _keras20_h5(path: Path, *, reset: bool = False, drop_var: bool = False) -> d
     ``reset``: every moving mean 0 and variance 1 (the update ops never ran). ``drop_var``: the second BN's
     group lists three weights instead of four (a damaged file)."""
     rng = np.random.default_rng(11)
-    layers = [{"class_name": "InputLayer", "name": "input_1", "inbound_nodes": [],
-               "config": {"batch_input_shape": [None, 8, 8, 1], "name": "input_1", "dtype": "float32",
-                          "sparse": False}}]
+    layers = [
+        {
+            "class_name": "InputLayer",
+            "name": "input_1",
+            "inbound_nodes": [],
+            "config": {"batch_input_shape": [None, 8, 8, 1], "name": "input_1", "dtype": "float32", "sparse": False},
+        }
+    ]
     values: dict[str, dict[str, np.ndarray]] = {}
     previous = "input_1"
     for i in (1, 2):
         conv, bn = f"conv2d_{i}", f"batch_normalization_{i}"
-        layers.append({"class_name": "Conv2D", "name": conv, "inbound_nodes": [[[previous, 0, 0, {}]]],
-                       "config": {"name": conv, "filters": CHANNELS, "kernel_size": [3, 3], "strides": [1, 1],
-                                  "padding": "same", "data_format": "channels_last", "use_bias": False,
-                                  "activation": "linear", "trainable": True}})
-        layers.append({"class_name": "BatchNormalization", "name": bn, "inbound_nodes": [[[conv, 0, 0, {}]]],
-                       "config": {"name": bn, "axis": -1, "momentum": 0.99, "epsilon": 0.001, "center": True,
-                                  "scale": True, "trainable": True}})
+        layers.append(
+            {
+                "class_name": "Conv2D",
+                "name": conv,
+                "inbound_nodes": [[[previous, 0, 0, {}]]],
+                "config": {
+                    "name": conv,
+                    "filters": CHANNELS,
+                    "kernel_size": [3, 3],
+                    "strides": [1, 1],
+                    "padding": "same",
+                    "data_format": "channels_last",
+                    "use_bias": False,
+                    "activation": "linear",
+                    "trainable": True,
+                },
+            }
+        )
+        layers.append(
+            {
+                "class_name": "BatchNormalization",
+                "name": bn,
+                "inbound_nodes": [[[conv, 0, 0, {}]]],
+                "config": {
+                    "name": bn,
+                    "axis": -1,
+                    "momentum": 0.99,
+                    "epsilon": 0.001,
+                    "center": True,
+                    "scale": True,
+                    "trainable": True,
+                },
+            }
+        )
         values[conv] = {"kernel": rng.normal(size=(3, 3, 1 if i == 1 else CHANNELS, CHANNELS))}
         values[bn] = {
-            "gamma": rng.uniform(0.5, 1.5, CHANNELS), "beta": rng.normal(size=CHANNELS),
+            "gamma": rng.uniform(0.5, 1.5, CHANNELS),
+            "beta": rng.normal(size=CHANNELS),
             "moving_mean": np.zeros(CHANNELS) if reset else rng.normal(size=CHANNELS),
             "moving_variance": np.ones(CHANNELS) if reset else rng.uniform(0.5, 1.5, CHANNELS),
         }
         previous = bn
-    config = {"class_name": "Model", "config": {"name": "model_1", "layers": layers,
-                                                "input_layers": [["input_1", 0, 0]],
-                                                "output_layers": [[previous, 0, 0]]}}
+    config = {
+        "class_name": "Model",
+        "config": {
+            "name": "model_1",
+            "layers": layers,
+            "input_layers": [["input_1", 0, 0]],
+            "output_layers": [[previous, 0, 0]],
+        },
+    }
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = "2.0.5"
         f.attrs["backend"] = "tensorflow"
@@ -103,7 +142,8 @@ def test_keras20_file_whose_moving_stats_were_reset_fails_with_bn003(tmp_path: P
     assert result.exit_code == 1, result.output
     doc = json.loads(result.stdout)
     assert [(f["code"], f["layer"]) for f in doc["findings"]] == [
-        ("BN003", "batch_normalization_1"), ("BN003", "batch_normalization_2"),
+        ("BN003", "batch_normalization_1"),
+        ("BN003", "batch_normalization_2"),
     ]
 
 
@@ -113,7 +153,8 @@ def test_layer_whose_weights_cannot_be_read_is_unknown_and_counted(tmp_path: Pat
     result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
     doc = json.loads(result.stdout)
     assert [(layer["name"], layer["status"]) for layer in doc["layers"]] == [
-        ("batch_normalization_1", "error"), ("batch_normalization_2", "unknown"),
+        ("batch_normalization_1", "error"),
+        ("batch_normalization_2", "unknown"),
     ]
     assert doc["summary"]["unknown"] == 1
     table = CliRunner().invoke(main, ["inspect", str(path)], env={"COLUMNS": "120"})

@@ -41,8 +41,9 @@ def _assert_stats_equal(got, x: np.ndarray, channel_axis: int, what: str) -> Non
     want = tensor_stats(x, channel_axis)
     assert got.batch_size == want.batch_size and got.count == want.count, what
     for field in ("sample_mean", "sample_sq", "min", "max", "zeros", "nonfinite"):
-        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-6, atol=1e-7,
-                                   err_msg=f"{what}.{field}")
+        np.testing.assert_allclose(
+            getattr(got, field), getattr(want, field), rtol=1e-6, atol=1e-7, err_msg=f"{what}.{field}"
+        )
 
 
 # --------------------------------------------------------------------------- refusal
@@ -142,8 +143,12 @@ def test_probe_statistics_equal_numpy_statistics_of_the_layer_tensors_keras_comp
     runner = KerasRunner(view, view.handle)
     got = runner.run({"img": x}, PREDICT)
     assert set(got) == {"bn", "block/s_bn", "block/s_gn", "ln"}
-    for name, tin, tout in [("bn", conv_t, bn_t), ("block/s_bn", bn_t, s_bn_t), ("block/s_gn", s_bn_t, s_gn_t),
-                            ("ln", block_t, ln_t)]:
+    for name, tin, tout in [
+        ("bn", conv_t, bn_t),
+        ("block/s_bn", bn_t, s_bn_t),
+        ("block/s_gn", s_bn_t, s_gn_t),
+        ("ln", block_t, ln_t),
+    ]:
         _assert_stats_equal(got[name].input, tin, 3, f"{name}.input")
         _assert_stats_equal(got[name].output, tout, 3, f"{name}.output")
 
@@ -257,8 +262,13 @@ def test_keras_samples_are_small():
         assert (SAMPLES / name).stat().st_size < 1024**2, name
 
 
-UNTRAINED = ["keras_baked_training_1d.keras", "keras_mobilenetv2_untrained.keras", "keras_legacy_convnet.h5",
-             "keras_epsilon_1e-8.keras", "keras_nested.keras"]
+UNTRAINED = [
+    "keras_baked_training_1d.keras",
+    "keras_mobilenetv2_untrained.keras",
+    "keras_legacy_convnet.h5",
+    "keras_epsilon_1e-8.keras",
+    "keras_nested.keras",
+]
 
 
 def test_untrained_keras_samples_are_what_the_script_writes(tmp_path):
@@ -270,8 +280,13 @@ def test_untrained_keras_samples_are_what_the_script_writes(tmp_path):
     if written_by != keras.__version__:
         pytest.skip(f"samples written by keras {written_by}, this is keras {keras.__version__}")
     env = dict(os.environ)
-    out = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--only", *UNTRAINED],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--only", *UNTRAINED],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     for name in UNTRAINED:
         assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes(), name
@@ -281,6 +296,7 @@ def test_static_batch_statistics_prediction_matches_keras_as_written_at_batch_1(
     """Nested, Sequential and shared layers around a baked flag: every BatchNormalization the static reader
     marks as using batch statistics collapses to its beta at batch 1 in model(x); every one it does not
     mark (and gives no execution-order caveat) does not."""
+
     def bn(name, beta):
         return layers.BatchNormalization(name=name, beta_initializer=keras.initializers.Constant(beta))
 
@@ -382,8 +398,9 @@ def test_briefly_fitted_classifier_drift_is_an_error_with_its_output_effect(tmp_
     stored = np.asarray(model.predict(data, verbose=0))
     agreement = float(np.mean(np.argmax(stored, axis=1) == np.argmax(exact, axis=1)))
     assert 0.2 < agreement < 0.6
-    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data_path,
-                                              data_source=data_path))
+    report = engine.probe(
+        path, ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data_path, data_source=data_path)
+    )
     drift = [f for f in report.findings if f.code == "BN003"]
     assert {f.layer for f in drift} == {"bn_1", "bn_2"} and {f.severity.label for f in drift} == {"error"}
     effect = drift[0].evidence["output_effect"]

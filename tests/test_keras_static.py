@@ -86,7 +86,15 @@ def test_every_norm_kind_reads_the_parameters_keras_holds_including_scale_and_ce
     model.save(path)
     view = KerasBackend().load(path)
     assert [layer.name for layer in view.layers] == [
-        "bn_full", "bn_noscale", "bn_nocenter", "bn_bare", "ln", "ln_rms", "unit", "gn", "rms"
+        "bn_full",
+        "bn_noscale",
+        "bn_nocenter",
+        "bn_bare",
+        "ln",
+        "ln_rms",
+        "unit",
+        "gn",
+        "rms",
     ]
     _assert_params_match(model, view)
     kinds = {layer.name: layer.kind for layer in view.layers}
@@ -119,8 +127,9 @@ def _nested_model() -> keras.Model:
     f_in = keras.Input((4,))
     f = layers.BatchNormalization(name="bn")(layers.Dense(4, name="d")(f_in))
     inner = keras.Model(f_in, f, name="inner")
-    seq = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="d"), layers.BatchNormalization(name="bn")],
-                           name="seq")
+    seq = keras.Sequential(
+        [keras.Input((4,)), layers.Dense(4, name="d"), layers.BatchNormalization(name="bn")], name="seq"
+    )
     deep_in = keras.Input((4,))
     deep = keras.Model(deep_in, seq(inner(deep_in)), name="deep")
     inp = keras.Input((4,))
@@ -219,15 +228,46 @@ def _tf_keras_h5(path, *, training: bool = True, second_bn: bool = False) -> dic
             "name": "model",
             "trainable": True,
             "layers": [
-                {"class_name": "InputLayer", "name": "input_1", "inbound_nodes": [],
-                 "config": {"batch_input_shape": [None, 4], "dtype": "float32", "sparse": False,
-                            "ragged": False, "name": "input_1"}},
-                {"class_name": "Dense", "name": "d1", "inbound_nodes": [[["input_1", 0, 0, {}]]],
-                 "config": {"name": "d1", "trainable": True, "dtype": "float32", "units": 6,
-                            "activation": "linear", "use_bias": True}},
-                {"class_name": "BatchNormalization", "name": "bn", "inbound_nodes": [[["d1", 0, 0, kwargs]]],
-                 "config": {"name": "bn", "trainable": True, "dtype": "float32", "axis": [1], "momentum": 0.99,
-                            "epsilon": 0.001, "center": True, "scale": True}},
+                {
+                    "class_name": "InputLayer",
+                    "name": "input_1",
+                    "inbound_nodes": [],
+                    "config": {
+                        "batch_input_shape": [None, 4],
+                        "dtype": "float32",
+                        "sparse": False,
+                        "ragged": False,
+                        "name": "input_1",
+                    },
+                },
+                {
+                    "class_name": "Dense",
+                    "name": "d1",
+                    "inbound_nodes": [[["input_1", 0, 0, {}]]],
+                    "config": {
+                        "name": "d1",
+                        "trainable": True,
+                        "dtype": "float32",
+                        "units": 6,
+                        "activation": "linear",
+                        "use_bias": True,
+                    },
+                },
+                {
+                    "class_name": "BatchNormalization",
+                    "name": "bn",
+                    "inbound_nodes": [[["d1", 0, 0, kwargs]]],
+                    "config": {
+                        "name": "bn",
+                        "trainable": True,
+                        "dtype": "float32",
+                        "axis": [1],
+                        "momentum": 0.99,
+                        "epsilon": 0.001,
+                        "center": True,
+                        "scale": True,
+                    },
+                },
             ],
             "input_layers": [["input_1", 0, 0]],
             "output_layers": [["bn", 0, 0]],
@@ -235,15 +275,31 @@ def _tf_keras_h5(path, *, training: bool = True, second_bn: bool = False) -> dic
     }
     if second_bn:  # a BatchNormalization after the baked one, without a flag of its own
         config["config"]["layers"].append(
-            {"class_name": "BatchNormalization", "name": "bn_after", "inbound_nodes": [[["bn", 0, 0, {}]]],
-             "config": {"name": "bn_after", "trainable": True, "dtype": "float32", "axis": [1], "momentum": 0.99,
-                        "epsilon": 0.001, "center": True, "scale": True}}
+            {
+                "class_name": "BatchNormalization",
+                "name": "bn_after",
+                "inbound_nodes": [[["bn", 0, 0, {}]]],
+                "config": {
+                    "name": "bn_after",
+                    "trainable": True,
+                    "dtype": "float32",
+                    "axis": [1],
+                    "momentum": 0.99,
+                    "epsilon": 0.001,
+                    "center": True,
+                    "scale": True,
+                },
+            }
         )
         config["config"]["output_layers"] = [["bn_after", 0, 0]]
     values = {
         "d1": {"kernel:0": rng.normal(size=(4, 6)), "bias:0": rng.normal(size=6)},
-        "bn": {"gamma:0": rng.uniform(0.5, 1.5, 6), "beta:0": rng.normal(size=6),
-               "moving_mean:0": rng.normal(size=6), "moving_variance:0": rng.uniform(0.5, 1.5, 6)},
+        "bn": {
+            "gamma:0": rng.uniform(0.5, 1.5, 6),
+            "beta:0": rng.normal(size=6),
+            "moving_mean:0": rng.normal(size=6),
+            "moving_variance:0": rng.uniform(0.5, 1.5, 6),
+        },
     }
     if second_bn:
         values["bn_after"] = {k: v + 1.0 for k, v in values["bn"].items()}

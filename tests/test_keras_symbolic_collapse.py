@@ -37,8 +37,9 @@ def test_keras_conv3d_train_mode_bn_on_free_dims_is_an_info_statically_and_measu
     assert finding["severity"] == "info" and "axis 1 = 1 and axis 2 = 1 and axis 3 = 1" in finding["message"]
     data = tmp_path / "volumes.npy"
     np.save(data, np.random.default_rng(2).normal(size=(2, 16, 16, 16, 1)).astype(np.float32))
-    result = CliRunner().invoke(main, ["probe", path, "--data", str(data), "--batch-sizes", "1,2",
-                                       "--format", "json", "--select", "BN001"])
+    result = CliRunner().invoke(
+        main, ["probe", path, "--data", str(data), "--batch-sizes", "1,2", "--format", "json", "--select", "BN001"]
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["findings"] == []

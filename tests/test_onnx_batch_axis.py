@@ -45,34 +45,56 @@ def _model(path: Path, *, batch: str | None = "N", mix_state: bool = False) -> s
     source = "state"
     nodes = []
     if mix_state:
-        nodes += [helper.make_node("ReduceMean", ["state"], ["state_mean"], name="state_mean", axes=[1]),
-                  helper.make_node("Sub", ["state", "state_mean"], ["state_c"], name="state_centre")]
+        nodes += [
+            helper.make_node("ReduceMean", ["state"], ["state_mean"], name="state_mean", axes=[1]),
+            helper.make_node("Sub", ["state", "state_mean"], ["state_c"], name="state_centre"),
+        ]
         source = "state_c"
     nodes += [
         helper.make_node("Transpose", [source], ["s_t"], name="state_t", perm=[1, 2, 0]),  # [N, 4, 2]
-        helper.make_node("BatchNormalization", ["s_t", "bn.weight", "bn.bias", "bn.running_mean",
-                                                "bn.running_var"], ["s_bn"], name="state_bn"),
+        helper.make_node(
+            "BatchNormalization",
+            ["s_t", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+            ["s_bn"],
+            name="state_bn",
+        ),
         helper.make_node("Reshape", ["s_bn", "flat"], ["s_flat"], name="state_flat"),
         helper.make_node("Add", ["x", "s_flat"], ["z"], name="join"),
         helper.make_node("LayerNormalization", ["z", "ln.weight", "ln.bias"], ["ln_out"], name="ln", axis=-1),
         helper.make_node("Mul", ["state", "half"], ["state_out"], name="state_next"),
         helper.make_node("Equal", ["sr", "rate"], ["is_rate"], name="is_rate"),
         helper.make_node(
-            "If", ["is_rate"], ["y"], name="by_rate",
-            then_branch=helper.make_graph([helper.make_node("Identity", ["ln_out"], ["y_then"])], "then", [],
-                                          [helper.make_tensor_value_info("y_then", F32, None)]),
+            "If",
+            ["is_rate"],
+            ["y"],
+            name="by_rate",
+            then_branch=helper.make_graph(
+                [helper.make_node("Identity", ["ln_out"], ["y_then"])],
+                "then",
+                [],
+                [helper.make_tensor_value_info("y_then", F32, None)],
+            ),
             # a rate the model was not built for fails at run time (8 values do not fold into rows of 7)
-            else_branch=helper.make_graph([helper.make_node("Reshape", ["ln_out", "bad_shape"], ["y_else"])],
-                                          "else", [], [helper.make_tensor_value_info("y_else", F32, None)]),
+            else_branch=helper.make_graph(
+                [helper.make_node("Reshape", ["ln_out", "bad_shape"], ["y_else"])],
+                "else",
+                [],
+                [helper.make_tensor_value_info("y_else", F32, None)],
+            ),
         ),
     ]
     graph = helper.make_graph(
-        nodes, "batch_on_axis_1",
-        [helper.make_tensor_value_info("x", F32, [batch, 8]),
-         helper.make_tensor_value_info("state", F32, [2, batch, 4]),
-         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("y", F32, [batch, 8]),
-         helper.make_tensor_value_info("state_out", F32, [2, batch, 4])],
+        nodes,
+        "batch_on_axis_1",
+        [
+            helper.make_tensor_value_info("x", F32, [batch, 8]),
+            helper.make_tensor_value_info("state", F32, [2, batch, 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", F32, [batch, 8]),
+            helper.make_tensor_value_info("state_out", F32, [2, batch, 4]),
+        ],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -110,7 +132,11 @@ def test_state_with_the_batch_on_axis_1_probes_at_1_2_32_and_the_scalar_is_fed_f
     assert run["batch_sizes"] == [1, 2, 32] and not any("not run" in n for n in run["notes"])
     assert set(run["layers"]) == {"state_bn", "ln"}
     # the state's BN normalizes over its batch and its 2 layers: 32 samples x 2 at batch 32
-    assert [run["layers"]["state_bn"]["by_batch_size"][b]["normalized_set_size"] for b in ("1", "2", "32")] == [2, 4, 64]
+    assert [run["layers"]["state_bn"]["by_batch_size"][b]["normalized_set_size"] for b in ("1", "2", "32")] == [
+        2,
+        4,
+        64,
+    ]
     assert run["layers"]["state_bn"]["batch_dependence"]["verdict"] == "independent"
     assert run["outputs"]["y"]["32"]["max_shift_sd"] == 0.0
 
@@ -127,14 +153,22 @@ def test_data_holds_samples_first_and_the_scalar_as_fed(tmp_path):
     path = _model(tmp_path)
     rng = np.random.default_rng(1)
     data = tmp_path / "data.npz"
-    np.savez(data, x=rng.standard_normal((40, 8)).astype(np.float32),
-             state=rng.standard_normal((40, 2, 4)).astype(np.float32), sr=np.array(RATE, np.int64))
+    np.savez(
+        data,
+        x=rng.standard_normal((40, 8)).astype(np.float32),
+        state=rng.standard_normal((40, 2, 4)).astype(np.float32),
+        sr=np.array(RATE, np.int64),
+    )
     code, doc = _probe(path, "--data", str(data))
     run = doc["probe"]["runs"][0]
     assert code == 0 and doc["findings"] == []
     assert run["data_samples"] == 40 and run["batch_sizes"] == [1, 2, 32]
 
-    np.savez(data, x=rng.standard_normal((40, 8)).astype(np.float32),
-             state=rng.standard_normal((2, 40, 4)).astype(np.float32), sr=np.array(RATE, np.int64))
+    np.savez(
+        data,
+        x=rng.standard_normal((40, 8)).astype(np.float32),
+        state=rng.standard_normal((2, 40, 4)).astype(np.float32),
+        sr=np.array(RATE, np.int64),
+    )
     result = CliRunner().invoke(main, ["probe", path, "--data", str(data)])
     assert result.exit_code == 2 and "has 40 at axis 1; input 'state' needs 2" in result.stderr

@@ -34,8 +34,13 @@ class _Graph:
         return name
 
     def save(self, path, x_shape, y_shape, opset: int = 17) -> str:
-        graph = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", F32, x_shape)],
-                                  [helper.make_tensor_value_info("y", F32, y_shape)], initializer=self.inits)
+        graph = helper.make_graph(
+            self.nodes,
+            "g",
+            [helper.make_tensor_value_info("x", F32, x_shape)],
+            [helper.make_tensor_value_info("y", F32, y_shape)],
+            initializer=self.inits,
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(path))
@@ -58,7 +63,8 @@ def test_batch_centering_without_any_norm_op_is_train_mode_on_the_reduction(tmp_
     view = OnnxBackend().load(path)
     assert view.layers == []
     assert [n.message for n in view.notes] == [
-        "no normalization layer found in the graph, but 1 reduction over the batch axis (BN002)"]
+        "no normalization layer found in the graph, but 1 reduction over the batch axis (BN002)"
+    ]
     [finding] = _findings(path)
     assert (finding.code, finding.severity.label, finding.layer) == ("BN002", "error", "batch_stat")
     assert finding.evidence["op_type"] == op and finding.evidence["axes"] == [0]

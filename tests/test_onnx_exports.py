@@ -52,15 +52,22 @@ def _convnet(
         flatten = [batch, -1] if fixed else [0, -1]
 
     def bn_params(prefix: str, c: int) -> list:
-        return [numpy_helper.from_array(a.astype(np.float32), f"{prefix}.{n}") for a, n in
-                ((rng.uniform(0.5, 1.5, c), "weight"), (rng.uniform(-0.2, 0.2, c), "bias"),
-                 (rng.uniform(-0.2, 0.2, c), "running_mean"), (rng.uniform(0.5, 1.5, c), "running_var"))]
+        return [
+            numpy_helper.from_array(a.astype(np.float32), f"{prefix}.{n}")
+            for a, n in (
+                (rng.uniform(0.5, 1.5, c), "weight"),
+                (rng.uniform(-0.2, 0.2, c), "bias"),
+                (rng.uniform(-0.2, 0.2, c), "running_mean"),
+                (rng.uniform(0.5, 1.5, c), "running_var"),
+            )
+        ]
 
     inits = [
         numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "conv.weight"),
         numpy_helper.from_array(np.asarray(flatten, np.int64), "flat_shape"),
         numpy_helper.from_array(rng.standard_normal((fc_in, 5)).astype(np.float32), "fc.weight"),
-        *bn_params("bn", 4), *bn_params("head_bn", 5),
+        *bn_params("bn", 4),
+        *bn_params("head_bn", 5),
     ]
     head_attrs = {"training_mode": 1} if head_training else {}
     head_outputs = ["y", "head_rm", "head_rv"] if head_training else ["y"]
@@ -68,22 +75,31 @@ def _convnet(
     conv_outputs = ["b", "bn_rm", "bn_rv"] if conv_training else ["b"]
     nodes = [
         helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
-                         conv_outputs, name="bn", **conv_attrs),
+        helper.make_node(
+            "BatchNormalization",
+            ["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+            conv_outputs,
+            name="bn",
+            **conv_attrs,
+        ),
         helper.make_node("Relu", ["b"], ["r"], name="relu"),
         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
         helper.make_node("Reshape", ["p", "flat_shape"], ["f"], name="flatten"),
         helper.make_node("MatMul", ["f", "fc.weight"], ["h"], name="fc"),
-        helper.make_node("BatchNormalization", ["h", "head_bn.weight", "head_bn.bias", "head_bn.running_mean",
-                                                "head_bn.running_var"], head_outputs, name="head_bn", **head_attrs),
+        helper.make_node(
+            "BatchNormalization",
+            ["h", "head_bn.weight", "head_bn.bias", "head_bn.running_mean", "head_bn.running_var"],
+            head_outputs,
+            name="head_bn",
+            **head_attrs,
+        ),
     ]
     outputs = [helper.make_tensor_value_info("y", F32, None)]
     if head_training:
         outputs += [helper.make_tensor_value_info(n, F32, [5]) for n in head_outputs[1:]]
     if conv_training:
         outputs += [helper.make_tensor_value_info(n, F32, [4]) for n in conv_outputs[1:]]
-    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", F32, [batch, 3, 8, 8])], outputs,
-                              inits)
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", F32, [batch, 3, 8, 8])], outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.save(model, str(path))
     return str(path)
@@ -157,13 +173,24 @@ def test_a_batch_size_that_cannot_run_is_a_note_and_the_others_are_reported(tmp_
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(np.array([2, 1, 1, 1], np.int64), "to2")] + [
         numpy_helper.from_array(a.astype(np.float32), n)
-        for a, n in ((rng.uniform(0.5, 1.5, 3), "s"), (rng.uniform(-0.2, 0.2, 3), "b"),
-                     (rng.uniform(-0.2, 0.2, 3), "m"), (rng.uniform(0.5, 1.5, 3), "v"))
+        for a, n in (
+            (rng.uniform(0.5, 1.5, 3), "s"),
+            (rng.uniform(-0.2, 0.2, 3), "b"),
+            (rng.uniform(-0.2, 0.2, 3), "m"),
+            (rng.uniform(0.5, 1.5, 3), "v"),
+        )
     ]
-    nodes = [helper.make_node("Expand", ["x", "to2"], ["e"], name="expand"),
-             helper.make_node("BatchNormalization", ["e", "s", "b", "m", "v"], ["y"], name="bn")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", F32, None)], inits)
+    nodes = [
+        helper.make_node("Expand", ["x", "to2"], ["e"], name="expand"),
+        helper.make_node("BatchNormalization", ["e", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", F32, None)],
+        inits,
+    )
     path = str(tmp_path / "m.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
@@ -179,14 +206,28 @@ def _opset6_bn(path: Path, extra: list | None = None) -> str:
     """What pytorch 0.3 wrote: IR 3, opset 6, BatchNormalization-6 (is_test=1), every initializer also listed
     among the graph inputs, input batch fixed to 2."""
     rng = np.random.default_rng(0)
-    params = {n: a.astype(np.float32) for n, a in (("s", rng.uniform(0.5, 1.5, 3)), ("b", rng.uniform(-0.2, 0.2, 3)),
-                                                     ("m", rng.uniform(-0.2, 0.2, 3)), ("v", rng.uniform(0.5, 1.5, 3)))}
-    nodes = [helper.make_node("BatchNormalization", ["x", *params], ["y"], name="bn", is_test=1, epsilon=1e-5),
-             *(extra or [])]
+    params = {
+        n: a.astype(np.float32)
+        for n, a in (
+            ("s", rng.uniform(0.5, 1.5, 3)),
+            ("b", rng.uniform(-0.2, 0.2, 3)),
+            ("m", rng.uniform(-0.2, 0.2, 3)),
+            ("v", rng.uniform(0.5, 1.5, 3)),
+        )
+    }
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", *params], ["y"], name="bn", is_test=1, epsilon=1e-5),
+        *(extra or []),
+    ]
     inputs = [helper.make_tensor_value_info("x", F32, [2, 3, 4, 4])]
     inputs += [helper.make_tensor_value_info(n, F32, [3]) for n in params]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(nodes[-1].output[0], F32, None)],
-                              [numpy_helper.from_array(a, n) for n, a in params.items()])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info(nodes[-1].output[0], F32, None)],
+        [numpy_helper.from_array(a, n) for n, a in params.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
     onnx.save(model, str(path))
     return str(path)
@@ -234,20 +275,30 @@ def test_the_batch_norm_models_the_onnx_package_ships_are_probed():
 def test_graph_inputs_that_only_feed_norm_parameters_are_fed_fixed_not_batched(tmp_path, training):
     """onnx's backend node tests declare scale, bias, mean and var as graph inputs (x fixed to batch 2)."""
     outputs = ["y", "running_mean", "running_var"] if training else ["y"]
-    node = helper.make_node("BatchNormalization", ["x", "s", "bias", "mean", "var"], outputs, name="bn",
-                            **({"training_mode": 1} if training else {}))
+    node = helper.make_node(
+        "BatchNormalization",
+        ["x", "s", "bias", "mean", "var"],
+        outputs,
+        name="bn",
+        **({"training_mode": 1} if training else {}),
+    )
     inputs = [helper.make_tensor_value_info("x", F32, [2, 3, 4, 5])]
     inputs += [helper.make_tensor_value_info(n, F32, [3]) for n in ("s", "bias", "mean", "var")]
     graph_outputs = [helper.make_tensor_value_info("y", F32, [2, 3, 4, 5])]
     graph_outputs += [helper.make_tensor_value_info(n, F32, [3]) for n in outputs[1:]]
     path = str(tmp_path / "m.onnx")
-    onnx.save(helper.make_model(helper.make_graph([node], "g", inputs, graph_outputs),
-                                opset_imports=[helper.make_opsetid("", 15)]), path)
+    onnx.save(
+        helper.make_model(
+            helper.make_graph([node], "g", inputs, graph_outputs), opset_imports=[helper.make_opsetid("", 15)]
+        ),
+        path,
+    )
     code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
     run = _run(doc)
     assert run["batch_sizes"] == [1, 2, 32]
-    assert any(n.startswith("input(s) 's', 'bias', 'mean', 'var' only feed normalization parameters") for n in
-               run["notes"])
+    assert any(
+        n.startswith("input(s) 's', 'bias', 'mean', 'var' only feed normalization parameters") for n in run["notes"]
+    )
     verdict = run["layers"]["bn"]["batch_dependence"]["verdict"]
     if training:
         assert code == 1 and verdict == "culprit" and "BN002" in {f["code"] for f in doc["findings"]}
@@ -261,8 +312,9 @@ def test_graph_inputs_that_only_feed_norm_parameters_are_fed_fixed_not_batched(t
 def _computed_reshape_layer_norm(path: Path) -> str:
     """x[N, 4, 8] -> Reshape(x, Concat([-1], Gather(Shape(x), NonZero(Shape(x)))[1:])) -> LayerNorm -> mean.
     The target's length comes from NonZero, so no shape inference knows the LayerNorm's rank."""
-    ints = {n: numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
-            (("one", [1]), ("minus1", [-1]), ("big", [99]))}
+    ints = {
+        n: numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("one", [1]), ("minus1", [-1]), ("big", [99]))
+    }
     nodes = [
         helper.make_node("Shape", ["x"], ["sh"]),
         helper.make_node("NonZero", ["sh"], ["nz"]),
@@ -274,10 +326,18 @@ def _computed_reshape_layer_norm(path: Path) -> str:
         helper.make_node("LayerNormalization", ["r", "scale", "bias"], ["n"], name="ln", axis=-1),
         helper.make_node("ReduceMean", ["n"], ["y"], keepdims=0),
     ]
-    inits = [*ints.values(), numpy_helper.from_array(np.full(8, 1.5, np.float32), "scale"),
-             numpy_helper.from_array(np.full(8, 0.25, np.float32), "bias")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 4, 8])],
-                              [helper.make_tensor_value_info("y", F32, [])], inits)
+    inits = [
+        *ints.values(),
+        numpy_helper.from_array(np.full(8, 1.5, np.float32), "scale"),
+        numpy_helper.from_array(np.full(8, 0.25, np.float32), "bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 4, 8])],
+        [helper.make_tensor_value_info("y", F32, [])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)
 
@@ -287,8 +347,11 @@ def test_a_layer_norm_after_a_computed_reshape_is_measured_without_a_static_rank
     code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
     layer = _run(doc)["layers"]["ln"]
     assert code == 0 and doc["layers"][0]["status"] == "ok" and doc["layers"][0]["input_shape"] is None
-    assert {b: s["input"]["count_per_channel"] for b, s in layer["by_batch_size"].items()} == \
-        {"1": 32, "2": 64, "32": 1024}
+    assert {b: s["input"]["count_per_channel"] for b, s in layer["by_batch_size"].items()} == {
+        "1": 32,
+        "2": 64,
+        "32": 1024,
+    }
     # per sample, over its 32 values: LayerNorm's output is bias-centred with scale 1.5
     assert abs(layer["by_batch_size"]["32"]["output"]["mean"] - 0.25) < 1e-5
     assert layer["batch_dependence"]["verdict"] == "independent"
@@ -306,8 +369,12 @@ def test_a_layer_no_probe_measured_is_not_measured_with_its_reason_never_ok(tmp_
     from bncheck.render import table as render_table
 
     view = OnnxBackend().load(_computed_reshape_layer_norm(tmp_path / "m.onnx"))
-    probe = ProbeResult(batch_sizes=(1, 2), layers={1: {}, 2: {}}, unmeasured={"ln": "its tensors are elsewhere"},
-                        dependence={"ln": BatchDependence("ln", math.nan, math.nan, 4, (2,))})
+    probe = ProbeResult(
+        batch_sizes=(1, 2),
+        layers={1: {}, 2: {}},
+        unmeasured={"ln": "its tensors are elsewhere"},
+        dependence={"ln": BatchDependence("ln", math.nan, math.nan, 4, (2,))},
+    )
     report = _report("probe", view, [probe], (), {}, "error")
     doc = json.loads(render_json.render(report))
     assert doc["layers"][0]["status"] == "not measured"

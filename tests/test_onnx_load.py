@@ -40,8 +40,9 @@ def bn_model(opset: int = 15) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", F32, ["N", C, 2, 2])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="bncheck-tests",
-                              producer_version="0.1")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="bncheck-tests", producer_version="0.1"
+    )
     model.ir_version = 8
     return model
 
@@ -124,8 +125,14 @@ def test_backend_load_raises_the_same_one_line_error(tmp_path):
 
 def save_external(tmp_path: Path, location: str = "weights.bin") -> Path:
     path = tmp_path / "ext.onnx"
-    onnx.save(bn_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=location, size_threshold=0)
+    onnx.save(
+        bn_model(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
     return path
 
 
@@ -250,14 +257,25 @@ def _wide_external(tmp_path: Path) -> tuple[Path, np.ndarray]:
     """x[N, 512] -> MatMul (a 2 MiB weight) -> BatchNormalization(1024) -> y, every tensor external."""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(512, 1024)).astype(np.float32)
-    params = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
-        ("s", rng.uniform(0.5, 1.5, 1024)), ("b", np.zeros(1024)), ("m", np.zeros(1024)), ("v", np.ones(1024)))]
+    params = [
+        numpy_helper.from_array(v.astype(np.float32), n)
+        for n, v in (
+            ("s", rng.uniform(0.5, 1.5, 1024)),
+            ("b", np.zeros(1024)),
+            ("m", np.zeros(1024)),
+            ("v", np.ones(1024)),
+        )
+    ]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-         helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"], name="bn")],
-        "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"], name="bn"),
+        ],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1024])],
-        [numpy_helper.from_array(w, "w"), *params])
+        [numpy_helper.from_array(w, "w"), *params],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     path = tmp_path / "wide.onnx"
@@ -348,8 +366,12 @@ def test_model_info_and_shapes(tmp_path, monkeypatch):
 
 def test_dims_onnx_invents_stay_symbolic_and_declared_names_are_kept(tmp_path):
     node = helper.make_node("NonZero", ["x"], ["nz"], name="nz")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F32, ["batch", 3])],
-                              [helper.make_tensor_value_info("nz", TensorProto.INT64, None)])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["batch", 3])],
+        [helper.make_tensor_value_info("nz", TensorProto.INT64, None)],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     path = tmp_path / "nz.onnx"

@@ -21,7 +21,8 @@ def _bn(name: str, x: str, y: str, prefix: str, inits: list, stale: bool = False
     """A BatchNormalization reading ``prefix.weight`` ... like torch's exporters write them."""
     c = 4
     values = {
-        "weight": RNG.uniform(0.5, 1.5, c), "bias": RNG.uniform(-0.5, 0.5, c),
+        "weight": RNG.uniform(0.5, 1.5, c),
+        "bias": RNG.uniform(-0.5, 0.5, c),
         "running_mean": np.zeros(c) if stale else RNG.uniform(0.1, 0.3, c),
         "running_var": np.ones(c) if stale else RNG.uniform(0.5, 1.5, c),
     }
@@ -35,7 +36,8 @@ def _bn(name: str, x: str, y: str, prefix: str, inits: list, stale: bool = False
     if scopes is not None:  # what torch.onnx.export(dynamo=True) writes
         node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(scopes))
         node.metadata_props.add(
-            key="namespace", value=": __main__.M/" + "/".join(f"{s}: torch.nn.Module" for s in scopes[1:]),
+            key="namespace",
+            value=": __main__.M/" + "/".join(f"{s}: torch.nn.Module" for s in scopes[1:]),
         )
     return node
 
@@ -43,19 +45,34 @@ def _bn(name: str, x: str, y: str, prefix: str, inits: list, stale: bool = False
 def _dynamo_like(tmp_path: Path) -> str:
     inits: list = []
     nodes = [
-        _bn("node__native_batch_norm_legit_no_training__0", "x", "a", "bn", inits,
-            scopes=["", "bn", "_native_batch_norm_legit_no_training"]),
+        _bn(
+            "node__native_batch_norm_legit_no_training__0",
+            "x",
+            "a",
+            "bn",
+            inits,
+            scopes=["", "bn", "_native_batch_norm_legit_no_training"],
+        ),
         # the same module called a second time: same metadata, same weights
-        _bn("node__native_batch_norm_legit_no_training_1__0", "a", "b", "bn", inits,
-            scopes=["", "bn", "_native_batch_norm_legit_no_training_1"]),
+        _bn(
+            "node__native_batch_norm_legit_no_training_1__0",
+            "a",
+            "b",
+            "bn",
+            inits,
+            scopes=["", "bn", "_native_batch_norm_legit_no_training_1"],
+        ),
         # no metadata (an older exporter, or stripped): the weight names say head.head_bn
         _bn("node__native_batch_norm_legit_no_training_2__0", "b", "c", "head.head_bn", inits, stale=True),
         # a name the user gave stays
         _bn("my_bn", "c", "y", "other", inits),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -91,8 +108,11 @@ def test_unnamed_and_paddle_nodes_take_their_weight_prefix(tmp_path: Path) -> No
     first.input[1:] = [t.name for t in inits]
     nodes = [first, _bn("p2o.BatchNormalization.3", "a", "y", "batch_norm2d_7", inits)]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])], initializer=inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -108,8 +128,14 @@ def test_unnamed_and_paddle_nodes_take_their_weight_prefix(tmp_path: Path) -> No
 
 
 def test_generated_names_and_weight_prefixes() -> None:
-    for name in ("", "node_bn_3", "BatchNormalization_12", "p2o.BatchNormalization.3", "BatchNormalization@0",
-                 "batchnormalization__7"):
+    for name in (
+        "",
+        "node_bn_3",
+        "BatchNormalization_12",
+        "p2o.BatchNormalization.3",
+        "BatchNormalization@0",
+        "batchnormalization__7",
+    ):
         assert is_generated(name, "BatchNormalization"), name
     for name in ("bn1", "/layer1/bn1/BatchNormalization", "model/bn/FusedBatchNormV3", "stem_bn"):
         assert not is_generated(name, "BatchNormalization"), name

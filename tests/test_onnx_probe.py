@@ -129,8 +129,16 @@ def test_instance_norm_and_moments_statistics_equal_numpy(tmp_path):
     x = helper.make_tensor_value_info("x", F32, ["N", 4, 40, 40])
     y = helper.make_tensor_value_info("y", F32, ["N", 4, 40, 40])
     nodes = [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], name="in", epsilon=1e-5)]
-    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(np.full(4, 2.0, np.float32), "s"),
-                                                      numpy_helper.from_array(np.full(4, 0.5, np.float32), "b")])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [x],
+        [y],
+        [
+            numpy_helper.from_array(np.full(4, 2.0, np.float32), "s"),
+            numpy_helper.from_array(np.full(4, 0.5, np.float32), "b"),
+        ],
+    )
     path = str(tmp_path / "in.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     _compare_with_plain_run(path)
@@ -160,8 +168,7 @@ def test_external_data_model_gives_the_same_statistics(tmp_path):
     _, a = _probe(path, batch_sizes=(1, 4))
     _, b = _probe(str(ext_dir / "r.onnx"), batch_sizes=(1, 4))
     for name, probe in a.layers[4].items():
-        np.testing.assert_allclose(b.layers[4][name].output.sample_mean, probe.output.sample_mean,
-                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(b.layers[4][name].output.sample_mean, probe.output.sample_mean, rtol=1e-6, atol=1e-7)
     assert sorted(os.listdir(ext_dir)) == ["r.data", "r.onnx"]  # nothing written next to the user's model
 
 
@@ -207,17 +214,24 @@ def test_measure_inputs_accumulates_numpy_statistics_over_batches(tmp_path):
 def test_measure_inputs_downstream_of_a_train_mode_bn_follow_the_spec(tmp_path):
     # train-mode BN (the onnxruntime-corrupted case) -> Relu -> inference BN: the second layer's input
     # must be what onnx.reference computes, not what onnxruntime's train-mode kernel outputs
-    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n)
-             for n, v in (("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0),
-                          ("s2", 2.0), ("b2", 0.1), ("m2", 0.3), ("v2", 0.5))]
+    inits = [
+        numpy_helper.from_array(np.full(3, v, np.float32), n)
+        for n, v in (("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0), ("s2", 2.0), ("b2", 0.1), ("m2", 0.3), ("v2", 0.5))
+    ]
     nodes = [
-        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t", "rm", "rv"], name="train_bn",
-                         training_mode=1),
+        helper.make_node(
+            "BatchNormalization", ["x", "s", "b", "m", "v"], ["t", "rm", "rv"], name="train_bn", training_mode=1
+        ),
         helper.make_node("Relu", ["t"], ["r"], name="relu"),
         helper.make_node("BatchNormalization", ["r", "s2", "b2", "m2", "v2"], ["y"], name="bn2"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 2, 2])],
-                              [helper.make_tensor_value_info("y", F32, ["N", 3, 2, 2])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 2, 2])],
+        [helper.make_tensor_value_info("y", F32, ["N", 3, 2, 2])],
+        inits,
+    )
     path = str(tmp_path / "chain.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
     view = OnnxBackend().load(path)
@@ -264,10 +278,17 @@ def test_train_mode_bn_reports_the_runtime_deviation_from_the_spec(tmp_path):
 def test_a_train_mode_node_onnxruntime_rejects_is_probed_by_the_spec_alone(tmp_path):
     # opset 9 allows 1 or 5 outputs; onnxruntime refuses this 3-output training node outright
     nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], name="bn")]
-    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n)
-             for n, v in (("s", 1.0), ("b", 0.5), ("m", 0.1), ("v", 1.2))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 1, 1])],
-                              [helper.make_tensor_value_info("y", F32, ["N", 3, 1, 1])], inits)
+    inits = [
+        numpy_helper.from_array(np.full(3, v, np.float32), n)
+        for n, v in (("s", 1.0), ("b", 0.5), ("m", 0.1), ("v", 1.2))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 1, 1])],
+        [helper.make_tensor_value_info("y", F32, ["N", 3, 1, 1])],
+        inits,
+    )
     path = str(tmp_path / "bn9.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)]), path)
     _, result = _probe(path, batch_sizes=(1, 4))
@@ -322,16 +343,25 @@ def test_batch_dependence_is_float32_noise_for_layer_norm(tmp_path, capsys):
 def test_batch_dependence_is_float32_noise_for_layer_norm_after_matmul(tmp_path, capsys):
     # MatMul kernels may block rows differently per batch size: the noise a transformer block shows
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["h2"], name="mm2"),
-             helper.make_node("LayerNormalization", ["h2", "s", "b"], ["y"], name="ln", axis=-1)]
-    inits = [numpy_helper.from_array((rng.standard_normal((64, 768)) / 8).astype(np.float32), "w1"),
-             numpy_helper.from_array((rng.standard_normal((768, 768)) / 16).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.ones(768, np.float32), "s"),
-             numpy_helper.from_array(np.zeros(768, np.float32), "b")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 64, 64])],
-                              [helper.make_tensor_value_info("y", F32, ["N", 64, 768])], inits)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["h2"], name="mm2"),
+        helper.make_node("LayerNormalization", ["h2", "s", "b"], ["y"], name="ln", axis=-1),
+    ]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((64, 768)) / 8).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((768, 768)) / 16).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.ones(768, np.float32), "s"),
+        numpy_helper.from_array(np.zeros(768, np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 64, 64])],
+        [helper.make_tensor_value_info("y", F32, ["N", 64, 768])],
+        inits,
+    )
     path = str(tmp_path / "mlp.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     _, result = _probe(path, batch_sizes=(1, 2, 32))
@@ -351,8 +381,12 @@ def _conv_bn(path: Path, shape: list, nan_channel: int | None = None) -> str:
         w[nan_channel, 0, 0, 0] = np.nan
     inits = [numpy_helper.from_array(w, "w")] + [
         numpy_helper.from_array(a.astype(np.float32), n)
-        for a, n in ((rng.uniform(0.5, 2, 4), "s"), (rng.normal(0, 1, 4), "b"), (rng.normal(0, 1, 4), "m"),
-                     (rng.uniform(0.5, 2, 4), "v"))
+        for a, n in (
+            (rng.uniform(0.5, 2, 4), "s"),
+            (rng.normal(0, 1, 4), "b"),
+            (rng.normal(0, 1, 4), "m"),
+            (rng.uniform(0.5, 2, 4), "v"),
+        )
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -360,8 +394,13 @@ def _conv_bn(path: Path, shape: list, nan_channel: int | None = None) -> str:
         helper.make_node("Relu", ["y"], ["out"], name="relu"),
     ]
     out_shape = [shape[0], 4, *shape[2:]]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, shape)],
-                              [helper.make_tensor_value_info("out", F32, out_shape)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, shape)],
+        [helper.make_tensor_value_info("out", F32, out_shape)],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)
 
@@ -394,10 +433,15 @@ def _two_input_model(path: Path) -> str:
         for n, val in (("s", 1.5), ("b", 0.1), ("m", 0.2), ("v", 0.8))
     ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 8]),
-         helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
-        [helper.make_tensor_value_info("y", F32, ["N", 8])], inits)
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F32, ["N", 8]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4]),
+        ],
+        [helper.make_tensor_value_info("y", F32, ["N", 8])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)
 
@@ -430,8 +474,11 @@ def test_data_statistics_cover_every_sample(tmp_path):
 
 def test_progress_is_reported_up_to_the_total(tmp_path):
     seen = []
-    _probe(_conv_bn(tmp_path / "p.onnx", ["N", 3, 8, 8]), batch_sizes=(1, 2, 32),
-           progress=lambda done, total: seen.append((done, total)))
+    _probe(
+        _conv_bn(tmp_path / "p.onnx", ["N", 3, 8, 8]),
+        batch_sizes=(1, 2, 32),
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert seen[0] == (0, 7) and seen[-1] == (7, 7)
 
 
@@ -463,16 +510,27 @@ def _bn_then_instance_norm(path: Path) -> str:
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")] + [
         numpy_helper.from_array(a.astype(np.float32), n)
-        for a, n in ((rng.uniform(0.5, 2, 4), "s"), (rng.normal(0, 1, 4), "b"), (rng.normal(0, 1, 4), "m"),
-                     (rng.uniform(0.5, 2, 4), "v"), (np.ones(4), "s2"), (np.zeros(4), "b2"))
+        for a, n in (
+            (rng.uniform(0.5, 2, 4), "s"),
+            (rng.normal(0, 1, 4), "b"),
+            (rng.normal(0, 1, 4), "m"),
+            (rng.uniform(0.5, 2, 4), "v"),
+            (np.ones(4), "s2"),
+            (np.zeros(4), "b2"),
+        )
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn"),
         helper.make_node("InstanceNormalization", ["y", "s2", "b2"], ["z"], name="in"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 3, 40, 40])],
-                              [helper.make_tensor_value_info("z", F32, ["N", 4, 40, 40])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 40, 40])],
+        [helper.make_tensor_value_info("z", F32, ["N", 4, 40, 40])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)
 
@@ -495,8 +553,13 @@ def test_inference_bn_min_max_are_not_measured_and_render_as_null(tmp_path):
     document = json.loads(json_render.render(engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))))
     schema = json.loads(resources.files("bncheck").joinpath("schema/report.schema.json").read_text())
     jsonschema.validate(document, schema)
-    cells = [at[side] for run in document["probe"]["runs"] for entry in run["layers"].values()
-             for at in entry["by_batch_size"].values() for side in ("input", "output")]
+    cells = [
+        at[side]
+        for run in document["probe"]["runs"]
+        for entry in run["layers"].values()
+        for at in entry["by_batch_size"].values()
+        for side in ("input", "output")
+    ]
     assert cells and all(c["min"] is None and c["max"] is None for c in cells)
 
 
@@ -515,15 +578,29 @@ def _wide_conv_bn(path: Path, raw: bool = True) -> str:
     raw_data or (``raw=False``) as float_data."""
     rng = np.random.default_rng(5)
     w = (rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
-    weight = (numpy_helper.from_array(w, "w") if raw
-              else helper.make_tensor("w", F32, w.shape, w.ravel().tolist(), raw=False))
-    inits = [weight] + [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
-        (rng.uniform(0.5, 2, 64), "s"), (rng.normal(0, 1, 64), "b"), (rng.normal(0, 1, 64), "m"),
-        (rng.uniform(0.5, 2, 64), "v"))]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, ["N", 64, 20, 20])],
-                              [helper.make_tensor_value_info("y", F32, ["N", 64, 20, 20])], inits)
+    weight = (
+        numpy_helper.from_array(w, "w") if raw else helper.make_tensor("w", F32, w.shape, w.ravel().tolist(), raw=False)
+    )
+    inits = [weight] + [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in (
+            (rng.uniform(0.5, 2, 64), "s"),
+            (rng.normal(0, 1, 64), "b"),
+            (rng.normal(0, 1, 64), "m"),
+            (rng.uniform(0.5, 2, 64), "v"),
+        )
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 64, 20, 20])],
+        [helper.make_tensor_value_info("y", F32, ["N", 64, 20, 20])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)
 

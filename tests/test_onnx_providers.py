@@ -18,11 +18,14 @@ from tests.builders import bn_model
 CUDA, TRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
 
-@pytest.mark.parametrize(("available", "expected"), [
-    (["AzureExecutionProvider", CPU], [CPU]),
-    ([CUDA, CPU], [CUDA, CPU]),
-    ([TRT, CUDA, CPU], [TRT, CPU]),
-])
+@pytest.mark.parametrize(
+    ("available", "expected"),
+    [
+        (["AzureExecutionProvider", CPU], [CPU]),
+        ([CUDA, CPU], [CUDA, CPU]),
+        ([TRT, CUDA, CPU], [TRT, CPU]),
+    ],
+)
 def test_auto_picks_the_best_available_provider_then_cpu(available, expected):
     assert resolve("auto", available) == expected
 
@@ -64,7 +67,9 @@ def test_a_provider_onnxruntime_does_not_start_falls_back_to_cpu_with_a_note(tmp
     try:
         assert engine_.providers == [CPU]
         assert engine_.session.get_providers() == [CPU]
-        assert any(note.startswith(f"{CUDA} could not run the instrumented model") and f"probed on {CPU}" in note
-                   for note in engine_.notes)
+        assert any(
+            note.startswith(f"{CUDA} could not run the instrumented model") and f"probed on {CPU}" in note
+            for note in engine_.notes
+        )
     finally:
         engine_.close()

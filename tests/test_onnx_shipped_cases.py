@@ -101,7 +101,11 @@ def test_expanded_function_bodies_match_their_op(loaded):
             compared += 1
             continue
         assert (chain.kind, chain.axes, chain.epsilon, chain.batch_statistics, chain.channels, chain.groups) == (
-            op_layer.kind, op_layer.axes, op_layer.epsilon, op_layer.batch_statistics, op_layer.channels,
+            op_layer.kind,
+            op_layer.axes,
+            op_layer.epsilon,
+            op_layer.batch_statistics,
+            op_layer.channels,
             op_layer.groups,
         ), name
         compared += 1
@@ -148,8 +152,12 @@ def test_mvn_cases(loaded):
 
 def test_parameters_bound_as_initializers_are_read(cases, tmp_path):
     """The same cases with their input data stored as initializers: the walk reads the exact arrays."""
-    for name in ("test_batchnorm_example", "test_group_normalization_example", "test_layer_normalization_4d_axis1",
-                 "test_layer_normalization_4d_axis1_expanded"):
+    for name in (
+        "test_batchnorm_example",
+        "test_group_normalization_example",
+        "test_layer_normalization_4d_axis1",
+        "test_layer_normalization_4d_axis1_expanded",
+    ):
         case = cases[name]
         model = onnx.ModelProto()
         model.CopyFrom(case.model)

@@ -20,15 +20,30 @@ def _conv_reshape_bn(path, ir_version: int = 8, bad_attribute: bool = False) -> 
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["c", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
         helper.make_node("Reshape", ["c2", "shape"], ["r"], name="reshape"),
-        helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn",
-                         **({"epsilon": 1e-5} if not bad_attribute else {"epsilon": 1e-5, "spatial": 1})),
+        helper.make_node(
+            "BatchNormalization",
+            ["r", "s", "b", "m", "v"],
+            ["y"],
+            name="bn",
+            **({"epsilon": 1e-5} if not bad_attribute else {"epsilon": 1e-5, "spatial": 1}),
+        ),
     ]
-    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(big, "w2"),
-             numpy_helper.from_array(np.array([0, 64, 4, 16], np.int64), "shape")]
-    inits += [numpy_helper.from_array(np.full(64, v, np.float32), n)
-              for n, v in (("s", 1.0), ("b", 0.1), ("m", 0.2), ("v", 0.9))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 4, 16])], initializer=inits)
+    inits = [
+        numpy_helper.from_array(weight, "w"),
+        numpy_helper.from_array(big, "w2"),
+        numpy_helper.from_array(np.array([0, 64, 4, 16], np.int64), "shape"),
+    ]
+    inits += [
+        numpy_helper.from_array(np.full(64, v, np.float32), n)
+        for n, v in (("s", 1.0), ("b", 0.1), ("m", 0.2), ("v", 0.9))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 4, 16])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=ir_version)
     onnx.save(model, str(path))
     return str(path)

@@ -55,8 +55,9 @@ def test_merge_stats_keeps_what_was_not_measured():
     from dataclasses import replace
 
     x = tensor_stats(np.ones((2, 3, 4), np.float32), 1)
-    unmeasured = replace(x, min=np.full(3, np.nan), max=np.full(3, np.nan), minmax_measured=False,
-                         zeros_exact=False, derived=True)
+    unmeasured = replace(
+        x, min=np.full(3, np.nan), max=np.full(3, np.nan), minmax_measured=False, zeros_exact=False, derived=True
+    )
     merged = merge_stats([x, unmeasured])
     assert not merged.minmax_measured and not merged.zeros_exact and merged.derived
     assert merge_stats([x, x]).minmax_measured and merge_stats([x, x]).zeros_exact

@@ -40,8 +40,9 @@ def test_a_terminal_gets_a_bar_only_for_probes_longer_than_the_delay():
     outputs = {}
     for delay in ("0", "60"):
         main_fd, child_fd = pty.openpty()
-        proc = subprocess.run([sys.executable, "-c", code, delay], stderr=child_fd, stdout=subprocess.DEVNULL,
-                              timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, delay], stderr=child_fd, stdout=subprocess.DEVNULL, timeout=60
+        )
         os.close(child_fd)
         chunks = []
         while True:

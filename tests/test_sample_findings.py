@@ -46,8 +46,7 @@ def test_probe_gives_exactly_the_intended_findings(name):
 @pytest.mark.parametrize("name", sorted(n for n in EXPECTED if EXPECTED[n]["data"]))
 def test_probe_with_data_gives_exactly_the_intended_findings(name):
     data = str(SAMPLES / EXPECTED[name]["data"])
-    report = engine.probe(str(SAMPLES / name), ProbeSettings(batch_sizes=(1, 2, 32), data_path=data,
-                                                             data_source=data))
+    report = engine.probe(str(SAMPLES / name), ProbeSettings(batch_sizes=(1, 2, 32), data_path=data, data_source=data))
     assert _found(report) == _expected(EXPECTED[name]["probe_with_data"])
 
 

@@ -36,8 +36,7 @@ def _load_script():
 gen = _load_script()
 SAMPLE_FILES = sorted(gen.SAMPLES)
 #: Samples whose defect is NaN/Inf at run time: they run, but their outputs are not finite.
-NONFINITE_AT_RUNTIME = {"epsilon_zero_zero_var.onnx", "nan_gamma.onnx", "negative_variance.onnx",
-                        "nan_midnetwork.onnx"}
+NONFINITE_AT_RUNTIME = {"epsilon_zero_zero_var.onnx", "nan_gamma.onnx", "negative_variance.onnx", "nan_midnetwork.onnx"}
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +139,13 @@ def test_stale_stats_bn1_bn2_hold_initial_values_in_every_channel_bn3_in_half() 
 
 
 def test_clean_and_defect_samples_have_non_default_statistics_elsewhere() -> None:
-    for filename in ("clean_bn_convnet.onnx", "train_mode_bn.onnx", "clean_resnet.onnx", "stale_drift.onnx",
-                     "trained_matching.onnx"):
+    for filename in (
+        "clean_bn_convnet.onnx",
+        "train_mode_bn.onnx",
+        "clean_resnet.onnx",
+        "stale_drift.onnx",
+        "trained_matching.onnx",
+    ):
         init = _initializers(filename)
         for key in [k for k in init if k.endswith(".running_var")]:
             mean, var = init[key.replace("running_var", "running_mean")], init[key]
@@ -153,8 +157,11 @@ def test_train_mode_nodes_avoid_the_onnxruntime_equal_initializer_bug() -> None:
     for filename in ("train_mode_bn.onnx", "collapse_1x1_train_mode.onnx"):
         model = onnx.load(SAMPLES_DIR / filename)
         init = _initializers(filename)
-        train = [n for n in model.graph.node if n.op_type == "BatchNormalization"
-                 and any(a.name == "training_mode" and a.i == 1 for a in n.attribute)]
+        train = [
+            n
+            for n in model.graph.node
+            if n.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i == 1 for a in n.attribute)
+        ]
         assert train
         for node in train:
             assert len(node.output) == 3
@@ -192,8 +199,9 @@ def _shape(name: str) -> list:
     return [d.dim_param or d.dim_value for d in dims]
 
 
-@pytest.mark.parametrize(("filename", "layer"), [("instancenorm_1x1.onnx", "in_gap"),
-                                                 ("layernorm_size1_axis.onnx", "ln_feature")])
+@pytest.mark.parametrize(
+    ("filename", "layer"), [("instancenorm_1x1.onnx", "in_gap"), ("layernorm_size1_axis.onnx", "ln_feature")]
+)
 def test_one_element_norm_outputs_its_bias_at_every_batch_size(filename: str, layer: str) -> None:
     model = _with_outputs(filename, [layer])
     bias = _initializers(filename)[f"{layer}.bias"]
@@ -228,8 +236,7 @@ def test_train_mode_bn_output_depends_on_batch_companions_per_spec() -> None:
     assert _sample_alone_and_in_batch(lambda x: ref.run(None, {"input": x})[0]) > 0.05
 
 
-@pytest.mark.parametrize("filename", ["clean_bn_convnet.onnx", "instancenorm_lowered_to_bn.onnx",
-                                      "clean_resnet.onnx"])
+@pytest.mark.parametrize("filename", ["clean_bn_convnet.onnx", "instancenorm_lowered_to_bn.onnx", "clean_resnet.onnx"])
 def test_clean_sample_output_does_not_depend_on_batch_companions(filename: str) -> None:
     session = _session(SAMPLES_DIR / filename)
     ref = ReferenceEvaluator(onnx.load(SAMPLES_DIR / filename))
@@ -250,10 +257,15 @@ def test_lowered_instancenorm_equals_a_per_sample_instance_norm() -> None:
         np.testing.assert_allclose(y, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize(("filename", "first_bad"), [("nan_midnetwork.onnx", "bn2"),
-                                                     ("nan_gamma.onnx", "bn2"),
-                                                     ("negative_variance.onnx", "bn2"),
-                                                     ("epsilon_zero_zero_var.onnx", "bn2")])
+@pytest.mark.parametrize(
+    ("filename", "first_bad"),
+    [
+        ("nan_midnetwork.onnx", "bn2"),
+        ("nan_gamma.onnx", "bn2"),
+        ("negative_variance.onnx", "bn2"),
+        ("epsilon_zero_zero_var.onnx", "bn2"),
+    ],
+)
 def test_first_nonfinite_normalization_layer_is_the_claimed_one(filename: str, first_bad: str) -> None:
     """bn1's input and output are finite; the first non-finite value is in bn2 (input for nan_midnetwork,
     output for the parameter defects); bn2's input is finite unless the NaN comes from upstream."""
@@ -290,8 +302,10 @@ def _drift(filename: str) -> dict[str, tuple[float, float]]:
         m, v = out.mean(axis=(0, 2, 3)), out.var(axis=(0, 2, 3))
         mu, var = init[f"{layer}.running_mean"], init[f"{layer}.running_var"]
         eps = _attribute(filename, layer, "epsilon")
-        result[layer] = (float(np.median(np.abs(m - mu) / np.sqrt(var + eps))),
-                         float(np.median(np.abs(np.log(v / var)))))
+        result[layer] = (
+            float(np.median(np.abs(m - mu) / np.sqrt(var + eps))),
+            float(np.median(np.abs(np.log(v / var)))),
+        )
     return result
 
 

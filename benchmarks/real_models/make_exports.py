@@ -29,13 +29,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def entry(source: str, model_id: str, path: Path, covers: str, inputs: list[dict], probe_args: list[str],
-          batch_sizes: list[int], expect: str | None = None) -> dict:
+def entry(
+    source: str,
+    model_id: str,
+    path: Path,
+    covers: str,
+    inputs: list[dict],
+    probe_args: list[str],
+    batch_sizes: list[int],
+    expect: str | None = None,
+) -> dict:
     """One exports.json row; ``inputs`` as in manifest.json (a dim "B" is the batch); ``expect``: the finding
     code a model broken by construction must get (run.py makes no twins of it)."""
-    row = {"id": model_id, "package": source, "version": source.split()[1], "path": str(path),
-           "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "covers": covers, "inputs": inputs,
-           "probe_args": probe_args, "batch_sizes": batch_sizes}
+    row = {
+        "id": model_id,
+        "package": source,
+        "version": source.split()[1],
+        "path": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "covers": covers,
+        "inputs": inputs,
+        "probe_args": probe_args,
+        "batch_sizes": batch_sizes,
+    }
     return {**row, "expect": expect} if expect else row
 
 

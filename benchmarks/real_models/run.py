@@ -84,7 +84,10 @@ def feeds(inputs, batch, seed=0):
     return out
 """
 
-PLAIN_ONNX = PEAK + FEEDS + r"""
+PLAIN_ONNX = (
+    PEAK
+    + FEEDS
+    + r"""
 import json, sys
 import onnxruntime as ort
 spec = json.loads(sys.argv[2])
@@ -93,8 +96,12 @@ for b in spec["batch_sizes"]:
     sess.run(None, feeds(spec["inputs"], b))
 print(json.dumps({"rss_mb": peak_mb()}))
 """
+)
 
-PLAIN_KERAS = PEAK + FEEDS + r"""
+PLAIN_KERAS = (
+    PEAK
+    + FEEDS
+    + r"""
 import json, os, sys
 os.environ.setdefault("KERAS_BACKEND", "numpy")
 import keras
@@ -105,6 +112,7 @@ for b in spec["batch_sizes"]:
     model(list(x.values()) if len(x) > 1 else next(iter(x.values())), training=False)
 print(json.dumps({"rss_mb": peak_mb(), "backend": keras.backend.backend()}))
 """
+)
 
 
 def interpreter_of(script: Path) -> str:
@@ -115,12 +123,18 @@ def interpreter_of(script: Path) -> str:
 
 def bncheck_revision(python: str) -> str:
     """bncheck's version and the git commit of its source tree (an editable install follows a moving branch)."""
-    where = subprocess.run([python, "-c", "import bncheck, os; print(os.path.dirname(bncheck.__file__))"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    commit = subprocess.run(["git", "-C", where or ".", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "-C", where or ".", "status", "--porcelain", "--", "."], capture_output=True,
-                           text=True, check=False).stdout.strip()
+    where = subprocess.run(
+        [python, "-c", "import bncheck, os; print(os.path.dirname(bncheck.__file__))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", where or ".", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", where or ".", "status", "--porcelain", "--", "."], capture_output=True, text=True, check=False
+    ).stdout.strip()
     return f"{commit or 'unknown commit'}{' (modified)' if dirty else ''} at {where}"
 
 
@@ -150,17 +164,41 @@ def collect_models(cache: Path, only: set[str] | None) -> list[dict]:
         if src.suffix == ".onnx" and twins.count_bn(src) > 0:
             dest = out / f"{parent['id']}__trainmode.onnx"
             twins.train_mode_twin(src, dest)
-            twin_rows.append({**base, "id": dest.stem, "path": str(dest), "origin": "twin-trainmode",
-                              "parent": parent["id"], "covers": "every BN in training mode (opset >= 14)"})
+            twin_rows.append(
+                {
+                    **base,
+                    "id": dest.stem,
+                    "path": str(dest),
+                    "origin": "twin-trainmode",
+                    "parent": parent["id"],
+                    "covers": "every BN in training mode (opset >= 14)",
+                }
+            )
             dest = out / f"{parent['id']}__stats01.onnx"
             twins.stats01_twin(src, dest)
-            twin_rows.append({**base, "id": dest.stem, "path": str(dest), "origin": "twin-stats01",
-                              "parent": parent["id"], "covers": "running mean 0, variance 1 on every BN"})
+            twin_rows.append(
+                {
+                    **base,
+                    "id": dest.stem,
+                    "path": str(dest),
+                    "origin": "twin-stats01",
+                    "parent": parent["id"],
+                    "covers": "running mean 0, variance 1 on every BN",
+                }
+            )
         elif src.suffix in (".h5", ".hdf5"):
             dest = out / f"{parent['id']}__stats01{src.suffix}"
             twins.keras_stats01_twin(src, dest)
-            twin_rows.append({**base, "id": dest.stem, "path": str(dest), "origin": "twin-stats01",
-                              "parent": parent["id"], "covers": "moving mean 0, variance 1 on every BN"})
+            twin_rows.append(
+                {
+                    **base,
+                    "id": dest.stem,
+                    "path": str(dest),
+                    "origin": "twin-stats01",
+                    "parent": parent["id"],
+                    "covers": "moving mean 0, variance 1 on every BN",
+                }
+            )
     models += twin_rows
     return [m for m in models if not only or m["id"] in only or m.get("parent") in only]
 
@@ -194,16 +232,25 @@ def run_bncheck(bncheck: Path, args: list[str], measure_rss: bool) -> dict:
             doc = json.loads(stdout)
         except json.JSONDecodeError:
             doc = None
-    return {"cmd": "bncheck " + " ".join(args), "exit": code, "wall": wall, "rss_mb": rss, "doc": doc,
-            "stderr": stderr.strip(), "stderr_line": _one_line(stderr), "traceback": "Traceback" in stderr}
+    return {
+        "cmd": "bncheck " + " ".join(args),
+        "exit": code,
+        "wall": wall,
+        "rss_mb": rss,
+        "doc": doc,
+        "stderr": stderr.strip(),
+        "stderr_line": _one_line(stderr),
+        "traceback": "Traceback" in stderr,
+    }
 
 
 def run_plain(python: str, model: dict) -> dict:
     code = PLAIN_KERAS if Path(model["path"]).suffix in (".h5", ".hdf5", ".keras") else PLAIN_ONNX
     spec = json.dumps({"inputs": model["inputs"], "batch_sizes": model["batch_sizes"]})
     t0 = time.perf_counter()
-    proc = subprocess.run([python, "-c", code, model["path"], spec], capture_output=True, text=True,
-                          timeout=TIMEOUT, check=False)
+    proc = subprocess.run(
+        [python, "-c", code, model["path"], spec], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"exit": proc.returncode, "wall": wall, "rss_mb": None, "error": _one_line(proc.stderr)}
@@ -231,17 +278,27 @@ def evaluate(model: dict, bncheck: Path, python: str, repeats: int) -> dict:
     probe = probes[-1]
     ok_plain = [p for p in plains if p["exit"] == 0]
     ok_probe = [p for p in probes if p["exit"] in (0, 1)]
-    result = {"id": model["id"], "origin": model["origin"], "parent": model.get("parent"),
-              "expect": model.get("expect"),
-              "package": model["package"], "version": model["version"], "path": model["path"],
-              "covers": model["covers"], "batch_sizes": model["batch_sizes"], "inspect": {k: v for k, v in inspect.items() if k != "doc"},
-              "probe": {k: v for k, v in probe.items() if k != "doc"},
-              "plain": plains[-1], "inspect_doc": inspect["doc"], "probe_doc": probe["doc"],
-              "layers": dict(layer_kinds(inspect["doc"] or probe["doc"])),
-              "inspect_findings": dict(findings_of(inspect["doc"])),
-              "probe_findings": dict(findings_of(probe["doc"])),
-              "probe_notes": (probe["doc"] or {}).get("notes", []),
-              "probe_batch_sizes": ((probe["doc"] or {}).get("settings") or {}).get("batch_sizes")}
+    result = {
+        "id": model["id"],
+        "origin": model["origin"],
+        "parent": model.get("parent"),
+        "expect": model.get("expect"),
+        "package": model["package"],
+        "version": model["version"],
+        "path": model["path"],
+        "covers": model["covers"],
+        "batch_sizes": model["batch_sizes"],
+        "inspect": {k: v for k, v in inspect.items() if k != "doc"},
+        "probe": {k: v for k, v in probe.items() if k != "doc"},
+        "plain": plains[-1],
+        "inspect_doc": inspect["doc"],
+        "probe_doc": probe["doc"],
+        "layers": dict(layer_kinds(inspect["doc"] or probe["doc"])),
+        "inspect_findings": dict(findings_of(inspect["doc"])),
+        "probe_findings": dict(findings_of(probe["doc"])),
+        "probe_notes": (probe["doc"] or {}).get("notes", []),
+        "probe_batch_sizes": ((probe["doc"] or {}).get("settings") or {}).get("batch_sizes"),
+    }
     if ok_plain and ok_probe:
         plain_wall = statistics.median(p["wall"] for p in ok_plain)
         probe_wall = statistics.median(p["wall"] for p in ok_probe)
@@ -271,14 +328,18 @@ def recall(results: list[dict]) -> list[str]:
         bn_probe = sum(len(layers_with(r["probe_doc"], code)) for r in rows)
         bn_inspect = sum(len(layers_with(r["inspect_doc"], code)) for r in rows)
         missed = ", ".join(r["id"] for r in rows if r not in hit_probe) or "none"
-        lines.append(f"- {code} on {origin} twins: probe {len(hit_probe)}/{len(rows)} models "
-                     f"({bn_probe}/{bn_total} BN layers), inspect {len(hit_inspect)}/{len(rows)} models "
-                     f"({bn_inspect}/{bn_total} BN layers); probe missed: {missed}")
+        lines.append(
+            f"- {code} on {origin} twins: probe {len(hit_probe)}/{len(rows)} models "
+            f"({bn_probe}/{bn_total} BN layers), inspect {len(hit_inspect)}/{len(rows)} models "
+            f"({bn_inspect}/{bn_total} BN layers); probe missed: {missed}"
+        )
     for r in results:
         if r.get("expect"):
             where = [step for step in ("inspect", "probe") if layers_with(r[f"{step}_doc"], r["expect"])]
-            lines.append(f"- {r['expect']} on `{r['id']}` (broken by construction): "
-                         + (f"found by {' and '.join(where)}" if where else "NOT found"))
+            lines.append(
+                f"- {r['expect']} on `{r['id']}` (broken by construction): "
+                + (f"found by {' and '.join(where)}" if where else "NOT found")
+            )
     return lines
 
 
@@ -323,9 +384,11 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> str:
-    head = ("| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | probe ran "
-            "(plain ran) | probe s / plain s | time ratio | peak RSS MB probe / plain | memory ratio |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    head = (
+        "| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | probe ran "
+        "(plain ran) | probe s / plain s | time ratio | peak RSS MB probe / plain | memory ratio |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    )
     rows = []
     for r in results:
         kinds = " ".join(f"{k} {v}" for k, v in sorted(r["layers"].items())) or "0"
@@ -343,21 +406,30 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
         source = r["package"] + ("" if r["origin"] == "export" else f" {r['version']}")
         if r["origin"].startswith("twin"):
             source = f"twin of {r['parent']}"
-        rows.append(f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {_probe_ran(r)} | {secs} | "
-                    f"{_fmt_ratio(r.get('time_ratio'))} | {rss} | {_fmt_ratio(r.get('rss_ratio'))} |")
+        rows.append(
+            f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {_probe_ran(r)} | {secs} | "
+            f"{_fmt_ratio(r.get('time_ratio'))} | {rss} | {_fmt_ratio(r.get('rss_ratio'))} |"
+        )
     ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode" and not r.get("expect")]
     summary = []
     if ratios:
         t = sorted(r["time_ratio"] for r in ratios)
         m = sorted(r["rss_ratio"] for r in ratios if r.get("rss_ratio"))
-        summary.append(f"Time ratio over the {len(t)} models in inference mode (train-mode models excluded): median "
-                       f"{statistics.median(t):.2f}x, max {t[-1]:.2f}x; memory ratio median "
-                       f"{statistics.median(m):.2f}x, max {m[-1]:.2f}x.")
-        train = sorted(r["time_ratio"] for r in results if r.get("time_ratio") and
-                       (r["origin"] == "twin-trainmode" or r.get("expect")))
+        summary.append(
+            f"Time ratio over the {len(t)} models in inference mode (train-mode models excluded): median "
+            f"{statistics.median(t):.2f}x, max {t[-1]:.2f}x; memory ratio median "
+            f"{statistics.median(m):.2f}x, max {m[-1]:.2f}x."
+        )
+        train = sorted(
+            r["time_ratio"]
+            for r in results
+            if r.get("time_ratio") and (r["origin"] == "twin-trainmode" or r.get("expect"))
+        )
         if train:
-            summary.append(f"Train-mode models ({len(train)}): time ratio median {statistics.median(train):.2f}x, "
-                           f"max {train[-1]:.2f}x.")
+            summary.append(
+                f"Train-mode models ({len(train)}): time ratio median {statistics.median(train):.2f}x, "
+                f"max {train[-1]:.2f}x."
+            )
     fails = []
     for r in results:
         for step in ("inspect", "probe"):
@@ -367,8 +439,11 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
         if r["plain"]["exit"] != 0:
             error = r["plain"].get("error", "")[:300]
             fails.append(f"- `{r['id']}` plain inference exit {r['plain']['exit']}: `{error}`")
-    notes = [f"- `{r['id']}`: {_fmt_notes(all_notes(r['probe_doc']))}" for r in results
-             if all_notes(r["probe_doc"]) and not r["origin"].startswith("twin")]
+    notes = [
+        f"- `{r['id']}`: {_fmt_notes(all_notes(r['probe_doc']))}"
+        for r in results
+        if all_notes(r["probe_doc"]) and not r["origin"].startswith("twin")
+    ]
     on_trained = []
     for r in results:
         if r["origin"].startswith("twin") or r.get("expect"):
@@ -379,15 +454,36 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
                 groups.setdefault((f["code"], f["severity"]), []).append(f)
             for (code, severity), found in sorted(groups.items()):
                 first = found[0]
-                on_trained.append(f"- `{r['id']}` {step}: {code} {severity} x{len(found)}, first on "
-                                  f"`{first['layer']}`: {first['message'][:260]}")
-    text = [(f"Run {stamp}, bncheck {revision}, {repeats} interleaved plain/probe pair(s) per model (medians), "
-             "`bncheck probe` with default batch sizes 1,2,32 unless the manifest says otherwise."),
-            "", head + "\n".join(rows), "", *summary, "", "Recall on broken twins:", "", *recall(results), "",
-            ("Findings on trained models (shipped and clean exports; each a false positive until numbers show a "
-            "defect):"), "", *(on_trained or ["- none"]), "",
-            "Failures (exit 2, crashes, plain inference failures):", "", *(fails or ["- none"]), "",
-            "Probe notes (twins left out: theirs repeat their model's):", "", *(notes or ["- none"])]
+                on_trained.append(
+                    f"- `{r['id']}` {step}: {code} {severity} x{len(found)}, first on "
+                    f"`{first['layer']}`: {first['message'][:260]}"
+                )
+    text = [
+        (
+            f"Run {stamp}, bncheck {revision}, {repeats} interleaved plain/probe pair(s) per model (medians), "
+            "`bncheck probe` with default batch sizes 1,2,32 unless the manifest says otherwise."
+        ),
+        "",
+        head + "\n".join(rows),
+        "",
+        *summary,
+        "",
+        "Recall on broken twins:",
+        "",
+        *recall(results),
+        "",
+        ("Findings on trained models (shipped and clean exports; each a false positive until numbers show a defect):"),
+        "",
+        *(on_trained or ["- none"]),
+        "",
+        "Failures (exit 2, crashes, plain inference failures):",
+        "",
+        *(fails or ["- none"]),
+        "",
+        "Probe notes (twins left out: theirs repeat their model's):",
+        "",
+        *(notes or ["- none"]),
+    ]
     return "\n".join(text)
 
 
@@ -404,16 +500,25 @@ def write_readme(block: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--bncheck", type=Path, default=Path(sys.executable).parent / "bncheck",
-                        help="the bncheck console script (default: beside this Python)")
+    parser.add_argument(
+        "--bncheck",
+        type=Path,
+        default=Path(sys.executable).parent / "bncheck",
+        help="the bncheck console script (default: beside this Python)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="plain/probe pairs per shipped or exported model")
     parser.add_argument("--twin-repeats", type=int, default=1, help="plain/probe pairs per broken twin")
     parser.add_argument("--only", help="comma-separated model ids (a shipped model's id includes its twins)")
     parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--revision", help="what to call the bncheck under test in the table (default: the git "
-                        "commit of its source tree)")
-    parser.add_argument("--render-only", action="store_true",
-                        help="rewrite the README table from .cache/results.json without running anything")
+    parser.add_argument(
+        "--revision",
+        help="what to call the bncheck under test in the table (default: the git commit of its source tree)",
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the README table from .cache/results.json without running anything",
+    )
     args = parser.parse_args()
     if args.render_only:
         saved = json.loads((args.cache / "results.json").read_text())
@@ -434,17 +539,23 @@ def main() -> None:
         repeats = args.twin_repeats if model["origin"].startswith("twin") else args.repeats
         result = evaluate(model, args.bncheck, python, repeats)
         results.append(result)
-        print(f"{model['id']:34} inspect {result['inspect']['exit']} {_fmt_findings(result['inspect_findings'])} | "
-              f"probe {result['probe']['exit']} {_fmt_findings(result['probe_findings'])} | "
-              f"time {_fmt_ratio(result.get('time_ratio'))} rss {_fmt_ratio(result.get('rss_ratio'))} "
-              f"{result['probe']['stderr_line'][:150] if result['probe']['exit'] == 2 else ''}", file=sys.stderr)
+        print(
+            f"{model['id']:34} inspect {result['inspect']['exit']} {_fmt_findings(result['inspect_findings'])} | "
+            f"probe {result['probe']['exit']} {_fmt_findings(result['probe_findings'])} | "
+            f"time {_fmt_ratio(result.get('time_ratio'))} rss {_fmt_ratio(result.get('rss_ratio'))} "
+            f"{result['probe']['stderr_line'][:150] if result['probe']['exit'] == 2 else ''}",
+            file=sys.stderr,
+        )
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     after = args.revision or bncheck_revision(python)
     if after != revision:
         revision = f"{revision} (changed to {after} during the run: rerun for consistent rows)"
     repeats = f"{args.repeats} ({args.twin_repeats} for twins)"
-    (args.cache / "results.json").write_text(json.dumps({"results": results, "repeats": repeats, "stamp": stamp,
-                                                         "revision": revision}, indent=1, default=str))
+    (args.cache / "results.json").write_text(
+        json.dumps(
+            {"results": results, "repeats": repeats, "stamp": stamp, "revision": revision}, indent=1, default=str
+        )
+    )
     block = markdown(results, repeats, stamp, revision)
     if not args.no_readme and not only:
         write_readme(block)

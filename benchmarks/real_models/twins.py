@@ -98,8 +98,9 @@ def keras_stats01_twin(src: Path, dest: Path) -> int:
     changed = 0
     with h5py.File(dest, "r+") as fh:
         datasets: list[h5py.Dataset] = []
-        fh["model_weights"].visititems(lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset)
-                                       else None)
+        fh["model_weights"].visititems(
+            lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None
+        )
         for ds in datasets:
             leaf = ds.name.rsplit("/", 1)[-1]
             if leaf.startswith("moving_mean"):

@@ -21,8 +21,13 @@ def is_keras(layer: NormLayer) -> bool:
 
 def comparison_evidence(c: OutputComparison) -> dict[str, object]:
     """One output comparison as evidence numbers."""
-    return {"shift_sd": c.shift, "max_shift_sd": c.max_shift, "top1_agreement": c.agreement, "samples": c.samples,
-            "output_sd": c.scale}
+    return {
+        "shift_sd": c.shift,
+        "max_shift_sd": c.max_shift,
+        "top1_agreement": c.agreement,
+        "samples": c.samples,
+        "output_sd": c.scale,
+    }
 
 
 def _pct(value: float) -> str:
@@ -35,8 +40,10 @@ def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> di
     if not per_output:
         return None
     outputs = {name: {str(b): comparison_evidence(c) for b, c in per.items()} for name, per in per_output.items()}
-    worst = max(((c.shift, name, b) for name, per in per_output.items() for b, c in per.items()
-                 if c.shift == c.shift), default=None)
+    worst = max(
+        ((c.shift, name, b) for name, per in per_output.items() for b, c in per.items() if c.shift == c.shift),
+        default=None,
+    )
     if worst is None:
         return {"reference": "alone", "outputs": outputs, "summary": "model outputs not comparable"}
     _, name, size = worst
@@ -61,5 +68,10 @@ def recalibration_effect(recal: Recalibration) -> dict[str, object]:
         line = f"{worst[1]} move {c.shift:.3g} sd with statistics recomputed from the data"
         if c.agreement is not None:
             line += f"; top-1 agrees on {_pct(c.agreement)} of {c.samples} samples"
-    return {"reference": "statistics recomputed from the data", "recomputed_layers": list(recal.layers),
-            "samples": recal.samples, "outputs": outputs, "summary": line}
+    return {
+        "reference": "statistics recomputed from the data",
+        "recomputed_layers": list(recal.layers),
+        "samples": recal.samples,
+        "outputs": outputs,
+        "summary": line,
+    }

@@ -88,7 +88,9 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
 def _used_by(layer: NormLayer) -> str:
     if layer.uses_running_stats or not layer.running_stats_used_by:
         return ""
-    return f" (used by {' and '.join(layer.running_stats_used_by)}, although the layer's own call uses batch statistics)"
+    return (
+        f" (used by {' and '.join(layer.running_stats_used_by)}, although the layer's own call uses batch statistics)"
+    )
 
 
 def _defaults_finding(layer: NormLayer) -> Finding:
@@ -124,9 +126,11 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     shift, log_ratio = drift(layer, seen.mean, seen.var)
     if not drifts(shift, log_ratio):
         return None
-    message = (f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
-               f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
-               f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}){_used_by(layer)}")
+    message = (
+        f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
+        f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
+        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}){_used_by(layer)}"
+    )
     evidence: dict[str, object] = {
         "kind": "drift",
         "median_mean_shift": shift,
@@ -148,5 +152,4 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
             message += "; this changes the model's predictions (see the output effect)"
         else:
             message += "; the model's outputs barely change"
-    return Finding(CODE, SLUG, severity, layer.name, message, HINT_KERAS if is_keras(layer) else HINT_DRIFT,
-                   evidence)
+    return Finding(CODE, SLUG, severity, layer.name, message, HINT_KERAS if is_keras(layer) else HINT_DRIFT, evidence)

@@ -51,6 +51,7 @@ CODE = "BN004"
 SLUG = "epsilon"
 SEVERITY = Severity.WARNING
 
+
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     for layer in view.layers:
         if layer.epsilon is None:
@@ -63,7 +64,11 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         live = live_channels(layer) if var is not None else None
         if layer.kind is Kind.BATCH and below_clamp(eps):
             effect = clamp_effect(eps, var, live)
-            change = f"; on this layer's variances the clamp changes outputs by up to {effect:.3g} (relative)" if effect is not None else ""
+            change = (
+                f"; on this layer's variances the clamp changes outputs by up to {effect:.3g} (relative)"
+                if effect is not None
+                else ""
+            )
             yield Finding(
                 CODE,
                 SLUG,

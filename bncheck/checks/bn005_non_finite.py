@@ -96,8 +96,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 SLUG,
                 SEVERITY,
                 layer.name,
-                f"NaN/Inf first appear at the {where} of {describe(layer)} at batch size "
-                f"{', '.join(map(str, sizes))}",
+                f"NaN/Inf first appear at the {where} of {describe(layer)} at batch size {', '.join(map(str, sizes))}",
                 HINT_OBSERVED,
                 {"kind": "observed", "where": where, "batch_sizes": sizes},
             )

@@ -28,8 +28,11 @@ def render(report: Report) -> str:
         lines.append(
             workflow_command(
                 COMMANDS[finding.severity],
-                [f"{finding.layer}: {finding.message}", *([f"effect: {finding.effect}"] if finding.effect else []),
-                 f"fix: {finding.hint}"],
+                [
+                    f"{finding.layer}: {finding.message}",
+                    *([f"effect: {finding.effect}"] if finding.effect else []),
+                    f"fix: {finding.hint}",
+                ],
                 file=path,
                 title=f"{finding.code} {finding.check}",
             )

@@ -51,9 +51,11 @@ def render_many(results: Sequence[Any], command: str, summary: str) -> str:
         if isinstance(result, Report):
             parts.append(f"<section>{_body(result)}</section>")
         else:
-            parts.append(f"<section><h1>bncheck {_e(command)}: <code>{_e(result.path)}</code></h1>"
-                         f"<div class=\"finding\" style=\"border-color:{_COLORS['error']}\">could not be checked "
-                         f"({_e(result.kind)}): {_e(result.message)}</div></section>")
+            parts.append(
+                f"<section><h1>bncheck {_e(command)}: <code>{_e(result.path)}</code></h1>"
+                f'<div class="finding" style="border-color:{_COLORS["error"]}">could not be checked '
+                f"({_e(result.kind)}): {_e(result.message)}</div></section>"
+            )
     return _page(f"bncheck {command}: {len(results)} models", "\n".join(parts))
 
 
@@ -61,15 +63,17 @@ def render_error(message: str, kind: str, *, command: str | None = None, model_p
     """A page saying the run could not finish (exit 2): a report file never shows an older run's success."""
     what = f"bncheck {command}" if command else "bncheck"
     where = f": <code>{_e(model_path)}</code>" if model_path else ""
-    body = (f"<h1>{_e(what)}{where}</h1><div class=\"finding\" style=\"border-color:{_COLORS['error']}\">"
-            f"could not run ({_e(kind)}): {_e(message)}</div><p>exit 2</p>")
+    body = (
+        f'<h1>{_e(what)}{where}</h1><div class="finding" style="border-color:{_COLORS["error"]}">'
+        f"could not run ({_e(kind)}): {_e(message)}</div><p>exit 2</p>"
+    )
     return _page(f"{what}: error", body)
 
 
 def _page(title: str, body: str) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n"
     )
 
@@ -81,7 +85,9 @@ def _body(report: Report) -> str:
     if report.fix is not None:
         parts.append(_fix_section(report))
     if report.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n.level)}: {_e(n.message)}</li>" for n in report.notes) + "</ul>")
+        parts.append(
+            "<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n.level)}: {_e(n.message)}</li>" for n in report.notes) + "</ul>"
+        )
     return "\n".join(parts)
 
 
@@ -110,13 +116,15 @@ def _findings(findings: Sequence[Finding]) -> str:
     items = []
     for f in findings:
         color = _COLORS.get(f.severity.label, "#999")
-        evidence = ", ".join(f"{_e(k)}={_e(_short(v))}" for k, v in f.evidence.items() if not isinstance(v, (dict, list)))
+        evidence = ", ".join(
+            f"{_e(k)}={_e(_short(v))}" for k, v in f.evidence.items() if not isinstance(v, (dict, list))
+        )
         items.append(
-            f"<div class=\"finding\" style=\"border-color:{color}\"><span class=\"sev\" style=\"color:{color}\">"
+            f'<div class="finding" style="border-color:{color}"><span class="sev" style="color:{color}">'
             f"{_e(f.severity.label)}</span> <b>{_e(f.code)} {_e(f.check)}</b> <code>{_e(f.layer)}</code>"
-            f"<div>{_e(f.message)}</div><div class=\"muted\">fix: {_e(f.hint)}</div>"
+            f'<div>{_e(f.message)}</div><div class="muted">fix: {_e(f.hint)}</div>'
             + (f"<div><b>effect on the outputs:</b> {_e(f.effect)}</div>" if f.effect else "")
-            + (f"<div class=\"muted\">evidence: {evidence}</div>" if evidence else "")
+            + (f'<div class="muted">evidence: {evidence}</div>' if evidence else "")
             + "</div>"
         )
     return "<h2>Findings</h2>" + "".join(items)
@@ -130,21 +138,21 @@ def _short(value: Any) -> str:
 
 def _layers(report: Report) -> str:
     batch_sizes = sorted({b for p in report.probes for b in p.batch_sizes})
-    head = "<tr><th>layer</th><th>kind</th><th>ch</th><th>eps</th><th>mode</th>" + "".join(
-        f"<th>batch {b}</th>" for b in batch_sizes
-    ) + "<th>status</th></tr>"
+    head = (
+        "<tr><th>layer</th><th>kind</th><th>ch</th><th>eps</th><th>mode</th>"
+        + "".join(f"<th>batch {b}</th>" for b in batch_sizes)
+        + "<th>status</th></tr>"
+    )
     rows = []
     for layer in report.layers:
         status = layer_status(report, layer)
-        cells = "".join(
-            f"<td>{_e(_cell(report.probes, layer, b))}</td>" for b in batch_sizes
-        )
+        cells = "".join(f"<td>{_e(_cell(report.probes, layer, b))}</td>" for b in batch_sizes)
         rows.append(
             f"<tr><td><code>{_e(layer.name)}</code></td><td>{_e(layer.kind.value)}</td>"
-            f"<td class=\"num\">{_e(layer.channels if layer.channels is not None else '?')}</td>"
-            f"<td class=\"num\">{_e(_short(layer.epsilon) if layer.epsilon is not None else '?')}</td>"
+            f'<td class="num">{_e(layer.channels if layer.channels is not None else "?")}</td>'
+            f'<td class="num">{_e(_short(layer.epsilon) if layer.epsilon is not None else "?")}</td>'
             f"<td>{'batch statistics' if layer.batch_statistics else 'running statistics' if layer.uses_running_stats else 'per sample'}</td>"
-            f"{cells}<td style=\"color:{_COLORS.get(status, '#212121')}\">{_e(status)}</td></tr>"
+            f'{cells}<td style="color:{_COLORS.get(status, "#212121")}">{_e(status)}</td></tr>'
         )
     return f"<h2>Layers</h2><table>{head}{''.join(rows)}</table>"
 
@@ -177,8 +185,8 @@ def _svg(fig: Figure, figure_id: str, caption: str) -> str:
     fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
     _pyplot().close(fig)
     svg = buffer.getvalue()
-    svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG is inline
-    return f"<div class=\"figure\" id=\"{_e(figure_id)}\">{svg}<div class=\"muted\">{_e(caption)}</div></div>"
+    svg = svg[svg.index("<svg") :]  # drop the XML prolog and DOCTYPE: the SVG is inline
+    return f'<div class="figure" id="{_e(figure_id)}">{svg}<div class="muted">{_e(caption)}</div></div>'
 
 
 def _probe_pictures(report: Report) -> str:
@@ -189,9 +197,11 @@ def _probe_pictures(report: Report) -> str:
             parts.append(_dependence_plot(report.layers, probe, style))
         parts.append(_set_size_plot(report.layers, probe, style))
         if probe.data:
-            parts.append(f"<h3>Stored vs observed statistics{_e(style)} ({_e(probe.data_source)}, {probe.data_samples} samples)</h3>")
+            parts.append(
+                f"<h3>Stored vs observed statistics{_e(style)} ({_e(probe.data_source)}, {probe.data_samples} samples)</h3>"
+            )
             figures = [_stats_scatter(layer, probe) for layer in report.layers]
-            parts.append("<div class=\"grid\">" + "".join(f for f in figures if f) + "</div>")
+            parts.append('<div class="grid">' + "".join(f for f in figures if f) + "</div>")
     return "".join(parts)
 
 
@@ -212,8 +222,12 @@ def _dependence_plot(layers: Sequence[NormLayer], probe: ProbeResult, style: str
     ax.set_ylabel("output change (sd)")
     ax.set_xticks(range(len(names)), [_tick(n) for n in names], rotation=60, ha="right")
     ax.set_title(f"Batch dependence per layer{style}: red = culprit, purple = affected, grey = independent")
-    return _svg(fig, f"dependence{style.strip(' ()')}", "How far each layer's per-sample output moves (in its "
-                "standard deviations) when the sample's batch companions change; the dashed line is the tolerance.")
+    return _svg(
+        fig,
+        f"dependence{style.strip(' ()')}",
+        "How far each layer's per-sample output moves (in its "
+        "standard deviations) when the sample's batch companions change; the dashed line is the tolerance.",
+    )
 
 
 def _set_size_plot(layers: Sequence[NormLayer], probe: ProbeResult, style: str) -> str:
@@ -231,14 +245,20 @@ def _set_size_plot(layers: Sequence[NormLayer], probe: ProbeResult, style: str) 
                 collapsed.append((i, size))
         ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=f"batch {batch}")
         if collapsed:
-            ax.scatter([c[0] for c in collapsed], [c[1] for c in collapsed], marker="x", s=60, color=_COLORS["error"], zorder=3)
+            ax.scatter(
+                [c[0] for c in collapsed], [c[1] for c in collapsed], marker="x", s=60, color=_COLORS["error"], zorder=3
+            )
     ax.set_yscale("log")
     ax.set_ylabel("normalized set size n")
     ax.set_xticks(range(len(layers)), [_tick(layer.name) for layer in layers], rotation=60, ha="right")
     ax.legend(fontsize=8)
     ax.set_title(f"Normalized-set size per layer and batch size{style}: x = one element or constant output")
-    return _svg(fig, f"set-size{style.strip(' ()')}", "n is the number of values each statistic is computed over; "
-                "a set of one element makes the output its bias (collapse).")
+    return _svg(
+        fig,
+        f"set-size{style.strip(' ()')}",
+        "n is the number of values each statistic is computed over; "
+        "a set of one element makes the output its bias (collapse).",
+    )
 
 
 def _stats_scatter(layer: NormLayer, probe: ProbeResult) -> str | None:
@@ -263,8 +283,11 @@ def _stats_scatter(layer: NormLayer, probe: ProbeResult) -> str | None:
         ax.set_xlabel(f"stored {label}")
         ax.set_ylabel(f"observed {label}")
     fig.suptitle(_tick(layer.name, 60))
-    return _svg(fig, f"stats-{layer.name}", f"{layer.name}: per-channel running statistics against the data's; "
-                "points on the dashed line agree.")
+    return _svg(
+        fig,
+        f"stats-{layer.name}",
+        f"{layer.name}: per-channel running statistics against the data's; points on the dashed line agree.",
+    )
 
 
 def _tick(name: str, width: int = 28) -> str:
@@ -283,8 +306,8 @@ def _fix_section(report: Report) -> str:
         new = entry.new.mean.get("median") if entry.new and entry.new.mean else None
         rows.append(
             f"<tr><td><code>{_e(entry.layer)}</code></td><td>{_e(entry.action)}</td><td>{_e(entry.source or '')}</td>"
-            f"<td class=\"num\">{_e(_short(old) if old is not None else '-')}</td>"
-            f"<td class=\"num\">{_e(_short(new) if new is not None else '-')}</td><td>{_e(entry.reason)}</td></tr>"
+            f'<td class="num">{_e(_short(old) if old is not None else "-")}</td>'
+            f'<td class="num">{_e(_short(new) if new is not None else "-")}</td><td>{_e(entry.reason)}</td></tr>'
         )
     before = report.counts()
     after = fix.after.counts() if fix.after is not None else None
@@ -296,6 +319,11 @@ def _fix_section(report: Report) -> str:
     return (
         f"<h2>Fix: {_e(fix.summary(report.fail_on))}</h2>{compare}<table><tr><th>layer</th><th>action</th>"
         "<th>statistics from</th><th>old mean (median)</th><th>new mean (median)</th><th>why</th></tr>"
-        + "".join(rows) + "</table>"
-        + (_findings(fix.after.findings).replace("<h2>Findings</h2>", "<h3>Findings of the written model</h3>") if fix.after else "")
+        + "".join(rows)
+        + "</table>"
+        + (
+            _findings(fix.after.findings).replace("<h2>Findings</h2>", "<h3>Findings of the written model</h3>")
+            if fix.after
+            else ""
+        )
     )

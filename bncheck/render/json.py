@@ -113,7 +113,9 @@ def _layer_fix(entry: LayerFix) -> dict[str, Any]:
         "source": entry.source,
         "old": jsonable(asdict(entry.old)) if entry.old is not None else None,
         "new": jsonable(asdict(entry.new)) if entry.new is not None else None,
-        "uncertainty": None if spread is None else {
+        "uncertainty": None
+        if spread is None
+        else {
             "samples": spread.samples,
             "values_per_channel": spread.values_per_channel,
             "mean_se_sd": number(spread.mean_se_sd),
@@ -212,22 +214,36 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
             entry["data_input"] = _stats(probe.data[layer.name])
         out["layers"][layer.name] = entry
     # the model's outputs, each sample alone against the same sample in a batch of each size
-    out["outputs"] = {name: {str(b): _comparison(c) for b, c in per.items()}
-                      for name, per in probe.output_dependence.items()}
+    out["outputs"] = {
+        name: {str(b): _comparison(c) for b, c in per.items()} for name, per in probe.output_dependence.items()
+    }
     if probe.located is not None:
         found = probe.located
-        out["located"] = {"node": found.node, "op_type": found.op_type, "tensor": found.tensor,
-                          "axes": list(found.axes) if found.axes is not None else None,
-                          "change": number(found.change), "runs": found.runs}
+        out["located"] = {
+            "node": found.node,
+            "op_type": found.op_type,
+            "tensor": found.tensor,
+            "axes": list(found.axes) if found.axes is not None else None,
+            "change": number(found.change),
+            "runs": found.runs,
+        }
     if probe.recalibration is not None:
-        out["recalibration"] = {"layers": list(probe.recalibration.layers), "samples": probe.recalibration.samples,
-                                "outputs": {n: _comparison(c) for n, c in probe.recalibration.outputs.items()}}
+        out["recalibration"] = {
+            "layers": list(probe.recalibration.layers),
+            "samples": probe.recalibration.samples,
+            "outputs": {n: _comparison(c) for n, c in probe.recalibration.outputs.items()},
+        }
     return out
 
 
 def _comparison(c: OutputComparison) -> dict[str, Any]:
-    return {"shift_sd": number(c.shift), "max_shift_sd": number(c.max_shift), "samples": c.samples,
-            "output_sd": number(c.scale), "top1_agreement": number(c.agreement)}
+    return {
+        "shift_sd": number(c.shift),
+        "max_shift_sd": number(c.max_shift),
+        "samples": c.samples,
+        "output_sd": number(c.scale),
+        "top1_agreement": number(c.agreement),
+    }
 
 
 def _stats(stats: TensorStats | None) -> dict[str, Any] | None:

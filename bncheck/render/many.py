@@ -46,8 +46,12 @@ def _table(results: Sequence[Result], command: str, color: bool) -> str:
     sections = []
     for result in results:
         if isinstance(result, Failure):
-            sections.append(literal(f"bncheck {command}: {result.path}") + "\n"
-                            + literal(f"error ({result.kind}): {result.message}") + "\n")
+            sections.append(
+                literal(f"bncheck {command}: {result.path}")
+                + "\n"
+                + literal(f"error ({result.kind}): {result.message}")
+                + "\n"
+            )
         else:
             sections.append(table.render(result, color=color))
     return "\n".join(sections) + "\n" + summary_line(results) + "\n"
@@ -88,12 +92,14 @@ def _sarif(results: Sequence[Result], command: str, color: bool) -> str:
     failures: list[dict[str, Any]] = []
     for result in results:
         if isinstance(result, Failure):
-            failures.append({
-                "level": "error",
-                "message": {"text": result.message},
-                "locations": [{"physicalLocation": {"artifactLocation": {"uri": sarif.artifact_uri(result.path)}}}],
-                "properties": {"kind": result.kind},
-            })
+            failures.append(
+                {
+                    "level": "error",
+                    "message": {"text": result.message},
+                    "locations": [{"physicalLocation": {"artifactLocation": {"uri": sarif.artifact_uri(result.path)}}}],
+                    "properties": {"kind": result.kind},
+                }
+            )
             continue
         run = sarif.to_log(result)["runs"][0]
         if merged is None:
@@ -107,7 +113,9 @@ def _sarif(results: Sequence[Result], command: str, color: bool) -> str:
                 if "index" in artifact:
                     artifact["index"] += offset
         merged["results"].extend(run["results"])
-        merged["invocations"][0]["toolExecutionNotifications"].extend(run["invocations"][0]["toolExecutionNotifications"])
+        merged["invocations"][0]["toolExecutionNotifications"].extend(
+            run["invocations"][0]["toolExecutionNotifications"]
+        )
     if merged is None:  # every model failed: the error log of the first, with the others' notifications
         first = results[0]
         assert isinstance(first, Failure)
@@ -118,8 +126,10 @@ def _sarif(results: Sequence[Result], command: str, color: bool) -> str:
     invocation["toolExecutionNotifications"].extend(failures)
     invocation["exitCode"] = worst_exit(results)
     invocation["executionSuccessful"] = not any(isinstance(r, Failure) for r in results)
-    return json.dumps({"$schema": sarif.SCHEMA_URI, "version": "2.1.0", "runs": [merged]}, indent=2,
-                      allow_nan=False) + "\n"
+    return (
+        json.dumps({"$schema": sarif.SCHEMA_URI, "version": "2.1.0", "runs": [merged]}, indent=2, allow_nan=False)
+        + "\n"
+    )
 
 
 def _github(results: Sequence[Result], command: str, color: bool) -> str:

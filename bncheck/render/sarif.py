@@ -141,7 +141,9 @@ def _result(finding: Finding, uri: str, rule_index: dict[str, int], nodes: list[
     result: dict[str, Any] = {
         "ruleId": finding.code,
         "level": LEVELS[finding.severity],
-        "message": {"text": f"{finding.layer}: {finding.message}" + (f" (effect: {finding.effect})" if finding.effect else "")},
+        "message": {
+            "text": f"{finding.layer}: {finding.message}" + (f" (effect: {finding.effect})" if finding.effect else "")
+        },
         "locations": [
             {
                 "physicalLocation": {"artifactLocation": {"uri": uri, "index": 0}, "region": dict(WHOLE_FILE)},

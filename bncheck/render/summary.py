@@ -16,8 +16,10 @@ def summary_line(report: Report) -> str:
         if fix.after is None:
             return f"{before}; nothing written: the model as it is {verdict} --fail-on {report.fail_on} (exit {report.exit_code})"
         why = " (--exit-non-zero-on-fix: the model was changed)" if fix.exit_non_zero_on_fix and fix.changed else ""
-        return (f"{before}; after: {_counts(fix.after)}; {verdict} --fail-on {report.fail_on} "
-                f"(exit {report.exit_code}){why}")
+        return (
+            f"{before}; after: {_counts(fix.after)}; {verdict} --fail-on {report.fail_on} "
+            f"(exit {report.exit_code}){why}"
+        )
     unknown = unknown_layers(report)
     return (
         f"{plural(len(report.layers), 'normalization layer')}"

@@ -26,8 +26,15 @@ from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
 from bncheck.report import Report, layer_status, probe_cell, set_sizes
 
-_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green", "affected": "magenta", "unknown": "yellow",
-          "not measured": "yellow"}
+_STYLE = {
+    "error": "bold red",
+    "warning": "yellow",
+    "info": "cyan",
+    "ok": "green",
+    "affected": "magenta",
+    "unknown": "yellow",
+    "not measured": "yellow",
+}
 
 #: Two spaces between columns (rich: one padding cell plus the blank divider of the SIMPLE_HEAD box).
 _GAP = 2

@@ -60,14 +60,16 @@ def test_epsilon_a_tenth_of_the_variance_damps_by_five_percent_and_is_not_report
 def test_trained_like_model_with_dead_channels_gets_no_epsilon_finding(tmp_path, inspect_findings):
     # as in trained models shipped in public packages: a channel whose variance decayed to a float32
     # denormal, and one whose filter was switched off (gamma ~ 0) with a variance below epsilon
-    path = bn_model(tmp_path / "m.onnx", channels=4, epsilon=1e-5, var=[1e-44, 4e-6, 0.7, 1.3],
-                    scale=[1.0, 1e-9, 0.9, 1.1])
+    path = bn_model(
+        tmp_path / "m.onnx", channels=4, epsilon=1e-5, var=[1e-44, 4e-6, 0.7, 1.3], scale=[1.0, 1e-9, 0.9, 1.1]
+    )
     assert inspect_findings(path, "BN004") == []
 
 
 def test_a_live_channel_next_to_dead_ones_is_still_reported_and_the_dead_ones_counted(tmp_path, inspect_findings):
-    path = bn_model(tmp_path / "m.onnx", channels=4, epsilon=1e-3, var=[1e-44, 5e-4, 0.7, 1.3],
-                    scale=[1.0, 1.0, 0.9, 1.1])
+    path = bn_model(
+        tmp_path / "m.onnx", channels=4, epsilon=1e-3, var=[1e-44, 5e-4, 0.7, 1.3], scale=[1.0, 1.0, 0.9, 1.1]
+    )
     [finding] = inspect_findings(path, "BN004")
     assert finding.severity.label == "info"
     assert (finding.evidence["channels"], finding.evidence["dead_channels"]) == (1, 1)

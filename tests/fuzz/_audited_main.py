@@ -46,8 +46,15 @@ def install(log_path: str, model_dir: str, allowed: list[str]) -> Callable[[], N
     return flush
 
 
-def run_forked(args: list[str], log_path: str, model_dir: str, allowed: list[str], out_path: str, err_path: str,
-               env: dict[str, str]) -> None:
+def run_forked(
+    args: list[str],
+    log_path: str,
+    model_dir: str,
+    allowed: list[str],
+    out_path: str,
+    err_path: str,
+    env: dict[str, str],
+) -> None:
     """The body of a run in a process forked from the harness's fork server (bncheck and its libraries
     already imported there, nothing run): the same main, hook and limits as the script form, without paying
     the interpreter's start and imports per run (the long profile's thousands of runs)."""

@@ -40,15 +40,31 @@ TIMEOUT = float(os.environ.get("BNCHECK_FUZZ_TIMEOUT", "60"))
 
 #: Folders a run may read besides the model's: the interpreter, its libraries, the temp folder, the kernel's
 #: pseudo files (CPU and memory discovery by numpy, onnxruntime and psutil) and the source tree under test.
-SYSTEM_DIRS = sorted({
-    sys.prefix, sys.base_prefix, sys.exec_prefix, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-    sysconfig.get_paths()["platlib"], str(REPO / "bncheck"), str(REPO / "bncheck.egg-info"), "/proc", "/sys", "/dev", "/usr/lib", "/usr/share",
-    "/usr/local/lib", "/lib", "/etc/ld.so.cache", "/etc/localtime",
-    # matplotlib's font cache: Keras imports matplotlib when it is installed (the html extra), a library cache
-    os.environ.get("MPLCONFIGDIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                                   "matplotlib"),
-    os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "matplotlib"),
-})
+SYSTEM_DIRS = sorted(
+    {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sysconfig.get_paths()["stdlib"],
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        str(REPO / "bncheck"),
+        str(REPO / "bncheck.egg-info"),
+        "/proc",
+        "/sys",
+        "/dev",
+        "/usr/lib",
+        "/usr/share",
+        "/usr/local/lib",
+        "/lib",
+        "/etc/ld.so.cache",
+        "/etc/localtime",
+        # matplotlib's font cache: Keras imports matplotlib when it is installed (the html extra), a library cache
+        os.environ.get("MPLCONFIGDIR")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "matplotlib"),
+        os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "matplotlib"),
+    }
+)
 
 
 @dataclass
@@ -95,8 +111,10 @@ class Run:
         return out
 
     def describe(self) -> str:
-        return (f"args={self.args} exit={self.returncode} {self.seconds:.1f}s\n"
-                f"stderr: {self.stderr[-2000:]!r}\nstdout tail: {self.stdout[-500:]!r}")
+        return (
+            f"args={self.args} exit={self.returncode} {self.seconds:.1f}s\n"
+            f"stderr: {self.stderr[-2000:]!r}\nstdout tail: {self.stdout[-500:]!r}"
+        )
 
 
 class _Inotify:
@@ -153,13 +171,25 @@ class Workspace:
 #: runs forked from a fork server that has imported bncheck and its libraries (see _audited_main.run_forked)
 #: instead of a new interpreter each: the long profile's default (BNCHECK_FUZZ_FORK=0 turns it off)
 FORK = os.environ.get("BNCHECK_FUZZ_FORK", "1" if os.environ.get("BNCHECK_FUZZ") == "long" else "0") == "1"
+
+
 @functools.cache
 def _fork_context() -> Any:
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tests.fuzz._audited_main", "bncheck.cli", "bncheck.engine", "numpy", "onnx",
-                                    "onnxruntime", "h5py", "rich.console"])
+    context.set_forkserver_preload(
+        [
+            "tests.fuzz._audited_main",
+            "bncheck.cli",
+            "bncheck.engine",
+            "numpy",
+            "onnx",
+            "onnxruntime",
+            "h5py",
+            "rich.console",
+        ]
+    )
     return context
 
 
@@ -196,9 +226,16 @@ def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> 
     log.close()
     allowed = [str(ws.keras_home), *SYSTEM_DIRS]
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HYPOTHESIS"))}
-    run_env.update({"BNCHECK_FUZZ_RLIMIT_AS": str(MEMORY_LIMIT), "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(ws.model_dir),
-                    "KERAS_HOME": str(ws.keras_home),
-                    "COLUMNS": "100"})
+    run_env.update(
+        {
+            "BNCHECK_FUZZ_RLIMIT_AS": str(MEMORY_LIMIT),
+            "PYTHONPATH": str(REPO),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "TMPDIR": str(ws.model_dir),
+            "KERAS_HOME": str(ws.keras_home),
+            "COLUMNS": "100",
+        }
+    )
     run_env.update(env or {})
     watch = _Inotify(str(ws.outside))
     if FORK:
@@ -210,8 +247,13 @@ def start(ws: Workspace, args: list[str], env: dict[str, str] | None = None) -> 
         return forked, {"args": args, "log": log.name, "watch": watch, "start": time.monotonic()}
     process = subprocess.Popen(
         [sys.executable, str(HERE / "_audited_main.py"), log.name, str(ws.model_dir), json.dumps(allowed), "--", *args],
-        cwd=ws.model_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env=run_env, text=True, errors="replace",
+        cwd=ws.model_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=run_env,
+        text=True,
+        errors="replace",
     )
     return process, {"args": args, "log": log.name, "watch": watch, "start": time.monotonic()}
 
@@ -234,8 +276,9 @@ def finish(process: Any, state: dict, timeout: float = TIMEOUT) -> Run:
     except (OSError, ValueError):
         outside = []
     os.unlink(state["log"])
-    return Run(state["args"], None if timed_out else process.returncode, stdout, stderr, seconds, outside,
-               canary, timed_out)
+    return Run(
+        state["args"], None if timed_out else process.returncode, stdout, stderr, seconds, outside, canary, timed_out
+    )
 
 
 def run(ws: Workspace, args: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT) -> Run:

@@ -49,8 +49,10 @@ def onnx_bn(
     rng = np.random.default_rng(0)
     np_type = helper.tensor_dtype_to_np_dtype(stats_type)
     arrays = {
-        "scale": rng.uniform(0.5, 1.5, channels), "bias": rng.uniform(-0.5, 0.5, channels),
-        "mean": rng.uniform(0.1, 0.3, channels), "var": rng.uniform(0.5, 1.5, channels),
+        "scale": rng.uniform(0.5, 1.5, channels),
+        "bias": rng.uniform(-0.5, 0.5, channels),
+        "mean": rng.uniform(0.1, 0.3, channels),
+        "var": rng.uniform(0.5, 1.5, channels),
     }
     inits = []
     for key, value in arrays.items():
@@ -64,11 +66,15 @@ def onnx_bn(
                 entry = tensor.external_data.add()
                 entry.key, entry.value = k, v
         inits.append(tensor)
-    node = helper.make_node("BatchNormalization", [input_name, "scale", "bias", "mean", "var"], ["y"], name=name,
-                            epsilon=1e-5)
+    node = helper.make_node(
+        "BatchNormalization", [input_name, "scale", "bias", "mean", "var"], ["y"], name=name, epsilon=1e-5
+    )
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info(input_name, F32, dims)],
-        [helper.make_tensor_value_info("y", F32, None)], initializer=inits,
+        [node],
+        "g",
+        [helper.make_tensor_value_info(input_name, F32, dims)],
+        [helper.make_tensor_value_info("y", F32, None)],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
@@ -85,25 +91,46 @@ def _tensor(shape: list, history: list) -> dict:
 
 def _bn_layer(name: str, shape: list, inbound: list[dict]) -> dict:
     return {
-        "module": "keras.layers", "class_name": "BatchNormalization", "name": name, "registered_name": None,
-        "config": {"name": name, "trainable": True, "axis": -1, "momentum": 0.99, "epsilon": 0.001,
-                   "center": True, "scale": True},
-        "build_config": {"input_shape": shape}, "inbound_nodes": inbound,
+        "module": "keras.layers",
+        "class_name": "BatchNormalization",
+        "name": name,
+        "registered_name": None,
+        "config": {
+            "name": name,
+            "trainable": True,
+            "axis": -1,
+            "momentum": 0.99,
+            "epsilon": 0.001,
+            "center": True,
+            "scale": True,
+        },
+        "build_config": {"input_shape": shape},
+        "inbound_nodes": inbound,
     }
 
 
 def keras_bn_config(batch_shape: list, bn_name: str = "bn") -> dict:
     """Functional [InputLayer x, BatchNormalization bn_name] as Keras 3 writes it."""
     return {
-        "module": "keras.src.models.functional", "class_name": "Functional", "registered_name": "Functional",
+        "module": "keras.src.models.functional",
+        "class_name": "Functional",
+        "registered_name": "Functional",
         "config": {
-            "name": "m", "trainable": True,
+            "name": "m",
+            "trainable": True,
             "layers": [
-                {"module": "keras.layers", "class_name": "InputLayer", "name": "x", "registered_name": None,
-                 "config": {"batch_shape": batch_shape, "dtype": "float32", "name": "x"}, "inbound_nodes": []},
+                {
+                    "module": "keras.layers",
+                    "class_name": "InputLayer",
+                    "name": "x",
+                    "registered_name": None,
+                    "config": {"batch_shape": batch_shape, "dtype": "float32", "name": "x"},
+                    "inbound_nodes": [],
+                },
                 _bn_layer(bn_name, batch_shape, [{"args": [_tensor(batch_shape, ["x", 0, 0])], "kwargs": {}}]),
             ],
-            "input_layers": [["x", 0, 0]], "output_layers": [[bn_name, 0, 0]],
+            "input_layers": [["x", 0, 0]],
+            "output_layers": [[bn_name, 0, 0]],
         },
     }
 
@@ -143,8 +170,13 @@ def write_keras(path: Path, config: dict, weights: bytes | None) -> Path:
     return path
 
 
-def write_legacy_h5(path: Path, config: dict, dataset: Callable[[h5py.Group, str, np.ndarray], None] | None = None,
-                    bn_group: Callable[[h5py.Group, str], None] | None = None, channels: int = 4) -> Path:
+def write_legacy_h5(
+    path: Path,
+    config: dict,
+    dataset: Callable[[h5py.Group, str, np.ndarray], None] | None = None,
+    bn_group: Callable[[h5py.Group, str], None] | None = None,
+    channels: int = 4,
+) -> Path:
     """A legacy .h5 (model_config attribute, model_weights group) for :func:`keras_bn_config`."""
     with h5py.File(path, "w") as h5:
         h5.attrs["model_config"] = json.dumps(config)
@@ -168,8 +200,7 @@ def external_storage(canary: Path) -> Callable[[h5py.Group, str, np.ndarray], No
     """Datasets whose bytes live in ``canary`` (HDF5 external storage), as h5py ``external=`` writes them."""
 
     def write(group: h5py.Group, name: str, value: np.ndarray) -> None:
-        group.create_dataset(name, shape=value.shape, dtype=value.dtype,
-                             external=[(str(canary), 0, value.nbytes)])
+        group.create_dataset(name, shape=value.shape, dtype=value.dtype, external=[(str(canary), 0, value.nbytes)])
 
     return write
 
@@ -213,23 +244,50 @@ def nested_fanout_config(fan: int = 30, depth: int = 5) -> dict:
     for level in range(depth):
         name = f"m{level}"
         inner["name"] = inner["config"]["name"] = f"inner{level}"
-        layers = [{"module": "keras.layers", "class_name": "InputLayer", "name": "x", "registered_name": None,
-                   "config": {"batch_shape": shape, "dtype": "float32", "name": "x"}, "inbound_nodes": []}]
-        calls = [{"args": [_tensor(shape, ["x", 0, 0] if i == 0 else [inner["config"]["name"], i - 1, 0])],
-                  "kwargs": {}} for i in range(fan)]
+        layers = [
+            {
+                "module": "keras.layers",
+                "class_name": "InputLayer",
+                "name": "x",
+                "registered_name": None,
+                "config": {"batch_shape": shape, "dtype": "float32", "name": "x"},
+                "inbound_nodes": [],
+            }
+        ]
+        calls = [
+            {"args": [_tensor(shape, ["x", 0, 0] if i == 0 else [inner["config"]["name"], i - 1, 0])], "kwargs": {}}
+            for i in range(fan)
+        ]
         layers.append({**inner, "inbound_nodes": calls})
-        inner = {"module": "keras.src.models.functional", "class_name": "Functional", "registered_name": "Functional",
-                 "name": name,
-                 "config": {"name": name, "trainable": True, "layers": layers, "input_layers": [["x", 0, 0]],
-                            "output_layers": [[layers[-1]["config"]["name"], fan - 1, 0]]}}
+        inner = {
+            "module": "keras.src.models.functional",
+            "class_name": "Functional",
+            "registered_name": "Functional",
+            "name": name,
+            "config": {
+                "name": name,
+                "trainable": True,
+                "layers": layers,
+                "input_layers": [["x", 0, 0]],
+                "output_layers": [[layers[-1]["config"]["name"], fan - 1, 0]],
+            },
+        }
     return inner
 
 
 def reversed_chain_config(length: int = 2000) -> dict:
     """A Functional chain x -> d0 -> d1 -> ... whose layers are listed last first (legal JSON, hostile order)."""
     shape = [None, 4]
-    layers = [{"module": "keras.layers", "class_name": "InputLayer", "name": "x", "registered_name": None,
-               "config": {"batch_shape": shape, "dtype": "float32", "name": "x"}, "inbound_nodes": []}]
+    layers = [
+        {
+            "module": "keras.layers",
+            "class_name": "InputLayer",
+            "name": "x",
+            "registered_name": None,
+            "config": {"batch_shape": shape, "dtype": "float32", "name": "x"},
+            "inbound_nodes": [],
+        }
+    ]
     previous = "x"
     for i in range(length):
         name = f"bn{i}" if i % 10 == 0 else f"act{i}"
@@ -237,10 +295,27 @@ def reversed_chain_config(length: int = 2000) -> dict:
         if name.startswith("bn"):
             layers.append(_bn_layer(name, shape, inbound))
         else:
-            layers.append({"module": "keras.layers", "class_name": "Activation", "name": name, "registered_name": None,
-                           "config": {"name": name, "activation": "relu"}, "inbound_nodes": inbound})
+            layers.append(
+                {
+                    "module": "keras.layers",
+                    "class_name": "Activation",
+                    "name": name,
+                    "registered_name": None,
+                    "config": {"name": name, "activation": "relu"},
+                    "inbound_nodes": inbound,
+                }
+            )
         previous = name
     layers = [layers[0]] + layers[:0:-1]
-    return {"module": "keras.src.models.functional", "class_name": "Functional", "registered_name": "Functional",
-            "config": {"name": "chain", "trainable": True, "layers": layers, "input_layers": [["x", 0, 0]],
-                       "output_layers": [[previous, 0, 0]]}}
+    return {
+        "module": "keras.src.models.functional",
+        "class_name": "Functional",
+        "registered_name": "Functional",
+        "config": {
+            "name": "chain",
+            "trainable": True,
+            "layers": layers,
+            "input_layers": [["x", 0, 0]],
+            "output_layers": [[previous, 0, 0]],
+        },
+    }

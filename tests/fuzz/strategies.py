@@ -39,14 +39,34 @@ FLOATS = st.one_of(
 )
 #: dims: mostly small, sometimes symbolic, zero, negative or huge
 DIMS = st.one_of(
-    st.integers(1, 6), st.integers(1, 6), st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(1, 6),
     st.sampled_from(["N", "C", "H", "W", "seq", ""]),
     st.sampled_from([0, -1, -3, 2**31, 2**40, 2**63 - 1]),
 )
-ELEM_TYPES = st.sampled_from([TensorProto.FLOAT] * 6 + [TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT64,
-                                                        TensorProto.BFLOAT16, TensorProto.BOOL, TensorProto.STRING])
-NORM_OPS = st.sampled_from(["BatchNormalization", "BatchNormalization", "InstanceNormalization", "LayerNormalization",
-                            "GroupNormalization", "MeanVarianceNormalization", "moments"])
+ELEM_TYPES = st.sampled_from(
+    [TensorProto.FLOAT] * 6
+    + [
+        TensorProto.FLOAT16,
+        TensorProto.DOUBLE,
+        TensorProto.INT64,
+        TensorProto.BFLOAT16,
+        TensorProto.BOOL,
+        TensorProto.STRING,
+    ]
+)
+NORM_OPS = st.sampled_from(
+    [
+        "BatchNormalization",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "MeanVarianceNormalization",
+        "moments",
+    ]
+)
 
 #: report format and probe batch sizes of a fuzzed run
 FORMATS_AND_SIZES = st.tuples(st.sampled_from(["table", "json"]), st.sampled_from(["1,2,32", "1", "2,3", "1,4096"]))
@@ -73,19 +93,49 @@ def onnx_recipes(draw: st.DrawFn) -> dict[str, Any]:
         "channels_delta": draw(st.sampled_from([0, 0, 0, 0, 1, -1])),
         "param_seed": draw(st.integers(0, 2**16)),
         "specials": draw(st.lists(st.tuples(st.sampled_from(["scale", "bias", "mean", "var"]), FLOATS), max_size=3)),
-        "attrs": draw(st.dictionaries(
-            st.sampled_from(["epsilon", "momentum", "training_mode", "axis", "num_groups", "spatial", "axes",
-                             "stash_type", "bogus"]),
-            st.one_of(FLOATS, st.integers(-3, 5), st.lists(st.integers(-4, 4), max_size=4), st.just("text")),
-            max_size=3)),
+        "attrs": draw(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "epsilon",
+                        "momentum",
+                        "training_mode",
+                        "axis",
+                        "num_groups",
+                        "spatial",
+                        "axes",
+                        "stash_type",
+                        "bogus",
+                    ]
+                ),
+                st.one_of(FLOATS, st.integers(-3, 5), st.lists(st.integers(-4, 4), max_size=4), st.just("text")),
+                max_size=3,
+            )
+        ),
         "outputs": draw(st.sampled_from([1, 1, 3, 5])),
         "node_name": draw(NAMES),
         "input_name": draw(st.one_of(st.just("x"), NAMES.filter(bool))),
         "before": draw(st.sampled_from(["none", "none", "conv", "relu", "identity", "reshape"])),
         "after": draw(st.sampled_from(["none", "none", "relu", "pool", "norm"])),
         "subgraph": draw(st.sampled_from(["none", "none", "none", "if", "loop", "function"])),
-        "external": draw(st.sampled_from(["none", "none", "none", "valid", "missing", "parent", "absolute",
-                                          "symlink", "offset", "unknown_keys", "dir", "short"])),
+        "external": draw(
+            st.sampled_from(
+                [
+                    "none",
+                    "none",
+                    "none",
+                    "valid",
+                    "missing",
+                    "parent",
+                    "absolute",
+                    "symlink",
+                    "offset",
+                    "unknown_keys",
+                    "dir",
+                    "short",
+                ]
+            )
+        ),
         "raw_data": draw(st.sampled_from(["ok", "ok", "ok", "short", "long", "empty"])),
         "output_dims": draw(st.sampled_from(["same", "same", "none", "wrong"])),
         "give_shape": draw(st.booleans()),  # probe with --input-shape for the symbolic dims
@@ -129,8 +179,10 @@ def build_onnx(recipe: dict[str, Any], folder: Path, canary: Path) -> Path:
     count = max(0, channels + recipe["channels_delta"])
     rng = np.random.default_rng(recipe["param_seed"])
     params = {
-        "scale": rng.uniform(0.5, 1.5, count), "bias": rng.uniform(-0.5, 0.5, count),
-        "mean": rng.uniform(-0.3, 0.3, count), "var": rng.uniform(0.5, 1.5, count),
+        "scale": rng.uniform(0.5, 1.5, count),
+        "bias": rng.uniform(-0.5, 0.5, count),
+        "mean": rng.uniform(-0.3, 0.3, count),
+        "var": rng.uniform(0.5, 1.5, count),
     }
     for key, value in recipe["specials"]:
         if count:
@@ -207,24 +259,39 @@ def build_onnx(recipe: dict[str, Any], folder: Path, canary: Path) -> Path:
         body_out = helper.make_tensor_value_info(out, elem, out_dims)
         if recipe["subgraph"] == "if":
             then = helper.make_graph(sub, "then", [], [body_out])
-            other = helper.make_graph([helper.make_node("Identity", [src], [out], name="else_id")], "else", [],
-                                      [helper.make_tensor_value_info(out, elem, out_dims)])
+            other = helper.make_graph(
+                [helper.make_node("Identity", [src], [out], name="else_id")],
+                "else",
+                [],
+                [helper.make_tensor_value_info(out, elem, out_dims)],
+            )
             inits.append(numpy_helper.from_array(np.array(True), "cond"))
             nodes.append(helper.make_node("If", ["cond"], ["result"], then_branch=then, else_branch=other, name="if"))
         else:
             body = helper.make_graph(
-                [*sub, helper.make_node("Identity", ["c_in"], ["c_out"], name="keep")], "body",
-                [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, [])],
-                [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), body_out])
-            inits += [numpy_helper.from_array(np.array(1, np.int64), "trip"),
-                      numpy_helper.from_array(np.array(True), "cond")]
+                [*sub, helper.make_node("Identity", ["c_in"], ["c_out"], name="keep")],
+                "body",
+                [
+                    helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                    helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                ],
+                [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), body_out],
+            )
+            inits += [
+                numpy_helper.from_array(np.array(1, np.int64), "trip"),
+                numpy_helper.from_array(np.array(True), "cond"),
+            ]
             nodes.append(helper.make_node("Loop", ["trip", "cond"], ["result"], body=body, name="loop"))
         out = "result"
     else:
         nodes += sub
-    graph = helper.make_graph(nodes, "fuzz", [helper.make_tensor_value_info(x, elem, dims)],
-                              [helper.make_tensor_value_info(out, elem, out_dims)], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "fuzz",
+        [helper.make_tensor_value_info(x, elem, dims)],
+        [helper.make_tensor_value_info(out, elem, out_dims)],
+        initializer=inits,
+    )
     opsets = [helper.make_opsetid("", recipe["opset"])]
     functions = []
     if recipe["subgraph"] == "function":  # the nodes become a local function called once
@@ -259,9 +326,17 @@ def _external(model: onnx.ModelProto, how: str, folder: Path, canary: Path) -> N
         return
     tensors = [t for t in model.graph.initializer if t.name in ("scale", "mean") and t.raw_data]
     blob = b"".join(t.raw_data for t in tensors)
-    location = {"valid": "w.bin", "missing": "gone.bin", "parent": "../outside/secret.bin",
-                "absolute": str(canary), "symlink": "link.bin", "offset": "w.bin", "unknown_keys": "w.bin",
-                "dir": "sub", "short": "w.bin"}[how]
+    location = {
+        "valid": "w.bin",
+        "missing": "gone.bin",
+        "parent": "../outside/secret.bin",
+        "absolute": str(canary),
+        "symlink": "link.bin",
+        "offset": "w.bin",
+        "unknown_keys": "w.bin",
+        "dir": "sub",
+        "short": "w.bin",
+    }[how]
     if how in ("valid", "offset", "unknown_keys"):
         (folder / "w.bin").write_bytes(blob)
     elif how == "short":
@@ -288,15 +363,21 @@ def _external(model: onnx.ModelProto, how: str, folder: Path, canary: Path) -> N
 
 # ------------------------------------------------------------------------------------------- byte mutations
 
-SEEDS = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".onnx", ".keras", ".h5") and p.stat().st_size < 60_000)
+SEEDS = sorted(
+    p.name for p in SAMPLES.iterdir() if p.suffix in (".onnx", ".keras", ".h5") and p.stat().st_size < 60_000
+)
 
 #: (operation, position seed, size, byte value): the position comes from a PRNG seeded by the drawn integer,
 #: so mutations spread over the whole file (hypothesis favours small numbers, which would hit the header only)
 MUTATIONS = st.lists(
-    st.tuples(st.sampled_from(["flip", "flip", "flip", "set", "set", "zero", "delete", "insert", "duplicate",
-                               "truncate"]),
-              st.integers(0, 2**32 - 1), st.integers(1, 64), st.integers(0, 255)),
-    min_size=1, max_size=4,
+    st.tuples(
+        st.sampled_from(["flip", "flip", "flip", "set", "set", "zero", "delete", "insert", "duplicate", "truncate"]),
+        st.integers(0, 2**32 - 1),
+        st.integers(1, 64),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=4,
 )
 
 
@@ -312,21 +393,20 @@ def mutate_bytes(data: bytes, mutations: list[tuple[str, int, int, int]]) -> byt
         elif op == "set":
             buf[pos] = value
         elif op == "delete":
-            del buf[pos:pos + size]
+            del buf[pos : pos + size]
         elif op == "insert":
             buf[pos:pos] = bytes([value]) * size
         elif op == "duplicate":
-            buf[pos:pos] = buf[pos:pos + size]
+            buf[pos:pos] = buf[pos : pos + size]
         elif op == "truncate":
             del buf[pos:]
         elif op == "zero":
-            buf[pos:pos + size] = bytes(len(buf[pos:pos + size]))
+            buf[pos : pos + size] = bytes(len(buf[pos : pos + size]))
     return bytes(buf)
 
 
 JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), FLOATS.filter(math.isfinite),
-              NAMES),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), FLOATS.filter(math.isfinite), NAMES),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(NAMES, inner, max_size=3)),
     max_leaves=6,
 )
@@ -334,6 +414,7 @@ JSON_VALUES = st.recursive(
 
 def mutate_json(document: Any, edits: list[tuple[int, Any]]) -> Any:
     """Replace values at seeded positions of a JSON tree's depth-first walk by drawn values."""
+
     def walk(node: Any, slots: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for key, child in items:
@@ -357,8 +438,7 @@ def mutated_files(draw: st.DrawFn) -> dict[str, Any]:
     if seed.endswith(".keras"):
         recipe["level"] = draw(st.sampled_from(["bytes", "config", "weights"]))
         if recipe["level"] == "config":
-            recipe["json"] = draw(st.lists(st.tuples(st.integers(0, 2**32 - 1), JSON_VALUES), min_size=1,
-                                           max_size=4))
+            recipe["json"] = draw(st.lists(st.tuples(st.integers(0, 2**32 - 1), JSON_VALUES), min_size=1, max_size=4))
     return recipe
 
 
@@ -372,7 +452,9 @@ def build_mutated(recipe: dict[str, Any], folder: Path) -> Path:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             members = {name: zf.read(name) for name in zf.namelist()}
         if level == "config":
-            members["config.json"] = json.dumps(mutate_json(json.loads(members["config.json"]), recipe["json"])).encode()
+            members["config.json"] = json.dumps(
+                mutate_json(json.loads(members["config.json"]), recipe["json"])
+            ).encode()
         else:
             members["model.weights.h5"] = mutate_bytes(members["model.weights.h5"], recipe["bytes"])
         out = io.BytesIO()
@@ -388,9 +470,39 @@ def build_mutated(recipe: dict[str, Any], folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------- options
 
 OPTION_TEXT = st.one_of(
-    st.sampled_from(["", "0", "1", "-1", "1,2,32", "32", "4097", "1,,2", "x", "99999999999999999999", "1e3", " 2 ",
-                     "x:3x4x4", "x:", ":", "x:0x0", "x:-1", "x:" + "9" * 40, "x:3x100000x100000", "BN001",
-                     "collapse,BN9", "error", "never", "json", "table", "sarif", "\x1b[31m", "[/red]", "a\nb"]),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "1",
+            "-1",
+            "1,2,32",
+            "32",
+            "4097",
+            "1,,2",
+            "x",
+            "99999999999999999999",
+            "1e3",
+            " 2 ",
+            "x:3x4x4",
+            "x:",
+            ":",
+            "x:0x0",
+            "x:-1",
+            "x:" + "9" * 40,
+            "x:3x100000x100000",
+            "BN001",
+            "collapse,BN9",
+            "error",
+            "never",
+            "json",
+            "table",
+            "sarif",
+            "\x1b[31m",
+            "[/red]",
+            "a\nb",
+        ]
+    ),
     st.text(max_size=20),
 )
 
@@ -399,15 +511,48 @@ OPTION_TEXT = st.one_of(
 def option_recipes(draw: st.DrawFn) -> dict[str, Any]:
     """A command line for a valid model: a command and a few options with drawn (often wrong) values."""
     command = draw(st.sampled_from(["inspect", "probe", "probe", "fix", "explain", "checks"]))
-    options = draw(st.lists(
-        st.tuples(st.sampled_from(["--batch-sizes", "--input-shape", "--seed", "--samples", "--select", "--ignore",
-                                   "--fail-on", "--format", "--output", "--data", "--only", "--batch-size",
-                                   "--dry-run", "--bogus"]), OPTION_TEXT),
-        max_size=4))
-    data = draw(st.sampled_from(["none", "good", "wrong_shape", "wrong_dtype", "empty", "nan", "pickle", "npz_keys",
-                                 "not_numpy"]))
-    seed = draw(st.sampled_from(["clean_bn_convnet.onnx", "collapse_1x1_train_mode.onnx", "keras_epsilon_1e-8.keras",
-                                 "keras_legacy_convnet.h5", "layernorm_size1_axis.onnx"]))
+    options = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "--batch-sizes",
+                        "--input-shape",
+                        "--seed",
+                        "--samples",
+                        "--select",
+                        "--ignore",
+                        "--fail-on",
+                        "--format",
+                        "--output",
+                        "--data",
+                        "--only",
+                        "--batch-size",
+                        "--dry-run",
+                        "--bogus",
+                    ]
+                ),
+                OPTION_TEXT,
+            ),
+            max_size=4,
+        )
+    )
+    data = draw(
+        st.sampled_from(
+            ["none", "good", "wrong_shape", "wrong_dtype", "empty", "nan", "pickle", "npz_keys", "not_numpy"]
+        )
+    )
+    seed = draw(
+        st.sampled_from(
+            [
+                "clean_bn_convnet.onnx",
+                "collapse_1x1_train_mode.onnx",
+                "keras_epsilon_1e-8.keras",
+                "keras_legacy_convnet.h5",
+                "layernorm_size1_axis.onnx",
+            ]
+        )
+    )
     return {"command": command, "options": options, "data": data, "seed": seed}
 
 
@@ -435,9 +580,13 @@ def build_options(recipe: dict[str, Any], folder: Path) -> list[str]:
 
 
 def _write_data(kind: str, seed: str, folder: Path) -> None:
-    shape = {"clean_bn_convnet.onnx": (8, 3, 16, 16), "collapse_1x1_train_mode.onnx": (8, 3, 8, 8),
-             "keras_epsilon_1e-8.keras": (8, 12), "keras_legacy_convnet.h5": (8, 8, 8, 3),
-             "layernorm_size1_axis.onnx": (8, 4, 1)}.get(seed, (8, 3))
+    shape = {
+        "clean_bn_convnet.onnx": (8, 3, 16, 16),
+        "collapse_1x1_train_mode.onnx": (8, 3, 8, 8),
+        "keras_epsilon_1e-8.keras": (8, 12),
+        "keras_legacy_convnet.h5": (8, 8, 8, 3),
+        "layernorm_size1_axis.onnx": (8, 4, 1),
+    }.get(seed, (8, 3))
     rng = np.random.default_rng(0)
     path = folder / "data.npy"
     if kind == "good":

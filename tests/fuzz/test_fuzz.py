@@ -23,9 +23,17 @@ def _check(runs: list[contract.Run]) -> None:
     log = os.environ.get("BNCHECK_FUZZ_LOG")  # one line per example, to count a long run while it goes
     if log:
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"args": [r.args[:2] for r in runs], "exit": [r.returncode for r in runs],
-                                     "seconds": [round(r.seconds, 2) for r in runs],
-                                     "violations": [v for r in runs for v in r.violations()]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "args": [r.args[:2] for r in runs],
+                        "exit": [r.returncode for r in runs],
+                        "seconds": [round(r.seconds, 2) for r in runs],
+                        "violations": [v for r in runs for v in r.violations()],
+                    }
+                )
+                + "\n"
+            )
     for run in runs:
         assert not run.violations(), "\n".join(run.violations() + [run.describe()])
 
@@ -36,9 +44,15 @@ def test_random_onnx_graphs_keep_the_contract(recipe: dict, options: tuple[str, 
     fmt, sizes = options
     with Workspace() as ws:
         strategies.build_onnx(recipe, ws.model_dir, ws.canary)
-        _check(contract.run_many(ws, [["inspect", "m.onnx", "--format", fmt],
-                                      ["probe", "m.onnx", "--format", fmt, "--batch-sizes", sizes,
-                                       *strategies.probe_options(recipe)]]))
+        _check(
+            contract.run_many(
+                ws,
+                [
+                    ["inspect", "m.onnx", "--format", fmt],
+                    ["probe", "m.onnx", "--format", fmt, "--batch-sizes", sizes, *strategies.probe_options(recipe)],
+                ],
+            )
+        )
 
 
 @settings(max_examples=30) if QUICK else settings()
@@ -47,16 +61,29 @@ def test_mutated_sample_models_keep_the_contract(recipe: dict, options: tuple[st
     fmt, sizes = options
     with Workspace() as ws:
         path = strategies.build_mutated(recipe, ws.model_dir)
-        _check(contract.run_many(ws, [["inspect", path.name, "--format", fmt],
-                                      ["probe", path.name, "--format", fmt, "--batch-sizes", sizes]]))
+        _check(
+            contract.run_many(
+                ws,
+                [
+                    ["inspect", path.name, "--format", fmt],
+                    ["probe", path.name, "--format", fmt, "--batch-sizes", sizes],
+                ],
+            )
+        )
 
 
 @settings(max_examples=25) if QUICK else settings()
 @given(strategies.option_recipes(), strategies.option_recipes())
 def test_option_values_keep_the_contract(first: dict, second: dict) -> None:
     with Workspace() as ws, Workspace() as other:
-        _check(contract.run_many_workspaces([(ws, strategies.build_options(first, ws.model_dir)),
-                                             (other, strategies.build_options(second, other.model_dir))]))
+        _check(
+            contract.run_many_workspaces(
+                [
+                    (ws, strategies.build_options(first, ws.model_dir)),
+                    (other, strategies.build_options(second, other.model_dir)),
+                ]
+            )
+        )
 
 
 @pytest.mark.parametrize("name", ["clean_bn_convnet.onnx", "keras_legacy_convnet.h5", "keras_nested.keras"])

@@ -18,7 +18,9 @@ from tests.fuzz.contract import Workspace
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(ws: Workspace, *args: str, env: dict[str, str] | None = None, timeout: float = contract.TIMEOUT) -> contract.Run:
+def _run(
+    ws: Workspace, *args: str, env: dict[str, str] | None = None, timeout: float = contract.TIMEOUT
+) -> contract.Run:
     result = contract.run(ws, list(args), env=env, timeout=timeout)
     assert not result.violations(), result.violations() + [result.describe()]
     return result
@@ -46,8 +48,9 @@ def test_keras_dataset_with_external_storage_is_refused_before_reading(command: 
 
 def test_legacy_h5_dataset_with_external_storage_is_refused_before_reading() -> None:
     with Workspace() as ws:
-        corpus.write_legacy_h5(ws.model_dir / "m.h5", corpus.keras_bn_config([None, 4]),
-                               dataset=corpus.external_storage(ws.canary))
+        corpus.write_legacy_h5(
+            ws.model_dir / "m.h5", corpus.keras_bn_config([None, 4]), dataset=corpus.external_storage(ws.canary)
+        )
         _refused(_run(ws, "inspect", "m.h5"), "external")
 
 
@@ -57,8 +60,9 @@ def test_virtual_dataset_mapping_outside_files_is_refused(suffix: str) -> None:
         source = corpus.outside_h5(ws.outside / "source.h5")
         config = corpus.keras_bn_config([None, 4])
         if suffix == ".keras":
-            corpus.write_keras(ws.model_dir / "m.keras", config,
-                               corpus.keras_weights(4, dataset=corpus.virtual_dataset(source)))
+            corpus.write_keras(
+                ws.model_dir / "m.keras", config, corpus.keras_weights(4, dataset=corpus.virtual_dataset(source))
+            )
         else:
             corpus.write_legacy_h5(ws.model_dir / "m.h5", config, dataset=corpus.virtual_dataset(source))
         _refused(_run(ws, "inspect", f"m{suffix}"), "virtual")
@@ -72,12 +76,14 @@ def test_external_link_to_another_file_is_refused(suffix: str) -> None:
         source = corpus.outside_h5(ws.outside / "source.h5")
         config = corpus.keras_bn_config([None, 4])
         if suffix == ".keras":
+
             def link(h5: h5py.File) -> None:
                 del h5["layers/batch_normalization/vars"]
                 h5["layers/batch_normalization/vars"] = h5py.ExternalLink(str(source), "/vars")
 
             corpus.write_keras(ws.model_dir / "m.keras", config, corpus.keras_weights(4, extra=link))
         else:
+
             def bn_group(weights: h5py.Group, name: str) -> None:
                 weights[name] = h5py.ExternalLink(str(source), "/bn")
 
@@ -110,8 +116,9 @@ def test_onnx_node_names_print_as_literal_text(kind: str) -> None:
 def test_keras_layer_names_print_as_literal_text(kind: str) -> None:
     name = corpus.HOSTILE_NAMES[kind]
     with Workspace() as ws:
-        corpus.write_keras(ws.model_dir / "m.keras", corpus.keras_bn_config([None, 4], name),
-                           corpus.keras_weights(4, bn_name=name))
+        corpus.write_keras(
+            ws.model_dir / "m.keras", corpus.keras_bn_config([None, 4], name), corpus.keras_weights(4, bn_name=name)
+        )
         result = _run(ws, "inspect", "m.keras")
         assert result.returncode in (0, 1)
         assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", result.stdout)
@@ -141,8 +148,9 @@ def test_memory_budget_can_be_raised_and_lowered_by_environment() -> None:
 
 def test_keras_input_shape_over_the_memory_budget_is_refused() -> None:
     with Workspace() as ws:
-        corpus.write_keras(ws.model_dir / "m.keras", corpus.keras_bn_config([None, 100000, 100000]),
-                           corpus.keras_weights(100000))
+        corpus.write_keras(
+            ws.model_dir / "m.keras", corpus.keras_bn_config([None, 100000, 100000]), corpus.keras_weights(100000)
+        )
         _refused(_run(ws, "probe", "m.keras"), "BNCHECK_MEMORY_BUDGET")
 
 
@@ -151,7 +159,9 @@ def test_hdf5_dataset_larger_than_the_budget_is_refused_before_reading(suffix: s
     with Workspace() as ws:
         config = corpus.keras_bn_config([None, 4])
         if suffix == ".keras":
-            corpus.write_keras(ws.model_dir / "m.keras", config, corpus.keras_weights(4, dataset=corpus.huge_fill_value))
+            corpus.write_keras(
+                ws.model_dir / "m.keras", config, corpus.keras_weights(4, dataset=corpus.huge_fill_value)
+            )
         else:
             corpus.write_legacy_h5(ws.model_dir / "m.h5", config, dataset=corpus.huge_fill_value)
         assert os.path.getsize(ws.model_dir / f"m{suffix}") < 100_000
@@ -328,7 +338,6 @@ def test_readme_never_installs_bncheck_by_name_from_the_package_index() -> None:
     assert 'pip install "bncheck @ git+' in text
 
 
-
 # ------------------------------------------------------------------------ found by the fuzz suite itself
 
 
@@ -366,10 +375,15 @@ def test_attribute_type_is_checked_for_an_operator_newer_than_the_opset() -> Non
         path = ws.model_dir / "m.onnx"
         node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], name="ln", epsilon="text")
         graph = helper.make_graph(
-            [node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
-            initializer=[helper.make_tensor("scale", onnx.TensorProto.FLOAT, [4], [1.0] * 4),
-                         helper.make_tensor("bias", onnx.TensorProto.FLOAT, [4], [0.0] * 4)])
+            initializer=[
+                helper.make_tensor("scale", onnx.TensorProto.FLOAT, [4], [1.0] * 4),
+                helper.make_tensor("bias", onnx.TensorProto.FLOAT, [4], [0.0] * 4),
+            ],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
         model.ir_version = 3
         path.write_bytes(model.SerializeToString())

@@ -1,5 +1,4 @@
-"""Read Keras files without Keras (zipfile, json, h5py): the .keras archive and legacy .h5 containers, guarded.
-"""
+"""Read Keras files without Keras (zipfile, json, h5py): the .keras archive and legacy .h5 containers, guarded."""
 
 from __future__ import annotations
 
@@ -132,19 +131,24 @@ def guard_hdf5(path: str, h5: Any, member: str = "") -> None:
             link_path = f"{group.name.rstrip('/')}/{name}"
             link = group.get(name, getlink=True)
             if isinstance(link, h5py.ExternalLink):
-                raise BackendError(f"{where} {link_path!r} is an external link to {link.filename!r}: "
-                                   "refusing to read other files")
+                raise BackendError(
+                    f"{where} {link_path!r} is an external link to {link.filename!r}: refusing to read other files"
+                )
             if not isinstance(link, h5py.HardLink):
                 continue  # a soft link names a path inside this file, scanned as itself
             target = group.get(name)
             if isinstance(target, h5py.Dataset):
                 if target.external:
                     files = sorted({str(entry[0]) for entry in target.external})
-                    raise BackendError(f"{where} dataset {link_path!r} has external storage in {files[0]!r}: "
-                                       "refusing to read other files")
+                    raise BackendError(
+                        f"{where} dataset {link_path!r} has external storage in {files[0]!r}: "
+                        "refusing to read other files"
+                    )
                 if target.is_virtual:
-                    raise BackendError(f"{where} dataset {link_path!r} is a virtual dataset mapping other files: "
-                                       "refusing to read other files")
+                    raise BackendError(
+                        f"{where} dataset {link_path!r} is a virtual dataset mapping other files: "
+                        "refusing to read other files"
+                    )
             elif isinstance(target, h5py.Group) and target.id not in seen:
                 seen.add(target.id)
                 stack.append(target)
@@ -159,7 +163,9 @@ def _guard_member(path: str, info: zipfile.ZipInfo) -> None:
     name = info.filename.replace("\\", "/")
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
         raise BackendError(f"{path}: archive member {info.filename!r} has a path that escapes the archive")
-    limit = {"config.json": MAX_JSON_BYTES, "metadata.json": MAX_JSON_BYTES, "model.weights.h5": MAX_WEIGHTS_BYTES}.get(name)
+    limit = {"config.json": MAX_JSON_BYTES, "metadata.json": MAX_JSON_BYTES, "model.weights.h5": MAX_WEIGHTS_BYTES}.get(
+        name
+    )
     if limit is not None and info.file_size > limit:
         raise BackendError(f"{path}: archive member {info.filename!r} declares {info.file_size} bytes (limit {limit})")
     if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
@@ -248,7 +254,9 @@ def _open_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> io.IO
             while chunk := member.read(1 << 20):
                 copied += len(chunk)
                 if copied > MAX_WEIGHTS_BYTES or copied > MAX_RATIO * max(info.compress_size, 1) + RATIO_FLOOR:
-                    raise BackendError(f"{path}: {info.filename} inflates past the limits: refusing a possible zip bomb")
+                    raise BackendError(
+                        f"{path}: {info.filename} inflates past the limits: refusing a possible zip bomb"
+                    )
                 tmp.write(chunk)
     except BackendError:
         tmp.close()
@@ -258,5 +266,3 @@ def _open_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> io.IO
         raise BackendError(f"{path}: cannot read {info.filename} from the archive ({one_line(exc)})") from None
     tmp.seek(0)
     return tmp
-
-

@@ -1,5 +1,4 @@
-"""Walk a Keras model config: normalization layers, their call flags, inputs and shapes. No class is instantiated.
-"""
+"""Walk a Keras model config: normalization layers, their call flags, inputs and shapes. No class is instantiated."""
 
 from __future__ import annotations
 
@@ -36,10 +35,32 @@ CODE_CLASSES = frozenset({"Lambda", "TorchModuleWrapper", "JaxLayer", "FlaxLayer
 #: Layers that keep their input's shape (used only when a file records no shapes: tf_keras .h5).
 _SAME_SHAPE = frozenset(
     set(NORM_KINDS)
-    | {"Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "Dropout", "SpatialDropout1D",
-       "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-       "ActivityRegularization", "Masking", "Identity", "Rescaling", "Normalization", "Add", "Subtract",
-       "Multiply", "Average", "Maximum", "Minimum"}
+    | {
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "PReLU",
+        "ELU",
+        "Softmax",
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "SpatialDropout3D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "ActivityRegularization",
+        "Masking",
+        "Identity",
+        "Rescaling",
+        "Normalization",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Average",
+        "Maximum",
+        "Minimum",
+    }
 )
 
 
@@ -131,9 +152,18 @@ def _model_inputs(model_cfg: dict[str, Any]) -> list[InputSpec]:
             shape = _shape(c.get("batch_shape") or c.get("batch_input_shape"))
         else:
             shape = _shape((first.get("config") or {}).get("batch_input_shape")) if first else None
-        shape = shape or _shape(cfg.get("build_input_shape")) or _shape((model_cfg.get("build_config") or {}).get("input_shape"))
-        return [InputSpec(_entry_name(first) if first.get("class_name") == "InputLayer" else "input",
-                          _symbolic(shape, "input"), _dtype(first.get("config")))]
+        shape = (
+            shape
+            or _shape(cfg.get("build_input_shape"))
+            or _shape((model_cfg.get("build_config") or {}).get("input_shape"))
+        )
+        return [
+            InputSpec(
+                _entry_name(first) if first.get("class_name") == "InputLayer" else "input",
+                _symbolic(shape, "input"),
+                _dtype(first.get("config")),
+            )
+        ]
     refs = cfg.get("input_layers") or []
     if isinstance(refs, dict):  # keras.Model({"a": in_a, ...}, ...): inputs keyed by name
         refs = list(refs.values())
@@ -143,7 +173,9 @@ def _model_inputs(model_cfg: dict[str, Any]) -> list[InputSpec]:
         entry = by_name.get(str(ref[0]), {}) if isinstance(ref, list) and ref else {}
         c = entry.get("config") or {}
         name = _entry_name(entry) if entry else str(ref)
-        specs.append(InputSpec(name, _symbolic(_shape(c.get("batch_shape") or c.get("batch_input_shape")), name), _dtype(c)))
+        specs.append(
+            InputSpec(name, _symbolic(_shape(c.get("batch_shape") or c.get("batch_input_shape")), name), _dtype(c))
+        )
     return specs
 
 
@@ -208,7 +240,9 @@ def build(
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
         # a field of another type than Keras writes (a bool where a dict belongs, a string for a list): the file
         # was not written by Keras as is, and no partial description of it would be trustworthy
-        raise BackendError(f"{path}: malformed model config ({type(exc).__name__}: {one_line(exc, limit=150)})") from None
+        raise BackendError(
+            f"{path}: malformed model config ({type(exc).__name__}: {one_line(exc, limit=150)})"
+        ) from None
     if ctx.unsafe:
         ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + few_reasons(ctx.unsafe)))
     saved = f"keras {version}" if version else "an unknown Keras version"
@@ -351,10 +385,13 @@ def _walk_pass(
     entries = layer_entries(model_cfg)
     sequential = model_cfg.get("class_name") == "Sequential"
     groups = ctx.weights.child_groups(model_cfg, group or "") if isinstance(ctx.weights, KerasWeights) else {}
-    last: dict[int, tuple[str | None, frozenset[str]]] = {k: (call.context, call.before) for k, call in enumerate(calls)}
+    last: dict[int, tuple[str | None, frozenset[str]]] = {
+        k: (call.context, call.before) for k, call in enumerate(calls)
+    }
     out_shapes: dict[tuple[int, str, int], tuple[Dim, ...] | None] = {}
     seq_shape: dict[int, tuple[Dim, ...] | None] = {
-        k: call.shape or _shape((model_cfg.get("config") or {}).get("build_input_shape")) for k, call in enumerate(calls)
+        k: call.shape or _shape((model_cfg.get("config") or {}).get("build_input_shape"))
+        for k, call in enumerate(calls)
     }
     for index in order:
         entry = entries[index]
@@ -392,8 +429,9 @@ def _walk_pass(
                 keys.append((k, name, node_index))
         ctx.calls += len(layer_calls)
         if ctx.calls > MAX_CALLS:
-            raise BackendError(f"{ctx.path}: the model config has more than {MAX_CALLS:,} layer calls: refusing to "
-                               "walk it")
+            raise BackendError(
+                f"{ctx.path}: the model config has more than {MAX_CALLS:,} layer calls: refusing to walk it"
+            )
         if cls in MODEL_CLASSES:
             merged, merged_index = _merge_calls(layer_calls)
             inner_merged = _walk_model(entry, layer_path, merged, ctx, groups.get(index), collect)
@@ -576,8 +614,15 @@ def _apply_leak(ctx: _Ctx) -> list[NormLayer]:
                 "Keras 3 keeps that value for later layers: batch statistics in model(x); model.predict(x) and "
                 "model(x, training=False) override it"
             )
-            out.append(replace(layer, batch_statistics=True, uses_running_stats=False,
-                               running_stats_used_by=KERAS3_OVERRIDES, notes=layer.notes + (note,)))
+            out.append(
+                replace(
+                    layer,
+                    batch_statistics=True,
+                    uses_running_stats=False,
+                    running_stats_used_by=KERAS3_OVERRIDES,
+                    notes=layer.notes + (note,),
+                )
+            )
         else:
             note = (
                 "Keras 3 keeps a baked training=True for the layers called after it in model(x); whether this "
@@ -605,7 +650,11 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
     if cls.startswith("Global") and "Pooling" in cls:
         channels = shape[1] if first else shape[-1]
         if c.get("keepdims"):
-            return (shape[0], channels) + (1,) * (len(shape) - 2) if first else (shape[0],) + (1,) * (len(shape) - 2) + (channels,)
+            return (
+                (shape[0], channels) + (1,) * (len(shape) - 2)
+                if first
+                else (shape[0],) + (1,) * (len(shape) - 2) + (channels,)
+            )
         return (shape[0], channels)
     conv = re.fullmatch(r"(Conv|SeparableConv|DepthwiseConv|MaxPooling|AveragePooling)([123])D", cls)
     if conv:
@@ -678,8 +727,6 @@ class KerasFile:
             return True
         # Keras 3: a flag baked anywhere may reach a BatchNormalization through the call context
         return bool(batch_norms) and bool(self.baked_layers) and not self.keras2
-
-
 
 
 def few_reasons(reasons: list[str], limit: int = 3) -> str:

@@ -44,8 +44,9 @@ def check_keras_fix(view: ModelView, static: KerasFile, request: FixRequest) -> 
         if not output:
             raise BackendError(f"{view.info.path}: no output given: pass -o FIXED.keras (or --dry-run)")
         if os.path.splitext(output)[1].lower() not in _SUFFIXES:
-            raise BackendError(f"{output}: a Keras model is written as .keras or .h5 (Keras picks the format by "
-                               "the suffix)")
+            raise BackendError(
+                f"{output}: a Keras model is written as .keras or .h5 (Keras picks the format by the suffix)"
+            )
         parent = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(parent):
             raise BackendError(f"{output}: folder {parent} does not exist")
@@ -71,8 +72,13 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
     passes = 0
     if data is None:
         for p in pending:
-            results[p.index] = LayerFix(p.layer.name, p.action, p.reason + " (without --data: new statistics not "
-                                        "computed)", p.code, old=StatsSummary.stored(p.layer))
+            results[p.index] = LayerFix(
+                p.layer.name,
+                p.action,
+                p.reason + " (without --data: new statistics not computed)",
+                p.code,
+                old=StatsSummary.stored(p.layer),
+            )
     else:
         remaining = list(pending)
         while remaining:
@@ -102,16 +108,30 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
         written = [request.output]
     notes = []
     if padded:
-        notes.append(f"the model's batch dimension is fixed at {batch}: the last batch was completed with "
-                     f"{padded} repeated sample(s), left out of the statistics")
-    notes += [f"{e.layer}: the new statistics are uncertain ({e.uncertainty.text()}); more calibration samples "
-              "would pin them" for e in layers if e.uncertainty is not None and e.uncertainty.large]
+        notes.append(
+            f"the model's batch dimension is fixed at {batch}: the last batch was completed with "
+            f"{padded} repeated sample(s), left out of the statistics"
+        )
+    notes += [
+        f"{e.layer}: the new statistics are uncertain ({e.uncertainty.text()}); more calibration samples would pin them"
+        for e in layers
+        if e.uncertainty is not None and e.uncertainty.large
+    ]
     return FixOutcome(layers, written, samples, samples, batch, passes, padded, notes)
 
 
 class _Pending:
-    def __init__(self, index: int, layer: NormLayer, action: str, code: str, reason: str, *,
-                 prefer_stored: bool = False, check_drift: bool = False) -> None:
+    def __init__(
+        self,
+        index: int,
+        layer: NormLayer,
+        action: str,
+        code: str,
+        reason: str,
+        *,
+        prefer_stored: bool = False,
+        check_drift: bool = False,
+    ) -> None:
         self.index, self.layer, self.action, self.code, self.reason = index, layer, action, code, reason
         self.prefer_stored = prefer_stored  # baked layer with sound statistics (--stats auto with data)
         self.check_drift = check_drift  # inference layer with updated statistics: recompute only if they drift
@@ -127,9 +147,13 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
     for i, layer in enumerate(view.layers):
         old = StatsSummary.stored(layer)
         if layer.kind is not Kind.BATCH or layer.op_type != "BatchNormalization":
-            results[i] = LayerFix(layer.name, "unchanged", f"{layer.op_type}: statistics per sample, nothing to "
-                                  "recalibrate" if not layer.batch_statistics else f"{layer.op_type} is not "
-                                  "rewritten by bncheck")
+            results[i] = LayerFix(
+                layer.name,
+                "unchanged",
+                f"{layer.op_type}: statistics per sample, nothing to recalibrate"
+                if not layer.batch_statistics
+                else f"{layer.op_type} is not rewritten by bncheck",
+            )
             continue
         if layer.mean is None or layer.var is None:
             results[i] = LayerFix(layer.name, "not-fixed", "moving statistics unreadable in the file", None)
@@ -137,13 +161,20 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
         problem = verdicts.stored_stats_problem(layer)
         if layer.extra.get("baked"):
             if TRAIN_MODE not in request.repair:
-                results[i] = LayerFix(layer.name, "not-fixed", "baked training=True: BN002 not selected by --only",
-                                      TRAIN_MODE, old=old)
+                results[i] = LayerFix(
+                    layer.name, "not-fixed", "baked training=True: BN002 not selected by --only", TRAIN_MODE, old=old
+                )
                 continue
             base = "baked training=True removed (an inference call)"
             if problem is None and (request.stats == "stored" or (request.stats == "auto" and request.data is None)):
-                results[i] = LayerFix(layer.name, "to-inference", f"{base} with its stored moving statistics "
-                                      "(sound: not 0/1, finite, variance >= 0)", TRAIN_MODE, source="stored", old=old)
+                results[i] = LayerFix(
+                    layer.name,
+                    "to-inference",
+                    f"{base} with its stored moving statistics (sound: not 0/1, finite, variance >= 0)",
+                    TRAIN_MODE,
+                    source="stored",
+                    old=old,
+                )
                 stored.append(layer)
             elif problem is not None and request.stats == "stored":
                 refused.append(f"{layer.name} ({problem})")
@@ -151,13 +182,15 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
                 pending.append(_Pending(i, layer, "to-inference", TRAIN_MODE, base, prefer_stored=True))
             else:
                 why = f"stored statistics unusable: {problem}" if problem else "--stats data"
-                pending.append(_Pending(i, layer, "to-inference", TRAIN_MODE,
-                                        f"{base} with statistics from the data ({why})"))
+                pending.append(
+                    _Pending(i, layer, "to-inference", TRAIN_MODE, f"{base} with statistics from the data ({why})")
+                )
                 needs_data.append(layer.name)
             continue
         if STALE not in request.repair:
-            results[i] = LayerFix(layer.name, "unchanged", "stale-statistics repair (BN003) not selected by --only",
-                                  old=old)
+            results[i] = LayerFix(
+                layer.name, "unchanged", "stale-statistics repair (BN003) not selected by --only", old=old
+            )
             continue
         if problem is not None:
             if request.stats == "stored":
@@ -166,27 +199,34 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
             pending.append(_Pending(i, layer, "recalibrated", STALE, f"{problem}: recomputed from the data"))
             needs_data.append(layer.name)
         elif request.stats == "stored":
-            results[i] = LayerFix(layer.name, "unchanged", "--stats stored: moving statistics kept as stored",
-                                  old=old)
+            results[i] = LayerFix(layer.name, "unchanged", "--stats stored: moving statistics kept as stored", old=old)
         elif request.data is None:
-            results[i] = LayerFix(layer.name, "unchanged", "drift from the data cannot be judged without --data",
-                                  old=old)
+            results[i] = LayerFix(
+                layer.name, "unchanged", "drift from the data cannot be judged without --data", old=old
+            )
         else:
-            pending.append(_Pending(i, layer, "recalibrated", STALE, "moving statistics compared with the data",
-                                    check_drift=True))
+            pending.append(
+                _Pending(i, layer, "recalibrated", STALE, "moving statistics compared with the data", check_drift=True)
+            )
     path = view.info.path
     if refused:
-        raise BackendError(f"{path}: --stats stored keeps the file's statistics, but they cannot serve in "
-                           f"{listing(refused)}: use --stats auto with --data CALIB to recompute them")
+        raise BackendError(
+            f"{path}: --stats stored keeps the file's statistics, but they cannot serve in "
+            f"{listing(refused)}: use --stats auto with --data CALIB to recompute them"
+        )
     if request.data is None and needs_data and not request.dry_run:
-        raise BackendError(f"{path}: {listing(needs_data)} need calibration data (--data CALIB): their stored "
-                           "statistics are stale (never updated, non-finite or negative); layers with sound "
-                           "statistics need none (or pass --only to skip these)")
+        raise BackendError(
+            f"{path}: {listing(needs_data)} need calibration data (--data CALIB): their stored "
+            "statistics are stale (never updated, non-finite or negative); layers with sound "
+            "statistics need none (or pass --only to skip these)"
+        )
     samples = int(next(iter(request.data.values())).shape[0]) if request.data else 0
     if request.data is not None and pending and samples < request.min_samples:
-        raise BackendError(f"{request.data_label}: {samples} sample(s) are too few to estimate the statistics of "
-                           f"{listing([p.layer.name for p in pending])}: at least {request.min_samples} needed "
-                           "(--min-samples N overrides the floor)")
+        raise BackendError(
+            f"{request.data_label}: {samples} sample(s) are too few to estimate the statistics of "
+            f"{listing([p.layer.name for p in pending])}: at least {request.min_samples} needed "
+            "(--min-samples N overrides the floor)"
+        )
     return results, pending, stored
 
 
@@ -199,13 +239,25 @@ def _apply(p: _Pending, stats: TensorStats | None, live: Any, request: FixReques
     samples = int(stats.sample_mean.shape[0])
     evidence: dict[str, Any] = {"samples": samples, "values_per_channel": int(stats.count)}
     if stats.total_nonfinite:
-        return LayerFix(layer.name, "not-fixed", f"its input holds {stats.total_nonfinite} NaN/Inf value(s) on "
-                        "the calibration data: no honest statistics", p.code, old=old, evidence=evidence)
+        return LayerFix(
+            layer.name,
+            "not-fixed",
+            f"its input holds {stats.total_nonfinite} NaN/Inf value(s) on the calibration data: no honest statistics",
+            p.code,
+            old=old,
+            evidence=evidence,
+        )
     mean = np.asarray(stats.mean, dtype=np.float64)
     var = np.asarray(stats.var, dtype=np.float64)
     if layer.mean is not None and mean.shape != np.shape(layer.mean):
-        return LayerFix(layer.name, "not-fixed", f"measured {mean.size} channels, the layer has "
-                        f"{np.size(layer.mean)}", p.code, old=old, evidence=evidence)
+        return LayerFix(
+            layer.name,
+            "not-fixed",
+            f"measured {mean.size} channels, the layer has {np.size(layer.mean)}",
+            p.code,
+            old=old,
+            evidence=evidence,
+        )
     if p.prefer_stored or p.check_drift:
         shift, log_ratio = verdicts.drift(layer, mean, var)
         evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
@@ -214,19 +266,43 @@ def _apply(p: _Pending, stats: TensorStats | None, live: Any, request: FixReques
         flagged = request.flagged.get(layer.name)
         if not drifts and flagged is None:
             if p.prefer_stored:
-                return LayerFix(layer.name, "to-inference", f"{p.reason} with its stored moving statistics, which "
-                                f"agree with the data ({now})", p.code, source="stored", old=old, evidence=evidence)
-            return LayerFix(layer.name, "unchanged", f"moving statistics agree with the data ({now}; thresholds "
-                            f"{verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)", old=old, evidence=evidence)
-        reason = (f"{p.reason} with statistics from the data (the stored ones drift from it: {now})"
-                  if p.prefer_stored else f"moving statistics drift from the data ({now}): recomputed from the data")
+                return LayerFix(
+                    layer.name,
+                    "to-inference",
+                    f"{p.reason} with its stored moving statistics, which agree with the data ({now})",
+                    p.code,
+                    source="stored",
+                    old=old,
+                    evidence=evidence,
+                )
+            return LayerFix(
+                layer.name,
+                "unchanged",
+                f"moving statistics agree with the data ({now}; thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)",
+                old=old,
+                evidence=evidence,
+            )
+        reason = (
+            f"{p.reason} with statistics from the data (the stored ones drift from it: {now})"
+            if p.prefer_stored
+            else f"moving statistics drift from the data ({now}): recomputed from the data"
+        )
     else:
         reason = p.reason
     dtype = np.asarray(live.moving_mean.numpy() if hasattr(live.moving_mean, "numpy") else live.moving_mean).dtype
     live.moving_mean.assign(mean.astype(dtype))
     live.moving_variance.assign(var.astype(dtype))
-    return LayerFix(layer.name, p.action, reason, p.code, source="data", old=old, new=StatsSummary.of(mean, var),
-                    uncertainty=uncertainty(stats), evidence=evidence)
+    return LayerFix(
+        layer.name,
+        p.action,
+        reason,
+        p.code,
+        source="data",
+        old=old,
+        new=StatsSummary.of(mean, var),
+        uncertainty=uncertainty(stats),
+        evidence=evidence,
+    )
 
 
 def _save(runner: Any, baked: list[str], output: str) -> None:
@@ -292,8 +368,12 @@ def _drop_in_nodes(entry: dict[str, Any]) -> int:
                 edited += 1
         elif isinstance(node, list):  # Keras 2: [[name, node_index, tensor_index, kwargs], ...]
             for item in node:
-                if isinstance(item, list) and len(item) >= 4 and isinstance(item[3], dict) \
-                        and item[3].get("training") is True:
+                if (
+                    isinstance(item, list)
+                    and len(item) >= 4
+                    and isinstance(item[3], dict)
+                    and item[3].get("training") is True
+                ):
                     del item[3]["training"]
                     edited += 1
     return edited

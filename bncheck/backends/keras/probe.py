@@ -161,7 +161,10 @@ def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray) -> None:
     axis = channel_axis_of(norm, layer, x.ndim)
     others = tuple(a for a in range(x.ndim) if a != axis)
     wide = np.asarray(x, np.float64)
-    for variable, value in ((layer.moving_mean, wide.mean(axis=others)), (layer.moving_variance, wide.var(axis=others))):
+    for variable, value in (
+        (layer.moving_mean, wide.mean(axis=others)),
+        (layer.moving_variance, wide.var(axis=others)),
+    ):
         variable.assign(value.astype(np.dtype(str(variable.dtype))))
 
 
@@ -316,8 +319,9 @@ def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibra
     total = int(next(iter(data.values())).shape[0])
     count = min(total, max(RECALIBRATION_ELEMENTS // per_sample, 32))
     feeds = {name: np.ascontiguousarray(array[:count]) for name, array in data.items()}
-    names = tuple(n.name for n in runner.view.layers
-                  if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean"))
+    names = tuple(
+        n.name for n in runner.view.layers if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean")
+    )
     if not names:
         return "no BatchNormalization with moving statistics"
     saved = {n: (np.array(runner.layers[n].moving_mean), np.array(runner.layers[n].moving_variance)) for n in names}

@@ -1,5 +1,4 @@
-"""Find a layer's variables in model.weights.h5 (.keras) or model_weights (legacy .h5).
-"""
+"""Find a layer's variables in model.weights.h5 (.keras) or model_weights (legacy .h5)."""
 
 from __future__ import annotations
 
@@ -76,7 +75,8 @@ class KerasWeights:
             # differently): find the sibling group whose vars carry this layer's name, if exactly one does.
             parent = self.h5.get(group.rsplit("/", 1)[0])
             found = [
-                g["vars"] for g in (parent.values() if parent is not None else [])
+                g["vars"]
+                for g in (parent.values() if parent is not None else [])
                 if "vars" in g and attr_str(g["vars"].attrs.get("name")) == layer_name
             ]
             if len(found) != 1:
@@ -132,8 +132,10 @@ def _by_position(
     (legacy_h5_format.load_weights_from_hdf5_group), whatever scope the names carry (Keras 2.0 wrote
     ``batch_normalization_1_1/gamma:0`` in group ``batch_normalization_1``)."""
     if len(weight_names) != len(names):
-        return {}, (f"model_weights/{layer} lists {len(weight_names)} weight(s), the layer has {len(names)} "
-                    f"({', '.join(names)})")
+        return {}, (
+            f"model_weights/{layer} lists {len(weight_names)} weight(s), the layer has {len(names)} "
+            f"({', '.join(names)})"
+        )
     found: dict[str, np.ndarray] = {}
     for var, weight_name in zip(names, weight_names):
         dataset = top.get(weight_name)
@@ -186,12 +188,8 @@ def attr_str(value: Any) -> str | None:
     return str(value)
 
 
-
-
 def layer_entries(model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The layer configs of a Functional/Sequential config (``[]`` for anything else)."""
     cfg = model_cfg.get("config")
     entries = cfg.get("layers") if isinstance(cfg, dict) else None
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-
-

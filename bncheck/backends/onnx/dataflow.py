@@ -20,10 +20,20 @@ from bncheck.backends.onnx.patterns import _Chain, _chain_layer, _reduce_axes
 from bncheck.model import BatchOp, NormLayer
 
 #: reductions whose result over axis 0 mixes the samples of a batch
-REDUCE_OPS = frozenset({
-    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceMax", "ReduceMin",
-    "ReduceProd", "ReduceLogSum", "ReduceLogSumExp",
-})
+REDUCE_OPS = frozenset(
+    {
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+    }
+)
 #: forms holding one value per reduced set: they survive reshapes (keepdims=0 then Unsqueeze, say)
 _STATS = frozenset({"sum", "sumsq", "sumsqdev", "mean", "meansq", "sqmean", "var", "var_eps", "std", "inv"})
 #: a sum divided by a count becomes the matching mean
@@ -202,8 +212,15 @@ class _Flow:
         if fa.what == "dev" and fb is not None and fb.what == "inv" and fb.centered and _same_stats(fa, fb):
             if fa.scale is not None and fb.scale is not None:
                 return None
-            return Form("norm", fa.x, fa.axes, fa.nodes | fb.nodes | {idx}, eps=fb.eps,
-                        eps_after_sqrt=fb.eps_after_sqrt, scale=fa.scale or fb.scale)
+            return Form(
+                "norm",
+                fa.x,
+                fa.axes,
+                fa.nodes | fb.nodes | {idx},
+                eps=fb.eps,
+                eps_after_sqrt=fb.eps_after_sqrt,
+                scale=fa.scale or fb.scale,
+            )
         if fb is not None or not self.param(b):
             return None
         if fa.what in ("dev", "inv") and fa.scale is None:
@@ -225,8 +242,15 @@ class _Flow:
                 return replace(fb, what="norm", nodes=fb.nodes | {idx})
             return None
         if fa.what == "dev" and fb.centered and _same_stats(fa, fb):
-            return Form("norm", fa.x, fa.axes, fa.nodes | fb.nodes | {idx}, eps=fb.eps,
-                        eps_after_sqrt=fb.eps_after_sqrt, scale=fa.scale)
+            return Form(
+                "norm",
+                fa.x,
+                fa.axes,
+                fa.nodes | fb.nodes | {idx},
+                eps=fb.eps,
+                eps_after_sqrt=fb.eps_after_sqrt,
+                scale=fa.scale,
+            )
         return None
 
     def _sub(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
@@ -276,9 +300,19 @@ def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[
             continue
         taken |= set(nodes)
         reduce = min(i for i in nodes if g.op(i).startswith("Reduce"))
-        chain = _Chain(x=f.x, mean=g.nodes[reduce].output[0], reduce=reduce, axes=f.axes, centered=f.centered,
-                       nodes=set(nodes), epsilon=f.eps, eps_after_sqrt=f.eps_after_sqrt, output=tensor,
-                       scale=f.scale, bias=f.bias)
+        chain = _Chain(
+            x=f.x,
+            mean=g.nodes[reduce].output[0],
+            reduce=reduce,
+            axes=f.axes,
+            centered=f.centered,
+            nodes=set(nodes),
+            epsilon=f.eps,
+            eps_after_sqrt=f.eps_after_sqrt,
+            output=tensor,
+            scale=f.scale,
+            bias=f.bias,
+        )
         results.append((_chain_layer(g, chain, nodes), nodes))
     return results
 

@@ -19,7 +19,7 @@ MAX_SAMPLES = 1024
 
 def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterator[dict[str, np.ndarray]]:
     for start in range(0, usable, batch):
-        yield {name: np.ascontiguousarray(array[start:min(start + batch, usable)]) for name, array in data.items()}
+        yield {name: np.ascontiguousarray(array[start : min(start + batch, usable)]) for name, array in data.items()}
 
 
 def _outputs(session: Any, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -60,8 +60,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures come back as exceptions; logged, they would reach stderr
     try:
-        recomputed = ort.InferenceSession(view.handle.model.SerializeToString(), so,
-                                          providers=["CPUExecutionProvider"])
+        recomputed = ort.InferenceSession(view.handle.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         del view
         stored = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         after = _outputs(recomputed, _batches(data, batch, usable))

@@ -112,8 +112,9 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     data = request.data
     plan = _prepare(view, request)
     results = plan.results
-    fixer = _Fixer(handle, data or {}, plan.batch, request.min_samples, request.data_label, request.flagged,
-                   fixed=plan.fixed)
+    fixer = _Fixer(
+        handle, data or {}, plan.batch, request.min_samples, request.data_label, request.flagged, fixed=plan.fixed
+    )
     for layer in plan.stored:  # train-mode layers switched to inference with their own statistics
         fixer.record(_edit_to_inference("out:" + layer.output, fixer.opset))
     passes = 0
@@ -121,12 +122,20 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     if data is None:
         for p in pending:
             if p.what == "stale" and not p.defaults:
-                results[p.index] = LayerFix(p.layer.name, "unchanged", "drift from the data cannot be judged "
-                                            "without --data", old=StatsSummary.stored(p.layer))
+                results[p.index] = LayerFix(
+                    p.layer.name,
+                    "unchanged",
+                    "drift from the data cannot be judged without --data",
+                    old=StatsSummary.stored(p.layer),
+                )
             else:
-                results[p.index] = LayerFix(p.layer.name, "not-fixed" if not request.dry_run else _ACTION[p.what],
-                                            p.reason + " (without --data: new statistics not computed)", p.code,
-                                            old=StatsSummary.stored(p.layer) if p.what != "moments" else None)
+                results[p.index] = LayerFix(
+                    p.layer.name,
+                    "not-fixed" if not request.dry_run else _ACTION[p.what],
+                    p.reason + " (without --data: new statistics not computed)",
+                    p.code,
+                    old=StatsSummary.stored(p.layer) if p.what != "moments" else None,
+                )
     elif pending:
         ups = _upstream_masks(pending, handle)
         remaining = list(range(len(pending)))
@@ -149,8 +158,11 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
     layers = [results[i] for i in range(len(view.layers))]
     notes = list(plan.notes)
-    notes += [f"{e.layer}: the new statistics are uncertain ({e.uncertainty.text()}); more calibration samples "
-              "would pin them" for e in layers if e.uncertainty is not None and e.uncertainty.large]
+    notes += [
+        f"{e.layer}: the new statistics are uncertain ({e.uncertainty.text()}); more calibration samples would pin them"
+        for e in layers
+        if e.uncertainty is not None and e.uncertainty.large
+    ]
     return FixOutcome(layers, written, plan.samples, plan.samples, plan.batch, passes, plan.padded, notes)
 
 
@@ -200,25 +212,32 @@ def _prepare(view: ModelView, request: FixRequest) -> _Plan:
             pending.append(planned)
     shown = view.info.path  # the path as the user gave it
     if refused:
-        raise BackendError(f"{shown}: --stats stored keeps the file's statistics, but they cannot serve in "
-                           f"{listing(refused)}: use --stats auto with --data CALIB to recompute them")
+        raise BackendError(
+            f"{shown}: --stats stored keeps the file's statistics, but they cannot serve in "
+            f"{listing(refused)}: use --stats auto with --data CALIB to recompute them"
+        )
     needs_data = [p.layer.name for p in pending if not (p.what == "stale" and not p.defaults)]
     if data is None and needs_data and not request.dry_run:
-        raise BackendError(f"{shown}: {listing(needs_data)} need calibration data (--data CALIB): their stored "
-                           "statistics are stale (never updated, non-finite or negative) or absent; layers "
-                           "with sound statistics need none (or pass --only to skip these)")
+        raise BackendError(
+            f"{shown}: {listing(needs_data)} need calibration data (--data CALIB): their stored "
+            "statistics are stale (never updated, non-finite or negative) or absent; layers "
+            "with sound statistics need none (or pass --only to skip these)"
+        )
     samples = int(next(iter(data.values())).shape[0]) if data else 0
     batch, fixed = _batching(view, request.batch_size)
     padded = (-samples) % batch if fixed else 0
     notes: list[str] = []
     if padded:
-        notes.append(f"the model's batch dimension is fixed at {batch}: the last batch was completed with "
-                     f"{padded} repeated sample(s), left out of the statistics")
+        notes.append(
+            f"the model's batch dimension is fixed at {batch}: the last batch was completed with "
+            f"{padded} repeated sample(s), left out of the statistics"
+        )
     if data is not None and pending and samples < request.min_samples:
         raise BackendError(
             f"{request.data_label}: {samples} sample(s) are too few to estimate the statistics of "
             f"{listing([p.layer.name for p in pending])}: at least {request.min_samples} needed "
-            f"(floor {MIN_SAMPLES}; --min-samples N overrides it)")
+            f"(floor {MIN_SAMPLES}; --min-samples N overrides it)"
+        )
     return _Plan(results, pending, stored, batch, fixed, samples, padded, notes)
 
 
@@ -310,61 +329,108 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
     repair = request.repair
     old = StatsSummary.stored(layer)
     if layer.extra.get("lowered_instance_norm"):
-        return LayerFix(name, "unchanged", "lowered InstanceNorm (training-mode BatchNormalization on a "
-                        "[1, N*C, ...] reshape): per-sample statistics, not a defect; left as is")
+        return LayerFix(
+            name,
+            "unchanged",
+            "lowered InstanceNorm (training-mode BatchNormalization on a "
+            "[1, N*C, ...] reshape): per-sample statistics, not a defect; left as is",
+        )
     if layer.kind is not Kind.BATCH:
         if layer.batch_statistics:
-            return LayerFix(name, "not-fixed", f"{layer.op_type} {layer.kind.value} norm over axes "
-                            f"{list(layer.axes or [])} mixes the samples of a batch, but it is not a batch-norm "
-                            "pattern bncheck can rewrite exactly (only BatchNormalization and hand-written "
-                            "batch moments over every axis but the channel axis 1)", TRAIN_MODE)
+            return LayerFix(
+                name,
+                "not-fixed",
+                f"{layer.op_type} {layer.kind.value} norm over axes "
+                f"{list(layer.axes or [])} mixes the samples of a batch, but it is not a batch-norm "
+                "pattern bncheck can rewrite exactly (only BatchNormalization and hand-written "
+                "batch moments over every axis but the channel axis 1)",
+                TRAIN_MODE,
+            )
         if verdicts.collapse_is_certain(verdicts.collapse_condition(layer)):  # not on sizes the model leaves free
-            return LayerFix(name, "not-fixed", f"{layer.kind.value} norm over a set of one element (BN001 "
-                            "collapse): no statistics can repair it; normalize over more elements or remove "
-                            "the layer", "BN001")
-        return LayerFix(name, "unchanged", f"{layer.kind.value} norm: statistics per sample, nothing to "
-                        "recalibrate")
+            return LayerFix(
+                name,
+                "not-fixed",
+                f"{layer.kind.value} norm over a set of one element (BN001 "
+                "collapse): no statistics can repair it; normalize over more elements or remove "
+                "the layer",
+                "BN001",
+            )
+        return LayerFix(name, "unchanged", f"{layer.kind.value} norm: statistics per sample, nothing to recalibrate")
     if layer.op_type == "decomposed":
         if TRAIN_MODE not in repair:
-            return LayerFix(name, "not-fixed", "hand-written batch moments: BN002 not selected by --only",
-                            TRAIN_MODE)
+            return LayerFix(name, "not-fixed", "hand-written batch moments: BN002 not selected by --only", TRAIN_MODE)
         why = _moments_unsafe(layer, graph)
         if why:
             return LayerFix(name, "not-fixed", f"hand-written batch moments left as is: {why}", TRAIN_MODE)
-        return _Pending(i, layer, "moments", TRAIN_MODE, "hand-written batch moments over axes "
-                        f"{list(layer.axes or [])} replaced by an inference BatchNormalization")
+        return _Pending(
+            i,
+            layer,
+            "moments",
+            TRAIN_MODE,
+            "hand-written batch moments over axes "
+            f"{list(layer.axes or [])} replaced by an inference BatchNormalization",
+        )
     if layer.op_type != "BatchNormalization" or layer.domain not in ("", "ai.onnx"):
-        return LayerFix(name, "not-fixed" if layer.batch_statistics else "unchanged",
-                        f"{layer.domain or 'ai.onnx'}.{layer.op_type} is not rewritten by bncheck",
-                        TRAIN_MODE if layer.batch_statistics else None)
+        return LayerFix(
+            name,
+            "not-fixed" if layer.batch_statistics else "unchanged",
+            f"{layer.domain or 'ai.onnx'}.{layer.op_type} is not rewritten by bncheck",
+            TRAIN_MODE if layer.batch_statistics else None,
+        )
     node = graph.by_key.get("out:" + layer.output)
     if node is None or node.op_type != "BatchNormalization":
-        return LayerFix(name, "not-fixed", "the BatchNormalization node could not be found by its output",
-                        TRAIN_MODE if layer.batch_statistics else None)
+        return LayerFix(
+            name,
+            "not-fixed",
+            "the BatchNormalization node could not be found by its output",
+            TRAIN_MODE if layer.batch_statistics else None,
+        )
     if layer.extra.get("spatial") == 0:
-        return LayerFix(name, "not-fixed", "spatial=0 (per-activation statistics) is not recomputed",
-                        TRAIN_MODE if layer.batch_statistics else STALE)
+        return LayerFix(
+            name,
+            "not-fixed",
+            "spatial=0 (per-activation statistics) is not recomputed",
+            TRAIN_MODE if layer.batch_statistics else STALE,
+        )
     if layer.batch_statistics:
         if TRAIN_MODE not in repair:
-            return LayerFix(name, "not-fixed", "train-mode BatchNormalization: BN002 not selected by --only",
-                            TRAIN_MODE, old=old)
+            return LayerFix(
+                name, "not-fixed", "train-mode BatchNormalization: BN002 not selected by --only", TRAIN_MODE, old=old
+            )
         for out in list(node.output[1:]):
             if not out:
                 continue
             readers = graph.users.get(out, [])
             if out in graph.graph_outputs:
-                return LayerFix(name, "not-fixed", f"its training output {out!r} is a graph output; removing "
-                                "it would change the model's interface (re-export the model in inference "
-                                "mode instead)", TRAIN_MODE, old=old)
+                return LayerFix(
+                    name,
+                    "not-fixed",
+                    f"its training output {out!r} is a graph output; removing "
+                    "it would change the model's interface (re-export the model in inference "
+                    "mode instead)",
+                    TRAIN_MODE,
+                    old=old,
+                )
             if readers:
-                return LayerFix(name, "not-fixed", f"its training output {out!r} is read by "
-                                f"{readers[0].split(':', 1)[1]!r}; an inference node has no such output "
-                                "(re-export the model in inference mode instead)", TRAIN_MODE, old=old)
+                return LayerFix(
+                    name,
+                    "not-fixed",
+                    f"its training output {out!r} is read by "
+                    f"{readers[0].split(':', 1)[1]!r}; an inference node has no such output "
+                    "(re-export the model in inference mode instead)",
+                    TRAIN_MODE,
+                    old=old,
+                )
         problem = verdicts.stored_stats_problem(layer)
         if problem is None and (request.stats == "stored" or (request.stats == "auto" and request.data is None)):
-            return LayerFix(name, "to-inference", "switched to inference with its stored running statistics "
-                            "(sound: not 0/1, finite, variance >= 0)",
-                            TRAIN_MODE, source="stored", old=old)
+            return LayerFix(
+                name,
+                "to-inference",
+                "switched to inference with its stored running statistics (sound: not 0/1, finite, variance >= 0)",
+                TRAIN_MODE,
+                source="stored",
+                old=old,
+            )
         if problem is not None and request.stats == "stored":
             return _Refused(problem)
         if problem is None and request.stats == "auto":
@@ -374,8 +440,12 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
     if not layer.uses_running_stats:
         return LayerFix(name, "unchanged", "does not use running statistics")
     if layer.mean is None or layer.var is None:
-        return LayerFix(name, "not-fixed" if STALE in repair else "unchanged", "running statistics are not "
-                        "constants of the file (fed or computed at run time): not recomputed", None)
+        return LayerFix(
+            name,
+            "not-fixed" if STALE in repair else "unchanged",
+            "running statistics are not constants of the file (fed or computed at run time): not recomputed",
+            None,
+        )
     defaults = verdicts.has_default_stats(layer)
     # never updated, non-finite or a negative variance: unusable, recomputed from the data like defaults
     problem = verdicts.stored_stats_problem(layer)
@@ -386,8 +456,15 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
     if problem and request.stats == "stored":
         return _Refused(problem)
     if defaults:
-        return _Pending(i, layer, "stale", STALE, f"running mean exactly 0 and variance exactly 1 in all "
-                        f"{layer.mean.size} channels (never updated): recomputed from the data", defaults=True)
+        return _Pending(
+            i,
+            layer,
+            "stale",
+            STALE,
+            f"running mean exactly 0 and variance exactly 1 in all "
+            f"{layer.mean.size} channels (never updated): recomputed from the data",
+            defaults=True,
+        )
     if problem:
         return _Pending(i, layer, "stale", STALE, f"{problem}: recomputed from the data", defaults=True)
     if request.stats == "stored":
@@ -406,8 +483,10 @@ def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
         return "input rank or reduction axes unknown"
     rank = len(shape)
     if rank < 2 or layer.channel_axis != 1 or set(layer.axes) != set(range(rank)) - {1}:
-        return (f"axes {list(layer.axes)} of a rank-{rank} input are not 'every axis but axis 1', the only "
-                "layout BatchNormalization normalizes")
+        return (
+            f"axes {list(layer.axes)} of a rank-{rank} input are not 'every axis but axis 1', the only "
+            "layout BatchNormalization normalizes"
+        )
     if layer.epsilon is None or not math.isfinite(layer.epsilon) or layer.epsilon < 0:
         return "epsilon unknown"
     nodes = _chain_nodes(layer, graph)
@@ -525,22 +604,27 @@ def _unique(model: onnx.ModelProto, base: str) -> str:
     return name
 
 
-def _set_stat_input(model: onnx.ModelProto, sink: _Sink, node_key: str, position: int, values: np.ndarray,
-                    dtype: int, label: str) -> None:
+def _set_stat_input(
+    model: onnx.ModelProto, sink: _Sink, node_key: str, position: int, values: np.ndarray, dtype: int, label: str
+) -> None:
     """Give input ``position`` of a node new constant values: in place when only this node reads that
     initializer, else through a new initializer (so every other reader keeps its bytes)."""
     facts = _GraphFacts(model)
     _, node = _find_node(model, node_key)
     current = node.input[position] if len(node.input) > position else ""
     init = facts.initializers.get(current)
-    if (init is not None and facts.uses[current] == 1 and current not in facts.graph_outputs
-            and current not in facts.graph_inputs and init.data_type in _FLOAT_TYPES
-            and int(np.prod(init.dims)) == values.size):
+    if (
+        init is not None
+        and facts.uses[current] == 1
+        and current not in facts.graph_outputs
+        and current not in facts.graph_inputs
+        and init.data_type in _FLOAT_TYPES
+        and int(np.prod(init.dims)) == values.size
+    ):
         sink.set_tensor(init, values.reshape(tuple(init.dims)))
         return
     name = _unique(model, f"{node.name or node.output[0]}.{label}")
-    model.graph.initializer.append(
-        numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(dtype)), name))
+    model.graph.initializer.append(numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(dtype)), name))
     while len(node.input) <= position:
         node.input.append("")
     node.input[position] = name
@@ -550,6 +634,7 @@ def _edit_stats(node_key: str, mean: np.ndarray, var: np.ndarray, dtype: int) ->
     def edit(model: onnx.ModelProto, sink: _Sink) -> None:
         _set_stat_input(model, sink, node_key, 3, mean, dtype, "running_mean")
         _set_stat_input(model, sink, node_key, 4, var, dtype, "running_var")
+
     return edit
 
 
@@ -566,11 +651,13 @@ def _edit_to_inference(node_key: str, opset: int) -> Edit:
         if opset < 7 and not any(a.name == "is_test" for a in node.attribute):
             node.attribute.append(helper.make_attribute("is_test", 1))
         _delete_where(model.graph.value_info, lambda v: v.name in removed)
+
     return edit
 
 
-def _edit_replace_chain(keys: list[str], output: str, x: str, eps: float, name: str, params: dict[str, np.ndarray],
-                        dtype: int, opset: int) -> Edit:
+def _edit_replace_chain(
+    keys: list[str], output: str, x: str, eps: float, name: str, params: dict[str, np.ndarray], dtype: int, opset: int
+) -> Edit:
     def edit(model: onnx.ModelProto, sink: _Sink) -> None:
         graph = model.graph
         positions = {}
@@ -593,8 +680,13 @@ def _edit_replace_chain(keys: list[str], output: str, x: str, eps: float, name: 
         while node_name in kept_names:
             k += 1
             node_name = f"{name}_{k}"
-        bn = helper.make_node("BatchNormalization", [x, names["scale"], names["bias"], names["mean"], names["var"]],
-                              [output], name=node_name, **attrs)
+        bn = helper.make_node(
+            "BatchNormalization",
+            [x, names["scale"], names["bias"], names["mean"], names["var"]],
+            [output],
+            name=node_name,
+            **attrs,
+        )
         new_nodes = []
         for pos, node in enumerate(old):
             if pos == anchor:
@@ -607,6 +699,7 @@ def _edit_replace_chain(keys: list[str], output: str, x: str, eps: float, name: 
         _drop_dead_constants(model, read)
         removed_values = {o for pos in drop for o in old[pos].output if o and o != output}
         _delete_where(graph.value_info, lambda v: v.name in removed_values)
+
     return edit
 
 
@@ -615,8 +708,11 @@ def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:
     beta); anything else, used or not, stays as it was."""
     graph = model.graph
     facts = _GraphFacts(model)
-    dead = {name for name in read if not facts.uses[name] and name not in facts.graph_outputs
-            and name not in facts.graph_inputs}
+    dead = {
+        name
+        for name in read
+        if not facts.uses[name] and name not in facts.graph_outputs and name not in facts.graph_inputs
+    }
     if not dead:
         return
     _delete_where(graph.node, lambda n: n.op_type == "Constant" and bool(n.output) and n.output[0] in dead)
@@ -633,8 +729,16 @@ def _delete_where(repeated: Any, condition: Callable[[Any], bool]) -> None:
 class _Fixer:
     """The working copy (weights loaded, edited as repairs are decided) and the edits to replay."""
 
-    def __init__(self, handle: OnnxHandle, data: dict[str, np.ndarray], batch: int, min_samples: int,
-                 data_label: str, flagged: dict[str, dict[str, Any]], fixed: bool = False) -> None:
+    def __init__(
+        self,
+        handle: OnnxHandle,
+        data: dict[str, np.ndarray],
+        batch: int,
+        min_samples: int,
+        data_label: str,
+        flagged: dict[str, dict[str, Any]],
+        fixed: bool = False,
+    ) -> None:
         self.handle = handle
         self.fixed = fixed  # the model's batch dimension is fixed: every batch must be full
         self.data = data
@@ -650,9 +754,16 @@ class _Fixer:
     def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
         from bncheck.backends.onnx.run import measure_inputs
 
-        work = OnnxHandle(path=self.handle.path, model=self.handle.model, external_data=False,
-                          value_shapes=self.handle.value_shapes, value_types=self.handle.value_types,
-                          size_bytes=self.handle.size_bytes, info=self.handle.info, notes=[])
+        work = OnnxHandle(
+            path=self.handle.path,
+            model=self.handle.model,
+            external_data=False,
+            value_shapes=self.handle.value_shapes,
+            value_types=self.handle.value_types,
+            size_bytes=self.handle.size_bytes,
+            info=self.handle.info,
+            notes=[],
+        )
         return measure_inputs(work, layers, calibration_batches(self.data, self.batch, fixed=self.fixed))
 
     # ------------------------------------------------------------------ decisions
@@ -668,17 +779,32 @@ class _Fixer:
             return LayerFix(layer.name, "not-fixed", "its input could not be measured", p.code, old=old)
         samples = int(stats.sample_mean.shape[0])
         if samples < self.min_samples:  # the static check saw the data's size; this is the measured one
-            raise BackendError(f"{self.data_label}: {samples} sample(s) reached layer {layer.name!r}: at least "
-                               f"{self.min_samples} needed (--min-samples N overrides the floor)")
+            raise BackendError(
+                f"{self.data_label}: {samples} sample(s) reached layer {layer.name!r}: at least "
+                f"{self.min_samples} needed (--min-samples N overrides the floor)"
+            )
         spread = uncertainty(stats)
         evidence: dict[str, Any] = {"samples": samples, "values_per_channel": int(stats.count)}
         if stats.total_nonfinite:
-            return LayerFix(layer.name, "not-fixed", f"its input holds {stats.total_nonfinite} NaN/Inf value(s) "
-                            "on the calibration data: no honest statistics", p.code, old=old, evidence=evidence)
+            return LayerFix(
+                layer.name,
+                "not-fixed",
+                f"its input holds {stats.total_nonfinite} NaN/Inf value(s) "
+                "on the calibration data: no honest statistics",
+                p.code,
+                old=old,
+                evidence=evidence,
+            )
         channels = layer.channels or (layer.mean.size if layer.mean is not None else None)
         if channels is not None and stats.channels != channels:
-            return LayerFix(layer.name, "not-fixed", f"measured {stats.channels} channels, the layer has "
-                            f"{channels}", p.code, old=old, evidence=evidence)
+            return LayerFix(
+                layer.name,
+                "not-fixed",
+                f"measured {stats.channels} channels, the layer has {channels}",
+                p.code,
+                old=old,
+                evidence=evidence,
+            )
         mean = np.asarray(stats.mean, dtype=np.float64)
         var = np.asarray(stats.var, dtype=np.float64)
         new = StatsSummary.of(mean, var)
@@ -689,27 +815,40 @@ class _Fixer:
             now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
             if not (shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD):
                 self.record(_edit_to_inference(key, self.opset))
-                return LayerFix(layer.name, "to-inference", f"{p.reason} with its stored running statistics, "
-                                f"which agree with the data ({now})", p.code, source="stored", old=old,
-                                evidence=evidence)
+                return LayerFix(
+                    layer.name,
+                    "to-inference",
+                    f"{p.reason} with its stored running statistics, which agree with the data ({now})",
+                    p.code,
+                    source="stored",
+                    old=old,
+                    evidence=evidence,
+                )
             reason = f"{p.reason} with statistics from the data (the stored ones drift from it: {now})"
         elif p.what == "stale" and not p.defaults:
             shift, log_ratio = verdicts.drift(layer, mean, var)
             evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-            drifts = (shift > verdicts.MEAN_SHIFT_THRESHOLD
-                      or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD)
+            drifts = shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD
             before = self.flagged.get(layer.name)
             now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
             if not drifts and before is None:
-                return LayerFix(layer.name, "unchanged", f"running statistics agree with the data ({now}; "
-                                f"thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)", old=old, evidence=evidence)
+                return LayerFix(
+                    layer.name,
+                    "unchanged",
+                    f"running statistics agree with the data ({now}; "
+                    f"thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)",
+                    old=old,
+                    evidence=evidence,
+                )
             if drifts or before is None:
                 reason = f"running statistics drift from the data ({now}): recomputed from the data"
             else:
                 was = _drift_text(before)
                 evidence["original_drift"] = before
-                reason = (f"BN003 drift in the original model ({was}; {now} once the layers upstream are "
-                          "repaired): recomputed from the data")
+                reason = (
+                    f"BN003 drift in the original model ({was}; {now} once the layers upstream are "
+                    "repaired): recomputed from the data"
+                )
         else:
             reason = p.reason
         if p.what in ("stale", "train"):
@@ -723,13 +862,27 @@ class _Fixer:
         else:
             built = self._moments_edit(layer, mean, var)
             if isinstance(built, str):
-                return LayerFix(layer.name, "not-fixed", f"hand-written batch moments left as is: {built}",
-                                p.code, evidence=evidence)
+                return LayerFix(
+                    layer.name,
+                    "not-fixed",
+                    f"hand-written batch moments left as is: {built}",
+                    p.code,
+                    evidence=evidence,
+                )
             edits = [built]
         for edit in edits:
             self.record(edit)
-        return LayerFix(layer.name, _ACTION[p.what], reason, p.code, source="data", old=old, new=new,
-                        uncertainty=spread, evidence=evidence)
+        return LayerFix(
+            layer.name,
+            _ACTION[p.what],
+            reason,
+            p.code,
+            source="data",
+            old=old,
+            new=new,
+            uncertainty=spread,
+            evidence=evidence,
+        )
 
     def _value_type(self, name: str) -> int:
         t = self.handle.value_types.get(name)
@@ -758,8 +911,16 @@ class _Fixer:
         if problem:
             return problem
         params = {"scale": scale, "bias": bias, "mean": mean, "var": var}
-        return _edit_replace_chain([_node_key(n) for n in nodes], layer.output, layer.input,
-                                   float(layer.epsilon or 0.0), layer.name, params, int(in_type), self.opset)
+        return _edit_replace_chain(
+            [_node_key(n) for n in nodes],
+            layer.output,
+            layer.input,
+            float(layer.epsilon or 0.0),
+            layer.name,
+            params,
+            int(in_type),
+            self.opset,
+        )
 
     # ------------------------------------------------------------------ writing
 
@@ -851,8 +1012,15 @@ def _external_inputs(nodes: list[onnx.NodeProto], x: str) -> list[str]:
     return seen
 
 
-def _verify_chain(handle: OnnxHandle, g, nodes: list[onnx.NodeProto], layer: NormLayer, scale: np.ndarray,
-                  bias: np.ndarray, external: list[str]) -> str | None:
+def _verify_chain(
+    handle: OnnxHandle,
+    g,
+    nodes: list[onnx.NodeProto],
+    layer: NormLayer,
+    scale: np.ndarray,
+    bias: np.ndarray,
+    external: list[str],
+) -> str | None:
     """Run the chain alone (onnx.reference) on random input and compare with the batch-norm formula."""
     from onnx.reference import ReferenceEvaluator
 
@@ -861,7 +1029,8 @@ def _verify_chain(handle: OnnxHandle, g, nodes: list[onnx.NodeProto], layer: Nor
     np_dtype = helper.tensor_dtype_to_np_dtype(in_type)
     inits = [numpy_helper.from_array(np.asarray(g.param(name)), name) for name in external]
     graph = helper.make_graph(
-        [_copy(n) for n in nodes], "chain",
+        [_copy(n) for n in nodes],
+        "chain",
         [helper.make_tensor_value_info(layer.input, in_type, shape)],
         [helper.make_tensor_value_info(layer.output, in_type, None)],
         initializer=inits,
@@ -886,8 +1055,10 @@ def _verify_chain(handle: OnnxHandle, g, nodes: list[onnx.NodeProto], layer: Nor
     tol = CHAIN_TOLERANCE if np_dtype != np.float16 else 1e-2
     err = float(np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))))
     if not err <= tol:
-        return (f"the chain does not compute the batch-norm formula (largest relative difference {err:.3g} on a "
-                "random input); it is left alone")
+        return (
+            f"the chain does not compute the batch-norm formula (largest relative difference {err:.3g} on a "
+            "random input); it is left alone"
+        )
     return None
 
 
@@ -939,9 +1110,14 @@ def _external_names(model: onnx.ModelProto, src: str, src_dir: str, output: str,
         else:
             new = location
         target = os.path.realpath(os.path.join(out_dir, new))
-        if target in protected or target == os.path.realpath(output) or any(
-                os.path.exists(target) and os.path.exists(p) and os.path.samefile(target, p) for p in protected):
-            raise BackendError(f"{output}: writing external data {new!r} would overwrite a file of the input "
-                               "model; write the fixed model into another folder")
+        if (
+            target in protected
+            or target == os.path.realpath(output)
+            or any(os.path.exists(target) and os.path.exists(p) and os.path.samefile(target, p) for p in protected)
+        ):
+            raise BackendError(
+                f"{output}: writing external data {new!r} would overwrite a file of the input "
+                "model; write the fixed model into another folder"
+            )
         mapping[location] = new
     return mapping

@@ -1,5 +1,4 @@
-"""The augmented copy of a model that the probe runs: weight-less stub, measuring nodes, spec-following train-mode BN.
-"""
+"""The augmented copy of a model that the probe runs: weight-less stub, measuring nodes, spec-following train-mode BN."""
 
 from __future__ import annotations
 
@@ -138,8 +137,10 @@ def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
     with open(path, "wb") as fh:
         for tensor in model.graph.initializer:
             small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
-            if small or tensor.data_type == onnx.TensorProto.STRING or (
-                tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+            if (
+                small
+                or tensor.data_type == onnx.TensorProto.STRING
+                or (tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL)
             ):
                 # small tensors stay inline: shapes, axes and constants must be readable by
                 # onnxruntime's shape inference, which does not read external data
@@ -315,8 +316,7 @@ class Augmenter:
         if base is None:
             self.model, self.folder = stub(handle, tmp)
             free_unset_dims(self.model.graph)  # a batch written as 0 would be a literal 0 to onnxruntime
-            self.initializer_stubs = (None if handle.external_data
-                                      else [_copy(t) for t in self.model.graph.initializer])
+            self.initializer_stubs = None if handle.external_data else [_copy(t) for t in self.model.graph.initializer]
             self.shapes = dict(handle.value_shapes)
             self.types = dict(handle.value_types)
         else:

@@ -284,8 +284,9 @@ def _unknown_key_notes(model: onnx.ModelProto) -> list[Note]:
 def _warning_notes(caught: list[warnings.WarningMessage]) -> list[Note]:
     """onnx's Python warnings while reading weights, as notes: stderr belongs to the CLI's one-line errors."""
     texts = dict.fromkeys(" ".join(str(w.message).split())[:300] for w in caught)
-    notes = [Note("warning", f"onnx: {text}") for text in texts
-             if not text.startswith("Ignoring unknown external data key")]  # _unknown_key_notes says it shorter
+    notes = [
+        Note("warning", f"onnx: {text}") for text in texts if not text.startswith("Ignoring unknown external data key")
+    ]  # _unknown_key_notes says it shorter
     return notes[:10]  # one per distinct warning; a hostile file could raise thousands
 
 
@@ -477,8 +478,12 @@ def _unset(dim: Any) -> bool:
 
 def _has_unset_dims(model: onnx.ModelProto) -> bool:
     graph = model.graph
-    return any(_unset(d) for v in (*graph.input, *graph.output, *graph.value_info)
-               if v.type.HasField("tensor_type") for d in v.type.tensor_type.shape.dim)
+    return any(
+        _unset(d)
+        for v in (*graph.input, *graph.output, *graph.value_info)
+        if v.type.HasField("tensor_type")
+        for d in v.type.tensor_type.shape.dim
+    )
 
 
 def free_unset_dims(graph: Any) -> None:
@@ -496,9 +501,7 @@ def free_unset_dims(graph: Any) -> None:
                         dim.dim_param = FREE_BATCH_DIM
 
 
-def _check_and_infer(
-    path: str, model: onnx.ModelProto, large: bool
-) -> tuple[onnx.ModelProto, list[Note]]:
+def _check_and_infer(path: str, model: onnx.ModelProto, large: bool) -> tuple[onnx.ModelProto, list[Note]]:
     """Run onnx.checker and strict shape inference; failures become notes, never errors.
 
     Both run on the weight-less skeleton (see _skeleton), in memory. Only a skeleton that itself exceeds
@@ -528,9 +531,7 @@ def _check_and_infer(
         if large:
             with tempfile.TemporaryDirectory(prefix="bncheck-") as tmp:
                 out = os.path.join(tmp, "inferred.onnx")
-                onnx.shape_inference.infer_shapes_path(
-                    os.path.abspath(path), out, strict_mode=strict, data_prop=True
-                )
+                onnx.shape_inference.infer_shapes_path(os.path.abspath(path), out, strict_mode=strict, data_prop=True)
                 return onnx.load(out, load_external_data=False)
         return onnx.shape_inference.infer_shapes(_sorted(skeleton), strict_mode=strict, data_prop=True)
 
@@ -573,8 +574,11 @@ def _through_contrib(inferred: onnx.ModelProto, large: bool, rounds: int = 8) ->
         return inferred
     for _ in range(rounds):
         graph = inferred.graph
-        known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)
-                 if v.type.tensor_type.HasField("shape")}
+        known = {
+            v.name: v
+            for v in list(graph.input) + list(graph.value_info) + list(graph.output)
+            if v.type.tensor_type.HasField("shape")
+        }
         added = False
         for node in graph.node:
             if node.op_type not in _SHAPE_PRESERVING_CONTRIB or not node.input or not node.output:

@@ -40,7 +40,7 @@ def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float |
     if a.dtype.kind != "f" or b.dtype.kind != "f" or a.shape != b.shape:
         return None
     if a.ndim and a.shape[0] == batch and batch > 1:
-        return float(sample_shifts(a[row:row + 1], b[row:row + 1], output_scale(a))[0])
+        return float(sample_shifts(a[row : row + 1], b[row : row + 1], output_scale(a))[0])
     flat = np.asarray(a, np.float64).reshape(1, -1)
     other = np.asarray(b, np.float64).reshape(1, -1)
     finite = flat[np.isfinite(flat)]
@@ -79,7 +79,11 @@ def _constants(graph: Any) -> dict[str, np.ndarray]:
 
 
 def locate_dependence(
-    handle: OnnxHandle, tmp: str, batch: dict[str, np.ndarray], copies: dict[str, np.ndarray], row: int,
+    handle: OnnxHandle,
+    tmp: str,
+    batch: dict[str, np.ndarray],
+    copies: dict[str, np.ndarray],
+    row: int,
     base: ProbeCopy | None = None,
 ) -> LocatedDependence | None:
     """The first node whose output depends on the batch (see the module docstring), or None. ``base``: the

@@ -1,5 +1,4 @@
-"""Decomposed normalization chains (ReduceMean/Sub/Pow/Sqrt/Div forms) recognized by data flow.
-"""
+"""Decomposed normalization chains (ReduceMean/Sub/Pow/Sqrt/Div forms) recognized by data flow."""
 
 from __future__ import annotations
 
@@ -146,9 +145,7 @@ def _single_user(g: GraphIndex, tensor: str, *ops: str) -> int | None:
     return users[0] if len(users) == 1 else None
 
 
-def _match_tail(
-    g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[], dict[str, tuple[int, ...]]]
-) -> bool:
+def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[], dict[str, tuple[int, ...]]]) -> bool:
     """From the variance: + eps, sqrt, division of the deviation (or x * inv + (beta - mean * inv)).
 
     ``deviations()`` maps tensors holding the numerator (x - mean, or x for RMS) to the nodes making them.

@@ -231,10 +231,15 @@ def _rewrite_batch_constants(model: onnx.ModelProto, batched: dict[str, int], fi
     constants = _constant_values(graph)
     fed = _batch_fed(graph, batched)
     sites = [
-        (i, node) for i, node in enumerate(graph.node)
-        if node.op_type in ("Reshape", "Expand") and node.domain in ("", "ai.onnx") and len(node.input) > 1
-        and node.input[0] in fed and node.input[1] in constants
-        and constants[node.input[1]][0].size >= 1 and int(constants[node.input[1]][0][0]) == fixed
+        (i, node)
+        for i, node in enumerate(graph.node)
+        if node.op_type in ("Reshape", "Expand")
+        and node.domain in ("", "ai.onnx")
+        and len(node.input) > 1
+        and node.input[0] in fed
+        and node.input[1] in constants
+        and constants[node.input[1]][0].size >= 1
+        and int(constants[node.input[1]][0][0]) == fixed
     ]
     if not sites:
         return 0
@@ -243,8 +248,9 @@ def _rewrite_batch_constants(model: onnx.ModelProto, batched: dict[str, int], fi
     zero = numpy_helper.from_array(np.array([axis], np.int64), f"{prefix}_index")
     graph.initializer.append(zero)
     source_shape = helper.make_node("Shape", [source], [f"{prefix}_shape"], name=f"{prefix}_shape")
-    batch = helper.make_node("Gather", [f"{prefix}_shape", zero.name], [f"{prefix}_size"], name=f"{prefix}_size",
-                             axis=0)
+    batch = helper.make_node(
+        "Gather", [f"{prefix}_shape", zero.name], [f"{prefix}_size"], name=f"{prefix}_size", axis=0
+    )
     added: list[tuple[int, Any]] = []
     for count, (i, node) in enumerate(sites):
         rest = constants[node.input[1]][0][1:]
@@ -371,15 +377,15 @@ def _relax(
     others = [min(b for b in settings.batch_sizes if b != fixed)]
     memo: dict[str, Any] = {}
     relaxed = _relaxed(model, batched, fixed)
-    why = _validate(model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high,
-                    memo)
+    why = _validate(model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo)
     how = f"fixed to {fixed} in the file; relaxed to symbolic, validated"
     if why is not None:
         rewritten = _relaxed(model, batched, fixed)
         count = _rewrite_batch_constants(rewritten, batched, fixed)
         if count:
-            second = _validate(model, rewritten, copy.folder, copy.inputs, fixed, others, settings,
-                               copy.fixed_feeds, int_high, memo)
+            second = _validate(
+                model, rewritten, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
+            )
             if second is None:
                 relaxed, why = rewritten, None
                 how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
@@ -402,8 +408,9 @@ def _relax(
 # --------------------------------------------------------------------------- entry point
 
 
-def prepare(handle: OnnxHandle, view: ModelView, settings: ProbeSettings, tmp: str,
-            int_high: dict[str, int] | None = None) -> ProbeCopy:
+def prepare(
+    handle: OnnxHandle, view: ModelView, settings: ProbeSettings, tmp: str, int_high: dict[str, int] | None = None
+) -> ProbeCopy:
     """The probe's copy of ``handle``'s model for ``settings`` (see the module docstring)."""
     model, folder = stub(handle, tmp)
     stubs = None if handle.external_data else [_copy(t) for t in model.graph.initializer]
@@ -413,13 +420,16 @@ def prepare(handle: OnnxHandle, view: ModelView, settings: ProbeSettings, tmp: s
     if _opset(model) < MIN_RUNNABLE_OPSET:
         upgraded, why = _upgrade(model)
         if why is None:
-            copy.notes.append(f"opset {_opset(model)} upgraded to {_opset(upgraded)} for the probe "
-                              "(onnx.version_converter; the static checks read the file as written)")
+            copy.notes.append(
+                f"opset {_opset(model)} upgraded to {_opset(upgraded)} for the probe "
+                "(onnx.version_converter; the static checks read the file as written)"
+            )
             model, changed = upgraded, True
         else:
             copy.unconverted = True
-            copy.notes.append(f"opset {_opset(model)} could not be upgraded to one onnxruntime runs "
-                              f"(onnx.version_converter: {why})")
+            copy.notes.append(
+                f"opset {_opset(model)} could not be upgraded to one onnxruntime runs (onnx.version_converter: {why})"
+            )
     if model.ir_version < 4:
         _drop_initializer_inputs(model)
         changed = True
@@ -428,8 +438,10 @@ def prepare(handle: OnnxHandle, view: ModelView, settings: ProbeSettings, tmp: s
     copy.fixed_feeds = _fixed_feeds(model.graph, {k: v for k, v in params.items() if k not in fed})
     if copy.fixed_feeds:
         listed = ", ".join(repr(n) for n in copy.fixed_feeds)
-        copy.notes.append(f"input(s) {listed} only feed normalization parameters: fed as fixed tensors (scale 1, "
-                          "bias 0, mean 0, variance 1), not batched")
+        copy.notes.append(
+            f"input(s) {listed} only feed normalization parameters: fed as fixed tensors (scale 1, "
+            "bias 0, mean 0, variance 1), not batched"
+        )
     relaxed = _relax(copy, model, settings, dict(int_high or {}))
     if relaxed is not model:
         model, changed = relaxed, True

@@ -34,8 +34,9 @@ def resolve(choice: str, available: list[str] | None = None) -> list[str]:
     wanted = PROVIDERS[choice]
     if wanted not in available:
         hint = " (install onnxruntime-gpu instead of onnxruntime)" if choice in ("cuda", "tensorrt") else ""
-        raise UsageError(f"--provider {choice}: this onnxruntime has no {wanted}{hint}; "
-                         f"available: {', '.join(available)}")
+        raise UsageError(
+            f"--provider {choice}: this onnxruntime has no {wanted}{hint}; available: {', '.join(available)}"
+        )
     return [wanted] if wanted == CPU else [wanted, CPU]
 
 

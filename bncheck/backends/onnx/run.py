@@ -1,5 +1,4 @@
-"""Run the augmented model in onnxruntime: sessions, decoding the measured statistics, the probe entry points.
-"""
+"""Run the augmented model in onnxruntime: sessions, decoding the measured statistics, the probe entry points."""
 
 from __future__ import annotations
 
@@ -45,8 +44,10 @@ if TYPE_CHECKING:
 
 
 #: why a layer has no statistics: neither of its tensors could be instrumented.
-UNMEASURABLE = ("its tensors are not in the main graph, or have no static rank and a channel axis other than 1 "
-                "(a flattened view cannot keep it)")
+UNMEASURABLE = (
+    "its tensors are not in the main graph, or have no static rank and a channel axis other than 1 "
+    "(a flattened view cannot keep it)"
+)
 
 # --------------------------------------------------------------------------- session and decoding
 
@@ -210,8 +211,10 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
         # NaN/Inf: none here; a non-finite element makes its sample's mean non-finite, and such a batch is
         # re-run in the exact form, which counts them (_needs_exact)
         nonfinite = np.zeros(c, np.int64)
-        return TensorStats(n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False,
-                           minmax_measured="max" in m.outputs)
+        return TensorStats(
+            n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False, minmax_measured="max" in m.outputs
+        )
+
     # generic: reductions keep batch and channel axes in their original order
     def nc(name: str) -> np.ndarray:
         arr = np.asarray(values[m.outputs[name]], np.float64)
@@ -246,9 +249,7 @@ def _needs_exact(m: Measure, stats: TensorStats) -> bool:
     The per-sample means alone decide it (also where min/max are not measured): a NaN or Inf element makes
     its sample's mean (a sum) non-finite; so does a finite square overflowing float32, which the exact
     form then measures correctly."""
-    return m.mode == "fast" and not (
-        np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq))
-    )
+    return m.mode == "fast" and not (np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq)))
 
 
 def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats:
@@ -258,17 +259,38 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
         sq = (out.sample_sq - 2.0 * b * out.sample_mean + b * b) / (a * a)
     if not out.minmax_measured:  # nothing to map (the usual case: 53 layers x 7 runs on ResNet-50)
         c = out.min.shape[0]
-        return TensorStats(out.batch_size, out.count, mean, sq, np.full(c, np.nan), np.full(c, np.nan),
-                           np.zeros(c, np.int64), out.nonfinite.copy(), derived=True, zeros_exact=False,
-                           minmax_measured=False)
+        return TensorStats(
+            out.batch_size,
+            out.count,
+            mean,
+            sq,
+            np.full(c, np.nan),
+            np.full(c, np.nan),
+            np.zeros(c, np.int64),
+            out.nonfinite.copy(),
+            derived=True,
+            zeros_exact=False,
+            minmax_measured=False,
+        )
     with np.errstate(all="ignore"):
         lo = (out.min - b) / a
         hi = (out.max - b) / a
     lo, hi = np.where(a > 0, lo, hi), np.where(a > 0, hi, lo)
     zero_range = (lo == 0) & (hi == 0)
     zeros = np.where(zero_range, out.count, 0).astype(np.int64)  # count is per channel
-    return TensorStats(out.batch_size, out.count, mean, sq, lo, hi, zeros, out.nonfinite.copy(), derived=True,
-                       zeros_exact=False, minmax_measured=out.minmax_measured)
+    return TensorStats(
+        out.batch_size,
+        out.count,
+        mean,
+        sq,
+        lo,
+        hi,
+        zeros,
+        out.nonfinite.copy(),
+        derived=True,
+        zeros_exact=False,
+        minmax_measured=out.minmax_measured,
+    )
 
 
 def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
@@ -289,8 +311,15 @@ def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
 class _Engine:
     """Owns the augmented session(s) for one model; turns feeds into per-layer statistics."""
 
-    def __init__(self, handle: OnnxHandle, layers: list[NormLayer], inputs_only: bool = False,
-                 copy: ProbeCopy | None = None, tmp: str | None = None, providers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        handle: OnnxHandle,
+        layers: list[NormLayer],
+        inputs_only: bool = False,
+        copy: ProbeCopy | None = None,
+        tmp: str | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
         """``copy``: the prepared probe copy (probe_copy.prepare), whose files live in ``tmp`` (then owned
         and removed by this engine). ``providers``: onnxruntime's list (providers.resolve); CPU alone when
         None."""
@@ -334,8 +363,7 @@ class _Engine:
     def _build(self, exact: bool, keep_runtime: bool) -> None:
         self.session = None
         try:
-            aug = Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime,
-                            base=self.copy)
+            aug = Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime, base=self.copy)
             if self.initializer_stubs is None:
                 self.initializer_stubs = aug.initializer_stubs
             self.decomposed = dict(aug.decomposed)
@@ -503,15 +531,26 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
     try:
         try:
-            result = run_plan(replace(view, inputs=copy.inputs), settings, None, open_runner=open_engine,
-                              int_high=int_high, locate=locate)
+            result = run_plan(
+                replace(view, inputs=copy.inputs),
+                settings,
+                None,
+                open_runner=open_engine,
+                int_high=int_high,
+                locate=locate,
+            )
         except BackendError as exc:
             if not copy.unconverted:
                 raise
             # the converter failed and onnxruntime has no kernel for the old opset: the static findings stand
-            return ProbeResult(batch_sizes=(), layers={}, data_source=settings.data_source, seed=settings.seed,
-                               requested_batch_sizes=tuple(settings.batch_sizes),
-                               notes=[*copy.notes, f"not probed: {one_line(exc)}"])
+            return ProbeResult(
+                batch_sizes=(),
+                layers={},
+                data_source=settings.data_source,
+                seed=settings.seed,
+                requested_batch_sizes=tuple(settings.batch_sizes),
+                notes=[*copy.notes, f"not probed: {one_line(exc)}"],
+            )
         result.notes[:0] = [n for n in copy.notes if n not in result.notes]
         ran = ran_note(engines[0].providers, settings.provider)
         result.notes.extend(n for n in [*engines[0].notes, *([ran] if ran else [])] if n not in result.notes)
@@ -538,7 +577,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
 
 def measure_inputs(
-    handle: OnnxHandle, layers: list[NormLayer],
+    handle: OnnxHandle,
+    layers: list[NormLayer],
     batches: Iterable[dict[str, np.ndarray] | tuple[dict[str, np.ndarray], int]],
 ) -> dict[str, TensorStats]:
     """Each layer's input statistics accumulated over all ``batches`` (inference mode, model as is).
@@ -553,8 +593,7 @@ def measure_inputs(
             feeds, real = batch if isinstance(batch, tuple) else (batch, None)
             for name, probe in engine(feeds).items():
                 if probe.input is not None:
-                    parts.setdefault(name, []).append(
-                        probe.input if real is None else first_samples(probe.input, real))
+                    parts.setdefault(name, []).append(probe.input if real is None else first_samples(probe.input, real))
         return {name: merge_stats(items) for name, items in parts.items()}
     finally:
         engine.close()

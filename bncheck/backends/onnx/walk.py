@@ -215,7 +215,8 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         var=var,
         notes=tuple(notes),
         extra=extra,
-        unreadable=None if training or (mean is not None and var is not None)
+        unreadable=None
+        if training or (mean is not None and var is not None)
         else "running statistics not stored in the file (graph inputs or computed)",
         **common,
     )
@@ -230,9 +231,7 @@ def _is_lowered_instance_norm(g: GraphIndex, idx: int) -> bool:
     if reshape is None:
         return False
     target = g.ints(node_input(g.nodes[reshape], 1))
-    leading_one = (target is not None and target.size > 0 and int(target.ravel()[0]) == 1) or (
-        shape_dim(g, x, 0) == 1
-    )
+    leading_one = (target is not None and target.size > 0 and int(target.ravel()[0]) == 1) or (shape_dim(g, x, 0) == 1)
     running_unused = not any(g.is_used(o) for o in node.output[1:3])
     return leading_one and running_unused
 
@@ -441,8 +440,13 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
                 break
     if not layers and batch_ops:
         count = len(batch_ops)
-        notes.append(Note("info", f"no normalization layer found in the graph, but {count} "
-                                  f"reduction{'s' if count > 1 else ''} over the batch axis (BN002)"))
+        notes.append(
+            Note(
+                "info",
+                f"no normalization layer found in the graph, but {count} "
+                f"reduction{'s' if count > 1 else ''} over the batch axis (BN002)",
+            )
+        )
     elif not layers:
         notes.append(Note("info", "no normalization layer found in the graph: nothing to check"))
     if folded:
