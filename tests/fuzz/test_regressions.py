@@ -434,7 +434,8 @@ def test_int64_tensor_with_short_raw_data_in_a_fixed_batch_model_probes_to_a_cle
     from onnx import TensorProto
 
     with Workspace() as ws:
-        corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=[1, 3, 4, 4], stats_type=TensorProto.INT64,
-                       raw_scale=b"\x00" * 7)
+        corpus.onnx_bn(
+            ws.model_dir / "m.onnx", input_dims=[1, 3, 4, 4], stats_type=TensorProto.INT64, raw_scale=b"\x00" * 7
+        )
         _run(ws, "inspect", "m.onnx")
         _refused(_run(ws, "probe", "m.onnx"), "m.onnx")
