@@ -439,3 +439,11 @@ def test_int64_tensor_with_short_raw_data_in_a_fixed_batch_model_probes_to_a_cle
         )
         _run(ws, "inspect", "m.onnx")
         _refused(_run(ws, "probe", "m.onnx"), "m.onnx")
+
+
+def test_dim_name_that_is_not_utf8_is_a_one_line_error() -> None:
+    """A flipped bit in a symbolic dim's name: the shape reader once ran a regex over the bytes."""
+    with Workspace() as ws:
+        path = corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=["batch", 3, 4, 4])
+        path.write_bytes(path.read_bytes().replace(b"batch", b"bat\xe3h"))
+        _refused(_run(ws, "inspect", "m.onnx"), "not UTF-8")

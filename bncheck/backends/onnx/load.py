@@ -195,6 +195,12 @@ def _non_utf8_name(model: onnx.ModelProto) -> bytes | None:
     while graphs:
         graph = graphs.pop()
         texts += [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+        texts += [
+            d.dim_param
+            for v in (*graph.input, *graph.output, *graph.value_info)
+            if v.type.HasField("tensor_type")
+            for d in v.type.tensor_type.shape.dim
+        ]
         for node in graph.node:
             texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
             for attribute in node.attribute:
