@@ -447,3 +447,19 @@ def test_dim_name_that_is_not_utf8_is_a_one_line_error() -> None:
         path = corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=["batch", 3, 4, 4])
         path.write_bytes(path.read_bytes().replace(b"batch", b"bat\xe3h"))
         _refused(_run(ws, "inspect", "m.onnx"), "not UTF-8")
+
+
+def test_graph_name_that_is_not_utf8_is_a_one_line_error() -> None:
+    """A flipped bit in the graph's own name: copying the graph for the checker raised UnicodeDecodeError."""
+    with Workspace() as ws:
+        path = corpus.onnx_bn(ws.model_dir / "m.onnx")
+        large = b"\x00" * 5000  # a large initializer, so that the loader builds its weight-less skeleton
+        data = path.read_bytes()
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load_model_from_string(data)
+        model.graph.name = "graphname"
+        model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(large, np.float32), "pad"))
+        path.write_bytes(model.SerializeToString().replace(b"graphname", b"gr\xf4phname"))
+        _refused(_run(ws, "inspect", "m.onnx"), "not UTF-8")

@@ -635,6 +635,13 @@ def model_info(path: str, model: onnx.ModelProto, sha256: str | None = None) -> 
 
 def load_onnx(path: str) -> OnnxHandle:
     """Load ``path`` with its weights, validating external data first; BackendError on any user error."""
+    try:
+        return _load_onnx(path)
+    except UnicodeDecodeError as exc:  # a string field protobuf cannot decode (graph name, doc string, ...)
+        raise _fail(path, f"not a valid ONNX model: text that is not UTF-8 ({_first_line(exc)})") from exc
+
+
+def _load_onnx(path: str) -> OnnxHandle:
     size = _check_file(path)
     digest = hashlib.sha256()
     model = _parse(path, digest)
