@@ -463,3 +463,15 @@ def test_graph_name_that_is_not_utf8_is_a_one_line_error() -> None:
         model.graph.initializer.append(numpy_helper.from_array(np.frombuffer(large, np.float32), "pad"))
         path.write_bytes(model.SerializeToString().replace(b"graphname", b"gr\xf4phname"))
         _refused(_run(ws, "inspect", "m.onnx"), "not UTF-8")
+
+
+def test_text_that_is_not_utf8_met_by_the_probe_is_a_one_line_error() -> None:
+    """A flipped bit in layernorm_size1_axis.onnx's header text: the probe's model copy raised UnicodeDecodeError."""
+    from tests.fuzz import strategies
+
+    with Workspace() as ws:
+        path = strategies.build_mutated(
+            {"seed": "layernorm_size1_axis.onnx", "bytes": [("flip", 1, 1, 7)]}, ws.model_dir
+        )
+        _run(ws, "inspect", path.name)
+        _run(ws, "probe", path.name)

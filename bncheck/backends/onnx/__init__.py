@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from bncheck.backends.base import Backend, ProbeSettings
+from bncheck.backends.base import Backend, BackendError, ProbeSettings
 from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import Dim, InputSpec, ModelView, ProbeResult
 
@@ -38,7 +38,10 @@ class OnnxBackend(Backend):
         from bncheck.backends.onnx.run import quiet_onnxruntime, run_probe
 
         quiet_onnxruntime()
-        return [run_probe(view, settings, release_weights=not view.handle.keep_weights)]
+        try:
+            return [run_probe(view, settings, release_weights=not view.handle.keep_weights)]
+        except UnicodeDecodeError as exc:  # a string field protobuf cannot decode, met while copying the model
+            raise BackendError(f"{view.info.path}: not a valid ONNX model: text that is not UTF-8 ({exc})") from exc
 
     def check_fix(self, view: ModelView, request: FixRequest) -> None:
         from bncheck.backends.onnx.fix import precheck
