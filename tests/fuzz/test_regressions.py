@@ -475,3 +475,36 @@ def test_text_that_is_not_utf8_met_by_the_probe_is_a_one_line_error() -> None:
         )
         _run(ws, "inspect", path.name)
         _run(ws, "probe", path.name)
+
+
+def test_function_op_undefined_at_its_opset_is_refused_instead_of_crashing_onnxruntime() -> None:
+    """A LayerNormalization inside a model-local function of an opset-7 model: onnxruntime's session
+    constructor crashed the process (SIGSEGV) instead of raising."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    function = helper.make_function(
+        "local", "F", ["x", "s", "b"], ["y"],
+        [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1)],
+        opset_imports=[helper.make_opsetid("", 7)],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("F", ["x", "s", "b"], ["y"], domain="local")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor("s", TensorProto.FLOAT, [4], np.ones(4)),
+            helper.make_tensor("b", TensorProto.FLOAT, [4], np.zeros(4)),
+        ],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 7), helper.make_opsetid("local", 1)],
+        functions=[function],
+        ir_version=8,
+    )
+    with Workspace() as ws:
+        onnx.save(model, ws.model_dir / "m.onnx")
+        _run(ws, "inspect", "m.onnx")
+        _refused(_run(ws, "probe", "m.onnx"), "'LayerNormalization'", "opset 7 does not define")

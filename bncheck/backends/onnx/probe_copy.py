@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.instrument import _copy, stub
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.errors import one_line
@@ -109,6 +110,26 @@ def _fixed_feeds(graph: Any, names: dict[str, float]) -> dict[str, np.ndarray]:
 
 def _opset(model: onnx.ModelProto) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def undefined_function_op(model: onnx.ModelProto) -> str | None:
+    """Why onnxruntime cannot build a session, when a model-local function calls a standard op its opset
+    does not define (None otherwise): onnxruntime crashes the process on those instead of raising."""
+    from onnx import defs
+
+    model_versions = {(o.domain or ""): int(o.version) for o in model.opset_import}
+    for function in model.functions:
+        versions = {**model_versions, **{(o.domain or ""): int(o.version) for o in function.opset_import}}
+        for node in function.node:
+            domain = "" if node.domain in ("", "ai.onnx") else node.domain
+            if domain not in ("", "ai.onnx.ml") or domain not in versions:
+                continue  # other domains are local functions or custom ops: onnxruntime reports those itself
+            if not defs.has(node.op_type, versions[domain], domain):
+                return (
+                    f"model-local function {function.name[:80]!r} calls {node.op_type[:80]!r}, "
+                    f"which {domain or 'ai.onnx'} opset {versions[domain]} does not define"
+                )
+    return None
 
 
 def _upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -433,6 +454,9 @@ def prepare(
     if model.ir_version < 4:
         _drop_initializer_inputs(model)
         changed = True
+    undefined = undefined_function_op(model)
+    if undefined is not None:
+        raise BackendError(f"cannot run the model: {undefined}")
     params = parameter_inputs(model.graph)
     fed = {s.name for s in view.inputs}
     copy.fixed_feeds = _fixed_feeds(model.graph, {k: v for k, v in params.items() if k not in fed})
