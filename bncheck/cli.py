@@ -595,13 +595,16 @@ def _finish(
             warnings.simplefilter("always")
             report = run()
         _warnings_to_notes(report, caught)
-        if output:
-            from bncheck.outputs import refuse_overwrite, write_atomic
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the report is final: a warning from rendering it has nowhere to go
+            if output:
+                from bncheck.outputs import refuse_overwrite, write_atomic
 
-            written = report.fix.outcome.written if report.fix is not None else []
-            refuse_overwrite(output, "the report", [("fixed model's external data", path) for path in written])
-            write_atomic(output, render(report, file_format(fmt, output)))
-        click.echo(render(report, fmt, color=sys.stdout.isatty()), nl=False)
+                written = report.fix.outcome.written if report.fix is not None else []
+                refuse_overwrite(output, "the report", [("fixed model's external data", path) for path in written])
+                write_atomic(output, render(report, file_format(fmt, output)))
+            text = render(report, fmt, color=sys.stdout.isatty())
+        click.echo(text, nl=False)
     except click.exceptions.Exit:
         raise
     except Exception as error:  # every failure is exit 2 with one line: the contract CI relies on

@@ -280,6 +280,8 @@ def _mode(layer: NormLayer) -> str:
 def _stats(layer: NormLayer) -> str:
     if layer.mean is None or layer.var is None:
         return "-" if not layer.uses_running_stats else "unknown"
+    if np.size(layer.mean) == 0 or np.size(layer.var) == 0:
+        return "empty"
     return f"{float(np.median(layer.mean)):.3g} / {float(np.median(layer.var)):.3g}"
 
 

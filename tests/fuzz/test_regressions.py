@@ -508,3 +508,13 @@ def test_function_op_undefined_at_its_opset_is_refused_instead_of_crashing_onnxr
         onnx.save(model, ws.model_dir / "m.onnx")
         _run(ws, "inspect", "m.onnx")
         _refused(_run(ws, "probe", "m.onnx"), "'LayerNormalization'", "opset 7 does not define")
+
+
+def test_empty_norm_parameters_print_no_numpy_warning() -> None:
+    """A BatchNormalization whose parameters hold no channel: the table's median of an empty array wrote
+    numpy's RuntimeWarning to stderr after the report."""
+    with Workspace() as ws:
+        corpus.onnx_bn(ws.model_dir / "m.onnx", input_dims=[1, 1], channels=0)
+        result = _run(ws, "inspect", "m.onnx")
+        assert result.returncode in (0, 1) and result.stderr == ""
+        assert "empty" in result.stdout
