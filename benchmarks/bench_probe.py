@@ -173,6 +173,18 @@ def markdown(summary: dict[str, dict], repeats: int) -> str:
     return "\n".join(lines)
 
 
+def byte_compile(python: str) -> None:
+    """Byte-compile the bncheck package ``python`` imports, as a regular ``pip install`` does: an editable
+    install run with PYTHONDONTWRITEBYTECODE=1 would otherwise compile its modules in every measured process."""
+    where = subprocess.run(
+        [python, "-c", "import bncheck, os; print(os.path.dirname(bncheck.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run([python, "-m", "compileall", "-q", where], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -185,6 +197,7 @@ def main() -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s): {', '.join(unknown)}")
+    byte_compile(sys.executable)
     folder = args.keep or tempfile.mkdtemp(prefix="bncheck-bench-")
     os.makedirs(folder, exist_ok=True)
     paths = {n: os.path.join(folder, f"{n}.onnx") for n in names}

@@ -533,6 +533,10 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     models = collect_models(args.cache, only)
     python = interpreter_of(args.bncheck)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_probe import byte_compile
+
+    byte_compile(python)
     revision = args.revision or bncheck_revision(python)
     results = []
     for model in models:
