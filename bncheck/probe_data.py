@@ -311,9 +311,12 @@ def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
                 f"{spec.name!r} needs {len(rest)} ({expected})"
             )
         if axis is not None:
+            moved = ""
+            if spec.batched and spec.batch_axis:  # the model's layout given instead of samples first
+                moved = f"; samples go first in the data, so for this input the shape is (N, {', '.join(map(_dim_text, rest))})"
             raise ProbeDataError(
                 f"{where}: shape {tuple(array.shape)} has {got[axis - 1]} at axis {axis - (not spec.batched)}; "
-                f"input {spec.name!r} needs {rest[axis - 1]} (sample shape {expected})"
+                f"input {spec.name!r} needs {rest[axis - 1]} (sample shape {expected}){moved}"
             )
     if dtype.kind in "iu" and array.dtype != dtype:
         info = np.iinfo(dtype)

@@ -172,3 +172,4 @@ def test_data_holds_samples_first_and_the_scalar_as_fed(tmp_path):
     )
     result = CliRunner().invoke(main, ["probe", path, "--data", str(data)])
     assert result.exit_code == 2 and "has 40 at axis 1; input 'state' needs 2" in result.stderr
+    assert "samples go first in the data, so for this input the shape is (N, 2, 4)" in result.stderr
