@@ -122,3 +122,16 @@ def test_names_shorter_than_the_header_never_get_a_cell_cropped(tmp_path):
         text = table.render(report, width=width)
         assert max(len(line) for line in text.splitlines()) <= width
         assert "\u2026" not in text, width  # rich crops a cell with an ellipsis when the table does not fit
+
+
+def test_the_set_column_names_the_batch_N_and_hides_generated_dim_names(tmp_path):
+    from tests.builders import bn_model
+
+    path = bn_model(tmp_path / "m.onnx", hw=("p2o.DynamicDimension.1", "W"))
+    text = table.render(engine.inspect(path), width=120)
+    row = next(line for line in text.splitlines() if line.startswith("bn "))
+    assert row.split()[-2] == "N*?*W"
+    assert "DynamicDimension" not in text
+    # the JSON report keeps the names the file gives
+    doc = json.loads(json_render.render(engine.inspect(path)))
+    assert "p2o.DynamicDimension.1" in json.dumps(doc)

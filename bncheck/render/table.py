@@ -46,7 +46,7 @@ _DROPPABLE = ("ch", "eps", "kind")
 #: What the table's own words mean; a legend line is printed only for the words the table shows.
 LEGEND = {
     "mean / var": "medians of the stored running mean and variance",
-    "set": "elements one mean/variance is taken over",
+    "set": "elements one mean/variance is taken over (N: the batch; ?: a dim the file leaves open)",
     "n=": "that set's size at this probe batch size",
     "batch!": "uses the batch's own statistics at inference",
     "constant": "output did not vary with the input (collapse)",
@@ -291,7 +291,11 @@ def _set(layer: NormLayer) -> str:
         return str(sizes["static"])
     if sizes["known_factor"] is None:
         return "?"
-    names = "*".join(literal(str(n)) for n in sizes["depends_on"])
+    shape, axis = layer.input_shape or (), layer.batch_axis
+    batch = shape[axis] if axis is not None and axis < len(shape) else None
+    # exporters' generated names (unk__12, p2o.DynamicDimension.0) would fill the column: the batch is N,
+    # another open dim keeps a short name (H, W, seq) and is ? otherwise; JSON keeps the names
+    names = "*".join("N" if n == batch else literal(str(n)) if len(str(n)) <= 4 else "?" for n in sizes["depends_on"])
     return f"{sizes['known_factor']}*{names}" if sizes["known_factor"] != 1 else names
 
 
