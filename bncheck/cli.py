@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -653,6 +652,8 @@ def _fail(
     from bncheck.errors import BncheckError, ErrorKind, one_line
 
     if debug:
+        import traceback
+
         traceback.print_exc()
     if isinstance(error, BncheckError):
         kind, text = error.kind.value, one_line(error, limit=2000)

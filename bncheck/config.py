@@ -18,11 +18,6 @@ from typing import Any
 from bncheck.errors import UsageError
 from bncheck.findings import FAIL_ON_LEVELS, Finding
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 only
-    import tomli as tomllib
-
 KNOWN_KEYS = ("select", "ignore", "fail-on", "batch-sizes", "per-layer-ignores", "per-model")
 MODEL_KEYS = ("input-shape", "data", "batch-sizes")
 
@@ -138,6 +133,12 @@ def discover(explicit: str | None, start: str = ".") -> Config:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    # imported here: most runs find no configuration file and never parse TOML
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10 only
+        import tomli as tomllib
+
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)

@@ -26,6 +26,7 @@ numbers are in the same unit. A channel whose spread is below ``SCALE_FLOOR`` ti
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -565,13 +566,26 @@ def _overlapped(open_runner: Callable[[], Runner], draw: Callable[[], dict[str, 
 
     Why a thread: numpy's generators and onnxruntime's session creation both release the GIL, so on
     ResNet-50 the 32 synthetic images (0.05 s) are drawn for free while the session is built.
+    A plain thread, not concurrent.futures: one task needs no pool, and importing it costs every run.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    drawn: dict[str, dict[str, np.ndarray]] = {}
+    failed: list[BaseException] = []
 
-    with ThreadPoolExecutor(max_workers=1) as pool_thread:
-        future = pool_thread.submit(draw)
+    def work() -> None:
+        try:
+            drawn["inputs"] = draw()
+        except BaseException as exc:  # re-raised in the caller's thread, as Future.result() does
+            failed.append(exc)
+
+    worker = threading.Thread(target=work, name="bncheck-draw", daemon=True)
+    worker.start()
+    try:
         runner = open_runner()
-        return runner, future.result()
+    finally:
+        worker.join()
+    if failed:
+        raise failed[0]
+    return runner, drawn["inputs"]
 
 
 def run_plan(

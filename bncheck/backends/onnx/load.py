@@ -16,7 +16,6 @@ import hashlib
 import os
 import re
 import stat
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -535,6 +534,8 @@ def _check_and_infer(path: str, model: onnx.ModelProto, large: bool) -> tuple[on
 
     def infer(strict: bool) -> onnx.ModelProto:
         if large:
+            import tempfile  # only a graph over protobuf's limit is inferred through files
+
             with tempfile.TemporaryDirectory(prefix="bncheck-") as tmp:
                 out = os.path.join(tmp, "inferred.onnx")
                 onnx.shape_inference.infer_shapes_path(os.path.abspath(path), out, strict_mode=strict, data_prop=True)
