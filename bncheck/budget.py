@@ -102,12 +102,14 @@ class OverBudgetError(BncheckError):
     kind = ErrorKind.RUNTIME
 
 
-def check(need: int, what: str) -> None:
-    """Raise :class:`OverBudgetError` when ``need`` bytes (for ``what``) exceed the budget."""
+def check(need: int, what: str, *, remedy: str | None = None, lower_bound: bool = False) -> None:
+    """Raise :class:`OverBudgetError` when ``need`` bytes (for ``what``) exceed the budget. ``remedy``: what
+    else than the budget the user can change (said before it); ``lower_bound``: ``need`` is a minimum."""
     limit = budget()
     if need > limit:
         source = f"{ENV}" if os.environ.get(ENV) else f"{BUDGET_FRACTION:.0%} of available memory"
+        change = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
         raise OverBudgetError(
-            f"{what} needs about {format_size(need)}, over the memory budget of {format_size(limit)} ({source}); "
-            f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
+            f"{what} needs {'at least' if lower_bound else 'about'} {format_size(need)}, over the memory budget "
+            f"of {format_size(limit)} ({source}); " + (f"{remedy}, or {change}" if remedy else change)
         )

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.model import Recalibration
 from bncheck.probe_plan import compare_recalibrated
@@ -46,7 +47,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
     try:
         outcome = fix_onnx(view, request)  # a dry run edits the loaded copy in memory and writes nothing
-    except BackendError as exc:
+    except (BackendError, OverBudgetError) as exc:
         return one_line(exc)
     changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
     if not changed:

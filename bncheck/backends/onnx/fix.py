@@ -764,7 +764,22 @@ class _Fixer:
             info=self.handle.info,
             notes=[],
         )
+        self.check_memory()
         return measure_inputs(work, layers, calibration_batches(self.data, self.batch, fixed=self.fixed))
+
+    def check_memory(self) -> None:
+        """Refuse a calibration batch whose run cannot fit the memory budget, before any session is built."""
+        from bncheck.backends.onnx import memory
+
+        total = min((int(a.shape[0]) for a in self.data.values() if a.ndim), default=0)
+        batch = self.batch if self.fixed else min(self.batch, total)
+        if batch < 1:
+            return
+        feeds = {name: (batch, *a.shape[1:]) for name, a in self.data.items() if a.ndim}
+        graph = self.handle.model.graph
+        memory.check(
+            graph, self.handle.value_shapes, self.handle.value_types, feeds, batch, "give a smaller --batch-size"
+        )
 
     # ------------------------------------------------------------------ decisions
 

@@ -23,7 +23,7 @@ from bncheck.backends.onnx.instrument import (
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.errors import few, one_line
-from bncheck.model import LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats
+from bncheck.model import InputSpec, LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats, fixed_batch
 from bncheck.probe_data import ProbeDataError, check_sizes
 from bncheck.probe_plan import (
     Observed,
@@ -493,6 +493,21 @@ def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
         check_sizes(view.inputs, settings.input_shapes)
 
 
+def _check_memory(
+    graph: Any,
+    shapes: dict[str, Any],
+    types: dict[str, int],
+    inputs: list[InputSpec],
+    settings: ProbeSettings,
+    batch: int,
+) -> None:
+    """Refuse, before any session is built, a probe whose largest batch cannot fit the memory budget."""
+    from bncheck.backends.onnx import memory
+
+    feeds = memory.probe_feeds(inputs, batch, settings.input_shapes, settings.data)
+    memory.check(graph, shapes, types, feeds, batch, "give smaller --batch-sizes")
+
+
 def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = True) -> ProbeResult:
     """Probe every normalization layer of an ONNX model (see the module docstring).
 
@@ -504,6 +519,10 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     # without normalization layers too: the model's outputs are still tested for batch dependence
     _check_inputs(view, settings)
     preflight(view, settings)
+    fixed = fixed_batch(view.inputs)
+    if settings.batch_sizes:
+        largest = fixed if fixed is not None else max(settings.batch_sizes)
+        _check_memory(handle.model.graph, handle.value_shapes, handle.value_types, view.inputs, settings, largest)
     providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
     engines: list[_Engine] = []
@@ -511,6 +530,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     tmp = tempfile.mkdtemp(prefix="bncheck-probe-")
     try:
         copy = prepare(handle, view, settings, tmp, int_high)
+        if copy.inputs != view.inputs and settings.batch_sizes:  # a fixed batch relaxed: runs every size now
+            _check_memory(copy.model.graph, copy.shapes, copy.types, copy.inputs, settings, max(settings.batch_sizes))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,191 @@
+"""A lower bound of the memory onnxruntime needs to run a model at one batch size, from the static shapes.
+
+onnxruntime holds at least the fed inputs, and while a node runs, the tensors it reads and writes. So the
+estimate is the bytes of the graph inputs at that batch plus, over all nodes, the most bytes one node reads
+and writes, counting only tensors onnxruntime allocates (not initializers, Constant outputs or graph
+inputs). Dims come from onnx shape inference (the handle's ``value_shapes``); symbolic dims are bound from
+the fed inputs' shapes, and a tensor with a dim still unknown counts 0, so the figure never exceeds what
+the run needs (a false refusal is worse than a late one).
+
+Three refinements keep it a lower bound of what onnxruntime actually allocates, whose optimizer fuses
+nodes: a node may write its output in place of an input (Relu, Add, Reshape ...), so outside the ops that
+never do, a node counts max(read, written) rather than their sum; a Pad that onnxruntime folds into the
+next Conv or pool never materializes, so that consumer reads the Pad's input instead; and in an Add, an
+operand that only a Conv writes for it never materializes either (the Conv+Add fusion adds into the other
+operand), so that Add does not read it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bncheck import budget
+from bncheck.model import Dim, InputSpec
+from bncheck.probe_data import ProbeDataError, resolve_shape
+
+#: ops whose onnxruntime CPU kernels never write an output into an input's buffer: read + written both live.
+_NOT_IN_PLACE = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "ConvInteger",
+        "QLinearConv",
+        "MatMul",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "Gemm",
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "Concat",
+        "Resize",
+        "Upsample",
+    }
+)
+#: consumers onnxruntime's Pad fusion folds a preceding Pad into.
+_PAD_FUSED = frozenset({"Conv", "MaxPool", "AveragePool"})
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes onnxruntime needs at least: ``inputs`` fed, plus ``node_bytes`` at the busiest ``node``."""
+
+    inputs: int
+    node_bytes: int
+    node: str | None  # "'name' (OpType)"; None when no node's tensors have a known size
+
+    @property
+    def total(self) -> int:
+        return self.inputs + self.node_bytes
+
+
+def _itemsize(elem_type: int | None) -> int:
+    if not elem_type:
+        return 0
+    from onnx import helper
+
+    try:
+        return int(helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
+    except (KeyError, ValueError, TypeError):
+        return 0  # strings and types numpy has no fixed size for: unknown, counted 0
+
+
+def _bind(declared: Iterable[tuple[Dim, ...] | None], fed: Iterable[tuple[int, ...]]) -> dict[str, int]:
+    """Symbolic dim name -> size, from the inputs' declared dims and the shapes fed; a name fed two sizes
+    keeps the smaller (lower bound)."""
+    symbols: dict[str, int] = {}
+    for dims, shape in zip(declared, fed):
+        if dims is None or len(dims) != len(shape):
+            continue
+        for dim, size in zip(dims, shape):
+            if isinstance(dim, str):
+                symbols[dim] = min(symbols.get(dim, size), size)
+    return symbols
+
+
+def estimate(
+    graph: Any,
+    shapes: Mapping[str, tuple[Dim, ...]],
+    types: Mapping[str, int],
+    feeds: Mapping[str, tuple[int, ...]],
+) -> Estimate:
+    """The lower bound (see the module docstring) for ``graph`` run on inputs of the concrete ``feeds``
+    shapes (input name -> shape as fed, model axis order)."""
+    names = [name for name in feeds if name in shapes]
+    symbols = _bind((shapes[n] for n in names), (feeds[n] for n in names))
+    constant = {t.name for t in graph.initializer} | {"", *feeds}
+    constant |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+
+    def size(name: str) -> int:
+        dims = shapes.get(name)
+        if name in constant or dims is None:
+            return 0
+        sizes = [d if isinstance(d, int) else symbols.get(d) if isinstance(d, str) else None for d in dims]
+        if any(s is None or s < 0 for s in sizes):
+            return 0
+        return math.prod(sizes) * _itemsize(types.get(name))  # type: ignore[arg-type]
+
+    pad_input = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Pad" and node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    # outputs of a Conv (and of the BatchNormalization folded into it) read by one node only: fusable
+    conv_only_summed: set[str] = set()
+    for node in graph.node:  # topological order (an ONNX requirement)
+        if not node.output or readers.get(node.output[0]) != 1:
+            continue
+        if node.op_type == "Conv" or (
+            node.op_type == "BatchNormalization" and len(node.output) == 1 and node.input[0] in conv_only_summed
+        ):
+            conv_only_summed.add(node.output[0])
+    best, where = 0, None
+    for node in graph.node:
+        read = list(dict.fromkeys(node.input))
+        if node.op_type in _PAD_FUSED:
+            read = [pad_input.get(name, name) for name in read]
+        if node.op_type in ("Add", "Sum"):
+            fused = [name for name in read if name in conv_only_summed]
+            if fused:
+                read.remove(max(fused, key=size))
+        read_bytes = sum(size(name) for name in read)
+        written = sum(size(name) for name in dict.fromkeys(node.output))
+        live = read_bytes + written if node.op_type in _NOT_IN_PLACE else max(read_bytes, written)
+        if live > best:
+            best, where = live, f"{node.name or (node.output[0] if node.output else '?')!r} ({node.op_type})"
+    fed = 0
+    for name, shape in feeds.items():
+        fed += math.prod(shape) * _itemsize(types.get(name))
+    return Estimate(fed, best, where)
+
+
+def probe_feeds(
+    inputs: list[InputSpec],
+    batch: int,
+    overrides: Mapping[str, tuple[int, ...]] | None,
+    data: Mapping[str, Any] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Each input's shape as the probe feeds it at ``batch`` (samples moved to the batch axis): from the data's
+    arrays when given, else as the synthetic inputs resolve. An input whose shape cannot be told is left out."""
+    feeds: dict[str, tuple[int, ...]] = {}
+    for spec in inputs:
+        if data is not None:
+            array = data.get(spec.name)
+            if array is None or not getattr(array, "ndim", 0):
+                continue
+            first: tuple[int, ...] = (batch, *array.shape[1:]) if spec.batched else tuple(array.shape)
+        else:
+            try:
+                first = resolve_shape(spec, batch, overrides)
+            except ProbeDataError:
+                continue
+        axis = spec.batch_axis if spec.batched else None
+        if axis and len(first) > axis:  # samples first -> the input's own batch axis
+            first = (*first[1 : axis + 1], first[0], *first[axis + 1 :])
+        feeds[spec.name] = first
+    return feeds
+
+
+def check(
+    graph: Any,
+    shapes: Mapping[str, tuple[Dim, ...]],
+    types: Mapping[str, int],
+    feeds: Mapping[str, tuple[int, ...]],
+    batch: int,
+    remedy: str,
+) -> None:
+    """Refuse (budget.OverBudgetError, exit 2) a run whose lower bound exceeds the memory budget; ``remedy``
+    says which option lowers the batch size."""
+    found = estimate(graph, shapes, types, feeds)
+    parts = [f"inputs {budget.format_size(found.inputs)}"]
+    if found.node is not None:
+        parts.append(f"{budget.format_size(found.node_bytes)} at node {found.node}")
+    budget.check(
+        found.total,
+        f"onnxruntime at batch size {batch} ({' + '.join(parts)})",
+        remedy=remedy,
+        lower_bound=True,
+    )

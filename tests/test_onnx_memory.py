@@ -1,0 +1,178 @@
+"""The memory check before onnxruntime runs a batch (bncheck.backends.onnx.memory): a lower bound from the
+static shapes, compared with the budget before any session is built. Real models, real CLI."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx.memory import estimate, probe_feeds
+from bncheck.cli import main
+
+F32 = TensorProto.FLOAT
+
+
+def _wide_conv(path: Path, hw: int = 224, stale: bool = False) -> str:
+    """x[N,3,hw,hw] -> Conv 3x3 (64 channels, full resolution) -> BN -> Relu -> GlobalAveragePool; ``stale``:
+    the BN's moving statistics never updated (mean 0, variance 1), which `fix --data` recomputes."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((64, 3, 3, 3)) * 0.1).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(64, np.float32), "scale"),
+        numpy_helper.from_array(np.zeros(64, np.float32), "bias"),
+        numpy_helper.from_array(np.full(64, 0.0 if stale else 0.1, np.float32), "mean"),
+        numpy_helper.from_array(np.full(64, 1.0 if stale else 0.5, np.float32), "var"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"], name="pool"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, hw, hw])],
+        [helper.make_tensor_value_info("y", F32, ["N", 64, 1, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _mixed(path: Path) -> str:
+    """x[N,3,8,8] -> Pad 1 -> Conv 3x3 (4 ch) -> c; Relu(c) -> r; Concat(r, c) -> k[N,8,8,8]."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.1).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], name="pad"),
+        helper.make_node("Conv", ["p", "w"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Concat", ["r", "c"], ["k"], name="concat", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("k", F32, ["N", 8, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_estimate_of_a_known_graph_equals_the_hand_computed_bytes(tmp_path: Path) -> None:
+    view = OnnxBackend().load(_mixed(tmp_path / "m.onnx"))
+    handle = view.handle
+    feeds = probe_feeds(view.inputs, 5, {})
+    assert feeds == {"x": (5, 3, 8, 8)}
+    found = estimate(handle.model.graph, handle.value_shapes, handle.value_types, feeds)
+    # inputs: 5*3*8*8 floats. Busiest node: Concat reads r and c and writes k (never in place):
+    # 5*4*64 + 5*4*64 + 5*8*64 floats. The Pad writes 5*3*10*10 (fewer bytes); the Conv reads the Pad's
+    # input (a graph input, counted once) and writes c; Relu may run in place (max, not sum).
+    assert found.inputs == 5 * 3 * 64 * 4
+    assert found.node_bytes == (5 * 4 * 64 + 5 * 4 * 64 + 5 * 8 * 64) * 4
+    assert found.node == "'concat' (Concat)"
+    assert found.total == 5 * 3 * 64 * 4 + 5 * 16 * 64 * 4
+
+
+def _bottleneck(path: Path) -> str:
+    """x[N,8,8,8] -> Relu -> a; a -> Conv 1x1 (2 ch) -> s -> Conv 1x1 (8 ch) -> c -> BN -> e; Add(e, a) -> y."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((2, 8, 1, 1)) * 0.1).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((8, 2, 1, 1)) * 0.1).astype(np.float32), "w2"),
+        *(
+            numpy_helper.from_array(np.full(8, v, np.float32), n)
+            for n, v in (("g", 1), ("b", 0), ("m", 0.1), ("v", 0.5))
+        ),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        helper.make_node("Conv", ["a", "w1"], ["s"], name="reduce"),
+        helper.make_node("Conv", ["s", "w2"], ["c"], name="expand"),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["e"], name="bn"),
+        helper.make_node("Add", ["e", "a"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bottleneck",
+        [helper.make_tensor_value_info("x", F32, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", F32, ["N", 8, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_estimate_skips_the_conv_output_that_conv_add_fusion_never_materializes(tmp_path: Path) -> None:
+    view = OnnxBackend().load(_bottleneck(tmp_path / "m.onnx"))
+    handle = view.handle
+    found = estimate(handle.model.graph, handle.value_shapes, handle.value_types, probe_feeds(view.inputs, 3, {}))
+    full = 3 * 8 * 64 * 4  # one [3,8,8,8] float tensor
+    # onnxruntime folds the BN into "expand" and adds into a: e never exists, so the Add holds a and y (one
+    # buffer when in place), not e + a (2 * full). The busiest node is then "reduce": a + s.
+    assert found.node == "'reduce' (Conv)"
+    assert found.node_bytes == full + full // 4
+    assert found.total == 2 * full + full // 4
+
+
+def test_huge_batch_is_refused_with_the_estimate_before_any_session(tmp_path: Path, monkeypatch) -> None:
+    model = _wide_conv(tmp_path / "wide.onnx")
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["probe", model, "--batch-sizes", "1,2,4096"])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    # 4096 * (3 + 64) * 224 * 224 floats: the inputs plus the Conv's output
+    expected = 4096 * (3 + 64) * 224 * 224 * 4
+    assert f"{expected / 1e9:.3g} GB" in lines[0], lines[0]
+    assert "batch size 4096" in lines[0] and "--batch-sizes" in lines[0] and "BNCHECK_MEMORY_BUDGET" in lines[0]
+    assert "4 GB" in lines[0]
+    # the refusal comes before any session is built or input drawn (drawing 2.5 GB alone takes seconds)
+    assert elapsed < 3, elapsed
+
+
+def test_same_model_at_a_batch_that_fits_runs(tmp_path: Path, monkeypatch) -> None:
+    model = _wide_conv(tmp_path / "wide.onnx")
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")
+    result = CliRunner().invoke(main, ["probe", model, "--batch-sizes", "1,2,32", "--format", "json"])
+    assert result.exit_code in (0, 1), result.stderr
+    assert '"findings"' in result.stdout
+
+
+@pytest.mark.parametrize("batch", [1, 4096])
+def test_fix_calibration_batch_is_checked_too(tmp_path: Path, monkeypatch, batch: int) -> None:
+    """`fix --data` recomputing stale statistics from 64 samples of 3x64x64: at --batch-size 1 it runs; at
+    4096 (all 64 samples in one batch: 64 * 67 * 64 * 64 floats, 70 MB) the calibration batch is refused
+    under a 50 MB budget, in which the probe of the original at 1, 2, 32 (35 MB) still runs."""
+    model = _wide_conv(tmp_path / "wide.onnx", hw=64, stale=True)
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32))
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "50MB")
+    args = ["fix", model, "--data", str(data), "--dry-run", "--batch-size", str(batch), "--format", "json"]
+    result = CliRunner().invoke(main, args)
+    if batch == 1:
+        assert result.exit_code in (0, 1), result.stderr
+        assert '"recalibrated"' in result.stdout
+    else:
+        assert result.exit_code == 2, result.output
+        assert "batch size 64" in result.stderr and "--batch-size" in result.stderr, result.stderr
