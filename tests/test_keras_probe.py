@@ -211,8 +211,9 @@ def test_keras3_baked_flag_reaches_downstream_layers_as_written_as_the_static_re
     view = KerasBackend().load(path)
     assert view.layer("b").batch_statistics and not view.layer("b").training
     as_written, predict = KerasBackend().probe(view, FAST)
-    np.testing.assert_allclose(as_written.at(1, "b").output.max, 0.25)  # b collapsed to its beta too
-    np.testing.assert_allclose(as_written.at(1, "b").output.min, 0.25)
+    # b collapsed to its beta too (to float32 rounding: a few ulps of 0.25 once in a busy run)
+    np.testing.assert_allclose(as_written.at(1, "b").output.max, 0.25, rtol=1e-6)
+    np.testing.assert_allclose(as_written.at(1, "b").output.min, 0.25, rtol=1e-6)
     assert not np.allclose(predict.at(1, "b").output.mean, 0.25)
 
 

@@ -47,7 +47,9 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
     try:
         outcome = fix_onnx(view, request)  # a dry run edits the loaded copy in memory and writes nothing
-    except (BackendError, OverBudgetError) as exc:
+    except OverBudgetError as exc:  # its remedy names fix's --batch-size, which a probe does not have
+        return one_line(exc).split(";")[0]
+    except BackendError as exc:
         return one_line(exc)
     changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
     if not changed:
