@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bncheck.findings import Finding, Severity
-from bncheck.fix_result import FixResult
 from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size, observed_set_size
 from bncheck.verdicts import is_affected, is_collapsed
+
+if TYPE_CHECKING:  # named in annotations only: probe and inspect never load the fix result types
+    from bncheck.fix_result import FixResult
 
 SCHEMA_VERSION = 1
 

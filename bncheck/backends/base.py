@@ -8,10 +8,13 @@ message is the one line the CLI prints (exit 2).
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
 from bncheck.errors import BncheckError, ErrorKind
-from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import ModelView, ProbeResult, ProbeSettings
+
+if TYPE_CHECKING:
+    from bncheck.fix_result import FixOutcome, FixRequest
 
 
 class BackendError(BncheckError):

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bncheck import __version__
 from bncheck.findings import Finding, number, shape_json
-from bncheck.fix_result import FixResult, LayerFix
 from bncheck.model import NormLayer, OutputComparison, ProbeResult, TensorStats, observed_set_size, summarize
 from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes, unknown_layers
 from bncheck.verdicts import dependence_verdict
+
+if TYPE_CHECKING:
+    from bncheck.fix_result import FixResult, LayerFix
 
 
 def render(report: Report) -> str:

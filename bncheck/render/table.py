@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich import box
@@ -20,11 +20,13 @@ from rich.table import Table
 from rich.text import Text
 
 from bncheck.findings import Finding
-from bncheck.fix_result import FixResult, LayerFix, StatsSummary
 from bncheck.model import NormLayer, ProbeResult
 from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
 from bncheck.report import Report, layer_status, probe_cell, set_sizes
+
+if TYPE_CHECKING:
+    from bncheck.fix_result import FixResult, LayerFix, StatsSummary
 
 _STYLE = {
     "error": "bold red",

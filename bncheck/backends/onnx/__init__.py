@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import Backend, BackendError, ProbeSettings
-from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import Dim, InputSpec, ModelView, ProbeResult
+
+if TYPE_CHECKING:
+    from bncheck.fix_result import FixOutcome, FixRequest
 
 #: `fix` keeps a model of up to this size loaded through its probe; larger ones are re-read from the file.
 KEEP_WEIGHTS_BYTES = 1 << 30
