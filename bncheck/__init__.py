@@ -35,7 +35,7 @@ def inspect(path: str, *, select: Sequence[str] = (), ignore: Sequence[str] = ()
 def probe(
     path: str,
     *,
-    batch_sizes: Iterable[int] = (1, 2, 32),
+    batch_sizes: Iterable[int] | None = None,
     data: str | np.ndarray | Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
@@ -44,13 +44,15 @@ def probe(
     ignore: Sequence[str] = (),
     fail_on: str = "error",
 ) -> Report:
-    """Static checks plus probe batches. ``data``: a .npy/.npz path, one array (single-input models) or a
-    mapping of input name to array, first axis = samples; None draws seeded synthetic inputs."""
+    """Static checks plus probe batches. ``batch_sizes``: None probes 1,2,32, or 1,2,B for an ONNX file that
+    fixes its batch to B. ``data``: a .npy/.npz path, one array (single-input models) or a mapping of input
+    name to array, first axis = samples; None draws seeded synthetic inputs."""
     from bncheck import engine
-    from bncheck.model import ProbeSettings
+    from bncheck.model import DEFAULT_BATCH_SIZES, ProbeSettings
 
     settings = ProbeSettings(
-        batch_sizes=tuple(int(b) for b in batch_sizes),
+        batch_sizes=DEFAULT_BATCH_SIZES if batch_sizes is None else tuple(int(b) for b in batch_sizes),
+        default_sizes=batch_sizes is None,
         seed=seed,
         input_shapes={k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()},
         data_path=data if isinstance(data, str) else None,

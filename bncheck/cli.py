@@ -212,7 +212,10 @@ def inspect(
 @main.command()
 @_common
 @click.option(
-    "--batch-sizes", type=BatchSizes(), default=None, help="Probe batch sizes, comma-separated.  [default: 1,2,32]"
+    "--batch-sizes",
+    type=BatchSizes(),
+    default=None,
+    help="Probe batch sizes, comma-separated.  [default: 1,2,32; 1,2,B for an ONNX file that fixes its batch to B]",
 )
 @click.option(
     "--seed",
@@ -307,7 +310,7 @@ def show_config(config_path: str | None) -> None:
     click.echo(f"select: {', '.join(cfg.select) or '(all checks)'}")
     click.echo(f"ignore: {', '.join(cfg.ignore) or '(none)'}")
     click.echo(f"fail-on: {cfg.fail_on or 'error (default)'}")
-    click.echo(f"batch-sizes: {cfg.batch_sizes or '1,2,32 (default)'}")
+    click.echo(f"batch-sizes: {cfg.batch_sizes or '1,2,32 (default; 1,2,B for a file that fixes its batch to B)'}")
     for pattern, codes in cfg.per_layer_ignores.items():
         click.echo(literal(f"per-layer-ignores: {pattern} = {', '.join(codes)}"))
     for entry in cfg.models:

@@ -66,8 +66,12 @@ def probe_view(
     # also without normalization layers: the probe tests the model's outputs for batch dependence
     probes = backend.probe(view, settings)
     recorded: dict[str, Any] = {
-        k: v for k, v in asdict(settings).items() if k not in ("data", "data_path", "progress", "input_shapes")
+        k: v
+        for k, v in asdict(settings).items()
+        if k not in ("data", "data_path", "progress", "input_shapes", "default_sizes")
     }
+    if settings.default_sizes and probes and probes[0].requested_batch_sizes:
+        recorded["batch_sizes"] = probes[0].requested_batch_sizes  # the default as fitted to the file
     recorded["input_shapes"] = {k: list(v) for k, v in settings.input_shapes.items()}
     recorded.update(select=list(select), ignore=list(ignore))
     return _report("probe", view, probes, checks, recorded, fail_on)

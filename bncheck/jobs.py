@@ -10,10 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from bncheck.config import Config
-from bncheck.model import Note
+from bncheck.model import DEFAULT_BATCH_SIZES, Note
 from bncheck.report import Report
-
-DEFAULT_BATCH_SIZES = (1, 2, 32)
 
 
 @dataclass(frozen=True)
@@ -64,8 +62,10 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
     cfg = options.config
     per_model = cfg.for_model(path)
     batch_sizes = options.batch_sizes
+    chosen = batch_sizes is not None
     if batch_sizes is None:
         text = (per_model.batch_sizes if per_model else None) or cfg.batch_sizes
+        chosen = bool(text)
         batch_sizes = parse_batch_sizes(text) if text else DEFAULT_BATCH_SIZES
     shapes = dict(options.input_shapes)
     if not shapes and per_model is not None:
@@ -79,6 +79,7 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
     with bar as progress:
         settings = ProbeSettings(
             batch_sizes=batch_sizes,
+            default_sizes=not chosen,
             seed=options.seed,
             input_shapes=shapes,
             data_path=data,

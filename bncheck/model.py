@@ -198,6 +198,16 @@ def fixed_batch(inputs: list[InputSpec]) -> int | None:
     return int(fixed.pop()) if len(fixed) == 1 and not free else None
 
 
+#: probe batch sizes when nobody chose them (command line, configuration, API)
+DEFAULT_BATCH_SIZES = (1, 2, 32)
+
+
+def default_batch_sizes(fixed: int | None) -> tuple[int, ...]:
+    """The default probe batch sizes for a file whose batch dim is ``fixed`` (None: free). A file that fixes
+    its batch to B never runs a larger one: 1 and 2 test collapse and batch dependence, B is what it runs."""
+    return DEFAULT_BATCH_SIZES if fixed is None else tuple(sorted({1, 2, fixed}))
+
+
 # --------------------------------------------------------------------------- probe statistics
 
 
@@ -477,7 +487,10 @@ class ProbeSettings:
     batch dependence is tested. ``progress`` is called with (done, total) steps, or None.
     """
 
-    batch_sizes: tuple[int, ...] = (1, 2, 32)
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    # True when ``batch_sizes`` is the default, not the user's choice: a backend that relaxes a batch dim
+    # fixed in the file probes default_batch_sizes(B) instead
+    default_sizes: bool = False
     seed: int = 0
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: dict[str, np.ndarray] | None = None

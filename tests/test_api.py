@@ -66,3 +66,12 @@ def test_importing_bncheck_imports_no_framework():
     code = "import sys, bncheck; print(sorted(m for m in ('numpy','onnx','onnxruntime','keras','rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_probe_without_batch_sizes_fits_the_default_to_a_file_fixed_to_batch_1(tmp_path):
+    """batch_sizes=None is the default (1,2 for a file that fixes its batch to 1); a list runs as given."""
+    from tests.test_onnx_exports import _convnet
+
+    path = _convnet(tmp_path / "m.onnx", 1)
+    assert bncheck.probe(path).probes[0].batch_sizes == (1, 2)
+    assert bncheck.probe(path, batch_sizes=[1, 2, 32]).probes[0].batch_sizes == (1, 2, 32)

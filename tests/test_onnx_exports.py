@@ -139,6 +139,49 @@ def test_a_fixed_batch_baked_into_a_reshape_is_relaxed_and_tested_for_dependence
     assert collapse == ({"error"} if fixed == 1 else {"info"})
 
 
+DEFAULT_SIZES_NOTE = (
+    "batch sizes {sizes}: the file fixes the batch to {fixed} (relaxed for the dependence test); "
+    "pass --batch-sizes to probe larger batches"
+)
+
+
+def test_a_fixed_batch_of_one_probed_without_batch_sizes_runs_1_2_and_says_so(tmp_path):
+    """Batch 32 is never something a batch-1 file runs: the default sizes are 1,2 (2 tests collapse and batch
+    dependence); sizes given on the command line or in the configuration run as given."""
+    path = _convnet(tmp_path / "m.onnx", 1, head_training=True)
+    code, doc = _probe_json(path)
+    run = _run(doc)
+    assert run["batch_sizes"] == [1, 2] and run["requested_batch_sizes"] == [1, 2]
+    assert doc["settings"]["batch_sizes"] == [1, 2]
+    assert DEFAULT_SIZES_NOTE.format(sizes="1,2", fixed=1) in run["notes"]
+    assert code == 1 and {("BN001", "error"), ("BN002", "error")} <= {
+        (f["code"], f["severity"]) for f in doc["findings"] if f["layer"] == "head_bn"
+    }
+    assert run["layers"]["head_bn"]["batch_dependence"]["verdict"] == "culprit"
+    table = CliRunner().invoke(main, ["probe", path]).stdout
+    assert "batch sizes 1,2: the file fixes the batch to 1" in " ".join(table.split())
+
+    _, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    assert _run(doc)["batch_sizes"] == [1, 2, 32] and doc["settings"]["batch_sizes"] == [1, 2, 32]
+    assert not any(n.startswith("batch sizes 1,2") for n in _run(doc)["notes"])
+    (tmp_path / "bncheck.toml").write_text("batch-sizes = [1, 2, 32]\n")
+    _, doc = _probe_json(path, "--config", str(tmp_path / "bncheck.toml"))
+    assert _run(doc)["batch_sizes"] == [1, 2, 32]
+
+
+def test_default_batch_sizes_are_1_2_8_for_a_file_fixed_to_8_and_1_2_32_for_a_free_batch(tmp_path):
+    fixed = _convnet(tmp_path / "fixed.onnx", 8, head_training=True)
+    code, doc = _probe_json(fixed)
+    run = _run(doc)
+    assert code == 1 and run["batch_sizes"] == [1, 2, 8] and doc["settings"]["batch_sizes"] == [1, 2, 8]
+    assert DEFAULT_SIZES_NOTE.format(sizes="1,2,8", fixed=8) in run["notes"]
+    assert run["layers"]["head_bn"]["batch_dependence"]["verdict"] == "culprit"
+    free = _convnet(tmp_path / "free.onnx", "N", head_training=True)
+    _, doc = _probe_json(free)
+    assert _run(doc)["batch_sizes"] == [1, 2, 32] and doc["settings"]["batch_sizes"] == [1, 2, 32]
+    assert not any(n.startswith("batch sizes") for n in _run(doc)["notes"])
+
+
 def test_a_fixed_batch_that_cannot_be_relaxed_is_tested_inside_the_batch(tmp_path):
     """Reshape [8, 4, 1, 1] -> [32, 1] mixes the batch into the rows: no output follows the fed batch, so the
     probe runs at 8 and swaps a sample's companions inside the batch of 8."""
@@ -411,5 +454,5 @@ def test_a_fixed_batch_with_symbolic_spatial_dims_is_relaxed_on_the_data_given(t
     np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32))
     code, doc = _probe_json(path, "--data", str(tmp_path / "d.npy"))
     run = _run(doc)
-    assert code == 0 and run["batch_sizes"] == [1, 2, 32]
+    assert code == 0 and run["batch_sizes"] == [1, 2, 8]  # the default sizes for a file fixed to 8
     assert run["batch_handling"].startswith("fixed to 8 in the file; relaxed to symbolic, validated")

@@ -23,7 +23,17 @@ from bncheck.backends.onnx.instrument import (
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.errors import few, one_line
-from bncheck.model import InputSpec, LayerProbe, ModelView, NormLayer, ProbeResult, TensorStats, fixed_batch
+from bncheck.model import (
+    DEFAULT_BATCH_SIZES,
+    InputSpec,
+    LayerProbe,
+    ModelView,
+    NormLayer,
+    ProbeResult,
+    TensorStats,
+    default_batch_sizes,
+    fixed_batch,
+)
 from bncheck.probe_data import ProbeDataError, check_sizes
 from bncheck.probe_plan import (
     Observed,
@@ -516,10 +526,12 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     the handle's model carries in-memory edits that are not in the file.
     """
     handle = view.handle
+    fixed = fixed_batch(view.inputs)
+    if settings.default_sizes:
+        settings = replace(settings, batch_sizes=default_batch_sizes(fixed))
     # without normalization layers too: the model's outputs are still tested for batch dependence
     _check_inputs(view, settings)
     preflight(view, settings)
-    fixed = fixed_batch(view.inputs)
     if settings.batch_sizes:
         largest = fixed if fixed is not None else max(settings.batch_sizes)
         _check_memory(handle.model.graph, handle.value_shapes, handle.value_types, view.inputs, settings, largest)
@@ -576,6 +588,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         ran = ran_note(engines[0].providers, settings.provider)
         result.notes.extend(n for n in [*engines[0].notes, *([ran] if ran else [])] if n not in result.notes)
         result.batch_handling = copy.batch
+        if fixed is not None and fixed_batch(copy.inputs) is None and settings.default_sizes:
+            result.notes.append(_default_sizes_note(settings.batch_sizes, fixed))
         for plan in engines[0].plans:
             if plan.input is None and plan.output is None:
                 result.unmeasured[plan.layer.name] = UNMEASURABLE
@@ -595,6 +609,14 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         else:
             result.recalibration = found
     return result
+
+
+def _default_sizes_note(sizes: tuple[int, ...], fixed: int) -> str:
+    """Why the default sizes ran for a file whose fixed batch was relaxed."""
+    text = f"batch sizes {','.join(map(str, sizes))}: the file fixes the batch to {fixed} (relaxed for the dependence test)"
+    if sizes != DEFAULT_BATCH_SIZES:
+        text += f"; pass --batch-sizes to probe {'larger' if fixed < max(DEFAULT_BATCH_SIZES) else 'other'} batches"
+    return text
 
 
 def measure_inputs(
