@@ -9,10 +9,11 @@ For every model of manifest.json, of ``.cache/exports/exports.json`` and for the
 twins.py writes into ``.cache/twins/`` (train-mode and 0/1 statistics, for every model with a
 BatchNormalization), this runs as whole subprocesses:
   - ``bncheck inspect --format json MODEL``;
-  - ``bncheck probe --format json [probe_args] MODEL`` (default batch sizes 1,2,32);
+  - ``bncheck probe --format json [probe_args] MODEL`` (default batch sizes 1,2,32; 1,2,B for a static batch B);
   - plain inference in the same venv: onnxruntime session (default options) + one pass at each batch size
-    the model runs (1, 2, 32, or its static batch), or for Keras files ``keras.saving.load_model`` + one call
-    per batch size with the backend bncheck uses (KERAS_BACKEND, default numpy).
+    the model runs (1, 2, 32), or for Keras files ``keras.saving.load_model`` + one call per batch size with
+    the backend bncheck uses (KERAS_BACKEND, default numpy). A file with a static batch B runs only B: as many
+    passes at B as cover the samples of the probe's batch sizes (1,2,B by default: ceil((3 + B) / B)).
 Wall time is measured by this process around each child (start to exit, interpreter start-up included for
 both sides); peak RSS is VmHWM from /proc/self/status inside each child (bncheck runs under a small wrapper
 that reads it at exit; ru_maxrss would include this parent's pages inherited at fork). Plain and probe are
@@ -244,9 +245,38 @@ def run_bncheck(bncheck: Path, args: list[str], measure_rss: bool) -> dict:
     }
 
 
+def probe_sizes(model: dict) -> list[int]:
+    """The batch sizes ``bncheck probe`` asks for: --batch-sizes in the model's probe_args, else the default
+    (1,2,32; 1,2,B for an ONNX file that fixes its batch to B)."""
+    args = [str(a) for a in model.get("probe_args", [])]
+    for i, arg in enumerate(args):
+        if arg == "--batch-sizes" and i + 1 < len(args):
+            return [int(b) for b in args[i + 1].split(",")]
+        if arg.startswith("--batch-sizes="):
+            return [int(b) for b in arg.split("=", 1)[1].split(",")]
+    fixed = fixed_batch_of(model)
+    return sorted({1, 2, fixed}) if fixed else [1, 2, 32]
+
+
+def fixed_batch_of(model: dict) -> int | None:
+    """B for an ONNX file whose inputs fix the batch (no input dim is "B" in the manifest), else None."""
+    sizes = model.get("batch_sizes") or []
+    free = any(d == "B" for spec in model.get("inputs", []) for d in spec["shape"])
+    return int(sizes[0]) if Path(model["path"]).suffix == ".onnx" and len(sizes) == 1 and not free else None
+
+
+def plain_batches(model: dict) -> list[int]:
+    """Plain inference's passes: one per batch size the model runs. A file that fixes its batch to B runs
+    only B, so it makes ceil(sum(probe sizes) / B) passes at B: the samples the probe's batches hold."""
+    fixed = fixed_batch_of(model)
+    if fixed is None:
+        return list(model["batch_sizes"])
+    return [fixed] * -(-sum(probe_sizes(model)) // fixed)
+
+
 def run_plain(python: str, model: dict) -> dict:
     code = PLAIN_KERAS if Path(model["path"]).suffix in (".h5", ".hdf5", ".keras") else PLAIN_ONNX
-    spec = json.dumps({"inputs": model["inputs"], "batch_sizes": model["batch_sizes"]})
+    spec = json.dumps({"inputs": model["inputs"], "batch_sizes": plain_batches(model)})
     t0 = time.perf_counter()
     proc = subprocess.run(
         [python, "-c", code, model["path"], spec], capture_output=True, text=True, timeout=TIMEOUT, check=False
@@ -288,6 +318,7 @@ def evaluate(model: dict, bncheck: Path, python: str, repeats: int) -> dict:
         "path": model["path"],
         "covers": model["covers"],
         "batch_sizes": model["batch_sizes"],
+        "plain_batches": plain_batches(model),
         "inspect": {k: v for k, v in inspect.items() if k != "doc"},
         "probe": {k: v for k, v in probe.items() if k != "doc"},
         "plain": plains[-1],
@@ -375,7 +406,11 @@ def _probe_ran(r: dict) -> str:
         handling = handling.get("mode") or handling.get("kind") or json.dumps(handling, sort_keys=True)
     if handling and len(str(handling)) > 90:
         handling = str(handling)[:89] + "…"
-    plain = ",".join(str(b) for b in r.get("batch_sizes", []))
+    passes = r.get("plain_batches") or r.get("batch_sizes", [])
+    if len(passes) > 1 and len(set(passes)) == 1:
+        plain = f"{passes[0]} x{len(passes)}"  # a fixed batch, run as often as the probe's samples need
+    else:
+        plain = ",".join(str(b) for b in passes)
     return f"{sizes}{f' ({handling})' if handling else ''} ({plain})"
 
 
@@ -461,7 +496,9 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
     text = [
         (
             f"Run {stamp}, bncheck {revision}, {repeats} interleaved plain/probe pair(s) per model (medians), "
-            "`bncheck probe` with default batch sizes 1,2,32 unless the manifest says otherwise."
+            "`bncheck probe` with default batch sizes (1,2,32; 1,2,B for a file with a static batch B) unless the "
+            "manifest says otherwise; plain inference of a static batch B runs as many passes at B as cover the "
+            'probe\'s samples ("1 x3").'
         ),
         "",
         head + "\n".join(rows),
