@@ -202,6 +202,7 @@ def test_model_without_a_baked_flag_is_probed_in_predict_style_only():
 
 
 def test_keras3_baked_flag_reaches_downstream_layers_as_written_as_the_static_reader_predicts(tmp_path):
+    keras.utils.set_random_seed(0)  # the Dense weights; b's collapsed output is beta up to float32 rounding
     inp = keras.Input((4,))
     a = layers.BatchNormalization(name="a", beta_initializer=keras.initializers.Constant(0.5))(inp, training=True)
     b = layers.BatchNormalization(name="b", beta_initializer=keras.initializers.Constant(0.25))(
@@ -211,9 +212,9 @@ def test_keras3_baked_flag_reaches_downstream_layers_as_written_as_the_static_re
     view = KerasBackend().load(path)
     assert view.layer("b").batch_statistics and not view.layer("b").training
     as_written, predict = KerasBackend().probe(view, FAST)
-    # b collapsed to its beta too (to float32 rounding: a few ulps of 0.25 once in a busy run)
-    np.testing.assert_allclose(as_written.at(1, "b").output.max, 0.25, rtol=1e-6)
-    np.testing.assert_allclose(as_written.at(1, "b").output.min, 0.25, rtol=1e-6)
+    # b collapsed to its beta too, to float32 rounding (0.2500009 seen unseeded: 32 ulps, over rtol 1e-6)
+    np.testing.assert_allclose(as_written.at(1, "b").output.max, 0.25, atol=1e-5)
+    np.testing.assert_allclose(as_written.at(1, "b").output.min, 0.25, atol=1e-5)
     assert not np.allclose(predict.at(1, "b").output.mean, 0.25)
 
 
