@@ -397,19 +397,27 @@ def _relax(
     # then cannot run is a note), and validating at the largest would double its most expensive run
     others = [min(b for b in settings.batch_sizes if b != fixed)]
     memo: dict[str, Any] = {}
-    relaxed = _relaxed(model, batched, fixed)
-    why = _validate(model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo)
     how = f"fixed to {fixed} in the file; relaxed to symbolic, validated"
+    # A Reshape/Expand constant holding the batch (torch's x.view(x.size(0), -1) exported at a fixed batch)
+    # makes the plain relaxed copy fail its proof: where there is one, the rewritten copy is proven first
+    # (one session and proof less on such files), and the plain copy only if that proof fails.
+    rewritten = _relaxed(model, batched, fixed)
+    count = _rewrite_batch_constants(rewritten, batched, fixed)
+    why: str | None = "not tried"
+    relaxed = model
+    if count:
+        why = _validate(
+            model, rewritten, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
+        )
+        if why is None:
+            relaxed = rewritten
+            how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
     if why is not None:
-        rewritten = _relaxed(model, batched, fixed)
-        count = _rewrite_batch_constants(rewritten, batched, fixed)
-        if count:
-            second = _validate(
-                model, rewritten, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
-            )
-            if second is None:
-                relaxed, why = rewritten, None
-                how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
+        del rewritten
+        relaxed = _relaxed(model, batched, fixed)
+        why = _validate(
+            model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
+        )
     if why is not None:
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
