@@ -173,16 +173,20 @@ def markdown(summary: dict[str, dict], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def byte_compile(python: str) -> None:
-    """Byte-compile the bncheck package ``python`` imports, as a regular ``pip install`` does: an editable
-    install run with PYTHONDONTWRITEBYTECODE=1 would otherwise compile its modules in every measured process."""
-    where = subprocess.run(
+def bncheck_folder(python: str) -> str:
+    """The folder of the bncheck package ``python`` imports ('' when it imports none)."""
+    return subprocess.run(
         [python, "-c", "import bncheck, os; print(os.path.dirname(bncheck.__file__))"],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     ).stdout.strip()
-    subprocess.run([python, "-m", "compileall", "-q", where], check=True)
+
+
+def byte_compile(python: str) -> None:
+    """Byte-compile the bncheck package ``python`` imports, as a regular ``pip install`` does: an editable
+    install run with PYTHONDONTWRITEBYTECODE=1 would otherwise compile its modules in every measured process."""
+    subprocess.run([python, "-m", "compileall", "-q", bncheck_folder(python)], check=True)
 
 
 def main() -> None:

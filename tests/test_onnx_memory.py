@@ -49,6 +49,21 @@ def _wide_conv(path: Path, hw: int = 224, stale: bool = False) -> str:
     return str(path)
 
 
+def _save(path: Path, nodes: list, inits: list, x: tuple[str, list[int]], y: tuple[str, list[int]]) -> str:
+    """One input and one output, both [N, *dims] float; checked by onnx.checker, saved."""
+    graph = helper.make_graph(
+        nodes,
+        path.stem,
+        [helper.make_tensor_value_info(x[0], F32, ["N", *x[1]])],
+        [helper.make_tensor_value_info(y[0], F32, ["N", *y[1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
 def _mixed(path: Path) -> str:
     """x[N,3,8,8] -> Pad 1 -> Conv 3x3 (4 ch) -> c; Relu(c) -> r; Concat(r, c) -> k[N,8,8,8]."""
     rng = np.random.default_rng(0)
@@ -62,17 +77,7 @@ def _mixed(path: Path) -> str:
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
         helper.make_node("Concat", ["r", "c"], ["k"], name="concat", axis=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "mixed",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("k", F32, ["N", 8, 8, 8])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    return _save(path, nodes, inits, ("x", [3, 8, 8]), ("k", [8, 8, 8]))
 
 
 def test_estimate_of_a_known_graph_equals_the_hand_computed_bytes(tmp_path: Path) -> None:
@@ -108,17 +113,7 @@ def _bottleneck(path: Path) -> str:
         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["e"], name="bn"),
         helper.make_node("Add", ["e", "a"], ["y"], name="add"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "bottleneck",
-        [helper.make_tensor_value_info("x", F32, ["N", 8, 8, 8])],
-        [helper.make_tensor_value_info("y", F32, ["N", 8, 8, 8])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    return _save(path, nodes, inits, ("x", [8, 8, 8]), ("y", [8, 8, 8]))
 
 
 def test_estimate_skips_the_conv_output_that_conv_add_fusion_never_materializes(tmp_path: Path) -> None:

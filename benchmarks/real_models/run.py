@@ -38,6 +38,9 @@ from pathlib import Path
 import twins
 from fetch import DEFAULT_CACHE, load_manifest, model_path, sha256_of
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the shared helpers
+from bench_probe import bncheck_folder, byte_compile
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 START = "<!-- real-models-table:start -->"
@@ -124,12 +127,7 @@ def interpreter_of(script: Path) -> str:
 
 def bncheck_revision(python: str) -> str:
     """bncheck's version and the git commit of its source tree (an editable install follows a moving branch)."""
-    where = subprocess.run(
-        [python, "-c", "import bncheck, os; print(os.path.dirname(bncheck.__file__))"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    where = bncheck_folder(python)
     commit = subprocess.run(
         ["git", "-C", where or ".", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -570,9 +568,6 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     models = collect_models(args.cache, only)
     python = interpreter_of(args.bncheck)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench_probe import byte_compile
-
     byte_compile(python)
     revision = args.revision or bncheck_revision(python)
     results = []
