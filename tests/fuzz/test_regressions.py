@@ -518,3 +518,19 @@ def test_empty_norm_parameters_print_no_numpy_warning() -> None:
         result = _run(ws, "inspect", "m.onnx")
         assert result.returncode in (0, 1) and result.stderr == ""
         assert "empty" in result.stdout
+
+
+def test_hdf5_file_on_which_libhdf5_loops_is_refused_in_bounded_time() -> None:
+    """Flipped bytes in keras_legacy_convnet.h5 (a damaged global heap behind its string attributes): libhdf5
+    looped forever reading the 'backend' attribute, so inspect and probe ran until killed."""
+    from tests.fuzz import strategies
+
+    recipe = {
+        "seed": "keras_legacy_convnet.h5",
+        "bytes": [("flip", 280, 36, 242), ("zero", 9448175, 26, 152), ("flip", 3800, 59, 49), ("flip", 39952, 22, 0)],
+    }
+    with Workspace() as ws:
+        path = strategies.build_mutated(recipe, ws.model_dir)
+        result = _run(ws, "inspect", path.name, timeout=50)
+        _refused(result, "did not finish in 20 s")
+        assert result.seconds < 40

@@ -30,15 +30,83 @@ RATIO_FLOOR = 1024**2
 MAX_H5_LINKS = 1_000_000
 
 
+#: Time a static read may take, in seconds: a base plus the file's size at a slow disk's pace.
+READ_SECONDS = 20.0
+READ_BYTES_PER_SECOND = 25e6
+
+
 def read(path: str) -> KerasFile:
     """Read ``path`` (.keras or .h5/.hdf5) into a :class:`KerasFile`. Raises BackendError (one line)."""
     if not os.path.exists(path):
         raise BackendError(f"{path}: no such file")
     if os.path.isdir(path):
         raise BackendError(f"{path}: is a directory, not a Keras model file")
+    if not hasattr(os, "fork"):
+        return _read(path)
+    limit = READ_SECONDS + os.path.getsize(path) / READ_BYTES_PER_SECOND
+    return _read_in_child(path, limit)
+
+
+def _read(path: str) -> KerasFile:
     if path.lower().endswith(".keras"):
         return _read_keras(path)
     return _read_h5(path)
+
+
+def _read_in_child(path: str, limit: float) -> KerasFile:
+    """:func:`_read` in a forked child, killed after ``limit`` seconds: libhdf5 loops forever in C on some
+    damaged files (a corrupt global heap behind a string attribute), where no Python timer can stop it."""
+    import pickle
+    import selectors
+    import signal
+    import time
+    import warnings
+
+    readable, writable = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ and JAX warn on fork in a threaded process; the child only reads the file and exits
+        warnings.simplefilter("ignore")
+        pid = os.fork()
+    if pid == 0:  # the child: one pickled (ok, value) pair on the pipe, then exit without cleanup
+        os.close(readable)
+        try:
+            try:
+                payload = pickle.dumps((True, _read(path)))
+            except BaseException as exc:
+                try:
+                    payload = pickle.dumps((False, exc))
+                except Exception:
+                    payload = pickle.dumps((False, RuntimeError(one_line(exc))))
+            with os.fdopen(writable, "wb") as pipe:
+                pipe.write(payload)
+        finally:
+            os._exit(0)
+    os.close(writable)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + limit
+    with os.fdopen(readable, "rb", buffering=0) as pipe, selectors.DefaultSelector() as selector:
+        selector.register(pipe, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise BackendError(
+                    f"{path}: reading the file did not finish in {limit:.0f} s (a damaged HDF5 structure "
+                    "makes libhdf5 loop); the file is refused"
+                )
+            chunk = pipe.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.waitpid(pid, 0)
+    try:
+        ok, value = pickle.loads(b"".join(chunks))
+    except Exception:
+        raise BackendError(f"{path}: reading the file stopped the reading process (a damaged file)") from None
+    if not ok:
+        raise value
+    return value
 
 
 def _read_keras(path: str) -> KerasFile:
