@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from bncheck.backends.base import ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.memory import estimate, probe_feeds
 from bncheck.cli import main
@@ -171,3 +172,31 @@ def test_fix_calibration_batch_is_checked_too(tmp_path: Path, monkeypatch, batch
     else:
         assert result.exit_code == 2, result.output
         assert "batch size 64" in result.stderr and "--batch-size" in result.stderr, result.stderr
+
+
+def _wide_mlp(path: Path) -> str:
+    """x[N,1024] -> MatMul 1024x1024 (4 MB of weights) -> BatchNormalization -> y: activations are tiny."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((1024, 1024)) * 0.03).astype(np.float32), "w")]
+    inits += [
+        numpy_helper.from_array(np.full(1024, v, np.float32), n) for n, v in (("g", 1), ("b", 0), ("m", 0), ("v", 1))
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+        helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    return _save(path, nodes, inits, ("x", [1024]), ("y", [1024]))
+
+
+def test_the_statistics_first_session_is_used_only_where_activations_are_not_small_against_weights(tmp_path: Path):
+    from bncheck.backends.onnx.run import worth_reordering
+
+    for build, expected in ((_wide_mlp, False), (_bottleneck, True)):
+        view = OnnxBackend().load(build(tmp_path / f"{build.__name__}.onnx"))
+        handle = view.handle
+        found = estimate(handle.model.graph, handle.value_shapes, handle.value_types, probe_feeds(view.inputs, 32, {}))
+        assert worth_reordering(found.node_bytes, handle.size_bytes) is expected, (build.__name__, found)
+        # either way the probe runs and measures the layer
+        result = OnnxBackend().probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
+        assert result.at(32, "bn") is not None
+    assert worth_reordering(None, 10**9)  # unknown activations: the default path

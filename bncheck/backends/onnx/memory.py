@@ -176,9 +176,9 @@ def check(
     feeds: Mapping[str, tuple[int, ...]],
     batch: int,
     remedy: str,
-) -> None:
+) -> Estimate:
     """Refuse (budget.OverBudgetError, exit 2) a run whose lower bound exceeds the memory budget; ``remedy``
-    says which option lowers the batch size."""
+    says which option lowers the batch size. Returns the estimate."""
     found = estimate(graph, shapes, types, feeds)
     parts = [f"inputs {budget.format_size(found.inputs)}"]
     if found.node is not None:
@@ -189,3 +189,4 @@ def check(
         remedy=remedy,
         lower_bound=True,
     )
+    return found
