@@ -534,3 +534,18 @@ def test_hdf5_file_on_which_libhdf5_loops_is_refused_in_bounded_time() -> None:
         result = _run(ws, "inspect", path.name, timeout=50)
         _refused(result, "did not finish in 20 s")
         assert result.seconds < 40
+
+
+def test_a_cut_onnxruntime_rejects_leaves_the_dependence_unlocated_instead_of_crashing() -> None:
+    """A flipped bit in collapse_1x1_train_mode.onnx drops the type of head_bn's attribute: the probe runs the
+    node by the spec's decomposition, but the localisation's cuts kept the node as written and onnxruntime's
+    InvalidGraph escaped as an internal error."""
+    from tests.fuzz import strategies
+
+    with Workspace() as ws:
+        path = strategies.build_mutated(
+            {"seed": "collapse_1x1_train_mode.onnx", "bytes": [("flip", 41829709, 1, 3)]}, ws.model_dir
+        )
+        result = _run(ws, "probe", path.name, "--format", "json")
+        assert result.returncode == 1
+        assert "where it starts was not located" in result.stdout

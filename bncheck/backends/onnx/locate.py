@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from bncheck.backends.onnx.probe_copy import ProbeCopy
 
 
+class _Unlocatable(Exception):
+    """onnxruntime cannot run a cut of the model: the dependence stays unlocated."""
+
+
 def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float | None:
     """How much a tensor differs between two runs of the same batch size ``batch`` that hold the same sample
     at ``row`` with other companions, in the tensor's standard deviations (rms over elements); None when
@@ -125,9 +129,12 @@ def locate_dependence(
             del graph.output[:]
             graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
             so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
-            session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            first = session.run(names, batch)
-            second = session.run(names, copies)
+            try:
+                session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                first = session.run(names, batch)
+                second = session.run(names, copies)
+            except Exception as exc:  # a cut the runtime rejects (a node only the probe's rewrite made runnable)
+                raise _Unlocatable from exc
             runs += 2
             for name, a, b in zip(names, first, second):
                 change = tensor_change(np.asarray(a), np.asarray(b), row, size)
@@ -135,14 +142,17 @@ def locate_dependence(
         return any(changes[t] > COMPANION_TOLERANCE for t in live(cut))
 
     lo, hi = 0, len(nodes) - 1
-    if not dependent(hi):
+    try:
+        if not dependent(hi):
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if dependent(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+    except _Unlocatable:
         return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if dependent(mid):
-            hi = mid
-        else:
-            lo = mid + 1
     node = nodes[lo]
     moved = [(changes.get(t, -1.0), t) for t in node.output if t]
     change, tensor = max(moved)
