@@ -188,15 +188,19 @@ def _wide_mlp(path: Path) -> str:
     return _save(path, nodes, inits, ("x", [1024]), ("y", [1024]))
 
 
-def test_the_statistics_first_session_is_used_only_where_activations_are_not_small_against_weights(tmp_path: Path):
-    from bncheck.backends.onnx.run import worth_reordering
+def test_the_statistics_first_session_is_skipped_only_for_large_weights_with_small_activations(tmp_path: Path):
+    from bncheck.backends.onnx.run import REORDER_WEIGHTS_FLOOR, worth_reordering
 
-    for build, expected in ((_wide_mlp, False), (_bottleneck, True)):
+    estimates = {}
+    for build in (_wide_mlp, _bottleneck):
         view = OnnxBackend().load(build(tmp_path / f"{build.__name__}.onnx"))
         handle = view.handle
         found = estimate(handle.model.graph, handle.value_shapes, handle.value_types, probe_feeds(view.inputs, 32, {}))
-        assert worth_reordering(found.node_bytes, handle.size_bytes) is expected, (build.__name__, found)
-        # either way the probe runs and measures the layer
-        result = OnnxBackend().probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
-        assert result.at(32, "bn") is not None
-    assert worth_reordering(None, 10**9)  # unknown activations: the default path
+        estimates[build.__name__] = found.node_bytes
+        # small weights: always used, whatever the estimate; the probe runs and measures the layer
+        assert worth_reordering(found.node_bytes, handle.size_bytes)
+        assert OnnxBackend().probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0].at(32, "bn") is not None
+    big = REORDER_WEIGHTS_FLOOR * 10  # the same activations next to 2.6 GB of weights (bench_large's MLP)
+    assert not worth_reordering(estimates["_wide_mlp"], big)  # 256 kB against 2.6 GB: not worth it
+    assert worth_reordering(estimates["_wide_mlp"] * 10**5, big)
+    assert worth_reordering(None, big)  # unknown activations: the default path

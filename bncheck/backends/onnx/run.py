@@ -63,12 +63,18 @@ UNMEASURABLE = (
 #: the largest batch and costs a second session build, writing the weights and reading them back: used where
 #: that activation is at least this share of the weights (ResNet-50 at batch 32: 1.5; a 2.6 GB MLP: 0.0004).
 REORDER_MIN_ACTIVATION_SHARE = 0.25
+#: Below these weight bytes the session is always used: rewriting small weights costs little, and the
+#: activation estimate is a lower bound that open intermediate dims (H, W the file leaves symbolic) shrink
+#: towards 0 (ppocr's classifier: 32 kB estimated, peak 12 MB lower with the session).
+REORDER_WEIGHTS_FLOOR = 256 * 10**6
 
 
 def worth_reordering(activations: int | None, weights: int) -> bool:
     """Whether the statistics-first session pays (see REORDER_MIN_ACTIVATION_SHARE); ``activations``: the
     busiest node's bytes at the largest batch (memory.estimate), None when unknown (then it is used)."""
-    return activations is None or activations >= REORDER_MIN_ACTIVATION_SHARE * weights
+    return (
+        weights < REORDER_WEIGHTS_FLOOR or activations is None or activations >= REORDER_MIN_ACTIVATION_SHARE * weights
+    )
 
 
 # --------------------------------------------------------------------------- session and decoding
