@@ -212,15 +212,7 @@ class _Flow:
         if fa.what == "dev" and fb is not None and fb.what == "inv" and fb.centered and _same_stats(fa, fb):
             if fa.scale is not None and fb.scale is not None:
                 return None
-            return Form(
-                "norm",
-                fa.x,
-                fa.axes,
-                fa.nodes | fb.nodes | {idx},
-                eps=fb.eps,
-                eps_after_sqrt=fb.eps_after_sqrt,
-                scale=fa.scale or fb.scale,
-            )
+            return _normalized(fa, fb, idx, fa.scale or fb.scale)
         if fb is not None or not self.param(b):
             return None
         if fa.what in ("dev", "inv") and fa.scale is None:
@@ -242,15 +234,7 @@ class _Flow:
                 return replace(fb, what="norm", nodes=fb.nodes | {idx})
             return None
         if fa.what == "dev" and fb.centered and _same_stats(fa, fb):
-            return Form(
-                "norm",
-                fa.x,
-                fa.axes,
-                fa.nodes | fb.nodes | {idx},
-                eps=fb.eps,
-                eps_after_sqrt=fb.eps_after_sqrt,
-                scale=fa.scale,
-            )
+            return _normalized(fa, fb, idx, fa.scale)
         return None
 
     def _sub(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
@@ -281,6 +265,19 @@ class _Flow:
 
 def _same_stats(a: Form, b: Form) -> bool:
     return a.x == b.x and a.axes == b.axes
+
+
+def _normalized(dev: Form, std: Form, idx: int, scale: str | None) -> Form:
+    """x - mean over (an inverse) std of the same statistics, joined at node ``idx``: a whole normalization."""
+    return Form(
+        "norm",
+        dev.x,
+        dev.axes,
+        dev.nodes | std.nodes | {idx},
+        eps=std.eps,
+        eps_after_sqrt=std.eps_after_sqrt,
+        scale=scale,
+    )
 
 
 # ====================================================================== entry points
