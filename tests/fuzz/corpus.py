@@ -109,6 +109,18 @@ def _bn_layer(name: str, shape: list, inbound: list[dict]) -> dict:
     }
 
 
+def _input_layer(batch_shape: list) -> dict:
+    """Keras 3's InputLayer entry named x."""
+    return {
+        "module": "keras.layers",
+        "class_name": "InputLayer",
+        "name": "x",
+        "registered_name": None,
+        "config": {"batch_shape": batch_shape, "dtype": "float32", "name": "x"},
+        "inbound_nodes": [],
+    }
+
+
 def keras_bn_config(batch_shape: list, bn_name: str = "bn") -> dict:
     """Functional [InputLayer x, BatchNormalization bn_name] as Keras 3 writes it."""
     return {
@@ -119,14 +131,7 @@ def keras_bn_config(batch_shape: list, bn_name: str = "bn") -> dict:
             "name": "m",
             "trainable": True,
             "layers": [
-                {
-                    "module": "keras.layers",
-                    "class_name": "InputLayer",
-                    "name": "x",
-                    "registered_name": None,
-                    "config": {"batch_shape": batch_shape, "dtype": "float32", "name": "x"},
-                    "inbound_nodes": [],
-                },
+                _input_layer(batch_shape),
                 _bn_layer(bn_name, batch_shape, [{"args": [_tensor(batch_shape, ["x", 0, 0])], "kwargs": {}}]),
             ],
             "input_layers": [["x", 0, 0]],
@@ -244,16 +249,7 @@ def nested_fanout_config(fan: int = 30, depth: int = 5) -> dict:
     for level in range(depth):
         name = f"m{level}"
         inner["name"] = inner["config"]["name"] = f"inner{level}"
-        layers = [
-            {
-                "module": "keras.layers",
-                "class_name": "InputLayer",
-                "name": "x",
-                "registered_name": None,
-                "config": {"batch_shape": shape, "dtype": "float32", "name": "x"},
-                "inbound_nodes": [],
-            }
-        ]
+        layers = [_input_layer(shape)]
         calls = [
             {"args": [_tensor(shape, ["x", 0, 0] if i == 0 else [inner["config"]["name"], i - 1, 0])], "kwargs": {}}
             for i in range(fan)
@@ -278,16 +274,7 @@ def nested_fanout_config(fan: int = 30, depth: int = 5) -> dict:
 def reversed_chain_config(length: int = 2000) -> dict:
     """A Functional chain x -> d0 -> d1 -> ... whose layers are listed last first (legal JSON, hostile order)."""
     shape = [None, 4]
-    layers = [
-        {
-            "module": "keras.layers",
-            "class_name": "InputLayer",
-            "name": "x",
-            "registered_name": None,
-            "config": {"batch_shape": shape, "dtype": "float32", "name": "x"},
-            "inbound_nodes": [],
-        }
-    ]
+    layers = [_input_layer(shape)]
     previous = "x"
     for i in range(length):
         name = f"bn{i}" if i % 10 == 0 else f"act{i}"
