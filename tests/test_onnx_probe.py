@@ -125,6 +125,51 @@ def test_generic_form_statistics_equal_numpy_for_channel_last_layer_norm(tmp_pat
     assert _compare_with_plain_run(path)["modes"] == "generic"
 
 
+def test_a_layer_norm_that_cannot_collapse_is_measured_without_extremes(tmp_path):
+    # 128 features: a set of one element is impossible, so min/max (BN001's evidence) are not measured
+    _, result = _probe(layernorm_model(tmp_path / "ln.onnx", shape=("N", 48, 128)), batch_sizes=(1, 2))
+    seen = result.at(2, "ln")
+    assert not seen.input.minmax_measured and not seen.output.minmax_measured
+    assert np.all(np.isnan(seen.output.min))
+
+
+def test_a_layer_norm_over_one_feature_keeps_its_extremes(tmp_path):
+    # normalized axis of size 1: it can collapse, so BN001 needs min/max
+    path = layernorm_model(tmp_path / "ln1.onnx", shape=("N", 4096, 1))
+    _, result = _probe(path, batch_sizes=(1, 2))
+    seen = result.at(2, "ln")
+    assert seen.input.minmax_measured and seen.output.minmax_measured
+    _compare_with_plain_run(path)
+
+
+def test_nan_into_a_layer_norm_without_extremes_is_counted_exactly(tmp_path):
+    # x * w, with one NaN feature, then LayerNorm over 128 features: the NaN shows in the sample means
+    # of the lean form, and the batch is measured again in the exact form, which counts it
+    w = np.ones(128, np.float32)
+    w[5] = np.nan
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "w"], ["h"], name="mul"),
+            helper.make_node("LayerNormalization", ["h", "s", "b"], ["y"], name="ln", axis=-1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 48, 128])],
+        [helper.make_tensor_value_info("y", F32, ["N", 48, 128])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.ones(128, np.float32), "s"),
+            numpy_helper.from_array(np.zeros(128, np.float32), "b"),
+        ],
+    )
+    path = str(tmp_path / "ln_nan.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    _, result = _probe(path, batch_sizes=(1, 3))
+    seen = result.at(3, "ln")
+    assert seen.input.nonfinite[5] == 3 * 48 and seen.input.nonfinite.sum() == 3 * 48
+    assert any("NaN/Inf" in n for n in result.notes)
+    _compare_with_plain_run(path, size=3)
+
+
 def test_instance_norm_and_moments_statistics_equal_numpy(tmp_path):
     x = helper.make_tensor_value_info("x", F32, ["N", 4, 40, 40])
     y = helper.make_tensor_value_info("y", F32, ["N", 4, 40, 40])
@@ -506,7 +551,8 @@ def test_a_runtime_failure_is_a_one_line_backend_error(tmp_path, monkeypatch):
 
 def _bn_then_instance_norm(path: Path) -> str:
     """x -> Conv -> BN (inference) -> y -> InstanceNormalization: y is an inference BN's output (no min/max
-    needed) and a statistics-computing layer's input (min/max needed), measured once."""
+    needed) and a statistics-computing layer's input (min/max needed: its H and W are open, so a set of one
+    element is possible), measured once."""
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")] + [
         numpy_helper.from_array(a.astype(np.float32), n)
@@ -527,8 +573,8 @@ def _bn_then_instance_norm(path: Path) -> str:
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 40, 40])],
-        [helper.make_tensor_value_info("z", F32, ["N", 4, 40, 40])],
+        [helper.make_tensor_value_info("x", F32, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("z", F32, ["N", 4, "H", "W"])],
         inits,
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -565,9 +611,9 @@ def test_inference_bn_min_max_are_not_measured_and_render_as_null(tmp_path):
 
 def test_a_tensor_an_inference_bn_outputs_and_a_norm_reads_gets_min_and_max(tmp_path):
     path = _bn_then_instance_norm(tmp_path / "bn_in.onnx")
-    _, result = _probe(path, batch_sizes=(1, 2))
+    _, result = _probe(path, batch_sizes=(1, 2), input_shapes={"x": (3, 40, 40)})
     assert result.at(2, "in").input.minmax_measured and result.at(2, "bn").output.minmax_measured
-    _compare_with_plain_run(path)  # min/max of the shared tensor equal numpy's
+    _compare_with_plain_run(path, input_shapes={"x": (3, 40, 40)})  # min/max of the shared tensor equal numpy's
 
 
 # --------------------------------------------------------------------------- where the weights are read from

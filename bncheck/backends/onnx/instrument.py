@@ -13,7 +13,7 @@ from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
-from bncheck.model import NormLayer
+from bncheck.model import NormLayer, normalized_set_size
 
 if TYPE_CHECKING:
     import onnx
@@ -47,6 +47,8 @@ class Measure:
     minmax: bool = True
     group: list[Any] | None = None
     channels: int | None = None
+    rank: int | None = None  # generic form: the tensor's rank
+    as_float: str | None = None  # generic form: the tensor as float32 (a Cast for other types)
 
 
 @dataclass
@@ -375,13 +377,8 @@ class Augmenter:
         key = (tensor, batch_axis, channel_axis)
         if key in self.measures:
             m = self.measures[key]
-            if minmax and not m.minmax and m.group is not None and m.channels is not None:
-                start = len(self.b.nodes)
-                self._fast_minmax(m, m.channels)
-                m.group.extend(self.b.nodes[start:])
-                del self.b.nodes[start:]
-                m.minmax = True
-                self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+            if minmax and not m.minmax:
+                self._add_extremes(m)
             return m
         if not tensor or tensor not in self.known:
             return None  # not a tensor of the main graph (e.g. inside a subgraph): not measurable
@@ -417,6 +414,7 @@ class Augmenter:
             self._fast(m, m.channels)
         else:
             m.mode = "generic"
+            m.minmax = minmax or self.exact
             self._generic(m, rank, elem)
         group = self.b.nodes[start:]
         del self.b.nodes[start:]
@@ -465,6 +463,21 @@ class Augmenter:
         if m.length is None:  # symbolic spatial dims: the runtime shape sizes the counts
             m.outputs["shape"] = b.one("Shape", [t], "shape")
 
+    def _add_extremes(self, m: Measure) -> None:
+        """Min/max (and the generic form's zero and NaN/Inf counts) for a tensor first measured without them."""
+        start = len(self.b.nodes)
+        if m.mode == "fast" and m.group is not None and m.channels is not None:
+            self._fast_minmax(m, m.channels)
+            m.group.extend(self.b.nodes[start:])
+        elif m.mode == "generic" and m.rank is not None and "mean" in m.outputs:
+            self._generic_extremes(m, m.rank)
+            self.after.setdefault(m.tensor, []).extend(self.b.nodes[start:])
+        else:
+            return
+        del self.b.nodes[start:]
+        m.minmax = True
+        self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+
     def _fast_minmax(self, m: Measure, channels: int) -> None:
         """Max of t, and max of -t (a depthwise 1x1 Conv with weight -1: NCHWc-native, unlike Neg)."""
         b, t = self.b, m.tensor
@@ -474,11 +487,15 @@ class Augmenter:
         m.outputs["negmin"] = b.one("GlobalMaxPool", [negated], "negmin")
 
     def _generic(self, m: Measure, rank: int, elem: int) -> None:
+        """Mean and sum of squares over the other axes; with ``m.minmax`` also the extremes and counts
+        (:meth:`_generic_extremes`). Without them a NaN/Inf still shows in its sample's mean (_needs_exact)."""
         import onnx
 
         b, t = self.b, m.tensor
+        m.rank = rank
         if elem != onnx.TensorProto.FLOAT:
             t = b.one("Cast", [t], "as_float", to=onnx.TensorProto.FLOAT)
+        m.as_float = t
         keep = [a for a in (m.batch_axis, m.channel_axis) if a is not None]
         spatial = [a for a in range(rank) if a not in keep]
         if spatial:
@@ -486,7 +503,18 @@ class Augmenter:
             m.outputs["sumsq"] = b.reduce("ReduceSumSquare", t, spatial, "sumsq")
         else:
             m.outputs["full"] = t
+            m.minmax = True
             return
+        m.outputs["shape"] = b.one("Shape", [m.tensor], "shape")
+        if m.minmax:
+            self._generic_extremes(m, rank)
+
+    def _generic_extremes(self, m: Measure, rank: int) -> None:
+        import onnx
+
+        b, t = self.b, m.as_float or m.tensor
+        keep = [a for a in (m.batch_axis, m.channel_axis) if a is not None]
+        spatial = [a for a in range(rank) if a not in keep]
         zero = b.const(np.zeros((), np.float32), "zero")
         is_zero = b.one("Cast", [b.one("Equal", [t, zero], "eq0")], "eq0f", to=onnx.TensorProto.FLOAT)
         m.outputs["zeros"] = b.reduce("ReduceSum", is_zero, spatial, "zeros")
@@ -500,7 +528,6 @@ class Augmenter:
         high = b.one("Where", [is_nan, b.const(np.array(-np.inf, np.float32), "ninf"), t], "nonan_hi")
         m.outputs["min"] = b.reduce("ReduceMin", low, spatial, "min")
         m.outputs["max"] = b.reduce("ReduceMax", high, spatial, "max")
-        m.outputs["shape"] = b.one("Shape", [m.tensor], "shape")
 
     # ------------------------------------------------------------ per layer
 
@@ -516,13 +543,14 @@ class Augmenter:
         plan = LayerPlan(layer)
         if layer.op_type == "BatchNormalization" and layer.training:
             runtime_out = self.decomposed.get(layer.output)
+            extremes = can_collapse(layer)
             if runtime_out is not None:
                 plan.spec = True
-                plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
+                plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis, extremes)
                 if not self.inputs_only:
-                    plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+                    plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, extremes)
                     if self.keep_runtime:
-                        plan.runtime = self.measure(runtime_out, layer.batch_axis, layer.channel_axis)
+                        plan.runtime = self.measure(runtime_out, layer.batch_axis, layer.channel_axis, extremes)
                 return plan
             plan.note = f"{layer.name}: train-mode BatchNormalization measured as onnxruntime computes it"
         affine = _inference_affine(layer)
@@ -534,9 +562,10 @@ class Augmenter:
             plan.affine = affine
             plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, minmax=False)
             return plan
-        plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis)
+        extremes = can_collapse(layer)
+        plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis, extremes)
         if not self.inputs_only and layer.output:
-            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis)
+            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, extremes)
         return plan
 
     def _decompose(self, idx: int) -> bool:
@@ -652,6 +681,14 @@ class Augmenter:
                 graph.output.append(helper.make_empty_tensor_value_info(name))
                 existing.add(name)
         return self.model
+
+
+def can_collapse(layer: NormLayer) -> bool:
+    """Whether a normalized set of ``layer`` may hold a single element at some batch size (its shape or axes
+    unknown, or its known dims multiplying to 1). Only then are a tensor's min, max and zero count measured:
+    BN001 reads them, and a LayerNorm over 512 features or a BN over 7x7 maps cannot collapse."""
+    known, _ = normalized_set_size(layer, batch=1)
+    return known is None or known < 2
 
 
 def _inference_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray] | None:

@@ -262,6 +262,20 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     mean = nc("mean")
     n = mean.shape[0]
     sq = nc("sumsq") / max(length, 1)
+    if "min" not in m.outputs:  # a layer that cannot collapse (Augmenter._plan): as the fast form
+        c = mean.shape[1]
+        return TensorStats(
+            n,
+            n * length,
+            mean,
+            sq,
+            np.full(c, np.nan),
+            np.full(c, np.nan),
+            np.zeros(c, np.int64),
+            np.zeros(c, np.int64),
+            zeros_exact=False,
+            minmax_measured=False,
+        )
     mn = np.fmin.reduce(nc("min"), axis=0)
     mx = np.fmax.reduce(nc("max"), axis=0)
     mn = np.where(np.isposinf(mn) & (nc("nonfinite").sum(axis=0) > 0), np.nan, mn)
@@ -277,7 +291,8 @@ def _needs_exact(m: Measure, stats: TensorStats) -> bool:
     The per-sample means alone decide it (also where min/max are not measured): a NaN or Inf element makes
     its sample's mean (a sum) non-finite; so does a finite square overflowing float32, which the exact
     form then measures correctly."""
-    return m.mode == "fast" and not (np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq)))
+    lean = m.mode == "fast" or ("min" not in m.outputs and "full" not in m.outputs)
+    return lean and not (np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq)))
 
 
 def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats:
