@@ -18,6 +18,7 @@ from onnx.reference import ReferenceEvaluator
 
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
 from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
 from bncheck.backends.onnx.run import (
     _Engine,
@@ -318,6 +319,34 @@ def test_train_mode_bn_reports_the_runtime_deviation_from_the_spec(tmp_path):
     clean = bn_model(tmp_path / "ok.onnx", channels=3, hw=(4, 4), training=True)
     _, result = _probe(clean, batch_sizes=(1, 4))
     assert result.at(4, "bn").source == "spec" and result.at(4, "bn").runtime_deviation < 1e-4
+
+
+def test_the_probe_graph_runs_train_mode_bn_by_the_spec_alone_and_still_reports_the_deviation(tmp_path):
+    # the runtime's node is not run beside the decomposition in every batch: a small model of its own
+    # (conformance.py) compares it with the spec, at each probed batch size
+    path = bn_model(tmp_path / "bug.onnx", channels=3, hw=(4, 4), training=True, **_EQUAL_PARAMS)
+    view = OnnxBackend().load(path)
+    engine = _Engine(view.handle, view.layers)
+    try:
+        assert [p.runtime for p in engine.plans] == [None]
+        assert [n.layer.name for n in engine.runtime_nodes] == ["bn"]
+    finally:
+        engine.close()
+    result = run_probe(view, ProbeSettings(batch_sizes=(1, 2, 8)))
+    assert result.at(2, "bn").runtime_deviation > 1e-2 and result.at(8, "bn").runtime_deviation > 1e-2
+
+
+def _runtime_node(view, path: str) -> RuntimeNode:
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    return RuntimeNode(view.layers[0], node, model.opset_import[0].version, model.ir_version)
+
+
+def test_conformance_finds_no_deviation_for_parameters_onnxruntime_gets_right(tmp_path):
+    path = bn_model(tmp_path / "ok.onnx", channels=3, hw=(4, 4), training=True)
+    view = OnnxBackend().load(path)
+    found, note = runtime_deviations([_runtime_node(view, path)], (1, 2, 32))
+    assert note is None and set(found["bn"]) == {1, 2, 32} and max(found["bn"].values()) < 1e-4
 
 
 def test_a_train_mode_node_onnxruntime_rejects_is_probed_by_the_spec_alone(tmp_path):

@@ -337,9 +337,12 @@ class Augmenter:
         self.outputs: list[str] = []
         # every train-mode BN follows the spec, measured or not: layers downstream depend on it
         self.decomposed: dict[str, str] = {}  # spec output name -> runtime node's renamed output
+        self.runtime_protos: dict[str, Any] = {}  # spec output name -> the node as the model wrote it
         for idx, node in enumerate(list(self.model.graph.node)):
             if self._is_train_bn(node):
                 y = node.output[0]
+                self.runtime_protos[y] = type(node)()
+                self.runtime_protos[y].CopyFrom(node)
                 if self._decompose(idx):
                     self.decomposed[y] = self.model.graph.node[idx].output[0]
         graph = self.model.graph

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError, ProbeSettings
+from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
@@ -286,7 +287,8 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
 
 
 def _needs_exact(m: Measure, stats: TensorStats) -> bool:
-    """A fast-form tensor whose numbers are not finite: NaN/Inf counts need the exact form.
+    """A tensor measured without its counts (the fast form, or the generic one without extremes) whose
+    numbers are not finite: NaN/Inf counts need the exact form.
 
     The per-sample means alone decide it (also where min/max are not measured): a NaN or Inf element makes
     its sample's mean (a sum) non-finite; so does a finite square overflowing float32, which the exact
@@ -376,6 +378,7 @@ class _Engine:
         self.tmp = tmp or tempfile.mkdtemp(prefix="bncheck-probe-")
         self.exact = False
         self.decomposed: dict[str, str] = {}
+        self.runtime_nodes: list[RuntimeNode] = []
         self.initializer_stubs: list[Any] | None = None  # the weights this engine wrote, as external stubs
         self.notes: list[str] = []
         try:
@@ -386,18 +389,15 @@ class _Engine:
 
     def _open(self, exact: bool) -> None:
         self.session = None  # free the previous session (and its weights) first
+        # a train-mode BN runs by the spec's decomposition alone; its runtime deviation is measured on a
+        # small model of its own (conformance.py), not beside the decomposition in every batch
         try:
-            self._build(exact, keep_runtime=True)
+            self._build(exact, keep_runtime=False)
         except BackendError:
             if not self.decomposed:
                 raise
-            # onnxruntime rejects a train-mode node itself (e.g. an opset-9 node with 3 outputs): probe by
-            # the spec alone, without the runtime's deviation
-            self._build(exact, keep_runtime=False)
-            self.notes.append(
-                "onnxruntime cannot run the train-mode BatchNormalization node(s) as written; they are "
-                "measured by the ONNX spec only (no runtime deviation)"
-            )
+            # an output only the runtime's node writes (an old opset's saved mean) is read: keep the node
+            self._build(exact, keep_runtime=True)
         self.exact = exact
         for plan in self.plans:
             if plan.input is None and plan.output is None:
@@ -412,6 +412,11 @@ class _Engine:
             if self.initializer_stubs is None:
                 self.initializer_stubs = aug.initializer_stubs
             self.decomposed = dict(aug.decomposed)
+            self.runtime_nodes = [
+                RuntimeNode(p.layer, aug.runtime_protos[p.layer.output], aug.opset, int(aug.model.ir_version))
+                for p in aug.plans
+                if p.spec and p.layer.output in aug.runtime_protos
+            ]
             model = aug.finish()
             self.plans = aug.plans
             # the model's own outputs too: the batch-dependence test compares them (probe_plan)
@@ -633,6 +638,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                 requested_batch_sizes=tuple(settings.batch_sizes),
                 notes=[*copy.notes, f"not probed: {one_line(exc)}"],
             )
+        _add_runtime_deviations(result, engines[0].runtime_nodes, settings.seed)
         result.notes[:0] = [n for n in copy.notes if n not in result.notes]
         ran = ran_note(engines[0].providers, settings.provider)
         result.notes.extend(n for n in [*engines[0].notes, *([ran] if ran else [])] if n not in result.notes)
@@ -658,6 +664,20 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         else:
             result.recalibration = found
     return result
+
+
+def _add_runtime_deviations(result: ProbeResult, nodes: list[RuntimeNode], seed: int) -> None:
+    """Each spec-computed layer's runtime deviation (conformance.py) where its batches did not measure one."""
+    if not nodes or not result.batch_sizes:
+        return
+    found, note = runtime_deviations(nodes, tuple(result.batch_sizes), seed)
+    if note is not None and note not in result.notes:
+        result.notes.append(note)
+    for batch, layers in result.layers.items():
+        for name, by_batch in found.items():
+            seen = layers.get(name)
+            if seen is not None and seen.source == "spec" and seen.runtime_deviation is None and batch in by_batch:
+                layers[name] = replace(seen, runtime_deviation=by_batch[batch])
 
 
 def _default_sizes_note(sizes: tuple[int, ...], fixed: int) -> str:

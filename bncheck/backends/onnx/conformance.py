@@ -1,0 +1,159 @@
+"""onnxruntime's own train-mode BatchNormalization against the ONNX spec, per layer and batch size.
+
+The probe computes every train-mode BN by the spec's decomposition (onnxruntime's CPU kernel deviates from
+the spec for some parameters). Whether the runtime's kernel deviates, and by how much, is measured here on
+one small model: a copy of each such node with the layer's own parameters and attributes, fed at each probed
+batch size with small maps drawn around its running statistics, and compared with the spec's formula. The
+probe's own graph then no longer carries the runtime's node beside the decomposition in every batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bncheck.errors import one_line
+from bncheck.model import NormLayer
+
+#: each spatial dim of the conformance input at most this (a 1x1 map stays 1x1: the one-element set case)
+SPATIAL = 2
+#: the probe's note when onnxruntime refuses the nodes themselves
+REFUSED = (
+    "onnxruntime cannot run the train-mode BatchNormalization node(s) as written; they are measured by "
+    "the ONNX spec only (no runtime deviation)"
+)
+
+
+@dataclass
+class RuntimeNode:
+    """A train-mode BN node as the model writes it (before the probe replaced it) and its layer."""
+
+    layer: NormLayer
+    node: Any  # onnx.NodeProto, a copy
+    opset: int
+    ir_version: int
+
+
+def _params(layer: NormLayer) -> list[np.ndarray] | None:
+    values = [layer.scale, layer.bias, layer.mean, layer.var]
+    if any(v is None for v in values) or layer.epsilon is None or layer.extra.get("spatial", 1) == 0:
+        return None
+    arrays = [np.asarray(v, np.float32).ravel() for v in values]
+    return arrays if len({a.size for a in arrays}) == 1 and arrays[0].size > 0 else None
+
+
+def _spatial(layer: NormLayer) -> tuple[int, ...] | None:
+    shape = layer.input_shape
+    if shape is None or len(shape) < 2 or layer.channel_axis != 1 or layer.batch_axis != 0:
+        return None
+    return tuple(min(d, SPATIAL) if isinstance(d, int) and d > 0 else SPATIAL for d in shape[2:])
+
+
+def _model(entries: list[tuple[int, RuntimeNode, list[np.ndarray], tuple[int, ...]]]) -> Any:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    nodes: list[Any] = []
+    inputs: list[Any] = []
+    outputs: list[Any] = []
+    inits: list[Any] = []
+    for i, entry, params, spatial in entries:
+        node = onnx.NodeProto()
+        node.CopyFrom(entry.node)
+        names = [f"x{i}", *(f"p{i}_{k}" for k in range(4))]
+        del node.input[:]
+        node.input.extend(names)
+        count = len(node.output)
+        training = any(a.name == "training_mode" and a.i for a in node.attribute)
+        count = max(count, 3) if training else count
+        del node.output[:]
+        node.output.extend([f"y{i}", *(f"y{i}_{k}" for k in range(1, count))])
+        nodes.append(node)
+        channels = params[0].size
+        inputs.append(helper.make_tensor_value_info(f"x{i}", onnx.TensorProto.FLOAT, ["N", channels, *spatial]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None))
+        inits.extend(numpy_helper.from_array(p, n) for p, n in zip(params, names[1:]))
+    graph = helper.make_graph(nodes, "bncheck_conformance", inputs, outputs, inits)
+    first = entries[0][1]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", first.opset)])
+    model.ir_version = max(first.ir_version, 4)  # IR 3 would want every initializer as a graph input
+    return model
+
+
+def _spec(x: np.ndarray, params: list[np.ndarray], epsilon: float) -> np.ndarray:
+    """The spec's train-mode output, in float64 (its formula in numpy: onnx.reference's import alone costs
+    about 0.1 s per probe)."""
+    scale, bias = (p.astype(np.float64).reshape(1, -1, *([1] * (x.ndim - 2))) for p in params[:2])
+    axes = (0, *range(2, x.ndim))
+    wide = x.astype(np.float64)
+    mean = wide.mean(axis=axes, keepdims=True)
+    var = wide.var(axis=axes, keepdims=True)
+    return (wide - mean) / np.sqrt(var + np.float64(np.float32(epsilon))) * scale + bias
+
+
+def _inputs(params: list[np.ndarray], spatial: tuple[int, ...], batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Maps around the layer's running statistics, so that the numbers have the magnitudes it sees."""
+    mean, var = params[2], params[3]
+    per_channel = (1, -1, *([1] * len(spatial)))
+    with np.errstate(invalid="ignore"):
+        loc = np.where(np.isfinite(mean), mean, 0).astype(np.float32).reshape(per_channel)
+        spread = np.where(np.isfinite(var) & (var > 0), np.sqrt(np.abs(var)), 1).astype(np.float32).reshape(per_channel)
+    draw = rng.standard_normal((batch, mean.size, *spatial), dtype=np.float32)
+    return draw * spread + loc
+
+
+def _deviation(runtime: np.ndarray, spec: np.ndarray) -> float:
+    """Largest |runtime - spec| of the per-sample channel means and the channel min and max: the numbers
+    the probe's statistics hold (inf where one side is not finite and the other is)."""
+    worst = 0.0
+    n, c = spec.shape[:2]
+    pairs = []
+    for a in (runtime.astype(np.float64), spec):
+        per_sample = a.reshape(n, c, -1)
+        per_channel = np.ascontiguousarray(per_sample.transpose(1, 0, 2)).reshape(c, -1)
+        pairs.append((per_sample.mean(axis=2), per_channel.min(axis=1), per_channel.max(axis=1)))
+    for r, s in zip(*pairs):
+        if np.any(np.isfinite(r) != np.isfinite(s)):
+            return float("inf")
+        both = np.isfinite(r) & np.isfinite(s)
+        if both.any():
+            worst = max(worst, float(np.max(np.abs(r[both] - s[both]))))
+    return worst
+
+
+def runtime_deviations(
+    nodes: list[RuntimeNode], batch_sizes: tuple[int, ...], seed: int = 0
+) -> tuple[dict[str, dict[int, float]], str | None]:
+    """Largest |runtime - spec| of each layer's output (see :func:`_deviation`) per layer name and batch
+    size; a note when onnxruntime refuses the nodes (then no numbers)."""
+    from bncheck.backends.onnx.run import quiet_onnxruntime
+
+    entries = []
+    for i, entry in enumerate(nodes):
+        params, spatial = _params(entry.layer), _spatial(entry.layer)
+        if params is not None and spatial is not None:
+            entries.append((i, entry, params, spatial))
+    if not entries:
+        return {}, None
+    import onnxruntime as ort
+
+    quiet_onnxruntime()
+    try:
+        session = ort.InferenceSession(_model(entries).SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:
+        return {}, REFUSED
+    found: dict[str, dict[int, float]] = {}
+    rng = np.random.default_rng(seed)
+    for batch in batch_sizes:
+        feeds = {f"x{i}": _inputs(params, spatial, batch, rng) for i, _, params, spatial in entries}
+        try:
+            values = session.run([f"y{i}" for i, *_ in entries], feeds)
+        except Exception as exc:
+            return {}, f"{REFUSED}: {one_line(exc)}"
+        for (i, entry, params, _), runtime in zip(entries, values):
+            spec = _spec(feeds[f"x{i}"], params, float(entry.layer.epsilon or 0.0))
+            with np.errstate(all="ignore"):
+                found.setdefault(entry.layer.name, {})[batch] = _deviation(np.asarray(runtime), spec)
+    return found, None
