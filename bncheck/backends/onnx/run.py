@@ -178,6 +178,15 @@ def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
+def _shrink_arena() -> Any:
+    """Run options that return the CPU arena's unused chunks to the system at the end of the run."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 def _trim() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
     try:
@@ -379,6 +388,7 @@ class _Engine:
         self.exact = False
         self.decomposed: dict[str, str] = {}
         self.runtime_nodes: list[RuntimeNode] = []
+        self.largest_feed = 0  # bytes of the largest feeds run so far (see _run)
         self.initializer_stubs: list[Any] | None = None  # the weights this engine wrote, as external stubs
         self.notes: list[str] = []
         try:
@@ -468,8 +478,15 @@ class _Engine:
         if self.copy is not None and self.copy.fixed_feeds:
             feeds = {**feeds, **self.copy.fixed_feeds}
         assert self.session is not None  # built before any batch runs
+        size = sum(int(np.asarray(a).nbytes) for a in feeds.values())
+        options = None
+        if size > self.largest_feed:
+            # the largest batch so far grew the arena: hand back what the run no longer uses before the
+            # statistics are decoded, which would otherwise add to the peak (ResNet-50 at 32: 30 MB)
+            self.largest_feed = size
+            options = _shrink_arena()
         try:
-            values = self.session.run(self.output_names, feeds)
+            values = self.session.run(self.output_names, feeds, options)
         except Exception as exc:
             if self.providers == [CPU]:
                 raise BackendError(f"{self.handle.path}: onnxruntime failed: {one_line(exc)}") from exc
