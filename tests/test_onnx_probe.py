@@ -21,11 +21,13 @@ from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
 from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
 from bncheck.backends.onnx.run import (
+    RAM_FOLDER,
     _Engine,
     _gather_tables,
     _session,
     measure_inputs,
     run_probe,
+    scratch_folder,
 )
 from bncheck.model import TensorStats
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
@@ -700,3 +702,29 @@ def test_weights_are_read_from_the_model_file_itself_when_stored_as_raw_data(tmp
         assert where["location"].startswith("weights-") and written
     _compare_with_plain_run(path)
     assert sorted(os.listdir(tmp_path)) == ["wide.onnx"]
+
+
+# --------------------------------------------------------------------------- where the probe's files go
+
+
+@pytest.mark.skipif(not os.path.isdir(RAM_FOLDER), reason="no RAM-backed folder on this system")
+def test_the_probe_scratch_folder_is_in_ram_when_it_has_room(monkeypatch):
+    monkeypatch.delenv("TMPDIR", raising=False)
+    folder = scratch_folder(1 << 20)
+    try:
+        assert os.path.dirname(folder) == RAM_FOLDER
+    finally:
+        os.rmdir(folder)
+    stats = os.statvfs(RAM_FOLDER)
+    too_big = scratch_folder(stats.f_bavail * stats.f_frsize)  # not four times over: the default place
+    try:
+        assert os.path.dirname(too_big) == tempfile.gettempdir()
+    finally:
+        os.rmdir(too_big)
+
+
+def test_the_probe_scratch_folder_follows_tmpdir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # tempfile reads TMPDIR once per process
+    folder = scratch_folder(1 << 20)
+    assert os.path.dirname(folder) == str(tmp_path)
