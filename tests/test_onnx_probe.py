@@ -298,7 +298,7 @@ def test_measure_inputs_downstream_of_a_train_mode_bn_follow_the_spec(tmp_path):
 _EQUAL_PARAMS = {"bias": [0.0] * 3, "mean": [0.0] * 3, "var": [1.0] * 3, "scale": [1.0] * 3}
 
 
-@pytest.mark.parametrize("hw", [(1, 1), (4, 4)])
+@pytest.mark.parametrize("hw", [(1, 1), (4, 4), (7,)])
 def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw):
     path = bn_model(tmp_path / "t.onnx", channels=3, hw=hw, training=True, **_EQUAL_PARAMS)
     view = OnnxBackend().load(path)

@@ -596,9 +596,18 @@ class Augmenter:
             # private copies: onnxruntime's train-mode kernel may write the running statistics into a
             # buffer it shares with an equal initializer (onnxruntime#29790)
             params[role] = b.one("Identity", [name], f"spec_{role}")
-        mean = b.reduce("ReduceMean", x, axes, "spec_mean", keepdims=1)
-        centered = b.one("Sub", [x, mean], "spec_centered")
-        var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
+        if spatial_mode == 1 and rank >= 3:
+            # the mean over (0, 2, ...) as the batch mean of per-sample GlobalAveragePools: onnxruntime keeps
+            # those in its NCHWc layout, where a ReduceMean over (0, 2, 3) reorders the whole tensor first
+            # (ResNet-50 in train mode, batch-32 run: 1.24-1.37 s -> 1.10-1.12 s)
+            mean = b.reduce("ReduceMean", b.one("GlobalAveragePool", [x], "spec_gap"), [0], "spec_mean", keepdims=1)
+            centered = b.one("Sub", [x, mean], "spec_centered")
+            sq = b.one("GlobalAveragePool", [b.one("Mul", [centered, centered], "spec_sq")], "spec_gapsq")
+            var = b.reduce("ReduceMean", sq, [0], "spec_var", keepdims=1)
+        else:
+            mean = b.reduce("ReduceMean", x, axes, "spec_mean", keepdims=1)
+            centered = b.one("Sub", [x, mean], "spec_centered")
+            var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
         eps_c = b.const(np.array(eps, np.float32), "spec_eps")
         std = b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")
         if spatial_mode == 0:
