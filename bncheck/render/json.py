@@ -258,7 +258,7 @@ def _stats(stats: TensorStats | None) -> dict[str, Any] | None:
             "channels": stats.channels,
             "mean": number(float(np.mean(stats.mean))),
             "std": number(float(np.mean(np.sqrt(stats.var)))),
-            # null when not measured (TensorStats.minmax_measured: an inference BN's min/max)
+            # null when not measured (TensorStats.minmax_measured: an inference BN, a layer that cannot collapse)
             "min": number(float(np.min(stats.min))) if stats.minmax_measured else None,
             "max": number(float(np.max(stats.max))) if stats.minmax_measured else None,
             "zeros": stats.total_zeros,
