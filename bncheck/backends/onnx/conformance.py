@@ -9,6 +9,8 @@ probe's own graph then no longer carries the runtime's node beside the decomposi
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,23 +108,31 @@ def _inputs(params: list[np.ndarray], spatial: tuple[int, ...], batch: int, rng:
     return draw * spread + loc
 
 
+def largest_difference(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Largest |a - b| over the finite entries of each pair; inf where the shapes differ or one side is
+    finite and the other is not."""
+    worst = 0.0
+    for a, b in pairs:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape or np.any(np.isfinite(a) != np.isfinite(b)):
+            return math.inf
+        both = np.isfinite(a) & np.isfinite(b)
+        if both.any():
+            worst = max(worst, float(np.max(np.abs(a[both] - b[both]))))
+    return worst
+
+
 def _deviation(runtime: np.ndarray, spec: np.ndarray) -> float:
     """Largest |runtime - spec| of the per-sample channel means and the channel min and max: the numbers
-    the probe's statistics hold (inf where one side is not finite and the other is)."""
-    worst = 0.0
+    the probe's statistics hold."""
     n, c = spec.shape[:2]
-    pairs = []
-    for a in (runtime.astype(np.float64), spec):
+
+    def summary(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         per_sample = a.reshape(n, c, -1)
         per_channel = np.ascontiguousarray(per_sample.transpose(1, 0, 2)).reshape(c, -1)
-        pairs.append((per_sample.mean(axis=2), per_channel.min(axis=1), per_channel.max(axis=1)))
-    for r, s in zip(*pairs):
-        if np.any(np.isfinite(r) != np.isfinite(s)):
-            return float("inf")
-        both = np.isfinite(r) & np.isfinite(s)
-        if both.any():
-            worst = max(worst, float(np.max(np.abs(r[both] - s[both]))))
-    return worst
+        return per_sample.mean(axis=2), per_channel.min(axis=1), per_channel.max(axis=1)
+
+    return largest_difference(zip(summary(runtime.astype(np.float64)), summary(spec)))
 
 
 def runtime_deviations(
@@ -130,8 +140,6 @@ def runtime_deviations(
 ) -> tuple[dict[str, dict[int, float]], str | None]:
     """Largest |runtime - spec| of each layer's output (see :func:`_deviation`) per layer name and batch
     size (at most :data:`BATCH` samples run); a note when onnxruntime refuses the nodes (then no numbers)."""
-    from bncheck.backends.onnx.run import quiet_onnxruntime
-
     entries = []
     for i, entry in enumerate(nodes):
         params, spatial = _params(entry.layer), _spatial(entry.layer)
@@ -141,9 +149,10 @@ def runtime_deviations(
         return {}, None
     import onnxruntime as ort
 
-    quiet_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a refusal is expected and becomes the note; nothing on stderr
     try:
-        session = ort.InferenceSession(_model(entries).SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(_model(entries).SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception:
         return {}, REFUSED
     found: dict[str, dict[int, float]] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError, ProbeSettings
-from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
+from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
@@ -250,6 +249,27 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     return ort.InferenceSession(graph_only.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def _without_extremes(
+    batch: int, count: int, mean: np.ndarray, sq: np.ndarray, nonfinite: np.ndarray | None = None, derived: bool = False
+) -> TensorStats:
+    """Statistics whose min, max and zero counts were not measured (TensorStats.minmax_measured): NaN extremes,
+    zeros a lower bound of 0; NaN/Inf none unless given (a non-finite batch is re-run exact, _needs_exact)."""
+    c = mean.shape[1]
+    return TensorStats(
+        batch,
+        count,
+        mean,
+        sq,
+        np.full(c, np.nan),
+        np.full(c, np.nan),
+        np.zeros(c, np.int64),
+        np.zeros(c, np.int64) if nonfinite is None else nonfinite.copy(),
+        derived=derived,
+        zeros_exact=False,
+        minmax_measured=False,
+    )
+
+
 def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     if "full" in m.outputs:
         return tensor_stats(values[m.outputs["full"]], m.channel_axis, m.batch_axis)
@@ -261,20 +281,17 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
         length = m.length
         if length is None:
             length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
-        if "max" in m.outputs:
-            lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
-            hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
-        else:  # not measured (an inference BN's output): NaN, flagged by minmax_measured=False
-            lo = hi = np.full(c, np.nan)
+        if not m.minmax:  # an inference BN's output, or a layer that cannot collapse
+            return _without_extremes(n, n * length, mean, sq)
+        lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
+        hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
         # zeros are not counted in the fast form (it would cost a full-size temporary per tensor): exact
         # where min/max decide it, else 0 (a lower bound), flagged by zeros_exact=False
         zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
         # NaN/Inf: none here; a non-finite element makes its sample's mean non-finite, and such a batch is
         # re-run in the exact form, which counts them (_needs_exact)
         nonfinite = np.zeros(c, np.int64)
-        return TensorStats(
-            n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False, minmax_measured="max" in m.outputs
-        )
+        return TensorStats(n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False)
 
     # generic: reductions keep batch and channel axes in their original order
     def nc(name: str) -> np.ndarray:
@@ -295,20 +312,8 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     mean = nc("mean")
     n = mean.shape[0]
     sq = nc("sumsq") / max(length, 1)
-    if "min" not in m.outputs:  # a layer that cannot collapse (Augmenter._plan): as the fast form
-        c = mean.shape[1]
-        return TensorStats(
-            n,
-            n * length,
-            mean,
-            sq,
-            np.full(c, np.nan),
-            np.full(c, np.nan),
-            np.zeros(c, np.int64),
-            np.zeros(c, np.int64),
-            zeros_exact=False,
-            minmax_measured=False,
-        )
+    if not m.minmax:  # a layer that cannot collapse (Augmenter._plan)
+        return _without_extremes(n, n * length, mean, sq)
     mn = np.fmin.reduce(nc("min"), axis=0)
     mx = np.fmax.reduce(nc("max"), axis=0)
     mn = np.where(np.isposinf(mn) & (nc("nonfinite").sum(axis=0) > 0), np.nan, mn)
@@ -325,8 +330,9 @@ def _needs_exact(m: Measure, stats: TensorStats) -> bool:
     The per-sample means alone decide it (also where min/max are not measured): a NaN or Inf element makes
     its sample's mean (a sum) non-finite; so does a finite square overflowing float32, which the exact
     form then measures correctly."""
-    lean = m.mode == "fast" or ("min" not in m.outputs and "full" not in m.outputs)
-    return lean and not (np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq)))
+    return (m.mode == "fast" or not m.minmax) and not (
+        np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq))
+    )
 
 
 def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats:
@@ -335,20 +341,7 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
         mean = (out.sample_mean - b) / a
         sq = (out.sample_sq - 2.0 * b * out.sample_mean + b * b) / (a * a)
     if not out.minmax_measured:  # nothing to map (the usual case: 53 layers x 7 runs on ResNet-50)
-        c = out.min.shape[0]
-        return TensorStats(
-            out.batch_size,
-            out.count,
-            mean,
-            sq,
-            np.full(c, np.nan),
-            np.full(c, np.nan),
-            np.zeros(c, np.int64),
-            out.nonfinite.copy(),
-            derived=True,
-            zeros_exact=False,
-            minmax_measured=False,
-        )
+        return _without_extremes(out.batch_size, out.count, mean, sq, out.nonfinite, derived=True)
     with np.errstate(all="ignore"):
         lo = (out.min - b) / a
         hi = (out.max - b) / a
@@ -371,18 +364,8 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
 
 
 def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
-    worst = 0.0
-    for r, s in ((runtime.sample_mean, spec.sample_mean), (runtime.min, spec.min), (runtime.max, spec.max)):
-        r = np.asarray(r, np.float64)
-        s = np.asarray(s, np.float64)
-        if r.shape != s.shape:
-            return math.inf
-        both = np.isfinite(r) & np.isfinite(s)
-        if np.any(np.isfinite(r) != np.isfinite(s)):
-            worst = math.inf
-        if both.any():
-            worst = max(worst, float(np.max(np.abs(r[both] - s[both]))))
-    return worst
+    pairs = ((runtime.sample_mean, spec.sample_mean), (runtime.min, spec.min), (runtime.max, spec.max))
+    return largest_difference(pairs)
 
 
 class _Engine:
