@@ -413,8 +413,9 @@ def _relax(
             relaxed = rewritten
             how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
     if why is not None:
+        # with nothing rewritten the copy already is the plain relaxed one
+        relaxed = _relaxed(model, batched, fixed) if count else rewritten
         del rewritten
-        relaxed = _relaxed(model, batched, fixed)
         why = _validate(
             model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
         )
