@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bncheck.model import NormLayer, TensorStats, summarize
+from bncheck.model import NormLayer, TensorStats, median, summarize
 
 if TYPE_CHECKING:
     from bncheck.findings import Finding
@@ -108,9 +108,9 @@ def uncertainty(stats: TensorStats) -> Uncertainty:
     return Uncertainty(
         n,
         int(stats.count),
-        float(np.median(mean_sd)),
+        median(mean_sd),
         float(np.max(mean_sd)),
-        float(np.median(var_rel)),
+        median(var_rel),
         float(np.max(var_rel)),
     )
 

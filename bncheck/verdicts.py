@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from bncheck.model import BatchDependence, Kind, NormLayer, OutputComparison, TensorStats
+from bncheck.model import BatchDependence, Kind, NormLayer, OutputComparison, TensorStats, median
 
 #: Relative spread (max - min over batch and spatial positions, over max(1, |value|)) below which a channel
 #: counts as constant. The ONNX reference gives exactly the bias on a one-element set; onnxruntime's kernels
@@ -211,7 +211,7 @@ def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray)
     tiny = np.finfo(np.float32).tiny
     shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
     ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
-    return float(np.median(shift)), float(np.median(ratio))
+    return median(shift), median(ratio)
 
 
 def drifts(shift: float, log_ratio: float) -> bool:

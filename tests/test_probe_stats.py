@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from bncheck.model import median
 from bncheck.probe_plan import make_plan, merge_stats, tensor_stats
 
 
@@ -100,3 +103,13 @@ def test_take_returns_the_rows_and_slices_consecutive_rows_without_copying():
         assert _take(pool, rows)["x"].flags["C_CONTIGUOUS"]
     assert np.shares_memory(_take(pool, (1, 2, 3))["x"], pool["x"])
     assert not np.shares_memory(_take(pool, (4, 0))["x"], pool["x"])
+
+
+def test_median_equals_numpys_and_is_nan_for_nan_or_nothing():
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 3, 10, 11):
+        values = rng.standard_normal(size)
+        assert median(values) == float(np.median(values))
+    assert median(np.array([[4.0, np.inf], [1.0, 2.0]])) == float(np.median([4.0, np.inf, 1.0, 2.0]))
+    assert math.isnan(median(np.array([1.0, np.nan, 2.0])))
+    assert math.isnan(median(np.array([])))

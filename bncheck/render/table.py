@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bncheck.findings import Finding
-from bncheck.model import NormLayer, ProbeResult
+from bncheck.model import NormLayer, ProbeResult, median
 from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
 from bncheck.report import Report, layer_status, probe_cell, set_sizes
@@ -284,7 +284,7 @@ def _stats(layer: NormLayer) -> str:
         return "-" if not layer.uses_running_stats else "unknown"
     if np.size(layer.mean) == 0 or np.size(layer.var) == 0:
         return "empty"
-    return f"{float(np.median(layer.mean)):.3g} / {float(np.median(layer.var)):.3g}"
+    return f"{median(layer.mean):.3g} / {median(layer.var):.3g}"
 
 
 def _set(layer: NormLayer) -> str:
