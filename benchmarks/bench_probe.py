@@ -1,7 +1,7 @@
 """Benchmark: `bncheck probe` against plain onnxruntime inference, on several models.
 
 Usage: python benchmarks/bench_probe.py [--repeats 5] [--models resnet50,mobilenet-v2,...] [--keep DIR]
-                                        [--markdown] [--json OUT]
+                                        [--markdown] [--json OUT] [--all-layers]
 
 Builds each model (benchmarks/resnet_model.py, benchmarks/arch_models.py) in a temporary folder, then
 alternates, ``--repeats`` times and model after model inside each repeat (so that a busy spell of the
@@ -100,9 +100,11 @@ backend = OnnxBackend()
 view = backend.load(sys.argv[1])
 t1 = time.perf_counter()
 rss_load = peak_mb()
-result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
+all_layers = len(sys.argv) > 2 and sys.argv[2] == "all-layers"
+result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32), all_layers=all_layers))[0]
 wall = time.perf_counter() - t0
-assert len(result.dependence) == len(view.layers), (len(result.dependence), len(view.layers))
+measured = len(result.dependence) + len(result.not_needed)
+assert measured == len(view.layers), (len(result.dependence), len(result.not_needed), len(view.layers))
 deps = list(result.dependence.values())
 print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": peak_mb(), "rss_after_load_mb": rss_load,
                   "runs": counts["runs"], "dyn_runs": counts["dyn_runs"], "dyn_s": counts["dyn_s"],
@@ -115,8 +117,8 @@ print(json.dumps({"wall": wall, "load": t1 - t0, "rss_mb": peak_mb(), "rss_after
 )
 
 
-def _child(code: str, model: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, model], check=True, capture_output=True, text=True)
+def _child(code: str, model: str, *extra: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, model, *extra], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -196,6 +198,11 @@ def main() -> None:
     parser.add_argument("--keep", help="build the models in this folder and keep them (reused when present)")
     parser.add_argument("--markdown", action="store_true", help="also print the table for benchmarks/README.md")
     parser.add_argument("--json", help="write every measurement to this file")
+    parser.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="probe as `bncheck probe --all-layers` does: inference-mode BNs measured too (what measuring them costs)",
+    )
     args = parser.parse_args()
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in MODELS]
@@ -215,7 +222,8 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             for name, path in paths.items():
                 for side, code in (("plain", PLAIN), ("probe", PROBE)):
-                    runs[name][side].append(_child(code, path))
+                    extra = ("all-layers",) if side == "probe" and args.all_layers else ()
+                    runs[name][side].append(_child(code, path, *extra))
                 print(
                     f"repeat {rep + 1} {name}: plain {runs[name]['plain'][-1]} probe {runs[name]['probe'][-1]}",
                     file=sys.stderr,

@@ -43,10 +43,12 @@ def probe(
     select: Sequence[str] = (),
     ignore: Sequence[str] = (),
     fail_on: str = "error",
+    all_layers: bool = False,
 ) -> Report:
     """Static checks plus probe batches. ``batch_sizes``: None probes 1,2,32, or 1,2,B for an ONNX file that
     fixes its batch to B. ``data``: a .npy/.npz path, one array (single-input models) or a mapping of input
-    name to array, first axis = samples; None draws seeded synthetic inputs."""
+    name to array, first axis = samples; None draws seeded synthetic inputs. ``all_layers``: measure every
+    normalization layer, also inference-mode ones that no check needs without ``data``."""
     from bncheck import engine
     from bncheck.model import DEFAULT_BATCH_SIZES, ProbeSettings
 
@@ -58,6 +60,7 @@ def probe(
         data_path=data if isinstance(data, str) else None,
         data_source=data if isinstance(data, str) else ("in-memory" if data is not None else "synthetic"),
         samples=samples,
+        all_layers=all_layers,
     )
     arrays = None if data is None or isinstance(data, str) else data
     return engine.probe(str(path), settings, select=select, ignore=ignore, fail_on=fail_on, arrays=arrays)

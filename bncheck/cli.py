@@ -252,6 +252,12 @@ def inspect(
     help="onnxruntime execution provider for ONNX models (auto: the best this onnxruntime has; "
     "nodes a GPU provider cannot run fall back to the CPU).",
 )
+@click.option(
+    "--all-layers",
+    is_flag=True,
+    help="Measure every normalization layer, also inference-mode ones no check needs without --data "
+    "(slower: each measured output keeps onnxruntime from fusing it into its convolution).",
+)
 def probe(
     models: tuple[str, ...],
     fmt: str,
@@ -270,6 +276,7 @@ def probe(
     data: str | None,
     samples: int,
     provider: str,
+    all_layers: bool,
 ) -> None:
     """Run probe batches through each MODEL and report collapse, batch dependence, drift and NaN/Inf per layer."""
     from bncheck.jobs import Options
@@ -285,6 +292,7 @@ def probe(
         input_shapes=input_shapes,
         data=data,
         provider=provider,
+        all_layers=all_layers,
     )
     _run_models(
         models, options, fmt, output, debug, jobs, config_path, baseline, write_baseline, inputs=[("--data file", data)]

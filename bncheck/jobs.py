@@ -28,6 +28,7 @@ class Options:
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     data: str | None = None
     provider: str = "cpu"
+    all_layers: bool = False
     config: Config = field(default_factory=Config)
     baseline: frozenset[tuple[str, str, str]] | None = None
     progress: bool = False  # a progress bar for this model's probe batches (one model, at a terminal)
@@ -87,6 +88,7 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
             samples=options.samples,
             progress=progress,
             provider=options.provider,
+            all_layers=options.all_layers,
         )
         return engine.probe(path, settings, select=select, ignore=ignore, fail_on=fail_on)
 

@@ -366,6 +366,9 @@ class ProbeResult:
     recalibration: Recalibration | None = None
     # layers the probe could not measure, with the reason (shown as "not measured", never "ok")
     unmeasured: dict[str, str] = field(default_factory=dict)
+    # layers the probe left unmeasured because no check needs their numbers, with the reason
+    # (probe_plan.needs_statistics): judged by the static checks and the model's outputs alone
+    not_needed: dict[str, str] = field(default_factory=dict)
     requested_batch_sizes: tuple[int, ...] = ()  # what the user asked for; ``batch_sizes`` are those that ran
     batch_handling: str | None = None  # how a batch dim fixed in the file was handled (None: free)
 
@@ -510,3 +513,5 @@ class ProbeSettings:
     samples: int = 4
     progress: Callable[[int, int], None] | None = None
     provider: str = "cpu"  # cpu | cuda | tensorrt | auto: onnxruntime execution provider (ONNX models)
+    # measure every normalization layer, also those no check needs (probe_plan.needs_statistics)
+    all_layers: bool = False

@@ -39,6 +39,7 @@ from bncheck.model import (
     LayerProbe,
     LocatedDependence,
     ModelView,
+    NormLayer,
     OutputComparison,
     ProbeResult,
     ProbeSettings,
@@ -253,6 +254,26 @@ def real_rows(run: tuple[int, ...]) -> int:
         if run[i] != run[i - 1] + 1:
             return i
     return len(run)
+
+
+#: why a probe without --data leaves an inference-mode normalization layer unmeasured (ProbeResult.not_needed)
+NOT_NEEDED = (
+    "in inference mode: an affine map per channel, which cannot collapse or depend on the batch by itself; "
+    "measured with --data or --all-layers, or once the model's outputs hold NaN/Inf"
+)
+
+
+def needs_statistics(layer: NormLayer, settings: ProbeSettings) -> bool:
+    """Whether a probe measures ``layer`` from its first batch on.
+
+    A layer that computes statistics from its input can collapse (BN001) or mix a batch (BN002): always. One
+    that normalizes with its stored statistics is an affine map per channel: only --data gives its numbers a
+    use (BN003 compares them with the stored ones); without it nothing needs them but the naming of the first
+    NaN/Inf (BN005), and the engine measures such layers once the model's outputs hold NaN/Inf. Measuring an
+    inference BN's output keeps onnxruntime from fusing it and the next Relu/Add into its convolution and
+    reads the whole tensor twice (benchmarks/README.md). ``--all-layers`` measures them all the same.
+    """
+    return settings.all_layers or settings.data is not None or layer.computes_statistics
 
 
 def preflight(view: ModelView, settings: ProbeSettings) -> None:

@@ -160,8 +160,11 @@ def layer_status(report: Report, layer: NormLayer) -> str:
 
 
 def unmeasured_reason(report: Report, layer: NormLayer) -> str | None:
-    """Why no probe measured ``layer`` (None when some probe did, or none ran)."""
+    """Why no probe measured ``layer`` (None when some probe did, when none ran, or when no check needed its
+    numbers: ProbeResult.not_needed)."""
     if any(probe.at(b, layer.name) is not None for probe in report.probes for b in probe.batch_sizes):
+        return None
+    if any(layer.name in probe.not_needed for probe in report.probes):
         return None
     for probe in report.probes:
         if layer.name in probe.unmeasured:

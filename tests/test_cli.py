@@ -257,3 +257,15 @@ def test_probe_at_batch_size_1_only_says_dependence_was_not_tested(runner, clean
     assert result.exit_code == 0, result.output
     runs = json.loads(result.stdout)["probe"]["runs"]
     assert "batch dependence not tested: it needs a batch size above 1" in runs[0]["notes"]
+
+
+def test_all_layers_measures_the_inference_bns_a_default_probe_leaves_unmeasured(runner, clean):
+    def layers(*extra: str) -> dict:
+        result = runner.invoke(main, ["probe", clean, "--format", "json", "--batch-sizes", "1,2", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["probe"]["runs"][0]["layers"]
+
+    [default] = layers().values()
+    assert default["by_batch_size"] == {} and default["not_measured"].startswith("in inference mode: an affine map")
+    [every] = layers("--all-layers").values()
+    assert set(every["by_batch_size"]) == {"1", "2"} and "not_measured" not in every

@@ -126,7 +126,8 @@ def test_state_with_the_batch_on_axis_1_probes_at_1_2_32_and_the_scalar_is_fed_f
     assert (inputs["x"].batch_axis, inputs["state"].batch_axis, inputs["sr"].batch_axis) == (0, 1, None)
     assert inputs["sr"].fill == RATE  # the rate the graph tests it against, not a random 0/1
 
-    code, doc = _probe(path, *(["--input-shape", "x:8", "--input-shape", "state:2x4"] if batch is None else []))
+    shapes = ["--input-shape", "x:8", "--input-shape", "state:2x4"] if batch is None else []
+    code, doc = _probe(path, "--all-layers", *shapes)
     run = doc["probe"]["runs"][0]
     assert code == 0 and doc["findings"] == []
     assert run["batch_sizes"] == [1, 2, 32] and not any("not run" in n for n in run["notes"])

@@ -111,7 +111,7 @@ def _convnet(
 @pytest.mark.parametrize("written", [-1, 0])
 def test_a_batch_dim_written_as_minus_one_or_zero_is_symbolic(tmp_path, written):
     path = _convnet(tmp_path / "m.onnx", written)
-    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32", "--all-layers")
     assert code == 0 and doc["probe"]["batch_sizes"] == [1, 2, 32]
     assert _run(doc)["layers"]["bn"]["batch_dependence"]["verdict"] == "independent"
     result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
@@ -127,7 +127,7 @@ def test_a_fixed_batch_baked_into_a_reshape_is_relaxed_and_tested_for_dependence
     """torch.onnx.export without dynamic axes: input [fixed, ...] and view(fixed, -1) as a Reshape constant.
     The probe's copy computes that constant from the fed batch, proves it equal, and runs every size."""
     path = _convnet(tmp_path / "m.onnx", fixed, head_training=True)
-    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32", "--all-layers")
     run = _run(doc)
     assert code == 1 and run["batch_sizes"] == [1, 2, 32] and run["requested_batch_sizes"] == [1, 2, 32]
     assert run["batch_handling"].startswith(f"fixed to {fixed} in the file; relaxed to symbolic, validated (1 ")
@@ -277,7 +277,7 @@ def _opset6_bn(path: Path, extra: list | None = None) -> str:
 
 
 def test_opset_6_batch_norm_with_ir_3_initializer_inputs_is_upgraded_and_probed(tmp_path):
-    code, doc = _probe_json(_opset6_bn(tmp_path / "m.onnx"), "--batch-sizes", "1,2,32")
+    code, doc = _probe_json(_opset6_bn(tmp_path / "m.onnx"), "--batch-sizes", "1,2,32", "--all-layers")
     run = _run(doc)
     assert code == 0 and run["batch_sizes"] == [1, 2, 32]
     assert any(n.startswith("opset 6 upgraded to 13 for the probe") for n in run["notes"])
@@ -336,7 +336,7 @@ def test_graph_inputs_that_only_feed_norm_parameters_are_fed_fixed_not_batched(t
         ),
         path,
     )
-    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32", "--all-layers")
     run = _run(doc)
     assert run["batch_sizes"] == [1, 2, 32]
     assert any(

@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
@@ -31,7 +32,7 @@ from bncheck.backends.onnx.run import (
 )
 from bncheck.model import TensorStats
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
-from bncheck.probe_plan import make_plan, tensor_stats
+from bncheck.probe_plan import NOT_NEEDED, make_plan, tensor_stats
 from tests.builders import bn_model, layernorm_model, moments_model
 
 F32 = TensorProto.FLOAT
@@ -83,8 +84,9 @@ def _assert_close(got: TensorStats, ref: TensorStats, rel: float = 1e-4) -> None
 
 
 def _probe(path: str, **settings) -> tuple:
+    """A probe that measures every layer (the machinery under test), unless the caller says otherwise."""
     view = OnnxBackend().load(path)
-    return view, run_probe(view, ProbeSettings(**settings))
+    return view, run_probe(view, ProbeSettings(**{"all_layers": True, **settings}))
 
 
 def _feeds_of_batch(view, settings: ProbeSettings, size: int) -> dict[str, np.ndarray]:
@@ -95,7 +97,7 @@ def _feeds_of_batch(view, settings: ProbeSettings, size: int) -> dict[str, np.nd
 
 
 def _compare_with_plain_run(path: str, size: int = 5, input_shapes=None) -> dict[str, str]:
-    settings = ProbeSettings(batch_sizes=(1, size), input_shapes=input_shapes or {})
+    settings = ProbeSettings(batch_sizes=(1, size), input_shapes=input_shapes or {}, all_layers=True)
     view = OnnxBackend().load(path)
     result = run_probe(view, settings)
     names = sorted({t for layer in view.layers for t in (layer.input, layer.output)})
@@ -627,7 +629,7 @@ def test_inference_bn_min_max_are_not_measured_and_render_as_null(tmp_path):
     for stats in (probe.input, probe.output):
         assert not stats.minmax_measured and np.all(np.isnan(stats.min)) and np.all(np.isnan(stats.max))
     _compare_with_plain_run(path)  # means and squares still equal numpy's
-    document = json.loads(json_render.render(engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))))
+    document = json.loads(json_render.render(engine.probe(path, ProbeSettings(batch_sizes=(1, 2), all_layers=True))))
     schema = json.loads(resources.files("bncheck").joinpath("schema/report.schema.json").read_text())
     jsonschema.validate(document, schema)
     cells = [
@@ -728,3 +730,39 @@ def test_the_probe_scratch_folder_follows_tmpdir(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # tempfile reads TMPDIR once per process
     folder = scratch_folder(1 << 20)
     assert os.path.dirname(folder) == str(tmp_path)
+
+
+def test_a_default_probe_measures_layers_that_compute_statistics_and_leaves_inference_bns_to_data(tmp_path):
+    path = _bn_then_instance_norm(tmp_path / "bn_in.onnx")
+    shapes = {"x": (3, 16, 16)}
+    _, default = _probe(path, batch_sizes=(1, 2), input_shapes=shapes, all_layers=False)
+    assert default.at(2, "in") is not None and default.at(2, "bn") is None
+    assert default.not_needed == {"bn": NOT_NEEDED} and "bn" not in default.dependence and "in" in default.dependence
+    data = {"x": np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    _, with_data = _probe(path, batch_sizes=(1, 2), data=data, all_layers=False)
+    _, every = _probe(path, batch_sizes=(1, 2), input_shapes=shapes)
+    for result in (with_data, every):
+        assert result.at(2, "bn") is not None and not result.not_needed
+
+
+def test_nan_made_upstream_of_an_inference_bn_is_named_at_its_input_by_the_default_probe(tmp_path):
+    # Sqrt of standard-normal inputs: NaN in about half the elements, before the only (inference-mode) BN
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
+    nodes = [
+        helper.make_node("Sqrt", ["x"], ["r"], name="sqrt"),
+        helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", F32, ["N", 3, 4, 4])],
+        inits,
+    )
+    path = str(tmp_path / "sqrt_bn.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
+    [finding] = [f for f in report.findings if f.code == "BN005"]
+    assert finding.layer == "bn" and finding.evidence == {"kind": "observed", "where": "input", "batch_sizes": [1, 2]}
+    [probe] = report.probes
+    assert not probe.not_needed and any(n.startswith("NaN/Inf in the model's outputs") for n in probe.notes)

@@ -17,8 +17,8 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 WIDTHS = (60, 80, 120, 200)
 
 
-def _probe(path: str):
-    return engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 32)))
+def _probe(path: str, all_layers: bool = False):
+    return engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 32), all_layers=all_layers))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def reports(tmp_path_factory):
     return {
         "collapse probe": _probe(str(SAMPLES / "collapse_1x1_train_mode.onnx")),
         "resnet inspect": engine.inspect(str(SAMPLES / "clean_resnet.onnx")),
-        "torch names probe": _probe(long_names),
+        "torch names probe": _probe(long_names, all_layers=True),
         "torch names inspect": engine.inspect(long_names),
         "hostile inspect": engine.inspect(hostile),
         "hostile probe": _probe(hostile),
@@ -103,7 +103,8 @@ def test_legend_explains_the_words_the_table_shows(reports):
 
 
 def test_affected_is_explained_when_a_layer_is_affected():
-    text = table.render(_probe(str(SAMPLES / "handwritten_batch_moments.onnx")), width=100)
+    # inference-mode layers downstream of the batch moments: measured (and so "affected") with --all-layers
+    text = table.render(_probe(str(SAMPLES / "handwritten_batch_moments.onnx"), all_layers=True), width=100)
     assert any(line.rstrip().endswith("affected") for line in text.splitlines())  # a layer's status
     assert any(line.startswith("affected ") for line in text.splitlines())  # its legend line
 
@@ -135,3 +136,11 @@ def test_the_set_column_names_the_batch_N_and_hides_generated_dim_names(tmp_path
     # the JSON report keeps the names the file gives
     doc = json.loads(json_render.render(engine.inspect(path)))
     assert "p2o.DynamicDimension.1" in json.dumps(doc)
+
+
+def test_a_default_probe_says_in_one_line_which_layers_it_left_unmeasured_and_why():
+    text = table.render(_probe(str(SAMPLES / "clean_resnet.onnx")), width=200)
+    lines = text.splitlines()
+    (line,) = [line for line in lines if "not measured" in line]
+    assert line.startswith("probe: ") and "layer(s) not measured, each in inference mode: an affine map" in line
+    assert not any(line.rstrip().endswith("not measured") for line in lines)  # no layer's status says it

@@ -211,7 +211,9 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
                 "verdict": dependence_verdict(dep),
             }
         if not entry["by_batch_size"]:
-            entry["not_measured"] = probe.unmeasured.get(layer.name, "no statistics came out of the probe runs")
+            entry["not_measured"] = probe.unmeasured.get(
+                layer.name, probe.not_needed.get(layer.name, "no statistics came out of the probe runs")
+            )
         if probe.data is not None and layer.name in probe.data:
             entry["data_input"] = _stats(probe.data[layer.name])
         out["layers"][layer.name] = entry

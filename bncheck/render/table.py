@@ -90,6 +90,10 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
         for name, reason in probe.unmeasured.items():
             if not any(line.startswith(f"{name}: not measured") for line in probe.notes):
                 console.print(Text(literal(f"probe: {name}: not measured ({reason})"), style="dim"))
+        if probe.not_needed:
+            reason = next(iter(probe.not_needed.values()))
+            count = len(probe.not_needed)
+            console.print(Text(literal(f"probe: {count} layer(s) not measured, each {reason}"), style="dim"))
         for line in probe.notes:
             console.print(Text(literal(f"probe: {line}"), style="dim"))
     if report.findings:

@@ -36,11 +36,13 @@ from bncheck.model import (
 )
 from bncheck.probe_data import ProbeDataError, check_sizes
 from bncheck.probe_plan import (
+    NOT_NEEDED,
     Observed,
     Runner,
     drifting_layers,
     first_samples,
     merge_stats,
+    needs_statistics,
     preflight,
     run_plan,
     tensor_stats,
@@ -380,14 +382,18 @@ class _Engine:
         tmp: str | None = None,
         providers: list[str] | None = None,
         reorder: bool = True,
+        deferred: list[NormLayer] | None = None,
     ) -> None:
         """``copy``: the prepared probe copy (probe_copy.prepare), whose files live in ``tmp`` (then owned
         and removed by this engine). ``providers``: onnxruntime's list (providers.resolve); CPU alone when
-        None. ``reorder``: run the statistics-first graph (see :func:`_session_statistics_first`)."""
+        None. ``reorder``: run the statistics-first graph (see :func:`_session_statistics_first`).
+        ``deferred``: layers measured only once the model's outputs hold NaN/Inf (probe_plan.needs_statistics),
+        from that batch on, so that the first non-finite layer can be named."""
         self.handle = handle
-        self.reorder = reorder
+        self.reorder = reorder and bool(layers)  # nothing added to the graph: nothing to schedule first
         self.providers = providers or [CPU]
         self.layers = layers
+        self.deferred = list(deferred or [])
         self.inputs_only = inputs_only
         self.copy = copy
         self.tmp = tmp or scratch_folder(handle.size_bytes)
@@ -508,6 +514,14 @@ class _Engine:
     def observe(self, feeds: dict[str, np.ndarray]) -> Observed:
         """Per-layer statistics of one batch, and the model's own outputs."""
         values = self._run(feeds)
+        if self.deferred and not all(_finite(values[name]) for name in self.model_outputs):
+            self.notes.append(
+                "NaN/Inf in the model's outputs: every normalization layer measured from then on, with exact counts"
+            )
+            self.layers = [*self.layers, *self.deferred]
+            self.deferred = []
+            self._open(exact=True)
+            return self.observe(feeds)
         decoded: dict[int, TensorStats] = {}
         for plan in self.plans:
             for m in (plan.input, plan.output, plan.runtime):
@@ -533,6 +547,11 @@ class _Engine:
             elif inp is not None or out is not None:
                 probes[plan.layer.name] = LayerProbe(plan.layer.name, batch, inp, out)
         return Observed(probes, {name: values[name] for name in self.model_outputs})
+
+
+def _finite(array: np.ndarray) -> bool:
+    array = np.asarray(array)
+    return array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
 
 
 def _gather_tables(handle: OnnxHandle) -> dict[str, int]:
@@ -618,15 +637,18 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    deferred = [layer for layer in view.layers if not needs_statistics(layer, settings)]
+
     def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
         engine = _Engine(
             handle,
-            view.layers,
+            [layer for layer in view.layers if needs_statistics(layer, settings)],
             copy=copy,
             tmp=tmp,
             providers=providers,
             reorder=worth_reordering(activations, handle.size_bytes),
+            deferred=deferred,
         )
         engines.append(engine)
         if release_weights:
@@ -671,6 +693,9 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         for plan in engines[0].plans:
             if plan.input is None and plan.output is None:
                 result.unmeasured[plan.layer.name] = UNMEASURABLE
+        result.not_needed = {layer.name: NOT_NEEDED for layer in engines[0].deferred}
+        for name in result.not_needed:  # no statistics, so no dependence numbers either (not "unknown")
+            result.dependence.pop(name, None)
     finally:
         for engine in engines:
             engine.close()
