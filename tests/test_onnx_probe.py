@@ -766,3 +766,36 @@ def test_nan_made_upstream_of_an_inference_bn_is_named_at_its_input_by_the_defau
     assert finding.layer == "bn" and finding.evidence == {"kind": "observed", "where": "input", "batch_sizes": [1, 2]}
     [probe] = report.probes
     assert not probe.not_needed and any(n.startswith("NaN/Inf in the model's outputs") for n in probe.notes)
+
+
+def _spec_train_bn(x: np.ndarray, scale, bias, eps: float) -> np.ndarray:
+    axes = (0, 2, 3)
+    wide = x.astype(np.float64)
+    centered = wide - wide.mean(axis=axes, keepdims=True)
+    std = np.sqrt(wide.var(axis=axes, keepdims=True) + eps)
+    return centered / std * np.asarray(scale, np.float64).reshape(1, -1, 1, 1) + np.asarray(bias).reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize(("channels", "hw"), [(32, (24, 24)), (8192, (1, 1))])
+def test_a_large_train_mode_bn_is_measured_from_its_decomposition_and_equals_the_spec(tmp_path, channels, hw):
+    """Large tensors: the input comes from the decomposition's own pools and the output is derived (mode
+    "spec"); both equal numpy statistics of the spec's formula, and a one-element set gives exactly the bias."""
+    path = bn_model(tmp_path / "t.onnx", channels=channels, hw=hw, training=True)
+    view = OnnxBackend().load(path)
+    [layer] = view.layers
+    assert _Engine(view.handle, view.layers).plans[0].input.mode == "spec"
+    settings = ProbeSettings(batch_sizes=(1, 3))
+    result = run_probe(view, settings)
+    x = _feeds_of_batch(view, settings, 3)["x"]
+    y = _spec_train_bn(x, layer.scale, layer.bias, layer.epsilon)
+    for side, tensor in (("input", x), ("output", y)):
+        got, ref = getattr(result.at(3, "bn"), side), tensor_stats(tensor, 1, 0)
+        np.testing.assert_allclose(got.sample_mean, ref.sample_mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.sample_sq, ref.sample_sq, rtol=1e-4, atol=1e-5)
+        if got.minmax_measured:
+            np.testing.assert_allclose(got.min, ref.min, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got.max, ref.max, rtol=1e-4, atol=1e-5)
+    if hw == (1, 1):  # a set of one element at batch 1: the output is the bias, exactly
+        alone = result.at(1, "bn").output
+        assert alone.minmax_measured and np.array_equal(alone.min, alone.max)
+        np.testing.assert_array_equal(alone.min, np.asarray(layer.bias, np.float64))

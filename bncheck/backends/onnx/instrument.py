@@ -38,7 +38,7 @@ class Measure:
     tensor: str
     batch_axis: int | None
     channel_axis: int | None
-    mode: str  # "fast" | "generic" | "full"
+    mode: str  # "fast" | "generic" | "full" | "spec" (a train-mode BN's input, from its decomposition's pools)
     outputs: dict[str, str] = field(default_factory=dict)
     length: int | None = None  # elements per (sample, channel), when static
     # fast form only: False when min/max are not measured (the output of an inference-mode BN, which
@@ -59,6 +59,8 @@ class LayerPlan:
     runtime: Measure | None = None  # train-mode BN: the runtime node's own output
     affine: tuple[np.ndarray, np.ndarray] | None = None  # inference BN: y = a*x + b per channel
     spec: bool = False  # a train-mode BN computed by the spec's decomposition
+    # a spec layer whose output is derived from its input (mode "spec"): its scale and bias per channel
+    spec_affine: tuple[np.ndarray, np.ndarray] | None = None
     note: str | None = None
 
 
@@ -338,6 +340,9 @@ class Augmenter:
         # every train-mode BN follows the spec, measured or not: layers downstream depend on it
         self.decomposed: dict[str, str] = {}  # spec output name -> runtime node's renamed output
         self.runtime_protos: dict[str, Any] = {}  # spec output name -> the node as the model wrote it
+        # spec output name -> its decomposition's per-sample pools of x and of (x - mean)^2, batch mean and
+        # variance ([1, C, 1, ...]): the layer's statistics without a kernel of their own (_spec_measure)
+        self.spec_pools: dict[str, dict[str, str]] = {}
         for idx, node in enumerate(list(self.model.graph.node)):
             if self._is_train_bn(node):
                 y = node.output[0]
@@ -549,6 +554,15 @@ class Augmenter:
             extremes = can_collapse(layer)
             if runtime_out is not None:
                 plan.spec = True
+                derived = self._spec_measure(layer, extremes)
+                if derived is not None:
+                    # input from the decomposition's own pools, output derived from it (run._derive_spec_output)
+                    plan.input = derived
+                    if not self.inputs_only:
+                        plan.spec_affine = (np.asarray(layer.scale, np.float64), np.asarray(layer.bias, np.float64))
+                    if self.keep_runtime and not self.inputs_only:
+                        plan.runtime = self.measure(runtime_out, layer.batch_axis, layer.channel_axis, extremes)
+                    return plan
                 plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis, extremes)
                 if not self.inputs_only:
                     plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, extremes)
@@ -570,6 +584,37 @@ class Augmenter:
         if not self.inputs_only and layer.output:
             plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, extremes)
         return plan
+
+    def _spec_measure(self, layer: NormLayer, extremes: bool) -> Measure | None:
+        """A train-mode BN's input measured by its decomposition's per-sample pools, where the fast form would
+        measure it (the output is then derived, exactly as the spec computes it: y = (x - mean) * g + bias per
+        channel within the batch). Saves a Mul and a pool of x and a Mul and two pools of y per layer."""
+        pools = self.spec_pools.get(layer.output)
+        shape = self.shapes.get(layer.input)
+        if pools is None or self.exact or shape is None or layer.scale is None or layer.bias is None:
+            return None
+        if len(shape) < 3 or layer.batch_axis != 0 or layer.channel_axis != 1 or not isinstance(shape[1], int):
+            return None
+        per_sample = 1
+        for dim in shape[1:]:
+            per_sample = per_sample * dim if isinstance(dim, int) else SMALL_SAMPLE + 1
+        if per_sample <= SMALL_SAMPLE or np.size(layer.scale) != shape[1] or np.size(layer.bias) != shape[1]:
+            return None  # small tensors are fetched whole (exact counts); parameters of another size: measure
+        m = Measure(layer.input, 0, 1, "spec", length=self._static_length(layer.input, 0, 1))
+        m.outputs.update(pools)
+        m.channels = int(shape[1])
+        m.minmax = extremes
+        start = len(self.b.nodes)
+        if extremes:
+            self._fast_minmax(m, m.channels)
+        if m.length is None:
+            m.outputs["shape"] = self.b.one("Shape", [layer.input], "shape")
+        group = self.b.nodes[start:]
+        del self.b.nodes[start:]
+        if group:
+            self.tail.append(group)
+        self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
+        return m
 
     def _decompose(self, idx: int) -> bool:
         """Replace a train-mode BN by the spec's decomposition; keep the original node on renamed outputs."""
@@ -600,10 +645,12 @@ class Augmenter:
             # the mean over (0, 2, ...) as the batch mean of per-sample GlobalAveragePools: onnxruntime keeps
             # those in its NCHWc layout, where a ReduceMean over (0, 2, 3) reorders the whole tensor first
             # (ResNet-50 in train mode, batch-32 run: 1.24-1.37 s -> 1.10-1.12 s)
-            mean = b.reduce("ReduceMean", b.one("GlobalAveragePool", [x], "spec_gap"), [0], "spec_mean", keepdims=1)
+            gap = b.one("GlobalAveragePool", [x], "spec_gap")
+            mean = b.reduce("ReduceMean", gap, [0], "spec_mean", keepdims=1)
             centered = b.one("Sub", [x, mean], "spec_centered")
             sq = b.one("GlobalAveragePool", [b.one("Mul", [centered, centered], "spec_sq")], "spec_gapsq")
             var = b.reduce("ReduceMean", sq, [0], "spec_var", keepdims=1)
+            self.spec_pools[node.output[0]] = {"mean": gap, "centered_sq": sq, "batch_mean": mean, "batch_var": var}
         else:
             mean = b.reduce("ReduceMean", x, axes, "spec_mean", keepdims=1)
             centered = b.one("Sub", [x, mean], "spec_centered")

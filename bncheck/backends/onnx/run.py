@@ -275,6 +275,8 @@ def _without_extremes(
 def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     if "full" in m.outputs:
         return tensor_stats(values[m.outputs["full"]], m.channel_axis, m.batch_axis)
+    if m.mode == "spec":
+        return _decode_spec(m, values)
     if m.mode == "fast":
         mean = np.asarray(values[m.outputs["mean"]], np.float64)
         n, c = mean.shape[0], mean.shape[1]
@@ -325,6 +327,54 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     return TensorStats(n, n * length, mean, sq, mn, mx, zeros, nonfinite)
 
 
+def _decode_spec(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
+    """A train-mode BN's input from its decomposition's pools: per-sample means, and per-sample mean squares as
+    E[(x - mu)^2] + 2 mu E[x] - mu^2 with mu the batch mean the decomposition subtracted."""
+    mean = np.asarray(values[m.outputs["mean"]], np.float64)
+    n, c = mean.shape[0], mean.shape[1]
+    mean = mean.reshape(n, c)
+    centered_sq = np.asarray(values[m.outputs["centered_sq"]], np.float64).reshape(n, c)
+    mu = np.asarray(values[m.outputs["batch_mean"]], np.float64).reshape(1, c)
+    sq = centered_sq + 2.0 * mu * mean - mu * mu
+    length = m.length
+    if length is None:
+        length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
+    if not m.minmax:
+        return _without_extremes(n, n * length, mean, sq)
+    lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
+    hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
+    zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
+    return TensorStats(n, n * length, mean, sq, lo, hi, zeros, np.zeros(c, np.int64), zeros_exact=False)
+
+
+def _derive_spec_output(
+    inp: TensorStats, m: Measure, values: dict[str, np.ndarray], scale: np.ndarray, bias: np.ndarray, eps: float
+) -> TensorStats:
+    """The spec's train-mode output from its input's statistics: within one batch it is the affine map
+    y = (x - mu) * g + bias per channel, g = scale / sqrt(var + eps), mu and var the batch's own (the
+    decomposition's numbers). A one-element set gives x = mu, so exactly the bias (BN001)."""
+    c = inp.channels
+    mu = np.asarray(values[m.outputs["batch_mean"]], np.float64).reshape(1, c)
+    var = np.asarray(values[m.outputs["batch_var"]], np.float64).reshape(c)
+    with np.errstate(all="ignore"):
+        g = (scale / np.sqrt(var + np.float64(np.float32(eps)))).reshape(1, c)
+        shift = inp.sample_mean - mu
+        centered_sq = inp.sample_sq - 2.0 * mu * inp.sample_mean + mu * mu
+        mean = g * shift + bias
+        sq = g * g * centered_sq + 2.0 * g * bias * shift + bias * bias
+        # a non-finite input, or a non-finite gain, reaches every element of its channel through the batch's
+        # mean and variance
+        bad = ~np.isfinite(mu.ravel()) | ~np.isfinite(g.ravel()) | (inp.nonfinite > 0)
+    nonfinite = np.where(bad, inp.count, 0).astype(np.int64)
+    if not inp.minmax_measured:
+        return _without_extremes(inp.batch_size, inp.count, mean, sq, nonfinite, derived=True)
+    with np.errstate(all="ignore"):
+        a, b = (inp.min - mu.ravel()) * g.ravel() + bias, (inp.max - mu.ravel()) * g.ravel() + bias
+    lo, hi = np.where(g.ravel() >= 0, a, b), np.where(g.ravel() >= 0, b, a)
+    zeros = np.where((lo == 0) & (hi == 0), inp.count, 0).astype(np.int64)
+    return TensorStats(inp.batch_size, inp.count, mean, sq, lo, hi, zeros, nonfinite, derived=True, zeros_exact=False)
+
+
 def _needs_exact(m: Measure, stats: TensorStats) -> bool:
     """A tensor measured without its counts (the fast form, or the generic one without extremes) whose
     numbers are not finite: NaN/Inf counts need the exact form.
@@ -332,7 +382,7 @@ def _needs_exact(m: Measure, stats: TensorStats) -> bool:
     The per-sample means alone decide it (also where min/max are not measured): a NaN or Inf element makes
     its sample's mean (a sum) non-finite; so does a finite square overflowing float32, which the exact
     form then measures correctly."""
-    return (m.mode == "fast" or not m.minmax) and not (
+    return (m.mode in ("fast", "spec") or not m.minmax) and not (
         np.all(np.isfinite(stats.sample_mean)) and np.all(np.isfinite(stats.sample_sq))
     )
 
@@ -538,6 +588,9 @@ class _Engine:
             inp, out = get(plan.input), get(plan.output)
             if plan.affine is not None and out is not None:
                 inp = _derive_input(out, *plan.affine)
+            if plan.spec_affine is not None and inp is not None and plan.input is not None:
+                scale, bias = plan.spec_affine
+                out = _derive_spec_output(inp, plan.input, values, scale, bias, float(plan.layer.epsilon or 0.0))
             source = out or inp
             batch = source.batch_size if source is not None else 0
             if plan.spec and out is not None:
