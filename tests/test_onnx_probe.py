@@ -83,6 +83,19 @@ def _assert_close(got: TensorStats, ref: TensorStats, rel: float = 1e-4) -> None
         assert np.all(got.zeros <= ref.zeros)
 
 
+def _x_to_y_model(path: Path, nodes: list, inits: list, shape: list) -> str:
+    """Saves a graph from input "x" to output "y" of the same ``shape`` (opset 15)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, shape)],
+        [helper.make_tensor_value_info("y", F32, shape)],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    return str(path)
+
+
 def _probe(path: str, **settings) -> tuple:
     """A probe that measures every layer (the machinery under test), unless the caller says otherwise."""
     view = OnnxBackend().load(path)
@@ -275,15 +288,7 @@ def test_measure_inputs_downstream_of_a_train_mode_bn_follow_the_spec(tmp_path):
         helper.make_node("Relu", ["t"], ["r"], name="relu"),
         helper.make_node("BatchNormalization", ["r", "s2", "b2", "m2", "v2"], ["y"], name="bn2"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 2, 2])],
-        [helper.make_tensor_value_info("y", F32, ["N", 3, 2, 2])],
-        inits,
-    )
-    path = str(tmp_path / "chain.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    path = _x_to_y_model(tmp_path / "chain.onnx", nodes, inits, ["N", 3, 2, 2])
     view = OnnxBackend().load(path)
     x = np.random.default_rng(3).standard_normal((6, 3, 2, 2), dtype=np.float32)
     stats = measure_inputs(view.handle, view.layers, [{"x": x}])
@@ -752,15 +757,7 @@ def test_nan_made_upstream_of_an_inference_bn_is_named_at_its_input_by_the_defau
         helper.make_node("Sqrt", ["x"], ["r"], name="sqrt"),
         helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("y", F32, ["N", 3, 4, 4])],
-        inits,
-    )
-    path = str(tmp_path / "sqrt_bn.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    path = _x_to_y_model(tmp_path / "sqrt_bn.onnx", nodes, inits, ["N", 3, 4, 4])
     report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
     [finding] = [f for f in report.findings if f.code == "BN005"]
     assert finding.layer == "bn" and finding.evidence == {"kind": "observed", "where": "input", "batch_sizes": [1, 2]}
