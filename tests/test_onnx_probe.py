@@ -83,16 +83,18 @@ def _assert_close(got: TensorStats, ref: TensorStats, rel: float = 1e-4) -> None
         assert np.all(got.zeros <= ref.zeros)
 
 
-def _x_to_y_model(path: Path, nodes: list, inits: list, shape: list) -> str:
-    """Saves a graph from input "x" to output "y" of the same ``shape`` (opset 15)."""
+def _x_to_y_model(
+    path: Path, nodes: list, inits: list, shape: list, out: str = "y", out_shape: list | None = None, opset: int = 15
+) -> str:
+    """Saves a graph from input "x" of ``shape`` to output ``out`` (of ``out_shape``, default the same)."""
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("x", F32, shape)],
-        [helper.make_tensor_value_info("y", F32, shape)],
+        [helper.make_tensor_value_info(out, F32, shape if out_shape is None else out_shape)],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     return str(path)
 
 
@@ -476,16 +478,7 @@ def _conv_bn(path: Path, shape: list, nan_channel: int | None = None) -> str:
         helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn1"),
         helper.make_node("Relu", ["y"], ["out"], name="relu"),
     ]
-    out_shape = [shape[0], 4, *shape[2:]]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, shape)],
-        [helper.make_tensor_value_info("out", F32, out_shape)],
-        inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return str(path)
+    return _x_to_y_model(path, nodes, inits, shape, out="out", out_shape=[shape[0], 4, *shape[2:]], opset=17)
 
 
 def test_symbolic_dims_without_input_shape_raise_probe_data_error_naming_input_and_dim(tmp_path):
