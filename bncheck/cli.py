@@ -643,6 +643,9 @@ def _refuse_inputs(output: str, model: str, inputs: list[tuple[str, str | None]]
 def _warnings_to_notes(report: Any, caught: list[warnings.WarningMessage]) -> None:
     from bncheck.model import Note
 
+    # deprecations speak to the code that calls a library (numpy's, inside Keras), not to the user about a model:
+    # Python's own default filters hide them too
+    caught = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
     texts = list(dict.fromkeys(f"{w.category.__name__}: {' '.join(str(w.message).split())[:300]}" for w in caught))
     for text in texts[:5]:
         report.notes.append(Note("warning", text))

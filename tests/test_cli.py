@@ -269,3 +269,19 @@ def test_all_layers_measures_the_inference_bns_a_default_probe_leaves_unmeasured
     assert default["by_batch_size"] == {} and default["not_measured"].startswith("in inference mode: an affine map")
     [every] = layers("--all-layers").values()
     assert set(every["by_batch_size"]) == {"1", "2"} and "not_measured" not in every
+
+
+def test_python_warnings_become_report_notes_but_deprecations_do_not():
+    import types
+    import warnings
+
+    from bncheck.cli import _warnings_to_notes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("__array__ implementation doesn't accept a copy keyword", DeprecationWarning, stacklevel=1)
+        warnings.warn("going away", PendingDeprecationWarning, stacklevel=1)
+        warnings.warn("the model's file is odd", UserWarning, stacklevel=1)
+    report = types.SimpleNamespace(notes=[])
+    _warnings_to_notes(report, caught)
+    assert [(n.level, n.message) for n in report.notes] == [("warning", "UserWarning: the model's file is odd")]
