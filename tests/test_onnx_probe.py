@@ -789,3 +789,23 @@ def test_a_large_train_mode_bn_is_measured_from_its_decomposition_and_equals_the
         alone = result.at(1, "bn").output
         assert alone.minmax_measured and np.array_equal(alone.min, alone.max)
         np.testing.assert_array_equal(alone.min, np.asarray(layer.bias, np.float64))
+
+
+def test_a_model_without_floating_point_outputs_has_its_inference_bns_measured(tmp_path):
+    # an ArgMax head: a NaN inside could never show in the outputs, so nothing is left to the outputs to say
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t"], name="bn"),
+        helper.make_node("ArgMax", ["t"], ["y"], name="argmax", axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 16, 16])],
+        inits,
+    )
+    path = str(tmp_path / "argmax.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    _, result = _probe(path, batch_sizes=(1, 2), all_layers=False)
+    assert result.at(2, "bn") is not None and not result.not_needed

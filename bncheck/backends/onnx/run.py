@@ -602,6 +602,10 @@ class _Engine:
         return Observed(probes, {name: values[name] for name in self.model_outputs})
 
 
+#: ONNX element types whose values can be NaN/Inf: FLOAT, FLOAT16, DOUBLE, BFLOAT16, the FLOAT8 kinds
+_FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20})
+
+
 def _finite(array: np.ndarray) -> bool:
     array = np.asarray(array)
     return array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
@@ -690,13 +694,15 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    deferred = [layer for layer in view.layers if not needs_statistics(layer, settings)]
+    # a NaN/Inf that would name the deferred layers shows only in a floating-point output (not in an ArgMax's)
+    float_outputs = any(handle.value_types.get(o.name) in _FLOAT_TYPES for o in handle.model.graph.output)
+    deferred = [layer for layer in view.layers if float_outputs and not needs_statistics(layer, settings)]
 
     def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
         engine = _Engine(
             handle,
-            [layer for layer in view.layers if needs_statistics(layer, settings)],
+            [layer for layer in view.layers if layer not in deferred],
             copy=copy,
             tmp=tmp,
             providers=providers,
