@@ -63,6 +63,11 @@ def test_every_layer_has_its_statistics_picture_and_the_probe_plots_are_there(dr
     assert {"stats-bn1", "stats-bn2", "stats-bn3", "dependence", "set-size"} <= links.ids
 
 
+def test_the_layer_table_says_which_layers_the_probe_left_unmeasured_and_why():
+    page = html_render.render(bncheck.probe(str(SAMPLES / "clean_resnet.onnx"), batch_sizes=[1, 2]))
+    assert '<p class="muted">6 layer(s) not measured, each in inference mode: an affine map per channel' in page
+
+
 def test_model_supplied_names_are_escaped(tmp_path):
     from tests.builders import bn_model
 

@@ -154,7 +154,12 @@ def _layers(report: Report) -> str:
             f"<td>{'batch statistics' if layer.batch_statistics else 'running statistics' if layer.uses_running_stats else 'per sample'}</td>"
             f'{cells}<td style="color:{_COLORS.get(status, "#212121")}">{_e(status)}</td></tr>'
         )
-    return f"<h2>Layers</h2><table>{head}{''.join(rows)}</table>"
+    left = [
+        f'<p class="muted">{len(p.not_needed)} layer(s) not measured, each {_e(next(iter(p.not_needed.values())))}</p>'
+        for p in report.probes
+        if p.not_needed
+    ]
+    return f"<h2>Layers</h2><table>{head}{''.join(rows)}</table>{''.join(left)}"
 
 
 def _cell(probes: Iterable[ProbeResult], layer: NormLayer, batch: int) -> str:
