@@ -24,12 +24,13 @@ from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import KerasBackend
 from bncheck.backends.keras.probe import AS_WRITTEN, PREDICT, KerasRunner, pool
-from bncheck.probe_plan import tensor_stats
+from bncheck.probe_plan import NOT_NEEDED, tensor_stats
 from tests.keras_files import bn_model_with_config_field
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 SCRIPT = SAMPLES / "make_keras_samples.py"
-FAST = ProbeSettings(batch_sizes=(1, 2, 8), samples=2)
+#: every layer measured: the tests below are about the measuring (a default probe leaves inference BNs out)
+FAST = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, all_layers=True)
 
 
 def _save(model, path: Path) -> str:
@@ -422,3 +423,18 @@ def test_brief_fit_sample_drift_is_an_error_and_the_matching_one_stays_clean():
     assert {(f.code, f.severity.label) for f in drift.findings} == {("BN003", "error")}
     clean = engine.probe(str(SAMPLES / "keras_trained_matching.keras"), settings)
     assert clean.findings == [] and clean.probes[0].recalibration is None  # no drift: nothing recomputed
+
+
+def test_a_default_keras_probe_leaves_inference_bns_out_unless_the_outputs_hold_nan(tmp_path):
+    inp = keras.Input((3,))
+    out = layers.BatchNormalization(name="bn")(layers.Dense(3, name="d")(inp))
+    view = KerasBackend().load(_save(keras.Model(inp, out), tmp_path / "clean.keras"))
+    [result] = KerasBackend().probe(view, ProbeSettings(batch_sizes=(1, 2), samples=2))
+    assert result.at(2, "bn") is None and result.not_needed == {"bn": NOT_NEEDED} and "bn" not in result.dependence
+    # a Dense whose weights hold NaN: the outputs show it, and the layer is measured so that BN005 can name it
+    nan_model = keras.Model(inp, out)
+    nan_model.get_layer("d").kernel.assign(np.full((3, 3), np.nan, "float32"))
+    nan_view = KerasBackend().load(_save(nan_model, tmp_path / "nan.keras"))
+    [nan_result] = KerasBackend().probe(nan_view, ProbeSettings(batch_sizes=(1, 2), samples=2))
+    assert not nan_result.not_needed and nan_result.at(2, "bn").input.total_nonfinite > 0
+    assert any(note.startswith("every normalization layer measured") for note in nan_result.notes)
