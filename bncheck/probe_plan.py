@@ -276,6 +276,22 @@ def needs_statistics(layer: NormLayer, settings: ProbeSettings) -> bool:
     return settings.all_layers or settings.data is not None or layer.computes_statistics
 
 
+def outputs_clear(outputs: Iterable[np.ndarray]) -> bool:
+    """True when a NaN/Inf from inside the model would show in these outputs and none does: some output is
+    floating-point and every floating-point output is finite. While it holds, the layers that
+    :func:`needs_statistics` leaves out may stay unmeasured."""
+    floating = [a for a in (np.asarray(o) for o in outputs) if a.dtype.kind in "fc"]
+    return bool(floating) and all(bool(np.isfinite(a).all()) for a in floating)
+
+
+def leave_unmeasured(result: ProbeResult, names: Iterable[str]) -> None:
+    """Record ``names`` as left out by :func:`needs_statistics` (``ProbeResult.not_needed``); without statistics
+    they have no dependence numbers either (not "unknown")."""
+    result.not_needed = dict.fromkeys(names, NOT_NEEDED)
+    for name in result.not_needed:
+        result.dependence.pop(name, None)
+
+
 def preflight(view: ModelView, settings: ProbeSettings) -> None:
     """Refuse, before a runtime loads the model, a probe that cannot run: --input-shape for an unknown input,
     dims that do not resolve or are not positive, a fixed batch above MAX_BATCH_SIZE, synthetic inputs over

@@ -41,7 +41,7 @@ from bncheck.model import (
     Recalibration,
     TensorStats,
 )
-from bncheck.probe_plan import NOT_NEEDED, Observed, needs_statistics
+from bncheck.probe_plan import Observed, leave_unmeasured, needs_statistics, outputs_clear
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
@@ -258,7 +258,7 @@ class KerasRunner:
             text = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise BackendError(f"{self.path}: keras failed to run the model ({text})") from None
         outputs = self._outputs(result)
-        if self.capture.skip and not _outputs_clear(outputs.values()):
+        if self.capture.skip and not outputs_clear(outputs.values()):
             # a NaN/Inf could not show in these outputs, or it does: every layer is measured from now on
             self.capture.skip = set()
             self.notes.append(
@@ -282,13 +282,6 @@ class KerasRunner:
         return lambda feeds: self.observe(feeds, style)
 
 
-def _outputs_clear(outputs: Any) -> bool:
-    """True when a NaN/Inf from inside the model would show in these outputs and none does: some output is
-    floating-point, and every floating-point output is finite."""
-    floating = [np.asarray(o) for o in outputs if np.asarray(o).dtype.kind in "fc"]
-    return bool(floating) and all(bool(np.isfinite(o).all()) for o in floating)
-
-
 def call_styles(static: KerasFile) -> list[str]:
     """Both styles when a training flag is baked (and can matter), else the inference style only."""
     return [AS_WRITTEN, PREDICT] if static.baked else [PREDICT]
@@ -310,9 +303,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         runner.capture.skip = {layer.name for layer in view.layers if not needs_statistics(layer, settings)}
         runner.notes = []
         result = run_plan(view, settings, runner.runner(style), call_style=style, int_high=bounds)
-        result.not_needed = dict.fromkeys(sorted(runner.capture.skip), NOT_NEEDED)
-        for name in result.not_needed:  # no statistics, so no dependence numbers either (not "unknown")
-            result.dependence.pop(name, None)
+        leave_unmeasured(result, sorted(runner.capture.skip))
         runner.capture.skip = set()
         result.notes.extend(runner.notes)
         result.notes.append(_style_note(style, static))

@@ -390,14 +390,7 @@ class Augmenter:
             return m
         if not tensor or tensor not in self.known:
             return None  # not a tensor of the main graph (e.g. inside a subgraph): not measurable
-        per_sample: int | None = 1
-        if shape is not None:
-            for axis, dim in enumerate(shape):
-                if axis == batch_axis:
-                    continue
-                per_sample = per_sample * dim if isinstance(dim, int) and per_sample is not None else None
-        else:
-            per_sample = None
+        per_sample = _per_sample(shape, batch_axis)
         elem = self.types.get(tensor, 1)
         start = len(self.b.nodes)
         length = self._static_length(tensor, batch_axis, channel_axis)
@@ -595,10 +588,9 @@ class Augmenter:
             return None
         if len(shape) < 3 or layer.batch_axis != 0 or layer.channel_axis != 1 or not isinstance(shape[1], int):
             return None
-        per_sample = 1
-        for dim in shape[1:]:
-            per_sample = per_sample * dim if isinstance(dim, int) else SMALL_SAMPLE + 1
-        if per_sample <= SMALL_SAMPLE or np.size(layer.scale) != shape[1] or np.size(layer.bias) != shape[1]:
+        per_sample = _per_sample(shape, 0)
+        small = per_sample is not None and per_sample <= SMALL_SAMPLE
+        if small or np.size(layer.scale) != shape[1] or np.size(layer.bias) != shape[1]:
             return None  # small tensors are fetched whole (exact counts); parameters of another size: measure
         m = Measure(layer.input, 0, 1, "spec", length=self._static_length(layer.input, 0, 1))
         m.outputs.update(pools)
@@ -740,6 +732,19 @@ class Augmenter:
                 graph.output.append(helper.make_empty_tensor_value_info(name))
                 existing.add(name)
         return self.model
+
+
+def _per_sample(shape: tuple[Any, ...] | None, batch_axis: int | None) -> int | None:
+    """Elements per sample of a tensor of ``shape`` (None when a dim other than the batch is not known)."""
+    if shape is None:
+        return None
+    count = 1
+    for axis, dim in enumerate(shape):
+        if axis != batch_axis:
+            if not isinstance(dim, int):
+                return None
+            count *= dim
+    return count
 
 
 def can_collapse(layer: NormLayer) -> bool:

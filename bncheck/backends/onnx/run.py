@@ -36,13 +36,14 @@ from bncheck.model import (
 )
 from bncheck.probe_data import ProbeDataError, check_sizes
 from bncheck.probe_plan import (
-    NOT_NEEDED,
     Observed,
     Runner,
     drifting_layers,
     first_samples,
+    leave_unmeasured,
     merge_stats,
     needs_statistics,
+    outputs_clear,
     preflight,
     run_plan,
     tensor_stats,
@@ -280,22 +281,7 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     if m.mode == "fast":
         mean = np.asarray(values[m.outputs["mean"]], np.float64)
         n, c = mean.shape[0], mean.shape[1]
-        mean = mean.reshape(n, c)
-        sq = np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c)
-        length = m.length
-        if length is None:
-            length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
-        if not m.minmax:  # an inference BN's output, or a layer that cannot collapse
-            return _without_extremes(n, n * length, mean, sq)
-        lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
-        hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
-        # zeros are not counted in the fast form (it would cost a full-size temporary per tensor): exact
-        # where min/max decide it, else 0 (a lower bound), flagged by zeros_exact=False
-        zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
-        # NaN/Inf: none here; a non-finite element makes its sample's mean non-finite, and such a batch is
-        # re-run in the exact form, which counts them (_needs_exact)
-        nonfinite = np.zeros(c, np.int64)
-        return TensorStats(n, n * length, mean, sq, lo, hi, zeros, nonfinite, zeros_exact=False)
+        return _pooled(m, values, mean.reshape(n, c), np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c))
 
     # generic: reductions keep batch and channel axes in their original order
     def nc(name: str) -> np.ndarray:
@@ -327,6 +313,25 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     return TensorStats(n, n * length, mean, sq, mn, mx, zeros, nonfinite)
 
 
+def _pooled(m: Measure, values: dict[str, np.ndarray], mean: np.ndarray, sq: np.ndarray) -> TensorStats:
+    """Statistics of a tensor measured by per-sample pools ([N, C] means and mean squares), with its max and
+    max of -t where measured (the fast and spec forms)."""
+    n, c = mean.shape
+    length = m.length
+    if length is None:  # symbolic spatial dims: the runtime shape sizes the counts
+        length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
+    if not m.minmax:  # an inference BN's output, or a layer that cannot collapse
+        return _without_extremes(n, n * length, mean, sq)
+    lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
+    hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
+    # zeros are not counted (it would cost a full-size temporary per tensor): exact where min/max decide it,
+    # else 0 (a lower bound), flagged by zeros_exact=False
+    zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
+    # NaN/Inf: none here; a non-finite element makes its sample's mean non-finite, and such a batch is re-run
+    # in the exact form, which counts them (_needs_exact)
+    return TensorStats(n, n * length, mean, sq, lo, hi, zeros, np.zeros(c, np.int64), zeros_exact=False)
+
+
 def _decode_spec(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     """A train-mode BN's input from its decomposition's pools: per-sample means, and per-sample mean squares as
     E[(x - mu)^2] + 2 mu E[x] - mu^2 with mu the batch mean the decomposition subtracted."""
@@ -335,16 +340,28 @@ def _decode_spec(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     mean = mean.reshape(n, c)
     centered_sq = np.asarray(values[m.outputs["centered_sq"]], np.float64).reshape(n, c)
     mu = np.asarray(values[m.outputs["batch_mean"]], np.float64).reshape(1, c)
-    sq = centered_sq + 2.0 * mu * mean - mu * mu
-    length = m.length
-    if length is None:
-        length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
-    if not m.minmax:
-        return _without_extremes(n, n * length, mean, sq)
-    lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
-    hi = np.asarray(values[m.outputs["max"]], np.float64).reshape(n, c).max(axis=0)
-    zeros = np.where((lo == 0) & (hi == 0), n * length, 0).astype(np.int64)
-    return TensorStats(n, n * length, mean, sq, lo, hi, zeros, np.zeros(c, np.int64), zeros_exact=False)
+    return _pooled(m, values, mean, centered_sq + 2.0 * mu * mean - mu * mu)
+
+
+def _affine(
+    x: TensorStats, gain: np.ndarray, center: np.ndarray, offset: np.ndarray, nonfinite: np.ndarray
+) -> TensorStats:
+    """Statistics of y = gain * (x - center) + offset per channel, from x's (``derived``; zeros known only
+    where min and max decide them). Centring first keeps y exactly ``offset`` where x equals ``center``."""
+    with np.errstate(all="ignore"):
+        shift = x.sample_mean - center
+        centered_sq = x.sample_sq - 2.0 * center * x.sample_mean + center * center
+        mean = gain * shift + offset
+        sq = gain * gain * centered_sq + 2.0 * gain * offset * shift + offset * offset
+    if not x.minmax_measured:  # nothing to map (the usual case: 53 layers x 7 runs on ResNet-50)
+        return _without_extremes(x.batch_size, x.count, mean, sq, nonfinite, derived=True)
+    with np.errstate(all="ignore"):
+        a, b = gain * (x.min - center) + offset, gain * (x.max - center) + offset
+    lo, hi = np.where(gain >= 0, a, b), np.where(gain >= 0, b, a)
+    zeros = np.where((lo == 0) & (hi == 0), x.count, 0).astype(np.int64)  # count is per channel
+    return TensorStats(
+        x.batch_size, x.count, mean, sq, lo, hi, zeros, nonfinite.copy(), derived=True, zeros_exact=False
+    )
 
 
 def _derive_spec_output(
@@ -354,25 +371,14 @@ def _derive_spec_output(
     y = (x - mu) * g + bias per channel, g = scale / sqrt(var + eps), mu and var the batch's own (the
     decomposition's numbers). A one-element set gives x = mu, so exactly the bias (BN001)."""
     c = inp.channels
-    mu = np.asarray(values[m.outputs["batch_mean"]], np.float64).reshape(1, c)
+    mu = np.asarray(values[m.outputs["batch_mean"]], np.float64).reshape(c)
     var = np.asarray(values[m.outputs["batch_var"]], np.float64).reshape(c)
     with np.errstate(all="ignore"):
-        g = (scale / np.sqrt(var + np.float64(np.float32(eps)))).reshape(1, c)
-        shift = inp.sample_mean - mu
-        centered_sq = inp.sample_sq - 2.0 * mu * inp.sample_mean + mu * mu
-        mean = g * shift + bias
-        sq = g * g * centered_sq + 2.0 * g * bias * shift + bias * bias
-        # a non-finite input, or a non-finite gain, reaches every element of its channel through the batch's
-        # mean and variance
-        bad = ~np.isfinite(mu.ravel()) | ~np.isfinite(g.ravel()) | (inp.nonfinite > 0)
-    nonfinite = np.where(bad, inp.count, 0).astype(np.int64)
-    if not inp.minmax_measured:
-        return _without_extremes(inp.batch_size, inp.count, mean, sq, nonfinite, derived=True)
-    with np.errstate(all="ignore"):
-        a, b = (inp.min - mu.ravel()) * g.ravel() + bias, (inp.max - mu.ravel()) * g.ravel() + bias
-    lo, hi = np.where(g.ravel() >= 0, a, b), np.where(g.ravel() >= 0, b, a)
-    zeros = np.where((lo == 0) & (hi == 0), inp.count, 0).astype(np.int64)
-    return TensorStats(inp.batch_size, inp.count, mean, sq, lo, hi, zeros, nonfinite, derived=True, zeros_exact=False)
+        gain = scale / np.sqrt(var + np.float64(np.float32(eps)))
+    # a non-finite input, or a non-finite gain, reaches every element of its channel through the batch's mean
+    # and variance
+    bad = ~np.isfinite(mu) | ~np.isfinite(gain) | (inp.nonfinite > 0)
+    return _affine(inp, gain, mu, bias, np.where(bad, inp.count, 0).astype(np.int64))
 
 
 def _needs_exact(m: Measure, stats: TensorStats) -> bool:
@@ -390,29 +396,8 @@ def _needs_exact(m: Measure, stats: TensorStats) -> bool:
 def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats:
     """Input statistics of y = a*x + b from the output's: x = (y - b) / a per channel."""
     with np.errstate(all="ignore"):
-        mean = (out.sample_mean - b) / a
-        sq = (out.sample_sq - 2.0 * b * out.sample_mean + b * b) / (a * a)
-    if not out.minmax_measured:  # nothing to map (the usual case: 53 layers x 7 runs on ResNet-50)
-        return _without_extremes(out.batch_size, out.count, mean, sq, out.nonfinite, derived=True)
-    with np.errstate(all="ignore"):
-        lo = (out.min - b) / a
-        hi = (out.max - b) / a
-    lo, hi = np.where(a > 0, lo, hi), np.where(a > 0, hi, lo)
-    zero_range = (lo == 0) & (hi == 0)
-    zeros = np.where(zero_range, out.count, 0).astype(np.int64)  # count is per channel
-    return TensorStats(
-        out.batch_size,
-        out.count,
-        mean,
-        sq,
-        lo,
-        hi,
-        zeros,
-        out.nonfinite.copy(),
-        derived=True,
-        zeros_exact=False,
-        minmax_measured=out.minmax_measured,
-    )
+        inverse = 1.0 / a
+    return _affine(out, inverse, b, np.zeros_like(inverse), out.nonfinite)
 
 
 def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
@@ -564,7 +549,7 @@ class _Engine:
     def observe(self, feeds: dict[str, np.ndarray]) -> Observed:
         """Per-layer statistics of one batch, and the model's own outputs."""
         values = self._run(feeds)
-        if self.deferred and not all(_finite(values[name]) for name in self.model_outputs):
+        if self.deferred and not outputs_clear(values[name] for name in self.model_outputs):
             self.notes.append(
                 "NaN/Inf in the model's outputs: every normalization layer measured from then on, with exact counts"
             )
@@ -604,11 +589,6 @@ class _Engine:
 
 #: ONNX element types whose values can be NaN/Inf: FLOAT, FLOAT16, DOUBLE, BFLOAT16, the FLOAT8 kinds
 _FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20})
-
-
-def _finite(array: np.ndarray) -> bool:
-    array = np.asarray(array)
-    return array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
 
 
 def _gather_tables(handle: OnnxHandle) -> dict[str, int]:
@@ -752,9 +732,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         for plan in engines[0].plans:
             if plan.input is None and plan.output is None:
                 result.unmeasured[plan.layer.name] = UNMEASURABLE
-        result.not_needed = {layer.name: NOT_NEEDED for layer in engines[0].deferred}
-        for name in result.not_needed:  # no statistics, so no dependence numbers either (not "unknown")
-            result.dependence.pop(name, None)
+        leave_unmeasured(result, [layer.name for layer in engines[0].deferred])
     finally:
         for engine in engines:
             engine.close()
