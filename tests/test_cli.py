@@ -163,6 +163,22 @@ def test_installed_console_script_runs_with_real_exit_code(stale):
     assert json.loads(proc.stdout)["findings"][0]["check"] == "stale-stats"
 
 
+def test_cli_process_freezes_its_heap_at_exit_and_still_runs_earlier_exit_handlers(clean, tmp_path):
+    # registered before the CLI's own handler, so it runs after it (atexit is last in, first out)
+    seen = tmp_path / "frozen.txt"
+    code = (
+        "import atexit, gc, sys\n"
+        f"atexit.register(lambda: open({str(seen)!r}, 'w').write(str(gc.get_freeze_count())))\n"
+        "from bncheck.cli import main\n"
+        f"sys.argv = ['bncheck', 'probe', '--format', 'json', {clean!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["command"] == "probe"
+    assert int(seen.read_text()) > 1000
+
+
 def test_python_dash_m_runs_the_cli(clean):
     proc = subprocess.run([sys.executable, "-m", "bncheck", "inspect", clean], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
