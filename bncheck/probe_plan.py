@@ -4,8 +4,8 @@ A backend supplies a *runner* (feeds -> per-layer statistics of that batch); thi
 batches, runs each exactly once, and turns the results into a :class:`~bncheck.model.ProbeResult`:
 
 - one batch per requested batch size (``ProbeResult.layers``);
-- the batch-dependence test: K samples, each run alone and inside batches of every requested size with
-  other samples as companions (``ProbeResult.dependence``);
+- the batch-dependence test: K samples (at most the largest batch size), each run alone and inside batches
+  of every requested size with other samples as companions (``ProbeResult.dependence``);
 - with ``--data``: every data sample once, in inference mode, for each layer's input statistics
   (``ProbeResult.data``).
 
@@ -205,6 +205,10 @@ def make_plan(
     if pool_size is not None:
         k = min(k, pool_size)
     big = tuple(b for b in batch_sizes if b > 1) if dependence else ()
+    if big:
+        # no more probe samples than the largest batch holds: at 1,2 a third and fourth sample would cost two
+        # solo runs and a pair that plain inference never makes (8 samples of compute for its 3)
+        k = min(k, max(big))
     wrap = (lambda i: i % pool_size) if pool_size else (lambda i: i)
     solo = tuple((i,) for i in range(k)) if big else ()
     groups: dict[int, tuple[tuple[int, ...], ...]] = {}

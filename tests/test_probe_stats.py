@@ -75,6 +75,13 @@ def test_plan_for_1_2_32_uses_seven_runs_and_forty_samples():
     assert plan.solo_runs == ((0,), (1,), (2,), (3,))
 
 
+def test_plan_for_1_2_takes_no_more_probe_samples_than_the_largest_batch():
+    plan = make_plan((1, 2), 4, None, False)
+    assert plan.samples == 2
+    assert plan.solo_runs == ((0,), (1,)) and plan.group_runs[2] == ((0, 1),)
+    assert sum(len(r) for r in plan.runs) == 4  # plain inference at 1 and 2 is 3
+
+
 def test_plan_puts_every_probe_sample_in_a_batch_of_every_size():
     plan = make_plan((1, 3, 8), 5, None, False)
     for size, runs in plan.group_runs.items():
