@@ -456,3 +456,48 @@ def test_a_fixed_batch_with_symbolic_spatial_dims_is_relaxed_on_the_data_given(t
     run = _run(doc)
     assert code == 0 and run["batch_sizes"] == [1, 2, 8]  # the default sizes for a file fixed to 8
     assert run["batch_handling"].startswith("fixed to 8 in the file; relaxed to symbolic, validated")
+
+
+# --------------------------------------------------------------------------- the proof's session reused
+
+
+def _prepared(path: str, tmp_path: Path):
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.backends.onnx.probe_copy import prepare
+    from bncheck.model import ProbeSettings
+
+    view = OnnxBackend().load(path)
+    settings = ProbeSettings(batch_sizes=(1, 2))
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    return view, prepare(view.handle, view, settings, str(folder)), str(folder)
+
+
+def test_a_probe_that_measures_nothing_takes_over_the_proof_session_and_does_not_repeat_its_runs(tmp_path):
+    from bncheck.backends.onnx.run import _Engine
+
+    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
+    proof = copy.proof
+    assert proof is not None and [len(fed["x"]) for fed, _ in proof.runs] == [1, 2]
+    engine = _Engine(view.handle, [], copy=copy, tmp=folder, deferred=list(view.layers))
+    assert engine.session is proof.session and copy.proof is None
+    fed, proven = proof.runs[1]
+    assert engine.observe(dict(fed)).outputs["y"] is proven["y"]  # given back, not run again
+    assert len(engine.proven) == 1
+    other = {"x": np.random.default_rng(7).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    again = engine.observe(other).outputs["y"]
+    assert again.shape == (2, 5) and not np.array_equal(again, proven["y"]) and len(engine.proven) == 1
+    engine.close()
+
+
+def test_a_probe_that_measures_a_layer_builds_its_own_session_and_lets_the_proof_go(tmp_path):
+    from bncheck.backends.onnx.run import _Engine
+
+    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
+    proof = copy.proof
+    assert proof is not None
+    engine = _Engine(view.handle, list(view.layers), copy=copy, tmp=folder)
+    assert engine.session is not proof.session and copy.proof is None and engine.proven == []
+    fed, _ = proof.runs[0]
+    assert set(engine.observe(dict(fed)).layers) == {"bn", "head_bn"}
+    engine.close()

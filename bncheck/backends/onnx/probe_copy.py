@@ -12,7 +12,8 @@ change harmless:
   shapes are cleared and re-inferred, and Reshape/Expand shape constants that bake the batch in are computed
   from the fed batch instead. The relaxation is kept only when plain runs prove it: at the original size the
   outputs equal the original model's, and at other sizes every output whose first dim was the batch follows
-  the fed batch. Otherwise the probe runs at the fixed size.
+  the fed batch. Otherwise the probe runs at the fixed size. The proof's session and runs are kept for the
+  probe (:class:`Proof`), which takes them over when it adds nothing to this graph.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ _RTOL = 1e-4
 
 
 @dataclass
+class Proof:
+    """The relaxed copy's session and the runs that proved it, kept for the probe: when it measures nothing
+    (every layer an inference-mode BN left unmeasured) its graph is this one, and a run it repeats is not
+    made twice."""
+
+    session: Any
+    runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]  # (feeds, outputs by name)
+
+
+@dataclass
 class ProbeCopy:
     """The prepared, weight-less copy: what :class:`~bncheck.backends.onnx.instrument.Augmenter` instruments."""
 
@@ -66,6 +77,7 @@ class ProbeCopy:
     batch: str | None = None  # how the batch dim was handled, for the report (None: free in the file)
     unconverted: bool = False  # an opset onnxruntime cannot run, and the converter failed
     notes: list[str] = field(default_factory=list)
+    proof: Proof | None = None  # a relaxed batch's proof (_validate), for the probe engine to take over
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -294,9 +306,11 @@ def _rewrite_batch_constants(model: onnx.ModelProto, batched: dict[str, int], fi
 def _session(model: onnx.ModelProto, folder: str):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # a failing validation run is expected; its reason is returned, not logged
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    # the probe engine's own options (its log level 4 too: a failing validation run is expected, its reason
+    # is returned), so that the engine can take this session over (Proof)
+    from bncheck.backends.onnx.run import _options
+
+    so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -330,20 +344,24 @@ def _validate(
     memo: dict[str, Any],
 ) -> str | None:
     """None when the relaxed copy is proven equal (see the module docstring), else why not (one line).
-    ``memo`` keeps the original model's outputs between attempts (one run of the original)."""
+    ``memo`` keeps the original model's outputs between attempts (one run of the original), and after a
+    proof its :class:`Proof` under "proof"."""
     from bncheck.probe_plan import _take
 
     names = [o.name for o in original.graph.output]
     inputs = [s.with_batch_dim(None) for s in inputs]
     axes = {s.name: s.batch_axis if s.batched else None for s in inputs}
 
+    drawn: dict[str, np.ndarray] = {}
+
     def feeds(n: int) -> dict[str, np.ndarray]:
         if settings.data is not None:  # --data also supplies dims the model leaves symbolic
             pool = dict(settings.data)
             size = next((len(v) for k, v in pool.items() if axes.get(k, 0) is not None), 1)
             return {**_take(pool, tuple(i % size for i in range(n)), axes), **fixed_feeds}
-        pool = synthetic_inputs(inputs, n, settings.seed, settings.input_shapes, int_high)
-        return {**_take(pool, tuple(range(n)), axes), **fixed_feeds}
+        if not drawn:  # one draw for every proof run (an 800x608 image takes about 12 ms a sample)
+            drawn.update(synthetic_inputs(inputs, max(fixed, *others), settings.seed, settings.input_shapes, int_high))
+        return {**_take(drawn, tuple(range(n)), axes), **fixed_feeds}
 
     try:
         feeds(1)
@@ -355,9 +373,12 @@ def _validate(
         reference = memo["reference"]
     except Exception as exc:
         return f"the model itself does not run at its batch size {fixed}: {one_line(exc, 160)}"
+    runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
     try:
         session = _session(relaxed, folder)
-        got = dict(zip(names, session.run(names, feeds(fixed), _quiet())))
+        fed = feeds(fixed)
+        got = dict(zip(names, session.run(names, fed, _quiet())))
+        runs.append((fed, got))
     except Exception as exc:
         return f"the relaxed copy does not run: {one_line(exc, 160)}"
     for name in names:
@@ -367,7 +388,9 @@ def _validate(
         return f"no output has a dim of the batch size {fixed}"
     for size in others:
         try:
-            values = dict(zip(names, session.run(names, feeds(size), _quiet())))
+            fed = feeds(size)
+            values = dict(zip(names, session.run(names, fed, _quiet())))
+            runs.append((fed, values))
         except Exception as exc:
             return f"the relaxed copy fails at batch size {size}: {one_line(exc, 160)}"
         followed = False
@@ -380,6 +403,7 @@ def _validate(
             followed = followed or bool(changed)
         if not followed:
             return f"no output follows the fed batch (batch size {size})"
+    memo["proof"] = Proof(session, runs)
     return None
 
 
@@ -432,6 +456,7 @@ def _relax(
         return model
     copy.batch = how
     copy.inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
+    copy.proof = memo.get("proof")
     return relaxed
 
 

@@ -438,6 +438,8 @@ class _Engine:
         self.largest_feed = 0  # bytes of the largest feeds run so far (see _run)
         self.initializer_stubs: list[Any] | None = None  # the weights this engine wrote, as external stubs
         self.notes: list[str] = []
+        # runs the relaxed copy's proof already made on this engine's graph (see _take_proof)
+        self.proven: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         try:
             self._open(exact=False)
         except BaseException:
@@ -475,6 +477,7 @@ class _Engine:
                 if p.spec and p.layer.output in aug.runtime_protos
             ]
             model = aug.finish()
+            proof = self._take_proof(model, exact)
             self.plans = aug.plans
             # the model's own outputs too: the batch-dependence test compares them (probe_plan)
             self.model_outputs = [o.name for o in self.handle.model.graph.output]
@@ -495,6 +498,8 @@ class _Engine:
                         # onnxruntime drops a provider it cannot start (no device, missing CUDA libraries)
                         # with a log line only: what runs is what the session reports
                         self._to_cpu("onnxruntime did not enable it")
+            if proof is not None:
+                self.session = proof.session
             if self.session is None and not exact and self.reorder:
                 try:
                     self.session = _session_statistics_first(model, folder, self.tmp, main_outputs)
@@ -511,8 +516,34 @@ class _Engine:
                 f"{self.handle.path}: onnxruntime cannot run the instrumented model: {one_line(exc)}"
             ) from exc
 
+    def _take_proof(self, model: Any, exact: bool) -> Any:
+        """The relaxed copy's proof (probe_copy.Proof) when this engine's graph is the proven one (nothing
+        added: no layer measured, no train-mode BN replaced) on the CPU in the fast form; else None. Either
+        way the copy lets go of it, so that an unused proof session is freed before this engine's is built."""
+        copy = self.copy
+        self.proven = []
+        if copy is None or copy.proof is None:
+            return None
+        proof, copy.proof = copy.proof, None
+        if exact or self.providers != [CPU] or model != copy.model:
+            return None
+        self.proven = list(proof.runs)
+        return proof
+
+    def _repeated(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The outputs of a run the proof already made on these very feeds (used once), or None."""
+        for index, (fed, outputs) in enumerate(self.proven):
+            same = fed.keys() == feeds.keys() and all(
+                np.asarray(feeds[k]).dtype == fed[k].dtype and np.array_equal(fed[k], feeds[k]) for k in fed
+            )
+            if same and all(name in outputs for name in self.output_names):
+                del self.proven[index]
+                return {name: outputs[name] for name in self.output_names}
+        return None
+
     def close(self) -> None:
         self.session = None
+        self.proven = []
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _to_cpu(self, reason: str) -> None:
@@ -525,6 +556,9 @@ class _Engine:
         if self.copy is not None and self.copy.fixed_feeds:
             feeds = {**feeds, **self.copy.fixed_feeds}
         assert self.session is not None  # built before any batch runs
+        repeated = self._repeated(feeds) if self.proven else None
+        if repeated is not None:
+            return repeated
         size = sum(int(np.asarray(a).nbytes) for a in feeds.values())
         options = None
         if size > self.largest_feed:
@@ -677,6 +711,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     # a NaN/Inf that would name the deferred layers shows only in a floating-point output (not in an ArgMax's)
     float_outputs = any(handle.value_types.get(o.name) in _FLOAT_TYPES for o in handle.model.graph.output)
     deferred = [layer for layer in view.layers if float_outputs and not needs_statistics(layer, settings)]
+    if len(deferred) < len(view.layers) or providers != [CPU]:
+        copy.proof = None  # the engine measures a layer, so builds its own graph: free the proof's session now
 
     def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
