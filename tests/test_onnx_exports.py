@@ -501,3 +501,31 @@ def test_a_probe_that_measures_a_layer_builds_its_own_session_and_lets_the_proof
     fed, _ = proof.runs[0]
     assert set(engine.observe(dict(fed)).layers) == {"bn", "head_bn"}
     engine.close()
+
+
+def test_a_probe_that_fails_after_writing_the_weights_out_gives_the_loaded_model_its_weights_back(tmp_path):
+    from bncheck.backends.base import BackendError
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.backends.onnx.run import run_probe
+    from bncheck.model import ProbeSettings
+
+    path = _convnet(tmp_path / "m.onnx", "N")
+    model = onnx.load(path)
+    # a model-local function calling an op its opset does not define: the probe refuses it after the copy
+    # of the model (and its weights) is written
+    model.functions.append(
+        helper.make_function(
+            "local", "F", ["a"], ["b"], [helper.make_node("NoSuchOp", ["a"], ["b"])], [helper.make_opsetid("", 17)]
+        )
+    )
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    # above EMBED_BYTES: the probe's copy reads it from the file, so the loaded model lets go of it
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(1 << 15, dtype=np.float32), "big"))
+    onnx.save(model, path)
+    view = OnnxBackend().load(path)
+    written = {t.name: numpy_helper.to_array(t) for t in view.handle.model.graph.initializer}
+    with pytest.raises(BackendError, match="does not define"):
+        run_probe(view, ProbeSettings(batch_sizes=(1, 2)))
+    after = {t.name: numpy_helper.to_array(t) for t in view.handle.model.graph.initializer}
+    assert after.keys() == written.keys()
+    assert all(np.array_equal(after[name], written[name]) for name in written)

@@ -18,6 +18,7 @@ change harmless:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -464,11 +465,19 @@ def _relax(
 
 
 def prepare(
-    handle: OnnxHandle, view: ModelView, settings: ProbeSettings, tmp: str, int_high: dict[str, int] | None = None
+    handle: OnnxHandle,
+    view: ModelView,
+    settings: ProbeSettings,
+    tmp: str,
+    int_high: dict[str, int] | None = None,
+    stubbed: Callable[[list[Any] | None], None] | None = None,
 ) -> ProbeCopy:
-    """The probe's copy of ``handle``'s model for ``settings`` (see the module docstring)."""
+    """The probe's copy of ``handle``'s model for ``settings`` (see the module docstring). ``stubbed`` is
+    called with the weights' external stubs once they are in ``tmp``, before any session is built."""
     model, folder = stub(handle, tmp)
     stubs = None if handle.external_data else [_copy(t) for t in model.graph.initializer]
+    if stubbed is not None:
+        stubbed(stubs)
     free_unset_dims(model.graph)
     copy = ProbeCopy(model, folder, dict(handle.value_shapes), dict(handle.value_types), stubs, list(view.inputs))
     changed = False

@@ -699,13 +699,20 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     restorers: list[Any] = []
     tmp = scratch_folder(handle.size_bytes)
     try:
-        copy = prepare(handle, view, settings, tmp, int_high)
+
+        def stubbed(stubs: list[Any] | None) -> None:
+            if release_weights:  # the weights are in files now: no second copy while sessions hold theirs
+                restorers.append(release(handle, stubs))
+
+        copy = prepare(handle, view, settings, tmp, int_high, stubbed)
         if copy.inputs != view.inputs and settings.batch_sizes:  # a fixed batch relaxed: runs every size now
             activations = _check_memory(
                 copy.model.graph, copy.shapes, copy.types, copy.inputs, settings, max(settings.batch_sizes)
             )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for restore in restorers:
+            restore()
         raise
 
     # a NaN/Inf that would name the deferred layers shows only in a floating-point output (not in an ArgMax's)
@@ -726,8 +733,6 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             deferred=deferred,
         )
         engines.append(engine)
-        if release_weights:
-            restorers.append(release(handle, engine.initializer_stubs))
         _trim()
         return engine.observe
 
