@@ -30,6 +30,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -58,8 +59,14 @@ class Observed:
     outputs: dict[str, np.ndarray]
 
 
-#: A runner returns an :class:`Observed`, or the per-layer statistics alone (the outputs then go untested).
-Runner = Callable[[dict[str, np.ndarray]], "Observed | dict[str, LayerProbe]"]
+class Runner(Protocol):
+    """Runs one batch: an :class:`Observed`, or the per-layer statistics alone (the outputs then go untested).
+    With ``layers=False`` only the model's outputs are read (the effect runs and the companion check): the
+    backend may leave the statistics out."""
+
+    def __call__(self, feeds: dict[str, np.ndarray], layers: bool = True) -> Observed | dict[str, LayerProbe]: ...
+
+
 #: Finds where an unexplained batch dependence starts: (feeds of a batch holding a sample, feeds of the same
 #: size whose other rows are copies of it, its row) -> the located tensor, or None.
 Locator = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], int], "LocatedDependence | None"]
@@ -777,8 +784,10 @@ def run_plan(
     )
 
 
-def _observe(runner: Runner, feeds: dict[str, np.ndarray]) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray]]:
-    got = runner(feeds)
+def _observe(
+    runner: Runner, feeds: dict[str, np.ndarray], layers: bool = True
+) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray]]:
+    got = runner(feeds, layers)
     if isinstance(got, Observed):
         return got.layers, {name: _thin(array) for name, array in got.outputs.items()}
     return got, {}
@@ -842,7 +851,7 @@ def _outputs_test(
     candidates += [worst] if not candidates or candidates[0][2] != worst[2] else []
     for _, index, run, row in candidates:
         copies = tuple(index for _ in run)
-        swapped = _observe(runner, _take(pool, copies, axes))[1]
+        swapped = _observe(runner, _take(pool, copies, axes), layers=False)[1]
         companion = _companion_change(outputs[run], swapped, row, len(run))
         if outputs_depend(found, companion):
             break
@@ -858,7 +867,7 @@ def _outputs_test(
         extra.extend(i for i in group if i not in solo and i not in extra)
     extra = extra[: max(EFFECT_SAMPLES - len(solo), 0)]
     for sample in extra:
-        solo[sample] = _observe(runner, _take(pool, (sample,), axes))[1]
+        solo[sample] = _observe(runner, _take(pool, (sample,), axes), layers=False)[1]
     if extra:
         found, _ = _output_dependence(solo, groups)
         notes.append(

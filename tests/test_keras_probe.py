@@ -180,6 +180,21 @@ def test_shared_layer_pools_every_call(tmp_path):
     assert any("shared is called more than once" in note for note in result.notes)
 
 
+def test_an_outputs_only_run_gives_the_same_outputs_without_statistics_and_keeps_the_skipped_set(tmp_path):
+    inp = keras.Input((3,), name="x")
+    model = keras.Model(inp, layers.Dense(2, name="d")(layers.LayerNormalization(name="ln")(inp)))
+    path = _save(model, tmp_path / "ln.keras")
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    run = runner.runner(PREDICT)
+    x = {"x": np.random.default_rng(2).normal(size=(4, 3)).astype("float32")}
+    full, lean = run(x), run(x, False)
+    assert set(full.layers) == {"ln"} and lean.layers == {}
+    assert full.outputs.keys() == lean.outputs.keys()
+    assert all(np.array_equal(full.outputs[k], lean.outputs[k]) for k in full.outputs)
+    assert runner.capture.skip == set() and set(run(x).layers) == {"ln"}
+
+
 # --------------------------------------------------------------------------- call styles
 
 

@@ -529,3 +529,18 @@ def test_a_probe_that_fails_after_writing_the_weights_out_gives_the_loaded_model
     after = {t.name: numpy_helper.to_array(t) for t in view.handle.model.graph.initializer}
     assert after.keys() == written.keys()
     assert all(np.array_equal(after[name], written[name]) for name in written)
+
+
+def test_an_outputs_only_run_fetches_the_model_outputs_alone_and_they_equal_a_full_runs(tmp_path):
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.backends.onnx.run import _Engine
+
+    path = _convnet(tmp_path / "m.onnx", "N", head_training=True)
+    view = OnnxBackend().load(path)
+    engine = _Engine(view.handle, list(view.layers), tmp=str(tmp_path / "probe"))
+    x = {"x": np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    full, lean = engine.observe(x), engine.observe(x, layers=False)
+    assert set(full.layers) == {"bn", "head_bn"} and lean.layers == {}
+    assert list(lean.outputs) == engine.model_outputs and len(engine.output_names) > len(engine.model_outputs)
+    assert all(np.array_equal(full.outputs[k], lean.outputs[k]) for k in lean.outputs)
+    engine.close()

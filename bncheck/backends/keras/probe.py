@@ -41,7 +41,7 @@ from bncheck.model import (
     Recalibration,
     TensorStats,
 )
-from bncheck.probe_plan import Observed, leave_unmeasured, needs_statistics, outputs_clear
+from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
@@ -229,7 +229,38 @@ class KerasRunner:
             names = [f"output_{i}" for i in range(len(items))]
         return {name: np.asarray(convert(item)) for name, item in zip(names, items)}
 
-    def observe(self, feeds: dict[str, np.ndarray], style: str) -> Observed:
+    def observe(self, feeds: dict[str, np.ndarray], style: str, layers: bool = True) -> Observed:
+        """Per-layer statistics of one batch and the model's outputs (those alone with ``layers=False``)."""
+        if not layers:
+            kept, self.capture.skip = self.capture.skip, set(self.layers)
+            try:
+                return Observed({}, self._forward(feeds, style))
+            finally:
+                self.capture.skip = kept
+        outputs = self._forward(feeds, style)
+        if self.capture.skip and not outputs_clear(outputs.values()):
+            # a NaN/Inf could not show in these outputs, or it does: every layer is measured from now on
+            self.capture.skip = set()
+            self.notes.append(
+                "every normalization layer measured: the model's outputs hold NaN/Inf or are not floating-point"
+            )
+            return self.observe(feeds, style)
+        arrays = [feeds[name] for name in self.input_names]
+        batch = int(arrays[0].shape[0]) if arrays and np.ndim(arrays[0]) else 1
+        out: dict[str, LayerProbe] = {}
+        for name, calls in self.capture.seen.items():
+            if len(calls) > 1:
+                self.shared.add(name)
+            out[name] = LayerProbe(
+                layer=name,
+                batch_size=batch,
+                input=pool([c[0] for c in calls]),
+                output=pool([c[1] for c in calls]),
+            )
+        return Observed(out, outputs)
+
+    def _forward(self, feeds: dict[str, np.ndarray], style: str) -> dict[str, np.ndarray]:
+        """One call of the model in ``style``; the wrapped layers record into ``capture.seen``."""
         arrays = [feeds[name] for name in self.input_names]
         if isinstance(getattr(self.model, "input", None), dict):  # built with a dict of inputs: feed a dict
             args: Any = {key: feeds[tensor.name] for key, tensor in self.model.input.items()}
@@ -257,29 +288,10 @@ class KerasRunner:
         except Exception as exc:
             text = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise BackendError(f"{self.path}: keras failed to run the model ({text})") from None
-        outputs = self._outputs(result)
-        if self.capture.skip and not outputs_clear(outputs.values()):
-            # a NaN/Inf could not show in these outputs, or it does: every layer is measured from now on
-            self.capture.skip = set()
-            self.notes.append(
-                "every normalization layer measured: the model's outputs hold NaN/Inf or are not floating-point"
-            )
-            return self.observe(feeds, style)
-        batch = int(arrays[0].shape[0]) if arrays and np.ndim(arrays[0]) else 1
-        out: dict[str, LayerProbe] = {}
-        for name, calls in self.capture.seen.items():
-            if len(calls) > 1:
-                self.shared.add(name)
-            out[name] = LayerProbe(
-                layer=name,
-                batch_size=batch,
-                input=pool([c[0] for c in calls]),
-                output=pool([c[1] for c in calls]),
-            )
-        return Observed(out, outputs)
+        return self._outputs(result)
 
-    def runner(self, style: str) -> Callable[[dict[str, np.ndarray]], Observed]:
-        return lambda feeds: self.observe(feeds, style)
+    def runner(self, style: str) -> Runner:
+        return lambda feeds, layers=True: self.observe(feeds, style, layers)
 
 
 def call_styles(static: KerasFile) -> list[str]:

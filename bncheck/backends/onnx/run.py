@@ -530,15 +530,15 @@ class _Engine:
         self.proven = list(proof.runs)
         return proof
 
-    def _repeated(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    def _repeated(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray] | None:
         """The outputs of a run the proof already made on these very feeds (used once), or None."""
         for index, (fed, outputs) in enumerate(self.proven):
             same = fed.keys() == feeds.keys() and all(
                 np.asarray(feeds[k]).dtype == fed[k].dtype and np.array_equal(fed[k], feeds[k]) for k in fed
             )
-            if same and all(name in outputs for name in self.output_names):
+            if same and all(name in outputs for name in wanted):
                 del self.proven[index]
-                return {name: outputs[name] for name in self.output_names}
+                return {name: outputs[name] for name in wanted}
         return None
 
     def close(self) -> None:
@@ -552,11 +552,14 @@ class _Engine:
         self.providers = [CPU]
         self.session = None
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray], layers: bool = True) -> dict[str, np.ndarray]:
+        """The fetched tensors by name: every measuring output and the model's, or (``layers=False``) the
+        model's own outputs alone."""
         if self.copy is not None and self.copy.fixed_feeds:
             feeds = {**feeds, **self.copy.fixed_feeds}
         assert self.session is not None  # built before any batch runs
-        repeated = self._repeated(feeds) if self.proven else None
+        wanted = self.output_names if layers else self.model_outputs
+        repeated = self._repeated(feeds, wanted) if self.proven else None
         if repeated is not None:
             return repeated
         size = sum(int(np.asarray(a).nbytes) for a in feeds.values())
@@ -567,22 +570,24 @@ class _Engine:
             self.largest_feed = size
             options = _shrink_arena()
         try:
-            values = self.session.run(self.output_names, feeds, options)
+            values = self.session.run(wanted, feeds, options)
         except Exception as exc:
             if self.providers == [CPU]:
                 raise BackendError(f"{self.handle.path}: onnxruntime failed: {one_line(exc)}") from exc
             # e.g. a kernel the GPU provider registers but rejects at run time: the same batch on the CPU
             self._to_cpu(one_line(exc))
             self._open(self.exact)
-            return self._run(feeds)
-        return dict(zip(self.output_names, values))
+            return self._run(feeds, layers)
+        return dict(zip(wanted, values))
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, LayerProbe]:
         return self.observe(feeds).layers
 
-    def observe(self, feeds: dict[str, np.ndarray]) -> Observed:
-        """Per-layer statistics of one batch, and the model's own outputs."""
-        values = self._run(feeds)
+    def observe(self, feeds: dict[str, np.ndarray], layers: bool = True) -> Observed:
+        """Per-layer statistics of one batch, and the model's own outputs (those alone with ``layers=False``)."""
+        values = self._run(feeds, layers)
+        if not layers:
+            return Observed({}, values)
         if self.deferred and not outputs_clear(values[name] for name in self.model_outputs):
             self.notes.append(
                 "NaN/Inf in the model's outputs: every normalization layer measured from then on, with exact counts"
