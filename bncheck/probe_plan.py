@@ -476,13 +476,17 @@ def output_scale(rows: np.ndarray) -> float:
     each position's variance across the samples, floored at ``SCALE_FLOOR`` times its rms (a near-constant
     output would otherwise turn float32 rounding into a large relative change)."""
     flat = np.asarray(rows, np.float64).reshape(rows.shape[0], -1)
-    finite = np.where(np.isfinite(flat), flat, np.nan)
+    finite = np.isfinite(flat)
     spread = rms = 0.0
-    if finite.size:
+    if flat.size and finite.all():  # the common case, without nanvar's copies (9x faster on 36 x 65536)
+        spread = float(np.sqrt(np.mean(np.var(flat, axis=0))))
+        rms = float(np.sqrt(np.mean(flat * flat)))
+    elif flat.size:
+        masked = np.where(finite, flat, np.nan)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN positions: no spread, no comparison
-            spread = float(np.sqrt(np.nanmean(np.nanvar(finite, axis=0))))
-            rms = float(np.sqrt(np.nanmean(finite * finite)))
+            spread = float(np.sqrt(np.nanmean(np.nanvar(masked, axis=0))))
+            rms = float(np.sqrt(np.nanmean(masked * masked)))
     spread = spread if math.isfinite(spread) else 0.0
     rms = rms if math.isfinite(rms) else 0.0
     return max(spread, SCALE_FLOOR * rms) + _TINY

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from bncheck.model import median
 from bncheck.probe_plan import make_plan, merge_stats, tensor_stats
@@ -120,3 +121,15 @@ def test_median_equals_numpys_and_is_nan_for_nan_or_nothing():
     assert median(np.array([[4.0, np.inf], [1.0, 2.0]])) == float(np.median([4.0, np.inf, 1.0, 2.0]))
     assert math.isnan(median(np.array([1.0, np.nan, 2.0])))
     assert math.isnan(median(np.array([])))
+
+
+def test_output_scale_is_the_root_mean_per_position_variance_and_leaves_nan_positions_out():
+    from bncheck.probe_plan import output_scale
+
+    rows = np.random.default_rng(4).standard_normal((6, 50)).astype(np.float32)
+    want = math.sqrt(float(np.mean(np.var(rows.astype(np.float64), axis=0))))
+    assert output_scale(rows) == pytest.approx(want, rel=1e-12)
+    holed = rows.copy()
+    holed[:, 7] = np.nan  # a position without a number in any sample: no spread from it
+    kept = np.delete(rows.astype(np.float64), 7, axis=1)
+    assert output_scale(holed) == pytest.approx(math.sqrt(float(np.mean(np.var(kept, axis=0)))), rel=1e-12)
