@@ -79,6 +79,7 @@ class ProbeCopy:
     unconverted: bool = False  # an opset onnxruntime cannot run, and the converter failed
     notes: list[str] = field(default_factory=list)
     proof: Proof | None = None  # a relaxed batch's proof (_validate), for the probe engine to take over
+    relaxed_shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, int]] | None = None  # the relaxed copy's, inferred
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -436,10 +437,18 @@ def _relax(
     count = _rewrite_batch_constants(rewritten, batched, fixed)
     why: str | None = "not tried"
     relaxed = model
-    if count:
-        why = _validate(
-            model, rewritten, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
+    inferred: dict[int, tuple[dict[str, tuple[Dim, ...]], dict[str, int]]] = {}
+
+    def prove(candidate: onnx.ModelProto) -> str | None:
+        # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
+        # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
+        inferred[id(candidate)] = _infer(candidate)
+        return _validate(
+            model, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
         )
+
+    if count:
+        why = prove(rewritten)
         if why is None:
             relaxed = rewritten
             how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
@@ -447,9 +456,7 @@ def _relax(
         # with nothing rewritten the copy already is the plain relaxed one
         relaxed = _relaxed(model, batched, fixed) if count else rewritten
         del rewritten
-        why = _validate(
-            model, relaxed, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
-        )
+        why = prove(relaxed)
     if why is not None:
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
@@ -464,6 +471,7 @@ def _relax(
     copy.batch = how
     copy.inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
     copy.proof = memo.get("proof")
+    copy.relaxed_shapes = inferred.get(id(relaxed))
     return relaxed
 
 
@@ -520,7 +528,7 @@ def prepare(
         model, changed = relaxed, True
     copy.model = model
     if changed:
-        shapes, types = _infer(model)
+        shapes, types = copy.relaxed_shapes or _infer(model)  # set only when the copy is the relaxed one
         copy.shapes.update(shapes)
         copy.types.update(types)
     return copy
