@@ -159,6 +159,14 @@ def layer_status(report: Report, layer: NormLayer) -> str:
     return "ok"
 
 
+def not_needed_line(probe: ProbeResult) -> str | None:
+    """The one line the table and the HTML report give the layers a probe left unmeasured because no check
+    needed their numbers (ProbeResult.not_needed), or None."""
+    if not probe.not_needed:
+        return None
+    return f"{len(probe.not_needed)} layer(s) not measured, each {next(iter(probe.not_needed.values()))}"
+
+
 def unmeasured_reason(report: Report, layer: NormLayer) -> str | None:
     """Why no probe measured ``layer`` (None when some probe did, when none ran, or when no check needed its
     numbers: ProbeResult.not_needed)."""

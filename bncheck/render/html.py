@@ -16,7 +16,7 @@ import numpy as np
 from bncheck.errors import UsageError
 from bncheck.findings import Finding
 from bncheck.model import NormLayer, ProbeResult
-from bncheck.report import Report, layer_status, probe_cell, set_sizes
+from bncheck.report import Report, layer_status, not_needed_line, probe_cell, set_sizes
 from bncheck.verdicts import OUTPUT_TOLERANCE, is_affected, is_culprit
 
 if TYPE_CHECKING:
@@ -154,11 +154,7 @@ def _layers(report: Report) -> str:
             f"<td>{'batch statistics' if layer.batch_statistics else 'running statistics' if layer.uses_running_stats else 'per sample'}</td>"
             f'{cells}<td style="color:{_COLORS.get(status, "#212121")}">{_e(status)}</td></tr>'
         )
-    left = [
-        f'<p class="muted">{len(p.not_needed)} layer(s) not measured, each {_e(next(iter(p.not_needed.values())))}</p>'
-        for p in report.probes
-        if p.not_needed
-    ]
+    left = [f'<p class="muted">{_e(line)}</p>' for line in map(not_needed_line, report.probes) if line]
     return f"<h2>Layers</h2><table>{head}{''.join(rows)}</table>{''.join(left)}"
 
 

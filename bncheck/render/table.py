@@ -23,7 +23,7 @@ from bncheck.findings import Finding
 from bncheck.model import NormLayer, ProbeResult, median
 from bncheck.render.summary import summary_line
 from bncheck.render.text import literal, shorten_names
-from bncheck.report import Report, layer_status, probe_cell, set_sizes
+from bncheck.report import Report, layer_status, not_needed_line, probe_cell, set_sizes
 
 if TYPE_CHECKING:
     from bncheck.fix_result import FixResult, LayerFix, StatsSummary
@@ -90,10 +90,9 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
         for name, reason in probe.unmeasured.items():
             if not any(line.startswith(f"{name}: not measured") for line in probe.notes):
                 console.print(Text(literal(f"probe: {name}: not measured ({reason})"), style="dim"))
-        if probe.not_needed:
-            reason = next(iter(probe.not_needed.values()))
-            count = len(probe.not_needed)
-            console.print(Text(literal(f"probe: {count} layer(s) not measured, each {reason}"), style="dim"))
+        left_out = not_needed_line(probe)
+        if left_out:
+            console.print(Text(literal(f"probe: {left_out}"), style="dim"))
         for line in probe.notes:
             console.print(Text(literal(f"probe: {line}"), style="dim"))
     if report.findings:

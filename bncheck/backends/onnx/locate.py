@@ -95,7 +95,7 @@ def locate_dependence(
     import onnxruntime as ort
     from onnx import helper
 
-    from bncheck.backends.onnx.run import _options
+    from bncheck.backends.onnx.run import session_options
     from bncheck.verdicts import COMPANION_TOLERANCE
 
     batch_size = next((int(np.shape(a)[0]) for a in batch.values() if np.ndim(a)), None)
@@ -128,7 +128,7 @@ def locate_dependence(
         if names:
             del graph.output[:]
             graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
-            so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
+            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
             try:
                 session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
                 first = session.run(names, batch)

@@ -79,7 +79,8 @@ class ProbeCopy:
     unconverted: bool = False  # an opset onnxruntime cannot run, and the converter failed
     notes: list[str] = field(default_factory=list)
     proof: Proof | None = None  # a relaxed batch's proof (_validate), for the probe engine to take over
-    relaxed_shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, int]] | None = None  # the relaxed copy's, inferred
+    # the relaxed copy's shapes and types, inferred before its proof (None when the batch was not relaxed)
+    relaxed_shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, int]] | None = None
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -310,9 +311,9 @@ def _session(model: onnx.ModelProto, folder: str, arena: bool = True):
 
     # the probe engine's own options (its log level 4 too: a failing validation run is expected, its reason
     # is returned), so that the engine can take this session over (Proof)
-    from bncheck.backends.onnx.run import _options
+    from bncheck.backends.onnx.run import session_options
 
-    so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
     so.enable_cpu_mem_arena = arena
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -349,7 +350,7 @@ def _validate(
     """None when the relaxed copy is proven equal (see the module docstring), else why not (one line).
     ``memo`` keeps the original model's outputs between attempts (one run of the original), and after a
     proof its :class:`Proof` under "proof"."""
-    from bncheck.backends.onnx.run import _trim
+    from bncheck.backends.onnx.run import trim_heap
     from bncheck.probe_plan import _take
 
     names = [o.name for o in original.graph.output]
@@ -377,7 +378,7 @@ def _validate(
             # copy's (with an arena, malloc_trim returned 11 of its 70 MB on layout_cdla; peak 348 -> 314 MB)
             outputs = _session(original, folder, arena=False).run(names, feeds(fixed), _quiet())
             memo["reference"] = dict(zip(names, outputs))
-            _trim()
+            trim_heap()
         reference = memo["reference"]
     except Exception as exc:
         return f"the model itself does not run at its batch size {fixed}: {one_line(exc, 160)}"
@@ -437,12 +438,11 @@ def _relax(
     count = _rewrite_batch_constants(rewritten, batched, fixed)
     why: str | None = "not tried"
     relaxed = model
-    inferred: dict[int, tuple[dict[str, tuple[Dim, ...]], dict[str, int]]] = {}
 
     def prove(candidate: onnx.ModelProto) -> str | None:
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
-        inferred[id(candidate)] = _infer(candidate)
+        copy.relaxed_shapes = _infer(candidate)
         return _validate(
             model, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high, memo
         )
@@ -458,6 +458,7 @@ def _relax(
         del rewritten
         why = prove(relaxed)
     if why is not None:
+        copy.relaxed_shapes = None
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
             first, axis = next(iter(batched.items()))
@@ -471,7 +472,6 @@ def _relax(
     copy.batch = how
     copy.inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
     copy.proof = memo.get("proof")
-    copy.relaxed_shapes = inferred.get(id(relaxed))
     return relaxed
 
 

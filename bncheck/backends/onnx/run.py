@@ -92,7 +92,7 @@ def quiet_onnxruntime() -> None:
     ort.set_default_logger_severity(4)
 
 
-def _options(level: Any, folder: str) -> Any:
+def session_options(level: Any, folder: str) -> Any:
     import onnxruntime as ort
 
     quiet_onnxruntime()
@@ -114,7 +114,7 @@ def _session(model: onnx.ModelProto, folder: str, exact: bool, providers: list[s
     import onnxruntime as ort
 
     level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so = _options(level, folder)
+    so = session_options(level, folder)
     return ort.InferenceSession(model.SerializeToString(), so, providers=providers or [CPU])
 
 
@@ -212,7 +212,7 @@ def _shrink_arena() -> Any:
     return options
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
     try:
         import ctypes
@@ -236,7 +236,7 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     import onnxruntime as ort
 
     optimized = os.path.join(tmp, "optimized.onnx")
-    so = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
     so.optimized_model_filepath = optimized
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EMBED_BYTES))
@@ -248,7 +248,7 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     # in again (ResNet-50: 0.07 s), and run_probe trims once the view's weights are released (same peak)
     graph_only = onnx.load(optimized, load_external_data=False)
     _statistics_first(graph_only.graph, main_outputs)
-    so = _options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp)
+    so = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp)
     return ort.InferenceSession(graph_only.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -738,7 +738,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             deferred=deferred,
         )
         engines.append(engine)
-        _trim()
+        trim_heap()
         return engine.observe
 
     def locate(batch: dict[str, np.ndarray], copies: dict[str, np.ndarray], row: int):
@@ -829,7 +829,7 @@ def measure_inputs(
     A batch may come as (feeds, n): only its first n samples count (a fixed-batch model's last batch
     completed with repeats, see bncheck.fix_result.calibration_batches)."""
     engine = _Engine(handle, layers, inputs_only=True)
-    _trim()  # the optimizing session's freed heap back to the OS
+    trim_heap()  # the optimizing session's freed heap back to the OS
     try:
         parts: dict[str, list[TensorStats]] = {}
         for batch in batches:
