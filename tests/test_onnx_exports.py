@@ -490,6 +490,22 @@ def test_a_probe_that_measures_nothing_takes_over_the_proof_session_and_does_not
     engine.close()
 
 
+@pytest.mark.parametrize("fixed", [1, 4])
+def test_a_relaxed_copy_computes_the_files_outputs_at_the_files_batch_size(tmp_path, fixed):
+    """Why the proof needs no run of the original: at the file's batch size the relaxed copy, its batch-baking
+    Reshape target rewritten, is the file's graph and gives the file's outputs."""
+    import onnxruntime as ort
+
+    path = _convnet(tmp_path / "m.onnx", fixed)
+    view, copy, folder = _prepared(path, tmp_path)
+    assert copy.proof is not None and "1 Reshape/Expand shape constant(s)" in str(copy.batch)
+    fed, relaxed = copy.proof.runs[0]
+    assert len(fed["x"]) == fixed
+    original = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["y"], fed)[0]
+    np.testing.assert_allclose(relaxed["y"], original, rtol=1e-5, atol=1e-6)
+    copy.proof.session = None
+
+
 def test_a_probe_that_measures_a_layer_builds_its_own_session_and_lets_the_proof_go(tmp_path):
     from bncheck.backends.onnx.run import _Engine
 
