@@ -490,6 +490,42 @@ def test_a_probe_that_measures_nothing_takes_over_the_proof_session_and_does_not
     engine.close()
 
 
+def test_a_vector_computed_from_the_input_and_reshaped_to_1_is_not_taken_for_the_batch(tmp_path):
+    """A quantized model's bias scaled by a dynamic (batch-computed) scale, reshaped to [1, -1, 1, 1]: its
+    1 is a broadcast dim, not the batch; only the flatten's [1, -1] holds the batch."""
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.backends.onnx.probe_copy import _rewrite_batch_constants
+
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["scale"], keepdims=0),
+        helper.make_node("Mul", ["bias", "scale"], ["scaled"]),
+        helper.make_node("Reshape", ["scaled", "bias_shape"], ["b4"]),
+        helper.make_node("Add", ["x", "b4"], ["h"]),
+        helper.make_node("Reshape", ["h", "flat"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.arange(4, dtype=np.float32), "bias"),
+        numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), "bias_shape"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        inits,
+    )
+    path = tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    handle = OnnxBackend().load(str(path)).handle
+    model = onnx.load(str(path))
+    assert _rewrite_batch_constants(model, {"x": 0}, 1, dict(handle.value_shapes)) == 1
+    rewritten = {n.input[1] for n in model.graph.node if n.op_type == "Reshape"}
+    assert "bias_shape" in rewritten and "flat" not in rewritten
+    _, doc = _probe_json(str(path))
+    assert "(1 Reshape/Expand shape constant(s)" in _run(doc)["batch_handling"]
+
+
 @pytest.mark.parametrize("fixed", [1, 4])
 def test_a_relaxed_copy_computes_the_files_outputs_at_the_files_batch_size(tmp_path, fixed):
     """Why the proof needs no run of the original: at the file's batch size the relaxed copy, its batch-baking

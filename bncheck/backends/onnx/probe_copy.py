@@ -258,14 +258,24 @@ def _batch_fed(graph: Any, batched: dict[str, int]) -> set[str]:
     return reached
 
 
-def _rewrite_batch_constants(model: onnx.ModelProto, batched: dict[str, int], fixed: int) -> int:
-    """Reshape/Expand targets whose first element is the fixed batch, on a batch-fed tensor, become
-    ``Concat(Shape(input)[axis:axis+1], rest)``: the fed batch instead of the baked one. Returns how many."""
+def _rewrite_batch_constants(
+    model: onnx.ModelProto, batched: dict[str, int], fixed: int, shapes: dict[str, tuple[Dim, ...]]
+) -> int:
+    """Reshape/Expand targets whose first element is the fixed batch, on a batch-fed tensor whose first dim
+    (in the file's ``shapes``) is that batch or unknown, become ``Concat(Shape(input)[axis:axis+1], rest)``:
+    the fed batch instead of the baked one. Returns how many."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     constants = _constant_values(graph)
     fed = _batch_fed(graph, batched)
+
+    def may_hold_batch(name: str) -> bool:
+        # a quantized model's bias [24], reshaped to [1, -1, 1, 1], is computed from the batch (its scale is
+        # dynamic) but holds none: rewriting it fails the proof and costs a session (ddddocr_old_quant)
+        first = (shapes.get(name) or (None,))[0]
+        return not isinstance(first, int) or first == fixed
+
     sites = [
         (i, node)
         for i, node in enumerate(graph.node)
@@ -276,6 +286,7 @@ def _rewrite_batch_constants(model: onnx.ModelProto, batched: dict[str, int], fi
         and node.input[1] in constants
         and constants[node.input[1]][0].size >= 1
         and int(constants[node.input[1]][0][0]) == fixed
+        and may_hold_batch(node.input[0])
     ]
     if not sites:
         return 0
@@ -407,7 +418,7 @@ def _relax(
     # makes the plain relaxed copy fail its proof: where there is one, the rewritten copy is proven first
     # (one session and proof less on such files), and the plain copy only if that proof fails.
     rewritten = _relaxed(model, batched, fixed)
-    count = _rewrite_batch_constants(rewritten, batched, fixed)
+    count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes)
     proof: Proof | str = "not tried"
     relaxed = model
 
