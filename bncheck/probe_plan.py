@@ -649,6 +649,7 @@ def run_plan(
     int_high: Mapping[str, int] | None = None,
     open_runner: Callable[[], Runner] | None = None,
     locate: Locator | None = None,
+    drawn: Mapping[str, np.ndarray] | None = None,
 ) -> ProbeResult:
     """Run every batch of the plan once through ``runner`` and assemble the :class:`ProbeResult`.
 
@@ -656,6 +657,8 @@ def run_plan(
     ``open_runner`` (with ``runner`` None) builds the runner once the plan is known, while synthetic
     inputs are drawn (:func:`_overlapped`); the caller closes what it built, also on errors.
     ``locate`` finds where an unexplained batch dependence of the outputs starts (see :data:`Locator`).
+    ``drawn``: synthetic inputs the backend already drew with this seed and ``int_high`` for these inputs
+    (a fixed batch's proof); taken instead of a new draw when they hold exactly the samples the plan needs.
 
     The model's outputs come from the dependence test's own runs. Only when they depend on the batch are
     more runs made: each remaining sample of the group runs alone (up to :data:`EFFECT_SAMPLES` in all), for
@@ -708,6 +711,10 @@ def run_plan(
             specs = [s.with_batch_dim(None) for s in specs]
 
         def draw() -> dict[str, np.ndarray]:
+            if drawn is not None:  # the same seed and inputs draw the same values: only the count may differ
+                shapes = synthetic_shapes(specs, needed, settings.input_shapes)
+                if {name: np.shape(a) for name, a in drawn.items()} == shapes:
+                    return dict(drawn)
             return synthetic_inputs(specs, needed, settings.seed, settings.input_shapes, int_high)
 
         if open_runner is not None:

@@ -542,6 +542,34 @@ def test_a_relaxed_copy_computes_the_files_outputs_at_the_files_batch_size(tmp_p
     copy.proof.session = None
 
 
+def test_a_probe_runs_on_the_inputs_its_proof_drew_when_they_hold_the_samples_it_needs(tmp_path):
+    """The relaxed copy's proof drew 2 synthetic samples; a probe at 1,2 needs the same 2 and does not draw
+    them again (one 800x608 image takes about 12 ms), while a probe needing 3 draws its own."""
+    from dataclasses import replace
+
+    from bncheck.backends.onnx.run import _Engine
+    from bncheck.model import ProbeSettings
+    from bncheck.probe_plan import run_plan
+
+    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
+    assert copy.drawn is not None and copy.drawn["x"].shape == (2, 3, 8, 8)
+    marked = {"x": np.full((2, 3, 8, 8), 0.25, np.float32)}  # not a draw: shows where the feeds came from
+    engine = _Engine(view.handle, [], copy=copy, tmp=folder, deferred=list(view.layers))
+    fed: list[np.ndarray] = []
+
+    def runner(feeds, layers=True):
+        fed.append(feeds["x"])
+        return engine.observe(feeds, layers)
+
+    relaxed = replace(view, inputs=copy.inputs)
+    run_plan(relaxed, ProbeSettings(batch_sizes=(1, 2)), runner, drawn=marked)
+    assert fed and all(np.all(x == 0.25) for x in fed)
+    fed.clear()
+    run_plan(relaxed, ProbeSettings(batch_sizes=(1, 3)), runner, drawn=marked)
+    assert fed and not any(np.all(x == 0.25) for x in fed)
+    engine.close()
+
+
 def test_a_probe_that_measures_a_layer_builds_its_own_session_and_lets_the_proof_go(tmp_path):
     from bncheck.backends.onnx.run import _Engine
 

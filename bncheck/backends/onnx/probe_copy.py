@@ -62,6 +62,7 @@ class Proof:
 
     session: Any
     runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]  # (feeds, outputs by name)
+    drawn: dict[str, np.ndarray] | None = None  # its synthetic inputs (None with --data)
 
 
 @dataclass
@@ -79,6 +80,8 @@ class ProbeCopy:
     unconverted: bool = False  # an opset onnxruntime cannot run, and the converter failed
     notes: list[str] = field(default_factory=list)
     proof: Proof | None = None  # a relaxed batch's proof (_validate), for the probe engine to take over
+    # the synthetic inputs that proof drew (run_plan's ``drawn``; None with --data or without a proof)
+    drawn: dict[str, np.ndarray] | None = None
     # the relaxed copy's shapes and types, inferred before its proof (None when the batch was not relaxed)
     relaxed_shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, int]] | None = None
 
@@ -397,7 +400,7 @@ def _validate(
             followed = followed or bool(changed)
         if not followed:
             return f"no output follows the fed batch (batch size {size})"
-    return Proof(session, runs)
+    return Proof(session, runs, drawn if settings.data is None else None)
 
 
 def _relax(
@@ -456,6 +459,7 @@ def _relax(
     copy.batch = how
     copy.inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
     copy.proof = proof
+    copy.drawn = proof.drawn
     return relaxed
 
 

@@ -755,6 +755,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                 open_runner=open_engine,
                 int_high=int_high,
                 locate=locate,
+                drawn=copy.drawn,
             )
         except BackendError as exc:
             if not copy.unconverted:
