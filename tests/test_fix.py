@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from bncheck.backends import BackendError
+from bncheck.backends.onnx import OnnxBackend
 from bncheck.cli import main
 from bncheck.errors import BncheckError
 from bncheck.fixing import fix
@@ -504,6 +505,59 @@ def test_external_data_is_written_next_to_the_output(tmp_path: Path, calib: str)
     with pytest.raises(BackendError, match="external data"):
         fix(str(src_dir / "m.onnx"), str(src_dir / "m.weights"), calib)
     assert (src_dir / "m.weights").read_bytes() == before
+
+
+def test_an_external_data_model_is_fixed_from_its_files_like_the_same_model_in_one_file(
+    tmp_path: Path, calib: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large weights stay in their files (here the conv and fc weights, as a 2 GB model's do): fix's
+    sessions read them from there, and bn2 is still measured with bn1 already repaired."""
+    from bncheck.backends.onnx import load as onnx_load
+
+    monkeypatch.setattr(onnx_load, "VIEW_LOAD_BYTES", 256)  # the only thing lowered: conv2.w is 2.3 kB
+    model = convnet(stale=("bn1", "bn2"))
+    one_file = save(model, tmp_path / "one.onnx")
+    (tmp_path / "ext").mkdir()
+    external = str(tmp_path / "ext" / "m.onnx")
+    onnx.save(model, external, save_as_external_data=True, location="m.weights", size_threshold=0)
+    view = OnnxBackend().load(external)
+    loaded = {t.name for t in view.handle.model.graph.initializer if t.data_location != TensorProto.EXTERNAL}
+    assert "conv2.w" not in loaded and "bn2.mean" in loaded
+    fix(one_file, str(tmp_path / "one_fixed.onnx"), calib)
+    fix(external, str(tmp_path / "ext_fixed.onnx"), calib)
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "one_fixed.onnx")).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "ext_fixed.onnx")).graph.initializer}
+    assert a.keys() == b.keys() and not np.allclose(a["bn2.mean"], 0)
+    for name, value in a.items():
+        np.testing.assert_allclose(b[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_probe_data_measures_the_output_effect_of_an_external_data_model_as_of_the_same_model_in_one_file(
+    tmp_path: Path, calib: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BN003's output effect recomputes the statistics as fix does and runs the model from its files."""
+    from bncheck.backends.onnx import load as onnx_load
+
+    monkeypatch.setattr(onnx_load, "VIEW_LOAD_BYTES", 256)
+    model = convnet()
+    mean = next(t for t in model.graph.initializer if t.name == "bn1.mean")
+    mean.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(mean) + 2.0, mean.name))  # drifted, not initial
+    one_file = save(model, tmp_path / "one.onnx")
+    (tmp_path / "ext").mkdir()
+    external = str(tmp_path / "ext" / "m.onnx")
+    onnx.save(model, external, save_as_external_data=True, location="m.weights", size_threshold=0)
+    effects = []
+    for path in (one_file, external):
+        result = CliRunner().invoke(main, ["probe", path, "--data", calib, "--format", "json"])
+        doc = json.loads(result.stdout)
+        [effect] = {
+            json.dumps(f["evidence"]["output_effect"], sort_keys=True) for f in doc["findings"] if f["code"] == "BN003"
+        }
+        effects.append(json.loads(effect))
+    assert effects[0]["recomputed_layers"] == ["bn1", "bn2"] and effects[0]["outputs"]["logits"]["shift_sd"] > 0.1
+    assert effects[1]["recomputed_layers"] == effects[0]["recomputed_layers"]
+    for key, value in effects[0]["outputs"]["logits"].items():
+        assert effects[1]["outputs"]["logits"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -294,8 +294,6 @@ def test_load_reads_norm_parameters_but_leaves_large_weights_in_their_file(tmp_p
     view = OnnxBackend().load(str(path))
     [probe] = OnnxBackend().probe(view, ProbeSettings(batch_sizes=(1, 2), all_layers=True))  # ort reads the file
     assert probe.layers[2]["bn"].output is not None
-    onnx_load.load_remaining_weights(handle)  # what fix does before it edits and measures
-    np.testing.assert_array_equal(numpy_helper.to_array(handle.model.graph.initializer[0]), w)
 
 
 def test_large_model_path_is_checked_and_inferred_by_path(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@ against the model as stored: what BN003's severity follows."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -41,6 +43,8 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
 
     from bncheck.backends.onnx import OnnxBackend
     from bncheck.backends.onnx.fix import fix_onnx
+    from bncheck.backends.onnx.instrument import stub
+    from bncheck.backends.onnx.run import scratch_folder, session_options, trim_heap
     from bncheck.fix_result import FixRequest
 
     view = OnnxBackend().load(path)
@@ -60,14 +64,29 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
         usable -= usable % batch  # a fixed batch dimension takes whole batches only
     if not usable:
         return f"fewer samples than the model's fixed batch size {batch}"
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # failures come back as exceptions; logged, they would reach stderr
+    # One session at a time, each reading the weights from files: the edited model's weight-less stub (its
+    # large tensors in their files, as fix's own sessions read them), then the stored model. Serializing the
+    # edited model with its weights would hold them twice, and fails above protobuf's 2 GB.
+    handle = view.handle
+    del view
+    tmp = scratch_folder(handle.size_bytes)
     try:
-        recomputed = ort.InferenceSession(view.handle.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        del view
-        stored = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        after = _outputs(recomputed, _batches(data, batch, usable))
-        before = _outputs(stored, _batches(data, batch, usable))
-    except Exception as exc:  # onnxruntime raises its own exception types
-        return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
+        stubbed, folder = stub(handle, tmp)
+        del handle  # a model without external data holds its weights until here; the stub holds none
+        trim_heap()
+        try:
+            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+            recomputed = ort.InferenceSession(stubbed.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            del stubbed
+            after = _outputs(recomputed, _batches(data, batch, usable))
+            del recomputed
+            trim_heap()  # its freed weights back to the OS before the stored model's session reads them again
+            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, os.path.dirname(os.path.abspath(path)))
+            before = _outputs(
+                ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), _batches(data, batch, usable)
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return compare_recalibrated(changed, before, after)

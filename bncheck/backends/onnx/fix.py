@@ -57,7 +57,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx.load import OnnxHandle, load_remaining_weights
+from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.fix_result import (
     MIN_SAMPLES,
     FixOutcome,
@@ -108,7 +108,8 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     drift falls under the thresholds. Raises BackendError for refusals, before anything is measured.
     """
     handle: OnnxHandle = view.handle
-    load_remaining_weights(handle)  # the loader reads large external tensors only when they are needed
+    # large external tensors stay in their files: every session reads them from there (instrument.stub), the
+    # edits are small tensors held in memory, and the written model replays them on the file (_Fixer.write)
     data = request.data
     plan = _prepare(view, request)
     results = plan.results
@@ -757,29 +758,32 @@ class _Fixer:
         work = OnnxHandle(
             path=self.handle.path,
             model=self.handle.model,
-            external_data=False,
+            external_data=self.handle.external_data,  # then its large tensors are read from their files
             value_shapes=self.handle.value_shapes,
             value_types=self.handle.value_types,
             size_bytes=self.handle.size_bytes,
             info=self.handle.info,
             notes=[],
         )
-        self.check_memory()
-        return measure_inputs(work, layers, calibration_batches(self.data, self.batch, fixed=self.fixed))
+        activations = self.check_memory()
+        batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
+        return measure_inputs(work, layers, batches, activations)
 
-    def check_memory(self) -> None:
-        """Refuse a calibration batch whose run cannot fit the memory budget, before any session is built."""
+    def check_memory(self) -> int | None:
+        """Refuse a calibration batch whose run cannot fit the memory budget, before any session is built;
+        else the busiest node's activation bytes (None when unknown)."""
         from bncheck.backends.onnx import memory
 
         total = min((int(a.shape[0]) for a in self.data.values() if a.ndim), default=0)
         batch = self.batch if self.fixed else min(self.batch, total)
         if batch < 1:
-            return
+            return None
         feeds = {name: (batch, *a.shape[1:]) for name, a in self.data.items() if a.ndim}
         graph = self.handle.model.graph
-        memory.check(
+        found = memory.check(
             graph, self.handle.value_shapes, self.handle.value_types, feeds, batch, "give a smaller --batch-size"
         )
+        return found.node_bytes if found.node is not None else None
 
     # ------------------------------------------------------------------ decisions
 

@@ -211,6 +211,12 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
     return stubs
 
 
+def _is_external(tensor: Any) -> bool:
+    import onnx
+
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
 def _copy(tensor: Any) -> Any:
     import onnx
 
@@ -245,10 +251,15 @@ def stub(handle: OnnxHandle, tmp: str) -> tuple[onnx.ModelProto, str]:
     """A ModelProto without weight bytes, and the folder its external data lives in."""
     import onnx
 
+    from bncheck.backends.onnx import load
+
     folder = os.path.dirname(os.path.abspath(handle.path))
     if handle.external_data:
-        # The graph and the external-data references, re-read without weights (the loader already
-        # validated every location); onnxruntime reads the weights from the original folder.
+        # onnxruntime reads the weights from the original folder (the loader validated every location).
+        # The model as it is in memory, edits included (fix's passes), when the tensors it holds are small:
+        # the loader reads only those, and the large ones still point into their files.
+        if all(_nbytes(t) <= load.VIEW_LOAD_BYTES or _is_external(t) for t in handle.model.graph.initializer):
+            return _skeleton(handle.model, [_copy(t) for t in handle.model.graph.initializer]), folder
         return onnx.load(handle.path, load_external_data=False), folder
     in_file = _in_file_stubs(handle)
     if in_file is not None:  # onnxruntime reads the weights from the model file itself

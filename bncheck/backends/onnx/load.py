@@ -322,7 +322,7 @@ def _load_weights(path: str, model: onnx.ModelProto) -> list[Note]:
 
 
 #: external tensors up to this size are read at load (norm parameters, biases, shapes); larger ones stay
-#: references to their file until :func:`load_remaining_weights`.
+#: references to their file, which every session (the probe's, fix's) reads them from.
 VIEW_LOAD_BYTES = 1 << 20
 #: ops whose parameter inputs are read at load whatever their size (the checks judge them)
 _NORM_OP = re.compile(r"Norm", re.IGNORECASE)
@@ -333,7 +333,7 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
 
     The probe's onnxruntime session reads the weights from their files itself, so reading every weight
     here would hold a second copy during the probe (a 2.7 GB model: 2x plain inference's peak) and make
-    ``inspect`` read the whole data file; ``fix`` reads the rest (:func:`load_remaining_weights`).
+    ``inspect`` read the whole data file; ``fix`` edits only small tensors and reads none of the rest.
     """
     import onnx
     from onnx import external_data_helper
@@ -352,12 +352,6 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
         except Exception as exc:
             raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
     return _warning_notes(caught)
-
-
-def load_remaining_weights(handle: OnnxHandle) -> None:
-    """Read the external tensors the loader left in their files (see :func:`_load_view_weights`)."""
-    if handle.external_data:
-        _load_weights(handle.path, handle.model)
 
 
 def _sha256(path: str) -> str:

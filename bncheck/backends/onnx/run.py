@@ -824,12 +824,14 @@ def measure_inputs(
     handle: OnnxHandle,
     layers: list[NormLayer],
     batches: Iterable[dict[str, np.ndarray] | tuple[dict[str, np.ndarray], int]],
+    activations: int | None = None,
 ) -> dict[str, TensorStats]:
     """Each layer's input statistics accumulated over all ``batches`` (inference mode, model as is).
 
     A batch may come as (feeds, n): only its first n samples count (a fixed-batch model's last batch
-    completed with repeats, see bncheck.fix_result.calibration_batches)."""
-    engine = _Engine(handle, layers, inputs_only=True)
+    completed with repeats, see bncheck.fix_result.calibration_batches). ``activations``: the busiest
+    node's bytes at the batch size (memory.estimate), for :func:`worth_reordering`."""
+    engine = _Engine(handle, layers, inputs_only=True, reorder=worth_reordering(activations, handle.size_bytes))
     trim_heap()  # the optimizing session's freed heap back to the OS
     try:
         parts: dict[str, list[TensorStats]] = {}
