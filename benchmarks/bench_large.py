@@ -12,7 +12,9 @@ processes, ``--repeats`` times:
   and the bytes it read (``rchar`` of /proc/self/io: every byte through read(); ``read_bytes``: from disk,
   past the page cache), against the size of the norm parameters and of the whole weights file;
 - **plain**: onnxruntime session + one pass at batch 1, 2, 32 (peak RSS = VmHWM);
-- **probe**: load + probe at batch 1, 2, 32 (peak RSS), so that two copies of the weights would show as ~2x.
+- **probe**: load + probe at batch 1, 2, 32 (peak RSS), so that two copies of the weights would show as ~2x;
+- **plain_data / probe_data**: the same with a ``--data`` file of 64 samples: plain also runs them through
+  the model (two batches of 32), the probe measures every layer on them (``probe --data``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 IN = 4096
 
@@ -84,6 +88,45 @@ rss_load = status("VmHWM")
 result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
 assert len(result.dependence) + len(result.not_needed) == len(view.layers), (len(result.dependence), len(view.layers))
 print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM"), "rss_after_load_mb": rss_load}))
+"""
+)
+
+
+#: samples in the ``--data`` file of the data runs (two batches of 32)
+DATA_SAMPLES = 64
+
+PLAIN_DATA = (
+    PEAK
+    + r"""
+import time, json, sys
+t0 = time.perf_counter()
+import numpy as np
+import onnxruntime as ort
+sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+for b in (1, 2, 32):
+    sess.run(None, {"input": rng.standard_normal((b, IN), dtype=np.float32)})
+data = np.load(sys.argv[2])
+for start in range(0, len(data), 32):  # what running the data through the model costs
+    sess.run(None, {"input": data[start : start + 32]})
+print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM")}))
+""".replace("IN", str(IN))
+)
+
+PROBE_DATA = (
+    PEAK
+    + r"""
+import time, json, sys
+t0 = time.perf_counter()
+from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.base import ProbeSettings
+from bncheck.probe_data import load_data
+backend = OnnxBackend()
+view = backend.load(sys.argv[1])
+data = load_data(sys.argv[2], view.inputs)
+result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32), data=data, data_source=sys.argv[2]))[0]
+assert result.data_samples == len(data["input"]) and len(result.data) == len(view.layers), (result.data_samples, len(result.data or {}))
+print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM")}))
 """
 )
 
@@ -163,8 +206,8 @@ def build(folder: str, layers: int, width: int, seed: int = 0) -> tuple[str, int
     return path, sizes["weights"], sizes["norm"]
 
 
-def _child(code: str, model: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, model], check=True, capture_output=True, text=True)
+def _child(code: str, model: str, *more: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, model, *more], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -177,15 +220,19 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.keep or tempfile.mkdtemp(prefix="bncheck-large-")
     os.makedirs(folder, exist_ok=True)
-    runs: dict[str, list[dict]] = {"inspect": [], "plain": [], "probe": []}
+    runs: dict[str, list[dict]] = {"inspect": [], "plain": [], "probe": [], "plain_data": [], "probe_data": []}
     loads: list[float] = []
     try:
         path, weights, norm = build(folder, args.layers, args.width)
         print(f"model: {weights / 1e9:.2f} GB of weights, {norm / 1e3:.0f} kB of norm parameters", file=sys.stderr)
+        data = os.path.join(folder, "data.npy")
+        np.save(data, np.random.default_rng(1).standard_normal((DATA_SAMPLES, IN), dtype=np.float32))
         for rep in range(args.repeats):
             loads.append(os.getloadavg()[0])
             for name, code in (("inspect", INSPECT), ("plain", PLAIN), ("probe", PROBE)):
                 runs[name].append(_child(code, path))
+            for name, code in (("plain_data", PLAIN_DATA), ("probe_data", PROBE_DATA)):
+                runs[name].append(_child(code, path, data))
             print(f"repeat {rep + 1}: " + " ".join(f"{k} {v[-1]}" for k, v in runs.items()), file=sys.stderr)
     finally:
         if not args.keep:
@@ -209,6 +256,12 @@ def main() -> None:
                     max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"])),
                 ],
                 "probe_over_plain_wall": med["probe"]["wall"] / med["plain"]["wall"],
+                "probe_data_over_plain_data_rss": med["probe_data"]["rss_mb"] / med["plain_data"]["rss_mb"],
+                "probe_data_over_plain_data_rss_range": [
+                    min(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain_data"], runs["probe_data"])),
+                    max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain_data"], runs["probe_data"])),
+                ],
+                "probe_data_over_plain_data_wall": med["probe_data"]["wall"] / med["plain_data"]["wall"],
             },
             indent=2,
         )
