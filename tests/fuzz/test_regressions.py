@@ -441,6 +441,39 @@ def test_int64_tensor_with_short_raw_data_in_a_fixed_batch_model_probes_to_a_cle
         _refused(_run(ws, "probe", "m.onnx"), "m.onnx")
 
 
+def test_batch_norm_with_empty_parameters_that_onnxruntime_runs_anyway_probes_to_a_clean_error() -> None:
+    """Opset 7, a 1-channel input, parameters of 0 values: onnxruntime's BatchNormalization-7 returns an empty
+    output instead of refusing, and decoding its statistics crashed with a numpy reshape error."""
+    from tests.fuzz.strategies import build_onnx
+
+    recipe = {
+        "op": "BatchNormalization",
+        "opset": 7,
+        "ir_version": 3,
+        "dims": [1, 1],
+        "input_type": 1,
+        "param_type": 1,
+        "channels_delta": -1,
+        "param_seed": 0,
+        "specials": [],
+        "attrs": {},
+        "outputs": 3,
+        "node_name": "bn",
+        "input_name": "x",
+        "before": "none",
+        "after": "none",
+        "subgraph": "none",
+        "external": "none",
+        "raw_data": "ok",
+        "output_dims": "same",
+        "give_shape": False,
+    }
+    with Workspace() as ws:
+        build_onnx(recipe, ws.model_dir, ws.canary)
+        _run(ws, "inspect", "m.onnx")
+        _refused(_run(ws, "probe", "m.onnx", "--batch-sizes", "1,2,32"), "empty tensor", "'bn'")
+
+
 def test_dim_name_that_is_not_utf8_is_a_one_line_error() -> None:
     """A flipped bit in a symbolic dim's name: the shape reader once ran a regex over the bytes."""
     with Workspace() as ws:

@@ -273,6 +273,20 @@ def _without_extremes(
     )
 
 
+def _refuse_empty(m: Measure, values: dict[str, np.ndarray], layer: str) -> None:
+    """A measured tensor without elements (onnxruntime runs a BatchNormalization whose parameters are empty
+    and returns an empty output for a 1-channel input) has no statistics: the model is malformed there."""
+    for key, name in m.outputs.items():
+        if key == "shape":  # the measured tensor's dims, empty for a scalar
+            continue
+        shape = np.shape(values[name])
+        if 0 in shape:
+            raise BackendError(
+                f"onnxruntime computed an empty tensor (shape {shape}) where layer {layer!r} is measured "
+                f"({m.tensor!r}): nothing to measure; check that its parameters match its input's channels"
+            )
+
+
 def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     if "full" in m.outputs:
         return tensor_stats(values[m.outputs["full"]], m.channel_axis, m.batch_axis)
@@ -600,6 +614,7 @@ class _Engine:
         for plan in self.plans:
             for m in (plan.input, plan.output, plan.runtime):
                 if m is not None and id(m) not in decoded:
+                    _refuse_empty(m, values, plan.layer.name)
                     stats = _decode(m, values)
                     if not self.exact and _needs_exact(m, stats):
                         self.notes.append("NaN/Inf seen: statistics measured with exact counts (slower)")
