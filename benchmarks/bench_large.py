@@ -71,6 +71,10 @@ sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 rng = np.random.default_rng(0)
 for b in (1, 2, 32):
     sess.run(None, {"input": rng.standard_normal((b, IN), dtype=np.float32)})
+if len(sys.argv) > 2:  # against probe --data: the data's samples through the model too, 32 at a time
+    data = np.load(sys.argv[2])
+    for start in range(0, len(data), 32):
+        sess.run(None, {"input": data[start : start + 32]})
 print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM")}))
 """.replace("IN", str(IN))
 )
@@ -82,53 +86,23 @@ import time, json, sys
 t0 = time.perf_counter()
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.base import ProbeSettings
+from bncheck.probe_data import load_data
 backend = OnnxBackend()
 view = backend.load(sys.argv[1])
 rss_load = status("VmHWM")
-result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32)))[0]
-assert len(result.dependence) + len(result.not_needed) == len(view.layers), (len(result.dependence), len(view.layers))
+data = load_data(sys.argv[2], view.inputs) if len(sys.argv) > 2 else None
+source = sys.argv[2] if data is not None else None
+result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32), data=data, data_source=source))[0]
+if data is None:
+    assert len(result.dependence) + len(result.not_needed) == len(view.layers), (len(result.dependence), len(view.layers))
+else:
+    assert result.data_samples == len(data["input"]) and len(result.data) == len(view.layers), result.data_samples
 print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM"), "rss_after_load_mb": rss_load}))
 """
 )
 
-
 #: samples in the ``--data`` file of the data runs (two batches of 32)
 DATA_SAMPLES = 64
-
-PLAIN_DATA = (
-    PEAK
-    + r"""
-import time, json, sys
-t0 = time.perf_counter()
-import numpy as np
-import onnxruntime as ort
-sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-rng = np.random.default_rng(0)
-for b in (1, 2, 32):
-    sess.run(None, {"input": rng.standard_normal((b, IN), dtype=np.float32)})
-data = np.load(sys.argv[2])
-for start in range(0, len(data), 32):  # what running the data through the model costs
-    sess.run(None, {"input": data[start : start + 32]})
-print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM")}))
-""".replace("IN", str(IN))
-)
-
-PROBE_DATA = (
-    PEAK
-    + r"""
-import time, json, sys
-t0 = time.perf_counter()
-from bncheck.backends.onnx import OnnxBackend
-from bncheck.backends.base import ProbeSettings
-from bncheck.probe_data import load_data
-backend = OnnxBackend()
-view = backend.load(sys.argv[1])
-data = load_data(sys.argv[2], view.inputs)
-result = backend.probe(view, ProbeSettings(batch_sizes=(1, 2, 32), data=data, data_source=sys.argv[2]))[0]
-assert result.data_samples == len(data["input"]) and len(result.data) == len(view.layers), (result.data_samples, len(result.data or {}))
-print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM")}))
-"""
-)
 
 
 def build(folder: str, layers: int, width: int, seed: int = 0) -> tuple[str, int, int]:
@@ -231,7 +205,7 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             for name, code in (("inspect", INSPECT), ("plain", PLAIN), ("probe", PROBE)):
                 runs[name].append(_child(code, path))
-            for name, code in (("plain_data", PLAIN_DATA), ("probe_data", PROBE_DATA)):
+            for name, code in (("plain_data", PLAIN), ("probe_data", PROBE)):
                 runs[name].append(_child(code, path, data))
             print(f"repeat {rep + 1}: " + " ".join(f"{k} {v[-1]}" for k, v in runs.items()), file=sys.stderr)
     finally:
