@@ -560,6 +560,44 @@ def test_probe_data_measures_the_output_effect_of_an_external_data_model_as_of_t
         assert effects[1]["outputs"]["logits"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
+def test_a_wide_layer_is_measured_with_the_statistics_fix_just_wrote_upstream(tmp_path: Path) -> None:
+    """Two BNs of 20,000 channels in series, weights inside the file: the measuring session points its
+    large tensors at their bytes in the file (no copy), but bn1's recomputed statistics (80 kB, above the
+    inline limit) are only in memory, so bn2 was measured behind bn1's stale ones."""
+    channels, rng = 20_000, np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+    for i in (1, 2):
+        params = {"s": np.ones(channels), "b": np.full(channels, 0.5), "m": np.zeros(channels), "v": np.ones(channels)}
+        for key, value in {**params, "k": np.full(channels, 3.0)}.items():
+            inits.append(numpy_helper.from_array(value.astype(np.float32), f"{key}{i}"))
+        nodes.append(
+            helper.make_node("BatchNormalization", [x, *(f"{k}{i}" for k in "sbmv")], [f"bn{i}"], name=f"bn{i}")
+        )
+        nodes.append(helper.make_node("Mul", [f"bn{i}", f"k{i}"], [f"y{i}"], name=f"mul{i}"))
+        x = f"y{i}"
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("x", F32, ["N", channels])],
+        [helper.make_tensor_value_info(x, F32, ["N", channels])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    src, data, out = tmp_path / "w.onnx", tmp_path / "d.npy", tmp_path / "f.onnx"
+    onnx.save(model, str(src))
+    x_data = (rng.standard_normal((64, channels)) * 2 + 5).astype(np.float32)
+    np.save(data, x_data)
+    fix(str(src), str(out), str(data))
+    fixed = onnx.load(str(out))
+    stored = {t.name: numpy_helper.to_array(t) for t in fixed.graph.initializer}
+    fixed.graph.output.append(helper.make_tensor_value_info("y1", F32, None))
+    session = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"])
+    y1 = session.run(["y1"], {"x": x_data})[0].astype(np.float64)  # bn2's input in the fixed model
+    np.testing.assert_allclose(stored["m2"], y1.mean(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stored["v2"], y1.var(axis=0), rtol=1e-3, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------- CLI
 
 

@@ -562,8 +562,11 @@ Edit = Callable[[onnx.ModelProto, "_Sink"], None]
 class _Sink:
     """Where an edit puts tensor bytes: inline in the proto, or patched into a copied external-data file."""
 
-    def __init__(self, external: dict[str, tuple[str, int, int | None]] | None = None) -> None:
+    def __init__(
+        self, external: dict[str, tuple[str, int, int | None]] | None = None, edited: set[str] | None = None
+    ) -> None:
         self.external = external or {}  # tensor name -> (copied file path, offset, length)
+        self.edited = edited  # names of the tensors set inline, whose bytes in the input file are now stale
 
     def set_tensor(self, tensor: TensorProto, values: np.ndarray) -> None:
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -586,6 +589,8 @@ class _Sink:
         for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             tensor.ClearField(fld)
         tensor.raw_data = fresh.raw_data
+        if self.edited is not None:
+            self.edited.add(tensor.name)
 
 
 def _find_node(model: onnx.ModelProto, key: str) -> tuple[int, onnx.NodeProto]:
@@ -764,6 +769,7 @@ class _Fixer:
             size_bytes=self.handle.size_bytes,
             info=self.handle.info,
             notes=[],
+            edited=self.handle.edited,
         )
         activations = self.check_memory()
         batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
@@ -788,7 +794,7 @@ class _Fixer:
     # ------------------------------------------------------------------ decisions
 
     def record(self, edit: Edit) -> None:
-        edit(self.handle.model, _Sink())
+        edit(self.handle.model, _Sink(edited=self.handle.edited))
         self.edits.append(edit)
 
     def apply(self, p: _Pending, stats: TensorStats | None) -> LayerFix:

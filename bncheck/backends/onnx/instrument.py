@@ -191,8 +191,8 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
                 return None
             stubs.append(_copy(tensor))
             continue
-        if small or tensor.data_type == onnx.TensorProto.STRING:
-            stubs.append(_copy(tensor))
+        if small or tensor.data_type == onnx.TensorProto.STRING or tensor.name in handle.edited:
+            stubs.append(_copy(tensor))  # an edited tensor's bytes in the file are stale: inline
             continue
         if offsets is None:
             offsets = raw_data_offsets(handle.path) or {}

@@ -56,6 +56,8 @@ class OnnxHandle:
     size_bytes: int
     info: ModelInfo | None = None
     notes: list[Note] = field(default_factory=list)
+    # initializers edited in memory (fix): their bytes in the file are stale, so a stub keeps them inline
+    edited: set[str] = field(default_factory=set)
     # True: a probe keeps the weights in ``model`` instead of releasing and re-reading them afterwards (`fix`
     # reads the model again after probing it; it sets this when the file is small enough to hold twice)
     keep_weights: bool = False
