@@ -507,14 +507,19 @@ def test_external_data_is_written_next_to_the_output(tmp_path: Path, calib: str)
     assert (src_dir / "m.weights").read_bytes() == before
 
 
+@pytest.mark.parametrize("kept_through_probe", [True, False])
 def test_an_external_data_model_is_fixed_from_its_files_like_the_same_model_in_one_file(
-    tmp_path: Path, calib: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, calib: str, monkeypatch: pytest.MonkeyPatch, kept_through_probe: bool
 ) -> None:
     """Large weights stay in their files (here the conv and fc weights, as a 2 GB model's do): fix's
-    sessions read them from there, and bn2 is still measured with bn1 already repaired."""
+    sessions read them from there, and bn2 is still measured with bn1 already repaired. A model too large to
+    keep through fix's probe (over 1 GB) is re-read after it, as the loader reads it."""
+    from bncheck.backends import onnx as onnx_backend
     from bncheck.backends.onnx import load as onnx_load
 
     monkeypatch.setattr(onnx_load, "VIEW_LOAD_BYTES", 256)  # the only thing lowered: conv2.w is 2.3 kB
+    if not kept_through_probe:
+        monkeypatch.setattr(onnx_backend, "KEEP_WEIGHTS_BYTES", 0)
     model = convnet(stale=("bn1", "bn2"))
     one_file = save(model, tmp_path / "one.onnx")
     (tmp_path / "ext").mkdir()

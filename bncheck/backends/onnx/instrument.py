@@ -141,11 +141,7 @@ def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
     with open(path, "wb") as fh:
         for tensor in model.graph.initializer:
             small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
-            if (
-                small
-                or tensor.data_type == onnx.TensorProto.STRING
-                or (tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL)
-            ):
+            if small or tensor.data_type == onnx.TensorProto.STRING or _is_external(tensor):
                 # small tensors stay inline: shapes, axes and constants must be readable by
                 # onnxruntime's shape inference, which does not read external data
                 copy = onnx.TensorProto()
@@ -183,7 +179,7 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
     stubs = []
     for tensor in handle.model.graph.initializer:
         small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
-        external = tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+        external = _is_external(tensor)
         if external:
             # a skeleton from an earlier probe: it must point into this file too
             where = {entry.key: entry.value for entry in tensor.external_data}
@@ -249,18 +245,12 @@ def _skeleton(src: onnx.ModelProto, initializers: list[Any]) -> onnx.ModelProto:
 
 def stub(handle: OnnxHandle, tmp: str) -> tuple[onnx.ModelProto, str]:
     """A ModelProto without weight bytes, and the folder its external data lives in."""
-    import onnx
-
-    from bncheck.backends.onnx import load
-
     folder = os.path.dirname(os.path.abspath(handle.path))
     if handle.external_data:
-        # onnxruntime reads the weights from the original folder (the loader validated every location).
-        # The model as it is in memory, edits included (fix's passes), when the tensors it holds are small:
-        # the loader reads only those, and the large ones still point into their files.
-        if all(_nbytes(t) <= load.VIEW_LOAD_BYTES or _is_external(t) for t in handle.model.graph.initializer):
-            return _skeleton(handle.model, [_copy(t) for t in handle.model.graph.initializer]), folder
-        return onnx.load(handle.path, load_external_data=False), folder
+        # The model as it is in memory, edits included (fix's passes): the loader read only the small tensors
+        # and the norm parameters, the large ones still point into their files (it validated every location),
+        # and onnxruntime reads them from the original folder.
+        return _skeleton(handle.model, [_copy(t) for t in handle.model.graph.initializer]), folder
     in_file = _in_file_stubs(handle)
     if in_file is not None:  # onnxruntime reads the weights from the model file itself
         return _skeleton(handle.model, in_file), folder
@@ -300,7 +290,7 @@ def release(handle: OnnxHandle, stubs: list[Any] | None):
             model = onnx_load._parse(handle.path)
             if handle.external_data:
                 onnx_load._validate_external(handle.path, model)
-                onnx_load._load_weights(handle.path, model)
+                onnx_load._load_view_weights(handle.path, model)  # as load_onnx reads it: large ones stay
         except BackendError:
             raise
         except Exception as exc:

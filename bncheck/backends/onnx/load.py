@@ -309,20 +309,6 @@ def _warning_notes(caught: list[warnings.WarningMessage]) -> list[Note]:
     return notes[:10]  # one per distinct warning; a hostile file could raise thousands
 
 
-def _load_weights(path: str, model: onnx.ModelProto) -> list[Note]:
-    """Read all external data (locations already validated); returns onnx's warnings as notes."""
-    from onnx import external_data_helper
-
-    base = os.path.dirname(os.path.abspath(path))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            external_data_helper.load_external_data_for_model(model, base)
-        except Exception as exc:
-            raise _fail(path, f"cannot read external data: {_first_line(exc)}") from exc
-    return _warning_notes(caught)
-
-
 #: external tensors up to this size are read at load (norm parameters, biases, shapes); larger ones stay
 #: references to their file, which every session (the probe's, fix's) reads them from.
 VIEW_LOAD_BYTES = 1 << 20
