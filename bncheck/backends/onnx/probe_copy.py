@@ -341,7 +341,7 @@ def _quiet():
 
 
 def _validate(
-    original: onnx.ModelProto,
+    names: list[str],
     relaxed: onnx.ModelProto,
     folder: str,
     inputs: list[InputSpec],
@@ -351,10 +351,10 @@ def _validate(
     fixed_feeds: dict[str, np.ndarray],
     int_high: dict[str, int],
 ) -> Proof | str:
-    """The relaxed copy's :class:`Proof` (see the module docstring), or why it fails (one line)."""
+    """The relaxed copy's :class:`Proof` (see the module docstring) on the model's outputs ``names``, or why
+    it fails (one line)."""
     from bncheck.probe_plan import _take
 
-    names = [o.name for o in original.graph.output]
     inputs = [s.with_batch_dim(None) for s in inputs]
     axes = {s.name: s.batch_axis if s.batched else None for s in inputs}
 
@@ -377,11 +377,11 @@ def _validate(
     try:
         session = _session(relaxed, folder)
         fed = feeds(fixed)
-        reference = dict(zip(names, session.run(names, fed, _quiet())))
-        runs.append((fed, reference))
+        at_fixed = dict(zip(names, session.run(names, fed, _quiet())))
+        runs.append((fed, at_fixed))
     except Exception as exc:
         return f"the relaxed copy does not run at batch size {fixed}: {one_line(exc, 160)}"
-    if not any(fixed in np.shape(reference[n]) for n in names):
+    if not any(fixed in np.shape(at_fixed[n]) for n in names):
         return f"no output has a dim of the batch size {fixed}"
     for size in others:
         try:
@@ -393,7 +393,7 @@ def _validate(
         followed = False
         for name in names:
             # only dims that were the batch may change, and only to the fed batch (CTC heads put it on axis 1)
-            was, now = np.shape(reference[name]), np.shape(values[name])
+            was, now = np.shape(at_fixed[name]), np.shape(values[name])
             changed = [axis for axis, (a, b) in enumerate(zip(was, now)) if a != b]
             if len(was) != len(now) or any(was[a] != fixed or now[a] != size for a in changed):
                 return f"output {name!r} has shape {now} at batch size {size} (at {fixed}: {was})"
@@ -424,13 +424,14 @@ def _relax(
     count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes)
     proof: Proof | str = "not tried"
     relaxed = model
+    outputs = [o.name for o in model.graph.output]
 
     def prove(candidate: onnx.ModelProto) -> Proof | str:
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
         copy.relaxed_shapes = _infer(candidate)
         return _validate(
-            model, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high
+            outputs, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high
         )
 
     if count:
