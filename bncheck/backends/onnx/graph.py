@@ -113,6 +113,7 @@ class GraphIndex:
                 if inp:
                     self.consumers.setdefault(inp, []).append(idx)
         self._attrs: dict[int, dict[str, Any]] = {}
+        self._schema_types: dict[tuple[str, str], dict[str, int]] = {}
         self._const: dict[str, np.ndarray | None] = {}
 
     # ------------------------------------------------------------------ structure
@@ -151,6 +152,9 @@ class GraphIndex:
         import onnx
 
         domain = "" if node.domain == "ai.onnx" else node.domain
+        cached = self._schema_types.get((node.op_type, domain))
+        if cached is not None:  # a graph repeats few operators, and each lookup crosses into onnx's C++
+            return cached
         types: dict[str, int] = {}
         for version in (None, self.opset.get(domain, 1)):
             try:
@@ -163,6 +167,7 @@ class GraphIndex:
                 continue
             # a pybind enum: int() works, the stub omits __int__
             types.update({name: int(attr.type) for name, attr in schema.attributes.items()})  # type: ignore[call-overload]
+        self._schema_types[(node.op_type, domain)] = types
         return types
 
     def op(self, idx: int) -> str:
