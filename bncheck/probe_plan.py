@@ -25,12 +25,13 @@ numbers are in the same unit. A channel whose spread is below ``SCALE_FLOOR`` ti
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -49,6 +50,8 @@ from bncheck.model import (
     fixed_batch,
 )
 from bncheck.probe_data import MAX_BATCH_SIZE, ProbeDataError, synthetic_inputs, synthetic_shapes
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -613,31 +616,46 @@ def _output_dependence(
 # --------------------------------------------------------------------------- entry point
 
 
-def _overlapped(open_runner: Callable[[], Runner], draw: Callable[[], dict[str, np.ndarray]]):
-    """Build the runner while a worker thread draws the synthetic inputs; return both.
+def in_background(work: Callable[[], T]) -> Callable[[], T]:
+    """Start ``work`` in a worker thread; the function returned waits for it and returns its result, or
+    raises its exception in the caller's thread (as Future.result() does).
 
-    Why a thread: numpy's generators and onnxruntime's session creation both release the GIL, so on
-    ResNet-50 the 32 synthetic images (0.05 s) are drawn for free while the session is built.
-    A plain thread, not concurrent.futures: one task needs no pool, and importing it costs every run.
+    Why a thread: numpy's generators release the GIL, so synthetic inputs are drawn on the other core while
+    this one builds a session or infers shapes. A plain thread, not concurrent.futures: one task needs no
+    pool, and importing it costs every run.
     """
-    drawn: dict[str, dict[str, np.ndarray]] = {}
+    done: list[T] = []
     failed: list[BaseException] = []
 
-    def work() -> None:
+    def run() -> None:
         try:
-            drawn["inputs"] = draw()
-        except BaseException as exc:  # re-raised in the caller's thread, as Future.result() does
+            done.append(work())
+        except BaseException as exc:
             failed.append(exc)
 
-    worker = threading.Thread(target=work, name="bncheck-draw", daemon=True)
+    worker = threading.Thread(target=run, name="bncheck-draw", daemon=True)
     worker.start()
+
+    def result() -> T:
+        worker.join()
+        if failed:
+            raise failed[0]
+        return done[0]
+
+    return result
+
+
+def _overlapped(open_runner: Callable[[], Runner], draw: Callable[[], dict[str, np.ndarray]]):
+    """Build the runner while a worker thread draws the synthetic inputs (on ResNet-50 the 32 images, 0.05 s,
+    are drawn for free while the session is built); return both."""
+    drawn = in_background(draw)
     try:
         runner = open_runner()
-    finally:
-        worker.join()
-    if failed:
-        raise failed[0]
-    return runner, drawn["inputs"]
+    except BaseException:
+        with contextlib.suppress(BaseException):  # wait for the worker: the runner's error is the one to report
+            drawn()
+        raise
+    return runner, drawn()
 
 
 def run_plan(

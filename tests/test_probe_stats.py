@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
 
 from bncheck.model import median
-from bncheck.probe_plan import make_plan, merge_stats, tensor_stats
+from bncheck.probe_data import ProbeDataError
+from bncheck.probe_plan import in_background, make_plan, merge_stats, tensor_stats
 
 
 def test_tensor_stats_matches_direct_numpy_for_nchw():
@@ -133,3 +135,21 @@ def test_output_scale_is_the_root_mean_per_position_variance_and_leaves_nan_posi
     holed[:, 7] = np.nan  # a position without a number in any sample: no spread from it
     kept = np.delete(rows.astype(np.float64), 7, axis=1)
     assert output_scale(holed) == pytest.approx(math.sqrt(float(np.mean(np.var(kept, axis=0)))), rel=1e-12)
+
+
+def test_in_background_returns_the_workers_result_and_raises_its_error_in_the_caller():
+    worker_threads: list[str] = []
+
+    def work() -> int:
+        worker_threads.append(threading.current_thread().name)
+        return 42
+
+    assert in_background(work)() == 42
+    assert worker_threads == ["bncheck-draw"]
+
+    def fail() -> int:
+        raise ProbeDataError("no size for 'h'")
+
+    result = in_background(fail)
+    with pytest.raises(ProbeDataError, match="no size for 'h'"):
+        result()

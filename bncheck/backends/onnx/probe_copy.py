@@ -32,6 +32,7 @@ from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
+from bncheck.probe_plan import in_background
 
 if TYPE_CHECKING:
     import onnx
@@ -349,33 +350,37 @@ def _validate(
     others: list[int],
     settings: ProbeSettings,
     fixed_feeds: dict[str, np.ndarray],
-    int_high: dict[str, int],
+    draw: Callable[[], dict[str, np.ndarray]] | None,
 ) -> Proof | str:
     """The relaxed copy's :class:`Proof` (see the module docstring) on the model's outputs ``names``, or why
-    it fails (one line)."""
+    it fails (one line). ``draw`` gives the synthetic inputs (None with --data)."""
     from bncheck.probe_plan import _take
 
     inputs = [s.with_batch_dim(None) for s in inputs]
     axes = {s.name: s.batch_axis if s.batched else None for s in inputs}
-
     drawn: dict[str, np.ndarray] = {}
 
     def feeds(n: int) -> dict[str, np.ndarray]:
-        if settings.data is not None:  # --data also supplies dims the model leaves symbolic
-            pool = dict(settings.data)
+        if draw is None:  # --data also supplies dims the model leaves symbolic
+            pool = dict(settings.data or {})
             size = next((len(v) for k, v in pool.items() if axes.get(k, 0) is not None), 1)
             return {**_take(pool, tuple(i % size for i in range(n)), axes), **fixed_feeds}
-        if not drawn:  # one draw for every proof run (an 800x608 image takes about 12 ms a sample)
-            drawn.update(synthetic_inputs(inputs, max(fixed, *others), settings.seed, settings.input_shapes, int_high))
+        if not drawn:
+            drawn.update(draw())
         return {**_take(drawn, tuple(range(n)), axes), **fixed_feeds}
 
+    try:  # built while the inputs are drawn; its error is reported after theirs
+        session: Any = _session(relaxed, folder)
+    except Exception as exc:
+        session = exc
     try:
         feeds(1)
     except ProbeDataError as exc:
         return f"no inputs to prove it with: {exc}"
     runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
     try:
-        session = _session(relaxed, folder)
+        if isinstance(session, Exception):
+            raise session
         fed = feeds(fixed)
         at_fixed = dict(zip(names, session.run(names, fed, _quiet())))
         runs.append((fed, at_fixed))
@@ -400,7 +405,7 @@ def _validate(
             followed = followed or bool(changed)
         if not followed:
             return f"no output follows the fed batch (batch size {size})"
-    return Proof(session, runs, drawn if settings.data is None else None)
+    return Proof(session, runs, drawn if draw is not None else None)
 
 
 def _relax(
@@ -420,6 +425,11 @@ def _relax(
     # A Reshape/Expand constant holding the batch (torch's x.view(x.size(0), -1) exported at a fixed batch)
     # makes the plain relaxed copy fail its proof: where there is one, the rewritten copy is proven first
     # (one session and proof less on such files), and the plain copy only if that proof fails.
+    draw = None
+    if settings.data is None:  # drawn on the other core while the copies are built (an 800x608 image: 12 ms)
+        specs = [s.with_batch_dim(None) for s in copy.inputs]
+        size = max(fixed, *others)
+        draw = in_background(lambda: synthetic_inputs(specs, size, settings.seed, settings.input_shapes, int_high))
     rewritten = _relaxed(model, batched, fixed)
     count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes)
     proof: Proof | str = "not tried"
@@ -430,9 +440,7 @@ def _relax(
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
         copy.relaxed_shapes = _infer(candidate)
-        return _validate(
-            outputs, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, int_high
-        )
+        return _validate(outputs, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, draw)
 
     if count:
         proof = prove(rewritten)
