@@ -338,6 +338,18 @@ def evaluate(model: dict, bncheck: Path, python: str, repeats: int) -> dict:
         if rss_probe and rss_plain:
             result["plain_rss"], result["probe_rss"] = statistics.median(rss_plain), statistics.median(rss_probe)
             result["rss_ratio"] = result["probe_rss"] / result["plain_rss"]
+    # the spread: each interleaved pair's own ratio (a pair is a plain run and the probe run right after it)
+    pairs = [(a, b) for a, b in zip(plains, probes) if a["exit"] == 0 and b["exit"] in (0, 1)]
+    result["pairs"] = [
+        {"plain_wall": a["wall"], "probe_wall": b["wall"], "plain_rss": a.get("rss_mb"), "probe_rss": b["rss_mb"]}
+        for a, b in pairs
+    ]
+    if pairs:
+        times = [b["wall"] / a["wall"] for a, b in pairs]
+        result["time_ratio_range"] = [min(times), max(times)]
+        rss = [b["rss_mb"] / a["rss_mb"] for a, b in pairs if a.get("rss_mb") and b["rss_mb"]]
+        if rss:
+            result["rss_ratio_range"] = [min(rss), max(rss)]
     return result
 
 
@@ -412,14 +424,19 @@ def _probe_ran(r: dict) -> str:
     return f"{sizes}{f' ({handling})' if handling else ''} ({plain})"
 
 
-def _fmt_ratio(value: float | None) -> str:
-    return f"{value:.2f}x" if value is not None else "-"
+def _fmt_ratio(value: float | None, spread: list[float] | None = None) -> str:
+    """``1.38x (1.31-1.45)``: the ratio of the medians, then the range of the per-pair ratios."""
+    if value is None:
+        return "-"
+    if spread and spread[0] != spread[1]:
+        return f"{value:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})"
+    return f"{value:.2f}x"
 
 
 def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> str:
     head = (
         "| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | probe ran "
-        "(plain ran) | probe s / plain s | time ratio | peak RSS MB probe / plain | memory ratio |\n"
+        "(plain ran) | probe s / plain s | time ratio (range) | peak RSS MB probe / plain | memory ratio (range) |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     rows = []
@@ -441,7 +458,8 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
             source = f"twin of {r['parent']}"
         rows.append(
             f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {_probe_ran(r)} | {secs} | "
-            f"{_fmt_ratio(r.get('time_ratio'))} | {rss} | {_fmt_ratio(r.get('rss_ratio'))} |"
+            f"{_fmt_ratio(r.get('time_ratio'), r.get('time_ratio_range'))} | {rss} | "
+            f"{_fmt_ratio(r.get('rss_ratio'), r.get('rss_ratio_range'))} |"
         )
     ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode" and not r.get("expect")]
     summary = []
@@ -493,7 +511,8 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
                 )
     text = [
         (
-            f"Run {stamp}, bncheck {revision}, {repeats} interleaved plain/probe pair(s) per model (medians), "
+            f"Run {stamp}, bncheck {revision}, {repeats} interleaved plain/probe pair(s) per model (medians; in "
+            "brackets the range of the pairs' own ratios), "
             "`bncheck probe` with default batch sizes (1,2,32; 1,2,B for a file with a static batch B) unless the "
             "manifest says otherwise; plain inference of a static batch B runs as many passes at B as cover the "
             'probe\'s samples ("1 x3").'
