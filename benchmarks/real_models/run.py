@@ -17,8 +17,8 @@ BatchNormalization), this runs as whole subprocesses:
 Wall time is measured by this process around each child (start to exit, interpreter start-up included for
 both sides); peak RSS is VmHWM from /proc/self/status inside each child (bncheck runs under a small wrapper
 that reads it at exit; ru_maxrss would include this parent's pages inherited at fork). Plain and probe are
-interleaved ``--repeats`` times and medians are reported. Results go to ``.cache/results.json`` and, unless
-``--no-readme``, into benchmarks/README.md between the real-models markers.
+interleaved ``--repeats`` times; medians are reported, with the range of each pair's own ratio. Results go to
+``.cache/results.json`` and, unless ``--no-readme``, into benchmarks/README.md between the real-models markers.
 """
 
 from __future__ import annotations
