@@ -20,9 +20,10 @@ from bncheck.cli import main
 F32 = TensorProto.FLOAT
 
 
-def _wide_conv(path: Path, hw: int = 224, stale: bool = False) -> str:
+def _wide_conv(path: Path, hw: int = 224, stale: bool = False, batch: int | str = "N") -> str:
     """x[N,3,hw,hw] -> Conv 3x3 (64 channels, full resolution) -> BN -> Relu -> GlobalAveragePool; ``stale``:
-    the BN's moving statistics never updated (mean 0, variance 1), which `fix --data` recomputes."""
+    the BN's moving statistics never updated (mean 0, variance 1), which `fix --data` recomputes; an int
+    ``batch`` fixes the batch dim in the file (as torch.onnx.export without dynamic axes writes it)."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array((rng.standard_normal((64, 3, 3, 3)) * 0.1).astype(np.float32), "w"),
@@ -40,8 +41,8 @@ def _wide_conv(path: Path, hw: int = 224, stale: bool = False) -> str:
     graph = helper.make_graph(
         nodes,
         "wide",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, hw, hw])],
-        [helper.make_tensor_value_info("y", F32, ["N", 64, 1, 1])],
+        [helper.make_tensor_value_info("x", F32, [batch, 3, hw, hw])],
+        [helper.make_tensor_value_info("y", F32, [batch, 64, 1, 1])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
@@ -144,6 +145,26 @@ def test_huge_batch_is_refused_with_the_estimate_before_any_session(tmp_path: Pa
     assert "batch size 4096" in lines[0] and "--batch-sizes" in lines[0] and "BNCHECK_MEMORY_BUDGET" in lines[0]
     assert "4 GB" in lines[0]
     # the refusal comes before any session is built or input drawn (drawing 2.5 GB alone takes seconds)
+    assert elapsed < 3, elapsed
+
+
+@pytest.mark.parametrize("sizes", ["1,4096", "1,2,4096"])
+def test_huge_batch_of_a_fixed_batch_model_is_refused_before_its_relaxation_is_proven(
+    tmp_path: Path, monkeypatch, sizes: str
+) -> None:
+    """A file that fixes its batch to 1 is relaxed for the other sizes, and the relaxation is proven by runs
+    of the copy at the smallest other size: 4096 at "1,4096". The memory check comes before those runs
+    (and before their inputs are drawn: 2.5 GB), not after them."""
+    model = _wide_conv(tmp_path / "wide.onnx", batch=1)
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["probe", model, "--batch-sizes", sizes])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    expected = 4096 * (3 + 64) * 224 * 224 * 4
+    assert f"{expected / 1e9:.3g} GB" in lines[0] and "batch size 4096" in lines[0], lines[0]
     assert elapsed < 3, elapsed
 
 

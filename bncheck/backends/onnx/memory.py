@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bncheck import budget
-from bncheck.model import Dim, InputSpec
+from bncheck.model import Dim, InputSpec, ProbeSettings
 from bncheck.probe_data import ProbeDataError, resolve_shape
 
 #: ops whose onnxruntime CPU kernels never write an output into an input's buffer: read + written both live.
@@ -190,3 +190,18 @@ def check(
         lower_bound=True,
     )
     return found
+
+
+def check_probe(
+    graph: Any,
+    shapes: Mapping[str, tuple[Dim, ...]],
+    types: Mapping[str, int],
+    inputs: list[InputSpec],
+    settings: ProbeSettings,
+    batch: int,
+) -> int | None:
+    """Refuse, before any session runs it, a probe batch of ``batch`` that cannot fit the memory budget; else
+    the bytes of its busiest node's activations (a lower bound; None when no tensor's size is known)."""
+    feeds = probe_feeds(inputs, batch, settings.input_shapes, settings.data)
+    found = check(graph, shapes, types, feeds, batch, "give smaller --batch-sizes")
+    return found.node_bytes if found.node is not None else None

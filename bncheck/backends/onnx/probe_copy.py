@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.instrument import _copy, stub
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.errors import one_line
@@ -85,6 +86,8 @@ class ProbeCopy:
     drawn: dict[str, np.ndarray] | None = None
     # the relaxed copy's shapes and types, inferred before its proof (None when the batch was not relaxed)
     relaxed_shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, int]] | None = None
+    # the relaxed copy's busiest node's bytes at the largest batch size (memory.check_probe, before its proof)
+    activations: int | None = None
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -418,6 +421,7 @@ def _relax(
             copy.batch = f"fixed to {fixed} in the file"
         return model
     batched = {s.name: int(s.batch_axis) for s in copy.inputs if s.shape and s.batched}  # type: ignore[arg-type]
+    largest = max(settings.batch_sizes)
     # one other size proves the outputs follow the batch; larger sizes run the same graph (a size the probe
     # then cannot run is a note), and validating at the largest would double its most expensive run
     others = [min(b for b in settings.batch_sizes if b != fixed)]
@@ -425,21 +429,27 @@ def _relax(
     # A Reshape/Expand constant holding the batch (torch's x.view(x.size(0), -1) exported at a fixed batch)
     # makes the plain relaxed copy fail its proof: where there is one, the rewritten copy is proven first
     # (one session and proof less on such files), and the plain copy only if that proof fails.
-    draw = None
-    if settings.data is None:  # drawn on the other core while the copies are built (an 800x608 image: 12 ms)
-        specs = [s.with_batch_dim(None) for s in copy.inputs]
-        size = max(fixed, *others)
-        draw = in_background(lambda: synthetic_inputs(specs, size, settings.seed, settings.input_shapes, int_high))
     rewritten = _relaxed(model, batched, fixed)
     count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes)
     proof: Proof | str = "not tried"
     relaxed = model
     outputs = [o.name for o in model.graph.output]
+    relaxed_inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
+    draw: Callable[[], dict[str, np.ndarray]] | None = None
 
     def prove(candidate: onnx.ModelProto) -> Proof | str:
+        nonlocal draw
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
-        copy.relaxed_shapes = _infer(candidate)
+        copy.relaxed_shapes = shapes, types = _infer(candidate)
+        # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
+        copy.activations = memory.check_probe(
+            candidate.graph, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
+        )
+        if draw is None and settings.data is None:  # drawn on the other core while the session is built
+            specs = [s.with_batch_dim(None) for s in copy.inputs]
+            size = max(fixed, *others)
+            draw = in_background(lambda: synthetic_inputs(specs, size, settings.seed, settings.input_shapes, int_high))
         return _validate(outputs, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, draw)
 
     if count:
@@ -454,7 +464,7 @@ def _relax(
         proof = prove(relaxed)
     if isinstance(proof, str):
         why = proof
-        copy.relaxed_shapes = None
+        copy.relaxed_shapes, copy.activations = None, None
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
             first, axis = next(iter(batched.items()))
@@ -466,7 +476,7 @@ def _relax(
             )
         return model
     copy.batch = how
-    copy.inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
+    copy.inputs = relaxed_inputs
     copy.proof = proof
     copy.drawn = proof.drawn
     return relaxed

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError, ProbeSettings
+from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
@@ -25,7 +26,6 @@ from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolv
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
-    InputSpec,
     LayerProbe,
     ModelView,
     NormLayer,
@@ -676,23 +676,6 @@ def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
         check_sizes(view.inputs, settings.input_shapes)
 
 
-def _check_memory(
-    graph: Any,
-    shapes: dict[str, Any],
-    types: dict[str, int],
-    inputs: list[InputSpec],
-    settings: ProbeSettings,
-    batch: int,
-) -> int | None:
-    """Refuse, before any session is built, a probe whose largest batch cannot fit the memory budget; else
-    the bytes of its busiest node's activations (a lower bound; None when no tensor's size is known)."""
-    from bncheck.backends.onnx import memory
-
-    feeds = memory.probe_feeds(inputs, batch, settings.input_shapes, settings.data)
-    found = memory.check(graph, shapes, types, feeds, batch, "give smaller --batch-sizes")
-    return found.node_bytes if found.node is not None else None
-
-
 def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = True) -> ProbeResult:
     """Probe every normalization layer of an ONNX model (see the module docstring).
 
@@ -710,7 +693,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     activations: int | None = None
     if settings.batch_sizes:
         largest = fixed if fixed is not None else max(settings.batch_sizes)
-        activations = _check_memory(
+        activations = memory.check_probe(
             handle.model.graph, handle.value_shapes, handle.value_types, view.inputs, settings, largest
         )
     providers = resolve(settings.provider)
@@ -725,10 +708,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                 restorers.append(release(handle, stubs))
 
         copy = prepare(handle, view, settings, tmp, int_high, stubbed)
-        if copy.inputs != view.inputs and settings.batch_sizes:  # a fixed batch relaxed: runs every size now
-            activations = _check_memory(
-                copy.model.graph, copy.shapes, copy.types, copy.inputs, settings, max(settings.batch_sizes)
-            )
+        if copy.inputs != view.inputs:  # a fixed batch relaxed: runs every size now, checked before its proof
+            activations = copy.activations
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for restore in restorers:
