@@ -80,6 +80,10 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
                 old=StatsSummary.stored(p.layer),
             )
     else:
+        from bncheck.backends.keras import memory
+
+        size = batch if fixed else min(batch, samples)  # the largest calibration batch
+        memory.check(runner.model, memory.fed_bytes(view.inputs, size, None, data), size, "give a smaller --batch-size")
         remaining = list(pending)
         while remaining:
             parts: dict[str, list[TensorStats]] = {}

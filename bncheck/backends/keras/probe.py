@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.base import BackendError, ProbeSettings
+from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
-from bncheck.errors import few
+from bncheck.budget import OverBudgetError
+from bncheck.errors import few, one_line
 from bncheck.model import (
     Kind,
     LayerProbe,
@@ -40,6 +42,7 @@ from bncheck.model import (
     ProbeResult,
     Recalibration,
     TensorStats,
+    fixed_batch,
 )
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
 
@@ -306,6 +309,11 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
     preflight(view, settings)  # before Keras loads the model
     runner = static.runner if static.runner is not None else KerasRunner(view, static)
     static.runner = runner  # fix, after probing the original, runs this same loaded model
+    if settings.batch_sizes:  # the loaded model's layer shapes, before any batch runs
+        fixed = fixed_batch(view.inputs)
+        largest = fixed if fixed is not None else max(settings.batch_sizes)
+        inputs = memory.fed_bytes(view.inputs, largest, settings.input_shapes, settings.data)
+        memory.check(runner.model, inputs, largest, "give smaller --batch-sizes")
     try:
         bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
     except (AttributeError, TypeError, ValueError, KeyError, IndexError):  # a malformed Embedding entry: no bound
@@ -349,6 +357,10 @@ def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibra
     per_sample = max(sum(int(np.prod(a.shape[1:])) for a in data.values()), 1)
     total = int(next(iter(data.values())).shape[0])
     count = min(total, max(RECALIBRATION_ELEMENTS // per_sample, 32))
+    try:
+        memory.check(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count, None)
+    except OverBudgetError as exc:  # its remedy would name an option a probe does not have
+        return one_line(exc).split(";")[0]
     feeds = {name: np.ascontiguousarray(array[:count]) for name, array in data.items()}
     names = tuple(
         n.name for n in runner.view.layers if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean")

@@ -1,0 +1,107 @@
+"""The memory check before Keras runs a batch (bncheck.backends.keras.memory): a lower bound from the loaded
+model's layer shapes, compared with the budget before any batch runs. Real Keras (numpy backend), real CLI."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("KERAS_BACKEND", "numpy")
+keras = pytest.importorskip("keras")
+
+from bncheck.backends.keras import memory
+from bncheck.cli import main
+
+
+def _wide_conv(path: Path, hw: int, stale: bool = False, moving: tuple[float, float] = (0.1, 0.5)) -> str:
+    """x[N,hw,hw,3] -> Conv2D 3x3 (64 channels, full resolution) -> BN -> ReLU -> global average pool;
+    ``stale``: the BN's moving statistics as initialized (mean 0, variance 1), which `fix --data` recomputes;
+    else ``moving`` (mean, variance) in every channel."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((hw, hw, 3), name="x")
+    h = keras.layers.Conv2D(64, 3, padding="same", name="conv")(inp)
+    bn = keras.layers.BatchNormalization(name="bn")
+    h = keras.layers.ReLU(name="relu")(bn(h))
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="pool")(h))
+    if not stale:
+        bn.moving_mean.assign(np.full(64, moving[0], np.float32))
+        bn.moving_variance.assign(np.full(64, moving[1], np.float32))
+    model.save(path)
+    return str(path)
+
+
+def test_busiest_layer_is_the_hand_computed_bytes_of_its_input_and_output(tmp_path: Path) -> None:
+    model = keras.saving.load_model(_wide_conv(tmp_path / "wide.keras", hw=32), compile=False)
+    node_bytes, where = memory.busiest_layer(model, 10)
+    # Conv2D reads 3 channels and writes 64; BatchNormalization and ReLU read and write 64: the largest
+    assert node_bytes == 2 * 10 * 32 * 32 * 64 * 4
+    assert where in ("'bn' (BatchNormalization)", "'relu' (ReLU)")
+
+
+def test_huge_batch_is_refused_with_the_estimate_before_any_run(tmp_path: Path, monkeypatch) -> None:
+    model = _wide_conv(tmp_path / "wide.keras", hw=224)
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["probe", model, "--batch-sizes", "1,2,4096"])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    # the inputs (4096 x 224 x 224 x 3 floats) plus a layer reading and writing 64 channels at full resolution
+    expected = 4096 * 224 * 224 * (3 + 2 * 64) * 4
+    assert f"{expected / 1e9:.3g} GB" in lines[0], lines[0]
+    assert "keras at batch size 4096" in lines[0] and "--batch-sizes" in lines[0] and "4 GB" in lines[0]
+    # before drawing the inputs (2.5 GB) or running a batch (the numpy backend: seconds at batch 64)
+    assert elapsed < 10, elapsed
+
+
+def test_same_model_at_a_batch_that_fits_runs(tmp_path: Path, monkeypatch) -> None:
+    model = _wide_conv(tmp_path / "wide.keras", hw=32)
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "100MB")  # batch 32: 2 x 8.4 MB at the busiest layer
+    result = CliRunner().invoke(main, ["probe", model, "--batch-sizes", "1,2,32", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert '"findings": []' in result.stdout
+
+
+@pytest.mark.parametrize("batch", [1, 4096])
+def test_fix_calibration_batch_is_checked_too(tmp_path: Path, monkeypatch, batch: int) -> None:
+    """`fix --data` recomputing stale statistics from 64 samples of 64x64x3: at --batch-size 1 it runs; at 4096
+    (all 64 samples in one batch: 2 x 64 x 64 x 64 x 64 floats at the busiest layer, 134 MB) the calibration
+    batch is refused under a 100 MB budget, in which the probe of the original at 1, 2, 32 (67 MB) still runs."""
+    model = _wide_conv(tmp_path / "wide.keras", hw=64, stale=True)
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((64, 64, 64, 3)).astype(np.float32))
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "100MB")
+    args = ["fix", model, "--data", str(data), "--dry-run", "--batch-size", str(batch), "--format", "json"]
+    result = CliRunner().invoke(main, args)
+    if batch == 1:
+        assert result.exit_code in (0, 1), result.output
+        assert '"recalibrated"' in result.stdout
+    else:
+        assert result.exit_code == 2, result.output
+        assert "keras at batch size 64" in result.stderr and "--batch-size" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("budget", ["50MB", "2GB"])
+def test_output_effect_of_drifting_statistics_is_left_unmeasured_over_the_budget(
+    tmp_path: Path, monkeypatch, budget: str
+) -> None:
+    """BN003 with --data measures its output effect on all 256 samples in one batch (2 x 256 x 32 x 32 x 64
+    floats at the busiest layer, 134 MB): over a 50 MB budget, in which the probe at 1,2,8 runs, a note says
+    why it is not measured (the drift is then a warning: no measured effect on predictions); under 2 GB it is
+    measured, and the drift that changes predictions is an error."""
+    model = _wide_conv(tmp_path / "drift.keras", hw=32, moving=(5.0, 0.01))
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((256, 32, 32, 3)).astype(np.float32))
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", budget)
+    args = ["probe", model, "--data", str(data), "--batch-sizes", "1,2,8", "--format", "json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == (0 if budget == "50MB" else 1), result.output
+    assert '"BN003"' in result.stdout
+    skipped = "output effect of the drifting statistics not measured: keras at batch size 256"
+    assert (skipped in result.stdout) == (budget == "50MB"), result.stdout
