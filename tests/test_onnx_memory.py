@@ -20,10 +20,11 @@ from bncheck.cli import main
 F32 = TensorProto.FLOAT
 
 
-def _wide_conv(path: Path, hw: int = 224, stale: bool = False, batch: int | str = "N") -> str:
+def _wide_conv(path: Path, hw: int = 224, stale: bool = False, batch: int | str = "N", open_hw: bool = False) -> str:
     """x[N,3,hw,hw] -> Conv 3x3 (64 channels, full resolution) -> BN -> Relu -> GlobalAveragePool; ``stale``:
     the BN's moving statistics never updated (mean 0, variance 1), which `fix --data` recomputes; an int
-    ``batch`` fixes the batch dim in the file (as torch.onnx.export without dynamic axes writes it)."""
+    ``batch`` fixes the batch dim in the file (as torch.onnx.export without dynamic axes writes it);
+    ``open_hw``: height and width declared symbolic (x[N,3,H,W], as paddle2onnx writes detectors)."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array((rng.standard_normal((64, 3, 3, 3)) * 0.1).astype(np.float32), "w"),
@@ -41,7 +42,7 @@ def _wide_conv(path: Path, hw: int = 224, stale: bool = False, batch: int | str 
     graph = helper.make_graph(
         nodes,
         "wide",
-        [helper.make_tensor_value_info("x", F32, [batch, 3, hw, hw])],
+        [helper.make_tensor_value_info("x", F32, [batch, 3, "H", "W"] if open_hw else [batch, 3, hw, hw])],
         [helper.make_tensor_value_info("y", F32, [batch, 64, 1, 1])],
         inits,
     )
@@ -168,6 +169,22 @@ def test_huge_batch_of_a_fixed_batch_model_is_refused_before_its_relaxation_is_p
     assert elapsed < 3, elapsed
 
 
+def test_open_height_and_width_are_sized_from_the_input_shape_before_the_check(tmp_path: Path, monkeypatch) -> None:
+    """With H and W symbolic, onnx's inference leaves every Conv output's H and W unnamed, so the bound held
+    the inputs alone (38.5 MB at batch 64) and the probe ran 1.7 GB past a 500 MB budget. Inferred with the
+    inputs concrete, the bound has the Conv's output too, and refuses."""
+    model = _wide_conv(tmp_path / "open.onnx", open_hw=True)
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "500MB")
+    args = ["probe", model, "--input-shape", "x:3x224x224", "--batch-sizes", "1,2,64"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    expected = 64 * (3 + 64) * 224 * 224 * 4  # the inputs plus the Conv's output
+    assert f"needs at least {expected / 1e6:.3g} MB" in result.stderr, result.stderr
+    assert "at node 'conv' (Conv)" in result.stderr, result.stderr
+    fits = CliRunner().invoke(main, [*args[:-1], "1,2,4"])
+    assert fits.exit_code in (0, 1), fits.output
+
+
 def test_same_model_at_a_batch_that_fits_runs(tmp_path: Path, monkeypatch) -> None:
     model = _wide_conv(tmp_path / "wide.onnx")
     monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")
@@ -176,12 +193,14 @@ def test_same_model_at_a_batch_that_fits_runs(tmp_path: Path, monkeypatch) -> No
     assert '"findings"' in result.stdout
 
 
+@pytest.mark.parametrize("open_hw", [False, True])
 @pytest.mark.parametrize("batch", [1, 4096])
-def test_fix_calibration_batch_is_checked_too(tmp_path: Path, monkeypatch, batch: int) -> None:
+def test_fix_calibration_batch_is_checked_too(tmp_path: Path, monkeypatch, batch: int, open_hw: bool) -> None:
     """`fix --data` recomputing stale statistics from 64 samples of 3x64x64: at --batch-size 1 it runs; at
     4096 (all 64 samples in one batch: 64 * 67 * 64 * 64 floats, 70 MB) the calibration batch is refused
-    under a 50 MB budget, in which the probe of the original at 1, 2, 32 (35 MB) still runs."""
-    model = _wide_conv(tmp_path / "wide.onnx", hw=64, stale=True)
+    under a 50 MB budget, in which the probe of the original at 1, 2, 32 (35 MB) still runs; also when the
+    model declares H and W symbolic (sized from the data)."""
+    model = _wide_conv(tmp_path / "wide.onnx", hw=64, stale=True, open_hw=open_hw)
     data = tmp_path / "d.npy"
     np.save(data, np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32))
     monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "50MB")

@@ -785,9 +785,13 @@ class _Fixer:
         if batch < 1:
             return None
         feeds = {name: (batch, *a.shape[1:]) for name, a in self.data.items() if a.ndim}
-        graph = self.handle.model.graph
         found = memory.check(
-            graph, self.handle.value_shapes, self.handle.value_types, feeds, batch, "give a smaller --batch-size"
+            self.handle.model,
+            self.handle.value_shapes,
+            self.handle.value_types,
+            feeds,
+            batch,
+            "give a smaller --batch-size",
         )
         return found.node_bytes if found.node is not None else None
 

@@ -18,7 +18,7 @@ import re
 import stat
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -483,6 +483,40 @@ def _has_unset_dims(model: onnx.ModelProto) -> bool:
         if v.type.HasField("tensor_type")
         for d in v.type.tensor_type.shape.dim
     )
+
+
+def concrete_shapes(
+    model: onnx.ModelProto, feeds: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
+    """Shapes and types inferred with the graph inputs fixed to ``feeds`` (input name -> shape as fed).
+
+    Where a model leaves dims other than the batch open (a detector's H and W), onnx's symbolic inference
+    names every Conv or Resize output dim anew, and nothing binds those names to sizes; with the inputs
+    concrete, it computes them. On the weight-less skeleton (see _skeleton); ``model`` is not edited.
+    Empty when inference fails.
+    """
+    import onnx
+
+    skeleton = _skeleton(model)
+    if skeleton is model:  # only small initializers: a cheap copy
+        skeleton = type(model)()
+        skeleton.CopyFrom(model)
+    del skeleton.graph.value_info[:]  # the file's symbolic intermediate shapes would be merged in
+    for value in skeleton.graph.input:
+        shape = feeds.get(value.name)
+        if shape is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for dim, size in zip(dims, shape):
+            dim.Clear()
+            dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_sorted(skeleton), strict_mode=False, data_prop=True)
+    except Exception:  # a model onnx cannot infer: the declared shapes stay the only ones
+        return {}, {}
+    return _collect_shapes(inferred, skeleton)
 
 
 def free_unset_dims(graph: Any) -> None:

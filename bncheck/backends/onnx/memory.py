@@ -169,17 +169,39 @@ def probe_feeds(
     return feeds
 
 
+def open_dims(shapes: Mapping[str, tuple[Dim, ...]], feeds: Mapping[str, tuple[int, ...]], batch: int) -> bool:
+    """Whether a fed input leaves a dim open that is not its batch (two symbolic or unknown dims, or one fed
+    another size than ``batch``, or an unknown rank): then only concrete inputs tell the intermediate sizes."""
+    for name, shape in feeds.items():
+        declared = shapes.get(name)
+        if declared is None or len(declared) != len(shape):
+            return True
+        open_sizes = [size for dim, size in zip(declared, shape) if not isinstance(dim, int)]
+        if len(open_sizes) > 1 or any(size != batch for size in open_sizes):
+            return True
+    return False
+
+
 def check(
-    graph: Any,
+    model: Any,
     shapes: Mapping[str, tuple[Dim, ...]],
     types: Mapping[str, int],
     feeds: Mapping[str, tuple[int, ...]],
     batch: int,
     remedy: str,
 ) -> Estimate:
-    """Refuse (budget.OverBudgetError, exit 2) a run whose lower bound exceeds the memory budget; ``remedy``
-    says which option lowers the batch size. Returns the estimate."""
-    found = estimate(graph, shapes, types, feeds)
+    """Refuse (budget.OverBudgetError, exit 2) a run of ``model`` (a ModelProto) whose lower bound exceeds
+    the memory budget; ``remedy`` says which option lowers the batch size. Returns the estimate.
+
+    Where an input leaves dims open (:func:`open_dims`), the shapes are inferred again with the inputs
+    concrete (one more shape inference, on the weight-less skeleton); without it a detector with open H and
+    W would count a few kB of activations at any batch size."""
+    if open_dims(shapes, feeds, batch):
+        from bncheck.backends.onnx.load import concrete_shapes
+
+        inferred, inferred_types = concrete_shapes(model, feeds)
+        shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
+    found = estimate(model.graph, shapes, types, feeds)
     parts = [f"inputs {budget.format_size(found.inputs)}"]
     if found.node is not None:
         parts.append(f"{budget.format_size(found.node_bytes)} at node {found.node}")
@@ -193,15 +215,15 @@ def check(
 
 
 def check_probe(
-    graph: Any,
+    model: Any,
     shapes: Mapping[str, tuple[Dim, ...]],
     types: Mapping[str, int],
     inputs: list[InputSpec],
     settings: ProbeSettings,
     batch: int,
 ) -> int | None:
-    """Refuse, before any session runs it, a probe batch of ``batch`` that cannot fit the memory budget; else
-    the bytes of its busiest node's activations (a lower bound; None when no tensor's size is known)."""
+    """Refuse, before any session runs it, a probe batch of ``batch`` of ``model`` that cannot fit the memory
+    budget; else the bytes of its busiest node's activations (a lower bound; None when no size is known)."""
     feeds = probe_feeds(inputs, batch, settings.input_shapes, settings.data)
-    found = check(graph, shapes, types, feeds, batch, "give smaller --batch-sizes")
+    found = check(model, shapes, types, feeds, batch, "give smaller --batch-sizes")
     return found.node_bytes if found.node is not None else None

@@ -444,7 +444,7 @@ def _relax(
         copy.relaxed_shapes = shapes, types = _infer(candidate)
         # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
         copy.activations = memory.check_probe(
-            candidate.graph, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
+            candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
         )
         if draw is None and settings.data is None:  # drawn on the other core while the session is built
             specs = [s.with_batch_dim(None) for s in copy.inputs]

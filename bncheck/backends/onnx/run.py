@@ -694,7 +694,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     if settings.batch_sizes:
         largest = fixed if fixed is not None else max(settings.batch_sizes)
         activations = memory.check_probe(
-            handle.model.graph, handle.value_shapes, handle.value_types, view.inputs, settings, largest
+            handle.model, handle.value_shapes, handle.value_types, view.inputs, settings, largest
         )
     providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
