@@ -16,6 +16,7 @@ keras = pytest.importorskip("keras")
 
 from bncheck.backends.keras import memory
 from bncheck.cli import main
+from tests.budget_cases import check_fix_calibration_batch
 
 
 def _wide_conv(path: Path, hw: int, stale: bool = False, moving: tuple[float, float] = (0.1, 0.5)) -> str:
@@ -74,17 +75,7 @@ def test_fix_calibration_batch_is_checked_too(tmp_path: Path, monkeypatch, batch
     (all 64 samples in one batch: 2 x 64 x 64 x 64 x 64 floats at the busiest layer, 134 MB) the calibration
     batch is refused under a 100 MB budget, in which the probe of the original at 1, 2, 32 (67 MB) still runs."""
     model = _wide_conv(tmp_path / "wide.keras", hw=64, stale=True)
-    data = tmp_path / "d.npy"
-    np.save(data, np.random.default_rng(0).standard_normal((64, 64, 64, 3)).astype(np.float32))
-    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "100MB")
-    args = ["fix", model, "--data", str(data), "--dry-run", "--batch-size", str(batch), "--format", "json"]
-    result = CliRunner().invoke(main, args)
-    if batch == 1:
-        assert result.exit_code in (0, 1), result.output
-        assert '"recalibrated"' in result.stdout
-    else:
-        assert result.exit_code == 2, result.output
-        assert "keras at batch size 64" in result.stderr and "--batch-size" in result.stderr, result.stderr
+    check_fix_calibration_batch(tmp_path, monkeypatch, model, (64, 64, 3), "100MB", batch, "keras at batch size 64")
 
 
 @pytest.mark.parametrize("budget", ["50MB", "2GB"])

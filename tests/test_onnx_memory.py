@@ -16,6 +16,7 @@ from bncheck.backends.base import ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.memory import estimate, probe_feeds
 from bncheck.cli import main
+from tests.budget_cases import check_fix_calibration_batch
 
 F32 = TensorProto.FLOAT
 
@@ -201,17 +202,7 @@ def test_fix_calibration_batch_is_checked_too(tmp_path: Path, monkeypatch, batch
     under a 50 MB budget, in which the probe of the original at 1, 2, 32 (35 MB) still runs; also when the
     model declares H and W symbolic (sized from the data)."""
     model = _wide_conv(tmp_path / "wide.onnx", hw=64, stale=True, open_hw=open_hw)
-    data = tmp_path / "d.npy"
-    np.save(data, np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32))
-    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "50MB")
-    args = ["fix", model, "--data", str(data), "--dry-run", "--batch-size", str(batch), "--format", "json"]
-    result = CliRunner().invoke(main, args)
-    if batch == 1:
-        assert result.exit_code in (0, 1), result.stderr
-        assert '"recalibrated"' in result.stdout
-    else:
-        assert result.exit_code == 2, result.output
-        assert "batch size 64" in result.stderr and "--batch-size" in result.stderr, result.stderr
+    check_fix_calibration_batch(tmp_path, monkeypatch, model, (3, 64, 64), "50MB", batch, "batch size 64")
 
 
 def _wide_mlp(path: Path) -> str:
