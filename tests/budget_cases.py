@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,3 +28,15 @@ def check_fix_calibration_batch(
     else:
         assert result.exit_code == 2, result.output
         assert refused in result.stderr and "--batch-size" in result.stderr, result.stderr
+
+
+def refusal(monkeypatch, budget: str, args: list[str]) -> tuple[str, float]:
+    """The one-line exit-2 error of ``bncheck ARGS`` under ``budget``, and the seconds it took."""
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", budget)
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, args)
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0], elapsed

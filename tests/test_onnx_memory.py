@@ -3,7 +3,6 @@ static shapes, compared with the budget before any session is built. Real models
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from bncheck.backends.base import ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.memory import estimate, probe_feeds
 from bncheck.cli import main
-from tests.budget_cases import check_fix_calibration_batch
+from tests.budget_cases import check_fix_calibration_batch, refusal
 
 F32 = TensorProto.FLOAT
 
@@ -134,18 +133,12 @@ def test_estimate_skips_the_conv_output_that_conv_add_fusion_never_materializes(
 
 def test_huge_batch_is_refused_with_the_estimate_before_any_session(tmp_path: Path, monkeypatch) -> None:
     model = _wide_conv(tmp_path / "wide.onnx")
-    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")
-    start = time.perf_counter()
-    result = CliRunner().invoke(main, ["probe", model, "--batch-sizes", "1,2,4096"])
-    elapsed = time.perf_counter() - start
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    line, elapsed = refusal(monkeypatch, "4GB", ["probe", model, "--batch-sizes", "1,2,4096"])
     # 4096 * (3 + 64) * 224 * 224 floats: the inputs plus the Conv's output
     expected = 4096 * (3 + 64) * 224 * 224 * 4
-    assert f"{expected / 1e9:.3g} GB" in lines[0], lines[0]
-    assert "batch size 4096" in lines[0] and "--batch-sizes" in lines[0] and "BNCHECK_MEMORY_BUDGET" in lines[0]
-    assert "4 GB" in lines[0]
+    assert f"{expected / 1e9:.3g} GB" in line, line
+    assert "batch size 4096" in line and "--batch-sizes" in line and "BNCHECK_MEMORY_BUDGET" in line
+    assert "4 GB" in line
     # the refusal comes before any session is built or input drawn (drawing 2.5 GB alone takes seconds)
     assert elapsed < 3, elapsed
 
@@ -158,15 +151,9 @@ def test_huge_batch_of_a_fixed_batch_model_is_refused_before_its_relaxation_is_p
     of the copy at the smallest other size: 4096 at "1,4096". The memory check comes before those runs
     (and before their inputs are drawn: 2.5 GB), not after them."""
     model = _wide_conv(tmp_path / "wide.onnx", batch=1)
-    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")
-    start = time.perf_counter()
-    result = CliRunner().invoke(main, ["probe", model, "--batch-sizes", sizes])
-    elapsed = time.perf_counter() - start
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    line, elapsed = refusal(monkeypatch, "4GB", ["probe", model, "--batch-sizes", sizes])
     expected = 4096 * (3 + 64) * 224 * 224 * 4
-    assert f"{expected / 1e9:.3g} GB" in lines[0] and "batch size 4096" in lines[0], lines[0]
+    assert f"{expected / 1e9:.3g} GB" in line and "batch size 4096" in line, line
     assert elapsed < 3, elapsed
 
 
@@ -175,13 +162,10 @@ def test_open_height_and_width_are_sized_from_the_input_shape_before_the_check(t
     the inputs alone (38.5 MB at batch 64) and the probe ran 1.7 GB past a 500 MB budget. Inferred with the
     inputs concrete, the bound has the Conv's output too, and refuses."""
     model = _wide_conv(tmp_path / "open.onnx", open_hw=True)
-    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "500MB")
     args = ["probe", model, "--input-shape", "x:3x224x224", "--batch-sizes", "1,2,64"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2, result.output
+    line, _ = refusal(monkeypatch, "500MB", args)
     expected = 64 * (3 + 64) * 224 * 224 * 4  # the inputs plus the Conv's output
-    assert f"needs at least {expected / 1e6:.3g} MB" in result.stderr, result.stderr
-    assert "at node 'conv' (Conv)" in result.stderr, result.stderr
+    assert f"needs at least {expected / 1e6:.3g} MB" in line and "at node 'conv' (Conv)" in line, line
     fits = CliRunner().invoke(main, [*args[:-1], "1,2,4"])
     assert fits.exit_code in (0, 1), fits.output
 
