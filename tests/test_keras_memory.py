@@ -18,10 +18,10 @@ from bncheck.cli import main
 from tests.budget_cases import check_fix_calibration_batch, refusal
 
 
-def _wide_conv(path: Path, hw: int, stale: bool = False, moving: tuple[float, float] = (0.1, 0.5)) -> str:
+def _wide_conv(path: Path, hw: int | None, stale: bool = False, moving: tuple[float, float] = (0.1, 0.5)) -> str:
     """x[N,hw,hw,3] -> Conv2D 3x3 (64 channels, full resolution) -> BN -> ReLU -> global average pool;
     ``stale``: the BN's moving statistics as initialized (mean 0, variance 1), which `fix --data` recomputes;
-    else ``moving`` (mean, variance) in every channel."""
+    else ``moving`` (mean, variance) in every channel. ``hw`` None: height and width left open."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((hw, hw, 3), name="x")
     h = keras.layers.Conv2D(64, 3, padding="same", name="conv")(inp)
@@ -52,6 +52,18 @@ def test_huge_batch_is_refused_with_the_estimate_before_any_run(tmp_path: Path, 
     assert "keras at batch size 4096" in line and "--batch-sizes" in line and "4 GB" in line
     # before drawing the inputs (2.5 GB) or running a batch (the numpy backend: seconds at batch 64)
     assert elapsed < 10, elapsed
+
+
+def test_open_height_and_width_are_sized_from_the_input_shape(tmp_path: Path, monkeypatch) -> None:
+    """With H and W open (None), the graph's shapes size no layer, so the bound held the inputs alone (38.5
+    MB at batch 64) and the probe ran past a 500 MB budget; sized for the fed shape, it refuses."""
+    model = _wide_conv(tmp_path / "open.keras", hw=None)
+    args = ["probe", model, "--input-shape", "x:224x224x3", "--batch-sizes", "1,2,64"]
+    line, _ = refusal(monkeypatch, "500MB", args)
+    expected = 64 * 224 * 224 * (3 + 2 * 64) * 4
+    assert f"needs at least {expected / 1e9:.3g} GB" in line and "keras at batch size 64" in line, line
+    fits = CliRunner().invoke(main, [*args[:-1], "1,2,4"])
+    assert fits.exit_code == 0, fits.output
 
 
 def test_same_model_at_a_batch_that_fits_runs(tmp_path: Path, monkeypatch) -> None:

@@ -2,10 +2,12 @@
 
 As for ONNX (``backends/onnx/memory.py``): the fed inputs plus, over layers, the most bytes one layer reads
 and writes, since an eager call holds a layer's inputs and its output at once. Shapes are the functional
-graph's (each layer's ``input`` and ``output`` KerasTensors, nested models included): the batch dim is the
-batch size, any other unknown dim makes the tensor count 0, and so does a layer called more than once (Keras
-then gives no single ``input``/``output``). So the figure never exceeds what the run needs (a false refusal
-is worse than a late one).
+graph's (each layer's ``input`` and ``output`` KerasTensors, nested models included), with the batch dim set
+to the batch size. Where the model's inputs leave another dim open (a sequence length, an image's height
+and width), those shapes size nothing, so the layers are sized by Keras's own shape computation for one
+sample as fed (:func:`sample_calls`). A tensor with a dim still unknown counts 0, and so does a layer called
+more than once outside :func:`sample_calls` (Keras then gives no single ``input``/``output``). So the figure
+never exceeds what the run needs (a false refusal is worse than a late one).
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from bncheck.probe_data import ProbeDataError, resolve_shape
 
 
 def _bytes(tensor: Any, batch: int) -> int:
-    shape = getattr(tensor, "shape", None)
+    """Bytes of a KerasTensor, or of a (shape, dtype) pair, with the batch dim (None) set to ``batch``."""
+    shape, dtype = (
+        tensor if isinstance(tensor, tuple) else (getattr(tensor, "shape", None), getattr(tensor, "dtype", ""))
+    )
     if shape is None or not len(shape):
         return 0
     sizes = [batch if i == 0 and d is None else d for i, d in enumerate(shape)]
     if any(not isinstance(s, int) or s < 0 for s in sizes):
         return 0
     try:
-        itemsize = np.dtype(str(getattr(tensor, "dtype", ""))).itemsize
+        itemsize = np.dtype(str(dtype)).itemsize
     except TypeError:  # bfloat16 and other names numpy does not know: unknown, counted 0
         return 0
     return math.prod(sizes) * itemsize
@@ -44,24 +49,99 @@ def _tensors(value: Any) -> list[Any]:
     return [value]
 
 
-def busiest_layer(model: Any, batch: int) -> tuple[int, str | None]:
-    """The most bytes one layer reads and writes at ``batch`` and "'name' (Class)", nested models included;
-    (0, None) when no layer's tensors have a known size."""
-    best, where = 0, None
-    stack = list(getattr(model, "layers", []))
+Calls = dict[int, list[list[tuple[tuple[Any, ...], str]]]]  # layer id -> per call: (shape, dtype) read and written
+
+
+def _leaves(model: Any) -> list[Any]:
+    """The layers that compute, nested models' included (a nested model's own tensors are its layers')."""
+    found, stack = [], list(getattr(model, "layers", []))
     while stack:
         layer = stack.pop()
-        stack.extend(getattr(layer, "layers", []))
-        if hasattr(layer, "layers"):  # a nested model's own input/output are its first and last layers'
-            continue
-        try:
-            tensors = _tensors(layer.input) + _tensors(layer.output)
-        except (AttributeError, ValueError, RuntimeError):  # called several times, or never: unknown
-            continue
-        live = sum(_bytes(t, batch) for t in {id(t): t for t in tensors}.values())
-        if live > best:
-            best, where = live, f"{layer.name!r} ({type(layer).__name__})"
+        if hasattr(layer, "layers"):
+            stack.extend(layer.layers)
+        else:
+            found.append(layer)
+    return found
+
+
+def open_dims(model: Any) -> bool:
+    """Whether an input of ``model`` leaves a dim other than the batch unknown (a sequence length, an image's
+    height and width): then the functional graph's shapes cannot size the layers (see :func:`sample_calls`)."""
+    try:
+        inputs = _tensors(model.inputs)
+    except (AttributeError, ValueError):
+        return False
+    return any(getattr(t, "shape", None) is not None and None in tuple(t.shape)[1:] for t in inputs)
+
+
+def sample_calls(keras: Any, model: Any, arguments: Any) -> Calls | None:
+    """Each leaf layer's calls for one sample of concrete shape (``arguments``: KerasTensors shaped as the
+    model's call takes them), from Keras's own shape computation (``compute_output_spec``, which runs no
+    batch: a layer without a shape rule is traced on one sample); the batch dim is left None. None when
+    Keras cannot compute them."""
+    calls: Calls = {}
+    layers = _leaves(model)
+
+    def recording(layer: Any) -> Any:
+        original = layer.compute_output_spec
+
+        def spec(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            read = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
+            written = [t for t in keras.tree.flatten(out) if isinstance(t, keras.KerasTensor)]
+            calls.setdefault(id(layer), []).append(
+                [((None, *tuple(t.shape)[1:]), str(t.dtype)) for t in {id(t): t for t in read + written}.values()]
+            )
+            return out
+
+        return spec
+
+    for layer in layers:  # on the instance, as the probe wraps call; removed below
+        object.__setattr__(layer, "compute_output_spec", recording(layer))
+    try:
+        model.compute_output_spec(arguments)
+    except Exception:  # a layer Keras cannot size symbolically: the graph's own shapes only
+        return None
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "compute_output_spec")
+    return calls
+
+
+def busiest_layer(model: Any, batch: int, calls: Calls | None = None) -> tuple[int, str | None]:
+    """The most bytes one layer reads and writes at ``batch`` and "'name' (Class)", nested models included;
+    (0, None) when no layer's tensors have a known size. From ``calls`` (:func:`sample_calls`) where given,
+    else from the functional graph's own tensors."""
+    best, where = 0, None
+    for layer in _leaves(model):
+        if calls is not None:
+            per_call = calls.get(id(layer), [])
+        else:
+            try:
+                tensors = _tensors(layer.input) + _tensors(layer.output)
+            except (AttributeError, ValueError, RuntimeError):  # called several times, or never: unknown
+                continue
+            per_call = [list({id(t): t for t in tensors}.values())]
+        for tensors in per_call:
+            live = sum(_bytes(t, batch) for t in tensors)
+            if live > best:
+                best, where = live, f"{layer.name!r} ({type(layer).__name__})"
     return best, where
+
+
+def sample_shapes(
+    inputs: list[InputSpec], overrides: Mapping[str, tuple[int, ...]] | None, data: Mapping[str, Any] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Each input's shape for one sample as the probe feeds it: the data's, else the synthetic inputs'.
+    Raises ProbeDataError for an input whose shape cannot be told."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in inputs:
+        array = data.get(spec.name) if data is not None else None
+        if array is not None and np.ndim(array):
+            shapes[spec.name] = (1, *array.shape[1:]) if spec.batched else tuple(array.shape)
+        else:
+            shapes[spec.name] = resolve_shape(spec, 1, overrides)
+    return shapes
 
 
 def fed_bytes(
@@ -88,10 +168,11 @@ def fed_bytes(
     return total
 
 
-def check(model: Any, inputs_bytes: int, batch: int, remedy: str | None) -> None:
+def check(model: Any, inputs_bytes: int, batch: int, remedy: str | None, calls: Calls | None = None) -> None:
     """Refuse (budget.OverBudgetError, exit 2) a forward pass at ``batch`` whose lower bound exceeds the
-    memory budget; ``inputs_bytes`` are the fed inputs, ``remedy`` says which option lowers the batch size."""
-    node_bytes, where = busiest_layer(model, batch)
+    memory budget; ``inputs_bytes`` are the fed inputs, ``remedy`` says which option lowers the batch size,
+    ``calls`` are the layers sized for concrete inputs (:func:`sample_calls`) where the graph leaves dims open."""
+    node_bytes, where = busiest_layer(model, batch, calls)
     parts = [f"inputs {budget.format_size(inputs_bytes)}"]
     if where is not None:
         parts.append(f"{budget.format_size(node_bytes)} at layer {where}")

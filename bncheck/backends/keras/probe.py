@@ -44,6 +44,7 @@ from bncheck.model import (
     TensorStats,
     fixed_batch,
 )
+from bncheck.probe_data import ProbeDataError
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
@@ -262,13 +263,39 @@ class KerasRunner:
             )
         return Observed(out, outputs)
 
+    def _arguments(self, feeds: dict[str, Any]) -> Any:
+        """The model's call argument from values by input name: a dict for a model built with a dict of
+        inputs, else the one value or the list."""
+        if isinstance(getattr(self.model, "input", None), dict):
+            return {key: feeds[tensor.name] for key, tensor in self.model.input.items()}
+        arrays = [feeds[name] for name in self.input_names]
+        return arrays[0] if len(arrays) == 1 else arrays
+
+    def sample_calls(self, settings: ProbeSettings) -> memory.Calls | None:
+        """The layers sized for one sample as the probe feeds it (memory.sample_calls), where the model's inputs
+        leave a dim other than the batch open; None otherwise or when Keras cannot size them."""
+        if not memory.open_dims(self.model):
+            return None
+        try:
+            samples = memory.sample_shapes(self.view.inputs, settings.input_shapes, settings.data)
+        except ProbeDataError:
+            return None
+        values = {
+            spec.name: self.keras.KerasTensor(samples[spec.name], dtype=spec.dtype)
+            for spec in self.view.inputs
+            if spec.name in samples
+        }
+        if len(values) != len(self.view.inputs):
+            return None
+        kept, self.capture.skip = self.capture.skip, set(self.layers)  # shapes only: no statistics
+        try:
+            return memory.sample_calls(self.keras, self.model, self._arguments(values))
+        finally:
+            self.capture.skip = kept
+
     def _forward(self, feeds: dict[str, np.ndarray], style: str) -> dict[str, np.ndarray]:
         """One call of the model in ``style``; the wrapped layers record into ``capture.seen``."""
-        arrays = [feeds[name] for name in self.input_names]
-        if isinstance(getattr(self.model, "input", None), dict):  # built with a dict of inputs: feed a dict
-            args: Any = {key: feeds[tensor.name] for key, tensor in self.model.input.items()}
-        else:
-            args = arrays[0] if len(arrays) == 1 else arrays
+        args = self._arguments(feeds)
         self.capture.seen = {}
         try:
             # NaN/Inf in activations are measured and reported (BN005); numpy's warnings would only litter
@@ -313,7 +340,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         fixed = fixed_batch(view.inputs)
         largest = fixed if fixed is not None else max(settings.batch_sizes)
         inputs = memory.fed_bytes(view.inputs, largest, settings.input_shapes, settings.data)
-        memory.check(runner.model, inputs, largest, "give smaller --batch-sizes")
+        memory.check(runner.model, inputs, largest, "give smaller --batch-sizes", runner.sample_calls(settings))
     try:
         bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
     except (AttributeError, TypeError, ValueError, KeyError, IndexError):  # a malformed Embedding entry: no bound
