@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -197,6 +197,12 @@ def fixed_batch(inputs: list[InputSpec]) -> int | None:
     fixed = {spec.batch_dim for spec in batched if isinstance(spec.batch_dim, int) and spec.batch_dim > 0}
     free = any(not isinstance(spec.batch_dim, int) or spec.batch_dim < 1 for spec in batched)
     return int(fixed.pop()) if len(fixed) == 1 and not free else None
+
+
+def largest_batch(inputs: list[InputSpec], batch_sizes: Iterable[int]) -> int:
+    """The largest batch a probe of these inputs runs: the fixed batch, else the largest of ``batch_sizes``."""
+    fixed = fixed_batch(inputs)
+    return fixed if fixed is not None else max(batch_sizes)
 
 
 #: probe batch sizes when nobody chose them (command line, configuration, API)

@@ -229,6 +229,33 @@ def _numpy_dtype(spec: InputSpec) -> np.dtype:
         raise ProbeDataError(f"input {spec.name!r} has dtype {spec.dtype!r}, which bncheck cannot feed") from None
 
 
+def probe_feeds(
+    inputs: list[InputSpec],
+    batch: int,
+    overrides: Mapping[str, tuple[int, ...]] | None,
+    data: Mapping[str, Any] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Each input's shape as the probe feeds it at ``batch`` (samples moved to the batch axis): from the data's
+    arrays when given, else as the synthetic inputs resolve. An input whose shape cannot be told is left out."""
+    feeds: dict[str, tuple[int, ...]] = {}
+    for spec in inputs:
+        if data is not None:
+            array = data.get(spec.name)
+            if array is None or not getattr(array, "ndim", 0):
+                continue
+            first: tuple[int, ...] = (batch, *array.shape[1:]) if spec.batched else tuple(array.shape)
+        else:
+            try:
+                first = resolve_shape(spec, batch, overrides)
+            except ProbeDataError:
+                continue
+        axis = spec.batch_axis if spec.batched else None
+        if axis and len(first) > axis:  # samples first -> the input's own batch axis
+            first = (*first[1 : axis + 1], first[0], *first[axis + 1 :])
+        feeds[spec.name] = first
+    return feeds
+
+
 def synthetic_shapes(
     inputs: list[InputSpec], n: int, overrides: Mapping[str, tuple[int, ...]] | None
 ) -> dict[str, tuple[int, ...]]:

@@ -627,11 +627,11 @@ def test_an_outputs_only_run_fetches_the_model_outputs_alone_and_they_equal_a_fu
 
 
 def test_a_relaxed_copy_carries_the_shapes_that_inference_gives_that_very_copy(tmp_path):
-    from bncheck.backends.onnx.probe_copy import _infer
+    from bncheck.backends.onnx.load import inferred_shapes
 
     view, copy, _ = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
     assert copy.batch is not None and "relaxed to symbolic, validated (1 " in copy.batch
-    shapes, types = _infer(copy.model)
+    shapes, types = inferred_shapes(copy.model)
     assert copy.relaxed_shapes == (shapes, types)
     assert {name: copy.shapes[name] for name in shapes} == shapes
     assert copy.shapes["f"][0] == copy.shapes["x"][0] != 1  # the flatten follows the relaxed batch

@@ -13,8 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bncheck.backends.base import ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
-from bncheck.backends.onnx.memory import estimate, probe_feeds
+from bncheck.backends.onnx.memory import estimate
 from bncheck.cli import main
+from bncheck.probe_data import probe_feeds
 from tests.budget_cases import check_fix_calibration_batch, refusal
 
 F32 = TensorProto.FLOAT

@@ -20,21 +20,25 @@ import numpy as np
 
 from bncheck import budget
 from bncheck.model import InputSpec
-from bncheck.probe_data import ProbeDataError, resolve_shape
+from bncheck.probe_data import probe_feeds
+
+Described = tuple[tuple[Any, ...], str]  # a tensor's shape (batch dim None) and dtype name
 
 
-def _bytes(tensor: Any, batch: int) -> int:
-    """Bytes of a KerasTensor, or of a (shape, dtype) pair, with the batch dim (None) set to ``batch``."""
-    shape, dtype = (
-        tensor if isinstance(tensor, tuple) else (getattr(tensor, "shape", None), getattr(tensor, "dtype", ""))
-    )
-    if shape is None or not len(shape):
+def _described(tensor: Any) -> Described:
+    return tuple(getattr(tensor, "shape", None) or ()), str(getattr(tensor, "dtype", ""))
+
+
+def _bytes(described: Described, batch: int) -> int:
+    """Bytes of a described tensor with its batch dim (None) set to ``batch``; 0 when a size is unknown."""
+    shape, dtype = described
+    if not shape:
         return 0
     sizes = [batch if i == 0 and d is None else d for i, d in enumerate(shape)]
     if any(not isinstance(s, int) or s < 0 for s in sizes):
         return 0
     try:
-        itemsize = np.dtype(str(dtype)).itemsize
+        itemsize = np.dtype(dtype).itemsize
     except TypeError:  # bfloat16 and other names numpy does not know: unknown, counted 0
         return 0
     return math.prod(sizes) * itemsize
@@ -49,7 +53,7 @@ def _tensors(value: Any) -> list[Any]:
     return [value]
 
 
-Calls = dict[int, list[list[tuple[tuple[Any, ...], str]]]]  # layer id -> per call: (shape, dtype) read and written
+Calls = dict[int, list[list[Described]]]  # layer id -> per call: the tensors it reads and writes
 
 
 def _leaves(model: Any) -> list[Any]:
@@ -89,9 +93,8 @@ def sample_calls(keras: Any, model: Any, arguments: Any) -> Calls | None:
             out = original(*args, **kwargs)
             read = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
             written = [t for t in keras.tree.flatten(out) if isinstance(t, keras.KerasTensor)]
-            calls.setdefault(id(layer), []).append(
-                [((None, *tuple(t.shape)[1:]), str(t.dtype)) for t in {id(t): t for t in read + written}.values()]
-            )
+            tensors = {id(t): _described(t) for t in read + written}.values()
+            calls.setdefault(id(layer), []).append([((None, *shape[1:]), dtype) for shape, dtype in tensors])
             return out
 
         return spec
@@ -121,27 +124,12 @@ def busiest_layer(model: Any, batch: int, calls: Calls | None = None) -> tuple[i
                 tensors = _tensors(layer.input) + _tensors(layer.output)
             except (AttributeError, ValueError, RuntimeError):  # called several times, or never: unknown
                 continue
-            per_call = [list({id(t): t for t in tensors}.values())]
+            per_call = [[_described(t) for t in {id(t): t for t in tensors}.values()]]
         for tensors in per_call:
             live = sum(_bytes(t, batch) for t in tensors)
             if live > best:
                 best, where = live, f"{layer.name!r} ({type(layer).__name__})"
     return best, where
-
-
-def sample_shapes(
-    inputs: list[InputSpec], overrides: Mapping[str, tuple[int, ...]] | None, data: Mapping[str, Any] | None = None
-) -> dict[str, tuple[int, ...]]:
-    """Each input's shape for one sample as the probe feeds it: the data's, else the synthetic inputs'.
-    Raises ProbeDataError for an input whose shape cannot be told."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in inputs:
-        array = data.get(spec.name) if data is not None else None
-        if array is not None and np.ndim(array):
-            shapes[spec.name] = (1, *array.shape[1:]) if spec.batched else tuple(array.shape)
-        else:
-            shapes[spec.name] = resolve_shape(spec, 1, overrides)
-    return shapes
 
 
 def fed_bytes(
@@ -150,21 +138,14 @@ def fed_bytes(
     overrides: Mapping[str, tuple[int, ...]] | None,
     data: Mapping[str, Any] | None = None,
 ) -> int:
-    """Bytes of the inputs fed at ``batch``: the data's arrays when given, else the synthetic inputs' shapes;
-    an input whose shape or dtype cannot be told counts 0."""
+    """Bytes of the inputs fed at ``batch`` (probe_data.probe_feeds' shapes, the data's dtypes or the
+    declared ones); an input whose shape or dtype cannot be told counts 0."""
     total = 0
     for spec in inputs:
-        if data is not None:
-            array = data.get(spec.name)
-            if array is None or not getattr(array, "ndim", 0):
-                continue
-            count = batch * math.prod(array.shape[1:]) if spec.batched else math.prod(array.shape)
-            total += count * array.dtype.itemsize
-            continue
-        try:
-            total += math.prod(resolve_shape(spec, batch, overrides)) * np.dtype(spec.dtype).itemsize
-        except (ProbeDataError, TypeError):
-            continue
+        shape = probe_feeds([spec], batch, overrides, data).get(spec.name)
+        dtype = data[spec.name].dtype if data is not None and spec.name in data else spec.dtype
+        if shape is not None:
+            total += _bytes((shape, str(dtype)), batch)
     return total
 
 

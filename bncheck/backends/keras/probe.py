@@ -42,9 +42,9 @@ from bncheck.model import (
     ProbeResult,
     Recalibration,
     TensorStats,
-    fixed_batch,
+    largest_batch,
 )
-from bncheck.probe_data import ProbeDataError
+from bncheck.probe_data import probe_feeds
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
@@ -276,10 +276,7 @@ class KerasRunner:
         leave a dim other than the batch open; None otherwise or when Keras cannot size them."""
         if not memory.open_dims(self.model):
             return None
-        try:
-            samples = memory.sample_shapes(self.view.inputs, settings.input_shapes, settings.data)
-        except ProbeDataError:
-            return None
+        samples = probe_feeds(self.view.inputs, 1, settings.input_shapes, settings.data)
         values = {
             spec.name: self.keras.KerasTensor(samples[spec.name], dtype=spec.dtype)
             for spec in self.view.inputs
@@ -337,8 +334,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
     runner = static.runner if static.runner is not None else KerasRunner(view, static)
     static.runner = runner  # fix, after probing the original, runs this same loaded model
     if settings.batch_sizes:  # the loaded model's layer shapes, before any batch runs
-        fixed = fixed_batch(view.inputs)
-        largest = fixed if fixed is not None else max(settings.batch_sizes)
+        largest = largest_batch(view.inputs, settings.batch_sizes)
         inputs = memory.fed_bytes(view.inputs, largest, settings.input_shapes, settings.data)
         memory.check(runner.model, inputs, largest, "give smaller --batch-sizes", runner.sample_calls(settings))
     try:

@@ -493,14 +493,8 @@ def concrete_shapes(
     Where a model leaves dims other than the batch open (a detector's H and W), onnx's symbolic inference
     names every Conv or Resize output dim anew, and nothing binds those names to sizes; with the inputs
     concrete, it computes them. On the weight-less skeleton (see _skeleton); ``model`` is not edited.
-    Empty when inference fails.
     """
-    import onnx
-
-    skeleton = _skeleton(model)
-    if skeleton is model:  # only small initializers: a cheap copy
-        skeleton = type(model)()
-        skeleton.CopyFrom(model)
+    skeleton = _own(_skeleton(model), model)
     del skeleton.graph.value_info[:]  # the file's symbolic intermediate shapes would be merged in
     for value in skeleton.graph.input:
         shape = feeds.get(value.name)
@@ -512,11 +506,29 @@ def concrete_shapes(
         for dim, size in zip(dims, shape):
             dim.Clear()
             dim.dim_value = int(size)
+    return inferred_shapes(_sorted(skeleton))
+
+
+def inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
+    """Shapes and types of ``model`` by onnx shape inference (lenient), its declared ones where inference
+    fails; ``model`` itself is not edited."""
+    import onnx
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(_sorted(skeleton), strict_mode=False, data_prop=True)
-    except Exception:  # a model onnx cannot infer: the declared shapes stay the only ones
-        return {}, {}
-    return _collect_shapes(inferred, skeleton)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = model
+    return _collect_shapes(inferred, model)
+
+
+def _own(skeleton: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``skeleton`` to edit: itself when _skeleton made a new one, else a copy of ``model`` (only small
+    initializers, so a cheap one)."""
+    if skeleton is not model:
+        return skeleton
+    copy = type(model)()
+    copy.CopyFrom(model)
+    return copy
 
 
 def free_unset_dims(graph: Any) -> None:
@@ -545,9 +557,7 @@ def _check_and_infer(path: str, model: onnx.ModelProto, large: bool) -> tuple[on
 
     skeleton = _skeleton(model)
     if _has_unset_dims(skeleton):  # never edit the caller's model (fix writes it back)
-        if skeleton is model:  # only small initializers: a cheap copy
-            skeleton = type(model)()
-            skeleton.CopyFrom(model)
+        skeleton = _own(skeleton, model)
         free_unset_dims(skeleton.graph)
     if skeleton is not model:  # the skeleton is small unless the graph itself is huge
         large = skeleton.ByteSize() > PROTOBUF_LIMIT

@@ -24,7 +24,7 @@ from typing import Any
 
 from bncheck import budget
 from bncheck.model import Dim, InputSpec, ProbeSettings
-from bncheck.probe_data import ProbeDataError, resolve_shape
+from bncheck.probe_data import probe_feeds
 
 #: ops whose onnxruntime CPU kernels never write an output into an input's buffer: read + written both live.
 _NOT_IN_PLACE = frozenset(
@@ -140,33 +140,6 @@ def estimate(
     for name, shape in feeds.items():
         fed += math.prod(shape) * _itemsize(types.get(name))
     return Estimate(fed, best, where)
-
-
-def probe_feeds(
-    inputs: list[InputSpec],
-    batch: int,
-    overrides: Mapping[str, tuple[int, ...]] | None,
-    data: Mapping[str, Any] | None = None,
-) -> dict[str, tuple[int, ...]]:
-    """Each input's shape as the probe feeds it at ``batch`` (samples moved to the batch axis): from the data's
-    arrays when given, else as the synthetic inputs resolve. An input whose shape cannot be told is left out."""
-    feeds: dict[str, tuple[int, ...]] = {}
-    for spec in inputs:
-        if data is not None:
-            array = data.get(spec.name)
-            if array is None or not getattr(array, "ndim", 0):
-                continue
-            first: tuple[int, ...] = (batch, *array.shape[1:]) if spec.batched else tuple(array.shape)
-        else:
-            try:
-                first = resolve_shape(spec, batch, overrides)
-            except ProbeDataError:
-                continue
-        axis = spec.batch_axis if spec.batched else None
-        if axis and len(first) > axis:  # samples first -> the input's own batch axis
-            first = (*first[1 : axis + 1], first[0], *first[axis + 1 :])
-        feeds[spec.name] = first
-    return feeds
 
 
 def open_dims(shapes: Mapping[str, tuple[Dim, ...]], feeds: Mapping[str, tuple[int, ...]], batch: int) -> bool:

@@ -29,7 +29,7 @@ import numpy as np
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.instrument import _copy, stub
-from bncheck.backends.onnx.load import free_unset_dims
+from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
@@ -184,19 +184,6 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
     except ValueError:  # an opset onnx has no IR version for (a local function domain, a future version)
         needed = 4
     model.ir_version = max(int(model.ir_version), needed, 4)
-
-
-def _infer(model: onnx.ModelProto) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
-    """Shapes and types of the copy by onnx shape inference (value_info of the model itself untouched)."""
-    import onnx
-
-    from bncheck.backends.onnx.load import _collect_shapes
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:
-        inferred = model
-    return _collect_shapes(inferred, model)
 
 
 # --------------------------------------------------------------------------- batch relaxation
@@ -441,7 +428,7 @@ def _relax(
         nonlocal draw
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
-        copy.relaxed_shapes = shapes, types = _infer(candidate)
+        copy.relaxed_shapes = shapes, types = inferred_shapes(candidate)
         # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
         copy.activations = memory.check_probe(
             candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
@@ -535,7 +522,7 @@ def prepare(
         model, changed = relaxed, True
     copy.model = model
     if changed:
-        shapes, types = copy.relaxed_shapes or _infer(model)  # set only when the copy is the relaxed one
+        shapes, types = copy.relaxed_shapes or inferred_shapes(model)  # set only when the copy is the relaxed one
         copy.shapes.update(shapes)
         copy.types.update(types)
     return copy

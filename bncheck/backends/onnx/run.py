@@ -33,6 +33,7 @@ from bncheck.model import (
     TensorStats,
     default_batch_sizes,
     fixed_batch,
+    largest_batch,
 )
 from bncheck.probe_data import ProbeDataError, check_sizes
 from bncheck.probe_plan import (
@@ -692,9 +693,13 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     preflight(view, settings)
     activations: int | None = None
     if settings.batch_sizes:
-        largest = fixed if fixed is not None else max(settings.batch_sizes)
         activations = memory.check_probe(
-            handle.model, handle.value_shapes, handle.value_types, view.inputs, settings, largest
+            handle.model,
+            handle.value_shapes,
+            handle.value_types,
+            view.inputs,
+            settings,
+            largest_batch(view.inputs, settings.batch_sizes),
         )
     providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
