@@ -73,9 +73,18 @@ def find(start: str | os.PathLike[str] = ".") -> Path | None:
         if own.is_file():
             return own
         pyproject = candidate / "pyproject.toml"
-        if pyproject.is_file() and "bncheck" in _read(pyproject).get("tool", {}):
+        if pyproject.is_file() and _mentions_bncheck(pyproject) and "bncheck" in _read(pyproject).get("tool", {}):
             return pyproject
     return None
+
+
+def _mentions_bncheck(path: Path) -> bool:
+    # a [tool.bncheck] table, however spelled, has the word in its text: a project's pyproject.toml without it
+    # needs no TOML parser (importing tomllib alone costs more than reading the file)
+    try:
+        return b"bncheck" in path.read_bytes()
+    except OSError:
+        return True  # _read names the file and the problem
 
 
 def load(path: str | os.PathLike[str]) -> Config:

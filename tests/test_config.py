@@ -101,3 +101,18 @@ def test_a_file_that_is_not_a_baseline_is_refused(tmp_path):
     path.write_text(json.dumps({"findings": []}))
     with pytest.raises(UsageError, match="not a bncheck baseline"):
         baseline.read(str(path))
+
+
+def test_pyproject_not_mentioning_bncheck_is_not_parsed(tmp_path):
+    # an unrelated project's broken pyproject.toml is not bncheck's business: skipped, not a usage error
+    (tmp_path / "bncheck.toml").write_text('ignore = ["BN004"]\n')
+    inner = tmp_path / "proj"
+    inner.mkdir()
+    (inner / "pyproject.toml").write_text("[project\nname = 'x'\n")
+    assert config.find(inner) == tmp_path / "bncheck.toml"
+
+
+def test_broken_pyproject_that_mentions_bncheck_is_still_an_error(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[tool.bncheck\nfail-on = 'x'\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        config.find(tmp_path)
