@@ -97,9 +97,14 @@ def budget() -> int:
 
 
 class OverBudgetError(BncheckError):
-    """An allocation bncheck was about to make is larger than the memory budget."""
+    """An allocation bncheck was about to make is larger than the memory budget. ``summary``: what needs how
+    much against which budget, without the remedy (for a note where the remedy's option does not apply)."""
 
     kind = ErrorKind.RUNTIME
+
+    def __init__(self, summary: str, remedy: str | None = None) -> None:
+        super().__init__(f"{summary}; {remedy}" if remedy else summary)
+        self.summary = summary
 
 
 def check(need: int, what: str, *, remedy: str | None = None, lower_bound: bool = False) -> None:
@@ -111,5 +116,6 @@ def check(need: int, what: str, *, remedy: str | None = None, lower_bound: bool 
         change = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
         raise OverBudgetError(
             f"{what} needs {'at least' if lower_bound else 'about'} {format_size(need)}, over the memory budget "
-            f"of {format_size(limit)} ({source}); " + (f"{remedy}, or {change}" if remedy else change)
+            f"of {format_size(limit)} ({source})",
+            f"{remedy}, or {change}" if remedy else change,
         )

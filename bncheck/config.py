@@ -73,18 +73,13 @@ def find(start: str | os.PathLike[str] = ".") -> Path | None:
         if own.is_file():
             return own
         pyproject = candidate / "pyproject.toml"
-        if pyproject.is_file() and _mentions_bncheck(pyproject) and "bncheck" in _read(pyproject).get("tool", {}):
-            return pyproject
+        if pyproject.is_file():
+            raw = _bytes(pyproject)
+            # a [tool.bncheck] table, however spelled, has the word in its text: a project's pyproject.toml
+            # without it needs no TOML parser (importing tomllib alone costs more than reading the file)
+            if b"bncheck" in raw and "bncheck" in _parse(pyproject, raw).get("tool", {}):
+                return pyproject
     return None
-
-
-def _mentions_bncheck(path: Path) -> bool:
-    # a [tool.bncheck] table, however spelled, has the word in its text: a project's pyproject.toml without it
-    # needs no TOML parser (importing tomllib alone costs more than reading the file)
-    try:
-        return b"bncheck" in path.read_bytes()
-    except OSError:
-        return True  # _read names the file and the problem
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -142,6 +137,17 @@ def discover(explicit: str | None, start: str = ".") -> Config:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    return _parse(path, _bytes(path))
+
+
+def _bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _parse(path: Path, raw: bytes) -> dict[str, Any]:
     # imported here: most runs find no configuration file and never parse TOML
     if sys.version_info >= (3, 11):
         import tomllib
@@ -149,12 +155,9 @@ def _read(path: Path) -> dict[str, Any]:
         import tomli as tomllib
 
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _no_unknown(table: Mapping[str, Any], known: Iterable[str], where: str) -> None:

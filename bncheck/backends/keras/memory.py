@@ -140,12 +140,12 @@ def fed_bytes(
 ) -> int:
     """Bytes of the inputs fed at ``batch`` (probe_data.probe_feeds' shapes, the data's dtypes or the
     declared ones); an input whose shape or dtype cannot be told counts 0."""
+    shapes = probe_feeds(inputs, batch, overrides, data)
     total = 0
     for spec in inputs:
-        shape = probe_feeds([spec], batch, overrides, data).get(spec.name)
         dtype = data[spec.name].dtype if data is not None and spec.name in data else spec.dtype
-        if shape is not None:
-            total += _bytes((shape, str(dtype)), batch)
+        if spec.name in shapes:
+            total += _bytes((shapes[spec.name], str(dtype)), batch)
     return total
 
 

@@ -33,7 +33,7 @@ from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
 from bncheck.budget import OverBudgetError
-from bncheck.errors import few, one_line
+from bncheck.errors import few
 from bncheck.model import (
     Kind,
     LayerProbe,
@@ -383,7 +383,7 @@ def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibra
     try:
         memory.check(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count, None)
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
-        return one_line(exc).split(";")[0]
+        return exc.summary
     feeds = {name: np.ascontiguousarray(array[:count]) for name, array in data.items()}
     names = tuple(
         n.name for n in runner.view.layers if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean")

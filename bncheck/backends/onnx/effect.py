@@ -52,7 +52,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     try:
         outcome = fix_onnx(view, request)  # a dry run edits the loaded copy in memory and writes nothing
     except OverBudgetError as exc:  # its remedy names fix's --batch-size, which a probe does not have
-        return one_line(exc).split(";")[0]
+        return exc.summary
     except BackendError as exc:
         return one_line(exc)
     changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")

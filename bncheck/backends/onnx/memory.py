@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bncheck import budget
+from bncheck.backends.onnx.load import concrete_shapes
 from bncheck.model import Dim, InputSpec, ProbeSettings
 from bncheck.probe_data import probe_feeds
 
@@ -170,8 +171,6 @@ def check(
     concrete (one more shape inference, on the weight-less skeleton); without it a detector with open H and
     W would count a few kB of activations at any batch size."""
     if open_dims(shapes, feeds, batch):
-        from bncheck.backends.onnx.load import concrete_shapes
-
         inferred, inferred_types = concrete_shapes(model, feeds)
         shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
     found = estimate(model.graph, shapes, types, feeds)
