@@ -61,6 +61,9 @@ def test_bad_fail_on_and_bad_toml_are_usage_errors(tmp_path):
     path.write_text("select = [\n")
     with pytest.raises(UsageError, match="not valid TOML"):
         config.load(path)
+    path.write_bytes(b'fail-on = "\xff"\n')  # not UTF-8, as TOML must be
+    with pytest.raises(UsageError, match="not valid TOML"):
+        config.load(path)
 
 
 def test_per_model_settings_match_by_glob_and_resolve_data_next_to_the_file(tmp_path):
