@@ -16,7 +16,9 @@ BatchNormalization), this runs as whole subprocesses:
     passes at B as cover the samples of the probe's batch sizes (1,2,B by default: ceil((3 + B) / B)).
 Wall time is measured by this process around each child (start to exit, interpreter start-up included for
 both sides); peak RSS is VmHWM from /proc/self/status inside each child (bncheck runs under a small wrapper
-that reads it at exit; ru_maxrss would include this parent's pages inherited at fork). Plain and probe are
+that reads it at exit; ru_maxrss would include this parent's pages inherited at fork). The same wrapper times
+the probe's output-level test (output dependence, effect runs, localisation: the bounded extra work on a model
+whose outputs depend on the batch), so the table gives the ratio without it too. Plain and probe are
 interleaved ``--repeats`` times; medians are reported, with the range of each pair's own ratio. Results go to
 ``.cache/results.json`` and, unless ``--no-readme``, into benchmarks/README.md between the real-models markers.
 """
@@ -47,15 +49,31 @@ START = "<!-- real-models-table:start -->"
 END = "<!-- real-models-table:end -->"
 TIMEOUT = 1800
 
-# Runs the bncheck console script in-process and writes the child's own peak RSS at exit.
+# Runs the bncheck console script in-process and writes, at exit, the child's own peak RSS and what the
+# output-level test (bncheck.probe_plan._outputs_test: output dependence, effect runs, localisation) took:
+# its wall time and the runs it asked the probe's runner for. The wrapper only counts; the probe is unchanged.
 WRAPPER = r"""
-import atexit, os, sys
+import atexit, json, os, sys, time
+import bncheck.probe_plan as _plan
+_test = {"s": 0.0, "runs": 0}
+_outputs_test = _plan._outputs_test
+def _timed(view, plan, pool, runner, *rest, **kw):
+    def counted(*a, **k):
+        _test["runs"] += 1
+        return runner(*a, **k)
+    t = time.perf_counter()
+    try:
+        return _outputs_test(view, plan, pool, counted, *rest, **kw)
+    finally:
+        _test["s"] += time.perf_counter() - t
+_plan._outputs_test = _timed
 def _peak():
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
                 with open(os.environ["REAL_MODELS_RSS_FILE"], "w") as out:
-                    out.write(str(int(line.split()[1]) / 1024))
+                    json.dump({"rss_mb": int(line.split()[1]) / 1024, "output_test_s": _test["s"],
+                               "output_test_runs": _test["runs"]}, out)
 atexit.register(_peak)
 from importlib.metadata import entry_points
 main = entry_points(group="console_scripts", name="bncheck")[0].load()
@@ -219,10 +237,10 @@ def run_bncheck(bncheck: Path, args: list[str], measure_rss: bool) -> dict:
     except subprocess.TimeoutExpired:
         code, stdout, stderr = -9, "", f"timeout after {TIMEOUT} s"
     wall = time.perf_counter() - t0
-    rss = None
+    measured: dict = {}
     try:
         text = Path(rss_file).read_text()
-        rss = float(text) if text else None
+        measured = json.loads(text) if text else {}
     finally:
         os.unlink(rss_file)
     doc = None
@@ -235,7 +253,9 @@ def run_bncheck(bncheck: Path, args: list[str], measure_rss: bool) -> dict:
         "cmd": "bncheck " + " ".join(args),
         "exit": code,
         "wall": wall,
-        "rss_mb": rss,
+        "rss_mb": measured.get("rss_mb"),
+        "output_test_s": measured.get("output_test_s"),
+        "output_test_runs": measured.get("output_test_runs"),
         "doc": doc,
         "stderr": stderr.strip(),
         "stderr_line": _one_line(stderr),
@@ -333,6 +353,13 @@ def evaluate(model: dict, bncheck: Path, python: str, repeats: int) -> dict:
         probe_wall = statistics.median(p["wall"] for p in ok_probe)
         result["plain_wall"], result["probe_wall"] = plain_wall, probe_wall
         result["time_ratio"] = probe_wall / plain_wall
+        # the bounded extra work on a model whose outputs depend on the batch, shown apart (issue: "show both")
+        tests = [p for p in ok_probe if p.get("output_test_s") is not None]
+        if tests:
+            result["output_test_s"] = statistics.median(p["output_test_s"] for p in tests)
+            result["output_test_runs"] = max(p["output_test_runs"] for p in tests)
+            without = statistics.median(p["wall"] - p["output_test_s"] for p in tests)
+            result["time_ratio_without_output_test"] = without / plain_wall
         rss_probe = [p["rss_mb"] for p in ok_probe if p["rss_mb"]]
         rss_plain = [p["rss_mb"] for p in ok_plain if p.get("rss_mb")]
         if rss_probe and rss_plain:
@@ -433,11 +460,23 @@ def _fmt_ratio(value: float | None, spread: list[float] | None = None) -> str:
     return f"{value:.2f}x"
 
 
+def _fmt_output_test(r: dict) -> str:
+    """``0.09 s (28); 2.08x``: the output-level test's median time and runs, and the time ratio without it;
+    ``0.00 s`` alone where it ran nothing (a clean model: the comparison reuses the probe's own runs)."""
+    if r.get("output_test_s") is None:
+        return "-"
+    text = f"{r['output_test_s']:.2f} s"
+    if r.get("output_test_runs"):
+        text += f" ({r['output_test_runs']}); {_fmt_ratio(r.get('time_ratio_without_output_test'))}"
+    return text
+
+
 def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> str:
     head = (
         "| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | probe ran "
-        "(plain ran) | probe s / plain s | time ratio (range) | peak RSS MB probe / plain | memory ratio (range) |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "(plain ran) | probe s / plain s | time ratio (range) | output-level test: s (runs); time ratio without it "
+        "| peak RSS MB probe / plain | memory ratio (range) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     rows = []
     for r in results:
@@ -458,7 +497,7 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
             source = f"twin of {r['parent']}"
         rows.append(
             f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {_probe_ran(r)} | {secs} | "
-            f"{_fmt_ratio(r.get('time_ratio'), r.get('time_ratio_range'))} | {rss} | "
+            f"{_fmt_ratio(r.get('time_ratio'), r.get('time_ratio_range'))} | {_fmt_output_test(r)} | {rss} | "
             f"{_fmt_ratio(r.get('rss_ratio'), r.get('rss_ratio_range'))} |"
         )
     ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode" and not r.get("expect")]
@@ -480,6 +519,16 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
             summary.append(
                 f"Train-mode models ({len(train)}): time ratio median {statistics.median(train):.2f}x, "
                 f"max {train[-1]:.2f}x."
+            )
+        without = sorted(
+            r["time_ratio_without_output_test"]
+            for r in results
+            if r.get("time_ratio_without_output_test") and (r["origin"] == "twin-trainmode" or r.get("expect"))
+        )
+        if without:
+            summary.append(
+                f"The same without the output-level test (the bounded extra runs on a model whose outputs depend "
+                f"on the batch): median {statistics.median(without):.2f}x, max {without[-1]:.2f}x."
             )
     fails = []
     for r in results:
