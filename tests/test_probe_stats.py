@@ -137,6 +137,29 @@ def test_output_scale_is_the_root_mean_per_position_variance_and_leaves_nan_posi
     assert output_scale(holed) == pytest.approx(math.sqrt(float(np.mean(np.var(kept, axis=0)))), rel=1e-12)
 
 
+def test_output_scale_and_sample_shifts_over_several_blocks_equal_the_whole_array_formulas():
+    from bncheck.probe_plan import _BLOCK_ELEMENTS, SCALE_FLOOR, output_scale, sample_shifts
+
+    rng = np.random.default_rng(5)
+    width = _BLOCK_ELEMENTS + 12_345  # two blocks for three rows, the second a partial one
+    rows = (rng.standard_normal((3, width)) * 2.0 + 5.0).astype(np.float32)
+    whole = rows.astype(np.float64)
+    want = math.sqrt(float(np.mean(np.var(whole, axis=0))))
+    assert output_scale(rows) == pytest.approx(want, rel=1e-12)
+    assert output_scale(np.full((3, width), 7.0, np.float32)) == pytest.approx(SCALE_FLOOR * 7.0, rel=1e-12)
+    holed = rows.copy()
+    holed[:, -1] = np.nan  # in the last block: the masked form takes over for the whole output
+    kept = np.delete(whole, -1, axis=1)
+    assert output_scale(holed) == pytest.approx(math.sqrt(float(np.mean(np.var(kept, axis=0)))), rel=1e-12)
+
+    other = rows + rng.standard_normal(rows.shape).astype(np.float32) * 0.1
+    other[2, -1] = np.inf  # a non-finite element where the reference has a number: that sample is inf
+    diff = (other.astype(np.float64) - whole) / 0.5
+    shifts = sample_shifts(rows, other, 0.5)
+    assert shifts[:2] == pytest.approx(np.sqrt(np.mean(diff[:2] ** 2, axis=1)), rel=1e-12)
+    assert shifts[2] == math.inf
+
+
 def test_in_background_returns_the_workers_result_and_raises_its_error_in_the_caller():
     worker_threads: list[str] = []
 
