@@ -320,6 +320,43 @@ def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _running_read_by(path: Path, reader: str) -> str:
+    """bn_model's train-mode BN with its running statistics read by nobody ("none") or only inside an If
+    branch ("if_branch"), instead of being graph outputs."""
+    model = onnx.load(path)
+    del model.graph.output[1:]
+    if reader == "if_branch":
+        branch = helper.make_graph(
+            [helper.make_node("Identity", ["running_mean"], ["rm_seen"])],
+            "branch",
+            [],
+            [helper.make_tensor_value_info("rm_seen", F32, [3])],
+        )
+        model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+        model.graph.node.append(
+            helper.make_node("If", ["cond"], ["rm_out"], then_branch=branch, else_branch=branch, name="if")
+        )
+        model.graph.output.append(helper.make_tensor_value_info("rm_out", F32, [3]))
+    onnx.save(model, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("reader", ["none", "if_branch"])
+def test_train_mode_decomposition_updates_the_running_statistics_only_where_something_reads_them(tmp_path, reader):
+    path = _running_read_by(Path(bn_model(tmp_path / "t.onnx", channels=3, hw=(4, 4), training=True)), reader)
+    view = OnnxBackend().load(path)
+    aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False)
+    model = aug.finish()
+    produced = {out for node in model.graph.node for out in node.output}
+    assert ("running_mean" in produced) == (reader == "if_branch")
+    assert "running_var" not in produced
+    names = [o.name for o in onnx.load(path).graph.output]
+    x = np.random.default_rng(1).standard_normal((4, 3, 4, 4), dtype=np.float32)
+    ours = _session(model, aug.folder, exact=False).run(names, {"x": x})
+    for a, b in zip(ours, ReferenceEvaluator(onnx.load(path)).run(names, {"x": x})):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_train_mode_bn_reports_the_runtime_deviation_from_the_spec(tmp_path):
     buggy = bn_model(tmp_path / "bug.onnx", channels=3, hw=(1, 1), training=True, **_EQUAL_PARAMS)
     _, result = _probe(buggy, batch_sizes=(1, 4))

@@ -344,6 +344,7 @@ class Augmenter:
         # spec output name -> its decomposition's per-sample pools of x and of (x - mean)^2, batch mean and
         # variance ([1, C, 1, ...]): the layer's statistics without a kernel of their own (_spec_measure)
         self.spec_pools: dict[str, dict[str, str]] = {}
+        self.read = _read_names(self.model.graph)
         for idx, node in enumerate(list(self.model.graph.node)):
             if self._is_train_bn(node):
                 y = node.output[0]
@@ -629,8 +630,15 @@ class Augmenter:
         axes = [0] if spatial_mode == 0 else [0] + list(range(2, rank))
         b = self.b
         start = len(b.nodes)
+        outputs = list(node.output)
+        # the updated running statistics only where something reads them: exporters write these outputs
+        # and leave them unused, and their 8 nodes per layer cost onnxruntime's optimizer time
+        updated = [pos for pos in (1, 2) if pos < len(outputs) and outputs[pos] and outputs[pos] in self.read]
+        roles = {"scale", "bias"} | {role for pos, role in ((1, "mean"), (2, "var")) if pos in updated}
         params = {}
         for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
+            if role not in roles:
+                continue
             # private copies: onnxruntime's train-mode kernel may write the running statistics into a
             # buffer it shares with an equal initializer (onnxruntime#29790)
             params[role] = b.one("Identity", [name], f"spec_{role}")
@@ -656,7 +664,6 @@ class Augmenter:
             shape_c = b.const(np.array([-1] + [1] * (rank - 2), np.int64), "spec_cshape")
             scale_r = b.one("Reshape", [params["scale"], shape_c], "spec_scale_r")
             bias_r = b.one("Reshape", [params["bias"], shape_c], "spec_bias_r")
-        outputs = list(node.output)
         y_spec = outputs[0]
         # scale / std per channel first: one full-size Mul instead of a Div and a Mul (a centred value of
         # exactly 0, a one-element set, still gives exactly the bias)
@@ -664,8 +671,9 @@ class Augmenter:
         b.nodes.append(onnx.helper.make_node("Add", [scaled, bias_r], [y_spec], name=b.name("spec_y")))
         flat = b.const(np.array([-1], np.int64), "spec_flat")
         keep = 1.0 - momentum
-        for pos, (stat, running) in enumerate(((mean, params["mean"]), (var, params["var"])), start=1):
-            if pos < len(outputs) and outputs[pos]:
+        for pos, (stat, role) in enumerate(((mean, "mean"), (var, "var")), start=1):
+            if pos in updated:
+                running = params[role]
                 cur = b.one("Reshape", [stat, flat], "spec_cur")
                 mom = b.const(np.array(momentum, np.float32), "spec_mom")
                 kp = b.const(np.array(keep, np.float32), "spec_keep")
@@ -733,6 +741,26 @@ class Augmenter:
                 graph.output.append(helper.make_empty_tensor_value_info(name))
                 existing.add(name)
         return self.model
+
+
+def _read_names(graph: Any) -> set[str]:
+    """Every name a node reads, in ``graph`` or in the If/Loop/Scan bodies it holds (which may read the outer
+    graph's values), and every graph's outputs."""
+    from onnx import AttributeProto
+
+    names: set[str] = set()
+    stack = [graph]
+    while stack:
+        current = stack.pop()
+        names.update(o.name for o in current.output)
+        for node in current.node:
+            names.update(node.input)
+            for attr in node.attribute:
+                if attr.type == AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+    return names
 
 
 def _per_sample(shape: tuple[Any, ...] | None, batch_axis: int | None) -> int | None:
