@@ -471,6 +471,11 @@ def _fmt_output_test(r: dict) -> str:
     return text
 
 
+def _train_mode(results: list[dict], key: str) -> list[float]:
+    """``key`` of the train-mode twins and the models broken by construction, sorted."""
+    return sorted(r[key] for r in results if r.get(key) and (r["origin"] == "twin-trainmode" or r.get("expect")))
+
+
 def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> str:
     head = (
         "| model | source | norm layers (inspect) | inspect exit: findings | probe exit: findings | probe ran "
@@ -510,21 +515,13 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
             f"{statistics.median(t):.2f}x, max {t[-1]:.2f}x; memory ratio median "
             f"{statistics.median(m):.2f}x, max {m[-1]:.2f}x."
         )
-        train = sorted(
-            r["time_ratio"]
-            for r in results
-            if r.get("time_ratio") and (r["origin"] == "twin-trainmode" or r.get("expect"))
-        )
+        train = _train_mode(results, "time_ratio")
         if train:
             summary.append(
                 f"Train-mode models ({len(train)}): time ratio median {statistics.median(train):.2f}x, "
                 f"max {train[-1]:.2f}x."
             )
-        without = sorted(
-            r["time_ratio_without_output_test"]
-            for r in results
-            if r.get("time_ratio_without_output_test") and (r["origin"] == "twin-trainmode" or r.get("expect"))
-        )
+        without = _train_mode(results, "time_ratio_without_output_test")
         if without:
             summary.append(
                 f"The same without the output-level test (the bounded extra runs on a model whose outputs depend "
