@@ -53,10 +53,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx.graph import node_reads
 from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.fix_result import (
     MIN_SAMPLES,
@@ -289,7 +290,7 @@ class _GraphFacts:
         self.uses: Counter[str] = Counter()
         self.users: dict[str, list[str]] = {}
         for node in graph.node:
-            for name in _node_reads(node):
+            for name in node_reads(node):
                 self.uses[name] += 1
                 self.users.setdefault(name, []).append(_node_key(node))
         self.by_key = {_node_key(node): node for node in graph.node}
@@ -304,23 +305,6 @@ def _node_key(node: onnx.NodeProto) -> str:
         if out:
             return "out:" + out
     return "name:" + node.name
-
-
-def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
-    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
-    for name in node.input:
-        if name:
-            yield name
-    for attr in node.attribute:
-        subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-        for sub in subgraphs:
-            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
-            for inner in sub.node:
-                local.update(o for o in inner.output if o)
-            for inner in sub.node:
-                for name in _node_reads(inner):
-                    if name not in local:
-                        yield name
 
 
 def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> LayerFix | _Pending | _Refused:
@@ -542,7 +526,7 @@ def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
     upstream: dict[str, int] = {}  # tensor -> bit set of the pending layers it depends on
     for idx, node in enumerate(index.nodes):
         mask = 0
-        for name in _node_reads(node):
+        for name in node_reads(node):
             mask |= upstream.get(name, 0)
         own = owner.get(index.node_name(idx))
         if own is not None:
@@ -699,7 +683,7 @@ def _edit_replace_chain(
                 new_nodes.append(bn)
             elif pos not in drop:
                 new_nodes.append(node)
-        read = {name for pos in drop for name in _node_reads(old[pos])}
+        read = {name for pos in drop for name in node_reads(old[pos])}
         del graph.node[:]
         graph.node.extend(new_nodes)
         _drop_dead_constants(model, read)

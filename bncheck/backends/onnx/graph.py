@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -400,6 +401,23 @@ def shape_dim(g: GraphIndex, tensor: str, axis: int | None) -> int | None:
         return None
     dim = shape[axis]
     return dim if isinstance(dim, int) else None
+
+
+def node_reads(node: onnx.NodeProto) -> Iterator[str]:
+    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs (If/Loop/Scan) use."""
+    for name in node.input:
+        if name:
+            yield name
+    for attr in node.attribute:
+        subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+        for sub in subgraphs:
+            local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
+            for inner in sub.node:
+                local.update(o for o in inner.output if o)
+            for inner in sub.node:
+                for name in node_reads(inner):
+                    if name not in local:
+                        yield name
 
 
 def node_input(node, i: int) -> str:

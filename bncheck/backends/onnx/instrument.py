@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx.graph import node_reads
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
@@ -344,15 +345,15 @@ class Augmenter:
         # spec output name -> its decomposition's per-sample pools of x and of (x - mean)^2, batch mean and
         # variance ([1, C, 1, ...]): the layer's statistics without a kernel of their own (_spec_measure)
         self.spec_pools: dict[str, dict[str, str]] = {}
-        self.read = _read_names(self.model.graph)
-        for idx, node in enumerate(list(self.model.graph.node)):
+        graph = self.model.graph
+        self.read = {o.name for o in graph.output} | {n for node in graph.node for n in node_reads(node)}
+        for idx, node in enumerate(list(graph.node)):
             if self._is_train_bn(node):
                 y = node.output[0]
                 self.runtime_protos[y] = type(node)()
                 self.runtime_protos[y].CopyFrom(node)
                 if self._decompose(idx):
-                    self.decomposed[y] = self.model.graph.node[idx].output[0]
-        graph = self.model.graph
+                    self.decomposed[y] = graph.node[idx].output[0]
         self.known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
         self.known |= {out for node in graph.node for out in node.output if out}
         self.known |= {out for nodes in self.replaced.values() for node in nodes for out in node.output if out}
@@ -741,26 +742,6 @@ class Augmenter:
                 graph.output.append(helper.make_empty_tensor_value_info(name))
                 existing.add(name)
         return self.model
-
-
-def _read_names(graph: Any) -> set[str]:
-    """Every name a node reads, in ``graph`` or in the If/Loop/Scan bodies it holds (which may read the outer
-    graph's values), and every graph's outputs."""
-    from onnx import AttributeProto
-
-    names: set[str] = set()
-    stack = [graph]
-    while stack:
-        current = stack.pop()
-        names.update(o.name for o in current.output)
-        for node in current.node:
-            names.update(node.input)
-            for attr in node.attribute:
-                if attr.type == AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
-    return names
 
 
 def _per_sample(shape: tuple[Any, ...] | None, batch_axis: int | None) -> int | None:
