@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ from bncheck.findings import FAIL_ON_LEVELS, Finding
 
 KNOWN_KEYS = ("select", "ignore", "fail-on", "batch-sizes", "per-layer-ignores", "per-model")
 MODEL_KEYS = ("input-shape", "data", "batch-sizes")
+
+#: every TOML spelling of a [tool.bncheck] table: "tool" then "bncheck" as dotted key parts (a table header
+#: or a dotted key, quotes and spaces allowed), or a [tool] table or a root `tool =` that may hold the key.
+#: A project that only lists bncheck (a dependency, a script) has none of them and is not parsed.
+_MAY_HOLD_TABLE = (
+    rb"""tool["']?\s*\.\s*["']?bncheck|^[ \t]*\[[ \t]*["']?tool["']?[ \t]*\]|^[ \t]*["']?tool["']?[ \t]*="""
+)
 
 
 @dataclass(frozen=True)
@@ -75,11 +83,16 @@ def find(start: str | os.PathLike[str] = ".") -> Path | None:
         pyproject = candidate / "pyproject.toml"
         if pyproject.is_file():
             raw = _bytes(pyproject)
-            # a [tool.bncheck] table, however spelled, has the word in its text: a project's pyproject.toml
-            # without it needs no TOML parser (importing tomllib alone costs more than reading the file)
-            if b"bncheck" in raw and "bncheck" in _parse(pyproject, raw).get("tool", {}):
+            # a project's pyproject.toml without the table needs no TOML parser (importing tomllib and
+            # parsing cost more than the rest of finding the file)
+            if _may_hold_table(raw) and "bncheck" in _parse(pyproject, raw).get("tool", {}):
                 return pyproject
     return None
+
+
+def _may_hold_table(raw: bytes) -> bool:
+    # compiled (re's cache) only for a file that mentions bncheck
+    return b"bncheck" in raw and re.search(_MAY_HOLD_TABLE, raw, re.MULTILINE) is not None
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -25,14 +25,38 @@ def test_pyproject_table_is_found_from_a_subfolder(tmp_path):
     assert cfg.fail_on == "warning" and cfg.select == ("BN002",)
 
 
-# the second is broken TOML: a pyproject.toml that never mentions bncheck is not parsed, so not an error either
-@pytest.mark.parametrize("pyproject", ['[project]\nname = "x"\n', "[project\nname = 'x'\n"])
+# broken TOML after the first: a pyproject.toml that never mentions bncheck, or lists it only as a dependency or
+# a script name, is not parsed, so not an error either
+@pytest.mark.parametrize(
+    "pyproject",
+    [
+        '[project]\nname = "x"\n',
+        "[project\nname = 'x'\n",
+        '[project]\ndependencies = ["bncheck>=0.1"]\n[project.scripts]\nbncheck = "bncheck.cli:main"\n[tool.ruff\n',
+    ],
+)
 def test_pyproject_without_the_table_is_skipped_for_one_further_up(tmp_path, pyproject):
     (tmp_path / "bncheck.toml").write_text('ignore = ["BN004"]\n')
     inner = tmp_path / "proj"
     inner.mkdir()
     (inner / "pyproject.toml").write_text(pyproject)
     assert config.find(inner) == tmp_path / "bncheck.toml"
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        '[ "tool" . \'bncheck\' ]\nfail-on = "warning"\n',
+        'tool.bncheck.fail-on = "warning"\n',
+        '[tool]\nbncheck = { fail-on = "warning" }\n',
+        'tool = { bncheck = { fail-on = "warning" } }\n',
+        '[tool.ruff]\nline-length = 1\n\n[tool.bncheck.per-layer-ignores]\n"x" = ["BN004"]\n[tool.bncheck]\nfail-on = "warning"\n',
+    ],
+)
+def test_every_toml_spelling_of_the_table_is_found(tmp_path, table):
+    # root keys first: after a [project] header a dotted key would belong to that table
+    (tmp_path / "pyproject.toml").write_text(table + '\n[project]\ndependencies = ["bncheck"]\n')
+    assert config.discover(None, str(tmp_path)).fail_on == "warning"
 
 
 def test_bncheck_toml_wins_over_pyproject_in_the_same_folder(tmp_path):
