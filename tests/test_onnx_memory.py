@@ -158,6 +158,18 @@ def test_huge_batch_of_a_fixed_batch_model_is_refused_before_its_relaxation_is_p
     assert elapsed < 3, elapsed
 
 
+def test_a_fixed_batch_above_the_requested_sizes_is_checked_before_the_proof_runs_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """--batch-sizes 1,2 on a file that fixes its batch to 1024: the proof of the relaxed copy runs the file's
+    own size first, so the check covers 1024, not only the largest requested size."""
+    model = _wide_conv(tmp_path / "wide.onnx", batch=1024)
+    line, elapsed = refusal(monkeypatch, "4GB", ["probe", model, "--batch-sizes", "1,2"])
+    expected = 1024 * (3 + 64) * 224 * 224 * 4
+    assert f"{expected / 1e9:.3g} GB" in line and "batch size 1024" in line, line
+    assert elapsed < 3, elapsed
+
+
 def test_open_height_and_width_are_sized_from_the_input_shape_before_the_check(tmp_path: Path, monkeypatch) -> None:
     """With H and W symbolic, onnx's inference leaves every Conv output's H and W unnamed, so the bound held
     the inputs alone (38.5 MB at batch 64) and the probe ran 1.7 GB past a 500 MB budget. Inferred with the

@@ -408,7 +408,8 @@ def _relax(
             copy.batch = f"fixed to {fixed} in the file"
         return model
     batched = {s.name: int(s.batch_axis) for s in copy.inputs if s.shape and s.batched}  # type: ignore[arg-type]
-    largest = max(settings.batch_sizes)
+    # the proof runs the file's size as well (--batch-sizes 1,2 on a file fixed to 8)
+    largest = max(fixed, *settings.batch_sizes)
     # one other size proves the outputs follow the batch; larger sizes run the same graph (a size the probe
     # then cannot run is a note), and validating at the largest would double its most expensive run
     others = [min(b for b in settings.batch_sizes if b != fixed)]

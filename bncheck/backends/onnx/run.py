@@ -692,8 +692,9 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     _check_inputs(view, settings)
     preflight(view, settings)
     activations: int | None = None
-    if settings.batch_sizes:
-        activations = memory.check_probe(
+
+    def check_file() -> int | None:
+        return memory.check_probe(
             handle.model,
             handle.value_shapes,
             handle.value_types,
@@ -701,6 +702,11 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             settings,
             largest_batch(view.inputs, settings.batch_sizes),
         )
+
+    # a fixed batch that prepare tries to relax is checked there, on the relaxed copy, at the file's size too
+    relaxing = fixed is not None and not set(settings.batch_sizes) <= {fixed}
+    if settings.batch_sizes and not relaxing:
+        activations = check_file()
     providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
     engines: list[_Engine] = []
@@ -715,6 +721,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         copy = prepare(handle, view, settings, tmp, int_high, stubbed)
         if copy.inputs != view.inputs:  # a fixed batch relaxed: runs every size now, checked before its proof
             activations = copy.activations
+        elif relaxing:  # not relaxed after all: the file's own size runs
+            activations = check_file()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for restore in restorers:
