@@ -490,6 +490,53 @@ def test_a_probe_that_measures_nothing_takes_over_the_proof_session_and_does_not
     engine.close()
 
 
+def _engine_proof(path: str, tmp_path: Path, sizes: tuple[int, ...]):
+    """prepare with proof_by_probe, then the engine on that copy and its proof (run._proven_by_probe)."""
+    from bncheck.backends.onnx import OnnxBackend
+    from bncheck.backends.onnx.probe_copy import prepare
+    from bncheck.backends.onnx.run import _Engine, _proven_by_probe
+    from bncheck.model import ProbeSettings
+
+    view = OnnxBackend().load(path)
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    copy = prepare(view.handle, view, ProbeSettings(batch_sizes=sizes), str(folder), proof_by_probe=True)
+    assert copy.proof is None and copy.pending is not None  # no session of the copy alone
+    engines: list = []
+
+    def open_engine():
+        engines.append(_Engine(view.handle, list(view.layers), copy=copy, tmp=str(folder)))
+        return engines[-1].observe
+
+    return copy, _proven_by_probe(copy, open_engine, engines), engines
+
+
+def test_a_probe_that_measures_a_layer_proves_the_relaxed_batch_with_the_runs_of_its_own_session(tmp_path):
+    """A train-mode BN is replaced in the probe's graph, so a session of the relaxed copy alone would be built
+    and run only for the proof: the probe's engine, built on the relaxed copy, makes the proof's runs, and the
+    plan's run of the same feeds takes one over instead of running again."""
+    copy, observe, engines = _engine_proof(_convnet(tmp_path / "m.onnx", 1, conv_training=True), tmp_path, (1, 2))
+    engine = engines[0]
+    assert observe is not None and copy.pending is None and copy.inputs[0].shape[0] == "batch"
+    assert [len(fed["x"]) for fed, _ in engine.proven] == [1, 2]
+    assert copy.drawn is not None and copy.drawn["x"].shape == (2, 3, 8, 8)  # the plan's pool
+    fed, proven = engine.proven[1]
+    assert set(engine.output_names) <= set(proven)  # the measuring outputs too, not only the model's
+    assert observe(dict(fed)).outputs["y"] is proven["y"]
+    assert len(engine.proven) == 1
+    engine.close()
+
+
+def test_a_relaxed_batch_that_fails_the_probes_own_runs_is_left_pending_for_a_proof_of_the_copy_alone(tmp_path):
+    """Reshape [8, 4, 1, 1] -> [32, 1]: no output follows the fed batch. The engine's proof fails and leaves
+    the copy pending; run_probe then prepares again with the copy's own proof (which falls back to the fixed
+    batch: test_a_fixed_batch_that_cannot_be_relaxed_is_tested_inside_the_batch)."""
+    path = _convnet(tmp_path / "m.onnx", 8, flatten=[32, 1], fc_in=1, conv_training=True)
+    copy, observe, engines = _engine_proof(path, tmp_path, (1, 2, 8))
+    assert observe is None and copy.pending is not None and engines[0].proven == []
+    engines[0].close()
+
+
 def test_a_vector_computed_from_the_input_and_reshaped_to_1_is_not_taken_for_the_batch(tmp_path):
     """A quantized model's bias scaled by a dynamic (batch-computed) scale, reshaped to [1, -1, 1, 1]: its
     1 is a broadcast dim, not the batch; only the flatten's [1, -1] holds the batch."""

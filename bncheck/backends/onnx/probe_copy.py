@@ -15,7 +15,9 @@ change harmless:
   is kept only when runs of the copy prove it: it runs at the file's size, and at another size every output
   dim that held the batch follows the fed batch and no other changes. Otherwise the probe runs at the fixed
   size. The proof's session and runs are kept for the probe (:class:`Proof`), which takes them over when it
-  adds nothing to this graph.
+  adds nothing to this graph. A probe that adds to the graph (a measured layer, a train-mode BN replaced)
+  proves the relaxation on its own graph instead (:attr:`ProbeCopy.pending`): its first runs are the proof's,
+  and a session of the copy alone would be built and run only to be dropped.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ _PARAMETER_SLOTS: dict[str, dict[int, float]] = {
 }
 
 
+#: one run of a proof: (feeds, outputs by name)
+Run = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+#: runs feeds through a session, returning at least the model's outputs by name; raises when it cannot
+Runs = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+#: a relaxation left to be proven by the runs of the probe's own session: its runs and drawn inputs, or why not
+Pending = Callable[[Runs], "tuple[list[Run], dict[str, np.ndarray] | None] | str"]
+
+
 @dataclass
 class Proof:
     """The relaxed copy's session and the runs that proved it, kept for the probe: when it measures nothing
@@ -63,7 +73,7 @@ class Proof:
     made twice."""
 
     session: Any
-    runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]  # (feeds, outputs by name)
+    runs: list[Run]
     drawn: dict[str, np.ndarray] | None = None  # its synthetic inputs (None with --data)
 
 
@@ -82,6 +92,9 @@ class ProbeCopy:
     unconverted: bool = False  # an opset onnxruntime cannot run, and the converter failed
     notes: list[str] = field(default_factory=list)
     proof: Proof | None = None  # a relaxed batch's proof (_validate), for the probe engine to take over
+    # a relaxed batch whose proof is left to the probe's own session (prepare's proof_by_probe); the copy is
+    # relaxed only if it passes, else the probe prepares again with proof_by_probe off
+    pending: Pending | None = None
     # the synthetic inputs that proof drew (run_plan's ``drawn``; None with --data or without a proof)
     drawn: dict[str, np.ndarray] | None = None
     # the relaxed copy's shapes and types, inferred before its proof (None when the batch was not relaxed)
@@ -331,19 +344,30 @@ def _quiet():
     return options
 
 
+def _session_runs(session: Any, names: list[str]) -> Runs:
+    """:data:`Runs` of ``session`` fetching ``names``; ``session`` may be the exception its build raised."""
+
+    def run(fed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if isinstance(session, Exception):
+            raise session
+        return dict(zip(names, session.run(names, fed, _quiet())))
+
+    return run
+
+
 def _validate(
     names: list[str],
-    relaxed: onnx.ModelProto,
-    folder: str,
+    run: Runs,
     inputs: list[InputSpec],
     fixed: int,
     others: list[int],
     settings: ProbeSettings,
     fixed_feeds: dict[str, np.ndarray],
     draw: Callable[[], dict[str, np.ndarray]] | None,
-) -> Proof | str:
-    """The relaxed copy's :class:`Proof` (see the module docstring) on the model's outputs ``names``, or why
-    it fails (one line). ``draw`` gives the synthetic inputs (None with --data)."""
+) -> tuple[list[Run], dict[str, np.ndarray] | None] | str:
+    """The runs that prove the relaxed copy (see the module docstring) on the model's outputs ``names`` and
+    the synthetic inputs drawn for them (None with --data), or why it fails (one line). ``run`` runs the
+    copy, or the probe's graph built on it; ``draw`` gives the synthetic inputs (None with --data)."""
     from bncheck.probe_plan import _take
 
     inputs = [s.with_batch_dim(None) for s in inputs]
@@ -359,20 +383,14 @@ def _validate(
             drawn.update(draw())
         return {**_take(drawn, tuple(range(n)), axes), **fixed_feeds}
 
-    try:  # built while the inputs are drawn; its error is reported after theirs
-        session: Any = _session(relaxed, folder)
-    except Exception as exc:
-        session = exc
     try:
         feeds(1)
     except ProbeDataError as exc:
         return f"no inputs to prove it with: {exc}"
-    runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+    runs: list[Run] = []
     try:
-        if isinstance(session, Exception):
-            raise session
         fed = feeds(fixed)
-        at_fixed = dict(zip(names, session.run(names, fed, _quiet())))
+        at_fixed = run(fed)
         runs.append((fed, at_fixed))
     except Exception as exc:
         return f"the relaxed copy does not run at batch size {fixed}: {one_line(exc, 160)}"
@@ -381,7 +399,7 @@ def _validate(
     for size in others:
         try:
             fed = feeds(size)
-            values = dict(zip(names, session.run(names, fed, _quiet())))
+            values = run(fed)
             runs.append((fed, values))
         except Exception as exc:
             return f"the relaxed copy fails at batch size {size}: {one_line(exc, 160)}"
@@ -395,13 +413,18 @@ def _validate(
             followed = followed or bool(changed)
         if not followed:
             return f"no output follows the fed batch (batch size {size})"
-    return Proof(session, runs, drawn if draw is not None else None)
+    return runs, drawn if draw is not None else None
 
 
 def _relax(
-    copy: ProbeCopy, model: onnx.ModelProto, settings: ProbeSettings, int_high: dict[str, int]
+    copy: ProbeCopy,
+    model: onnx.ModelProto,
+    settings: ProbeSettings,
+    int_high: dict[str, int],
+    proof_by_probe: bool = False,
 ) -> onnx.ModelProto:
-    """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``."""
+    """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``.
+    ``proof_by_probe``: leave the proof to the probe's own session (:attr:`ProbeCopy.pending`)."""
     fixed = fixed_batch(copy.inputs)
     if fixed is None or set(settings.batch_sizes) <= {fixed}:
         if fixed is not None:
@@ -424,8 +447,9 @@ def _relax(
     outputs = [o.name for o in model.graph.output]
     relaxed_inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
     draw: Callable[[], dict[str, np.ndarray]] | None = None
+    inputs = list(copy.inputs)
 
-    def prove(candidate: onnx.ModelProto) -> Proof | str:
+    def ready(candidate: onnx.ModelProto) -> None:
         nonlocal draw
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
@@ -435,11 +459,31 @@ def _relax(
             candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
         )
         if draw is None and settings.data is None:  # drawn on the other core while the session is built
-            specs = [s.with_batch_dim(None) for s in copy.inputs]
+            specs = [s.with_batch_dim(None) for s in inputs]
             size = max(fixed, *others)
             draw = in_background(lambda: synthetic_inputs(specs, size, settings.seed, settings.input_shapes, int_high))
-        return _validate(outputs, candidate, copy.folder, copy.inputs, fixed, others, settings, copy.fixed_feeds, draw)
 
+    def validate(run: Runs) -> tuple[list[Run], dict[str, np.ndarray] | None] | str:
+        return _validate(outputs, run, inputs, fixed, others, settings, copy.fixed_feeds, draw)
+
+    def prove(candidate: onnx.ModelProto) -> Proof | str:
+        ready(candidate)
+        try:  # built while the inputs are drawn; its error is reported after theirs
+            session: Any = _session(candidate, copy.folder)
+        except Exception as exc:
+            session = exc
+        found = validate(_session_runs(session, outputs))
+        return found if isinstance(found, str) else Proof(session, *found)
+
+    if proof_by_probe:
+        # the rewritten copy, as below; one that fails the probe's runs is prepared again, proven here
+        ready(rewritten)
+        copy.pending = validate
+        if count:
+            how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
+        copy.batch = how
+        copy.inputs = relaxed_inputs
+        return rewritten
     if count:
         proof = prove(rewritten)
         if isinstance(proof, Proof):
@@ -480,9 +524,11 @@ def prepare(
     tmp: str,
     int_high: dict[str, int] | None = None,
     stubbed: Callable[[list[Any] | None], None] | None = None,
+    proof_by_probe: bool = False,
 ) -> ProbeCopy:
     """The probe's copy of ``handle``'s model for ``settings`` (see the module docstring). ``stubbed`` is
-    called with the weights' external stubs once they are in ``tmp``, before any session is built."""
+    called with the weights' external stubs once they are in ``tmp``, before any session is built.
+    ``proof_by_probe``: a relaxed batch is proven by the probe's own session (:attr:`ProbeCopy.pending`)."""
     model, folder = stub(handle, tmp)
     stubs = None if handle.external_data else [_copy(t) for t in model.graph.initializer]
     if stubbed is not None:
@@ -518,7 +564,7 @@ def prepare(
             f"input(s) {listed} only feed normalization parameters: fed as fixed tensors (scale 1, "
             "bias 0, mean 0, variance 1), not batched"
         )
-    relaxed = _relax(copy, model, settings, dict(int_high or {}))
+    relaxed = _relax(copy, model, settings, dict(int_high or {}), proof_by_probe)
     if relaxed is not model:
         model, changed = relaxed, True
     copy.model = model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -556,6 +556,10 @@ class _Engine:
                 return {name: outputs[name] for name in wanted}
         return None
 
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output this engine fetches (the measuring ones and the model's) for ``feeds``."""
+        return self._run(feeds)
+
     def close(self) -> None:
         self.session = None
         self.proven = []
@@ -709,31 +713,37 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         activations = check_file()
     providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
+    # a NaN/Inf that would name the deferred layers shows only in a floating-point output (not in an ArgMax's)
+    float_outputs = any(handle.value_types.get(o.name) in _FLOAT_TYPES for o in handle.model.graph.output)
+    deferred = [layer for layer in view.layers if float_outputs and not needs_statistics(layer, settings)]
+    # the engine measures a layer, so builds its own graph: a relaxed batch is proven by its runs
+    measures = len(deferred) < len(view.layers) or providers != [CPU]
     engines: list[_Engine] = []
     restorers: list[Any] = []
-    tmp = scratch_folder(handle.size_bytes)
-    try:
 
-        def stubbed(stubs: list[Any] | None) -> None:
-            if release_weights:  # the weights are in files now: no second copy while sessions hold theirs
-                restorers.append(release(handle, stubs))
+    def stubbed(stubs: list[Any] | None) -> None:
+        if release_weights:  # the weights are in files now: no second copy while sessions hold theirs
+            restorers.append(release(handle, stubs))
 
-        copy = prepare(handle, view, settings, tmp, int_high, stubbed)
+    def prepared(folder: str, proof_by_probe: bool) -> ProbeCopy:
+        nonlocal activations
+        try:
+            copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            for restore in restorers:
+                restore()
+            restorers.clear()
+            raise
         if copy.inputs != view.inputs:  # a fixed batch relaxed: runs every size now, checked before its proof
             activations = copy.activations
         elif relaxing:  # not relaxed after all: the file's own size runs
             activations = check_file()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for restore in restorers:
-            restore()
-        raise
+        copy.proof = None if measures else copy.proof  # a proof's session the engine will not take: freed now
+        return copy
 
-    # a NaN/Inf that would name the deferred layers shows only in a floating-point output (not in an ArgMax's)
-    float_outputs = any(handle.value_types.get(o.name) in _FLOAT_TYPES for o in handle.model.graph.output)
-    deferred = [layer for layer in view.layers if float_outputs and not needs_statistics(layer, settings)]
-    if len(deferred) < len(view.layers) or providers != [CPU]:
-        copy.proof = None  # the engine measures a layer, so builds its own graph: free the proof's session now
+    tmp = scratch_folder(handle.size_bytes)
+    copy = prepared(tmp, measures)
 
     def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
@@ -756,12 +766,22 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         return locate_dependence(handle, engines[0].tmp, batch, copies, row, base=copy)
 
     try:
+        runner = _proven_by_probe(copy, open_engine, engines) if copy.pending is not None else None
+        if copy.pending is not None:  # the relaxed copy failed on the probe's graph: proven on its own now
+            for engine in engines:
+                engine.close()
+            engines.clear()
+            for restore in restorers:
+                restore()
+            restorers.clear()
+            tmp = scratch_folder(handle.size_bytes)
+            copy = prepared(tmp, False)
         try:
             result = run_plan(
                 replace(view, inputs=copy.inputs),
                 settings,
-                None,
-                open_runner=open_engine,
+                runner,
+                open_runner=None if runner is not None else open_engine,
                 int_high=int_high,
                 locate=locate,
                 drawn=copy.drawn,
@@ -805,6 +825,24 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         else:
             result.recalibration = found
     return result
+
+
+def _proven_by_probe(copy: ProbeCopy, open_engine: Callable[[], Runner], engines: list[_Engine]) -> Runner | None:
+    """The engine built on the relaxed copy, whose first runs proved the relaxation (ProbeCopy.pending) and are
+    kept for the plan's runs of the same feeds; None when the engine cannot be built or its runs fail the
+    proof (``copy.pending`` is then left set)."""
+    assert copy.pending is not None
+    try:
+        observe = open_engine()
+    except BackendError:
+        return None
+    engine = engines[-1]
+    found = copy.pending(engine.run_all)
+    if isinstance(found, str):
+        return None
+    engine.proven, copy.drawn = found
+    copy.pending = None
+    return observe
 
 
 def _add_runtime_deviations(result: ProbeResult, nodes: list[RuntimeNode], seed: int) -> None:
