@@ -107,6 +107,10 @@ def session_options(level: Any, folder: str) -> Any:
     # a fresh mmap whose pages fault in again), peak 650 MB in 10 of 12 runs (1.26x plain; outliers 711
     # and 723); without it 593-604 MB in about half the runs and 680-712 MB in the others (glibc).
     so.enable_cpu_mem_arena = True
+    # No memory patterns: a pattern is kept per input shape and, from a shape's second run on, allocates its
+    # whole plan as one block that stays in the arena. The probe alternates a few runs at each of several
+    # sizes, so the blocks pile up (layout_cdla's train-mode twin: peak 392 MB with them, 306 MB without).
+    so.enable_mem_pattern = False
     return so
 
 
