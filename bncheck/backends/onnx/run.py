@@ -743,7 +743,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             activations = copy.activations
         elif relaxing:  # not relaxed after all: the file's own size runs
             activations = check_file()
-        copy.proof = None if measures else copy.proof  # a proof's session the engine will not take: freed now
+        if measures:  # a proof's session the engine will not take over: freed now
+            copy.proof = None
         return copy
 
     tmp = scratch_folder(handle.size_bytes)
