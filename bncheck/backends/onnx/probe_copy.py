@@ -22,7 +22,7 @@ change harmless:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -416,6 +416,13 @@ def _validate(
     return runs, drawn if draw is not None else None
 
 
+def relaxes(inputs: list[InputSpec], batch_sizes: Iterable[int]) -> bool:
+    """Whether the probe tries to relax the batch of these inputs: the file fixes it and other sizes are
+    asked for."""
+    fixed = fixed_batch(inputs)
+    return fixed is not None and not set(batch_sizes) <= {fixed}
+
+
 def _relax(
     copy: ProbeCopy,
     model: onnx.ModelProto,
@@ -426,7 +433,7 @@ def _relax(
     """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``.
     ``proof_by_probe``: leave the proof to the probe's own session (:attr:`ProbeCopy.pending`)."""
     fixed = fixed_batch(copy.inputs)
-    if fixed is None or set(settings.batch_sizes) <= {fixed}:
+    if fixed is None or not relaxes(copy.inputs, settings.batch_sizes):
         if fixed is not None:
             copy.batch = f"fixed to {fixed} in the file"
         return model
@@ -442,7 +449,7 @@ def _relax(
     # (one session and proof less on such files), and the plain copy only if that proof fails.
     rewritten = _relaxed(model, batched, fixed)
     count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes)
-    proof: Proof | str = "not tried"
+    proof: Proof | str | None = "not tried"  # None: left to the probe's own session
     relaxed = model
     outputs = [o.name for o in model.graph.output]
     relaxed_inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
@@ -479,16 +486,12 @@ def _relax(
         # the rewritten copy, as below; one that fails the probe's runs is prepared again, proven here
         ready(rewritten)
         copy.pending = validate
-        if count:
-            how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
-        copy.batch = how
-        copy.inputs = relaxed_inputs
-        return rewritten
-    if count:
+        proof, relaxed = None, rewritten
+    elif count:
         proof = prove(rewritten)
-        if isinstance(proof, Proof):
-            relaxed = rewritten
-            how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
+        relaxed = rewritten if isinstance(proof, Proof) else model
+    if count and relaxed is rewritten:
+        how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
     if isinstance(proof, str):
         # with nothing rewritten the copy already is the plain relaxed one
         relaxed = _relaxed(model, batched, fixed) if count else rewritten
@@ -509,8 +512,8 @@ def _relax(
         return model
     copy.batch = how
     copy.inputs = relaxed_inputs
-    copy.proof = proof
-    copy.drawn = proof.drawn
+    if proof is not None:
+        copy.proof, copy.drawn = proof, proof.drawn
     return relaxed
 
 

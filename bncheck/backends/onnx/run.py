@@ -21,7 +21,7 @@ from bncheck.backends.onnx.instrument import (
     Measure,
     release,
 )
-from bncheck.backends.onnx.probe_copy import prepare
+from bncheck.backends.onnx.probe_copy import prepare, relaxes
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.errors import few, one_line
 from bncheck.model import (
@@ -712,7 +712,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         )
 
     # a fixed batch that prepare tries to relax is checked there, on the relaxed copy, at the file's size too
-    relaxing = fixed is not None and not set(settings.batch_sizes) <= {fixed}
+    relaxing = relaxes(view.inputs, settings.batch_sizes)
     if settings.batch_sizes and not relaxing:
         activations = check_file()
     providers = resolve(settings.provider)
@@ -779,6 +779,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             for restore in restorers:
                 restore()
             restorers.clear()
+            shutil.rmtree(tmp, ignore_errors=True)  # the failed copy's weights
             tmp = scratch_folder(handle.size_bytes)
             copy = prepared(tmp, False)
         try:
