@@ -307,12 +307,22 @@ def test_measure_inputs_downstream_of_a_train_mode_bn_follow_the_spec(tmp_path):
 _EQUAL_PARAMS = {"bias": [0.0] * 3, "mean": [0.0] * 3, "var": [1.0] * 3, "scale": [1.0] * 3}
 
 
+@pytest.mark.parametrize("keep_runtime", [True, False], ids=["beside_the_runtime_node", "alone"])
 @pytest.mark.parametrize("hw", [(1, 1), (4, 4), (7,)])
-def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw):
+def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw, keep_runtime):
+    # alone, the normalization is an inference-mode BatchNormalization of the centred input; beside the
+    # runtime's node (whose in-place writes reach equal initializers), elementwise nodes
     path = bn_model(tmp_path / "t.onnx", channels=3, hw=hw, training=True, **_EQUAL_PARAMS)
     view = OnnxBackend().load(path)
-    aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False)
-    sess = _session(aug.finish(), aug.folder, exact=False)
+    aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False, keep_runtime=keep_runtime)
+    model = aug.finish()
+    modes = [
+        next((a.i for a in n.attribute if a.name == "training_mode"), 0)
+        for n in model.graph.node
+        if n.op_type == "BatchNormalization"
+    ]
+    assert sorted(modes) == ([1] if keep_runtime else [0])
+    sess = _session(model, aug.folder, exact=False)
     x = np.random.default_rng(0).standard_normal((4, 3, *hw), dtype=np.float32)
     ours = sess.run(["y", "running_mean", "running_var"], {"x": x})
     ref = ReferenceEvaluator(onnx.load(path)).run(None, {"x": x})

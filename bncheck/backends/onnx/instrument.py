@@ -657,20 +657,43 @@ class Augmenter:
             mean = b.reduce("ReduceMean", x, axes, "spec_mean", keepdims=1)
             centered = b.one("Sub", [x, mean], "spec_centered")
             var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
-        eps_c = b.const(np.array(eps, np.float32), "spec_eps")
-        std = b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")
-        if spatial_mode == 0:
-            scale_r, bias_r = params["scale"], params["bias"]
-        else:
-            shape_c = b.const(np.array([-1] + [1] * (rank - 2), np.int64), "spec_cshape")
-            scale_r = b.one("Reshape", [params["scale"], shape_c], "spec_scale_r")
-            bias_r = b.one("Reshape", [params["bias"], shape_c], "spec_bias_r")
         y_spec = outputs[0]
-        # scale / std per channel first: one full-size Mul instead of a Div and a Mul (a centred value of
-        # exactly 0, a one-element set, still gives exactly the bias)
-        scaled = b.one("Mul", [centered, b.one("Div", [scale_r, std], "spec_gain")], "spec_scaled")
-        b.nodes.append(onnx.helper.make_node("Add", [scaled, bias_r], [y_spec], name=b.name("spec_y")))
         flat = b.const(np.array([-1], np.int64), "spec_flat")
+        channels_known = isinstance(shape[1], int) and all(
+            self.shapes.get(name) == (shape[1],) for name in node.input[1:3]
+        )
+        # (BatchNormalization-6 would need is_test: an opset the probe copy converts before it runs)
+        if spatial_mode == 1 and channels_known and not self.keep_runtime and self.opset >= 7:
+            # the centred input through an inference-mode BatchNormalization with mean 0 and the batch's
+            # variance: one kernel for the spec's (x - mean) / sqrt(var + eps) * scale + bias, and a centred
+            # value of exactly 0 (a one-element set) still gives exactly the bias. Not beside the runtime's
+            # node: onnxruntime merges equal [C] initializers, which that node's in-place writes then corrupt
+            channels = b.one("Reshape", [var, flat], "spec_var_c")
+            zero = b.const(np.zeros(shape[1], np.float32), "spec_mean0")
+            b.nodes.append(
+                onnx.helper.make_node(
+                    "BatchNormalization",
+                    [centered, params["scale"], params["bias"], zero, channels],
+                    [y_spec],
+                    name=b.name("spec_y"),
+                    epsilon=eps,
+                )
+            )
+        else:
+            # beside the runtime's node, parameters of another size than the channels, or per activation
+            # (spatial=0): broadcast as written
+            eps_c = b.const(np.array(eps, np.float32), "spec_eps")
+            std = b.one("Sqrt", [b.one("Add", [var, eps_c], "spec_vareps")], "spec_std")
+            if spatial_mode == 0:
+                scale_r, bias_r = params["scale"], params["bias"]
+            else:
+                shape_c = b.const(np.array([-1] + [1] * (rank - 2), np.int64), "spec_cshape")
+                scale_r = b.one("Reshape", [params["scale"], shape_c], "spec_scale_r")
+                bias_r = b.one("Reshape", [params["bias"], shape_c], "spec_bias_r")
+            # scale / std first: one full-size Mul instead of a Div and a Mul (a centred value of exactly 0
+            # still gives exactly the bias)
+            scaled = b.one("Mul", [centered, b.one("Div", [scale_r, std], "spec_gain")], "spec_scaled")
+            b.nodes.append(onnx.helper.make_node("Add", [scaled, bias_r], [y_spec], name=b.name("spec_y")))
         keep = 1.0 - momentum
         for pos, (stat, role) in enumerate(((mean, "mean"), (var, "var")), start=1):
             if pos in updated:
