@@ -659,17 +659,16 @@ class Augmenter:
             var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
         y_spec = outputs[0]
         flat = b.const(np.array([-1], np.int64), "spec_flat")
-        channels_known = isinstance(shape[1], int) and all(
-            self.shapes.get(name) == (shape[1],) for name in node.input[1:3]
-        )
+        c = shape[1] if isinstance(shape[1], int) else None
+        per_channel = all(self.shapes.get(name) == (c,) for name in node.input[1:3])  # scale and bias
         # (BatchNormalization-6 would need is_test: an opset the probe copy converts before it runs)
-        if spatial_mode == 1 and channels_known and not self.keep_runtime and self.opset >= 7:
+        if spatial_mode == 1 and c is not None and per_channel and not self.keep_runtime and self.opset >= 7:
             # the centred input through an inference-mode BatchNormalization with mean 0 and the batch's
             # variance: one kernel for the spec's (x - mean) / sqrt(var + eps) * scale + bias, and a centred
             # value of exactly 0 (a one-element set) still gives exactly the bias. Not beside the runtime's
             # node: onnxruntime merges equal [C] initializers, which that node's in-place writes then corrupt
             channels = b.one("Reshape", [var, flat], "spec_var_c")
-            zero = b.const(np.zeros(shape[1], np.float32), "spec_mean0")
+            zero = b.const(np.zeros(c, np.float32), "spec_mean0")
             b.nodes.append(
                 onnx.helper.make_node(
                     "BatchNormalization",
