@@ -560,10 +560,6 @@ class _Engine:
                 return {name: outputs[name] for name in wanted}
         return None
 
-    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every output this engine fetches (the measuring ones and the model's) for ``feeds``."""
-        return self._run(feeds)
-
     def close(self) -> None:
         self.session = None
         self.proven = []
@@ -729,15 +725,23 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         if release_weights:  # the weights are in files now: no second copy while sessions hold theirs
             restorers.append(release(handle, stubs))
 
+    def discard(folder: str) -> None:
+        """The copy in ``folder`` given up: its engines closed, its weights removed, and the handle's own
+        weights back (lazily: reloaded when handle.model is next read)."""
+        for engine in engines:
+            engine.close()
+        engines.clear()
+        shutil.rmtree(folder, ignore_errors=True)
+        for restore in restorers:
+            restore()
+        restorers.clear()
+
     def prepared(folder: str, proof_by_probe: bool) -> ProbeCopy:
         nonlocal activations
         try:
             copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            for restore in restorers:
-                restore()
-            restorers.clear()
+            discard(folder)
             raise
         if copy.inputs != view.inputs:  # a fixed batch relaxed: runs every size now, checked before its proof
             activations = copy.activations
@@ -773,13 +777,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     try:
         runner = _proven_by_probe(copy, open_engine, engines) if copy.pending is not None else None
         if copy.pending is not None:  # the relaxed copy failed on the probe's graph: proven on its own now
-            for engine in engines:
-                engine.close()
-            engines.clear()
-            for restore in restorers:
-                restore()
-            restorers.clear()
-            shutil.rmtree(tmp, ignore_errors=True)  # the failed copy's weights
+            discard(tmp)
             tmp = scratch_folder(handle.size_bytes)
             copy = prepared(tmp, False)
         try:
@@ -816,11 +814,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                 result.unmeasured[plan.layer.name] = UNMEASURABLE
         leave_unmeasured(result, [layer.name for layer in engines[0].deferred])
     finally:
-        for engine in engines:
-            engine.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        for restore in restorers:
-            restore()  # lazy: the weights are reloaded when handle.model is next read
+        discard(tmp)
     flagged = drifting_layers(view, result)
     if flagged and settings.data is not None:
         from bncheck.backends.onnx.effect import recalibration
@@ -843,7 +837,7 @@ def _proven_by_probe(copy: ProbeCopy, open_engine: Callable[[], Runner], engines
     except BackendError:
         return None
     engine = engines[-1]
-    found = copy.pending(engine.run_all)
+    found = copy.pending(engine._run)  # every output it fetches: the measuring ones and the model's
     if isinstance(found, str):
         return None
     engine.proven, copy.drawn = found
