@@ -71,3 +71,48 @@ def test_checker_failures_are_still_reported_from_the_skeleton(tmp_path):
     view = OnnxBackend().load(_conv_reshape_bn(tmp_path / "m.onnx", bad_attribute=True))
     assert any("onnx.checker rejects" in n.message for n in view.notes)
     assert [layer.name for layer in view.layers] == ["bn"]
+
+
+def _constant_weights(path) -> str:
+    """The same Conv + BatchNormalization with every weight in a Constant node, as older paddle2onnx writes."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)  # 4.6 KB > SKELETON_KEEP_BYTES
+    params = [np.full(16, v, np.float32) for v in (1.0, 0.1, 0.2, 0.9)]
+    nodes = [helper.make_node("Constant", [], ["w"], name="cw", value=numpy_helper.from_array(weight, "w"))]
+    nodes += [
+        helper.make_node("Constant", [], [n], name=f"c{n}", value=numpy_helper.from_array(p, n))
+        for n, p in zip("sbmv", params)
+    ]
+    nodes += [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 8, 8])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    return str(path)
+
+
+def test_skeleton_turns_only_large_constant_nodes_into_inputs(tmp_path):
+    model = onnx.load(_constant_weights(tmp_path / "c.onnx"))
+    skeleton = _skeleton(model)
+    assert [n.name for n in skeleton.graph.node] == ["cs", "cb", "cm", "cv", "conv", "bn"]
+    assert {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in skeleton.graph.input} == {
+        "x": [0, 8, 8, 8],
+        "w": [16, 8, 3, 3],
+    }
+    assert skeleton.ByteSize() < 2000 < model.ByteSize()
+    assert len(model.graph.node) == 7  # the model itself is not edited
+
+
+def test_shapes_are_inferred_through_large_constant_weights(tmp_path):
+    view = OnnxBackend().load(_constant_weights(tmp_path / "c.onnx"))
+    [layer] = view.layers
+    assert layer.input_shape == ("N", 16, 8, 8)
+    assert view.handle.value_shapes["w"] == (16, 8, 3, 3)
+    assert view.notes == []
+    assert [i.name for i in view.inputs] == ["x"]

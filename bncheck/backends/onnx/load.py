@@ -413,36 +413,61 @@ SKELETON_KEEP_BYTES = 4096
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its large weights: each large initializer becomes a typed graph input.
+    """The model without its large weights: each large initializer, and each Constant node of the main graph
+    holding a large tensor (older paddle2onnx writes every weight so), becomes a typed graph input.
 
     onnx.checker and shape inference serialize the whole ModelProto (on a ResNet-50, 102 MB twice: 0.6 s and
     a copy of the weights in memory) yet need only the graph, the types and shapes of the weights and the
-    values of small shape-like tensors. The checker then does not look inside large initializers; their
-    dims and types, the part a graph depends on, are still checked through the inputs they become.
+    values of small shape-like tensors. The checker then does not look inside large weights; their dims and
+    types, the part a graph depends on, are still checked through the inputs they become.
     """
     import onnx
     from onnx import helper
 
     graph = model.graph
-    if all(_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
+    constants = _large_constants(graph)
+    if not constants and all(_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
         return model
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip="graph")
     out = skeleton.graph
-    _copy_fields(graph, out, skip="initializer")
+    _copy_fields(graph, out, skip="initializer", also_skip="node" if constants else "")
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if _nbytes(tensor) <= SKELETON_KEEP_BYTES:
             out.initializer.append(tensor)
         elif tensor.name not in declared:  # IR >= 4: initializers need not be inputs
             out.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    if constants:
+        out.node.extend(node for i, node in enumerate(graph.node) if i not in constants)
+        for i in sorted(constants):
+            tensor = graph.node[i].attribute[0].t
+            out.input.append(
+                helper.make_tensor_value_info(graph.node[i].output[0], tensor.data_type, list(tensor.dims))
+            )
     return skeleton
 
 
-def _copy_fields(source: Any, target: Any, skip: str) -> None:
-    """Copy every set field of a protobuf message but one (CopyFrom would copy the weights too)."""
+def _large_constants(graph: Any) -> set[int]:
+    """Indices of the main graph's Constant nodes whose one ``value`` tensor is larger than
+    SKELETON_KEEP_BYTES; one that writes a graph output stays a node (the graph's outputs keep their producer)."""
+    outputs = {o.name for o in graph.output}
+    found = set()
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        if len(node.attribute) != 1 or node.attribute[0].name != "value" or node.output[0] in outputs:
+            continue
+        if _nbytes(node.attribute[0].t) > SKELETON_KEEP_BYTES:
+            found.add(i)
+    return found
+
+
+def _copy_fields(source: Any, target: Any, skip: str, also_skip: str = "") -> None:
+    """Copy every set field of a protobuf message but ``skip`` (and ``also_skip``): CopyFrom would copy the
+    weights too."""
     for descriptor, value in source.ListFields():
-        if descriptor.name == skip:
+        if descriptor.name in (skip, also_skip):
             continue
         if descriptor.is_repeated:
             getattr(target, descriptor.name).extend(value)
