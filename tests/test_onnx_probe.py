@@ -407,6 +407,35 @@ def test_conformance_finds_no_deviation_for_parameters_onnxruntime_gets_right(tm
     assert note is None and set(found["bn"]) == {1, 2, 32} and max(found["bn"].values()) < 1e-4
 
 
+def test_conformance_measures_all_layers_at_once_as_it_measures_each_alone():
+    # layers of two spatial shapes side by side on the channel axis, with NaN and Inf where the runtime and
+    # the spec disagree on finiteness, must give each layer exactly its own deviation
+    from bncheck.backends.onnx.conformance import _deviation, _deviations, _spec
+    from bncheck.model import Kind, NormLayer
+
+    rng = np.random.default_rng(3)
+    specs = [(3, (2, 2), 1e-5), (5, (1, 1), 1e-3), (2, (2, 2), 0.1), (4, (2,), 1e-5), (3, (2, 2), 1e-5)]
+    xs, runtimes, entries = [], [], []
+    for c, spatial, eps in specs:
+        params = [rng.standard_normal(c).astype(np.float32) for _ in range(4)]
+        x = rng.standard_normal((4, c, *spatial)).astype(np.float32)
+        runtime = (_spec(x, params, eps) + rng.normal(0, 1e-3, x.shape)).astype(np.float32)
+        layer = NormLayer(f"bn{len(xs)}", Kind.BATCH, "BatchNormalization", ("n",), "x", "y", epsilon=eps)
+        xs.append(x)
+        runtimes.append(runtime)
+        entries.append((len(xs) - 1, RuntimeNode(layer, None, 15, 8), params, spatial))
+    runtimes[1][0, 2, 0, 0] = np.nan  # the runtime alone non-finite: an infinite deviation
+    runtimes[4][1, 0, 0, 0] = np.inf
+    with np.errstate(all="ignore"):
+        together = _deviations(xs, runtimes, entries)
+        alone = [
+            _deviation(r, _spec(x, entry[2], float(entry[1].layer.epsilon)))
+            for x, r, entry in zip(xs, runtimes, entries)
+        ]
+    assert together == alone
+    assert together[1] == np.inf and together[4] == np.inf and 0 < together[0] < 1e-2
+
+
 def test_a_train_mode_node_onnxruntime_rejects_is_probed_by_the_spec_alone(tmp_path):
     # opset 9 allows 1 or 5 outputs; onnxruntime refuses this 3-output training node outright
     nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], name="bn")]
