@@ -49,7 +49,7 @@ START = "<!-- real-models-table:start -->"
 END = "<!-- real-models-table:end -->"
 TIMEOUT = 1800
 
-# Runs the bncheck console script in-process and writes, at exit, the child's own peak RSS and what the
+# Runs the bncheck console script (the file pip wrote, as a user's shell runs it) in-process and writes, at exit, the child's own peak RSS and what the
 # output-level test (bncheck.probe_plan._outputs_test: output dependence, effect runs, localisation) took:
 # its wall time and the runs it asked the probe's runner for. The wrapper only counts; the probe is unchanged.
 WRAPPER = r"""
@@ -75,10 +75,11 @@ def _peak():
                     json.dump({"rss_mb": int(line.split()[1]) / 1024, "output_test_s": _test["s"],
                                "output_test_runs": _test["runs"]}, out)
 atexit.register(_peak)
-from importlib.metadata import entry_points
-main = entry_points(group="console_scripts", name="bncheck")[0].load()
-sys.argv = ["bncheck", *sys.argv[1:]]
-main()
+script = sys.argv[1]
+sys.argv = [script, *sys.argv[2:]]
+with open(script) as fh:
+    code = compile(fh.read(), script, "exec")
+exec(code, {"__name__": "__main__", "__file__": script})
 """
 
 PEAK = r"""
@@ -229,7 +230,7 @@ def run_bncheck(bncheck: Path, args: list[str], measure_rss: bool) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".rss", delete=False) as tmp:
         rss_file = tmp.name
     env = {**os.environ, "REAL_MODELS_RSS_FILE": rss_file}
-    cmd = [interpreter_of(bncheck), "-c", WRAPPER, *args] if measure_rss else [str(bncheck), *args]
+    cmd = [interpreter_of(bncheck), "-c", WRAPPER, str(bncheck), *args] if measure_rss else [str(bncheck), *args]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT, check=False)
