@@ -92,11 +92,8 @@ def _spec(x: np.ndarray, params: list[np.ndarray], epsilon: float | np.ndarray) 
     about 0.1 s per probe); ``epsilon`` is the layer's, or one per channel."""
     per_channel = (1, -1, *([1] * (x.ndim - 2)))
     scale, bias = (p.astype(np.float64).reshape(per_channel) for p in params[:2])
-    eps = (
-        np.float64(np.float32(epsilon))
-        if np.ndim(epsilon) == 0
-        else np.asarray(epsilon, np.float64).reshape(per_channel)
-    )
+    eps = np.asarray(epsilon, np.float32).astype(np.float64)  # the float32 attribute, as the runtime reads it
+    eps = eps.reshape(per_channel) if eps.ndim else eps
     axes = (0, *range(2, x.ndim))
     wide = x.astype(np.float64)
     mean = wide.mean(axis=axes, keepdims=True)
@@ -129,17 +126,10 @@ def largest_difference(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     return worst
 
 
-def _deviation(runtime: np.ndarray, spec: np.ndarray) -> float:
-    """Largest |runtime - spec| of the per-sample channel means and the channel min and max: the numbers
-    the probe's statistics hold."""
-    n, c = spec.shape[:2]
-    return largest_difference(zip(_summary(runtime.astype(np.float64), n, c), _summary(spec, n, c)))
-
-
 def runtime_deviations(
     nodes: list[RuntimeNode], batch_sizes: tuple[int, ...], seed: int = 0
 ) -> tuple[dict[str, dict[int, float]], str | None]:
-    """Largest |runtime - spec| of each layer's output (see :func:`_deviation`) per layer name and batch
+    """Largest |runtime - spec| of each layer's output (see :func:`_deviations`) per layer name and batch
     size (at most :data:`BATCH` samples run); a note when onnxruntime refuses the nodes (then no numbers)."""
     entries = []
     for i, entry in enumerate(nodes):
@@ -172,21 +162,21 @@ def runtime_deviations(
 
 
 def _deviations(xs: list[np.ndarray], runtimes: list[np.ndarray], entries: list[Any]) -> list[float]:
-    """:func:`_deviation` of each layer, with the layers of one spatial shape side by side on the channel axis:
-    the spec and the summaries are per channel, so one set of numpy calls serves them all (a call per layer
-    cost a 49-layer model 40 ms per probe)."""
-    out: list[float] = [math.nan] * len(entries)
+    """Each layer's largest |runtime - spec| of the per-sample channel means and the channel min and max (the
+    numbers the probe's statistics hold; inf where one side is finite and the other is not, or the shapes
+    differ). The layers of one spatial shape are computed side by side on the channel axis: the spec and the
+    summaries are per channel, so one set of numpy calls serves them all (a call per layer cost a 49-layer
+    model 40 ms per probe)."""
+    out = [math.inf] * len(entries)  # stays for a runtime output of another shape than its input
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, (x, runtime) in enumerate(zip(xs, runtimes)):
         if runtime.shape == x.shape:
             groups.setdefault(x.shape[2:], []).append(k)
-        else:
-            out[k] = math.inf  # what largest_difference says of summaries of different shapes
     for members in groups.values():
-        eps = [np.float64(np.float32(entries[k][1].layer.epsilon or 0.0)) for k in members]
         sizes = [xs[k].shape[1] for k in members]
+        eps = np.repeat([entries[k][1].layer.epsilon or 0.0 for k in members], sizes)
         params = [np.concatenate([entries[k][2][j] for k in members]) for j in (0, 1)]
-        spec = _spec(np.concatenate([xs[k] for k in members], axis=1), params, np.repeat(eps, sizes))
+        spec = _spec(np.concatenate([xs[k] for k in members], axis=1), params, eps)
         runtime = np.concatenate([runtimes[k] for k in members], axis=1).astype(np.float64)
         worst, mismatch = _per_channel(runtime, spec)
         starts = np.cumsum([0, *sizes[:-1]])
@@ -196,17 +186,16 @@ def _deviations(xs: list[np.ndarray], runtimes: list[np.ndarray], entries: list[
 
 
 def _per_channel(runtime: np.ndarray, spec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel: the largest |runtime - spec| of the summaries :func:`_deviation` compares (0 where no entry
-    is finite on both sides), and whether one side is finite where the other is not."""
+    """Per channel: the largest |runtime - spec| over the summaries (0 where no entry is finite on both
+    sides), and whether one side is finite where the other is not."""
     n, c = spec.shape[:2]
     worst = np.zeros(c)
     mismatch = np.zeros(c, bool)
     for a, b in zip(_summary(runtime, n, c), _summary(spec, n, c)):
+        a, b = np.atleast_2d(a), np.atleast_2d(b)  # the [c] min and max as one row
         fa, fb = np.isfinite(a), np.isfinite(b)
-        diff = np.where(fa & fb, np.abs(a - b), 0.0)
-        worst = np.maximum(worst, diff.max(axis=0) if diff.ndim == 2 else diff)
-        bad = fa != fb
-        mismatch |= bad.any(axis=0) if bad.ndim == 2 else bad
+        worst = np.maximum(worst, np.where(fa & fb, np.abs(a - b), 0.0).max(axis=0))
+        mismatch |= (fa != fb).any(axis=0)
     return worst, mismatch
 
 

@@ -429,9 +429,9 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     if not constants and all(_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
         return model
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model, skeleton, skip={"graph"})
     out = skeleton.graph
-    _copy_fields(graph, out, skip="initializer", also_skip="node" if constants else "")
+    _copy_fields(graph, out, skip={"initializer", "node"} if constants else {"initializer"})
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if _nbytes(tensor) <= SKELETON_KEEP_BYTES:
@@ -463,11 +463,11 @@ def _large_constants(graph: Any) -> set[int]:
     return found
 
 
-def _copy_fields(source: Any, target: Any, skip: str, also_skip: str = "") -> None:
-    """Copy every set field of a protobuf message but ``skip`` (and ``also_skip``): CopyFrom would copy the
-    weights too."""
+def _copy_fields(source: Any, target: Any, skip: set[str]) -> None:
+    """Copy every set field of a protobuf message but those named in ``skip`` (CopyFrom would copy the weights
+    too)."""
     for descriptor, value in source.ListFields():
-        if descriptor.name in (skip, also_skip):
+        if descriptor.name in skip:
             continue
         if descriptor.is_repeated:
             getattr(target, descriptor.name).extend(value)
