@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 
 import jsonschema
@@ -854,3 +855,113 @@ def test_fix_keeps_the_loaded_onnx_model_through_its_probe(tmp_path: Path) -> No
     plain = backend.load(src)
     engine.probe_view(backend, plain, ProbeSettings())
     assert plain.handle.model_pending  # the plain probe's memory saving is unchanged
+
+
+# ---------------------------------------------------------------------- passes that share one session
+
+MLP_WIDTHS = (16, 12, 10, 8)
+MLP_EPS = 1e-5
+
+
+def mlp_chain(stale: bool = True) -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """input[N,16] -> (MatMul -> bn{k} [N,C] -> Relu) x 3 -> logits: three 2-D BNs in series, with running
+    statistics 0/1 (never updated) when ``stale``; also returns the MatMul weights."""
+    rng = np.random.default_rng(11)
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    weights: list[np.ndarray] = []
+    x = "input"
+    for k, (c_in, c_out) in enumerate(pairwise(MLP_WIDTHS), start=1):
+        w = rng.standard_normal((c_in, c_out)).astype(np.float32)
+        weights.append(w)
+        params = {
+            "gamma": rng.uniform(0.5, 1.5, c_out),
+            "beta": rng.uniform(-0.5, 0.5, c_out),
+            "mean": np.zeros(c_out) if stale else rng.standard_normal(c_out),
+            "var": np.ones(c_out) if stale else rng.uniform(0.5, 2.0, c_out),
+        }
+        for name, value in params.items():
+            inits.append(numpy_helper.from_array(value.astype(np.float32), f"bn{k}.{name}"))
+        inits.append(numpy_helper.from_array(w, f"w{k}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{k}"], [f"mm{k}"], name=f"mm{k}"))
+        inputs = [f"mm{k}", *(f"bn{k}.{p}" for p in ("gamma", "beta", "mean", "var"))]
+        nodes.append(helper.make_node("BatchNormalization", inputs, [f"bn{k}"], name=f"bn{k}", epsilon=MLP_EPS))
+        x = f"bn{k}"
+        if k < len(MLP_WIDTHS) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"relu{k}"], name=f"relu{k}"))
+            x = f"relu{k}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", F32, ["N", MLP_WIDTHS[0]])],
+        [helper.make_tensor_value_info(x, F32, ["N", MLP_WIDTHS[-1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model, weights
+
+
+def mlp_reference(model: onnx.ModelProto, weights: list[np.ndarray], x: np.ndarray) -> dict[str, np.ndarray]:
+    """fix's rule in float64 numpy: each BN's statistics from its input with every BN upstream recalibrated."""
+    params = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    found: dict[str, np.ndarray] = {}
+    h = x.astype(np.float64)
+    for k, w in enumerate(weights, start=1):
+        h = h @ w.astype(np.float64)
+        mean, var = h.mean(axis=0), h.var(axis=0)
+        found[f"bn{k}.mean"], found[f"bn{k}.var"] = mean, var
+        h = (h - mean) / np.sqrt(var + MLP_EPS) * params[f"bn{k}.gamma"] + params[f"bn{k}.beta"]
+        if k < len(weights):
+            h = np.maximum(h, 0.0)
+    return found
+
+
+def test_a_chain_of_stale_2d_layers_is_recalibrated_pass_by_pass_as_numpy_computes_it(tmp_path: Path) -> None:
+    """The three passes share one session whose statistics are fed inputs: each pass must feed the values the
+    pass before wrote (with bn1's stale 0/1 still fed, bn2's statistics would be those of an unnormalized
+    input, off by far more than the tolerance)."""
+    model, weights = mlp_chain()
+    src = save(model, tmp_path / "mlp.onnx")
+    x = np.random.default_rng(5).standard_normal((256, MLP_WIDTHS[0])).astype(np.float32) * 3.0 + 1.0
+    np.savez(tmp_path / "calib.npz", input=x)
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, str(tmp_path / "calib.npz"))
+    assert actions(report) == {"bn1": "recalibrated", "bn2": "recalibrated", "bn3": "recalibrated"}
+    assert report.fix.outcome.passes == 3
+    written = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(out).graph.initializer}
+    reference = mlp_reference(model, weights, x)
+    for name, expected in reference.items():
+        sd = float(np.sqrt(reference[name.rsplit(".", 1)[0] + ".var"]).max())
+        np.testing.assert_allclose(written[name], expected, rtol=1e-4, atol=1e-5 * sd)
+
+
+def test_fix_passes_keep_one_session_while_only_fed_statistics_change(tmp_path: Path) -> None:
+    """Setting a fed layer's statistics keeps the engine, whose next pass measures what a session built on
+    the edited model measures; any other edit has the next pass build a new one."""
+    from bncheck.backends.onnx.fix import _edit_stats, _edit_to_inference, _Fixer
+    from bncheck.backends.onnx.run import measure_inputs
+
+    model, _ = mlp_chain()
+    view = OnnxBackend().load(save(model, tmp_path / "mlp.onnx"))
+    x = np.random.default_rng(5).standard_normal((64, MLP_WIDTHS[0])).astype(np.float32)
+    fixer = _Fixer(view.handle, {"input": x}, batch=32, min_samples=8, data_label="calib", flagged={})
+    fixer.feedable = {layer.output for layer in view.layers}
+    try:
+        first = fixer.measure(view.layers)
+        engine = fixer._engine
+        assert set(engine.fed_inputs) == {"bn1", "bn2", "bn3"}
+        bn1 = first["bn1"]
+        fixer.record(_edit_stats("out:bn1", bn1.mean, bn1.var, F32), "bn1")
+        second = fixer.measure(view.layers[1:])
+        assert fixer._engine is engine and set(second) == {"bn2", "bn3"}
+        fresh = measure_inputs(view.handle, view.layers[1:], [{"input": x[:32]}, {"input": x[32:]}])
+        for name in ("bn2", "bn3"):
+            np.testing.assert_allclose(second[name].mean, fresh[name].mean, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(second[name].var, fresh[name].var, rtol=1e-6, atol=1e-6)
+        assert not np.allclose(second["bn2"].mean, first["bn2"].mean, atol=1e-3)  # bn1's new statistics were fed
+        fixer.record(_edit_to_inference("out:bn2", fixer.opset))  # not a statistics edit of a fed layer
+        fixer.measure(view.layers[2:])
+        assert fixer._engine is not engine
+    finally:
+        fixer.close()

@@ -20,7 +20,10 @@ by layer in topological order: a layer's statistics count only when every layer 
 been repaired, because its input changes when they are. Each pass over the data measures every undecided
 layer; in topological order, a layer is decided from that pass unless a layer upstream of it was repaired
 in the same pass (it then waits for the next one). A model whose statistics are fine takes one pass; a
-chain of k dependent repairs takes k passes. Variances are population variances over batch and spatial
+chain of k dependent repairs takes k passes. The passes share one session as long as the repairs only set
+the running statistics of stale inference BNs: those are graph inputs of the measuring graph, fed anew at
+each pass (``instrument.feed_statistics``); any other repair (a train-mode node switched, a chain replaced)
+has the next pass build its own. Variances are population variances over batch and spatial
 axes, accumulated over all calibration samples in float64.
 
 Where the statistics come from (``--stats``, see bncheck.fix_result): a train-mode node whose stored running
@@ -141,22 +144,26 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     elif pending:
         ups = _upstream_masks(pending, handle)
         remaining = list(range(len(pending)))
-        while remaining:
-            # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
-            # of it was repaired in this same round (then it waits for the next pass)
-            stats = fixer.measure([pending[k].layer for k in remaining])
-            passes += 1
-            changed = 0
-            later = []
-            for k in remaining:
-                if ups[k] & changed:
-                    later.append(k)
-                    continue
-                p = pending[k]
-                results[p.index] = fixer.apply(p, stats.get(p.layer.name))
-                if results[p.index].changed:
-                    changed |= 1 << k
-            remaining = later
+        fixer.feedable = {p.layer.output for p in pending if _feedable(p)}
+        try:
+            while remaining:
+                # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
+                # of it was repaired in this same round (then it waits for the next pass)
+                stats = fixer.measure([pending[k].layer for k in remaining])
+                passes += 1
+                changed = 0
+                later = []
+                for k in remaining:
+                    if ups[k] & changed:
+                        later.append(k)
+                        continue
+                    p = pending[k]
+                    results[p.index] = fixer.apply(p, stats.get(p.layer.name))
+                    if results[p.index].changed:
+                        changed |= 1 << k
+                remaining = later
+        finally:
+            fixer.close()
     written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
     layers = [results[i] for i in range(len(view.layers))]
     notes = list(plan.notes)
@@ -500,6 +507,15 @@ def _chain_nodes(layer: NormLayer, graph: _GraphFacts) -> list[onnx.NodeProto] |
     return found
 
 
+def _feedable(p: _Pending) -> bool:
+    """Whether the measuring engine may take this layer's statistics as graph inputs (see :meth:`_Fixer.measure`).
+    Not on 4-D inputs: onnxruntime runs a BatchNormalization with constant statistics there in its blocked
+    NCHWc layout, with them fed in plain NCHW with a reorder on each side: ResNet-50's 49 passes over 64
+    samples took 329 s fed against 273 s rebuilt, and the statistics moved by float32 rounding."""
+    shape = p.layer.input_shape
+    return p.what == "stale" and p.layer.op_type == "BatchNormalization" and shape is not None and len(shape) != 4
+
+
 # ====================================================================== samples
 
 
@@ -738,12 +754,40 @@ class _Fixer:
         self.edits: list[Edit] = []
         self.opset = _GraphFacts(handle.model).opset.get("", 0)
         self.flagged = dict(flagged)
+        # outputs of the stale inference BNs, whose statistics a kept engine takes as inputs (measure)
+        self.feedable: set[str] = set()
+        self._engine: Any = None  # run._Engine, kept across passes while only fed statistics change
+        self._engine_layers: set[str] = set()
+        self._engine_current = False
+        self._fed_like: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the fed statistics as first read
 
     # ------------------------------------------------------------------ statistics
 
     def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
-        from bncheck.backends.onnx.run import measure_inputs
+        """``layers``' input statistics over the data, the model as edited so far. One engine serves every pass
+        whose layers it measures, as long as only fed statistics were edited since it was built: a session
+        per pass cost 4 s each on a 2.6 GB model (benchmarks/bench_large.py)."""
+        from bncheck.backends.onnx.run import measure_with
 
+        names = {layer.name for layer in layers}
+        if self._engine is None or not self._engine_current or not names <= self._engine_layers:
+            self._open_engine(layers)
+        engine = self._engine
+        values: dict[str, np.ndarray] = {}
+        current = self._statistics_now(list(engine.fed_inputs))
+        for output, (mean_name, var_name) in engine.fed_inputs.items():
+            mean, var = current[output]  # record() drops the engine when a fed layer's statistics move elsewhere
+            like_mean, like_var = self._fed_like[output]
+            values[mean_name] = mean.astype(like_mean.dtype).reshape(like_mean.shape)
+            values[var_name] = var.astype(like_var.dtype).reshape(like_var.shape)
+        engine.fed_values = values
+        batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
+        return {name: stats for name, stats in measure_with(engine, batches).items() if name in names}
+
+    def _open_engine(self, layers: list[NormLayer]) -> None:
+        from bncheck.backends.onnx.run import inputs_engine
+
+        self.close()
         work = OnnxHandle(
             path=self.handle.path,
             model=self.handle.model,
@@ -756,8 +800,31 @@ class _Fixer:
             edited=self.handle.edited,
         )
         activations = self.check_memory()
-        batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
-        return measure_inputs(work, layers, batches, activations)
+        self._fed_like = self._statistics_now([layer.output for layer in layers if layer.output in self.feedable])
+        self._engine = inputs_engine(work, layers, activations, fed=list(self._fed_like))
+        self._engine_layers = {layer.name for layer in layers}
+        self._engine_current = True
+
+    def _statistics_now(self, outputs: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The running mean and variance of the BatchNormalization nodes writing ``outputs``, as edited so far,
+        where both are initializers held in memory."""
+        graph = self.handle.model.graph
+        inits = {t.name: t for t in graph.initializer}
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for output in outputs:
+            _, node = _find_node(self.handle.model, "out:" + output)
+            if node.op_type != "BatchNormalization" or len(node.input) < 5:
+                continue
+            mean, var = inits.get(node.input[3]), inits.get(node.input[4])
+            if mean is None or var is None or TensorProto.EXTERNAL in (mean.data_location, var.data_location):
+                continue
+            found[output] = (numpy_helper.to_array(mean), numpy_helper.to_array(var))
+        return found
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = None
 
     def check_memory(self) -> int | None:
         """Refuse a calibration batch whose run cannot fit the memory budget, before any session is built;
@@ -781,9 +848,13 @@ class _Fixer:
 
     # ------------------------------------------------------------------ decisions
 
-    def record(self, edit: Edit) -> None:
+    def record(self, edit: Edit, fed: str | None = None) -> None:
+        """Apply ``edit`` and keep it for :meth:`write`; ``fed``: the output of the BN whose statistics alone
+        it sets (the kept engine reads them at its next pass when it feeds them; else it is rebuilt)."""
         edit(self.handle.model, _Sink(edited=self.handle.edited))
         self.edits.append(edit)
+        if self._engine is not None and (fed is None or fed not in self._engine.fed_inputs):
+            self._engine_current = False
 
     def apply(self, p: _Pending, stats: TensorStats | None) -> LayerFix:
         layer = p.layer
@@ -884,7 +955,7 @@ class _Fixer:
                 )
             edits = [built]
         for edit in edits:
-            self.record(edit)
+            self.record(edit, layer.output if p.what == "stale" else None)
         return LayerFix(
             layer.name,
             _ACTION[p.what],

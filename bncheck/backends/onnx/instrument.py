@@ -258,6 +258,34 @@ def stub(handle: OnnxHandle, tmp: str) -> tuple[onnx.ModelProto, str]:
     return _skeleton(handle.model, _write_weights(handle.model, tmp)), tmp
 
 
+def feed_statistics(model: onnx.ModelProto, outputs: set[str]) -> dict[str, tuple[str, str]]:
+    """Make the running mean and variance of the BatchNormalization nodes writing ``outputs`` graph inputs,
+    where both are initializers; returns output -> (mean input, variance input). One session then serves
+    successive values of them: fix's passes, each of which recomputes the statistics of layers whose
+    upstream was repaired in the pass before, would otherwise build a session per pass."""
+    from onnx import helper
+
+    if not outputs:
+        return {}
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    fed: dict[str, tuple[str, str]] = {}
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) < 5:
+            continue
+        if not node.output or node.output[0] not in outputs or node.output[0] in fed:
+            continue
+        mean, var = inits.get(node.input[3]), inits.get(node.input[4])
+        if mean is None or var is None:
+            continue
+        names = (f"{PREFIX}_fed_{len(fed)}_mean", f"{PREFIX}_fed_{len(fed)}_var")
+        for position, name, tensor in zip((3, 4), names, (mean, var)):
+            graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+            node.input[position] = name
+        fed[node.output[0]] = names
+    return fed
+
+
 def release(handle: OnnxHandle, stubs: list[Any] | None):
     """Swap ``handle.model`` for a weight-less skeleton for the duration of a probe; return the restorer.
 
@@ -313,8 +341,11 @@ class Augmenter:
         inputs_only: bool,
         keep_runtime: bool = True,
         base: ProbeCopy | None = None,
+        fed: Iterable[str] = (),
     ):
-        """``base``: the prepared copy (probe_copy.prepare) to instrument instead of the handle's model."""
+        """``base``: the prepared copy (probe_copy.prepare) to instrument instead of the handle's model.
+        ``fed``: outputs of BatchNormalization nodes whose running mean and variance become graph inputs
+        (:attr:`fed_inputs`), fed at each run."""
         self.handle = handle
         self.keep_runtime = keep_runtime
         self.exact = exact
@@ -332,6 +363,7 @@ class Augmenter:
             self.initializer_stubs = base.initializer_stubs
             self.shapes = dict(base.shapes)
             self.types = dict(base.types)
+        self.fed_inputs = feed_statistics(self.model, set(fed))
         self.opset = _opset(self.model)
         self.b = _Builder(self.opset)
         self.measures: dict[tuple[str, int | None, int | None], Measure] = {}

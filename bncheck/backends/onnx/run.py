@@ -437,12 +437,15 @@ class _Engine:
         providers: list[str] | None = None,
         reorder: bool = True,
         deferred: list[NormLayer] | None = None,
+        fed: Iterable[str] = (),
     ) -> None:
         """``copy``: the prepared probe copy (probe_copy.prepare), whose files live in ``tmp`` (then owned
         and removed by this engine). ``providers``: onnxruntime's list (providers.resolve); CPU alone when
         None. ``reorder``: run the statistics-first graph (see :func:`_session_statistics_first`).
         ``deferred``: layers measured only once the model's outputs hold NaN/Inf (probe_plan.needs_statistics),
-        from that batch on, so that the first non-finite layer can be named."""
+        from that batch on, so that the first non-finite layer can be named. ``fed``: BatchNormalization
+        outputs whose running statistics are graph inputs (instrument.feed_statistics), their values taken
+        from :attr:`fed_values` at each run."""
         self.handle = handle
         self.reorder = reorder and bool(layers)  # nothing added to the graph: nothing to schedule first
         self.providers = providers or [CPU]
@@ -457,6 +460,9 @@ class _Engine:
         self.largest_feed = 0  # bytes of the largest feeds run so far (see _run)
         self.initializer_stubs: list[Any] | None = None  # the weights this engine wrote, as external stubs
         self.notes: list[str] = []
+        self.fed = tuple(fed)
+        self.fed_inputs: dict[str, tuple[str, str]] = {}  # BN output -> its (mean, variance) graph inputs
+        self.fed_values: dict[str, np.ndarray] = {}  # graph input -> the values fed at each run
         # runs the relaxed copy's proof already made on this engine's graph (see _take_proof)
         self.proven: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         try:
@@ -486,7 +492,10 @@ class _Engine:
     def _build(self, exact: bool, keep_runtime: bool) -> None:
         self.session = None
         try:
-            aug = Augmenter(self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime, base=self.copy)
+            aug = Augmenter(
+                self.handle, self.layers, self.tmp, exact, self.inputs_only, keep_runtime, base=self.copy, fed=self.fed
+            )
+            self.fed_inputs = dict(aug.fed_inputs)
             if self.initializer_stubs is None:
                 self.initializer_stubs = aug.initializer_stubs
             self.decomposed = dict(aug.decomposed)
@@ -576,6 +585,8 @@ class _Engine:
         model's own outputs alone."""
         if self.copy is not None and self.copy.fixed_feeds:
             feeds = {**feeds, **self.copy.fixed_feeds}
+        if self.fed_values:
+            feeds = {**feeds, **self.fed_values}
         assert self.session is not None  # built before any batch runs
         wanted = self.output_names if layers else self.model_outputs
         repeated = self._repeated(feeds, wanted) if self.proven else None
@@ -878,15 +889,32 @@ def measure_inputs(
     A batch may come as (feeds, n): only its first n samples count (a fixed-batch model's last batch
     completed with repeats, see bncheck.fix_result.calibration_batches). ``activations``: the busiest
     node's bytes at the batch size (memory.estimate), for :func:`worth_reordering`."""
-    engine = _Engine(handle, layers, inputs_only=True, reorder=worth_reordering(activations, handle.size_bytes))
-    trim_heap()  # the optimizing session's freed heap back to the OS
+    engine = inputs_engine(handle, layers, activations)
     try:
-        parts: dict[str, list[TensorStats]] = {}
-        for batch in batches:
-            feeds, real = batch if isinstance(batch, tuple) else (batch, None)
-            for name, probe in engine(feeds).items():
-                if probe.input is not None:
-                    parts.setdefault(name, []).append(probe.input if real is None else first_samples(probe.input, real))
-        return {name: merge_stats(items) for name, items in parts.items()}
+        return measure_with(engine, batches)
     finally:
         engine.close()
+
+
+def inputs_engine(
+    handle: OnnxHandle, layers: list[NormLayer], activations: int | None = None, fed: Iterable[str] = ()
+) -> _Engine:
+    """The engine that measures ``layers``' inputs (see :func:`measure_inputs`); ``fed``: see :class:`_Engine`."""
+    engine = _Engine(
+        handle, layers, inputs_only=True, reorder=worth_reordering(activations, handle.size_bytes), fed=fed
+    )
+    trim_heap()  # the optimizing session's freed heap back to the OS
+    return engine
+
+
+def measure_with(
+    engine: _Engine, batches: Iterable[dict[str, np.ndarray] | tuple[dict[str, np.ndarray], int]]
+) -> dict[str, TensorStats]:
+    """Each of ``engine``'s layers' input statistics accumulated over all ``batches`` (see :func:`measure_inputs`)."""
+    parts: dict[str, list[TensorStats]] = {}
+    for batch in batches:
+        feeds, real = batch if isinstance(batch, tuple) else (batch, None)
+        for name, probe in engine(feeds).items():
+            if probe.input is not None:
+                parts.setdefault(name, []).append(probe.input if real is None else first_samples(probe.input, real))
+    return {name: merge_stats(items) for name, items in parts.items()}
