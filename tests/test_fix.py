@@ -965,3 +965,36 @@ def test_fix_passes_keep_one_session_while_only_fed_statistics_change(tmp_path: 
         assert fixer._engine is not engine
     finally:
         fixer.close()
+
+
+def test_fix_passes_that_fed_every_change_give_the_stored_and_recomputed_models_outputs(tmp_path: Path) -> None:
+    """BN003's output effect (probe --data) takes both sets of outputs from the session fix's passes kept: they
+    are the outputs of the stored model and of the model fix writes, each run alone. A 4-D layer's statistics
+    are not fed, so a convnet's passes cannot give them (the effect then builds its own sessions)."""
+    from bncheck.backends.onnx.fix import repair
+    from bncheck.fix_result import FixRequest
+
+    model, _ = mlp_chain()
+    src = save(model, tmp_path / "mlp.onnx")
+    x = np.random.default_rng(5).standard_normal((256, MLP_WIDTHS[0])).astype(np.float32) * 3.0 + 1.0
+    np.savez(tmp_path / "calib.npz", input=x)
+    fixed = str(tmp_path / "fixed.onnx")
+    fix(src, fixed, str(tmp_path / "calib.npz"))
+
+    def compared(path: str, data: np.ndarray):
+        request = FixRequest(output=None, data={"input": data}, repair=frozenset({"BN003"}), dry_run=True)
+        _, fixer = repair(OnnxBackend().load(path), request)
+        try:
+            return fixer.compared_outputs(lambda: [{"input": data[:128]}, {"input": data[128:]}])
+        finally:
+            fixer.close()
+
+    both = compared(src, x)
+    assert both is not None
+    stored, recomputed = both
+    for outputs, path in ((stored, src), (recomputed, fixed)):
+        alone = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["bn3"], {"input": x})[0]
+        np.testing.assert_allclose(outputs["bn3"], alone, rtol=1e-5, atol=1e-5 * float(np.std(alone)))
+    assert not np.allclose(stored["bn3"], recomputed["bn3"], atol=0.1)
+    conv_src = save(convnet(stale=("bn1", "bn2")), tmp_path / "conv.onnx")
+    assert compared(conv_src, samples(64, seed=3)) is None

@@ -42,7 +42,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     import onnxruntime as ort
 
     from bncheck.backends.onnx import OnnxBackend
-    from bncheck.backends.onnx.fix import fix_onnx
+    from bncheck.backends.onnx.fix import repair
     from bncheck.backends.onnx.instrument import stub
     from bncheck.backends.onnx.run import scratch_folder, session_options, trim_heap
     from bncheck.fix_result import FixRequest
@@ -50,20 +50,30 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     view = OnnxBackend().load(path)
     request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
     try:
-        outcome = fix_onnx(view, request)  # a dry run edits the loaded copy in memory and writes nothing
+        outcome, fixer = repair(view, request)  # a dry run edits the loaded copy in memory and writes nothing
     except OverBudgetError as exc:  # its remedy names fix's --batch-size, which a probe does not have
         return exc.summary
     except BackendError as exc:
         return one_line(exc)
-    changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
-    if not changed:
-        return Recalibration((), {}, 0)
-    batch = outcome.batch_size
-    usable = min(outcome.samples, MAX_SAMPLES)
-    if any(spec.batch_dim == batch for spec in view.inputs):
-        usable -= usable % batch  # a fixed batch dimension takes whole batches only
-    if not usable:
-        return f"fewer samples than the model's fixed batch size {batch}"
+    try:
+        changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
+        if not changed:
+            return Recalibration((), {}, 0)
+        batch = outcome.batch_size
+        usable = min(outcome.samples, MAX_SAMPLES)
+        if any(spec.batch_dim == batch for spec in view.inputs):
+            usable -= usable % batch  # a fixed batch dimension takes whole batches only
+        if not usable:
+            return f"fewer samples than the model's fixed batch size {batch}"
+        # where fix's passes fed every changed layer's statistics to one session, that session gives both
+        try:
+            both = fixer.compared_outputs(lambda: _batches(data, batch, usable))
+        except BackendError as exc:
+            return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
+        if both is not None:
+            return compare_recalibrated(changed, *both)
+    finally:
+        fixer.close()
     # One session at a time, each reading the weights from files: the edited model's weight-less stub (its
     # large tensors in their files, as fix's own sessions read them), then the stored model. Serializing the
     # edited model with its weights would hold them twice, and fails above protobuf's 2 GB.

@@ -50,7 +50,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +103,16 @@ class _Pending:
 
 
 def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
+    """Plan, measure and apply the repairs of ``view``'s model; write ``request.output`` unless a dry run
+    (see :func:`repair`)."""
+    outcome, fixer = repair(view, request)
+    fixer.close()
+    return outcome
+
+
+def repair(view: ModelView, request: FixRequest) -> tuple[FixOutcome, _Fixer]:
     """Plan, measure and apply the repairs of ``view``'s model; write ``request.output`` unless a dry run.
+    Returns the outcome and the fixer, whose measuring engine the caller closes (:meth:`_Fixer.close`).
 
     ``request.data`` maps input names to arrays whose first axis is samples (None: train-mode layers switch
     to their stored statistics where sound, and anything that needs data is refused, or only planned in a
@@ -111,15 +120,29 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     that finding's evidence: they are recalibrated even when, with their upstream layers repaired, their
     drift falls under the thresholds. Raises BackendError for refusals, before anything is measured.
     """
-    handle: OnnxHandle = view.handle
     # large external tensors stay in their files: every session reads them from there (instrument.stub), the
     # edits are small tensors held in memory, and the written model replays them on the file (_Fixer.write)
-    data = request.data
     plan = _prepare(view, request)
-    results = plan.results
     fixer = _Fixer(
-        handle, data or {}, plan.batch, request.min_samples, request.data_label, request.flagged, fixed=plan.fixed
+        view.handle,
+        request.data or {},
+        plan.batch,
+        request.min_samples,
+        request.data_label,
+        request.flagged,
+        fixed=plan.fixed,
     )
+    try:
+        return _repair(view, request, plan, fixer), fixer
+    except BaseException:
+        fixer.close()
+        raise
+
+
+def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) -> FixOutcome:
+    handle: OnnxHandle = view.handle
+    data = request.data
+    results = plan.results
     for layer in plan.stored:  # train-mode layers switched to inference with their own statistics
         fixer.record(_edit_to_inference("out:" + layer.output, fixer.opset))
     passes = 0
@@ -145,25 +168,24 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
         ups = _upstream_masks(pending, handle)
         remaining = list(range(len(pending)))
         fixer.feedable = {p.layer.output for p in pending if _feedable(p)}
-        try:
-            while remaining:
-                # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
-                # of it was repaired in this same round (then it waits for the next pass)
-                stats = fixer.measure([pending[k].layer for k in remaining])
-                passes += 1
-                changed = 0
-                later = []
-                for k in remaining:
-                    if ups[k] & changed:
-                        later.append(k)
-                        continue
-                    p = pending[k]
-                    results[p.index] = fixer.apply(p, stats.get(p.layer.name))
-                    if results[p.index].changed:
-                        changed |= 1 << k
-                remaining = later
-        finally:
-            fixer.close()
+        while remaining:
+            # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
+            # of it was repaired in this same round (then it waits for the next pass)
+            stats = fixer.measure([pending[k].layer for k in remaining])
+            passes += 1
+            changed = 0
+            later = []
+            for k in remaining:
+                if ups[k] & changed:
+                    later.append(k)
+                    continue
+                p = pending[k]
+                results[p.index] = fixer.apply(p, stats.get(p.layer.name))
+                if results[p.index].changed:
+                    changed |= 1 << k
+            remaining = later
+    if not request.dry_run:
+        fixer.close()  # the measuring session's memory back before the model is serialized
     written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
     layers = [results[i] for i in range(len(view.layers))]
     notes = list(plan.notes)
@@ -760,6 +782,7 @@ class _Fixer:
         self._engine_layers: set[str] = set()
         self._engine_current = False
         self._fed_like: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the fed statistics as first read
+        self._edits_before_engine = 0
 
     # ------------------------------------------------------------------ statistics
 
@@ -772,17 +795,19 @@ class _Fixer:
         names = {layer.name for layer in layers}
         if self._engine is None or not self._engine_current or not names <= self._engine_layers:
             self._open_engine(layers)
-        engine = self._engine
-        values: dict[str, np.ndarray] = {}
-        current = self._statistics_now(list(engine.fed_inputs))
-        for output, (mean_name, var_name) in engine.fed_inputs.items():
-            mean, var = current[output]  # record() drops the engine when a fed layer's statistics move elsewhere
-            like_mean, like_var = self._fed_like[output]
-            values[mean_name] = mean.astype(like_mean.dtype).reshape(like_mean.shape)
-            values[var_name] = var.astype(like_var.dtype).reshape(like_var.shape)
-        engine.fed_values = values
+        self._feed(self._statistics_now(list(self._engine.fed_inputs)))
         batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
-        return {name: stats for name, stats in measure_with(engine, batches).items() if name in names}
+        return {name: stats for name, stats in measure_with(self._engine, batches).items() if name in names}
+
+    def _feed(self, statistics: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Set the kept engine's fed statistics (BN output -> mean, variance), in the types and shapes it declares.
+        Every fed layer is there: record() drops the engine when a fed layer's statistics move elsewhere."""
+        values: dict[str, np.ndarray] = {}
+        for output, (mean_name, var_name) in self._engine.fed_inputs.items():
+            like_mean, like_var = self._fed_like[output]
+            values[mean_name] = statistics[output][0].astype(like_mean.dtype).reshape(like_mean.shape)
+            values[var_name] = statistics[output][1].astype(like_var.dtype).reshape(like_var.shape)
+        self._engine.fed_values = values
 
     def _open_engine(self, layers: list[NormLayer]) -> None:
         from bncheck.backends.onnx.run import inputs_engine
@@ -804,6 +829,25 @@ class _Fixer:
         self._engine = inputs_engine(work, layers, activations, fed=list(self._fed_like))
         self._engine_layers = {layer.name for layer in layers}
         self._engine_current = True
+        self._edits_before_engine = len(self.edits)
+
+    def compared_outputs(
+        self, batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """The model's outputs on the ``batches()`` with the statistics as stored and as recomputed, through the
+        kept engine (no session of its own); None when that engine cannot give both: built on an edited model,
+        or the model edited since other than through fed statistics."""
+        if self._engine is None or not self._engine_current or self._edits_before_engine:
+            return None
+        found = []
+        for statistics in (self._fed_like, self._statistics_now(list(self._engine.fed_inputs))):
+            self._feed(statistics)
+            parts: dict[str, list[np.ndarray]] = {}
+            for feeds in batches():
+                for name, value in self._engine.observe(feeds, layers=False).outputs.items():
+                    parts.setdefault(name, []).append(np.asarray(value))
+            found.append({name: np.concatenate(chunks) for name, chunks in parts.items() if chunks[0].ndim})
+        return found[0], found[1]
 
     def _statistics_now(self, outputs: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The running mean and variance of the BatchNormalization nodes writing ``outputs``, as edited so far,
