@@ -44,7 +44,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     from bncheck.backends.onnx import OnnxBackend
     from bncheck.backends.onnx.fix import repair
     from bncheck.backends.onnx.instrument import stub
-    from bncheck.backends.onnx.run import scratch_folder, session_options, trim_heap
+    from bncheck.backends.onnx.run import new_session, scratch_folder, session_options, trim_heap
     from bncheck.fix_result import FixRequest
 
     view = OnnxBackend().load(path)
@@ -86,15 +86,13 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
         trim_heap()
         try:
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
-            recomputed = ort.InferenceSession(stubbed.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            recomputed = new_session(stubbed, so)
             del stubbed
             after = _outputs(recomputed, _batches(data, batch, usable))
             del recomputed
             trim_heap()  # its freed weights back to the OS before the stored model's session reads them again
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, os.path.dirname(os.path.abspath(path)))
-            before = _outputs(
-                ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), _batches(data, batch, usable)
-            )
+            before = _outputs(new_session(path, so), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
     finally:

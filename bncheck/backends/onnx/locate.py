@@ -95,7 +95,7 @@ def locate_dependence(
     import onnxruntime as ort
     from onnx import helper
 
-    from bncheck.backends.onnx.run import session_options
+    from bncheck.backends.onnx.run import new_session, session_options
     from bncheck.verdicts import COMPANION_TOLERANCE
 
     batch_size = next((int(np.shape(a)[0]) for a in batch.values() if np.ndim(a)), None)
@@ -130,7 +130,7 @@ def locate_dependence(
             graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
             try:
-                session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                session = new_session(model, so)
                 first = session.run(names, batch)
                 second = session.run(names, copies)
             except Exception as exc:  # a cut the runtime rejects (a node only the probe's rewrite made runnable)

@@ -114,13 +114,27 @@ def session_options(level: Any, folder: str) -> Any:
     return so
 
 
+#: onnxruntime rewrites that bncheck's sessions skip. MatMul + BatchNormalization folds each BN into new
+#: MatMul weights when the session is built, for the runs after it; bncheck runs a session a few times, and
+#: on bench_large's 2.6 GB MLP the folding took 6 of the 9 s a session took to build. Conv + BN costs little
+#: (the BN is folded into a bias and a per-channel scale of the kernels) and is kept.
+SKIPPED_REWRITES = ["MatMul_BatchNormalization_Fusion"]
+
+
+def new_session(model: onnx.ModelProto | str, so: Any, providers: list[str] | None = None) -> Any:
+    """An onnxruntime session of ``model`` (a ModelProto, or a file's path) without :data:`SKIPPED_REWRITES`."""
+    import onnxruntime as ort
+
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, so, providers=providers or [CPU], disabled_optimizers=SKIPPED_REWRITES)
+
+
 def _session(model: onnx.ModelProto, folder: str, exact: bool, providers: list[str] | None = None):
     """One session on the augmented stub: ORT_ENABLE_ALL (fast form) or ORT_ENABLE_EXTENDED (exact form)."""
     import onnxruntime as ort
 
     level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so = session_options(level, folder)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=providers or [CPU])
+    return new_session(model, session_options(level, folder), providers)
 
 
 def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
@@ -247,14 +261,14 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EMBED_BYTES))
     # this session only writes the optimized graph and never runs: packing weights for its kernels is waste
     so.add_session_config_entry("session.disable_prepacking", "1")
-    first = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    first = new_session(model, so)
     del first
     # no malloc_trim here: the running session's creation reuses these freed pages without faulting them
     # in again (ResNet-50: 0.07 s), and run_probe trims once the view's weights are released (same peak)
     graph_only = onnx.load(optimized, load_external_data=False)
     _statistics_first(graph_only.graph, main_outputs)
     so = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp)
-    return ort.InferenceSession(graph_only.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return new_session(graph_only, so)
 
 
 def _without_extremes(
