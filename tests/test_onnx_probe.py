@@ -886,3 +886,40 @@ def test_a_model_without_floating_point_outputs_has_its_inference_bns_measured(t
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
     _, result = _probe(path, batch_sizes=(1, 2), all_layers=False)
     assert result.at(2, "bn") is not None and not result.not_needed
+
+
+def test_bnchecks_sessions_keep_a_batchnorm_after_a_matmul_that_onnxruntime_would_fold(tmp_path):
+    """run.new_session skips onnxruntime's MatMul + BatchNormalization fusion (a rewrite of the weights at
+    session build, which a few runs never pay back); a default session folds the BN away."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bncheck.backends.onnx.run import new_session
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")]
+    for name, value in (("g", 1.5), ("b", 0.2), ("m", 0.3), ("v", 2.0)):
+        inits.append(numpy_helper.from_array(np.full(3, value, np.float32), name))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"]),
+        ],
+        "mm_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+
+    def optimized_ops(build) -> set[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        build(options)
+        return {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+    assert "BatchNormalization" in optimized_ops(lambda options: new_session(model, options))
+    default = optimized_ops(
+        lambda options: ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    )
+    assert "BatchNormalization" not in default
