@@ -891,8 +891,6 @@ def test_a_model_without_floating_point_outputs_has_its_inference_bns_measured(t
 def test_bnchecks_sessions_keep_a_batchnorm_after_a_matmul_that_onnxruntime_would_fold(tmp_path):
     """run.new_session skips onnxruntime's MatMul + BatchNormalization fusion (a rewrite of the weights at
     session build, which a few runs never pay back); a default session folds the BN away."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from bncheck.backends.onnx.run import new_session
 
     rng = np.random.default_rng(3)
