@@ -15,7 +15,7 @@ What is repaired (everything else is left alone, and said so):
 The lowered-InstanceNorm trap (a training-mode BatchNormalization on a [1, N*C, ...] reshape) is not a bug
 and is never touched.
 
-Statistics are measured by the probe's in-graph statistics engine (``onnx_probe.measure_inputs``), layer
+Statistics are measured by the probe's in-graph statistics engine (``run.inputs_engine``, ``run.measure_with``), layer
 by layer in topological order: a layer's statistics count only when every layer upstream of it has already
 been repaired, because its input changes when they are. Each pass over the data measures every undecided
 layer; in topological order, a layer is decided from that pass unless a layer upstream of it was repaired
@@ -531,9 +531,8 @@ def _chain_nodes(layer: NormLayer, graph: _GraphFacts) -> list[onnx.NodeProto] |
 
 def _feedable(p: _Pending) -> bool:
     """Whether the measuring engine may take this layer's statistics as graph inputs (see :meth:`_Fixer.measure`).
-    Not on 4-D inputs: onnxruntime runs a BatchNormalization with constant statistics there in its blocked
-    NCHWc layout, with them fed in plain NCHW with a reorder on each side: ResNet-50's 49 passes over 64
-    samples took 329 s fed against 273 s rebuilt, and the statistics moved by float32 rounding."""
+    Not on 4-D inputs, where fed statistics keep the BN out of onnxruntime's NCHWc layout, which costs more
+    than the sessions it saves (docs/architecture.md, ``bncheck fix`` for ONNX)."""
     shape = p.layer.input_shape
     return p.what == "stale" and p.layer.op_type == "BatchNormalization" and shape is not None and len(shape) != 4
 
@@ -788,8 +787,8 @@ class _Fixer:
 
     def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
         """``layers``' input statistics over the data, the model as edited so far. One engine serves every pass
-        whose layers it measures, as long as only fed statistics were edited since it was built: a session
-        per pass cost 4 s each on a 2.6 GB model (benchmarks/bench_large.py)."""
+        whose layers it measures, as long as only fed statistics were edited since it was built (a session
+        per pass reads and optimizes every weight again)."""
         from bncheck.backends.onnx.run import measure_with
 
         names = {layer.name for layer in layers}

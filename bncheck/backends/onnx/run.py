@@ -114,10 +114,9 @@ def session_options(level: Any, folder: str) -> Any:
     return so
 
 
-#: onnxruntime rewrites that bncheck's sessions skip. MatMul + BatchNormalization folds each BN into new
-#: MatMul weights when the session is built, for the runs after it; bncheck runs a session a few times, and
-#: on bench_large's 2.6 GB MLP the folding took 6 of the 9 s a session took to build. Conv + BN costs little
-#: (the BN is folded into a bias and a per-channel scale of the kernels) and is kept.
+#: onnxruntime rewrites that bncheck's sessions skip: MatMul + BatchNormalization folds each BN into new MatMul
+#: weights when the session is built, which pays back over many runs, not the few of a probe (on a 2.6 GB MLP,
+#: 6 of a session's 9 s: docs/architecture.md). Conv + BN is cheap to fold and is kept.
 SKIPPED_REWRITES = ["MatMul_BatchNormalization_Fusion"]
 
 
