@@ -853,10 +853,11 @@ class _Fixer:
         where both are initializers held in memory."""
         graph = self.handle.model.graph
         inits = {t.name: t for t in graph.initializer}
+        writers = {node.output[0]: node for node in graph.node if node.output}
         found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for output in outputs:
-            _, node = _find_node(self.handle.model, "out:" + output)
-            if node.op_type != "BatchNormalization" or len(node.input) < 5:
+            node = writers.get(output)
+            if node is None or node.op_type != "BatchNormalization" or len(node.input) < 5:
                 continue
             mean, var = inits.get(node.input[3]), inits.get(node.input[4])
             if mean is None or var is None or TensorProto.EXTERNAL in (mean.data_location, var.data_location):
