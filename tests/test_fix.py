@@ -998,3 +998,50 @@ def test_fix_passes_that_fed_every_change_give_the_stored_and_recomputed_models_
     assert not np.allclose(stored["bn3"], recomputed["bn3"], atol=0.1)
     conv_src = save(convnet(stale=("bn1", "bn2")), tmp_path / "conv.onnx")
     assert compared(conv_src, samples(64, seed=3)) is None
+
+
+def test_a_cut_engine_measures_a_layer_as_the_whole_model_does(tmp_path: Path) -> None:
+    """fix's passes below a repair measure the next frontier on a graph cut below it (run._Engine, cut=True):
+    the same statistics as the whole model's graph, from a graph without the model's outputs."""
+    from bncheck.backends.onnx.instrument import keep_only
+    from bncheck.backends.onnx.run import inputs_engine, measure_inputs, measure_with
+
+    view = OnnxBackend().load(save(convnet(stale=("bn1", "bn2")), tmp_path / "conv.onnx"))
+    bn2 = [layer for layer in view.layers if layer.name == "bn2"]
+    batches = [{"input": samples(32, seed=4)}, {"input": samples(32, seed=5)}]
+    whole = measure_inputs(view.handle, bn2, batches)["bn2"]
+    engine = inputs_engine(view.handle, bn2, cut=True)
+    try:
+        cut = measure_with(engine, batches)["bn2"]
+        assert "logits" not in {o.name for o in engine.session.get_outputs()}
+    finally:
+        engine.close()
+    np.testing.assert_allclose(cut.mean, whole.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(cut.var, whole.var, rtol=1e-6, atol=1e-7)
+    graph = convnet().graph
+    keep_only(graph, ["conv2"])
+    assert [node.output[0] for node in graph.node] == ["conv1", "bn1", "relu1", "conv2"]
+    assert [value.name for value in graph.output] == []
+
+
+def test_a_chain_of_stale_4d_layers_gets_the_statistics_of_its_input_with_the_layer_above_repaired(
+    tmp_path: Path, calib: str
+) -> None:
+    """bn2 is measured in a pass of its own, on a graph cut below it, after bn1's repair: its written statistics
+    are those of its input in the written model (bn2's own statistics do not change its input)."""
+    from bncheck.backends.onnx.run import measure_inputs
+
+    src = save(convnet(stale=("bn1", "bn2")), tmp_path / "conv.onnx")
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, calib)
+    assert actions(report) == {"bn1": "recalibrated", "bn2": "recalibrated"}
+    assert report.fix.outcome.passes == 2
+    x = np.load(calib)["input"]
+    fixed = OnnxBackend().load(out)
+    bn2 = [layer for layer in fixed.layers if layer.name == "bn2"]
+    batches = [{"input": x[k : k + 32]} for k in range(0, len(x), 32)]
+    expected = measure_inputs(fixed.handle, bn2, batches)["bn2"]
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    node = next(n for n in onnx.load(out).graph.node if n.name == "bn2")
+    np.testing.assert_allclose(written[node.input[3]], expected.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written[node.input[4]], expected.var, rtol=1e-5, atol=1e-6)

@@ -168,21 +168,28 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
         ups = _upstream_masks(pending, handle)
         remaining = list(range(len(pending)))
         fixer.feedable = {p.layer.output for p in pending if _feedable(p)}
+        cut = False  # this pass measures the frontier alone, on a graph cut below it
         while remaining:
             # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
             # of it was repaired in this same round (then it waits for the next pass)
-            stats = fixer.measure([pending[k].layer for k in remaining])
+            undecided = sum(1 << k for k in remaining)
+            frontier = {k for k in remaining if not ups[k] & undecided}  # nothing undecided above them
+            measured = [k for k in remaining if k in frontier] if cut else remaining
+            stats = fixer.measure([pending[k].layer for k in measured], cut=cut)
             passes += 1
             changed = 0
             later = []
             for k in remaining:
-                if ups[k] & changed:
+                if ups[k] & changed or k not in measured:
                     later.append(k)
                     continue
                 p = pending[k]
                 results[p.index] = fixer.apply(p, stats.get(p.layer.name))
                 if results[p.index].changed:
                     changed |= 1 << k
+            # where a repair held back every layer below the frontier, the next pass would measure them only
+            # for them to wait again: it measures the next frontier alone, and computes nothing below it
+            cut = bool(changed) and bool(later) and all(k in frontier for k in remaining if k not in later)
             remaining = later
     if not request.dry_run:
         fixer.close()  # the measuring session's memory back before the model is serialized
@@ -785,15 +792,16 @@ class _Fixer:
 
     # ------------------------------------------------------------------ statistics
 
-    def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
+    def measure(self, layers: list[NormLayer], cut: bool = False) -> dict[str, TensorStats]:
         """``layers``' input statistics over the data, the model as edited so far. One engine serves every pass
         whose layers it measures, as long as only fed statistics were edited since it was built (a session
-        per pass reads and optimizes every weight again)."""
+        per pass reads and optimizes every weight again). ``cut``: a new engine computes only what these
+        layers' inputs need."""
         from bncheck.backends.onnx.run import measure_with
 
         names = {layer.name for layer in layers}
         if self._engine is None or not self._engine_current or not names <= self._engine_layers:
-            self._open_engine(layers)
+            self._open_engine(layers, cut)
         self._feed(self._statistics_now(list(self._engine.fed_inputs)))
         batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
         return {name: stats for name, stats in measure_with(self._engine, batches).items() if name in names}
@@ -808,7 +816,7 @@ class _Fixer:
             values[var_name] = statistics[output][1].astype(like_var.dtype).reshape(like_var.shape)
         self._engine.fed_values = values
 
-    def _open_engine(self, layers: list[NormLayer]) -> None:
+    def _open_engine(self, layers: list[NormLayer], cut: bool) -> None:
         from bncheck.backends.onnx.run import inputs_engine
 
         self.close()
@@ -825,7 +833,7 @@ class _Fixer:
         )
         activations = self.check_memory()
         self._fed_like = self._statistics_now([layer.output for layer in layers if layer.output in self.feedable])
-        self._engine = inputs_engine(work, layers, activations, fed=list(self._fed_like))
+        self._engine = inputs_engine(work, layers, activations, fed=list(self._fed_like), cut=cut)
         self._engine_layers = {layer.name for layer in layers}
         self._engine_current = True
         self._edits_before_engine = len(self.edits)
@@ -836,7 +844,7 @@ class _Fixer:
         """The model's outputs on the ``batches()`` with the statistics as stored and as recomputed, through the
         kept engine (no session of its own); None when that engine cannot give both: built on an edited model,
         or the model edited since other than through fed statistics."""
-        if self._engine is None or not self._engine_current or self._edits_before_engine:
+        if self._engine is None or not self._engine_current or self._edits_before_engine or self._engine.cut:
             return None
         found = []
         for statistics in (self._fed_like, self._statistics_now(list(self._engine.fed_inputs))):

@@ -286,6 +286,26 @@ def feed_statistics(model: onnx.ModelProto, outputs: set[str]) -> dict[str, tupl
     return fed
 
 
+def keep_only(graph: Any, outputs: Iterable[str]) -> None:
+    """Leave in ``graph`` only the nodes that ``outputs`` need, and only those as its outputs: onnxruntime
+    computes every node of a graph whatever a run fetches."""
+    wanted = set(outputs)
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    needed: set[int] = set()
+    stack = [producer[name] for name in wanted if name in producer]
+    while stack:
+        i = stack.pop()
+        if i not in needed:
+            needed.add(i)
+            stack.extend(producer[name] for name in node_reads(nodes[i]) if name in producer)
+    del graph.node[:]
+    graph.node.extend(node for i, node in enumerate(nodes) if i in needed)
+    kept = [value for value in graph.output if value.name in wanted]
+    del graph.output[:]
+    graph.output.extend(kept)
+
+
 def release(handle: OnnxHandle, stubs: list[Any] | None):
     """Swap ``handle.model`` for a weight-less skeleton for the duration of a probe; return the restorer.
 

@@ -19,6 +19,7 @@ from bncheck.backends.onnx.instrument import (
     PREFIX,
     Augmenter,
     Measure,
+    keep_only,
     release,
 )
 from bncheck.backends.onnx.probe_copy import prepare, relaxes
@@ -451,6 +452,7 @@ class _Engine:
         reorder: bool = True,
         deferred: list[NormLayer] | None = None,
         fed: Iterable[str] = (),
+        cut: bool = False,
     ) -> None:
         """``copy``: the prepared probe copy (probe_copy.prepare), whose files live in ``tmp`` (then owned
         and removed by this engine). ``providers``: onnxruntime's list (providers.resolve); CPU alone when
@@ -458,9 +460,12 @@ class _Engine:
         ``deferred``: layers measured only once the model's outputs hold NaN/Inf (probe_plan.needs_statistics),
         from that batch on, so that the first non-finite layer can be named. ``fed``: BatchNormalization
         outputs whose running statistics are graph inputs (instrument.feed_statistics), their values taken
-        from :attr:`fed_values` at each run."""
+        from :attr:`fed_values` at each run. ``cut``: the graph keeps only the nodes its measuring outputs need
+        (no model output is fetched), and runs in the order onnxruntime gives it."""
         self.handle = handle
-        self.reorder = reorder and bool(layers)  # nothing added to the graph: nothing to schedule first
+        # nothing added to the graph: nothing to schedule first; a cut graph has no model outputs to order by
+        self.reorder = reorder and bool(layers) and not cut
+        self.cut = cut
         self.providers = providers or [CPU]
         self.layers = layers
         self.deferred = list(deferred or [])
@@ -518,10 +523,12 @@ class _Engine:
                 if p.spec and p.layer.output in aug.runtime_protos
             ]
             model = aug.finish()
+            if self.cut:
+                keep_only(model.graph, aug.outputs)
             proof = self._take_proof(model, exact)
             self.plans = aug.plans
             # the model's own outputs too: the batch-dependence test compares them (probe_plan)
-            self.model_outputs = [o.name for o in self.handle.model.graph.output]
+            self.model_outputs = [] if self.cut else [o.name for o in self.handle.model.graph.output]
             self.output_names = list(aug.outputs) + [o for o in self.model_outputs if o not in aug.outputs]
             main_outputs = {o.name for o in self.handle.model.graph.output}
             folder = aug.folder
@@ -910,11 +917,21 @@ def measure_inputs(
 
 
 def inputs_engine(
-    handle: OnnxHandle, layers: list[NormLayer], activations: int | None = None, fed: Iterable[str] = ()
+    handle: OnnxHandle,
+    layers: list[NormLayer],
+    activations: int | None = None,
+    fed: Iterable[str] = (),
+    cut: bool = False,
 ) -> _Engine:
-    """The engine that measures ``layers``' inputs (see :func:`measure_inputs`); ``fed``: see :class:`_Engine`."""
+    """The engine that measures ``layers``' inputs (see :func:`measure_inputs`); ``fed``, ``cut``: see
+    :class:`_Engine`."""
     engine = _Engine(
-        handle, layers, inputs_only=True, reorder=worth_reordering(activations, handle.size_bytes), fed=fed
+        handle,
+        layers,
+        inputs_only=True,
+        reorder=worth_reordering(activations, handle.size_bytes),
+        fed=fed,
+        cut=cut,
     )
     trim_heap()  # the optimizing session's freed heap back to the OS
     return engine
