@@ -20,7 +20,10 @@ by layer in topological order: a layer's statistics count only when every layer 
 been repaired, because its input changes when they are. Each pass over the data measures every undecided
 layer; in topological order, a layer is decided from that pass unless a layer upstream of it was repaired
 in the same pass (it then waits for the next one). A model whose statistics are fine takes one pass; a
-chain of k dependent repairs takes k passes. The passes share one session as long as the repairs only set
+chain of k dependent repairs takes k passes. Where a pass's repairs held back every layer below the frontier
+(the undecided layers with none undecided above them), the next pass measures the next frontier alone, on a
+graph cut below it (``instrument.keep_only``); a pass that repairs nothing goes back to measuring every
+undecided layer. The passes share one session as long as the repairs only set
 the running statistics of stale inference BNs: those are graph inputs of the measuring graph, fed anew at
 each pass (``instrument.feed_statistics``); any other repair (a train-mode node switched, a chain replaced)
 has the next pass build its own. Variances are population variances over batch and spatial
