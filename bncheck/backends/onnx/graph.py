@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -418,6 +418,23 @@ def node_reads(node: onnx.NodeProto) -> Iterator[str]:
                 for name in node_reads(inner):
                     if name not in local:
                         yield name
+
+
+def upstream_nodes(
+    nodes: Sequence[onnx.NodeProto],
+    outputs: Iterable[str],
+    reads: Callable[[onnx.NodeProto], Iterable[str]] = node_reads,
+) -> set[int]:
+    """Indices of the ``nodes`` that ``outputs`` depend on, following what each node ``reads``."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    found: set[int] = set()
+    stack = [producer[name] for name in outputs if name in producer]
+    while stack:
+        i = stack.pop()
+        if i not in found:
+            found.add(i)
+            stack.extend(producer[name] for name in reads(nodes[i]) if name in producer)
+    return found
 
 
 def node_input(node, i: int) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx.graph import node_reads
+from bncheck.backends.onnx.graph import node_reads, upstream_nodes
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
@@ -291,14 +291,7 @@ def keep_only(graph: Any, outputs: Iterable[str]) -> None:
     computes every node of a graph whatever a run fetches."""
     wanted = set(outputs)
     nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    needed: set[int] = set()
-    stack = [producer[name] for name in wanted if name in producer]
-    while stack:
-        i = stack.pop()
-        if i not in needed:
-            needed.add(i)
-            stack.extend(producer[name] for name in node_reads(nodes[i]) if name in producer)
+    needed = upstream_nodes(nodes, wanted)
     del graph.node[:]
     graph.node.extend(node for i, node in enumerate(nodes) if i in needed)
     kept = [value for value in graph.output if value.name in wanted]

@@ -14,6 +14,7 @@ import numpy as np
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
+from bncheck.backends.onnx.graph import upstream_nodes
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
@@ -144,14 +145,7 @@ def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
     import re
 
     nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    main: set[int] = set()
-    stack = [producer[o] for o in main_outputs if o in producer]
-    while stack:
-        i = stack.pop()
-        if i not in main:
-            main.add(i)
-            stack.extend(producer[t] for t in nodes[i].input if t in producer)
+    main = upstream_nodes(nodes, main_outputs, reads=lambda node: node.input)
 
     def key(i: int) -> tuple[int, int]:
         found = re.search(rf"{PREFIX}_(\d+)_", nodes[i].name)
