@@ -985,7 +985,16 @@ def test_fix_passes_that_fed_every_change_give_the_stored_and_recomputed_models_
         request = FixRequest(output=None, data={"input": data}, repair=frozenset({"BN003"}), dry_run=True)
         _, fixer = repair(OnnxBackend().load(path), request)
         try:
-            return fixer.compared_outputs(lambda: [{"input": data[:128]}, {"input": data[128:]}])
+            runs = fixer.stored_and_recomputed()
+            if runs is None:
+                return None
+            return [
+                {
+                    name: np.concatenate([run({"input": data[:128]})[name], run({"input": data[128:]})[name]])
+                    for name in ("bn3",)
+                }
+                for run in runs
+            ]
         finally:
             fixer.close()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.model import Recalibration
 from bncheck.probe_plan import compare_recalibrated
+
+if TYPE_CHECKING:
+    from bncheck.backends.onnx.fix import OutputsRun
 
 #: samples of the data fed for the output comparison (all of them up to this; its outputs are held in memory)
 MAX_SAMPLES = 1024
@@ -25,13 +28,17 @@ def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterato
         yield {name: np.ascontiguousarray(array[start : min(start + batch, usable)]) for name, array in data.items()}
 
 
-def _outputs(session: Any, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
     for feeds in batches:
-        for name, value in zip(names, session.run(names, feeds)):
-            parts[name].append(np.asarray(value))
+        for name, value in run(feeds).items():
+            parts.setdefault(name, []).append(np.asarray(value))
     return {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks and chunks[0].ndim}
+
+
+def _session_run(session: Any) -> OutputsRun:
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
 
 def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, dict[str, Any]]) -> Recalibration | str:
@@ -66,12 +73,15 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
         if not usable:
             return f"fewer samples than the model's fixed batch size {batch}"
         # where fix's passes fed every changed layer's statistics to one session, that session gives both
-        try:
-            both = fixer.compared_outputs(lambda: _batches(data, batch, usable))
-        except BackendError as exc:
-            return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
-        if both is not None:
-            return compare_recalibrated(changed, *both)
+        runs = fixer.stored_and_recomputed()
+        if runs is not None:
+            stored, recomputed = runs
+            try:
+                before = _outputs(stored, _batches(data, batch, usable))
+                after = _outputs(recomputed, _batches(data, batch, usable))
+            except BackendError as exc:
+                return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
+            return compare_recalibrated(changed, before, after)
     finally:
         fixer.close()
     # One session at a time, each reading the weights from files: the edited model's weight-less stub (its
@@ -88,11 +98,11 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
             recomputed = new_session(stubbed, so)
             del stubbed
-            after = _outputs(recomputed, _batches(data, batch, usable))
+            after = _outputs(_session_run(recomputed), _batches(data, batch, usable))
             del recomputed
             trim_heap()  # its freed weights back to the OS before the stored model's session reads them again
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, os.path.dirname(os.path.abspath(path)))
-            before = _outputs(new_session(path, so), _batches(data, batch, usable))
+            before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
     finally:

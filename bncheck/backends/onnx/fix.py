@@ -53,7 +53,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -588,6 +588,8 @@ def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
 
 
 Edit = Callable[[onnx.ModelProto, "_Sink"], None]
+#: one batch's feeds -> the model's outputs by name
+OutputsRun = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class _Sink:
@@ -788,10 +790,8 @@ class _Fixer:
         # outputs of the stale inference BNs, whose statistics a kept engine takes as inputs (measure)
         self.feedable: set[str] = set()
         self._engine: Any = None  # run._Engine, kept across passes while only fed statistics change
-        self._engine_layers: set[str] = set()
-        self._engine_current = False
         self._fed_like: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the fed statistics as first read
-        self._edits_before_engine = 0
+        self._engine_on_stored = False  # the kept engine was built before any edit
 
     # ------------------------------------------------------------------ statistics
 
@@ -803,7 +803,7 @@ class _Fixer:
         from bncheck.backends.onnx.run import measure_with
 
         names = {layer.name for layer in layers}
-        if self._engine is None or not self._engine_current or not names <= self._engine_layers:
+        if self._engine is None or not names <= {layer.name for layer in self._engine.layers}:
             self._open_engine(layers, cut)
         self._feed(self._statistics_now(list(self._engine.fed_inputs)))
         batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
@@ -837,27 +837,24 @@ class _Fixer:
         activations = self.check_memory()
         self._fed_like = self._statistics_now([layer.output for layer in layers if layer.output in self.feedable])
         self._engine = inputs_engine(work, layers, activations, fed=list(self._fed_like), cut=cut)
-        self._engine_layers = {layer.name for layer in layers}
-        self._engine_current = True
-        self._edits_before_engine = len(self.edits)
+        self._engine_on_stored = not self.edits
 
-    def compared_outputs(
-        self, batches: Callable[[], Iterable[dict[str, np.ndarray]]]
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
-        """The model's outputs on the ``batches()`` with the statistics as stored and as recomputed, through the
-        kept engine (no session of its own); None when that engine cannot give both: built on an edited model,
-        or the model edited since other than through fed statistics."""
-        if self._engine is None or not self._engine_current or self._edits_before_engine or self._engine.cut:
+    def stored_and_recomputed(self) -> tuple[OutputsRun, OutputsRun] | None:
+        """Runs of the model's outputs through the kept engine (no session of its own), with the statistics as
+        stored and as recomputed; None when that engine cannot give both: it was built on an edited model, or
+        none is kept (an edit other than a fed layer's statistics closed it)."""
+        if self._engine is None or not self._engine_on_stored:
             return None
-        found = []
-        for statistics in (self._fed_like, self._statistics_now(list(self._engine.fed_inputs))):
-            self._feed(statistics)
-            parts: dict[str, list[np.ndarray]] = {}
-            for feeds in batches():
-                for name, value in self._engine.observe(feeds, layers=False).outputs.items():
-                    parts.setdefault(name, []).append(np.asarray(value))
-            found.append({name: np.concatenate(chunks) for name, chunks in parts.items() if chunks[0].ndim})
-        return found[0], found[1]
+        engine = self._engine
+
+        def with_statistics(statistics: dict[str, tuple[np.ndarray, np.ndarray]]) -> OutputsRun:
+            def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                self._feed(statistics)
+                return engine.observe(feeds, layers=False).outputs
+
+            return run
+
+        return with_statistics(self._fed_like), with_statistics(self._statistics_now(list(engine.fed_inputs)))
 
     def _statistics_now(self, outputs: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The running mean and variance of the BatchNormalization nodes writing ``outputs``, as edited so far,
@@ -909,7 +906,7 @@ class _Fixer:
         edit(self.handle.model, _Sink(edited=self.handle.edited))
         self.edits.append(edit)
         if self._engine is not None and (fed is None or fed not in self._engine.fed_inputs):
-            self._engine_current = False
+            self.close()  # its graph holds what this edit changed: the next pass builds its own
 
     def apply(self, p: _Pending, stats: TensorStats | None) -> LayerFix:
         layer = p.layer
