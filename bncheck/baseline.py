@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bncheck.errors import UsageError
 from bncheck.findings import Finding
+from bncheck.outputs import replace_with
 
 BASELINE_VERSION = 1
 
@@ -42,15 +42,8 @@ def write(path: str, reports: Iterable[tuple[str, Iterable[Finding]]]) -> int:
         "bncheck_baseline": BASELINE_VERSION,
         "findings": [{"model": m, "code": c, "layer": layer} for m, c, layer in entries],
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bncheck-baseline-", dir=folder)
-    try:  # written whole or not at all: a gate must never read half a baseline
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # written whole or not at all: a gate must never read half a baseline
+    replace_with(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return len(entries)
 
 

@@ -41,24 +41,33 @@ def refuse_overwrite(
             raise UsageError(f"{target}: refusing to overwrite the input {what} with {option}: give another file name")
 
 
-def write_atomic(target: str, text: str) -> None:
-    """Write ``text`` to a new file next to ``target``, then rename it over ``target``.
+def replace_with(target: str, data: bytes) -> None:
+    """Write ``data`` to a new file next to ``target``, then rename it over ``target``: a reader sees the old
+    file or the new one, never half, and a failed write leaves no half file behind. Raises OSError.
 
     Through a symbolic link, the file it points to is replaced and the link kept. The temporary file is
-    created with ``os.open`` rather than ``tempfile``, whose files are mode 0600: the report gets the usual
-    permissions (0666 minus the umask), as ``open(target, "w")`` would give it; a replaced file keeps its mode.
+    created with ``os.open`` rather than ``tempfile``, whose files are mode 0600: the new file gets the usual
+    permissions (0666 minus the umask), as ``open(target, "wb")`` would give it; a replaced file keeps its mode.
     """
     final = os.path.realpath(target)
     folder, name = os.path.split(final)
     temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         if os.path.exists(final):
             os.chmod(temporary, os.stat(final).st_mode & 0o7777)
         os.replace(temporary, final)
-    except OSError as error:
+    except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        raise
+
+
+def write_atomic(target: str, text: str) -> None:
+    """A report written with :func:`replace_with`; failures become a one-line UsageError."""
+    try:
+        replace_with(target, text.encode("utf-8"))
+    except OSError as error:
         raise UsageError(f"{target}: cannot write the report: {error.strerror or error}") from error

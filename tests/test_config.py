@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -123,6 +125,17 @@ def test_baseline_round_trip_hides_known_findings_and_lists_gone_ones(tmp_path):
     assert [f.code for f in applied.kept] == ["BN002"]
     assert [f.code for f in applied.suppressed] == ["BN003"]
     assert applied.gone == [("a.onnx", "BN004", "bn2")]
+
+
+def test_baseline_file_gets_the_umask_permissions(tmp_path):
+    path = tmp_path / "baseline.json"
+    previous = os.umask(0o022)
+    try:
+        baseline.write(str(path), [("a.onnx", [_finding("BN003", "bn1")])])
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["baseline.json"]
 
 
 def test_a_file_that_is_not_a_baseline_is_refused(tmp_path):

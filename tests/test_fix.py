@@ -12,6 +12,8 @@ fixed model reproduces the original to float32 noise (1e-5 of the logits' spread
 from __future__ import annotations
 
 import json
+import os
+import stat
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
@@ -315,6 +317,22 @@ def test_refuses_to_overwrite_the_input(stale_model: str, calib: str) -> None:
     with pytest.raises(BncheckError, match="overwrite the input"):
         fix(stale_model, stale_model, calib)
     assert Path(stale_model).read_bytes() == before
+
+
+def test_written_model_gets_the_umask_permissions_and_a_replaced_one_keeps_its_mode(
+    stale_model: str, calib: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "f.onnx"
+    previous = os.umask(0o027)
+    try:
+        fix(stale_model, str(out), calib)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640  # 0666 minus the umask, as open() gives; not 0600
+    out.chmod(0o604)
+    fix(stale_model, str(out), calib)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o604
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx"]  # no temporary file left
 
 
 def test_refuses_too_few_samples_and_says_how_many(stale_model: str, tmp_path: Path) -> None:

@@ -51,7 +51,6 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,6 +75,7 @@ from bncheck.fix_result import (
     uncertainty,
 )
 from bncheck.model import Kind, ModelView, NormLayer, TensorStats
+from bncheck.outputs import replace_with
 
 #: a moments chain must agree with the batch-norm formula to this relative tolerance (float32 arithmetic).
 CHAIN_TOLERANCE = 1e-4
@@ -1069,7 +1069,7 @@ class _Fixer:
         offsets) and patched where a repaired tensor lives.
         """
         if not self.handle.external_data:
-            _atomic_write(self.handle.model.SerializeToString(), output)
+            replace_with(output, self.handle.model.SerializeToString())
             return [output]
         src = self.handle.path
         model = onnx.load(src, load_external_data=False)
@@ -1092,21 +1092,8 @@ class _Fixer:
         sink = _Sink(sink_targets)
         for edit in self.edits:
             edit(model, sink)
-        _atomic_write(model.SerializeToString(), output)
+        replace_with(output, model.SerializeToString())
         return [output] + written
-
-
-def _atomic_write(data: bytes, output: str) -> None:
-    """Write through a temporary file in the same folder: a failed write leaves no half model behind."""
-    fd, tmp = tempfile.mkstemp(prefix=".bncheck-", suffix=".onnx", dir=os.path.dirname(os.path.abspath(output)))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _drift_text(evidence: dict[str, Any]) -> str:
