@@ -1072,3 +1072,40 @@ def test_a_chain_of_stale_4d_layers_gets_the_statistics_of_its_input_with_the_la
     node = next(n for n in onnx.load(out).graph.node if n.name == "bn2")
     np.testing.assert_allclose(written[node.input[3]], expected.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(written[node.input[4]], expected.var, rtol=1e-5, atol=1e-6)
+
+
+def test_a_repair_replays_the_passes_an_earlier_one_made_on_the_same_data_and_writes_the_same_model(
+    tmp_path: Path,
+) -> None:
+    """`fix --data` repairs twice (the probe's dry run for BN003's output effect, then for real): the second
+    takes the first's passes from the log instead of running the data again, and writes what a repair that
+    measures its own writes. Another batch size, or equal data in other arrays, is measured anew."""
+    from dataclasses import replace
+
+    from bncheck.backends.onnx.fix import repair
+    from bncheck.backends.onnx.replay import PassLog
+    from bncheck.fix_result import FixRequest
+
+    src = save(convnet(stale=("bn1", "bn2")), tmp_path / "m.onnx")  # bn2 reads bn1: two passes
+    data = {"input": samples(64, seed=3)}
+
+    def repaired(request: FixRequest, log: PassLog):
+        outcome, fixer = repair(OnnxBackend().load(src), request, log)
+        fixer.close()
+        return outcome
+
+    log = PassLog()
+    dry = repaired(FixRequest(output=None, data=data, repair=frozenset({"BN003"}), dry_run=True), log)
+    assert dry.passes == 2 and log.replayed == 0
+    real = FixRequest(output=str(tmp_path / "a.onnx"), data=data, repair=frozenset({"BN002", "BN003"}))
+    replayed = repaired(real, log)
+    assert log.replayed == 2
+    measured = repaired(replace(real, output=str(tmp_path / "b.onnx")), PassLog())
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert [(e.layer, e.action, e.new) for e in replayed.layers] == [
+        (e.layer, e.action, e.new) for e in measured.layers
+    ]
+    assert {e.layer for e in replayed.layers if e.action == "recalibrated"} == {"bn1", "bn2"}
+    repaired(replace(real, output=str(tmp_path / "c.onnx"), batch_size=16), log)
+    repaired(replace(real, output=str(tmp_path / "d.onnx"), data={"input": data["input"].copy()}), log)
+    assert log.replayed == 2

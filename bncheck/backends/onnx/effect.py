@@ -18,6 +18,7 @@ from bncheck.probe_plan import compare_recalibrated
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.fix import OutputsRun
+    from bncheck.backends.onnx.replay import PassLog
 
 #: samples of the data fed for the output comparison (all of them up to this; its outputs are held in memory)
 MAX_SAMPLES = 1024
@@ -41,11 +42,14 @@ def _session_run(session: Any) -> OutputsRun:
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
 
-def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, dict[str, Any]]) -> Recalibration | str:
+def recalibration(
+    path: str, data: Mapping[str, np.ndarray], flagged: dict[str, dict[str, Any]], log: PassLog | None = None
+) -> Recalibration | str:
     """Recompute the statistics `fix` would (layers ``flagged`` by the probe's drift, and those never updated)
     on a fresh copy of the model, and compare its outputs on the data with the stored model's.
 
-    Returns a reason (str) when it cannot be measured (e.g. too few samples for `fix`'s rule)."""
+    Returns a reason (str) when it cannot be measured (e.g. too few samples for `fix`'s rule). ``log``: where the
+    dry run's passes are kept (the probed view's, so that `fix` of that view replays them)."""
     import onnxruntime as ort
 
     from bncheck.backends.onnx import OnnxBackend
@@ -57,7 +61,7 @@ def recalibration(path: str, data: Mapping[str, np.ndarray], flagged: dict[str, 
     view = OnnxBackend().load(path)
     request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
     try:
-        outcome, fixer = repair(view, request)  # a dry run edits the loaded copy in memory and writes nothing
+        outcome, fixer = repair(view, request, log)  # a dry run edits the loaded copy in memory and writes nothing
     except OverBudgetError as exc:  # its remedy names fix's --batch-size, which a probe does not have
         return exc.summary
     except BackendError as exc:

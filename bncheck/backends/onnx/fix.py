@@ -54,7 +54,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -64,6 +64,7 @@ from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import node_reads
 from bncheck.backends.onnx.load import OnnxHandle
+from bncheck.backends.onnx.replay import PassLog, PassStats, log_of
 from bncheck.fix_result import (
     MIN_SAMPLES,
     FixOutcome,
@@ -113,7 +114,7 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     return outcome
 
 
-def repair(view: ModelView, request: FixRequest) -> tuple[FixOutcome, _Fixer]:
+def repair(view: ModelView, request: FixRequest, log: PassLog | None = None) -> tuple[FixOutcome, _Fixer]:
     """Plan, measure and apply the repairs of ``view``'s model; write ``request.output`` unless a dry run.
     Returns the outcome and the fixer, whose measuring engine the caller closes (:meth:`_Fixer.close`).
 
@@ -122,10 +123,14 @@ def repair(view: ModelView, request: FixRequest) -> tuple[FixOutcome, _Fixer]:
     dry run). ``request.flagged`` maps the layers the original model's probe reported as BN003 drift to
     that finding's evidence: they are recalibrated even when, with their upstream layers repaired, their
     drift falls under the thresholds. Raises BackendError for refusals, before anything is measured.
+
+    ``log``: where the passes are kept and replayed from (replay.py); by default the view's own.
     """
     # large external tensors stay in their files: every session reads them from there (instrument.stub), the
     # edits are small tensors held in memory, and the written model replays them on the file (_Fixer.write)
     plan = _prepare(view, request)
+    if log is None:
+        log = log_of(view.handle)
     fixer = _Fixer(
         view.handle,
         request.data or {},
@@ -134,6 +139,7 @@ def repair(view: ModelView, request: FixRequest) -> tuple[FixOutcome, _Fixer]:
         request.data_label,
         request.flagged,
         fixed=plan.fixed,
+        log=log,
     )
     try:
         return _repair(view, request, plan, fixer), fixer
@@ -178,7 +184,7 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
             undecided = sum(1 << k for k in remaining)
             frontier = {k for k in remaining if not ups[k] & undecided}  # nothing undecided above them
             measured = [k for k in remaining if k in frontier] if cut else remaining
-            stats = fixer.measure([pending[k].layer for k in measured], cut=cut)
+            stats = fixer.pass_stats([pending[k].layer for k in measured], cut=cut)
             passes += 1
             changed = 0
             later = []
@@ -587,7 +593,21 @@ def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
 # ====================================================================== measuring and editing
 
 
-Edit = Callable[[onnx.ModelProto, "_Sink"], None]
+class Edit(NamedTuple):
+    """A repair, replayed on the working copy and again on the file written; ``key`` tells it from any other
+    (the pass log's key: two repairs that made the same edits measure the same model)."""
+
+    apply: Callable[[onnx.ModelProto, _Sink], None]
+    key: tuple[Any, ...]
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 #: one batch's feeds -> the model's outputs by name
 OutputsRun = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -674,7 +694,7 @@ def _edit_stats(node_key: str, mean: np.ndarray, var: np.ndarray, dtype: int) ->
         _set_stat_input(model, sink, node_key, 3, mean, dtype, "running_mean")
         _set_stat_input(model, sink, node_key, 4, var, dtype, "running_var")
 
-    return edit
+    return Edit(edit, ("stats", node_key, _digest(mean, var), dtype))
 
 
 def _edit_to_inference(node_key: str, opset: int) -> Edit:
@@ -691,7 +711,7 @@ def _edit_to_inference(node_key: str, opset: int) -> Edit:
             node.attribute.append(helper.make_attribute("is_test", 1))
         _delete_where(model.graph.value_info, lambda v: v.name in removed)
 
-    return edit
+    return Edit(edit, ("inference", node_key, opset))
 
 
 def _edit_replace_chain(
@@ -739,7 +759,8 @@ def _edit_replace_chain(
         removed_values = {o for pos in drop for o in old[pos].output if o and o != output}
         _delete_where(graph.value_info, lambda v: v.name in removed_values)
 
-    return edit
+    labels = ("scale", "bias", "mean", "var")
+    return Edit(edit, ("chain", tuple(keys), output, x, eps, name, _digest(*(params[k] for k in labels)), dtype, opset))
 
 
 def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:
@@ -777,8 +798,11 @@ class _Fixer:
         data_label: str,
         flagged: dict[str, dict[str, Any]],
         fixed: bool = False,
+        log: PassLog | None = None,
     ) -> None:
         self.handle = handle
+        self.log = log if log is not None else PassLog()
+        self.passes = 0
         self.fixed = fixed  # the model's batch dimension is fixed: every batch must be full
         self.data = data
         self.batch = batch
@@ -808,6 +832,20 @@ class _Fixer:
         self._feed(self._statistics_now(list(self._engine.fed_inputs)))
         batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
         return {name: stats for name, stats in measure_with(self._engine, batches).items() if name in names}
+
+    def pass_stats(self, layers: list[NormLayer], cut: bool = False) -> PassStats:
+        """:meth:`measure` for the next pass, replayed from the log where an earlier repair made this same pass."""
+        key = (
+            tuple(edit.key for edit in self.edits),
+            tuple(layer.name for layer in layers),
+            cut,
+            self.batch,
+            self.fixed,
+        )
+        data = tuple(self.data[name] for name in sorted(self.data))
+        stats = self.log.open(self.passes, (tuple(sorted(self.data)), key), data, lambda: self.measure(layers, cut))
+        self.passes += 1
+        return stats
 
     def _feed(self, statistics: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Set the kept engine's fed statistics (BN output -> mean, variance), in the types and shapes it declares.
@@ -903,7 +941,7 @@ class _Fixer:
     def record(self, edit: Edit, fed: str | None = None) -> None:
         """Apply ``edit`` and keep it for :meth:`write`; ``fed``: the output of the BN whose statistics alone
         it sets (the kept engine reads them at its next pass when it feeds them; else it is rebuilt)."""
-        edit(self.handle.model, _Sink(edited=self.handle.edited))
+        edit.apply(self.handle.model, _Sink(edited=self.handle.edited))
         self.edits.append(edit)
         if self._engine is not None and (fed is None or fed not in self._engine.fed_inputs):
             self.close()  # its graph holds what this edit changed: the next pass builds its own
@@ -1091,7 +1129,7 @@ class _Fixer:
             sink_targets[tensor.name] = (os.path.join(out_dir, new_location), offset, length)
         sink = _Sink(sink_targets)
         for edit in self.edits:
-            edit(model, sink)
+            edit.apply(model, sink)
         replace_with(output, model.SerializeToString())
         return [output] + written
 

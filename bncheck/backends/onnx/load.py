@@ -61,6 +61,9 @@ class OnnxHandle:
     # True: a probe keeps the weights in ``model`` instead of releasing and re-reading them afterwards (`fix`
     # reads the model again after probing it; it sets this when the file is small enough to hold twice)
     keep_weights: bool = False
+    # fix's measuring passes on this model (replay.PassLog), which a later repair of it with the same data
+    # replays: `fix --data` repairs once as the probe's dry run, then for real
+    fix_passes: Any = None
 
     def defer_model(self, placeholder: onnx.ModelProto, reload: Callable[[], onnx.ModelProto]) -> None:
         """Hold ``placeholder`` until ``model`` is next read, then replace it by ``reload()`` (called once;
