@@ -1109,3 +1109,28 @@ def test_a_repair_replays_the_passes_an_earlier_one_made_on_the_same_data_and_wr
     repaired(replace(real, output=str(tmp_path / "c.onnx"), batch_size=16), log)
     repaired(replace(real, output=str(tmp_path / "d.onnx"), data={"input": data["input"].copy()}), log)
     assert log.replayed == 2
+
+
+def test_fix_with_data_replays_every_pass_of_the_probes_dry_run_then_lets_the_log_go(tmp_path: Path) -> None:
+    """`fix --data`'s steps on one loaded view: check_fix gives it a pass log, the probe of the original fills
+    it (BN003's output effect runs the repair as a dry run), the repair replays every pass and drops the log.
+    A probe alone keeps none."""
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+    from bncheck.fix_result import FixRequest
+
+    src = save(convnet(stale=("bn1", "bn2")), tmp_path / "m.onnx")
+    data = {"input": samples(64, seed=3)}
+    backend = OnnxBackend()
+    settings = ProbeSettings(data=data, data_path="calib.npz", data_source="calib.npz", batch_sizes=(1, 2, 32))
+    alone = backend.load(src)
+    assert engine.probe_view(backend, alone, settings).probes[0].recalibration is not None
+    assert alone.handle.fix_passes is None
+    view = backend.load(src)
+    request = FixRequest(output=str(tmp_path / "f.onnx"), data=data, repair=frozenset({"BN002", "BN003"}))
+    backend.check_fix(view, request)
+    log = view.handle.fix_passes
+    report = engine.probe_view(backend, view, settings)
+    assert report.probes[0].recalibration is not None and len(log.passes) == 2 and log.replayed == 0
+    outcome = backend.fix(view, request)
+    assert outcome.passes == 2 and log.replayed == 2 and view.handle.fix_passes is None

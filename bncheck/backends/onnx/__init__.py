@@ -52,6 +52,10 @@ class OnnxBackend(Backend):
         # fix probes the original, then edits the same loaded model: keep its weights through the probe (one
         # read of the file) unless holding them twice would cost too much memory
         view.handle.keep_weights = view.handle.size_bytes <= KEEP_WEIGHTS_BYTES
+        if request.data is not None:  # the probe's dry run of the repair (BN003's output effect) keeps its passes
+            from bncheck.backends.onnx.replay import PassLog
+
+            view.handle.fix_passes = PassLog()
 
     def fix(self, view: ModelView, request: FixRequest) -> FixOutcome:
         from bncheck.backends.onnx.fix import fix_onnx

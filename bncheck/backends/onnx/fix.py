@@ -64,7 +64,7 @@ from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import node_reads
 from bncheck.backends.onnx.load import OnnxHandle
-from bncheck.backends.onnx.replay import PassLog, PassStats, log_of
+from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
     MIN_SAMPLES,
     FixOutcome,
@@ -111,6 +111,7 @@ def fix_onnx(view: ModelView, request: FixRequest) -> FixOutcome:
     (see :func:`repair`)."""
     outcome, fixer = repair(view, request)
     fixer.close()
+    view.handle.fix_passes = None  # the passes of the probe's dry run have no other reader: their statistics go
     return outcome
 
 
@@ -124,13 +125,14 @@ def repair(view: ModelView, request: FixRequest, log: PassLog | None = None) -> 
     that finding's evidence: they are recalibrated even when, with their upstream layers repaired, their
     drift falls under the thresholds. Raises BackendError for refusals, before anything is measured.
 
-    ``log``: where the passes are kept and replayed from (replay.py); by default the view's own.
+    ``log``: where the passes are kept and replayed from (replay.py); by default the view's own, set by
+    ``OnnxBackend.check_fix`` when `fix --data` is to probe the view first, else none is kept.
     """
     # large external tensors stay in their files: every session reads them from there (instrument.stub), the
     # edits are small tensors held in memory, and the written model replays them on the file (_Fixer.write)
     plan = _prepare(view, request)
     if log is None:
-        log = log_of(view.handle)
+        log = view.handle.fix_passes or PassLog(dropped=True)  # a log only where fix set one (check_fix)
     fixer = _Fixer(
         view.handle,
         request.data or {},

@@ -62,7 +62,7 @@ class OnnxHandle:
     # reads the model again after probing it; it sets this when the file is small enough to hold twice)
     keep_weights: bool = False
     # fix's measuring passes on this model (replay.PassLog), which a later repair of it with the same data
-    # replays: `fix --data` repairs once as the probe's dry run, then for real
+    # replays: `fix --data` repairs once as the probe's dry run, then for real (set by OnnxBackend.check_fix)
     fix_passes: Any = None
 
     def defer_model(self, placeholder: onnx.ModelProto, reload: Callable[[], onnx.ModelProto]) -> None:

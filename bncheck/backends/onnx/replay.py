@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -82,11 +81,3 @@ class PassStats:
         self._entry.read[name] = found
         self._log._count(found)
         return found
-
-
-def log_of(handle: Any) -> PassLog:
-    """The pass log of a loaded model (``OnnxHandle.fix_passes``), made on first use."""
-    if handle.fix_passes is None:
-        handle.fix_passes = PassLog()
-    log: PassLog = handle.fix_passes
-    return log

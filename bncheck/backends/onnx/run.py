@@ -843,9 +843,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     flagged = drifting_layers(view, result)
     if flagged and settings.data is not None:
         from bncheck.backends.onnx.effect import recalibration
-        from bncheck.backends.onnx.replay import log_of
 
-        found = recalibration(handle.path, settings.data, flagged, log_of(handle))
+        found = recalibration(handle.path, settings.data, flagged, handle.fix_passes)
         if isinstance(found, str):
             result.notes.append(f"output effect of the drifting statistics not measured: {found}")
         else:
