@@ -89,6 +89,21 @@ BROWSER_SERVICES = re.compile(
 )
 
 
+def _request_line(conn: socket.socket) -> bytes:
+    """The first line a client sent on ``conn`` (empty when it closed without sending anything)."""
+    conn.settimeout(5)
+    data = b""
+    try:
+        while b"\r\n" not in data and len(data) < 4096:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data.split(b"\r\n")[0]
+
+
 def _chromium(page: Path, *extra: str) -> tuple[str, list[bytes]]:
     """Open ``page`` in headless Chromium behind a local proxy; the DOM and the requests the page made."""
     requests: list[bytes] = []
@@ -104,8 +119,9 @@ def _chromium(page: Path, *extra: str) -> tuple[str, list[bytes]]:
                 conn, _ = server.accept()
             except OSError:
                 continue
-            line = conn.recv(300).split(b"\r\n")[0]
-            if not BROWSER_SERVICES.match(line):
+            line = _request_line(conn)
+            # a connection closed before any byte is Chromium's preconnect, not a request
+            if line and not BROWSER_SERVICES.match(line):
                 requests.append(line)
             conn.close()
 
