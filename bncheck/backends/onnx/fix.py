@@ -132,7 +132,7 @@ def repair(view: ModelView, request: FixRequest, log: PassLog | None = None) -> 
     # edits are small tensors held in memory, and the written model replays them on the file (_Fixer.write)
     plan = _prepare(view, request)
     if log is None:
-        log = view.handle.fix_passes or PassLog(dropped=True)  # a log only where fix set one (check_fix)
+        log = view.handle.fix_passes  # set by check_fix only
     fixer = _Fixer(
         view.handle,
         request.data or {},
@@ -156,7 +156,6 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
     results = plan.results
     for layer in plan.stored:  # train-mode layers switched to inference with their own statistics
         fixer.record(_edit_to_inference("out:" + layer.output, fixer.opset))
-    passes = 0
     pending = plan.pending
     if data is None:
         for p in pending:
@@ -187,7 +186,6 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
             frontier = {k for k in remaining if not ups[k] & undecided}  # nothing undecided above them
             measured = [k for k in remaining if k in frontier] if cut else remaining
             stats = fixer.pass_stats([pending[k].layer for k in measured], cut=cut)
-            passes += 1
             changed = 0
             later = []
             for k in remaining:
@@ -212,7 +210,7 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
         for e in layers
         if e.uncertainty is not None and e.uncertainty.large
     ]
-    return FixOutcome(layers, written, plan.samples, plan.samples, plan.batch, passes, plan.padded, notes)
+    return FixOutcome(layers, written, plan.samples, plan.samples, plan.batch, fixer.passes, plan.padded, notes)
 
 
 def precheck(view: ModelView, request: FixRequest) -> None:
@@ -803,8 +801,8 @@ class _Fixer:
         log: PassLog | None = None,
     ) -> None:
         self.handle = handle
-        self.log = log if log is not None else PassLog()
-        self.passes = 0
+        self.log = log if log is not None else PassLog(dropped=True)  # none given: nothing kept
+        self.passes = 0  # passes over the data so far (measured or replayed)
         self.fixed = fixed  # the model's batch dimension is fixed: every batch must be full
         self.data = data
         self.batch = batch
@@ -837,15 +835,17 @@ class _Fixer:
 
     def pass_stats(self, layers: list[NormLayer], cut: bool = False) -> PassStats:
         """:meth:`measure` for the next pass, replayed from the log where an earlier repair made this same pass."""
+        names = sorted(self.data)
         key = (
             tuple(edit.key for edit in self.edits),
             tuple(layer.name for layer in layers),
             cut,
             self.batch,
             self.fixed,
+            tuple(names),
         )
-        data = tuple(self.data[name] for name in sorted(self.data))
-        stats = self.log.open(self.passes, (tuple(sorted(self.data)), key), data, lambda: self.measure(layers, cut))
+        data = tuple(self.data[name] for name in names)
+        stats = self.log.open(self.passes, key, data, lambda: self.measure(layers, cut))
         self.passes += 1
         return stats
 
