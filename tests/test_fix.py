@@ -1134,3 +1134,123 @@ def test_fix_with_data_replays_every_pass_of_the_probes_dry_run_then_lets_the_lo
     assert report.probes[0].recalibration is not None and len(log.passes) == 2 and log.replayed == 0
     outcome = backend.fix(view, request)
     assert outcome.passes == 2 and log.replayed == 2 and view.handle.fix_passes is None
+
+
+def residual_net(*, fixed_batch: int | None = None) -> onnx.ModelProto:
+    """input -> conv1 -> bn1 -> relu1 -> conv2 -> bn2 -> relu2 -> conv3 -> bn3 -> (+ relu1) -> relu3 -> conv4
+    -> bn4 -> GAP -> flatten -> gemm. Every BN holds running mean 0 / var 1 (never updated), so each drifts
+    and waits for the one upstream of it: four passes, and relu1 is read three passes after it is computed."""
+    rng = np.random.default_rng(11)
+    inits: list[TensorProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    nodes = []
+
+    def conv_bn(i: int, x: str, cin: int, cout: int) -> str:
+        w = const(f"conv{i}.w", rng.normal(0, 1 / np.sqrt(cin * 9), (cout, cin, 3, 3)))
+        nodes.append(helper.make_node("Conv", [x, w], [f"conv{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        params = [
+            const(f"bn{i}.scale", rng.uniform(0.6, 1.4, cout)),
+            const(f"bn{i}.bias", rng.uniform(-0.2, 0.2, cout) + 0.5),
+            const(f"bn{i}.mean", np.zeros(cout)),
+            const(f"bn{i}.var", np.ones(cout)),
+        ]
+        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}", *params], [f"bn{i}"], name=f"bn{i}"))
+        return f"bn{i}"
+
+    nodes.append(helper.make_node("Relu", [conv_bn(1, "input", C_IN, C1)], ["relu1"], name="relu1"))
+    nodes.append(helper.make_node("Relu", [conv_bn(2, "relu1", C1, C1)], ["relu2"], name="relu2"))
+    nodes.append(helper.make_node("Add", [conv_bn(3, "relu2", C1, C1), "relu1"], ["sum"], name="add"))
+    nodes.append(helper.make_node("Relu", ["sum"], ["relu3"], name="relu3"))
+    nodes.append(helper.make_node("GlobalAveragePool", [conv_bn(4, "relu3", C1, C2)], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
+    nodes.append(
+        helper.make_node("Gemm", ["flat", const("fc.w", rng.normal(0, 0.5, (C2, CLASSES)))], ["logits"], name="fc")
+    )
+    batch: int | str = fixed_batch if fixed_batch is not None else "N"
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("input", F32, [batch, C_IN, HW, HW])],
+        [helper.make_tensor_value_info("logits", F32, [batch, CLASSES])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], producer_name="test-fix")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _statistics(path: str) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer if t.name.startswith("bn")}
+
+
+@pytest.mark.parametrize("fixed_batch", [None, 8], ids=["free-batch", "batch-fixed-to-8"])
+def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_the_statistics_of_full_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_batch: int | None
+) -> None:
+    """Each pass after the first measures the next layer of the chain (frontier.py): from the tensors the
+    pass before computed, so that no node runs twice, and relu1 is kept until the Add that reads it three
+    passes later. The written statistics are those of passes run from the model's inputs (what a memory
+    budget too small for the kept tensors falls back to), to float32 rounding. 20 samples by 8 with a fixed
+    batch: the last batch holds 4 repeats, which count in neither."""
+    from bncheck.backends.onnx import frontier
+    from bncheck.backends.onnx.fix import repair
+    from bncheck.fix_result import FixRequest
+
+    src = save(residual_net(fixed_batch=fixed_batch), tmp_path / "m.onnx")
+    data = {"input": samples(20, seed=5)}
+
+    def repaired(name: str):
+        request = FixRequest(output=str(tmp_path / name), data=data, repair=frozenset({"BN003"}), batch_size=8)
+        outcome, fixer = repair(OnnxBackend().load(src), request)
+        fixer.close()
+        return outcome, fixer
+
+    kept, fixer = repaired("kept.onnx")
+    assert kept.passes == 4 and fixer.frontier_off is None
+    assert fixer.segments == 3  # passes 2-4; the first measures every layer at once, from the inputs
+    # conv1..conv2, then bn2..conv3, then bn3..conv4: 11 of the 15 nodes; from the inputs 4 + 7 + 11
+    assert fixer.segment_nodes == 11
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    full, fallback = repaired("full.onnx")
+    assert fallback.segments == 0 and "memory budget" in str(fallback.frontier_off)
+    assert [(e.layer, e.action) for e in kept.layers] == [(e.layer, e.action) for e in full.layers]
+    assert {e.action for e in kept.layers} == {"recalibrated"}
+    a, b = _statistics(str(tmp_path / "kept.onnx")), _statistics(str(tmp_path / "full.onnx"))
+    assert a.keys() == b.keys() and len(a) == 16
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # and they are the data's: bn1's mean is its input's over the 20 samples (the repeats left out)
+    model = onnx.load(src)
+    model.graph.output.append(helper.make_tensor_value_info("conv1", F32, None))
+    taps = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = data["input"]
+    batches = [x[i : i + 8] for i in range(0, 20, 8)]
+    if fixed_batch is not None:
+        batches[-1] = np.concatenate([batches[-1], x[: 8 - len(batches[-1])]])
+    conv = np.concatenate([taps.run(["conv1"], {"input": part})[0] for part in batches])[:20]
+    np.testing.assert_allclose(a["bn1.mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_a_graph_with_subgraphs_or_other_layers_is_measured_from_its_inputs(tmp_path: Path) -> None:
+    """If/Loop/Scan bodies read outer tensors by name, which a segment of the graph would not declare: such
+    graphs, and layers other than BatchNormalization, keep the passes from the model's inputs."""
+    from dataclasses import replace
+
+    from bncheck.backends.onnx import frontier
+
+    model = residual_net()
+    layers = OnnxBackend().load(save(model, tmp_path / "m.onnx")).layers
+    assert len(layers) == 4 and frontier.supports(model, layers)
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["logits"], ["t"])], "then", [], [helper.make_tensor_value_info("t", F32, None)]
+    )
+    branching = onnx.ModelProto()
+    branching.CopyFrom(model)
+    branching.graph.node.append(helper.make_node("If", ["cond"], ["chosen"], then_branch=then, else_branch=then))
+    assert not frontier.supports(branching, layers)
+    assert not frontier.supports(model, [*layers, replace(layers[0], op_type="InstanceNormalization")])

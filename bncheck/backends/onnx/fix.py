@@ -200,6 +200,7 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
             # for them to wait again: it measures the next frontier alone, and computes nothing below it
             cut = bool(changed) and bool(later) and all(k in frontier for k in remaining if k not in later)
             remaining = later
+        fixer.drop_frontier()  # the repair is decided: the kept tensors have no other reader
     if not request.dry_run:
         fixer.close()  # the measuring session's memory back before the model is serialized
     written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
@@ -816,6 +817,10 @@ class _Fixer:
         self._engine: Any = None  # run._Engine, kept across passes while only fed statistics change
         self._fed_like: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the fed statistics as first read
         self._engine_on_stored = False  # the kept engine was built before any edit
+        self._frontier: Any = None  # frontier.Frontier: the cut passes' kept tensors
+        self.frontier_off: str | None = None  # why the cut passes stopped running from kept tensors
+        self.segments = 0  # segment sessions the cut passes ran from kept tensors
+        self.segment_nodes = 0  # the nodes those sessions ran
 
     # ------------------------------------------------------------------ statistics
 
@@ -827,11 +832,41 @@ class _Fixer:
         from bncheck.backends.onnx.run import measure_with
 
         names = {layer.name for layer in layers}
+        if cut:
+            found = self._from_frontier(layers)
+            if found is not None:
+                return found
         if self._engine is None or not names <= {layer.name for layer in self._engine.layers}:
             self._open_engine(layers, cut)
         self._feed(self._statistics_now(list(self._engine.fed_inputs)))
         batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
         return {name: stats for name, stats in measure_with(self._engine, batches).items() if name in names}
+
+    def _from_frontier(self, layers: list[NormLayer]) -> dict[str, TensorStats] | None:
+        """A cut pass's statistics from the tensors earlier cut passes kept (frontier.py); None when it cannot
+        run so (then it never tries again in this repair, but for a pass of layers it does not handle)."""
+        from bncheck.backends.onnx import frontier
+
+        if self.frontier_off is not None or not frontier.supports(self.handle.model, layers):
+            return None
+        if self._frontier is None:
+            batches = list(calibration_batches(self.data, self.batch, fixed=self.fixed))
+            if not batches:
+                return None
+            self._frontier = frontier.Frontier(self.handle, batches)
+        try:
+            return self._frontier.measure(layers)
+        except frontier.Unsupported as exc:
+            self.frontier_off = str(exc)
+            self.drop_frontier()
+            return None
+
+    def drop_frontier(self) -> None:
+        if self._frontier is not None:
+            self.segments += self._frontier.segments
+            self.segment_nodes += self._frontier.nodes_run
+            self._frontier.close()
+        self._frontier = None
 
     def pass_stats(self, layers: list[NormLayer], cut: bool = False) -> PassStats:
         """:meth:`measure` for the next pass, replayed from the log where an earlier repair made this same pass."""
@@ -917,6 +952,7 @@ class _Fixer:
         if self._engine is not None:
             self._engine.close()
         self._engine = None
+        self.drop_frontier()
 
     def check_memory(self) -> int | None:
         """Refuse a calibration batch whose run cannot fit the memory budget, before any session is built;

@@ -1,0 +1,258 @@
+"""fix's cut passes from kept activations: each pass runs only the nodes between the last pass's layers and
+its own, not the model from its inputs.
+
+A cut pass measures the frontier: the layers with no undecided layer upstream. Every layer upstream of
+their inputs is decided and its repair already written into the model, so the tensors computed on the way
+to those inputs keep their values for every later pass. :class:`Frontier` keeps, for each batch of the
+data, the ones that a node not yet run still reads; the next pass feeds them to a model of the nodes in
+between (a segment). A chain of k drifting layers then costs about one forward pass of the data instead of
+k passes of growing depth (docs/architecture.md, "fix").
+
+The segment's outputs are the layers' inputs themselves, so their statistics are computed here in numpy,
+in float64, from the whole tensors (the probe's reference form, :func:`bncheck.probe_plan.tensor_stats`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bncheck import budget
+from bncheck.backends.onnx.graph import node_reads
+from bncheck.errors import one_line
+from bncheck.model import NormLayer, TensorStats
+from bncheck.probe_plan import first_samples, merge_stats
+
+if TYPE_CHECKING:
+    import onnx
+
+    from bncheck.backends.onnx.load import OnnxHandle
+
+#: the kept tensors may take at most this share of the memory budget (bncheck.budget); past it the repair
+#: measures the rest of its passes from the model's inputs, as without them
+BUDGET_SHARE = 0.25
+
+
+#: what a let-go batch value becomes (its tensor is dropped after the pass)
+_SPENT = np.empty(0, np.float32)
+
+
+class Unsupported(Exception):
+    """The frontier cannot serve this pass (a layer or graph it does not handle, too many bytes kept):
+    the caller measures it the usual way."""
+
+
+def supports(model: onnx.ModelProto, layers: Iterable[NormLayer]) -> bool:
+    """Whether a cut pass over ``layers`` can run from kept tensors: BatchNormalization layers only (their
+    input is one tensor with the batch on axis 0 and the channels on axis 1), in a graph without subgraphs
+    (If/Loop/Scan read outer tensors by name) or model-local functions."""
+    if model.functions:
+        return False
+    if any(attr.type in (5, 10) for node in model.graph.node for attr in node.attribute):  # GRAPH, GRAPHS
+        return False
+    return all(
+        layer.op_type == "BatchNormalization" and layer.batch_axis == 0 and layer.channel_axis == 1 for layer in layers
+    )
+
+
+def input_stats(x: np.ndarray, real: int) -> TensorStats:
+    """Per-sample, per-channel mean and mean of squares of an [N, C, ...] tensor in float64, over its first
+    ``real`` samples (a fixed batch's repeats left out). min, max and zeros are not counted: fix reads the
+    moments and the NaN/Inf count only. Why not tensor_stats: it makes several float64 copies of the whole
+    batch (800 MB for 32 maps of 64 x 112 x 112); this goes sample by sample."""
+    n, c = int(x.shape[0]), int(x.shape[1])
+    flat = x.reshape(n, c, -1)
+    length = flat.shape[2]
+    mean = np.zeros((n, c))
+    sq = np.zeros((n, c))
+    nonfinite = np.zeros(c, np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i in range(n):
+            sample = flat[i].astype(np.float64)
+            if length:
+                mean[i] = sample.mean(axis=1)
+                sq[i] = np.einsum("cl,cl->c", sample, sample) / length
+            if i < real and not (np.isfinite(mean[i]).all() and np.isfinite(sq[i]).all()):
+                nonfinite += (~np.isfinite(sample)).sum(axis=1)
+    stats = TensorStats(
+        batch_size=n,
+        count=n * length,
+        sample_mean=mean,
+        sample_sq=sq,
+        min=np.full(c, np.nan),
+        max=np.full(c, np.nan),
+        zeros=np.zeros(c, np.int64),
+        nonfinite=nonfinite,
+        zeros_exact=False,
+        minmax_measured=False,
+    )
+    return first_samples(stats, real)
+
+
+class Frontier:
+    """The tensors that fix's cut passes so far computed and later nodes still read, per batch of the data.
+
+    ``batches`` are the calibration batches (feeds, real samples), the graph inputs' values. Valid for one
+    repair: its edits must only ever touch the layers being decided (fix's rule), never a node upstream of
+    a kept tensor.
+    """
+
+    def __init__(self, handle: OnnxHandle, batches: list[tuple[dict[str, np.ndarray], int]]) -> None:
+        self.handle = handle
+        self.real = [real for _, real in batches]
+        self.values: dict[str, list[np.ndarray]] = {
+            name: [feeds[name] for feeds, _ in batches] for name in batches[0][0]
+        }
+        self.computed: set[str] = set(self.values)  # tensors with known values (kept now or already read)
+        self.limit = int(budget.budget() * BUDGET_SHARE)
+        self._stubs: dict[str, Any] | None = None
+        self._folder: str | None = None
+        self._tmp: str | None = None
+        self.segments = 0  # sessions run (a pass whose inputs are all kept runs none)
+        self.nodes_run = 0  # nodes of those sessions: each node of the model at most once over a repair
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for arrays in self.values.values() for a in arrays)
+
+    def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
+        """The input statistics of ``layers`` (a frontier: nothing undecided upstream of them) over the data,
+        the model as edited so far; raises :class:`Unsupported` when this pass cannot run from here."""
+        model = self.handle.model
+        nodes = list(model.graph.node)
+        targets = list(dict.fromkeys(layer.input for layer in layers))
+        stored = {t.name for t in model.graph.initializer}
+        producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+        segment: set[int] = set()
+        stack = [t for t in targets if t not in self.values]
+        while stack:
+            name = stack.pop()
+            if name in self.values or name in stored or not name:
+                continue
+            index = producer.get(name)
+            if index is None:
+                raise Unsupported(f"{name!r} is neither computed nor kept")
+            if index not in segment:
+                segment.add(index)
+                stack.extend(node_reads(nodes[index]))
+        ordered = sorted(segment)  # graph order is topological (an ONNX requirement)
+        written = [out for i in ordered for out in nodes[i].output if out]
+        self.computed.update(written)
+        # what the nodes not run yet read: those tensors are kept, all others dropped
+        pending = [node for node in nodes if not all(out in self.computed for out in node.output if out)]
+        read_later = {name for node in pending for name in node_reads(node)} | set(targets)
+        fetch = [name for name in dict.fromkeys(written) if name in read_later]
+        spent = [name for name in self.values if name not in read_later]
+        if ordered:
+            self._run(model, [nodes[i] for i in ordered], fetch, spent)
+        for name in spent:
+            del self.values[name]
+        found: dict[str, TensorStats] = {}
+        for layer in layers:
+            arrays = self.values[layer.input]
+            found[layer.name] = merge_stats(input_stats(a, real) for a, real in zip(arrays, self.real))
+        return found
+
+    def _run(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto], fetch: list[str], spent: list[str]) -> None:
+        """Run ``nodes`` on every batch, from the kept tensors they read, and keep ``fetch``; a batch's values
+        of ``spent`` (read by these nodes last) are let go once it ran, so that the old frontier and the new
+        are not both whole in memory."""
+        from onnx import helper
+
+        from bncheck.backends.onnx.run import new_session, session_options
+
+        produced = {out for node in nodes for out in node.output if out}
+        # an initializer that a graph input of the same name overrides is fed, as in the model
+        stored = {t.name for t in model.graph.initializer} - set(self.values)
+        reads = [name for node in nodes for name in node_reads(node) if name not in produced and name not in stored]
+        sources = [name for name in dict.fromkeys(reads) if name]
+        missing = [name for name in sources if name not in self.values]
+        if missing:
+            raise Unsupported(f"{missing[0]!r} is read but not kept")
+        self._within_limit(0)
+        types = self.handle.value_types
+        if any(not types.get(name) for name in fetch):
+            raise Unsupported("a tensor to keep has no known type")
+        graph = helper.make_graph(
+            [_copy_node(node) for node in nodes],
+            "segment",
+            [_declared(name, self.values[name]) for name in sources],
+            [helper.make_tensor_value_info(name, int(types[name]), None) for name in fetch],
+            initializer=self._initializers({name for node in nodes for name in node_reads(node)} & stored),
+        )
+        segment = helper.make_model(graph, opset_imports=list(model.opset_import))
+        segment.ir_version = max(int(model.ir_version), 4)  # IR < 4 would want the weights listed as inputs
+        import onnxruntime as ort
+
+        options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, self._folder or "")
+        # a session per pass, each with its own arena beside the kept tensors: resnet50-b's probe --data
+        # peaked at 1.58 GB with arenas, 1.16 GB without (+0.4 s over 48 passes)
+        options.enable_cpu_mem_arena = False
+        kept: dict[str, list[np.ndarray]] = {name: [] for name in fetch}
+        try:
+            session = new_session(segment, options)
+            del segment, graph
+            self.segments += 1
+            self.nodes_run += len(nodes)
+            for b in range(len(self.real)):
+                outputs = session.run(fetch, {name: self.values[name][b] for name in sources})
+                for name in spent:
+                    self.values[name][b] = _SPENT
+                for name, value in zip(fetch, outputs):
+                    kept[name].append(value)
+                self._within_limit(sum(a.nbytes for arrays in kept.values() for a in arrays))
+        except Unsupported:
+            raise
+        except Exception as exc:  # the passes from the model's inputs run it, and say what fails there
+            raise Unsupported(f"a segment of the graph does not run: {one_line(exc)}") from exc
+        self.values.update(kept)
+
+    def _within_limit(self, more: int) -> None:
+        if self.nbytes() + more > self.limit:
+            raise Unsupported(
+                f"the kept tensors would exceed {budget.format_size(self.limit)} ({BUDGET_SHARE:.0%} of the memory budget)"
+            )
+
+    def _initializers(self, names: set[str]) -> list[Any]:
+        """The segment's weights: weight-less stubs pointing at the same bytes as the probe's (the model file
+        itself, or a copy written once), inline copies of what fix edited."""
+        from bncheck.backends.onnx.instrument import _copy, stub
+
+        if self._stubs is None:
+            self._tmp = tempfile.mkdtemp(prefix="bncheck-frontier-")
+            skeleton, self._folder = stub(self.handle, self._tmp)
+            self._stubs = {t.name: t for t in skeleton.graph.initializer}
+        current = {t.name: t for t in self.handle.model.graph.initializer if t.name in names}
+        return [
+            _copy(tensor) if name in self.handle.edited or name not in self._stubs else self._stubs[name]
+            for name, tensor in current.items()
+        ]
+
+    def close(self) -> None:
+        self.values.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _declared(name: str, arrays: list[np.ndarray]) -> Any:
+    """A graph input for a kept tensor: its type, each dim fixed where every batch has the same size."""
+    from onnx import helper
+
+    first = arrays[0]
+    dims: list[int | str] = [
+        int(size) if all(a.shape[axis] == size for a in arrays) else f"{name}_dim{axis}"
+        for axis, size in enumerate(first.shape)
+    ]
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(first.dtype), dims)
