@@ -832,11 +832,14 @@ class _Fixer:
         from bncheck.backends.onnx.run import measure_with
 
         names = {layer.name for layer in layers}
-        if cut:
+        served = self._engine is not None and names <= {layer.name for layer in self._engine.layers}
+        # a kept engine runs a pass without a session build, and a segment's session beside it would hold
+        # a second copy of its weights: the kept tensors serve only passes that would build their own
+        if cut and not served:
             found = self._from_frontier(layers)
             if found is not None:
                 return found
-        if self._engine is None or not names <= {layer.name for layer in self._engine.layers}:
+        if not served:
             self._open_engine(layers, cut)
         self._feed(self._statistics_now(list(self._engine.fed_inputs)))
         batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
@@ -854,6 +857,9 @@ class _Fixer:
             if not batches:
                 return None
             self._frontier = frontier.Frontier(self.handle, batches)
+        if self._engine is not None:  # an engine of other layers: its session's weights are let go first
+            self._engine.close()
+            self._engine = None
         try:
             return self._frontier.measure(layers)
         except frontier.Unsupported as exc:
