@@ -600,7 +600,23 @@ def test_folded_batchnorm_note(tmp_path):
     assert layers == []
     messages = [n.message for n in view.notes if n.level == "info"]
     assert any("no normalization layer" in m for m in messages)
-    assert any("folded into the Conv" in m and "'conv'" in m for m in messages)
+    assert any(m.startswith("1 Conv node(s) (first: 'conv')") and "folded into the Conv weights" in m for m in messages)
+
+
+def test_folded_batchnorm_note_names_a_transposed_convolution_as_such(tmp_path):
+    w = RNG.normal(size=(3, 4, 2, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["c"], name="up", strides=[2, 2]),
+        helper.make_node("Mul", ["c", "k"], ["y"], name="bn_scale"),
+    ]
+    inits = [const("w", w), const("k", np.ones((1, 4, 1, 1)))]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 4, 16, 16])], inits)
+    _, view = load_layers(path)
+    messages = [n.message for n in view.notes if n.level == "info"]
+    assert any(
+        m.startswith("1 ConvTranspose node(s) (first: 'up')") and "folded into the ConvTranspose weights" in m
+        for m in messages
+    )
 
 
 def resnet_like(tmp_path, blocks=53) -> str:

@@ -436,7 +436,7 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
         for user in g.users(node.output[0], "Mul", "Add"):
             other = other_input(g.nodes[user], node.output[0])
             if other is not None and g.param(other) is not None:
-                folded.append(g.node_name(idx))
+                folded.append((g.node_name(idx), node.op_type))
                 break
     if not layers and batch_ops:
         count = len(batch_ops)
@@ -450,11 +450,12 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
     elif not layers:
         notes.append(Note("info", "no normalization layer found in the graph: nothing to check"))
     if folded:
+        ops = "/".join(sorted({op for _, op in folded}))  # Conv, ConvTranspose or both
         notes.append(
             Note(
                 "info",
-                f"{len(folded)} Conv node(s) (first: {folded[0]!r}) are followed by Mul/Add with constant "
-                "operands: BatchNorm may have been folded into the Conv weights; folded statistics cannot "
+                f"{len(folded)} {ops} node(s) (first: {folded[0][0]!r}) are followed by Mul/Add with constant "
+                f"operands: BatchNorm may have been folded into the {ops} weights; folded statistics cannot "
                 "be checked",
             )
         )
