@@ -1236,9 +1236,11 @@ def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_t
     np.testing.assert_allclose(a["bn1.mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
-def test_a_graph_with_subgraphs_or_other_layers_is_measured_from_its_inputs(tmp_path: Path) -> None:
-    """If/Loop/Scan bodies read outer tensors by name, which a segment of the graph would not declare: such
-    graphs, and layers other than BatchNormalization, keep the passes from the model's inputs."""
+def test_a_graph_with_subgraphs_train_mode_nodes_or_other_layers_is_measured_from_its_inputs(tmp_path: Path) -> None:
+    """If/Loop/Scan bodies read outer tensors by name, which a segment of the graph would not declare; the
+    measuring engine computes a train-mode BatchNormalization by the spec, a segment would run onnxruntime's
+    own kernel (issue #29790): such graphs, and layers other than BatchNormalization, keep the passes from
+    the model's inputs."""
     from dataclasses import replace
 
     from bncheck.backends.onnx import frontier
@@ -1254,3 +1256,5 @@ def test_a_graph_with_subgraphs_or_other_layers_is_measured_from_its_inputs(tmp_
     branching.graph.node.append(helper.make_node("If", ["cond"], ["chosen"], then_branch=then, else_branch=then))
     assert not frontier.supports(branching, layers)
     assert not frontier.supports(model, [*layers, replace(layers[0], op_type="InstanceNormalization")])
+    assert not frontier.supports(convnet(training=True), [])
+    assert frontier.supports(convnet(), [])

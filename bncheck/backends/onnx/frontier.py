@@ -23,6 +23,7 @@ import numpy as np
 
 from bncheck import budget
 from bncheck.backends.onnx.graph import node_reads
+from bncheck.backends.onnx.instrument import _copy, is_train_batch_norm, stub
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_plan import first_samples, merge_stats
@@ -49,11 +50,17 @@ class Unsupported(Exception):
 def supports(model: onnx.ModelProto, layers: Iterable[NormLayer]) -> bool:
     """Whether a cut pass over ``layers`` can run from kept tensors: BatchNormalization layers only (their
     input is one tensor with the batch on axis 0 and the channels on axis 1), in a graph without subgraphs
-    (If/Loop/Scan read outer tensors by name) or model-local functions."""
+    (If/Loop/Scan read outer tensors by name), model-local functions, or a train-mode BatchNormalization
+    (the measuring engine computes those by the spec's decomposition; a segment would run onnxruntime's own
+    kernel, which deviates from the spec for some parameters)."""
     if model.functions:
         return False
-    if any(attr.type in (5, 10) for node in model.graph.node for attr in node.attribute):  # GRAPH, GRAPHS
-        return False
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    for node in model.graph.node:
+        if any(attr.type in (5, 10) for attr in node.attribute):  # GRAPH, GRAPHS
+            return False
+        if is_train_batch_norm(node, opset):
+            return False
     return all(
         layer.op_type == "BatchNormalization" and layer.batch_axis == 0 and layer.channel_axis == 1 for layer in layers
     )
@@ -219,8 +226,6 @@ class Frontier:
     def _initializers(self, names: set[str]) -> list[Any]:
         """The segment's weights: weight-less stubs pointing at the same bytes as the probe's (the model file
         itself, or a copy written once), inline copies of what fix edited."""
-        from bncheck.backends.onnx.instrument import _copy, stub
-
         if self._stubs is None:
             self._tmp = tempfile.mkdtemp(prefix="bncheck-frontier-")
             skeleton, self._folder = stub(self.handle, self._tmp)

@@ -581,12 +581,7 @@ class Augmenter:
     # ------------------------------------------------------------ per layer
 
     def _is_train_bn(self, node: Any) -> bool:
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-            return False
-        for attr in node.attribute:
-            if attr.name == "training_mode":
-                return bool(attr.i)
-        return self.opset < 14 and any(o for o in node.output[1:])
+        return is_train_batch_norm(node, self.opset)
 
     def _plan(self, layer: NormLayer) -> LayerPlan:
         plan = LayerPlan(layer)
@@ -809,6 +804,17 @@ class Augmenter:
                 graph.output.append(helper.make_empty_tensor_value_info(name))
                 existing.add(name)
         return self.model
+
+
+def is_train_batch_norm(node: Any, opset: int) -> bool:
+    """A BatchNormalization node in training mode: ``training_mode`` 1, or before opset 14 any output past
+    the first."""
+    if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        return False
+    for attr in node.attribute:
+        if attr.name == "training_mode":
+            return bool(attr.i)
+    return opset < 14 and any(o for o in node.output[1:])
 
 
 def _per_sample(shape: tuple[Any, ...] | None, batch_axis: int | None) -> int | None:
