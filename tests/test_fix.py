@@ -1136,10 +1136,11 @@ def test_fix_with_data_replays_every_pass_of_the_probes_dry_run_then_lets_the_lo
     assert outcome.passes == 2 and log.replayed == 2 and view.handle.fix_passes is None
 
 
-def residual_net(*, fixed_batch: int | None = None) -> onnx.ModelProto:
+def residual_net(*, fixed_batch: int | None = None, train: tuple[str, ...] = ()) -> onnx.ModelProto:
     """input -> conv1 -> bn1 -> relu1 -> conv2 -> bn2 -> relu2 -> conv3 -> bn3 -> (+ relu1) -> relu3 -> conv4
     -> bn4 -> GAP -> flatten -> gemm. Every BN holds running mean 0 / var 1 (never updated), so each drifts
-    and waits for the one upstream of it: four passes, and relu1 is read three passes after it is computed."""
+    and waits for the one upstream of it: four passes, and relu1 is read three passes after it is computed.
+    ``train``: these BNs in training mode (their running statistics then trained-looking)."""
     rng = np.random.default_rng(11)
     inits: list[TensorProto] = []
 
@@ -1155,10 +1156,13 @@ def residual_net(*, fixed_batch: int | None = None) -> onnx.ModelProto:
         params = [
             const(f"bn{i}.scale", rng.uniform(0.6, 1.4, cout)),
             const(f"bn{i}.bias", rng.uniform(-0.2, 0.2, cout) + 0.5),
-            const(f"bn{i}.mean", np.zeros(cout)),
-            const(f"bn{i}.var", np.ones(cout)),
+            const(f"bn{i}.mean", rng.uniform(-0.3, 0.3, cout) + 0.05 if f"bn{i}" in train else np.zeros(cout)),
+            const(f"bn{i}.var", rng.uniform(0.5, 2.0, cout) if f"bn{i}" in train else np.ones(cout)),
         ]
-        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}", *params], [f"bn{i}"], name=f"bn{i}"))
+        training = f"bn{i}" in train  # its running outputs written and unused, as exporters leave them
+        outs = [f"bn{i}", f"bn{i}.running_mean", f"bn{i}.running_var"] if training else [f"bn{i}"]
+        mode = {"training_mode": 1} if training else {}
+        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}", *params], outs, name=f"bn{i}", **mode))
         return f"bn{i}"
 
     nodes.append(helper.make_node("Relu", [conv_bn(1, "input", C_IN, C1)], ["relu1"], name="relu1"))
@@ -1236,11 +1240,9 @@ def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_t
     np.testing.assert_allclose(a["bn1.mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
-def test_a_graph_with_subgraphs_train_mode_nodes_or_other_layers_is_measured_from_its_inputs(tmp_path: Path) -> None:
-    """If/Loop/Scan bodies read outer tensors by name, which a segment of the graph would not declare; the
-    measuring engine computes a train-mode BatchNormalization by the spec, a segment would run onnxruntime's
-    own kernel (issue #29790): such graphs, and layers other than BatchNormalization, keep the passes from
-    the model's inputs."""
+def test_a_graph_with_subgraphs_or_other_layers_is_measured_from_its_inputs(tmp_path: Path) -> None:
+    """If/Loop/Scan bodies read outer tensors by name, which a segment of the graph would not declare: such
+    graphs, and layers other than BatchNormalization, keep the passes from the model's inputs."""
     from dataclasses import replace
 
     from bncheck.backends.onnx import frontier
@@ -1256,5 +1258,65 @@ def test_a_graph_with_subgraphs_train_mode_nodes_or_other_layers_is_measured_fro
     branching.graph.node.append(helper.make_node("If", ["cond"], ["chosen"], then_branch=then, else_branch=then))
     assert not frontier.supports(branching, layers)
     assert not frontier.supports(model, [*layers, replace(layers[0], op_type="InstanceNormalization")])
-    assert not frontier.supports(convnet(training=True), [])
-    assert frontier.supports(convnet(), [])
+
+
+def test_a_train_mode_layer_left_upstream_sends_the_passes_back_to_the_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repairing BN003 alone leaves bn1 in training mode. The measuring engine computes it by the spec's
+    decomposition; a segment would run onnxruntime's own kernel (which deviates from the spec for some
+    parameters, its issue #29790): the first cut pass whose nodes hold it measures from the model's inputs,
+    and so do the rest, with the statistics they would have had without kept tensors."""
+    from bncheck.backends.onnx import frontier
+    from bncheck.backends.onnx.fix import repair
+    from bncheck.fix_result import FixRequest
+
+    src = save(residual_net(train=("bn1",)), tmp_path / "m.onnx")
+    data = {"input": samples(24, seed=8)}
+
+    def repaired(name: str):
+        request = FixRequest(output=str(tmp_path / name), data=data, repair=frozenset({"BN003"}), batch_size=8)
+        outcome, fixer = repair(OnnxBackend().load(src), request)
+        fixer.close()
+        return outcome, fixer
+
+    outcome, fixer = repaired("a.onnx")
+    assert outcome.passes == 3 and fixer.segments == 0
+    assert fixer.frontier_off == "a train-mode BatchNormalization is left upstream"
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    repaired("b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("fixed_batch", [None, 8], ids=["free-batch", "batch-fixed-to-8"])
+def test_the_repaired_models_outputs_run_on_from_the_kept_tensors(tmp_path: Path, fixed_batch: int | None) -> None:
+    """BN003's output effect compares the model's outputs with its statistics as stored and as recomputed.
+    After a dry run whose last passes ran from kept tensors, the recomputed outputs come from the nodes below
+    the last layers only: they are the written repaired model's outputs on the same samples (the repeats of
+    a fixed batch's last batch left out), to float32 rounding. Asked for fewer samples than the data holds,
+    the fixer gives none (the effect then runs whole sessions)."""
+    from bncheck.backends.onnx.fix import repair
+    from bncheck.fix_result import FixRequest
+
+    src = save(residual_net(fixed_batch=fixed_batch), tmp_path / "m.onnx")
+    data = {"input": samples(20, seed=6)}
+    request = FixRequest(output=None, data=data, repair=frozenset({"BN003"}), batch_size=8, dry_run=True)
+    outcome, fixer = repair(OnnxBackend().load(src), request)
+    outputs = fixer.recomputed_outputs(20)
+    fixer.close()
+    assert outcome.passes == 4 and fixer.segments == 4  # passes 2-4, then the nodes below bn4
+    assert outputs is not None and outputs["logits"].shape == (20, CLASSES)
+    written = str(tmp_path / "fixed.onnx")
+    real = FixRequest(output=written, data=data, repair=frozenset({"BN003"}), batch_size=8)
+    outcome, fixer = repair(OnnxBackend().load(src), real)
+    fixer.close()
+    session = ort.InferenceSession(written, providers=["CPUExecutionProvider"])
+    x = data["input"]
+    parts = [x[i : i + 8] for i in range(0, 20, 8)]
+    if fixed_batch is not None:
+        parts[-1] = np.concatenate([parts[-1], x[: 8 - len(parts[-1])]])
+    expected = np.concatenate([session.run(["logits"], {"input": part})[0] for part in parts])[:20]
+    np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5)
+    outcome, fixer = repair(OnnxBackend().load(src), request)
+    assert fixer.recomputed_outputs(16) is None
+    fixer.close()

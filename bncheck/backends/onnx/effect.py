@@ -86,6 +86,8 @@ def recalibration(
             except BackendError as exc:
                 return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
             return compare_recalibrated(changed, before, after)
+        # where fix's last passes ran from kept tensors (frontier.py), the nodes below them give the outputs
+        recomputed_outputs = fixer.recomputed_outputs(usable)
     finally:
         fixer.close()
     # One session at a time, each reading the weights from files: the edited model's weight-less stub (its
@@ -95,16 +97,20 @@ def recalibration(
     del view
     tmp = scratch_folder(handle.size_bytes)
     try:
-        stubbed, folder = stub(handle, tmp)
-        del handle  # a model without external data holds its weights until here; the stub holds none
-        trim_heap()
         try:
-            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
-            recomputed = new_session(stubbed, so)
-            del stubbed
-            after = _outputs(_session_run(recomputed), _batches(data, batch, usable))
-            del recomputed
-            trim_heap()  # its freed weights back to the OS before the stored model's session reads them again
+            if recomputed_outputs is None:
+                stubbed, folder = stub(handle, tmp)
+                del handle  # a model without external data holds its weights until here; the stub holds none
+                trim_heap()
+                so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+                recomputed = new_session(stubbed, so)
+                del stubbed
+                after = _outputs(_session_run(recomputed), _batches(data, batch, usable))
+                del recomputed
+            else:
+                after = recomputed_outputs
+                del handle
+            trim_heap()  # freed weights back to the OS before the stored model's session reads them again
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, os.path.dirname(os.path.abspath(path)))
             before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types

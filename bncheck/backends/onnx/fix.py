@@ -200,7 +200,6 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
             # for them to wait again: it measures the next frontier alone, and computes nothing below it
             cut = bool(changed) and bool(later) and all(k in frontier for k in remaining if k not in later)
             remaining = later
-        fixer.drop_frontier()  # the repair is decided: the kept tensors have no other reader
     if not request.dry_run:
         fixer.close()  # the measuring session's memory back before the model is serialized
     written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
@@ -866,6 +865,28 @@ class _Fixer:
             self.frontier_off = str(exc)
             self.drop_frontier()
             return None
+
+    def recomputed_outputs(self, samples: int) -> dict[str, np.ndarray] | None:
+        """The model's outputs with every repair made, on the whole data, run on from the tensors the cut
+        passes kept (the nodes below the last layers only); None when none are kept or ``samples`` is not the
+        whole data. The kept tensors are let go either way."""
+        from bncheck.backends.onnx import frontier
+
+        kept, self._frontier = self._frontier, None
+        if kept is None:
+            return None
+        total = int(next(iter(self.data.values())).shape[0]) if self.data else 0
+        try:
+            if samples != total:
+                return None
+            return kept.outputs([o.name for o in self.handle.model.graph.output])
+        except frontier.Unsupported as exc:
+            self.frontier_off = str(exc)
+            return None
+        finally:
+            self.segments += kept.segments
+            self.segment_nodes += kept.nodes_run
+            kept.close()
 
     def drop_frontier(self) -> None:
         if self._frontier is not None:

@@ -50,17 +50,11 @@ class Unsupported(Exception):
 def supports(model: onnx.ModelProto, layers: Iterable[NormLayer]) -> bool:
     """Whether a cut pass over ``layers`` can run from kept tensors: BatchNormalization layers only (their
     input is one tensor with the batch on axis 0 and the channels on axis 1), in a graph without subgraphs
-    (If/Loop/Scan read outer tensors by name), model-local functions, or a train-mode BatchNormalization
-    (the measuring engine computes those by the spec's decomposition; a segment would run onnxruntime's own
-    kernel, which deviates from the spec for some parameters)."""
+    (If/Loop/Scan read outer tensors by name) or model-local functions."""
     if model.functions:
         return False
-    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    for node in model.graph.node:
-        if any(attr.type in (5, 10) for attr in node.attribute):  # GRAPH, GRAPHS
-            return False
-        if is_train_batch_norm(node, opset):
-            return False
+    if any(attr.type in (5, 10) for node in model.graph.node for attr in node.attribute):  # GRAPH, GRAPHS
+        return False
     return all(
         layer.op_type == "BatchNormalization" and layer.batch_axis == 0 and layer.channel_axis == 1 for layer in layers
     )
@@ -128,9 +122,29 @@ class Frontier:
     def measure(self, layers: list[NormLayer]) -> dict[str, TensorStats]:
         """The input statistics of ``layers`` (a frontier: nothing undecided upstream of them) over the data,
         the model as edited so far; raises :class:`Unsupported` when this pass cannot run from here."""
+        self._advance([layer.input for layer in layers])
+        return {
+            layer.name: merge_stats(input_stats(a, real) for a, real in zip(self.values[layer.input], self.real))
+            for layer in layers
+        }
+
+    def outputs(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The tensors ``names`` (the model's outputs, once every layer is decided) over the data's samples,
+        the repeats of a fixed batch left out; raises :class:`Unsupported` as :meth:`measure`."""
+        self._advance(names)
+        if any(name not in self.values for name in names):
+            raise Unsupported("an output is not computed by the graph's nodes")
+        return {
+            name: np.concatenate([a[:real] for a, real in zip(self.values[name], self.real)])
+            for name in names
+            if self.values[name][0].ndim  # a scalar output has no samples to compare
+        }
+
+    def _advance(self, wanted: list[str]) -> None:
+        """Run the nodes between the kept tensors and ``wanted``, keep what later nodes read (and ``wanted``)."""
         model = self.handle.model
         nodes = list(model.graph.node)
-        targets = list(dict.fromkeys(layer.input for layer in layers))
+        targets = list(dict.fromkeys(wanted))
         stored = {t.name for t in model.graph.initializer}
         producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
         segment: set[int] = set()
@@ -146,6 +160,11 @@ class Frontier:
                 segment.add(index)
                 stack.extend(node_reads(nodes[index]))
         ordered = sorted(segment)  # graph order is topological (an ONNX requirement)
+        opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if any(is_train_batch_norm(nodes[i], opset) for i in ordered):
+            # the measuring engine computes it by the spec's decomposition; onnxruntime's own kernel deviates
+            # from the spec for some parameters (its issue #29790)
+            raise Unsupported("a train-mode BatchNormalization is left upstream")
         written = [out for i in ordered for out in nodes[i].output if out]
         self.computed.update(written)
         # what the nodes not run yet read: those tensors are kept, all others dropped
@@ -157,11 +176,6 @@ class Frontier:
             self._run(model, [nodes[i] for i in ordered], fetch, spent)
         for name in spent:
             del self.values[name]
-        found: dict[str, TensorStats] = {}
-        for layer in layers:
-            arrays = self.values[layer.input]
-            found[layer.name] = merge_stats(input_stats(a, real) for a, real in zip(arrays, self.real))
-        return found
 
     def _run(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto], fetch: list[str], spent: list[str]) -> None:
         """Run ``nodes`` on every batch, from the kept tensors they read, and keep ``fetch``; a batch's values
