@@ -772,3 +772,26 @@ def test_an_attribute_a_later_opset_added_is_type_checked_too(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
     assert result.exit_code in (0, 1), result.stderr
     assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["bn"]
+
+
+def test_running_statistics_filled_by_constant_of_shape_are_read(tmp_path):
+    """onnx's light test models write every BN parameter as ConstantOfShape of a stored shape: a constant the
+    walk computes (value repeated), not an unreadable input. A shape read from a graph input stays unknown."""
+    c = 3
+    fill = helper.make_tensor("fill", F32, [1], [0.02])
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["mean"], value=fill),
+        helper.make_node("ConstantOfShape", ["shape"], ["var"]),  # no value: float 0
+        helper.make_node("ConstantOfShape", ["runtime_shape"], ["scale"], value=fill),
+        helper.make_node("BatchNormalization", ["x", "s", "b", "mean", "var"], ["y"], name="bn"),
+        helper.make_node("BatchNormalization", ["x", "scale", "b", "mean", "var"], ["z"], name="bn_computed_scale"),
+    ]
+    inits = [const("shape", [c], np.int64), const("s", np.ones(c)), const("b", np.zeros(c))]
+    inputs = [vinfo("x", ["N", c, 4, 4]), helper.make_tensor_value_info("runtime_shape", TensorProto.INT64, [1])]
+    path = save(tmp_path, nodes, inputs, [vinfo("y", ["N", c, 4, 4]), vinfo("z", ["N", c, 4, 4])], inits)
+    layers, _ = load_layers(path)
+    bn, other = sorted(layers, key=lambda layer: layer.name)
+    assert bn.name == "bn" and bn.unreadable is None
+    np.testing.assert_array_equal(bn.mean, np.full(c, 0.02, np.float32))
+    np.testing.assert_array_equal(bn.var, np.zeros(c, np.float32))
+    assert other.scale is None  # its scale's shape is fed at run time

@@ -26,6 +26,8 @@ ONNX_DOMAINS = ("", "ai.onnx")
 TRANSPARENT = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 #: ops that keep values and layout (a tensor and its copy through them are the same data).
 VALUE_PRESERVING = frozenset({"Identity", "Cast"})
+#: most elements a ConstantOfShape with a constant shape is expanded to when read as a parameter
+MAX_FILLED_ELEMENTS = 1 << 20
 
 
 def as_float_array(value: np.ndarray | None) -> np.ndarray | None:
@@ -266,6 +268,8 @@ class GraphIndex:
                     dtype = np.float32 if key.startswith("value_float") else np.int64
                     return np.asarray(val, dtype=dtype)
             return None
+        if op == "ConstantOfShape" and node.domain in ("", "ai.onnx") and node.input:
+            return self._filled(self.param(node.input[0]), attrs.get("value"))
         if op not in TRANSPARENT or not node.input:
             return None
         src = self.param(node.input[0])
@@ -292,6 +296,20 @@ class GraphIndex:
             except ValueError:
                 return None
         return src  # reshape target unknown: the values are still the stored ones
+
+    def _filled(self, shape: np.ndarray | None, value: Any) -> np.ndarray | None:
+        """ConstantOfShape's output for a constant ``shape``: ``value`` (a one-element tensor; float 0 when
+        absent) repeated; None for a shape that is not a constant 1-D integer one, or too large."""
+        if shape is None or shape.ndim != 1 or shape.dtype.kind not in "iu" or np.any(shape < 0):
+            return None
+        dims = tuple(int(d) for d in shape)
+        if int(np.prod(dims, dtype=np.int64)) > MAX_FILLED_ELEMENTS:
+            return None
+        try:
+            fill = self._numpy_helper.to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
+        except Exception:
+            return None
+        return np.full(dims, fill[0], dtype=fill.dtype) if fill.size == 1 else None
 
     def stored_source(self, tensor: str) -> str:
         """The constant a parameter operand was reshaped/cast from, so it is reported as stored (a
