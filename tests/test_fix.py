@@ -46,6 +46,17 @@ def samples(n: int, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
+class _Weights:
+    """The float32 initializers of a graph being built: ``const(name, value)`` adds one, returns its name."""
+
+    def __init__(self) -> None:
+        self.tensors: list[TensorProto] = []
+
+    def __call__(self, name: str, value: np.ndarray) -> str:
+        self.tensors.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+
 def convnet(
     *, training: bool = False, stale: tuple[str, ...] = (), opset: int = 15, running_out_is_graph_output: bool = False
 ) -> onnx.ModelProto:
@@ -56,11 +67,7 @@ def convnet(
     or scale (onnxruntime issue #29790).
     """
     rng = np.random.default_rng(7)
-    inits: list[TensorProto] = []
-
-    def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
-        return name
+    const = _Weights()
 
     nodes = []
     outputs = [helper.make_tensor_value_info("logits", F32, ["N", CLASSES])]
@@ -96,7 +103,11 @@ def convnet(
     b = const("fc.b", rng.normal(0, 0.1, CLASSES))
     nodes.append(helper.make_node("Gemm", ["flat", w, b], ["logits"], name="fc"))
     graph = helper.make_graph(
-        nodes, "convnet", [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])], outputs, initializer=inits
+        nodes,
+        "convnet",
+        [helper.make_tensor_value_info("input", F32, ["N", C_IN, HW, HW])],
+        outputs,
+        initializer=const.tensors,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test-fix")
     model.ir_version = 8
@@ -1142,11 +1153,7 @@ def residual_net(*, fixed_batch: int | None = None, train: tuple[str, ...] = ())
     and waits for the one upstream of it: four passes, and relu1 is read three passes after it is computed.
     ``train``: these BNs in training mode (their running statistics then trained-looking)."""
     rng = np.random.default_rng(11)
-    inits: list[TensorProto] = []
-
-    def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
-        return name
+    const = _Weights()
 
     nodes = []
 
@@ -1180,7 +1187,7 @@ def residual_net(*, fixed_batch: int | None = None, train: tuple[str, ...] = ())
         "residual",
         [helper.make_tensor_value_info("input", F32, [batch, C_IN, HW, HW])],
         [helper.make_tensor_value_info("logits", F32, [batch, CLASSES])],
-        initializer=inits,
+        initializer=const.tensors,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], producer_name="test-fix")
     model.ir_version = 8
@@ -1190,6 +1197,17 @@ def residual_net(*, fixed_batch: int | None = None, train: tuple[str, ...] = ())
 
 def _statistics(path: str) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer if t.name.startswith("bn")}
+
+
+def _repaired(src: str, data: dict[str, np.ndarray], output: str):
+    """fix's repair of BN003 at batch size 8, written to ``output``: (outcome, fixer), the fixer closed."""
+    from bncheck.backends.onnx.fix import repair
+    from bncheck.fix_result import FixRequest
+
+    request = FixRequest(output=output, data=data, repair=frozenset({"BN003"}), batch_size=8)
+    outcome, fixer = repair(OnnxBackend().load(src), request)
+    fixer.close()
+    return outcome, fixer
 
 
 @pytest.mark.parametrize("fixed_batch", [None, 8], ids=["free-batch", "batch-fixed-to-8"])
@@ -1202,25 +1220,16 @@ def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_t
     budget too small for the kept tensors falls back to), to float32 rounding. 20 samples by 8 with a fixed
     batch: the last batch holds 4 repeats, which count in neither."""
     from bncheck.backends.onnx import frontier
-    from bncheck.backends.onnx.fix import repair
-    from bncheck.fix_result import FixRequest
 
     src = save(residual_net(fixed_batch=fixed_batch), tmp_path / "m.onnx")
     data = {"input": samples(20, seed=5)}
-
-    def repaired(name: str):
-        request = FixRequest(output=str(tmp_path / name), data=data, repair=frozenset({"BN003"}), batch_size=8)
-        outcome, fixer = repair(OnnxBackend().load(src), request)
-        fixer.close()
-        return outcome, fixer
-
-    kept, fixer = repaired("kept.onnx")
+    kept, fixer = _repaired(src, data, str(tmp_path / "kept.onnx"))
     assert kept.passes == 4 and fixer.frontier_off is None
     assert fixer.segments == 3  # passes 2-4; the first measures every layer at once, from the inputs
     # conv1..conv2, then bn2..conv3, then bn3..conv4: 11 of the 15 nodes; from the inputs 4 + 7 + 11
     assert fixer.segment_nodes == 11
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
-    full, fallback = repaired("full.onnx")
+    full, fallback = _repaired(src, data, str(tmp_path / "full.onnx"))
     assert fallback.segments == 0 and "memory budget" in str(fallback.frontier_off)
     assert [(e.layer, e.action) for e in kept.layers] == [(e.layer, e.action) for e in full.layers]
     assert {e.action for e in kept.layers} == {"recalibrated"}
@@ -1268,23 +1277,14 @@ def test_a_train_mode_layer_left_upstream_sends_the_passes_back_to_the_inputs(
     parameters, its issue #29790): the first cut pass whose nodes hold it measures from the model's inputs,
     and so do the rest, with the statistics they would have had without kept tensors."""
     from bncheck.backends.onnx import frontier
-    from bncheck.backends.onnx.fix import repair
-    from bncheck.fix_result import FixRequest
 
     src = save(residual_net(train=("bn1",)), tmp_path / "m.onnx")
     data = {"input": samples(24, seed=8)}
-
-    def repaired(name: str):
-        request = FixRequest(output=str(tmp_path / name), data=data, repair=frozenset({"BN003"}), batch_size=8)
-        outcome, fixer = repair(OnnxBackend().load(src), request)
-        fixer.close()
-        return outcome, fixer
-
-    outcome, fixer = repaired("a.onnx")
+    outcome, fixer = _repaired(src, data, str(tmp_path / "a.onnx"))
     assert outcome.passes == 3 and fixer.segments == 0
     assert fixer.frontier_off == "a train-mode BatchNormalization is left upstream"
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
-    repaired("b.onnx")
+    _repaired(src, data, str(tmp_path / "b.onnx"))
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
@@ -1307,9 +1307,7 @@ def test_the_repaired_models_outputs_run_on_from_the_kept_tensors(tmp_path: Path
     assert outcome.passes == 4 and fixer.segments == 4  # passes 2-4, then the nodes below bn4
     assert outputs is not None and outputs["logits"].shape == (20, CLASSES)
     written = str(tmp_path / "fixed.onnx")
-    real = FixRequest(output=written, data=data, repair=frozenset({"BN003"}), batch_size=8)
-    outcome, fixer = repair(OnnxBackend().load(src), real)
-    fixer.close()
+    _repaired(src, data, written)
     session = ort.InferenceSession(written, providers=["CPUExecutionProvider"])
     x = data["input"]
     parts = [x[i : i + 8] for i in range(0, 20, 8)]
