@@ -1318,3 +1318,83 @@ def test_the_repaired_models_outputs_run_on_from_the_kept_tensors(tmp_path: Path
     outcome, fixer = repair(OnnxBackend().load(src), request)
     assert fixer.recomputed_outputs(16) is None
     fixer.close()
+
+
+def random_dag(seed: int) -> tuple[onnx.ModelProto, int]:
+    """Conv+BN blocks, Relus, Adds and Concats joined at random (most BNs never updated), GAP at the end;
+    the batch free or fixed to 4. Returns the model and its input channels."""
+    rng = np.random.default_rng(seed)
+    const = _Weights()
+    nodes = []
+    channels = int(rng.integers(2, 6))
+    tensors = [("x", channels)]
+    for k in range(int(rng.integers(4, 10))):
+        kind = rng.choice(["block", "add", "concat", "relu"], p=[0.55, 0.15, 0.15, 0.15])
+        src, c = tensors[int(rng.integers(len(tensors)))]
+        if kind == "block":
+            out = int(rng.integers(2, 6))
+            w = const(f"w{k}", rng.normal(0, 0.5, (out, c, 3, 3)))
+            nodes.append(helper.make_node("Conv", [src, w], [f"c{k}"], pads=[1, 1, 1, 1]))
+            stale = rng.random() < 0.7
+            params = [
+                const(f"s{k}", rng.uniform(0.5, 1.5, out)),
+                const(f"b{k}", rng.uniform(-0.3, 0.3, out)),
+                const(f"m{k}", np.zeros(out) if stale else rng.normal(0, 1, out)),
+                const(f"v{k}", np.ones(out) if stale else rng.uniform(0.5, 2, out)),
+            ]
+            nodes.append(helper.make_node("BatchNormalization", [f"c{k}", *params], [f"bn{k}"], name=f"bn{k}"))
+            tensors.append((f"bn{k}", out))
+        elif kind == "relu":
+            nodes.append(helper.make_node("Relu", [src], [f"r{k}"]))
+            tensors.append((f"r{k}", c))
+        elif kind == "add":
+            same = [name for name, width in tensors if width == c and name != src]
+            if same:
+                nodes.append(helper.make_node("Add", [src, same[int(rng.integers(len(same)))]], [f"a{k}"]))
+                tensors.append((f"a{k}", c))
+        else:
+            other, width = tensors[int(rng.integers(len(tensors)))]
+            nodes.append(helper.make_node("Concat", [src, other], [f"cat{k}"], axis=1))
+            tensors.append((f"cat{k}", c + width))
+    last, width = tensors[-1]
+    nodes.append(helper.make_node("GlobalAveragePool", [last], ["out"]))
+    batch: int | str = 4 if rng.random() < 0.4 else "N"
+    graph = helper.make_graph(
+        nodes,
+        "dag",
+        [helper.make_tensor_value_info("x", F32, [batch, channels, 6, 6])],
+        [helper.make_tensor_value_info("out", F32, [batch, width, 1, 1])],
+        initializer=const.tensors,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model, channels
+
+
+@pytest.mark.parametrize("seed", [1, 4, 9, 10, 11, 17, 21, 29, 31, 35])
+def test_random_graphs_repaired_from_kept_tensors_get_the_statistics_of_passes_from_the_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Random joins (Add, Concat, a tensor read by several blocks) of drifting and sound layers: repaired with
+    the kept tensors and from the model's inputs, the passes, the decisions and the statistics agree (to
+    1e-4), and the kept tensors did serve (seeds whose repair has cut passes)."""
+    from bncheck.backends.onnx import frontier
+
+    model, channels = random_dag(seed)
+    src = save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(seed)
+    data = {"x": rng.normal(1.0, 2.0, (int(rng.integers(9, 30)), channels, 6, 6)).astype(np.float32)}
+    kept, fixer = _repaired(src, data, str(tmp_path / "kept.onnx"))
+    assert fixer.segments > 0 and fixer.frontier_off is None
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    full, _ = _repaired(src, data, str(tmp_path / "full.onnx"))
+    assert kept.passes == full.passes
+    assert [(e.layer, e.action) for e in kept.layers] == [(e.layer, e.action) for e in full.layers]
+    a, b = (
+        {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / name)).graph.initializer}
+        for name in ("kept.onnx", "full.onnx")
+    )
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert a.keys() == b.keys() and any(not np.array_equal(a[name], stored.get(name)) for name in a)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
