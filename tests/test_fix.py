@@ -1249,9 +1249,9 @@ def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_t
     np.testing.assert_allclose(a["bn1.mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
-def test_a_graph_with_subgraphs_or_other_layers_is_measured_from_its_inputs(tmp_path: Path) -> None:
-    """If/Loop/Scan bodies read outer tensors by name, which a segment of the graph would not declare: such
-    graphs, and layers other than BatchNormalization, keep the passes from the model's inputs."""
+def test_layers_other_than_batch_norm_or_local_functions_are_measured_from_the_inputs(tmp_path: Path) -> None:
+    """Only BatchNormalization inputs are measured from kept tensors, and a graph with model-local functions
+    (a segment would have to carry them) keeps the passes from the model's inputs."""
     from dataclasses import replace
 
     from bncheck.backends.onnx import frontier
@@ -1259,14 +1259,57 @@ def test_a_graph_with_subgraphs_or_other_layers_is_measured_from_its_inputs(tmp_
     model = residual_net()
     layers = OnnxBackend().load(save(model, tmp_path / "m.onnx")).layers
     assert len(layers) == 4 and frontier.supports(model, layers)
-    then = helper.make_graph(
-        [helper.make_node("Identity", ["logits"], ["t"])], "then", [], [helper.make_tensor_value_info("t", F32, None)]
-    )
-    branching = onnx.ModelProto()
-    branching.CopyFrom(model)
-    branching.graph.node.append(helper.make_node("If", ["cond"], ["chosen"], then_branch=then, else_branch=then))
-    assert not frontier.supports(branching, layers)
     assert not frontier.supports(model, [*layers, replace(layers[0], op_type="InstanceNormalization")])
+    with_function = onnx.ModelProto()
+    with_function.CopyFrom(model)
+    with_function.functions.append(
+        helper.make_function("local", "twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])], [])
+    )
+    assert not frontier.supports(with_function, layers)
+
+
+def _with_if(model: onnx.ModelProto, upstream: bool) -> onnx.ModelProto:
+    """``model`` with an If whose branches read an outer tensor: the input, feeding conv1 (``upstream``), or
+    the logits, as an extra output below every layer."""
+    source, out = ("input", "picked") if upstream else ("logits", "chosen")
+    branch = helper.make_graph(
+        [helper.make_node("Identity", [source], ["t"])], "branch", [], [helper.make_tensor_value_info("t", F32, None)]
+    )
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    graph = edited.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    node = helper.make_node("If", ["cond"], [out], then_branch=branch, else_branch=branch, name="if")
+    if upstream:
+        graph.node.insert(0, node)
+        graph.node[1].input[0] = "picked"  # conv1
+    else:
+        graph.node.append(node)
+        graph.output.append(helper.make_tensor_value_info("chosen", F32, None))
+    return edited
+
+
+def test_a_node_with_subgraphs_below_the_layers_keeps_the_passes_on_kept_tensors_one_above_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If/Loop/Scan bodies read outer tensors by name. Below every layer (a decoder loop after a backbone) such
+    a node never joins a segment: the passes run from kept tensors, with the statistics of passes from the
+    inputs. Above a layer it would: the passes go back to the inputs from there."""
+    from bncheck.backends.onnx import frontier
+
+    data = {"input": samples(20, seed=5)}
+    below = save(_with_if(residual_net(), upstream=False), tmp_path / "below.onnx")
+    _, fixer = _repaired(below, data, str(tmp_path / "kept.onnx"))
+    assert fixer.segments == 3 and fixer.frontier_off is None
+    above = save(_with_if(residual_net(), upstream=True), tmp_path / "above.onnx")
+    _, fixer = _repaired(above, data, str(tmp_path / "above_fixed.onnx"))
+    assert fixer.segments == 0 and fixer.frontier_off == "a node with subgraphs is upstream"
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    _repaired(below, data, str(tmp_path / "full.onnx"))
+    a, b = _statistics(str(tmp_path / "kept.onnx")), _statistics(str(tmp_path / "full.onnx"))
+    assert len(a) == 16 and a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_a_train_mode_layer_left_upstream_sends_the_passes_back_to_the_inputs(

@@ -49,11 +49,9 @@ class Unsupported(Exception):
 
 def supports(model: onnx.ModelProto, layers: Iterable[NormLayer]) -> bool:
     """Whether a cut pass over ``layers`` can run from kept tensors: BatchNormalization layers only (their
-    input is one tensor with the batch on axis 0 and the channels on axis 1), in a graph without subgraphs
-    (If/Loop/Scan read outer tensors by name) or model-local functions."""
+    input is one tensor with the batch on axis 0 and the channels on axis 1), in a graph without model-local
+    functions (a segment would have to carry them)."""
     if model.functions:
-        return False
-    if any(attr.type in (5, 10) for node in model.graph.node for attr in node.attribute):  # GRAPH, GRAPHS
         return False
     return all(
         layer.op_type == "BatchNormalization" and layer.batch_axis == 0 and layer.channel_axis == 1 for layer in layers
@@ -165,6 +163,10 @@ class Frontier:
             # the measuring engine computes it by the spec's decomposition; onnxruntime's own kernel deviates
             # from the spec for some parameters (its issue #29790)
             raise Unsupported("a train-mode BatchNormalization is left upstream")
+        if any(attr.type in (5, 10) for i in ordered for attr in nodes[i].attribute):  # GRAPH, GRAPHS
+            # If/Loop/Scan bodies read outer tensors by name and may hold norm layers of their own: a node
+            # downstream of every layer (a decoder loop) never joins a segment; one upstream stops them here
+            raise Unsupported("a node with subgraphs is upstream")
         written = [out for i in ordered for out in nodes[i].output if out]
         self.computed.update(written)
         # what the nodes not run yet read: those tensors are kept, all others dropped
