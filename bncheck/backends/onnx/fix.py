@@ -872,21 +872,16 @@ class _Fixer:
         whole data. The kept tensors are let go either way."""
         from bncheck.backends.onnx import frontier
 
-        kept, self._frontier = self._frontier, None
-        if kept is None:
-            return None
         total = int(next(iter(self.data.values())).shape[0]) if self.data else 0
         try:
-            if samples != total:
+            if self._frontier is None or samples != total:
                 return None
-            return kept.outputs([o.name for o in self.handle.model.graph.output])
+            return self._frontier.outputs([o.name for o in self.handle.model.graph.output])
         except frontier.Unsupported as exc:
             self.frontier_off = str(exc)
             return None
         finally:
-            self.segments += kept.segments
-            self.segment_nodes += kept.nodes_run
-            kept.close()
+            self.drop_frontier()
 
     def drop_frontier(self) -> None:
         if self._frontier is not None:

@@ -23,7 +23,8 @@ import numpy as np
 
 from bncheck import budget
 from bncheck.backends.onnx.graph import node_reads
-from bncheck.backends.onnx.instrument import _copy, is_train_batch_norm, stub
+from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm, stub
+from bncheck.backends.onnx.run import _without_extremes, new_session, session_options
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_plan import first_samples, merge_stats
@@ -77,19 +78,7 @@ def input_stats(x: np.ndarray, real: int) -> TensorStats:
                 sq[i] = np.einsum("cl,cl->c", sample, sample) / length
             if i < real and not (np.isfinite(mean[i]).all() and np.isfinite(sq[i]).all()):
                 nonfinite += (~np.isfinite(sample)).sum(axis=1)
-    stats = TensorStats(
-        batch_size=n,
-        count=n * length,
-        sample_mean=mean,
-        sample_sq=sq,
-        min=np.full(c, np.nan),
-        max=np.full(c, np.nan),
-        zeros=np.zeros(c, np.int64),
-        nonfinite=nonfinite,
-        zeros_exact=False,
-        minmax_measured=False,
-    )
-    return first_samples(stats, real)
+    return first_samples(_without_extremes(n, n * length, mean, sq, nonfinite), real)
 
 
 class Frontier:
@@ -158,7 +147,7 @@ class Frontier:
                 segment.add(index)
                 stack.extend(node_reads(nodes[index]))
         ordered = sorted(segment)  # graph order is topological (an ONNX requirement)
-        opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = _opset(model)
         if any(is_train_batch_norm(nodes[i], opset) for i in ordered):
             # the measuring engine computes it by the spec's decomposition; onnxruntime's own kernel deviates
             # from the spec for some parameters (its issue #29790)
@@ -183,9 +172,8 @@ class Frontier:
         """Run ``nodes`` on every batch, from the kept tensors they read, and keep ``fetch``; a batch's values
         of ``spent`` (read by these nodes last) are let go once it ran, so that the old frontier and the new
         are not both whole in memory."""
+        import onnxruntime as ort
         from onnx import helper
-
-        from bncheck.backends.onnx.run import new_session, session_options
 
         produced = {out for node in nodes for out in node.output if out}
         # an initializer that a graph input of the same name overrides is fed, as in the model
@@ -200,7 +188,7 @@ class Frontier:
         if any(not types.get(name) for name in fetch):
             raise Unsupported("a tensor to keep has no known type")
         graph = helper.make_graph(
-            [_copy_node(node) for node in nodes],
+            nodes,  # make_graph copies them into the segment
             "segment",
             [_declared(name, self.values[name]) for name in sources],
             [helper.make_tensor_value_info(name, int(types[name]), None) for name in fetch],
@@ -208,8 +196,6 @@ class Frontier:
         )
         segment = helper.make_model(graph, opset_imports=list(model.opset_import))
         segment.ir_version = max(int(model.ir_version), 4)  # IR < 4 would want the weights listed as inputs
-        import onnxruntime as ort
-
         options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, self._folder or "")
         # a session per pass, each with its own arena beside the kept tensors: resnet50-b's probe --data
         # peaked at 1.58 GB with arenas, 1.16 GB without (+0.4 s over 48 passes)
@@ -257,14 +243,6 @@ class Frontier:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
-    import onnx
-
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    return copy
 
 
 def _declared(name: str, arrays: list[np.ndarray]) -> Any:

@@ -30,7 +30,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
-from bncheck.backends.onnx.instrument import _copy, stub
+from bncheck.backends.onnx.instrument import _copy, _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
@@ -141,10 +141,6 @@ def _fixed_feeds(graph: Any, names: dict[str, float]) -> dict[str, np.ndarray]:
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
         feeds[info.name] = np.full(dims, names[info.name], dtype=dtype)
     return feeds
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def undefined_function_op(model: onnx.ModelProto) -> str | None:
