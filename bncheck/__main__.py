@@ -1,6 +1,6 @@
 """`python -m bncheck` runs the same CLI as the console script."""
 
-from bncheck.cli import main
+from bncheck.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

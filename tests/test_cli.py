@@ -179,6 +179,52 @@ def test_cli_process_freezes_its_heap_at_exit_and_still_runs_earlier_exit_handle
     assert int(seen.read_text()) > 1000
 
 
+def _console(prelude: str, argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """A real process through the console script's entry (bncheck.cli.console), after ``prelude``; stdout
+    block-buffered as a pipe is by default."""
+    code = f"import sys\n{prelude}from bncheck.cli import console\nsys.argv = {['bncheck', *argv]!r}\nconsole()\n"
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
+
+
+def test_console_entry_runs_earlier_exit_handlers_flushes_stdout_and_keeps_the_exit_code(stale):
+    # the handler's text stays in stdout's buffer (a pipe, no newline): only a flush after it shows it
+    prelude = "import atexit\natexit.register(lambda: sys.stdout.write('handler ran'))\n"
+    proc = _console(prelude, ["inspect", "--format", "json", stale])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.endswith("handler ran")
+    assert json.loads(proc.stdout.removesuffix("handler ran"))["findings"][0]["check"] == "stale-stats"
+
+
+def test_console_entry_usage_error_is_exit_2_with_its_line_on_stderr(clean):
+    proc = _console("", ["probe", "--no-such-option", clean])
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("bncheck: usage error:")
+
+
+def test_console_entry_leaves_no_temporary_folder(tmp_path):
+    # a train-mode layer gets the statistics-first session, whose optimized graph goes to a scratch folder
+    model = bn_model(tmp_path / "train.onnx", training=True)
+    private = tmp_path / "tmp"
+    private.mkdir()
+    made = tmp_path / "made.txt"
+    prelude = (
+        "import bncheck.backends.onnx.run as run\n"
+        "_scratch = run.scratch_folder\n"
+        "def scratch_folder(size):\n"
+        "    folder = _scratch(size)\n"
+        f"    open({str(made)!r}, 'a').write(folder + '\\n')\n"
+        "    return folder\n"
+        "run.scratch_folder = scratch_folder\n"
+    )
+    proc = _console(prelude, ["probe", "--format", "json", model], TMPDIR=str(private))
+    assert proc.returncode == 1, proc.stderr
+    assert "train-mode" in {f["check"] for f in json.loads(proc.stdout)["findings"]}
+    folders = made.read_text().split()
+    assert folders and all(os.path.dirname(f) == str(private) for f in folders)
+    assert not any(os.path.exists(f) for f in folders)
+
+
 def test_python_dash_m_runs_the_cli(clean):
     proc = subprocess.run([sys.executable, "-m", "bncheck", "inspect", clean], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -850,7 +850,11 @@ def test_a_large_train_mode_bn_is_measured_from_its_decomposition_and_equals_the
     path = bn_model(tmp_path / "t.onnx", channels=channels, hw=hw, training=True)
     view = OnnxBackend().load(path)
     [layer] = view.layers
-    assert _Engine(view.handle, view.layers).plans[0].input.mode == "spec"
+    engine = _Engine(view.handle, view.layers)
+    try:
+        assert engine.plans[0].input.mode == "spec"
+    finally:
+        engine.close()  # its scratch folder
     settings = ProbeSettings(batch_sizes=(1, 3))
     result = run_probe(view, settings)
     x = _feeds_of_batch(view, settings, 3)["x"]
