@@ -181,11 +181,17 @@ def _skip_final_collection() -> None:
 
 
 def console() -> NoReturn:
-    """The console script and ``python -m bncheck``: :data:`main`, then :func:`_end_process`."""
+    """The console script and ``python -m bncheck``: :data:`main`, then :func:`_end_process`; SIGTERM
+    unwinds it first (bncheck.termination)."""
+    from bncheck.termination import Terminated, die_of_sigterm, unwind_on_sigterm
+
+    unwind_on_sigterm()
     try:
         main()
     except SystemExit as done:
         _end_process(done.code)
+    except Terminated:
+        die_of_sigterm()
     _end_process(0)
 
 

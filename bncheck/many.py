@@ -6,9 +6,10 @@ A model that cannot be loaded becomes a failure entry for that model; the others
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bncheck.errors import BncheckError, ErrorKind, one_line
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from bncheck.report import Report
 
 MODEL_SUFFIXES = (".onnx", ".keras", ".h5", ".hdf5")
+#: seconds a worker told to stop (SIGTERM) gets to remove its folders before it is killed
+STOP_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,9 @@ def run(
     # spawn, not fork: onnxruntime's thread pools do not survive a fork
     context = multiprocessing.get_context("spawn")
     out: list[Report | Failure | None] = [None] * total
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, total), mp_context=context) as pool:
-        futures = {pool.submit(functools.partial(_guarded, job), path): i for i, path in enumerate(models)}
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, total), mp_context=context)
+    try:
+        futures = {pool.submit(functools.partial(_in_worker, job), path): i for i, path in enumerate(models)}
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             index = futures[future]
             try:
@@ -95,7 +99,45 @@ def run(
                 out[index] = failure(models[index], error)
             if progress:
                 progress(done, total)
+    except BaseException:  # SIGTERM or Ctrl-C here: the models not started are dropped, the running ones stopped
+        _stop(pool)
+        raise
+    pool.shutdown()
     return [r for r in out if r is not None]
+
+
+def _in_worker(job: Callable[[str], Report], path: str) -> Report | Failure:
+    """:func:`_guarded` in a worker process: SIGTERM from the parent (:func:`_stop`) ends the worker once the
+    model's clean-up has run; between models it ends the worker at once (nothing to clean)."""
+    import signal
+
+    from bncheck.termination import Terminated, die_of_sigterm, unwind_on_sigterm
+
+    unwind_on_sigterm()
+    try:
+        return _guarded(job, path)
+    except Terminated:
+        die_of_sigterm()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop(pool: Any) -> None:
+    """Cancel what has not started, SIGTERM the workers and wait until they are gone (their folders with them);
+    a worker still there after :data:`STOP_WAIT` seconds (inside a long onnxruntime call) is killed.
+
+    ProcessPoolExecutor has no public way to stop a running call before Python 3.14's terminate_workers;
+    its ``_processes`` map has been there since 3.2."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + STOP_WAIT
+    for worker in workers:
+        worker.join(timeout=max(deadline - time.monotonic(), 0))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def worst_exit(results: Sequence[Report | Failure]) -> int:

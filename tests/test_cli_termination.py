@@ -1,0 +1,104 @@
+"""SIGTERM (a CI job's timeout, ``kill``): the process removes its scratch folders and stops its workers,
+then ends as killed by the signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+def _train_mode_chain(path: Path, layers: int = 200, channels: int = 8, hw: int = 16) -> str:
+    """x -> (train-mode BatchNormalization -> Relu) x layers: its decomposed session takes long enough to build
+    (about a second) for a signal to arrive while the probe's scratch folder exists."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        for role, low, high in (("s", 0.5, 1.5), ("b", -0.5, 0.5), ("m", 0.1, 0.3), ("v", 0.5, 1.5)):
+            inits.append(numpy_helper.from_array(rng.uniform(low, high, channels).astype(np.float32), f"{role}{i}"))
+        bn_inputs = [prev, f"s{i}", f"b{i}", f"m{i}", f"v{i}"]
+        bn_outputs = [f"t{i}", f"rm{i}", f"rv{i}"]
+        nodes.append(helper.make_node("BatchNormalization", bn_inputs, bn_outputs, name=f"bn{i}", training_mode=1))
+        nodes.append(helper.make_node("Relu", [f"t{i}"], [f"r{i}"], name=f"relu{i}"))
+        prev = f"r{i}"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, hw, hw])
+    y = helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)
+    model = helper.make_model(
+        helper.make_graph(nodes, "chain", [x], [y], inits), opset_imports=[helper.make_opsetid("", 15)]
+    )
+    onnx.save(model, path)
+    return str(path)
+
+
+def _folders(where: Path) -> list[str]:
+    return sorted(n for n in os.listdir(where) if n.startswith("bncheck-"))
+
+
+def _terminated_once(where: Path, args: list[str], folders: int) -> subprocess.Popen[bytes]:
+    """``python -m bncheck args`` (the console entry) with TMPDIR=where, sent SIGTERM once ``folders`` scratch
+    folders exist; waited for."""
+    env = {**os.environ, "TMPDIR": str(where)}
+    log = where.parent / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bncheck", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    deadline = time.monotonic() + 120
+    while len(_folders(where)) < folders:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "no scratch folder appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)  # not communicate(): workers left alive would hold its pipes open
+    return proc
+
+
+def _workers_with(where: Path) -> list[int]:
+    """Live processes whose environment names ``where`` as TMPDIR (the parent's spawned workers)."""
+    needle = f"TMPDIR={where}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+def test_sigterm_during_a_probe_removes_its_scratch_folder_and_ends_as_killed_by_it(tmp_path):
+    model = _train_mode_chain(tmp_path / "chain.onnx")
+    where = tmp_path / "tmp"
+    where.mkdir()
+    proc = _terminated_once(where, ["probe", "--format", "json", model], folders=1)
+    assert proc.returncode == -signal.SIGTERM
+    assert _folders(where) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_sigterm_during_parallel_probes_stops_the_workers_and_removes_their_folders(tmp_path):
+    first = _train_mode_chain(tmp_path / "a.onnx")
+    second = tmp_path / "b.onnx"
+    second.write_bytes(Path(first).read_bytes())
+    where = tmp_path / "tmp"
+    where.mkdir()
+    try:
+        proc = _terminated_once(where, ["probe", "--jobs", "2", "--format", "json", first, str(second)], folders=2)
+        assert proc.returncode == -signal.SIGTERM
+        assert _workers_with(where) == []
+        assert _folders(where) == []
+    finally:  # a failing run must not leave workers behind
+        for pid in _workers_with(where):
+            os.kill(pid, signal.SIGKILL)
