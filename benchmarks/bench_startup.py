@@ -8,7 +8,7 @@ Interleaved ``--repeats`` times, each in a process of its own:
   processes timed by this one from start to exit (interpreter start-up and teardown included, as
   benchmarks/real_models/run.py times them); their difference is bncheck's fixed cost per model;
 - where that goes: the import stages, timed inside the child (its teardown differs from the probe's, which
-  freezes its heap at exit): what plain inference imports (numpy, numpy.random, onnxruntime), then onnx,
+  ends without the interpreter's teardown): what plain inference imports (numpy, numpy.random, onnxruntime), then onnx,
   click, the bncheck modules a probe imports, and onnx's schema registry (built on the first checker or
   shape-inference call).
 
@@ -53,7 +53,7 @@ for b in (1, 2, 32):
 """
 
 # what the `bncheck` console script runs
-PROBE = "import sys; from bncheck.cli import main; sys.argv = ['bncheck', *sys.argv[1:]]; main()"
+PROBE = "import sys; from bncheck.cli import console; sys.argv = ['bncheck', *sys.argv[1:]]; console()"
 
 
 def build_model(path: str) -> None:
