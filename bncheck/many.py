@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 MODEL_SUFFIXES = (".onnx", ".keras", ".h5", ".hdf5")
 #: seconds a worker told to stop (SIGTERM) gets to remove its folders before it is killed
 STOP_WAIT = 10.0
+#: seconds between a worker's checks that its parent is still there
+PARENT_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,9 @@ def run(
     # spawn, not fork: onnxruntime's thread pools do not survive a fork
     context = multiprocessing.get_context("spawn")
     out: list[Report | Failure | None] = [None] * total
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, total), mp_context=context)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(jobs, total), mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
+    )
     try:
         futures = {pool.submit(functools.partial(_in_worker, job), path): i for i, path in enumerate(models)}
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
@@ -104,6 +108,21 @@ def run(
         raise
     pool.shutdown()
     return [r for r in out if r is not None]
+
+
+def _watch_parent(parent: int) -> None:
+    """In each worker: once the parent is gone (killed by SIGKILL or for memory, so it could not stop its
+    workers), SIGTERM this worker, which then ends as :func:`_in_worker` says. Without it a worker finished
+    its model and then waited for work forever."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="bncheck-parent-watch", daemon=True).start()
 
 
 def _in_worker(job: Callable[[str], Report], path: str) -> Report | Failure:

@@ -44,8 +44,8 @@ def _folders(where: Path) -> list[str]:
     return sorted(n for n in os.listdir(where) if n.startswith("bncheck-"))
 
 
-def _terminated_once(where: Path, args: list[str], folders: int) -> subprocess.Popen[bytes]:
-    """``python -m bncheck args`` (the console entry) with TMPDIR=where, sent SIGTERM once ``folders`` scratch
+def _terminated_once(where: Path, args: list[str], folders: int, sig: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+    """``python -m bncheck args`` (the console entry) with TMPDIR=where, sent ``sig`` once ``folders`` scratch
     folders exist; waited for."""
     env = {**os.environ, "TMPDIR": str(where)}
     log = where.parent / "stderr.txt"
@@ -58,7 +58,7 @@ def _terminated_once(where: Path, args: list[str], folders: int) -> subprocess.P
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "no scratch folder appeared"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     proc.wait(timeout=120)  # not communicate(): workers left alive would hold its pipes open
     return proc
 
@@ -100,5 +100,27 @@ def test_sigterm_during_parallel_probes_stops_the_workers_and_removes_their_fold
         assert _workers_with(where) == []
         assert _folders(where) == []
     finally:  # a failing run must not leave workers behind
+        for pid in _workers_with(where):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_workers_of_a_killed_parent_end_and_remove_their_folders(tmp_path):
+    # SIGKILL (or the kernel's OOM killer) gives the parent no chance to stop its workers: they notice it is gone
+    first = _train_mode_chain(tmp_path / "a.onnx")
+    second = tmp_path / "b.onnx"
+    second.write_bytes(Path(first).read_bytes())
+    where = tmp_path / "tmp"
+    where.mkdir()
+    try:
+        args = ["probe", "--jobs", "2", "--format", "json", first, str(second)]
+        proc = _terminated_once(where, args, folders=2, sig=signal.SIGKILL)
+        assert proc.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while (_workers_with(where) or _folders(where)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _workers_with(where) == []
+        assert _folders(where) == []
+    finally:
         for pid in _workers_with(where):
             os.kill(pid, signal.SIGKILL)
