@@ -64,16 +64,17 @@ def _terminated_once(where: Path, args: list[str], folders: int, sig: int = sign
 
 
 def _workers_with(where: Path) -> list[int]:
-    """Live processes whose environment names ``where`` as TMPDIR (the parent's spawned workers)."""
+    """Live worker processes (multiprocessing's spawn_main) whose environment names ``where`` as TMPDIR."""
     needle = f"TMPDIR={where}".encode()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if needle in environ.split(b"\0") and state != "Z":
+        if needle in environ.split(b"\0") and b"spawn_main" in cmdline and state != "Z":
             found.append(int(pid))
     return found
 
@@ -124,3 +125,19 @@ def test_workers_of_a_killed_parent_end_and_remove_their_folders(tmp_path):
     finally:
         for pid in _workers_with(where):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_probe_killed_outright_leaves_its_folder_to_the_next_run(tmp_path):
+    model = _train_mode_chain(tmp_path / "chain.onnx")
+    where = tmp_path / "tmp"
+    where.mkdir()
+    proc = _terminated_once(where, ["probe", "--format", "json", model], folders=1, sig=signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(_folders(where)) == 1  # nothing runs in a process killed outright
+    small = _train_mode_chain(tmp_path / "small.onnx", layers=1)
+    env = {**os.environ, "TMPDIR": str(where)}
+    after = subprocess.run(
+        [sys.executable, "-m", "bncheck", "probe", "--format", "json", small], env=env, capture_output=True
+    )
+    assert after.returncode == 1, after.stderr
+    assert _folders(where) == []

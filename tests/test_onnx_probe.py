@@ -807,6 +807,29 @@ def test_the_probe_scratch_folder_follows_tmpdir(tmp_path, monkeypatch):
     assert os.path.dirname(folder) == str(tmp_path)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="processes are looked up with os.kill(pid, 0)")
+def test_a_scratch_folder_whose_process_is_gone_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from bncheck.backends.onnx.run import SCRATCH_PREFIX, _pid_namespace
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    ns = _pid_namespace()
+    orphan = tmp_path / f"{SCRATCH_PREFIX}{ns}-{gone}-a"
+    live = tmp_path / f"{SCRATCH_PREFIX}{ns}-{os.getpid()}-b"  # this process's
+    elsewhere = tmp_path / f"{SCRATCH_PREFIX}{ns + 1}-{gone}-c"  # another pid namespace's: its pids are not ours
+    for folder in (orphan, live, elsewhere):
+        folder.mkdir()
+        (folder / "optimized.onnx").write_bytes(b"weights")
+    made = scratch_folder(1 << 20)
+    assert os.path.basename(made).startswith(f"{SCRATCH_PREFIX}{ns}-{os.getpid()}-")
+    assert not orphan.exists()
+    assert live.exists() and elsewhere.exists()
+
+
 def test_a_default_probe_measures_layers_that_compute_statistics_and_leaves_inference_bns_to_data(tmp_path):
     path = _bn_then_instance_norm(tmp_path / "bn_in.onnx")
     shapes = {"x": (3, 16, 16)}

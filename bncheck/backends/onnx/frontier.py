@@ -15,7 +15,6 @@ in float64, from the whole tensors (the probe's reference form, :func:`bncheck.p
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ import numpy as np
 from bncheck import budget
 from bncheck.backends.onnx.graph import node_reads
 from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm, stub
-from bncheck.backends.onnx.run import _without_extremes, new_session, session_options
+from bncheck.backends.onnx.run import _without_extremes, new_session, scratch_folder, session_options
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_plan import first_samples, merge_stats
@@ -229,7 +228,7 @@ class Frontier:
         """The segment's weights: weight-less stubs pointing at the same bytes as the probe's (the model file
         itself, or a copy written once), inline copies of what fix edited."""
         if self._stubs is None:
-            self._tmp = tempfile.mkdtemp(prefix="bncheck-frontier-")
+            self._tmp = scratch_folder(self.handle.size_bytes)
             skeleton, self._folder = stub(self.handle, self._tmp)
             self._stubs = {t.name: t for t in skeleton.graph.initializer}
         current = {t.name: t for t in self.handle.model.graph.initializer if t.name in names}

@@ -210,10 +210,55 @@ def scratch_folder(model_bytes: int) -> str:
         try:
             stats = os.statvfs(RAM_FOLDER)
             if stats.f_bavail * stats.f_frsize >= RAM_FOLDER_MARGIN * max(model_bytes, 1):
-                return tempfile.mkdtemp(prefix="bncheck-probe-", dir=RAM_FOLDER)
+                return _new_scratch(RAM_FOLDER)
         except OSError:
             pass
-    return tempfile.mkdtemp(prefix="bncheck-probe-")
+    return _new_scratch(tempfile.gettempdir())
+
+
+#: scratch folders are named SCRATCH_PREFIX + "<pid namespace>-<pid>-": see _remove_orphans
+SCRATCH_PREFIX = "bncheck-probe-"
+
+
+def _new_scratch(parent: str) -> str:
+    owner = f"{SCRATCH_PREFIX}{_pid_namespace()}-"
+    _remove_orphans(parent, owner)
+    return tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
+
+
+def _pid_namespace() -> int:
+    """The inode of this process's pid namespace (containers sharing /dev/shm number their processes apart);
+    0 where the system has none to show."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _remove_orphans(parent: str, owner: str) -> None:
+    """Remove the scratch folders in ``parent`` of processes (of this pid namespace) that no longer exist: a
+    probe killed outright (SIGKILL, the kernel's OOM killer) runs no clean-up, and a folder in /dev/shm holds
+    its bytes in RAM until a reboot. POSIX only: elsewhere os.kill(pid, 0) would end the process."""
+    if os.name != "posix":
+        return
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(owner) :].split("-", 1)[0] if name.startswith(owner) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, among others: alive
+        return True
+    return True
 
 
 def _shrink_arena() -> Any:
@@ -763,11 +808,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
     def prepared(folder: str, proof_by_probe: bool) -> ProbeCopy:
         nonlocal activations
-        try:
-            copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
-        except BaseException:
-            discard(folder)
-            raise
+        copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
         if copy.inputs != view.inputs:  # a fixed batch relaxed: runs every size now, checked before its proof
             activations = copy.activations
         elif relaxing:  # not relaxed after all: the file's own size runs
@@ -775,9 +816,6 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         if measures:  # a proof's session the engine will not take over: freed now
             copy.proof = None
         return copy
-
-    tmp = scratch_folder(handle.size_bytes)
-    copy = prepared(tmp, measures)
 
     def open_engine() -> Runner:
         # built inside run_plan, while it draws the synthetic inputs in a worker thread
@@ -799,7 +837,9 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
         return locate_dependence(handle, engines[0].tmp, batch, copies, row, base=copy)
 
-    try:
+    tmp = scratch_folder(handle.size_bytes)
+    try:  # from here on every way out (an error, the memory check's refusal, SIGTERM) removes the folder
+        copy = prepared(tmp, measures)
         runner = _proven_by_probe(copy, open_engine, engines) if copy.pending is not None else None
         if copy.pending is not None:  # the relaxed copy failed on the probe's graph: proven on its own now
             discard(tmp)
