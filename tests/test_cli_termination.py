@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,43 +89,40 @@ def test_sigterm_during_a_probe_removes_its_scratch_folder_and_ends_as_killed_by
     assert _folders(where) == []
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
-def test_sigterm_during_parallel_probes_stops_the_workers_and_removes_their_folders(tmp_path):
+@pytest.fixture
+def parallel(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
+    """``probe --jobs 2`` over two copies of the chain, and a TMPDIR of its own; workers a failing test left
+    behind are killed after it."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("finds the workers through /proc")
     first = _train_mode_chain(tmp_path / "a.onnx")
     second = tmp_path / "b.onnx"
     second.write_bytes(Path(first).read_bytes())
     where = tmp_path / "tmp"
     where.mkdir()
-    try:
-        proc = _terminated_once(where, ["probe", "--jobs", "2", "--format", "json", first, str(second)], folders=2)
-        assert proc.returncode == -signal.SIGTERM
-        assert _workers_with(where) == []
-        assert _folders(where) == []
-    finally:  # a failing run must not leave workers behind
-        for pid in _workers_with(where):
-            os.kill(pid, signal.SIGKILL)
+    yield ["probe", "--jobs", "2", "--format", "json", first, str(second)], where
+    for pid in _workers_with(where):
+        os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
-def test_workers_of_a_killed_parent_end_and_remove_their_folders(tmp_path):
+def test_sigterm_during_parallel_probes_stops_the_workers_and_removes_their_folders(parallel):
+    args, where = parallel
+    proc = _terminated_once(where, args, folders=2)
+    assert proc.returncode == -signal.SIGTERM
+    assert _workers_with(where) == []
+    assert _folders(where) == []
+
+
+def test_workers_of_a_killed_parent_end_and_remove_their_folders(parallel):
     # SIGKILL (or the kernel's OOM killer) gives the parent no chance to stop its workers: they notice it is gone
-    first = _train_mode_chain(tmp_path / "a.onnx")
-    second = tmp_path / "b.onnx"
-    second.write_bytes(Path(first).read_bytes())
-    where = tmp_path / "tmp"
-    where.mkdir()
-    try:
-        args = ["probe", "--jobs", "2", "--format", "json", first, str(second)]
-        proc = _terminated_once(where, args, folders=2, sig=signal.SIGKILL)
-        assert proc.returncode == -signal.SIGKILL
-        deadline = time.monotonic() + 30
-        while (_workers_with(where) or _folders(where)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _workers_with(where) == []
-        assert _folders(where) == []
-    finally:
-        for pid in _workers_with(where):
-            os.kill(pid, signal.SIGKILL)
+    args, where = parallel
+    proc = _terminated_once(where, args, folders=2, sig=signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while (_workers_with(where) or _folders(where)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _workers_with(where) == []
+    assert _folders(where) == []
 
 
 def test_a_probe_killed_outright_leaves_its_folder_to_the_next_run(tmp_path):
