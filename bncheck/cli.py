@@ -183,16 +183,20 @@ def _skip_final_collection() -> None:
 def console() -> NoReturn:
     """The console script and ``python -m bncheck``: :data:`main`, then :func:`_end_process`; SIGTERM
     unwinds it first (bncheck.termination)."""
+    import signal
+
     from bncheck.termination import Terminated, die_of_sigterm, unwind_on_sigterm
 
     unwind_on_sigterm()
+    code: Any = 0
     try:
         main()
     except SystemExit as done:
-        _end_process(done.code)
+        code = done.code
     except Terminated:
         die_of_sigterm()
-    _end_process(0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing is left to clean up: SIGTERM may end it at once
+    _end_process(code)
 
 
 def _end_process(code: Any) -> NoReturn:
