@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck import budget
-from bncheck.backends.onnx.graph import node_reads
+from bncheck.backends.onnx.graph import has_subgraphs, node_reads, upstream_nodes
 from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm, stub
 from bncheck.backends.onnx.run import _without_extremes, new_session, scratch_folder, session_options
 from bncheck.errors import one_line
@@ -131,27 +131,22 @@ class Frontier:
         model = self.handle.model
         nodes = list(model.graph.node)
         targets = list(dict.fromkeys(wanted))
-        stored = {t.name for t in model.graph.initializer}
-        producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-        segment: set[int] = set()
-        stack = [t for t in targets if t not in self.values]
-        while stack:
-            name = stack.pop()
-            if name in self.values or name in stored or not name:
-                continue
-            index = producer.get(name)
-            if index is None:
-                raise Unsupported(f"{name!r} is neither computed nor kept")
-            if index not in segment:
-                segment.add(index)
-                stack.extend(node_reads(nodes[index]))
+        missing = [t for t in targets if t not in self.values]
+        produced = {out for node in nodes for out in node.output if out}
+        unknown = [t for t in missing if t not in produced]
+        if unknown:
+            raise Unsupported(f"{unknown[0]!r} is neither computed nor kept")
+        # the walk stops at kept tensors; a read neither kept nor stored is refused by _run
+        segment = upstream_nodes(
+            nodes, missing, reads=lambda node: (n for n in node_reads(node) if n not in self.values)
+        )
         ordered = sorted(segment)  # graph order is topological (an ONNX requirement)
         opset = _opset(model)
         if any(is_train_batch_norm(nodes[i], opset) for i in ordered):
             # the measuring engine computes it by the spec's decomposition; onnxruntime's own kernel deviates
-            # from the spec for some parameters (its issue #29790)
+            # from the spec for some parameters (docs/architecture.md, train-mode BatchNormalization)
             raise Unsupported("a train-mode BatchNormalization is left upstream")
-        if any(attr.type in (5, 10) for i in ordered for attr in nodes[i].attribute):  # GRAPH, GRAPHS
+        if any(has_subgraphs(nodes[i]) for i in ordered):
             # If/Loop/Scan bodies read outer tensors by name and may hold norm layers of their own: a node
             # downstream of every layer (a decoder loop) never joins a segment; one upstream stops them here
             raise Unsupported("a node with subgraphs is upstream")

@@ -421,6 +421,11 @@ def shape_dim(g: GraphIndex, tensor: str, axis: int | None) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def has_subgraphs(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` carries a graph attribute (If/Loop/Scan bodies), which may read outer tensors by name."""
+    return any(attr.type in (5, 10) for attr in node.attribute)  # AttributeProto.GRAPH, GRAPHS
+
+
 def node_reads(node: onnx.NodeProto) -> Iterator[str]:
     """Every tensor a node reads: its inputs and the outer-scope names its subgraphs (If/Loop/Scan) use."""
     for name in node.input:

@@ -30,6 +30,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
+from bncheck.backends.onnx.graph import has_subgraphs
 from bncheck.backends.onnx.instrument import _copy, _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes
 from bncheck.errors import one_line
@@ -121,9 +122,8 @@ def parameter_inputs(graph: Any) -> dict[str, float]:
                 value[name] = slots[pos]
             else:
                 other.add(name)
-        for attr in node.attribute:  # read inside a subgraph: not only a parameter
-            if attr.type in (5, 10):  # GRAPH, GRAPHS
-                other |= candidates
+        if has_subgraphs(node):  # read inside a subgraph: not only a parameter
+            other |= candidates
     return {name: v for name, v in value.items() if name not in other}
 
 
