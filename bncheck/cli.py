@@ -168,7 +168,7 @@ class OneLineErrors(click.Group):
 
 def _skip_final_collection() -> None:
     """Freeze the heap at exit: the interpreter's last full collection walks every object of numpy, onnx and
-    click only to free memory the process hands back anyway (about 20 ms of a small model's probe).
+    click only to free memory the process hands back anyway (docs/architecture.md has the numbers).
 
     atexit handlers and explicit clean-ups still run; bncheck leaves no reference cycle that needs a finalizer
     (its temporary folders are removed as soon as a model is done).
@@ -203,8 +203,7 @@ def _end_process(code: Any) -> NoReturn:
     """End the process with ``code`` as SystemExit would, without the interpreter's teardown.
 
     Every atexit handler still runs (anyone's, in their order) and stdout and stderr are flushed; what is
-    skipped is the clearing of every module and object, memory the system takes back anyway (10-15 ms of a
-    small model's probe). bncheck closes its sessions and files and removes its folders itself.
+    skipped is the clearing of every module and object, memory the system takes back anyway. bncheck closes its sessions and files and removes its folders itself.
     """
     import atexit
     import os

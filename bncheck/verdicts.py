@@ -102,7 +102,7 @@ OUTPUT_TOLERANCE = 1e-3
 #: Below this, the layer's input did not move: the dependence starts in this layer.
 INPUT_TOLERANCE = 1e-4
 #: onnxruntime's train-mode BatchNormalization differs from the spec by float32 rounding (1e-6) on most
-#: nodes and by whole activations where issue #29790 bites; only the latter is worth a sentence.
+#: nodes and by whole activations where onnxruntime#29790 bites; only the latter is worth a sentence.
 RUNTIME_DEVIATION_NOTE = 1e-4
 
 

@@ -303,7 +303,7 @@ def test_measure_inputs_downstream_of_a_train_mode_bn_follow_the_spec(tmp_path):
 # --------------------------------------------------------------------------- train-mode BN follows the spec
 
 
-#: bias == running mean (0) and scale == running variance (1): what onnxruntime gets wrong (#29790)
+#: bias == running mean (0) and scale == running variance (1): what onnxruntime gets wrong (onnxruntime#29790)
 _EQUAL_PARAMS = {"bias": [0.0] * 3, "mean": [0.0] * 3, "var": [1.0] * 3, "scale": [1.0] * 3}
 
 

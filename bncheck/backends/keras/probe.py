@@ -7,10 +7,9 @@ never ``safe_mode=False``, and without custom objects, so anything unknown to Ke
 
 Capture: each normalization layer's ``call`` is wrapped on the instance (recursing into nested models), so
 every call of the layer, a shared layer's too, hands its input and output to :func:`tensor_stats` and only
-the small per-channel summaries are kept. (Measured with keras 3.15 in issue 4: sub-models over
-``layer.output`` fail for layers inside nested models and see only the first call of a shared layer.) A
-layer called several times in one forward pass has its calls pooled as if they were more positions of the
-same sample; the probe result notes it.
+the small per-channel summaries are kept (sub-models over ``layer.output`` fail for layers inside nested
+models and see only the first call of a shared layer). A layer called several times in one forward pass has
+its calls pooled as if they were more positions of the same sample; the probe result notes it.
 
 Call styles: "as-written" calls ``model(x)`` with ``training`` left unset, so a baked ``training=True``
 takes effect as it would in the user's code; "predict" calls ``model(x, training=False)``, which is what
@@ -60,9 +59,9 @@ PREDICT = "predict"
 def import_keras(path: str) -> Any:
     """Import keras, choosing the numpy backend when the user has not chosen one.
 
-    numpy, not Keras's default tensorflow: measured in issue 4 it is the fastest and lightest backend for
-    inference (MobileNetV2 import+load+probe 2.1-2.6 s, 500 MB peak; jax 19-27 s, compiling), and the
-    default tensorflow backend fails when TensorFlow is not installed, which bncheck does not require.
+    numpy, not Keras's default tensorflow: the fastest and lightest backend for inference
+    (docs/architecture.md), and the default tensorflow backend fails when TensorFlow is not installed, which
+    bncheck does not require.
     KERAS_BACKEND must be set before keras is first imported; a user's own setting is respected.
     """
     os.environ.setdefault("KERAS_BACKEND", "numpy")

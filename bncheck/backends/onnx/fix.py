@@ -1,48 +1,11 @@
 """`bncheck fix` for ONNX: recompute batch-norm statistics from calibration data and rewrite what is unsafe.
 
-What is repaired (everything else is left alone, and said so):
-
-- a BatchNormalization in inference mode whose running statistics are stale (exactly 0/1: never updated; or
-  drifting from the data by BN003's thresholds) gets its running mean and variance recomputed;
-- a train-mode BatchNormalization becomes an inference node (``training_mode`` 0, or ``is_test`` 1 before
-  opset 7; the running/saved-statistics outputs removed) with statistics recomputed from the data; when one
-  of those extra outputs is read by a node or is a graph output it is left alone ("not-fixed");
-- a hand-written batch-moments chain that the walk recognizes (kind BATCH, op_type "decomposed") is replaced
-  by one inference BatchNormalization, after the chain has been checked structurally (no intermediate
-  tensor read elsewhere, every other input constant) and numerically (onnx.reference on the chain alone
-  against the batch-norm formula).
-
-The lowered-InstanceNorm trap (a training-mode BatchNormalization on a [1, N*C, ...] reshape) is not a bug
-and is never touched.
-
-Statistics are measured by the probe's in-graph statistics engine (``run.inputs_engine``, ``run.measure_with``), layer
-by layer in topological order: a layer's statistics count only when every layer upstream of it has already
-been repaired, because its input changes when they are. Each pass over the data measures every undecided
-layer; in topological order, a layer is decided from that pass unless a layer upstream of it was repaired
-in the same pass (it then waits for the next one). A model whose statistics are fine takes one pass; a
-chain of k dependent repairs takes k passes. Where a pass's repairs held back every layer below the frontier
-(the undecided layers with none undecided above them), the next pass measures the next frontier alone, on a
-graph cut below it (``instrument.keep_only``); a pass that repairs nothing goes back to measuring every
-undecided layer. The passes share one session as long as the repairs only set
-the running statistics of stale inference BNs: those are graph inputs of the measuring graph, fed anew at
-each pass (``instrument.feed_statistics``); any other repair (a train-mode node switched, a chain replaced)
-has the next pass build its own. Variances are population variances over batch and spatial
-axes, accumulated over all calibration samples in float64.
-
-Where the statistics come from (``--stats``, see bncheck.fix_result): a train-mode node whose stored running
-statistics are sound (not exactly 0/1, finite, no negative variance) becomes an inference node with them, no
-data needed (``auto`` without data, ``stored``); with data, ``auto`` keeps them unless the data show drift
-(BN003's thresholds), and ``data`` always recomputes. Stale statistics need data; without it the fix refuses,
-naming the layers. How many samples are enough (a floor, then a reported uncertainty) is
-bncheck.fix_result's rule, shared with the Keras backend. A model with a fixed batch dimension uses every
-sample: its last batch is completed with repeated samples that the statistics leave out.
-
-Preservation: everything not repaired is written back exactly as it was read: other initializers, node
-names and order, metadata, opsets, and the external-data layout. A model without external data is edited in
-place (the loaded proto is the file as parsed) and serialized; for a model with external data the edits are
-recorded and replayed on the file parsed without its weights, the external files are copied next to the
-output with the same offsets (renamed after the output when it shares the input's folder), repaired tensors
-stored there are patched in place, and new small tensors are stored inline.
+Repaired: inference-mode BatchNormalization with stale running statistics, train-mode BatchNormalization
+(switched to inference with stored or recomputed statistics), and recognized hand-written batch-moments
+chains (replaced by one inference BatchNormalization). Statistics are measured by the probe's engine, layer by
+layer in topological order; everything not repaired is written back exactly as it was read. The rules
+(passes, frontiers, where the statistics come from, preservation) are in docs/architecture.md, "`bncheck fix`
+for ONNX".
 """
 
 from __future__ import annotations

@@ -191,8 +191,7 @@ class Frontier:
         segment = helper.make_model(graph, opset_imports=list(model.opset_import))
         segment.ir_version = max(int(model.ir_version), 4)  # IR < 4 would want the weights listed as inputs
         options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, self._folder or "")
-        # a session per pass, each with its own arena beside the kept tensors: resnet50-b's probe --data
-        # peaked at 1.58 GB with arenas, 1.16 GB without (+0.4 s over 48 passes)
+        # no arena: a session per pass, each with its own arena beside the kept tensors, raised the peak
         options.enable_cpu_mem_arena = False
         kept: dict[str, list[np.ndarray]] = {name: [] for name in fetch}
         try:

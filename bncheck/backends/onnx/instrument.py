@@ -303,12 +303,11 @@ def release(handle: OnnxHandle, stubs: list[Any] | None):
     """Swap ``handle.model`` for a weight-less skeleton for the duration of a probe; return the restorer.
 
     The probe's own session reads the weights from files, so the ModelProto the loader filled would be a
-    second copy of every weight in this process (102 MB on ResNet-50, 0.19x of plain inference's peak).
+    second copy of every weight in this process.
     The skeleton keeps the graph; its initializers point at the files (the original external data, the
     model file itself, or the copy this probe wrote). The restorer makes the reload lazy (:meth:`OnnxHandle.defer_model`): the model
     is reloaded from ``handle.path`` with the loader's own validation, exactly as ``load_onnx`` produced
-    it, when someone next reads ``handle.model`` (``bncheck probe`` never does: 0.15 s saved on
-    ResNet-50). The skeleton's external references may point into the probe's temporary folder, which is
+    it, when someone next reads ``handle.model`` (``bncheck probe`` never does). The skeleton's external references may point into the probe's temporary folder, which is
     gone by then; a reader gets the reloaded model, never the skeleton.
     """
     import onnx
@@ -686,7 +685,6 @@ class Augmenter:
         if spatial_mode == 1 and rank >= 3:
             # the mean over (0, 2, ...) as the batch mean of per-sample GlobalAveragePools: onnxruntime keeps
             # those in its NCHWc layout, where a ReduceMean over (0, 2, 3) reorders the whole tensor first
-            # (ResNet-50 in train mode, batch-32 run: 1.24-1.37 s -> 1.10-1.12 s)
             gap = b.one("GlobalAveragePool", [x], "spec_gap")
             mean = b.reduce("ReduceMean", gap, [0], "spec_mean", keepdims=1)
             centered = b.one("Sub", [x, mean], "spec_centered")

@@ -45,7 +45,7 @@ class OnnxHandle:
 
     ``model`` may be reloaded lazily (:meth:`defer_model`): the probe swaps it for a weight-less skeleton
     while it runs, and the weights come back from the file only when someone reads ``model`` again (the
-    fix path does; ``bncheck probe`` never does, and saves the reload: 0.15 s on ResNet-50).
+    fix path does; ``bncheck probe`` never does, and saves the reload).
     """
 
     path: str
@@ -151,7 +151,7 @@ def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
     """Parse the protobuf without external data; one-line errors for everything that is not a model.
 
     The file is mapped, not read: protobuf parses straight from the page cache (reading it into a bytes
-    object first faulted in a fresh copy: ResNet-50's load 0.095 -> 0.05 s). With ``digest``, it is hashed in
+    object first faulted in a fresh copy). With ``digest``, it is hashed in
     a thread while protobuf parses (hashlib releases the GIL on large buffers), which on a 100 MB model saves
     a second read and the hashing time.
     """
@@ -323,7 +323,7 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
     """Read only the external tensors the view needs: small ones and normalization ops' parameters.
 
     The probe's onnxruntime session reads the weights from their files itself, so reading every weight
-    here would hold a second copy during the probe (a 2.7 GB model: 2x plain inference's peak) and make
+    here would hold a second copy during the probe (twice plain inference's peak on a large model) and make
     ``inspect`` read the whole data file; ``fix`` edits only small tensors and reads none of the rest.
     """
     import onnx
@@ -419,8 +419,8 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without its large weights: each large initializer, and each Constant node of the main graph
     holding a large tensor (older paddle2onnx writes every weight so), becomes a typed graph input.
 
-    onnx.checker and shape inference serialize the whole ModelProto (on a ResNet-50, 102 MB twice: 0.6 s and
-    a copy of the weights in memory) yet need only the graph, the types and shapes of the weights and the
+    onnx.checker and shape inference serialize the whole ModelProto (time, and a copy of the weights in
+    memory) yet need only the graph, the types and shapes of the weights and the
     values of small shape-like tensors. The checker then does not look inside large weights; their dims and
     types, the part a graph depends on, are still checked through the inputs they become.
     """

@@ -455,7 +455,7 @@ def _relax(
     def ready(candidate: onnx.ModelProto) -> None:
         nonlocal draw
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
-        # the proof's sessions instead of adding to the probe's peak (layout_cdla: 19 MB)
+        # the proof's sessions instead of adding to the probe's peak
         copy.relaxed_shapes = shapes, types = inferred_shapes(candidate)
         # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
         copy.activations = memory.check_probe(

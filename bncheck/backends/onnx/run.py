@@ -104,21 +104,19 @@ def session_options(level: Any, folder: str) -> Any:
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.graph_optimization_level = level
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-    # CPU arena on (onnxruntime's default, as in plain inference). Measured on ResNet-50 once inference
-    # BNs stopped measuring min/max: 0.16 s faster over the whole probe (without it every activation is
-    # a fresh mmap whose pages fault in again), peak 650 MB in 10 of 12 runs (1.26x plain; outliers 711
-    # and 723); without it 593-604 MB in about half the runs and 680-712 MB in the others (glibc).
+    # CPU arena on (onnxruntime's default, as in plain inference): without it every activation is a fresh
+    # mmap whose pages fault in again (docs/architecture.md has the numbers)
     so.enable_cpu_mem_arena = True
     # No memory patterns: a pattern is kept per input shape and, from a shape's second run on, allocates its
     # whole plan as one block that stays in the arena. The probe alternates a few runs at each of several
-    # sizes, so the blocks pile up (layout_cdla's train-mode twin: peak 392 MB with them, 306 MB without).
+    # sizes, so the blocks pile up.
     so.enable_mem_pattern = False
     return so
 
 
 #: onnxruntime rewrites that bncheck's sessions skip: MatMul + BatchNormalization folds each BN into new MatMul
-#: weights when the session is built, which pays back over many runs, not the few of a probe (on a 2.6 GB MLP,
-#: 6 of a session's 9 s: docs/architecture.md). Conv + BN is cheap to fold and is kept.
+#: weights when the session is built, which pays back over many runs, not the few of a probe (most of a large
+#: MLP's session build: docs/architecture.md). Conv + BN is cheap to fold and is kept.
 SKIPPED_REWRITES = ["MatMul_BatchNormalization_Fusion"]
 
 
@@ -287,8 +285,8 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     (NCHWc pools for our statistics) get new, higher indices than the model's own untouched nodes (its
     Relu, Add), which then run first and keep an extra activation alive. So: optimize once at
     ORT_ENABLE_ALL and save the optimized graph (weights to the temporary folder), put every added node
-    right after its producer, and run that graph with optimizations off. Measured on ResNet-50 at batch
-    32: peak -115 MB during the run, -40 MB of session state; +0.2 s of session creation.
+    right after its producer, and run that graph with optimizations off: a lower peak for a second
+    session build (docs/architecture.md).
     """
     import onnx
     import onnxruntime as ort
@@ -303,7 +301,7 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     first = new_session(model, so)
     del first
     # no malloc_trim here: the running session's creation reuses these freed pages without faulting them
-    # in again (ResNet-50: 0.07 s), and run_probe trims once the view's weights are released (same peak)
+    # in again, and run_probe trims once the view's weights are released (same peak)
     graph_only = onnx.load(optimized, load_external_data=False)
     _statistics_first(graph_only.graph, main_outputs)
     so = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp)
@@ -655,7 +653,7 @@ class _Engine:
         options = None
         if size > self.largest_feed:
             # the largest batch so far grew the arena: hand back what the run no longer uses before the
-            # statistics are decoded, which would otherwise add to the peak (ResNet-50 at 32: 30 MB)
+            # statistics are decoded, which would otherwise add to the peak
             self.largest_feed = size
             options = _shrink_arena()
         try:
