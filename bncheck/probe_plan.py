@@ -71,8 +71,8 @@ class Runner(Protocol):
 
 
 #: Finds where an unexplained batch dependence starts: (feeds of a batch holding a sample, feeds of the same
-#: size whose other rows are copies of it, its row) -> the located tensor, or None.
-Locator = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], int], "LocatedDependence | None"]
+#: size whose other rows are copies of it, its row, the batch size) -> the located tensor, or None.
+Locator = Callable[[dict[str, np.ndarray], dict[str, np.ndarray], int, int], "LocatedDependence | None"]
 #: Most samples whose solo outputs are compared when the outputs depend on the batch (extra solo runs for
 #: the rows of the largest batch: the arg-max agreement is then a fraction of that many samples).
 EFFECT_SAMPLES = 32
@@ -933,7 +933,7 @@ def _outputs_test(
         )
     if locate is None or explains_dependence(view.layers, dependence):
         return found, companion, None
-    located = locate(_take(pool, run, axes), _take(pool, copies, axes), row)
+    located = locate(_take(pool, run, axes), _take(pool, copies, axes), row, len(run))
     if located is None:
         notes.append("the model's outputs depend on the batch, but no tensor was found where it starts")
     return found, companion, located

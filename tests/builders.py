@@ -174,6 +174,32 @@ def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool 
     return _save(model, path)
 
 
+def dynamic_quant_model(path: Path, *, steps: int = 4, features: int = 6) -> str:
+    """x[N, T, F] -> Transpose to [T, N, F] (as exporters feed an LSTM) -> MatMul -> DynamicQuantizeLinear ->
+    DequantizeLinear -> Transpose back. No normalization op: the int8 scale and zero point come from the
+    min and max of the whole tensor, every sample of the batch included (onnxruntime's dynamic
+    quantization), and the Transpose puts the samples on axis 1 before that."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.normal(size=(features, features)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="to_time_major", perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["t", "w"], ["h"], name="proj"),
+        helper.make_node("DynamicQuantizeLinear", ["h"], ["q", "q_scale", "q_zero"], name="quantize"),
+        helper.make_node("DequantizeLinear", ["q", "q_scale", "q_zero"], ["d"], name="dequantize"),
+        helper.make_node("Transpose", ["d"], ["y"], name="to_batch_major", perm=[1, 0, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dynamic_quant",
+        [helper.make_tensor_value_info("x", F32, ["N", steps, features])],
+        [helper.make_tensor_value_info("y", F32, ["N", steps, features])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return _save(model, path)
+
+
 def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, offset: float = 100.0) -> str:
     """x[N, P, F] -> + offset -> mean and mean of squares over P by ReduceSum -> variance as E[h^2] - E[h]^2
     (as jax2tf writes LayerNorm) -> y = (E[h] - offset) / sqrt(variance), [N, F]. Batch-invariant, but

@@ -64,6 +64,15 @@ HINT_MOMENTS = (
 )
 
 
+HINT_DYNAMIC_QUANT = (
+    "Quantize with calibrated, stored scales (static quantization: QDQ, onnxruntime.quantization.quantize_static) "
+    "so that a sample's result no longer depends on its batch, or run one sample per batch; if the effect on the "
+    "outputs is acceptable, ignore BN002 for this model (--ignore BN002)."
+)
+#: ops that quantize with a scale taken from the min and max of the whole tensor, every sample included
+#: (onnxruntime's dynamic quantization: the standard op and the com.microsoft kernels that fuse it)
+DYNAMIC_QUANT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})
+
 HINT_REDUCTION = (
     "Reduce over the sample's own axes at inference (leave axis 0 out), or use statistics stored at training "
     "time; if mixing the batch is intended, ignore BN002 for this model (--ignore BN002)."
@@ -119,12 +128,19 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None) -> Findin
         tensor_change=found.change,
         located_runs=found.runs,
     )
+    dynamic = found.op_type in DYNAMIC_QUANT_OPS
+    why = (
+        " (dynamic quantization: the scale and zero point come from the whole tensor, every sample of the "
+        "batch included)"
+        if dynamic
+        else ""
+    )
     what = (
         f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
-        f"batch companions: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
+        f"batch companions{why}: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
         "between a sample alone and in a batch, while its inputs did not"
     )
-    return Finding(CODE, SLUG, SEVERITY, found.node, what, HINT_MOMENTS, evidence)
+    return Finding(CODE, SLUG, SEVERITY, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_MOMENTS, evidence)
 
 
 def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_invariant: bool = False) -> Finding:

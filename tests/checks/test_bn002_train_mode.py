@@ -7,7 +7,14 @@ import pytest
 from bncheck import engine
 from bncheck.backends import ProbeSettings
 from bncheck.verdicts import COMPANION_TOLERANCE, OUTPUT_DEPENDENCE_TOLERANCE
-from tests.builders import batch_centering_model, bn_model, cancellation_model, layernorm_model, moments_model
+from tests.builders import (
+    batch_centering_model,
+    bn_model,
+    cancellation_model,
+    dynamic_quant_model,
+    layernorm_model,
+    moments_model,
+)
 
 
 def test_training_mode_bn_is_an_error(tmp_path, inspect_findings):
@@ -116,3 +123,14 @@ def test_large_outputs_are_compared_on_a_regular_subset(tmp_path):
     # is small but real (the companion run confirms it)
     assert OUTPUT_DEPENDENCE_TOLERANCE < by_size["8"]["shift_sd"] < 0.5 and by_size["8"]["samples"] == 8
     assert report.probes[0].companion_change > COMPANION_TOLERANCE
+
+
+def test_dynamic_quantization_behind_a_transpose_is_located_at_the_quantizer(tmp_path):
+    """The samples sit on axis 1 after the Transpose: the locator compares each tensor along the axis that
+    holds them, so the Transpose (which moves them) is not taken for the op that mixes them."""
+    report = engine.probe(dynamic_quant_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.layer == "quantize"
+    assert finding.evidence["op_type"] == "DynamicQuantizeLinear"
+    assert "dynamic quantization" in finding.message
+    assert "static quantization" in finding.hint

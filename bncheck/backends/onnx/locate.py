@@ -36,14 +36,18 @@ class _Unlocatable(Exception):
 
 def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float | None:
     """How much a tensor differs between two runs of the same batch size ``batch`` that hold the same sample
-    at ``row`` with other companions, in the tensor's standard deviations (rms over elements); None when
-    the two cannot be compared (not floating point, or shapes that differ).
+    at ``row``: ``a`` with other companions, ``b`` with copies of the sample. In the tensor's standard
+    deviations (rms over elements); None when the two cannot be compared (not floating point, or shapes that
+    differ).
 
-    A tensor with a row per sample compares that row (unit: the spread across ``a``'s rows); one whose shape
-    does not follow the batch (a reduction over the batch axis) is compared whole (unit: its spread)."""
+    A tensor with a slice per sample compares that slice (unit: the spread across ``a``'s slices), along the
+    axis that holds the samples, wherever an op moved it (an LSTM's [seq, batch, ...], a Transpose); one whose
+    shape does not follow the batch (a reduction over the batch axis) is compared whole (unit: its spread)."""
     if a.dtype.kind != "f" or b.dtype.kind != "f" or a.shape != b.shape:
         return None
-    if a.ndim and a.shape[0] == batch and batch > 1:
+    axis = sample_axis(b, batch)
+    if axis is not None:
+        a, b = np.moveaxis(a, axis, 0), np.moveaxis(b, axis, 0)
         return float(sample_shifts(a[row : row + 1], b[row : row + 1], output_scale(a))[0])
     flat = np.asarray(a, np.float64).reshape(1, -1)
     other = np.asarray(b, np.float64).reshape(1, -1)
@@ -51,6 +55,22 @@ def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float |
     spread = float(np.std(finite)) if finite.size else 0.0
     rms = float(np.sqrt(np.mean(finite * finite))) if finite.size else 0.0
     return float(sample_shifts(flat, other, max(spread, SCALE_FLOOR * rms) + 1e-30)[0])
+
+
+def sample_axis(copies: np.ndarray, batch: int) -> int | None:
+    """The axis of a tensor that holds the batch's samples, read off a run whose samples are all the same one
+    (``copies``): an axis of the batch's size along which every slice is equal (to float32 rounding of
+    kernels that treat rows apart). Axis 0 first; None when no axis is, or the batch has one sample."""
+    if batch < 2:
+        return None
+    values = np.asarray(copies, np.float64)
+    finite = np.isfinite(values)
+    scale = float(np.max(np.abs(values[finite]))) if finite.any() else 0.0
+    for axis in sorted((k for k, n in enumerate(values.shape) if n == batch), key=lambda k: k != 0):
+        moved = np.moveaxis(values, axis, 0)
+        if np.allclose(moved, moved[:1], rtol=0.0, atol=1e-5 * scale, equal_nan=True):
+            return axis
+    return None
 
 
 def _axes(node: Any, constants: dict[str, np.ndarray]) -> tuple[int, ...] | None:
@@ -88,24 +108,25 @@ def locate_dependence(
     batch: dict[str, np.ndarray],
     copies: dict[str, np.ndarray],
     row: int,
+    size: int,
     base: ProbeCopy | None = None,
 ) -> LocatedDependence | None:
-    """The first node whose output depends on the batch (see the module docstring), or None. ``base``: the
-    probe's runnable copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect instead."""
+    """The first node whose output depends on the batch (see the module docstring), or None. ``batch`` holds
+    ``size`` samples (along each input's own batch axis), ``copies`` the sample at ``row`` in every row.
+    ``base``: the probe's runnable copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect
+    instead."""
     import onnxruntime as ort
     from onnx import helper
 
     from bncheck.backends.onnx.run import new_session, session_options
     from bncheck.verdicts import COMPANION_TOLERANCE
 
-    batch_size = next((int(np.shape(a)[0]) for a in batch.values() if np.ndim(a)), None)
     if base is None:
         model, folder = stub(handle, tmp)
     else:
         model, folder = type(base.model)(), base.folder
         model.CopyFrom(base.model)
         batch, copies = {**batch, **base.fixed_feeds}, {**copies, **base.fixed_feeds}
-    size = int(np.shape(next(iter(batch.values())))[0]) if batch else 0
     graph = model.graph
     nodes = list(graph.node)
     if not nodes:
@@ -165,5 +186,5 @@ def locate_dependence(
         axes=_axes(node, _constants(graph)),
         change=change if math.isfinite(change) else math.inf,
         runs=runs,
-        batch_size=batch_size,
+        batch_size=size,
     )

@@ -830,10 +830,10 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         trim_heap()
         return engine.observe
 
-    def locate(batch: dict[str, np.ndarray], copies: dict[str, np.ndarray], row: int):
+    def locate(batch: dict[str, np.ndarray], copies: dict[str, np.ndarray], row: int, size: int):
         from bncheck.backends.onnx.locate import locate_dependence
 
-        return locate_dependence(handle, engines[0].tmp, batch, copies, row, base=copy)
+        return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy)
 
     tmp = scratch_folder(handle.size_bytes)
     try:  # from here on every way out (an error, the memory check's refusal, SIGTERM) removes the folder

@@ -1,0 +1,35 @@
+"""The locator's per-tensor comparison: which axis holds the samples, read off the run of copies."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bncheck.backends.onnx.locate import sample_axis, tensor_change
+
+
+def _runs(axis: int, batch: int = 4, row: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A per-sample tensor [batch, 5, 3] moved so that its samples sit on ``axis``: one run with four
+    different samples, one whose samples are all copies of the one at ``row``."""
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(batch, 5, 3)).astype(np.float32)
+    copies = np.repeat(samples[row : row + 1], batch, axis=0)
+    return np.moveaxis(samples, 0, axis), np.moveaxis(copies, 0, axis)
+
+
+def test_the_samples_axis_is_found_wherever_a_transpose_put_it():
+    for axis in (0, 1, 2):
+        _, copies = _runs(axis)
+        assert sample_axis(copies, 4) == axis
+
+
+def test_a_tensor_that_moved_its_samples_is_not_taken_for_a_batch_dependence():
+    # the same sample at the same row in both runs: its slice is the same, whatever its companions
+    batch, copies = _runs(axis=1)
+    assert tensor_change(batch, copies, row=1, batch=4) == 0.0
+
+
+def test_a_tensor_without_an_axis_per_sample_is_compared_whole():
+    # a statistic over the batch (here the max of the whole tensor): no axis of the batch's size
+    batch, copies = _runs(axis=0)
+    assert sample_axis(np.max(copies, keepdims=True), 4) is None
+    assert tensor_change(np.max(batch, keepdims=True), np.max(copies, keepdims=True), row=1, batch=4) > 0
