@@ -104,6 +104,17 @@ def test_every_norm_kind_reads_the_parameters_keras_holds_including_scale_and_ce
     assert len(view.info.sha256) == 64
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_model_without_norm_layers_says_so_instead_of_an_empty_report(tmp_path, suffix):
+    inp = keras.Input((8,), name="x")
+    model = keras.Model(inp, layers.Dense(2, name="head")(layers.Dense(4, activation="relu")(inp)))
+    path = str(tmp_path / f"plain{suffix}")
+    model.save(path)
+    view = KerasBackend().load(path)
+    assert view.layers == []
+    assert any(n.level == "info" and "no normalization layer found" in n.message for n in view.notes)
+
+
 def test_axes_are_in_the_input_rank_with_channels_last_or_first(tmp_path):
     inp = keras.Input((5, 5, 3), name="img")
     a = layers.BatchNormalization(name="last")(inp)

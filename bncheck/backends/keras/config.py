@@ -248,6 +248,8 @@ def build(
     saved = f"keras {version}" if version else "an unknown Keras version"
     ctx.notes.insert(0, Note("info", f"saved by {saved}" + (f" (backend {backend})" if backend else "")))
     layers = _apply_leak(ctx) if not keras2 else ctx.layers
+    if not layers and cls in MODEL_CLASSES:  # as the ONNX walk says it: an empty report is not a silent one
+        ctx.notes.append(Note("info", "no normalization layer found in the model: nothing to check"))
     baked_layers = sorted({source for source, _ in ctx.baked_calls})
     return KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe, baked_layers)
 
