@@ -773,6 +773,7 @@ def run_plan(
     results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
     # the model's outputs of the dependence test's runs only (data runs can be many)
     outputs: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+    output_axes = _SampleAxes()
     keep = set(plan.solo_runs) | {run for runs in plan.group_runs.values() for run in runs}
     total = len(plan.runs)
     if settings.progress:
@@ -781,7 +782,7 @@ def run_plan(
     for done, run in enumerate(plan.runs, start=1):
         if len(run) not in failed or run in plan.data_runs:
             try:
-                results[run], seen = _observe(runner, _take(pool, run, axes))
+                results[run], seen = _observe(runner, _take(pool, run, axes), len(run), output_axes)
             except BncheckError as exc:
                 # a size the model cannot run (memory, a shape it rejects) is a note while another size ran
                 if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME) or run in plan.data_runs:
@@ -823,7 +824,7 @@ def run_plan(
     if test_dependence and not plan.solo_runs and not failed:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     output_dependence, companion_change, located = _outputs_test(
-        view, plan, pool, runner, outputs, dependence, locate, notes
+        view, plan, pool, runner, outputs, output_axes, dependence, locate, notes
     )
     return ProbeResult(
         requested_batch_sizes=requested,
@@ -843,12 +844,63 @@ def run_plan(
 
 
 def _observe(
-    runner: Runner, feeds: dict[str, np.ndarray], layers: bool = True
+    runner: Runner, feeds: dict[str, np.ndarray], size: int, kept: _SampleAxes, layers: bool = True
 ) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray]]:
+    """One run of ``size`` samples: the layers' statistics and the model's outputs, samples first (``kept``)."""
     got = runner(feeds, layers)
     if isinstance(got, Observed):
-        return got.layers, {name: _thin(array) for name, array in got.outputs.items()}
+        return got.layers, kept.take(got.outputs, size)
     return got, {}
+
+
+class _SampleAxes:
+    """Which axis of each model output holds the samples: axis 0 mostly, axis 1 in a CTC head's [T, N, C] or an
+    RNN's time-major state. Found at the first run of several samples, against the shape of a run of one: the
+    axis that follows the batch, every other dim unchanged. From then on each output is kept samples first and
+    thinned (_thin); runs of one sample before it are kept whole until then (a few samples' outputs)."""
+
+    def __init__(self) -> None:
+        self.axis: dict[str, int | None] = {}  # None: the output does not follow the batch
+        self.single: dict[str, tuple[int, ...]] = {}
+        self.waiting: list[dict[str, np.ndarray]] = []  # runs of one sample kept whole
+
+    def take(self, outputs: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+        kept: dict[str, np.ndarray] = {}
+        for name, array in outputs.items():
+            array = np.asarray(array)
+            if name not in self.axis:
+                if size == 1:
+                    self.single.setdefault(name, array.shape)
+                    kept[name] = array
+                    continue
+                self.axis[name] = sample_axis(array.shape, self.single.get(name), size)
+                for earlier in self.waiting:
+                    if name in earlier:
+                        earlier[name] = self._samples_first(name, earlier[name])
+            kept[name] = self._samples_first(name, array)
+        if size == 1 and any(name not in self.axis for name in kept):
+            self.waiting.append(kept)
+        return kept
+
+    def _samples_first(self, name: str, array: np.ndarray) -> np.ndarray:
+        axis = self.axis[name]
+        return _thin(array if axis is None else np.moveaxis(array, axis, 0))
+
+
+def sample_axis(shape: tuple[int, ...], single: tuple[int, ...] | None, size: int) -> int | None:
+    """The axis of an output of ``shape`` (a run of ``size`` samples) that holds the samples: of that size, 1 in
+    the run of one sample (``single``, None when there was none) with every other dim the same; axis 0 first.
+    None when no axis, or more than one other than 0, qualifies (not a per-sample output)."""
+    found = [k for k, n in enumerate(shape) if n == size]
+    if single is not None:
+        if len(single) != len(shape):
+            return None
+        found = [
+            k for k in found if single[k] == 1 and all(a == b for j, (a, b) in enumerate(zip(shape, single)) if j != k)
+        ]
+    if 0 in found:
+        return 0
+    return found[0] if len(found) == 1 else None
 
 
 def _thin(array: np.ndarray) -> np.ndarray:
@@ -869,6 +921,7 @@ def _outputs_test(
     pool: Mapping[str, np.ndarray],
     runner: Runner,
     outputs: dict[tuple[int, ...], dict[str, np.ndarray]],
+    output_axes: _SampleAxes,
     dependence: Mapping[str, BatchDependence],
     locate: Locator | None,
     notes: list[str],
@@ -909,7 +962,7 @@ def _outputs_test(
     candidates += [worst] if not candidates or candidates[0][2] != worst[2] else []
     for _, index, run, row in candidates:
         copies = tuple(index for _ in run)
-        swapped = _observe(runner, _take(pool, copies, axes), layers=False)[1]
+        swapped = _observe(runner, _take(pool, copies, axes), len(copies), output_axes, layers=False)[1]
         companion = _companion_change(outputs[run], swapped, row, len(run))
         if outputs_depend(found, companion):
             break
@@ -925,7 +978,7 @@ def _outputs_test(
         extra.extend(i for i in group if i not in solo and i not in extra)
     extra = extra[: max(EFFECT_SAMPLES - len(solo), 0)]
     for sample in extra:
-        solo[sample] = _observe(runner, _take(pool, (sample,), axes), layers=False)[1]
+        solo[sample] = _observe(runner, _take(pool, (sample,), axes), 1, output_axes, layers=False)[1]
     if extra:
         found, _ = _output_dependence(solo, groups)
         notes.append(

@@ -174,11 +174,14 @@ def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool 
     return _save(model, path)
 
 
-def dynamic_quant_model(path: Path, *, steps: int = 4, features: int = 6) -> str:
+def dynamic_quant_model(
+    path: Path, *, steps: int = 4, features: int = 6, time_major_output: bool = False, batch: int | str = "N"
+) -> str:
     """x[N, T, F] -> Transpose to [T, N, F] (as exporters feed an LSTM) -> MatMul -> DynamicQuantizeLinear ->
-    DequantizeLinear -> Transpose back. No normalization op: the int8 scale and zero point come from the
-    min and max of the whole tensor, every sample of the batch included (onnxruntime's dynamic
-    quantization), and the Transpose puts the samples on axis 1 before that."""
+    DequantizeLinear -> Transpose back (or, ``time_major_output``, left [T, N, F] as a CTC head is). No
+    normalization op: the int8 scale and zero point come from the min and max of the whole tensor, every
+    sample of the batch included (onnxruntime's dynamic quantization), and the Transpose puts the samples on
+    axis 1 before that. ``batch``: the input's batch dim (1: a file fixed to batch 1)."""
     rng = np.random.default_rng(5)
     w = numpy_helper.from_array(rng.normal(size=(features, features)).astype(np.float32), "w")
     nodes = [
@@ -186,13 +189,18 @@ def dynamic_quant_model(path: Path, *, steps: int = 4, features: int = 6) -> str
         helper.make_node("MatMul", ["t", "w"], ["h"], name="proj"),
         helper.make_node("DynamicQuantizeLinear", ["h"], ["q", "q_scale", "q_zero"], name="quantize"),
         helper.make_node("DequantizeLinear", ["q", "q_scale", "q_zero"], ["d"], name="dequantize"),
-        helper.make_node("Transpose", ["d"], ["y"], name="to_batch_major", perm=[1, 0, 2]),
     ]
+    if time_major_output:
+        nodes.append(helper.make_node("Identity", ["d"], ["y"], name="head"))
+        out_shape = [steps, batch, features]
+    else:
+        nodes.append(helper.make_node("Transpose", ["d"], ["y"], name="to_batch_major", perm=[1, 0, 2]))
+        out_shape = [batch, steps, features]
     graph = helper.make_graph(
         nodes,
         "dynamic_quant",
-        [helper.make_tensor_value_info("x", F32, ["N", steps, features])],
-        [helper.make_tensor_value_info("y", F32, ["N", steps, features])],
+        [helper.make_tensor_value_info("x", F32, [batch, steps, features])],
+        [helper.make_tensor_value_info("y", F32, out_shape)],
         [w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

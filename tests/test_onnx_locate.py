@@ -1,10 +1,12 @@
-"""The locator's per-tensor comparison: which axis holds the samples, read off the run of copies."""
+"""Which axis of a tensor holds the samples: the locator's (read off the run of copies) and the output test's
+(the axis that follows the batch against a run of one sample)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from bncheck.backends.onnx.locate import sample_axis, tensor_change
+from bncheck.probe_plan import sample_axis as output_sample_axis
 
 
 def _runs(axis: int, batch: int = 4, row: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -33,3 +35,11 @@ def test_a_tensor_without_an_axis_per_sample_is_compared_whole():
     batch, copies = _runs(axis=0)
     assert sample_axis(np.max(copies, keepdims=True), 4) is None
     assert tensor_change(np.max(batch, keepdims=True), np.max(copies, keepdims=True), row=1, batch=4) > 0
+
+
+def test_an_output_follows_the_batch_on_the_axis_that_is_1_alone():
+    assert output_sample_axis((8, 5), (1, 5), 8) == 0
+    assert output_sample_axis((32, 8, 100), (32, 1, 100), 8) == 1  # a CTC head's [T, N, C]
+    assert output_sample_axis((2, 2, 100), (2, 1, 100), 2) == 1  # T happens to equal the batch
+    assert output_sample_axis((5,), (5,), 8) is None  # one value per channel: not per sample
+    assert output_sample_axis((8, 8), None, 8) == 0  # no run of one sample (a fixed batch): axis 0 first

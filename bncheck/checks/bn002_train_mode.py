@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 from bncheck.checks._util import batch_effect, describe, is_keras
 from bncheck.findings import Finding, Severity, shape_json
-from bncheck.model import BatchDependence, BatchOp, ModelView, NormLayer, ProbeResult
+from bncheck.model import BatchDependence, BatchOp, ModelView, NormLayer, ProbeResult, fixed_batch
 from bncheck.verdicts import (
     OUTPUT_DEPENDENCE_TOLERANCE,
     OUTPUT_TOLERANCE,
@@ -103,22 +103,33 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             )
     # located by the probe: replaces the static batch-reduction finding on the same op (report.merge_findings)
     if probe is not None and depend and not explains_dependence(view.layers, probe.dependence):
-        yield _unexplained(probe, effect)
+        yield _unexplained(probe, effect, fixed_batch(view.inputs) == 1)
 
 
-def _unexplained(probe: ProbeResult, effect: dict[str, object] | None) -> Finding:
-    """The outputs depend on the batch and no normalization layer explains it: the op the probe located."""
+def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_one: bool) -> Finding:
+    """The outputs depend on the batch and no normalization layer explains it: the op the probe located.
+    ``batch_of_one``: the file fixes the batch to 1 and the dependence was measured on its relaxed copy; as
+    shipped no sample has companions, so it is a warning about a re-export with a free batch."""
     evidence: dict[str, object] = {"kind": "batch-dependence", "output_tolerance": OUTPUT_DEPENDENCE_TOLERANCE}
     if effect is not None:
         evidence["output_effect"] = effect
+    severity = SEVERITY
+    latent = ""
+    if batch_of_one:
+        evidence["file_batch_size"] = 1
+        severity = Severity.WARNING
+        latent = (
+            "; the file fixes the batch to 1, so as shipped a sample never has companions: measured with the "
+            "batch dimension relaxed, this is what a re-export with a free batch would do"
+        )
     found = probe.located
     if found is None:
         name = next(iter(probe.output_dependence))
         what = (
             f"model output {name!r} depends on a sample's batch companions, and no normalization layer "
-            "explains it; where it starts was not located"
+            f"explains it; where it starts was not located{latent}"
         )
-        return Finding(CODE, SLUG, SEVERITY, name, what, HINT_MOMENTS, evidence)
+        return Finding(CODE, SLUG, severity, name, what, HINT_MOMENTS, evidence)
     axes = f" over axes {list(found.axes)}" if found.axes is not None else ""
     batch_axis = " (which include the batch axis 0)" if found.axes is not None and 0 in found.axes else ""
     evidence.update(
@@ -138,9 +149,9 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None) -> Findin
     what = (
         f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
         f"batch companions{why}: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
-        "between a sample alone and in a batch, while its inputs did not"
+        f"between a sample alone and in a batch, while its inputs did not{latent}"
     )
-    return Finding(CODE, SLUG, SEVERITY, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_MOMENTS, evidence)
+    return Finding(CODE, SLUG, severity, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_MOMENTS, evidence)
 
 
 def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_invariant: bool = False) -> Finding:

@@ -134,3 +134,25 @@ def test_dynamic_quantization_behind_a_transpose_is_located_at_the_quantizer(tmp
     assert finding.evidence["op_type"] == "DynamicQuantizeLinear"
     assert "dynamic quantization" in finding.message
     assert "static quantization" in finding.hint
+
+
+def test_a_dependence_in_a_time_major_output_is_measured_on_its_samples_axis(tmp_path):
+    """A CTC head's [T, N, C]: the output test compares each sample's slice on axis 1 (it skipped such outputs,
+    so a dynamically quantized OCR model passed as batch-invariant)."""
+    path = dynamic_quant_model(tmp_path / "m.onnx", time_major_output=True)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.severity.label == "error"
+    assert finding.evidence["op_type"] == "DynamicQuantizeLinear"
+    [probe] = report.probes
+    assert set(probe.output_dependence["y"]) == {2, 8}
+
+
+def test_a_dependence_measured_on_the_relaxed_copy_of_a_batch_of_one_file_is_a_warning(tmp_path):
+    path = dynamic_quant_model(tmp_path / "m.onnx", batch=1)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.severity.label == "warning"
+    assert finding.evidence["file_batch_size"] == 1
+    assert "as shipped a sample never has companions" in finding.message
+    assert report.exit_code == 0
