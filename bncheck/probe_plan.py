@@ -887,6 +887,13 @@ class _SampleAxes:
         return _thin(array if axis is None else np.moveaxis(array, axis, 0))
 
 
+def samples_first(array: np.ndarray, size: int) -> np.ndarray | None:
+    """A model output of a run of ``size`` samples with its samples on axis 0 (see :func:`sample_axis`: axis 0
+    when it has that many, else the only axis that has); None when it has no axis per sample."""
+    axis = sample_axis(np.shape(array), None, size)
+    return None if axis is None else np.moveaxis(array, axis, 0)
+
+
 def sample_axis(shape: tuple[int, ...], single: tuple[int, ...] | None, size: int) -> int | None:
     """The axis of an output of ``shape`` (a run of ``size`` samples) that holds the samples: of that size, 1 in
     the run of one sample (``single``, None when there was none) with every other dim the same; axis 0 first.

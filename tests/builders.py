@@ -42,10 +42,13 @@ def bn_model(
     name: str = "bn",
     opset: int = 15,
     instance_after: bool = False,
+    time_major: bool = False,
 ) -> str:
     """x[N, C, *hw] -> BatchNormalization -> y. Training mode gets the three outputs onnxruntime needs.
     ``instance_after`` adds an InstanceNormalization ("in", scale 1, bias 0) after the BN, which undoes any
     per-channel affine map: the BN's running statistics then do not change the model's output.
+    ``time_major``: y is the BN output transposed to [hw[0], N, C, ...], its samples on axis 1 (a CTC head's
+    [T, N, C] layout).
 
     Defaults are "trained-looking" (mean 0.1..0.3, var 0.5..1.5), not the initial 0/1.
     """
@@ -59,10 +62,15 @@ def bn_model(
     attrs = {"epsilon": epsilon, "momentum": momentum}
     if training:
         attrs["training_mode"] = 1
-    if instance_after:
+    if instance_after or time_major:
         outputs[0] = "z"
     node = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], outputs, name=name, **attrs)
     nodes = [node]
+    out_shape = shape
+    if time_major:
+        perm = [2, 0, 1, *range(3, len(shape))]
+        nodes.append(helper.make_node("Transpose", ["z"], ["y"], name="time_major", perm=perm))
+        out_shape = [shape[i] for i in perm]
     inits = [numpy_helper.from_array(a, n) for a, n in ((scale, "scale"), (bias, "bias"), (mean, "mean"), (var, "var"))]
     if instance_after:
         nodes.append(helper.make_node("InstanceNormalization", ["z", "in_scale", "in_bias"], ["y"], name="in"))
@@ -70,7 +78,7 @@ def bn_model(
             numpy_helper.from_array(np.ones(channels, np.float32), "in_scale"),
             numpy_helper.from_array(np.zeros(channels, np.float32), "in_bias"),
         ]
-    graph_outputs = [helper.make_tensor_value_info("y", F32, shape)]
+    graph_outputs = [helper.make_tensor_value_info("y", F32, out_shape)]
     if training:
         graph_outputs += [helper.make_tensor_value_info(o, F32, [channels]) for o in outputs[1:]]
     graph = helper.make_graph(

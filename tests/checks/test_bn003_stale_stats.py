@@ -70,6 +70,14 @@ def test_statistics_far_from_the_data_that_move_the_outputs_are_an_error(tmp_pat
     assert "changes the model's predictions" in finding.message
 
 
+def test_the_output_effect_counts_the_samples_where_the_output_holds_them(tmp_path, probe_findings):
+    # the output is [4, N, 3, 4]: its samples on axis 1, as in a CTC head's [T, N, C]
+    model = bn_model(tmp_path / "m.onnx", mean=[0.1, 0.1, 0.1], var=[1, 1, 1], time_major=True)
+    data = _calibration(tmp_path, mean=3.0, std=2.0)
+    [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
+    assert finding.evidence["output_effect"]["outputs"]["y"]["samples"] == 64
+
+
 def test_drift_that_does_not_reach_the_outputs_is_a_warning(tmp_path, probe_findings):
     # an InstanceNormalization after the BN undoes its per-channel affine map: statistics moved, outputs not
     model = bn_model(tmp_path / "m.onnx", mean=[0.1, 0.1, 0.1], var=[1, 1, 1], instance_after=True)

@@ -14,7 +14,7 @@ from bncheck.backends.base import BackendError
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.model import Recalibration
-from bncheck.probe_plan import compare_recalibrated
+from bncheck.probe_plan import compare_recalibrated, samples_first
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.fix import OutputsRun
@@ -30,11 +30,18 @@ def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterato
 
 
 def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {}
+    """Each output over every batch, samples first (a CTC head's [T, N, C] too); outputs without an axis per
+    sample are left out."""
+    parts: dict[str, list[np.ndarray | None]] = {}
     for feeds in batches:
+        rows = len(next(iter(feeds.values())))  # the data hold their samples on axis 0 (_batches)
         for name, value in run(feeds).items():
-            parts.setdefault(name, []).append(np.asarray(value))
-    return {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks and chunks[0].ndim}
+            parts.setdefault(name, []).append(samples_first(np.asarray(value), rows))
+    return {
+        name: np.concatenate(chunks)  # type: ignore[arg-type]
+        for name, chunks in parts.items()
+        if chunks and all(chunk is not None for chunk in chunks)
+    }
 
 
 def _session_run(session: Any) -> OutputsRun:

@@ -26,7 +26,7 @@ from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm,
 from bncheck.backends.onnx.run import _without_extremes, new_session, scratch_folder, session_options
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, TensorStats
-from bncheck.probe_plan import first_samples, merge_stats
+from bncheck.probe_plan import first_samples, merge_stats, samples_first
 
 if TYPE_CHECKING:
     import onnx
@@ -91,6 +91,8 @@ class Frontier:
     def __init__(self, handle: OnnxHandle, batches: list[tuple[dict[str, np.ndarray], int]]) -> None:
         self.handle = handle
         self.real = [real for _, real in batches]
+        # samples fed per batch, a fixed batch's repeats included (the data hold their samples on axis 0)
+        self.rows = [len(next(iter(feeds.values()))) for feeds, _ in batches]
         self.values: dict[str, list[np.ndarray]] = {
             name: [feeds[name] for feeds, _ in batches] for name in batches[0][0]
         }
@@ -120,11 +122,13 @@ class Frontier:
         self._advance(names)
         if any(name not in self.values for name in names):
             raise Unsupported("an output is not computed by the graph's nodes")
-        return {
-            name: np.concatenate([a[:real] for a, real in zip(self.values[name], self.real)])
-            for name in names
-            if self.values[name][0].ndim  # a scalar output has no samples to compare
-        }
+        found: dict[str, np.ndarray] = {}
+        for name in names:
+            # samples first (a CTC head's [T, N, C] too); an output without an axis per sample is left out
+            chunks = [samples_first(a, rows) for a, rows in zip(self.values[name], self.rows)]
+            if all(chunk is not None for chunk in chunks):
+                found[name] = np.concatenate([chunk[:real] for chunk, real in zip(chunks, self.real)])  # type: ignore[index]
+        return found
 
     def _advance(self, wanted: list[str]) -> None:
         """Run the nodes between the kept tensors and ``wanted``, keep what later nodes read (and ``wanted``)."""
