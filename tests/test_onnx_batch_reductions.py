@@ -116,6 +116,17 @@ def test_a_fixed_leading_axis_in_a_dynamic_batch_model_is_not_the_batch(tmp_path
     assert _findings(path) == []
 
 
+def test_a_file_fixed_to_batch_one_has_no_batch_to_reduce_over(tmp_path):
+    # [1, T, 4] made time-major with dims onnx cannot name (kokoro's LSTM output, reshaped): the ReduceMean over
+    # axis 0 is an instance norm over time; in a file fixed to batch 1 no tensor holds a second sample
+    g = _Graph()
+    g.op("Reshape", ["x", g.const("time_major", np.array([-1, 1, 4], np.int64))], "t")
+    g.op("ReduceMean", ["t"], "m", axes=[0], keepdims=1)
+    g.op("Sub", ["t", "m"], "y")
+    path = g.save(tmp_path / "b1.onnx", [1, "T", 4], [None, 1, 4], opset=13)
+    assert _findings(path, "BN002") == []
+
+
 # ---------------------------------------------------------------------- decomposed batch norms
 
 

@@ -362,14 +362,17 @@ def _batch_reduction(g: GraphIndex, idx: int) -> BatchOp | None:
 
 
 def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
-    """Axis 0 of ``tensor`` can hold several samples: not a fixed 1, not a fixed size in a model whose inputs
-    have a free batch dim, not a dim that the inputs name only on another axis (a sequence length, say)."""
+    """Axis 0 of ``tensor`` can hold several samples: not in a file whose inputs fix the batch to 1, not a fixed
+    1, not a fixed size in a model whose inputs have a free batch dim, not a dim that the inputs name only on
+    another axis (a sequence length, say)."""
+    inputs = [g.shape(i) for i in g.graph_inputs]
+    leading = {s[0] for s in inputs if s}
+    if leading == {1}:
+        return False  # a file fixed to batch 1: no tensor holds a second sample, whatever its axis 0 is
     shape = g.shape(tensor)
     if not shape:
         return True  # unknown: the walk's convention, axis 0 is the batch
     dim = shape[0]
-    inputs = [g.shape(i) for i in g.graph_inputs]
-    leading = {s[0] for s in inputs if s}
     if isinstance(dim, int):
         return dim > 1 and not any(isinstance(d, str) for d in leading)
     if isinstance(dim, str):
