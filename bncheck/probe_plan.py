@@ -801,7 +801,8 @@ def run_plan(
         batch_sizes = tuple(b for b in batch_sizes if b not in failed)
         plan = _ran(plan, results)
         if test_dependence and not plan.solo_runs and fixed is None:
-            notes.append("batch dependence not tested: batch size 1 could not run")
+            why = "batch size 1 could not run" if 1 in failed else "no batch size above 1 could run"
+            notes.append(f"batch dependence not tested: {why}")
     if fixed is not None and plan.solo_runs:
         notes.append(
             f"batch dependence tested inside the fixed batch of {fixed}: {plan.samples} sample(s) kept in "
