@@ -21,11 +21,14 @@ from bncheck.cli import main
 CHANNELS = 4
 
 
-def _keras20_h5(path: Path, *, reset: bool = False, drop_var: bool = False) -> dict[str, np.ndarray]:
+def _keras20_h5(
+    path: Path, *, reset: bool = False, drop_var: bool = False, sequential: bool = False
+) -> dict[str, np.ndarray]:
     """Input 8x8x1 -> Conv2D(4) -> BatchNormalization -> Conv2D(4) -> BatchNormalization, as Keras 2.0.5 saved it.
 
     ``reset``: every moving mean 0 and variance 1 (the update ops never ran). ``drop_var``: the second BN's
-    group lists three weights instead of four (a damaged file)."""
+    group lists three weights instead of four (a damaged file). ``sequential``: a Sequential model as Keras
+    before 2.2 saved one (fcd's ChemNet, Keras 2.1.2): its config is the bare list of its layers."""
     rng = np.random.default_rng(11)
     layers = [
         {
@@ -81,7 +84,7 @@ def _keras20_h5(path: Path, *, reset: bool = False, drop_var: bool = False) -> d
             "moving_variance": np.ones(CHANNELS) if reset else rng.uniform(0.5, 1.5, CHANNELS),
         }
         previous = bn
-    config = {
+    config: dict[str, object] = {
         "class_name": "Model",
         "config": {
             "name": "model_1",
@@ -90,8 +93,12 @@ def _keras20_h5(path: Path, *, reset: bool = False, drop_var: bool = False) -> d
             "output_layers": [[previous, 0, 0]],
         },
     }
+    if sequential:
+        listed = [{"class_name": e["class_name"], "config": dict(e["config"])} for e in layers[1:]]
+        listed[0]["config"]["batch_input_shape"] = [None, 8, 8, 1]
+        config = {"class_name": "Sequential", "config": listed}
     with h5py.File(path, "w") as f:
-        f.attrs["keras_version"] = "2.0.5"
+        f.attrs["keras_version"] = "2.1.2" if sequential else "2.0.5"
         f.attrs["backend"] = "tensorflow"
         f.attrs["model_config"] = json.dumps(config)
         weights = f.create_group("model_weights")
@@ -160,3 +167,13 @@ def test_layer_whose_weights_cannot_be_read_is_unknown_and_counted(tmp_path: Pat
     table = CliRunner().invoke(main, ["inspect", str(path)], env={"COLUMNS": "120"})
     assert "1 with unreadable parameters" in table.stdout
     assert "batch_normalization_2" in table.stdout and " unknown" in table.stdout
+
+
+def test_a_sequential_model_saved_before_keras_2_2_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "keras21_sequential.h5"
+    values = _keras20_h5(path, sequential=True)
+    view = KerasBackend().load(str(path))
+    assert [layer.name for layer in view.layers] == ["batch_normalization_1", "batch_normalization_2"]
+    for layer in view.layers:
+        np.testing.assert_array_equal(layer.mean, values[f"{layer.name}/moving_mean"].astype("float32"))
+    assert view.inputs[0].shape == ("batch", 8, 8, 1)
