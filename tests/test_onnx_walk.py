@@ -603,6 +603,20 @@ def test_folded_batchnorm_note(tmp_path):
     assert any(m.startswith("1 Conv node(s) (first: 'conv')") and "folded into the Conv weights" in m for m in messages)
 
 
+def test_a_conv_scaled_by_a_scalar_is_no_folded_batchnorm(tmp_path):
+    # PP-LCNetV3's learnable affine block: one scale and one shift for the whole tensor
+    w = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "k"], ["ck"], name="lab_scale"),
+        helper.make_node("Add", ["ck", "t"], ["y"], name="lab_bias"),
+    ]
+    inits = [const("w", w), const("k", np.array([0.943])), const("t", np.array([0.1]))]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 4, 8, 8])], inits)
+    _, view = load_layers(path)
+    assert not any("folded" in n.message for n in view.notes)
+
+
 def test_folded_batchnorm_note_names_a_transposed_convolution_as_such(tmp_path):
     w = RNG.normal(size=(3, 4, 2, 2)).astype(np.float32)
     nodes = [

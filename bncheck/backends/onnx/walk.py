@@ -435,7 +435,10 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
             continue
         for user in g.users(node.output[0], "Mul", "Add"):
             other = other_input(g.nodes[user], node.output[0])
-            if other is not None and g.param(other) is not None:
+            value = g.param(other) if other is not None else None
+            # per channel, as a BatchNorm's scale and shift are: a scalar (PP-LCNetV3's learnable affine
+            # block, a residual scale) is no BatchNorm
+            if value is not None and np.size(value) > 1:
                 folded.append((g.node_name(idx), node.op_type))
                 break
     if not layers and batch_ops:
