@@ -853,6 +853,10 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     def locate(batch: dict[str, np.ndarray], copies: dict[str, np.ndarray], row: int, size: int):
         from bncheck.backends.onnx.locate import locate_dependence
 
+        # the last thing the plan does: the probe's session and its arena go before the bisection's sessions
+        for engine in engines:
+            engine.session = None
+        trim_heap()
         return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy)
 
     tmp = scratch_folder(handle.size_bytes)
