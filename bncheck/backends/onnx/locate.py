@@ -119,7 +119,7 @@ def locate_dependence(
     import onnxruntime as ort
     from onnx import helper
 
-    from bncheck.backends.onnx.run import new_session, session_options, trim_heap
+    from bncheck.backends.onnx.run import new_session, session_options
     from bncheck.verdicts import COMPANION_TOLERANCE
 
     if base is None:
@@ -163,7 +163,6 @@ def locate_dependence(
                 change = tensor_change(np.asarray(a), np.asarray(b), row, size)
                 changes[name] = -1.0 if change is None else change
             del first, second
-            trim_heap()
         return any(changes[t] > COMPANION_TOLERANCE for t in live(cut))
 
     lo, hi = 0, len(nodes) - 1
