@@ -211,31 +211,38 @@ def test_a_fixed_batch_of_one_that_cannot_be_relaxed_says_how_to_re_export(tmp_p
 # --------------------------------------------------------------------------- sizes that cannot run
 
 
-def test_a_batch_size_that_cannot_run_is_a_note_and_the_others_are_reported(tmp_path):
-    """Expand to [2, 1, 1, 1] broadcasts batches of 1 and 2 and rejects 32 at run time."""
+def _shape_then_bn(tmp_path, op: str, target: list[int], x_shape: list, channels: int) -> str:
+    """x -> ``op`` (Expand or Reshape) to the constant ``target`` -> BatchNormalization: a shape op that
+    only some batch sizes fit."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(np.array([2, 1, 1, 1], np.int64), "to2")] + [
+    inits = [numpy_helper.from_array(np.array(target, np.int64), "target")] + [
         numpy_helper.from_array(a.astype(np.float32), n)
         for a, n in (
-            (rng.uniform(0.5, 1.5, 3), "s"),
-            (rng.uniform(-0.2, 0.2, 3), "b"),
-            (rng.uniform(-0.2, 0.2, 3), "m"),
-            (rng.uniform(0.5, 1.5, 3), "v"),
+            (rng.uniform(0.5, 1.5, channels), "s"),
+            (rng.uniform(-0.2, 0.2, channels), "b"),
+            (rng.uniform(-0.2, 0.2, channels), "m"),
+            (rng.uniform(0.5, 1.5, channels), "v"),
         )
     ]
     nodes = [
-        helper.make_node("Expand", ["x", "to2"], ["e"], name="expand"),
+        helper.make_node(op, ["x", "target"], ["e"], name="shape_op"),
         helper.make_node("BatchNormalization", ["e", "s", "b", "m", "v"], ["y"], name="bn"),
     ]
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("x", F32, x_shape)],
         [helper.make_tensor_value_info("y", F32, None)],
         inits,
     )
     path = str(tmp_path / "m.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_batch_size_that_cannot_run_is_a_note_and_the_others_are_reported(tmp_path):
+    """Expand to [2, 1, 1, 1] broadcasts batches of 1 and 2 and rejects 32 at run time."""
+    path = _shape_then_bn(tmp_path, "Expand", [2, 1, 1, 1], ["N", 3, 4, 4], channels=3)
     code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
     run = _run(doc)
     assert code == 0 and run["batch_sizes"] == [1, 2] and doc["probe"]["batch_sizes"] == [1, 2]
@@ -244,35 +251,13 @@ def test_a_batch_size_that_cannot_run_is_a_note_and_the_others_are_reported(tmp_
 
 def test_a_free_batch_model_that_runs_only_at_batch_1_says_which_sizes_failed_and_why(tmp_path):
     """khmersm's export: the batch is declared free, but a Reshape target hard-codes 1."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(np.array([1, 2, 3], np.int64), "one_sample")] + [
-        numpy_helper.from_array(a.astype(np.float32), n)
-        for a, n in (
-            (rng.uniform(0.5, 1.5, 2), "s"),
-            (rng.uniform(-0.2, 0.2, 2), "b"),
-            (rng.uniform(-0.2, 0.2, 2), "m"),
-            (rng.uniform(0.5, 1.5, 2), "v"),
-        )
-    ]
-    nodes = [
-        helper.make_node("Reshape", ["x", "one_sample"], ["r"], name="view"),
-        helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["batch", 6])],
-        [helper.make_tensor_value_info("y", F32, None)],
-        inits,
-    )
-    path = str(tmp_path / "m.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _shape_then_bn(tmp_path, "Reshape", [1, 2, 3], ["batch", 6], channels=2)
     code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
     run = _run(doc)
     assert code == 0 and run["batch_sizes"] == [1]
     failed = [n for n in run["notes"] if n.startswith("batch size 2 could not run: ")]
     # onnxruntime's reason, without its prefix and source location
-    assert failed and "Reshape node 'view': " in failed[0] and "[ONNXRuntimeError]" not in failed[0]
+    assert failed and "Reshape node 'shape_op': " in failed[0] and "[ONNXRuntimeError]" not in failed[0]
     assert "batch dependence not tested: no batch size above 1 could run" in run["notes"]
 
 

@@ -587,15 +587,20 @@ def test_reduce_mean_alone_is_not_a_layer(tmp_path):
 # ---------------------------------------------------------------------------- model notes and order
 
 
-def test_folded_batchnorm_note(tmp_path):
+def _conv_then_affine(tmp_path, scale: np.ndarray, shift: np.ndarray) -> str:
+    """x -> Conv(4) -> Mul(scale) -> Add(shift), the constants as given."""
     w = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Mul", ["c", "k"], ["ck"], name="bn_scale"),
-        helper.make_node("Add", ["ck", "t"], ["y"], name="bn_shift"),
+        helper.make_node("Mul", ["c", "k"], ["ck"], name="scale"),
+        helper.make_node("Add", ["ck", "t"], ["y"], name="shift"),
     ]
-    inits = [const("w", w), const("k", np.ones((1, 4, 1, 1))), const("t", np.zeros((1, 4, 1, 1)))]
-    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 4, 8, 8])], inits)
+    inits = [const("w", w), const("k", scale), const("t", shift)]
+    return save(tmp_path, nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 4, 8, 8])], inits)
+
+
+def test_folded_batchnorm_note(tmp_path):
+    path = _conv_then_affine(tmp_path, np.ones((1, 4, 1, 1)), np.zeros((1, 4, 1, 1)))
     layers, view = load_layers(path)
     assert layers == []
     messages = [n.message for n in view.notes if n.level == "info"]
@@ -605,14 +610,7 @@ def test_folded_batchnorm_note(tmp_path):
 
 def test_a_conv_scaled_by_a_scalar_is_no_folded_batchnorm(tmp_path):
     # PP-LCNetV3's learnable affine block: one scale and one shift for the whole tensor
-    w = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Mul", ["c", "k"], ["ck"], name="lab_scale"),
-        helper.make_node("Add", ["ck", "t"], ["y"], name="lab_bias"),
-    ]
-    inits = [const("w", w), const("k", np.array([0.943])), const("t", np.array([0.1]))]
-    path = save(tmp_path, nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 4, 8, 8])], inits)
+    path = _conv_then_affine(tmp_path, np.array([0.943]), np.array([0.1]))
     _, view = load_layers(path)
     assert not any("folded" in n.message for n in view.notes)
 
