@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.errors import one_line
+from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.model import NormLayer
 
 #: each spatial dim of the conformance input at most this (a 1x1 map stays 1x1: the one-element set case)
@@ -153,7 +153,7 @@ def runtime_deviations(
         try:
             values = session.run([f"y{i}" for i, *_ in entries], feeds)
         except Exception as exc:
-            return {}, f"{REFUSED}: {one_line(exc)}"
+            return {}, f"{REFUSED}: {runtime_message(exc)}"
         with np.errstate(all="ignore"):
             deviations = _deviations([feeds[f"x{i}"] for i, *_ in entries], [np.asarray(v) for v in values], entries)
         for (_, entry, _, _), deviation in zip(entries, deviations):

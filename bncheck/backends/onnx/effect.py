@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.model import Recalibration
@@ -91,7 +92,7 @@ def recalibration(
                 before = _outputs(stored, _batches(data, batch, usable))
                 after = _outputs(recomputed, _batches(data, batch, usable))
             except BackendError as exc:
-                return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
+                return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
             return compare_recalibrated(changed, before, after)
         # where fix's last passes ran from kept tensors (frontier.py), the nodes below them give the outputs
         recomputed_outputs = fixer.recomputed_outputs(usable)
@@ -121,7 +122,7 @@ def recalibration(
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, os.path.dirname(os.path.abspath(path)))
             before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types
-            return f"onnxruntime could not run the model with recomputed statistics: {one_line(exc)}"
+            return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return compare_recalibrated(changed, before, after)

@@ -24,7 +24,7 @@ from bncheck import budget
 from bncheck.backends.onnx.graph import has_subgraphs, node_reads, upstream_nodes
 from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm, stub
 from bncheck.backends.onnx.run import _without_extremes, new_session, scratch_folder, session_options
-from bncheck.errors import one_line
+from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_plan import first_samples, merge_stats, samples_first
 
@@ -213,7 +213,7 @@ class Frontier:
         except Unsupported:
             raise
         except Exception as exc:  # the passes from the model's inputs run it, and say what fails there
-            raise Unsupported(f"a segment of the graph does not run: {one_line(exc)}") from exc
+            raise Unsupported(f"a segment of the graph does not run: {runtime_message(exc)}") from exc
         self.values.update(kept)
 
     def _within_limit(self, more: int) -> None:

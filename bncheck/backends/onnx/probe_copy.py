@@ -33,6 +33,7 @@ from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.graph import has_subgraphs
 from bncheck.backends.onnx.instrument import _copy, _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes
+from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
@@ -389,7 +390,7 @@ def _validate(
         at_fixed = run(fed)
         runs.append((fed, at_fixed))
     except Exception as exc:
-        return f"the relaxed copy does not run at batch size {fixed}: {one_line(exc, 160)}"
+        return f"the relaxed copy does not run at batch size {fixed}: {runtime_message(exc, 160)}"
     if not any(fixed in np.shape(at_fixed[n]) for n in names):
         return f"no output has a dim of the batch size {fixed}"
     for size in others:
@@ -398,7 +399,7 @@ def _validate(
             values = run(fed)
             runs.append((fed, values))
         except Exception as exc:
-            return f"the relaxed copy fails at batch size {size}: {one_line(exc, 160)}"
+            return f"the relaxed copy fails at batch size {size}: {runtime_message(exc, 160)}"
         followed = False
         for name in names:
             # only dims that were the batch may change, and only to the fed batch (CTC heads put it on axis 1)

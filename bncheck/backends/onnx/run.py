@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -26,6 +25,7 @@ from bncheck.backends.onnx.instrument import (
 )
 from bncheck.backends.onnx.probe_copy import prepare, relaxes
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
+from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
@@ -94,25 +94,6 @@ def quiet_onnxruntime() -> None:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)
-
-
-#: onnxruntime's run errors: "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape
-#: node. Name:'view' Status Message: /onnxruntime_src/.../reshape_helper.h:91 onnxruntime::ReshapeHelper::
-#: ReshapeHelper(...) input_shape_size == size was false. The input tensor cannot be reshaped ...": the prefix,
-#: the node line and the source location, so that the reason fits the one line a note or error has
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
-_ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
-_ORT_SOURCE = re.compile(r"/\S+\.(?:h|cc|cpp):\d+ \S+\([^)]*\)\s?(?:[^.]*? was false\. )?")
-
-
-def runtime_message(exc: BaseException, limit: int = 300) -> str:
-    """An onnxruntime error on one line, without its boilerplate: "Reshape node 'view': The input tensor
-    cannot be reshaped to the requested shape. Input shape:{32,2,576}, requested shape:{32,1,3,192}"."""
-    text = " ".join(str(exc).split())
-    text = _ORT_PREFIX.sub("", text)
-    text = _ORT_NODE.sub(lambda m: f"{m.group(1)} node {m.group(2)!r}: ", text)
-    text = _ORT_SOURCE.sub("", text)
-    return one_line(RuntimeError(text), limit) if text else one_line(exc, limit)
 
 
 def session_options(level: Any, folder: str) -> Any:
@@ -597,7 +578,7 @@ class _Engine:
                 try:
                     self.session = _session(model, folder, exact, self.providers)
                 except Exception as exc:
-                    self._to_cpu(one_line(exc))
+                    self._to_cpu(runtime_message(exc))
                 else:
                     if self.providers[0] not in self.session.get_providers():
                         # onnxruntime drops a provider it cannot start (no device, missing CUDA libraries)
@@ -618,7 +599,7 @@ class _Engine:
             raise
         except Exception as exc:
             raise BackendError(
-                f"{self.handle.path}: onnxruntime cannot run the instrumented model: {one_line(exc)}"
+                f"{self.handle.path}: onnxruntime cannot run the instrumented model: {runtime_message(exc)}"
             ) from exc
 
     def _take_proof(self, model: Any, exact: bool) -> Any:
@@ -682,7 +663,7 @@ class _Engine:
             if self.providers == [CPU]:
                 raise BackendError(f"{self.handle.path}: onnxruntime failed: {runtime_message(exc)}") from exc
             # e.g. a kernel the GPU provider registers but rejects at run time: the same batch on the CPU
-            self._to_cpu(one_line(exc))
+            self._to_cpu(runtime_message(exc))
             self._open(self.exact)
             return self._run(feeds, layers)
         return dict(zip(wanted, values))
