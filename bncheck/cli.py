@@ -203,7 +203,8 @@ def _end_process(code: Any) -> NoReturn:
     """End the process with ``code`` as SystemExit would, without the interpreter's teardown.
 
     Every atexit handler still runs (anyone's, in their order) and stdout and stderr are flushed; what is
-    skipped is the clearing of every module and object, memory the system takes back anyway. bncheck closes its sessions and files and removes its folders itself.
+    skipped is the clearing of every module and object, memory the system takes back anyway. bncheck closes
+    its sessions and files and removes its folders itself.
     """
     import atexit
     import os

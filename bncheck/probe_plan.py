@@ -888,11 +888,18 @@ class _SampleAxes:
         return _thin(array if axis is None else np.moveaxis(array, axis, 0))
 
 
-def samples_first(array: np.ndarray, size: int) -> np.ndarray | None:
-    """A model output of a run of ``size`` samples with its samples on axis 0 (see :func:`sample_axis`: axis 0
-    when it has that many, else the only axis that has); None when it has no axis per sample."""
-    axis = sample_axis(np.shape(array), None, size)
-    return None if axis is None else np.moveaxis(array, axis, 0)
+def joined_samples(chunks: Iterable[np.ndarray], rows: Iterable[int], real: Iterable[int]) -> np.ndarray | None:
+    """A model output over several batches as one array, samples first: each chunk (a batch of ``rows``
+    samples, its first ``real`` of them kept) with its samples moved to axis 0 (see :func:`sample_axis`: axis 0
+    when it has that many, else the only axis that has; a CTC head's [T, N, C] too). None when some chunk has
+    no axis per sample."""
+    kept = []
+    for chunk, size, count in zip(chunks, rows, real):
+        axis = sample_axis(np.shape(chunk), None, size)
+        if axis is None:
+            return None
+        kept.append(np.moveaxis(np.asarray(chunk), axis, 0)[:count])
+    return np.concatenate(kept) if kept else None
 
 
 def sample_axis(shape: tuple[int, ...], single: tuple[int, ...] | None, size: int) -> int | None:

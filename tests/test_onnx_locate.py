@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bncheck.backends.onnx.locate import sample_axis, tensor_change
+from bncheck.backends.onnx.locate import copies_axis, tensor_change
 from bncheck.probe_plan import sample_axis as output_sample_axis
 
 
@@ -21,7 +21,7 @@ def _runs(axis: int, batch: int = 4, row: int = 1) -> tuple[np.ndarray, np.ndarr
 def test_the_samples_axis_is_found_wherever_a_transpose_put_it():
     for axis in (0, 1, 2):
         _, copies = _runs(axis)
-        assert sample_axis(copies, 4) == axis
+        assert copies_axis(copies, 4) == axis
 
 
 def test_a_tensor_that_moved_its_samples_is_not_taken_for_a_batch_dependence():
@@ -33,7 +33,7 @@ def test_a_tensor_that_moved_its_samples_is_not_taken_for_a_batch_dependence():
 def test_a_tensor_without_an_axis_per_sample_is_compared_whole():
     # a statistic over the batch (here the max of the whole tensor): no axis of the batch's size
     batch, copies = _runs(axis=0)
-    assert sample_axis(np.max(copies, keepdims=True), 4) is None
+    assert copies_axis(np.max(copies, keepdims=True), 4) is None
     assert tensor_change(np.max(batch, keepdims=True), np.max(copies, keepdims=True), row=1, batch=4) > 0
 
 

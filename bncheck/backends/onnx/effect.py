@@ -15,7 +15,7 @@ from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.model import Recalibration
-from bncheck.probe_plan import compare_recalibrated, samples_first
+from bncheck.probe_plan import compare_recalibrated, joined_samples
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.fix import OutputsRun
@@ -31,18 +31,15 @@ def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterato
 
 
 def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Each output over every batch, samples first (a CTC head's [T, N, C] too); outputs without an axis per
-    sample are left out."""
-    parts: dict[str, list[np.ndarray | None]] = {}
+    """Each output over every batch, samples first; outputs without an axis per sample are left out."""
+    parts: dict[str, list[np.ndarray]] = {}
+    rows: list[int] = []
     for feeds in batches:
-        rows = len(next(iter(feeds.values())))  # the data hold their samples on axis 0 (_batches)
+        rows.append(len(next(iter(feeds.values()))))  # the data hold their samples on axis 0 (_batches)
         for name, value in run(feeds).items():
-            parts.setdefault(name, []).append(samples_first(np.asarray(value), rows))
-    return {
-        name: np.concatenate(chunks)  # type: ignore[arg-type]
-        for name, chunks in parts.items()
-        if chunks and all(chunk is not None for chunk in chunks)
-    }
+            parts.setdefault(name, []).append(np.asarray(value))
+    joined = {name: joined_samples(chunks, rows, rows) for name, chunks in parts.items()}
+    return {name: value for name, value in joined.items() if value is not None}
 
 
 def _session_run(session: Any) -> OutputsRun:

@@ -26,7 +26,7 @@ from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm,
 from bncheck.backends.onnx.run import _without_extremes, new_session, scratch_folder, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.model import NormLayer, TensorStats
-from bncheck.probe_plan import first_samples, merge_stats, samples_first
+from bncheck.probe_plan import first_samples, joined_samples, merge_stats
 
 if TYPE_CHECKING:
     import onnx
@@ -122,13 +122,9 @@ class Frontier:
         self._advance(names)
         if any(name not in self.values for name in names):
             raise Unsupported("an output is not computed by the graph's nodes")
-        found: dict[str, np.ndarray] = {}
-        for name in names:
-            # samples first (a CTC head's [T, N, C] too); an output without an axis per sample is left out
-            chunks = [samples_first(a, rows) for a, rows in zip(self.values[name], self.rows)]
-            if all(chunk is not None for chunk in chunks):
-                found[name] = np.concatenate([chunk[:real] for chunk, real in zip(chunks, self.real)])  # type: ignore[index]
-        return found
+        # samples first; an output without an axis per sample is left out
+        joined = {name: joined_samples(self.values[name], self.rows, self.real) for name in names}
+        return {name: value for name, value in joined.items() if value is not None}
 
     def _advance(self, wanted: list[str]) -> None:
         """Run the nodes between the kept tensors and ``wanted``, keep what later nodes read (and ``wanted``)."""

@@ -45,7 +45,7 @@ def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float |
     shape does not follow the batch (a reduction over the batch axis) is compared whole (unit: its spread)."""
     if a.dtype.kind != "f" or b.dtype.kind != "f" or a.shape != b.shape:
         return None
-    axis = sample_axis(b, batch)
+    axis = copies_axis(b, batch)
     if axis is not None:
         a, b = np.moveaxis(a, axis, 0), np.moveaxis(b, axis, 0)
         return float(sample_shifts(a[row : row + 1], b[row : row + 1], output_scale(a))[0])
@@ -57,7 +57,7 @@ def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float |
     return float(sample_shifts(flat, other, max(spread, SCALE_FLOOR * rms) + 1e-30)[0])
 
 
-def sample_axis(copies: np.ndarray, batch: int) -> int | None:
+def copies_axis(copies: np.ndarray, batch: int) -> int | None:
     """The axis of a tensor that holds the batch's samples, read off a run whose samples are all the same one
     (``copies``): an axis of the batch's size along which every slice is equal (to float32 rounding of
     kernels that treat rows apart). Axis 0 first; None when no axis is, or the batch has one sample.

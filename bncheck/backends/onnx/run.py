@@ -627,6 +627,10 @@ class _Engine:
                 return {name: outputs[name] for name in wanted}
         return None
 
+    def release_session(self) -> None:
+        """Let go of the session and its arena; the engine's files stay (the locator's sessions read them)."""
+        self.session = None
+
     def close(self) -> None:
         self.session = None
         self.proven = []
@@ -836,7 +840,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
 
         # the last thing the plan does: the probe's session and its arena go before the bisection's sessions
         for engine in engines:
-            engine.session = None
+            engine.release_session()
         trim_heap()
         return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy)
 
