@@ -303,7 +303,7 @@ def inspect(
     type=click.IntRange(1, 64),
     default=4,
     show_default=True,
-    help="Samples whose batch dependence is tested (at most the largest batch size).",
+    help="Samples whose batch dependence is tested (at most half the largest batch size).",
 )
 @click.option(
     "--provider",

@@ -4,7 +4,7 @@ A backend supplies a *runner* (feeds -> per-layer statistics of that batch); thi
 batches, runs each exactly once, and turns the results into a :class:`~bncheck.model.ProbeResult`:
 
 - one batch per requested batch size (``ProbeResult.layers``);
-- the batch-dependence test: K samples (at most the largest batch size), each run alone and inside batches
+- the batch-dependence test: K samples (at most half the largest batch size), each run alone and inside batches
   of every requested size with other samples as companions (``ProbeResult.dependence``);
 - with ``--data``: every data sample once, in inference mode, for each layer's input statistics
   (``ProbeResult.data``).
@@ -216,9 +216,10 @@ def make_plan(
         k = min(k, pool_size)
     big = tuple(b for b in batch_sizes if b > 1) if dependence else ()
     if big:
-        # no more probe samples than the largest batch holds: at 1,2 a third and fourth sample would cost two
-        # solo runs and a pair that plain inference never makes (8 samples of compute for its 3)
-        k = min(k, max(big))
+        # at most half the largest batch in probe samples: their solo runs are the test's extra compute. At 1,2
+        # one sample makes the runs (0,) and (0, 1), plain inference's 3 samples (two made 4; a relaxed
+        # batch-1 file's proof runs exactly these two, so its probe adds no run)
+        k = min(k, max(1, max(big) // 2))
     wrap = (lambda i: i % pool_size) if pool_size else (lambda i: i)
     solo = tuple((i,) for i in range(k)) if big else ()
     groups: dict[int, tuple[tuple[int, ...], ...]] = {}

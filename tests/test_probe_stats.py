@@ -78,11 +78,17 @@ def test_plan_for_1_2_32_uses_seven_runs_and_forty_samples():
     assert plan.solo_runs == ((0,), (1,), (2,), (3,))
 
 
-def test_plan_for_1_2_takes_no_more_probe_samples_than_the_largest_batch():
+def test_plan_for_1_2_makes_plain_inferences_runs_only():
     plan = make_plan((1, 2), 4, None, False)
-    assert plan.samples == 2
-    assert plan.solo_runs == ((0,), (1,)) and plan.group_runs[2] == ((0, 1),)
-    assert sum(len(r) for r in plan.runs) == 4  # plain inference at 1 and 2 is 3
+    assert plan.samples == 1
+    assert plan.runs == ((0,), (0, 1))  # plain inference at 1 and 2: the same 3 samples
+    assert plan.solo_runs == ((0,),) and plan.group_runs[2] == ((0, 1),)
+
+
+def test_plan_takes_at_most_half_the_largest_batch_in_probe_samples():
+    assert make_plan((1, 2, 8), 4, None, False).samples == 4
+    assert make_plan((1, 2, 4), 4, None, False).samples == 2
+    assert make_plan((1, 2, 32), 6, None, False).samples == 6
 
 
 def test_plan_puts_every_probe_sample_in_a_batch_of_every_size():
@@ -93,9 +99,9 @@ def test_plan_puts_every_probe_sample_in_a_batch_of_every_size():
 
 
 def test_plan_with_data_wraps_small_data_and_covers_every_sample_once():
-    plan = make_plan((1, 2, 4), 4, 3, True)
-    assert plan.samples == 3
-    assert plan.probe_runs[4] == (0, 1, 2, 0)
+    plan = make_plan((1, 2, 8), 4, 3, True)
+    assert plan.samples == 3  # the data's 3, not the 4 asked for
+    assert plan.probe_runs[8] == (0, 1, 2, 0, 1, 2, 0, 1)
     assert sorted(i for r in plan.data_runs for i in r) == [0, 1, 2]
 
 
