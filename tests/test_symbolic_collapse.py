@@ -179,3 +179,48 @@ def test_observed_set_size_follows_the_layers_axes_at_the_measured_counts():
     assert observed_set_size(layer(Kind.BATCH, None, None), _seen(2, 3, 40)) == 80
     # a set over H but not W, both symbolic: their sizes cannot be told apart
     assert observed_set_size(layer(Kind.MOMENTS, (2,), ("N", 3, "H", "W")), _seen(2, 3, 35)) is None
+
+
+def _extremes(doc: dict, layer: str) -> set[bool]:
+    """Whether the layer's min and max were measured, over every batch size and side the probe ran."""
+    found = set()
+    for per_size in doc["probe"]["runs"][0]["layers"][layer]["by_batch_size"].values():
+        for side in ("input", "output"):
+            if per_size.get(side):
+                found.add(per_size[side]["min"] is not None and per_size[side]["max"] is not None)
+    return found
+
+
+def test_probe_skips_min_and_max_where_the_input_shape_makes_every_set_larger_than_one(tmp_path):
+    # the file leaves H and W open; at 20x16 the conv BN normalizes 320 elements per sample: it cannot
+    # collapse, as in a file with 20x16 written in. The 1x1 head can, and keeps its min and max.
+    path = _conv_bn_head(tmp_path / "m.onnx")
+    doc = _json(["probe", path, "--input-shape", "x:3x20x16", "--batch-sizes", "1,2"], 1)
+    assert _extremes(doc, "conv_bn") == {False}
+    assert _extremes(doc, "head_bn") == {True}
+
+
+def test_probe_measures_min_and_max_where_the_input_shape_leaves_a_set_of_one(tmp_path):
+    path = _conv_bn_head(tmp_path / "m.onnx")
+    doc = _json(["probe", path, "--input-shape", "x:3x1x1", "--batch-sizes", "1,2"], 1)
+    assert _extremes(doc, "conv_bn") == {True}
+    observed = {f["layer"] for f in doc["findings"] if f["evidence"]["kind"] == "observed"}
+    assert observed == {"conv_bn", "head_bn"}
+
+
+def test_can_collapse_decides_an_open_set_from_the_probes_shapes_only_where_the_batch_axis_is_symbolic():
+    from bncheck.backends.onnx.instrument import can_collapse
+    from bncheck.model import Kind, NormLayer
+
+    def layer(shape):
+        return NormLayer("l", Kind.BATCH, "BatchNormalization", ("l",), "x", "y", axes=(0, 2, 3), input_shape=shape)
+
+    open_hw = layer(("N", 8, "unk__1", "unk__2"))
+    assert can_collapse(open_hw)  # the file alone leaves it open
+    assert not can_collapse(open_hw, ({"x": (32, 8, 20, 16)}, 32))
+    assert can_collapse(open_hw, ({"x": (32, 8, 1, 1)}, 32))
+    assert can_collapse(open_hw, ({"x": (32, 8, 20, "unk__3")}, 32))  # still open at the probe's sizes
+    assert can_collapse(open_hw, ({"y": (32, 8, 20, 16)}, 32))  # the input's shape not inferred
+    # axis 0 fixed in the file, or not the batch the shapes were inferred at: its other dims may hold it
+    assert can_collapse(layer((1, 8, "unk__1", "unk__2")), ({"x": (1, 8, 20, 16)}, 1))
+    assert can_collapse(open_hw, ({"x": (64, 8, 20, 16)}, 32))

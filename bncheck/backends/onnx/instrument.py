@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from bncheck.backends.onnx.graph import node_reads, upstream_nodes
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
-from bncheck.model import NormLayer, normalized_set_size
+from bncheck.model import Dim, NormLayer, normalized_set_size
 
 if TYPE_CHECKING:
     import onnx
@@ -375,6 +375,7 @@ class Augmenter:
             self.initializer_stubs = base.initializer_stubs
             self.shapes = dict(base.shapes)
             self.types = dict(base.types)
+        self.concrete = base.concrete if base is not None else None
         self.fed_inputs = feed_statistics(self.model, set(fed))
         self.opset = _opset(self.model)
         self.b = _Builder(self.opset)
@@ -586,7 +587,7 @@ class Augmenter:
         plan = LayerPlan(layer)
         if layer.op_type == "BatchNormalization" and layer.training:
             runtime_out = self.decomposed.get(layer.output)
-            extremes = can_collapse(layer)
+            extremes = can_collapse(layer, self.concrete)
             if runtime_out is not None:
                 plan.spec = True
                 derived = self._spec_measure(layer, extremes)
@@ -614,7 +615,7 @@ class Augmenter:
             plan.affine = affine
             plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, minmax=False)
             return plan
-        extremes = can_collapse(layer)
+        extremes = can_collapse(layer, self.concrete)
         plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis, extremes)
         if not self.inputs_only and layer.output:
             plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, extremes)
@@ -828,12 +829,28 @@ def _per_sample(shape: tuple[Any, ...] | None, batch_axis: int | None) -> int | 
     return count
 
 
-def can_collapse(layer: NormLayer) -> bool:
+def can_collapse(layer: NormLayer, concrete: tuple[Mapping[str, tuple[Dim, ...]], int] | None = None) -> bool:
     """Whether a normalized set of ``layer`` may hold a single element at some batch size (its shape or axes
     unknown, or its known dims multiplying to 1). Only then are a tensor's min, max and zero count measured:
-    BN001 reads them, and a LayerNorm over 512 features or a BN over 7x7 maps cannot collapse."""
+    BN001 reads them, and a LayerNorm over 512 features or a BN over 7x7 maps cannot collapse.
+
+    ``concrete``: shapes inferred at the sizes the probe feeds, and the batch size they were inferred at
+    (the memory check's, where the file leaves H and W open). They decide a set whose size the file leaves
+    open, as a file with those sizes written in would, where the layer's batch axis is symbolic in the file
+    and holds that batch size there: the other dims then do not depend on the batch."""
     known, _ = normalized_set_size(layer, batch=1)
-    return known is None or known < 2
+    if known is not None and known >= 2:
+        return False
+    if concrete is None or layer.input_shape is None or layer.batch_axis is None:
+        return True
+    shapes, batch = concrete
+    shape, axis = shapes.get(layer.input), layer.batch_axis
+    if shape is None or len(shape) != len(layer.input_shape) or not 0 <= axis < len(shape):
+        return True
+    if isinstance(layer.input_shape[axis], int) or shape[axis] != batch:
+        return True
+    known, symbolic = normalized_set_size(replace(layer, input_shape=shape), batch=1)
+    return known is None or bool(symbolic) or known < 2
 
 
 def _inference_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray] | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bncheck import budget
@@ -57,6 +57,13 @@ class Estimate:
     inputs: int
     node_bytes: int
     node: str | None  # "'name' (OpType)"; None when no node's tensors have a known size
+    # the shapes inferred with the inputs concrete (see check), None when the file's shapes sufficed
+    concrete: Mapping[str, tuple[Dim, ...]] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def busiest(self) -> int | None:
+        """The busiest node's bytes (a lower bound), None when no node's tensors have a known size."""
+        return self.node_bytes if self.node is not None else None
 
     @property
     def total(self) -> int:
@@ -170,10 +177,11 @@ def check(
     Where an input leaves dims open (:func:`open_dims`), the shapes are inferred again with the inputs
     concrete (one more shape inference, on the weight-less skeleton); without it a detector with open H and
     W would count a few kB of activations at any batch size."""
+    inferred: dict[str, tuple[Dim, ...]] | None = None
     if open_dims(shapes, feeds, batch):
         inferred, inferred_types = concrete_shapes(model, feeds)
         shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
-    found = estimate(model.graph, shapes, types, feeds)
+    found = replace(estimate(model.graph, shapes, types, feeds), concrete=inferred)
     parts = [f"inputs {budget.format_size(found.inputs)}"]
     if found.node is not None:
         parts.append(f"{budget.format_size(found.node_bytes)} at node {found.node}")
@@ -193,9 +201,9 @@ def check_probe(
     inputs: list[InputSpec],
     settings: ProbeSettings,
     batch: int,
-) -> int | None:
+) -> Estimate:
     """Refuse, before any session runs it, a probe batch of ``batch`` of ``model`` that cannot fit the memory
-    budget; else the bytes of its busiest node's activations (a lower bound; None when no size is known)."""
+    budget; else the estimate (its busiest node's activations, and the shapes inferred at the probe's input
+    sizes where the file leaves dims open)."""
     feeds = probe_feeds(inputs, batch, settings.input_shapes, settings.data)
-    found = check(model, shapes, types, feeds, batch, "give smaller --batch-sizes")
-    return found.node_bytes if found.node is not None else None
+    return check(model, shapes, types, feeds, batch, "give smaller --batch-sizes")

@@ -22,7 +22,7 @@ change harmless:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +103,9 @@ class ProbeCopy:
     relaxed_shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, int]] | None = None
     # the relaxed copy's busiest node's bytes at the largest batch size (memory.check_probe, before its proof)
     activations: int | None = None
+    # the memory check's shapes, inferred at the probe's input sizes where the file leaves dims open, and
+    # the batch size they were inferred at (set by the probe for the copy that runs)
+    concrete: tuple[Mapping[str, tuple[Dim, ...]], int] | None = None
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -459,9 +462,11 @@ def _relax(
         # the proof's sessions instead of adding to the probe's peak
         copy.relaxed_shapes = shapes, types = inferred_shapes(candidate)
         # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
-        copy.activations = memory.check_probe(
+        found = memory.check_probe(
             candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
         )
+        copy.activations = found.busiest
+        copy.concrete = None if found.concrete is None else (found.concrete, largest)
         if draw is None and settings.data is None:  # drawn on the other core while the session is built
             specs = [s.with_batch_dim(None) for s in inputs]
             size = max(fixed, *others)
@@ -496,7 +501,7 @@ def _relax(
         proof = prove(relaxed)
     if isinstance(proof, str):
         why = proof
-        copy.relaxed_shapes, copy.activations = None, None
+        copy.relaxed_shapes, copy.activations, copy.concrete = None, None, None
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
             first, axis = next(iter(batched.items()))

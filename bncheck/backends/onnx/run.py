@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
+    Dim,
     LayerProbe,
     ModelView,
     NormLayer,
@@ -769,21 +770,21 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     _check_inputs(view, settings)
     preflight(view, settings)
     activations: int | None = None
+    concrete: tuple[Mapping[str, tuple[Dim, ...]], int] | None = None
 
-    def check_file() -> int | None:
-        return memory.check_probe(
-            handle.model,
-            handle.value_shapes,
-            handle.value_types,
-            view.inputs,
-            settings,
-            largest_batch(view.inputs, settings.batch_sizes),
+    def check_file() -> None:
+        nonlocal activations, concrete
+        largest = largest_batch(view.inputs, settings.batch_sizes)
+        found = memory.check_probe(
+            handle.model, handle.value_shapes, handle.value_types, view.inputs, settings, largest
         )
+        activations = found.busiest
+        concrete = None if found.concrete is None else (found.concrete, largest)
 
     # a fixed batch that prepare tries to relax is checked there, on the relaxed copy, at the file's size too
     relaxing = relaxes(view.inputs, settings.batch_sizes)
     if settings.batch_sizes and not relaxing:
-        activations = check_file()
+        check_file()
     providers = resolve(settings.provider)
     int_high = _gather_tables(handle)
     # a NaN/Inf that would name the deferred layers shows only in a floating-point output (not in an ArgMax's)
@@ -814,8 +815,10 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
         if copy.inputs != view.inputs:  # a fixed batch relaxed: runs every size now, checked before its proof
             activations = copy.activations
-        elif relaxing:  # not relaxed after all: the file's own size runs
-            activations = check_file()
+        else:
+            if relaxing:  # not relaxed after all: the file's own size runs
+                check_file()
+            copy.concrete = concrete
         if measures:  # a proof's session the engine will not take over: freed now
             copy.proof = None
         return copy
