@@ -63,12 +63,39 @@ def test_batch_centering_without_a_norm_op_is_located_at_the_reduce_mean(tmp_pat
     assert finding.evidence["kind"] == "batch-dependence"
     assert finding.evidence["op_type"] == "ReduceMean" and finding.evidence["axes"] == [0]
     assert finding.evidence["tensor"] == "m" and finding.evidence["tensor_change"] > 0.1
-    assert finding.evidence["located_runs"] <= 2 * 4  # bisection over 5 nodes: at most 4 steps of 2 runs
+    # one step of 2 runs, at the cut after the ReduceMean (node 3 of 5): no step compares the model's outputs
+    # again, which the probe's companion run already found moving
+    assert finding.evidence["located_runs"] == 2
     assert "ReduceMean over axes [0]" in finding.message
     assert report.probes[0].companion_change > COMPANION_TOLERANCE
     outputs = finding.evidence["output_effect"]["outputs"]["logits"]
     assert outputs["8"]["shift_sd"] > 0.1 and outputs["8"]["samples"] == 8
     assert outputs["8"]["top1_agreement"] < 1.0
+
+
+def test_a_batch_dependence_that_starts_at_the_last_node_is_located_there(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Softmax", ["r"], ["y"], name="batch_softmax", axis=0),  # over the samples
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6])],
+        [w],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    [probe] = engine.probe(str(path), ProbeSettings(batch_sizes=(1, 2))).probes
+    assert probe.located is not None
+    assert (probe.located.node, probe.located.op_type, probe.located.tensor) == ("batch_softmax", "Softmax", "y")
 
 
 def test_localisation_runs_in_the_smallest_batch_that_moves_the_outputs(tmp_path):

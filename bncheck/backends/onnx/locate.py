@@ -113,9 +113,9 @@ def locate_dependence(
     base: ProbeCopy | None = None,
 ) -> LocatedDependence | None:
     """The first node whose output depends on the batch (see the module docstring), or None. ``batch`` holds
-    ``size`` samples (along each input's own batch axis), ``copies`` the sample at ``row`` in every row.
-    ``base``: the probe's runnable copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect
-    instead."""
+    ``size`` samples (along each input's own batch axis), ``copies`` the sample at ``row`` in every row; the
+    caller found the model's outputs at ``row`` different between the two. ``base``: the probe's runnable
+    copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect instead."""
     import onnxruntime as ort
     from onnx import helper
 
@@ -165,16 +165,18 @@ def locate_dependence(
             del first, second
         return any(changes[t] > COMPANION_TOLERANCE for t in live(cut))
 
+    # No step for the cut after the last node, whose live tensors are the model's outputs: the caller found
+    # them moving between this very pair of batches (its companion run), with the same comparison.
     lo, hi = 0, len(nodes) - 1
     try:
-        if not dependent(hi):
-            return None
         while lo < hi:
             mid = (lo + hi) // 2
             if dependent(mid):
                 hi = mid
             else:
                 lo = mid + 1
+        if any(t not in changes for t in nodes[lo].output if t):  # the last node: its outputs not yet compared
+            dependent(lo)
     except _Unlocatable:
         return None
     node = nodes[lo]
