@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -14,12 +14,13 @@ from bncheck.backends.onnx.graph import node_reads, upstream_nodes
 from bncheck.backends.onnx.load import free_unset_dims
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
-from bncheck.model import Dim, NormLayer, normalized_set_size
+from bncheck.model import NormLayer, normalized_set_size
 
 if TYPE_CHECKING:
     import onnx
 
     from bncheck.backends.onnx.load import OnnxHandle
+    from bncheck.backends.onnx.memory import ProbeShapes
     from bncheck.backends.onnx.probe_copy import ProbeCopy
 
 
@@ -829,7 +830,7 @@ def _per_sample(shape: tuple[Any, ...] | None, batch_axis: int | None) -> int | 
     return count
 
 
-def can_collapse(layer: NormLayer, concrete: tuple[Mapping[str, tuple[Dim, ...]], int] | None = None) -> bool:
+def can_collapse(layer: NormLayer, concrete: ProbeShapes | None = None) -> bool:
     """Whether a normalized set of ``layer`` may hold a single element at some batch size (its shape or axes
     unknown, or its known dims multiplying to 1). Only then are a tensor's min, max and zero count measured:
     BN001 reads them, and a LayerNorm over 512 features or a BN over 7x7 maps cannot collapse.

@@ -50,6 +50,10 @@ _NOT_IN_PLACE = frozenset(
 _PAD_FUSED = frozenset({"Conv", "MaxPool", "AveragePool"})
 
 
+#: shapes onnx inferred with the inputs at the sizes a probe feeds, and the batch size they were inferred at
+ProbeShapes = tuple[Mapping[str, tuple[Dim, ...]], int]
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Bytes onnxruntime needs at least: ``inputs`` fed, plus ``node_bytes`` at the busiest ``node``."""
@@ -58,7 +62,7 @@ class Estimate:
     node_bytes: int
     node: str | None  # "'name' (OpType)"; None when no node's tensors have a known size
     # the shapes inferred with the inputs concrete (see check), None when the file's shapes sufficed
-    concrete: Mapping[str, tuple[Dim, ...]] | None = field(default=None, compare=False, repr=False)
+    concrete: ProbeShapes | None = field(default=None, compare=False, repr=False)
 
     @property
     def busiest(self) -> int | None:
@@ -177,11 +181,12 @@ def check(
     Where an input leaves dims open (:func:`open_dims`), the shapes are inferred again with the inputs
     concrete (one more shape inference, on the weight-less skeleton); without it a detector with open H and
     W would count a few kB of activations at any batch size."""
-    inferred: dict[str, tuple[Dim, ...]] | None = None
+    concrete: ProbeShapes | None = None
     if open_dims(shapes, feeds, batch):
         inferred, inferred_types = concrete_shapes(model, feeds)
         shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
-    found = replace(estimate(model.graph, shapes, types, feeds), concrete=inferred)
+        concrete = (inferred, batch)
+    found = replace(estimate(model.graph, shapes, types, feeds), concrete=concrete)
     parts = [f"inputs {budget.format_size(found.inputs)}"]
     if found.node is not None:
         parts.append(f"{budget.format_size(found.node_bytes)} at node {found.node}")

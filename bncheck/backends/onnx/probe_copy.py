@@ -22,7 +22,7 @@ change harmless:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,7 @@ class ProbeCopy:
     activations: int | None = None
     # the memory check's shapes, inferred at the probe's input sizes where the file leaves dims open, and
     # the batch size they were inferred at (set by the probe for the copy that runs)
-    concrete: tuple[Mapping[str, tuple[Dim, ...]], int] | None = None
+    concrete: memory.ProbeShapes | None = None
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -466,7 +466,7 @@ def _relax(
             candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
         )
         copy.activations = found.busiest
-        copy.concrete = None if found.concrete is None else (found.concrete, largest)
+        copy.concrete = found.concrete
         if draw is None and settings.data is None:  # drawn on the other core while the session is built
             specs = [s.with_batch_dim(None) for s in inputs]
             size = max(fixed, *others)

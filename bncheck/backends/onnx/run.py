@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,6 @@ from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
-    Dim,
     LayerProbe,
     ModelView,
     NormLayer,
@@ -770,7 +769,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     _check_inputs(view, settings)
     preflight(view, settings)
     activations: int | None = None
-    concrete: tuple[Mapping[str, tuple[Dim, ...]], int] | None = None
+    concrete: memory.ProbeShapes | None = None
 
     def check_file() -> None:
         nonlocal activations, concrete
@@ -778,8 +777,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         found = memory.check_probe(
             handle.model, handle.value_shapes, handle.value_types, view.inputs, settings, largest
         )
-        activations = found.busiest
-        concrete = None if found.concrete is None else (found.concrete, largest)
+        activations, concrete = found.busiest, found.concrete
 
     # a fixed batch that prepare tries to relax is checked there, on the relaxed copy, at the file's size too
     relaxing = relaxes(view.inputs, settings.batch_sizes)
