@@ -92,6 +92,11 @@ class NormLayer:
         return not self.uses_running_stats
 
 
+#: ops that quantize with a scale taken from the min and max of the whole tensor, every sample included
+#: (onnxruntime's dynamic quantization: the standard op and the com.microsoft kernels that fuse it)
+DYNAMIC_QUANT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})
+
+
 @dataclass(frozen=True)
 class BatchOp:
     """An op outside every recognised normalization layer that reduces over the batch axis (``axes`` include

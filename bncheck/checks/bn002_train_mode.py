@@ -33,7 +33,15 @@ from collections.abc import Iterator
 
 from bncheck.checks._util import batch_effect, describe, is_keras
 from bncheck.findings import Finding, Severity, shape_json
-from bncheck.model import BatchDependence, BatchOp, ModelView, NormLayer, ProbeResult, fixed_batch
+from bncheck.model import (
+    DYNAMIC_QUANT_OPS,
+    BatchDependence,
+    BatchOp,
+    ModelView,
+    NormLayer,
+    ProbeResult,
+    fixed_batch,
+)
 from bncheck.verdicts import (
     OUTPUT_DEPENDENCE_TOLERANCE,
     OUTPUT_TOLERANCE,
@@ -69,9 +77,6 @@ HINT_DYNAMIC_QUANT = (
     "so that a sample's result no longer depends on its batch, or run one sample per batch; if the effect on the "
     "outputs is acceptable, ignore BN002 for this model (--ignore BN002)."
 )
-#: ops that quantize with a scale taken from the min and max of the whole tensor, every sample included
-#: (onnxruntime's dynamic quantization: the standard op and the com.microsoft kernels that fuse it)
-DYNAMIC_QUANT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})
 
 HINT_REDUCTION = (
     "Reduce over the sample's own axes at inference (leave axis 0 out), or use statistics stored at training "

@@ -73,29 +73,72 @@ def test_batch_centering_without_a_norm_op_is_located_at_the_reduce_mean(tmp_pat
     assert outputs["8"]["top1_agreement"] < 1.0
 
 
-def test_a_batch_dependence_that_starts_at_the_last_node_is_located_there(tmp_path):
+def _chain(path, ops: list[tuple[str, ...]]) -> str:
+    """x[N, 4] -> MatMul (fc) -> the ``ops`` in order, each (kind, name) reading the tensor before it:
+    "relu", "softmax0" (Softmax over the samples), "zero" (times 0), "center" (minus its ReduceMean over
+    axis 0, named name + "_mean"), "shift" (plus the ReduceMean over axis 0 of the tensor "z" a "zero" wrote)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     w = numpy_helper.from_array(np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32), "w")
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("Softmax", ["r"], ["y"], name="batch_softmax", axis=0),  # over the samples
-    ]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["t0"], name="fc")]
+    for i, (kind, name) in enumerate(ops, start=1):
+        src, dst = f"t{i - 1}", f"t{i}"
+        if kind == "relu":
+            nodes.append(helper.make_node("Relu", [src], [dst], name=name))
+        elif kind == "softmax0":
+            nodes.append(helper.make_node("Softmax", [src], [dst], name=name, axis=0))
+        elif kind == "zero":
+            nodes.append(helper.make_node("Mul", [src, "zero_c"], ["z"], name=name))
+            nodes.append(helper.make_node("Add", [src, "z"], [dst], name=f"{name}_keep"))
+        elif kind == "center":
+            nodes.append(helper.make_node("ReduceMean", [src], [f"{name}_m"], name=f"{name}_mean", axes=[0]))
+            nodes.append(helper.make_node("Sub", [src, f"{name}_m"], [dst], name=name))
+        elif kind == "shift":
+            nodes.append(helper.make_node("ReduceMean", ["z"], [f"{name}_m"], name=f"{name}_mean", axes=[0]))
+            nodes.append(helper.make_node("Add", [src, f"{name}_m"], [dst], name=name))
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6])],
-        [w],
+        [helper.make_tensor_value_info(f"t{len(ops)}", onnx.TensorProto.FLOAT, ["N", 6])],
+        [w, numpy_helper.from_array(np.zeros(1, np.float32), "zero_c")],
     )
-    path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    [probe] = engine.probe(str(path), ProbeSettings(batch_sizes=(1, 2))).probes
+    return str(path)
+
+
+def _located(path: str):
+    [probe] = engine.probe(path, ProbeSettings(batch_sizes=(1, 2))).probes
     assert probe.located is not None
-    assert (probe.located.node, probe.located.op_type, probe.located.tensor) == ("batch_softmax", "Softmax", "y")
+    return probe.located
+
+
+def test_a_batch_dependence_that_starts_at_the_last_node_is_located_there(tmp_path):
+    located = _located(_chain(tmp_path / "m.onnx", [("relu", "relu"), ("softmax0", "batch_softmax")]))
+    assert (located.node, located.op_type, located.tensor) == ("batch_softmax", "Softmax", "t2")
+
+
+def test_the_walks_reduction_over_the_batch_axis_is_tested_before_any_bisection(tmp_path):
+    ops = [("relu", f"relu{i}") for i in range(20)] + [("center", "center"), ("relu", "out")]
+    located = _located(_chain(tmp_path / "m.onnx", ops))
+    assert (located.node, located.op_type) == ("center_mean", "ReduceMean")
+    assert located.runs == 2  # one step: the cut after it (the cut before holds nothing new); bisection takes 5
+
+
+def test_a_dependence_that_starts_before_the_walks_reduction_is_located_where_it_starts(tmp_path):
+    ops = [("softmax0", "batch_softmax"), *[("relu", f"relu{i}") for i in range(6)], ("center", "center")]
+    located = _located(_chain(tmp_path / "m.onnx", ops))
+    assert (located.node, located.op_type) == ("batch_softmax", "Softmax")
+
+
+def test_a_reduction_over_the_batch_axis_that_moves_nothing_is_passed_over(tmp_path):
+    # the mean over the samples of a tensor of zeros is 0 whatever the companions: the Softmax after it is where
+    # the outputs start to move
+    ops = [("relu", "relu"), ("zero", "zero"), ("shift", "shift"), ("relu", "relu2"), ("softmax0", "batch_softmax")]
+    located = _located(_chain(tmp_path / "m.onnx", ops))
+    assert (located.node, located.op_type) == ("batch_softmax", "Softmax")
 
 
 def test_localisation_runs_in_the_smallest_batch_that_moves_the_outputs(tmp_path):

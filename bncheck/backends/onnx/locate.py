@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bncheck.backends.onnx.instrument import stub
-from bncheck.model import LocatedDependence
+from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
 from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.load import OnnxHandle
     from bncheck.backends.onnx.probe_copy import ProbeCopy
+
+
+#: domains of the dynamic quantizers (the standard op, and onnxruntime's fused kernels)
+_QUANT_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
 
 
 class _Unlocatable(Exception):
@@ -111,11 +116,13 @@ def locate_dependence(
     row: int,
     size: int,
     base: ProbeCopy | None = None,
+    suspects: Iterable[str] = (),
 ) -> LocatedDependence | None:
     """The first node whose output depends on the batch (see the module docstring), or None. ``batch`` holds
     ``size`` samples (along each input's own batch axis), ``copies`` the sample at ``row`` in every row; the
     caller found the model's outputs at ``row`` different between the two. ``base``: the probe's runnable
-    copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect instead."""
+    copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect instead. ``suspects``: tensors
+    written by ops known to mix the samples (the walk's reductions over the batch axis), tested first."""
     import onnxruntime as ort
     from onnx import helper
 
@@ -168,7 +175,19 @@ def locate_dependence(
     # No step for the cut after the last node, whose live tensors are the model's outputs: the caller found
     # them moving between this very pair of batches (its companion run), with the same comparison.
     lo, hi = 0, len(nodes) - 1
+    # The first op known to mix the samples is tested before any bisection: the cuts after it and before it
+    # settle whether the dependence starts there in two steps instead of about log2(nodes).
+    known = [produced_at[t] for t in suspects if t in produced_at]
+    known += [i for i, node in enumerate(nodes) if node.op_type in DYNAMIC_QUANT_OPS and node.domain in _QUANT_DOMAINS]
     try:
+        if known:
+            first = min(known)
+            if not dependent(first):
+                lo = first + 1
+            elif first == 0 or not dependent(first - 1):
+                lo = hi = first
+            else:
+                hi = first - 1
         while lo < hi:
             mid = (lo + hi) // 2
             if dependent(mid):

@@ -843,7 +843,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         for engine in engines:
             engine.release_session()
         trim_heap()
-        return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy)
+        suspects = [op.output for op in view.batch_ops]
+        return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy, suspects=suspects)
 
     tmp = scratch_folder(handle.size_bytes)
     try:  # from here on every way out (an error, the memory check's refusal, SIGTERM) removes the folder
