@@ -341,6 +341,8 @@ class LocatedDependence:
     change: float  # the tensor's largest per-sample change, in its standard deviations
     runs: int  # extra runs the search made
     batch_size: int | None = None  # the size of the batch the sample was compared in (the smallest that moves it)
+    # a single value (a quantizer's scale) has no spread to be a unit: its change relative to its value
+    relative_change: float | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bncheck.backends.onnx.locate import copies_axis, tensor_change
+from bncheck.backends.onnx.locate import copies_axis, relative_change, tensor_change
 from bncheck.probe_plan import sample_axis as output_sample_axis
 
 
@@ -43,3 +43,10 @@ def test_an_output_follows_the_batch_on_the_axis_that_is_1_alone():
     assert output_sample_axis((2, 2, 100), (2, 1, 100), 2) == 1  # T happens to equal the batch
     assert output_sample_axis((5,), (5,), 8) is None  # one value per channel: not per sample
     assert output_sample_axis((8, 8), None, 8) == 0  # no run of one sample (a fixed batch): axis 0 first
+
+
+def test_relative_change_is_a_fraction_of_the_reference_value():
+    assert relative_change(2.0, 2.5) == 0.25
+    assert relative_change(-4.0, -3.0) == 0.25
+    assert relative_change(1.5, 1.5) == 0.0
+    assert relative_change(0.0, 1e-9) == float("inf")

@@ -144,6 +144,8 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
         tensor_change=found.change,
         located_runs=found.runs,
     )
+    if found.relative_change is not None:
+        evidence["tensor_relative_change"] = found.relative_change
     dynamic = found.op_type in DYNAMIC_QUANT_OPS
     why = (
         " (dynamic quantization: the scale and zero point come from the whole tensor, every sample of the "
@@ -151,10 +153,15 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
         if dynamic
         else ""
     )
+    moved = (
+        f"(a single value) moved by {found.relative_change:.2%} of its value"
+        if found.relative_change is not None
+        else f"moved by {found.change:.3g} standard deviations"
+    )
     what = (
         f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
-        f"batch companions{why}: its output {found.tensor!r} moved by {found.change:.3g} standard deviations "
-        f"between a sample alone and in a batch, while its inputs did not{latent}"
+        f"batch companions{why}: its output {found.tensor!r} {moved} between a sample alone and in a batch, "
+        f"while its inputs did not{latent}"
     )
     return Finding(CODE, SLUG, severity, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_MOMENTS, evidence)
 

@@ -231,6 +231,8 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
             "change": number(found.change),
             "runs": found.runs,
         }
+        if found.relative_change is not None:
+            out["located"]["relative_change"] = number(found.relative_change)
     if probe.recalibration is not None:
         out["recalibration"] = {
             "layers": list(probe.recalibration.layers),

@@ -206,6 +206,19 @@ def test_dynamic_quantization_behind_a_transpose_is_located_at_the_quantizer(tmp
     assert "static quantization" in finding.hint
 
 
+def test_a_located_single_value_reports_its_change_as_a_fraction_of_its_value(tmp_path):
+    """The quantizer's scale is one number: it has no spread to serve as a unit, so "moved by N standard
+    deviations" would print its change divided by a floor (ddddocr's scale: "454 standard deviations")."""
+    report = engine.probe(dynamic_quant_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.evidence["tensor"] == "q_scale"
+    relative = finding.evidence["tensor_relative_change"]
+    assert 0.0 < relative < 10.0
+    assert "(a single value) moved by" in finding.message and "of its value" in finding.message
+    assert "standard deviations" not in finding.message
+    assert report.probes[0].located.relative_change == relative
+
+
 def test_a_dependence_in_a_time_major_output_is_measured_on_its_samples_axis(tmp_path):
     """A CTC head's [T, N, C]: the output test compares each sample's slice on axis 1 (it skipped such outputs,
     so a dynamically quantized OCR model passed as batch-invariant)."""

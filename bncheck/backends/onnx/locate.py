@@ -62,6 +62,13 @@ def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float |
     return float(sample_shifts(flat, other, max(spread, SCALE_FLOOR * rms) + 1e-30)[0])
 
 
+def relative_change(value: float, other: float) -> float:
+    """How far ``other`` is from ``value``, as a fraction of ``value``'s magnitude (inf from an exact 0)."""
+    if value == other:
+        return 0.0
+    return abs(other - value) / abs(value) if value != 0 and math.isfinite(value) else math.inf
+
+
 def copies_axis(copies: np.ndarray, batch: int) -> int | None:
     """The axis of a tensor that holds the batch's samples, read off a run whose samples are all the same one
     (``copies``): an axis of the batch's size along which every slice is equal (to float32 rounding of
@@ -147,6 +154,7 @@ def locate_dependence(
     produced_at = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     runs = 0
     changes: dict[str, float] = {}
+    relative: dict[str, float] = {}  # single-value tensors: their change as a fraction of their value
 
     def live(cut: int) -> list[str]:
         return [t for t, i in produced_at.items() if i <= cut and (last_read.get(t, -1) > cut or t in graph_outputs)]
@@ -169,6 +177,8 @@ def locate_dependence(
             for name, a, b in zip(names, first, second):
                 change = tensor_change(np.asarray(a), np.asarray(b), row, size)
                 changes[name] = -1.0 if change is None else change
+                if change is not None and np.size(a) == 1:
+                    relative[name] = relative_change(float(np.ravel(b)[0]), float(np.ravel(a)[0]))
             del first, second
         return any(changes[t] > COMPANION_TOLERANCE for t in live(cut))
 
@@ -211,4 +221,5 @@ def locate_dependence(
         change=change if math.isfinite(change) else math.inf,
         runs=runs,
         batch_size=size,
+        relative_change=relative.get(tensor),
     )
