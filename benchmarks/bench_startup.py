@@ -37,6 +37,8 @@ BNCHECK = (
 # (label, what the stage adds); each child times its stage and every stage before it
 STAGES: list[tuple[str, str]] = [
     ("numpy, numpy.random, onnxruntime (what plain imports)", "import numpy, numpy.random, onnxruntime"),
+    # onnx imports ml_dtypes, whose 0.7.0 release is slow to import (docs/architecture.md): its own row
+    ("ml_dtypes (onnx imports it)", "import ml_dtypes"),
     ("onnx", "import onnx"),
     ("click", "import click"),
     ("bncheck's modules", BNCHECK),
