@@ -376,7 +376,7 @@ class Augmenter:
             self.initializer_stubs = base.initializer_stubs
             self.shapes = dict(base.shapes)
             self.types = dict(base.types)
-        self.concrete = base.concrete if base is not None else None
+        self.concrete = base.estimate.concrete if base is not None and base.estimate is not None else None
         self.fed_inputs = feed_statistics(self.model, set(fed))
         self.opset = _opset(self.model)
         self.b = _Builder(self.opset)

@@ -101,11 +101,9 @@ class ProbeCopy:
     drawn: dict[str, np.ndarray] | None = None
     # the relaxed copy's shapes and types, inferred before its proof (None when the batch was not relaxed)
     relaxed_shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, int]] | None = None
-    # the relaxed copy's busiest node's bytes at the largest batch size (memory.check_probe, before its proof)
-    activations: int | None = None
-    # the memory check's shapes, inferred at the probe's input sizes where the file leaves dims open, and
-    # the batch size they were inferred at (set by the probe for the copy that runs)
-    concrete: memory.ProbeShapes | None = None
+    # the memory check of the copy that runs at the largest batch size (its busiest node's bytes, and the
+    # shapes inferred at the probe's input sizes): the relaxed copy's, before its proof, or set by the probe
+    estimate: memory.Estimate | None = None
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -462,11 +460,9 @@ def _relax(
         # the proof's sessions instead of adding to the probe's peak
         copy.relaxed_shapes = shapes, types = inferred_shapes(candidate)
         # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
-        found = memory.check_probe(
+        copy.estimate = memory.check_probe(
             candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
         )
-        copy.activations = found.busiest
-        copy.concrete = found.concrete
         if draw is None and settings.data is None:  # drawn on the other core while the session is built
             specs = [s.with_batch_dim(None) for s in inputs]
             size = max(fixed, *others)
@@ -501,7 +497,7 @@ def _relax(
         proof = prove(relaxed)
     if isinstance(proof, str):
         why = proof
-        copy.relaxed_shapes, copy.activations, copy.concrete = None, None, None
+        copy.relaxed_shapes, copy.estimate = None, None
         copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
         if fixed == 1:
             first, axis = next(iter(batched.items()))

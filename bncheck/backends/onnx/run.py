@@ -768,16 +768,14 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     # without normalization layers too: the model's outputs are still tested for batch dependence
     _check_inputs(view, settings)
     preflight(view, settings)
-    activations: int | None = None
-    concrete: memory.ProbeShapes | None = None
+    estimate: memory.Estimate | None = None  # the memory check of the file itself, where it runs as it is
 
     def check_file() -> None:
-        nonlocal activations, concrete
+        nonlocal estimate
         largest = largest_batch(view.inputs, settings.batch_sizes)
-        found = memory.check_probe(
+        estimate = memory.check_probe(
             handle.model, handle.value_shapes, handle.value_types, view.inputs, settings, largest
         )
-        activations, concrete = found.busiest, found.concrete
 
     # a fixed batch that prepare tries to relax is checked there, on the relaxed copy, at the file's size too
     relaxing = relaxes(view.inputs, settings.batch_sizes)
@@ -809,14 +807,12 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         restorers.clear()
 
     def prepared(folder: str, proof_by_probe: bool) -> ProbeCopy:
-        nonlocal activations
         copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
-        if copy.inputs != view.inputs:  # a fixed batch relaxed: runs every size now, checked before its proof
-            activations = copy.activations
-        else:
+        # a fixed batch relaxed runs every size now, its copy checked before its proof; else the file's own
+        if copy.inputs == view.inputs:
             if relaxing:  # not relaxed after all: the file's own size runs
                 check_file()
-            copy.concrete = concrete
+            copy.estimate = estimate
         if measures:  # a proof's session the engine will not take over: freed now
             copy.proof = None
         return copy
@@ -829,7 +825,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             copy=copy,
             tmp=tmp,
             providers=providers,
-            reorder=worth_reordering(activations, handle.size_bytes),
+            reorder=worth_reordering(copy.estimate.busiest if copy.estimate else None, handle.size_bytes),
             deferred=deferred,
         )
         engines.append(engine)
