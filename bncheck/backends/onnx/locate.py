@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bncheck.backends.onnx.graph import ONNX_DOMAINS
 from bncheck.backends.onnx.instrument import stub
 from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
 from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 
 #: domains of the dynamic quantizers (the standard op, and onnxruntime's fused kernels)
-_QUANT_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
+_QUANT_DOMAINS = frozenset({*ONNX_DOMAINS, "com.microsoft"})
 
 
 class _Unlocatable(Exception):
@@ -178,7 +179,9 @@ def locate_dependence(
                 change = tensor_change(np.asarray(a), np.asarray(b), row, size)
                 changes[name] = -1.0 if change is None else change
                 if change is not None and np.size(a) == 1:
-                    relative[name] = relative_change(float(np.ravel(b)[0]), float(np.ravel(a)[0]))
+                    fraction = relative_change(float(np.ravel(b)[0]), float(np.ravel(a)[0]))
+                    if math.isfinite(fraction):  # of a value that was 0 there is none: standard deviations stay
+                        relative[name] = fraction
             del first, second
         return any(changes[t] > COMPANION_TOLERANCE for t in live(cut))
 
