@@ -17,8 +17,14 @@ from bncheck.report import Report, merge_findings, sort_findings
 
 def inspect(path: str, *, select: Sequence[str] = (), ignore: Sequence[str] = (), fail_on: str = "error") -> Report:
     """Static analysis: load the model, walk its normalization layers, run every selected check's static part."""
+    return inspect_view(backend_for(path).load(path, weights=False), select=select, ignore=ignore, fail_on=fail_on)
+
+
+def inspect_view(
+    view: ModelView, *, select: Sequence[str] = (), ignore: Sequence[str] = (), fail_on: str = "error"
+) -> Report:
+    """`inspect` on a model already loaded."""
     checks = selected(select, ignore)
-    view = backend_for(path).load(path)
     return _report("inspect", view, [], checks, {"select": list(select), "ignore": list(ignore)}, fail_on)
 
 
@@ -40,7 +46,7 @@ def probe(
 
     ``arrays`` (the Python API) is in-memory data: one array or a mapping of input name to array."""
     backend = backend_for(path)
-    view = backend.load(path)
+    view = backend.load(path, weights=False)
     if arrays is not None:
         from bncheck.probe_data import data_from_arrays
 
@@ -91,7 +97,7 @@ def _report(
     settings["fail_on"] = fail_on
     return Report(
         command=command,
-        model=view.info,
+        model=view.final_info(),
         layers=list(view.layers),
         findings=sort_findings(findings, [layer.name for layer in view.layers]),
         notes=list(view.notes),

@@ -186,6 +186,16 @@ class ModelView:
     notes: list[Note] = field(default_factory=list)
     handle: Any = field(default=None, repr=False)
     batch_ops: list[BatchOp] = field(default_factory=list)
+    # waits for the file's sha256 where the backend computes it in the background (info.sha256 is "" until
+    # final_info): the report needs it, nothing before the report does
+    pending_sha256: Callable[[], str] | None = field(default=None, repr=False)
+
+    def final_info(self) -> ModelInfo:
+        """``info`` with the file's sha256 (waiting for it if it is still being computed)."""
+        if self.pending_sha256 is not None:
+            self.info = replace(self.info, sha256=self.pending_sha256())
+            self.pending_sha256 = None
+        return self.info
 
     def layer(self, name: str) -> NormLayer:
         for layer in self.layers:

@@ -29,8 +29,9 @@ class Backend(abc.ABC):
     format: str = ""
 
     @abc.abstractmethod
-    def load(self, path: str) -> ModelView:
-        """Read the file (no execution of model code) and walk its normalization layers."""
+    def load(self, path: str, *, weights: bool = True) -> ModelView:
+        """Read the file (no execution of model code) and walk its normalization layers. ``weights=False``:
+        large weights no check reads may stay in the file (inspect and probe; fix rewrites them)."""
 
     @abc.abstractmethod
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:

@@ -29,7 +29,7 @@ class KerasBackend(Backend):
 
     format = "keras"
 
-    def load(self, path: str) -> ModelView:
+    def load(self, path: str, *, weights: bool = True) -> ModelView:
         """Read the file statically; ``view.handle`` is the :class:`KerasFile` (config, unsafe list)."""
         static = read(path)
         try:

@@ -20,11 +20,11 @@ class OnnxBackend(Backend):
 
     format = "onnx"
 
-    def load(self, path: str) -> ModelView:
+    def load(self, path: str, *, weights: bool = True) -> ModelView:
         from bncheck.backends.onnx.load import load_onnx
         from bncheck.backends.onnx.walk import walk_all
 
-        handle = load_onnx(path)
+        handle = load_onnx(path, weights=weights)
         layers, walk_notes, batch_ops = walk_all(handle)
         assert handle.info is not None  # load_onnx always sets it
         return ModelView(
@@ -34,6 +34,7 @@ class OnnxBackend(Backend):
             notes=list(handle.notes) + walk_notes,
             handle=handle,
             batch_ops=batch_ops,
+            pending_sha256=handle.pending_sha256,
         )
 
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
@@ -142,7 +143,7 @@ def _compared_constant(graph: Any, name: str) -> float | None:
         if node.op_type == "Equal" and name in node.input:
             other = [i for i in node.input if i != name]
             tensor = constants.get(other[0]) if other else None
-            if tensor is not None:
+            if tensor is not None and tensor.data_location != tensor.EXTERNAL:  # a weight left in its file
                 try:
                     array = numpy_helper.to_array(tensor)
                 except ValueError:  # raw_data of the wrong length: not a usable constant

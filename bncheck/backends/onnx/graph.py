@@ -246,6 +246,8 @@ class GraphIndex:
     def _param(self, tensor: str) -> np.ndarray | None:
         init = self.initializers.get(tensor)
         if init is not None:
+            if init.data_location == init.EXTERNAL:  # left in its file (external data): unknown here, never read
+                return None
             try:
                 return self._numpy_helper.to_array(init)
             except Exception:

@@ -12,13 +12,14 @@ would exceed protobuf's 2 GB limit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import stat
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,9 @@ class OnnxHandle:
     # fix's measuring passes on this model (replay.PassLog), which a later repair of it with the same data
     # replays: `fix --data` repairs once as the probe's dry run, then for real (set by OnnxBackend.check_fix)
     fix_passes: Any = None
+    # waits for the file's sha256 while a thread computes it (``info.sha256`` is "" until then; see
+    # load_onnx's ``weights``); ModelView.final_info calls it
+    pending_sha256: Callable[[], str] | None = None
 
     def defer_model(self, placeholder: onnx.ModelProto, reload: Callable[[], onnx.ModelProto]) -> None:
         """Hold ``placeholder`` until ``model`` is next read, then replace it by ``reload()`` (called once;
@@ -225,6 +229,66 @@ def _non_utf8_name(model: onnx.ModelProto) -> bytes | None:
     return next((t for t in texts if isinstance(t, bytes)), None)
 
 
+#: files from this size on are loaded without their large weights where the caller allows it (smaller
+#: ones hold too few to pay for the scan)
+LEAVE_WEIGHTS_MIN_BYTES = 8 << 20
+#: element types of the weights a load without weights leaves in the file (floating point): integer tensors
+#: are shapes, indices and tables the walk and the probe copy read
+_WEIGHT_TYPES = frozenset({1, 10, 11, 16})
+
+
+def _parse_without_large_weights(path: str) -> tuple[onnx.ModelProto, set[str]] | None:
+    """The model with its floating-point initializers over VIEW_LOAD_BYTES left in the file
+    (protobuf.without_large_weights), normalization ops' parameters read whatever their size (as
+    _load_view_weights does for external data), and the names of those left; None when the file has none,
+    another layout, or anything _parse would report (then _parse reads it and says why)."""
+    import mmap
+
+    import onnx
+
+    from bncheck.backends.onnx.protobuf import without_large_weights
+
+    try:
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    data = memoryview(mapped)
+    try:
+        cut = without_large_weights(data, len(data), os.path.basename(path), VIEW_LOAD_BYTES)
+        if cut is None:
+            return None
+        rebuilt, offsets = cut
+        model = onnx.ModelProto()
+        model.ParseFromString(rebuilt)
+        del rebuilt
+        if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+            return None
+        if _non_utf8_name(model) is not None:
+            return None
+        norm_inputs = {name for node in model.graph.node if _NORM_OP.search(node.op_type) for name in node.input[1:]}
+        left: set[str] = set()
+        for tensor in model.graph.initializer:
+            if tensor.name not in offsets:
+                continue
+            offset, length = offsets[tensor.name]
+            if tensor.data_type not in _WEIGHT_TYPES or tensor.name in norm_inputs:
+                tensor.raw_data = bytes(data[offset : offset + length])
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+            elif _nbytes(tensor) != length:
+                return None  # raw_data of the wrong length: _parse keeps it, and onnxruntime says so
+            else:
+                left.add(tensor.name)
+        return (model, left) if left else None
+    except Exception:  # protobuf's errors, a string that is not UTF-8: _parse reports them
+        return None
+    finally:
+        with contextlib.suppress(BufferError):  # a slice still held: the mapping goes with the last reference
+            data.release()
+            mapped.close()
+
+
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every tensor (initializers and attribute tensors, subgraphs included) stored outside the file."""
     import onnx
@@ -248,12 +312,13 @@ def input_files(path: str) -> list[str]:
     return [path, *(os.path.join(base, location) for location in locations if "\x00" not in location)]
 
 
-def _validate_external(path: str, model: onnx.ModelProto) -> tuple[bool, int]:
-    """Refuse unsafe or missing external-data locations before any weight byte is read.
+def _validate_external(path: str, model: onnx.ModelProto, in_file: Collection[str] = ()) -> tuple[bool, int]:
+    """Refuse unsafe or missing external-data locations before any weight byte is read; ``in_file``: the
+    initializers the loader itself left in the model file (_parse_without_large_weights).
 
     Returns (uses external data, total bytes of the distinct external files).
     """
-    tensors = _external_tensors(model)
+    tensors = [t for t in _external_tensors(model) if t.name not in in_file]
     if not tensors:
         return False, 0
     base = os.path.dirname(os.path.abspath(path))
@@ -345,11 +410,27 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
     return _warning_notes(caught)
 
 
+def _sha256_or_fail(path: str) -> str:
+    try:
+        return _sha256(path)
+    except OSError as exc:  # the file went away or changed type since it was parsed
+        raise _fail(path, f"cannot be read ({exc.strerror or exc})") from exc
+
+
 def _sha256(path: str) -> str:
+    """The file's sha256 in one ``update`` over its mapping: hashlib releases the GIL for the whole call,
+    where a loop of reads would wait for the GIL between chunks while another thread holds it."""
+    import mmap
+
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # no mmap here (or an empty file): read it
+            digest.update(fh.read())
+            return digest.hexdigest()
+    with mapped, memoryview(mapped) as data:
+        digest.update(data)
     return digest.hexdigest()
 
 
@@ -686,33 +767,48 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def model_info(path: str, model: onnx.ModelProto, sha256: str | None = None) -> ModelInfo:
-    """The report's model section: path as the user gave it, sha256 (streamed unless given), opsets,
-    producer."""
+    """The report's model section: path as the user gave it, sha256 (streamed when None; "" while a thread
+    computes it), opsets, producer."""
     opset = {(op.domain or "ai.onnx"): int(op.version) for op in model.opset_import}
     producer = " ".join(x for x in (model.producer_name, model.producer_version) if x) or None
     return ModelInfo(
         path=path,
         format="onnx",
-        sha256=sha256 or _sha256(path),
+        sha256=_sha256(path) if sha256 is None else sha256,
         opset=opset,
         producer=producer,
         ir_version=int(model.ir_version),
     )
 
 
-def load_onnx(path: str) -> OnnxHandle:
-    """Load ``path`` with its weights, validating external data first; BackendError on any user error."""
+def load_onnx(path: str, weights: bool = True) -> OnnxHandle:
+    """Load ``path`` with its weights, validating external data first; BackendError on any user error.
+
+    ``weights=False``: the weights over VIEW_LOAD_BYTES stored in the file itself stay there (the model
+    names the file as their external data, as for a file with external data), and the file's sha256 is
+    computed in a thread (``pending_sha256``)."""
     try:
-        return _load_onnx(path)
+        return _load_onnx(path, weights)
     except UnicodeDecodeError as exc:  # a string field protobuf cannot decode (graph name, doc string, ...)
         raise _fail(path, f"not a valid ONNX model: text that is not UTF-8 ({_first_line(exc)})") from exc
 
 
-def _load_onnx(path: str) -> OnnxHandle:
+def _load_onnx(path: str, weights: bool) -> OnnxHandle:
     size = _check_file(path)
-    digest = hashlib.sha256()
-    model = _parse(path, digest)
-    external, external_size = _validate_external(path, model)
+    pending: Callable[[], str] | None = None
+    in_file: set[str] = set()
+    if weights or size < LEAVE_WEIGHTS_MIN_BYTES:
+        digest = hashlib.sha256()
+        model = _parse(path, digest)
+        sha256 = digest.hexdigest()
+    else:
+        from bncheck.probe_plan import in_background
+
+        # bytes protobuf does not read are hashed in a thread that the report waits for (final_info)
+        pending, sha256 = in_background(lambda: _sha256_or_fail(path)), ""
+        left = _parse_without_large_weights(path)
+        model, in_file = left if left is not None else (_parse(path), set())
+    external, external_size = _validate_external(path, model, in_file)
     total = size + external_size
     large = total > PROTOBUF_LIMIT
     weight_notes = _unknown_key_notes(model) + _load_view_weights(path, model) if external else []
@@ -726,6 +822,7 @@ def _load_onnx(path: str) -> OnnxHandle:
         value_shapes=shapes,
         value_types=types,
         size_bytes=total,
-        info=model_info(path, model, digest.hexdigest()),
+        info=model_info(path, model, sha256),
         notes=notes,
+        pending_sha256=pending,
     )
