@@ -88,7 +88,7 @@ from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.base import ProbeSettings
 from bncheck.probe_data import load_data
 backend = OnnxBackend()
-view = backend.load(sys.argv[1])
+view = backend.load(sys.argv[1], weights=False)  # as `bncheck probe` loads it
 rss_load = status("VmHWM")
 data = load_data(sys.argv[2], view.inputs) if len(sys.argv) > 2 else None
 source = sys.argv[2] if data is not None else None
@@ -97,6 +97,7 @@ if data is None:
     assert len(result.dependence) + len(result.not_needed) == len(view.layers), (len(result.dependence), len(view.layers))
 else:
     assert result.data_samples == len(data["input"]) and len(result.data) == len(view.layers), result.data_samples
+view.final_info()  # what the report waits for: the file's sha256
 print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM"), "rss_after_load_mb": rss_load}))
 """
 )
