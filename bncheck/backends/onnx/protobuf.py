@@ -131,9 +131,9 @@ def without_large_weights(
     {initializer name: (offset, length)}, or None when nothing is that large or the layout is not the plain
     one (several graph fields, duplicate names, an initializer already external).
 
-    Why: parsing a ResNet-50 copies its 100 MB of weights into this process (75 ms, and the memory), which
-    neither the walk nor the probe reads; onnxruntime reads them from the file, as it does external data.
-    Only fields are cut and re-framed, never decoded; the rest is copied once, byte for byte.
+    Why by hand: protobuf's Python API parses every field, and would copy weights in that neither the walk nor
+    the probe reads (docs/architecture.md). Fields are cut and re-framed, never decoded; the rest is copied
+    byte for byte.
     """
     try:
         top = list(_spans(buf, 0, size))
