@@ -209,3 +209,14 @@ def test_large_integer_tensors_stay_in_memory(tmp_path: Path):
     path.write_bytes(_serialized(table))
     parsed = onnx_load._parse_without_large_weights(str(path))
     assert parsed is None  # nothing left in the file: the caller reads it whole
+
+
+def test_weight_left_in_the_file_is_unknown_to_the_walk_wherever_bncheck_runs(
+    large: str, monkeypatch: pytest.MonkeyPatch
+):
+    from bncheck.backends.onnx.graph import GraphIndex
+
+    monkeypatch.chdir(os.path.dirname(large))  # where onnx's to_array would find the file by its bare name
+    g = GraphIndex(load_onnx(large, weights=False))
+    assert g.param("w2") is None  # left in the file: never read here, as a computed tensor is not
+    assert g.param("s2") is not None and g.param("s2").size == WIDE  # a norm parameter, read at load
