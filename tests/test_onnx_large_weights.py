@@ -115,6 +115,7 @@ def test_report_sha256_is_the_files_once_hashed_in_the_background(large: str):
     view = OnnxBackend().load(large, weights=False)
     assert view.info.sha256 == "" and view.pending_sha256 is not None  # still hashing, or not yet asked
     assert view.final_info().sha256 == expected and view.pending_sha256 is None
+    assert view.handle.info.sha256 == expected  # the backend's own record is completed too
     assert bncheck.inspect(large).model.sha256 == expected
 
 
@@ -166,7 +167,7 @@ def test_without_large_weights_cuts_only_large_raw_data():
     big.doc_string = "kept too"
     small = numpy_helper.from_array(np.arange(10, dtype=np.float32), "small")
     data = _serialized(small, big)
-    cut = without_large_weights(data, len(data), "m.onnx", 1 << 20)
+    cut = without_large_weights(data, len(data), "m.onnx", 1 << 20, {TensorProto.FLOAT})
     assert cut is not None
     rebuilt, offsets = cut
     model = onnx.ModelProto()
@@ -191,16 +192,16 @@ def test_without_large_weights_cuts_only_large_raw_data():
 def test_without_large_weights_declines_other_layouts():
     big = numpy_helper.from_array(np.zeros(300_000, np.float32), "big")
     nothing_large = _serialized(numpy_helper.from_array(np.zeros(10, np.float32), "small"))
-    assert without_large_weights(nothing_large, len(nothing_large), "m.onnx", 1 << 20) is None
+    assert without_large_weights(nothing_large, len(nothing_large), "m.onnx", 1 << 20, {TensorProto.FLOAT}) is None
     twice = _serialized(big, big)
-    assert without_large_weights(twice, len(twice), "m.onnx", 1 << 20) is None
+    assert without_large_weights(twice, len(twice), "m.onnx", 1 << 20, {TensorProto.FLOAT}) is None
     external = TensorProto()
     external.CopyFrom(big)
     external.data_location = TensorProto.EXTERNAL
     entry = external.external_data.add()
     entry.key, entry.value = "location", "w.bin"
     data = _serialized(external)
-    assert without_large_weights(data, len(data), "m.onnx", 1 << 20) is None
+    assert without_large_weights(data, len(data), "m.onnx", 1 << 20, {TensorProto.FLOAT}) is None
 
 
 def test_large_integer_tensors_stay_in_memory(tmp_path: Path):

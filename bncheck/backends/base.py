@@ -17,6 +17,24 @@ if TYPE_CHECKING:
     from bncheck.fix_result import FixOutcome, FixRequest
 
 
+def sha256_of(path: str) -> str:
+    """The file's sha256 in one ``update`` over its mapping: hashlib releases the GIL for the whole call,
+    where a loop of reads would wait for the GIL between chunks while another thread holds it."""
+    import hashlib
+    import mmap
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # no mmap here (or an empty file): read it
+            digest.update(fh.read())
+            return digest.hexdigest()
+    with mapped, memoryview(mapped) as data:
+        digest.update(data)
+    return digest.hexdigest()
+
+
 class BackendError(BncheckError):
     """The model cannot be loaded or run. The message is one line, for the user."""
 

@@ -8,20 +8,10 @@ loads with ``safe_mode=True`` only, and runs the shared probe plan through bnche
 
 from __future__ import annotations
 
-import hashlib
-
-from bncheck.backends.base import Backend, BackendError, ProbeSettings
+from bncheck.backends.base import Backend, BackendError, ProbeSettings, sha256_of
 from bncheck.backends.keras.archive import KerasFile, read
 from bncheck.fix_result import FixOutcome, FixRequest
 from bncheck.model import ModelInfo, ModelView, ProbeResult
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class KerasBackend(Backend):

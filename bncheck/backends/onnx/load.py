@@ -20,10 +20,10 @@ import stat
 import threading
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from bncheck.backends.base import BackendError
+from bncheck.backends.base import BackendError, sha256_of
 from bncheck.backends.onnx.graph import topological_order
 from bncheck.errors import few
 from bncheck.model import Dim, ModelInfo, Note
@@ -65,8 +65,8 @@ class OnnxHandle:
     # fix's measuring passes on this model (replay.PassLog), which a later repair of it with the same data
     # replays: `fix --data` repairs once as the probe's dry run, then for real (set by OnnxBackend.check_fix)
     fix_passes: Any = None
-    # waits for the file's sha256 while a thread computes it (``info.sha256`` is "" until then; see
-    # load_onnx's ``weights``); ModelView.final_info calls it
+    # waits for the file's sha256 while a thread computes it and completes ``info`` with it (``info.sha256``
+    # is "" until then; see load_onnx's ``weights``); ModelView.final_info calls it
     pending_sha256: Callable[[], str] | None = None
 
     def defer_model(self, placeholder: onnx.ModelProto, reload: Callable[[], onnx.ModelProto]) -> None:
@@ -159,10 +159,25 @@ def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
     a thread while protobuf parses (hashlib releases the GIL on large buffers), which on a 100 MB model saves
     a second read and the hashing time.
     """
-    import mmap
+    mapped, data = _mapped(path)
+    head = bytes(data[:_TEXT_PROBE])
+    hasher = None
+    if digest is not None:
+        hasher = threading.Thread(target=digest.update, args=(data,), daemon=True)
+        hasher.start()
+    try:
+        return _decoded(path, data, head)
+    finally:
+        if hasher is not None:
+            hasher.join()  # never leave a thread reading a buffer we are about to drop
+        data.release()
+        if mapped is not None:
+            mapped.close()
 
-    import onnx
-    from google.protobuf.message import DecodeError
+
+def _mapped(path: str) -> tuple[Any, memoryview]:
+    """The file's bytes: its mapping (and the mmap to close), or where it cannot be mapped its content."""
+    import mmap
 
     try:
         with open(path, "rb") as fh:
@@ -170,14 +185,17 @@ def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
                 mapped: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError):  # a file system without mmap: read it
                 mapped = None
-            data = memoryview(mapped) if mapped is not None else memoryview(fh.read())
+            return mapped, memoryview(mapped) if mapped is not None else memoryview(fh.read())
     except OSError as exc:
         raise _fail(path, f"cannot be read ({exc.strerror or exc})") from exc
-    head = bytes(data[:_TEXT_PROBE])
-    hasher = None
-    if digest is not None:
-        hasher = threading.Thread(target=digest.update, args=(data,), daemon=True)
-        hasher.start()
+
+
+def _decoded(path: str, data: Any, head: bytes) -> onnx.ModelProto:
+    """``data`` parsed as the ModelProto of ``path`` (``head``: the file's first bytes, which tell a text file
+    given by mistake); one-line errors for everything that is not a model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     try:
         # what onnx.load(path, load_external_data=False) does (protobuf copies what it keeps)
         model = onnx.ModelProto()
@@ -187,12 +205,6 @@ def _parse(path: str, digest: hashlib._Hash | None = None) -> onnx.ModelProto:
         if text_reason:
             raise _fail(path, text_reason) from exc
         raise _fail(path, f"not a valid ONNX protobuf (truncated or corrupt): {_first_line(exc)}") from exc
-    finally:
-        if hasher is not None:
-            hasher.join()  # never leave a thread reading a buffer we are about to drop
-        data.release()
-        if mapped is not None:
-            mapped.close()
     # protobuf parses many byte strings without complaint: an ONNX model has an IR version and a graph.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         text_reason = _looks_like_text(head)
@@ -239,54 +251,36 @@ _WEIGHT_TYPES = frozenset({1, 10, 11, 16})
 
 def _parse_without_large_weights(path: str) -> tuple[onnx.ModelProto, set[str]] | None:
     """The model with its floating-point initializers over VIEW_LOAD_BYTES left in the file
-    (protobuf.without_large_weights), normalization ops' parameters read whatever their size (as
-    _load_view_weights does for external data), and the names of those left; None when the file has none,
-    another layout, or anything _parse would report (then _parse reads it and says why)."""
-    import mmap
-
-    import onnx
-
+    (protobuf.without_large_weights) but for normalization ops' parameters (read as _load_view_weights reads
+    them from external data), and the names of those left; None when the file has none, or another layout,
+    or anything _parse would refuse (then _parse reads the file whole and says why)."""
     from bncheck.backends.onnx.protobuf import without_large_weights
 
     try:
-        with open(path, "rb") as fh:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
+        mapped, data = _mapped(path)
+    except BackendError:
         return None
-    data = memoryview(mapped)
     try:
-        cut = without_large_weights(data, len(data), os.path.basename(path), VIEW_LOAD_BYTES)
-        if cut is None:
-            return None
-        rebuilt, offsets = cut
-        model = onnx.ModelProto()
-        model.ParseFromString(rebuilt)
-        del rebuilt
-        if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
-            return None
-        if _non_utf8_name(model) is not None:
-            return None
-        norm_inputs = {name for node in model.graph.node if _NORM_OP.search(node.op_type) for name in node.input[1:]}
-        left: set[str] = set()
-        for tensor in model.graph.initializer:
-            if tensor.name not in offsets:
-                continue
-            offset, length = offsets[tensor.name]
-            if tensor.data_type not in _WEIGHT_TYPES or tensor.name in norm_inputs:
-                tensor.raw_data = bytes(data[offset : offset + length])
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                del tensor.external_data[:]
-            elif _nbytes(tensor) != length:
-                return None  # raw_data of the wrong length: _parse keeps it, and onnxruntime says so
-            else:
-                left.add(tensor.name)
-        return (model, left) if left else None
-    except Exception:  # protobuf's errors, a string that is not UTF-8: _parse reports them
-        return None
+        cut = without_large_weights(data, len(data), os.path.basename(path), VIEW_LOAD_BYTES, _WEIGHT_TYPES)
+        head = bytes(data[:_TEXT_PROBE])
     finally:
         with contextlib.suppress(BufferError):  # a slice still held: the mapping goes with the last reference
             data.release()
-            mapped.close()
+            if mapped is not None:
+                mapped.close()
+    if cut is None:
+        return None
+    rebuilt, offsets = cut
+    try:
+        model = _decoded(path, rebuilt, head)
+    except BackendError:
+        return None
+    del rebuilt
+    left = [t for t in model.graph.initializer if t.name in offsets]
+    if any(_nbytes(t) != offsets[t.name][1] for t in left):
+        return None  # raw_data of the wrong length: _parse keeps it, and onnxruntime says so
+    _load_view_weights(path, model)  # the norm parameters among them
+    return model, {t.name for t in left if t.data_location == t.EXTERNAL}
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -412,26 +406,9 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
 
 def _sha256_or_fail(path: str) -> str:
     try:
-        return _sha256(path)
+        return sha256_of(path)
     except OSError as exc:  # the file went away or changed type since it was parsed
         raise _fail(path, f"cannot be read ({exc.strerror or exc})") from exc
-
-
-def _sha256(path: str) -> str:
-    """The file's sha256 in one ``update`` over its mapping: hashlib releases the GIL for the whole call,
-    where a loop of reads would wait for the GIL between chunks while another thread holds it."""
-    import mmap
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        try:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # no mmap here (or an empty file): read it
-            digest.update(fh.read())
-            return digest.hexdigest()
-    with mapped, memoryview(mapped) as data:
-        digest.update(data)
-    return digest.hexdigest()
 
 
 _GENERATED_DIM = re.compile(r"unk__\d+")
@@ -774,7 +751,7 @@ def model_info(path: str, model: onnx.ModelProto, sha256: str | None = None) -> 
     return ModelInfo(
         path=path,
         format="onnx",
-        sha256=_sha256(path) if sha256 is None else sha256,
+        sha256=_sha256_or_fail(path) if sha256 is None else sha256,
         opset=opset,
         producer=producer,
         ir_version=int(model.ir_version),
@@ -806,8 +783,7 @@ def _load_onnx(path: str, weights: bool) -> OnnxHandle:
 
         # bytes protobuf does not read are hashed in a thread that the report waits for (final_info)
         pending, sha256 = in_background(lambda: _sha256_or_fail(path)), ""
-        left = _parse_without_large_weights(path)
-        model, in_file = left if left is not None else (_parse(path), set())
+        model, in_file = _parse_without_large_weights(path) or (_parse(path), set())
     external, external_size = _validate_external(path, model, in_file)
     total = size + external_size
     large = total > PROTOBUF_LIMIT
@@ -815,7 +791,7 @@ def _load_onnx(path: str, weights: bool) -> OnnxHandle:
     inferred, notes = _check_and_infer(path, model, large)
     notes = weight_notes + notes
     shapes, types = _collect_shapes(inferred, model)
-    return OnnxHandle(
+    handle = OnnxHandle(
         path=os.path.abspath(path),
         model=model,
         external_data=external,
@@ -824,5 +800,19 @@ def _load_onnx(path: str, weights: bool) -> OnnxHandle:
         size_bytes=total,
         info=model_info(path, model, sha256),
         notes=notes,
-        pending_sha256=pending,
     )
+    if pending is not None:
+        handle.pending_sha256 = _completing(handle, pending)
+    return handle
+
+
+def _completing(handle: OnnxHandle, hashing: Callable[[], str]) -> Callable[[], str]:
+    """``hashing`` (waits for the file's sha256), which also completes ``handle.info`` with it."""
+
+    def done() -> str:
+        sha256 = hashing()
+        assert handle.info is not None  # load_onnx sets it
+        handle.info = replace(handle.info, sha256=sha256)
+        return sha256
+
+    return done

@@ -8,7 +8,7 @@ large weights (:func:`without_large_weights`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -123,10 +123,10 @@ _OTHER_DATA_FIELDS = frozenset({3, 4, 5, 6, 7, 10, 11})
 
 
 def without_large_weights(
-    buf: Any, size: int, location: str, threshold: int
+    buf: Any, size: int, location: str, threshold: int, types: Collection[int]
 ) -> tuple[bytearray, dict[str, tuple[int, int]]] | None:
-    """The serialized model in buf[:size] with the raw_data of each top-level initializer larger than
-    ``threshold`` bytes left in the file: the initializer instead names ``location`` (the model file itself)
+    """The serialized model in buf[:size] with the raw_data of each top-level initializer of an element type
+    in ``types`` larger than ``threshold`` bytes left in the file: the initializer instead names ``location`` (the model file itself)
     as its external data, with the bytes' offset and length there. Returns the new serialization and
     {initializer name: (offset, length)}, or None when nothing is that large or the layout is not the plain
     one (several graph fields, duplicate names, an initializer already external).
@@ -156,7 +156,9 @@ def without_large_weights(
             if any(n in (13, 14) for n, *_ in tensor):
                 return None  # external data: the loader validates it first (load._validate_external)
             raws = [(fa, fb) for n, w, _, fa, fb in tensor if n == 9 and w == 2]
-            if not raws or raws[-1][1] - raws[-1][0] <= threshold or any(n in _OTHER_DATA_FIELDS for n, *_ in tensor):
+            dtype = next((_varint(buf, fa)[0] for n, w, _, fa, _ in tensor if n == 2 and w == 0), 0)
+            small = not raws or raws[-1][1] - raws[-1][0] <= threshold
+            if small or dtype not in types or any(n in _OTHER_DATA_FIELDS for n, *_ in tensor):
                 pieces.append((begin, b))
                 continue
             offset, end = raws[-1]  # the last occurrence wins, as in protobuf
