@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -180,17 +180,48 @@ def _skip_final_collection() -> None:
     atexit.register(gc.freeze)
 
 
+#: console()'s click context object: the process is bncheck's own, whose garbage collector it may tune
+_OWN_PROCESS = object()
+
+
+def _imports_frozen(models: Sequence[str], command: str) -> None:
+    """Import what ``command`` will import for these model files while the cyclic garbage collector is still
+    off (console() turns it off), then freeze every object so far (gc.freeze) and turn it on: modules live to
+    the end of the process, and the collector would otherwise scan each of their objects as it ages
+    (docs/architecture.md has the numbers). Only in bncheck's own process; a missing framework is left for
+    the command to report in its own words."""
+    import gc
+    import os
+
+    context = click.get_current_context(silent=True)
+    if context is None or context.find_root().obj is not _OWN_PROCESS:
+        return
+    from bncheck.backends import backend_for
+
+    formats = {backend.format: backend for backend in map(backend_for, filter(os.path.isfile, models))}
+    gc.disable()
+    try:
+        for backend in formats.values():
+            with contextlib.suppress(ImportError):
+                backend.import_modules(command)
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def console() -> NoReturn:
     """The console script and ``python -m bncheck``: :data:`main`, then :func:`_end_process`; SIGTERM
     unwinds it first (bncheck.termination)."""
+    import gc
     import signal
 
     from bncheck.termination import Terminated, die_of_sigterm, unwind_on_sigterm
 
+    gc.disable()  # until the command's imports are in (_imports_frozen); commands without models end first
     unwind_on_sigterm()
     code: Any = 0
     try:
-        main()
+        main(obj=_OWN_PROCESS)
     except SystemExit as done:
         code = done.code
     except Terminated:
@@ -425,6 +456,7 @@ def _run_models(
             refuse_overwrite(write_baseline, "--write-baseline", [("model", m) for m in models] + (inputs or []))
     except Exception as error:
         _fail(error, debug, fmt=fmt, command=command, model=models[0] if len(models) == 1 else None)
+    _imports_frozen(models, command)
     if len(models) == 1 and not os.path.isdir(models[0]):
         from bncheck.jobs import check_model
 
@@ -636,6 +668,7 @@ def fix(
         )
 
     inputs = [("--data file", data), ("fixed model", fixed)]
+    _imports_frozen([model], "fix")
     _finish(run, fmt, report_path, debug, command="fix", model=model, inputs=inputs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -223,6 +224,51 @@ def test_console_entry_leaves_no_temporary_folder(tmp_path):
     folders = made.read_text().split()
     assert folders and all(os.path.dirname(f) == str(private) for f in folders)
     assert not any(os.path.exists(f) for f in folders)
+
+
+#: records, for every collection the process runs, the objects frozen then and which frameworks were imported;
+#: at exit, that list, the frameworks imported by then and the objects frozen (the CLI freezes all at exit)
+_COLLECTIONS = (
+    "import atexit, gc\n"
+    "seen = []\n"
+    "imported = lambda: tuple(m in sys.modules for m in ('onnx', 'onnxruntime', 'keras'))\n"
+    "gc.callbacks.append(lambda phase, info: phase == 'start' and seen.append((gc.get_freeze_count(), *imported())))\n"
+    "atexit.register(lambda: open({out!r}, 'w').write(repr((seen, imported(), gc.get_freeze_count()))))\n"
+)
+
+
+def _collections(tmp_path, argv: list[str], code: int) -> tuple[list[tuple[int, ...]], tuple[bool, ...], int]:
+    out = tmp_path / "collections.txt"
+    proc = _console(_COLLECTIONS.format(out=str(out)), argv)
+    assert proc.returncode == code, proc.stderr
+    return ast.literal_eval(out.read_text())
+
+
+def frozen_before_collecting(seen: list[tuple[int, ...]], framework: int, total: int) -> float:
+    """The share of the process's objects frozen when the collector first ran with ``framework`` (1: onnx,
+    2: onnxruntime, 3: keras) imported: the framework's own objects and the imports before it count only where
+    the collector stayed off through them."""
+    after = [s for s in seen if s[framework]]
+    assert after, "the collector never ran again once the framework was in"
+    return after[0][0] / total
+
+
+def test_console_probe_freezes_onnx_and_onnxruntime_before_the_collector_runs(tmp_path, clean):
+    seen, (_, runtime, _), total = _collections(tmp_path, ["probe", "--format", "json", clean], 0)
+    assert runtime
+    assert not any(onnx and not runtime for _, onnx, runtime, _ in seen), "onnxruntime came in after a collection"
+    assert frozen_before_collecting(seen, 1, total) > 0.8
+
+
+def test_console_inspect_freezes_onnx_without_importing_the_runtime(tmp_path, clean):
+    seen, (onnx, runtime, _), total = _collections(tmp_path, ["inspect", "--format", "json", clean], 0)
+    assert onnx and not runtime
+    assert frozen_before_collecting(seen, 1, total) > 0.8
+
+
+def test_console_probe_of_a_missing_file_imports_no_framework_before_its_error(tmp_path):
+    _, (onnx, runtime, _), _ = _collections(tmp_path, ["probe", str(tmp_path / "missing.onnx")], 2)
+    assert not onnx and not runtime
 
 
 def test_python_dash_m_runs_the_cli(clean):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "numpy")  # before keras is imported; the
 import keras
 
 from bncheck.cli import main
+from tests.test_cli import _collections, frozen_before_collecting
 
 
 def _lambda_model(tmp_path) -> tuple[str, str]:
@@ -65,3 +67,16 @@ def test_broken_keras_files_are_exit_2_one_line(tmp_path, kind):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and path.name in lines[0] and "Traceback" not in result.stderr
+
+
+SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_models" / "keras_epsilon_1e-8.keras")
+
+
+def test_console_probe_of_a_keras_file_freezes_keras_before_the_collector_runs(tmp_path):
+    seen, _, total = _collections(tmp_path, ["probe", "--format", "json", SAMPLE], 0)
+    assert frozen_before_collecting(seen, 3, total) > 0.8
+
+
+def test_console_inspect_of_a_keras_file_does_not_import_keras(tmp_path):
+    _, (_, _, keras_imported), _ = _collections(tmp_path, ["inspect", "--format", "json", SAMPLE], 0)
+    assert not keras_imported

@@ -66,3 +66,9 @@ class Backend(abc.ABC):
     def input_files(self, path: str) -> list[str]:
         """Every file that loading ``path`` reads: the model, plus any data files it names (ONNX)."""
         return [path]
+
+    def import_modules(self, command: str) -> None:
+        """Import the modules ``command`` (inspect, probe, fix) imports lazily on this backend, where the
+        command line asks first (cli._imports_frozen). Raises ImportError for a missing framework, as the
+        command would; none by default."""
+        return None

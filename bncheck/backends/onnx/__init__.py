@@ -70,6 +70,20 @@ class OnnxBackend(Backend):
 
         return input_files(path)
 
+    def import_modules(self, command: str) -> None:
+        import onnx  # noqa: F401
+
+        from bncheck import engine  # noqa: F401
+        from bncheck.backends.onnx import walk  # noqa: F401
+
+        if command != "inspect":
+            import onnxruntime  # noqa: F401
+
+            from bncheck.backends.onnx import run  # noqa: F401
+        if command == "fix":
+            from bncheck import fixing  # noqa: F401
+            from bncheck.backends.onnx import fix  # noqa: F401
+
 
 def graph_inputs(handle) -> list[InputSpec]:
     """The graph inputs the probe feeds per sample: declared inputs that are neither initializers nor
