@@ -59,7 +59,7 @@ class KerasBackend(Backend):
         return fix_keras(view, self._static(view), request)
 
     def import_modules(self, command: str) -> None:
-        import h5py  # noqa: F401
+        from bncheck import engine  # noqa: F401
 
         if command != "inspect":
             from bncheck.backends.keras.probe import import_keras
