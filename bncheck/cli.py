@@ -188,8 +188,8 @@ def _imports_frozen(models: Sequence[str], command: str) -> None:
     """Import what ``command`` will import for these model files while the cyclic garbage collector is still
     off (console() turns it off), then freeze every object so far (gc.freeze) and turn it on: modules live to
     the end of the process, and the collector would otherwise scan each of their objects as it ages
-    (docs/architecture.md has the numbers). Only in bncheck's own process; a missing framework is left for
-    the command to report in its own words."""
+    (docs/architecture.md has the numbers). Only in bncheck's own process; a framework that fails to import
+    is left for the command to report in its own words."""
     import gc
     import os
 
@@ -202,7 +202,7 @@ def _imports_frozen(models: Sequence[str], command: str) -> None:
     gc.disable()
     try:
         for backend in formats.values():
-            with contextlib.suppress(ImportError):
+            with contextlib.suppress(Exception):  # the command meets it again, where its errors are handled
                 backend.import_modules(command)
     finally:
         gc.freeze()

@@ -16,7 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "numpy")  # before keras is imported; the
 import keras
 
 from bncheck.cli import main
-from tests.test_cli import _collections, frozen_before_collecting
+from tests.test_cli import _collections, _console, frozen_before_collecting
 
 
 def _lambda_model(tmp_path) -> tuple[str, str]:
@@ -80,3 +80,10 @@ def test_console_probe_of_a_keras_file_freezes_keras_before_the_collector_runs(t
 def test_console_inspect_of_a_keras_file_does_not_import_keras(tmp_path):
     _, (_, _, keras_imported), _ = _collections(tmp_path, ["inspect", "--format", "json", SAMPLE], 0)
     assert not keras_imported
+
+
+def test_console_probe_with_a_keras_that_cannot_start_is_one_line_exit_2():
+    # keras raises ValueError (not ImportError) for an unknown backend: the command's own error, no traceback
+    proc = _console("", ["probe", SAMPLE], KERAS_BACKEND="no-such-backend")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("bncheck: ") and "no-such-backend" in proc.stderr

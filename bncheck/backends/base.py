@@ -69,6 +69,6 @@ class Backend(abc.ABC):
 
     def import_modules(self, command: str) -> None:
         """Import the modules ``command`` (inspect, probe, fix) imports lazily on this backend, where the
-        command line asks first (cli._imports_frozen). Raises ImportError for a missing framework, as the
-        command would; none by default."""
+        command line asks first (cli._imports_frozen); raises whatever importing them raises. None by
+        default."""
         return None

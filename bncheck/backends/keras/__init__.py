@@ -8,8 +8,6 @@ loads with ``safe_mode=True`` only, and runs the shared probe plan through bnche
 
 from __future__ import annotations
 
-import contextlib
-
 from bncheck.backends.base import Backend, BackendError, ProbeSettings, sha256_of
 from bncheck.backends.keras.archive import KerasFile, read
 from bncheck.fix_result import FixOutcome, FixRequest
@@ -64,8 +62,7 @@ class KerasBackend(Backend):
         if command != "inspect":
             from bncheck.backends.keras.probe import import_keras
 
-            with contextlib.suppress(BackendError):  # no keras, or too old: the command says so, naming the file
-                import_keras("")
+            import_keras("")
 
     @staticmethod
     def _static(view: ModelView) -> KerasFile:
