@@ -456,7 +456,7 @@ def _run_models(
             refuse_overwrite(write_baseline, "--write-baseline", [("model", m) for m in models] + (inputs or []))
     except Exception as error:
         _fail(error, debug, fmt=fmt, command=command, model=models[0] if len(models) == 1 else None)
-    _imports_frozen(models, command)
+    _imports_frozen(models if jobs <= 1 or len(models) == 1 else [], command)  # with -j the workers import
     if len(models) == 1 and not os.path.isdir(models[0]):
         from bncheck.jobs import check_model
 
