@@ -271,9 +271,7 @@ def test_console_probe_of_a_missing_file_imports_no_framework_before_its_error(t
     assert not onnx and not runtime
 
 
-def test_console_probe_of_several_models_in_worker_processes_imports_no_framework_in_the_parent(
-    tmp_path, clean, stale
-):
+def test_console_probe_with_worker_processes_imports_no_framework_in_the_parent(tmp_path, clean, stale):
     _, imported, _ = _collections(tmp_path, ["probe", "--format", "json", "-j", "2", clean, stale], 1)
     assert not any(imported)
 
