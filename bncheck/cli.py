@@ -191,19 +191,15 @@ def _imports_frozen(models: Sequence[str], command: str) -> None:
     (docs/architecture.md has the numbers). Only in bncheck's own process; a framework that fails to import
     is left for the command to report in its own words."""
     import gc
-    import os
 
     context = click.get_current_context(silent=True)
     if context is None or context.find_root().obj is not _OWN_PROCESS:
         return
-    from bncheck.backends import backend_for
+    from bncheck.backends import import_for
 
-    formats = {backend.format: backend for backend in map(backend_for, filter(os.path.isfile, models))}
     gc.disable()
     try:
-        for backend in formats.values():
-            with contextlib.suppress(Exception):  # the command meets it again, where its errors are handled
-                backend.import_modules(command)
+        import_for(models, command)
     finally:
         gc.freeze()
         gc.enable()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable
 
 from bncheck.backends.base import Backend, BackendError, ProbeSettings
 
-__all__ = ["Backend", "BackendError", "ProbeSettings", "backend_for"]
+__all__ = ["Backend", "BackendError", "ProbeSettings", "backend_for", "import_for"]
 
 _KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -21,3 +23,17 @@ def backend_for(path: str) -> Backend:
     from bncheck.backends.onnx import OnnxBackend
 
     return OnnxBackend()
+
+
+def import_for(paths: Iterable[str], command: str) -> None:
+    """Import up front what ``command`` (inspect, probe, fix) imports on its way for these model files: the
+    pipeline, and each of their backends' modules (Backend.import_modules). A framework that fails to import
+    is left for the command to meet again, where its errors are reported."""
+    backends = {backend.format: backend for backend in map(backend_for, filter(os.path.isfile, paths))}
+    if not backends:
+        return
+    from bncheck import engine  # noqa: F401
+
+    for backend in backends.values():
+        with contextlib.suppress(Exception):
+            backend.import_modules(command)

@@ -68,7 +68,6 @@ class Backend(abc.ABC):
         return [path]
 
     def import_modules(self, command: str) -> None:
-        """Import the modules ``command`` (inspect, probe, fix) imports lazily on this backend, where the
-        command line asks first (cli._imports_frozen); raises whatever importing them raises. None by
-        default."""
+        """Import the modules ``command`` (inspect, probe, fix) imports lazily on this backend, for callers
+        that import up front (backends.import_for); raises whatever importing them raises. None by default."""
         return None

@@ -57,8 +57,6 @@ class KerasBackend(Backend):
         return fix_keras(view, self._static(view), request)
 
     def import_modules(self, command: str) -> None:
-        from bncheck import engine  # noqa: F401
-
         if command != "inspect":
             from bncheck.backends.keras.probe import import_keras
 

@@ -73,7 +73,6 @@ class OnnxBackend(Backend):
     def import_modules(self, command: str) -> None:
         import onnx  # noqa: F401
 
-        from bncheck import engine  # noqa: F401
         from bncheck.backends.onnx import walk  # noqa: F401
 
         if command != "inspect":
