@@ -116,7 +116,9 @@ def recalibration(
                 after = recomputed_outputs
                 del handle
             trim_heap()  # freed weights back to the OS before the stored model's session reads them again
-            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, os.path.dirname(os.path.abspath(path)))
+            # a linked model's data is read as onnxruntime reads it from the link's path (its own folder rule)
+            folder = "" if os.path.islink(path) else os.path.dirname(os.path.abspath(path))
+            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
             before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"

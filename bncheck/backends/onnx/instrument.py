@@ -176,18 +176,24 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
     right length (then the probe writes a copy, :func:`_write_weights`)."""
     import onnx
 
-    location = os.path.basename(handle.path)
+    # onnxruntime follows symbolic links and refuses a location whose real path leaves the folder it reads
+    # from: the stubs name the model's real file, read from its real folder (stub)
+    location = os.path.basename(os.path.realpath(handle.path))
     offsets: dict[str, tuple[int, int]] | None = None
     stubs = []
     for tensor in handle.model.graph.initializer:
         small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
         external = _is_external(tensor)
         if external:
-            # a skeleton from an earlier probe: it must point into this file too
-            where = {entry.key: entry.value for entry in tensor.external_data}
-            if where.get("location") != location:
+            # left in the file by the loader (named as the user named the file) or a skeleton of an earlier
+            # probe (named as here): it must point into this file too
+            if _location(tensor) not in (location, os.path.basename(handle.path)):
                 return None
-            stubs.append(_copy(tensor))
+            kept = _copy(tensor)
+            for entry in kept.external_data:
+                if entry.key == "location":
+                    entry.value = location
+            stubs.append(kept)
             continue
         if small or tensor.data_type == onnx.TensorProto.STRING or tensor.name in handle.edited:
             stubs.append(_copy(tensor))  # an edited tensor's bytes in the file are stale: inline
@@ -252,11 +258,40 @@ def stub(handle: OnnxHandle, tmp: str) -> tuple[onnx.ModelProto, str]:
         # The model as it is in memory, edits included (fix's passes): the loader read only the small tensors
         # and the norm parameters, the large ones still point into their files (it validated every location),
         # and onnxruntime reads them from the original folder.
-        return _skeleton(handle.model, [_copy(t) for t in handle.model.graph.initializer]), folder
+        skeleton = _skeleton(handle.model, [_copy(t) for t in handle.model.graph.initializer])
+        return skeleton, runtime_folder(skeleton, folder)
     in_file = _in_file_stubs(handle)
-    if in_file is not None:  # onnxruntime reads the weights from the model file itself
-        return _skeleton(handle.model, in_file), folder
+    if in_file is not None:  # onnxruntime reads the weights from the model file itself, in its real folder
+        return _skeleton(handle.model, in_file), os.path.dirname(os.path.realpath(handle.path))
     return _skeleton(handle.model, _write_weights(handle.model, tmp)), tmp
+
+
+def runtime_folder(model: onnx.ModelProto, folder: str) -> str:
+    """The folder onnxruntime is to read ``model``'s external data from, ``folder`` unless a location's real
+    path (symbolic links followed) leaves ``folder``'s, which onnxruntime refuses: a Hugging Face cache links
+    its files into a blob store. Then every location in ``model`` is rewritten relative to a folder that holds
+    all their real files (the loader validated each location), and that folder is returned."""
+    from bncheck.backends.onnx.load import _external_tensors
+
+    tensors = _external_tensors(model)
+    real = os.path.realpath(folder)
+    targets: dict[str, str] = {}
+    for tensor in tensors:
+        location = _location(tensor)
+        if location not in targets:
+            targets[location] = os.path.realpath(os.path.join(folder, location))
+    if all(os.path.commonpath([target, real]) == real for target in targets.values()):
+        return folder
+    common = os.path.commonpath([os.path.dirname(target) for target in targets.values()])
+    for tensor in tensors:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = os.path.relpath(targets[entry.value], common)
+    return common
+
+
+def _location(tensor: Any) -> str:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
 
 
 def feed_statistics(model: onnx.ModelProto, outputs: set[str]) -> dict[str, tuple[str, str]]:

@@ -316,7 +316,9 @@ def _validate_external(path: str, model: onnx.ModelProto, in_file: Collection[st
     if not tensors:
         return False, 0
     base = os.path.dirname(os.path.abspath(path))
-    base_real = os.path.realpath(base)
+    # the folder the path names, or the one its file is in: a model linked from a Hugging Face cache's
+    # snapshot reads its data through links into the cache's blob store, as onnxruntime allows
+    folders = {os.path.realpath(base), os.path.dirname(os.path.realpath(path))}
     seen: dict[str, int] = {}
     for tensor in tensors:
         entries = {e.key: e.value for e in tensor.external_data}
@@ -331,7 +333,7 @@ def _validate_external(path: str, model: onnx.ModelProto, in_file: Collection[st
         if ".." in parts:
             raise _fail(path, f"refused external data location {location!r}: contains '..'")
         target = os.path.realpath(os.path.join(base, location))
-        if os.path.commonpath([target, base_real]) != base_real:
+        if not any(os.path.commonpath([target, folder]) == folder for folder in folders):
             raise _fail(path, f"refused external data location {location!r}: resolves outside the model's folder")
         if target in seen:
             continue
@@ -395,8 +397,13 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
         try:
             for tensor in _external_tensors(model):
                 if _nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
-                    # what load_external_data_for_model does, tensor by tensor
-                    external_data_helper.load_external_data_for_tensor(tensor, base)
+                    # what load_external_data_for_model does, tensor by tensor, from the real file: onnx
+                    # refuses to read through a symbolic link, and _validate_external accepted this one
+                    entries = [e for e in tensor.external_data if e.key == "location"]
+                    target = os.path.realpath(os.path.join(base, entries[0].value)) if entries else base
+                    for entry in entries:
+                        entry.value = os.path.basename(target)
+                    external_data_helper.load_external_data_for_tensor(tensor, os.path.dirname(target))
                     tensor.data_location = onnx.TensorProto.DEFAULT
                     del tensor.external_data[:]
         except Exception as exc:
