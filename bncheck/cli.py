@@ -185,24 +185,15 @@ _OWN_PROCESS = object()
 
 
 def _imports_frozen(models: Sequence[str], command: str) -> None:
-    """Import what ``command`` will import for these model files while the cyclic garbage collector is still
-    off (console() turns it off), then freeze every object so far (gc.freeze) and turn it on: modules live to
-    the end of the process, and the collector would otherwise scan each of their objects as it ages
-    (docs/architecture.md has the numbers). Only in bncheck's own process; a framework that fails to import
-    is left for the command to report in its own words."""
-    import gc
-
+    """backends.frozen_imports for these model files, in bncheck's own process only (console() turned the
+    collector off until then); a framework that fails to import is left for the command to report in its own
+    words."""
     context = click.get_current_context(silent=True)
     if context is None or context.find_root().obj is not _OWN_PROCESS:
         return
-    from bncheck.backends import import_for
+    from bncheck.backends import frozen_imports
 
-    gc.disable()
-    try:
-        import_for(models, command)
-    finally:
-        gc.freeze()
-        gc.enable()
+    frozen_imports(models, command)
 
 
 def console() -> NoReturn:
@@ -452,8 +443,8 @@ def _run_models(
             refuse_overwrite(write_baseline, "--write-baseline", [("model", m) for m in models] + (inputs or []))
     except Exception as error:
         _fail(error, debug, fmt=fmt, command=command, model=models[0] if len(models) == 1 else None)
-    _imports_frozen(models if jobs <= 1 or len(models) == 1 else [], command)  # with -j the workers import
     if len(models) == 1 and not os.path.isdir(models[0]):
+        _imports_frozen(models, command)
         from bncheck.jobs import check_model
 
         single = dataclasses.replace(options, progress=command == "probe")
@@ -501,10 +492,12 @@ def _finish_many(
         if output:
             for path in paths:
                 _refuse_inputs(output, path, inputs)
+        _imports_frozen(paths if jobs <= 1 or len(paths) == 1 else [], command)  # with -j each worker does
         from bncheck.render.progress import progress_bar
 
+        job = functools.partial(check_model, options=options)
         with progress_bar("models") as progress:
-            results = many.run(paths, functools.partial(check_model, options=options), jobs=jobs, progress=progress)
+            results = many.run(paths, job, jobs=jobs, progress=progress, command=command)
         _write_baseline(write_baseline, list(zip(paths, results)))
         from bncheck.render import file_format
         from bncheck.render.many import render_many

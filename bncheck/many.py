@@ -71,8 +71,10 @@ def run(
     job: Callable[[str], Report],
     jobs: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    command: str | None = None,
 ) -> list[Report | Failure]:
-    """``job(path)`` for every model, in the order given; ``jobs`` > 1 runs them in that many processes."""
+    """``job(path)`` for every model, in the order given; ``jobs`` > 1 runs them in that many processes, each
+    of which imports the frameworks of ``command`` (inspect, probe, fix) as :func:`_import_frozen` says."""
     total = len(models)
     if progress:
         progress(0, total)
@@ -94,7 +96,8 @@ def run(
         max_workers=min(jobs, total), mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
     )
     try:
-        futures = {pool.submit(functools.partial(_in_worker, job), path): i for i, path in enumerate(models)}
+        work = functools.partial(_in_worker, job, command)
+        futures = {pool.submit(work, path): i for i, path in enumerate(models)}
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             index = futures[future]
             try:
@@ -125,7 +128,7 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="bncheck-parent-watch", daemon=True).start()
 
 
-def _in_worker(job: Callable[[str], Report], path: str) -> Report | Failure:
+def _in_worker(job: Callable[[str], Report], command: str | None, path: str) -> Report | Failure:
     """:func:`_guarded` in a worker process: SIGTERM from the parent (:func:`_stop`) ends the worker once the
     model's clean-up has run; between models it ends the worker at once (nothing to clean)."""
     import signal
@@ -134,11 +137,34 @@ def _in_worker(job: Callable[[str], Report], path: str) -> Report | Failure:
 
     unwind_on_sigterm()
     try:
+        if command is not None:
+            _import_frozen(path, command)
         return _guarded(job, path)
     except Terminated:
         die_of_sigterm()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+#: the model formats whose frameworks this worker process has imported (see _import_frozen)
+_IMPORTED: set[str] = set()
+
+
+def _import_frozen(path: str, command: str) -> None:
+    """In a worker, before the first model of each format: its frameworks imported with the collector off and
+    frozen (backends.frozen_imports), as the console's own process does. What the models before it left is
+    collected first, never frozen."""
+    import gc
+
+    from bncheck.backends import backend_for, frozen_imports
+
+    format_ = backend_for(path).format
+    if format_ in _IMPORTED:
+        return
+    if _IMPORTED:
+        gc.collect()
+    _IMPORTED.add(format_)
+    frozen_imports([path], command)
 
 
 def _stop(pool: Any) -> None:

@@ -276,6 +276,36 @@ def test_console_probe_with_worker_processes_imports_no_framework_in_the_parent(
     assert not any(imported)
 
 
+def test_console_probe_of_a_folder_freezes_onnx_and_onnxruntime_before_the_collector_runs(tmp_path, clean, stale):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for path in (clean, stale):
+        shutil.copy(path, folder)
+    seen, (_, runtime, _), total = _collections(tmp_path, ["probe", "--format", "json", str(folder)], 1)
+    assert runtime
+    assert not any(onnx and not runtime for _, onnx, runtime, _ in seen), "onnxruntime came in after a collection"
+    assert frozen_before_collecting(seen, 1, total) > 0.8
+
+
+def test_a_worker_freezes_its_first_models_frameworks_before_the_collector_runs(tmp_path, clean, stale):
+    # what a -j worker process runs for each model it is given (bncheck.many._in_worker), in a fresh process
+    out = tmp_path / "collections.txt"
+    worker = (
+        "from bncheck import many\n"
+        "from bncheck.jobs import Options, check_model\n"
+        "job = functools.partial(check_model, options=Options('probe'))\n"
+        f"reports = [many._in_worker(job, 'probe', path) for path in {[clean, stale]!r}]\n"
+        "assert [r.exit_code for r in reports] == [0, 1], reports\n"
+    )
+    code = "import functools, gc, sys\n" + _COLLECTIONS.format(out=str(out)) + worker
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    seen, (_, runtime, _), frozen = ast.literal_eval(out.read_text())
+    assert runtime
+    assert not any(onnx and not runtime for _, onnx, runtime, _ in seen), "onnxruntime came in after a collection"
+    assert frozen_before_collecting(seen, 1, frozen) > 0.8
+
+
 def test_python_dash_m_runs_the_cli(clean):
     proc = subprocess.run([sys.executable, "-m", "bncheck", "inspect", clean], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from bncheck.backends.base import Backend, BackendError, ProbeSettings
 
-__all__ = ["Backend", "BackendError", "ProbeSettings", "backend_for", "import_for"]
+__all__ = ["Backend", "BackendError", "ProbeSettings", "backend_for", "frozen_imports", "import_for"]
 
 _KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -37,3 +37,18 @@ def import_for(paths: Iterable[str], command: str) -> None:
     for backend in backends.values():
         with contextlib.suppress(Exception):
             backend.import_modules(command)
+
+
+def frozen_imports(paths: Iterable[str], command: str) -> None:
+    """:func:`import_for` with the cyclic garbage collector off, then every object so far frozen (gc.freeze)
+    and the collector back on: modules live to the end of the process, and the collector would otherwise scan
+    each of their objects as it ages (docs/architecture.md has the numbers). Only for a process bncheck owns:
+    the console script's, or a worker of ``-j``."""
+    import gc
+
+    gc.disable()
+    try:
+        import_for(paths, command)
+    finally:
+        gc.freeze()
+        gc.enable()
