@@ -3,8 +3,8 @@
 bncheck estimates what an allocation needs *before* making it (probe inputs from the resolved shapes, a
 weight dataset from its declared shape), so a hostile or mistaken shape is a clear error, not a MemoryError
 or the machine swapping. The budget is ``BUDGET_FRACTION`` of the memory available when bncheck starts
-(MemAvailable, capped by an address-space limit if one is set), or the ``BNCHECK_MEMORY_BUDGET`` environment
-variable: bytes, or a number with a unit (``512MB``, ``16GiB``, ``2TB``).
+(MemAvailable, capped by an address-space limit if one is set; divided among the workers of ``--jobs``,
+share.py), or the ``BNCHECK_MEMORY_BUDGET`` environment variable: bytes, or a number with a unit (``512MB``, ``16GiB``, ``2TB``).
 
 Standard library only: the CLI, the probe plan and the backends all call it.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 
+from bncheck import share
 from bncheck.errors import BncheckError, ErrorKind, UsageError
 
 ENV = "BNCHECK_MEMORY_BUDGET"
@@ -93,7 +94,16 @@ def budget() -> int:
             return parse_size(text)
         except ValueError:
             raise UsageError(f"{ENV}={text!r} is not a size (bytes, or a number with a unit such as 16GB)") from None
-    return int(available_memory() * BUDGET_FRACTION)
+    return int(available_memory() * BUDGET_FRACTION / share.workers())
+
+
+def _source() -> str:
+    """Where the budget comes from, for messages."""
+    if os.environ.get(ENV):
+        return ENV
+    if share.workers() > 1:
+        return f"{BUDGET_FRACTION:.0%} of available memory shared by {share.workers()} --jobs workers"
+    return f"{BUDGET_FRACTION:.0%} of available memory"
 
 
 class OverBudgetError(BncheckError):
@@ -112,7 +122,7 @@ def check(need: int, what: str, *, remedy: str | None = None, lower_bound: bool 
     else than the budget the user can change (said before it); ``lower_bound``: ``need`` is a minimum."""
     limit = budget()
     if need > limit:
-        source = f"{ENV}" if os.environ.get(ENV) else f"{BUDGET_FRACTION:.0%} of available memory"
+        source = _source()
         change = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
         raise OverBudgetError(
             f"{what} needs {'at least' if lower_bound else 'about'} {format_size(need)}, over the memory budget "

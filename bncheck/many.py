@@ -92,8 +92,9 @@ def run(
     # spawn, not fork: onnxruntime's thread pools do not survive a fork
     context = multiprocessing.get_context("spawn")
     out: list[Report | Failure | None] = [None] * total
+    workers = min(jobs, total)
     pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(jobs, total), mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
+        max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(), workers)
     )
     try:
         work = functools.partial(_in_worker, job, command)
@@ -111,6 +112,14 @@ def run(
         raise
     pool.shutdown()
     return [r for r in out if r is not None]
+
+
+def _start_worker(parent: int, workers: int) -> None:
+    """In each worker: its share of the machine (share.py), and :func:`_watch_parent`."""
+    from bncheck import share
+
+    share.set_workers(workers)
+    _watch_parent(parent)
 
 
 def _watch_parent(parent: int) -> None:

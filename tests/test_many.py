@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import shutil
 from pathlib import Path
 
-from bncheck import engine, many
+from bncheck import budget, engine, many, share
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -66,3 +68,35 @@ def test_progress_counts_models_done(tmp_path):
     seen: list[tuple[int, int]] = []
     many.run([str(SAMPLES / "clean_bn_convnet.onnx")] * 2, engine.inspect, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_workers_take_their_share_of_the_automatic_memory_budget(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+    from tests.test_onnx_memory import _wide_conv
+
+    monkeypatch.delenv("BNCHECK_MEMORY_BUDGET", raising=False)
+    # 4096 samples of 1024x1024 need about 1.2 TB: refused by each worker, whose budget is its share
+    models = [_wide_conv(tmp_path / f"{name}.onnx", hw=1024) for name in ("a", "b")]
+    result = CliRunner().invoke(main, ["probe", "-j", "2", "--format", "json", "--batch-sizes", "1,2,4096", *models])
+    errors = [entry["error"]["message"] for entry in json.loads(result.stdout)["models"]]
+    assert len(errors) == 2 and all("50% of available memory shared by 2 --jobs workers" in e for e in errors), errors
+
+
+def test_a_share_of_the_machine_halves_the_budget_and_the_runtimes_threads():
+    import onnxruntime as ort
+
+    from bncheck.backends.onnx.run import session_options
+
+    cores = len(os.sched_getaffinity(0))
+    alone = budget.budget()
+    try:
+        share.set_workers(2)
+        halved = budget.budget()
+        threads = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "").intra_op_num_threads
+    finally:
+        share.set_workers(1)
+    assert 0.45 < halved / alone < 0.55
+    assert threads == max(1, cores // 2)
+    assert session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "").intra_op_num_threads == 0  # its default

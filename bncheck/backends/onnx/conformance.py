@@ -18,6 +18,7 @@ import numpy as np
 
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.model import NormLayer
+from bncheck.share import runtime_threads
 
 #: each spatial dim of the conformance input at most this (a 1x1 map stays 1x1: the one-element set case)
 SPATIAL = 2
@@ -142,6 +143,9 @@ def runtime_deviations(
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a refusal is expected and becomes the note; nothing on stderr
+    threads = runtime_threads()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(_model(entries).SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception:
