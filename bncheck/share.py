@@ -22,11 +22,12 @@ def workers() -> int:
     return _workers[0]
 
 
-def runtime_threads() -> int | None:
-    """Threads for one onnxruntime session's operators: None (onnxruntime's default, every core) in a process
-    alone; else the cores this process may run on, divided among the workers."""
+def runtime_threads() -> int:
+    """Threads for one onnxruntime session's operators (``SessionOptions.intra_op_num_threads``): 0,
+    onnxruntime's default of one per core, in a process alone; else the cores this process may run on, divided
+    among the workers."""
     if workers() <= 1:
-        return None
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -143,9 +143,7 @@ def runtime_deviations(
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a refusal is expected and becomes the note; nothing on stderr
-    threads = runtime_threads()
-    if threads is not None:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = runtime_threads()
     try:
         session = ort.InferenceSession(_model(entries).SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception:

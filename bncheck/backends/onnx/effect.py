@@ -3,7 +3,6 @@ against the model as stored: what BN003's severity follows."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -116,9 +115,9 @@ def recalibration(
                 after = recomputed_outputs
                 del handle
             trim_heap()  # freed weights back to the OS before the stored model's session reads them again
-            # a linked model's data is read as onnxruntime reads it from the link's path (its own folder rule)
-            folder = "" if os.path.islink(path) else os.path.dirname(os.path.abspath(path))
-            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+            # no folder: onnxruntime reads a model opened by its path as plain inference does (its own folder
+            # rule, which a linked model's data needs)
+            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "")
             before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import node_reads
-from bncheck.backends.onnx.load import OnnxHandle
+from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
     MIN_SAMPLES,
@@ -1146,9 +1146,7 @@ class _Fixer:
             written.append(os.path.join(os.path.dirname(output), new_location))  # as the user wrote the path
         for tensor, (location, offset, length) in _iter_external(model):
             new_location = mapping[location]
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = new_location
+            relocate(tensor, new_location)
             sink_targets[tensor.name] = (os.path.join(out_dir, new_location), offset, length)
         sink = _Sink(sink_targets)
         for edit in self.edits:

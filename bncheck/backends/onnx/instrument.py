@@ -11,7 +11,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import node_reads, upstream_nodes
-from bncheck.backends.onnx.load import free_unset_dims
+from bncheck.backends.onnx.load import free_unset_dims, location_of, relocate
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, normalized_set_size
@@ -187,12 +187,10 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
         if external:
             # left in the file by the loader (named as the user named the file) or a skeleton of an earlier
             # probe (named as here): it must point into this file too
-            if _location(tensor) not in (location, os.path.basename(handle.path)):
+            if location_of(tensor) not in (location, os.path.basename(handle.path)):
                 return None
             kept = _copy(tensor)
-            for entry in kept.external_data:
-                if entry.key == "location":
-                    entry.value = location
+            relocate(kept, location)
             stubs.append(kept)
             continue
         if small or tensor.data_type == onnx.TensorProto.STRING or tensor.name in handle.edited:
@@ -277,21 +275,15 @@ def runtime_folder(model: onnx.ModelProto, folder: str) -> str:
     real = os.path.realpath(folder)
     targets: dict[str, str] = {}
     for tensor in tensors:
-        location = _location(tensor)
+        location = location_of(tensor)
         if location not in targets:
             targets[location] = os.path.realpath(os.path.join(folder, location))
     if all(os.path.commonpath([target, real]) == real for target in targets.values()):
         return folder
     common = os.path.commonpath([os.path.dirname(target) for target in targets.values()])
     for tensor in tensors:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = os.path.relpath(targets[entry.value], common)
+        relocate(tensor, os.path.relpath(targets[location_of(tensor)], common))
     return common
-
-
-def _location(tensor: Any) -> str:
-    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
 
 
 def feed_statistics(model: onnx.ModelProto, outputs: set[str]) -> dict[str, tuple[str, str]]:

@@ -306,6 +306,18 @@ def input_files(path: str) -> list[str]:
     return [path, *(os.path.join(base, location) for location in locations if "\x00" not in location)]
 
 
+def location_of(tensor: onnx.TensorProto) -> str:
+    """An external tensor's ``location`` entry ("" when it has none)."""
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+
+
+def relocate(tensor: onnx.TensorProto, location: str) -> None:
+    """Point an external tensor's ``location`` entry at ``location``; its offset and length stay."""
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+
+
 def _validate_external(path: str, model: onnx.ModelProto, in_file: Collection[str] = ()) -> tuple[bool, int]:
     """Refuse unsafe or missing external-data locations before any weight byte is read; ``in_file``: the
     initializers the loader itself left in the model file (_parse_without_large_weights).
@@ -399,10 +411,8 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
                 if _nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
                     # what load_external_data_for_model does, tensor by tensor, from the real file: onnx
                     # refuses to read through a symbolic link, and _validate_external accepted this one
-                    entries = [e for e in tensor.external_data if e.key == "location"]
-                    target = os.path.realpath(os.path.join(base, entries[0].value)) if entries else base
-                    for entry in entries:
-                        entry.value = os.path.basename(target)
+                    target = os.path.realpath(os.path.join(base, location_of(tensor)))
+                    relocate(tensor, os.path.basename(target))
                     external_data_helper.load_external_data_for_tensor(tensor, os.path.dirname(target))
                     tensor.data_location = onnx.TensorProto.DEFAULT
                     del tensor.external_data[:]

@@ -105,9 +105,7 @@ def session_options(level: Any, folder: str) -> Any:
     so.log_severity_level = 4
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.graph_optimization_level = level
-    threads = runtime_threads()
-    if threads is not None:  # one of several --jobs workers: its share of the cores
-        so.intra_op_num_threads = threads
+    so.intra_op_num_threads = runtime_threads()  # one of several --jobs workers: its share of the cores
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     # CPU arena on (onnxruntime's default, as in plain inference): without it every activation is a fresh
     # mmap whose pages fault in again (docs/architecture.md has the numbers)
