@@ -50,12 +50,23 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def format_size(size: float) -> str:
-    """Bytes for people: ``4.0 TB``, ``120 MB`` (decimal units, as disks and --help use them)."""
+def format_size(size: float, digits: int = 3) -> str:
+    """Bytes for people: ``4.0 TB``, ``120 MB`` (decimal units, as disks and --help use them), to
+    ``digits`` significant figures."""
     for unit, scale in (("EB", 1e18), ("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if size >= scale:
-            return f"{size / scale:.3g} {unit}"
+            return f"{size / scale:.{digits}g} {unit}"
     return f"{int(size)} B"
+
+
+def format_sizes(larger: int, smaller: int) -> tuple[str, str]:
+    """Both sizes with as many figures as it takes for the larger to read larger (a refusal must not say
+    "needs 12.3 GB, over the budget of 12.3 GB")."""
+    for digits in range(3, 10):
+        shown = format_size(larger, digits), format_size(smaller, digits)
+        if shown[0] != shown[1]:
+            return shown
+    return f"{larger} B", f"{smaller} B"
 
 
 def available_memory() -> int:
@@ -124,8 +135,9 @@ def check(need: int, what: str, *, remedy: str | None = None, lower_bound: bool 
     if need > limit:
         source = _source()
         change = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
+        needed, allowed = format_sizes(need, limit)
         raise OverBudgetError(
-            f"{what} needs {'at least' if lower_bound else 'about'} {format_size(need)}, over the memory budget "
-            f"of {format_size(limit)} ({source})",
+            f"{what} needs {'at least' if lower_bound else 'about'} {needed}, over the memory budget "
+            f"of {allowed} ({source})",
             f"{remedy}, or {change}" if remedy else change,
         )

@@ -144,6 +144,16 @@ def test_huge_batch_is_refused_with_the_estimate_before_any_session(tmp_path: Pa
     assert elapsed < 3, elapsed
 
 
+def test_a_refusal_just_over_the_budget_shows_two_different_sizes(tmp_path: Path, monkeypatch) -> None:
+    """Need and budget 0.01% apart: at three figures both read 55.1 GB, so the message gives more figures
+    until the need reads larger than the budget."""
+    model = _wide_conv(tmp_path / "wide.onnx")
+    need = 4096 * (3 + 64) * 224 * 224 * 4
+    line, _ = refusal(monkeypatch, str(need - need // 10000), ["probe", model, "--batch-sizes", "1,4096"])
+    assert f"needs at least {need / 1e9:.4g} GB" in line, line
+    assert f"memory budget of {(need - need // 10000) / 1e9:.4g} GB" in line, line
+
+
 @pytest.mark.parametrize("sizes", ["1,4096", "1,2,4096"])
 def test_huge_batch_of_a_fixed_batch_model_is_refused_before_its_relaxation_is_proven(
     tmp_path: Path, monkeypatch, sizes: str
