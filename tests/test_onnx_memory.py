@@ -193,6 +193,61 @@ def test_open_height_and_width_are_sized_from_the_input_shape_before_the_check(t
     assert fits.exit_code in (0, 1), fits.output
 
 
+def _computed_reshape(path: Path) -> str:
+    """x[N,3,224,224] -> Reshape to [3N,1,224,224], its target computed from Shape(x) (Gather, Mul, Concat:
+    how jax2tf and tf2onnx write a reshape by the batch) -> Conv 3x3 (64 channels) -> BN -> GlobalAveragePool.
+    onnx's symbolic inference leaves the Reshape's first dim unnamed, so the Conv's output has no size until
+    the batch is known."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([3], np.int64), "three"),
+        numpy_helper.from_array(np.array([1, 224, 224], np.int64), "rest"),
+        numpy_helper.from_array((rng.standard_normal((64, 1, 3, 3)) * 0.1).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(64, np.float32), "scale"),
+        numpy_helper.from_array(np.zeros(64, np.float32), "bias"),
+        numpy_helper.from_array(np.full(64, 0.1, np.float32), "mean"),
+        numpy_helper.from_array(np.full(64, 0.5, np.float32), "var"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], name="batch", axis=0),
+        helper.make_node("Mul", ["n", "three"], ["planes_n"], name="times3"),
+        helper.make_node("Concat", ["planes_n", "rest"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["planes"], name="planes"),
+        helper.make_node("Conv", ["planes", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"], name="bn"),
+        helper.make_node("GlobalAveragePool", ["b"], ["y"], name="pool"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "computed_reshape",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("y", F32, [None, 64, 1, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_a_tensor_sized_only_once_the_batch_is_known_counts_in_the_check(tmp_path: Path, monkeypatch) -> None:
+    """Only the batch is open in the file, but the Conv's output has no size in onnx's symbolic inference: the
+    bound used to count it 0 and the probe ran a 636 MB batch under a 300 MB budget (basic-pitch's shipped
+    model: 0.7 GB counted at batch 4096, killed by the kernel at over 20 GB). Inferred with the batch known,
+    the bound has the Conv's output, and refuses before any session; batch 2 still runs."""
+    model = _computed_reshape(tmp_path / "reshaped.onnx")
+    line, elapsed = refusal(monkeypatch, "300MB", ["probe", model, "--batch-sizes", "1,2,16"])
+    # the inputs, plus what the Conv reads (the reshaped planes, as large) and writes
+    expected = 2 * 16 * 3 * 224 * 224 * 4 + 16 * 3 * 64 * 224 * 224 * 4
+    assert f"needs at least {expected / 1e6:.3g} MB" in line and "at node 'conv' (Conv)" in line, line
+    assert elapsed < 3, elapsed
+    fits = CliRunner().invoke(main, ["probe", model, "--batch-sizes", "1,2", "--format", "json"])
+    assert fits.exit_code in (0, 1), fits.output
+    assert '"findings"' in fits.stdout
+
+
 def test_same_model_at_a_batch_that_fits_runs(tmp_path: Path, monkeypatch) -> None:
     model = _wide_conv(tmp_path / "wide.onnx")
     monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "4GB")

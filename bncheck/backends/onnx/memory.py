@@ -167,6 +167,22 @@ def open_dims(shapes: Mapping[str, tuple[Dim, ...]], feeds: Mapping[str, tuple[i
     return False
 
 
+def unsized(graph: Any, shapes: Mapping[str, tuple[Dim, ...]], feeds: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether a node writes a tensor whose size the shapes leave open at these feeds: no shape, or a dim no
+    fed input binds (a Reshape to dims computed from the batch, as jax2tf and tf2onnx write). The estimate
+    counts such a tensor 0."""
+    names = [name for name in feeds if name in shapes]
+    symbols = _bind((shapes[n] for n in names), (feeds[n] for n in names))
+    for node in graph.node:
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            dims = shapes.get(out) if out else ()
+            if dims is None or any(not isinstance(d, int) and d not in symbols for d in dims):
+                return True
+    return False
+
+
 def check(
     model: Any,
     shapes: Mapping[str, tuple[Dim, ...]],
@@ -178,14 +194,19 @@ def check(
     """Refuse (budget.OverBudgetError, exit 2) a run of ``model`` (a ModelProto) whose lower bound exceeds
     the memory budget; ``remedy`` says which option lowers the batch size. Returns the estimate.
 
-    Where an input leaves dims open (:func:`open_dims`), the shapes are inferred again with the inputs
-    concrete (one more shape inference, on the weight-less skeleton); without it a detector with open H and
-    W would count a few kB of activations at any batch size."""
+    Where an input leaves dims open (:func:`open_dims`), or a node's output size is open at these feeds
+    (:func:`unsized`), the shapes are inferred again with the inputs concrete (one more shape inference, on
+    the weight-less skeleton); without it a detector with open H and W would count a few kB of activations
+    at any batch size, and basic-pitch's model 0.7 GB at batch 4096, where onnxruntime needs over 20 GB."""
     concrete: ProbeShapes | None = None
     if open_dims(shapes, feeds, batch):
         inferred, inferred_types = concrete_shapes(model, feeds)
         shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
         concrete = (inferred, batch)
+    elif unsized(model.graph, shapes, feeds):
+        # for the bound only: with the inputs' own dims all known, the instrumentation keeps the file's shapes
+        inferred, inferred_types = concrete_shapes(model, feeds)
+        shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
     found = replace(estimate(model.graph, shapes, types, feeds), concrete=concrete)
     parts = [f"inputs {budget.format_size(found.inputs)}"]
     if found.node is not None:
