@@ -108,7 +108,7 @@ def budget() -> int:
     return int(available_memory() * BUDGET_FRACTION / share.workers())
 
 
-def _source() -> str:
+def source() -> str:
     """Where the budget comes from, for messages."""
     if os.environ.get(ENV):
         return ENV
@@ -133,11 +133,10 @@ def check(need: int, what: str, *, remedy: str | None = None, lower_bound: bool 
     else than the budget the user can change (said before it); ``lower_bound``: ``need`` is a minimum."""
     limit = budget()
     if need > limit:
-        source = _source()
         change = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
         needed, allowed = format_sizes(need, limit)
         raise OverBudgetError(
             f"{what} needs {'at least' if lower_bound else 'about'} {needed}, over the memory budget "
-            f"of {allowed} ({source})",
+            f"of {allowed} ({source()})",
             f"{remedy}, or {change}" if remedy else change,
         )

@@ -184,6 +184,28 @@ def _skip_final_collection() -> None:
 _OWN_PROCESS = object()
 
 
+def _stop_for_memory(fmt: str, command: str, output: str | None) -> None:
+    """bncheck.watchdog in bncheck's own process: a model's check whose memory passes its ceiling ends as any
+    failure does (the one line, the error document, the report file), with exit 2 at once."""
+    context = click.get_current_context(silent=True)
+    if context is None or context.find_root().obj is not _OWN_PROCESS:
+        return
+    import os
+
+    from bncheck import watchdog
+    from bncheck.budget import OverBudgetError
+
+    def stop(model: str, message: str) -> NoReturn:
+        with contextlib.suppress(SystemExit):  # _fail's exit, raised in the watchdog's thread
+            _fail(OverBudgetError(message), False, fmt=fmt, command=command, model=model, output=output)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(2)
+
+    watchdog.enable(stop)
+
+
 def _imports_frozen(models: Sequence[str], command: str) -> None:
     """backends.frozen_imports for these model files, in bncheck's own process only (console() turned the
     collector off until then); a framework that fails to import is left for the command to report in its own
@@ -493,6 +515,8 @@ def _finish_many(
             for path in paths:
                 _refuse_inputs(output, path, inputs)
         _imports_frozen(paths if jobs <= 1 or len(paths) == 1 else [], command)  # with -j each worker does
+        if jobs <= 1 or len(paths) == 1:
+            _stop_for_memory(fmt, command, output)
         from bncheck.render.progress import progress_bar
 
         job = functools.partial(check_model, options=options)
@@ -683,6 +707,7 @@ def _finish(
         if output:
             _refuse_inputs(output, model, inputs or [])
             checked = output
+        _stop_for_memory(fmt, command, checked)
         # stderr holds nothing but the one-line error: a library's Python warning becomes a note of the report
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -39,7 +39,15 @@ def resolved_fail_on(options: Options) -> str:
 
 
 def check_model(path: str, options: Options) -> Report:
-    """Run the command on ``path`` and return its report (raises BncheckError when it cannot run)."""
+    """Run the command on ``path`` and return its report (raises BncheckError when it cannot run); watched
+    for memory where the console enabled it (bncheck.watchdog)."""
+    from bncheck import watchdog
+
+    with watchdog.watching(path):
+        return _check_model(path, options)
+
+
+def _check_model(path: str, options: Options) -> Report:
     from bncheck import engine
 
     cfg = options.config

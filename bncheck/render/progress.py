@@ -24,6 +24,8 @@ def progress_bar(description: str, enabled: bool | None = None) -> Iterator[Call
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from bncheck import watchdog
+
     start = time.monotonic()
     bar: Progress | None = None
     task: TaskID | None = None
@@ -35,6 +37,7 @@ def progress_bar(description: str, enabled: bool | None = None) -> Iterator[Call
                 return
             bar = Progress(console=Console(stderr=True), transient=True)
             bar.start()
+            watchdog.at_stop(bar.stop)  # the terminal's cursor back before a stop for memory ends the process
             task = bar.add_task(description, total=total)
         assert task is not None
         bar.update(task, completed=done, total=total)

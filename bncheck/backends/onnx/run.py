@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bncheck import watchdog
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
@@ -224,7 +226,9 @@ SCRATCH_PREFIX = "bncheck-probe-"
 def _new_scratch(parent: str) -> str:
     owner = f"{SCRATCH_PREFIX}{_pid_namespace()}-"
     _remove_orphans(parent, owner)
-    return tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
+    folder = tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
+    watchdog.at_stop(functools.partial(shutil.rmtree, folder, ignore_errors=True))
+    return folder
 
 
 def _pid_namespace() -> int:
