@@ -3,8 +3,8 @@
 The memory check before a run (budget.check) compares a lower bound with the budget, and a runtime can hold
 several times that bound: every activation alive at once, or a framework's own copies (Keras's numpy backend,
 through jax, held 8.5 times it on a shipped CNN). So while a model is checked, a thread reads the process's
-resident memory every :data:`POLL_SECONDS`; once it has grown by :data:`CEILING_FACTOR` times the budget since
-the model began (by default, all the memory that was available), the thread runs the registered clean-ups and
+peak resident memory every :data:`POLL_SECONDS`; once it has grown by :data:`CEILING_FACTOR` times the budget
+since the model began (by default, 90% of the memory that was available), the thread runs the clean-ups and
 calls the stop function the console gave it, which reports the one-line error and ends the process at once:
 the main thread may be inside a runtime call that would not return before the kernel's out-of-memory killer.
 
@@ -24,23 +24,23 @@ from typing import NoReturn
 from bncheck import budget
 from bncheck.errors import BncheckError
 
-#: seconds between two reads of the resident memory; at the few GB/s a process can fault pages in, the
-#: growth between two reads stays small against the margin that CEILING_FACTOR leaves
+#: seconds between two reads of the peak memory; at the few GB/s a process can fault pages in, the growth
+#: between two reads stays within the tenth of the available memory that CEILING_FACTOR leaves
 POLL_SECONDS = 0.02
 #: growth, in budgets, at which a model's check is stopped: with the default budget (half the available
-#: memory) all the memory that was available, so a run is stopped only where the system was about to run out
-CEILING_FACTOR = 2
+#: memory) 90% of the memory that was available, so a run is stopped only where the system was about to run out
+CEILING_FACTOR = 1.8
 
 Stop = Callable[[str, str], NoReturn]  # (model, one-line message) -> ends the process
 
 
 class _State:
     """The process's watch: the console's stop function, and the model being checked (model, resident bytes
-    at its start, the ceiling, the budget)."""
+    at its start, the ceiling, the budget, the process's peak at its start)."""
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
-        self.watched: tuple[str, int, int, int] | None = None
+        self.watched: tuple[str, int, int, int, int] | None = None
         self.cleanups: list[Callable[[], None]] = []
 
 
@@ -68,7 +68,7 @@ def watching(model: str) -> Iterator[None]:
     if _state.stop is None or start is None or limit is None:
         yield
         return
-    _state.watched = (model, start, start + CEILING_FACTOR * limit, limit)
+    _state.watched = (model, start, start + int(CEILING_FACTOR * limit), limit, _peak_bytes())
     try:
         yield
     finally:
@@ -89,13 +89,27 @@ def resident_bytes() -> int | None:
         return None
 
 
+def _peak_bytes() -> int:
+    """The process's peak resident memory so far. One getrusage call, which keeps the GIL: reading
+    /proc/self/statm (open, read, close) handed it back and forth with a busy main thread three times a poll,
+    and cost a small model's probe 10% of its time."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
 def _watch() -> None:
     while True:
         time.sleep(POLL_SECONDS)
-        watched, used = _state.watched, resident_bytes()
-        if watched is None or used is None or used <= watched[2]:
+        watched = _state.watched
+        if watched is None:
             continue
-        model, start, _, limit = watched
+        model, start, ceiling, limit, peak_before = watched
+        # a new peak past the ceiling is resident memory past it; a peak set before this model began (an
+        # earlier model of a folder run) counts only once this model's memory passes it
+        used = _peak_bytes()
+        if used <= ceiling or used <= peak_before:
+            continue
         for cleanup in list(_state.cleanups):
             with contextlib.suppress(Exception):
                 cleanup()
@@ -104,7 +118,7 @@ def _watch() -> None:
         _state.stop(
             model,
             f"{model}: stopped while checking it, before the system ran out of memory: bncheck's memory grew by "
-            f"{grown}, past {CEILING_FACTOR} times the memory budget of {allowed} ({budget.source()}), though the "
-            f"estimate before the run was within the budget; give smaller --batch-sizes (fix: --batch-size), or "
-            f"set {budget.ENV} (e.g. {budget.ENV}=64GB) to change the budget",
+            f"{grown}, past {CEILING_FACTOR:g} times the memory budget of {allowed} ({budget.source()}), though "
+            f"the estimate before the run was within the budget; give smaller --batch-sizes (fix: --batch-size), "
+            f"or set {budget.ENV} (e.g. {budget.ENV}=64GB) to change the budget",
         )
