@@ -36,11 +36,11 @@ Stop = Callable[[str, str], NoReturn]  # (model, one-line message) -> ends the p
 
 class _State:
     """The process's watch: the console's stop function, and the model being checked (model, resident bytes
-    at its start, the ceiling, the budget, the process's peak at its start)."""
+    at its start, the ceiling, the budget)."""
 
     def __init__(self) -> None:
         self.stop: Stop | None = None
-        self.watched: tuple[str, int, int, int, int] | None = None
+        self.watched: tuple[str, int, int, int] | None = None
         self.cleanups: list[Callable[[], None]] = []
 
 
@@ -68,7 +68,7 @@ def watching(model: str) -> Iterator[None]:
     if _state.stop is None or start is None or limit is None:
         yield
         return
-    _state.watched = (model, start, start + int(CEILING_FACTOR * limit), limit, _peak_bytes())
+    _state.watched = (model, start, start + int(CEILING_FACTOR * limit), limit)
     try:
         yield
     finally:
@@ -90,9 +90,10 @@ def resident_bytes() -> int | None:
 
 
 def _peak_bytes() -> int:
-    """The process's peak resident memory so far. One getrusage call, which keeps the GIL: reading
-    /proc/self/statm (open, read, close) handed it back and forth with a busy main thread three times a poll,
-    and cost a small model's probe 10% of its time."""
+    """The process's peak resident memory so far, by one getrusage call, which keeps the GIL: reading
+    /proc/self/statm at every poll (open, read, close) handed it back and forth with a busy main thread three
+    times and cost a small model's probe 10% of its time. Linux carries a parent's peak over an exec, so
+    this peak can be the spawning process's: only past the ceiling is the resident memory itself read."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
@@ -104,11 +105,11 @@ def _watch() -> None:
         watched = _state.watched
         if watched is None:
             continue
-        model, start, ceiling, limit, peak_before = watched
-        # a new peak past the ceiling is resident memory past it; a peak set before this model began (an
-        # earlier model of a folder run) counts only once this model's memory passes it
-        used = _peak_bytes()
-        if used <= ceiling or used <= peak_before:
+        model, start, ceiling, limit = watched
+        if _peak_bytes() <= ceiling:  # the resident memory never passed the ceiling
+            continue
+        used = resident_bytes()
+        if used is None or used <= ceiling:
             continue
         for cleanup in list(_state.cleanups):
             with contextlib.suppress(Exception):

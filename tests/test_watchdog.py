@@ -95,3 +95,14 @@ def test_the_python_api_is_never_stopped(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "250MB")
     result = bncheck.probe(model, batch_sizes=[1, 2, 256])
     assert result.exit_code in (0, 1)
+
+
+def test_a_check_spawned_by_a_large_process_is_stopped_too(tmp_path: Path) -> None:
+    """Linux carries a process's peak resident memory over an exec: a console spawned by a parent holding
+    700 MB starts with that peak, which must not hide its own growth (a CI script, or this test suite)."""
+    model = _long_lived(tmp_path / "long_lived.onnx")
+    ballast = np.ones(700 * 2**20 // 8)  # touched: resident in this process when the console is spawned
+    done = _console(tmp_path, "250MB", "probe", model, "--batch-sizes", "1,2,256")
+    assert ballast.sum() > 0
+    assert done.returncode == 2, done.stderr
+    assert "stopped while checking it" in done.stderr
