@@ -4,6 +4,7 @@ static shapes, compared with the budget before any session is built. Real models
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,13 +41,14 @@ def _wide_conv(path: Path, hw: int = 224, stale: bool = False, batch: int | str 
         helper.make_node("Relu", ["b"], ["r"], name="relu"),
         helper.make_node("GlobalAveragePool", ["r"], ["y"], name="pool"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "wide",
-        [helper.make_tensor_value_info("x", F32, [batch, 3, "H", "W"] if open_hw else [batch, 3, hw, hw])],
-        [helper.make_tensor_value_info("y", F32, [batch, 64, 1, 1])],
-        inits,
-    )
+    x = helper.make_tensor_value_info("x", F32, [batch, 3, "H", "W"] if open_hw else [batch, 3, hw, hw])
+    return _write(path, nodes, inits, x, helper.make_tensor_value_info("y", F32, [batch, 64, 1, 1]))
+
+
+def _write(path: Path, nodes: list, inits: list, x: Any, y: Any) -> str:
+    """The graph of ``nodes`` with input ``x`` and output ``y`` (value infos), opset 15, checked by
+    onnx.checker, saved at ``path``."""
+    graph = helper.make_graph(nodes, path.stem, [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -55,17 +57,13 @@ def _wide_conv(path: Path, hw: int = 224, stale: bool = False, batch: int | str 
 
 def _save(path: Path, nodes: list, inits: list, x: tuple[str, list[int]], y: tuple[str, list[int]]) -> str:
     """One input and one output, both [N, *dims] float; checked by onnx.checker, saved."""
-    graph = helper.make_graph(
+    return _write(
+        path,
         nodes,
-        path.stem,
-        [helper.make_tensor_value_info(x[0], F32, ["N", *x[1]])],
-        [helper.make_tensor_value_info(y[0], F32, ["N", *y[1]])],
         inits,
+        helper.make_tensor_value_info(x[0], F32, ["N", *x[1]]),
+        helper.make_tensor_value_info(y[0], F32, ["N", *y[1]]),
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
 
 
 def _mixed(path: Path) -> str:
@@ -219,17 +217,8 @@ def _computed_reshape(path: Path) -> str:
         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"], name="bn"),
         helper.make_node("GlobalAveragePool", ["b"], ["y"], name="pool"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "computed_reshape",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 224, 224])],
-        [helper.make_tensor_value_info("y", F32, [None, 64, 1, 1])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    x = helper.make_tensor_value_info("x", F32, ["N", 3, 224, 224])
+    return _write(path, nodes, inits, x, helper.make_tensor_value_info("y", F32, [None, 64, 1, 1]))
 
 
 def test_a_tensor_sized_only_once_the_batch_is_known_counts_in_the_check(tmp_path: Path, monkeypatch) -> None:
