@@ -106,3 +106,15 @@ def test_a_check_spawned_by_a_large_process_is_stopped_too(tmp_path: Path) -> No
     assert ballast.sum() > 0
     assert done.returncode == 2, done.stderr
     assert "stopped while checking it" in done.stderr
+
+
+def test_a_fix_whose_calibration_grows_past_the_ceiling_is_stopped_too(tmp_path: Path) -> None:
+    """`fix --data` runs the model over the data at --batch-size: watched as a probe is."""
+    model = _long_lived(tmp_path / "long_lived.onnx")
+    data = tmp_path / "calibration.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((256, 16, 64, 64)).astype(np.float32))
+    args = ["fix", model, "--data", str(data), "--batch-size", "256", "--dry-run"]
+    done = _console(tmp_path, "250MB", *args)
+    assert done.returncode == 2, done.stderr
+    assert "stopped while checking it" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert _console(tmp_path, "600MB", *args).returncode in (0, 1)
