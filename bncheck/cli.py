@@ -664,22 +664,21 @@ def fix(
     """
 
     def run() -> Any:
-        from bncheck import fixing, watchdog
+        from bncheck import fixing
 
-        with watchdog.watching(model):
-            return fixing.fix(
-                model,
-                fixed,
-                data,
-                only=only,
-                dry_run=dry_run,
-                fail_on=fail_on,
-                batch_size=batch_size,
-                stats=stats,
-                min_samples=min_samples,
-                exit_non_zero_on_fix=exit_non_zero_on_fix,
-                report_path=report_path,
-            )
+        return fixing.fix(
+            model,
+            fixed,
+            data,
+            only=only,
+            dry_run=dry_run,
+            fail_on=fail_on,
+            batch_size=batch_size,
+            stats=stats,
+            min_samples=min_samples,
+            exit_non_zero_on_fix=exit_non_zero_on_fix,
+            report_path=report_path,
+        )
 
     inputs = [("--data file", data), ("fixed model", fixed)]
     _imports_frozen([model], "fix")

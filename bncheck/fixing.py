@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from bncheck import watchdog
 from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
 from bncheck.errors import BncheckError, ErrorKind, UsageError
@@ -24,6 +25,7 @@ from bncheck.report import Report
 REPAIRABLE = ("BN002", "BN003")
 
 
+@watchdog.watched
 def fix(
     path: str,
     output: str | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from bncheck import watchdog
 from bncheck.config import Config
 from bncheck.model import DEFAULT_BATCH_SIZES, Note
 from bncheck.report import Report
@@ -38,16 +39,10 @@ def resolved_fail_on(options: Options) -> str:
     return options.fail_on or options.config.fail_on or "error"
 
 
+@watchdog.watched
 def check_model(path: str, options: Options) -> Report:
     """Run the command on ``path`` and return its report (raises BncheckError when it cannot run); watched
     for memory where the console enabled it (bncheck.watchdog)."""
-    from bncheck import watchdog
-
-    with watchdog.watching(path):
-        return _check_model(path, options)
-
-
-def _check_model(path: str, options: Options) -> Report:
     from bncheck import engine
 
     cfg = options.config

@@ -15,11 +15,12 @@ do not (their parent could not tell the stop from a crash). Standard library onl
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Concatenate, NoReturn, ParamSpec, TypeVar
 
 from bncheck import budget
 from bncheck.errors import BncheckError
@@ -73,6 +74,21 @@ def watching(model: str) -> Iterator[None]:
         yield
     finally:
         _state.watched = None
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def watched(check: Callable[Concatenate[str, P], R]) -> Callable[Concatenate[str, P], R]:
+    """``check(model, ...)`` run inside :func:`watching` of its model."""
+
+    @functools.wraps(check)
+    def run(model: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with watching(model):
+            return check(model, *args, **kwargs)
+
+    return run
 
 
 def at_stop(cleanup: Callable[[], None]) -> None:
