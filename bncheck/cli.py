@@ -184,11 +184,16 @@ def _skip_final_collection() -> None:
 _OWN_PROCESS = object()
 
 
+def _own_process() -> bool:
+    """Whether this command runs in the console's own process (console()), which bncheck may tune and end."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.find_root().obj is _OWN_PROCESS
+
+
 def _stop_for_memory(fmt: str, command: str, output: str | None) -> None:
     """bncheck.watchdog in bncheck's own process: a model's check whose memory passes its ceiling ends as any
     failure does (the one line, the error document, the report file), with exit 2 at once."""
-    context = click.get_current_context(silent=True)
-    if context is None or context.find_root().obj is not _OWN_PROCESS:
+    if not _own_process():
         return
     import os
 
@@ -210,8 +215,7 @@ def _imports_frozen(models: Sequence[str], command: str) -> None:
     """backends.frozen_imports for these model files, in bncheck's own process only (console() turned the
     collector off until then); a framework that fails to import is left for the command to report in its own
     words."""
-    context = click.get_current_context(silent=True)
-    if context is None or context.find_root().obj is not _OWN_PROCESS:
+    if not _own_process():
         return
     from bncheck.backends import frozen_imports
 

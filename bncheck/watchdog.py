@@ -61,12 +61,12 @@ def enable(stop: Stop) -> None:
 @contextlib.contextmanager
 def watching(model: str) -> Iterator[None]:
     """The check of ``model`` runs inside this block: watched where :func:`enable` was called, else as is."""
-    start = resident_bytes()
+    start = resident_bytes() if _state.stop is not None else None
     try:
-        limit = budget.budget()
+        limit = budget.budget() if start is not None else None
     except BncheckError:  # a malformed budget: the check itself reports it
         limit = None
-    if _state.stop is None or start is None or limit is None:
+    if start is None or limit is None:
         yield
         return
     _state.watched = (model, start, start + int(CEILING_FACTOR * limit), limit)
@@ -92,8 +92,9 @@ def watched(check: Callable[Concatenate[str, P], R]) -> Callable[Concatenate[str
 
 
 def at_stop(cleanup: Callable[[], None]) -> None:
-    """Run ``cleanup`` before the process is stopped (a scratch folder's removal: no ``finally`` runs then)."""
-    _state.cleanups.append(cleanup)
+    """Run ``cleanup`` before the process is stopped (no ``finally`` runs then); once, however often given."""
+    if cleanup not in _state.cleanups:
+        _state.cleanups.append(cleanup)
 
 
 def resident_bytes() -> int | None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import node_reads, upstream_nodes
-from bncheck.backends.onnx.load import free_unset_dims, location_of, relocate
+from bncheck.backends.onnx.load import external_tensors, free_unset_dims, location_of, relocate
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, normalized_set_size
@@ -269,9 +269,7 @@ def runtime_folder(model: onnx.ModelProto, folder: str) -> str:
     path (symbolic links followed) leaves ``folder``'s, which onnxruntime refuses: a Hugging Face cache links
     its files into a blob store. Then every location in ``model`` is rewritten relative to a folder that holds
     all their real files (the loader validated each location), and that folder is returned."""
-    from bncheck.backends.onnx.load import _external_tensors
-
-    tensors = _external_tensors(model)
+    tensors = external_tensors(model)
     real = os.path.realpath(folder)
     targets: dict[str, str] = {}
     for tensor in tensors:

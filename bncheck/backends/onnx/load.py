@@ -283,7 +283,7 @@ def _parse_without_large_weights(path: str) -> tuple[onnx.ModelProto, set[str]] 
     return model, {t.name for t in left if t.data_location == t.EXTERNAL}
 
 
-def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every tensor (initializers and attribute tensors, subgraphs included) stored outside the file."""
     import onnx
     from onnx import external_data_helper
@@ -302,7 +302,7 @@ def input_files(path: str) -> list[str]:
     except BackendError:
         return [path]
     base = os.path.dirname(os.path.abspath(path))
-    locations = {e.value: None for t in _external_tensors(model) for e in t.external_data if e.key == "location"}
+    locations = {e.value: None for t in external_tensors(model) for e in t.external_data if e.key == "location"}
     return [path, *(os.path.join(base, location) for location in locations if "\x00" not in location)]
 
 
@@ -324,7 +324,7 @@ def _validate_external(path: str, model: onnx.ModelProto, in_file: Collection[st
 
     Returns (uses external data, total bytes of the distinct external files).
     """
-    tensors = [t for t in _external_tensors(model) if t.name not in in_file]
+    tensors = [t for t in external_tensors(model) if t.name not in in_file]
     if not tensors:
         return False, 0
     base = os.path.dirname(os.path.abspath(path))
@@ -366,7 +366,7 @@ def _unknown_key_notes(model: onnx.ModelProto) -> list[Note]:
     """One note naming (a few of) the external_data keys onnx's loader ignores, and the tensors with them."""
     unknown: dict[str, None] = {}  # ordered set
     tensors: list[str] = []
-    for tensor in _external_tensors(model):
+    for tensor in external_tensors(model):
         keys = [e.key for e in tensor.external_data if e.key not in EXTERNAL_DATA_KEYS]
         if keys:
             tensors.append(tensor.name)
@@ -407,7 +407,7 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            for tensor in _external_tensors(model):
+            for tensor in external_tensors(model):
                 if _nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
                     # what load_external_data_for_model does, tensor by tensor, from the real file: onnx
                     # refuses to read through a symbolic link, and _validate_external accepted this one

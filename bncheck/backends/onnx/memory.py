@@ -98,6 +98,12 @@ def _bind(declared: Iterable[tuple[Dim, ...] | None], fed: Iterable[tuple[int, .
     return symbols
 
 
+def _symbols(shapes: Mapping[str, tuple[Dim, ...]], feeds: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The symbolic dims the fed inputs bind (:func:`_bind`)."""
+    names = [name for name in feeds if name in shapes]
+    return _bind((shapes[n] for n in names), (feeds[n] for n in names))
+
+
 def estimate(
     graph: Any,
     shapes: Mapping[str, tuple[Dim, ...]],
@@ -106,8 +112,7 @@ def estimate(
 ) -> Estimate:
     """The lower bound (see the module docstring) for ``graph`` run on inputs of the concrete ``feeds``
     shapes (input name -> shape as fed, model axis order)."""
-    names = [name for name in feeds if name in shapes]
-    symbols = _bind((shapes[n] for n in names), (feeds[n] for n in names))
+    symbols = _symbols(shapes, feeds)
     constant = {t.name for t in graph.initializer} | {"", *feeds}
     constant |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
 
@@ -171,8 +176,7 @@ def unsized(graph: Any, shapes: Mapping[str, tuple[Dim, ...]], feeds: Mapping[st
     """Whether a node writes a tensor whose size the shapes leave open at these feeds: no shape, or a dim no
     fed input binds (a Reshape to dims computed from the batch, as jax2tf and tf2onnx write). The estimate
     counts such a tensor 0."""
-    names = [name for name in feeds if name in shapes]
-    symbols = _bind((shapes[n] for n in names), (feeds[n] for n in names))
+    symbols = _symbols(shapes, feeds)
     for node in graph.node:
         if node.op_type == "Constant":
             continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 import shutil
 import tempfile
@@ -226,9 +226,18 @@ SCRATCH_PREFIX = "bncheck-probe-"
 def _new_scratch(parent: str) -> str:
     owner = f"{SCRATCH_PREFIX}{_pid_namespace()}-"
     _remove_orphans(parent, owner)
-    folder = tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
-    watchdog.at_stop(functools.partial(shutil.rmtree, folder, ignore_errors=True))
-    return folder
+    watchdog.at_stop(_remove_own_scratch)
+    return tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
+
+
+def _remove_own_scratch() -> None:
+    """Remove every scratch folder of this process: what the ``finally`` blocks do, for a stop that runs none."""
+    owner = f"{SCRATCH_PREFIX}{_pid_namespace()}-{os.getpid()}-"
+    for parent in {RAM_FOLDER, tempfile.gettempdir()}:
+        with contextlib.suppress(OSError):
+            for name in os.listdir(parent):
+                if name.startswith(owner):
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _pid_namespace() -> int:
