@@ -18,6 +18,8 @@ from bncheck import share
 from bncheck.errors import BncheckError, ErrorKind, UsageError
 
 ENV = "BNCHECK_MEMORY_BUDGET"
+#: how a message says the budget can change
+CHANGE = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
 #: Share of the available memory one allocation may take: the rest is for the runtime's own buffers (the
 #: activations onnxruntime or Keras allocate while the probe runs) and for the rest of the machine.
 BUDGET_FRACTION = 0.5
@@ -133,10 +135,9 @@ def check(need: int, what: str, *, remedy: str | None = None, lower_bound: bool 
     else than the budget the user can change (said before it); ``lower_bound``: ``need`` is a minimum."""
     limit = budget()
     if need > limit:
-        change = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
         needed, allowed = format_sizes(need, limit)
         raise OverBudgetError(
             f"{what} needs {'at least' if lower_bound else 'about'} {needed}, over the memory budget "
             f"of {allowed} ({source()})",
-            f"{remedy}, or {change}" if remedy else change,
+            f"{remedy}, or {CHANGE}" if remedy else CHANGE,
         )

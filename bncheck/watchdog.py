@@ -138,5 +138,5 @@ def _watch() -> None:
             f"{model}: stopped while checking it, before the system ran out of memory: bncheck's memory grew by "
             f"{grown}, past {CEILING_FACTOR:g} times the memory budget of {allowed} ({budget.source()}), though "
             f"the estimate before the run was within the budget; give smaller --batch-sizes (fix: --batch-size), "
-            f"or set {budget.ENV} (e.g. {budget.ENV}=64GB) to change the budget",
+            f"or {budget.CHANGE}",
         )

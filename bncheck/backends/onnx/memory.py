@@ -203,14 +203,12 @@ def check(
     the weight-less skeleton); without it a detector with open H and W would count a few kB of activations
     at any batch size, and basic-pitch's model 0.7 GB at batch 4096, where onnxruntime needs over 20 GB."""
     concrete: ProbeShapes | None = None
-    if open_dims(shapes, feeds, batch):
+    inputs_open = open_dims(shapes, feeds, batch)
+    if inputs_open or unsized(model.graph, shapes, feeds):
         inferred, inferred_types = concrete_shapes(model, feeds)
         shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
-        concrete = (inferred, batch)
-    elif unsized(model.graph, shapes, feeds):
-        # for the bound only: with the inputs' own dims all known, the instrumentation keeps the file's shapes
-        inferred, inferred_types = concrete_shapes(model, feeds)
-        shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
+        # kept for the instrumentation only where the inputs' dims were open: else it keeps the file's shapes
+        concrete = (inferred, batch) if inputs_open else None
     found = replace(estimate(model.graph, shapes, types, feeds), concrete=concrete)
     parts = [f"inputs {budget.format_size(found.inputs)}"]
     if found.node is not None:

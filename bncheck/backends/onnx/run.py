@@ -227,12 +227,17 @@ def _new_scratch(parent: str) -> str:
     owner = f"{SCRATCH_PREFIX}{_pid_namespace()}-"
     _remove_orphans(parent, owner)
     watchdog.at_stop(_remove_own_scratch)
-    return tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
+    return tempfile.mkdtemp(prefix=_own_prefix(), dir=parent)
+
+
+def _own_prefix() -> str:
+    """The start of this process's scratch folders' names (see SCRATCH_PREFIX)."""
+    return f"{SCRATCH_PREFIX}{_pid_namespace()}-{os.getpid()}-"
 
 
 def _remove_own_scratch() -> None:
     """Remove every scratch folder of this process: what the ``finally`` blocks do, for a stop that runs none."""
-    owner = f"{SCRATCH_PREFIX}{_pid_namespace()}-{os.getpid()}-"
+    owner = _own_prefix()
     for parent in {RAM_FOLDER, tempfile.gettempdir()}:
         with contextlib.suppress(OSError):
             for name in os.listdir(parent):
