@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
 
 from bncheck.cli import main
+
+#: far below the inputs a refused batch would draw (0.6-2.5 GB in these tests), far above what a refusal allocates
+UNDRAWN_PEAK = 256 * 10**6
 
 
 def check_fix_calibration_batch(
@@ -30,13 +33,17 @@ def check_fix_calibration_batch(
         assert refused in result.stderr and "--batch-size" in result.stderr, result.stderr
 
 
-def refusal(monkeypatch, budget: str, args: list[str]) -> tuple[str, float]:
-    """The one-line exit-2 error of ``bncheck ARGS`` under ``budget``, and the seconds it took."""
+def refusal(monkeypatch, budget: str, args: list[str]) -> tuple[str, int]:
+    """The one-line exit-2 error of ``bncheck ARGS`` under ``budget``, and the peak of the memory Python and
+    numpy allocated meanwhile (tracemalloc): a refusal before the inputs are drawn keeps it far below them."""
     monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", budget)
-    start = time.perf_counter()
-    result = CliRunner().invoke(main, args)
-    elapsed = time.perf_counter() - start
+    tracemalloc.start()
+    try:
+        result = CliRunner().invoke(main, args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    return lines[0], elapsed
+    return lines[0], peak

@@ -15,7 +15,7 @@ keras = pytest.importorskip("keras")
 
 from bncheck.backends.keras import memory
 from bncheck.cli import main
-from tests.budget_cases import check_fix_calibration_batch, refusal
+from tests.budget_cases import UNDRAWN_PEAK, check_fix_calibration_batch, refusal
 
 
 def _wide_conv(path: Path, hw: int | None, stale: bool = False, moving: tuple[float, float] = (0.1, 0.5)) -> str:
@@ -45,13 +45,13 @@ def test_busiest_layer_is_the_hand_computed_bytes_of_its_input_and_output(tmp_pa
 
 def test_huge_batch_is_refused_with_the_estimate_before_any_run(tmp_path: Path, monkeypatch) -> None:
     model = _wide_conv(tmp_path / "wide.keras", hw=224)
-    line, elapsed = refusal(monkeypatch, "4GB", ["probe", model, "--batch-sizes", "1,2,4096"])
+    line, peak = refusal(monkeypatch, "4GB", ["probe", model, "--batch-sizes", "1,2,4096"])
     # the inputs (4096 x 224 x 224 x 3 floats) plus a layer reading and writing 64 channels at full resolution
     expected = 4096 * 224 * 224 * (3 + 2 * 64) * 4
     assert f"{expected / 1e9:.3g} GB" in line, line
     assert "keras at batch size 4096" in line and "--batch-sizes" in line and "4 GB" in line
-    # before drawing the inputs (2.5 GB) or running a batch (the numpy backend: seconds at batch 64)
-    assert elapsed < 10, elapsed
+    # before drawing the inputs (2.5 GB)
+    assert peak < UNDRAWN_PEAK, peak
 
 
 def test_open_height_and_width_are_sized_from_the_input_shape(tmp_path: Path, monkeypatch) -> None:
