@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx.graph import node_reads, upstream_nodes
+from bncheck.backends.onnx.graph import copy_messages, node_reads, upstream_nodes
 from bncheck.backends.onnx.load import external_tensors, free_unset_dims, location_of, relocate
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
@@ -235,17 +235,17 @@ def _skeleton(src: onnx.ModelProto, initializers: list[Any]) -> onnx.ModelProto:
     for fname in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         if src.HasField(fname):
             setattr(stub, fname, getattr(src, fname))
-    stub.opset_import.extend(src.opset_import)
-    stub.metadata_props.extend(src.metadata_props)
-    stub.functions.extend(src.functions)
+    copy_messages(stub.opset_import, src.opset_import)
+    copy_messages(stub.metadata_props, src.metadata_props)
+    copy_messages(stub.functions, src.functions)
     graph = stub.graph
     graph.name = src.graph.name
-    graph.node.extend(src.graph.node)
-    graph.input.extend(src.graph.input)
-    graph.output.extend(src.graph.output)
-    graph.value_info.extend(src.graph.value_info)
-    graph.sparse_initializer.extend(src.graph.sparse_initializer)
-    graph.initializer.extend(initializers)
+    copy_messages(graph.node, src.graph.node)
+    copy_messages(graph.input, src.graph.input)
+    copy_messages(graph.output, src.graph.output)
+    copy_messages(graph.value_info, src.graph.value_info)
+    copy_messages(graph.sparse_initializer, src.graph.sparse_initializer)
+    copy_messages(graph.initializer, initializers)
     return stub
 
 
@@ -319,10 +319,10 @@ def keep_only(graph: Any, outputs: Iterable[str]) -> None:
     nodes = list(graph.node)
     needed = upstream_nodes(nodes, wanted)
     del graph.node[:]
-    graph.node.extend(node for i, node in enumerate(nodes) if i in needed)
+    copy_messages(graph.node, (node for i, node in enumerate(nodes) if i in needed))
     kept = [value for value in graph.output if value.name in wanted]
     del graph.output[:]
-    graph.output.extend(kept)
+    copy_messages(graph.output, kept)
 
 
 def release(handle: OnnxHandle, stubs: list[Any] | None):
@@ -821,8 +821,8 @@ class Augmenter:
         for group in reversed(self.tail):
             ordered.extend(group)
         del graph.node[:]
-        graph.node.extend(ordered)
-        graph.initializer.extend(self.b.inits)
+        copy_messages(graph.node, ordered)
+        copy_messages(graph.initializer, self.b.inits)
         existing = {o.name for o in graph.output}
         for name in self.outputs:
             if name not in existing:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import BackendError, sha256_of
-from bncheck.backends.onnx.graph import topological_order
+from bncheck.backends.onnx.graph import copy_messages, topological_order
 from bncheck.errors import few
 from bncheck.model import Dim, ModelInfo, Note
 
@@ -524,7 +524,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in declared:  # IR >= 4: initializers need not be inputs
             out.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     if constants:
-        out.node.extend(node for i, node in enumerate(graph.node) if i not in constants)
+        copy_messages(out.node, (node for i, node in enumerate(graph.node) if i not in constants))
         for i in sorted(constants):
             tensor = graph.node[i].attribute[0].t
             out.input.append(
@@ -554,7 +554,9 @@ def _copy_fields(source: Any, target: Any, skip: set[str]) -> None:
     for descriptor, value in source.ListFields():
         if descriptor.name in skip:
             continue
-        if descriptor.is_repeated:
+        if descriptor.is_repeated and descriptor.message_type is not None:
+            copy_messages(getattr(target, descriptor.name), value)
+        elif descriptor.is_repeated:
             getattr(target, descriptor.name).extend(value)
         elif descriptor.message_type is not None:
             getattr(target, descriptor.name).CopyFrom(value)
@@ -763,7 +765,7 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = type(model)()
     copy.CopyFrom(model)
     del copy.graph.node[:]
-    copy.graph.node.extend(nodes[i] for i in order)
+    copy_messages(copy.graph.node, (nodes[i] for i in order))
     return copy
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
-from bncheck.backends.onnx.graph import has_subgraphs
+from bncheck.backends.onnx.graph import copy_messages, has_subgraphs
 from bncheck.backends.onnx.instrument import _copy, _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes
 from bncheck.backends.onnx.runtime_errors import runtime_message
@@ -318,7 +318,7 @@ def _rewrite_batch_constants(
     for i, concat in reversed(added):
         nodes.insert(i, concat)
     del graph.node[:]
-    graph.node.extend([source_shape, batch, *nodes])
+    copy_messages(graph.node, [source_shape, batch, *nodes])
     return len(sites)
 
 

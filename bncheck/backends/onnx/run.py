@@ -16,7 +16,7 @@ from bncheck import watchdog
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
-from bncheck.backends.onnx.graph import upstream_nodes
+from bncheck.backends.onnx.graph import copy_messages, upstream_nodes
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
@@ -193,7 +193,7 @@ def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
     if len(order) != len(nodes):
         raise ValueError("added nodes depend on tensors no node produces")
     del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
+    copy_messages(graph.node, (nodes[i] for i in order))
 
 
 #: RAM-backed folder for the probe's short-lived files (Linux); used only with room to spare
