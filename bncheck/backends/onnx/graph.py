@@ -32,8 +32,8 @@ MAX_FILLED_ELEMENTS = 1 << 20
 
 def copy_messages(target: Any, messages: Iterable[Any]) -> None:
     """Append a copy of each of ``messages`` to the repeated message field ``target``, as ``target.extend``
-    does in half the time: upb's extend merges each message into a new element where this copies it (a
-    1,493-node graph: 4.2 against 7.8 ms, and several such copies per probe)."""
+    does: upb's extend merges each message into a new element, which takes about twice as long as a copy
+    (benchmarks/README.md)."""
     add = target.add
     for message in messages:
         add().CopyFrom(message)
