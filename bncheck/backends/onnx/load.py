@@ -480,13 +480,13 @@ def _collect_shapes(
     for values in (graph.input, graph.value_info, graph.output):
         for info in values:
             name = info.name
-            kind = info.type
-            if name in stored or kind.WhichOneof("value") != "tensor_type":
+            type_proto = info.type
+            if name in stored or type_proto.WhichOneof("value") != "tensor_type":
                 continue
-            elem = kind.tensor_type.elem_type
+            elem = type_proto.tensor_type.elem_type
             if elem:
                 types[name] = int(elem)
-            dims = _dims(kind, declared)
+            dims = _dims(type_proto, declared)
             if dims is not None:
                 shapes[name] = dims
     return shapes, types

@@ -224,15 +224,19 @@ SCRATCH_PREFIX = "bncheck-probe-"
 
 
 def _new_scratch(parent: str) -> str:
-    owner = f"{SCRATCH_PREFIX}{_pid_namespace()}-"
-    _remove_orphans(parent, owner)
+    _remove_orphans(parent, _namespace_prefix())
     watchdog.at_stop(_remove_own_scratch)
     return tempfile.mkdtemp(prefix=_own_prefix(), dir=parent)
 
 
+def _namespace_prefix() -> str:
+    """The start of the scratch folders' names of every process of this pid namespace (see SCRATCH_PREFIX)."""
+    return f"{SCRATCH_PREFIX}{_pid_namespace()}-"
+
+
 def _own_prefix() -> str:
-    """The start of this process's scratch folders' names (see SCRATCH_PREFIX)."""
-    return f"{SCRATCH_PREFIX}{_pid_namespace()}-{os.getpid()}-"
+    """The start of this process's scratch folders' names."""
+    return f"{_namespace_prefix()}{os.getpid()}-"
 
 
 def _remove_own_scratch() -> None:
