@@ -17,6 +17,7 @@ operand), so that Add does not read it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -74,6 +75,7 @@ class Estimate:
         return self.inputs + self.node_bytes
 
 
+@functools.cache
 def _itemsize(elem_type: int | None) -> int:
     if not elem_type:
         return 0
@@ -113,46 +115,53 @@ def estimate(
     """The lower bound (see the module docstring) for ``graph`` run on inputs of the concrete ``feeds``
     shapes (input name -> shape as fed, model axis order)."""
     symbols = _symbols(shapes, feeds)
+    # each node's fields read once: every protobuf read builds a new Python object (thousands of nodes)
+    nodes = [(node.op_type, list(node.input), list(node.output), node.name) for node in graph.node]
     constant = {t.name for t in graph.initializer} | {"", *feeds}
-    constant |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    constant |= {out for op, _, outs, _ in nodes if op == "Constant" for out in outs}
+    sizes: dict[str, int] = {}
 
     def size(name: str) -> int:
+        known = sizes.get(name)
+        if known is None:
+            known = sizes[name] = _size(name)
+        return known
+
+    def _size(name: str) -> int:
         dims = shapes.get(name)
         if name in constant or dims is None:
             return 0
-        sizes = [d if isinstance(d, int) else symbols.get(d) if isinstance(d, str) else None for d in dims]
-        if any(s is None or s < 0 for s in sizes):
+        bound = [d if isinstance(d, int) else symbols.get(d) if isinstance(d, str) else None for d in dims]
+        if any(s is None or s < 0 for s in bound):
             return 0
-        return math.prod(sizes) * _itemsize(types.get(name))  # type: ignore[arg-type]
+        return math.prod(bound) * _itemsize(types.get(name))  # type: ignore[arg-type]
 
-    pad_input = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Pad" and node.output}
+    pad_input = {outs[0]: ins[0] for op, ins, outs, _ in nodes if op == "Pad" and outs}
     readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in set(node.input):
+    for _, ins, _, _ in nodes:
+        for name in set(ins):
             readers[name] = readers.get(name, 0) + 1
     # outputs of a Conv (and of the BatchNormalization folded into it) read by one node only: fusable
     conv_only_summed: set[str] = set()
-    for node in graph.node:  # topological order (an ONNX requirement)
-        if not node.output or readers.get(node.output[0]) != 1:
+    for op, ins, outs, _ in nodes:  # topological order (an ONNX requirement)
+        if not outs or readers.get(outs[0]) != 1:
             continue
-        if node.op_type == "Conv" or (
-            node.op_type == "BatchNormalization" and len(node.output) == 1 and node.input[0] in conv_only_summed
-        ):
-            conv_only_summed.add(node.output[0])
+        if op == "Conv" or (op == "BatchNormalization" and len(outs) == 1 and ins[0] in conv_only_summed):
+            conv_only_summed.add(outs[0])
     best, where = 0, None
-    for node in graph.node:
-        read = list(dict.fromkeys(node.input))
-        if node.op_type in _PAD_FUSED:
+    for op, ins, outs, node_name in nodes:
+        read = list(dict.fromkeys(ins))
+        if op in _PAD_FUSED:
             read = [pad_input.get(name, name) for name in read]
-        if node.op_type in ("Add", "Sum"):
+        if op in ("Add", "Sum"):
             fused = [name for name in read if name in conv_only_summed]
             if fused:
                 read.remove(max(fused, key=size))
         read_bytes = sum(size(name) for name in read)
-        written = sum(size(name) for name in dict.fromkeys(node.output))
-        live = read_bytes + written if node.op_type in _NOT_IN_PLACE else max(read_bytes, written)
+        written = sum(size(name) for name in dict.fromkeys(outs))
+        live = read_bytes + written if op in _NOT_IN_PLACE else max(read_bytes, written)
         if live > best:
-            best, where = live, f"{node.name or (node.output[0] if node.output else '?')!r} ({node.op_type})"
+            best, where = live, f"{node_name or (outs[0] if outs else '?')!r} ({op})"
     fed = 0
     for name, shape in feeds.items():
         fed += math.prod(shape) * _itemsize(types.get(name))
