@@ -119,15 +119,9 @@ def estimate(
     nodes = [(node.op_type, list(node.input), list(node.output), node.name) for node in graph.node]
     constant = {t.name for t in graph.initializer} | {"", *feeds}
     constant |= {out for op, _, outs, _ in nodes if op == "Constant" for out in outs}
-    sizes: dict[str, int] = {}
 
+    @functools.cache  # a tensor is read by one node and written by another: sized once
     def size(name: str) -> int:
-        known = sizes.get(name)
-        if known is None:
-            known = sizes[name] = _size(name)
-        return known
-
-    def _size(name: str) -> int:
         dims = shapes.get(name)
         if name in constant or dims is None:
             return 0
