@@ -3,7 +3,8 @@
 Usage (with the Python of the venv that has bncheck installed; it needs onnx, numpy and h5py):
     python benchmarks/real_models/fetch.py
     /work/venvs/torch/bin/python benchmarks/real_models/make_exports.py torch    # optional, see README
-    python benchmarks/real_models/run.py [--repeats 1] [--only ID,...] [--bncheck PATH] [--no-readme]
+    python benchmarks/real_models/run.py [--repeats 1] [--twin-repeats 1] [--min-seconds 0 --max-repeats 11]
+        [--only ID,...] [--bncheck PATH] [--no-readme]
 
 For every model of manifest.json, of ``.cache/exports/exports.json`` and for the broken twins that
 twins.py writes into ``.cache/twins/`` (train-mode and 0/1 statistics, for every model with a
@@ -19,7 +20,8 @@ both sides); peak RSS is VmHWM from /proc/self/status inside each child (bncheck
 that reads it at exit; ru_maxrss would include this parent's pages inherited at fork). The same wrapper times
 the probe's output-level test (output dependence, effect runs, localisation: the bounded extra work on a model
 whose outputs depend on the batch), so the table gives the ratio without it too. Plain and probe are
-interleaved ``--repeats`` times; medians are reported, with the range of each pair's own ratio. Results go to
+interleaved ``--repeats`` times (with ``--min-seconds``, more for a model of short processes: see evaluate);
+medians are reported, with the range of each pair's own ratio. Results go to
 ``.cache/results.json`` and, unless ``--no-readme``, into benchmarks/README.md between the real-models markers.
 """
 
@@ -317,13 +319,20 @@ def layer_kinds(doc: dict | None) -> Counter[str]:
     return Counter(layer.get("kind", "?") for layer in (doc or {}).get("layers", []))
 
 
-def evaluate(model: dict, bncheck: Path, python: str, repeats: int) -> dict:
+def evaluate(
+    model: dict, bncheck: Path, python: str, repeats: int, min_seconds: float = 0.0, max_repeats: int = 0
+) -> dict:
+    """``repeats`` interleaved plain/probe pairs; then, while the pairs so far took less than ``min_seconds`` in
+    all, more pairs up to ``max_repeats``: a row of short processes gets the pairs that steady its medians for
+    the time one pair of a large model takes."""
     inspect = run_bncheck(bncheck, ["inspect", "--format", "json", model["path"]], measure_rss=False)
     probe_args = ["probe", "--format", "json", *model.get("probe_args", []), model["path"]]
     probes, plains = [], []
-    for _ in range(repeats):
+    spent = 0.0
+    while len(probes) < repeats or (spent < min_seconds and len(probes) < max_repeats):
         plains.append(run_plain(python, model))
         probes.append(run_bncheck(bncheck, probe_args, measure_rss=True))
+        spent += plains[-1]["wall"] + probes[-1]["wall"]
     probe = probes[-1]
     ok_plain = [p for p in plains if p["exit"] == 0]
     ok_probe = [p for p in probes if p["exit"] in (0, 1)]
@@ -452,12 +461,14 @@ def _probe_ran(r: dict) -> str:
     return f"{sizes}{f' ({handling})' if handling else ''} ({plain})"
 
 
-def _fmt_ratio(value: float | None, spread: list[float] | None = None) -> str:
-    """``1.38x (1.31-1.45)``: the ratio of the medians, then the range of the per-pair ratios."""
+def _fmt_ratio(value: float | None, spread: list[float] | None = None, pairs: int | None = None) -> str:
+    """``1.38x (1.31-1.45)``: the ratio of the medians, then the range of the per-pair ratios; with ``pairs``,
+    ``1.38x (1.31-1.45, 11 pairs)``."""
     if value is None:
         return "-"
+    count = f", {pairs} pairs" if pairs else ""
     if spread and spread[0] != spread[1]:
-        return f"{value:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})"
+        return f"{value:.2f}x ({spread[0]:.2f}-{spread[1]:.2f}{count})"
     return f"{value:.2f}x"
 
 
@@ -503,7 +514,8 @@ def markdown(results: list[dict], repeats: str, stamp: str, revision: str) -> st
             source = f"twin of {r['parent']}"
         rows.append(
             f"| {r['id']} | {source} | {kinds} | {insp} | {prob} | {_probe_ran(r)} | {secs} | "
-            f"{_fmt_ratio(r.get('time_ratio'), r.get('time_ratio_range'))} | {_fmt_output_test(r)} | {rss} | "
+            f"{_fmt_ratio(r.get('time_ratio'), r.get('time_ratio_range'), len(r.get('pairs', [])))} | "
+            f"{_fmt_output_test(r)} | {rss} | "
             f"{_fmt_ratio(r.get('rss_ratio'), r.get('rss_ratio_range'))} |"
         )
     ratios = [r for r in results if r.get("time_ratio") and r["origin"] != "twin-trainmode" and not r.get("expect")]
@@ -609,6 +621,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="plain/probe pairs per shipped or exported model")
     parser.add_argument("--twin-repeats", type=int, default=1, help="plain/probe pairs per broken twin")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="after the repeats, more pairs for a model until its pairs have taken this long in all (0: off)",
+    )
+    parser.add_argument("--max-repeats", type=int, default=11, help="the most pairs --min-seconds adds up to")
     parser.add_argument("--only", help="comma-separated model ids (a shipped model's id includes its twins)")
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument(
@@ -639,7 +658,7 @@ def main() -> None:
     results = []
     for model in models:
         repeats = args.twin_repeats if model["origin"].startswith("twin") else args.repeats
-        result = evaluate(model, args.bncheck, python, repeats)
+        result = evaluate(model, args.bncheck, python, repeats, args.min_seconds, args.max_repeats)
         results.append(result)
         print(
             f"{model['id']:34} inspect {result['inspect']['exit']} {_fmt_findings(result['inspect_findings'])} | "
@@ -652,7 +671,13 @@ def main() -> None:
     after = args.revision or bncheck_revision(python)
     if after != revision:
         revision = f"{revision} (changed to {after} during the run: rerun for consistent rows)"
-    repeats = f"{args.repeats} ({args.twin_repeats} for twins)"
+    if args.min_seconds:
+        repeats = (
+            f"{args.repeats} ({args.twin_repeats} for twins; up to {args.max_repeats} for a model whose pairs "
+            f"had taken under {args.min_seconds:g} s in all)"
+        )
+    else:
+        repeats = f"{args.repeats} ({args.twin_repeats} for twins)"
     (args.cache / "results.json").write_text(
         json.dumps(
             {"results": results, "repeats": repeats, "stamp": stamp, "revision": revision}, indent=1, default=str
