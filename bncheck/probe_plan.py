@@ -286,7 +286,7 @@ def needs_statistics(layer: NormLayer, settings: ProbeSettings) -> bool:
     use (BN003 compares them with the stored ones); without it nothing needs them but the naming of the first
     NaN/Inf (BN005), and the engine measures such layers once the model's outputs hold NaN/Inf. Measuring an
     inference BN's output keeps onnxruntime from fusing it and the next Relu/Add into its convolution and
-    reads the whole tensor twice (benchmarks/README.md). ``--all-layers`` measures them all the same.
+    reads the whole tensor twice (benchmarks/HISTORY.md). ``--all-layers`` measures them all the same.
     """
     return settings.all_layers or settings.data is not None or layer.computes_statistics
 

@@ -33,7 +33,7 @@ MAX_FILLED_ELEMENTS = 1 << 20
 def copy_messages(target: Any, messages: Iterable[Any]) -> None:
     """Append a copy of each of ``messages`` to the repeated message field ``target``, as ``target.extend``
     does: upb's extend merges each message into a new element, which takes about twice as long as a copy
-    (benchmarks/README.md)."""
+    (benchmarks/HISTORY.md)."""
     add = target.add
     for message in messages:
         add().CopyFrom(message)
