@@ -71,8 +71,9 @@ class OnnxBackend(Backend):
         return input_files(path)
 
     def import_modules(self, command: str) -> None:
-        import onnx  # noqa: F401
+        from bncheck.backends.onnx.quick_import import import_onnx
 
+        import_onnx()  # only ever called in a process bncheck owns (backends.frozen_imports)
         from bncheck.backends.onnx import walk  # noqa: F401
 
         if command != "inspect":
