@@ -41,6 +41,8 @@ def dist_info_version(name: str) -> str | None:
         return None
     wanted = _normalized(name)
     for entry in sys.path:
+        if not isinstance(entry, str):
+            return None  # not a folder name: left to importlib.metadata
         folder = entry or "."
         if folder.lower().endswith(".egg") or os.path.isfile(folder):
             return None
@@ -81,9 +83,8 @@ def _real() -> types.ModuleType:
     """The real importlib.metadata, imported in place of the stand-in."""
     import importlib
 
-    if not isinstance(sys.modules.get(_NAME), _StandIn):
-        return importlib.import_module(_NAME)
-    del sys.modules[_NAME]
+    if isinstance(sys.modules.get(_NAME), _StandIn):
+        del sys.modules[_NAME]
     return importlib.import_module(_NAME)
 
 
