@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import bn_model
-
 
 def _fresh(code: str) -> dict:
     """The JSON object ``code`` prints, run in a new interpreter."""
@@ -131,21 +129,3 @@ def test_the_first_folder_on_the_path_wins_as_in_importlib_metadata(tmp_path: Pa
         """
     )
     assert out["found"] == out["real"] == "3.1.post2"
-
-
-def test_console_probe_never_imports_importlib_metadata(tmp_path: Path):
-    path = bn_model(tmp_path / "clean.onnx")
-    code = textwrap.dedent(
-        f"""
-        import atexit, sys
-        # atexit handlers run before the console ends its process (cli._end_process)
-        atexit.register(lambda: sys.stderr.write("metadata imported: %s" % ("importlib.metadata" in sys.modules)))
-        from bncheck.cli import console
-        sys.argv = ["bncheck", "probe", {path!r}, "--format", "json"]
-        console()
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["findings"] == []
-    assert proc.stderr.strip().endswith("metadata imported: False")

@@ -50,11 +50,12 @@ def dist_info_version(name: str) -> str | None:
             children = os.listdir(folder)
         except OSError:
             continue  # importlib.metadata skips what it cannot list too
+        # as importlib.metadata's Lookup names each .dist-info/.egg-info folder: its text before the first "-"
         found = [
             child
             for child in children
             if child.lower().endswith((".dist-info", ".egg-info"))
-            and _normalized(child.lower().rpartition(".")[0].partition("-")[0]) == wanted
+            and _normalized(child.rpartition(".")[0].partition("-")[0]) == wanted
         ]
         if not found:
             continue
