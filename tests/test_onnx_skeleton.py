@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bncheck.backends.onnx import OnnxBackend
-from bncheck.backends.onnx.load import SKELETON_KEEP_BYTES, _skeleton
+from bncheck.backends.onnx.load import SKELETON_KEEP_BYTES, _skeleton, inferred_shapes
 
 
 def _conv_reshape_bn(path, ir_version: int = 8, bad_attribute: bool = False) -> str:
@@ -65,6 +65,17 @@ def test_shapes_are_inferred_through_large_weights_and_small_shape_tensors(tmp_p
     assert layer.input_shape == ("N", 64, 4, 16)
     assert view.notes == []
     assert [i.name for i in view.inputs] == ["x"]
+
+
+def test_probe_copy_shapes_are_inferred_through_large_weights_and_small_shape_tensors(tmp_path):
+    # inferred_shapes (the probe copy's shapes, a relaxed batch's) runs on the skeleton as well
+    model = onnx.load(_conv_reshape_bn(tmp_path / "m.onnx"))
+    shapes, types = inferred_shapes(model)
+    assert shapes["c2"] == ("N", 64, 8, 8)
+    assert shapes["r"] == ("N", 64, 4, 16)  # the Reshape's small shape initializer read by data propagation
+    assert shapes["w2"] == (64, 16, 3, 3)
+    assert types["r"] == TensorProto.FLOAT
+    assert len(model.graph.initializer) == 7 and len(model.graph.input) == 1  # the model itself is not edited
 
 
 def test_checker_failures_are_still_reported_from_the_skeleton(tmp_path):

@@ -618,16 +618,23 @@ def concrete_shapes(
         for dim, size in zip(dims, shape):
             dim.Clear()
             dim.dim_value = int(size)
-    return inferred_shapes(_sorted(skeleton))
+    skeleton = _sorted(skeleton)
+    return _inferred_shapes(skeleton, skeleton)
 
 
 def inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
-    """Shapes and types of ``model`` by onnx shape inference (lenient), its declared ones where inference
-    fails; ``model`` itself is not edited."""
+    """Shapes and types of ``model`` by onnx shape inference (lenient) on its weight-less skeleton (see
+    _skeleton), its declared ones where inference fails; ``model`` itself is not edited."""
+    return _inferred_shapes(_skeleton(model), model)
+
+
+def _inferred_shapes(
+    skeleton: onnx.ModelProto, model: onnx.ModelProto
+) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:
         inferred = model
     return _collect_shapes(inferred, model)
