@@ -28,8 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "real_models"))  # the real-world set's manifest, cache and plain inference
+sys.path.insert(0, str(Path(__file__).resolve().parent / "real_models"))  # the real-world set and its plain child
+from fetch import DEFAULT_CACHE
+from run import FEEDS, collect_models, plain_batches
 
 # (label, module, attribute): each moment counts in the innermost of these running on the main thread
 PROBE_PHASES = [
@@ -111,16 +112,13 @@ def probe_kwargs(args: list[str]) -> dict[str, Any]:
 
 def plain_feeds() -> Callable[..., dict[str, Any]]:
     """real_models/run.py's feeds(), which its plain child runs."""
-    import run as real_models_run
-
     namespace: dict[str, Any] = {}
-    exec(real_models_run.FEEDS, namespace)
+    exec(FEEDS, namespace)
     return namespace["feeds"]
 
 
 def measure(model: dict, repeats: int, phases: Phases) -> dict[str, Any]:
     import onnxruntime as ort
-    from run import plain_batches
 
     import bncheck
 
@@ -183,9 +181,6 @@ def table(model: dict, rounds: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    from fetch import DEFAULT_CACHE
-    from run import collect_models
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ids", help="comma-separated model ids of the real-world set (ONNX files)")
     parser.add_argument("--repeats", type=int, default=5)
