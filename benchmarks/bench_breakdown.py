@@ -100,13 +100,15 @@ def install(phases: Phases) -> None:
 
 def probe_kwargs(args: list[str]) -> dict[str, Any]:
     """The manifest's probe arguments (--input-shape NAME:AxB, --batch-sizes 1,2,8) as bncheck.probe's."""
+    from bncheck.probe_data import parse_batch_sizes, parse_input_shape
+
     kwargs: dict[str, Any] = {}
     for flag, value in zip(args[::2], args[1::2]):  # every probe argument of the manifest takes one value
         if flag == "--input-shape":
-            name, dims = value.rsplit(":", 1)
-            kwargs.setdefault("input_shapes", {})[name] = tuple(int(d) for d in dims.split("x"))
+            name, dims = parse_input_shape(value)
+            kwargs.setdefault("input_shapes", {})[name] = dims
         elif flag == "--batch-sizes":
-            kwargs["batch_sizes"] = [int(b) for b in value.split(",")]
+            kwargs["batch_sizes"] = parse_batch_sizes(value)
     return kwargs
 
 
