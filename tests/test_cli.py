@@ -188,17 +188,20 @@ def _console(prelude: str, argv: list[str], **env: str) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
 
 
-def test_console_probe_never_imports_importlib_metadata(tmp_path):
+def test_console_probe_never_imports_importlib_metadata_or_the_deferred_modules(tmp_path):
     # onnx is imported through backends/onnx/quick_import.py; atexit handlers run before the console ends
     path = bn_model(tmp_path / "clean.onnx")
     prelude = (
         "import atexit\n"
+        "from bncheck.backends.onnx.quick_import import DEFERRED, Deferred\n"
+        "real = lambda: [n for n in DEFERRED if n in sys.modules and not isinstance(sys.modules[n], Deferred)]\n"
         "atexit.register(lambda: sys.stderr.write('metadata imported: %s' % ('importlib.metadata' in sys.modules)))\n"
+        "atexit.register(lambda: sys.stderr.write('deferred imported: %s; ' % real()))\n"
     )
     proc = _console(prelude, ["probe", path, "--format", "json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["findings"] == []
-    assert proc.stderr.strip().endswith("metadata imported: False")
+    assert proc.stderr.strip().endswith("deferred imported: []; metadata imported: False")
 
 
 def test_console_entry_runs_earlier_exit_handlers_flushes_stdout_and_keeps_the_exit_code(stale):

@@ -129,3 +129,66 @@ def test_the_first_folder_on_the_path_wins_as_in_importlib_metadata(tmp_path: Pa
         """
     )
     assert out["found"] == out["real"] == "3.1.post2"
+
+
+def test_import_onnx_leaves_the_deferred_modules_unimported():
+    out = _fresh(
+        """
+        import json, sys
+        from bncheck.backends.onnx.quick_import import DEFERRED, Deferred, import_onnx
+        import_onnx()
+        import onnx
+        print(json.dumps({
+            "deferred": [name for name in DEFERRED if isinstance(sys.modules[name], Deferred)],
+            "heavy": [name for name in ("tarfile", "argparse", "subprocess") if name in sys.modules],
+            "attribute": isinstance(onnx.compose, Deferred),
+            "dunder": hasattr(sys.modules["onnx.utils"], "__file__"),
+            "still": isinstance(sys.modules["onnx.utils"], Deferred),
+        }))
+        """
+    )
+    assert out["deferred"] == [
+        "onnx.compose",
+        "onnx.utils",
+        "onnx.gen_proto",
+        "google.protobuf.json_format",
+        "google.protobuf.text_format",
+    ]
+    assert out["heavy"] == []
+    assert out["attribute"]
+    assert out["dunder"] is False and out["still"]  # hasattr(module, "__file__") imports nothing
+
+
+def test_a_deferred_module_is_the_real_one_from_its_first_use(tmp_path: Path):
+    out = _fresh(
+        f"""
+        import json, sys
+        from bncheck.backends.onnx.quick_import import Deferred, import_onnx
+        import_onnx()
+        import onnx
+        from onnx import helper
+        merge = onnx.compose.merge_models  # the first name read imports onnx.compose
+        model = helper.make_model(helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])]))
+        same = {{}}
+        for fmt in ("json", "textproto"):  # protobuf's JSON and text formats, through their stand-ins
+            path = {str(tmp_path)!r} + "/model." + fmt
+            onnx.save_model(model, path, format=fmt)
+            same[fmt] = onnx.load_model(path, format=fmt) == model
+        from google.protobuf import text_format
+        print(json.dumps({{
+            "merge": merge.__module__,
+            "compose": type(sys.modules["onnx.compose"]).__name__,
+            "attribute": onnx.compose is sys.modules["onnx.compose"],
+            "same": same,
+            "text_format": type(text_format).__name__,
+            "parse": callable(text_format.Parse),
+        }}))
+        """
+    )
+    assert out["merge"] == "onnx.compose"
+    assert out["compose"] == "module" and out["attribute"]  # the real module, in sys.modules and on onnx
+    assert out["same"] == {"json": True, "textproto": True}
+    assert out["text_format"] == "module" and out["parse"]

@@ -1,7 +1,9 @@
-"""onnx imported without importlib.metadata, for a process bncheck owns.
+"""onnx imported without importlib.metadata and the modules bncheck never uses, for a process bncheck owns.
 
 onnx imports importlib.metadata (the email package, zipfile and more) only to set ``onnx.__version__``, which
-bncheck never reads: a stand-in answers ``version()`` while onnx imports (docs/architecture.md has the numbers).
+bncheck never reads: a stand-in answers ``version()`` while onnx imports. onnx's ``__init__`` also imports
+modules bncheck never calls (:data:`DEFERRED`); each stays a stand-in that imports the real module when a name
+is first read from it (docs/architecture.md has the numbers).
 """
 
 from __future__ import annotations
@@ -10,19 +12,75 @@ import contextlib
 import os
 import re
 import sys
+import threading
 import types
 from collections.abc import Iterator
 
 _NAME = "importlib.metadata"
 
+#: What onnx's ``__init__`` imports and bncheck never uses: model composition (with onnx.utils, which imports
+#: tarfile), the generator of onnx's protobuf modules (argparse, subprocess), and protobuf's JSON and text
+#: formats, which onnx reads only for models saved in those formats.
+DEFERRED = (
+    "onnx.compose",
+    "onnx.utils",
+    "onnx.gen_proto",
+    "google.protobuf.json_format",
+    "google.protobuf.text_format",
+)
+
 
 def import_onnx() -> None:
     """Import onnx, with :func:`dist_info_version` standing in for importlib.metadata's ``version`` while it
-    imports, unless either is imported already."""
+    imports, unless either is imported already, and :data:`DEFERRED` left to their first use."""
+    if "onnx" in sys.modules:
+        return
+    import google.protobuf  # noqa: F401  (the package of two of them; onnx's own modules import it anyway)
+
+    for name in DEFERRED:
+        _defer(name)
     with contextlib.ExitStack() as stack:
-        if "onnx" not in sys.modules and _NAME not in sys.modules:
+        if _NAME not in sys.modules:
             stack.enter_context(_stand_in())
         import onnx  # noqa: F401
+
+
+class Deferred(types.ModuleType):
+    """A module not imported yet: the first name read from it imports the real one, which then takes its
+    place in ``sys.modules`` and in its package. Its ``__spec__`` is None, so an ``import`` statement of its
+    name takes it as it is (a lazy loader would be loaded by that very statement)."""
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__") and name != "__all__":
+            raise AttributeError(name)  # hasattr(module, "__file__") and the like: no reason to import it
+        return getattr(_import_real(self.__name__), name)
+
+
+def _defer(name: str) -> None:
+    """Put a :class:`Deferred` in ``sys.modules`` for ``name``, unless the module is imported already, and as
+    an attribute of its package where that is imported (``import a.b.c`` then reads ``a.b.c``; onnx's own
+    ``from onnx import compose`` takes it from ``sys.modules``)."""
+    if name in sys.modules:
+        return
+    package, _, child = name.rpartition(".")
+    parent = sys.modules.get(package)
+    if parent is not None and hasattr(parent, child):
+        return
+    sys.modules[name] = module = Deferred(name, "not imported yet (bncheck.backends.onnx.quick_import)")
+    if parent is not None:
+        setattr(parent, child, module)
+
+
+_REAL_IMPORT = threading.Lock()  # two threads reading a Deferred at once: one real import, never two
+
+
+def _import_real(name: str) -> types.ModuleType:
+    import importlib
+
+    with _REAL_IMPORT:
+        if isinstance(sys.modules.get(name), Deferred):
+            del sys.modules[name]
+        return importlib.import_module(name)  # which sets it as its package's attribute too
 
 
 def _normalized(name: str) -> str:
