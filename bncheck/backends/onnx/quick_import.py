@@ -56,19 +56,20 @@ class Deferred(types.ModuleType):
         return getattr(_import_real(self.__name__), name)
 
 
-def _defer(name: str) -> None:
-    """Put a :class:`Deferred` in ``sys.modules`` for ``name``, unless the module is imported already, and as
-    an attribute of its package where that is imported (``import a.b.c`` then reads ``a.b.c``; onnx's own
-    ``from onnx import compose`` takes it from ``sys.modules``)."""
+def _defer(name: str, doc: str = "not imported yet (bncheck.backends.onnx.quick_import)") -> Deferred | None:
+    """Put a :class:`Deferred` in ``sys.modules`` for ``name`` and return it, unless the module is imported
+    already; also as an attribute of its package where that is imported (``import a.b.c`` then reads
+    ``a.b.c``; onnx's own ``from onnx import compose`` takes it from ``sys.modules``)."""
     if name in sys.modules:
-        return
+        return None
     package, _, child = name.rpartition(".")
     parent = sys.modules.get(package)
     if parent is not None and hasattr(parent, child):
-        return
-    sys.modules[name] = module = Deferred(name, "not imported yet (bncheck.backends.onnx.quick_import)")
+        return None
+    sys.modules[name] = module = Deferred(name, doc)
     if parent is not None:
         setattr(parent, child, module)
+    return module
 
 
 _REAL_IMPORT = threading.Lock()  # two threads reading a Deferred at once: one real import, never two
@@ -138,33 +139,22 @@ def _metadata_version(path: str) -> str | None:
     return None
 
 
-def _real() -> types.ModuleType:
-    """The real importlib.metadata, imported in place of the stand-in."""
-    import importlib
-
-    if isinstance(sys.modules.get(_NAME), _StandIn):
-        del sys.modules[_NAME]
-    return importlib.import_module(_NAME)
-
-
-class _StandIn(types.ModuleType):
-    def __getattr__(self, name: str) -> object:
-        return getattr(_real(), name)
-
-
 def _version(name: str) -> str:
     found = dist_info_version(name)
-    return found if found is not None else _real().version(name)
+    return found if found is not None else _import_real(_NAME).version(name)
 
 
 @contextlib.contextmanager
 def _stand_in() -> Iterator[None]:
+    """importlib.metadata as a :class:`Deferred` answering ``version()`` by :func:`_version` while the block
+    runs, ``importlib.metadata`` included (what ``import importlib.metadata`` reads)."""
     import importlib
 
-    stand_in = _StandIn(_NAME, "importlib.metadata's version(), for onnx's import (bncheck)")
+    stand_in = _defer(_NAME, "importlib.metadata's version(), for onnx's import (bncheck)")
+    if stand_in is None:  # imported meanwhile: the real module answers
+        yield
+        return
     stand_in.version = _version  # type: ignore[attr-defined]
-    sys.modules[_NAME] = stand_in
-    importlib.metadata = stand_in  # what `import importlib.metadata` then reads, as after a real import
     try:
         yield
     finally:
