@@ -11,6 +11,9 @@ from bncheck.backends.base import Backend, BackendError, ProbeSettings
 __all__ = ["Backend", "BackendError", "ProbeSettings", "backend_for", "frozen_imports", "import_for"]
 
 _KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+#: allocations between two young collections in a process bncheck owns, once its imports are frozen (CPython's
+#: default is 700): a probe's objects die by reference count; the 19-68 collections of a probe freed 0-900 objects
+YOUNG_COLLECTION_THRESHOLD = 20_000
 
 
 def backend_for(path: str) -> Backend:
@@ -41,9 +44,10 @@ def import_for(paths: Iterable[str], command: str) -> None:
 
 def frozen_imports(paths: Iterable[str], command: str) -> None:
     """:func:`import_for` with the cyclic garbage collector off, then every object so far frozen (gc.freeze)
-    and the collector back on: modules live to the end of the process, and the collector would otherwise scan
-    each of their objects as it ages (docs/architecture.md has the numbers). Only for a process bncheck owns:
-    the console script's, or a worker of ``-j``."""
+    and the collector back on, its young generation collected every :data:`YOUNG_COLLECTION_THRESHOLD`
+    allocations: modules live to the end of the process, and the collector would otherwise scan each of their
+    objects as it ages (docs/architecture.md has the numbers). Only for a process bncheck owns: the console
+    script's, or a worker of ``-j``."""
     import gc
 
     gc.disable()
@@ -51,4 +55,6 @@ def frozen_imports(paths: Iterable[str], command: str) -> None:
         import_for(paths, command)
     finally:
         gc.freeze()
+        young, older, oldest = gc.get_threshold()
+        gc.set_threshold(max(young, YOUNG_COLLECTION_THRESHOLD), older, oldest)
         gc.enable()
