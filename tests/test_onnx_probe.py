@@ -330,6 +330,17 @@ def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw, keep_runti
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep_runtime", [True, False], ids=["beside_the_runtime_node", "alone"])
+def test_train_mode_decomposition_copies_its_parameters_only_beside_the_runtime_node(tmp_path, keep_runtime):
+    # the runtime's node writes into buffers it shares with equal initializers; alone, the copies only cost
+    # onnxruntime's optimizer time
+    path = bn_model(tmp_path / "t.onnx", channels=3, hw=(4, 4), training=True, **_EQUAL_PARAMS)
+    view = OnnxBackend().load(path)
+    aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False, keep_runtime=keep_runtime)
+    copied = sorted(n.input[0] for n in aug.finish().graph.node if n.op_type == "Identity")
+    assert copied == (["bias", "mean", "scale", "var"] if keep_runtime else [])
+
+
 def _running_read_by(path: Path, reader: str) -> str:
     """bn_model's train-mode BN with its running statistics read by nobody ("none") or only inside an If
     branch ("if_branch"), instead of being graph outputs."""

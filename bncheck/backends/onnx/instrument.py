@@ -706,9 +706,10 @@ class Augmenter:
         for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
             if role not in roles:
                 continue
-            # private copies: onnxruntime's train-mode kernel may write the running statistics into a
-            # buffer it shares with an equal initializer (onnxruntime#29790)
-            params[role] = b.one("Identity", [name], f"spec_{role}")
+            # private copies beside the runtime's own train-mode node only: it may write the running
+            # statistics into a buffer it shares with an equal initializer (onnxruntime#29790); without it
+            # the copies cost onnxruntime's optimizer time (a Constant node's copy is folded into a new one)
+            params[role] = b.one("Identity", [name], f"spec_{role}") if self.keep_runtime else name
         if spatial_mode == 1 and rank >= 3:
             # the mean over (0, 2, ...) as the batch mean of per-sample GlobalAveragePools: onnxruntime keeps
             # those in its NCHWc layout, where a ReduceMean over (0, 2, 3) reorders the whole tensor first
