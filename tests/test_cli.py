@@ -294,7 +294,7 @@ def test_console_probe_of_a_small_model_runs_no_collection_once_its_imports_are_
     # a probe's objects die by reference count: the young generation's collections would find next to nothing
     seen, _, _ = _collections(tmp_path, ["probe", "--format", "json", clean], 0)
     first_freeze = next(i for i, (kind, *_) in enumerate(seen) if kind == "freeze")
-    assert seen[first_freeze][3], "the imports were frozen before onnxruntime came in"
+    assert seen[first_freeze][3], "the first freeze came before onnxruntime's import"
     assert [s for s in seen[first_freeze:] if s[0] == "collect"] == []
 
 
