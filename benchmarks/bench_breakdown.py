@@ -175,7 +175,7 @@ def table(model: dict, rounds: dict[str, Any]) -> list[str]:
         if mine < 0.0005 and not theirs:
             continue
         lines.append(
-            f"| {label} | {mine * 1000:.1f} | {calls.get(label, '') if label != 'other' else ''} | "
+            f"| {label} | {mine * 1000:.1f} | {calls.get(label, '')} | "
             f"{'' if theirs is None else f'{theirs * 1000:.1f}'} |"
         )
     lines.append(f"| total | {_median(probe, None) * 1000:.1f} | | {_median(plain, None) * 1000:.1f} |")
