@@ -39,9 +39,7 @@ def import_onnx() -> None:
 
     for name in DEFERRED:
         _defer(name)
-    with contextlib.ExitStack() as stack:
-        if _NAME not in sys.modules:
-            stack.enter_context(_stand_in())
+    with _stand_in():
         import onnx  # noqa: F401
 
 
@@ -151,7 +149,7 @@ def _stand_in() -> Iterator[None]:
     import importlib
 
     stand_in = _defer(_NAME, "importlib.metadata's version(), for onnx's import (bncheck)")
-    if stand_in is None:  # imported meanwhile: the real module answers
+    if stand_in is None:  # imported already: the real module answers
         yield
         return
     stand_in.version = _version  # type: ignore[attr-defined]
