@@ -344,8 +344,9 @@ def release(handle: OnnxHandle, stubs: list[Any] | None):
         skeleton = onnx.load(handle.path, load_external_data=False)
     else:
         # the external stubs of the weights this probe already wrote; a later stub copies them as they
-        # are, so the skeleton also serves the exact form's second session
-        if stubs is None:
+        # are, so the skeleton also serves the exact form's second session. Without initializers (older
+        # paddle2onnx keeps every weight in Constant nodes) a skeleton would copy the weights too.
+        if stubs is None or not handle.model.graph.initializer:
             return lambda: None
         skeleton = _skeleton(handle.model, stubs)
     kept = handle.model

@@ -126,6 +126,8 @@ def parameter_inputs(graph: Any) -> dict[str, float]:
                 other.add(name)
         if has_subgraphs(node):  # read inside a subgraph: not only a parameter
             other |= candidates
+        if len(other) == len(candidates):  # every input is read as data (the usual case, at its first reader)
+            return {}
     return {name: v for name, v in value.items() if name not in other}
 
 
