@@ -7,8 +7,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bncheck.backends.base import ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
-from bncheck.backends.onnx.load import SKELETON_KEEP_BYTES, _skeleton, inferred_shapes
+from bncheck.backends.onnx.load import SKELETON_KEEP_BYTES, _skeleton, concrete_shapes, inferred_shapes, own_skeleton
+from bncheck.backends.onnx.run import run_probe
 
 
 def _conv_reshape_bn(path, ir_version: int = 8, bad_attribute: bool = False) -> str:
@@ -84,8 +86,9 @@ def test_checker_failures_are_still_reported_from_the_skeleton(tmp_path):
     assert [layer.name for layer in view.layers] == ["bn"]
 
 
-def _constant_weights(path) -> str:
-    """The same Conv + BatchNormalization with every weight in a Constant node, as older paddle2onnx writes."""
+def _constant_weights(path, height: int | str = 8) -> str:
+    """The same Conv + BatchNormalization with every weight in a Constant node, as older paddle2onnx writes;
+    ``height`` of the input (a name leaves it open, as detectors do)."""
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)  # 4.6 KB > SKELETON_KEEP_BYTES
     params = [np.full(16, v, np.float32) for v in (1.0, 0.1, 0.2, 0.9)]
@@ -101,8 +104,8 @@ def _constant_weights(path) -> str:
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, height, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, height, 8])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
     return str(path)
@@ -127,3 +130,37 @@ def test_shapes_are_inferred_through_large_constant_weights(tmp_path):
     assert view.handle.value_shapes["w"] == (16, 8, 3, 3)
     assert view.notes == []
     assert [i.name for i in view.inputs] == ["x"]
+
+
+def test_the_skeleton_the_loader_inferred_on_gives_the_memory_check_the_same_shapes(tmp_path):
+    # the probe's memory check infers the file's shapes at the fed sizes on the loader's skeleton
+    view = OnnxBackend().load(_constant_weights(tmp_path / "c.onnx", height="H"))
+    handle = view.handle
+    spare = handle.spare_skeleton
+    assert spare is not None and "w" in {i.name for i in spare.graph.input}  # weight-less: the weight is an input
+    feeds = {"x": (4, 8, 8, 8)}
+    fresh = concrete_shapes(handle.model, feeds)
+    assert fresh[0]["c"] == (4, 16, 8, 8)
+    assert concrete_shapes(handle.model, feeds, spare) == fresh
+
+
+def test_a_probe_takes_the_loaders_skeleton_and_keeps_a_model_without_initializers(tmp_path):
+    view = OnnxBackend().load(_constant_weights(tmp_path / "c.onnx", height="H"))
+    model = view.handle.model
+    run_probe(view, ProbeSettings(batch_sizes=(1, 2), input_shapes={"x": (8, 8, 8)}))
+    assert view.handle.spare_skeleton is None  # used by the memory check, not held through the probe
+    # every weight is in a Constant node: a weight-less skeleton would copy them all, so none is swapped in
+    assert not view.handle.model_pending and view.handle.model is model
+
+
+def test_own_skeleton_is_a_sorted_copy_that_both_inferences_can_share(tmp_path):
+    model = onnx.load(_constant_weights(tmp_path / "c.onnx"))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[::-1])  # out of order, as broken files are
+    skeleton = own_skeleton(model)
+    names = [n.name for n in skeleton.graph.node]
+    assert sorted(names) == ["bn", "cb", "cm", "conv", "cs", "cv"] and names[-1] == "bn"  # sorted, weight-less
+    assert inferred_shapes(model, skeleton)[0]["c"] == ("N", 16, 8, 8)
+    assert concrete_shapes(model, {"x": (2, 8, 8, 8)}, skeleton)[0]["y"] == (2, 16, 8, 8)
+    assert model.graph.node[0].name == "bn" and len(model.graph.node) == 7  # the model itself is not edited

@@ -62,6 +62,9 @@ class OnnxHandle:
     # True: a probe keeps the weights in ``model`` instead of releasing and re-reading them afterwards (`fix`
     # reads the model again after probing it; it sets this when the file is small enough to hold twice)
     keep_weights: bool = False
+    # the weight-less, sorted copy that load inferred the shapes on (see _skeleton), left for the first
+    # concrete_shapes of the file (the probe's memory check), which edits it: one skeleton built instead of two
+    spare_skeleton: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
     # fix's measuring passes on this model (replay.PassLog), which a later repair of it with the same data
     # replays: `fix --data` repairs once as the probe's dry run, then for real (set by OnnxBackend.check_fix)
     fix_passes: Any = None
@@ -598,15 +601,17 @@ def _has_unset_dims(model: onnx.ModelProto) -> bool:
 
 
 def concrete_shapes(
-    model: onnx.ModelProto, feeds: Mapping[str, tuple[int, ...]]
+    model: onnx.ModelProto, feeds: Mapping[str, tuple[int, ...]], skeleton: onnx.ModelProto | None = None
 ) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
     """Shapes and types inferred with the graph inputs fixed to ``feeds`` (input name -> shape as fed).
 
     Where a model leaves dims other than the batch open (a detector's H and W), onnx's symbolic inference
     names every Conv or Resize output dim anew, and nothing binds those names to sizes; with the inputs
     concrete, it computes them. On the weight-less skeleton (see _skeleton); ``model`` is not edited.
+    ``skeleton``: that skeleton of ``model`` already built and sorted (:attr:`OnnxHandle.spare_skeleton`),
+    edited here.
     """
-    skeleton = _own(_skeleton(model), model)
+    skeleton = own_skeleton(model) if skeleton is None else skeleton
     del skeleton.graph.value_info[:]  # the file's symbolic intermediate shapes would be merged in
     for value in skeleton.graph.input:
         shape = feeds.get(value.name)
@@ -618,14 +623,21 @@ def concrete_shapes(
         for dim, size in zip(dims, shape):
             dim.Clear()
             dim.dim_value = int(size)
-    skeleton = _sorted(skeleton)
     return _inferred_shapes(skeleton, skeleton)
 
 
-def inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
+def inferred_shapes(
+    model: onnx.ModelProto, skeleton: onnx.ModelProto | None = None
+) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
     """Shapes and types of ``model`` by onnx shape inference (lenient) on its weight-less skeleton (see
-    _skeleton), its declared ones where inference fails; ``model`` itself is not edited."""
-    return _inferred_shapes(_skeleton(model), model)
+    _skeleton; ``skeleton`` when built already, not edited), its declared ones where inference fails; ``model``
+    itself is not edited."""
+    return _inferred_shapes(_skeleton(model) if skeleton is None else skeleton, model)
+
+
+def own_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A weight-less copy of ``model`` (see _skeleton) in topological order, never ``model`` itself."""
+    return _sorted(_own(_skeleton(model), model))
 
 
 def _inferred_shapes(
@@ -834,6 +846,8 @@ def _load_onnx(path: str, weights: bool) -> OnnxHandle:
         info=model_info(path, model, sha256),
         notes=notes,
     )
+    if inferred is not model and not large:  # a copy of its own (on a failed inference, the model itself)
+        handle.spare_skeleton = inferred
     if pending is not None:
         handle.pending_sha256 = _completing(handle, pending)
     return handle

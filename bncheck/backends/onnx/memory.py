@@ -197,6 +197,7 @@ def check(
     feeds: Mapping[str, tuple[int, ...]],
     batch: int,
     remedy: str,
+    skeleton: Any = None,
 ) -> Estimate:
     """Refuse (budget.OverBudgetError, exit 2) a run of ``model`` (a ModelProto) whose lower bound exceeds
     the memory budget; ``remedy`` says which option lowers the batch size. Returns the estimate.
@@ -204,11 +205,12 @@ def check(
     Where an input leaves dims open (:func:`open_dims`), or a node's output size is open at these feeds
     (:func:`unsized`), the shapes are inferred again with the inputs concrete (one more shape inference, on
     the weight-less skeleton); without it a detector with open H and W would count a few kB of activations
-    at any batch size, and basic-pitch's model 0.7 GB at batch 4096, where onnxruntime needs over 20 GB."""
+    at any batch size, and basic-pitch's model 0.7 GB at batch 4096, where onnxruntime needs over 20 GB.
+    ``skeleton``: the model's skeleton for that inference, if one is built already (see concrete_shapes)."""
     concrete: ProbeShapes | None = None
     inputs_open = open_dims(shapes, feeds, batch)
     if inputs_open or unsized(model.graph, shapes, feeds):
-        inferred, inferred_types = concrete_shapes(model, feeds)
+        inferred, inferred_types = concrete_shapes(model, feeds, skeleton)
         shapes, types = {**shapes, **inferred}, {**types, **inferred_types}
         # kept for the instrumentation only where the inputs' dims were open: else it keeps the file's shapes
         concrete = (inferred, batch) if inputs_open else None
@@ -232,9 +234,10 @@ def check_probe(
     inputs: list[InputSpec],
     settings: ProbeSettings,
     batch: int,
+    skeleton: Any = None,
 ) -> Estimate:
     """Refuse, before any session runs it, a probe batch of ``batch`` of ``model`` that cannot fit the memory
     budget; else the estimate (its busiest node's activations, and the shapes inferred at the probe's input
     sizes where the file leaves dims open)."""
     feeds = probe_feeds(inputs, batch, settings.input_shapes, settings.data)
-    return check(model, shapes, types, feeds, batch, "give smaller --batch-sizes")
+    return check(model, shapes, types, feeds, batch, "give smaller --batch-sizes", skeleton)

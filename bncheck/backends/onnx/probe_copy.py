@@ -32,7 +32,7 @@ from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.graph import copy_messages, has_subgraphs
 from bncheck.backends.onnx.instrument import _copy, _opset, stub
-from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes
+from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes, own_skeleton
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
@@ -460,10 +460,11 @@ def _relax(
         nonlocal draw
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak
-        copy.relaxed_shapes = shapes, types = inferred_shapes(candidate)
+        skeleton = own_skeleton(candidate)  # both inferences below read it (the memory check's edits it)
+        copy.relaxed_shapes = shapes, types = inferred_shapes(candidate, skeleton)
         # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
         copy.estimate = memory.check_probe(
-            candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest
+            candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest, skeleton
         )
         if draw is None and settings.data is None:  # drawn on the other core while the session is built
             specs = [s.with_batch_dim(None) for s in inputs]

@@ -797,8 +797,9 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     def check_file() -> None:
         nonlocal estimate
         largest = largest_batch(view.inputs, settings.batch_sizes)
+        skeleton, handle.spare_skeleton = handle.spare_skeleton, None
         estimate = memory.check_probe(
-            handle.model, handle.value_shapes, handle.value_types, view.inputs, settings, largest
+            handle.model, handle.value_shapes, handle.value_types, view.inputs, settings, largest, skeleton
         )
 
     # a fixed batch that prepare tries to relax is checked there, on the relaxed copy, at the file's size too
@@ -837,6 +838,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             if relaxing:  # not relaxed after all: the file's own size runs
                 check_file()
             copy.estimate = estimate
+        handle.spare_skeleton = None  # the file's own check has run, or a relaxed copy runs instead
         if measures:  # a proof's session the engine will not take over: freed now
             copy.proof = None
         return copy
