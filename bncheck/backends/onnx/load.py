@@ -63,7 +63,8 @@ class OnnxHandle:
     # reads the model again after probing it; it sets this when the file is small enough to hold twice)
     keep_weights: bool = False
     # the weight-less, sorted copy that load inferred the shapes on (see _skeleton), left for the first
-    # concrete_shapes of the file (the probe's memory check), which edits it: one skeleton built instead of two
+    # concrete_shapes of the file as loaded (the probe's memory check, before any edit), which edits it: one
+    # skeleton built instead of two
     spare_skeleton: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
     # fix's measuring passes on this model (replay.PassLog), which a later repair of it with the same data
     # replays: `fix --data` repairs once as the probe's dry run, then for real (set by OnnxBackend.check_fix)
