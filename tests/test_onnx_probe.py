@@ -21,6 +21,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
 from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
+from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.run import (
     RAM_FOLDER,
     _Engine,
@@ -339,6 +340,26 @@ def test_train_mode_decomposition_copies_its_parameters_only_beside_the_runtime_
     aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False, keep_runtime=keep_runtime)
     copied = sorted(n.input[0] for n in aug.finish().graph.node if n.op_type == "Identity")
     assert copied == (["bias", "mean", "scale", "var"] if keep_runtime else [])
+
+
+@pytest.mark.parametrize(
+    "training,measured", [(False, False), (False, True), (True, False)], ids=["nothing_added", "measured", "train_mode"]
+)
+def test_the_prepared_copy_runs_uncopied_only_where_nothing_is_added(tmp_path, training, measured):
+    # an inference-mode probe measures no BN by default: its graph is the prepared copy itself, never edited
+    path = bn_model(tmp_path / "t.onnx", channels=3, hw=(4, 4), training=training)
+    view = OnnxBackend().load(path)
+    (tmp_path / "w").mkdir()
+    copy = prepare(view.handle, view, ProbeSettings(batch_sizes=(1, 2)), str(tmp_path / "w"))
+    before = copy.model.SerializeToString()
+    layers = view.layers if measured else []
+    aug = _Augmenter(view.handle, layers, str(tmp_path), exact=False, inputs_only=False, base=copy)
+    model = aug.finish()
+    assert (model is copy.model) == (not training and not measured)
+    assert copy.model.SerializeToString() == before
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 4), dtype=np.float32)
+    ours = _session(model, aug.folder, exact=False).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(ours, ReferenceEvaluator(onnx.load(path)).run(["y"], {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
 def _running_read_by(path: Path, reader: str) -> str:

@@ -389,6 +389,7 @@ class Augmenter:
         self.keep_runtime = keep_runtime
         self.exact = exact
         self.inputs_only = inputs_only
+        self.untouched = False
         if base is None:
             self.model, self.folder = stub(handle, tmp)
             free_unset_dims(self.model.graph)  # a batch written as 0 would be a literal 0 to onnxruntime
@@ -396,8 +397,12 @@ class Augmenter:
             self.shapes = dict(handle.value_shapes)
             self.types = dict(handle.value_types)
         else:
-            self.model = type(base.model)()
-            self.model.CopyFrom(base.model)  # weight-less: a cheap copy, edited below
+            # a copy only where something is added: no layer measured, no statistics fed and no train-mode
+            # BN to decompose leaves the prepared copy as it is (the usual inference-mode probe)
+            self.untouched = not layers and not fed and not _has_train_batch_norm(base.model)
+            self.model = base.model if self.untouched else type(base.model)()
+            if not self.untouched:
+                self.model.CopyFrom(base.model)  # weight-less: a cheap copy, edited below
             self.folder = base.folder
             self.initializer_stubs = base.initializer_stubs
             self.shapes = dict(base.shapes)
@@ -417,6 +422,11 @@ class Augmenter:
         # spec output name -> its decomposition's per-sample pools of x and of (x - mean)^2, batch mean and
         # variance ([1, C, 1, ...]): the layer's statistics without a kernel of their own (_spec_measure)
         self.spec_pools: dict[str, dict[str, str]] = {}
+        self.read: set[str] = set()
+        self.known: set[str] = set()
+        self.plans: list[LayerPlan] = []
+        if self.untouched:
+            return
         graph = self.model.graph
         self.read = {o.name for o in graph.output} | {n for node in graph.node for n in node_reads(node)}
         for idx, node in enumerate(list(graph.node)):
@@ -795,6 +805,8 @@ class Augmenter:
     def finish(self) -> onnx.ModelProto:
         from onnx import helper
 
+        if self.untouched:
+            return self.model
         graph = self.model.graph
         original = list(graph.node)
         ordered: list[Any] = []
@@ -831,6 +843,11 @@ class Augmenter:
                 graph.output.append(helper.make_empty_tensor_value_info(name))
                 existing.add(name)
         return self.model
+
+
+def _has_train_batch_norm(model: onnx.ModelProto) -> bool:
+    opset = _opset(model)
+    return any(is_train_batch_norm(node, opset) for node in model.graph.node)
 
 
 def is_train_batch_norm(node: Any, opset: int) -> bool:
