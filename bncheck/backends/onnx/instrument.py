@@ -400,8 +400,10 @@ class Augmenter:
             # a copy only where something is added: no layer measured, no statistics fed and no train-mode
             # BN to decompose leaves the prepared copy as it is (the usual inference-mode probe)
             self.untouched = not layers and not fed and not _has_train_batch_norm(base.model)
-            self.model = base.model if self.untouched else type(base.model)()
-            if not self.untouched:
+            if self.untouched:
+                self.model = base.model
+            else:
+                self.model = type(base.model)()
                 self.model.CopyFrom(base.model)  # weight-less: a cheap copy, edited below
             self.folder = base.folder
             self.initializer_stubs = base.initializer_stubs
