@@ -1,11 +1,14 @@
 """Which axis of a tensor holds the samples: the locator's (read off the run of copies) and the output test's
-(the axis that follows the batch against a run of one sample)."""
+(the axis that follows the batch against a run of one sample); the graph each localisation step runs."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
 
-from bncheck.backends.onnx.locate import copies_axis, relative_change, tensor_change
+from bncheck.backends.onnx.locate import copies_axis, prefix, relative_change, tensor_change
 from bncheck.probe_plan import sample_axis as output_sample_axis
 
 
@@ -50,3 +53,28 @@ def test_relative_change_is_a_fraction_of_the_reference_value():
     assert relative_change(-4.0, -3.0) == 0.25
     assert relative_change(1.5, 1.5) == 0.0
     assert relative_change(0.0, 1e-9) == float("inf")
+
+
+def _branching_model() -> onnx.ModelProto:
+    """x -> Relu -> Neg -> Exp (output y), and x -> Abs (output z)."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        helper.make_node("Neg", ["a"], ["b"], name="neg"),
+        helper.make_node("Exp", ["b"], ["y"], name="exp"),
+        helper.make_node("Abs", ["x"], ["z"], name="abs"),
+    ]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3])
+    graph = helper.make_graph(nodes, "branches", [value("x")], [value("y"), value("z")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_localisation_step_runs_only_the_nodes_its_cut_needs_and_leaves_the_model_as_it_was():
+    model = _branching_model()
+    before = model.SerializeToString()
+    step = prefix(model, ["b"])
+    assert [node.name for node in step.graph.node] == ["relu", "neg"]
+    assert [value.name for value in step.graph.output] == ["b"]
+    assert model.SerializeToString() == before
+    x = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
+    session = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(["b"], {"x": x})[0], -np.maximum(x, 0))

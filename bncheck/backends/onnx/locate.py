@@ -5,12 +5,12 @@ layer explains it. The predicate bisected is "some tensor live across the cut af
 batch" (live: produced at or before node i, read after it or a graph output). It is false before the first
 batch-dependent node whose dependence reaches the outputs and true from that node on, so the smallest cut
 where it holds is right after that node: its inputs (live across the previous cut, or graph inputs and
-weights) do not depend on the batch, one of its outputs does. Each step builds a session whose outputs are
-that cut's tensors and runs two batches of the same size that hold the sample at the same row, one with
-other samples and one with copies of it as companions: about 2 log2(nodes) runs. Same size and row means
-same kernels, so a tensor that does not depend on the companions is bit-identical in both (comparing the
-sample alone with the sample in a batch would mistake the rounding of batch-size-dependent kernels,
-amplified by cancellations such as E[x^2] - E[x]^2, for a dependence).
+weights) do not depend on the batch, one of its outputs does. Each step builds a session of the nodes that
+cut's tensors need, with them as its outputs, and runs two batches of the same size that hold the sample at
+the same row, one with other samples and one with copies of it as companions: about 2 log2(nodes) runs.
+Same size and row means same kernels, so a tensor that does not depend on the companions is bit-identical in
+both (comparing the sample alone with the sample in a batch would mistake the rounding of
+batch-size-dependent kernels, amplified by cancellations such as E[x^2] - E[x]^2, for a dependence).
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.onnx.graph import ONNX_DOMAINS
-from bncheck.backends.onnx.instrument import stub
+from bncheck.backends.onnx.instrument import keep_only, stub
 from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
 from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
 
 if TYPE_CHECKING:
+    import onnx
+
     from bncheck.backends.onnx.load import OnnxHandle
     from bncheck.backends.onnx.probe_copy import ProbeCopy
 
@@ -116,6 +118,19 @@ def _constants(graph: Any) -> dict[str, np.ndarray]:
     return found
 
 
+def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``outputs`` and whose nodes are only those they need: onnxruntime
+    builds and runs every node of a graph whatever a run fetches, and a cut near the start needs few."""
+    from onnx import helper
+
+    step = type(model)()
+    step.CopyFrom(model)
+    del step.graph.output[:]
+    step.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
+    keep_only(step.graph, outputs)
+    return step
+
+
 def locate_dependence(
     handle: OnnxHandle,
     tmp: str,
@@ -132,7 +147,6 @@ def locate_dependence(
     copy (relaxed batch, upgraded opset, fixed parameter feeds) to bisect instead. ``suspects``: tensors
     written by ops known to mix the samples (the walk's reductions over the batch axis), tested first."""
     import onnxruntime as ort
-    from onnx import helper
 
     from bncheck.backends.onnx.run import new_session, session_options
     from bncheck.verdicts import COMPANION_TOLERANCE
@@ -140,8 +154,7 @@ def locate_dependence(
     if base is None:
         model, folder = stub(handle, tmp)
     else:
-        model, folder = type(base.model)(), base.folder
-        model.CopyFrom(base.model)
+        model, folder = base.model, base.folder  # read only: each step's session is built on a copy
         batch, copies = {**batch, **base.fixed_feeds}, {**copies, **base.fixed_feeds}
     graph = model.graph
     nodes = list(graph.node)
@@ -164,11 +177,9 @@ def locate_dependence(
         nonlocal runs
         names = [t for t in live(cut) if t not in changes]
         if names:
-            del graph.output[:]
-            graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
             try:
-                session = new_session(model, so)
+                session = new_session(prefix(model, names), so)
                 first = session.run(names, batch)
                 second = session.run(names, copies)
             except Exception as exc:  # a cut the runtime rejects (a node only the probe's rewrite made runnable)
