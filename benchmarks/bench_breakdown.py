@@ -45,7 +45,7 @@ PROBE_PHASES = [
     ("onnxruntime session builds", "onnxruntime", "InferenceSession.__init__"),
     ("onnxruntime runs", "onnxruntime", "InferenceSession.run"),
     ("train-mode conformance model", "bncheck.backends.onnx.run", "_add_runtime_deviations"),
-    ("per-layer batch dependence", "bncheck.probe_plan", "_dependence"),
+    ("per-layer batch dependence", "bncheck.probe_plan", "_dependences"),
     ("output-level test (dependence, effect)", "bncheck.probe_plan", "_outputs_test"),
     ("checks and report", "bncheck.engine", "_report"),
 ]

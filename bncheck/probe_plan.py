@@ -389,16 +389,69 @@ def _rows(stats: TensorStats, row: int) -> tuple[np.ndarray, np.ndarray]:
     return stats.sample_mean[row], stats.sample_sq[row]
 
 
-def _change(
-    solo: list[tuple[np.ndarray, np.ndarray]],
-    batched: list[tuple[int, int, np.ndarray, np.ndarray]],
-    pooled: list[TensorStats],
-) -> tuple[float, int | None]:
-    """Largest solo-vs-batch change in std units, and the batch size where it happened."""
-    if not solo or not batched or not pooled:
-        return math.nan, None
-    means = np.concatenate([p.sample_mean for p in pooled], axis=0)
-    squares = np.concatenate([p.sample_sq for p in pooled], axis=0)
+@dataclass
+class _SideRows:
+    """One side of a layer as the dependence test compares it: each probed sample alone (``solo``), the same
+    samples among companions (``batched``: sample, batch size, mean row, mean-square row), and every run's
+    statistics, which size the channels' spread (``pooled``)."""
+
+    solo: list[tuple[np.ndarray, np.ndarray]]
+    batched: list[tuple[int, int, np.ndarray, np.ndarray]]
+    pooled: list[TensorStats]
+
+    def layout(self) -> tuple[int, int]:
+        """Compared rows and pooled rows: layers alike in both are computed side by side (_changes)."""
+        return len(self.batched), sum(p.sample_mean.shape[0] for p in self.pooled)
+
+
+def _side_rows(
+    plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layer: str, side: str
+) -> _SideRows | None:
+    """A layer's rows on one side, or None where a solo run has no per-sample rows of it."""
+    rows = _SideRows([], [], [])
+    for k, run in enumerate(plan.solo_runs):  # sample k alone, or in its reference run (fixed batch)
+        probe = results[run].get(layer)
+        stats = getattr(probe, side) if probe else None
+        if stats is None or stats.sample_mean.shape[0] != len(run):
+            return None
+        rows.solo.append(_rows(stats, run.index(k)))
+        if run not in plan.solo_runs[:k]:
+            rows.pooled.append(stats)
+    for b in sorted(plan.group_runs):
+        for run in plan.group_runs[b]:
+            probe = results[run].get(layer)
+            stats = getattr(probe, side) if probe else None
+            if stats is None or stats.sample_mean.shape[0] != len(run):
+                continue  # no per-sample rows (a layer without a batch axis)
+            rows.pooled.append(stats)
+            for row, index in enumerate(run):
+                if index < len(plan.solo_runs) and run != plan.solo_runs[index] and run.index(index) == row:
+                    rows.batched.append((index, b, *_rows(stats, row)))
+    return rows
+
+
+def _changes(sides: list[_SideRows]) -> list[tuple[float, int | None]]:
+    """Per layer (all of one ``layout``): the largest solo-vs-batch change in std units, and the batch size
+    where it happened. Every number is per channel, so the layers are computed side by side on the channel
+    axis: one set of numpy calls for them all instead of one per layer."""
+    if not sides[0].batched or not sides[0].pooled:
+        return [(math.nan, None)] * len(sides)
+    starts = np.cumsum([0, *(s.solo[0][0].shape[0] for s in sides[:-1])])
+
+    def pooled(field: str) -> np.ndarray:
+        return np.concatenate([np.concatenate([getattr(p, field) for p in s.pooled]) for s in sides], axis=1)
+
+    def batched(part: int, alone: bool) -> np.ndarray:
+        """[rows, channels]: the compared means (``part`` 0) or mean squares (1), among companions or alone;
+        row by row (a handful), each the layers' rows joined: fewer numpy calls than layer by layer."""
+        return np.stack(
+            [
+                np.concatenate([s.solo[s.batched[r][0]][part] if alone else s.batched[r][2 + part] for s in sides])
+                for r in range(len(sides[0].batched))
+            ]
+        )
+
+    means, squares = pooled("sample_mean"), pooled("sample_sq")
     with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels: no scale, no comparison
         mean_c = np.nanmean(np.where(np.isfinite(means), means, np.nan), axis=0)
@@ -407,68 +460,54 @@ def _change(
         std = np.sqrt(np.maximum(sq_c - mean_c**2, 0.0))
     rms = np.nan_to_num(rms, nan=0.0)
     scale = np.maximum(np.nan_to_num(std, nan=0.0), SCALE_FLOOR * rms) + _TINY
-    # every (sample, batch) row at once: [rows, C] arrays (this runs for every layer and side)
-    mean = np.stack([row[2] for row in batched])
-    sq = np.stack([row[3] for row in batched])
-    solo_mean = np.stack([solo[row[0]][0] for row in batched])
-    solo_sq = np.stack([solo[row[0]][1] for row in batched])
-    with np.errstate(invalid="ignore", over="ignore"):
-        d_mean = np.abs(mean - solo_mean) / scale
-        d_sq = np.abs(sq - solo_sq) / (2.0 * rms * scale + _TINY)
-    both = np.concatenate([d_mean, d_sq], axis=1)
-    finite_a = np.isfinite(np.concatenate([mean, sq], axis=1))
-    finite_b = np.isfinite(np.concatenate([solo_mean, solo_sq], axis=1))
-    mismatch = (finite_a != finite_b).any(axis=1)  # NaN/Inf only with (or only without) companions: dependence
-    comparable = finite_a & finite_b & np.isfinite(both)
-    largest = np.where(comparable, both, -1.0).max(axis=1)  # -1: nothing comparable in that row
-    values = np.where(mismatch, math.inf, np.maximum(largest, -1.0))
-    worst = int(np.argmax(values))  # the first row holding the largest change
-    if values[worst] < 0:
-        return math.nan, None
-    return float(values[worst]), batched[worst][1]
+    # every (sample, batch) row at once: [rows, channels of all the layers]
+    largest = np.full((len(sides[0].batched), len(sides)), -1.0)  # -1: nothing comparable in that row
+    mismatch = np.zeros(largest.shape, bool)
+    for part, denominator in ((0, scale), (1, 2.0 * rms * scale + _TINY)):  # the means, then the mean squares
+        both, solo = batched(part, alone=False), batched(part, alone=True)
+        with np.errstate(invalid="ignore", over="ignore"):
+            change = np.abs(both - solo) / denominator
+        finite_a, finite_b = np.isfinite(both), np.isfinite(solo)
+        comparable = finite_a & finite_b & np.isfinite(change)
+        largest = np.maximum(largest, np.maximum.reduceat(np.where(comparable, change, -1.0), starts, axis=1))
+        # NaN/Inf only with (or only without) companions: dependence
+        mismatch |= np.logical_or.reduceat(finite_a != finite_b, starts, axis=1)
+    values = np.where(mismatch, math.inf, largest)
+    worst = np.argmax(values, axis=0)  # per layer, the first row holding the largest change
+    return [
+        (math.nan, None) if values[w, j] < 0 else (float(values[w, j]), side.batched[w][1])
+        for j, (w, side) in enumerate(zip(worst, sides))
+    ]
 
 
-def _dependence(
-    plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layer: str
-) -> BatchDependence | None:
+def _dependences(
+    plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layers: list[str]
+) -> dict[str, BatchDependence]:
     sizes = tuple(sorted(plan.group_runs))
     if not plan.solo_runs or not sizes:
-        return None
-    out: dict[str, tuple[float, int | None]] = {}
-    for side in ("input", "output"):
-        solo: list[tuple[np.ndarray, np.ndarray]] = []
-        pooled: list[TensorStats] = []
-        for k, run in enumerate(plan.solo_runs):  # sample k alone, or in its reference run (fixed batch)
-            probe = results[run].get(layer)
-            stats = getattr(probe, side) if probe else None
-            if stats is None or stats.sample_mean.shape[0] != len(run):
-                break
-            solo.append(_rows(stats, run.index(k)))
-            if run not in plan.solo_runs[:k]:
-                pooled.append(stats)
-        else:
-            batched: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-            for b in sizes:
-                for run in plan.group_runs[b]:
-                    probe = results[run].get(layer)
-                    stats = getattr(probe, side) if probe else None
-                    if stats is None or stats.sample_mean.shape[0] != len(run):
-                        continue  # no per-sample rows (a layer without a batch axis)
-                    pooled.append(stats)
-                    for row, index in enumerate(run):
-                        if index < len(plan.solo_runs) and run != plan.solo_runs[index] and run.index(index) == row:
-                            batched.append((index, b, *_rows(stats, row)))
-            out[side] = _change(solo, batched, pooled)
-            continue
-        out[side] = (math.nan, None)
-    return BatchDependence(
-        layer=layer,
-        input_change=out["input"][0],
-        output_change=out["output"][0],
-        samples=plan.samples,
-        batch_sizes=sizes,
-        worst_batch_size=out["output"][1],
-    )
+        return {}
+    changes: dict[str, dict[str, tuple[float, int | None]]] = {"input": {}, "output": {}}
+    for side, found in changes.items():
+        alike: dict[tuple[int, int], list[tuple[str, _SideRows]]] = {}
+        for layer in layers:
+            rows = _side_rows(plan, results, layer, side)
+            if rows is None:
+                found[layer] = (math.nan, None)
+            else:
+                alike.setdefault(rows.layout(), []).append((layer, rows))
+        for group in alike.values():
+            found.update(zip((layer for layer, _ in group), _changes([rows for _, rows in group])))
+    return {
+        layer: BatchDependence(
+            layer=layer,
+            input_change=changes["input"][layer][0],
+            output_change=changes["output"][layer][0],
+            samples=plan.samples,
+            batch_sizes=sizes,
+            worst_batch_size=changes["output"][layer][1],
+        )
+        for layer in layers
+    }
 
 
 # --------------------------------------------------------------------------- the model's outputs
@@ -810,12 +849,8 @@ def run_plan(
             "their rows while their companions were replaced"
         )
     layers = {b: dict(results[plan.probe_runs[b]]) for b in batch_sizes}
-    dependence: dict[str, BatchDependence] = {}
     names = [layer.name for layer in view.layers]
-    for name in names:
-        dep = _dependence(plan, results, name)
-        if dep is not None:
-            dependence[name] = dep
+    dependence = _dependences(plan, results, names)
     data: dict[str, TensorStats] | None = None
     if plan.data_runs:
         data = {}

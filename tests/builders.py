@@ -249,3 +249,39 @@ def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     return _save(model, path)
+
+
+def train_bn_stack_model(path: Path, *, widths: Sequence[int] = (3, 5, 1, 4), hw: Sequence[int] = (72, 72)) -> str:
+    """x[N, widths[0], *hw] -> train-mode BatchNormalization "bn0" -> 1x1 Conv to the next width -> "bn1" ...:
+    train-mode BNs of several channel counts (trained-looking parameters, as bn_model's)."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    previous = "x"
+    for index, width in enumerate(widths):
+        if index:
+            weight = rng.normal(0.0, 0.5, (width, widths[index - 1], 1, 1)).astype(np.float32)
+            inits.append(numpy_helper.from_array(weight, f"w{index}"))
+            nodes.append(helper.make_node("Conv", [previous, f"w{index}"], [f"conv{index}"], name=f"conv{index}"))
+            previous = f"conv{index}"
+        params = [
+            rng.uniform(0.5, 1.5, width),
+            rng.uniform(-0.5, 0.5, width),
+            rng.uniform(0.1, 0.3, width),
+            rng.uniform(0.5, 1.5, width),
+        ]
+        names = [f"bn{index}.{role}" for role in ("scale", "bias", "mean", "var")]
+        inits += [numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, names)]
+        outputs = [f"bn{index}", f"bn{index}.running_mean", f"bn{index}.running_var"]
+        nodes.append(
+            helper.make_node("BatchNormalization", [previous, *names], outputs, name=f"bn{index}", training_mode=1)
+        )
+        previous = outputs[0]
+    graph = helper.make_graph(
+        nodes,
+        "train_bn_stack",
+        [helper.make_tensor_value_info("x", F32, ["N", widths[0], *hw])],
+        [helper.make_tensor_value_info(previous, F32, ["N", widths[-1], *hw])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    return _save(model, path)

@@ -24,9 +24,13 @@ from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.run import (
     RAM_FOLDER,
+    _decode_spec,
+    _derive_spec_output,
     _Engine,
     _gather_tables,
     _session,
+    _side_by_side,
+    _spec_layers,
     measure_inputs,
     run_probe,
     scratch_folder,
@@ -34,7 +38,7 @@ from bncheck.backends.onnx.run import (
 from bncheck.model import TensorStats
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 from bncheck.probe_plan import NOT_NEEDED, make_plan, tensor_stats
-from tests.builders import bn_model, layernorm_model, moments_model
+from tests.builders import bn_model, layernorm_model, moments_model, train_bn_stack_model
 
 F32 = TensorProto.FLOAT
 ROOT = Path(__file__).resolve().parents[1]
@@ -980,3 +984,28 @@ def test_bnchecks_sessions_keep_a_batchnorm_after_a_matmul_that_onnxruntime_woul
         lambda options: ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     )
     assert "BatchNormalization" not in default
+
+
+def test_train_mode_bns_decoded_side_by_side_equal_each_decoded_alone(tmp_path):
+    """The train-mode BNs measured by their decomposition's pools are decoded on one channel axis
+    (run._spec_layers): each layer's input and derived output statistics are exactly those of its own
+    decoding (_decode_spec, _derive_spec_output), whatever its width."""
+    path = train_bn_stack_model(tmp_path / "stack.onnx", widths=(3, 5, 1, 4))
+    view = OnnxBackend().load(path)
+    engine = _Engine(view.handle, view.layers)
+    try:
+        plans = [plan for plan in engine.plans if _side_by_side(plan)]
+        assert len(plans) == 4
+        x = np.random.default_rng(1).normal(0.3, 2.0, (4, 3, 72, 72)).astype(np.float32)
+        values = engine._run({"x": x})
+        together = _spec_layers(plans, values)
+        for plan in plans:
+            inp = _decode_spec(plan.input, values)
+            out = _derive_spec_output(inp, plan.input, values, *plan.spec_affine, float(plan.layer.epsilon))
+            for got, alone in zip(together[id(plan)], (inp, out)):
+                for field in ("sample_mean", "sample_sq", "min", "max", "zeros", "nonfinite"):
+                    np.testing.assert_array_equal(getattr(got, field), getattr(alone, field))
+                for field in ("batch_size", "count", "derived", "zeros_exact", "minmax_measured"):
+                    assert getattr(got, field) == getattr(alone, field)
+    finally:
+        engine.close()

@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from bncheck.model import median
+from bncheck.model import LayerProbe, TensorStats, median
 from bncheck.probe_data import ProbeDataError
-from bncheck.probe_plan import in_background, make_plan, merge_stats, tensor_stats
+from bncheck.probe_plan import _changes, _dependences, _side_rows, in_background, make_plan, merge_stats, tensor_stats
 
 
 def test_tensor_stats_matches_direct_numpy_for_nchw():
@@ -182,3 +182,49 @@ def test_in_background_returns_the_workers_result_and_raises_its_error_in_the_ca
     result = in_background(fail)
     with pytest.raises(ProbeDataError, match="no size for 'h'"):
         result()
+
+
+def _layer_stats(rng: np.random.Generator, run: tuple[int, ...], channels: int, bad: bool) -> TensorStats:
+    """Per-sample rows that depend on the sample and a little on its companions; ``bad`` puts a NaN in the
+    first sample's first channel whenever it has companions (a dependence the test must call infinite)."""
+    base = np.array([[np.sin(i + c) for c in range(channels)] for i in run])
+    mean = base + 0.01 * len(run) + rng.normal(0.0, 1e-3, base.shape)
+    sq = mean * mean + 1.0
+    if bad and len(run) > 1:
+        mean[run.index(0) if 0 in run else 0, 0] = np.nan
+    nan = np.full(channels, np.nan)
+    zeros = np.zeros(channels, np.int64)
+    return TensorStats(
+        len(run), len(run) * 4, mean, sq, nan, nan, zeros, zeros, zeros_exact=False, minmax_measured=False
+    )
+
+
+def test_layers_compared_side_by_side_give_each_layers_own_batch_dependence():
+    """_dependences computes the layers of one layout on a shared channel axis: each layer's changes and worst
+    batch size are those it gets compared alone (widths 1 to 7, a NaN only with companions, a layer lacking
+    its group rows)."""
+    plan = make_plan((1, 2, 32), 4, None, False)
+    rng = np.random.default_rng(0)
+    widths = {"a": 3, "b": 1, "c": 7, "nan": 2, "rowless": 5}
+    results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
+    for run in plan.runs:
+        results[run] = {}
+        for name, width in widths.items():
+            if name == "rowless" and len(run) > 1:
+                continue
+            stats = _layer_stats(rng, run, width, bad=name == "nan")
+            results[run][name] = LayerProbe(name, len(run), stats, _layer_stats(rng, run, width, bad=False))
+    together = _dependences(plan, results, list(widths))
+    assert list(together) == list(widths)
+    assert math.isinf(together["nan"].input_change) and math.isnan(together["rowless"].input_change)
+    for name in widths:
+        alone = {}
+        for side in ("input", "output"):
+            rows = _side_rows(plan, results, name, side)
+            alone[side] = _changes([rows])[0] if rows is not None else (math.nan, None)
+        got = together[name]
+        for change, (expected, _) in ((got.input_change, alone["input"]), (got.output_change, alone["output"])):
+            # float64 rounding apart: numpy sums a lone column pairwise and columns side by side row by row
+            assert math.isclose(change, expected, rel_tol=1e-12) or (math.isnan(change) and math.isnan(expected))
+        assert got.worst_batch_size == alone["output"][1]
+    assert 0 < together["a"].output_change < math.inf and together["a"].worst_batch_size in (2, 32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
     Augmenter,
+    LayerPlan,
     Measure,
     keep_only,
     release,
@@ -476,6 +478,87 @@ def _derive_spec_output(
     return _affine(inp, gain, mu, bias, np.where(bad, inp.count, 0).astype(np.int64))
 
 
+#: the outputs of a train-mode BN's decomposition that :func:`_spec_layers` decodes (no extremes)
+_SPEC_POOLS = {"mean", "centered_sq", "batch_mean", "batch_var", "shape"}
+
+
+def _side_by_side(plan: LayerPlan) -> bool:
+    """A train-mode BN measured by its decomposition's pools without extremes, its output derived (the usual
+    case): decoded with the others of its kind by :func:`_spec_layers`."""
+    m = plan.input
+    return (
+        plan.spec_affine is not None
+        and m is not None
+        and m.mode == "spec"
+        and not m.minmax
+        and plan.output is None
+        and plan.runtime is None
+        and set(m.outputs) <= _SPEC_POOLS
+    )
+
+
+def _spec_layers(plans: list[LayerPlan], values: dict[str, np.ndarray]) -> dict[int, tuple[TensorStats, TensorStats]]:
+    """Input and output statistics of :func:`_side_by_side` layers by ``id(plan)``: the numbers of
+    :func:`_decode_spec` and :func:`_derive_spec_output`, computed on the channels of all the layers at once
+    (the same elementwise arithmetic, one set of numpy calls instead of one per layer). Empty where a tensor
+    is empty or a number is not finite: the per-layer path decides those (an error, or the exact form)."""
+    measures: list[Measure] = []
+    scales: list[np.ndarray] = []
+    biases: list[np.ndarray] = []
+    for plan in plans:
+        assert plan.input is not None and plan.spec_affine is not None  # _side_by_side
+        measures.append(plan.input)
+        scales.append(plan.spec_affine[0])
+        biases.append(plan.spec_affine[1])
+    pools = {
+        key: [np.asarray(values[m.outputs[key]]) for m in measures]
+        for key in ("mean", "centered_sq", "batch_mean", "batch_var")
+    }
+    if not measures or any(a.size == 0 for arrays in pools.values() for a in arrays):
+        return {}
+    n = pools["mean"][0].shape[0]
+    widths = [a.shape[1] for a in pools["mean"]]
+
+    def joined(key: str, rows: int) -> np.ndarray:
+        return np.concatenate([a.reshape(rows, -1) for a in pools[key]], axis=1).astype(np.float64)
+
+    mean, mu = joined("mean", n), joined("batch_mean", 1)
+    sq = joined("centered_sq", n) + 2.0 * mu * mean - mu * mu
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(sq))):
+        return {}
+    mu, var = mu.reshape(-1), joined("batch_var", 1).reshape(-1)
+    scale, bias = np.concatenate(scales), np.concatenate(biases)
+    eps = np.repeat([np.float64(np.float32(p.layer.epsilon or 0.0)) for p in plans], widths)
+    counts = [
+        n * (m.length if m.length is not None else math.prod(int(d) for d in values[m.outputs["shape"]][2:]))
+        for m in measures
+    ]
+    with np.errstate(all="ignore"):  # as _derive_spec_output and _affine compute them
+        gain = scale / np.sqrt(var + eps)
+        shift = mean - mu
+        centered_sq = sq - 2.0 * mu * mean + mu * mu
+        out_mean = gain * shift + bias
+        out_sq = gain * gain * centered_sq + 2.0 * gain * bias * shift + bias * bias
+    bad = ~np.isfinite(mu) | ~np.isfinite(gain)
+    nonfinite = np.where(bad, np.repeat(counts, widths), 0).astype(np.int64)
+    # the unmeasured extremes and zeros, shared by the layers: nothing writes into a TensorStats' arrays
+    unmeasured, zeros = np.full(len(bias), np.nan), np.zeros(len(bias), np.int64)
+    found: dict[int, tuple[TensorStats, TensorStats]] = {}
+    end = 0
+    for plan, width, count in zip(plans, widths, counts):
+        part = slice(end, end + width)
+        end += width
+        none, zero = unmeasured[part], zeros[part]
+        # as _without_extremes makes them: zeros a lower bound, min and max not measured
+        inp = (mean[:, part], sq[:, part], none, none, zero, zero)
+        out = (out_mean[:, part], out_sq[:, part], none, none, zero, nonfinite[part])
+        found[id(plan)] = (
+            TensorStats(n, count, *inp, zeros_exact=False, minmax_measured=False),
+            TensorStats(n, count, *out, derived=True, zeros_exact=False, minmax_measured=False),
+        )
+    return found
+
+
 def _needs_exact(m: Measure, stats: TensorStats) -> bool:
     """A tensor measured without its counts (the fast form, or the generic one without extremes) whose
     numbers are not finite: NaN/Inf counts need the exact form.
@@ -712,8 +795,11 @@ class _Engine:
             self.deferred = []
             self._open(exact=True)
             return self.observe(feeds)
+        spec = _spec_layers([plan for plan in self.plans if _side_by_side(plan)], values)
         decoded: dict[int, TensorStats] = {}
         for plan in self.plans:
+            if id(plan) in spec:
+                continue
             for m in (plan.input, plan.output, plan.runtime):
                 if m is not None and id(m) not in decoded:
                     _refuse_empty(m, values, plan.layer.name)
@@ -726,12 +812,18 @@ class _Engine:
         probes: dict[str, LayerProbe] = {}
         for plan in self.plans:
             get = lambda m: decoded.get(id(m)) if m is not None else None
-            inp, out = get(plan.input), get(plan.output)
-            if plan.affine is not None and out is not None:
-                inp = _derive_input(out, *plan.affine)
-            if plan.spec_affine is not None and inp is not None and plan.input is not None:
-                scale, bias = plan.spec_affine
-                out = _derive_spec_output(inp, plan.input, values, scale, bias, float(plan.layer.epsilon or 0.0))
+            inp: TensorStats | None
+            out: TensorStats | None
+            if id(plan) in spec:
+                inp, out = spec[id(plan)]
+            else:
+                inp, out = get(plan.input), get(plan.output)
+                if plan.affine is not None and out is not None:
+                    inp = _derive_input(out, *plan.affine)
+                if plan.spec_affine is not None and inp is not None and plan.input is not None:
+                    scale, bias = plan.spec_affine
+                    eps = float(plan.layer.epsilon or 0.0)
+                    out = _derive_spec_output(inp, plan.input, values, scale, bias, eps)
             source = out or inp
             batch = source.batch_size if source is not None else 0
             if plan.spec and out is not None:
