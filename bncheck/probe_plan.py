@@ -389,16 +389,15 @@ def _rows(stats: TensorStats, row: int) -> tuple[np.ndarray, np.ndarray]:
     return stats.sample_mean[row], stats.sample_sq[row]
 
 
+@dataclass
 class _SideRows:
     """One side of a layer as the dependence test compares it: each probed sample alone (``solo``), the same
     samples among companions (``batched``: sample, batch size, mean row, mean-square row), and every run's
     statistics, which size the channels' spread (``pooled``)."""
 
-    # a plain class: a dataclass would generate its methods (one exec each) at every import of this module
-    def __init__(self) -> None:
-        self.solo: list[tuple[np.ndarray, np.ndarray]] = []
-        self.batched: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-        self.pooled: list[TensorStats] = []
+    solo: list[tuple[np.ndarray, np.ndarray]]
+    batched: list[tuple[int, int, np.ndarray, np.ndarray]]
+    pooled: list[TensorStats]
 
     def layout(self) -> tuple[int, int]:
         """Compared rows and pooled rows: layers alike in both are computed side by side (_changes)."""
@@ -409,7 +408,7 @@ def _side_rows(
     plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layer: str, side: str
 ) -> _SideRows | None:
     """A layer's rows on one side, or None where a solo run has no per-sample rows of it."""
-    rows = _SideRows()
+    rows = _SideRows([], [], [])
     for k, run in enumerate(plan.solo_runs):  # sample k alone, or in its reference run (fixed batch)
         probe = results[run].get(layer)
         stats = getattr(probe, side) if probe else None
