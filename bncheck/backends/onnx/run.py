@@ -414,9 +414,7 @@ def _pooled(m: Measure, values: dict[str, np.ndarray], mean: np.ndarray, sq: np.
     """Statistics of a tensor measured by per-sample pools ([N, C] means and mean squares), with its max and
     max of -t where measured (the fast and spec forms)."""
     n, c = mean.shape
-    length = m.length
-    if length is None:  # symbolic spatial dims: the runtime shape sizes the counts
-        length = int(np.prod([int(d) for d in values[m.outputs["shape"]]][2:]))
+    length = _length(m, values)
     if not m.minmax:  # an inference BN's output, or a layer that cannot collapse
         return _without_extremes(n, n * length, mean, sq)
     lo = -np.asarray(values[m.outputs["negmin"]], np.float64).reshape(n, c).max(axis=0)
@@ -429,6 +427,14 @@ def _pooled(m: Measure, values: dict[str, np.ndarray], mean: np.ndarray, sq: np.
     return TensorStats(n, n * length, mean, sq, lo, hi, zeros, np.zeros(c, np.int64), zeros_exact=False)
 
 
+def _length(m: Measure, values: dict[str, np.ndarray]) -> int:
+    """Elements per (sample, channel) of a pooled tensor: static, or (symbolic spatial dims) from the runtime
+    shape the graph returns."""
+    if m.length is not None:
+        return m.length
+    return math.prod(int(d) for d in values[m.outputs["shape"]][2:])
+
+
 def _decode_spec(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     """A train-mode BN's input from its decomposition's pools: per-sample means, and per-sample mean squares as
     E[(x - mu)^2] + 2 mu E[x] - mu^2 with mu the batch mean the decomposition subtracted."""
@@ -437,7 +443,12 @@ def _decode_spec(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     mean = mean.reshape(n, c)
     centered_sq = np.asarray(values[m.outputs["centered_sq"]], np.float64).reshape(n, c)
     mu = np.asarray(values[m.outputs["batch_mean"]], np.float64).reshape(1, c)
-    return _pooled(m, values, mean, centered_sq + 2.0 * mu * mean - mu * mu)
+    return _pooled(m, values, mean, _uncentred(centered_sq, mu, mean))
+
+
+def _uncentred(centered_sq: np.ndarray, mu: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Per-sample mean squares E[x^2] from the pools of (x - mu)^2 and x: E[(x - mu)^2] + 2 mu E[x] - mu^2."""
+    return centered_sq + 2.0 * mu * mean - mu * mu
 
 
 def _affine(
@@ -523,40 +534,43 @@ def _spec_layers(plans: list[LayerPlan], values: dict[str, np.ndarray]) -> dict[
         return np.concatenate([a.reshape(rows, -1) for a in pools[key]], axis=1).astype(np.float64)
 
     mean, mu = joined("mean", n), joined("batch_mean", 1)
-    sq = joined("centered_sq", n) + 2.0 * mu * mean - mu * mu
+    sq = _uncentred(joined("centered_sq", n), mu, mean)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(sq))):
         return {}
     mu, var = mu.reshape(-1), joined("batch_var", 1).reshape(-1)
-    scale, bias = np.concatenate(scales), np.concatenate(biases)
     eps = np.repeat([np.float64(np.float32(p.layer.epsilon or 0.0)) for p in plans], widths)
-    counts = [
-        n * (m.length if m.length is not None else math.prod(int(d) for d in values[m.outputs["shape"]][2:]))
-        for m in measures
-    ]
-    with np.errstate(all="ignore"):  # as _derive_spec_output and _affine compute them
-        gain = scale / np.sqrt(var + eps)
-        shift = mean - mu
-        centered_sq = sq - 2.0 * mu * mean + mu * mu
-        out_mean = gain * shift + bias
-        out_sq = gain * gain * centered_sq + 2.0 * gain * bias * shift + bias * bias
-    bad = ~np.isfinite(mu) | ~np.isfinite(gain)
-    nonfinite = np.where(bad, np.repeat(counts, widths), 0).astype(np.int64)
-    # the unmeasured extremes and zeros, shared by the layers: nothing writes into a TensorStats' arrays
-    unmeasured, zeros = np.full(len(bias), np.nan), np.zeros(len(bias), np.int64)
+    with np.errstate(all="ignore"):  # as _derive_spec_output computes it
+        gain = np.concatenate(scales) / np.sqrt(var + eps)
+    counts = [n * _length(m, values) for m in measures]
+    nonfinite = np.where(~np.isfinite(mu) | ~np.isfinite(gain), np.repeat(counts, widths), 0).astype(np.int64)
+    # all the layers as one tensor (its count is each layer's own, set on its slice)
+    inp = _without_extremes(n, 0, mean, sq)
+    out = _affine(inp, gain, mu, np.concatenate(biases), nonfinite)
     found: dict[int, tuple[TensorStats, TensorStats]] = {}
     end = 0
     for plan, width, count in zip(plans, widths, counts):
         part = slice(end, end + width)
         end += width
-        none, zero = unmeasured[part], zeros[part]
-        # as _without_extremes makes them: zeros a lower bound, min and max not measured
-        inp = (mean[:, part], sq[:, part], none, none, zero, zero)
-        out = (out_mean[:, part], out_sq[:, part], none, none, zero, nonfinite[part])
-        found[id(plan)] = (
-            TensorStats(n, count, *inp, zeros_exact=False, minmax_measured=False),
-            TensorStats(n, count, *out, derived=True, zeros_exact=False, minmax_measured=False),
-        )
+        found[id(plan)] = (_channels(inp, part, count), _channels(out, part, count))
     return found
+
+
+def _channels(stats: TensorStats, part: slice, count: int) -> TensorStats:
+    """One layer's channels (``part``) of statistics computed for several layers side by side (views: nothing
+    writes into a TensorStats' arrays), with that layer's element count."""
+    return TensorStats(
+        stats.batch_size,
+        count,
+        stats.sample_mean[:, part],
+        stats.sample_sq[:, part],
+        stats.min[part],
+        stats.max[part],
+        stats.zeros[part],
+        stats.nonfinite[part],
+        derived=stats.derived,
+        zeros_exact=stats.zeros_exact,
+        minmax_measured=stats.minmax_measured,
+    )
 
 
 def _needs_exact(m: Measure, stats: TensorStats) -> bool:
