@@ -154,6 +154,7 @@ def test_import_onnx_leaves_the_deferred_modules_unimported():
         "onnx.gen_proto",
         "google.protobuf.json_format",
         "google.protobuf.text_format",
+        "google.protobuf.internal.python_message",
     ]
     assert out["heavy"] == []
     assert out["attribute"]
@@ -179,6 +180,8 @@ def test_a_deferred_module_is_the_real_one_from_its_first_use(tmp_path: Path):
             onnx.save_model(model, path, format=fmt)
             same[fmt] = onnx.load_model(path, format=fmt) == model
         from google.protobuf import text_format
+        from google.protobuf.internal import python_message  # the pure-Python backend's, unused by upb's
+        attach = python_message._AttachFieldHelpers
         print(json.dumps({{
             "merge": merge.__module__,
             "compose": type(sys.modules["onnx.compose"]).__name__,
@@ -186,6 +189,8 @@ def test_a_deferred_module_is_the_real_one_from_its_first_use(tmp_path: Path):
             "same": same,
             "text_format": type(text_format).__name__,
             "parse": callable(text_format.Parse),
+            "python_message": type(sys.modules["google.protobuf.internal.python_message"]).__name__,
+            "attach": attach.__module__,
         }}))
         """
     )
@@ -193,3 +198,4 @@ def test_a_deferred_module_is_the_real_one_from_its_first_use(tmp_path: Path):
     assert out["compose"] == "module" and out["attribute"]  # the real module, in sys.modules and on onnx
     assert out["same"] == {"json": True, "textproto": True}
     assert out["text_format"] == "module" and out["parse"]
+    assert out["python_message"] == "module" and out["attach"] == "google.protobuf.internal.python_message"

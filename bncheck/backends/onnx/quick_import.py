@@ -19,14 +19,17 @@ from collections.abc import Iterator
 _NAME = "importlib.metadata"
 
 #: What onnx's ``__init__`` imports and bncheck never uses: model composition (with onnx.utils, which imports
-#: tarfile), the generator of onnx's protobuf modules (argparse, subprocess), and protobuf's JSON and text
-#: formats, which onnx reads only for models saved in those formats.
+#: tarfile), the generator of onnx's protobuf modules (argparse, subprocess), protobuf's JSON and text
+#: formats, which onnx reads only for models saved in those formats, and protobuf's pure-Python message
+#: implementation, which its descriptor pool and message builder import whatever protobuf's backend is, and
+#: call only when that backend is the pure-Python one.
 DEFERRED = (
     "onnx.compose",
     "onnx.utils",
     "onnx.gen_proto",
     "google.protobuf.json_format",
     "google.protobuf.text_format",
+    "google.protobuf.internal.python_message",
 )
 
 
@@ -35,7 +38,7 @@ def import_onnx() -> None:
     imports, unless either is imported already, and :data:`DEFERRED` left to their first use."""
     if "onnx" in sys.modules:
         return
-    import google.protobuf  # noqa: F401  (the package of two of them; onnx's own modules import it anyway)
+    import google.protobuf.internal  # noqa: F401  (the packages of three of them; onnx's modules import both)
 
     for name in DEFERRED:
         _defer(name)
