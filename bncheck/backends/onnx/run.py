@@ -481,12 +481,26 @@ def _derive_spec_output(
     c = inp.channels
     mu = np.asarray(values[m.outputs["batch_mean"]], np.float64).reshape(c)
     var = np.asarray(values[m.outputs["batch_var"]], np.float64).reshape(c)
-    with np.errstate(all="ignore"):
-        gain = scale / np.sqrt(var + np.float64(np.float32(eps)))
+    return _spec_output(inp, mu, var, scale, bias, eps, inp.count)
+
+
+def _spec_output(
+    inp: TensorStats,
+    mu: np.ndarray,
+    var: np.ndarray,
+    scale: np.ndarray,
+    bias: np.ndarray,
+    eps: float | np.ndarray,
+    count: int | np.ndarray,
+) -> TensorStats:
+    """:func:`_derive_spec_output` from the batch's mean and variance per channel; ``eps`` is the layer's (or one
+    per channel) and ``count`` its elements per channel (the NaN/Inf count of a channel that turns non-finite)."""
+    with np.errstate(all="ignore"):  # eps as the runtime reads the float32 attribute
+        gain = scale / np.sqrt(var + np.asarray(eps, np.float32).astype(np.float64))
     # a non-finite input, or a non-finite gain, reaches every element of its channel through the batch's mean
     # and variance
     bad = ~np.isfinite(mu) | ~np.isfinite(gain) | (inp.nonfinite > 0)
-    return _affine(inp, gain, mu, bias, np.where(bad, inp.count, 0).astype(np.int64))
+    return _affine(inp, gain, mu, bias, np.where(bad, count, 0).astype(np.int64))
 
 
 #: the outputs of a train-mode BN's decomposition that :func:`_spec_layers` decodes (no extremes)
@@ -537,15 +551,14 @@ def _spec_layers(plans: list[LayerPlan], values: dict[str, np.ndarray]) -> dict[
     sq = _uncentred(joined("centered_sq", n), mu, mean)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(sq))):
         return {}
-    mu, var = mu.reshape(-1), joined("batch_var", 1).reshape(-1)
-    eps = np.repeat([np.float64(np.float32(p.layer.epsilon or 0.0)) for p in plans], widths)
-    with np.errstate(all="ignore"):  # as _derive_spec_output computes it
-        gain = np.concatenate(scales) / np.sqrt(var + eps)
+    eps = np.repeat([p.layer.epsilon or 0.0 for p in plans], widths)
     counts = [n * _length(m, values) for m in measures]
-    nonfinite = np.where(~np.isfinite(mu) | ~np.isfinite(gain), np.repeat(counts, widths), 0).astype(np.int64)
     # all the layers as one tensor (its count is each layer's own, set on its slice)
     inp = _without_extremes(n, 0, mean, sq)
-    out = _affine(inp, gain, mu, np.concatenate(biases), nonfinite)
+    var = joined("batch_var", 1).reshape(-1)
+    out = _spec_output(
+        inp, mu.reshape(-1), var, np.concatenate(scales), np.concatenate(biases), eps, np.repeat(counts, widths)
+    )
     found: dict[int, tuple[TensorStats, TensorStats]] = {}
     end = 0
     for plan, width, count in zip(plans, widths, counts):
