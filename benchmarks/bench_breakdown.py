@@ -182,21 +182,32 @@ def table(model: dict, rounds: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The model ids, --repeats and --cache, as this benchmark and bench_floor.py take them."""
     parser.add_argument("ids", help="comma-separated model ids of the real-world set (ONNX files)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    args = parser.parse_args()
-    wanted = args.ids.split(",")
-    models = {m["id"]: m for m in collect_models(args.cache, set(wanted))}
+
+
+def onnx_models(ids: str, cache: Path) -> list[dict]:
+    """The real-world set's models named in ``ids`` (comma-separated), in that order; exits naming any that is
+    not an ONNX model of the set."""
+    wanted = ids.split(",")
+    models = {m["id"]: m for m in collect_models(cache, set(wanted))}
     missing = [i for i in wanted if i not in models or not models[i]["path"].endswith(".onnx")]
     if missing:
         sys.exit(f"not an ONNX model of the real-world set: {', '.join(missing)}")
+    return [models[i] for i in wanted]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser, repeats=5)
+    args = parser.parse_args()
     phases = Phases()
     install(phases)
-    for wanted_id in wanted:
-        print("\n".join(table(models[wanted_id], measure(models[wanted_id], args.repeats, phases))), end="\n\n")
+    for model in onnx_models(args.ids, args.cache):
+        print("\n".join(table(model, measure(model, args.repeats, phases))), end="\n\n")
 
 
 if __name__ == "__main__":

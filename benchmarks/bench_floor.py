@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "real_models"))  # the real-world set and its plain child
-from bench_breakdown import probe_kwargs
+from bench_breakdown import add_model_arguments, onnx_models, probe_kwargs
 from bench_probe import byte_compile
-from fetch import DEFAULT_CACHE
-from run import FEEDS, PEAK, collect_models, interpreter_of, run_bncheck, run_plain
+from run import FEEDS, PEAK, add_bncheck_argument, interpreter_of, run_bncheck, run_plain
 
 FLOOR = (
     PEAK
@@ -187,26 +186,15 @@ def table(rows: list[dict[str, Any]], repeats: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("ids", help="comma-separated model ids of the real-world set (ONNX files)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument(
-        "--bncheck",
-        type=Path,
-        default=Path(sys.executable).parent / "bncheck",
-        help="the bncheck console script (default: beside this Python)",
-    )
+    add_model_arguments(parser, repeats=7)
+    add_bncheck_argument(parser)
     args = parser.parse_args()
-    wanted = args.ids.split(",")
-    models = {m["id"]: m for m in collect_models(args.cache, set(wanted))}
-    missing = [i for i in wanted if i not in models or not models[i]["path"].endswith(".onnx")]
-    if missing:
-        sys.exit(f"not an ONNX model of the real-world set: {', '.join(missing)}")
+    models = onnx_models(args.ids, args.cache)
     python = interpreter_of(args.bncheck)
     byte_compile(python)
     folder = Path(tempfile.mkdtemp(prefix="bncheck-floor-"))
     try:
-        rows = [measure(models[i], args.bncheck, python, args.repeats, folder) for i in wanted]
+        rows = [measure(model, args.bncheck, python, args.repeats, folder) for model in models]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print("\n".join(table(rows, args.repeats)))

@@ -613,15 +613,20 @@ def write_readme(block: str) -> None:
     README.write_text(text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+def add_bncheck_argument(parser: argparse.ArgumentParser) -> None:
+    """--bncheck: the console script whose processes are measured (this run and bench_floor.py)."""
     parser.add_argument(
         "--bncheck",
         type=Path,
         default=Path(sys.executable).parent / "bncheck",
         help="the bncheck console script (default: beside this Python)",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    add_bncheck_argument(parser)
     parser.add_argument("--repeats", type=int, default=1, help="plain/probe pairs per shipped or exported model")
     parser.add_argument("--twin-repeats", type=int, default=1, help="plain/probe pairs per broken twin")
     parser.add_argument(
