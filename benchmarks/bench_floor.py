@@ -1,4 +1,4 @@
-"""Benchmark: the least a probe can cost on a model: onnxruntime alone running the probe's own graph and runs.
+"""Benchmark: what onnxruntime alone takes for the probe's own graph and runs, against plain and the probe.
 
 Usage: python benchmarks/bench_floor.py ID[,ID...] [--repeats 7] [--cache DIR]    (prints a Markdown table)
 
@@ -14,8 +14,9 @@ output-level test (each feed's shape and type). Then fresh processes alternate, 
   test (which the real-world table also shows apart).
 
 The floor is the work no redesign of bncheck's Python removes while it measures the same tensors with the same
-graph: one session build (at onnxruntime's default level, without the second build that lowers the peak) and
-the runs. What the probe takes above it is bncheck's imports (onnx's too), its Python over the graph, the
+graph: one session build (at onnxruntime's defaults, as plain's, without the second build that lowers the peak)
+and the runs. It is not a strict bound: on a large model the probe's own session settings can beat the
+defaults. What the probe takes above it is bncheck's imports (onnx's too), its Python over the graph, the
 second session build and the train-mode conformance model.
 """
 
