@@ -58,9 +58,11 @@ print(json.dumps({"rss_mb": peak_mb()}))
 )
 
 
-def record(model: dict, folder: Path) -> tuple[Path, list[list[dict[str, Any]]]]:
-    """The first graph a warm probe of ``model`` hands onnxruntime, saved in ``folder``, and its runs outside
-    the output-level test as real_models/run.py's feeds() specs (one list of inputs per run)."""
+def record(model: dict, folder: Path) -> tuple[Path, int, list[list[dict[str, Any]]]]:
+    """The first graph a warm probe of ``model`` hands onnxruntime, saved in ``folder``, its node count, and its
+    runs outside the output-level test as real_models/run.py's feeds() specs (one list of inputs per run)."""
+    import weakref
+
     import onnxruntime as ort
 
     import bncheck
@@ -69,21 +71,21 @@ def record(model: dict, folder: Path) -> tuple[Path, list[list[dict[str, Any]]]]
 
     kwargs = probe_kwargs([str(a) for a in model.get("probe_args", [])])
     bncheck.probe(model["path"], **kwargs)  # first use: imports and caches
-    graphs: list[bytes] = []
+    graphs: list[tuple[bytes, int]] = []
     runs: list[list[dict[str, Any]]] = []
-    sessions: list[Any] = []
+    sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # not kept alive: the probe frees its first build
     state = {"test": 0}
     new_session, session_run, outputs_test = backend.new_session, ort.InferenceSession.run, plan._outputs_test
 
     def recording_session(source: Any, options: Any, providers: Any = None) -> Any:
         session = new_session(source, options, providers)
         if not graphs and not isinstance(source, str):
-            graphs.append(source.SerializeToString())
-        sessions.append(session)  # the first graph's and, statistics-first, its reordered second build
+            graphs.append((source.SerializeToString(), len(source.graph.node)))
+        sessions.add(session)  # the first graph's and, statistics-first, its reordered second build
         return session
 
     def recording_run(self: Any, names: Any, feeds: dict[str, Any], *rest: Any, **kw: Any) -> Any:
-        if any(self is s for s in sessions) and not state["test"]:
+        if self in sessions and not state["test"]:
             runs.append([_spec(name, value) for name, value in feeds.items()])
         return session_run(self, names, feeds, *rest, **kw)
 
@@ -102,8 +104,8 @@ def record(model: dict, folder: Path) -> tuple[Path, list[list[dict[str, Any]]]]
     if not graphs or not runs:
         raise SystemExit(f"{model['id']}: the probe built no session from a graph of its own, or ran none")
     path = folder / f"{model['id']}.onnx"
-    path.write_bytes(graphs[0])
-    return path, runs
+    path.write_bytes(graphs[0][0])
+    return path, graphs[0][1], runs
 
 
 def _spec(name: str, value: Any) -> dict[str, Any]:
@@ -127,7 +129,7 @@ def run_floor(python: str, graph: Path, runs: list[list[dict[str, Any]]], weight
 
 
 def measure(model: dict, bncheck: Path, python: str, repeats: int, folder: Path) -> dict[str, Any]:
-    graph, runs = record(model, folder)
+    graph, nodes, runs = record(model, folder)
     probe_args = ["probe", "--format", "json", *model.get("probe_args", []), model["path"]]
     sides: dict[str, list[dict]] = {"plain": [], "floor": [], "probe": []}
     for _ in range(repeats):
@@ -148,17 +150,11 @@ def measure(model: dict, bncheck: Path, python: str, repeats: int, folder: Path)
     return {
         "id": model["id"],
         "runs": len(runs),
-        "nodes": _node_count(graph),
+        "nodes": nodes,
         "wall": {side: statistics.median(values) for side, values in walls.items()},
         "pairs": {side: [w / p for w, p in zip(walls[side], walls["plain"])] for side in ("floor", "probe")},
         "rss": {side: statistics.median(d["rss_mb"] for d in done) for side, done in sides.items()},
     }
-
-
-def _node_count(graph: Path) -> int:
-    import onnx
-
-    return len(onnx.load(str(graph), load_external_data=False).graph.node)
 
 
 def _ratio(row: dict[str, Any], side: str) -> str:
