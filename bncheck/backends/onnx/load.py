@@ -437,27 +437,27 @@ _GENERATED_DIM = re.compile(r"unk__\d+")
 UNKNOWN_GENERATED_DIMS = False
 
 
-def _dims(type_proto: onnx.TypeProto, declared: frozenset[str] = frozenset()) -> tuple[Dim, ...] | None:
-    """Dims as int / symbolic name / None. The ``unk__N`` names onnx's inference invents for dims it
-    cannot compute become None only when UNKNOWN_GENERATED_DIMS is on (and the file does not declare them)."""
-    # WhichOneof: one protobuf call where HasField would take two or three (thousands of values per graph)
-    if type_proto.WhichOneof("value") != "tensor_type" or not type_proto.tensor_type.HasField("shape"):
+def _dims(tensor_type: onnx.TypeProto.Tensor, declared: frozenset[str] = frozenset()) -> tuple[Dim, ...] | None:
+    """Dims of a tensor type as int / symbolic name / None. The ``unk__N`` names onnx's inference invents for dims
+    it cannot compute become None only when UNKNOWN_GENERATED_DIMS is on (and the file does not declare them)."""
+    if not tensor_type.HasField("shape"):
         return None
     dims: list[Dim] = []
-    for dim in type_proto.tensor_type.shape.dim:
-        kind = dim.WhichOneof("value")
-        if kind == "dim_value":
-            value = dim.dim_value
-            # -1/0: how some exporters write an unknown dim (see free_unset_dims)
-            dims.append(int(value) if value > 0 else None)
-        elif kind == "dim_param" and dim.dim_param:
-            name = dim.dim_param
-            # the unk__N names onnx invents are kept as symbolic names (golden reports depend on it);
-            # UNKNOWN_GENERATED_DIMS turns them into None
-            generated = UNKNOWN_GENERATED_DIMS and _GENERATED_DIM.fullmatch(name) and name not in declared
-            dims.append(None if generated else name)
-        else:
+    for dim in tensor_type.shape.dim:
+        # dim_value first: one protobuf read for the usual concrete dim (thousands of values per graph); it
+        # reads 0 when the dim holds a name, and -1/0 is how some exporters write an unknown dim (free_unset_dims)
+        value = dim.dim_value
+        if value > 0:
+            dims.append(value)
+            continue
+        name = dim.dim_param  # "" when the dim holds a value or nothing
+        if not name:
             dims.append(None)
+            continue
+        # the unk__N names onnx invents are kept as symbolic names (golden reports depend on it);
+        # UNKNOWN_GENERATED_DIMS turns them into None
+        generated = UNKNOWN_GENERATED_DIMS and _GENERATED_DIM.fullmatch(name) and name not in declared
+        dims.append(None if generated else name)
     return tuple(dims)
 
 
@@ -476,8 +476,8 @@ def _collect_shapes(
     shapes: dict[str, tuple[Dim, ...]] = {}
     types: dict[str, int] = {}
     for init in model.graph.initializer:
-        shapes[init.name] = tuple(int(d) for d in init.dims)
-        types[init.name] = int(init.data_type)
+        shapes[init.name] = tuple(init.dims)  # protobuf hands back ints
+        types[init.name] = init.data_type
     stored = set(shapes)  # an initializer's own dims beat a graph input's declaration of it
     declared = _declared_dim_names(model) if UNKNOWN_GENERATED_DIMS else frozenset()
     graph = inferred.graph
@@ -485,12 +485,14 @@ def _collect_shapes(
         for info in values:
             name = info.name
             type_proto = info.type
+            # WhichOneof: one protobuf call where HasField would take two or three
             if name in stored or type_proto.WhichOneof("value") != "tensor_type":
                 continue
-            elem = type_proto.tensor_type.elem_type
+            tensor_type = type_proto.tensor_type
+            elem = tensor_type.elem_type
             if elem:
-                types[name] = int(elem)
-            dims = _dims(type_proto, declared)
+                types[name] = elem
+            dims = _dims(tensor_type, declared)
             if dims is not None:
                 shapes[name] = dims
     return shapes, types
