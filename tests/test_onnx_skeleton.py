@@ -164,3 +164,16 @@ def test_own_skeleton_is_a_sorted_copy_that_both_inferences_can_share(tmp_path):
     assert inferred_shapes(model, skeleton)[0]["c"] == ("N", 16, 8, 8)
     assert concrete_shapes(model, {"x": (2, 8, 8, 8)}, skeleton)[0]["y"] == (2, 16, 8, 8)
     assert model.graph.node[0].name == "bn" and len(model.graph.node) == 7  # the model itself is not edited
+
+
+def test_tensor_sizes_come_from_dims_and_element_type_without_reading_data():
+    from bncheck.backends.onnx.graph import element_size, tensor_nbytes
+
+    # external data: no bytes in the message, so only dims and type can size it
+    stub = TensorProto(name="w", data_type=TensorProto.FLOAT16, dims=[64, 16, 3, 3])
+    stub.data_location = TensorProto.EXTERNAL
+    assert tensor_nbytes(stub) == 64 * 16 * 3 * 3 * 2
+    assert tensor_nbytes(numpy_helper.from_array(np.zeros((3, 4), np.float64))) == 96
+    assert element_size(TensorProto.STRING) == 8  # numpy's object pointers
+    assert element_size(TensorProto.UNDEFINED) is None
+    assert tensor_nbytes(TensorProto(data_type=TensorProto.UNDEFINED, dims=[5])) == 40  # sized 8 an element

@@ -8,6 +8,7 @@ shapes); onnx's own folding lives in onnx.reference, which would need the model'
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +38,29 @@ def copy_messages(target: Any, messages: Iterable[Any]) -> None:
     add = target.add
     for message in messages:
         add().CopyFrom(message)
+
+
+@functools.cache  # thousands of tensors of a few types, and onnx's lookup builds a numpy dtype each time
+def element_size(data_type: int) -> int | None:
+    """Bytes per element of an ONNX tensor type (8 for strings: numpy's object pointers), None for a type numpy
+    has no dtype for (UNDEFINED, unknown numbers)."""
+    from onnx import helper
+
+    try:
+        return int(helper.tensor_dtype_to_np_dtype(data_type).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Size of a tensor from its dims and element type, without touching its data (reading raw_data or asking
+    for ByteSize would copy or walk the bytes: 25 ms on a ResNet-50); an element type numpy cannot size counts
+    8 bytes an element."""
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    size = element_size(tensor.data_type)
+    return count * (8 if size is None else size)
 
 
 def as_float_array(value: np.ndarray | None) -> np.ndarray | None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx.graph import copy_messages, node_reads, upstream_nodes
+from bncheck.backends.onnx.graph import copy_messages, node_reads, tensor_nbytes, upstream_nodes
 from bncheck.backends.onnx.load import external_tensors, free_unset_dims, location_of, relocate
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.errors import one_line
@@ -116,19 +116,6 @@ def _opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def _nbytes(tensor: Any) -> int:
-    from onnx import helper
-
-    count = 1
-    for d in tensor.dims:
-        count *= int(d)
-    try:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        itemsize = 8
-    return count * itemsize
-
-
 def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
     """Stream every top-level initializer into a new ``folder/weights-N.bin``; return weight-less external
     stubs. Tensors already external (a skeleton from an earlier call) are kept as they are."""
@@ -142,7 +129,7 @@ def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
     offset = 0
     with open(path, "wb") as fh:
         for tensor in model.graph.initializer:
-            small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
+            small = tensor_nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
             if small or tensor.data_type == onnx.TensorProto.STRING or _is_external(tensor):
                 # small tensors stay inline: shapes, axes and constants must be readable by
                 # onnxruntime's shape inference, which does not read external data
@@ -182,7 +169,7 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
     offsets: dict[str, tuple[int, int]] | None = None
     stubs = []
     for tensor in handle.model.graph.initializer:
-        small = _nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
+        small = tensor_nbytes(tensor) <= EMBED_BYTES or tensor.data_type in _SHAPE_TYPES
         external = _is_external(tensor)
         if external:
             # left in the file by the loader (named as the user named the file) or a skeleton of an earlier
@@ -199,7 +186,7 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
         if offsets is None:
             offsets = raw_data_offsets(handle.path) or {}
         found = offsets.get(tensor.name)
-        if found is None or not tensor.HasField("raw_data") or found[1] != _nbytes(tensor):
+        if found is None or not tensor.HasField("raw_data") or found[1] != tensor_nbytes(tensor):
             return None
         stub = onnx.TensorProto()
         stub.name = tensor.name

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import BackendError, sha256_of
-from bncheck.backends.onnx.graph import copy_messages, topological_order
+from bncheck.backends.onnx.graph import copy_messages, tensor_nbytes, topological_order
 from bncheck.errors import few
 from bncheck.model import Dim, ModelInfo, Note
 
@@ -281,7 +281,7 @@ def _parse_without_large_weights(path: str) -> tuple[onnx.ModelProto, set[str]] 
         return None
     del rebuilt
     left = [t for t in model.graph.initializer if t.name in offsets]
-    if any(_nbytes(t) != offsets[t.name][1] for t in left):
+    if any(tensor_nbytes(t) != offsets[t.name][1] for t in left):
         return None  # raw_data of the wrong length: _parse keeps it, and onnxruntime says so
     _load_view_weights(path, model)  # the norm parameters among them
     return model, {t.name for t in left if t.data_location == t.EXTERNAL}
@@ -412,7 +412,7 @@ def _load_view_weights(path: str, model: onnx.ModelProto) -> list[Note]:
         warnings.simplefilter("always")
         try:
             for tensor in external_tensors(model):
-                if _nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
+                if tensor_nbytes(tensor) <= VIEW_LOAD_BYTES or tensor.name in norm_inputs:
                     # what load_external_data_for_model does, tensor by tensor, from the real file: onnx
                     # refuses to read through a symbolic link, and _validate_external accepted this one
                     target = os.path.realpath(os.path.join(base, location_of(tensor)))
@@ -517,7 +517,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
     graph = model.graph
     constants = _large_constants(graph)
-    if not constants and all(_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
+    if not constants and all(tensor_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
         return model
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip={"graph"})
@@ -525,7 +525,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(graph, out, skip={"initializer", "node"} if constants else {"initializer"})
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if _nbytes(tensor) <= SKELETON_KEEP_BYTES:
+        if tensor_nbytes(tensor) <= SKELETON_KEEP_BYTES:
             out.initializer.append(tensor)
         elif tensor.name not in declared:  # IR >= 4: initializers need not be inputs
             out.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
@@ -549,7 +549,7 @@ def _large_constants(graph: Any) -> set[int]:
             continue
         if len(node.attribute) != 1 or node.attribute[0].name != "value" or node.output[0] in outputs:
             continue
-        if _nbytes(node.attribute[0].t) > SKELETON_KEEP_BYTES:
+        if tensor_nbytes(node.attribute[0].t) > SKELETON_KEEP_BYTES:
             found.add(i)
     return found
 
@@ -568,21 +568,6 @@ def _copy_fields(source: Any, target: Any, skip: set[str]) -> None:
             getattr(target, descriptor.name).CopyFrom(value)
         else:
             setattr(target, descriptor.name, value)
-
-
-def _nbytes(tensor: onnx.TensorProto) -> int:
-    """Size of a tensor from its dims and element type, without touching its data (reading raw_data or
-    asking for ByteSize would copy or walk the bytes: 25 ms on a ResNet-50)."""
-    from onnx import helper
-
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    try:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):  # strings and undefined types: sized per element, not known
-        itemsize = 8
-    return count * itemsize
 
 
 #: the name a batch dim written as -1 or 0 gets (axis 0 of a graph input).

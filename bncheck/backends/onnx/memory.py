@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bncheck import budget
+from bncheck.backends.onnx.graph import element_size
 from bncheck.backends.onnx.load import concrete_shapes
 from bncheck.model import Dim, InputSpec, ProbeSettings
 from bncheck.probe_data import probe_feeds
@@ -75,16 +76,10 @@ class Estimate:
         return self.inputs + self.node_bytes
 
 
-@functools.cache
 def _itemsize(elem_type: int | None) -> int:
-    if not elem_type:
-        return 0
-    from onnx import helper
-
-    try:
-        return int(helper.tensor_dtype_to_np_dtype(elem_type).itemsize)
-    except (KeyError, ValueError, TypeError):
-        return 0  # strings and types numpy has no fixed size for: unknown, counted 0
+    # types numpy has no dtype for: unknown, counted 0 (strings count numpy's 8-byte object pointers)
+    size = element_size(elem_type) if elem_type else None
+    return 0 if size is None else size
 
 
 def _bind(declared: Iterable[tuple[Dim, ...] | None], fed: Iterable[tuple[int, ...]]) -> dict[str, int]:
