@@ -177,3 +177,68 @@ def test_tensor_sizes_come_from_dims_and_element_type_without_reading_data():
     assert element_size(TensorProto.STRING) == 8  # numpy's object pointers
     assert element_size(TensorProto.UNDEFINED) is None
     assert tensor_nbytes(TensorProto(data_type=TensorProto.UNDEFINED, dims=[5])) == 40  # sized 8 an element
+
+
+def _branch_weights(path, same_name: bool = False) -> str:
+    """An If whose two branches each convolve x with a large weight held by a Constant node of their own (as
+    TorchScript exports keep a branch's weights); ``same_name``: both branches name their weight alike."""
+    rng = np.random.default_rng(1)
+
+    def branch(tag: str, weight_name: str) -> onnx.GraphProto:
+        weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)  # 4.6 KB > SKELETON_KEEP_BYTES
+        return helper.make_graph(
+            [
+                helper.make_node("Constant", [], [weight_name], value=numpy_helper.from_array(weight)),
+                helper.make_node("Conv", ["x", weight_name], [f"y_{tag}"], pads=[1, 1, 1, 1]),
+            ],
+            tag,
+            [],
+            [helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        )
+
+    nodes = [
+        helper.make_node(
+            "If",
+            ["flag"],
+            ["y"],
+            then_branch=branch("then", "w" if same_name else "w_then"),
+            else_branch=branch("else", "w" if same_name else "w_else"),
+        ),
+        helper.make_node("Relu", ["y"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 16, 8, 8])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    return str(path)
+
+
+def test_a_branchs_large_constant_weights_become_typed_inputs_of_the_skeleton(tmp_path):
+    model = onnx.load(_branch_weights(tmp_path / "if.onnx"))
+    skeleton = _skeleton(model)
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in skeleton.graph.input}
+    assert inputs == {"x": [0, 8, 8, 8], "flag": [], "w_then": [16, 8, 3, 3], "w_else": [16, 8, 3, 3]}
+    branches = {a.name: [n.op_type for n in a.g.node] for a in skeleton.graph.node[0].attribute}
+    assert branches == {"then_branch": ["Conv"], "else_branch": ["Conv"]}
+    assert skeleton.ByteSize() < 2000 < model.ByteSize()
+    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(skeleton, full_check=True)  # a branch reads the outer scope's inputs
+    assert [n.op_type for n in model.graph.node[0].attribute[0].g.node] == ["Constant", "Conv"]  # not edited
+    shapes, _ = inferred_shapes(model)
+    assert shapes["z"] == ("N", 16, 8, 8)
+    view = OnnxBackend().load(str(tmp_path / "if.onnx"))
+    assert [n for n in view.notes if n.level == "warning"] == []  # checker and strict inference accept it
+
+
+def test_branch_weights_named_alike_stay_in_their_branches(tmp_path):
+    model = onnx.load(_branch_weights(tmp_path / "if.onnx", same_name=True))
+    skeleton = _skeleton(model)
+    assert skeleton is model or [i.name for i in skeleton.graph.input] == ["x", "flag"]
+    branches = [[n.op_type for n in a.g.node] for a in skeleton.graph.node[0].attribute]
+    assert branches == [["Constant", "Conv"], ["Constant", "Conv"]]

@@ -504,54 +504,108 @@ SKELETON_KEEP_BYTES = 4096
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without its large weights: each large initializer, and each Constant node of the main graph
-    holding a large tensor (older paddle2onnx writes every weight so), becomes a typed graph input.
+    """The model without its large weights: each large initializer, and each Constant node holding a large
+    tensor (older paddle2onnx writes every weight so; TorchScript exports keep a control-flow branch's weights
+    in its subgraph), becomes a typed graph input.
 
     onnx.checker and shape inference serialize the whole ModelProto (time, and a copy of the weights in
     memory) yet need only the graph, the types and shapes of the weights and the
     values of small shape-like tensors. The checker then does not look inside large weights; their dims and
-    types, the part a graph depends on, are still checked through the inputs they become.
+    types, the part a graph depends on, are still checked through the inputs they become (a subgraph reads
+    an outer scope's values, so a branch's weight can be a main-graph input too).
     """
     import onnx
-    from onnx import helper
 
     graph = model.graph
-    constants = _large_constants(graph)
-    if not constants and all(tensor_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
+    constants, nested = _large_constants(graph)
+    if not constants and not nested and all(tensor_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
         return model
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip={"graph"})
     out = skeleton.graph
-    _copy_fields(graph, out, skip={"initializer", "node"} if constants else {"initializer"})
+    _copy_fields(graph, out, skip={"initializer", "node"} if constants or nested else {"initializer"})
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if tensor_nbytes(tensor) <= SKELETON_KEEP_BYTES:
             out.initializer.append(tensor)
         elif tensor.name not in declared:  # IR >= 4: initializers need not be inputs
-            out.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    if constants:
-        copy_messages(out.node, (node for i, node in enumerate(graph.node) if i not in constants))
-        for i in sorted(constants):
-            tensor = graph.node[i].attribute[0].t
-            out.input.append(
-                helper.make_tensor_value_info(graph.node[i].output[0], tensor.data_type, list(tensor.dims))
-            )
+            out.input.append(_typed_input(tensor.name, tensor))
+    if constants or nested:
+        hoisted: list[Any] = []
+        _copy_nodes_without(graph, constants, nested, out.node, hoisted)
+        names = [v.name for v in hoisted]
+        taken = {v.name for v in out.input} | {t.name for t in out.initializer}
+        if nested and (len(set(names)) < len(names) or taken.intersection(names)):
+            # two branches naming their weights alike would share one input: their weights stay in place
+            del out.node[:]
+            hoisted.clear()
+            _copy_nodes_without(graph, constants, {}, out.node, hoisted)
+        out.input.extend(hoisted)
     return skeleton
 
 
-def _large_constants(graph: Any) -> set[int]:
-    """Indices of the main graph's Constant nodes whose one ``value`` tensor is larger than
-    SKELETON_KEEP_BYTES; one that writes a graph output stays a node (the graph's outputs keep their producer)."""
-    outputs = {o.name for o in graph.output}
-    found = set()
+def _typed_input(name: str, tensor: Any) -> Any:
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
+
+
+#: where a graph's large Constant nodes are, at any depth: the indices of its own, and by node index and
+#: attribute index those of the subgraphs that hold some
+Nested = dict[int, dict[int, tuple[set[int], "Nested"]]]
+
+
+def _copy_nodes_without(graph: Any, constants: set[int], nested: Nested, target: Any, hoisted: list[Any]) -> None:
+    """Copy ``graph``'s nodes into ``target`` but the large Constant nodes at ``constants``, whose outputs
+    become typed inputs in ``hoisted``; a node in ``nested`` gets copies of its subgraphs treated alike."""
+    add = target.add
     for i, node in enumerate(graph.node):
-        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        if i in constants:
+            hoisted.append(_typed_input(node.output[0], node.attribute[0].t))
+            continue
+        copy = add()
+        subgraphs = nested.get(i)
+        if subgraphs is None:
+            copy.CopyFrom(node)
+            continue
+        _copy_fields(node, copy, skip={"attribute"})
+        for j, attribute in enumerate(node.attribute):
+            if j not in subgraphs:
+                copy.attribute.add().CopyFrom(attribute)
+                continue
+            attr = copy.attribute.add()
+            _copy_fields(attribute, attr, skip={"g"})
+            _copy_fields(attribute.g, attr.g, skip={"node"})
+            _copy_nodes_without(attribute.g, *subgraphs[j], attr.g.node, hoisted)
+
+
+def _large_constants(graph: Any) -> tuple[set[int], Nested]:
+    """Indices of ``graph``'s Constant nodes whose one ``value`` tensor is larger than SKELETON_KEEP_BYTES (one
+    that writes an output of the graph stays a node: the graph's outputs keep their producer), and the same of
+    the subgraphs of its If, Loop and Scan nodes, at any depth."""
+    outputs = {o.name for o in graph.output}
+    found: set[int] = set()
+    nested: Nested = {}
+    for i, node in enumerate(graph.node):
+        op = node.op_type
+        if op in _CONTROL_FLOW:
+            for j, attribute in enumerate(node.attribute):
+                if attribute.HasField("g"):
+                    inner = _large_constants(attribute.g)
+                    if any(inner):
+                        nested.setdefault(i, {})[j] = inner
+            continue
+        if op != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
             continue
         if len(node.attribute) != 1 or node.attribute[0].name != "value" or node.output[0] in outputs:
             continue
         if tensor_nbytes(node.attribute[0].t) > SKELETON_KEEP_BYTES:
             found.add(i)
-    return found
+    return found, nested
+
+
+#: the ONNX ops whose attributes hold subgraphs
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
 def _copy_fields(source: Any, target: Any, skip: set[str]) -> None:
