@@ -61,8 +61,11 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         if eps == 0.0:
             yield _zero(layer, var)
             continue
-        live = live_channels(layer) if var is not None else None
-        if layer.kind is Kind.BATCH and below_clamp(eps):
+        clamped = layer.kind is Kind.BATCH and below_clamp(eps)
+        # the live channels only where a finding reads them: most layers have no channel epsilon dominates
+        needed = var is not None and (clamped or bool((eps >= DOMINANCE_RATIO * var).any()))
+        live = live_channels(layer) if needed else None
+        if clamped:
             effect = clamp_effect(eps, var, live)
             change = (
                 f"; on this layer's variances the clamp changes outputs by up to {effect:.3g} (relative)"
