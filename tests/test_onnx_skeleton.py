@@ -181,7 +181,7 @@ def test_tensor_sizes_come_from_dims_and_element_type_without_reading_data():
 
 def _branch_weights(path, same_name: bool = False) -> str:
     """An If whose two branches each convolve x with a large weight held by a Constant node of their own (as
-    TorchScript exports keep a branch's weights); ``same_name``: both branches name their weight alike."""
+    silero-vad's shipped model holds its weights); ``same_name``: both branches name their weight alike."""
     rng = np.random.default_rng(1)
 
     def branch(tag: str, weight_name: str) -> onnx.GraphProto:

@@ -505,8 +505,8 @@ SKELETON_KEEP_BYTES = 4096
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without its large weights: each large initializer, and each Constant node holding a large
-    tensor (older paddle2onnx writes every weight so; TorchScript exports keep a control-flow branch's weights
-    in its subgraph), becomes a typed graph input.
+    tensor (older paddle2onnx writes every weight so; silero-vad's shipped model keeps each If branch's weights
+    in the branch), becomes a typed graph input.
 
     onnx.checker and shape inference serialize the whole ModelProto (time, and a copy of the weights in
     memory) yet need only the graph, the types and shapes of the weights and the
