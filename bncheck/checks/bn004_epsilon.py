@@ -62,8 +62,9 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             yield _zero(layer, var)
             continue
         clamped = layer.kind is Kind.BATCH and below_clamp(eps)
+        dominated = None if var is None else np.isfinite(var) & (var >= 0) & (eps >= DOMINANCE_RATIO * var)
         # the live channels only where a finding reads them: most layers have no channel epsilon dominates
-        needed = var is not None and (clamped or bool((eps >= DOMINANCE_RATIO * var).any()))
+        needed = dominated is not None and (clamped or bool(dominated.any()))
         live = live_channels(layer) if needed else None
         if clamped:
             effect = clamp_effect(eps, var, live)
@@ -83,7 +84,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 "validate the model on the runtime you deploy to.",
                 {"kind": "below-clamp", "epsilon": eps, "clamp": TF_EPSILON_CLAMP, "max_relative_change": effect},
             )
-        finding = _dominance(layer, eps, var, live)
+        finding = _dominance(layer, eps, var, live, dominated)
         if finding is not None:
             yield finding
 
@@ -118,14 +119,15 @@ def _zero(layer: NormLayer, var: np.ndarray | None) -> Finding:
     )
 
 
-def _dominance(layer: NormLayer, eps: float, var: np.ndarray | None, live: np.ndarray | None) -> Finding | None:
-    if var is None:
+def _dominance(
+    layer: NormLayer, eps: float, var: np.ndarray | None, live: np.ndarray | None, dominated: np.ndarray | None
+) -> Finding | None:
+    """``dominated``: the channels whose valid running variance epsilon dominates (see DOMINANCE_RATIO)."""
+    if var is None or dominated is None:
         return None
-    valid = np.isfinite(var) & (var >= 0)
-    dominated = valid & (eps >= DOMINANCE_RATIO * var)
     dead = int(np.sum(dominated & ~live)) if live is not None else 0
     if live is not None:
-        dominated &= live
+        dominated = dominated & live
     count = int(np.sum(dominated))
     if count == 0:
         return None
