@@ -160,8 +160,10 @@ class OneLineErrors(click.Group):
         except click.ClickException as error:
             error.show()
             sys.exit(error.exit_code)
-        except click.Abort:
+        except click.Abort as stop:
             click.echo("Aborted!", err=True)
+            if isinstance(stop.__cause__, KeyboardInterrupt):
+                raise stop.__cause__ from None  # Ctrl-C: console() ends the process as interrupted, not exit 1
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -223,22 +225,28 @@ def _imports_frozen(models: Sequence[str], command: str) -> None:
 
 
 def console() -> NoReturn:
-    """The console script and ``python -m bncheck``: :data:`main`, then :func:`_end_process`; SIGTERM
-    unwinds it first (bncheck.termination)."""
+    """The console script and ``python -m bncheck``: :data:`main`, then :func:`_end_process`; Ctrl-C and
+    SIGTERM stop a running onnxruntime call and unwind it first, then end it as killed by the signal
+    (bncheck.termination)."""
     import gc
     import signal
 
-    from bncheck.termination import Terminated, die_of_sigterm, unwind_on_sigterm
+    from bncheck.termination import Terminated, die_of, unwind_on_sigterm, watch_stop_signals
 
     gc.disable()  # until the command's imports are in (_imports_frozen); commands without models end first
     unwind_on_sigterm()
+    watch_stop_signals()
     code: Any = 0
     try:
         main(obj=_OWN_PROCESS)
     except SystemExit as done:
         code = done.code
+    except KeyboardInterrupt:
+        _run_exit_handlers()
+        die_of(signal.SIGINT)
     except Terminated:
-        die_of_sigterm()
+        _run_exit_handlers()
+        die_of(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing is left to clean up: SIGTERM may end it at once
     _end_process(code)
 
@@ -253,21 +261,30 @@ def _end_process(code: Any) -> NoReturn:
     import atexit
     import os
 
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; elsewhere the usual exit
-    if run_exit_handlers is None:
+    if getattr(atexit, "_run_exitfuncs", None) is None:  # CPython's; elsewhere the usual exit
         raise SystemExit(code)
     if code is None or isinstance(code, int):
         status = code or 0
     else:
         print(code, file=sys.stderr)  # sys.exit("message"): printed, status 1
         status = 1
-    run_exit_handlers()
+    _run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             status = status or 120  # what the interpreter's own exit gives when stdout cannot be flushed
     os._exit(status)
+
+
+def _run_exit_handlers() -> None:
+    """Run every atexit handler now (multiprocessing's among them, which releases what ``--jobs`` workers
+    shared), where the interpreter has a way to (CPython's atexit._run_exitfuncs)."""
+    import atexit
+
+    run = getattr(atexit, "_run_exitfuncs", None)
+    if run is not None:
+        run()
 
 
 def _requested_format(args: list[str]) -> str | None:

@@ -115,11 +115,14 @@ def run(
 
 
 def _start_worker(parent: int, workers: int) -> None:
-    """In each worker: its share of the machine (share.py), and :func:`_watch_parent`."""
+    """In each worker: its share of the machine (share.py), :func:`_watch_parent`, and a stop that ends a
+    running onnxruntime call (termination.watch_stop_signals)."""
     from bncheck import share
+    from bncheck.termination import watch_stop_signals
 
     share.set_workers(workers)
     _watch_parent(parent)
+    watch_stop_signals()
 
 
 def _watch_parent(parent: int) -> None:
@@ -142,7 +145,7 @@ def _in_worker(job: Callable[[str], Report], command: str | None, path: str) -> 
     model's clean-up has run; between models it ends the worker at once (nothing to clean)."""
     import signal
 
-    from bncheck.termination import Terminated, die_of_sigterm, unwind_on_sigterm
+    from bncheck.termination import Terminated, die_of, unwind_on_sigterm
 
     unwind_on_sigterm()
     try:
@@ -150,7 +153,7 @@ def _in_worker(job: Callable[[str], Report], command: str | None, path: str) -> 
             _import_frozen(path, command)
         return _guarded(job, path)
     except Terminated:
-        die_of_sigterm()
+        die_of(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -178,7 +181,7 @@ def _import_frozen(path: str, command: str) -> None:
 
 def _stop(pool: Any) -> None:
     """Cancel what has not started, SIGTERM the workers and wait until they are gone (their folders with them);
-    a worker still there after :data:`STOP_WAIT` seconds (inside a long onnxruntime call) is killed.
+    a worker still there after :data:`STOP_WAIT` seconds (a call that no stop signal ends) is killed.
 
     ProcessPoolExecutor has no public way to stop a running call before Python 3.14's terminate_workers;
     its ``_processes`` map has been there since 3.2."""

@@ -1,5 +1,5 @@
-"""SIGTERM (a CI job's timeout, ``kill``): the process removes its scratch folders and stops its workers,
-then ends as killed by the signal."""
+"""SIGTERM (a CI job's timeout, ``kill``) and Ctrl-C: the process stops a running onnxruntime call, removes its
+scratch folders and stops its workers, then ends as killed by the signal."""
 
 from __future__ import annotations
 
@@ -41,13 +41,61 @@ def _train_mode_chain(path: Path, layers: int = 200, channels: int = 8, hw: int 
     return str(path)
 
 
+def _endless(path: Path, channels: int = 4) -> str:
+    """x -> BatchNormalization -> Loop of 10^12 iterations (v + 0): a run onnxruntime never finishes unless
+    it is told to stop."""
+    dims = ["N", channels, 8, 8]
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "zero"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, dims),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, dims),
+        ],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])],
+    )
+    inits = [
+        numpy_helper.from_array(np.full(channels, value, np.float32), name)
+        for name, value in (("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0))
+    ]
+    inits += [
+        helper.make_tensor("trips", TensorProto.INT64, [], [10**12]),
+        helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t"], name="bn"),
+        helper.make_node("Loop", ["trips", "go", "t"], ["y"], body=body, name="forever"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+    model = helper.make_model(
+        helper.make_graph(nodes, "endless", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    onnx.save(model, path)
+    return str(path)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` and its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _folders(where: Path) -> list[str]:
     return sorted(n for n in os.listdir(where) if n.startswith("bncheck-"))
 
 
-def _terminated_once(where: Path, args: list[str], folders: int, sig: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+def _terminated_once(
+    where: Path, args: list[str], folders: int, sig: int = signal.SIGTERM, busy: float = 0.0
+) -> subprocess.Popen[bytes]:
     """``python -m bncheck args`` (the console entry) with TMPDIR=where, sent ``sig`` once ``folders`` scratch
-    folders exist; waited for."""
+    folders exist and then each process that made one (the console, or its workers) used ``busy`` more seconds
+    of CPU (inside a run that does not end); waited for, and killed if it is still there after two minutes."""
     env = {**os.environ, "TMPDIR": str(where)}
     log = where.parent / "stderr.txt"
     with open(log, "wb") as err:
@@ -59,8 +107,19 @@ def _terminated_once(where: Path, args: list[str], folders: int, sig: int = sign
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "no scratch folder appeared"
         time.sleep(0.01)
+    if busy:
+        running = [int(name.split("-")[3]) for name in _folders(where)]  # bncheck-probe-<ns>-<pid>-...
+        start = {pid: _cpu_seconds(pid) for pid in running}
+        while any(_cpu_seconds(pid) < start[pid] + busy for pid in running):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the processes never got busy"
+            time.sleep(0.05)
     proc.send_signal(sig)
-    proc.wait(timeout=120)  # not communicate(): workers left alive would hold its pipes open
+    try:
+        proc.wait(timeout=120)  # not communicate(): workers left alive would hold its pipes open
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     return proc
 
 
@@ -139,3 +198,38 @@ def test_a_probe_killed_outright_leaves_its_folder_to_the_next_run(tmp_path):
     )
     assert after.returncode == 1, after.stderr
     assert _folders(where) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_ends_a_run_that_would_never_finish_and_removes_the_folder(tmp_path, sig):
+    # Python runs a signal's handler only once onnxruntime's call returns: this one never would
+    if not os.path.isdir("/proc"):
+        pytest.skip("waits for the run through /proc")
+    model = _endless(tmp_path / "endless.onnx")
+    where = tmp_path / "tmp"
+    where.mkdir()
+    proc = _terminated_once(where, ["probe", "--format", "json", model], folders=1, sig=sig, busy=1.0)
+    assert proc.returncode == -sig  # Ctrl-C too: never exit 1, which says "findings"
+    assert _folders(where) == []
+    if sig == signal.SIGINT:
+        assert (tmp_path / "stderr.txt").read_text().strip() == "Aborted!"
+
+
+def test_sigterm_stops_the_workers_runs_so_that_they_remove_their_folders(tmp_path):
+    # without the stop, a worker inside a run is killed after many.STOP_WAIT and its folder stays behind
+    if not os.path.isdir("/proc"):
+        pytest.skip("finds the workers through /proc")
+    first = _endless(tmp_path / "a.onnx")
+    second = tmp_path / "b.onnx"
+    second.write_bytes(Path(first).read_bytes())
+    where = tmp_path / "tmp"
+    where.mkdir()
+    args = ["probe", "--jobs", "2", "--format", "json", first, str(second)]
+    try:
+        proc = _terminated_once(where, args, folders=2, busy=1.0)
+        assert proc.returncode == -signal.SIGTERM
+        assert _workers_with(where) == []
+        assert _folders(where) == []
+    finally:
+        for pid in _workers_with(where):
+            os.kill(pid, signal.SIGKILL)

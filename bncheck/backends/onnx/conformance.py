@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.model import NormLayer
 from bncheck.share import runtime_threads
@@ -153,7 +154,7 @@ def runtime_deviations(
     for batch in batch_sizes:
         feeds = {f"x{i}": _inputs(params, spatial, min(batch, BATCH), rng) for i, _, params, spatial in entries}
         try:
-            values = session.run([f"y{i}" for i, *_ in entries], feeds)
+            values = session.run([f"y{i}" for i, *_ in entries], feeds, run_options())
         except Exception as exc:
             return {}, f"{REFUSED}: {runtime_message(exc)}"
         with np.errstate(all="ignore"):

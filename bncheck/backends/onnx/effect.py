@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
@@ -43,7 +44,7 @@ def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[
 
 def _session_run(session: Any) -> OutputsRun:
     names = [o.name for o in session.get_outputs()]
-    return lambda feeds: dict(zip(names, session.run(names, feeds)))
+    return lambda feeds: dict(zip(names, session.run(names, feeds, run_options())))
 
 
 def recalibration(

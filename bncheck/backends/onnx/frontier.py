@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck import budget
+from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import has_subgraphs, node_reads, upstream_nodes
 from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm, stub
 from bncheck.backends.onnx.run import _without_extremes, new_session, scratch_folder, session_options
@@ -200,7 +201,7 @@ class Frontier:
             self.segments += 1
             self.nodes_run += len(nodes)
             for b in range(len(self.real)):
-                outputs = session.run(fetch, {name: self.values[name][b] for name in sources})
+                outputs = session.run(fetch, {name: self.values[name][b] for name in sources}, run_options())
                 for name in spent:
                     self.values[name][b] = _SPENT
                 for name, value in zip(fetch, outputs):

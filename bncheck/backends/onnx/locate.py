@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import ONNX_DOMAINS
 from bncheck.backends.onnx.instrument import keep_only, stub
 from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
@@ -180,8 +181,8 @@ def locate_dependence(
             so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
             try:
                 session = new_session(prefix(model, names), so)
-                first = session.run(names, batch)
-                second = session.run(names, copies)
+                first = session.run(names, batch, run_options())
+                second = session.run(names, copies, run_options())
             except Exception as exc:  # a cut the runtime rejects (a node only the probe's rewrite made runnable)
                 raise _Unlocatable from exc
             del session  # before the next step builds its own

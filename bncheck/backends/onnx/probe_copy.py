@@ -30,6 +30,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
+from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import copy_messages, has_subgraphs
 from bncheck.backends.onnx.instrument import _copy, _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes, own_skeleton
@@ -337,9 +338,7 @@ def _session(model: onnx.ModelProto, folder: str, arena: bool = True):
 
 
 def _quiet():
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
+    options = run_options()
     options.log_severity_level = 4
     return options
 

@@ -16,6 +16,7 @@ import numpy as np
 from bncheck import watchdog
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
+from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
 from bncheck.backends.onnx.graph import copy_messages, upstream_nodes
 from bncheck.backends.onnx.instrument import (
@@ -288,9 +289,7 @@ def _alive(pid: int) -> bool:
 
 def _shrink_arena() -> Any:
     """Run options that return the CPU arena's unused chunks to the system at the end of the run."""
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
+    options = run_options()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
 
@@ -789,7 +788,7 @@ class _Engine:
         if repeated is not None:
             return repeated
         size = sum(int(np.asarray(a).nbytes) for a in feeds.values())
-        options = None
+        options = run_options()
         if size > self.largest_feed:
             # the largest batch so far grew the arena: hand back what the run no longer uses before the
             # statistics are decoded, which would otherwise add to the peak
