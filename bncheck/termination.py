@@ -89,10 +89,10 @@ def watch_stop_signals() -> None:
             return
         _watch.watching = True
     read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)  # the C-level handler must never block on a full pipe
     try:
+        os.set_blocking(write_end, False)  # the C-level handler must never block on a full pipe
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    except (ValueError, OSError):
+    except (AttributeError, ValueError, OSError):  # Windows: no set_blocking before 3.12, sockets only
         os.close(read_end)
         os.close(write_end)
         with _watch.lock:
