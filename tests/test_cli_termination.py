@@ -149,12 +149,13 @@ def test_sigterm_during_a_probe_removes_its_scratch_folder_and_ends_as_killed_by
 
 
 @pytest.fixture
-def parallel(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
-    """``probe --jobs 2`` over two copies of the chain, and a TMPDIR of its own; workers a failing test left
-    behind are killed after it."""
+def parallel(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
+    """``probe --jobs 2`` over two copies of a model (the chain, or the builder the test passes indirectly), and
+    a TMPDIR of its own; workers a failing test left behind are killed after it."""
     if not os.path.isdir("/proc"):
         pytest.skip("finds the workers through /proc")
-    first = _train_mode_chain(tmp_path / "a.onnx")
+    build = getattr(request, "param", _train_mode_chain)
+    first = build(tmp_path / "a.onnx")
     second = tmp_path / "b.onnx"
     second.write_bytes(Path(first).read_bytes())
     where = tmp_path / "tmp"
@@ -215,21 +216,11 @@ def test_a_stop_signal_ends_a_run_that_would_never_finish_and_removes_the_folder
         assert (tmp_path / "stderr.txt").read_text().strip() == "Aborted!"
 
 
-def test_sigterm_stops_the_workers_runs_so_that_they_remove_their_folders(tmp_path):
+@pytest.mark.parametrize("parallel", [_endless], indirect=True)
+def test_sigterm_stops_the_workers_runs_so_that_they_remove_their_folders(parallel):
     # without the stop, a worker inside a run is killed after many.STOP_WAIT and its folder stays behind
-    if not os.path.isdir("/proc"):
-        pytest.skip("finds the workers through /proc")
-    first = _endless(tmp_path / "a.onnx")
-    second = tmp_path / "b.onnx"
-    second.write_bytes(Path(first).read_bytes())
-    where = tmp_path / "tmp"
-    where.mkdir()
-    args = ["probe", "--jobs", "2", "--format", "json", first, str(second)]
-    try:
-        proc = _terminated_once(where, args, folders=2, busy=1.0)
-        assert proc.returncode == -signal.SIGTERM
-        assert _workers_with(where) == []
-        assert _folders(where) == []
-    finally:
-        for pid in _workers_with(where):
-            os.kill(pid, signal.SIGKILL)
+    args, where = parallel
+    proc = _terminated_once(where, args, folders=2, busy=1.0)
+    assert proc.returncode == -signal.SIGTERM
+    assert _workers_with(where) == []
+    assert _folders(where) == []
