@@ -6,8 +6,9 @@ scratch folder in /dev/shm, which holds the optimized model's weights, would sta
 
 Python runs a signal's handler only between two bytecodes of the main thread, so a stop that arrives while
 the main thread is inside an onnxruntime run waits for the run to end: seconds at a large batch, more on a
-large model, possibly longer than a CI runner waits before it kills. :func:`watch_stop_signals` wakes a thread as soon as
-the signal arrives, which tells such a call to stop (:func:`on_stop`); the handler then unwinds as before.
+large model, possibly longer than a CI runner waits before it kills. :func:`watch_stop_signals` wakes a
+thread as soon as the signal arrives, which tells such a call to stop (:func:`on_stop`); the handler then
+unwinds as before.
 """
 
 from __future__ import annotations
