@@ -21,7 +21,6 @@ class _Live:
         self.lock = threading.Lock()
         self.options: weakref.WeakSet[Any] = weakref.WeakSet()
         self.stopped = False
-        self.hooked = False
 
 
 _live = _Live()
@@ -33,12 +32,8 @@ def run_options() -> Any:
 
     options = ort.RunOptions()
     with _live.lock:
-        hook = not _live.hooked
-        _live.hooked = True
         options.terminate = _live.stopped
         _live.options.add(options)
-    if hook:
-        termination.on_stop(_stop_all)
     return options
 
 
@@ -47,3 +42,6 @@ def _stop_all() -> None:
         _live.stopped = True
         for options in list(_live.options):
             options.terminate = True
+
+
+termination.on_stop(_stop_all)
