@@ -176,6 +176,13 @@ class Note:
     message: str
 
 
+#: the note of a model without normalization layers (``where``: graph or model); the probe still tests its outputs
+NO_LAYERS_NOTE = (
+    "no normalization layer found in the {where}; a probe still tests whether the outputs depend on a "
+    "sample's batch companions (BN002)"
+)
+
+
 @dataclass(eq=False)
 class ModelView:
     """A loaded model as bncheck sees it. ``handle`` is backend-private state, never read by checks."""

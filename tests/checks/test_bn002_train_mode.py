@@ -206,6 +206,15 @@ def test_dynamic_quantization_behind_a_transpose_is_located_at_the_quantizer(tmp
     assert "static quantization" in finding.hint
 
 
+def test_a_model_without_norm_layers_does_not_say_nothing_is_checked_beside_its_bn002(tmp_path):
+    """A dynamically quantized model has no normalization layer, and its outputs depend on the batch: the
+    report's note about the missing layers must not say there is nothing to check next to that error."""
+    report = engine.probe(dynamic_quant_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    assert not report.layers and [f.severity.label for f in report.findings if f.code == "BN002"] == ["error"]
+    [note] = [n.message for n in report.notes if "no normalization layer" in n.message]
+    assert "nothing to check" not in note and "batch companions (BN002)" in note
+
+
 def test_a_located_single_value_reports_its_change_as_a_fraction_of_its_value(tmp_path):
     """The quantizer's scale is one number: it has no spread to serve as a unit, so "moved by N standard
     deviations" would print its change divided by a floor (ddddocr's scale: "454 standard deviations")."""

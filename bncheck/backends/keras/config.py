@@ -15,7 +15,7 @@ import numpy as np
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.weights import KerasWeights, expected_vars, layer_entries
 from bncheck.errors import one_line
-from bncheck.model import Dim, InputSpec, Kind, NormLayer, Note
+from bncheck.model import NO_LAYERS_NOTE, Dim, InputSpec, Kind, NormLayer, Note
 
 NORM_KINDS: dict[str, Kind] = {
     "BatchNormalization": Kind.BATCH,
@@ -263,7 +263,7 @@ def build(
     ctx.notes.insert(0, Note("info", f"saved by {saved}" + (f" (backend {backend})" if backend else "")))
     layers = _apply_leak(ctx) if not keras2 else ctx.layers
     if not layers and cls in MODEL_CLASSES:  # as the ONNX walk says it: an empty report is not a silent one
-        ctx.notes.append(Note("info", "no normalization layer found in the model: nothing to check"))
+        ctx.notes.append(Note("info", NO_LAYERS_NOTE.format(where="model")))
     baked_layers = sorted({source for source, _ in ctx.baked_calls})
     return KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe, baked_layers)
 

@@ -36,7 +36,7 @@ from bncheck.backends.onnx.graph import (
 from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
 from bncheck.backends.onnx.patterns import decomposed
-from bncheck.model import BatchOp, Kind, NormLayer, Note
+from bncheck.model import NO_LAYERS_NOTE, BatchOp, Kind, NormLayer, Note
 
 _MS = ("com.microsoft",)
 _NHWC = ("com.ms.internal.nhwc",)
@@ -451,7 +451,8 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
             )
         )
     elif not layers:
-        notes.append(Note("info", "no normalization layer found in the graph: nothing to check"))
+        # not "nothing to check": a probe still runs the output-level test, and its BN002 would contradict it
+        notes.append(Note("info", NO_LAYERS_NOTE.format(where="graph")))
     if folded:
         ops = "/".join(sorted({op for _, op in folded}))  # Conv, ConvTranspose or both
         notes.append(
