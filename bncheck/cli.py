@@ -531,7 +531,7 @@ def _finish_many(
         if not paths:
             from bncheck.errors import UsageError
 
-            raise UsageError(f"no model files (.onnx, .keras, .h5, .hdf5) in {', '.join(models)}")
+            raise UsageError(many.nothing_found(models))
         if output:
             for path in paths:
                 _refuse_inputs(output, path, inputs)

@@ -49,6 +49,16 @@ def expand(paths: Iterable[str]) -> list[str]:
     return list(unique)
 
 
+def nothing_found(paths: Iterable[str]) -> str:
+    """Why :func:`expand` found no model file in ``paths``, naming the folders that are TensorFlow SavedModels."""
+    from bncheck.backends.file_kinds import saved_model_folder
+
+    paths = list(paths)
+    text = f"no model files ({', '.join(MODEL_SUFFIXES)}) in {', '.join(paths)}"
+    saved = [(path, saved_model_folder(path)) for path in paths if os.path.isdir(path)]
+    return text + "".join(f"; {path} {why}" for path, why in saved if why)
+
+
 def failure(path: str, error: BaseException) -> Failure:
     kind = error.kind.value if isinstance(error, BncheckError) else ErrorKind.INTERNAL.value
     text = one_line(error, limit=2000)

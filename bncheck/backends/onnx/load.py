@@ -116,6 +116,13 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _what_else(path: str, head: bytes) -> str | None:
+    """What a file that is no ONNX model is instead (another framework's file, a text file), or None."""
+    from bncheck.backends.file_kinds import describe
+
+    return describe(path, head) or _looks_like_text(head)
+
+
 def _looks_like_text(head: bytes) -> str | None:
     """A more useful reason than 'parse error' for the text files people pass by mistake."""
     if head.startswith(b"version https://git-lfs"):
@@ -141,7 +148,9 @@ def _check_file(path: str) -> int:
     if not os.path.lexists(path):
         raise _fail(path, "no such file")
     if os.path.isdir(path):
-        raise _fail(path, "is a directory, not an ONNX file")
+        from bncheck.backends.file_kinds import saved_model_folder
+
+        raise _fail(path, saved_model_folder(path) or "is a directory, not an ONNX file")
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -205,15 +214,15 @@ def _decoded(path: str, data: Any, head: bytes) -> onnx.ModelProto:
         model = onnx.ModelProto()
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as exc:
-        text_reason = _looks_like_text(head)
-        if text_reason:
-            raise _fail(path, text_reason) from exc
+        reason = _what_else(path, head)
+        if reason:
+            raise _fail(path, reason) from exc
         raise _fail(path, f"not a valid ONNX protobuf (truncated or corrupt): {_first_line(exc)}") from exc
     # protobuf parses many byte strings without complaint: an ONNX model has an IR version and a graph.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
-        text_reason = _looks_like_text(head)
-        if text_reason:
-            raise _fail(path, text_reason)
+        reason = _what_else(path, head)
+        if reason:
+            raise _fail(path, reason)
         raise _fail(path, "not an ONNX model (no IR version, graph or opset; truncated or not a protobuf)")
     if not model.graph.node and not model.graph.output:
         raise _fail(path, "not an ONNX model (the graph has no nodes and no outputs; truncated?)")

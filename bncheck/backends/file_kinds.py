@@ -1,0 +1,88 @@
+"""What a file or folder given as a model is, when it is neither ONNX nor a Keras model: the formats people pass
+by mistake (PyTorch, TensorFlow, TensorFlow Lite, safetensors), named with the way to a file bncheck reads.
+
+From names and leading bytes only: nothing is imported or unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+
+_TORCH_EXPORT = "export the model to ONNX with torch.onnx.export(model.eval(), example_input, 'model.onnx')"
+_KERAS_SAVE = "save the Keras model whole with model.save('model.keras')"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: a TensorFlow checkpoint's files: prefix.index, prefix.data-00000-of-00001, prefix.meta (TF1), and the text
+#: file "checkpoint" that names the latest prefix
+_CHECKPOINT_PART = re.compile(r".+\.(index|meta|data-\d{5}-of-\d{5})")
+
+
+def saved_model_folder(path: str) -> str | None:
+    """Why ``path``, a folder, is a TensorFlow SavedModel that bncheck does not read; None when it is not one."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("saved_model.pb", "saved_model.pbtxt")):
+        return None
+    return (
+        "is a TensorFlow SavedModel, which bncheck does not read: convert it to ONNX with python -m "
+        f"tf2onnx.convert --saved-model {path} --output model.onnx, or {_KERAS_SAVE}"
+    )
+
+
+def describe(path: str, head: bytes) -> str | None:
+    """Why the file ``path`` (whose first bytes are ``head``) is no model bncheck reads, naming what it is and
+    the way to one it reads; None when it is none of the formats known here."""
+    name = os.path.basename(path)
+    if head.startswith(b"PK\x03\x04"):
+        return _archive(path)
+    if head[4:8] == b"TFL3":  # the flatbuffer's file identifier
+        return (
+            "is a TensorFlow Lite model, which bncheck does not read: convert it to ONNX with python -m "
+            f"tf2onnx.convert --tflite {path} --output model.onnx"
+        )
+    if head.startswith(_HDF5_MAGIC):
+        return "is an HDF5 file: bncheck reads a Keras model saved as HDF5 under the suffix .h5 or .hdf5"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle's PROTO opcode, protocols 2 to 5
+        return (
+            "is a Python pickle (torch.save before PyTorch 1.6, joblib, ...), which bncheck does not read and "
+            f"never unpickles: {_TORCH_EXPORT}"
+        )
+    if name in ("saved_model.pb", "saved_model.pbtxt"):
+        return (
+            "is the graph of a TensorFlow SavedModel, which bncheck does not read: convert its folder to ONNX with "
+            f"python -m tf2onnx.convert --saved-model {os.path.dirname(path) or '.'} --output model.onnx, or "
+            f"{_KERAS_SAVE}"
+        )
+    if name == "checkpoint" or _CHECKPOINT_PART.fullmatch(name):
+        return (
+            "is part of a TensorFlow checkpoint (variables without the model), which bncheck does not read: "
+            f"{_KERAS_SAVE}, or convert a SavedModel to ONNX with tf2onnx"
+        )
+    if _safetensors(path, head):
+        return f"holds safetensors weights (tensors without the model's graph), which bncheck does not read: {_TORCH_EXPORT}"
+    return None
+
+
+def _archive(path: str) -> str:
+    """A zip file: PyTorch's (torch.save since 1.6, TorchScript), a Keras archive under another suffix, or other."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return "is a zip archive (damaged), not an ONNX protobuf"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        scripted = any("/code/" in n or n.endswith("/constants.pkl") for n in names)
+        kind = "a TorchScript archive (torch.jit.save)" if scripted else "a PyTorch file (torch.save)"
+        return f"is {kind}, which bncheck does not read: {_TORCH_EXPORT}"
+    if "config.json" in names and "model.weights.h5" in names:
+        return "is a Keras archive under another suffix: bncheck reads it as model.keras"
+    return "is a zip archive of none of the formats bncheck reads, not an ONNX protobuf"
+
+
+def _safetensors(path: str, head: bytes) -> bool:
+    """The safetensors layout: an 8-byte little-endian header length, then the JSON header, within the file."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    try:
+        return int.from_bytes(head[:8], "little") + 8 <= os.path.getsize(path)
+    except OSError:
+        return False

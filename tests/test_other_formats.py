@@ -1,0 +1,62 @@
+"""Other frameworks' files given as models: each named for what it is, with the way to a file bncheck reads, in
+one line (exit 2), never "truncated or corrupt". The files are real ones, written by PyTorch and TensorFlow
+(tests/other_formats/make_other_formats.py) and committed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bncheck
+from bncheck.backends.base import BackendError
+from bncheck.cli import main
+
+FILES = Path(__file__).parent / "other_formats"
+
+CASES = [
+    ("torch_state_dict.pt", "is a PyTorch file (torch.save)", "torch.onnx.export"),
+    ("torch_legacy.pth", "is a Python pickle", "torch.onnx.export"),
+    ("torchscript.pt", "is a TorchScript archive", "torch.onnx.export"),
+    ("weights.safetensors", "holds safetensors weights", "torch.onnx.export"),
+    ("model.tflite", "is a TensorFlow Lite model", "tf2onnx.convert --tflite"),
+    ("saved_model/saved_model.pb", "is the graph of a TensorFlow SavedModel", "--saved-model"),
+    ("saved_model/variables/variables.index", "is part of a TensorFlow checkpoint", "model.save('model.keras')"),
+    ("tf_checkpoint/ckpt-1.data-00000-of-00001", "is part of a TensorFlow checkpoint", "model.save('model.keras')"),
+    ("tf_checkpoint/checkpoint", "is part of a TensorFlow checkpoint", "model.save('model.keras')"),
+    ("keras_archive.zip", "is a Keras archive under another suffix", "model.keras"),
+]
+
+
+@pytest.mark.parametrize(("name", "what", "way"), CASES, ids=[c[0] for c in CASES])
+def test_another_frameworks_file_is_named_with_the_way_to_a_readable_one(name, what, way):
+    path = str(FILES / name)
+    with pytest.raises(BackendError) as info:
+        bncheck.inspect(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {what}") and way in message and "corrupt" not in message
+    result = CliRunner().invoke(main, ["inspect", path])
+    assert result.exit_code == 2 and result.stderr.strip() == f"bncheck: error: {message}"
+
+
+def test_a_savedmodel_folder_given_to_the_command_is_named_a_savedmodel():
+    folder = str(FILES / "saved_model")
+    result = CliRunner().invoke(main, ["probe", folder, "--format", "json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["message"].startswith(f"no model files (.onnx, .keras, .h5, .hdf5) in {folder}; {folder} is a ")
+    assert "TensorFlow SavedModel" in error["message"] and f"--saved-model {folder}" in error["message"]
+
+
+def test_a_savedmodel_folder_given_to_the_api_is_named_a_savedmodel():
+    folder = str(FILES / "saved_model")
+    with pytest.raises(BackendError, match=r"is a TensorFlow SavedModel, which bncheck does not read"):
+        bncheck.inspect(folder)
+
+
+def test_a_folder_of_no_known_kind_keeps_the_plain_message(tmp_path):
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"bncheck: error: no model files (.onnx, .keras, .h5, .hdf5) in {tmp_path}"
