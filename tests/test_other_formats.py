@@ -5,6 +5,8 @@ one line (exit 2), never "truncated or corrupt". The files are real ones, writte
 from __future__ import annotations
 
 import json
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from bncheck.backends.base import BackendError
 from bncheck.cli import main
 
 FILES = Path(__file__).parent / "other_formats"
+SAMPLES = Path(__file__).parent.parent / "sample_models"
 
 CASES = [
     ("torch_state_dict.pt", "is a PyTorch file (torch.save)", "torch.onnx.export"),
@@ -39,6 +42,23 @@ def test_another_frameworks_file_is_named_with_the_way_to_a_readable_one(name, w
     assert message.startswith(f"{path}: {what}") and way in message and "corrupt" not in message
     result = CliRunner().invoke(main, ["inspect", path])
     assert result.exit_code == 2 and result.stderr.strip() == f"bncheck: error: {message}"
+
+
+def test_a_keras_hdf5_file_under_another_suffix_is_told_the_suffix_it_needs(tmp_path):
+    path = tmp_path / "model.weights"
+    shutil.copy(SAMPLES / "keras_legacy_convnet.h5", path)
+    with pytest.raises(
+        BackendError, match=r"model.weights: is an HDF5 file: bncheck reads a Keras model .* \.h5 or \.hdf5"
+    ):
+        bncheck.inspect(str(path))
+
+
+def test_a_zip_archive_of_no_known_kind_is_named_a_zip_archive_not_a_corrupt_model(tmp_path):
+    path = tmp_path / "bundle.bin"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("readme.txt", "no model in here")
+    with pytest.raises(BackendError, match=r"bundle.bin: is a zip archive of none of the formats bncheck reads"):
+        bncheck.inspect(str(path))
 
 
 def test_a_savedmodel_folder_given_to_the_command_is_named_a_savedmodel():
