@@ -3,11 +3,12 @@
 numpy only (no framework), so the CLI can validate ``--batch-sizes``, ``--input-shape`` and ``--data``
 before any backend is imported, and both backends (ONNX, Keras) draw their inputs the same way.
 
-Synthetic inputs (documented in the README and in ``bncheck probe --help``):
+Synthetic inputs (documented in the README's "How it works"):
 
 - floating inputs: independent standard normal values N(0, 1), cast to the input's dtype;
 - integer inputs: uniform in ``[0, high)``, where ``high`` is the row count of the embedding table the input
-  feeds through a Gather (the backend finds it) and :data:`DEFAULT_INT_HIGH` otherwise;
+  feeds through a Gather, directly or through ops that keep its values (the backend finds it), and
+  :data:`DEFAULT_INT_HIGH` otherwise;
 - boolean inputs: fair coin flips;
 - an input without a batch axis (a scalar sample rate) with a ``fill`` value (the constant the model compares
   it with, found by the backend): that value.

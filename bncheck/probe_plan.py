@@ -995,6 +995,9 @@ def _outputs_test(
     groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b] if run in outputs]
     found, worst = _output_dependence(solo, groups)
     if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
+        if groups and _same_for_every_sample(groups):
+            notes.append(BLIND_NOTE)
+            return {}, None, None  # not measured: equal numbers would read as outputs that do not depend
         return found, None, None
     if any(len(run) != 1 for run in plan.solo_runs):
         # a fixed batch: the reference and group runs already differ in companions only; no sample can run
@@ -1041,6 +1044,24 @@ def _outputs_test(
     if located is None:
         notes.append("the model's outputs depend on the batch, but no tensor was found where it starts")
     return found, companion, located
+
+
+#: the note of a probe whose synthetic samples all gave the same outputs (integer ids the model maps to one
+#: padding value, say): the test then compares equal numbers, and its silence says nothing
+BLIND_NOTE = (
+    "the model's outputs were the same for every sample the probe drew, so the batch-dependence test could not "
+    "see one: probe with --data (inputs the model really gets)"
+)
+
+
+def _same_for_every_sample(groups: list[tuple[int, tuple[int, ...], dict[str, np.ndarray]]]) -> bool:
+    """Whether every per-sample output of the largest batch run holds the same values in each of its rows."""
+    _, run, outputs = max(groups, key=lambda group: len(group[1]))
+    arrays = [np.asarray(a) for a in outputs.values() if _per_sample(np.asarray(a), len(run))]
+    if len(run) < 2 or not arrays:
+        return False
+    # rows 0 and 1 first: on a model that works they differ, and the whole comparison is never made
+    return all(np.array_equal(a[0], a[1]) for a in arrays) and all(bool((a == a[0]).all()) for a in arrays)
 
 
 def _companion_change(a: dict[str, np.ndarray], b: dict[str, np.ndarray], row: int, batch: int) -> float:

@@ -650,6 +650,66 @@ def test_multi_input_model_with_gather_indices_is_probed(tmp_path):
     assert result.dependence["bn"].output_change < CLEAN_NOISE
 
 
+def _ids_model(path: Path, before_gather: list[str], table_as_constant: bool = False) -> str:
+    """ids[N, 4] -> ``before_gather`` ops -> Gather(table of 10 rows, rows 0 and 1 zero, as padding rows are) ->
+    mean over the ids -> minus its mean over the batch (a sample's output depends on its companions)."""
+    table = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    table[:2] = 0
+    nodes, previous = [], "ids"
+    for i, op in enumerate(before_gather):
+        extra = {"Cast": {"to": TensorProto.INT32}}.get(op, {})
+        inputs = [previous, "zero"] if op == "Add" else [previous]
+        nodes.append(helper.make_node(op, inputs, [f"ids{i}"], name=f"pre{i}", **extra))
+        previous = f"ids{i}"
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    if table_as_constant:
+        nodes.append(helper.make_node("Constant", [], ["table"], value=numpy_helper.from_array(table, "table")))
+    else:
+        inits.append(numpy_helper.from_array(table, "table"))
+    nodes += [
+        helper.make_node("Gather", ["table", previous], ["emb"], name="embed"),
+        helper.make_node("ReduceMean", ["emb"], ["pooled"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("ReduceMean", ["pooled"], ["batch_mean"], name="batch_mean", axes=[0], keepdims=1),
+        helper.make_node("Sub", ["pooled", "batch_mean"], ["y"], name="centre"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("y", F32, ["N", 8])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("before_gather", "constant"),
+    [(["Identity"], False), (["Cast", "Identity"], False), (["Identity"], True)],
+    ids=["identity", "cast-identity", "constant-table"],
+)
+def test_ids_read_through_value_preserving_ops_are_drawn_over_the_whole_table(tmp_path, before_gather, constant):
+    """onnx.compose.merge_models puts an Identity after each input, tf2onnx a Cast: ids drawn from {0, 1}
+    instead of the table's 10 rows hit only its padding rows here, and the batch dependence went unseen."""
+    path = _ids_model(tmp_path / "ids.onnx", before_gather, table_as_constant=constant)
+    assert _gather_tables(OnnxBackend().load(path).handle) == {"ids": 10}
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    assert [(f.code, f.severity.label) for f in report.findings] == [("BN002", "error")]
+
+
+def test_outputs_the_same_for_every_drawn_sample_are_noted_as_a_blind_test(tmp_path):
+    """ids + 0 is no op _gather_tables follows: the ids stay in {0, 1} and every sample's output is 0. The
+    report says the test saw nothing, and the static finding on the batch mean is not taken back to info as
+    if the outputs had been measured batch-invariant."""
+    blind = engine.probe(_ids_model(tmp_path / "add.onnx", ["Add"]), ProbeSettings(batch_sizes=(1, 2, 8)))
+    assert any("the same for every sample the probe drew" in note for note in blind.probes[0].notes)
+    [finding] = blind.findings
+    assert finding.code == "BN002" and finding.severity.label != "info"
+    assert "outputs_batch_invariant" not in finding.evidence and not blind.probes[0].output_dependence
+    working = engine.probe(_two_input_model(tmp_path / "two.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    assert not any("the same for every sample" in note for note in working.probes[0].notes)
+
+
 def test_data_statistics_cover_every_sample(tmp_path):
     path = _two_input_model(tmp_path / "two.onnx")
     view = OnnxBackend().load(path)

@@ -865,22 +865,38 @@ class _Engine:
 _FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20})
 
 
+#: ops whose output holds their first input's values (in another shape or integer type): a Gather behind a
+#: chain of them still indexes its table with the graph input's values (onnx.compose's merge_models puts an
+#: Identity after each input; tf2onnx a Cast)
+_SAME_VALUES = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
 def _gather_tables(handle: OnnxHandle) -> dict[str, int]:
-    """Rows of the table each integer graph input indexes through a Gather (its valid range)."""
+    """Rows of the table each integer graph input indexes through a Gather (its valid range), the input read
+    directly or through :data:`_SAME_VALUES` ops; the table an initializer or a Constant node."""
     graph = handle.model.graph
-    inits = {t.name: t for t in graph.initializer}
-    highs: dict[str, int] = {}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and len(n.input) >= 2 and n.domain in ("", "ai.onnx")]
+    if not gathers:
+        return {}
+    tables = {t.name: list(t.dims) for t in graph.initializer}
+    source: dict[str, str] = {}  # a tensor -> the tensor whose values it holds
     for node in graph.node:
-        if node.op_type == "Gather" and len(node.input) >= 2 and node.input[0] in inits:
-            axis = 0
-            for attr in node.attribute:
-                if attr.name == "axis":
-                    axis = int(attr.i)
-            dims = list(inits[node.input[0]].dims)
-            if dims:
-                rows = int(dims[axis % len(dims)])
-                name = node.input[1]
-                highs[name] = min(highs.get(name, rows), rows)
+        if node.op_type in _SAME_VALUES and node.input and node.output and node.domain in ("", "ai.onnx"):
+            source[node.output[0]] = node.input[0]
+        elif node.op_type == "Constant" and node.output:
+            tables.update((node.output[0], list(a.t.dims)) for a in node.attribute if a.name == "value")
+    highs: dict[str, int] = {}
+    for node in gathers:
+        dims = tables.get(node.input[0])
+        if not dims:
+            continue
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+        rows = int(dims[axis % len(dims)])
+        name, seen = node.input[1], set()
+        while name in source and name not in seen:  # back to the graph input (a cycle cannot be, but bounds it)
+            seen.add(name)
+            name = source[name]
+        highs[name] = min(highs.get(name, rows), rows)
     return highs
 
 
