@@ -1057,7 +1057,7 @@ BLIND_NOTE = (
 def _same_for_every_sample(groups: list[tuple[int, tuple[int, ...], dict[str, np.ndarray]]]) -> bool:
     """Whether every per-sample output of the largest batch run holds the same values in each of its rows."""
     _, run, outputs = max(groups, key=lambda group: len(group[1]))
-    arrays = [np.asarray(a) for a in outputs.values() if _per_sample(np.asarray(a), len(run))]
+    arrays = [a for a in map(np.asarray, outputs.values()) if _per_sample(a, len(run))]
     if len(run) < 2 or not arrays:
         return False
     # rows 0 and 1 first: on a model that works they differ, and the whole comparison is never made

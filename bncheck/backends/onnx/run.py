@@ -18,7 +18,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
-from bncheck.backends.onnx.graph import copy_messages, upstream_nodes
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, copy_messages, upstream_nodes
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
@@ -865,23 +865,18 @@ class _Engine:
 _FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20})
 
 
-#: ops whose output holds their first input's values (in another shape or integer type): a Gather behind a
-#: chain of them still indexes its table with the graph input's values (onnx.compose's merge_models puts an
-#: Identity after each input; tf2onnx a Cast)
-_SAME_VALUES = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
-
-
 def _gather_tables(handle: OnnxHandle) -> dict[str, int]:
     """Rows of the table each integer graph input indexes through a Gather (its valid range), the input read
-    directly or through :data:`_SAME_VALUES` ops; the table an initializer or a Constant node."""
+    directly or through graph.TRANSPARENT ops (onnx.compose's merge_models puts an Identity after each input,
+    tf2onnx a Cast); the table an initializer or a Constant node."""
     graph = handle.model.graph
-    gathers = [n for n in graph.node if n.op_type == "Gather" and len(n.input) >= 2 and n.domain in ("", "ai.onnx")]
+    gathers = [n for n in graph.node if n.op_type == "Gather" and len(n.input) >= 2 and n.domain in ONNX_DOMAINS]
     if not gathers:
         return {}
     tables = {t.name: list(t.dims) for t in graph.initializer}
     source: dict[str, str] = {}  # a tensor -> the tensor whose values it holds
     for node in graph.node:
-        if node.op_type in _SAME_VALUES and node.input and node.output and node.domain in ("", "ai.onnx"):
+        if node.op_type in TRANSPARENT and node.input and node.output and node.domain in ONNX_DOMAINS:
             source[node.output[0]] = node.input[0]
         elif node.op_type == "Constant" and node.output:
             tables.update((node.output[0], list(a.t.dims)) for a in node.attribute if a.name == "value")
