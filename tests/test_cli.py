@@ -227,13 +227,13 @@ def test_console_entry_leaves_no_temporary_folder(tmp_path):
     private.mkdir()
     made = tmp_path / "made.txt"
     prelude = (
-        "import bncheck.backends.onnx.run as run\n"
-        "_scratch = run.scratch_folder\n"
+        "import bncheck.backends.onnx.scratch as scratch\n"
+        "_scratch = scratch.scratch_folder\n"
         "def scratch_folder(size):\n"
         "    folder = _scratch(size)\n"
         f"    open({str(made)!r}, 'a').write(folder + '\\n')\n"
         "    return folder\n"
-        "run.scratch_folder = scratch_folder\n"
+        "scratch.scratch_folder = scratch_folder\n"
     )
     proc = _console(prelude, ["probe", "--format", "json", model], TMPDIR=str(private))
     assert proc.returncode == 1, proc.stderr

@@ -43,7 +43,8 @@ def _train_mode_chain(path: Path, layers: int = 200, channels: int = 8, hw: int 
 
 def _endless(path: Path, channels: int = 4) -> str:
     """x -> BatchNormalization -> Loop of 10^12 iterations (v + 0): a run onnxruntime never finishes unless
-    it is told to stop."""
+    it is told to stop. The BN is in train mode: the probe writes its decomposed graph to a scratch folder
+    (a probe that writes no file makes none), which the tests wait for."""
     dims = ["N", channels, 8, 8]
     body = helper.make_graph(
         [helper.make_node("Add", ["v_in", "zero"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
@@ -68,7 +69,7 @@ def _endless(path: Path, channels: int = 4) -> str:
         helper.make_tensor("go", TensorProto.BOOL, [], [True]),
     ]
     nodes = [
-        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t"], name="bn"),
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t"], name="bn", training_mode=1),
         helper.make_node("Loop", ["trips", "go", "t"], ["y"], body=body, name="forever"),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)

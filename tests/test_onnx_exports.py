@@ -480,22 +480,22 @@ def test_a_fixed_batch_with_symbolic_spatial_dims_is_relaxed_on_the_data_given(t
 # --------------------------------------------------------------------------- the proof's session reused
 
 
-def _prepared(path: str, tmp_path: Path):
+def _prepared(path: str):
     from bncheck.backends.onnx import OnnxBackend
     from bncheck.backends.onnx.probe_copy import prepare
+    from bncheck.backends.onnx.scratch import Scratch
     from bncheck.model import ProbeSettings
 
     view = OnnxBackend().load(path)
     settings = ProbeSettings(batch_sizes=(1, 2))
-    folder = tmp_path / "probe"
-    folder.mkdir()
-    return view, prepare(view.handle, view, settings, str(folder)), str(folder)
+    folder = Scratch(0)  # removed by the engine that takes the copy over
+    return view, prepare(view.handle, view, settings, folder), folder
 
 
 def test_a_probe_that_measures_nothing_takes_over_the_proof_session_and_does_not_repeat_its_runs(tmp_path):
     from bncheck.backends.onnx.run import _Engine
 
-    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
+    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1))
     proof = copy.proof
     assert proof is not None and [len(fed["x"]) for fed, _ in proof.runs] == [1, 2]
     engine = _Engine(view.handle, [], copy=copy, tmp=folder, deferred=list(view.layers))
@@ -509,22 +509,22 @@ def test_a_probe_that_measures_nothing_takes_over_the_proof_session_and_does_not
     engine.close()
 
 
-def _engine_proof(path: str, tmp_path: Path, sizes: tuple[int, ...]):
+def _engine_proof(path: str, sizes: tuple[int, ...]):
     """prepare with proof_by_probe, then the engine on that copy and its proof (run._proven_by_probe)."""
     from bncheck.backends.onnx import OnnxBackend
     from bncheck.backends.onnx.probe_copy import prepare
     from bncheck.backends.onnx.run import _Engine, _proven_by_probe
+    from bncheck.backends.onnx.scratch import Scratch
     from bncheck.model import ProbeSettings
 
     view = OnnxBackend().load(path)
-    folder = tmp_path / "probe"
-    folder.mkdir()
-    copy = prepare(view.handle, view, ProbeSettings(batch_sizes=sizes), str(folder), proof_by_probe=True)
+    folder = Scratch(0)  # removed by the engines
+    copy = prepare(view.handle, view, ProbeSettings(batch_sizes=sizes), folder, proof_by_probe=True)
     assert copy.proof is None and copy.pending is not None  # no session of the copy alone
     engines: list = []
 
     def open_engine():
-        engines.append(_Engine(view.handle, list(view.layers), copy=copy, tmp=str(folder)))
+        engines.append(_Engine(view.handle, list(view.layers), copy=copy, tmp=folder))
         return engines[-1].observe
 
     return copy, _proven_by_probe(copy, open_engine, engines), engines
@@ -534,7 +534,7 @@ def test_a_probe_that_measures_a_layer_proves_the_relaxed_batch_with_the_runs_of
     """A train-mode BN is replaced in the probe's graph, so a session of the relaxed copy alone would be built
     and run only for the proof: the probe's engine, built on the relaxed copy, makes the proof's runs, and the
     plan's run of the same feeds takes one over instead of running again."""
-    copy, observe, engines = _engine_proof(_convnet(tmp_path / "m.onnx", 1, conv_training=True), tmp_path, (1, 2))
+    copy, observe, engines = _engine_proof(_convnet(tmp_path / "m.onnx", 1, conv_training=True), (1, 2))
     engine = engines[0]
     assert observe is not None and copy.pending is None and copy.inputs[0].shape[0] == "batch"
     assert [len(fed["x"]) for fed, _ in engine.proven] == [1, 2]
@@ -551,7 +551,7 @@ def test_a_relaxed_batch_that_fails_the_probes_own_runs_is_left_pending_for_a_pr
     the copy pending; run_probe then prepares again with the copy's own proof (which falls back to the fixed
     batch: test_a_fixed_batch_that_cannot_be_relaxed_is_tested_inside_the_batch)."""
     path = _convnet(tmp_path / "m.onnx", 8, flatten=[32, 1], fc_in=1, conv_training=True)
-    copy, observe, engines = _engine_proof(path, tmp_path, (1, 2, 8))
+    copy, observe, engines = _engine_proof(path, (1, 2, 8))
     assert observe is None and copy.pending is not None and engines[0].proven == []
     engines[0].close()
 
@@ -599,7 +599,7 @@ def test_a_relaxed_copy_computes_the_files_outputs_at_the_files_batch_size(tmp_p
     import onnxruntime as ort
 
     path = _convnet(tmp_path / "m.onnx", fixed)
-    view, copy, folder = _prepared(path, tmp_path)
+    view, copy, folder = _prepared(path)
     assert copy.proof is not None and "1 Reshape/Expand shape constant(s)" in str(copy.batch)
     fed, relaxed = copy.proof.runs[0]
     assert len(fed["x"]) == fixed
@@ -617,7 +617,7 @@ def test_a_probe_runs_on_the_inputs_its_proof_drew_when_they_hold_the_samples_it
     from bncheck.model import ProbeSettings
     from bncheck.probe_plan import run_plan
 
-    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
+    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1))
     assert copy.drawn is not None and copy.drawn["x"].shape == (2, 3, 8, 8)
     marked = {"x": np.full((2, 3, 8, 8), 0.25, np.float32)}  # not a draw: shows where the feeds came from
     engine = _Engine(view.handle, [], copy=copy, tmp=folder, deferred=list(view.layers))
@@ -639,7 +639,7 @@ def test_a_probe_runs_on_the_inputs_its_proof_drew_when_they_hold_the_samples_it
 def test_a_probe_that_measures_a_layer_builds_its_own_session_and_lets_the_proof_go(tmp_path):
     from bncheck.backends.onnx.run import _Engine
 
-    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
+    view, copy, folder = _prepared(_convnet(tmp_path / "m.onnx", 1))
     proof = copy.proof
     assert proof is not None
     engine = _Engine(view.handle, list(view.layers), copy=copy, tmp=folder)
@@ -683,7 +683,7 @@ def test_an_outputs_only_run_fetches_the_model_outputs_alone_and_they_equal_a_fu
 
     path = _convnet(tmp_path / "m.onnx", "N", head_training=True)
     view = OnnxBackend().load(path)
-    engine = _Engine(view.handle, list(view.layers), tmp=str(tmp_path / "probe"))
+    engine = _Engine(view.handle, list(view.layers))
     x = {"x": np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)}
     full, lean = engine.observe(x), engine.observe(x, layers=False)
     assert set(full.layers) == {"bn", "head_bn"} and lean.layers == {}
@@ -695,7 +695,7 @@ def test_an_outputs_only_run_fetches_the_model_outputs_alone_and_they_equal_a_fu
 def test_a_relaxed_copy_carries_the_shapes_that_inference_gives_that_very_copy(tmp_path):
     from bncheck.backends.onnx.load import inferred_shapes
 
-    view, copy, _ = _prepared(_convnet(tmp_path / "m.onnx", 1), tmp_path)
+    view, copy, _ = _prepared(_convnet(tmp_path / "m.onnx", 1))
     assert copy.batch is not None and "relaxed to symbolic, validated (1 " in copy.batch
     shapes, types = inferred_shapes(copy.model)
     assert copy.relaxed_shapes == (shapes, types)

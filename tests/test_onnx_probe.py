@@ -23,7 +23,6 @@ from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
 from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.run import (
-    RAM_FOLDER,
     _decode_spec,
     _derive_spec_output,
     _Engine,
@@ -33,8 +32,8 @@ from bncheck.backends.onnx.run import (
     _spec_layers,
     measure_inputs,
     run_probe,
-    scratch_folder,
 )
+from bncheck.backends.onnx.scratch import RAM_FOLDER, Scratch, scratch_folder
 from bncheck.model import TensorStats
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 from bncheck.probe_plan import NOT_NEEDED, make_plan, tensor_stats
@@ -314,12 +313,12 @@ _EQUAL_PARAMS = {"bias": [0.0] * 3, "mean": [0.0] * 3, "var": [1.0] * 3, "scale"
 
 @pytest.mark.parametrize("keep_runtime", [True, False], ids=["beside_the_runtime_node", "alone"])
 @pytest.mark.parametrize("hw", [(1, 1), (4, 4), (7,)])
-def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw, keep_runtime):
+def test_train_mode_decomposition_equals_onnx_reference(tmp_path, scratch, hw, keep_runtime):
     # alone, the normalization is an inference-mode BatchNormalization of the centred input; beside the
     # runtime's node (whose in-place writes reach equal initializers), elementwise nodes
     path = bn_model(tmp_path / "t.onnx", channels=3, hw=hw, training=True, **_EQUAL_PARAMS)
     view = OnnxBackend().load(path)
-    aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False, keep_runtime=keep_runtime)
+    aug = _Augmenter(view.handle, view.layers, scratch, exact=False, inputs_only=False, keep_runtime=keep_runtime)
     model = aug.finish()
     modes = [
         next((a.i for a in n.attribute if a.name == "training_mode"), 0)
@@ -336,12 +335,12 @@ def test_train_mode_decomposition_equals_onnx_reference(tmp_path, hw, keep_runti
 
 
 @pytest.mark.parametrize("keep_runtime", [True, False], ids=["beside_the_runtime_node", "alone"])
-def test_train_mode_decomposition_copies_its_parameters_only_beside_the_runtime_node(tmp_path, keep_runtime):
+def test_train_mode_decomposition_copies_its_parameters_only_beside_the_runtime_node(tmp_path, scratch, keep_runtime):
     # the runtime's node writes into buffers it shares with equal initializers; alone, the copies only cost
     # onnxruntime's optimizer time
     path = bn_model(tmp_path / "t.onnx", channels=3, hw=(4, 4), training=True, **_EQUAL_PARAMS)
     view = OnnxBackend().load(path)
-    aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False, keep_runtime=keep_runtime)
+    aug = _Augmenter(view.handle, view.layers, scratch, exact=False, inputs_only=False, keep_runtime=keep_runtime)
     copied = sorted(n.input[0] for n in aug.finish().graph.node if n.op_type == "Identity")
     assert copied == (["bias", "mean", "scale", "var"] if keep_runtime else [])
 
@@ -349,15 +348,14 @@ def test_train_mode_decomposition_copies_its_parameters_only_beside_the_runtime_
 @pytest.mark.parametrize(
     "training,measured", [(False, False), (False, True), (True, False)], ids=["nothing_added", "measured", "train_mode"]
 )
-def test_the_prepared_copy_runs_uncopied_only_where_nothing_is_added(tmp_path, training, measured):
+def test_the_prepared_copy_runs_uncopied_only_where_nothing_is_added(tmp_path, scratch, training, measured):
     # an inference-mode probe measures no BN by default: its graph is the prepared copy itself, never edited
     path = bn_model(tmp_path / "t.onnx", channels=3, hw=(4, 4), training=training)
     view = OnnxBackend().load(path)
-    (tmp_path / "w").mkdir()
-    copy = prepare(view.handle, view, ProbeSettings(batch_sizes=(1, 2)), str(tmp_path / "w"))
+    copy = prepare(view.handle, view, ProbeSettings(batch_sizes=(1, 2)), scratch)
     before = copy.model.SerializeToString()
     layers = view.layers if measured else []
-    aug = _Augmenter(view.handle, layers, str(tmp_path), exact=False, inputs_only=False, base=copy)
+    aug = _Augmenter(view.handle, layers, scratch, exact=False, inputs_only=False, base=copy)
     model = aug.finish()
     assert (model is copy.model) == (not training and not measured)
     assert copy.model.SerializeToString() == before
@@ -388,10 +386,12 @@ def _running_read_by(path: Path, reader: str) -> str:
 
 
 @pytest.mark.parametrize("reader", ["none", "if_branch"])
-def test_train_mode_decomposition_updates_the_running_statistics_only_where_something_reads_them(tmp_path, reader):
+def test_train_mode_decomposition_updates_the_running_statistics_only_where_something_reads_them(
+    tmp_path, scratch, reader
+):
     path = _running_read_by(Path(bn_model(tmp_path / "t.onnx", channels=3, hw=(4, 4), training=True)), reader)
     view = OnnxBackend().load(path)
-    aug = _Augmenter(view.handle, view.layers, str(tmp_path), exact=False, inputs_only=False)
+    aug = _Augmenter(view.handle, view.layers, scratch, exact=False, inputs_only=False)
     model = aug.finish()
     produced = {out for node in model.graph.node for out in node.output}
     assert ("running_mean" in produced) == (reader == "if_branch")
@@ -863,7 +863,8 @@ def test_weights_are_read_from_the_model_file_itself_when_stored_as_raw_data(tmp
     try:
         weight = next(t for t in engine.initializer_stubs if t.name == "w")
         where = {e.key: e.value for e in weight.external_data}
-        written = [n for n in os.listdir(engine.tmp) if n.startswith("weights-")]
+        made = engine.tmp.made
+        written = [n for n in os.listdir(made) if n.startswith("weights-")] if made else []
     finally:
         engine.close()
     if raw:  # no copy written: the stub points at the raw_data bytes inside wide.onnx
@@ -908,7 +909,7 @@ def test_a_scratch_folder_whose_process_is_gone_is_removed_by_the_next_one(tmp_p
     import subprocess
     import sys
 
-    from bncheck.backends.onnx.run import SCRATCH_PREFIX, _pid_namespace
+    from bncheck.backends.onnx.scratch import SCRATCH_PREFIX, _pid_namespace
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -924,6 +925,46 @@ def test_a_scratch_folder_whose_process_is_gone_is_removed_by_the_next_one(tmp_p
     assert os.path.basename(made).startswith(f"{SCRATCH_PREFIX}{ns}-{os.getpid()}-")
     assert not orphan.exists()
     assert live.exists() and elsewhere.exists()
+
+
+def test_a_scratch_folder_is_made_on_first_use_and_removed_with_its_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    scratch = Scratch(1 << 20)
+    assert scratch.made is None and os.listdir(tmp_path) == []
+    folder = scratch.path
+    assert scratch.made == folder == scratch.path and os.path.dirname(folder) == str(tmp_path)
+    (Path(folder) / "optimized.onnx").write_bytes(b"weights")
+    scratch.remove()
+    assert scratch.made is None and os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.isdir(RAM_FOLDER) or os.name != "posix", reason="no RAM-backed folder to clean")
+def test_a_probe_that_makes_no_folder_still_removes_the_orphans_holding_ram():
+    import subprocess
+    import sys
+
+    from bncheck.backends.onnx.scratch import SCRATCH_PREFIX, _pid_namespace
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    orphan = Path(RAM_FOLDER) / f"{SCRATCH_PREFIX}{_pid_namespace()}-{gone}-test"
+    orphan.mkdir()
+    (orphan / "optimized.bin").write_bytes(b"weights")
+    scratch = Scratch(1 << 20)
+    assert not orphan.exists() and scratch.made is None
+
+
+def test_an_inference_mode_probe_reading_its_weights_from_the_file_makes_no_scratch_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    made: list[str] = []
+    real = Scratch.path.fget
+    monkeypatch.setattr(Scratch, "path", property(lambda self: made.append(real(self)) or made[-1]))
+    _, result = _probe(bn_model(tmp_path / "clean.onnx"), batch_sizes=(1, 2), all_layers=False)
+    assert tuple(result.batch_sizes) == (1, 2) and made == []
+    _probe(bn_model(tmp_path / "train.onnx", training=True), batch_sizes=(1, 2), all_layers=False)  # files
+    assert made and not any(os.path.exists(f) for f in made)
 
 
 def test_a_default_probe_measures_layers_that_compute_statistics_and_leaves_inference_bns_to_data(tmp_path):

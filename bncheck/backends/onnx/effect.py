@@ -3,7 +3,6 @@ against the model as stored: what BN003's severity follows."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +59,8 @@ def recalibration(
     from bncheck.backends.onnx import OnnxBackend
     from bncheck.backends.onnx.fix import repair
     from bncheck.backends.onnx.instrument import stub
-    from bncheck.backends.onnx.run import new_session, scratch_folder, session_options, trim_heap
+    from bncheck.backends.onnx.run import new_session, session_options, trim_heap
+    from bncheck.backends.onnx.scratch import Scratch
     from bncheck.fix_result import FixRequest
 
     view = OnnxBackend().load(path)
@@ -100,7 +100,7 @@ def recalibration(
     # edited model with its weights would hold them twice, and fails above protobuf's 2 GB.
     handle = view.handle
     del view
-    tmp = scratch_folder(handle.size_bytes)
+    tmp = Scratch(handle.size_bytes)
     try:
         try:
             if recomputed_outputs is None:
@@ -123,5 +123,5 @@ def recalibration(
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.remove()
     return compare_recalibrated(changed, before, after)

@@ -14,7 +14,6 @@ in float64, from the whole tensors (the probe's reference form, :func:`bncheck.p
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +23,9 @@ from bncheck import budget
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import has_subgraphs, node_reads, upstream_nodes
 from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm, stub
-from bncheck.backends.onnx.run import _without_extremes, new_session, scratch_folder, session_options
+from bncheck.backends.onnx.run import _without_extremes, new_session, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
+from bncheck.backends.onnx.scratch import Scratch
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_plan import first_samples, joined_samples, merge_stats
 
@@ -101,7 +101,7 @@ class Frontier:
         self.limit = int(budget.budget() * BUDGET_SHARE)
         self._stubs: dict[str, Any] | None = None
         self._folder: str | None = None
-        self._tmp: str | None = None
+        self._tmp: Scratch | None = None
         self.segments = 0  # sessions run (a pass whose inputs are all kept runs none)
         self.nodes_run = 0  # nodes of those sessions: each node of the model at most once over a repair
 
@@ -223,7 +223,7 @@ class Frontier:
         """The segment's weights: weight-less stubs pointing at the same bytes as the probe's (the model file
         itself, or a copy written once), inline copies of what fix edited."""
         if self._stubs is None:
-            self._tmp = scratch_folder(self.handle.size_bytes)
+            self._tmp = Scratch(self.handle.size_bytes)
             skeleton, self._folder = stub(self.handle, self._tmp)
             self._stubs = {t.name: t for t in skeleton.graph.initializer}
         current = {t.name: t for t in self.handle.model.graph.initializer if t.name in names}
@@ -235,7 +235,7 @@ class Frontier:
     def close(self) -> None:
         self.values.clear()
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp.remove()
             self._tmp = None
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bncheck.backends.onnx.load import OnnxHandle
     from bncheck.backends.onnx.memory import ProbeShapes
     from bncheck.backends.onnx.probe_copy import ProbeCopy
+    from bncheck.backends.onnx.scratch import Scratch
 
 
 #: elements per sample up to which a measured tensor is fetched whole (exact statistics in numpy).
@@ -236,8 +237,9 @@ def _skeleton(src: onnx.ModelProto, initializers: list[Any]) -> onnx.ModelProto:
     return stub
 
 
-def stub(handle: OnnxHandle, tmp: str) -> tuple[onnx.ModelProto, str]:
-    """A ModelProto without weight bytes, and the folder its external data lives in."""
+def stub(handle: OnnxHandle, tmp: Scratch) -> tuple[onnx.ModelProto, str]:
+    """A ModelProto without weight bytes, and the folder its external data lives in (``tmp``'s only when the
+    weights must be written out)."""
     folder = os.path.dirname(os.path.abspath(handle.path))
     if handle.external_data:
         # The model as it is in memory, edits included (fix's passes): the loader read only the small tensors
@@ -248,7 +250,7 @@ def stub(handle: OnnxHandle, tmp: str) -> tuple[onnx.ModelProto, str]:
     in_file = _in_file_stubs(handle)
     if in_file is not None:  # onnxruntime reads the weights from the model file itself, in its real folder
         return _skeleton(handle.model, in_file), os.path.dirname(os.path.realpath(handle.path))
-    return _skeleton(handle.model, _write_weights(handle.model, tmp)), tmp
+    return _skeleton(handle.model, _write_weights(handle.model, tmp.path)), tmp.path
 
 
 def runtime_folder(model: onnx.ModelProto, folder: str) -> str:
@@ -362,7 +364,7 @@ class Augmenter:
         self,
         handle: OnnxHandle,
         layers: list[NormLayer],
-        tmp: str,
+        tmp: Scratch,
         exact: bool,
         inputs_only: bool,
         keep_runtime: bool = True,

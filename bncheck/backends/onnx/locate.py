@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from bncheck.backends.onnx.load import OnnxHandle
     from bncheck.backends.onnx.probe_copy import ProbeCopy
+    from bncheck.backends.onnx.scratch import Scratch
 
 
 #: domains of the dynamic quantizers (the standard op, and onnxruntime's fused kernels)
@@ -134,7 +135,7 @@ def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
 
 def locate_dependence(
     handle: OnnxHandle,
-    tmp: str,
+    tmp: Scratch,
     batch: dict[str, np.ndarray],
     copies: dict[str, np.ndarray],
     row: int,

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import onnx
 
     from bncheck.backends.onnx.load import OnnxHandle
+    from bncheck.backends.onnx.scratch import Scratch
 
 #: name of the relaxed batch dim in the copy.
 BATCH = "batch"
@@ -524,7 +525,7 @@ def prepare(
     handle: OnnxHandle,
     view: ModelView,
     settings: ProbeSettings,
-    tmp: str,
+    tmp: Scratch,
     int_high: dict[str, int] | None = None,
     stubbed: Callable[[list[Any] | None], None] | None = None,
     proof_by_probe: bool = False,

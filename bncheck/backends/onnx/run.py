@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bncheck import watchdog
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.conformance import RuntimeNode, largest_difference, runtime_deviations
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, copy_messages, upstream_nodes
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
@@ -31,6 +26,7 @@ from bncheck.backends.onnx.instrument import (
 from bncheck.backends.onnx.probe_copy import prepare, relaxes
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.backends.onnx.runtime_errors import runtime_message
+from bncheck.backends.onnx.scratch import Scratch
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
@@ -62,6 +58,7 @@ from bncheck.share import runtime_threads
 if TYPE_CHECKING:
     import onnx
 
+    from bncheck.backends.onnx.conformance import RuntimeNode
     from bncheck.backends.onnx.load import OnnxHandle
     from bncheck.backends.onnx.probe_copy import ProbeCopy
 
@@ -199,94 +196,6 @@ def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
     copy_messages(graph.node, (nodes[i] for i in order))
 
 
-#: RAM-backed folder for the probe's short-lived files (Linux); used only with room to spare
-RAM_FOLDER = "/dev/shm"
-#: free space it must have, in multiples of the model's bytes
-RAM_FOLDER_MARGIN = 4
-
-
-def scratch_folder(model_bytes: int) -> str:
-    """A new folder for files that live only while a probe runs (the statistics-first session's optimized
-    weights, a copy of weights stored as float_data). In RAM when :data:`RAM_FOLDER` has room for the
-    model's bytes :data:`RAM_FOLDER_MARGIN` times over and TMPDIR does not name another place: writing the
-    optimized weights of ResNet-50 to a disk-backed /tmp cost 0.07 s of session building. The page cache
-    would hold the same bytes in RAM; a RAM folder only spares the file system its block allocation and
-    write-back."""
-    if not os.environ.get("TMPDIR") and os.path.isdir(RAM_FOLDER) and os.access(RAM_FOLDER, os.W_OK):
-        try:
-            stats = os.statvfs(RAM_FOLDER)
-            if stats.f_bavail * stats.f_frsize >= RAM_FOLDER_MARGIN * max(model_bytes, 1):
-                return _new_scratch(RAM_FOLDER)
-        except OSError:
-            pass
-    return _new_scratch(tempfile.gettempdir())
-
-
-#: scratch folders are named SCRATCH_PREFIX + "<pid namespace>-<pid>-": see _remove_orphans
-SCRATCH_PREFIX = "bncheck-probe-"
-
-
-def _new_scratch(parent: str) -> str:
-    _remove_orphans(parent, _namespace_prefix())
-    watchdog.at_stop(_remove_own_scratch)
-    return tempfile.mkdtemp(prefix=_own_prefix(), dir=parent)
-
-
-def _namespace_prefix() -> str:
-    """The start of the scratch folders' names of every process of this pid namespace (see SCRATCH_PREFIX)."""
-    return f"{SCRATCH_PREFIX}{_pid_namespace()}-"
-
-
-def _own_prefix() -> str:
-    """The start of this process's scratch folders' names."""
-    return f"{_namespace_prefix()}{os.getpid()}-"
-
-
-def _remove_own_scratch() -> None:
-    """Remove every scratch folder of this process: what the ``finally`` blocks do, for a stop that runs none."""
-    owner = _own_prefix()
-    for parent in {RAM_FOLDER, tempfile.gettempdir()}:
-        with contextlib.suppress(OSError):
-            for name in os.listdir(parent):
-                if name.startswith(owner):
-                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _pid_namespace() -> int:
-    """The inode of this process's pid namespace (containers sharing /dev/shm number their processes apart);
-    0 where the system has none to show."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def _remove_orphans(parent: str, owner: str) -> None:
-    """Remove the scratch folders in ``parent`` of processes (of this pid namespace) that no longer exist: a
-    probe killed outright (SIGKILL, the kernel's OOM killer) runs no clean-up, and a folder in /dev/shm holds
-    its bytes in RAM until a reboot. POSIX only: elsewhere os.kill(pid, 0) would end the process."""
-    if os.name != "posix":
-        return
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(owner) :].split("-", 1)[0] if name.startswith(owner) else ""
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process, among others: alive
-        return True
-    return True
-
-
 def _shrink_arena() -> Any:
     """Run options that return the CPU arena's unused chunks to the system at the end of the run."""
     options = run_options()
@@ -304,7 +213,7 @@ def trim_heap() -> None:
         pass
 
 
-def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, main_outputs: set[str]):
+def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: Scratch, main_outputs: set[str]):
     """Fast-form session whose added nodes run right after their producers, even after NCHWc rewriting.
 
     onnxruntime breaks PRIORITY_BASED ties by node index, and the nodes its layout transformer creates
@@ -317,7 +226,7 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     import onnx
     import onnxruntime as ort
 
-    optimized = os.path.join(tmp, "optimized.onnx")
+    optimized = os.path.join(tmp.path, "optimized.onnx")
     so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
     so.optimized_model_filepath = optimized
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
@@ -330,7 +239,7 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: str, mai
     # in again, and run_probe trims once the view's weights are released (same peak)
     graph_only = onnx.load(optimized, load_external_data=False)
     _statistics_first(graph_only.graph, main_outputs)
-    so = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp)
+    so = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp.path)
     return new_session(graph_only, so)
 
 
@@ -605,6 +514,8 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
 
 
 def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
+    from bncheck.backends.onnx.conformance import largest_difference
+
     pairs = ((runtime.sample_mean, spec.sample_mean), (runtime.min, spec.min), (runtime.max, spec.max))
     return largest_difference(pairs)
 
@@ -618,7 +529,7 @@ class _Engine:
         layers: list[NormLayer],
         inputs_only: bool = False,
         copy: ProbeCopy | None = None,
-        tmp: str | None = None,
+        tmp: Scratch | None = None,
         providers: list[str] | None = None,
         reorder: bool = True,
         deferred: list[NormLayer] | None = None,
@@ -642,7 +553,7 @@ class _Engine:
         self.deferred = list(deferred or [])
         self.inputs_only = inputs_only
         self.copy = copy
-        self.tmp = tmp or scratch_folder(handle.size_bytes)
+        self.tmp = tmp or Scratch(handle.size_bytes)
         self.exact = False
         self.decomposed: dict[str, str] = {}
         self.runtime_nodes: list[RuntimeNode] = []
@@ -688,11 +599,15 @@ class _Engine:
             if self.initializer_stubs is None:
                 self.initializer_stubs = aug.initializer_stubs
             self.decomposed = dict(aug.decomposed)
-            self.runtime_nodes = [
-                RuntimeNode(p.layer, aug.runtime_protos[p.layer.output], aug.opset, int(aug.model.ir_version))
-                for p in aug.plans
-                if p.spec and p.layer.output in aug.runtime_protos
-            ]
+            self.runtime_nodes = []
+            if aug.runtime_protos:  # train-mode BNs only: conformance.py is imported for them alone
+                from bncheck.backends.onnx.conformance import RuntimeNode
+
+                self.runtime_nodes = [
+                    RuntimeNode(p.layer, aug.runtime_protos[p.layer.output], aug.opset, int(aug.model.ir_version))
+                    for p in aug.plans
+                    if p.spec and p.layer.output in aug.runtime_protos
+                ]
             model = aug.finish()
             if self.cut:
                 keep_only(model.graph, aug.outputs)
@@ -767,7 +682,7 @@ class _Engine:
     def close(self) -> None:
         self.session = None
         self.proven = []
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.remove()
 
     def _to_cpu(self, reason: str) -> None:
         """The GPU provider refused the instrumented model: the CPU provider alone from now on, said in a note."""
@@ -949,18 +864,18 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         if release_weights:  # the weights are in files now: no second copy while sessions hold theirs
             restorers.append(release(handle, stubs))
 
-    def discard(folder: str) -> None:
+    def discard(folder: Scratch) -> None:
         """The copy in ``folder`` given up: its engines closed, its weights removed, and the handle's own
         weights back (lazily: reloaded when handle.model is next read)."""
         for engine in engines:
             engine.close()
         engines.clear()
-        shutil.rmtree(folder, ignore_errors=True)
+        folder.remove()
         for restore in restorers:
             restore()
         restorers.clear()
 
-    def prepared(folder: str, proof_by_probe: bool) -> ProbeCopy:
+    def prepared(folder: Scratch, proof_by_probe: bool) -> ProbeCopy:
         copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
         # a fixed batch relaxed runs every size now, its copy checked before its proof; else the file's own
         if copy.inputs == view.inputs:
@@ -997,13 +912,13 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         suspects = [op.output for op in view.batch_ops]
         return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy, suspects=suspects)
 
-    tmp = scratch_folder(handle.size_bytes)
+    tmp = Scratch(handle.size_bytes)
     try:  # from here on every way out (an error, the memory check's refusal, SIGTERM) removes the folder
         copy = prepared(tmp, measures)
         runner = _proven_by_probe(copy, open_engine, engines) if copy.pending is not None else None
         if copy.pending is not None:  # the relaxed copy failed on the probe's graph: proven on its own now
             discard(tmp)
-            tmp = scratch_folder(handle.size_bytes)
+            tmp = Scratch(handle.size_bytes)
             copy = prepared(tmp, False)
         try:
             result = run_plan(
@@ -1074,6 +989,8 @@ def _add_runtime_deviations(result: ProbeResult, nodes: list[RuntimeNode], seed:
     """Each spec-computed layer's runtime deviation (conformance.py) where its batches did not measure one."""
     if not nodes or not result.batch_sizes:
         return
+    from bncheck.backends.onnx.conformance import runtime_deviations
+
     found, note = runtime_deviations(nodes, tuple(result.batch_sizes), seed)
     if note is not None and note not in result.notes:
         result.notes.append(note)
