@@ -104,17 +104,22 @@ def _terminated_once(
             [sys.executable, "-m", "bncheck", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
         )
     deadline = time.monotonic() + 120
-    while len(_folders(where)) < folders:
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "no scratch folder appeared"
-        time.sleep(0.01)
-    if busy:
-        running = [int(name.split("-")[3]) for name in _folders(where)]  # bncheck-probe-<ns>-<pid>-...
-        start = {pid: _cpu_seconds(pid) for pid in running}
-        while any(_cpu_seconds(pid) < start[pid] + busy for pid in running):
+    try:
+        while len(_folders(where)) < folders:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the processes never got busy"
-            time.sleep(0.05)
+            assert time.monotonic() < deadline, "no scratch folder appeared"
+            time.sleep(0.01)
+        if busy:
+            running = [int(name.split("-")[3]) for name in _folders(where)]  # bncheck-probe-<ns>-<pid>-...
+            start = {pid: _cpu_seconds(pid) for pid in running}
+            while any(_cpu_seconds(pid) < start[pid] + busy for pid in running):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the processes never got busy"
+                time.sleep(0.05)
+    except BaseException:  # a failed wait must not leave a run that never ends behind the test
+        proc.kill()
+        proc.wait()
+        raise
     proc.send_signal(sig)
     try:
         proc.wait(timeout=120)  # not communicate(): workers left alive would hold its pipes open
