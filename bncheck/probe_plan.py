@@ -577,9 +577,10 @@ def sample_shifts(reference: np.ndarray, other: np.ndarray, scale: float) -> np.
     return np.where(mismatch, math.inf, shifts)
 
 
-def looks_like_scores(shape: tuple[int, ...]) -> bool:
-    """Class scores: rank 2 (samples x columns) with more than one column."""
-    return len(shape) == 2 and shape[1] > 1
+def looks_like_scores(array: np.ndarray) -> bool:
+    """Class scores: floating-point, rank 2 (samples x columns), more than one column. An integer or boolean
+    output (a mask, token ids) has no arg-max to agree on."""
+    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
 
 
 def compare_outputs(name: str, reference: np.ndarray, other: np.ndarray, scale: float) -> OutputComparison:
@@ -588,7 +589,7 @@ def compare_outputs(name: str, reference: np.ndarray, other: np.ndarray, scale: 
     with np.errstate(over="ignore"):
         shift = float(np.sqrt(np.mean(shifts * shifts))) if shifts.size else math.nan
     agreement = None
-    if looks_like_scores(tuple(reference.shape)) and reference.shape[0]:
+    if looks_like_scores(reference) and reference.shape[0]:
         agreement = float(np.mean(np.argmax(reference, axis=1) == np.argmax(other, axis=1)))
     return OutputComparison(
         name, shift, float(np.max(shifts)) if shifts.size else math.nan, int(shifts.size), scale, agreement

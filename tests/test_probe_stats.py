@@ -10,7 +10,16 @@ import pytest
 
 from bncheck.model import LayerProbe, TensorStats, median
 from bncheck.probe_data import ProbeDataError
-from bncheck.probe_plan import _changes, _dependences, _side_rows, in_background, make_plan, merge_stats, tensor_stats
+from bncheck.probe_plan import (
+    _changes,
+    _dependences,
+    _side_rows,
+    compare_outputs,
+    in_background,
+    make_plan,
+    merge_stats,
+    tensor_stats,
+)
 
 
 def test_tensor_stats_matches_direct_numpy_for_nchw():
@@ -228,3 +237,17 @@ def test_layers_compared_side_by_side_give_each_layers_own_batch_dependence():
             assert math.isclose(change, expected, rel_tol=1e-12) or (math.isnan(change) and math.isnan(expected))
         assert got.worst_batch_size == alone["output"][1]
     assert 0 < together["a"].output_change < math.inf and together["a"].worst_batch_size in (2, 32)
+
+
+def test_top1_agreement_is_quoted_for_floating_scores_and_not_for_a_mask_or_ids():
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((8, 5)).astype(np.float32)
+    moved = scores.copy()
+    moved[:2] = moved[:2, ::-1]  # two samples' arg-max changes
+    assert compare_outputs("logits", scores, moved, 1.0).agreement == pytest.approx(
+        float(np.mean(scores.argmax(1) == moved.argmax(1)))
+    )
+    mask = rng.random((8, 16)) > 0.5
+    ids = rng.integers(0, 100, (8, 16))
+    assert compare_outputs("mask", mask, ~mask, 1.0).agreement is None
+    assert compare_outputs("ids", ids, ids + 1, 1.0).agreement is None
