@@ -958,13 +958,15 @@ def sample_axis(shape: tuple[int, ...], single: tuple[int, ...] | None, size: in
 def _thin(array: np.ndarray) -> np.ndarray:
     """An output kept for the comparison: at most OUTPUT_ELEMENTS evenly spaced elements per sample for
     outputs of rank > 2 (a segmentation map at batch 32 would otherwise hold GBs; rms shifts and spreads
-    are estimated as well from a regular subset). Rank <= 2 stays whole: arg-max needs every column."""
+    are estimated as well from a regular subset), as [samples, 1, elements]: still of rank 3, so that no
+    arg-max is taken over the subset as if it were class scores. Rank <= 2 stays whole: arg-max needs every
+    column."""
     a = np.asarray(array)
     if a.ndim <= 2 or a[:1].size <= OUTPUT_ELEMENTS:
         return a
     flat = a.reshape(a.shape[0], -1)
     step = -(-flat.shape[1] // OUTPUT_ELEMENTS)
-    return np.ascontiguousarray(flat[:, ::step])
+    return np.ascontiguousarray(flat[:, None, ::step])
 
 
 def _outputs_test(

@@ -11,9 +11,11 @@ import pytest
 from bncheck.model import LayerProbe, TensorStats, median
 from bncheck.probe_data import ProbeDataError
 from bncheck.probe_plan import (
+    OUTPUT_ELEMENTS,
     _changes,
     _dependences,
     _side_rows,
+    _thin,
     compare_outputs,
     in_background,
     make_plan,
@@ -251,3 +253,12 @@ def test_top1_agreement_is_quoted_for_floating_scores_and_not_for_a_mask_or_ids(
     ids = rng.integers(0, 100, (8, 16))
     assert compare_outputs("mask", mask, ~mask, 1.0).agreement is None
     assert compare_outputs("ids", ids, ids + 1, 1.0).agreement is None
+
+
+def test_a_thinned_output_map_gets_no_top1_agreement_as_if_it_were_class_scores():
+    # a detector's or a sequence model's output thinned for the comparison is a subset of its positions
+    maps = np.random.default_rng(1).standard_normal((4, 2, 300, 300)).astype(np.float32)
+    thin, moved = _thin(maps), _thin(maps + 0.1)
+    assert thin.shape[0] == 4 and 0 < thin[0].size <= OUTPUT_ELEMENTS
+    comparison = compare_outputs("map", thin, moved, 1.0)
+    assert comparison.agreement is None and comparison.shift == pytest.approx(0.1, rel=1e-3)
