@@ -917,8 +917,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         copy = prepared(tmp, measures)
         runner = _proven_by_probe(copy, open_engine, engines) if copy.pending is not None else None
         if copy.pending is not None:  # the relaxed copy failed on the probe's graph: proven on its own now
-            discard(tmp)
-            tmp = Scratch(handle.size_bytes)
+            discard(tmp)  # its folder removed; the copy proven on its own makes a new one if it writes
             copy = prepared(tmp, False)
         try:
             result = run_plan(
