@@ -9,6 +9,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -57,8 +58,19 @@ def test_a_zip_archive_of_no_known_kind_is_named_a_zip_archive_not_a_corrupt_mod
     path = tmp_path / "bundle.bin"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("readme.txt", "no model in here")
-    with pytest.raises(BackendError, match=r"bundle.bin: is a zip archive of none of the formats bncheck reads"):
+    with pytest.raises(BackendError, match=r"bundle.bin: is a zip archive holding none of the formats bncheck reads"):
         bncheck.inspect(str(path))
+
+
+def test_a_numpy_npz_given_as_the_model_is_named_input_samples_for_data(tmp_path):
+    path = tmp_path / "voices.npz"
+    np.savez(path, voice=np.zeros((4, 8), np.float32), other=np.ones(3))
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"bncheck: error: {path}: is a NumPy .npz archive of arrays, not a model: bncheck reads such a file as "
+        "input samples (bncheck probe MODEL --data FILE.npz)"
+    )
 
 
 def test_a_savedmodel_folder_given_to_the_command_is_named_a_savedmodel():

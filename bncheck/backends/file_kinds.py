@@ -75,7 +75,12 @@ def _archive(path: str) -> str:
         return f"is {kind}, which bncheck does not read: {_TORCH_EXPORT}"
     if "config.json" in names and "model.weights.h5" in names:
         return "is a Keras archive under another suffix: bncheck reads it as model.keras"
-    return "is a zip archive of none of the formats bncheck reads, not an ONNX protobuf"
+    if names and all(n.endswith(".npy") for n in names):  # numpy.savez's layout: one .npy file an array
+        return (
+            "is a NumPy .npz archive of arrays, not a model: bncheck reads such a file as input samples "
+            "(bncheck probe MODEL --data FILE.npz)"
+        )
+    return "is a zip archive holding none of the formats bncheck reads (.onnx, .keras, .h5, .hdf5)"
 
 
 def _safetensors(path: str, head: bytes) -> bool:
