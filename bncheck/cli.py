@@ -490,7 +490,7 @@ def _run_models(
         _imports_frozen(models, command)
         from bncheck.jobs import check_model
 
-        single = dataclasses.replace(options, progress=command == "probe")
+        single = dataclasses.replace(options, progress=command == "probe", process_ends_after=_own_process())
 
         def run() -> Any:
             report = check_model(models[0], single)

@@ -74,7 +74,7 @@ def probe_view(
     recorded: dict[str, Any] = {
         k: v
         for k, v in asdict(settings).items()
-        if k not in ("data", "data_path", "progress", "input_shapes", "default_sizes")
+        if k not in ("data", "data_path", "progress", "input_shapes", "default_sizes", "process_ends_after")
     }
     if settings.default_sizes and probes and probes[0].requested_batch_sizes:
         recorded["batch_sizes"] = probes[0].requested_batch_sizes  # the default as fitted to the file

@@ -33,6 +33,7 @@ class Options:
     config: Config = field(default_factory=Config)
     baseline: frozenset[tuple[str, str, str]] | None = None
     progress: bool = False  # a progress bar for this model's probe batches (one model, at a terminal)
+    process_ends_after: bool = False  # the console's one model: see ProbeSettings.process_ends_after
 
 
 def resolved_fail_on(options: Options) -> str:
@@ -92,6 +93,7 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
             progress=progress,
             provider=options.provider,
             all_layers=options.all_layers,
+            process_ends_after=options.process_ends_after,
         )
         return engine.probe(path, settings, select=select, ignore=ignore, fail_on=fail_on)
 

@@ -545,3 +545,6 @@ class ProbeSettings:
     provider: str = "cpu"  # cpu | cuda | tensorrt | auto: onnxruntime execution provider (ONNX models)
     # measure every normalization layer, also those no check needs (probe_plan.needs_statistics)
     all_layers: bool = False
+    # the process ends once this probe's report is written (the console's one model): a backend may leave
+    # what it would free last to the exit, which frees it anyway
+    process_ends_after: bool = False

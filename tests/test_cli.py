@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -241,6 +242,44 @@ def test_console_entry_leaves_no_temporary_folder(tmp_path):
     folders = made.read_text().split()
     assert folders and all(os.path.dirname(f) == str(private) for f in folders)
     assert not any(os.path.exists(f) for f in folders)
+
+
+#: at exit, how many onnxruntime sessions the probe left for the process's exit to free
+_LEFT_TO_EXIT = (
+    "import atexit\n"
+    "left = lambda: len(getattr(sys.modules.get('bncheck.backends.onnx.run'), '_LEFT_TO_EXIT', ()))\n"
+    "atexit.register(lambda: sys.stderr.write('left to the exit: %d' % left()))\n"
+)
+
+
+def test_console_probe_of_one_model_leaves_its_session_to_the_exit_and_reports_the_same(runner, stale):
+    proc = _console(_LEFT_TO_EXIT, ["probe", "--format", "json", stale])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == "left to the exit: 1"
+    in_process = runner.invoke(main, ["probe", "--format", "json", stale])  # not the console's own process
+    assert json.loads(proc.stdout) == json.loads(in_process.stdout)
+
+
+def test_console_probe_with_data_or_of_two_models_frees_its_sessions(tmp_path, stale, clean):
+    # --data may build sessions after the probe's (BN003's output effect); a folder's models run one by one
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(8, 3, 4, 4)).astype(np.float32))
+    for argv in (
+        ["probe", "--format", "json", "--data", str(data), stale],
+        ["probe", "--format", "json", stale, clean],
+    ):
+        proc = _console(_LEFT_TO_EXIT, argv)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().endswith("left to the exit: 0"), argv
+
+
+def test_a_probe_through_the_api_or_click_frees_its_sessions(runner, stale):
+    import bncheck
+    from bncheck.backends.onnx import run
+
+    bncheck.probe(stale)
+    assert runner.invoke(main, ["probe", "--format", "json", stale]).exit_code == 1
+    assert run._LEFT_TO_EXIT == []
 
 
 #: records, for every collection the process runs and every gc.freeze, ("collect", the objects frozen when it

@@ -79,6 +79,10 @@ REORDER_MIN_ACTIVATION_SHARE = 0.25
 REORDER_WEIGHTS_FLOOR = 256 * 10**6
 
 
+#: sessions that the process's exit frees (_Engine.close's ``leave_session``)
+_LEFT_TO_EXIT: list[Any] = []
+
+
 def worth_reordering(activations: int | None, weights: int) -> bool:
     """Whether the statistics-first session pays (see REORDER_MIN_ACTIVATION_SHARE); ``activations``: the
     busiest node's bytes at the largest batch (memory.estimate), None when unknown (then it is used)."""
@@ -679,7 +683,11 @@ class _Engine:
         """Let go of the session and its arena; the engine's files stay (the locator's sessions read them)."""
         self.session = None
 
-    def close(self) -> None:
+    def close(self, leave_session: bool = False) -> None:
+        """Free the session and remove the engine's files; ``leave_session``: the process ends next
+        (ProbeSettings.process_ends_after), its exit frees the session (destroying one takes 10-20 ms)."""
+        if leave_session and self.session is not None:
+            _LEFT_TO_EXIT.append(self.session)
         self.session = None
         self.proven = []
         self.tmp.remove()
@@ -864,11 +872,13 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         if release_weights:  # the weights are in files now: no second copy while sessions hold theirs
             restorers.append(release(handle, stubs))
 
-    def discard(folder: Scratch) -> None:
+    def discard(folder: Scratch, last: bool = False) -> None:
         """The copy in ``folder`` given up: its engines closed, its weights removed, and the handle's own
-        weights back (lazily: reloaded when handle.model is next read)."""
+        weights back (lazily: reloaded when handle.model is next read). ``last``: no session follows."""
+        # a session left to the exit keeps its memory: only where no other session is built after it
+        leave = last and settings.process_ends_after and settings.data is None
         for engine in engines:
-            engine.close()
+            engine.close(leave_session=leave)
         engines.clear()
         folder.remove()
         for restore in restorers:
@@ -953,7 +963,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                 result.unmeasured[plan.layer.name] = UNMEASURABLE
         leave_unmeasured(result, [layer.name for layer in engines[0].deferred])
     finally:
-        discard(tmp)
+        discard(tmp, last=True)
     flagged = drifting_layers(view, result)
     if flagged and settings.data is not None:
         from bncheck.backends.onnx.effect import recalibration
