@@ -360,6 +360,9 @@ class LocatedDependence:
     batch_size: int | None = None  # the size of the batch the sample was compared in (the smallest that moves it)
     # a single value (a quantizer's scale) has no spread to be a unit: its change relative to its value
     relative_change: float | None = None
+    # dynamic quantizers upstream of the node, in graph order: they take their scale from the whole batch
+    # too, but with the companions the search ran they left the node's inputs unchanged
+    upstream_quantizers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

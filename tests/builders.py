@@ -216,6 +216,34 @@ def dynamic_quant_model(
     return _save(model, path)
 
 
+def two_quantizers_model(path: Path, *, features: int = 64) -> str:
+    """x[N, F] -> Clip(-1, 1) -> a first dynamic quantizer ("first_quantize") -> MatMul -> a second one
+    ("second_quantize") -> y. The clip gives every N(0, 1) sample of 64 features the range [-1, 1] itself, so
+    the first quantizer's scale never changes with the companions; the second's does."""
+    rng = np.random.default_rng(6)
+    w = numpy_helper.from_array(rng.normal(size=(features, 16)).astype(np.float32), "w")
+    low = numpy_helper.from_array(np.array(-1.0, np.float32), "low")
+    high = numpy_helper.from_array(np.array(1.0, np.float32), "high")
+    nodes = [
+        helper.make_node("Clip", ["x", "low", "high"], ["c"], name="clip"),
+        helper.make_node("DynamicQuantizeLinear", ["c"], ["q1", "s1", "z1"], name="first_quantize"),
+        helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["d1"], name="first_dequantize"),
+        helper.make_node("MatMul", ["d1", "w"], ["h"], name="proj"),
+        helper.make_node("DynamicQuantizeLinear", ["h"], ["q2", "s2", "z2"], name="second_quantize"),
+        helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["y"], name="second_dequantize"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_quantizers",
+        [helper.make_tensor_value_info("x", F32, ["N", features])],
+        [helper.make_tensor_value_info("y", F32, ["N", 16])],
+        [w, low, high],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return _save(model, path)
+
+
 def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, offset: float = 100.0) -> str:
     """x[N, P, F] -> + offset -> mean and mean of squares over P by ReduceSum -> variance as E[h^2] - E[h]^2
     (as jax2tf writes LayerNorm) -> y = (E[h] - offset) / sqrt(variance), [N, F]. Batch-invariant, but

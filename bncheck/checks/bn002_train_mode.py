@@ -146,6 +146,19 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
     )
     if found.relative_change is not None:
         evidence["tensor_relative_change"] = found.relative_change
+    upstream = ""
+    if found.upstream_quantizers:
+        evidence["upstream_dynamic_quantizers"] = list(found.upstream_quantizers)
+        first, count = found.upstream_quantizers[0], len(found.upstream_quantizers)
+        tested = f"with the companions tested (a batch of {found.batch_size})" if found.batch_size else "here"
+        upstream = (
+            f"; the dynamic quantizer before it, {first!r}, also takes its scale from the whole batch, but {tested} "
+            "it left this node's inputs unchanged: with other companions the dependence can start there"
+            if count == 1
+            else f"; {count} dynamic quantizers before it (the first {first!r}) also take their scales from the "
+            f"whole batch, but {tested} they left this node's inputs unchanged: with other companions the "
+            "dependence can start at the first of them"
+        )
     dynamic = found.op_type in DYNAMIC_QUANT_OPS
     why = (
         " (dynamic quantization: the scale and zero point come from the whole tensor, every sample of the "
@@ -161,7 +174,7 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
     what = (
         f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
         f"batch companions{why}: its output {found.tensor!r} {moved} between a sample alone and in a batch, "
-        f"while its inputs did not{latent}"
+        f"while its inputs did not{upstream}{latent}"
     )
     return Finding(CODE, SLUG, severity, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_MOMENTS, evidence)
 

@@ -14,6 +14,7 @@ from tests.builders import (
     dynamic_quant_model,
     layernorm_model,
     moments_model,
+    two_quantizers_model,
 )
 
 
@@ -204,6 +205,25 @@ def test_dynamic_quantization_behind_a_transpose_is_located_at_the_quantizer(tmp
     assert finding.evidence["op_type"] == "DynamicQuantizeLinear"
     assert "dynamic quantization" in finding.message
     assert "static quantization" in finding.hint
+
+
+def test_a_dependence_located_after_a_quantizer_the_pair_left_unchanged_names_that_quantizer(tmp_path):
+    """Whether a dynamic quantizer moves a sample depends on its companions: the locator names the first node
+    the tested pair of batches moved, and the finding names the quantizers before it that mix samples too."""
+    report = engine.probe(two_quantizers_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.layer == "second_quantize"
+    assert finding.evidence["upstream_dynamic_quantizers"] == ["first_quantize"]
+    assert "the dynamic quantizer before it, 'first_quantize', also takes its scale from the whole batch" in (
+        finding.message
+    )
+
+
+def test_a_quantizer_located_first_names_no_upstream_quantizer(tmp_path):
+    report = engine.probe(dynamic_quant_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.layer == "quantize" and "upstream_dynamic_quantizers" not in finding.evidence
+    assert "before it" not in finding.message
 
 
 def test_a_model_without_norm_layers_does_not_say_nothing_is_checked_beside_its_bn002(tmp_path):

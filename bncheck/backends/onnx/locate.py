@@ -238,4 +238,24 @@ def locate_dependence(
         runs=runs,
         batch_size=size,
         relative_change=relative.get(tensor),
+        upstream_quantizers=_upstream_quantizers(nodes, produced_at, lo),
+    )
+
+
+def _upstream_quantizers(nodes: list[Any], produced_at: dict[str, int], index: int) -> tuple[str, ...]:
+    """The dynamic quantizers whose outputs reach node ``index``, in graph order: whether one moves a sample
+    depends on its companions (whether they change the batch's largest value), so one that the located pair
+    of batches left unchanged still mixes the samples of other batches."""
+    reached: set[int] = set()
+    pending = [index]
+    while pending:
+        for name in nodes[pending.pop()].input:
+            i = produced_at.get(name)
+            if i is not None and i not in reached:
+                reached.add(i)
+                pending.append(i)
+    return tuple(
+        nodes[i].name or nodes[i].output[0]
+        for i in sorted(reached)
+        if nodes[i].op_type in DYNAMIC_QUANT_OPS and nodes[i].domain in _QUANT_DOMAINS
     )
