@@ -615,6 +615,28 @@ def test_a_conv_scaled_by_a_scalar_is_no_folded_batchnorm(tmp_path):
     assert not any("folded" in n.message for n in view.notes)
 
 
+def _conv_then(tmp_path, ops: list[str]) -> str:
+    """x -> Conv(4) -> each of ``ops`` (Add or Mul) with its own per-channel constant [1, 4, 1, 1]."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], name="conv", pads=[1, 1, 1, 1])]
+    inits = [const("w", RNG.normal(size=(4, 3, 3, 3)).astype(np.float32))]
+    for i, op in enumerate(ops, start=1):
+        out = "y" if i == len(ops) else f"t{i}"
+        nodes.append(helper.make_node(op, [f"t{i - 1}", f"k{i}"], [out], name=f"{op.lower()}{i}"))
+        inits.append(const(f"k{i}", RNG.normal(size=(1, 4, 1, 1)).astype(np.float32)))
+    return save(tmp_path, nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 4, 8, 8])], inits)
+
+
+def test_a_conv_bias_written_as_its_own_add_is_no_folded_batchnorm(tmp_path):
+    # paddle2onnx writes a conv's bias as Conv (no bias) + Add of a [1, C, 1, 1] constant
+    _, view = load_layers(_conv_then(tmp_path, ["Add"]))
+    assert not any("folded" in n.message for n in view.notes)
+
+
+def test_a_conv_bias_then_a_per_channel_scale_and_shift_is_a_folded_batchnorm(tmp_path):
+    _, view = load_layers(_conv_then(tmp_path, ["Add", "Mul", "Add"]))
+    assert any(n.message.startswith("1 Conv node(s) (first: 'conv')") and "folded" in n.message for n in view.notes)
+
+
 def test_folded_batchnorm_note_names_a_transposed_convolution_as_such(tmp_path):
     w = RNG.normal(size=(3, 4, 2, 2)).astype(np.float32)
     nodes = [

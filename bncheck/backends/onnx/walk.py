@@ -433,14 +433,11 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
     for idx, node in enumerate(g.nodes):
         if node.op_type not in ("Conv", "ConvTranspose") or not node.output:
             continue
-        for user in g.users(node.output[0], "Mul", "Add"):
-            other = other_input(g.nodes[user], node.output[0])
-            value = g.param(other) if other is not None else None
-            # per channel, as a BatchNorm's scale and shift are: a scalar (PP-LCNetV3's learnable affine
-            # block, a residual scale) is no BatchNorm
-            if value is not None and np.size(value) > 1:
-                folded.append((g.node_name(idx), node.op_type))
-                break
+        # a BatchNorm left as its affine map scales per channel: a per-channel Add alone is the conv's bias,
+        # which exporters such as paddle2onnx write as its own node; the bias may come before the scale
+        outputs = [node.output[0]] + [g.nodes[a].output[0] for a in _per_channel_users(g, node.output[0], "Add")]
+        if any(_per_channel_users(g, out, "Mul") for out in outputs):
+            folded.append((g.node_name(idx), node.op_type))
     if not layers and batch_ops:
         count = len(batch_ops)
         notes.append(
@@ -458,8 +455,8 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
         notes.append(
             Note(
                 "info",
-                f"{len(folded)} {ops} node(s) (first: {folded[0][0]!r}) are followed by Mul/Add with constant "
-                f"operands: BatchNorm may have been folded into the {ops} weights; folded statistics cannot "
+                f"{len(folded)} {ops} node(s) (first: {folded[0][0]!r}) are followed by a per-channel Mul (and Add) "
+                f"with constant operands: BatchNorm may have been folded into the {ops} weights; folded statistics cannot "
                 "be checked",
             )
         )
@@ -473,6 +470,19 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
             )
         )
     return notes
+
+
+def _per_channel_users(g: GraphIndex, tensor: str, op_type: str) -> list[int]:
+    """The ``op_type`` nodes reading ``tensor`` with a constant of more than one value: per channel, as a
+    BatchNorm's scale and shift are (a scalar, such as PP-LCNetV3's learnable affine block or a residual
+    scale, is no BatchNorm)."""
+    found = []
+    for user in g.users(tensor, op_type):
+        other = other_input(g.nodes[user], tensor)
+        value = g.param(other) if other is not None else None
+        if value is not None and np.size(value) > 1 and g.nodes[user].output:
+            found.append(user)
+    return found
 
 
 def _hidden_norm_ops(g: GraphIndex) -> int:
