@@ -145,3 +145,50 @@ def test_generated_names_and_weight_prefixes() -> None:
     assert weight_prefix(["conv1_bn_scale", "conv1_bn_offset"]) == "conv1_bn"
     assert weight_prefix(["bn.weight", "blocks.1.weight"]) is None
     assert weight_prefix(["onnx::BatchNormalization_12", "val_3"]) is None
+
+
+def test_a_paddle2onnx_layer_norm_chain_is_named_after_its_layer_norm_result(tmp_path: Path) -> None:
+    # paddle2onnx 2.x: nodes named after their op types, weights helper.reshape.N, the chain's result written
+    # by an Identity as the layer op's output (PP-OCRv5's recognizer); not "helper.reshape"
+    c = 8
+    constant = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)
+    inits = [
+        constant("helper.constant.8", 2.0),
+        constant("helper.constant.7", 1e-6),
+        constant("helper.reshape.0", RNG.uniform(0.5, 1.5, c)),
+        constant("helper.reshape.1", RNG.uniform(-0.5, 0.5, c)),
+    ]
+    chain = [
+        ("Identity.179", "Identity", ["x"], "auto.cast.32"),
+        ("ReduceMean.0", "ReduceMean", ["auto.cast.32"], "ReduceMean.1"),
+        ("Sub.0", "Sub", ["auto.cast.32", "ReduceMean.1"], "Sub.1"),
+        ("Pow.0", "Pow", ["Sub.1", "helper.constant.8"], "Pow.1"),
+        ("ReduceMean.2", "ReduceMean", ["Pow.1"], "ReduceMean.3"),
+        ("Add.178", "Add", ["ReduceMean.3", "helper.constant.7"], "Add.179"),
+        ("Sqrt.0", "Sqrt", ["Add.179"], "Sqrt.1"),
+        ("Div.0", "Div", ["Sub.1", "Sqrt.1"], "Div.1"),
+        ("Mul.146", "Mul", ["Div.1", "helper.reshape.0"], "Mul.147"),
+        ("Add.180", "Add", ["Mul.147", "helper.reshape.1"], "Add.181"),
+        ("Identity.182", "Identity", ["Add.181"], "p2o.pd_op.layer_norm.0.0"),
+        ("Relu.0", "Relu", ["p2o.pd_op.layer_norm.0.0"], "y"),
+    ]
+    nodes = [
+        helper.make_node(op, inputs, [out], name=name, **({"axes": [-1]} if op == "ReduceMean" else {}))
+        for name, op, inputs, out in chain
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, c])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    path = tmp_path / "p2o_ln.onnx"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    [layer] = json.loads(result.stdout)["layers"]
+    assert layer["name"] == "p2o.pd_op.layer_norm.0.0"
+    assert "Identity.182" in layer["nodes"]

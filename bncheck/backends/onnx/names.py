@@ -27,7 +27,7 @@ _SEPARATORS = "./:"
 #: BatchNormalization_12, BatchNormalization@0, BatchNormalization__7)
 _DECOR = r"(?:p2o\.)?{op}(?:[._@#:-]*\d+)*"
 #: weight names that exporters invent themselves (they say nothing about the user's module)
-_GENERATED_WEIGHT = re.compile(r"^(?:onnx::.*|val_\d+|_v_\d+|const.*|\d+)$", re.IGNORECASE)
+_GENERATED_WEIGHT = re.compile(r"^(?:onnx::.*|val_\d+|_v_\d+|const.*|\d+|helper\.\w+\.\d+)$", re.IGNORECASE)
 
 
 def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> list[NormLayer]:
@@ -48,7 +48,16 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
     if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
         return layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
-    return prefix or layer.name
+    if prefix:
+        return prefix
+    # paddle2onnx names a hand-written chain's nodes after their op types and its weights helper.reshape.N,
+    # but the chain's result after the layer op it came from (p2o.pd_op.layer_norm.0.0): the last such name
+    named = [t for i in indices for t in g.nodes[i].output if "norm" in t.lower() and not _generated_tensor(g, i, t)]
+    return named[-1] if named else layer.name
+
+
+def _generated_tensor(g: GraphIndex, index: int, tensor: str) -> bool:
+    return _GENERATED_WEIGHT.match(tensor) is not None or is_generated(tensor, g.nodes[index].op_type)
 
 
 def module_path(node) -> str | None:
