@@ -556,6 +556,34 @@ def test_a_relaxed_batch_that_fails_the_probes_own_runs_is_left_pending_for_a_pr
     engines[0].close()
 
 
+def test_a_relaxed_batch_whose_outputs_failed_the_probes_own_runs_is_not_proven_again_on_its_own(tmp_path, monkeypatch):
+    """The probe's runs failed the proof on the outputs' shapes, and nothing was rewritten: the copy alone has
+    the same outputs, so preparing again builds no session for a second proof (an 85 MB transformer whose
+    output has no batch axis spent 0.5 s building one and 0.16 s running it)."""
+    from bncheck.backends.onnx import OnnxBackend, probe_copy
+    from bncheck.backends.onnx.scratch import Scratch
+    from bncheck.model import ProbeSettings
+
+    path = _convnet(tmp_path / "m.onnx", 8, flatten=[32, 1], fc_in=1, conv_training=True)
+    copy, observe, engines = _engine_proof(path, (1, 2, 8))
+    engines[0].close()
+    assert observe is None and isinstance(copy.refused, probe_copy.OutputsRefuse)
+    assert copy.refused == "no output has a dim of the batch size 8"
+    built = []
+    session = probe_copy._session
+    monkeypatch.setattr(probe_copy, "_session", lambda *args, **kw: built.append(1) or session(*args, **kw))
+    view = OnnxBackend().load(path)
+    settings = ProbeSettings(batch_sizes=(1, 2, 8))
+    folder = Scratch(0)
+    try:
+        again = probe_copy.prepare(view.handle, view, settings, folder, refused=copy.refused)
+        alone = probe_copy.prepare(view.handle, view, settings, folder)  # without the probe's runs before it
+    finally:
+        folder.remove()
+    assert again.batch == alone.batch == "fixed to 8 in the file; cannot be relaxed (" + copy.refused + ")"
+    assert built == [1]  # the proof of the copy alone only
+
+
 def test_a_vector_computed_from_the_input_and_reshaped_to_1_is_not_taken_for_the_batch(tmp_path):
     """A quantized model's bias scaled by a dynamic (batch-computed) scale, reshaped to [1, -1, 1, 1]: its
     1 is a broadcast dim, not the batch; only the flatten's [1, -1] holds the batch."""

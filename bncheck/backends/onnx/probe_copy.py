@@ -99,6 +99,8 @@ class ProbeCopy:
     # a relaxed batch whose proof is left to the probe's own session (prepare's proof_by_probe); the copy is
     # relaxed only if it passes, else the probe prepares again with proof_by_probe off
     pending: Pending | None = None
+    # why the probe's own runs failed that proof, when the outputs say so (see OutputsRefuse)
+    refused: OutputsRefuse | None = None
     # the synthetic inputs that proof drew (run_plan's ``drawn``; None with --data or without a proof)
     drawn: dict[str, np.ndarray] | None = None
     # the relaxed copy's shapes and types, inferred before its proof (None when the batch was not relaxed)
@@ -395,7 +397,7 @@ def _validate(
     except Exception as exc:
         return f"the relaxed copy does not run at batch size {fixed}: {runtime_message(exc, 160)}"
     if not any(fixed in np.shape(at_fixed[n]) for n in names):
-        return f"no output has a dim of the batch size {fixed}"
+        return OutputsRefuse(f"no output has a dim of the batch size {fixed}")
     for size in others:
         try:
             fed = feeds(size)
@@ -409,11 +411,16 @@ def _validate(
             was, now = np.shape(at_fixed[name]), np.shape(values[name])
             changed = [axis for axis, (a, b) in enumerate(zip(was, now)) if a != b]
             if len(was) != len(now) or any(was[a] != fixed or now[a] != size for a in changed):
-                return f"output {name!r} has shape {now} at batch size {size} (at {fixed}: {was})"
+                return OutputsRefuse(f"output {name!r} has shape {now} at batch size {size} (at {fixed}: {was})")
             followed = followed or bool(changed)
         if not followed:
-            return f"no output follows the fed batch (batch size {size})"
+            return OutputsRefuse(f"no output follows the fed batch (batch size {size})")
     return runs, drawn if draw is not None else None
+
+
+class OutputsRefuse(str):
+    """Why a proof failed, read off the model's outputs at sizes that ran (not a run's error): a copy of the
+    same graph without the probe's additions, whose outputs are the same, fails it again."""
 
 
 def relaxes(inputs: list[InputSpec], batch_sizes: Iterable[int]) -> bool:
@@ -429,9 +436,11 @@ def _relax(
     settings: ProbeSettings,
     int_high: dict[str, int],
     proof_by_probe: bool = False,
+    refused: OutputsRefuse | None = None,
 ) -> onnx.ModelProto:
     """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``.
-    ``proof_by_probe``: leave the proof to the probe's own session (:attr:`ProbeCopy.pending`)."""
+    ``proof_by_probe``: leave the proof to the probe's own session (:attr:`ProbeCopy.pending`). ``refused``:
+    why the probe's own runs of the rewritten copy failed the proof."""
     fixed = fixed_batch(copy.inputs)
     if fixed is None or not relaxes(copy.inputs, settings.batch_sizes):
         if fixed is not None:
@@ -483,7 +492,9 @@ def _relax(
         found = validate(_session_runs(session, outputs))
         return found if isinstance(found, str) else Proof(session, *found)
 
-    if proof_by_probe:
+    if refused is not None:
+        proof = refused
+    elif proof_by_probe:
         # the rewritten copy, as below; one that fails the probe's runs is prepared again, proven here
         ready(rewritten)
         copy.pending = validate
@@ -493,7 +504,8 @@ def _relax(
         relaxed = rewritten if isinstance(proof, Proof) else model
     if count and relaxed is rewritten:
         how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
-    if isinstance(proof, str):
+    # with nothing rewritten, the probe's failed runs were those of the plain relaxed copy already
+    if isinstance(proof, str) and (refused is None or count):
         # with nothing rewritten the copy already is the plain relaxed one
         relaxed = _relaxed(model, batched, fixed) if count else rewritten
         del rewritten
@@ -529,10 +541,12 @@ def prepare(
     int_high: dict[str, int] | None = None,
     stubbed: Callable[[list[Any] | None], None] | None = None,
     proof_by_probe: bool = False,
+    refused: OutputsRefuse | None = None,
 ) -> ProbeCopy:
     """The probe's copy of ``handle``'s model for ``settings`` (see the module docstring). ``stubbed`` is
     called with the weights' external stubs once they are in ``tmp``, before any session is built.
-    ``proof_by_probe``: a relaxed batch is proven by the probe's own session (:attr:`ProbeCopy.pending`)."""
+    ``proof_by_probe``: a relaxed batch is proven by the probe's own session (:attr:`ProbeCopy.pending`);
+    ``refused``: why those runs failed it, from the outputs (no second proof of the same graph)."""
     model, folder = stub(handle, tmp)
     stubs = None if handle.external_data else [_copy(t) for t in model.graph.initializer]
     if stubbed is not None:
@@ -568,7 +582,7 @@ def prepare(
             f"input(s) {listed} only feed normalization parameters: fed as fixed tensors (scale 1, "
             "bias 0, mean 0, variance 1), not batched"
         )
-    relaxed = _relax(copy, model, settings, dict(int_high or {}), proof_by_probe)
+    relaxed = _relax(copy, model, settings, dict(int_high or {}), proof_by_probe, refused)
     if relaxed is not model:
         model, changed = relaxed, True
     copy.model = model

@@ -23,7 +23,7 @@ from bncheck.backends.onnx.instrument import (
     keep_only,
     release,
 )
-from bncheck.backends.onnx.probe_copy import prepare, relaxes
+from bncheck.backends.onnx.probe_copy import OutputsRefuse, prepare, relaxes
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
@@ -885,8 +885,8 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             restore()
         restorers.clear()
 
-    def prepared(folder: Scratch, proof_by_probe: bool) -> ProbeCopy:
-        copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe)
+    def prepared(folder: Scratch, proof_by_probe: bool, refused: OutputsRefuse | None = None) -> ProbeCopy:
+        copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe, refused)
         # a fixed batch relaxed runs every size now, its copy checked before its proof; else the file's own
         if copy.inputs == view.inputs:
             if relaxing:  # not relaxed after all: the file's own size runs
@@ -928,7 +928,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         runner = _proven_by_probe(copy, open_engine, engines) if copy.pending is not None else None
         if copy.pending is not None:  # the relaxed copy failed on the probe's graph: proven on its own now
             discard(tmp)  # its folder removed; the copy proven on its own makes a new one if it writes
-            copy = prepared(tmp, False)
+            copy = prepared(tmp, False, copy.refused)
         try:
             result = run_plan(
                 replace(view, inputs=copy.inputs),
@@ -988,6 +988,7 @@ def _proven_by_probe(copy: ProbeCopy, open_engine: Callable[[], Runner], engines
     engine = engines[-1]
     found = copy.pending(engine._run)  # every output it fetches: the measuring ones and the model's
     if isinstance(found, str):
+        copy.refused = found if isinstance(found, OutputsRefuse) else None
         return None
     engine.proven, copy.drawn = found
     copy.pending = None
