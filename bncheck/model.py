@@ -335,7 +335,9 @@ class OutputComparison:
     position's variance across samples), so "1.0" means outputs moved by one output standard deviation;
     ``max_shift`` is the largest per-sample value. ``agreement`` is the fraction of samples whose arg-max
     over the last axis is unchanged, for outputs that look like class scores (rank 2, more than one
-    column); None otherwise.
+    column); None otherwise. ``changed`` (integer and boolean outputs: labels, ids, masks, whose values have
+    no spread to measure in) is the share of elements that differ, and ``changed_samples`` how many samples
+    have one; None for floating-point outputs.
     """
 
     output: str
@@ -344,6 +346,8 @@ class OutputComparison:
     samples: int
     scale: float
     agreement: float | None = None
+    changed: float | None = None
+    changed_samples: int | None = None
 
 
 @dataclass(frozen=True)

@@ -591,8 +591,19 @@ def compare_outputs(name: str, reference: np.ndarray, other: np.ndarray, scale: 
     agreement = None
     if looks_like_scores(reference) and reference.shape[0]:
         agreement = float(np.mean(np.argmax(reference, axis=1) == np.argmax(other, axis=1)))
+    changed = changed_samples = None
+    if reference.dtype.kind in "iub" and reference.size:
+        differ = (np.asarray(reference) != np.asarray(other)).reshape(reference.shape[0], -1)
+        changed, changed_samples = float(np.mean(differ)), int(np.count_nonzero(differ.any(axis=1)))
     return OutputComparison(
-        name, shift, float(np.max(shifts)) if shifts.size else math.nan, int(shifts.size), scale, agreement
+        name,
+        shift,
+        float(np.max(shifts)) if shifts.size else math.nan,
+        int(shifts.size),
+        scale,
+        agreement,
+        changed,
+        changed_samples,
     )
 
 

@@ -148,9 +148,10 @@ def moments_model(
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool = False) -> str:
+def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool = False, labels: bool = False) -> str:
     """x[N, C] -> Gemm -> Relu -> h; h - ReduceMean(h, axes=[0]) -> Gemm -> logits. No normalization op:
-    the centering over the batch axis is the only thing that mixes samples."""
+    the centering over the batch axis is the only thing that mixes samples. ``labels``: the output is
+    ArgMax(logits) instead, int64 class ids [N]."""
     rng = np.random.default_rng(3)
     w1 = numpy_helper.from_array(rng.normal(size=(channels, 8)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "w2")
@@ -170,12 +171,12 @@ def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool 
         helper.make_node("Sub", ["h", "m"], ["c"], name="center"),
         helper.make_node("MatMul", ["c", "w2"], ["logits"], name="fc2"),
     ]
+    output = helper.make_tensor_value_info("logits", F32, ["N", 5])
+    if labels:
+        nodes.append(helper.make_node("ArgMax", ["logits"], ["label"], name="classify", axis=1, keepdims=0))
+        output = helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])
     graph = helper.make_graph(
-        nodes,
-        "batch_centering",
-        [helper.make_tensor_value_info("x", F32, ["N", channels])],
-        [helper.make_tensor_value_info("logits", F32, ["N", 5])],
-        inits,
+        nodes, "batch_centering", [helper.make_tensor_value_info("x", F32, ["N", channels])], [output], inits
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8

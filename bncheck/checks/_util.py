@@ -21,13 +21,25 @@ def is_keras(layer: NormLayer) -> bool:
 
 def comparison_evidence(c: OutputComparison) -> dict[str, object]:
     """One output comparison as evidence numbers."""
-    return {
+    evidence: dict[str, object] = {
         "shift_sd": c.shift,
         "max_shift_sd": c.max_shift,
         "top1_agreement": c.agreement,
         "samples": c.samples,
         "output_sd": c.scale,
     }
+    if c.changed is not None:
+        evidence.update(changed_share=c.changed, changed_samples=c.changed_samples)
+    return evidence
+
+
+def _moved(c: OutputComparison) -> str:
+    """How far an output moved: in its standard deviations, or for labels, ids and masks the share of values
+    that changed (a label's numeric distance means nothing)."""
+    if c.changed is None:
+        return f"{c.shift:.3g} sd"
+    share = f"{100 * c.changed:.2g}%" if c.changed else "none"
+    return f"{share} of values changed ({c.changed_samples} of {c.samples} samples)"
 
 
 def _pct(value: float) -> str:
@@ -48,8 +60,12 @@ def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> di
         return {"reference": "alone", "outputs": outputs, "summary": "model outputs not comparable"}
     _, name, size = worst
     per = per_output[name]
-    others = ", ".join(f"{per[b].shift:.2g} at {b}" for b in sorted(per) if b != size)
-    line = f"{name} move {per[size].shift:.3g} sd alone vs batch {size}" + (f" ({others})" if others else "")
+    if per[size].changed is None:
+        others = ", ".join(f"{per[b].shift:.2g} at {b}" for b in sorted(per) if b != size)
+        line = f"{name} move {per[size].shift:.3g} sd alone vs batch {size}" + (f" ({others})" if others else "")
+    else:
+        others = ", ".join(f"{100 * (per[b].changed or 0):.2g}% at {b}" for b in sorted(per) if b != size)
+        line = f"{name}: {_moved(per[size])} alone vs batch {size}" + (f" ({others})" if others else "")
     scored = [(b, c) for b, c in sorted(per.items()) if c.agreement is not None]
     if scored:
         b, c = scored[-1]
@@ -65,7 +81,11 @@ def recalibration_effect(recal: Recalibration) -> dict[str, object]:
         line = "model outputs not comparable"
     else:
         c = recal.outputs[worst[1]]
-        line = f"{worst[1]} move {c.shift:.3g} sd with statistics recomputed from the data"
+        line = (
+            f"{worst[1]} move {c.shift:.3g} sd with statistics recomputed from the data"
+            if c.changed is None
+            else f"{worst[1]}: {_moved(c)} with statistics recomputed from the data"
+        )
         if c.agreement is not None:
             line += f"; top-1 agrees on {_pct(c.agreement)} of {c.samples} samples"
     return {

@@ -226,6 +226,27 @@ def test_a_quantizer_located_first_names_no_upstream_quantizer(tmp_path):
     assert "before it" not in finding.message
 
 
+def test_a_label_output_moved_by_the_batch_is_quoted_as_the_share_of_labels_that_changed(tmp_path):
+    """Class ids have no spread to measure a move in: "0.128 sd" of int64 labels means nothing, the share of
+    labels that changed does."""
+    path = batch_centering_model(tmp_path / "m.onnx", labels=True)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 32)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    effect = finding.evidence["output_effect"]
+    at32 = effect["outputs"]["label"]["32"]
+    assert 0.0 < at32["changed_share"] <= 1.0 and 0 < at32["changed_samples"] <= at32["samples"]
+    assert at32["changed_share"] == at32["changed_samples"] / at32["samples"]  # one label a sample
+    assert effect["summary"].startswith("label: ") and "% of values changed (" in effect["summary"]
+    assert " sd " not in effect["summary"]
+
+
+def test_a_float_output_has_no_share_of_changed_values(tmp_path):
+    report = engine.probe(batch_centering_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 32)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert "changed_share" not in finding.evidence["output_effect"]["outputs"]["logits"]["32"]
+    assert " sd alone vs batch 32" in finding.evidence["output_effect"]["summary"]
+
+
 def test_a_model_without_norm_layers_does_not_say_nothing_is_checked_beside_its_bn002(tmp_path):
     """A dynamically quantized model has no normalization layer, and its outputs depend on the batch: the
     report's note about the missing layers must not say there is nothing to check next to that error."""
