@@ -101,27 +101,31 @@ def test_probe_reports_under_the_readable_names(tmp_path: Path) -> None:
     assert sorted(doc["probe"]["runs"][0]["layers"]) == ["bn", "bn#2", "head.head_bn", "my_bn"]
 
 
+def _inspected_layers(path: Path, nodes: list, inits: list, shape: list, opset: int, ir_version: int) -> list:
+    """The layers of `bncheck inspect --format json` on a graph x -> ``nodes`` -> y (both of ``shape``)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["layers"]
+
+
 def test_unnamed_and_paddle_nodes_take_their_weight_prefix(tmp_path: Path) -> None:
     inits: list = []
     first = _bn("", "x", "a", "conv1_bn", inits)
     inits[:] = [numpy_helper.from_array(numpy_helper.to_array(t), t.name.replace(".", "_")) for t in inits]
     first.input[1:] = [t.name for t in inits]
     nodes = [first, _bn("p2o.BatchNormalization.3", "a", "y", "batch_norm2d_7", inits)]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "p2o.onnx"
-    onnx.save(model, str(path))
-    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
-    assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert [(layer["name"], layer["nodes"]) for layer in doc["layers"]] == [
+    layers = _inspected_layers(tmp_path / "p2o.onnx", nodes, inits, ["N", 4, 3, 3], opset=17, ir_version=8)
+    assert [(layer["name"], layer["nodes"]) for layer in layers] == [
         ("conv1_bn", ["a"]),  # unnamed node: its output was the only name it had
         ("batch_norm2d_7", ["p2o.BatchNormalization.3"]),
     ]
@@ -176,19 +180,6 @@ def test_a_paddle2onnx_layer_norm_chain_is_named_after_its_layer_norm_result(tmp
         helper.make_node(op, inputs, [out], name=name, **({"axes": [-1]} if op == "ReduceMean" else {}))
         for name, op, inputs, out in chain
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, c])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, c])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 7
-    path = tmp_path / "p2o_ln.onnx"
-    onnx.save(model, str(path))
-    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
-    assert result.exit_code == 0, result.output
-    [layer] = json.loads(result.stdout)["layers"]
+    [layer] = _inspected_layers(tmp_path / "p2o_ln.onnx", nodes, inits, ["N", 16, c], opset=11, ir_version=7)
     assert layer["name"] == "p2o.pd_op.layer_norm.0.0"
     assert "Identity.182" in layer["nodes"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import ONNX_DOMAINS
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, upstream_nodes
 from bncheck.backends.onnx.instrument import keep_only, stub
 from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
 from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
@@ -238,22 +238,15 @@ def locate_dependence(
         runs=runs,
         batch_size=size,
         relative_change=relative.get(tensor),
-        upstream_quantizers=_upstream_quantizers(nodes, produced_at, lo),
+        upstream_quantizers=_upstream_quantizers(nodes, lo),
     )
 
 
-def _upstream_quantizers(nodes: list[Any], produced_at: dict[str, int], index: int) -> tuple[str, ...]:
+def _upstream_quantizers(nodes: list[Any], index: int) -> tuple[str, ...]:
     """The dynamic quantizers whose outputs reach node ``index``, in graph order: whether one moves a sample
     depends on its companions (whether they change the batch's largest value), so one that the located pair
     of batches left unchanged still mixes the samples of other batches."""
-    reached: set[int] = set()
-    pending = [index]
-    while pending:
-        for name in nodes[pending.pop()].input:
-            i = produced_at.get(name)
-            if i is not None and i not in reached:
-                reached.add(i)
-                pending.append(i)
+    reached = upstream_nodes(nodes, nodes[index].input)
     return tuple(
         nodes[i].name or nodes[i].output[0]
         for i in sorted(reached)
