@@ -349,6 +349,19 @@ class OutputComparison:
     changed: float | None = None
     changed_samples: int | None = None
 
+    def numbers(self) -> dict[str, float | int | None]:
+        """The comparison as the report's numbers (a finding's evidence, the probe section of the JSON)."""
+        numbers: dict[str, float | int | None] = {
+            "shift_sd": self.shift,
+            "max_shift_sd": self.max_shift,
+            "top1_agreement": self.agreement,
+            "samples": self.samples,
+            "output_sd": self.scale,
+        }
+        if self.changed is not None:  # integer and boolean outputs only
+            numbers.update(changed_share=self.changed, changed_samples=self.changed_samples)
+        return numbers
+
 
 @dataclass(frozen=True)
 class LocatedDependence:

@@ -230,8 +230,8 @@ def test_console_entry_leaves_no_temporary_folder(tmp_path):
     prelude = (
         "import bncheck.backends.onnx.scratch as scratch\n"
         "_scratch = scratch.scratch_folder\n"
-        "def scratch_folder(size):\n"
-        "    folder = _scratch(size)\n"
+        "def scratch_folder(size, **options):\n"
+        "    folder = _scratch(size, **options)\n"
         f"    open({str(made)!r}, 'a').write(folder + '\\n')\n"
         "    return folder\n"
         "scratch.scratch_folder = scratch_folder\n"

@@ -19,20 +19,6 @@ def is_keras(layer: NormLayer) -> bool:
     return layer.domain == "keras"
 
 
-def comparison_evidence(c: OutputComparison) -> dict[str, object]:
-    """One output comparison as evidence numbers."""
-    evidence: dict[str, object] = {
-        "shift_sd": c.shift,
-        "max_shift_sd": c.max_shift,
-        "top1_agreement": c.agreement,
-        "samples": c.samples,
-        "output_sd": c.scale,
-    }
-    if c.changed is not None:
-        evidence.update(changed_share=c.changed, changed_samples=c.changed_samples)
-    return evidence
-
-
 def _moved(c: OutputComparison) -> str:
     """How far an output moved: in its standard deviations, or for labels, ids and masks the share of values
     that changed (a label's numeric distance means nothing)."""
@@ -51,7 +37,7 @@ def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> di
     batch of each size; ``summary`` is the one line the table shows (the output that moved most)."""
     if not per_output:
         return None
-    outputs = {name: {str(b): comparison_evidence(c) for b, c in per.items()} for name, per in per_output.items()}
+    outputs = {name: {str(b): c.numbers() for b, c in per.items()} for name, per in per_output.items()}
     worst = max(
         ((c.shift, name, b) for name, per in per_output.items() for b, c in per.items() if c.shift == c.shift),
         default=None,
@@ -75,7 +61,7 @@ def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> di
 
 def recalibration_effect(recal: Recalibration) -> dict[str, object]:
     """BN003's effect at the model's outputs: stored statistics against statistics recomputed from the data."""
-    outputs = {name: comparison_evidence(c) for name, c in recal.outputs.items()}
+    outputs = {name: c.numbers() for name, c in recal.outputs.items()}
     worst = max(((c.shift, name) for name, c in recal.outputs.items() if c.shift == c.shift), default=None)
     if worst is None:
         line = "model outputs not comparable"

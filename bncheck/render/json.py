@@ -243,16 +243,7 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
 
 
 def _comparison(c: OutputComparison) -> dict[str, Any]:
-    out = {
-        "shift_sd": number(c.shift),
-        "max_shift_sd": number(c.max_shift),
-        "samples": c.samples,
-        "output_sd": number(c.scale),
-        "top1_agreement": number(c.agreement),
-    }
-    if c.changed is not None:  # integer and boolean outputs only
-        out.update(changed_share=number(c.changed), changed_samples=c.changed_samples)
-    return out
+    return jsonable(c.numbers())
 
 
 def _stats(stats: TensorStats | None) -> dict[str, Any] | None:

@@ -17,31 +17,33 @@ RAM_FOLDER = "/dev/shm"
 RAM_FOLDER_MARGIN = 4
 
 
-def scratch_folder(model_bytes: int) -> str:
+def scratch_folder(model_bytes: int, swept: str | None = None) -> str:
     """A new folder for files that live only while a probe runs (the statistics-first session's optimized
     weights, a copy of weights stored as float_data). In RAM when :data:`RAM_FOLDER` has room for the
     model's bytes :data:`RAM_FOLDER_MARGIN` times over and TMPDIR does not name another place: writing the
     optimized weights of ResNet-50 to a disk-backed /tmp cost 0.07 s of session building. The page cache
     would hold the same bytes in RAM; a RAM folder only spares the file system its block allocation and
-    write-back."""
+    write-back. ``swept``: a parent whose orphans were just removed (not listed again)."""
     if not os.environ.get("TMPDIR") and os.path.isdir(RAM_FOLDER) and os.access(RAM_FOLDER, os.W_OK):
         try:
             stats = os.statvfs(RAM_FOLDER)
             if stats.f_bavail * stats.f_frsize >= RAM_FOLDER_MARGIN * max(model_bytes, 1):
-                return _new_scratch(RAM_FOLDER)
+                return _new_scratch(RAM_FOLDER, sweep=swept != RAM_FOLDER)
         except OSError:
             pass
     import tempfile
 
-    return _new_scratch(tempfile.gettempdir())
+    parent = tempfile.gettempdir()
+    return _new_scratch(parent, sweep=swept != parent)
 
 
 #: scratch folders are named SCRATCH_PREFIX + "<pid namespace>-<pid>-": see _remove_orphans
 SCRATCH_PREFIX = "bncheck-probe-"
 
 
-def _new_scratch(parent: str) -> str:
-    _remove_orphans(parent, _namespace_prefix())
+def _new_scratch(parent: str, sweep: bool = True) -> str:
+    if sweep:
+        _remove_orphans(parent, _namespace_prefix())
     watchdog.at_stop(_remove_own_scratch)
     import tempfile
 
@@ -131,7 +133,7 @@ class Scratch:
     def path(self) -> str:
         """The folder, made now if it was not."""
         if self._path is None:
-            self._path = scratch_folder(self.model_bytes)
+            self._path = scratch_folder(self.model_bytes, swept=RAM_FOLDER)
         return self._path
 
     def remove(self) -> None:
