@@ -193,6 +193,10 @@ class ModelView:
     notes: list[Note] = field(default_factory=list)
     handle: Any = field(default=None, repr=False)
     batch_ops: list[BatchOp] = field(default_factory=list)
+    # the model outputs' declared dims by name (None: rank unknown), which tell class scores from other
+    # outputs (probe_plan.scores_over_last_axis); empty where the backend reads none (Keras: a file's config
+    # declares no output shapes)
+    output_shapes: dict[str, tuple[Dim, ...] | None] = field(default_factory=dict)
     # waits for the file's sha256 where the backend computes it in the background (info.sha256 is "" until
     # final_info): the report needs it, nothing before the report does
     pending_sha256: Callable[[], str] | None = field(default=None, repr=False)
@@ -334,10 +338,11 @@ class OutputComparison:
     in units of ``scale`` (the output's spread across samples: the root mean over positions of each
     position's variance across samples), so "1.0" means outputs moved by one output standard deviation;
     ``max_shift`` is the largest per-sample value. ``agreement`` is the fraction of samples whose arg-max
-    over the last axis is unchanged, for outputs that look like class scores (rank 2, more than one
-    column); None otherwise. ``changed`` (integer and boolean outputs: labels, ids, masks, whose values have
-    no spread to measure in) is the share of elements that differ, and ``changed_samples`` how many samples
-    have one; None for floating-point outputs.
+    over the last axis is unchanged, for outputs that hold class scores there (probe_plan.scores_over_last_axis);
+    None otherwise. A sequence's scores ([samples, positions, classes]) agree per position: ``positions`` is
+    how many of each sample's were compared (1 for [samples, classes]). ``changed`` (integer and boolean
+    outputs: labels, ids, masks, whose values have no spread to measure in) is the share of elements that
+    differ, and ``changed_samples`` how many samples have one; None for floating-point outputs.
     """
 
     output: str
@@ -348,6 +353,7 @@ class OutputComparison:
     agreement: float | None = None
     changed: float | None = None
     changed_samples: int | None = None
+    positions: int = 1
 
     def numbers(self) -> dict[str, float | int | None]:
         """The comparison as the report's numbers (a finding's evidence, the probe section of the JSON)."""
@@ -358,6 +364,8 @@ class OutputComparison:
             "samples": self.samples,
             "output_sd": self.scale,
         }
+        if self.agreement is not None and self.positions > 1:  # a sequence's class scores only
+            numbers["top1_positions"] = self.positions
         if self.changed is not None:  # integer and boolean outputs only
             numbers.update(changed_share=self.changed, changed_samples=self.changed_samples)
         return numbers

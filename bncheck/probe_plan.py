@@ -38,6 +38,7 @@ import numpy as np
 from bncheck.errors import BncheckError, ErrorKind, few, one_line
 from bncheck.model import (
     BatchDependence,
+    Dim,
     LayerProbe,
     LocatedDependence,
     ModelView,
@@ -577,20 +578,71 @@ def sample_shifts(reference: np.ndarray, other: np.ndarray, scale: float) -> np.
     return np.where(mismatch, math.inf, shifts)
 
 
-def looks_like_scores(array: np.ndarray) -> bool:
-    """Class scores: floating-point, rank 2 (samples x columns), more than one column. An integer or boolean
-    output (a mask, token ids) has no arg-max to agree on."""
-    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
+def scores_over_last_axis(array: np.ndarray, declared: tuple[Dim, ...] | None) -> bool:
+    """Whether the arg-max over the last axis of ``array`` (an output, samples first) is a prediction to agree
+    on: floating-point class scores with more than one column. ``declared`` is the output's declared dims
+    without its sample axis (None: unknown). A declared last axis that is not a fixed size is a sequence or
+    an image axis, never classes ([batch, seq] logits, one per position). Rows that are probability
+    distributions (a softmax over the last axis) are classes; values all within [0, 1] otherwise are
+    independent scores (a mask, multi-label sigmoids), which have no top-1. Other values (logits) are
+    classes at rank 2, and per position at rank 3 when the axis before the last is free (a sequence model's
+    [batch, seq, classes]), but not on a fixed grid ([frames, notes], an anchor map). Integer and boolean
+    outputs (masks, token ids) have no arg-max to agree on."""
+    if array.dtype.kind != "f" or array.ndim < 2 or array.shape[-1] < 2 or not array.shape[0]:
+        return False
+    known = declared is not None and len(declared) == array.ndim - 1
+    if known and not _fixed(declared[-1]):  # type: ignore[index]
+        return False
+    with np.errstate(all="ignore"):
+        low, high = float(np.min(array)), float(np.max(array))
+        if low >= 0.0 and high <= 1.0:
+            return _softmax_rows(array)  # else independent scores in [0, 1]: not classes
+    return array.ndim == 2 or (array.ndim == 3 and known and not _fixed(declared[0]))  # type: ignore[index]
 
 
-def compare_outputs(name: str, reference: np.ndarray, other: np.ndarray, scale: float) -> OutputComparison:
-    """``other`` against ``reference`` (the same samples, first axis): shift in sd, arg-max agreement."""
+def _softmax_rows(array: np.ndarray) -> bool:
+    """Rows over the last axis (of values in [0, 1]) that sum to 1, float16 rounding allowed: a softmax."""
+    with np.errstate(all="ignore"):
+        return bool(np.all(np.abs(np.sum(array, axis=-1, dtype=np.float64) - 1.0) <= 1e-2))
+
+
+def _fixed(dim: Dim) -> bool:
+    """A declared dim of a fixed size (0 and -1 are how some exporters write a free one)."""
+    return isinstance(dim, int) and dim > 0
+
+
+def per_sample_dims(declared: tuple[Dim, ...] | None, shape: tuple[int, ...]) -> tuple[Dim, ...] | None:
+    """An output's ``declared`` dims without the axis of its samples, for the output as ``shape`` (its samples
+    moved first): the first axis that is free or of the samples' count, whose removal leaves dims that the
+    other sizes match. None when nothing is declared or no axis fits (a fixed batch the probe relaxed)."""
+    if declared is None or len(declared) != len(shape):
+        return None
+    for k, dim in enumerate(declared):
+        rest = declared[:k] + declared[k + 1 :]
+        if (not _fixed(dim) or dim == shape[0]) and all(not _fixed(d) or d == n for d, n in zip(rest, shape[1:])):
+            return rest
+    return None
+
+
+def compare_outputs(
+    name: str, reference: np.ndarray, other: np.ndarray, scale: float, classes: bool = False
+) -> OutputComparison:
+    """``other`` against ``reference`` (the same samples, first axis): shift in sd; with ``classes`` (see
+    :func:`scores_over_last_axis`), the arg-max agreement over the last axis, per position where the output
+    has positions between the samples and the classes."""
     shifts = sample_shifts(reference, other, scale)
     with np.errstate(over="ignore"):
         shift = float(np.sqrt(np.mean(shifts * shifts))) if shifts.size else math.nan
     agreement = None
-    if looks_like_scores(reference) and reference.shape[0]:
-        agreement = float(np.mean(np.argmax(reference, axis=1) == np.argmax(other, axis=1)))
+    positions = 1
+    if classes and reference.shape[0]:
+        columns = reference.shape[-1]
+        a, b = (
+            np.reshape(reference, (reference.shape[0], -1, columns)),
+            np.reshape(other, (other.shape[0], -1, columns)),
+        )
+        positions = a.shape[1]
+        agreement = float(np.mean(np.argmax(a, axis=2) == np.argmax(b, axis=2)))
     changed = changed_samples = None
     if reference.dtype.kind in "iub" and reference.size:
         differ = (np.asarray(reference) != np.asarray(other)).reshape(reference.shape[0], -1)
@@ -604,6 +656,7 @@ def compare_outputs(name: str, reference: np.ndarray, other: np.ndarray, scale: 
         agreement,
         changed,
         changed_samples,
+        positions,
     )
 
 
@@ -613,17 +666,22 @@ def _per_sample(array: np.ndarray, batch: int) -> bool:
 
 
 def compare_recalibrated(
-    layers: tuple[str, ...], stored: Mapping[str, np.ndarray], recomputed: Mapping[str, np.ndarray]
+    layers: tuple[str, ...],
+    stored: Mapping[str, np.ndarray],
+    recomputed: Mapping[str, np.ndarray],
+    declared: Mapping[str, tuple[Dim, ...] | None],
 ) -> Recalibration:
     """The model's outputs with its stored statistics against the same samples with statistics recomputed
-    from the data (the reference: its spread is the unit)."""
+    from the data (the reference: its spread is the unit). ``declared``: the outputs' declared dims
+    (ModelView.output_shapes)."""
     outputs: dict[str, OutputComparison] = {}
     samples = 0
     for name, reference in recomputed.items():
         other = stored.get(name)
         if other is None or other.shape != reference.shape or not _per_sample(reference, reference.shape[0]):
             continue
-        outputs[name] = compare_outputs(name, reference, other, output_scale(reference))
+        classes = scores_over_last_axis(reference, per_sample_dims(declared.get(name), reference.shape))
+        outputs[name] = compare_outputs(name, reference, other, output_scale(reference), classes)
         samples = max(samples, int(reference.shape[0]))
     return Recalibration(layers, outputs, samples)
 
@@ -651,8 +709,10 @@ def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str,
 def _output_dependence(
     solo: dict[int, dict[str, np.ndarray]],
     groups: list[tuple[int, tuple[int, ...], dict[str, np.ndarray]]],
+    dims: Mapping[str, tuple[Dim, ...] | None],
 ) -> tuple[dict[str, dict[int, OutputComparison]], tuple[float, int, tuple[int, ...], int] | None]:
-    """Each output of each sample alone against the same sample inside every batch that holds it.
+    """Each output of each sample alone against the same sample inside every batch that holds it (``dims``:
+    each output's declared dims without its sample axis, see _SampleAxes).
 
     Returns output -> batch size -> comparison, and the worst (change, sample, batch run, row)."""
     if not solo or not groups:
@@ -672,7 +732,9 @@ def _output_dependence(
         ]
         if not usable:
             continue
-        scale = output_scale(np.concatenate([array for _, _, array in usable]))
+        together = np.concatenate([array for _, _, array in usable])
+        scale = output_scale(together)
+        classes = scores_over_last_axis(together, dims.get(name))
         by_size: dict[int, tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, tuple[int, ...], int]]]] = {}
         for b, run, array in usable:
             refs, others, where = by_size.setdefault(b, ([], [], []))
@@ -686,7 +748,7 @@ def _output_dependence(
             if not refs:
                 continue
             reference, other = np.stack(refs), np.stack(others)
-            found[name][b] = compare_outputs(name, reference, other, scale)
+            found[name][b] = compare_outputs(name, reference, other, scale, classes)
             shifts = sample_shifts(reference, other, scale)
             top = int(np.argmax(shifts))
             if worst is None or shifts[top] > worst[0]:
@@ -825,7 +887,7 @@ def run_plan(
     results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
     # the model's outputs of the dependence test's runs only (data runs can be many)
     outputs: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
-    output_axes = _SampleAxes()
+    output_axes = _SampleAxes(view.output_shapes)
     keep = set(plan.solo_runs) | {run for runs in plan.group_runs.values() for run in runs}
     total = len(plan.runs)
     if settings.progress:
@@ -906,12 +968,16 @@ class _SampleAxes:
     """Which axis of each model output holds the samples: axis 0 mostly, axis 1 in a CTC head's [T, N, C] or an
     RNN's time-major state. Found at the first run of several samples, against the shape of a run of one: the
     axis that follows the batch, every other dim unchanged. From then on each output is kept samples first and
-    thinned (_thin); runs of one sample before it are kept whole until then (a few samples' outputs)."""
+    thinned (_thin); runs of one sample before it are kept whole until then (a few samples' outputs).
+    ``declared``: the outputs' declared dims (ModelView.output_shapes); ``dims`` keeps each one's without its
+    sample axis, which with the values tells class scores (scores_over_last_axis) where they are compared."""
 
-    def __init__(self) -> None:
+    def __init__(self, declared: Mapping[str, tuple[Dim, ...] | None]) -> None:
         self.axis: dict[str, int | None] = {}  # None: the output does not follow the batch
         self.single: dict[str, tuple[int, ...]] = {}
         self.waiting: list[dict[str, np.ndarray]] = []  # runs of one sample kept whole
+        self.declared = declared
+        self.dims: dict[str, tuple[Dim, ...] | None] = {}
 
     def take(self, outputs: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
         kept: dict[str, np.ndarray] = {}
@@ -933,7 +999,12 @@ class _SampleAxes:
 
     def _samples_first(self, name: str, array: np.ndarray) -> np.ndarray:
         axis = self.axis[name]
-        return _thin(array if axis is None else np.moveaxis(array, axis, 0))
+        array = array if axis is None else np.moveaxis(array, axis, 0)
+        if name not in self.dims:
+            self.dims[name] = per_sample_dims(self.declared.get(name), array.shape) if axis is not None else None
+        dims = self.dims[name]
+        # thinned by whole rows of its last axis where that may hold classes, so that an arg-max stays possible
+        return _thin(array, rows=dims is None or (bool(dims) and _fixed(dims[-1])))
 
 
 def joined_samples(chunks: Iterable[np.ndarray], rows: Iterable[int], real: Iterable[int]) -> np.ndarray | None:
@@ -966,15 +1037,19 @@ def sample_axis(shape: tuple[int, ...], single: tuple[int, ...] | None, size: in
     return found[0] if len(found) == 1 else None
 
 
-def _thin(array: np.ndarray) -> np.ndarray:
-    """An output kept for the comparison: at most OUTPUT_ELEMENTS evenly spaced elements per sample for
-    outputs of rank > 2 (a segmentation map at batch 32 would otherwise hold GBs; rms shifts and spreads
-    are estimated as well from a regular subset), as [samples, 1, elements]: still of rank 3, so that no
-    arg-max is taken over the subset as if it were class scores. Rank <= 2 stays whole: arg-max needs every
-    column."""
+def _thin(array: np.ndarray, rows: bool = False) -> np.ndarray:
+    """An output kept for the comparison: at most OUTPUT_ELEMENTS elements per sample for outputs of rank
+    > 2 (a segmentation map at batch 32 would otherwise hold GBs; rms shifts and spreads are estimated as well
+    from a regular subset). With ``rows`` (the last axis may hold class scores) whole rows of the last axis
+    at evenly spaced positions, as [samples, positions, classes], so that an arg-max over it stays possible;
+    else evenly spaced elements, as [samples, 1, elements]. Rank <= 2 stays whole."""
     a = np.asarray(array)
     if a.ndim <= 2 or a[:1].size <= OUTPUT_ELEMENTS:
         return a
+    if rows:
+        kept = a.reshape(a.shape[0], -1, a.shape[-1])
+        step = -(-kept.shape[1] // max(1, OUTPUT_ELEMENTS // a.shape[-1]))
+        return np.ascontiguousarray(kept[:, ::step])
     flat = a.reshape(a.shape[0], -1)
     step = -(-flat.shape[1] // OUTPUT_ELEMENTS)
     return np.ascontiguousarray(flat[:, None, ::step])
@@ -1007,7 +1082,7 @@ def _outputs_test(
         if run in outputs
     }
     groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b] if run in outputs]
-    found, worst = _output_dependence(solo, groups)
+    found, worst = _output_dependence(solo, groups, output_axes.dims)
     if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
         if groups and _same_for_every_sample(groups):
             notes.append(BLIND_NOTE)
@@ -1024,7 +1099,7 @@ def _outputs_test(
     candidates = [
         w
         for b in sorted({size for size, _, _ in groups})
-        for w in [_output_dependence(solo, [g for g in groups if g[0] == b])[1]]
+        for w in [_output_dependence(solo, [g for g in groups if g[0] == b], output_axes.dims)[1]]
         if w is not None and w[0] > OUTPUT_DEPENDENCE_TOLERANCE
     ][:1]
     candidates += [worst] if not candidates or candidates[0][2] != worst[2] else []
@@ -1048,7 +1123,7 @@ def _outputs_test(
     for sample in extra:
         solo[sample] = _observe(runner, _take(pool, (sample,), axes), 1, output_axes, layers=False)[1]
     if extra:
-        found, _ = _output_dependence(solo, groups)
+        found, _ = _output_dependence(solo, groups, output_axes.dims)
         notes.append(
             f"the model's outputs depend on the batch: {len(extra)} more sample(s) run alone to measure the effect"
         )

@@ -183,6 +183,40 @@ def batch_centering_model(path: Path, *, channels: int = 4, axes_as_input: bool 
     return _save(model, path)
 
 
+def sequence_tagger_model(path: Path) -> str:
+    """x[N, seq, 4] -> MatMul -> h; c = h - ReduceMean(h, axes=[0]) (the batch centering of
+    batch_centering_model, per position) -> MatMul -> tags [N, seq, 6] (class scores per position) and
+    MatMul -> Squeeze -> presence [N, seq] (one logit per position, as a tagger's "is there a mark" head)."""
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(8, 6)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(size=(8, 1)).astype(np.float32), "w3"),
+        numpy_helper.from_array(np.array([2], np.int64), "last"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="embed"),
+        helper.make_node("ReduceMean", ["h"], ["m"], name="batch_mean", axes=[0], keepdims=1),
+        helper.make_node("Sub", ["h", "m"], ["c"], name="center"),
+        helper.make_node("MatMul", ["c", "w2"], ["tags"], name="tag_head"),
+        helper.make_node("MatMul", ["c", "w3"], ["p"], name="presence_head"),
+        helper.make_node("Squeeze", ["p", "last"], ["presence"], name="squeeze"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sequence_tagger",
+        [helper.make_tensor_value_info("x", F32, ["N", "seq", 4])],
+        [
+            helper.make_tensor_value_info("tags", F32, ["N", "seq", 6]),
+            helper.make_tensor_value_info("presence", F32, ["N", "seq"]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return _save(model, path)
+
+
 def dynamic_quant_model(
     path: Path, *, steps: int = 4, features: int = 6, time_major_output: bool = False, batch: int | str = "N"
 ) -> str:

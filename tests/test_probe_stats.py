@@ -20,6 +20,8 @@ from bncheck.probe_plan import (
     in_background,
     make_plan,
     merge_stats,
+    per_sample_dims,
+    scores_over_last_axis,
     tensor_stats,
 )
 
@@ -241,24 +243,78 @@ def test_layers_compared_side_by_side_give_each_layers_own_batch_dependence():
     assert 0 < together["a"].output_change < math.inf and together["a"].worst_batch_size in (2, 32)
 
 
-def test_top1_agreement_is_quoted_for_floating_scores_and_not_for_a_mask_or_ids():
+def test_top1_agreement_is_quoted_for_class_scores_and_not_for_a_mask_or_ids():
     rng = np.random.default_rng(0)
     scores = rng.standard_normal((8, 5)).astype(np.float32)
     moved = scores.copy()
     moved[:2] = moved[:2, ::-1]  # two samples' arg-max changes
-    assert compare_outputs("logits", scores, moved, 1.0).agreement == pytest.approx(
-        float(np.mean(scores.argmax(1) == moved.argmax(1)))
-    )
+    assert scores_over_last_axis(scores, ("batch", 5)[1:]) and scores_over_last_axis(scores, None)
+    comparison = compare_outputs("logits", scores, moved, 1.0, classes=True)
+    assert comparison.agreement == pytest.approx(float(np.mean(scores.argmax(1) == moved.argmax(1))))
+    assert comparison.positions == 1 and "top1_positions" not in comparison.numbers()
     mask = rng.random((8, 16)) > 0.5
     ids = rng.integers(0, 100, (8, 16))
+    assert not scores_over_last_axis(mask, (16,)) and not scores_over_last_axis(ids, (16,))
     assert compare_outputs("mask", mask, ~mask, 1.0).agreement is None
     assert compare_outputs("ids", ids, ids + 1, 1.0).agreement is None
 
 
+def test_a_logit_per_sequence_position_is_not_class_scores():
+    # [batch, seq]: one sigmoid logit per position; an arg-max over the positions would mean nothing
+    presence = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
+    assert not scores_over_last_axis(presence, per_sample_dims(("batch", "seq"), presence.shape))
+    assert not scores_over_last_axis(presence, per_sample_dims((1, "seqlen"), (1, 64)))
+    assert scores_over_last_axis(presence, per_sample_dims(("batch", 64), presence.shape))  # a fixed class axis
+
+
+def test_a_sequence_of_class_scores_agrees_per_position():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((4, 10, 6)).astype(np.float32)
+    moved = logits.copy()
+    moved[0, :3] = moved[0, :3, ::-1]  # three positions of one sample change their arg-max
+    assert scores_over_last_axis(logits, per_sample_dims(("batch", "seq_len", 6), logits.shape))
+    comparison = compare_outputs("logits", logits, moved, 1.0, classes=True)
+    expected = float(np.mean(logits.argmax(2) == moved.argmax(2)))
+    assert comparison.agreement == pytest.approx(expected) and expected < 1.0
+    assert comparison.positions == 10 and comparison.numbers()["top1_positions"] == 10
+    # a CTC head [T, batch, classes] kept samples first: its time axis is the positions
+    assert per_sample_dims((10, "batch", 6), logits.shape) == (10, 6)
+
+
+def test_independent_scores_and_fixed_grids_have_no_top1_but_softmax_rows_and_sequence_logits_do():
+    rng = np.random.default_rng(4)
+    sigmoid = (1 / (1 + np.exp(-rng.standard_normal((4, 172, 88))))).astype(np.float32)
+    softmax = np.exp(rng.standard_normal((4, 172, 88)))
+    softmax /= softmax.sum(-1, keepdims=True)
+    grid = per_sample_dims(("batch", 172, 88), sigmoid.shape)  # [frames, notes], both fixed
+    sequence = per_sample_dims(("batch", "time", 88), sigmoid.shape)
+    assert grid == (172, 88) and sequence == ("time", 88)
+    # values in [0, 1] whose rows are not distributions: a mask or multi-label sigmoids, on a grid or not
+    assert not scores_over_last_axis(sigmoid, grid) and not scores_over_last_axis(sigmoid, sequence)
+    # logits: classes per position of a free sequence, not on a fixed grid (frames x notes, anchors x classes)
+    assert scores_over_last_axis(sigmoid * 8 - 4, sequence) and not scores_over_last_axis(sigmoid * 8 - 4, grid)
+    # softmax rows are classes wherever they sit, declared or not (float16 rounding allowed)
+    assert scores_over_last_axis(softmax.astype(np.float32), grid)
+    assert scores_over_last_axis(softmax.astype(np.float16), None)
+    assert not scores_over_last_axis(softmax.astype(np.float32), per_sample_dims(("batch", 172, "k"), softmax.shape))
+
+
 def test_a_thinned_output_map_gets_no_top1_agreement_as_if_it_were_class_scores():
-    # a detector's or a sequence model's output thinned for the comparison is a subset of its positions
+    # a detector's output thinned for the comparison is a subset of its elements
     maps = np.random.default_rng(1).standard_normal((4, 2, 300, 300)).astype(np.float32)
     thin, moved = _thin(maps), _thin(maps + 0.1)
     assert thin.shape[0] == 4 and 0 < thin[0].size <= OUTPUT_ELEMENTS
     comparison = compare_outputs("map", thin, moved, 1.0)
     assert comparison.agreement is None and comparison.shift == pytest.approx(0.1, rel=1e-3)
+
+
+def test_a_thinned_sequence_of_class_scores_keeps_whole_rows_of_classes():
+    # a text recognizer's [batch, positions, 6625 classes]: evenly spaced positions, every class of each
+    scores = np.random.default_rng(5).standard_normal((2, 40, 6625)).astype(np.float32)
+    thin = _thin(scores, rows=True)
+    assert thin.shape == (2, 8, 6625) and thin[0].size <= OUTPUT_ELEMENTS
+    np.testing.assert_array_equal(thin, scores[:, ::5])
+    moved = scores.copy()
+    moved[:, ::5, 0] = 10.0  # every kept position's arg-max changes to class 0 in both samples
+    comparison = compare_outputs("scores", thin, _thin(moved, rows=True), 1.0, classes=True)
+    assert comparison.agreement == 0.0 and comparison.positions == 8

@@ -32,6 +32,13 @@ def _pct(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
+def _compared(c: OutputComparison) -> str:
+    """What a top-1 agreement counts: samples, or a sequence's positions."""
+    if c.positions == 1:
+        return f"{c.samples} samples"
+    return f"{c.samples * c.positions} positions ({c.positions} in each of {c.samples} samples)"
+
+
 def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> dict[str, object] | None:
     """BN002's effect at the model's outputs: each output of a sample alone against the same sample in a
     batch of each size; ``summary`` is the one line the table shows (the output that moved most)."""
@@ -55,7 +62,7 @@ def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> di
     scored = [(b, c) for b, c in sorted(per.items()) if c.agreement is not None]
     if scored:
         b, c = scored[-1]
-        line += f"; top-1 alone agrees with batch {b} on {_pct(c.agreement)} of {c.samples} samples"  # type: ignore[arg-type]
+        line += f"; top-1 alone agrees with batch {b} on {_pct(c.agreement)} of {_compared(c)}"  # type: ignore[arg-type]
     return {"reference": "alone", "outputs": outputs, "summary": line}
 
 
@@ -73,7 +80,7 @@ def recalibration_effect(recal: Recalibration) -> dict[str, object]:
             else f"{worst[1]}: {_moved(c)} with statistics recomputed from the data"
         )
         if c.agreement is not None:
-            line += f"; top-1 agrees on {_pct(c.agreement)} of {c.samples} samples"
+            line += f"; top-1 agrees on {_pct(c.agreement)} of {_compared(c)}"
     return {
         "reference": "statistics recomputed from the data",
         "recomputed_layers": list(recal.layers),

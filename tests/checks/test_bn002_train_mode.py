@@ -14,6 +14,7 @@ from tests.builders import (
     dynamic_quant_model,
     layernorm_model,
     moments_model,
+    sequence_tagger_model,
     two_quantizers_model,
 )
 
@@ -72,6 +73,19 @@ def test_batch_centering_without_a_norm_op_is_located_at_the_reduce_mean(tmp_pat
     outputs = finding.evidence["output_effect"]["outputs"]["logits"]
     assert outputs["8"]["shift_sd"] > 0.1 and outputs["8"]["samples"] == 8
     assert outputs["8"]["top1_agreement"] < 1.0
+
+
+def test_a_sequence_model_agrees_per_position_and_a_logit_per_position_gets_no_top1(tmp_path):
+    path = sequence_tagger_model(tmp_path / "m.onnx")
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), input_shapes={"x": (12, 4)}))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    outputs = finding.evidence["output_effect"]["outputs"]
+    tags, presence = outputs["tags"]["8"], outputs["presence"]["8"]
+    # tags [N, seq, 6]: the arg-max over the 6 classes, at each of the 12 positions of the 8 samples
+    assert tags["top1_positions"] == 12 and tags["samples"] == 8 and 0.0 < tags["top1_agreement"] < 1.0
+    # presence [N, seq]: its last axis is the sequence, not classes
+    assert presence["top1_agreement"] is None and "top1_positions" not in presence
+    assert presence["shift_sd"] > 0.1
 
 
 def _chain(path, ops: list[tuple[str, ...]]) -> str:

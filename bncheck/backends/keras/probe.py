@@ -399,7 +399,7 @@ def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibra
         for n, (mean, var) in saved.items():
             runner.layers[n].moving_mean.assign(mean)
             runner.layers[n].moving_variance.assign(var)
-    return compare_recalibrated(names, stored, recomputed)
+    return compare_recalibrated(names, stored, recomputed, runner.view.output_shapes)
 
 
 def embedding_bounds(config: dict[str, Any], inputs: list[str]) -> dict[str, int]:

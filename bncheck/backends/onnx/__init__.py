@@ -34,6 +34,7 @@ class OnnxBackend(Backend):
             notes=list(handle.notes) + walk_notes,
             handle=handle,
             batch_ops=batch_ops,
+            output_shapes={value.name: handle.value_shapes.get(value.name) for value in handle.model.graph.output},
             pending_sha256=handle.pending_sha256,
         )
 

@@ -64,6 +64,7 @@ def recalibration(
     from bncheck.fix_result import FixRequest
 
     view = OnnxBackend().load(path)
+    declared = view.output_shapes
     request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
     try:
         outcome, fixer = repair(view, request, log)  # a dry run edits the loaded copy in memory and writes nothing
@@ -90,7 +91,7 @@ def recalibration(
                 after = _outputs(recomputed, _batches(data, batch, usable))
             except BackendError as exc:
                 return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
-            return compare_recalibrated(changed, before, after)
+            return compare_recalibrated(changed, before, after, declared)
         # where fix's last passes ran from kept tensors (frontier.py), the nodes below them give the outputs
         recomputed_outputs = fixer.recomputed_outputs(usable)
     finally:
@@ -124,4 +125,4 @@ def recalibration(
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:
         tmp.remove()
-    return compare_recalibrated(changed, before, after)
+    return compare_recalibrated(changed, before, after, declared)
