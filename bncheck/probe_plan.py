@@ -937,6 +937,9 @@ def run_plan(
     output_dependence, companion_change, located = _outputs_test(
         view, plan, pool, runner, outputs, output_axes, dependence, locate, notes
     )
+    saturated = _saturated(outputs) if not data_samples and BLIND_NOTE not in notes else None
+    if saturated:
+        notes.append(saturated)
     return ProbeResult(
         requested_batch_sizes=requested,
         batch_sizes=batch_sizes,
@@ -1151,6 +1154,42 @@ def _same_for_every_sample(groups: list[tuple[int, tuple[int, ...], dict[str, np
         return False
     # rows 0 and 1 first: on a model that works they differ, and the whole comparison is never made
     return all(np.array_equal(a[0], a[1]) for a in arrays) and all(bool((a == a[0]).all()) for a in arrays)
+
+
+#: a probability-like output (values in [0, 1], rows not summing to 1) within this of 0 or of 1 for every
+#: sample finds nothing (or everything) in the probe's inputs
+SATURATED = 1e-3
+
+
+def _saturated(outputs: Mapping[tuple[int, ...], Mapping[str, np.ndarray]]) -> str | None:
+    """A note when the largest run's probability-like outputs (a detector's map, a mask, sigmoid scores)
+    stayed within SATURATED of 0 or of 1 for every sample: the synthetic inputs are then likely unlike the
+    model's data (a text detector's map on noise), which the clean verdicts on them do not show."""
+    if not outputs:
+        return None
+    run = max(outputs, key=len)
+    found = []
+    for name, array in outputs[run].items():
+        a = np.asarray(array)
+        if a.dtype.kind != "f" or not a.size or not _per_sample(a, len(run)):
+            continue
+        with np.errstate(all="ignore"):
+            low, high = float(np.min(a)), float(np.max(a))
+            if not (low >= 0.0 and high <= 1.0):
+                continue
+        if a.ndim >= 2 and a.shape[-1] > 1 and _softmax_rows(a):
+            continue  # softmax rows over many classes may all be small
+        if high <= SATURATED:
+            found.append(f"'{name}' stayed within {high:.2g} of 0")
+        elif low >= 1.0 - SATURATED:
+            found.append(f"'{name}' stayed within {1.0 - low:.2g} of 1")
+    if not found:
+        return None
+    return (
+        f"for every sample the probe drew, the model's output {' and '.join(found)} (a map or scores that "
+        "find nothing in them, or everything): the synthetic inputs are likely unlike the model's data, and so "
+        "the statistics measured on them; probe with --data (inputs the model really gets)"
+    )
 
 
 def _companion_change(a: dict[str, np.ndarray], b: dict[str, np.ndarray], row: int, batch: int) -> float:

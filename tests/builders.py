@@ -217,6 +217,37 @@ def sequence_tagger_model(path: Path) -> str:
     return _save(model, path)
 
 
+def score_head_model(path: Path, *, head: str = "sigmoid", offset: float = 0.0, classes: int = 16) -> str:
+    """x[N, 8] -> MatMul -> + ``offset`` -> Sigmoid or Softmax (``head``) -> scores [N, classes]: a detector's
+    or tagger's probability-like head. A large negative offset keeps every sigmoid near 0 on inputs drawn from
+    N(0, 1), as a text detector's map stays on noise."""
+    rng = np.random.default_rng(11)
+    inits = [
+        numpy_helper.from_array((0.1 * rng.normal(size=(8, classes))).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(offset, np.float32), "offset"),
+    ]
+    activation = (
+        helper.make_node("Sigmoid", ["z"], ["scores"], name="sigmoid")
+        if head == "sigmoid"
+        else helper.make_node("Softmax", ["z"], ["scores"], name="softmax", axis=-1)
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Add", ["h", "offset"], ["z"], name="shift"),
+        activation,
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "score_head",
+        [helper.make_tensor_value_info("x", F32, ["N", 8])],
+        [helper.make_tensor_value_info("scores", F32, ["N", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return _save(model, path)
+
+
 def dynamic_quant_model(
     path: Path, *, steps: int = 4, features: int = 6, time_major_output: bool = False, batch: int | str = "N"
 ) -> str:

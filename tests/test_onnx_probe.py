@@ -37,7 +37,7 @@ from bncheck.backends.onnx.scratch import RAM_FOLDER, Scratch, scratch_folder
 from bncheck.model import TensorStats
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 from bncheck.probe_plan import NOT_NEEDED, make_plan, tensor_stats
-from tests.builders import bn_model, layernorm_model, moments_model, train_bn_stack_model
+from tests.builders import bn_model, layernorm_model, moments_model, score_head_model, train_bn_stack_model
 
 F32 = TensorProto.FLOAT
 ROOT = Path(__file__).resolve().parents[1]
@@ -695,6 +695,26 @@ def test_ids_read_through_value_preserving_ops_are_drawn_over_the_whole_table(tm
     assert _gather_tables(OnnxBackend().load(path).handle) == {"ids": 10}
     report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
     assert [(f.code, f.severity.label) for f in report.findings] == [("BN002", "error")]
+
+
+def test_a_probability_map_near_0_on_every_drawn_sample_is_noted(tmp_path):
+    """A sigmoid head that finds nothing in the synthetic inputs (a text detector's map on noise): the clean
+    verdict rests on inputs unlike the model's data, and the report says so; a working one, a softmax over
+    many classes (each probability small) and a probe with --data get no such note."""
+
+    def notes(path: str, data: dict | None = None) -> list[str]:
+        return engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), data=data)).probes[0].notes
+
+    # sigmoid(-9 + h), h a few tenths, stays under 2.5e-4 (at -20 onnxruntime's Sigmoid returns one value: a blind test)
+    dead = [n for n in notes(score_head_model(tmp_path / "dead.onnx", offset=-9.0)) if "within" in n]
+    assert len(dead) == 1 and "output 'scores' stayed within 0.00024 of 0 (a map" in dead[0] and "--data" in dead[0]
+    full = [n for n in notes(score_head_model(tmp_path / "full.onnx", offset=9.0)) if "within" in n]
+    assert len(full) == 1 and "'scores' stayed within" in full[0] and "of 1 (a map" in full[0]
+    assert not [n for n in notes(score_head_model(tmp_path / "live.onnx")) if "within" in n]
+    wide = score_head_model(tmp_path / "wide.onnx", head="softmax", classes=5000)
+    assert not [n for n in notes(wide) if "within" in n]
+    data = {"x": np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)}
+    assert not [n for n in notes(str(tmp_path / "dead.onnx"), data) if "within" in n]
 
 
 def test_outputs_the_same_for_every_drawn_sample_are_noted_as_a_blind_test(tmp_path):
