@@ -194,8 +194,8 @@ class ModelView:
     handle: Any = field(default=None, repr=False)
     batch_ops: list[BatchOp] = field(default_factory=list)
     # the model outputs' declared dims by name (None: rank unknown), which tell class scores from other
-    # outputs (probe_plan.scores_over_last_axis); empty where the backend reads none (Keras: a file's config
-    # declares no output shapes)
+    # outputs (probe_plan.scores_over_last_axis); a Keras file's config declares none: its probe's runner
+    # fills them from the built model
     output_shapes: dict[str, tuple[Dim, ...] | None] = field(default_factory=dict)
     # waits for the file's sha256 where the backend computes it in the background (info.sha256 is "" until
     # final_info): the report needs it, nothing before the report does

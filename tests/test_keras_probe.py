@@ -410,6 +410,21 @@ def _briefly_fitted_classifier(tmp_path: Path, momentum: float = 0.99, steps: in
     return path, str(tmp_path / "data.npy"), data, model, exact
 
 
+def test_a_keras_sequence_model_agrees_per_position_and_its_logit_per_position_gets_no_top1(tmp_path):
+    """The built model's output shapes tell the class axis, as an ONNX file's declared dims do: [batch, seq, 6]
+    tags agree per position; [batch, seq], one logit per position, has no class axis (not an arg-max over the
+    positions). The sequence's length is free, as a tagger's is (a fixed one reads as a fixed grid)."""
+    inp = keras.Input((None, 4), name="x")
+    h = layers.BatchNormalization(name="bn")(layers.Dense(8, name="embed")(inp))
+    tags = layers.Dense(6, name="tags")(h)
+    presence = layers.Reshape((-1,), name="presence")(layers.Dense(1, name="presence_head")(h))
+    path = _save(keras.Model(inp, [tags, presence]), tmp_path / "tagger.keras")
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), input_shapes={"x": (12, 4)}))
+    outputs = report.probes[0].output_dependence
+    assert outputs["tags"][8].positions == 12 and outputs["tags"][8].agreement == 1.0
+    assert outputs["presence"][8].agreement is None and outputs["presence"][8].samples == 4
+
+
 def test_briefly_fitted_classifier_drift_is_an_error_with_its_output_effect(tmp_path):
     path, data_path, data, model, exact = _briefly_fitted_classifier(tmp_path)
     # the case to catch: predict() agrees with exact statistics on well under half of the training samples

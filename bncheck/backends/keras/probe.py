@@ -217,6 +217,11 @@ class KerasRunner:
         self.input_names = [spec.name for spec in view.inputs]
         self.shared: set[str] = set()
         self.notes: list[str] = []
+        # a file's config declares no output shapes; the built model's tell class scores (probe_plan) as an
+        # ONNX file's declared dims do (None: free)
+        shapes = [getattr(t, "shape", None) for t in getattr(self.model, "outputs", None) or []]
+        if shapes and all(isinstance(shape, tuple) for shape in shapes):
+            view.output_shapes = dict(zip(self._output_names(len(shapes)), shapes))
 
     def run(self, feeds: dict[str, np.ndarray], style: str) -> dict[str, LayerProbe]:
         return self.observe(feeds, style).layers
@@ -227,10 +232,12 @@ class KerasRunner:
         if isinstance(result, dict):
             return {str(k): np.asarray(convert(v)) for k, v in result.items()}
         items = list(result) if isinstance(result, (list, tuple)) else [result]
-        names = list(getattr(self.model, "output_names", None) or [])
-        if len(names) != len(items):
-            names = [f"output_{i}" for i in range(len(items))]
-        return {name: np.asarray(convert(item)) for name, item in zip(names, items)}
+        return {name: np.asarray(convert(item)) for name, item in zip(self._output_names(len(items)), items)}
+
+    def _output_names(self, count: int) -> list[str]:
+        """The names of ``count`` outputs: Keras's output names, else positions."""
+        names = [str(name) for name in getattr(self.model, "output_names", None) or []]
+        return names if len(names) == count else [f"output_{i}" for i in range(count)]
 
     def observe(self, feeds: dict[str, np.ndarray], style: str, layers: bool = True) -> Observed:
         """Per-layer statistics of one batch and the model's outputs (those alone with ``layers=False``)."""
