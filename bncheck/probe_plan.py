@@ -593,11 +593,16 @@ def scores_over_last_axis(array: np.ndarray, declared: tuple[Dim, ...] | None) -
     known = declared is not None and len(declared) == array.ndim - 1
     if known and not _fixed(declared[-1]):  # type: ignore[index]
         return False
+    if _unit_range(array) is not None:
+        return _softmax_rows(array)  # else independent scores in [0, 1]: not classes
+    return array.ndim == 2 or (array.ndim == 3 and known and not _fixed(declared[0]))  # type: ignore[index]
+
+
+def _unit_range(array: np.ndarray) -> tuple[float, float] | None:
+    """The smallest and largest values of ``array`` when all lie in [0, 1] (probability-like), else None."""
     with np.errstate(all="ignore"):
         low, high = float(np.min(array)), float(np.max(array))
-        if low >= 0.0 and high <= 1.0:
-            return _softmax_rows(array)  # else independent scores in [0, 1]: not classes
-    return array.ndim == 2 or (array.ndim == 3 and known and not _fixed(declared[0]))  # type: ignore[index]
+    return (low, high) if low >= 0.0 and high <= 1.0 else None
 
 
 def _softmax_rows(array: np.ndarray) -> bool:
@@ -1173,12 +1178,10 @@ def _saturated(outputs: Mapping[tuple[int, ...], Mapping[str, np.ndarray]]) -> s
         a = np.asarray(array)
         if a.dtype.kind != "f" or not a.size or not _per_sample(a, len(run)):
             continue
-        with np.errstate(all="ignore"):
-            low, high = float(np.min(a)), float(np.max(a))
-            if not (low >= 0.0 and high <= 1.0):
-                continue
-        if a.ndim >= 2 and a.shape[-1] > 1 and _softmax_rows(a):
-            continue  # softmax rows over many classes may all be small
+        bounds = _unit_range(a)
+        if bounds is None or (a.ndim >= 2 and a.shape[-1] > 1 and _softmax_rows(a)):
+            continue  # not probability-like; or softmax rows, which over many classes may all be small
+        low, high = bounds
         if high <= SATURATED:
             found.append(f"'{name}' stayed within {high:.2g} of 0")
         elif low >= 1.0 - SATURATED:

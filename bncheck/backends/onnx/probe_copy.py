@@ -504,9 +504,9 @@ def _relax(
         relaxed = rewritten if isinstance(proof, Proof) else model
     if count and relaxed is rewritten:
         how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
-    # with nothing rewritten, the probe's failed runs were those of the plain relaxed copy already
+    # with nothing rewritten the copy already is the plain relaxed one, whose runs on the probe's graph
+    # failed the proof on their outputs (``refused``): no proof of it on its own
     if isinstance(proof, str) and (refused is None or count):
-        # with nothing rewritten the copy already is the plain relaxed one
         relaxed = _relaxed(model, batched, fixed) if count else rewritten
         del rewritten
         proof = prove(relaxed)
