@@ -527,7 +527,7 @@ def _engine_proof(path: str, sizes: tuple[int, ...]):
         engines.append(_Engine(view.handle, list(view.layers), copy=copy, tmp=folder))
         return engines[-1].observe
 
-    return copy, _proven_by_probe(copy, open_engine, engines), engines
+    return copy, _proven_by_probe(copy, open_engine, engines, list(view.inputs)), engines
 
 
 def test_a_probe_that_measures_a_layer_proves_the_relaxed_batch_with_the_runs_of_its_own_session(tmp_path):
@@ -546,29 +546,70 @@ def test_a_probe_that_measures_a_layer_proves_the_relaxed_batch_with_the_runs_of
     engine.close()
 
 
-def test_a_relaxed_batch_that_fails_the_probes_own_runs_is_left_pending_for_a_proof_of_the_copy_alone(tmp_path):
-    """Reshape [8, 4, 1, 1] -> [32, 1]: no output follows the fed batch. The engine's proof fails and leaves
-    the copy pending; run_probe then prepares again with the copy's own proof (which falls back to the fixed
-    batch: test_a_fixed_batch_that_cannot_be_relaxed_is_tested_inside_the_batch)."""
+def test_a_relaxed_batch_whose_outputs_refuse_it_keeps_the_probes_engine_for_the_files_own_size(tmp_path):
+    """Reshape [8, 4, 1, 1] -> [32, 1]: no output has a dim of the fed batch. Nothing was rewritten, so at the
+    file's size the relaxed copy is the file's graph: the engine built for the proof runs the fixed batch,
+    and the proof's run there serves the plan's run of the same feeds."""
     path = _convnet(tmp_path / "m.onnx", 8, flatten=[32, 1], fc_in=1, conv_training=True)
     copy, observe, engines = _engine_proof(path, (1, 2, 8))
-    assert observe is None and copy.pending is not None and engines[0].proven == []
+    assert observe is not None and copy.pending is None and len(engines) == 1
+    assert copy.inputs[0].shape[0] == 8 and copy.batch_constants == 0
+    assert copy.batch == "fixed to 8 in the file; cannot be relaxed (no output has a dim of the batch size 8)"
+    [(fed, proven)] = engines[0].proven
+    assert len(fed["x"]) == 8 and copy.drawn is not None and len(copy.drawn["x"]) == 8
+    assert observe(dict(fed)).outputs["y"] is proven["y"]
     engines[0].close()
 
 
+def test_a_fixed_batch_that_cannot_be_relaxed_is_probed_on_the_engine_its_proof_built(tmp_path, monkeypatch):
+    """The whole probe builds one engine where the relaxed copy's outputs refuse the relaxation (an 85 MB
+    transformer whose output has no batch axis built a second engine of the file: 2.2 s instead of 1.4 s)."""
+    from bncheck.backends.onnx import run as onnx_run
+
+    built = []
+
+    class Counted(onnx_run._Engine):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_run, "_Engine", Counted)
+    path = _convnet(tmp_path / "m.onnx", 8, flatten=[32, 1], fc_in=1, conv_training=True)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert built == [1] and code == 1 and run["batch_sizes"] == [8]
+    assert "cannot be relaxed (no output has a dim of the batch size 8)" in run["batch_handling"]
+    assert run["layers"]["bn"]["batch_dependence"]["verdict"] == "culprit"
+
+
+def test_a_fixed_batch_that_cannot_be_relaxed_runs_on_its_proofs_session_where_nothing_is_measured(
+    tmp_path, monkeypatch
+):
+    """Nothing measured: the relaxed copy is proven on a session of its own. Its outputs refuse the relaxation,
+    and at the file's size the copy is the file's graph, so that session runs the probe instead of a session
+    of the file built after it."""
+    from bncheck.backends.onnx import run as onnx_run
+
+    built = []
+    new_session = onnx_run.new_session
+    monkeypatch.setattr(onnx_run, "new_session", lambda *args, **kw: built.append(1) or new_session(*args, **kw))
+    path = _convnet(tmp_path / "m.onnx", 1, flatten=[4, 1], fc_in=1)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert built == [1] and code == 0 and run["batch_sizes"] == [1]
+    assert run["batch_handling"].startswith("fixed to 1 in the file; cannot be relaxed (")
+
+
 def test_a_relaxed_batch_whose_outputs_failed_the_probes_own_runs_is_not_proven_again_on_its_own(tmp_path, monkeypatch):
-    """The probe's runs failed the proof on the outputs' shapes, and nothing was rewritten: the copy alone has
-    the same outputs, so preparing again builds no session for a second proof (an 85 MB transformer whose
-    output has no batch axis spent 0.5 s building one and 0.16 s running it)."""
+    """prepare told that the probe's runs failed the proof on the outputs' shapes, where nothing was rewritten:
+    the copy alone has the same outputs, so it builds no session for a second proof (an 85 MB transformer
+    whose output has no batch axis spent 0.5 s building one and 0.16 s running it)."""
     from bncheck.backends.onnx import OnnxBackend, probe_copy
     from bncheck.backends.onnx.scratch import Scratch
     from bncheck.model import ProbeSettings
 
     path = _convnet(tmp_path / "m.onnx", 8, flatten=[32, 1], fc_in=1, conv_training=True)
-    copy, observe, engines = _engine_proof(path, (1, 2, 8))
-    engines[0].close()
-    assert observe is None and isinstance(copy.refused, probe_copy.OutputsRefuse)
-    assert copy.refused == "no output has a dim of the batch size 8"
+    refused = probe_copy.OutputsRefuse("no output has a dim of the batch size 8")
     built = []
     session = probe_copy._session
     monkeypatch.setattr(probe_copy, "_session", lambda *args, **kw: built.append(1) or session(*args, **kw))
@@ -576,11 +617,11 @@ def test_a_relaxed_batch_whose_outputs_failed_the_probes_own_runs_is_not_proven_
     settings = ProbeSettings(batch_sizes=(1, 2, 8))
     folder = Scratch(0)
     try:
-        again = probe_copy.prepare(view.handle, view, settings, folder, refused=copy.refused)
+        again = probe_copy.prepare(view.handle, view, settings, folder, refused=refused)
         alone = probe_copy.prepare(view.handle, view, settings, folder)  # without the probe's runs before it
     finally:
         folder.remove()
-    assert again.batch == alone.batch == "fixed to 8 in the file; cannot be relaxed (" + copy.refused + ")"
+    assert again.batch == alone.batch == "fixed to 8 in the file; cannot be relaxed (" + refused + ")"
     assert built == [1]  # the proof of the copy alone only
 
 

@@ -15,9 +15,12 @@ change harmless:
   is kept only when runs of the copy prove it: it runs at the file's size, and at another size every output
   dim that held the batch follows the fed batch and no other changes. Otherwise the probe runs at the fixed
   size. The proof's session and runs are kept for the probe (:class:`Proof`), which takes them over when it
-  adds nothing to this graph. A probe that adds to the graph (a measured layer, a train-mode BN replaced)
+  adds nothing to this graph; so are the session and its run at the file's size where the outputs refuse the
+  relaxation, since the copy computes the file's graph there. A probe that adds to the graph (a measured layer, a train-mode BN replaced)
   proves the relaxation on its own graph instead (:attr:`ProbeCopy.pending`): its first runs are the proof's,
-  and a session of the copy alone would be built and run only to be dropped.
+  and a session of the copy alone would be built and run only to be dropped. Where those runs' outputs refuse
+  the relaxation and nothing was rewritten, the probe's graph keeps running at the file's size
+  (:func:`keep_fixed_batch`).
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ class ProbeCopy:
     pending: Pending | None = None
     # why the probe's own runs failed that proof, when the outputs say so (see OutputsRefuse)
     refused: OutputsRefuse | None = None
+    # Reshape/Expand shape constants of the relaxed copy rewritten to follow the fed batch (0: none, or not relaxed)
+    batch_constants: int = 0
     # the synthetic inputs that proof drew (run_plan's ``drawn``; None with --data or without a proof)
     drawn: dict[str, np.ndarray] | None = None
     # the relaxed copy's shapes and types, inferred before its proof (None when the batch was not relaxed)
@@ -396,8 +401,9 @@ def _validate(
         runs.append((fed, at_fixed))
     except Exception as exc:
         return f"the relaxed copy does not run at batch size {fixed}: {runtime_message(exc, 160)}"
+    pool = drawn if draw is not None else None
     if not any(fixed in np.shape(at_fixed[n]) for n in names):
-        return OutputsRefuse(f"no output has a dim of the batch size {fixed}")
+        return _outputs_refuse(f"no output has a dim of the batch size {fixed}", runs[0], pool)
     for size in others:
         try:
             fed = feeds(size)
@@ -411,16 +417,47 @@ def _validate(
             was, now = np.shape(at_fixed[name]), np.shape(values[name])
             changed = [axis for axis, (a, b) in enumerate(zip(was, now)) if a != b]
             if len(was) != len(now) or any(was[a] != fixed or now[a] != size for a in changed):
-                return OutputsRefuse(f"output {name!r} has shape {now} at batch size {size} (at {fixed}: {was})")
+                why = f"output {name!r} has shape {now} at batch size {size} (at {fixed}: {was})"
+                return _outputs_refuse(why, runs[0], pool)
             followed = followed or bool(changed)
         if not followed:
-            return OutputsRefuse(f"no output follows the fed batch (batch size {size})")
-    return runs, drawn if draw is not None else None
+            return _outputs_refuse(f"no output follows the fed batch (batch size {size})", runs[0], pool)
+    return runs, pool
 
 
 class OutputsRefuse(str):
     """Why a proof failed, read off the model's outputs at sizes that ran (not a run's error): a copy of the
-    same graph without the probe's additions, whose outputs are the same, fails it again."""
+    same graph without the probe's additions, whose outputs are the same, fails it again. ``at_fixed``: the
+    proof's run at the file's own size, where the copy computes the file's graph; ``drawn``: its synthetic
+    inputs (None with --data); ``session``: the session of the copy alone that made them (None where the
+    probe's own graph did)."""
+
+    at_fixed: Run
+    drawn: dict[str, np.ndarray] | None
+    session: Any = None
+
+
+def _outputs_refuse(why: str, at_fixed: Run, drawn: dict[str, np.ndarray] | None) -> OutputsRefuse:
+    refusal = OutputsRefuse(why)
+    refusal.at_fixed, refusal.drawn = at_fixed, drawn
+    return refusal
+
+
+def keep_fixed_batch(copy: ProbeCopy, inputs: list[InputSpec], why: str) -> None:
+    """The batch stays as the file fixes it in ``inputs`` (the file's own), because ``why``: the report's batch
+    handling, and for a batch of 1 how to re-export."""
+    fixed = fixed_batch(inputs)
+    copy.inputs = list(inputs)
+    copy.batch_constants = 0
+    copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
+    if fixed == 1:
+        first, axis = next((s.name, int(s.batch_axis)) for s in inputs if s.shape and s.batched)  # type: ignore[arg-type]
+        copy.notes.append(
+            f"relaxing the fixed batch dimension of 1 failed ({why}); to test batch dependence, re-export "
+            "with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
+            f"{{{first!r}: {{{axis}: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
+            "batch in the input signature)"
+        )
 
 
 def relaxes(inputs: list[InputSpec], batch_sizes: Iterable[int]) -> bool:
@@ -490,11 +527,14 @@ def _relax(
         except Exception as exc:
             session = exc
         found = validate(_session_runs(session, outputs))
+        if isinstance(found, OutputsRefuse):
+            found.session = session
         return found if isinstance(found, str) else Proof(session, *found)
 
     if refused is not None:
         proof = refused
     elif proof_by_probe:
+        copy.batch_constants = count
         # the rewritten copy, as below; one that fails the probe's runs is prepared again, proven here
         ready(rewritten)
         copy.pending = validate
@@ -511,17 +551,13 @@ def _relax(
         del rewritten
         proof = prove(relaxed)
     if isinstance(proof, str):
-        why = proof
+        keep_fixed_batch(copy, inputs, proof)
+        if isinstance(proof, OutputsRefuse) and proof.session is not None:
+            # the plain relaxed copy, proven last: at the file's size it is the file's graph, so its session and
+            # its run there serve the probe as a proof's do, instead of a session of the file built after it
+            copy.proof, copy.drawn = Proof(proof.session, [proof.at_fixed], proof.drawn), proof.drawn
+            return relaxed
         copy.relaxed_shapes, copy.estimate = None, None
-        copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
-        if fixed == 1:
-            first, axis = next(iter(batched.items()))
-            copy.notes.append(
-                f"relaxing the fixed batch dimension of 1 failed ({why}); to test batch dependence, re-export "
-                "with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
-                f"{{{first!r}: {{{axis}: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
-                "batch in the input signature)"
-            )
         return model
     copy.batch = how
     copy.inputs = relaxed_inputs

@@ -23,13 +23,14 @@ from bncheck.backends.onnx.instrument import (
     keep_only,
     release,
 )
-from bncheck.backends.onnx.probe_copy import OutputsRefuse, prepare, relaxes
+from bncheck.backends.onnx.probe_copy import OutputsRefuse, keep_fixed_batch, prepare, relaxes
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
+    InputSpec,
     LayerProbe,
     ModelView,
     NormLayer,
@@ -925,7 +926,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     tmp = Scratch(handle.size_bytes)
     try:  # from here on every way out (an error, the memory check's refusal, SIGTERM) removes the folder
         copy = prepared(tmp, measures)
-        runner = _proven_by_probe(copy, open_engine, engines) if copy.pending is not None else None
+        runner = _proven_by_probe(copy, open_engine, engines, view.inputs) if copy.pending is not None else None
         if copy.pending is not None:  # the relaxed copy failed on the probe's graph: proven on its own now
             discard(tmp)  # its folder removed; the copy proven on its own makes a new one if it writes
             copy = prepared(tmp, False, copy.refused)
@@ -976,10 +977,14 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     return result
 
 
-def _proven_by_probe(copy: ProbeCopy, open_engine: Callable[[], Runner], engines: list[_Engine]) -> Runner | None:
+def _proven_by_probe(
+    copy: ProbeCopy, open_engine: Callable[[], Runner], engines: list[_Engine], inputs: list[InputSpec]
+) -> Runner | None:
     """The engine built on the relaxed copy, whose first runs proved the relaxation (ProbeCopy.pending) and are
-    kept for the plan's runs of the same feeds; None when the engine cannot be built or its runs fail the
-    proof (``copy.pending`` is then left set)."""
+    kept for the plan's runs of the same feeds. Where the outputs refuse it and no constant was rewritten,
+    the same engine runs the file's own size (``inputs``: the file's), where the relaxed copy is the file's
+    graph, starting with the proof's run there: no second engine of the file. None when the engine cannot
+    be built or its runs fail the proof otherwise (``copy.pending`` is then left set)."""
     assert copy.pending is not None
     try:
         observe = open_engine()
@@ -987,6 +992,11 @@ def _proven_by_probe(copy: ProbeCopy, open_engine: Callable[[], Runner], engines
         return None
     engine = engines[-1]
     found = copy.pending(engine._run)  # every output it fetches: the measuring ones and the model's
+    if isinstance(found, OutputsRefuse) and not copy.batch_constants:
+        keep_fixed_batch(copy, inputs, found)
+        engine.proven, copy.drawn = [found.at_fixed], found.drawn
+        copy.pending = None
+        return observe
     if isinstance(found, str):
         copy.refused = found if isinstance(found, OutputsRefuse) else None
         return None
