@@ -291,7 +291,10 @@ def fixed_batch_of(model: dict) -> int | None:
 
 def plain_batches(model: dict) -> list[int]:
     """Plain inference's passes: one per batch size the model runs. A file that fixes its batch to B runs
-    only B, so it makes ceil(sum(probe sizes) / B) passes at B: the samples the probe's batches hold."""
+    only B, so it makes ceil(sum(probe sizes) / B) passes at B: the samples the probe's batches hold; a
+    manifest's ``plain_batches`` where the probe cannot relax that batch and runs B alone."""
+    if model.get("plain_batches"):
+        return list(model["plain_batches"])
     fixed = fixed_batch_of(model)
     if fixed is None:
         return list(model["batch_sizes"])
