@@ -16,11 +16,11 @@ change harmless:
   dim that held the batch follows the fed batch and no other changes. Otherwise the probe runs at the fixed
   size. The proof's session and runs are kept for the probe (:class:`Proof`), which takes them over when it
   adds nothing to this graph; so are the session and its run at the file's size where the outputs refuse the
-  relaxation, since the copy computes the file's graph there. A probe that adds to the graph (a measured layer, a train-mode BN replaced)
-  proves the relaxation on its own graph instead (:attr:`ProbeCopy.pending`): its first runs are the proof's,
-  and a session of the copy alone would be built and run only to be dropped. Where those runs' outputs refuse
-  the relaxation and nothing was rewritten, the probe's graph keeps running at the file's size
-  (:func:`keep_fixed_batch`).
+  relaxation, since the copy computes the file's graph there. A probe that adds to the graph (a measured
+  layer, a train-mode BN replaced) proves the relaxation on its own graph instead (:attr:`ProbeCopy.pending`):
+  its first runs are the proof's, and a session of the copy alone would be built and run only to be dropped.
+  Where those runs' outputs refuse the relaxation and nothing was rewritten, the probe's graph keeps running
+  at the file's size (:func:`keep_fixed_batch`).
 """
 
 from __future__ import annotations
@@ -474,10 +474,12 @@ def _relax(
     int_high: dict[str, int],
     proof_by_probe: bool = False,
     refused: OutputsRefuse | None = None,
+    takes_proof: bool = True,
 ) -> onnx.ModelProto:
     """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``.
     ``proof_by_probe``: leave the proof to the probe's own session (:attr:`ProbeCopy.pending`). ``refused``:
-    why the probe's own runs of the rewritten copy failed the proof."""
+    why the probe's own runs of the rewritten copy failed the proof. ``takes_proof``: the probe takes a proof's
+    session over (it adds nothing to the graph), so one whose outputs refuse the relaxation is kept for it."""
     fixed = fixed_batch(copy.inputs)
     if fixed is None or not relaxes(copy.inputs, settings.batch_sizes):
         if fixed is not None:
@@ -552,7 +554,7 @@ def _relax(
         proof = prove(relaxed)
     if isinstance(proof, str):
         keep_fixed_batch(copy, inputs, proof)
-        if isinstance(proof, OutputsRefuse) and proof.session is not None:
+        if takes_proof and isinstance(proof, OutputsRefuse) and proof.session is not None:
             # the plain relaxed copy, proven last: at the file's size it is the file's graph, so its session and
             # its run there serve the probe as a proof's do, instead of a session of the file built after it
             copy.proof, copy.drawn = Proof(proof.session, [proof.at_fixed], proof.drawn), proof.drawn
@@ -578,11 +580,13 @@ def prepare(
     stubbed: Callable[[list[Any] | None], None] | None = None,
     proof_by_probe: bool = False,
     refused: OutputsRefuse | None = None,
+    takes_proof: bool = True,
 ) -> ProbeCopy:
     """The probe's copy of ``handle``'s model for ``settings`` (see the module docstring). ``stubbed`` is
     called with the weights' external stubs once they are in ``tmp``, before any session is built.
     ``proof_by_probe``: a relaxed batch is proven by the probe's own session (:attr:`ProbeCopy.pending`);
-    ``refused``: why those runs failed it, from the outputs (no second proof of the same graph)."""
+    ``refused``: why those runs failed it, from the outputs (no second proof of the same graph);
+    ``takes_proof``: the probe adds nothing to the graph and takes a proof's session over (see _relax)."""
     model, folder = stub(handle, tmp)
     stubs = None if handle.external_data else [_copy(t) for t in model.graph.initializer]
     if stubbed is not None:
@@ -618,7 +622,7 @@ def prepare(
             f"input(s) {listed} only feed normalization parameters: fed as fixed tensors (scale 1, "
             "bias 0, mean 0, variance 1), not batched"
         )
-    relaxed = _relax(copy, model, settings, dict(int_high or {}), proof_by_probe, refused)
+    relaxed = _relax(copy, model, settings, dict(int_high or {}), proof_by_probe, refused, takes_proof)
     if relaxed is not model:
         model, changed = relaxed, True
     copy.model = model

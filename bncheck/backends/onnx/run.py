@@ -887,7 +887,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         restorers.clear()
 
     def prepared(folder: Scratch, proof_by_probe: bool, refused: OutputsRefuse | None = None) -> ProbeCopy:
-        copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe, refused)
+        copy = prepare(handle, view, settings, folder, int_high, stubbed, proof_by_probe, refused, not measures)
         # a fixed batch relaxed runs every size now, its copy checked before its proof; else the file's own
         if copy.inputs == view.inputs:
             if relaxing:  # not relaxed after all: the file's own size runs
