@@ -91,6 +91,14 @@ def _folders(where: Path) -> list[str]:
     return sorted(n for n in os.listdir(where) if n.startswith("bncheck-"))
 
 
+#: ``python -m bncheck`` as a terminal's foreground process, where Ctrl-C reaches it: a shell starts background
+#: jobs (a test run among them) with SIGINT ignored, which Python, and so bncheck, then keeps ignoring
+_AT_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'bncheck', *sys.argv[1:]])"
+)
+
+
 def _terminated_once(
     where: Path, args: list[str], folders: int, sig: int = signal.SIGTERM, busy: float = 0.0
 ) -> subprocess.Popen[bytes]:
@@ -101,7 +109,7 @@ def _terminated_once(
     log = where.parent / "stderr.txt"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bncheck", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
+            [sys.executable, "-c", _AT_A_TERMINAL, *args], env=env, stdout=subprocess.DEVNULL, stderr=err
         )
     deadline = time.monotonic() + 120
     try:
