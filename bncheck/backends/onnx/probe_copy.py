@@ -479,7 +479,8 @@ def _relax(
     """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``.
     ``proof_by_probe``: leave the proof to the probe's own session (:attr:`ProbeCopy.pending`). ``refused``:
     why the probe's own runs of the rewritten copy failed the proof. ``takes_proof``: the probe takes a proof's
-    session over (it adds nothing to the graph), so one whose outputs refuse the relaxation is kept for it."""
+    session over (it adds nothing to the graph), so the session is kept for it, also where the outputs refuse
+    the relaxation; else it is freed here."""
     fixed = fixed_batch(copy.inputs)
     if fixed is None or not relaxes(copy.inputs, settings.batch_sizes):
         if fixed is not None:
@@ -563,8 +564,8 @@ def _relax(
         return model
     copy.batch = how
     copy.inputs = relaxed_inputs
-    if proof is not None:
-        copy.proof, copy.drawn = proof, proof.drawn
+    if proof is not None:  # its session kept only for a probe that takes it over, its inputs for any
+        copy.proof, copy.drawn = proof if takes_proof else None, proof.drawn
     return relaxed
 
 

@@ -894,8 +894,6 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                 check_file()
             copy.estimate = estimate
         handle.spare_skeleton = None  # the file's own check has run, or a relaxed copy runs instead
-        if measures:  # a proof's session the engine will not take over: freed now
-            copy.proof = None
         return copy
 
     def open_engine() -> Runner:
