@@ -22,6 +22,10 @@ from typing import Any
 
 import numpy as np
 
+#: what np.sum and np.mean reduce with: called directly, the same numbers bit for bit without their Python
+#: wrappers (a report of a hundred layers reads these statistics thousands of times)
+_SUM = np.add.reduce
+
 Dim = int | str | None
 
 
@@ -280,20 +284,20 @@ class TensorStats:
     @property
     def mean(self) -> np.ndarray:
         """Per-channel mean over the batch (every sample has the same element count)."""
-        return self.sample_mean.mean(axis=0)
+        return _SUM(self.sample_mean, axis=0) / self.sample_mean.shape[0]
 
     @property
     def var(self) -> np.ndarray:
         """Per-channel population variance over the batch, E[x^2] - E[x]^2 clipped at 0."""
-        return np.maximum(self.sample_sq.mean(axis=0) - self.mean**2, 0.0)
+        return np.maximum(_SUM(self.sample_sq, axis=0) / self.sample_sq.shape[0] - self.mean**2, 0.0)
 
     @property
     def total_nonfinite(self) -> int:
-        return int(np.sum(self.nonfinite))
+        return int(_SUM(self.nonfinite, axis=None))
 
     @property
     def total_zeros(self) -> int:
-        return int(np.sum(self.zeros))
+        return int(_SUM(self.zeros, axis=None))
 
 
 @dataclass(frozen=True, eq=False)
@@ -452,12 +456,13 @@ def summarize(values: np.ndarray | None) -> dict[str, float | int | None] | None
     if flat.size == 0:
         return {"count": 0, "min": None, "median": None, "max": None}
     finite = flat[np.isfinite(flat)]
-    base = finite if finite.size else flat
+    if not finite.size:
+        return {"count": int(flat.size), "min": None, "median": None, "max": None, "nonfinite": int(flat.size)}
     return {
         "count": int(flat.size),
-        "min": float(np.min(base)) if finite.size else None,
-        "median": median(base) if finite.size else None,
-        "max": float(np.max(base)) if finite.size else None,
+        "min": float(np.minimum.reduce(finite)),  # np.min's and np.max's reductions (see _SUM)
+        "median": median(finite),
+        "max": float(np.maximum.reduce(finite)),
         "nonfinite": int(flat.size - finite.size),
     }
 
