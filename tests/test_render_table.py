@@ -144,3 +144,38 @@ def test_a_default_probe_says_in_one_line_which_layers_it_left_unmeasured_and_wh
     (line,) = [line for line in lines if "not measured" in line]
     assert line.startswith("probe: ") and "layer(s) not measured, each in inference mode: an affine map" in line
     assert not any(line.rstrip().endswith("not measured") for line in lines)  # no layer's status says it
+
+
+def _printed(renderable, width: int, color: bool) -> str:
+    """What table.render's console prints for ``renderable``."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(
+        file=io.StringIO(),
+        width=width,
+        force_terminal=color,
+        color_system="standard" if color else None,
+        no_color=None if color else True,
+        highlight=False,
+        soft_wrap=False,
+        emoji=False,
+        markup=False,
+    )
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+@pytest.mark.parametrize("color", [False, True])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_layer_grid_prints_as_richs_table_of_the_same_columns(reports, width, color):
+    laid_out = 0
+    for name, report in reports.items():
+        columns, fits = table._layer_grid(report).layout(width)
+        if not fits:
+            continue  # rich's own table prints it (and shrinks what does not fit)
+        laid_out += 1
+        ours = _printed(table._lines(columns), width, color)
+        assert ours == _printed(table._rich_table(columns), width, color), name
+    assert laid_out >= 2, "too few reports laid out at this width to compare"

@@ -133,6 +133,11 @@ class _Grid:
     dropped: list[str] = field(default_factory=list)
 
     def table(self, width: int) -> Table | Text:
+        columns, fits = self.layout(width)
+        return _lines(columns) if fits else _rich_table(columns)
+
+    def layout(self, width: int) -> tuple[list[_Column], bool]:
+        """The columns shown at ``width``, the layer names (shortened to fit) first, and whether every cell fits."""
         longest = max(cell_len(n) for n in self.names)
         kept = self.columns
         for count in range(len(_DROPPABLE) + 1):
@@ -142,18 +147,18 @@ class _Grid:
                 break
         self.dropped = [c.key for c in self.columns if c not in kept]
         room = max(min(longest, width - others), min(longest, 8))
-        names = shorten_names(self.names, room, cell_len)
-        layer = _Column("layer", "layer", cells=[Text(name) for name in names])
-        if layer.width + others <= width:
-            return _lines([layer, *kept])
-        # too narrow for the cells as they are: rich's table shrinks and crops them
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
-        table.add_column("layer", no_wrap=True)
-        for column in kept:
-            table.add_column(column.header, justify=column.justify, no_wrap=True)  # type: ignore[arg-type]
-        for row, name in enumerate(layer.cells):
-            table.add_row(name, *(c.cells[row] for c in kept))
-        return table
+        layer = _Column("layer", "layer", cells=[Text(name) for name in shorten_names(self.names, room, cell_len)])
+        return [layer, *kept], layer.width + others <= width
+
+
+def _rich_table(columns: list[_Column]) -> Table:
+    """rich's table of the columns, for a width they do not fit: it shrinks and crops their cells."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    for column in columns:
+        table.add_column(column.header, justify=column.justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in range(len(columns[0].cells)):
+        table.add_row(*(column.cells[row] for column in columns))
+    return table
 
 
 def _lines(columns: list[_Column]) -> Text:
