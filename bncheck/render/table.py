@@ -72,7 +72,7 @@ def render(report: Report, width: int | None = None, color: bool = False) -> str
         markup=False,
     )
     width = console.width
-    # one print of every part: each console.print measures and lays out anew (94 findings: 61 -> 41 ms)
+    # one print of every part: each console.print measures and lays out anew (docs/architecture.md)
     parts: list[RenderableType] = []
     model = report.model
     producer = f", {model.producer}" if model.producer and model.producer != model.format else ""
@@ -163,8 +163,8 @@ def _rich_table(columns: list[_Column]) -> Table:
 
 def _lines(columns: list[_Column]) -> Text:
     """The columns as rich prints a SIMPLE_HEAD table of them (bold header, a rule, one line per row, two
-    cells between columns): laid out here because every cell fits its column, where rich's table measures
-    and renders each cell again (20-130 ms for 35-94 layers)."""
+    cells between columns), written here because every cell fits its column: rich's table would measure and
+    render each cell again (docs/architecture.md has the numbers)."""
     widths = [c.width for c in columns]
     lines = Text()
 
