@@ -48,7 +48,8 @@ def measure(model: dict, bncheck: Path, python: str, formats: list[str], repeats
 
 
 def table(rows: list[tuple[dict, dict[str, list[float]]]], formats: list[str], repeats: int) -> list[str]:
-    head = ["model", "plain", *formats, *(f"{f} - json" for f in formats if f != "json" and "json" in formats)]
+    against_json = [f for f in formats if f != "json"] if "json" in formats else []
+    head = ["model", "plain", *formats, *(f"{f} - json" for f in against_json)]
     lines = [
         f"{repeats} rounds per model; wall s (ratio to plain), medians; `X - json`: median of the rounds' own "
         "differences, ms",
@@ -60,11 +61,9 @@ def table(rows: list[tuple[dict, dict[str, list[float]]]], formats: list[str], r
         plain = statistics.median(walls["plain"])
         cells = [model["id"], f"{plain:.3f}"]
         cells += [f"{statistics.median(walls[f]):.3f} ({statistics.median(walls[f]) / plain:.2f}x)" for f in formats]
-        if "json" in formats:
-            for f in formats:
-                if f != "json":
-                    diffs = [a - b for a, b in zip(walls[f], walls["json"])]
-                    cells.append(f"{statistics.median(diffs) * 1000:+.0f}")
+        for f in against_json:
+            diffs = [a - b for a, b in zip(walls[f], walls["json"])]
+            cells.append(f"{statistics.median(diffs) * 1000:+.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -403,7 +403,7 @@ def _validate(
         return f"the relaxed copy does not run at batch size {fixed}: {runtime_message(exc, 160)}"
     pool = drawn if draw is not None else None
     if not any(fixed in np.shape(at_fixed[n]) for n in names):
-        return _outputs_refuse(f"no output has a dim of the batch size {fixed}", runs[0], pool)
+        return OutputsRefuse(f"no output has a dim of the batch size {fixed}", runs[0], pool)
     for size in others:
         try:
             fed = feeds(size)
@@ -418,10 +418,10 @@ def _validate(
             changed = [axis for axis, (a, b) in enumerate(zip(was, now)) if a != b]
             if len(was) != len(now) or any(was[a] != fixed or now[a] != size for a in changed):
                 why = f"output {name!r} has shape {now} at batch size {size} (at {fixed}: {was})"
-                return _outputs_refuse(why, runs[0], pool)
+                return OutputsRefuse(why, runs[0], pool)
             followed = followed or bool(changed)
         if not followed:
-            return _outputs_refuse(f"no output follows the fed batch (batch size {size})", runs[0], pool)
+            return OutputsRefuse(f"no output follows the fed batch (batch size {size})", runs[0], pool)
     return runs, pool
 
 
@@ -432,15 +432,16 @@ class OutputsRefuse(str):
     inputs (None with --data); ``session``: the session of the copy alone that made them (None where the
     probe's own graph did)."""
 
-    at_fixed: Run
+    at_fixed: Run | None
     drawn: dict[str, np.ndarray] | None
     session: Any = None
 
-
-def _outputs_refuse(why: str, at_fixed: Run, drawn: dict[str, np.ndarray] | None) -> OutputsRefuse:
-    refusal = OutputsRefuse(why)
-    refusal.at_fixed, refusal.drawn = at_fixed, drawn
-    return refusal
+    def __new__(
+        cls, why: str, at_fixed: Run | None = None, drawn: dict[str, np.ndarray] | None = None
+    ) -> OutputsRefuse:
+        refusal = super().__new__(cls, why)
+        refusal.at_fixed, refusal.drawn = at_fixed, drawn
+        return refusal
 
 
 def keep_fixed_batch(copy: ProbeCopy, inputs: list[InputSpec], why: str) -> None:
@@ -555,7 +556,7 @@ def _relax(
         proof = prove(relaxed)
     if isinstance(proof, str):
         keep_fixed_batch(copy, inputs, proof)
-        if takes_proof and isinstance(proof, OutputsRefuse) and proof.session is not None:
+        if takes_proof and isinstance(proof, OutputsRefuse) and proof.session and proof.at_fixed is not None:
             # the plain relaxed copy, proven last: at the file's size it is the file's graph, so its session and
             # its run there serve the probe as a proof's do, instead of a session of the file built after it
             copy.proof, copy.drawn = Proof(proof.session, [proof.at_fixed], proof.drawn), proof.drawn

@@ -990,7 +990,7 @@ def _proven_by_probe(
         return None
     engine = engines[-1]
     found = copy.pending(engine._run)  # every output it fetches: the measuring ones and the model's
-    if isinstance(found, OutputsRefuse) and not copy.batch_constants:
+    if isinstance(found, OutputsRefuse) and found.at_fixed is not None and not copy.batch_constants:
         keep_fixed_batch(copy, inputs, found)
         engine.proven, copy.drawn = [found.at_fixed], found.drawn
         copy.pending = None
