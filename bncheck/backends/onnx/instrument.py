@@ -712,6 +712,10 @@ class Augmenter:
             # statistics into a buffer it shares with an equal initializer (onnxruntime#29790); without it
             # the copies cost onnxruntime's optimizer time (a Constant node's copy is folded into a new one)
             params[role] = b.one("Identity", [name], f"spec_{role}") if self.keep_runtime else name
+        c = shape[1] if isinstance(shape[1], int) else None
+        per_channel = all(self.shapes.get(name) == (c,) for name in node.input[1:3])  # scale and bias
+        # (BatchNormalization-6 would need is_test: an opset the probe copy converts before it runs)
+        one_kernel = spatial_mode == 1 and c is not None and per_channel and not self.keep_runtime and self.opset >= 7
         if spatial_mode == 1 and rank >= 3:
             # the mean over (0, 2, ...) as the batch mean of per-sample GlobalAveragePools: onnxruntime keeps
             # those in its NCHWc layout, where a ReduceMean over (0, 2, 3) reorders the whole tensor first
@@ -719,7 +723,8 @@ class Augmenter:
             mean = b.reduce("ReduceMean", gap, [0], "spec_mean", keepdims=1)
             centered = b.one("Sub", [x, mean], "spec_centered")
             sq = b.one("GlobalAveragePool", [b.one("Mul", [centered, centered], "spec_sq")], "spec_gapsq")
-            var = b.reduce("ReduceMean", sq, [0], "spec_var", keepdims=1)
+            # the one-kernel form below reads the variance as [C]: reduced straight to it, no Reshape node
+            var = b.reduce("ReduceMean", sq, axes if one_kernel else [0], "spec_var", keepdims=0 if one_kernel else 1)
             self.spec_pools[node.output[0]] = {"mean": gap, "centered_sq": sq, "batch_mean": mean, "batch_var": var}
         else:
             mean = b.reduce("ReduceMean", x, axes, "spec_mean", keepdims=1)
@@ -727,15 +732,12 @@ class Augmenter:
             var = b.reduce("ReduceMean", b.one("Mul", [centered, centered], "spec_sq"), axes, "spec_var", keepdims=1)
         y_spec = outputs[0]
         flat = b.const(np.array([-1], np.int64), "spec_flat")
-        c = shape[1] if isinstance(shape[1], int) else None
-        per_channel = all(self.shapes.get(name) == (c,) for name in node.input[1:3])  # scale and bias
-        # (BatchNormalization-6 would need is_test: an opset the probe copy converts before it runs)
-        if spatial_mode == 1 and c is not None and per_channel and not self.keep_runtime and self.opset >= 7:
+        if one_kernel:
             # the centred input through an inference-mode BatchNormalization with mean 0 and the batch's
             # variance: one kernel for the spec's (x - mean) / sqrt(var + eps) * scale + bias, and a centred
             # value of exactly 0 (a one-element set) still gives exactly the bias. Not beside the runtime's
             # node: onnxruntime merges equal [C] initializers, which that node's in-place writes then corrupt
-            channels = b.one("Reshape", [var, flat], "spec_var_c")
+            channels = var if spatial_mode == 1 and rank >= 3 else b.one("Reshape", [var, flat], "spec_var_c")
             zero = b.const(np.zeros(c, np.float32), "spec_mean0")
             b.nodes.append(
                 onnx.helper.make_node(
