@@ -737,6 +737,7 @@ class Augmenter:
             # variance: one kernel for the spec's (x - mean) / sqrt(var + eps) * scale + bias, and a centred
             # value of exactly 0 (a one-element set) still gives exactly the bias. Not beside the runtime's
             # node: onnxruntime merges equal [C] initializers, which that node's in-place writes then corrupt
+            assert c is not None  # one_kernel
             channels = var if spatial_mode == 1 and rank >= 3 else b.one("Reshape", [var, flat], "spec_var_c")
             zero = b.const(np.zeros(c, np.float32), "spec_mean0")
             b.nodes.append(
