@@ -89,9 +89,8 @@ class OnnxBackend(Backend):
 def graph_inputs(handle) -> list[InputSpec]:
     """The graph inputs the probe feeds per sample: declared inputs that are neither initializers nor
     only a norm's parameters."""
-    from onnx import helper
-
     from bncheck.backends.onnx.probe_copy import parameter_inputs
+    from bncheck.backends.onnx.tensors import np_dtype
 
     graph = handle.model.graph
     stored = {init.name for init in graph.initializer}
@@ -102,7 +101,7 @@ def graph_inputs(handle) -> list[InputSpec]:
     for value, shape, axis in zip(values, shapes, batch_axes(shapes)):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
-            dtype = helper.tensor_dtype_to_np_dtype(elem).name if elem else "unknown"
+            dtype = np_dtype(elem).name if elem else "unknown"
         except (KeyError, ValueError, TypeError):
             dtype = "unknown"
         fill = _compared_constant(graph, value.name) if axis is None and dtype[:3] in ("int", "uin") else None
@@ -146,7 +145,7 @@ def batch_axes(shapes: list[tuple[Dim, ...] | None]) -> list[int | None]:
 def _compared_constant(graph: Any, name: str) -> float | None:
     """A constant the graph tests input ``name`` against with Equal (a sample rate selecting a branch):
     the value a synthetic feed of it gets, so that the model takes a branch it was built for."""
-    from onnx import numpy_helper
+    from bncheck.backends.onnx.tensors import to_array
 
     constants = {t.name: t for t in graph.initializer}
     for node in graph.node:
@@ -160,7 +159,7 @@ def _compared_constant(graph: Any, name: str) -> float | None:
             tensor = constants.get(other[0]) if other else None
             if tensor is not None and tensor.data_location != tensor.EXTERNAL:  # a weight left in its file
                 try:
-                    array = numpy_helper.to_array(tensor)
+                    array = to_array(tensor)
                 except ValueError:  # raw_data of the wrong length: not a usable constant
                     continue
                 if array.size == 1 and array.dtype.kind in "iu":

@@ -18,6 +18,7 @@ import numpy as np
 
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
+from bncheck.backends.onnx.tensors import from_array
 from bncheck.model import NormLayer
 from bncheck.share import runtime_threads
 
@@ -60,7 +61,7 @@ def _spatial(layer: NormLayer) -> tuple[int, ...] | None:
 
 def _model(entries: list[tuple[int, RuntimeNode, list[np.ndarray], tuple[int, ...]]]) -> Any:
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     nodes: list[Any] = []
     inputs: list[Any] = []
@@ -81,7 +82,7 @@ def _model(entries: list[tuple[int, RuntimeNode, list[np.ndarray], tuple[int, ..
         channels = params[0].size
         inputs.append(helper.make_tensor_value_info(f"x{i}", onnx.TensorProto.FLOAT, ["N", channels, *spatial]))
         outputs.append(helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None))
-        inits.extend(numpy_helper.from_array(p, n) for p, n in zip(params, names[1:]))
+        inits.extend(from_array(p, n) for p, n in zip(params, names[1:]))
     graph = helper.make_graph(nodes, "bncheck_conformance", inputs, outputs, inits)
     first = entries[0][1]
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", first.opset)])

@@ -21,10 +21,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx import tensors
 from bncheck.backends.onnx.graph import node_reads
 from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
@@ -585,7 +586,7 @@ class _Sink:
         self.edited = edited  # names of the tensors set inline, whose bytes in the input file are now stale
 
     def set_tensor(self, tensor: TensorProto, values: np.ndarray) -> None:
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        dtype = tensors.np_dtype(tensor.data_type)
         array = np.asarray(values).astype(dtype).reshape(tuple(tensor.dims))
         target = self.external.get(tensor.name)
         if target is not None and tensor.data_location == TensorProto.EXTERNAL:
@@ -599,7 +600,7 @@ class _Sink:
                     if entry.key == "checksum":
                         entry.value = hashlib.sha1(raw).hexdigest()
                 return
-        fresh = numpy_helper.from_array(array, tensor.name)
+        fresh = tensors.from_array(array, tensor.name)
         tensor.ClearField("external_data")
         tensor.data_location = TensorProto.DEFAULT
         for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
@@ -646,7 +647,7 @@ def _set_stat_input(
         sink.set_tensor(init, values.reshape(tuple(init.dims)))
         return
     name = _unique(model, f"{node.name or node.output[0]}.{label}")
-    model.graph.initializer.append(numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(dtype)), name))
+    model.graph.initializer.append(tensors.from_array(values.astype(tensors.np_dtype(dtype)), name))
     while len(node.input) <= position:
         node.input.append("")
     node.input[position] = name
@@ -687,11 +688,11 @@ def _edit_replace_chain(
             pos, _ = _find_node(model, key)
             positions[key] = pos
         anchor = positions.get("out:" + output, max(positions.values()))  # where the chain's output was made
-        np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+        np_dtype = tensors.np_dtype(dtype)
         names = {}
         for label in ("scale", "bias", "mean", "var"):
             names[label] = _unique(model, f"{name}.{label}")
-            graph.initializer.append(numpy_helper.from_array(params[label].astype(np_dtype), names[label]))
+            graph.initializer.append(tensors.from_array(params[label].astype(np_dtype), names[label]))
         attrs: dict[str, Any] = {"epsilon": float(eps)}
         if opset < 7:
             attrs["is_test"] = 1
@@ -930,7 +931,7 @@ class _Fixer:
             mean, var = inits.get(node.input[3]), inits.get(node.input[4])
             if mean is None or var is None or TensorProto.EXTERNAL in (mean.data_location, var.data_location):
                 continue
-            found[output] = (numpy_helper.to_array(mean), numpy_helper.to_array(var))
+            found[output] = (tensors.to_array(mean), tensors.to_array(var))
         return found
 
     def close(self) -> None:
@@ -1208,8 +1209,8 @@ def _verify_chain(
 
     shape = [d if isinstance(d, int) else (4 if axis == 0 else 3) for axis, d in enumerate(layer.input_shape or ())]
     in_type = handle.value_types.get(layer.input, TensorProto.FLOAT)
-    np_dtype = helper.tensor_dtype_to_np_dtype(in_type)
-    inits = [numpy_helper.from_array(np.asarray(g.param(name)), name) for name in external]
+    np_dtype = tensors.np_dtype(in_type)
+    inits = [tensors.from_array(np.asarray(g.param(name)), name) for name in external]
     graph = helper.make_graph(
         [_copy(n) for n in nodes],
         "chain",

@@ -26,6 +26,7 @@ from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm,
 from bncheck.backends.onnx.run import _without_extremes, new_session, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
+from bncheck.backends.onnx.tensors import element_type
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_plan import first_samples, joined_samples, merge_stats
 
@@ -248,4 +249,4 @@ def _declared(name: str, arrays: list[np.ndarray]) -> Any:
         int(size) if all(a.shape[axis] == size for a in arrays) else f"{name}_dim{axis}"
         for axis, size in enumerate(first.shape)
     ]
-    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(first.dtype), dims)
+    return helper.make_tensor_value_info(name, element_type(first.dtype), dims)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from bncheck.backends.onnx.tensors import np_dtype, to_array
 from bncheck.model import Dim
 
 if TYPE_CHECKING:
@@ -44,10 +45,8 @@ def copy_messages(target: Any, messages: Iterable[Any]) -> None:
 def element_size(data_type: int) -> int | None:
     """Bytes per element of an ONNX tensor type (8 for strings: numpy's object pointers), None for a type numpy
     has no dtype for (UNDEFINED, unknown numbers)."""
-    from onnx import helper
-
     try:
-        return int(helper.tensor_dtype_to_np_dtype(data_type).itemsize)
+        return int(np_dtype(data_type).itemsize)
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -121,10 +120,9 @@ class GraphIndex:
     """Producers, consumers and topological positions of one graph's nodes."""
 
     def __init__(self, handle: GraphSource) -> None:
-        from onnx import helper, numpy_helper
+        from onnx import helper
 
         self._helper = helper
-        self._numpy_helper = numpy_helper
         model = handle.model
         graph = model.graph
         self.model = model
@@ -282,7 +280,7 @@ class GraphIndex:
             if init.data_location == init.EXTERNAL:  # left in its file (external data): unknown here, never read
                 return None
             try:
-                return self._numpy_helper.to_array(init)
+                return to_array(init)
             except Exception:
                 return None
         idx = self.producer.get(tensor)
@@ -297,7 +295,7 @@ class GraphIndex:
                     val = attrs[key]
                     if key == "value":
                         try:
-                            return self._numpy_helper.to_array(val)
+                            return to_array(val)
                         except Exception:
                             return None
                     dtype = np.float32 if key.startswith("value_float") else np.int64
@@ -313,10 +311,8 @@ class GraphIndex:
         if op == "Identity":
             return src
         if op == "Cast":
-            from onnx import helper
-
             try:
-                return src.astype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
+                return src.astype(np_dtype(int(attrs["to"])))
             except Exception:
                 return None
         if op == "Flatten":
@@ -341,7 +337,7 @@ class GraphIndex:
         if int(np.prod(dims, dtype=np.int64)) > MAX_FILLED_ELEMENTS:
             return None
         try:
-            fill = self._numpy_helper.to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
+            fill = to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
         except Exception:
             return None
         return np.full(dims, fill[0], dtype=fill.dtype) if fill.size == 1 else None

@@ -13,6 +13,7 @@ from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import copy_messages, node_reads, tensor_nbytes, upstream_nodes
 from bncheck.backends.onnx.load import external_tensors, free_unset_dims, location_of, relocate
 from bncheck.backends.onnx.protobuf import raw_data_offsets
+from bncheck.backends.onnx.tensors import from_array, to_array
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, normalized_set_size
 
@@ -94,10 +95,8 @@ class _Builder:
         return self.node(op, inputs, hint, **attrs)[0]
 
     def const(self, value: np.ndarray, hint: str) -> str:
-        from onnx import numpy_helper
-
         name = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        self.inits.append(from_array(np.asarray(value), name))
         return name
 
     def reduce(self, op: str, x: str, axes: list[int], hint: str, keepdims: int = 0) -> str:
@@ -121,7 +120,6 @@ def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
     """Stream every top-level initializer into a new ``folder/weights-N.bin``; return weight-less external
     stubs. Tensors already external (a skeleton from an earlier call) are kept as they are."""
     import onnx
-    from onnx import numpy_helper
 
     stubs = []
     count = sum(1 for name in os.listdir(folder) if name.startswith("weights-"))
@@ -138,7 +136,7 @@ def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
                 copy.CopyFrom(tensor)
                 stubs.append(copy)
                 continue
-            data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            data = tensor.raw_data if tensor.HasField("raw_data") else to_array(tensor).tobytes()
             pad = (-offset) % _ALIGN
             if pad:
                 fh.write(b"\0" * pad)

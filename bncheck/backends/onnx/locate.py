@@ -25,6 +25,7 @@ import numpy as np
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, upstream_nodes
 from bncheck.backends.onnx.instrument import keep_only, stub
+from bncheck.backends.onnx.tensors import to_array
 from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
 from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
 
@@ -105,18 +106,18 @@ def _axes(node: Any, constants: dict[str, np.ndarray]) -> tuple[int, ...] | None
 
 def _constants(graph: Any) -> dict[str, np.ndarray]:
     """Small integer initializers and Constant outputs (reduction axes given as inputs)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     found: dict[str, np.ndarray] = {}
     with contextlib.suppress(ValueError):  # raw_data of the wrong length: onnxruntime reports that tensor
         for tensor in graph.initializer:
             if tensor.data_type in (6, 7) and not tensor.external_data:
-                found[tensor.name] = numpy_helper.to_array(tensor)
+                found[tensor.name] = to_array(tensor)
         for node in graph.node:
             if node.op_type == "Constant" and node.output:
                 for attr in node.attribute:
                     if attr.name == "value":
-                        found[node.output[0]] = numpy_helper.to_array(helper.get_attribute_value(attr))
+                        found[node.output[0]] = to_array(helper.get_attribute_value(attr))
     return found
 
 

@@ -38,6 +38,7 @@ from bncheck.backends.onnx.graph import copy_messages, has_subgraphs
 from bncheck.backends.onnx.instrument import _copy, _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes, own_skeleton
 from bncheck.backends.onnx.runtime_errors import runtime_message
+from bncheck.backends.onnx.tensors import from_array, np_dtype, to_array
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
@@ -141,8 +142,6 @@ def parameter_inputs(graph: Any) -> dict[str, float]:
 
 
 def _fixed_feeds(graph: Any, names: dict[str, float]) -> dict[str, np.ndarray]:
-    from onnx import helper
-
     feeds: dict[str, np.ndarray] = {}
     for info in graph.input:
         if info.name not in names:
@@ -151,7 +150,7 @@ def _fixed_feeds(graph: Any, names: dict[str, float]) -> dict[str, np.ndarray]:
         dims = [int(d.dim_value) for d in tt.shape.dim if d.HasField("dim_value") and d.dim_value > 0]
         if len(dims) != len(tt.shape.dim):
             continue  # unknown size: left unfed, onnxruntime names it
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
+        dtype = np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
         feeds[info.name] = np.full(dims, names[info.name], dtype=dtype)
     return feeds
 
@@ -236,11 +235,10 @@ def _relaxed(model: onnx.ModelProto, batched: dict[str, int], fixed: int) -> onn
 
 def _constant_values(graph: Any) -> dict[str, tuple[np.ndarray, Any]]:
     """Integer constants (initializers and Constant nodes) by name, with the proto holding them."""
-    from onnx import numpy_helper
 
     def values(tensor: Any) -> np.ndarray | None:
         try:
-            return numpy_helper.to_array(tensor)
+            return to_array(tensor)
         except ValueError:  # raw_data of the wrong length: no shape to rewrite (onnxruntime reports the tensor)
             return None
 
@@ -280,7 +278,7 @@ def _rewrite_batch_constants(
     """Reshape/Expand targets whose first element is the fixed batch, on a batch-fed tensor whose first dim
     (in the file's ``shapes``) is that batch or unknown, become ``Concat(Shape(input)[axis:axis+1], rest)``:
     the fed batch instead of the baked one. Returns how many."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     constants = _constant_values(graph)
@@ -308,7 +306,7 @@ def _rewrite_batch_constants(
         return 0
     prefix = "__bncheck_batch"
     source, axis = next(iter(batched.items()))
-    zero = numpy_helper.from_array(np.array([axis], np.int64), f"{prefix}_index")
+    zero = from_array(np.array([axis], np.int64), f"{prefix}_index")
     graph.initializer.append(zero)
     source_shape = helper.make_node("Shape", [source], [f"{prefix}_shape"], name=f"{prefix}_shape")
     batch = helper.make_node(
@@ -320,7 +318,7 @@ def _rewrite_batch_constants(
         target = f"{prefix}_target_{count}"
         parts = [batch.output[0]]
         if rest.size:
-            tail = numpy_helper.from_array(rest.astype(np.int64), f"{prefix}_rest_{count}")
+            tail = from_array(rest.astype(np.int64), f"{prefix}_rest_{count}")
             graph.initializer.append(tail)
             parts.append(tail.name)
         added.append((i, helper.make_node("Concat", parts, [target], name=target, axis=0)))

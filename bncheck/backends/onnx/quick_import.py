@@ -22,7 +22,8 @@ _NAME = "importlib.metadata"
 #: tarfile), the generator of onnx's protobuf modules (argparse, subprocess), protobuf's JSON and text
 #: formats, which onnx reads only for models saved in those formats, and protobuf's pure-Python message
 #: implementation, which its descriptor pool and message builder import whatever protobuf's backend is, and
-#: call only when that backend is the pure-Python one.
+#: call only when that backend is the pure-Python one. Also onnx's dtype table and ml_dtypes, which it
+#: imports for the element types numpy lacks: bncheck converts plain numeric tensors itself (tensors.py).
 DEFERRED = (
     "onnx.compose",
     "onnx.utils",
@@ -30,6 +31,8 @@ DEFERRED = (
     "google.protobuf.json_format",
     "google.protobuf.text_format",
     "google.protobuf.internal.python_message",
+    "onnx._mapping",
+    "ml_dtypes",
 )
 
 
@@ -73,7 +76,9 @@ def _defer(name: str, doc: str = "not imported yet (bncheck.backends.onnx.quick_
     return module
 
 
-_REAL_IMPORT = threading.Lock()  # two threads reading a Deferred at once: one real import, never two
+# two threads reading a Deferred at once: one real import, never two; re-entrant, because one deferred
+# module's import can read another (onnx._mapping reads ml_dtypes)
+_REAL_IMPORT = threading.RLock()
 
 
 def _import_real(name: str) -> types.ModuleType:
