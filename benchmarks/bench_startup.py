@@ -44,10 +44,9 @@ QUICK_IMPORT = (
 # (label, what the stage adds); each child times its stage and every stage before it
 STAGES: list[tuple[str, str]] = [
     ("numpy, numpy.random, onnxruntime (what plain imports)", "import numpy, numpy.random, onnxruntime"),
-    # onnx imports ml_dtypes, whose 0.7.0 release is slow to import (docs/architecture.md): its own row
-    ("ml_dtypes (onnx imports it)", "import ml_dtypes"),
-    # as the console imports it, without importlib.metadata; quick_import.py is loaded from its file, so that
-    # the bncheck modules its package imports stay in their own row
+    # as the console imports it, without importlib.metadata and with onnx's dtype table and ml_dtypes left to
+    # their first use (which a model of plain numeric types never makes); quick_import.py is loaded from its
+    # file, so that the bncheck modules its package imports stay in their own row
     ("onnx (as bncheck's console imports it)", QUICK_IMPORT),
     ("click", "import click"),
     ("bncheck's modules", BNCHECK),
