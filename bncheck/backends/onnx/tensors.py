@@ -63,7 +63,7 @@ def element_type(dtype: Any) -> int:
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """``onnx.numpy_helper.to_array(tensor)``: the same array (raw bytes are a read-only view, as there)."""
     dtype = DTYPES.get(tensor.data_type)
-    if dtype is not None and _LITTLE and tensor.data_location != 1 and not tensor.HasField("segment"):  # 1: EXTERNAL
+    if dtype is not None and _LITTLE and tensor.data_location != tensor.EXTERNAL and not tensor.HasField("segment"):
         if tensor.HasField("raw_data"):
             return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tensor.dims)
         field = _FIELDS.get(tensor.data_type)
