@@ -714,7 +714,8 @@ class Augmenter:
         per_channel = all(self.shapes.get(name) == (c,) for name in node.input[1:3])  # scale and bias
         # (BatchNormalization-6 would need is_test: an opset the probe copy converts before it runs)
         one_kernel = spatial_mode == 1 and c is not None and per_channel and not self.keep_runtime and self.opset >= 7
-        if spatial_mode == 1 and rank >= 3:
+        pooled = spatial_mode == 1 and rank >= 3
+        if pooled:
             # the mean over (0, 2, ...) as the batch mean of per-sample GlobalAveragePools: onnxruntime keeps
             # those in its NCHWc layout, where a ReduceMean over (0, 2, 3) reorders the whole tensor first
             gap = b.one("GlobalAveragePool", [x], "spec_gap")
@@ -736,7 +737,7 @@ class Augmenter:
             # value of exactly 0 (a one-element set) still gives exactly the bias. Not beside the runtime's
             # node: onnxruntime merges equal [C] initializers, which that node's in-place writes then corrupt
             assert c is not None  # one_kernel
-            channels = var if spatial_mode == 1 and rank >= 3 else b.one("Reshape", [var, flat], "spec_var_c")
+            channels = var if pooled else b.one("Reshape", [var, flat], "spec_var_c")
             zero = b.const(np.zeros(c, np.float32), "spec_mean0")
             b.nodes.append(
                 onnx.helper.make_node(

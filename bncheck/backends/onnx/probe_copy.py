@@ -554,7 +554,12 @@ def _relax(
         proof = prove(relaxed)
     if isinstance(proof, str):
         keep_fixed_batch(copy, inputs, proof)
-        if takes_proof and isinstance(proof, OutputsRefuse) and proof.session and proof.at_fixed is not None:
+        if (
+            takes_proof
+            and isinstance(proof, OutputsRefuse)
+            and proof.session is not None
+            and proof.at_fixed is not None
+        ):
             # the plain relaxed copy, proven last: at the file's size it is the file's graph, so its session and
             # its run there serve the probe as a proof's do, instead of a session of the file built after it
             copy.proof, copy.drawn = Proof(proof.session, [proof.at_fixed], proof.drawn), proof.drawn

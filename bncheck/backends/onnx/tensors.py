@@ -68,7 +68,7 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
             return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tensor.dims)
         field = _FIELDS.get(tensor.data_type)
         if field is not None:
-            return np.asarray(getattr(tensor, field), dtype=dtype).astype(dtype).reshape(tensor.dims)
+            return np.array(getattr(tensor, field), dtype=dtype).reshape(tensor.dims)
     from onnx import numpy_helper
 
     return numpy_helper.to_array(tensor)
