@@ -13,6 +13,7 @@ from bncheck.backends.base import BackendError
 from bncheck.backends.onnx.graph import copy_messages, node_reads, tensor_nbytes, upstream_nodes
 from bncheck.backends.onnx.load import external_tensors, free_unset_dims, location_of, relocate
 from bncheck.backends.onnx.protobuf import raw_data_offsets
+from bncheck.backends.onnx.splice import Decomposition
 from bncheck.backends.onnx.tensors import from_array, to_array
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, normalized_set_size
@@ -411,6 +412,8 @@ class Augmenter:
         # spec output name -> its decomposition's per-sample pools of x and of (x - mean)^2, batch mean and
         # variance ([1, C, 1, ...]): the layer's statistics without a kernel of their own (_spec_measure)
         self.spec_pools: dict[str, dict[str, str]] = {}
+        # the decompositions the statistics-first session splices in after optimizing (splice.py)
+        self.decompositions: list[Decomposition] = []
         self.read: set[str] = set()
         self.known: set[str] = set()
         self.plans: list[LayerPlan] = []
@@ -788,6 +791,16 @@ class Augmenter:
             renamed.append(self.b.name(f"runtime_out{pos}") if pos < 3 or pos >= len(outputs) else outputs[pos])
         del node.output[:]
         node.output.extend(renamed)
+        if pooled and one_kernel:
+            # for the optimizing build: the node itself (writing y, and the running statistics where read)
+            # beside the pool of x, the decomposition's only node that onnxruntime rewrites (NCHWc)
+            written = type(node)()
+            written.CopyFrom(node)
+            written.output[0] = y_spec
+            for pos in updated:
+                written.output[pos] = outputs[pos]
+            assert spec_nodes[0].output[0] == gap  # pooled
+            self.decompositions.append(Decomposition(written, [n.name for n in spec_nodes[1:]], list(node.input[:5])))
         self.shapes[renamed[0]] = shape
         self.types[renamed[0]] = elem
         self.replaced[idx] = spec_nodes

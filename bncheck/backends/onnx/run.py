@@ -27,6 +27,7 @@ from bncheck.backends.onnx.probe_copy import OutputsRefuse, keep_fixed_batch, pr
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
+from bncheck.backends.onnx.splice import Decomposition, Splice
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
@@ -218,7 +219,13 @@ def trim_heap() -> None:
         pass
 
 
-def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: Scratch, main_outputs: set[str]):
+def _session_statistics_first(
+    model: onnx.ModelProto,
+    folder: str,
+    tmp: Scratch,
+    main_outputs: set[str],
+    decompositions: list[Decomposition] | None = None,
+) -> tuple[Any, bool]:
     """Fast-form session whose added nodes run right after their producers, even after NCHWc rewriting.
 
     onnxruntime breaks PRIORITY_BASED ties by node index, and the nodes its layout transformer creates
@@ -226,7 +233,9 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: Scratch,
     Relu, Add), which then run first and keep an extra activation alive. So: optimize once at
     ORT_ENABLE_ALL and save the optimized graph (weights to the temporary folder), put every added node
     right after its producer, and run that graph with optimizations off: a lower peak for a second
-    session build (docs/architecture.md).
+    session build (docs/architecture.md). ``decompositions``: train-mode BNs whose decomposition is spliced
+    into the optimized graph rather than optimized (splice.py); whether that was done is returned with the
+    session, and ``model`` is left as it came.
     """
     import onnx
     import onnxruntime as ort
@@ -238,14 +247,31 @@ def _session_statistics_first(model: onnx.ModelProto, folder: str, tmp: Scratch,
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EMBED_BYTES))
     # this session only writes the optimized graph and never runs: packing weights for its kernels is waste
     so.add_session_config_entry("session.disable_prepacking", "1")
-    first = new_session(model, so)
-    del first
-    # no malloc_trim here: the running session's creation reuses these freed pages without faulting them
-    # in again, and run_probe trims once the view's weights are released (same peak)
-    graph_only = onnx.load(optimized, load_external_data=False)
-    _statistics_first(graph_only.graph, main_outputs)
-    so = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp.path)
-    return new_session(graph_only, so)
+
+    def optimize() -> Any:
+        first = new_session(model, so)
+        del first
+        # no malloc_trim here: the running session's creation reuses these freed pages without faulting them
+        # in again, and run_probe trims once the view's weights are released (same peak)
+        return onnx.load(optimized, load_external_data=False)
+
+    splice = Splice(model, decompositions) if decompositions else None
+    try:
+        graph_only = optimize()
+        if splice is not None and not splice.apply(graph_only.graph):
+            # the optimizer rewrote a BN node: the whole decomposed graph is optimized instead
+            splice.apply(model.graph)
+            splice = None
+            graph_only = optimize()
+        _statistics_first(graph_only.graph, main_outputs)
+        running = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp.path)
+        return new_session(graph_only, running), splice is not None
+    except BaseException:
+        if splice is not None:
+            # onnxruntime refused a BN node as the model wrote it, or a later step failed: the caller's
+            # fallback session builds ``model`` as it came
+            splice.apply(model.graph)
+        raise
 
 
 def _without_extremes(
@@ -622,10 +648,12 @@ class _Engine:
             self.model_outputs = [] if self.cut else [o.name for o in self.handle.model.graph.output]
             self.output_names = list(aug.outputs) + [o for o in self.model_outputs if o not in aug.outputs]
             main_outputs = {o.name for o in self.handle.model.graph.output}
+            decompositions = aug.decompositions
             folder = aug.folder
             del aug
             self.session = None
             self.statistics_first = False
+            self.spliced = False  # train-mode decompositions spliced into the optimized graph (splice.py)
             if self.providers != [CPU]:
                 # the statistics-first re-ordering works on the CPU provider's optimized (NCHWc) graph
                 try:
@@ -641,7 +669,9 @@ class _Engine:
                 self.session = proof.session
             if self.session is None and not exact and self.reorder:
                 try:
-                    self.session = _session_statistics_first(model, folder, self.tmp, main_outputs)
+                    self.session, self.spliced = _session_statistics_first(
+                        model, folder, self.tmp, main_outputs, decompositions
+                    )
                     self.statistics_first = True
                 except Exception:
                     self.session = None
