@@ -11,6 +11,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx.graph import copied
 from bncheck.backends.onnx.instrument import Augmenter
 from bncheck.backends.onnx.run import _Engine, _session_statistics_first
 from bncheck.backends.onnx.scratch import Scratch
@@ -26,12 +27,6 @@ def _augmented(path: str, scratch: Scratch) -> tuple[onnx.ModelProto, Augmenter]
     view = OnnxBackend().load(path)
     aug = Augmenter(view.handle, view.layers, scratch, exact=False, inputs_only=False, keep_runtime=False)
     return aug.finish(), aug
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copied = onnx.ModelProto()
-    copied.CopyFrom(model)
-    return copied
 
 
 def _node_set(graph: onnx.GraphProto) -> list[bytes]:
@@ -67,7 +62,7 @@ def test_a_spliced_stack_computes_exactly_what_the_whole_decomposed_graph_optimi
     for decompositions in (None, aug.decompositions):
         folder = Scratch(0)
         try:
-            session, spliced = _session_statistics_first(_copy(model), aug.folder, folder, main, decompositions)
+            session, spliced = _session_statistics_first(copied(model), aug.folder, folder, main, decompositions)
         finally:
             folder.remove()
         assert spliced == (decompositions is not None)
@@ -96,7 +91,7 @@ def test_the_optimizing_build_sees_each_train_mode_bn_as_the_model_wrote_it(tmp_
 def test_splicing_back_into_the_edited_model_restores_the_decomposed_graph(tmp_path, scratch):
     path = train_bn_stack_model(tmp_path / "stack.onnx", widths=(3, 5, 2), hw=(8, 8))
     model, aug = _augmented(path, scratch)
-    before = _copy(model)
+    before = copied(model)
     splice = Splice(model, aug.decompositions)
     assert _node_set(model.graph) != _node_set(before.graph)
     assert splice.apply(model.graph)
@@ -113,7 +108,7 @@ def test_a_graph_without_the_bn_node_is_left_unchanged(tmp_path, scratch):
     path = train_bn_stack_model(tmp_path / "stack.onnx", widths=(3, 5), hw=(8, 8))
     model, aug = _augmented(path, scratch)
     splice = Splice(model, aug.decompositions)
-    other = _copy(model)
+    other = copied(model)
     renamed = next(n for n in other.graph.node if n.op_type == "BatchNormalization" and n.output[0] == "bn1")
     renamed.op_type = "InstanceNormalization"
     untouched = other.SerializeToString()

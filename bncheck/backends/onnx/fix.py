@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import tensors
-from bncheck.backends.onnx.graph import node_reads
+from bncheck.backends.onnx.graph import copied, node_reads
 from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
@@ -696,7 +696,7 @@ def _edit_replace_chain(
         attrs: dict[str, Any] = {"epsilon": float(eps)}
         if opset < 7:
             attrs["is_test"] = 1
-        old = [_copy(n) for n in graph.node]  # detached copies: the repeated field is cleared below
+        old = [copied(n) for n in graph.node]  # detached copies: the repeated field is cleared below
         drop = set(positions.values())
         kept_names = {n.name for pos, n in enumerate(old) if pos not in drop}
         node_name, k = name, 1
@@ -1212,7 +1212,7 @@ def _verify_chain(
     np_dtype = tensors.np_dtype(in_type)
     inits = [tensors.from_array(np.asarray(g.param(name)), name) for name in external]
     graph = helper.make_graph(
-        [_copy(n) for n in nodes],
+        [copied(n) for n in nodes],
         "chain",
         [helper.make_tensor_value_info(layer.input, in_type, shape)],
         [helper.make_tensor_value_info(layer.output, in_type, None)],
@@ -1243,12 +1243,6 @@ def _verify_chain(
             "random input); it is left alone"
         )
     return None
-
-
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    return out
 
 
 # ====================================================================== external data

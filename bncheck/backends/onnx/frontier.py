@@ -21,8 +21,8 @@ import numpy as np
 
 from bncheck import budget
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import has_subgraphs, node_reads, upstream_nodes
-from bncheck.backends.onnx.instrument import _copy, _opset, is_train_batch_norm, stub
+from bncheck.backends.onnx.graph import copied, has_subgraphs, node_reads, upstream_nodes
+from bncheck.backends.onnx.instrument import _opset, is_train_batch_norm, stub
 from bncheck.backends.onnx.run import _without_extremes, new_session, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
@@ -229,7 +229,7 @@ class Frontier:
             self._stubs = {t.name: t for t in skeleton.graph.initializer}
         current = {t.name: t for t in self.handle.model.graph.initializer if t.name in names}
         return [
-            _copy(tensor) if name in self.handle.edited or name not in self._stubs else self._stubs[name]
+            copied(tensor) if name in self.handle.edited or name not in self._stubs else self._stubs[name]
             for name, tensor in current.items()
         ]
 

@@ -12,7 +12,7 @@ import functools
 import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,16 @@ TRANSPARENT = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "U
 VALUE_PRESERVING = frozenset({"Identity", "Cast"})
 #: most elements a ConstantOfShape with a constant shape is expanded to when read as a parameter
 MAX_FILLED_ELEMENTS = 1 << 20
+
+
+M = TypeVar("M")
+
+
+def copied(message: M) -> M:
+    """A detached copy of a protobuf message (a node, tensor or value info)."""
+    copy = type(message)()
+    copy.CopyFrom(message)  # type: ignore[attr-defined]
+    return copy
 
 
 def copy_messages(target: Any, messages: Iterable[Any]) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
-from bncheck.backends.onnx.graph import copy_messages, node_reads, tensor_nbytes, upstream_nodes
+from bncheck.backends.onnx.graph import copied, copy_messages, node_reads, tensor_nbytes, upstream_nodes
 from bncheck.backends.onnx.load import external_tensors, free_unset_dims, location_of, relocate
 from bncheck.backends.onnx.protobuf import raw_data_offsets
 from bncheck.backends.onnx.splice import Decomposition
@@ -133,9 +133,7 @@ def _write_weights(model: onnx.ModelProto, folder: str) -> list[Any]:
             if small or tensor.data_type == onnx.TensorProto.STRING or _is_external(tensor):
                 # small tensors stay inline: shapes, axes and constants must be readable by
                 # onnxruntime's shape inference, which does not read external data
-                copy = onnx.TensorProto()
-                copy.CopyFrom(tensor)
-                stubs.append(copy)
+                stubs.append(copied(tensor))
                 continue
             data = tensor.raw_data if tensor.HasField("raw_data") else to_array(tensor).tobytes()
             pad = (-offset) % _ALIGN
@@ -176,12 +174,12 @@ def _in_file_stubs(handle: OnnxHandle) -> list[Any] | None:
             # probe (named as here): it must point into this file too
             if location_of(tensor) not in (location, os.path.basename(handle.path)):
                 return None
-            kept = _copy(tensor)
+            kept = copied(tensor)
             relocate(kept, location)
             stubs.append(kept)
             continue
         if small or tensor.data_type == onnx.TensorProto.STRING or tensor.name in handle.edited:
-            stubs.append(_copy(tensor))  # an edited tensor's bytes in the file are stale: inline
+            stubs.append(copied(tensor))  # an edited tensor's bytes in the file are stale: inline
             continue
         if offsets is None:
             offsets = raw_data_offsets(handle.path) or {}
@@ -204,14 +202,6 @@ def _is_external(tensor: Any) -> bool:
     import onnx
 
     return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
-def _copy(tensor: Any) -> Any:
-    import onnx
-
-    copy = onnx.TensorProto()
-    copy.CopyFrom(tensor)
-    return copy
 
 
 def _skeleton(src: onnx.ModelProto, initializers: list[Any]) -> onnx.ModelProto:
@@ -244,7 +234,7 @@ def stub(handle: OnnxHandle, tmp: Scratch) -> tuple[onnx.ModelProto, str]:
         # The model as it is in memory, edits included (fix's passes): the loader read only the small tensors
         # and the norm parameters, the large ones still point into their files (it validated every location),
         # and onnxruntime reads them from the original folder.
-        skeleton = _skeleton(handle.model, [_copy(t) for t in handle.model.graph.initializer])
+        skeleton = _skeleton(handle.model, [copied(t) for t in handle.model.graph.initializer])
         return skeleton, runtime_folder(skeleton, folder)
     in_file = _in_file_stubs(handle)
     if in_file is not None:  # onnxruntime reads the weights from the model file itself, in its real folder
@@ -381,7 +371,7 @@ class Augmenter:
         if base is None:
             self.model, self.folder = stub(handle, tmp)
             free_unset_dims(self.model.graph)  # a batch written as 0 would be a literal 0 to onnxruntime
-            self.initializer_stubs = None if handle.external_data else [_copy(t) for t in self.model.graph.initializer]
+            self.initializer_stubs = None if handle.external_data else [copied(t) for t in self.model.graph.initializer]
             self.shapes = dict(handle.value_shapes)
             self.types = dict(handle.value_types)
         else:
@@ -424,8 +414,7 @@ class Augmenter:
         for idx, node in enumerate(list(graph.node)):
             if self._is_train_bn(node):
                 y = node.output[0]
-                self.runtime_protos[y] = type(node)()
-                self.runtime_protos[y].CopyFrom(node)
+                self.runtime_protos[y] = copied(node)
                 if self._decompose(idx):
                     self.decomposed[y] = graph.node[idx].output[0]
         self.known = {v.name for v in graph.input} | {t.name for t in graph.initializer}
@@ -794,8 +783,7 @@ class Augmenter:
         if pooled and one_kernel:
             # for the optimizing build: the node itself (writing y, and the running statistics where read)
             # beside the pool of x, the decomposition's only node that onnxruntime rewrites (NCHWc)
-            written = type(node)()
-            written.CopyFrom(node)
+            written = copied(node)
             written.output[0] = y_spec
             for pos in updated:
                 written.output[pos] = outputs[pos]

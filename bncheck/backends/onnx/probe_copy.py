@@ -34,8 +34,8 @@ import numpy as np
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import copy_messages, has_subgraphs
-from bncheck.backends.onnx.instrument import _copy, _opset, stub
+from bncheck.backends.onnx.graph import copied, copy_messages, has_subgraphs
+from bncheck.backends.onnx.instrument import _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes, own_skeleton
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.tensors import from_array, np_dtype, to_array
@@ -593,7 +593,7 @@ def prepare(
     ``refused``: why those runs failed it, from the outputs (no second proof of the same graph);
     ``takes_proof``: the probe adds nothing to the graph and takes a proof's session over (see _relax)."""
     model, folder = stub(handle, tmp)
-    stubs = None if handle.external_data else [_copy(t) for t in model.graph.initializer]
+    stubs = None if handle.external_data else [copied(t) for t in model.graph.initializer]
     if stubbed is not None:
         stubbed(stubs)
     free_unset_dims(model.graph)

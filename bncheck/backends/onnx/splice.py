@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bncheck.backends.onnx.graph import copy_messages
+from bncheck.backends.onnx.graph import copied, copy_messages
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Splice:
         self.decompositions = decompositions
         later = {name for d in decompositions for name in d.later}
         writer = {d.node.output[0]: d.node for d in decompositions}
-        self.nodes: dict[str, Any] = {}  # name -> a copy of each later node
+        self.nodes: dict[str, Any] = {}  # name -> each later node, taken out of the model
         # edited in place, from the end: the model's nodes (with a model's weights in Constant nodes) stay
         # where they are instead of being copied
         hits = [i for i, node in enumerate(graph.node) if node.name in later]
@@ -48,9 +48,9 @@ class Splice:
         written = {out for node in self.nodes.values() for out in node.output} - own
         read = {name for node in self.nodes.values() for name in node.input}
         read -= {name for d in decompositions for name in d.reads}  # the BN's own: in the optimized graph too
-        self.outputs = [_copy(o) for o in graph.output if o.name in written]
+        self.outputs = [copied(o) for o in graph.output if o.name in written]
         # the constants only the later nodes read (the optimizer drops them from the graph it writes)
-        self.initializers = [_copy(t) for t in graph.initializer if t.name in read]
+        self.initializers = [copied(t) for t in graph.initializer if t.name in read]
         for i in range(len(graph.output) - 1, -1, -1):
             if graph.output[i].name in written:
                 del graph.output[i]
@@ -94,7 +94,7 @@ class Splice:
         node = self.nodes[name]
         if not renamed:
             return node
-        node = _copy(node)
+        node = copied(node)
         for k, read in enumerate(node.input):
             node.input[k] = renamed.get(read, read)
         return node
@@ -111,9 +111,3 @@ class Splice:
         for read in nodes[j].input:
             Splice._pull(read, position, nodes, producer, moved, pulled)
         pulled.append(nodes[j])
-
-
-def _copy(message: Any) -> Any:
-    copied = type(message)()
-    copied.CopyFrom(message)
-    return copied
