@@ -4,7 +4,8 @@ Usage: python benchmarks/bench_floor.py ID[,ID...] [--repeats 7] [--cache DIR]  
 
 IDs name ONNX models of the real-world set (benchmarks/real_models; run fetch.py and make_exports.py first).
 For each model, one warm `bncheck.probe` in this process records the graph it hands onnxruntime first (on a
-train-mode model the spec's decomposition, with the measuring outputs) and the runs it makes outside the
+train-mode model the spec's decomposition, with the measuring outputs, as the augmented graph holds it before
+the statistics-first session's optimizing build, which sees the train-mode BNs without it: splice.py) and the runs it makes outside the
 output-level test (each feed's shape and type). Then fresh processes alternate, as in real_models/run.py:
 
 - plain: real_models/run.py's plain child (onnxruntime and numpy imported, the file's session, its passes);
@@ -76,6 +77,13 @@ def record(model: dict, folder: Path) -> tuple[Path, int, list[list[dict[str, An
     sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # not kept alive: the probe frees its first build
     state = {"test": 0}
     new_session, session_run, outputs_test = backend.new_session, ort.InferenceSession.run, plan._outputs_test
+    statistics_first = backend._session_statistics_first
+
+    def recording_statistics_first(model: Any, *rest: Any, **kw: Any) -> Any:
+        # the whole augmented graph, before its first build sees the train-mode BNs without their decompositions
+        if not graphs:
+            graphs.append((model.SerializeToString(), len(model.graph.node)))
+        return statistics_first(model, *rest, **kw)
 
     def recording_session(source: Any, options: Any, providers: Any = None) -> Any:
         session = new_session(source, options, providers)
@@ -97,10 +105,12 @@ def record(model: dict, folder: Path) -> tuple[Path, int, list[list[dict[str, An
             state["test"] -= 1
 
     backend.new_session, ort.InferenceSession.run, plan._outputs_test = recording_session, recording_run, counted_test
+    backend._session_statistics_first = recording_statistics_first
     try:
         bncheck.probe(model["path"], **kwargs)
     finally:
         backend.new_session, ort.InferenceSession.run, plan._outputs_test = new_session, session_run, outputs_test
+        backend._session_statistics_first = statistics_first
     if not graphs or not runs:
         raise SystemExit(f"{model['id']}: the probe built no session from a graph of its own, or ran none")
     path = folder / f"{model['id']}.onnx"
