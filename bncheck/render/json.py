@@ -273,6 +273,11 @@ def _stats(stats: TensorStats | None) -> dict[str, Any] | None:
 
 def jsonable(value: Any) -> Any:
     """Make evidence JSON-safe: numpy scalars/arrays to Python, NaN/Inf to strings, tuples to lists."""
+    kind = type(value)
+    if kind is str or value is None:  # the common cases first (a document holds thousands of values)
+        return value
+    if kind is float or kind is int:
+        return number(value)
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
