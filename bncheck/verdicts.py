@@ -80,6 +80,8 @@ def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndar
         return False  # a dead input makes any centred norm output its bias: the cause is upstream
     if all_zero:
         return True
+    if not out.minmax_measured and out.channels:
+        return False  # no extremes measured (NaN): constant() below would find no channel constant either
     if not np.all(constant(out)):
         return False
     if not np.all(constant(inp)):
