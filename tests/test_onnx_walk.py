@@ -692,6 +692,21 @@ def test_layers_come_in_graph_order(tmp_path):
     assert any("checker" in n.message for n in view.notes)  # unsorted graphs fail onnx.checker
 
 
+def test_topological_order_keeps_sorted_graphs_and_sorts_the_others():
+    from bncheck.backends.onnx.graph import topological_order
+
+    a = helper.make_node("Relu", ["x"], ["a"])
+    b = helper.make_node("Relu", ["a"], ["b"])
+    c = helper.make_node("Add", ["a", "b"], ["c"])
+    loop = helper.make_node("Add", ["c", "d"], ["d"])  # reads its own output: no dependence on itself
+    assert topological_order([a, b, c, loop]) == [0, 1, 2, 3]
+    assert topological_order([c, b, a]) == [2, 1, 0]
+    assert topological_order([b, a, c]) == [1, 0, 2]
+    # the last of two producers is the one a reader waits for, as in any order the file gives
+    again = helper.make_node("Relu", ["x"], ["b"])
+    assert topological_order([c, a, b, again]) == [1, 2, 3, 0]
+
+
 def test_walk_and_walk_with_notes_agree(tmp_path):
     handle = load_onnx(resnet_like(tmp_path, blocks=3))
     layers, notes = walk_with_notes(handle)

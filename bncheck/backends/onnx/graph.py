@@ -93,10 +93,14 @@ def topological_order(nodes: list[onnx.NodeProto]) -> list[int]:
         for out in node.output:
             if out:
                 produced_by[out] = idx
+    reads = [node.input for node in nodes]
+    # a sorted graph (most files) comes out of Kahn's algorithm below unchanged: checked in one pass
+    if all(produced_by.get(name, -1) <= idx for idx, names in enumerate(reads) for name in names):
+        return list(range(len(nodes)))
     indegree = [0] * len(nodes)
     users: list[list[int]] = [[] for _ in nodes]
-    for idx, node in enumerate(nodes):
-        deps = {produced_by[i] for i in node.input if i in produced_by and produced_by[i] != idx}
+    for idx, names in enumerate(reads):
+        deps = {produced_by[i] for i in names if i in produced_by and produced_by[i] != idx}
         indegree[idx] = len(deps)
         for dep in deps:
             users[dep].append(idx)
