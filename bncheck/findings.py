@@ -56,16 +56,15 @@ def number(value: SupportsFloat | None) -> float | int | str | None:
     numpy scalars are accepted through the numbers ABCs they register with (this module imports no numpy).
     """
     if type(value) is float:  # the common case first: the ABC checks below cost a microsecond a number
-        return value if math.isfinite(value) else _non_finite(value)
-    if type(value) is int or value is None:
+        f = value
+    elif type(value) is int or value is None:
         return value
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)  # numpy integers register as Integral
-    f = float(value)
-    return f if math.isfinite(f) else _non_finite(f)
-
-
-def _non_finite(f: float) -> str:
+    else:
+        f = float(value)
+    if math.isfinite(f):
+        return f
     return "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
 
 
