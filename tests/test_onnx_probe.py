@@ -20,9 +20,11 @@ from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
+from bncheck.backends.onnx.graph import repacked_bytes
 from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.run import (
+    PREPACK_MAX_REPACKED,
     _decode_spec,
     _derive_spec_output,
     _Engine,
@@ -37,7 +39,14 @@ from bncheck.backends.onnx.scratch import RAM_FOLDER, Scratch, scratch_folder
 from bncheck.model import TensorStats
 from bncheck.probe_data import ProbeDataError, synthetic_inputs
 from bncheck.probe_plan import NOT_NEEDED, make_plan, tensor_stats
-from tests.builders import bn_model, layernorm_model, moments_model, score_head_model, train_bn_stack_model
+from tests.builders import (
+    bn_model,
+    layernorm_model,
+    moments_model,
+    score_head_model,
+    tied_recurrence_model,
+    train_bn_stack_model,
+)
 
 F32 = TensorProto.FLOAT
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +151,38 @@ def test_in_graph_statistics_at_ort_enable_all_equal_numpy_of_an_unoptimized_pla
     info = _compare_with_plain_run(_resnet(tmp_path / "r.onnx", width=8, image=64))
     assert info["modes"] == "fast,full"
     assert info["statistics_first"]  # the re-ordered, pre-optimized graph, not the fallback
+
+
+def test_repacked_bytes_count_a_tied_weight_once_per_further_reader(tmp_path):
+    tied = onnx.load(tied_recurrence_model(tmp_path / "tied.onnx", steps=4, features=16))
+    untied = onnx.load(tied_recurrence_model(tmp_path / "untied.onnx", steps=4, features=16, tied=False))
+    assert repacked_bytes(tied.graph) == 3 * 16 * 16 * 4  # four MatMuls read one 16x16 weight via Identity
+    assert repacked_bytes(untied.graph) == 0
+
+
+def _disables_prepacking(path: str) -> bool:
+    view = OnnxBackend().load(path)
+    engine = _Engine(view.handle, view.layers)
+    try:
+        options = engine.session.get_session_options()
+        try:
+            return options.get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # onnxruntime's answer for an entry never set
+            return False
+    finally:
+        engine.close()
+
+
+def test_a_weight_tied_graph_packing_past_the_limit_runs_unpacked_and_measures_what_plain_onnxruntime_does(
+    tmp_path,
+):
+    features = 1024  # a 4 MiB weight: 17 readers pack 16 copies beyond the first, 64 MiB
+    steps = 1 + PREPACK_MAX_REPACKED // (features * features * 4)
+    over = tied_recurrence_model(tmp_path / "over.onnx", steps=steps, features=features)
+    under = tied_recurrence_model(tmp_path / "under.onnx", steps=steps - 1, features=features)
+    assert _disables_prepacking(over)
+    assert not _disables_prepacking(under)
+    assert _compare_with_plain_run(over)["statistics_first"]
 
 
 def test_generic_form_statistics_equal_numpy_for_channel_last_layer_norm(tmp_path):

@@ -505,6 +505,36 @@ def upstream_nodes(
     return found
 
 
+#: ops whose onnxruntime CPU kernels pack their constant weight (input 1) into a copy of their own when the
+#: session is built
+PREPACKING_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def repacked_bytes(graph: onnx.GraphProto) -> int:
+    """Bytes onnxruntime would pack beyond one copy of each weight when building a session of ``graph``: it
+    packs each prepacking node's constant weight (read directly or through Identity nodes) for that node
+    alone, so a weight read by k such nodes (an unrolled recurrence, layers sharing weights) is packed k times."""
+    nodes = list(graph.node)
+    identity = {node.output[0]: node.input[0] for node in nodes if node.op_type == "Identity" and node.input}
+    readers: dict[str, int] = {}
+    for node in nodes:
+        if node.op_type in PREPACKING_OPS and len(node.input) > 1:
+            name = node.input[1]
+            for _ in range(len(identity)):  # a chain of Identity nodes (bounded: a cycle is malformed)
+                if name not in identity:
+                    break
+                name = identity[name]
+            readers[name] = readers.get(name, 0) + 1
+    shared = {name for name, count in readers.items() if count > 1}
+    if not shared:
+        return 0
+    sizes = {t.name: tensor_nbytes(t) for t in graph.initializer if t.name in shared}
+    for node in nodes:
+        if node.op_type == "Constant" and node.output and node.output[0] in shared:
+            sizes.update((node.output[0], tensor_nbytes(a.t)) for a in node.attribute if a.name == "value")
+    return sum(size * (readers[name] - 1) for name, size in sizes.items())
+
+
 def node_input(node, i: int) -> str:
     return node.input[i] if len(node.input) > i else ""
 

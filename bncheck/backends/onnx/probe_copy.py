@@ -336,9 +336,9 @@ def _session(model: onnx.ModelProto, folder: str, arena: bool = True):
 
     # the probe engine's own options (its log level 4 too: a failing validation run is expected, its reason
     # is returned), so that the engine can take this session over (Proof)
-    from bncheck.backends.onnx.run import new_session, session_options
+    from bncheck.backends.onnx.run import new_session, prepacks, session_options
 
-    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder, prepacks(model.graph))
     so.enable_cpu_mem_arena = arena
     return new_session(model, so)
 

@@ -13,7 +13,7 @@ import numpy as np
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, copy_messages, upstream_nodes
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, copy_messages, repacked_bytes, upstream_nodes
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
@@ -81,6 +81,17 @@ REORDER_MIN_ACTIVATION_SHARE = 0.25
 REORDER_WEIGHTS_FLOOR = 256 * 10**6
 
 
+#: From this many bytes packed beyond one copy of each weight (graph.repacked_bytes: a weight-tied graph), the
+#: engine's sessions do not prepack: the copies cost more session build and memory than a probe's few runs win
+#: back (docs/architecture.md has the numbers).
+PREPACK_MAX_REPACKED = 64 * 2**20
+
+
+def prepacks(graph: Any) -> bool:
+    """Whether a probe's session of ``graph`` packs its weights (see PREPACK_MAX_REPACKED)."""
+    return repacked_bytes(graph) < PREPACK_MAX_REPACKED
+
+
 #: sessions that the process's exit frees (_Engine.close's ``leave_session``)
 _LEFT_TO_EXIT: list[Any] = []
 
@@ -105,7 +116,8 @@ def quiet_onnxruntime() -> None:
     ort.set_default_logger_severity(4)
 
 
-def session_options(level: Any, folder: str) -> Any:
+def session_options(level: Any, folder: str, prepack: bool = True) -> Any:
+    """``prepack``: False skips onnxruntime's packing of constant weights into kernel-owned copies."""
     import onnxruntime as ort
 
     quiet_onnxruntime()
@@ -122,6 +134,8 @@ def session_options(level: Any, folder: str) -> Any:
     # whole plan as one block that stays in the arena. The probe alternates a few runs at each of several
     # sizes, so the blocks pile up.
     so.enable_mem_pattern = False
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
@@ -139,12 +153,14 @@ def new_session(model: onnx.ModelProto | str, so: Any, providers: list[str] | No
     return ort.InferenceSession(source, so, providers=providers or [CPU], disabled_optimizers=SKIPPED_REWRITES)
 
 
-def _session(model: onnx.ModelProto, folder: str, exact: bool, providers: list[str] | None = None):
+def _session(
+    model: onnx.ModelProto, folder: str, exact: bool, providers: list[str] | None = None, prepack: bool = True
+):
     """One session on the augmented stub: ORT_ENABLE_ALL (fast form) or ORT_ENABLE_EXTENDED (exact form)."""
     import onnxruntime as ort
 
     level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return new_session(model, session_options(level, folder), providers)
+    return new_session(model, session_options(level, folder, prepack), providers)
 
 
 def _statistics_first(graph: Any, main_outputs: set[str]) -> None:
@@ -225,6 +241,7 @@ def _session_statistics_first(
     tmp: Scratch,
     main_outputs: set[str],
     decompositions: list[Decomposition] | None = None,
+    prepack: bool = True,
 ) -> tuple[Any, bool]:
     """Fast-form session whose added nodes run right after their producers, even after NCHWc rewriting.
 
@@ -235,18 +252,17 @@ def _session_statistics_first(
     right after its producer, and run that graph with optimizations off: a lower peak for a second
     session build (docs/architecture.md). ``decompositions``: train-mode BNs whose decomposition is spliced
     into the optimized graph rather than optimized (splice.py); whether that was done is returned with the
-    session, and ``model`` is left as it came.
+    session, and ``model`` is left as it came. ``prepack``: whether the running session packs its weights.
     """
     import onnx
     import onnxruntime as ort
 
     optimized = os.path.join(tmp.path, "optimized.onnx")
-    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+    # this session only writes the optimized graph and never runs: packing weights for its kernels is waste
+    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder, prepack=False)
     so.optimized_model_filepath = optimized
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EMBED_BYTES))
-    # this session only writes the optimized graph and never runs: packing weights for its kernels is waste
-    so.add_session_config_entry("session.disable_prepacking", "1")
 
     def optimize() -> Any:
         first = new_session(model, so)
@@ -264,7 +280,7 @@ def _session_statistics_first(
             splice = None
             graph_only = optimize()
         _statistics_first(graph_only.graph, main_outputs)
-        running = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp.path)
+        running = session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, tmp.path, prepack)
         return new_session(graph_only, running), splice is not None
     except BaseException:
         if splice is not None:
@@ -648,6 +664,7 @@ class _Engine:
             self.model_outputs = [] if self.cut else [o.name for o in self.handle.model.graph.output]
             self.output_names = list(aug.outputs) + [o for o in self.model_outputs if o not in aug.outputs]
             main_outputs = {o.name for o in self.handle.model.graph.output}
+            prepack = prepacks(model.graph)
             decompositions = aug.decompositions
             folder = aug.folder
             del aug
@@ -657,7 +674,7 @@ class _Engine:
             if self.providers != [CPU]:
                 # the statistics-first re-ordering works on the CPU provider's optimized (NCHWc) graph
                 try:
-                    self.session = _session(model, folder, exact, self.providers)
+                    self.session = _session(model, folder, exact, self.providers, prepack)
                 except Exception as exc:
                     self._to_cpu(runtime_message(exc))
                 else:
@@ -670,13 +687,13 @@ class _Engine:
             if self.session is None and not exact and self.reorder:
                 try:
                     self.session, self.spliced = _session_statistics_first(
-                        model, folder, self.tmp, main_outputs, decompositions
+                        model, folder, self.tmp, main_outputs, decompositions, prepack
                     )
                     self.statistics_first = True
                 except Exception:
                     self.session = None
             if self.session is None:
-                self.session = _session(model, folder, exact)
+                self.session = _session(model, folder, exact, prepack=prepack)
             del model
         except BackendError:
             raise
