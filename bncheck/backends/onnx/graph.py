@@ -505,9 +505,9 @@ def upstream_nodes(
     return found
 
 
-#: ops whose onnxruntime CPU kernels pack their constant weight (input 1) into a copy of their own when the
-#: session is built
-PREPACKING_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+#: ops whose onnxruntime CPU kernels pack their constant weight (input 1, MLAS's GEMM layout) into a copy of
+#: their own when the session is built
+PREPACKING_OPS = frozenset({"Gemm", "MatMul"})
 
 
 def repacked_bytes(graph: onnx.GraphProto) -> int:
