@@ -14,7 +14,11 @@ processes, ``--repeats`` times:
 - **plain**: onnxruntime session + one pass at batch 1, 2, 32 (peak RSS = VmHWM);
 - **probe**: load + probe at batch 1, 2, 32 (peak RSS), so that two copies of the weights would show as ~2x;
 - **plain_data / probe_data**: the same with a ``--data`` file of 64 samples: plain also runs them through
-  the model (two batches of 32), the probe measures every layer on them (``probe --data``).
+  the model (two batches of 32), the probe measures every layer on them (``probe --data``);
+- **plain_train / probe_train**: plain and probe (batch 1, 2, 32) of the same MLP with its BatchNormalizations
+  in training mode (``train.onnx``, reading the same weights file), whose probe computes each by the spec's
+  decomposition; the output-level test's share of the probe's wall (``output_test_s``: the bounded extra runs
+  on a model whose outputs depend on the batch) is recorded apart.
 """
 
 from __future__ import annotations
@@ -84,6 +88,16 @@ PROBE = (
     + r"""
 import time, json, sys
 t0 = time.perf_counter()
+import bncheck.probe_plan as _plan
+_test = [0.0]
+_outputs_test = _plan._outputs_test
+def _timed(*args, **kwargs):  # only counts the output-level test's time; the probe is unchanged
+    t = time.perf_counter()
+    try:
+        return _outputs_test(*args, **kwargs)
+    finally:
+        _test[0] += time.perf_counter() - t
+_plan._outputs_test = _timed
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.base import ProbeSettings
 from bncheck.probe_data import load_data
@@ -98,7 +112,8 @@ if data is None:
 else:
     assert result.data_samples == len(data["input"]) and len(result.data) == len(view.layers), result.data_samples
 view.final_info()  # what the report waits for: the file's sha256
-print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM"), "rss_after_load_mb": rss_load}))
+print(json.dumps({"wall": time.perf_counter() - t0, "rss_mb": status("VmHWM"), "rss_after_load_mb": rss_load,
+                  "output_test_s": _test[0]}))
 """
 )
 
@@ -181,9 +196,31 @@ def build(folder: str, layers: int, width: int, seed: int = 0) -> tuple[str, int
     return path, sizes["weights"], sizes["norm"]
 
 
+def train_mode_copy(path: str) -> str:
+    """``path``'s graph with every BatchNormalization in training mode (its running mean and variance as
+    outputs too, as the spec wants), written beside it as train.onnx: the same external weights file."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(path, load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.attribute.append(helper.make_attribute("training_mode", 1))
+            node.output.extend([f"{node.name}_running_mean", f"{node.name}_running_var"])
+    train = os.path.join(os.path.dirname(path), "train.onnx")
+    onnx.save(model, train)
+    return train
+
+
 def _child(code: str, model: str, *more: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, model, *more], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ranges(plain: list[dict], probe: list[dict], field: str) -> list[float]:
+    """The smallest and largest probe / plain ratio of ``field`` over the repeats (pairs in run order)."""
+    ratios = [b[field] / a[field] for a, b in zip(plain, probe)]
+    return [min(ratios), max(ratios)]
 
 
 def main() -> None:
@@ -195,10 +232,12 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.keep or tempfile.mkdtemp(prefix="bncheck-large-")
     os.makedirs(folder, exist_ok=True)
-    runs: dict[str, list[dict]] = {"inspect": [], "plain": [], "probe": [], "plain_data": [], "probe_data": []}
+    names = ("inspect", "plain", "probe", "plain_data", "probe_data", "plain_train", "probe_train")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     loads: list[float] = []
     try:
         path, weights, norm = build(folder, args.layers, args.width)
+        train = train_mode_copy(path)
         print(f"model: {weights / 1e9:.2f} GB of weights, {norm / 1e3:.0f} kB of norm parameters", file=sys.stderr)
         data = os.path.join(folder, "data.npy")
         np.save(data, np.random.default_rng(1).standard_normal((DATA_SAMPLES, IN), dtype=np.float32))
@@ -208,6 +247,8 @@ def main() -> None:
                 runs[name].append(_child(code, path))
             for name, code in (("plain_data", PLAIN), ("probe_data", PROBE)):
                 runs[name].append(_child(code, path, data))
+            for name, code in (("plain_train", PLAIN), ("probe_train", PROBE)):
+                runs[name].append(_child(code, train))
             print(f"repeat {rep + 1}: " + " ".join(f"{k} {v[-1]}" for k, v in runs.items()), file=sys.stderr)
     finally:
         if not args.keep:
@@ -237,6 +278,14 @@ def main() -> None:
                     max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain_data"], runs["probe_data"])),
                 ],
                 "probe_data_over_plain_data_wall": med["probe_data"]["wall"] / med["plain_data"]["wall"],
+                "probe_train_over_plain_train_rss": med["probe_train"]["rss_mb"] / med["plain_train"]["rss_mb"],
+                "probe_train_over_plain_train_rss_range": _ranges(runs["plain_train"], runs["probe_train"], "rss_mb"),
+                "probe_train_over_plain_train_wall": med["probe_train"]["wall"] / med["plain_train"]["wall"],
+                "probe_train_over_plain_train_wall_range": _ranges(runs["plain_train"], runs["probe_train"], "wall"),
+                "probe_train_without_output_test_over_plain_train_wall": statistics.median(
+                    r["wall"] - r["output_test_s"] for r in runs["probe_train"]
+                )
+                / med["plain_train"]["wall"],
             },
             indent=2,
         )

@@ -381,10 +381,11 @@ def train_bn_stack_model(path: Path, *, widths: Sequence[int] = (3, 5, 1, 4), hw
     return _save(model, path)
 
 
-def tied_recurrence_model(path: Path, *, steps: int = 4, features: int = 16, tied: bool = True) -> str:
+def tied_recurrence_model(path: Path, *, steps: int = 4, features: int = 16, tied: bool = True, rows: int = 1) -> str:
     """An unrolled recurrence as exporters write one: ``steps`` times h = Tanh(MatMul(h, W)), each MatMul
     reading W through an Identity node of its own (``tied``), or a weight of its own (``tied=False``, the same
-    values); then a BatchNormalization over the features (opset 17)."""
+    values); then a BatchNormalization (opset 17). ``rows``: 1, an input [N, features] (one row per sample
+    into each MatMul, BN over the features); more, an input [N, rows, features] (BN over the rows axis)."""
     rng = np.random.default_rng(0)
     weight = rng.normal(0.0, 1.0 / np.sqrt(features), (features, features)).astype(np.float32)
     inits = [numpy_helper.from_array(weight, "w")]
@@ -399,15 +400,17 @@ def tied_recurrence_model(path: Path, *, steps: int = 4, features: int = 16, tie
         nodes.append(helper.make_node("MatMul", [previous, read], [f"mm{step}"], name=f"mm{step}"))
         nodes.append(helper.make_node("Tanh", [f"mm{step}"], [f"h{step}"], name=f"tanh{step}"))
         previous = f"h{step}"
-    params = [np.full(features, v, np.float32) for v in (1.5, 0.25, 0.0, 1.0)]
+    channels = features if rows == 1 else rows
+    params = [np.full(channels, v, np.float32) for v in (1.5, 0.25, 0.0, 1.0)]
     names = [f"bn.{role}" for role in ("scale", "bias", "mean", "var")]
     inits += [numpy_helper.from_array(p, n) for p, n in zip(params, names)]
     nodes.append(helper.make_node("BatchNormalization", [previous, *names], ["y"], name="bn"))
+    shape = ["N", features] if rows == 1 else ["N", rows, features]
     graph = helper.make_graph(
         nodes,
         "tied_recurrence",
-        [helper.make_tensor_value_info("x", F32, ["N", features])],
-        [helper.make_tensor_value_info("y", F32, ["N", features])],
+        [helper.make_tensor_value_info("x", F32, shape)],
+        [helper.make_tensor_value_info("y", F32, shape)],
         initializer=inits if tied else inits[1:],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)

@@ -20,11 +20,11 @@ from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
-from bncheck.backends.onnx.graph import repacked_bytes
+from bncheck.backends.onnx.graph import repacked_bytes, unpaid_packing_bytes
 from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.run import (
-    PREPACK_MAX_REPACKED,
+    PREPACK_MAX_UNPAID,
     _decode_spec,
     _derive_spec_output,
     _Engine,
@@ -173,13 +173,40 @@ def _disables_prepacking(path: str) -> bool:
         engine.close()
 
 
+def test_unpaid_packing_counts_shared_copies_and_every_copy_of_a_one_row_per_sample_weight(tmp_path):
+    size = 16 * 16 * 4
+
+    def unpaid(**kwargs):
+        path = tied_recurrence_model(
+            tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx", steps=4, features=16, **kwargs
+        )
+        return unpaid_packing_bytes(onnx.load(path).graph, OnnxBackend().load(path).handle.value_shapes)
+
+    # MatMuls of [N, 16] inputs: each sample one row, so no copy of their weights pays back
+    assert unpaid(tied=True) == 4 * size
+    assert unpaid(tied=False) == 4 * size
+    # [N, 3, 16] inputs: the first copy of a weight pays back over the rows, further copies of a shared one do not
+    assert unpaid(tied=True, rows=3) == 3 * size
+    assert unpaid(tied=False, rows=3) == 0
+
+
 def test_a_weight_tied_graph_packing_past_the_limit_runs_unpacked_and_measures_what_plain_onnxruntime_does(
     tmp_path,
 ):
-    features = 1024  # a 4 MiB weight: 17 readers pack 16 copies beyond the first, 64 MiB
-    steps = 1 + PREPACK_MAX_REPACKED // (features * features * 4)
-    over = tied_recurrence_model(tmp_path / "over.onnx", steps=steps, features=features)
-    under = tied_recurrence_model(tmp_path / "under.onnx", steps=steps - 1, features=features)
+    features = 1024  # a 4 MiB weight read by 17 MatMuls of 2 rows per sample: 16 unpaid copies, 64 MiB
+    steps = 1 + PREPACK_MAX_UNPAID // (features * features * 4)
+    over = tied_recurrence_model(tmp_path / "over.onnx", steps=steps, features=features, rows=2)
+    under = tied_recurrence_model(tmp_path / "under.onnx", steps=steps - 1, features=features, rows=2)
+    assert _disables_prepacking(over)
+    assert not _disables_prepacking(under)
+    assert _compare_with_plain_run(over)["statistics_first"]
+
+
+def test_one_row_per_sample_weights_past_the_limit_run_unpacked_and_measure_what_plain_onnxruntime_does(tmp_path):
+    features = 1024  # 16 MatMuls of [N, 1024] inputs, each with a 4 MiB weight of its own: 64 MiB
+    steps = PREPACK_MAX_UNPAID // (features * features * 4)
+    over = tied_recurrence_model(tmp_path / "over.onnx", steps=steps, features=features, tied=False)
+    under = tied_recurrence_model(tmp_path / "under.onnx", steps=steps - 1, features=features, tied=False)
     assert _disables_prepacking(over)
     assert not _disables_prepacking(under)
     assert _compare_with_plain_run(over)["statistics_first"]

@@ -59,7 +59,7 @@ def recalibration(
     from bncheck.backends.onnx import OnnxBackend
     from bncheck.backends.onnx.fix import repair
     from bncheck.backends.onnx.instrument import stub
-    from bncheck.backends.onnx.run import new_session, session_options, trim_heap
+    from bncheck.backends.onnx.run import new_session, prepacks, session_options, trim_heap
     from bncheck.backends.onnx.scratch import Scratch
     from bncheck.fix_result import FixRequest
 
@@ -100,6 +100,8 @@ def recalibration(
     # large tensors in their files, as fix's own sessions read them), then the stored model. Serializing the
     # edited model with its weights would hold them twice, and fails above protobuf's 2 GB.
     handle = view.handle
+    # both sessions below run the file's graph (the edits changed parameters only): one packing decision
+    packing = prepacks(handle.model.graph, handle.value_shapes)
     del view
     tmp = Scratch(handle.size_bytes)
     try:
@@ -108,7 +110,7 @@ def recalibration(
                 stubbed, folder = stub(handle, tmp)
                 del handle  # a model without external data holds its weights until here; the stub holds none
                 trim_heap()
-                so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder)
+                so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder, packing)
                 recomputed = new_session(stubbed, so)
                 del stubbed
                 after = _outputs(_session_run(recomputed), _batches(data, batch, usable))
@@ -119,7 +121,7 @@ def recalibration(
             trim_heap()  # freed weights back to the OS before the stored model's session reads them again
             # no folder: onnxruntime reads a model opened by its path as plain inference does (its own folder
             # rule, which a linked model's data needs)
-            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "")
+            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "", packing)
             before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"

@@ -23,7 +23,7 @@ from bncheck import budget
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import copied, has_subgraphs, node_reads, upstream_nodes
 from bncheck.backends.onnx.instrument import _opset, is_train_batch_norm, stub
-from bncheck.backends.onnx.run import _without_extremes, new_session, session_options
+from bncheck.backends.onnx.run import _without_extremes, new_session, prepacks, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
 from bncheck.backends.onnx.tensors import element_type
@@ -192,7 +192,8 @@ class Frontier:
         )
         segment = helper.make_model(graph, opset_imports=list(model.opset_import))
         segment.ir_version = max(int(model.ir_version), 4)  # IR < 4 would want the weights listed as inputs
-        options = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, self._folder or "")
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(level, self._folder or "", prepacks(segment.graph, self.handle.value_shapes))
         # no arena: a session per pass, each with its own arena beside the kept tensors, raised the peak
         options.enable_cpu_mem_arena = False
         kept: dict[str, list[np.ndarray]] = {name: [] for name in fetch}

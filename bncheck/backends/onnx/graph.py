@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import heapq
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
@@ -510,13 +510,12 @@ def upstream_nodes(
 PREPACKING_OPS = frozenset({"Gemm", "MatMul"})
 
 
-def repacked_bytes(graph: onnx.GraphProto) -> int:
-    """Bytes onnxruntime would pack beyond one copy of each weight when building a session of ``graph``: it
-    packs each prepacking node's constant weight (read directly or through Identity nodes) for that node
-    alone, so a weight read by k such nodes (an unrolled recurrence, layers sharing weights) is packed k times."""
+def _packed_weights(graph: onnx.GraphProto) -> tuple[dict[str, list[Any]], dict[str, int]]:
+    """The constant weights onnxruntime packs when it builds a session of ``graph``: each prepacking node's
+    input 1, read directly or through Identity nodes, with the nodes that read it, and the bytes of each."""
     nodes = list(graph.node)
     identity = {node.output[0]: node.input[0] for node in nodes if node.op_type == "Identity" and node.input}
-    readers: dict[str, int] = {}
+    readers: dict[str, list[Any]] = {}
     for node in nodes:
         if node.op_type in PREPACKING_OPS and len(node.input) > 1:
             name = node.input[1]
@@ -524,15 +523,43 @@ def repacked_bytes(graph: onnx.GraphProto) -> int:
                 if name not in identity:
                     break
                 name = identity[name]
-            readers[name] = readers.get(name, 0) + 1
-    shared = {name for name, count in readers.items() if count > 1}
-    if not shared:
-        return 0
-    sizes = {t.name: tensor_nbytes(t) for t in graph.initializer if t.name in shared}
+            readers.setdefault(name, []).append(node)
+    if not readers:
+        return {}, {}
+    sizes = {t.name: tensor_nbytes(t) for t in graph.initializer if t.name in readers}
     for node in nodes:
-        if node.op_type == "Constant" and node.output and node.output[0] in shared:
+        if node.op_type == "Constant" and node.output and node.output[0] in readers:
             sizes.update((node.output[0], tensor_nbytes(a.t)) for a in node.attribute if a.name == "value")
-    return sum(size * (readers[name] - 1) for name, size in sizes.items())
+    return readers, sizes
+
+
+def repacked_bytes(graph: onnx.GraphProto) -> int:
+    """Bytes onnxruntime would pack beyond one copy of each weight when building a session of ``graph``: it
+    packs each prepacking node's constant weight (read directly or through Identity nodes) for that node
+    alone, so a weight read by k such nodes (an unrolled recurrence, layers sharing weights) is packed k times."""
+    readers, sizes = _packed_weights(graph)
+    return sum(size * (len(readers[name]) - 1) for name, size in sizes.items())
+
+
+def unpaid_packing_bytes(graph: onnx.GraphProto, shapes: Mapping[str, tuple[Dim, ...]]) -> int:
+    """Bytes onnxruntime would pack when building a session of ``graph`` that a probe's few dozen samples
+    cannot pay back: the copies beyond the first of a shared weight (:func:`repacked_bytes`), and the one copy
+    of a weight whose every reader multiplies a single row per sample (its input ``[batch, K]`` in ``shapes``,
+    the batch a graph input's symbolic first dim): packing reorders a weight for reuse across many rows, and a
+    matrix-vector product per sample has few."""
+    readers, sizes = _packed_weights(graph)
+    batch = {dims[0] for v in graph.input if (dims := shapes.get(v.name)) and isinstance(dims[0], str)}
+
+    def one_row(node: Any) -> bool:
+        dims = shapes.get(node.input[0])
+        return dims is not None and len(dims) == 2 and dims[0] in batch
+
+    unpaid = 0
+    for name, size in sizes.items():
+        unpaid += size * (len(readers[name]) - 1)
+        if all(one_row(node) for node in readers[name]):
+            unpaid += size
+    return unpaid
 
 
 def node_input(node, i: int) -> str:

@@ -151,9 +151,10 @@ def locate_dependence(
     written by ops known to mix the samples (the walk's reductions over the batch axis), tested first."""
     import onnxruntime as ort
 
-    from bncheck.backends.onnx.run import new_session, session_options
+    from bncheck.backends.onnx.run import new_session, prepacks, session_options
     from bncheck.verdicts import COMPANION_TOLERANCE
 
+    shapes = handle.value_shapes if base is None else base.graph_shapes()
     if base is None:
         model, folder = stub(handle, tmp)
     else:
@@ -180,9 +181,11 @@ def locate_dependence(
         nonlocal runs
         names = [t for t in live(cut) if t not in changes]
         if names:
-            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder)
+            step = prefix(model, names)
+            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder, prepacks(step.graph, shapes))
             try:
-                session = new_session(prefix(model, names), so)
+                session = new_session(step, so)
+                del step
                 first = session.run(names, batch, run_options())
                 second = session.run(names, copies, run_options())
             except Exception as exc:  # a cut the runtime rejects (a node only the probe's rewrite made runnable)

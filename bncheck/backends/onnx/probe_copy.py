@@ -25,7 +25,7 @@ change harmless:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +114,10 @@ class ProbeCopy:
     # the memory check of the copy that runs at the largest batch size (its busiest node's bytes, and the
     # shapes inferred at the probe's input sizes): the relaxed copy's, before its proof, or set by the probe
     estimate: memory.Estimate | None = None
+
+    def graph_shapes(self) -> dict[str, tuple[Dim, ...]]:
+        """The shapes of this copy's graph: the relaxed copy's where its batch was relaxed, else the file's."""
+        return self.relaxed_shapes[0] if self.relaxed_shapes is not None else self.shapes
 
 
 def parameter_inputs(graph: Any) -> dict[str, float]:
@@ -331,14 +335,14 @@ def _rewrite_batch_constants(
     return len(sites)
 
 
-def _session(model: onnx.ModelProto, folder: str, arena: bool = True):
+def _session(model: onnx.ModelProto, folder: str, shapes: Mapping[str, tuple[Dim, ...]], arena: bool = True):
     import onnxruntime as ort
 
     # the probe engine's own options (its log level 4 too: a failing validation run is expected, its reason
     # is returned), so that the engine can take this session over (Proof)
     from bncheck.backends.onnx.run import new_session, prepacks, session_options
 
-    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder, prepacks(model.graph))
+    so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder, prepacks(model.graph, shapes))
     so.enable_cpu_mem_arena = arena
     return new_session(model, so)
 
@@ -525,7 +529,8 @@ def _relax(
     def prove(candidate: onnx.ModelProto) -> Proof | str:
         ready(candidate)
         try:  # built while the inputs are drawn; its error is reported after theirs
-            session: Any = _session(candidate, copy.folder)
+            # the shapes ready() just inferred, which the engine reads too: both decide alike
+            session: Any = _session(candidate, copy.folder, copy.graph_shapes())
         except Exception as exc:
             session = exc
         found = validate(_session_runs(session, outputs))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ import numpy as np
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, copy_messages, repacked_bytes, upstream_nodes
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, copy_messages, unpaid_packing_bytes, upstream_nodes
 from bncheck.backends.onnx.instrument import (
     EMBED_BYTES,
     PREFIX,
@@ -31,6 +31,7 @@ from bncheck.backends.onnx.splice import Decomposition, Splice
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
+    Dim,
     InputSpec,
     LayerProbe,
     ModelView,
@@ -81,15 +82,15 @@ REORDER_MIN_ACTIVATION_SHARE = 0.25
 REORDER_WEIGHTS_FLOOR = 256 * 10**6
 
 
-#: From this many bytes packed beyond one copy of each weight (graph.repacked_bytes: a weight-tied graph), the
-#: engine's sessions do not prepack: the copies cost more session build and memory than a probe's few runs win
-#: back (docs/architecture.md has the numbers).
-PREPACK_MAX_REPACKED = 64 * 2**20
+#: From this many bytes of packing that a probe's runs cannot pay back (graph.unpaid_packing_bytes: the copies of
+#: a shared weight, the weights of one-row-per-sample products), the engine's sessions do not prepack: packing
+#: costs more session build and memory than a probe's few runs win back (docs/architecture.md has the numbers).
+PREPACK_MAX_UNPAID = 64 * 2**20
 
 
-def prepacks(graph: Any) -> bool:
-    """Whether a probe's session of ``graph`` packs its weights (see PREPACK_MAX_REPACKED)."""
-    return repacked_bytes(graph) < PREPACK_MAX_REPACKED
+def prepacks(graph: Any, shapes: Mapping[str, tuple[Dim, ...]]) -> bool:
+    """Whether a probe's session of ``graph`` (its tensors' ``shapes``) packs its weights (see PREPACK_MAX_UNPAID)."""
+    return unpaid_packing_bytes(graph, shapes) < PREPACK_MAX_UNPAID
 
 
 #: sessions that the process's exit frees (_Engine.close's ``leave_session``)
@@ -664,7 +665,7 @@ class _Engine:
             self.model_outputs = [] if self.cut else [o.name for o in self.handle.model.graph.output]
             self.output_names = list(aug.outputs) + [o for o in self.model_outputs if o not in aug.outputs]
             main_outputs = {o.name for o in self.handle.model.graph.output}
-            prepack = prepacks(model.graph)
+            prepack = prepacks(model.graph, self._shapes())
             decompositions = aug.decompositions
             folder = aug.folder
             del aug
@@ -701,6 +702,10 @@ class _Engine:
             raise BackendError(
                 f"{self.handle.path}: onnxruntime cannot run the instrumented model: {runtime_message(exc)}"
             ) from exc
+
+    def _shapes(self) -> Mapping[str, tuple[Dim, ...]]:
+        """The shapes of this engine's graph (the probe copy's, or the file's)."""
+        return self.handle.value_shapes if self.copy is None else self.copy.graph_shapes()
 
     def _take_proof(self, model: Any, exact: bool) -> Any:
         """The relaxed copy's proof (probe_copy.Proof) when this engine's graph is the proven one (nothing
