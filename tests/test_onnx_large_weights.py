@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bncheck
 from bncheck import engine
-from bncheck.backends.base import BackendError
+from bncheck.backends.base import HASH_WINDOW, BackendError, sha256_of
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx import load as onnx_load
 from bncheck.backends.onnx.load import load_onnx
@@ -117,6 +117,14 @@ def test_report_sha256_is_the_files_once_hashed_in_the_background(large: str):
     assert view.final_info().sha256 == expected and view.pending_sha256 is None
     assert view.handle.info.sha256 == expected  # the backend's own record is completed too
     assert bncheck.inspect(large).model.sha256 == expected
+
+
+@pytest.mark.parametrize("size", [0, 1, HASH_WINDOW, 2 * HASH_WINDOW + 123])
+def test_a_file_hashed_one_window_at_a_time_gets_hashlibs_sha256(tmp_path: Path, size: int):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert sha256_of(str(path)) == hashlib.sha256(data).hexdigest()
 
 
 def test_fix_loads_every_weight(large: str):

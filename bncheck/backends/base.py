@@ -17,21 +17,31 @@ if TYPE_CHECKING:
     from bncheck.fix_result import FixOutcome, FixRequest
 
 
+#: bytes of a file mapped at a time while it is hashed (a multiple of mmap.ALLOCATIONGRANULARITY)
+HASH_WINDOW = 16 << 20
+
+
 def sha256_of(path: str) -> str:
-    """The file's sha256 in one ``update`` over its mapping: hashlib releases the GIL for the whole call,
-    where a loop of reads would wait for the GIL between chunks while another thread holds it."""
+    """The file's sha256, one ``update`` per :data:`HASH_WINDOW` of its mapping (hashlib releases the GIL for
+    each, where a loop of small reads waits for the GIL between chunks). One window is mapped at a time: a whole
+    mapping counts in the process's resident memory beside onnxruntime's mapping of the same bytes."""
     import hashlib
     import mmap
+    import os
 
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        try:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # no mmap here (or an empty file): read it
-            digest.update(fh.read())
-            return digest.hexdigest()
-    with mapped, memoryview(mapped) as data:
-        digest.update(data)
+        size = os.fstat(fh.fileno()).st_size
+        for start in range(0, size, HASH_WINDOW):
+            length = min(HASH_WINDOW, size - start)
+            try:
+                mapped = mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ, offset=start)
+            except (OSError, ValueError):  # no mmap here: read it
+                fh.seek(start)
+                digest.update(fh.read(length))
+                continue
+            with mapped, memoryview(mapped) as data:
+                digest.update(data)
     return digest.hexdigest()
 
 
