@@ -20,7 +20,7 @@ from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.conformance import RuntimeNode, runtime_deviations
-from bncheck.backends.onnx.graph import repacked_bytes, unpaid_packing_bytes
+from bncheck.backends.onnx.graph import unpaid_packing_bytes
 from bncheck.backends.onnx.instrument import Augmenter as _Augmenter
 from bncheck.backends.onnx.probe_copy import prepare
 from bncheck.backends.onnx.run import (
@@ -151,13 +151,6 @@ def test_in_graph_statistics_at_ort_enable_all_equal_numpy_of_an_unoptimized_pla
     info = _compare_with_plain_run(_resnet(tmp_path / "r.onnx", width=8, image=64))
     assert info["modes"] == "fast,full"
     assert info["statistics_first"]  # the re-ordered, pre-optimized graph, not the fallback
-
-
-def test_repacked_bytes_count_a_tied_weight_once_per_further_reader(tmp_path):
-    tied = onnx.load(tied_recurrence_model(tmp_path / "tied.onnx", steps=4, features=16))
-    untied = onnx.load(tied_recurrence_model(tmp_path / "untied.onnx", steps=4, features=16, tied=False))
-    assert repacked_bytes(tied.graph) == 3 * 16 * 16 * 4  # four MatMuls read one 16x16 weight via Identity
-    assert repacked_bytes(untied.graph) == 0
 
 
 def _disables_prepacking(path: str) -> bool:

@@ -533,20 +533,13 @@ def _packed_weights(graph: onnx.GraphProto) -> tuple[dict[str, list[Any]], dict[
     return readers, sizes
 
 
-def repacked_bytes(graph: onnx.GraphProto) -> int:
-    """Bytes onnxruntime would pack beyond one copy of each weight when building a session of ``graph``: it
-    packs each prepacking node's constant weight (read directly or through Identity nodes) for that node
-    alone, so a weight read by k such nodes (an unrolled recurrence, layers sharing weights) is packed k times."""
-    readers, sizes = _packed_weights(graph)
-    return sum(size * (len(readers[name]) - 1) for name, size in sizes.items())
-
-
 def unpaid_packing_bytes(graph: onnx.GraphProto, shapes: Mapping[str, tuple[Dim, ...]]) -> int:
     """Bytes onnxruntime would pack when building a session of ``graph`` that a probe's few dozen samples
-    cannot pay back: the copies beyond the first of a shared weight (:func:`repacked_bytes`), and the one copy
-    of a weight whose every reader multiplies a single row per sample (its input ``[batch, K]`` in ``shapes``,
-    the batch a graph input's symbolic first dim): packing reorders a weight for reuse across many rows, and a
-    matrix-vector product per sample has few."""
+    cannot pay back: the copies beyond the first of a weight that several prepacking nodes read (each is packed
+    for its node alone: an unrolled recurrence, layers sharing weights), and the one copy of a weight whose
+    every reader multiplies a single row per sample (its input ``[batch, K]`` in ``shapes``, the batch a graph
+    input's symbolic first dim): packing reorders a weight for reuse across many rows, and a matrix-vector
+    product per sample has few."""
     readers, sizes = _packed_weights(graph)
     batch = {dims[0] for v in graph.input if (dims := shapes.get(v.name)) and isinstance(dims[0], str)}
 

@@ -83,8 +83,8 @@ REORDER_WEIGHTS_FLOOR = 256 * 10**6
 
 
 #: From this many bytes of packing that a probe's runs cannot pay back (graph.unpaid_packing_bytes: the copies of
-#: a shared weight, the weights of one-row-per-sample products), the engine's sessions do not prepack: packing
-#: costs more session build and memory than a probe's few runs win back (docs/architecture.md has the numbers).
+#: a shared weight, the weights of one-row-per-sample products), bncheck's sessions of the graph do not prepack:
+#: packing costs more session build than a probe's few runs win back (docs/architecture.md has the numbers).
 PREPACK_MAX_UNPAID = 64 * 2**20
 
 
