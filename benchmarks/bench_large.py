@@ -267,16 +267,10 @@ def main() -> None:
                 "median": med,
                 "inspect_read_over_weights": med["inspect"]["rchar"] / weights,
                 "probe_over_plain_rss": med["probe"]["rss_mb"] / med["plain"]["rss_mb"],
-                "probe_over_plain_rss_range": [
-                    min(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"])),
-                    max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain"], runs["probe"])),
-                ],
+                "probe_over_plain_rss_range": _ranges(runs["plain"], runs["probe"], "rss_mb"),
                 "probe_over_plain_wall": med["probe"]["wall"] / med["plain"]["wall"],
                 "probe_data_over_plain_data_rss": med["probe_data"]["rss_mb"] / med["plain_data"]["rss_mb"],
-                "probe_data_over_plain_data_rss_range": [
-                    min(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain_data"], runs["probe_data"])),
-                    max(b["rss_mb"] / a["rss_mb"] for a, b in zip(runs["plain_data"], runs["probe_data"])),
-                ],
+                "probe_data_over_plain_data_rss_range": _ranges(runs["plain_data"], runs["probe_data"], "rss_mb"),
                 "probe_data_over_plain_data_wall": med["probe_data"]["wall"] / med["plain_data"]["wall"],
                 "probe_train_over_plain_train_rss": med["probe_train"]["rss_mb"] / med["plain_train"]["rss_mb"],
                 "probe_train_over_plain_train_rss_range": _ranges(runs["plain_train"], runs["probe_train"], "rss_mb"),
