@@ -431,6 +431,17 @@ def _side_rows(
     return rows
 
 
+def _finite_mean(rows: np.ndarray) -> np.ndarray:
+    """Per column, the mean of its finite values (NaN where it has none). Where every value is finite, the
+    same sum and division as np.nanmean's, without its copies of the rows (wide layers: 40 x 8192 each)."""
+    finite = np.isfinite(rows)
+    if finite.all():
+        return np.add.reduce(rows, axis=0) / rows.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels: no scale, no comparison
+        return np.nanmean(np.where(finite, rows, np.nan), axis=0)
+
+
 def _changes(sides: list[_SideRows]) -> list[tuple[float, int | None]]:
     """Per layer (all of one ``layout``): the largest solo-vs-batch change in std units, and the batch size
     where it happened. Every number is per channel, so the layers are computed side by side on the channel
@@ -440,7 +451,9 @@ def _changes(sides: list[_SideRows]) -> list[tuple[float, int | None]]:
     starts = np.cumsum([0, *(s.solo[0][0].shape[0] for s in sides[:-1])])
 
     def pooled(field: str) -> np.ndarray:
-        return np.concatenate([np.concatenate([getattr(p, field) for p in s.pooled]) for s in sides], axis=1)
+        """[pooled rows, channels of all the layers], every run's rows one under the other."""
+        columns = [np.concatenate([getattr(p, field) for p in s.pooled]) for s in sides]
+        return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
 
     def batched(part: int, alone: bool) -> np.ndarray:
         """[rows, channels]: the compared means (``part`` 0) or mean squares (1), among companions or alone;
@@ -452,11 +465,8 @@ def _changes(sides: list[_SideRows]) -> list[tuple[float, int | None]]:
             ]
         )
 
-    means, squares = pooled("sample_mean"), pooled("sample_sq")
-    with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels: no scale, no comparison
-        mean_c = np.nanmean(np.where(np.isfinite(means), means, np.nan), axis=0)
-        sq_c = np.nanmean(np.where(np.isfinite(squares), squares, np.nan), axis=0)
+    mean_c, sq_c = _finite_mean(pooled("sample_mean")), _finite_mean(pooled("sample_sq"))
+    with np.errstate(invalid="ignore", over="ignore"):
         rms = np.sqrt(np.maximum(sq_c, 0.0))
         std = np.sqrt(np.maximum(sq_c - mean_c**2, 0.0))
     rms = np.nan_to_num(rms, nan=0.0)
@@ -481,8 +491,33 @@ def _changes(sides: list[_SideRows]) -> list[tuple[float, int | None]]:
     ]
 
 
+#: pooled rows x channels that _changes computes side by side at a time: narrow layers share one set of numpy
+#: calls, while the temporaries of wide ones (8192-channel MLP layers, 40 rows each) stay small enough to
+#: be reused from the allocator's heap, where whole-width ones are fresh mappings whose pages fault in
+CHANGE_ELEMENTS = 1 << 19
+
+
+def _blocks(group: list[tuple[str, _SideRows]], elements: int) -> Iterable[list[tuple[str, _SideRows]]]:
+    """``group``'s layers (one layout) in consecutive blocks of at most ``elements`` pooled rows x channels, a
+    wider layer alone: each layer's changes are its own channels', whatever shares its block."""
+    rows = group[0][1].layout()[1]
+    block: list[tuple[str, _SideRows]] = []
+    width = 0
+    for layer, side in group:
+        channels = side.pooled[0].sample_mean.shape[1] if side.pooled else 0
+        if block and (width + channels) * rows > elements:
+            yield block
+            block, width = [], 0
+        block.append((layer, side))
+        width += channels
+    yield block
+
+
 def _dependences(
-    plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layers: list[str]
+    plan: Plan,
+    results: dict[tuple[int, ...], dict[str, LayerProbe]],
+    layers: list[str],
+    elements: int = CHANGE_ELEMENTS,
 ) -> dict[str, BatchDependence]:
     sizes = tuple(sorted(plan.group_runs))
     if not plan.solo_runs or not sizes:
@@ -497,7 +532,8 @@ def _dependences(
             else:
                 alike.setdefault(rows.layout(), []).append((layer, rows))
         for group in alike.values():
-            found.update(zip((layer for layer, _ in group), _changes([rows for _, rows in group])))
+            for block in _blocks(group, elements):
+                found.update(zip((layer for layer, _ in block), _changes([rows for _, rows in block])))
     return {
         layer: BatchDependence(
             layer=layer,

@@ -14,6 +14,7 @@ from bncheck.probe_plan import (
     OUTPUT_ELEMENTS,
     _changes,
     _dependences,
+    _finite_mean,
     _side_rows,
     _thin,
     compare_outputs,
@@ -241,6 +242,38 @@ def test_layers_compared_side_by_side_give_each_layers_own_batch_dependence():
             assert math.isclose(change, expected, rel_tol=1e-12) or (math.isnan(change) and math.isnan(expected))
         assert got.worst_batch_size == alone["output"][1]
     assert 0 < together["a"].output_change < math.inf and together["a"].worst_batch_size in (2, 32)
+
+
+def test_layers_computed_in_blocks_give_the_changes_of_one_block():
+    """Wide layers are compared a block of channels at a time (CHANGE_ELEMENTS): each layer's changes and worst
+    batch size are those of all the layers side by side, for every block size down to a layer a block."""
+    plan = make_plan((1, 2, 32), 4, None, False)
+    rng = np.random.default_rng(1)
+    widths = {"a": 3, "b": 6, "c": 7, "nan": 2, "d": 5}
+    results: dict[tuple[int, ...], dict[str, LayerProbe]] = {}
+    for run in plan.runs:
+        results[run] = {
+            name: LayerProbe(
+                name, len(run), _layer_stats(rng, run, width, bad=name == "nan"), _layer_stats(rng, run, width, False)
+            )
+            for name, width in widths.items()
+        }
+    whole = _dependences(plan, results, list(widths), elements=10**9)
+    rows = sum(len(run) for run in plan.runs)
+    for elements in (1, 7 * rows, 12 * rows):
+        assert _dependences(plan, results, list(widths), elements=elements) == whole
+    assert math.isinf(whole["nan"].input_change) and 0 < whole["a"].output_change < math.inf
+
+
+def test_finite_mean_is_nanmean_over_the_finite_values():
+    rng = np.random.default_rng(2)
+    rows = rng.normal(0.0, 1e3, (40, 9))
+    assert np.array_equal(_finite_mean(rows), np.nanmean(rows, axis=0))  # bit for bit where all are finite
+    rows[3, 1], rows[5, 2], rows[:, 4] = np.nan, np.inf, np.nan
+    with pytest.warns(RuntimeWarning, match="Mean of empty slice"):  # numpy's, for the all-NaN column
+        expected = np.nanmean(np.where(np.isfinite(rows), rows, np.nan), axis=0)
+    got = _finite_mean(rows)  # without that warning
+    assert np.array_equal(got, expected, equal_nan=True) and np.isnan(got[4]) and np.isfinite(got[2])
 
 
 def test_top1_agreement_is_quoted_for_class_scores_and_not_for_a_mask_or_ids():
