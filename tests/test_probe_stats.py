@@ -51,6 +51,24 @@ def test_tensor_stats_handles_channel_last_and_missing_axes():
     np.testing.assert_allclose(per_sample.sample_mean[:, 0], x.reshape(2, -1).mean(axis=1))
 
 
+def test_tensor_stats_of_one_value_per_sample_and_channel_are_those_values():
+    """[N, C] (BatchNorm1d): each sample's mean is its value, bit for bit (a -0.0 mean as numpy's 0.0), and the
+    extremes and counts are each column's, NaN ignored, Inf counted."""
+    x = np.random.default_rng(3).normal(0.0, 2.0, (6, 5)).astype(np.float32)
+    x[0, 0], x[1, 1], x[:, 2], x[2, 3], x[3, 3] = np.nan, np.inf, np.nan, -0.0, 0.0
+    s = tensor_stats(x, channel_axis=1, batch_axis=0)
+    wide = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        expected_sq = wide * wide
+    assert np.array_equal(s.sample_mean, wide, equal_nan=True) and not np.signbit(s.sample_mean[2, 3])
+    assert np.array_equal(s.sample_sq, expected_sq, equal_nan=True)
+    with pytest.warns(RuntimeWarning, match="All-NaN slice"):  # column 2, numpy's warning, not the probe's
+        low, high = np.nanmin(wide, axis=0), np.nanmax(wide, axis=0)
+    assert np.array_equal(s.min, low, equal_nan=True) and np.array_equal(s.max, high, equal_nan=True)
+    assert s.zeros.tolist() == [0, 0, 0, 2, 0] and s.nonfinite.tolist() == [1, 1, 6, 0, 0]
+    assert s.count == 6 and s.batch_size == 6
+
+
 def test_tensor_stats_counts_nonfinite_and_ignores_nan_in_extremes():
     x = np.ones((2, 2, 3), np.float32)
     x[0, 0, 0] = np.nan
