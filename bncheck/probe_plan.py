@@ -404,6 +404,10 @@ class _SideRows:
         """Compared rows and pooled rows: layers alike in both are computed side by side (_changes)."""
         return len(self.batched), sum(p.sample_mean.shape[0] for p in self.pooled)
 
+    @property
+    def channels(self) -> int:
+        return len(self.solo[0][0])
+
 
 def _side_rows(
     plan: Plan, results: dict[tuple[int, ...], dict[str, LayerProbe]], layer: str, side: str
@@ -448,7 +452,7 @@ def _changes(sides: list[_SideRows]) -> list[tuple[float, int | None]]:
     axis: one set of numpy calls for them all instead of one per layer."""
     if not sides[0].batched or not sides[0].pooled:
         return [(math.nan, None)] * len(sides)
-    starts = np.cumsum([0, *(s.solo[0][0].shape[0] for s in sides[:-1])])
+    starts = np.cumsum([0, *(s.channels for s in sides[:-1])])
 
     def pooled(field: str) -> np.ndarray:
         """[pooled rows, channels of all the layers], every run's rows one under the other."""
@@ -504,12 +508,11 @@ def _blocks(group: list[tuple[str, _SideRows]], elements: int) -> Iterable[list[
     block: list[tuple[str, _SideRows]] = []
     width = 0
     for layer, side in group:
-        channels = side.pooled[0].sample_mean.shape[1] if side.pooled else 0
-        if block and (width + channels) * rows > elements:
+        if block and (width + side.channels) * rows > elements:
             yield block
             block, width = [], 0
         block.append((layer, side))
-        width += channels
+        width += side.channels
     yield block
 
 
