@@ -686,20 +686,23 @@ def fix(
 
     def run() -> Any:
         from bncheck import fixing
+        from bncheck.render.progress import progress_bar
 
-        return fixing.fix(
-            model,
-            fixed,
-            data,
-            only=only,
-            dry_run=dry_run,
-            fail_on=fail_on,
-            batch_size=batch_size,
-            stats=stats,
-            min_samples=min_samples,
-            exit_non_zero_on_fix=exit_non_zero_on_fix,
-            report_path=report_path,
-        )
+        with progress_bar("loading the model") as progress:
+            return fixing.fix(
+                model,
+                fixed,
+                data,
+                only=only,
+                dry_run=dry_run,
+                fail_on=fail_on,
+                batch_size=batch_size,
+                stats=stats,
+                min_samples=min_samples,
+                exit_non_zero_on_fix=exit_non_zero_on_fix,
+                report_path=report_path,
+                progress=progress,
+            )
 
     inputs = [("--data file", data), ("fixed model", fixed)]
     _imports_frozen([model], "fix")

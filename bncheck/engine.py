@@ -6,7 +6,7 @@ The backend is chosen lazily by file type, so importing this module imports no f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from bncheck.backends import Backend, ProbeSettings, backend_for
@@ -71,10 +71,12 @@ def probe_view(
         settings = replace(settings, data=load_data(settings.data_path, view.inputs))
     # also without normalization layers: the probe tests the model's outputs for batch dependence
     probes = backend.probe(view, settings)
+    # the fields read as they are: dataclasses.asdict deep-copies every one first, the calibration arrays and
+    # the progress bar (its lock cannot be copied) included
     recorded: dict[str, Any] = {
-        k: v
-        for k, v in asdict(settings).items()
-        if k not in ("data", "data_path", "progress", "input_shapes", "default_sizes", "process_ends_after")
+        f.name: getattr(settings, f.name)
+        for f in fields(settings)
+        if f.name not in ("data", "data_path", "progress", "input_shapes", "default_sizes", "process_ends_after")
     }
     if settings.default_sizes and probes and probes[0].requested_batch_sizes:
         recorded["batch_sizes"] = probes[0].requested_batch_sizes  # the default as fitted to the file

@@ -17,7 +17,7 @@ from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
 from bncheck.errors import BncheckError, ErrorKind, UsageError
 from bncheck.fix_result import MIN_SAMPLES, FixRequest, FixResult
-from bncheck.model import ModelView
+from bncheck.model import ModelView, Progress
 from bncheck.outputs import refuse_overwrite
 from bncheck.report import Report
 
@@ -38,9 +38,11 @@ def fix(
     min_samples: int | None = None,
     exit_non_zero_on_fix: bool = False,
     report_path: str | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Repair ``path`` into ``output`` (statistics stored where sound, else from ``data_path``); return the
-    report (command "fix"). Refusals raise a BncheckError before anything is written."""
+    report (command "fix"). Refusals raise a BncheckError before anything is written. ``progress`` is told
+    each stage (checking the model, repairing it, checking the written model) and the probes' steps."""
     repair = _repair_codes(only)
     if stats == "data" and data_path is None and not dry_run:
         raise UsageError("--stats data recomputes the statistics from calibration data: pass --data CALIB")
@@ -69,9 +71,15 @@ def fix(
     from bncheck import engine
 
     settings = ProbeSettings(
-        data=data, data_path=data_path, data_source=data_path or "synthetic", batch_sizes=_probe_batch_sizes(view)
+        data=data,
+        data_path=data_path,
+        data_source=data_path or "synthetic",
+        batch_sizes=_probe_batch_sizes(view),
+        progress=progress,
     )
     synthetic = data is None
+    if progress is not None:
+        progress.stage("checking the model")
     report = _check(
         lambda: engine.probe_view(backend, view, settings, fail_on=fail_on),
         lambda: engine.inspect(path, fail_on=fail_on),
@@ -80,11 +88,15 @@ def fix(
     flagged = {
         f.layer: dict(f.evidence) for f in report.findings if f.code == "BN003" and f.evidence.get("kind") == "drift"
     }
+    if progress is not None:
+        progress.stage("repairing")
     outcome = backend.fix(view, replace(request, flagged=flagged))
     after = None
     if outcome.written:
         assert output is not None
         written = output
+        if progress is not None:
+            progress.stage("checking the written model")
         after = _check(
             lambda: engine.probe(written, settings, fail_on=fail_on),
             lambda: engine.inspect(written, fail_on=fail_on),

@@ -18,7 +18,7 @@ import enum
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -553,6 +553,15 @@ def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
         elif isinstance(dim, int) and dim >= 0:
             size *= dim
     return size
+
+
+class Progress(Protocol):
+    """Where a long command shows how far it is (render.progress.Bar at a terminal): ``(done, total)`` steps
+    of the current stage, and each new stage by name."""
+
+    def __call__(self, done: int, total: int) -> None: ...
+
+    def stage(self, description: str) -> None: ...
 
 
 @dataclass(frozen=True)
