@@ -54,6 +54,14 @@ def probe(
     return probe_view(backend, view, settings, select=select, ignore=ignore, fail_on=fail_on)
 
 
+#: ProbeSettings fields the report's settings leave out: the data (its path is data_source), how this process
+#: runs the probe (progress, process_ends_after, recalibrate_all), default_sizes (the sizes are recorded) and
+#: input_shapes, recorded as lists below
+_UNRECORDED = frozenset(
+    {"data", "data_path", "progress", "input_shapes", "default_sizes", "process_ends_after", "recalibrate_all"}
+)
+
+
 def probe_view(
     backend: Backend,
     view: ModelView,
@@ -74,9 +82,7 @@ def probe_view(
     # the fields read as they are: dataclasses.asdict deep-copies every one first, the calibration arrays and
     # the progress bar (its lock cannot be copied) included
     recorded: dict[str, Any] = {
-        f.name: getattr(settings, f.name)
-        for f in fields(settings)
-        if f.name not in ("data", "data_path", "progress", "input_shapes", "default_sizes", "process_ends_after")
+        f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in _UNRECORDED
     }
     if settings.default_sizes and probes and probes[0].requested_batch_sizes:
         recorded["batch_sizes"] = probes[0].requested_batch_sizes  # the default as fitted to the file

@@ -76,6 +76,7 @@ def fix(
         data_source=data_path or "synthetic",
         batch_sizes=_probe_batch_sizes(view),
         progress=progress,
+        recalibrate_all=True,  # the repair below makes the effect's passes over all the data: they are replayed
     )
     synthetic = data is None
     if progress is not None:

@@ -590,3 +590,7 @@ class ProbeSettings:
     # the process ends once this probe's report is written (the console's one model): a backend may leave
     # what it would free last to the exit, which frees it anyway
     process_ends_after: bool = False
+    # the output effect of drifting statistics recomputes them from all the data rather than its first samples
+    # (probe_data.RECALIBRATION_ELEMENTS): fix's probe of the original, whose repair then makes the same
+    # passes over all of it and replays them (ONNX)
+    recalibrate_all: bool = False

@@ -58,6 +58,27 @@ class MissingDimsError(ProbeDataError):
 
 #: the size the exit-2 message's --input-shape example gives each unsized dim
 EXAMPLE_DIM = 64
+#: input elements of the data that the output effect of drifting statistics (BN003's severity) recomputes
+#: them from: the first samples up to this many elements (at least RECALIBRATION_MIN_SAMPLES), so that the
+#: effect costs a bounded number of runs whatever the data's size
+RECALIBRATION_ELEMENTS = 1 << 24
+RECALIBRATION_MIN_SAMPLES = 32
+
+
+def recalibration_samples(data: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """(samples the effect recomputes the statistics from, samples in ``data``): ``data`` maps the inputs that
+    hold their samples on axis 0 to their arrays (see :data:`RECALIBRATION_ELEMENTS`)."""
+    total = int(next(iter(data.values())).shape[0]) if data else 0
+    per_sample = max(sum(int(np.prod(a.shape[1:])) for a in data.values()), 1)
+    return min(total, max(RECALIBRATION_ELEMENTS // per_sample, RECALIBRATION_MIN_SAMPLES)), total
+
+
+def recalibration_note(used: int, total: int) -> str:
+    """The probe's note when the effect recomputed the statistics from the data's first ``used`` samples."""
+    return (
+        f"output effect of the drifting statistics measured with them recomputed from the first {used} of the "
+        f"data's {total} samples ({RECALIBRATION_ELEMENTS:,} input elements at most)"
+    )
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

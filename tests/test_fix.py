@@ -1441,3 +1441,58 @@ def test_random_graphs_repaired_from_kept_tensors_get_the_statistics_of_passes_f
     assert a.keys() == b.keys() and any(not np.array_equal(a[name], stored.get(name)) for name in a)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_the_probes_effect_recomputes_statistics_from_the_datas_first_samples_past_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BN003's output effect recomputes the statistics from at most RECALIBRATION_ELEMENTS input elements of
+    the data (its first samples), so that it costs a bounded number of runs whatever the data's size; the
+    probe says so in a note. Within the bound it takes all of the data."""
+    from bncheck import engine, probe_data
+    from bncheck.backends import ProbeSettings
+
+    src = save(convnet(stale=("bn1", "bn2")), tmp_path / "m.onnx")
+    data = {"input": samples(64, seed=3)}
+    settings = ProbeSettings(data=data, data_path="calib.npz", data_source="calib.npz", batch_sizes=(1, 2, 32))
+    whole = engine.probe(src, settings)
+    assert whole.probes[0].recalibration is not None and whole.probes[0].recalibration.samples == 64
+    assert not any("recomputed from the first" in note for note in whole.probes[0].notes)
+    monkeypatch.setattr(probe_data, "RECALIBRATION_ELEMENTS", 40 * C_IN * HW * HW)
+    bounded = engine.probe(src, settings)
+    recalibration = bounded.probes[0].recalibration
+    assert recalibration is not None and recalibration.samples == 40 and recalibration.layers == ("bn1", "bn2")
+    assert any("recomputed from the first 40 of the data's 64 samples" in note for note in bounded.probes[0].notes)
+
+
+def test_fix_past_the_effects_bound_measures_the_effect_on_all_the_data_and_replays_its_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fix`'s own repair makes its passes over all the data, so its probe of the original measures the effect
+    on all of it too (ProbeSettings.recalibrate_all) and the repair replays those passes; a probe bounded to
+    the first samples would leave it nothing to replay."""
+    from bncheck import engine, probe_data
+    from bncheck.backends import ProbeSettings
+    from bncheck.fix_result import FixRequest
+
+    monkeypatch.setattr(probe_data, "RECALIBRATION_ELEMENTS", 40 * C_IN * HW * HW)
+    src = save(convnet(stale=("bn1", "bn2")), tmp_path / "m.onnx")
+    data = {"input": samples(64, seed=3)}
+    backend = OnnxBackend()
+    request = FixRequest(output=str(tmp_path / "f.onnx"), data=data, repair=frozenset({"BN002", "BN003"}))
+    for recalibrate_all, replayed in ((False, 0), (True, 2)):
+        settings = ProbeSettings(
+            data=data, data_source="calib.npz", batch_sizes=(1, 2, 32), recalibrate_all=recalibrate_all
+        )
+        view = backend.load(src)
+        backend.check_fix(view, request)
+        log = view.handle.fix_passes
+        probe = engine.probe_view(backend, view, settings).probes[0]
+        assert probe.recalibration is not None and probe.recalibration.samples == (64 if recalibrate_all else 40)
+        assert backend.fix(view, request).passes == 2 and log.replayed == replayed
+    calib = tmp_path / "calib.npy"
+    np.save(calib, data["input"])
+    report = fix(src, str(tmp_path / "g.onnx"), str(calib))
+    recalibration = report.probes[0].recalibration
+    assert recalibration is not None and recalibration.samples == 64
+    assert not any("recomputed from the first" in note for note in report.probes[0].notes)

@@ -455,6 +455,17 @@ def test_brief_fit_sample_drift_is_an_error_and_the_matching_one_stays_clean():
     assert clean.findings == [] and clean.probes[0].recalibration is None  # no drift: nothing recomputed
 
 
+def test_keras_effect_recomputes_statistics_from_the_datas_first_samples_past_the_bound(monkeypatch):
+    from bncheck import probe_data
+
+    monkeypatch.setattr(probe_data, "RECALIBRATION_ELEMENTS", 40 * 8)  # keras_calib.npy: 256 samples of 8 values
+    data = str(SAMPLES / "keras_calib.npy")
+    settings = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data, data_source=data)
+    [probe] = engine.probe(str(SAMPLES / "keras_brief_fit_drift.keras"), settings).probes
+    assert probe.recalibration is not None and probe.recalibration.samples == 40
+    assert any("recomputed from the first 40 of the data's 256 samples" in note for note in probe.notes)
+
+
 def test_a_default_keras_probe_leaves_inference_bns_out_unless_the_outputs_hold_nan(tmp_path):
     inp = keras.Input((3,))
     out = layers.BatchNormalization(name="bn")(layers.Dense(3, name="d")(inp))

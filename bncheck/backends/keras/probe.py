@@ -43,7 +43,7 @@ from bncheck.model import (
     TensorStats,
     largest_batch,
 )
-from bncheck.probe_data import probe_feeds
+from bncheck.probe_data import probe_feeds, recalibration_note, recalibration_samples
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
@@ -361,16 +361,15 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         results.append(result)
     if settings.data is not None and any(drifting_layers(view, r) for r in results):
         found = recalibration(runner, settings.data)
+        used, total = recalibration_samples(settings.data)
         for result in results:
             if isinstance(found, str):
                 result.notes.append(f"output effect of the drifting statistics not measured: {found}")
             else:
                 result.recalibration = found
+                if used < total:
+                    result.notes.append(recalibration_note(used, total))
     return results
-
-
-#: input elements fed at once when recomputing statistics (one batch: the statistics are then exact)
-RECALIBRATION_ELEMENTS = 1 << 24
 
 
 def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibration | str:
@@ -383,9 +382,8 @@ def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibra
     pass per layer would be needed otherwise). The original statistics are restored afterwards."""
     from bncheck.probe_plan import compare_recalibrated
 
-    per_sample = max(sum(int(np.prod(a.shape[1:])) for a in data.values()), 1)
-    total = int(next(iter(data.values())).shape[0])
-    count = min(total, max(RECALIBRATION_ELEMENTS // per_sample, 32))
+    # fed at once, as one batch (the statistics are then exact): at most RECALIBRATION_ELEMENTS
+    count, _ = recalibration_samples(data)
     try:
         memory.check(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count, None)
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have

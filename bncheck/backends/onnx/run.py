@@ -1017,13 +1017,17 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         discard(tmp, last=True)
     flagged = drifting_layers(view, result)
     if flagged and settings.data is not None:
-        from bncheck.backends.onnx.effect import recalibration
+        from bncheck.backends.onnx.effect import recalibration, samples_used
+        from bncheck.probe_data import recalibration_note
 
-        found = recalibration(handle.path, settings.data, flagged, handle.fix_passes)
+        found = recalibration(handle.path, settings.data, flagged, handle.fix_passes, settings.recalibrate_all)
         if isinstance(found, str):
             result.notes.append(f"output effect of the drifting statistics not measured: {found}")
         else:
             result.recalibration = found
+            used, total = samples_used(settings.data, view)
+            if used < total and not settings.recalibrate_all:
+                result.notes.append(recalibration_note(used, total))
     return result
 
 
