@@ -564,6 +564,18 @@ class Progress(Protocol):
     def stage(self, description: str) -> None: ...
 
 
+#: the stage a probe with data reports while it measures BN003's output effect (the statistics recomputed)
+EFFECT_STAGE = "measuring the effect of the drifting statistics"
+
+
+def announce(progress: Callable[[int, int], None] | None, description: str) -> None:
+    """Tell ``progress`` a new stage where it takes stages (a :class:`Progress`; a plain ``(done, total)``
+    callback, as the Python API takes, counts steps only)."""
+    stage = getattr(progress, "stage", None)
+    if stage is not None:
+        stage(description)
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """What `bncheck probe` asks of a backend.

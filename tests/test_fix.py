@@ -1496,3 +1496,38 @@ def test_fix_past_the_effects_bound_measures_the_effect_on_all_the_data_and_repl
     recalibration = report.probes[0].recalibration
     assert recalibration is not None and recalibration.samples == 64
     assert not any("recomputed from the first" in note for note in report.probes[0].notes)
+
+
+class _Stages:
+    """A progress sink as the console's bar takes it: steps and stage names, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.events.append((done, total))
+
+    def stage(self, description: str) -> None:
+        self.events.append(description)
+
+
+def test_a_probe_with_data_names_the_stage_that_measures_the_drifts_effect(tmp_path: Path) -> None:
+    """After its batches (steps up to the total), a probe whose data show drift recomputes the statistics, which
+    can take longer than the batches: a bar that takes stages names it. A plain callback gets steps only."""
+    from dataclasses import replace
+
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+    from bncheck.model import EFFECT_STAGE
+
+    src = save(convnet(stale=("bn1", "bn2")), tmp_path / "m.onnx")
+    data = {"input": samples(64, seed=3)}
+    stages = _Stages()
+    settings = ProbeSettings(data=data, data_source="calib.npz", batch_sizes=(1, 2, 32), progress=stages)
+    assert engine.probe(src, settings).probes[0].recalibration is not None
+    steps = [e for e in stages.events if isinstance(e, tuple)]
+    assert stages.events[-1] == EFFECT_STAGE and stages.events.index(EFFECT_STAGE) > stages.events.index(steps[-1])
+    assert steps[-1][0] == steps[-1][1]
+    plain: list[tuple[int, int]] = []
+    engine.probe(src, replace(settings, progress=lambda done, total: plain.append((done, total))))
+    assert plain == steps

@@ -34,6 +34,7 @@ from bncheck.backends.keras.config import few_reasons
 from bncheck.budget import OverBudgetError
 from bncheck.errors import few
 from bncheck.model import (
+    EFFECT_STAGE,
     Kind,
     LayerProbe,
     ModelView,
@@ -41,6 +42,7 @@ from bncheck.model import (
     ProbeResult,
     Recalibration,
     TensorStats,
+    announce,
     largest_batch,
 )
 from bncheck.probe_data import probe_feeds, recalibration_note, recalibration_samples
@@ -360,6 +362,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
             result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
         results.append(result)
     if settings.data is not None and any(drifting_layers(view, r) for r in results):
+        announce(settings.progress, EFFECT_STAGE)
         found = recalibration(runner, settings.data)
         used, total = recalibration_samples(settings.data)
         for result in results:

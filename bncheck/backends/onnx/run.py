@@ -31,6 +31,7 @@ from bncheck.backends.onnx.splice import Decomposition, Splice
 from bncheck.errors import few, one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
+    EFFECT_STAGE,
     Dim,
     InputSpec,
     LayerProbe,
@@ -38,6 +39,7 @@ from bncheck.model import (
     NormLayer,
     ProbeResult,
     TensorStats,
+    announce,
     default_batch_sizes,
     fixed_batch,
     largest_batch,
@@ -1020,6 +1022,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         from bncheck.backends.onnx.effect import recalibration, samples_used
         from bncheck.probe_data import recalibration_note
 
+        announce(settings.progress, EFFECT_STAGE)
         found = recalibration(handle.path, settings.data, flagged, handle.fix_passes, settings.recalibrate_all)
         if isinstance(found, str):
             result.notes.append(f"output effect of the drifting statistics not measured: {found}")
