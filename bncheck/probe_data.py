@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,20 +65,26 @@ RECALIBRATION_ELEMENTS = 1 << 24
 RECALIBRATION_MIN_SAMPLES = 32
 
 
-def recalibration_samples(data: Mapping[str, np.ndarray]) -> tuple[int, int]:
-    """(samples the effect recomputes the statistics from, samples in ``data``): ``data`` maps the inputs that
-    hold their samples on axis 0 to their arrays (see :data:`RECALIBRATION_ELEMENTS`)."""
-    total = int(next(iter(data.values())).shape[0]) if data else 0
-    per_sample = max(sum(int(np.prod(a.shape[1:])) for a in data.values()), 1)
-    return min(total, max(RECALIBRATION_ELEMENTS // per_sample, RECALIBRATION_MIN_SAMPLES)), total
-
-
-def recalibration_note(used: int, total: int) -> str:
-    """The probe's note when the effect recomputed the statistics from the data's first ``used`` samples."""
-    return (
+def recalibration_data(
+    data: Mapping[str, np.ndarray], batched: Iterable[str] | None = None
+) -> tuple[Mapping[str, np.ndarray], str | None]:
+    """The data the output effect recomputes the statistics from, and the probe's note when that is not all of
+    it. ``data`` itself, the same arrays, within :data:`RECALIBRATION_ELEMENTS` (fix's pass log compares arrays
+    by identity); else each input's first samples, ``batched`` naming the inputs that hold them on axis 0 (all
+    of them when None; an input fed as is, such as a sample rate, is left whole)."""
+    names = set(data) if batched is None else set(batched) & set(data)
+    if not names:
+        return data, None
+    total = int(data[next(iter(names))].shape[0])
+    per_sample = max(sum(int(np.prod(data[name].shape[1:])) for name in names), 1)
+    used = min(total, max(RECALIBRATION_ELEMENTS // per_sample, RECALIBRATION_MIN_SAMPLES))
+    if used >= total:
+        return data, None
+    note = (
         f"output effect of the drifting statistics measured with them recomputed from the first {used} of the "
         f"data's {total} samples ({RECALIBRATION_ELEMENTS:,} input elements at most)"
     )
+    return {name: a[:used] if name in names else a for name, a in data.items()}, note
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

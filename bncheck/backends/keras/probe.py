@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ from bncheck.model import (
     announce,
     largest_batch,
 )
-from bncheck.probe_data import probe_feeds, recalibration_note, recalibration_samples
+from bncheck.probe_data import probe_feeds, recalibration_data
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
@@ -362,36 +362,36 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
             result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
         results.append(result)
     if settings.data is not None and any(drifting_layers(view, r) for r in results):
+        data, bounded = recalibration_data(settings.data)
         announce(settings.progress, EFFECT_STAGE)
-        found = recalibration(runner, settings.data)
-        used, total = recalibration_samples(settings.data)
+        found = recalibration(runner, data)
         for result in results:
             if isinstance(found, str):
                 result.notes.append(f"output effect of the drifting statistics not measured: {found}")
             else:
                 result.recalibration = found
-                if used < total:
-                    result.notes.append(recalibration_note(used, total))
+                if bounded:
+                    result.notes.append(bounded)
     return results
 
 
-def recalibration(runner: KerasRunner, data: dict[str, np.ndarray]) -> Recalibration | str:
+def recalibration(runner: KerasRunner, data: Mapping[str, np.ndarray]) -> Recalibration | str:
     """``predict`` outputs with every BatchNormalization's moving statistics recomputed from the data, against
     the stored ones (Keras has no `fix`; this is its computation: exact population statistics, layer by
     layer downstream of the recomputed ones).
 
     One forward pass over the data as a single batch gives exactly that: each layer, on its call, takes the
     statistics of the input it receives, which already went through the recomputed layers upstream (a
-    pass per layer would be needed otherwise). The original statistics are restored afterwards."""
+    pass per layer would be needed otherwise). The original statistics are restored afterwards. ``data``: all
+    of it fed as that one batch (probe_data.recalibration_data bounds it)."""
     from bncheck.probe_plan import compare_recalibrated
 
-    # fed at once, as one batch (the statistics are then exact): at most RECALIBRATION_ELEMENTS
-    count, _ = recalibration_samples(data)
+    count = int(next(iter(data.values())).shape[0])
     try:
         memory.check(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count, None)
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
         return exc.summary
-    feeds = {name: np.ascontiguousarray(array[:count]) for name, array in data.items()}
+    feeds = {name: np.ascontiguousarray(array) for name, array in data.items()}
     names = tuple(
         n.name for n in runner.view.layers if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean")
     )

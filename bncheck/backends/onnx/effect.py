@@ -13,8 +13,7 @@ from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
-from bncheck.model import ModelView, Recalibration
-from bncheck.probe_data import recalibration_samples
+from bncheck.model import Recalibration
 from bncheck.probe_plan import compare_recalibrated, joined_samples
 
 if TYPE_CHECKING:
@@ -47,37 +46,18 @@ def _session_run(session: Any) -> OutputsRun:
     return lambda feeds: dict(zip(names, session.run(names, feeds, run_options())))
 
 
-def samples_used(data: Mapping[str, np.ndarray], view: ModelView) -> tuple[int, int]:
-    """(samples the statistics are recomputed from, samples in ``data``): probe_data.recalibration_samples over
-    the inputs that hold their samples on axis 0."""
-    batched = {spec.name for spec in view.inputs if spec.batched}
-    return recalibration_samples({name: a for name, a in data.items() if name in batched})
-
-
-def _first_samples(data: Mapping[str, np.ndarray], view: ModelView) -> Mapping[str, np.ndarray]:
-    """The data the statistics are recomputed from: ``data`` itself, the same arrays, when it is within
-    probe_data.RECALIBRATION_ELEMENTS (a `fix` of the same view then replays these passes: replay.py compares
-    the arrays by identity), else the first samples of each input that holds them on axis 0."""
-    used, total = samples_used(data, view)
-    if used >= total:
-        return data
-    batched = {spec.name for spec in view.inputs if spec.batched}
-    return {name: a[:used] if name in batched else a for name, a in data.items()}
-
-
 def recalibration(
     path: str,
     data: Mapping[str, np.ndarray],
     flagged: dict[str, dict[str, Any]],
     log: PassLog | None = None,
-    all_data: bool = False,
 ) -> Recalibration | str:
     """Recompute the statistics `fix` would (layers ``flagged`` by the probe's drift, and those never updated)
     on a fresh copy of the model, and compare its outputs on the data with the stored model's.
 
     Returns a reason (str) when it cannot be measured (e.g. too few samples for `fix`'s rule). ``log``: where the
-    dry run's passes are kept (the probed view's, so that `fix` of that view replays them). The statistics are
-    recomputed from the data's first samples (:func:`_first_samples`), or ``all_data``."""
+    dry run's passes are kept (the probed view's, so that `fix` of that view replays them). ``data``: what the
+    statistics are recomputed from (probe_data.recalibration_data bounds it)."""
     import onnxruntime as ort
 
     from bncheck.backends.onnx import OnnxBackend
@@ -89,8 +69,6 @@ def recalibration(
 
     view = OnnxBackend().load(path)
     declared = view.output_shapes
-    if not all_data:
-        data = _first_samples(data, view)
     request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
     try:
         outcome, fixer = repair(view, request, log)  # a dry run edits the loaded copy in memory and writes nothing

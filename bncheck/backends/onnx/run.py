@@ -1019,18 +1019,21 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         discard(tmp, last=True)
     flagged = drifting_layers(view, result)
     if flagged and settings.data is not None:
-        from bncheck.backends.onnx.effect import recalibration, samples_used
-        from bncheck.probe_data import recalibration_note
+        from bncheck.backends.onnx.effect import recalibration
+        from bncheck.probe_data import recalibration_data
 
+        data: Mapping[str, np.ndarray] = settings.data
+        bounded = None
+        if not settings.recalibrate_all:
+            data, bounded = recalibration_data(data, [spec.name for spec in view.inputs if spec.batched])
         announce(settings.progress, EFFECT_STAGE)
-        found = recalibration(handle.path, settings.data, flagged, handle.fix_passes, settings.recalibrate_all)
+        found = recalibration(handle.path, data, flagged, handle.fix_passes)
         if isinstance(found, str):
             result.notes.append(f"output effect of the drifting statistics not measured: {found}")
         else:
             result.recalibration = found
-            used, total = samples_used(settings.data, view)
-            if used < total and not settings.recalibrate_all:
-                result.notes.append(recalibration_note(used, total))
+            if bounded:
+                result.notes.append(bounded)
     return result
 
 
