@@ -444,6 +444,19 @@ def test_briefly_fitted_classifier_drift_is_an_error_with_its_output_effect(tmp_
     assert "top-1 agrees on" in effect["summary"]
 
 
+def test_keras_effect_passes_measure_no_layer(tmp_path):
+    """The effect's two passes over the data read the model's outputs only: no layer's statistics are computed
+    on the data's one batch (they were half of a probe's time on fer's 500 samples)."""
+    from bncheck.backends.keras.probe import recalibration
+
+    path, _, data, _, exact = _briefly_fitted_classifier(tmp_path)
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    found = recalibration(runner, {"features": data})
+    assert not isinstance(found, str) and found.outputs["logits"].samples == 256
+    assert runner.capture.seen == {} and runner.capture.recompute == set()
+
+
 def test_brief_fit_sample_drift_is_an_error_and_the_matching_one_stays_clean():
     data = str(SAMPLES / "keras_calib.npy")
     settings = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data, data_source=data)

@@ -398,10 +398,10 @@ def recalibration(runner: KerasRunner, data: Mapping[str, np.ndarray]) -> Recali
     if not names:
         return "no BatchNormalization with moving statistics"
     saved = {n: (np.array(runner.layers[n].moving_mean), np.array(runner.layers[n].moving_variance)) for n in names}
-    stored = runner.observe(feeds, PREDICT).outputs
+    stored = runner.observe(feeds, PREDICT, layers=False).outputs
     runner.capture.recompute = set(names)
     try:
-        recomputed = runner.observe(feeds, PREDICT).outputs
+        recomputed = runner.observe(feeds, PREDICT, layers=False).outputs
     finally:
         runner.capture.recompute = set()
         for n, (mean, var) in saved.items():
