@@ -66,23 +66,29 @@ RECALIBRATION_MIN_SAMPLES = 32
 
 
 def recalibration_data(
-    data: Mapping[str, np.ndarray], batched: Iterable[str] | None = None
+    data: Mapping[str, np.ndarray],
+    batched: Iterable[str] | None = None,
+    most: tuple[int, str] | None = None,
 ) -> tuple[Mapping[str, np.ndarray], str | None]:
     """The data the output effect recomputes the statistics from, and the probe's note when that is not all of
     it. ``data`` itself, the same arrays, within :data:`RECALIBRATION_ELEMENTS` (fix's pass log compares arrays
     by identity); else each input's first samples, ``batched`` naming the inputs that hold them on axis 0 (all
-    of them when None; an input fed as is, such as a sample rate, is left whole)."""
+    of them when None; an input fed as is, such as a sample rate, is left whole). ``most``: a backend's own
+    bound, the most samples it takes and the note's words for why (at least RECALIBRATION_MIN_SAMPLES)."""
     names = set(data) if batched is None else set(batched) & set(data)
     if not names:
         return data, None
     total = int(data[next(iter(names))].shape[0])
     per_sample = max(sum(int(np.prod(data[name].shape[1:])) for name in names), 1)
-    used = min(total, max(RECALIBRATION_ELEMENTS // per_sample, RECALIBRATION_MIN_SAMPLES))
+    used = max(RECALIBRATION_ELEMENTS // per_sample, RECALIBRATION_MIN_SAMPLES)
+    why = f"{RECALIBRATION_ELEMENTS:,} input elements at most"
+    if most is not None and max(most[0], RECALIBRATION_MIN_SAMPLES) < used:
+        used, why = max(most[0], RECALIBRATION_MIN_SAMPLES), most[1]
     if used >= total:
         return data, None
     note = (
         f"output effect of the drifting statistics measured with them recomputed from the first {used} of the "
-        f"data's {total} samples ({RECALIBRATION_ELEMENTS:,} input elements at most)"
+        f"data's {total} samples ({why})"
     )
     return {name: a[:used] if name in names else a for name, a in data.items()}, note
 

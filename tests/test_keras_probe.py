@@ -479,6 +479,26 @@ def test_keras_effect_recomputes_statistics_from_the_datas_first_samples_past_th
     assert any("recomputed from the first 40 of the data's 256 samples" in note for note in probe.notes)
 
 
+def test_keras_effect_batch_is_bounded_by_its_busiest_layer(monkeypatch):
+    """The effect's one batch takes no more samples than RECALIBRATION_LAYER_BYTES allow at the busiest layer
+    (Keras holds the whole batch's activations at once), with the note's reason; the element bound is wider."""
+    from bncheck.backends.keras import memory
+    from bncheck.backends.keras import probe as keras_probe
+
+    path = str(SAMPLES / "keras_brief_fit_drift.keras")
+    per_sample, _ = memory.busiest_layer(keras.saving.load_model(path), 1)
+    assert per_sample > 0
+    monkeypatch.setattr(keras_probe, "RECALIBRATION_LAYER_BYTES", 48 * per_sample + per_sample // 2)
+    data = str(SAMPLES / "keras_calib.npy")
+    settings = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data, data_source=data)
+    [probe] = engine.probe(path, settings).probes
+    assert probe.recalibration is not None and probe.recalibration.samples == 48
+    assert any(
+        "recomputed from the first 48 of the data's 256 samples (as many as one batch holds with" in note
+        for note in probe.notes
+    )
+
+
 def test_a_default_keras_probe_leaves_inference_bns_out_unless_the_outputs_hold_nan(tmp_path):
     inp = keras.Input((3,))
     out = layers.BatchNormalization(name="bn")(layers.Dense(3, name="d")(inp))

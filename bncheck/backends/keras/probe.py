@@ -31,7 +31,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
-from bncheck.budget import OverBudgetError
+from bncheck.budget import OverBudgetError, format_size
 from bncheck.errors import few
 from bncheck.model import (
     EFFECT_STAGE,
@@ -53,6 +53,10 @@ MIN_KERAS = (3, 11, 3)
 #: the keras extra's own packages: `pip install 'bncheck[keras]'` would fetch whatever holds the name
 #: bncheck on the package index (no release of this project is published there)
 INSTALL_HINT = "pip install 'keras>=3.12' jax"
+
+#: the most bytes the busiest layer (memory.busiest_layer) may read and write in the effect's one batch over the
+#: data: Keras's eager pass holds much more than that lower bound (about 11x on fer_emotion_h5's convolutions)
+RECALIBRATION_LAYER_BYTES = 64_000_000
 
 AS_WRITTEN = "as-written"
 PREDICT = "predict"
@@ -362,7 +366,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
             result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
         results.append(result)
     if settings.data is not None and any(drifting_layers(view, r) for r in results):
-        data, bounded = recalibration_data(settings.data)
+        data, bounded = recalibration_data(settings.data, most=_one_batch_bound(runner, settings))
         announce(settings.progress, EFFECT_STAGE)
         found = recalibration(runner, data)
         for result in results:
@@ -373,6 +377,16 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
                 if bounded:
                     result.notes.append(bounded)
     return results
+
+
+def _one_batch_bound(runner: KerasRunner, settings: ProbeSettings) -> tuple[int, str] | None:
+    """The most samples :func:`recalibration`'s one batch takes, from its busiest layer's bytes for one sample
+    (memory.busiest_layer, a lower bound), and the note's words; None where Keras cannot size the layers."""
+    per_sample, _ = memory.busiest_layer(runner.model, 1, runner.sample_calls(settings))
+    if per_sample <= 0:
+        return None
+    words = f"as many as one batch holds with {format_size(RECALIBRATION_LAYER_BYTES)} at the model's busiest layer"
+    return RECALIBRATION_LAYER_BYTES // per_sample, words
 
 
 def recalibration(runner: KerasRunner, data: Mapping[str, np.ndarray]) -> Recalibration | str:
