@@ -109,6 +109,7 @@ def tensor_stats(x: np.ndarray, channel_axis: int | None, batch_axis: int | None
     if channel_axis is None:
         a = np.expand_dims(a, batch_axis + 1)
         channel_axis = batch_axis + 1
+    laid = a  # the extremes and counts are read from the tensor as laid out (_over_channels)
     a = np.moveaxis(a, (batch_axis, channel_axis), (0, 1))
     n, c = a.shape[0], a.shape[1]
     flat = a.reshape(n, c, -1)
@@ -117,17 +118,14 @@ def tensor_stats(x: np.ndarray, channel_axis: int | None, batch_axis: int | None
     with np.errstate(invalid="ignore", over="ignore"):
         sample_mean = wide.mean(axis=2) if length else np.zeros((n, c))
         sample_sq = (wide * wide).mean(axis=2) if length else np.zeros((n, c))
-    per_channel = np.moveaxis(wide, 1, 0).reshape(c, -1)
-    finite = np.isfinite(per_channel)
-    nan = np.isnan(per_channel)
-    with np.errstate(invalid="ignore"):
-        big = np.where(nan, np.inf, per_channel)
-        small = np.where(nan, -np.inf, per_channel)
-        cmin = big.min(axis=1) if per_channel.shape[1] else np.full(c, np.nan)
-        cmax = small.max(axis=1) if per_channel.shape[1] else np.full(c, np.nan)
-    all_nan = nan.all(axis=1)
-    cmin = np.where(all_nan, np.nan, cmin)
-    cmax = np.where(all_nan, np.nan, cmax)
+    if n * length:
+        cmin = _over_channels(np.fmin, laid, channel_axis)  # NaN only where a channel holds nothing else
+        cmax = _over_channels(np.fmax, laid, channel_axis)
+        zeros = _over_channels(np.add, laid == 0, channel_axis)
+        nonfinite = n * length - _over_channels(np.add, np.isfinite(laid), channel_axis)
+    else:
+        cmin = cmax = np.full(c, np.nan)
+        zeros = nonfinite = np.zeros(c, np.int64)
     return TensorStats(
         batch_size=int(n),
         count=int(n * length),
@@ -135,9 +133,28 @@ def tensor_stats(x: np.ndarray, channel_axis: int | None, batch_axis: int | None
         sample_sq=sample_sq,
         min=cmin.astype(np.float64),
         max=cmax.astype(np.float64),
-        zeros=(per_channel == 0).sum(axis=1).astype(np.int64),
-        nonfinite=(~finite).sum(axis=1).astype(np.int64),
+        zeros=np.asarray(zeros, np.int64),
+        nonfinite=np.asarray(nonfinite, np.int64),
     )
+
+
+#: the longest row (elements) that _over_channels folds a channels-last tensor's samples into
+_FOLD = 1024
+
+
+def _over_channels(reduce: np.ufunc, laid: np.ndarray, channel_axis: int) -> np.ndarray:
+    """``reduce`` (fmin, fmax, or add of booleans: exact, so any order gives the same numbers) over every axis
+    of ``laid`` but ``channel_axis``. Folded so that numpy's loops run along long contiguous rows: over a
+    channels-last tensor of 8 channels a plain reduce over the other axes took 20x as long."""
+    c = laid.shape[channel_axis]
+    pre, post = math.prod(laid.shape[:channel_axis]), math.prod(laid.shape[channel_axis + 1 :])
+    kind = {"dtype": np.int64} if laid.dtype == np.bool_ else {}
+    rows = laid.reshape(pre, c, post)
+    rows = reduce.reduce(rows, axis=2, **kind) if post > 1 else rows.reshape(pre, c)
+    # m rows side by side (m a power of two dividing pre): one row of m * c, then the m copies of each channel
+    m = math.gcd(pre, 1 << max((_FOLD // max(c, 1)).bit_length() - 1, 0))
+    folded = reduce.reduce(rows.reshape(pre // m, m * c), axis=0, **kind)
+    return reduce.reduce(folded.reshape(m, c), axis=0, **kind)
 
 
 def merge_stats(parts: Iterable[TensorStats]) -> TensorStats:

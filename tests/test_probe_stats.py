@@ -79,6 +79,27 @@ def test_tensor_stats_counts_nonfinite_and_ignores_nan_in_extremes():
     assert np.isnan(s.sample_mean[0, 0]) and np.isinf(s.sample_mean[1, 1])
 
 
+def test_tensor_stats_extremes_and_counts_of_channels_last_maps_are_each_channels():
+    """Channels-last maps (a Keras conv's [N, H, W, C]) and channels-first ones ([N, C, H, W]): min and max
+    ignore NaN (NaN only for an all-NaN channel), zeros and NaN/Inf counted per channel, as numpy's
+    reductions of each channel's values give them."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.0, 1.0, (8, 31, 32, 8)).astype(np.float32)
+    x[..., 1] = np.maximum(x[..., 1], 0.0)
+    x[3, 4, 5, 2], x[7, 30, 31, 2], x[..., 4] = np.inf, -np.inf, np.nan
+    x[0, ::3, ::2, 6] = np.nan
+    x[5, 1, :, 7] = 9.0
+    for laid, axis in ((x, 3), (np.ascontiguousarray(np.moveaxis(x, 3, 1)), 1)):
+        s = tensor_stats(laid, channel_axis=axis, batch_axis=0)
+        per_channel = np.moveaxis(laid, axis, 0).reshape(8, -1).astype(np.float64)
+        with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning, match="All-NaN slice"):
+            low, high = np.nanmin(per_channel, axis=1), np.nanmax(per_channel, axis=1)
+        assert np.array_equal(s.min, low, equal_nan=True) and np.array_equal(s.max, high, equal_nan=True)
+        assert s.zeros.tolist() == (per_channel == 0).sum(axis=1).tolist()
+        assert s.nonfinite.tolist() == (~np.isfinite(per_channel)).sum(axis=1).tolist()
+        assert s.max[7] == 9.0 and s.nonfinite[2] == 2 and s.nonfinite[4] == 8 * 31 * 32 and s.zeros[1] > 0
+
+
 def test_merge_stats_equals_stats_of_the_concatenation():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(3, 4, 5)).astype(np.float32), rng.normal(size=(2, 4, 5)).astype(np.float32)
