@@ -218,8 +218,11 @@ class KerasRunner:
             raise BackendError(f"{self.path}: keras loaded the model without layer(s) {few(missing)}")
         self.capture = _Capture(tensor_stats)
         convert = self.keras.ops.convert_to_numpy
+        # the numpy backend's tensors are arrays already, which its convert_to_numpy copies (np.array); the
+        # wrapped calls only read them
+        to_numpy = lambda t: t if isinstance(t, np.ndarray) else np.asarray(convert(t))
         for norm in view.layers:
-            self.capture.wrap(norm.name, norm, self.layers[norm.name], lambda t: np.asarray(convert(t)))
+            self.capture.wrap(norm.name, norm, self.layers[norm.name], to_numpy)
         self.input_names = [spec.name for spec in view.inputs]
         self.shared: set[str] = set()
         self.notes: list[str] = []
