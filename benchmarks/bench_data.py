@@ -1,14 +1,15 @@
-"""Benchmark: `bncheck probe --data` on a calibration set of many samples, against onnxruntime reading that data once.
+"""Benchmark: `bncheck probe --data` on a calibration set of many samples, against plain inference over that data once.
 
 Usage: python benchmarks/bench_data.py ID[,ID...] [--samples 2000] [--repeats 3] [--cache DIR]
        (prints a Markdown table)
 
-IDs name single-input ONNX models of the real-world set (benchmarks/real_models; run fetch.py first). For each,
-``--samples`` samples drawn from a standard normal distribution (seed 0) of the manifest's input shape are
-saved as a .npy file; then fresh processes alternate, as in real_models/run.py:
+IDs name single-input ONNX or Keras models of the real-world set (benchmarks/real_models; run fetch.py first).
+For each, ``--samples`` samples drawn from a standard normal distribution (seed 0) of the manifest's input
+shape are saved as a .npy file; then fresh processes alternate, as in real_models/run.py:
 
 - plain: onnxruntime and numpy imported, the file's session, one pass at batch 1, 2 and 32, then every sample
-  of the data once in batches of 32 (what a user's own inference over the calibration set costs);
+  of the data once in batches of 32 (what a user's own inference over the calibration set costs); for a Keras
+  file the same with Keras (numpy backend, as bncheck runs it): the loaded model called with training=False;
 - probe: the `bncheck probe --format json --data FILE` console process real_models/run.py times.
 
 Such data are far from the statistics a model was trained on, so the probe flags drift (BN003) and measures
@@ -31,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "real_models"))  # the real-world set and its plain child
-from bench_breakdown import add_model_arguments, onnx_models
-from run import PEAK, add_bncheck_argument, findings_of, interpreter_of, run_bncheck
+from bench_breakdown import add_model_arguments
+from run import PEAK, add_bncheck_argument, collect_models, findings_of, interpreter_of, run_bncheck
 
 PLAIN_DATA = (
     PEAK
@@ -51,6 +52,36 @@ print(json.dumps({"rss_mb": peak_mb()}))
 """
 )
 
+PLAIN_KERAS_DATA = (
+    PEAK
+    + r"""
+import json, os, sys
+import numpy as np
+os.environ.setdefault("KERAS_BACKEND", "numpy")
+import keras
+data = np.load(sys.argv[2])
+model = keras.saving.load_model(sys.argv[1], compile=False)
+for b in (1, 2, 32):
+    model(data[:b], training=False)
+for start in range(0, len(data), 32):
+    model(data[start : start + 32], training=False)
+print(json.dumps({"rss_mb": peak_mb()}))
+"""
+)
+
+KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
+
+
+def data_models(ids: str, cache: Path) -> list[dict]:
+    """The real-world set's models named in ``ids`` (comma-separated), in that order; exits naming any that is
+    not an ONNX or Keras model of the set."""
+    wanted = ids.split(",")
+    models = {m["id"]: m for m in collect_models(cache, set(wanted))}
+    missing = [i for i in wanted if i not in models or not models[i]["path"].endswith((".onnx", *KERAS_SUFFIXES))]
+    if missing:
+        sys.exit(f"not an ONNX or Keras model of the real-world set: {', '.join(missing)}")
+    return [models[i] for i in wanted]
+
 
 def write_data(model: dict, samples: int, folder: Path) -> Path:
     """``samples`` standard-normal samples of the model's one input (the manifest's shape, "B" the samples)."""
@@ -65,9 +96,8 @@ def write_data(model: dict, samples: int, folder: Path) -> Path:
 
 def run_plain(python: str, model: dict, data: Path) -> dict:
     start = time.perf_counter()
-    proc = subprocess.run(
-        [python, "-c", PLAIN_DATA, model["path"], str(data)], capture_output=True, text=True, check=False
-    )
+    code = PLAIN_KERAS_DATA if model["path"].endswith(KERAS_SUFFIXES) else PLAIN_DATA
+    proc = subprocess.run([python, "-c", code, model["path"], str(data)], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"plain inference failed on {model['id']}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -125,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
         rows = [
             measure(model, args.samples, args.repeats, args.bncheck, Path(folder))
-            for model in onnx_models(args.ids, args.cache)
+            for model in data_models(args.ids, args.cache)
         ]
     print("\n".join(table(rows)))
 
