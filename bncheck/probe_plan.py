@@ -66,9 +66,12 @@ class Observed:
 class Runner(Protocol):
     """Runs one batch: an :class:`Observed`, or the per-layer statistics alone (the outputs then go untested).
     With ``layers=False`` only the model's outputs are read (the effect runs and the companion check): the
-    backend may leave the statistics out."""
+    backend may leave the statistics out. With ``inputs_only=True`` (a run over the data that only
+    ``ProbeResult.data`` reads) the backend may leave the layers' output statistics out (None)."""
 
-    def __call__(self, feeds: dict[str, np.ndarray], layers: bool = True) -> Observed | dict[str, LayerProbe]: ...
+    def __call__(
+        self, feeds: dict[str, np.ndarray], layers: bool = True, *, inputs_only: bool = False
+    ) -> Observed | dict[str, LayerProbe]: ...
 
 
 #: Finds where an unexplained batch dependence starts: (feeds of a batch holding a sample, feeds of the same
@@ -950,6 +953,8 @@ def run_plan(
     outputs: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
     output_axes = _SampleAxes(view.output_shapes)
     keep = set(plan.solo_runs) | {run for runs in plan.group_runs.values() for run in runs}
+    # runs over the data whose layer inputs alone are read (ProbeResult.data): not a probe or dependence run
+    inputs_only = set(plan.data_runs) - keep - set(plan.probe_runs.values())
     total = len(plan.runs)
     if settings.progress:
         settings.progress(0, total)
@@ -957,7 +962,8 @@ def run_plan(
     for done, run in enumerate(plan.runs, start=1):
         if len(run) not in failed or run in plan.data_runs:
             try:
-                results[run], seen = _observe(runner, _take(pool, run, axes), len(run), output_axes)
+                feeds = _take(pool, run, axes)
+                results[run], seen = _observe(runner, feeds, len(run), output_axes, inputs_only=run in inputs_only)
             except BncheckError as exc:
                 # a size the model cannot run (memory, a shape it rejects) is a note while another size ran
                 if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME) or run in plan.data_runs:
@@ -1019,10 +1025,15 @@ def run_plan(
 
 
 def _observe(
-    runner: Runner, feeds: dict[str, np.ndarray], size: int, kept: _SampleAxes, layers: bool = True
+    runner: Runner,
+    feeds: dict[str, np.ndarray],
+    size: int,
+    kept: _SampleAxes,
+    layers: bool = True,
+    inputs_only: bool = False,
 ) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray]]:
     """One run of ``size`` samples: the layers' statistics and the model's outputs, samples first (``kept``)."""
-    got = runner(feeds, layers)
+    got = runner(feeds, layers, inputs_only=True) if inputs_only else runner(feeds, layers)
     if isinstance(got, Observed):
         return got.layers, kept.take(got.outputs, size)
     return got, {}

@@ -457,6 +457,35 @@ def test_keras_effect_passes_measure_no_layer(tmp_path):
     assert runner.capture.seen == {} and runner.capture.recompute == set()
 
 
+def test_keras_runs_over_the_data_measure_the_layers_inputs_only(tmp_path):
+    """A run over the data that is neither a probe nor a dependence run is read for its layers' input
+    statistics alone (ProbeResult.data): the runner is asked for those and leaves the outputs' out; the probe
+    runs keep both, and the data's statistics are those of every sample."""
+    from bncheck.probe_plan import run_plan
+
+    path, _, data, _, _ = _briefly_fitted_classifier(tmp_path)
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    inner = runner.runner(PREDICT)
+    calls = []
+
+    def recording(feeds, layers=True, *, inputs_only=False):
+        got = inner(feeds, layers, inputs_only=inputs_only)
+        # what the wrapped layers computed in this call: no output statistics at all on a data run
+        computed = {n: all(y is None for _, y in pairs) for n, pairs in runner.capture.seen.items()}
+        assert computed == {n: p.output is None for n, p in got.layers.items()}
+        calls.append((len(feeds["features"]), inputs_only, computed))
+        return got
+
+    result = run_plan(view, ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data={"features": data}), recording)
+    data_only = [c for c in calls if c[1]]
+    # 256 samples in runs of 8: the first is the probe run at 8 (both measured), the 31 others data runs only
+    assert len(data_only) == 31 and all(size == 8 and all(c.values()) for size, _, c in data_only)
+    assert all(not any(c.values()) for _, only, c in calls if not only) and len(calls) > len(data_only)
+    assert result.data is not None and result.data["bn_1"].batch_size == 256 and result.data["bn_2"].count == 256
+    assert result.at(8, "bn_1").output is not None and result.at(8, "bn_1").output.batch_size == 8
+
+
 def test_brief_fit_sample_drift_is_an_error_and_the_matching_one_stays_clean():
     data = str(SAMPLES / "keras_calib.npy")
     settings = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data, data_source=data)

@@ -143,13 +143,14 @@ class _Capture:
 
     def __init__(self, stats: Callable[..., TensorStats]) -> None:
         self.stats = stats
-        self.seen: dict[str, list[tuple[TensorStats, TensorStats]]] = {}
+        self.seen: dict[str, list[tuple[TensorStats, TensorStats | None]]] = {}
         # layers whose moving statistics are set, on each call, to the statistics of the batch they receive
         # (see recalibration)
         self.recompute: set[str] = set()
         # layers not measured until the model's outputs hold NaN/Inf (probe_plan.needs_statistics): numpy
         # statistics of every call were half of a probe's time on spliceai's 32 BNs
         self.skip: set[str] = set()
+        self.inputs_only = False  # a run over the data: the outputs' statistics are not read (probe_plan.Runner)
 
     def wrap(self, name: str, norm: NormLayer, layer: Any, to_numpy: Callable[[Any], np.ndarray]) -> None:
         original = layer.call
@@ -161,9 +162,10 @@ class _Capture:
             outputs = original(inputs, *args, **kwargs)
             if name in capture.skip:
                 return outputs
-            x, y = to_numpy(inputs), to_numpy(outputs)
+            x = to_numpy(inputs)
             axis = channel_axis_of(norm, layer, x.ndim)
-            capture.seen.setdefault(name, []).append((capture.stats(x, axis), capture.stats(y, axis)))
+            y = None if capture.inputs_only else capture.stats(to_numpy(outputs), axis)
+            capture.seen.setdefault(name, []).append((capture.stats(x, axis), y))
             return outputs
 
         # An instance attribute shadows the class's call; Layer.__call__ looks it up on the instance.
@@ -248,8 +250,17 @@ class KerasRunner:
         names = [str(name) for name in getattr(self.model, "output_names", None) or []]
         return names if len(names) == count else [f"output_{i}" for i in range(count)]
 
-    def observe(self, feeds: dict[str, np.ndarray], style: str, layers: bool = True) -> Observed:
-        """Per-layer statistics of one batch and the model's outputs (those alone with ``layers=False``)."""
+    def observe(
+        self, feeds: dict[str, np.ndarray], style: str, layers: bool = True, inputs_only: bool = False
+    ) -> Observed:
+        """Per-layer statistics of one batch and the model's outputs (those alone with ``layers=False``; the
+        layers' input statistics alone with ``inputs_only``)."""
+        if inputs_only:
+            self.capture.inputs_only = True
+            try:
+                return self.observe(feeds, style, layers)
+            finally:
+                self.capture.inputs_only = False
         if not layers:
             kept, self.capture.skip = self.capture.skip, set(self.layers)
             try:
@@ -274,7 +285,7 @@ class KerasRunner:
                 layer=name,
                 batch_size=batch,
                 input=pool([c[0] for c in calls]),
-                output=pool([c[1] for c in calls]),
+                output=None if self.capture.inputs_only else pool([c[1] for c in calls if c[1] is not None]),
             )
         return Observed(out, outputs)
 
@@ -333,7 +344,7 @@ class KerasRunner:
         return self._outputs(result)
 
     def runner(self, style: str) -> Runner:
-        return lambda feeds, layers=True: self.observe(feeds, style, layers)
+        return lambda feeds, layers=True, *, inputs_only=False: self.observe(feeds, style, layers, inputs_only)
 
 
 def call_styles(static: KerasFile) -> list[str]:

@@ -786,8 +786,9 @@ class _Engine:
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, LayerProbe]:
         return self.observe(feeds).layers
 
-    def observe(self, feeds: dict[str, np.ndarray], layers: bool = True) -> Observed:
-        """Per-layer statistics of one batch, and the model's own outputs (those alone with ``layers=False``)."""
+    def observe(self, feeds: dict[str, np.ndarray], layers: bool = True, *, inputs_only: bool = False) -> Observed:
+        """Per-layer statistics of one batch, and the model's own outputs (those alone with ``layers=False``).
+        ``inputs_only`` changes nothing here: the graph measures the outputs in the same kernels' pass."""
         values = self._run(feeds, layers)
         if not layers:
             return Observed({}, values)
