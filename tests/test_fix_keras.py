@@ -163,3 +163,28 @@ def test_probing_as_written_leaves_the_loaded_moving_statistics_alone() -> None:
     x = np.random.default_rng(0).normal(size=(32, *runner.model.input_shape[1:])).astype(np.float32)
     runner.run({view.inputs[0].name: x}, AS_WRITTEN)
     np.testing.assert_array_equal(np.array(layer.moving_mean), before)
+
+
+def test_each_fix_pass_measures_the_inputs_of_the_layers_still_to_decide(monkeypatch, tmp_path: Path) -> None:
+    """bn_2 follows bn_1: the first pass over the data reads both layers' inputs, bn_1 changes, so a second pass
+    reads bn_2's alone (its input moved); no pass computes an output's statistics or a decided layer's."""
+    from bncheck.backends.keras.probe import KerasRunner
+
+    measured: list[dict[str, bool]] = []
+    observe = KerasRunner.observe
+
+    def recording(self, feeds, style, layers=True, inputs_only=False):
+        got = observe(self, feeds, style, layers, inputs_only)
+        if inputs_only:  # fix's passes, and the probes' runs over the data that are not probe runs
+            measured.append({name: seen.output is None for name, seen in got.layers.items()})
+        return got
+
+    monkeypatch.setattr(KerasRunner, "observe", recording)
+    report = fix(
+        str(SAMPLES / "keras_brief_fit_drift.keras"), str(tmp_path / "fixed.keras"), str(SAMPLES / "keras_calib.npy")
+    )
+    assert report.fix.outcome.passes == 2 and report.fix.outcome.batch_size == 32
+    both, second = {"bn_1": True, "bn_2": True}, {"bn_2": True}
+    # keras_calib.npy: 256 samples in 8 batches of 32; the probes of the original and of the written model run
+    # 7 of them over the data beside their probe run of 32; fix's two passes read all 8
+    assert measured == [both] * 7 + [both] * 8 + [second] * 8 + [both] * 7

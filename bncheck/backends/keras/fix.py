@@ -87,10 +87,16 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
         remaining = list(pending)
         while remaining:
             parts: dict[str, list[TensorStats]] = {}
-            for feeds, real in calibration_batches(data, batch, fixed=fixed):
-                for name, seen in runner.run(feeds, PREDICT).items():
-                    if seen.input is not None:
-                        parts.setdefault(name, []).append(first_samples(seen.input, real))
+            # a pass reads the inputs of the layers still to decide: no other layer's statistics are computed
+            undecided = {p.layer.name for p in remaining}
+            runner.capture.skip = {name for name in runner.layers if name not in undecided}
+            try:
+                for feeds, real in calibration_batches(data, batch, fixed=fixed):
+                    for name, seen in runner.observe(feeds, PREDICT, inputs_only=True).layers.items():
+                        if seen.input is not None:
+                            parts.setdefault(name, []).append(first_samples(seen.input, real))
+            finally:
+                runner.capture.skip = set()
             passes += 1
             later: list[_Pending] = []
             changed = False
