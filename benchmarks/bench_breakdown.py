@@ -189,15 +189,20 @@ def add_model_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
 
 
-def onnx_models(ids: str, cache: Path) -> list[dict]:
+def set_models(ids: str, cache: Path, suffixes: tuple[str, ...] = (".onnx",), kind: str = "ONNX") -> list[dict]:
     """The real-world set's models named in ``ids`` (comma-separated), in that order; exits naming any that is
-    not an ONNX model of the set."""
+    not a model of the set whose file ends in one of ``suffixes`` (``kind`` names them in that message)."""
     wanted = ids.split(",")
     models = {m["id"]: m for m in collect_models(cache, set(wanted))}
-    missing = [i for i in wanted if i not in models or not models[i]["path"].endswith(".onnx")]
+    missing = [i for i in wanted if i not in models or not models[i]["path"].endswith(suffixes)]
     if missing:
-        sys.exit(f"not an ONNX model of the real-world set: {', '.join(missing)}")
+        sys.exit(f"not an {kind} model of the real-world set: {', '.join(missing)}")
     return [models[i] for i in wanted]
+
+
+def onnx_models(ids: str, cache: Path) -> list[dict]:
+    """The real-world set's ONNX models named in ``ids`` (see :func:`set_models`)."""
+    return set_models(ids, cache)
 
 
 def main() -> None:

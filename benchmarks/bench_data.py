@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "real_models"))  # the real-world set and its plain child
-from bench_breakdown import add_model_arguments
-from run import PEAK, add_bncheck_argument, collect_models, findings_of, interpreter_of, run_bncheck
+from bench_breakdown import add_model_arguments, set_models
+from run import PEAK, add_bncheck_argument, findings_of, interpreter_of, run_bncheck
 
 PLAIN_DATA = (
     PEAK
@@ -73,14 +73,8 @@ KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 
 
 def data_models(ids: str, cache: Path) -> list[dict]:
-    """The real-world set's models named in ``ids`` (comma-separated), in that order; exits naming any that is
-    not an ONNX or Keras model of the set."""
-    wanted = ids.split(",")
-    models = {m["id"]: m for m in collect_models(cache, set(wanted))}
-    missing = [i for i in wanted if i not in models or not models[i]["path"].endswith((".onnx", *KERAS_SUFFIXES))]
-    if missing:
-        sys.exit(f"not an ONNX or Keras model of the real-world set: {', '.join(missing)}")
-    return [models[i] for i in wanted]
+    """The real-world set's ONNX and Keras models named in ``ids`` (comma-separated), in that order."""
+    return set_models(ids, cache, (".onnx", *KERAS_SUFFIXES), "ONNX or Keras")
 
 
 def write_data(model: dict, samples: int, folder: Path) -> Path:

@@ -17,7 +17,7 @@ from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
 from bncheck.errors import BncheckError, ErrorKind, UsageError
 from bncheck.fix_result import MIN_SAMPLES, FixRequest, FixResult
-from bncheck.model import ModelView, Progress
+from bncheck.model import ModelView, Progress, announce
 from bncheck.outputs import refuse_overwrite
 from bncheck.report import Report
 
@@ -79,8 +79,7 @@ def fix(
         recalibrate_all=True,  # the repair below makes the effect's passes over all the data: they are replayed
     )
     synthetic = data is None
-    if progress is not None:
-        progress.stage("checking the model")
+    announce(progress, "checking the model")
     report = _check(
         lambda: engine.probe_view(backend, view, settings, fail_on=fail_on),
         lambda: engine.inspect(path, fail_on=fail_on),
@@ -89,15 +88,13 @@ def fix(
     flagged = {
         f.layer: dict(f.evidence) for f in report.findings if f.code == "BN003" and f.evidence.get("kind") == "drift"
     }
-    if progress is not None:
-        progress.stage("repairing")
+    announce(progress, "repairing")
     outcome = backend.fix(view, replace(request, flagged=flagged))
     after = None
     if outcome.written:
         assert output is not None
         written = output
-        if progress is not None:
-            progress.stage("checking the written model")
+        announce(progress, "checking the written model")
         after = _check(
             lambda: engine.probe(written, settings, fail_on=fail_on),
             lambda: engine.inspect(written, fail_on=fail_on),
