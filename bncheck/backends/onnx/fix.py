@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import tensors
-from bncheck.backends.onnx.graph import copied, node_reads
+from bncheck.backends.onnx.graph import copied, node_reads, outer_reads
 from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
@@ -611,8 +611,10 @@ class _Sink:
 
 
 def _find_node(model: onnx.ModelProto, key: str) -> tuple[int, onnx.NodeProto]:
+    kind, _, value = key.partition(":")
     for pos, node in enumerate(model.graph.node):
-        if _node_key(node) == key:
+        # the containment test first: the key of each of the graph's nodes for every edit made fix quadratic
+        if (value in node.output if kind == "out" else node.name == value) and _node_key(node) == key:
             return pos, node
     raise BackendError(f"internal: node {key} vanished while editing")  # pragma: no cover
 
@@ -632,17 +634,16 @@ def _set_stat_input(
 ) -> None:
     """Give input ``position`` of a node new constant values: in place when only this node reads that
     initializer, else through a new initializer (so every other reader keeps its bytes)."""
-    facts = _GraphFacts(model)
     _, node = _find_node(model, node_key)
     current = node.input[position] if len(node.input) > position else ""
-    init = facts.initializers.get(current)
+    graph = model.graph
+    init = next((t for t in graph.initializer if t.name == current), None) if current else None
     if (
         init is not None
-        and facts.uses[current] == 1
-        and current not in facts.graph_outputs
-        and current not in facts.graph_inputs
         and init.data_type in _FLOAT_TYPES
         and int(np.prod(init.dims)) == values.size
+        and all(current != value.name for value in (*graph.output, *graph.input))
+        and _reads_of(graph, current) == 1
     ):
         sink.set_tensor(init, values.reshape(tuple(init.dims)))
         return
@@ -651,6 +652,18 @@ def _set_stat_input(
     while len(node.input) <= position:
         node.input.append("")
     node.input[position] = name
+
+
+def _reads_of(graph: onnx.GraphProto, name: str) -> int:
+    """How often the graph's nodes read ``name`` (as _GraphFacts.uses counts), without indexing every name:
+    an index built for each edit made fix quadratic in the graph's size."""
+    count = 0
+    for node in graph.node:
+        if name in node.input:
+            count += sum(1 for read in node.input if read == name)
+        if node.attribute:
+            count += sum(1 for read in outer_reads(node) if read == name)
+    return count
 
 
 def _edit_stats(node_key: str, mean: np.ndarray, var: np.ndarray, dtype: int) -> Edit:

@@ -476,6 +476,11 @@ def node_reads(node: onnx.NodeProto) -> Iterator[str]:
     for name in node.input:
         if name:
             yield name
+    yield from outer_reads(node)
+
+
+def outer_reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The outer-scope names a node's subgraphs (If/Loop/Scan bodies) read: what it reads besides its inputs."""
     for attr in node.attribute:
         subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
         for sub in subgraphs:
