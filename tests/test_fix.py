@@ -1214,9 +1214,9 @@ def _repaired(src: str, data: dict[str, np.ndarray], output: str):
 def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_the_statistics_of_full_passes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_batch: int | None
 ) -> None:
-    """Each pass after the first measures the next layer of the chain (frontier.py): from the tensors the
-    pass before computed, so that no node runs twice, and relu1 is kept until the Add that reads it three
-    passes later. The written statistics are those of passes run from the model's inputs (what a memory
+    """Each pass measures the next layer of the chain (frontier.py): the first from the model's inputs up to
+    bn1 alone (its repair holds back every layer below it), each later one from the tensors the pass before
+    computed, so that no node runs twice, and relu1 is kept until the Add that reads it three passes later. The written statistics are those of passes run from the model's inputs (what a memory
     budget too small for the kept tensors falls back to), to float32 rounding. 20 samples by 8 with a fixed
     batch: the last batch holds 4 repeats, which count in neither."""
     from bncheck.backends.onnx import frontier
@@ -1225,8 +1225,8 @@ def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_t
     data = {"input": samples(20, seed=5)}
     kept, fixer = _repaired(src, data, str(tmp_path / "kept.onnx"))
     assert kept.passes == 4 and fixer.frontier_off is None
-    assert fixer.segments == 3  # passes 2-4; the first measures every layer at once, from the inputs
-    # conv1..conv2, then bn2..conv3, then bn3..conv4: 11 of the 15 nodes; from the inputs 4 + 7 + 11
+    assert fixer.segments == 4  # every pass, the first one too
+    # conv1, then bn1..conv2, bn2..conv3, bn3..conv4: 11 of the 15 nodes; from the inputs 1 + 4 + 7 + 11
     assert fixer.segment_nodes == 11
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
     full, fallback = _repaired(src, data, str(tmp_path / "full.onnx"))
@@ -1247,6 +1247,39 @@ def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_t
         batches[-1] = np.concatenate([batches[-1], x[: 8 - len(batches[-1])]])
     conv = np.concatenate([taps.run(["conv1"], {"input": part})[0] for part in batches])[:20]
     np.testing.assert_allclose(a["bn1.mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flagged", [False, True], ids=["drift-to-judge", "drift-reported"])
+def test_the_first_pass_measures_the_frontier_alone_where_its_repair_is_certain(tmp_path: Path, flagged: bool) -> None:
+    """bn1's stored statistics are not the initial ones, so whether it is repaired depends on its drift:
+    the first pass measures every layer, from the model's inputs (its numbers decide bn1, and bn2..bn4 had
+    bn1 been kept). Where the probe reported bn1's drift, its repair is certain and holds back every layer
+    below it: the first pass measures bn1 alone, from kept tensors. The same repairs either way."""
+    from bncheck.backends.onnx.fix import repair
+    from bncheck.fix_result import FixRequest
+
+    model = residual_net()
+    for tensor in model.graph.initializer:
+        if tensor.name == "bn1.mean":
+            tensor.CopyFrom(numpy_helper.from_array(np.full(C1, 5.0, np.float32), "bn1.mean"))
+    src = save(model, tmp_path / "m.onnx")
+    reported = {"bn1": {"median_mean_shift": 9.0, "median_log_var_ratio": 0.0}} if flagged else {}
+    out = str(tmp_path / "fixed.onnx")
+    request = FixRequest(
+        output=out, data={"input": samples(20, seed=5)}, repair=frozenset({"BN003"}), batch_size=8, flagged=reported
+    )
+    outcome, fixer = repair(OnnxBackend().load(src), request)
+    fixer.close()
+    assert [(e.layer, e.action) for e in outcome.layers] == [(f"bn{i}", "recalibrated") for i in range(1, 5)]
+    assert outcome.passes == 4 and fixer.frontier_off is None
+    assert fixer.segments == (4 if flagged else 3)
+    mean = _statistics(out)["bn1.mean"]
+    taps = onnx.load(src)
+    taps.graph.output.append(helper.make_tensor_value_info("conv1", F32, None))
+    session = ort.InferenceSession(taps.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = samples(20, seed=5)
+    conv = np.concatenate([session.run(["conv1"], {"input": x[i : i + 8]})[0] for i in range(0, 20, 8)])
+    np.testing.assert_allclose(mean, conv.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
 def test_layers_other_than_batch_norm_or_local_functions_are_measured_from_the_inputs(tmp_path: Path) -> None:
@@ -1300,7 +1333,7 @@ def test_a_node_with_subgraphs_below_the_layers_keeps_the_passes_on_kept_tensors
     data = {"input": samples(20, seed=5)}
     below = save(_with_if(residual_net(), upstream=False), tmp_path / "below.onnx")
     _, fixer = _repaired(below, data, str(tmp_path / "kept.onnx"))
-    assert fixer.segments == 3 and fixer.frontier_off is None
+    assert fixer.segments == 4 and fixer.frontier_off is None
     above = save(_with_if(residual_net(), upstream=True), tmp_path / "above.onnx")
     _, fixer = _repaired(above, data, str(tmp_path / "above_fixed.onnx"))
     assert fixer.segments == 0 and fixer.frontier_off == "a node with subgraphs is upstream"
@@ -1347,7 +1380,7 @@ def test_the_repaired_models_outputs_run_on_from_the_kept_tensors(tmp_path: Path
     outcome, fixer = repair(OnnxBackend().load(src), request)
     outputs = fixer.recomputed_outputs(20)
     fixer.close()
-    assert outcome.passes == 4 and fixer.segments == 4  # passes 2-4, then the nodes below bn4
+    assert outcome.passes == 4 and fixer.segments == 5  # the 4 passes, then the nodes below bn4
     assert outputs is not None and outputs["logits"].shape == (20, CLASSES)
     written = str(tmp_path / "fixed.onnx")
     _repaired(src, data, written)

@@ -142,7 +142,8 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
         ups = _upstream_masks(pending, handle)
         remaining = list(range(len(pending)))
         fixer.feedable = {p.layer.output for p in pending if _feedable(p)}
-        cut = False  # this pass measures the frontier alone, on a graph cut below it
+        # this pass measures the frontier alone, on a graph cut below it
+        cut = _first_pass_cut(pending, ups, request.flagged, handle)
         while remaining:
             # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
             # of it was repaired in this same round (then it waits for the next pass)
@@ -554,6 +555,32 @@ def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
     return [upstream.get(p.layer.input, 0) & ~(1 << k) for k, p in enumerate(pending)]
 
 
+def _repaired_whatever_measured(p: _Pending, flagged: dict[str, dict[str, Any]]) -> bool:
+    """Whether the layer's repair edits the model whatever its pass measures (unless its input cannot give
+    statistics): a train-mode layer, a moments chain, statistics never updated, drift the probe reported."""
+    return not (p.what == "stale" and not p.defaults and p.layer.name not in flagged)
+
+
+def _first_pass_cut(
+    pending: list[_Pending], ups: list[int], flagged: dict[str, dict[str, Any]], handle: OnnxHandle
+) -> bool:
+    """Whether the first pass measures the frontier alone (from kept tensors, as the later cut passes): where
+    a repair of the frontier holds back every other layer, measuring them on the stored model would be a pass
+    over the whole graph whose numbers no decision reads. Should a repair not happen after all (NaN/Inf in
+    its input), the layers below are measured by the next pass, on the same model. Not where a layer's
+    statistics can be fed: there one engine serves every pass and then the effect's two runs (measure)."""
+    from bncheck.backends.onnx import frontier
+
+    if any(_feedable(p) for p in pending):
+        return False
+    everything = (1 << len(pending)) - 1
+    first = [k for k in range(len(pending)) if not ups[k] & everything]
+    repaired = sum(1 << k for k in first if _repaired_whatever_measured(pending[k], flagged))
+    if not repaired or any(k not in first and not ups[k] & repaired for k in range(len(pending))):
+        return False
+    return frontier.supports(handle.model, [pending[k].layer for k in first])
+
+
 # ====================================================================== measuring and editing
 
 
@@ -911,7 +938,8 @@ class _Fixer:
         activations = self.check_memory()
         self._fed_like = self._statistics_now([layer.output for layer in layers if layer.output in self.feedable])
         self._engine = inputs_engine(work, layers, activations, fed=list(self._fed_like), cut=cut)
-        self._engine_on_stored = not self.edits
+        # a cut graph computes no model output: it cannot run the stored and the recomputed model
+        self._engine_on_stored = not self.edits and not cut
 
     def stored_and_recomputed(self) -> tuple[OutputsRun, OutputsRun] | None:
         """Runs of the model's outputs through the kept engine (no session of its own), with the statistics as
