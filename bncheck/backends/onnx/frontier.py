@@ -80,7 +80,7 @@ def input_stats(x: np.ndarray, real: int) -> TensorStats:
             part = flat[start : start + step].astype(np.float64)
             mean[start : start + step] = part.mean(axis=2)
             sq[start : start + step] = np.einsum("ncl,ncl->nc", part, part) / length
-        finite = np.isfinite(mean).all(axis=1) & np.isfinite(sq).all(axis=1)
+        finite = np.asarray(np.isfinite(mean).all(axis=1) & np.isfinite(sq).all(axis=1))
         for i in np.flatnonzero(~finite[:real]):
             nonfinite += (~np.isfinite(flat[i])).sum(axis=1)
     return first_samples(_without_extremes(n, n * length, mean, sq, nonfinite), real)
