@@ -426,6 +426,9 @@ class ProbeResult:
     located: LocatedDependence | None = None
     # with --data and drifting statistics: the outputs with recomputed statistics against the stored ones
     recalibration: Recalibration | None = None
+    # with --data: the model's outputs on the data's first samples, samples first (run_plan's keep_outputs),
+    # which that comparison takes as the stored model's; not reported, let go once it has run
+    data_outputs: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
     # layers the probe could not measure, with the reason (shown as "not measured", never "ok")
     unmeasured: dict[str, str] = field(default_factory=dict)
     # layers the probe left unmeasured because no check needs their numbers, with the reason

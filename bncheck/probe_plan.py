@@ -875,6 +875,7 @@ def run_plan(
     open_runner: Callable[[], Runner] | None = None,
     locate: Locator | None = None,
     drawn: Mapping[str, np.ndarray] | None = None,
+    keep_outputs: int = 0,
 ) -> ProbeResult:
     """Run every batch of the plan once through ``runner`` and assemble the :class:`ProbeResult`.
 
@@ -884,6 +885,8 @@ def run_plan(
     ``locate`` finds where an unexplained batch dependence of the outputs starts (see :data:`Locator`).
     ``drawn``: synthetic inputs the backend already drew with this seed and ``int_high`` for these inputs
     (a fixed batch's proof); taken instead of a new draw when they hold exactly the samples the plan needs.
+    ``keep_outputs``: with data, the model's outputs on its first that many samples are kept whole
+    (:attr:`ProbeResult.data_outputs`): the stored model's side of BN003's output effect, run already.
 
     The model's outputs come from the dependence test's own runs. Only when they depend on the batch are
     more runs made: each remaining sample of the group runs alone (up to :data:`EFFECT_SAMPLES` in all), for
@@ -955,6 +958,8 @@ def run_plan(
     keep = set(plan.solo_runs) | {run for runs in plan.group_runs.values() for run in runs}
     # runs over the data whose layer inputs alone are read (ProbeResult.data): not a probe or dependence run
     inputs_only = set(plan.data_runs) - keep - set(plan.probe_runs.values())
+    wanted = _first_runs(plan.data_runs, keep_outputs)
+    whole: dict[tuple[int, ...], Mapping[str, np.ndarray]] = {}  # those runs' outputs as the runner gave them
     total = len(plan.runs)
     if settings.progress:
         settings.progress(0, total)
@@ -963,7 +968,11 @@ def run_plan(
         if len(run) not in failed or run in plan.data_runs:
             try:
                 feeds = _take(pool, run, axes)
-                results[run], seen = _observe(runner, feeds, len(run), output_axes, inputs_only=run in inputs_only)
+                results[run], seen, given = _observe(
+                    runner, feeds, len(run), output_axes, inputs_only=run in inputs_only
+                )
+                if run in wanted:
+                    whole[run] = given
             except BncheckError as exc:
                 # a size the model cannot run (memory, a shape it rejects) is a note while another size ran
                 if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME) or run in plan.data_runs:
@@ -1007,6 +1016,14 @@ def run_plan(
     saturated = _saturated(outputs) if not data_samples and BLIND_NOTE not in notes else None
     if saturated:
         notes.append(saturated)
+    data_outputs = None
+    if wanted and len(whole) == len(wanted):
+        runs = [run for run in plan.data_runs if run in wanted]
+        joined = {
+            name: joined_samples([whole[run][name] for run in runs], map(len, runs), map(real_rows, runs))
+            for name in whole[runs[0]]
+        }
+        data_outputs = {name: value[:keep_outputs] for name, value in joined.items() if value is not None}
     return ProbeResult(
         requested_batch_sizes=requested,
         batch_sizes=batch_sizes,
@@ -1021,7 +1038,20 @@ def run_plan(
         output_dependence=output_dependence,
         companion_change=companion_change,
         located=located,
+        data_outputs=data_outputs,
     )
+
+
+def _first_runs(data_runs: tuple[tuple[int, ...], ...], samples: int) -> set[tuple[int, ...]]:
+    """The data runs that hold the data's first ``samples`` samples (all of them when it has fewer)."""
+    found: set[tuple[int, ...]] = set()
+    covered = 0
+    for run in data_runs:
+        if covered >= samples:
+            break
+        found.add(run)
+        covered += real_rows(run)
+    return found
 
 
 def _observe(
@@ -1031,12 +1061,13 @@ def _observe(
     kept: _SampleAxes,
     layers: bool = True,
     inputs_only: bool = False,
-) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray]]:
-    """One run of ``size`` samples: the layers' statistics and the model's outputs, samples first (``kept``)."""
+) -> tuple[dict[str, LayerProbe], dict[str, np.ndarray], Mapping[str, np.ndarray]]:
+    """One run of ``size`` samples: the layers' statistics, the model's outputs samples first (``kept``) and
+    thinned, and the outputs as the runner gave them."""
     got = runner(feeds, layers, inputs_only=True) if inputs_only else runner(feeds, layers)
     if isinstance(got, Observed):
-        return got.layers, kept.take(got.outputs, size)
-    return got, {}
+        return got.layers, kept.take(got.outputs, size), got.outputs
+    return got, {}, {}
 
 
 class _SampleAxes:

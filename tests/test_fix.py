@@ -1531,6 +1531,62 @@ def test_fix_past_the_effects_bound_measures_the_effect_on_all_the_data_and_repl
     assert not any("recomputed from the first" in note for note in report.probes[0].notes)
 
 
+@pytest.mark.parametrize("fixed_batch", [None, 8], ids=["free-batch", "batch-fixed-to-8"])
+def test_the_probes_runs_over_the_data_keep_the_stored_models_outputs_on_the_effects_samples(
+    tmp_path: Path, fixed_batch: int | None
+) -> None:
+    """run_plan's keep_outputs: the model's outputs on the data's first samples (all 20 when it asks for more),
+    from the runs over the data (batches of 8 here; with a fixed batch the last one holds 4 repeats, which
+    count in neither), samples first: what a plain onnxruntime session gives on those samples, so the effect
+    need not run them again."""
+    from bncheck.backends import ProbeSettings
+    from bncheck.backends.onnx.run import inputs_engine
+    from bncheck.probe_plan import run_plan
+
+    src = save(residual_net(fixed_batch=fixed_batch), tmp_path / "m.onnx")
+    view = OnnxBackend().load(src)
+    x = samples(20, seed=5)
+    engine = inputs_engine(view.handle, view.layers)
+    try:
+        settings = ProbeSettings(data={"input": x}, data_source="calib.npz", batch_sizes=(8,))
+        kept = run_plan(view, settings, engine.observe, keep_outputs=1024).data_outputs  # the effect's most
+        assert run_plan(view, settings, engine.observe).data_outputs is None
+        fewer = run_plan(view, settings, engine.observe, keep_outputs=11).data_outputs
+    finally:
+        engine.close()
+    plain = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    parts = [x[i : i + 8] for i in range(0, 20, 8)]
+    if fixed_batch is not None:
+        parts[-1] = np.concatenate([parts[-1], x[: 8 - len(parts[-1])]])
+    expected = np.concatenate([plain.run(["logits"], {"input": part})[0] for part in parts])[:20]
+    assert kept is not None and fewer is not None and kept["logits"].shape == (20, CLASSES)
+    np.testing.assert_allclose(kept["logits"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(fewer["logits"], kept["logits"][:11])
+
+
+def test_the_effect_takes_the_stored_models_outputs_it_is_given_and_runs_them_where_they_fall_short(
+    tmp_path: Path,
+) -> None:
+    """effect.recalibration compares the recomputed model's outputs with the stored model's: given those (the
+    probe's own runs over the data), it reads them instead of running the stored model; given fewer samples
+    than it compares, it runs the stored model itself."""
+    from bncheck.backends.onnx.effect import recalibration
+
+    src = save(convnet(stale=("bn1", "bn2")), tmp_path / "m.onnx")
+    x = samples(64, seed=3)
+    plain = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+    ran = recalibration(src, {"input": x}, {})
+    given = recalibration(src, {"input": x}, {}, stored={"logits": plain})
+    assert not isinstance(ran, str) and not isinstance(given, str) and ran.samples == given.samples == 64
+    assert given.outputs["logits"].shift == pytest.approx(ran.outputs["logits"].shift, rel=1e-5)
+    moved = {"logits": plain + 3.0 * float(np.std(plain))}
+    shifted = recalibration(src, {"input": x}, {}, stored=moved)
+    assert not isinstance(shifted, str) and shifted.outputs["logits"].shift > ran.outputs["logits"].shift + 1.0
+    short = recalibration(src, {"input": x}, {}, stored={"logits": moved["logits"][:63]})
+    assert not isinstance(short, str)
+    assert short.outputs["logits"].shift == pytest.approx(ran.outputs["logits"].shift, rel=1e-5)
+
+
 class _Stages:
     """A progress sink as the console's bar takes it: steps and stage names, in order."""
 

@@ -457,6 +457,30 @@ def test_keras_effect_passes_measure_no_layer(tmp_path):
     assert runner.capture.seen == {} and runner.capture.recompute == set()
 
 
+def test_keras_effect_takes_the_stored_outputs_the_probes_runs_over_the_data_kept(tmp_path):
+    """The predict-style runs over the data keep the model's outputs on the effect's samples (run_plan's
+    keep_outputs, in batches of 8): the stored model's side of the effect, which then makes one pass, not
+    two. They agree with one batch of those samples to float rounding; outputs it is given are what it reads."""
+    from bncheck.backends.keras.probe import recalibration
+    from bncheck.probe_plan import run_plan
+
+    path, _, data, _, _ = _briefly_fitted_classifier(tmp_path)
+    view = KerasBackend().load(path)
+    runner = KerasRunner(view, view.handle)
+    settings = ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data={"features": data})
+    kept = run_plan(view, settings, runner.runner(PREDICT), keep_outputs=100).data_outputs
+    assert kept is not None and kept["logits"].shape == (100, *kept["logits"].shape[1:])
+    whole = runner.observe({"features": data[:100]}, PREDICT, layers=False).outputs
+    np.testing.assert_allclose(kept["logits"], whole["logits"], rtol=1e-5, atol=1e-6)
+    ran = recalibration(runner, {"features": data[:100]})
+    given = recalibration(runner, {"features": data[:100]}, kept)
+    assert not isinstance(ran, str) and not isinstance(given, str)
+    assert given.outputs["logits"].shift == pytest.approx(ran.outputs["logits"].shift, rel=1e-4)
+    moved = {"logits": kept["logits"] + 3.0 * float(np.std(kept["logits"]))}
+    shifted = recalibration(runner, {"features": data[:100]}, moved)
+    assert not isinstance(shifted, str) and shifted.outputs["logits"].shift > ran.outputs["logits"].shift + 1.0
+
+
 def test_keras_runs_over_the_data_measure_the_layers_inputs_only(tmp_path):
     """A run over the data that is neither a probe nor a dependence run is read for its layers' input
     statistics alone (ProbeResult.data): the runner is asked for those and leaves the outputs' out; the probe

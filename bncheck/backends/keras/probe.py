@@ -367,11 +367,17 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
     except (AttributeError, TypeError, ValueError, KeyError, IndexError):  # a malformed Embedding entry: no bound
         bounds = {}
+    effect_data, bounded = (None, None)
+    if settings.data is not None:
+        effect_data, bounded = recalibration_data(settings.data, most=_one_batch_bound(runner, settings))
+    # the effect's samples: the predict-style runs over the data keep the stored model's outputs on them
+    effect_samples = int(next(iter(effect_data.values())).shape[0]) if effect_data else 0
     results = []
     for style in call_styles(static):
         runner.capture.skip = {layer.name for layer in view.layers if not needs_statistics(layer, settings)}
         runner.notes = []
-        result = run_plan(view, settings, runner.runner(style), call_style=style, int_high=bounds)
+        keep = effect_samples if style == PREDICT else 0
+        result = run_plan(view, settings, runner.runner(style), call_style=style, int_high=bounds, keep_outputs=keep)
         leave_unmeasured(result, sorted(runner.capture.skip))
         runner.capture.skip = set()
         result.notes.extend(runner.notes)
@@ -379,10 +385,12 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         for name in sorted(runner.shared):
             result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
         results.append(result)
-    if settings.data is not None and any(drifting_layers(view, r) for r in results):
-        data, bounded = recalibration_data(settings.data, most=_one_batch_bound(runner, settings))
+    stored = next((r.data_outputs for r in results if r.call_style == PREDICT), None)
+    for result in results:
+        result.data_outputs = None
+    if effect_data is not None and any(drifting_layers(view, r) for r in results):
         announce(settings.progress, EFFECT_STAGE)
-        found = recalibration(runner, data)
+        found = recalibration(runner, effect_data, stored)
         for result in results:
             if isinstance(found, str):
                 result.notes.append(f"output effect of the drifting statistics not measured: {found}")
@@ -403,7 +411,9 @@ def _one_batch_bound(runner: KerasRunner, settings: ProbeSettings) -> tuple[int,
     return RECALIBRATION_LAYER_BYTES // per_sample, words
 
 
-def recalibration(runner: KerasRunner, data: Mapping[str, np.ndarray]) -> Recalibration | str:
+def recalibration(
+    runner: KerasRunner, data: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray] | None = None
+) -> Recalibration | str:
     """``predict`` outputs with every BatchNormalization's moving statistics recomputed from the data, against
     the stored ones (Keras has no `fix`; this is its computation: exact population statistics, layer by
     layer downstream of the recomputed ones).
@@ -411,7 +421,9 @@ def recalibration(runner: KerasRunner, data: Mapping[str, np.ndarray]) -> Recali
     One forward pass over the data as a single batch gives exactly that: each layer, on its call, takes the
     statistics of the input it receives, which already went through the recomputed layers upstream (a
     pass per layer would be needed otherwise). The original statistics are restored afterwards. ``data``: all
-    of it fed as that one batch (probe_data.recalibration_data bounds it)."""
+    of it fed as that one batch (probe_data.recalibration_data bounds it). ``stored``: the model's outputs on
+    those samples with its stored statistics, samples first, from the probe's own runs over the data (in
+    batches of the probe's size: equal to one batch's up to float rounding); run here when not given."""
     from bncheck.probe_plan import compare_recalibrated
 
     count = int(next(iter(data.values())).shape[0])
@@ -426,7 +438,8 @@ def recalibration(runner: KerasRunner, data: Mapping[str, np.ndarray]) -> Recali
     if not names:
         return "no BatchNormalization with moving statistics"
     saved = {n: (np.array(runner.layers[n].moving_mean), np.array(runner.layers[n].moving_variance)) for n in names}
-    stored = runner.observe(feeds, PREDICT, layers=False).outputs
+    if stored is None or any(len(value) < count for value in stored.values()):
+        stored = runner.observe(feeds, PREDICT, layers=False).outputs
     runner.capture.recompute = set(names)
     try:
         recomputed = runner.observe(feeds, PREDICT, layers=False).outputs

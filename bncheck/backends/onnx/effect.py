@@ -41,6 +41,13 @@ def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[
     return {name: value for name, value in joined.items() if value is not None}
 
 
+def _first(outputs: Mapping[str, np.ndarray] | None, samples: int) -> dict[str, np.ndarray] | None:
+    """``outputs`` on their first ``samples`` samples, or None when they hold fewer (or are not given)."""
+    if not outputs or any(len(value) < samples for value in outputs.values()):
+        return None
+    return {name: value[:samples] for name, value in outputs.items()}
+
+
 def _session_run(session: Any) -> OutputsRun:
     names = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(names, session.run(names, feeds, run_options())))
@@ -51,13 +58,16 @@ def recalibration(
     data: Mapping[str, np.ndarray],
     flagged: dict[str, dict[str, Any]],
     log: PassLog | None = None,
+    stored: Mapping[str, np.ndarray] | None = None,
 ) -> Recalibration | str:
     """Recompute the statistics `fix` would (layers ``flagged`` by the probe's drift, and those never updated)
     on a fresh copy of the model, and compare its outputs on the data with the stored model's.
 
     Returns a reason (str) when it cannot be measured (e.g. too few samples for `fix`'s rule). ``log``: where the
     dry run's passes are kept (the probed view's, so that `fix` of that view replays them). ``data``: what the
-    statistics are recomputed from (probe_data.recalibration_data bounds it)."""
+    statistics are recomputed from (probe_data.recalibration_data bounds it). ``stored``: the stored model's
+    outputs on the data's first samples, samples first (the probe's own runs over the data gave them); they
+    are not run again where they cover the samples compared."""
     import onnxruntime as ort
 
     from bncheck.backends.onnx import OnnxBackend
@@ -86,12 +96,13 @@ def recalibration(
             usable -= usable % batch  # a fixed batch dimension takes whole batches only
         if not usable:
             return f"fewer samples than the model's fixed batch size {batch}"
+        given = _first(stored, usable)
         # where fix's passes fed every changed layer's statistics to one session, that session gives both
         runs = fixer.stored_and_recomputed()
         if runs is not None:
-            stored, recomputed = runs
+            stored_run, recomputed = runs
             try:
-                before = _outputs(stored, _batches(data, batch, usable))
+                before = given if given is not None else _outputs(stored_run, _batches(data, batch, usable))
                 after = _outputs(recomputed, _batches(data, batch, usable))
             except BackendError as exc:
                 return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
@@ -122,11 +133,14 @@ def recalibration(
             else:
                 after = recomputed_outputs
                 del handle
-            trim_heap()  # freed weights back to the OS before the stored model's session reads them again
-            # no folder: onnxruntime reads a model opened by its path as plain inference does (its own folder
-            # rule, which a linked model's data needs)
-            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "", packing)
-            before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
+            if given is not None:
+                before = given
+            else:
+                trim_heap()  # freed weights back to the OS before the stored model's session reads them again
+                # no folder: onnxruntime reads a model opened by its path as plain inference does (its own
+                # folder rule, which a linked model's data needs)
+                so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "", packing)
+                before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:

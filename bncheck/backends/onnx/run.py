@@ -976,6 +976,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         suspects = [op.output for op in view.batch_ops]
         return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy, suspects=suspects)
 
+    effect_data, effect_note = _effect_data(view, settings)
     tmp = Scratch(handle.size_bytes)
     try:  # from here on every way out (an error, the memory check's refusal, SIGTERM) removes the folder
         copy = prepared(tmp, measures)
@@ -992,6 +993,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
                 int_high=int_high,
                 locate=locate,
                 drawn=copy.drawn,
+                keep_outputs=_effect_samples(effect_data),
             )
         except BackendError as exc:
             if not copy.unconverted:
@@ -1019,23 +1021,40 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     finally:
         discard(tmp, last=True)
     flagged = drifting_layers(view, result)
-    if flagged and settings.data is not None:
+    stored, result.data_outputs = result.data_outputs, None
+    if flagged and effect_data is not None:
         from bncheck.backends.onnx.effect import recalibration
-        from bncheck.probe_data import recalibration_data
 
-        data: Mapping[str, np.ndarray] = settings.data
-        bounded = None
-        if not settings.recalibrate_all:
-            data, bounded = recalibration_data(data, [spec.name for spec in view.inputs if spec.batched])
         announce(settings.progress, EFFECT_STAGE)
-        found = recalibration(handle.path, data, flagged, handle.fix_passes)
+        found = recalibration(handle.path, effect_data, flagged, handle.fix_passes, stored)
         if isinstance(found, str):
             result.notes.append(f"output effect of the drifting statistics not measured: {found}")
         else:
             result.recalibration = found
-            if bounded:
-                result.notes.append(bounded)
+            if effect_note:
+                result.notes.append(effect_note)
     return result
+
+
+def _effect_data(view: ModelView, settings: ProbeSettings) -> tuple[Mapping[str, np.ndarray] | None, str | None]:
+    """What BN003's output effect recomputes the statistics from (probe_data.recalibration_data), and the
+    probe's note when that is not all the data; (None, None) without data."""
+    from bncheck.probe_data import recalibration_data
+
+    if settings.data is None:
+        return None, None
+    if settings.recalibrate_all:
+        return settings.data, None
+    return recalibration_data(settings.data, [spec.name for spec in view.inputs if spec.batched])
+
+
+def _effect_samples(data: Mapping[str, np.ndarray] | None) -> int:
+    """The samples whose outputs the effect compares (effect.MAX_SAMPLES at most): the plan keeps the stored
+    model's outputs on them from its own runs over the data."""
+    from bncheck.backends.onnx.effect import MAX_SAMPLES
+
+    first = next(iter(data.values()), None) if data else None  # as fix counts the samples
+    return min(int(np.shape(first)[0]), MAX_SAMPLES) if first is not None and np.ndim(first) else 0
 
 
 def _proven_by_probe(
