@@ -1216,9 +1216,10 @@ def test_a_chain_of_drifting_layers_runs_each_node_once_from_kept_tensors_with_t
 ) -> None:
     """Each pass measures the next layer of the chain (frontier.py): the first from the model's inputs up to
     bn1 alone (its repair holds back every layer below it), each later one from the tensors the pass before
-    computed, so that no node runs twice, and relu1 is kept until the Add that reads it three passes later. The written statistics are those of passes run from the model's inputs (what a memory
-    budget too small for the kept tensors falls back to), to float32 rounding. 20 samples by 8 with a fixed
-    batch: the last batch holds 4 repeats, which count in neither."""
+    computed, so that no node runs twice, and relu1 is kept until the Add that reads it three passes later.
+    The written statistics are those of passes run from the model's inputs (what a memory budget too small
+    for the kept tensors falls back to), to float32 rounding. 20 samples by 8 with a fixed batch: the last
+    batch holds 4 repeats, which count in neither."""
     from bncheck.backends.onnx import frontier
 
     src = save(residual_net(fixed_batch=fixed_batch), tmp_path / "m.onnx")
