@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.model import NormLayer, TensorStats, median, summarize
+from bncheck.probe_data import sample_count
 
 if TYPE_CHECKING:
     from bncheck.findings import Finding
@@ -120,7 +121,7 @@ def calibration_batches(
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """(feeds, real samples) per batch of ``data``. With a ``fixed`` batch size the last batch is completed
     with the data's first samples (repeats); the second item says how many rows count."""
-    total = int(next(iter(data.values())).shape[0]) if data else 0
+    total = sample_count(data)
     for start in range(0, total, batch):
         stop = min(start + batch, total)
         feeds = {name: array[start:stop] for name, array in data.items()}

@@ -65,6 +65,11 @@ RECALIBRATION_ELEMENTS = 1 << 24
 RECALIBRATION_MIN_SAMPLES = 32
 
 
+def sample_count(data: Mapping[str, np.ndarray] | None) -> int:
+    """The samples ``data`` holds: its first array's length along axis 0 (0 for no data)."""
+    return int(next(iter(data.values())).shape[0]) if data else 0
+
+
 def recalibration_data(
     data: Mapping[str, np.ndarray],
     batched: Iterable[str] | None = None,

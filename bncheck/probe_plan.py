@@ -750,6 +750,14 @@ def compare_recalibrated(
     return Recalibration(layers, outputs, samples)
 
 
+def first_outputs(outputs: Mapping[str, np.ndarray] | None, samples: int) -> dict[str, np.ndarray] | None:
+    """Model outputs (samples first) on their first ``samples`` samples, or None when they hold fewer or none
+    are given: the stored side of :func:`compare_recalibrated`, where the probe's runs over the data kept it."""
+    if not outputs or any(len(value) < samples for value in outputs.values()):
+        return None
+    return {name: value[:samples] for name, value in outputs.items()}
+
+
 def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str, float]]:
     """Layers whose running statistics BN003 finds never updated or far from the data's (with --data):
     name -> drift numbers. These are what `fix` recomputes."""

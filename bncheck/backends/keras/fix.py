@@ -28,6 +28,7 @@ from bncheck.backends.base import BackendError
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.fix_result import FixOutcome, FixRequest, LayerFix, StatsSummary, calibration_batches, listing, uncertainty
 from bncheck.model import Kind, ModelView, NormLayer, TensorStats
+from bncheck.probe_data import sample_count
 
 TRAIN_MODE = "BN002"
 STALE = "BN003"
@@ -61,7 +62,7 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
     check_keras_fix(view, static, request)
     results, pending, stored = _plan(view, request)
     data = request.data
-    samples = int(next(iter(data.values())).shape[0]) if data else 0
+    samples = sample_count(data)
     fixed_dims = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
     fixed = len(fixed_dims) == 1
     batch = int(fixed_dims.pop()) if fixed else request.batch_size
@@ -230,7 +231,7 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
             "statistics are stale (never updated, non-finite or negative); layers with sound "
             "statistics need none (or pass --only to skip these)"
         )
-    samples = int(next(iter(request.data.values())).shape[0]) if request.data else 0
+    samples = sample_count(request.data)
     if request.data is not None and pending and samples < request.min_samples:
         raise BackendError(
             f"{request.data_label}: {samples} sample(s) are too few to estimate the statistics of "

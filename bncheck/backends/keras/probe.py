@@ -45,7 +45,7 @@ from bncheck.model import (
     announce,
     largest_batch,
 )
-from bncheck.probe_data import probe_feeds, recalibration_data
+from bncheck.probe_data import probe_feeds, recalibration_data, sample_count
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
@@ -367,11 +367,11 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
     except (AttributeError, TypeError, ValueError, KeyError, IndexError):  # a malformed Embedding entry: no bound
         bounds = {}
-    effect_data, bounded = (None, None)
+    effect_data, bounded = None, None
     if settings.data is not None:
         effect_data, bounded = recalibration_data(settings.data, most=_one_batch_bound(runner, settings))
     # the effect's samples: the predict-style runs over the data keep the stored model's outputs on them
-    effect_samples = int(next(iter(effect_data.values())).shape[0]) if effect_data else 0
+    effect_samples = sample_count(effect_data)
     results = []
     for style in call_styles(static):
         runner.capture.skip = {layer.name for layer in view.layers if not needs_statistics(layer, settings)}
@@ -424,9 +424,9 @@ def recalibration(
     of it fed as that one batch (probe_data.recalibration_data bounds it). ``stored``: the model's outputs on
     those samples with its stored statistics, samples first, from the probe's own runs over the data (in
     batches of the probe's size: equal to one batch's up to float rounding); run here when not given."""
-    from bncheck.probe_plan import compare_recalibrated
+    from bncheck.probe_plan import compare_recalibrated, first_outputs
 
-    count = int(next(iter(data.values())).shape[0])
+    count = sample_count(data)
     try:
         memory.check(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count, None)
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
@@ -438,7 +438,8 @@ def recalibration(
     if not names:
         return "no BatchNormalization with moving statistics"
     saved = {n: (np.array(runner.layers[n].moving_mean), np.array(runner.layers[n].moving_variance)) for n in names}
-    if stored is None or any(len(value) < count for value in stored.values()):
+    stored = first_outputs(stored, count)
+    if stored is None:
         stored = runner.observe(feeds, PREDICT, layers=False).outputs
     runner.capture.recompute = set(names)
     try:

@@ -14,7 +14,7 @@ from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.model import Recalibration
-from bncheck.probe_plan import compare_recalibrated, joined_samples
+from bncheck.probe_plan import compare_recalibrated, first_outputs, joined_samples
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.fix import OutputsRun
@@ -39,13 +39,6 @@ def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[
             parts.setdefault(name, []).append(np.asarray(value))
     joined = {name: joined_samples(chunks, rows, rows) for name, chunks in parts.items()}
     return {name: value for name, value in joined.items() if value is not None}
-
-
-def _first(outputs: Mapping[str, np.ndarray] | None, samples: int) -> dict[str, np.ndarray] | None:
-    """``outputs`` on their first ``samples`` samples, or None when they hold fewer (or are not given)."""
-    if not outputs or any(len(value) < samples for value in outputs.values()):
-        return None
-    return {name: value[:samples] for name, value in outputs.items()}
 
 
 def _session_run(session: Any) -> OutputsRun:
@@ -96,7 +89,7 @@ def recalibration(
             usable -= usable % batch  # a fixed batch dimension takes whole batches only
         if not usable:
             return f"fewer samples than the model's fixed batch size {batch}"
-        given = _first(stored, usable)
+        given = first_outputs(stored, usable)
         # where fix's passes fed every changed layer's statistics to one session, that session gives both
         runs = fixer.stored_and_recomputed()
         if runs is not None:

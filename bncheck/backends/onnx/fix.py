@@ -41,6 +41,7 @@ from bncheck.fix_result import (
 )
 from bncheck.model import Kind, ModelView, NormLayer, TensorStats
 from bncheck.outputs import replace_with
+from bncheck.probe_data import sample_count
 
 #: a moments chain must agree with the batch-norm formula to this relative tolerance (float32 arithmetic).
 CHAIN_TOLERANCE = 1e-4
@@ -235,7 +236,7 @@ def _prepare(view: ModelView, request: FixRequest) -> _Plan:
             "statistics are stale (never updated, non-finite or negative) or absent; layers "
             "with sound statistics need none (or pass --only to skip these)"
         )
-    samples = int(next(iter(data.values())).shape[0]) if data else 0
+    samples = sample_count(data)
     batch, fixed = _batching(view, request.batch_size)
     padded = (-samples) % batch if fixed else 0
     notes: list[str] = []
@@ -876,7 +877,7 @@ class _Fixer:
         whole data. The kept tensors are let go either way."""
         from bncheck.backends.onnx import frontier
 
-        total = int(next(iter(self.data.values())).shape[0]) if self.data else 0
+        total = sample_count(self.data)
         try:
             if self._frontier is None or samples != total:
                 return None

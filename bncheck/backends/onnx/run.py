@@ -1052,9 +1052,9 @@ def _effect_samples(data: Mapping[str, np.ndarray] | None) -> int:
     """The samples whose outputs the effect compares (effect.MAX_SAMPLES at most): the plan keeps the stored
     model's outputs on them from its own runs over the data."""
     from bncheck.backends.onnx.effect import MAX_SAMPLES
+    from bncheck.probe_data import sample_count
 
-    first = next(iter(data.values()), None) if data else None  # as fix counts the samples
-    return min(int(np.shape(first)[0]), MAX_SAMPLES) if first is not None and np.ndim(first) else 0
+    return min(sample_count(data), MAX_SAMPLES)
 
 
 def _proven_by_probe(
