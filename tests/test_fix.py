@@ -1283,6 +1283,39 @@ def test_the_first_pass_measures_the_frontier_alone_where_its_repair_is_certain(
     np.testing.assert_allclose(mean, conv.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
+def test_a_pass_after_one_that_repaired_nothing_runs_on_from_the_kept_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bn2 and bn4 hold the data's statistics (a first repair's), bn1 and bn3 a drifting mean: the repairs
+    alternate with layers left unchanged. The pass after bn2's, which repaired nothing, runs on from the
+    tensors the pass before kept, as every other pass after the first: each node up to conv4 runs once
+    (from the model's inputs again it would run bn1..conv3 a second time). The statistics are those of passes
+    run from the model's inputs (a memory budget too small for the kept tensors), to float32 rounding."""
+    from bncheck.backends.onnx import frontier
+
+    data = {"input": samples(20, seed=5)}
+    calibrated = str(tmp_path / "calibrated.onnx")
+    _repaired(save(residual_net(), tmp_path / "m.onnx"), data, calibrated)
+    model = onnx.load(calibrated)
+    for tensor in model.graph.initializer:
+        if tensor.name in ("bn1.mean", "bn3.mean"):
+            tensor.CopyFrom(numpy_helper.from_array(np.full(C1, 5.0, np.float32), tensor.name))
+    src = save(model, tmp_path / "alternating.onnx")
+    kept, fixer = _repaired(src, data, str(tmp_path / "kept.onnx"))
+    expected = [("bn1", "recalibrated"), ("bn2", "unchanged"), ("bn3", "recalibrated"), ("bn4", "unchanged")]
+    assert [(e.layer, e.action) for e in kept.layers] == expected
+    # the first pass from the inputs (bn1's drift to judge), then bn1..conv2, bn2..conv3, bn3..conv4
+    assert kept.passes == 4 and fixer.frontier_off is None
+    assert fixer.segments == 3 and fixer.segment_nodes == 11
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    full, fallback = _repaired(src, data, str(tmp_path / "full.onnx"))
+    assert fallback.segments == 0 and [(e.layer, e.action) for e in full.layers] == expected
+    a, b = _statistics(str(tmp_path / "kept.onnx")), _statistics(str(tmp_path / "full.onnx"))
+    assert a.keys() == b.keys() and len(a) == 16
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_layers_other_than_batch_norm_or_local_functions_are_measured_from_the_inputs(tmp_path: Path) -> None:
     """Only BatchNormalization inputs are measured from kept tensors, and a graph with model-local functions
     (a segment would have to carry them) keeps the passes from the model's inputs."""

@@ -146,16 +146,16 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
         # this pass measures the frontier alone, on a graph cut below it
         cut = _first_pass_cut(pending, ups, request.flagged, handle)
         while remaining:
-            # one pass measures every undecided layer; a layer's numbers are valid unless a layer upstream
-            # of it was repaired in this same round (then it waits for the next pass)
-            undecided = sum(1 << k for k in remaining)
-            frontier = {k for k in remaining if not ups[k] & undecided}  # nothing undecided above them
+            # one pass measures every undecided layer (a cut one, the frontier alone); a layer's numbers are
+            # valid unless a layer upstream of it was repaired in this same round (then it waits for the next)
+            frontier = set(_frontier_of(remaining, ups))
             measured = [k for k in remaining if k in frontier] if cut else remaining
             stats = fixer.pass_stats([pending[k].layer for k in measured], cut=cut)
+            read = set(measured)
             changed = 0
             later = []
             for k in remaining:
-                if ups[k] & changed or k not in measured:
+                if ups[k] & changed or k not in read:
                     later.append(k)
                     continue
                 p = pending[k]
@@ -164,8 +164,13 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
                     changed |= 1 << k
             # where a repair held back every layer below the frontier, the next pass would measure them only
             # for them to wait again: it measures the next frontier alone, and computes nothing below it
-            cut = bool(changed) and bool(later) and all(k in frontier for k in remaining if k not in later)
+            waiting = set(later)
+            held = bool(changed) and bool(later) and all(k in frontier for k in remaining if k not in waiting)
             remaining = later
+            # after the first pass every pass measures the frontier alone, from the tensors the passes before kept
+            # (frontier.py): a pass from the model's inputs would compute every decided layer again, once per
+            # pass (quadratic in the depth where decisions alternate between repaired and unchanged)
+            cut = held or fixer.frontier_serves([pending[k].layer for k in _frontier_of(remaining, ups)])
     if not request.dry_run:
         fixer.close()  # the measuring session's memory back before the model is serialized
     written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
@@ -556,6 +561,12 @@ def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
     return [upstream.get(p.layer.input, 0) & ~(1 << k) for k, p in enumerate(pending)]
 
 
+def _frontier_of(remaining: list[int], ups: list[int]) -> list[int]:
+    """The layers of ``remaining`` with no layer of ``remaining`` upstream of them."""
+    undecided = sum(1 << k for k in remaining)
+    return [k for k in remaining if not ups[k] & undecided]
+
+
 def _repaired_whatever_measured(p: _Pending, flagged: dict[str, dict[str, Any]]) -> bool:
     """Whether the layer's repair edits the model whatever its pass measures (unless its input cannot give
     statistics): a train-mode layer, a moments chain, statistics never updated, drift the probe reported."""
@@ -836,7 +847,7 @@ class _Fixer:
         from bncheck.backends.onnx.run import measure_with
 
         names = {layer.name for layer in layers}
-        served = self._engine is not None and names <= {layer.name for layer in self._engine.layers}
+        served = self._engine_serves(layers)
         # a kept engine runs a pass without a session build, and a segment's session beside it would hold
         # a second copy of its weights: the kept tensors serve only passes that would build their own
         if cut and not served:
@@ -870,6 +881,21 @@ class _Fixer:
             self.frontier_off = str(exc)
             self.drop_frontier()
             return None
+
+    def frontier_serves(self, layers: list[NormLayer]) -> bool:
+        """Whether a cut pass over ``layers`` may run from kept tensors (frontier.py): not once they failed in this
+        repair, nor where the kept engine measures these layers (it runs a pass without a session build)."""
+        from bncheck.backends.onnx import frontier
+
+        if not layers or self.frontier_off is not None or self._engine_serves(layers):
+            return False
+        return frontier.supports(self.handle.model, layers)
+
+    def _engine_serves(self, layers: list[NormLayer]) -> bool:
+        """Whether the kept engine measures every one of ``layers``."""
+        return self._engine is not None and {layer.name for layer in layers} <= {
+            layer.name for layer in self._engine.layers
+        }
 
     def recomputed_outputs(self, samples: int) -> dict[str, np.ndarray] | None:
         """The model's outputs with every repair made, on the whole data, run on from the tensors the cut
