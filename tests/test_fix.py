@@ -965,6 +965,47 @@ def test_a_chain_of_stale_2d_layers_is_recalibrated_pass_by_pass_as_numpy_comput
         np.testing.assert_allclose(written[name], expected, rtol=1e-4, atol=1e-5 * sd)
 
 
+def test_a_1d_batch_norm_over_a_sequence_of_open_length_is_recalibrated_from_the_data(tmp_path: Path) -> None:
+    """A BatchNormalization over [N, C, L] whose length L the file leaves open (a text recognizer's head):
+    its statistics are fed to the measuring session (not 4-D), whose measuring nodes then include the input's
+    minimum, for a set of one element is possible. That minimum must be taken on a 3-D tensor (a 1x1 Conv
+    made for 4-D maps has no 3-D form), and the new statistics are the data's."""
+    rng = np.random.default_rng(3)
+    channels, length = 16, 300
+    weights = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (channels, 4, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(channels, np.float32), "bn.scale"),
+        numpy_helper.from_array(np.zeros(channels, np.float32), "bn.bias"),
+        numpy_helper.from_array(np.full(channels, 0.5, np.float32), "bn.mean"),
+        numpy_helper.from_array(np.full(channels, 3.0, np.float32), "bn.var"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"], name="conv", pads=[1, 1]),
+        helper.make_node("BatchNormalization", ["conv", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sequence",
+        [helper.make_tensor_value_info("x", F32, ["N", 4, "L"])],
+        [helper.make_tensor_value_info("y", F32, ["N", channels, "L"])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    src = save(model, tmp_path / "sequence.onnx")
+    x = rng.standard_normal((40, 4, length)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, str(tmp_path / "calib.npy"))
+    assert actions(report) == {"bn": "recalibrated"}
+    model.graph.output.append(helper.make_tensor_value_info("conv", F32, None))
+    taps = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    conv = taps.run(["conv"], {"x": x})[0].astype(np.float64)
+    written = _statistics(out)
+    np.testing.assert_allclose(written["bn.mean"], conv.mean(axis=(0, 2)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(written["bn.var"], conv.var(axis=(0, 2)), rtol=1e-3)
+
+
 def test_fix_passes_keep_one_session_while_only_fed_statistics_change(tmp_path: Path) -> None:
     """Setting a fed layer's statistics keeps the engine, whose next pass measures what a session built on
     the edited model measures; any other edit has the next pass build a new one."""

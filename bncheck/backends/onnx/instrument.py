@@ -52,7 +52,7 @@ class Measure:
     minmax: bool = True
     group: list[Any] | None = None
     channels: int | None = None
-    rank: int | None = None  # generic form: the tensor's rank
+    rank: int | None = None  # generic and fast forms: the tensor's rank
     as_float: str | None = None  # generic form: the tensor as float32 (a Cast for other types)
 
 
@@ -477,6 +477,7 @@ class Augmenter:
         ):
             m.mode = "fast"
             m.minmax = minmax
+            m.rank = rank
             m.channels = int(shape[1])
             self._fast(m, m.channels)
         else:
@@ -546,11 +547,15 @@ class Augmenter:
         self.outputs.extend(o for o in m.outputs.values() if o not in self.outputs)
 
     def _fast_minmax(self, m: Measure, channels: int) -> None:
-        """Max of t, and max of -t (a depthwise 1x1 Conv with weight -1: NCHWc-native, unlike Neg)."""
+        """Max of t, and max of -t: on 4-D maps a depthwise 1x1 Conv with weight -1 (NCHWc-native, unlike
+        Neg); on other ranks, which have no NCHWc form, Neg."""
         b, t = self.b, m.tensor
         m.outputs["max"] = b.one("GlobalMaxPool", [t], "max")
-        neg_w = b.const(-np.ones((channels, 1, 1, 1), np.float32), "neg_w")
-        negated = b.one("Conv", [t, neg_w], "neg", group=channels, kernel_shape=[1, 1])
+        if m.rank == 4:
+            neg_w = b.const(-np.ones((channels, 1, 1, 1), np.float32), "neg_w")
+            negated = b.one("Conv", [t, neg_w], "neg", group=channels, kernel_shape=[1, 1])
+        else:
+            negated = b.one("Neg", [t], "neg")
         m.outputs["negmin"] = b.one("GlobalMaxPool", [negated], "negmin")
 
     def _generic(self, m: Measure, rank: int, elem: int) -> None:
