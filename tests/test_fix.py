@@ -1357,6 +1357,31 @@ def test_a_pass_after_one_that_repaired_nothing_runs_on_from_the_kept_tensors(
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_kept_tensors_follow_a_graph_whose_nodes_changed_between_passes(tmp_path: Path) -> None:
+    """The frontier reads the graph's structure once, and again when its node count changes: with an Identity
+    put between relu1 and conv2 after the first pass, the next pass runs it and gets the statistics a fresh
+    frontier gets (the structure read before would name the wrong nodes)."""
+    from bncheck.backends.onnx import frontier
+    from bncheck.fix_result import calibration_batches
+
+    data = {"input": samples(20, seed=5)}
+    view = OnnxBackend().load(save(residual_net(), tmp_path / "m.onnx"))
+    bn1, bn2 = view.layers[0], view.layers[1]
+    kept = frontier.Frontier(view.handle, list(calibration_batches(data, 8)))
+    kept.measure([bn1])
+    graph = view.handle.model.graph
+    position = next(i for i, node in enumerate(graph.node) if node.name == "conv2")
+    graph.node.insert(position, helper.make_node("Identity", ["relu1"], ["relu1.copy"], name="copy"))
+    graph.node[position + 1].input[0] = "relu1.copy"
+    view.handle.value_types["relu1.copy"] = view.handle.value_types["relu1"]
+    again = kept.measure([bn2])[bn2.name]
+    fresh = frontier.Frontier(view.handle, list(calibration_batches(data, 8))).measure([bn2])[bn2.name]
+    assert kept.nodes_run == 1 + 4  # conv1, then bn1, relu1, the Identity and conv2
+    # the fresh frontier runs conv1..conv2 in one session (conv1 and bn1 fused): float32 rounding apart
+    np.testing.assert_allclose(again.mean, fresh.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again.var, fresh.var, rtol=1e-5)
+
+
 def test_layers_other_than_batch_norm_or_local_functions_are_measured_from_the_inputs(tmp_path: Path) -> None:
     """Only BatchNormalization inputs are measured from kept tensors, and a graph with model-local functions
     (a segment would have to carry them) keeps the passes from the model's inputs."""

@@ -14,14 +14,14 @@ in float64, from the whole tensors (the probe's reference form, :func:`bncheck.p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bncheck import budget
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import copied, has_subgraphs, node_reads, upstream_nodes
+from bncheck.backends.onnx.graph import copied, has_subgraphs, node_reads
 from bncheck.backends.onnx.instrument import _opset, is_train_batch_norm, stub
 from bncheck.backends.onnx.run import _without_extremes, new_session, prepacks, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
@@ -103,6 +103,7 @@ class Frontier:
             name: [feeds[name] for feeds, _ in batches] for name in batches[0][0]
         }
         self.computed: set[str] = set(self.values)  # tensors with known values (kept now or already read)
+        self._graph: _Structure | None = None
         self.limit = int(budget.budget() * BUDGET_SHARE)
         self._stubs: dict[str, Any] | None = None
         self._folder: str | None = None
@@ -136,17 +137,16 @@ class Frontier:
         """Run the nodes between the kept tensors and ``wanted``, keep what later nodes read (and ``wanted``)."""
         model = self.handle.model
         nodes = list(model.graph.node)
+        if self._graph is None or self._graph.count != len(nodes):
+            self._graph = _Structure(nodes, self.computed)
+        graph = self._graph
         targets = list(dict.fromkeys(wanted))
         missing = [t for t in targets if t not in self.values]
-        produced = {out for node in nodes for out in node.output if out}
-        unknown = [t for t in missing if t not in produced]
+        unknown = [t for t in missing if t not in graph.producer]
         if unknown:
             raise Unsupported(f"{unknown[0]!r} is neither computed nor kept")
         # the walk stops at kept tensors; a read neither kept nor stored is refused by _run
-        segment = upstream_nodes(
-            nodes, missing, reads=lambda node: (n for n in node_reads(node) if n not in self.values)
-        )
-        ordered = sorted(segment)  # graph order is topological (an ONNX requirement)
+        ordered = sorted(graph.upstream(missing, self.values))  # graph order is topological (an ONNX requirement)
         opset = _opset(model)
         if any(is_train_batch_norm(nodes[i], opset) for i in ordered):
             # the measuring engine computes it by the spec's decomposition; onnxruntime's own kernel deviates
@@ -156,13 +156,13 @@ class Frontier:
             # If/Loop/Scan bodies read outer tensors by name and may hold norm layers of their own: a node
             # downstream of every layer (a decoder loop) never joins a segment; one upstream stops them here
             raise Unsupported("a node with subgraphs is upstream")
-        written = [out for i in ordered for out in nodes[i].output if out]
+        written = [out for i in ordered for out in graph.writes[i]]
         self.computed.update(written)
+        graph.ran(ordered)
         # what the nodes not run yet read: those tensors are kept, all others dropped
-        pending = [node for node in nodes if not all(out in self.computed for out in node.output if out)]
-        read_later = {name for node in pending for name in node_reads(node)} | set(targets)
-        fetch = [name for name in dict.fromkeys(written) if name in read_later]
-        spent = [name for name in self.values if name not in read_later]
+        wanted_now = set(targets)
+        fetch = [name for name in dict.fromkeys(written) if graph.read_later(name) or name in wanted_now]
+        spent = [name for name in self.values if not (graph.read_later(name) or name in wanted_now)]
         if ordered:
             self._run(model, [nodes[i] for i in ordered], fetch, spent)
         for name in spent:
@@ -243,6 +243,48 @@ class Frontier:
         if self._tmp is not None:
             self._tmp.remove()
             self._tmp = None
+
+
+class _Structure:
+    """What each node writes and reads as Python tuples, which node writes each tensor, and how many nodes not
+    run yet read each tensor: every pass read these from every node's protobuf fields before (quadratic in a
+    deep graph's size over a repair). Valid while the node count holds (:meth:`Frontier._advance` checks it):
+    the edits made while tensors are kept set statistics or switch a layer to inference; a moments chain is
+    measured, and replaced, only by passes from the model's inputs, which let the kept tensors go first."""
+
+    def __init__(self, nodes: list[onnx.NodeProto], computed: set[str]) -> None:
+        self.count = len(nodes)
+        self.writes = [tuple(out for out in node.output if out) for node in nodes]
+        self.reads = [tuple(node_reads(node)) for node in nodes]
+        self.producer = {out: i for i, outs in enumerate(self.writes) for out in outs}
+        self.done = {i for i, outs in enumerate(self.writes) if all(out in computed for out in outs)}
+        self.readers: dict[str, int] = {}
+        for i, names in enumerate(self.reads):
+            if i not in self.done:
+                for name in names:
+                    self.readers[name] = self.readers.get(name, 0) + 1
+
+    def upstream(self, outputs: list[str], kept: Mapping[str, Any]) -> set[int]:
+        """The nodes ``outputs`` depend on, the walk stopping at ``kept`` tensors (graph.upstream_nodes)."""
+        found: set[int] = set()
+        stack = [self.producer[name] for name in outputs if name in self.producer]
+        while stack:
+            i = stack.pop()
+            if i not in found:
+                found.add(i)
+                stack.extend(self.producer[n] for n in self.reads[i] if n not in kept and n in self.producer)
+        return found
+
+    def ran(self, indices: list[int]) -> None:
+        for i in indices:
+            if i not in self.done:
+                self.done.add(i)
+                for name in self.reads[i]:
+                    self.readers[name] -= 1
+
+    def read_later(self, name: str) -> bool:
+        """Whether a node not run yet reads ``name``."""
+        return self.readers.get(name, 0) > 0
 
 
 def _declared(name: str, arrays: list[np.ndarray]) -> Any:

@@ -479,9 +479,15 @@ def node_reads(node: onnx.NodeProto) -> Iterator[str]:
     yield from outer_reads(node)
 
 
+#: AttributeProto types that may hold a subgraph: GRAPH, GRAPHS, and UNDEFINED (IR 1 wrote no type)
+_MAY_HOLD_GRAPHS = (5, 10, 0)
+
+
 def outer_reads(node: onnx.NodeProto) -> Iterator[str]:
     """The outer-scope names a node's subgraphs (If/Loop/Scan bodies) read: what it reads besides its inputs."""
     for attr in node.attribute:
+        if attr.type not in _MAY_HOLD_GRAPHS:
+            continue  # most nodes' attributes are numbers: no field lookups for them
         subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
         for sub in subgraphs:
             local = {t.name for t in sub.initializer} | {i.name for i in sub.input}
