@@ -247,10 +247,11 @@ class Frontier:
 
 class _Structure:
     """What each node writes and reads as Python tuples, which node writes each tensor, and how many nodes not
-    run yet read each tensor: every pass read these from every node's protobuf fields before (quadratic in a
-    deep graph's size over a repair). Valid while the node count holds (:meth:`Frontier._advance` checks it):
-    the edits made while tensors are kept set statistics or switch a layer to inference; a moments chain is
-    measured, and replaced, only by passes from the model's inputs, which let the kept tensors go first."""
+    run yet read each tensor, read once per repair: reading every node's protobuf fields at each pass made a
+    repair of a deep graph quadratic in its size. Valid while the node count holds (:meth:`Frontier._advance`
+    checks it): the edits made while tensors are kept set statistics or switch a layer to inference; a
+    moments chain is measured, and replaced, only by passes from the model's inputs, which let the kept
+    tensors go first."""
 
     def __init__(self, nodes: list[onnx.NodeProto], computed: set[str]) -> None:
         self.count = len(nodes)
@@ -276,6 +277,7 @@ class _Structure:
         return found
 
     def ran(self, indices: list[int]) -> None:
+        """Count the nodes ``indices`` as run: what they read is no longer kept for them."""
         for i in indices:
             if i not in self.done:
                 self.done.add(i)
