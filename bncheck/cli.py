@@ -242,10 +242,10 @@ def console() -> NoReturn:
     except SystemExit as done:
         code = done.code
     except KeyboardInterrupt:
-        _run_exit_handlers()
+        _stopped()
         die_of(signal.SIGINT)
     except Terminated:
-        _run_exit_handlers()
+        _stopped()
         die_of(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing is left to clean up: SIGTERM may end it at once
     _end_process(code)
@@ -275,6 +275,15 @@ def _end_process(code: Any) -> NoReturn:
         except (OSError, ValueError):
             status = status or 120  # what the interpreter's own exit gives when stdout cannot be flushed
     os._exit(status)
+
+
+def _stopped() -> None:
+    """What a stop signal leaves to do before the process dies of it: the exit handlers, and the clean-ups a
+    signal landing inside a ``finally`` block cut short (bncheck.watchdog.run_stop_cleanups)."""
+    from bncheck import watchdog
+
+    _run_exit_handlers()
+    watchdog.run_stop_cleanups()
 
 
 def _run_exit_handlers() -> None:

@@ -163,6 +163,9 @@ def _in_worker(job: Callable[[str], Report], command: str | None, path: str) -> 
             _import_frozen(path, command)
         return _guarded(job, path)
     except Terminated:
+        from bncheck import watchdog
+
+        watchdog.run_stop_cleanups()
         die_of(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

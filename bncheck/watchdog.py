@@ -97,6 +97,14 @@ def at_stop(cleanup: Callable[[], None]) -> None:
         _state.cleanups.append(cleanup)
 
 
+def run_stop_cleanups() -> None:
+    """Run the :func:`at_stop` clean-ups now: a stop signal that lands inside a ``finally`` block's clean-up
+    (or before the code knows the folder it made) cuts it short, and the process is about to die of it."""
+    for cleanup in list(_state.cleanups):
+        with contextlib.suppress(Exception):
+            cleanup()
+
+
 def resident_bytes() -> int | None:
     """This process's resident memory (Linux's /proc/self/statm); None where the system does not tell it."""
     try:
@@ -128,9 +136,7 @@ def _watch() -> None:
         used = resident_bytes()
         if used is None or used <= ceiling:
             continue
-        for cleanup in list(_state.cleanups):
-            with contextlib.suppress(Exception):
-                cleanup()
+        run_stop_cleanups()
         assert _state.stop is not None  # set before any model is watched
         grown, allowed = budget.format_sizes(used - start, limit)
         _state.stop(
