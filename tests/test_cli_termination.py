@@ -240,21 +240,29 @@ def test_sigterm_stops_the_workers_runs_so_that_they_remove_their_folders(parall
     assert _folders(where) == []
 
 
+def _with_scratch(code: str, tmpdir: Path) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter with ``scratch_folder`` imported and ``tmpdir`` as TMPDIR (where its
+    scratch folders go)."""
+    prelude = "from bncheck.backends.onnx.scratch import scratch_folder\n"
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 def test_a_stop_that_cuts_a_clean_up_short_still_removes_the_workers_scratch_folder(tmp_path: Path) -> None:
     """A SIGTERM that lands while a model's ``finally`` removes its scratch folder (or before the probe holds
     the folder it made) cuts that removal short: the worker removes the scratch folders of its own that are
     left before it dies of the signal. Here the job makes a folder and is stopped before any removal."""
     code = (
         "from bncheck import many\n"
-        "from bncheck.backends.onnx.scratch import scratch_folder\n"
         "from bncheck.termination import Terminated\n"
         "def job(path):\n"
         "    print(scratch_folder(1), flush=True)\n"
         "    raise Terminated\n"
         "many._in_worker(job, None, 'model.onnx')\n"
     )
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = _with_scratch(code, tmp_path)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     folder = proc.stdout.strip()
     assert folder.startswith(str(tmp_path)) and os.path.basename(folder).startswith("bncheck-")
@@ -264,15 +272,6 @@ def test_a_stop_that_cuts_a_clean_up_short_still_removes_the_workers_scratch_fol
 def test_the_consoles_stop_path_removes_the_scratch_folders_a_signal_left(tmp_path: Path) -> None:
     """In the console's own process, Ctrl-C or SIGTERM ends in ``_stopped`` before the process dies of it:
     a scratch folder whose removal the signal cut short is removed there."""
-    code = (
-        "import os\n"
-        "from bncheck import cli\n"
-        "from bncheck.backends.onnx.scratch import scratch_folder\n"
-        "folder = scratch_folder(1)\n"
-        "cli._stopped()\n"
-        "print(folder, os.path.exists(folder))\n"
-    )
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    folder, exists = proc.stdout.split()
+    code = "import os\nfrom bncheck import cli\nfolder = scratch_folder(1)\ncli._stopped()\nprint(folder, os.path.exists(folder))\n"
+    folder, exists = _with_scratch(code, tmp_path).stdout.split()
     assert folder.startswith(str(tmp_path)) and exists == "False"
