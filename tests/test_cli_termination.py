@@ -272,6 +272,12 @@ def test_a_stop_that_cuts_a_clean_up_short_still_removes_the_workers_scratch_fol
 def test_the_consoles_stop_path_removes_the_scratch_folders_a_signal_left(tmp_path: Path) -> None:
     """In the console's own process, Ctrl-C or SIGTERM ends in ``_stopped`` before the process dies of it:
     a scratch folder whose removal the signal cut short is removed there."""
-    code = "import os\nfrom bncheck import cli\nfolder = scratch_folder(1)\ncli._stopped()\nprint(folder, os.path.exists(folder))\n"
+    code = (
+        "import os\n"
+        "from bncheck import cli\n"
+        "folder = scratch_folder(1)\n"
+        "cli._stopped()\n"
+        "print(folder, os.path.exists(folder))\n"
+    )
     folder, exists = _with_scratch(code, tmp_path).stdout.split()
     assert folder.startswith(str(tmp_path)) and exists == "False"
