@@ -14,43 +14,27 @@ samples as the calibration data:
 - chaotic: Conv+BN+Relu blocks with random 3x3 convolutions (N(0, 0.3)) and random running statistics, whose
   float32 rounding grows with depth (docs/architecture.md, ``bncheck fix`` for ONNX).
 
-Fresh processes alternate: plain (onnxruntime's session of the file, then every sample once in batches of 32)
-and `bncheck fix --dry-run --format json --data FILE` (the probe of the original, BN003's effect with the repair
-as a dry run, then the repair replaying its passes).
+Fresh processes alternate: plain (bench_data.py's: onnxruntime's session of the file, a pass at batch 1, 2 and
+32, then every sample once in batches of 32) and `bncheck fix --dry-run --format json --data FILE` (the probe
+of the original, BN003's effect with the repair as a dry run, then the repair replaying its passes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "real_models"))  # the real-world set's process helpers
-from run import PEAK, add_bncheck_argument, interpreter_of, run_bncheck
+from bench_data import run_plain
+from run import add_bncheck_argument, interpreter_of, run_bncheck
 
 CHANNELS = 8
 SIDE = 8
-
-PLAIN = (
-    PEAK
-    + r"""
-import json, sys
-import numpy as np
-import onnxruntime as ort
-data = np.load(sys.argv[2])
-sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-for start in range(0, len(data), 32):
-    sess.run(None, {"input": data[start : start + 32]})
-print(json.dumps({"rss_mb": peak_mb()}))
-"""
-)
 
 
 def _conv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -110,22 +94,13 @@ def build(kind: str, blocks: int, data: np.ndarray, path: Path) -> None:
     onnx.save(model, path)
 
 
-def run_plain(python: str, model: Path, data: Path) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run([python, "-c", PLAIN, str(model), str(data)], capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"plain inference failed on {model.name}: {proc.stderr.strip().splitlines()[-1:]}")
-    return {"wall": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
-
-
 def measure(kind: str, blocks: int, data: Path, repeats: int, bncheck: Path, folder: Path) -> dict:
     model = folder / f"{kind}{blocks}.onnx"
     build(kind, blocks, np.load(data), model)
     python = interpreter_of(bncheck)
     plain, fixes = [], []
     for _ in range(repeats):
-        plain.append(run_plain(python, model, data))
+        plain.append(run_plain(python, {"id": model.stem, "path": str(model)}, data))
         fixes.append(
             run_bncheck(bncheck, ["fix", "--dry-run", "--format", "json", "--data", str(data), str(model)], True)
         )

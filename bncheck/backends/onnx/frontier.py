@@ -21,7 +21,7 @@ import numpy as np
 
 from bncheck import budget
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import copied, has_subgraphs, node_reads
+from bncheck.backends.onnx.graph import copied, has_subgraphs, node_reads, walk_upstream
 from bncheck.backends.onnx.instrument import _opset, is_train_batch_norm, stub
 from bncheck.backends.onnx.run import _without_extremes, new_session, prepacks, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
@@ -161,8 +161,12 @@ class Frontier:
         graph.ran(ordered)
         # what the nodes not run yet read: those tensors are kept, all others dropped
         wanted_now = set(targets)
-        fetch = [name for name in dict.fromkeys(written) if graph.read_later(name) or name in wanted_now]
-        spent = [name for name in self.values if not (graph.read_later(name) or name in wanted_now)]
+
+        def kept(name: str) -> bool:
+            return graph.read_later(name) or name in wanted_now
+
+        fetch = [name for name in dict.fromkeys(written) if kept(name)]
+        spent = [name for name in self.values if not kept(name)]
         if ordered:
             self._run(model, [nodes[i] for i in ordered], fetch, spent)
         for name in spent:
@@ -266,15 +270,8 @@ class _Structure:
                     self.readers[name] = self.readers.get(name, 0) + 1
 
     def upstream(self, outputs: list[str], kept: Mapping[str, Any]) -> set[int]:
-        """The nodes ``outputs`` depend on, the walk stopping at ``kept`` tensors (graph.upstream_nodes)."""
-        found: set[int] = set()
-        stack = [self.producer[name] for name in outputs if name in self.producer]
-        while stack:
-            i = stack.pop()
-            if i not in found:
-                found.add(i)
-                stack.extend(self.producer[n] for n in self.reads[i] if n not in kept and n in self.producer)
-        return found
+        """The nodes ``outputs`` depend on, the walk stopping at ``kept`` tensors."""
+        return walk_upstream(self.producer, lambda i: (n for n in self.reads[i] if n not in kept), outputs)
 
     def ran(self, indices: list[int]) -> None:
         """Count the nodes ``indices`` as run: what they read is no longer kept for them."""

@@ -506,13 +506,21 @@ def upstream_nodes(
 ) -> set[int]:
     """Indices of the ``nodes`` that ``outputs`` depend on, following what each node ``reads``."""
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    return walk_upstream(producer, lambda i: reads(nodes[i]), outputs)
+
+
+def walk_upstream(
+    producer: Mapping[str, int], reads: Callable[[int], Iterable[str]], outputs: Iterable[str]
+) -> set[int]:
+    """Indices of the nodes ``outputs`` depend on, given which node writes each tensor and what node ``i``
+    reads (a caller that indexed the graph once walks it without indexing it again)."""
     found: set[int] = set()
     stack = [producer[name] for name in outputs if name in producer]
     while stack:
         i = stack.pop()
         if i not in found:
             found.add(i)
-            stack.extend(producer[name] for name in reads(nodes[i]) if name in producer)
+            stack.extend(producer[name] for name in reads(i) if name in producer)
     return found
 
 
