@@ -167,7 +167,8 @@ def test_probing_as_written_leaves_the_loaded_moving_statistics_alone() -> None:
 
 def test_each_fix_pass_measures_the_inputs_of_the_layers_still_to_decide(monkeypatch, tmp_path: Path) -> None:
     """bn_2 follows bn_1: the first pass over the data reads both layers' inputs, bn_1 changes, so a second pass
-    reads bn_2's alone (its input moved); no pass computes an output's statistics or a decided layer's."""
+    measures bn_2's input again (it moved), from tensors the first kept, not by a run of the whole model; no
+    pass computes an output's statistics."""
     from bncheck.backends.keras.probe import KerasRunner
 
     measured: list[dict[str, bool]] = []
@@ -184,7 +185,147 @@ def test_each_fix_pass_measures_the_inputs_of_the_layers_still_to_decide(monkeyp
         str(SAMPLES / "keras_brief_fit_drift.keras"), str(tmp_path / "fixed.keras"), str(SAMPLES / "keras_calib.npy")
     )
     assert report.fix.outcome.passes == 2 and report.fix.outcome.batch_size == 32
-    both, second = {"bn_1": True, "bn_2": True}, {"bn_2": True}
+    both = {"bn_1": True, "bn_2": True}
     # keras_calib.npy: 256 samples in 8 batches of 32; the probes of the original and of the written model run
-    # 7 of them over the data beside their probe run of 32; fix's two passes read all 8
-    assert measured == [both] * 7 + [both] * 8 + [second] * 8 + [both] * 7
+    # 7 of them over the data beside their probe run of 32; fix's first pass reads all 8
+    assert measured == [both] * 7 + [both] * 8 + [both] * 7
+
+
+def _branching_net(tmp_path: Path, fixed_batch: int | None = None, nested: bool = False) -> str:
+    """Conv1D blocks with fresh (never updated) BNs: bn1, then two branches bn2a and bn2b that an Add joins
+    with relu1, then bn3 on that and the model's input, in a residual block. ``nested``: the branches inside
+    a model of their own."""
+    layers = keras.layers
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((16, 4), batch_size=fixed_batch, name="x")
+    relu1 = layers.ReLU(name="relu1")(layers.BatchNormalization(name="bn1")(layers.Conv1D(6, 3, padding="same")(inp)))
+
+    def branches(t):
+        a = layers.BatchNormalization(name="bn2a")(layers.Conv1D(6, 3, padding="same", name="conv2a")(t))
+        b = layers.BatchNormalization(name="bn2b")(layers.Conv1D(6, 1, name="conv2b")(t))
+        return layers.Add(name="join")([a, b, t])
+
+    if nested:
+        inner_in = keras.Input((16, 6))
+        joined = keras.Model(inner_in, branches(inner_in), name="inner")(relu1)
+    else:
+        joined = branches(relu1)
+    relu2 = layers.ReLU(name="relu2")(joined)
+    wide = layers.Concatenate(name="wide")([relu2, inp])  # the model's input, read again two passes later
+    bn3 = layers.BatchNormalization(name="bn3")(layers.Conv1D(6, 3, padding="same", name="conv3")(wide))
+    out = layers.Dense(2, name="head")(layers.GlobalAveragePooling1D()(layers.Add()([bn3, relu2])))
+    path = tmp_path / "branching.keras"
+    keras.Model(inp, out).save(path)
+    return str(path)
+
+
+def _layers_config(archive: zipfile.ZipFile) -> object:
+    """A .keras archive's model config, without the ids of shared objects (other in each process that saves)."""
+
+    def without_ids(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: without_ids(v) for k, v in value.items() if k != "shared_object_id"}
+        return [without_ids(v) for v in value] if isinstance(value, list) else value
+
+    return without_ids(json.loads(archive.read("config.json"))["config"])
+
+
+def _moving_statistics(path: str) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+
+    def walk(container) -> None:
+        for layer in container.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                found[f"{layer.name}.mean"] = np.array(layer.moving_mean)
+                found[f"{layer.name}.var"] = np.array(layer.moving_variance)
+            if hasattr(layer, "layers"):
+                walk(layer)
+
+    walk(load_safe(path))
+    return found
+
+
+def _fix_counting_full_passes(monkeypatch, src: str, out: str, calib: str, segments: list[int] | None = None):
+    """fix's outcome and how many batches it ran through the whole model (its passes from the inputs);
+    ``segments`` gets the number of layer calls each cut pass ran."""
+    from bncheck.backends.keras import fix as keras_fix
+    from bncheck.backends.keras.frontier import Frontier
+
+    batches = 0
+    full_pass, measure = keras_fix._full_pass, Frontier.measure
+
+    def counting(runner, feeds, undecided):
+        nonlocal batches
+        batches += len(feeds)
+        return full_pass(runner, feeds, undecided)
+
+    def measuring(self, front, undecided):
+        before = self.segment_nodes
+        found = measure(self, front, undecided)
+        if segments is not None:
+            segments.append(self.segment_nodes - before)
+        return found
+
+    monkeypatch.setattr(keras_fix, "_full_pass", counting)
+    monkeypatch.setattr(Frontier, "measure", measuring)
+    report = fix(src, out, calib, batch_size=8)
+    monkeypatch.setattr(keras_fix, "_full_pass", full_pass)
+    monkeypatch.setattr(Frontier, "measure", measure)
+    return report.fix.outcome, batches
+
+
+@pytest.mark.parametrize("fixed_batch", [None, 8], ids=["free-batch", "batch-fixed-to-8"])
+def test_passes_after_the_first_run_from_kept_tensors_with_the_statistics_of_full_passes(
+    tmp_path: Path, monkeypatch, fixed_batch: int | None
+) -> None:
+    """The first pass runs the whole model and repairs bn1; the next two run from the tensors kept before
+    them (keras sub-models): bn2a and bn2b together (neither is upstream of the other), then bn3, relu1
+    kept for the Add one pass later, so that no layer call runs twice in them; the model written after them
+    is the model Keras loaded (its config unchanged by the sub-models). The written statistics are those of passes from the model's inputs
+    (what a memory budget too small for the kept tensors falls back to, one layer a pass below a repair),
+    and the data's: 20 samples by 8, a fixed batch's 4 repeats counting in neither."""
+    from bncheck.backends.keras import frontier
+
+    src = _branching_net(tmp_path, fixed_batch)
+    x = np.random.default_rng(7).normal(size=(20, 16, 4)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    calib = str(tmp_path / "calib.npy")
+    segments: list[int] = []
+    kept, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "kept.keras"), calib, segments)
+    assert kept.passes == 3 and full_batches == 3  # the first pass alone ran the whole model, over 3 batches
+    # conv1, bn1, relu1, conv2a, conv2b; then bn2a, bn2b, join, relu2, wide, conv3: no call twice (from the
+    # inputs: 5 + 11)
+    assert segments == [5, 6]
+    assert {e.layer: e.action for e in kept.layers} == dict.fromkeys(["bn1", "bn2a", "bn2b", "bn3"], "recalibrated")
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
+    assert full.passes == 4 and full_batches == 12
+    assert [(e.layer, e.action) for e in kept.layers] == [(e.layer, e.action) for e in full.layers]
+    a, b = _moving_statistics(str(tmp_path / "kept.keras")), _moving_statistics(str(tmp_path / "full.keras"))
+    assert a.keys() == b.keys() and len(a) == 8
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    with zipfile.ZipFile(src) as before, zipfile.ZipFile(tmp_path / "kept.keras") as after:
+        assert _layers_config(after) == _layers_config(before)
+    fixed = load_safe(str(tmp_path / "kept.keras"))
+    for layer in ("bn1", "bn2a", "bn2b", "bn3"):
+        probe = keras.Model(fixed.inputs, fixed.get_layer(layer).input)
+        acts = np.concatenate([np.asarray(probe(x[i : i + 8], training=False)) for i in range(0, 20, 8)])
+        np.testing.assert_allclose(a[f"{layer}.mean"], acts.mean(axis=(0, 1)), rtol=1e-4, atol=1e-5, err_msg=layer)
+        np.testing.assert_allclose(a[f"{layer}.var"], acts.var(axis=(0, 1)), rtol=1e-4, atol=1e-5, err_msg=layer)
+
+
+def test_layers_inside_a_nested_model_are_measured_by_passes_from_the_models_inputs(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """bn2a and bn2b are called by a nested model, whose inner tensors a sub-model of the outer one cannot
+    cut: every pass runs the whole model, one layer a pass below a repair, and the repair completes."""
+    src = _branching_net(tmp_path, nested=True)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(7).normal(size=(20, 16, 4)).astype(np.float32))
+    outcome, full_batches = _fix_counting_full_passes(
+        monkeypatch, src, str(tmp_path / "fixed.keras"), str(tmp_path / "calib.npy")
+    )
+    assert outcome.passes == 4 and full_batches == 12
+    assert {e.layer: e.action for e in outcome.layers} == dict.fromkeys(
+        ["bn1", "inner/bn2a", "inner/bn2b", "bn3"], "recalibrated"
+    )

@@ -7,8 +7,9 @@ before keras is imported; the model is loaded with ``safe_mode=True`` only, and 
 
 Statistics: measured on the inputs of the BatchNormalization layers in inference-mode passes
 (``model(x, training=False)``, which in Keras 3 also overrides a baked flag), layer by layer in graph order:
-each pass measures every undecided layer, and a layer is decided from that pass unless a layer before it was
-changed in the same pass (its input then changes; it waits for the next pass). The rules for where the
+the first pass measures every undecided layer, and a layer is decided from it unless a layer before it was
+changed in the same pass (its input then changes; it waits). The later passes run from the tensors the
+passes before kept (frontier.py), each measuring the layers with no undecided layer upstream. The rules for where the
 statistics come from (``--stats``), the sample floor and the uncertainty are bncheck.fix_result's, shared
 with the ONNX backend.
 """
@@ -56,8 +57,7 @@ def check_keras_fix(view: ModelView, static: KerasFile, request: FixRequest) -> 
 
 def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOutcome:
     """Plan, measure, apply and save (see the module docstring). Raises BackendError for refusals."""
-    from bncheck.backends.keras.probe import PREDICT, KerasRunner
-    from bncheck.probe_plan import first_samples, merge_stats
+    from bncheck.backends.keras.probe import KerasRunner
 
     check_keras_fix(view, static, request)
     results, pending, stored = _plan(view, request)
@@ -85,31 +85,7 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
 
         size = batch if fixed else min(batch, samples)  # the largest calibration batch
         memory.check(runner.model, memory.fed_bytes(view.inputs, size, None, data), size, "give a smaller --batch-size")
-        remaining = list(pending)
-        while remaining:
-            parts: dict[str, list[TensorStats]] = {}
-            # a pass reads the inputs of the layers still to decide: no other layer's statistics are computed
-            undecided = {p.layer.name for p in remaining}
-            runner.capture.skip = {name for name in runner.layers if name not in undecided}
-            try:
-                for feeds, real in calibration_batches(data, batch, fixed=fixed):
-                    for name, seen in runner.observe(feeds, PREDICT, inputs_only=True).layers.items():
-                        if seen.input is not None:
-                            parts.setdefault(name, []).append(first_samples(seen.input, real))
-            finally:
-                runner.capture.skip = set()
-            passes += 1
-            later: list[_Pending] = []
-            changed = False
-            for p in remaining:
-                if changed:  # a layer before it in graph order changed in this pass: its input moved
-                    later.append(p)
-                    continue
-                got = parts.get(p.layer.name)
-                entry = _apply(p, merge_stats(got) if got else None, runner.layers[p.layer.name], request)
-                results[p.index] = entry
-                changed = entry.changed
-            remaining = later
+        passes = _repair(runner, pending, results, list(calibration_batches(data, batch, fixed=fixed)), request)
     layers = [results[i] for i in range(len(view.layers))]
     written: list[str] = []
     if not request.dry_run:
@@ -129,6 +105,74 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
         if e.uncertainty is not None and e.uncertainty.large
     ]
     return FixOutcome(layers, written, samples, samples, batch, passes, padded, notes)
+
+
+def _repair(
+    runner: Any,
+    pending: list[_Pending],
+    results: dict[int, LayerFix],
+    batches: list[tuple[dict[str, np.ndarray], int]],
+    request: FixRequest,
+) -> int:
+    """Measure and decide the ``pending`` layers over the calibration ``batches`` into ``results``; returns
+    the number of passes. The first pass runs the whole model; the later ones run from the tensors it and
+    the passes after it kept (frontier.py), or from the model's inputs where those cannot serve."""
+    from bncheck.backends.keras.frontier import Frontier, Unsupported
+    from bncheck.probe_plan import merge_stats
+
+    passes = 0
+    remaining = list(pending)
+    cut: Frontier | None = None
+    cut_off = False  # the kept tensors cannot serve: every later pass runs from the model's inputs
+    while remaining:
+        parts: dict[str, list[TensorStats]] = {}
+        front: set[str] | None = None  # the layers a cut pass measured, else a pass from the inputs
+        if passes and not cut_off:
+            try:
+                cut = cut if cut is not None else Frontier(runner, batches)
+                undecided = [p.layer for p in remaining]
+                frontier = cut.first(undecided)
+                parts = cut.measure(frontier, undecided)
+                front = {layer.name for layer in frontier}
+            except Unsupported:
+                cut_off = True
+        if front is None:
+            parts = _full_pass(runner, batches, {p.layer.name for p in remaining})
+        passes += 1
+        later: list[_Pending] = []
+        changed = False
+        for p in remaining:
+            # below a layer changed by a pass from the inputs, a layer waits: its input moved (a cut pass
+            # measures only layers with none of the others upstream)
+            if (front is None and changed) or (front is not None and p.layer.name not in front):
+                later.append(p)
+                continue
+            got = parts.get(p.layer.name)
+            entry = _apply(p, merge_stats(got) if got else None, runner.layers[p.layer.name], request)
+            results[p.index] = entry
+            changed = changed or entry.changed
+        remaining = later
+    return passes
+
+
+def _full_pass(
+    runner: Any, batches: list[tuple[dict[str, np.ndarray], int]], undecided: set[str]
+) -> dict[str, list[TensorStats]]:
+    """Per batch, the input statistics of the layers ``undecided``, from passes of the whole model (no other
+    layer's statistics are computed)."""
+    from bncheck.backends.keras.probe import PREDICT
+    from bncheck.probe_plan import first_samples
+
+    parts: dict[str, list[TensorStats]] = {}
+    runner.capture.skip = {name for name in runner.layers if name not in undecided}
+    try:
+        for feeds, real in batches:
+            for name, seen in runner.observe(feeds, PREDICT, inputs_only=True).layers.items():
+                if seen.input is not None:
+                    parts.setdefault(name, []).append(first_samples(seen.input, real))
+    finally:
+        runner.capture.skip = set()
+    return parts
 
 
 class _Pending:
