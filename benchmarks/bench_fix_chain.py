@@ -1,11 +1,12 @@
 """Benchmark: `bncheck fix --data` on deep chains whose repairs alternate with layers left unchanged, against plain
 inference over that data once.
 
-Usage: python benchmarks/bench_fix_chain.py [--kind residual|chaotic] [--blocks 150,300] [--samples 512]
-       [--repeats 2] [--bncheck PATH]    (prints a Markdown table)
+Usage: python benchmarks/bench_fix_chain.py [--kind residual|chaotic] [--format onnx|keras] [--blocks 150,300]
+       [--samples 512] [--repeats 2] [--bncheck PATH]    (prints a Markdown table)
 
 The models are built here, deterministically (seed 0), on 8 channels of 8x8 with ``--samples`` standard-normal
-samples as the calibration data:
+samples as the calibration data, as ONNX files or as Keras 3 ``.keras`` files (channels last, the samples
+transposed; the Keras one needs keras with the numpy backend):
 
 - residual: blocks x <- x + relu(BN(conv3x3(x))) whose BN statistics are the data's, computed block by block
   in float64 as a calibrated model would hold them, but for every third block, whose variance is stored 4x too
@@ -14,14 +15,15 @@ samples as the calibration data:
 - chaotic: Conv+BN+Relu blocks with random 3x3 convolutions (N(0, 0.3)) and random running statistics, whose
   float32 rounding grows with depth (docs/architecture.md, ``bncheck fix`` for ONNX).
 
-Fresh processes alternate: plain (bench_data.py's: onnxruntime's session of the file, a pass at batch 1, 2 and
-32, then every sample once in batches of 32) and `bncheck fix --dry-run --format json --data FILE` (the probe
+Fresh processes alternate: plain (bench_data.py's: onnxruntime's session of the file, or Keras's load of it, a
+pass at batch 1, 2 and 32, then every sample once in batches of 32) and `bncheck fix --dry-run --format json --data FILE` (the probe
 of the original, BN003's effect with the repair as a dry run, then the repair replaying its passes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -47,32 +49,39 @@ def _conv(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def build(kind: str, blocks: int, data: np.ndarray, path: Path) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
+def blocks_of(kind: str, blocks: int, data: np.ndarray, epsilon: float) -> list[dict[str, np.ndarray]]:
+    """Each block's convolution (out, in, 3, 3) and BN parameters (the ONNX names: s, b, m, v)."""
     rng = np.random.default_rng(0)
     x = data.astype(np.float64)
-    nodes, inits = [], []
-    name = "input"
+    found = []
     for i in range(blocks):
         if kind == "residual":
             w = rng.normal(0, 1 / np.sqrt(9 * CHANNELS), (CHANNELS, CHANNELS, 3, 3))
             conv = _conv(x, w)
             mean, var = conv.mean(axis=(0, 2, 3)), conv.var(axis=(0, 2, 3))
             scale, bias = rng.uniform(0.1, 0.3, CHANNELS), rng.uniform(-0.05, 0.05, CHANNELS)
-            normed = (conv - mean[:, None, None]) / np.sqrt(var + 1e-5)[:, None, None]
+            normed = (conv - mean[:, None, None]) / np.sqrt(var + epsilon)[:, None, None]
             x = x + np.maximum(scale[:, None, None] * normed + bias[:, None, None], 0)
             stored = (mean, var * 4 if i % 3 == 2 else var)
         else:
             w = rng.normal(0, 0.3, (CHANNELS, CHANNELS, 3, 3))
             scale, bias = rng.uniform(0.8, 1.2, CHANNELS), rng.uniform(-0.1, 0.1, CHANNELS)
             stored = (rng.uniform(-0.1, 0.1, CHANNELS), rng.uniform(0.5, 1.5, CHANNELS))
-        params = {"s": scale, "b": bias, "m": stored[0], "v": stored[1]}
-        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}")]
-        inits += [numpy_helper.from_array(v.astype(np.float32), f"bn{i}.{k}") for k, v in params.items()]
+        found.append({"w": w, "s": scale, "b": bias, "m": stored[0], "v": stored[1]})
+    return found
+
+
+def build(kind: str, blocks: int, data: np.ndarray, path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    name = "input"
+    for i, block in enumerate(blocks_of(kind, blocks, data, 1e-5)):
+        inits += [numpy_helper.from_array(block["w"].astype(np.float32), f"w{i}")]
+        inits += [numpy_helper.from_array(block[k].astype(np.float32), f"bn{i}.{k}") for k in "sbmv"]
         nodes.append(helper.make_node("Conv", [name, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
-        bn_inputs = [f"c{i}", *[f"bn{i}.{k}" for k in params]]
+        bn_inputs = [f"c{i}", *[f"bn{i}.{k}" for k in "sbmv"]]
         nodes.append(helper.make_node("BatchNormalization", bn_inputs, [f"b{i}"], name=f"bn{i}"))
         nodes.append(helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"))
         if kind == "residual":
@@ -94,9 +103,34 @@ def build(kind: str, blocks: int, data: np.ndarray, path: Path) -> None:
     onnx.save(model, path)
 
 
-def measure(kind: str, blocks: int, data: Path, repeats: int, bncheck: Path, folder: Path) -> dict:
-    model = folder / f"{kind}{blocks}.onnx"
-    build(kind, blocks, np.load(data), model)
+def build_keras(kind: str, blocks: int, data: np.ndarray, path: Path) -> None:
+    """The same chain as a Keras 3 functional model, channels last, Keras's default epsilon (1e-3)."""
+    os.environ.setdefault("KERAS_BACKEND", "numpy")
+    import keras
+
+    layers = keras.layers
+    inp = keras.Input((SIDE, SIDE, CHANNELS), name="input")
+    x = inp
+    for i, block in enumerate(blocks_of(kind, blocks, data, 1e-3)):
+        conv = layers.Conv2D(CHANNELS, 3, padding="same", use_bias=False, name=f"conv{i}")
+        bn = layers.BatchNormalization(epsilon=1e-3, name=f"bn{i}")
+        relu = layers.ReLU(name=f"relu{i}")(bn(conv(x)))
+        x = layers.Add(name=f"add{i}")([x, relu]) if kind == "residual" else relu
+        conv.set_weights([block["w"].transpose(2, 3, 1, 0).astype(np.float32)])
+        bn.set_weights([block[k].astype(np.float32) for k in "sbmv"])
+    keras.Model(inp, layers.GlobalAveragePooling2D(name="gap")(x)).save(path)
+
+
+def measure(kind: str, fmt: str, blocks: int, data: Path, repeats: int, bncheck: Path, folder: Path) -> dict:
+    samples = np.load(data)
+    if fmt == "keras":
+        model = folder / f"{kind}{blocks}.keras"
+        build_keras(kind, blocks, samples, model)
+        data = folder / "data_nhwc.npy"
+        np.save(data, np.ascontiguousarray(samples.transpose(0, 2, 3, 1)))
+    else:
+        model = folder / f"{kind}{blocks}.onnx"
+        build(kind, blocks, samples, model)
     python = interpreter_of(bncheck)
     plain, fixes = [], []
     for _ in range(repeats):
@@ -108,7 +142,7 @@ def measure(kind: str, blocks: int, data: Path, repeats: int, bncheck: Path, fol
     outcome = doc.get("fix") or {}
     actions = [layer.get("action") for layer in outcome.get("layers", [])]
     return {
-        "kind": kind,
+        "kind": f"{kind} ({fmt})",
         "blocks": blocks,
         "plain_s": statistics.median(p["wall"] for p in plain),
         "plain_mb": statistics.median(p["rss_mb"] for p in plain),
@@ -139,6 +173,7 @@ def table(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=("residual", "chaotic"), default="residual")
+    parser.add_argument("--format", choices=("onnx", "keras"), default="onnx", help="the file the chain is saved as")
     parser.add_argument("--blocks", default="150,300", help="comma-separated chain lengths")
     parser.add_argument("--samples", type=int, default=512, help="calibration samples")
     parser.add_argument("--repeats", type=int, default=2, help="plain/fix pairs per chain")
@@ -149,7 +184,7 @@ def main() -> None:
         shape = (args.samples, CHANNELS, SIDE, SIDE)
         np.save(data, np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
         blocks = [int(b) for b in args.blocks.split(",")]
-        rows = [measure(args.kind, n, data, args.repeats, args.bncheck, Path(folder)) for n in blocks]
+        rows = [measure(args.kind, args.format, n, data, args.repeats, args.bncheck, Path(folder)) for n in blocks]
     print("\n".join(table(rows)))
 
 
