@@ -413,6 +413,7 @@ class ProbeResult:
     data: dict[str, TensorStats] | None = None  # with --data: each layer's input over all samples
     data_source: str = "synthetic"
     data_samples: int = 0
+    data_batch: int | None = None  # with --data: the most samples a run over the data took (its consecutive batches)
     seed: int = 0
     call_style: str | None = None  # Keras: "as-written" or "predict"; None for ONNX
     notes: list[str] = field(default_factory=list)

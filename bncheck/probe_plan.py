@@ -1040,6 +1040,7 @@ def run_plan(
         data=data,
         data_source=settings.data_source,
         data_samples=data_samples,
+        data_batch=max(map(len, plan.data_runs)) if plan.data_runs else None,
         seed=settings.seed,
         call_style=call_style,
         notes=notes,

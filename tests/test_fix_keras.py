@@ -165,10 +165,15 @@ def test_probing_as_written_leaves_the_loaded_moving_statistics_alone() -> None:
     np.testing.assert_array_equal(np.array(layer.moving_mean), before)
 
 
-def test_each_fix_pass_measures_the_inputs_of_the_layers_still_to_decide(monkeypatch, tmp_path: Path) -> None:
-    """bn_2 follows bn_1: the first pass over the data reads both layers' inputs, bn_1 changes, so a second pass
-    measures bn_2's input again (it moved), from tensors the first kept, not by a run of the whole model; no
-    pass computes an output's statistics."""
+@pytest.mark.parametrize("batch_size", [32, 64], ids=["the-probes-batches", "other-batches"])
+def test_fix_takes_its_first_pass_from_the_probes_runs_over_the_same_data(
+    monkeypatch, tmp_path: Path, batch_size: int
+) -> None:
+    """bn_2 follows bn_1. The probe of the original runs keras_calib.npy's 256 samples in batches of 32,
+    measuring every layer's input: fix's first pass in batches of 32 would measure the same, so it takes the
+    probe's numbers and runs no batch of its own; bn_1 changes, and the second pass measures bn_2's input
+    again from tensors it kept (no run of the whole model). In batches of 64 the first pass is its own. No
+    pass computes an output's statistics, and the written statistics are the data's either way."""
     from bncheck.backends.keras.probe import KerasRunner
 
     measured: list[dict[str, bool]] = []
@@ -181,14 +186,21 @@ def test_each_fix_pass_measures_the_inputs_of_the_layers_still_to_decide(monkeyp
         return got
 
     monkeypatch.setattr(KerasRunner, "observe", recording)
+    out = str(tmp_path / "fixed.keras")
     report = fix(
-        str(SAMPLES / "keras_brief_fit_drift.keras"), str(tmp_path / "fixed.keras"), str(SAMPLES / "keras_calib.npy")
+        str(SAMPLES / "keras_brief_fit_drift.keras"), out, str(SAMPLES / "keras_calib.npy"), batch_size=batch_size
     )
-    assert report.fix.outcome.passes == 2 and report.fix.outcome.batch_size == 32
+    assert report.fix.outcome.passes == 2 and report.fix.outcome.batch_size == batch_size
     both = {"bn_1": True, "bn_2": True}
-    # keras_calib.npy: 256 samples in 8 batches of 32; the probes of the original and of the written model run
-    # 7 of them over the data beside their probe run of 32; fix's first pass reads all 8
-    assert measured == [both] * 7 + [both] * 8 + [both] * 7
+    # the probes of the original and of the written model run 7 of the 8 batches of 32 over the data beside
+    # their probe run of 32; fix's own first pass, 4 batches of 64
+    assert measured == [both] * 7 + ([both] * 4 if batch_size == 64 else []) + [both] * 7
+    x = np.load(SAMPLES / "keras_calib.npy")
+    original, fixed = load_safe(str(SAMPLES / "keras_brief_fit_drift.keras")), load_safe(out)
+    for name, model in (("bn_1", original), ("bn_2", fixed)):  # bn_2's input is the repaired bn_1's
+        mean, var = bn_input_stats(model, name, x)
+        np.testing.assert_allclose(np.array(fixed.get_layer(name).moving_mean), mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.array(fixed.get_layer(name).moving_variance), var, rtol=1e-4, atol=1e-5)
 
 
 def _branching_net(tmp_path: Path, fixed_batch: int | None = None, nested: bool = False) -> str:
@@ -278,12 +290,12 @@ def _fix_counting_full_passes(monkeypatch, src: str, out: str, calib: str, segme
 def test_passes_after_the_first_run_from_kept_tensors_with_the_statistics_of_full_passes(
     tmp_path: Path, monkeypatch, fixed_batch: int | None
 ) -> None:
-    """The first pass runs the whole model and repairs bn1; the next two run from the tensors kept before
-    them (keras sub-models): bn2a and bn2b together (neither is upstream of the other), then bn3, relu1
-    kept for the Add one pass later, so that no layer call runs twice in them; the model written after them
-    is the model Keras loaded (its config unchanged by the sub-models). The written statistics are those of passes from the model's inputs
-    (what a memory budget too small for the kept tensors falls back to, one layer a pass below a repair),
-    and the data's: 20 samples by 8, a fixed batch's 4 repeats counting in neither."""
+    """The first pass repairs bn1; the next two run from the tensors kept before them (keras sub-models):
+    bn2a and bn2b together (neither is upstream of the other), then bn3, relu1 kept for the Add one pass
+    later, so that no layer call runs twice in them; the model written after them is the model Keras loaded
+    (its config unchanged by the sub-models). The written statistics are those of passes from the model's
+    inputs (what a memory budget too small for the kept tensors falls back to, one layer a pass below a
+    repair), and the data's: 20 samples by 8, a fixed batch's 4 repeats counting in neither."""
     from bncheck.backends.keras import frontier
 
     src = _branching_net(tmp_path, fixed_batch)
@@ -292,14 +304,16 @@ def test_passes_after_the_first_run_from_kept_tensors_with_the_statistics_of_ful
     calib = str(tmp_path / "calib.npy")
     segments: list[int] = []
     kept, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "kept.keras"), calib, segments)
-    assert kept.passes == 3 and full_batches == 3  # the first pass alone ran the whole model, over 3 batches
+    # the first pass alone ran the whole model, over 3 batches; with the batch fixed to 8 it is the probe's runs
+    # over the data, which took the same batches
+    assert kept.passes == 3 and full_batches == (0 if fixed_batch else 3)
     # conv1, bn1, relu1, conv2a, conv2b; then bn2a, bn2b, join, relu2, wide, conv3: no call twice (from the
     # inputs: 5 + 11)
     assert segments == [5, 6]
     assert {e.layer: e.action for e in kept.layers} == dict.fromkeys(["bn1", "bn2a", "bn2b", "bn3"], "recalibrated")
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
-    assert full.passes == 4 and full_batches == 12
+    assert full.passes == 4 and full_batches == (9 if fixed_batch else 12)
     assert [(e.layer, e.action) for e in kept.layers] == [(e.layer, e.action) for e in full.layers]
     a, b = _moving_statistics(str(tmp_path / "kept.keras")), _moving_statistics(str(tmp_path / "full.keras"))
     assert a.keys() == b.keys() and len(a) == 8

@@ -85,7 +85,8 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
 
         size = batch if fixed else min(batch, samples)  # the largest calibration batch
         memory.check(runner.model, memory.fed_bytes(view.inputs, size, None, data), size, "give a smaller --batch-size")
-        passes = _repair(runner, pending, results, list(calibration_batches(data, batch, fixed=fixed)), request)
+        batches = list(calibration_batches(data, batch, fixed=fixed))
+        passes = _repair(runner, pending, results, batches, request, _probed(runner, data, size, pending))
     layers = [results[i] for i in range(len(view.layers))]
     written: list[str] = []
     if not request.dry_run:
@@ -113,10 +114,12 @@ def _repair(
     results: dict[int, LayerFix],
     batches: list[tuple[dict[str, np.ndarray], int]],
     request: FixRequest,
+    probed: dict[str, list[TensorStats]] | None = None,
 ) -> int:
     """Measure and decide the ``pending`` layers over the calibration ``batches`` into ``results``; returns
-    the number of passes. The first pass runs the whole model; the later ones run from the tensors it and
-    the passes after it kept (frontier.py), or from the model's inputs where those cannot serve."""
+    the number of passes. The first pass runs the whole model (or is the probe's, ``probed``); the later ones
+    run from the tensors it and the passes after it kept (frontier.py), or from the model's inputs where
+    those cannot serve."""
     from bncheck.backends.keras.frontier import Frontier, Unsupported
     from bncheck.probe_plan import merge_stats
 
@@ -137,7 +140,10 @@ def _repair(
             except Unsupported:
                 cut_off = True
         if front is None:
-            parts = _full_pass(runner, batches, {p.layer.name for p in remaining})
+            if passes == 0 and probed is not None:
+                parts = probed
+            else:
+                parts = _full_pass(runner, batches, {p.layer.name for p in remaining})
         passes += 1
         later: list[_Pending] = []
         changed = False
@@ -153,6 +159,22 @@ def _repair(
             changed = changed or entry.changed
         remaining = later
     return passes
+
+
+def _probed(
+    runner: Any, data: dict[str, np.ndarray], size: int, pending: list[_Pending]
+) -> dict[str, list[TensorStats]] | None:
+    """The first pass's statistics as the probe of the original measured them over the same data, where it
+    ran it as this pass would (predict style, consecutive batches of at most ``size`` samples, so the same
+    ones) and measured every layer to decide; else None. The probe merged the batches' statistics as the pass
+    does (probe_plan.run_plan)."""
+    if runner.data_probe is None:
+        return None
+    given, result = runner.data_probe
+    if given is not data or result.data_batch != size or result.data is None:
+        return None
+    found = {p.layer.name: [result.data[p.layer.name]] for p in pending if p.layer.name in result.data}
+    return found if len(found) == len(pending) else None
 
 
 def _full_pass(

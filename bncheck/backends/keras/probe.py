@@ -226,6 +226,8 @@ class KerasRunner:
         for norm in view.layers:
             self.capture.wrap(norm.name, norm, self.layers[norm.name], to_numpy)
         self.input_names = [spec.name for spec in view.inputs]
+        # the predict-style probe over --data (its data and result): fix's first pass would measure the same
+        self.data_probe: tuple[Mapping[str, np.ndarray], ProbeResult] | None = None
         self.shared: set[str] = set()
         self.notes: list[str] = []
         # a file's config declares no output shapes; the built model's tell class scores (probe_plan) as an
@@ -382,6 +384,8 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         runner.capture.skip = set()
         result.notes.extend(runner.notes)
         result.notes.append(_style_note(style, static))
+        if style == PREDICT and settings.data is not None and result.data is not None:
+            runner.data_probe = (settings.data, result)
         for name in sorted(runner.shared):
             result.notes.append(f"{name} is called more than once per forward pass: its statistics pool every call")
         results.append(result)
