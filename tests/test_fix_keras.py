@@ -329,17 +329,30 @@ def test_passes_after_the_first_run_from_kept_tensors_with_the_statistics_of_ful
         np.testing.assert_allclose(a[f"{layer}.var"], acts.var(axis=(0, 1)), rtol=1e-4, atol=1e-5, err_msg=layer)
 
 
-def test_layers_inside_a_nested_model_are_measured_by_passes_from_the_models_inputs(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """bn2a and bn2b are called by a nested model, whose inner tensors a sub-model of the outer one cannot
-    cut: every pass runs the whole model, one layer a pass below a repair, and the repair completes."""
+def test_layers_inside_a_nested_model_run_from_its_input_computed_once(tmp_path: Path, monkeypatch) -> None:
+    """bn2a and bn2b are called by a nested model (as a base model is in transfer learning): once bn1 above it
+    is repaired, the nested model's input is computed once and its layers measured by sub-models of it;
+    bn3, below it, by a sub-model of the whole model. The statistics are those of passes from the model's
+    inputs, and the written config the source's."""
+    from bncheck.backends.keras import frontier
+
     src = _branching_net(tmp_path, nested=True)
     np.save(tmp_path / "calib.npy", np.random.default_rng(7).normal(size=(20, 16, 4)).astype(np.float32))
-    outcome, full_batches = _fix_counting_full_passes(
-        monkeypatch, src, str(tmp_path / "fixed.keras"), str(tmp_path / "calib.npy")
-    )
-    assert outcome.passes == 4 and full_batches == 12
-    assert {e.layer: e.action for e in outcome.layers} == dict.fromkeys(
-        ["bn1", "inner/bn2a", "inner/bn2b", "bn3"], "recalibrated"
-    )
+    calib = str(tmp_path / "calib.npy")
+    segments: list[int] = []
+    kept, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "kept.keras"), calib, segments)
+    names = ["bn1", "inner/bn2a", "inner/bn2b", "bn3"]
+    assert {e.layer: e.action for e in kept.layers} == dict.fromkeys(names, "recalibrated")
+    # the first pass alone ran the whole model; then conv2a and conv2b inside the nested model, from its input
+    # (conv1, bn1, relu1 computed once); then bn3's input from the model's: conv1, bn1, relu1, the nested
+    # model, relu2, wide, conv3
+    assert kept.passes == 3 and full_batches == 3 and segments == [2, 7]
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
+    assert full.passes == 4 and full_batches == 12
+    a, b = _moving_statistics(str(tmp_path / "kept.keras")), _moving_statistics(str(tmp_path / "full.keras"))
+    assert a.keys() == b.keys() and len(a) == 8
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    with zipfile.ZipFile(src) as before, zipfile.ZipFile(tmp_path / "kept.keras") as after:
+        assert _layers_config(after) == _layers_config(before)

@@ -120,7 +120,7 @@ def _repair(
     the number of passes. The first pass runs the whole model (or is the probe's, ``probed``); the later ones
     run from the tensors it and the passes after it kept (frontier.py), or from the model's inputs where
     those cannot serve."""
-    from bncheck.backends.keras.frontier import Frontier, Unsupported
+    from bncheck.backends.keras.frontier import Done, Frontier, Unsupported, frontier_for
     from bncheck.probe_plan import merge_stats
 
     passes = 0
@@ -130,13 +130,15 @@ def _repair(
     while remaining:
         parts: dict[str, list[TensorStats]] = {}
         front: set[str] | None = None  # the layers a cut pass measured, else a pass from the inputs
-        if passes and not cut_off:
+        undecided = [p.layer for p in remaining]
+        while passes and not cut_off and front is None:
             try:
-                cut = cut if cut is not None else Frontier(runner, batches)
-                undecided = [p.layer for p in remaining]
+                cut = cut if cut is not None else frontier_for(runner, batches, undecided)
                 frontier = cut.first(undecided)
                 parts = cut.measure(frontier, undecided)
                 front = {layer.name for layer in frontier}
+            except Done:  # a nested model's frontier is done with its layers: the rest get one of their own
+                cut = None
             except Unsupported:
                 cut_off = True
         if front is None:

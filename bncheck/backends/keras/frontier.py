@@ -32,6 +32,11 @@ class Unsupported(Exception):
     """The frontier cannot serve this pass: the caller measures it from the model's inputs."""
 
 
+class Done(Unsupported):
+    """A nested model's frontier has no layer of its model left to decide: the rest need a frontier of their
+    own (frontier_for)."""
+
+
 class _Graph:
     """The model's own call nodes, read from its outputs back before any sub-model exists (a sub-model adds
     nodes of its own to the layers it calls). Keras has no public API for a model's nodes: a KerasTensor's
@@ -88,22 +93,29 @@ class _Graph:
 
 class Frontier:
     """The kept tensors of a fix over ``batches`` of the data (``feeds``, real samples) and the cut passes
-    that run from them."""
+    that run from them, over the loaded model or, given ``model`` and its ``inputs`` (per input, per batch),
+    over a model it calls (:func:`frontier_for`)."""
 
-    def __init__(self, runner: Any, batches: list[tuple[dict[str, np.ndarray], int]]) -> None:
-        model = runner.model
+    def __init__(
+        self,
+        runner: Any,
+        batches: list[tuple[dict[str, np.ndarray], int]],
+        model: Any = None,
+        inputs: list[list[np.ndarray]] | None = None,
+    ) -> None:
+        model = runner.model if model is None else model
+        self.nested = model is not runner.model
         if isinstance(getattr(model, "input", None), dict):
             raise Unsupported("the model takes a dict of inputs")
         self.runner = runner
         self.graph = _Graph(model)
-        if len(self.graph.inputs) != len(runner.input_names):
-            raise Unsupported("the model's inputs do not match the file's")
+        if inputs is None:
+            if len(self.graph.inputs) != len(runner.input_names):
+                raise Unsupported("the model's inputs do not match the file's")
+            inputs = [[feeds[name] for feeds, _ in batches] for name in runner.input_names]
         self.real = [real for _, real in batches]
-        # the data's own arrays: model inputs cost nothing to keep
-        self.kept: dict[int, list[np.ndarray]] = {
-            id(tensor): [feeds[name] for feeds, _ in batches]
-            for tensor, name in zip(self.graph.inputs, runner.input_names)
-        }
+        # the data's own arrays (or the nested model's inputs, computed once): model inputs stay kept
+        self.kept: dict[int, list[np.ndarray]] = {id(t): values for t, values in zip(self.graph.inputs, inputs)}
         self.inputs = set(self.kept)
         self.ran: set[int] = set()  # ids of the nodes cut passes have run
         self.limit = int(budget.budget() * BUDGET_SHARE)
@@ -115,7 +127,7 @@ class Frontier:
         # would pile up, a set per segment) and, where the model's own inputs are among them, on those inputs
         # too, which breaks the model's get_config ("could not find node key"): each build is undone on the
         # model once made
-        self.calls = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in _operations(model)]
+        self.calls = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in _operations(runner.model)]
         self.history = [(tensor, tensor._keras_history) for tensor in self.graph.tensors.values()]
 
     def node(self, norm: NormLayer) -> Any:
@@ -125,8 +137,17 @@ class Frontier:
             raise Unsupported(f"{norm.name} is not called once on one tensor by the model itself")
         return nodes[0]
 
+    def serves(self, norm: NormLayer) -> bool:
+        """Whether ``norm`` is a layer of this frontier's model (a nested model's frontier serves its own)."""
+        return id(self.runner.layers[norm.name]) in self.graph.nodes_of
+
     def first(self, undecided: list[NormLayer]) -> list[NormLayer]:
-        """The layers of ``undecided`` with none of them upstream."""
+        """The layers of ``undecided`` with none of them upstream. A nested model's frontier takes its own
+        layers (every other one is below the model: frontier_for); with none left it raises Done."""
+        if self.nested:
+            undecided = [norm for norm in undecided if self.serves(norm)]
+            if not undecided:
+                raise Done("the nested model's layers are decided")
         names = {norm.name for norm in undecided}
         front = [norm for norm in undecided if not self._above(norm) & names]
         if not front:  # a cycle through the layers: keras's graphs have none, and the caller's loop would not end
@@ -143,6 +164,7 @@ class Frontier:
     def measure(self, front: list[NormLayer], undecided: list[NormLayer]) -> dict[str, list[TensorStats]]:
         """Per batch, the statistics of the inputs of ``front`` (samples past a batch's real ones left out),
         computed from the kept tensors; keeps what the layers of ``undecided`` still need."""
+        undecided = [norm for norm in undecided if not self.nested or self.serves(norm)]
         targets = [self.node(norm).input_tensors[0] for norm in front]
         nodes, sources = self.graph.upstream(targets, set(self.kept))
         # every tensor the segment makes that a node not yet run reads on the way to a layer still to decide
@@ -172,6 +194,19 @@ class Frontier:
             self.kept[key] = values
         self._let_go(undecided, front)
         return found
+
+    def values_of(self, tensor: Any) -> list[np.ndarray]:
+        """``tensor``'s values per batch, computed from the kept tensors (held against the limit)."""
+        nodes, sources = self.graph.upstream([tensor], set(self.kept))
+        sub = self._segment(sources, [tensor])
+        values = []
+        for i in range(len(self.real)):
+            values.append(self._run(sub, [self.kept[id(t)][i] for t in sources])[0])
+            if i == 0 and values[0].nbytes * len(self.real) > self.limit:
+                raise Unsupported(f"the nested model's input would exceed {budget.format_size(self.limit)}")
+        self.segments += 1
+        self.segment_nodes += len(nodes)
+        return values
 
     def _needed(self, undecided: list[NormLayer], running: set[int]) -> set[int]:
         """Ids of the nodes not yet run (nor run by this segment) that lead to a layer of ``undecided``, itself
@@ -242,6 +277,33 @@ class Frontier:
             capture.skip = kept
         items = list(result) if isinstance(result, (list, tuple)) else [result]
         return [v if isinstance(v, np.ndarray) else np.asarray(convert(v)) for v in items]
+
+
+def frontier_for(runner: Any, batches: list[tuple[dict[str, np.ndarray], int]], undecided: list[NormLayer]) -> Frontier:
+    """A frontier for the passes over ``undecided``: over the loaded model where the first of them is its
+    own layer, else over the nested model holding it (a base model called once on one tensor, as in transfer
+    learning), whose input is computed once from the data where no layer still to decide is upstream of it."""
+    top = Frontier(runner, batches)
+    first = undecided[0]
+    if top.serves(first):
+        return top
+    parts = first.name.split("/")  # bncheck's path of a layer in a nested model (probe.find_layers)
+    holder = next((layer for layer in runner.model.layers if layer.name == parts[0]), None)
+    nodes = top.graph.nodes_of.get(id(holder), [])
+    if holder is None or len(parts) != 2 or len(nodes) != 1 or len(nodes[0].input_tensors) != 1:
+        raise Unsupported(f"{first.name} is not in a model the loaded one calls once on one tensor")
+    source = nodes[0].input_tensors[0]
+    above, _ = top.graph.upstream([source], top.inputs)
+    names = {norm.name for norm in undecided}
+    if any(top.named.get(id(node.operation)) in names for node in above):
+        raise Unsupported(f"a layer to decide is upstream of {holder.name}")
+    values = top.kept.get(id(source))
+    if values is None:
+        values = top.values_of(source)
+    nested = Frontier(runner, batches, holder, [values])
+    if not nested.serves(first):  # not on the nested model's way to its outputs: no frontier would take it
+        raise Unsupported(f"{first.name} is not computed by {holder.name}")
+    return nested
 
 
 def _operations(model: Any) -> list[Any]:
