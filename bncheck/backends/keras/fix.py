@@ -8,10 +8,10 @@ before keras is imported; the model is loaded with ``safe_mode=True`` only, and 
 Statistics: measured on the inputs of the BatchNormalization layers in inference-mode passes
 (``model(x, training=False)``, which in Keras 3 also overrides a baked flag), layer by layer in graph order:
 the first pass measures every undecided layer, and a layer is decided from it unless a layer before it was
-changed in the same pass (its input then changes; it waits). The later passes run from the tensors the
-passes before kept (frontier.py), each measuring the layers with no undecided layer upstream. The rules for where the
-statistics come from (``--stats``), the sample floor and the uncertainty are bncheck.fix_result's, shared
-with the ONNX backend.
+changed in the same pass (its input then changes; it waits). The later passes run from the model's inputs
+at first, then from the tensors the passes before kept (frontier.py), each measuring the layers with no
+undecided layer upstream. The rules for where the statistics come from (``--stats``), the sample floor and
+the uncertainty are bncheck.fix_result's, shared with the ONNX backend.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def _repair(
 ) -> int:
     """Measure and decide the ``pending`` layers over the calibration ``batches`` into ``results``; returns
     the number of passes. The first pass runs the whole model (or is the probe's, ``probed``); the later ones
-    run from the tensors it and the passes after it kept (frontier.py), or from the model's inputs where
-    those cannot serve."""
+    run only the layers between the tensors the passes before them kept and their own (frontier.py), or the
+    whole model again where those cannot serve."""
     from bncheck.backends.keras.frontier import Done, Frontier, Unsupported, frontier_for
     from bncheck.probe_plan import merge_stats
 

@@ -7,9 +7,9 @@ of their inputs is decided and its statistics assigned, so the tensors computed 
 for every later pass; :class:`Frontier` keeps, for each batch of the data, the ones that a layer not yet run
 still reads on the way to a layer still to decide.
 
-It serves a model whose layers to decide are its own (not inside a nested model) and called once each; the
-caller runs its passes from the model's inputs for any other model, or once the kept tensors would take more
-than a share of the memory budget.
+It serves a model whose layers to decide are called once each, by the model itself or by a model it calls
+once on one tensor (:func:`frontier_for`); the caller runs its passes from the model's inputs for any other
+model, or once the kept tensors would take more than a share of the memory budget.
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ class Frontier:
         batches = len(self.real)
         kept = {id(t) for t in keep}
         adding = sum(values[0].nbytes for key, values in new.items() if key in kept) * batches
-        holding = sum(sum(v.nbytes for v in values) for key, values in self.kept.items() if key not in self.inputs)
+        free = set() if self.nested else self.inputs  # the data's own arrays; a nested model's input was computed
+        holding = sum(sum(v.nbytes for v in values) for key, values in self.kept.items() if key not in free)
         if adding + holding > self.limit:
             raise Unsupported(
                 f"the kept tensors would exceed {budget.format_size(self.limit)} "
