@@ -356,3 +356,34 @@ def test_layers_inside_a_nested_model_run_from_its_input_computed_once(tmp_path:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
     with zipfile.ZipFile(src) as before, zipfile.ZipFile(tmp_path / "kept.keras") as after:
         assert _layers_config(after) == _layers_config(before)
+
+
+def test_a_base_model_inside_a_sequential_runs_its_later_passes_from_kept_tensors(tmp_path: Path, monkeypatch) -> None:
+    """Sequential([Input, base, pooling, head]), as Keras's transfer-learning guides write it, its base a
+    functional model of two Conv+BN blocks never updated: after the first pass, the base's second layer is
+    measured from the base's input (the data) by a sub-model of the base, with the statistics of passes from
+    the model's inputs."""
+    from bncheck.backends.keras import frontier
+
+    layers = keras.layers
+    keras.utils.set_random_seed(5)
+    inner_in = keras.Input((16, 4))
+    x = layers.ReLU()(layers.BatchNormalization(name="bn_a")(layers.Conv1D(6, 3, padding="same")(inner_in)))
+    x = layers.BatchNormalization(name="bn_b")(layers.Conv1D(6, 3, padding="same")(x))
+    base = keras.Model(inner_in, x, name="base")
+    model = keras.Sequential([keras.Input((16, 4)), base, layers.GlobalAveragePooling1D(), layers.Dense(2)])
+    src = str(tmp_path / "seq.keras")
+    model.save(src)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(3).normal(size=(20, 16, 4)).astype(np.float32))
+    calib = str(tmp_path / "calib.npy")
+    segments: list[int] = []
+    kept, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "kept.keras"), calib, segments)
+    assert {e.layer: e.action for e in kept.layers} == dict.fromkeys(["base/bn_a", "base/bn_b"], "recalibrated")
+    assert kept.passes == 2 and full_batches == 3 and segments == [4]  # conv, bn_a, relu, conv: from the base input
+    monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
+    full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
+    assert full.passes == 2 and full_batches == 6
+    a, b = _moving_statistics(str(tmp_path / "kept.keras")), _moving_statistics(str(tmp_path / "full.keras"))
+    assert a.keys() == b.keys() and len(a) == 4
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
