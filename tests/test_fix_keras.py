@@ -242,6 +242,16 @@ def _layers_config(archive: zipfile.ZipFile) -> object:
     return without_ids(json.loads(archive.read("config.json"))["config"])
 
 
+def _same_statistics(kept: Path, full: Path, count: int) -> dict[str, np.ndarray]:
+    """The moving statistics of two fixed files, equal to float32 rounding: ``count`` arrays (mean and variance
+    per BN). Returns the first file's."""
+    a, b = _moving_statistics(str(kept)), _moving_statistics(str(full))
+    assert a.keys() == b.keys() and len(a) == count
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    return a
+
+
 def _moving_statistics(path: str) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
 
@@ -315,10 +325,7 @@ def test_passes_after_the_first_run_from_kept_tensors_with_the_statistics_of_ful
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
     assert full.passes == 4 and full_batches == (9 if fixed_batch else 12)
     assert [(e.layer, e.action) for e in kept.layers] == [(e.layer, e.action) for e in full.layers]
-    a, b = _moving_statistics(str(tmp_path / "kept.keras")), _moving_statistics(str(tmp_path / "full.keras"))
-    assert a.keys() == b.keys() and len(a) == 8
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    a = _same_statistics(tmp_path / "kept.keras", tmp_path / "full.keras", 8)
     with zipfile.ZipFile(src) as before, zipfile.ZipFile(tmp_path / "kept.keras") as after:
         assert _layers_config(after) == _layers_config(before)
     fixed = load_safe(str(tmp_path / "kept.keras"))
@@ -350,10 +357,7 @@ def test_layers_inside_a_nested_model_run_from_its_input_computed_once(tmp_path:
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
     assert full.passes == 4 and full_batches == 12
-    a, b = _moving_statistics(str(tmp_path / "kept.keras")), _moving_statistics(str(tmp_path / "full.keras"))
-    assert a.keys() == b.keys() and len(a) == 8
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    _same_statistics(tmp_path / "kept.keras", tmp_path / "full.keras", 8)
     with zipfile.ZipFile(src) as before, zipfile.ZipFile(tmp_path / "kept.keras") as after:
         assert _layers_config(after) == _layers_config(before)
 
@@ -383,7 +387,4 @@ def test_a_base_model_inside_a_sequential_runs_its_later_passes_from_kept_tensor
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
     assert full.passes == 2 and full_batches == 6
-    a, b = _moving_statistics(str(tmp_path / "kept.keras")), _moving_statistics(str(tmp_path / "full.keras"))
-    assert a.keys() == b.keys() and len(a) == 4
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    _same_statistics(tmp_path / "kept.keras", tmp_path / "full.keras", 4)
