@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bncheck import budget
+from bncheck.backends.keras.probe import channel_axis_of
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_plan import first_samples, tensor_stats
 
@@ -119,7 +120,6 @@ class Frontier:
         self.inputs = set(self.kept)
         self.ran: set[int] = set()  # ids of the nodes cut passes have run
         self.limit = int(budget.budget() * BUDGET_SHARE)
-        self.segments = 0
         self.segment_nodes = 0
         self.above: dict[str, set[str]] = {}  # layer name -> the measured layers upstream of it
         self.named = {id(layer): name for name, layer in runner.layers.items()}
@@ -141,13 +141,16 @@ class Frontier:
         """Whether ``norm`` is a layer of this frontier's model (a nested model's frontier serves its own)."""
         return id(self.runner.layers[norm.name]) in self.graph.nodes_of
 
+    def _own(self, undecided: list[NormLayer]) -> list[NormLayer]:
+        """The layers of ``undecided`` this frontier measures: all of them, or a nested model's own."""
+        return [norm for norm in undecided if self.serves(norm)] if self.nested else undecided
+
     def first(self, undecided: list[NormLayer]) -> list[NormLayer]:
         """The layers of ``undecided`` with none of them upstream. A nested model's frontier takes its own
         layers (every other one is below the model: frontier_for); with none left it raises Done."""
-        if self.nested:
-            undecided = [norm for norm in undecided if self.serves(norm)]
-            if not undecided:
-                raise Done("the nested model's layers are decided")
+        undecided = self._own(undecided)
+        if not undecided:
+            raise Done("the nested model's layers are decided")
         names = {norm.name for norm in undecided}
         front = [norm for norm in undecided if not self._above(norm) & names]
         if not front:  # a cycle through the layers: keras's graphs have none, and the caller's loop would not end
@@ -164,7 +167,7 @@ class Frontier:
     def measure(self, front: list[NormLayer], undecided: list[NormLayer]) -> dict[str, list[TensorStats]]:
         """Per batch, the statistics of the inputs of ``front`` (samples past a batch's real ones left out),
         computed from the kept tensors; keeps what the layers of ``undecided`` still need."""
-        undecided = [norm for norm in undecided if not self.nested or self.serves(norm)]
+        undecided = self._own(undecided)
         targets = [self.node(norm).input_tensors[0] for norm in front]
         nodes, sources = self.graph.upstream(targets, set(self.kept))
         # every tensor the segment makes that a node not yet run reads on the way to a layer still to decide
@@ -185,10 +188,9 @@ class Frontier:
                     self._check_bytes(new, keep)
             for norm, tensor in zip(front, targets):
                 x = self.kept[id(tensor)][i] if id(tensor) in self.kept else new[id(tensor)][i]
-                axis = _channel_axis(norm, self.runner.layers[norm.name], x.ndim)
+                axis = channel_axis_of(norm, self.runner.layers[norm.name], x.ndim)
                 found[norm.name].append(first_samples(tensor_stats(x, axis), real))
         self.ran.update(id(n) for n in nodes)
-        self.segments += 1
         self.segment_nodes += len(nodes)
         for key, values in new.items():
             self.kept[key] = values
@@ -204,7 +206,6 @@ class Frontier:
             values.append(self._run(sub, [self.kept[id(t)][i] for t in sources])[0])
             if i == 0 and values[0].nbytes * len(self.real) > self.limit:
                 raise Unsupported(f"the nested model's input would exceed {budget.format_size(self.limit)}")
-        self.segments += 1
         self.segment_nodes += len(nodes)
         return values
 
@@ -308,7 +309,8 @@ def frontier_for(runner: Any, batches: list[tuple[dict[str, np.ndarray], int]], 
 
 
 def _operations(model: Any) -> list[Any]:
-    """Every layer of ``model``, nested models' included, with the model itself."""
+    """Every layer of ``model``, nested models' included, with the model itself (Keras's own walk,
+    ``_flatten_layers``, is private; probe.find_layers walks the same way but for the norm layers by path)."""
     found: dict[int, Any] = {}
     stack = [model]
     while stack:
@@ -318,9 +320,3 @@ def _operations(model: Any) -> list[Any]:
         found[id(op)] = op
         stack.extend(getattr(op, "layers", None) or [])
     return list(found.values())
-
-
-def _channel_axis(norm: NormLayer, layer: Any, rank: int) -> int:
-    from bncheck.backends.keras.probe import channel_axis_of
-
-    return channel_axis_of(norm, layer, rank)
