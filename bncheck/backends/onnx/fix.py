@@ -543,16 +543,29 @@ def _upstream_masks(pending: list[_Pending], handle: OnnxHandle) -> list[int]:
     from bncheck.backends.onnx.graph import GraphIndex
 
     index = GraphIndex(handle)
-    owner: dict[str, int] = {}
+    # each layer's nodes by position: a BatchNormalization is the node writing the layer's output; a chain's
+    # nodes go by name (fix refuses a chain whose names are not unique). By name alone, a node without a name
+    # goes by its output's, which may be another layer's node's name: that layer then seemed upstream of none.
+    owner: dict[int, int] = {}
+    named: dict[str, list[int]] | None = None
     for k, p in enumerate(pending):
+        writer = index.producer.get(p.layer.output)
+        if p.layer.op_type == "BatchNormalization" and writer is not None:
+            owner[writer] = k
+            continue
+        if named is None:
+            named = {}
+            for idx in range(len(index.nodes)):
+                named.setdefault(index.node_name(idx), []).append(idx)
         for name in p.layer.nodes:
-            owner[name] = k
+            for idx in named.get(name, []):
+                owner[idx] = k
     upstream: dict[str, int] = {}  # tensor -> bit set of the pending layers it depends on
     for idx, node in enumerate(index.nodes):
         mask = 0
         for name in node_reads(node):
             mask |= upstream.get(name, 0)
-        own = owner.get(index.node_name(idx))
+        own = owner.get(idx)
         if own is not None:
             mask |= 1 << own
         for out in node.output:
