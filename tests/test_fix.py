@@ -1816,3 +1816,47 @@ def test_a_layer_whose_unnamed_node_writes_another_layers_node_name_waits_for_th
     after the third's repair, as _written_chain checks (by name alone the third seemed upstream of none, both
     were measured in one pass, and the fourth got the statistics of its input under the third's stale 0/1)."""
     _written_chain(tmp_path, 4)
+
+
+def test_statistics_that_layers_share_or_hold_in_constant_nodes_get_initializers_of_their_own(tmp_path: Path) -> None:
+    """A stats tensor that two layers read goes to the first one's repair as a new initializer and then, read by
+    the second alone, is set in place for it; a Constant node's are replaced by new initializers, named after
+    the node with a number where the name is taken: by another node's output, or by the repair before (the
+    third and fourth layers of _naming_chain both go by ``bn``)."""
+    written, reads = _written_chain(tmp_path, 5)
+    onnx.checker.check_model(written, full_check=True)
+    names = [t.name for t in written.graph.initializer]
+    assert len(names) == len(set(names))
+    assert reads == [
+        ["bn1.running_mean", "bn1.running_var"],
+        ["shared.mean", "shared.var"],
+        ["bn.running_mean_2", "bn.running_var"],
+        ["bn.running_mean_3", "bn.running_var_2"],
+        ["bn5.running_mean", "bn5.running_var"],
+    ]
+
+
+@pytest.mark.parametrize("depth", [4, 16])
+def test_a_repairs_edits_read_the_graph_as_often_whatever_the_number_of_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
+    """The edits find each layer's node, count a tensor's readers and pick free names from lookups read once
+    per model (the working copy's, the written copy's), not from a scan of the graph per edit, which made a
+    repair quadratic in the graph's size."""
+    from bncheck.backends.onnx import fix as onnx_fix
+
+    reads: list[str] = []
+    for method in ("_index_nodes", "_index_initializers", "_count_reads", "_count_names"):
+        original = getattr(onnx_fix._ModelIndex, method)
+
+        def counted(self, _original=original, _method=method):
+            reads.append(_method)
+            return _original(self)
+
+        monkeypatch.setattr(onnx_fix._ModelIndex, method, counted)
+    src = save(_naming_chain(depth)[0], tmp_path / "naming.onnx")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(5).standard_normal((64, 8)).astype(np.float32))
+    report = fix(src, str(tmp_path / "fixed.onnx"), str(tmp_path / "calib.npy"))
+    assert [entry.action for entry in report.fix.outcome.layers] == _chain_actions(depth)
+    # each lookup read once for the working copy and once for the copy written
+    assert sorted(reads) == sorted(2 * ["_index_nodes", "_index_initializers", "_count_reads", "_count_names"])

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -632,10 +632,20 @@ class _Sink:
     """Where an edit puts tensor bytes: inline in the proto, or patched into a copied external-data file."""
 
     def __init__(
-        self, external: dict[str, tuple[str, int, int | None]] | None = None, edited: set[str] | None = None
+        self,
+        external: dict[str, tuple[str, int, int | None]] | None = None,
+        edited: set[str] | None = None,
+        index: _ModelIndex | None = None,
     ) -> None:
         self.external = external or {}  # tensor name -> (copied file path, offset, length)
         self.edited = edited  # names of the tensors set inline, whose bytes in the input file are now stale
+        self._index = index  # kept across the edits of one model (the working copy's is the fixer's)
+
+    def index(self, model: onnx.ModelProto) -> _ModelIndex:
+        """The lookups of ``model`` (a new index where the one given is another model's)."""
+        if self._index is None or self._index.model is not model:
+            self._index = _ModelIndex(model)
+        return self._index
 
     def set_tensor(self, tensor: TensorProto, values: np.ndarray) -> None:
         dtype = tensors.np_dtype(tensor.data_type)
@@ -662,23 +672,118 @@ class _Sink:
             self.edited.add(tensor.name)
 
 
-def _find_node(model: onnx.ModelProto, key: str) -> tuple[int, onnx.NodeProto]:
-    kind, _, value = key.partition(":")
-    for pos, node in enumerate(model.graph.node):
-        # the containment test first: the key of each of the graph's nodes for every edit made fix quadratic
-        if (value in node.output if kind == "out" else node.name == value) and _node_key(node) == key:
-            return pos, node
-    raise BackendError(f"internal: node {key} vanished while editing")  # pragma: no cover
+class _ModelIndex:
+    """What fix's edits of one model look up again and again: each node's position by its key, how often each
+    name is read, each initializer's position, the names taken. A scan of the graph for each edit made a
+    repair of a deep model quadratic in its size.
 
+    Positions are checked at each use and read again where the graph moved; the read counts and taken names
+    are kept in step by the statistics edits, and :meth:`names_dropped` / :meth:`reset` are called by the
+    edits that remove names or move nodes."""
 
-def _unique(model: onnx.ModelProto, base: str) -> str:
-    taken = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
-    taken |= {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self._nodes: dict[str, int] | None = None
+        self._initializers: dict[str, int] | None = None
+        self._initializer_count = 0
+        self._reads: Counter[str] | None = None
+        # every initializer, graph input, node output and node name, counted: a name is taken while its count is
+        # above zero, so that dropping one use of a name leaves it taken where another use remains
+        self._taken: Counter[str] | None = None
+
+    def reset(self) -> None:
+        self._nodes = self._initializers = None
+        self._reads = self._taken = None
+
+    def node(self, key: str) -> tuple[int, onnx.NodeProto]:
+        """The first node whose key (:func:`_node_key`) is ``key``, and its position."""
+        nodes = self.model.graph.node
+        pos = self._nodes.get(key) if self._nodes is not None else None
+        if pos is None or pos >= len(nodes) or _node_key(nodes[pos]) != key:
+            self._nodes = self._index_nodes()
+            pos = self._nodes.get(key)
+            if pos is None:
+                raise BackendError(f"internal: node {key} vanished while editing")  # pragma: no cover
+        return pos, nodes[pos]
+
+    def _index_nodes(self) -> dict[str, int]:
+        positions: dict[str, int] = {}
+        for i, node in enumerate(self.model.graph.node):
+            positions.setdefault(_node_key(node), i)
+        return positions
+
+    def initializer(self, name: str) -> TensorProto | None:
+        """The first initializer called ``name``, as the graph holds it (edits write into it)."""
+        inits = self.model.graph.initializer
+        if self._initializers is None or self._initializer_count != len(inits):
+            self._index_initializers()
+        assert self._initializers is not None
+        pos = self._initializers.get(name)
+        if pos is not None and inits[pos].name != name:  # the list changed under the same length: read again
+            self._index_initializers()
+            pos = self._initializers.get(name)
+        return inits[pos] if pos is not None else None
+
+    def _index_initializers(self) -> None:
+        inits = self.model.graph.initializer
+        self._initializers = {}
+        for i, tensor in enumerate(inits):
+            self._initializers.setdefault(tensor.name, i)
+        self._initializer_count = len(inits)
+
+    def add_initializer(self, tensor: TensorProto) -> None:
+        inits = self.model.graph.initializer
+        inits.append(tensor)
+        if self._initializers is not None and self._initializer_count == len(inits) - 1:
+            self._initializers.setdefault(tensor.name, len(inits) - 1)
+            self._initializer_count = len(inits)
+
+    def reads(self, name: str) -> int:
+        """How often the graph's nodes read ``name`` (as _GraphFacts.uses counts)."""
+        if self._reads is None:
+            self._reads = self._count_reads()
+        return self._reads[name]
+
+    def _count_reads(self) -> Counter[str]:
+        reads: Counter[str] = Counter()
+        for node in self.model.graph.node:
+            reads.update(node.input)
+            if node.attribute:
+                reads.update(outer_reads(node))
+        return reads
+
+    def rewired(self, old: str, new: str) -> None:
+        """A node input changed from ``old`` (empty: none) to ``new``."""
+        if self._reads is not None:
+            if old:
+                self._reads[old] -= 1
+            self._reads[new] += 1
+
+    def unique(self, base: str) -> str:
+        """``base``, or ``base_2``, ``base_3``, ... : the first name not taken; it is taken from then on (the
+        caller gives it to a new initializer or node)."""
+        if self._taken is None:
+            self._taken = self._count_names()
+        name, k = base, 1
+        while self._taken[name] > 0:
+            k += 1
+            name = f"{base}_{k}"
+        self._taken[name] += 1
+        return name
+
+    def _count_names(self) -> Counter[str]:
+        graph = self.model.graph
+        taken = Counter(t.name for t in graph.initializer)
+        taken.update(i.name for i in graph.input)
+        for node in graph.node:
+            taken.update(node.output)
+            taken[node.name] += 1
+        return taken
+
+    def names_dropped(self, names: Iterable[str]) -> None:
+        """Node outputs ``names`` were removed (their nodes stay where they are)."""
+        if self._taken is not None:
+            self._taken.subtract(names)
 
 
 def _set_stat_input(
@@ -686,36 +791,26 @@ def _set_stat_input(
 ) -> None:
     """Give input ``position`` of a node new constant values: in place when only this node reads that
     initializer, else through a new initializer (so every other reader keeps its bytes)."""
-    _, node = _find_node(model, node_key)
+    index = sink.index(model)
+    _, node = index.node(node_key)
     current = node.input[position] if len(node.input) > position else ""
     graph = model.graph
-    init = next((t for t in graph.initializer if t.name == current), None) if current else None
+    init = index.initializer(current) if current else None
     if (
         init is not None
         and init.data_type in _FLOAT_TYPES
         and int(np.prod(init.dims)) == values.size
         and all(current != value.name for value in (*graph.output, *graph.input))
-        and _reads_of(graph, current) == 1
+        and index.reads(current) == 1
     ):
         sink.set_tensor(init, values.reshape(tuple(init.dims)))
         return
-    name = _unique(model, f"{node.name or node.output[0]}.{label}")
-    model.graph.initializer.append(tensors.from_array(values.astype(tensors.np_dtype(dtype)), name))
+    name = index.unique(f"{node.name or node.output[0]}.{label}")
+    index.add_initializer(tensors.from_array(values.astype(tensors.np_dtype(dtype)), name))
     while len(node.input) <= position:
         node.input.append("")
+    index.rewired(node.input[position], name)
     node.input[position] = name
-
-
-def _reads_of(graph: onnx.GraphProto, name: str) -> int:
-    """How often the graph's nodes read ``name`` (as _GraphFacts.uses counts), without indexing every name:
-    an index built for each edit made fix quadratic in the graph's size."""
-    count = 0
-    for node in graph.node:
-        if name in node.input:
-            count += sum(1 for read in node.input if read == name)
-        if node.attribute:
-            count += sum(1 for read in outer_reads(node) if read == name)
-    return count
 
 
 def _edit_stats(node_key: str, mean: np.ndarray, var: np.ndarray, dtype: int) -> Edit:
@@ -728,8 +823,10 @@ def _edit_stats(node_key: str, mean: np.ndarray, var: np.ndarray, dtype: int) ->
 
 def _edit_to_inference(node_key: str, opset: int) -> Edit:
     def edit(model: onnx.ModelProto, sink: _Sink) -> None:
-        _, node = _find_node(model, node_key)
+        index = sink.index(model)
+        _, node = index.node(node_key)
         removed = {o for o in node.output[1:] if o}
+        index.names_dropped(list(node.output[1:]))
         del node.output[1:]
         for attr in node.attribute:
             if attr.name == "training_mode":
@@ -748,16 +845,17 @@ def _edit_replace_chain(
 ) -> Edit:
     def edit(model: onnx.ModelProto, sink: _Sink) -> None:
         graph = model.graph
+        index = sink.index(model)
         positions = {}
         for key in keys:
-            pos, _ = _find_node(model, key)
+            pos, _ = index.node(key)
             positions[key] = pos
         anchor = positions.get("out:" + output, max(positions.values()))  # where the chain's output was made
         np_dtype = tensors.np_dtype(dtype)
         names = {}
         for label in ("scale", "bias", "mean", "var"):
-            names[label] = _unique(model, f"{name}.{label}")
-            graph.initializer.append(tensors.from_array(params[label].astype(np_dtype), names[label]))
+            names[label] = index.unique(f"{name}.{label}")
+            index.add_initializer(tensors.from_array(params[label].astype(np_dtype), names[label]))
         attrs: dict[str, Any] = {"epsilon": float(eps)}
         if opset < 7:
             attrs["is_test"] = 1
@@ -785,6 +883,7 @@ def _edit_replace_chain(
         del graph.node[:]
         graph.node.extend(new_nodes)
         _drop_dead_constants(model, read)
+        index.reset()  # nodes moved, names and reads dropped
         removed_values = {o for pos in drop for o in old[pos].output if o and o != output}
         _delete_where(graph.value_info, lambda v: v.name in removed_values)
 
@@ -849,6 +948,7 @@ class _Fixer:
         self.frontier_off: str | None = None  # why the cut passes stopped running from kept tensors
         self.segments = 0  # segment sessions the cut passes ran from kept tensors
         self.segment_nodes = 0  # the nodes those sessions ran
+        self._index: _ModelIndex | None = None  # the working copy's lookups (_model_index)
 
     # ------------------------------------------------------------------ statistics
 
@@ -1046,10 +1146,17 @@ class _Fixer:
     def record(self, edit: Edit, fed: str | None = None) -> None:
         """Apply ``edit`` and keep it for :meth:`write`; ``fed``: the output of the BN whose statistics alone
         it sets (the kept engine reads them at its next pass when it feeds them; else it is rebuilt)."""
-        edit.apply(self.handle.model, _Sink(edited=self.handle.edited))
+        edit.apply(self.handle.model, _Sink(edited=self.handle.edited, index=self._model_index()))
         self.edits.append(edit)
         if self._engine is not None and (fed is None or fed not in self._engine.fed_inputs):
             self.close()  # its graph holds what this edit changed: the next pass builds its own
+
+    def _model_index(self) -> _ModelIndex:
+        """The working copy's lookups, kept across its edits."""
+        model = self.handle.model
+        if self._index is None or self._index.model is not model:
+            self._index = _ModelIndex(model)
+        return self._index
 
     def apply(self, p: _Pending, stats: TensorStats | None) -> LayerFix:
         layer = p.layer
@@ -1131,7 +1238,7 @@ class _Fixer:
         else:
             reason = p.reason
         if p.what in ("stale", "train"):
-            _, node = _find_node(self.handle.model, key)
+            _, node = self._model_index().node(key)
             # new statistics tensors take the stored statistics' type (opset 15 lets it differ from X's)
             stored = self.handle.value_types.get(node.input[3]) if len(node.input) > 3 else None
             dtype = int(stored) if stored in _FLOAT_TYPES else self._value_type(node.input[0])
