@@ -366,7 +366,8 @@ def inspect(
 @click.option(
     "--data",
     type=click.Path(exists=True, dir_okay=False, path_type=str),
-    help="Calibration data: .npy (single-input models) or .npz keyed by input name.",
+    help="Calibration data: .npy (single-input models; read through a memory map) or .npz keyed by input "
+    "name (read whole).",
 )
 @click.option(
     "--samples",
@@ -607,8 +608,8 @@ def explain(check: str) -> None:
 @click.option(
     "--data",
     type=click.Path(dir_okay=False, path_type=str),
-    help="Calibration data: .npy (single-input models) or .npz keyed by input name. Needed only for "
-    "layers whose stored statistics are stale, and to find drift.",
+    help="Calibration data: .npy (single-input models; read through a memory map) or .npz keyed by input "
+    "name (read whole). Needed only for layers whose stored statistics are stale, and to find drift.",
 )
 @click.option(
     "--stats",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from bncheck.budget import OverBudgetError
 from bncheck.model import InputSpec
 from bncheck.probe_data import (
     DEFAULT_INT_HIGH,
@@ -163,6 +167,44 @@ def test_load_data_never_unpickles(tmp_path):
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ProbeDataError, match="unpickl"):
         load_data(str(path), [IMG])
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux: /proc/self/statm's second field, in pages)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_npy_data_file_is_mapped_not_copied_into_memory(tmp_path):
+    """A .npy of 64 MB is loaded without 64 MB more resident memory (its pages are read from the file as the
+    runs reach them), and its samples are the file's."""
+    x = np.random.default_rng(0).standard_normal((682, 3, 64, 128), dtype=np.float32)  # 67 MB
+    np.save(tmp_path / "big.npy", x)
+    before = _resident_bytes()
+    loaded = load_data(str(tmp_path / "big.npy"), [replace(IMG, shape=("N", 3, 64, 128))])["pixels"]
+    assert _resident_bytes() - before < 8 << 20
+    assert loaded.shape == x.shape and np.array_equal(loaded[::97], x[::97])
+
+
+def test_a_truncated_npy_is_called_truncated_not_pickled(tmp_path):
+    path = tmp_path / "t.npy"
+    np.save(path, np.zeros((10, 3, 8, 8), np.float32))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ProbeDataError, match="truncated or corrupt") as caught:
+        load_data(str(path), [IMG])
+    assert "unpickl" not in str(caught.value)
+
+
+def test_data_converted_to_the_inputs_dtype_is_checked_against_the_memory_budget(tmp_path, monkeypatch):
+    """float64 samples for a float32 input are copied as float32: that copy is refused past the budget, before
+    it is made, naming the file; the same samples in float32 are mapped and pass."""
+    x = np.zeros((512, 3, 8, 8))  # 786 kB of float64, 393 kB as float32
+    np.save(tmp_path / "f64.npy", x)
+    np.save(tmp_path / "f32.npy", x.astype(np.float32))
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "300kB")
+    with pytest.raises(OverBudgetError, match=r"f64\.npy as float32"):
+        load_data(str(tmp_path / "f64.npy"), [IMG])
+    assert load_data(str(tmp_path / "f32.npy"), [IMG])["pixels"].shape == (512, 3, 8, 8)
 
 
 def test_load_data_reports_missing_and_corrupt_files(tmp_path):
