@@ -409,7 +409,7 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     names = [spec.name for spec in inputs]
     try:
         # a .npy is mapped, not read: the runs read its batches from the page cache as they reach them, where a
-        # copy first faulted in every page of a fresh allocation (0.3-0.6 s for 211 MB); an .npz is read whole
+        # copy first faulted in every page of a fresh allocation (docs/architecture.md); an .npz is read whole
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         objects = _object_dtype(path)
