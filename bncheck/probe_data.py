@@ -454,6 +454,22 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def release_mapped(data: Mapping[str, np.ndarray]) -> None:
+    """Let go of the pages of memory-mapped data (load_data's ``.npy``) that this process has read: they stay in
+    the page cache, and a later read (the next batch's, BN003's effect on the first samples) faults them back
+    in. The plan calls it after each run over the data."""
+    import mmap
+
+    if not hasattr(mmap, "MADV_DONTNEED"):  # not on every platform
+        return
+    for array in data.values():
+        base: Any = array
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "base", None)
+        if base is not None and not base.closed:
+            base.madvise(mmap.MADV_DONTNEED)
+
+
 def _object_dtype(path: str) -> np.dtype | None:
     """A .npy file's dtype where its header declares Python objects (numpy's reader of the header alone)."""
     try:

@@ -50,7 +50,7 @@ from bncheck.model import (
     TensorStats,
     fixed_batch,
 )
-from bncheck.probe_data import MAX_BATCH_SIZE, ProbeDataError, synthetic_inputs, synthetic_shapes
+from bncheck.probe_data import MAX_BATCH_SIZE, ProbeDataError, release_mapped, synthetic_inputs, synthetic_shapes
 
 T = TypeVar("T")
 
@@ -989,6 +989,10 @@ def run_plan(
             else:
                 if run in keep:
                     outputs[run] = seen
+            if run in plan.data_runs:
+                # the pages of a memory-mapped .npy this run read leave the process (the page cache keeps them):
+                # over the runs its resident part stays about one batch, not the whole file
+                release_mapped(pool)
         if settings.progress:
             settings.progress(done, total)
     if failed:

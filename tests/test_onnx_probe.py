@@ -1191,3 +1191,48 @@ def test_train_mode_bns_decoded_side_by_side_equal_each_decoded_alone(tmp_path):
                     assert getattr(got, field) == getattr(alone, field)
     finally:
         engine.close()
+
+
+_PEAK_AFTER_PROBE = """
+import sys
+import bncheck
+report = bncheck.probe(sys.argv[1], data=sys.argv[2])
+assert not [f for f in report.findings if f.code == "BN003"], report.findings
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(peak.split()[1]) * 1024)
+"""
+
+
+def _peak_of_probe(model: str, data: Path) -> int:
+    """The peak resident memory (Linux: VmHWM) of a fresh process that probes ``model`` with ``data``."""
+    import subprocess
+    import sys
+
+    found = subprocess.run(
+        [sys.executable, "-c", _PEAK_AFTER_PROBE, model, str(data)], capture_output=True, text=True, check=True
+    )
+    return int(found.stdout.split()[-1])
+
+
+def test_a_probe_holds_about_one_batch_of_a_mapped_data_file_at_a_time(tmp_path: Path) -> None:
+    """A .npy is read through a memory map, and after each run over the data the pages it read leave the
+    process (the page cache keeps them): a probe over 98 MB of samples, whose statistics the model's match (no
+    drift, so no effect recomputes anything), peaks much less than 98 MB above the same probe over 64 samples."""
+    params = {"scale": [1.0] * 3, "bias": [0.0] * 3, "mean": [0.01] * 3, "var": [1.01] * 3}
+    graph = helper.make_graph(
+        [
+            helper.make_node("BatchNormalization", ["x", *params], ["z"], name="bn"),
+            helper.make_node("GlobalAveragePool", ["z"], ["y"], name="pool"),  # outputs small beside the data
+        ],
+        "bn_pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 1, 1])],
+        [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in params.items()],
+    )
+    model = str(tmp_path / "bn_pool.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), model)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "few.npy", rng.standard_normal((64, 3, 64, 64), dtype=np.float32))
+    np.save(tmp_path / "many.npy", rng.standard_normal((2000, 3, 64, 64), dtype=np.float32))  # 98 MB
+    grown = _peak_of_probe(model, tmp_path / "many.npy") - _peak_of_probe(model, tmp_path / "few.npy")
+    assert grown < 40 << 20, f"the probe over 2,000 samples peaked {grown / 2**20:.0f} MB higher"
