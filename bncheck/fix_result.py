@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.model import NormLayer, TensorStats, median, summarize
-from bncheck.probe_data import sample_count
+from bncheck.probe_data import release_mapped, sample_count
 
 if TYPE_CHECKING:
     from bncheck.findings import Finding
@@ -130,6 +130,7 @@ def calibration_batches(
             fill = np.arange(batch - real) % total
             feeds = {name: np.concatenate([part, data[name][fill]]) for name, part in feeds.items()}
         yield feeds, real
+        release_mapped(data)  # a mapped .npy's pages this batch read, once the caller is done with it
 
 
 @dataclass

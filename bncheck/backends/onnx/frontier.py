@@ -28,6 +28,7 @@ from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
 from bncheck.backends.onnx.tensors import element_type
 from bncheck.model import NormLayer, TensorStats
+from bncheck.probe_data import release_mapped
 from bncheck.probe_plan import first_samples, joined_samples, merge_stats
 
 if TYPE_CHECKING:
@@ -86,6 +87,14 @@ def input_stats(x: np.ndarray, real: int) -> TensorStats:
     return first_samples(_without_extremes(n, n * length, mean, sq, nonfinite), real)
 
 
+def _read_once(x: np.ndarray, real: int) -> TensorStats:
+    """input_stats of one batch; where it is a mapped .npy's (a layer reading a graph input), its pages leave
+    the process after it (the page cache keeps them)."""
+    found = input_stats(x, real)
+    release_mapped({"batch": x})
+    return found
+
+
 class Frontier:
     """The tensors that fix's cut passes so far computed and later nodes still read, per batch of the data.
 
@@ -119,7 +128,7 @@ class Frontier:
         the model as edited so far; raises :class:`Unsupported` when this pass cannot run from here."""
         self._advance([layer.input for layer in layers])
         return {
-            layer.name: merge_stats(input_stats(a, real) for a, real in zip(self.values[layer.input], self.real))
+            layer.name: merge_stats(_read_once(a, real) for a, real in zip(self.values[layer.input], self.real))
             for layer in layers
         }
 
@@ -211,7 +220,9 @@ class Frontier:
             self.segments += 1
             self.nodes_run += len(nodes)
             for b in range(len(self.real)):
-                outputs = session.run(fetch, {name: self.values[name][b] for name in sources}, run_options())
+                feeds = {name: self.values[name][b] for name in sources}
+                outputs = session.run(fetch, feeds, run_options())
+                release_mapped(feeds)  # a graph input's batch from a mapped .npy: its pages, read, leave the process
                 for name in spent:
                     self.values[name][b] = _SPENT
                 for name, value in zip(fetch, outputs):
