@@ -13,8 +13,8 @@ from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
+from bncheck.fix_result import calibration_batches
 from bncheck.model import Recalibration
-from bncheck.probe_data import release_mapped
 from bncheck.probe_plan import compare_recalibrated, first_outputs, joined_samples
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ MAX_SAMPLES = 1024
 
 
 def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterator[dict[str, np.ndarray]]:
-    for start in range(0, usable, batch):
-        yield {name: np.ascontiguousarray(array[start : min(start + batch, usable)]) for name, array in data.items()}
-        release_mapped(data)  # a mapped .npy's pages this batch read, once it ran
+    """The data's first ``usable`` samples in consecutive batches (fix's batching, which lets a mapped .npy's
+    pages go after each; ``usable`` holds whole batches where the model's batch is fixed)."""
+    return (feeds for feeds, _ in calibration_batches({name: array[:usable] for name, array in data.items()}, batch))
 
 
 def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
