@@ -419,8 +419,8 @@ def recalibration(
     runner: KerasRunner, data: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray] | None = None
 ) -> Recalibration | str:
     """``predict`` outputs with every BatchNormalization's moving statistics recomputed from the data, against
-    the stored ones (Keras has no `fix`; this is its computation: exact population statistics, layer by
-    layer downstream of the recomputed ones).
+    the stored ones: exact population statistics, layer by layer downstream of the recomputed ones, as
+    `fix` computes them for every layer that needs it (fix.py), here in one pass instead of one per layer.
 
     One forward pass over the data as a single batch gives exactly that: each layer, on its call, takes the
     statistics of the input it receives, which already went through the recomputed layers upstream (a
