@@ -755,7 +755,63 @@ def test_norm_ops_in_subgraphs_and_local_functions_are_noted(tmp_path):
     onnx.save(model, str(path))
     layers, view = load_layers(str(path))
     assert layers == []
-    assert any(n.level == "warning" and n.message.startswith("2 normalization op(s)") for n in view.notes)
+    assert any(n.level == "warning" and n.message.startswith("2 normalization layer(s)") for n in view.notes)
+
+
+def test_chains_written_out_in_nested_bodies_and_local_functions_are_noted(tmp_path):
+    """A LayerNorm written out op by op inside an If's branch (as openwakeword's hey_jarvis model carries two)
+    or a model-local function is not walked either, and is counted as a named op is: its epsilon and scale
+    read by name from the scopes around it (the enclosing body's initializers, the main graph's). A body's
+    reduction that is no norm (a ReduceSum) is not counted."""
+    chain, params = moments_chain((-1,), 17)
+    eps, two = params
+    inner = helper.make_graph(chain, "inner", [], [vinfo("y", ["N", 6])])
+    plain = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["y_sum"], keepdims=1)], "plain", [], [vinfo("y_sum", ["N", 1])]
+    )
+    outer = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y_in"], name="inner_if", then_branch=inner, else_branch=plain)],
+        "outer",
+        [],
+        [vinfo("y_in", ["N", None])],
+        initializer=[eps, two],
+    )
+    identity = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y_id"])], "identity", [], [vinfo("y_id", ["N", 6])]
+    )
+    fn_nodes, _ = moments_chain((-1,), 17, affine=False)
+    fn_nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in (eps, two)] + fn_nodes
+    func = helper.make_function("local", "Norm", ["x"], ["y"], fn_nodes, [helper.make_opsetid("", 17)])
+    nodes = [
+        helper.make_node("If", ["cond"], ["branch"], name="outer_if", then_branch=outer, else_branch=identity),
+        helper.make_node("Norm", ["x"], ["y_fn"], name="fn", domain="local"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [vinfo("x", ["N", 6]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [vinfo("branch", ["N", None]), vinfo("y_fn", ["N", 6])],
+        initializer=[const("gamma", RNG.uniform(0.5, 1.5, 6)), const("beta", RNG.uniform(-0.5, 0.5, 6))],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[func]
+    )
+    model.ir_version = 8
+    path = tmp_path / "written_out.onnx"
+    onnx.save(model, str(path))
+    x = RNG.normal(size=(3, 6)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    branch, y_fn = session.run(None, {"x": x, "cond": np.array(True)})
+    gamma, beta = (numpy_helper.to_array(i) for i in graph.initializer)
+    np.testing.assert_allclose(branch, numpy_norm(x, (1,), F32_EPS, gamma, beta), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y_fn, numpy_norm(x, (1,), F32_EPS), rtol=1e-4, atol=1e-5)
+    layers, view = load_layers(str(path))
+    assert layers == []
+    hidden = [n.message for n in view.notes if n.level == "warning"]
+    assert hidden == [
+        "2 normalization layer(s) inside control-flow subgraphs or model-local functions were not inspected "
+        "(ops, or chains written out op by op)"
+    ]
 
 
 def test_decomposed_chain_with_unknown_axes_is_moments(tmp_path):

@@ -20,6 +20,7 @@ and is not; it is reported as an INSTANCE layer with a note.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,7 +37,10 @@ from bncheck.backends.onnx.graph import (
 from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
 from bncheck.backends.onnx.patterns import decomposed
-from bncheck.model import NO_LAYERS_NOTE, BatchOp, Kind, NormLayer, Note
+from bncheck.model import NO_LAYERS_NOTE, BatchOp, Dim, Kind, NormLayer, Note
+
+if TYPE_CHECKING:
+    import onnx
 
 _MS = ("com.microsoft",)
 _NHWC = ("com.ms.internal.nhwc",)
@@ -465,8 +469,8 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
         notes.append(
             Note(
                 "warning",
-                f"{hidden} normalization op(s) inside control-flow subgraphs or model-local functions "
-                "were not inspected",
+                f"{hidden} normalization layer(s) inside control-flow subgraphs or model-local functions "
+                "were not inspected (ops, or chains written out op by op)",
             )
         )
     return notes
@@ -486,29 +490,68 @@ def _per_channel_users(g: GraphIndex, tensor: str, op_type: str) -> list[int]:
 
 
 def _hidden_norm_ops(g: GraphIndex) -> int:
-    """Norm ops the walk does not reach: inside If/Loop/Scan bodies and model-local functions called."""
-    from onnx import AttributeProto
-
+    """Norm layers the walk does not reach, ops or chains written out op by op: inside If/Loop/Scan bodies
+    and model-local functions called."""
     count = 0
-    stack = []
-    for node in g.nodes:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                stack.append(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                stack.extend(attr.graphs)
+    # each body with the initializers of the scopes around it, which its nodes may read by name
+    stack = [(body, g.initializers) for node in g.nodes for body in _bodies(node)]
     while stack:
-        graph = stack.pop()
-        for node in graph.node:
-            count += node.op_type in _NORM_OPS
-            for attr in node.attribute:
-                if attr.type == AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
+        graph, outer = stack.pop()
+        count += _norms_in(graph.node, list(graph.initializer), outer, g.model.opset_import)
+        scope = {**outer, **{init.name: init for init in graph.initializer}}
+        stack.extend((body, scope) for node in graph.node for body in _bodies(node))
     functions = {(f.domain, f.name): f for f in g.model.functions}
     if functions:
         called = {(n.domain, n.op_type) for n in g.nodes}
         for key in called & set(functions):
-            count += sum(n.op_type in _NORM_OPS for n in functions[key].node)
+            count += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
     return count
+
+
+#: onnx.AttributeProto.GRAPH and GRAPHS, the protobuf's enum values (an import per node cost a large graph 1 ms)
+_GRAPH, _GRAPHS = 5, 10
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    bodies = []
+    for attr in node.attribute:
+        if attr.type == _GRAPH:
+            bodies.append(attr.g)
+        elif attr.type == _GRAPHS:
+            bodies.extend(attr.graphs)
+    return bodies
+
+
+def _norms_in(
+    nodes: Sequence[onnx.NodeProto],
+    initializers: list[onnx.TensorProto],
+    outer: dict[str, onnx.TensorProto],
+    opsets: Sequence[onnx.OperatorSetIdProto],
+) -> int:
+    """Norm ops among ``nodes`` and the chains the walk's matchers find there, on an index of their own; the
+    chains read epsilon and affine parameters from the body's initializers or the scopes' around it."""
+    from onnx import helper
+
+    named = sum(node.op_type in _NORM_OPS for node in nodes)
+    if not any(node.op_type.startswith("Reduce") for node in nodes):  # every chain the matchers find has one
+        return named
+    read = {name for node in nodes for name in node.input}
+    own = {init.name for init in initializers}
+    visible = initializers + [init for name, init in outer.items() if name in read and name not in own]
+    body = helper.make_model(helper.make_graph(nodes, "body", [], [], initializer=visible), opset_imports=opsets)
+    index = GraphIndex(_Body(body))
+    used: set[int] = set()
+    found = decomposed(index, used)
+    for _, chain in found:
+        used.update(chain)
+    return named + len(found) + len(dataflow_norms(index, used))
+
+
+class _Body:
+    """A control-flow body or function as a model of its own, for GraphIndex (no shapes: the loader's are the
+    main graph's)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.value_shapes: dict[str, tuple[Dim, ...]] = {}
+        self.value_types: dict[str, int] = {}
