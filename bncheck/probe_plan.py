@@ -912,15 +912,14 @@ def run_plan(
     fixed = fixed_batch(view.inputs)
     _refuse_huge_batch(view, fixed)
     if fixed is not None:
-        skipped = [b for b in batch_sizes if b != fixed]
+        skipped = ",".join(str(b) for b in batch_sizes if b != fixed)
+        untested = " and batch dependence cannot be tested" if fixed == 1 else ""  # one note for both
         if skipped:
-            notes.append(
-                f"batch size(s) {','.join(map(str, skipped))} not run: the model's batch dimension is fixed to {fixed}"
-            )
-        batch_sizes = (fixed,)
-        if fixed == 1:
-            test_dependence = False
+            notes.append(f"batch size(s) {skipped} not run{untested}: the model's batch dimension is fixed to {fixed}")
+        elif untested:
             notes.append("the model's batch dimension is fixed to 1: batch dependence cannot be tested")
+        batch_sizes = (fixed,)
+        test_dependence = fixed != 1
     if settings.data is not None:
         pool = dict(settings.data)
         counts = {int(np.asarray(a).shape[0]) for name, a in pool.items() if axes.get(name, 0) is not None}

@@ -453,14 +453,55 @@ def keep_fixed_batch(copy: ProbeCopy, inputs: list[InputSpec], why: str) -> None
     copy.inputs = list(inputs)
     copy.batch_constants = 0
     copy.batch = f"fixed to {fixed} in the file; cannot be relaxed ({why})"
-    if fixed == 1:
-        first, axis = next((s.name, int(s.batch_axis)) for s in inputs if s.shape and s.batched)  # type: ignore[arg-type]
+    if fixed != 1:
+        return
+    branch = branch_on_inputs(copy.model.graph)
+    if branch is not None:  # re-exporting would not help: the graph itself takes one sample per run
         copy.notes.append(
-            f"relaxing the fixed batch dimension of 1 failed ({why}); to test batch dependence, re-export "
-            "with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
-            f"{{{first!r}: {{{axis}: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
-            "batch in the input signature)"
+            f"relaxing the fixed batch dimension of 1 failed ({why}); the graph branches on a value computed from "
+            f"its inputs (If node {branch!r}), so it runs one sample at a time whatever the export"
         )
+        return
+    first, axis = next((s.name, int(s.batch_axis)) for s in inputs if s.shape and s.batched)  # type: ignore[arg-type]
+    copy.notes.append(
+        f"relaxing the fixed batch dimension of 1 failed ({why}); to test batch dependence, re-export "
+        "with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
+        f"{{{first!r}: {{{axis}: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
+        "batch in the input signature)"
+    )
+
+
+def branch_on_inputs(graph: onnx.GraphProto) -> str | None:
+    """The first If node (in the file's order) whose condition is computed from the graph's fed inputs, or
+    None: such a graph decides per run, which a batch of samples cannot share."""
+    stored = {init.name for init in graph.initializer}
+    fed = {value.name for value in graph.input} - stored
+    producer = {out: node for node in graph.node for out in node.output if out}
+    computed: dict[str, bool] = {}  # tensor -> computed from a fed input
+    opened: set[str] = set()  # on the path being followed: a node reading its own output ends it
+
+    def from_fed(tensor: str) -> bool:
+        stack = [tensor]
+        while stack:  # depth first without recursion: graphs run to thousands of nodes
+            top = stack[-1]
+            node = producer.get(top)
+            if top in computed or node is None:
+                computed.setdefault(top, top in fed)
+                stack.pop()
+                continue
+            opened.add(top)
+            pending = [name for name in node.input if name and name not in computed and name not in opened]
+            if pending:
+                stack.extend(pending)
+                continue
+            computed[top] = any(computed.get(name, False) for name in node.input if name)
+            stack.pop()
+        return computed[tensor]
+
+    for node in graph.node:
+        if node.op_type == "If" and node.input and from_fed(node.input[0]):
+            return node.name or node.output[0]
+    return None
 
 
 def relaxes(inputs: list[InputSpec], batch_sizes: Iterable[int]) -> bool:
