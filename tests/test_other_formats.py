@@ -62,6 +62,20 @@ def test_a_zip_archive_of_no_known_kind_is_named_a_zip_archive_not_a_corrupt_mod
         bncheck.inspect(str(path))
 
 
+def test_a_zip_archive_holding_a_model_names_the_file_to_extract(tmp_path):
+    """sleepecg 0.6.0 ships its classifiers as zips holding classifier.keras beside other files."""
+    path = tmp_path / "wrn-gru-mesa.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("readme.txt", "a classifier")
+        zf.write(SAMPLES / "keras_legacy_convnet.h5", "weights/classifier.h5")
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"bncheck: error: {path}: is a zip archive holding 'weights/classifier.h5': extract it and give bncheck "
+        "that file"
+    )
+
+
 def test_a_numpy_npz_given_as_the_model_is_named_input_samples_for_data(tmp_path):
     path = tmp_path / "voices.npz"
     np.savez(path, voice=np.zeros((4, 8), np.float32), other=np.ones(3))

@@ -80,7 +80,14 @@ def _archive(path: str) -> str:
             "is a NumPy .npz archive of arrays, not a model: bncheck reads such a file as input samples "
             "(bncheck probe MODEL --data FILE.npz)"
         )
+    models = [n for n in names if n.lower().endswith(_MODEL_SUFFIXES) and not n.endswith("/")]
+    if models:  # a model shipped zipped with its other files (sleepecg's classifiers hold a .keras file)
+        shown = ", ".join(repr(n) for n in models[:3]) + (f" and {len(models) - 3} more" if len(models) > 3 else "")
+        return f"is a zip archive holding {shown}: extract it and give bncheck that file"
     return "is a zip archive holding none of the formats bncheck reads (.onnx, .keras, .h5, .hdf5)"
+
+
+_MODEL_SUFFIXES = (".onnx", ".keras", ".h5", ".hdf5")
 
 
 def _safetensors(path: str, head: bytes) -> bool:
