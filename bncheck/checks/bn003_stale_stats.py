@@ -7,7 +7,8 @@ What it does
     ``probe --data``, it compares each layer's observed input statistics (all calibration samples, inference
     mode) with the stored ones and reports a layer when the median over channels of the standardized mean
     shift ``|m - mu| / sqrt(var + eps)`` exceeds 0.5, or the median of ``|ln((v + eps) / (var + eps))|``
-    exceeds ln 2 (variance off by a factor of 2). Its severity follows the effect on the model's outputs:
+    exceeds ln 2 (variance off by a factor of 2); channels whose output is negligible both on the stored
+    statistics and on the data (dead, or gamma near 0) are left out of the medians. Its severity follows the effect on the model's outputs:
     the probe runs the model with the statistics recomputed from the data (what `fix` computes) and compares
     outputs with the stored-statistics model; an error when top-1 agrees on fewer than 95% of the samples or
     outputs move by more than 0.5 output standard deviations, else a warning (only layer statistics moved).
@@ -36,6 +37,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
+
 from bncheck.checks._util import describe, is_keras, recalibration_effect
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, ProbeResult
@@ -50,6 +53,7 @@ from bncheck.verdicts import (
     drifts,
     has_default_stats,
     judged_running_stats,
+    silent_in_both,
 )
 
 CODE = "BN003"
@@ -126,10 +130,12 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     shift, log_ratio = drift(layer, seen.mean, seen.var)
     if not drifts(shift, log_ratio):
         return None
+    silent = int(np.sum(silent_in_both(layer, seen.var)))
+    left_out = f"; {silent} dead channel(s) left out" if silent else ""
     message = (
         f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
         f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
-        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}){_used_by(layer)}"
+        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}{left_out}){_used_by(layer)}"
     )
     evidence: dict[str, object] = {
         "kind": "drift",
@@ -140,6 +146,8 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         "samples": probe.data_samples,
         "data": probe.data_source,
     }
+    if silent:  # dead in the model and on the data, or scaled away by gamma: not in the medians
+        evidence["dead_channels"] = silent
     # severity follows the effect on the model's outputs, when the probe could measure it
     severity = Severity.WARNING
     recal = probe.recalibration

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.builders import bn_model
+from tests.builders import bn_model, mostly_dead_bn
 
 
 def test_mean_0_var_1_in_every_channel_is_stale(tmp_path, inspect_findings):
@@ -85,6 +85,14 @@ def test_drift_that_does_not_reach_the_outputs_is_a_warning(tmp_path, probe_find
     [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
     assert finding.severity.label == "warning"
     assert finding.evidence["output_effect"]["outputs"]["y"]["shift_sd"] < 1e-3
+
+
+def test_channels_dead_in_the_model_and_on_the_data_are_left_out_of_the_drift(tmp_path, probe_findings):
+    model, data = mostly_dead_bn(tmp_path)
+    [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
+    assert finding.evidence["dead_channels"] == 12
+    assert 900 < np.exp(finding.evidence["median_log_var_ratio"]) < 1100  # the live channels' x1000
+    assert "12 dead channel(s) left out" in finding.message
 
 
 def test_statistics_matching_the_data_do_not_drift(tmp_path, probe_findings):
