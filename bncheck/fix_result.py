@@ -233,3 +233,14 @@ def listing(items: list[str], shown: int = 4) -> str:
     """'a, b, c' or 'a, b, c, d and 7 more': a summary stays one readable line on big models."""
     head = ", ".join(items[:shown])
     return head if len(items) <= shown else f"{head} and {len(items) - shown} more"
+
+
+def drift_after_upstream(original: dict[str, Any], now: str) -> str:
+    """Why a layer the probe found drifting is recomputed where its statistics agree with the data once the
+    layers upstream are repaired (``now``): the drift was the original model's, which the reason quotes."""
+    shift = original.get("median_mean_shift")
+    ratio = original.get("median_log_var_ratio")
+    was = "reported by the probe"
+    if isinstance(shift, (int, float)) and isinstance(ratio, (int, float)):
+        was = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(ratio):.2f}"
+    return f"BN003 drift in the original model ({was}; {now} once the layers upstream are repaired): recomputed from the data"

@@ -69,6 +69,27 @@ def test_keras_file_fixed_with_data_loads_with_safe_mode_and_holds_the_datas_sta
     assert report.fix.outcome.layers[0].uncertainty.samples == 256
 
 
+def test_a_layer_that_drifted_only_under_the_layer_before_it_says_so(tmp_path: Path) -> None:
+    """bn_2's moving statistics are its input's once bn_1 is repaired, not under bn_1's stale ones: the probe
+    flags both, and fix recomputes bn_2 (the probe's verdict) with a reason that quotes the original drift
+    beside its numbers after the repair, not "drift from the data" with numbers under the thresholds."""
+    inp = keras.Input((4,), name="x")
+    out = keras.layers.BatchNormalization(name="bn_2")(keras.layers.BatchNormalization(name="bn_1")(inp))
+    model = keras.Model(inp, out)
+    model.get_layer("bn_1").moving_mean.assign(np.full(4, 5.0, np.float32))  # the data's mean is 0
+    model.get_layer("bn_2").moving_mean.assign(np.full(4, 0.01, np.float32))  # bn_1 repaired: about x's
+    model.get_layer("bn_2").moving_variance.assign(np.full(4, 1.02, np.float32))
+    src = str(tmp_path / "chain.keras")
+    model.save(src)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(3).standard_normal((256, 4)).astype(np.float32))
+    report = fix(src, None, str(tmp_path / "calib.npy"), dry_run=True)
+    reasons = {e.layer: e.reason for e in report.fix.outcome.layers}
+    assert {e.layer: e.action for e in report.fix.outcome.layers} == {"bn_1": "recalibrated", "bn_2": "recalibrated"}
+    assert reasons["bn_1"].startswith("moving statistics drift from the data (median mean shift 4.9")
+    assert reasons["bn_2"].startswith("BN003 drift in the original model (median mean shift 4.")
+    assert "once the layers upstream are repaired" in reasons["bn_2"]
+
+
 def test_h5_file_fixed_with_data_loads_with_safe_mode(tmp_path: Path) -> None:
     x = np.random.default_rng(5).normal(1.0, 2.0, (48, 8, 8, 3)).astype(np.float32)
     np.save(tmp_path / "calib.npy", x)

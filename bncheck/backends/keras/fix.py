@@ -27,7 +27,16 @@ import numpy as np
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.archive import KerasFile
-from bncheck.fix_result import FixOutcome, FixRequest, LayerFix, StatsSummary, calibration_batches, listing, uncertainty
+from bncheck.fix_result import (
+    FixOutcome,
+    FixRequest,
+    LayerFix,
+    StatsSummary,
+    calibration_batches,
+    drift_after_upstream,
+    listing,
+    uncertainty,
+)
 from bncheck.model import Kind, ModelView, NormLayer, TensorStats
 from bncheck.probe_data import sample_count
 
@@ -361,11 +370,13 @@ def _apply(p: _Pending, stats: TensorStats | None, live: Any, request: FixReques
                 old=old,
                 evidence=evidence,
             )
-        reason = (
-            f"{p.reason} with statistics from the data (the stored ones drift from it: {now})"
-            if p.prefer_stored
-            else f"moving statistics drift from the data ({now}): recomputed from the data"
-        )
+        if p.prefer_stored:
+            reason = f"{p.reason} with statistics from the data (the stored ones drift from it: {now})"
+        elif drifts or flagged is None:
+            reason = f"moving statistics drift from the data ({now}): recomputed from the data"
+        else:
+            evidence["original_drift"] = flagged
+            reason = drift_after_upstream(flagged, now)
     else:
         reason = p.reason
     dtype = np.asarray(live.moving_mean.numpy() if hasattr(live.moving_mean, "numpy") else live.moving_mean).dtype

@@ -36,6 +36,7 @@ from bncheck.fix_result import (
     LayerFix,
     StatsSummary,
     calibration_batches,
+    drift_after_upstream,
     listing,
     uncertainty,
 )
@@ -1229,12 +1230,8 @@ class _Fixer:
             if drifts or before is None:
                 reason = f"running statistics drift from the data ({now}): recomputed from the data"
             else:
-                was = _drift_text(before)
                 evidence["original_drift"] = before
-                reason = (
-                    f"BN003 drift in the original model ({was}; {now} once the layers upstream are "
-                    "repaired): recomputed from the data"
-                )
+                reason = drift_after_upstream(before, now)
         else:
             reason = p.reason
         if p.what in ("stale", "train"):
@@ -1342,14 +1339,6 @@ class _Fixer:
             edit.apply(model, sink)
         replace_with(output, model.SerializeToString())
         return [output] + written
-
-
-def _drift_text(evidence: dict[str, Any]) -> str:
-    shift = evidence.get("median_mean_shift")
-    ratio = evidence.get("median_log_var_ratio")
-    if isinstance(shift, (int, float)) and isinstance(ratio, (int, float)):
-        return f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(ratio):.2f}"
-    return "reported by the probe"
 
 
 def _graph_index(handle: OnnxHandle):
