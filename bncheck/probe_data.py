@@ -222,6 +222,28 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
     return (*lead, *(int(d) for d in rest))  # type: ignore[arg-type]
 
 
+def refuse_unshared_batch(inputs: list[InputSpec]) -> None:
+    """Refuse inputs that share no batch dimension: they name different dims where their samples would be,
+    and one fixes that dim (minimol's graph network: nodes, edges and graphs, and edge_index [2, num_edges]).
+    Sizes given for them would only lead to the fixed dim, then to the runtime's error on random indices."""
+    batched = [spec for spec in inputs if spec.batched and spec.shape]
+    named: dict[str, list[str]] = {}
+    for spec in batched:
+        if isinstance(spec.batch_dim, str):
+            named.setdefault(spec.batch_dim, []).append(spec.name)
+    fixed = [spec for spec in batched if isinstance(spec.batch_dim, int) and spec.batch_dim > 1]
+    if len(named) < 2 or not fixed:
+        return
+    dims = ", ".join(
+        f"{dim} ({names[0]!r}{f' and {len(names) - 1} more' if len(names) > 1 else ''})" for dim, names in named.items()
+    )
+    raise ProbeDataError(
+        f"the inputs share no batch dimension: they name {dims} where their samples would be, and "
+        f"{fixed[0].name!r} fixes that dim to {fixed[0].batch_dim} (as a graph network's node and edge lists): "
+        "bncheck cannot draw or batch such inputs; `bncheck inspect` checks the parameters without running the model"
+    )
+
+
 def check_sizes(inputs: list[InputSpec], overrides: Mapping[str, tuple[int, ...]] | None) -> None:
     """Fail before anything runs when some input dim has no size, with one message for all inputs."""
     missing: list[MissingDimsError] = []
@@ -401,6 +423,7 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     wrong shapes, and missing or unknown keys raise :class:`ProbeDataError` naming what is wrong. Never
     unpickles (``allow_pickle=False``).
     """
+    refuse_unshared_batch(inputs)  # no data can hold their samples on one axis
     if not os.path.exists(path):
         raise ProbeDataError(f"{path}: no such data file")
     if os.path.isdir(path):

@@ -50,7 +50,14 @@ from bncheck.model import (
     TensorStats,
     fixed_batch,
 )
-from bncheck.probe_data import MAX_BATCH_SIZE, ProbeDataError, release_mapped, synthetic_inputs, synthetic_shapes
+from bncheck.probe_data import (
+    MAX_BATCH_SIZE,
+    ProbeDataError,
+    refuse_unshared_batch,
+    release_mapped,
+    synthetic_inputs,
+    synthetic_shapes,
+)
 
 T = TypeVar("T")
 
@@ -336,6 +343,7 @@ def preflight(view: ModelView, settings: ProbeSettings) -> None:
     for name in settings.input_shapes:
         if name not in names:
             raise ProbeDataError(f"--input-shape {name}: the model has no input of that name (inputs: {few(names)})")
+    refuse_unshared_batch(view.inputs)
     fixed = fixed_batch(view.inputs)
     _refuse_huge_batch(view, fixed)
     if settings.data is None and settings.batch_sizes:

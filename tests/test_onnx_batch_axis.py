@@ -174,3 +174,56 @@ def test_data_holds_samples_first_and_the_scalar_as_fed(tmp_path):
     result = CliRunner().invoke(main, ["probe", path, "--data", str(data)])
     assert result.exit_code == 2 and "has 40 at axis 1; input 'state' needs 2" in result.stderr
     assert "samples go first in the data, so for this input the shape is (N, 2, 4)" in result.stderr
+
+
+def _graph_network(path: Path) -> str:
+    """minimol's input layout in small: node features [num_nodes, 4] through a LayerNormalization, edges as
+    edge_index [2, num_edges], one slot per graph [num_graphs]; every input read by the outputs."""
+    c = 4
+    nodes = [
+        helper.make_node("LayerNormalization", ["feat", "ln.weight", "ln.bias"], ["y"], name="ln", axis=-1),
+        helper.make_node("Cast", ["edge_index"], ["edges"], to=F32),
+        helper.make_node("Identity", ["graph_slots"], ["slots"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gnn",
+        [
+            helper.make_tensor_value_info("feat", F32, ["num_nodes", c]),
+            helper.make_tensor_value_info("edge_index", TensorProto.INT64, [2, "num_edges"]),
+            helper.make_tensor_value_info("graph_slots", F32, ["num_graphs"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", F32, ["num_nodes", c]),
+            helper.make_tensor_value_info("edges", F32, [2, "num_edges"]),
+            helper.make_tensor_value_info("slots", F32, ["num_graphs"]),
+        ],
+        [
+            numpy_helper.from_array(np.ones(c, np.float32), "ln.weight"),
+            numpy_helper.from_array(np.zeros(c, np.float32), "ln.bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_inputs_that_share_no_batch_dimension_are_refused_with_what_they_name(tmp_path):
+    """minimol's graph network (nodes, edges and graphs on their first dims) was told to size edge_index's
+    num_edges, then that edge_index fixes its batch dim to 2, then failed in onnxruntime on random indices."""
+    path = _graph_network(tmp_path / "gnn.onnx")
+    expected = (
+        "bncheck: error: the inputs share no batch dimension: they name num_nodes ('feat'), num_graphs "
+        "('graph_slots') where their samples would be, and 'edge_index' fixes that dim to 2 (as a graph "
+        "network's node and edge lists): bncheck cannot draw or batch such inputs; `bncheck inspect` checks the "
+        "parameters without running the model"
+    )
+    for extra in ([], ["--input-shape", "edge_index:8"]):
+        result = CliRunner().invoke(main, ["probe", path, *extra])
+        assert result.exit_code == 2 and result.stderr.strip() == expected
+    data = tmp_path / "one_graph.npz"
+    np.savez(data, feat=np.ones((5, 4), np.float32), edge_index=np.zeros((2, 6), np.int64), graph_slots=np.ones(1))
+    result = CliRunner().invoke(main, ["probe", path, "--data", str(data)])
+    assert result.exit_code == 2 and result.stderr.strip() == expected
+    assert CliRunner().invoke(main, ["inspect", path]).exit_code == 0

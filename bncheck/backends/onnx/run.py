@@ -44,7 +44,7 @@ from bncheck.model import (
     fixed_batch,
     largest_batch,
 )
-from bncheck.probe_data import ProbeDataError, check_sizes
+from bncheck.probe_data import ProbeDataError, check_sizes, refuse_unshared_batch
 from bncheck.probe_plan import (
     Observed,
     Runner,
@@ -882,6 +882,7 @@ def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
             raise ProbeDataError(
                 f"--input-shape {name}: the model has no input of that name (inputs: {few(sorted(names))})"
             )
+    refuse_unshared_batch(view.inputs)
     if settings.data is None:
         check_sizes(view.inputs, settings.input_shapes)
 
