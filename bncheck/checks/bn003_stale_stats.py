@@ -41,7 +41,7 @@ import numpy as np
 
 from bncheck.checks._util import describe, is_keras, recalibration_effect
 from bncheck.findings import Finding, Severity
-from bncheck.model import ModelView, NormLayer, ProbeResult
+from bncheck.model import ModelView, NormLayer, ProbeResult, Recalibration
 from bncheck.verdicts import (
     EFFECT_AGREEMENT_ERROR,
     EFFECT_SHIFT_ERROR,
@@ -157,7 +157,22 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         evidence["output_effect"] = effect
         if any(changes_predictions(c.shift, c.agreement) for c in recal.outputs.values()):
             severity = Severity.ERROR
-            message += "; this changes the model's predictions (see the output effect)"
+            message += _error_effect(recal)
         else:
             message += "; the model's outputs barely change"
     return Finding(CODE, SLUG, severity, layer.name, message, HINT_KERAS if is_keras(layer) else HINT_DRIFT, evidence)
+
+
+def _error_effect(recal: Recalibration) -> str:
+    """Which of the effect's error thresholds the outputs cross: the top-1 agreement where it falls below
+    its threshold, else the shift alone (a shift just past it with every prediction kept is no change of
+    predictions)."""
+    if any(c.agreement is not None and c.agreement < EFFECT_AGREEMENT_ERROR for c in recal.outputs.values()):
+        return "; this changes the model's predictions (see the output effect)"
+    shifts = [c.shift for c in recal.outputs.values() if c.shift == c.shift]  # NaN: outputs not comparable
+    if not shifts:
+        return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
+    return (
+        f"; this moves the model's outputs by {max(shifts):.2f} output standard deviations (an error above "
+        f"{EFFECT_SHIFT_ERROR}; see the output effect)"
+    )
