@@ -238,9 +238,25 @@ def listing(items: list[str], shown: int = 4) -> str:
 def drift_after_upstream(original: dict[str, Any], now: str) -> str:
     """Why a layer the probe found drifting is recomputed where its statistics agree with the data once the
     layers upstream are repaired (``now``): the drift was the original model's, which the reason quotes."""
-    shift = original.get("median_mean_shift")
-    ratio = original.get("median_log_var_ratio")
-    was = "reported by the probe"
+    return (
+        f"BN003 drift in the original model ({_drift_text(original)}; {now} once the layers upstream are "
+        "repaired): recomputed from the data"
+    )
+
+
+def drift_once_repaired(now: str, original: dict[str, Any] | None) -> str:
+    """Why a layer still drifting once the layers upstream are repaired is recomputed: ``now`` is measured
+    after those repairs, so the reason says so and quotes the probe's numbers on the original beside it."""
+    was = f"; {_drift_text(original)} in the original model" if original is not None else ""
+    return (
+        f"running statistics drift from the data ({now} once the layers upstream are repaired{was}): "
+        "recomputed from the data"
+    )
+
+
+def _drift_text(evidence: dict[str, Any]) -> str:
+    shift = evidence.get("median_mean_shift")
+    ratio = evidence.get("median_log_var_ratio")
     if isinstance(shift, (int, float)) and isinstance(ratio, (int, float)):
-        was = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(ratio):.2f}"
-    return f"BN003 drift in the original model ({was}; {now} once the layers upstream are repaired): recomputed from the data"
+        return f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(ratio):.2f}"
+    return "reported by the probe"

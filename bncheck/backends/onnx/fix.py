@@ -37,6 +37,7 @@ from bncheck.fix_result import (
     StatsSummary,
     calibration_batches,
     drift_after_upstream,
+    drift_once_repaired,
     listing,
     uncertainty,
 )
@@ -67,6 +68,8 @@ class _Pending:
     # a train-mode layer with sound stored statistics (--stats auto with data): keep them unless the data
     # show drift
     prefer_stored: bool = False
+    # measured after a layer upstream of it was repaired (its numbers are not the original model's)
+    after_repairs: bool = False
 
 
 # ====================================================================== entry point
@@ -146,6 +149,7 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
         fixer.feedable = {p.layer.output for p in pending if _feedable(p)}
         # this pass measures the frontier alone, on a graph cut below it
         cut = _first_pass_cut(pending, ups, request.flagged, handle)
+        repaired = 0  # the layers repaired in the rounds before
         while remaining:
             # one pass measures every undecided layer (a cut one, the frontier alone); a layer's numbers are
             # valid unless a layer upstream of it was repaired in this same round (then it waits for the next)
@@ -160,9 +164,11 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
                     later.append(k)
                     continue
                 p = pending[k]
+                p.after_repairs = bool(ups[k] & repaired)
                 results[p.index] = fixer.apply(p, stats.get(p.layer.name))
                 if results[p.index].changed:
                     changed |= 1 << k
+            repaired |= changed
             # where a repair held back every layer below the frontier, the next pass would measure them only
             # for them to wait again: it measures the next frontier alone, and computes nothing below it
             waiting = set(later)
@@ -1227,7 +1233,9 @@ class _Fixer:
                     old=old,
                     evidence=evidence,
                 )
-            if drifts or before is None:
+            if drifts and p.after_repairs:
+                reason = drift_once_repaired(now, before)
+            elif drifts or before is None:
                 reason = f"running statistics drift from the data ({now}): recomputed from the data"
             else:
                 evidence["original_drift"] = before
