@@ -899,8 +899,8 @@ def _edit_replace_chain(
 
 
 def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:
-    """Drop the initializers and Constant nodes that only the removed chain read (its epsilon, axes, gamma,
-    beta); anything else, used or not, stays as it was."""
+    """Drop the initializers and Constant nodes among ``read`` that nothing reads any more (a removed chain's
+    epsilon, axes, gamma, beta; statistics an edit replaced); anything else, used or not, stays as it was."""
     graph = model.graph
     facts = _GraphFacts(model)
     dead = {
@@ -944,6 +944,9 @@ class _Fixer:
         self.min_samples = min_samples
         self.data_label = data_label
         self.edits: list[Edit] = []
+        # the statistics inputs the edits replace: a Constant node's the new initializer leaves unread is
+        # dropped from the written model (onnxruntime warns of each at every load)
+        self.replaced: set[str] = set()
         self.opset = _GraphFacts(handle.model).opset.get("", 0)
         self.flagged = dict(flagged)
         # outputs of the stale inference BNs, whose statistics a kept engine takes as inputs (measure)
@@ -1247,6 +1250,7 @@ class _Fixer:
             # new statistics tensors take the stored statistics' type (opset 15 lets it differ from X's)
             stored = self.handle.value_types.get(node.input[3]) if len(node.input) > 3 else None
             dtype = int(stored) if stored in _FLOAT_TYPES else self._value_type(node.input[0])
+            self.replaced.update(name for name in node.input[3:5] if name)
             edits = [_edit_stats(key, mean, var, dtype)]
             if p.what == "train":
                 edits.insert(0, _edit_to_inference(key, self.opset))
@@ -1324,6 +1328,7 @@ class _Fixer:
         offsets) and patched where a repaired tensor lives.
         """
         if not self.handle.external_data:
+            _drop_dead_constants(self.handle.model, self.replaced)
             replace_with(output, self.handle.model.SerializeToString())
             return [output]
         src = self.handle.path
@@ -1345,6 +1350,7 @@ class _Fixer:
         sink = _Sink(sink_targets)
         for edit in self.edits:
             edit.apply(model, sink)
+        _drop_dead_constants(model, self.replaced)
         replace_with(output, model.SerializeToString())
         return [output] + written
 
