@@ -648,7 +648,9 @@ def prepare(
     free_unset_dims(model.graph)
     copy = ProbeCopy(model, folder, dict(handle.value_shapes), dict(handle.value_types), stubs, list(view.inputs))
     changed = False
-    if _opset(model) < MEASURING_OPSET:
+    # onnx's converter leaves model-local functions behind (onnxruntime then finds no such op): from a runnable
+    # opset such a file runs as written
+    if _opset(model) < MIN_RUNNABLE_OPSET or (_opset(model) < MEASURING_OPSET and not model.functions):
         upgraded, why = _upgrade(model)
         if why is None:
             copy.notes.append(
