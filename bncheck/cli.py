@@ -632,7 +632,9 @@ def explain(check: str) -> None:
     metavar="CODES",
     help="Repair only these: BN002/train-mode, BN003/stale-stats (comma-separated; repeatable).",
 )
-@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="Report what would change; write nothing (the exit code judges the model as it is)."
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 4096),
@@ -659,7 +661,7 @@ def explain(check: str) -> None:
     type=click.Choice(FAIL_ON_LEVELS),
     default="error",
     show_default=True,
-    help="Exit 1 when the WRITTEN model has a finding at or above this severity.",
+    help="Exit 1 when the WRITTEN model (with --dry-run: the model as it is) has a finding at or above this severity.",
 )
 @click.option(
     "--exit-non-zero-on-fix", is_flag=True, help="Exit 1 whenever the model was changed, even when nothing remains."
@@ -685,7 +687,8 @@ def fix(
 
     The findings listed are the ORIGINAL model's; the written model is checked again with the same data.
     Exit codes as linters' fix modes: 0 when the written model has no finding at or above --fail-on, 1 when
-    some remain (listed under "Remaining"), 2 when nothing could be done.
+    some remain (listed under "Remaining"), 2 when nothing could be done. --dry-run writes nothing and is
+    judged on the model as it is.
 
     \b
     Examples:
