@@ -245,7 +245,9 @@ def refuse_unshared_batch(inputs: list[InputSpec]) -> None:
 
 
 def check_sizes(inputs: list[InputSpec], overrides: Mapping[str, tuple[int, ...]] | None) -> None:
-    """Fail before anything runs when some input dim has no size, with one message for all inputs."""
+    """Fail before anything runs when some input dim has no size, with one message for all inputs (or when
+    the inputs share no batch dimension, which no size would give them)."""
+    refuse_unshared_batch(inputs)
     missing: list[MissingDimsError] = []
     for spec in inputs:
         first = spec.batch_dim

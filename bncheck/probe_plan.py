@@ -53,6 +53,7 @@ from bncheck.model import (
 from bncheck.probe_data import (
     MAX_BATCH_SIZE,
     ProbeDataError,
+    check_sizes,
     refuse_unshared_batch,
     release_mapped,
     synthetic_inputs,
@@ -337,13 +338,16 @@ def leave_unmeasured(result: ProbeResult, names: Iterable[str]) -> None:
 
 def preflight(view: ModelView, settings: ProbeSettings) -> None:
     """Refuse, before a runtime loads the model, a probe that cannot run: --input-shape for an unknown input,
-    dims that do not resolve or are not positive, a fixed batch above MAX_BATCH_SIZE, synthetic inputs over
+    inputs that share no batch dimension, dims that do not resolve or are not positive, a fixed batch above MAX_BATCH_SIZE, synthetic inputs over
     the memory budget. Backends call it first; :func:`run_plan` meets the same conditions again later."""
     names = [spec.name for spec in view.inputs]
     for name in settings.input_shapes:
         if name not in names:
             raise ProbeDataError(f"--input-shape {name}: the model has no input of that name (inputs: {few(names)})")
-    refuse_unshared_batch(view.inputs)
+    if settings.data is None:
+        check_sizes(view.inputs, settings.input_shapes)  # one message for every unsized dim
+    else:
+        refuse_unshared_batch(view.inputs)  # data given as arrays (a file's were checked as it was read)
     fixed = fixed_batch(view.inputs)
     _refuse_huge_batch(view, fixed)
     if settings.data is None and settings.batch_sizes:

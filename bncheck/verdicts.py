@@ -222,19 +222,13 @@ def silent_in_both(layer: NormLayer, observed_var: np.ndarray) -> np.ndarray:
     """Channels whose output is negligible (:data:`NEGLIGIBLE_OUTPUT_RATIO` of the layer's largest) both on
     the stored statistics and on the data: dead in the model and on the data (a filter whose ReLU never
     fires), or scaled away by gamma. Their 0 and 0 would carry the medians of a layer mostly made of them."""
-    var = np.clip(np.asarray(layer.var, dtype=np.float64).ravel(), 0.0, None)
-    seen = np.clip(np.asarray(observed_var, dtype=np.float64).ravel(), 0.0, None)
-    eps = float(layer.epsilon or 0.0)
-    gamma = np.ones_like(var)
-    if layer.scale is not None and np.size(layer.scale) == var.size:
-        gamma = np.abs(np.asarray(layer.scale, dtype=np.float64).ravel())
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        stored = gamma * np.sqrt(var / (var + eps))  # the output's spread on inputs like the running statistics
-        data = gamma * np.sqrt(seen / (var + eps))  # ... and on the data
+    stored, data = output_spread(layer), output_spread(layer, observed_var)
+    if stored is None or data is None:
+        return np.zeros(np.size(observed_var), dtype=bool)
     spread = np.fmax(stored, data)  # NaN where both are (a zero variance without epsilon): not silent
     finite = np.isfinite(spread)
-    if seen.shape != var.shape or not np.any(finite):
-        return np.zeros(var.shape, dtype=bool)
+    if not np.any(finite):
+        return finite
     return finite & (spread <= NEGLIGIBLE_OUTPUT_RATIO * float(np.max(spread[finite])))
 
 
@@ -276,18 +270,22 @@ def below_clamp(epsilon: float) -> bool:
     return 0.0 < epsilon < 1e-5 * (1.0 - FLOAT32_ROUNDING)
 
 
-def output_spread(layer: NormLayer) -> np.ndarray | None:
-    """Per channel, |gamma| * sqrt(var / (var + eps)): the standard deviation of an inference batch norm's
-    output on inputs distributed as its running statistics (None: variance unknown)."""
+def output_spread(layer: NormLayer, observed_var: np.ndarray | None = None) -> np.ndarray | None:
+    """Per channel, |gamma| * sqrt(v / (var + eps)): the standard deviation of an inference batch norm's
+    output on inputs of variance v, its running variance unless ``observed_var`` is given (None: a variance
+    unknown, or one per channel of another count)."""
     if layer.var is None:
         return None
-    var = np.asarray(layer.var, dtype=np.float64).ravel()
+    var = np.clip(np.asarray(layer.var, dtype=np.float64).ravel(), 0.0, None)
+    seen = var if observed_var is None else np.clip(np.asarray(observed_var, dtype=np.float64).ravel(), 0.0, None)
+    if seen.shape != var.shape:
+        return None
     eps = float(layer.epsilon or 0.0)
     gamma = np.ones_like(var)
     if layer.scale is not None and np.size(layer.scale) == var.size:
         gamma = np.abs(np.asarray(layer.scale, dtype=np.float64).ravel())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return gamma * np.sqrt(np.clip(var, 0.0, None) / (np.clip(var, 0.0, None) + eps))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return gamma * np.sqrt(seen / (var + eps))
 
 
 def live_channels(layer: NormLayer) -> np.ndarray | None:

@@ -34,7 +34,7 @@ import numpy as np
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import copied, copy_messages, has_subgraphs
+from bncheck.backends.onnx.graph import copied, copy_messages, has_subgraphs, topological_order
 from bncheck.backends.onnx.instrument import _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes, own_skeleton
 from bncheck.backends.onnx.runtime_errors import runtime_message
@@ -475,35 +475,16 @@ def keep_fixed_batch(copy: ProbeCopy, inputs: list[InputSpec], why: str) -> None
 
 
 def branch_on_inputs(graph: onnx.GraphProto) -> str | None:
-    """The first If node (in the file's order) whose condition is computed from the graph's fed inputs, or
-    None: such a graph decides per run, which a batch of samples cannot share."""
-    stored = {init.name for init in graph.initializer}
-    fed = {value.name for value in graph.input} - stored
-    producer = {out: node for node in graph.node for out in node.output if out}
-    computed: dict[str, bool] = {}  # tensor -> computed from a fed input
-    opened: set[str] = set()  # on the path being followed: a node reading its own output ends it
-
-    def from_fed(tensor: str) -> bool:
-        stack = [tensor]
-        while stack:  # depth first without recursion: graphs run to thousands of nodes
-            top = stack[-1]
-            node = producer.get(top)
-            if top in computed or node is None:
-                computed.setdefault(top, top in fed)
-                stack.pop()
-                continue
-            opened.add(top)
-            pending = [name for name in node.input if name and name not in computed and name not in opened]
-            if pending:
-                stack.extend(pending)
-                continue
-            computed[top] = any(computed.get(name, False) for name in node.input if name)
-            stack.pop()
-        return computed[tensor]
-
-    for node in graph.node:
-        if node.op_type == "If" and node.input and from_fed(node.input[0]):
+    """The first If node whose condition is computed from the graph's fed inputs, or None: such a graph
+    decides per run, which a batch of samples cannot share. One pass in topological order, as
+    dataflow.batch_reductions follows an input's values."""
+    computed = {value.name for value in graph.input} - {init.name for init in graph.initializer}
+    nodes = list(graph.node)
+    for node in (nodes[i] for i in topological_order(nodes)):
+        if node.op_type == "If" and node.input and node.input[0] in computed:
             return node.name or node.output[0]
+        if any(name in computed for name in node.input if name):
+            computed.update(name for name in node.output if name)
     return None
 
 

@@ -28,7 +28,7 @@ from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolv
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.backends.onnx.scratch import Scratch
 from bncheck.backends.onnx.splice import Decomposition, Splice
-from bncheck.errors import few, one_line
+from bncheck.errors import one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
     EFFECT_STAGE,
@@ -44,7 +44,6 @@ from bncheck.model import (
     fixed_batch,
     largest_batch,
 )
-from bncheck.probe_data import ProbeDataError, check_sizes, refuse_unshared_batch
 from bncheck.probe_plan import (
     Observed,
     Runner,
@@ -874,19 +873,6 @@ def _gather_tables(handle: OnnxHandle) -> dict[str, int]:
     return highs
 
 
-def _check_inputs(view: ModelView, settings: ProbeSettings) -> None:
-    """Fail on bad --input-shape / unresolvable dims before any session is built (ProbeDataError)."""
-    names = {spec.name for spec in view.inputs}
-    for name in settings.input_shapes:
-        if name not in names:
-            raise ProbeDataError(
-                f"--input-shape {name}: the model has no input of that name (inputs: {few(sorted(names))})"
-            )
-    refuse_unshared_batch(view.inputs)
-    if settings.data is None:
-        check_sizes(view.inputs, settings.input_shapes)
-
-
 def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = True) -> ProbeResult:
     """Probe every normalization layer of an ONNX model (see the module docstring).
 
@@ -899,8 +885,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
     if settings.default_sizes:
         settings = replace(settings, batch_sizes=default_batch_sizes(fixed))
     # without normalization layers too: the model's outputs are still tested for batch dependence
-    _check_inputs(view, settings)
-    preflight(view, settings)
+    preflight(view, settings)  # --input-shape names, sizes, a shared batch: before any session
     estimate: memory.Estimate | None = None  # the memory check of the file itself, where it runs as it is
 
     def check_file() -> None:
