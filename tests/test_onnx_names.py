@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -101,13 +102,16 @@ def test_probe_reports_under_the_readable_names(tmp_path: Path) -> None:
     assert sorted(doc["probe"]["runs"][0]["layers"]) == ["bn", "bn#2", "head.head_bn", "my_bn"]
 
 
-def _inspected_layers(path: Path, nodes: list, inits: list, shape: list, opset: int, ir_version: int) -> list:
-    """The layers of `bncheck inspect --format json` on a graph x -> ``nodes`` -> y (both of ``shape``)."""
+def _inspected_layers(
+    path: Path, nodes: list, inits: list, shape: list, opset: int, ir_version: int, y_shape: list | None = None
+) -> list:
+    """The layers of `bncheck inspect --format json` on a graph x -> ``nodes`` -> y (of ``shape``, y of
+    ``y_shape`` where given)."""
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape if y_shape is None else y_shape)],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -151,9 +155,12 @@ def test_generated_names_and_weight_prefixes() -> None:
     assert weight_prefix(["onnx::BatchNormalization_12", "val_3"]) is None
 
 
-def test_a_paddle2onnx_layer_norm_chain_is_named_after_its_layer_norm_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reshaped", [False, True], ids=["read-as-is", "reshaped-after"])
+def test_a_paddle2onnx_layer_norm_chain_is_named_after_its_layer_norm_result(tmp_path: Path, reshaped: bool) -> None:
     # paddle2onnx 2.x: nodes named after their op types, weights helper.reshape.N, the chain's result written
-    # by an Identity as the layer op's output (PP-OCRv5's recognizer); not "helper.reshape"
+    # by an Identity as the layer op's output (PP-OCRv5's recognizer); not "helper.reshape". Reshaped after:
+    # the encoder's last LayerNorm in PP-OCRv6's recognizer, whose input comes through two Identities too; the
+    # Reshape to another shape is the next layer's, and the copies before it are still the LayerNorm's
     c = 8
     constant = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)
     inits = [
@@ -163,7 +170,8 @@ def test_a_paddle2onnx_layer_norm_chain_is_named_after_its_layer_norm_result(tmp
         constant("helper.reshape.1", RNG.uniform(-0.5, 0.5, c)),
     ]
     chain = [
-        ("Identity.179", "Identity", ["x"], "auto.cast.32"),
+        *([("Identity.194", "Identity", ["x"], "p2o.pd_op.add.77.0")] if reshaped else []),
+        ("Identity.179", "Identity", ["p2o.pd_op.add.77.0" if reshaped else "x"], "auto.cast.32"),
         ("ReduceMean.0", "ReduceMean", ["auto.cast.32"], "ReduceMean.1"),
         ("Sub.0", "Sub", ["auto.cast.32", "ReduceMean.1"], "Sub.1"),
         ("Pow.0", "Pow", ["Sub.1", "helper.constant.8"], "Pow.1"),
@@ -174,12 +182,18 @@ def test_a_paddle2onnx_layer_norm_chain_is_named_after_its_layer_norm_result(tmp
         ("Mul.146", "Mul", ["Div.1", "helper.reshape.0"], "Mul.147"),
         ("Add.180", "Add", ["Mul.147", "helper.reshape.1"], "Add.181"),
         ("Identity.182", "Identity", ["Add.181"], "p2o.pd_op.layer_norm.0.0"),
-        ("Relu.0", "Relu", ["p2o.pd_op.layer_norm.0.0"], "y"),
+        ("Reshape.73", "Reshape", ["p2o.pd_op.layer_norm.0.0", "flat"], "y")
+        if reshaped
+        else ("Relu.0", "Relu", ["p2o.pd_op.layer_norm.0.0"], "y"),
     ]
+    inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat"))
     nodes = [
         helper.make_node(op, inputs, [out], name=name, **({"axes": [-1]} if op == "ReduceMean" else {}))
         for name, op, inputs, out in chain
     ]
-    [layer] = _inspected_layers(tmp_path / "p2o_ln.onnx", nodes, inits, ["N", 16, c], opset=11, ir_version=7)
+    y_shape = ["N", 16 * c] if reshaped else None
+    path = tmp_path / "p2o_ln.onnx"
+    [layer] = _inspected_layers(path, nodes, inits, ["N", 16, c], opset=11, ir_version=7, y_shape=y_shape)
     assert layer["name"] == "p2o.pd_op.layer_norm.0.0"
-    assert "Identity.182" in layer["nodes"]
+    assert layer["output"] == "p2o.pd_op.layer_norm.0.0"
+    assert "Identity.182" in layer["nodes"] and "Reshape.73" not in layer["nodes"]

@@ -461,11 +461,14 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     scale = as_float_array(g.param(g.stored_source(chain.scale))) if chain.scale else None
     bias = as_float_array(g.param(g.stored_source(chain.bias))) if chain.bias else None
     output = chain.output
-    if passed:  # traced back through reshapes: include the reshape back to the source shape
-        hop = _follow_transparent(g, output)
-        if hop[1] and g.shape(hop[0]) == shape:
-            output = hop[0]
-            names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed) | set(hop[1])))
+    if passed:  # traced back through reshapes: include the copies back to the source shape
+        hop = _follow_transparent(g, output)[1]
+        # up to the last copy of the source's shape: a Reshape after it belongs to the next layer
+        back = [k for k, i in enumerate(hop) if g.shape(g.nodes[i].output[0]) == shape]
+        if back:
+            hop = hop[: back[-1] + 1]
+            output = g.nodes[hop[-1]].output[0]
+            names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed) | set(hop)))
     return NormLayer(
         name=g.node_name(first),
         kind=kind,
