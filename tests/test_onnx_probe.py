@@ -153,6 +153,24 @@ def test_in_graph_statistics_at_ort_enable_all_equal_numpy_of_an_unoptimized_pla
     assert info["statistics_first"]  # the re-ordered, pre-optimized graph, not the fallback
 
 
+@pytest.mark.parametrize("hw", [(64, 64), (16, 16, 16)], ids=["2d", "3d"])
+def test_an_inference_bn_whose_beta_dwarfs_gamma_has_its_input_statistics_derived_to_float32_rounding(tmp_path, hw):
+    # y = gamma * x / sqrt(var + eps) + beta with |beta| thousands of times gamma (a shipped recognizer had
+    # gamma -0.006, beta -3.19): a plain float32 mean of y^2 keeps almost none of y's variance, from which
+    # the input's is derived; pooled about beta (a depthwise Conv on 4-D maps, a Sub on 5-D ones) it keeps it
+    path = bn_model(
+        tmp_path / "bn.onnx",
+        channels=4,
+        hw=hw,
+        scale=[1e-3, -2e-3, 1.5e-3, 1e-3],
+        bias=[3.0, -2.5, 4.0, -3.5],
+        mean=[0.0] * 4,
+        var=[1.0] * 4,
+    )
+    info = _compare_with_plain_run(path, size=4)
+    assert info["modes"] == "fast"
+
+
 def _disables_prepacking(path: str) -> bool:
     view = OnnxBackend().load(path)
     engine = _Engine(view.handle, view.layers)

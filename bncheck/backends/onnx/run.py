@@ -335,7 +335,11 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     if m.mode == "fast":
         mean = np.asarray(values[m.outputs["mean"]], np.float64)
         n, c = mean.shape[0], mean.shape[1]
-        return _pooled(m, values, mean.reshape(n, c), np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c))
+        mean, sq = mean.reshape(n, c), np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c)
+        if m.centre is not None:  # pooled about the centre: the plain moments, in float64
+            centre = m.centre.astype(np.float64).reshape(1, c)
+            mean, sq = mean + centre, sq + 2.0 * centre * mean + centre * centre
+        return _pooled(m, values, mean, sq)
 
     # generic: reductions keep batch and channel axes in their original order
     def nc(name: str) -> np.ndarray:
