@@ -29,7 +29,7 @@ import contextlib
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
@@ -794,9 +794,11 @@ def _output_dependence(
     solo: dict[int, dict[str, np.ndarray]],
     groups: list[tuple[int, tuple[int, ...], dict[str, np.ndarray]]],
     dims: Mapping[str, tuple[Dim, ...] | None],
+    rescaled: Collection[tuple[int, ...]] = (),
 ) -> tuple[dict[str, dict[int, OutputComparison]], tuple[float, int, tuple[int, ...], int] | None]:
     """Each output of each sample alone against the same sample inside every batch that holds it (``dims``:
-    each output's declared dims without its sample axis, see _SampleAxes).
+    each output's declared dims without its sample axis, see _SampleAxes). The runs in ``rescaled`` hold
+    companions of another scale (:func:`_rescaled_companions`): compared, but left out of the outputs' spread.
 
     Returns output -> batch size -> comparison, and the worst (change, sample, batch run, row)."""
     if not solo or not groups:
@@ -816,7 +818,7 @@ def _output_dependence(
         ]
         if not usable:
             continue
-        together = np.concatenate([array for _, _, array in usable])
+        together = np.concatenate([array for _, run, array in usable if run not in rescaled] or [usable[0][2]])
         scale = output_scale(together)
         classes = scores_over_last_axis(together, dims.get(name))
         by_size: dict[int, tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, tuple[int, ...], int]]]] = {}
@@ -1213,8 +1215,24 @@ def _outputs_test(
     }
     groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b] if run in outputs]
     found, worst = _output_dependence(solo, groups, output_axes.dims)
+    rescaled: list[tuple[int, ...]] = []
+    if (worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE) and view.batch_ops and groups and solo:
+        # companions drawn like the sample leave an order statistic over the batch where it was (a max, a
+        # floor clamped to it): a reduction over the batch axis is judged with companions of other scales too
+        pool, more = _rescaled_companions(pool, groups, axes, runner, output_axes)
+        if more:
+            groups = [*groups, *more]
+            rescaled = [run for _, run, _ in more]
+            outputs = {**outputs, **{run: outs for _, run, outs in more}}
+            found, worst = _output_dependence(solo, groups, output_axes.dims, rescaled)
+            if worst is not None and worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
+                factors = " and ".join(f"{f:g}" for f in COMPANION_SCALES)
+                notes.append(
+                    "companions drawn like the sample moved no output, companions scaled by "
+                    f"{factors} did: the batch dependence shows when a batch mixes inputs of other scales"
+                )
     if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
-        if groups and _same_for_every_sample(groups):
+        if groups and _same_for_every_sample([g for g in groups if g[1] not in rescaled]):
             notes.append(BLIND_NOTE)
             return {}, None, None  # not measured: equal numbers would read as outputs that do not depend
         return found, None, None
@@ -1229,7 +1247,7 @@ def _outputs_test(
     candidates = [
         w
         for b in sorted({size for size, _, _ in groups})
-        for w in [_output_dependence(solo, [g for g in groups if g[0] == b], output_axes.dims)[1]]
+        for w in [_output_dependence(solo, [g for g in groups if g[0] == b], output_axes.dims, rescaled)[1]]
         if w is not None and w[0] > OUTPUT_DEPENDENCE_TOLERANCE
     ][:1]
     candidates += [worst] if not candidates or candidates[0][2] != worst[2] else []
@@ -1253,7 +1271,7 @@ def _outputs_test(
     for sample in extra:
         solo[sample] = _observe(runner, _take(pool, (sample,), axes), 1, output_axes, layers=False)[1]
     if extra:
-        found, _ = _output_dependence(solo, groups, output_axes.dims)
+        found, _ = _output_dependence(solo, groups, output_axes.dims, rescaled)
         notes.append(
             f"the model's outputs depend on the batch: {len(extra)} more sample(s) run alone to measure the effect"
         )
@@ -1263,6 +1281,46 @@ def _outputs_test(
     if located is None:
         notes.append("the model's outputs depend on the batch, but no tensor was found where it starts")
     return found, companion, located
+
+
+#: what the companions of a sample are multiplied by (one batch each) where companions drawn like it moved
+#: no output of a model that reduces over its batch axis: 1e4 is 80 dB, the floor a spectrogram's top-dB clamp
+#: takes from the loudest sample of the batch
+COMPANION_SCALES = (1e4, 1e-4)
+
+
+def _rescaled_companions(
+    pool: Mapping[str, np.ndarray],
+    groups: list[tuple[int, tuple[int, ...], dict[str, np.ndarray]]],
+    axes: Mapping[str, int | None],
+    runner: Runner,
+    output_axes: _SampleAxes,
+) -> tuple[Mapping[str, np.ndarray], list[tuple[int, tuple[int, ...], dict[str, np.ndarray]]]]:
+    """The smallest batch run again with its companions' floating-point inputs scaled by each of
+    :data:`COMPANION_SCALES`: the pool with those companions added as new samples, and the new runs (its
+    first sample, which ran alone, at row 0)."""
+    size, run, _ = min(groups, key=lambda group: len(group[1]))
+    floats = [name for name, array in pool.items() if axes.get(name, 0) is not None and array.dtype.kind == "f"]
+    samples = {len(array) for name, array in pool.items() if axes.get(name, 0) is not None}
+    if len(run) < 2 or not floats or len(samples) != 1:
+        return pool, []
+    count = samples.pop()
+    companions = list(run[1:])
+    extended = dict(pool)
+    for name, array in pool.items():
+        if axes.get(name, 0) is None:
+            continue
+        added = [
+            array[companions] * np.asarray(f, array.dtype) if name in floats else array[companions]
+            for f in COMPANION_SCALES
+        ]
+        extended[name] = np.concatenate([array, *added])
+    more = []
+    for k in range(len(COMPANION_SCALES)):
+        new = (run[0], *range(count + k * len(companions), count + (k + 1) * len(companions)))
+        outs = _observe(runner, _take(extended, new, axes), len(new), output_axes, layers=False)[1]
+        more.append((size, new, outs))
+    return extended, more
 
 
 #: the note of a probe whose synthetic samples all gave the same outputs (integer ids the model maps to one

