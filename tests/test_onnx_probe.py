@@ -154,10 +154,10 @@ def test_in_graph_statistics_at_ort_enable_all_equal_numpy_of_an_unoptimized_pla
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (16, 16, 16)], ids=["2d", "3d"])
-def test_an_inference_bn_whose_beta_dwarfs_gamma_has_its_input_statistics_derived_to_float32_rounding(tmp_path, hw):
+def test_an_inference_bn_whose_beta_dwarfs_gamma_is_measured_at_its_input_and_its_output_derived(tmp_path, hw):
     # y = gamma * x / sqrt(var + eps) + beta with |beta| thousands of times gamma (a shipped recognizer had
-    # gamma -0.006, beta -3.19): a plain float32 mean of y^2 keeps almost none of y's variance, from which
-    # the input's is derived; pooled about beta (a depthwise Conv on 4-D maps, a Sub on 5-D ones) it keeps it
+    # gamma -0.006, beta -3.19): a float32 mean of y^2 keeps almost none of y's variance, from which the
+    # input's would be derived; the input itself holds it (its mean is small against its spread)
     path = bn_model(
         tmp_path / "bn.onnx",
         channels=4,
@@ -169,6 +169,11 @@ def test_an_inference_bn_whose_beta_dwarfs_gamma_has_its_input_statistics_derive
     )
     info = _compare_with_plain_run(path, size=4)
     assert info["modes"] == "fast"
+    view = OnnxBackend().load(path)
+    engine = _Engine(view.handle, view.layers)
+    [plan] = engine.plans
+    engine.close()
+    assert plan.affine is not None and plan.input is not None and plan.output is None
 
 
 def _disables_prepacking(path: str) -> bool:

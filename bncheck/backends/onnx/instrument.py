@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 #: elements per sample up to which a measured tensor is fetched whole (exact statistics in numpy).
 SMALL_SAMPLE = 4096
 #: An inference BN's output whose mean square is expected to exceed its variance by more than this factor on a
-#: live channel (beta large against gamma) is pooled about beta: in float32 its plain mean of squares keeps too
-#: few digits of the variance its input's statistics are derived from (a shipped recognizer's channel with
-#: gamma -0.006 and beta -3.19, a factor of 7e4: its input variance came out x2.3 too large)
-CENTRE_CONDITION = 1e3
+#: live channel (beta large against gamma) is not where its input's statistics are derived from: in float32
+#: its mean of squares keeps too few digits of that variance (a shipped recognizer's channel with gamma -0.006
+#: and beta -3.19, a factor of 7e4: its input variance came out x2.3 too large). Its input is measured instead
+CONDITION_LIMIT = 1e3
 _ALIGN = 4096
 #: initializers up to this size stay inside the stub (a negligible copy; shape inference needs them).
 EMBED_BYTES = 64 * 1024
@@ -59,7 +59,6 @@ class Measure:
     channels: int | None = None
     rank: int | None = None  # generic and fast forms: the tensor's rank
     as_float: str | None = None  # generic form: the tensor as float32 (a Cast for other types)
-    centre: np.ndarray | None = None  # fast form: per channel, the value its mean and mean square are pooled about
 
 
 @dataclass
@@ -444,17 +443,11 @@ class Augmenter:
         return total
 
     def measure(
-        self,
-        tensor: str,
-        batch_axis: int | None,
-        channel_axis: int | None,
-        minmax: bool = True,
-        centre: np.ndarray | None = None,
+        self, tensor: str, batch_axis: int | None, channel_axis: int | None, minmax: bool = True
     ) -> Measure | None:
         """How ``tensor`` is measured. ``minmax=False`` lets the fast form skip the per-channel min and max
         (two GlobalMaxPool and a depthwise Conv for -t: ~40% of the added kernel time on ResNet-50); the
-        other forms measure them anyway (fetched whole, or reduced exactly). ``centre``: per channel, the
-        value the fast form pools the tensor about (decoded back to plain moments in float64)."""
+        other forms measure them anyway (fetched whole, or reduced exactly)."""
         shape = self.shapes.get(tensor)
         rank = None if shape is None else len(shape)
         if rank is not None:
@@ -491,8 +484,6 @@ class Augmenter:
             m.minmax = minmax
             m.rank = rank
             m.channels = int(shape[1])
-            if centre is not None and np.size(centre) == m.channels:
-                m.centre = np.asarray(centre, np.float32).ravel()
             self._fast(m, m.channels)
         else:
             m.mode = "generic"
@@ -535,8 +526,6 @@ class Augmenter:
     def _fast(self, m: Measure, channels: int) -> None:
         """NCHWc-native statistics: mean of t and of t^2; with ``m.minmax`` also max of t and of -t."""
         b, t = self.b, m.tensor
-        if m.centre is not None:
-            t = self._centred(m, channels)
         m.outputs["mean"] = b.one("GlobalAveragePool", [t], "mean")
         if m.minmax:
             self._fast_minmax(m, channels)
@@ -546,19 +535,6 @@ class Augmenter:
         m.outputs["sq"] = b.one("GlobalAveragePool", [square], "sq")
         if m.length is None:  # symbolic spatial dims: the runtime shape sizes the counts
             m.outputs["shape"] = b.one("Shape", [t], "shape")
-
-    def _centred(self, m: Measure, channels: int) -> str:
-        """The tensor less ``m.centre`` per channel: on 4-D maps a depthwise 1x1 Conv with weight 1 and bias
-        -centre (NCHWc-native, as in :meth:`_fast_minmax`), on other ranks a Sub."""
-        b, t = self.b, m.tensor
-        assert m.centre is not None and m.rank is not None
-        if m.rank == 4:
-            ones = b.const(np.ones((channels, 1, 1, 1), np.float32), "centre_w")
-            return b.one(
-                "Conv", [t, ones, b.const(-m.centre, "centre_b")], "centred", group=channels, kernel_shape=[1, 1]
-            )
-        shaped = b.const(m.centre.reshape((channels,) + (1,) * (m.rank - 2)), "centre")
-        return b.one("Sub", [t, shaped], "centred")
 
     def _add_extremes(self, m: Measure) -> None:
         """Min/max (and the generic form's zero and NaN/Inf counts) for a tensor first measured without them."""
@@ -665,8 +641,14 @@ class Augmenter:
             # its min/max are not needed: mean and mean of squares only. NaN/Inf still show: one
             # non-finite element makes its sample's mean non-finite (see _needs_exact).
             plan.affine = affine
-            centre = layer.bias if _ill_conditioned(layer) else None
-            plan.output = self.measure(layer.output, layer.batch_axis, layer.channel_axis, minmax=False, centre=centre)
+            # one side measured, the other derived: the output (Conv+BN fusion survives) unless deriving from
+            # it loses the input's variance; measured before the BN runs, the input then costs no more memory
+            side = layer.input if _output_ill_conditioned(layer) else layer.output
+            measured = self.measure(side, layer.batch_axis, layer.channel_axis, minmax=False)
+            if side == layer.input:
+                plan.input = measured
+            else:
+                plan.output = measured
             return plan
         extremes = can_collapse(layer, self.concrete)
         plan.input = self.measure(layer.input, layer.batch_axis, layer.channel_axis, extremes)
@@ -927,19 +909,24 @@ def can_collapse(layer: NormLayer, concrete: ProbeShapes | None = None) -> bool:
     return known is None or bool(symbolic) or known < 2
 
 
-def _ill_conditioned(layer: NormLayer) -> bool:
-    """An inference BN whose output, on inputs of its running statistics (mean beta, variance
-    gamma^2 var / (var + eps)), has a mean square over :data:`CENTRE_CONDITION` times its variance on a live
-    channel (dead ones carry nothing to derive)."""
+def _output_ill_conditioned(layer: NormLayer) -> bool:
+    """An inference BN whose output's float32 mean of squares would lose its input's variance where its input's
+    would not: on inputs of its running statistics, a live channel's mean square over :data:`CONDITION_LIMIT`
+    times its variance at the output (beta^2 against gamma^2 var / (var + eps)) and under it at the input
+    (mean^2 against var) on every live channel (dead ones carry nothing to derive)."""
     from bncheck.verdicts import live_channels, output_spread
 
     spread, live = output_spread(layer), live_channels(layer)
-    if spread is None or live is None or layer.bias is None or np.size(layer.bias) != spread.size:
+    if spread is None or live is None or layer.bias is None or layer.mean is None or layer.var is None:
         return False
-    beta = np.asarray(layer.bias, np.float64).ravel()
+    beta, mean, var = (np.asarray(p, np.float64).ravel() for p in (layer.bias, layer.mean, layer.var))
+    if not beta.size == mean.size == var.size == spread.size:
+        return False
     with np.errstate(all="ignore"):
-        condition = (beta * beta + spread * spread) / (spread * spread)
-    return bool(np.any(live & np.isfinite(condition) & (condition > CENTRE_CONDITION)))
+        at_output = (beta * beta + spread * spread) / (spread * spread)
+        at_input = (mean * mean + var) / var
+    live &= np.isfinite(at_output) & np.isfinite(at_input)
+    return bool(np.any(at_output[live] > CONDITION_LIMIT) and np.all(at_input[live] <= CONDITION_LIMIT))
 
 
 def _inference_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray] | None:

@@ -335,11 +335,7 @@ def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     if m.mode == "fast":
         mean = np.asarray(values[m.outputs["mean"]], np.float64)
         n, c = mean.shape[0], mean.shape[1]
-        mean, sq = mean.reshape(n, c), np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c)
-        if m.centre is not None:  # pooled about the centre: the plain moments, in float64
-            centre = m.centre.astype(np.float64).reshape(1, c)
-            mean, sq = mean + centre, sq + 2.0 * centre * mean + centre * centre
-        return _pooled(m, values, mean, sq)
+        return _pooled(m, values, mean.reshape(n, c), np.asarray(values[m.outputs["sq"]], np.float64).reshape(n, c))
 
     # generic: reductions keep batch and channel axes in their original order
     def nc(name: str) -> np.ndarray:
@@ -564,6 +560,11 @@ def _derive_input(out: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats
     with np.errstate(all="ignore"):
         inverse = 1.0 / a
     return _affine(out, inverse, b, np.zeros_like(inverse), out.nonfinite)
+
+
+def _derive_output(inp: TensorStats, a: np.ndarray, b: np.ndarray) -> TensorStats:
+    """Output statistics of y = a*x + b from the input's."""
+    return _affine(inp, a, np.zeros_like(a), b, inp.nonfinite)
 
 
 def _deviation(runtime: TensorStats, spec: TensorStats) -> float:
@@ -828,6 +829,8 @@ class _Engine:
                 inp, out = get(plan.input), get(plan.output)
                 if plan.affine is not None and out is not None:
                     inp = _derive_input(out, *plan.affine)
+                elif plan.affine is not None and inp is not None:  # measured at its input (Augmenter._plan)
+                    out = _derive_output(inp, *plan.affine)
                 if plan.spec_affine is not None and inp is not None and plan.input is not None:
                     scale, bias = plan.spec_affine
                     eps = float(plan.layer.epsilon or 0.0)
