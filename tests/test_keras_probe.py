@@ -444,6 +444,36 @@ def test_briefly_fitted_classifier_drift_is_an_error_with_its_output_effect(tmp_
     assert "top-1 agrees on" in effect["summary"]
 
 
+def test_the_keras_effect_recomputes_only_the_layers_fix_would(tmp_path):
+    """BN003's output effect is what `fix` would write: the drifting layer recomputed, a layer whose statistics
+    are near the data's (under BN003's thresholds) kept. Recomputing every layer (tempocnn's fcn: only its last
+    BN drifted, all ten were recomputed) called an error what fix's own repair moved by a warning's amount."""
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,), name="features")
+    x = layers.ReLU()(layers.BatchNormalization(name="bn_1")(layers.Dense(16, name="dense_1")(inp)))
+    x = layers.ReLU()(layers.BatchNormalization(name="bn_2")(layers.Dense(16, name="dense_2")(x)))
+    model = keras.Model(inp, layers.Dense(10, name="logits")(x))
+    data = rng.normal(size=(256, 8)).astype(np.float32)
+    h = data.astype(np.float64)
+    # bn_1 0.3 sd and x1.5 off the data (under 0.5 sd and x2), bn_2 2 sd and x6 off
+    for dense, bn, shift, ratio in (("dense_1", "bn_1", 0.3, 1.5), ("dense_2", "bn_2", 2.0, 6.0)):
+        kernel, bias = (np.asarray(w, np.float64) for w in model.get_layer(dense).get_weights())
+        h = h @ kernel + bias
+        layer = model.get_layer(bn)
+        mean, var = h.mean(axis=0) + shift * h.std(axis=0), h.var(axis=0) * ratio
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(var.astype(np.float32))
+        gamma, beta = (np.asarray(w).astype(np.float64) for w in (layer.gamma, layer.beta))
+        h = np.maximum((h - mean) / np.sqrt(var + layer.epsilon) * gamma + beta, 0.0)
+    path = _save(model, tmp_path / "one_drifts.keras")
+    np.save(tmp_path / "data.npy", data)
+    data_path = str(tmp_path / "data.npy")
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), data_path=data_path, data_source=data_path))
+    [finding] = [f for f in report.findings if f.code == "BN003"]
+    assert finding.layer == "bn_2" and finding.evidence["output_effect"]["recomputed_layers"] == ["bn_2"]
+
+
 def test_keras_effect_passes_measure_no_layer(tmp_path):
     """The effect's two passes over the data read the model's outputs only: no layer's statistics are computed
     on the data's one batch (they were half of a probe's time on fer's 500 samples)."""
@@ -454,7 +484,7 @@ def test_keras_effect_passes_measure_no_layer(tmp_path):
     runner = KerasRunner(view, view.handle)
     found = recalibration(runner, {"features": data})
     assert not isinstance(found, str) and found.outputs["logits"].samples == 256
-    assert runner.capture.seen == {} and runner.capture.recompute == set()
+    assert runner.capture.seen == {} and runner.capture.recompute == {}
 
 
 def test_keras_effect_takes_the_stored_outputs_the_probes_runs_over_the_data_kept(tmp_path):

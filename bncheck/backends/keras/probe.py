@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -145,8 +145,9 @@ class _Capture:
         self.stats = stats
         self.seen: dict[str, list[tuple[TensorStats, TensorStats | None]]] = {}
         # layers whose moving statistics are set, on each call, to the statistics of the batch they receive
-        # (see recalibration)
-        self.recompute: set[str] = set()
+        # (see recalibration): True always, False where those drift from the stored ones; and those set
+        self.recompute: dict[str, bool] = {}
+        self.recomputed: list[str] = []
         # layers not measured until the model's outputs hold NaN/Inf (probe_plan.needs_statistics): numpy
         # statistics of every call were half of a probe's time on spliceai's 32 BNs
         self.skip: set[str] = set()
@@ -157,8 +158,8 @@ class _Capture:
         capture = self
 
         def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            if name in capture.recompute:
-                _set_moving_stats(layer, norm, to_numpy(inputs))
+            if name in capture.recompute and _set_moving_stats(layer, norm, to_numpy(inputs), capture.recompute[name]):
+                capture.recomputed.append(name)
             outputs = original(inputs, *args, **kwargs)
             if name in capture.skip:
                 return outputs
@@ -172,16 +173,21 @@ class _Capture:
         object.__setattr__(layer, "call", call)
 
 
-def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray) -> None:
-    """The layer's moving mean and variance := the population statistics of ``x`` per channel."""
+def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray, always: bool = True) -> bool:
+    """The layer's moving mean and variance := the population statistics of ``x`` per channel, ``always`` or
+    where those drift from the stored ones (``norm``'s; BN003's thresholds), as `fix` decides; whether set."""
     axis = channel_axis_of(norm, layer, x.ndim)
     others = tuple(a for a in range(x.ndim) if a != axis)
     wide = np.asarray(x, np.float64)
-    for variable, value in (
-        (layer.moving_mean, wide.mean(axis=others)),
-        (layer.moving_variance, wide.var(axis=others)),
-    ):
+    mean, var = wide.mean(axis=others), wide.var(axis=others)
+    if not always:
+        from bncheck.verdicts import drift, drifts
+
+        if norm.mean is None or np.size(norm.mean) != mean.size or not drifts(*drift(norm, mean, var)):
+            return False
+    for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
         variable.assign(value.astype(np.dtype(str(variable.dtype))))
+    return True
 
 
 def pool(calls: list[TensorStats]) -> TensorStats:
@@ -392,9 +398,10 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
     stored = next((r.data_outputs for r in results if r.call_style == PREDICT), None)
     for result in results:
         result.data_outputs = None
-    if effect_data is not None and any(drifting_layers(view, r) for r in results):
+    flagged = {name for r in results for name in drifting_layers(view, r)}
+    if effect_data is not None and flagged:
         announce(settings.progress, EFFECT_STAGE)
-        found = recalibration(runner, effect_data, stored)
+        found = recalibration(runner, effect_data, stored, flagged)
         for result in results:
             if isinstance(found, str):
                 result.notes.append(f"output effect of the drifting statistics not measured: {found}")
@@ -416,11 +423,16 @@ def _one_batch_bound(runner: KerasRunner, settings: ProbeSettings) -> tuple[int,
 
 
 def recalibration(
-    runner: KerasRunner, data: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray] | None = None
+    runner: KerasRunner,
+    data: Mapping[str, np.ndarray],
+    stored: Mapping[str, np.ndarray] | None = None,
+    flagged: Collection[str] = (),
 ) -> Recalibration | str:
-    """``predict`` outputs with every BatchNormalization's moving statistics recomputed from the data, against
-    the stored ones: exact population statistics, layer by layer downstream of the recomputed ones, as
-    `fix` computes them for every layer that needs it (fix.py), here in one pass instead of one per layer.
+    """``predict`` outputs with the BatchNormalizations' moving statistics `fix` recomputes recomputed from the
+    data, against the stored ones: exact population statistics, layer by layer downstream of the recomputed
+    ones, here in one pass instead of one per layer. `fix` (fix.py) recomputes the layers the probe ``flagged``
+    (drifting, or never updated) and those whose statistics drift once the layers above them are recomputed;
+    the others keep theirs.
 
     One forward pass over the data as a single batch gives exactly that: each layer, on its call, takes the
     statistics of the input it receives, which already went through the recomputed layers upstream (a
@@ -445,15 +457,20 @@ def recalibration(
     stored = first_outputs(stored, count)
     if stored is None:
         stored = runner.observe(feeds, PREDICT, layers=False).outputs
-    runner.capture.recompute = set(names)
+    runner.capture.recompute = {n: n in flagged for n in names}
+    runner.capture.recomputed = []
     try:
         recomputed = runner.observe(feeds, PREDICT, layers=False).outputs
+        changed = tuple(dict.fromkeys(runner.capture.recomputed))  # a shared layer's calls: once
     finally:
-        runner.capture.recompute = set()
+        runner.capture.recompute = {}
+        runner.capture.recomputed = []
         for n, (mean, var) in saved.items():
             runner.layers[n].moving_mean.assign(mean)
             runner.layers[n].moving_variance.assign(var)
-    return compare_recalibrated(names, stored, recomputed, runner.view.output_shapes)
+    if not changed:
+        return Recalibration((), {}, 0)
+    return compare_recalibrated(changed, stored, recomputed, runner.view.output_shapes)
 
 
 def embedding_bounds(config: dict[str, Any], inputs: list[str]) -> dict[str, int]:
