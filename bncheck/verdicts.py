@@ -177,6 +177,13 @@ def judged_running_stats(layer: NormLayer) -> bool:
     return layer.uses_running_stats or bool(layer.running_stats_used_by)
 
 
+def frozen_with_stats(layer: NormLayer) -> bool:
+    """A Keras layer saved frozen (``trainable: false``) whose moving statistics moved from the initial 0/1:
+    in transfer learning the layers after it were trained on those statistics (a frozen BatchNormalization runs
+    with them in training too), so recomputing them from other data changes what those layers learned."""
+    return layer.extra.get("trainable", True) is False and not has_default_stats(layer)
+
+
 def has_default_stats(layer: NormLayer) -> bool:
     """Running mean exactly 0 and running variance exactly 1 in every channel."""
     if layer.mean is None or layer.var is None or layer.mean.size == 0:

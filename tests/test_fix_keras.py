@@ -409,3 +409,40 @@ def test_a_base_model_inside_a_sequential_runs_its_later_passes_from_kept_tensor
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
     assert full.passes == 2 and full_batches == 6
     _same_statistics(tmp_path / "kept.keras", tmp_path / "full.keras", 4)
+
+
+def _frozen_backbone_under_a_head(tmp_path: Path) -> tuple[str, str]:
+    """Dense -> BatchNormalization saved frozen (trainable=False), its moving statistics 2 sd and x6 off the
+    data's, under a trained-looking head: transfer learning's frozen backbone fed other preprocessing."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    inp = keras.Input((8,), name="features")
+    bn = keras.layers.BatchNormalization(name="backbone_bn", trainable=False)
+    x = keras.layers.ReLU()(bn(keras.layers.Dense(16, name="backbone")(inp)))
+    model = keras.Model(inp, keras.layers.Dense(5, name="head")(x))
+    data = rng.normal(size=(128, 8)).astype(np.float32)
+    mean, var = bn_input_stats(model, "backbone_bn", data)
+    bn.moving_mean.assign((mean + 2.0 * np.sqrt(var)).astype(np.float32))
+    bn.moving_variance.assign((6.0 * var).astype(np.float32))
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    np.save(tmp_path / "data.npy", data)
+    return path, str(tmp_path / "data.npy")
+
+
+def test_a_frozen_layers_drift_is_a_warning_and_fix_keeps_its_statistics_unless_told(tmp_path: Path) -> None:
+    # the layers after a frozen one were trained on its statistics (Capricorn's frozen DenseNet under its head:
+    # recomputed from its tiles, predictions moved to another tissue class); --stats data still recomputes them
+    path, data = _frozen_backbone_under_a_head(tmp_path)
+    result = CliRunner().invoke(main, ["probe", path, "--data", data, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    [finding] = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "BN003"]
+    assert finding["layer"] == "backbone_bn" and finding["severity"] == "warning"
+    assert finding["evidence"]["trainable"] is False and "frozen" in finding["message"]
+    assert "--stats data" in finding["hint"]
+    kept = fix(path, str(tmp_path / "kept.keras"), data)
+    [entry] = [e for e in kept.fix.outcome.layers if e.layer == "backbone_bn"]
+    assert entry.action == "unchanged" and "frozen" in entry.reason
+    recomputed = fix(path, str(tmp_path / "recomputed.keras"), data, stats="data")
+    [entry] = [e for e in recomputed.fix.outcome.layers if e.layer == "backbone_bn"]
+    assert entry.action == "recalibrated"

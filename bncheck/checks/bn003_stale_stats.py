@@ -52,6 +52,7 @@ from bncheck.verdicts import (
     default_stats_output,
     drift,
     drifts,
+    frozen_with_stats,
     has_default_stats,
     judged_running_stats,
     silent_in_both,
@@ -75,6 +76,16 @@ DATA_CAVEAT = (
 HINT_DRIFT = (
     "Recompute the moving statistics on representative data (`bncheck fix MODEL --data CALIB -o FIXED`), or "
     "train longer / with a smaller momentum decay so the averages converge." + DATA_CAVEAT
+)
+#: a frozen layer's drift (Capricorn's DenseNet backbone, frozen under a trained head, fed /255 inputs: the
+#: statistics of ImageNet's preprocessing, x33 off at the first layer; recomputed, 21 of 32 tiles moved from
+#: one tissue class to another) is the data's difference from what the head was trained with
+HINT_FROZEN = (
+    "The layer was saved frozen (trainable: false): if the layers after it were trained while it was frozen "
+    "(transfer learning), they were fit on these statistics, and `fix` keeps them (--stats data recomputes "
+    "them). Check that the data are preprocessed as in that training (the backbone's preprocess_input, scale, "
+    "channel order); recompute the statistics only to adapt the model to new data, then retrain the layers "
+    "after it."
 )
 #: Keras has no update ops to forget (fit updates the averages): recompute the statistics, by bncheck or in Keras.
 HINT_KERAS = (
@@ -168,6 +179,14 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         else:
             message += "; the model's outputs barely change"
     hint = HINT_KERAS + DATA_CAVEAT if is_keras(layer) else HINT_DRIFT
+    if frozen_with_stats(layer):
+        # what fix keeps is not an error of the model: the data differ from what its later layers learned on
+        evidence["trainable"] = False
+        severity = Severity.WARNING
+        message += (
+            "; the layer is frozen (trainable: false), so the layers after it may have been trained on these statistics"
+        )
+        hint = HINT_FROZEN
     return Finding(CODE, SLUG, severity, layer.name, message, hint, evidence)
 
 

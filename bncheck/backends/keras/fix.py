@@ -292,6 +292,14 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
             results[i] = LayerFix(
                 layer.name, "unchanged", "drift from the data cannot be judged without --data", old=old
             )
+        elif request.stats == "auto" and verdicts.frozen_with_stats(layer):
+            results[i] = LayerFix(
+                layer.name,
+                "unchanged",
+                "frozen (trainable: false): the layers after it may have been trained on its moving statistics, "
+                "kept (--stats data recomputes them where they drift)",
+                old=old,
+            )
         else:
             pending.append(
                 _Pending(i, layer, "recalibrated", STALE, "moving statistics compared with the data", check_drift=True)

@@ -448,11 +448,17 @@ def recalibration(
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
         return exc.summary
     feeds = {name: np.ascontiguousarray(array) for name, array in data.items()}
-    names = tuple(
-        n.name for n in runner.view.layers if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean")
-    )
-    if not names:
+    from bncheck.verdicts import frozen_with_stats
+
+    batch_norms = [
+        n for n in runner.view.layers if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean")
+    ]
+    if not batch_norms:
         return "no BatchNormalization with moving statistics"
+    # fix keeps a frozen layer's statistics (by default): so does the effect
+    names = tuple(n.name for n in batch_norms if not frozen_with_stats(n))
+    if not names:
+        return Recalibration((), {}, 0)
     saved = {n: (np.array(runner.layers[n].moving_mean), np.array(runner.layers[n].moving_variance)) for n in names}
     stored = first_outputs(stored, count)
     if stored is None:
