@@ -657,8 +657,9 @@ def scores_over_last_axis(array: np.ndarray, declared: tuple[Dim, ...] | None) -
     distributions (a softmax over the last axis) are classes; values all within [0, 1] otherwise are
     independent scores (a mask, multi-label sigmoids), which have no top-1. Other values (logits) are
     classes at rank 2, and per position at rank 3 when the axis before the last is free (a sequence model's
-    [batch, seq, classes]), but not on a fixed grid ([frames, notes], an anchor map). Integer and boolean
-    outputs (masks, token ids) have no arg-max to agree on."""
+    [batch, seq, classes]), but not on a fixed grid ([frames, notes], an anchor map), nor rows of unit length (an
+    L2-normalized embedding, compared by cosine: efficientword-net's 2048-d one). Integer and boolean outputs
+    (masks, token ids) have no arg-max to agree on."""
     if array.dtype.kind != "f" or array.ndim < 2 or array.shape[-1] < 2 or not array.shape[0]:
         return False
     known = declared is not None and len(declared) == array.ndim - 1
@@ -666,6 +667,8 @@ def scores_over_last_axis(array: np.ndarray, declared: tuple[Dim, ...] | None) -
         return False
     if _unit_range(array) is not None:
         return _softmax_rows(array)  # else independent scores in [0, 1]: not classes
+    if _unit_rows(array):
+        return False
     return array.ndim == 2 or (array.ndim == 3 and known and not _fixed(declared[0]))  # type: ignore[index]
 
 
@@ -680,6 +683,13 @@ def _softmax_rows(array: np.ndarray) -> bool:
     """Rows over the last axis (of values in [0, 1]) that sum to 1, float16 rounding allowed: a softmax."""
     with np.errstate(all="ignore"):
         return bool(np.all(np.abs(np.sum(array, axis=-1, dtype=np.float64) - 1.0) <= 1e-2))
+
+
+def _unit_rows(array: np.ndarray) -> bool:
+    """Rows over the last axis of L2 norm 1 (float16 rounding allowed): an embedding normalized for cosines."""
+    with np.errstate(all="ignore"):
+        norms = np.sqrt(np.sum(np.square(array, dtype=np.float64), axis=-1))
+    return bool(np.all(np.abs(norms - 1.0) <= 1e-3))
 
 
 def _fixed(dim: Dim) -> bool:

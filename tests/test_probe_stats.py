@@ -331,6 +331,16 @@ def test_top1_agreement_is_quoted_for_class_scores_and_not_for_a_mask_or_ids():
     assert compare_outputs("ids", ids, ids + 1, 1.0).agreement is None
 
 
+def test_an_l2_normalized_embedding_is_not_class_scores():
+    # efficientword-net's 2048-d embedding, compared by cosine: "top-1 agrees on 0%" of its arg-max meant nothing
+    rng = np.random.default_rng(1)
+    embedding = rng.standard_normal((8, 64)).astype(np.float32)
+    assert scores_over_last_axis(embedding, (64,))  # as logits
+    embedding /= np.linalg.norm(embedding, axis=1, keepdims=True)
+    assert not scores_over_last_axis(embedding, (64,))
+    assert not scores_over_last_axis(embedding.astype(np.float16), (64,))
+
+
 def test_a_logit_per_sequence_position_is_not_class_scores():
     # [batch, seq]: one sigmoid logit per position; an arg-max over the positions would mean nothing
     presence = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
