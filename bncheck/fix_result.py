@@ -16,6 +16,7 @@ import numpy as np
 
 from bncheck.model import NormLayer, TensorStats, median, summarize
 from bncheck.probe_data import release_mapped, sample_count
+from bncheck.verdicts import drift_text
 
 if TYPE_CHECKING:
     from bncheck.findings import Finding
@@ -265,5 +266,5 @@ def _drift_text(evidence: dict[str, Any]) -> str:
     shift = evidence.get("median_mean_shift")
     ratio = evidence.get("median_log_var_ratio")
     if isinstance(shift, (int, float)) and isinstance(ratio, (int, float)):
-        return f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(ratio):.2f}"
+        return drift_text(shift, ratio)
     return "reported by the probe"

@@ -239,6 +239,23 @@ def silent_in_both(layer: NormLayer, observed_var: np.ndarray) -> np.ndarray:
     return finite & (spread <= NEGLIGIBLE_OUTPUT_RATIO * float(np.max(spread[finite])))
 
 
+def shown(value: float, threshold: float) -> str:
+    """``value`` with two decimals, or with as many more (up to five) as it takes not to print its threshold:
+    a variance ratio of 2.0006 against x2 reads "2.001", not "2.00", which would not show it past the line."""
+    text = f"{value:.2f}"
+    for digits in range(3, 6):
+        if value == threshold or float(text) != threshold:
+            break
+        text = f"{value:.{digits}f}"
+    return text
+
+
+def drift_text(shift: float, log_ratio: float) -> str:
+    """A drift's two numbers as `fix` quotes them (:func:`shown` against BN003's thresholds)."""
+    ratio = shown(math.exp(log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))
+    return f"median mean shift {shown(shift, MEAN_SHIFT_THRESHOLD)} sd, variance ratio x{ratio}"
+
+
 def drifts(shift: float, log_ratio: float) -> bool:
     """A layer's running statistics are far from the data's (the output of :func:`drift`)."""
     return shift > MEAN_SHIFT_THRESHOLD or log_ratio > LOG_VAR_RATIO_THRESHOLD

@@ -55,6 +55,7 @@ from bncheck.verdicts import (
     frozen_with_stats,
     has_default_stats,
     judged_running_stats,
+    shown,
     silent_in_both,
 )
 
@@ -153,8 +154,9 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     silent = int(np.sum(silent_in_both(layer, seen.var)))
     left_out = f"; {silent} dead channel(s) left out" if silent else ""
     message = (
-        f"{describe(layer)} moving statistics are far from the data's: median mean shift {shift:.2f} "
-        f"standard deviations, median variance ratio x{math.exp(log_ratio):.2f} "
+        f"{describe(layer)} moving statistics are far from the data's: median mean shift "
+        f"{shown(shift, MEAN_SHIFT_THRESHOLD)} standard deviations, median variance ratio "
+        f"x{shown(math.exp(log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))} "
         f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}{left_out}){_used_by(layer)}"
     )
     evidence: dict[str, object] = {

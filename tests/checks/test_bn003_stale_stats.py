@@ -125,3 +125,12 @@ def test_sample_drift_changes_predictions_and_the_matching_model_stays_clean():
     assert logits["shift_sd"] > 2.0 and logits["top1_agreement"] < 0.8 and logits["samples"] == 64
     clean = engine.probe(str(samples / "trained_matching.onnx"), settings)
     assert clean.findings == [] and clean.probes[0].recalibration is None  # nothing drifts: nothing recomputed
+
+
+def test_a_drift_just_past_a_threshold_is_not_printed_as_the_threshold():
+    # tempocnn's BN9: a variance ratio of 2.0006 read "x2.00 (thresholds 0.5, x2)", not past the line
+    from bncheck.verdicts import drift_text, shown
+
+    assert shown(2.0006, 2.0) == "2.001" and shown(1.9996, 2.0) == "1.9996" and shown(2.61, 2.0) == "2.61"
+    assert shown(0.5004, 0.5) == "0.5004" and shown(2.0, 2.0) == "2.00"
+    assert drift_text(0.25, np.log(2.0006)) == "median mean shift 0.25 sd, variance ratio x2.001"

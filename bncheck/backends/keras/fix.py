@@ -17,7 +17,6 @@ the uncertainty are bncheck.fix_result's, shared with the ONNX backend.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from typing import Any
@@ -357,7 +356,7 @@ def _apply(p: _Pending, stats: TensorStats | None, live: Any, request: FixReques
     if p.prefer_stored or p.check_drift:
         shift, log_ratio = verdicts.drift(layer, mean, var)
         evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-        now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
+        now = verdicts.drift_text(shift, log_ratio)
         drifts = shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD
         flagged = request.flagged.get(layer.name)
         if not drifts and flagged is None:

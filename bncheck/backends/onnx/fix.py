@@ -1208,7 +1208,7 @@ class _Fixer:
         if p.what == "train" and p.prefer_stored:
             shift, log_ratio = verdicts.drift(layer, mean, var)
             evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-            now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
+            now = verdicts.drift_text(shift, log_ratio)
             if not (shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD):
                 self.record(_edit_to_inference(key, self.opset))
                 return LayerFix(
@@ -1226,7 +1226,7 @@ class _Fixer:
             evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
             drifts = shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD
             before = self.flagged.get(layer.name)
-            now = f"median mean shift {shift:.2f} sd, variance ratio x{math.exp(log_ratio):.2f}"
+            now = verdicts.drift_text(shift, log_ratio)
             if not drifts and before is None:
                 return LayerFix(
                     layer.name,
