@@ -100,7 +100,10 @@ def refuse_unsafe(static: KerasFile) -> None:
         )
 
 
-def load(keras: Any, path: str) -> Any:
+def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
+    """The model, by Keras's safe loader; ``saved_by``: the file's Keras version, named in a refusal where it
+    is older than 3 (Keras 3 reads Keras 1/2 files only in part: a Sequential config stored as a list, legacy
+    layer classes)."""
     try:
         # safe_mode=True only: a lambda or any object outside Keras fails to load instead of running.
         # Keras's deprecation warnings would litter stderr, which the CLI keeps for one-line errors.
@@ -109,7 +112,17 @@ def load(keras: Any, path: str) -> Any:
             return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
         text = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise BackendError(f"{path}: keras could not load the model ({text})") from None
+        old = f" saved by Keras {saved_by}" if saved_by and saved_by.split(".")[0] in ("1", "2") else ""
+        advice = (
+            f"; Keras 3 reads files of Keras {saved_by.split('.')[0]} only in part (bncheck inspect still reads "
+            "this one): to probe it, export it to ONNX from the Keras that saved it (tf2onnx), or build the model "
+            "in Keras 3 and load these weights"
+            if old and saved_by
+            else ""
+        )
+        raise BackendError(
+            f"{path}: keras {keras.__version__} could not load the model{old} ({text}){advice}"
+        ) from None
 
 
 def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
@@ -218,7 +231,7 @@ class KerasRunner:
         self.keras = import_keras(static.path)
         self.path = static.path
         self.view = view
-        self.model = load(self.keras, static.path)
+        self.model = load(self.keras, static.path, static.keras_version)
         names = [layer.name for layer in view.layers]
         self.layers = find_layers(self.model, names)
         missing = [n for n in names if n not in self.layers]
