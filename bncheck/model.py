@@ -425,6 +425,9 @@ class ProbeResult:
     # run). Only batch composition differs, so batch-invariant models give exactly 0 (same kernels).
     companion_change: float | None = None
     located: LocatedDependence | None = None
+    # output_dependence compares each sample in its row of a batch with the same row beside other companions,
+    # not alone: a batch fixed in the file, or a model no sample of which runs alone
+    companions_replaced: bool = False
     # with --data and drifting statistics: the outputs with recomputed statistics against the stored ones
     recalibration: Recalibration | None = None
     # with --data: the model's outputs on the data's first samples, samples first (run_plan's keep_outputs),

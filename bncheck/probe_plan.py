@@ -389,6 +389,28 @@ def _ran(plan: Plan, results: Mapping[tuple[int, ...], object]) -> Plan:
     return replace(plan, solo_runs=solo, group_runs=groups if solo else {})
 
 
+def _inside_a_batch(
+    plan: Plan,
+    batch_sizes: tuple[int, ...],
+    pool: Mapping[str, np.ndarray],
+    axes: Mapping[str, int | None],
+    outputs: Mapping[tuple[int, ...], object],
+) -> tuple[tuple[int, ...], tuple[int, ...], int] | None:
+    """For a model no sample of which ran alone: the smallest probe batch that ran (its outputs kept), and
+    the same batch with its first K samples in their rows and other samples of the pool as their companions
+    (make_fixed_plan's test); None where no such batch or too few other samples exist."""
+    sizes = [b for b in batch_sizes if b >= 2 and plan.probe_runs.get(b) in outputs]
+    counts = {len(array) for name, array in pool.items() if axes.get(name, 0) is not None}
+    if not sizes or len(counts) != 1:
+        return None
+    first = plan.probe_runs[min(sizes)]
+    k = max(1, min(plan.samples, len(first) - 1))
+    spare = [i for i in range(counts.pop()) if i not in first][: len(first) - k]
+    if first[:k] != tuple(range(k)) or len(spare) < len(first) - k:
+        return None
+    return first, first[:k] + tuple(spare), k
+
+
 def batch_axes(view: ModelView) -> dict[str, int | None]:
     """Input name -> the axis its samples go to when fed (None: fed as is, the same in every batch)."""
     return {spec.name: spec.batch_axis if spec.batched else None for spec in view.inputs}
@@ -1025,6 +1047,24 @@ def run_plan(
             notes.append(f"batch size {b} could not run: {one_line(error)}")
         batch_sizes = tuple(b for b in batch_sizes if b not in failed)
         plan = _ran(plan, results)
+        inside = _inside_a_batch(plan, batch_sizes, pool, axes, outputs) if 1 in failed else None
+        if test_dependence and not plan.solo_runs and fixed is None and inside is not None:
+            # no sample runs alone (a model that splits its batch into groups, say): tested as in a fixed
+            # batch instead, the smallest batch again with the probe samples in their rows, other companions
+            first, second, k = inside
+            try:
+                results[second], outputs[second], _ = _observe(
+                    runner, _take(pool, second, axes), len(second), output_axes
+                )
+            except BncheckError as exc:
+                if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME):
+                    raise
+            else:
+                plan = replace(plan, solo_runs=(first,) * k, group_runs={len(first): (second,)}, samples=k)
+                notes.append(
+                    f"batch dependence tested inside the batch of {len(first)}: {k} sample(s) kept in their rows "
+                    "while their companions were replaced"
+                )
         if test_dependence and not plan.solo_runs and fixed is None:
             why = "batch size 1 could not run" if 1 in failed else "no batch size above 1 could run"
             notes.append(f"batch dependence not tested: {why}")
@@ -1074,6 +1114,7 @@ def run_plan(
         output_dependence=output_dependence,
         companion_change=companion_change,
         located=located,
+        companions_replaced=any(len(run) != 1 for run in plan.solo_runs),
         data_outputs=data_outputs,
     )
 

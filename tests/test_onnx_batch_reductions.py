@@ -313,3 +313,25 @@ def test_a_floor_clamped_to_the_batch_max_is_found_with_companions_of_another_sc
     assert finding.evidence["output_effect"]["outputs"]["y"]["2"]["max_shift_sd"] > 1
     assert "fix" not in finding.hint
     assert any("companions scaled by 10000 and 0.0001" in note for note in report.probes[0].notes)
+
+
+def test_a_model_no_sample_can_run_alone_is_tested_inside_its_smallest_batch(tmp_path):
+    # samples centred on the mean of their pair (mne-icalabel's ICLabelNet averages copies spread across its
+    # batch): a batch of 1 cannot be reshaped into pairs, so no sample runs alone, and the test was skipped
+    # with a note under exit 0; it now keeps sample 0 in its row of the batch of 2 with another companion
+    g = _Graph()
+    g.op("Reshape", ["x", g.const("pairs_shape", np.array([-1, 2, 8], np.int64))], "pairs")
+    g.op("ReduceMean", ["pairs"], "pair_mean", axes=[1], keepdims=1)
+    g.op("Sub", ["pairs", "pair_mean"], "centred")
+    g.op("Reshape", ["centred", g.const("flat_shape", np.array([-1, 8], np.int64))], "y")
+    path = g.save(tmp_path / "pairs.onnx", ["N", 8], ["N", 8], opset=13)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(2, 8)))
+    notes = report.probes[0].notes
+    assert any("tested inside the batch of 2" in note for note in notes), notes
+    assert not any("not tested" in note for note in notes)
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.severity.label == "error" and report.probes[0].companions_replaced
+    effect = finding.evidence["output_effect"]
+    assert (
+        effect["reference"] == "its row, other companions" and "with other companions in batch 2" in effect["summary"]
+    )

@@ -39,31 +39,41 @@ def _compared(c: OutputComparison) -> str:
     return f"{c.samples * c.positions} positions ({c.positions} in each of {c.samples} samples)"
 
 
-def batch_effect(per_output: Mapping[str, Mapping[int, OutputComparison]]) -> dict[str, object] | None:
-    """BN002's effect at the model's outputs: each output of a sample alone against the same sample in a
-    batch of each size; ``summary`` is the one line the table shows (the output that moved most)."""
+def batch_effect(
+    per_output: Mapping[str, Mapping[int, OutputComparison]], companions_replaced: bool = False
+) -> dict[str, object] | None:
+    """BN002's effect at the model's outputs: each output of a sample alone (``companions_replaced``: in its
+    row of a batch) against the same sample in a batch of each size (beside other companions); ``summary`` is
+    the one line the table shows (the output that moved most)."""
     if not per_output:
         return None
+    reference, alone = (
+        ("its row, other companions", "with other companions in") if companions_replaced else ("alone", "alone vs")
+    )
     outputs = {name: {str(b): c.numbers() for b, c in per.items()} for name, per in per_output.items()}
     worst = max(
         ((c.shift, name, b) for name, per in per_output.items() for b, c in per.items() if c.shift == c.shift),
         default=None,
     )
     if worst is None:
-        return {"reference": "alone", "outputs": outputs, "summary": "model outputs not comparable"}
+        return {"reference": reference, "outputs": outputs, "summary": "model outputs not comparable"}
     _, name, size = worst
     per = per_output[name]
     if per[size].changed is None:
         others = ", ".join(f"{per[b].shift:.2g} at {b}" for b in sorted(per) if b != size)
-        line = f"{name} move {per[size].shift:.3g} sd alone vs batch {size}" + (f" ({others})" if others else "")
+        line = f"{name} move {per[size].shift:.3g} sd {alone} batch {size}" + (f" ({others})" if others else "")
     else:
         others = ", ".join(f"{100 * (per[b].changed or 0):.2g}% at {b}" for b in sorted(per) if b != size)
-        line = f"{name}: {_moved(per[size])} alone vs batch {size}" + (f" ({others})" if others else "")
+        line = f"{name}: {_moved(per[size])} {alone} batch {size}" + (f" ({others})" if others else "")
     scored = [(b, c) for b, c in sorted(per.items()) if c.agreement is not None]
     if scored:
         b, c = scored[-1]
-        line += f"; top-1 alone agrees with batch {b} on {_pct(c.agreement)} of {_compared(c)}"  # type: ignore[arg-type]
-    return {"reference": "alone", "outputs": outputs, "summary": line}
+        line += (
+            f"; top-1 with other companions agrees on {_pct(c.agreement)} of {_compared(c)} in batch {b}"  # type: ignore[arg-type]
+            if companions_replaced
+            else f"; top-1 alone agrees with batch {b} on {_pct(c.agreement)} of {_compared(c)}"  # type: ignore[arg-type]
+        )
+    return {"reference": reference, "outputs": outputs, "summary": line}
 
 
 def recalibration_effect(recal: Recalibration) -> dict[str, object]:

@@ -86,7 +86,7 @@ HINT_REDUCTION = (
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     depend = outputs_depend(probe.output_dependence, probe.companion_change) if probe is not None else None
-    effect = batch_effect(probe.output_dependence) if depend and probe is not None else None
+    effect = batch_effect(probe.output_dependence, probe.companions_replaced) if depend and probe is not None else None
     for op in view.batch_ops:
         yield _reduction_finding(op, effect, measured_invariant=depend is False)
     for layer in view.layers:
