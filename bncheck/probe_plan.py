@@ -1266,6 +1266,8 @@ def _outputs_test(
     }
     groups = [(b, run, outputs[run]) for b in sorted(plan.group_runs) for run in plan.group_runs[b] if run in outputs]
     found, worst = _output_dependence(solo, groups, output_axes.dims)
+    if solo and groups and not found:
+        notes.append(NO_ROWS_NOTE)
     rescaled: list[tuple[int, ...]] = []
     if (worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE) and view.batch_ops and groups and solo:
         # companions drawn like the sample leave an order statistic over the batch where it was (a max, a
@@ -1332,6 +1334,14 @@ def _outputs_test(
     if located is None:
         notes.append("the model's outputs depend on the batch, but no tensor was found where it starts")
     return found, companion, located
+
+
+#: the note of a probe none of whose model outputs holds one row per sample of the batch (a model that averages
+#: groups of its inputs: N samples in, N/4 rows out): the output-level test had nothing to compare
+NO_ROWS_NOTE = (
+    "no model output holds a row per sample of the batch, so the batch-dependence test of the model's outputs "
+    "compared nothing"
+)
 
 
 #: what the companions of a sample are multiplied by (one batch each) where companions drawn like it moved

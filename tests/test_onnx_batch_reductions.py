@@ -335,3 +335,15 @@ def test_a_model_no_sample_can_run_alone_is_tested_inside_its_smallest_batch(tmp
     assert (
         effect["reference"] == "its row, other companions" and "with other companions in batch 2" in effect["summary"]
     )
+
+
+def test_outputs_without_a_row_per_sample_are_said_to_compare_nothing(tmp_path):
+    # each output row the mean of a pair of samples (ICLabelNet: N samples in, N/4 rows out): the test of the
+    # outputs has no sample's row to compare, which a silent exit 0 would hide
+    g = _Graph()
+    g.op("Reshape", ["x", g.const("pairs_shape", np.array([-1, 2, 8], np.int64))], "pairs")
+    g.op("ReduceMean", ["pairs"], "y", axes=[1], keepdims=0)
+    path = g.save(tmp_path / "pair_means.onnx", ["N", 8], ["M", 8], opset=13)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(2, 8)))
+    assert any("compared nothing" in note for note in report.probes[0].notes)
+    assert not report.probes[0].output_dependence
