@@ -191,3 +191,38 @@ def test_a_file_keras_3_cannot_load_is_refused_with_the_keras_that_saved_it(tmp_
     result = CliRunner().invoke(main, ["probe", str(path)])
     assert result.exit_code == 2
     assert "saved by Keras 2.1.2" in result.stderr and "export it to ONNX" in result.stderr
+
+
+def test_a_concatenation_passes_its_inputs_shapes_on_in_a_file_without_recorded_shapes(tmp_path: Path) -> None:
+    # tempocnn's fcn (Keras 2.4 .h5, no shapes recorded): every BN after a Concatenate had "axes unknown"
+    def layer(cls: str, name: str, inbound: list[str], **config: object) -> dict[str, object]:
+        nodes = [[[ref, 0, 0, {}] for ref in inbound]] if inbound else []
+        return {"class_name": cls, "name": name, "inbound_nodes": nodes, "config": {"name": name, **config}}
+
+    conv = {"kernel_size": [3, 3], "strides": [1, 1], "padding": "same", "data_format": "channels_last"}
+    layers = [
+        layer("InputLayer", "input_1", [], batch_input_shape=[None, 8, 8, 1], dtype="float32"),
+        layer("Conv2D", "left", ["input_1"], filters=3, **conv),
+        layer("Conv2D", "right", ["input_1"], filters=5, **conv),
+        layer("Concatenate", "joined", ["left", "right"], axis=-1),
+        layer("BatchNormalization", "bn", ["joined"], axis=-1, epsilon=0.001, center=True, scale=True),
+    ]
+    config = {
+        "class_name": "Model",
+        "config": {"name": "m", "layers": layers, "input_layers": [["input_1", 0, 0]], "output_layers": [["bn", 0, 0]]},
+    }
+    path = tmp_path / "concat.h5"
+    rng = np.random.default_rng(3)
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = "2.4.0"
+        f.attrs["backend"] = "tensorflow"
+        f.attrs["model_config"] = json.dumps(config)
+        weights = f.create_group("model_weights")
+        weights.attrs["layer_names"] = np.array([b"bn"])
+        group = weights.create_group("bn")
+        names = ["gamma", "beta", "moving_mean", "moving_variance"]
+        group.attrs["weight_names"] = np.array([f"bn/{n}:0".encode() for n in names])
+        for n in names:
+            group.create_dataset(f"bn/{n}:0", data=rng.uniform(0.5, 1.5, 8).astype("float32"))
+    [bn] = KerasBackend().load(str(path)).layers
+    assert bn.input_shape == ("batch", 8, 8, 8) and bn.axes == (0, 1, 2)

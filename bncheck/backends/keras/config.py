@@ -464,7 +464,13 @@ def _walk_pass(
             done = call.before | inner_done | {path_text} if ctx.ordered else frozenset()
             emitted[key] = (call.context or own_flag or inner_context, done)
             last[key[0]] = (emitted[key][0] or last[key[0]][0], last[key[0]][1] | done if ctx.ordered else frozenset())
-            out = _output_shape(cls, cfg, call.shape) if call.shape is not None and cls not in MODEL_CLASSES else None
+            if cls == "Concatenate" and len(call.inbound) > 1:  # the only layer here whose shape needs every input's
+                joined = [out_shapes.get((key[0], ref, idx)) for ref, idx in call.inbound]
+                out = _concatenated(joined, cfg.get("axis", -1))
+            else:
+                out = (
+                    _output_shape(cls, cfg, call.shape) if call.shape is not None and cls not in MODEL_CLASSES else None
+                )
             out_shapes[key] = out
             if sequential:
                 seq_shape[key[0]] = out
@@ -649,6 +655,21 @@ def _apply_leak(ctx: _Ctx) -> list[NormLayer]:
 
 
 # --------------------------------------------------------------------------- shapes for files without them
+
+
+def _concatenated(shapes: list[tuple[Dim, ...] | None], axis: Any) -> tuple[Dim, ...] | None:
+    """A Concatenate's output shape from its inputs' (None where one is unknown or the ranks differ)."""
+    if not shapes or any(s is None for s in shapes) or not isinstance(axis, int):
+        return None
+    known = [s for s in shapes if s is not None]
+    rank = len(known[0])
+    if any(len(s) != rank for s in known) or not -rank <= axis < rank:
+        return None
+    axis %= rank
+    sizes = [s[axis] for s in known]
+    out = list(known[0])
+    out[axis] = sum(d for d in sizes if isinstance(d, int)) if all(isinstance(d, int) for d in sizes) else None
+    return tuple(out)
 
 
 def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
