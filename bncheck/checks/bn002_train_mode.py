@@ -80,7 +80,8 @@ HINT_DYNAMIC_QUANT = (
 
 HINT_REDUCTION = (
     "Reduce over the sample's own axes at inference (leave axis 0 out), or use statistics stored at training "
-    "time; if mixing the batch is intended, ignore BN002 for this model (--ignore BN002)."
+    "time (a batch norm's moments exported in training mode: export it with training off); if mixing the "
+    "batch is intended, ignore BN002 for this model (--ignore BN002)."
 )
 
 
