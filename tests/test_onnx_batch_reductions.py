@@ -347,3 +347,49 @@ def test_outputs_without_a_row_per_sample_are_said_to_compare_nothing(tmp_path):
     report = engine.probe(path, ProbeSettings(batch_sizes=(2, 8)))
     assert any("compared nothing" in note for note in report.probes[0].notes)
     assert not report.probes[0].output_dependence
+
+
+def _tf2onnx_train_mode_bn(g: _Graph, hw: int) -> None:
+    """A TensorFlow BatchNormalization called with training=True as tf2onnx writes it: NCHW moments of the
+    convolution's output x, the affine x * k + (beta - mean * k) on a NHWC Transpose of x (tf_convnet_train)."""
+    c = 3
+    g.op("ReduceMean", ["x"], "moments/mean", axes=[0, 2, 3], keepdims=1)
+    g.op("Squeeze", ["moments/mean", g.const("squeeze_axes", np.array([0, 2, 3], np.int64))], "moments/Squeeze")
+    g.op("Sub", ["x", "moments/mean"], "moments/SquaredDifference")
+    g.op("Mul", ["moments/SquaredDifference", "moments/SquaredDifference"], "moments/sq")
+    g.op("ReduceMean", ["moments/sq"], "moments/variance", axes=[0, 2, 3], keepdims=1)
+    g.op("Squeeze", ["moments/variance", "squeeze_axes"], "moments/Squeeze_1")
+    g.op("Add", ["moments/Squeeze_1", g.const("eps", np.float32(1e-3))], "batchnorm/add")
+    g.op("Sqrt", ["batchnorm/add"], "batchnorm/Rsqrt")
+    g.op("Reciprocal", ["batchnorm/Rsqrt"], "batchnorm/inv")
+    g.op("Mul", ["batchnorm/inv", g.const("gamma", GAMMA[:c])], "batchnorm/mul")
+    g.op("Mul", ["moments/Squeeze", "batchnorm/mul"], "batchnorm/mul_2")
+    g.op("Sub", [g.const("beta", BETA[:c]), "batchnorm/mul_2"], "batchnorm/sub")
+    g.op("Transpose", ["x"], "x_nhwc", perm=[0, 2, 3, 1])
+    g.op("Mul", ["x_nhwc", "batchnorm/mul"], "batchnorm/mul_1")
+    g.op("Add", ["batchnorm/mul_1", "batchnorm/sub"], "y")
+
+
+@pytest.mark.parametrize("hw", [4, 1], ids=["4x4", "1x1"])
+def test_a_tf2onnx_train_mode_batch_norm_with_its_affine_on_a_transposed_input_is_a_layer(tmp_path, hw):
+    # tf_convnet_train (tf2onnx of model(x, training=True)): no layer was recognised, only its moments' ReduceMean
+    # as a bare batch reduction; on 1x1 maps (a TF graph built with is_training=True: logits all equal at batch
+    # size 1) no BN001 could name it. Its output is in another layout: measured at its input only
+    g = _Graph()
+    _tf2onnx_train_mode_bn(g, hw)
+    path = g.save(tmp_path / "tf_train.onnx", ["N", 3, hw, hw], ["N", hw, hw, 3], opset=13)
+    [layer] = OnnxBackend().load(path).layers
+    assert layer.kind is Kind.BATCH and layer.batch_statistics and layer.axes == (0, 2, 3)
+    assert layer.output == "" and layer.input == "x"
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    codes = {(f.code, f.layer, f.severity.label) for f in report.findings}
+    assert ("BN002", layer.name, "error") in codes and not any(
+        f.layer == "moments/mean" and f.code == "BN002" and "reduces over" in f.message for f in report.findings
+    )
+    [train_mode] = [f for f in report.findings if f.code == "BN002"]
+    assert "fix` cannot rewrite" in train_mode.hint
+    assert (("BN001", layer.name, "error") in codes) == (hw == 1)
+    from bncheck.fixing import fix
+
+    [entry] = fix(path, None, None, dry_run=True).fix.outcome.layers
+    assert entry.action == "not-fixed" and "another layout" in entry.reason

@@ -71,6 +71,12 @@ HINT_MOMENTS = (
     "(a BatchNormalization layer does both), or run `bncheck fix MODEL --data CALIB -o FIXED`."
 )
 
+#: a batch norm written out with its affine on a transposed copy of its input (tf2onnx of a training-mode
+#: TensorFlow BN): `fix` replaces chains with one BatchNormalization, which cannot express the layout change
+HINT_RELAID = (
+    "Export the graph with training off (training=False, is_training=False) so the layer uses its moving "
+    "statistics; `fix` cannot rewrite this form (its affine runs on a transposed copy of its input)."
+)
 
 HINT_DYNAMIC_QUANT = (
     "Quantize with calibrated, stored scales (static quantization: QDQ, onnxruntime.quantization.quantize_static) "
@@ -273,6 +279,8 @@ def _finding(
             f"{runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec"
         )
     hint = HINT_KERAS if is_keras(layer) else HINT_MOMENTS if decomposed else HINT
+    if decomposed and not layer.output:  # its affine in another layout (walk: tf2onnx): fix cannot rewrite it
+        hint = HINT_RELAID
     return Finding(CODE, SLUG, SEVERITY, layer.name, what, hint, evidence)
 
 

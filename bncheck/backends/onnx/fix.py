@@ -484,6 +484,8 @@ def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
     """Why a decomposed batch-moments chain cannot be replaced by a BatchNormalization, or None."""
     if not layer.batch_statistics or not layer.centered:
         return "not centred batch moments"
+    if not layer.output:
+        return "its output is in another layout than its input (a Transpose inside the chain)"
     if any("standard deviation, not to the variance" in note for note in layer.notes):
         return "epsilon is added to the standard deviation, which BatchNormalization cannot express"
     shape = layer.input_shape

@@ -34,6 +34,9 @@ class _Chain:
     output: str = ""
     scale: str | None = None
     bias: str | None = None
+    # the affine multiplies a transposed copy of x (tf2onnx: NCHW moments, NHWC affine): the output is in
+    # another layout than the input
+    relaid: bool = False
 
 
 def _reduce_axes(g: GraphIndex, idx: int) -> tuple[int, ...] | bool | None:
@@ -259,6 +262,8 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
             ms, mean_nodes = mul, mean_aliases[other]
         elif g.same(other, chain.x) and xs is None:
             xs = mul
+        elif xs is None and _transposed_copy(g, other, chain.x):
+            xs, chain.relaid = mul, True
     if xs is None or ms is None:
         return False
     ms_out = g.nodes[ms].output[0]
@@ -284,6 +289,12 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
             chain.output = g.nodes[add].output[0]
             return True
     return False
+
+
+def _transposed_copy(g: GraphIndex, tensor: str, x: str) -> bool:
+    """``tensor`` is a Transpose of ``x`` (through value copies): the same values in another layout."""
+    idx = g.produced_by(g.root(tensor)[0], "Transpose")
+    return idx is not None and bool(g.nodes[idx].input) and g.same(g.nodes[idx].input[0], x)
 
 
 def _match_affine(g: GraphIndex, chain: _Chain) -> None:
@@ -461,7 +472,14 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     scale = as_float_array(g.param(g.stored_source(chain.scale))) if chain.scale else None
     bias = as_float_array(g.param(g.stored_source(chain.bias))) if chain.bias else None
     output = chain.output
-    if passed:  # traced back through reshapes: include the copies back to the source shape
+    if chain.relaid:
+        # the view gives a layer one channel axis; its output's is another, so only its input is measured
+        notes.append(
+            "its affine runs on a transposed copy of its input (NCHW statistics, NHWC output: tf2onnx), so its "
+            "output is in another layout: measured at its input only"
+        )
+        output = ""
+    elif passed:  # traced back through reshapes: include the copies back to the source shape
         hop = _follow_transparent(g, output)[1]
         # up to the last copy of the source's shape: a Reshape after it belongs to the next layer
         back = [k for k, i in enumerate(hop) if g.shape(g.nodes[i].output[0]) == shape]
@@ -477,7 +495,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         input=x,
         output=output,
         inputs=(x,),
-        outputs=(output,),
+        outputs=(output,) if output else (),
         axes=axes,
         channel_axis=channel_axis,
         channels=channels,
