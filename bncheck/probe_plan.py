@@ -389,6 +389,12 @@ def _ran(plan: Plan, results: Mapping[tuple[int, ...], object]) -> Plan:
     return replace(plan, solo_runs=solo, group_runs=groups if solo else {})
 
 
+def _pool_samples(pool: Mapping[str, np.ndarray], axes: Mapping[str, int | None]) -> int | None:
+    """How many samples the pool holds (samples first on every batched input); None where they disagree."""
+    counts = {int(np.shape(array)[0]) for name, array in pool.items() if axes.get(name, 0) is not None}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def _inside_a_batch(
     plan: Plan,
     batch_sizes: tuple[int, ...],
@@ -400,12 +406,12 @@ def _inside_a_batch(
     the same batch with its first K samples in their rows and other samples of the pool as their companions
     (make_fixed_plan's test); None where no such batch or too few other samples exist."""
     sizes = [b for b in batch_sizes if b >= 2 and plan.probe_runs.get(b) in outputs]
-    counts = {len(array) for name, array in pool.items() if axes.get(name, 0) is not None}
-    if not sizes or len(counts) != 1:
+    count = _pool_samples(pool, axes)
+    if not sizes or count is None:
         return None
     first = plan.probe_runs[min(sizes)]
     k = max(1, min(plan.samples, len(first) - 1))
-    spare = [i for i in range(counts.pop()) if i not in first][: len(first) - k]
+    spare = [i for i in range(count) if i not in first][: len(first) - k]
     if first[:k] != tuple(range(k)) or len(spare) < len(first) - k:
         return None
     return first, first[:k] + tuple(spare), k
@@ -968,10 +974,10 @@ def run_plan(
         test_dependence = fixed != 1
     if settings.data is not None:
         pool = dict(settings.data)
-        counts = {int(np.asarray(a).shape[0]) for name, a in pool.items() if axes.get(name, 0) is not None}
-        if len(counts) != 1:
+        samples = _pool_samples(pool, axes)
+        if samples is None:
             raise ProbeDataError("the data arrays have different numbers of samples")
-        pool_size = counts.pop()
+        pool_size = samples
         if pool_size == 1 and test_dependence and any(b > 1 for b in batch_sizes):
             test_dependence = False
             notes.append("batch dependence not tested: the data holds one sample, so every batch repeats it")
@@ -1362,10 +1368,9 @@ def _rescaled_companions(
     first sample, which ran alone, at row 0)."""
     size, run, _ = min(groups, key=lambda group: len(group[1]))
     floats = [name for name, array in pool.items() if axes.get(name, 0) is not None and array.dtype.kind == "f"]
-    samples = {len(array) for name, array in pool.items() if axes.get(name, 0) is not None}
-    if len(run) < 2 or not floats or len(samples) != 1:
+    count = _pool_samples(pool, axes)
+    if len(run) < 2 or not floats or count is None:
         return pool, []
-    count = samples.pop()
     companions = list(run[1:])
     extended = dict(pool)
     for name, array in pool.items():

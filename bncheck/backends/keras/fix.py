@@ -357,7 +357,7 @@ def _apply(p: _Pending, stats: TensorStats | None, live: Any, request: FixReques
         shift, log_ratio = verdicts.drift(layer, mean, var)
         evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
         now = verdicts.drift_text(shift, log_ratio)
-        drifts = shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD
+        drifts = verdicts.drifts(shift, log_ratio)
         flagged = request.flagged.get(layer.name)
         if not drifts and flagged is None:
             if p.prefer_stored:

@@ -47,6 +47,7 @@ from bncheck.model import (
 )
 from bncheck.probe_data import probe_feeds, recalibration_data, sample_count
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
+from bncheck.verdicts import drift, drifts, frozen_with_stats
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
@@ -112,16 +113,13 @@ def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
             return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
         text = " ".join(str(exc).split())[:300] or type(exc).__name__
-        old = f" saved by Keras {saved_by}" if saved_by and saved_by.split(".")[0] in ("1", "2") else ""
-        advice = (
-            f"; Keras 3 reads files of Keras {saved_by.split('.')[0]} only in part (bncheck inspect still reads "
-            "this one): to probe it, export it to ONNX from the Keras that saved it (tf2onnx), or build the model "
-            "in Keras 3 and load these weights"
-            if old and saved_by
-            else ""
-        )
+        major = (saved_by or "").split(".")[0]
+        if major not in ("1", "2"):
+            raise BackendError(f"{path}: keras {keras.__version__} could not load the model ({text})") from None
         raise BackendError(
-            f"{path}: keras {keras.__version__} could not load the model{old} ({text}){advice}"
+            f"{path}: keras {keras.__version__} could not load the model saved by Keras {saved_by} ({text}); Keras 3 "
+            f"reads files of Keras {major} only in part (bncheck inspect still reads this one): to probe it, export "
+            "it to ONNX from the Keras that saved it (tf2onnx), or build the model in Keras 3 and load these weights"
         ) from None
 
 
@@ -193,11 +191,9 @@ def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray, always: bool =
     others = tuple(a for a in range(x.ndim) if a != axis)
     wide = np.asarray(x, np.float64)
     mean, var = wide.mean(axis=others), wide.var(axis=others)
-    if not always:
-        from bncheck.verdicts import drift, drifts
-
-        if norm.mean is None or np.size(norm.mean) != mean.size or not drifts(*drift(norm, mean, var)):
-            return False
+    stored = norm.mean is not None and np.size(norm.mean) == mean.size
+    if not always and not (stored and drifts(*drift(norm, mean, var))):
+        return False
     for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
         variable.assign(value.astype(np.dtype(str(variable.dtype))))
     return True
@@ -461,8 +457,6 @@ def recalibration(
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
         return exc.summary
     feeds = {name: np.ascontiguousarray(array) for name, array in data.items()}
-    from bncheck.verdicts import frozen_with_stats
-
     batch_norms = [
         n for n in runner.view.layers if n.kind is Kind.BATCH and hasattr(runner.layers[n.name], "moving_mean")
     ]

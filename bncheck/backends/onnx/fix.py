@@ -1211,7 +1211,7 @@ class _Fixer:
             shift, log_ratio = verdicts.drift(layer, mean, var)
             evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
             now = verdicts.drift_text(shift, log_ratio)
-            if not (shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD):
+            if not verdicts.drifts(shift, log_ratio):
                 self.record(_edit_to_inference(key, self.opset))
                 return LayerFix(
                     layer.name,
@@ -1226,7 +1226,7 @@ class _Fixer:
         elif p.what == "stale" and not p.defaults:
             shift, log_ratio = verdicts.drift(layer, mean, var)
             evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-            drifts = shift > verdicts.MEAN_SHIFT_THRESHOLD or log_ratio > verdicts.LOG_VAR_RATIO_THRESHOLD
+            drifts = verdicts.drifts(shift, log_ratio)
             before = self.flagged.get(layer.name)
             now = verdicts.drift_text(shift, log_ratio)
             if not drifts and before is None:

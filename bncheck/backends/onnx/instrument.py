@@ -17,6 +17,7 @@ from bncheck.backends.onnx.splice import Decomposition
 from bncheck.backends.onnx.tensors import from_array, to_array
 from bncheck.errors import one_line
 from bncheck.model import NormLayer, normalized_set_size
+from bncheck.verdicts import live_channels, output_spread
 
 if TYPE_CHECKING:
     import onnx
@@ -914,8 +915,6 @@ def _output_ill_conditioned(layer: NormLayer) -> bool:
     would not: on inputs of its running statistics, a live channel's mean square over :data:`CONDITION_LIMIT`
     times its variance at the output (beta^2 against gamma^2 var / (var + eps)) and under it at the input
     (mean^2 against var) on every live channel (dead ones carry nothing to derive)."""
-    from bncheck.verdicts import live_channels, output_spread
-
     spread, live = output_spread(layer), live_channels(layer)
     if spread is None or live is None or layer.bias is None or layer.mean is None or layer.var is None:
         return False
