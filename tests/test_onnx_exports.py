@@ -247,6 +247,56 @@ def test_a_fixed_batch_of_one_whose_graph_branches_per_sample_does_not_say_re_ex
     assert not any("re-export" in n for n in run["notes"])
 
 
+def _branching(tmp_path, keepdims: int) -> str:
+    """x [1, 4] -> BatchNormalization -> If on ReduceSum(y) > 0: with ``keepdims`` 1 over axis 1 the condition
+    is [batch, 1], one per sample; with 0 over every axis it is a scalar, which any batch shares."""
+    c = 4
+    params = [
+        numpy_helper.from_array(np.full(c, v, np.float32), n)
+        for n, v in (("s", 1.0), ("b", 0.0), ("m", 0.5), ("v", 2.0))
+    ]
+    flat = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, c])
+    unshaped = lambda name: helper.make_tensor_value_info(
+        name, TensorProto.FLOAT, None
+    )  # no declared shape: a branch follows the batch
+    then_graph = helper.make_graph([helper.make_node("Identity", ["y"], ["kept"])], "then", [], [unshaped("kept")])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["y"], ["negated"])], "else", [], [unshaped("negated")])
+    reduce = helper.make_node("ReduceSum", ["y", "axis"] if keepdims else ["y"], ["score"], keepdims=keepdims)
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn"),
+        reduce,
+        helper.make_node("Greater", ["score", "zero"], ["passes"]),
+        helper.make_node("If", ["passes"], ["out"], name="verifier", then_branch=then_graph, else_branch=else_graph),
+    ]
+    extra = [numpy_helper.from_array(np.array([1], np.int64), "axis"), numpy_helper.from_array(np.float32(0), "zero")]
+    graph = helper.make_graph(nodes, "g", [flat("x")], [flat("out")], params + extra)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / f"branching_{keepdims}.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def test_a_condition_per_sample_refuses_the_relaxed_batch_from_its_shapes(tmp_path):
+    """The relaxed copy's shape inference gives the If's condition the batch dim: no batch of two can run it, so
+    the batch stays fixed without a session of the relaxed copy, and the report says which condition."""
+    code, doc = _probe_json(_branching(tmp_path, keepdims=1), "--batch-sizes", "1,2")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1]
+    assert run["batch_handling"] == (
+        "fixed to 1 in the file; cannot be relaxed (If node 'verifier' would get one condition per sample "
+        "(shape [batch, 1]); an If takes exactly one)"
+    )
+
+
+def test_a_condition_shared_by_the_batch_still_relaxes_a_fixed_batch(tmp_path):
+    """An If on a scalar computed from the whole batch runs at any batch size: the relaxation is proven by runs."""
+    code, doc = _probe_json(_branching(tmp_path, keepdims=0), "--batch-sizes", "1,2")
+    run = _run(doc)
+    assert run["batch_sizes"] == [1, 2]
+    assert run["batch_handling"].startswith("fixed to 1 in the file; relaxed to symbolic, validated")
+
+
 # --------------------------------------------------------------------------- sizes that cannot run
 
 

@@ -20,7 +20,8 @@ change harmless:
   layer, a train-mode BN replaced) proves the relaxation on its own graph instead (:attr:`ProbeCopy.pending`):
   its first runs are the proof's, and a session of the copy alone would be built and run only to be dropped.
   Where those runs' outputs refuse the relaxation and nothing was rewritten, the probe's graph keeps running
-  at the file's size (:func:`keep_fixed_batch`).
+  at the file's size (:func:`keep_fixed_batch`). Where the relaxed copy's inferred shapes give an If node one
+  condition per sample (:func:`branch_per_sample`), no run could prove it: it is refused before any session.
 """
 
 from __future__ import annotations
@@ -488,6 +489,18 @@ def branch_on_inputs(graph: onnx.GraphProto) -> str | None:
     return None
 
 
+def branch_per_sample(graph: onnx.GraphProto, shapes: Mapping[str, tuple[Dim, ...]]) -> str | None:
+    """Why the relaxed ``graph`` cannot run a batch, where its inferred ``shapes`` give an If node one condition
+    per sample (onnxruntime takes exactly one): a proof's sessions and runs would only fail; else None."""
+    for node in graph.node:
+        shape = shapes.get(node.input[0]) if node.op_type == "If" and node.input else None
+        if shape is not None and BATCH in shape:
+            dims = ", ".join(str(d) for d in shape)
+            name = node.name or node.output[0]
+            return f"If node {name!r} would get one condition per sample (shape [{dims}]); an If takes exactly one"
+    return None
+
+
 def relaxes(inputs: list[InputSpec], batch_sizes: Iterable[int]) -> bool:
     """Whether the probe tries to relax the batch of these inputs: the file fixes it and other sizes are
     asked for."""
@@ -527,18 +540,23 @@ def _relax(
     rewritten = _relaxed(model, batched, fixed)
     count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes)
     proof: Proof | str | None = "not tried"  # None: left to the probe's own session
+    settled = False  # refused by the plain relaxed copy's shapes: no run needed to confirm it
     relaxed = model
     outputs = [o.name for o in model.graph.output]
     relaxed_inputs = [s.with_batch_dim(BATCH) if s.name in batched else s for s in copy.inputs]
     draw: Callable[[], dict[str, np.ndarray]] | None = None
     inputs = list(copy.inputs)
 
-    def ready(candidate: onnx.ModelProto) -> None:
+    def ready(candidate: onnx.ModelProto) -> str | None:
+        """The candidate's shapes, memory check and inputs made ready for its proof; or why no run can prove it."""
         nonlocal draw
         # its shapes first, while no session holds memory: shape inference's transient heap is then reused by
         # the proof's sessions instead of adding to the probe's peak
         skeleton = own_skeleton(candidate)  # both inferences below read it (the memory check's edits it)
         copy.relaxed_shapes = shapes, types = inferred_shapes(candidate, skeleton)
+        per_sample = branch_per_sample(candidate.graph, shapes)
+        if per_sample is not None:
+            return per_sample
         # the largest size before any input is drawn: the proof's other size may be it (--batch-sizes 1,4096)
         copy.estimate = memory.check_probe(
             candidate, {**copy.shapes, **shapes}, {**copy.types, **types}, relaxed_inputs, settings, largest, skeleton
@@ -547,12 +565,15 @@ def _relax(
             specs = [s.with_batch_dim(None) for s in inputs]
             size = max(fixed, *others)
             draw = in_background(lambda: synthetic_inputs(specs, size, settings.seed, settings.input_shapes, int_high))
+        return None
 
     def validate(run: Runs) -> tuple[list[Run], dict[str, np.ndarray] | None] | str:
         return _validate(outputs, run, inputs, fixed, others, settings, copy.fixed_feeds, draw)
 
     def prove(candidate: onnx.ModelProto) -> Proof | str:
-        ready(candidate)
+        per_sample = ready(candidate)
+        if per_sample is not None:
+            return per_sample
         try:  # built while the inputs are drawn; its error is reported after theirs
             # the shapes ready() just inferred, which the engine reads too: both decide alike
             session: Any = _session(candidate, copy.folder, copy.graph_shapes())
@@ -568,9 +589,12 @@ def _relax(
     elif proof_by_probe:
         copy.batch_constants = count
         # the rewritten copy, as below; one that fails the probe's runs is prepared again, proven here
-        ready(rewritten)
-        copy.pending = validate
-        proof, relaxed = None, rewritten
+        per_sample = ready(rewritten)
+        if per_sample is None:
+            copy.pending = validate
+            proof, relaxed = None, rewritten
+        elif not count:  # the plain relaxed copy itself: no session of it can run another size
+            proof, settled = per_sample, True
     elif count:
         proof = prove(rewritten)
         relaxed = rewritten if isinstance(proof, Proof) else model
@@ -578,7 +602,7 @@ def _relax(
         how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
     # with nothing rewritten the copy already is the plain relaxed one, whose runs on the probe's graph
     # failed the proof on their outputs (``refused``): no proof of it on its own
-    if isinstance(proof, str) and (refused is None or count):
+    if isinstance(proof, str) and not settled and (refused is None or count):
         relaxed = _relaxed(model, batched, fixed) if count else rewritten
         del rewritten
         proof = prove(relaxed)
