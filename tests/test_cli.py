@@ -206,6 +206,19 @@ def test_console_probe_never_imports_importlib_metadata_or_the_deferred_modules(
     assert proc.stderr.strip().endswith("deferred imported: []; metadata imported: False")
 
 
+def test_console_probe_without_data_never_imports_the_effect_measurement(tmp_path):
+    # BN003's output effect needs --data: without it neither effect.py nor fix's result types are imported
+    path = bn_model(tmp_path / "clean.onnx")
+    prelude = (
+        "import atexit\n"
+        "names = ('bncheck.backends.onnx.effect', 'bncheck.fix_result')\n"
+        "atexit.register(lambda: sys.stderr.write('imported: %s' % [n for n in names if n in sys.modules]))\n"
+    )
+    proc = _console(prelude, ["probe", path, "--format", "json"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().endswith("imported: []")
+
+
 def test_console_entry_runs_earlier_exit_handlers_flushes_stdout_and_keeps_the_exit_code(stale):
     # the handler's text stays in stdout's buffer (a pipe, no newline): only a flush after it shows it
     prelude = "import atexit\natexit.register(lambda: sys.stdout.write('handler ran'))\n"

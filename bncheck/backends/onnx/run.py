@@ -1044,6 +1044,8 @@ def _effect_data(view: ModelView, settings: ProbeSettings) -> tuple[Mapping[str,
 def _effect_samples(data: Mapping[str, np.ndarray] | None) -> int:
     """The samples whose outputs the effect compares (effect.MAX_SAMPLES at most): the plan keeps the stored
     model's outputs on them from its own runs over the data."""
+    if not data:  # without data there is no effect to measure: effect.py and its imports are not needed
+        return 0
     from bncheck.backends.onnx.effect import MAX_SAMPLES
     from bncheck.probe_data import sample_count
 
