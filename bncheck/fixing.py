@@ -17,7 +17,7 @@ from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
 from bncheck.errors import BncheckError, ErrorKind, UsageError
 from bncheck.fix_result import MIN_SAMPLES, FixRequest, FixResult
-from bncheck.model import ModelView, Progress, announce
+from bncheck.model import ModelView, Progress, announce, runnable_batch
 from bncheck.outputs import refuse_overwrite
 from bncheck.report import Report
 
@@ -89,7 +89,14 @@ def fix(
         f.layer: dict(f.evidence) for f in report.findings if f.code == "BN003" and f.evidence.get("kind") == "drift"
     }
     announce(progress, "repairing")
-    outcome = backend.fix(view, replace(request, flagged=flagged))
+    runnable = min((runnable_batch(probe, batch_size) for probe in report.probes), default=batch_size)
+    if runnable != batch_size:
+        from bncheck.model import Note
+
+        report.notes.append(
+            Note("info", f"calibration batches of {runnable}: the probe found that larger batches could not run")
+        )
+    outcome = backend.fix(view, replace(request, flagged=flagged, batch_size=runnable))
     after = None
     if outcome.written:
         assert output is not None

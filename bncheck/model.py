@@ -562,6 +562,14 @@ def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
     return size
 
 
+def runnable_batch(probe: ProbeResult, batch_size: int) -> int:
+    """``batch_size``, or the largest batch ``probe`` ran where a size the probe could not run is at most
+    ``batch_size`` (a model that declares a free batch but takes only 1, say): what a pass over the data feeds."""
+    refused = [b for b in probe.requested_batch_sizes if b not in probe.batch_sizes]
+    below = [b for b in probe.batch_sizes if refused and b < min(refused)]
+    return max(below) if below and min(refused) <= batch_size else batch_size
+
+
 class Progress(Protocol):
     """Where a long command shows how far it is (render.progress.Bar at a terminal): ``(done, total)`` steps
     of the current stage, and each new stage by name."""

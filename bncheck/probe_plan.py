@@ -1023,8 +1023,34 @@ def run_plan(
     if settings.progress:
         settings.progress(0, total)
     failed: dict[int, BncheckError] = {}
+    data_runs = list(plan.data_runs)  # a run of the data the model cannot take is replaced by smaller pieces
+    piece_sizes: set[int] = set()
+
+    def in_pieces(run: tuple[int, ...], error: BncheckError) -> None:
+        """The data of ``run``, which the model refused, in runs of the largest smaller size that ran."""
+        ran = [len(r) for r in results if len(r) < len(run)]
+        if not ran:
+            raise error
+        size = max(ran)
+        pieces = [run[i : i + size] for i in range(0, len(run), size)]
+        for piece in pieces:
+            if piece in results and (run not in wanted or piece in whole):
+                continue  # a probe run of the same samples measured them already
+            observed, _, given = _observe(runner, _take(pool, piece, axes), len(piece), output_axes, inputs_only=True)
+            results.setdefault(piece, observed)  # a probe run's own measurements stay
+            if run in wanted:
+                whole[piece] = given
+        at = data_runs.index(run)
+        data_runs[at : at + 1] = pieces
+        if run in wanted:
+            wanted.discard(run)
+            wanted.update(pieces)
+        piece_sizes.add(size)
+
     for done, run in enumerate(plan.runs, start=1):
-        if len(run) not in failed or run in plan.data_runs:
+        if run in plan.data_runs and len(run) in failed:
+            in_pieces(run, failed[len(run)])  # a size the model refused already: its data goes to the pieces
+        elif len(run) not in failed or run in plan.data_runs:
             try:
                 feeds = _take(pool, run, axes)
                 results[run], seen, given = _observe(
@@ -1034,9 +1060,12 @@ def run_plan(
                     whole[run] = given
             except BncheckError as exc:
                 # a size the model cannot run (memory, a shape it rejects) is a note while another size ran
-                if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME) or run in plan.data_runs:
+                if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME):
                     raise
-                failed[len(run)] = exc
+                if len(run) in batch_sizes:
+                    failed[len(run)] = exc
+                if run in plan.data_runs:
+                    in_pieces(run, exc)
             else:
                 if run in keep:
                     outputs[run] = seen
@@ -1046,6 +1075,10 @@ def run_plan(
                 release_mapped(pool)
         if settings.progress:
             settings.progress(done, total)
+    if piece_sizes:
+        plan = replace(plan, data_runs=tuple(data_runs))
+        sizes = ",".join(map(str, sorted(piece_sizes)))
+        notes.append(f"the data ran in batches of {sizes}: the model could not take its larger batches")
     if failed:
         if all(b in failed for b in batch_sizes):
             raise failed[batch_sizes[0]]

@@ -350,6 +350,42 @@ def test_a_free_batch_model_that_runs_only_at_batch_1_says_which_sizes_failed_an
     assert "batch dependence not tested: no batch size above 1 could run" in run["notes"]
 
 
+def _one_at_a_time_with_drifting_data(tmp_path) -> tuple[str, str, np.ndarray]:
+    """khmersm's export again (a free batch, a Reshape target holding 1) and 40 samples whose channel means sit
+    about 2.5 of their standard deviations from the running means: the model, the data, the data's means."""
+    path = _shape_then_bn(tmp_path, "Reshape", [1, 2, 3], ["batch", 6], channels=2)
+    data = (np.random.default_rng(1).standard_normal((40, 6)) * 2 + 3).astype(np.float32)
+    np.save(tmp_path / "data.npy", data)
+    return path, str(tmp_path / "data.npy"), data.reshape(40, 2, 3).mean(axis=(0, 2))
+
+
+def test_data_a_model_takes_one_sample_at_a_time_runs_in_pieces_and_its_drift_is_measured(tmp_path):
+    """The data's runs of 32 samples fail as the probe's batch of 32 does: each runs one sample at a time, the
+    size that ran, so the drift and its output effect are measured instead of exit 2."""
+    path, data, _ = _one_at_a_time_with_drifting_data(tmp_path)
+    code, doc = _probe_json(path, "--data", data)
+    run = _run(doc)
+    assert code == 1 and run["batch_sizes"] == [1] and run["data_samples"] == 40
+    assert "the data ran in batches of 1: the model could not take its larger batches" in run["notes"]
+    (finding,) = doc["findings"]
+    assert finding["code"] == "BN003" and finding["severity"] == "error"
+    assert finding["evidence"]["samples"] == 40 and finding["evidence"]["output_effect"]["samples"] == 40
+
+
+def test_fix_with_data_recalibrates_a_model_that_takes_one_sample_at_a_time(tmp_path):
+    path, data, means = _one_at_a_time_with_drifting_data(tmp_path)
+    out = str(tmp_path / "fixed.onnx")
+    result = CliRunner().invoke(main, ["fix", path, "--data", data, "-o", out, "--format", "json"])
+    assert result.exit_code in (0, 1), result.output
+    doc = json.loads(result.stdout)
+    assert {
+        "level": "info",
+        "message": "calibration batches of 1: the probe found that larger batches could not run",
+    } in doc["notes"]
+    fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    np.testing.assert_allclose(fixed["m"], means, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- old opsets and IR versions
 
 

@@ -4,6 +4,7 @@ against the model as stored: what BN003's severity follows."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.fix_result import calibration_batches
-from bncheck.model import Recalibration
+from bncheck.model import ProbeResult, Recalibration, runnable_batch
 from bncheck.probe_plan import compare_recalibrated, first_outputs, joined_samples
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def recalibration(
     flagged: dict[str, dict[str, Any]],
     log: PassLog | None = None,
     stored: Mapping[str, np.ndarray] | None = None,
+    probe: ProbeResult | None = None,
 ) -> Recalibration | str:
     """Recompute the statistics `fix` would (layers ``flagged`` by the probe's drift, and those never updated)
     on a fresh copy of the model, and compare its outputs on the data with the stored model's.
@@ -62,7 +64,8 @@ def recalibration(
     dry run's passes are kept (the probed view's, so that `fix` of that view replays them). ``data``: what the
     statistics are recomputed from (probe_data.recalibration_data bounds it). ``stored``: the stored model's
     outputs on the data's first samples, samples first (the probe's own runs over the data gave them); they
-    are not run again where they cover the samples compared."""
+    are not run again where they cover the samples compared. ``probe``: the probe's result, whose batch sizes
+    that could not run bound the passes' batch (model.runnable_batch)."""
     import onnxruntime as ort
 
     from bncheck.backends.onnx import OnnxBackend
@@ -75,6 +78,8 @@ def recalibration(
     view = OnnxBackend().load(path)
     declared = view.output_shapes
     request = FixRequest(output=None, data=dict(data), repair=frozenset({"BN003"}), dry_run=True, flagged=flagged)
+    if probe is not None:
+        request = replace(request, batch_size=runnable_batch(probe, request.batch_size))
     try:
         outcome, fixer = repair(view, request, log)  # a dry run edits the loaded copy in memory and writes nothing
     except OverBudgetError as exc:  # its remedy names fix's --batch-size, which a probe does not have

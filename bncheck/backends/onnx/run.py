@@ -1019,7 +1019,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         from bncheck.backends.onnx.effect import recalibration
 
         announce(settings.progress, EFFECT_STAGE)
-        found = recalibration(handle.path, effect_data, flagged, handle.fix_passes, stored)
+        found = recalibration(handle.path, effect_data, flagged, handle.fix_passes, stored, result)
         if isinstance(found, str):
             result.notes.append(f"output effect of the drifting statistics not measured: {found}")
         else:
