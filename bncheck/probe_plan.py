@@ -811,7 +811,7 @@ def first_outputs(outputs: Mapping[str, np.ndarray] | None, samples: int) -> dic
 def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str, float]]:
     """Layers whose running statistics BN003 finds never updated or far from the data's (with --data):
     name -> drift numbers. These are what `fix` recomputes."""
-    from bncheck.verdicts import drift, drifts, has_default_stats, judged_running_stats
+    from bncheck.verdicts import drift, drifts, folded_stats, has_default_stats, judged_running_stats
 
     found: dict[str, dict[str, float]] = {}
     if result.data is None:
@@ -820,7 +820,7 @@ def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str,
         seen = result.data.get(layer.name)
         if not judged_running_stats(layer) or layer.mean is None or layer.var is None or seen is None:
             continue
-        if seen.total_nonfinite or seen.channels != layer.mean.size:
+        if folded_stats(layer) or seen.total_nonfinite or seen.channels != layer.mean.size:
             continue
         shift, log_ratio = drift(layer, seen.mean, seen.var)
         if has_default_stats(layer) or drifts(shift, log_ratio):

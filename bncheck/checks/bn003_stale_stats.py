@@ -3,7 +3,8 @@
 What it does
     Statically, it flags inference-mode batch norms whose running mean is exactly 0 and running variance
     exactly 1 in every channel: the initial values, so the update ops never ran. A layer with only some
-    channels at those values is not stale (a dead channel can legitimately have mean 0). With
+    channels at those values is not stale (a dead channel can legitimately have mean 0), nor one whose zeros
+    include -0.0, which no initializer writes: an exporter folded its statistics into scale and bias. With
     ``probe --data``, it compares each layer's observed input statistics (all calibration samples, inference
     mode) with the stored ones and reports a layer when the median over channels of the standardized mean
     shift ``|m - mu| / sqrt(var + eps)`` exceeds 0.5, or the median of ``|ln((v + eps) / (var + eps))|``
@@ -52,6 +53,7 @@ from bncheck.verdicts import (
     default_stats_output,
     drift,
     drifts,
+    folded_stats,
     frozen_with_stats,
     has_default_stats,
     judged_running_stats,
@@ -102,6 +104,8 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     for layer in view.layers:
         if not judged_running_stats(layer):
             continue  # train-mode layers that no call style runs with their running statistics: BN002's
+        if folded_stats(layer):
+            continue  # an affine map: its 0/1 are the exporter's, not statistics of its input (the layer's note)
         if has_default_stats(layer):
             yield _defaults_finding(layer)
             continue

