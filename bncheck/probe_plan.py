@@ -1062,7 +1062,7 @@ def run_plan(
                 # a size the model cannot run (memory, a shape it rejects) is a note while another size ran
                 if exc.kind not in (ErrorKind.MODEL, ErrorKind.RUNTIME):
                     raise
-                if len(run) in batch_sizes:
+                if run not in plan.data_runs or len(run) in batch_sizes:  # a data run's last, shorter part: no size
                     failed[len(run)] = exc
                 if run in plan.data_runs:
                     in_pieces(run, exc)
