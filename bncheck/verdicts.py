@@ -233,6 +233,27 @@ def stored_stats_problem(layer: NormLayer) -> str | None:
 def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[float, float]:
     """(median standardized mean shift, median |log variance ratio|) over the channels that carry a signal
     (:func:`silent_in_both`'s left out)."""
+    eps, mu, var, m, v, ok = _judged_channels(layer, observed_mean, observed_var)
+    if not np.any(ok):
+        return 0.0, 0.0
+    tiny = np.finfo(np.float32).tiny
+    shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
+    ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
+    return median(shift), median(ratio)
+
+
+def narrower(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[int, int]:
+    """(channels whose variance on the data is below the stored one, channels judged) over :func:`drift`'s
+    channels: the median ratio it gives has no direction, and data narrower than the training inputs (one
+    class, one condition) shrink most channels' variances."""
+    _, _, var, _, v, ok = _judged_channels(layer, observed_mean, observed_var)
+    return int(np.sum(v[ok] < var[ok])), int(np.sum(ok))
+
+
+def _judged_channels(
+    layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """epsilon, the stored mean and variance, the data's, and the channels that carry a signal (float64)."""
     eps = float(layer.epsilon or 0.0)
     mu = np.asarray(layer.mean, dtype=np.float64).ravel()
     var = np.asarray(layer.var, dtype=np.float64).ravel()
@@ -240,12 +261,7 @@ def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray)
     v = np.asarray(observed_var, dtype=np.float64).ravel()
     ok = np.isfinite(mu) & np.isfinite(var) & (var + eps > 0) & np.isfinite(m) & np.isfinite(v)
     ok &= ~silent_in_both(layer, v)
-    if not np.any(ok):
-        return 0.0, 0.0
-    tiny = np.finfo(np.float32).tiny
-    shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
-    ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
-    return median(shift), median(ratio)
+    return eps, mu, var, m, v, ok
 
 
 def silent_in_both(layer: NormLayer, observed_var: np.ndarray) -> np.ndarray:

@@ -57,6 +57,7 @@ from bncheck.verdicts import (
     frozen_with_stats,
     has_default_stats,
     judged_running_stats,
+    narrower,
     shown,
     silent_in_both,
 )
@@ -157,11 +158,15 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         return None
     silent = int(np.sum(silent_in_both(layer, seen.var)))
     left_out = f"; {silent} dead channel(s) left out" if silent else ""
+    smaller, judged = narrower(layer, seen.mean, seen.var)
+    direction = (
+        f"the data's smaller in {smaller}" if 2 * smaller >= judged else f"the data's larger in {judged - smaller}"
+    )
     message = (
         f"{describe(layer)} moving statistics are far from the data's: median mean shift "
         f"{shown(shift, MEAN_SHIFT_THRESHOLD)} standard deviations, median variance ratio "
-        f"x{shown(math.exp(log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))} "
-        f"(thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}{left_out}){_used_by(layer)}"
+        f"x{shown(math.exp(log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))} ({direction} of {judged} channels; "
+        f"thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}{left_out}){_used_by(layer)}"
     )
     evidence: dict[str, object] = {
         "kind": "drift",
@@ -171,6 +176,8 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         "log_var_ratio_threshold": LOG_VAR_RATIO_THRESHOLD,
         "samples": probe.data_samples,
         "data": probe.data_source,
+        "channels_data_var_smaller": smaller,
+        "channels_judged": judged,
     }
     if silent:  # dead in the model and on the data, or scaled away by gamma: not in the medians
         evidence["dead_channels"] = silent
@@ -185,7 +192,7 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
             severity = Severity.ERROR
             message += _error_effect(recal)
         else:
-            message += "; the model's outputs barely change"
+            message += _small_effect(recal)
     hint = HINT_KERAS + DATA_CAVEAT if is_keras(layer) else HINT_DRIFT
     if frozen_with_stats(layer):
         # what fix keeps is not an error of the model: the data differ from what its later layers learned on
@@ -196,6 +203,21 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         )
         hint = HINT_FROZEN
     return Finding(CODE, SLUG, severity, layer.name, message, hint, evidence)
+
+
+def _small_effect(recal: Recalibration) -> str:
+    """The effect under both error thresholds, in numbers (a shift of 0.43 sd is not "no change")."""
+    shifts = [c.shift for c in recal.outputs.values() if c.shift == c.shift]  # NaN: outputs not comparable
+    agreements = [c.agreement for c in recal.outputs.values() if c.agreement is not None]
+    parts = [f"move by {max(shifts):.2f} output standard deviations"] if shifts else []
+    if agreements:
+        parts.append(f"keep their top-1 class on {min(agreements):.0%} of the samples")
+    if not parts:
+        return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
+    return (
+        f"; with recomputed statistics the model's outputs {' and '.join(parts)} (errors from "
+        f"{EFFECT_SHIFT_ERROR} sd or under {EFFECT_AGREEMENT_ERROR:.0%})"
+    )
 
 
 def _error_effect(recal: Recalibration) -> str:

@@ -113,7 +113,24 @@ def test_drift_that_does_not_reach_the_outputs_is_a_warning(tmp_path, probe_find
     data = _calibration(tmp_path, mean=3.0, std=2.0)
     [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
     assert finding.severity.label == "warning"
-    assert finding.evidence["output_effect"]["outputs"]["y"]["shift_sd"] < 1e-3
+    shift = finding.evidence["output_effect"]["outputs"]["y"]["shift_sd"]
+    assert shift < 1e-3
+    # the effect in numbers, under the thresholds, not a verdict in words
+    assert f"with recomputed statistics the model's outputs move by {shift:.2f} output standard deviations" in (
+        finding.message
+    )
+
+
+def test_the_variance_ratio_says_which_way_the_data_differ(tmp_path, probe_findings):
+    """The median ratio is of |log ratios|: x4 reads the same for data 4 times wider or 4 times narrower."""
+    model = bn_model(tmp_path / "m.onnx", mean=[3.0, 3.0, 3.0], var=[16.0, 16.0, 16.0])
+    narrow = _calibration(tmp_path, mean=3.0, std=1.0)
+    [finding] = probe_findings(model, "BN003", data_path=narrow, data_source=narrow)
+    assert "(the data's smaller in 3 of 3 channels; thresholds 0.5, x2)" in finding.message
+    assert finding.evidence["channels_data_var_smaller"] == 3 and finding.evidence["channels_judged"] == 3
+    model = bn_model(tmp_path / "w.onnx", mean=[3.0, 3.0, 3.0], var=[0.25, 0.25, 0.25])
+    [finding] = probe_findings(model, "BN003", data_path=narrow, data_source=narrow)
+    assert "(the data's larger in 3 of 3 channels; thresholds 0.5, x2)" in finding.message
 
 
 def test_channels_dead_in_the_model_and_on_the_data_are_left_out_of_the_drift(tmp_path, probe_findings):
