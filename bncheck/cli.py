@@ -643,6 +643,14 @@ def explain(check: str) -> None:
     help="Calibration batch size (a model with a fixed batch dimension uses its own).",
 )
 @click.option(
+    "--input-shape",
+    "input_shapes",
+    type=InputShape(),
+    multiple=True,
+    help="Non-batch dims of an input with symbolic dims (repeatable), e.g. input:3x224x224, for the probes "
+    "that check the model before and after without --data.",
+)
+@click.option(
     "--format",
     "fmt",
     type=click.Choice(FORMATS),
@@ -676,6 +684,7 @@ def fix(
     only: tuple[str, ...],
     dry_run: bool,
     batch_size: int,
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...],
     fmt: str,
     report_path: str | None,
     fail_on: str,
@@ -710,6 +719,7 @@ def fix(
                 dry_run=dry_run,
                 fail_on=fail_on,
                 batch_size=batch_size,
+                input_shapes=dict(input_shapes),
                 stats=stats,
                 min_samples=min_samples,
                 exit_non_zero_on_fix=exit_non_zero_on_fix,

@@ -9,7 +9,7 @@ of the written model with the same data, whose findings decide the exit code (as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from bncheck import watchdog
@@ -34,6 +34,7 @@ def fix(
     dry_run: bool = False,
     fail_on: str = "error",
     batch_size: int = 32,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     stats: str = "auto",
     min_samples: int | None = None,
     exit_non_zero_on_fix: bool = False,
@@ -75,6 +76,7 @@ def fix(
         data_path=data_path,
         data_source=data_path or "synthetic",
         batch_sizes=_probe_batch_sizes(view),
+        input_shapes={name: tuple(int(d) for d in dims) for name, dims in (input_shapes or {}).items()},
         progress=progress,
         recalibrate_all=True,  # the repair below makes the effect's passes over all the data: they are replayed
     )

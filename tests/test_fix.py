@@ -744,6 +744,24 @@ def test_instancenorm_on_symbolic_maps_is_not_called_a_collapse_by_fix(tmp_path:
     assert entry.action == "unchanged" and "BN001" not in entry.reason
 
 
+def test_fix_takes_input_shapes_for_its_probes_of_a_model_with_symbolic_dims(tmp_path: Path) -> None:
+    """Without data, fix checks the model by a synthetic probe, which needs sizes for symbolic H and W: its
+    warning asked for --input-shape, an option only probe had (khmersm's model.onnx)."""
+    model = bn_model(tmp_path / "m.onnx", hw=("H", "W"), training=True)
+    out = str(tmp_path / "fixed.onnx")
+    args = ["fix", model, "-o", out, "--format", "json"]
+    static = json.loads(CliRunner().invoke(main, args).stdout)
+    assert any("--input-shape x:" in n["message"] for n in static["notes"]) and "probe" not in static
+    result = CliRunner().invoke(
+        main, [*args[:2], "-o", str(tmp_path / "f2.onnx"), "--format", "json", "--input-shape", "x:3x4x4"]
+    )
+    assert result.exit_code in (0, 1), result.output
+    probed = json.loads(result.stdout)
+    assert not any("checked statically only" in n["message"] for n in probed["notes"])
+    assert probed["probe"]["runs"][0]["batch_sizes"] == [1, 2, 32]
+    assert probed["settings"]["input_shapes"] == {"x": [3, 4, 4]}
+
+
 # ---------------------------------------------------------------------------- stored statistics (no data)
 
 
