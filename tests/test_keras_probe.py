@@ -444,6 +444,21 @@ def test_briefly_fitted_classifier_drift_is_an_error_with_its_output_effect(tmp_
     assert "top-1 agrees on" in effect["summary"]
 
 
+def test_the_keras_effect_needs_the_samples_fix_needs(tmp_path):
+    """deepcon: three samples drew BN003 errors through an effect of statistics recomputed from them, which
+    `fix` refuses to do from fewer than 8; the drift stays, a warning, and the effect says why it is absent."""
+    path, _, data, _, _ = _briefly_fitted_classifier(tmp_path)
+    few = tmp_path / "few.npy"
+    np.save(few, data[:3])
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2), samples=1, data_path=str(few), data_source=str(few)))
+    drift = [f for f in report.findings if f.code == "BN003"]
+    assert drift and {f.severity.label for f in drift} == {"warning"}
+    assert any(
+        "output effect of the drifting statistics not measured: 3 sample(s) are too few" in note
+        for note in report.probes[0].notes
+    )
+
+
 def test_the_keras_effect_recomputes_only_the_layers_fix_would(tmp_path):
     """BN003's output effect is what `fix` would write: the drifting layer recomputed, a layer whose statistics
     are near the data's (under BN003's thresholds) kept. Recomputing every layer (tempocnn's fcn: only its last

@@ -230,6 +230,6 @@ def _error_effect(recal: Recalibration) -> str:
     if not shifts:
         return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
     return (
-        f"; this moves the model's outputs by {max(shifts):.2f} output standard deviations (an error above "
-        f"{EFFECT_SHIFT_ERROR}; see the output effect)"
+        f"; this moves the model's outputs by {shown(max(shifts), EFFECT_SHIFT_ERROR)} output standard deviations "
+        f"(an error above {EFFECT_SHIFT_ERROR}; see the output effect)"
     )

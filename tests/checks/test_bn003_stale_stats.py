@@ -177,3 +177,16 @@ def test_a_drift_just_past_a_threshold_is_not_printed_as_the_threshold():
     assert shown(2.0006, 2.0) == "2.001" and shown(1.9996, 2.0) == "1.9996" and shown(2.61, 2.0) == "2.61"
     assert shown(0.5004, 0.5) == "0.5004" and shown(2.0, 2.0) == "2.00"
     assert drift_text(0.25, np.log(2.0006)) == "median mean shift 0.25 sd, variance ratio x2.001"
+
+
+def test_an_effect_just_past_its_threshold_is_not_printed_as_the_threshold():
+    # ecg-quality's CNN5s: a shift of 0.5013 read "0.50 output standard deviations (an error above 0.5)"
+    from bncheck.checks.bn003_stale_stats import _error_effect, _small_effect
+    from bncheck.model import OutputComparison, Recalibration
+
+    def effect(shift: float, agreement: float | None = None) -> Recalibration:
+        return Recalibration(("bn",), {"y": OutputComparison("y", shift, shift, 64, 1.0, agreement)}, 64)
+
+    assert "by 0.501 output standard deviations (an error above 0.5" in _error_effect(effect(0.5013))
+    small = _small_effect(effect(0.43, agreement=0.97))
+    assert "outputs move by 0.43 output standard deviations and keep their top-1 class on 97% of the samples" in small

@@ -449,9 +449,15 @@ def recalibration(
     of it fed as that one batch (probe_data.recalibration_data bounds it). ``stored``: the model's outputs on
     those samples with its stored statistics, samples first, from the probe's own runs over the data (in
     batches of the probe's size: equal to one batch's up to float rounding); run here when not given."""
+    from bncheck.fix_result import MIN_SAMPLES
     from bncheck.probe_plan import compare_recalibrated, first_outputs
 
     count = sample_count(data)
+    if count < MIN_SAMPLES:  # as the ONNX effect, through fix's own refusal: no effect of what fix would not do
+        return (
+            f"{count} sample(s) are too few to estimate the statistics from: at least {MIN_SAMPLES} needed "
+            "(`fix` refuses fewer; --min-samples N overrides it there)"
+        )
     try:
         memory.check(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count, None)
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
