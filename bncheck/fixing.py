@@ -75,7 +75,7 @@ def fix(
         data=data,
         data_path=data_path,
         data_source=data_path or "synthetic",
-        batch_sizes=_probe_batch_sizes(view),
+        batch_sizes=_probe_batch_sizes(view, batch_size),
         input_shapes={name: tuple(int(d) for d in dims) for name, dims in (input_shapes or {}).items()},
         progress=progress,
         recalibrate_all=True,  # the repair below makes the effect's passes over all the data: they are replayed
@@ -149,10 +149,14 @@ def _check(probe: Callable[[], Report], inspect: Callable[[], Report], synthetic
         return report
 
 
-def _probe_batch_sizes(view: ModelView) -> tuple[int, ...]:
-    """The probe's default batch sizes, or the model's own when its batch dimension is fixed."""
+def _probe_batch_sizes(view: ModelView, batch_size: int) -> tuple[int, ...]:
+    """The probe's default batch sizes, none above ``batch_size`` (--batch-size bounds every batch fix runs,
+    its probes' runs over the data too), or the model's own when its batch dimension is fixed."""
     fixed = {spec.batch_dim for spec in view.inputs if isinstance(spec.batch_dim, int)}
-    return (fixed.pop(),) if len(fixed) == 1 else ProbeSettings().batch_sizes
+    if len(fixed) == 1:
+        return (fixed.pop(),)
+    sizes = ProbeSettings().batch_sizes
+    return sizes if batch_size >= max(sizes) else (*(b for b in sizes if b < batch_size), batch_size)
 
 
 def _repair_codes(only: Sequence[str]) -> set[str]:

@@ -762,6 +762,15 @@ def test_fix_takes_input_shapes_for_its_probes_of_a_model_with_symbolic_dims(tmp
     assert probed["settings"]["input_shapes"] == {"x": [3, 4, 4]}
 
 
+def test_batch_size_bounds_the_batches_of_fixs_probe_too(stale_model: str, calib: str) -> None:
+    """fix --batch-size 1 on a model whose batches take gigabytes (deepcon) still probed the data in batches of
+    32 first: the batch size bounds the probe's sizes, and so its runs over the data."""
+    report = fix(stale_model, None, calib, dry_run=True, batch_size=4)
+    assert report.probes[0].requested_batch_sizes == (1, 2, 4) and report.probes[0].data_batch == 4
+    default = fix(stale_model, None, calib, dry_run=True)
+    assert default.probes[0].requested_batch_sizes == (1, 2, 32)
+
+
 # ---------------------------------------------------------------------------- stored statistics (no data)
 
 

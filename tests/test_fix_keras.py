@@ -335,16 +335,16 @@ def test_passes_after_the_first_run_from_kept_tensors_with_the_statistics_of_ful
     calib = str(tmp_path / "calib.npy")
     segments: list[int] = []
     kept, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "kept.keras"), calib, segments)
-    # the first pass alone ran the whole model, over 3 batches; with the batch fixed to 8 it is the probe's runs
-    # over the data, which took the same batches
-    assert kept.passes == 3 and full_batches == (0 if fixed_batch else 3)
+    # the first pass is the probe's runs over the data, which took the same batches (of --batch-size 8, or the
+    # batch the file fixes to 8)
+    assert kept.passes == 3 and full_batches == 0
     # conv1, bn1, relu1, conv2a, conv2b; then bn2a, bn2b, join, relu2, wide, conv3: no call twice (from the
     # inputs: 5 + 11)
     assert segments == [5, 6]
     assert {e.layer: e.action for e in kept.layers} == dict.fromkeys(["bn1", "bn2a", "bn2b", "bn3"], "recalibrated")
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
-    assert full.passes == 4 and full_batches == (9 if fixed_batch else 12)
+    assert full.passes == 4 and full_batches == 9
     assert [(e.layer, e.action) for e in kept.layers] == [(e.layer, e.action) for e in full.layers]
     a = _same_statistics(tmp_path / "kept.keras", tmp_path / "full.keras", 8)
     with zipfile.ZipFile(src) as before, zipfile.ZipFile(tmp_path / "kept.keras") as after:
@@ -374,10 +374,10 @@ def test_layers_inside_a_nested_model_run_from_its_input_computed_once(tmp_path:
     # the first pass alone ran the whole model; then conv2a and conv2b inside the nested model, from its input
     # (conv1, bn1, relu1 computed once); then bn3's input from the model's: conv1, bn1, relu1, the nested
     # model, relu2, wide, conv3
-    assert kept.passes == 3 and full_batches == 3 and segments == [2, 7]
+    assert kept.passes == 3 and full_batches == 0 and segments == [2, 7]  # the first pass: the probe's runs
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
-    assert full.passes == 4 and full_batches == 12
+    assert full.passes == 4 and full_batches == 9
     _same_statistics(tmp_path / "kept.keras", tmp_path / "full.keras", 8)
     with zipfile.ZipFile(src) as before, zipfile.ZipFile(tmp_path / "kept.keras") as after:
         assert _layers_config(after) == _layers_config(before)
@@ -404,10 +404,10 @@ def test_a_base_model_inside_a_sequential_runs_its_later_passes_from_kept_tensor
     segments: list[int] = []
     kept, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "kept.keras"), calib, segments)
     assert {e.layer: e.action for e in kept.layers} == dict.fromkeys(["base/bn_a", "base/bn_b"], "recalibrated")
-    assert kept.passes == 2 and full_batches == 3 and segments == [4]  # conv, bn_a, relu, conv: from the base input
+    assert kept.passes == 2 and full_batches == 0 and segments == [4]  # conv, bn_a, relu, conv: from the base input
     monkeypatch.setattr(frontier, "BUDGET_SHARE", 0.0)
     full, full_batches = _fix_counting_full_passes(monkeypatch, src, str(tmp_path / "full.keras"), calib)
-    assert full.passes == 2 and full_batches == 6
+    assert full.passes == 2 and full_batches == 3
     _same_statistics(tmp_path / "kept.keras", tmp_path / "full.keras", 4)
 
 

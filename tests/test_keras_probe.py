@@ -459,6 +459,21 @@ def test_the_keras_effect_needs_the_samples_fix_needs(tmp_path):
     )
 
 
+def test_the_keras_effect_is_left_out_where_its_one_batch_would_likely_not_fit(tmp_path, monkeypatch):
+    """deepcon and rbm3: the effect's one batch of every sample passed the lower-bound check, then Keras's
+    numpy backend held 15 times it, until the watchdog stopped bncheck at 22 GB. The effect is left out (the
+    drift stays a warning) where 16 times the bound exceeds the budget; the probe's own runs keep the bound."""
+    path, data_path, _, _, _ = _briefly_fitted_classifier(tmp_path)
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", "500kB")  # the bound at 256 samples is about 73 kB
+    report = engine.probe(
+        path, ProbeSettings(batch_sizes=(1, 2, 8), samples=2, data_path=data_path, data_source=data_path)
+    )
+    drift = [f for f in report.findings if f.code == "BN003"]
+    assert {f.layer for f in drift} == {"bn_1", "bn_2"} and {f.severity.label for f in drift} == {"warning"}
+    [note] = [n for n in report.probes[-1].notes if n.startswith("output effect of the drifting statistics not")]
+    assert "one batch of 256 samples would likely need about" in note and "over the memory budget of 500 kB" in note
+
+
 def test_the_keras_effect_recomputes_only_the_layers_fix_would(tmp_path):
     """BN003's output effect is what `fix` would write: the drifting layer recomputed, a layer whose statistics
     are near the data's (under BN003's thresholds) kept. Recomputing every layer (tempocnn's fcn: only its last

@@ -149,6 +149,30 @@ def fed_bytes(
     return total
 
 
+#: How many times the lower bound Keras's numpy backend was seen to hold (jax's XLA convolutions and their
+#: copies): 8.5 on a shipped CNN, about 15 on deepcon's 256x256x441 contact predictor (3.8 GB a sample where the
+#: bound is about 0.25 GB). The probe's own runs keep the lower bound (a false refusal is worse than a late
+#: one, and the watchdog stops a run past the budget); what bncheck adds on its own, the output effect's one
+#: batch of the data, is left out where this many times the bound would not fit the budget.
+HELD_FACTOR = 16
+
+
+def likely_over_budget(model: Any, inputs_bytes: int, batch: int) -> str | None:
+    """Why a pass of ``batch`` samples would likely not fit the memory budget once Keras holds
+    :data:`HELD_FACTOR` times its lower bound, or None where it would."""
+    node_bytes, _ = busiest_layer(model, batch)
+    bound = inputs_bytes + node_bytes
+    limit = budget.budget()
+    if HELD_FACTOR * bound <= limit:
+        return None
+    need, allowed = budget.format_sizes(HELD_FACTOR * bound, limit)
+    return (
+        f"one batch of {batch} samples would likely need about {need} ({HELD_FACTOR} times its lower bound "
+        f"{budget.format_size(bound)}: Keras's numpy backend holds that much on large convolutions), over the "
+        f"memory budget of {allowed}"
+    )
+
+
 def check(model: Any, inputs_bytes: int, batch: int, remedy: str | None, calls: Calls | None = None) -> None:
     """Refuse (budget.OverBudgetError, exit 2) a forward pass at ``batch`` whose lower bound exceeds the
     memory budget; ``inputs_bytes`` are the fed inputs, ``remedy`` says which option lowers the batch size,

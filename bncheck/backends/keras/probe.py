@@ -458,8 +458,12 @@ def recalibration(
             f"{count} sample(s) are too few to estimate the statistics from: at least {MIN_SAMPLES} needed "
             "(`fix` refuses fewer; --min-samples N overrides it there)"
         )
+    fed = memory.fed_bytes(runner.view.inputs, count, None, data)
+    likely = memory.likely_over_budget(runner.model, fed, count)
+    if likely is not None:
+        return likely
     try:
-        memory.check(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count, None)
+        memory.check(runner.model, fed, count, None)
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
         return exc.summary
     feeds = {name: np.ascontiguousarray(array) for name, array in data.items()}
