@@ -1050,6 +1050,7 @@ def run_plan(
     for done, run in enumerate(plan.runs, start=1):
         if run in plan.data_runs and len(run) in failed:
             in_pieces(run, failed[len(run)])  # a size the model refused already: its data goes to the pieces
+            release_mapped(pool)
         elif len(run) not in failed or run in plan.data_runs:
             try:
                 feeds = _take(pool, run, axes)
