@@ -216,26 +216,7 @@ def test_a_fixed_batch_of_one_whose_graph_branches_per_sample_does_not_say_re_ex
     """openwakeword's hey_jarvis model runs a verifier only where the first stage's score passes 0.5: an If on
     a value computed from the sample, which onnxruntime refuses for two samples. Re-exporting with a dynamic
     batch cannot change that, so the note says why the batch stays 1 instead of how to re-export."""
-    c = 4
-    params = [
-        numpy_helper.from_array(np.full(c, v, np.float32), n)
-        for n, v in (("s", 1.0), ("b", 0.0), ("m", 0.5), ("v", 2.0))
-    ]
-    flat = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, c])
-    then_graph = helper.make_graph([helper.make_node("Identity", ["y"], ["kept"])], "then", [], [flat("kept")])
-    else_graph = helper.make_graph([helper.make_node("Neg", ["y"], ["negated"])], "else", [], [flat("negated")])
-    nodes = [
-        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn"),
-        helper.make_node("ReduceSum", ["y", "axis"], ["score"], keepdims=0),
-        helper.make_node("Greater", ["score", "zero"], ["passes"]),
-        helper.make_node("If", ["passes"], ["out"], name="verifier", then_branch=then_graph, else_branch=else_graph),
-    ]
-    extra = [numpy_helper.from_array(np.array([1], np.int64), "axis"), numpy_helper.from_array(np.float32(0), "zero")]
-    graph = helper.make_graph(nodes, "g", [flat("x")], [flat("out")], params + extra)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = str(tmp_path / "branching.onnx")
-    onnx.save(model, path)
+    path = _branching(tmp_path, keepdims=1)
     code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
     run = _run(doc)
     assert code == 0 and run["batch_sizes"] == [1]
