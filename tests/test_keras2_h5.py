@@ -193,25 +193,18 @@ def test_a_file_keras_3_cannot_load_is_refused_with_the_keras_that_saved_it(tmp_
     assert "saved by Keras 2.1.2" in result.stderr and "export it to ONNX" in result.stderr
 
 
-def test_a_concatenation_passes_its_inputs_shapes_on_in_a_file_without_recorded_shapes(tmp_path: Path) -> None:
-    # tempocnn's fcn (Keras 2.4 .h5, no shapes recorded): every BN after a Concatenate had "axes unknown"
-    def layer(cls: str, name: str, inbound: list[str], **config: object) -> dict[str, object]:
-        nodes = [[[ref, 0, 0, {}] for ref in inbound]] if inbound else []
-        return {"class_name": cls, "name": name, "inbound_nodes": nodes, "config": {"name": name, **config}}
+def _layer(cls: str, name: str, inbound: list[str], **config: object) -> dict[str, object]:
+    """A Keras 2 functional config entry (no shapes recorded, as tf_keras .h5 files have none)."""
+    nodes = [[[ref, 0, 0, {}] for ref in inbound]] if inbound else []
+    return {"class_name": cls, "name": name, "inbound_nodes": nodes, "config": {"name": name, **config}}
 
-    conv = {"kernel_size": [3, 3], "strides": [1, 1], "padding": "same", "data_format": "channels_last"}
-    layers = [
-        layer("InputLayer", "input_1", [], batch_input_shape=[None, 8, 8, 1], dtype="float32"),
-        layer("Conv2D", "left", ["input_1"], filters=3, **conv),
-        layer("Conv2D", "right", ["input_1"], filters=5, **conv),
-        layer("Concatenate", "joined", ["left", "right"], axis=-1),
-        layer("BatchNormalization", "bn", ["joined"], axis=-1, epsilon=0.001, center=True, scale=True),
-    ]
+
+def _unrecorded_h5(path: Path, layers: list[dict[str, object]], bn_channels: int) -> Path:
+    """A Keras 2.4 .h5 of ``layers`` (input_1 in, its last layer, a BatchNormalization "bn", out) with bn's weights."""
     config = {
         "class_name": "Model",
         "config": {"name": "m", "layers": layers, "input_layers": [["input_1", 0, 0]], "output_layers": [["bn", 0, 0]]},
     }
-    path = tmp_path / "concat.h5"
     rng = np.random.default_rng(3)
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = "2.4.0"
@@ -223,6 +216,37 @@ def test_a_concatenation_passes_its_inputs_shapes_on_in_a_file_without_recorded_
         names = ["gamma", "beta", "moving_mean", "moving_variance"]
         group.attrs["weight_names"] = np.array([f"bn/{n}:0".encode() for n in names])
         for n in names:
-            group.create_dataset(f"bn/{n}:0", data=rng.uniform(0.5, 1.5, 8).astype("float32"))
-    [bn] = KerasBackend().load(str(path)).layers
+            group.create_dataset(f"bn/{n}:0", data=rng.uniform(0.5, 1.5, bn_channels).astype("float32"))
+    return path
+
+
+_CONV = {"kernel_size": [3, 3], "strides": [1, 1], "padding": "same", "data_format": "channels_last"}
+_BN = {"axis": -1, "epsilon": 0.001, "center": True, "scale": True}
+
+
+def test_a_concatenation_passes_its_inputs_shapes_on_in_a_file_without_recorded_shapes(tmp_path: Path) -> None:
+    # tempocnn's fcn (Keras 2.4 .h5, no shapes recorded): every BN after a Concatenate had "axes unknown"
+    layers = [
+        _layer("InputLayer", "input_1", [], batch_input_shape=[None, 8, 8, 1], dtype="float32"),
+        _layer("Conv2D", "left", ["input_1"], filters=3, **_CONV),
+        _layer("Conv2D", "right", ["input_1"], filters=5, **_CONV),
+        _layer("Concatenate", "joined", ["left", "right"], axis=-1),
+        _layer("BatchNormalization", "bn", ["joined"], **_BN),
+    ]
+    [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "concat.h5", layers, 8))).layers
     assert bn.input_shape == ("batch", 8, 8, 8) and bn.axes == (0, 1, 2)
+
+
+def test_upsampling_and_transposed_convolutions_pass_their_shapes_on_in_a_file_without_recorded_shapes(
+    tmp_path: Path,
+) -> None:
+    # rbm3's 3D U-Net (Keras 2.3 .h5): its 12 decoder BNs, after UpSampling3D, had "axes unknown"
+    layers = [
+        _layer("InputLayer", "input_1", [], batch_input_shape=[None, 7, 5, 1], dtype="float32"),
+        _layer("UpSampling2D", "up", ["input_1"], size=[2, 3], data_format="channels_last"),
+        _layer("Conv2DTranspose", "deconv", ["up"], filters=4, kernel_size=[4, 3], strides=[3, 2], padding="valid"),
+        _layer("BatchNormalization", "bn", ["deconv"], **_BN),
+    ]
+    [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "up.h5", layers, 4))).layers
+    # UpSampling2D: 14 x 15; Conv2DTranspose valid: 14 * 3 + (4 - 3) = 43, 15 * 2 + (3 - 2) = 31 (Keras's own shapes)
+    assert bn.input_shape == ("batch", 43, 31, 4) and bn.axes == (0, 1, 2)

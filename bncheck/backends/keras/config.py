@@ -721,6 +721,31 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
             else:
                 channels = c.get("filters")
         return (shape[0], channels, *out) if first else (shape[0], *out, channels)
+    up = re.fullmatch(r"UpSampling([123])D", cls)
+    if up:  # a U-Net's decoder (rbm3's UpSampling3D): each spatial dim times its size
+        n = int(up.group(1))
+        size = c.get("size", 2)
+        factors = tuple(size) if isinstance(size, list) else (size,) * n
+        spatial = shape[2:] if first else shape[1:-1]
+        if len(spatial) != n or len(factors) != n:
+            return None
+        grown = [d * f if isinstance(d, int) and isinstance(f, int) else None for d, f in zip(spatial, factors)]
+        return (shape[0], shape[1], *grown) if first else (shape[0], *grown, shape[-1])
+    transposed = re.fullmatch(r"Conv([123])DTranspose", cls)
+    if transposed and c.get("output_padding") is None and c.get("dilation_rate", 1) in (1, [1] * 2, [1] * 3, [1]):
+        n = int(transposed.group(1))
+        as_tuple = lambda v: tuple(v) if isinstance(v, list) else (v,) * n
+        kernel, strides = as_tuple(c.get("kernel_size")), as_tuple(c.get("strides", 1))
+        spatial = shape[2:] if first else shape[1:-1]
+        if len(spatial) != n or len(kernel) != n or len(strides) != n:
+            return None
+        same = c.get("padding") == "same"
+        widened: list[Dim] = [
+            (d * s if same else d * s + max(k - s, 0)) if all(isinstance(v, int) for v in (d, k, s)) else None
+            for d, k, s in zip(spatial, kernel, strides)
+        ]
+        filters = c.get("filters")
+        return (shape[0], filters, *widened) if first else (shape[0], *widened, filters)
     if cls.startswith("ZeroPadding") and isinstance(c.get("padding"), list) and not first:
         pads = c["padding"]
         padded: list[Dim] = list(shape[1:-1])
