@@ -17,7 +17,7 @@ from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
 from bncheck.errors import BncheckError, ErrorKind, UsageError
 from bncheck.fix_result import MIN_SAMPLES, FixRequest, FixResult
-from bncheck.model import ModelView, Progress, announce, runnable_batch
+from bncheck.model import ModelView, Note, Progress, announce, runnable_batch
 from bncheck.outputs import refuse_overwrite
 from bncheck.report import Report
 
@@ -93,8 +93,6 @@ def fix(
     announce(progress, "repairing")
     runnable = min((runnable_batch(probe, batch_size) for probe in report.probes), default=batch_size)
     if runnable != batch_size:
-        from bncheck.model import Note
-
         report.notes.append(
             Note("info", f"calibration batches of {runnable}: the probe found that larger batches could not run")
         )
@@ -143,8 +141,6 @@ def _check(probe: Callable[[], Report], inspect: Callable[[], Report], synthetic
         if not synthetic or error.kind is not ErrorKind.DATA:
             raise
         report = inspect()
-        from bncheck.model import Note
-
         report.notes.append(Note("warning", f"checked statically only, the probe could not run: {error}"))
         return report
 

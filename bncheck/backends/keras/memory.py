@@ -157,11 +157,9 @@ def fed_bytes(
 HELD_FACTOR = 16
 
 
-def likely_over_budget(model: Any, inputs_bytes: int, batch: int) -> str | None:
-    """Why a pass of ``batch`` samples would likely not fit the memory budget once Keras holds
-    :data:`HELD_FACTOR` times its lower bound, or None where it would."""
-    node_bytes, _ = busiest_layer(model, batch)
-    bound = inputs_bytes + node_bytes
+def likely_over_budget(bound: int, batch: int) -> str | None:
+    """Why a pass of ``batch`` samples whose lower bound is ``bound`` (:func:`lower_bound`) would likely not fit
+    the memory budget once Keras holds :data:`HELD_FACTOR` times it, or None where it would."""
     limit = budget.budget()
     if HELD_FACTOR * bound <= limit:
         return None
@@ -173,17 +171,19 @@ def likely_over_budget(model: Any, inputs_bytes: int, batch: int) -> str | None:
     )
 
 
-def check(model: Any, inputs_bytes: int, batch: int, remedy: str | None, calls: Calls | None = None) -> None:
-    """Refuse (budget.OverBudgetError, exit 2) a forward pass at ``batch`` whose lower bound exceeds the
-    memory budget; ``inputs_bytes`` are the fed inputs, ``remedy`` says which option lowers the batch size,
-    ``calls`` are the layers sized for concrete inputs (:func:`sample_calls`) where the graph leaves dims open."""
+def lower_bound(model: Any, inputs_bytes: int, batch: int, calls: Calls | None = None) -> tuple[int, str]:
+    """The bytes a forward pass at ``batch`` needs at least (the fed ``inputs_bytes`` and the busiest layer),
+    and what they are in words; ``calls`` are the layers sized for concrete inputs (:func:`sample_calls`)
+    where the graph leaves dims open."""
     node_bytes, where = busiest_layer(model, batch, calls)
     parts = [f"inputs {budget.format_size(inputs_bytes)}"]
     if where is not None:
         parts.append(f"{budget.format_size(node_bytes)} at layer {where}")
-    budget.check(
-        inputs_bytes + node_bytes,
-        f"keras at batch size {batch} ({' + '.join(parts)})",
-        remedy=remedy,
-        lower_bound=True,
-    )
+    return inputs_bytes + node_bytes, f"keras at batch size {batch} ({' + '.join(parts)})"
+
+
+def check(model: Any, inputs_bytes: int, batch: int, remedy: str | None, calls: Calls | None = None) -> None:
+    """Refuse (budget.OverBudgetError, exit 2) a forward pass at ``batch`` whose :func:`lower_bound` exceeds the
+    memory budget; ``remedy`` says which option lowers the batch size."""
+    need, what = lower_bound(model, inputs_bytes, batch, calls)
+    budget.check(need, what, remedy=remedy, lower_bound=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bncheck import budget
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
@@ -458,12 +459,12 @@ def recalibration(
             f"{count} sample(s) are too few to estimate the statistics from: at least {MIN_SAMPLES} needed "
             "(`fix` refuses fewer; --min-samples N overrides it there)"
         )
-    fed = memory.fed_bytes(runner.view.inputs, count, None, data)
-    likely = memory.likely_over_budget(runner.model, fed, count)
+    need, what = memory.lower_bound(runner.model, memory.fed_bytes(runner.view.inputs, count, None, data), count)
+    likely = memory.likely_over_budget(need, count)
     if likely is not None:
         return likely
     try:
-        memory.check(runner.model, fed, count, None)
+        budget.check(need, what, lower_bound=True)
     except OverBudgetError as exc:  # its remedy would name an option a probe does not have
         return exc.summary
     feeds = {name: np.ascontiguousarray(array) for name, array in data.items()}
