@@ -106,3 +106,95 @@ def test_output_effect_of_drifting_statistics_is_left_unmeasured_over_the_budget
     skipped = f"output effect of the drifting statistics not measured: one batch of {batch} samples would likely need"
     assert (skipped in result.stdout) == (budget == "50MB"), result.stdout
     assert "to change the budget" not in result.stdout  # the note says what and how much, not a CLI remedy
+
+
+def _budget_between(monkeypatch, model, batch: int, factor: int) -> int:
+    """A budget of ``factor`` times the lower bound of a batch of ``batch``: the up-front check passes, and
+    the predict style's batch is likely over it (HELD_FACTOR times the bound)."""
+    need, _ = memory.lower_bound(model, memory.fed_bytes(_inputs(model), batch, None), batch)
+    monkeypatch.setenv("BNCHECK_MEMORY_BUDGET", str(factor * need))
+    return need
+
+
+def _inputs(model):
+    from bncheck.model import InputSpec
+
+    return [InputSpec(name="x", shape=(None, *model.inputs[0].shape[1:]), dtype="float32")]
+
+
+def test_predict_batch_likely_over_the_budget_runs_in_pieces_with_the_same_statistics(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Under a budget of 4 times batch 32's lower bound (HELD_FACTOR 16 times it would not fit) the batch of 32
+    runs as 4 batches of 8, whose appended statistics and outputs are the whole batch's."""
+    from bncheck.backends.base import ProbeSettings
+    from bncheck.backends.keras import KerasBackend
+
+    path = _wide_conv(tmp_path / "wide.keras", hw=32)
+    settings = ProbeSettings(batch_sizes=(1, 2, 32), all_layers=True)
+    whole = KerasBackend().probe(KerasBackend().load(path), settings)[0]
+    _budget_between(monkeypatch, keras.saving.load_model(path, compile=False), 32, 4)
+    pieces = KerasBackend().probe(KerasBackend().load(path), settings)[0]
+    assert [n for n in pieces.notes if "ran as" in n] == [
+        next(n for n in pieces.notes if n.startswith("batch size 32 ran as 4 batches of 8 samples: one batch"))
+    ]
+    assert not any("ran as" in n for n in whole.notes)
+    for side in ("input", "output"):
+        got, want = getattr(pieces.at(32, "bn"), side), getattr(whole.at(32, "bn"), side)
+        assert got.batch_size == want.batch_size == 32 and got.count == want.count
+        for field in ("sample_mean", "sample_sq", "min", "max", "zeros", "nonfinite"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-6, err_msg=field)
+    assert pieces.output_dependence.keys() == whole.output_dependence.keys() and whole.output_dependence
+    for name, by_batch in whole.output_dependence.items():
+        assert pieces.output_dependence[name].keys() == by_batch.keys()
+        for batch, want in by_batch.items():
+            assert pieces.output_dependence[name][batch].max_shift == pytest.approx(want.max_shift, abs=1e-6)
+
+
+def test_as_written_batch_of_a_baked_training_flag_is_never_run_in_pieces(tmp_path: Path, monkeypatch) -> None:
+    """A baked training=True normalizes over the batch: its batch of 32 runs whole (its statistics would not be
+    the batch's in pieces), while the predict style's runs in pieces under the same budget."""
+    from bncheck.backends.base import ProbeSettings
+    from bncheck.backends.keras import KerasBackend
+    from bncheck.backends.keras.probe import AS_WRITTEN, PREDICT
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3), name="x")
+    h = keras.layers.Conv2D(32, 3, padding="same", name="conv")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h, training=True)
+    path = str(tmp_path / "baked.keras")
+    keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="pool")(h)).save(path)
+    settings = ProbeSettings(batch_sizes=(1, 2, 32), all_layers=True)
+    whole = {r.call_style: r for r in KerasBackend().probe(KerasBackend().load(path), settings)}
+    _budget_between(monkeypatch, keras.saving.load_model(path, compile=False), 32, 4)
+    split = {r.call_style: r for r in KerasBackend().probe(KerasBackend().load(path), settings)}
+    assert any(n.startswith("batch size 32 ran as") for n in split[PREDICT].notes)
+    assert not any("ran as" in n for n in split[AS_WRITTEN].notes)
+    # batch statistics over the 32 samples: each sample's output mean over its companions is the beta, 0
+    got, want = split[AS_WRITTEN].at(32, "bn").output, whole[AS_WRITTEN].at(32, "bn").output
+    np.testing.assert_allclose(got.sample_mean, want.sample_mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.mean, 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("batch", "fits_up_to", "expected"),
+    [
+        (32, 5, [4, 5, 4, 5, 4, 5, 5]),
+        (32, 8, [8, 8, 8, 8]),
+        (32, 32, [32]),
+        (32, 0, [2] * 16),
+        (2, 0, [2]),
+        (3, 2, [3]),
+        (7, 3, [2, 2, 3]),
+    ],
+)
+def test_pieces_are_as_few_as_fit_evened_out_and_never_under_two_samples(
+    batch: int, fits_up_to: int, expected: list[int]
+) -> None:
+    """32 where 5 fit: 7 pieces of 4-5 (not six of 5 and one of 2); nothing fits: pieces of 2, and a batch of 2
+    or 3 stays whole, so that every sample has a companion for the batch-dependence test."""
+    from bncheck.backends.keras.pieces import piece_sizes
+
+    sizes, why = piece_sizes(batch, lambda b: None if b <= fits_up_to else f"{b} over")
+    assert sizes == expected
+    assert why == (None if len(expected) == 1 else f"{batch} over")

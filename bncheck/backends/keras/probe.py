@@ -44,6 +44,7 @@ from bncheck.model import (
     Recalibration,
     TensorStats,
     announce,
+    fixed_batch,
     largest_batch,
 )
 from bncheck.probe_data import probe_feeds, recalibration_data, sample_count
@@ -372,15 +373,17 @@ def call_styles(static: KerasFile) -> list[str]:
 
 def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> list[ProbeResult]:
     refuse_unsafe(static)
+    from bncheck.backends.keras.pieces import likely_over, split_runner
     from bncheck.probe_plan import drifting_layers, preflight, run_plan
 
     preflight(view, settings)  # before Keras loads the model
     runner = static.runner if static.runner is not None else KerasRunner(view, static)
     static.runner = runner  # fix, after probing the original, runs this same loaded model
+    calls = runner.sample_calls(settings)
     if settings.batch_sizes:  # the loaded model's layer shapes, before any batch runs
         largest = largest_batch(view.inputs, settings.batch_sizes)
         inputs = memory.fed_bytes(view.inputs, largest, settings.input_shapes, settings.data)
-        memory.check(runner.model, inputs, largest, "give smaller --batch-sizes", runner.sample_calls(settings))
+        memory.check(runner.model, inputs, largest, "give smaller --batch-sizes", calls)
     try:
         bounds = embedding_bounds(static.config, [spec.name for spec in view.inputs])
     except (AttributeError, TypeError, ValueError, KeyError, IndexError):  # a malformed Embedding entry: no bound
@@ -395,7 +398,11 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         runner.capture.skip = {layer.name for layer in view.layers if not needs_statistics(layer, settings)}
         runner.notes = []
         keep = effect_samples if style == PREDICT else 0
-        result = run_plan(view, settings, runner.runner(style), call_style=style, int_high=bounds, keep_outputs=keep)
+        run = runner.runner(style)
+        if style == PREDICT and fixed_batch(view.inputs) is None:
+            likely = likely_over(runner.model, view.inputs, settings.input_shapes, settings.data, calls)
+            run = split_runner(run, likely, runner.notes)
+        result = run_plan(view, settings, run, call_style=style, int_high=bounds, keep_outputs=keep)
         leave_unmeasured(result, sorted(runner.capture.skip))
         runner.capture.skip = set()
         result.notes.extend(runner.notes)
