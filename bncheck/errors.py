@@ -6,6 +6,7 @@ Standard library only, so that every layer (CLI, engine, backends, data loading)
 from __future__ import annotations
 
 import enum
+import re
 
 
 class ErrorKind(str, enum.Enum):
@@ -41,9 +42,16 @@ class DataError(BncheckError):
     kind = ErrorKind.DATA
 
 
+#: a terminal's escape sequences (Keras sets its messages' key phrases in bold)
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: a printed array of numbers (Keras prints the whole input it refuses before saying which shape it expected)
+_NUMBERS = re.compile(r"\[[\[\]\s0-9eE.,+\-]{60,}\]")
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's text on one line (libraries' messages span several), cut to ``limit`` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """An exception's text on one line (libraries' messages span several), without terminal escapes or long
+    printed arrays of numbers ("[...]"), cut to ``limit`` characters."""
+    text = _NUMBERS.sub("[...]", _ESCAPES.sub("", " ".join(str(exc).split()))) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

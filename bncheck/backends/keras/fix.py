@@ -26,6 +26,7 @@ import numpy as np
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.archive import KerasFile
+from bncheck.errors import one_line
 from bncheck.fix_result import (
     FixOutcome,
     FixRequest,
@@ -424,7 +425,7 @@ def _save(runner: Any, baked: list[str], output: str) -> None:
             fresh.save(tmp)
             os.replace(tmp, output)  # a failed write leaves no half model behind
         except Exception as exc:  # keras raises ValueError/TypeError/OSError on what it cannot rebuild or write
-            text = " ".join(str(exc).split())[:300] or type(exc).__name__
+            text = one_line(exc)
             raise BackendError(f"{output}: keras could not write the fixed model ({text})") from None
         finally:
             absl.setLevel(level)

@@ -33,7 +33,7 @@ from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
 from bncheck.budget import OverBudgetError, format_size
-from bncheck.errors import few
+from bncheck.errors import few, one_line
 from bncheck.model import (
     EFFECT_STAGE,
     Kind,
@@ -114,7 +114,7 @@ def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
             warnings.simplefilter("ignore")
             return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
-        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        text = one_line(exc)
         major = (saved_by or "").split(".")[0]
         if major not in ("1", "2"):
             raise BackendError(f"{path}: keras {keras.__version__} could not load the model ({text})") from None
@@ -123,6 +123,57 @@ def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
             f"reads files of Keras {major} only in part (bncheck inspect still reads this one): to probe it, export "
             "it to ONNX from the Keras that saved it (tf2onnx), or build the model in Keras 3 and load these weights"
         ) from None
+
+
+def declared_input(keras: Any, model: Any, static: KerasFile) -> tuple[Any, str | None]:
+    """``model`` on inputs of the shape its file declares, and a note where it had to be rebuilt for that.
+
+    A Keras 1/2 Sequential whose first layer carries ``batch_input_shape`` (no InputLayer in its config) loads
+    in Keras 3 with that shape taken as one sample's, the batch dim included: an extra axis ((None, None, 68,
+    21) for (None, 68, 21)), which refuses the inputs the file's own Keras took. Keras's own config of the
+    loaded model is rebuilt on the declared shape and given the loaded weights (weight shapes follow the
+    channels, not the extra axis); where that fails, the model is left as loaded."""
+    from bncheck.backends.keras.weights import layer_entries
+
+    if not static.keras2 or type(model).__name__ != "Sequential" or static.config.get("class_name") != "Sequential":
+        return model, None
+    entries = layer_entries(static.config)
+    first = entries[0] if entries else {}
+    declared = (first.get("config") or {}).get("batch_input_shape")
+    if first.get("class_name") == "InputLayer" or not isinstance(declared, list) or not declared:
+        return model, None
+    try:
+        loaded = tuple(model.input_shape)
+    except (AttributeError, ValueError):
+        return model, None
+    if loaded != (None, *declared):
+        return model, None
+    config = model.get_config()
+    layers = config.get("layers") or []
+    if not layers or layers[0].get("class_name") != "InputLayer":
+        return model, None
+    # named as the static reader names such a file's input (no InputLayer: "input"), so that the model `fix`
+    # writes from this one reads the same inputs
+    layers[0].setdefault("config", {}).update(batch_shape=list(declared), name=static.inputs[0].name)
+    # each layer is built again from the declared input, not from the shapes it was built with
+    config.pop("build_input_shape", None)
+    for entry in layers:
+        entry.pop("build_config", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Keras's classes only: safe mode refused everything else when the file was loaded
+            rebuilt = type(model).from_config(config)
+            rebuilt.set_weights(model.get_weights())
+    except Exception:  # keras raises ValueError/TypeError on what it cannot rebuild: the model as loaded
+        return model, None
+    shape = tuple(declared)
+    note = (
+        f"Keras {keras.__version__} loads this Keras {static.keras_version} Sequential file with an extra input "
+        f"axis, {loaded} for the {shape} its first layer declares (batch_input_shape read as one sample's "
+        f"shape); bncheck rebuilt it on inputs of {shape} with the file's weights"
+    )
+    return rebuilt, note
 
 
 def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
@@ -229,7 +280,9 @@ class KerasRunner:
         self.keras = import_keras(static.path)
         self.path = static.path
         self.view = view
-        self.model = load(self.keras, static.path, static.keras_version)
+        self.model, self.loaded_note = declared_input(
+            self.keras, load(self.keras, static.path, static.keras_version), static
+        )
         names = [layer.name for layer in view.layers]
         self.layers = find_layers(self.model, names)
         missing = [n for n in names if n not in self.layers]
@@ -358,7 +411,7 @@ class KerasRunner:
         except BackendError:
             raise
         except Exception as exc:
-            text = " ".join(str(exc).split())[:300] or type(exc).__name__
+            text = one_line(exc)
             raise BackendError(f"{self.path}: keras failed to run the model ({text})") from None
         return self._outputs(result)
 
@@ -406,6 +459,8 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         leave_unmeasured(result, sorted(runner.capture.skip))
         runner.capture.skip = set()
         result.notes.extend(runner.notes)
+        if runner.loaded_note:
+            result.notes.append(runner.loaded_note)
         result.notes.append(_style_note(style, static))
         if style == PREDICT and settings.data is not None and result.data is not None:
             runner.data_probe = (settings.data, result)
