@@ -428,6 +428,9 @@ class ProbeResult:
     # output_dependence compares each sample in its row of a batch with the same row beside other companions,
     # not alone: a batch fixed in the file, or a model no sample of which runs alone
     companions_replaced: bool = False
+    # every model output kept its shape from a run of one sample to a run of several (None: not run so): no
+    # output holds a row per sample, so axis 0 of the inputs is no batch of separate samples to the model
+    outputs_unbatched: bool | None = None
     # with --data and drifting statistics: the outputs with recomputed statistics against the stored ones
     recalibration: Recalibration | None = None
     # with --data: the model's outputs on the data's first samples, samples first (run_plan's keep_outputs),

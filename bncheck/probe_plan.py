@@ -1155,6 +1155,7 @@ def run_plan(
         companion_change=companion_change,
         located=located,
         companions_replaced=any(len(run) != 1 for run in plan.solo_runs),
+        outputs_unbatched=output_axes.unbatched(),
         data_outputs=data_outputs,
     )
 
@@ -1201,6 +1202,14 @@ class _SampleAxes:
         self.waiting: list[dict[str, np.ndarray]] = []  # runs of one sample kept whole
         self.declared = declared
         self.dims: dict[str, tuple[Dim, ...] | None] = {}
+        # whether each output had the same shape in a run of several samples as in a run of one
+        self.same_shape: dict[str, bool] = {}
+
+    def unbatched(self) -> bool | None:
+        """Whether no model output changed its shape with the batch size (None: not run at two sizes)."""
+        if not self.same_shape:
+            return None
+        return all(self.same_shape.values())
 
     def take(self, outputs: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
         kept: dict[str, np.ndarray] = {}
@@ -1212,6 +1221,8 @@ class _SampleAxes:
                     kept[name] = array
                     continue
                 self.axis[name] = sample_axis(array.shape, self.single.get(name), size)
+                if name in self.single:
+                    self.same_shape[name] = self.single[name] == array.shape
                 for earlier in self.waiting:
                     if name in earlier:
                         earlier[name] = self._samples_first(name, earlier[name])

@@ -393,3 +393,51 @@ def test_a_tf2onnx_train_mode_batch_norm_with_its_affine_on_a_transposed_input_i
 
     [entry] = fix(path, None, None, dry_run=True).fix.outcome.layers
     assert entry.action == "not-fixed" and "another layout" in entry.reason
+
+
+def _frames_model(g: _Graph, conv: bool) -> None:
+    """x[T, 8]: one recording's frames on axis 0, as madmom's exported key and beat models take them. With
+    ``conv``, the model adds its own batch of one and convolves along the frames ([1, 1, T, 8]) before pooling
+    them; without, it pools the frames directly. Either way the output is [4] whatever T."""
+    if conv:
+        g.op("Unsqueeze", ["x", g.const("batch_axes", np.array([0, 1], np.int64))], "nchw")
+        weight = np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32)
+        g.op("Conv", ["nchw", g.const("w", weight)], "maps", pads=[1, 1, 1, 1])
+        # its batch removed again, channels last: [T, 8, 4], the frames back on axis 0, then pooled
+        g.op("Squeeze", ["maps", g.const("own_batch", np.array([0], np.int64))], "chw")
+        g.op("Transpose", ["chw"], "hwc", perm=[1, 2, 0])
+        g.op("ReduceMean", ["hwc"], "y", axes=[0, 1], keepdims=0)
+    else:
+        g.op("ReduceMean", ["x"], "pooled", axes=[0], keepdims=0)
+        g.op("MatMul", ["pooled", g.const("proj", np.ones((8, 4), np.float32))], "y")
+
+
+def test_a_reduction_over_frames_that_a_convolution_takes_as_a_spatial_axis_is_no_batch_reduction(tmp_path):
+    g = _Graph()
+    _frames_model(g, conv=True)
+    path = g.save(tmp_path / "frames_conv.onnx", ["T", 8], [4], opset=13)
+    assert _findings(path, "BN002") == []
+    probed = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    assert [f for f in probed.findings if f.code == "BN002"] == []
+    # the same reduction over a real batch axis (axis 0 not a convolution's spatial axis) is still found
+    g = _Graph()
+    g.op("Unsqueeze", ["x", g.const("channel_axis", np.array([1, 2], np.int64))], "nchw")
+    weight = np.random.default_rng(0).standard_normal((4, 1, 1, 3)).astype(np.float32)
+    g.op("Conv", ["nchw", g.const("w", weight)], "maps", pads=[0, 1, 0, 1])
+    g.op("ReduceMean", ["maps"], "pooled", axes=[0, 2, 3], keepdims=0)
+    g.op("Squeeze", ["pooled"], "y")
+    batched = g.save(tmp_path / "batch_conv.onnx", ["N", 8], [4], opset=13)
+    assert [(f.layer, f.severity.label) for f in _findings(batched, "BN002")] == [("pooled", "error")]
+
+
+def test_a_reduction_over_axis_0_of_a_model_whose_outputs_never_follow_the_batch_is_info_once_probed(tmp_path):
+    """No convolution tells the frames apart statically: inspect reports the error, and the probe finds that the
+    output keeps its shape [4] at every batch size (no row per sample: no sample's result to depend on others)."""
+    g = _Graph()
+    _frames_model(g, conv=False)
+    path = g.save(tmp_path / "frames_pool.onnx", ["T", 8], [4], opset=13)
+    assert [(f.layer, f.severity.label) for f in _findings(path, "BN002")] == [("pooled", "error")]
+    probed = [f for f in engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8))).findings if f.code == "BN002"]
+    assert [(f.layer, f.severity.label) for f in probed] == [("pooled", "info")]
+    assert probed[0].evidence["outputs_unbatched"] is True
+    assert "no model output changed its shape with the probe's batch size" in probed[0].message

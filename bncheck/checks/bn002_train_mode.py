@@ -99,13 +99,20 @@ HINT_RANK_1 = (
 )
 
 
+HINT_UNBATCHED = (
+    "Nothing to change where axis 0 holds one input's positions (frames, tokens) rather than samples; if the "
+    "model is meant to take a batch, its outputs should keep a row per sample (reduce over the other axes)."
+)
+
+
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     depend = outputs_depend(probe.output_dependence, probe.companion_change) if probe is not None else None
     effect = batch_effect(probe.output_dependence, probe.companions_replaced) if depend and probe is not None else None
     batched = [spec for spec in view.inputs if spec.batched]
     rank_1 = bool(batched) and all(spec.shape is not None and len(spec.shape) == 1 for spec in batched)
+    unbatched = probe is not None and probe.outputs_unbatched is True
     for op in view.batch_ops:
-        yield _reduction_finding(op, effect, measured_invariant=depend is False, rank_1=rank_1)
+        yield _reduction_finding(op, effect, measured_invariant=depend is False, rank_1=rank_1, unbatched=unbatched)
     for layer in view.layers:
         dep = probe.dependence.get(layer.name) if probe is not None else None
         # outputs measured batch-invariant: a layer's own movement changes no prediction, no dynamic finding
@@ -198,11 +205,17 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
 
 
 def _reduction_finding(
-    op: BatchOp, effect: dict[str, object] | None, measured_invariant: bool = False, rank_1: bool = False
+    op: BatchOp,
+    effect: dict[str, object] | None,
+    measured_invariant: bool = False,
+    rank_1: bool = False,
+    unbatched: bool = False,
 ) -> Finding:
     """The static finding on a reduction over the batch axis; info when the probe measured every model output
-    batch-invariant (the reduction then reaches no prediction: a branch that ends nowhere, say). ``rank_1``:
-    every fed input is rank 1 (:data:`HINT_RANK_1`)."""
+    batch-invariant (the reduction then reaches no prediction: a branch that ends nowhere, say), or found that
+    no model output changes shape with the batch size (``unbatched``: no output holds a row per sample, so
+    there is no sample's result to depend on its companions; madmom's key and beat models take the frames of
+    one excerpt on axis 0 and pool over them). ``rank_1``: every fed input is rank 1 (:data:`HINT_RANK_1`)."""
     evidence: dict[str, object] = {
         "kind": "batch-reduction",
         "op_type": op.op_type,
@@ -225,6 +238,20 @@ def _reduction_finding(
             f"{op.op_type} {op.name!r} reduces over axes {list(op.axes)}, which include the batch axis, but the "
             "probe measured every model output batch-invariant: the reduction changes no prediction here",
             HINT_REDUCTION,
+            evidence,
+        )
+    if unbatched:
+        evidence["outputs_unbatched"] = True
+        return Finding(
+            CODE,
+            SLUG,
+            Severity.INFO,
+            op.name,
+            f"{op.op_type} {op.name!r} reduces over axes {list(op.axes)}, which include axis 0, but no model "
+            "output changed its shape with the probe's batch size: no output holds a row per sample, so axis 0 "
+            "is not a batch of separate samples to this model (the frames of one recording, say) and the "
+            "reduction is part of what it computes",
+            HINT_UNBATCHED,
             evidence,
         )
     if rank_1:

@@ -327,6 +327,7 @@ def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]
     dependent: set[str] = set()
     valued = set(g.graph_inputs)  # tensors that depend on an input's values, not only on its shape
     found: list[BatchOp] = []
+    spatial: bool | None = None  # _axis0_spatial, computed at the first candidate
     for idx, node in enumerate(g.nodes):
         fed = any(t in dependent for t in node.input if t)
         layer = in_layer.get(idx)
@@ -334,7 +335,9 @@ def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]
         data = node.op_type not in ("Shape", "Size") and any(t in valued for t in node.input if t)
         if not fed and layer is None and data and node.op_type in REDUCE_OPS and node.domain in ONNX_DOMAINS:
             op = _batch_reduction(g, idx)
-            if op is not None:
+            if op is not None and spatial is None:
+                spatial = _axis0_spatial(g)
+            if op is not None and not spatial:
                 found.append(op)
                 source = True
         if data:
@@ -359,6 +362,26 @@ def _batch_reduction(g: GraphIndex, idx: int) -> BatchOp | None:
         input_shape=g.shape(x),
         keepdims=bool(int(g.attrs(idx).get("keepdims", 1))),
     )
+
+
+#: ops whose input is [N, C, spatial...]: a dim on a spatial axis there is positions of one sample
+_SPATIAL_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"})
+
+
+def _axis0_spatial(g: GraphIndex) -> bool:
+    """Every input's symbolic axis 0 reaches a convolution or pool as a spatial axis: the model adds its own
+    batch of one and convolves along axis 0 (madmom's key and beat models take one excerpt's frames on axis 0),
+    so axis 0 holds positions of one sample, and a reduction over it mixes no samples."""
+    leading = {shape[0] for shape in map(g.shape, g.graph_inputs) if shape and isinstance(shape[0], str)}
+    if not leading:
+        return False
+    spatial: set[str] = set()
+    for node in g.nodes:
+        if node.op_type in _SPATIAL_OPS and node.domain in ONNX_DOMAINS:
+            shape = g.shape(node_input(node, 0))
+            if shape and len(shape) >= 3:
+                spatial.update(d for d in shape[2:] if isinstance(d, str))
+    return leading <= spatial
 
 
 def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
