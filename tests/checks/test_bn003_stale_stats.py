@@ -190,3 +190,38 @@ def test_an_effect_just_past_its_threshold_is_not_printed_as_the_threshold():
     assert "by 0.501 output standard deviations (an error above 0.5" in _error_effect(effect(0.5013))
     small = _small_effect(effect(0.43, agreement=0.97))
     assert "outputs move by 0.43 output standard deviations and keep their top-1 class on 97% of the samples" in small
+
+
+def test_the_output_effect_is_in_units_of_the_larger_of_the_two_models_output_spreads(tmp_path, probe_findings):
+    """Statistics recomputed from the data can shrink the outputs' spread (here a Sigmoid after a BN whose bias
+    of 10 its stored mean of 10 cancels: recomputed, the outputs saturate near 1). In the recomputed model's
+    units any change looked huge (thousands of sd); the unit is now the stored model's larger spread."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.full(3, value, np.float32), name)
+        for name, value in (("scale", 1.0), ("bias", 10.0), ("mean", 10.0), ("var", 1.0))
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["z"], name="bn"),
+        helper.make_node("Sigmoid", ["z"], ["y"], name="squash"),
+    ]
+    shape = ["N", 3, 4, 4]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        initializer=inits,
+    )
+    model = tmp_path / "squash.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), model)
+    data = _calibration(tmp_path, mean=0.0, std=1.0)
+    [finding] = probe_findings(str(model), "BN003", data_path=data, data_source=data)
+    y = finding.evidence["output_effect"]["outputs"]["y"]
+    stored = 1 / (1 + np.exp(-np.load(data).astype(np.float64)))  # the stored model: sigmoid(x - 10 + 10)
+    spread = np.sqrt(np.mean(np.var(stored.reshape(len(stored), -1), axis=0)))
+    assert y["output_sd"] == pytest.approx(spread, rel=1e-4)
+    # the outputs move from sigmoid(x) to about sigmoid(x + 10): about 0.5 each, some 2.5 stored spreads
+    assert 1.5 < y["shift_sd"] < 4 and finding.severity.label == "error"
