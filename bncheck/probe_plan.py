@@ -1236,6 +1236,8 @@ class _SampleAxes:
 
     def _samples_first(self, name: str, array: np.ndarray) -> np.ndarray:
         axis = self.axis[name]
+        if axis is not None and array.ndim == 0:
+            array = array.reshape(1)  # a run of one sample whose output was squeezed to a scalar (sample_axis)
         array = array if axis is None else np.moveaxis(array, axis, 0)
         if name not in self.dims:
             self.dims[name] = per_sample_dims(self.declared.get(name), array.shape) if axis is not None else None
@@ -1263,6 +1265,8 @@ def sample_axis(shape: tuple[int, ...], single: tuple[int, ...] | None, size: in
     the run of one sample (``single``, None when there was none) with every other dim the same; axis 0 first.
     None when no axis, or more than one other than 0, qualifies (not a per-sample output)."""
     found = [k for k, n in enumerate(shape) if n == size]
+    if single == () and shape == (size,):
+        return 0  # squeezed to a scalar at one sample (speechmos's PLCMOS score: declared a scalar, [N] at N > 1)
     if single is not None:
         if len(single) != len(shape):
             return None

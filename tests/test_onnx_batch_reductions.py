@@ -441,3 +441,24 @@ def test_a_reduction_over_axis_0_of_a_model_whose_outputs_never_follow_the_batch
     assert [(f.layer, f.severity.label) for f in probed] == [("pooled", "info")]
     assert probed[0].evidence["outputs_unbatched"] is True
     assert "no model output changed its shape with the probe's batch size" in probed[0].message
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_an_output_squeezed_to_a_scalar_at_one_sample_is_compared_per_sample(tmp_path, centred):
+    """speechmos's PLCMOS declares its score a scalar and squeezes every size-1 axis: () alone, [N] in a batch.
+    The output-level test compared nothing; it now reads the score of each sample (0 change when nothing mixes
+    the batch, the dependence measured where a batch mean is subtracted)."""
+    g = _Graph()
+    source = "x"
+    if centred:
+        g.op("ReduceMean", ["x"], "batch_mean", axes=[0], keepdims=1)
+        source = g.op("Sub", ["x", "batch_mean"], "centred")
+    g.op("ReduceMean", [source], "score", axes=[1, 2, 3], keepdims=0)
+    g.op("Squeeze", ["score"], "y")
+    path = g.save(tmp_path / "score.onnx", ["N", 3, 4, 4], [], opset=13)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    [probe] = report.probes
+    assert sorted(probe.output_dependence["y"]) == [2, 8]
+    assert not any("compared nothing" in note for note in probe.notes)
+    shift = probe.output_dependence["y"][8].max_shift
+    assert (shift > 0.5) if centred else (shift == 0.0)
