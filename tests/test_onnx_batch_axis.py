@@ -227,3 +227,41 @@ def test_inputs_that_share_no_batch_dimension_are_refused_with_what_they_name(tm
     result = CliRunner().invoke(main, ["probe", path, "--data", str(data)])
     assert result.exit_code == 2 and result.stderr.strip() == expected
     assert CliRunner().invoke(main, ["inspect", path]).exit_code == 0
+
+
+def test_fixed_inputs_whose_axes_0_disagree_take_the_first_inputs_as_the_batch():
+    # GTCRN's streaming export: mix [1, 257, 1, 2] beside caches [2, 1, 16, 16, 33], [2, 3, 1, 1, 16]
+    assert batch_axes([(1, 257, 1, 2), (2, 1, 16, 16, 33), (2, 3, 1, 1, 16)]) == [0, None, None]
+    assert batch_axes([(1, 257), (1, 4), ()]) == [0, 0, None]  # agreeing axes 0: unchanged
+
+
+def test_a_streaming_model_with_fixed_caches_is_probed_at_its_fixed_batch(tmp_path):
+    """x[1, 4, 3, 3] -> BN, plus the mean of a cache [2, 1, 4] fed as declared: every size was refused (its axes
+    0 disagree, so no batch was fixed, and 1,2,32 asked batch 32 of x); it now runs as a file fixed to batch 1."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.uniform(-0.2, 0.2, 4).astype(np.float32), "bias"),
+        numpy_helper.from_array(rng.uniform(-0.2, 0.2, 4).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "var"),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["normed"], name="bn"),
+        helper.make_node("ReduceMean", ["cache"], ["level"], keepdims=0, name="cache_level"),
+        helper.make_node("Add", ["normed", "level"], ["y"], name="with_cache"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stream",
+        [helper.make_tensor_value_info("x", F32, [1, 4, 3, 3]), helper.make_tensor_value_info("cache", F32, [2, 1, 4])],
+        [helper.make_tensor_value_info("y", F32, [1, 4, 3, 3])],
+        initializer=inits,
+    )
+    path = tmp_path / "stream.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    result = CliRunner().invoke(main, ["probe", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    [run] = json.loads(result.stdout)["probe"]["runs"]
+    # its fixed batch of 1 relaxed for the dependence test, the cache fed as declared in both runs
+    assert run["batch_handling"].startswith("fixed to 1 in the file") and run["batch_sizes"] == [1, 2]
+    assert run["outputs"]["y"]["2"]["max_shift_sd"] == 0.0
