@@ -395,12 +395,16 @@ def test_a_tf2onnx_train_mode_batch_norm_with_its_affine_on_a_transposed_input_i
     assert entry.action == "not-fixed" and "another layout" in entry.reason
 
 
-def _frames_model(g: _Graph, conv: bool) -> None:
+def _frames_model(g: _Graph, conv: bool, padded: bool = False) -> None:
     """x[T, 8]: one recording's frames on axis 0, as madmom's exported key and beat models take them. With
     ``conv``, the model adds its own batch of one and convolves along the frames ([1, 1, T, 8]) before pooling
-    them; without, it pools the frames directly. Either way the output is [4] whatever T."""
+    them; without, it pools the frames directly. Either way the output is [4] whatever T. ``padded``: the frames
+    are padded first (madmom's key models), which gives their dim a new name in onnx's shape inference."""
     if conv:
-        g.op("Unsqueeze", ["x", g.const("batch_axes", np.array([0, 1], np.int64))], "nchw")
+        source = "x"
+        if padded:
+            source = g.op("Pad", ["x", g.const("pads", np.array([1, 0, 1, 0], np.int64))], "padded")
+        g.op("Unsqueeze", [source, g.const("batch_axes", np.array([0, 1], np.int64))], "nchw")
         weight = np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32)
         g.op("Conv", ["nchw", g.const("w", weight)], "maps", pads=[1, 1, 1, 1])
         # its batch removed again, channels last: [T, 8, 4], the frames back on axis 0, then pooled
@@ -412,9 +416,10 @@ def _frames_model(g: _Graph, conv: bool) -> None:
         g.op("MatMul", ["pooled", g.const("proj", np.ones((8, 4), np.float32))], "y")
 
 
-def test_a_reduction_over_frames_that_a_convolution_takes_as_a_spatial_axis_is_no_batch_reduction(tmp_path):
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_reduction_over_frames_that_a_convolution_takes_as_a_spatial_axis_is_no_batch_reduction(tmp_path, padded):
     g = _Graph()
-    _frames_model(g, conv=True)
+    _frames_model(g, conv=True, padded=padded)
     path = g.save(tmp_path / "frames_conv.onnx", ["T", 8], [4], opset=13)
     assert _findings(path, "BN002") == []
     probed = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))

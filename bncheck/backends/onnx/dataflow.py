@@ -369,19 +369,78 @@ _SPATIAL_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "Lp
 
 
 def _axis0_spatial(g: GraphIndex) -> bool:
-    """Every input's symbolic axis 0 reaches a convolution or pool as a spatial axis: the model adds its own
-    batch of one and convolves along axis 0 (madmom's key and beat models take one excerpt's frames on axis 0),
-    so axis 0 holds positions of one sample, and a reduction over it mixes no samples."""
-    leading = {shape[0] for shape in map(g.shape, g.graph_inputs) if shape and isinstance(shape[0], str)}
-    if not leading:
+    """Every input's free axis 0 reaches a convolution or pool as a spatial axis: the model adds its own batch
+    of one and convolves along axis 0 (madmom's key and beat models take one excerpt's frames on axis 0), so
+    axis 0 holds positions of one sample, and a reduction over it mixes no samples. Found by the dim's name
+    where shape inference keeps it, else by following axis 0 through the ops that only pad or move axes
+    (:func:`_follow_axis0`: a Pad before the first Unsqueeze gives the padded dim a new name)."""
+    inputs = [(name, g.shape(name)) for name in g.graph_inputs]
+    batched = [name for name, shape in inputs if shape and not isinstance(shape[0], int)]
+    if not batched:
         return False
+    leading = {shape[0] for _, shape in inputs if shape and isinstance(shape[0], str)}
+    named = all(isinstance(shape[0], str) for name, shape in inputs if name in batched and shape)
     spatial: set[str] = set()
     for node in g.nodes:
         if node.op_type in _SPATIAL_OPS and node.domain in ONNX_DOMAINS:
             shape = g.shape(node_input(node, 0))
             if shape and len(shape) >= 3:
                 spatial.update(d for d in shape[2:] if isinstance(d, str))
-    return leading <= spatial
+    if named and leading <= spatial:
+        return True
+    return all(_follow_axis0(g, name) for name in batched)
+
+
+#: ops that keep their input's axes where they are (a Pad changes their sizes only)
+_AXES_KEPT = frozenset({"Pad", "Identity", "Cast", "Relu", "Abs", "Neg", "Log", "Exp", "Sqrt"})
+
+
+def _follow_axis0(g: GraphIndex, tensor: str) -> bool:
+    """Whether ``tensor``'s axis 0, followed through Unsqueeze, Transpose and the ops of :data:`_AXES_KEPT` (as
+    their first input), reaches a convolution or pool at a spatial axis (2 or later)."""
+    todo, seen = [(tensor, 0)], set()
+    while todo:
+        current, axis = todo.pop()
+        if (current, axis) in seen:
+            continue
+        seen.add((current, axis))
+        for idx in g.users(current):
+            node = g.nodes[idx]
+            if node.domain not in ONNX_DOMAINS or node_input(node, 0) != current or not node.output:
+                continue
+            if node.op_type in _SPATIAL_OPS:
+                if axis >= 2:
+                    return True
+                continue
+            moved = _moved_axis(g, idx, axis)
+            if moved is not None:
+                todo.append((node.output[0], moved))
+    return False
+
+
+def _moved_axis(g: GraphIndex, idx: int, axis: int) -> int | None:
+    """Where axis ``axis`` of node ``idx``'s first input sits in its output; None where the node does not keep
+    it as a whole axis (or its axes cannot be read)."""
+    node = g.nodes[idx]
+    if node.op_type in _AXES_KEPT:
+        return axis
+    attrs = g.attrs(idx)
+    if node.op_type == "Transpose":
+        perm = attrs.get("perm")
+        return list(perm).index(axis) if perm is not None and axis in perm else None
+    if node.op_type == "Unsqueeze":
+        raw = attrs.get("axes")
+        if raw is None and len(node.input) > 1:
+            value = g.ints(node.input[1])
+            raw = None if value is None else [int(a) for a in value.ravel()]
+        rank = g.rank(node_input(node, 0))
+        if raw is None or (rank is None and any(a < 0 for a in raw)):
+            return None
+        out_rank = (rank or 0) + len(raw)
+        inserted = {a + out_rank if a < 0 else a for a in raw}
+        kept = [k for k in range(max(out_rank, max(inserted) + 1)) if k not in inserted]
+        return kept[axis] if axis < len(kept) else None
+    return None
 
 
 def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
