@@ -521,3 +521,28 @@ def test_tf_keras_baked_flag_does_not_reach_later_layers(tmp_path):
     after = view.layer("bn_after")
     assert not after.batch_statistics and after.uses_running_stats and after.notes == ()
     np.testing.assert_array_equal(after.mean, values["bn_after"]["moving_mean:0"].astype("float32"))
+
+
+def test_norm_variables_inside_a_layer_the_config_does_not_describe_are_warned_about(tmp_path):
+    """dgad's TCN (Keras 2.4, a class outside Keras) builds 10 LayerNormalizations inside itself: its config
+    describes none, so inspect found no normalization layer and passed in silence. The file's variables named as
+    a normalization layer's (gamma and beta, moving_mean and moving_variance) under a layer that holds no layer
+    the walk found give a warning naming them; a layer the walk describes gives none."""
+    inp = keras.Input((8,))
+    out = layers.Dense(2, name="head")(layers.BatchNormalization(name="inner_bn")(layers.Dense(4, name="d")(inp)))
+    path = tmp_path / "hidden.h5"
+    keras.Model(inp, out).save(path)
+    described = KerasBackend().load(str(path))
+    assert [layer.name for layer in described.layers] == ["inner_bn"]
+    assert not [n for n in described.notes if "holds the variables" in n.message]
+    with h5py.File(path, "r+") as h5:  # the same file, the BN's class one the reader does not know
+        config = json.loads(h5.attrs["model_config"])
+        for entry in config["config"]["layers"]:
+            if entry["class_name"] == "BatchNormalization":
+                entry["class_name"] = "ResidualStack"
+        h5.attrs["model_config"] = json.dumps(config)
+    view = KerasBackend().load(str(path))
+    assert view.layers == []
+    [note] = [n for n in view.notes if "holds the variables" in n.message]
+    assert note.level == "warning"
+    assert note.message.startswith("layer 'inner_bn' (ResidualStack) holds the variables of 1 normalization layer(s)")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
-from bncheck.backends.keras.weights import KerasWeights, expected_vars, layer_entries
+from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, expected_vars, layer_entries
 from bncheck.errors import one_line
 from bncheck.model import NO_LAYERS_NOTE, Dim, InputSpec, Kind, NormLayer, Note
 
@@ -259,6 +259,8 @@ def build(
         ) from None
     if ctx.unsafe:
         ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + few_reasons(ctx.unsafe)))
+    if isinstance(ctx.weights, LegacyWeights) and cls in MODEL_CLASSES:
+        ctx.notes.extend(_hidden_norms(config, ctx))
     saved = f"keras {version}" if version else "an unknown Keras version"
     ctx.notes.insert(0, Note("info", f"saved by {saved}" + (f" (backend {backend})" if backend else "")))
     layers = _apply_leak(ctx) if not keras2 else ctx.layers
@@ -266,6 +268,30 @@ def build(
         ctx.notes.append(Note("info", NO_LAYERS_NOTE.format(where="model")))
     baked_layers = sorted({source for source, _ in ctx.baked_calls})
     return KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe, baked_layers)
+
+
+def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[Note]:
+    """A warning per top-level layer that holds no normalization layer the walk found but whose variables in
+    the file are named as a normalization layer's: a layer class the config does not describe layer by layer
+    (dgad's TCN, a class outside Keras, builds 10 LayerNormalizations inside itself), whose norms go unchecked."""
+    assert isinstance(ctx.weights, LegacyWeights)
+    claimed = {layer.name.split("/")[0] for layer in ctx.layers}
+    notes = []
+    for entry in layer_entries(config):
+        name = _entry_name(entry)
+        if not name or name in claimed:
+            continue
+        scopes = ctx.weights.norm_scopes(name)
+        if scopes:
+            shown = ", ".join(scopes[:3]) + (f" and {len(scopes) - 3} more" if len(scopes) > 3 else "")
+            notes.append(
+                Note(
+                    "warning",
+                    f"layer {name!r} ({entry.get('class_name')}) holds the variables of {len(scopes)} normalization "
+                    f"layer(s) that its config does not describe ({shown}): bncheck does not check them",
+                )
+            )
+    return notes
 
 
 def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:

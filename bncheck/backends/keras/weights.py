@@ -94,6 +94,22 @@ class LegacyWeights:
     def __init__(self, group: Any) -> None:
         self.group = group
 
+    def norm_scopes(self, layer: str) -> list[str]:
+        """The scopes under top-level layer ``layer`` whose variables are named as a normalization layer's
+        (gamma and beta, or moving_mean and moving_variance: ``tcn/residual_block_0/norm_0``), in file order;
+        none where the group cannot be read."""
+        try:
+            top = self.group.get(layer)
+            names = [attr_str(w) or "" for w in top.attrs.get("weight_names", [])] if top is not None else []
+        except (OSError, KeyError, ValueError, TypeError):  # h5py on a damaged group
+            return []
+        found: dict[str, set[str]] = {}
+        for name in names:
+            scope, _, var = name.rpartition("/")
+            found.setdefault(scope, set()).add(var.split(":")[0])
+        pairs = ({"gamma", "beta"}, {"moving_mean", "moving_variance"})
+        return [scope for scope, held in found.items() if scope and any(pair <= held for pair in pairs)]
+
     def lookup(self, path: tuple[str, ...], names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
         try:
             return self._lookup(path, names)
