@@ -1907,8 +1907,8 @@ def test_a_layer_whose_unnamed_node_writes_another_layers_node_name_waits_for_th
 def test_statistics_that_layers_share_or_hold_in_constant_nodes_get_initializers_of_their_own(tmp_path: Path) -> None:
     """A stats tensor that two layers read goes to the first one's repair as a new initializer and then, read by
     the second alone, is set in place for it; a Constant node's are replaced by new initializers, named after
-    the node with a number where the name is taken: by another node's output, or by the repair before (the
-    third and fourth layers of _naming_chain both go by ``bn``), and the Constant nodes left unread dropped."""
+    the tensor they replace (a layer named by its weights' common prefix keeps its name), and the Constant nodes
+    left unread dropped."""
     written, reads = _written_chain(tmp_path, 5)
     onnx.checker.check_model(written, full_check=True)
     names = [t.name for t in written.graph.initializer]
@@ -1918,12 +1918,44 @@ def test_statistics_that_layers_share_or_hold_in_constant_nodes_get_initializers
     assert [n.output[0] for n in written.graph.node if n.op_type == "Constant" and n.output[0] not in read] == []
     assert not {"c3.mean", "c3.var", "c4.mean", "c4.var"} & {n.output[0] for n in written.graph.node}
     assert reads == [
-        ["bn1.running_mean", "bn1.running_var"],
+        ["shared.mean.running_mean", "shared.var.running_var"],
         ["shared.mean", "shared.var"],
-        ["bn.running_mean_2", "bn.running_var"],
-        ["bn.running_mean_3", "bn.running_var_2"],
-        ["bn5.running_mean", "bn5.running_var"],
+        ["c3.mean.running_mean", "c3.var.running_var"],
+        ["c4.mean.running_mean", "c4.var.running_var"],
+        ["c5.mean.running_mean", "c5.var.running_var"],
     ]
+
+
+def test_a_layer_named_by_its_constant_weights_keeps_its_name_once_repaired(tmp_path: Path) -> None:
+    """paddle2onnx names a BatchNormalization node p2o.BatchNormalization.N and holds its weights in Constant
+    nodes (batch_norm2d_2.w_0 ...): the layer goes by the weights' common prefix. Its repaired statistics were
+    new initializers named after the node, so the written model called the layer by its output's name instead
+    (batch_norm_2.tmp_2): baselines and --ignore lists no longer matched."""
+    rng = np.random.default_rng(0)
+    weights = {"w_0": np.ones(3), "b_0": np.zeros(3), "w_1": np.zeros(3), "w_2": np.ones(3)}  # never updated
+    nodes = [
+        helper.make_node("Constant", [], [f"batch_norm2d_2.{k}"], value=numpy_helper.from_array(v.astype(np.float32)))
+        for k, v in weights.items()
+    ]
+    inputs = ["x", *(f"batch_norm2d_2.{k}" for k in weights)]
+    nodes.append(
+        helper.make_node("BatchNormalization", inputs, ["batch_norm_2.tmp_2"], name="p2o.BatchNormalization.3")
+    )
+    graph = helper.make_graph(
+        nodes,
+        "p2o",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("batch_norm_2.tmp_2", F32, ["N", 3, 4, 4])],
+    )
+    source = tmp_path / "p2o.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), source)
+    data = tmp_path / "x.npy"
+    np.save(data, (rng.standard_normal((64, 3, 4, 4)) * 2 + 1).astype(np.float32))
+    written = tmp_path / "fixed.onnx"
+    assert [layer.name for layer in OnnxBackend().load(str(source)).layers] == ["batch_norm2d_2"]
+    result = CliRunner().invoke(main, ["fix", str(source), "--data", str(data), "-o", str(written)])
+    assert result.exit_code == 0, result.output
+    assert [layer.name for layer in OnnxBackend().load(str(written)).layers] == ["batch_norm2d_2"]
 
 
 @pytest.mark.parametrize("depth", [4, 16])

@@ -816,7 +816,9 @@ def _set_stat_input(
     ):
         sink.set_tensor(init, values.reshape(tuple(init.dims)))
         return
-    name = index.unique(f"{node.name or node.output[0]}.{label}")
+    # named after the tensor it replaces where there is one: a layer named by its weights' common prefix
+    # (paddle2onnx's batch_norm2d_2.w_1 in a Constant node) keeps its name in the written model
+    name = index.unique(f"{current or node.name or node.output[0]}.{label}")
     index.add_initializer(tensors.from_array(values.astype(tensors.np_dtype(dtype)), name))
     while len(node.input) <= position:
         node.input.append("")
