@@ -189,8 +189,7 @@ def has_default_stats(layer: NormLayer) -> bool:
     -0.0 in the mean: :func:`folded_stats`)."""
     if layer.mean is None or layer.var is None or layer.mean.size == 0:
         return False
-    mean = np.asarray(layer.mean)
-    return bool(np.all(mean == 0.0) and np.all(layer.var == 1.0) and not np.any(np.signbit(mean)))
+    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0)) and not folded_values(layer.mean, layer.var)
 
 
 #: why a layer with folded statistics is left as it is (BN003 does not judge it, fix does not recompute it)

@@ -104,24 +104,17 @@ def split_runner(whole: Runner, likely: Likely, notes: list[str]) -> Runner:
             return whole(feeds, layers, inputs_only=inputs_only)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
 
-        def piece(i: int) -> Observed | dict[str, LayerProbe]:
-            return whole(
+        def piece(i: int) -> Observed:
+            got = whole(
                 {k: v[starts[i] : starts[i] + sizes[i]] for k, v in feeds.items()}, layers, inputs_only=inputs_only
             )
+            assert isinstance(got, Observed)  # the Keras runner always gives the outputs with the statistics
+            return got
 
-        parts = []
-        for i in range(len(sizes)):
-            got = piece(i)
-            if not isinstance(got, Observed):
-                return whole(feeds, layers, inputs_only=inputs_only)
-            parts.append(got)
+        parts = [piece(i) for i in range(len(sizes))]
         # a piece whose outputs held NaN/Inf made the runner measure every layer from then on: the pieces
         # before it run again, so that every piece reports the same layers
-        for i in range(len(parts)):
-            if parts[i].layers.keys() != parts[-1].layers.keys():
-                again = piece(i)
-                assert isinstance(again, Observed)
-                parts[i] = again
+        parts = [part if part.layers.keys() == parts[-1].layers.keys() else piece(i) for i, part in enumerate(parts)]
         joined = _joined(parts, sizes, batch)
         return joined if joined is not None else whole(feeds, layers, inputs_only=inputs_only)
 

@@ -456,7 +456,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         bounds = {}
     effect_data, bounded = None, None
     if settings.data is not None:
-        effect_data, bounded = recalibration_data(settings.data, most=_one_batch_bound(runner, settings))
+        effect_data, bounded = recalibration_data(settings.data, most=_one_batch_bound(runner, calls))
     # the effect's samples: the predict-style runs over the data keep the stored model's outputs on them
     effect_samples = sample_count(effect_data)
     results = []
@@ -497,10 +497,10 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
     return results
 
 
-def _one_batch_bound(runner: KerasRunner, settings: ProbeSettings) -> tuple[int, str] | None:
+def _one_batch_bound(runner: KerasRunner, calls: memory.Calls | None) -> tuple[int, str] | None:
     """The most samples :func:`recalibration`'s one batch takes, from its busiest layer's bytes for one sample
     (memory.busiest_layer, a lower bound), and the note's words; None where Keras cannot size the layers."""
-    per_sample, _ = memory.busiest_layer(runner.model, 1, runner.sample_calls(settings))
+    per_sample, _ = memory.busiest_layer(runner.model, 1, calls)
     if per_sample <= 0:
         return None
     words = f"as many as one batch holds with {format_size(RECALIBRATION_LAYER_BYTES)} at the model's busiest layer"

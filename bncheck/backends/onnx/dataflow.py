@@ -371,24 +371,10 @@ _SPATIAL_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "Lp
 def _axis0_spatial(g: GraphIndex) -> bool:
     """Every input's free axis 0 reaches a convolution or pool as a spatial axis: the model adds its own batch
     of one and convolves along axis 0 (madmom's key and beat models take one excerpt's frames on axis 0), so
-    axis 0 holds positions of one sample, and a reduction over it mixes no samples. Found by the dim's name
-    where shape inference keeps it, else by following axis 0 through the ops that only pad or move axes
-    (:func:`_follow_axis0`: a Pad before the first Unsqueeze gives the padded dim a new name)."""
-    inputs = [(name, g.shape(name)) for name in g.graph_inputs]
-    batched = [name for name, shape in inputs if shape and not isinstance(shape[0], int)]
-    if not batched:
-        return False
-    leading = {shape[0] for _, shape in inputs if shape and isinstance(shape[0], str)}
-    named = all(isinstance(shape[0], str) for name, shape in inputs if name in batched and shape)
-    spatial: set[str] = set()
-    for node in g.nodes:
-        if node.op_type in _SPATIAL_OPS and node.domain in ONNX_DOMAINS:
-            shape = g.shape(node_input(node, 0))
-            if shape and len(shape) >= 3:
-                spatial.update(d for d in shape[2:] if isinstance(d, str))
-    if named and leading <= spatial:
-        return True
-    return all(_follow_axis0(g, name) for name in batched)
+    axis 0 holds positions of one sample, and a reduction over it mixes no samples. Followed by position
+    (:func:`_follow_axis0`), not by the dim's name: onnx's shape inference names a padded dim anew."""
+    batched = [name for name in g.graph_inputs if (shape := g.shape(name)) and not isinstance(shape[0], int)]
+    return bool(batched) and all(_follow_axis0(g, name) for name in batched)
 
 
 #: ops that keep their input's axes where they are (a Pad changes their sizes only)
@@ -436,10 +422,10 @@ def _moved_axis(g: GraphIndex, idx: int, axis: int) -> int | None:
         rank = g.rank(node_input(node, 0))
         if raw is None or (rank is None and any(a < 0 for a in raw)):
             return None
-        out_rank = (rank or 0) + len(raw)
-        inserted = {a + out_rank if a < 0 else a for a in raw}
-        kept = [k for k in range(max(out_rank, max(inserted) + 1)) if k not in inserted]
-        return kept[axis] if axis < len(kept) else None
+        inserted = sorted(a + rank + len(raw) if a < 0 else a for a in raw)
+        for at in inserted:  # output positions, lowest first: each one at or before the axis moves it on
+            axis += at <= axis
+        return axis
     return None
 
 
