@@ -224,6 +224,55 @@ def test_group_normalization_18_and_21(tmp_path):
     assert normalized_set_size(layer) == (2 * 16, ())
 
 
+def torch_group_norm(tmp_path, groups, inner=(1.0, 0.0), shape=("N", 6, "H", "W"), name="gn_export") -> str:
+    """What torch.onnx.export (both exporters) writes for nn.GroupNorm: x reshaped to [N, G, -1], an
+    InstanceNormalization with per-group ``inner`` scale and bias (torch: ones and zeros), reshaped back to
+    x's shape, then the per-channel affine as Mul and Add."""
+    c = shape[1]
+    nodes = [
+        helper.make_node("Reshape", ["x", "groups_shape"], ["x_g"], name="/gn/Reshape"),
+        helper.make_node("InstanceNormalization", ["x_g", "s_g", "b_g"], ["y_g"], name="/gn/InstanceNormalization"),
+        helper.make_node("Shape", ["x"], ["x_shape"], name="/gn/Shape"),
+        helper.make_node("Reshape", ["y_g", "x_shape"], ["y_r"], name="/gn/Reshape_1"),
+        helper.make_node("Mul", ["y_r", "gamma"], ["y_s"], name="/gn/Mul"),
+        helper.make_node("Add", ["y_s", "beta"], ["y"], name="/gn/Add"),
+    ]
+    inits = [
+        const("groups_shape", [0, groups, -1], np.int64),
+        const("s_g", np.full(groups, inner[0])),
+        const("b_g", np.full(groups, inner[1])),
+        const("gamma", np.linspace(0.5, 1.5, c).reshape(c, 1, 1)),
+        const("beta", np.linspace(-0.2, 0.2, c).reshape(c, 1, 1)),
+    ]
+    return save(tmp_path, nodes, [vinfo("x", list(shape))], [vinfo("y", list(shape))], inits, opset=17, name=name)
+
+
+@pytest.mark.parametrize("inner", [(1.0, 0.0), (2.0, 0.5)])
+def test_torch_group_norm_export_is_the_group_norm_of_its_source(tmp_path, inner):
+    path = torch_group_norm(tmp_path, 3, inner)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.GROUP and layer.groups == 3 and layer.channels == 6
+    assert layer.axes == (1, 2, 3) and layer.channel_axis == 1 and layer.input_shape == ("N", 6, "H", "W")
+    assert layer.input == "x" and layer.output == "y" and layer.name == "/gn/InstanceNormalization"
+    assert set(layer.nodes) == {"/gn/Reshape", "/gn/InstanceNormalization", "/gn/Reshape_1", "/gn/Mul", "/gn/Add"}
+    assert normalized_set_size(layer) == (2, ("H", "W"))
+    # the view's per-channel scale and bias are what the graph computes from each group's moments
+    x = RNG.normal(size=(2, 6, 4, 5)).astype(np.float32)
+    grouped = x.reshape(2, 3, -1)
+    mu = grouped.mean(axis=2, keepdims=True)
+    var = grouped.var(axis=2, keepdims=True)
+    normalized = ((grouped - mu) / np.sqrt(var + layer.epsilon)).reshape(x.shape)
+    expected = normalized * layer.scale.reshape(1, 6, 1, 1) + layer.bias.reshape(1, 6, 1, 1)
+    np.testing.assert_allclose(run_ort(path, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_group_norm_export_with_a_group_per_channel_is_an_instance_norm(tmp_path):
+    path = torch_group_norm(tmp_path, 6, shape=("N", 6, 1, 1))
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.INSTANCE and layer.channels == 6 and layer.axes == (2, 3)
+    assert normalized_set_size(layer) == (1, ())
+
+
 def test_rms_normalization_23(tmp_path):
     path = single_op(tmp_path, "RMSNormalization", ["x", "s"], {}, ("N", 7, 16), [const("s", np.ones(16))], 23)
     (layer,), _ = load_layers(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -480,13 +482,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         )
         output = ""
     elif passed:  # traced back through reshapes: include the copies back to the source shape
-        hop = _follow_transparent(g, output)[1]
-        # up to the last copy of the source's shape: a Reshape after it belongs to the next layer
-        back = [k for k, i in enumerate(hop) if g.shape(g.nodes[i].output[0]) == shape]
-        if back:
-            hop = hop[: back[-1] + 1]
-            output = g.nodes[hop[-1]].output[0]
-            names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed) | set(hop)))
+        output, hop = _back_to_shape(g, output, shape)
+        names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed) | set(hop)))
     return NormLayer(
         name=g.node_name(first),
         kind=kind,
@@ -511,6 +508,93 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         notes=tuple(notes),
         extra=extra,
     )
+
+
+def _back_to_shape(g: GraphIndex, output: str, shape: tuple | None) -> tuple[str, list[int]]:
+    """Forward through the copies of ``output`` up to the last one of ``shape``: a Reshape after it belongs
+    to the next layer. The output and the nodes passed; ``output`` itself when no copy has that shape."""
+    hop = _follow_transparent(g, output)[1]
+    back = [k for k, i in enumerate(hop) if g.shape(g.nodes[i].output[0]) == shape]
+    if not back:
+        return output, []
+    hop = hop[: back[-1] + 1]
+    return g.nodes[hop[-1]].output[0], hop
+
+
+def reshaped_group_norm(g: GraphIndex, idx: int, epsilon: float) -> tuple[NormLayer, list[int]] | None:
+    """An InstanceNormalization of its input reshaped to [N, G, K]: torch's GroupNorm export (Reshape,
+    InstanceNormalization with unit scale, Reshape back, Mul gamma, Add beta) is the source's group norm.
+    None when the input is no such reshape."""
+    node = g.nodes[idx]
+    x = node_input(node, 0)
+    if g.rank(x) != 3 or g.produced_by(x, "Reshape") is None:
+        return None
+    found = _group_source(g, x)
+    if found is None:
+        return None
+    src, groups, reshapes = found
+    rank, shape, channels = g.rank(src), g.shape(src), shape_dim(g, src, 1)
+    chain = _Chain(x=x, mean="", reduce=idx, axes=(2,), centered=True, nodes={idx}, output=node.output[0])
+    _match_affine(g, chain)
+    output, hop = _back_to_shape(g, chain.output, shape)
+    scale, bias, per_group = _group_affine(g, node, chain, groups, channels)
+    kind, axes = Kind.GROUP, tuple(range(1, rank))  # type: ignore[arg-type]
+    if channels == groups:
+        kind, axes = Kind.INSTANCE, tuple(range(2, rank))  # type: ignore[arg-type]
+    elif groups == 1:
+        kind = Kind.LAYER
+    notes = ["the group norm of its input reshaped to [N, groups, -1] (torch's GroupNorm export)"]
+    if per_group:
+        notes.append("scale and bias are per group, not per channel")
+    positions = sorted(chain.nodes | set(reshapes) | set(hop))
+    return (
+        NormLayer(
+            name=g.node_name(idx),  # the op's name, as before the reshapes were read
+            kind=kind,
+            op_type=node.op_type,
+            domain=node.domain,
+            nodes=tuple(g.node_name(i) for i in positions),
+            input=src,
+            output=output,
+            inputs=(src,),
+            outputs=(output,),
+            axes=axes,
+            channel_axis=1,
+            channels=channels,
+            groups=groups,
+            epsilon=epsilon,
+            scale=scale,
+            bias=bias,
+            input_shape=shape,
+            notes=tuple(notes),
+            extra={"reshaped_to_groups": True, **({"per_group_scale": True} if per_group else {})},
+        ),
+        positions,
+    )
+
+
+def _group_affine(
+    g: GraphIndex, node, chain: _Chain, groups: int, channels: int | None
+) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
+    """Per-channel scale and bias of a group norm written as an instance norm over groups: the instance
+    norm's per-group ones expanded to channels, then the per-channel affine after it (scale, bias, per_group)."""
+    inner = [as_float_array(g.param(node_input(node, i))) for i in (1, 2)]
+    outer = [as_float_array(g.param(g.stored_source(p))) if p else None for p in (chain.scale, chain.bias)]
+    if any(p is None for p in inner) or (chain.scale and outer[0] is None) or (chain.bias and outer[1] is None):
+        return None, None, False
+    s_g, b_g = (np.asarray(p, np.float64).ravel() for p in inner)
+    if not channels or channels % groups or s_g.size != groups or b_g.size != groups:
+        if chain.scale is None and chain.bias is None:
+            return inner[0], inner[1], True
+        return None, None, False
+    gamma = np.ones(channels) if outer[0] is None else np.asarray(outer[0], np.float64).ravel()
+    beta = np.zeros(channels) if outer[1] is None else np.asarray(outer[1], np.float64).ravel()
+    if gamma.size not in (1, channels) or beta.size not in (1, channels):
+        return None, None, False
+    per_channel = channels // groups
+    scale = np.repeat(s_g, per_channel) * gamma
+    bias = np.repeat(b_g, per_channel) * gamma + beta
+    return scale.astype(np.float32), bias.astype(np.float32), False
 
 
 def _group_source(g: GraphIndex, x: str) -> tuple[str, int, list[int]] | None:

@@ -36,7 +36,7 @@ from bncheck.backends.onnx.graph import (
 )
 from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
-from bncheck.backends.onnx.patterns import decomposed
+from bncheck.backends.onnx.patterns import decomposed, reshaped_group_norm
 from bncheck.model import NO_LAYERS_NOTE, BatchOp, Dim, Kind, NormLayer, Note
 from bncheck.verdicts import FOLDED_NOTE, folded_values
 
@@ -244,6 +244,9 @@ def _is_lowered_instance_norm(g: GraphIndex, idx: int) -> bool:
 
 
 def _instance_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
+    grouped = reshaped_group_norm(g, idx, _eps(g.attrs(idx)))
+    if grouped is not None:
+        return grouped
     node = g.nodes[idx]
     x = node_input(node, 0)
     rank = g.rank(x)
