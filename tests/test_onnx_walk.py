@@ -537,6 +537,27 @@ def test_decomposed_layer_norm(tmp_path, opset, square, tail):
     np.testing.assert_array_equal(layer.bias, beta)
 
 
+@pytest.mark.parametrize(
+    "param_shape, kind, channel_axis, channels",
+    [((3, 8), Kind.LAYER, 3, 8), ((1, 1, 3, 8), Kind.LAYER, 3, 8), ((4, 1, 1), Kind.INSTANCE, 1, 4)],
+)
+def test_decomposed_moments_over_the_last_two_axes_are_told_apart_by_their_affine(
+    tmp_path, param_shape, kind, channel_axis, channels
+):
+    """Moments over axes 2 and 3 of a rank-4 tensor: an NCHW instance norm scales per channel; a LayerNorm
+    over [F, C] of a [B, T, F, C] tensor (GTCRN's nn.LayerNorm((33, 16))) scales each element it normalizes."""
+    nodes, inits = moments_chain((2, 3), 17)
+    gamma = RNG.uniform(0.5, 1.5, param_shape).astype(np.float32)
+    beta = RNG.uniform(-1, 1, param_shape).astype(np.float32)
+    inits += [const("gamma", gamma), const("beta", beta)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3, 8])], [vinfo("y", ["N", 4, 3, 8])], inits, opset=17)
+    x = RNG.normal(size=(2, 4, 3, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (2, 3), 1e-5, gamma, beta), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is kind and layer.axes == (2, 3)
+    assert layer.channel_axis == channel_axis and layer.channels == channels
+
+
 def test_decomposed_batch_moments_are_batch_statistics(tmp_path):
     nodes, inits = moments_chain((0, 2, 3), 18, eps=1e-3, affine=False)
     path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3, 3])], [vinfo("y", ["N", 4, 3, 3])], inits, opset=18)

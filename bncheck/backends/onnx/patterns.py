@@ -451,8 +451,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         kind = Kind.BATCH
         kept = [a for a in range(rank) if a not in axes]
         channel_axis = kept[0] if len(kept) == 1 else None
-    elif rank >= 4 and axes == tuple(range(2, rank)):  # NCHW spatial axes; rank 3 [B, T, D]: LayerNorm
-        kind, channel_axis = Kind.INSTANCE, 1
+    elif rank >= 4 and axes == tuple(range(2, rank)) and not _affine_over(g, chain, shape, axes):
+        kind, channel_axis = Kind.INSTANCE, 1  # NCHW spatial axes; rank 3 [B, T, D]: LayerNorm
     elif axes == tuple(range(axes[0], rank)):
         kind = Kind.LAYER
         channel_axis = rank - 1
@@ -508,6 +508,29 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         notes=tuple(notes),
         extra=extra,
     )
+
+
+def _affine_over(g: GraphIndex, chain: _Chain, shape: tuple | None, axes: tuple[int, ...]) -> bool:
+    """The chain's scale or bias holds one value per element of the reduced axes (a LayerNorm over [F, C] of
+    a [B, T, F, C] tensor), where an instance norm's holds one per channel."""
+    if shape is None:
+        return False
+    reduced = _strip_ones(tuple(shape[a] for a in axes))
+    if not all(isinstance(d, int) for d in reduced) or not reduced:
+        return False
+    for operand in (chain.scale, chain.bias):
+        value = g.param(operand) if operand else None
+        if value is not None and value.size > 1 and _strip_ones(value.shape) == reduced:
+            return True
+    return False
+
+
+def _strip_ones(dims: tuple) -> tuple:
+    """Without the leading ones, which broadcasting adds and drops."""
+    start = 0
+    while start < len(dims) and dims[start] == 1:
+        start += 1
+    return tuple(dims[start:])
 
 
 def _back_to_shape(g: GraphIndex, output: str, shape: tuple | None) -> tuple[str, list[int]]:
