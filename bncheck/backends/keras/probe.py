@@ -32,6 +32,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
+from bncheck.backends.keras.legacy import load_patched
 from bncheck.budget import OverBudgetError, format_size
 from bncheck.errors import few, one_line
 from bncheck.model import (
@@ -123,70 +124,6 @@ def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
             f"reads files of Keras {major} only in part (bncheck inspect still reads this one): to probe it, export "
             "it to ONNX from the Keras that saved it (tf2onnx), or build the model in Keras 3 and load these weights"
         ) from None
-
-
-def _declared_shape(static: KerasFile) -> list[Any] | None:
-    """The ``batch_input_shape`` of a Keras 1/2 Sequential file's first layer where no InputLayer precedes it
-    (Keras 2.2-2.3 saved ``Sequential([Dense(..., input_shape=...)])`` so); None otherwise."""
-    from bncheck.backends.keras.weights import layer_entries
-
-    if static.format != "h5" or not static.keras2 or static.config.get("class_name") != "Sequential":
-        return None
-    entries = layer_entries(static.config)
-    first = entries[0] if entries else {}
-    declared = (first.get("config") or {}).get("batch_input_shape")
-    if first.get("class_name") == "InputLayer" or not isinstance(declared, list) or not declared:
-        return None
-    return declared
-
-
-def load_declared(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
-    """The model of a Keras 1/2 Sequential file whose first layer carries ``batch_input_shape``, loaded on inputs
-    of that shape, and a note; None where the file is not one or this load fails (the file is then loaded as
-    it is).
-
-    Keras 3's legacy loader passes that batch-inclusive shape on as the layer's ``input_shape``: the model then
-    asks for an extra axis ((None, None, 68, 21) for (None, 68, 21)), which refuses the inputs the file's own
-    Keras took, or a Conv1D's kernel refuses it and the file does not load at all. A copy of the file in a
-    temporary folder gets an InputLayer of the declared shape first in its config (named as the static reader
-    names the input, so that the model `fix` writes reads the same inputs), and Keras's safe loader loads that
-    copy; the user's file is only read."""
-    import json
-    import shutil
-    import tempfile
-
-    import h5py
-
-    declared = _declared_shape(static)
-    if declared is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
-        copy = os.path.join(folder, "model.h5")
-        try:
-            shutil.copyfile(static.path, copy)
-            with h5py.File(copy, "r+") as h5:
-                raw = h5.attrs["model_config"]
-                config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-                body = config["config"]
-                layers = body["layers"] if isinstance(body, dict) else body
-                first = layers[0].setdefault("config", {})
-                first.pop("batch_input_shape", None)
-                entry = {"batch_input_shape": declared, "dtype": first.get("dtype", "float32"), "sparse": False}
-                entry["name"] = static.inputs[0].name
-                layers.insert(0, {"class_name": "InputLayer", "config": entry})
-                h5.attrs["model_config"] = json.dumps(config)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = keras.saving.load_model(copy, compile=False, safe_mode=True)
-        except Exception:  # keras, h5py and json raise many kinds on what they cannot read: the file as it is
-            return None
-    shape = tuple(declared)
-    note = (
-        f"Keras {keras.__version__} reads the batch_input_shape {shape} of this Keras {static.keras_version} "
-        "Sequential file's first layer as one sample's shape (an extra input axis, or a layer that refuses it); "
-        f"bncheck loaded it with an input layer of {shape} in front, the file unchanged"
-    )
-    return model, note
 
 
 def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
@@ -293,9 +230,9 @@ class KerasRunner:
         self.keras = import_keras(static.path)
         self.path = static.path
         self.view = view
-        declared = load_declared(self.keras, static)
-        self.loaded_note: str | None = declared[1] if declared else None
-        self.model = declared[0] if declared else load(self.keras, static.path, static.keras_version)
+        patched = load_patched(self.keras, static)
+        self.loaded_note: str | None = patched[1] if patched else None
+        self.model = patched[0] if patched else load(self.keras, static.path, static.keras_version)
         names = [layer.name for layer in view.layers]
         self.layers = find_layers(self.model, names)
         missing = [n for n in names if n not in self.layers]

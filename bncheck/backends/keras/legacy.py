@@ -1,0 +1,119 @@
+"""Keras 1/2 .h5 files that Keras 3 misreads, loaded from a patched copy of their config; the user's file is
+only read.
+
+- A Sequential file whose first layer carries ``batch_input_shape`` (Keras 2.2-2.3 saved
+  ``Sequential([Dense(..., input_shape=...)])`` so, with no InputLayer): Keras 3's legacy loader passes that
+  batch-inclusive shape on as the layer's ``input_shape``, so the model asks for an extra axis ((None, None,
+  68, 21) for (None, 68, 21)) and refuses the inputs the file's own Keras took, or a Conv1D's kernel refuses
+  it and the file does not load at all. The copy gets an InputLayer of the declared shape first in its config,
+  named as the static reader names the input, so that the model `fix` writes reads the same inputs.
+- tf.keras 2 wrote ``time_major: false`` into every recurrent layer's config (LSTM, GRU, and inside
+  Bidirectional), a keyword Keras 3 refuses, so no such file loaded. False is Keras 3's only layout (batch
+  first), so the copy drops the key; a ``time_major: true`` layer stays, and the load's refusal with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any
+
+from bncheck.backends.keras.archive import KerasFile
+
+
+def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
+    """The model of a Keras 1/2 .h5 file loaded from a copy with the patches above, and a note saying what
+    was patched; None where the file needs none or the patched copy does not load either (the file is then
+    loaded as it is, and a refusal names Keras's own error)."""
+    if static.format != "h5" or not static.keras2:
+        return None
+    declared = _declared_shape(static)
+    time_major = _time_major_layers(static.config)
+    if declared is None and not time_major:
+        return None
+    import h5py
+
+    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
+        copy = os.path.join(folder, "model.h5")
+        try:
+            shutil.copyfile(static.path, copy)
+            with h5py.File(copy, "r+") as h5:
+                raw = h5.attrs["model_config"]
+                config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+                if declared is not None:
+                    _insert_input_layer(config, declared, static.inputs[0].name)
+                _drop_time_major(config)
+                h5.attrs["model_config"] = json.dumps(config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = keras.saving.load_model(copy, compile=False, safe_mode=True)
+        except Exception:  # keras, h5py and json raise many kinds on what they cannot read: the file as it is
+            return None
+    done = []
+    if declared is not None:
+        shape = tuple(declared)
+        done.append(
+            f"Keras {keras.__version__} reads the batch_input_shape {shape} of this Keras {static.keras_version} "
+            "Sequential file's first layer as one sample's shape (an extra input axis, or a layer that refuses it); "
+            f"bncheck loaded it with an input layer of {shape} in front"
+        )
+    if time_major:
+        done.append(
+            f"Keras {keras.__version__} refuses the time_major=False that Keras {static.keras_version} wrote in "
+            f"{len(time_major)} recurrent layer(s) (first: {time_major[0]!r}); bncheck loaded it without that "
+            "key, batch-first as Keras 3 always runs"
+        )
+    return model, "; ".join(done) + ", the file unchanged"
+
+
+def _declared_shape(static: KerasFile) -> list[Any] | None:
+    """The ``batch_input_shape`` of a Sequential file's first layer where no InputLayer precedes it."""
+    from bncheck.backends.keras.weights import layer_entries
+
+    if static.config.get("class_name") != "Sequential":
+        return None
+    entries = layer_entries(static.config)
+    first = entries[0] if entries else {}
+    declared = (first.get("config") or {}).get("batch_input_shape")
+    if first.get("class_name") == "InputLayer" or not isinstance(declared, list) or not declared:
+        return None
+    return declared
+
+
+def _insert_input_layer(config: dict, declared: list[Any], name: str) -> None:
+    body = config["config"]
+    layers = body["layers"] if isinstance(body, dict) else body
+    first = layers[0].setdefault("config", {})
+    first.pop("batch_input_shape", None)
+    entry = {"batch_input_shape": declared, "dtype": first.get("dtype", "float32"), "sparse": False, "name": name}
+    layers.insert(0, {"class_name": "InputLayer", "config": entry})
+
+
+def _layer_configs(node: Any):
+    """Every layer entry's config in a model config, nested models' and wrapped layers' included."""
+    if isinstance(node, dict):
+        if "class_name" in node and isinstance(node.get("config"), dict):
+            yield node["config"]
+        for value in node.values():
+            yield from _layer_configs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _layer_configs(value)
+
+
+def _time_major_layers(config: dict) -> list[str]:
+    """Names of the layers whose config says ``time_major: false``; none if any says true (a layout Keras 3
+    cannot run, whose refusal stands)."""
+    found = [c for c in _layer_configs(config) if "time_major" in c]
+    if any(c["time_major"] is not False for c in found):
+        return []
+    return [str(c.get("name", "?")) for c in found]
+
+
+def _drop_time_major(config: dict) -> None:
+    for layer in _layer_configs(config):
+        if layer.get("time_major") is False:
+            del layer["time_major"]

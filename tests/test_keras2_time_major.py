@@ -1,0 +1,88 @@
+"""tf.keras 2 files with recurrent layers: tf.keras wrote ``time_major: false`` into every LSTM/GRU config, a
+keyword Keras 3 refuses, so such a file did not load for a probe (dgad, asmscan-bilstm and dgaintel's models).
+bncheck loads a copy without the key (batch first, Keras 3's only layout). Real Keras (numpy backend): the file
+is saved by Keras 3 as a legacy .h5 and its config given the key with h5py, as tf.keras 2.4 wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("KERAS_BACKEND", "numpy")
+keras = pytest.importorskip("keras")
+
+from bncheck.backends.keras.archive import read
+from bncheck.backends.keras.legacy import load_patched
+from bncheck.cli import main
+
+STEPS, FEATURES = 5, 4
+
+
+def _keras2_recurrent(path: Path, time_major: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+    """Bidirectional(LSTM) -> LSTM -> BatchNormalization (moving statistics as initialized: never updated) ->
+    pooling -> Dense, saved with ``time_major`` in every LSTM config and Keras 2.4.0 as its writer; with a batch
+    of inputs and Keras 3's outputs for it before the config was touched."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((STEPS, FEATURES)),
+            keras.layers.Bidirectional(keras.layers.LSTM(6, return_sequences=True), name="bi"),
+            keras.layers.LSTM(6, return_sequences=True, name="lstm"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling1D(name="pool"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    model.save(path)
+    with h5py.File(path, "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        lstms = [config["config"]["layers"][2]["config"], config["config"]["layers"][1]["config"]["layer"]["config"]]
+        for layer in lstms:
+            layer["time_major"] = time_major
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = "2.4.0"
+    return str(path), x, expected
+
+
+def test_keras3_itself_refuses_the_time_major_key(tmp_path: Path) -> None:
+    """The defect bncheck works around (Keras 3.15): if Keras accepts the key again, no copy is needed."""
+    path, _, _ = _keras2_recurrent(tmp_path / "m.h5")
+    with pytest.raises(Exception, match="time_major"):
+        keras.saving.load_model(path, compile=False)
+
+
+def test_the_copy_without_the_key_computes_what_the_model_computed(tmp_path: Path) -> None:
+    path, x, expected = _keras2_recurrent(tmp_path / "m.h5")
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    model, note = patched
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    assert "refuses the time_major=False that Keras 2.4.0 wrote in 2 recurrent layer(s)" in note, note
+
+
+def test_probe_loads_a_tf_keras_2_recurrent_model_and_says_so(tmp_path: Path) -> None:
+    path, _, _ = _keras2_recurrent(tmp_path / "m.h5")
+    before = Path(path).read_bytes()
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
+    document = json.loads(result.stdout)
+    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "bn")]  # never updated
+    notes = [n for run in document["probe"]["runs"] for n in run["notes"]]
+    assert any("loaded it without that key, batch-first as Keras 3 always runs, the file unchanged" in n for n in notes)
+    assert Path(path).read_bytes() == before
+
+
+def test_a_time_major_true_layer_is_still_refused_with_keras_own_reason(tmp_path: Path) -> None:
+    path, _, _ = _keras2_recurrent(tmp_path / "m.h5", time_major=True)
+    result = CliRunner().invoke(main, ["probe", path])
+    assert result.exit_code == 2
+    assert "could not load the model saved by Keras 2.4.0" in result.stderr and "time_major" in result.stderr
