@@ -10,6 +10,9 @@ only read.
 - tf.keras 2 wrote ``time_major: false`` into every recurrent layer's config (LSTM, GRU, and inside
   Bidirectional), a keyword Keras 3 refuses, so no such file loaded. False is Keras 3's only layout (batch
   first), so the copy drops the key; a ``time_major: true`` layer stays, and the load's refusal with it.
+- tf.keras 2.1 wrote a ``dtype`` into initializer configs (``{"class_name": "Zeros", "config": {"dtype":
+  "float32"}}``), which Keras 3's initializers refuse, so the layer did not deserialize. An initializer only
+  sets a new layer's first weights, which the file's stored weights replace: the copy drops the key.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         return None
     declared = _declared_shape(static)
     time_major = _time_major_layers(static.config)
-    if declared is None and not time_major:
+    typed = len(_typed_initializers(static.config))
+    if declared is None and not time_major and not typed:
         return None
     import h5py
 
@@ -46,6 +50,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
                 if declared is not None:
                     _insert_input_layer(config, declared, static.inputs[0].name)
                 _drop_time_major(config)
+                for initializer in _typed_initializers(config):
+                    del initializer["dtype"]
                 h5.attrs["model_config"] = json.dumps(config)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -65,6 +71,12 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
             f"Keras {keras.__version__} refuses the time_major=False that Keras {static.keras_version} wrote in "
             f"{len(time_major)} recurrent layer(s) (first: {time_major[0]!r}); bncheck loaded it without that "
             "key, batch-first as Keras 3 always runs"
+        )
+    if typed:
+        done.append(
+            f"Keras {keras.__version__} refuses the dtype that Keras {static.keras_version} wrote into {typed} "
+            "initializer config(s); bncheck loaded it without them (an initializer only sets weights the file's "
+            "replace)"
         )
     return model, "; ".join(done) + ", the file unchanged"
 
@@ -117,3 +129,14 @@ def _drop_time_major(config: dict) -> None:
     for layer in _layer_configs(config):
         if layer.get("time_major") is False:
             del layer["time_major"]
+
+
+def _typed_initializers(config: dict) -> list[dict]:
+    """The configs of initializers (a layer config's ``*_initializer`` entries) that carry a ``dtype``."""
+    found = []
+    for layer in _layer_configs(config):
+        for key, value in layer.items():
+            inner = value.get("config") if key.endswith("_initializer") and isinstance(value, dict) else None
+            if isinstance(inner, dict) and "dtype" in inner:
+                found.append(inner)
+    return found

@@ -1,7 +1,7 @@
-"""tf.keras 2 files with recurrent layers: tf.keras wrote ``time_major: false`` into every LSTM/GRU config, a
-keyword Keras 3 refuses, so such a file did not load for a probe (dgad, asmscan-bilstm and dgaintel's models).
-bncheck loads a copy without the key (batch first, Keras 3's only layout). Real Keras (numpy backend): the file
-is saved by Keras 3 as a legacy .h5 and its config given the key with h5py, as tf.keras 2.4 wrote it.
+"""tf.keras 2 configs Keras 3 refuses: ``time_major: false`` in every LSTM/GRU config (dgad, asmscan-bilstm and
+dgaintel's models) and a ``dtype`` in initializer configs (tf.keras 2.1: birdvoxdetect's models), so such a
+file did not load for a probe. bncheck loads a copy without those keys. Real Keras (numpy backend): the file is
+saved by Keras 3 as a legacy .h5 and its config given the keys with h5py, as tf.keras wrote them.
 """
 
 from __future__ import annotations
@@ -86,3 +86,49 @@ def test_a_time_major_true_layer_is_still_refused_with_keras_own_reason(tmp_path
     result = CliRunner().invoke(main, ["probe", path])
     assert result.exit_code == 2
     assert "could not load the model saved by Keras 2.4.0" in result.stderr and "time_major" in result.stderr
+
+
+def _keras2_typed_initializers(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """Conv2D -> BatchNormalization (never updated) -> pooling -> Dense, saved with a dtype in every
+    initializer config and Keras 2.1.6-tf as its writer; with inputs and Keras 3's outputs for them."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3, name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling2D(name="pool"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    model.save(path)
+    with h5py.File(path, "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        for entry in config["config"]["layers"]:
+            for key, value in entry["config"].items():
+                if key.endswith("_initializer") and isinstance(value, dict):
+                    value.setdefault("config", {})["dtype"] = "float32"
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = "2.1.6-tf"
+    return str(path), x, expected
+
+
+def test_keras3_itself_refuses_an_initializer_dtype(tmp_path: Path) -> None:
+    path, _, _ = _keras2_typed_initializers(tmp_path / "m.h5")
+    with pytest.raises(Exception, match="dtype"):
+        keras.saving.load_model(path, compile=False)
+
+
+def test_probe_loads_a_file_with_typed_initializers_and_computes_what_it_computed(tmp_path: Path) -> None:
+    path, x, expected = _keras2_typed_initializers(tmp_path / "m.h5")
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    np.testing.assert_allclose(np.asarray(patched[0](x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the BatchNormalization's config
+    document = json.loads(result.stdout)
+    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "bn")]
+    notes = [n for run in document["probe"]["runs"] for n in run["notes"]]
+    assert any("refuses the dtype that Keras 2.1.6-tf wrote into 8 initializer config(s)" in n for n in notes), notes
