@@ -496,6 +496,11 @@ def normalized_set_size(layer: NormLayer, batch: int | None = None) -> tuple[int
         dim = layer.input_shape[axis]
         if batch is not None and axis == layer.batch_axis:
             dim = batch
+            frames = layer.extra.get("frames")  # a layer TimeDistributed runs on each frame: batch x frames
+            if isinstance(frames, int):
+                product *= frames
+            elif isinstance(frames, str):
+                symbolic.append(frames)
         if isinstance(dim, int):
             product *= dim
         elif isinstance(dim, str):

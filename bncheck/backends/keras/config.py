@@ -474,10 +474,13 @@ def _walk_pass(
             raise BackendError(
                 f"{ctx.path}: the model config has more than {MAX_CALLS:,} layer calls: refusing to walk it"
             )
+        wrapped = _time_distributed(entry)
         if cls in MODEL_CLASSES:
             merged, merged_index = _merge_calls(layer_calls)
             inner_merged = _walk_model(entry, layer_path, merged, ctx, groups.get(index), collect)
             inner = [inner_merged[i] for i in merged_index]
+        elif wrapped is not None:
+            inner = _walk_time_distributed(wrapped, layer_path, layer_calls, ctx, groups.get(index), collect)
         else:
             inner = [(None, frozenset())] * len(layer_calls)
             if cls in NORM_KINDS and collect:
@@ -503,6 +506,64 @@ def _walk_pass(
     return [last[k] for k in range(len(calls))]
 
 
+def _time_distributed(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The layer a TimeDistributed entry wraps, where it is a normalization layer or a model."""
+    cfg = entry.get("config")
+    inner = cfg.get("layer") if entry.get("class_name") == "TimeDistributed" and isinstance(cfg, dict) else None
+    if not isinstance(inner, dict) or not isinstance(inner.get("config"), dict):
+        return None
+    return inner if inner.get("class_name") in NORM_KINDS or inner.get("class_name") in MODEL_CLASSES else None
+
+
+def _walk_time_distributed(
+    inner: dict[str, Any],
+    td_path: tuple[str, ...],
+    calls: list[_Call],
+    ctx: _Ctx,
+    group: str | None,
+    collect: bool,
+) -> list[tuple[str | None, frozenset[str]]]:
+    """A TimeDistributed layer's wrapped norm layer or model, walked as a level of its own on one frame's
+    shape, the wrapper's training flag reaching it. Keras 3 calls it once per frame on the batch's samples at
+    that frame; Keras 1/2 reshape the frames into the batch axis (batch x frames) and call it once."""
+    frames = [c.shape[1] if c.shape is not None and len(c.shape) >= 2 else None for c in calls]
+    per_frame = [
+        replace(c, shape=c.shape[:1] + c.shape[2:] if c.shape is not None and len(c.shape) >= 2 else None)
+        for c in calls
+    ]
+    path = td_path + (_entry_name(inner),)
+    inner_group = f"{group}/layer" if group else None
+    cls = str(inner.get("class_name"))
+    first = len(ctx.layers)
+    if cls in MODEL_CLASSES:
+        merged, merged_index = _merge_calls(per_frame)
+        inner_merged = _walk_model(inner, path, merged, ctx, inner_group, collect)
+        result = [inner_merged[i] for i in merged_index]
+    else:
+        result = [(None, frozenset())] * len(calls)
+        if collect:
+            # a legacy .h5 keeps the wrapped layer's weights in the wrapper's group, in creation order
+            by_position = td_path if len(td_path) == 1 else path
+            ctx.layers.append(_norm_layer(inner, cls, inner["config"], path, per_frame, ctx, inner_group, by_position))
+    if collect:
+        known = {f for f in frames if f is not None}
+        count: Dim = known.pop() if len(known) == 1 and None not in frames else "T"
+        where = "/".join(td_path)
+        if ctx.keras2:
+            note = (
+                f"called by TimeDistributed {where!r} on its {count} frames at once, which Keras 1/2 reshape into "
+                f"the batch axis (batch x {count}); Keras 3, which the probe runs, calls it once per frame"
+            )
+            extra: dict[str, Any] = {"time_distributed": where, "frames": count}
+        else:
+            note = f"called by TimeDistributed {where!r} once per frame ({count} frames) on the batch at that frame"
+            extra = {"time_distributed": where}
+        for k in range(first, len(ctx.layers)):
+            layer = ctx.layers[k]
+            ctx.layers[k] = replace(layer, notes=layer.notes + (note,), extra={**layer.extra, **extra})
+    return result
+
+
 def _effective(chain: tuple[bool | None, ...], keras2: bool) -> bool | None:
     """The training value a call runs with when the user leaves ``training`` unset (see module docstring)."""
     order = reversed(chain) if keras2 else iter(chain)
@@ -517,6 +578,7 @@ def _norm_layer(
     calls: list[_Call],
     ctx: _Ctx,
     group: str | None,
+    weights_path: tuple[str, ...] | None = None,
 ) -> NormLayer:
     kind = NORM_KINDS[cls]
     name = "/".join(path)
@@ -550,7 +612,7 @@ def _norm_layer(
         if isinstance(ctx.weights, KerasWeights):
             params, problem = ctx.weights.lookup(group, path[-1], names) if group else ({}, "no weights group")
         else:
-            params, problem = ctx.weights.lookup(path, names)
+            params, problem = ctx.weights.lookup(weights_path or path, names)
     if problem:
         ctx.notes.append(Note("warning", f"{name}: {problem}; its parameters are unknown"))
     channels = None

@@ -137,9 +137,18 @@ def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
                 found[path] = layer
             if hasattr(layer, "layers"):
                 walk(layer, path)
+            elif layer.__class__.__name__ == "TimeDistributed":  # its wrapped layer runs on every frame
+                walk(_Holder(layer.layer), path)
 
     walk(model, "")
     return found
+
+
+class _Holder:
+    """One layer as a container's ``layers``, for find_layers."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layers = [layer]
 
 
 def channel_axis_of(norm: NormLayer, layer: Any, rank: int) -> int:
