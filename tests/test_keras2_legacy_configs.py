@@ -132,3 +132,81 @@ def test_probe_loads_a_file_with_typed_initializers_and_computes_what_it_compute
     assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "bn")]
     notes = [n for run in document["probe"]["runs"] for n in run["notes"]]
     assert any("refuses the dtype that Keras 2.1.6-tf wrote into 8 initializer config(s)" in n for n in notes), notes
+
+
+def test_keras3_hard_sigmoid_is_not_keras_2s() -> None:
+    """What the note below is about: Keras 1/2 computed clip(0.2 x + 0.5), Keras 3 computes clip(x / 6 + 0.5)."""
+    x = np.array([-1.0, 2.0], np.float32)
+    np.testing.assert_allclose(np.asarray(keras.activations.hard_sigmoid(x)), x / 6 + 0.5, rtol=1e-6)
+    assert not np.allclose(np.asarray(keras.activations.hard_sigmoid(x)), 0.2 * x + 0.5)
+
+
+@pytest.mark.parametrize("version, noted", [("2.2.4", True), ("3.15.1", False)])
+def test_probe_notes_a_keras_2_models_hard_sigmoid(tmp_path: Path, version: str, noted: bool) -> None:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((STEPS, FEATURES)),
+            keras.layers.LSTM(6, recurrent_activation="hard_sigmoid", return_sequences=True, name="lstm"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling1D(name="pool"),
+        ]
+    )
+    path = tmp_path / "m.h5"
+    model.save(path)
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["keras_version"] = version
+    result = CliRunner().invoke(main, ["probe", str(path), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    notes = [n for run in json.loads(result.stdout)["probe"]["runs"] for n in run["notes"]]
+    expected = "1 layer(s) (first: 'lstm') use hard_sigmoid, which Keras 2.2.4 computed as clip(0.2 x + 0.5, 0, 1)"
+    assert any(expected in n for n in notes) is noted, notes
+
+
+def _keras2_wrapped(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """Bidirectional(LSTM) -> TimeDistributed(Dense) -> BatchNormalization (never updated), saved with the
+    wrapped layers' entries naming no module, as Keras 2 wrote them, and Keras 2.2.4 as the writer."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((STEPS, FEATURES)),
+            keras.layers.Bidirectional(keras.layers.LSTM(6, return_sequences=True), name="bi"),
+            keras.layers.TimeDistributed(keras.layers.Dense(5, name="dense"), name="td"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling1D(name="pool"),
+        ]
+    )
+    x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    model.save(path)
+    with h5py.File(path, "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        for entry in config["config"]["layers"][1:3]:
+            for key in ("module", "registered_name"):
+                entry["config"]["layer"].pop(key, None)
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = "2.2.4"
+    return str(path), x, expected
+
+
+def test_keras3_itself_cannot_find_the_class_of_a_wrapped_layer_without_its_module(tmp_path: Path) -> None:
+    path, _, _ = _keras2_wrapped(tmp_path / "m.h5")
+    with pytest.raises(Exception, match="Could not locate class"):
+        keras.saving.load_model(path, compile=False)
+
+
+def test_probe_loads_wrapped_layers_with_their_module_named_and_computes_what_the_model_computed(
+    tmp_path: Path,
+) -> None:
+    path, x, expected = _keras2_wrapped(tmp_path / "m.h5")
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    np.testing.assert_allclose(np.asarray(patched[0](x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: Keras could not locate the classes
+    document = json.loads(result.stdout)
+    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "bn")]
+    notes = [n for run in document["probe"]["runs"] for n in run["notes"]]
+    assert any(
+        "cannot find the classes of the 2 layer(s) wrapped by TimeDistributed or Bidirectional" in n for n in notes
+    )

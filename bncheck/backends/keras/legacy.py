@@ -13,6 +13,13 @@ only read.
 - tf.keras 2.1 wrote a ``dtype`` into initializer configs (``{"class_name": "Zeros", "config": {"dtype":
   "float32"}}``), which Keras 3's initializers refuse, so the layer did not deserialize. An initializer only
   sets a new layer's first weights, which the file's stored weights replace: the copy drops the key.
+- A layer wrapped by TimeDistributed or Bidirectional is written without the ``module`` a Keras 3 config
+  carries, and Keras 3's legacy loader then cannot find even a built-in class ("Could not locate class
+  'Dense'"): the copy names ``keras.layers`` for a wrapped layer (not a wrapped model, which loads no better).
+
+And what Keras 3 computes differently from the Keras 1/2 that wrote a file it loads, said in a note:
+``hard_sigmoid`` (Keras 2.0-2.2's default recurrent activation of LSTM and GRU) is clip(0.2 x + 0.5) in
+Keras 1/2 and tf.keras 2, clip(x / 6 + 0.5) in Keras 3.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
     declared = _declared_shape(static)
     time_major = _time_major_layers(static.config)
     typed = len(_typed_initializers(static.config))
-    if declared is None and not time_major and not typed:
+    wrapped = _unplaced_wrapped(static.config)
+    if declared is None and not time_major and not typed and not wrapped:
         return None
     import h5py
 
@@ -52,6 +60,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
                 _drop_time_major(config)
                 for initializer in _typed_initializers(config):
                     del initializer["dtype"]
+                for _, inner in _unplaced_wrapped(config):
+                    inner["module"] = "keras.layers"
                 h5.attrs["model_config"] = json.dumps(config)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -77,6 +87,12 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
             f"Keras {keras.__version__} refuses the dtype that Keras {static.keras_version} wrote into {typed} "
             "initializer config(s); bncheck loaded it without them (an initializer only sets weights the file's "
             "replace)"
+        )
+    if wrapped:
+        done.append(
+            f"Keras {keras.__version__} cannot find the classes of the {len(wrapped)} layer(s) wrapped by "
+            f"TimeDistributed or Bidirectional in this Keras {static.keras_version} file (first: "
+            f"{wrapped[0][0]!r}), whose configs name no module; bncheck loaded it with keras.layers named"
         )
     return model, "; ".join(done) + ", the file unchanged"
 
@@ -139,4 +155,45 @@ def _typed_initializers(config: dict) -> list[dict]:
             inner = value.get("config") if key.endswith("_initializer") and isinstance(value, dict) else None
             if isinstance(inner, dict) and "dtype" in inner:
                 found.append(inner)
+    return found
+
+
+def semantic_notes(keras: Any, static: KerasFile) -> list[str]:
+    """Notes on what Keras 3 computes differently from the Keras 1/2 that wrote ``static`` (module docstring)."""
+    if not static.keras2:
+        return []
+    hard = [
+        str(layer.get("name", "?"))
+        for layer in _layer_configs(static.config)
+        if "hard_sigmoid" in (layer.get("activation"), layer.get("recurrent_activation"))
+    ]
+    if not hard:
+        return []
+    return [
+        f"{len(hard)} layer(s) (first: {hard[0]!r}) use hard_sigmoid, which Keras {static.keras_version} computed as "
+        f"clip(0.2 x + 0.5, 0, 1) and Keras {keras.__version__} computes as clip(x / 6 + 0.5, 0, 1): the probe runs "
+        "Keras 3's model, so the statistics after them are not quite the file's own Keras's (nor the outputs of "
+        "a model `fix` writes)"
+    ]
+
+
+#: the keys under which a wrapper's config holds the layers it wraps
+_WRAPPED_KEYS = ("layer", "forward_layer", "backward_layer")
+
+
+def _unplaced_wrapped(config: dict) -> list[tuple[str, dict]]:
+    """(wrapper name, wrapped layer entry) of every wrapped layer, not a model, whose entry names no module."""
+    from bncheck.backends.keras.config import MODEL_CLASSES
+
+    found = []
+    for layer in _layer_configs(config):
+        for key in _WRAPPED_KEYS:
+            inner = layer.get(key)
+            if (
+                isinstance(inner, dict)
+                and isinstance(inner.get("class_name"), str)
+                and "module" not in inner
+                and inner["class_name"] not in MODEL_CLASSES
+            ):
+                found.append((str(layer.get("name", "?")), inner))
     return found

@@ -32,7 +32,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
-from bncheck.backends.keras.legacy import load_patched
+from bncheck.backends.keras.legacy import load_patched, semantic_notes
 from bncheck.budget import OverBudgetError, format_size
 from bncheck.errors import few, one_line
 from bncheck.model import (
@@ -240,7 +240,8 @@ class KerasRunner:
         self.path = static.path
         self.view = view
         patched = load_patched(self.keras, static)
-        self.loaded_note: str | None = patched[1] if patched else None
+        # how Keras 3 loads and computes this file differently from the Keras that wrote it
+        self.loaded_notes: list[str] = ([patched[1]] if patched else []) + semantic_notes(self.keras, static)
         self.model = patched[0] if patched else load(self.keras, static.path, static.keras_version)
         names = [layer.name for layer in view.layers]
         self.layers = find_layers(self.model, names)
@@ -418,8 +419,7 @@ def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> 
         leave_unmeasured(result, sorted(runner.capture.skip))
         runner.capture.skip = set()
         result.notes.extend(runner.notes)
-        if runner.loaded_note:
-            result.notes.append(runner.loaded_note)
+        result.notes.extend(runner.loaded_notes)
         result.notes.append(_style_note(style, static))
         if style == PREDICT and settings.data is not None and result.data is not None:
             runner.data_probe = (settings.data, result)
