@@ -210,3 +210,49 @@ def test_probe_loads_wrapped_layers_with_their_module_named_and_computes_what_th
     assert any(
         "cannot find the classes of the 2 layer(s) wrapped by TimeDistributed or Bidirectional" in n for n in notes
     )
+
+
+def _keras20_gru(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """GRU (its original form, reset_after=False) -> BatchNormalization (never updated) -> pooling, saved as
+    Keras 2.0.8 wrote a Sequential: the config a bare list of layers, the first carrying batch_input_shape, no
+    InputLayer, and the GRU without reset_after (Keras 2.0 had no other form)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((STEPS, FEATURES)),
+            keras.layers.GRU(6, reset_after=False, return_sequences=True, name="gru"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling1D(name="pool"),
+        ]
+    )
+    x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    model.save(path)
+    with h5py.File(path, "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        layers = [entry for entry in config["config"]["layers"] if entry["class_name"] != "InputLayer"]
+        layers[0]["config"]["batch_input_shape"] = [None, STEPS, FEATURES]
+        del layers[0]["config"]["reset_after"]
+        config["config"] = layers
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = "2.0.8"
+    return str(path), x, expected
+
+
+def test_keras3_itself_cannot_read_a_keras_2_0_sequential(tmp_path: Path) -> None:
+    path, _, _ = _keras20_gru(tmp_path / "m.h5")
+    with pytest.raises(TypeError, match="pop expected at most 1 argument"):
+        keras.saving.load_model(path, compile=False)
+
+
+def test_probe_loads_a_keras_2_0_sequential_with_an_original_gru(tmp_path: Path) -> None:
+    path, x, expected = _keras20_gru(tmp_path / "m.h5")
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    np.testing.assert_allclose(np.asarray(patched[0](x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    note = patched[1]
+    assert "stores as a bare list of layers; bncheck loaded it with that list as the config's layers" in note
+    assert "1 GRU layer(s) of this Keras 2.0.8 file say nothing of reset_after" in note, note
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: Keras could not read the config
+    assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]

@@ -210,14 +210,14 @@ class _Ctx:
     calls: int = 0  # layer calls walked so far (see MAX_CALLS)
 
 
-def _sequential_as_dict(config: Any) -> Any:
+def sequential_as_dict(config: Any) -> Any:
     """``config`` with every Sequential model's bare list of layers (how Keras before 2.2 saved one) in the
     ``{"name", "layers"}`` form later versions write, which the walk reads; nested models too. A copy."""
     if isinstance(config, list):
-        return [_sequential_as_dict(item) for item in config]
+        return [sequential_as_dict(item) for item in config]
     if not isinstance(config, dict):
         return config
-    found = {key: _sequential_as_dict(value) for key, value in config.items()}
+    found = {key: sequential_as_dict(value) for key, value in config.items()}
     if found.get("class_name") == "Sequential" and isinstance(found.get("config"), list):
         found["config"] = {"name": found.get("name", "sequential"), "layers": found["config"]}
     return found
@@ -238,7 +238,7 @@ def build(
     ctx = _Ctx(path, weights, keras2, notes=list(notes))
     cls = config["class_name"]
     try:
-        config = _sequential_as_dict(config)
+        config = sequential_as_dict(config)
         _scan_unsafe(config, "", ctx)
         # the order of calls matters only for a baked training=True (Keras 3 carries it on to later calls);
         # without one, the walk skips that bookkeeping, quadratic in a long chain

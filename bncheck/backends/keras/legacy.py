@@ -13,6 +13,12 @@ only read.
 - tf.keras 2.1 wrote a ``dtype`` into initializer configs (``{"class_name": "Zeros", "config": {"dtype":
   "float32"}}``), which Keras 3's initializers refuse, so the layer did not deserialize. An initializer only
   sets a new layer's first weights, which the file's stored weights replace: the copy drops the key.
+- Keras before 2.2 stored a Sequential config as a bare list of layers, which Keras 3's legacy loader cannot
+  read ("pop expected at most 1 argument"): the copy has the ``{"name", "layers"}`` form later versions
+  write (the static reader reads that form too: ``config.sequential_as_dict``).
+- Keras before 2.1.3 had GRU only in its original form, and wrote no ``reset_after``; Keras 3 takes the
+  key's absence as ``reset_after=True``, another form with twice the biases, and refuses the stored weights:
+  the copy says ``reset_after: false``, which is what those versions computed.
 - A layer wrapped by TimeDistributed or Bidirectional is written without the ``module`` a Keras 3 config
   carries, and Keras 3's legacy loader then cannot find even a built-in class ("Could not locate class
   'Dense'"): the copy names ``keras.layers`` for a wrapped layer (not a wrapped model, which loads no better).
@@ -40,21 +46,30 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
     loaded as it is, and a refusal names Keras's own error)."""
     if static.format != "h5" or not static.keras2:
         return None
+    import h5py
+
+    from bncheck.backends.keras.config import sequential_as_dict
+
+    try:
+        with h5py.File(static.path, "r") as h5:
+            raw = h5.attrs["model_config"]
+            listed = isinstance(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw).get("config"), list)
+    except Exception:  # the static read took this file; what it cannot parse again is loaded as it is
+        return None
     declared = _declared_shape(static)
     time_major = _time_major_layers(static.config)
     typed = len(_typed_initializers(static.config))
     wrapped = _unplaced_wrapped(static.config)
-    if declared is None and not time_major and not typed and not wrapped:
+    grus = len(_original_grus(static.config))
+    if not listed and declared is None and not time_major and not typed and not wrapped and not grus:
         return None
-    import h5py
-
     with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
         copy = os.path.join(folder, "model.h5")
         try:
             shutil.copyfile(static.path, copy)
             with h5py.File(copy, "r+") as h5:
                 raw = h5.attrs["model_config"]
-                config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+                config = sequential_as_dict(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw))
                 if declared is not None:
                     _insert_input_layer(config, declared, static.inputs[0].name)
                 _drop_time_major(config)
@@ -62,6 +77,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
                     del initializer["dtype"]
                 for _, inner in _unplaced_wrapped(config):
                     inner["module"] = "keras.layers"
+                for gru in _original_grus(config):
+                    gru["reset_after"] = False
                 h5.attrs["model_config"] = json.dumps(config)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -69,6 +86,11 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         except Exception:  # keras, h5py and json raise many kinds on what they cannot read: the file as it is
             return None
     done = []
+    if listed:
+        done.append(
+            f"Keras {keras.__version__} cannot read the Sequential config this Keras {static.keras_version} file "
+            "stores as a bare list of layers; bncheck loaded it with that list as the config's layers"
+        )
     if declared is not None:
         shape = tuple(declared)
         done.append(
@@ -87,6 +109,12 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
             f"Keras {keras.__version__} refuses the dtype that Keras {static.keras_version} wrote into {typed} "
             "initializer config(s); bncheck loaded it without them (an initializer only sets weights the file's "
             "replace)"
+        )
+    if grus:
+        done.append(
+            f"{grus} GRU layer(s) of this Keras {static.keras_version} file say nothing of reset_after, which "
+            f"Keras {keras.__version__} takes as true; bncheck loaded them with reset_after=False, the only GRU "
+            "of the Keras that wrote them"
         )
     if wrapped:
         done.append(
@@ -196,4 +224,20 @@ def _unplaced_wrapped(config: dict) -> list[tuple[str, dict]]:
                 and inner["class_name"] not in MODEL_CLASSES
             ):
                 found.append((str(layer.get("name", "?")), inner))
+    return found
+
+
+def _original_grus(config: Any) -> list[dict]:
+    """The configs of the GRU layers (wrapped ones too) that carry no ``reset_after``."""
+    found = []
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            inner = node.get("config")
+            if node.get("class_name") == "GRU" and isinstance(inner, dict) and "reset_after" not in inner:
+                found.append(inner)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return found
