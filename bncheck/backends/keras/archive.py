@@ -14,6 +14,7 @@ from typing import Any
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.config import KerasFile, build
 from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, attr_str
+from bncheck.backends.keras.weights_only import weights_only_layers, weights_only_note
 from bncheck.errors import BncheckError, one_line
 from bncheck.model import Note
 
@@ -157,10 +158,17 @@ def _read_h5(path: str) -> KerasFile:
             guard_hdf5(path, handle)
             raw = handle.attrs.get("model_config")
             if raw is None:
-                raise BackendError(
-                    f"{path}: no model_config in this HDF5 file (a weights-only file?): save the whole model "
-                    "with model.save()"
-                )
+                found = weights_only_layers(handle)
+                if not found:  # not a weights file, or one without a normalization layer to check
+                    raise BackendError(
+                        f"{path}: no model_config in this HDF5 file (a weights-only file?): save the whole model "
+                        "with model.save()"
+                    )
+                version = attr_str(handle.attrs.get("keras_version"))
+                backend = attr_str(handle.attrs.get("backend"))
+                saved = f"saved by keras {version}" if version else "saved by an unknown Keras version"
+                notes = [Note("info", saved), weights_only_note(len(found))]
+                return KerasFile(path, "h5", version, backend, {}, found, [], notes, weights_only=True)
             if isinstance(raw, bytes):
                 raw = raw.decode("utf-8")
             if len(raw) > MAX_JSON_BYTES:

@@ -859,6 +859,7 @@ class KerasFile:
     notes: list[Note] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     baked_layers: list[str] = field(default_factory=list)  # layers (any kind) called with training=True
+    weights_only: bool = False  # model.save_weights: layers found by their variable names, nothing to run
     # the probe's loaded model (a KerasRunner), kept so that `fix` runs the same model instead of loading it again
     runner: Any = field(default=None, repr=False, compare=False)
 

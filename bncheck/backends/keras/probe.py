@@ -96,7 +96,13 @@ def import_keras(path: str) -> Any:
 
 
 def refuse_unsafe(static: KerasFile) -> None:
-    """Refuse, before anything is imported or loaded, a file whose config carries code."""
+    """Refuse, before anything is imported or loaded, a file whose config carries code, or that holds no model."""
+    if static.weights_only:
+        raise BackendError(
+            f"{static.path}: a weights-only file (model.save_weights) holds no model to run: bncheck inspect checks "
+            f"the stored statistics of its {len(static.layers)} BatchNormalization layer(s); to probe, save the "
+            "whole model with model.save()"
+        )
     if static.unsafe:
         raise BackendError(
             f"{static.path}: refusing to probe, nothing was executed: {few_reasons(static.unsafe)} "

@@ -1,0 +1,72 @@
+"""A legacy .h5 file of weights only (``model.save_weights``): no model config, so no layer classes, calls or
+epsilon; but each layer's group lists its variables by name, and a variable scope holding ``moving_mean`` and
+``moving_variance`` is a BatchNormalization's (no other Keras layer keeps both). Those layers' stored statistics
+are what inspect can check: never updated (BN003) and non-finite or negative (BN005).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bncheck.backends.keras.weights import attr_str, read_dataset
+from bncheck.model import Kind, NormLayer, Note
+
+#: the variables a BatchNormalization keeps, in the order it creates them (gamma and beta are optional)
+_BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+def weights_only_layers(root: Any) -> list[NormLayer] | None:
+    """The BatchNormalization layers of a weights-only file's root group; None where the root lists no layers
+    (not a Keras weights file)."""
+    names = [attr_str(n) or "" for n in root.attrs.get("layer_names", [])]
+    if "layer_names" not in root.attrs:
+        return None
+    layers = []
+    for group_name in names:
+        group = root.get(group_name)
+        if group is None:
+            continue
+        scopes: dict[str, dict[str, str]] = {}
+        for weight_name in (attr_str(w) or "" for w in group.attrs.get("weight_names", [])):
+            scope, _, variable = weight_name.rpartition("/")
+            scopes.setdefault(scope, {})[variable.split(":")[0]] = weight_name
+        found = [(scope, held) for scope, held in scopes.items() if {"moving_mean", "moving_variance"} <= held.keys()]
+        for scope, held in found:
+            name = group_name if len(found) == 1 else f"{group_name}/{scope.rpartition('/')[2]}"
+            values = {var: read_dataset(group[held[var]]) for var in _BN_VARIABLES if var in held}
+            layers.append(_layer(name, values))
+    return layers
+
+
+def weights_only_note(count: int) -> Note:
+    return Note(
+        "warning",
+        f"a weights-only file (model.save_weights: no model config): {count} BatchNormalization layer(s) found "
+        "by their variable names; their epsilon, axes and calls are unknown, so only their stored statistics are "
+        "checked (never updated, non-finite or negative); a probe needs the whole model (model.save)",
+    )
+
+
+def _layer(name: str, values: dict[str, np.ndarray]) -> NormLayer:
+    mean = values["moving_mean"]
+    return NormLayer(
+        name=name,
+        kind=Kind.BATCH,
+        op_type="BatchNormalization",
+        nodes=(name,),
+        input=f"{name}:input",
+        output=f"{name}:output",
+        domain="keras",
+        channel_axis=None,
+        channels=int(mean.size) if mean.ndim == 1 else None,
+        uses_running_stats=True,
+        centered="beta" in values,
+        scale=values.get("gamma"),
+        bias=values.get("beta"),
+        mean=mean,
+        var=values["moving_variance"],
+        notes=("from a weights-only file: found by its variable names, its config unknown",),
+        extra={"path": [name], "weights_only": True},
+    )

@@ -1,0 +1,99 @@
+"""Legacy .h5 files of weights only (``model.save_weights``): PyPI packages ship them beside the code that builds
+the model (24 of the Keras files helpers downloaded: oskut's and sefr-cut's tokenizers, hotwater, phonet).
+`inspect` refused them; it now finds the BatchNormalizations by their variable names and checks their stored
+statistics. The files are written with h5py in the layout Keras 2 / tf_keras's ``save_weights`` writes (root
+``layer_names``, each layer group's ``weight_names``, datasets under the scoped names), which needs TensorFlow
+to produce itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+from click.testing import CliRunner
+
+from bncheck.cli import main
+
+C = 4
+
+
+def _write_weights(path: Path, layers: dict[str, dict[str, np.ndarray]]) -> str:
+    """``layers``: group name -> {scoped weight name: value}, in save_weights's layout."""
+    with h5py.File(path, "w") as h5:
+        h5.attrs["layer_names"] = [name.encode() for name in layers]
+        h5.attrs["keras_version"] = b"2.2.4-tf"
+        h5.attrs["backend"] = b"tensorflow"
+        for name, weights in layers.items():
+            group = h5.create_group(name)
+            group.attrs["weight_names"] = [w.encode() for w in weights]
+            for weight_name, value in weights.items():
+                group.create_dataset(weight_name, data=value)
+    return str(path)
+
+
+def _bn(scope: str, mean: np.ndarray, var: np.ndarray) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        f"{scope}/gamma:0": rng.uniform(0.5, 1.5, C).astype(np.float32),
+        f"{scope}/beta:0": rng.uniform(-0.5, 0.5, C).astype(np.float32),
+        f"{scope}/moving_mean:0": mean.astype(np.float32),
+        f"{scope}/moving_variance:0": var.astype(np.float32),
+    }
+
+
+def _weights_file(path: Path, var: np.ndarray | None = None) -> str:
+    """A Dense, a trained top-level BatchNormalization, and a nested model holding a trained one and one whose
+    statistics were never updated (``var``: the trained nested one's variance instead)."""
+    trained_mean, trained_var = np.array([0.3, -1.2, 0.05, 2.0]), np.array([0.4, 1.7, 0.02, 3.1])
+    nested = {
+        **_bn("model_1/conv_bn", trained_mean, trained_var if var is None else var),
+        **_bn("model_1/head_bn", np.zeros(C), np.ones(C)),
+        "model_1/conv/kernel:0": np.ones((3, 3, 2, C), np.float32),
+    }
+    return _write_weights(
+        path,
+        {
+            "dense_1": {"dense_1/kernel:0": np.ones((8, C), np.float32), "dense_1/bias:0": np.zeros(C, np.float32)},
+            "batch_normalization_1": _bn("batch_normalization_1", trained_mean + 1, trained_var * 2),
+            "model_1": nested,
+        },
+    )
+
+
+def _inspect(path: str) -> tuple[int, dict]:
+    result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_inspect_finds_the_batch_norms_of_a_weights_only_file_and_their_never_updated_statistics(
+    tmp_path: Path,
+) -> None:
+    code, document = _inspect(_weights_file(tmp_path / "w.h5"))
+    assert code == 1  # exit 2 before: "no model_config in this HDF5 file"
+    names = [layer["name"] for layer in document["layers"]]
+    assert names == ["batch_normalization_1", "model_1/conv_bn", "model_1/head_bn"]
+    assert document["layers"][1]["running_var"]["max"] == np.float32(3.1)
+    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "model_1/head_bn")]
+    assert any("weights-only file" in n["message"] and n["level"] == "warning" for n in document["notes"])
+
+
+def test_a_negative_stored_variance_in_a_weights_only_file_is_bn005(tmp_path: Path) -> None:
+    code, document = _inspect(_weights_file(tmp_path / "w.h5", var=np.array([0.4, -1.7, 0.02, 3.1])))
+    assert code == 1
+    assert ("BN005", "model_1/conv_bn") in {(f["code"], f["layer"]) for f in document["findings"]}
+
+
+def test_probe_refuses_a_weights_only_file_in_one_line_naming_what_inspect_checks(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["probe", _weights_file(tmp_path / "w.h5")])
+    assert result.exit_code == 2
+    assert "weights-only file (model.save_weights) holds no model to run" in result.stderr
+    assert "stored statistics of its 3 BatchNormalization layer(s)" in result.stderr
+
+
+def test_a_weights_only_file_without_batch_norms_is_still_refused(tmp_path: Path) -> None:
+    path = _write_weights(tmp_path / "w.h5", {"dense_1": {"dense_1/kernel:0": np.ones((8, C), np.float32)}})
+    result = CliRunner().invoke(main, ["inspect", path])
+    assert result.exit_code == 2 and "no model_config in this HDF5 file (a weights-only file?)" in result.stderr
