@@ -96,4 +96,5 @@ def test_probe_refuses_a_weights_only_file_in_one_line_naming_what_inspect_check
 def test_a_weights_only_file_without_batch_norms_is_still_refused(tmp_path: Path) -> None:
     path = _write_weights(tmp_path / "w.h5", {"dense_1": {"dense_1/kernel:0": np.ones((8, C), np.float32)}})
     result = CliRunner().invoke(main, ["inspect", path])
-    assert result.exit_code == 2 and "no model_config in this HDF5 file (a weights-only file?)" in result.stderr
+    assert result.exit_code == 2
+    assert "a weights-only file (model.save_weights) without BatchNormalization variables" in result.stderr

@@ -159,7 +159,13 @@ def _read_h5(path: str) -> KerasFile:
             raw = handle.attrs.get("model_config")
             if raw is None:
                 found = weights_only_layers(handle)
-                if not found:  # not a weights file, or one without a normalization layer to check
+                if found == []:  # LayerNormalization's gamma and beta are any layer's names: only BNs tell
+                    raise BackendError(
+                        f"{path}: a weights-only file (model.save_weights) without BatchNormalization variables; "
+                        "other layers' kinds cannot be told without the model config: save the whole model with "
+                        "model.save()"
+                    )
+                if found is None:
                     raise BackendError(
                         f"{path}: no model_config in this HDF5 file (a weights-only file?): save the whole model "
                         "with model.save()"
