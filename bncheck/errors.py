@@ -46,12 +46,17 @@ class DataError(BncheckError):
 _ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 #: a printed array of numbers (Keras prints the whole input it refuses before saying which shape it expected)
 _NUMBERS = re.compile(r"\[[\[\]\s0-9eE.,+\-]{60,}\]")
+#: Keras's deserialization errors print the whole layer config before the cause, which is the last
+#: "Exception encountered"; its hint on registering custom classes is for the code that saved a model
+_DESERIALIZING = re.compile(r"^(Error when deserializing class '[^']*') using config=.*Exception encountered: (.*)$")
+_UNLOCATED = re.compile(r"^(Could not locate class '[^']*')\. Make sure custom classes.*$")
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's text on one line (libraries' messages span several), without terminal escapes or long
     printed arrays of numbers ("[...]"), cut to ``limit`` characters."""
     text = _NUMBERS.sub("[...]", _ESCAPES.sub("", " ".join(str(exc).split()))) or type(exc).__name__
+    text = _UNLOCATED.sub(r"\1", _DESERIALIZING.sub(r"\1: \2", text))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

