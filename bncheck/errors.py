@@ -49,7 +49,7 @@ _NUMBERS = re.compile(r"\[[\[\]\s0-9eE.,+\-]{60,}\]")
 #: Keras's deserialization errors print the whole layer config before the cause, which is the last
 #: "Exception encountered"; its hint on registering custom classes is for the code that saved a model
 _DESERIALIZING = re.compile(r"^(Error when deserializing class '[^']*') using config=.*Exception encountered: (.*)$")
-_UNLOCATED = re.compile(r"^(Could not locate class '[^']*')\. Make sure custom classes.*$")
+_UNLOCATED = re.compile(r"^(Could not locate class '[^']*'|Unknown layer: '[^']*')\. (?:Make sure|Please ensure).*$")
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

@@ -37,13 +37,30 @@ import tempfile
 import warnings
 from typing import Any
 
+from bncheck.backends.base import BackendError
 from bncheck.backends.keras.archive import KerasFile
+from bncheck.errors import one_line
+
+
+def refusal(keras: Any, path: str, saved_by: str | None, exc: BaseException, mended: bool = False) -> BackendError:
+    """The one-line refusal of a file Keras cannot load: Keras's reason, and for a Keras 1/2 file the version
+    that saved it and the ways out (Keras 3 reads those files only in part)."""
+    text = one_line(exc)
+    major = (saved_by or "").split(".")[0]
+    if major not in ("1", "2"):
+        return BackendError(f"{path}: keras {keras.__version__} could not load the model ({text})")
+    where = ", even from a copy whose config bncheck mended where Keras 3 misreads Keras 2's" if mended else ""
+    return BackendError(
+        f"{path}: keras {keras.__version__} could not load the model saved by Keras {saved_by} ({text}){where}; "
+        f"Keras 3 reads files of Keras {major} only in part (bncheck inspect still reads this one): to probe it, "
+        "export it to ONNX from the Keras that saved it (tf2onnx), or build the model in Keras 3 and load these weights"
+    )
 
 
 def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
     """The model of a Keras 1/2 .h5 file loaded from a copy with the patches above, and a note saying what
-    was patched; None where the file needs none or the patched copy does not load either (the file is then
-    loaded as it is, and a refusal names Keras's own error)."""
+    was patched; None where the file needs none or the copy cannot be written (the file is then loaded as it
+    is). Raises the refusal, with Keras's reason, where the copy does not load either."""
     if static.format != "h5" or not static.keras2:
         return None
     import h5py
@@ -80,11 +97,14 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
                 for gru in _original_grus(config):
                     gru["reset_after"] = False
                 h5.attrs["model_config"] = json.dumps(config)
+        except Exception:  # h5py and json raise many kinds on what they cannot read: the file as it is
+            return None
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = keras.saving.load_model(copy, compile=False, safe_mode=True)
-        except Exception:  # keras, h5py and json raise many kinds on what they cannot read: the file as it is
-            return None
+        except Exception as exc:  # what is left once the mended parts load: the file's real obstacle
+            raise refusal(keras, static.path, static.keras_version, exc, mended=True) from None
     done = []
     if listed:
         done.append(

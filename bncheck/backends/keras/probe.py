@@ -32,7 +32,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
-from bncheck.backends.keras.legacy import load_patched, semantic_notes
+from bncheck.backends.keras.legacy import load_patched, refusal, semantic_notes
 from bncheck.budget import OverBudgetError, format_size
 from bncheck.errors import few, one_line
 from bncheck.model import (
@@ -121,15 +121,7 @@ def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
             warnings.simplefilter("ignore")
             return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
-        text = one_line(exc)
-        major = (saved_by or "").split(".")[0]
-        if major not in ("1", "2"):
-            raise BackendError(f"{path}: keras {keras.__version__} could not load the model ({text})") from None
-        raise BackendError(
-            f"{path}: keras {keras.__version__} could not load the model saved by Keras {saved_by} ({text}); Keras 3 "
-            f"reads files of Keras {major} only in part (bncheck inspect still reads this one): to probe it, export "
-            "it to ONNX from the Keras that saved it (tf2onnx), or build the model in Keras 3 and load these weights"
-        ) from None
+        raise refusal(keras, path, saved_by, exc) from None
 
 
 def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
