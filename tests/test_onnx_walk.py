@@ -970,3 +970,163 @@ def test_running_statistics_filled_by_constant_of_shape_are_read(tmp_path):
     np.testing.assert_array_equal(bn.mean, np.full(c, 0.02, np.float32))
     np.testing.assert_array_equal(bn.var, np.zeros(c, np.float32))
     assert other.scale is None  # its scale's shape is fed at run time
+
+
+# ---------------------------------------------------------------------------- more exporters' LayerNorm forms
+
+
+def keras3_layer_norm(tmp_path, relaid_mean: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+    """Keras 3's LayerNormalization as tf2onnx writes it: k = gamma / sqrt(var + eps), out = x * k +
+    (-mean * k + beta) (afis's 24 layers). ``relaid_mean``: tf2onnx's relayout of the [N, 1, 1, C] mean on the
+    way to the squared difference (Unsqueeze, Reshape, Squeeze, Reshape), with the NHWC tensor's mean over
+    its channels."""
+    c = 16
+    gamma, beta = RNG.uniform(0.5, 1.5, c).astype(np.float32), RNG.normal(0, 0.1, c).astype(np.float32)
+    mean_for_var = "m_back" if relaid_mean else "mean"
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1, name="ln/moments/mean"),
+        helper.make_node("Sub", ["x", mean_for_var], ["d"], name="ln/sqdiff_sub"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="ln/sqdiff"),
+        helper.make_node("ReduceMean", ["d2", "axes"], ["var"], keepdims=1, name="ln/moments/variance"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="ln/add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="ln/sqrt"),
+        helper.make_node("Reciprocal", ["sd"], ["inv"], name="ln/rsqrt"),
+        helper.make_node("Mul", ["inv", "gamma"], ["k"], name="ln/mul"),
+        helper.make_node("Mul", ["x", "k"], ["xk"], name="ln/mul_2"),
+        helper.make_node("Neg", ["mean"], ["nm"], name="ln/Neg"),
+        helper.make_node("Mul", ["nm", "k"], ["nmk"], name="ln/mul_1"),
+        helper.make_node("Add", ["nmk", "beta"], ["res"], name="ln/add_1"),
+        helper.make_node("Add", ["xk", "res"], ["y"], name="ln/add_2"),
+    ]
+    inits = [const("gamma", gamma), const("beta", beta), const("eps", 1e-3), const("axes", [-1], np.int64)]
+    if relaid_mean:
+        nodes[1:1] = [
+            helper.make_node("Unsqueeze", ["mean", "ax0"], ["m_u"], name="relay/unsqueeze"),
+            helper.make_node("Reshape", ["m_u", "shape5"], ["m_r"], name="relay/reshape"),
+            helper.make_node("Squeeze", ["m_r", "ax0"], ["m_s"], name="relay/squeeze"),
+            helper.make_node("Reshape", ["m_s", "shape4"], ["m_back"], name="relay/reshape_back"),
+        ]
+        inits += [
+            const("ax0", [0], np.int64),
+            const("shape5", [1, 0, 8, 8, 1], np.int64),
+            const("shape4", [0, 8, 8, 1], np.int64),
+        ]
+    shape = ["N", 8, 8, c]
+    path = save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, opset=18, name="keras3_ln")
+    return path, gamma, beta
+
+
+@pytest.mark.parametrize("relaid_mean", [False, True])
+def test_keras3_layer_norm_through_tf2onnx_is_found(tmp_path, relaid_mean):
+    path, gamma, beta = keras3_layer_norm(tmp_path, relaid_mean)
+    x = RNG.normal(size=(2, 8, 8, 16)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (3,), 1e-3, gamma, beta), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)  # no layer before: "no normalization layer found"
+    assert layer.kind is Kind.LAYER and layer.axes == (3,) and layer.channels == 16 and layer.output == "y"
+    assert layer.epsilon == pytest.approx(1e-3) and layer.input == "x"
+    np.testing.assert_array_equal(layer.bias, beta)
+
+
+def test_moments_over_the_nchw_channels_with_a_per_channel_affine_are_a_layer_norm(tmp_path):
+    """tf2onnx moves a Keras LayerNormalization over NHWC channels to axis 1 of NCHW: its gamma is [1, C, 1, 1]."""
+    nodes, inits = moments_chain((1,), 17)
+    gamma = RNG.uniform(0.5, 1.5, (1, 4, 1, 1)).astype(np.float32)
+    beta = RNG.uniform(-1, 1, (1, 4, 1, 1)).astype(np.float32)
+    inits += [const("gamma", gamma), const("beta", beta)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, 3, 8])], [vinfo("y", ["N", 4, 3, 8])], inits, opset=17)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and layer.axes == (1,) and layer.channel_axis == 1 and layer.channels == 4
+
+
+def torch_std_layer_norm(tmp_path, mean_twice: bool, opset: int = 17, name: str = "std_ln", axis: int = -1) -> str:
+    """The Annotated Transformer's LayerNorm as torch exports it: alpha * (x - mean) / (x.std(-1) + eps) + beta,
+    torch's std unbiased (var * N / (N - 1)); ``mean_twice``: the mean computed again for the std, as
+    lineless-table-rec's lore_process has it."""
+    c = 16
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[axis], name="norm/mean"),
+        helper.make_node("Sub", ["x", "m"], ["d"], name="norm/sub"),
+    ]
+    dev = "d"
+    if mean_twice:
+        nodes += [
+            helper.make_node("ReduceMean", ["x"], ["m2"], axes=[axis], name="norm/std_mean"),
+            helper.make_node("Sub", ["x", "m2"], ["d2"], name="norm/std_sub"),
+        ]
+        dev = "d2"
+    nodes += [
+        helper.make_node("Mul", [dev, dev], ["sq"], name="norm/sq"),
+        helper.make_node("ReduceMean", ["sq"], ["v0"], axes=[axis], name="norm/var"),
+        helper.make_node("Mul", ["v0", "n"], ["vn"], name="norm/mul_n"),
+        helper.make_node("Div", ["vn", "n1"], ["v"], name="norm/div_n1"),
+        helper.make_node("Sqrt", ["v"], ["sd"], name="norm/sqrt"),
+        helper.make_node("Add", ["sd", "eps"], ["sde"], name="norm/add_eps"),
+        helper.make_node("Mul", ["alpha", "d"], ["ad"], name="norm/mul_a"),
+        helper.make_node("Div", ["ad", "sde"], ["q"], name="norm/div"),
+        helper.make_node("Add", ["q", "beta"], ["y"], name="norm/add_b"),
+    ]
+    inits = [const("alpha", np.linspace(0.5, 1.5, c)), const("beta", np.linspace(-0.1, 0.1, c)), const("eps", 1e-6)]
+    if axis == 0:  # the count is the batch size, read from the shape as torch exports it
+        nodes[:0] = [
+            helper.make_node("Shape", ["x"], ["x_shape"], name="count/shape"),
+            helper.make_node("Gather", ["x_shape", "zero"], ["n_int"], axis=0, name="count/gather"),
+            helper.make_node("Cast", ["n_int"], ["n"], to=TensorProto.FLOAT, name="count/cast"),
+            helper.make_node("Sub", ["n", "one"], ["n1"], name="count/minus_one"),
+        ]
+        inits += [const("zero", 0, np.int64), const("one", 1.0)]
+    else:
+        inits += [const("n", float(c)), const("n1", float(c - 1))]
+    shape = ["N", 10, c]
+    return save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, opset=opset, name=name)
+
+
+@pytest.mark.parametrize("mean_twice", [False, True])
+def test_a_layer_norm_with_torchs_unbiased_std_is_found(tmp_path, mean_twice):
+    path = torch_std_layer_norm(tmp_path, mean_twice)
+    x = RNG.normal(size=(2, 10, 16)).astype(np.float32)
+    alpha, beta = np.linspace(0.5, 1.5, 16), np.linspace(-0.1, 0.1, 16)
+    expected = alpha * (x - x.mean(-1, keepdims=True)) / (x.std(-1, ddof=1, keepdims=True) + 1e-6) + beta
+    np.testing.assert_allclose(run_ort(path, x), expected, rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)  # no layer before: the rescaled variance broke the chain
+    assert layer.kind is Kind.LAYER and layer.axes == (2,) and layer.output == "y"
+    assert any("rescaled by a count" in n for n in layer.notes)
+
+
+def test_a_reduction_whose_input_rank_only_a_newer_opset_infers_is_resolved(tmp_path):
+    """At opset 9 onnx's inference does not follow Shape -> Gather -> Concat into a Reshape's target, so every
+    tensor after a head split has no rank, and ReduceMean(axes=[-1]) no axes (lore_process: 14 of 16 layers)."""
+    path = torch_std_layer_norm(tmp_path, mean_twice=False, opset=9)
+    model = onnx.load(path)
+    graph = model.graph
+    graph.input[0].CopyFrom(vinfo("x_in", ["N", 160]))
+    shape_nodes = [
+        helper.make_node("Shape", ["x_in"], ["s"], name="split/shape"),
+        helper.make_node("Gather", ["s", "i0"], ["s0"], axis=0, name="split/gather"),
+        helper.make_node("Concat", ["s0", "tail"], ["target"], axis=0, name="split/concat"),
+        helper.make_node("Reshape", ["x_in", "target"], ["x"], name="split/reshape"),
+    ]
+    graph.initializer.extend([const("i0", [0], np.int64), const("tail", [10, 16], np.int64)])
+    nodes = shape_nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, path)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    assert not [v for v in inferred.graph.value_info if v.name == "x" and v.type.tensor_type.HasField("shape")]
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and layer.axes == (2,)
+
+
+def test_torchs_unbiased_std_over_the_batch_gives_nan_at_batch_1_and_bncheck_says_so(tmp_path):
+    """(x - x.mean(0)) / (x.std(0) + eps): at batch 1 the N/(N-1) correction divides zero by zero."""
+    path = torch_std_layer_norm(tmp_path, mean_twice=False, axis=0, name="batch_std")
+    assert np.isnan(run_ort(path, RNG.normal(size=(1, 10, 16)).astype(np.float32))).all()
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    inspect = json.loads(CliRunner().invoke(main, ["inspect", path, "--format", "json"]).stdout)
+    (collapse,) = [f for f in inspect["findings"] if f["code"] == "BN001"]
+    assert collapse["severity"] == "error" and "its output is NaN (zero over zero" in collapse["message"]
+    probe = json.loads(CliRunner().invoke(main, ["probe", path, "--format", "json"]).stdout)
+    codes = {(f["code"], f["severity"]) for f in probe["findings"]}
+    assert {("BN001", "error"), ("BN002", "error"), ("BN005", "error")} <= codes

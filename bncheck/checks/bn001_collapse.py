@@ -68,7 +68,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             evidence["normalized_set_size"] = 1
             listed = ", ".join(str(b) for b in observed)
             message = (
-                f"{describe(layer)} output is constant (its bias) at batch size {listed} whatever the input: "
+                f"{describe(layer)} output is {_collapsed(layer)} at batch size {listed} whatever the input: "
                 "the normalized set has one element"
             )
             fixed = fixed_batch(view.inputs)
@@ -87,8 +87,8 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             evidence["kind"] = "static"
             evidence["normalized_set_size"] = 1
             message = (
-                f"{describe(layer)} normalizes over a set of one element {_where(condition)}: its output is its "
-                "bias for every input"
+                f"{describe(layer)} normalizes over a set of one element {_where(condition)}: its output is "
+                f"{_collapsed(layer)} for every input"
             )
             yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
         elif not sizes:  # with a probe, the sizes that ran replace the prediction
@@ -96,6 +96,15 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             evidence["replaced_by_probe"] = True  # a probe measures the sizes that run instead
             evidence["depends_on"] = [k for k in condition if k != "batch_size"]
             yield Finding(CODE, SLUG, Severity.INFO, layer.name, _conditional(view, layer, condition), HINT, evidence)
+
+
+def _collapsed(layer: NormLayer) -> str:
+    """What a one-element set makes of the output: beta, or NaN where the variance is rescaled by N/(N-1)."""
+    return (
+        "NaN (zero over zero: its variance is rescaled by N/(N-1))"
+        if layer.extra.get("rescaled")
+        else "constant (its bias)"
+    )
 
 
 def _where(condition: dict[str, int]) -> str:

@@ -54,6 +54,7 @@ class Form:
     eps_after_sqrt: bool = False
     scale: str | None = None
     bias: str | None = None
+    rescaled: bool = False  # the variance times a count or constant: Bessel's N/(N-1) of torch's x.std()
 
 
 class _Flow:
@@ -209,6 +210,8 @@ class _Flow:
             if value is not None and 0.0 < value < 1.0:  # times 1/N
                 return replace(fa, what=_AVERAGED[fa.what], nodes=fa.nodes | {idx})
             return None
+        if fa.what == "var" and fb is None and self.is_count(b):  # var * N, then / (N - 1) below
+            return replace(fa, rescaled=True, nodes=fa.nodes | {idx})
         if fa.what == "dev" and fb is not None and fb.what == "inv" and fb.centered and _same_stats(fa, fb):
             if fa.scale is not None and fb.scale is not None:
                 return None
@@ -225,6 +228,8 @@ class _Flow:
     def _div(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
         if fa is not None and fa.what in _AVERAGED and fb is None and self.is_count(b):
             return replace(fa, what=_AVERAGED[fa.what], nodes=fa.nodes | {idx})
+        if fa is not None and fa.what == "var" and fb is None and self.is_count(b):
+            return replace(fa, rescaled=True, nodes=fa.nodes | {idx})
         if fb is None or fb.what != "std" or fb.scale is not None:
             return None
         if fa is None:
@@ -277,6 +282,7 @@ def _normalized(dev: Form, std: Form, idx: int, scale: str | None) -> Form:
         eps=std.eps,
         eps_after_sqrt=std.eps_after_sqrt,
         scale=scale,
+        rescaled=std.rescaled,
     )
 
 
@@ -309,6 +315,7 @@ def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[
             output=tensor,
             scale=f.scale,
             bias=f.bias,
+            rescaled=f.rescaled,
         )
         results.append((_chain_layer(g, chain, nodes), nodes))
     return results

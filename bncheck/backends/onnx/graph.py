@@ -256,8 +256,9 @@ class GraphIndex:
     def same(self, a: str, b: str) -> bool:
         return a == b or self.root(a)[0] == self.root(b)[0]
 
-    def aliases(self, tensor: str, depth: int = 3) -> dict[str, list[int]]:
-        """Tensors holding ``tensor``'s values (forward through transparent ops), with the nodes passed."""
+    def aliases(self, tensor: str, depth: int = 5) -> dict[str, list[int]]:
+        """Tensors holding ``tensor``'s values (forward through transparent ops), with the nodes passed; tf2onnx
+        relays a [N, 1, 1, C] mean to NCHW by Unsqueeze, Reshape, Squeeze, Reshape."""
         found: dict[str, list[int]] = {tensor: []}
         frontier = [tensor]
         for _ in range(depth):

@@ -764,11 +764,11 @@ def _check_and_infer(path: str, model: onnx.ModelProto, large: bool) -> tuple[on
         return onnx.shape_inference.infer_shapes(_sorted(skeleton), strict_mode=strict, data_prop=True)
 
     try:
-        return _through_contrib(infer(strict=True), large), notes
+        return _through_newer_opset(_through_contrib(infer(strict=True), large), skeleton, large), notes
     except Exception as exc:
         notes.append(Note("warning", f"onnx shape inference (strict) fails: {_first_line(exc)}"))
     try:
-        return _through_contrib(infer(strict=False), large), notes
+        return _through_newer_opset(_through_contrib(infer(strict=False), large), skeleton, large), notes
     except Exception as exc:
         notes.append(Note("warning", f"onnx shape inference fails; shapes are unknown: {_first_line(exc)}"))
         return model, notes
@@ -823,6 +823,51 @@ def _through_contrib(inferred: onnx.ModelProto, large: bool, rounds: int = 8) ->
             break
         inferred = onnx.shape_inference.infer_shapes(inferred, strict_mode=False, data_prop=True)
     return inferred
+
+
+#: the opset a file is converted to where onnx's inference leaves a reduction's input without a rank
+_INFERENCE_OPSET = 17
+
+
+def _through_newer_opset(inferred: onnx.ModelProto, skeleton: onnx.ModelProto, large: bool) -> onnx.ModelProto:
+    """Shapes onnx infers only at a newer opset, added where a reduction's input has none.
+
+    At opsets below 13 onnx's data propagation does not follow Shape -> Gather -> Concat into a Reshape's
+    target, so a transformer that splits its heads so leaves every later tensor without even a rank, and the
+    walk cannot resolve ``ReduceMean(axes=[-1])`` (lineless-table-rec's lore_process: 14 of its 16 LayerNorms).
+    onnx's version converter takes a copy of the skeleton to opset 17, whose inference follows them; its shapes
+    fill the tensors of the same name that have none (the converter keeps the names of the values it carries).
+    Only then, in memory, and best effort: a model the converter refuses keeps the shapes it had."""
+    import onnx
+    from onnx import version_converter
+
+    opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if large or opset >= _INFERENCE_OPSET or not _rankless_reductions(inferred):
+        return inferred
+    try:
+        converted = version_converter.convert_version(skeleton, _INFERENCE_OPSET)
+        newer = onnx.shape_inference.infer_shapes(converted, strict_mode=False, data_prop=True)
+    except Exception:  # the converter has no adapter for many ops and versions: the shapes as they were
+        return inferred
+    known = {v.name for v in list(inferred.graph.input) + list(inferred.graph.value_info) if _ranked(v)}
+    for value in newer.graph.value_info:
+        if value.name not in known and _ranked(value):
+            inferred.graph.value_info.append(value)
+    return inferred
+
+
+def _ranked(value: Any) -> bool:
+    return value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")
+
+
+def _rankless_reductions(model: onnx.ModelProto) -> bool:
+    """Some ReduceMean/ReduceSum reads a tensor whose rank the inferred model does not know."""
+    ranked = {v.name for v in list(model.graph.input) + list(model.graph.value_info) if _ranked(v)}
+    ranked |= {init.name for init in model.graph.initializer}
+    return any(
+        node.op_type in ("ReduceMean", "ReduceSum") and node.input and node.input[0] not in ranked
+        for node in model.graph.node
+    )
 
 
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -39,6 +39,8 @@ class _Chain:
     # the affine multiplies a transposed copy of x (tf2onnx: NCHW moments, NHWC affine): the output is in
     # another layout than the input
     relaid: bool = False
+    # the variance times a count or constant before its square root (dataflow.Form.rescaled)
+    rescaled: bool = False
 
 
 def _reduce_axes(g: GraphIndex, idx: int) -> tuple[int, ...] | bool | None:
@@ -252,16 +254,21 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
 
 
 def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
-    """tf.nn.batch_normalization: out = x * k + (beta - mean * k), k = rsqrt(var + eps) [* gamma]."""
+    """tf.nn.batch_normalization: out = x * k + (beta - mean * k), k = rsqrt(var + eps) [* gamma]; and Keras 3's
+    LayerNormalization through tf2onnx: out = x * k + (-mean * k + beta)."""
     mean_aliases = g.aliases(chain.mean)
     xs = ms = None
     mean_nodes: list[int] = []
+    negated = False  # Keras 3: Neg(mean) * k, then + beta
     for mul in g.users(k, "Mul"):
         other = other_input(g.nodes[mul], k)
         if other is None:
             continue
+        neg = g.produced_by(other, "Neg")
         if other in mean_aliases and ms is None:
             ms, mean_nodes = mul, mean_aliases[other]
+        elif neg is not None and ms is None and g.nodes[neg].input and g.nodes[neg].input[0] in mean_aliases:
+            ms, mean_nodes, negated = mul, mean_aliases[g.nodes[neg].input[0]] + [neg], True
         elif g.same(other, chain.x) and xs is None:
             xs = mul
         elif xs is None and _transposed_copy(g, other, chain.x):
@@ -269,6 +276,8 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
     if xs is None or ms is None:
         return False
     ms_out = g.nodes[ms].output[0]
+    if negated:
+        return _join_negated_shift(g, chain, xs, ms, ms_out, mean_nodes)
     shift = beta = None
     for sub in g.users(ms_out, "Sub"):
         node = g.nodes[sub]
@@ -287,6 +296,26 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
     for add in g.users(xs_out, "Add"):
         if other_input(g.nodes[add], xs_out) == shift_out:
             chain.nodes |= {xs, ms, add} | shift_nodes | set(mean_nodes)
+            chain.bias = beta
+            chain.output = g.nodes[add].output[0]
+            return True
+    return False
+
+
+def _join_negated_shift(g: GraphIndex, chain: _Chain, xs: int, ms: int, shift: str, mean_nodes: list[int]) -> bool:
+    """x * k + (-mean * k [+ beta]): the shift, with beta where a parameter is added to it, joins x * k."""
+    xs_out = g.nodes[xs].output[0]
+    beta = None
+    shift_nodes = {ms}
+    for add in g.users(shift, "Add"):
+        other = other_input(g.nodes[add], shift)
+        if other is not None and other != xs_out and g.is_param_like(other):
+            beta, shift = other, g.nodes[add].output[0]
+            shift_nodes.add(add)
+            break
+    for add in g.users(xs_out, "Add"):
+        if other_input(g.nodes[add], xs_out) == shift:
+            chain.nodes |= {xs, add} | shift_nodes | set(mean_nodes)
             chain.bias = beta
             chain.output = g.nodes[add].output[0]
             return True
@@ -458,6 +487,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         channel_axis = rank - 1
     elif rank >= 4 and axes == tuple(range(1, rank - 1)):
         kind, channel_axis = Kind.INSTANCE, rank - 1
+    elif _affine_over(g, chain, shape, axes):  # a LayerNorm over inner axes (NCHW channels: tf2onnx's Keras LN)
+        kind, channel_axis = Kind.LAYER, axes[-1]
     else:
         kind = Kind.MOMENTS
     if channels is None:
@@ -469,6 +500,12 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         )
     if chain.eps_after_sqrt:
         notes.append("epsilon is added to the standard deviation, not to the variance")
+    if chain.rescaled:
+        extra["rescaled"] = True
+        notes.append(
+            "its variance is rescaled by a count before the square root (N/(N-1), torch's unbiased x.std()): "
+            "over a set of one element it divides zero by zero"
+        )
     names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed)))
     first = min(set(nodes) | set(passed))
     scale = as_float_array(g.param(g.stored_source(chain.scale))) if chain.scale else None
@@ -511,26 +548,22 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
 
 
 def _affine_over(g: GraphIndex, chain: _Chain, shape: tuple | None, axes: tuple[int, ...]) -> bool:
-    """The chain's scale or bias holds one value per element of the reduced axes (a LayerNorm over [F, C] of
-    a [B, T, F, C] tensor), where an instance norm's holds one per channel."""
+    """The chain's scale or bias holds one value per element of the reduced axes, as a LayerNorm's does (over
+    [F, C] of a [B, T, F, C] tensor; over the channels of NCHW, tf2onnx's Keras LayerNormalization), where an
+    instance norm's holds one per channel: broadcast against the input, it varies along the reduced axes only."""
     if shape is None:
         return False
-    reduced = _strip_ones(tuple(shape[a] for a in axes))
-    if not all(isinstance(d, int) for d in reduced) or not reduced:
+    varying = {a for a in axes if shape[a] != 1}
+    if not varying or not all(isinstance(shape[a], int) for a in varying):
         return False
     for operand in (chain.scale, chain.bias):
         value = g.param(operand) if operand else None
-        if value is not None and value.size > 1 and _strip_ones(value.shape) == reduced:
+        if value is None or value.size <= 1 or value.ndim > len(shape):
+            continue
+        aligned = (1,) * (len(shape) - value.ndim) + tuple(value.shape)
+        if {a for a, d in enumerate(aligned) if d != 1} == varying and all(aligned[a] == shape[a] for a in varying):
             return True
     return False
-
-
-def _strip_ones(dims: tuple) -> tuple:
-    """Without the leading ones, which broadcasting adds and drops."""
-    start = 0
-    while start < len(dims) and dims[start] == 1:
-        start += 1
-    return tuple(dims[start:])
 
 
 def _back_to_shape(g: GraphIndex, output: str, shape: tuple | None) -> tuple[str, list[int]]:
