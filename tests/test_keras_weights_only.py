@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from bncheck.cli import main
@@ -98,3 +99,28 @@ def test_a_weights_only_file_without_batch_norms_is_still_refused(tmp_path: Path
     result = CliRunner().invoke(main, ["inspect", path])
     assert result.exit_code == 2
     assert "a weights-only file (model.save_weights) without BatchNormalization variables" in result.stderr
+
+
+def test_inspect_reads_a_keras_3_weights_file_nested_models_included(tmp_path: Path) -> None:
+    """Keras 3's ``model.save_weights("m.weights.h5")``: groups named after the classes, vars by position."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "numpy")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(C), keras.layers.BatchNormalization(name="inner_bn")], name="inner"
+    )
+    layers = [keras.layers.Dense(C, name=f"d{i}") for i in range(11)] + [keras.layers.BatchNormalization(name="top_bn")]
+    model = keras.Sequential([keras.Input((6,)), inner, *layers])
+    trained = model.get_layer("top_bn")
+    trained.moving_mean.assign(np.array([0.3, -1.2, 0.05, 2.0], np.float32))
+    trained.moving_variance.assign(np.array([0.4, 1.7, 0.02, 3.1], np.float32))
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)
+    code, document = _inspect(str(path))
+    assert code == 1  # exit 2 before: no model_config
+    by_name = {layer["name"]: layer for layer in document["layers"]}  # groups by class: no creation order
+    assert sorted(by_name) == ["inner/inner_bn", "top_bn"]
+    assert by_name["top_bn"]["running_var"]["max"] == np.float32(3.1)
+    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "inner/inner_bn")]

@@ -1,7 +1,11 @@
-"""A legacy .h5 file of weights only (``model.save_weights``): no model config, so no layer classes, calls or
-epsilon; but each layer's group lists its variables by name, and a variable scope holding ``moving_mean`` and
-``moving_variance`` is a BatchNormalization's (no other Keras layer keeps both). Those layers' stored statistics
-are what inspect can check: never updated (BN003) and non-finite or negative (BN005).
+"""A .h5 file of weights only (``model.save_weights``): no model config, so no layer classes, calls or epsilon.
+
+Keras 2 / tf_keras list each layer's variables by name in its group, and a variable scope holding
+``moving_mean`` and ``moving_variance`` is a BatchNormalization's (no other Keras layer keeps both). Keras 3
+(``*.weights.h5``) names a layer's group after its class (``layers/batch_normalization_3/vars/0..3``, the
+layer's own name in the ``vars`` group's ``name`` attribute): a BatchNormalization's last two variables are its
+moving mean and variance whatever ``center`` and ``scale`` drop. Those layers' stored statistics are what inspect
+can check: never updated (BN003) and non-finite or negative (BN005).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ _BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
 def weights_only_layers(root: Any) -> list[NormLayer] | None:
     """The BatchNormalization layers of a weights-only file's root group; None where the root lists no layers
     (not a Keras weights file)."""
-    names = [attr_str(n) or "" for n in root.attrs.get("layer_names", [])]
     if "layer_names" not in root.attrs:
-        return None
+        layers_group = root.get("layers")
+        return _keras3_layers(layers_group, ()) if layers_group is not None else None
+    names = [attr_str(n) or "" for n in root.attrs.get("layer_names", [])]
     layers = []
     for group_name in names:
         group = root.get(group_name)
@@ -38,6 +43,34 @@ def weights_only_layers(root: Any) -> list[NormLayer] | None:
             values = {var: read_dataset(group[held[var]]) for var in _BN_VARIABLES if var in held}
             layers.append(_layer(name, values))
     return layers
+
+
+def _keras3_layers(layers_group: Any, prefix: tuple[str, ...]) -> list[NormLayer]:
+    """The BatchNormalizations under a Keras 3 weights file's ``layers`` group, nested models' included."""
+    found = []
+    for group_name, group in sorted(layers_group.items(), key=lambda item: _counter_order(item[0])):
+        variables = group.get("vars")
+        name = (attr_str(variables.attrs.get("name")) if variables is not None else None) or group_name
+        if group_name.startswith("batch_normalization") and variables is not None:
+            count = sum(1 for key in variables if key.isdigit())
+            if count >= 2:
+                values = {
+                    "moving_mean": read_dataset(variables[str(count - 2)]),
+                    "moving_variance": read_dataset(variables[str(count - 1)]),
+                }
+                if count == 4:
+                    values |= {"gamma": read_dataset(variables["0"]), "beta": read_dataset(variables["1"])}
+                found.append(_layer("/".join(prefix + (name,)), values))
+        inner = group.get("layers")
+        if inner is not None and hasattr(inner, "items"):
+            found.extend(_keras3_layers(inner, prefix + (name,)))
+    return found
+
+
+def _counter_order(group_name: str) -> tuple[str, int]:
+    """Keras's class counters in creation order: batch_normalization, _1, _2, ..., _10 (not _1, _10, _2)."""
+    stem, _, number = group_name.rpartition("_")
+    return (stem, int(number)) if number.isdigit() else (group_name, -1)
 
 
 def weights_only_note(count: int) -> Note:
