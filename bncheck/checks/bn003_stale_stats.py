@@ -43,7 +43,7 @@ import numpy as np
 
 from bncheck.checks._util import describe, is_keras, recalibration_effect
 from bncheck.findings import Finding, Severity
-from bncheck.model import ModelView, NormLayer, ProbeResult, Recalibration
+from bncheck.model import ModelView, NormLayer, OutputComparison, ProbeResult, Recalibration
 from bncheck.verdicts import (
     EFFECT_AGREEMENT_ERROR,
     EFFECT_SHIFT_ERROR,
@@ -188,7 +188,7 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         effect = recalibration_effect(recal)
         effect.update(error_shift_sd=EFFECT_SHIFT_ERROR, error_top1_agreement=EFFECT_AGREEMENT_ERROR)
         evidence["output_effect"] = effect
-        if any(changes_predictions(c.shift, c.agreement) for c in recal.outputs.values()):
+        if any(changes_predictions(*_judged(c)) for c in recal.outputs.values()):
             severity = Severity.ERROR
             message += _error_effect(recal)
         else:
@@ -205,13 +205,25 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     return Finding(CODE, SLUG, severity, layer.name, message, hint, evidence)
 
 
+def _judged(c: OutputComparison) -> tuple[float, float | None]:
+    """The shift and agreement an output's comparison is judged by: a label output's (integer: classes, ids,
+    masks) numeric distance means nothing, so its share of unchanged values stands for the agreement."""
+    if c.changed is not None:
+        return 0.0, 1.0 - c.changed
+    return c.shift, c.agreement
+
+
 def _small_effect(recal: Recalibration) -> str:
     """The effect under both error thresholds, in numbers (a shift of 0.43 sd is not "no change")."""
-    shifts = [c.shift for c in recal.outputs.values() if c.shift == c.shift]  # NaN: outputs not comparable
-    agreements = [c.agreement for c in recal.outputs.values() if c.agreement is not None]
+    scored = [c for c in recal.outputs.values() if c.changed is None]
+    shifts = [c.shift for c in scored if c.shift == c.shift]  # NaN: outputs not comparable
+    agreements = [c.agreement for c in scored if c.agreement is not None]
+    labels = [c.changed for c in recal.outputs.values() if c.changed is not None]
     parts = [f"move by {max(shifts):.2f} output standard deviations"] if shifts else []
     if agreements:
         parts.append(f"keep their top-1 class on {min(agreements):.0%} of the samples")
+    if labels:
+        parts.append(f"keep {1 - max(labels):.1%} of their label values")
     if not parts:
         return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
     return (
@@ -224,9 +236,10 @@ def _error_effect(recal: Recalibration) -> str:
     """Which of the effect's error thresholds the outputs cross: the top-1 agreement where it falls below
     its threshold, else the shift alone (a shift just past it with every prediction kept is no change of
     predictions)."""
-    if any(c.agreement is not None and c.agreement < EFFECT_AGREEMENT_ERROR for c in recal.outputs.values()):
+    judged = [_judged(c) for c in recal.outputs.values()]
+    if any(agreement is not None and agreement < EFFECT_AGREEMENT_ERROR for _, agreement in judged):
         return "; this changes the model's predictions (see the output effect)"
-    shifts = [c.shift for c in recal.outputs.values() if c.shift == c.shift]  # NaN: outputs not comparable
+    shifts = [c.shift for c in recal.outputs.values() if c.shift == c.shift and c.changed is None]
     if not shifts:
         return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
     return (

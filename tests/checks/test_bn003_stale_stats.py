@@ -192,6 +192,25 @@ def test_an_effect_just_past_its_threshold_is_not_printed_as_the_threshold():
     assert "outputs move by 0.43 output standard deviations and keep their top-1 class on 97% of the samples" in small
 
 
+def test_a_label_outputs_effect_is_the_share_of_labels_that_change_not_a_distance_between_labels():
+    # wired-table-rec's ArgMax map: 0.4% of pixels changed class, read as "outputs move by 0.34 output sd"
+    from bncheck.checks.bn003_stale_stats import _error_effect, _judged, _small_effect
+    from bncheck.model import OutputComparison, Recalibration
+    from bncheck.verdicts import changes_predictions
+
+    def labels(shift: float, changed: float) -> Recalibration:
+        comparison = OutputComparison("labels", shift, shift, 8, 0.296, None, changed, 8)
+        return Recalibration(("bn",), {"labels": comparison}, 8)
+
+    few = labels(0.8, 0.0041)
+    assert not changes_predictions(*_judged(few.outputs["labels"]))  # a shift of 0.8 "sd" was an error
+    small = _small_effect(few)
+    assert "keep 99.6% of their label values" in small and "standard deviations" not in small
+    many = labels(0.3, 0.12)
+    assert changes_predictions(*_judged(many.outputs["labels"]))
+    assert "this changes the model's predictions" in _error_effect(many)
+
+
 def test_the_output_effect_is_in_units_of_the_larger_of_the_two_models_output_spreads(tmp_path, probe_findings):
     """Statistics recomputed from the data can shrink the outputs' spread (here a Sigmoid after a BN whose bias
     of 10 its stored mean of 10 cancels: recomputed, the outputs saturate near 1). In the recomputed model's
