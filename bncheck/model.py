@@ -532,6 +532,9 @@ def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
         and layer.extra.get("spatial", 1) != 0
     ):
         return stats.count  # every axis but the channel's, whatever the rank: the count per channel
+    if layer.kind is Kind.INSTANCE and layer.axes is None and layer.channel_axis is not None:
+        # every axis but the batch's and the channel's, whatever the rank (a shape lost after an If)
+        return stats.count // stats.batch_size if stats.count % stats.batch_size == 0 else None
     if layer.axes is None or layer.input_shape is None:
         return None
     shape, axes = layer.input_shape, set(layer.axes)

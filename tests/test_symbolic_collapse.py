@@ -177,6 +177,8 @@ def test_observed_set_size_follows_the_layers_axes_at_the_measured_counts():
     assert observed_set_size(layer(Kind.LAYER, (2,), ("N", "T", 16), channel_axis=2), _seen(2, 16, 9)) == 16
     # batch norm of unknown rank: every axis but the channel's, the count per channel
     assert observed_set_size(layer(Kind.BATCH, None, None), _seen(2, 3, 40)) == 80
+    # instance norm of unknown rank (pyannote's after an If): every axis but the batch's and the channel's
+    assert observed_set_size(layer(Kind.INSTANCE, None, None), _seen(2, 80, 5325)) == 5325
     # a set over H but not W, both symbolic: their sizes cannot be told apart
     assert observed_set_size(layer(Kind.MOMENTS, (2,), ("N", 3, "H", "W")), _seen(2, 3, 35)) is None
 
