@@ -54,3 +54,11 @@ def test_shortened_names_fit_and_stay_apart_where_they_can(width):
 def test_names_without_components_are_cut_in_the_middle_of_their_characters():
     assert shorten_middle("conv2_block1_1_bn_very_long_name", 15) == "conv2_...g_name"
     assert shorten_middle("abcdef", 1) == "f"
+
+
+def test_names_without_components_are_cut_apart_where_the_balanced_cut_would_merge_them():
+    # wired-table-rec's fix table at 80 columns: two rows read "backbone...oder.0.bn"
+    names = ["backbone.encoder.0.bn", "backbone.decoder.0.bn", "backbone.encoder.1.bn"]
+    shortened = shorten_names(names, 20)
+    assert len(set(shortened)) == 3 and all(len(s) <= 20 for s in shortened)
+    assert shortened[2] == "backbone...oder.1.bn"  # alone in its cut: the balanced one

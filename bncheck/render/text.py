@@ -48,7 +48,7 @@ def shorten_names(names: Sequence[str], width: int, measure: Callable[[str], int
     then the first, then the most characters.
     """
     width = max(width, 1)
-    options = [_elisions(name, width, measure) for name in names]
+    options = [_elisions(name, width, measure) or _cuts(name, width, measure) for name in names]
     producers: dict[str, int] = {}
     for candidates in options:
         for candidate in set(candidates):
@@ -101,6 +101,23 @@ def _join(parts: Sequence[str], kept: set[int]) -> str:
         elif not out or out[-1] != ELLIPSIS:
             out.append(ELLIPSIS)
     return "/".join(out)
+
+
+def _cuts(name: str, width: int, measure: Callable[[str], int]) -> list[str]:
+    """``name`` cut in the middle of its characters to ``width``, the balanced cut first, then cuts that keep
+    more of the end, then more of the start: ``backbone.encoder.0.bn`` and ``backbone.decoder.0.bn`` both cut
+    to ``backbone...oder.0.bn`` balanced, apart once the cut moves."""
+    if measure(name) <= width or width <= len(ELLIPSIS) + 1:
+        return []
+    room = width - len(ELLIPSIS)
+    found = [_cut_middle(name, width, measure)]
+    for right in [*range((room + 1) // 2 + 1, room), *range((room + 1) // 2 - 1, 0, -1)]:
+        tail = _fit(name[len(name) - right :], right, measure, from_left=False)
+        head = _fit(name[: room - measure(tail)], room - measure(tail), measure, from_left=True)
+        cut = f"{head}{ELLIPSIS}{tail}"
+        if cut not in found:
+            found.append(cut)
+    return found
 
 
 def _cut_middle(name: str, width: int, measure: Callable[[str], int]) -> str:
