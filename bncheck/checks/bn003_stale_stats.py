@@ -157,7 +157,8 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     if not drifts(shift, log_ratio):
         return None
     silent = int(np.sum(silent_in_both(layer, seen.var)))
-    left_out = f"; {silent} dead channel(s) left out" if silent else ""
+    # BN004 counts the dead among its epsilon-dominated channels, from the stored statistics alone
+    left_out = f"; {silent} channel(s) silent in the model and on the data left out" if silent else ""
     smaller, judged = narrower(layer, seen.mean, seen.var)
     direction = (
         f"the data's smaller in {smaller}" if 2 * smaller >= judged else f"the data's larger in {judged - smaller}"

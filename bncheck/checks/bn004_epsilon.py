@@ -133,7 +133,7 @@ def _dominance(
         return None
     factors = np.sqrt(var[dominated] / (var[dominated] + eps))
     worst = float(np.min(factors))
-    skipped = f"; {dead} dead channel(s) left out" if dead else ""
+    skipped = f"; {dead} more where the channel is dead, left out" if dead else ""
     return Finding(
         CODE,
         SLUG,

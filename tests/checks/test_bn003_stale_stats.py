@@ -138,7 +138,7 @@ def test_channels_dead_in_the_model_and_on_the_data_are_left_out_of_the_drift(tm
     [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
     assert finding.evidence["dead_channels"] == 12
     assert 900 < np.exp(finding.evidence["median_log_var_ratio"]) < 1100  # the live channels' x1000
-    assert "12 dead channel(s) left out" in finding.message
+    assert "12 channel(s) silent in the model and on the data left out" in finding.message
 
 
 def test_statistics_matching_the_data_do_not_drift(tmp_path, probe_findings):

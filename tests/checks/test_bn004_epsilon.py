@@ -78,3 +78,13 @@ def test_a_live_channel_next_to_dead_ones_is_still_reported_and_the_dead_ones_co
 
 def test_layernorm_epsilon_below_clamp_is_not_a_batch_norm_clamp_issue(tmp_path, inspect_findings):
     assert inspect_findings(layernorm_model(tmp_path / "m.onnx", epsilon=1e-6), "BN004") == []
+
+
+def test_dominated_dead_channels_are_counted_apart_from_the_live_ones(tmp_path, inspect_findings):
+    # "9 dead channel(s) left out" read as a contradiction beside BN003's count of silent channels, taken over
+    # every channel: these are the epsilon-dominated channels that are dead, beside the live ones reported
+    path = bn_model(tmp_path / "m.onnx", channels=4, epsilon=1e-3, var=[1e-44, 1e-4, 1.0, 2.0])
+    [finding] = inspect_findings(path, "BN004")
+    assert finding.evidence["channels"] == 1 and finding.evidence["dead_channels"] == 1
+    assert "in 1 of 4 channels" in finding.message
+    assert finding.message.endswith("; 1 more where the channel is dead, left out")
