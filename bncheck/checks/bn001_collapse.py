@@ -88,7 +88,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             evidence["normalized_set_size"] = 1
             message = (
                 f"{describe(layer)} normalizes over a set of one element {_where(condition)}: its output is "
-                f"{_collapsed(layer)} for every input"
+                f"{_collapsed(layer, 'its bias')} for every input"
             )
             yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
         elif not sizes:  # with a probe, the sizes that ran replace the prediction
@@ -98,13 +98,9 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             yield Finding(CODE, SLUG, Severity.INFO, layer.name, _conditional(view, layer, condition), HINT, evidence)
 
 
-def _collapsed(layer: NormLayer) -> str:
+def _collapsed(layer: NormLayer, beta: str = "constant (its bias)") -> str:
     """What a one-element set makes of the output: beta, or NaN where the variance is rescaled by N/(N-1)."""
-    return (
-        "NaN (zero over zero: its variance is rescaled by N/(N-1))"
-        if layer.extra.get("rescaled")
-        else "constant (its bias)"
-    )
+    return "NaN (zero over zero: its variance is rescaled by N/(N-1))" if layer.extra.get("rescaled") else beta
 
 
 def _where(condition: dict[str, int]) -> str:
