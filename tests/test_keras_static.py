@@ -470,11 +470,19 @@ def test_broken_weights_inside_a_keras_archive_is_refused(tmp_path):
     _assert_one_line_error(path, "model.weights.h5")
 
 
-def test_weights_only_h5_is_refused_with_a_hint(tmp_path):
+def test_a_weights_only_file_gives_its_batch_norms_statistics_whatever_center_and_scale_drop(tmp_path):
+    """A Keras 3 weights file names no variable: a BatchNormalization's moving mean and variance are its last
+    two, behind gamma and beta where ``scale`` and ``center`` keep them; the other kinds cannot be told."""
     model = _all_kinds_model()
     path = tmp_path / "only.weights.h5"
     model.save_weights(path)
-    _assert_one_line_error(path, "model_config", "model.save()")
+    view = KerasBackend().load(str(path))
+    assert [layer.name for layer in view.layers] == ["bn_full", "bn_noscale", "bn_nocenter", "bn_bare"]
+    for layer in view.layers:
+        bn = model.get_layer(layer.name)
+        np.testing.assert_array_equal(layer.mean, np.asarray(bn.moving_mean.numpy()))
+        np.testing.assert_array_equal(layer.var, np.asarray(bn.moving_variance.numpy()))
+    assert any("weights-only file" in note.message for note in view.notes)
 
 
 def test_config_that_is_not_a_model_is_refused(tmp_path):

@@ -451,7 +451,8 @@ def test_an_opset_below_the_measuring_nodes_is_upgraded_and_probed(tmp_path, ops
     run = _run(doc)
     assert code == 0 and run["batch_sizes"] == [1, 2, 32], doc.get("error")
     assert any(n.startswith(f"opset {opset} upgraded to 13 for the probe") for n in run["notes"])
-    assert [layer["kind"] for layer in doc["layers"]] == ["moments"]
+    # its rank, which onnx infers at opset 17 only (load._through_newer_opset): a LayerNorm over the last axis
+    assert [layer["kind"] for layer in doc["layers"]] == ["layer"]
     assert doc["model"]["opset"] == {"ai.onnx": opset}
 
 
