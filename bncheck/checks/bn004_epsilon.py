@@ -43,6 +43,7 @@ from bncheck.verdicts import (
     TF_EPSILON_CLAMP,
     below_clamp,
     clamp_effect,
+    folded_stats,
     judged_running_stats,
     live_channels,
 )
@@ -61,7 +62,8 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         if eps == 0.0:
             yield _zero(layer, var)
             continue
-        clamped = layer.kind is Kind.BATCH and below_clamp(eps)
+        # folded statistics make epsilon the exporter's, beside a variance of 1: the clamp moves nothing
+        clamped = layer.kind is Kind.BATCH and below_clamp(eps) and not folded_stats(layer)
         dominated = None if var is None else np.isfinite(var) & (var >= 0) & (eps >= DOMINANCE_RATIO * var)
         # the live channels only where a finding reads them: most layers have no channel epsilon dominates
         needed = dominated is not None and (clamped or bool(dominated.any()))

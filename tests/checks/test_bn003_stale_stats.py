@@ -52,6 +52,27 @@ def test_zeros_with_negative_zeros_are_folded_statistics_not_stale(tmp_path, ins
     assert any(note.startswith("running mean 0 with -0.0 entries") for note in layer.notes)
 
 
+@pytest.mark.parametrize("producer, folded", [("keras2onnx", True), ("pytorch", False)])
+def test_keras2onnx_zeros_and_ones_are_folded_statistics_whatever_their_signs(
+    tmp_path, inspect_findings, producer, folded
+):
+    """keras2onnx folds every BatchNormalization's statistics into scale and bias and writes mean 0 * mean
+    (+0.0 where the mean was >= 0: vk_captchasolver's, after an Elu), variance 1 and epsilon x1e-3; `fix --data`
+    recomputed them and the written model read no captcha at all."""
+    import onnx
+
+    from bncheck import engine
+
+    path = bn_model(tmp_path / "m.onnx", mean=[0.0, 0.0, 0.0], var=[1, 1, 1], epsilon=1e-8)
+    model = onnx.load(path)
+    model.producer_name = producer
+    onnx.save(model, path)
+    assert (inspect_findings(path, "BN003") == []) is folded
+    assert (inspect_findings(path, "BN004") == []) is folded  # the clamp beside a variance of 1 moves nothing
+    [layer] = engine.inspect(path).layers
+    assert any("written by keras2onnx" in note for note in layer.notes) is folded
+
+
 def test_folded_statistics_are_not_judged_against_the_data_nor_recomputed_by_fix(tmp_path, probe_findings):
     from click.testing import CliRunner
 

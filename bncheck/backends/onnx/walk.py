@@ -210,6 +210,11 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         return layer, [idx]
     if not training and mean is not None and var is not None and folded_values(mean, var):
         notes.append(FOLDED_NOTE)
+    elif not training and g.model.producer_name == "keras2onnx" and _neutral(mean, var):
+        # keras2onnx's BatchNormalization converter folds the statistics into scale and bias and writes mean
+        # 0 * mean (+0.0 where the mean was >= 0), variance 1 + 0 * var and epsilon x1e-3, whatever the model
+        extra["folded_by"] = "keras2onnx"
+        notes.append(KERAS2ONNX_FOLDED_NOTE)
     layer = _base(
         g,
         idx,
@@ -228,6 +233,18 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         **common,
     )
     return layer, [idx]
+
+
+#: why a keras2onnx layer's 0 and 1 are not statistics (see _batch_norm)
+KERAS2ONNX_FOLDED_NOTE = (
+    "running mean 0 and variance 1 written by keras2onnx, which folds the statistics into scale and bias (and "
+    "epsilon x1e-3) for every BatchNormalization: an affine map whose 0/1 are not statistics of its input (not "
+    "judged by BN003 or BN004's clamp, not recomputed by fix)"
+)
+
+
+def _neutral(mean: np.ndarray | None, var: np.ndarray | None) -> bool:
+    return mean is not None and var is not None and mean.size > 0 and bool(np.all(mean == 0.0) and np.all(var == 1.0))
 
 
 def _is_lowered_instance_norm(g: GraphIndex, idx: int) -> bool:
