@@ -29,7 +29,12 @@ def _moved(c: OutputComparison) -> str:
 
 
 def _pct(value: float) -> str:
-    return f"{100 * value:.0f}%"
+    """A share in percent, never rounded to 100% or 0% when it is not (99.6% is a change)."""
+    for digits in range(4):
+        text = f"{100 * value:.{digits}f}%"
+        if (text != f"{100:.{digits}f}%" or value >= 1.0) and (float(text[:-1]) != 0 or value <= 0.0):
+            return text
+    return text
 
 
 def _compared(c: OutputComparison) -> str:
@@ -79,15 +84,19 @@ def batch_effect(
 def recalibration_effect(recal: Recalibration) -> dict[str, object]:
     """BN003's effect at the model's outputs: stored statistics against statistics recomputed from the data."""
     outputs = {name: c.numbers() for name, c in recal.outputs.items()}
-    worst = max(((c.shift, name) for name, c in recal.outputs.items() if c.shift == c.shift), default=None)
+    # the output whose predictions change most, where some hold class scores: a head that moves far in its
+    # own spread may keep every prediction while another changes a fifth of them
+    agreeing = [(c.agreement, name) for name, c in recal.outputs.items() if c.agreement is not None]
+    shifted = [(c.shift, name) for name, c in recal.outputs.items() if c.shift == c.shift]
+    worst = min(agreeing)[1] if agreeing else max(shifted)[1] if shifted else None
     if worst is None:
         line = "model outputs not comparable"
     else:
-        c = recal.outputs[worst[1]]
+        c = recal.outputs[worst]
         line = (
-            f"{worst[1]} move {c.shift:.3g} sd with statistics recomputed from the data"
+            f"{worst} move {c.shift:.3g} sd with statistics recomputed from the data"
             if c.changed is None
-            else f"{worst[1]}: {_moved(c)} with statistics recomputed from the data"
+            else f"{worst}: {_moved(c)} with statistics recomputed from the data"
         )
         if c.agreement is not None:
             line += f"; top-1 agrees on {_pct(c.agreement)} of {_compared(c)}"

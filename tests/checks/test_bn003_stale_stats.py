@@ -232,6 +232,21 @@ def test_a_label_outputs_effect_is_the_share_of_labels_that_change_not_a_distanc
     assert "this changes the model's predictions" in _error_effect(many)
 
 
+def test_the_effect_summary_names_the_output_whose_predictions_change_most_and_rounds_no_change_away():
+    # accordoai's four heads: the summary named the one that moved most in its own spread (0.925 sd) and read
+    # its 99.6% agreement as "100%", while another head's top-1 changed on a fifth of the positions
+    from bncheck.checks._util import _pct, recalibration_effect
+    from bncheck.model import OutputComparison, Recalibration
+
+    outputs = {
+        "fourth_output": OutputComparison("fourth_output", 0.925, 1.2, 64, 1.0, 0.996),
+        "triad_output": OutputComparison("triad_output", 0.41, 0.9, 64, 1.0, 0.795),
+    }
+    summary = recalibration_effect(Recalibration(("bn",), outputs, 64))["summary"]
+    assert summary.startswith("triad_output move 0.41 sd") and "top-1 agrees on 80%" in summary
+    assert _pct(0.996) == "99.6%" and _pct(0.0004) == "0.04%" and _pct(1.0) == "100%" and _pct(0.0) == "0%"
+
+
 def test_the_output_effect_is_in_units_of_the_larger_of_the_two_models_output_spreads(tmp_path, probe_findings):
     """Statistics recomputed from the data can shrink the outputs' spread (here a Sigmoid after a BN whose bias
     of 10 its stored mean of 10 cancels: recomputed, the outputs saturate near 1). In the recomputed model's
