@@ -14,7 +14,7 @@ from typing import Any
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.config import KerasFile, build
 from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, attr_str
-from bncheck.backends.keras.weights_only import weights_only_layers, weights_only_note
+from bncheck.backends.keras.weights_only import weights_only_layers, weights_only_notes
 from bncheck.errors import BncheckError, one_line
 from bncheck.model import Note
 
@@ -159,22 +159,17 @@ def _read_h5(path: str) -> KerasFile:
             raw = handle.attrs.get("model_config")
             if raw is None:
                 found = weights_only_layers(handle)
-                if found == []:  # LayerNormalization's gamma and beta are any layer's names: only BNs tell
-                    raise BackendError(
-                        f"{path}: a weights-only file (model.save_weights) without BatchNormalization variables; "
-                        "other layers' kinds cannot be told without the model config: save the whole model with "
-                        "model.save()"
-                    )
                 if found is None:
                     raise BackendError(
                         f"{path}: no model_config in this HDF5 file (a weights-only file?): save the whole model "
                         "with model.save()"
                     )
+                layers, others = found
                 version = attr_str(handle.attrs.get("keras_version"))
                 backend = attr_str(handle.attrs.get("backend"))
                 saved = f"saved by keras {version}" if version else "saved by an unknown Keras version"
-                notes = [Note("info", saved), weights_only_note(len(found))]
-                return KerasFile(path, "h5", version, backend, {}, found, [], notes, weights_only=True)
+                notes = [Note("info", saved), *weights_only_notes(len(layers), others)]
+                return KerasFile(path, "h5", version, backend, {}, layers, [], notes, weights_only=True)
             if isinstance(raw, bytes):
                 raw = raw.decode("utf-8")
             if len(raw) > MAX_JSON_BYTES:

@@ -100,8 +100,8 @@ def refuse_unsafe(static: KerasFile) -> None:
     if static.weights_only:
         raise BackendError(
             f"{static.path}: a weights-only file (model.save_weights) holds no model to run: bncheck inspect checks "
-            f"the stored statistics of its {len(static.layers)} BatchNormalization layer(s); to probe, save the "
-            "whole model with model.save()"
+            f"the stored statistics of the BatchNormalization layers it holds ({len(static.layers)}); to probe, "
+            "save the whole model with model.save()"
         )
     if static.unsafe:
         raise BackendError(

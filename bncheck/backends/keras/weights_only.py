@@ -21,14 +21,18 @@ from bncheck.model import Kind, NormLayer, Note
 _BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
-def weights_only_layers(root: Any) -> list[NormLayer] | None:
-    """The BatchNormalization layers of a weights-only file's root group; None where the root lists no layers
-    (not a Keras weights file)."""
+def weights_only_layers(root: Any) -> tuple[list[NormLayer], list[str]] | None:
+    """The BatchNormalization layers of a weights-only file's root group, and the names of the layers that
+    hold a gamma (a LayerNormalization or GroupNormalization, which the variables alone cannot tell apart or
+    check); None where the root lists no layers (not a Keras weights file)."""
     if "layer_names" not in root.attrs:
         layers_group = root.get("layers")
-        return _keras3_layers(layers_group, ()) if layers_group is not None else None
+        if layers_group is None:
+            return None
+        others: list[str] = []
+        return _keras3_layers(layers_group, (), others), others
     names = [attr_str(n) or "" for n in root.attrs.get("layer_names", [])]
-    layers = []
+    layers, gammas = [], []
     for group_name in names:
         group = root.get(group_name)
         if group is None:
@@ -42,11 +46,19 @@ def weights_only_layers(root: Any) -> list[NormLayer] | None:
             name = group_name if len(found) == 1 else f"{group_name}/{scope.rpartition('/')[2]}"
             values = {var: read_dataset(group[held[var]]) for var in _BN_VARIABLES if var in held}
             layers.append(_layer(name, values))
-    return layers
+        gammas += [
+            scope or group_name for scope, held in scopes.items() if "gamma" in held and "moving_mean" not in held
+        ]
+    return layers, gammas
 
 
-def _keras3_layers(layers_group: Any, prefix: tuple[str, ...]) -> list[NormLayer]:
-    """The BatchNormalizations under a Keras 3 weights file's ``layers`` group, nested models' included."""
+#: Keras 3's group names of the other normalization classes (their variables carry no names to check them by)
+_OTHER_NORMS = ("layer_normalization", "group_normalization", "rms_normalization", "unit_normalization")
+
+
+def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]) -> list[NormLayer]:
+    """The BatchNormalizations under a Keras 3 weights file's ``layers`` group, nested models' included; the
+    paths of the other normalization layers are added to ``others``."""
     found = []
     for group_name, group in sorted(layers_group.items(), key=lambda item: _counter_order(item[0])):
         variables = group.get("vars")
@@ -61,9 +73,11 @@ def _keras3_layers(layers_group: Any, prefix: tuple[str, ...]) -> list[NormLayer
                 if count == 4:
                     values |= {"gamma": read_dataset(variables["0"]), "beta": read_dataset(variables["1"])}
                 found.append(_layer("/".join(prefix + (name,)), values))
+        elif group_name.startswith(_OTHER_NORMS):
+            others.append("/".join(prefix + (name,)))
         inner = group.get("layers")
         if inner is not None and hasattr(inner, "items"):
-            found.extend(_keras3_layers(inner, prefix + (name,)))
+            found.extend(_keras3_layers(inner, prefix + (name,), others))
     return found
 
 
@@ -73,13 +87,28 @@ def _counter_order(group_name: str) -> tuple[str, int]:
     return (stem, int(number)) if number.isdigit() else (group_name, -1)
 
 
-def weights_only_note(count: int) -> Note:
-    return Note(
-        "warning",
-        f"a weights-only file (model.save_weights: no model config): {count} BatchNormalization layer(s) found "
-        "by their variable names; their epsilon, axes and calls are unknown, so only their stored statistics are "
-        "checked (never updated, non-finite or negative); a probe needs the whole model (model.save)",
-    )
+def weights_only_notes(count: int, others: list[str]) -> list[Note]:
+    """What a weights-only file's report can and cannot say."""
+    notes = [
+        Note(
+            "warning" if count or others else "info",
+            f"a weights-only file (model.save_weights: no model config): {count} BatchNormalization layer(s) found "
+            "by their variable names; their epsilon, axes and calls are unknown, so only their stored statistics "
+            "are checked (never updated, non-finite or negative); a probe needs the whole model (model.save)",
+        )
+    ]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        notes.append(
+            Note(
+                "warning",
+                f"{len(others)} other normalization layer(s) ({shown}: LayerNormalization or GroupNormalization by "
+                "their variables) cannot be checked without the model config",
+            )
+        )
+    elif not count:
+        notes.append(Note("info", "no normalization layer's variables found in the file"))
+    return notes
 
 
 def _layer(name: str, values: dict[str, np.ndarray]) -> NormLayer:
