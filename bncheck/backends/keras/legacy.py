@@ -19,6 +19,8 @@ only read.
 - Keras before 2.1.3 had GRU only in its original form, and wrote no ``reset_after``; Keras 3 takes the
   key's absence as ``reset_after=True``, another form with twice the biases, and refuses the stored weights:
   the copy says ``reset_after: false``, which is what those versions computed.
+- Keras 2 wrote ``trainable`` and ``noise_shape`` into every SpatialDropout1D/2D/3D config, keywords Keras 3's
+  refuse; dropout is the identity at inference, so the copy drops them.
 - A layer wrapped by TimeDistributed or Bidirectional is written without the ``module`` a Keras 3 config
   carries, and Keras 3's legacy loader then cannot find even a built-in class ("Could not locate class
   'Dense'"): the copy names ``keras.layers`` for a wrapped layer (not a wrapped model, which loads no better).
@@ -78,7 +80,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
     typed = len(_typed_initializers(static.config))
     wrapped = _unplaced_wrapped(static.config)
     grus = len(_original_grus(static.config))
-    if not listed and declared is None and not time_major and not typed and not wrapped and not grus:
+    dropouts = len(_spatial_dropouts(static.config))
+    if not (listed or declared is not None or time_major or typed or wrapped or grus or dropouts):
         return None
     with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
         copy = os.path.join(folder, "model.h5")
@@ -96,6 +99,9 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
                     inner["module"] = "keras.layers"
                 for gru in _original_grus(config):
                     gru["reset_after"] = False
+                for dropout in _spatial_dropouts(config):
+                    dropout.pop("trainable", None)
+                    dropout.pop("noise_shape", None)
                 h5.attrs["model_config"] = json.dumps(config)
         except Exception:  # h5py and json raise many kinds on what they cannot read: the file as it is
             return None
@@ -135,6 +141,12 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
             f"{grus} GRU layer(s) of this Keras {static.keras_version} file say nothing of reset_after, which "
             f"Keras {keras.__version__} takes as true; bncheck loaded them with reset_after=False, the only GRU "
             "of the Keras that wrote them"
+        )
+    if dropouts:
+        done.append(
+            f"Keras {keras.__version__} refuses the trainable and noise_shape this Keras {static.keras_version} file "
+            f"wrote into {dropouts} SpatialDropout layer(s); bncheck loaded it without them (dropout does nothing "
+            "at inference)"
         )
     if wrapped:
         done.append(
@@ -256,6 +268,26 @@ def _original_grus(config: Any) -> list[dict]:
         if isinstance(node, dict):
             inner = node.get("config")
             if node.get("class_name") == "GRU" and isinstance(inner, dict) and "reset_after" not in inner:
+                found.append(inner)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def _spatial_dropouts(config: Any) -> list[dict]:
+    """The configs of SpatialDropout layers that carry ``trainable`` or ``noise_shape``."""
+    found = []
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            inner = node.get("config")
+            if (
+                str(node.get("class_name", "")).startswith("SpatialDropout")
+                and isinstance(inner, dict)
+                and ("trainable" in inner or "noise_shape" in inner)
+            ):
                 found.append(inner)
             stack.extend(node.values())
         elif isinstance(node, list):
