@@ -1130,3 +1130,41 @@ def test_torchs_unbiased_std_over_the_batch_gives_nan_at_batch_1_and_bncheck_say
     probe = json.loads(CliRunner().invoke(main, ["probe", path, "--format", "json"]).stdout)
     codes = {(f["code"], f["severity"]) for f in probe["findings"]}
     assert {("BN001", "error"), ("BN002", "error"), ("BN005", "error")} <= codes
+
+
+def global_pool_norm(tmp_path, shape, name="gap_norm") -> str:
+    """tf2onnx's moments with GlobalAveragePool as the mean (ReduceMean over axes 2.., kept): a LayerNorm over
+    the last axis of [N, T, D] (g2p-id's BERT: 4 layers), or an instance norm over H, W of NCHW."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["mean"], name="norm/moments/mean"),
+        helper.make_node("Sub", ["x", "mean"], ["d"], name="norm/moments/SquaredDifference"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="norm/moments/SquaredDifference__6"),
+        helper.make_node("GlobalAveragePool", ["d2"], ["var"], name="norm/moments/variance"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="norm/batchnorm/add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="norm/batchnorm/Rsqrt"),
+        helper.make_node("Div", ["d", "sd"], ["y"], name="norm/div"),
+    ]
+    return save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], [const("eps", 1e-3)], opset=13, name=name)
+
+
+@pytest.mark.parametrize(
+    "shape, kind, axes",
+    [(["N", 5, 16], Kind.LAYER, (2,)), (["N", 8, 4, 4], Kind.INSTANCE, (2, 3))],
+)
+def test_moments_taken_by_global_average_pool_are_a_norm(tmp_path, shape, kind, axes):
+    path = global_pool_norm(tmp_path, shape)
+    x = RNG.normal(size=[2] + shape[1:]).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, axes, 1e-3), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)  # no layer before: only ReduceMean and ReduceSum were means
+    assert layer.kind is kind and layer.axes == axes and layer.output == "y"
+
+
+def test_a_global_average_pool_norm_on_1x1_maps_collapses(tmp_path):
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    path = global_pool_norm(tmp_path, ["N", 8, 1, 1])
+    result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
+    assert result.exit_code == 1
+    assert [(f["code"], f["severity"]) for f in json.loads(result.stdout)["findings"]] == [("BN001", "error")]

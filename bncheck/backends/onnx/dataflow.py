@@ -123,7 +123,7 @@ class _Flow:
         first = self.form(ins[0]) if ins else None
         if op in _RESHAPES:
             return first if first is not None and first.what in _STATS else None
-        if op in ("ReduceMean", "ReduceSum", "ReduceSumSquare"):
+        if op in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool"):
             axes = _reduce_axes(g, idx)
             if not isinstance(axes, tuple) or not axes:
                 return None
@@ -176,6 +176,7 @@ class _Flow:
         return None
 
     def _reduce(self, idx: int, op: str, t: str, axes: tuple[int, ...]) -> Form | None:
+        op = "ReduceMean" if op == "GlobalAveragePool" else op  # the mean over axes 2.., kept
         f = self.form(t)
         node_set = frozenset({idx})
         if f is None:
@@ -302,7 +303,7 @@ def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[
         if taken & set(nodes):
             continue
         taken |= set(nodes)
-        reduce = min(i for i in nodes if g.op(i).startswith("Reduce"))
+        reduce = min(i for i in nodes if g.op(i).startswith("Reduce") or g.op(i) == "GlobalAveragePool")
         chain = _Chain(
             x=f.x,
             mean=g.nodes[reduce].output[0],

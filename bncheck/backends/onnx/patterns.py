@@ -43,11 +43,18 @@ class _Chain:
     rescaled: bool = False
 
 
+#: ops that take a mean: GlobalAveragePool is ReduceMean over axes 2.. with keepdims (tf2onnx writes a
+#: LayerNorm's mean over the last axis of [N, T, D] so)
+MEAN_OPS = ("ReduceMean", "GlobalAveragePool")
+
+
 def _reduce_axes(g: GraphIndex, idx: int) -> tuple[int, ...] | bool | None:
-    """Normalized axes of a ReduceMean; None if unknown; False if it reduces nothing (noop)."""
+    """Normalized axes of a ReduceMean (or GlobalAveragePool); None if unknown; False if it reduces nothing."""
     node = g.nodes[idx]
     attrs = g.attrs(idx)
     rank = g.rank(node_input(node, 0))
+    if node.op_type == "GlobalAveragePool":
+        return None if rank is None or rank < 3 else tuple(range(2, rank))
     if g.opset.get("", 0) >= 18 or len(node.input) > 1:
         axes_in = node_input(node, 1)
         if not axes_in:
@@ -113,7 +120,7 @@ def _match_variance(g: GraphIndex, r1: int, x: str, m: str, axes) -> tuple[str, 
         for dev, cast in _value_aliases(g, node.output[0]).items():  # exporters may Cast before squaring
             for sq, sq_idx in _squares(g, dev):
                 for sq_alias, cast2 in _value_aliases(g, sq).items():
-                    for r2 in g.users(sq_alias, "ReduceMean"):
+                    for r2 in g.users(sq_alias, *MEAN_OPS):
                         if _reduce_axes(g, r2) == axes:
                             return g.nodes[r2].output[0], {sub, sq_idx, r2, *passed, *cast, *cast2}
     # (b) mean(x^2) - mean(x)^2
@@ -122,7 +129,7 @@ def _match_variance(g: GraphIndex, r1: int, x: str, m: str, axes) -> tuple[str, 
             node = g.nodes[sub]
             if node.input[1] != sq_m:
                 continue
-            mean_of_squares = g.produced_by(node.input[0], "ReduceMean")
+            mean_of_squares = g.produced_by(node.input[0], *MEAN_OPS)
             if mean_of_squares is None or _reduce_axes(g, mean_of_squares) != axes:
                 continue
             squared = _square_of(g, node_input(g.nodes[mean_of_squares], 0))
@@ -370,7 +377,7 @@ def decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]
     taken = set(used)
     rms_candidates = []
     for idx, node in enumerate(g.nodes):
-        if node.op_type != "ReduceMean" or node.domain not in ONNX_DOMAINS or idx in taken:
+        if node.op_type not in MEAN_OPS or node.domain not in ONNX_DOMAINS or idx in taken:
             continue
         found_axes = _reduce_axes(g, idx)
         if isinstance(found_axes, bool):  # a no-op reduction

@@ -556,7 +556,7 @@ def _norms_in(
     from onnx import helper
 
     named = sum(node.op_type in _NORM_OPS for node in nodes)
-    if not any(node.op_type.startswith("Reduce") for node in nodes):  # every chain the matchers find has one
+    if not any(node.op_type.startswith("Reduce") or node.op_type == "GlobalAveragePool" for node in nodes):
         return named
     read = {name for node in nodes for name in node.input}
     own = {init.name for init in initializers}
