@@ -1168,3 +1168,15 @@ def test_a_global_average_pool_norm_on_1x1_maps_collapses(tmp_path):
     result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
     assert result.exit_code == 1
     assert [(f["code"], f["severity"]) for f in json.loads(result.stdout)["findings"]] == [("BN001", "error")]
+
+
+def test_a_tf2onnx_chain_is_named_by_its_keras_layers_path(tmp_path):
+    # g2p-id's BERT: four rows read "StatefulPartitionedCall/masked_bert_model/.../moments/mean", cut alike
+    path, _, _ = keras3_layer_norm(tmp_path)
+    model = onnx.load(path)
+    for node in model.graph.node:
+        node.name = "StatefulPartitionedCall/masked_bert_model/encoder_0/att_layernormalization/" + node.name[3:]
+    onnx.save(model, path)
+    (layer,), _ = load_layers(path)
+    assert layer.name == "masked_bert_model/encoder_0/att_layernormalization"
+    assert "StatefulPartitionedCall/masked_bert_model/encoder_0/att_layernormalization/moments/mean" in layer.nodes

@@ -46,7 +46,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         if path:
             return path
     if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
-        return layer.name
+        return _tf_layer_scope(layer.name) if layer.op_type == "decomposed" else layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
     if prefix:
         return prefix
@@ -54,6 +54,22 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
     # but the chain's result after the layer op it came from (p2o.pd_op.layer_norm.0.0): the last such name
     named = [t for i in indices for t in g.nodes[i].output if "norm" in t.lower() and not _generated_tensor(g, i, t)]
     return named[-1] if named else layer.name
+
+
+#: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
+_TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
+_TF_MOMENTS = re.compile(r"/moments/(?:mean|Mean)(?:_\d+)?$")
+
+
+def _tf_layer_scope(name: str) -> str:
+    """A tf2onnx chain named after its mean's node (``StatefulPartitionedCall/model/encoder_0/ln/moments/mean``)
+    by the Keras layer's path (``model/encoder_0/ln``); other names as they are."""
+    if not _TF_MOMENTS.search(name):
+        return name
+    scope = _TF_MOMENTS.sub("", name)
+    while scope.startswith(_TF_FUNCTION_SCOPE):
+        scope = scope[len(_TF_FUNCTION_SCOPE) :]
+    return scope or name
 
 
 def _generated_tensor(g: GraphIndex, index: int, tensor: str) -> bool:
