@@ -105,12 +105,21 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
                 h5.attrs["model_config"] = json.dumps(config)
         except Exception:  # h5py and json raise many kinds on what they cannot read: the file as it is
             return None
+        mended: Exception | None = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = keras.saving.load_model(copy, compile=False, safe_mode=True)
         except Exception as exc:  # what is left once the mended parts load: the file's real obstacle
-            raise refusal(keras, static.path, static.keras_version, exc, mended=True) from None
+            mended = exc
+    if mended is not None:
+        try:  # a mend that made matters worse must not refuse a file Keras reads as it is
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                keras.saving.load_model(static.path, compile=False, safe_mode=True)
+        except Exception:
+            raise refusal(keras, static.path, static.keras_version, mended, mended=True) from None
+        return None
     done = []
     if listed:
         done.append(
