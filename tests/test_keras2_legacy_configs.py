@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -24,6 +25,17 @@ from bncheck.cli import main
 from bncheck.errors import one_line
 
 STEPS, FEATURES = 5, 4
+
+
+def _save_as(model: keras.Model, path: Path, version: str, edit: Callable[[dict], None]) -> str:
+    """``model`` saved as a legacy .h5 by Keras 3, its config edited by ``edit`` into what ``version`` wrote."""
+    model.save(path)
+    with h5py.File(path, "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        edit(config)
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = version
+    return str(path)
 
 
 def _keras2_recurrent(path: Path, time_major: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
@@ -43,14 +55,13 @@ def _keras2_recurrent(path: Path, time_major: bool = False) -> tuple[str, np.nda
     )
     x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
     expected = np.asarray(model(x, training=False))
-    model.save(path)
-    with h5py.File(path, "r+") as h5:
-        config = json.loads(h5.attrs["model_config"])
+
+    def edit(config: dict) -> None:
         lstms = [config["config"]["layers"][2]["config"], config["config"]["layers"][1]["config"]["layer"]["config"]]
         for layer in lstms:
             layer["time_major"] = time_major
-        h5.attrs["model_config"] = json.dumps(config)
-        h5.attrs["keras_version"] = "2.4.0"
+
+    _save_as(model, path, "2.4.0", edit)
     return str(path), x, expected
 
 
@@ -104,15 +115,14 @@ def _keras2_typed_initializers(path: Path) -> tuple[str, np.ndarray, np.ndarray]
     )
     x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
     expected = np.asarray(model(x, training=False))
-    model.save(path)
-    with h5py.File(path, "r+") as h5:
-        config = json.loads(h5.attrs["model_config"])
+
+    def edit(config: dict) -> None:
         for entry in config["config"]["layers"]:
             for key, value in entry["config"].items():
                 if key.endswith("_initializer") and isinstance(value, dict):
                     value.setdefault("config", {})["dtype"] = "float32"
-        h5.attrs["model_config"] = json.dumps(config)
-        h5.attrs["keras_version"] = "2.1.6-tf"
+
+    _save_as(model, path, "2.1.6-tf", edit)
     return str(path), x, expected
 
 
@@ -179,14 +189,13 @@ def _keras2_wrapped(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     )
     x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
     expected = np.asarray(model(x, training=False))
-    model.save(path)
-    with h5py.File(path, "r+") as h5:
-        config = json.loads(h5.attrs["model_config"])
+
+    def edit(config: dict) -> None:
         for entry in config["config"]["layers"][1:3]:
             for key in ("module", "registered_name"):
                 entry["config"]["layer"].pop(key, None)
-        h5.attrs["model_config"] = json.dumps(config)
-        h5.attrs["keras_version"] = "2.2.4"
+
+    _save_as(model, path, "2.2.4", edit)
     return str(path), x, expected
 
 
@@ -228,15 +237,14 @@ def _keras20_gru(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     )
     x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
     expected = np.asarray(model(x, training=False))
-    model.save(path)
-    with h5py.File(path, "r+") as h5:
-        config = json.loads(h5.attrs["model_config"])
+
+    def edit(config: dict) -> None:
         layers = [entry for entry in config["config"]["layers"] if entry["class_name"] != "InputLayer"]
         layers[0]["config"]["batch_input_shape"] = [None, STEPS, FEATURES]
         del layers[0]["config"]["reset_after"]
         config["config"] = layers
-        h5.attrs["model_config"] = json.dumps(config)
-        h5.attrs["keras_version"] = "2.0.8"
+
+    _save_as(model, path, "2.0.8", edit)
     return str(path), x, expected
 
 
@@ -292,12 +300,11 @@ def test_probe_loads_keras_2_spatial_dropouts_without_the_keys_keras_3_refuses(t
     x = np.random.default_rng(1).standard_normal((8, STEPS, FEATURES)).astype(np.float32)
     expected = np.asarray(model(x, training=False))
     path = tmp_path / "m.h5"
-    model.save(path)
-    with h5py.File(path, "r+") as h5:
-        config = json.loads(h5.attrs["model_config"])
+
+    def edit(config: dict) -> None:
         config["config"]["layers"][2]["config"].update(trainable=True, noise_shape=None)
-        h5.attrs["model_config"] = json.dumps(config)
-        h5.attrs["keras_version"] = "2.2.4"
+
+    _save_as(model, path, "2.2.4", edit)
     with pytest.raises(Exception, match="trainable"):
         keras.saving.load_model(path, compile=False)
     patched = load_patched(keras, read(str(path)))

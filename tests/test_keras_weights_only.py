@@ -107,7 +107,7 @@ def test_gamma_without_moving_statistics_is_named_as_a_layer_that_cannot_be_chec
     code, document = _inspect(_write_weights(tmp_path / "w.h5", {"ln_1": gamma}))
     assert code == 0 and document["layers"] == []
     [warning] = [n for n in document["notes"] if "other normalization layer(s)" in n["message"]]
-    assert warning["level"] == "warning" and "(ln_1: LayerNormalization or GroupNormalization" in warning["message"]
+    assert warning["level"] == "warning" and "('ln_1': LayerNormalization or GroupNormalization" in warning["message"]
 
 
 def test_inspect_reads_a_keras_3_weights_file_nested_models_included(tmp_path: Path) -> None:

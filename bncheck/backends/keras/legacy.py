@@ -189,16 +189,21 @@ def _insert_input_layer(config: dict, declared: list[Any], name: str) -> None:
     layers.insert(0, {"class_name": "InputLayer", "config": entry})
 
 
-def _layer_configs(node: Any):
-    """Every layer entry's config in a model config, nested models' and wrapped layers' included."""
+def _class_configs(node: Any):
+    """(class name, config) of every object in a model config, nested models' and wrapped layers' included."""
     if isinstance(node, dict):
-        if "class_name" in node and isinstance(node.get("config"), dict):
-            yield node["config"]
+        if isinstance(node.get("class_name"), str) and isinstance(node.get("config"), dict):
+            yield node["class_name"], node["config"]
         for value in node.values():
-            yield from _layer_configs(value)
+            yield from _class_configs(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _layer_configs(value)
+            yield from _class_configs(value)
+
+
+def _layer_configs(node: Any):
+    """Every layer entry's config in a model config, nested models' and wrapped layers' included."""
+    return (config for _, config in _class_configs(node))
 
 
 def _time_major_layers(config: dict) -> list[str]:
@@ -270,38 +275,16 @@ def _unplaced_wrapped(config: dict) -> list[tuple[str, dict]]:
 
 def _original_grus(config: Any) -> list[dict]:
     """The configs of the GRU layers (wrapped ones too) that carry no ``reset_after``."""
-    found = []
-    stack = [config]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            inner = node.get("config")
-            if node.get("class_name") == "GRU" and isinstance(inner, dict) and "reset_after" not in inner:
-                found.append(inner)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
+    return [c for cls, c in _class_configs(config) if cls == "GRU" and "reset_after" not in c]
 
 
 def _spatial_dropouts(config: Any) -> list[dict]:
     """The configs of SpatialDropout layers that carry ``trainable`` or ``noise_shape``."""
-    found = []
-    stack = [config]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            inner = node.get("config")
-            if (
-                str(node.get("class_name", "")).startswith("SpatialDropout")
-                and isinstance(inner, dict)
-                and ("trainable" in inner or "noise_shape" in inner)
-            ):
-                found.append(inner)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
+    return [
+        c
+        for cls, c in _class_configs(config)
+        if cls.startswith("SpatialDropout") and ("trainable" in c or "noise_shape" in c)
+    ]
 
 
 def foreign_classes(keras: Any, static: KerasFile) -> list[str]:

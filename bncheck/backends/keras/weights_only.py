@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.backends.keras.weights import attr_str, read_dataset
+from bncheck.errors import few
 from bncheck.model import Kind, NormLayer, Note
 
 #: the variables a BatchNormalization keeps, in the order it creates them (gamma and beta are optional)
@@ -98,12 +99,11 @@ def weights_only_notes(count: int, others: list[str]) -> list[Note]:
         )
     ]
     if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         notes.append(
             Note(
                 "warning",
-                f"{len(others)} other normalization layer(s) ({shown}: LayerNormalization or GroupNormalization by "
-                "their variables) cannot be checked without the model config",
+                f"{len(others)} other normalization layer(s) ({few(others)}: LayerNormalization or GroupNormalization "
+                "by their variables) cannot be checked without the model config",
             )
         )
     elif not count:
