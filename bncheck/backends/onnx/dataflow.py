@@ -441,8 +441,11 @@ def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
     """Axis 0 of ``tensor`` can hold several samples: not in a file whose inputs fix the batch to 1, not a fixed
     1, not a fixed size in a model whose inputs have a free batch dim, not a dim that the inputs name only on
     another axis (a sequence length, say)."""
+    from bncheck.backends.onnx import batch_axes  # the package's module imports the walk, which imports this
+
     inputs = [g.shape(i) for i in g.graph_inputs]
-    leading = {s[0] for s in inputs if s}
+    # the batch dims of the inputs that carry one (a style-weights vector [26] beside an image [1, ...] has none)
+    leading = {s[axis] for s, axis in zip(inputs, batch_axes(inputs)) if s and axis is not None}
     if leading == {1}:
         return False  # a file fixed to batch 1: no tensor holds a second sample, whatever its axis 0 is
     shape = g.shape(tensor)
@@ -450,7 +453,8 @@ def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
         return True  # unknown: the walk's convention, axis 0 is the batch
     dim = shape[0]
     if isinstance(dim, int):
-        return dim > 1 and not any(isinstance(d, str) for d in leading)
+        fixed = bool(leading) and all(isinstance(d, int) for d in leading)
+        return dim > 1 and not any(isinstance(d, str) for d in leading) and not (fixed and dim not in leading)
     if isinstance(dim, str):
         elsewhere = {d for s in inputs if s for d in s[1:] if isinstance(d, str)}
         return not (dim in elsewhere and dim not in leading)
