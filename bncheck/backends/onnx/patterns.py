@@ -41,6 +41,8 @@ class _Chain:
     relaid: bool = False
     # the variance times a count or constant before its square root (dataflow.Form.rescaled)
     rescaled: bool = False
+    # gamma (and beta) computed in the graph from another input, not stored: a conditional norm
+    computed_affine: bool = False
 
 
 #: ops that take a mean: GlobalAveragePool is ReduceMean over axes 2.. with keepdims (tf2onnx writes a
@@ -233,7 +235,15 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
             for mul in g.users(inv, "Mul"):  # inv * gamma, then (x - mean) * that
                 node = g.nodes[mul]
                 gamma = other_input(node, inv)
-                if gamma is None or not g.is_param_like(gamma):
+                if gamma is None:
+                    continue
+                if not g.is_param_like(gamma):
+                    # a gamma computed in the graph (a conditional instance norm: from a style input) holds
+                    # for tf.nn.batch_normalization's form, whose x * k and mean * k pin the chain down
+                    if _match_tf_form(g, chain, node.output[0]):
+                        chain.nodes.add(mul)
+                        chain.computed_affine = True
+                        return True
                     continue
                 inv2 = node.output[0]
                 for mul2 in g.users(inv2, "Mul"):
@@ -286,12 +296,16 @@ def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
     if negated:
         return _join_negated_shift(g, chain, xs, ms, ms_out, mean_nodes)
     shift = beta = None
-    for sub in g.users(ms_out, "Sub"):
-        node = g.nodes[sub]
-        if node.input[1] == ms_out:
-            shift, beta = sub, node.input[0]
+    relayed: list[int] = []
+    for alias, passed in g.aliases(ms_out).items():  # tf2onnx may relay mean * k to another layout first
+        for sub in g.users(alias, "Sub"):
+            node = g.nodes[sub]
+            if node.input[1] == alias:
+                shift, beta, relayed = sub, node.input[0], passed
+                break
+        if shift is not None:
             break
-    shift_nodes = {shift} if shift is not None else set()
+    shift_nodes = {shift, *relayed} if shift is not None else set()
     if shift is None:
         neg = _single_user(g, ms_out, "Neg")
         if neg is None:
@@ -507,6 +521,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         )
     if chain.eps_after_sqrt:
         notes.append("epsilon is added to the standard deviation, not to the variance")
+    if chain.computed_affine:
+        notes.append("its scale and shift are computed in the graph (a conditional norm: from another input)")
     if chain.rescaled:
         extra["rescaled"] = True
         notes.append(
