@@ -187,9 +187,9 @@ def frozen_with_stats(layer: NormLayer) -> bool:
 def has_default_stats(layer: NormLayer) -> bool:
     """Running mean exactly 0 and running variance exactly 1 in every channel, as initializers write them (a
     -0.0 in the mean: :func:`folded_stats`)."""
-    if layer.mean is None or layer.var is None or layer.mean.size == 0:
+    if layer.mean is None or layer.var is None:
         return False
-    return bool(np.all(layer.mean == 0.0) and np.all(layer.var == 1.0)) and not folded_stats(layer)
+    return neutral_values(layer.mean, layer.var) and not folded_stats(layer)
 
 
 #: why a layer with folded statistics is left as it is (BN003 does not judge it, fix does not recompute it)
@@ -210,10 +210,15 @@ def folded_stats(layer: NormLayer) -> bool:
     return bool(layer.extra.get("folded_by")) or folded_values(layer.mean, layer.var)
 
 
+def neutral_values(mean: np.ndarray, var: np.ndarray) -> bool:
+    """Running mean exactly 0 and variance exactly 1 in every channel: initial values, or folded ones."""
+    mean = np.asarray(mean)
+    return bool(mean.size and np.all(mean == 0.0) and np.all(np.asarray(var) == 1.0))
+
+
 def folded_values(mean: np.ndarray, var: np.ndarray) -> bool:
     """:func:`folded_stats` of these running statistics."""
-    mean = np.asarray(mean)
-    return bool(mean.size and np.all(mean == 0.0) and np.all(np.asarray(var) == 1.0) and np.any(np.signbit(mean)))
+    return neutral_values(mean, var) and bool(np.any(np.signbit(np.asarray(mean))))
 
 
 def stored_stats_problem(layer: NormLayer) -> str | None:

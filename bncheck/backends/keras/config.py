@@ -210,14 +210,14 @@ class _Ctx:
     calls: int = 0  # layer calls walked so far (see MAX_CALLS)
 
 
-def sequential_as_dict(config: Any) -> Any:
+def _sequential_as_dict(config: Any) -> Any:
     """``config`` with every Sequential model's bare list of layers (how Keras before 2.2 saved one) in the
     ``{"name", "layers"}`` form later versions write, which the walk reads; nested models too. A copy."""
     if isinstance(config, list):
-        return [sequential_as_dict(item) for item in config]
+        return [_sequential_as_dict(item) for item in config]
     if not isinstance(config, dict):
         return config
-    found = {key: sequential_as_dict(value) for key, value in config.items()}
+    found = {key: _sequential_as_dict(value) for key, value in config.items()}
     if found.get("class_name") == "Sequential" and isinstance(found.get("config"), list):
         found["config"] = {"name": found.get("name", "sequential"), "layers": found["config"]}
     return found
@@ -237,8 +237,9 @@ def build(
     keras2 = bool(version) and str(version).split(".")[0] in ("1", "2")
     ctx = _Ctx(path, weights, keras2, notes=list(notes))
     cls = config["class_name"]
+    bare_list = isinstance(config.get("config"), list)  # a Sequential as Keras before 2.2 saved it
     try:
-        config = sequential_as_dict(config)
+        config = _sequential_as_dict(config)
         _scan_unsafe(config, "", ctx)
         # the order of calls matters only for a baked training=True (Keras 3 carries it on to later calls);
         # without one, the walk skips that bookkeeping, quadratic in a long chain
@@ -267,7 +268,9 @@ def build(
     if not layers and cls in MODEL_CLASSES:  # as the ONNX walk says it: an empty report is not a silent one
         ctx.notes.append(Note("info", NO_LAYERS_NOTE.format(where="model")))
     baked_layers = sorted({source for source, _ in ctx.baked_calls})
-    return KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe, baked_layers)
+    found = KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe, baked_layers)
+    found.bare_list = bare_list
+    return found
 
 
 def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[Note]:
@@ -885,6 +888,7 @@ class KerasFile:
     unsafe: list[str] = field(default_factory=list)
     baked_layers: list[str] = field(default_factory=list)  # layers (any kind) called with training=True
     weights_only: bool = False  # model.save_weights: layers found by their variable names, nothing to run
+    bare_list: bool = False  # the file's top-level config is a bare list of layers (``config`` holds the dict form)
     # the probe's loaded model (a KerasRunner), kept so that `fix` runs the same model instead of loading it again
     runner: Any = field(default=None, repr=False, compare=False)
 

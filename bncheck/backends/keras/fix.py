@@ -66,9 +66,11 @@ def check_keras_fix(view: ModelView, static: KerasFile, request: FixRequest) -> 
 
 def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOutcome:
     """Plan, measure, apply and save (see the module docstring). Raises BackendError for refusals."""
-    from bncheck.backends.keras.probe import KerasRunner
+    from bncheck.backends.keras.probe import KerasRunner, refuse_foreign
 
     check_keras_fix(view, static, request)
+    if static.runner is None:
+        refuse_foreign(static)
     results, pending, stored = _plan(view, request)
     data = request.data
     samples = sample_count(data)

@@ -15,7 +15,7 @@ only read.
   sets a new layer's first weights, which the file's stored weights replace: the copy drops the key.
 - Keras before 2.2 stored a Sequential config as a bare list of layers, which Keras 3's legacy loader cannot
   read ("pop expected at most 1 argument"): the copy has the ``{"name", "layers"}`` form later versions
-  write (the static reader reads that form too: ``config.sequential_as_dict``).
+  write (the static reader reads that form too: ``config._sequential_as_dict``).
 - Keras before 2.1.3 had GRU only in its original form, and wrote no ``reset_after``; Keras 3 takes the
   key's absence as ``reset_after=True``, another form with twice the biases, and refuses the stored weights:
   the copy says ``reset_after: false``, which is what those versions computed.
@@ -32,6 +32,7 @@ Keras 1/2 and tf.keras 2, clip(x / 6 + 0.5) in Keras 3.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -67,14 +68,7 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         return None
     import h5py
 
-    from bncheck.backends.keras.config import sequential_as_dict
-
-    try:
-        with h5py.File(static.path, "r") as h5:
-            raw = h5.attrs["model_config"]
-            listed = isinstance(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw).get("config"), list)
-    except Exception:  # the static read took this file; what it cannot parse again is loaded as it is
-        return None
+    listed = static.bare_list
     declared = _declared_shape(static)
     time_major = _time_major_layers(static.config)
     typed = len(_typed_initializers(static.config))
@@ -84,12 +78,11 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
     if not (listed or declared is not None or time_major or typed or wrapped or grus or dropouts):
         return None
     with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
-        copy = os.path.join(folder, "model.h5")
+        copied = os.path.join(folder, "model.h5")
         try:
-            shutil.copyfile(static.path, copy)
-            with h5py.File(copy, "r+") as h5:
-                raw = h5.attrs["model_config"]
-                config = sequential_as_dict(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw))
+            shutil.copyfile(static.path, copied)
+            with h5py.File(copied, "r+") as h5:
+                config = copy.deepcopy(static.config)  # the static read's: bare lists already in dict form
                 if declared is not None:
                     _insert_input_layer(config, declared, static.inputs[0].name)
                 _drop_time_major(config)
@@ -109,7 +102,7 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = keras.saving.load_model(copy, compile=False, safe_mode=True)
+                model = keras.saving.load_model(copied, compile=False, safe_mode=True)
         except Exception as exc:  # what is left once the mended parts load: the file's real obstacle
             mended = exc
     if mended is not None:

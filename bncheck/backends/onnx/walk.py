@@ -38,7 +38,7 @@ from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
 from bncheck.backends.onnx.patterns import decomposed, reshaped_group_norm
 from bncheck.model import NO_LAYERS_NOTE, BatchOp, Dim, Kind, NormLayer, Note
-from bncheck.verdicts import FOLDED_NOTE, folded_values
+from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values
 
 if TYPE_CHECKING:
     import onnx
@@ -210,7 +210,13 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         return layer, [idx]
     if not training and mean is not None and var is not None and folded_values(mean, var):
         notes.append(FOLDED_NOTE)
-    elif not training and g.model.producer_name == "keras2onnx" and _neutral(mean, var):
+    elif (
+        not training
+        and g.model.producer_name == "keras2onnx"
+        and mean is not None
+        and var is not None
+        and neutral_values(mean, var)
+    ):
         # keras2onnx's BatchNormalization converter folds the statistics into scale and bias and writes mean
         # 0 * mean (+0.0 where the mean was >= 0), variance 1 + 0 * var and epsilon x1e-3, whatever the model
         extra["folded_by"] = "keras2onnx"
@@ -241,10 +247,6 @@ KERAS2ONNX_FOLDED_NOTE = (
     "epsilon x1e-3) for every BatchNormalization: an affine map whose 0/1 are not statistics of its input (not "
     "judged by BN003 or BN004's clamp, not recomputed by fix)"
 )
-
-
-def _neutral(mean: np.ndarray | None, var: np.ndarray | None) -> bool:
-    return mean is not None and var is not None and mean.size > 0 and bool(np.all(mean == 0.0) and np.all(var == 1.0))
 
 
 def _is_lowered_instance_norm(g: GraphIndex, idx: int) -> bool:
