@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size, observed_set_size
-from bncheck.verdicts import is_affected, is_collapsed
+from bncheck.verdicts import dependence_verdict, is_collapsed, outputs_cleared
 
 if TYPE_CHECKING:  # named in annotations only: probe and inspect never load the fix result types
     from bncheck.fix_result import FixResult
@@ -152,7 +152,11 @@ def layer_status(report: Report, layer: NormLayer) -> str:
         return worst.label
     if report.probes and unmeasured_reason(report, layer) is not None:
         return "not measured"
-    if any((dep := probe.dependence.get(layer.name)) is not None and is_affected(dep) for probe in report.probes):
+    if any(
+        (dep := probe.dependence.get(layer.name)) is not None
+        and dependence_verdict(dep, outputs_cleared(probe)) == "affected"
+        for probe in report.probes
+    ):
         return "affected"
     if layer.unreadable:
         return "unknown"

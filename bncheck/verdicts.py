@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from bncheck.model import BatchDependence, Kind, NormLayer, OutputComparison, TensorStats, median
+from bncheck.model import BatchDependence, Kind, NormLayer, OutputComparison, ProbeResult, TensorStats, median
 
 #: Relative spread (max - min over batch and spatial positions, over max(1, |value|)) below which a channel
 #: counts as constant. The ONNX reference gives exactly the bias on a one-element set; onnxruntime's kernels
@@ -138,6 +138,11 @@ def outputs_depend(
     return companion_change is None or not companion_change <= COMPANION_TOLERANCE
 
 
+def outputs_cleared(probe: ProbeResult) -> bool:
+    """The probe showed that no model output depends on a sample's batch companions."""
+    return outputs_depend(probe.output_dependence, probe.companion_change) is False
+
+
 def explains_dependence(layers: Iterable[NormLayer], dependence: Mapping[str, BatchDependence]) -> bool:
     """A recognised layer accounts for a batch dependence: batch statistics by construction, or a layer whose
     output moved with its companions while its input did not (:func:`is_culprit`)."""
@@ -154,9 +159,13 @@ def is_affected(dep: BatchDependence) -> bool:
     return dep.input_change > INPUT_TOLERANCE
 
 
-def dependence_verdict(dep: BatchDependence) -> str:
+def dependence_verdict(dep: BatchDependence, outputs_cleared: bool = False) -> str:
     """culprit / affected / independent, or "unknown" when a number needed to say independent is NaN (no
-    comparable statistics): never "independent" without the numbers."""
+    comparable statistics): never "independent" without the numbers. ``outputs_cleared``: the model's outputs
+    were shown not to depend on a sample's companions (:func:`outputs_depend` False); a layer's change between
+    a sample alone and in a batch is then the rounding of batch-size-dependent kernels, as BN002 judges it."""
+    if (is_culprit(dep) or is_affected(dep)) and outputs_cleared:
+        return "independent"
     if is_culprit(dep):
         return "culprit"
     if is_affected(dep):

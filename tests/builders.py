@@ -324,11 +324,14 @@ def two_quantizers_model(path: Path, *, features: int = 64) -> str:
     return _save(model, path)
 
 
-def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, offset: float = 100.0) -> str:
+def cancellation_model(
+    path: Path, *, positions: int = 512, features: int = 64, offset: float = 100.0, layer_norm: bool = False
+) -> str:
     """x[N, P, F] -> + offset -> mean and mean of squares over P by ReduceSum -> variance as E[h^2] - E[h]^2
     (as jax2tf writes LayerNorm) -> y = (E[h] - offset) / sqrt(variance), [N, F]. Batch-invariant, but
     onnxruntime's ReduceSum adds in another order at batch 1 than at batch 32, and the cancellation amplifies
-    that rounding: a sample alone and in a batch differ measurably (magika v3.3 does the same)."""
+    that rounding: a sample alone and in a batch differ measurably (magika v3.3 does the same).
+    ``layer_norm``: a LayerNormalization "ln" over F after it, whose input carries that rounding."""
     inits = [
         numpy_helper.from_array(np.array(offset, np.float32), "offset"),
         numpy_helper.from_array(np.array([1], np.int64), "axes"),
@@ -347,6 +350,14 @@ def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, 
         helper.make_node("Sub", ["m", "offset"], ["c"], name="center"),
         helper.make_node("Div", ["c", "sd"], ["y"], name="normalize"),
     ]
+    if layer_norm:
+        nodes[-1].output[0] = "z"
+        nodes.append(helper.make_node("LayerNormalization", ["z", "gamma", "beta"], ["y"], name="ln", axis=-1))
+        rng = np.random.default_rng(9)
+        inits += [
+            numpy_helper.from_array(rng.uniform(0.5, 1.5, features).astype(np.float32), "gamma"),
+            numpy_helper.from_array(rng.normal(0.0, 0.1, features).astype(np.float32), "beta"),
+        ]
     graph = helper.make_graph(
         nodes,
         "cancellation",
@@ -354,7 +365,7 @@ def cancellation_model(path: Path, *, positions: int = 512, features: int = 64, 
         [helper.make_tensor_value_info("y", F32, ["N", features])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17 if layer_norm else 15)])
     model.ir_version = 8
     return _save(model, path)
 

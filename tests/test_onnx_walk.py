@@ -1231,3 +1231,71 @@ def test_a_conditional_instance_norm_whose_gamma_and_beta_are_computed_is_found(
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.INSTANCE and layer.channels == c and layer.output == "y"
     assert layer.scale is None and any("computed in the graph" in n for n in layer.notes)
+
+
+# ---------------------------------------------------------------------------- jax2tf's flax LayerNorm
+
+
+def flax_layer_norm(tmp_path, factor: float | None = None, clamp: str = "Max") -> tuple[str, np.ndarray, np.ndarray]:
+    """flax's LayerNorm over axis 1 of [N, C, T] as jax2tf and tf2onnx write it (magika's two): each mean a
+    ReduceSum without keepdims times 1/C, the variance E[x^2] - E[x]^2 clamped at 0, mean and variance
+    reshaped and broadcast back (Expand), (x - mean) * (1 / sqrt(var + eps) * gamma) + beta. ``factor``: the
+    sums' scaling instead of 1/C; ``clamp``: "Max" (Max(0, var)), "Relu" or "" (none)."""
+    c, t, scope = 12, 5, "jax2tf_f_/pjit_f_/Model/LayerNorm_0/"
+    gamma = RNG.uniform(0.5, 1.5, (1, c, 1)).astype(np.float32)
+    beta = RNG.normal(0, 0.1, (1, c, 1)).astype(np.float32)
+    var = "var_clamped" if clamp else "var"
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0, name=scope + "Sum"),
+        helper.make_node("Mul", ["x", "x"], ["x2"], name=scope + "Square"),
+        helper.make_node("ReduceSum", ["x2", "axes"], ["s2"], keepdims=0, name=scope + "Sum_1"),
+        helper.make_node("Mul", ["s2", "recip"], ["ex2"], name=scope + "truediv_1"),
+        helper.make_node("Mul", ["s", "recip"], ["mean"], name=scope + "truediv"),
+        helper.make_node("Mul", ["mean", "mean"], ["mean2"], name=scope + "Square_1"),
+        helper.make_node("Sub", ["ex2", "mean2"], ["var"], name=scope + "Sub"),
+        helper.make_node("Reshape", [var, "kept"], ["var_r"], name=scope + "Reshape_1"),
+        helper.make_node("Expand", ["var_r", "kept"], ["var_b"], name=scope + "BroadcastTo_1"),
+        helper.make_node("Add", ["var_b", "eps"], ["ve"], name=scope + "AddV2"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=scope + "Rsqrt"),
+        helper.make_node("Reciprocal", ["sd"], ["inv"], name=scope + "Rsqrt__1"),
+        helper.make_node("Mul", ["inv", "gamma"], ["k"], name=scope + "Mul"),
+        helper.make_node("Reshape", ["mean", "kept"], ["mean_r"], name=scope + "Reshape"),
+        helper.make_node("Expand", ["mean_r", "kept"], ["mean_b"], name=scope + "BroadcastTo"),
+        helper.make_node("Sub", ["x", "mean_b"], ["d"], name=scope + "Sub_1"),
+        helper.make_node("Mul", ["d", "k"], ["dk"], name=scope + "Mul_1"),
+        helper.make_node("Add", ["dk", "beta"], ["y"], name=scope + "AddV2_1"),
+    ]
+    if clamp == "Max":
+        nodes.insert(7, helper.make_node("Max", ["zero", "var"], ["var_clamped"], name=scope + "Maximum"))
+    elif clamp == "Relu":
+        nodes.insert(7, helper.make_node("Relu", ["var"], ["var_clamped"], name=scope + "Maximum"))
+    inits = [
+        const("axes", [1], np.int64),
+        const("recip", 1.0 / c if factor is None else factor),
+        const("zero", 0.0),
+        const("eps", 1e-6),
+        const("kept", [2, 1, t], np.int64),
+        const("gamma", gamma),
+        const("beta", beta),
+    ]
+    path = save(tmp_path, nodes, [vinfo("x", [2, c, t])], [vinfo("y", [2, c, t])], inits, opset=13, name="flax_ln")
+    return path, gamma, beta
+
+
+@pytest.mark.parametrize("clamp", ["Max", "Relu", ""])
+def test_flax_layer_norm_through_jax2tf_is_found_by_its_module_path(tmp_path, clamp):
+    path, gamma, beta = flax_layer_norm(tmp_path, clamp=clamp)
+    x = RNG.normal(size=(2, 12, 5)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (1,), 1e-6, gamma, beta), rtol=1e-4, atol=1e-4)
+    (layer,), _ = load_layers(path)  # before: "no normalization layer found" (magika's two LayerNorms)
+    assert layer.kind is Kind.LAYER and layer.axes == (1,) and layer.channels == 12 and layer.output == "y"
+    assert layer.input == "x" and layer.epsilon == pytest.approx(1e-6)
+    assert layer.name == "Model/LayerNorm_0"  # the flax module, not jax2tf's scopes and the op
+    np.testing.assert_array_equal(layer.scale, gamma)
+    np.testing.assert_array_equal(layer.bias, beta)
+
+
+@pytest.mark.parametrize("factor", [1.0 / 11, 2.0 / 12, 1.0])
+def test_a_sum_scaled_by_anything_but_one_over_its_count_is_not_a_mean(tmp_path, factor):
+    layers, _ = load_layers(flax_layer_norm(tmp_path, factor=factor, clamp="")[0])
+    assert layers == []

@@ -17,7 +17,7 @@ from bncheck.errors import UsageError
 from bncheck.findings import Finding
 from bncheck.model import NormLayer, ProbeResult
 from bncheck.report import Report, layer_status, not_needed_line, probe_cell, set_sizes
-from bncheck.verdicts import OUTPUT_TOLERANCE, is_affected, is_culprit
+from bncheck.verdicts import OUTPUT_TOLERANCE, dependence_verdict, outputs_cleared
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -210,11 +210,15 @@ def _dependence_plot(layers: Sequence[NormLayer], probe: ProbeResult, style: str
     plt = _pyplot()
     names = [layer.name for layer in layers if layer.name in probe.dependence]
     values, colors = [], []
+    cleared = outputs_cleared(probe)
     for name in names:
         dep = probe.dependence[name]
+        verdict = dependence_verdict(dep, cleared)
         # a log axis cannot show 0: changes below a hundredth of the tolerance are drawn at that floor
         values.append(max(dep.output_change, OUTPUT_TOLERANCE / 100) if np.isfinite(dep.output_change) else np.nan)
-        colors.append(_COLORS["error"] if is_culprit(dep) else _COLORS["affected"] if is_affected(dep) else "#9e9e9e")
+        colors.append(
+            _COLORS["error"] if verdict == "culprit" else _COLORS["affected"] if verdict == "affected" else "#9e9e9e"
+        )
     fig, ax = plt.subplots(figsize=(min(max(6.0, 2 + 0.35 * len(names)), 14), 3.2))
     ax.bar(range(len(names)), values, color=colors)
     ax.axhline(OUTPUT_TOLERANCE, color="#616161", linestyle="--", linewidth=0.8)

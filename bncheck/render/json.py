@@ -16,7 +16,7 @@ from bncheck import __version__
 from bncheck.findings import Finding, number, shape_json
 from bncheck.model import NormLayer, OutputComparison, ProbeResult, TensorStats, observed_set_size, summarize
 from bncheck.report import SCHEMA_VERSION, Report, layer_status, probe_cell, set_sizes, unknown_layers
-from bncheck.verdicts import dependence_verdict
+from bncheck.verdicts import dependence_verdict, outputs_cleared
 
 if TYPE_CHECKING:
     from bncheck.fix_result import FixResult, LayerFix
@@ -186,6 +186,7 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
         "batch_handling": probe.batch_handling,
         "layers": {},
     }
+    cleared = outputs_cleared(probe)  # the layers' changes are then the rounding of batch-size kernels
     for layer in layers:
         entry: dict[str, Any] = {"by_batch_size": {}}
         for batch_size in probe.batch_sizes:
@@ -208,7 +209,7 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
                 "samples": dep.samples,
                 "batch_sizes": list(dep.batch_sizes),
                 "worst_batch_size": dep.worst_batch_size,
-                "verdict": dependence_verdict(dep),
+                "verdict": dependence_verdict(dep, cleared),
             }
         if not entry["by_batch_size"]:
             entry["not_measured"] = probe.unmeasured.get(

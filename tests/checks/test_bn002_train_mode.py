@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bncheck import engine
 from bncheck.backends import ProbeSettings
-from bncheck.verdicts import COMPANION_TOLERANCE, OUTPUT_DEPENDENCE_TOLERANCE
+from bncheck.render.json import render as render_json
+from bncheck.report import layer_status
+from bncheck.verdicts import COMPANION_TOLERANCE, OUTPUT_DEPENDENCE_TOLERANCE, is_affected
 from tests.builders import (
     batch_centering_model,
     bn_model,
@@ -196,6 +200,18 @@ def test_float32_rounding_between_batch_sizes_is_not_a_batch_dependence(tmp_path
     assert probe.companion_change == 0.0  # same size, other companions: bit-identical
     assert [f for f in report.findings if f.code == "BN002"] == [] and probe.located is None
     assert any("not a batch dependence" in note for note in probe.notes)
+
+
+def test_a_layer_fed_by_batch_size_rounding_is_not_called_affected(tmp_path):
+    """The companion test cleared the outputs: a layer whose input moved between a sample alone and in a batch
+    only by that rounding is independent in the table and the JSON document, not "affected"."""
+    report = engine.probe(cancellation_model(tmp_path / "m.onnx", layer_norm=True), ProbeSettings())
+    [probe] = report.probes
+    [layer] = report.layers
+    assert is_affected(probe.dependence["ln"]) and probe.companion_change == 0.0
+    assert layer_status(report, layer) == "ok"
+    document = json.loads(render_json(report))
+    assert document["probe"]["runs"][0]["layers"]["ln"]["batch_dependence"]["verdict"] == "independent"
 
 
 def test_large_outputs_are_compared_on_a_regular_subset(tmp_path):

@@ -13,6 +13,7 @@ holds and that no earlier batch-dependent tensor feeds is reported on its own: `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, GraphIndex, node_input
@@ -138,10 +139,17 @@ class _Flow:
             return replace(first, what="inv", nodes=first.nodes | {idx})
         if op == "Rsqrt" and first is not None:
             return self._rsqrt(first, idx)
+        if op == "Relu" and first is not None and first.what == "var":  # max(0, E[x^2] - E[x]^2): flax's
+            return replace(first, nodes=first.nodes | {idx})
         if len(ins) != 2:
             return None
         a, b = ins
         fa, fb = self.form(a), self.form(b)
+        if op == "Max":  # the same clamp as jax2tf writes it
+            clamped = (fa, b) if fa is not None else (fb, a)
+            if clamped[0] is not None and clamped[0].what == "var" and self.g.scalar(clamped[1]) == 0.0:
+                return replace(clamped[0], nodes=clamped[0].nodes | {idx})
+            return None
         if op == "Pow":
             exponent = g.scalar(b)
             if exponent == 2.0:
@@ -208,7 +216,7 @@ class _Flow:
             return None
         if fa.what in _AVERAGED:
             value = self.g.scalar(b)
-            if value is not None and 0.0 < value < 1.0:  # times 1/N
+            if value is not None and 0.0 < value < 1.0 and self._one_over_count(fa, value):  # times 1/N
                 return replace(fa, what=_AVERAGED[fa.what], nodes=fa.nodes | {idx})
             return None
         if fa.what == "var" and fb is None and self.is_count(b):  # var * N, then / (N - 1) below
@@ -225,6 +233,15 @@ class _Flow:
             self.extended.add(a)
             return replace(fa, scale=b, nodes=fa.nodes | {idx})
         return None
+
+    def _one_over_count(self, f: Form, value: float) -> bool:
+        """``value`` is 1/N for the N elements ``f`` sums, where the shapes give N (a sum times anything else is
+        no mean); true where they do not."""
+        shape = self.g.shape(f.x)
+        dims = [shape[a] for a in f.axes if a < len(shape)] if shape is not None else []
+        if len(dims) != len(f.axes) or not all(isinstance(d, int) and d > 0 for d in dims):
+            return True
+        return abs(value * math.prod(d for d in dims if isinstance(d, int)) - 1.0) <= 1e-5
 
     def _div(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
         if fa is not None and fa.what in _AVERAGED and fb is None and self.is_count(b):

@@ -59,11 +59,18 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
 _TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
 _TF_MOMENTS = re.compile(r"/moments/(?:mean|Mean)(?:_\d+)?$")
+#: jax2tf's scopes around a flax module's path: the converted function's and each jitted call's
+_JAX2TF_SCOPES = re.compile(r"^jax2tf_[^/]*/(?:pjit_[^/]*/)*")
 
 
 def _tf_layer_scope(name: str) -> str:
     """A tf2onnx chain named after its mean's node (``StatefulPartitionedCall/model/encoder_0/ln/moments/mean``)
-    by the Keras layer's path (``model/encoder_0/ln``); other names as they are."""
+    by the Keras layer's path (``model/encoder_0/ln``), a jax2tf one
+    (``jax2tf_f_/pjit_f_/Model/LayerNorm_0/Sum``) by the flax module's (``Model/LayerNorm_0``); other names as
+    they are."""
+    jax_scopes = _JAX2TF_SCOPES.match(name)
+    if jax_scopes and "/" in name[jax_scopes.end() :]:
+        return name[jax_scopes.end() :].rsplit("/", 1)[0]
     if not _TF_MOMENTS.search(name):
         return name
     scope = _TF_MOMENTS.sub("", name)
