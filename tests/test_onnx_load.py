@@ -323,6 +323,22 @@ def test_checker_failure_is_a_warning_note_and_the_graph_is_walked(tmp_path):
     assert any(n.level == "warning" and "onnx.checker" in n.message for n in view.notes)
 
 
+def test_the_checkers_whole_message_is_kept_where_it_breaks_lines(tmp_path):
+    """onnx.checker names the misplaced node on the lines after its first (imgly's ISNet ships out of order)."""
+    model = bn_model()
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["z"], name="late_relu"))
+    model.graph.output.append(helper.make_tensor_value_info("z", F32, ["N", C, 2, 2]))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(model, str(path))
+    view = OnnxBackend().load(str(path))
+    [note] = [n for n in view.notes if "onnx.checker" in n.message]
+    assert "late_relu" in note.message and "\n" not in note.message  # the node, on the note's one line
+    assert [l.name for l in view.layers] == ["bn"]
+
+
 def test_strict_shape_inference_failure_is_a_warning_note(tmp_path):
     model = bn_model()
     del model.graph.output[:]

@@ -1092,9 +1092,12 @@ def test_a_layer_norm_with_torchs_unbiased_std_is_found(tmp_path, mean_twice):
     assert any("rescaled by a count" in n for n in layer.notes)
 
 
-def test_a_reduction_whose_input_rank_only_a_newer_opset_infers_is_resolved(tmp_path):
+@pytest.mark.parametrize("reversed_nodes", [False, True])
+def test_a_reduction_whose_input_rank_only_a_newer_opset_infers_is_resolved(tmp_path, reversed_nodes):
     """At opset 9 onnx's inference does not follow Shape -> Gather -> Concat into a Reshape's target, so every
-    tensor after a head split has no rank, and ReduceMean(axes=[-1]) no axes (lore_process: 14 of 16 layers)."""
+    tensor after a head split has no rank, and ReduceMean(axes=[-1]) no axes (lore_process: 14 of 16 layers).
+    ``reversed_nodes``: the file's nodes out of topological order (imgly's ISNet ships so), which the version
+    converter, as inference, would follow."""
     path = torch_std_layer_norm(tmp_path, mean_twice=False, opset=9)
     model = onnx.load(path)
     graph = model.graph
@@ -1109,8 +1112,11 @@ def test_a_reduction_whose_input_rank_only_a_newer_opset_infers_is_resolved(tmp_
     nodes = shape_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.save(model, path)
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    if reversed_nodes:
+        del graph.node[:]
+        graph.node.extend(reversed(nodes))
+    onnx.save(model, path)
     assert not [v for v in inferred.graph.value_info if v.name == "x" and v.type.tensor_type.HasField("shape")]
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.LAYER and layer.axes == (2,)

@@ -116,6 +116,12 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _joined_lines(exc: BaseException, limit: int = 500) -> str:
+    """The whole message on one line: onnx.checker breaks its sentences across lines (the node it names)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return (text or type(exc).__name__)[:limit]
+
+
 def _what_else(path: str, head: bytes) -> str | None:
     """What a file that is no ONNX model is instead (another framework's file, a text file), or None."""
     from bncheck.backends.file_kinds import describe
@@ -751,7 +757,7 @@ def _check_and_infer(path: str, model: onnx.ModelProto, large: bool) -> tuple[on
         else:
             onnx.checker.check_model(skeleton)
     except Exception as exc:
-        notes.append(Note("warning", f"onnx.checker rejects the model: {_first_line(exc)}"))
+        notes.append(Note("warning", f"onnx.checker rejects the model: {_joined_lines(exc)}"))
 
     def infer(strict: bool) -> onnx.ModelProto:
         if large:
@@ -845,7 +851,8 @@ def _through_newer_opset(inferred: onnx.ModelProto, skeleton: onnx.ModelProto, l
     if large or opset >= _INFERENCE_OPSET or not _rankless_reductions(inferred):
         return inferred
     try:
-        converted = version_converter.convert_version(skeleton, _INFERENCE_OPSET)
+        # the converter, as inference, follows the file's node order: a misplaced node loses every shape after it
+        converted = version_converter.convert_version(_sorted(skeleton), _INFERENCE_OPSET)
         newer = onnx.shape_inference.infer_shapes(converted, strict_mode=False, data_prop=True)
     except Exception:  # the converter has no adapter for many ops and versions: the shapes as they were
         return inferred
