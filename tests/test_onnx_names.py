@@ -135,6 +135,50 @@ def test_unnamed_and_paddle_nodes_take_their_weight_prefix(tmp_path: Path) -> No
     ]
 
 
+def test_torchscript_scoped_nodes_take_the_module_path_their_weights_name(tmp_path: Path) -> None:
+    """torch >= 1.13's exporter names a node ``/<scopes>/<op>[_N]``; a Sequential's child is scoped by its full
+    path (``/features/features.1/``), a module called again ``norm_1``: the weights say the module path."""
+    inits: list = []
+    nodes = [
+        _bn("/features/features.1/BatchNormalization", "x", "a", "features.1", inits),
+        _bn("/head/norm/BatchNormalization", "a", "b", "model.head.norm", inits),
+        _bn("/head/norm_1/BatchNormalization", "b", "c", "model.head.norm", inits),  # called again
+        _bn("/tail/bn/BatchNormalization_3", "c", "y", "shared_stats", inits),  # weights named otherwise
+    ]
+    layers = _inspected_layers(tmp_path / "ts.onnx", nodes, inits, ["N", 4, 3, 3], opset=17, ir_version=8)
+    assert [(layer["name"], layer["nodes"]) for layer in layers] == [
+        ("features.1", ["/features/features.1/BatchNormalization"]),
+        ("model.head.norm", ["/head/norm/BatchNormalization"]),
+        ("model.head.norm#2", ["/head/norm_1/BatchNormalization"]),
+        ("tail/bn", ["/tail/bn/BatchNormalization_3"]),
+    ]
+
+
+def test_a_torchscript_decomposed_layer_norm_takes_its_module_path(tmp_path: Path) -> None:
+    """openWakeWord's heads (torch 2.x, opset 13): LayerNorm decomposed, the chain named after its mean's
+    node ``/blocks.0/layer_norm/ReduceMean``; its affine reads ``blocks.0.layer_norm.weight``."""
+    scope = "/blocks.0/layer_norm/"
+    inits = [
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, 8).astype(np.float32), "blocks.0.layer_norm.weight"),
+        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, 8).astype(np.float32), "blocks.0.layer_norm.bias"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], name=scope + "ReduceMean"),
+        helper.make_node("Sub", ["x", "m"], ["d"], name=scope + "Sub"),
+        helper.make_node("Pow", ["d", "two"], ["d2"], name=scope + "Pow"),
+        helper.make_node("ReduceMean", ["d2"], ["v"], axes=[-1], name=scope + "ReduceMean_1"),
+        helper.make_node("Add", ["v", "eps"], ["ve"], name=scope + "Add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=scope + "Sqrt"),
+        helper.make_node("Div", ["d", "sd"], ["n"], name=scope + "Div"),
+        helper.make_node("Mul", ["n", "blocks.0.layer_norm.weight"], ["g"], name=scope + "Mul"),
+        helper.make_node("Add", ["g", "blocks.0.layer_norm.bias"], ["y"], name=scope + "Add_1"),
+    ]
+    [layer] = _inspected_layers(tmp_path / "ln.onnx", nodes, inits, ["N", 16, 8], opset=13, ir_version=8)
+    assert layer["name"] == "blocks.0.layer_norm" and layer["kind"] == "layer"
+
+
 def test_generated_names_and_weight_prefixes() -> None:
     for name in (
         "",

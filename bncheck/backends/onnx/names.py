@@ -4,8 +4,10 @@ PyTorch's dynamo exporter names a BatchNormalization node ``node__native_batch_n
 and keeps the module path (``head.head_bn``) in the node's metadata (``pkg.torch.onnx.name_scopes``,
 ``namespace``) and in the weight names (``head.head_bn.weight``, ``head.head_bn.running_mean``). paddle2onnx
 writes ``p2o.BatchNormalization.3``, other exporters ``BatchNormalization_12`` or nothing at all. A layer is
-named after the metadata's module path when there is one, else, when its node name is empty or generated,
-after the common prefix of its weight names; the node names stay in ``NormLayer.nodes``.
+named after the metadata's module path when there is one; the TorchScript exporter's scoped node names
+(``/features/features.1/BatchNormalization``) by the module path a weight of the layer carries
+(``features.1``); else, when its node name is empty or generated, after the common prefix of its weight
+names; the node names stay in ``NormLayer.nodes``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         path = module_path(g.nodes[i])
         if path:
             return path
+    scope = _torch_scope(g.nodes[idx].name, g.nodes[idx].op_type)
+    if scope is not None:
+        return _torch_module(scope, _weights(g, layer, indices))
     if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
         return _tf_layer_scope(layer.name) if layer.op_type == "decomposed" else layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
@@ -61,6 +66,27 @@ _TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
 _TF_MOMENTS = re.compile(r"/moments/(?:mean|Mean)(?:_\d+)?$")
 #: jax2tf's scopes around a flax module's path: the converted function's and each jitted call's
 _JAX2TF_SCOPES = re.compile(r"^jax2tf_[^/]*/(?:pjit_[^/]*/)*")
+
+
+def _torch_scope(name: str, op_type: str) -> list[str] | None:
+    """The module scopes of a node that torch's TorchScript exporter (torch >= 1.13) named
+    ``/encoder/layer.0/norm/ReduceMean_1``: ["encoder", "layer.0", "norm"]; None for any other name."""
+    match = re.fullmatch(r"/((?:[^/]+/)*[^/]+)/" + re.escape(op_type) + r"(?:_\d+)?", name)
+    return match.group(1).split("/") if match else None
+
+
+def _torch_module(scope: list[str], weights: list[str]) -> str:
+    """The module path of the layer in scope ``scope``: from a weight it reads whose name ends in that
+    module's (``features.1.weight`` under ``/features/features.1/``: ``features.1``), else the scopes
+    joined (the exporter's scopes name a Sequential's children by their full path, so they cannot be
+    joined into one reliably). A module called again is scoped ``norm1_1``: its weights are ``norm1``'s, and
+    the name it gets here is made unique as every repeated call's is (``#2``)."""
+    prefixes = [re.sub(r":\d+$", "", weight).rpartition(".")[0] for weight in weights]
+    for module in dict.fromkeys((scope[-1], re.sub(r"_\d+$", "", scope[-1]))):
+        for prefix in prefixes:
+            if prefix == module or prefix.endswith("." + module):
+                return prefix
+    return "/".join(scope)
 
 
 def _tf_layer_scope(name: str) -> str:
