@@ -810,7 +810,7 @@ def test_a_vector_computed_from_the_input_and_reshaped_to_1_is_not_taken_for_the
     rewritten = {n.input[1] for n in model.graph.node if n.op_type == "Reshape"}
     assert "bias_shape" in rewritten and "flat" not in rewritten
     _, doc = _probe_json(str(path))
-    assert "(1 Reshape/Expand shape constant(s)" in _run(doc)["batch_handling"]
+    assert "(1 Reshape/Expand/Resize shape constant(s)" in _run(doc)["batch_handling"]
 
 
 @pytest.mark.parametrize("fixed", [1, 4])
@@ -821,7 +821,7 @@ def test_a_relaxed_copy_computes_the_files_outputs_at_the_files_batch_size(tmp_p
 
     path = _convnet(tmp_path / "m.onnx", fixed)
     view, copy, folder = _prepared(path)
-    assert copy.proof is not None and "1 Reshape/Expand shape constant(s)" in str(copy.batch)
+    assert copy.proof is not None and "1 Reshape/Expand/Resize shape constant(s)" in str(copy.batch)
     fed, relaxed = copy.proof.runs[0]
     assert len(fed["x"]) == fixed
     original = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["y"], fed)[0]
@@ -922,3 +922,32 @@ def test_a_relaxed_copy_carries_the_shapes_that_inference_gives_that_very_copy(t
     assert copy.relaxed_shapes == (shapes, types)
     assert {name: copy.shapes[name] for name in shapes} == shapes
     assert copy.shapes["f"][0] == copy.shapes["x"][0] != 1  # the flatten follows the relaxed batch
+
+
+def test_a_resize_whose_sizes_bake_the_fixed_batch_in_is_relaxed_with_it(tmp_path):
+    """torch exports F.interpolate(size=...) at a fixed batch as Resize with sizes [1, C, H', W'] (imgly's
+    ISNet: 39 of them): relaxed, the sizes follow the fed batch and the dependence test runs at batch 2."""
+    c = 4
+    rng = np.random.default_rng(5)
+    params = [rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c), rng.uniform(-0.2, 0.2, c), rng.uniform(0.5, 2, c)]
+    inits = [numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, ("g", "b", "m", "v"))]
+    inits.append(numpy_helper.from_array(np.array([1, c, 8, 8], np.int64), "sizes"))
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"], name="bn"),
+        helper.make_node("Resize", ["h", "", "", "sizes"], ["y"], mode="linear", name="up"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "resize_b1.onnx"
+    onnx.save(model, str(path))
+    _, doc = _probe_json(str(path), "--batch-sizes", "1,2")
+    run = _run(doc)
+    assert run["batch_sizes"] == [1, 2]
+    assert "relaxed to symbolic, validated (1 Reshape/Expand/Resize shape constant(s)" in run["batch_handling"]

@@ -9,7 +9,7 @@ change harmless:
 - IR < 4 lists every initializer among the graph inputs: those are weights, dropped from the copy's inputs;
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
 - a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
-  shapes are cleared and re-inferred, and Reshape/Expand shape constants that bake the batch in are computed
+  shapes are cleared and re-inferred, and Reshape/Expand/Resize shape constants that bake the batch in are computed
   from the fed batch instead. At the file's size the copy is the file's graph (declared shapes aside, a
   rewritten constant computes the file's value there), so no run of the original is needed; the relaxation
   is kept only when runs of the copy prove it: it runs at the file's size, and at another size every output
@@ -109,7 +109,7 @@ class ProbeCopy:
     pending: Pending | None = None
     # why the probe's own runs failed that proof, when the outputs say so (see OutputsRefuse)
     refused: OutputsRefuse | None = None
-    # Reshape/Expand shape constants of the relaxed copy rewritten to follow the fed batch (0: none, or not relaxed)
+    # Reshape/Expand/Resize shape constants of the relaxed copy rewritten to follow the fed batch (0: none, or not relaxed)
     batch_constants: int = 0
     # the synthetic inputs that proof drew (run_plan's ``drawn``; None with --data or without a proof)
     drawn: dict[str, np.ndarray] | None = None
@@ -283,9 +283,9 @@ def _batch_fed(graph: Any, batched: dict[str, int]) -> set[str]:
 def _rewrite_batch_constants(
     model: onnx.ModelProto, batched: dict[str, int], fixed: int, shapes: dict[str, tuple[Dim, ...]]
 ) -> int:
-    """Reshape/Expand targets whose first element is the fixed batch, on a batch-fed tensor whose first dim
-    (in the file's ``shapes``) is that batch or unknown, become ``Concat(Shape(input)[axis:axis+1], rest)``:
-    the fed batch instead of the baked one. Returns how many."""
+    """Reshape/Expand targets and Resize sizes whose first element is the fixed batch, on a batch-fed tensor
+    whose first dim (in the file's ``shapes``) is that batch or unknown, become
+    ``Concat(Shape(input)[axis:axis+1], rest)``: the fed batch instead of the baked one. Returns how many."""
     from onnx import helper
 
     graph = model.graph
@@ -298,16 +298,18 @@ def _rewrite_batch_constants(
         first = (shapes.get(name) or (None,))[0]
         return not isinstance(first, int) or first == fixed
 
+    # the input holding the output's shape: Resize's sizes (its fourth input, from opset 11) as Reshape's target
+    where = {"Reshape": 1, "Expand": 1, "Resize": 3}
     sites = [
-        (i, node)
+        (i, node, where[node.op_type])
         for i, node in enumerate(graph.node)
-        if node.op_type in ("Reshape", "Expand")
+        if node.op_type in where
         and node.domain in ("", "ai.onnx")
-        and len(node.input) > 1
+        and len(node.input) > where[node.op_type]
         and node.input[0] in fed
-        and node.input[1] in constants
-        and constants[node.input[1]][0].size >= 1
-        and int(constants[node.input[1]][0][0]) == fixed
+        and node.input[where[node.op_type]] in constants
+        and constants[node.input[where[node.op_type]]][0].size >= 1
+        and int(constants[node.input[where[node.op_type]]][0][0]) == fixed
         and may_hold_batch(node.input[0])
     ]
     if not sites:
@@ -321,8 +323,8 @@ def _rewrite_batch_constants(
         "Gather", [f"{prefix}_shape", zero.name], [f"{prefix}_size"], name=f"{prefix}_size", axis=0
     )
     added: list[tuple[int, Any]] = []
-    for count, (i, node) in enumerate(sites):
-        rest = constants[node.input[1]][0][1:]
+    for count, (i, node, k) in enumerate(sites):
+        rest = constants[node.input[k]][0][1:]
         target = f"{prefix}_target_{count}"
         parts = [batch.output[0]]
         if rest.size:
@@ -330,7 +332,7 @@ def _rewrite_batch_constants(
             graph.initializer.append(tail)
             parts.append(tail.name)
         added.append((i, helper.make_node("Concat", parts, [target], name=target, axis=0)))
-        node.input[1] = target
+        node.input[k] = target
     nodes = list(graph.node)
     for i, concat in reversed(added):
         nodes.insert(i, concat)
@@ -599,7 +601,7 @@ def _relax(
         proof = prove(rewritten)
         relaxed = rewritten if isinstance(proof, Proof) else model
     if count and relaxed is rewritten:
-        how += f" ({count} Reshape/Expand shape constant(s) holding the batch now follow the fed batch)"
+        how += f" ({count} Reshape/Expand/Resize shape constant(s) holding the batch now follow the fed batch)"
     # with nothing rewritten the copy already is the plain relaxed one, whose runs on the probe's graph
     # failed the proof on their outputs (``refused``): no proof of it on its own
     if isinstance(proof, str) and not settled and (refused is None or count):
