@@ -253,7 +253,7 @@ def test_torch_group_norm_export_is_the_group_norm_of_its_source(tmp_path, inner
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.GROUP and layer.groups == 3 and layer.channels == 6
     assert layer.axes == (1, 2, 3) and layer.channel_axis == 1 and layer.input_shape == ("N", 6, "H", "W")
-    assert layer.input == "x" and layer.output == "y" and layer.name == "/gn/InstanceNormalization"
+    assert layer.input == "x" and layer.output == "y" and layer.name == "gn"  # the module, from the TorchScript scope
     assert set(layer.nodes) == {"/gn/Reshape", "/gn/InstanceNormalization", "/gn/Reshape_1", "/gn/Mul", "/gn/Add"}
     assert normalized_set_size(layer) == (2, ("H", "W"))
     # the view's per-channel scale and bias are what the graph computes from each group's moments
@@ -1305,3 +1305,17 @@ def test_flax_layer_norm_through_jax2tf_is_found_by_its_module_path(tmp_path, cl
 def test_a_sum_scaled_by_anything_but_one_over_its_count_is_not_a_mean(tmp_path, factor):
     layers, _ = load_layers(flax_layer_norm(tmp_path, factor=factor, clamp="")[0])
     assert layers == []
+
+
+def test_a_layer_norms_open_last_dim_is_the_size_its_scale_fixes(tmp_path):
+    """tesseranet's q_norm: LayerNorm over a head dim the file leaves open, its scale [80]: the set is 80
+    elements (onnxruntime refuses any other size), not "a set of one element only at axis 3 = 1"."""
+    gamma, beta = RNG.uniform(0.5, 1.5, 8).astype(np.float32), RNG.normal(0, 0.1, 8).astype(np.float32)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, name="q_norm")]
+    inits = [const("g", gamma), const("b", beta)]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 4, "head"])], [vinfo("y", ["N", 4, "head"])], inits, opset=17)
+    (layer,), _ = load_layers(path)
+    assert layer.input_shape == ("N", 4, 8) and normalized_set_size(layer) == (8, ())
+    from bncheck import engine
+
+    assert [f for f in engine.inspect(path).findings if f.code == "BN001"] == []

@@ -20,6 +20,7 @@ and is not; it is reported as an INSTANCE layer with a note.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -317,7 +318,26 @@ def _trailing_norm(
         notes=notes,
         extra={"axis": raw_axis},
     )
+    pinned = _pinned_by_affine(layer.input_shape, axes, scale if scale is not None else bias)
+    if pinned != layer.input_shape:
+        layer = replace(layer, input_shape=pinned)
     return layer, [idx]
+
+
+def _pinned_by_affine(
+    shape: tuple[Dim, ...] | None, axes: tuple[int, ...] | None, affine: np.ndarray | None
+) -> tuple[Dim, ...] | None:
+    """``shape`` with the open dims of the normalized axes that a stored scale (or bias) fixes: it multiplies
+    the normalized tensor and the output keeps the input's shape, so a [80] scale means a last axis of 80
+    (onnxruntime refuses another; tesseranet's q_norm over a head dim the file leaves open)."""
+    if shape is None or axes is None or affine is None or affine.ndim > len(axes):
+        return shape
+    aligned = (1,) * (len(axes) - affine.ndim) + tuple(affine.shape)
+    pinned = list(shape)
+    for axis, size in zip(axes, aligned):
+        if axis < len(pinned) and size > 1 and not isinstance(pinned[axis], int):
+            pinned[axis] = int(size)
+    return tuple(pinned)
 
 
 def _layer_norm(g, idx):
