@@ -240,10 +240,13 @@ def _error_effect(recal: Recalibration) -> str:
     judged = [_judged(c) for c in recal.outputs.values()]
     if any(agreement is not None and agreement < EFFECT_AGREEMENT_ERROR for _, agreement in judged):
         return "; this changes the model's predictions (see the output effect)"
-    shifts = [c.shift for c in recal.outputs.values() if c.shift == c.shift and c.changed is None]
+    shifts = [(c.shift, name) for name, c in recal.outputs.items() if c.shift == c.shift and c.changed is None]
     if not shifts:
         return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
+    shift, name = max(shifts)
+    # named where the model has several outputs: the effect line below may quote another one
+    which = f"the model's output {name!r}" if len(recal.outputs) > 1 else "the model's outputs"
     return (
-        f"; this moves the model's outputs by {shown(max(shifts), EFFECT_SHIFT_ERROR)} output standard deviations "
+        f"; this moves {which} by {shown(shift, EFFECT_SHIFT_ERROR)} output standard deviations "
         f"(an error above {EFFECT_SHIFT_ERROR}; see the output effect)"
     )

@@ -213,6 +213,20 @@ def test_an_effect_just_past_its_threshold_is_not_printed_as_the_threshold():
     assert "outputs move by 0.43 output standard deviations and keep their top-1 class on 97% of the samples" in small
 
 
+def test_the_shift_an_error_quotes_names_its_output_where_the_model_has_several():
+    # SSR-Net's nine outputs (faceplugin's fr_age): the error quoted 1.37 sd, stage2_delta_k's, and the effect
+    # line below it another output's 0.827 sd, with nothing to say which was which
+    from bncheck.checks.bn003_stale_stats import _error_effect
+    from bncheck.model import OutputComparison, Recalibration
+
+    outputs = {
+        "index_offset_stage1": OutputComparison("index_offset_stage1", 0.827, 1.1, 64, 1.0),
+        "stage2_delta_k": OutputComparison("stage2_delta_k", 1.37, 2.0, 64, 1.0),
+    }
+    text = _error_effect(Recalibration(("bn",), outputs, 64))
+    assert "this moves the model's output 'stage2_delta_k' by 1.37 output standard deviations" in text
+
+
 def test_a_label_outputs_effect_is_the_share_of_labels_that_change_not_a_distance_between_labels():
     # wired-table-rec's ArgMax map: 0.4% of pixels changed class, read as "outputs move by 0.34 output sd"
     from bncheck.checks.bn003_stale_stats import _error_effect, _judged, _small_effect
