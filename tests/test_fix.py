@@ -2028,3 +2028,12 @@ def test_fix_holds_about_one_batch_of_a_mapped_data_file_at_a_time(tmp_path: Pat
 
     grown = peak("many.npy") - peak("few.npy")
     assert grown < 40 << 20, f"the repair from 2,000 samples peaked {grown / 2**20:.0f} MB higher"
+
+
+def test_a_model_without_normalization_layers_gets_no_empty_fix_table(tmp_path: Path) -> None:
+    """openWakeWord's Gemm/Relu heads: `fix` printed the table's header over no row."""
+    from tests.builders import dynamic_quant_model
+
+    path = dynamic_quant_model(tmp_path / "plain.onnx")
+    result = CliRunner().invoke(main, ["fix", path, "-o", str(tmp_path / "o.onnx"), "--dry-run"])
+    assert "mean / var median" not in result.stdout and "nothing to repair" in result.stdout

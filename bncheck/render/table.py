@@ -258,7 +258,8 @@ def _finding(finding: Finding, hint: bool) -> list[RenderableType]:
 
 def _fix(fix: FixResult, fail_on: str, width: int) -> list[RenderableType]:
     """What `bncheck fix` did per layer, the notes, the written model's remaining findings, one summary."""
-    parts: list[RenderableType] = [_fix_table(fix, width)]
+    # no layer to act on (a model without normalization layers): no header over an empty table
+    parts: list[RenderableType] = [_fix_table(fix, width)] if fix.outcome.layers else []
     for note in fix.outcome.notes:
         parts.append(Text(literal(f"fix: {note}"), style="yellow" if "uncertain" in note else "dim"))
     left = fix.remaining(fail_on)
