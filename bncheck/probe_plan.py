@@ -1481,15 +1481,16 @@ def _saturated(outputs: Mapping[tuple[int, ...], Mapping[str, np.ndarray]]) -> s
             continue  # not probability-like; or softmax rows, which over many classes may all be small
         low, high = bounds
         if high <= SATURATED:
-            found.append(f"'{name}' stayed within {high:.2g} of 0")
+            found.append(f"'{name}' was exactly 0" if high == 0.0 else f"'{name}' stayed within {high:.2g} of 0")
         elif low >= 1.0 - SATURATED:
-            found.append(f"'{name}' stayed within {1.0 - low:.2g} of 1")
+            found.append(f"'{name}' was exactly 1" if low == 1.0 else f"'{name}' stayed within {1.0 - low:.2g} of 1")
     if not found:
         return None
     return (
         f"for every sample the probe drew, the model's output {' and '.join(found)} (a map or scores that "
-        "find nothing in them, or everything): the synthetic inputs are likely unlike the model's data, and so "
-        "the statistics measured on them; probe with --data (inputs the model really gets)"
+        "find nothing in them, or everything; or a head whose weights give a constant): the synthetic inputs "
+        "are likely unlike the model's data, and so the statistics measured on them; probe with --data (inputs "
+        "the model really gets)"
     )
 
 

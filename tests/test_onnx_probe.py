@@ -792,6 +792,13 @@ def test_a_probability_map_near_0_on_every_drawn_sample_is_noted(tmp_path):
     # sigmoid(-9 + h), h a few tenths, stays under 2.5e-4 (at -20 onnxruntime's Sigmoid returns one value: a blind test)
     dead = [n for n in notes(score_head_model(tmp_path / "dead.onnx", offset=-9.0)) if "within" in n]
     assert len(dead) == 1 and "output 'scores' stayed within 0.00024 of 0 (a map" in dead[0] and "--data" in dead[0]
+    # exactly 0 for every input beside a live output (fr_gender's second head: weights of 1e-40, a negative
+    # bias): said so, not "stayed within 0 of 0"
+    from bncheck.probe_plan import _saturated
+
+    runs = {(0, 1, 2): {"dead": np.zeros((3, 4), np.float32), "live": np.linspace(0, 1, 12).reshape(3, 4)}}
+    zero = _saturated(runs) or ""
+    assert "output 'dead' was exactly 0 (a map" in zero and "within" not in zero and "live" not in zero
     full = [n for n in notes(score_head_model(tmp_path / "full.onnx", offset=9.0)) if "within" in n]
     assert len(full) == 1 and "'scores' stayed within" in full[0] and "of 1 (a map" in full[0]
     assert not [n for n in notes(score_head_model(tmp_path / "live.onnx")) if "within" in n]
