@@ -197,6 +197,9 @@ class ModelView:
     notes: list[Note] = field(default_factory=list)
     handle: Any = field(default=None, repr=False)
     batch_ops: list[BatchOp] = field(default_factory=list)
+    # in a file that fixes the batch to 1: the reductions over axis 0 a batch would reach once the probe relaxes
+    # that batch (no finding as shipped: a sample has no companions); the relaxed probe tests them as batch_ops
+    relaxed_batch_ops: list[BatchOp] = field(default_factory=list)
     # the model outputs' declared dims by name (None: rank unknown), which tell class scores from other
     # outputs (probe_plan.scores_over_last_axis); a Keras file's config declares none: its probe's runner
     # fills them from the built model

@@ -359,6 +359,22 @@ def test_a_floor_clamped_to_the_batch_max_is_found_with_companions_of_another_sc
     assert any("companions scaled by 10000 and 0.0001" in note for note in report.probes[0].notes)
 
 
+def test_a_batch_max_in_a_file_fixed_to_batch_1_is_found_on_the_relaxed_copy(tmp_path):
+    # the same clamp exported without dynamic axes (openWakeWord's melspectrogram at batch 1): no companion as
+    # shipped, so no static finding; the probe relaxes the batch, and companions of another scale find what a
+    # re-export with a free batch would do: a warning, not an error
+    g = _Graph()
+    g.op("ReduceMax", ["x"], "peak", axes=[0, 1], keepdims=1)
+    g.op("Sub", ["peak", g.const("top_db", np.float32(80.0))], "floor")
+    g.op("Max", ["x", "floor"], "y")
+    path = g.save(tmp_path / "top_db_b1.onnx", [1, 64], [1, 64], opset=13)
+    assert _findings(path, "BN002") == []
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert (finding.layer, finding.severity.label) == ("peak", "warning")
+    assert "measured with the batch dimension relaxed" in finding.message
+
+
 def test_a_model_no_sample_can_run_alone_is_tested_inside_its_smallest_batch(tmp_path):
     # samples centred on the mean of their pair (mne-icalabel's ICLabelNet averages copies spread across its
     # batch): a batch of 1 cannot be reshaped into pairs, so no sample runs alone, and the test was skipped

@@ -25,7 +25,7 @@ class OnnxBackend(Backend):
         from bncheck.backends.onnx.walk import walk_all
 
         handle = load_onnx(path, weights=weights)
-        layers, walk_notes, batch_ops = walk_all(handle)
+        layers, walk_notes, batch_ops, relaxed_ops = walk_all(handle)
         assert handle.info is not None  # load_onnx always sets it
         return ModelView(
             info=handle.info,
@@ -34,6 +34,7 @@ class OnnxBackend(Backend):
             notes=list(handle.notes) + walk_notes,
             handle=handle,
             batch_ops=batch_ops,
+            relaxed_batch_ops=relaxed_ops,
             output_shapes={value.name: handle.value_shapes.get(value.name) for value in handle.model.graph.output},
             pending_sha256=handle.pending_sha256,
         )

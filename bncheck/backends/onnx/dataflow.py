@@ -339,11 +339,14 @@ def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[
     return results
 
 
-def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]]]) -> list[BatchOp]:
+def batch_reductions(
+    g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]]], relaxed: bool = False
+) -> list[BatchOp]:
     """Reductions over the batch axis held by no recognised layer and fed by no earlier batch dependence.
 
     ``layers`` are (first node, layer, node positions). A tensor is batch-dependent downstream of a layer
     that uses batch statistics or of a reported reduction; reductions fed by one are its consequences.
+    ``relaxed``: in a file that fixes the batch to 1, those a batch would reach once relaxed.
     """
     in_layer: dict[int, NormLayer] = {}
     for _, held_by, nodes in layers:
@@ -359,7 +362,7 @@ def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]
         source = layer is not None and layer.batch_statistics
         data = node.op_type not in ("Shape", "Size") and any(t in valued for t in node.input if t)
         if not fed and layer is None and data and node.op_type in REDUCE_OPS and node.domain in ONNX_DOMAINS:
-            op = _batch_reduction(g, idx)
+            op = _batch_reduction(g, idx, relaxed)
             if op is not None and spatial is None:
                 spatial = _axis0_spatial(g)
             if op is not None and not spatial:
@@ -376,11 +379,11 @@ def batch_reductions(g: GraphIndex, layers: list[tuple[int, NormLayer, list[int]
 _INTEGER_TYPES = frozenset({2, 3, 4, 5, 6, 7, 9, 12, 13})
 
 
-def _batch_reduction(g: GraphIndex, idx: int) -> BatchOp | None:
+def _batch_reduction(g: GraphIndex, idx: int, relaxed: bool = False) -> BatchOp | None:
     node = g.nodes[idx]
     axes = _reduce_axes(g, idx)
     x = node_input(node, 0)
-    if not isinstance(axes, tuple) or 0 not in axes or not _axis0_is_batch(g, x):
+    if not isinstance(axes, tuple) or 0 not in axes or not _axis0_is_batch(g, x, relaxed):
         return None
     if g.types.get(x) in _INTEGER_TYPES:
         # the longest sentence of the batch, say, which pads the others: shape arithmetic, not a value a sample's
@@ -462,17 +465,31 @@ def _moved_axis(g: GraphIndex, idx: int, axis: int) -> int | None:
     return None
 
 
-def _axis0_is_batch(g: GraphIndex, tensor: str) -> bool:
-    """Axis 0 of ``tensor`` can hold several samples: not in a file whose inputs fix the batch to 1, not a fixed
-    1, not a fixed size in a model whose inputs have a free batch dim, not a dim that the inputs name only on
-    another axis (a sequence length, say)."""
+def fixed_to_one(g: GraphIndex) -> bool:
+    """The inputs that carry a batch fix it to 1."""
+    return _leading_dims(g) == {1}
+
+
+def _leading_dims(g: GraphIndex) -> set:
     from bncheck.backends.onnx import batch_axes  # the package's module imports the walk, which imports this
 
     inputs = [g.shape(i) for i in g.graph_inputs]
     # the batch dims of the inputs that carry one (a style-weights vector [26] beside an image [1, ...] has none)
-    leading = {s[axis] for s, axis in zip(inputs, batch_axes(inputs)) if s and axis is not None}
+    return {s[axis] for s, axis in zip(inputs, batch_axes(inputs)) if s and axis is not None}
+
+
+def _axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
+    """Axis 0 of ``tensor`` can hold several samples: not in a file whose inputs fix the batch to 1 (unless
+    ``relaxed``: then a data tensor's axis 0 of 1 is where the relaxed batch goes), not a fixed 1, not a fixed
+    size in a model whose inputs have a free batch dim, not a dim that the inputs name only on another axis (a
+    sequence length, say)."""
+    inputs = [g.shape(i) for i in g.graph_inputs]
+    leading = _leading_dims(g)
     if leading == {1}:
-        return False  # a file fixed to batch 1: no tensor holds a second sample, whatever its axis 0 is
+        if not relaxed:
+            return False  # a file fixed to batch 1: no tensor holds a second sample, whatever its axis 0 is
+        shape = g.shape(tensor)
+        return not shape or not isinstance(shape[0], int) or shape[0] == 1
     shape = g.shape(tensor)
     if not shape:
         return True  # unknown: the walk's convention, axis 0 is the batch

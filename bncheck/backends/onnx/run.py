@@ -32,6 +32,7 @@ from bncheck.errors import one_line
 from bncheck.model import (
     DEFAULT_BATCH_SIZES,
     EFFECT_STAGE,
+    BatchOp,
     Dim,
     InputSpec,
     LayerProbe,
@@ -966,7 +967,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
         for engine in engines:
             engine.release_session()
         trim_heap()
-        suspects = [op.output for op in view.batch_ops]
+        suspects = [op.output for op in _tested_ops(view, copy)]
         return locate_dependence(handle, engines[0].tmp, batch, copies, row, size, base=copy, suspects=suspects)
 
     effect_data, effect_note = _effect_data(view, settings)
@@ -979,7 +980,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             copy = prepared(tmp, False, copy.refused)
         try:
             result = run_plan(
-                replace(view, inputs=copy.inputs),
+                replace(view, inputs=copy.inputs, batch_ops=_tested_ops(view, copy)),
                 settings,
                 runner,
                 open_runner=None if runner is not None else open_engine,
@@ -1027,6 +1028,12 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             if effect_note:
                 result.notes.append(effect_note)
     return result
+
+
+def _tested_ops(view: ModelView, copy: ProbeCopy) -> list[BatchOp]:
+    """The reductions over the batch axis the dependence test judges: the file's, or, where the probe relaxed a
+    batch the file fixes to 1, those the relaxed batch reaches (a re-export with a free batch would mix them)."""
+    return view.batch_ops or (view.relaxed_batch_ops if copy.relaxed_shapes is not None else [])
 
 
 def _effect_data(view: ModelView, settings: ProbeSettings) -> tuple[Mapping[str, np.ndarray] | None, str | None]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bncheck.backends.onnx.dataflow import batch_reductions, dataflow_norms
+from bncheck.backends.onnx.dataflow import batch_reductions, dataflow_norms, fixed_to_one
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -56,12 +56,13 @@ def walk(handle: OnnxHandle) -> list[NormLayer]:
 
 def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
     """The layers, and the model-level notes (no layer found, folded BN, norm ops the walk cannot see)."""
-    layers, notes, _ = walk_all(handle)
+    layers, notes, _, _ = walk_all(handle)
     return layers, notes
 
 
-def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[BatchOp]]:
-    """The layers, the model-level notes, and the batch reductions outside every layer (dataflow.py)."""
+def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[BatchOp], list[BatchOp]]:
+    """The layers, the model-level notes, the batch reductions outside every layer (dataflow.py), and in a
+    file that fixes the batch to 1 those a relaxed batch would reach (ModelView.relaxed_batch_ops)."""
     g = GraphIndex(handle)
     found: list[tuple[int, NormLayer]] = []
     spans: list[tuple[int, NormLayer, list[int]]] = []
@@ -81,9 +82,10 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
         spans.append((min(nodes), layer, nodes))
     spans.extend((min(nodes), layer, nodes) for layer, nodes in dataflow_norms(g, used))
     batch_ops = batch_reductions(g, spans)
+    relaxed_ops = batch_reductions(g, spans, relaxed=True) if fixed_to_one(g) else []
     found = sorted(((first, layer) for first, layer, _ in spans), key=lambda item: item[0])
     layers = readable_names(g, found)
-    return layers, _model_notes(g, layers, batch_ops), batch_ops
+    return layers, _model_notes(g, layers, batch_ops), batch_ops, relaxed_ops
 
 
 # ====================================================================== helpers
