@@ -21,6 +21,10 @@ only read.
   the copy says ``reset_after: false``, which is what those versions computed.
 - Keras 2 wrote ``trainable`` and ``noise_shape`` into every SpatialDropout1D/2D/3D config, keywords Keras 3's
   refuse; dropout is the identity at inference, so the copy drops them.
+- tf.keras 2.3 and later wrote ``groups: 1`` into every Conv1DTranspose/Conv2DTranspose/Conv3DTranspose
+  config, a keyword Keras 3's transposed convolutions refuse (they have no groups): 1 is the only value they
+  compute, so the copy drops it (a U-Net's or GAN's decoder: flim-fit's FLIM GAN did not load); another value
+  stays, and the load's refusal with it.
 - A layer wrapped by TimeDistributed or Bidirectional is written without the ``module`` a Keras 3 config
   carries, and Keras 3's legacy loader then cannot find even a built-in class ("Could not locate class
   'Dense'"): the copy names ``keras.layers`` for a wrapped layer (not a wrapped model, which loads no better).
@@ -75,7 +79,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
     wrapped = _unplaced_wrapped(static.config)
     grus = len(_original_grus(static.config))
     dropouts = len(_spatial_dropouts(static.config))
-    if not (listed or declared is not None or time_major or typed or wrapped or grus or dropouts):
+    transposed = len(_grouped_transposed(static.config))
+    if not (listed or declared is not None or time_major or typed or wrapped or grus or dropouts or transposed):
         return None
     with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
         copied = os.path.join(folder, "model.h5")
@@ -95,6 +100,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
                 for dropout in _spatial_dropouts(config):
                     dropout.pop("trainable", None)
                     dropout.pop("noise_shape", None)
+                for layer in _grouped_transposed(config):
+                    del layer["groups"]
                 h5.attrs["model_config"] = json.dumps(config)
         except Exception:  # h5py and json raise many kinds on what they cannot read: the file as it is
             return None
@@ -149,6 +156,12 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
             f"Keras {keras.__version__} refuses the trainable and noise_shape this Keras {static.keras_version} file "
             f"wrote into {dropouts} SpatialDropout layer(s); bncheck loaded it without them (dropout does nothing "
             "at inference)"
+        )
+    if transposed:
+        done.append(
+            f"Keras {keras.__version__} refuses the groups=1 this Keras {static.keras_version} file wrote into "
+            f"{transposed} transposed convolution(s); bncheck loaded it without that key (1 is the only value "
+            "they compute)"
         )
     if wrapped:
         done.append(
@@ -277,6 +290,15 @@ def _spatial_dropouts(config: Any) -> list[dict]:
         c
         for cls, c in _class_configs(config)
         if cls.startswith("SpatialDropout") and ("trainable" in c or "noise_shape" in c)
+    ]
+
+
+def _grouped_transposed(config: Any) -> list[dict]:
+    """The configs of transposed convolutions that carry ``groups: 1``."""
+    return [
+        c
+        for cls, c in _class_configs(config)
+        if cls.startswith("Conv") and cls.endswith("Transpose") and c.get("groups") == 1
     ]
 
 
