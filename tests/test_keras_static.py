@@ -554,3 +554,44 @@ def test_norm_variables_inside_a_layer_the_config_does_not_describe_are_warned_a
     [note] = [n for n in view.notes if "holds the variables" in n.message]
     assert note.level == "warning"
     assert note.message.startswith("layer 'inner_bn' (ResidualStack) holds the variables of 1 normalization layer(s)")
+
+
+def _encoder_with_inner_norms(path):
+    """A subclassed layer holding a Sequential of Dense + BatchNormalization as an attribute, as
+    neutrophils-classifier's SimCLREncoder holds 12 (Keras 3 stores them under the attribute's name)."""
+
+    @keras.saving.register_keras_serializable(package="bncheck_tests")
+    class Encoder(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.feature_extractor = keras.Sequential(
+                [layers.Dense(4), layers.BatchNormalization(), layers.Dense(4), layers.BatchNormalization()]
+            )
+
+        def call(self, x):
+            return self.feature_extractor(x)
+
+    inp = keras.Input((6,))
+    model = keras.Model(inp, layers.Dense(2, name="head")(Encoder(name="encoder")(inp)))
+    model(np.zeros((1, 6), np.float32))
+    model.save(path)
+    return model
+
+
+def test_norms_inside_a_custom_layer_of_a_keras_3_file_are_warned_about(tmp_path):
+    """The same warning as a Keras 2 file's, for a .keras archive: it said "no normalization layer" and passed."""
+    path = tmp_path / "encoder.keras"
+    _encoder_with_inner_norms(path)
+    view = KerasBackend().load(str(path))
+    assert view.layers == []
+    [note] = [n for n in view.notes if "holds the variables" in n.message]
+    assert note.level == "warning" and "of 2 normalization layer(s)" in note.message
+    assert note.message.startswith("layer 'encoder' (Encoder)")
+
+
+def test_a_keras_3_weights_file_finds_the_norms_a_custom_layer_keeps_under_an_attribute(tmp_path):
+    model = _encoder_with_inner_norms(tmp_path / "encoder.keras")
+    path = tmp_path / "encoder.weights.h5"
+    model.save_weights(path)
+    view = KerasBackend().load(str(path))
+    assert len(view.layers) == 2 and all(layer.var is not None for layer in view.layers)

@@ -260,7 +260,7 @@ def build(
         ) from None
     if ctx.unsafe:
         ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + few_reasons(ctx.unsafe)))
-    if isinstance(ctx.weights, LegacyWeights) and cls in MODEL_CLASSES:
+    if isinstance(ctx.weights, (LegacyWeights, KerasWeights)) and cls in MODEL_CLASSES:
         ctx.notes.extend(_hidden_norms(config, ctx))
     saved = f"keras {version}" if version else "an unknown Keras version"
     ctx.notes.insert(0, Note("info", f"saved by {saved}" + (f" (backend {backend})" if backend else "")))
@@ -276,15 +276,21 @@ def build(
 def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[Note]:
     """A warning per top-level layer that holds no normalization layer the walk found but whose variables in
     the file are named as a normalization layer's: a layer class the config does not describe layer by layer
-    (dgad's TCN, a class outside Keras, builds 10 LayerNormalizations inside itself), whose norms go unchecked."""
-    assert isinstance(ctx.weights, LegacyWeights)
+    (dgad's TCN, a class outside Keras, builds 10 LayerNormalizations inside itself; neutrophils-classifier's
+    SimCLREncoder 12 BatchNormalizations in a .keras file), whose norms go unchecked."""
+    weights = ctx.weights
+    assert isinstance(weights, (LegacyWeights, KerasWeights))
     claimed = {layer.name.split("/")[0] for layer in ctx.layers}
+    groups = weights.child_groups(config, "") if isinstance(weights, KerasWeights) else {}
     notes = []
-    for entry in layer_entries(config):
+    for index, entry in enumerate(layer_entries(config)):
         name = _entry_name(entry)
         if not name or name in claimed:
             continue
-        scopes = ctx.weights.norm_scopes(name)
+        if isinstance(weights, KerasWeights):
+            scopes = weights.norm_scopes(groups[index]) if index in groups else []
+        else:
+            scopes = weights.norm_scopes(name)
         if scopes:
             shown = ", ".join(scopes[:3]) + (f" and {len(scopes) - 3} more" if len(scopes) > 3 else "")
             notes.append(

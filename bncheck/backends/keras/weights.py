@@ -37,11 +37,40 @@ def expected_vars(kind: Kind, cls: str, cfg: dict[str, Any]) -> tuple[str, ...]:
     return _VAR_NAMES[kind]
 
 
+#: the class-counter group names of Keras 3's normalization layers (batch_normalization, batch_normalization_3)
+NORM_GROUPS = (
+    "batch_normalization",
+    "layer_normalization",
+    "group_normalization",
+    "rms_normalization",
+    "unit_normalization",
+)
+
+
 class KerasWeights:
     """Variables of a .keras archive, addressed by the class-counter group paths Keras writes."""
 
     def __init__(self, h5: Any) -> None:
         self.h5 = h5
+
+    def norm_scopes(self, group: str) -> list[str]:
+        """The groups under ``group`` that hold a normalization layer's variables (named by its class counter,
+        at any depth: a subclassed layer keeps its sub-layers under their attribute names), in file order;
+        none where the group cannot be read."""
+        found: list[str] = []
+
+        def visit(name: str, item: Any) -> None:
+            last = name.rsplit("/", 1)[-1]
+            if last.startswith(NORM_GROUPS) and hasattr(item, "keys") and "vars" in item:
+                found.append(name)
+
+        try:
+            top = self.h5.get(group)
+            if top is not None and hasattr(top, "visititems"):
+                top.visititems(visit)
+        except (OSError, KeyError, ValueError, TypeError):  # h5py on a damaged group
+            return []
+        return found
 
     def child_groups(self, model_cfg: dict[str, Any], base: str) -> dict[int, str]:
         """Group path of each entry of ``model_cfg``'s layer list (by index), computed the way Keras names them."""

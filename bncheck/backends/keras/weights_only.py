@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.backends.keras.weights import attr_str, read_dataset
+from bncheck.backends.keras.weights import NORM_GROUPS, attr_str, read_dataset
 from bncheck.errors import few
 from bncheck.model import Kind, NormLayer, Note
 
@@ -54,7 +54,7 @@ def weights_only_layers(root: Any) -> tuple[list[NormLayer], list[str]] | None:
 
 
 #: Keras 3's group names of the other normalization classes (their variables carry no names to check them by)
-_OTHER_NORMS = ("layer_normalization", "group_normalization", "rms_normalization", "unit_normalization")
+_OTHER_NORMS = NORM_GROUPS[1:]
 
 
 def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]) -> list[NormLayer]:
@@ -79,6 +79,11 @@ def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]
         inner = group.get("layers")
         if inner is not None and hasattr(inner, "items"):
             found.extend(_keras3_layers(inner, prefix + (name,), others))
+        # a subclassed layer's own sub-layers are stored under their attribute names, beside its vars
+        # (neutrophils-classifier's sim_clr_encoder/feature_extractor/layers/batch_normalization...)
+        attributes = {k: v for k, v in group.items() if k not in ("vars", "layers") and hasattr(v, "items")}
+        if attributes:
+            found.extend(_keras3_layers(attributes, prefix + (name,), others))
     return found
 
 
