@@ -463,14 +463,15 @@ def keep_fixed_batch(copy: ProbeCopy, inputs: list[InputSpec], why: str) -> None
         return
     branch = branch_on_inputs(copy.model.graph)
     if branch is not None:  # re-exporting would not help: the graph itself takes one sample per run
+        # the reason is in the batch handling (copy.batch): the notes do not repeat it
         copy.notes.append(
-            f"relaxing the fixed batch dimension of 1 failed ({why}); the graph branches on a value computed from "
+            "relaxing the fixed batch dimension of 1 failed; the graph branches on a value computed from "
             f"its inputs (If node {branch!r}), so it runs one sample at a time whatever the export"
         )
         return
     first, axis = next((s.name, int(s.batch_axis)) for s in inputs if s.shape and s.batched)  # type: ignore[arg-type]
     copy.notes.append(
-        f"relaxing the fixed batch dimension of 1 failed ({why}); to test batch dependence, re-export "
+        "relaxing the fixed batch dimension of 1 failed; to test batch dependence, re-export "
         "with a dynamic batch dimension (torch.onnx.export(..., dynamic_axes="
         f"{{{first!r}: {{{axis}: 'batch'}}}}) or dynamic_shapes=...; tf2onnx/paddle2onnx: a None/-1 "
         "batch in the input signature)"
@@ -604,12 +605,15 @@ def _relax(
         how += f" ({count} Reshape/Expand/Resize shape constant(s) holding the batch now follow the fed batch)"
     # with nothing rewritten the copy already is the plain relaxed one, whose runs on the probe's graph
     # failed the proof on their outputs (``refused``): no proof of it on its own
+    # where constants were rewritten, the rewritten copy's failure is the one to report: the plain copy fails
+    # first at a node the rewrite handles (a Reshape to [1, ...]), which would hide the real obstacle
+    rewritten_failure = proof if count and isinstance(proof, str) and not isinstance(proof, OutputsRefuse) else None
     if isinstance(proof, str) and not settled and (refused is None or count):
         relaxed = _relaxed(model, batched, fixed) if count else rewritten
         del rewritten
         proof = prove(relaxed)
     if isinstance(proof, str):
-        keep_fixed_batch(copy, inputs, proof)
+        keep_fixed_batch(copy, inputs, rewritten_failure or proof)
         if (
             takes_proof
             and isinstance(proof, OutputsRefuse)
