@@ -154,7 +154,7 @@ def layer_status(report: Report, layer: NormLayer) -> str:
         return "not measured"
     if any(
         (dep := probe.dependence.get(layer.name)) is not None
-        and dependence_verdict(dep, outputs_cleared(probe)) == "affected"
+        and dependence_verdict(dep, outputs_cleared(probe), layer) == "affected"
         for probe in report.probes
     ):
         return "affected"

@@ -146,11 +146,18 @@ def outputs_cleared(probe: ProbeResult) -> bool:
 def explains_dependence(layers: Iterable[NormLayer], dependence: Mapping[str, BatchDependence]) -> bool:
     """A recognised layer accounts for a batch dependence: batch statistics by construction, or a layer whose
     output moved with its companions while its input did not (:func:`is_culprit`)."""
-    return any(layer.batch_statistics for layer in layers) or any(is_culprit(d) for d in dependence.values())
+    return any(
+        layer.batch_statistics or ((dep := dependence.get(layer.name)) is not None and is_culprit(dep, layer))
+        for layer in layers
+    )
 
 
-def is_culprit(dep: BatchDependence) -> bool:
-    """The layer's output depends on the batch while its input does not: the dependence starts here."""
+def is_culprit(dep: BatchDependence, layer: NormLayer | None = None) -> bool:
+    """The layer's output depends on the batch while its input does not: the dependence starts here. Not where
+    the measured input is only part of what the layer normalizes (a SkipLayerNormalization's ``input``, whose
+    ``skip`` can carry the dependence in)."""
+    if layer is not None and layer.extra.get("summed_input"):
+        return False
     return dep.output_change > OUTPUT_TOLERANCE and dep.input_change <= INPUT_TOLERANCE
 
 
@@ -159,16 +166,19 @@ def is_affected(dep: BatchDependence) -> bool:
     return dep.input_change > INPUT_TOLERANCE
 
 
-def dependence_verdict(dep: BatchDependence, outputs_cleared: bool = False) -> str:
+def dependence_verdict(dep: BatchDependence, outputs_cleared: bool = False, layer: NormLayer | None = None) -> str:
     """culprit / affected / independent, or "unknown" when a number needed to say independent is NaN (no
     comparable statistics): never "independent" without the numbers. ``outputs_cleared``: the model's outputs
     were shown not to depend on a sample's companions (:func:`outputs_depend` False); a layer's change between
     a sample alone and in a batch is then the rounding of batch-size-dependent kernels, as BN002 judges it."""
-    if (is_culprit(dep) or is_affected(dep)) and outputs_cleared:
+    culprit = is_culprit(dep, layer)
+    # an output that moved while the part of its input measured did not: the rest of its input moved it
+    affected = is_affected(dep) or (not culprit and is_culprit(dep))
+    if (culprit or affected) and outputs_cleared:
         return "independent"
-    if is_culprit(dep):
+    if culprit:
         return "culprit"
-    if is_affected(dep):
+    if affected:
         return "affected"
     if math.isnan(dep.output_change) or math.isnan(dep.input_change):
         return "unknown"

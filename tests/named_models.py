@@ -18,6 +18,16 @@ TORCH_NAMES = (
     "/layer4/layer4.1/bn2/BatchNormalization",
 )
 
+#: long module paths, as the table shows a TorchScript export's layers (a node named
+#: /encoder/stages.0/.../batch_norm_1/BatchNormalization takes its weights' module path)
+LONG_MODULE_NAMES = (
+    "encoder.stages.0.blocks.0.residual.conv_block.batch_norm_1",
+    "encoder.stages.0.blocks.0.residual.conv_block.batch_norm_2",
+    "encoder.stages.1.blocks.0.downsample.projection.batch_norm",
+    "encoder.stages.3.blocks.0.residual.conv_block.batch_norm_2",
+    "encoder.stages.3.blocks.1.residual.conv_block.batch_norm_2",
+)
+
 #: Rich markup, an OSC terminal-title sequence, a newline, a CSI colour, a bidi override.
 HOSTILE_NAMES = ("[/red]", "\x1b]0;title\x07", "row\nbreak", "\x1b[31mred", "a\u202eb")
 

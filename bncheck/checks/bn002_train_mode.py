@@ -125,7 +125,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     for layer in view.layers:
         dep = probe.dependence.get(layer.name) if probe is not None else None
         # outputs measured batch-invariant: a layer's own movement changes no prediction, no dynamic finding
-        dynamic = dep is not None and is_culprit(dep) and depend is not False
+        dynamic = dep is not None and is_culprit(dep, layer) and depend is not False
         if layer.batch_statistics or dynamic:
             yield _finding(layer, dep, dynamic, probe, effect)
         elif layer.training:

@@ -208,12 +208,13 @@ def _probe_pictures(report: Report) -> str:
 
 def _dependence_plot(layers: Sequence[NormLayer], probe: ProbeResult, style: str) -> str:
     plt = _pyplot()
-    names = [layer.name for layer in layers if layer.name in probe.dependence]
+    measured = [layer for layer in layers if layer.name in probe.dependence]
+    names = [layer.name for layer in measured]
     values, colors = [], []
     cleared = outputs_cleared(probe)
-    for name in names:
-        dep = probe.dependence[name]
-        verdict = dependence_verdict(dep, cleared)
+    for layer in measured:
+        dep = probe.dependence[layer.name]
+        verdict = dependence_verdict(dep, cleared, layer)
         # a log axis cannot show 0: changes below a hundredth of the tolerance are drawn at that floor
         values.append(max(dep.output_change, OUTPUT_TOLERANCE / 100) if np.isfinite(dep.output_change) else np.nan)
         colors.append(

@@ -209,7 +209,7 @@ def _probe(probe: ProbeResult, layers: list[NormLayer]) -> dict[str, Any]:
                 "samples": dep.samples,
                 "batch_sizes": list(dep.batch_sizes),
                 "worst_batch_size": dep.worst_batch_size,
-                "verdict": dependence_verdict(dep, cleared),
+                "verdict": dependence_verdict(dep, cleared, layer),
             }
         if not entry["by_batch_size"]:
             entry["not_measured"] = probe.unmeasured.get(

@@ -165,6 +165,42 @@ def test_a_reduction_that_holds_the_batch_through_a_reshape_gets_a_hint_about_th
     assert "moved the batch into the axes it reduces" in finding.hint and "leave axis 0 out" not in finding.hint
 
 
+def test_a_skip_layer_norm_whose_skip_carries_the_dependence_is_not_its_culprit(tmp_path):
+    """onnxruntime's optimized T5 encoder (dynamic int8): the skip input of a SkipSimplifiedLayerNorm comes from
+    dynamically quantized MatMuls; the probe measures the layer's ``input`` alone, which did not move, so the
+    layer was blamed with the training-mode hint. The dependence is located at the quantizer instead."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"], name="quantize"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["skip"], name="dequantize"),
+        helper.make_node(
+            "SkipLayerNormalization", ["x", "skip", "g", "b"], ["y"], name="skip_ln", domain="com.microsoft"
+        ),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8, 16])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    path = tmp_path / "skip_ln.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    report = engine.probe(str(path), ProbeSettings(batch_sizes=(1, 2, 8)))
+    assert [(f.code, f.layer) for f in report.findings] == [("BN002", "quantize")]
+    document = json.loads(render_json(report))
+    assert document["probe"]["runs"][0]["layers"]["skip_ln"]["batch_dependence"]["verdict"] == "affected"
+
+
 def test_a_batch_dependence_that_starts_at_the_last_node_is_located_there(tmp_path):
     located = _located(_chain(tmp_path / "m.onnx", [("relu", "relu"), ("softmax0", "batch_softmax")]))
     assert (located.node, located.op_type, located.tensor) == ("batch_softmax", "Softmax", "t2")

@@ -365,7 +365,8 @@ def _with_skip_note(layer: NormLayer) -> NormLayer:
     from dataclasses import replace
 
     note = "normalizes input + skip (+ bias), over the last axis"
-    return replace(layer, notes=layer.notes + (note,))
+    # the probe measures ``input`` alone: a moved skip moves the output while the measured input stays
+    return replace(layer, notes=layer.notes + (note,), extra={**layer.extra, "summed_input": True})
 
 
 def _group_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
