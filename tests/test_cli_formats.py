@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from bncheck.cli import main
 from bncheck.render import FORMATS
 from tests.builders import bn_model
-from tests.named_models import HOSTILE_NAMES, TORCH_NAMES, bn_chain_model
+from tests.named_models import HOSTILE_NAMES, LONG_MODULE_NAMES, bn_chain_model
 from tests.test_render_sarif import sarif_schema_path
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -138,12 +138,12 @@ def test_table_format_prints_nothing_on_stdout_when_it_fails(runner, tmp_path):
 
 @pytest.mark.parametrize("columns", [60, 80, 120, 200])
 def test_table_follows_the_COLUMNS_of_the_terminal(runner, tmp_path, columns):
-    model = bn_chain_model(tmp_path / "torch.onnx", TORCH_NAMES)
+    model = bn_chain_model(tmp_path / "long.onnx", LONG_MODULE_NAMES)
     result = runner.invoke(main, ["probe", model, "--batch-sizes", "1,2,32"], env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.stderr
     widths = [len(line) for line in result.stdout.splitlines()]
     assert max(widths) <= columns
-    assert (TORCH_NAMES[2] in result.stdout) == (columns >= 120)
+    assert (LONG_MODULE_NAMES[2] in result.stdout) == (columns >= 120)
 
 
 def test_hostile_names_reach_the_terminal_as_visible_text(runner, tmp_path):
