@@ -368,6 +368,49 @@ def test_lambda_layer_is_recorded_for_the_probe_to_refuse_while_inspect_still_re
     assert [layer.name for layer in view.layers] == ["bn"]
     assert any("'double'" in item and "Lambda" in item for item in view.handle.unsafe)
     assert any("probe refused" in note.message for note in view.notes)
+    # its config holds the function as a "__lambda__" object: still one layer, said once (faceverifyai)
+    assert len([item for item in view.handle.unsafe if "'double'" in item]) == 1
+
+
+def test_a_keras_2_lambdas_declared_output_shape_sizes_the_layers_after_it(tmp_path):
+    """facenet_keras (Keras 2.1): 100 of its 112 BNs, after its 21 scaled-residual Lambdas, showed set "?",
+    although each Lambda stores its output shape ([17, 17, 256], "raw"); a Keras 2 file has no other shapes."""
+
+    def entry(cls, name, source, config):
+        return {"class_name": cls, "name": name, "inbound_nodes": [[[source, 0, 0, {}]]], "config": config}
+
+    crop = {"name": "crop", "function": ["4wEAAAA=", None, None], "function_type": "lambda"}
+    crop |= {"output_shape": [4, 4, 3], "output_shape_type": "raw", "arguments": {}}
+    bn = {"name": "bn", "axis": -1, "momentum": 0.99, "epsilon": 0.001, "center": True, "scale": True}
+    layers_cfg = [
+        {
+            "class_name": "InputLayer",
+            "name": "x",
+            "inbound_nodes": [],
+            "config": {"batch_input_shape": [None, 8, 8, 3], "name": "x"},
+        },
+        entry("Lambda", "crop", "x", crop),
+        entry("BatchNormalization", "bn", "crop", bn),
+    ]
+    config = {
+        "class_name": "Model",
+        "config": {"name": "m", "layers": layers_cfg, "input_layers": [["x", 0, 0]], "output_layers": [["bn", 0, 0]]},
+    }
+    path = tmp_path / "lambda_shape.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = "2.1.2"
+        f.attrs["model_config"] = json.dumps(config)
+        weights = f.create_group("model_weights")
+        weights.attrs["layer_names"] = np.array([b"x", b"crop", b"bn"])
+        for layer in ("x", "crop"):
+            weights.create_group(layer).attrs["weight_names"] = np.array([], dtype="S1")
+        group = weights.create_group("bn")
+        names = ("gamma:0", "beta:0", "moving_mean:0", "moving_variance:0")
+        group.attrs["weight_names"] = np.array([f"bn/{v}".encode() for v in names])
+        for var in names:
+            group.create_dataset(f"bn/{var}", data=np.ones(3, np.float32))
+    [layer] = read(str(path)).layers
+    assert layer.input_shape is not None and layer.input_shape[1:] == (4, 4, 3)
 
 
 def test_foreign_module_in_config_is_recorded_as_unsafe(tmp_path):

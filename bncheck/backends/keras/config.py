@@ -208,6 +208,7 @@ class _Ctx:
     memo: dict[Any, list[tuple[str | None, frozenset[str]]]] = field(default_factory=dict)
     ordered: bool = True  # track what ran before what (needed only when some call bakes training=True)
     calls: int = 0  # layer calls walked so far (see MAX_CALLS)
+    code_layers: set[str] = field(default_factory=set)  # layers already said to carry code (once each)
 
 
 def _sequential_as_dict(config: Any) -> Any:
@@ -320,7 +321,12 @@ def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:
         module, registered = obj.get("module"), obj.get("registered_name")
         label = repr(where) if where else "the model"
         if cls in CODE_CLASSES:
-            ctx.unsafe.append(f"layer {label} is a {cls} (it carries code)" if where else f"the model holds a {cls}")
+            # a Lambda's own config holds its function as a "__lambda__" object: one layer, said once
+            if where not in ctx.code_layers:
+                ctx.code_layers.add(where)
+                ctx.unsafe.append(
+                    f"layer {label} is a {cls} (it carries code)" if where else f"the model holds a {cls}"
+                )
         elif isinstance(module, str) and module.split(".")[0] not in ("keras", "tf_keras"):
             ctx.unsafe.append(f"{label} uses {cls} from module {module!r}, outside Keras")
         elif registered is not None and registered != cls:
@@ -780,6 +786,12 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
         return (shape[0], math.prod(sizes) if len(sizes) == len(rest) else None)
     if cls == "Reshape" and isinstance(c.get("target_shape"), list):
         return (shape[0],) + tuple(c["target_shape"])
+    if cls == "Lambda" and c.get("output_shape_type", "raw") == "raw" and isinstance(c.get("output_shape"), list):
+        # a Lambda's declared output shape, stored without the batch (Keras 2: "raw", facenet_keras's 21
+        # scaled residuals [17, 17, 256]; Keras 3 writes the list alone); a function or none says nothing
+        stored = c["output_shape"]
+        if all(isinstance(d, int) or d is None for d in stored):
+            return (shape[0], *stored)
     first = c.get("data_format") == "channels_first"
     if cls.startswith("Global") and "Pooling" in cls:
         channels = shape[1] if first else shape[-1]
