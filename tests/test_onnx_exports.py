@@ -924,6 +924,21 @@ def test_a_relaxed_copy_carries_the_shapes_that_inference_gives_that_very_copy(t
     assert copy.shapes["f"][0] == copy.shapes["x"][0] != 1  # the flatten follows the relaxed batch
 
 
+def _probed_at_1_and_2(path: Path, nodes: list, inits: list, x_shape: list, y_shape: list) -> dict:
+    """The probe's run (JSON) of the opset-17 graph x -> ``nodes`` -> y at batch sizes 1,2."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return _run(_probe_json(str(path), "--batch-sizes", "1,2")[1])
+
+
 def test_a_resize_whose_sizes_bake_the_fixed_batch_in_is_relaxed_with_it(tmp_path):
     """torch exports F.interpolate(size=...) at a fixed batch as Resize with sizes [1, C, H', W'] (imgly's
     ISNet: 39 of them): relaxed, the sizes follow the fed batch and the dependence test runs at batch 2."""
@@ -936,19 +951,7 @@ def test_a_resize_whose_sizes_bake_the_fixed_batch_in_is_relaxed_with_it(tmp_pat
         helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"], name="bn"),
         helper.make_node("Resize", ["h", "", "", "sizes"], ["y"], mode="linear", name="up"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "resize_b1.onnx"
-    onnx.save(model, str(path))
-    _, doc = _probe_json(str(path), "--batch-sizes", "1,2")
-    run = _run(doc)
+    run = _probed_at_1_and_2(tmp_path / "resize_b1.onnx", nodes, inits, [1, c, 4, 4], [1, c, 8, 8])
     assert run["batch_sizes"] == [1, 2]
     assert "relaxed to symbolic, validated (1 Reshape/Expand/Resize shape constant(s)" in run["batch_handling"]
 
@@ -966,19 +969,7 @@ def test_a_relaxation_that_fails_after_its_rewrites_names_the_node_the_rewrites_
         helper.make_node("Reshape", ["x", "flat"], ["f"], name="flatten"),
         helper.make_node("Split", ["f", "one"], ["y"], axis=0, name="baked_split"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2 * c])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "split_b1.onnx"
-    onnx.save(model, str(path))
-    _, doc = _probe_json(str(path), "--batch-sizes", "1,2")
-    run = _run(doc)
+    run = _probed_at_1_and_2(tmp_path / "split_b1.onnx", nodes, inits, [1, c, 2], [1, 2 * c])
     assert "cannot be relaxed" in run["batch_handling"] and "baked_split" in run["batch_handling"]
     assert "flatten" not in run["batch_handling"]
     assert not any("cannot be relaxed" in n or "baked_split" in n for n in run["notes"])
