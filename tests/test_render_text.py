@@ -62,3 +62,18 @@ def test_names_without_components_are_cut_apart_where_the_balanced_cut_would_mer
     shortened = shorten_names(names, 20)
     assert len(set(shortened)) == 3 and all(len(s) <= 20 for s in shortened)
     assert shortened[2] == "backbone...oder.1.bn"  # alone in its cut: the balanced one
+
+
+@pytest.mark.parametrize("width", [20, 28])
+def test_module_paths_that_differ_only_inside_stay_apart(width):
+    """spindle_eeg's heads: head.bottleneck_{detection,segmentation}.layers.N.downscale.batchnorm differ in two
+    places of their middle; 8 of 12 rows read head.bottlen...ale.batchnorm alike in fix's and probe's tables."""
+    names = [
+        f"head.bottleneck_{head}.layers.{n}.downscale.batchnorm"
+        for head in ("detection", "segmentation")
+        for n in range(4)
+    ] + [f"head.segmentation_neck.{n}.batchnorm" for n in range(4)]
+    shortened = shorten_names(names, width)
+    assert len(set(shortened)) == len(names), shortened
+    assert all(len(s) <= width for s in shortened)
+    assert shortened[0] == "..." + shortened[0].strip(".") + "..." and "layers.0" in shortened[0]

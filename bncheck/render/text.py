@@ -55,14 +55,31 @@ def shorten_names(names: Sequence[str], width: int, measure: Callable[[str], int
             producers[candidate] = producers.get(candidate, 0) + 1
     shortened = []
     for name, candidates in zip(names, options):
+        unique = [c for c in candidates if producers[c] == 1]
         if measure(name) <= width:
             shortened.append(name)
-        elif candidates:
-            unique = [c for c in candidates if producers[c] == 1]
-            shortened.append((unique or candidates)[0])
+        elif unique:
+            shortened.append(unique[0])
         else:
-            shortened.append(_cut_middle(name, width, measure))
+            # names that differ only inside (spindle_eeg's head.bottleneck_{detection,segmentation}.layers.N...):
+            # a stretch of this one that no other name holds, between two ellipses
+            others = [other for other in names if other != name]
+            inner = _distinct_stretch(name, width, measure, others)
+            shortened.append(inner or (candidates[0] if candidates else _cut_middle(name, width, measure)))
     return shortened
+
+
+def _distinct_stretch(name: str, width: int, measure: Callable[[str], int], others: Sequence[str]) -> str | None:
+    """``...stretch...``: the stretch of ``name`` that fits ``width`` between two ellipses, nearest its end,
+    that no name of ``others`` contains; None where there is none."""
+    room = width - 2 * len(ELLIPSIS)
+    if room < 4:
+        return None
+    for start in range(len(name) - room - 1, 0, -1):  # strictly inside: an ellipsis stands for each side
+        inner = _fit(name[start : start + room], room, measure, from_left=True)
+        if inner and not any(inner in other for other in others):
+            return f"{ELLIPSIS}{inner}{ELLIPSIS}"
+    return None
 
 
 def _elisions(name: str, width: int, measure: Callable[[str], int]) -> list[str]:
