@@ -42,6 +42,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bncheck.backends.base import BackendError
@@ -72,36 +74,22 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         return None
     import h5py
 
-    listed = static.bare_list
+    config = copy.deepcopy(static.config)  # the static read's: bare lists already in dict form
     declared = _declared_shape(static)
-    time_major = _time_major_layers(static.config)
-    typed = len(_typed_initializers(static.config))
-    wrapped = _unplaced_wrapped(static.config)
-    grus = len(_original_grus(static.config))
-    dropouts = len(_spatial_dropouts(static.config))
-    transposed = len(_grouped_transposed(static.config))
-    if not (listed or declared is not None or time_major or typed or wrapped or grus or dropouts or transposed):
+    found = [(mend, mend.find(config)) for mend in _MENDS]
+    found = [(mend, sites) for mend, sites in found if sites]
+    if not (static.bare_list or declared is not None or found):
         return None
     with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
         copied = os.path.join(folder, "model.h5")
         try:
+            if declared is not None:
+                _insert_input_layer(config, declared, static.inputs[0].name)
+            for mend, sites in found:
+                for _, site in sites:
+                    mend.apply(site)
             shutil.copyfile(static.path, copied)
             with h5py.File(copied, "r+") as h5:
-                config = copy.deepcopy(static.config)  # the static read's: bare lists already in dict form
-                if declared is not None:
-                    _insert_input_layer(config, declared, static.inputs[0].name)
-                _drop_time_major(config)
-                for initializer in _typed_initializers(config):
-                    del initializer["dtype"]
-                for _, inner in _unplaced_wrapped(config):
-                    inner["module"] = "keras.layers"
-                for gru in _original_grus(config):
-                    gru["reset_after"] = False
-                for dropout in _spatial_dropouts(config):
-                    dropout.pop("trainable", None)
-                    dropout.pop("noise_shape", None)
-                for layer in _grouped_transposed(config):
-                    del layer["groups"]
                 h5.attrs["model_config"] = json.dumps(config)
         except Exception:  # h5py and json raise many kinds on what they cannot read: the file as it is
             return None
@@ -120,56 +108,31 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         except Exception:
             raise refusal(keras, static.path, static.keras_version, mended, mended=True) from None
         return None
+    ours, theirs = keras.__version__, static.keras_version
     done = []
-    if listed:
+    if static.bare_list:
         done.append(
-            f"Keras {keras.__version__} cannot read the Sequential config this Keras {static.keras_version} file "
-            "stores as a bare list of layers; bncheck loaded it with that list as the config's layers"
+            f"Keras {ours} cannot read the Sequential config this Keras {theirs} file stores as a bare list of "
+            "layers; bncheck loaded it with that list as the config's layers"
         )
     if declared is not None:
         shape = tuple(declared)
         done.append(
-            f"Keras {keras.__version__} reads the batch_input_shape {shape} of this Keras {static.keras_version} "
-            "Sequential file's first layer as one sample's shape (an extra input axis, or a layer that refuses it); "
-            f"bncheck loaded it with an input layer of {shape} in front"
+            f"Keras {ours} reads the batch_input_shape {shape} of this Keras {theirs} Sequential file's first layer "
+            "as one sample's shape (an extra input axis, or a layer that refuses it); bncheck loaded it with an "
+            f"input layer of {shape} in front"
         )
-    if time_major:
-        done.append(
-            f"Keras {keras.__version__} refuses the time_major=False that Keras {static.keras_version} wrote in "
-            f"{len(time_major)} recurrent layer(s) (first: {time_major[0]!r}); bncheck loaded it without that "
-            "key, batch-first as Keras 3 always runs"
-        )
-    if typed:
-        done.append(
-            f"Keras {keras.__version__} refuses the dtype that Keras {static.keras_version} wrote into {typed} "
-            "initializer config(s); bncheck loaded it without them (an initializer only sets weights the file's "
-            "replace)"
-        )
-    if grus:
-        done.append(
-            f"{grus} GRU layer(s) of this Keras {static.keras_version} file say nothing of reset_after, which "
-            f"Keras {keras.__version__} takes as true; bncheck loaded them with reset_after=False, the only GRU "
-            "of the Keras that wrote them"
-        )
-    if dropouts:
-        done.append(
-            f"Keras {keras.__version__} refuses the trainable and noise_shape this Keras {static.keras_version} file "
-            f"wrote into {dropouts} SpatialDropout layer(s); bncheck loaded it without them (dropout does nothing "
-            "at inference)"
-        )
-    if transposed:
-        done.append(
-            f"Keras {keras.__version__} refuses the groups=1 this Keras {static.keras_version} file wrote into "
-            f"{transposed} transposed convolution(s); bncheck loaded it without that key (1 is the only value "
-            "they compute)"
-        )
-    if wrapped:
-        done.append(
-            f"Keras {keras.__version__} cannot find the classes of the {len(wrapped)} layer(s) wrapped by "
-            f"TimeDistributed or Bidirectional in this Keras {static.keras_version} file (first: "
-            f"{wrapped[0][0]!r}), whose configs name no module; bncheck loaded it with keras.layers named"
-        )
+    done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
     return model, "; ".join(done) + ", the file unchanged"
+
+
+@dataclass(frozen=True)
+class _Mend:
+    """One config key Keras 3 misreads: where it is (layer name, the dict to edit), the edit, the note."""
+
+    find: Callable[[Any], list[tuple[str, dict]]]
+    apply: Callable[[dict], object]  # edits the dict in place (what it returns is ignored)
+    note: str  # formatted with ours, theirs (the Keras versions), count and first (a layer's name)
 
 
 def _declared_shape(static: KerasFile) -> list[Any] | None:
@@ -212,29 +175,27 @@ def _layer_configs(node: Any):
     return (config for _, config in _class_configs(node))
 
 
-def _time_major_layers(config: dict) -> list[str]:
-    """Names of the layers whose config says ``time_major: false``; none if any says true (a layout Keras 3
-    cannot run, whose refusal stands)."""
+def _named(config: dict) -> str:
+    return str(config.get("name", "?"))
+
+
+def _time_major_layers(config: dict) -> list[tuple[str, dict]]:
+    """The layers whose config says ``time_major: false``; none if any says true (a layout Keras 3 cannot run,
+    whose refusal stands)."""
     found = [c for c in _layer_configs(config) if "time_major" in c]
     if any(c["time_major"] is not False for c in found):
         return []
-    return [str(c.get("name", "?")) for c in found]
+    return [(_named(c), c) for c in found]
 
 
-def _drop_time_major(config: dict) -> None:
-    for layer in _layer_configs(config):
-        if layer.get("time_major") is False:
-            del layer["time_major"]
-
-
-def _typed_initializers(config: dict) -> list[dict]:
+def _typed_initializers(config: dict) -> list[tuple[str, dict]]:
     """The configs of initializers (a layer config's ``*_initializer`` entries) that carry a ``dtype``."""
     found = []
     for layer in _layer_configs(config):
         for key, value in layer.items():
             inner = value.get("config") if key.endswith("_initializer") and isinstance(value, dict) else None
             if isinstance(inner, dict) and "dtype" in inner:
-                found.append(inner)
+                found.append((_named(layer), inner))
     return found
 
 
@@ -279,27 +240,55 @@ def _unplaced_wrapped(config: dict) -> list[tuple[str, dict]]:
     return found
 
 
-def _original_grus(config: Any) -> list[dict]:
-    """The configs of the GRU layers (wrapped ones too) that carry no ``reset_after``."""
-    return [c for cls, c in _class_configs(config) if cls == "GRU" and "reset_after" not in c]
+def _classes(config: Any, wanted: Callable[[str, dict], bool]) -> list[tuple[str, dict]]:
+    """The configs of the layers (wrapped ones too) of the classes ``wanted`` takes."""
+    return [(_named(c), c) for cls, c in _class_configs(config) if wanted(cls, c)]
 
 
-def _spatial_dropouts(config: Any) -> list[dict]:
-    """The configs of SpatialDropout layers that carry ``trainable`` or ``noise_shape``."""
-    return [
-        c
-        for cls, c in _class_configs(config)
-        if cls.startswith("SpatialDropout") and ("trainable" in c or "noise_shape" in c)
-    ]
-
-
-def _grouped_transposed(config: Any) -> list[dict]:
-    """The configs of transposed convolutions that carry ``groups: 1``."""
-    return [
-        c
-        for cls, c in _class_configs(config)
-        if cls.startswith("Conv") and cls.endswith("Transpose") and c.get("groups") == 1
-    ]
+#: the mends, in the order their notes are said
+_MENDS = (
+    _Mend(
+        _time_major_layers,
+        lambda c: c.pop("time_major"),
+        "Keras {ours} refuses the time_major=False that Keras {theirs} wrote in {count} recurrent layer(s) "
+        "(first: {first!r}); bncheck loaded it without that key, batch-first as Keras 3 always runs",
+    ),
+    _Mend(
+        _typed_initializers,
+        lambda c: c.pop("dtype"),
+        "Keras {ours} refuses the dtype that Keras {theirs} wrote into {count} initializer config(s); bncheck "
+        "loaded it without them (an initializer only sets weights the file's replace)",
+    ),
+    _Mend(
+        lambda config: _classes(config, lambda cls, c: cls == "GRU" and "reset_after" not in c),
+        lambda c: c.update(reset_after=False),
+        "{count} GRU layer(s) of this Keras {theirs} file say nothing of reset_after, which Keras {ours} takes as "
+        "true; bncheck loaded them with reset_after=False, the only GRU of the Keras that wrote them",
+    ),
+    _Mend(
+        lambda config: _classes(
+            config, lambda cls, c: cls.startswith("SpatialDropout") and ("trainable" in c or "noise_shape" in c)
+        ),
+        lambda c: [c.pop(key, None) for key in ("trainable", "noise_shape")],
+        "Keras {ours} refuses the trainable and noise_shape this Keras {theirs} file wrote into {count} "
+        "SpatialDropout layer(s); bncheck loaded it without them (dropout does nothing at inference)",
+    ),
+    _Mend(
+        lambda config: _classes(
+            config, lambda cls, c: cls.startswith("Conv") and cls.endswith("Transpose") and c.get("groups") == 1
+        ),
+        lambda c: c.pop("groups"),
+        "Keras {ours} refuses the groups=1 this Keras {theirs} file wrote into {count} transposed convolution(s); "
+        "bncheck loaded it without that key (1 is the only value they compute)",
+    ),
+    _Mend(
+        _unplaced_wrapped,
+        lambda inner: inner.update(module="keras.layers"),
+        "Keras {ours} cannot find the classes of the {count} layer(s) wrapped by TimeDistributed or Bidirectional "
+        "in this Keras {theirs} file (first: {first!r}), whose configs name no module; bncheck loaded it with "
+        "keras.layers named",
+    ),
+)
 
 
 def foreign_classes(keras: Any, static: KerasFile) -> list[str]:
