@@ -362,8 +362,6 @@ def _skip_simplified_layer_norm(g, idx):
 
 
 def _with_skip_note(layer: NormLayer) -> NormLayer:
-    from dataclasses import replace
-
     note = "normalizes input + skip (+ bias), over the last axis"
     # the probe measures ``input`` alone: a moved skip moves the output while the measured input stays
     return replace(layer, notes=layer.notes + (note,), extra={**layer.extra, "summed_input": True})
