@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 os.environ.setdefault("KERAS_BACKEND", "numpy")
 keras = pytest.importorskip("keras")
@@ -24,6 +25,7 @@ from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import KerasBackend
 from bncheck.backends.keras.probe import AS_WRITTEN, PREDICT, KerasRunner, pool
+from bncheck.cli import main
 from bncheck.probe_plan import NOT_NEEDED, tensor_stats
 from tests.keras_files import bn_model_with_config_field
 
@@ -70,6 +72,25 @@ def test_lambda_layer_probe_is_refused_and_nothing_is_executed(tmp_path):
     assert "\n" not in message and "'writes_a_file'" in message and "Lambda" in message
     assert "nothing was executed" in message
     assert not marker.exists()
+
+
+def test_fix_of_a_lambda_file_is_refused_as_fix_and_nothing_is_executed(tmp_path):
+    # the refusal said "refusing to probe" to a user who had asked for fix
+    marker = tmp_path / "lambda_ran.txt"
+
+    def side_effect(t, path=str(marker)):
+        with open(path, "w") as f:
+            f.write("executed")
+        return t * 2.0
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, layers.Lambda(side_effect, name="writes_a_file")(layers.BatchNormalization()(inp)))
+    path = _save(model, tmp_path / "lambda.keras")
+    marker.unlink()
+    result = CliRunner().invoke(main, ["fix", path, "-o", str(tmp_path / "fixed.keras")])
+    assert result.exit_code == 2
+    assert "refusing to fix, nothing was executed" in result.stderr and "'writes_a_file'" in result.stderr
+    assert not marker.exists() and not (tmp_path / "fixed.keras").exists()
 
 
 def test_object_from_outside_keras_probe_is_refused(tmp_path):

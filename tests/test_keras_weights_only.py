@@ -94,6 +94,12 @@ def test_probe_refuses_a_weights_only_file_in_one_line_naming_what_inspect_check
     assert "stored statistics of the BatchNormalization layers it holds (3)" in result.stderr
 
 
+def test_fix_refuses_a_weights_only_file_saying_fix(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["fix", _weights_file(tmp_path / "w.h5"), "-o", str(tmp_path / "f.h5")])
+    assert result.exit_code == 2
+    assert "holds no model to run" in result.stderr and "to fix, save the whole model" in result.stderr
+
+
 def test_a_weights_only_file_without_batch_norms_passes_saying_what_it_holds(tmp_path: Path) -> None:
     # EmoPy's conv weights and DELIGHT's (kernels and biases only) failed a CI loop over a models folder (exit 2)
     path = _write_weights(tmp_path / "w.h5", {"dense_1": {"dense_1/kernel:0": np.ones((8, C), np.float32)}})

@@ -49,7 +49,7 @@ def check_keras_fix(view: ModelView, static: KerasFile, request: FixRequest) -> 
     """The refusals that need neither keras nor a forward pass."""
     from bncheck.backends.keras.probe import refuse_unsafe
 
-    refuse_unsafe(static)
+    refuse_unsafe(static, "fix")
     if not request.dry_run:
         output = request.output
         if not output:
@@ -70,7 +70,7 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
 
     check_keras_fix(view, static, request)
     if static.runner is None:
-        refuse_foreign(static)
+        refuse_foreign(static, "fix")
     results, pending, stored = _plan(view, request)
     data = request.data
     samples = sample_count(data)

@@ -95,29 +95,30 @@ def import_keras(path: str) -> Any:
     return keras
 
 
-def refuse_unsafe(static: KerasFile) -> None:
-    """Refuse, before anything is imported or loaded, a file whose config carries code, or that holds no model."""
+def refuse_unsafe(static: KerasFile, command: str = "probe") -> None:
+    """Refuse, before anything is imported or loaded, a file whose config carries code, or that holds no model;
+    ``command`` names what was asked for ("probe" or "fix")."""
     if static.weights_only:
         raise BackendError(
             f"{static.path}: a weights-only file (model.save_weights) holds no model to run: bncheck inspect checks "
-            f"the stored statistics of the BatchNormalization layers it holds ({len(static.layers)}); to probe, "
-            "save the whole model with model.save()"
+            f"the stored statistics of the BatchNormalization layers it holds ({len(static.layers)}); "
+            f"to {command}, save the whole model with model.save()"
         )
     if static.unsafe:
         raise BackendError(
-            f"{static.path}: refusing to probe, nothing was executed: {few_reasons(static.unsafe)} "
+            f"{static.path}: refusing to {command}, nothing was executed: {few_reasons(static.unsafe)} "
             "(bncheck inspect still reads the file)"
         )
 
 
-def refuse_foreign(static: KerasFile) -> Any:
+def refuse_foreign(static: KerasFile, command: str = "probe") -> Any:
     """Keras, imported; refuses a Keras 1/2 file naming layer classes Keras does not have, before any other
     question (input sizes) and before the load trips over something else first."""
     keras = import_keras(static.path)
     foreign = foreign_classes(keras, static)
     if foreign:
         raise BackendError(
-            f"{static.path}: refusing to probe, nothing was loaded: layer class(es) {few(foreign)} of this Keras "
+            f"{static.path}: refusing to {command}, nothing was loaded: layer class(es) {few(foreign)} of this Keras "
             f"{static.keras_version} file are not Keras {keras.__version__}'s (custom code the file does not "
             "carry); bncheck inspect still reads the file"
         )
