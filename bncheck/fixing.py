@@ -17,7 +17,7 @@ from bncheck.backends import ProbeSettings, backend_for
 from bncheck.checks import UnknownCheckError, resolve
 from bncheck.errors import BncheckError, ErrorKind, UsageError
 from bncheck.fix_result import MIN_SAMPLES, FixRequest, FixResult
-from bncheck.model import ModelView, Note, Progress, announce, fixed_batch, runnable_batch
+from bncheck.model import ModelView, Note, Progress, announce, default_batch_sizes, fixed_batch, runnable_batch
 from bncheck.outputs import refuse_overwrite
 from bncheck.report import Report
 
@@ -147,10 +147,11 @@ def _check(probe: Callable[[], Report], inspect: Callable[[], Report], synthetic
 
 def _probe_batch_sizes(view: ModelView, batch_size: int) -> tuple[int, ...]:
     """The probe's default batch sizes, none above ``batch_size`` (--batch-size bounds every batch fix runs,
-    its probes' runs over the data too), or the model's own when its batch dimension is fixed."""
+    its probes' runs over the data too) but a fixed batch's own: a file fixed to B is checked at 1, 2 and B as
+    a probe checks it, its batch relaxed for the dependence test (the repair's passes run at B)."""
     fixed = fixed_batch(view.inputs)
     if fixed is not None:
-        return (fixed,)
+        return tuple(b for b in default_batch_sizes(fixed) if b <= batch_size or b == fixed)
     sizes = ProbeSettings().batch_sizes
     return sizes if batch_size >= max(sizes) else (*(b for b in sizes if b < batch_size), batch_size)
 

@@ -375,6 +375,23 @@ def test_a_batch_max_in_a_file_fixed_to_batch_1_is_found_on_the_relaxed_copy(tmp
     assert "measured with the batch dimension relaxed" in finding.message
 
 
+def test_fix_checks_a_file_fixed_to_batch_1_on_the_relaxed_copy_as_probe_does(tmp_path):
+    # fix checked a fixed-batch file at its own batch only and said "batch dependence cannot be tested", where
+    # probe finds the warning above: the same gate passed under fix and failed under probe
+    from bncheck.fixing import fix
+
+    g = _Graph()
+    g.op("ReduceMax", ["x"], "peak", axes=[0, 1], keepdims=1)
+    g.op("Sub", ["peak", g.const("top_db", np.float32(80.0))], "floor")
+    g.op("Max", ["x", "floor"], "y")
+    path = g.save(tmp_path / "top_db_b1.onnx", [1, 64], [1, 64], opset=13)
+    report = fix(path, None, None, dry_run=True)
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert (finding.layer, finding.severity.label) == ("peak", "warning")
+    assert report.probes[0].batch_sizes == (1, 2)
+    assert not any("cannot be tested" in note for note in report.probes[0].notes)
+
+
 def test_a_model_no_sample_can_run_alone_is_tested_inside_its_smallest_batch(tmp_path):
     # samples centred on the mean of their pair (mne-icalabel's ICLabelNet averages copies spread across its
     # batch): a batch of 1 cannot be reshaped into pairs, so no sample runs alone, and the test was skipped
