@@ -9,7 +9,7 @@ change harmless:
 - IR < 4 lists every initializer among the graph inputs: those are weights, dropped from the copy's inputs;
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
 - a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
-  shapes are cleared and re-inferred, and Reshape/Expand/Resize shape constants that bake the batch in are computed
+  shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the batch in are computed
   from the fed batch instead. At the file's size the copy is the file's graph (declared shapes aside, a
   rewritten constant computes the file's value there), so no run of the original is needed; the relaxation
   is kept only when runs of the copy prove it: it runs at the file's size, and at another size every output
@@ -109,7 +109,7 @@ class ProbeCopy:
     pending: Pending | None = None
     # why the probe's own runs failed that proof, when the outputs say so (see OutputsRefuse)
     refused: OutputsRefuse | None = None
-    # Reshape/Expand/Resize shape constants of the relaxed copy rewritten to follow the fed batch (0: none, or not relaxed)
+    # Reshape/Expand/Resize/ConstantOfShape shape constants of the relaxed copy rewritten to follow the fed batch (0: none, or not relaxed)
     batch_constants: int = 0
     # the synthetic inputs that proof drew (run_plan's ``drawn``; None with --data or without a proof)
     drawn: dict[str, np.ndarray] | None = None
@@ -284,8 +284,10 @@ def _rewrite_batch_constants(
     model: onnx.ModelProto, batched: dict[str, int], fixed: int, shapes: dict[str, tuple[Dim, ...]]
 ) -> int:
     """Reshape/Expand targets and Resize sizes whose first element is the fixed batch, on a batch-fed tensor
-    whose first dim (in the file's ``shapes``) is that batch or unknown, become
-    ``Concat(Shape(input)[axis:axis+1], rest)``: the fed batch instead of the baked one. Returns how many."""
+    whose first dim (in the file's ``shapes``) is that batch or unknown, and the shapes of ConstantOfShape
+    whose output meets a batch-fed tensor in a node (tf2onnx pads channels by a Concat with zeros shaped
+    [1, C, H, W]), become ``Concat(Shape(input)[axis:axis+1], rest)``: the fed batch instead of the baked
+    one. Returns how many."""
     from onnx import helper
 
     graph = model.graph
@@ -312,6 +314,19 @@ def _rewrite_batch_constants(
         and int(constants[node.input[where[node.op_type]]][0][0]) == fixed
         and may_hold_batch(node.input[0])
     ]
+    meets = {name for node in graph.node if any(i in fed for i in node.input) for name in node.input}
+    sites += [
+        (i, node, 0)
+        for i, node in enumerate(graph.node)
+        if node.op_type == "ConstantOfShape"
+        and node.domain in ("", "ai.onnx")
+        and node.input
+        and node.output[0] in meets
+        and node.input[0] in constants
+        and constants[node.input[0]][0].size >= 2  # a rank-1 fill is a vector, not a batch of anything
+        and int(constants[node.input[0]][0][0]) == fixed
+    ]
+    sites.sort(key=lambda site: site[0])  # the Concats are inserted before their nodes in this order
     if not sites:
         return 0
     prefix = "__bncheck_batch"
@@ -602,7 +617,7 @@ def _relax(
         proof = prove(rewritten)
         relaxed = rewritten if isinstance(proof, Proof) else model
     if count and relaxed is rewritten:
-        how += f" ({count} Reshape/Expand/Resize shape constant(s) holding the batch now follow the fed batch)"
+        how += f" ({count} shape constant(s) holding the batch now follow the fed batch)"
     # with nothing rewritten the copy already is the plain relaxed one, whose runs on the probe's graph
     # failed the proof on their outputs (``refused``): no proof of it on its own
     # where constants were rewritten, the rewritten copy's failure is the one to report: the plain copy fails
