@@ -992,3 +992,23 @@ def test_a_relaxation_that_fails_after_its_rewrites_names_the_node_the_rewrites_
     assert "cannot be relaxed" in run["batch_handling"] and "baked_split" in run["batch_handling"]
     assert "flatten" not in run["batch_handling"]
     assert not any("cannot be relaxed" in n or "baked_split" in n for n in run["notes"])
+
+
+def test_a_runtime_error_of_an_unnamed_node_says_unnamed_instead_of_empty_quotes():
+    # tf2onnx leaves nodes unnamed: the relaxation's note read "Concat node '': ..."
+    import onnxruntime as ort
+
+    from bncheck.backends.onnx.runtime_errors import runtime_message
+
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["y"], axis=1)],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception) as info:
+        session.run(None, {"a": np.zeros((1, 2), np.float32), "b": np.zeros((2, 2), np.float32)})
+    message = runtime_message(info.value)
+    assert message.startswith("an unnamed Concat node: ") and "''" not in message

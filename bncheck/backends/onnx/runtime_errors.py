@@ -20,6 +20,9 @@ def runtime_message(exc: BaseException, limit: int = 300) -> str:
     cannot be reshaped to the requested shape. Input shape:{32,2,576}, requested shape:{32,1,3,192}"."""
     text = " ".join(str(exc).split())
     text = _ORT_PREFIX.sub("", text)
-    text = _ORT_NODE.sub(lambda m: f"{m.group(1)} node {m.group(2)!r}: ", text)
+    # tf2onnx and keras2onnx leave nodes unnamed: "Concat node ''" would name nothing
+    text = _ORT_NODE.sub(
+        lambda m: f"{m.group(1)} node {m.group(2)!r}: " if m.group(2) else f"an unnamed {m.group(1)} node: ", text
+    )
     text = _ORT_SOURCE.sub("", text)
     return one_line(RuntimeError(text), limit) if text else one_line(exc, limit)
