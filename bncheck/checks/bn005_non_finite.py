@@ -4,6 +4,8 @@ What it does
     Statically, it flags NaN or Inf in any stored parameter (scale, bias, running mean, running variance) and
     negative running variances. With `probe`, it reports the first layer (in graph order) whose input or
     output holds NaN/Inf, and at which batch sizes: downstream layers inherit them and are not reported again.
+    Where only some samples hold them, it counts them; on synthetic inputs that is a warning (the values of
+    those samples made them, not the parameters, and random inputs may hold values the model never gets).
 
 Why is this bad?
     A NaN parameter makes its whole channel NaN for every input; a negative running variance makes
@@ -35,6 +37,11 @@ SEVERITY = Severity.ERROR
 HINT_PARAMS = (
     "Restore the parameters from a healthy checkpoint, or recompute the running statistics from data "
     "(`bncheck fix MODEL --data CALIB -o FIXED`)."
+)
+HINT_SYNTHETIC = (
+    "Probe with inputs the model is meant to get (`--data`): if NaN/Inf appear there too, follow the tensor "
+    "upstream from this layer (log/div/sqrt of bad values, overflow in float16); an integer input such as a "
+    "length or a mask may have been drawn out of its range."
 )
 HINT_OBSERVED = (
     "Follow the tensor upstream from this layer: the first NaN/Inf comes from here or from the ops just before "
@@ -88,32 +95,43 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     {"kind": "negative-variance", "channels": int(negative.size), "min": number(negative.min())},
                 )
     first = _first_observed(view, probe)
-    if first is not None:
-        layer, where, sizes = first
+    if first is not None and probe is not None:
+        layer, where, samples = first
         if layer.name not in flagged:
-            yield Finding(
-                CODE,
-                SLUG,
-                SEVERITY,
-                layer.name,
-                f"NaN/Inf first appear at the {where} of {describe(layer)} at batch size {', '.join(map(str, sizes))}",
-                HINT_OBSERVED,
-                {"kind": "observed", "where": where, "batch_sizes": sizes},
+            sizes = list(samples)
+            evidence: dict[str, object] = {"kind": "observed", "where": where, "batch_sizes": sizes}
+            message = (
+                f"NaN/Inf first appear at the {where} of {describe(layer)} at batch size {', '.join(map(str, sizes))}"
             )
+            severity, hint = SEVERITY, HINT_OBSERVED
+            if any(count < batch for batch, count in samples.items()):
+                evidence["samples_nonfinite"] = {str(batch): count for batch, count in samples.items()}
+                counted = ", ".join(f"{count} of {batch}" for batch, count in samples.items())
+                message += f", in {counted} samples (the others finite)"
+                if probe.data_source == "synthetic":
+                    # some random samples only: their values, not the parameters (NaN weights reach every
+                    # sample); synthetic inputs may hold what the model never gets (a sequence length of 0)
+                    severity, hint = Severity.WARNING, HINT_SYNTHETIC
+                    message += "; with synthetic inputs, which may hold values the model never gets"
+            yield Finding(CODE, SLUG, severity, layer.name, message, hint, evidence)
 
 
-def _first_observed(view: ModelView, probe: ProbeResult | None) -> tuple[NormLayer, str, list[int]] | None:
-    """The first layer in graph order whose input or output holds NaN/Inf in some probe batch."""
+def _first_observed(view: ModelView, probe: ProbeResult | None) -> tuple[NormLayer, str, dict[int, int]] | None:
+    """The first layer in graph order whose input or output holds NaN/Inf in some probe batch, and how many
+    samples of each such batch hold them."""
     if probe is None:
         return None
     for layer in view.layers:
         for where in ("input", "output"):
-            sizes = []
+            samples: dict[int, int] = {}
             for batch_size in probe.batch_sizes:
                 seen = probe.at(batch_size, layer.name)
                 stats = getattr(seen, where) if seen is not None else None
                 if stats is not None and stats.total_nonfinite:
-                    sizes.append(batch_size)
-            if sizes:
-                return layer, where, sizes
+                    rows = np.asarray(stats.sample_mean)
+                    # a NaN/Inf element makes its sample's channel mean non-finite
+                    bad = int(np.count_nonzero(~np.isfinite(rows).all(axis=1))) if rows.ndim == 2 else batch_size
+                    samples[batch_size] = bad or batch_size
+            if samples:
+                return layer, where, samples
     return None
