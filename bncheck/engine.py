@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
 
-from bncheck.backends import Backend, ProbeSettings, backend_for
+from bncheck.backends import Backend, BackendError, ProbeSettings, backend_for
 from bncheck.checks import run_checks, selected
 from bncheck.model import ModelView, ProbeResult
+from bncheck.probe_data import made_up_settings
 from bncheck.report import Report, merge_findings, sort_findings
 
 
@@ -78,7 +79,14 @@ def probe_view(
 
         settings = replace(settings, data=load_data(settings.data_path, view.inputs))
     # also without normalization layers: the probe tests the model's outputs for batch dependence
-    probes = backend.probe(view, settings)
+    try:
+        probes = backend.probe(view, settings)
+    except BackendError as exc:
+        made_up = made_up_settings(view.inputs) if settings.data is None else None
+        if made_up is None:
+            raise
+        # the model may have failed on the value synthetic inputs gave a setting it takes: say so where it stops
+        raise BackendError(f"{exc}; {made_up}") from exc
     # the fields read as they are: dataclasses.asdict deep-copies every one first, the calibration arrays and
     # the progress bar (its lock cannot be copied) included
     recorded: dict[str, Any] = {

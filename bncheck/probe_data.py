@@ -5,7 +5,8 @@ before any backend is imported, and both backends (ONNX, Keras) draw their input
 
 Synthetic inputs (documented in the README's "How it works"):
 
-- floating inputs: independent standard normal values N(0, 1), cast to the input's dtype;
+- floating inputs: independent standard normal values N(0, 1), cast to the input's dtype; one without a batch
+  axis (a setting: a resize ratio) :data:`UNBATCHED_FLOAT`;
 - integer inputs: uniform in ``[0, high)``, where ``high`` is the row count of the embedding table the input
   feeds through a Gather, directly or through ops that keep its values (the backend finds it), and
   :data:`DEFAULT_INT_HIGH` otherwise; one number per sample that feeds no Gather (a length, a count) in
@@ -33,6 +34,9 @@ from bncheck.model import Dim, InputSpec
 
 #: exclusive upper bound of synthetic integer inputs that feed no Gather (token ids, class ids, flags).
 DEFAULT_INT_HIGH = 2
+#: what a floating input without a batch axis (a setting such as a resize ratio or a temperature, the same for
+#: every sample) is fed: a neutral value, where a standard-normal draw could be negative (RVM's downsample ratio)
+UNBATCHED_FLOAT = 1.0
 #: largest batch size accepted on the command line; above it a probe batch of a real model would not fit
 #: in memory anyway, and a typo such as 3200 should fail fast.
 MAX_BATCH_SIZE = 4096
@@ -358,6 +362,8 @@ def synthetic_inputs(
         dtype = _numpy_dtype(spec)
         if spec.fill is not None and not spec.batched:
             feeds[spec.name] = np.full(shape, spec.fill, dtype=dtype)
+        elif dtype.kind == "f" and not spec.batched:
+            feeds[spec.name] = np.full(shape, UNBATCHED_FLOAT, dtype=dtype)
         elif dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
         elif dtype.kind in "iu":
@@ -376,6 +382,18 @@ def synthetic_inputs(
         else:
             raise ProbeDataError(f"input {spec.name!r} has dtype {spec.dtype!r}, which bncheck cannot synthesize")
     return feeds
+
+
+def made_up_settings(inputs: list[InputSpec]) -> str | None:
+    """Says which floating inputs without a batch axis synthetic inputs feed :data:`UNBATCHED_FLOAT` (a value the
+    file does not give), or None when there are none."""
+    names = [s.name for s in inputs if not s.batched and s.fill is None and _numpy_dtype(s).kind == "f"]
+    if not names:
+        return None
+    return (
+        f"input(s) {few(names)} have no batch axis (a setting, the same for every sample): synthetic inputs feed "
+        f"them {UNBATCHED_FLOAT}; give the values the model is meant to get with --data"
+    )
 
 
 def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:

@@ -54,6 +54,7 @@ from bncheck.probe_data import (
     MAX_BATCH_SIZE,
     ProbeDataError,
     check_sizes,
+    made_up_settings,
     refuse_unshared_batch,
     release_mapped,
     synthetic_inputs,
@@ -995,6 +996,9 @@ def run_plan(
     else:
         plan = _plan_for(batch_sizes, settings.samples, None, False, test_dependence, fixed)
         needed = plan.pool_needed
+        made_up = made_up_settings(view.inputs)
+        if made_up is not None:
+            notes.append(made_up)
 
         specs = view.inputs
         if fixed is not None:  # the pool holds more samples than one batch: drawn along a free batch axis

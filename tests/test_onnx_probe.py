@@ -1170,6 +1170,58 @@ def test_a_per_sample_length_input_is_drawn_at_least_1(tmp_path):
     assert lengths.min() == 1 and lengths.max() == 2
 
 
+def _setting_model(path: Path, nodes: list, inits: list) -> str:
+    """Input "x" [N, 6] and a floating setting "ratio" [1] without a batch axis (RVM's downsample_ratio)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 6]), helper.make_tensor_value_info("ratio", F32, [1])],
+        [helper.make_tensor_value_info("y", F32, None)],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
+def test_a_floating_setting_without_a_batch_axis_is_fed_1_and_said_so(tmp_path):
+    # RVM's downsample_ratio got a standard-normal draw: a negative resize ratio refused by onnxruntime at one
+    # seed (exit 2), a silent 1.65x upsampling at another; x * sqrt(ratio) is NaN for a negative draw
+    inits = [
+        numpy_helper.from_array(np.full(6, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0.1), ("v", 1.5))
+    ]
+    nodes = [
+        helper.make_node("Sqrt", ["ratio"], ["root"], name="root"),
+        helper.make_node("Mul", ["x", "root"], ["r"], name="scaled"),
+        helper.make_node("BatchNormalization", ["r", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    path = _setting_model(tmp_path / "setting.onnx", nodes, inits)
+    for seed in range(4):  # a standard-normal draw of it is negative at about half of the seeds
+        report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2), seed=seed))
+        assert [f.code for f in report.findings] == []
+        notes = report.probes[0].notes
+        assert any("'ratio' have no batch axis" in n and "feed them 1.0" in n and "--data" in n for n in notes)
+
+
+def test_a_run_failing_on_a_made_up_setting_names_it_in_the_error(tmp_path):
+    # the reshape width is 4 * ratio: 1.0 cannot reshape 6 values per sample; the error says which input was made up
+    inits = [
+        numpy_helper.from_array(np.array([4.0], np.float32), "four"),
+        numpy_helper.from_array(np.array([-1], np.int64), "rows"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["ratio", "four"], ["width_f"], name="width_f"),
+        helper.make_node("Cast", ["width_f"], ["width"], to=TensorProto.INT64, name="width"),
+        helper.make_node("Concat", ["rows", "width"], ["shape"], axis=0, name="shape"),
+        helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape"),
+    ]
+    path = _setting_model(tmp_path / "setting_fails.onnx", nodes, inits)
+    with pytest.raises(BackendError) as info:
+        engine.probe(path, ProbeSettings(batch_sizes=(1,)))
+    assert "onnxruntime failed" in str(info.value) and "'ratio' have no batch axis" in str(info.value)
+    data = {"x": np.ones((2, 6), np.float32), "ratio": np.array([1.5], np.float32)}
+    assert engine.probe(path, ProbeSettings(batch_sizes=(2,), data=data, data_source="d.npz")).exit_code == 0
+
+
 def _spec_train_bn(x: np.ndarray, scale, bias, eps: float) -> np.ndarray:
     axes = (0, 2, 3)
     wide = x.astype(np.float64)
