@@ -40,6 +40,45 @@ def test_a_tensor_without_an_axis_per_sample_is_compared_whole():
     assert tensor_change(np.max(batch, keepdims=True), np.max(copies, keepdims=True), row=1, batch=4) > 0
 
 
+def test_a_batch_merged_with_heads_into_axis_0_compares_the_samples_rows_only():
+    # multi-head attention's Reshape [B, H, T, D] -> [B * H, T, D]: the sample's H rows are the same whatever its
+    # companions; compared whole, the companions' own rows counted as its movement (livekit's turn detector)
+    batch, copies = _runs(axis=0)
+    merged_batch, merged_copies = batch.reshape(4 * 5, 3), copies.reshape(4 * 5, 3)
+    assert copies_axis(merged_copies, 4) is None
+    assert tensor_change(merged_batch, merged_copies, row=1, batch=4) == 0.0
+    moved = merged_batch.copy()
+    moved[5:10] += 1.0  # the rows of the sample at row 1
+    assert tensor_change(moved, merged_copies, row=1, batch=4) > 0
+
+
+def test_a_dynamic_quantizer_after_a_merge_of_the_batch_is_located_there_not_at_the_merge(tmp_path):
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+
+    inits = [
+        helper.make_tensor("rows", TensorProto.INT64, [2], [-1, 3]),
+        helper.make_tensor("back", TensorProto.INT64, [3], [-1, 2, 3]),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "rows"], ["heads"], name="merge_heads"),
+        helper.make_node("DynamicQuantizeLinear", ["heads"], ["q", "qs", "qz"], name="quantize"),
+        helper.make_node("DequantizeLinear", ["q", "qs", "qz"], ["dq"], name="dequantize"),
+        helper.make_node("Reshape", ["dq", "back"], ["y"], name="split_heads"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3])],
+        inits,
+    )
+    path = str(tmp_path / "merged.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    [finding] = [f for f in engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8))).findings if f.code == "BN002"]
+    assert finding.layer == "quantize" and "dynamic quantization" in finding.message
+
+
 def test_an_output_follows_the_batch_on_the_axis_that_is_1_alone():
     assert output_sample_axis((8, 5), (1, 5), 8) == 0
     assert output_sample_axis((32, 8, 100), (32, 1, 100), 8) == 1  # a CTC head's [T, N, C]

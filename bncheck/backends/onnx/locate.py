@@ -52,13 +52,18 @@ def tensor_change(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> float |
     differ).
 
     A tensor with a slice per sample compares that slice (unit: the spread across ``a``'s slices), along the
-    axis that holds the samples, wherever an op moved it (an LSTM's [seq, batch, ...], a Transpose); one whose
+    axis that holds the samples, wherever an op moved it (an LSTM's [seq, batch, ...], a Transpose), or the
+    sample's block of rows where the batch is merged into axis 0 ([batch * heads, ...]); one whose
     shape does not follow the batch (a reduction over the batch axis) is compared whole (unit: its spread)."""
     if a.dtype.kind != "f" or b.dtype.kind != "f" or a.shape != b.shape:
         return None
     axis = copies_axis(b, batch)
     if axis is not None:
         a, b = np.moveaxis(a, axis, 0), np.moveaxis(b, axis, 0)
+        return float(sample_shifts(a[row : row + 1], b[row : row + 1], output_scale(a))[0])
+    rows = merged_rows(b, batch)
+    if rows is not None:  # [batch * rows, ...]: the sample's block of rows
+        a, b = a.reshape(batch, rows, *a.shape[1:]), b.reshape(batch, rows, *b.shape[1:])
         return float(sample_shifts(a[row : row + 1], b[row : row + 1], output_scale(a))[0])
     flat = np.asarray(a, np.float64).reshape(1, -1)
     other = np.asarray(b, np.float64).reshape(1, -1)
@@ -89,6 +94,23 @@ def copies_axis(copies: np.ndarray, batch: int) -> int | None:
         tolerance = 1e-5 * float(np.max(np.abs(finite))) if finite.size else 0.0
         if all(np.allclose(moved[k], first, rtol=0.0, atol=tolerance, equal_nan=True) for k in range(1, batch)):
             return axis
+    return None
+
+
+def merged_rows(copies: np.ndarray, batch: int) -> int | None:
+    """How many rows of axis 0 each sample holds where the batch is merged into it sample by sample (multi-head
+    attention's [batch * heads, T, D]), read off a run of copies of one sample as :func:`copies_axis` does;
+    None when axis 0 is not such a merge. Compared whole, such a tensor counts the companions' own rows as the
+    sample's movement (a dynamically quantized DeBERTa's dependence was placed at the Reshape that merges)."""
+    if batch < 2 or copies.ndim < 1 or copies.shape[0] <= batch or copies.shape[0] % batch:
+        return None
+    rows = copies.shape[0] // batch
+    blocks = copies.reshape(batch, rows, *copies.shape[1:])
+    first = blocks[0]
+    finite = first[np.isfinite(first)]
+    tolerance = 1e-5 * float(np.max(np.abs(finite))) if finite.size else 0.0
+    if all(np.allclose(blocks[k], first, rtol=0.0, atol=tolerance, equal_nan=True) for k in range(1, batch)):
+        return rows
     return None
 
 
