@@ -395,6 +395,10 @@ class LocatedDependence:
     # dynamic quantizers upstream of the node, in graph order: they take their scale from the whole batch
     # too, but with the companions the search ran they left the node's inputs unchanged
     upstream_quantizers: tuple[str, ...] = ()
+    # integer inputs of the node whose values for the sample moved with its companions (lengths sorted across
+    # the batch): the dependence came in through them, from upstream
+    moved_integer_inputs: tuple[str, ...] = ()
+    integer_origin: str | None = None  # the op that computed the first of them ("TopK 'TopK_16'")
 
 
 @dataclass(frozen=True)

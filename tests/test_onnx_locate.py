@@ -117,3 +117,35 @@ def test_a_localisation_step_runs_only_the_nodes_its_cut_needs_and_leaves_the_mo
     x = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
     session = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(["b"], {"x": x})[0], -np.maximum(x, 0))
+
+
+def test_an_op_reading_lengths_sorted_across_the_batch_names_its_integer_input_and_where_it_was_computed(tmp_path):
+    # pythainlp's thai2rom encoder: a TopK sorts the batch's lengths into an LSTM's sequence_lens; the LSTM was
+    # named "while its inputs did not" move, its integer input left out of the comparison
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+
+    nodes = [
+        helper.make_node("Shape", ["lengths"], ["count"], name="count"),
+        helper.make_node("TopK", ["lengths", "count"], ["sorted", "order"], name="sort_lengths"),
+        helper.make_node("Cast", ["sorted"], ["sorted_f"], to=TensorProto.FLOAT, name="as_float"),
+        helper.make_node("Unsqueeze", ["sorted_f", "one"], ["column"], name="column"),
+        helper.make_node("Mul", ["x", "column"], ["y"], name="scaled"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("lengths", TensorProto.INT64, ["N"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("one", TensorProto.INT64, [1], [1])],
+    )
+    path = str(tmp_path / "sorted_lengths.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    [finding] = [f for f in engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8))).findings if f.code == "BN002"]
+    assert finding.layer == "as_float" and finding.evidence["moved_integer_inputs"] == ["sorted"]
+    assert finding.evidence["integer_origin"] == "TopK 'sort_lengths'"
+    assert "floating-point inputs did not; its integer input(s) 'sorted' (computed by TopK" in finding.message
+    assert "Follow the integer input upstream" in finding.hint

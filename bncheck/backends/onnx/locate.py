@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import ONNX_DOMAINS, upstream_nodes
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, upstream_nodes
 from bncheck.backends.onnx.instrument import keep_only, stub
 from bncheck.backends.onnx.tensors import to_array
 from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from bncheck.backends.onnx.scratch import Scratch
 
 
+#: ops that keep an integer tensor's values or cut some of them out (a length's way to an LSTM's sequence_lens)
+_KEEPS_VALUES = frozenset({*TRANSPARENT, "Slice", "Gather", "Expand", "Tile"})
 #: domains of the dynamic quantizers (the standard op, and onnxruntime's fused kernels)
 _QUANT_DOMAINS = frozenset({*ONNX_DOMAINS, "com.microsoft"})
 
@@ -195,33 +197,38 @@ def locate_dependence(
     runs = 0
     changes: dict[str, float] = {}
     relative: dict[str, float] = {}  # single-value tensors: their change as a fraction of their value
+    integers: dict[str, bool] = {}  # integer tensors: whether the sample's values moved (not bisected: below)
 
     def live(cut: int) -> list[str]:
         return [t for t, i in produced_at.items() if i <= cut and (last_read.get(t, -1) > cut or t in graph_outputs)]
 
-    def dependent(cut: int) -> bool:
+    def compare(names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
         nonlocal runs
+        step = prefix(model, names)
+        so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder, prepacks(step.graph, shapes))
+        try:
+            session = new_session(step, so)
+            del step
+            first = session.run(names, batch, run_options())
+            second = session.run(names, copies, run_options())
+        except Exception as exc:  # a cut the runtime rejects (a node only the probe's rewrite made runnable)
+            raise _Unlocatable from exc
+        del session  # before the next step builds its own
+        runs += 2
+        return [(name, np.asarray(a), np.asarray(b)) for name, a, b in zip(names, first, second)]
+
+    def dependent(cut: int) -> bool:
         names = [t for t in live(cut) if t not in changes]
         if names:
-            step = prefix(model, names)
-            so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, folder, prepacks(step.graph, shapes))
-            try:
-                session = new_session(step, so)
-                del step
-                first = session.run(names, batch, run_options())
-                second = session.run(names, copies, run_options())
-            except Exception as exc:  # a cut the runtime rejects (a node only the probe's rewrite made runnable)
-                raise _Unlocatable from exc
-            del session  # before the next step builds its own
-            runs += 2
-            for name, a, b in zip(names, first, second):
-                change = tensor_change(np.asarray(a), np.asarray(b), row, size)
+            for name, a, b in compare(names):
+                if a.dtype.kind in "iu" and a.shape == b.shape:
+                    integers[name] = bool(integer_moved(a, b, row, size))
+                change = tensor_change(a, b, row, size)
                 changes[name] = -1.0 if change is None else change
                 if change is not None and np.size(a) == 1:
                     fraction = relative_change(float(np.ravel(b)[0]), float(np.ravel(a)[0]))
                     if math.isfinite(fraction):  # of a value that was 0 there is none: standard deviations stay
                         relative[name] = fraction
-            del first, second
         return any(changes[t] > COMPANION_TOLERANCE for t in live(cut))
 
     # No step for the cut after the last node, whose live tensors are the model's outputs: the caller found
@@ -248,9 +255,22 @@ def locate_dependence(
                 lo = mid + 1
         if any(t not in changes for t in nodes[lo].output if t):  # the last node: its outputs not yet compared
             dependent(lo)
+        # Integer tensors are not bisected: one can move with no effect (the batch's longest sentence, padding
+        # a model ignores). An integer input of the located node that moved (an LSTM's sequence_lens, sorted
+        # across the batch) says where the dependence came from instead.
+        node = nodes[lo]
+        unseen = [t for t in dict.fromkeys(node.input) if t and t not in changes and t in produced_at]
+        if unseen:
+            for name, a, b in compare(unseen):
+                changes[name] = -1.0
+                if a.dtype.kind in "iu" and a.shape == b.shape:
+                    integers[name] = bool(integer_moved(a, b, row, size))
+        origin = None
+        moved_inputs = [t for t in dict.fromkeys(node.input) if integers.get(t)]
+        if moved_inputs:
+            origin = _integer_origin(moved_inputs[0], nodes, produced_at)
     except _Unlocatable:
         return None
-    node = nodes[lo]
     moved = [(changes.get(t, -1.0), t) for t in node.output if t]
     change, tensor = max(moved)
     if not change > COMPANION_TOLERANCE:
@@ -265,7 +285,31 @@ def locate_dependence(
         batch_size=size,
         relative_change=relative.get(tensor),
         upstream_quantizers=_upstream_quantizers(nodes, lo),
+        moved_integer_inputs=tuple(moved_inputs),
+        integer_origin=origin,
     )
+
+
+def _integer_origin(tensor: str, nodes: list[Any], produced_at: dict[str, int]) -> str | None:
+    """The op that computed a moved integer tensor's values, up its chain of ops that only keep or cut them
+    (Cast, Slice, Reshape, ...): "TopK 'TopK_16'" for an LSTM's sequence_lens sorted across the batch. Read
+    off the graph, not compared: a sorted tensor has no row that is the sample's."""
+    name = tensor
+    for _ in range(32):
+        node = nodes[produced_at[name]]
+        if node.op_type not in _KEEPS_VALUES or not node.input or node.input[0] not in produced_at:
+            return f"{node.op_type} {(node.name or node.output[0])!r}"
+        name = node.input[0]
+    return None
+
+
+def integer_moved(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> bool:
+    """Whether an integer tensor's values for the sample at ``row`` differ between the two runs (exactly: no
+    rounding), on its slice where it has one per sample, else anywhere."""
+    axis = copies_axis(b, batch)
+    if axis is not None:
+        return not np.array_equal(np.take(a, [row], axis=axis), np.take(b, [row], axis=axis))
+    return not np.array_equal(a, b)
 
 
 def _upstream_quantizers(nodes: list[Any], index: int) -> tuple[str, ...]:
