@@ -179,6 +179,35 @@ def test_a_torchscript_decomposed_layer_norm_takes_its_module_path(tmp_path: Pat
     assert layer["name"] == "blocks.0.layer_norm" and layer["kind"] == "layer"
 
 
+@pytest.mark.parametrize("alone", [True, False], ids=["scope-of-its-own", "scope-shared"])
+def test_a_keras2onnx_layer_norm_chain_takes_the_scope_that_holds_it_alone(tmp_path: Path, alone: bool) -> None:
+    """DTLN (keras2onnx): the chain of its custom InstantLayerNormalization named after its mean's node,
+    ``model_2/instant_layer_normalization_1/Mean_reduce_min`` ("reduce_min" is the converter's suffix for a mean):
+    the layer is the scope that holds the chain's nodes and nothing else; a scope other nodes share keeps the name."""
+    scope = "model_2/instant_layer_normalization_1/"
+    inits = [
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, 8).astype(np.float32), scope + "mul/ReadVariableOp/resource:0"),
+        numpy_helper.from_array(
+            RNG.uniform(-0.5, 0.5, 8).astype(np.float32), scope + "add_1/ReadVariableOp/resource:0"
+        ),
+        numpy_helper.from_array(np.array(1e-7, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], name=scope + "Mean_reduce_min"),
+        helper.make_node("Sub", ["x", "m"], ["d"], name=scope + "sub"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name=scope + "Square"),
+        helper.make_node("ReduceMean", ["d2"], ["v"], axes=[-1], name=scope + "Mean_1_reduce_min"),
+        helper.make_node("Add", ["v", "eps"], ["ve"], name=scope + "add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=scope + "Sqrt"),
+        helper.make_node("Div", ["d", "sd"], ["n"], name=scope + "truediv"),
+        helper.make_node("Mul", ["n", scope + "mul/ReadVariableOp/resource:0"], ["g"], name=scope + "mul"),
+        helper.make_node("Add", ["g", scope + "add_1/ReadVariableOp/resource:0"], ["h"], name=scope + "add_1"),
+        helper.make_node("Relu", ["h"], ["y"], name="model_2/relu" if alone else scope + "relu"),
+    ]
+    [layer] = _inspected_layers(tmp_path / "dtln_ln.onnx", nodes, inits, ["N", 16, 8], opset=11, ir_version=6)
+    assert layer["name"] == ("model_2/instant_layer_normalization_1" if alone else scope + "Mean_reduce_min")
+
+
 def test_generated_names_and_weight_prefixes() -> None:
     for name in (
         "",

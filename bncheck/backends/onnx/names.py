@@ -51,7 +51,10 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
     if scope is not None:
         return _torch_module(scope, _weights(g, layer, indices))
     if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
-        return _tf_layer_scope(layer.name) if layer.op_type == "decomposed" else layer.name
+        if layer.op_type != "decomposed":
+            return layer.name
+        scoped = _tf_layer_scope(layer.name)
+        return scoped if scoped != layer.name else _own_scope(layer, by_name) or layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
     if prefix:
         return prefix
@@ -103,6 +106,32 @@ def _tf_layer_scope(name: str) -> str:
     while scope.startswith(_TF_FUNCTION_SCOPE):
         scope = scope[len(_TF_FUNCTION_SCOPE) :]
     return scope or name
+
+
+def _own_scope(layer: NormLayer, by_name: dict[str, int]) -> str | None:
+    """The name scope that holds a hand-written chain's nodes and nothing else (keras2onnx names DTLN's
+    ``model_2/instant_layer_normalization_1/Mean_reduce_min``, a mean it suffixes "reduce_min": the layer is
+    ``model_2/instant_layer_normalization_1``); None where the nodes share no scope or it holds other nodes (a
+    flat graph's ``model/Mean_3`` would name every layer ``model``)."""
+    names = [n for n in layer.nodes if n in by_name]
+    if len(names) < 2 or not all("/" in n for n in names):
+        return None
+    # the longest run of leading "/" segments every node's scope shares (os.path.commonpath drops empty segments)
+    common = names[0].rpartition("/")[0].split("/")
+    for name in names[1:]:
+        parts = name.rpartition("/")[0].split("/")
+        common = common[
+            : next((k for k, (a, b) in enumerate(zip(common, parts)) if a != b), min(len(common), len(parts)))
+        ]
+    scope = "/".join(common)
+    if not scope.strip("/"):
+        return None
+    inside = [n for n in by_name if n.startswith(scope + "/")]
+    if set(inside) != set(names):
+        return None
+    while scope.startswith(_TF_FUNCTION_SCOPE):
+        scope = scope[len(_TF_FUNCTION_SCOPE) :]
+    return scope or None
 
 
 def _generated_tensor(g: GraphIndex, index: int, tensor: str) -> bool:
