@@ -208,6 +208,38 @@ def test_a_keras2onnx_layer_norm_chain_takes_the_scope_that_holds_it_alone(tmp_p
     assert layer["name"] == ("model_2/instant_layer_normalization_1" if alone else scope + "Mean_reduce_min")
 
 
+def test_nodes_onnxruntime_fused_take_the_module_path_of_the_node_they_started_from(tmp_path: Path) -> None:
+    """A model saved after onnxruntime's optimizer: a fused LayerNormalization named
+    ``/layers.0/ln1/Mul/LayerNormFusion/`` (its weights layers.0.ln1.*), a SkipLayerNormalization named
+    ``SkipLayerNormalization_token_266`` (an invented name: its weights' prefix instead)."""
+    c = 8
+    inits = [
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), "layers.0.ln1.weight"),
+        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, c).astype(np.float32), "layers.0.ln1.bias"),
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), "layers.0.ln2.weight"),
+        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, c).astype(np.float32), "layers.0.ln2.bias"),
+    ]
+    nodes = [
+        helper.make_node(
+            "LayerNormalization",
+            ["x", "layers.0.ln1.weight", "layers.0.ln1.bias"],
+            ["h"],
+            axis=-1,
+            name="/layers.0/ln1/Mul/LayerNormFusion/",
+        ),
+        helper.make_node(
+            "LayerNormalization",
+            ["h", "layers.0.ln2.weight", "layers.0.ln2.bias"],
+            ["y"],
+            axis=-1,
+            name="LayerNormalization_token_266",
+        ),
+    ]
+    layers = _inspected_layers(tmp_path / "fused.onnx", nodes, inits, ["N", 16, c], opset=17, ir_version=8)
+    assert [layer["name"] for layer in layers] == ["layers.0.ln1", "layers.0.ln2"]
+    assert is_generated("SkipLayerNormalization_token_266", "SkipLayerNormalization")
+
+
 def test_generated_names_and_weight_prefixes() -> None:
     for name in (
         "",

@@ -27,7 +27,7 @@ NAMESPACE = "namespace"
 _SEPARATORS = "./:"
 #: exporter prefixes and suffixes around an op type in generated node names (p2o.BatchNormalization.3,
 #: BatchNormalization_12, BatchNormalization@0, BatchNormalization__7)
-_DECOR = r"(?:p2o\.)?{op}(?:[._@#:-]*\d+)*"
+_DECOR = r"(?:p2o\.)?{op}(?:_token)?(?:[._@#:-]*\d+)*"
 #: weight names that exporters invent themselves (they say nothing about the user's module)
 _GENERATED_WEIGHT = re.compile(r"^(?:onnx::.*|val_\d+|_v_\d+|const.*|\d+|helper\.\w+\.\d+)$", re.IGNORECASE)
 
@@ -67,13 +67,19 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
 _TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
 _TF_MOMENTS = re.compile(r"/moments/(?:mean|Mean)(?:_\d+)?$")
+#: onnxruntime's fused node named after the node the fusion started from: "<that node>/LayerNormFusion/"
+_ORT_FUSION = re.compile(r"(.*/([A-Za-z]+)(?:_\d+)?)/\w+Fusion/?")
 #: jax2tf's scopes around a flax module's path: the converted function's and each jitted call's
 _JAX2TF_SCOPES = re.compile(r"^jax2tf_[^/]*/(?:pjit_[^/]*/)*")
 
 
 def _torch_scope(name: str, op_type: str) -> list[str] | None:
     """The module scopes of a node that torch's TorchScript exporter (torch >= 1.13) named
-    ``/encoder/layer.0/norm/ReduceMean_1``: ["encoder", "layer.0", "norm"]; None for any other name."""
+    ``/encoder/layer.0/norm/ReduceMean_1``: ["encoder", "layer.0", "norm"]; None for any other name. A node
+    onnxruntime's optimizer fused is named after the one it started from (``/embed_norm/Mul/LayerNormFusion/``)."""
+    fused = _ORT_FUSION.fullmatch(name)
+    if fused:
+        name, op_type = fused.group(1), fused.group(2)
     match = re.fullmatch(r"/((?:[^/]+/)*[^/]+)/" + re.escape(op_type) + r"(?:_\d+)?", name)
     return match.group(1).split("/") if match else None
 
