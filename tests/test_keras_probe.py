@@ -93,6 +93,25 @@ def test_fix_of_a_lambda_file_is_refused_as_fix_and_nothing_is_executed(tmp_path
     assert not marker.exists() and not (tmp_path / "fixed.keras").exists()
 
 
+def test_a_model_compiled_with_a_users_loss_function_is_probed(tmp_path):
+    # ai-isometric-extractor's U-Net and fimep: compile_config names a plain function from 'builtins' as the loss;
+    # bncheck loads with compile=False, so that code never runs, but the whole file was refused
+    def dice_loss(y_true, y_pred):
+        return 1 - (2 * keras.ops.sum(y_true * y_pred) + 1) / (keras.ops.sum(y_true) + keras.ops.sum(y_pred) + 1)
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, layers.Dense(2)(layers.BatchNormalization(name="bn")(inp)))
+    model.compile(optimizer="adam", loss=dice_loss)
+    path = _save(model, tmp_path / "compiled.keras")
+    with zipfile.ZipFile(path) as archive:
+        loss = json.loads(archive.read("config.json"))["compile_config"]["loss"]
+    assert loss["module"] == "builtins"  # what was refused
+    view = KerasBackend().load(path)
+    assert view.handle.unsafe == []
+    [result] = KerasBackend().probe(view, FAST)
+    assert result.at(1, "bn") is not None
+
+
 def test_object_from_outside_keras_probe_is_refused(tmp_path):
     path = bn_model_with_config_field(tmp_path, "registered_name", "my_package>TrojanNorm")
     with pytest.raises(BackendError, match="my_package>TrojanNorm"):

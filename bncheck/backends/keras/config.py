@@ -332,6 +332,10 @@ def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:
         elif registered is not None and registered != cls:
             ctx.unsafe.append(f"{label} uses the registered object {registered!r}, outside Keras")
     for key, value in obj.items():
+        if key == "compile_config" and not where:
+            # the loss, metrics and optimizer: bncheck loads with compile=False, so none of it is ever
+            # deserialized (a user's dice loss, saved as a function from 'builtins', refused whole U-Nets)
+            continue
         if key == "layers" and isinstance(value, list):
             for entry in value:
                 name = _entry_name(entry) if isinstance(entry, dict) else "?"
@@ -928,6 +932,8 @@ class KerasFile:
 
 
 def few_reasons(reasons: list[str], limit: int = 3) -> str:
-    """The first few reasons a probe is refused, and how many more (a hostile config may give thousands)."""
+    """The first few reasons a probe is refused, and how many more (a hostile config may give thousands); each
+    said once (one layer may use the same outside function twice)."""
+    reasons = list(dict.fromkeys(reasons))
     rest = len(reasons) - limit
     return "; ".join(reasons[:limit]) + (f"; and {rest:,} more" if rest > 0 else "")
