@@ -273,6 +273,38 @@ def test_torch_group_norm_export_with_a_group_per_channel_is_an_instance_norm(tm
     assert normalized_set_size(layer) == (1, ())
 
 
+def test_a_hand_written_group_norm_over_a_group_and_position_axes_is_a_group_norm(tmp_path):
+    """typeseg's U-Net: x [N, 32, L] reshaped to [0, 8, 4, L], moments over axes (2, 3), reshaped back, then a
+    per-channel affine of 32: GroupNorm with 8 groups; it was an "instance" norm of 8 channels."""
+    c, groups, length = 32, 8, 6
+    nodes = [
+        helper.make_node("Reshape", ["x", "groups_shape"], ["x_g"], name="gn/reshape"),
+        helper.make_node("ReduceMean", ["x_g"], ["mu"], axes=[2, 3], keepdims=1, name="gn/mean"),
+        helper.make_node("Sub", ["x_g", "mu"], ["d"], name="gn/sub"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="gn/square"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], axes=[2, 3], keepdims=1, name="gn/var"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="gn/add_eps"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="gn/sqrt"),
+        helper.make_node("Div", ["d", "sd"], ["n_g"], name="gn/div"),
+        helper.make_node("Reshape", ["n_g", "back"], ["n"], name="gn/reshape_back"),
+        helper.make_node("Mul", ["n", "gamma"], ["scaled"], name="gn/mul"),
+        helper.make_node("Add", ["scaled", "beta"], ["y"], name="gn/add"),
+    ]
+    inits = [
+        const("groups_shape", [0, groups, c // groups, length], np.int64),
+        const("back", [0, c, length], np.int64),
+        const("eps", 1e-5),
+        const("gamma", np.linspace(0.5, 1.5, c).reshape(c, 1)),
+        const("beta", np.linspace(-0.2, 0.2, c).reshape(c, 1)),
+    ]
+    shape = ["N", c, length]
+    path = save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, opset=13, name="hand_gn")
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.GROUP and layer.groups == groups and layer.channels == c
+    assert layer.input == "x" and np.asarray(layer.scale).size == c
+    assert normalized_set_size(layer) == (c // groups * length, ())
+
+
 def test_rms_normalization_23(tmp_path):
     path = single_op(tmp_path, "RMSNormalization", ["x", "s"], {}, ("N", 7, 16), [const("s", np.ones(16))], 23)
     (layer,), _ = load_layers(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -500,7 +501,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
                 x, axes, rank = src, tuple(range(a, src_rank)), src_rank
                 passed = passed + [flatten]
                 flattened = True
-    elif axes == (2,) and rank == 3 and g.produced_by(x, "Reshape") is not None:
+    elif rank is not None and rank >= 3 and axes == tuple(range(2, rank)) and g.produced_by(x, "Reshape") is not None:
+        # [N, G, K] or [N, G, C/G, ...] (hand-written and TF-style GroupNorms) over everything but N and G
         group_like = _group_source(g, x)
         if group_like is not None:
             src, n_groups, reshapes = group_like
@@ -709,7 +711,8 @@ def _group_affine(
 
 
 def _group_source(g: GraphIndex, x: str) -> tuple[str, int, list[int]] | None:
-    """x = reshape(S) to [N, G, K] (possibly via more reshapes) with S of rank >= 3: (S, G, reshapes)."""
+    """x = reshape(S) to [N, G, K] or [N, G, C/G, ...] (possibly via more reshapes) with S [N, C, ...] of rank
+    >= 3: (S, G, reshapes)."""
     passed: list[int] = []
     tensor = x
     while True:
@@ -722,7 +725,7 @@ def _group_source(g: GraphIndex, x: str) -> tuple[str, int, list[int]] | None:
     if not passed:
         return None
     src_shape, x_shape = g.shape(tensor), g.shape(x)
-    if src_shape is None or x_shape is None or len(src_shape) < 3 or len(x_shape) != 3:
+    if src_shape is None or x_shape is None or len(src_shape) < 3 or len(x_shape) < 3:
         return None
     n_groups = x_shape[1]
     if not isinstance(n_groups, int):
@@ -731,4 +734,11 @@ def _group_source(g: GraphIndex, x: str) -> tuple[str, int, list[int]] | None:
         return None
     if isinstance(src_shape[1], int) and src_shape[1] % n_groups:
         return None
+    if len(x_shape) > 3:
+        # a sample's elements, split per group: the group holds C/G channels, all of their positions
+        per_group, per_source = x_shape[2:], src_shape[1:]
+        if not all(isinstance(d, int) for d in (*per_group, *per_source)):
+            return None
+        if n_groups * math.prod(per_group) != math.prod(per_source):  # type: ignore[arg-type]
+            return None
     return tensor, n_groups, passed
