@@ -149,3 +149,31 @@ def test_an_op_reading_lengths_sorted_across_the_batch_names_its_integer_input_a
     assert finding.evidence["integer_origin"] == "TopK 'sort_lengths'"
     assert "floating-point inputs did not; its integer input(s) 'sorted' (computed by TopK" in finding.message
     assert "Follow the integer input upstream" in finding.hint
+
+
+def test_a_located_op_in_a_model_whose_inputs_are_rank_1_says_axis_0_may_be_a_sequence(tmp_path):
+    # typeseg's mamba: one token sequence [T] per run, a Conv over its positions; axis 0 is taken as the batch, so
+    # the Conv was named as mixing samples with nothing saying why that may not be a batch at all
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+
+    nodes = [
+        helper.make_node("Unsqueeze", ["ids", "axes01"], ["row"], name="as_row"),
+        helper.make_node("Conv", ["row", "kernel"], ["mixed"], pads=[1, 1], name="time_conv"),
+        helper.make_node("Squeeze", ["mixed", "axes01"], ["y"], name="as_sequence"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T"])],
+        [
+            helper.make_tensor("axes01", TensorProto.INT64, [2], [0, 1]),
+            helper.make_tensor("kernel", TensorProto.FLOAT, [1, 1, 3], [0.25, 0.5, 0.25]),
+        ],
+    )
+    path = str(tmp_path / "sequence.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    [finding] = [f for f in engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8))).findings if f.code == "BN002"]
+    assert finding.layer == "time_conv" and finding.evidence["inputs_rank_1"] is True
+    assert "Every input of this model is rank 1" in finding.hint and "--ignore BN002" in finding.hint

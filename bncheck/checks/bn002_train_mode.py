@@ -115,6 +115,13 @@ HINT_RANK_1 = (
 )
 
 
+HINT_RANK_1_LOCATED = (
+    " Every input of this model is rank 1, so axis 0 is taken as the batch and a sample is one value; where axis 0 "
+    "holds one sequence per run instead (one utterance or document at a time, a convolution over its positions), "
+    "a position's output depends on the others by design and BN002 does not apply (--ignore BN002)."
+)
+
+
 HINT_UNBATCHED = (
     "Nothing to change where axis 0 holds one input's positions (frames, tokens) rather than samples; if the "
     "model is meant to take a batch, its outputs should keep a row per sample (reduce over the other axes)."
@@ -148,14 +155,20 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             )
     # located by the probe: replaces the static batch-reduction finding on the same op (report.merge_findings)
     if probe is not None and depend and not explains_dependence(view.layers, probe.dependence):
-        yield _unexplained(probe, effect, fixed_batch(view.inputs) == 1)
+        yield _unexplained(probe, effect, fixed_batch(view.inputs) == 1, rank_1)
 
 
-def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_one: bool) -> Finding:
+def _unexplained(
+    probe: ProbeResult, effect: dict[str, object] | None, batch_of_one: bool, rank_1: bool = False
+) -> Finding:
     """The outputs depend on the batch and no normalization layer explains it: the op the probe located.
     ``batch_of_one``: the file fixes the batch to 1 and the dependence was measured on its relaxed copy; as
-    shipped no sample has companions, so it is a warning about a re-export with a free batch."""
+    shipped no sample has companions, so it is a warning about a re-export with a free batch. ``rank_1``: every
+    fed input is rank 1 (:data:`HINT_RANK_1_LOCATED`)."""
     evidence: dict[str, object] = {"kind": "batch-dependence", "output_tolerance": OUTPUT_DEPENDENCE_TOLERANCE}
+    if rank_1:
+        evidence["inputs_rank_1"] = True
+    rank_1_hint = HINT_RANK_1_LOCATED if rank_1 else ""
     if effect is not None:
         evidence["output_effect"] = effect
     severity = SEVERITY
@@ -174,7 +187,7 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
             f"model output {name!r} depends on a sample's batch companions, and no normalization layer "
             f"explains it; where it starts was not located{latent}"
         )
-        return Finding(CODE, SLUG, severity, name, what, HINT_REDUCTION, evidence)
+        return Finding(CODE, SLUG, severity, name, what, HINT_REDUCTION + rank_1_hint, evidence)
     axes = f" over axes {list(found.axes)}" if found.axes is not None else ""
     batch_axis = " (which include the batch axis 0)" if found.axes is not None and 0 in found.axes else ""
     evidence.update(
@@ -234,7 +247,7 @@ def _unexplained(probe: ProbeResult, effect: dict[str, object] | None, batch_of_
     elif not dynamic and found.axes is not None and 0 not in found.axes:
         hint = HINT_MOVED_BATCH  # its axes hold the batch only because a reshape before it moved it there
     # no normalization layer explains it, so `fix` has nothing to switch or recalibrate here
-    return Finding(CODE, SLUG, severity, found.node, what, hint, evidence)
+    return Finding(CODE, SLUG, severity, found.node, what, hint + rank_1_hint, evidence)
 
 
 def _reduction_finding(
