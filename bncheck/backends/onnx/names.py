@@ -122,13 +122,11 @@ def _own_scope(layer: NormLayer, by_name: dict[str, int]) -> str | None:
     names = [n for n in layer.nodes if n in by_name]
     if len(names) < 2 or not all("/" in n for n in names):
         return None
-    # the longest run of leading "/" segments every node's scope shares (os.path.commonpath drops empty segments)
-    common = names[0].rpartition("/")[0].split("/")
-    for name in names[1:]:
-        parts = name.rpartition("/")[0].split("/")
-        common = common[
-            : next((k for k, (a, b) in enumerate(zip(common, parts)) if a != b), min(len(common), len(parts)))
-        ]
+    common: list[str] = []  # the leading "/" segments every node's scope shares
+    for segments in zip(*(n.rpartition("/")[0].split("/") for n in names)):
+        if len(set(segments)) > 1:
+            break
+        common.append(segments[0])
     scope = "/".join(common)
     if not scope.strip("/"):
         return None

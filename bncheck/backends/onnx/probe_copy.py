@@ -9,8 +9,8 @@ change harmless:
 - IR < 4 lists every initializer among the graph inputs: those are weights, dropped from the copy's inputs;
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
 - a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
-  shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the batch in are computed
-  from the fed batch instead. At the file's size the copy is the file's graph (declared shapes aside, a
+  shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the
+  batch in are computed from the fed batch instead. At the file's size the copy is the file's graph (declared shapes aside, a
   rewritten constant computes the file's value there), so no run of the original is needed; the relaxation
   is kept only when runs of the copy prove it: it runs at the file's size, and at another size every output
   dim that held the batch follows the fed batch and no other changes. Otherwise the probe runs at the fixed
@@ -109,7 +109,8 @@ class ProbeCopy:
     pending: Pending | None = None
     # why the probe's own runs failed that proof, when the outputs say so (see OutputsRefuse)
     refused: OutputsRefuse | None = None
-    # Reshape/Expand/Resize/ConstantOfShape shape constants of the relaxed copy rewritten to follow the fed batch (0: none, or not relaxed)
+    # shape constants of the relaxed copy (Reshape/Expand/Resize/ConstantOfShape) rewritten to follow the fed
+    # batch (0: none, or not relaxed)
     batch_constants: int = 0
     # the synthetic inputs that proof drew (run_plan's ``drawn``; None with --data or without a proof)
     drawn: dict[str, np.ndarray] | None = None
