@@ -5,8 +5,8 @@ before any backend is imported, and both backends (ONNX, Keras) draw their input
 
 Synthetic inputs (documented in the README's "How it works"):
 
-- floating inputs: independent standard normal values N(0, 1), cast to the input's dtype; one without a batch
-  axis (a setting: a resize ratio) :data:`UNBATCHED_FLOAT`;
+- floating inputs: independent standard normal values N(0, 1), cast to the input's dtype; one value without
+  a batch axis (a setting: a resize ratio) :data:`UNBATCHED_FLOAT`;
 - integer inputs: uniform in ``[0, high)``, where ``high`` is the row count of the embedding table the input
   feeds through a Gather, directly or through ops that keep its values (the backend finds it), and
   :data:`DEFAULT_INT_HIGH` otherwise; one number per sample that feeds no Gather (a length, a count) in
@@ -34,8 +34,8 @@ from bncheck.model import Dim, InputSpec
 
 #: exclusive upper bound of synthetic integer inputs that feed no Gather (token ids, class ids, flags).
 DEFAULT_INT_HIGH = 2
-#: what a floating input without a batch axis (a setting such as a resize ratio or a temperature, the same for
-#: every sample) is fed: a neutral value, where a standard-normal draw could be negative (RVM's downsample ratio)
+#: what a floating input of one value without a batch axis (a setting such as a resize ratio or a temperature,
+#: the same for every sample) is fed: a neutral value, where a standard-normal draw could be negative (RVM's downsample ratio)
 UNBATCHED_FLOAT = 1.0
 #: largest batch size accepted on the command line; above it a probe batch of a real model would not fit
 #: in memory anyway, and a typo such as 3200 should fail fast.
@@ -362,7 +362,7 @@ def synthetic_inputs(
         dtype = _numpy_dtype(spec)
         if spec.fill is not None and not spec.batched:
             feeds[spec.name] = np.full(shape, spec.fill, dtype=dtype)
-        elif dtype.kind == "f" and not spec.batched:
+        elif dtype.kind == "f" and _is_setting(spec):
             feeds[spec.name] = np.full(shape, UNBATCHED_FLOAT, dtype=dtype)
         elif dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
@@ -384,10 +384,17 @@ def synthetic_inputs(
     return feeds
 
 
+def _is_setting(spec: InputSpec) -> bool:
+    """One value without a batch axis and without a known value (a resize ratio): a state or a frame of
+    several values without one is drawn like any input."""
+    dims = spec.shape or ()
+    return not spec.batched and spec.fill is None and all(isinstance(d, int) and d == 1 for d in dims)
+
+
 def made_up_settings(inputs: list[InputSpec]) -> str | None:
-    """Says which floating inputs without a batch axis synthetic inputs feed :data:`UNBATCHED_FLOAT` (a value the
-    file does not give), or None when there are none."""
-    names = [s.name for s in inputs if not s.batched and s.fill is None and _numpy_dtype(s).kind == "f"]
+    """Says which floating inputs of one value without a batch axis synthetic inputs feed
+    :data:`UNBATCHED_FLOAT` (a value the file does not give), or None when there are none."""
+    names = [s.name for s in inputs if _is_setting(s) and _numpy_dtype(s).kind == "f"]
     if not names:
         return None
     return (

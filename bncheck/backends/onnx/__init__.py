@@ -117,8 +117,9 @@ def batch_axes(shapes: list[tuple[Dim, ...] | None]) -> list[int | None]:
     another axis carries it there (a recurrent state [layers, batch, hidden]). An input whose axis 0 is a
     fixed size, while another input's is free, carries the batch at its only free dim when that dim is
     unnamed (exporters that name no dim), and has none when every dim is fixed (a parameter-like tensor).
-    A scalar has none. Where every input fixes its dims and their axes 0 disagree, an input whose axis 0
-    differs from the first input's has none (GTCRN's caches). Anything else keeps axis 0.
+    A scalar has none. Where every input fixes its dims, one of rank 1 longer than 1 has none (a vector),
+    and where the others' axes 0 disagree, an input whose axis 0 differs from the first one's has none
+    (GTCRN's caches). Anything else keeps axis 0.
     """
     firsts = [s[0] for s in shapes if s and isinstance(s[0], str)]
     name = Counter(firsts).most_common(1)[0][0] if firsts else None
@@ -142,8 +143,12 @@ def batch_axes(shapes: list[tuple[Dim, ...] | None]) -> list[int | None]:
             else:
                 axes.append(0)
     if not batch_free:
-        # every input fixes its dims: where their axes 0 disagree (a streaming model's caches [2, 1, ...] beside
-        # its audio [1, ...]), the first input's is the batch and an input with another is fed as declared
+        # every input fixes its dims. One of rank 1 longer than 1 is a vector (a frame of 512 audio samples, a
+        # flat state): a batch of 512 values would leave no axis for a sample (dfnstream's denoiser was told
+        # its frame energy mixes 512 samples). Where the axes 0 of the others disagree (a streaming model's
+        # caches [2, 1, ...] beside its audio [1, ...]), the first one's is the batch and an input with another
+        # is fed as declared.
+        axes = [None if s is not None and len(s) == 1 and s[0] != 1 else axis for s, axis in zip(shapes, axes)]
         leading = [s[0] for s, axis in zip(shapes, axes) if s and axis == 0]
         if len(set(leading)) > 1:
             axes = [None if s and axis == 0 and s[0] != leading[0] else axis for s, axis in zip(shapes, axes)]

@@ -470,12 +470,16 @@ def fixed_to_one(g: GraphIndex) -> bool:
     return _leading_dims(g) == {1}
 
 
-def _leading_dims(g: GraphIndex) -> set:
+def _batch_axes(inputs: list) -> list[int | None]:
     from bncheck.backends.onnx import batch_axes  # the package's module imports the walk, which imports this
 
+    return batch_axes(inputs)
+
+
+def _leading_dims(g: GraphIndex) -> set:
     inputs = [g.shape(i) for i in g.graph_inputs]
     # the batch dims of the inputs that carry one (a style-weights vector [26] beside an image [1, ...] has none)
-    return {s[axis] for s, axis in zip(inputs, batch_axes(inputs)) if s and axis is not None}
+    return {s[axis] for s, axis in zip(inputs, _batch_axes(inputs)) if s and axis is not None}
 
 
 def _axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
@@ -484,6 +488,8 @@ def _axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
     size in a model whose inputs have a free batch dim, not a dim that the inputs name only on another axis (a
     sequence length, say)."""
     inputs = [g.shape(i) for i in g.graph_inputs]
+    if inputs and all(axis is None for axis in _batch_axes(inputs)):
+        return False  # no input carries a batch (a frame of audio and a flat state): nothing holds two samples
     leading = _leading_dims(g)
     if leading == {1}:
         if not relaxed:
