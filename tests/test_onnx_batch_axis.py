@@ -288,3 +288,40 @@ def test_a_fixed_vector_input_carries_no_batch_and_its_reductions_are_not_batch_
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
     result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["findings"] == []
+
+
+def test_a_recurrent_state_carries_the_batch_on_axis_1_and_the_fixed_batch_relaxes(tmp_path):
+    """livekit's hush GRUs (and akiki's VAD): features [1, T, F] beside a state h [1, 1, H] read as the GRU's
+    initial_h, [directions, batch, hidden]. Taken on axis 0 like the features, the relaxed copy fed h [2, 1, H]
+    and the GRU refused it, so batch dependence was not tested."""
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+
+    rng = np.random.default_rng(1)
+    hidden, features = 2, 3
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(1, 3 * hidden, features)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(size=(1, 3 * hidden, hidden)).astype(np.float32), "R"),
+        numpy_helper.from_array(np.array([1, 0, 2], np.int64), "time_major"),
+        numpy_helper.from_array(np.array([0], np.int64), "directions"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_t"], perm=[1, 0, 2], name="time_first"),
+        helper.make_node("GRU", ["x_t", "W", "R", "", "", "h"], ["", "h_last"], hidden_size=hidden, name="gru"),
+        helper.make_node("Squeeze", ["h_last", "directions"], ["y"], name="last_state"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rnn",
+        [
+            helper.make_tensor_value_info("x", F32, [1, 4, features]),
+            helper.make_tensor_value_info("h", F32, [1, 1, hidden]),
+        ],
+        [helper.make_tensor_value_info("y", F32, [1, hidden])],
+        initializer=inits,
+    )
+    path = str(tmp_path / "gru.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    assert [(s.name, s.batch_axis) for s in OnnxBackend().load(path).inputs] == [("x", 0), ("h", 1)]
+    [probe] = engine.probe(path, ProbeSettings(batch_sizes=(1, 2))).probes
+    assert probe.batch_sizes == (1, 2) and not any("cannot be tested" in n for n in probe.notes)

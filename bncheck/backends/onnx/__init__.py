@@ -98,8 +98,18 @@ def graph_inputs(handle) -> list[InputSpec]:
     stored |= set(parameter_inputs(graph))  # fed as fixed tensors by the probe, not batched (probe_copy)
     values = [value for value in graph.input if value.name not in stored]
     shapes = [handle.value_shapes.get(value.name) for value in values]
+    axes = batch_axes(shapes)
+    states = _recurrent_states(graph)
+    batch_dims = {s[a] for s, a, v in zip(shapes, axes, values) if s and a is not None and v.name not in states}
+    # a recurrent state [directions or layers, batch, hidden] carries the batch on axis 1 (its shape alone
+    # cannot say: livekit's hush GRUs take h [1, 1, 256] beside features [1, 1, S, 32], and the relaxed copy
+    # put the batch on its axis 0)
+    axes = [
+        1 if v.name in states and s is not None and len(s) == 3 and s[1] in batch_dims else a
+        for v, s, a in zip(values, shapes, axes)
+    ]
     specs = []
-    for value, shape, axis in zip(values, shapes, batch_axes(shapes)):
+    for value, shape, axis in zip(values, shapes, axes):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
             dtype = np_dtype(elem).name if elem else "unknown"
@@ -108,6 +118,25 @@ def graph_inputs(handle) -> list[InputSpec]:
         fill = _compared_constant(graph, value.name) if axis is None and dtype[:3] in ("int", "uin") else None
         specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, batch_axis=axis, fill=fill))
     return specs
+
+
+def _recurrent_states(graph: Any) -> set[str]:
+    """Graph inputs read as an RNN/GRU/LSTM's initial_h or initial_c, directly or through ops that keep the
+    state's axes (Identity, Cast, a Slice of its layers)."""
+    source: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type in ("Identity", "Cast", "Slice") and node.input and node.output:
+            source[node.output[0]] = node.input[0]
+    found: set[str] = set()
+    for node in graph.node:
+        if node.op_type in ("RNN", "GRU", "LSTM") and node.domain in ("", "ai.onnx"):
+            for name in node.input[5:7]:
+                seen = 0
+                while name in source and seen < 16:
+                    name, seen = source[name], seen + 1
+                if name:
+                    found.add(name)
+    return found
 
 
 def batch_axes(shapes: list[tuple[Dim, ...] | None]) -> list[int | None]:
