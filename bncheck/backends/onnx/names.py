@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -36,12 +37,13 @@ def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> lis
     """``found`` (main node index, layer) pairs renamed as the module docstring says; names unique."""
     pairs = list(found)
     by_name = {g.node_name(i): i for i in range(len(g.nodes))}
-    names = [_readable(g, idx, layer, by_name) for idx, layer in pairs]
+    scopes: list[Counter[str]] = []  # nodes per name scope, counted at the first chain that asks
+    names = [_readable(g, idx, layer, by_name, scopes) for idx, layer in pairs]
     unique = _unique(names)
     return [layer if name == layer.name else replace(layer, name=name) for (_, layer), name in zip(pairs, unique)]
 
 
-def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]) -> str:
+def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int], scopes: list[Counter[str]]) -> str:
     indices = [idx] + [by_name[n] for n in layer.nodes if n in by_name and by_name[n] != idx]
     for i in indices:
         path = module_path(g.nodes[i])
@@ -54,7 +56,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         if layer.op_type != "decomposed":
             return layer.name
         scoped = _tf_layer_scope(layer.name)
-        return scoped if scoped != layer.name else _own_scope(layer, by_name) or layer.name
+        return scoped if scoped != layer.name else _own_scope(layer, by_name, scopes) or layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
     if prefix:
         return prefix
@@ -114,7 +116,7 @@ def _tf_layer_scope(name: str) -> str:
     return scope or name
 
 
-def _own_scope(layer: NormLayer, by_name: dict[str, int]) -> str | None:
+def _own_scope(layer: NormLayer, by_name: dict[str, int], scopes: list[Counter[str]]) -> str | None:
     """The name scope that holds a hand-written chain's nodes and nothing else (keras2onnx names DTLN's
     ``model_2/instant_layer_normalization_1/Mean_reduce_min``, a mean it suffixes "reduce_min": the layer is
     ``model_2/instant_layer_normalization_1``); None where the nodes share no scope or it holds other nodes (a
@@ -130,8 +132,9 @@ def _own_scope(layer: NormLayer, by_name: dict[str, int]) -> str | None:
     scope = "/".join(common)
     if not scope.strip("/"):
         return None
-    inside = [n for n in by_name if n.startswith(scope + "/")]
-    if set(inside) != set(names):
+    if not scopes:
+        scopes.append(Counter(name[:k] for name in by_name for k, c in enumerate(name) if c == "/"))
+    if scopes[0][scope] != len(set(names)):  # other nodes under it: not the layer's own scope
         return None
     while scope.startswith(_TF_FUNCTION_SCOPE):
         scope = scope[len(_TF_FUNCTION_SCOPE) :]
