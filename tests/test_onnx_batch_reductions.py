@@ -359,15 +359,19 @@ def test_a_floor_clamped_to_the_batch_max_is_found_with_companions_of_another_sc
     assert any("companions scaled by 10000 and 0.0001" in note for note in report.probes[0].notes)
 
 
-def test_a_batch_max_in_a_file_fixed_to_batch_1_is_found_on_the_relaxed_copy(tmp_path):
-    # the same clamp exported without dynamic axes (openWakeWord's melspectrogram at batch 1): no companion as
-    # shipped, so no static finding; the probe relaxes the batch, and companions of another scale find what a
-    # re-export with a free batch would do: a warning, not an error
+def _top_db_fixed_to_1(tmp_path) -> str:
+    """The top-dB clamp above, exported without dynamic axes (openWakeWord's melspectrogram at batch 1)."""
     g = _Graph()
     g.op("ReduceMax", ["x"], "peak", axes=[0, 1], keepdims=1)
     g.op("Sub", ["peak", g.const("top_db", np.float32(80.0))], "floor")
     g.op("Max", ["x", "floor"], "y")
-    path = g.save(tmp_path / "top_db_b1.onnx", [1, 64], [1, 64], opset=13)
+    return g.save(tmp_path / "top_db_b1.onnx", [1, 64], [1, 64], opset=13)
+
+
+def test_a_batch_max_in_a_file_fixed_to_batch_1_is_found_on_the_relaxed_copy(tmp_path):
+    # no companion as shipped, so no static finding; the probe relaxes the batch, and companions of another scale
+    # find what a re-export with a free batch would do: a warning, not an error
+    path = _top_db_fixed_to_1(tmp_path)
     assert _findings(path, "BN002") == []
     report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
     [finding] = [f for f in report.findings if f.code == "BN002"]
@@ -380,12 +384,7 @@ def test_fix_checks_a_file_fixed_to_batch_1_on_the_relaxed_copy_as_probe_does(tm
     # probe finds the warning above: the same gate passed under fix and failed under probe
     from bncheck.fixing import fix
 
-    g = _Graph()
-    g.op("ReduceMax", ["x"], "peak", axes=[0, 1], keepdims=1)
-    g.op("Sub", ["peak", g.const("top_db", np.float32(80.0))], "floor")
-    g.op("Max", ["x", "floor"], "y")
-    path = g.save(tmp_path / "top_db_b1.onnx", [1, 64], [1, 64], opset=13)
-    report = fix(path, None, None, dry_run=True)
+    report = fix(_top_db_fixed_to_1(tmp_path), None, None, dry_run=True)
     [finding] = [f for f in report.findings if f.code == "BN002"]
     assert (finding.layer, finding.severity.label) == ("peak", "warning")
     assert report.probes[0].batch_sizes == (1, 2)

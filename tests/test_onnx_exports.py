@@ -939,13 +939,18 @@ def _probed_at_1_and_2(path: Path, nodes: list, inits: list, x_shape: list, y_sh
     return _run(_probe_json(str(path), "--batch-sizes", "1,2")[1])
 
 
+def _bn_params(c: int, seed: int) -> list:
+    """Trained-looking scale, bias, mean and variance of a BN "bn" over c channels, named g, b, m, v."""
+    rng = np.random.default_rng(seed)
+    params = [rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c), rng.uniform(-0.2, 0.2, c), rng.uniform(0.5, 2, c)]
+    return [numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, ("g", "b", "m", "v"))]
+
+
 def test_a_resize_whose_sizes_bake_the_fixed_batch_in_is_relaxed_with_it(tmp_path):
     """torch exports F.interpolate(size=...) at a fixed batch as Resize with sizes [1, C, H', W'] (imgly's
     ISNet: 39 of them): relaxed, the sizes follow the fed batch and the dependence test runs at batch 2."""
     c = 4
-    rng = np.random.default_rng(5)
-    params = [rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c), rng.uniform(-0.2, 0.2, c), rng.uniform(0.5, 2, c)]
-    inits = [numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, ("g", "b", "m", "v"))]
+    inits = _bn_params(c, seed=5)
     inits.append(numpy_helper.from_array(np.array([1, c, 8, 8], np.int64), "sizes"))
     nodes = [
         helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"], name="bn"),
@@ -961,9 +966,7 @@ def test_zeros_shaped_by_the_fixed_batch_and_joined_to_the_batch_are_relaxed_wit
     fixed to 1): relaxed, the zeros follow the fed batch and the dependence test runs at batch 2, where the
     relaxation failed on the Concat and the test was skipped."""
     c = 4
-    rng = np.random.default_rng(6)
-    params = [rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c), rng.uniform(-0.2, 0.2, c), rng.uniform(0.5, 2, c)]
-    inits = [numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, ("g", "b", "m", "v"))]
+    inits = _bn_params(c, seed=6)
     inits.append(numpy_helper.from_array(np.array([1, c, 4, 4], np.int64), "pad_shape"))
     nodes = [
         helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["h"], name="bn"),

@@ -90,13 +90,17 @@ def copies_axis(copies: np.ndarray, batch: int) -> int | None:
     if batch < 2:
         return None
     for axis in sorted((k for k, n in enumerate(copies.shape) if n == batch), key=lambda k: k != 0):
-        moved = np.moveaxis(copies, axis, 0)
-        first = moved[0]
-        finite = first[np.isfinite(first)]
-        tolerance = 1e-5 * float(np.max(np.abs(finite))) if finite.size else 0.0
-        if all(np.allclose(moved[k], first, rtol=0.0, atol=tolerance, equal_nan=True) for k in range(1, batch)):
+        if _alike(np.moveaxis(copies, axis, 0)):
             return axis
     return None
+
+
+def _alike(slices: np.ndarray) -> bool:
+    """Every slice along axis 0 equal to the first, to float32 rounding of kernels that treat rows apart."""
+    first = slices[0]
+    finite = first[np.isfinite(first)]
+    tolerance = 1e-5 * float(np.max(np.abs(finite))) if finite.size else 0.0
+    return all(np.allclose(slices[k], first, rtol=0.0, atol=tolerance, equal_nan=True) for k in range(1, len(slices)))
 
 
 def merged_rows(copies: np.ndarray, batch: int) -> int | None:
@@ -107,13 +111,7 @@ def merged_rows(copies: np.ndarray, batch: int) -> int | None:
     if batch < 2 or copies.ndim < 1 or copies.shape[0] <= batch or copies.shape[0] % batch:
         return None
     rows = copies.shape[0] // batch
-    blocks = copies.reshape(batch, rows, *copies.shape[1:])
-    first = blocks[0]
-    finite = first[np.isfinite(first)]
-    tolerance = 1e-5 * float(np.max(np.abs(finite))) if finite.size else 0.0
-    if all(np.allclose(blocks[k], first, rtol=0.0, atol=tolerance, equal_nan=True) for k in range(1, batch)):
-        return rows
-    return None
+    return rows if _alike(copies.reshape(batch, rows, *copies.shape[1:])) else None
 
 
 def _axes(node: Any, constants: dict[str, np.ndarray]) -> tuple[int, ...] | None:
