@@ -231,11 +231,13 @@ def console() -> NoReturn:
     import gc
     import signal
 
-    from bncheck.termination import Terminated, die_of, unwind_on_sigterm, watch_stop_signals
+    from bncheck import watchdog
+    from bncheck.termination import Terminated, before_forced_stop, die_of, unwind_on_sigterm, watch_stop_signals
 
     gc.disable()  # until the command's imports are in (_imports_frozen); commands without models end first
     unwind_on_sigterm()
     watch_stop_signals()
+    before_forced_stop(watchdog.run_stop_cleanups)  # a stop no native call lets the main thread handle
     code: Any = 0
     try:
         main(obj=_OWN_PROCESS)

@@ -127,12 +127,13 @@ def run(
 def _start_worker(parent: int, workers: int) -> None:
     """In each worker: its share of the machine (share.py), :func:`_watch_parent`, and a stop that ends a
     running onnxruntime call (termination.watch_stop_signals)."""
-    from bncheck import share
-    from bncheck.termination import watch_stop_signals
+    from bncheck import share, watchdog
+    from bncheck.termination import before_forced_stop, watch_stop_signals
 
     share.set_workers(workers)
     _watch_parent(parent)
     watch_stop_signals()
+    before_forced_stop(watchdog.run_stop_cleanups)
 
 
 def _watch_parent(parent: int) -> None:

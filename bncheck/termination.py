@@ -8,7 +8,9 @@ Python runs a signal's handler only between two bytecodes of the main thread, so
 the main thread is inside an onnxruntime run waits for the run to end: seconds at a large batch, more on a
 large model, possibly longer than a CI runner waits before it kills. :func:`watch_stop_signals` wakes a
 thread as soon as the signal arrives, which tells such a call to stop (:func:`on_stop`); the handler then
-unwinds as before.
+unwinds as before. A call no hook can stop (Keras's XLA computation of a 3D GAN ran on for minutes after
+`timeout` sent SIGTERM) leaves the handler waiting: after :data:`STOP_GRACE` seconds the thread runs the
+clean-ups given to :func:`before_forced_stop` and ends the process itself (exit status 128 + the signal).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 #: the signals that stop bncheck: Ctrl-C and SIGTERM
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+#: seconds the main thread has to start handling a stop signal before the watcher ends the process: a stopped
+#: onnxruntime run returns within milliseconds, a native call nothing can stop may not for minutes
+STOP_GRACE = 3.0
 
 
 class Terminated(BaseException):
@@ -35,11 +41,20 @@ def unwind_on_sigterm() -> None:
     running onnxruntime call is stopped first where :func:`watch_stop_signals` watches)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupted)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _watch.handled = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise Terminated
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    """Python's own Ctrl-C handler (KeyboardInterrupt), noting that the main thread is handling the stop."""
+    _watch.handled = True
+    signal.default_int_handler(signum, frame)
 
 
 def die_of(signum: int) -> NoReturn:
@@ -61,6 +76,8 @@ class _Watch:
         self.hooks: list[Callable[[], None]] = []
         self.stopped = False
         self.watching = False
+        self.handled = False  # the main thread runs a stop signal's handler: it unwinds by itself
+        self.forced: list[Callable[[], None]] = []
 
 
 _watch = _Watch()
@@ -75,6 +92,14 @@ def on_stop(hook: Callable[[], None]) -> None:
         stopped = _watch.stopped
     if stopped:
         _call(hook)
+
+
+def before_forced_stop(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` (once, from the watcher thread) before the watcher ends a process whose main thread did
+    not handle a stop signal within :data:`STOP_GRACE` seconds (no ``finally`` block runs then)."""
+    with _watch.lock:
+        if cleanup not in _watch.forced:
+            _watch.forced.append(cleanup)
 
 
 def watch_stop_signals() -> None:
@@ -112,7 +137,8 @@ def _wait_for_stop(read_end: int) -> None:
             return
         if not arrived:
             return
-        if any(number in STOP_SIGNALS for number in arrived):
+        stops = [number for number in arrived if number in STOP_SIGNALS]
+        if stops:
             with _watch.lock:
                 first = not _watch.stopped
                 _watch.stopped = True
@@ -120,6 +146,29 @@ def _wait_for_stop(read_end: int) -> None:
             if first:
                 for hook in hooks:
                     _call(hook)
+                threading.Thread(target=_force_after_grace, args=(stops[0],), daemon=True).start()
+
+
+def _force_after_grace(signum: int) -> None:
+    """End the process where its main thread has not started handling the stop within :data:`STOP_GRACE`
+    seconds: it is inside a native call nothing stopped. Not by the signal itself (only the main thread may
+    restore its default action): exit status 128 + the signal, as a shell reports a death by it."""
+    time.sleep(STOP_GRACE)
+    if _watch.handled:
+        return
+    with _watch.lock:
+        cleanups = list(_watch.forced)
+    for cleanup in cleanups:
+        _call(cleanup)
+    with contextlib.suppress(OSError, ValueError):
+        name = signal.Signals(signum).name
+        sys.stderr.write(
+            f"bncheck: stopped by {name}: a call into a native library did not return within {STOP_GRACE:g} s\n"
+        )
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(128 + signum)
 
 
 def _call(hook: Callable[[], None]) -> None:

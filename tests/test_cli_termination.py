@@ -281,3 +281,46 @@ def test_the_consoles_stop_path_removes_the_scratch_folders_a_signal_left(tmp_pa
     )
     folder, exists = _with_scratch(code, tmp_path).stdout.split()
     assert folder.startswith(str(tmp_path)) and exists == "False"
+
+
+_UNSTOPPABLE = """
+import hashlib, os, sys
+from bncheck import termination, watchdog
+
+termination.unwind_on_sigterm()
+termination.watch_stop_signals()
+folder = sys.argv[1]
+os.mkdir(folder)
+watchdog.at_stop(lambda: os.rmdir(folder))
+termination.before_forced_stop(watchdog.run_stop_cleanups)
+print("ready", flush=True)
+try:
+    # minutes in OpenSSL with the GIL released, and no hook can stop it (as Keras's XLA computation of a 3D GAN)
+    hashlib.pbkdf2_hmac("sha256", b"p", b"s", 2**31 - 1)
+finally:
+    print("unwound", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_a_native_call_keeps_from_its_handler_ends_the_process_after_the_grace(tmp_path, sig):
+    # `timeout 300 bncheck probe` on flim-fit's GAN ran on for 17 minutes: the handler waits for the call to return
+    from bncheck.termination import STOP_GRACE
+
+    folder = tmp_path / "scratch"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _UNSTOPPABLE, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=STOP_GRACE + 30)
+    finally:
+        proc.kill()  # a failing check must not leave the hashing running
+    assert proc.returncode == 128 + sig and time.monotonic() - sent >= STOP_GRACE
+    assert "unwound" not in out and not folder.exists()
+    assert (
+        err.strip()
+        == f"bncheck: stopped by {signal.Signals(sig).name}: a call into a native library did not return within {STOP_GRACE:g} s"
+    )
