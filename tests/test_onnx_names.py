@@ -154,27 +154,39 @@ def test_torchscript_scoped_nodes_take_the_module_path_their_weights_name(tmp_pa
     ]
 
 
+def _layer_norm_chain(names: list[str], weight: str, bias: str, square: str, out: str = "y") -> tuple[list, list]:
+    """A LayerNorm over the last axis of x written out op by op, its nine nodes named ``names`` in order (mean,
+    shift, square by ``square``, variance, epsilon, root, divide, scale, bias), its output ``out``."""
+    inits = [
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, 8).astype(np.float32), weight),
+        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, 8).astype(np.float32), bias),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+    ]
+    squared = ["d", "two"] if square == "Pow" else ["d", "d"]
+    steps = [
+        ("ReduceMean", ["x"], "m", {"axes": [-1]}),
+        ("Sub", ["x", "m"], "d", {}),
+        (square, squared, "d2", {}),
+        ("ReduceMean", ["d2"], "v", {"axes": [-1]}),
+        ("Add", ["v", "eps"], "ve", {}),
+        ("Sqrt", ["ve"], "sd", {}),
+        ("Div", ["d", "sd"], "n", {}),
+        ("Mul", ["n", weight], "g", {}),
+        ("Add", ["g", bias], out, {}),
+    ]
+    nodes = [helper.make_node(op, ins, [o], name=name, **attrs) for (op, ins, o, attrs), name in zip(steps, names)]
+    return nodes, inits
+
+
 def test_a_torchscript_decomposed_layer_norm_takes_its_module_path(tmp_path: Path) -> None:
     """openWakeWord's heads (torch 2.x, opset 13): LayerNorm decomposed, the chain named after its mean's
     node ``/blocks.0/layer_norm/ReduceMean``; its affine reads ``blocks.0.layer_norm.weight``."""
     scope = "/blocks.0/layer_norm/"
-    inits = [
-        numpy_helper.from_array(RNG.uniform(0.5, 1.5, 8).astype(np.float32), "blocks.0.layer_norm.weight"),
-        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, 8).astype(np.float32), "blocks.0.layer_norm.bias"),
-        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
-        numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
-    ]
-    nodes = [
-        helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], name=scope + "ReduceMean"),
-        helper.make_node("Sub", ["x", "m"], ["d"], name=scope + "Sub"),
-        helper.make_node("Pow", ["d", "two"], ["d2"], name=scope + "Pow"),
-        helper.make_node("ReduceMean", ["d2"], ["v"], axes=[-1], name=scope + "ReduceMean_1"),
-        helper.make_node("Add", ["v", "eps"], ["ve"], name=scope + "Add"),
-        helper.make_node("Sqrt", ["ve"], ["sd"], name=scope + "Sqrt"),
-        helper.make_node("Div", ["d", "sd"], ["n"], name=scope + "Div"),
-        helper.make_node("Mul", ["n", "blocks.0.layer_norm.weight"], ["g"], name=scope + "Mul"),
-        helper.make_node("Add", ["g", "blocks.0.layer_norm.bias"], ["y"], name=scope + "Add_1"),
-    ]
+    names = ["ReduceMean", "Sub", "Pow", "ReduceMean_1", "Add", "Sqrt", "Div", "Mul", "Add_1"]
+    nodes, inits = _layer_norm_chain(
+        [scope + n for n in names], "blocks.0.layer_norm.weight", "blocks.0.layer_norm.bias", square="Pow"
+    )
     [layer] = _inspected_layers(tmp_path / "ln.onnx", nodes, inits, ["N", 16, 8], opset=13, ir_version=8)
     assert layer["name"] == "blocks.0.layer_norm" and layer["kind"] == "layer"
 
@@ -185,25 +197,15 @@ def test_a_keras2onnx_layer_norm_chain_takes_the_scope_that_holds_it_alone(tmp_p
     ``model_2/instant_layer_normalization_1/Mean_reduce_min`` ("reduce_min" is the converter's suffix for a mean):
     the layer is the scope that holds the chain's nodes and nothing else; a scope other nodes share keeps the name."""
     scope = "model_2/instant_layer_normalization_1/"
-    inits = [
-        numpy_helper.from_array(RNG.uniform(0.5, 1.5, 8).astype(np.float32), scope + "mul/ReadVariableOp/resource:0"),
-        numpy_helper.from_array(
-            RNG.uniform(-0.5, 0.5, 8).astype(np.float32), scope + "add_1/ReadVariableOp/resource:0"
-        ),
-        numpy_helper.from_array(np.array(1e-7, np.float32), "eps"),
-    ]
-    nodes = [
-        helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], name=scope + "Mean_reduce_min"),
-        helper.make_node("Sub", ["x", "m"], ["d"], name=scope + "sub"),
-        helper.make_node("Mul", ["d", "d"], ["d2"], name=scope + "Square"),
-        helper.make_node("ReduceMean", ["d2"], ["v"], axes=[-1], name=scope + "Mean_1_reduce_min"),
-        helper.make_node("Add", ["v", "eps"], ["ve"], name=scope + "add"),
-        helper.make_node("Sqrt", ["ve"], ["sd"], name=scope + "Sqrt"),
-        helper.make_node("Div", ["d", "sd"], ["n"], name=scope + "truediv"),
-        helper.make_node("Mul", ["n", scope + "mul/ReadVariableOp/resource:0"], ["g"], name=scope + "mul"),
-        helper.make_node("Add", ["g", scope + "add_1/ReadVariableOp/resource:0"], ["h"], name=scope + "add_1"),
-        helper.make_node("Relu", ["h"], ["y"], name="model_2/relu" if alone else scope + "relu"),
-    ]
+    names = ["Mean_reduce_min", "sub", "Square", "Mean_1_reduce_min", "add", "Sqrt", "truediv", "mul", "add_1"]
+    nodes, inits = _layer_norm_chain(
+        [scope + n for n in names],
+        scope + "mul/ReadVariableOp/resource:0",
+        scope + "add_1/ReadVariableOp/resource:0",
+        square="Mul",
+        out="h",
+    )
+    nodes.append(helper.make_node("Relu", ["h"], ["y"], name="model_2/relu" if alone else scope + "relu"))
     [layer] = _inspected_layers(tmp_path / "dtln_ln.onnx", nodes, inits, ["N", 16, 8], opset=11, ir_version=6)
     assert layer["name"] == ("model_2/instant_layer_normalization_1" if alone else scope + "Mean_reduce_min")
 
@@ -213,28 +215,13 @@ def test_nodes_onnxruntime_fused_take_the_module_path_of_the_node_they_started_f
     ``/layers.0/ln1/Mul/LayerNormFusion/`` (its weights layers.0.ln1.*), a SkipLayerNormalization named
     ``SkipLayerNormalization_token_266`` (an invented name: its weights' prefix instead)."""
     c = 8
-    inits = [
-        numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), "layers.0.ln1.weight"),
-        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, c).astype(np.float32), "layers.0.ln1.bias"),
-        numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), "layers.0.ln2.weight"),
-        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, c).astype(np.float32), "layers.0.ln2.bias"),
-    ]
-    nodes = [
-        helper.make_node(
-            "LayerNormalization",
-            ["x", "layers.0.ln1.weight", "layers.0.ln1.bias"],
-            ["h"],
-            axis=-1,
-            name="/layers.0/ln1/Mul/LayerNormFusion/",
-        ),
-        helper.make_node(
-            "LayerNormalization",
-            ["h", "layers.0.ln2.weight", "layers.0.ln2.bias"],
-            ["y"],
-            axis=-1,
-            name="LayerNormalization_token_266",
-        ),
-    ]
+    inits, nodes = [], []
+    fused = [("ln1", "x", "h", "/layers.0/ln1/Mul/LayerNormFusion/"), ("ln2", "h", "y", "LayerNormalization_token_266")]
+    for module, x, y, name in fused:
+        inits.append(numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), f"layers.0.{module}.weight"))
+        inits.append(numpy_helper.from_array(RNG.uniform(-0.5, 0.5, c).astype(np.float32), f"layers.0.{module}.bias"))
+        ins = [x, f"layers.0.{module}.weight", f"layers.0.{module}.bias"]
+        nodes.append(helper.make_node("LayerNormalization", ins, [y], axis=-1, name=name))
     layers = _inspected_layers(tmp_path / "fused.onnx", nodes, inits, ["N", 16, c], opset=17, ir_version=8)
     assert [layer["name"] for layer in layers] == ["layers.0.ln1", "layers.0.ln2"]
     assert is_generated("SkipLayerNormalization_token_266", "SkipLayerNormalization")

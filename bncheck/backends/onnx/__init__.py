@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import Backend, BackendError, ProbeSettings
@@ -98,18 +99,9 @@ def graph_inputs(handle) -> list[InputSpec]:
     stored |= set(parameter_inputs(graph))  # fed as fixed tensors by the probe, not batched (probe_copy)
     values = [value for value in graph.input if value.name not in stored]
     shapes = [handle.value_shapes.get(value.name) for value in values]
-    axes = batch_axes(shapes)
-    states = _recurrent_states(graph)
-    batch_dims = {s[a] for s, a, v in zip(shapes, axes, values) if s and a is not None and v.name not in states}
-    # a recurrent state [directions or layers, batch, hidden] carries the batch on axis 1 (its shape alone
-    # cannot say: livekit's hush GRUs take h [1, 1, 256] beside features [1, 1, S, 32], and the relaxed copy
-    # put the batch on its axis 0)
-    axes = [
-        1 if v.name in states and s is not None and len(s) == 3 and s[1] in batch_dims else a
-        for v, s, a in zip(values, shapes, axes)
-    ]
+    states = recurrent_states(graph.node)
     specs = []
-    for value, shape, axis in zip(values, shapes, axes):
+    for value, shape, axis in zip(values, shapes, batch_axes(shapes, [v.name in states for v in values])):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
             dtype = np_dtype(elem).name if elem else "unknown"
@@ -120,15 +112,16 @@ def graph_inputs(handle) -> list[InputSpec]:
     return specs
 
 
-def _recurrent_states(graph: Any) -> set[str]:
+def recurrent_states(nodes: Iterable[Any]) -> set[str]:
     """Graph inputs read as an RNN/GRU/LSTM's initial_h or initial_c, directly or through ops that keep the
     state's axes (Identity, Cast, a Slice of its layers)."""
+    nodes = list(nodes)
     source: dict[str, str] = {}
-    for node in graph.node:
+    for node in nodes:
         if node.op_type in ("Identity", "Cast", "Slice") and node.input and node.output:
             source[node.output[0]] = node.input[0]
     found: set[str] = set()
-    for node in graph.node:
+    for node in nodes:
         if node.op_type in ("RNN", "GRU", "LSTM") and node.domain in ("", "ai.onnx"):
             for name in node.input[5:7]:
                 seen = 0
@@ -139,8 +132,10 @@ def _recurrent_states(graph: Any) -> set[str]:
     return found
 
 
-def batch_axes(shapes: list[tuple[Dim, ...] | None]) -> list[int | None]:
-    """Each input's batch axis, from the dims the inputs declare (None: fed as is, the same in every batch).
+def batch_axes(shapes: list[tuple[Dim, ...] | None], recurrent: Sequence[bool] = ()) -> list[int | None]:
+    """Each input's batch axis, from the dims the inputs declare (None: fed as is, the same in every batch),
+    and, where ``recurrent`` (one flag per input) says an input is an RNN's initial state
+    (:func:`recurrent_states`), from its use.
 
     The batch is the dim the inputs name on axis 0 (the most common name there). An input that names it on
     another axis carries it there (a recurrent state [layers, batch, hidden]). An input whose axis 0 is a
@@ -181,6 +176,12 @@ def batch_axes(shapes: list[tuple[Dim, ...] | None]) -> list[int | None]:
         leading = [s[0] for s, axis in zip(shapes, axes) if s and axis == 0]
         if len(set(leading)) > 1:
             axes = [None if s and axis == 0 and s[0] != leading[0] else axis for s, axis in zip(shapes, axes)]
+    if any(recurrent):
+        # a recurrent state [directions or layers, batch, hidden] carries the batch on axis 1, which its shape
+        # alone cannot say: livekit's hush GRUs take h [1, 1, 256] beside features [1, 1, S, 32], and the
+        # relaxed copy put the batch on its axis 0
+        dims = {s[a] for s, a, r in zip(shapes, axes, recurrent) if s and a is not None and not r}
+        axes = [1 if r and s and len(s) == 3 and s[1] in dims else a for s, a, r in zip(shapes, axes, recurrent)]
     return axes
 
 

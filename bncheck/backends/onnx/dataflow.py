@@ -470,16 +470,21 @@ def fixed_to_one(g: GraphIndex) -> bool:
     return _leading_dims(g) == {1}
 
 
-def _batch_axes(inputs: list) -> list[int | None]:
-    from bncheck.backends.onnx import batch_axes  # the package's module imports the walk, which imports this
+def _input_axes(g: GraphIndex) -> tuple[list, list[int | None]]:
+    """The graph inputs' shapes and batch axes, as the probe feeds them (onnx.batch_axes)."""
+    from bncheck.backends.onnx import batch_axes, recurrent_states  # that module imports the walk, which imports this
 
-    return batch_axes(inputs)
+    if g.input_axes is None:
+        inputs = [g.shape(i) for i in g.graph_inputs]
+        states = recurrent_states(g.nodes)
+        g.input_axes = inputs, batch_axes(inputs, [name in states for name in g.graph_inputs])
+    return g.input_axes
 
 
 def _leading_dims(g: GraphIndex) -> set:
-    inputs = [g.shape(i) for i in g.graph_inputs]
+    inputs, axes = _input_axes(g)
     # the batch dims of the inputs that carry one (a style-weights vector [26] beside an image [1, ...] has none)
-    return {s[axis] for s, axis in zip(inputs, _batch_axes(inputs)) if s and axis is not None}
+    return {s[axis] for s, axis in zip(inputs, axes) if s and axis is not None}
 
 
 def _axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
@@ -487,10 +492,10 @@ def _axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
     ``relaxed``: then a data tensor's axis 0 of 1 is where the relaxed batch goes), not a fixed 1, not a fixed
     size in a model whose inputs have a free batch dim, not a dim that the inputs name only on another axis (a
     sequence length, say)."""
-    inputs = [g.shape(i) for i in g.graph_inputs]
-    if inputs and all(axis is None for axis in _batch_axes(inputs)):
+    inputs, axes = _input_axes(g)
+    if inputs and all(axis is None for axis in axes):
         return False  # no input carries a batch (a frame of audio and a flat state): nothing holds two samples
-    leading = _leading_dims(g)
+    leading = {s[axis] for s, axis in zip(inputs, axes) if s and axis is not None}
     if leading == {1}:
         if not relaxed:
             return False  # a file fixed to batch 1: no tensor holds a second sample, whatever its axis 0 is

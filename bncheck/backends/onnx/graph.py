@@ -163,6 +163,8 @@ class GraphIndex:
         self._attrs: dict[int, dict[str, Any]] = {}
         self._schema_types: dict[tuple[str, str], dict[str, int]] = {}
         self._const: dict[str, np.ndarray | None] = {}
+        # the graph inputs' shapes and batch axes, once (dataflow asks at every reduction it judges)
+        self.input_axes: tuple[list[Any], list[int | None]] | None = None
 
     # ------------------------------------------------------------------ structure
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import BackendError, sha256_of
 from bncheck.backends.onnx.graph import copy_messages, tensor_nbytes, topological_order
-from bncheck.errors import few
+from bncheck.errors import few, one_line
 from bncheck.model import Dim, ModelInfo, Note
 
 if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
@@ -114,12 +114,6 @@ def _first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()[:300]
     return type(exc).__name__
-
-
-def _joined_lines(exc: BaseException, limit: int = 500) -> str:
-    """The whole message on one line: onnx.checker breaks its sentences across lines (the node it names)."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return (text or type(exc).__name__)[:limit]
 
 
 def _what_else(path: str, head: bytes) -> str | None:
@@ -757,7 +751,8 @@ def _check_and_infer(path: str, model: onnx.ModelProto, large: bool) -> tuple[on
         else:
             onnx.checker.check_model(skeleton)
     except Exception as exc:
-        notes.append(Note("warning", f"onnx.checker rejects the model: {_joined_lines(exc)}"))
+        # the whole message: onnx.checker names the node on the lines after its first
+        notes.append(Note("warning", f"onnx.checker rejects the model: {one_line(exc, 500)}"))
 
     def infer(strict: bool) -> onnx.ModelProto:
         if large:
