@@ -456,6 +456,28 @@ def test_an_opset_below_the_measuring_nodes_is_upgraded_and_probed(tmp_path, ops
     assert doc["model"]["opset"] == {"ai.onnx": opset}
 
 
+@pytest.mark.parametrize("opset", [7, 9])
+def test_an_old_opset_without_layers_runs_as_written(tmp_path, opset):
+    """Nothing is measured in a model without norm layers (a converted tree ensemble, whose converted copy
+    cost seconds and a GB): the probe's output-level test runs the file as written."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 5
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1, 2, 32], doc.get("error")
+    assert not any("upgraded" in n for n in run["notes"])
+    assert doc["layers"] == [] and doc["findings"] == []
+
+
 def test_an_opset_the_converter_cannot_upgrade_keeps_the_static_findings(tmp_path):
     # an op without schema in the default domain (old pytorch's ATen fallback): no conversion adapter
     path = _opset6_bn(tmp_path / "m.onnx", [helper.make_node("ATen", ["y"], ["z"], name="aten", operator="foo")])

@@ -676,8 +676,9 @@ def prepare(
     copy = ProbeCopy(model, folder, dict(handle.value_shapes), dict(handle.value_types), stubs, list(view.inputs))
     changed = False
     # onnx's converter leaves model-local functions behind (onnxruntime then finds no such op): from a runnable
-    # opset such a file runs as written
-    if _opset(model) < MIN_RUNNABLE_OPSET or (_opset(model) < MEASURING_OPSET and not model.functions):
+    # opset such a file runs as written, and so does one without layers (no measuring node is added)
+    measured = bool(view.layers) and not model.functions
+    if _opset(model) < MIN_RUNNABLE_OPSET or (_opset(model) < MEASURING_OPSET and measured):
         upgraded, why = _upgrade(model)
         if why is None:
             copy.notes.append(
