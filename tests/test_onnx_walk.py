@@ -1388,3 +1388,53 @@ def test_a_global_layer_norms_affine_on_a_transposed_copy_is_the_layers(tmp_path
     gamma[2] = np.nan  # a NaN in gamma: BN005 at inspect, which saw no parameter before
     findings = engine.inspect(global_layer_norm(tmp_path, gamma)).findings
     assert [(f.code, f.layer) for f in findings] == [("BN005", "ln")]
+
+
+def transposed_tail_norm(tmp_path, reduced: int) -> str:
+    """Kokoro's AdaIN after onnxruntime's transpose optimizer: [N, C, T] made time-major [T, N, C], moments
+    over axis ``reduced`` there, the variance and the deviation each transposed back to [N, C, T] before the
+    division (0: over T, an instance norm; 1: over the batch)."""
+    nodes = [
+        helper.make_node("Transpose", ["inp"], ["x"], perm=[2, 0, 1], name="to_time_major"),
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[reduced], name="/norm1/ReduceMean"),
+        helper.make_node("Sub", ["x", "m"], ["d"], name="/norm1/Sub"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="/norm1/Mul_2"),
+        helper.make_node("ReduceMean", ["d2"], ["v"], axes=[reduced], name="/norm1/ReduceMean_2"),
+        helper.make_node("Transpose", ["v"], ["vt"], perm=[1, 2, 0], name="Transpose_token_31"),
+        helper.make_node("Add", ["vt", "eps"], ["ve"], name="/norm1/Add_2"),
+        helper.make_node("Sqrt", ["ve"], ["s"], name="/norm1/Sqrt"),
+        helper.make_node("Transpose", ["d"], ["dt"], perm=[1, 2, 0], name="Transpose_token_28"),
+        helper.make_node("Div", ["dt", "s"], ["y"], name="/norm1/Div_1"),
+    ]
+    inputs, outputs = [vinfo("inp", ["N", 8, "T"])], [vinfo("y", ["N", 8, "T"])]
+    return save(tmp_path, nodes, inputs, outputs, [const("eps", 1e-5)], opset=11, name=f"tt{reduced}")
+
+
+def test_moments_transposed_before_the_division_are_a_layer_of_the_input_whose_batch_the_transpose_moved(tmp_path):
+    path = transposed_tail_norm(tmp_path, reduced=0)
+    x = RNG.normal(size=(3, 8, 20)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (2,), 1e-5), rtol=1e-4, atol=1e-5)  # over T
+    (layer,), _ = load_layers(path)  # before: no layer
+    assert layer.name == "norm1" and layer.input == "x" and layer.output == ""
+    assert layer.axes == (0,) and layer.batch_axis == 1 and not layer.batch_statistics
+    assert normalized_set_size(layer) == (1, ("T",))
+    from bncheck import engine
+
+    assert [f.code for f in engine.inspect(path).findings if f.severity.name != "INFO"] == []
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json", "--input-shape", "inp:8x20", "--all-layers"])
+    doc = json.loads(result.stdout)
+    assert result.exit_code == 0 and doc["findings"] == []
+    assert doc["layers"][0]["normalized_set_size"]["by_batch_size"] == {"1": 20, "2": 20, "32": 20}
+
+
+def test_moments_transposed_before_the_division_over_the_axis_the_batch_moved_to_are_batch_statistics(tmp_path):
+    path = transposed_tail_norm(tmp_path, reduced=1)
+    (layer,), _ = load_layers(path)
+    assert layer.kind == Kind.BATCH and layer.batch_axis == 1 and layer.batch_statistics
+    from bncheck import engine
+
+    assert ("BN002", "error") in [(f.code, f.severity.name.lower()) for f in engine.inspect(path).findings]

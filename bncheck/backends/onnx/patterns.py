@@ -47,6 +47,9 @@ class _Chain:
     # the axis of the input that the affine's values run along, where the affine is applied to a transposed
     # copy and transposed back (asteroid's GlobLN); None: the last axis, as broadcasting gives it
     affine_axis: int | None = None
+    # the variance and the deviation both transposed by this perm before the division (onnxruntime's
+    # transpose optimizer): the output is in another layout than the input
+    tail_perm: tuple[int, ...] | None = None
 
 
 #: ops that take a mean: GlobalAveragePool is ReduceMean over axes 2.. with keepdims (tf2onnx writes a
@@ -172,7 +175,7 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
     Fills chain.epsilon/output/scale/bias and adds nodes. False if no normalization follows.
     """
     std = inv = None
-    for alias, passed in g.aliases(var).items():  # the variance may be squeezed/cast first (tf.nn.moments)
+    for alias, passed, perm in _variance_copies(g, var):  # squeezed/cast first (tf.nn.moments), or transposed
         for add in g.users(alias, "Add"):
             eps = g.scalar(other_input(g.nodes[add], alias) or "")
             if eps is None:
@@ -189,6 +192,7 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
                         chain.nodes |= {add, p, *passed}
                         break
             if std is not None or inv is not None:
+                chain.tail_perm = perm
                 break
         if std is not None or inv is not None:
             break
@@ -207,7 +211,7 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
             break
     if std is None and inv is None:
         return False
-    devs = deviations()
+    devs = deviations() if chain.tail_perm is None else _transposed(g, deviations(), chain.tail_perm)
     normalized = None
     if std is not None:
         for d in g.users(std, "Div"):
@@ -272,6 +276,30 @@ def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[],
     chain.output = normalized
     _match_affine(g, chain)
     return True
+
+
+def _variance_copies(g: GraphIndex, var: str) -> list[tuple[str, list[int], tuple[int, ...] | None]]:
+    """Tensors holding the variance (:meth:`GraphIndex.aliases`), then its Transposes with their perms."""
+    copies: list[tuple[str, list[int], tuple[int, ...] | None]] = []
+    transposed = []
+    for alias, passed in g.aliases(var).items():
+        copies.append((alias, passed, None))
+        for t in g.users(alias, "Transpose"):
+            perm = g.attrs(t).get("perm")
+            if perm and g.nodes[t].input[0] == alias and g.nodes[t].output and g.nodes[t].output[0]:
+                transposed.append((g.nodes[t].output[0], [*passed, t], tuple(int(a) for a in perm)))
+    return copies + transposed
+
+
+def _transposed(g: GraphIndex, devs: dict[str, tuple[int, ...]], perm: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The deviations' Transposes by ``perm`` (the variance's own), with the nodes making them."""
+    found: dict[str, tuple[int, ...]] = {}
+    for dev, nodes in devs.items():
+        for t in g.users(dev, "Transpose"):
+            node = g.nodes[t]
+            if node.input[0] == dev and node.output and tuple(int(a) for a in g.attrs(t).get("perm") or ()) == perm:
+                found[node.output[0]] = (*nodes, t)
+    return found
 
 
 def _match_tf_form(g: GraphIndex, chain: _Chain, k: str) -> bool:
@@ -511,15 +539,23 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
             axes = tuple(range(1, src_rank))  # type: ignore[arg-type]
             groups = n_groups
     shape = g.shape(x)
-    batch_stats = axes is not None and 0 in axes
+    # a chain that transposes before its division goes on in the output's layout, whose axis 0 is the batch (the
+    # walk's convention for every tensor): in the input's, that is the axis the transpose moves first
+    perm = (
+        chain.tail_perm if rank is not None and chain.tail_perm is not None and len(chain.tail_perm) == rank else None
+    )
+    batch_axis = 0 if perm is None else perm[0]
+    batch_stats = axes is not None and batch_axis in axes
     channel_axis: int | None = None
     channels = None
     if not chain.centered:
         kind = Kind.RMS
-        channel_axis = None if rank is None else rank - 1
+        channel_axis = None if rank is None else rank - 1 if perm is None else perm[-1]
     elif axes is None or rank is None:
         kind = Kind.MOMENTS
         notes.append("reduction axes unknown (computed at run time or rank unknown)")
+    elif perm is not None:
+        kind, channel_axis = _kind_in_layout(perm, axes)
     elif group_like is not None:
         c = shape_dim(g, x, 1)
         channel_axis = 1
@@ -575,6 +611,12 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
             "output is in another layout: measured at its input only"
         )
         output = ""
+    elif chain.tail_perm is not None:
+        notes.append(
+            f"its variance and deviation are transposed (perm {list(chain.tail_perm)}) before the division, so "
+            "its output is in another layout: measured at its input only"
+        )
+        output = ""
     elif passed:  # traced back through reshapes: include the copies back to the source shape
         output, hop = _back_to_shape(g, output, shape)
         names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed) | set(hop)))
@@ -599,9 +641,25 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         scale=scale,
         bias=bias,
         input_shape=shape,
+        batch_axis=batch_axis,
         notes=tuple(notes),
         extra=extra,
     )
+
+
+def _kind_in_layout(perm: tuple[int, ...], axes: tuple[int, ...]) -> tuple[Kind, int | None]:
+    """The kind and the input's channel axis of moments over ``axes`` of a tensor transposed by ``perm``
+    before the division, classified as the same chain over the transposed tensor (batch first) would be."""
+    rank = len(perm)
+    out = tuple(sorted(perm.index(a) for a in axes))
+    if 0 in out:
+        kept = [a for a in range(rank) if a not in out]
+        return Kind.BATCH, perm[kept[0]] if len(kept) == 1 else None
+    if rank >= 4 and out == tuple(range(2, rank)):
+        return Kind.INSTANCE, perm[1]
+    if out == tuple(range(out[0], rank)):
+        return Kind.LAYER, perm[-1]
+    return Kind.MOMENTS, None
 
 
 def _affine_over(g: GraphIndex, chain: _Chain, shape: tuple | None, axes: tuple[int, ...]) -> bool:
