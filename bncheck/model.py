@@ -279,6 +279,8 @@ class TensorStats:
     # BatchNormalization, an affine map per channel that cannot collapse (BN001 judges layers that compute
     # statistics). ``nonfinite`` still holds: a NaN/Inf element makes its sample's mean non-finite.
     minmax_measured: bool = True
+    # the tensor's dims at this batch, where no static rank was known (measured through a flat view)
+    runtime_shape: tuple[int, ...] | None = None
 
     @property
     def channels(self) -> int:
@@ -542,6 +544,9 @@ def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
     if layer.kind is Kind.INSTANCE and layer.axes is None and layer.channel_axis is not None:
         # every axis but the batch's and the channel's, whatever the rank (a shape lost after an If)
         return stats.count // stats.batch_size if stats.count % stats.batch_size == 0 else None
+    if layer.axes is not None and layer.input_shape is None and stats.runtime_shape is not None:
+        dims = stats.runtime_shape
+        return math.prod(dims[a] for a in layer.axes) if all(a < len(dims) for a in layer.axes) else None
     if layer.axes is None or layer.input_shape is None:
         return None
     shape, axes = layer.input_shape, set(layer.axes)

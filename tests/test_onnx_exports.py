@@ -593,6 +593,34 @@ def test_a_layer_norm_after_a_computed_reshape_is_measured_without_a_static_rank
     assert layer["batch_dependence"]["verdict"] == "independent"
 
 
+def test_moments_over_known_axes_of_a_tensor_without_a_static_rank_get_their_set_size_from_the_run(tmp_path):
+    """Kokoro's 44 AdaIN chains after onnxruntime's optimizer: moments over axis 2 of a tensor whose rank
+    shape inference lost. The set size ("n=?" before) comes from the tensor's dims as the probe ran it."""
+    path = _computed_reshape_layer_norm(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    del model.graph.node[-2:]
+    model.graph.node.extend(
+        [
+            helper.make_node("ReduceMean", ["r"], ["mu"], axes=[2], name="/adain/ReduceMean"),
+            helper.make_node("Sub", ["r", "mu"], ["d"], name="/adain/Sub"),
+            helper.make_node("Mul", ["d", "d"], ["d2"], name="/adain/Mul"),
+            helper.make_node("ReduceMean", ["d2"], ["var"], axes=[2], name="/adain/ReduceMean_1"),
+            helper.make_node("Add", ["var", "eps"], ["ve"], name="/adain/Add"),
+            helper.make_node("Sqrt", ["ve"], ["sd"], name="/adain/Sqrt"),
+            helper.make_node("Div", ["d", "sd"], ["y"], name="/adain/Div"),
+        ]
+    )
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1e-5, np.float32), "eps"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("y", F32, None))
+    onnx.save(model, path)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32", "--all-layers")
+    (layer,) = doc["layers"]
+    assert code == 0 and layer["input_shape"] is None and layer["kind"] == "moments"
+    assert "a probe measures its set size" in layer["notes"][0]
+    assert layer["normalized_set_size"]["by_batch_size"] == {"1": 8, "2": 8, "32": 8}
+
+
 def test_a_layer_no_probe_measured_is_not_measured_with_its_reason_never_ok(tmp_path):
     """What the table and JSON say of a layer without statistics, and of a dependence whose numbers are NaN
     (the ONNX walk leaves no such layer today: the report is assembled from a real load)."""

@@ -519,8 +519,14 @@ class Augmenter:
         m = self.measure(view, batch_axis, channel_axis, minmax)
         if m is None:
             return None
+        # the tensor's own dims at run time: its layer's set size, which no static shape gives
+        start = len(self.b.nodes)
+        m.outputs["source_shape"] = self.b.one("Shape", [tensor], "source_shape")
+        shape = self.b.nodes[start:]
+        del self.b.nodes[start:]
+        self.outputs.append(m.outputs["source_shape"])
         # the view's own measuring nodes follow the Reshape, right after the tensor's producer
-        self.after.setdefault(tensor, []).extend([*reshape, *self.after.pop(view, [])])
+        self.after.setdefault(tensor, []).extend([*reshape, *self.after.pop(view, []), *shape])
         self.measures[key] = m
         return m
 

@@ -553,7 +553,13 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         channel_axis = None if rank is None else rank - 1 if perm is None else perm[-1]
     elif axes is None or rank is None:
         kind = Kind.MOMENTS
-        notes.append("reduction axes unknown (computed at run time or rank unknown)")
+        if axes is None:
+            notes.append("reduction axes unknown (computed at run time)")
+        else:
+            notes.append(
+                f"moments over axes {list(axes)} of a tensor whose rank onnx shape inference does not know: "
+                "its kind is not told; a probe measures its set size"
+            )
     elif perm is not None:
         kind, channel_axis = _kind_in_layout(perm, axes)
     elif group_like is not None:

@@ -318,7 +318,7 @@ def _refuse_empty(m: Measure, values: dict[str, np.ndarray], layer: str) -> None
     """A measured tensor without elements (onnxruntime runs a BatchNormalization whose parameters are empty
     and returns an empty output for a 1-channel input) has no statistics: the model is malformed there."""
     for key, name in m.outputs.items():
-        if key == "shape":  # the measured tensor's dims, empty for a scalar
+        if key in ("shape", "source_shape"):  # the measured tensor's dims, empty for a scalar
             continue
         shape = np.shape(values[name])
         if 0 in shape:
@@ -329,6 +329,13 @@ def _refuse_empty(m: Measure, values: dict[str, np.ndarray], layer: str) -> None
 
 
 def _decode(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
+    stats = _decode_view(m, values)
+    if "source_shape" in m.outputs:  # measured through a flat view: the tensor's own dims beside
+        return replace(stats, runtime_shape=tuple(int(d) for d in values[m.outputs["source_shape"]]))
+    return stats
+
+
+def _decode_view(m: Measure, values: dict[str, np.ndarray]) -> TensorStats:
     if "full" in m.outputs:
         return tensor_stats(values[m.outputs["full"]], m.channel_axis, m.batch_axis)
     if m.mode == "spec":
