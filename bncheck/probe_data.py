@@ -10,7 +10,8 @@ Synthetic inputs (documented in the README's "How it works"):
 - integer inputs: uniform in ``[0, high)``, where ``high`` is the row count of the embedding table the input
   feeds through a Gather, directly or through ops that keep its values (the backend finds it), and
   :data:`DEFAULT_INT_HIGH` otherwise; one number per sample that feeds no Gather (a length, a count) in
-  ``[1, DEFAULT_INT_HIGH]``;
+  ``[1, DEFAULT_INT_HIGH]``; one value without a batch axis that feeds no Gather (a setting: a target size)
+  :data:`UNBATCHED_INT`;
 - boolean inputs: fair coin flips;
 - an input without a batch axis (a scalar sample rate) with a ``fill`` value (the constant the model compares
   it with, found by the backend): that value.
@@ -37,6 +38,9 @@ DEFAULT_INT_HIGH = 2
 #: what a floating input of one value without a batch axis (a setting such as a resize ratio or a temperature,
 #: the same for every sample) is fed: a neutral value, where a standard-normal draw could be negative (RVM's downsample ratio)
 UNBATCHED_FLOAT = 1.0
+#: what an integer setting without a batch axis that indexes no table is fed: 1 (a count, a size or a flag
+#: that 0 would switch off; scrfd's resize target failed at 0 and 1 alike, which the error then names)
+UNBATCHED_INT = 1
 #: largest batch size accepted on the command line; above it a probe batch of a real model would not fit
 #: in memory anyway, and a typo such as 3200 should fail fast.
 MAX_BATCH_SIZE = 4096
@@ -370,6 +374,8 @@ def synthetic_inputs(
             feeds[spec.name] = np.full(shape, UNBATCHED_FLOAT, dtype=dtype)
         elif dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+        elif dtype.kind in "iu" and _is_setting(spec) and spec.name not in int_high:
+            feeds[spec.name] = np.full(shape, UNBATCHED_INT, dtype=dtype)
         elif dtype.kind in "iu":
             high = int(int_high.get(spec.name, DEFAULT_INT_HIGH))
             if high < 1:
@@ -395,15 +401,23 @@ def _is_setting(spec: InputSpec) -> bool:
     return not spec.batched and spec.fill is None and all(isinstance(d, int) and d == 1 for d in dims)
 
 
-def made_up_settings(inputs: list[InputSpec]) -> str | None:
-    """Says which floating inputs of one value without a batch axis synthetic inputs feed
-    :data:`UNBATCHED_FLOAT` (a value the file does not give), or None when there are none."""
-    names = [s.name for s in inputs if _is_setting(s) and _numpy_dtype(s).kind == "f"]
-    if not names:
+def made_up_settings(inputs: list[InputSpec], int_high: Mapping[str, int] | None = None) -> str | None:
+    """Says which inputs of one value without a batch axis synthetic inputs feed :data:`UNBATCHED_FLOAT` or
+    :data:`UNBATCHED_INT` (a value the file does not give), or None when there are none. ``int_high``: the
+    integer inputs that index a table (drawn over its rows instead), where the backend knows them."""
+    kinds = {s.name: _numpy_dtype(s).kind for s in inputs if _is_setting(s)}
+    floats = [name for name, kind in kinds.items() if kind == "f"]
+    ints = [name for name, kind in kinds.items() if kind in "iu" and name not in (int_high or {})]
+    if not floats and not ints:
         return None
+    fed = " and ".join(
+        text
+        for text, names in ((f"{UNBATCHED_FLOAT} (floating)", floats), (f"{UNBATCHED_INT} (integer)", ints))
+        if names
+    )
     return (
-        f"input(s) {few(names)} have no batch axis (a setting, the same for every sample): synthetic inputs feed "
-        f"them {UNBATCHED_FLOAT}; give the values the model is meant to get with --data"
+        f"input(s) {few(floats + ints)} have no batch axis (a setting, the same for every sample): synthetic "
+        f"inputs feed them {fed}; give the values the model is meant to get with --data"
     )
 
 

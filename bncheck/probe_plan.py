@@ -996,7 +996,7 @@ def run_plan(
     else:
         plan = _plan_for(batch_sizes, settings.samples, None, False, test_dependence, fixed)
         needed = plan.pool_needed
-        made_up = made_up_settings(view.inputs)
+        made_up = made_up_settings(view.inputs, int_high)
         if made_up is not None:
             notes.append(made_up)
 

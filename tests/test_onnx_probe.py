@@ -1394,3 +1394,38 @@ def test_a_probe_holds_about_one_batch_of_a_mapped_data_file_at_a_time(tmp_path:
     np.save(tmp_path / "many.npy", rng.standard_normal((2000, 3, 64, 64), dtype=np.float32))  # 98 MB
     grown = _peak_of_probe(model, tmp_path / "many.npy") - _peak_of_probe(model, tmp_path / "few.npy")
     assert grown < 40 << 20, f"the probe over 2,000 samples peaked {grown / 2**20:.0f} MB higher"
+
+
+def test_an_integer_setting_is_fed_1_and_named_in_the_error_when_the_model_fails_on_it(tmp_path):
+    """scrfd's resize graph takes its target size as an integer scalar without a batch axis: drawn 0 or 1, it
+    failed in onnxruntime ("Scale value should be greater than 0") with no word of which input was made up."""
+    nodes = [
+        helper.make_node("Cast", ["size"], ["size_f"], to=F32, name="size_f"),
+        helper.make_node("Sub", ["size_f", "two"], ["scale"], name="scale"),  # 1 - 2 < 0
+        helper.make_node("Concat", ["ones", "scale"], ["scales"], axis=0, name="scales"),
+        helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize", mode="nearest"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([2.0], np.float32), "two"),
+        numpy_helper.from_array(np.ones(1, np.float32), "ones"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F32, ["N", 6]),
+            helper.make_tensor_value_info("size", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("y", F32, None)],
+        inits,
+    )
+    path = str(tmp_path / "resize.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    specs = [InputSpec("x", ("N", 6), "float32"), InputSpec("size", (1,), "int64", batch_axis=None)]
+    assert np.all(synthetic_inputs(specs, 4, 0, None)["size"] == 1)
+    with pytest.raises(BackendError) as info:
+        engine.probe(path, ProbeSettings(batch_sizes=(1,)))
+    assert "onnxruntime failed" in str(info.value)
+    assert "'size' have no batch axis" in str(info.value) and "feed them 1 (integer)" in str(info.value)
+    data = {"x": np.ones((2, 6), np.float32), "size": np.array([4], np.int64)}
+    assert engine.probe(path, ProbeSettings(batch_sizes=(2,), data=data, data_source="d.npz")).exit_code == 0
