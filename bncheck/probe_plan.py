@@ -687,8 +687,10 @@ def scores_over_last_axis(array: np.ndarray, declared: tuple[Dim, ...] | None) -
     independent scores (a mask, multi-label sigmoids), which have no top-1. Other values (logits) are
     classes at rank 2, and per position at rank 3 when the axis before the last is free (a sequence model's
     [batch, seq, classes]), but not on a fixed grid ([frames, notes], an anchor map), nor rows of unit length (an
-    L2-normalized embedding, compared by cosine: efficientword-net's 2048-d one). Integer and boolean outputs
-    (masks, token ids) have no arg-max to agree on."""
+    L2-normalized embedding, compared by cosine: efficientword-net's 2048-d one), nor signed values all within
+    [-1, 1] (a bounded regression: tanh outputs, normalized coordinates such as insightface's 106 landmarks;
+    a trained classifier's logits leave that range). Integer and boolean outputs (masks, token ids) have no
+    arg-max to agree on."""
     if array.dtype.kind != "f" or array.ndim < 2 or array.shape[-1] < 2 or not array.shape[0]:
         return False
     known = declared is not None and len(declared) == array.ndim - 1
@@ -696,7 +698,7 @@ def scores_over_last_axis(array: np.ndarray, declared: tuple[Dim, ...] | None) -
         return False
     if _unit_range(array) is not None:
         return _softmax_rows(array)  # else independent scores in [0, 1]: not classes
-    if _unit_rows(array):
+    if _unit_rows(array) or _signed_unit_range(array):
         return False
     return array.ndim == 2 or (array.ndim == 3 and known and not _fixed(declared[0]))  # type: ignore[index]
 
@@ -706,6 +708,13 @@ def _unit_range(array: np.ndarray) -> tuple[float, float] | None:
     with np.errstate(all="ignore"):
         low, high = float(np.min(array)), float(np.max(array))
     return (low, high) if low >= 0.0 and high <= 1.0 else None
+
+
+def _signed_unit_range(array: np.ndarray) -> bool:
+    """Values all within [-1, 1], some of them negative."""
+    with np.errstate(all="ignore"):
+        low, high = float(np.min(array)), float(np.max(array))
+    return -1.0 <= low < 0.0 and high <= 1.0
 
 
 def _softmax_rows(array: np.ndarray) -> bool:

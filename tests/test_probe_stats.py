@@ -400,3 +400,12 @@ def test_a_thinned_sequence_of_class_scores_keeps_whole_rows_of_classes():
     moved[:, ::5, 0] = 10.0  # every kept position's arg-max changes to class 0 in both samples
     comparison = compare_outputs("scores", thin, _thin(moved, rows=True), 1.0, classes=True)
     assert comparison.agreement == 0.0 and comparison.positions == 8
+
+
+def test_signed_values_within_unit_range_are_a_regression_not_class_scores():
+    # insightface's 2d106det: 106 (x, y) landmarks in [-1, 1]; "top-1 agrees on 72%" of their arg-max meant nothing
+    rng = np.random.default_rng(4)
+    landmarks = np.tanh(rng.standard_normal((8, 212))).astype(np.float32)
+    assert not scores_over_last_axis(landmarks, (212,))
+    assert scores_over_last_axis(landmarks * 3, (212,))  # logits leave the range
+    assert compare_outputs("fc1", landmarks, landmarks[::-1], 1.0).agreement is None
