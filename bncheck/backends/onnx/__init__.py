@@ -150,8 +150,8 @@ def batch_axes(
     and where the others' axes 0 disagree, an input whose axis 0 differs from the first one's has none
     (GTCRN's caches). Where the inputs name different dims on axis 0 and the graph's ``outputs`` (their
     shapes) carry exactly one of those names on axis 0, that one is the batch, and an input whose axis 0 is
-    another of them has none: a single image [height, width, 3] beside the face boxes [batch_size, 4] cut
-    from it. Anything else keeps axis 0.
+    another of them, which no output carries, has none: a single image [height, width, 3] beside the face
+    boxes [batch_size, 4] cut from it. Anything else keeps axis 0.
     """
     firsts = [s[0] for s in shapes if s and isinstance(s[0], str)]
     name = Counter(firsts).most_common(1)[0][0] if firsts else None
@@ -159,7 +159,8 @@ def batch_axes(
     carried = set(firsts) & {s[0] for s in outputs if s and isinstance(s[0], str)}
     if len(set(firsts)) > 1 and len(carried) == 1:
         name = carried.pop()
-        shared = set(firsts) - {name}
+        # a name the outputs carry on another axis keeps its batch (a gallery's [faces, templates] scores)
+        shared = set(firsts) - {name} - {d for s in outputs if s for d in s}
     batch_free = any(s is None or (s and not isinstance(s[0], int)) for s in shapes)
     axes: list[int | None] = []
     for shape in shapes:
