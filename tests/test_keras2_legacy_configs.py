@@ -344,3 +344,53 @@ def test_probe_loads_tf_keras_transposed_convolutions_without_their_groups_key(t
     np.testing.assert_allclose(np.asarray(patched[0](x, training=False)), expected, rtol=1e-6, atol=1e-6)
     result = CliRunner().invoke(main, ["probe", str(path), "--format", "json", "--batch-sizes", "1,2"])
     assert result.exit_code in (0, 1), result.output  # exit 2 before
+
+
+def _tf_module_initializers(path: Path, tf_op: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+    """The Conv2D -> BN model of _keras2_typed_initializers, its Conv2D initializers written as tf.keras 2.15
+    writes tf.random_normal_initializer and tf.constant_initializer (napari-apple's YOLOv4-tiny: module
+    'tensorflow.python.ops.init_ops_v2'); ``tf_op``: a TFOpLambda layer (tf.nn.leaky_relu) after the BN."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3, name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling2D(name="pool"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    module = "tensorflow.python.ops.init_ops_v2"
+
+    def edit(config: dict) -> None:
+        conv = config["config"]["layers"][1]["config"]
+        conv["kernel_initializer"] = {"module": module, "class_name": "RandomNormal", "config": {"stddev": 0.01}}
+        conv["bias_initializer"] = {"module": module, "class_name": "Constant", "config": {"value": 0.0}}
+        if tf_op:
+            leaky = {"name": "tf.nn.leaky_relu", "dtype": "float32", "function": "nn.leaky_relu"}
+            config["config"]["layers"].insert(3, {"class_name": "TFOpLambda", "config": leaky})
+
+    _save_as(model, path, "2.15.0", edit)
+    return str(path), x, expected
+
+
+def test_probe_loads_tf_keras_initializers_written_with_their_tensorflow_module(tmp_path: Path) -> None:
+    path, x, expected = _tf_module_initializers(tmp_path / "m.h5")
+    loaded = keras.saving.load_model(path, compile=False)  # Keras 3 takes them from its own built-ins
+    assert type(loaded.get_layer("conv").kernel_initializer).__module__.startswith("keras.")
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: "uses RandomNormal ... outside Keras"
+    assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]
+
+
+def test_a_tf_op_layer_is_named_first_where_a_probe_is_refused(tmp_path: Path) -> None:
+    path, _, _ = _tf_module_initializers(tmp_path / "m.h5", tf_op=True)
+    with pytest.raises(Exception, match="TFOpLambda"):
+        keras.saving.load_model(path, compile=False)
+    result = CliRunner().invoke(main, ["probe", path])
+    assert result.exit_code == 2
+    assert "refusing to probe, nothing was executed: 1 TFOpLambda layer(s) ('tf.nn.leaky_relu')" in result.stderr
+    assert "outside Keras" not in result.stderr

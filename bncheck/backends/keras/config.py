@@ -14,7 +14,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, expected_vars, layer_entries
-from bncheck.errors import one_line
+from bncheck.errors import few, one_line
 from bncheck.model import NO_LAYERS_NOTE, Dim, InputSpec, Kind, NormLayer, Note
 
 NORM_KINDS: dict[str, Kind] = {
@@ -32,6 +32,39 @@ KERAS2_AFTER_FIX = ("model(x) once the baked training=True is removed",)
 MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
 #: Layers whose config carries code (Python bytecode, a wrapped module or a SavedModel): never run by bncheck.
 CODE_CLASSES = frozenset({"Lambda", "TorchModuleWrapper", "JaxLayer", "FlaxLayer", "TFSMLayer", "__lambda__"})
+#: TensorFlow ops tf.keras saved as layers (``x + 1``, ``tf.nn.leaky_relu`` on a Keras tensor): Keras 3 has no
+#: such layer and cannot load a file that holds one
+TF_OP_CLASSES = frozenset({"TFOpLambda", "SlicingOpLambda"})
+#: Keras's own initializers, regularizers and constraints, which tf.keras 2.x writes into a .h5 file with their
+#: TensorFlow module (``tensorflow.python.ops.init_ops_v2`` for tf.random_normal_initializer): Keras 3's legacy
+#: loader takes them by class name from its built-ins and imports nothing
+_BUILTIN_OBJECTS = frozenset(
+    {
+        "Constant",
+        "GlorotNormal",
+        "GlorotUniform",
+        "HeNormal",
+        "HeUniform",
+        "Identity",
+        "LecunNormal",
+        "LecunUniform",
+        "Ones",
+        "Orthogonal",
+        "RandomNormal",
+        "RandomUniform",
+        "TruncatedNormal",
+        "VarianceScaling",
+        "Zeros",
+        "L1",
+        "L1L2",
+        "L2",
+        "MaxNorm",
+        "MinMaxNorm",
+        "NonNeg",
+        "RadialConstraint",
+        "UnitNorm",
+    }
+)
 #: Layers that keep their input's shape (used only when a file records no shapes: tf_keras .h5).
 _SAME_SHAPE = frozenset(
     set(NORM_KINDS)
@@ -209,6 +242,8 @@ class _Ctx:
     ordered: bool = True  # track what ran before what (needed only when some call bakes training=True)
     calls: int = 0  # layer calls walked so far (see MAX_CALLS)
     code_layers: set[str] = field(default_factory=set)  # layers already said to carry code (once each)
+    legacy: bool = False  # a .h5 file, which Keras 3 reads with its legacy loader
+    tf_ops: dict[str, list[str]] = field(default_factory=dict)  # TF_OP_CLASSES class -> its layers
 
 
 def _sequential_as_dict(config: Any) -> Any:
@@ -236,12 +271,18 @@ def build(
     if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
         raise BackendError(f"{path}: the model config is not a Keras model description")
     keras2 = bool(version) and str(version).split(".")[0] in ("1", "2")
-    ctx = _Ctx(path, weights, keras2, notes=list(notes))
+    ctx = _Ctx(path, weights, keras2, notes=list(notes), legacy=fmt != "keras")
     cls = config["class_name"]
     bare_list = isinstance(config.get("config"), list)  # a Sequential as Keras before 2.2 saved it
     try:
         config = _sequential_as_dict(config)
         _scan_unsafe(config, "", ctx)
+        # first, as what stops Keras 3 before anything else would
+        ctx.unsafe[:0] = [
+            f"{len(names)} {op} layer(s) ({few(names)}): TensorFlow ops saved by tf.keras, which Keras 3 cannot load "
+            "(tf2onnx converts such a model where TensorFlow runs)"
+            for op, names in ctx.tf_ops.items()
+        ]
         # the order of calls matters only for a baked training=True (Keras 3 carries it on to later calls);
         # without one, the walk skips that bookkeeping, quadratic in a long chain
         ctx.ordered = re.search(r'"training": (?!false|0[,}\]]|null)', json.dumps(config)) is not None
@@ -327,7 +368,13 @@ def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:
                 ctx.unsafe.append(
                     f"layer {label} is a {cls} (it carries code)" if where else f"the model holds a {cls}"
                 )
-        elif isinstance(module, str) and module.split(".")[0] not in ("keras", "tf_keras"):
+        elif cls in TF_OP_CLASSES:
+            ctx.tf_ops.setdefault(cls, []).append(where or "the model")
+        elif (
+            isinstance(module, str)
+            and module.split(".")[0] not in ("keras", "tf_keras")
+            and not (ctx.legacy and module.startswith("tensorflow.") and cls in _BUILTIN_OBJECTS)
+        ):
             ctx.unsafe.append(f"{label} uses {cls} from module {module!r}, outside Keras")
         elif registered is not None and registered != cls:
             ctx.unsafe.append(f"{label} uses the registered object {registered!r}, outside Keras")
