@@ -288,3 +288,27 @@ def test_embeddings_and_recurrent_layers_pass_their_shapes_on_in_a_file_without_
     layers[3] = _layer("Dropout", "last", ["bi"], rate=0.1)
     [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "seq.h5", layers, 12))).layers
     assert bn.input_shape == ("batch", 10, 12) and bn.axes == (0, 1)  # both directions' 6 units, each step
+
+
+def test_croppings_and_the_merges_they_feed_pass_their_shapes_on_in_a_file_without_recorded_shapes(
+    tmp_path: Path,
+) -> None:
+    # resmico's 1D ResNet (Keras 2.4 .h5): each shortcut Cropping1D(0, 8) is the Add's first input; 27 of its 30
+    # BNs had no shape, "?" for a set Keras sizes 983 at length 1000
+    conv = {"kernel_size": [9], "strides": [1], "padding": "valid", "data_format": "channels_last"}
+    layers = [
+        _layer("InputLayer", "input_1", [], batch_input_shape=[None, 40, 3], dtype="float32"),
+        _layer("Conv1D", "conv", ["input_1"], filters=3, **conv),
+        _layer("Cropping1D", "crop", ["input_1"], cropping=[0, 8]),
+        _layer("Add", "add", ["crop", "conv"]),
+        _layer("BatchNormalization", "bn", ["add"], **_BN),
+    ]
+    [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "crop1d.h5", layers, 3))).layers
+    assert bn.input_shape == ("batch", 32, 3) and bn.axes == (0, 1)  # 40 - 8, as the valid conv's 40 - 9 + 1
+    layers = [
+        _layer("InputLayer", "input_1", [], batch_input_shape=[None, 8, 4, 3], dtype="float32"),
+        _layer("Cropping2D", "crop", ["input_1"], cropping=[[1, 2], [3, 0]], data_format="channels_last"),
+        _layer("BatchNormalization", "bn", ["crop"], **_BN),
+    ]
+    [bn] = KerasBackend().load(str(_unrecorded_h5(tmp_path / "crop2d.h5", layers, 3))).layers
+    assert bn.input_shape == ("batch", 5, 1, 3)

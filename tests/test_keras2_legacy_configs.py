@@ -394,3 +394,45 @@ def test_a_tf_op_layer_is_named_first_where_a_probe_is_refused(tmp_path: Path) -
     assert result.exit_code == 2
     assert "refusing to probe, nothing was executed: 1 TFOpLambda layer(s) ('tf.nn.leaky_relu')" in result.stderr
     assert "outside Keras" not in result.stderr
+
+
+def _keras2_masked_pooling(path: Path, mask: object = ("m", 0, 0)) -> tuple[str, list[np.ndarray], np.ndarray]:
+    """x -> BatchNormalization -> GlobalAveragePooling1D(mask=m): ResMiCo's Keras 2.4 head, its call written as
+    Keras 2 wrote a tensor among keyword arguments ([layer, node, tensor]); with inputs and their outputs."""
+    keras.utils.set_random_seed(0)
+    x, m = keras.Input((STEPS, FEATURES), name="x"), keras.Input((STEPS,), name="m")
+    y = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.BatchNormalization(name="bn")(x), mask=m)
+    model = keras.Model([x, m], y)
+    feeds = [np.random.default_rng(1).standard_normal((4, STEPS, FEATURES)).astype(np.float32), np.ones((4, STEPS))]
+    feeds[1][:, 3:] = 0
+    expected = np.asarray(model(feeds, training=False))
+
+    def edit(config: dict) -> None:
+        for entry in config["config"]["layers"]:
+            if entry["name"] in ("bn", "pool"):
+                source = entry["inbound_nodes"][0]["args"][0]["config"]["keras_history"]
+                kwargs = {"mask": list(mask) if isinstance(mask, tuple) else mask} if entry["name"] == "pool" else {}
+                entry["inbound_nodes"] = [[[*source, kwargs]]]
+
+    _save_as(model, path, "2.4.0", edit)
+    return str(path), feeds, expected
+
+
+def test_probe_loads_a_keras_2_call_with_a_tensor_among_its_keyword_arguments(tmp_path: Path) -> None:
+    path, feeds, expected = _keras2_masked_pooling(tmp_path / "m.h5")
+    with pytest.raises(Exception):  # Keras 3 hands the pooling the reference list ["m", 0, 0] as its mask
+        keras.saving.load_model(path, compile=False)(feeds, training=False)
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    np.testing.assert_allclose(np.asarray(patched[0](feeds, training=False)), expected, rtol=1e-6, atol=1e-6)
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before, "2" for Keras's whole message
+    notes = [n for run in json.loads(result.stdout)["probe"]["runs"] for n in run["notes"]]
+    assert any("keyword arguments of 1 layer call(s) (first: 'pool'" in n for n in notes), notes
+
+
+def test_a_keras_2_file_that_fails_at_its_first_call_says_which_keras_wrote_it(tmp_path: Path) -> None:
+    path, _, _ = _keras2_masked_pooling(tmp_path / "m.h5", mask="m")  # a name, which no Keras resolves
+    result = CliRunner().invoke(main, ["probe", path])
+    assert result.exit_code == 2 and "keras failed to run the model" in result.stderr
+    assert "the file was saved by Keras 2.4.0, whose configs Keras 3." in result.stderr

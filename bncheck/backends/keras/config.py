@@ -532,7 +532,7 @@ def _walk_pass(
                     upstream = [emitted[(k, ref, idx)] for ref, idx in refs if (k, ref, idx) in emitted]
                     context = parent.context or next((c for c, _ in upstream if c), None)
                     before = parent.before.union(*(done for _, done in upstream)) if ctx.ordered else frozenset()
-                    shape = shape or recorded or (out_shapes.get((k, refs[0][0], refs[0][1])) if refs else None)
+                    shape = shape or recorded or _inbound_shape(cls, [out_shapes.get((k, r, i)) for r, i in refs])
                 layer_calls.append(_Call(parent.chain + (training,), shape, refs, context, before, parent.count))
                 keys.append((k, name, node_index))
         ctx.calls += len(layer_calls)
@@ -826,6 +826,21 @@ def _concatenated(shapes: list[tuple[Dim, ...] | None], axis: Any) -> tuple[Dim,
     return tuple(out)
 
 
+#: merge layers whose inputs all have the output's shape: any input's known shape is theirs
+_ELEMENTWISE_MERGES = frozenset({"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"})
+
+
+def _inbound_shape(cls: str, shapes: list[tuple[Dim, ...] | None]) -> tuple[Dim, ...] | None:
+    """A layer call's input shape from its inbound tensors' shapes: the first one's, or for an elementwise
+    merge the most complete of them (ResMiCo's Add takes a Cropping1D's output first)."""
+    if not shapes:
+        return None
+    if cls not in _ELEMENTWISE_MERGES:
+        return shapes[0]
+    known = [s for s in shapes if s is not None]
+    return max(known, key=lambda s: sum(isinstance(d, int) for d in s), default=None)
+
+
 def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
     if cls in _SAME_SHAPE:
         return shape
@@ -910,6 +925,9 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
         return shape + (c["output_dim"],)
     if cls in _RECURRENT or cls == "Bidirectional":
         return _recurrent_shape(cls, c, shape)
+    cropping = re.fullmatch(r"Cropping([123])D", cls)
+    if cropping:  # a ResNet's shortcut or a U-Net's skip cut to the other branch's length
+        return _cropped(int(cropping.group(1)), c.get("cropping"), shape, first)
     if cls.startswith("ZeroPadding") and isinstance(c.get("padding"), list) and not first:
         pads = c["padding"]
         padded: list[Dim] = list(shape[1:-1])
@@ -922,6 +940,27 @@ def _output_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[
 
 
 _RECURRENT = frozenset({"LSTM", "GRU", "SimpleRNN", "CuDNNLSTM", "CuDNNGRU"})
+
+
+def _cropped(n: int, cropping: Any, shape: tuple[Dim, ...], first: bool) -> tuple[Dim, ...] | None:
+    """A CroppingND's output: each spatial dim less what is cut from its two ends (an int cuts it from both,
+    a pair per end; Cropping1D's own pair is its one dim's two ends)."""
+    if isinstance(cropping, int):
+        pairs: list[Any] = [(cropping, cropping)] * n
+    elif isinstance(cropping, list) and n == 1 and len(cropping) == 2 and all(isinstance(v, int) for v in cropping):
+        pairs = [cropping]
+    elif isinstance(cropping, list) and len(cropping) == n:
+        pairs = [(v, v) if isinstance(v, int) else v for v in cropping]
+    else:
+        return None
+    spatial = shape[2:] if first else shape[1:-1]
+    if len(spatial) != n or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        return None
+    cut = [
+        d - p[0] - p[1] if isinstance(d, int) and all(isinstance(v, int) for v in p) else None
+        for d, p in zip(spatial, pairs)
+    ]
+    return (shape[0], shape[1], *cut) if first else (shape[0], *cut, shape[-1])
 
 
 def _recurrent_shape(cls: str, c: dict[str, Any], shape: tuple[Dim, ...]) -> tuple[Dim, ...] | None:

@@ -130,8 +130,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
 class _Mend:
     """One config key Keras 3 misreads: where it is (layer name, the dict to edit), the edit, the note."""
 
-    find: Callable[[Any], list[tuple[str, dict]]]
-    apply: Callable[[dict], object]  # edits the dict in place (what it returns is ignored)
+    find: Callable[[Any], list[tuple[str, Any]]]
+    apply: Callable[[Any], object]  # edits the site (a dict, or what holds one) in place; returns nothing used
     note: str  # formatted with ours, theirs (the Keras versions), count and first (a layer's name)
 
 
@@ -245,6 +245,65 @@ def _classes(config: Any, wanted: Callable[[str, dict], bool]) -> list[tuple[str
     return [(_named(c), c) for cls, c in _class_configs(config) if wanted(cls, c)]
 
 
+def _tensor_kwargs(config: Any) -> list[tuple[str, tuple[dict, set[str]]]]:
+    """(layer name, (its entry, its model's layer names)) of every functional layer called with a tensor among
+    its keyword arguments, written as Keras 2 wrote one: ``[layer, node index, tensor index]``."""
+    found: list[tuple[str, tuple[dict, set[str]]]] = []
+    stack: list[Any] = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        inner = node.get("config")
+        entries = inner.get("layers") if isinstance(inner, dict) else None
+        if isinstance(entries, list):
+            names = {str(e.get("name")) for e in entries if isinstance(e, dict)}
+            for entry in entries:
+                if isinstance(entry, dict) and any(_refs(call, names) for call in _legacy_calls(entry)):
+                    found.append((str(entry.get("name", "?")), (entry, names)))
+            stack.extend(entries)
+    return found
+
+
+def _legacy_calls(entry: dict) -> list[list]:
+    """A layer entry's inbound nodes in Keras 2's form: one list of [layer, node, tensor(, kwargs)] each."""
+    nodes = entry.get("inbound_nodes")
+    return [n for n in nodes if isinstance(n, list) and n and all(isinstance(i, list) for i in n)] if nodes else []
+
+
+def _tensor_ref(value: Any, names: set[str]) -> bool:
+    return (
+        isinstance(value, list) and len(value) == 3 and value[0] in names and all(isinstance(i, int) for i in value[1:])
+    )
+
+
+def _refs(call: list, names: set[str]) -> bool:
+    kwargs = call[0][3] if len(call[0]) > 3 and isinstance(call[0][3], dict) else {}
+    return any(_tensor_ref(v, names) for v in kwargs.values())
+
+
+def _keras_tensor(history: list) -> dict:
+    # a placeholder Keras 3 replaces by the tensor its history names (functional.deserialize_node)
+    return {"class_name": "__keras_tensor__", "config": {"shape": [], "dtype": "float32", "keras_history": history}}
+
+
+def _as_keras3_calls(site: tuple[dict, set[str]]) -> None:
+    """Keras 3 passes a Keras 2 call's keyword arguments on as written, a tensor's reference as a list: its
+    calls with one are rewritten in Keras 3's form, where such a reference is a tensor."""
+    entry, names = site
+    calls = []
+    for call in entry["inbound_nodes"]:
+        if isinstance(call, list) and call and all(isinstance(i, list) for i in call) and _refs(call, names):
+            tensors = [_keras_tensor(list(i[:3])) for i in call]
+            kwargs = {k: _keras_tensor(v) if _tensor_ref(v, names) else v for k, v in call[0][3].items()}
+            call = {"args": [tensors[0] if len(tensors) == 1 else tensors], "kwargs": kwargs}
+        calls.append(call)
+    entry["inbound_nodes"] = calls
+
+
 #: the mends, in the order their notes are said
 _MENDS = (
     _Mend(
@@ -280,6 +339,13 @@ _MENDS = (
         lambda c: c.pop("groups"),
         "Keras {ours} refuses the groups=1 this Keras {theirs} file wrote into {count} transposed convolution(s); "
         "bncheck loaded it without that key (1 is the only value they compute)",
+    ),
+    _Mend(
+        _tensor_kwargs,
+        _as_keras3_calls,
+        "Keras {ours} passes on as written the tensors that this Keras {theirs} file names among the keyword "
+        "arguments of {count} layer call(s) (first: {first!r}, a mask, say); bncheck loaded it with them "
+        "written as Keras {ours} writes a tensor",
     ),
     _Mend(
         _unplaced_wrapped,

@@ -251,6 +251,8 @@ class KerasRunner:
 
         self.keras = import_keras(static.path)  # its callers refused foreign classes first (refuse_foreign)
         self.path = static.path
+        # a Keras 1/2 file that Keras 3 loads can still fail at its first call: the error says who wrote it
+        self.written_by = f"Keras {static.keras_version}" if static.keras2 else None
         self.view = view
         patched = load_patched(self.keras, static)
         # how Keras 3 loads and computes this file differently from the Keras that wrote it
@@ -385,7 +387,13 @@ class KerasRunner:
             raise
         except Exception as exc:
             text = one_line(exc)
-            raise BackendError(f"{self.path}: keras failed to run the model ({text})") from None
+            written = (
+                f"; the file was saved by {self.written_by}, whose configs Keras {self.keras.__version__} reads only "
+                "in part"
+                if self.written_by
+                else ""
+            )
+            raise BackendError(f"{self.path}: keras failed to run the model ({text}){written}") from None
         return self._outputs(result)
 
     def runner(self, style: str) -> Runner:
