@@ -46,11 +46,29 @@ def test_another_frameworks_file_is_named_with_the_way_to_a_readable_one(name, w
 
 
 def test_a_keras_hdf5_file_under_another_suffix_is_told_the_suffix_it_needs(tmp_path):
-    path = tmp_path / "model.weights"
+    # checkm2 ships its tf.keras models as .hd5: said to be a Keras model, not only "an HDF5 file"
+    path = tmp_path / "model.hd5"
     shutil.copy(SAMPLES / "keras_legacy_convnet.h5", path)
     with pytest.raises(
-        BackendError, match=r"model.weights: is an HDF5 file: bncheck reads a Keras model .* \.h5 or \.hdf5"
-    ):
+        BackendError, match=r"model.hd5: is a Keras model saved as HDF5 \(it holds a model_config\) under another "
+    ) as info:
+        bncheck.inspect(str(path))
+    assert str(info.value).endswith("reads it under the suffix .h5 or .hdf5: copy or rename it")
+    import h5py
+
+    with h5py.File(tmp_path / "arrays.hd5", "w") as f:  # HDF5 without a model
+        f.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(BackendError, match=r"arrays.hd5: is an HDF5 file: bncheck reads a Keras model .* \.h5"):
+        bncheck.inspect(str(tmp_path / "arrays.hd5"))
+
+
+def test_a_pickled_keras_wrapper_is_told_to_save_the_model_it_wraps(tmp_path):
+    # emotion-model ships a scikeras KerasClassifier as a .pkl: the torch hint said nothing useful. The pickle's
+    # opcodes name its class's module in plain text (written here by hand: nothing is unpickled, here or there)
+    path = tmp_path / "classifier.pkl"
+    module, name = b"scikeras.wrappers", b"KerasClassifier"
+    path.write_bytes(b"\x80\x04\x8c" + bytes([len(module)]) + module + b"\x8c" + bytes([len(name)]) + name + b"\x93.")
+    with pytest.raises(BackendError, match=r"is a Python pickle of a scikeras wrapper.*model_\.save\('model\.keras'\)"):
         bncheck.inspect(str(path))
 
 

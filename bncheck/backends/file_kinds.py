@@ -40,12 +40,14 @@ def describe(path: str, head: bytes) -> str | None:
             f"tf2onnx.convert --tflite {path} --output model.onnx"
         )
     if head.startswith(_HDF5_MAGIC):
+        if b"model_config" in _leading(path):  # the root's attributes sit in its first object header
+            return (
+                "is a Keras model saved as HDF5 (it holds a model_config) under another suffix: bncheck, as "
+                "Keras does, reads it under the suffix .h5 or .hdf5: copy or rename it"
+            )
         return "is an HDF5 file: bncheck reads a Keras model saved as HDF5 under the suffix .h5 or .hdf5"
     if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle's PROTO opcode, protocols 2 to 5
-        return (
-            "is a Python pickle (torch.save before PyTorch 1.6, joblib, ...), which bncheck does not read and "
-            f"never unpickles: {_TORCH_EXPORT}"
-        )
+        return _pickle(_leading(path))
     if name in ("saved_model.pb", "saved_model.pbtxt"):
         return (
             "is the graph of a TensorFlow SavedModel, which bncheck does not read: convert its folder to ONNX with "
@@ -60,6 +62,29 @@ def describe(path: str, head: bytes) -> str | None:
     if _safetensors(path, head):
         return f"holds safetensors weights (tensors without the model's graph), which bncheck does not read: {_TORCH_EXPORT}"
     return None
+
+
+def _leading(path: str, size: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def _pickle(data: bytes) -> str:
+    """A pickle named by the modules its first bytes name (a pickle names each class's module in plain text)."""
+    if b"scikeras" in data:
+        return (
+            "is a Python pickle of a scikeras wrapper, which bncheck never unpickles: save the Keras model it "
+            "wraps with wrapper.model_.save('model.keras')"
+        )
+    if b"keras" in data:
+        return f"is a Python pickle of a Keras object, which bncheck never unpickles: {_KERAS_SAVE}"
+    return (
+        "is a Python pickle (torch.save before PyTorch 1.6, joblib, ...), which bncheck does not read and "
+        f"never unpickles: {_TORCH_EXPORT}"
+    )
 
 
 def _archive(path: str) -> str:
