@@ -669,12 +669,19 @@ def explain(check: str) -> None:
 @click.option(
     "--fail-on",
     type=click.Choice(FAIL_ON_LEVELS),
-    default="error",
-    show_default=True,
-    help="Exit 1 when the WRITTEN model (with --dry-run: the model as it is) has a finding at or above this severity.",
+    default=None,
+    help="Exit 1 when the WRITTEN model (with --dry-run: the model as it is) has a finding at or above this "
+    "severity (default: the configuration's fail-on, else error).",
 )
 @click.option(
     "--exit-non-zero-on-fix", is_flag=True, help="Exit 1 whenever the model was changed, even when nothing remains."
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Settings file (bncheck.toml or pyproject.toml) instead of the one found upward from the current "
+    "folder: its fail-on, and its per-model data and input-shape.",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def fix(
@@ -689,8 +696,9 @@ def fix(
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...],
     fmt: str,
     report_path: str | None,
-    fail_on: str,
+    fail_on: str | None,
     exit_non_zero_on_fix: bool,
+    config_path: str | None,
     debug: bool,
 ) -> None:
     """Write a repaired copy of MODEL (ONNX or Keras): train-mode batch norms switched to inference (with
@@ -708,6 +716,19 @@ def fix(
       bncheck fix model.keras --data calib.npy -o fixed.keras
     """
 
+    try:  # the project's settings, as inspect and probe read them (the command line wins)
+        from bncheck import config
+        from bncheck.probe_data import parse_input_shape
+
+        cfg = config.discover(config_path)
+        per_model = cfg.for_model(model)
+        fail_on = fail_on or cfg.fail_on or "error"
+        data = data or (per_model.data if per_model else None)
+        if not input_shapes and per_model is not None:
+            input_shapes = tuple(parse_input_shape(spec) for spec in per_model.input_shapes)
+    except Exception as error:
+        _fail(error, debug, fmt=fmt, command="fix", model=model)
+
     def run() -> Any:
         from bncheck import fixing
         from bncheck.render.progress import progress_bar
@@ -719,7 +740,7 @@ def fix(
                 data,
                 only=only,
                 dry_run=dry_run,
-                fail_on=fail_on,
+                fail_on=fail_on or "error",
                 batch_size=batch_size,
                 input_shapes=dict(input_shapes),
                 stats=stats,

@@ -99,10 +99,12 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate one configuration file. Raises UsageError naming the file and the problem."""
     path = Path(path)
     data = _read(path)
-    table = data.get("tool", {}).get("bncheck") if path.name == "pyproject.toml" else data
+    # a bncheck.toml may hold the table as pyproject.toml does (the README's example copied as it is)
+    nested = path.name == "pyproject.toml" or (set(data) == {"tool"} and isinstance(data["tool"], dict))
+    table = data.get("tool", {}).get("bncheck") if nested else data
     if not isinstance(table, dict):
         raise UsageError(f"{path}: no [tool.bncheck] table")
-    where = f"{path}: " + ("[tool.bncheck]" if path.name == "pyproject.toml" else "")
+    where = f"{path}: " + ("[tool.bncheck]" if nested else "")
     _no_unknown(table, KNOWN_KEYS, where.rstrip(": ") or str(path))
     fail_on = table.get("fail-on")
     if fail_on is not None and fail_on not in FAIL_ON_LEVELS:

@@ -149,3 +149,31 @@ def test_broken_pyproject_that_mentions_bncheck_is_still_an_error(tmp_path):
     (tmp_path / "pyproject.toml").write_text("[tool.bncheck\nfail-on = 'x'\n")
     with pytest.raises(UsageError, match="not valid TOML"):
         config.find(tmp_path)
+
+
+def test_fix_reads_the_configurations_fail_on_and_per_model_data(tmp_path, monkeypatch):
+    """fix read no configuration: with fail-on = "warning" it passed a model probe then failed, and a per-model
+    data file probe used was not found ("no calibration data")."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    samples = os.path.join(os.path.dirname(__file__), "..", "sample_models")
+    for name in ("epsilon_1e-8.onnx", "stale_drift.onnx", "calib_drift.npz"):
+        shutil.copy(os.path.join(samples, name), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    fixed = ["fix", "epsilon_1e-8.onnx", "-o", "e.onnx"]
+    assert CliRunner().invoke(main, fixed).exit_code == 0  # its BN004 warning remains: no fix changes an epsilon
+    drift = ["fix", "stale_drift.onnx", "-o", "s.onnx", "--format", "json"]
+    assert json.loads(CliRunner().invoke(main, drift).stdout)["fix"]["changed"] is False
+    # the README's example table copied into bncheck.toml as it is, [tool.bncheck] header included
+    (tmp_path / "bncheck.toml").write_text(
+        '[tool.bncheck]\nfail-on = "warning"\n[tool.bncheck.per-model."stale_*.onnx"]\ndata = "calib_drift.npz"\n'
+    )
+    result = CliRunner().invoke(main, [*fixed[:3], "e2.onnx"])
+    assert result.exit_code == 1 and "--fail-on warning (exit 1)" in result.stdout
+    assert CliRunner().invoke(main, [*fixed[:3], "e3.onnx", "--fail-on", "error"]).exit_code == 0  # the CLI wins
+    document = json.loads(CliRunner().invoke(main, [*drift[:3], "s2.onnx", "--format", "json"]).stdout)
+    assert document["fix"]["changed"] is True and document["exit_code"] == 0  # recalibrated from the data
