@@ -10,7 +10,12 @@ sarif=()
 if [ "${BNCHECK_SARIF:-false}" = "true" ]; then
   sarif=(--output bncheck.sarif)
 fi
-bncheck "$command" "${models[@]}" --format github --fail-on "${BNCHECK_FAIL_ON:-error}" "${sarif[@]}" "${extra[@]}"
+# without a fail-on input the project's configuration decides (else error), as on the command line
+fail_on=()
+if [ -n "${BNCHECK_FAIL_ON:-}" ]; then
+  fail_on=(--fail-on "$BNCHECK_FAIL_ON")
+fi
+bncheck "$command" "${models[@]}" --format github "${fail_on[@]}" "${sarif[@]}" "${extra[@]}"
 status=$?
 if [ -n "${GITHUB_OUTPUT:-}" ]; then
   echo "exit-code=$status" >> "$GITHUB_OUTPUT"

@@ -180,6 +180,13 @@ def test_the_github_action_script_runs_locally(models, tmp_path):
     assert done.stdout.count("::error ") == 2
     assert json.loads((tmp_path / "bncheck.sarif").read_text())["runs"][0]["results"]
     assert (tmp_path / "github_output").read_text() == "exit-code=1\n"
+    # no fail-on input: the project's configuration decides, as on the command line (it was always error)
+    (tmp_path / "bncheck.toml").write_text('fail-on = "never"\n')
+    env["BNCHECK_FAIL_ON"] = ""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "github_action.sh")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.count("::error ") == 2, done.stderr
 
 
 def test_many_model_document_and_its_error_entries_validate_against_the_schema(models):
