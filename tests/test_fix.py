@@ -564,16 +564,26 @@ def test_external_data_is_written_next_to_the_output(tmp_path: Path, calib: str)
     )
     out = out_dir / "fixed.onnx"
     fix(str(src_dir / "m.onnx"), str(out), calib)
-    assert (out_dir / "m.weights").exists()
+    assert (out_dir / "fixed.onnx.data").exists() and not (out_dir / "m.weights").exists()
     plain_in = onnx.load(str(src_dir / "m.onnx"), load_external_data=False)
     plain_out = onnx.load(str(out), load_external_data=False)
-    assert [(t.name, list(t.external_data)) for t in plain_in.graph.initializer] == [
-        (t.name, list(t.external_data)) for t in plain_out.graph.initializer
-    ]
+
+    def entries(model: onnx.ModelProto) -> list[tuple[str, dict[str, str]]]:
+        return [(t.name, {e.key: e.value for e in t.external_data}) for t in model.graph.initializer]
+
+    renamed = [(name, {**e, "location": "m.weights"}) for name, e in entries(plain_out)]
+    assert entries(plain_in) == renamed and {e["location"] for _, e in entries(plain_out)} == {"fixed.onnx.data"}
     onnx.checker.check_model(str(out), full_check=True)
     assert run(str(out), samples(3, seed=4)).shape == (3, CLASSES)
     fixed = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     assert not np.all(fixed["bn1.mean"] == 0)
+    # a second model fixed into the same folder keeps the first one's data: it overwrote it before
+    before_second = run(str(out), samples(3, seed=4))
+    other_calib = tmp_path / "other.npz"
+    np.savez(other_calib, input=samples(64, seed=9) * 2.0)  # other statistics: other bytes in its data file
+    fix(str(src_dir / "m.onnx"), str(out_dir / "other.onnx"), str(other_calib))
+    assert not np.array_equal(run(str(out_dir / "other.onnx"), samples(3, seed=4)), before_second)
+    np.testing.assert_array_equal(run(str(out), samples(3, seed=4)), before_second)
     # the same folder as the input: the copy gets the output's name, the input's file is untouched
     before = (src_dir / "m.weights").read_bytes()
     fix(str(src_dir / "m.onnx"), str(src_dir / "fixed.onnx"), calib)

@@ -1461,10 +1461,9 @@ def _iter_external(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, tuple[
 
 
 def _external_names(model: onnx.ModelProto, src: str, src_dir: str, output: str, out_dir: str) -> dict[str, str]:
-    """Where each external-data file of the input goes next to the output.
-
-    The same relative name when the output is in another folder; in the input's own folder the copies are
-    prefixed with the output's file name, so the input's files are never overwritten.
+    """Where each external-data file of the input goes next to the output: named after the output's file, in
+    any folder, so that neither the input's files nor another written model's in that folder (a --stats
+    stored and a --stats data copy, say) are overwritten.
     """
     locations: list[str] = []
     for _, (location, _, _) in _iter_external(model):
@@ -1472,17 +1471,13 @@ def _external_names(model: onnx.ModelProto, src: str, src_dir: str, output: str,
             locations.append(location)
     if not locations:
         return {}
-    same_dir = os.path.realpath(src_dir) == os.path.realpath(out_dir)
     base = os.path.basename(output)
     mapping: dict[str, str] = {}
     protected = {os.path.realpath(src)} | {os.path.realpath(os.path.join(src_dir, loc)) for loc in locations}
     if os.path.realpath(output) in protected:
         raise BackendError(f"{output}: refusing to overwrite the input model's external data file")
     for location in locations:
-        if same_dir:
-            new = f"{base}.data" if len(locations) == 1 else f"{base}.{location.replace('/', '_')}"
-        else:
-            new = location
+        new = f"{base}.data" if len(locations) == 1 else f"{base}.{location.replace('/', '_')}"
         target = os.path.realpath(os.path.join(out_dir, new))
         if (
             target in protected
