@@ -2047,3 +2047,16 @@ def test_a_model_without_normalization_layers_gets_no_empty_fix_table(tmp_path: 
     path = dynamic_quant_model(tmp_path / "plain.onnx")
     result = CliRunner().invoke(main, ["fix", path, "-o", str(tmp_path / "o.onnx"), "--dry-run"])
     assert "mean / var median" not in result.stdout and "nothing to repair" in result.stdout
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_a_keras_suffix_for_a_fixed_onnx_model_is_refused_before_anything_is_written(
+    tmp_path: Path, calib: str, suffix: str
+) -> None:
+    # it wrote the fixed ONNX model under that name, then failed reading it back as Keras (exit 2)
+    src = tmp_path / "m.onnx"
+    onnx.save(convnet(stale=("bn1",)), str(src))
+    out = tmp_path / f"fixed{suffix}"
+    result = CliRunner().invoke(main, ["fix", str(src), "--data", calib, "-o", str(out)])
+    assert result.exit_code == 2 and "is an ONNX file: give it the suffix .onnx" in result.stderr
+    assert not out.exists()

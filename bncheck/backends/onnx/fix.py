@@ -280,6 +280,8 @@ def check_output(src: str, output: str | None) -> None:
         raise BackendError(f"{src}: no output given: pass -o FIXED.onnx (or --dry-run to write nothing)")
     if os.path.isdir(output):
         raise BackendError(f"{output}: is a directory; give the fixed model's file name")
+    if os.path.splitext(output)[1].lower() in (".keras", ".h5", ".hdf5"):  # the fixed model is the input's format
+        raise BackendError(f"{output}: the fixed copy of an ONNX model is an ONNX file: give it the suffix .onnx")
     if _same_file(src, output):
         raise BackendError(f"{output}: refusing to overwrite the input model; write the fixed model elsewhere")
     parent = os.path.dirname(os.path.abspath(output))
