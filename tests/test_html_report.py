@@ -81,6 +81,8 @@ def test_fix_report_shows_before_and_after(tmp_path):
     report = bncheck.fix(str(SAMPLES / "stale_drift.onnx"), str(out), data=str(SAMPLES / "calib_drift.npz"))
     page = html_render.render(report)
     assert "Fix: " in page and "Findings of the written model" in page and "recalibrated" in page
+    # counted as the table's summary says them, not a Python dict ({'error': 3, ...})
+    assert "Findings before: 3 errors, 0 warnings, 0 info; after (the written model re-checked): 0 errors" in page
 
 
 #: Chromium's own services (clock, component updates), contacted whatever page is open.

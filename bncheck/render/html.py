@@ -16,6 +16,7 @@ import numpy as np
 from bncheck.errors import UsageError
 from bncheck.findings import Finding
 from bncheck.model import NormLayer, ProbeResult
+from bncheck.render.summary import counts_text
 from bncheck.report import Report, layer_status, not_needed_line, probe_cell, set_sizes
 from bncheck.verdicts import OUTPUT_TOLERANCE, dependence_verdict, outputs_cleared
 
@@ -315,10 +316,9 @@ def _fix_section(report: Report) -> str:
             f'<td class="num">{_e(_short(old) if old is not None else "-")}</td>'
             f'<td class="num">{_e(_short(new) if new is not None else "-")}</td><td>{_e(entry.reason)}</td></tr>'
         )
-    before = report.counts()
-    after = fix.after.counts() if fix.after is not None else None
+    after = counts_text(fix.after) if fix.after is not None else None
     compare = (
-        f"<p>Findings before: {_e(before)}; after (the written model re-checked): {_e(after)}</p>"
+        f"<p>Findings before: {_e(counts_text(report))}; after (the written model re-checked): {_e(after)}</p>"
         if after is not None
         else "<p>Nothing written (dry run or nothing to repair).</p>"
     )
