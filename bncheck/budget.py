@@ -19,7 +19,7 @@ from bncheck.errors import BncheckError, ErrorKind, UsageError
 
 ENV = "BNCHECK_MEMORY_BUDGET"
 #: how a message says the budget can change
-CHANGE = f"set {ENV} (e.g. {ENV}=64GB) to change the budget"
+CHANGE = f"set {ENV} (e.g. {ENV}=12GB) to change the budget, within the memory the machine has"
 #: Share of the available memory one allocation may take: the rest is for the runtime's own buffers (the
 #: activations onnxruntime or Keras allocate while the probe runs) and for the rest of the machine.
 BUDGET_FRACTION = 0.5

@@ -465,6 +465,21 @@ def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(array.astype(dtype, copy=False))
 
 
+def _refuse_other_format(path: str) -> None:
+    """A file that is neither .npy nor .npz (a CSV, an image) said so, before numpy's own guess (that it holds
+    pickled data) can mislead."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return  # numpy's load says why
+    if head and not head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")):
+        raise ProbeDataError(
+            f"{path}: not a .npy or .npz file: save the samples with numpy.save (one input) or numpy.savez "
+            "(keyed by input name), first axis = samples"
+        )
+
+
 def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     """Read ``--data``: ``.npy`` for a single-input model, ``.npz`` keyed by input name; first axis = samples
     (an input without a batch axis, such as a scalar sample rate, takes its one tensor as fed).
@@ -480,6 +495,7 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
         raise ProbeDataError(f"{path}: is a directory, not a .npy/.npz file")
     suffix = os.path.splitext(path)[1].lower()
     names = [spec.name for spec in inputs]
+    _refuse_other_format(path)
     try:
         # a .npy is mapped, not read: the runs read its batches from the page cache as they reach them, where a
         # copy first faulted in every page of a fresh allocation (docs/architecture.md); an .npz is read whole

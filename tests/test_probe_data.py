@@ -195,6 +195,14 @@ def test_a_truncated_npy_is_called_truncated_not_pickled(tmp_path):
     assert "unpickl" not in str(caught.value)
 
 
+def test_a_csv_given_as_data_is_told_the_formats_not_numpys_pickle_advice(tmp_path):
+    path = tmp_path / "samples.csv"
+    path.write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(ProbeDataError, match=r"samples.csv: not a .npy or .npz file: save the samples") as caught:
+        load_data(str(path), [IMG])
+    assert "pickle" not in str(caught.value)
+
+
 def test_data_converted_to_the_inputs_dtype_is_checked_against_the_memory_budget(tmp_path, monkeypatch):
     """float64 samples for a float32 input are copied as float32: that copy is refused past the budget, before
     it is made, naming the file; the same samples in float32 are mapped and pass."""
