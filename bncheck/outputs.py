@@ -38,7 +38,8 @@ def refuse_overwrite(
         pairs += list(more_reads())
     for what, path in pairs:
         if path and same_file(target, path):
-            raise UsageError(f"{target}: refusing to overwrite the input {what} with {option}: give another file name")
+            whose = "the" if what.startswith("fixed") else "the input"  # fix's own output is no input
+            raise UsageError(f"{target}: refusing to overwrite {whose} {what} with {option}: give another file name")
 
 
 def replace_with(target: str, data: bytes) -> None:
