@@ -446,3 +446,20 @@ def test_a_frozen_layers_drift_is_a_warning_and_fix_keeps_its_statistics_unless_
     recomputed = fix(path, str(tmp_path / "recomputed.keras"), data, stats="data")
     [entry] = [e for e in recomputed.fix.outcome.layers if e.layer == "backbone_bn"]
     assert entry.action == "recalibrated"
+
+
+def test_a_fixed_file_says_the_training_state_it_leaves_behind(tmp_path: Path) -> None:
+    # the written file had silently lost the original's training_config and optimizer_weights
+    x = np.random.default_rng(5).normal(1.0, 2.0, (16, 8, 8, 3)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    src = tmp_path / "compiled.h5"
+    src.write_bytes((SAMPLES / "keras_legacy_convnet.h5").read_bytes())
+    said = "holds none of the original's training configuration or optimizer state"
+    report = fix(str(src), str(tmp_path / "a.h5"), str(tmp_path / "calib.npy"), stats="data")
+    assert not any(said in n for n in report.fix.outcome.notes)  # nothing to leave behind
+    with h5py.File(src, "r+") as h5:
+        h5.attrs["training_config"] = json.dumps({"loss": "mse", "optimizer_config": {"class_name": "Adam"}})
+    report = fix(str(src), str(tmp_path / "b.h5"), str(tmp_path / "calib.npy"), stats="data")
+    assert any(said in n for n in report.fix.outcome.notes)
+    with h5py.File(tmp_path / "b.h5", "r") as h5:
+        assert "training_config" not in h5.attrs  # what the note says

@@ -64,6 +64,19 @@ def check_keras_fix(view: ModelView, static: KerasFile, request: FixRequest) -> 
     _plan(view, request)
 
 
+def _training_state(static: KerasFile) -> bool:
+    """Whether the file holds a compiled model's training settings or optimizer state."""
+    if static.format == "keras":
+        return bool(static.config.get("compile_config"))
+    import h5py
+
+    try:
+        with h5py.File(static.path, "r") as h5:
+            return "training_config" in h5.attrs or "optimizer_weights" in h5
+    except (OSError, ValueError):
+        return False
+
+
 def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOutcome:
     """Plan, measure, apply and save (see the module docstring). Raises BackendError for refusals."""
     from bncheck.backends.keras.probe import KerasRunner, refuse_foreign
@@ -110,6 +123,11 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
         notes.append(
             f"the model's batch dimension is fixed at {batch}: the last batch was completed with "
             f"{padded} repeated sample(s), left out of the statistics"
+        )
+    if written and _training_state(static):
+        notes.append(
+            "the written model holds none of the original's training configuration or optimizer state (bncheck "
+            "loads models with compile=False): compile it again before training it further"
         )
     notes += [
         f"{e.layer}: the new statistics are uncertain ({e.uncertainty.text()}); more calibration samples would pin them"
