@@ -11,12 +11,13 @@ import fnmatch
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bncheck.errors import UsageError
+from bncheck.errors import BncheckError, UsageError
 from bncheck.findings import FAIL_ON_LEVELS, Finding
 
 KNOWN_KEYS = ("select", "ignore", "fail-on", "batch-sizes", "per-layer-ignores", "per-model")
@@ -128,7 +129,7 @@ def load(path: str | os.PathLike[str]) -> Config:
                 batch_sizes=_sizes(entry.get("batch-sizes"), where),
             )
         )
-    return Config(
+    found = Config(
         path=str(path),
         select=tuple(_strings(table.get("select"), f"{where} select")),
         ignore=tuple(_strings(table.get("ignore"), f"{where} ignore")),
@@ -139,6 +140,37 @@ def load(path: str | os.PathLike[str]) -> Config:
         },
         models=tuple(models),
     )
+    _check_values(found, where)
+    return found
+
+
+def _check_values(cfg: Config, where: str) -> None:
+    """Check names and sizes as the command line's parsers do, naming this file and key (a value the CLI would
+    refuse was refused by a later command only, as if given on the command line, or never)."""
+    from bncheck.checks import resolve
+    from bncheck.probe_data import parse_batch_sizes, parse_input_shape
+
+    def sizes(text: str | None) -> object:
+        return text is None or parse_batch_sizes(text)
+
+    def shapes(specs: tuple[str, ...]) -> object:
+        return [parse_input_shape(spec) for spec in specs]
+
+    checks: list[tuple[str, Callable[[], object]]] = [
+        ("select", partial(resolve, cfg.select)),
+        ("ignore", partial(resolve, cfg.ignore)),
+        ("batch-sizes", partial(sizes, cfg.batch_sizes)),
+    ]
+    checks += [(f"per-layer-ignores.{k!r}", partial(resolve, v)) for k, v in cfg.per_layer_ignores.items()]
+    for m in cfg.models:
+        checks.append((f"per-model.{m.pattern!r}.batch-sizes", partial(sizes, m.batch_sizes)))
+        checks.append((f"per-model.{m.pattern!r}.input-shape", partial(shapes, m.input_shapes)))
+    for key, check in checks:
+        try:
+            check()
+        except BncheckError as exc:
+            message = str(exc).removeprefix("--batch-sizes: ").removeprefix("--batch-sizes ")
+            raise UsageError(f"{where} {key}: {message}") from None
 
 
 def discover(explicit: str | None, start: str = ".") -> Config:

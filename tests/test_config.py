@@ -92,6 +92,24 @@ def test_bad_fail_on_and_bad_toml_are_usage_errors(tmp_path):
         config.load(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("batch-sizes = [1, 0]\n", "batch-sizes: 0 is not a positive batch size"),
+        ('ignore = ["BN999"]\n', "ignore: unknown check 'BN999'"),
+        ('[per-layer-ignores]\n"head*" = ["stale"]\n', "per-layer-ignores.'head*': unknown check 'stale'"),
+        ('[per-model."*.onnx"]\ninput-shape = ["x:3xa"]\n', "per-model.'*.onnx'.input-shape: --input-shape 'x:3xa'"),
+    ],
+)
+def test_a_value_the_command_line_would_refuse_is_refused_naming_the_file_and_key(tmp_path, text, said):
+    # they were refused by probe only, as if given with --batch-sizes, or without the file's name, or never
+    path = tmp_path / "bncheck.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        config.load(path)
+    assert str(info.value).startswith(f"{path}: {said}")
+
+
 def test_per_model_settings_match_by_glob_and_resolve_data_next_to_the_file(tmp_path):
     path = tmp_path / "bncheck.toml"
     path.write_text(
