@@ -170,7 +170,7 @@ def _check_values(cfg: Config, where: str) -> None:
             check()
         except BncheckError as exc:
             message = str(exc).removeprefix("--batch-sizes: ").removeprefix("--batch-sizes ")
-            raise UsageError(f"{where} {key}: {message}") from None
+            raise UsageError(f"{where.rstrip()} {key}: {message}") from None
 
 
 def discover(explicit: str | None, start: str = ".") -> Config:
