@@ -566,7 +566,9 @@ def _finish_many(
         click.echo(render_many(results, fmt, command, color=sys.stdout.isatty()), nl=False)
         for result in results:
             if isinstance(result, many.Failure):  # the one-line-per-failure contract, on stderr
-                click.echo(literal(f"bncheck: error: {result.message}"), err=True)
+                # each line names its model: a data or usage error's message does not (the documents say it apart)
+                named = result.message if result.message.startswith(result.path) else f"{result.path}: {result.message}"
+                click.echo(literal(f"bncheck: error: {named}"), err=True)
     except Exception as error:
         _fail(error, debug, fmt=fmt, command=command)
     sys.exit(many.worst_exit(results))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -200,3 +201,14 @@ def test_many_model_document_and_its_error_entries_validate_against_the_schema(m
     bad = dict(document, totals={"models": "three"})
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(schema).validate(bad)
+
+
+def test_each_error_line_of_a_folder_run_names_its_model(models, tmp_path):
+    # a data error's message names the data file only: two identical lines said nothing of which model failed
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, nope=np.zeros((4, 3), np.float32))
+    result = _invoke("probe", str(models), "--data", str(bad))
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 2
+    assert lines[0].startswith(f"bncheck: error: {models / 'clean.onnx'}: {bad}: unknown key(s) 'nope'")
+    assert lines[1].startswith(f"bncheck: error: {models / 'sub' / 'stale.onnx'}: {bad}: unknown key(s)")
