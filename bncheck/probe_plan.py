@@ -366,7 +366,9 @@ def _refuse_huge_batch(view: ModelView, fixed: int | None) -> None:
         name = next(spec.name for spec in view.inputs if spec.batched and spec.batch_dim == fixed)
         raise ProbeDataError(
             f"input {name!r} declares a fixed batch dimension of {fixed}, above the largest probe batch size "
-            f"{MAX_BATCH_SIZE}: this model cannot be probed"
+            f"{MAX_BATCH_SIZE}: this model cannot be probed or fixed as it is; export it again with a free batch "
+            "dimension (torch.onnx.export(..., dynamic_axes={name: {0: 'batch'}}) for each input and output); "
+            "bncheck inspect checks it without running it"
         )
 
 

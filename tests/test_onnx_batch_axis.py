@@ -373,3 +373,27 @@ def test_an_input_whose_axis_0_an_output_carries_on_another_axis_keeps_its_batch
     faces, templates = ("num_faces", 512), ("num_templates", 512)
     assert batch_axes([faces, templates], outputs=[("num_faces", "num_templates")]) == [0, 0]
     assert batch_axes([("height", "width", 3), ("batch_size", 4)], outputs=[("batch_size", 3)]) == [None, 0]
+
+
+def test_a_fixed_batch_above_the_largest_probe_batch_is_refused_with_the_way_out(tmp_path):
+    # hls4ml's pytorch 0.3 example exported with its whole data set as the batch (789444): probe and the fix
+    # inspect suggests were refused with no way round
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn")]
+    inits = [numpy_helper.from_array(np.full(4, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, [5000, 4])],
+        [helper.make_tensor_value_info("y", F32, [5000, 4])],
+        inits,
+    )
+    path = str(tmp_path / "huge.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    result = CliRunner().invoke(main, ["probe", path])
+    assert result.exit_code == 2, result.output
+    assert "fixed batch dimension of 5000, above the largest probe batch size 4096" in result.stderr
+    assert "export it again with a free batch dimension" in result.stderr
+    result = CliRunner().invoke(main, ["fix", path, "--dry-run", "--format", "json"])  # checked statically
+    assert any(
+        "export it again with a free batch dimension" in n["message"] for n in json.loads(result.stdout)["notes"]
+    )
