@@ -150,6 +150,19 @@ def test_mvn_cases(loaded):
     assert any("standard deviation" in n for n in chain.notes)
 
 
+def test_norms_over_the_batch_axis_without_stored_statistics_get_a_hint_fix_can_keep(loaded):
+    """LayerNormalization with axis 0 and MVN over axes [0, 2, 3] were told to export with training off "so the
+    layer uses its moving statistics" or to run `bncheck fix`, which has none to use and rewrites neither; the
+    expanded MVN (epsilon added to the standard deviation) got BN004's TensorFlow/cuDNN clamp warning."""
+    from bncheck.checks import bn002_train_mode, bn004_epsilon, run_checks
+
+    for name in ("test_layer_normalization_2d_axis0", "test_layer_normalization_2d_axis0_expanded", "test_mvn"):
+        (finding,) = [f for f in run_checks(loaded[name], None) if f.code == "BN002"]
+        assert finding.hint == bn002_train_mode.HINT_NO_STATS, name
+    findings = list(run_checks(loaded["test_mvn_expanded"], None, (bn002_train_mode, bn004_epsilon)))
+    assert [(f.code, f.hint) for f in findings] == [("BN002", bn002_train_mode.HINT_NO_STATS)]
+
+
 def test_parameters_bound_as_initializers_are_read(cases, tmp_path):
     """The same cases with their input data stored as initializers: the walk reads the exact arrays."""
     for name in (

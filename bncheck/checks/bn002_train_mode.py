@@ -38,6 +38,7 @@ from bncheck.model import (
     DYNAMIC_QUANT_OPS,
     BatchDependence,
     BatchOp,
+    Kind,
     ModelView,
     NormLayer,
     ProbeResult,
@@ -77,6 +78,14 @@ HINT_MOMENTS = (
 HINT_RELAID = (
     "Export the graph with training off (training=False, is_training=False) so the layer uses its moving "
     "statistics; `fix` cannot rewrite this form (its affine runs on a transposed copy of its input)."
+)
+
+#: a norm over the batch axis that stores no statistics (LayerNormalization with axis 0, MeanVarianceNormalization
+#: over axis 0, a layer norm written out over [0, ...]): nothing to switch to at inference, and `fix` leaves it
+HINT_NO_STATS = (
+    "Normalize over the sample's own axes: leave the batch axis 0 out of the normalized axes (LayerNormalization "
+    "with axis >= 1, MeanVarianceNormalization without 0). The layer stores no statistics to use at inference, "
+    "so `bncheck fix` cannot repair it."
 )
 
 HINT_DYNAMIC_QUANT = (
@@ -368,7 +377,13 @@ def _finding(
             f"{runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec"
         )
     hint = HINT_KERAS if is_keras(layer) else HINT_MOMENTS if decomposed else HINT
-    if decomposed and not layer.output:  # its affine in another layout (walk: tf2onnx): fix cannot rewrite it
+    # what fix rewrites: BatchNormalization, and batch moments written out (fix._plan)
+    fixable = layer.op_type == "BatchNormalization" or (
+        decomposed and layer.kind is Kind.BATCH and not layer.extra.get("eps_after_sqrt")
+    )
+    if not is_keras(layer) and not fixable:
+        hint = HINT_NO_STATS
+    elif decomposed and not layer.output:  # its affine in another layout (walk: tf2onnx): fix cannot rewrite it
         hint = HINT_RELAID
     return Finding(CODE, SLUG, SEVERITY, layer.name, what, hint, evidence)
 

@@ -62,8 +62,14 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         if eps == 0.0:
             yield _zero(layer, var)
             continue
-        # folded statistics make epsilon the exporter's, beside a variance of 1: the clamp moves nothing
-        clamped = layer.kind is Kind.BATCH and below_clamp(eps) and not folded_stats(layer)
+        # folded statistics make epsilon the exporter's, beside a variance of 1: the clamp moves nothing; one
+        # added to the standard deviation (MeanVarianceNormalization written out) is no fused kernel's epsilon
+        clamped = (
+            layer.kind is Kind.BATCH
+            and below_clamp(eps)
+            and not folded_stats(layer)
+            and not layer.extra.get("eps_after_sqrt")
+        )
         dominated = None if var is None else np.isfinite(var) & (var >= 0) & (eps >= DOMINANCE_RATIO * var)
         # the live channels only where a finding reads them: most layers have no channel epsilon dominates
         needed = dominated is not None and (clamped or bool(dominated.any()))

@@ -490,7 +490,7 @@ def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
         return "not centred batch moments"
     if not layer.output:
         return "its output is in another layout than its input (a Transpose inside the chain)"
-    if any("standard deviation, not to the variance" in note for note in layer.notes):
+    if layer.extra.get("eps_after_sqrt"):
         return "epsilon is added to the standard deviation, which BatchNormalization cannot express"
     shape = layer.input_shape
     if shape is None or layer.axes is None:

@@ -596,6 +596,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
             "a sample's output depends on its batch companions (train-mode statistics at inference)"
         )
     if chain.eps_after_sqrt:
+        extra["eps_after_sqrt"] = True
         notes.append("epsilon is added to the standard deviation, not to the variance")
     if chain.computed_affine:
         notes.append("its scale and shift are computed in the graph (a conditional norm: from another input)")
