@@ -145,6 +145,12 @@ def test_group_and_instance_cases(loaded):
 def test_mvn_cases(loaded):
     (op,) = loaded["test_mvn"].layers
     assert op.kind is Kind.MEAN_VARIANCE and op.axes == (0, 2, 3) and op.batch_statistics and op.epsilon is None
+    # the note's word on onnxruntime, which adds no epsilon: a set of equal values is NaN there
+    assert "onnxruntime's kernel nothing" in op.notes[0]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(loaded["test_mvn"].info.path, providers=["CPUExecutionProvider"])
+    assert np.isnan(session.run(None, {"X": np.full((3, 3, 3, 1), 2.0, np.float32)})[0]).all()
     (chain,) = loaded["test_mvn_expanded"].layers
     assert chain.kind is Kind.BATCH and chain.batch_statistics and chain.epsilon == float(np.float32(1e-9))
     assert any("standard deviation" in n for n in chain.notes)
@@ -161,6 +167,11 @@ def test_norms_over_the_batch_axis_without_stored_statistics_get_a_hint_fix_can_
         assert finding.hint == bn002_train_mode.HINT_NO_STATS, name
     findings = list(run_checks(loaded["test_mvn_expanded"], None, (bn002_train_mode, bn004_epsilon)))
     assert [(f.code, f.hint) for f in findings] == [("BN002", bn002_train_mode.HINT_NO_STATS)]
+    from bncheck.fixing import fix
+
+    # fix said the MVN over [0, 2, 3] was not "batch moments over every axis but the channel axis 1"
+    (entry,) = fix(loaded["test_mvn"].info.path, None, None, dry_run=True).fix.outcome.layers
+    assert entry.action == "not-fixed" and "it stores no statistics to use at inference" in entry.reason
 
 
 def test_parameters_bound_as_initializers_are_read(cases, tmp_path):

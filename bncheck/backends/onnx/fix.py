@@ -351,9 +351,9 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
                 name,
                 "not-fixed",
                 f"{layer.op_type} {layer.kind.value} norm over axes "
-                f"{list(layer.axes or [])} mixes the samples of a batch, but it is not a batch-norm "
-                "pattern bncheck can rewrite exactly (only BatchNormalization and hand-written "
-                "batch moments over every axis but the channel axis 1)",
+                f"{list(layer.axes or [])} mixes the samples of a batch, but it stores no statistics to use at "
+                "inference: bncheck rewrites only BatchNormalization and hand-written batch moments; normalize "
+                "over the sample's own axes instead",
                 TRAIN_MODE,
             )
         if verdicts.collapse_is_certain(verdicts.collapse_condition(layer)):  # not on sizes the model leaves free

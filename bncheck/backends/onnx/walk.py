@@ -437,7 +437,10 @@ def _mvn(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
     kept = None if axes is None or rank is None else [a for a in range(rank) if a not in axes]
     channel_axis = kept[0] if kept is not None and len(kept) == 1 else None
     batch_stats = axes is not None and 0 in axes
-    notes = [f"no epsilon attribute: the ONNX spec adds {MVN_SPEC_EPSILON:g} to the standard deviation"]
+    notes = [
+        f"no epsilon attribute: the ONNX spec adds {MVN_SPEC_EPSILON:g} to the standard deviation, onnxruntime's "
+        "kernel nothing (a set of equal values is NaN there, 0 by the spec)"
+    ]
     if batch_stats:
         notes.append("axes include the batch axis: statistics mix the samples of a batch")
     layer = _base(
