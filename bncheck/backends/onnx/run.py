@@ -156,6 +156,20 @@ def new_session(model: onnx.ModelProto | str, so: Any, providers: list[str] | No
     return ort.InferenceSession(source, so, providers=providers or [CPU], disabled_optimizers=SKIPPED_REWRITES)
 
 
+def _file_refused(path: str) -> str | None:
+    """Why onnxruntime refuses the file as written (a session without optimizations), or None where it loads:
+    asked only once the probe's own graph has failed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(path, options, providers=[CPU])
+    except Exception as exc:
+        return runtime_message(exc)
+    return None
+
+
 def _session(
     model: onnx.ModelProto, folder: str, exact: bool, providers: list[str] | None = None, prepack: bool = True
 ):
@@ -713,6 +727,12 @@ class _Engine:
         except BackendError:
             raise
         except Exception as exc:
+            as_written = _file_refused(self.handle.path)
+            if as_written is not None:  # the model itself, not what the probe added (custom ops, say)
+                raise BackendError(
+                    f"{self.handle.path}: onnxruntime cannot run the model (the file as written fails too): "
+                    f"{as_written}"
+                ) from exc
             raise BackendError(
                 f"{self.handle.path}: onnxruntime cannot run the instrumented model: {runtime_message(exc)}"
             ) from exc
