@@ -410,6 +410,8 @@ class Recalibration:
     layers: tuple[str, ...]  # the layers whose statistics were recomputed
     outputs: dict[str, OutputComparison]
     samples: int
+    # layer name -> the model outputs it reaches (a two-headed model's branch reaches one); None: not known
+    reaches: dict[str, frozenset[str]] | None = None
 
 
 @dataclass(eq=False)

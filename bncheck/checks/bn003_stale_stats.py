@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -184,16 +185,22 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         evidence["dead_channels"] = silent
     # severity follows the effect on the model's outputs, when the probe could measure it
     severity = Severity.WARNING
-    recal = probe.recalibration
+    recal = _reached(probe.recalibration, layer.name)
+    # a layer that reaches some of several outputs is judged on those, and says so
+    some = (
+        probe.recalibration is not None and recal is not None and len(recal.outputs) < len(probe.recalibration.outputs)
+    )
     if recal is not None and recal.outputs:
         effect = recalibration_effect(recal)
         effect.update(error_shift_sd=EFFECT_SHIFT_ERROR, error_top1_agreement=EFFECT_AGREEMENT_ERROR)
         evidence["output_effect"] = effect
         if any(changes_predictions(*_judged(c)) for c in recal.outputs.values()):
             severity = Severity.ERROR
-            message += _error_effect(recal)
+            message += _error_effect(recal, some)
         else:
-            message += _small_effect(recal)
+            message += _small_effect(recal, some)
+    elif recal is not None and probe.recalibration is not None and probe.recalibration.outputs:
+        message += "; it reaches none of the outputs the recomputed statistics were compared on"
     hint = HINT_KERAS + DATA_CAVEAT if is_keras(layer) else HINT_DRIFT
     if frozen_with_stats(layer):
         # what fix keeps is not an error of the model: the data differ from what its later layers learned on
@@ -206,6 +213,15 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     return Finding(CODE, SLUG, severity, layer.name, message, hint, evidence)
 
 
+def _reached(recal: Recalibration | None, layer: str) -> Recalibration | None:
+    """The effect on the outputs ``layer`` reaches: a head it does not feed moves with other layers' statistics
+    only (openspindlenet's segmentation layers were errors by the detection head's 0.60 sd)."""
+    if recal is None or recal.reaches is None or layer not in recal.reaches:
+        return recal
+    reached = recal.reaches[layer]
+    return replace(recal, outputs={name: c for name, c in recal.outputs.items() if name in reached})
+
+
 def _judged(c: OutputComparison) -> tuple[float, float | None]:
     """The shift and agreement an output's comparison is judged by: a label output's (integer: classes, ids,
     masks) numeric distance means nothing, so its share of unchanged values stands for the agreement."""
@@ -214,26 +230,35 @@ def _judged(c: OutputComparison) -> tuple[float, float | None]:
     return c.shift, c.agreement
 
 
-def _small_effect(recal: Recalibration) -> str:
+def _outputs_named(recal: Recalibration, some: bool) -> str:
+    """ "the model's outputs", or where the layer reaches only some of them, those by name."""
+    if not some:
+        return "the model's outputs"
+    return f"the output{'s' if len(recal.outputs) > 1 else ''} it reaches ({', '.join(repr(n) for n in recal.outputs)})"
+
+
+def _small_effect(recal: Recalibration, some: bool = False) -> str:
     """The effect under both error thresholds, in numbers (a shift of 0.43 sd is not "no change")."""
     scored = [c for c in recal.outputs.values() if c.changed is None]
     shifts = [c.shift for c in scored if c.shift == c.shift]  # NaN: outputs not comparable
     agreements = [c.agreement for c in scored if c.agreement is not None]
     labels = [c.changed for c in recal.outputs.values() if c.changed is not None]
-    parts = [f"move by {max(shifts):.2f} output standard deviations"] if shifts else []
+    one = some and len(recal.outputs) == 1  # "the output it reaches ('x') moves"
+    move, keep, their = ("moves", "keeps", "its") if one else ("move", "keep", "their")
+    parts = [f"{move} by {max(shifts):.2f} output standard deviations"] if shifts else []
     if agreements:
-        parts.append(f"keep their top-1 class on {min(agreements):.0%} of the samples")
+        parts.append(f"{keep} {their} top-1 class on {min(agreements):.0%} of the samples")
     if labels:
-        parts.append(f"keep {1 - max(labels):.1%} of their label values")
+        parts.append(f"{keep} {1 - max(labels):.1%} of {their} label values")
     if not parts:
         return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
     return (
-        f"; with recomputed statistics the model's outputs {' and '.join(parts)} (errors from "
+        f"; with recomputed statistics {_outputs_named(recal, some)} {' and '.join(parts)} (errors from "
         f"{EFFECT_SHIFT_ERROR} sd or under {EFFECT_AGREEMENT_ERROR:.0%})"
     )
 
 
-def _error_effect(recal: Recalibration) -> str:
+def _error_effect(recal: Recalibration, some: bool = False) -> str:
     """Which of the effect's error thresholds the outputs cross: the top-1 agreement where it falls below
     its threshold, else the shift alone (a shift just past it with every prediction kept is no change of
     predictions)."""
@@ -245,7 +270,7 @@ def _error_effect(recal: Recalibration) -> str:
         return "; the model's outputs with recomputed statistics cannot be compared with the stored model's"
     shift, name = max(shifts)
     # named where the model has several outputs: the effect line below may quote another one
-    which = f"the model's output {name!r}" if len(recal.outputs) > 1 else "the model's outputs"
+    which = f"the model's output {name!r}" if len(recal.outputs) > 1 or some else "the model's outputs"
     return (
         f"; this moves {which} by {shown(shift, EFFECT_SHIFT_ERROR)} output standard deviations "
         f"(an error above {EFFECT_SHIFT_ERROR}; see the output effect)"

@@ -294,3 +294,48 @@ def test_the_output_effect_is_in_units_of_the_larger_of_the_two_models_output_sp
     assert y["output_sd"] == pytest.approx(spread, rel=1e-4)
     # the outputs move from sigmoid(x) to about sigmoid(x + 10): about 0.5 each, some 2.5 stored spreads
     assert 1.5 < y["shift_sd"] < 4 and finding.severity.label == "error"
+
+
+def _two_heads(path) -> str:
+    """x -> bn_a -> head 'a'; x -> bn_b -> InstanceNormalization -> head 'b': both BNs' statistics far from
+    the data, but only bn_a's move an output, and bn_b reaches 'b' only (openspindlenet's two heads)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    params = []
+    for layer in ("a", "b"):
+        for name, value in (("s", 1.0), ("b", 0.0), ("m", 0.1), ("v", 1.0)):
+            params.append(numpy_helper.from_array(np.full(3, value, np.float32), f"{layer}.{name}"))
+    params += [
+        numpy_helper.from_array(np.ones(3, np.float32), "in.s"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "in.b"),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "a.s", "a.b", "a.m", "a.v"], ["a"], name="bn_a"),
+        helper.make_node("BatchNormalization", ["x", "b.s", "b.b", "b.m", "b.v"], ["bb"], name="bn_b"),
+        helper.make_node("InstanceNormalization", ["bb", "in.s", "in.b"], ["b"], name="inorm"),
+    ]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes,
+        "two_heads",
+        [helper.make_tensor_value_info("x", f32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info(o, f32, ["N", 3, 4, 4]) for o in ("a", "b")],
+        params,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    return str(path)
+
+
+def test_a_layer_is_judged_on_the_outputs_it_reaches(tmp_path, probe_findings):
+    data = _calibration(tmp_path, mean=3.0, std=2.0)
+    findings = {
+        f.layer: f for f in probe_findings(_two_heads(tmp_path / "m.onnx"), "BN003", data_path=data, data_source=data)
+    }
+    assert (
+        findings["bn_a"].severity.label == "error"
+        and "this moves the model's output 'a' by" in findings["bn_a"].message
+    )
+    # an error before, by head 'a', which it does not feed
+    assert findings["bn_b"].severity.label == "warning"
+    assert "with recomputed statistics the output it reaches ('b') moves by 0.00" in findings["bn_b"].message

@@ -26,6 +26,34 @@ if TYPE_CHECKING:
 MAX_SAMPLES = 1024
 
 
+def outputs_reached(graph: Any, tensors: dict[str, str]) -> dict[str, frozenset[str]] | None:
+    """For each layer (name -> its output tensor), the graph outputs computed from it: a two-headed model's
+    branch reaches one head, and recomputing its statistics moves no other. None where a node holds a
+    subgraph (an If's branches read outer tensors that are none of its inputs)."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        if any(attr.type in (5, 10) for attr in node.attribute):  # GRAPH, GRAPHS
+            return None
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, []).append(node)
+    finals = {o.name for o in graph.output}
+    reached: dict[str, frozenset[str]] = {}
+    for layer, tensor in tensors.items():
+        seen, todo, found = {tensor}, [tensor], set()
+        while todo:
+            current = todo.pop()
+            if current in finals:
+                found.add(current)
+            for node in consumers.get(current, ()):
+                for out in node.output:
+                    if out and out not in seen:
+                        seen.add(out)
+                        todo.append(out)
+        reached[layer] = frozenset(found)
+    return reached
+
+
 def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterator[dict[str, np.ndarray]]:
     """The data's first ``usable`` samples in consecutive batches (fix's batching, which lets a mapped .npy's
     pages go after each; ``usable`` holds whole batches where the model's batch is fixed)."""
@@ -90,6 +118,7 @@ def recalibration(
         changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
         if not changed:
             return Recalibration((), {}, 0)
+        reaches = outputs_reached(view.handle.model.graph, {lay.name: lay.output or lay.input for lay in view.layers})
         batch = outcome.batch_size
         usable = min(outcome.samples, MAX_SAMPLES)
         if any(spec.batch_dim == batch for spec in view.inputs):
@@ -106,7 +135,7 @@ def recalibration(
                 after = _outputs(recomputed, _batches(data, batch, usable))
             except BackendError as exc:
                 return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
-            return compare_recalibrated(changed, before, after, declared)
+            return replace(compare_recalibrated(changed, before, after, declared), reaches=reaches)
         # where fix's last passes ran from kept tensors (frontier.py), the nodes below them give the outputs
         recomputed_outputs = fixer.recomputed_outputs(usable)
     finally:
@@ -145,4 +174,4 @@ def recalibration(
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:
         tmp.remove()
-    return compare_recalibrated(changed, before, after, declared)
+    return replace(compare_recalibrated(changed, before, after, declared), reaches=reaches)
