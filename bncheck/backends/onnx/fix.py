@@ -44,6 +44,7 @@ from bncheck.fix_result import (
 from bncheck.model import Kind, ModelView, NormLayer, TensorStats
 from bncheck.outputs import replace_with
 from bncheck.probe_data import sample_count
+from bncheck.probe_plan import batch_axes as input_axes
 
 #: a moments chain must agree with the batch-norm formula to this relative tolerance (float32 arithmetic).
 CHAIN_TOLERANCE = 1e-4
@@ -111,6 +112,7 @@ def repair(view: ModelView, request: FixRequest, log: PassLog | None = None) -> 
         request.flagged,
         fixed=plan.fixed,
         log=log,
+        axes=input_axes(view),
     )
     try:
         return _repair(view, request, plan, fixer), fixer
@@ -248,7 +250,7 @@ def _prepare(view: ModelView, request: FixRequest) -> _Plan:
             "statistics are stale (never updated, non-finite or negative) or absent; layers "
             "with sound statistics need none (or pass --only to skip these)"
         )
-    samples = sample_count(data)
+    samples = sample_count(data, input_axes(view))
     batch, fixed = _batching(view, request.batch_size)
     padded = (-samples) % batch if fixed else 0
     notes: list[str] = []
@@ -942,8 +944,10 @@ class _Fixer:
         flagged: dict[str, dict[str, Any]],
         fixed: bool = False,
         log: PassLog | None = None,
+        axes: dict[str, int | None] | None = None,
     ) -> None:
         self.handle = handle
+        self.axes = axes or {}  # each input's batch axis: None feeds it whole in every batch
         self.log = log if log is not None else PassLog(dropped=True)  # none given: nothing kept
         self.passes = 0  # passes over the data so far (measured or replayed)
         self.fixed = fixed  # the model's batch dimension is fixed: every batch must be full
@@ -988,7 +992,7 @@ class _Fixer:
         if not served:
             self._open_engine(layers, cut)
         self._feed(self._statistics_now(list(self._engine.fed_inputs)))
-        batches = calibration_batches(self.data, self.batch, fixed=self.fixed)
+        batches = calibration_batches(self.data, self.batch, fixed=self.fixed, axes=self.axes)
         return {name: stats for name, stats in measure_with(self._engine, batches).items() if name in names}
 
     def _from_frontier(self, layers: list[NormLayer]) -> dict[str, TensorStats] | None:
@@ -999,7 +1003,7 @@ class _Fixer:
         if self.frontier_off is not None or not frontier.supports(self.handle.model, layers):
             return None
         if self._frontier is None:
-            batches = list(calibration_batches(self.data, self.batch, fixed=self.fixed))
+            batches = list(calibration_batches(self.data, self.batch, fixed=self.fixed, axes=self.axes))
             if not batches:
                 return None
             self._frontier = frontier.Frontier(self.handle, batches)
@@ -1034,7 +1038,7 @@ class _Fixer:
         whole data. The kept tensors are let go either way."""
         from bncheck.backends.onnx import frontier
 
-        total = sample_count(self.data)
+        total = sample_count(self.data, self.axes)
         try:
             if self._frontier is None or samples != total:
                 return None
@@ -1144,11 +1148,15 @@ class _Fixer:
         else the busiest node's activation bytes (None when unknown)."""
         from bncheck.backends.onnx import memory
 
-        total = min((int(a.shape[0]) for a in self.data.values() if a.ndim), default=0)
+        total = sample_count(self.data, self.axes)
         batch = self.batch if self.fixed else min(self.batch, total)
         if batch < 1:
             return None
-        feeds = {name: (batch, *a.shape[1:]) for name, a in self.data.items() if a.ndim}
+        feeds = {
+            name: (batch, *a.shape[1:]) if self.axes.get(name, 0) is not None else tuple(a.shape)
+            for name, a in self.data.items()
+            if a.ndim
+        }
         found = memory.check(
             self.handle.model,
             self.handle.value_shapes,
