@@ -1144,7 +1144,7 @@ def run_plan(
     if test_dependence and not plan.solo_runs and not failed:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     output_dependence, companion_change, located = _outputs_test(
-        view, plan, pool, runner, outputs, output_axes, dependence, locate, notes
+        view, plan, pool, runner, outputs, output_axes, dependence, locate, notes, bool(data_samples)
     )
     saturated = _saturated(outputs) if not data_samples and BLIND_NOTE not in notes else None
     if saturated:
@@ -1321,9 +1321,11 @@ def _outputs_test(
     dependence: Mapping[str, BatchDependence],
     locate: Locator | None,
     notes: list[str],
+    from_data: bool = False,
 ) -> tuple[dict[str, dict[int, OutputComparison]], float | None, LocatedDependence | None]:
     """The batch-dependence test on the model's outputs (see :func:`run_plan`): the comparisons, the
-    companion change (None: not run) and the located start of an unexplained dependence."""
+    companion change (None: not run) and the located start of an unexplained dependence. ``from_data``: the
+    samples are the user's (--data), not drawn."""
     from bncheck.verdicts import OUTPUT_DEPENDENCE_TOLERANCE, explains_dependence, outputs_depend
 
     axes = batch_axes(view)
@@ -1359,7 +1361,7 @@ def _outputs_test(
                 )
     if worst is None or not worst[0] > OUTPUT_DEPENDENCE_TOLERANCE:
         if groups and _same_for_every_sample([g for g in groups if g[1] not in rescaled]):
-            notes.append(BLIND_NOTE)
+            notes.append(BLIND_NOTE_DATA if from_data else BLIND_NOTE)
             return {}, None, None  # not measured: equal numbers would read as outputs that do not depend
         return found, None, None
     if any(len(run) != 1 for run in plan.solo_runs):
@@ -1461,6 +1463,13 @@ def _rescaled_companions(
 BLIND_NOTE = (
     "the model's outputs were the same for every sample the probe drew, so the batch-dependence test could not "
     "see one: probe with --data (inputs the model really gets)"
+)
+
+
+#: the same, where the samples were the data's: copies of one input, say
+BLIND_NOTE_DATA = (
+    "the model's outputs were the same for every sample of the data, so the batch-dependence test could not "
+    "see one: give samples that differ (not copies of one input)"
 )
 
 

@@ -819,6 +819,14 @@ def test_outputs_the_same_for_every_drawn_sample_are_noted_as_a_blind_test(tmp_p
     assert "outputs_batch_invariant" not in finding.evidence and not blind.probes[0].output_dependence
     working = engine.probe(_two_input_model(tmp_path / "two.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
     assert not any("the same for every sample" in note for note in working.probes[0].notes)
+    # copies of one input given as --data: the note said to probe with --data
+    copies = {"ids": np.tile(np.array([[3, 4, 5, 6]], np.int64), (8, 1))}
+    given = engine.probe(
+        _ids_model(tmp_path / "data.onnx", ["Identity"]),
+        ProbeSettings(batch_sizes=(1, 2, 8), data=copies, data_source="d.npz"),
+    )
+    [note] = [n for n in given.probes[0].notes if "the same for every sample" in n]
+    assert "for every sample of the data" in note and "--data" not in note
 
 
 def test_data_statistics_cover_every_sample(tmp_path):
