@@ -820,9 +820,10 @@ def test_outputs_the_same_for_every_drawn_sample_are_noted_as_a_blind_test(tmp_p
     working = engine.probe(_two_input_model(tmp_path / "two.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
     assert not any("the same for every sample" in note for note in working.probes[0].notes)
     # copies of one input given as --data: the note said to probe with --data
-    copies = {"ids": np.tile(np.array([[3, 4, 5, 6]], np.int64), (8, 1))}
+    one = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    copies = {"x": np.tile(one, (8, 1)), "ids": np.tile(np.array([[3, 4, 5, 6]], np.int64), (8, 1))}
     given = engine.probe(
-        _ids_model(tmp_path / "data.onnx", ["Identity"]),
+        _two_input_model(tmp_path / "data.onnx"),
         ProbeSettings(batch_sizes=(1, 2, 8), data=copies, data_source="d.npz"),
     )
     [note] = [n for n in given.probes[0].notes if "the same for every sample" in n]
