@@ -100,9 +100,8 @@ def test_a_time_major_true_layer_is_still_refused_with_keras_own_reason(tmp_path
     assert "could not load the model saved by Keras 2.4.0" in result.stderr and "time_major" in result.stderr
 
 
-def _keras2_typed_initializers(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
-    """Conv2D -> BatchNormalization (never updated) -> pooling -> Dense, saved with a dtype in every
-    initializer config and Keras 2.1.6-tf as its writer; with inputs and Keras 3's outputs for them."""
+def _conv_bn() -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """Conv2D -> BatchNormalization (never updated) -> pooling -> Dense, with inputs and its outputs for them."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
@@ -114,7 +113,12 @@ def _keras2_typed_initializers(path: Path) -> tuple[str, np.ndarray, np.ndarray]
         ]
     )
     x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
-    expected = np.asarray(model(x, training=False))
+    return model, x, np.asarray(model(x, training=False))
+
+
+def _keras2_typed_initializers(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """_conv_bn's model saved with a dtype in every initializer config and Keras 2.1.6-tf as its writer."""
+    model, x, expected = _conv_bn()
 
     def edit(config: dict) -> None:
         for entry in config["config"]["layers"]:
@@ -347,21 +351,10 @@ def test_probe_loads_tf_keras_transposed_convolutions_without_their_groups_key(t
 
 
 def _tf_module_initializers(path: Path, tf_op: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
-    """The Conv2D -> BN model of _keras2_typed_initializers, its Conv2D initializers written as tf.keras 2.15
-    writes tf.random_normal_initializer and tf.constant_initializer (napari-apple's YOLOv4-tiny: module
-    'tensorflow.python.ops.init_ops_v2'); ``tf_op``: a TFOpLambda layer (tf.nn.leaky_relu) after the BN."""
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 2)),
-            keras.layers.Conv2D(4, 3, name="conv"),
-            keras.layers.BatchNormalization(name="bn"),
-            keras.layers.GlobalAveragePooling2D(name="pool"),
-            keras.layers.Dense(3, name="out"),
-        ]
-    )
-    x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
-    expected = np.asarray(model(x, training=False))
+    """_conv_bn's model, its Conv2D initializers written as tf.keras 2.15 writes tf.random_normal_initializer
+    and tf.constant_initializer (napari-apple's YOLOv4-tiny: module 'tensorflow.python.ops.init_ops_v2');
+    ``tf_op``: a TFOpLambda layer (tf.nn.leaky_relu) after the BN."""
+    model, x, expected = _conv_bn()
     module = "tensorflow.python.ops.init_ops_v2"
 
     def edit(config: dict) -> None:

@@ -410,6 +410,18 @@ def test_opset_6_batch_norm_with_ir_3_initializer_inputs_is_upgraded_and_probed(
     assert doc["model"]["opset"] == {"ai.onnx": 6}  # the report describes the file as written
 
 
+def _probe_at_opset(tmp_path: Path, graph: onnx.GraphProto, opset: int) -> tuple[dict, dict]:
+    """``graph`` saved at ``opset`` (IR 5) and probed at 1,2,32, which it must run with exit 0: document, run."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 5
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
+    run = _run(doc)
+    assert code == 0 and run["batch_sizes"] == [1, 2, 32], doc.get("error")
+    return doc, run
+
+
 @pytest.mark.parametrize("opset", [7, 9, 10])
 def test_an_opset_below_the_measuring_nodes_is_upgraded_and_probed(tmp_path, opset):
     """A LayerNorm written out op by op on a tensor whose rank shape inference cannot tell (a Reshape to a
@@ -443,13 +455,7 @@ def test_an_opset_below_the_measuring_nodes_is_upgraded_and_probed(tmp_path, ops
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 5
-    path = str(tmp_path / "m.onnx")
-    onnx.save(model, path)
-    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
-    run = _run(doc)
-    assert code == 0 and run["batch_sizes"] == [1, 2, 32], doc.get("error")
+    doc, run = _probe_at_opset(tmp_path, graph, opset)
     assert any(n.startswith(f"opset {opset} upgraded to 13 for the probe") for n in run["notes"])
     # its rank, which onnx infers at opset 17 only (load._through_newer_opset): a LayerNorm over the last axis
     assert [layer["kind"] for layer in doc["layers"]] == ["layer"]
@@ -467,13 +473,7 @@ def test_an_old_opset_without_layers_runs_as_written(tmp_path, opset):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
         [numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 5
-    path = str(tmp_path / "m.onnx")
-    onnx.save(model, path)
-    code, doc = _probe_json(path, "--batch-sizes", "1,2,32")
-    run = _run(doc)
-    assert code == 0 and run["batch_sizes"] == [1, 2, 32], doc.get("error")
+    doc, run = _probe_at_opset(tmp_path, graph, opset)
     assert not any("upgraded" in n for n in run["notes"])
     assert doc["layers"] == [] and doc["findings"] == []
 
