@@ -11,9 +11,9 @@ What it does
     exceeds ln 2 (variance off by a factor of 2); channels whose output is negligible both on the stored
     statistics and on the data (dead, or gamma near 0) are left out of the medians. Its severity follows
     the effect on the model's outputs: the probe runs the model with the statistics recomputed from the data
-    (what `fix` computes) and compares outputs with the stored-statistics model; an error when top-1 agrees
-    on fewer than 95% of the samples or outputs move by more than 0.5 output standard deviations, else a
-    warning (only layer statistics moved).
+    (what `fix` computes) and compares outputs with the stored-statistics model; an error when, on the
+    outputs the layer reaches, top-1 agrees on fewer than 95% of the samples or outputs move by more than 0.5
+    output standard deviations, else a warning (only layer statistics moved).
 
 Why is this bad?
     At inference a batch norm normalizes with its moving averages. If they never moved (TF1 update ops not in
