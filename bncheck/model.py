@@ -123,7 +123,8 @@ class InputSpec:
     [layers, batch, hidden]); None for an input fed the same tensor in every batch (a scalar sample rate, a
     parameter-like input). Probe data always holds samples on its first axis; the batch axis is where they
     go when fed. ``fill`` is the value a synthetic unbatched input gets (a constant the model compares it
-    with, say); None: drawn like any other input.
+    with, say); None: drawn like any other input. ``fill_made_up``: the file does not give that value (0 for an
+    axis a node takes), so the probe's note names it.
     """
 
     name: str
@@ -131,6 +132,7 @@ class InputSpec:
     dtype: str
     batch_axis: int | None = 0
     fill: float | None = None
+    fill_made_up: bool = False
 
     @property
     def batched(self) -> bool:

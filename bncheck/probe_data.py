@@ -411,15 +411,20 @@ def made_up_settings(inputs: list[InputSpec], int_high: Mapping[str, int] | None
     kinds = {s.name: _numpy_dtype(s).kind for s in inputs if _is_setting(s)}
     floats = [name for name, kind in kinds.items() if kind == "f"]
     ints = [name for name, kind in kinds.items() if kind in "iu" and name not in (int_high or {})]
-    if not floats and not ints:
+    axes = [s.name for s in inputs if s.fill_made_up and not s.batched]
+    if not floats and not ints and not axes:
         return None
     fed = " and ".join(
         text
-        for text, names in ((f"{UNBATCHED_FLOAT} (floating)", floats), (f"{UNBATCHED_INT} (integer)", ints))
+        for text, names in (
+            (f"{UNBATCHED_FLOAT} (floating)", floats),
+            (f"{UNBATCHED_INT} (integer)", ints),
+            ("0 (an axis a node takes)", axes),
+        )
         if names
     )
     return (
-        f"input(s) {few(floats + ints)} have no batch axis (a setting, the same for every sample): synthetic "
+        f"input(s) {few(floats + ints + axes)} have no batch axis (a setting, the same for every sample): synthetic "
         f"inputs feed them {fed}; give the values the model is meant to get with --data"
     )
 

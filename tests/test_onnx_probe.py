@@ -1463,3 +1463,24 @@ def test_a_model_onnxruntime_cannot_load_as_written_is_not_blamed_on_the_probe(t
     message = str(info.value)
     assert "onnxruntime cannot run the model (the file as written fails too): " in message
     assert "Quant" in message and "Load model from" not in message
+
+
+def test_an_integer_axis_input_is_fed_0_and_named(tmp_path):
+    """onnx's own test_cumsum_1d: CumSum of a vector [5] along an int32 scalar input `axis`. Fed the integer
+    setting's 1, onnxruntime refused it (axis 1 of a vector); an axis a node takes is fed 0, valid at any rank."""
+    import warnings
+
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (case,) = [c for c in collect_testcases(None) if c.name == "test_cumsum_1d"]
+    path = str(tmp_path / "cumsum.onnx")
+    onnx.save(case.model, path)
+    specs = {s.name: s for s in OnnxBackend().load(path).inputs}
+    assert specs["axis"].fill == 0.0 and specs["axis"].fill_made_up and specs["axis"].batch_axis is None
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
+    assert report.exit_code == 0
+    assert any(
+        "'axis' have no batch axis" in n and "feed them 0 (an axis a node takes)" in n for n in report.probes[0].notes
+    )

@@ -108,8 +108,11 @@ def graph_inputs(handle) -> list[InputSpec]:
             dtype = np_dtype(elem).name if elem else "unknown"
         except (KeyError, ValueError, TypeError):
             dtype = "unknown"
-        fill = _compared_constant(graph, value.name) if axis is None and dtype[:3] in ("int", "uin") else None
-        specs.append(InputSpec(name=value.name, shape=shape, dtype=dtype, batch_axis=axis, fill=fill))
+        fill, made_up = None, False
+        if axis is None and dtype[:3] in ("int", "uin"):
+            made_up = _read_as_axis(graph, value.name)
+            fill = 0.0 if made_up else _compared_constant(graph, value.name)
+        specs.append(InputSpec(value.name, shape, dtype, batch_axis=axis, fill=fill, fill_made_up=made_up))
     return specs
 
 
@@ -199,6 +202,30 @@ def batch_axes(
         dims = {s[a] for s, a, r in zip(shapes, axes, recurrent) if s and a is not None and not r}
         axes = [1 if r and s and len(s) == 3 and s[1] in dims else a for s, a, r in zip(shapes, axes, recurrent)]
     return axes
+
+
+#: ops and the input positions that hold an axis or axes (opset 13+ for Squeeze/Unsqueeze, 18+ for Reduce*)
+_AXIS_INPUTS = {
+    "CumSum": 1,
+    "Squeeze": 1,
+    "Unsqueeze": 1,
+    "Slice": 3,
+    "Pad": 3,
+    **dict.fromkeys(("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2"), 1),
+    **dict.fromkeys(("ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"), 1),
+}
+
+
+def _read_as_axis(graph: Any, name: str) -> bool:
+    """Input ``name`` is an axis a node takes (CumSum's, a Reduce's axes): fed 0, valid at every rank, where the
+    integer setting's 1 is out of range for a vector (onnx's test_cumsum_1d)."""
+    return any(
+        node.op_type in _AXIS_INPUTS
+        and len(node.input) > _AXIS_INPUTS[node.op_type]
+        and node.input[_AXIS_INPUTS[node.op_type]] == name
+        for node in graph.node
+        if node.domain in ("", "ai.onnx")
+    )
 
 
 def _compared_constant(graph: Any, name: str) -> float | None:
