@@ -309,7 +309,13 @@ def test_a_stop_a_native_call_keeps_from_its_handler_ends_the_process_after_the_
 
     folder = tmp_path / "scratch"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _UNSTOPPABLE, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", _UNSTOPPABLE, str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a suite started in the background (`cmd &` without job control) hands its children SIGINT ignored, and
+        # the child would ignore the Ctrl-C under test: it gets the default a terminal's process has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
