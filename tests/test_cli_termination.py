@@ -284,9 +284,12 @@ def test_the_consoles_stop_path_removes_the_scratch_folders_a_signal_left(tmp_pa
 
 
 _UNSTOPPABLE = """
-import hashlib, os, sys
+import hashlib, os, signal, sys
 from bncheck import termination, watchdog
 
+# Ctrl-C as a terminal's process has it: a suite started in the background (`cmd &` without job control) hands
+# its children SIGINT ignored, and this child then ignored the Ctrl-C under test
+signal.signal(signal.SIGINT, signal.default_int_handler)
 termination.unwind_on_sigterm()
 termination.watch_stop_signals()
 folder = sys.argv[1]
@@ -309,13 +312,7 @@ def test_a_stop_a_native_call_keeps_from_its_handler_ends_the_process_after_the_
 
     folder = tmp_path / "scratch"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _UNSTOPPABLE, str(folder)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a suite started in the background (`cmd &` without job control) hands its children SIGINT ignored, and
-        # the child would ignore the Ctrl-C under test: it gets the default a terminal's process has
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        [sys.executable, "-c", _UNSTOPPABLE, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
