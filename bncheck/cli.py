@@ -720,14 +720,11 @@ def fix(
 
     try:  # the project's settings, as inspect and probe read them (the command line wins)
         from bncheck import config
-        from bncheck.probe_data import parse_input_shape
+        from bncheck.jobs import configured_inputs
 
         cfg = config.discover(config_path)
-        per_model = cfg.for_model(model)
         fail_on = fail_on or cfg.fail_on or "error"
-        data = data or (per_model.data if per_model else None)
-        if not input_shapes and per_model is not None:
-            input_shapes = tuple(parse_input_shape(spec) for spec in per_model.input_shapes)
+        data, shapes = configured_inputs(cfg, model, data, input_shapes)
     except Exception as error:
         _fail(error, debug, fmt=fmt, command="fix", model=model)
 
@@ -744,7 +741,7 @@ def fix(
                 dry_run=dry_run,
                 fail_on=fail_on or "error",
                 batch_size=batch_size,
-                input_shapes=dict(input_shapes),
+                input_shapes=shapes,
                 stats=stats,
                 min_samples=min_samples,
                 exit_non_zero_on_fix=exit_non_zero_on_fix,

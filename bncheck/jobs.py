@@ -62,7 +62,7 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
 
     from bncheck import engine
     from bncheck.model import ProbeSettings
-    from bncheck.probe_data import parse_batch_sizes, parse_input_shape
+    from bncheck.probe_data import parse_batch_sizes
 
     cfg = options.config
     per_model = cfg.for_model(path)
@@ -72,10 +72,7 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
         text = (per_model.batch_sizes if per_model else None) or cfg.batch_sizes
         chosen = bool(text)
         batch_sizes = parse_batch_sizes(text) if text else DEFAULT_BATCH_SIZES
-    shapes = dict(options.input_shapes)
-    if not shapes and per_model is not None:
-        shapes = dict(parse_input_shape(spec) for spec in per_model.input_shapes)
-    data = options.data or (per_model.data if per_model else None)
+    data, shapes = configured_inputs(cfg, path, options.data, options.input_shapes)
     bar: AbstractContextManager[Callable[[int, int], None] | None] = nullcontext(None)
     if options.progress:
         from bncheck.render.progress import progress_bar
@@ -96,6 +93,20 @@ def _probe(path: str, options: Options, select: tuple[str, ...], ignore: tuple[s
             process_ends_after=options.process_ends_after,
         )
         return engine.probe(path, settings, select=select, ignore=ignore, fail_on=fail_on)
+
+
+def configured_inputs(
+    cfg: Config, path: str, data: str | None, input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+) -> tuple[str | None, dict[str, tuple[int, ...]]]:
+    """``--data`` and ``--input-shape`` for the model at ``path``: the command line's, else its per-model entry in
+    the configuration (probe and fix read them alike)."""
+    from bncheck.probe_data import parse_input_shape
+
+    per_model = cfg.for_model(path)
+    shapes = dict(input_shapes)
+    if not shapes and per_model is not None:
+        shapes = dict(parse_input_shape(spec) for spec in per_model.input_shapes)
+    return data or (per_model.data if per_model else None), shapes
 
 
 def _filtered(report: Report, path: str, options: Options) -> Report:

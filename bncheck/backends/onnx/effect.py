@@ -30,6 +30,7 @@ def outputs_reached(graph: Any, tensors: dict[str, str]) -> dict[str, frozenset[
     """For each layer (name -> its output tensor), the graph outputs computed from it: a two-headed model's
     branch reaches one head, and recomputing its statistics moves no other. None where a node holds a
     subgraph (an If's branches read outer tensors that are none of its inputs)."""
+    # a plain walk over consumers: a GraphIndex would read shapes and constants this does not need
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         if any(attr.type in (5, 10) for attr in node.attribute):  # GRAPH, GRAPHS
