@@ -61,7 +61,26 @@ def check_keras_fix(view: ModelView, static: KerasFile, request: FixRequest) -> 
         parent = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(parent):
             raise BackendError(f"{output}: folder {parent} does not exist")
-    _plan(view, request)
+    _, pending, _ = _plan(view, request)
+    if request.data is not None and pending:  # the calibration batch against the memory budget, before the probe
+        from bncheck.backends.keras import memory
+        from bncheck.backends.keras.probe import KerasRunner, refuse_foreign
+
+        if static.runner is None:
+            refuse_foreign(static, "fix")
+            static.runner = KerasRunner(view, static)  # the probe of the original runs this loaded model
+        batch, fixed = _calibration_batch(view, request.batch_size)
+        size = batch if fixed else min(batch, sample_count(request.data))
+        inputs = memory.fed_bytes(view.inputs, size, None, request.data)
+        memory.check(static.runner.model, inputs, size, "give a smaller --batch-size")
+
+
+def _calibration_batch(view: ModelView, batch_size: int) -> tuple[int, bool]:
+    """(batch size to feed, whether the model fixes it): a fixed batch dimension takes only full batches."""
+    fixed_dims = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
+    if len(fixed_dims) == 1:
+        return int(fixed_dims.pop()), True
+    return batch_size, False
 
 
 def _training_state(static: KerasFile) -> bool:
@@ -87,9 +106,7 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
     results, pending, stored = _plan(view, request)
     data = request.data
     samples = sample_count(data)
-    fixed_dims = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
-    fixed = len(fixed_dims) == 1
-    batch = int(fixed_dims.pop()) if fixed else request.batch_size
+    batch, fixed = _calibration_batch(view, request.batch_size)
     padded = (-samples) % batch if fixed and samples else 0
     # the model the probe of the original loaded (its as-written calls restore the moving statistics), else
     # a fresh load: refuses unsafe files again, imports keras, loads with safe_mode=True

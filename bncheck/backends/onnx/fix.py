@@ -195,8 +195,34 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
 
 def precheck(view: ModelView, request: FixRequest) -> None:
     """Every refusal that needs no execution (output, external files, stale layers without data, too few
-    samples), so that `fix` fails in a second instead of after probing the model."""
-    _prepare(view, request)
+    samples, a calibration batch over the memory budget), so that `fix` fails in a second instead of after
+    probing the model."""
+    plan = _prepare(view, request)
+    if request.data is not None and plan.pending:
+        calibration_memory(view.handle, request.data, input_axes(view), plan.batch, plan.fixed)
+
+
+def calibration_memory(
+    handle: OnnxHandle, data: dict[str, np.ndarray], axes: dict[str, int | None], batch: int, fixed: bool
+) -> int | None:
+    """Refuse a calibration batch whose run cannot fit the memory budget, before any session is built;
+    else the busiest node's activation bytes (None when unknown). ``batch``: --batch-size, or the model's
+    fixed batch; a free batch takes at most the data's samples."""
+    from bncheck.backends.onnx import memory
+
+    if not fixed:
+        batch = min(batch, sample_count(data, axes))
+    if batch < 1:
+        return None
+    feeds = {
+        name: (batch, *a.shape[1:]) if axes.get(name, 0) is not None else tuple(a.shape)
+        for name, a in data.items()
+        if a.ndim
+    }
+    found = memory.check(
+        handle.model, handle.value_shapes, handle.value_types, feeds, batch, "give a smaller --batch-size"
+    )
+    return found.node_bytes if found.node is not None else None
 
 
 @dataclass
@@ -1097,7 +1123,7 @@ class _Fixer:
             notes=[],
             edited=self.handle.edited,
         )
-        activations = self.check_memory()
+        activations = calibration_memory(self.handle, self.data, self.axes, self.batch, self.fixed)
         self._fed_like = self._statistics_now([layer.output for layer in layers if layer.output in self.feedable])
         self._engine = inputs_engine(work, layers, activations, fed=list(self._fed_like), cut=cut)
         # a cut graph computes no model output: it cannot run the stored and the recomputed model
@@ -1142,30 +1168,6 @@ class _Fixer:
             self._engine.close()
         self._engine = None
         self.drop_frontier()
-
-    def check_memory(self) -> int | None:
-        """Refuse a calibration batch whose run cannot fit the memory budget, before any session is built;
-        else the busiest node's activation bytes (None when unknown)."""
-        from bncheck.backends.onnx import memory
-
-        total = sample_count(self.data, self.axes)
-        batch = self.batch if self.fixed else min(self.batch, total)
-        if batch < 1:
-            return None
-        feeds = {
-            name: (batch, *a.shape[1:]) if self.axes.get(name, 0) is not None else tuple(a.shape)
-            for name, a in self.data.items()
-            if a.ndim
-        }
-        found = memory.check(
-            self.handle.model,
-            self.handle.value_shapes,
-            self.handle.value_types,
-            feeds,
-            batch,
-            "give a smaller --batch-size",
-        )
-        return found.node_bytes if found.node is not None else None
 
     # ------------------------------------------------------------------ decisions
 
