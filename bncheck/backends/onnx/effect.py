@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError
+from bncheck.backends.onnx import custom_ops
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
 from bncheck.budget import OverBudgetError
@@ -152,6 +153,7 @@ def recalibration(
     handle = view.handle
     # both sessions below run the file's graph (the edits changed parameters only): one packing decision
     packing = prepacks(handle.model.graph, handle.value_shapes)
+    libraries = custom_ops.libraries(handle.model)  # the stored model's session opens the file by its path
     del view
     tmp = Scratch(handle.size_bytes)
     try:
@@ -175,7 +177,9 @@ def recalibration(
                 # no folder: onnxruntime reads a model opened by its path as plain inference does (its own
                 # folder rule, which a linked model's data needs)
                 so = session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "", packing)
-                before = _outputs(_session_run(new_session(path, so)), _batches(data, batch, usable, axes))
+                before = _outputs(
+                    _session_run(new_session(path, so, libraries=libraries)), _batches(data, batch, usable, axes)
+                )
         except Exception as exc:  # onnxruntime raises its own exception types
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:

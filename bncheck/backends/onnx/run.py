@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.base import BackendError, ProbeSettings
-from bncheck.backends.onnx import memory
+from bncheck.backends.onnx import custom_ops, memory
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, copy_messages, unpaid_packing_bytes, upstream_nodes
 from bncheck.backends.onnx.instrument import (
@@ -148,25 +148,38 @@ def session_options(level: Any, folder: str, prepack: bool = True) -> Any:
 SKIPPED_REWRITES = ["MatMul_BatchNormalization_Fusion"]
 
 
-def new_session(model: onnx.ModelProto | str, so: Any, providers: list[str] | None = None) -> Any:
-    """An onnxruntime session of ``model`` (a ModelProto, or a file's path) without :data:`SKIPPED_REWRITES`."""
+def new_session(
+    model: onnx.ModelProto | str,
+    so: Any,
+    providers: list[str] | None = None,
+    libraries: tuple[str, ...] | None = None,
+) -> Any:
+    """An onnxruntime session of ``model`` (a ModelProto, or a file's path) without :data:`SKIPPED_REWRITES`,
+    with the custom-op ``libraries`` it needs (custom_ops.libraries; by default, a ModelProto's own)."""
     import onnxruntime as ort
 
+    if libraries is None:
+        libraries = () if isinstance(model, str) else custom_ops.libraries(model)
+    custom_ops.register(so, libraries)
     source = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(source, so, providers=providers or [CPU], disabled_optimizers=SKIPPED_REWRITES)
 
 
-def _file_refused(path: str) -> str | None:
+def _file_refused(path: str, model: onnx.ModelProto) -> str | None:
     """Why onnxruntime refuses the file as written (a session without optimizations), or None where it loads:
-    asked only once the probe's own graph has failed."""
+    asked only once the probe's own graph has failed. ``model``: the file's, for the custom ops it imports."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    custom_ops.register(options, custom_ops.libraries(model))
     try:
         ort.InferenceSession(path, options, providers=[CPU])
     except Exception as exc:
-        return runtime_message(exc)
+        message = runtime_message(exc)
+        if custom_ops.imports_extensions(model) and not custom_ops.extensions_library():
+            message += f"; {custom_ops.INSTALL_HINT}"
+        return message
     return None
 
 
@@ -727,7 +740,7 @@ class _Engine:
         except BackendError:
             raise
         except Exception as exc:
-            as_written = _file_refused(self.handle.path)
+            as_written = _file_refused(self.handle.path, self.handle.model)
             if as_written is not None:  # the model itself, not what the probe added (custom ops, say)
                 raise BackendError(
                     f"{self.handle.path}: onnxruntime cannot run the model (the file as written fails too): "
