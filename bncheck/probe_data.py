@@ -13,6 +13,7 @@ Synthetic inputs (documented in the README's "How it works"):
   ``[1, DEFAULT_INT_HIGH]``; one value without a batch axis that feeds no Gather (a setting: a target size)
   :data:`UNBATCHED_INT`;
 - boolean inputs: fair coin flips;
+- string inputs (a tokenizer inside the graph): sentences of :data:`SENTENCE_WORDS` words from :data:`WORDS`;
 - an input without a batch axis (a scalar sample rate) with a ``fill`` value (the constant the model compares
   it with, found by the backend): that value.
 
@@ -41,6 +42,13 @@ UNBATCHED_FLOAT = 1.0
 #: what an integer setting without a batch axis that indexes no table is fed: 1 (a count, a size or a flag
 #: that 0 would switch off; scrfd's resize target failed at 0 and 1 alike, which the error then names)
 UNBATCHED_INT = 1
+#: what synthetic string inputs (a tokenizer inside the graph) are made of: sentences of SENTENCE_WORDS words
+#: drawn from these, all of the same length so that no sample needs more padding than another
+WORDS = (
+    "the", "a", "model", "reads", "this", "short", "sentence", "about", "weather", "music", "river", "city",
+    "light", "green", "quickly", "people", "write", "code", "every", "day", "under", "bright", "stars", "and",
+)  # fmt: skip
+SENTENCE_WORDS = 8
 #: largest batch size accepted on the command line; above it a probe batch of a real model would not fit
 #: in memory anyway, and a typo such as 3200 should fail fast.
 MAX_BATCH_SIZE = 4096
@@ -392,9 +400,20 @@ def synthetic_inputs(
             feeds[spec.name] = rng.integers(low, high, size=shape).astype(dtype)
         elif dtype.kind == "b":
             feeds[spec.name] = rng.random(shape) < 0.5
+        elif dtype.kind == "O":  # ONNX string tensors (a tokenizer inside the graph)
+            feeds[spec.name] = _sentences(rng, shape)
         else:
             raise ProbeDataError(f"input {spec.name!r} has dtype {spec.dtype!r}, which bncheck cannot synthesize")
     return feeds
+
+
+def _sentences(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Strings of :data:`SENTENCE_WORDS` words each, drawn from :data:`WORDS`, as an object array of ``shape``."""
+    count = math.prod(shape)
+    picks = rng.integers(0, len(WORDS), size=(count, SENTENCE_WORDS))
+    texts = np.empty(count, dtype=object)
+    texts[:] = [" ".join(WORDS[i] for i in row) for row in picks]
+    return texts.reshape(shape)
 
 
 def _is_setting(spec: InputSpec) -> bool:
@@ -432,7 +451,10 @@ def made_up_settings(inputs: list[InputSpec], int_high: Mapping[str, int] | None
 def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
     """Validate one data array against its input; returns it in the input's dtype."""
     dtype = _numpy_dtype(spec)
-    if array.dtype.kind not in "biuf":
+    if dtype.kind == "O":  # a string input: text saved as numpy's unicode or bytes arrays (no pickle)
+        if array.dtype.kind not in "US":
+            raise ProbeDataError(f"{where}: dtype {array.dtype} but input {spec.name!r} takes strings")
+    elif array.dtype.kind not in "biuf":
         raise ProbeDataError(f"{where}: dtype {array.dtype} is not numeric; input {spec.name!r} needs {dtype}")
     if dtype.kind == "f" and array.dtype.kind != "f":
         raise ProbeDataError(f"{where}: dtype {array.dtype} but input {spec.name!r} is {dtype} (floating point)")

@@ -51,6 +51,41 @@ def _contrib_model(path: Path, *, train: bool = False, moving: tuple[float, floa
     return str(path)
 
 
+def _text_model(path: Path) -> str:
+    """texts[N] (strings) -> ai.onnx.contrib StringLength -> float [N, 1] * w[1, 4] -> BatchNormalization in
+    training mode -> y[N, 4]: a sample's output depends on the lengths of its companions."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "axis"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, CHANNELS)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones(CHANNELS, np.float32), "g"),
+        numpy_helper.from_array(np.zeros(CHANNELS, np.float32), "b"),
+        numpy_helper.from_array(np.full(CHANNELS, 40.0, np.float32), "m"),
+        numpy_helper.from_array(np.full(CHANNELS, 100.0, np.float32), "v"),
+    ]
+    nodes = [
+        helper.make_node("StringLength", ["texts"], ["length"], domain="ai.onnx.contrib", name="length"),
+        helper.make_node("Cast", ["length"], ["n"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["n", "axis"], ["column"]),
+        helper.make_node("MatMul", ["column", "w"], ["h"], name="dense"),
+        helper.make_node(
+            "BatchNormalization", ["h", "g", "b", "m", "v"], ["y", "rm", "rv"], name="bn", training_mode=1
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "text",
+        [helper.make_tensor_value_info("texts", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CHANNELS])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("ai.onnx.contrib", 1)]
+    )
+    onnx.save(model, path)
+    return str(path)
+
+
 def _findings(result) -> list[tuple[str, str, str]]:
     return [(f["code"], f["severity"], f["layer"]) for f in json.loads(result.stdout)["findings"]]
 
@@ -96,3 +131,29 @@ def test_without_onnxruntime_extensions_the_refusal_names_the_package(tmp_path: 
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "ai.onnx.contrib" in line and "pip install onnxruntime-extensions" in line, line
+
+
+def test_a_string_input_is_fed_made_up_sentences(tmp_path: Path) -> None:
+    """No --data: the probe draws sentences for the string input, runs the graph's StringLength and finds the
+    train-mode layer after it."""
+    model = _text_model(tmp_path / "text.onnx")
+    result = CliRunner().invoke(main, ["probe", model, "--format", "json"])
+    assert result.exit_code == 1, result.output
+    assert ("BN002", "error", "bn") in _findings(result)
+
+
+def test_text_data_saved_as_a_unicode_array_feeds_a_string_input(tmp_path: Path) -> None:
+    """--data: numpy's unicode array (np.save of a list of str, no pickle) feeds the string input; a float
+    array for it is refused in one line naming the input."""
+    model = _text_model(tmp_path / "text.onnx")
+    texts = tmp_path / "texts.npy"
+    np.save(texts, np.array([("word " * (1 + i % 7)).strip() for i in range(40)]))
+    result = CliRunner().invoke(main, ["probe", model, "--data", str(texts), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["settings"]["data_source"] == str(texts)
+    assert ("BN002", "error", "bn") in _findings(result)
+    floats = tmp_path / "floats.npy"
+    np.save(floats, np.zeros(40, np.float32))
+    refused = CliRunner().invoke(main, ["probe", model, "--data", str(floats)])
+    assert refused.exit_code == 2
+    assert "input 'texts' takes strings" in refused.stderr, refused.stderr
