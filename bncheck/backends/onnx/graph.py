@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 ONNX_DOMAINS = ("", "ai.onnx")
 #: ops whose output holds the same values as their (first) input, possibly reshaped or re-typed.
 TRANSPARENT = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+#: domains of QuantizeLinear / DequantizeLinear (onnxruntime's contrib copies too)
+QUANT_DOMAINS = ("", "ai.onnx", "com.microsoft")
 #: ops that keep values and layout (a tensor and its copy through them are the same data).
 VALUE_PRESERVING = frozenset({"Identity", "Cast"})
 #: most elements a ConstantOfShape with a constant shape is expanded to when read as a parameter
@@ -133,7 +135,9 @@ class GraphSource(Protocol):
 class GraphIndex:
     """Producers, consumers and topological positions of one graph's nodes."""
 
-    def __init__(self, handle: GraphSource) -> None:
+    def __init__(self, handle: GraphSource, dequantized: bool = False) -> None:
+        """``dequantized``: read fake quantization as the float values it rounds (:meth:`_dequantized_nodes`),
+        for the walk's pattern matching; the nodes keep their positions and names."""
         from onnx import helper
 
         self._helper = helper
@@ -150,7 +154,14 @@ class GraphIndex:
         self.graph_input_set = set(self.graph_inputs)
         self.graph_outputs = {o.name for o in graph.output}
         nodes = list(graph.node)
-        self.nodes = [nodes[i] for i in topological_order(nodes)]
+        self._index([nodes[i] for i in topological_order(nodes)])
+        # the graph inputs' shapes and batch axes, once (dataflow asks at every reduction it judges)
+        self.input_axes: tuple[list[Any], list[int | None]] | None = None
+        if dequantized and any(node.op_type == "DequantizeLinear" for node in self.nodes):
+            self._index(self._dequantized_nodes())
+
+    def _index(self, nodes: list[onnx.NodeProto]) -> None:
+        self.nodes = nodes
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
         for idx, node in enumerate(self.nodes):
@@ -163,8 +174,72 @@ class GraphIndex:
         self._attrs: dict[int, dict[str, Any]] = {}
         self._schema_types: dict[tuple[str, str], dict[str, int]] = {}
         self._const: dict[str, np.ndarray | None] = {}
-        # the graph inputs' shapes and batch axes, once (dataflow asks at every reduction it judges)
-        self.input_axes: tuple[list[Any], list[int | None]] | None = None
+
+    def _dequantized_nodes(self) -> list[onnx.NodeProto]:
+        """The nodes as if quantize_static's QDQ pairs, which interrupt a decomposed norm's chain between every
+        two ops, were not there: a node reading a QuantizeLinear -> DequantizeLinear pair's output reads the
+        float tensor the pair rounds, and a DequantizeLinear of stored values is an Identity of their float
+        values (an epsilon, a gamma), kept as an initializer here. Positions and node names are kept: a
+        bypassed pair stays as two nodes without inputs."""
+        from onnx import numpy_helper
+
+        nodes = list(self.nodes)
+        rounded: dict[str, str] = {}  # a pair's output -> the tensor it rounds
+        for idx, node in enumerate(self.nodes):
+            if node.op_type != "DequantizeLinear" or node.domain not in QUANT_DOMAINS or not node.output:
+                continue
+            quantizer = self.produced_by(node_input(node, 0), "QuantizeLinear")
+            if quantizer is not None and self.nodes[quantizer].input:
+                source = self.nodes[quantizer].input[0]
+                rounded[node.output[0]] = rounded.get(source, source)
+                for bypassed in (quantizer, idx):
+                    kept = self.nodes[bypassed]
+                    nodes[bypassed] = self._helper.make_node(kept.op_type, [], list(kept.output), name=kept.name)
+                continue
+            value = self._dequantize(idx)
+            if value is None:
+                continue
+            # under the stored tensor's own name where only this node reads it: the layer is named after its
+            # weights (names.weight_prefix)
+            stored = node_input(node, 0)
+            if stored not in self.initializers or self.users(stored) != [idx]:
+                stored = node.output[0] + ":dequantized"
+            self.initializers[stored] = numpy_helper.from_array(value, stored)
+            nodes[idx] = self._helper.make_node("Identity", [stored], [node.output[0]], name=node.name)
+        if rounded:
+            for idx, node in enumerate(nodes):
+                if any(name in rounded for name in node.input):
+                    copy = self._helper.make_node(
+                        node.op_type,
+                        [rounded.get(name, name) for name in node.input],
+                        list(node.output),
+                        name=node.name,
+                        domain=node.domain,
+                    )
+                    copy.attribute.extend(node.attribute)
+                    nodes[idx] = copy
+        return nodes
+
+    def _dequantize(self, idx: int) -> np.ndarray | None:
+        """A DequantizeLinear of stored values, computed: (x - zero_point) * scale, per tensor or along
+        ``axis`` (by hand: onnx.reference would need a model around it); blocked scales are left unread."""
+        node = self.nodes[idx]
+        attrs = self.attrs(idx)
+        x, scale = self.param(node_input(node, 0)), self.param(node_input(node, 1))
+        point = self.param(node_input(node, 2)) if node_input(node, 2) else None
+        if x is None or scale is None or attrs.get("block_size") or x.dtype.kind not in "iu":
+            return None
+        shift = np.zeros(1) if point is None else point.astype(np.float64)
+        factor = scale.astype(np.float64)
+        if factor.size > 1:  # one scale per slice along the axis
+            axis = int(attrs.get("axis", 1))
+            if factor.ndim != 1 or not -x.ndim <= axis < x.ndim or x.shape[axis] != factor.size:
+                return None
+            along = [1] * x.ndim
+            along[axis] = factor.size
+            factor = factor.reshape(along)
+            shift = shift.reshape(along) if shift.size == factor.size else shift
+        return ((x.astype(np.float64) - shift) * factor).astype(scale.dtype)
 
     # ------------------------------------------------------------------ structure
 

@@ -63,7 +63,7 @@ def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
 def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[BatchOp], list[BatchOp]]:
     """The layers, the model-level notes, the batch reductions outside every layer (dataflow.py), and in a
     file that fixes the batch to 1 those a relaxed batch would reach (ModelView.relaxed_batch_ops)."""
-    g = GraphIndex(handle)
+    g = GraphIndex(handle, dequantized=True)
     found: list[tuple[int, NormLayer]] = []
     spans: list[tuple[int, NormLayer, list[int]]] = []
     used: set[int] = set()
