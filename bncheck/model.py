@@ -527,6 +527,24 @@ def normalized_set_size(layer: NormLayer, batch: int | None = None) -> tuple[int
     return product, tuple(symbolic)
 
 
+def set_variance(layer: NormLayer, seen: LayerProbe | None) -> float | None:
+    """The median variance of ``layer``'s normalized sets in one probe batch, from its measured input: per
+    sample and channel (instance norm), per sample and group of channels (group norm), per channel over the
+    batch (a batch norm that computes its statistics); None for other layers or without a measured input."""
+    stats = None if seen is None else seen.input
+    if stats is None or stats.derived or not stats.sample_mean.size:
+        return None
+    mean, squares = stats.sample_mean, stats.sample_sq
+    if layer.kind is Kind.GROUP and layer.groups and stats.channels % layer.groups == 0:
+        shape = (mean.shape[0], layer.groups, -1)
+        mean, squares = mean.reshape(shape).mean(axis=2), squares.reshape(shape).mean(axis=2)
+    elif layer.kind is Kind.BATCH and layer.computes_statistics:
+        return median(stats.var)
+    elif layer.kind is not Kind.INSTANCE:
+        return None
+    return median(np.maximum(squares - mean**2, 0.0))
+
+
 def observed_set_size(layer: NormLayer, seen: LayerProbe | None) -> int | None:
     """Elements in one normalized set of ``layer`` at the shapes a probe ran, from its measured counts.
 

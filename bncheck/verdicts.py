@@ -348,6 +348,10 @@ FLOAT32_ROUNDING = 1e-6
 #: epsilon at least this multiple of a channel's running variance damps that channel's output by at least
 #: 1/sqrt(2) (sqrt(var / (var + eps)) <= 0.71); below it the damping is a few percent and not worth a word.
 DOMINANCE_RATIO = 1.0
+#: epsilon at least this multiple of a set's variance shrinks (x - mean) / sqrt(var + eps) to 1% of the spread
+#: it would have: where such a layer's output is constant over sets of many elements, epsilon is the cause
+#: (paddle2onnx 2.1 writes GroupNormalization epsilons such as 4.7e13 for 1e-5)
+EPSILON_SWAMPS = 1e4
 #: A channel whose expected output spread, |gamma| * sqrt(var / (var + eps)), is at most this fraction of the
 #: layer's largest channel spread is dead: its output is its beta whatever epsilon is (trained models carry
 #: such channels, variance down to 1e-44 or gamma near 0, and their epsilon "dominance" means nothing). On

@@ -138,6 +138,37 @@ def instancenorm_model(path: Path, *, channels: int = 3, hw: Sequence[int] = (4,
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
 
 
+def fed_instancenorm_model(path: Path, *, epsilon: float, feed: str = "input", hw: int = 8) -> str:
+    """x[N, 4, hw, hw] -> (feed) -> InstanceNormalization(epsilon) "in" -> y, scale 1.5, bias 0.25. ``feed``:
+    "input" (x itself), "scaled" (x * 0.05: sets of variance 0.0025 on N(0, 1) inputs) or "broadcast" (each
+    channel's mean expanded back over hw x hw: every set holds equal values)."""
+    channels = 4
+    shape = ["N", channels, hw, hw]
+    inits = [
+        numpy_helper.from_array(np.full(channels, 1.5, np.float32), "scale"),
+        numpy_helper.from_array(np.full(channels, 0.25, np.float32), "bias"),
+        numpy_helper.from_array(np.array([0.05], np.float32), "small"),
+        numpy_helper.from_array(np.array([1, 1, hw, hw], np.int64), "grid"),
+    ]
+    nodes = {
+        "input": [helper.make_node("Identity", ["x"], ["fed"])],
+        "scaled": [helper.make_node("Mul", ["x", "small"], ["fed"])],
+        "broadcast": [
+            helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+            helper.make_node("Expand", ["pooled", "grid"], ["fed"]),
+        ],
+    }[feed]
+    nodes.append(helper.make_node("InstanceNormalization", ["fed", "scale", "bias"], ["y"], name="in", epsilon=epsilon))
+    graph = helper.make_graph(
+        nodes,
+        "fed_in",
+        [helper.make_tensor_value_info("x", F32, shape)],
+        [helper.make_tensor_value_info("y", F32, shape)],
+        initializer=inits,
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+
+
 def moments_model(
     path: Path, *, axes: Sequence[int] = (0, 2, 3), channels: int = 3, hw: Sequence[int] = (4, 4), epsilon: float = 1e-3
 ) -> str:

@@ -10,7 +10,9 @@ What it does
     that condition, since the model runs at input sizes it does not fix. With `probe`, the observation at
     the shapes that ran replaces the prediction: the batch sizes at which a layer's output was constant over
     the batch and spatial positions in every channel (or all zero) while its input was not, or at which the
-    measured set had one element.
+    measured set had one element. Where the sets that gave a constant output hold many elements, the message
+    names the cause instead of a one-element set: an epsilon that swamps their measured variance (at least
+    EPSILON_SWAMPS times it), else sets of equal values.
 
 Why is this bad?
     With one element, x - mean(x) = 0 and the normalized value is 0 whatever the input; the layer outputs its
@@ -35,8 +37,24 @@ from collections.abc import Iterator
 
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, shape_json
-from bncheck.model import Dim, Kind, ModelView, NormLayer, ProbeResult, fixed_batch, observed_set_size
-from bncheck.verdicts import collapse_condition, collapse_is_certain, is_collapsed
+from bncheck.model import (
+    Dim,
+    Kind,
+    ModelView,
+    NormLayer,
+    ProbeResult,
+    fixed_batch,
+    median,
+    observed_set_size,
+    set_variance,
+)
+from bncheck.verdicts import (
+    EPSILON_SWAMPS,
+    FLOAT32_ROUNDING,
+    collapse_condition,
+    collapse_is_certain,
+    is_collapsed,
+)
 
 CODE = "BN001"
 SLUG = "collapse"
@@ -65,20 +83,30 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         if observed:
             evidence["kind"] = "observed"
             evidence["batch_sizes"] = observed
-            evidence["normalized_set_size"] = 1
             listed = ", ".join(str(b) for b in observed)
-            message = (
-                f"{describe(layer)} output is {_collapsed(layer)} at batch size {listed} whatever the input: "
-                "the normalized set has one element"
-            )
+            larger = sorted({sizes[b] for b in observed if sizes.get(b, 1) > 1})
+            hint = HINT
+            if larger:  # constant over sets of many elements: not a one-element set
+                cause, hint = _many_element_cause(layer, probe, observed, evidence)
+                evidence["normalized_set_size"] = larger[0]
+                message = (
+                    f"{describe(layer)} output is {_collapsed(layer)} at batch size {listed} whatever the input, "
+                    f"though each normalized set holds {_span(larger)} elements: {cause}"
+                )
+            else:
+                evidence["normalized_set_size"] = 1
+                message = (
+                    f"{describe(layer)} output is {_collapsed(layer)} at batch size {listed} whatever the input: "
+                    "the normalized set has one element"
+                )
             fixed = fixed_batch(view.inputs)
             if fixed is not None and all(b < fixed for b in observed):
                 # the probe ran a relaxed copy at sizes the file never runs: no defect at the file's own size
                 evidence["file_batch_size"] = fixed
                 message += f", a batch size this file does not run (its batch dimension is fixed to {fixed})"
-                yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, HINT, evidence)
+                yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, hint, evidence)
                 continue
-            yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
+            yield Finding(CODE, SLUG, SEVERITY, layer.name, message, hint, evidence)
         elif condition is None:
             continue
         elif collapse_is_certain(condition):
@@ -96,6 +124,45 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             evidence["replaced_by_probe"] = True  # a probe measures the sizes that run instead
             evidence["depends_on"] = [k for k in condition if k != "batch_size"]
             yield Finding(CODE, SLUG, Severity.INFO, layer.name, _conditional(view, layer, condition), HINT, evidence)
+
+
+#: what a constant output over sets of many elements needs instead of another normalization axis
+EPSILON_HINT = (
+    "Use the epsilon the model was trained with (a converter that writes another one is the usual cause: "
+    "compare with the source framework's layer) and export again."
+)
+EQUAL_VALUES_HINT = (
+    "Check what feeds the layer: normalizing a set of equal values (a broadcast or upsampled constant, a map "
+    "that saturates) always gives its bias."
+)
+
+
+def _many_element_cause(
+    layer: NormLayer, probe: ProbeResult | None, observed: list[int], evidence: dict[str, object]
+) -> tuple[str, str]:
+    """Why an output is constant over sets of more than one element, and the hint: an epsilon that swamps the
+    sets' variance (x - mean is divided by about sqrt(epsilon)), else sets of equal values."""
+    seen = None if probe is None else probe.at(observed[0], layer.name)
+    variance = set_variance(layer, seen)
+    eps = layer.epsilon
+    if variance is not None:
+        evidence["median_set_variance"] = variance
+    # equal up to float32 rounding of their magnitude: x - mean is 0 whatever epsilon is
+    magnitude = median(seen.input.sample_sq) if seen is not None and seen.input is not None else None
+    equal = variance is not None and magnitude is not None and variance <= (FLOAT32_ROUNDING**2) * magnitude
+    if eps is not None and eps > 0 and not equal and (variance is None or eps >= EPSILON_SWAMPS * variance):
+        evidence["cause"] = "epsilon"
+        measured = f" (median {variance:.3g})" if variance is not None else ""
+        return (
+            f"its epsilon {eps:.3g} swamps the sets' variance{measured}, so (x - mean) / sqrt(var + eps) is about 0",
+            EPSILON_HINT,
+        )
+    evidence["cause"] = "equal-values"
+    return "the values within each set are equal, so x - mean is 0", EQUAL_VALUES_HINT
+
+
+def _span(sizes: list[int]) -> str:
+    return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
 
 
 def _collapsed(layer: NormLayer, beta: str = "constant (its bias)") -> str:

@@ -1,11 +1,14 @@
 """BN004 epsilon: epsilon zero, below TensorFlow's 1.001e-5 clamp, or larger than some channels' variance.
 
 What it does
+    - epsilon < 0: an error (the square root of a negative number wherever a set's variance is below -epsilon).
     - epsilon == 0: an error when some channel's running variance is 0 (0/0 at inference), else a warning
       (a constant input gives 0/0).
     - 0 < epsilon < 1e-5 (beyond float32 rounding; PyTorch's and ONNX's default 1e-5 is stored as
       9.99999975e-06 and is fine) on a batch norm: a warning, with the largest relative change of the output
       that the clamp to 1.001e-5 causes on this layer's stored variances (dead channels left out).
+    - epsilon >= the median variance of the sets a layer without running statistics normalized at the probe's
+      largest batch: info, with the damping factor (a converter's epsilon shows so).
     - epsilon >= the running variance in some live channel: info, with the number of channels and the worst
       factor ``sqrt(var / (var + eps))`` by which epsilon damps their outputs. Dead channels (output spread
       ``|gamma| * sqrt(var / (var + eps))`` at most 1e-3 of the layer's largest: variance ~1e-44 or gamma ~0)
@@ -36,7 +39,7 @@ import numpy as np
 
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, number
-from bncheck.model import Kind, ModelView, NormLayer, ProbeResult
+from bncheck.model import Kind, ModelView, NormLayer, ProbeResult, set_variance
 from bncheck.verdicts import (
     DOMINANCE_RATIO,
     NEGLIGIBLE_OUTPUT_RATIO,
@@ -59,6 +62,9 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             continue
         eps = float(layer.epsilon)
         var = _running_var(layer)
+        if eps < 0.0:
+            yield _negative(layer, eps)
+            continue
         if eps == 0.0:
             yield _zero(layer, var)
             continue
@@ -93,14 +99,61 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 {"kind": "below-clamp", "epsilon": eps, "clamp": TF_EPSILON_CLAMP, "max_relative_change": effect},
             )
         finding = _dominance(layer, eps, var, live, dominated)
+        if finding is None and var is None:
+            finding = _dominates_measured(layer, eps, probe)
         if finding is not None:
             yield finding
+
+
+def _dominates_measured(layer: NormLayer, eps: float, probe: ProbeResult | None) -> Finding | None:
+    """The info of :func:`_dominance` for a layer without running statistics (instance and group norms, batch
+    norms that compute theirs), from the variance of its sets measured at the probe's largest batch: where
+    epsilon is at least the median set's variance, most sets' outputs are damped."""
+    if probe is None or not probe.batch_sizes:
+        return None
+    largest = max(probe.batch_sizes)
+    variance = set_variance(layer, probe.at(largest, layer.name))
+    if variance is None or not np.isfinite(variance) or eps < DOMINANCE_RATIO * variance:
+        return None
+    factor = float(np.sqrt(variance / (variance + eps)))
+    return Finding(
+        CODE,
+        SLUG,
+        Severity.INFO,
+        layer.name,
+        f"{describe(layer)} epsilon {eps:.3g} is at least the variance of its normalized sets measured at batch "
+        f"size {largest} (median {variance:.3g}): it damps their outputs by a factor {factor:.3g} "
+        "(sqrt(var / (var + eps))); fine if the model was trained with it, else the exporter changed it",
+        "Compare epsilon with the source framework's layer: a converter that writes another epsilon changes "
+        "these outputs; nothing to fix if the model was trained with it.",
+        {
+            "kind": "dominates-measured",
+            "epsilon": eps,
+            "batch_size": largest,
+            "median_set_variance": number(variance),
+            "factor": factor,
+        },
+    )
 
 
 def _running_var(layer: NormLayer) -> np.ndarray | None:
     if not judged_running_stats(layer) or layer.var is None:
         return None
     return np.asarray(layer.var, dtype=np.float64).ravel()
+
+
+def _negative(layer: NormLayer, eps: float) -> Finding:
+    return Finding(
+        CODE,
+        SLUG,
+        Severity.ERROR,
+        layer.name,
+        f"{describe(layer)} epsilon {eps:.3g} is negative: every set whose variance is below {-eps:.3g} takes the "
+        "square root of a negative number (NaN outputs), and sets just above it are divided by almost 0",
+        "Use the epsilon the model was trained with (1e-5 or 1e-3; a converter that writes another one is the usual "
+        "cause) and export again.",
+        {"kind": "negative", "epsilon": eps},
+    )
 
 
 def _zero(layer: NormLayer, var: np.ndarray | None) -> Finding:

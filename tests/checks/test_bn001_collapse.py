@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.builders import bn_model, instancenorm_model, layernorm_model
+from tests.builders import bn_model, fed_instancenorm_model, instancenorm_model, layernorm_model
 
 
 def test_train_mode_bn_on_1x1_maps_is_predicted_to_collapse_at_batch_size_1(tmp_path, inspect_findings):
@@ -48,3 +48,23 @@ def test_probe_observes_collapse_at_batch_1_only(tmp_path, probe_findings):
 
 def test_probe_observes_no_collapse_on_instancenorm_4x4(tmp_path, probe_findings):
     assert probe_findings(instancenorm_model(tmp_path / "m.onnx", hw=(4, 4)), "BN001") == []
+
+
+def test_a_constant_output_over_large_sets_names_the_epsilon_that_swamps_them(tmp_path, probe_findings):
+    """InstanceNormalization with epsilon 1e13 (a converter's garbage) on 8x8 maps: the output is its bias at
+    every batch size, but each set holds 64 elements: the message and evidence say epsilon, not one element."""
+    from bncheck.checks.bn001_collapse import EPSILON_HINT
+
+    (finding,) = probe_findings(fed_instancenorm_model(tmp_path / "m.onnx", epsilon=1e13), "BN001")
+    assert finding.severity.label == "error"
+    assert finding.evidence["normalized_set_size"] == 64 and finding.evidence["cause"] == "epsilon"
+    assert "holds 64 elements" in finding.message and "epsilon 1e+13 swamps" in finding.message
+    assert "one element" not in finding.message and finding.hint == EPSILON_HINT
+
+
+def test_a_constant_output_over_sets_of_equal_values_says_so(tmp_path, probe_findings):
+    """Each channel's mean broadcast back over 8x8 before an InstanceNormalization: every set holds 64 equal
+    values, so the output is the bias; the cause named is equal values, not epsilon (1e-5)."""
+    (finding,) = probe_findings(fed_instancenorm_model(tmp_path / "m.onnx", epsilon=1e-5, feed="broadcast"), "BN001")
+    assert finding.evidence["cause"] == "equal-values" and finding.evidence["normalized_set_size"] == 64
+    assert "values within each set are equal" in finding.message

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from tests.builders import bn_model, layernorm_model
+from tests.builders import bn_model, fed_instancenorm_model, layernorm_model
 
 
 def test_float32_default_1e_5_is_not_flagged(tmp_path, inspect_findings):
@@ -88,3 +89,21 @@ def test_dominated_dead_channels_are_counted_apart_from_the_live_ones(tmp_path, 
     assert finding.evidence["channels"] == 1 and finding.evidence["dead_channels"] == 1
     assert "in 1 of 4 channels" in finding.message
     assert finding.message.endswith("; 1 more where the channel is dead, left out")
+
+
+def test_a_negative_epsilon_is_an_error(tmp_path, inspect_findings):
+    """paddle2onnx 2.1 wrote -9.87e27 for a GroupNorm's 1e-5: the square root of a negative number."""
+    (finding,) = inspect_findings(fed_instancenorm_model(tmp_path / "m.onnx", epsilon=-1e-3), "BN004")
+    assert finding.severity.label == "error" and finding.evidence["kind"] == "negative"
+    assert "negative" in finding.message
+
+
+def test_epsilon_above_the_measured_set_variance_of_an_instance_norm_is_info(tmp_path, probe_findings):
+    """Sets of variance 0.0025 (x * 0.05) under epsilon 2: info with the measured variance and the damping
+    factor sqrt(var / (var + eps)); the same layer with epsilon 1e-5 has no BN004 finding."""
+    (finding,) = probe_findings(fed_instancenorm_model(tmp_path / "big.onnx", epsilon=2.0, feed="scaled"), "BN004")
+    assert finding.severity.label == "info" and finding.evidence["kind"] == "dominates-measured"
+    variance = finding.evidence["median_set_variance"]
+    assert 0.0015 < variance < 0.0035
+    assert finding.evidence["factor"] == pytest.approx(np.sqrt(variance / (variance + 2.0)), rel=1e-6)
+    assert probe_findings(fed_instancenorm_model(tmp_path / "ok.onnx", epsilon=1e-5, feed="scaled"), "BN004") == []
