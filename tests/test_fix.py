@@ -11,6 +11,7 @@ fixed model reproduces the original to float32 noise (1e-5 of the logits' spread
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -386,9 +387,10 @@ def test_only_limits_what_is_repaired(tmp_path: Path, calib: str) -> None:
 # ---------------------------------------------------------------------------- hand-written moments, traps
 
 
-def moments_convnet(*, mean_read_elsewhere: bool = False) -> onnx.ModelProto:
+def moments_convnet(*, mean_read_elsewhere: bool = False, copies: bool = False) -> onnx.ModelProto:
     """conv1 -> hand-written batch norm (opset 18: axes as an input; Pow 2; gamma/beta [1,C,1,1]) -> relu -> GAP
-    -> flatten -> gemm. ``mean_read_elsewhere``: the batch mean also feeds a second graph output."""
+    -> flatten -> gemm. ``mean_read_elsewhere``: the batch mean also feeds a second graph output. ``copies``:
+    an Identity after every op of the chain, two after the variance (as paddle2onnx 2.x writes them)."""
     rng = np.random.default_rng(3)
     f = lambda a: np.asarray(a, dtype=np.float32)
     inits = [
@@ -419,6 +421,8 @@ def moments_convnet(*, mean_read_elsewhere: bool = False) -> onnx.ModelProto:
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc"),
     ]
+    if copies:
+        nodes = [copy for node in nodes for copy in _with_copies(node)]
     outputs = [helper.make_tensor_value_info("logits", F32, ["N", CLASSES])]
     if mean_read_elsewhere:
         nodes.append(helper.make_node("Identity", ["mu"], ["batch_mean"], name="expose_mean"))
@@ -430,6 +434,20 @@ def moments_convnet(*, mean_read_elsewhere: bool = False) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _with_copies(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """``node``, and where it is one of the chain's ops (hbn/...) but its last, Identity copies of its output."""
+    if not node.name.startswith("hbn/") or node.name == "hbn/beta":
+        return [node]
+    out = node.output[0]
+    node.output[0] = out + ".raw"
+    hops = [out + ".raw", out + ".copy", out] if node.name == "hbn/var" else [out + ".raw", out]
+    copies = [
+        helper.make_node("Identity", [a], [b], name=f"Identity.{out}.{i}")
+        for i, (a, b) in enumerate(itertools.pairwise(hops))
+    ]
+    return [node, *copies]
 
 
 def test_handwritten_batch_moments_become_one_inference_batch_norm(tmp_path: Path) -> None:
@@ -452,6 +470,23 @@ def test_handwritten_batch_moments_become_one_inference_batch_norm(tmp_path: Pat
     assert not {"axes", "two", "eps", "gamma", "beta"} & {t.name for t in model.graph.initializer}
     onnx.checker.check_model(out, full_check=True)
     original = reference(src, batch)  # calibrated on exactly this batch: same numbers
+    assert np.max(np.abs(run(out, batch) - original)) <= 1e-5 * float(np.std(original))
+    assert proof_findings(report) == []
+
+
+def test_a_moments_chain_with_a_copy_after_each_op_is_replaced_with_its_copies(tmp_path: Path) -> None:
+    """paddle2onnx 2.x writes an Identity after every op: the copies between the chain's ops go with it (they
+    read its intermediates, so the chain was left as is); the written model computes the same outputs."""
+    batch = samples(64, seed=12)
+    np.savez(tmp_path / "batch.npz", input=batch)
+    src = save(moments_convnet(copies=True), tmp_path / "m.onnx")
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, str(tmp_path / "batch.npz"))
+    assert list(actions(report).values()) == ["replaced-moments"]
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "ReduceMean" not in ops and ops.count("BatchNormalization") == 1, ops
+    onnx.checker.check_model(out, full_check=True)
+    original = reference(src, batch)
     assert np.max(np.abs(run(out, batch) - original)) <= 1e-5 * float(np.std(original))
     assert proof_findings(report) == []
 

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import tensors
-from bncheck.backends.onnx.graph import copied, node_reads, outer_reads
+from bncheck.backends.onnx.graph import VALUE_PRESERVING, copied, node_reads, outer_reads
 from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
@@ -536,7 +536,7 @@ def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
         return nodes
     keys = {_node_key(n) for n in nodes}
     produced = {o for n in nodes for o in n.output if o}
-    for out in produced - {layer.output}:
+    for out in sorted(produced - {layer.output}):  # sorted: the same message at every run
         if out in graph.graph_outputs:
             return f"intermediate tensor {out!r} is a graph output"
         outside = [u for u in graph.users.get(out, []) if u not in keys]
@@ -548,13 +548,44 @@ def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
 
 
 def _chain_nodes(layer: NormLayer, graph: _GraphFacts) -> list[onnx.NodeProto] | str:
+    """The chain's nodes, with the copies (Identity, Cast) between them that only the chain reads: paddle2onnx
+    2.x writes an Identity after every op, which the walk passes through without naming."""
     found = []
     for name in layer.nodes:
         matches = graph.by_name.get(name, [])
         if len(matches) != 1:
             return f"node {name!r} cannot be identified uniquely"
         found.append(matches[0])
-    return found
+    keys = {_node_key(n) for n in found}
+    copies: dict[str, onnx.NodeProto] = {}  # value-preserving nodes reached from the chain's intermediates
+    pending = [out for n in found for out in n.output if out and out != layer.output]
+    while pending:
+        for user in graph.users.get(pending.pop(), []):
+            node = graph.by_key[user]
+            if (
+                user not in keys
+                and user not in copies
+                and node.op_type in VALUE_PRESERVING
+                and node.domain in ("", "ai.onnx")
+            ):
+                copies[user] = node
+                pending.extend(out for out in node.output if out and out != layer.output)
+    inside = keys | set(copies)
+    while True:  # drop the copies read outside the chain, until none is
+        outside = [
+            key
+            for key, node in copies.items()
+            if any(
+                not out or out in graph.graph_outputs or not set(graph.users.get(out, [])) <= inside
+                for out in node.output
+            )
+        ]
+        if not outside:
+            order = {key: position for position, key in enumerate(graph.by_key)}  # graph order
+            return sorted(found + list(copies.values()), key=lambda node: order[_node_key(node)])
+        for key in outside:
+            del copies[key]
+            inside.discard(key)
 
 
 def _feedable(p: _Pending) -> bool:
