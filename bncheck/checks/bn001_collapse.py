@@ -235,9 +235,11 @@ def _observed_sizes(layer: NormLayer, probe: ProbeResult | None) -> dict[int, in
 def _observed_batch_sizes(layer: NormLayer, probe: ProbeResult | None, sizes: dict[int, int]) -> list[int]:
     """Batch sizes at which the output was seen constant, or the measured set had one element in a layer
     that centres on its own statistics (x - mean(x) = 0 exactly, whatever the input)."""
-    if probe is None:
+    if probe is None or not layer.computes_statistics:
+        # an inference-mode batch norm is an affine map per channel: a constant output there is a gamma of 0
+        # (torchvision's zero_init_residual) or an epsilon far above the variance (BN004), not a collapse
         return []
-    one_element = layer.computes_statistics and layer.centered and layer.kind is not Kind.UNIT
+    one_element = layer.centered and layer.kind is not Kind.UNIT
     found = []
     for batch_size in probe.batch_sizes:
         seen = probe.at(batch_size, layer.name)

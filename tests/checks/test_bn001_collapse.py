@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.builders import bn_model, fed_instancenorm_model, instancenorm_model, layernorm_model
 
 
@@ -68,3 +70,12 @@ def test_a_constant_output_over_sets_of_equal_values_says_so(tmp_path, probe_fin
     (finding,) = probe_findings(fed_instancenorm_model(tmp_path / "m.onnx", epsilon=1e-5, feed="broadcast"), "BN001")
     assert finding.evidence["cause"] == "equal-values" and finding.evidence["normalized_set_size"] == 64
     assert "values within each set are equal" in finding.message
+
+
+@pytest.mark.parametrize("case", [{"scale": [0.0, 0.0, 0.0]}, {"epsilon": 1e10}])
+def test_an_inference_batch_norm_with_a_constant_output_is_no_collapse(tmp_path, probe_findings, case):
+    """gamma 0 (torchvision's zero_init_residual) or an epsilon far above the variance make an inference-mode
+    batch norm's output constant, measured with --all-layers; it normalizes nothing at inference (an affine
+    map per channel), so no BN001."""
+    model = bn_model(tmp_path / "m.onnx", hw=(8, 8), **case)
+    assert probe_findings(model, "BN001", all_layers=True) == []
