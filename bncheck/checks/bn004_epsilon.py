@@ -39,9 +39,10 @@ import numpy as np
 
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, number
-from bncheck.model import Kind, ModelView, NormLayer, ProbeResult, set_variance
+from bncheck.model import Kind, ModelView, NormLayer, ProbeResult, median, set_variance
 from bncheck.verdicts import (
     DOMINANCE_RATIO,
+    FLOAT32_ROUNDING,
     NEGLIGIBLE_OUTPUT_RATIO,
     TF_EPSILON_CLAMP,
     below_clamp,
@@ -112,9 +113,13 @@ def _dominates_measured(layer: NormLayer, eps: float, probe: ProbeResult | None)
     if probe is None or not probe.batch_sizes:
         return None
     largest = max(probe.batch_sizes)
-    variance = set_variance(layer, probe.at(largest, layer.name))
+    seen = probe.at(largest, layer.name)
+    variance = set_variance(layer, seen)
     if variance is None or not np.isfinite(variance) or eps < DOMINANCE_RATIO * variance:
         return None
+    assert seen is not None and seen.input is not None  # set_variance measured it
+    if variance <= FLOAT32_ROUNDING**2 * median(seen.input.sample_sq):
+        return None  # sets of equal values (one element, say): no spread for epsilon to damp; BN001's business
     factor = float(np.sqrt(variance / (variance + eps)))
     return Finding(
         CODE,
