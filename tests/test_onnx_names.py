@@ -150,8 +150,22 @@ def test_torchscript_scoped_nodes_take_the_module_path_their_weights_name(tmp_pa
         ("features.1", ["/features/features.1/BatchNormalization"]),
         ("model.head.norm", ["/head/norm/BatchNormalization"]),
         ("model.head.norm#2", ["/head/norm_1/BatchNormalization"]),
-        ("tail/bn", ["/tail/bn/BatchNormalization_3"]),
+        ("tail.bn", ["/tail/bn/BatchNormalization_3"]),
     ]
+
+
+def test_torchscript_scoped_nodes_sharing_another_layers_weights_take_their_own_scope(tmp_path: Path) -> None:
+    """The exporter keeps one copy of equal initializers (a fresh BN's ones and zeros, never-updated 0/1
+    statistics): a BN under /layer1/layer1.0/bn2/ reads layer1.0.bn1's tensors. Each is named after its own
+    scope (layer1.0.bn2), not after the weights it shares; a scope no weight names is spelled as a module path."""
+    inits: list = []
+    nodes = [
+        _bn("/layer1/layer1.0/bn1/BatchNormalization", "x", "a", "layer1.0.bn1", inits),
+        _bn("/layer1/layer1.0/bn2/BatchNormalization", "a", "b", "layer1.0.bn1", inits),  # shared
+        _bn("/features/features.9/conv/conv.3/BatchNormalization", "b", "y", "features.7.conv.3", inits),
+    ]
+    layers = _inspected_layers(tmp_path / "shared.onnx", nodes, inits, ["N", 4, 3, 3], opset=17, ir_version=8)
+    assert [layer["name"] for layer in layers] == ["layer1.0.bn1", "layer1.0.bn2", "features.9.conv.3"]
 
 
 def _layer_norm_chain(names: list[str], weight: str, bias: str, square: str, out: str = "y") -> tuple[list, list]:

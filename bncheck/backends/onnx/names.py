@@ -93,11 +93,35 @@ def _torch_module(scope: list[str], weights: list[str]) -> str:
     joined into one reliably). A module called again is scoped ``norm1_1``: its weights are ``norm1``'s, and
     the name it gets here is made unique as every repeated call's is (``#2``)."""
     prefixes = [re.sub(r":\d+$", "", weight).rpartition(".")[0] for weight in weights]
-    for module in dict.fromkeys((scope[-1], re.sub(r"_\d+$", "", scope[-1]))):
-        for prefix in prefixes:
-            if prefix == module or prefix.endswith("." + module):
-                return prefix
-    return "/".join(scope)
+    path = _scope_path(scope)
+    matched = [
+        prefix
+        for module in dict.fromkeys((scope[-1], re.sub(r"_\d+$", "", scope[-1])))
+        for prefix in prefixes
+        if prefix == module or prefix.endswith("." + module)
+    ]
+    if path is not None:
+        # a weight shared with another layer (the exporter keeps one copy of equal initializers, a fresh BN's
+        # ones and zeros) carries that layer's path: only one under this node's own scope names it
+        paths = dict.fromkeys((path, re.sub(r"_\d+$", "", path)))  # a module called again: norm_1
+        own = [prefix for prefix in matched for p in paths if prefix == p or prefix.endswith("." + p)]
+        return own[0] if own else path
+    return matched[0] if matched else "/".join(scope)
+
+
+def _scope_path(scope: list[str]) -> str | None:
+    """The module path the exporter's scopes spell: a scope that extends the one before it by ".name" (a
+    Sequential's child, ``features`` then ``features.9``) replaces it, a plain attribute name is appended
+    (``layer1``, ``layer1.0``, ``bn2``: ``layer1.0.bn2``); None where a scope with dots extends nothing."""
+    parts: list[str] = []
+    for entry in scope:
+        if parts and entry.startswith(parts[-1] + "."):
+            parts[-1] = entry
+        elif "." in entry:
+            return None
+        else:
+            parts.append(entry)
+    return ".".join(parts) or None
 
 
 def _tf_layer_scope(name: str) -> str:
