@@ -103,10 +103,17 @@ def test_probe_reports_under_the_readable_names(tmp_path: Path) -> None:
 
 
 def _inspected_layers(
-    path: Path, nodes: list, inits: list, shape: list, opset: int, ir_version: int, y_shape: list | None = None
+    path: Path,
+    nodes: list,
+    inits: list,
+    shape: list,
+    opset: int,
+    ir_version: int,
+    y_shape: list | None = None,
+    extra_opsets: dict[str, int] | None = None,
 ) -> list:
     """The layers of `bncheck inspect --format json` on a graph x -> ``nodes`` -> y (of ``shape``, y of
-    ``y_shape`` where given)."""
+    ``y_shape`` where given); ``extra_opsets``: other domains the nodes use, with their versions."""
     graph = helper.make_graph(
         nodes,
         "g",
@@ -114,7 +121,8 @@ def _inspected_layers(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape if y_shape is None else y_shape)],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    domains = [helper.make_opsetid(domain, version) for domain, version in (extra_opsets or {}).items()]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *domains])
     model.ir_version = ir_version
     onnx.save(model, str(path))
     result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
@@ -239,6 +247,37 @@ def test_nodes_onnxruntime_fused_take_the_module_path_of_the_node_they_started_f
     layers = _inspected_layers(tmp_path / "fused.onnx", nodes, inits, ["N", 16, c], opset=17, ir_version=8)
     assert [layer["name"] for layer in layers] == ["layers.0.ln1", "layers.0.ln2"]
     assert is_generated("SkipLayerNormalization_token_266", "SkipLayerNormalization")
+
+
+def test_nodes_onnxruntime_fused_after_generated_names_take_their_gamma_and_beta_prefix(tmp_path: Path) -> None:
+    """onnxruntime.transformers' SkipLayerNorm_AddBias_0 reads input, skip, gamma (ln2.weight), beta (ln2.bias)
+    and the Linear's bias before it (fc.bias): named ln2 after gamma and beta alone (the three share no
+    prefix); a LayerNormalization fused from paddle2onnx's p2o.Mul.178 is named after its weights."""
+    c = 8
+    inits = [
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, c).astype(np.float32), name)
+        for name in ("ln2.weight", "ln2.bias", "fc.bias", "layer_norm_43.w_0", "layer_norm_43.b_0")
+    ]
+    nodes = [
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["x", "x", "ln2.weight", "ln2.bias", "fc.bias"],
+            ["h"],
+            name="SkipLayerNorm_AddBias_0",
+            domain="com.microsoft",
+        ),
+        helper.make_node(
+            "LayerNormalization",
+            ["h", "layer_norm_43.w_0", "layer_norm_43.b_0"],
+            ["y"],
+            axis=-1,
+            name="p2o.Mul.178/LayerNormFusion/",
+        ),
+    ]
+    layers = _inspected_layers(
+        tmp_path / "fused.onnx", nodes, inits, ["N", 16, c], opset=17, ir_version=8, extra_opsets={"com.microsoft": 1}
+    )
+    assert [layer["name"] for layer in layers] == ["ln2", "layer_norm_43"]
 
 
 def test_generated_names_and_weight_prefixes() -> None:

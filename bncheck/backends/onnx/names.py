@@ -197,10 +197,23 @@ def module_path(node) -> str | None:
 
 
 def is_generated(name: str, op_type: str) -> bool:
-    """True when ``name`` is empty or an exporter's invention rather than something the user named."""
+    """True when ``name`` is empty or an exporter's invention rather than something the user named: also the
+    names onnxruntime gives the nodes it fuses (``SkipLayerNorm_AddBias_0``, or ``<start node>/LayerNormFusion/``
+    after a start node whose own name was generated, paddle2onnx's ``p2o.Mul.178``)."""
     if not name or name.startswith("node_"):  # dynamo names every node node_<fx name>
         return True
+    if _ORT_FUSED_NAME.fullmatch(name):
+        return True
+    fused = re.fullmatch(r"(.*?)(?:_\d+)?/\w+Fusion/?", name)
+    if fused:
+        start = fused.group(1)
+        op = re.search(r"([A-Za-z]+)(?:[._@#:-]*\d+)*$", start)
+        return op is not None and is_generated(start, op.group(1))
     return re.fullmatch(_DECOR.format(op=re.escape(op_type)), name, flags=re.IGNORECASE) is not None
+
+
+#: node names onnxruntime.transformers' fusions create (fusion_skiplayernorm.py, fusion_layernorm.py, ...)
+_ORT_FUSED_NAME = re.compile(r"(?:Skip)?(?:Simplified)?(?:Embed)?LayerNorm(?:alization)?(?:_AddBias)?_\d+")
 
 
 def weight_prefix(names: Iterable[str]) -> str | None:
@@ -230,6 +243,8 @@ def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
     only the non-scalar ones (its scale and bias, not the axes and epsilon constants)."""
     chain = layer.op_type == "decomposed"
     tensors = [t for i in indices for t in g.nodes[i].input] if chain else list(layer.inputs)
+    if layer.op_type in _SKIP_NORMS:  # gamma and beta only: a fused skip norm also reads the Linear's bias
+        tensors = tensors[2:4]
     found = []
     for tensor in tensors:
         if not tensor or tensor == layer.input:
@@ -241,6 +256,10 @@ def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
             continue
         found.append(source)
     return found
+
+
+#: onnxruntime's fused norms whose inputs are (input, skip, gamma, beta, bias)
+_SKIP_NORMS = frozenset({"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
 
 
 def _unique(names: list[str]) -> list[str]:
