@@ -319,19 +319,21 @@ def test_probe_loads_keras_2_spatial_dropouts_without_the_keys_keras_3_refuses(t
     assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]
 
 
-@pytest.mark.parametrize("layer", ["Conv1DTranspose", "Conv2DTranspose"])
-def test_probe_loads_tf_keras_transposed_convolutions_without_their_groups_key(tmp_path: Path, layer: str) -> None:
-    """tf.keras 2.3+ wrote groups=1 into every transposed convolution (flim-fit's 3D GAN: 5 of them); Keras 3's
-    refuse the keyword, so the file did not load. 1 is the only value they compute."""
+@pytest.mark.parametrize("layer", ["Conv1DTranspose", "Conv2DTranspose", "DepthwiseConv2D"])
+def test_probe_loads_tf_keras_transposed_and_depthwise_convolutions_without_their_groups_key(
+    tmp_path: Path, layer: str
+) -> None:
+    """tf.keras 2.3+ wrote groups=1 into every transposed convolution (flim-fit's 3D GAN: 5 of them) and every
+    depthwise one (tf.keras MobileNetV2, EfficientNet); Keras 3's refuse the keyword, so the file did not load.
+    1 is the only value they compute."""
     keras.utils.set_random_seed(0)
     shape = (STEPS, FEATURES) if layer == "Conv1DTranspose" else (6, 6, FEATURES)
-    model = keras.Sequential(
-        [
-            keras.Input(shape),
-            getattr(keras.layers, layer)(4, 3, strides=2, name="up"),
-            keras.layers.BatchNormalization(name="bn"),
-        ]
+    convolution = (
+        keras.layers.DepthwiseConv2D(3, name="up")
+        if layer == "DepthwiseConv2D"
+        else getattr(keras.layers, layer)(4, 3, strides=2, name="up")
     )
+    model = keras.Sequential([keras.Input(shape), convolution, keras.layers.BatchNormalization(name="bn")])
     x = np.random.default_rng(2).standard_normal((4, *shape)).astype(np.float32)
     expected = np.asarray(model(x, training=False))
     path = tmp_path / "m.h5"
@@ -344,7 +346,7 @@ def test_probe_loads_tf_keras_transposed_convolutions_without_their_groups_key(t
     with pytest.raises(Exception, match="groups"):
         keras.saving.load_model(path, compile=False)
     patched = load_patched(keras, read(str(path)))
-    assert patched is not None and "groups=1" in patched[1] and "1 transposed convolution(s)" in patched[1]
+    assert patched is not None and "groups=1" in patched[1] and "1 transposed or depthwise" in patched[1]
     np.testing.assert_allclose(np.asarray(patched[0](x, training=False)), expected, rtol=1e-6, atol=1e-6)
     result = CliRunner().invoke(main, ["probe", str(path), "--format", "json", "--batch-sizes", "1,2"])
     assert result.exit_code in (0, 1), result.output  # exit 2 before

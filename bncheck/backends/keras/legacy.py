@@ -334,11 +334,16 @@ _MENDS = (
     ),
     _Mend(
         lambda config: _classes(
-            config, lambda cls, c: cls.startswith("Conv") and cls.endswith("Transpose") and c.get("groups") == 1
+            config,
+            lambda cls, c: (
+                ((cls.startswith("Conv") and cls.endswith("Transpose")) or cls.startswith("DepthwiseConv"))
+                and c.get("groups") == 1
+            ),
         ),
         lambda c: c.pop("groups"),
-        "Keras {ours} refuses the groups=1 this Keras {theirs} file wrote into {count} transposed convolution(s); "
-        "bncheck loaded it without that key (1 is the only value they compute)",
+        "Keras {ours} refuses the groups=1 this Keras {theirs} file wrote into {count} transposed or depthwise "
+        "convolution(s) (tf.keras MobileNetV2, EfficientNet); bncheck loaded it without that key (1 is the only "
+        "value they compute)",
     ),
     _Mend(
         _tensor_kwargs,
