@@ -99,6 +99,10 @@ class NormLayer:
 #: ops that quantize with a scale taken from the min and max of the whole tensor, every sample included
 #: (onnxruntime's dynamic quantization: the standard op and the com.microsoft kernels that fuse it)
 DYNAMIC_QUANT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})
+#: ONNX ops that draw random numbers at every run
+RANDOM_OPS = frozenset(
+    {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
+)
 
 
 @dataclass(frozen=True)
@@ -403,6 +407,9 @@ class LocatedDependence:
     # the batch): the dependence came in through them, from upstream
     moved_integer_inputs: tuple[str, ...] = ()
     integer_origin: str | None = None  # the op that computed the first of them ("TopK 'TopK_16'")
+    # ops drawing random numbers at the node or upstream of it (dropout exported in training mode, a sampler's
+    # noise), "RandomUniformLike 'n1'": the outputs change from run to run, alone or in a batch
+    random_sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,33 @@ def fed_instancenorm_model(path: Path, *, epsilon: float, feed: str = "input", h
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
 
 
+def dropout_model(path: Path, *, features: int = 16) -> str:
+    """x[N, features] -> MatMul -> dropout as torch's exporter writes it in training mode (RandomUniformLike
+    "dropout_noise", Less 0.5, Cast, Mul, times 2) -> y: the outputs change from run to run."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((features, features)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "keep"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "rescale"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+        helper.make_node("RandomUniformLike", ["h"], ["noise"], name="dropout_noise"),
+        helper.make_node("Less", ["noise", "keep"], ["kept"], name="dropout_mask"),
+        helper.make_node("Cast", ["kept"], ["mask"], name="dropout_cast", to=F32),
+        helper.make_node("Mul", ["h", "mask"], ["dropped"], name="dropout_apply"),
+        helper.make_node("Mul", ["dropped", "rescale"], ["y"], name="dropout_rescale"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dropout",
+        [helper.make_tensor_value_info("x", F32, ["N", features])],
+        [helper.make_tensor_value_info("y", F32, ["N", features])],
+        initializer=inits,
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
 def moments_model(
     path: Path, *, axes: Sequence[int] = (0, 2, 3), channels: int = 3, hw: Sequence[int] = (4, 4), epsilon: float = 1e-3
 ) -> str:

@@ -39,6 +39,7 @@ from bncheck.model import (
     BatchDependence,
     BatchOp,
     Kind,
+    LocatedDependence,
     ModelView,
     NormLayer,
     ProbeResult,
@@ -94,6 +95,11 @@ HINT_DYNAMIC_QUANT = (
     "outputs is acceptable, ignore BN002 for this model (--ignore BN002)."
 )
 
+HINT_RANDOM = (
+    "If dropout (or another training-time noise) was exported active, export with it off (model.eval(), "
+    "training=False); if the model samples on purpose (a TTS or VAE's noise), fix its seed or noise scale to "
+    "compare runs, or --ignore BN002."
+)
 HINT_REDUCTION = (
     "Reduce over the sample's own axes at inference (leave axis 0 out), or use statistics stored at training "
     "time (a batch norm's moments exported in training mode: export it with training off); if mixing the "
@@ -198,6 +204,8 @@ def _unexplained(
             f"explains it; where it starts was not located{latent}"
         )
         return Finding(CODE, SLUG, severity, name, what, HINT_REDUCTION + rank_1_hint, evidence)
+    if found.random_sources:
+        return _random(found, evidence)
     axes = f" over axes {list(found.axes)}" if found.axes is not None else ""
     batch_axis = " (which include the batch axis 0)" if found.axes is not None and 0 in found.axes else ""
     evidence.update(
@@ -258,6 +266,28 @@ def _unexplained(
         hint = HINT_MOVED_BATCH  # its axes hold the batch only because a reshape before it moved it there
     # no normalization layer explains it, so `fix` has nothing to switch or recalibrate here
     return Finding(CODE, SLUG, severity, found.node, what, hint + rank_1_hint, evidence)
+
+
+def _random(found: LocatedDependence, evidence: dict[str, object]) -> Finding:
+    """The outputs moved because the model draws random numbers, at the located node or before it: a sample's
+    outputs change from run to run, alone or in a batch, so the probe cannot tell batch dependence from the
+    noise. A warning: dropout exported in training mode is a defect, a sampler's noise (a TTS model's) is not."""
+    evidence.update(
+        kind="random",
+        random_sources=list(found.random_sources),
+        op_type=found.op_type,
+        tensor=found.tensor,
+        tensor_change=found.change,
+        located_runs=found.runs,
+    )
+    first, count = found.random_sources[0], len(found.random_sources)
+    sources = first if count == 1 else f"{first} and {count - 1} more"
+    what = (
+        f"the model draws random numbers at inference ({sources}): a sample's outputs change from run to run, "
+        f"alone or in a batch; {found.op_type} {found.node!r} is where they first moved (its output by "
+        f"{found.change:.3g} standard deviations), so batch dependence cannot be told apart from that noise"
+    )
+    return Finding(CODE, SLUG, Severity.WARNING, found.node, what, HINT_RANDOM, evidence)
 
 
 def _reduction_finding(

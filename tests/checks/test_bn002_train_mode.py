@@ -15,6 +15,7 @@ from tests.builders import (
     batch_centering_model,
     bn_model,
     cancellation_model,
+    dropout_model,
     dynamic_quant_model,
     layernorm_model,
     moments_model,
@@ -414,3 +415,17 @@ def test_a_batch_reduction_in_a_model_of_rank_1_inputs_says_axis_0_may_be_a_sequ
     )
     [features] = inspect_findings(reducer(tmp_path / "feat.onnx", ["N", 4]), "BN002")
     assert "inputs_rank_1" not in features.evidence and features.hint == HINT_REDUCTION
+
+
+def test_outputs_moved_by_random_numbers_are_a_warning_naming_the_source_not_batch_dependence(tmp_path):
+    """Dropout exported in training mode draws a new mask at every run: the probe sees the outputs move and
+    locates the first moved tensor, but its cause is the noise (RandomUniformLike), named in a warning whose
+    hint covers both an exported dropout and a model that samples on purpose."""
+    from bncheck.checks.bn002_train_mode import HINT_RANDOM
+
+    report = engine.probe(dropout_model(tmp_path / "m.onnx"), ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.severity.label == "warning" and finding.evidence["kind"] == "random"
+    assert finding.evidence["random_sources"] == ["RandomUniformLike 'dropout_noise'"]
+    assert "draws random numbers at inference" in finding.message and finding.hint == HINT_RANDOM
+    assert report.exit_code == 0

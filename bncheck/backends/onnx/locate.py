@@ -26,7 +26,7 @@ from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, upstream_nodes
 from bncheck.backends.onnx.instrument import keep_only, stub
 from bncheck.backends.onnx.tensors import to_array
-from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
+from bncheck.model import DYNAMIC_QUANT_OPS, RANDOM_OPS, LocatedDependence
 from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
 
 if TYPE_CHECKING:
@@ -283,6 +283,7 @@ def locate_dependence(
         batch_size=size,
         relative_change=relative.get(tensor),
         upstream_quantizers=_upstream_quantizers(nodes, lo),
+        random_sources=_random_sources(nodes, lo),
         moved_integer_inputs=tuple(moved_inputs),
         integer_origin=origin,
     )
@@ -308,6 +309,17 @@ def integer_moved(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> bool:
     if axis is not None:
         return not np.array_equal(np.take(a, [row], axis=axis), np.take(b, [row], axis=axis))
     return not np.array_equal(a, b)
+
+
+def _random_sources(nodes: list[Any], index: int) -> tuple[str, ...]:
+    """The ops drawing random numbers at node ``index`` or upstream of it, "RandomUniformLike 'n1'", in graph
+    order."""
+    reached = upstream_nodes(nodes, nodes[index].input) | {index}
+    return tuple(
+        f"{nodes[i].op_type} {(nodes[i].name or nodes[i].output[0])!r}"
+        for i in sorted(reached)
+        if nodes[i].op_type in RANDOM_OPS and nodes[i].domain in ONNX_DOMAINS
+    )
 
 
 def _upstream_quantizers(nodes: list[Any], index: int) -> tuple[str, ...]:
