@@ -378,6 +378,53 @@ def test_microsoft_contrib_ops(tmp_path):
     assert gn.channel_axis == 3 and gn.channels == 8 and gn.groups == 4 and gn.axes == (1, 2, 3)
 
 
+def _embed_layer_norm_model(tmp_path: Path, gamma: np.ndarray) -> str:
+    """token ids [2, 5] -> com.microsoft EmbedLayerNormalization "embed_ln" (word, position and segment tables
+    of hidden size 8, gamma ``gamma``) -> y [2, 5, 8], as onnxruntime.transformers' BERT fusion writes it."""
+    h = 8
+    i32 = onnx.TensorProto.INT32
+    node = helper.make_node(
+        "EmbedLayerNormalization",
+        ["ids", "segments", "words", "positions", "segment_table", "gamma", "beta"],
+        ["y", "mask_index"],
+        name="embed_ln",
+        domain="com.microsoft",
+        epsilon=1e-12,
+    )
+    rng = np.random.default_rng(0)
+    return save(
+        tmp_path,
+        [node],
+        [helper.make_tensor_value_info("ids", i32, [2, 5]), helper.make_tensor_value_info("segments", i32, [2, 5])],
+        [vinfo("y", [2, 5, h]), helper.make_tensor_value_info("mask_index", i32, [2])],
+        [
+            const("words", rng.standard_normal((30, h))),
+            const("positions", rng.standard_normal((5, h))),
+            const("segment_table", rng.standard_normal((2, h))),
+            const("gamma", gamma),
+            const("beta", np.zeros(h)),
+        ],
+        opset=17,
+        extra_opsets=[("com.microsoft", 1)],
+    )
+
+
+def test_microsoft_embed_layer_normalization_is_a_layer_norm_read_from_its_gamma_and_beta(tmp_path):
+    (layer,), _ = load_layers(_embed_layer_norm_model(tmp_path, np.ones(8)))
+    assert (layer.name, layer.kind, layer.axes, layer.channels) == ("embed_ln", Kind.LAYER, (2,), 8)
+    assert layer.epsilon == float(np.float32(1e-12)) and layer.input == ""  # the summed embeddings: no tensor
+
+
+def test_a_nan_gamma_in_an_embed_layer_normalization_is_bn005(tmp_path):
+    """onnxruntime's output is NaN for every token there; before, no layer was found and the model passed."""
+    from bncheck import engine
+
+    gamma = np.ones(8)
+    gamma[3] = np.nan
+    findings = engine.inspect(_embed_layer_norm_model(tmp_path, gamma)).findings
+    assert [(f.code, f.severity.label, f.layer) for f in findings] == [("BN005", "error", "embed_ln")]
+
+
 # ---------------------------------------------------------------------------- parameters
 
 

@@ -367,6 +367,38 @@ def _with_skip_note(layer: NormLayer) -> NormLayer:
     return replace(layer, notes=layer.notes + (note,), extra={**layer.extra, "summed_input": True})
 
 
+def _embed_layer_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
+    """com.microsoft EmbedLayerNormalization (onnxruntime.transformers' BERT embeddings): a LayerNorm over the
+    hidden axis of the sum of word, position and segment embeddings looked up from token ids. That sum is no
+    tensor of the graph unless the node writes it (its third output), so the layer is read from its gamma
+    (input 5), beta (input 6) and epsilon, and measured only through that output when there is one."""
+    node = g.nodes[idx]
+    attrs = g.attrs(idx)
+    scale, bias = _params(g, node, 5, 6)
+    summed = node.output[2] if len(node.output) > 2 else ""
+    output = node.output[0] if node.output else ""
+    layer = NormLayer(
+        name=g.node_name(idx),
+        op_type=node.op_type,
+        domain=node.domain,
+        nodes=(g.node_name(idx),),
+        input=summed,
+        output=output,
+        inputs=tuple(node.input),
+        outputs=tuple(node.output),
+        input_shape=g.shape(summed) if summed else g.shape(output),
+        kind=Kind.LAYER,
+        axes=(2,),
+        channel_axis=2,
+        channels=int(scale.size) if scale is not None else shape_dim(g, output, 2),
+        epsilon=_eps(attrs, 1e-12),
+        scale=scale,
+        bias=bias,
+        notes=("normalizes the sum of the word, position and segment embeddings its token ids look up",),
+    )
+    return layer, [idx]
+
+
 def _group_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
     node = g.nodes[idx]
     attrs = g.attrs(idx)
@@ -469,6 +501,7 @@ _OP_HANDLERS: dict[str, tuple[tuple[str, ...], Callable[[GraphIndex, int], tuple
     "SimplifiedLayerNormalization": (ONNX_DOMAINS + _MS, _rms_norm),
     "SkipLayerNormalization": (_MS, _skip_layer_norm),
     "SkipSimplifiedLayerNormalization": (_MS, _skip_simplified_layer_norm),
+    "EmbedLayerNormalization": (_MS, _embed_layer_norm),
     "GroupNorm": (_MS, _ms_group_norm),
     "SkipGroupNorm": (_MS, _ms_group_norm),
 }
