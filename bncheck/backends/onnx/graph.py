@@ -189,7 +189,8 @@ class GraphIndex:
             if node.op_type != "DequantizeLinear" or node.domain not in QUANT_DOMAINS or not node.output:
                 continue
             quantizer = self.produced_by(node_input(node, 0), "QuantizeLinear")
-            if quantizer is not None and self.nodes[quantizer].input:
+            # a pair only: a quantizer that an integer op also reads (QLinearConv) keeps its place
+            if quantizer is not None and self.nodes[quantizer].input and self._dequantized_only(quantizer):
                 source = self.nodes[quantizer].input[0]
                 rounded[node.output[0]] = rounded.get(source, source)
                 for bypassed in (quantizer, idx):
@@ -219,6 +220,12 @@ class GraphIndex:
                     copy.attribute.extend(node.attribute)
                     nodes[idx] = copy
         return nodes
+
+    def _dequantized_only(self, idx: int) -> bool:
+        """Whether DequantizeLinear nodes are all that read node ``idx``'s outputs."""
+        return all(
+            self.nodes[user].op_type == "DequantizeLinear" for out in self.nodes[idx].output for user in self.users(out)
+        )
 
     def _dequantize(self, idx: int) -> np.ndarray | None:
         """A DequantizeLinear of stored values, computed: (x - zero_point) * scale, per tensor or along
