@@ -4,6 +4,7 @@ folder and refused before any byte is read, broken graphs still walked with the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -11,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx import load as onnx_load
 from bncheck.backends.onnx.load import load_onnx
+from bncheck.cli import main
 from bncheck.model import Kind
 
 F32 = TensorProto.FLOAT
@@ -395,3 +398,45 @@ def test_dims_onnx_invents_stay_symbolic_and_declared_names_are_kept(tmp_path):
     handle = load_onnx(str(path))
     assert handle.value_shapes["x"] == ("batch", 3)
     assert handle.value_shapes["nz"][0] == 2 and handle.value_shapes["nz"][1].startswith("unk__")
+
+
+@pytest.mark.parametrize("level", ["ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"])
+def test_shapes_pass_the_convolutions_onnxruntime_fused_so_inspect_sees_a_collapse(tmp_path: Path, level: str) -> None:
+    """A model saved by onnxruntime's optimizer (SessionOptions.optimized_model_filepath): its convolutions are
+    com.microsoft FusedConv (EXTENDED) or NCHWc ops (ALL), which onnx's shape inference does not know. The
+    instance norm after global pooling normalizes one element per channel: inspect's BN001, as on the file
+    before optimization."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "b"),
+        numpy_helper.from_array(np.ones(16, np.float32), "scale"),
+        numpy_helper.from_array(np.full(16, 0.1, np.float32), "bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("InstanceNormalization", ["p", "scale", "bias"], ["y"], name="in_gap"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 1, 1])],
+        inits,
+    )
+    source = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    domains = {node.domain for node in onnx.load(options.optimized_model_filepath).graph.node}
+    assert domains & {"com.microsoft", "com.microsoft.nchwc"}, domains  # the file the test is about
+    for path in (str(source), options.optimized_model_filepath):
+        result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
+        findings = [(f["code"], f["severity"], f["layer"]) for f in json.loads(result.stdout)["findings"]]
+        assert findings == [("BN001", "error", "in_gap")], (path, findings)

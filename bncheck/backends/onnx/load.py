@@ -765,14 +765,85 @@ def _check_and_infer(path: str, model: onnx.ModelProto, large: bool) -> tuple[on
         return onnx.shape_inference.infer_shapes(_sorted(skeleton), strict_mode=strict, data_prop=True)
 
     try:
-        return _through_newer_opset(_through_contrib(infer(strict=True), large), skeleton, large), notes
+        inferred = _through_contrib(_through_ort_layouts(infer(strict=True), large), large)
+        return _through_newer_opset(inferred, skeleton, large), notes
     except Exception as exc:
         notes.append(Note("warning", f"onnx shape inference (strict) fails: {_first_line(exc)}"))
     try:
-        return _through_newer_opset(_through_contrib(infer(strict=False), large), skeleton, large), notes
+        inferred = _through_contrib(_through_ort_layouts(infer(strict=False), large), large)
+        return _through_newer_opset(inferred, skeleton, large), notes
     except Exception as exc:
         notes.append(Note("warning", f"onnx shape inference fails; shapes are unknown: {_first_line(exc)}"))
         return model, notes
+
+
+#: the domain of onnxruntime's NCHWc layout ops, which its optimizer writes at ORT_ENABLE_ALL
+_NCHWC = "com.microsoft.nchwc"
+#: onnxruntime's NCHWc ops that are an ONNX op of the same name on blocked channels
+_NCHWC_AS_ONNX = frozenset({"Conv", "GlobalAveragePool", "GlobalMaxPool", "MaxPool", "AveragePool"})
+
+
+def _through_ort_layouts(inferred: onnx.ModelProto, large: bool) -> onnx.ModelProto:
+    """Shapes past the convolutions onnxruntime's optimizer fuses (com.microsoft FusedConv at EXTENDED, the
+    NCHWc ops at ALL), which onnx's inference does not know: inferred on a stand-in graph where each is the
+    ONNX op it computes (a Conv, a pool; ReorderOutput a Slice of its channels, ReorderInput an Identity) and
+    copied back for the tensors the file's own inference left without a shape. A saved optimized model
+    (SessionOptions.optimized_model_filepath) otherwise has no shape after its first convolution, and a
+    collapse that inspect should see (an instance norm after global pooling) is missed."""
+    import onnx
+    from onnx import helper
+
+    graph = inferred.graph
+    if large or not any(
+        (node.domain == "com.microsoft" and node.op_type == "FusedConv") or node.domain == _NCHWC for node in graph.node
+    ):
+        return inferred
+    stand_in = onnx.ModelProto()
+    stand_in.CopyFrom(inferred)
+    extra = []
+    for node in stand_in.graph.node:
+        if (node.domain == "com.microsoft" and node.op_type == "FusedConv") or (
+            node.domain == _NCHWC and node.op_type in _NCHWC_AS_ONNX
+        ):
+            kept = [a for a in node.attribute if a.name not in ("activation", "activation_params")]
+            inputs = list(node.input[:3]) if node.op_type in ("FusedConv", "Conv") else list(node.input[:1])
+            del node.input[:]
+            node.input.extend(inputs)
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.op_type, node.domain = ("Conv" if node.op_type == "FusedConv" else node.op_type), ""
+        elif node.domain == _NCHWC and node.op_type == "ReorderInput":
+            node.op_type, node.domain = "Identity", ""
+            del node.attribute[:]
+        elif node.domain == _NCHWC and node.op_type == "ReorderOutput":
+            channels = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "channels"), None)
+            last = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "channels_last"), 0)
+            if channels is None or last:
+                continue
+            ends = f"{node.output[0]}:channels"
+            extra += [
+                helper.make_tensor(ends, onnx.TensorProto.INT64, [1], [int(channels)]),
+                helper.make_tensor(f"{ends}:start", onnx.TensorProto.INT64, [1], [0]),
+                helper.make_tensor(f"{ends}:axis", onnx.TensorProto.INT64, [1], [1]),
+            ]
+            node.op_type, node.domain = "Slice", ""
+            node.input.extend([f"{ends}:start", ends, f"{ends}:axis"])
+            del node.attribute[:]
+    stand_in.graph.initializer.extend(extra)
+    try:
+        shaped = onnx.shape_inference.infer_shapes(stand_in, strict_mode=False, data_prop=True)
+    except Exception:
+        return inferred
+    known = {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output) if _has_shape(v)}
+    produced = {out for node in graph.node for out in node.output if out}
+    for info in shaped.graph.value_info:
+        if info.name in produced and info.name not in known and _has_shape(info):
+            graph.value_info.append(info)
+    return onnx.shape_inference.infer_shapes(inferred, strict_mode=False, data_prop=True)
+
+
+def _has_shape(info: onnx.ValueInfoProto) -> bool:
+    return info.type.tensor_type.HasField("shape")
 
 
 #: onnxruntime contrib ops onnx cannot infer, whose first output has the shape of their first input.
