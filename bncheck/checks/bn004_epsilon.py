@@ -7,8 +7,8 @@ What it does
     - 0 < epsilon < 1e-5 (beyond float32 rounding; PyTorch's and ONNX's default 1e-5 is stored as
       9.99999975e-06 and is fine) on a batch norm: a warning, with the largest relative change of the output
       that the clamp to 1.001e-5 causes on this layer's stored variances (dead channels left out).
-    - epsilon >= the median variance of the sets a layer without running statistics normalized at the probe's
-      largest batch: info, with the damping factor (a converter's epsilon shows so).
+    - epsilon >= the median variance of the sets an instance or group norm normalized at the probe's largest
+      batch: info, with the damping factor (a converter's epsilon shows so).
     - epsilon >= the running variance in some live channel: info, with the number of channels and the worst
       factor ``sqrt(var / (var + eps))`` by which epsilon damps their outputs. Dead channels (output spread
       ``|gamma| * sqrt(var / (var + eps))`` at most 1e-3 of the layer's largest: variance ~1e-44 or gamma ~0)
@@ -107,10 +107,11 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
 
 
 def _dominates_measured(layer: NormLayer, eps: float, probe: ProbeResult | None) -> Finding | None:
-    """The info of :func:`_dominance` for a layer without running statistics (instance and group norms, batch
-    norms that compute theirs), from the variance of its sets measured at the probe's largest batch: where
-    epsilon is at least the median set's variance, most sets' outputs are damped."""
-    if probe is None or not probe.batch_sizes:
+    """The info of :func:`_dominance` for an instance or group norm (no running statistics), from the variance
+    of its sets measured at the probe's largest batch: where epsilon is at least the median set's variance,
+    most sets' outputs are damped. Not for batch norms that compute their statistics: their sets are channels,
+    and channels dead in a trained model (variance ~0) can make up the median (layout_cdla's twin)."""
+    if probe is None or not probe.batch_sizes or layer.kind not in (Kind.INSTANCE, Kind.GROUP):
         return None
     largest = max(probe.batch_sizes)
     seen = probe.at(largest, layer.name)

@@ -107,3 +107,11 @@ def test_epsilon_above_the_measured_set_variance_of_an_instance_norm_is_info(tmp
     assert 0.0015 < variance < 0.0035
     assert finding.evidence["factor"] == pytest.approx(np.sqrt(variance / (variance + 2.0)), rel=1e-6)
     assert probe_findings(fed_instancenorm_model(tmp_path / "ok.onnx", epsilon=1e-5, feed="scaled"), "BN004") == []
+
+
+def test_a_train_mode_batch_norm_gets_no_measured_variance_info(tmp_path, probe_findings):
+    """A batch norm computing its statistics normalizes per channel: channels dead in a trained model make up
+    the median of tiny variances (layout_cdla's twin), so the measured-variance info is for instance and
+    group norms only: a BN in training mode with epsilon 1e3 on inputs of variance 1 gets none."""
+    model = bn_model(tmp_path / "m.onnx", hw=(8, 8), epsilon=1e3, training=True)
+    assert [f.evidence["kind"] for f in probe_findings(model, "BN004")] == []
