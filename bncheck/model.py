@@ -456,6 +456,8 @@ class ProbeResult:
     # with --data: the model's outputs on the data's first samples, samples first (run_plan's keep_outputs),
     # which that comparison takes as the stored model's; not reported, let go once it has run
     data_outputs: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    # model outputs holding NaN/Inf in every sample of the probe's largest batch: output name -> samples
+    nonfinite_outputs: dict[str, int] = field(default_factory=dict)
     # layers the probe could not measure, with the reason (shown as "not measured", never "ok")
     unmeasured: dict[str, str] = field(default_factory=dict)
     # layers the probe left unmeasured because no check needs their numbers, with the reason

@@ -1175,7 +1175,21 @@ def run_plan(
         companions_replaced=any(len(run) != 1 for run in plan.solo_runs),
         outputs_unbatched=output_axes.unbatched(),
         data_outputs=data_outputs,
+        nonfinite_outputs=_all_nonfinite(outputs.get(plan.probe_runs[max(batch_sizes)], {})),
     )
+
+
+def _all_nonfinite(outputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The floating outputs (samples first) in which every sample holds a NaN or an Inf, with the count."""
+    found = {}
+    for name, value in outputs.items():
+        array = np.asarray(value)
+        if array.dtype.kind != "f" or array.ndim == 0 or not array.shape[0]:
+            continue
+        finite = np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
+        if not finite.any():
+            found[name] = int(array.shape[0])
+    return found
 
 
 def _first_runs(data_runs: tuple[tuple[int, ...], ...], samples: int) -> set[tuple[int, ...]]:

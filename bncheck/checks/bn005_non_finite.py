@@ -43,6 +43,15 @@ HINT_SYNTHETIC = (
     "upstream from this layer (log/div/sqrt of bad values, overflow in float16); an integer input such as a "
     "length or a mask may have been drawn out of its range."
 )
+HINT_OUTPUTS = (
+    "Look for NaN/Inf in the stored weights (numpy.isnan on each initializer): a batch norm with a NaN or "
+    "negative variance folded into the convolution before it puts NaN there; restore the parameters from a "
+    "healthy checkpoint and export again."
+)
+HINT_OUTPUTS_SYNTHETIC = (
+    "Probe with inputs the model is meant to get (`--data`): if every output is NaN/Inf there too, look for NaN/Inf "
+    "in the stored weights (a batch norm with a NaN or negative variance folded into a convolution puts it there)."
+)
 HINT_OBSERVED = (
     "Follow the tensor upstream from this layer: the first NaN/Inf comes from here or from the ops just before "
     "it (log/div/sqrt of bad values, overflow in float16)."
@@ -95,6 +104,8 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     {"kind": "negative-variance", "channels": int(negative.size), "min": number(negative.min())},
                 )
     first = _first_observed(view, probe)
+    if first is None and not flagged and probe is not None and probe.nonfinite_outputs:
+        yield _outputs_finding(view, probe)
     if first is not None and probe is not None:
         layer, where, samples = first
         if layer.name not in flagged:
@@ -114,6 +125,33 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     severity, hint = Severity.WARNING, HINT_SYNTHETIC
                     message += "; with synthetic inputs, which may hold values the model never gets"
             yield Finding(CODE, SLUG, severity, layer.name, message, hint, evidence)
+
+
+def _outputs_finding(view: ModelView, probe: ProbeResult) -> Finding:
+    """Every sample's outputs NaN/Inf and no normalization layer shows where they start: a BN folded into the
+    convolution before it carries its NaN or negative variance there (onnxsim, tf2onnx and torch's default
+    export fold them), or no layer is measured upstream. An error on the data; with synthetic inputs a warning,
+    since their values may be what makes them (a log of N(0, 1) values)."""
+    name, samples = next(iter(probe.nonfinite_outputs.items()))
+    synthetic = probe.data_source == "synthetic"
+    none_left = (
+        " (the graph has no normalization layer left: one folded into a convolution carries its NaN or negative "
+        "variance into the weights)"
+    )
+    message = (
+        f"model output {name!r} holds NaN/Inf in every sample of the probe's batch of {samples}"
+        f"{none_left if not view.layers else ''}, and no normalization layer shows where they start"
+    )
+    if synthetic:
+        message += "; with synthetic inputs, which may hold values the model never gets"
+    evidence = {
+        "kind": "outputs",
+        "outputs": sorted(probe.nonfinite_outputs),
+        "samples": samples,
+        "data": probe.data_source,
+    }
+    hint = HINT_OUTPUTS_SYNTHETIC if synthetic else HINT_OUTPUTS
+    return Finding(CODE, SLUG, Severity.WARNING if synthetic else SEVERITY, name, message, hint, evidence)
 
 
 def _first_observed(view: ModelView, probe: ProbeResult | None) -> tuple[NormLayer, str, dict[int, int]] | None:

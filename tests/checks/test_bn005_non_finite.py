@@ -28,3 +28,53 @@ def test_probe_reports_where_nan_first_appears(tmp_path, probe_findings):
 
 def test_probe_on_clean_model_sees_no_nan(tmp_path, probe_findings):
     assert probe_findings(bn_model(tmp_path / "m.onnx"), "BN005") == []
+
+
+def _folded_model(path, nan: bool) -> str:
+    """x[N, 3, 8, 8] -> Conv (a BN folded into it, as onnxsim, tf2onnx and torch's default export fold them;
+    ``nan``: its NaN variance carried into one filter's weights) -> Relu -> GlobalAveragePool -> y[N, 4, 1, 1]:
+    no normalization layer left."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    if nan:
+        weights[2] = np.nan
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "folded",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_outputs_nan_in_every_sample_without_a_layer_to_blame_are_reported(tmp_path, probe_findings):
+    """A BN's NaN variance folded into the convolution before it: every output is NaN and no norm layer is left.
+    A warning on synthetic inputs (their values could be the cause), an error on the data; none on the same
+    model without the NaN."""
+    import numpy as np
+
+    model = _folded_model(tmp_path / "m.onnx", nan=True)
+    [synthetic] = probe_findings(model, "BN005")
+    assert (synthetic.layer, synthetic.severity.label, synthetic.evidence["kind"]) == ("y", "warning", "outputs")
+    assert "no normalization layer left" in synthetic.message
+    data = tmp_path / "d.npy"
+    np.save(data, np.random.default_rng(1).uniform(0, 1, (16, 3, 8, 8)).astype(np.float32))
+    [measured] = probe_findings(model, "BN005", data_path=str(data), data_source=str(data), data=_load(str(data)))
+    assert (measured.layer, measured.severity.label, measured.evidence["samples"]) == ("y", "error", 8)
+    assert probe_findings(_folded_model(tmp_path / "ok.onnx", nan=False), "BN005") == []
+
+
+def _load(path: str):
+    import numpy as np
+
+    return {"x": np.load(path)}
