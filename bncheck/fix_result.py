@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bncheck.model import NormLayer, TensorStats, median, summarize
+from bncheck.model import InputSpec, NormLayer, TensorStats, median, summarize
 from bncheck.probe_data import release_mapped, sample_count
 from bncheck.verdicts import drift_text
 
@@ -115,6 +115,19 @@ def uncertainty(stats: TensorStats) -> Uncertainty:
         median(var_rel),
         float(np.max(var_rel)),
     )
+
+
+def calibration_batch(inputs: list[InputSpec], batch_size: int) -> tuple[int, bool]:
+    """(batch size to feed, whether the model fixes it): a fixed batch dimension takes only full batches."""
+    fixed = {spec.batch_dim for spec in inputs if isinstance(spec.batch_dim, int)}
+    if len(fixed) == 1:
+        return int(fixed.pop()), True
+    return batch_size, False
+
+
+def calibration_size(batch: int, fixed: bool, samples: int) -> int:
+    """The largest calibration batch: a fixed one, else ``batch`` or the data's ``samples`` if fewer."""
+    return batch if fixed else min(batch, samples)
 
 
 def calibration_batches(

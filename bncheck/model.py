@@ -99,10 +99,6 @@ class NormLayer:
 #: ops that quantize with a scale taken from the min and max of the whole tensor, every sample included
 #: (onnxruntime's dynamic quantization: the standard op and the com.microsoft kernels that fuse it)
 DYNAMIC_QUANT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})
-#: ONNX ops that draw random numbers at every run
-RANDOM_OPS = frozenset(
-    {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
-)
 
 
 @dataclass(frozen=True)

@@ -352,6 +352,14 @@ DOMINANCE_RATIO = 1.0
 #: it would have: where such a layer's output is constant over sets of many elements, epsilon is the cause
 #: (paddle2onnx 2.1 writes GroupNormalization epsilons such as 4.7e13 for 1e-5)
 EPSILON_SWAMPS = 1e4
+
+
+def equal_sets(variance: float, stats: TensorStats) -> bool:
+    """Whether normalized sets of median ``variance`` hold equal values, up to float32 rounding of the values'
+    magnitude (``stats``: the layer's measured input): x - mean is then 0 whatever epsilon is."""
+    return variance <= FLOAT32_ROUNDING**2 * median(stats.sample_sq)
+
+
 #: A channel whose expected output spread, |gamma| * sqrt(var / (var + eps)), is at most this fraction of the
 #: layer's largest channel spread is dead: its output is its beta whatever epsilon is (trained models carry
 #: such channels, variance down to 1e-44 or gamma near 0, and their epsilon "dominance" means nothing). On

@@ -44,15 +44,14 @@ from bncheck.model import (
     NormLayer,
     ProbeResult,
     fixed_batch,
-    median,
     observed_set_size,
     set_variance,
 )
 from bncheck.verdicts import (
     EPSILON_SWAMPS,
-    FLOAT32_ROUNDING,
     collapse_condition,
     collapse_is_certain,
+    equal_sets,
     is_collapsed,
 )
 
@@ -147,9 +146,7 @@ def _many_element_cause(
     eps = layer.epsilon
     if variance is not None:
         evidence["median_set_variance"] = variance
-    # equal up to float32 rounding of their magnitude: x - mean is 0 whatever epsilon is
-    magnitude = median(seen.input.sample_sq) if seen is not None and seen.input is not None else None
-    equal = variance is not None and magnitude is not None and variance <= (FLOAT32_ROUNDING**2) * magnitude
+    equal = variance is not None and seen is not None and seen.input is not None and equal_sets(variance, seen.input)
     if eps is not None and eps > 0 and not equal and (variance is None or eps >= EPSILON_SWAMPS * variance):
         evidence["cause"] = "epsilon"
         measured = f" (median {variance:.3g})" if variance is not None else ""

@@ -39,14 +39,14 @@ import numpy as np
 
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, number
-from bncheck.model import Kind, ModelView, NormLayer, ProbeResult, median, set_variance
+from bncheck.model import Kind, ModelView, NormLayer, ProbeResult, set_variance
 from bncheck.verdicts import (
     DOMINANCE_RATIO,
-    FLOAT32_ROUNDING,
     NEGLIGIBLE_OUTPUT_RATIO,
     TF_EPSILON_CLAMP,
     below_clamp,
     clamp_effect,
+    equal_sets,
     folded_stats,
     judged_running_stats,
     live_channels,
@@ -119,7 +119,7 @@ def _dominates_measured(layer: NormLayer, eps: float, probe: ProbeResult | None)
     if variance is None or not np.isfinite(variance) or eps < DOMINANCE_RATIO * variance:
         return None
     assert seen is not None and seen.input is not None  # set_variance measured it
-    if variance <= FLOAT32_ROUNDING**2 * median(seen.input.sample_sq):
+    if equal_sets(variance, seen.input):
         return None  # sets of equal values (one element, say): no spread for epsilon to damp; BN001's business
     factor = float(np.sqrt(variance / (variance + eps)))
     return Finding(

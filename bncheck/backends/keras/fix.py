@@ -32,7 +32,9 @@ from bncheck.fix_result import (
     FixRequest,
     LayerFix,
     StatsSummary,
+    calibration_batch,
     calibration_batches,
+    calibration_size,
     drift_after_upstream,
     listing,
     uncertainty,
@@ -69,18 +71,10 @@ def check_keras_fix(view: ModelView, static: KerasFile, request: FixRequest) -> 
         if static.runner is None:
             refuse_foreign(static, "fix")
             static.runner = KerasRunner(view, static)  # the probe of the original runs this loaded model
-        batch, fixed = _calibration_batch(view, request.batch_size)
-        size = batch if fixed else min(batch, sample_count(request.data))
+        batch, fixed = calibration_batch(view.inputs, request.batch_size)
+        size = calibration_size(batch, fixed, sample_count(request.data))
         inputs = memory.fed_bytes(view.inputs, size, None, request.data)
         memory.check(static.runner.model, inputs, size, "give a smaller --batch-size")
-
-
-def _calibration_batch(view: ModelView, batch_size: int) -> tuple[int, bool]:
-    """(batch size to feed, whether the model fixes it): a fixed batch dimension takes only full batches."""
-    fixed_dims = {spec.shape[0] for spec in view.inputs if spec.shape and isinstance(spec.shape[0], int)}
-    if len(fixed_dims) == 1:
-        return int(fixed_dims.pop()), True
-    return batch_size, False
 
 
 def _training_state(static: KerasFile) -> bool:
@@ -106,7 +100,7 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
     results, pending, stored = _plan(view, request)
     data = request.data
     samples = sample_count(data)
-    batch, fixed = _calibration_batch(view, request.batch_size)
+    batch, fixed = calibration_batch(view.inputs, request.batch_size)
     padded = (-samples) % batch if fixed and samples else 0
     # the model the probe of the original loaded (its as-written calls restore the moving statistics), else
     # a fresh load: refuses unsafe files again, imports keras, loads with safe_mode=True
@@ -124,7 +118,7 @@ def fix_keras(view: ModelView, static: KerasFile, request: FixRequest) -> FixOut
     else:
         from bncheck.backends.keras import memory
 
-        size = batch if fixed else min(batch, samples)  # the largest calibration batch
+        size = calibration_size(batch, fixed, samples)
         memory.check(runner.model, memory.fed_bytes(view.inputs, size, None, data), size, "give a smaller --batch-size")
         batches = list(calibration_batches(data, batch, fixed=fixed))
         passes = _repair(runner, pending, results, batches, request, _probed(runner, data, size, pending))

@@ -35,7 +35,9 @@ from bncheck.fix_result import (
     FixRequest,
     LayerFix,
     StatsSummary,
+    calibration_batch,
     calibration_batches,
+    calibration_size,
     drift_after_upstream,
     drift_once_repaired,
     listing,
@@ -210,8 +212,7 @@ def calibration_memory(
     fixed batch; a free batch takes at most the data's samples."""
     from bncheck.backends.onnx import memory
 
-    if not fixed:
-        batch = min(batch, sample_count(data, axes))
+    batch = calibration_size(batch, fixed, sample_count(data, axes))
     if batch < 1:
         return None
     feeds = {
@@ -277,7 +278,7 @@ def _prepare(view: ModelView, request: FixRequest) -> _Plan:
             "with sound statistics need none (or pass --only to skip these)"
         )
     samples = sample_count(data, input_axes(view))
-    batch, fixed = _batching(view, request.batch_size)
+    batch, fixed = calibration_batch(view.inputs, request.batch_size)
     padded = (-samples) % batch if fixed else 0
     notes: list[str] = []
     if padded:
@@ -597,14 +598,6 @@ def _feedable(p: _Pending) -> bool:
 
 
 # ====================================================================== samples
-
-
-def _batching(view: ModelView, batch_size: int) -> tuple[int, bool]:
-    """(batch size to feed, whether the model fixes it): a fixed batch dimension takes only full batches."""
-    fixed = {spec.batch_dim for spec in view.inputs if isinstance(spec.batch_dim, int)}
-    if len(fixed) == 1:
-        return int(fixed.pop()), True
-    return batch_size, False
 
 
 # ====================================================================== order of repairs

@@ -836,10 +836,13 @@ def _through_ort_layouts(inferred: onnx.ModelProto, large: bool) -> onnx.ModelPr
         return inferred
     known = {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output) if _has_shape(v)}
     produced = {out for node in graph.node for out in node.output if out}
-    for info in shaped.graph.value_info:
-        if info.name in produced and info.name not in known and _has_shape(info):
-            graph.value_info.append(info)
-    return onnx.shape_inference.infer_shapes(inferred, strict_mode=False, data_prop=True)
+    # the stand-in's inference went through the whole graph: what it found for the rest is the file's too
+    graph.value_info.extend(
+        info
+        for info in shaped.graph.value_info
+        if info.name in produced and info.name not in known and _has_shape(info)
+    )
+    return inferred
 
 
 def _has_shape(info: onnx.ValueInfoProto) -> bool:

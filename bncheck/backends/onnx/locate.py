@@ -26,7 +26,7 @@ from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, upstream_nodes
 from bncheck.backends.onnx.instrument import keep_only, stub
 from bncheck.backends.onnx.tensors import to_array
-from bncheck.model import DYNAMIC_QUANT_OPS, RANDOM_OPS, LocatedDependence
+from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
 from bncheck.probe_plan import SCALE_FLOOR, output_scale, sample_shifts
 
 if TYPE_CHECKING:
@@ -309,6 +309,12 @@ def integer_moved(a: np.ndarray, b: np.ndarray, row: int, batch: int) -> bool:
     if axis is not None:
         return not np.array_equal(np.take(a, [row], axis=axis), np.take(b, [row], axis=axis))
     return not np.array_equal(a, b)
+
+
+#: ONNX ops that draw random numbers at every run
+RANDOM_OPS = frozenset(
+    {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
+)
 
 
 def _random_sources(nodes: list[Any], index: int) -> tuple[str, ...]:
