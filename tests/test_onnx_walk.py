@@ -16,10 +16,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+import bncheck
 from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.load import load_onnx
 from bncheck.backends.onnx.walk import walk, walk_with_notes
 from bncheck.model import Kind, normalized_set_size
+from tests.builders import bn_model
 
 F32 = TensorProto.FLOAT
 RNG = np.random.default_rng(1234)
@@ -1485,3 +1487,115 @@ def test_moments_transposed_before_the_division_over_the_axis_the_batch_moved_to
     from bncheck import engine
 
     assert ("BN002", "error") in [(f.code, f.severity.name.lower()) for f in engine.inspect(path).findings]
+
+
+# ---------------------------------------------------------------------------- tf2onnx's fused LayerNormalization
+
+
+def tf_fused_layer_norm(
+    tmp_path, rows: int, features: int, name: str = "tf_fused_ln", computed_target: bool = False
+) -> tuple[str, np.ndarray]:
+    """tf.keras's LayerNormalization over the last axis (its fused path, any epsilon >= 1.001e-5) as tf2onnx 1.17
+    writes it: x [N, rows, features] reshaped to [1, N*rows, features, 1], its moments over axes [0, 2, 3]
+    computed beside an inference-mode BatchNormalization (ones, zeros, mean, var), reshaped back, gamma, beta.
+    ``computed_target``: the reshape target computed from x's shape (Slice, ReduceProd, Concat), as tf2onnx
+    writes it for a 4-D input, which leaves the normalized size open to onnx's shape inference."""
+    gamma = RNG.uniform(0.5, 1.5, features).astype(np.float32)
+    beta = RNG.uniform(-1, 1, features).astype(np.float32)
+    scope = "model/ln"
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], name=f"{scope}/Shape"),
+        helper.make_node("Reshape", ["x", "to_rows"], ["r"], name=f"{scope}/Reshape"),
+        helper.make_node("Shape", ["r"], ["r_shape"], name=f"{scope}/Shape_1"),
+        helper.make_node("Gather", ["r_shape", "n_rows"], ["rows"], axis=0, name=f"{scope}/Gather"),
+        helper.make_node("ConstantOfShape", ["rows"], ["ones"], value=const("one", [1.0]), name=f"{scope}/ones"),
+        helper.make_node("ConstantOfShape", ["rows"], ["zeros"], value=const("zero", [0.0]), name=f"{scope}/zeros"),
+        helper.make_node("ReduceMean", ["r"], ["mean_k"], axes=[0, 2, 3], keepdims=1, name="ReduceMean__1"),
+        helper.make_node("Sub", ["r", "mean_k"], ["dev"], name="Sub__2"),
+        helper.make_node("ReduceSumSquare", ["dev"], ["sumsq"], axes=[0, 2, 3], keepdims=0, name="ReduceSumSquare__3"),
+        helper.make_node("Squeeze", ["mean_k", "sq_axes"], ["mean"], name="Squeeze__4"),
+        helper.make_node("Gather", ["r_shape", "sq_axes"], ["set_dims"], axis=0, name="Gather__5"),
+        helper.make_node("ReduceProd", ["set_dims"], ["count_i"], axes=[0], keepdims=0, name="ReduceProd__6"),
+        helper.make_node("Cast", ["count_i"], ["count"], to=F32, name="Cast__7"),
+        helper.make_node("Div", ["sumsq", "count"], ["var"], name="Div__8"),
+        helper.make_node(
+            "BatchNormalization",
+            ["r", "ones", "zeros", "mean", "var"],
+            ["n"],
+            epsilon=1e-3,
+            name=f"{scope}/FusedBatchNormV3",
+        ),
+        helper.make_node("Reshape", ["n", "x_shape"], ["back"], name=f"{scope}/Reshape_1"),
+        helper.make_node("Mul", ["back", "gamma"], ["scaled"], name=f"{scope}/mul"),
+        helper.make_node("Add", ["scaled", "beta"], ["y"], name=f"{scope}/add"),
+    ]
+    inits = [
+        const("to_rows", [1, -1, features, 1], np.int64),
+        const("n_rows", [1], np.int64),
+        const("sq_axes", [0, 2, 3], np.int64),
+        const("gamma", gamma),
+        const("beta", beta),
+    ]
+    shape = ["N", rows, features]
+    if computed_target:
+        nodes[1:1] = [
+            helper.make_node("Slice", ["x_shape", "last", "end"], ["tail"], name=f"{scope}/strided_slice"),
+            helper.make_node("ReduceProd", ["tail"], ["k"], keepdims=1, name=f"{scope}/Prod"),
+            helper.make_node("Concat", ["one_minus_one", "k", "one"], ["to_rows_c"], axis=0, name=f"{scope}/Concat"),
+        ]
+        nodes[4].input[1] = "to_rows_c"
+        inits += [
+            const("last", [2], np.int64),
+            const("end", [3], np.int64),
+            const("one_minus_one", [1, -1], np.int64),
+            const("one", [1], np.int64),
+        ]
+    path = save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, opset=13, name=name)
+    return path, gamma
+
+
+def test_a_tf2onnx_fused_layer_norms_open_size_is_read_from_its_gamma(tmp_path):
+    path, gamma = tf_fused_layer_norm(tmp_path, rows=5, features=8, computed_target=True)
+    beta = numpy_helper.to_array(next(i for i in onnx.load(path).graph.initializer if i.name == "beta"))
+    x = RNG.normal(size=(3, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (2,), 1e-3, gamma, beta), rtol=1e-4, atol=1e-5)
+    (layer,), view = load_layers(path)
+    assert layer.input_shape is not None and layer.input_shape[2] == 8  # shape inference leaves it open
+    assert normalized_set_size(layer) == (8, ())
+    assert bncheck.inspect(path).findings == []  # before: a BN001 info, "one element only if that size is 1"
+
+
+def test_tf2onnx_fused_layer_norm_is_a_per_sample_layer_norm(tmp_path):
+    path, gamma = tf_fused_layer_norm(tmp_path, rows=5, features=8)
+    x = RNG.normal(size=(3, 5, 8)).astype(np.float32)
+    beta = numpy_helper.to_array(next(i for i in onnx.load(path).graph.initializer if i.name == "beta"))
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (2,), 1e-3, gamma, beta), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)  # before: an inference BN whose running statistics could not be read
+    assert layer.kind is Kind.LAYER and layer.axes == (0, 2, 3) and layer.batch_axis is None
+    assert not layer.uses_running_stats and not layer.batch_statistics and layer.unreadable is None
+    assert layer.name == "model/ln" and layer.nodes == ("model/ln/FusedBatchNormV3",)
+
+
+def test_tf2onnx_fused_layer_norm_over_one_feature_collapses(tmp_path):
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    path, _ = tf_fused_layer_norm(tmp_path, rows=16, features=1)
+    x = RNG.normal(size=(4, 16, 1)).astype(np.float32)
+    assert np.ptp(run_ort(path, x)) == 0.0  # the model's output is beta whatever the input
+    for command in ("inspect", "probe"):
+        result = CliRunner().invoke(main, [command, path, "--format", "json"])
+        assert result.exit_code == 1, command
+        findings = json.loads(result.stdout)["findings"]
+        assert [(f["code"], f["severity"], f["layer"]) for f in findings] == [("BN001", "error", "model/ln")]
+
+
+def test_a_tf2onnx_batch_norm_is_named_by_its_keras_layers_path(tmp_path):
+    path = bn_model(tmp_path / "bn.onnx")
+    model = onnx.load(path)
+    (node,) = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    node.name = "StatefulPartitionedCall/model/block1_bn/FusedBatchNormV3"
+    onnx.save(model, path)
+    (layer,), _ = load_layers(path)
+    assert layer.name == "model/block1_bn" and layer.nodes == (node.name,)

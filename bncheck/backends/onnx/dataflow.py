@@ -307,11 +307,36 @@ def _normalized(dev: Form, std: Form, idx: int, scale: str | None) -> Form:
 # ====================================================================== entry points
 
 
+def _flow(g: GraphIndex) -> _Flow:
+    """The forms of ``g``'s tensors, computed once per index."""
+    flow = g.derived.get("flow")
+    if flow is None:
+        flow = g.derived["flow"] = _Flow(g)
+        flow.run()
+    return flow
+
+
+def own_moments(g: GraphIndex, idx: int) -> bool:
+    """A BatchNormalization's mean and variance inputs are the moments of its own input over every axis but 1
+    (tf2onnx's fused Keras LayerNormalization: X reshaped to [1, M, K, 1], its moments computed beside it): the
+    node normalizes with the statistics of its input, not stored ones."""
+    node = g.nodes[idx]
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    if rank is None or rank < 2 or len(node.input) < 5:
+        return False
+    flow = _flow(g)
+    mean, var = flow.form(node.input[3]), flow.form(node.input[4])
+    axes = (0,) + tuple(range(2, rank))
+    if mean is None or var is None or mean.what != "mean" or var.what != "var" or var.rescaled:
+        return False
+    return mean.x == var.x == g.root(x)[0] and mean.axes == var.axes == axes
+
+
 def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]]]:
     """Decomposed norms the fixed-sequence matcher missed (none of their nodes in ``used``), as (layer, node
     positions)."""
-    flow = _Flow(g)
-    flow.run()
+    flow = _flow(g)
     results: list[tuple[NormLayer, list[int]]] = []
     taken = set(used)
     ends = [(t, f) for t, f in flow.forms.items() if f.what == "norm" and t not in flow.extended]
@@ -383,7 +408,7 @@ def _batch_reduction(g: GraphIndex, idx: int, relaxed: bool = False) -> BatchOp 
     node = g.nodes[idx]
     axes = _reduce_axes(g, idx)
     x = node_input(node, 0)
-    if not isinstance(axes, tuple) or 0 not in axes or not _axis0_is_batch(g, x, relaxed):
+    if not isinstance(axes, tuple) or 0 not in axes or not axis0_is_batch(g, x, relaxed):
         return None
     if g.types.get(x) in _INTEGER_TYPES:
         # the longest sentence of the batch, say, which pads the others: shape arithmetic, not a value a sample's
@@ -488,7 +513,7 @@ def _leading_dims(g: GraphIndex) -> set:
     return {s[axis] for s, axis in zip(inputs, axes) if s and axis is not None}
 
 
-def _axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
+def axis0_is_batch(g: GraphIndex, tensor: str, relaxed: bool = False) -> bool:
     """Axis 0 of ``tensor`` can hold several samples: not in a file whose inputs fix the batch to 1 (unless
     ``relaxed``: then a data tensor's axis 0 of 1 is where the relaxed batch goes), not a fixed 1, not a fixed
     size in a model whose inputs have a free batch dim, not a dim that the inputs name only on another axis (a

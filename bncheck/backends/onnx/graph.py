@@ -157,6 +157,8 @@ class GraphIndex:
         self._index([nodes[i] for i in topological_order(nodes)])
         # the graph inputs' shapes and batch axes, once (dataflow asks at every reduction it judges)
         self.input_axes: tuple[list[Any], list[int | None]] | None = None
+        # analyses of the whole graph that more than one matcher reads (dataflow's forms), made once
+        self.derived: dict[str, Any] = {}
         if dequantized and any(node.op_type == "DequantizeLinear" for node in self.nodes):
             self._index(self._dequantized_nodes())
 

@@ -54,7 +54,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         return _torch_module(scope, _weights(g, layer, indices))
     if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
         if layer.op_type != "decomposed":
-            return layer.name
+            return _tf_op_scope(layer.name)
         scoped = _tf_layer_scope(layer.name)
         return scoped if scoped != layer.name else _own_scope(layer, by_name, scopes) or layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
@@ -69,6 +69,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
 _TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
 _TF_MOMENTS = re.compile(r"/moments/(?:mean|Mean)(?:_\d+)?$")
+_TF_FUSED_BN = re.compile(r"/FusedBatchNorm(?:V2|V3)?(?:_\d+)?$")
 #: onnxruntime's fused node named after the node the fusion started from: "<that node>/LayerNormFusion/"
 _ORT_FUSION = re.compile(r"(.*/([A-Za-z]+)(?:_\d+)?)/\w+Fusion/?")
 #: jax2tf's scopes around a flax module's path: the converted function's and each jitted call's
@@ -135,6 +136,17 @@ def _tf_layer_scope(name: str) -> str:
     if not _TF_MOMENTS.search(name):
         return name
     scope = _TF_MOMENTS.sub("", name)
+    while scope.startswith(_TF_FUNCTION_SCOPE):
+        scope = scope[len(_TF_FUNCTION_SCOPE) :]
+    return scope or name
+
+
+def _tf_op_scope(name: str) -> str:
+    """A tf2onnx BatchNormalization named after TensorFlow's op (``model/block1_bn/FusedBatchNormV3``, a fused
+    LayerNormalization's too) by the Keras layer's path (``model/block1_bn``); other names as they are."""
+    if not _TF_FUSED_BN.search(name):
+        return name
+    scope = _TF_FUSED_BN.sub("", name)
     while scope.startswith(_TF_FUNCTION_SCOPE):
         scope = scope[len(_TF_FUNCTION_SCOPE) :]
     return scope or name

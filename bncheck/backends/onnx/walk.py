@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bncheck.backends.onnx.dataflow import batch_reductions, dataflow_norms, fixed_to_one
+from bncheck.backends.onnx.dataflow import axis0_is_batch, batch_reductions, dataflow_norms, fixed_to_one, own_moments
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -211,6 +211,9 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
             **common,
         )
         return layer, [idx]
+    computed = not training and (mean is None or var is None)
+    if computed and own_moments(g, idx) and not axis0_is_batch(g, x):  # moments of no batch: no other layer's
+        return _per_sample_moments(g, idx, axes, notes, extra, common), [idx]
     if not training and mean is not None and var is not None and folded_values(mean, var):
         notes.append(FOLDED_NOTE)
     elif (
@@ -242,6 +245,59 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         **common,
     )
     return layer, [idx]
+
+
+def _per_sample_moments(g: GraphIndex, idx: int, axes, notes: list[str], extra: dict, common: dict) -> NormLayer:
+    """An inference-mode BatchNormalization fed the moments of its own input over [1, M, ...] (its axis 0 is no
+    batch): each of the M rows is normalized over its own elements, as the layer the exporter lowered does."""
+    x = node_input(g.nodes[idx], 0)
+    # tf's fused LayerNormalization reshapes to [1, M, K, 1], K the normalized elements; other layouts are read
+    # as a lowered instance norm's [1, N*C, H, W]
+    kind = Kind.LAYER if g.rank(x) == 4 and shape_dim(g, x, 3) == 1 else Kind.INSTANCE
+    extra["own_moments"] = True
+    reshape = g.produced_by(x, "Reshape")
+    if reshape is not None and g.nodes[reshape].input:
+        extra["source"] = g.nodes[reshape].input[0]
+    note = (
+        "mean and variance computed in the graph from its own input over every axis but 1 (tf2onnx's fused "
+        "LayerNormalization: the input reshaped to [1, M, K, 1]): each row is normalized over its own elements, "
+        "no stored statistics"
+    )
+    layer = _base(
+        g,
+        idx,
+        kind=kind,
+        axes=axes,
+        training=False,
+        batch_statistics=False,
+        uses_running_stats=False,
+        batch_axis=None,
+        notes=tuple(notes + [note]),
+        extra=extra,
+        **common,
+    )
+    shape = layer.input_shape
+    if kind is Kind.LAYER and shape is not None and not isinstance(shape[2], int):
+        # a reshape target computed from the input's shape leaves K open to onnx's inference; Keras's gamma (or
+        # beta), applied after the reshape back, has the shape of the normalized axes
+        k = _affine_elements(g, layer.output)
+        if k is not None:
+            layer = replace(layer, input_shape=(*shape[:2], k, *shape[3:]))
+    return layer
+
+
+def _affine_elements(g: GraphIndex, output: str) -> int | None:
+    """Elements of the stored scale (or shift) applied to ``output`` reshaped back, None without one."""
+    backs = g.users(output, "Reshape")
+    if len(backs) != 1 or not g.nodes[backs[0]].output:
+        return None
+    back = g.nodes[backs[0]].output[0]
+    for user in g.users(back, "Mul", "Add"):
+        other = other_input(g.nodes[user], back)
+        value = g.param(other) if other else None
+        if value is not None and value.size > 0:
+            return int(value.size)
+    return None
 
 
 #: why a keras2onnx layer's 0 and 1 are not statistics (see _batch_norm)
