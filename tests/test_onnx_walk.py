@@ -1599,3 +1599,101 @@ def test_a_tf2onnx_batch_norm_is_named_by_its_keras_layers_path(tmp_path):
     onnx.save(model, path)
     (layer,), _ = load_layers(path)
     assert layer.name == "model/block1_bn" and layer.nodes == (node.name,)
+
+
+# ---------------------------------------------------------------------------- tf2onnx's Keras GroupNormalization
+
+
+def tf_weighted_group_norm(tmp_path, *, hw: int, channels: int, groups: int, pooled: bool = False) -> str:
+    """Keras's GroupNormalization (channels last) as tf2onnx 1.17 writes it: the input reshaped to
+    [N, H, W, G, C/G], tf.nn.weighted_moments with weights of ones (ReduceSum(w * x) / ReduceSum(w + 0), each
+    guarded by divide_no_nan's Where(count == 0, 0, ...)) over axes [1, 2, 4], then tf.nn.batch_normalization's
+    x * k + (beta - mean * k). ``pooled``: the norm reads a global average pool's [N, 1, 1, C] (a tensor that is
+    itself a mean)."""
+    k = channels // groups
+    gamma = RNG.uniform(0.5, 1.5, channels).astype(np.float32)
+    beta = RNG.uniform(-1, 1, channels).astype(np.float32)
+    s, w = "model/gn", "model/gn/weighted_moments"
+    nodes = [helper.make_node("ReduceMean", ["x"], ["src"], axes=[1, 2], keepdims=1, name="model/gap/Mean")]
+    size = 1 if pooled else hw
+    if not pooled:
+        nodes = [helper.make_node("Identity", ["x"], ["src"], name="model/input")]
+    nodes += [
+        helper.make_node("Reshape", ["src", "grouped"], ["xg"], name=f"{s}/Reshape"),
+        helper.make_node("Shape", ["xg"], ["xg_shape"], name=f"{s}/Shape"),
+        helper.make_node("ConstantOfShape", ["xg_shape"], ["ones"], value=const("one", [1.0]), name=f"{s}/ones_like"),
+        helper.make_node(
+            "ConstantOfShape", ["xg_shape"], ["zeros"], value=const("zero", [0.0]), name=f"{w}/zeros_like"
+        ),
+        helper.make_node("Mul", ["ones", "xg"], ["wx"], name=f"{w}/mul"),
+        helper.make_node("ReduceSum", ["wx", "axes"], ["wsum"], keepdims=1, name=f"{w}/weighted_input_sum"),
+        helper.make_node("Add", ["ones", "zeros"], ["w0"], name=f"{w}/add"),
+        helper.make_node("ReduceSum", ["w0", "axes"], ["count"], keepdims=1, name=f"{w}/sum_of_weights"),
+        helper.make_node("Div", ["wsum", "count"], ["mean_raw"], name=f"{w}/div_no_nan"),
+        helper.make_node("Equal", ["count", "zero_s"], ["empty"], name="Equal__1"),
+        helper.make_node("Where", ["empty", "zero_s", "mean_raw"], ["mean"], name="Where__2"),
+        helper.make_node("Sub", ["xg", "mean"], ["d"], name=f"{w}/SquaredDifference"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name=f"{w}/SquaredDifference__3"),
+        helper.make_node("Mul", ["ones", "d2"], ["wd2"], name=f"{w}/mul_1"),
+        helper.make_node("ReduceSum", ["wd2", "axes"], ["dsum"], keepdims=1, name=f"{w}/weighted_distsq"),
+        helper.make_node("Div", ["dsum", "count"], ["var_raw"], name=f"{w}/div_no_nan_1"),
+        helper.make_node("Where", ["empty", "zero_s", "var_raw"], ["var"], name="Where__4"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name=f"{s}/batchnorm/add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=f"{s}/batchnorm/Rsqrt"),
+        helper.make_node("Reciprocal", ["sd"], ["inv"], name=f"{s}/batchnorm/Rsqrt__5"),
+        helper.make_node("Reshape", ["gamma", "affine"], ["gamma_g"], name=f"{s}/Reshape_2"),
+        helper.make_node("Reshape", ["beta", "affine"], ["beta_g"], name=f"{s}/Reshape_3"),
+        helper.make_node("Mul", ["inv", "gamma_g"], ["kk"], name=f"{s}/batchnorm/mul"),
+        helper.make_node("Mul", ["xg", "kk"], ["xk"], name=f"{s}/batchnorm/mul_1"),
+        helper.make_node("Mul", ["mean", "kk"], ["mk"], name=f"{s}/batchnorm/mul_2"),
+        helper.make_node("Sub", ["beta_g", "mk"], ["shift"], name=f"{s}/batchnorm/sub"),
+        helper.make_node("Add", ["xk", "shift"], ["yg"], name=f"{s}/batchnorm/add_1"),
+        helper.make_node("Reshape", ["yg", "back"], ["y"], name=f"{s}/Reshape_4"),
+    ]
+    inits = [
+        const("grouped", [0, size, size, groups, k], np.int64),
+        const("affine", [1, 1, 1, groups, k], np.int64),
+        const("back", [0, size, size, channels], np.int64),
+        const("axes", [1, 2, 4], np.int64),
+        const("zero_s", 0.0),
+        const("eps", 1e-3),
+        const("gamma", gamma),
+        const("beta", beta),
+    ]
+    inputs = [vinfo("x", ["N", hw, hw, channels])]
+    outputs = [vinfo("y", ["N", size, size, channels])]
+    return save(tmp_path, nodes, inputs, outputs, inits, opset=13, name="tf_group_norm")
+
+
+def numpy_group_norm_nhwc(x: np.ndarray, groups: int, eps: float, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    n, h, w, c = x.shape
+    xg = x.reshape(n, h, w, groups, c // groups)
+    return numpy_norm(xg, (1, 2, 4), eps).reshape(x.shape) * gamma + beta
+
+
+def test_tf2onnx_weighted_moments_group_norm_is_found(tmp_path):
+    path = tf_weighted_group_norm(tmp_path, hw=4, channels=8, groups=4)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+    x = RNG.normal(size=(2, 4, 4, 8)).astype(np.float32)
+    want = numpy_group_norm_nhwc(x, 4, 1e-3, inits["gamma"], inits["beta"])
+    np.testing.assert_allclose(run_ort(path, x), want, rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)  # before: no normalization layer
+    assert layer.kind is Kind.GROUP and layer.groups == 4 and layer.axes == (1, 2, 4) and layer.channel_axis == 3
+    assert layer.name == "model/gn" and normalized_set_size(layer) == (4 * 4 * 2, ())
+    assert not layer.batch_statistics and layer.epsilon == pytest.approx(1e-3)
+    np.testing.assert_array_equal(layer.scale, inits["gamma"])
+
+
+def test_tf2onnx_group_norm_of_a_pooled_map_with_a_group_per_channel_collapses(tmp_path):
+    from click.testing import CliRunner
+
+    from bncheck.cli import main
+
+    path = tf_weighted_group_norm(tmp_path, hw=4, channels=8, groups=8, pooled=True)
+    x = RNG.normal(size=(3, 4, 4, 8)).astype(np.float32)
+    assert np.ptp(run_ort(path, x), axis=0).max() < 1e-6  # every sample's output is beta, up to rounding
+    for command in ("inspect", "probe"):
+        result = CliRunner().invoke(main, [command, path, "--format", "json"])
+        assert result.exit_code == 1, command
+        findings = json.loads(result.stdout)["findings"]
+        assert [(f["code"], f["severity"], f["layer"]) for f in findings] == [("BN001", "error", "model/gn")]

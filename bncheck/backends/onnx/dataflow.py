@@ -16,8 +16,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, GraphIndex, node_input
 from bncheck.backends.onnx.patterns import _Chain, _chain_layer, _reduce_axes
+from bncheck.backends.onnx.tensors import to_array
 from bncheck.model import BatchOp, NormLayer
 
 #: reductions whose result over axis 0 mixes the samples of a batch
@@ -64,6 +67,8 @@ class _Flow:
         self.forms: dict[str, Form] = {}
         self.extended: set[str] = set()  # norm tensors that an affine op carried further
         self._shape_only: dict[str, bool] = {}
+        # x times weights of one (tf.nn.weighted_moments' in Keras's GroupNormalization): the same values as x
+        self.copies: dict[str, str] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -71,7 +76,37 @@ class _Flow:
         return self.forms.get(tensor)
 
     def source(self, tensor: str) -> str:
-        return self.g.root(tensor)[0]
+        tensor = self.g.root(tensor)[0]
+        while tensor in self.copies:
+            tensor = self.g.root(self.copies[tensor])[0]
+        return tensor
+
+    def is_ones(self, tensor: str, depth: int = 0) -> bool:
+        """Every element 1, made in the graph: ones of a computed shape (ConstantOfShape), reshaped, expanded or
+        plus zeros (a stored gamma of ones stays the layer's scale)."""
+        g = self.g
+        idx = g.producer.get(tensor)
+        if idx is None or depth > 8:
+            return False
+        node = g.nodes[idx]
+        if node.op_type == "ConstantOfShape":
+            return _fill(g, idx) == 1.0
+        if node.op_type in _RESHAPES or node.op_type in ("Identity", "Cast"):
+            return bool(node.input) and self.is_ones(node.input[0], depth + 1)
+        if node.op_type == "Add" and len(node.input) == 2:
+            a, b = node.input
+            return (self.is_ones(a, depth + 1) and self.is_zeros(b)) or (
+                self.is_ones(b, depth + 1) and self.is_zeros(a)
+            )
+        return False
+
+    def is_zeros(self, tensor: str) -> bool:
+        g = self.g
+        value = g.param(tensor)
+        if value is not None:
+            return value.size > 0 and not np.any(value)
+        idx = g.producer.get(tensor)
+        return idx is not None and g.nodes[idx].op_type == "ConstantOfShape" and _fill(g, idx) == 0.0
 
     def is_count(self, tensor: str) -> bool:
         """A positive constant or a number computed from shapes only (Shape -> Gather -> Mul -> Cast)."""
@@ -141,6 +176,8 @@ class _Flow:
             return self._rsqrt(first, idx)
         if op == "Relu" and first is not None and first.what == "var":  # max(0, E[x^2] - E[x]^2): flax's
             return replace(first, nodes=first.nodes | {idx})
+        if op == "Where" and len(ins) == 3:
+            return self._div_no_nan(ins, idx)
         if len(ins) != 2:
             return None
         a, b = ins
@@ -162,6 +199,10 @@ class _Flow:
         if op == "Mul":
             if g.same(a, b):
                 return self._square(a, fa, idx)
+            for value, weights, form in ((a, b, fa), (b, a, fb)):
+                if self.form(weights) is None and self.is_ones(weights):  # x times weights of one is x
+                    self.copies[node.output[0]] = value
+                    return None if form is None else replace(form, nodes=form.nodes | {idx})
             return self._mul(a, fa, b, fb, idx) or self._mul(b, fb, a, fa, idx)
         if op == "Div":
             return self._div(a, fa, b, fb, idx)
@@ -187,6 +228,8 @@ class _Flow:
         op = "ReduceMean" if op == "GlobalAveragePool" else op  # the mean over axes 2.., kept
         f = self.form(t)
         node_set = frozenset({idx})
+        if f is None and self.is_ones(t):
+            return None  # the number of elements: a count (is_count), not a statistic
         if f is None:
             what = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceSumSquare": "sumsq"}[op]
             return Form(what, self.source(t), axes, node_set)
@@ -196,6 +239,9 @@ class _Flow:
             return Form("meansq" if op == "ReduceMean" else "sumsq", f.x, axes, f.nodes | node_set)
         if f.what == "sqdev" and f.axes == axes and op != "ReduceSumSquare":
             return replace(f, what="var" if op == "ReduceMean" else "sumsqdev", nodes=f.nodes | node_set)
+        if _raw(f):  # statistics of something else reduced again (a pooled map's group norm): its own data
+            what = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceSumSquare": "sumsq"}[op]
+            return Form(what, self.source(t), axes, node_set)
         return None
 
     def _square(self, t: str, f: Form | None, idx: int) -> Form | None:
@@ -209,10 +255,16 @@ class _Flow:
 
     def _mul(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
         """``a * b`` with ``a`` the operand carrying the form."""
+        if fb is not None and fb.what == "inv":
+            if fa is not None and fa.what == "mean" and fb.centered and _same_stats(fa, fb):
+                return replace(fb, what="mk", nodes=fa.nodes | fb.nodes | {idx})  # mean * k
+            if _raw(fa) and self.source(a) == fb.x:
+                if not fb.centered:  # x * 1/rms: an RMS norm
+                    return replace(fb, what="norm", nodes=fb.nodes | {idx})
+                # x * k, k = gamma / std: tf.nn.batch_normalization's x * k + (beta - mean * k), which patterns.py
+                # matches where the mean is a ReduceMean (here also weighted moments)
+                return replace(fb, what="xk", nodes=fb.nodes | {idx})
         if fa is None:
-            # x * 1/rms: an RMS norm (the centred x * k form is tf.nn.batch_normalization's, patterns.py's)
-            if fb is not None and fb.what == "inv" and not fb.centered and self.source(a) == fb.x:
-                return replace(fb, what="norm", nodes=fb.nodes | {idx})
             return None
         if fa.what in _AVERAGED:
             value = self.g.scalar(b)
@@ -233,6 +285,19 @@ class _Flow:
             self.extended.add(a)
             return replace(fa, scale=b, nodes=fa.nodes | {idx})
         return None
+
+    def _div_no_nan(self, ins: list[str], idx: int) -> Form | None:
+        """Where(count == 0, 0, v), tf.math.divide_no_nan's guard of a mean over no elements: v's form."""
+        g = self.g
+        cond, zero, value = ins
+        f = self.form(value)
+        equal = g.produced_by(cond, "Equal")
+        if f is None or equal is None or g.scalar(zero) != 0.0 or len(g.nodes[equal].input) != 2:
+            return None
+        a, b = g.nodes[equal].input
+        if not ((g.scalar(b) == 0.0 and self.is_count(a)) or (g.scalar(a) == 0.0 and self.is_count(b))):
+            return None
+        return replace(f, nodes=f.nodes | {idx, equal})
 
     def _one_over_count(self, f: Form, value: float) -> bool:
         """``value`` is 1/N for the N elements ``f`` sums, where the shapes give N (a sum times anything else is
@@ -263,7 +328,13 @@ class _Flow:
     def _sub(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
         if fb is None:
             return None
-        if fa is None and fb.what == "mean" and self.source(a) == fb.x:
+        if fb.what == "mk":
+            if fa is None and self.param(a):  # beta - mean * k
+                return replace(fb, what="shift", bias=a, nodes=fb.nodes | {idx})
+            if fa is not None and fa.what == "xk" and _same_stats(fa, fb) and fa.scale == fb.scale:
+                return replace(fa, what="norm", nodes=fa.nodes | fb.nodes | {idx})  # x * k - mean * k
+            return None
+        if _raw(fa) and fb.what == "mean" and self.source(a) == fb.x:
             return replace(fb, what="dev", nodes=fb.nodes | {idx})
         if fa is not None and fa.what == "meansq" and fb.what == "sqmean" and _same_stats(fa, fb):
             return Form("var", fa.x, fa.axes, fa.nodes | fb.nodes | {idx})
@@ -272,6 +343,9 @@ class _Flow:
     def _add(self, a: str, fa: Form | None, b: str, idx: int) -> Form | None:
         if fa is None:
             return None
+        fb = self.form(b)
+        if fa.what == "xk" and fb is not None and fb.what == "shift" and _same_stats(fa, fb) and fa.scale == fb.scale:
+            return replace(fa, what="norm", bias=fb.bias, nodes=fa.nodes | fb.nodes | {idx})  # x * k + shift
         if fa.what in ("var", "meansq") and self.form(b) is None:
             eps = self.g.scalar(b)
             if eps is not None and eps >= 0:
@@ -284,6 +358,23 @@ class _Flow:
             self.extended.add(a)
             return replace(fa, bias=b, nodes=fa.nodes | {idx})
         return None
+
+
+def _fill(g: GraphIndex, idx: int) -> float | None:
+    """The value a ConstantOfShape node fills its output with (0.0 when it names none)."""
+    value = g.attrs(idx).get("value")
+    if value is None:
+        return 0.0
+    try:
+        fill = to_array(value).ravel()
+    except Exception:  # a malformed attribute: no value to read
+        return None
+    return float(fill[0]) if fill.size == 1 else None
+
+
+def _raw(f: Form | None) -> bool:
+    """A tensor an op may read as data: no form, or statistics of an earlier tensor (a global pool's mean)."""
+    return f is None or f.what in _STATS
 
 
 def _same_stats(a: Form, b: Form) -> bool:

@@ -68,7 +68,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
 
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
 _TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
-_TF_MOMENTS = re.compile(r"/moments/(?:mean|Mean)(?:_\d+)?$")
+_TF_MOMENTS = re.compile(r"/(?:moments/(?:mean|Mean)|weighted_moments/weighted_input_sum)(?:_\d+)?$")
 _TF_FUSED_BN = re.compile(r"/FusedBatchNorm(?:V2|V3)?(?:_\d+)?$")
 #: onnxruntime's fused node named after the node the fusion started from: "<that node>/LayerNormFusion/"
 _ORT_FUSION = re.compile(r"(.*/([A-Za-z]+)(?:_\d+)?)/\w+Fusion/?")

@@ -519,6 +519,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     kind: Kind
     group_like = None
     flattened = False  # Flatten to 2D then reduce axis 1: the LayerNorm idiom (onnx's function body)
+    grouped_last = False  # [N, ..., G, C/G] over all but N and G: a channels-last group norm
     flatten = g.produced_by(x, "Flatten")
     if axes is not None and flatten is not None and rank == 2 and axes == (1,):
         src = g.nodes[flatten].input[0]
@@ -538,6 +539,18 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
             x, rank, passed = src, src_rank, passed + reshapes
             axes = tuple(range(1, src_rank))  # type: ignore[arg-type]
             groups = n_groups
+    elif (
+        rank is not None
+        and rank >= 4
+        and axes == tuple(a for a in range(1, rank) if a != rank - 2)
+        and g.produced_by(x, "Reshape") is not None
+        and shape_dim(g, x, rank - 2) is not None
+    ):
+        # Keras's GroupNormalization over channels last (tf2onnx): measured on this reshaped tensor, whose
+        # axis -2 holds the groups, so that each group is one "channel" of it (the source's layout may differ:
+        # tf2onnx skips the transpose of a 1x1 map)
+        grouped_last = True
+        groups = shape_dim(g, x, rank - 2)
     shape = g.shape(x)
     # a chain that transposes before its division goes on in the output's layout, whose axis 0 is the batch (the
     # walk's convention for every tensor): in the input's, that is the axis the transpose moves first
@@ -573,6 +586,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
             kind = Kind.GROUP
     elif flattened:
         kind, channel_axis = Kind.LAYER, rank - 1
+    elif grouped_last:
+        kind, channel_axis = Kind.GROUP, rank - 2
     elif batch_stats and set(axes) != set(range(rank)):
         kind = Kind.BATCH
         kept = [a for a in range(rank) if a not in axes]
