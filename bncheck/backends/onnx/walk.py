@@ -287,7 +287,8 @@ def _per_sample_moments(g: GraphIndex, idx: int, axes, notes: list[str], extra: 
 
 
 def _affine_elements(g: GraphIndex, output: str) -> int | None:
-    """Elements of the stored scale (or shift) applied to ``output`` reshaped back, None without one."""
+    """Elements of the stored scale (or shift) applied to ``output`` reshaped back, None without one (or with a
+    scalar one: a LayerNormalization without its own affine followed by a constant factor says nothing)."""
     backs = g.users(output, "Reshape")
     if len(backs) != 1 or not g.nodes[backs[0]].output:
         return None
@@ -295,7 +296,7 @@ def _affine_elements(g: GraphIndex, output: str) -> int | None:
     for user in g.users(back, "Mul", "Add"):
         other = other_input(g.nodes[user], back)
         value = g.param(other) if other else None
-        if value is not None and value.size > 0:
+        if value is not None and value.size > 1:
             return int(value.size)
     return None
 
