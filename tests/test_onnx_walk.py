@@ -1565,6 +1565,19 @@ def test_a_tf2onnx_fused_layer_norms_open_size_is_read_from_its_gamma(tmp_path):
     assert bncheck.inspect(path).findings == []  # before: a BN001 info, "one element only if that size is 1"
 
 
+def test_a_constant_factor_after_a_tf2onnx_fused_layer_norm_is_no_gamma(tmp_path):
+    # a LayerNormalization without its own affine (scale=False, center=False) followed by x * 0.5, x + 0.5
+    path, _ = tf_fused_layer_norm(tmp_path, rows=5, features=8, computed_target=True)
+    model = onnx.load(path)
+    for init in model.graph.initializer:
+        if init.name in ("gamma", "beta"):
+            init.CopyFrom(const(init.name, 0.5))
+    onnx.save(model, path)
+    (layer,), _ = load_layers(path)
+    assert layer.input_shape is not None and not isinstance(layer.input_shape[2], int)  # left open, not 1
+    assert all(f.severity.label != "error" for f in bncheck.inspect(path).findings)
+
+
 def test_tf2onnx_fused_layer_norm_is_a_per_sample_layer_norm(tmp_path):
     path, gamma = tf_fused_layer_norm(tmp_path, rows=5, features=8)
     x = RNG.normal(size=(3, 5, 8)).astype(np.float32)
