@@ -111,9 +111,11 @@ def _inspected_layers(
     ir_version: int,
     y_shape: list | None = None,
     extra_opsets: dict[str, int] | None = None,
+    exit_code: int = 0,
 ) -> list:
     """The layers of `bncheck inspect --format json` on a graph x -> ``nodes`` -> y (of ``shape``, y of
-    ``y_shape`` where given); ``extra_opsets``: other domains the nodes use, with their versions."""
+    ``y_shape`` where given); ``extra_opsets``: other domains the nodes use, with their versions; ``exit_code``:
+    the one inspect must give."""
     graph = helper.make_graph(
         nodes,
         "g",
@@ -126,7 +128,7 @@ def _inspected_layers(
     model.ir_version = ir_version
     onnx.save(model, str(path))
     result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exit_code, result.output
     return json.loads(result.stdout)["layers"]
 
 
@@ -342,3 +344,47 @@ def test_a_paddle2onnx_layer_norm_chain_is_named_after_its_layer_norm_result(tmp
     assert layer["name"] == "p2o.pd_op.layer_norm.0.0"
     assert layer["output"] == "p2o.pd_op.layer_norm.0.0"
     assert "Identity.182" in layer["nodes"] and "Reshape.73" not in layer["nodes"]
+
+
+@pytest.mark.parametrize(
+    "weights, result, features, expected",
+    [
+        # paddle2onnx 1.2.11, LayerNorm over an axis of size 1 (the BN001 case): one-element gamma and beta
+        (("layer_norm_0.w_0", "layer_norm_0.b_0"), "Add.5", 1, "layer_norm_0"),
+        # paddle2onnx 2.x with weights folded (polygraphy) into tensors named after the op that made them
+        (("Reshape.2", "Reshape.4"), "p2o.pd_op.layer_norm.0.0", 8, "p2o.pd_op.layer_norm.0.0"),
+        # generated weights and the layer's result under paddle's own name: its ".tmp_N" is no part of the layer's
+        (("helper.reshape.0", "helper.reshape.1"), "layer_norm_0.tmp_2", 8, "layer_norm_0"),
+    ],
+    ids=["old-size-1", "folded-weights", "paddle-temp-name"],
+)
+def test_a_paddle_layer_norm_chain_is_named_after_its_layer(
+    tmp_path: Path, weights: tuple[str, str], result: str, features: int, expected: str
+) -> None:
+    constant = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)
+    inits = [
+        constant("helper.constant.1", 2.0),
+        constant("helper.constant.0", 1e-5),
+        constant(weights[0], RNG.uniform(0.5, 1.5, features)),
+        constant(weights[1], RNG.uniform(-0.5, 0.5, features)),
+    ]
+    chain = [
+        ("ReduceMean.0", "ReduceMean", ["x"], "ReduceMean.1"),
+        ("Sub.0", "Sub", ["x", "ReduceMean.1"], "Sub.1"),
+        ("Pow.0", "Pow", ["Sub.1", "helper.constant.1"], "Pow.1"),
+        ("ReduceMean.2", "ReduceMean", ["Pow.1"], "ReduceMean.3"),
+        ("Add.2", "Add", ["ReduceMean.3", "helper.constant.0"], "Add.3"),
+        ("Sqrt.0", "Sqrt", ["Add.3"], "Sqrt.1"),
+        ("Div.0", "Div", ["Sub.1", "Sqrt.1"], "Div.1"),
+        ("Mul.0", "Mul", ["Div.1", weights[0]], "Mul.1"),
+        ("Add.4", "Add", ["Mul.1", weights[1]], result),
+        ("Relu.0", "Relu", [result], "y"),
+    ]
+    nodes = [
+        helper.make_node(op, inputs, [out], name=name, **({"axes": [-1]} if op == "ReduceMean" else {}))
+        for name, op, inputs, out in chain
+    ]
+    path = tmp_path / "p2o_ln.onnx"
+    collapses = int(features == 1)  # BN001: the layer's name is what the error names
+    [layer] = _inspected_layers(path, nodes, inits, ["N", 16, features], opset=11, ir_version=7, exit_code=collapses)
+    assert layer["name"] == expected

@@ -30,7 +30,12 @@ _SEPARATORS = "./:"
 #: BatchNormalization_12, BatchNormalization@0, BatchNormalization__7)
 _DECOR = r"(?:p2o\.)?{op}(?:_token)?(?:[._@#:-]*\d+)*"
 #: weight names that exporters invent themselves (they say nothing about the user's module)
-_GENERATED_WEIGHT = re.compile(r"^(?:onnx::.*|val_\d+|_v_\d+|const.*|\d+|helper\.\w+\.\d+)$", re.IGNORECASE)
+#: (paddle2onnx 2.x names the tensors it makes, folded weights too, after their op: ``Reshape.2``)
+_GENERATED_WEIGHT = re.compile(
+    r"^(?:onnx::.*|val_\d+|_v_\d+|const.*|\d+|helper\.\w+\.\d+|(?-i:[A-Z][A-Za-z]+\.\d+))$", re.IGNORECASE
+)
+#: paddle's name for a layer's intermediate result (``group_norm_0.tmp_2``; its weights ``group_norm_0.w_0``)
+_PADDLE_TEMP = re.compile(r"\.tmp_\d+$")
 
 
 def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> list[NormLayer]:
@@ -63,7 +68,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
     # paddle2onnx names a hand-written chain's nodes after their op types and its weights helper.reshape.N,
     # but the chain's result after the layer op it came from (p2o.pd_op.layer_norm.0.0): the last such name
     named = [t for i in indices for t in g.nodes[i].output if "norm" in t.lower() and not _generated_tensor(g, i, t)]
-    return named[-1] if named else layer.name
+    return _PADDLE_TEMP.sub("", named[-1]) if named else layer.name
 
 
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
@@ -257,17 +262,21 @@ def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
     tensors = [t for i in indices for t in g.nodes[i].input] if chain else list(layer.inputs)
     if layer.op_type in _SKIP_NORMS:  # gamma and beta only: a fused skip norm also reads the Linear's bias
         tensors = tensors[2:4]
-    found = []
+    found: list[str] = []
+    scalars: list[str] = []
     for tensor in tensors:
         if not tensor or tensor == layer.input:
             continue
         source = g.stored_source(tensor)
         stored = source in g.initializers or g.produced_by(source, "Constant") is not None
         value = g.param(source) if stored else None
-        if value is None or (layer.op_type == "decomposed" and value.size <= 1):
+        if value is None:
             continue
-        found.append(source)
-    return found
+        (scalars if chain and value.size <= 1 else found).append(source)
+    # a LayerNorm over an axis of size 1 (the BN001 case) has one-element gamma and beta: named by them where the
+    # chain reads no larger weight (not by its epsilon or exponent)
+    affine = {g.stored_source(t) for t in layer.extra.get("affine_tensors", ())}
+    return found or [t for t in scalars if t in affine]
 
 
 #: onnxruntime's fused norms whose inputs are (input, skip, gamma, beta, bias)

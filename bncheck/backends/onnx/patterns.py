@@ -515,6 +515,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     rank = g.rank(x)
     notes: list[str] = []
     extra: dict = {"reduce_axes": chain.axes, "reduced_tensor": chain.x}
+    extra["affine_tensors"] = tuple(t for t in (chain.scale, chain.bias) if t)  # names.py names a layer by them
     groups = None
     kind: Kind
     group_like = None
