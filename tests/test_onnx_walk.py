@@ -1710,3 +1710,81 @@ def test_tf2onnx_group_norm_of_a_pooled_map_with_a_group_per_channel_collapses(t
         assert result.exit_code == 1, command
         findings = json.loads(result.stdout)["findings"]
         assert [(f["code"], f["severity"], f["layer"]) for f in findings] == [("BN001", "error", "model/gn")]
+
+
+def tflite_fused_layer_norm(tmp_path, rows: int, features: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """tf.keras's fused LayerNormalization as `tf2onnx --tflite` writes it: x [N, rows, features] reshaped to
+    [1, N*rows, features, 1], moments over axes [0, 2, 3] written out (nodes named FusedBatchNormV35, ...), the
+    mean relaid by a Reshape, x * k + (0 - mean * k) on x moved to NHWC (a Transpose; a Reshape to [1, 1, 1, -1]
+    where features is 1), moved back, then gamma and beta."""
+    gamma = RNG.uniform(0.5, 1.5, features).astype(np.float32)
+    beta = RNG.uniform(-1, 1, features).astype(np.float32)
+    s = "model/ln/FusedBatchNormV3"
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], name="model/ln/Shape"),
+        helper.make_node("Reshape", ["x", "to_rows"], ["r"], name="model/ln/Reshape"),
+        helper.make_node("ReduceMean", ["r"], ["mean"], axes=[0, 2, 3], keepdims=0, name=f"{s}5"),
+        helper.make_node("Shape", ["mean"], ["rows"], name="Shape__1"),
+        helper.make_node("Expand", ["one", "rows"], ["ones"], name="model/ln/ones"),
+        helper.make_node("Expand", ["zero", "rows"], ["zeros"], name="model/ln/zeros"),
+        helper.make_node("Reshape", ["mean", "to_rows_1"], ["mean_r"], name="Transpose__2"),
+        helper.make_node("Sub", ["r", "mean_r"], ["d"], name=f"{s}6"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name=f"{s}6__3"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], axes=[0, 2, 3], keepdims=0, name=f"{s}7"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name=f"{s}8"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=f"{s}9"),
+        helper.make_node("Reciprocal", ["sd"], ["inv"], name=f"{s}9__4"),
+        helper.make_node("Mul", ["ones", "inv"], ["k"], name=f"{s}10"),
+        helper.make_node("Mul", ["mean", "k"], ["mk"], name=f"{s}12"),
+        helper.make_node("Sub", ["zeros", "mk"], ["shift"], name=f"{s}13"),
+    ]
+    if features == 1:  # its size-1 axes make the move to NHWC a Reshape, and no move back is needed
+        nodes += [helper.make_node("Reshape", ["r", "nhwc"], ["rt"], name="Transpose__5")]
+    else:
+        nodes += [helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 3, 1], name="Transpose__5")]
+    nodes += [
+        helper.make_node("Mul", ["rt", "k"], ["xk"], name=f"{s}11"),
+        helper.make_node("Add", ["xk", "shift"], ["n_nhwc"], name=f"{s}14"),
+    ]
+    if features == 1:
+        nodes += [helper.make_node("Identity", ["n_nhwc"], ["n"], name=f"{s}15")]
+    else:
+        nodes += [helper.make_node("Transpose", ["n_nhwc"], ["n"], perm=[0, 3, 1, 2], name=f"{s}15")]
+    nodes += [
+        helper.make_node("Reshape", ["n", "x_shape"], ["back"], name="model/ln/Reshape_1"),
+        helper.make_node("Mul", ["back", "gamma"], ["scaled"], name="model/ln/mul"),
+        helper.make_node("Add", ["scaled", "beta"], ["y"], name="model/ln/add"),
+    ]
+    inits = [
+        const("to_rows", [1, -1, features, 1], np.int64),
+        const("to_rows_1", [1, -1, 1, 1], np.int64),
+        const("nhwc", [1, 1, 1, -1], np.int64),
+        const("one", 1.0),
+        const("zero", 0.0),
+        const("eps", [1e-3]),
+        const("gamma", gamma),
+        const("beta", beta),
+    ]
+    shape = ["N", rows, features]
+    path = save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, opset=13, name="tflite_ln")
+    return path, gamma, beta
+
+
+def test_a_tflite_fused_layer_norm_over_rows_is_no_batch_statistics(tmp_path):
+    # before: axes [0, 2, 3] read as a batch norm's, a false BN002 error on a healthy LayerNormalization
+    path, gamma, beta = tflite_fused_layer_norm(tmp_path, rows=5, features=8)
+    x = RNG.normal(size=(3, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (2,), 1e-3, gamma, beta), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and not layer.batch_statistics and layer.batch_axis is None
+    assert layer.name == "model/ln" and normalized_set_size(layer) == (8, ())
+    findings = [(f.code, f.severity.label) for f in bncheck.probe(path).findings]
+    assert ("BN002", "error") not in findings
+
+
+def test_a_tflite_fused_layer_norm_over_one_feature_collapses(tmp_path):
+    # before: the move to NHWC by a Reshape hid the chain: no layer, exit 0 on an output constant for every input
+    path, _, _ = tflite_fused_layer_norm(tmp_path, rows=16, features=1)
+    assert np.ptp(run_ort(path, RNG.normal(size=(4, 16, 1)).astype(np.float32)), axis=0).max() < 1e-6
+    for run in (bncheck.inspect, bncheck.probe):
+        assert [(f.code, f.severity.label, f.layer) for f in run(path).findings] == [("BN001", "error", "model/ln")]

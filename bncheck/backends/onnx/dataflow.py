@@ -59,6 +59,7 @@ class Form:
     scale: str | None = None
     bias: str | None = None
     rescaled: bool = False  # the variance times a count or constant: Bessel's N/(N-1) of torch's x.std()
+    relaid: bool = False  # x * k with x in another layout than its statistics' (tf2onnx's NHWC affine)
 
 
 class _Flow:
@@ -264,6 +265,9 @@ class _Flow:
                 # x * k, k = gamma / std: tf.nn.batch_normalization's x * k + (beta - mean * k), which patterns.py
                 # matches where the mean is a ReduceMean (here also weighted moments)
                 return replace(fb, what="xk", nodes=fb.nodes | {idx})
+            relaid = self._relaid(a, fb.x)
+            if fa is None and fb.centered and relaid is not None:  # the same x * k on x in another layout
+                return replace(fb, what="xk", relaid=True, nodes=fb.nodes | {idx, relaid})
         if fa is None:
             return None
         if fa.what in _AVERAGED:
@@ -285,6 +289,13 @@ class _Flow:
             self.extended.add(a)
             return replace(fa, scale=b, nodes=fa.nodes | {idx})
         return None
+
+    def _relaid(self, tensor: str, x: str) -> int | None:
+        """The Transpose or Reshape making ``tensor`` from ``x``: the same values in another layout (tf2onnx moves
+        a [1, M, K, 1] tensor to NHWC by a Reshape where its size-1 axes make that a transpose)."""
+        idx = self.g.produced_by(self.g.root(tensor)[0], "Transpose", "Reshape")
+        inputs = self.g.nodes[idx].input if idx is not None else ()
+        return idx if inputs and self.source(inputs[0]) == x else None
 
     def _div_no_nan(self, ins: list[str], idx: int) -> Form | None:
         """Where(count == 0, 0, v), tf.math.divide_no_nan's guard of a mean over no elements: v's form."""
@@ -450,6 +461,7 @@ def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[
             scale=f.scale,
             bias=f.bias,
             rescaled=f.rescaled,
+            relaid=f.relaid,
         )
         results.append((_chain_layer(g, chain, nodes), nodes))
     return results
@@ -583,7 +595,7 @@ def _moved_axis(g: GraphIndex, idx: int, axis: int) -> int | None:
 
 def fixed_to_one(g: GraphIndex) -> bool:
     """The inputs that carry a batch fix it to 1."""
-    return _leading_dims(g) == {1}
+    return leading_dims(g) == {1}
 
 
 def _input_axes(g: GraphIndex) -> tuple[list, list[int | None]]:
@@ -598,7 +610,7 @@ def _input_axes(g: GraphIndex) -> tuple[list, list[int | None]]:
     return g.input_axes
 
 
-def _leading_dims(g: GraphIndex) -> set:
+def leading_dims(g: GraphIndex) -> set:
     inputs, axes = _input_axes(g)
     # the batch dims of the inputs that carry one (a style-weights vector [26] beside an image [1, ...] has none)
     return {s[axis] for s, axis in zip(inputs, axes) if s and axis is not None}

@@ -60,7 +60,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
     if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
         if layer.op_type != "decomposed":
             return _tf_op_scope(layer.name)
-        scoped = _tf_layer_scope(layer.name)
+        scoped = _tf_layer_scope(_tf_op_scope(layer.name))  # a fused BN tf2onnx wrote out: named after it
         return scoped if scoped != layer.name else _own_scope(layer, by_name, scopes) or layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
     if prefix:
@@ -74,7 +74,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
 _TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
 _TF_MOMENTS = re.compile(r"/(?:moments/(?:mean|Mean)|weighted_moments/weighted_input_sum)(?:_\d+)?$")
-_TF_FUSED_BN = re.compile(r"/FusedBatchNorm(?:V2|V3)?(?:_\d+)?$")
+_TF_FUSED_BN = re.compile(r"/FusedBatchNorm(?:V2|V3)?(?:_?\d+)?$")  # tflite's: FusedBatchNormV35
 #: onnxruntime's fused node named after the node the fusion started from: "<that node>/LayerNormFusion/"
 _ORT_FUSION = re.compile(r"(.*/([A-Za-z]+)(?:_\d+)?)/\w+Fusion/?")
 #: jax2tf's scopes around a flax module's path: the converted function's and each jitted call's

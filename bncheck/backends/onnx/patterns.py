@@ -558,11 +558,25 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     perm = (
         chain.tail_perm if rank is not None and chain.tail_perm is not None and len(chain.tail_perm) == rank else None
     )
-    batch_axis = 0 if perm is None else perm[0]
+    batch_axis: int | None = 0 if perm is None else perm[0]
     batch_stats = axes is not None and batch_axis in axes
+    # over [1, M, ...] with every axis but 1: the batch was folded into axis 1 (tf's fused LayerNormalization as
+    # tf2onnx writes it from a .tflite file, [1, N*T, D, 1]): each of the M rows is normalized on its own
+    rows = (
+        perm is None
+        and rank is not None
+        and rank >= 3
+        and axes == (0, *range(2, rank))
+        and shape_dim(g, x, 0) == 1
+        and _batch_elsewhere(g)
+    )
     channel_axis: int | None = None
     channels = None
-    if not chain.centered:
+    if rows:
+        batch_stats, batch_axis, channel_axis = False, None, 1
+        kind = Kind.LAYER if rank == 4 and shape_dim(g, x, 3) == 1 else Kind.INSTANCE
+        notes.append("each row of its [1, M, ...] input normalized over its own elements (the batch is in M)")
+    elif not chain.centered:
         kind = Kind.RMS
         channel_axis = None if rank is None else rank - 1 if perm is None else perm[-1]
     elif axes is None or rank is None:
@@ -668,6 +682,14 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         notes=tuple(notes),
         extra=extra,
     )
+
+
+def _batch_elsewhere(g: GraphIndex) -> bool:
+    """The model's inputs carry a batch that is not fixed to 1, so a tensor whose axis 0 is a fixed 1 holds
+    its samples on another axis."""
+    from bncheck.backends.onnx.dataflow import fixed_to_one, leading_dims  # dataflow imports this module
+
+    return bool(leading_dims(g)) and not fixed_to_one(g)
 
 
 def _kind_in_layout(perm: tuple[int, ...], axes: tuple[int, ...]) -> tuple[Kind, int | None]:
