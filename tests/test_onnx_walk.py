@@ -1617,12 +1617,15 @@ def test_a_tf2onnx_batch_norm_is_named_by_its_keras_layers_path(tmp_path):
 # ---------------------------------------------------------------------------- tf2onnx's Keras GroupNormalization
 
 
-def tf_weighted_group_norm(tmp_path, *, hw: int, channels: int, groups: int, pooled: bool = False) -> str:
+def tf_weighted_group_norm(
+    tmp_path, *, hw: int, channels: int, groups: int, pooled: bool = False, computed: bool = False, affine: bool = True
+) -> str:
     """Keras's GroupNormalization (channels last) as tf2onnx 1.17 writes it: the input reshaped to
     [N, H, W, G, C/G], tf.nn.weighted_moments with weights of ones (ReduceSum(w * x) / ReduceSum(w + 0), each
     guarded by divide_no_nan's Where(count == 0, 0, ...)) over axes [1, 2, 4], then tf.nn.batch_normalization's
     x * k + (beta - mean * k). ``pooled``: the norm reads a global average pool's [N, 1, 1, C] (a tensor that is
-    itself a mean)."""
+    itself a mean). ``computed``: the reshape target's C/G computed from the input's shape at run time, which
+    leaves it open to onnx's shape inference. ``affine=False`` (center=False, scale=False): x * k + -mean * k."""
     k = channels // groups
     gamma = RNG.uniform(0.5, 1.5, channels).astype(np.float32)
     beta = RNG.uniform(-1, 1, channels).astype(np.float32)
@@ -1654,15 +1657,35 @@ def tf_weighted_group_norm(tmp_path, *, hw: int, channels: int, groups: int, poo
         helper.make_node("Add", ["var", "eps"], ["ve"], name=f"{s}/batchnorm/add"),
         helper.make_node("Sqrt", ["ve"], ["sd"], name=f"{s}/batchnorm/Rsqrt"),
         helper.make_node("Reciprocal", ["sd"], ["inv"], name=f"{s}/batchnorm/Rsqrt__5"),
-        helper.make_node("Reshape", ["gamma", "affine"], ["gamma_g"], name=f"{s}/Reshape_2"),
-        helper.make_node("Reshape", ["beta", "affine"], ["beta_g"], name=f"{s}/Reshape_3"),
-        helper.make_node("Mul", ["inv", "gamma_g"], ["kk"], name=f"{s}/batchnorm/mul"),
-        helper.make_node("Mul", ["xg", "kk"], ["xk"], name=f"{s}/batchnorm/mul_1"),
-        helper.make_node("Mul", ["mean", "kk"], ["mk"], name=f"{s}/batchnorm/mul_2"),
-        helper.make_node("Sub", ["beta_g", "mk"], ["shift"], name=f"{s}/batchnorm/sub"),
+    ]
+    if affine:
+        nodes += [
+            helper.make_node("Reshape", ["gamma", "affine"], ["gamma_g"], name=f"{s}/Reshape_2"),
+            helper.make_node("Reshape", ["beta", "affine"], ["beta_g"], name=f"{s}/Reshape_3"),
+            helper.make_node("Mul", ["inv", "gamma_g"], ["kk"], name=f"{s}/batchnorm/mul"),
+            helper.make_node("Mul", ["xg", "kk"], ["xk"], name=f"{s}/batchnorm/mul_1"),
+            helper.make_node("Mul", ["mean", "kk"], ["mk"], name=f"{s}/batchnorm/mul_2"),
+            helper.make_node("Sub", ["beta_g", "mk"], ["shift"], name=f"{s}/batchnorm/sub"),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Mul", ["xg", "inv"], ["xk"], name=f"{s}/batchnorm/mul"),
+            helper.make_node("Neg", ["mean"], ["neg"], name=f"{s}/batchnorm/Neg"),
+            helper.make_node("Mul", ["neg", "inv"], ["shift"], name=f"{s}/batchnorm/mul_1"),
+        ]
+    nodes += [
         helper.make_node("Add", ["xk", "shift"], ["yg"], name=f"{s}/batchnorm/add_1"),
         helper.make_node("Reshape", ["yg", "back"], ["y"], name=f"{s}/Reshape_4"),
     ]
+    if computed:  # [N, H, W, G, C // G] from the input's shape (tf2onnx's Shape, Slice, Div, Concat)
+        next(n for n in nodes if n.name == f"{s}/Reshape").input[1] = "grouped_c"
+        nodes[1:1] = [  # after the node making src
+            helper.make_node("Shape", ["src"], ["src_shape"], name=f"{s}/Shape_0"),
+            helper.make_node("Slice", ["src_shape", "zero_i", "three_i"], ["nhw"], name=f"{s}/strided_slice"),
+            helper.make_node("Slice", ["src_shape", "three_i", "four_i"], ["c"], name=f"{s}/strided_slice_1"),
+            helper.make_node("Div", ["c", "g_i"], ["per_group"], name=f"{s}/floordiv"),
+            helper.make_node("Concat", ["nhw", "g_i", "per_group"], ["grouped_c"], axis=0, name=f"{s}/stack"),
+        ]
     inits = [
         const("grouped", [0, size, size, groups, k], np.int64),
         const("affine", [1, 1, 1, groups, k], np.int64),
@@ -1670,9 +1693,13 @@ def tf_weighted_group_norm(tmp_path, *, hw: int, channels: int, groups: int, poo
         const("axes", [1, 2, 4], np.int64),
         const("zero_s", 0.0),
         const("eps", 1e-3),
-        const("gamma", gamma),
-        const("beta", beta),
+        const("zero_i", [0], np.int64),
+        const("three_i", [3], np.int64),
+        const("four_i", [4], np.int64),
+        const("g_i", [groups], np.int64),
     ]
+    if affine:
+        inits += [const("gamma", gamma), const("beta", beta)]
     inputs = [vinfo("x", ["N", hw, hw, channels])]
     outputs = [vinfo("y", ["N", size, size, channels])]
     return save(tmp_path, nodes, inputs, outputs, inits, opset=13, name="tf_group_norm")
@@ -1788,3 +1815,23 @@ def test_a_tflite_fused_layer_norm_over_one_feature_collapses(tmp_path):
     assert np.ptp(run_ort(path, RNG.normal(size=(4, 16, 1)).astype(np.float32)), axis=0).max() < 1e-6
     for run in (bncheck.inspect, bncheck.probe):
         assert [(f.code, f.severity.label, f.layer) for f in run(path).findings] == [("BN001", "error", "model/ln")]
+
+
+def test_a_tf2onnx_group_norms_group_size_computed_at_run_time_is_read_from_its_gamma(tmp_path):
+    # before: C/G open to onnx's inference: a BN001 info on groups of 8 channels ("one element only if ..."),
+    # and only an info where every group holds one channel of a pooled map
+    path = tf_weighted_group_norm(tmp_path, hw=4, channels=8, groups=1, pooled=True, computed=True)
+    (layer,), _ = load_layers(path)
+    assert layer.input_shape is not None and layer.input_shape[-1] == 8 and normalized_set_size(layer) == (8, ())
+    assert bncheck.inspect(path).findings == []
+    (tmp_path / "c").mkdir()
+    path = tf_weighted_group_norm(tmp_path / "c", hw=4, channels=8, groups=8, pooled=True, computed=True)
+    assert [(f.code, f.severity.label) for f in bncheck.inspect(path).findings] == [("BN001", "error")]
+
+
+def test_a_tf2onnx_group_norm_without_scale_and_center_is_found(tmp_path):
+    path = tf_weighted_group_norm(tmp_path, hw=4, channels=8, groups=4, affine=False)
+    x = RNG.normal(size=(2, 4, 4, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), numpy_group_norm_nhwc(x, 4, 1e-3, 1.0, 0.0), rtol=1e-4, atol=1e-5)
+    (layer,), _ = load_layers(path)  # before: no layer (its shift written -mean * k, beta left out)
+    assert layer.kind is Kind.GROUP and layer.groups == 4 and layer.name == "model/gn"

@@ -179,6 +179,8 @@ class _Flow:
             return replace(first, nodes=first.nodes | {idx})
         if op == "Where" and len(ins) == 3:
             return self._div_no_nan(ins, idx)
+        if op == "Neg" and first is not None and first.what == "mean":  # -mean * k + beta (or without beta)
+            return replace(first, what="negmean", nodes=first.nodes | {idx})
         if len(ins) != 2:
             return None
         a, b = ins
@@ -257,8 +259,9 @@ class _Flow:
     def _mul(self, a: str, fa: Form | None, b: str, fb: Form | None, idx: int) -> Form | None:
         """``a * b`` with ``a`` the operand carrying the form."""
         if fb is not None and fb.what == "inv":
-            if fa is not None and fa.what == "mean" and fb.centered and _same_stats(fa, fb):
-                return replace(fb, what="mk", nodes=fa.nodes | fb.nodes | {idx})  # mean * k
+            if fa is not None and fa.what in ("mean", "negmean") and fb.centered and _same_stats(fa, fb):
+                what = "mk" if fa.what == "mean" else "nmk"  # mean * k, -mean * k
+                return replace(fb, what=what, nodes=fa.nodes | fb.nodes | {idx})
             if _raw(fa) and self.source(a) == fb.x:
                 if not fb.centered:  # x * 1/rms: an RMS norm
                     return replace(fb, what="norm", nodes=fb.nodes | {idx})
@@ -355,8 +358,10 @@ class _Flow:
         if fa is None:
             return None
         fb = self.form(b)
-        if fa.what == "xk" and fb is not None and fb.what == "shift" and _same_stats(fa, fb) and fa.scale == fb.scale:
-            return replace(fa, what="norm", bias=fb.bias, nodes=fa.nodes | fb.nodes | {idx})  # x * k + shift
+        if fa.what == "nmk" and fb is None and self.param(b):  # -mean * k + beta
+            return replace(fa, what="shift", bias=b, nodes=fa.nodes | {idx})
+        if fa.what == "xk" and _joins(fa, fb):  # x * k + shift
+            return replace(fa, what="norm", bias=fb.bias, nodes=fa.nodes | fb.nodes | {idx})  # type: ignore[union-attr]
         if fa.what in ("var", "meansq") and self.form(b) is None:
             eps = self.g.scalar(b)
             if eps is not None and eps >= 0:
@@ -381,6 +386,11 @@ def _fill(g: GraphIndex, idx: int) -> float | None:
     except Exception:  # a malformed attribute: no value to read
         return None
     return float(fill[0]) if fill.size == 1 else None
+
+
+def _joins(xk: Form, other: Form | None) -> bool:
+    """``other`` is the shift (beta - mean * k, or -mean * k) that completes ``xk`` = x * k to a norm."""
+    return other is not None and other.what in ("shift", "nmk") and _same_stats(xk, other) and xk.scale == other.scale
 
 
 def _raw(f: Form | None) -> bool:

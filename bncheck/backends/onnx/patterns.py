@@ -553,6 +553,13 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         grouped_last = True
         groups = shape_dim(g, x, rank - 2)
     shape = g.shape(x)
+    if grouped_last and shape is not None and groups and not isinstance(shape[-1], int):
+        # C/G computed from the input's shape at run time (tf2onnx): gamma and beta hold C values
+        for operand in (chain.scale, chain.bias):
+            value = g.param(g.stored_source(operand)) if operand else None
+            if value is not None and value.size > 1 and value.size % groups == 0:
+                shape = (*shape[:-1], value.size // groups)
+                break
     # a chain that transposes before its division goes on in the output's layout, whose axis 0 is the batch (the
     # walk's convention for every tensor): in the input's, that is the axis the transpose moves first
     perm = (
