@@ -1835,3 +1835,20 @@ def test_a_tf2onnx_group_norm_without_scale_and_center_is_found(tmp_path):
     np.testing.assert_allclose(run_ort(path, x), numpy_group_norm_nhwc(x, 4, 1e-3, 1.0, 0.0), rtol=1e-4, atol=1e-5)
     (layer,), _ = load_layers(path)  # before: no layer (its shift written -mean * k, beta left out)
     assert layer.kind is Kind.GROUP and layer.groups == 4 and layer.name == "model/gn"
+
+
+@pytest.mark.parametrize("build", [tf_fused_layer_norm, tflite_fused_layer_norm], ids=["from-keras", "tflite"])
+def test_a_nan_in_a_tf2onnx_fused_layer_norms_gamma_is_an_error_on_the_layer(tmp_path, build):
+    # the BatchNormalization (or its moments written out) holds ones and zeros; the Keras layer's gamma and beta
+    # follow the reshape back. Before: the layer "ok", only a warning on the model's NaN outputs
+    path = build(tmp_path, rows=5, features=8)[0]
+    model = onnx.load(path)
+    gamma = next(i for i in model.graph.initializer if i.name == "gamma")
+    values = numpy_helper.to_array(gamma).copy()
+    values[3] = np.nan
+    gamma.CopyFrom(numpy_helper.from_array(values, "gamma"))
+    onnx.save(model, path)
+    (layer,), _ = load_layers(path)
+    assert layer.scale is not None and layer.scale.size == 8 and layer.bias is not None
+    findings = [(f.code, f.severity.label, f.layer) for f in bncheck.inspect(path).findings]
+    assert ("BN005", "error", "model/ln") in findings

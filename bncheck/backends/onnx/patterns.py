@@ -447,6 +447,28 @@ def _follow_transparent(g: GraphIndex, tensor: str) -> tuple[str, list[int]]:
     return tensor, passed
 
 
+def affine_after(g: GraphIndex, tensor: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The stored scale and shift (Mul, then Add; either may be absent) applied to ``tensor`` once single-user
+    copies (a Transpose or Reshape back to the source's layout) have passed: where an exporter leaves a norm's
+    own scale and shift as ones and zeros and writes the layer's gamma and beta after it (tf2onnx's Keras
+    LayerNormalization)."""
+    found: dict[str, np.ndarray] = {}
+    for _ in range(3):
+        users = g.users(tensor)
+        if len(users) != 1 or g.op(users[0]) not in ("Transpose", "Reshape", "Identity") or tensor in g.graph_outputs:
+            break
+        tensor = g.nodes[users[0]].output[0]
+    for op in ("Mul", "Add"):
+        users = g.users(tensor, op)
+        other = other_input(g.nodes[users[0]], tensor) if len(users) == 1 else None
+        value = as_float_array(g.param(other)) if other else None
+        if value is None or not g.nodes[users[0]].output:
+            continue
+        found[op] = value
+        tensor = g.nodes[users[0]].output[0]
+    return found.get("Mul"), found.get("Add")
+
+
 def decomposed(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]]]:
     results: list[tuple[NormLayer, list[int]]] = []
     taken = set(used)
@@ -647,6 +669,8 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     first = min(set(nodes) | set(passed))
     scale = as_float_array(g.param(g.stored_source(chain.scale))) if chain.scale else None
     bias = as_float_array(g.param(g.stored_source(chain.bias))) if chain.bias else None
+    if rows and _neutral(scale) and _neutral(bias, 0.0) and chain.output:
+        scale, bias = affine_after(g, chain.output)  # tf2onnx's ones and zeros: gamma and beta come after
     output = chain.output
     if chain.relaid:
         # the view gives a layer one channel axis; its output's is another, so only its input is measured
@@ -689,6 +713,11 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         notes=tuple(notes),
         extra=extra,
     )
+
+
+def _neutral(value: np.ndarray | None, fill: float = 1.0) -> bool:
+    """Absent, or every element ``fill`` (the ones and zeros an exporter gives a norm whose affine follows)."""
+    return value is None or bool(np.all(np.asarray(value) == fill))
 
 
 def _batch_elsewhere(g: GraphIndex) -> bool:

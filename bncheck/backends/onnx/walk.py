@@ -37,7 +37,7 @@ from bncheck.backends.onnx.graph import (
 )
 from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
-from bncheck.backends.onnx.patterns import decomposed, reshaped_group_norm
+from bncheck.backends.onnx.patterns import affine_after, decomposed, reshaped_group_norm
 from bncheck.model import NO_LAYERS_NOTE, BatchOp, Dim, Kind, NormLayer, Note
 from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values
 
@@ -276,29 +276,19 @@ def _per_sample_moments(g: GraphIndex, idx: int, axes, notes: list[str], extra: 
         extra=extra,
         **common,
     )
+    gamma, beta = affine_after(g, layer.output)
+    if layer.scale is None and layer.bias is None and (gamma is not None or beta is not None):
+        # the BatchNormalization's own are ones and zeros of a computed shape: the Keras layer's gamma and beta
+        # follow the reshape back (BN005 reads them)
+        layer = replace(layer, scale=gamma, bias=beta)
     shape = layer.input_shape
-    if kind is Kind.LAYER and shape is not None and not isinstance(shape[2], int):
-        # a reshape target computed from the input's shape leaves K open to onnx's inference; Keras's gamma (or
-        # beta), applied after the reshape back, has the shape of the normalized axes
-        k = _affine_elements(g, layer.output)
-        if k is not None:
-            layer = replace(layer, input_shape=(*shape[:2], k, *shape[3:]))
+    k = next((p.size for p in (gamma, beta) if p is not None and p.size > 1), None)
+    if kind is Kind.LAYER and shape is not None and not isinstance(shape[2], int) and k is not None:
+        # a reshape target computed from the input's shape leaves K open to onnx's inference; Keras's gamma and
+        # beta have the shape of the normalized axes (a scalar one, a constant factor after a LayerNormalization
+        # without its own affine, says nothing)
+        layer = replace(layer, input_shape=(*shape[:2], int(k), *shape[3:]))
     return layer
-
-
-def _affine_elements(g: GraphIndex, output: str) -> int | None:
-    """Elements of the stored scale (or shift) applied to ``output`` reshaped back, None without one (or with a
-    scalar one: a LayerNormalization without its own affine followed by a constant factor says nothing)."""
-    backs = g.users(output, "Reshape")
-    if len(backs) != 1 or not g.nodes[backs[0]].output:
-        return None
-    back = g.nodes[backs[0]].output[0]
-    for user in g.users(back, "Mul", "Add"):
-        other = other_input(g.nodes[user], back)
-        value = g.param(other) if other else None
-        if value is not None and value.size > 1:
-            return int(value.size)
-    return None
 
 
 #: why a keras2onnx layer's 0 and 1 are not statistics (see _batch_norm)
