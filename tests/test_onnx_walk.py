@@ -1852,3 +1852,57 @@ def test_a_nan_in_a_tf2onnx_fused_layer_norms_gamma_is_an_error_on_the_layer(tmp
     assert layer.scale is not None and layer.scale.size == 8 and layer.bias is not None
     findings = [(f.code, f.severity.label, f.layer) for f in bncheck.inspect(path).findings]
     assert ("BN005", "error", "model/ln") in findings
+
+
+def keras3_nhwc_layer_norm(tmp_path, beta_folded: bool = False) -> tuple[str, np.ndarray, np.ndarray]:
+    """A Keras LayerNormalization over axes [1, 2, 3] of an NHWC map as tf2onnx writes it from a SavedModel: the
+    moments over the NCHW tensor, inv and -mean moved to NHWC by Reshapes, x * k on a transposed copy of x,
+    -mean * k + beta (Keras 3), or, with ``beta_folded`` (tf-keras, beta 0), -(mean * k); node names under
+    TensorFlow's StatefulPartitionedCall/ scope."""
+    c, h = 4, 3
+    gamma = RNG.uniform(0.5, 1.5, (1, h, h, c)).astype(np.float32)
+    beta = np.zeros((1, h, h, c), np.float32) if beta_folded else RNG.normal(0, 0.5, (1, h, h, c)).astype(np.float32)
+    s = "StatefulPartitionedCall/model/ln"
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[2, 3, 1], keepdims=1, name=f"{s}/moments/mean"),
+        helper.make_node("Sub", ["x", "mean"], ["d"], name=f"{s}/moments/SquaredDifference"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name=f"{s}/moments/SquaredDifference__1"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], axes=[2, 3, 1], keepdims=1, name=f"{s}/moments/variance"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name=f"{s}/add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=f"{s}/Rsqrt"),
+        helper.make_node("Reciprocal", ["sd"], ["inv"], name=f"{s}/Rsqrt__2"),
+        helper.make_node("Reshape", ["inv", "nhwc1"], ["inv_r"], name="Transpose__3"),
+        helper.make_node("Mul", ["inv_r", "gamma"], ["k"], name=f"{s}/mul"),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 3, 1], name="Transpose__4"),
+        helper.make_node("Mul", ["xt", "k"], ["xk"], name=f"{s}/mul_2"),
+    ]
+    if beta_folded:
+        nodes += [
+            helper.make_node("Reshape", ["mean", "nhwc1"], ["mean_r"], name="Transpose__5"),
+            helper.make_node("Mul", ["mean_r", "k"], ["mk"], name=f"{s}/mul_1"),
+            helper.make_node("Neg", ["mk"], ["shift"], name=f"{s}/sub"),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Neg", ["mean"], ["neg"], name=f"{s}/Neg"),
+            helper.make_node("Reshape", ["neg", "nhwc1"], ["neg_r"], name="Transpose__5"),
+            helper.make_node("Mul", ["neg_r", "k"], ["nmk"], name=f"{s}/mul_1"),
+            helper.make_node("Add", ["nmk", "beta"], ["shift"], name=f"{s}/add_1"),
+        ]
+    nodes += [helper.make_node("Add", ["xk", "shift"], ["y"], name=f"{s}/add_2")]
+    inits = [const("eps", [[[[1e-6]]]]), const("nhwc1", [-1, 1, 1, 1], np.int64), const("gamma", gamma)]
+    if not beta_folded:
+        inits.append(const("beta", beta))
+    inputs, outputs = [vinfo("x", ["N", c, h, h])], [vinfo("y", ["N", h, h, c])]
+    return save(tmp_path, nodes, inputs, outputs, inits, opset=13, name="k3_ln"), gamma, beta
+
+
+@pytest.mark.parametrize("beta_folded", [False, True], ids=["keras3", "tf-keras-beta-0"])
+def test_a_tf2onnx_layer_norm_over_nhwc_maps_with_its_shift_negated_is_found(tmp_path, beta_folded):
+    path, gamma, beta = keras3_nhwc_layer_norm(tmp_path, beta_folded)
+    x = RNG.normal(size=(2, 4, 3, 3)).astype(np.float32)
+    want = numpy_norm(x, (1, 2, 3), 1e-6).transpose(0, 2, 3, 1) * gamma + beta
+    np.testing.assert_allclose(run_ort(path, x), want, rtol=1e-4, atol=1e-4)
+    (layer,), _ = load_layers(path)  # before: no layer (a NaN in gamma then only a warning on the outputs)
+    assert layer.kind is Kind.LAYER and layer.axes == (1, 2, 3) and layer.name == "model/ln"
+    np.testing.assert_array_equal(layer.scale, gamma)

@@ -158,8 +158,8 @@ class _Flow:
         if node.domain not in ONNX_DOMAINS and op != "Rsqrt":
             return None
         first = self.form(ins[0]) if ins else None
-        if op in _RESHAPES:
-            return first if first is not None and first.what in _STATS else None
+        if op in _RESHAPES:  # -mean too: a Keras 3 LayerNormalization's relaid by tf2onnx
+            return first if first is not None and (first.what in _STATS or first.what == "negmean") else None
         if op in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool"):
             axes = _reduce_axes(g, idx)
             if not isinstance(axes, tuple) or not axes:
@@ -179,8 +179,9 @@ class _Flow:
             return replace(first, nodes=first.nodes | {idx})
         if op == "Where" and len(ins) == 3:
             return self._div_no_nan(ins, idx)
-        if op == "Neg" and first is not None and first.what == "mean":  # -mean * k + beta (or without beta)
-            return replace(first, what="negmean", nodes=first.nodes | {idx})
+        if op == "Neg" and first is not None and first.what in ("mean", "mk"):
+            # -mean * k + beta (or without beta); -(mean * k), tf2onnx's beta - mean * k with beta 0 folded
+            return replace(first, what="negmean" if first.what == "mean" else "nmk", nodes=first.nodes | {idx})
         if len(ins) != 2:
             return None
         a, b = ins

@@ -64,7 +64,9 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         return scoped if scoped != layer.name else _own_scope(layer, by_name, scopes) or layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
     if prefix:
-        return prefix
+        while prefix.startswith(_TF_FUNCTION_SCOPE):  # TensorFlow's traced function's, no part of the layer's
+            prefix = prefix[len(_TF_FUNCTION_SCOPE) :]
+        return prefix or layer.name
     # paddle2onnx names a hand-written chain's nodes after their op types and its weights helper.reshape.N,
     # but the chain's result after the layer op it came from (p2o.pd_op.layer_norm.0.0): the last such name
     named = [t for i in indices for t in g.nodes[i].output if "norm" in t.lower() and not _generated_tensor(g, i, t)]
