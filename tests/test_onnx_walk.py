@@ -1906,3 +1906,11 @@ def test_a_tf2onnx_layer_norm_over_nhwc_maps_with_its_shift_negated_is_found(tmp
     (layer,), _ = load_layers(path)  # before: no layer (a NaN in gamma then only a warning on the outputs)
     assert layer.kind is Kind.LAYER and layer.axes == (1, 2, 3) and layer.name == "model/ln"
     np.testing.assert_array_equal(layer.scale, gamma)
+
+
+def test_a_tf2onnx_group_norms_group_size_without_gamma_is_read_from_its_source(tmp_path):
+    # no gamma nor beta to read C from: the reshape's source holds C elements per position
+    path = tf_weighted_group_norm(tmp_path, hw=4, channels=8, groups=8, pooled=True, computed=True, affine=False)
+    (layer,), _ = load_layers(path)
+    assert layer.input_shape is not None and layer.input_shape[-1] == 1  # before: open, a BN001 info
+    assert [(f.code, f.severity.label) for f in bncheck.inspect(path).findings] == [("BN001", "error")]

@@ -576,12 +576,7 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         groups = shape_dim(g, x, rank - 2)
     shape = g.shape(x)
     if grouped_last and shape is not None and groups and not isinstance(shape[-1], int):
-        # C/G computed from the input's shape at run time (tf2onnx): gamma and beta hold C values
-        for operand in (chain.scale, chain.bias):
-            value = g.param(g.stored_source(operand)) if operand else None
-            if value is not None and value.size > 1 and value.size % groups == 0:
-                shape = (*shape[:-1], value.size // groups)
-                break
+        shape = _group_size_filled(g, chain, x, shape, groups)
     # a chain that transposes before its division goes on in the output's layout, whose axis 0 is the batch (the
     # walk's convention for every tensor): in the input's, that is the axis the transpose moves first
     perm = (
@@ -713,6 +708,23 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         notes=tuple(notes),
         extra=extra,
     )
+
+
+def _group_size_filled(g: GraphIndex, chain: _Chain, x: str, shape: tuple, groups: int) -> tuple:
+    """``shape`` ([N, ..., G, C/G]) with C/G, which tf2onnx computes from the input's shape at run time: the
+    elements per sample of the reshape's source over those of the other axes, else gamma's or beta's C / G."""
+    reshape = g.produced_by(x, "Reshape")
+    source = g.shape(g.nodes[reshape].input[0]) if reshape is not None else None
+    dims = [d for d in (*(source or ())[1:], *shape[1:-1]) if isinstance(d, int) and d > 0]
+    if source and len(dims) == len(source) - 1 + len(shape) - 2:
+        elements, others = math.prod(dims[: len(source) - 1]), math.prod(dims[len(source) - 1 :])
+        if elements % others == 0:
+            return (*shape[:-1], elements // others)
+    for operand in (chain.scale, chain.bias):
+        value = g.param(g.stored_source(operand)) if operand else None
+        if value is not None and value.size > 1 and value.size % groups == 0:
+            return (*shape[:-1], value.size // groups)
+    return shape
 
 
 def _neutral(value: np.ndarray | None, fill: float = 1.0) -> bool:
