@@ -1914,3 +1914,45 @@ def test_a_tf2onnx_group_norms_group_size_without_gamma_is_read_from_its_source(
     (layer,), _ = load_layers(path)
     assert layer.input_shape is not None and layer.input_shape[-1] == 1  # before: open, a BN001 info
     assert [(f.code, f.severity.label) for f in bncheck.inspect(path).findings] == [("BN001", "error")]
+
+
+def tf_dense_then_layer_norm(tmp_path, features: int) -> str:
+    """A Keras Dense on [N, 10, F] then a LayerNormalization (epsilon 1e-6: tf.nn.moments' form) as tf2onnx
+    writes them at opset 13: the Dense's Tensordot reshapes back to a target computed through int32 casts,
+    which onnx's inference at opset 13 does not follow (no rank after it), the mean taken by GlobalAveragePool."""
+    w = RNG.normal(0, 0.3, (features, features)).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="model/fc/Tensordot/Shape"),
+        helper.make_node("Cast", ["shape"], ["shape32"], to=TensorProto.INT32, name="model/fc/Tensordot/Shape__1"),
+        helper.make_node("Gather", ["shape32", "free"], ["kept"], axis=0, name="model/fc/Tensordot/GatherV2"),
+        helper.make_node("Concat", ["kept", "units"], ["target32"], axis=0, name="model/fc/Tensordot/concat_1"),
+        helper.make_node("Cast", ["target32"], ["target"], to=TensorProto.INT64, name="model/fc/Tensordot__2"),
+        helper.make_node("Reshape", ["x", "flat"], ["x2"], name="model/fc/Tensordot/Reshape"),
+        helper.make_node("MatMul", ["x2", "w"], ["h2"], name="model/fc/Tensordot/MatMul"),
+        helper.make_node("Reshape", ["h2", "target"], ["h"], name="model/fc/Tensordot"),
+        helper.make_node("GlobalAveragePool", ["h"], ["mean"], name="model/ln/moments/mean"),
+        helper.make_node("Sub", ["h", "mean"], ["d"], name="model/ln/moments/SquaredDifference"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name="model/ln/moments/SquaredDifference__3"),
+        helper.make_node("GlobalAveragePool", ["d2"], ["var"], name="model/ln/moments/variance"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="model/ln/batchnorm/add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="model/ln/batchnorm/Rsqrt"),
+        helper.make_node("Div", ["d", "sd"], ["y"], name="model/ln/div"),
+    ]
+    inits = [
+        const("free", [0, 1], np.int32),
+        const("units", [features], np.int32),
+        const("flat", [-1, features], np.int64),
+        const("w", w),
+        const("eps", 1e-6),
+    ]
+    shape = ["N", 10, features]
+    return save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", None)], inits, opset=13, name="dense_ln")
+
+
+def test_a_layer_norm_after_a_tf2onnx_dense_on_a_sequence_is_sized_at_opset_13(tmp_path):
+    # before: kind "moments" and no set size (n=?), and inspect silent on the one-element collapse
+    (layer,), _ = load_layers(tf_dense_then_layer_norm(tmp_path, features=16))
+    assert layer.kind is Kind.LAYER and layer.axes == (2,) and normalized_set_size(layer) == (16, ())
+    (tmp_path / "one").mkdir()
+    path = tf_dense_then_layer_norm(tmp_path / "one", features=1)
+    assert [(f.code, f.severity.label) for f in bncheck.inspect(path).findings] == [("BN001", "error")]

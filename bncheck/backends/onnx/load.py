@@ -937,11 +937,12 @@ def _ranked(value: Any) -> bool:
 
 
 def _rankless_reductions(model: onnx.ModelProto) -> bool:
-    """Some ReduceMean/ReduceSum reads a tensor whose rank the inferred model does not know."""
+    """Some ReduceMean/ReduceSum/GlobalAveragePool (tf2onnx's mean over the last axis) reads a tensor whose rank the
+    inferred model does not know."""
     ranked = {v.name for v in list(model.graph.input) + list(model.graph.value_info) if _ranked(v)}
     ranked |= {init.name for init in model.graph.initializer}
     return any(
-        node.op_type in ("ReduceMean", "ReduceSum") and node.input and node.input[0] not in ranked
+        node.op_type in ("ReduceMean", "ReduceSum", "GlobalAveragePool") and node.input and node.input[0] not in ranked
         for node in model.graph.node
     )
 
