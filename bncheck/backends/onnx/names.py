@@ -64,9 +64,7 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         return scoped if scoped != layer.name else _own_scope(layer, by_name, scopes) or layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
     if prefix:
-        while prefix.startswith(_TF_FUNCTION_SCOPE):  # TensorFlow's traced function's, no part of the layer's
-            prefix = prefix[len(_TF_FUNCTION_SCOPE) :]
-        return prefix or layer.name
+        return _without_function_scope(prefix) or layer.name
     # paddle2onnx names a hand-written chain's nodes after their op types and its weights helper.reshape.N,
     # but the chain's result after the layer op it came from (p2o.pd_op.layer_norm.0.0): the last such name
     named = [t for i in indices for t in g.nodes[i].output if "norm" in t.lower() and not _generated_tensor(g, i, t)]
@@ -140,23 +138,28 @@ def _tf_layer_scope(name: str) -> str:
     jax_scopes = _JAX2TF_SCOPES.match(name)
     if jax_scopes and "/" in name[jax_scopes.end() :]:
         return name[jax_scopes.end() :].rsplit("/", 1)[0]
-    if not _TF_MOMENTS.search(name):
-        return name
-    scope = _TF_MOMENTS.sub("", name)
-    while scope.startswith(_TF_FUNCTION_SCOPE):
-        scope = scope[len(_TF_FUNCTION_SCOPE) :]
-    return scope or name
+    return _cut(name, _TF_MOMENTS)
 
 
 def _tf_op_scope(name: str) -> str:
     """A tf2onnx BatchNormalization named after TensorFlow's op (``model/block1_bn/FusedBatchNormV3``, a fused
     LayerNormalization's too) by the Keras layer's path (``model/block1_bn``); other names as they are."""
-    if not _TF_FUSED_BN.search(name):
+    return _cut(name, _TF_FUSED_BN)
+
+
+def _cut(name: str, op_scope: re.Pattern[str]) -> str:
+    """``name`` without the TensorFlow op scope ``op_scope`` matches at its end, nor the traced function's scope;
+    as it is where ``op_scope`` does not match."""
+    if not op_scope.search(name):
         return name
-    scope = _TF_FUSED_BN.sub("", name)
-    while scope.startswith(_TF_FUNCTION_SCOPE):
-        scope = scope[len(_TF_FUNCTION_SCOPE) :]
-    return scope or name
+    return _without_function_scope(op_scope.sub("", name)) or name
+
+
+def _without_function_scope(name: str) -> str:
+    """``name`` without TensorFlow's traced function's scopes (StatefulPartitionedCall/), no part of a layer's."""
+    while name.startswith(_TF_FUNCTION_SCOPE):
+        name = name[len(_TF_FUNCTION_SCOPE) :]
+    return name
 
 
 def _own_scope(layer: NormLayer, by_name: dict[str, int], scopes: list[Counter[str]]) -> str | None:
@@ -179,9 +182,7 @@ def _own_scope(layer: NormLayer, by_name: dict[str, int], scopes: list[Counter[s
         scopes.append(Counter(name[:k] for name in by_name for k, c in enumerate(name) if c == "/"))
     if scopes[0][scope] != len(set(names)):  # other nodes under it: not the layer's own scope
         return None
-    while scope.startswith(_TF_FUNCTION_SCOPE):
-        scope = scope[len(_TF_FUNCTION_SCOPE) :]
-    return scope or None
+    return _without_function_scope(scope) or None
 
 
 def _generated_tensor(g: GraphIndex, index: int, tensor: str) -> bool:

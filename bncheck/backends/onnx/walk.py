@@ -197,20 +197,7 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
             "reshaped to [1, N*C, ...]; each sample's channel is normalized over its own spatial axes, "
             "the running-statistic outputs are unused; not batch statistics"
         )
-        layer = _base(
-            g,
-            idx,
-            kind=Kind.INSTANCE,
-            axes=axes,
-            training=True,
-            batch_statistics=False,
-            uses_running_stats=False,
-            batch_axis=None,
-            notes=tuple(notes + [note]),
-            extra=extra,
-            **common,
-        )
-        return layer, [idx]
+        return _per_sample(g, idx, Kind.INSTANCE, axes, True, notes + [note], extra, common), [idx]
     computed = not training and (mean is None or var is None)
     if computed and own_moments(g, idx) and not axis0_is_batch(g, x):  # moments of no batch: no other layer's
         return _per_sample_moments(g, idx, axes, notes, extra, common), [idx]
@@ -247,6 +234,26 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
     return layer, [idx]
 
 
+def _per_sample(
+    g: GraphIndex, idx: int, kind: Kind, axes, training: bool, notes: list[str], extra: dict, common: dict
+) -> NormLayer:
+    """A BatchNormalization of its input reshaped to [1, M, ...], the batch folded into M: per-sample sets, no
+    batch statistics, no running ones (``training``: its flag as written)."""
+    return _base(
+        g,
+        idx,
+        kind=kind,
+        axes=axes,
+        training=training,
+        batch_statistics=False,
+        uses_running_stats=False,
+        batch_axis=None,
+        notes=tuple(notes),
+        extra=extra,
+        **common,
+    )
+
+
 def _per_sample_moments(g: GraphIndex, idx: int, axes, notes: list[str], extra: dict, common: dict) -> NormLayer:
     """An inference-mode BatchNormalization fed the moments of its own input over [1, M, ...] (its axis 0 is no
     batch): each of the M rows is normalized over its own elements, as the layer the exporter lowered does."""
@@ -263,19 +270,7 @@ def _per_sample_moments(g: GraphIndex, idx: int, axes, notes: list[str], extra: 
         "LayerNormalization: the input reshaped to [1, M, K, 1]): each row is normalized over its own elements, "
         "no stored statistics"
     )
-    layer = _base(
-        g,
-        idx,
-        kind=kind,
-        axes=axes,
-        training=False,
-        batch_statistics=False,
-        uses_running_stats=False,
-        batch_axis=None,
-        notes=tuple(notes + [note]),
-        extra=extra,
-        **common,
-    )
+    layer = _per_sample(g, idx, kind, axes, False, notes + [note], extra, common)
     gamma, beta = affine_after(g, layer.output)
     if layer.scale is None and layer.bias is None and (gamma is not None or beta is not None):
         # the BatchNormalization's own are ones and zeros of a computed shape: the Keras layer's gamma and beta
