@@ -1956,3 +1956,26 @@ def test_a_layer_norm_after_a_tf2onnx_dense_on_a_sequence_is_sized_at_opset_13(t
     (tmp_path / "one").mkdir()
     path = tf_dense_then_layer_norm(tmp_path / "one", features=1)
     assert [(f.code, f.severity.label) for f in bncheck.inspect(path).findings] == [("BN001", "error")]
+
+
+def test_the_walks_graph_index_is_freed_when_nothing_holds_it(tmp_path):
+    # the data-flow pass cached on the index once held the index itself (a reference cycle): every array the
+    # walk read stayed alive until the cyclic collector ran (ddddocr's quantized model: +11 MB at its peak)
+    import gc
+    import weakref
+
+    from bncheck.backends.onnx.dataflow import dataflow_norms, own_moments
+    from bncheck.backends.onnx.graph import GraphIndex
+
+    path, _ = tf_fused_layer_norm(tmp_path, rows=5, features=8)
+    handle = load_onnx(path)
+    g = GraphIndex(handle, dequantized=True)
+    bn = next(i for i, node in enumerate(g.nodes) if node.op_type == "BatchNormalization")
+    assert own_moments(g, bn) and dataflow_norms(g, set()) == []
+    gc.disable()
+    try:
+        ref = weakref.ref(g)
+        del g
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -420,13 +420,16 @@ def _normalized(dev: Form, std: Form, idx: int, scale: str | None) -> Form:
 # ====================================================================== entry points
 
 
-def _flow(g: GraphIndex) -> _Flow:
-    """The forms of ``g``'s tensors, computed once per index."""
-    flow = g.derived.get("flow")
-    if flow is None:
-        flow = g.derived["flow"] = _Flow(g)
+def _forms(g: GraphIndex) -> tuple[dict[str, Form], set[str]]:
+    """The forms of ``g``'s tensors and the norm tensors an affine carried further, computed once per index
+    (the pass's results only: a _Flow kept there would hold ``g`` in a reference cycle, and with it every array
+    the index read until the cyclic collector runs)."""
+    cached = g.derived.get("forms")
+    if cached is None:
+        flow = _Flow(g)
         flow.run()
-    return flow
+        cached = g.derived["forms"] = (flow.forms, flow.extended)
+    return cached
 
 
 def own_moments(g: GraphIndex, idx: int) -> bool:
@@ -438,8 +441,8 @@ def own_moments(g: GraphIndex, idx: int) -> bool:
     rank = g.rank(x)
     if rank is None or rank < 2 or len(node.input) < 5:
         return False
-    flow = _flow(g)
-    mean, var = flow.form(node.input[3]), flow.form(node.input[4])
+    forms, _ = _forms(g)
+    mean, var = forms.get(node.input[3]), forms.get(node.input[4])
     axes = (0,) + tuple(range(2, rank))
     if mean is None or var is None or mean.what != "mean" or var.what != "var" or var.rescaled:
         return False
@@ -449,10 +452,10 @@ def own_moments(g: GraphIndex, idx: int) -> bool:
 def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]]]:
     """Decomposed norms the fixed-sequence matcher missed (none of their nodes in ``used``), as (layer, node
     positions)."""
-    flow = _flow(g)
+    forms, extended = _forms(g)
     results: list[tuple[NormLayer, list[int]]] = []
     taken = set(used)
-    ends = [(t, f) for t, f in flow.forms.items() if f.what == "norm" and t not in flow.extended]
+    ends = [(t, f) for t, f in forms.items() if f.what == "norm" and t not in extended]
     for tensor, f in sorted(ends, key=lambda item: min(item[1].nodes)):
         nodes = sorted(f.nodes)
         if taken & set(nodes):
