@@ -40,6 +40,8 @@ REDUCE_OPS = frozenset(
 )
 #: forms holding one value per reduced set: they survive reshapes (keepdims=0 then Unsqueeze, say)
 _STATS = frozenset({"sum", "sumsq", "sumsqdev", "mean", "meansq", "sqmean", "var", "var_eps", "std", "inv"})
+#: what a reduction of data holds
+_REDUCED = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceSumSquare": "sumsq"}
 #: a sum divided by a count becomes the matching mean
 _AVERAGED = {"sum": "mean", "sumsq": "meansq", "sumsqdev": "var"}
 _RESHAPES = frozenset({"Squeeze", "Unsqueeze", "Reshape", "Expand", "Flatten"})
@@ -234,18 +236,15 @@ class _Flow:
         node_set = frozenset({idx})
         if f is None and self.is_ones(t):
             return None  # the number of elements: a count (is_count), not a statistic
-        if f is None:
-            what = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceSumSquare": "sumsq"}[op]
-            return Form(what, self.source(t), axes, node_set)
-        if op == "ReduceSumSquare" and f.what == "dev" and f.scale is None and f.axes == axes:
-            return replace(f, what="sumsqdev", nodes=f.nodes | node_set)
-        if f.what == "sq" and op != "ReduceSumSquare":
-            return Form("meansq" if op == "ReduceMean" else "sumsq", f.x, axes, f.nodes | node_set)
-        if f.what == "sqdev" and f.axes == axes and op != "ReduceSumSquare":
-            return replace(f, what="var" if op == "ReduceMean" else "sumsqdev", nodes=f.nodes | node_set)
-        if _raw(f):  # statistics of something else reduced again (a pooled map's group norm): its own data
-            what = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceSumSquare": "sumsq"}[op]
-            return Form(what, self.source(t), axes, node_set)
+        if f is not None:
+            if op == "ReduceSumSquare" and f.what == "dev" and f.scale is None and f.axes == axes:
+                return replace(f, what="sumsqdev", nodes=f.nodes | node_set)
+            if f.what == "sq" and op != "ReduceSumSquare":
+                return Form("meansq" if op == "ReduceMean" else "sumsq", f.x, axes, f.nodes | node_set)
+            if f.what == "sqdev" and f.axes == axes and op != "ReduceSumSquare":
+                return replace(f, what="var" if op == "ReduceMean" else "sumsqdev", nodes=f.nodes | node_set)
+        if _raw(f):  # data, or statistics of something else reduced again (a pooled map's group norm)
+            return Form(_REDUCED[op], self.source(t), axes, node_set)
         return None
 
     def _square(self, t: str, f: Form | None, idx: int) -> Form | None:

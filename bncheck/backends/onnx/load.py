@@ -834,19 +834,13 @@ def _through_ort_layouts(inferred: onnx.ModelProto, large: bool) -> onnx.ModelPr
         shaped = onnx.shape_inference.infer_shapes(stand_in, strict_mode=False, data_prop=True)
     except Exception:
         return inferred
-    known = {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output) if _has_shape(v)}
+    known = {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output) if _ranked(v)}
     produced = {out for node in graph.node for out in node.output if out}
     # the stand-in's inference went through the whole graph: what it found for the rest is the file's too
     graph.value_info.extend(
-        info
-        for info in shaped.graph.value_info
-        if info.name in produced and info.name not in known and _has_shape(info)
+        info for info in shaped.graph.value_info if info.name in produced and info.name not in known and _ranked(info)
     )
     return inferred
-
-
-def _has_shape(info: onnx.ValueInfoProto) -> bool:
-    return info.type.tensor_type.HasField("shape")
 
 
 #: onnxruntime contrib ops onnx cannot infer, whose first output has the shape of their first input.

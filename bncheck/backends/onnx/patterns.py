@@ -432,12 +432,14 @@ def _absorb_param_op(g: GraphIndex, chain: _Chain, op: str) -> str | None:
     return other
 
 
-def _follow_transparent(g: GraphIndex, tensor: str) -> tuple[str, list[int]]:
-    """Forward through single-user Cast/Reshape/Identity/Flatten copies."""
+def _follow_transparent(
+    g: GraphIndex, tensor: str, ops: tuple[str, ...] = ("Cast", "Identity", "Reshape", "Flatten")
+) -> tuple[str, list[int]]:
+    """Forward through single-user copies made by ``ops`` (at most three)."""
     passed: list[int] = []
     for _ in range(3):
         users = g.users(tensor)
-        if len(users) != 1 or g.op(users[0]) not in ("Cast", "Identity", "Reshape", "Flatten"):
+        if len(users) != 1 or g.op(users[0]) not in ops:
             break
         node = g.nodes[users[0]]
         if node.input[0] != tensor or tensor in g.graph_outputs:
@@ -453,11 +455,7 @@ def affine_after(g: GraphIndex, tensor: str) -> tuple[np.ndarray | None, np.ndar
     own scale and shift as ones and zeros and writes the layer's gamma and beta after it (tf2onnx's Keras
     LayerNormalization)."""
     found: dict[str, np.ndarray] = {}
-    for _ in range(3):
-        users = g.users(tensor)
-        if len(users) != 1 or g.op(users[0]) not in ("Transpose", "Reshape", "Identity") or tensor in g.graph_outputs:
-            break
-        tensor = g.nodes[users[0]].output[0]
+    tensor = _follow_transparent(g, tensor, ("Transpose", "Reshape", "Identity"))[0]
     for op in ("Mul", "Add"):
         users = g.users(tensor, op)
         other = other_input(g.nodes[users[0]], tensor) if len(users) == 1 else None
