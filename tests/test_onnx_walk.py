@@ -1493,13 +1493,20 @@ def test_moments_transposed_before_the_division_over_the_axis_the_batch_moved_to
 
 
 def tf_fused_layer_norm(
-    tmp_path, rows: int, features: int, name: str = "tf_fused_ln", computed_target: bool = False
+    tmp_path,
+    rows: int,
+    features: int,
+    name: str = "tf_fused_ln",
+    computed_target: bool = False,
+    fixed_batch: int | None = None,
 ) -> tuple[str, np.ndarray]:
     """tf.keras's LayerNormalization over the last axis (its fused path, any epsilon >= 1.001e-5) as tf2onnx 1.17
     writes it: x [N, rows, features] reshaped to [1, N*rows, features, 1], its moments over axes [0, 2, 3]
     computed beside an inference-mode BatchNormalization (ones, zeros, mean, var), reshaped back, gamma, beta.
     ``computed_target``: the reshape target computed from x's shape (Slice, ReduceProd, Concat), as tf2onnx
-    writes it for a 4-D input, which leaves the normalized size open to onnx's shape inference."""
+    writes it for a 4-D input, which leaves the normalized size open to onnx's shape inference.
+    ``fixed_batch``: exported at that fixed batch, both reshape targets and the ones and zeros constants
+    (``[1, fixed*rows, features, 1]``, ``[fixed, rows, features]``, ``[fixed*rows]``), as tf2onnx folds them."""
     gamma = RNG.uniform(0.5, 1.5, features).astype(np.float32)
     beta = RNG.uniform(-1, 1, features).astype(np.float32)
     scope = "model/ln"
@@ -1537,6 +1544,14 @@ def tf_fused_layer_norm(
         const("beta", beta),
     ]
     shape = ["N", rows, features]
+    if fixed_batch is not None:
+        shape = [fixed_batch, rows, features]
+        inits[0] = const("to_rows", [1, fixed_batch * rows, features, 1], np.int64)
+        inits.append(const("back_shape", [fixed_batch, rows, features], np.int64))
+        nodes[-3].input[1] = "back_shape"
+        # the BatchNormalization's ones and zeros folded to constants of the fixed batch's rows
+        nodes = [n for n in nodes if n.op_type != "ConstantOfShape"]
+        inits += [const(v, np.full(fixed_batch * rows, float(v == "ones"), np.float32)) for v in ("ones", "zeros")]
     if computed_target:
         nodes[1:1] = [
             helper.make_node("Slice", ["x_shape", "last", "end"], ["tail"], name=f"{scope}/strided_slice"),
@@ -1602,6 +1617,20 @@ def test_tf2onnx_fused_layer_norm_over_one_feature_collapses(tmp_path):
         assert result.exit_code == 1, command
         findings = json.loads(result.stdout)["findings"]
         assert [(f["code"], f["severity"], f["layer"]) for f in findings] == [("BN001", "error", "model/ln")]
+
+
+@pytest.mark.parametrize("fixed", [1, 8])
+def test_a_fixed_batch_tf2onnx_fused_layer_norm_relaxes_with_the_batch_folded_into_its_rows(tmp_path, fixed):
+    # exported at a fixed batch: the rows target [1, fixed * 5, 8, 1]'s leading 1 is no batch (the batch is folded
+    # into the rows); at 1, the fed batch put there made the moments over axes 0, 2, 3 mix samples (a false
+    # BN002); at 8, the target and the reshape back of the [1, 40, 8, 1] output to [8, 5, 8] refused the relaxation
+    path, gamma = tf_fused_layer_norm(tmp_path, rows=5, features=8, fixed_batch=fixed)
+    x = RNG.normal(size=(fixed, 5, 8)).astype(np.float32)
+    beta = numpy_helper.to_array(next(i for i in onnx.load(path).graph.initializer if i.name == "beta"))
+    np.testing.assert_allclose(run_ort(path, x), numpy_norm(x, (2,), 1e-3, gamma, beta), rtol=1e-4, atol=1e-5)
+    report = bncheck.probe(path, batch_sizes=(1, 2))
+    assert [layer.name for layer in report.layers] == ["model/ln"] and report.findings == []
+    assert [p.batch_sizes for p in report.probes] == [(1, 2)]  # relaxed, and the dependence tested
 
 
 def test_a_tf2onnx_batch_norm_is_named_by_its_keras_layers_path(tmp_path):

@@ -282,13 +282,19 @@ def _batch_fed(graph: Any, batched: dict[str, int]) -> set[str]:
 
 
 def _rewrite_batch_constants(
-    model: onnx.ModelProto, batched: dict[str, int], fixed: int, shapes: dict[str, tuple[Dim, ...]]
+    model: onnx.ModelProto,
+    batched: dict[str, int],
+    fixed: int,
+    shapes: dict[str, tuple[Dim, ...]],
+    rows: frozenset[str] = frozenset(),
 ) -> int:
     """Reshape/Expand targets and Resize sizes whose first element is the fixed batch, on a batch-fed tensor
     whose first dim (in the file's ``shapes``) is that batch or unknown, and the shapes of ConstantOfShape
     whose output meets a batch-fed tensor in a node (tf2onnx pads channels by a Concat with zeros shaped
     [1, C, H, W]), become ``Concat(Shape(input)[axis:axis+1], rest)``: the fed batch instead of the baked
-    one. Returns how many."""
+    one. ``rows`` are a norm's input and output whose axis 0 is a fixed 1 and no batch (the batch is folded into
+    their rows, as in tf's fused LayerNormalization): a Reshape making one to ``[1, M, ...]`` becomes ``[1, -1,
+    ...]`` instead, and a Reshape of one back to the fixed batch holds the batch. Returns how many."""
     from onnx import helper
 
     graph = model.graph
@@ -299,7 +305,7 @@ def _rewrite_batch_constants(
         # a quantized model's bias [24], reshaped to [1, -1, 1, 1], is computed from the batch (its scale is
         # dynamic) but holds none: rewriting it fails the proof and costs a session (ddddocr_old_quant)
         first = (shapes.get(name) or (None,))[0]
-        return not isinstance(first, int) or first == fixed
+        return not isinstance(first, int) or first == fixed or name in rows
 
     # the input holding the output's shape: Resize's sizes (its fourth input, from opset 11) as Reshape's target
     where = {"Reshape": 1, "Expand": 1, "Resize": 3}
@@ -310,6 +316,7 @@ def _rewrite_batch_constants(
         and node.domain in ("", "ai.onnx")
         and len(node.input) > where[node.op_type]
         and node.input[0] in fed
+        and _rows_target(node, constants, fed, rows) is None
         and node.input[where[node.op_type]] in constants
         and constants[node.input[where[node.op_type]]][0].size >= 1
         and int(constants[node.input[where[node.op_type]]][0][0]) == fixed
@@ -329,7 +336,7 @@ def _rewrite_batch_constants(
     ]
     sites.sort(key=lambda site: site[0])  # the Concats are inserted before their nodes in this order
     if not sites:
-        return 0
+        return _fold_batch_into_rows(graph, constants, fed, rows)
     prefix = "__bncheck_batch"
     source, axis = next(iter(batched.items()))
     zero = from_array(np.array([axis], np.int64), f"{prefix}_index")
@@ -354,7 +361,71 @@ def _rewrite_batch_constants(
         nodes.insert(i, concat)
     del graph.node[:]
     copy_messages(graph.node, [source_shape, batch, *nodes])
-    return len(sites)
+    return len(sites) + _fold_batch_into_rows(graph, constants, fed, rows)
+
+
+def _rows_target(
+    node: Any, constants: dict[str, tuple[np.ndarray, Any]], fed: set[str], rows: frozenset[str]
+) -> np.ndarray | None:
+    """The constant target ``[1, M, ...]`` (no -1) of a batch-fed Reshape making one of ``rows``, else None."""
+    if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    target = constants.get(node.input[1], (None,))[0]
+    if (
+        node.output[0] in rows
+        and node.input[0] in fed
+        and target is not None
+        and target.ndim == 1
+        and target.size >= 2
+        and int(target[0]) == 1
+        and not (target == -1).any()
+    ):
+        return target
+    return None
+
+
+def _fold_batch_into_rows(
+    graph: Any, constants: dict[str, tuple[np.ndarray, Any]], fed: set[str], rows: frozenset[str]
+) -> int:
+    """Each Reshape :func:`_rows_target` finds gets the target ``[1, -1, ...]``, which computes M at the file's
+    size and folds a fed batch into it; a BatchNormalization of its rows whose parameters are constants of one
+    value over the M rows (tf2onnx folds the fused LayerNormalization's ones and zeros at a fixed batch) gets
+    them expanded to the rows' count. Returns how many Reshapes."""
+    from onnx import helper
+
+    nodes: list[Any] = []
+    folded: set[str] = set()
+    weights: dict[str, Any] | None = None  # the initializers by name, read where such a norm is found
+    for node in graph.node:  # sorted: a Reshape comes before the BatchNormalization of its rows
+        target = _rows_target(node, constants, fed, rows)
+        if target is not None:
+            name = f"__bncheck_rows_target_{len(folded)}"
+            graph.initializer.append(from_array(np.array([1, -1, *target[2:]], np.int64), name))
+            node.input[1] = name
+            folded.add(node.output[0])
+        elif node.op_type == "BatchNormalization" and node.input and node.input[0] in folded:
+            # (in-file ones: a large weight's stub holds no values)
+            weights = weights if weights is not None else {t.name: t for t in graph.initializer if not t.data_location}
+            for k in range(1, min(len(node.input), 5)):
+                value = to_array(weights[node.input[k]]) if node.input[k] in weights else None
+                if value is None or value.ndim != 1 or value.size < 2 or not (value == value[0]).all():
+                    continue
+                prefix = f"__bncheck_rows_{len(nodes)}_{k}"
+                one = from_array(value[:1].copy(), f"{prefix}_value")
+                axis = from_array(np.array([1], np.int64), f"{prefix}_axis")
+                graph.initializer.extend([one, axis])
+                nodes += [
+                    helper.make_node("Shape", [node.input[0]], [f"{prefix}_shape"], name=f"{prefix}_shape"),
+                    helper.make_node("Gather", [f"{prefix}_shape", axis.name], [f"{prefix}_m"], name=f"{prefix}_m"),
+                    helper.make_node("Expand", [one.name, f"{prefix}_m"], [prefix], name=prefix),
+                ]
+                node.input[k] = prefix
+        nodes.append(node)
+    if len(nodes) > len(graph.node):
+        nodes = [copied(n) for n in nodes]
+        del graph.node[:]
+        copy_messages(graph.node, nodes)
+    return len(folded)
 
 
 def _session(model: onnx.ModelProto, folder: str, shapes: Mapping[str, tuple[Dim, ...]], arena: bool = True):
@@ -535,12 +606,14 @@ def _relax(
     proof_by_probe: bool = False,
     refused: OutputsRefuse | None = None,
     takes_proof: bool = True,
+    rows: frozenset[str] = frozenset(),
 ) -> onnx.ModelProto:
     """Relax a fixed batch dim if a run proves it harmless (see the module docstring); updates ``copy``.
     ``proof_by_probe``: leave the proof to the probe's own session (:attr:`ProbeCopy.pending`). ``refused``:
     why the probe's own runs of the rewritten copy failed the proof. ``takes_proof``: the probe takes a proof's
     session over (it adds nothing to the graph), so the session is kept for it, also where the outputs refuse
-    the relaxation; else it is freed here."""
+    the relaxation; else it is freed here. ``rows``: norm inputs whose axis 0 is no batch (see
+    _rewrite_batch_constants)."""
     fixed = fixed_batch(copy.inputs)
     if fixed is None or not relaxes(copy.inputs, settings.batch_sizes):
         if fixed is not None:
@@ -557,7 +630,7 @@ def _relax(
     # makes the plain relaxed copy fail its proof: where there is one, the rewritten copy is proven first
     # (one session and proof less on such files), and the plain copy only if that proof fails.
     rewritten = _relaxed(model, batched, fixed)
-    count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes)
+    count = _rewrite_batch_constants(rewritten, batched, fixed, copy.shapes, rows)
     proof: Proof | str | None = "not tried"  # None: left to the probe's own session
     settled = False  # refused by the plain relaxed copy's shapes: no run needed to confirm it
     relaxed = model
@@ -706,7 +779,15 @@ def prepare(
             f"input(s) {listed} only feed normalization parameters: fed as fixed tensors (scale 1, "
             "bias 0, mean 0, variance 1), not batched"
         )
-    relaxed = _relax(copy, model, settings, dict(int_high or {}), proof_by_probe, refused, takes_proof)
+    # a norm over every axis but 1 that holds no batch: axis 0 of its input and output is a fixed 1, their rows
+    # hold the batch
+    rows = frozenset(
+        name
+        for layer in view.layers
+        if layer.batch_axis is None and layer.axes and 0 in layer.axes
+        for name in (layer.input, layer.output)
+    )
+    relaxed = _relax(copy, model, settings, dict(int_high or {}), proof_by_probe, refused, takes_proof, rows)
     if relaxed is not model:
         model, changed = relaxed, True
     copy.model = model
