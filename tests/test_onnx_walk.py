@@ -2008,3 +2008,59 @@ def test_the_walks_graph_index_is_freed_when_nothing_holds_it(tmp_path):
         assert ref() is None
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------------- norms of constants
+
+
+def weight_standardized_conv(tmp_path, folded: bool) -> str:
+    """timm's ScaledStdConv2d as torch.onnx.export (TorchScript) writes it: its weight [16, 3, 3, 3] standardized
+    by F.batch_norm(weight.reshape(1, 16, -1), training=True), a train-mode BatchNormalization whose running
+    statistics are the weight's own moments; ``folded``: the reshaped weight folded into an initializer (the
+    exporter's constant folding), else the Reshape kept."""
+    w = RNG.normal(size=(16, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["w_rows"], ["w_mean"], axes=[0, 2], keepdims=0, name="/stem/conv/ReduceMean"),
+        helper.make_node("Sub", ["w_rows", "w_mean3"], ["w_dev"], name="/stem/conv/Sub"),
+        helper.make_node("Mul", ["w_dev", "w_dev"], ["w_sq"], name="/stem/conv/Mul"),
+        helper.make_node("ReduceMean", ["w_sq"], ["w_var"], axes=[0, 2], keepdims=0, name="/stem/conv/ReduceMean_2"),
+        helper.make_node("Unsqueeze", ["w_mean", "mean_axes"], ["w_mean3"], name="/stem/conv/Unsqueeze"),
+        helper.make_node(
+            "BatchNormalization",
+            ["w_rows", "gain", "zero", "w_mean", "w_var"],
+            ["w_std", "rm", "rv"],
+            epsilon=1e-5,
+            momentum=1.0,
+            training_mode=1,
+            name="/stem/conv/BatchNormalization",
+        ),
+        helper.make_node("Reshape", ["w_std", "w_shape"], ["w_conv"], name="/stem/conv/Reshape"),
+        helper.make_node("Conv", ["x", "w_conv"], ["y"], pads=[1, 1, 1, 1], name="/stem/conv/Conv"),
+    ]
+    inits = [
+        const("gain", np.full(16, 0.5)),
+        const("zero", np.zeros(16)),
+        const("w_shape", [16, 3, 3, 3], np.int64),
+        const("mean_axes", [0, 2], np.int64),
+    ]
+    if folded:
+        inits.append(const("w_rows", w.reshape(1, 16, 27)))
+    else:
+        nodes.insert(0, helper.make_node("Reshape", ["w", "rows_shape"], ["w_rows"], name="/stem/conv/Reshape_1"))
+        inits += [const("w", w), const("rows_shape", [1, 16, -1], np.int64)]
+    inputs, outputs = [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", ["N", 16, 8, 8])]
+    return save(tmp_path, nodes, inputs, outputs, inits, opset=17, name=f"ws_{folded}")
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_a_norm_of_a_constant_weight_is_no_layer(tmp_path, folded):
+    # before: a BN002 error ("runs in training mode") on every weight-standardized convolution of an NF-Net
+    path = weight_standardized_conv(tmp_path, folded)
+    x = RNG.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    together = run_ort(path, x)
+    alone = np.concatenate([run_ort(path, x[i : i + 1]) for i in range(4)])
+    assert np.abs(together - alone).max() < 1e-5  # no sample's output depends on its batch companions
+    report = bncheck.inspect(path)
+    assert report.layers == [] and report.findings == []
+    assert any("normalize a constant" in note.message and "'stem.conv'" in note.message for note in report.notes)
+    assert bncheck.probe(path, batch_sizes=(1, 2)).findings == []

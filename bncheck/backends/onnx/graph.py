@@ -525,6 +525,23 @@ class GraphIndex:
         except (TypeError, ValueError):
             return None
 
+    def data_free(self, tensor: str) -> bool:
+        """True when ``tensor`` is computed from initializers and Constant nodes only: the same whatever the
+        inputs. A graph input, an outer scope's tensor (a subgraph's reads) or a random op make it data."""
+        free = self.derived.get("data_free")
+        if free is None:
+            free = set(self.initializers)
+            for node in self.nodes:  # sorted
+                if node.op_type == "Constant" or (
+                    node.input
+                    and node.op_type not in _RANDOM_OPS
+                    and all(not name or name in free for name in node.input)
+                    and not has_subgraphs(node)
+                ):
+                    free.update(o for o in node.output if o)
+            self.derived["data_free"] = free
+        return tensor in free
+
     def is_param_like(self, tensor: str) -> bool:
         """True when ``tensor`` does not depend on the data: a constant, or a graph input (a weight fed at
         run time) reached through shape-only ops. Used to tell an affine Mul/Add from other arithmetic."""
@@ -543,6 +560,12 @@ class GraphIndex:
             tensor = node.input[0]
             seen += 1
         return False
+
+
+#: ops whose output is drawn afresh at every run, from no input or from a shape only
+_RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
 
 
 def shape_dim(g: GraphIndex, tensor: str, axis: int | None) -> int | None:

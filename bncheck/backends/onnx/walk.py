@@ -81,11 +81,25 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
         used.update(nodes)
         spans.append((min(nodes), layer, nodes))
     spans.extend((min(nodes), layer, nodes) for layer, nodes in dataflow_norms(g, used))
+    # a norm of a constant is no layer of the data: timm's weight standardization, F.batch_norm(weight, training=True)
+    # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample
+    constant = readable_names(g, [(first, layer) for first, layer, _ in spans if g.data_free(layer.input)])
+    spans = [span for span in spans if not g.data_free(span[1].input)]
     batch_ops = batch_reductions(g, spans)
     relaxed_ops = batch_reductions(g, spans, relaxed=True) if fixed_to_one(g) else []
     found = sorted(((first, layer) for first, layer, _ in spans), key=lambda item: item[0])
     layers = readable_names(g, found)
-    return layers, _model_notes(g, layers, batch_ops), batch_ops, relaxed_ops
+    notes = _model_notes(g, layers, batch_ops)
+    if constant:
+        notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
+    return layers, notes, batch_ops, relaxed_ops
+
+
+#: the note of norms whose input is a constant (weight standardization), left out of the layers
+_CONSTANT_NOTE = (
+    "{count} normalization node(s) (first: {first!r}) normalize a constant, not the data (weight standardization, as "
+    "in NF-Nets and BiT: a convolution's weights standardized): no layer of the data, not checked"
+)
 
 
 # ====================================================================== helpers
