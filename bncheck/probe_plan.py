@@ -191,10 +191,21 @@ def merge_stats(parts: Iterable[TensorStats]) -> TensorStats:
     )
 
 
-def first_samples(stats: TensorStats, n: int) -> TensorStats:
-    """``stats`` without the rows past ``n``: a fixed-batch model's last batch completed with repeated
-    samples counts only its real ones. min/max/zeros/nonfinite keep the repeats, copies of samples already
-    counted (min/max unchanged; the counts may be high, their presence is what is read)."""
+def kept_rows(rows: int, real: int, fed: int | None) -> int:
+    """Rows of a tensor of ``rows`` rows (its axis 0) that hold the first ``real`` of the ``fed`` samples of
+    its run: ``real``, or ``real`` times the rows per sample where each sample has several (LeViT's
+    BatchNorm1d over [B*N, C], N tokens a sample, laid out sample by sample)."""
+    if fed and rows != fed and rows % fed == 0:
+        return real * (rows // fed)
+    return real
+
+
+def first_samples(stats: TensorStats, n: int, fed: int | None = None) -> TensorStats:
+    """``stats`` without the rows past those of its first ``n`` samples (:func:`kept_rows`; ``fed``: the
+    samples its run was fed): a fixed-batch model's last batch completed with repeated samples counts only
+    its real ones. min/max/zeros/nonfinite keep the repeats, copies of samples already counted (min/max
+    unchanged; the counts may be high, their presence is what is read)."""
+    n = kept_rows(stats.batch_size, n, fed)
     if n >= stats.batch_size:
         return stats
     per_sample = stats.count // max(stats.batch_size, 1)
@@ -1138,9 +1149,9 @@ def run_plan(
     if plan.data_runs:
         data = {}
         for name in names:
-            parts = [(results[run][name].input, real_rows(run)) for run in plan.data_runs if name in results[run]]
+            parts = [(results[run][name].input, run) for run in plan.data_runs if name in results[run]]
             if parts and all(p is not None for p, _ in parts):
-                data[name] = merge_stats(first_samples(p, n) for p, n in parts)  # type: ignore[arg-type]
+                data[name] = merge_stats(first_samples(p, real_rows(run), len(run)) for p, run in parts)  # type: ignore[arg-type]
     if test_dependence and not plan.solo_runs and not failed:
         notes.append("batch dependence not tested: it needs a batch size above 1")
     output_dependence, companion_change, located = _outputs_test(

@@ -2064,3 +2064,55 @@ def test_a_norm_of_a_constant_weight_is_no_layer(tmp_path, folded):
     assert report.layers == [] and report.findings == []
     assert any("normalize a constant" in note.message and "'stem.conv'" in note.message for note in report.notes)
     assert bncheck.probe(path, batch_sizes=(1, 2)).findings == []
+
+
+# ---------------------------------------------------------------------------- norms over rows of several per sample
+
+
+def tokens_batch_norm(tmp_path, mean: float, var: float) -> str:
+    """LeViT's BatchNorm1d over tokens as torch exports it: x [N, 16, 8] flattened to [N*16, 8] (axis 0 holds the
+    samples' tokens, sample by sample), an inference-mode BatchNormalization with running mean ``mean`` and
+    variance ``var``, then reshaped back."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "rows"], ["flat"], name="/ln/Reshape"),
+        helper.make_node("BatchNormalization", ["flat", "g", "b", "m", "v"], ["normed"], name="/ln/bn/BatchNormalization"),
+        helper.make_node("Reshape", ["normed", "back"], ["y"], name="/ln/Reshape_1"),
+    ]
+    inits = [
+        const("rows", [-1, 8], np.int64),
+        const("back", [-1, 16, 8], np.int64),
+        const("g", np.ones(8)),
+        const("b", np.zeros(8)),
+        const("m", np.full(8, mean)),
+        const("v", np.full(8, var)),
+    ]
+    return save(tmp_path, nodes, [vinfo("x", ["N", 16, 8])], [vinfo("y", ["N", 16, 8])], inits, name="tokens_bn")
+
+
+def test_data_statistics_of_a_norm_over_several_rows_per_sample_count_every_row(tmp_path):
+    # the data's tokens: the first 4 of each sample's 16 have another mean and spread than the rest; the data pass
+    # kept as many rows of the flattened [N*16, 8] as samples were fed (the first samples' tokens only)
+    x = RNG.normal(size=(40, 16, 8)).astype(np.float32)
+    x[:, :4] = 3.0 + 4.0 * x[:, :4]
+    rows = x.reshape(-1, 8).astype(np.float64)
+    path = tokens_batch_norm(tmp_path, float(rows.mean()), float(rows.var()))
+    report = bncheck.probe(path, data=x, batch_sizes=(1, 2))
+    (stats,) = [p.data for p in report.probes if p.data]
+    np.testing.assert_allclose(stats["ln.bn"].mean, rows.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["ln.bn"].var, rows.var(axis=0), rtol=1e-6)
+    assert [f.code for f in report.findings] == []  # the stored statistics are the data's, per channel near enough
+
+
+def test_fix_writes_the_statistics_of_every_row_of_a_norm_over_several_rows_per_sample(tmp_path):
+    x = RNG.normal(size=(40, 16, 8)).astype(np.float32)
+    x[:, :4] = 3.0 + 4.0 * x[:, :4]
+    rows = x.reshape(-1, 8).astype(np.float64)
+    path = tokens_batch_norm(tmp_path, 0.0, 1.0)  # never updated: fix recomputes them from the data
+    data = tmp_path / "data.npy"
+    np.save(data, x)
+    out = str(tmp_path / "fixed.onnx")
+    bncheck.fix(path, out, data=str(data))
+    stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer}
+    node = next(n for n in onnx.load(out).graph.node if n.op_type == "BatchNormalization")
+    np.testing.assert_allclose(stored[node.input[3]], rows.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stored[node.input[4]], rows.var(axis=0), rtol=1e-5)

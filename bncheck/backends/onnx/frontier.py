@@ -29,7 +29,7 @@ from bncheck.backends.onnx.scratch import Scratch
 from bncheck.backends.onnx.tensors import element_type
 from bncheck.model import NormLayer, TensorStats
 from bncheck.probe_data import release_mapped
-from bncheck.probe_plan import first_samples, joined_samples, merge_stats
+from bncheck.probe_plan import first_samples, joined_samples, kept_rows, merge_stats
 
 if TYPE_CHECKING:
     import onnx
@@ -63,7 +63,7 @@ def supports(model: onnx.ModelProto, layers: Iterable[NormLayer]) -> bool:
     )
 
 
-def input_stats(x: np.ndarray, real: int) -> TensorStats:
+def input_stats(x: np.ndarray, real: int, fed: int | None = None) -> TensorStats:
     """Per-sample, per-channel mean and mean of squares of an [N, C, ...] tensor in float64, over its first
     ``real`` samples (a fixed batch's repeats left out). min, max and zeros are not counted: fix reads the
     moments and the NaN/Inf count only. Why not tensor_stats: it makes two float64 copies of the whole batch
@@ -82,15 +82,15 @@ def input_stats(x: np.ndarray, real: int) -> TensorStats:
             mean[start : start + step] = part.mean(axis=2)
             sq[start : start + step] = np.einsum("ncl,ncl->nc", part, part) / length
         finite = np.asarray(np.isfinite(mean).all(axis=1) & np.isfinite(sq).all(axis=1))
-        for i in np.flatnonzero(~finite[:real]):
+        for i in np.flatnonzero(~finite[: kept_rows(n, real, fed)]):
             nonfinite += (~np.isfinite(flat[i])).sum(axis=1)
-    return first_samples(_without_extremes(n, n * length, mean, sq, nonfinite), real)
+    return first_samples(_without_extremes(n, n * length, mean, sq, nonfinite), real, fed)
 
 
-def _read_once(x: np.ndarray, real: int) -> TensorStats:
+def _read_once(x: np.ndarray, real: int, fed: int) -> TensorStats:
     """input_stats of one batch; where it is a mapped .npy's (a layer reading a graph input), its pages leave
     the process after it (the page cache keeps them)."""
-    found = input_stats(x, real)
+    found = input_stats(x, real, fed)
     release_mapped({"batch": x})
     return found
 
@@ -128,7 +128,9 @@ class Frontier:
         the model as edited so far; raises :class:`Unsupported` when this pass cannot run from here."""
         self._advance([layer.input for layer in layers])
         return {
-            layer.name: merge_stats(_read_once(a, real) for a, real in zip(self.values[layer.input], self.real))
+            layer.name: merge_stats(
+                _read_once(a, real, fed) for a, real, fed in zip(self.values[layer.input], self.real, self.rows)
+            )
             for layer in layers
         }
 

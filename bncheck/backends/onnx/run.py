@@ -1197,7 +1197,10 @@ def measure_with(
     parts: dict[str, list[TensorStats]] = {}
     for batch in batches:
         feeds, real = batch if isinstance(batch, tuple) else (batch, None)
+        fed = len(next(iter(feeds.values()))) if feeds else None  # the data hold their samples on axis 0
         for name, probe in engine(feeds).items():
             if probe.input is not None:
-                parts.setdefault(name, []).append(probe.input if real is None else first_samples(probe.input, real))
+                parts.setdefault(name, []).append(
+                    probe.input if real is None else first_samples(probe.input, real, fed)
+                )
     return {name: merge_stats(items) for name, items in parts.items()}
