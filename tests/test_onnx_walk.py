@@ -2069,13 +2069,19 @@ def test_a_norm_of_a_constant_weight_is_no_layer(tmp_path, folded):
 # ---------------------------------------------------------------------------- norms over rows of several per sample
 
 
-def tokens_batch_norm(tmp_path, mean: float, var: float) -> str:
+def tokens_batch_norm(tmp_path, mean: float, var: float, training: bool = False, shape=("N", 16, 8)) -> str:
     """LeViT's BatchNorm1d over tokens as torch exports it: x [N, 16, 8] flattened to [N*16, 8] (axis 0 holds the
     samples' tokens, sample by sample), an inference-mode BatchNormalization with running mean ``mean`` and
-    variance ``var``, then reshaped back."""
+    variance ``var`` (``training``: in training mode), then reshaped back. ``shape``: x's declared shape."""
     nodes = [
         helper.make_node("Reshape", ["x", "rows"], ["flat"], name="/ln/Reshape"),
-        helper.make_node("BatchNormalization", ["flat", "g", "b", "m", "v"], ["normed"], name="/ln/bn/BatchNormalization"),
+        helper.make_node(
+            "BatchNormalization",
+            ["flat", "g", "b", "m", "v"],
+            ["normed", "rm", "rv"] if training else ["normed"],
+            name="/ln/bn/BatchNormalization",
+            training_mode=int(training),
+        ),
         helper.make_node("Reshape", ["normed", "back"], ["y"], name="/ln/Reshape_1"),
     ]
     inits = [
@@ -2086,7 +2092,8 @@ def tokens_batch_norm(tmp_path, mean: float, var: float) -> str:
         const("m", np.full(8, mean)),
         const("v", np.full(8, var)),
     ]
-    return save(tmp_path, nodes, [vinfo("x", ["N", 16, 8])], [vinfo("y", ["N", 16, 8])], inits, name="tokens_bn")
+    shape = list(shape)
+    return save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, name=f"tokens_bn_{training}")
 
 
 def test_data_statistics_of_a_norm_over_several_rows_per_sample_count_every_row(tmp_path):
@@ -2116,3 +2123,22 @@ def test_fix_writes_the_statistics_of_every_row_of_a_norm_over_several_rows_per_
     node = next(n for n in onnx.load(out).graph.node if n.op_type == "BatchNormalization")
     np.testing.assert_allclose(stored[node.input[3]], rows.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(stored[node.input[4]], rows.var(axis=0), rtol=1e-5)
+
+
+def test_a_train_mode_norm_over_several_rows_per_sample_is_no_collapse_where_batch_1_ran(tmp_path):
+    # statically axis 0 is read as the batch: one element at batch size 1 (inspect cannot tell [N*16, 8] from [N, 8]);
+    # a probe at batch size 1 measures 16 elements a set, and the static error went on beside it
+    path = tokens_batch_norm(tmp_path, 0.0, 1.0, training=True)
+    x = RNG.normal(size=(1, 16, 8)).astype(np.float32)
+    assert np.ptp(run_ort(path, x)) > 1.0  # not constant at batch size 1
+    assert [f.code for f in bncheck.inspect(path).findings if f.code == "BN001"] == ["BN001"]
+    report = bncheck.probe(path, batch_sizes=(1, 2))
+    assert [f.code for f in report.findings] == ["BN002"]
+    # not probed at batch size 1: the prediction stands
+    assert "BN001" in [f.code for f in bncheck.probe(path, batch_sizes=(2, 4)).findings]
+
+
+def test_a_static_collapse_at_batch_1_is_an_info_in_a_file_fixed_to_a_larger_batch(tmp_path):
+    path = tokens_batch_norm(tmp_path, 0.0, 1.0, training=True, shape=(4, "T", 8))
+    (finding,) = [f for f in bncheck.inspect(path).findings if f.code == "BN001"]
+    assert finding.severity.label == "info" and finding.evidence["file_batch_size"] == 4

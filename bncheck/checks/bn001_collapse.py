@@ -109,14 +109,24 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         elif condition is None:
             continue
         elif collapse_is_certain(condition):
-            if "batch_size" in condition and 1 in sizes:
-                continue  # probed at batch size 1 and not constant: the observation wins
+            if "batch_size" in condition:
+                if 1 in sizes:
+                    continue  # probed at batch size 1 and not constant: the observation wins
+                # a probe at batch size 1 measures the set instead: axis 0 may hold more than the batch (LeViT's
+                # BatchNorm1d over [B*N, C], N tokens a sample)
+                evidence["replaced_by_probe"] = True
             evidence["kind"] = "static"
             evidence["normalized_set_size"] = 1
             message = (
                 f"{describe(layer)} normalizes over a set of one element {_where(condition)}: its output is "
                 f"{_collapsed(layer, 'its bias')} for every input"
             )
+            fixed = fixed_batch(view.inputs)
+            if "batch_size" in condition and fixed is not None and fixed > 1:
+                evidence["file_batch_size"] = fixed
+                message += f", a batch size this file does not run (its batch dimension is fixed to {fixed})"
+                yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, HINT, evidence)
+                continue
             yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
         elif not sizes:  # with a probe, the sizes that ran replace the prediction
             evidence["kind"] = "conditional"
