@@ -404,6 +404,9 @@ class GraphIndex:
             return None
         if op == "ConstantOfShape" and node.domain in ("", "ai.onnx") and node.input:
             return self._filled(self.param(node.input[0]), attrs.get("value"))
+        if op in ("CastLike", "Expand") and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+            # torch's dynamo exporter unoptimized: a GroupNorm's ones CastLike'd to x's type, Expanded to the groups
+            return self._cast_like(node) if op == "CastLike" else self._expanded(node)
         if op not in TRANSPARENT or not node.input:
             return None
         src = self.param(node.input[0])
@@ -429,6 +432,26 @@ class GraphIndex:
                 return None
         return src  # reshape target unknown: the values are still the stored ones
 
+    def _cast_like(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """CastLike(constant, t): the constant in t's element type (as stored where that type is unknown)."""
+        src = self.param(node.input[0])
+        elem = self.types.get(node.input[1])
+        dtype = None if src is None or elem is None else np_dtype(elem)
+        return src if dtype is None else src.astype(dtype)  # type: ignore[union-attr]
+
+    def _expanded(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """Expand(constant, constant shape), broadcast (None past MAX_FILLED_ELEMENTS)."""
+        src, shape = self.param(node.input[0]), self.ints(node.input[1])
+        if src is None or shape is None or shape.ndim != 1 or np.any(shape < 0):
+            return None
+        try:
+            dims = np.broadcast_shapes(src.shape, tuple(int(d) for d in shape))
+        except ValueError:
+            return None
+        if int(np.prod(dims, dtype=np.int64)) > MAX_FILLED_ELEMENTS:
+            return None
+        return np.broadcast_to(src, dims).copy()
+
     def _filled(self, shape: np.ndarray | None, value: Any) -> np.ndarray | None:
         """ConstantOfShape's output for a constant ``shape``: ``value`` (a one-element tensor; float 0 when
         absent) repeated; None for a shape that is not a constant 1-D integer one, or too large."""
@@ -448,7 +471,8 @@ class GraphIndex:
         LayerNorm scale flattened to [1, D] by an exporter is still the [D] or [H, W] array in the file)."""
         for _ in range(8):
             idx = self.producer.get(tensor)
-            if idx is None or self.nodes[idx].op_type not in TRANSPARENT or not self.nodes[idx].input:
+            op = None if idx is None else self.nodes[idx].op_type
+            if idx is None or (op not in TRANSPARENT and op != "CastLike") or not self.nodes[idx].input:
                 return tensor
             src = self.nodes[idx].input[0]
             if self.param(src) is None:
@@ -555,7 +579,7 @@ class GraphIndex:
             node = self.nodes[idx]
             if node.op_type == "Constant":
                 return True
-            if node.op_type not in TRANSPARENT and node.op_type != "Expand":
+            if node.op_type not in TRANSPARENT and node.op_type not in ("Expand", "CastLike"):
                 return False
             tensor = node.input[0]
             seen += 1

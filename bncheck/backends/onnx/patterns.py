@@ -164,8 +164,14 @@ def _value_aliases(g: GraphIndex, tensor: str) -> dict[str, list[int]]:
 
 
 def _single_user(g: GraphIndex, tensor: str, *ops: str) -> int | None:
-    users = g.users(tensor, *ops)
+    users = _value_users(g, tensor, *ops)
     return users[0] if len(users) == 1 else None
+
+
+def _value_users(g: GraphIndex, tensor: str, *ops: str) -> list[int]:
+    """The nodes reading ``tensor``'s values: a CastLike reading it as its second input takes its type only
+    (torch's dynamo exporter unoptimized casts each parameter like the tensor it meets)."""
+    return [i for i in g.users(tensor, *ops) if g.op(i) != "CastLike" or g.nodes[i].input[0] == tensor]
 
 
 def _match_tail(g: GraphIndex, chain: _Chain, var: str, deviations: Callable[[], dict[str, tuple[int, ...]]]) -> bool:
@@ -422,7 +428,7 @@ def _absorb_param_op(g: GraphIndex, chain: _Chain, op: str) -> str | None:
     operand, extend the chain through it and return that parameter's name."""
     tensor, passed = _follow_transparent(g, chain.output)
     node = _single_user(g, tensor, op)
-    if node is None or len(g.users(tensor)) != 1:
+    if node is None or len(_value_users(g, tensor)) != 1:
         return None
     other = other_input(g.nodes[node], tensor)
     if other is None or not g.is_param_like(other):
@@ -878,7 +884,11 @@ def _group_source(g: GraphIndex, x: str) -> tuple[str, int, list[int]] | None:
         return None
     n_groups = x_shape[1]
     if not isinstance(n_groups, int):
-        return None
+        # a target shape inference could not read (torch's dynamo export unoptimized: Concat of Constant nodes)
+        target = g.ints(node_input(g.nodes[passed[0]], 1))
+        if target is None or target.ndim != 1 or target.size < 2 or target[1] <= 0:
+            return None
+        n_groups = int(target[1])
     if isinstance(src_shape[0], int) and isinstance(x_shape[0], int) and src_shape[0] != x_shape[0]:
         return None
     if isinstance(src_shape[1], int) and src_shape[1] % n_groups:
