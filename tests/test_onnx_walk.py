@@ -2204,3 +2204,63 @@ def test_an_unoptimized_dynamo_group_norm_is_a_group_norm_with_its_gamma(tmp_pat
     assert np.isnan(run_ort(path, RNG.normal(size=(2, 8, 6, 6)).astype(np.float32))).any()
     for report in (bncheck.inspect(path), bncheck.probe(path, batch_sizes=(1, 2))):
         assert [(f.code, f.severity.label, f.layer) for f in report.findings] == [("BN005", "error", "gn")]
+
+
+# ---------------------------------------------------------------------------- jax.numpy's guards
+
+
+def jax_var_batch_norm(tmp_path) -> str:
+    """A hand-written batch norm over axis 0 of x [N, 8] as jax2onnx writes jnp.var: the count read from x's shape,
+    ReduceSumSquare(x - mean) / (N - ddof), then Where(N - ddof > 0, var, NaN), jax's guard of no degrees of freedom."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="node_Shape_0"),
+        helper.make_node("Gather", ["shape", "zero_i"], ["n_i"], axis=0, name="node_Gather_1"),
+        helper.make_node("Cast", ["n_i"], ["n"], to=F32, name="node_Cast_2"),
+        helper.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=1, name="node_ReduceSum_3"),
+        helper.make_node("Div", ["sum", "n"], ["mean"], name="node_Div_4"),
+        helper.make_node("Sub", ["x", "mean"], ["dev"], name="node_Sub_5"),
+        helper.make_node("Sub", ["n", "ddof"], ["dof"], name="node_Sub_6"),
+        helper.make_node("ReduceSumSquare", ["dev", "axes"], ["sumsq"], keepdims=1, name="node_ReduceSumSquare_7"),
+        helper.make_node("Div", ["sumsq", "dof"], ["var"], name="node_Div_8"),
+        helper.make_node("Greater", ["dof", "zero_f"], ["positive"], name="node_Greater_9"),
+        helper.make_node("Where", ["positive", "var", "nan"], ["guarded"], name="node_Where_10"),
+        helper.make_node("Add", ["guarded", "eps"], ["var_eps"], name="node_Add_11"),
+        helper.make_node("Sqrt", ["var_eps"], ["std"], name="node_Sqrt_12"),
+        helper.make_node("Div", ["dev", "std"], ["y"], name="node_Div_13"),
+    ]
+    inits = [
+        const("zero_i", 0, np.int64),
+        const("axes", [0], np.int64),
+        const("ddof", 0.0),
+        const("zero_f", 0.0),
+        const("nan", np.full((1, 8), np.nan)),
+        const("eps", 1e-5),
+    ]
+    return save(tmp_path, nodes, [vinfo("x", ["N", 8])], [vinfo("y", ["N", 8])], inits, opset=18, name="jax_var")
+
+
+def test_a_batch_norm_written_with_jax_var_is_a_layer(tmp_path):
+    # before: two bare ReduceSum ops with BN002, no layer, and its collapse at batch size 1 missed
+    path = jax_var_batch_norm(tmp_path)
+    assert np.ptp(run_ort(path, RNG.normal(size=(1, 8)).astype(np.float32))) == 0.0
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.axes == (0,) and layer.batch_statistics
+    findings = bncheck.probe(path, batch_sizes=(1, 2)).findings
+    assert sorted((f.code, f.severity.label) for f in findings) == [("BN001", "error"), ("BN002", "error")]
+
+
+def test_an_rms_norm_whose_epsilon_is_cast_like_its_input_is_found(tmp_path):
+    # flax's RMSNorm through jax2onnx below opset 23: the epsilon a CastLike of a constant, once read as no constant
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["sq"], name="node_Mul_0"),
+        helper.make_node("ReduceMean", ["sq", "last"], ["ms"], keepdims=1, name="node_ReduceMean_1"),
+        helper.make_node("CastLike", ["eps", "x"], ["eps_x"], name="node_CastLike_2"),
+        helper.make_node("Add", ["ms", "eps_x"], ["ms_eps"], name="node_Add_3"),
+        helper.make_node("Sqrt", ["ms_eps"], ["rms"], name="node_Sqrt_4"),
+        helper.make_node("Div", ["x", "rms"], ["normed"], name="node_Div_5"),
+        helper.make_node("Mul", ["normed", "scale"], ["y"], name="node_Mul_6"),
+    ]
+    inits = [const("last", [-1], np.int64), const("eps", 1e-6), const("scale", RNG.uniform(0.5, 1.5, 8))]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 5, 8])], [vinfo("y", ["N", 5, 8])], inits, opset=18, name="rms_cl")
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.RMS and layer.epsilon == pytest.approx(1e-6) and layer.scale is not None

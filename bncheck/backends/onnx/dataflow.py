@@ -301,9 +301,24 @@ class _Flow:
         return idx if inputs and self.source(inputs[0]) == x else None
 
     def _div_no_nan(self, ins: list[str], idx: int) -> Form | None:
-        """Where(count == 0, 0, v), tf.math.divide_no_nan's guard of a mean over no elements: v's form."""
+        """Where(count == 0, 0, v), tf.math.divide_no_nan's guard of a mean over no elements, or
+        Where(count > 0, v, NaN), jax.numpy.var's over no degrees of freedom: v's form."""
         g = self.g
         cond, zero, value = ins
+        greater = g.produced_by(cond, "Greater")
+        if greater is not None and len(g.nodes[greater].input) == 2:
+            f = self.form(zero)
+            count, bound = g.nodes[greater].input
+            nan = g.param(value)  # a NaN, or an array of them broadcast as jax writes it
+            if (
+                f is None
+                or nan is None
+                or not np.isnan(nan).all()
+                or g.scalar(bound) != 0.0
+                or not self.is_count(count)
+            ):
+                return None
+            return replace(f, nodes=f.nodes | {idx, greater})
         f = self.form(value)
         equal = g.produced_by(cond, "Equal")
         if f is None or equal is None or g.scalar(zero) != 0.0 or len(g.nodes[equal].input) != 2:
