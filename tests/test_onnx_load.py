@@ -440,3 +440,17 @@ def test_shapes_pass_the_convolutions_onnxruntime_fused_so_inspect_sees_a_collap
         result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
         findings = [(f["code"], f["severity"], f["layer"]) for f in json.loads(result.stdout)["findings"]]
         assert findings == [("BN001", "error", "in_gap")], (path, findings)
+
+
+def test_a_graph_of_another_tools_ops_is_refused_naming_what_it_lacks_and_its_ops(tmp_path):
+    # pnnx's *.pnnx.onnx: a well-formed protobuf with a graph of PyTorch ops, no IR version, no opset
+    model = onnx.ModelProto()
+    model.graph.name = "pnnx"
+    for i, op in enumerate(("pnnx.Input", "nn.Conv2d", "nn.BatchNorm2d", "F.relu")):
+        model.graph.node.append(helper.make_node(op, [f"t{i}"], [f"t{i + 1}"], name=f"op_{i}"))
+    path = tmp_path / "model.pnnx.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 2
+    assert "no IR version and no opset" in result.stderr and "nn.BatchNorm2d" in result.stderr
+    assert "truncated" not in result.stderr  # it is not: the graph parsed

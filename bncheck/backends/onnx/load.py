@@ -116,6 +116,26 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _not_a_model(model: onnx.ModelProto) -> str:
+    """Why a parsed protobuf is no ONNX model: what it lacks, and the ops of a graph that has nodes (pnnx's
+    ``*.pnnx.onnx`` holds a graph of PyTorch ops, ``nn.Conv2d``, and no IR version or opset)."""
+    lacks = [
+        what
+        for what, missing in (
+            ("IR version", model.ir_version <= 0),
+            ("graph", not model.HasField("graph")),
+            ("opset", not model.opset_import),
+        )
+        if missing
+    ]
+    text = f"not an ONNX model (no {' and no '.join(lacks)}"
+    ops = sorted({node.op_type for node in model.graph.node}) if model.HasField("graph") else []
+    if ops:
+        shown = ", ".join(ops[:4]) + (", ..." if len(ops) > 4 else "")
+        return text + f"; its graph's ops: {shown}; another tool's format, e.g. pnnx's intermediate graph)"
+    return text + "; truncated or not a protobuf)"
+
+
 def _what_else(path: str, head: bytes) -> str | None:
     """What a file that is no ONNX model is instead (another framework's file, a text file), or None."""
     from bncheck.backends.file_kinds import describe
@@ -223,7 +243,7 @@ def _decoded(path: str, data: Any, head: bytes) -> onnx.ModelProto:
         reason = _what_else(path, head)
         if reason:
             raise _fail(path, reason)
-        raise _fail(path, "not an ONNX model (no IR version, graph or opset; truncated or not a protobuf)")
+        raise _fail(path, _not_a_model(model))
     if not model.graph.node and not model.graph.output:
         raise _fail(path, "not an ONNX model (the graph has no nodes and no outputs; truncated?)")
     bad = _non_utf8_name(model)
