@@ -178,6 +178,24 @@ def test_torchscript_scoped_nodes_sharing_another_layers_weights_take_their_own_
     assert [layer["name"] for layer in layers] == ["layer1.0.bn1", "layer1.0.bn2", "features.9.conv.3"]
 
 
+def test_torchscript_scopes_of_a_container_child_under_another_module_spell_its_path(tmp_path: Path) -> None:
+    """ultralytics' RT-DETR: a decoder's ModuleList child is scoped ``layers.0`` under ``decoder`` under
+    ``model.28``; with its weights shared with another layer (equal fresh ones and zeros) it was named after
+    that layer (``model.11.norm1#2``), else by its scopes joined with slashes."""
+    inits: list = []
+    nodes = [
+        _bn("/model.11/norm1/BatchNormalization", "x", "a", "model.11.norm1", inits),
+        _bn("/model.28/decoder/layers.0/norm1/BatchNormalization", "a", "b", "model.11.norm1", inits),  # shared
+        _bn("/model.28/decoder/layers.1/norm1/BatchNormalization", "b", "y", "model.28.decoder.layers.1.norm1", inits),
+    ]
+    layers = _inspected_layers(tmp_path / "rtdetr.onnx", nodes, inits, ["N", 4, 3, 3], opset=17, ir_version=8)
+    assert [layer["name"] for layer in layers] == [
+        "model.11.norm1",
+        "model.28.decoder.layers.0.norm1",
+        "model.28.decoder.layers.1.norm1",
+    ]
+
+
 def _layer_norm_chain(names: list[str], weight: str, bias: str, square: str, out: str = "y") -> tuple[list, list]:
     """A LayerNorm over the last axis of x written out op by op, its nine nodes named ``names`` in order (mean,
     shift, square by ``square``, variance, epsilon, root, divide, scale, bias), its output ``out``."""

@@ -117,14 +117,13 @@ def _torch_module(scope: list[str], weights: list[str]) -> str:
 
 def _scope_path(scope: list[str]) -> str | None:
     """The module path the exporter's scopes spell: a scope that extends the one before it by ".name" (a
-    Sequential's child, ``features`` then ``features.9``) replaces it, a plain attribute name is appended
-    (``layer1``, ``layer1.0``, ``bn2``: ``layer1.0.bn2``); None where a scope with dots extends nothing."""
+    Sequential's child, ``features`` then ``features.9``) replaces it, any other is appended (``layer1``,
+    ``layer1.0``, ``bn2``: ``layer1.0.bn2``; a container's child under another module, ultralytics' RT-DETR
+    ``model.28``, ``decoder``, ``layers.0``, ``norm1``: ``model.28.decoder.layers.0.norm1``)."""
     parts: list[str] = []
     for entry in scope:
         if parts and entry.startswith(parts[-1] + "."):
             parts[-1] = entry
-        elif "." in entry:
-            return None
         else:
             parts.append(entry)
     return ".".join(parts) or None
