@@ -1323,12 +1323,14 @@ def test_a_conditional_instance_norm_whose_gamma_and_beta_are_computed_is_found(
 # ---------------------------------------------------------------------------- jax2tf's flax LayerNorm
 
 
-def flax_layer_norm(tmp_path, factor: float | None = None, clamp: str = "Max") -> tuple[str, np.ndarray, np.ndarray]:
+def flax_layer_norm(
+    tmp_path, factor: float | None = None, clamp: str = "Max", scope: str = "jax2tf_f_/pjit_f_/Model/LayerNorm_0/"
+) -> tuple[str, np.ndarray, np.ndarray]:
     """flax's LayerNorm over axis 1 of [N, C, T] as jax2tf and tf2onnx write it (magika's two): each mean a
     ReduceSum without keepdims times 1/C, the variance E[x^2] - E[x]^2 clamped at 0, mean and variance
     reshaped and broadcast back (Expand), (x - mean) * (1 / sqrt(var + eps) * gamma) + beta. ``factor``: the
-    sums' scaling instead of 1/C; ``clamp``: "Max" (Max(0, var)), "Relu" or "" (none)."""
-    c, t, scope = 12, 5, "jax2tf_f_/pjit_f_/Model/LayerNorm_0/"
+    sums' scaling instead of 1/C; ``clamp``: "Max" (Max(0, var)), "Relu" or "" (none); ``scope``: its nodes'."""
+    c, t = 12, 5
     gamma = RNG.uniform(0.5, 1.5, (1, c, 1)).astype(np.float32)
     beta = RNG.normal(0, 0.1, (1, c, 1)).astype(np.float32)
     var = "var_clamped" if clamp else "var"
@@ -1380,6 +1382,13 @@ def test_flax_layer_norm_through_jax2tf_is_found_by_its_module_path(tmp_path, cl
     assert layer.name == "Model/LayerNorm_0"  # the flax module, not jax2tf's scopes and the op
     np.testing.assert_array_equal(layer.scale, gamma)
     np.testing.assert_array_equal(layer.bias, beta)
+
+
+def test_flax_layer_norm_through_a_saved_model_is_named_by_its_module_path(tmp_path):
+    # tf2onnx --saved-model adds TensorFlow's function scope; jax 0.4.30 puts the op's pjit scope in the module's
+    scope = "StatefulPartitionedCall/jax2tf__lambda__/Model/LayerNorm_0/pjit__mean_/"
+    (layer,), _ = load_layers(flax_layer_norm(tmp_path, scope=scope)[0])
+    assert layer.name == "Model/LayerNorm_0"
 
 
 @pytest.mark.parametrize("factor", [1.0 / 11, 2.0 / 12, 1.0])

@@ -134,9 +134,14 @@ def _tf_layer_scope(name: str) -> str:
     by the Keras layer's path (``model/encoder_0/ln``), a jax2tf one
     (``jax2tf_f_/pjit_f_/Model/LayerNorm_0/Sum``) by the flax module's (``Model/LayerNorm_0``); other names as
     they are."""
-    jax_scopes = _JAX2TF_SCOPES.match(name)
-    if jax_scopes and "/" in name[jax_scopes.end() :]:
-        return name[jax_scopes.end() :].rsplit("/", 1)[0]
+    bare = _without_function_scope(name)  # a SavedModel's (tf2onnx --saved-model)
+    jax_scopes = _JAX2TF_SCOPES.match(bare)
+    if jax_scopes and "/" in bare[jax_scopes.end() :]:
+        # newer jax puts the op's own pjit scopes inside the module's (Model/LayerNorm_0/pjit__mean_/Sum)
+        parts = bare[jax_scopes.end() :].split("/")[:-1]
+        while len(parts) > 1 and parts[-1].startswith("pjit_"):
+            parts.pop()
+        return "/".join(parts)
     return _cut(name, _TF_MOMENTS)
 
 
