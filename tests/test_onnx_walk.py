@@ -2273,3 +2273,48 @@ def test_an_rms_norm_whose_epsilon_is_cast_like_its_input_is_found(tmp_path):
     path = save(tmp_path, nodes, [vinfo("x", ["N", 5, 8])], [vinfo("y", ["N", 5, 8])], inits, opset=18, name="rms_cl")
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.RMS and layer.epsilon == pytest.approx(1e-6) and layer.scale is not None
+
+
+def pooled_flax_layer_norm(tmp_path, over_one: bool) -> str:
+    """flax's LayerNorm right after a global mean pool, as jax2onnx writes both: p = ReduceSum(x [N, 4, 4, 16],
+    (1, 2)) / 16, then E[p^2] - E[p]^2 over p's last axis clamped at 0; ``over_one``: p reshaped to [N, 16, 1]
+    first, the LayerNorm over that axis of size 1 (its output constant)."""
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "hw"], ["pooled_sum"], keepdims=0, name="node_ReduceSum_0"),
+        helper.make_node("Div", ["pooled_sum", "count"], ["pooled"], name="node_Div_1"),
+        helper.make_node("Reshape", ["pooled", "to_rows"], ["p"], name="node_Reshape_2"),
+        helper.make_node("ReduceMean", ["p", "last"], ["m"], keepdims=1, name="ln_mean_0"),
+        helper.make_node("Mul", ["p", "p"], ["p2"], name="ln_square_0"),
+        helper.make_node("ReduceMean", ["p2", "last"], ["ex2"], keepdims=1, name="ln_mean_sq_0"),
+        helper.make_node("Mul", ["m", "m"], ["m2"], name="ln_mean2_0"),
+        helper.make_node("Sub", ["ex2", "m2"], ["var"], name="ln_var_0"),
+        helper.make_node("Max", ["var", "zero"], ["var_c"], name="ln_clamp_0"),
+        helper.make_node("Add", ["var_c", "eps"], ["ve"], name="ln_add_0"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="ln_sqrt_0"),
+        helper.make_node("Sub", ["p", "m"], ["d"], name="ln_sub_0"),
+        helper.make_node("Div", ["d", "sd"], ["y"], name="ln_normalized_0"),
+    ]
+    inits = [
+        const("hw", [1, 2], np.int64),
+        const("count", 16.0),
+        const("to_rows", [-1, 16, 1] if over_one else [-1, 16], np.int64),
+        const("last", [-1], np.int64),
+        const("zero", 0.0),
+        const("eps", 1e-6),
+    ]
+    out = ["N", 16, 1] if over_one else ["N", 16]
+    path = f"pool_ln_{over_one}"
+    return save(tmp_path, nodes, [vinfo("x", ["N", 4, 4, 16])], [vinfo("y", out)], inits, opset=18, name=path)
+
+
+@pytest.mark.parametrize("over_one", [False, True])
+def test_a_flax_layer_norm_after_global_pooling_is_found(tmp_path, over_one):
+    # the pooled tensor is itself a mean: its square was read as the square of that mean, and the layer was lost
+    # (a LayerNorm over a size-1 axis after pooling passed with exit 0, its output constant)
+    path = pooled_flax_layer_norm(tmp_path, over_one)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and layer.axes == ((2,) if over_one else (1,)) and layer.input == "p"
+    codes = [(f.code, f.severity.label) for f in bncheck.inspect(path).findings]
+    assert codes == ([("BN001", "error")] if over_one else [])
+    if over_one:
+        assert np.ptp(run_ort(path, RNG.normal(size=(2, 4, 4, 16)).astype(np.float32))) == 0.0

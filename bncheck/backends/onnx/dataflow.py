@@ -243,8 +243,31 @@ class _Flow:
                 return Form("meansq" if op == "ReduceMean" else "sumsq", f.x, axes, f.nodes | node_set)
             if f.what == "sqdev" and f.axes == axes and op != "ReduceSumSquare":
                 return replace(f, what="var" if op == "ReduceMean" else "sumsqdev", nodes=f.nodes | node_set)
+            if f.what == "sqmean" and op != "ReduceSumSquare":
+                # the square of a pooled mean reduced again: the mean (sum) of squares of that pooled tensor, as a
+                # norm after global pooling computes E[p^2] - E[p]^2 (flax's, through jax2onnx)
+                square = self._squared(t)
+                if square is not None:
+                    p = self.g.nodes[square].input[0]
+                    return Form("meansq" if op == "ReduceMean" else "sumsq", self.source(p), axes, node_set | {square})
         if _raw(f):  # data, or statistics of something else reduced again (a pooled map's group norm)
             return Form(_REDUCED[op], self.source(t), axes, node_set)
+        return None
+
+    def _squared(self, t: str) -> int | None:
+        """The Mul(p, p) making ``t``, through reshapes and value-preserving copies."""
+        g = self.g
+        for _ in range(4):
+            t = g.root(t)[0]
+            idx = g.producer.get(t)
+            if idx is None:
+                return None
+            node = g.nodes[idx]
+            if node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]:
+                return idx
+            if node.op_type not in _RESHAPES or not node.input:
+                return None
+            t = node.input[0]
         return None
 
     def _square(self, t: str, f: Form | None, idx: int) -> Form | None:
