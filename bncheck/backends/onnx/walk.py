@@ -82,7 +82,8 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
         spans.append((min(nodes), layer, nodes))
     spans.extend((min(nodes), layer, nodes) for layer, nodes in dataflow_norms(g, used))
     # a norm of a constant is no layer of the data: timm's weight standardization, F.batch_norm(weight, training=True)
-    # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample
+    # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
+    # DeBERTa's LayerNorm of its relative position embeddings)
     constant = readable_names(g, [(first, layer) for first, layer, _ in spans if g.data_free(layer.input)])
     spans = [span for span in spans if not g.data_free(span[1].input)]
     batch_ops = batch_reductions(g, spans)
@@ -97,8 +98,9 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
 
 #: the note of norms whose input is a constant (weight standardization), left out of the layers
 _CONSTANT_NOTE = (
-    "{count} normalization node(s) (first: {first!r}) normalize a constant, not the data (weight standardization, as "
-    "in NF-Nets and BiT: a convolution's weights standardized): no layer of the data, not checked"
+    "{count} normalization node(s) (first: {first!r}) normalize a constant, not the data (a weight standardized, as "
+    "in NF-Nets, or a stored table, as DeBERTa's relative position embeddings): the same output for every input, "
+    "no layer of the data; not checked"
 )
 
 
