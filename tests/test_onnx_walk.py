@@ -2218,9 +2218,10 @@ def test_an_unoptimized_dynamo_group_norm_is_a_group_norm_with_its_gamma(tmp_pat
 # ---------------------------------------------------------------------------- jax.numpy's guards
 
 
-def jax_var_batch_norm(tmp_path) -> str:
+def jax_var_batch_norm(tmp_path, spread_nan: bool = False) -> str:
     """A hand-written batch norm over axis 0 of x [N, 8] as jax2onnx writes jnp.var: the count read from x's shape,
-    ReduceSumSquare(x - mean) / (N - ddof), then Where(N - ddof > 0, var, NaN), jax's guard of no degrees of freedom."""
+    ReduceSumSquare(x - mean) / (N - ddof), then Where(N - ddof > 0, var, NaN), jax's guard of no degrees of freedom;
+    ``spread_nan``: the NaN a scalar Expanded to a shape known at run time only (Keras 3's export on JAX)."""
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"], name="node_Shape_0"),
         helper.make_node("Gather", ["shape", "zero_i"], ["n_i"], axis=0, name="node_Gather_1"),
@@ -2245,12 +2246,18 @@ def jax_var_batch_norm(tmp_path) -> str:
         const("nan", np.full((1, 8), np.nan)),
         const("eps", 1e-5),
     ]
+    if spread_nan:
+        inits[4] = const("nan_1", np.nan)
+        nodes[-4:-4] = [
+            helper.make_node("Expand", ["nan_1", "shape"], ["nan"], name="node_Expand_15"),
+        ]
     return save(tmp_path, nodes, [vinfo("x", ["N", 8])], [vinfo("y", ["N", 8])], inits, opset=18, name="jax_var")
 
 
-def test_a_batch_norm_written_with_jax_var_is_a_layer(tmp_path):
+@pytest.mark.parametrize("spread_nan", [False, True])
+def test_a_batch_norm_written_with_jax_var_is_a_layer(tmp_path, spread_nan):
     # before: two bare ReduceSum ops with BN002, no layer, and its collapse at batch size 1 missed
-    path = jax_var_batch_norm(tmp_path)
+    path = jax_var_batch_norm(tmp_path, spread_nan)
     assert np.ptp(run_ort(path, RNG.normal(size=(1, 8)).astype(np.float32))) == 0.0
     (layer,), _ = load_layers(path)
     assert layer.kind is Kind.BATCH and layer.axes == (0,) and layer.batch_statistics
@@ -2318,3 +2325,71 @@ def test_a_flax_layer_norm_after_global_pooling_is_found(tmp_path, over_one):
     assert codes == ([("BN001", "error")] if over_one else [])
     if over_one:
         assert np.ptp(run_ort(path, RNG.normal(size=(2, 4, 4, 16)).astype(np.float32))) == 0.0
+
+
+# ---------------------------------------------------------------------------- batch norms written as an affine map
+
+
+def jax_affine_batch_norm(tmp_path, mean, var, name: str = "affine_bn") -> tuple[str, np.ndarray, np.ndarray]:
+    """An inference BatchNormalization on NHWC maps [N, 4, 4, 8] as jax2onnx writes Keras 3's (JAX backend):
+    y = x * k + (-mean * k + beta), k = 1 / sqrt(var + eps) * gamma, each stored [8] reshaped to [1, 1, 1, 8]."""
+    gamma = RNG.uniform(0.5, 1.5, 8).astype(np.float32)
+    beta = RNG.uniform(-1, 1, 8).astype(np.float32)
+    nodes = [helper.make_node("Reshape", [f"{p}", "c_shape"], [f"{p}_r"], name=f"node_Reshape_{p}") for p in "mvgb"]
+    nodes += [
+        helper.make_node("Add", ["v_r", "eps"], ["ve"], name="node_Add_8"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="node_Sqrt_9"),
+        helper.make_node("Div", ["one", "sd"], ["inv"], name="node_Div_10"),
+        helper.make_node("Mul", ["inv", "g_r"], ["k"], name="node_Mul_12"),
+        helper.make_node("Neg", ["m_r"], ["neg"], name="node_Neg_13"),
+        helper.make_node("Mul", ["neg", "k"], ["mk"], name="node_Mul_14"),
+        helper.make_node("Add", ["mk", "b_r"], ["shift"], name="node_Add_16"),
+        helper.make_node("Mul", ["x", "k"], ["xk"], name="node_Mul_17"),
+        helper.make_node("Add", ["xk", "shift"], ["y"], name="node_Add_18"),
+    ]
+    inits = [
+        const("m", mean),
+        const("v", var),
+        const("g", gamma),
+        const("b", beta),
+        const("c_shape", [1, 1, 1, 8], np.int64),
+        const("eps", 1e-3),
+        const("one", 1.0),
+    ]
+    shape = ["N", 4, 4, 8]
+    return save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, name=name), gamma, beta
+
+
+def test_a_batch_norm_written_as_an_affine_map_with_its_statistics_is_a_batch_norm(tmp_path):
+    mean, var = RNG.normal(size=8).astype(np.float32), RNG.uniform(0.5, 2, 8).astype(np.float32)
+    path, gamma, beta = jax_affine_batch_norm(tmp_path, mean, var)
+    x = RNG.normal(size=(2, 4, 4, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(path, x), (x - mean) / np.sqrt(var + 1e-3) * gamma + beta, rtol=1e-5, atol=1e-5)
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.uses_running_stats and not layer.batch_statistics
+    assert layer.channel_axis == 3 and layer.axes == (0, 1, 2) and layer.epsilon == pytest.approx(1e-3)
+    for stored, read in ((mean, layer.mean), (var, layer.var), (gamma, layer.scale), (beta, layer.bias)):
+        np.testing.assert_array_equal(read, stored)
+    assert bncheck.inspect(path).findings == []
+
+
+def test_never_updated_statistics_of_a_batch_norm_written_as_an_affine_map_are_found(tmp_path):
+    # before: "no normalization layer found" (Keras 3's export on JAX), where the .keras file gets BN003
+    path, _, _ = jax_affine_batch_norm(tmp_path, np.zeros(8), np.ones(8))
+    assert [(f.code, f.severity.label) for f in bncheck.inspect(path).findings] == [("BN003", "error")]
+    var = np.ones(8)
+    var[2] = np.nan
+    (tmp_path / "nan").mkdir()
+    path, _, _ = jax_affine_batch_norm(tmp_path / "nan", RNG.normal(size=8), var)
+    assert [(f.code, f.severity.label) for f in bncheck.inspect(path).findings] == [("BN005", "error")]
+
+
+def test_a_folded_scale_and_shift_are_no_batch_norm(tmp_path):
+    # a BN folded by the exporter: x * k + shift with k and shift stored, nothing to read statistics from
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["xk"], name="mul"),
+        helper.make_node("Add", ["xk", "shift"], ["y"], name="add"),
+    ]
+    inits = [const("k", RNG.uniform(0.5, 1.5, (1, 1, 1, 8))), const("shift", RNG.normal(size=(1, 1, 1, 8)))]
+    shape = ["N", 4, 4, 8]
+    assert load_layers(save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits))[0] == []

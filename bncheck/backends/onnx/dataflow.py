@@ -332,7 +332,8 @@ class _Flow:
         if greater is not None and len(g.nodes[greater].input) == 2:
             f = self.form(zero)
             count, bound = g.nodes[greater].input
-            nan = g.param(value)  # a NaN, or an array of them broadcast as jax writes it
+            spread = g.produced_by(value, "Expand")  # a NaN broadcast to the variance's shape, computed at run time
+            nan = g.param(value if spread is None else g.nodes[spread].input[0])
             if (
                 f is None
                 or nan is None

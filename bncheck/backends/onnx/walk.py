@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bncheck.backends.onnx.affine_bn import affine_batch_norms
 from bncheck.backends.onnx.dataflow import axis0_is_batch, batch_reductions, dataflow_norms, fixed_to_one, own_moments
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
@@ -81,6 +82,8 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
         used.update(nodes)
         spans.append((min(nodes), layer, nodes))
     spans.extend((min(nodes), layer, nodes) for layer, nodes in dataflow_norms(g, used))
+    taken = used.union(*(nodes for _, _, nodes in spans))
+    spans.extend((min(nodes), layer, nodes) for layer, nodes in affine_batch_norms(g, taken))
     # a norm of a constant is no layer of the data: timm's weight standardization, F.batch_norm(weight, training=True)
     # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
     # DeBERTa's LayerNorm of its relative position embeddings)
