@@ -26,6 +26,8 @@ def affine_batch_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, l
     """Each ``Add(Mul(x, k), shift)`` of data ``x`` with ``k`` and ``shift`` spelled from stored statistics (none
     of its nodes in ``used``), as (layer, node positions)."""
     found: list[tuple[NormLayer, list[int]]] = []
+    if not any(node.op_type in ("Sqrt", "Rsqrt") for node in g.nodes):
+        return found  # no 1 / sqrt(var + eps) to find (most files)
     taken = set(used)
     for idx, node in enumerate(g.nodes):
         if node.op_type != "Mul" or node.domain not in ONNX_DOMAINS or len(node.input) != 2 or idx in taken:

@@ -551,20 +551,34 @@ class GraphIndex:
 
     def data_free(self, tensor: str) -> bool:
         """True when ``tensor`` is computed from initializers and Constant nodes only: the same whatever the
-        inputs. A graph input, an outer scope's tensor (a subgraph's reads) or a random op make it data."""
-        free = self.derived.get("data_free")
-        if free is None:
-            free = set(self.initializers)
-            for node in self.nodes:  # sorted
-                if node.op_type == "Constant" or (
-                    node.input
-                    and node.op_type not in _RANDOM_OPS
-                    and all(not name or name in free for name in node.input)
-                    and not has_subgraphs(node)
-                ):
-                    free.update(o for o in node.output if o)
-            self.derived["data_free"] = free
-        return tensor in free
+        inputs. A graph input, an outer scope's tensor (a subgraph's reads) or a random op make it data. Searched
+        upwards one input at a time, stopping at the first that is data (a layer's input reaches a graph input
+        along its first inputs), and remembered for the index."""
+        memo: dict[str, bool] = self.derived.setdefault("data_free", {})
+        stack = [tensor]
+        while stack:
+            t = stack[-1]
+            if t in memo:
+                stack.pop()
+                continue
+            idx = self.producer.get(t)
+            node = None if idx is None else self.nodes[idx]
+            if t in self.initializers or (node is not None and node.op_type == "Constant"):
+                memo[t] = True
+            elif node is None or not node.input or node.op_type in _RANDOM_OPS or node.op_type in _SUBGRAPH_OPS:
+                memo[t] = False  # a graph input, an outer scope's name, drawn afresh, or a body that reads data
+            else:
+                inputs = [name for name in node.input if name]
+                if any(memo.get(name) is False for name in inputs):
+                    memo[t] = False
+                else:
+                    pending = next((name for name in inputs if name not in memo), None)
+                    if pending is not None:
+                        stack.append(pending)
+                        continue
+                    memo[t] = True
+            stack.pop()
+        return memo[tensor]
 
     def is_param_like(self, tensor: str) -> bool:
         """True when ``tensor`` does not depend on the data: a constant, or a graph input (a weight fed at
@@ -586,6 +600,8 @@ class GraphIndex:
         return False
 
 
+#: ops with bodies (If, Loop, Scan), which read outer tensors by name beside their inputs
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 #: ops whose output is drawn afresh at every run, from no input or from a shape only
 _RANDOM_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}

@@ -87,7 +87,8 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
     # a norm of a constant is no layer of the data: timm's weight standardization, F.batch_norm(weight, training=True)
     # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
     # DeBERTa's LayerNorm of its relative position embeddings)
-    constant = readable_names(g, [(first, layer) for first, layer, _ in spans if g.data_free(layer.input)])
+    free = [(first, layer) for first, layer, _ in spans if g.data_free(layer.input)]
+    constant = readable_names(g, free) if free else []  # (names read over the whole graph: only where needed)
     spans = [span for span in spans if not g.data_free(span[1].input)]
     batch_ops = batch_reductions(g, spans)
     relaxed_ops = batch_reductions(g, spans, relaxed=True) if fixed_to_one(g) else []
