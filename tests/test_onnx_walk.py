@@ -2393,3 +2393,38 @@ def test_a_folded_scale_and_shift_are_no_batch_norm(tmp_path):
     inits = [const("k", RNG.uniform(0.5, 1.5, (1, 1, 1, 8))), const("shift", RNG.normal(size=(1, 1, 1, 8)))]
     shape = ["N", 4, 4, 8]
     assert load_layers(save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits))[0] == []
+
+
+def test_timm_frozen_batch_norm_exported_unfolded_is_a_batch_norm_named_by_its_module(tmp_path):
+    # timm's FrozenBatchNorm2d through TorchScript without constant folding: scale = w * 1 / sqrt(rv + eps), bias =
+    # b - rm * scale, on NCHW maps; the exporter's Identity of a shared initializer comes first and names no module
+    scope = "/layer1/layer1.0/bn1/"
+    nodes = [
+        helper.make_node("Identity", ["rm"], ["rm_copy"], name="Identity_126"),
+        *[
+            helper.make_node("Reshape", [p, "c_shape"], [f"{p}_r"], name=f"{scope}Reshape_{i}")
+            for i, p in enumerate(("w", "b", "rm_copy", "rv"))
+        ],
+        helper.make_node("Add", ["rv_r", "eps"], ["ve"], name=f"{scope}Add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=f"{scope}Sqrt"),
+        helper.make_node("Div", ["one", "sd"], ["inv"], name=f"{scope}Div"),
+        helper.make_node("Mul", ["w_r", "inv"], ["k"], name=f"{scope}Mul"),
+        helper.make_node("Mul", ["rm_copy_r", "k"], ["mk"], name=f"{scope}Mul_1"),
+        helper.make_node("Sub", ["b_r", "mk"], ["shift"], name=f"{scope}Sub"),
+        helper.make_node("Mul", ["x", "k"], ["xk"], name=f"{scope}Mul_2"),
+        helper.make_node("Add", ["xk", "shift"], ["y"], name=f"{scope}Add_1"),
+    ]
+    inits = [
+        const("w", RNG.uniform(0.5, 1.5, 8)),
+        const("b", RNG.normal(size=8)),
+        const("rm", np.zeros(8)),
+        const("rv", np.ones(8)),
+        const("c_shape", [1, 8, 1, 1], np.int64),
+        const("eps", 1e-5),
+        const("one", 1.0),
+    ]
+    shape = ["N", 8, 5, 5]
+    path = save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, opset=17, name="frozen_bn")
+    report = bncheck.inspect(path)
+    assert [(layer.name, layer.channel_axis, layer.axes) for layer in report.layers] == [("layer1.0.bn1", 1, (0, 2, 3))]
+    assert [(f.code, f.severity.label, f.layer) for f in report.findings] == [("BN003", "error", "layer1.0.bn1")]

@@ -97,7 +97,8 @@ def _layer(g: GraphIndex, mul: int, x: str, k: str) -> tuple[NormLayer, list[int
 
 
 def _stored(g: GraphIndex, t: str) -> tuple[str, list[int]] | None:
-    """The stored tensor ``t`` copies (through reshapes and casts) and the copies' nodes, or None."""
+    """The stored tensor ``t`` copies (through reshapes and casts) and the copies' nodes, or None. The copies are
+    no nodes of the layer: an exporter's Identity of a shared initializer is named by no module (and leads)."""
     passed: list[int] = []
     for _ in range(6):
         if t in g.initializers or g.produced_by(t, "Constant") is not None:
@@ -118,7 +119,7 @@ def _inv_std_times_gamma(g: GraphIndex, k: str) -> tuple[str | None, str, float,
             stored = _stored(g, gamma)
             found = _inv_std(g, inv) if stored is not None else None
             if found is not None:
-                return stored[0], found[0], found[1], [idx, *stored[1], *found[2]]  # type: ignore[index]
+                return stored[0], found[0], found[1], [idx, *found[2]]  # type: ignore[index]
     found = _inv_std(g, k)
     return None if found is None else (None, found[0], found[1], found[2])
 
@@ -143,7 +144,7 @@ def _inv_std(g: GraphIndex, t: str) -> tuple[str, float, list[int]] | None:
     for var, eps in (g.nodes[add].input, g.nodes[add].input[::-1]):
         value, stored = g.scalar(eps), _stored(g, var)
         if value is not None and stored is not None:
-            return stored[0], value, sorted({idx, root, add, *stored[1]})
+            return stored[0], value, sorted({idx, root, add})
     return None
 
 
@@ -161,7 +162,7 @@ def _shift(g: GraphIndex, shift: str, k: str) -> tuple[str, str | None, list[int
             stored = _stored(g, beta)
             found = _mean_times_k(g, scaled, k, negated=op == "Add") if stored is not None else None
             if found is not None:
-                return found[0], stored[0], [idx, *stored[1], *found[1]]  # type: ignore[index]
+                return found[0], stored[0], [idx, *found[1]]  # type: ignore[index]
         return None
     found = _mean_times_k(g, shift, k, negated=True)
     return None if found is None else (found[0], None, found[1])
@@ -187,7 +188,7 @@ def _mean_times_k(g: GraphIndex, t: str, k: str, negated: bool) -> tuple[str, li
     stored = _stored(g, other)
     if stored is None:
         return None
-    return stored[0], [idx, *([neg] if neg is not None else []), *stored[1]]
+    return stored[0], [idx, *([neg] if neg is not None else [])]
 
 
 def _channel_axis(k_shape, x_shape, channels: int) -> int | None:
