@@ -2428,3 +2428,32 @@ def test_timm_frozen_batch_norm_exported_unfolded_is_a_batch_norm_named_by_its_m
     report = bncheck.inspect(path)
     assert [(layer.name, layer.channel_axis, layer.axes) for layer in report.layers] == [("layer1.0.bn1", 1, (0, 2, 3))]
     assert [(f.code, f.severity.label, f.layer) for f in report.findings] == [("BN003", "error", "layer1.0.bn1")]
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_layer_norm_of_a_stored_table_is_no_layer_unless_its_parameters_are_broken(tmp_path, broken):
+    # DeBERTa's LayerNorm of its relative position embeddings: the same output for every input, no layer of the data;
+    # with a NaN gamma every output it makes is NaN, which BN005 says (a note alone would hide it)
+    gamma = RNG.uniform(0.5, 1.5, 8).astype(np.float32)
+    if broken:
+        gamma[3] = np.nan
+    nodes = [
+        helper.make_node(
+            "LayerNormalization",
+            ["table", "gamma", "beta"],
+            ["rel"],
+            axis=-1,
+            name="/encoder/LayerNorm/LayerNormalization",
+        ),
+        helper.make_node("MatMul", ["x", "rel"], ["y"], name="/encoder/MatMul"),
+    ]
+    inits = [const("table", RNG.normal(size=(8, 8))), const("gamma", gamma), const("beta", np.zeros(8))]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 8])], [vinfo("y", ["N", 8])], inits, name=f"table_ln_{broken}")
+    report = bncheck.inspect(path)
+    if broken:
+        assert [(f.code, f.severity.label, f.layer) for f in report.findings] == [
+            ("BN005", "error", "encoder.LayerNorm")
+        ]
+    else:
+        assert report.layers == [] and report.findings == []
+        assert any("normalize a constant" in note.message for note in report.notes)

@@ -87,9 +87,11 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
     # a norm of a constant is no layer of the data: timm's weight standardization, F.batch_norm(weight, training=True)
     # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
     # DeBERTa's LayerNorm of its relative position embeddings)
-    free = [(first, layer) for first, layer, _ in spans if g.data_free(layer.input)]
+    # (one whose stored parameters hold NaN or Inf stays, outside training mode: every output it makes is broken)
+    free = [(first, layer) for first, layer, _ in spans if g.data_free(layer.input) and not _broken_constant(layer)]
     constant = readable_names(g, free) if free else []  # (names read over the whole graph: only where needed)
-    spans = [span for span in spans if not g.data_free(span[1].input)]
+    dropped = {id(layer) for _, layer in free}
+    spans = [span for span in spans if id(span[1]) not in dropped]
     batch_ops = batch_reductions(g, spans)
     relaxed_ops = batch_reductions(g, spans, relaxed=True) if fixed_to_one(g) else []
     found = sorted(((first, layer) for first, layer, _ in spans), key=lambda item: item[0])
@@ -98,6 +100,14 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
     if constant:
         notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
     return layers, notes, batch_ops, relaxed_ops
+
+
+def _broken_constant(layer: NormLayer) -> bool:
+    """A norm of a constant outside training mode whose stored parameters hold NaN or Inf (BN005 judges it)."""
+    values = (layer.scale, layer.bias, layer.mean, layer.var)
+    return not layer.training and any(
+        v is not None and not np.isfinite(np.asarray(v, np.float64)).all() for v in values
+    )
 
 
 #: the note of norms whose input is a constant (weight standardization), left out of the layers
