@@ -20,6 +20,20 @@ from bncheck.model import BatchDependence, Kind, NormLayer, OutputComparison, Pr
 CONSTANT_TOLERANCE = 1e-3
 
 
+def non_finite_parameters(layer: NormLayer) -> dict[str, dict[str, int]]:
+    """{parameter: {"nan": n, "inf": m}} for every stored parameter (scale, bias, mean, var) holding NaN or Inf."""
+    found: dict[str, dict[str, int]] = {}
+    for name in ("scale", "bias", "mean", "var"):
+        values = getattr(layer, name)
+        if values is None:
+            continue
+        arr = np.asarray(values, dtype=np.float64)
+        if np.isfinite(arr).all():  # one test for the usual case: checks run per layer, twice a probe
+            continue
+        found[name] = {"nan": int(np.isnan(arr).sum()), "inf": int(np.isinf(arr).sum())}
+    return found
+
+
 def collapse_condition(layer: NormLayer) -> dict[str, int] | None:
     """The condition under which ``layer``'s normalized set has one element, or None if it never does.
 

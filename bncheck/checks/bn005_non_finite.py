@@ -29,6 +29,7 @@ import numpy as np
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, number
 from bncheck.model import ModelView, NormLayer, ProbeResult
+from bncheck.verdicts import non_finite_parameters
 
 CODE = "BN005"
 SLUG = "non-finite"
@@ -58,24 +59,10 @@ HINT_OBSERVED = (
 )
 
 
-def bad_parameters(layer: NormLayer) -> dict[str, dict[str, int]]:
-    """{parameter: {"nan": n, "inf": m}} for every parameter holding non-finite values."""
-    found: dict[str, dict[str, int]] = {}
-    for name in ("scale", "bias", "mean", "var"):
-        values = getattr(layer, name)
-        if values is None:
-            continue
-        arr = np.asarray(values, dtype=np.float64)
-        if np.isfinite(arr).all():  # one test for the usual case: checks run per layer, twice a probe
-            continue
-        found[name] = {"nan": int(np.isnan(arr).sum()), "inf": int(np.isinf(arr).sum())}
-    return found
-
-
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     flagged: set[str] = set()
     for layer in view.layers:
-        params = bad_parameters(layer)
+        params = non_finite_parameters(layer)
         if params:
             flagged.add(layer.name)
             listed = ", ".join(f"{k} ({v['nan']} NaN, {v['inf']} Inf)" for k, v in params.items())

@@ -12,9 +12,6 @@ from __future__ import annotations
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, GraphIndex, as_float_array, node_input
 from bncheck.model import Kind, NormLayer
 
-#: ops between a stored parameter and its use that keep its values (exporters reshape [C] to [1, 1, 1, C])
-_COPIES = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "CastLike", "Expand"})
-
 #: why bncheck's fix leaves such a layer
 NOTE = (
     "an inference BatchNormalization written as x * k + (beta - mean * k), k = gamma / sqrt(var + eps), its "
@@ -96,19 +93,9 @@ def _layer(g: GraphIndex, mul: int, x: str, k: str) -> tuple[NormLayer, list[int
     return layer, nodes
 
 
-def _stored(g: GraphIndex, t: str) -> tuple[str, list[int]] | None:
-    """The stored tensor ``t`` copies (through reshapes and casts) and the copies' nodes, or None. The copies are
-    no nodes of the layer: an exporter's Identity of a shared initializer is named by no module (and leads)."""
-    passed: list[int] = []
-    for _ in range(6):
-        if t in g.initializers or g.produced_by(t, "Constant") is not None:
-            return t, passed
-        idx = g.producer.get(t)
-        if idx is None or g.op(idx) not in _COPIES or not g.nodes[idx].input:
-            return None
-        passed.append(idx)
-        t = g.nodes[idx].input[0]
-    return None
+def _stored(g: GraphIndex, t: str) -> bool:
+    """``t`` holds stored values (``GraphIndex.param`` reads them through reshapes, casts and expands)."""
+    return g.param(t) is not None
 
 
 def _inv_std_times_gamma(g: GraphIndex, k: str) -> tuple[str | None, str, float, list[int]] | None:
@@ -116,10 +103,9 @@ def _inv_std_times_gamma(g: GraphIndex, k: str) -> tuple[str | None, str, float,
     idx = g.produced_by(k, "Mul")
     if idx is not None:
         for inv, gamma in (g.nodes[idx].input, g.nodes[idx].input[::-1]):
-            stored = _stored(g, gamma)
-            found = _inv_std(g, inv) if stored is not None else None
+            found = _inv_std(g, inv) if _stored(g, gamma) else None
             if found is not None:
-                return stored[0], found[0], found[1], [idx, *found[2]]  # type: ignore[index]
+                return gamma, found[0], found[1], [idx, *found[2]]
     found = _inv_std(g, k)
     return None if found is None else (None, found[0], found[1], found[2])
 
@@ -142,9 +128,9 @@ def _inv_std(g: GraphIndex, t: str) -> tuple[str, float, list[int]] | None:
     if root is None or add is None or len(g.nodes[add].input) != 2:
         return None
     for var, eps in (g.nodes[add].input, g.nodes[add].input[::-1]):
-        value, stored = g.scalar(eps), _stored(g, var)
-        if value is not None and stored is not None:
-            return stored[0], value, sorted({idx, root, add})
+        value = g.scalar(eps)
+        if value is not None and _stored(g, var):
+            return var, value, sorted({idx, root, add})
     return None
 
 
@@ -159,10 +145,9 @@ def _shift(g: GraphIndex, shift: str, k: str) -> tuple[str, str | None, list[int
         pairs = [(node.input[0], node.input[1])] if op == "Sub" else [tuple(node.input), tuple(node.input[::-1])]
         for a, b in pairs:
             beta, scaled = (a, b) if op == "Sub" else (b, a)
-            stored = _stored(g, beta)
-            found = _mean_times_k(g, scaled, k, negated=op == "Add") if stored is not None else None
+            found = _mean_times_k(g, scaled, k, negated=op == "Add") if _stored(g, beta) else None
             if found is not None:
-                return found[0], stored[0], [idx, *found[1]]  # type: ignore[index]
+                return found[0], beta, [idx, *found[1]]
         return None
     found = _mean_times_k(g, shift, k, negated=True)
     return None if found is None else (found[0], None, found[1])
@@ -185,10 +170,9 @@ def _mean_times_k(g: GraphIndex, t: str, k: str, negated: bool) -> tuple[str, li
         if neg is None:
             return None
         other = node_input(g.nodes[neg], 0)
-    stored = _stored(g, other)
-    if stored is None:
+    if not _stored(g, other):
         return None
-    return stored[0], [idx, *([neg] if neg is not None else [])]
+    return other, [idx, *([neg] if neg is not None else [])]
 
 
 def _channel_axis(k_shape, x_shape, channels: int) -> int | None:

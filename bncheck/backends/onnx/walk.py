@@ -40,7 +40,7 @@ from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import readable_names
 from bncheck.backends.onnx.patterns import affine_after, decomposed, reshaped_group_norm
 from bncheck.model import NO_LAYERS_NOTE, BatchOp, Dim, Kind, NormLayer, Note
-from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values
+from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values, non_finite_parameters
 
 if TYPE_CHECKING:
     import onnx
@@ -104,10 +104,7 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
 
 def _broken_constant(layer: NormLayer) -> bool:
     """A norm of a constant outside training mode whose stored parameters hold NaN or Inf (BN005 judges it)."""
-    values = (layer.scale, layer.bias, layer.mean, layer.var)
-    return not layer.training and any(
-        v is not None and not np.isfinite(np.asarray(v, np.float64)).all() for v in values
-    )
+    return not layer.training and bool(non_finite_parameters(layer))
 
 
 #: the note of norms whose input is a constant (weight standardization), left out of the layers
