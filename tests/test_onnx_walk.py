@@ -2330,24 +2330,28 @@ def test_a_flax_layer_norm_after_global_pooling_is_found(tmp_path, over_one):
 # ---------------------------------------------------------------------------- batch norms written as an affine map
 
 
-def jax_affine_batch_norm(tmp_path, mean, var, name: str = "affine_bn") -> tuple[str, np.ndarray, np.ndarray]:
-    """An inference BatchNormalization on NHWC maps [N, 4, 4, 8] as jax2onnx writes Keras 3's (JAX backend):
-    y = x * k + (-mean * k + beta), k = 1 / sqrt(var + eps) * gamma, each stored [8] reshaped to [1, 1, 1, 8]."""
-    gamma = RNG.uniform(0.5, 1.5, 8).astype(np.float32)
-    beta = RNG.uniform(-1, 1, 8).astype(np.float32)
-    nodes = [helper.make_node("Reshape", [f"{p}", "c_shape"], [f"{p}_r"], name=f"node_Reshape_{p}") for p in "mvgb"]
-    nodes += [
-        helper.make_node("Add", ["v_r", "eps"], ["ve"], name="node_Add_8"),
-        helper.make_node("Sqrt", ["ve"], ["sd"], name="node_Sqrt_9"),
-        helper.make_node("Div", ["one", "sd"], ["inv"], name="node_Div_10"),
-        helper.make_node("Mul", ["inv", "g_r"], ["k"], name="node_Mul_12"),
-        helper.make_node("Neg", ["m_r"], ["neg"], name="node_Neg_13"),
-        helper.make_node("Mul", ["neg", "k"], ["mk"], name="node_Mul_14"),
-        helper.make_node("Add", ["mk", "b_r"], ["shift"], name="node_Add_16"),
-        helper.make_node("Mul", ["x", "k"], ["xk"], name="node_Mul_17"),
-        helper.make_node("Add", ["xk", "shift"], ["y"], name="node_Add_18"),
+def affine_batch_norm_nodes(x: str, y: str, p: str = "") -> list[onnx.NodeProto]:
+    """jax2onnx's inference BatchNormalization of ``x`` on NHWC maps (Keras 3 on JAX): y = x * k + (-mean * k + beta),
+    k = 1 / sqrt(var + eps) * gamma, each of the stored m, v, g, b [8] reshaped to [1, 1, 1, 8]; ``p`` prefixes the
+    nodes and the tensors it makes (the stored ones are shared, as jax2onnx shares equal constants)."""
+    nodes = [
+        helper.make_node("Reshape", [f"{t}", "c_shape"], [f"{p}{t}_r"], name=f"{p}node_Reshape_{t}") for t in "mvgb"
     ]
-    inits = [
+    return nodes + [
+        helper.make_node("Add", [f"{p}v_r", "eps"], [f"{p}ve"], name=f"{p}node_Add_8"),
+        helper.make_node("Sqrt", [f"{p}ve"], [f"{p}sd"], name=f"{p}node_Sqrt_9"),
+        helper.make_node("Div", ["one", f"{p}sd"], [f"{p}inv"], name=f"{p}node_Div_10"),
+        helper.make_node("Mul", [f"{p}inv", f"{p}g_r"], [f"{p}k"], name=f"{p}node_Mul_12"),
+        helper.make_node("Neg", [f"{p}m_r"], [f"{p}neg"], name=f"{p}node_Neg_13"),
+        helper.make_node("Mul", [f"{p}neg", f"{p}k"], [f"{p}mk"], name=f"{p}node_Mul_14"),
+        helper.make_node("Add", [f"{p}mk", f"{p}b_r"], [f"{p}shift"], name=f"{p}node_Add_16"),
+        helper.make_node("Mul", [x, f"{p}k"], [f"{p}xk"], name=f"{p}node_Mul_17"),
+        helper.make_node("Add", [f"{p}xk", f"{p}shift"], [y], name=f"{p}node_Add_18"),
+    ]
+
+
+def affine_batch_norm_inits(mean, var, gamma, beta) -> list[onnx.TensorProto]:
+    return [
         const("m", mean),
         const("v", var),
         const("g", gamma),
@@ -2356,6 +2360,13 @@ def jax_affine_batch_norm(tmp_path, mean, var, name: str = "affine_bn") -> tuple
         const("eps", 1e-3),
         const("one", 1.0),
     ]
+
+
+def jax_affine_batch_norm(tmp_path, mean, var, name: str = "affine_bn") -> tuple[str, np.ndarray, np.ndarray]:
+    """One inference BatchNormalization on NHWC maps [N, 4, 4, 8] as jax2onnx writes it (affine_batch_norm_nodes)."""
+    gamma = RNG.uniform(0.5, 1.5, 8).astype(np.float32)
+    beta = RNG.uniform(-1, 1, 8).astype(np.float32)
+    nodes, inits = affine_batch_norm_nodes("x", "y"), affine_batch_norm_inits(mean, var, gamma, beta)
     shape = ["N", 4, 4, 8]
     return save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, name=name), gamma, beta
 
@@ -2457,3 +2468,53 @@ def test_a_layer_norm_of_a_stored_table_is_no_layer_unless_its_parameters_are_br
     else:
         assert report.layers == [] and report.findings == []
         assert any("normalize a constant" in note.message for note in report.notes)
+
+
+def _batch_norm_nhwc(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x normalized with its own statistics over N, H and W (what a repaired inference BN computes on its data)."""
+    mean, var = x.astype(np.float64).mean(axis=(0, 1, 2)), x.astype(np.float64).var(axis=(0, 1, 2))
+    return (x - mean) / np.sqrt(var + 1e-3) * gamma + beta, mean, var
+
+
+def test_fix_recomputes_the_never_updated_statistics_of_a_batch_norm_written_as_an_affine_map(tmp_path):
+    # before: "ai.onnx.Mul is not rewritten by bncheck", the BN003 error left in the written model
+    path, gamma, beta = jax_affine_batch_norm(tmp_path, np.zeros(8), np.ones(8))
+    x = (2.0 + 3.0 * RNG.normal(size=(64, 4, 4, 8))).astype(np.float32)
+    np.save(tmp_path / "data.npy", x)
+    out = str(tmp_path / "fixed.onnx")
+    report = bncheck.fix(path, out, data=str(tmp_path / "data.npy"))
+    assert [(e.layer, e.action) for e in report.fix.outcome.layers] == [("node_Mul_17", "recalibrated")]
+    expected, mean, var = _batch_norm_nhwc(x, gamma, beta)
+    np.testing.assert_allclose(run_ort(out, x), expected, rtol=1e-4, atol=1e-4)
+    (layer,), _ = load_layers(out)  # still the same layer, its statistics the data's
+    np.testing.assert_allclose(layer.mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.var, var, rtol=1e-5)
+    assert bncheck.inspect(out).findings == []
+    # the stored statistics and their Reshapes, read by nothing any more, are not written
+    written = onnx.load(out).graph
+    assert [n.name for n in written.node if n.op_type == "Reshape"] == ["node_Reshape_g", "node_Reshape_b"]
+    assert {"m", "v"}.isdisjoint(t.name for t in written.initializer)
+
+
+def test_fix_gives_each_affine_batch_norm_its_own_statistics_where_they_share_their_stored_tensors(tmp_path):
+    # jax2onnx writes equal constants once: two never-updated layers read the same zeros and ones
+    gamma, beta = RNG.uniform(0.5, 1.5, 8).astype(np.float32), RNG.uniform(-1, 1, 8).astype(np.float32)
+    nodes = affine_batch_norm_nodes("x", "y1", "a_")
+    nodes += [helper.make_node("Relu", ["y1"], ["r1"], name="relu")]
+    nodes += affine_batch_norm_nodes("r1", "y", "b_")
+    inits = affine_batch_norm_inits(np.zeros(8), np.ones(8), gamma, beta)
+    shape = ["N", 4, 4, 8]
+    path = save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, name="two_affine")
+    assert len(load_layers(path)[0]) == 2
+    x = (1.0 + 2.0 * RNG.normal(size=(64, 4, 4, 8))).astype(np.float32)
+    np.save(tmp_path / "data.npy", x)
+    out = str(tmp_path / "fixed.onnx")
+    report = bncheck.fix(path, out, data=str(tmp_path / "data.npy"))
+    assert [e.action for e in report.fix.outcome.layers] == ["recalibrated", "recalibrated"]
+    first, mean1, var1 = _batch_norm_nhwc(x, gamma, beta)
+    expected, mean2, var2 = _batch_norm_nhwc(np.maximum(first, 0.0), gamma, beta)
+    np.testing.assert_allclose(run_ort(out, x), expected, rtol=1e-4, atol=1e-4)
+    layers = sorted(load_layers(out)[0], key=lambda layer: layer.name)
+    for layer, mean, var in zip(layers, (mean1, mean2), (var1, var2)):
+        np.testing.assert_allclose(layer.mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.var, var, rtol=1e-5)

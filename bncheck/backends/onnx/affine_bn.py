@@ -15,7 +15,7 @@ from bncheck.model import Kind, NormLayer
 #: why bncheck's fix leaves such a layer
 NOTE = (
     "an inference BatchNormalization written as x * k + (beta - mean * k), k = gamma / sqrt(var + eps), its "
-    "statistics stored (jax2onnx, Keras 3 on JAX): judged as a BatchNormalization; fix does not rewrite it"
+    "statistics stored (jax2onnx, Keras 3 on JAX): judged and repaired as a BatchNormalization"
 )
 
 
@@ -65,6 +65,15 @@ def _layer(g: GraphIndex, mul: int, x: str, k: str) -> tuple[NormLayer, list[int
     rank = len(shape) if shape is not None else None
     axes = None if rank is None else tuple(a for a in range(rank) if a != axis)
     nodes = sorted({mul, add, *k_nodes, *shift_nodes})
+    # where the chain reads its statistics: fix gives those inputs new values, the chain stays as written
+    stats = {"mean": (mean, values[2].shape), "var": (var, values[3].shape)}
+    reads = [
+        (which, g.nodes[i].output[0], pos, tuple(shape_read))
+        for i in nodes
+        for pos, t in enumerate(g.nodes[i].input)
+        for which, (tensor, shape_read) in stats.items()
+        if t == tensor
+    ]
     layer = NormLayer(
         name=g.node_name(mul),
         kind=Kind.BATCH,
@@ -88,7 +97,7 @@ def _layer(g: GraphIndex, mul: int, x: str, k: str) -> tuple[NormLayer, list[int
         var=values[3].ravel(),
         input_shape=shape,
         notes=(NOTE,),
-        extra={"affine_batch_norm": True},
+        extra={"affine_batch_norm": True, "stat_reads": reads},
     )
     return layer, nodes
 

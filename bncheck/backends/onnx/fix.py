@@ -17,6 +17,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -409,7 +410,8 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
             "hand-written batch moments over axes "
             f"{list(layer.axes or [])} replaced by an inference BatchNormalization",
         )
-    if layer.op_type != "BatchNormalization" or layer.domain not in ("", "ai.onnx"):
+    affine = bool(layer.extra.get("affine_batch_norm"))  # its statistics are inputs of its chain: see affine_bn
+    if not affine and (layer.op_type != "BatchNormalization" or layer.domain not in ("", "ai.onnx")):
         return LayerFix(
             name,
             "not-fixed" if layer.batch_statistics else "unchanged",
@@ -417,7 +419,7 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
             TRAIN_MODE if layer.batch_statistics else None,
         )
     node = graph.by_key.get("out:" + layer.output)
-    if node is None or node.op_type != "BatchNormalization":
+    if not affine and (node is None or node.op_type != "BatchNormalization"):
         return LayerFix(
             name,
             "not-fixed",
@@ -436,6 +438,7 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
             return LayerFix(
                 name, "not-fixed", "train-mode BatchNormalization: BN002 not selected by --only", TRAIN_MODE, old=old
             )
+        assert node is not None  # an affine batch norm (no node) never runs in training mode
         for out in list(node.output[1:]):
             if not out:
                 continue
@@ -888,6 +891,26 @@ def _edit_stats(node_key: str, mean: np.ndarray, var: np.ndarray, dtype: int) ->
     return Edit(edit, ("stats", node_key, _digest(mean, var), dtype))
 
 
+def _edit_read_stats(
+    reads: list[tuple[str, str, int, tuple[int, ...]]], mean: np.ndarray, var: np.ndarray, types: dict[str, Any]
+) -> Edit:
+    """New running statistics for a batch norm written out as its affine map (``affine_bn``): each input of its
+    chain that reads the mean or the variance (``reads``: which, the reading node's output, the input's position,
+    the shape it reads) gets the new values, in that shape and the type it had."""
+
+    def edit(model: onnx.ModelProto, sink: _Sink) -> None:
+        index = sink.index(model)
+        for which, out, pos, shape in reads:
+            _, node = index.node("out:" + out)
+            stored = types.get(node.input[pos])
+            dtype = int(stored) if stored in _FLOAT_TYPES else TensorProto.FLOAT
+            values = (mean if which == "mean" else var).reshape(shape)
+            _set_stat_input(model, sink, "out:" + out, pos, values, dtype, f"running_{which}")
+
+    key = tuple((which, out, pos) for which, out, pos, _ in reads)
+    return Edit(edit, ("read-stats", key, _digest(mean, var)))
+
+
 def _edit_to_inference(node_key: str, opset: int) -> Edit:
     def edit(model: onnx.ModelProto, sink: _Sink) -> None:
         index = sink.index(model)
@@ -958,20 +981,40 @@ def _edit_replace_chain(
     return Edit(edit, ("chain", tuple(keys), output, x, eps, name, _digest(*(params[k] for k in labels)), dtype, opset))
 
 
+#: nodes that only copy, reshape or cast what they read: one whose output an edit left unread goes with it
+_COPIES = frozenset(
+    {"Constant", "Identity", "Cast", "CastLike", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
+)
+
+
 def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:
-    """Drop the initializers and Constant nodes among ``read`` that nothing reads any more (a removed chain's
-    epsilon, axes, gamma, beta; statistics an edit replaced); anything else, used or not, stays as it was."""
+    """Drop the initializers, Constant nodes and copies of them among ``read`` that nothing reads any more (a
+    removed chain's epsilon, axes, gamma, beta; statistics an edit replaced, and the Reshape that read them);
+    anything else, used or not, stays as it was."""
     graph = model.graph
-    facts = _GraphFacts(model)
-    dead = {
-        name
-        for name in read
-        if not facts.uses[name] and name not in facts.graph_outputs and name not in facts.graph_inputs
-    }
-    if not dead:
-        return
-    _delete_where(graph.node, lambda n: n.op_type == "Constant" and bool(n.output) and n.output[0] in dead)
-    _delete_where(graph.initializer, lambda t: t.name in dead)
+    while read:
+        facts = _GraphFacts(model)
+        dead = {
+            name
+            for name in read
+            if not facts.uses[name] and name not in facts.graph_outputs and name not in facts.graph_inputs
+        }
+        if not dead:
+            return
+        copies = [n for n in graph.node if _copy_of_dead(n, dead)]
+        read = {name for n in copies for name in n.input if name}
+        _delete_where(graph.node, partial(_copy_of_dead, dead=dead))
+        _delete_where(graph.initializer, partial(_named_in, names=dead))
+
+
+def _copy_of_dead(node: onnx.NodeProto, dead: set[str]) -> bool:
+    return (
+        node.op_type in _COPIES and node.domain in ("", "ai.onnx") and len(node.output) == 1 and node.output[0] in dead
+    )
+
+
+def _named_in(tensor: TensorProto, names: set[str]) -> bool:
+    return tensor.name in names
 
 
 def _delete_where(repeated: Any, condition: Callable[[Any], bool]) -> None:
@@ -1287,7 +1330,12 @@ class _Fixer:
                 reason = drift_after_upstream(before, now)
         else:
             reason = p.reason
-        if p.what in ("stale", "train"):
+        if p.layer.extra.get("affine_batch_norm"):
+            reads = p.layer.extra["stat_reads"]
+            index = self._model_index()
+            self.replaced.update(index.node("out:" + out)[1].input[pos] for _, out, pos, _ in reads)
+            edits = [_edit_read_stats(reads, mean, var, self.handle.value_types)]
+        elif p.what in ("stale", "train"):
             _, node = self._model_index().node(key)
             # new statistics tensors take the stored statistics' type (opset 15 lets it differ from X's)
             stored = self.handle.value_types.get(node.input[3]) if len(node.input) > 3 else None
