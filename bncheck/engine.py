@@ -12,7 +12,7 @@ from typing import Any
 from bncheck.backends import Backend, BackendError, ProbeSettings, backend_for
 from bncheck.checks import run_checks, selected
 from bncheck.model import ModelView, ProbeResult
-from bncheck.probe_data import made_up_settings
+from bncheck.probe_data import drawn_counts, made_up_settings
 from bncheck.report import Report, merge_findings, sort_findings
 
 
@@ -82,11 +82,12 @@ def probe_view(
     try:
         probes = backend.probe(view, settings)
     except BackendError as exc:
-        made_up = made_up_settings(view.inputs) if settings.data is None else None
-        if made_up is None:
+        made_up = [] if settings.data is not None else [made_up_settings(view.inputs), drawn_counts(view.inputs)]
+        if not any(made_up):
             raise
-        # the model may have failed on the value synthetic inputs gave a setting it takes: say so where it stops
-        raise BackendError(f"{exc}; {made_up}") from exc
+        # the model may have failed on the values synthetic inputs gave a setting or a length it takes: say so
+        # where it stops
+        raise BackendError("; ".join([str(exc), *(text for text in made_up if text)])) from exc
     # the fields read as they are: dataclasses.asdict deep-copies every one first, the calibration arrays and
     # the progress bar (its lock cannot be copied) included
     recorded: dict[str, Any] = {

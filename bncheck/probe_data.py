@@ -448,6 +448,25 @@ def made_up_settings(inputs: list[InputSpec], int_high: Mapping[str, int] | None
     )
 
 
+def drawn_counts(inputs: list[InputSpec]) -> str | None:
+    """Names the integer inputs of one number per sample (a length or a count) that synthetic inputs draw 1 or 2
+    each, or None: a model that needs them to match its data (a sequence's length) fails on them."""
+    names = [
+        s.name
+        for s in inputs
+        if _numpy_dtype(s).kind in "iu"
+        and s.batched
+        and s.sample_shape is not None
+        and all(isinstance(d, int) and d == 1 for d in s.sample_shape)
+    ]
+    if not names:
+        return None
+    return (
+        f"synthetic inputs fed the integer input(s) {few(names)} 1 or 2 per sample (read as a length or a count); "
+        "give the values the model is meant to get with --data"
+    )
+
+
 def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
     """Validate one data array against its input; returns it in the input's dtype."""
     dtype = _numpy_dtype(spec)

@@ -1243,6 +1243,42 @@ def test_a_run_failing_on_a_made_up_setting_names_it_in_the_error(tmp_path):
     assert engine.probe(path, ProbeSettings(batch_sizes=(2,), data=data, data_source="d.npz")).exit_code == 0
 
 
+def test_a_run_failing_on_synthetic_lengths_names_them_in_the_error(tmp_path):
+    # torchaudio's Conformer through the dynamo exporter: x [N, T, 5] with lengths [N] whose maximum must be T; the
+    # synthetic lengths (1 or 2) made onnxruntime fail on a Reshape, and the error named neither them nor --data.
+    # Here a position ramp of max(lengths) + 1 values is added to x's 5 columns: 2 or 3 values never broadcast.
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "pad"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMax", ["lengths"], ["longest"], keepdims=0, name="longest"),
+        helper.make_node("Range", ["zero", "longest", "one"], ["positions"], name="positions"),
+        helper.make_node("Cast", ["positions"], ["ramp"], to=TensorProto.FLOAT, name="ramp"),
+        helper.make_node("Concat", ["ramp", "pad"], ["padded"], axis=0, name="padded"),
+        helper.make_node("Add", ["x", "padded"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F32, ["N", 5]),
+            helper.make_tensor_value_info("lengths", TensorProto.INT64, ["N"]),
+        ],
+        [helper.make_tensor_value_info("y", F32, ["N", 5])],
+        inits,
+    )
+    path = str(tmp_path / "lengths.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(BackendError) as info:
+        engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
+    message = str(info.value)
+    assert "onnxruntime failed" in message and "'lengths' 1 or 2 per sample" in message and "--data" in message
+    data = {"x": np.ones((2, 5), np.float32), "lengths": np.array([4, 3], np.int64)}
+    assert engine.probe(path, ProbeSettings(batch_sizes=(2,), data=data, data_source="d.npz")).exit_code == 0
+
+
 def _spec_train_bn(x: np.ndarray, scale, bias, eps: float) -> np.ndarray:
     axes = (0, 2, 3)
     wide = x.astype(np.float64)
