@@ -116,6 +116,18 @@ class BatchOp:
 
 
 @dataclass(frozen=True)
+class BrokenWeights:
+    """An op outside the normalization layers whose stored weights hold NaN or Inf (a batch norm with a NaN or
+    negative variance folded into the convolution before it leaves them there). ``name``: the layer the op
+    belongs to as the file names it; ``tensors``: each bad weight's name -> (NaN count, Inf count, values)."""
+
+    name: str
+    node: str
+    op_type: str
+    tensors: dict[str, tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """A model input: name, shape (symbolic dims as names), numpy dtype name and where its samples sit.
 
@@ -202,6 +214,7 @@ class ModelView:
     # in a file that fixes the batch to 1: the reductions over axis 0 a batch would reach once the probe relaxes
     # that batch (no finding as shipped: a sample has no companions); the relaxed probe tests them as batch_ops
     relaxed_batch_ops: list[BatchOp] = field(default_factory=list)
+    broken_weights: list[BrokenWeights] = field(default_factory=list)  # NaN/Inf outside the layers (BN005)
     # the model outputs' declared dims by name (None: rank unknown), which tell class scores from other
     # outputs (probe_plan.scores_over_last_axis); a Keras file's config declares none: its probe's runner
     # fills them from the built model

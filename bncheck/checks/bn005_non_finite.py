@@ -1,8 +1,9 @@
 """BN005 non-finite: NaN/Inf in parameters or outputs, negative variance.
 
 What it does
-    Statically, it flags NaN or Inf in any stored parameter (scale, bias, running mean, running variance) and
-    negative running variances. With `probe`, it reports the first layer (in graph order) whose input or
+    Statically, it flags NaN or Inf in any stored parameter (scale, bias, running mean, running variance),
+    negative running variances, and NaN or Inf in the stored weights of a convolution or matrix product (where a
+    batch norm folded into it leaves its NaN). With `probe`, it reports the first layer (in graph order) whose input or
     output holds NaN/Inf, and at which batch sizes: downstream layers inherit them and are not reported again.
     Where only some samples hold them, it counts them; on synthetic inputs that is a warning (the values of
     those samples made them, not the parameters, and random inputs may hold values the model never gets).
@@ -38,6 +39,10 @@ SEVERITY = Severity.ERROR
 HINT_PARAMS = (
     "Restore the parameters from a healthy checkpoint, or recompute the running statistics from data "
     "(`bncheck fix MODEL --data CALIB -o FIXED`)."
+)
+HINT_WEIGHTS = (
+    "Restore the weights from a healthy checkpoint and export again; a batch norm with a NaN or negative running "
+    "variance folded into this op by the exporter puts NaN there (check its statistics before exporting)."
 )
 HINT_SYNTHETIC = (
     "Probe with inputs the model is meant to get (`--data`): if NaN/Inf appear there too, follow the tensor "
@@ -90,6 +95,28 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     HINT_PARAMS,
                     {"kind": "negative-variance", "channels": int(negative.size), "min": number(negative.min())},
                 )
+    for broken in view.broken_weights:
+        flagged.add(broken.name)
+        listed = ", ".join(f"{t!r} ({nan} NaN, {inf} Inf of {size})" for t, (nan, inf, size) in broken.tensors.items())
+        yield Finding(
+            CODE,
+            SLUG,
+            SEVERITY,
+            broken.name,
+            f"{broken.op_type} {broken.node!r} has non-finite weights: {listed}; every output it reaches may be NaN, "
+            "or wrong where a later op hides the NaN",
+            HINT_WEIGHTS,
+            {
+                "kind": "weights",
+                "op_type": broken.op_type,
+                "node": broken.node,
+                "weights": {
+                    t: {"nan": nan, "inf": inf, "values": size} for t, (nan, inf, size) in broken.tensors.items()
+                },
+            },
+        )
+    if view.broken_weights:
+        return  # NaN/Inf met downstream come from those weights first: the layers they reach are not the source
     first = _first_observed(view, probe)
     if first is None and not flagged and probe is not None and probe.nonfinite_outputs:
         yield _outputs_finding(view, probe)

@@ -26,7 +26,7 @@ class OnnxBackend(Backend):
         from bncheck.backends.onnx.walk import walk_all
 
         handle = load_onnx(path, weights=weights)
-        layers, walk_notes, batch_ops, relaxed_ops = walk_all(handle)
+        layers, walk_notes, batch_ops, relaxed_ops, broken = walk_all(handle)
         assert handle.info is not None  # load_onnx always sets it
         return ModelView(
             info=handle.info,
@@ -36,6 +36,7 @@ class OnnxBackend(Backend):
             handle=handle,
             batch_ops=batch_ops,
             relaxed_batch_ops=relaxed_ops,
+            broken_weights=broken,
             output_shapes={value.name: handle.value_shapes.get(value.name) for value in handle.model.graph.output},
             pending_sha256=handle.pending_sha256,
         )

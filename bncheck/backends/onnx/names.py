@@ -81,6 +81,19 @@ _ORT_FUSION = re.compile(r"(.*/([A-Za-z]+)(?:_\d+)?)/\w+Fusion/?")
 _JAX2TF_SCOPES = re.compile(r"^jax2tf_[^/]*/(?:pjit_[^/]*/)*")
 
 
+def op_name(g: GraphIndex, idx: int, weights: list[str]) -> str:
+    """The name the user wrote for the module of node ``idx`` (a convolution, say), which reads ``weights``: the
+    dynamo exporter's module path, TorchScript's scopes, the weights' common prefix, else the node's name."""
+    node = g.nodes[idx]
+    path = module_path(node)
+    if path:
+        return path
+    scope = _torch_scope(node.name, node.op_type)
+    if scope is not None:
+        return _torch_module(scope, weights)
+    return weight_prefix(weights) or _tf_op_scope(g.node_name(idx))
+
+
 def _torch_scope(name: str, op_type: str) -> list[str] | None:
     """The module scopes of a node that torch's TorchScript exporter (torch >= 1.13) named
     ``/encoder/layer.0/norm/ReduceMean_1``: ["encoder", "layer.0", "norm"]; None for any other name. A node

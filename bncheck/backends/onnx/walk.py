@@ -37,9 +37,10 @@ from bncheck.backends.onnx.graph import (
     shape_dim,
 )
 from bncheck.backends.onnx.load import OnnxHandle
-from bncheck.backends.onnx.names import readable_names
+from bncheck.backends.onnx.names import op_name, readable_names
 from bncheck.backends.onnx.patterns import affine_after, decomposed, reshaped_group_norm
-from bncheck.model import NO_LAYERS_NOTE, BatchOp, Dim, Kind, NormLayer, Note
+from bncheck.backends.onnx.tensors import to_array
+from bncheck.model import NO_LAYERS_NOTE, BatchOp, BrokenWeights, Dim, Kind, NormLayer, Note
 from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values, non_finite_parameters
 
 if TYPE_CHECKING:
@@ -57,13 +58,16 @@ def walk(handle: OnnxHandle) -> list[NormLayer]:
 
 def walk_with_notes(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note]]:
     """The layers, and the model-level notes (no layer found, folded BN, norm ops the walk cannot see)."""
-    layers, notes, _, _ = walk_all(handle)
+    layers, notes, _, _, _ = walk_all(handle)
     return layers, notes
 
 
-def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[BatchOp], list[BatchOp]]:
-    """The layers, the model-level notes, the batch reductions outside every layer (dataflow.py), and in a
-    file that fixes the batch to 1 those a relaxed batch would reach (ModelView.relaxed_batch_ops)."""
+def walk_all(
+    handle: OnnxHandle,
+) -> tuple[list[NormLayer], list[Note], list[BatchOp], list[BatchOp], list[BrokenWeights]]:
+    """The layers, the model-level notes, the batch reductions outside every layer (dataflow.py), in a file
+    that fixes the batch to 1 those a relaxed batch would reach (ModelView.relaxed_batch_ops), and the weighted
+    ops whose weights hold NaN or Inf."""
     g = GraphIndex(handle, dequantized=True)
     found: list[tuple[int, NormLayer]] = []
     spans: list[tuple[int, NormLayer, list[int]]] = []
@@ -99,7 +103,42 @@ def walk_all(handle: OnnxHandle) -> tuple[list[NormLayer], list[Note], list[Batc
     notes = _model_notes(g, layers, batch_ops)
     if constant:
         notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
-    return layers, notes, batch_ops, relaxed_ops
+    return layers, notes, batch_ops, relaxed_ops, _broken_weights(g)
+
+
+def _constant_value(g: GraphIndex, tensor: str):
+    """The tensor a Constant node writes as ``tensor`` (older exporters store weights so), or None."""
+    idx = g.producer.get(tensor)
+    if idx is None or g.nodes[idx].op_type != "Constant" or g.nodes[idx].domain not in ONNX_DOMAINS:
+        return None
+    return g.attrs(idx).get("value")
+
+
+#: ops whose constant operands are learned weights, where NaN or Inf is never meant (an Add's or a Where's
+#: constant may be a -inf attention mask): the convolution a batch norm with NaN statistics was folded into
+_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_FLOATS = frozenset({1, 10, 11})  # TensorProto's FLOAT, FLOAT16, DOUBLE (onnx is not imported here)
+
+
+def _broken_weights(g: GraphIndex) -> list[BrokenWeights]:
+    """Each weighted op whose stored weights (the initializers it reads, as the loader holds them: not those left
+    in external files) hold NaN or Inf."""
+    found = []
+    for idx, node in enumerate(g.nodes):
+        if node.op_type not in _WEIGHTED_OPS or node.domain not in ONNX_DOMAINS:
+            continue
+        bad = {}
+        for t in node.input[1:]:
+            init = g.initializers.get(t) or _constant_value(g, t)
+            if init is None or init.data_type not in _FLOATS or init.data_location == init.EXTERNAL:
+                continue
+            values = to_array(init)
+            if np.isfinite(values).all():
+                continue
+            bad[t] = (int(np.isnan(values).sum()), int(np.isinf(values).sum()), int(values.size))
+        if bad:
+            found.append(BrokenWeights(op_name(g, idx, list(bad)), g.node_name(idx), node.op_type, bad))
+    return found
 
 
 def _broken_constant(layer: NormLayer) -> bool:

@@ -1,0 +1,122 @@
+"""BN005 on NaN/Inf in the stored weights of a convolution or matrix product: where a batch norm with a NaN or
+negative running variance leaves it once an exporter folds the norm into the convolution before it (torch's
+exporters do by default), so that no normalization layer is left to blame."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper, save
+
+import bncheck
+
+RNG = np.random.default_rng(5)
+F32 = TensorProto.FLOAT
+
+
+def _folded_nan_model(path: Path, *, bn_after: bool, nan: bool = True, constant: bool = False) -> str:
+    """x [N, 3, 8, 8] -> Conv "conv" (weights conv.weight, conv.bias: one output channel NaN, as a BN with a NaN
+    running variance folded into it leaves them; ``constant``: the weight a Constant node's, as older exporters
+    store them) -> Relu -> [BatchNormalization "bn"] -> GlobalAveragePool -> Flatten -> Gemm "head"."""
+    weight = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    bias = RNG.normal(size=4).astype(np.float32)
+    if nan:
+        weight[2] = np.nan
+        bias[2] = np.nan
+    inits = [
+        numpy_helper.from_array(weight, "conv.weight"),
+        numpy_helper.from_array(bias, "conv.bias"),
+        numpy_helper.from_array(RNG.normal(size=(4, 5)).astype(np.float32), "head.weight"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "head.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1], name="/conv/Conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="/relu/Relu"),
+    ]
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["conv.weight"], value=inits.pop(0), name="/conv/Constant"))
+    pooled_from = "r"
+    if bn_after:
+        for name, value in (("bn.weight", 1.0), ("bn.bias", 0.0), ("bn.running_mean", 0.1), ("bn.running_var", 2.0)):
+            inits.append(numpy_helper.from_array(np.full(4, value, np.float32), name))
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                ["r", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
+                ["b"],
+                name="/bn/BatchNormalization",
+            )
+        )
+        pooled_from = "b"
+    nodes += [
+        helper.make_node("GlobalAveragePool", [pooled_from], ["p"], name="/pool/GlobalAveragePool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="/Flatten"),
+        helper.make_node("Gemm", ["f", "head.weight", "head.bias"], ["y"], name="/head/Gemm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", F32, ["N", 5])],
+        inits,
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def _bn005(report) -> list[tuple[str, str, str]]:
+    return [(f.severity.label, f.layer, f.evidence["kind"]) for f in report.findings if f.code == "BN005"]
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_nan_weights_of_a_convolution_are_an_error_of_inspect_and_probe(tmp_path, constant):
+    # before: inspect exit 0; probe a warning on the outputs (synthetic inputs) blaming no layer
+    path = _folded_nan_model(tmp_path / "folded.onnx", bn_after=False, constant=constant)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert np.isnan(session.run(None, {"x": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)})[0]).all()
+    inspected = bncheck.inspect(path)
+    assert _bn005(inspected) == [("error", "conv", "weights")] and inspected.exit_code == 1
+    (finding,) = [f for f in inspected.findings if f.code == "BN005"]
+    assert finding.evidence["weights"] == {
+        "conv.weight": {"nan": 27, "inf": 0, "values": 108},
+        "conv.bias": {"nan": 1, "inf": 0, "values": 4},
+    }
+    assert finding.evidence["node"] == "/conv/Conv" and "'/conv/Conv'" in finding.message
+    assert _bn005(bncheck.probe(path, batch_sizes=(1, 2))) == [("error", "conv", "weights")]
+
+
+def test_a_layer_downstream_of_nan_weights_is_not_named_as_their_source(tmp_path):
+    # before: "NaN/Inf first appear at the input of BatchNormalization 'bn'... from here or from the ops just
+    # before it", where the convolution's weights held them
+    path = _folded_nan_model(tmp_path / "folded_bn.onnx", bn_after=True)
+    assert _bn005(bncheck.probe(path, batch_sizes=(1, 2))) == [("error", "conv", "weights")]
+
+
+def test_finite_weights_and_an_infinite_attention_mask_are_no_finding(tmp_path):
+    # an Add's constant -inf (a causal mask) is meant: only the weights of convolutions and products are read
+    path = _folded_nan_model(tmp_path / "clean.onnx", bn_after=True, nan=False)
+    assert bncheck.inspect(path).findings == []
+    mask = np.triu(np.full((4, 4), -np.inf, np.float32), k=1)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["scores"], name="/attn/MatMul"),
+        helper.make_node("Add", ["scores", "mask"], ["masked"], name="/attn/Add"),
+        helper.make_node("Softmax", ["masked"], ["y"], axis=-1, name="/attn/Softmax"),
+    ]
+    inits = [
+        numpy_helper.from_array(RNG.normal(size=(4, 4)).astype(np.float32), "attn.w"),
+        numpy_helper.from_array(mask, "mask"),
+    ]
+    nodes[0].input[1] = "attn.w"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 4, 4])],
+        [helper.make_tensor_value_info("y", F32, ["N", 4, 4])],
+        inits,
+    )
+    masked = tmp_path / "masked.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(masked))
+    assert [f.code for f in bncheck.inspect(str(masked)).findings] == []
