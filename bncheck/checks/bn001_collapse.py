@@ -66,6 +66,9 @@ HINT = (
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
+    # the first layer seen collapsing at each batch size (the layers come in graph order): everything after it
+    # may get sets of equal values from it, an effect of that collapse rather than one of its own
+    collapsed_at: dict[int, str] = {}
     for layer in view.layers:
         condition = collapse_condition(layer)
         sizes = _observed_sizes(layer, probe)
@@ -92,12 +95,27 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     f"{describe(layer)} output is {_collapsed(layer)} at batch size {listed} whatever the input, "
                     f"though each normalized set holds {_span(larger)} elements: {cause}"
                 )
+                upstream = {collapsed_at[b] for b in observed if b in collapsed_at}
+                if (
+                    evidence["cause"] == "equal-values"
+                    and len(upstream) == 1
+                    and all(b in collapsed_at for b in observed)
+                    and probe is not None
+                    and len(observed) < len(probe.batch_sizes)  # not constant where nothing upstream collapsed
+                ):
+                    (first,) = upstream
+                    evidence["after_collapse_of"] = first
+                    message += f", as the collapse of {first!r} before it (BN001) makes them"
+                    yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, hint, evidence)
+                    continue
             else:
                 evidence["normalized_set_size"] = 1
                 message = (
                     f"{describe(layer)} output is {_collapsed(layer)} at batch size {listed} whatever the input: "
                     "the normalized set has one element"
                 )
+            for b in observed:
+                collapsed_at.setdefault(b, layer.name)
             fixed = fixed_batch(view.inputs)
             if fixed is not None and all(b < fixed for b in observed):
                 # the probe ran a relaxed copy at sizes the file never runs: no defect at the file's own size

@@ -79,3 +79,56 @@ def test_an_inference_batch_norm_with_a_constant_output_is_no_collapse(tmp_path,
     map per channel), so no BN001."""
     model = bn_model(tmp_path / "m.onnx", hw=(8, 8), **case)
     assert probe_findings(model, "BN001", all_layers=True) == []
+
+
+def _collapse_then_instance_norm(path) -> str:
+    """x [N, 4, 3, 3] -> GlobalAveragePool -> BatchNormalization "bn" in training mode (beta 0.01: its output at
+    batch size 1) -> (b - 0.01) * a [1, 4, 2, 2] pattern + 0.01 + 3e-7 steps (an upsampling of b, with the
+    rounding such a map carries: 3e-5 of its values) -> InstanceNormalization "inorm" -> y: at batch size 1
+    "bn"'s sets have one element and "inorm"'s four values are equal up to that rounding; at larger batches
+    the pattern spreads them."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    values = {
+        "bn.scale": np.full(4, 1.5),
+        "bn.bias": np.full(4, 0.01),
+        "bn.mean": np.zeros(4),
+        "bn.var": np.ones(4),
+        "beta": np.full((1, 4, 1, 1), 0.01),
+        "pattern": np.tile([1.0, -1.0, 2.0, 0.5], 4).reshape(1, 4, 2, 2),
+        "offset": 0.01 + 3e-7 * np.arange(16).reshape(1, 4, 2, 2),
+        "inorm.scale": np.ones(4),
+        "inorm.bias": np.full(4, 0.5),
+    }
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in values.items()]
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"], name="pool"),
+        helper.make_node(
+            "BatchNormalization", ["p", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b"], training_mode=1, name="bn"
+        ),
+        helper.make_node("Sub", ["b", "beta"], ["centred"], name="centred"),
+        helper.make_node("Mul", ["centred", "pattern"], ["spread"], name="spread"),
+        helper.make_node("Add", ["spread", "offset"], ["up"], name="up"),
+        helper.make_node("InstanceNormalization", ["up", "inorm.scale", "inorm.bias"], ["y"], name="inorm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cascade",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 2, 2])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    return str(path)
+
+
+def test_a_norm_of_the_equal_values_a_collapse_upstream_makes_is_an_info_naming_it(tmp_path, probe_findings):
+    # MONAI's UNet exported in training mode: the layer after two collapsed 1x1x1 ones got an error of its own,
+    # its cause "epsilon 1e-05 swamps the sets' variance (median 2.62e-14)": the rounding of equal values
+    findings = {f.layer: f for f in probe_findings(_collapse_then_instance_norm(tmp_path / "m.onnx"), "BN001")}
+    assert findings["bn"].severity.label == "error" and findings["bn"].evidence["normalized_set_size"] == 1
+    after = findings["inorm"]
+    assert after.severity.label == "info" and after.evidence["cause"] == "equal-values"
+    assert after.evidence["after_collapse_of"] == "bn" and "the collapse of 'bn' before it" in after.message
