@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 
 from bncheck.checks._util import describe
 from bncheck.findings import Finding, Severity, shape_json
@@ -69,9 +70,12 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     # the first layer seen collapsing at each batch size (the layers come in graph order): everything after it
     # may get sets of equal values from it, an effect of that collapse rather than one of its own
     collapsed_at: dict[int, str] = {}
+    fixed = fixed_batch(view.inputs)
     for layer in view.layers:
         condition = collapse_condition(layer)
         sizes = _observed_sizes(layer, probe)
+        if condition is None and fixed is not None and fixed > 1 and not sizes:
+            condition = _at_batch_1(layer, fixed)
         observed = _observed_batch_sizes(layer, probe, sizes)
         evidence: dict[str, object] = {
             "axes": list(layer.axes) if layer.axes is not None else None,
@@ -116,7 +120,6 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 )
             for b in observed:
                 collapsed_at.setdefault(b, layer.name)
-            fixed = fixed_batch(view.inputs)
             if fixed is not None and all(b < fixed for b in observed):
                 # the probe ran a relaxed copy at sizes the file never runs: no defect at the file's own size
                 evidence["file_batch_size"] = fixed
@@ -139,7 +142,6 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 f"{describe(layer)} normalizes over a set of one element {_where(condition)}: its output is "
                 f"{_collapsed(layer, 'its bias')} for every input"
             )
-            fixed = fixed_batch(view.inputs)
             if "batch_size" in condition and fixed is not None and fixed > 1:
                 evidence["file_batch_size"] = fixed
                 message += f", a batch size this file does not run (its batch dimension is fixed to {fixed})"
@@ -184,6 +186,17 @@ def _many_element_cause(
         )
     evidence["cause"] = "equal-values"
     return "the values within each set are equal, so x - mean is 0", EQUAL_VALUES_HINT
+
+
+def _at_batch_1(layer: NormLayer, fixed: int) -> dict[str, int] | None:
+    """In a file whose batch is fixed to ``fixed`` (torch's export without dynamic axes writes it into every
+    tensor), the condition under which the layer's set would have one element at batch size 1, or None."""
+    shape = layer.input_shape
+    axis = layer.batch_axis
+    if shape is None or axis is None or axis >= len(shape) or shape[axis] != fixed:
+        return None
+    free = tuple("batch" if a == axis else d for a, d in enumerate(shape))
+    return collapse_condition(replace(layer, input_shape=free))
 
 
 def _span(sizes: list[int]) -> str:

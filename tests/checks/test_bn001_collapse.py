@@ -132,3 +132,18 @@ def test_a_norm_of_the_equal_values_a_collapse_upstream_makes_is_an_info_naming_
     after = findings["inorm"]
     assert after.severity.label == "info" and after.evidence["cause"] == "equal-values"
     assert after.evidence["after_collapse_of"] == "bn" and "the collapse of 'bn' before it" in after.message
+
+
+def test_a_train_mode_bn_on_1x1_maps_in_a_file_fixed_to_batch_2_is_an_info_of_inspect(tmp_path, inspect_findings):
+    # torch's export without dynamic axes writes the batch into every shape: the set of 2 at the file's batch was
+    # no finding, where the README promises an info (and probe, relaxing the batch, measured one)
+    import onnx
+
+    path = bn_model(tmp_path / "m.onnx", hw=(1, 1), training=True)
+    model = onnx.load(path)
+    for value in (*model.graph.input, model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, path)
+    [finding] = inspect_findings(path, "BN001")
+    assert finding.severity.label == "info" and finding.evidence["file_batch_size"] == 2
+    assert finding.evidence["condition"] == {"batch_size": 1} and "fixed to 2" in finding.message
