@@ -196,6 +196,64 @@ def test_torchscript_scopes_of_a_container_child_under_another_module_spell_its_
     ]
 
 
+def _lowered_group_norm(scope: str, x: str, y: str, weight: str, bias: str) -> list:
+    """torch's legacy export of GroupNorm(2, 4) under ``scope``: x reshaped to [N, 2, -1], an
+    InstanceNormalization of ones and zeros, reshaped back, then gamma and beta Unsqueezed to [4, 1, 1]."""
+    return [
+        helper.make_node("Reshape", [x, "groups_shape"], [f"{scope}/Reshape_output_0"], name=f"{scope}/Reshape"),
+        helper.make_node(
+            "InstanceNormalization",
+            [f"{scope}/Reshape_output_0", "in_ones", "in_zeros"],
+            [f"{scope}/InstanceNormalization_output_0"],
+            name=f"{scope}/InstanceNormalization",
+            epsilon=1e-5,
+        ),
+        helper.make_node("Shape", [x], [f"{scope}/Shape_output_0"], name=f"{scope}/Shape"),
+        helper.make_node(
+            "Reshape",
+            [f"{scope}/InstanceNormalization_output_0", f"{scope}/Shape_output_0"],
+            [f"{scope}/Reshape_1_output_0"],
+            name=f"{scope}/Reshape_1",
+        ),
+        helper.make_node("Unsqueeze", [weight, "chw_axes"], [f"{scope}/Unsqueeze_output_0"], name=f"{scope}/Unsqueeze"),
+        helper.make_node(
+            "Mul",
+            [f"{scope}/Reshape_1_output_0", f"{scope}/Unsqueeze_output_0"],
+            [f"{scope}/Mul_output_0"],
+            name=f"{scope}/Mul",
+        ),
+        helper.make_node(
+            "Unsqueeze", [bias, "chw_axes"], [f"{scope}/Unsqueeze_1_output_0"], name=f"{scope}/Unsqueeze_1"
+        ),
+        helper.make_node("Add", [f"{scope}/Mul_output_0", f"{scope}/Unsqueeze_1_output_0"], [y], name=f"{scope}/Add"),
+    ]
+
+
+def test_a_lowered_group_norm_called_again_is_named_after_its_module_with_a_count(tmp_path: Path) -> None:
+    """torchvision's RetinaNet head applies one GroupNorm to each FPN level: TorchScript scopes the later calls
+    ``conv.1.1_1``; its gamma and beta, ones equal to another module's, are read through an Identity of that one
+    (the exporter keeps one copy of equal weights). The later calls were named ``head.conv.1.1_1``."""
+    inits = [
+        numpy_helper.from_array(np.ones(4, np.float32), "backbone.bn.weight"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "backbone.bn.bias"),
+        numpy_helper.from_array(np.array([0, 2, -1], np.int64), "groups_shape"),
+        numpy_helper.from_array(np.ones(2, np.float32), "in_ones"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "in_zeros"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "chw_axes"),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["backbone.bn.weight"], ["head.conv.1.1.weight"], name="Identity_0"),
+        helper.make_node("Identity", ["backbone.bn.bias"], ["head.conv.1.1.bias"], name="Identity_1"),
+        *_lowered_group_norm("/head/conv/conv.1/conv.1.1", "x", "a", "head.conv.1.1.weight", "head.conv.1.1.bias"),
+        *_lowered_group_norm("/head/conv/conv.1/conv.1.1_1", "a", "y", "head.conv.1.1.weight", "head.conv.1.1.bias"),
+    ]
+    layers = _inspected_layers(tmp_path / "retina.onnx", nodes, inits, ["N", 4, 3, 3], opset=17, ir_version=8)
+    assert [(layer["name"], layer["kind"]) for layer in layers] == [
+        ("head.conv.1.1", "group"),
+        ("head.conv.1.1#2", "group"),
+    ]
+
+
 def _layer_norm_chain(names: list[str], weight: str, bias: str, square: str, out: str = "y") -> tuple[list, list]:
     """A LayerNorm over the last axis of x written out op by op, its nine nodes named ``names`` in order (mean,
     shift, square by ``square``, variance, epsilon, root, divide, scale, bias), its output ``out``."""

@@ -279,7 +279,10 @@ def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
     """The stored tensors the layer's nodes read, apart from the normalized input; for a hand-written chain
     only the non-scalar ones (its scale and bias, not the axes and epsilon constants)."""
     chain = layer.op_type == "decomposed"
-    tensors = [t for i in indices for t in g.nodes[i].input] if chain else list(layer.inputs)
+    # torch's legacy export of a GroupNorm (an InstanceNormalization of ones and zeros between Reshapes): its
+    # gamma and beta are the Mul and Add after it, read through Unsqueezes
+    lowered = bool(layer.extra.get("reshaped_to_groups"))
+    tensors = [t for i in indices for t in g.nodes[i].input] if chain or lowered else list(layer.inputs)
     if layer.op_type in _SKIP_NORMS:  # gamma and beta only: a fused skip norm also reads the Linear's bias
         tensors = tensors[2:4]
     found: list[str] = []
@@ -289,14 +292,30 @@ def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
             continue
         source = g.stored_source(tensor)
         stored = source in g.initializers or g.produced_by(source, "Constant") is not None
+        if stored and lowered:
+            source = _named_copy(g, tensor, source)
         value = g.param(source) if stored else None
-        if value is None:
+        if value is None or (lowered and (value.dtype.kind != "f" or value.size <= 1)):
             continue
         (scalars if chain and value.size <= 1 else found).append(source)
     # a LayerNorm over an axis of size 1 (the BN001 case) has one-element gamma and beta: named by them where the
     # chain reads no larger weight (not by its epsilon or exponent)
     affine = {g.stored_source(t) for t in layer.extra.get("affine_tensors", ())}
     return found or [t for t in scalars if t in affine]
+
+
+def _named_copy(g: GraphIndex, tensor: str, source: str) -> str:
+    """The first tensor on the way from ``tensor`` up to its stored ``source`` that bears a weight's name: torch's
+    exporter keeps one copy of equal weights (an untrained model's ones) and reads it under each module's name
+    through an Identity (``head.conv.1.1.weight = Identity(backbone.layer1.0.bn3.weight)``)."""
+    for _ in range(8):
+        if tensor == source or (not tensor.startswith("/") and not _GENERATED_WEIGHT.match(tensor)):
+            return tensor
+        idx = g.producer.get(tensor)
+        if idx is None or not g.nodes[idx].input:
+            return source
+        tensor = g.nodes[idx].input[0]
+    return source
 
 
 #: onnxruntime's fused norms whose inputs are (input, skip, gamma, beta, bias)
