@@ -120,3 +120,20 @@ def test_finite_weights_and_an_infinite_attention_mask_are_no_finding(tmp_path):
     masked = tmp_path / "masked.onnx"
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(masked))
     assert [f.code for f in bncheck.inspect(str(masked)).findings] == []
+
+
+def test_nan_weights_of_a_tflite_fused_convolution_are_named_after_the_convolution(tmp_path):
+    # tf2onnx from a .tflite file: the op and its weights named by every op TFLite fused ("relu;bn;...;conv")
+    import onnx
+
+    path = _folded_nan_model(tmp_path / "tflite.onnx", bn_after=False)
+    model = onnx.load(path)
+    fused = "model/re_lu/Relu;model/bn/FusedBatchNormV3;model/conv/BiasAdd;model/conv"
+    renamed = {"conv.weight": f"{fused}/Conv2D", "conv.bias": f"{fused}/BiasAdd"}
+    for tensor in model.graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    conv = model.graph.node[0]
+    conv.input[1:] = [renamed[t] for t in conv.input[1:]]
+    conv.name = f"{fused}/Conv2D1"
+    onnx.save(model, path)
+    assert _bn005(bncheck.inspect(path)) == [("error", "model/conv", "weights")]

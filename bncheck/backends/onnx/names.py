@@ -91,7 +91,9 @@ def op_name(g: GraphIndex, idx: int, weights: list[str]) -> str:
     scope = _torch_scope(node.name, node.op_type)
     if scope is not None:
         return _torch_module(scope, weights)
-    return weight_prefix(weights) or _tf_op_scope(g.node_name(idx))
+    name = weight_prefix(weights) or _tf_op_scope(g.node_name(idx))
+    # TFLite names a fused op, and its weights, by every op it fused, the op itself last: "relu;bn/...;conv"
+    return name.rsplit(";", 1)[-1]
 
 
 def _torch_scope(name: str, op_type: str) -> list[str] | None:
