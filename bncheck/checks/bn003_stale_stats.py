@@ -161,12 +161,16 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
     # BN004 counts the dead among its epsilon-dominated channels, from the stored statistics alone
     left_out = f"; {silent} channel(s) silent in the model and on the data left out" if silent else ""
     smaller, judged = narrower(layer, seen.mean, seen.var)
-    direction = (
-        f"the data's smaller in {smaller}" if 2 * smaller >= judged else f"the data's larger in {judged - smaller}"
-    )
+    if smaller in (0, judged):
+        ratio, direction = "variance ratio", f"the data's {'smaller' if smaller else 'larger'} in {judged}"
+    else:  # the median is of |log ratio|: with channels going both ways it is a change, not a ratio one way
+        ratio, direction = (
+            "variance change (either way)",
+            f"the data's larger in {judged - smaller}, smaller in {smaller}",
+        )
     message = (
         f"{describe(layer)} moving statistics are far from the data's: median mean shift "
-        f"{shown(shift, MEAN_SHIFT_THRESHOLD)} standard deviations, median variance ratio "
+        f"{shown(shift, MEAN_SHIFT_THRESHOLD)} standard deviations, median {ratio} "
         f"x{shown(math.exp(log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))} ({direction} of {judged} channels; "
         f"thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}{left_out}){_used_by(layer)}"
     )

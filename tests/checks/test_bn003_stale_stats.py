@@ -96,10 +96,10 @@ def test_train_mode_layers_are_not_reported_stale(tmp_path, inspect_findings):
     assert inspect_findings(path, "BN003") == []
 
 
-def _calibration(tmp_path, mean: float, std: float) -> str:
+def _calibration(tmp_path, mean: float, std: float, channels: int = 3) -> str:
     rng = np.random.default_rng(1)
     path = tmp_path / "calib.npy"
-    np.save(path, (rng.standard_normal((64, 3, 4, 4)) * std + mean).astype(np.float32))
+    np.save(path, (rng.standard_normal((64, channels, 4, 4)) * std + mean).astype(np.float32))
     return str(path)
 
 
@@ -152,6 +152,13 @@ def test_the_variance_ratio_says_which_way_the_data_differ(tmp_path, probe_findi
     model = bn_model(tmp_path / "w.onnx", mean=[3.0, 3.0, 3.0], var=[0.25, 0.25, 0.25])
     [finding] = probe_findings(model, "BN003", data_path=narrow, data_source=narrow)
     assert "(the data's larger in 3 of 3 channels; thresholds 0.5, x2)" in finding.message
+    # channels going both ways: x4 is a change, not a ratio of the data's larger (speechbrain's Xvector on louder
+    # data read "median variance ratio x2.91 (the data's larger in 36 of 64)" where the median ratio was x1.44)
+    model = bn_model(tmp_path / "b.onnx", channels=4, mean=[3.0] * 4, var=[0.25, 0.25, 0.25, 16.0])
+    both = _calibration(tmp_path, mean=3.0, std=1.0, channels=4)
+    [finding] = probe_findings(model, "BN003", data_path=both, data_source=both)
+    assert "median variance change (either way) x4" in finding.message
+    assert "(the data's larger in 3, smaller in 1 of 4 channels;" in finding.message
 
 
 def test_channels_dead_in_the_model_and_on_the_data_are_left_out_of_the_drift(tmp_path, probe_findings):
