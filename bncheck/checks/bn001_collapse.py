@@ -64,6 +64,16 @@ HINT = (
     "Run the layer in inference mode with moving statistics (export with model.eval() / training=False), or "
     "normalize over more elements (LayerNorm over channels, GroupNorm with more channels per group)."
 )
+#: for norms without moving statistics (instance, group, layer norms): inference mode changes nothing
+HINT_PER_SAMPLE = (
+    "Normalize over more than one value: where the size-1 axis comes from the input (a short time axis, a small "
+    "image pooled to 1x1), feed larger inputs; else normalize over other axes (LayerNorm over channels, GroupNorm "
+    "with more channels per group) or remove the norm."
+)
+
+
+def _hint(layer: NormLayer) -> str:
+    return HINT if layer.kind is Kind.BATCH else HINT_PER_SAMPLE
 
 
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
@@ -91,7 +101,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             evidence["batch_sizes"] = observed
             listed = ", ".join(str(b) for b in observed)
             larger = sorted({sizes[b] for b in observed if sizes.get(b, 1) > 1})
-            hint = HINT
+            hint = _hint(layer)
             if larger:  # constant over sets of many elements: not a one-element set
                 cause, hint = _many_element_cause(layer, probe, observed, evidence)
                 evidence["normalized_set_size"] = larger[0]
@@ -145,14 +155,15 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             if "batch_size" in condition and fixed is not None and fixed > 1:
                 evidence["file_batch_size"] = fixed
                 message += f", a batch size this file does not run (its batch dimension is fixed to {fixed})"
-                yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, HINT, evidence)
+                yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, _hint(layer), evidence)
                 continue
-            yield Finding(CODE, SLUG, SEVERITY, layer.name, message, HINT, evidence)
+            yield Finding(CODE, SLUG, SEVERITY, layer.name, message, _hint(layer), evidence)
         elif not sizes:  # with a probe, the sizes that ran replace the prediction
             evidence["kind"] = "conditional"
             evidence["replaced_by_probe"] = True  # a probe measures the sizes that run instead
             evidence["depends_on"] = [k for k in condition if k != "batch_size"]
-            yield Finding(CODE, SLUG, Severity.INFO, layer.name, _conditional(view, layer, condition), HINT, evidence)
+            message = _conditional(view, layer, condition)
+            yield Finding(CODE, SLUG, Severity.INFO, layer.name, message, _hint(layer), evidence)
 
 
 #: what a constant output over sets of many elements needs instead of another normalization axis

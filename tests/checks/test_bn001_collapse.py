@@ -29,6 +29,8 @@ def test_instancenorm_on_1x1_maps_collapses_for_every_input(tmp_path, inspect_fi
     [finding] = inspect_findings(instancenorm_model(tmp_path / "m.onnx", hw=(1, 1)), "BN001")
     assert finding.evidence["condition"] == {}
     assert "for every input" in finding.message
+    # it has no moving statistics: the batch norm's "run it in inference mode" would change nothing
+    assert "inference mode" not in finding.hint and "more than one value" in finding.hint
 
 
 def test_layernorm_over_an_axis_of_size_1_collapses(tmp_path, inspect_findings):
