@@ -860,8 +860,9 @@ def _group_affine(
     if gamma.size not in (1, channels) or beta.size not in (1, channels):
         return None, None, False
     per_channel = channels // groups
-    scale = np.repeat(s_g, per_channel) * gamma
-    bias = np.repeat(b_g, per_channel) * gamma + beta
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN or Inf gamma stays in them for BN005, unannounced
+        scale = np.repeat(s_g, per_channel) * gamma
+        bias = np.repeat(b_g, per_channel) * gamma + beta
     return scale.astype(np.float32), bias.astype(np.float32), False
 
 
