@@ -370,8 +370,8 @@ EPSILON_SWAMPS = 1e4
 
 #: Relative standard deviation (over the values' root mean square) below which normalized sets count as holding
 #: equal values: their variance comes from float32 means of x and of x^2, whose rounding leaves about 1e-7 of
-#: the mean square (measured 4e-8 on sets of equal values, and 1.2e-10 on a map upsampled from a collapsed
-#: layer's constant whose values differ by 3.5e-5 of their magnitude)
+#: the mean square (measured 4e-8 and 1.2e-10 of it on sets whose values differ by 3e-5 of their magnitude, the
+#: rounding a map upsampled from a collapsed layer's constant carries)
 EQUAL_SETS_RELATIVE_SD = 3e-4
 
 

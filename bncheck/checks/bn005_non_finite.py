@@ -96,7 +96,6 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     {"kind": "negative-variance", "channels": int(negative.size), "min": number(negative.min())},
                 )
     for broken in view.broken_weights:
-        flagged.add(broken.name)
         listed = ", ".join(f"{t!r} ({nan} NaN, {inf} Inf of {size})" for t, (nan, inf, size) in broken.tensors.items())
         yield Finding(
             CODE,

@@ -129,7 +129,9 @@ def _broken_weights(g: GraphIndex) -> list[BrokenWeights]:
             continue
         bad = {}
         for t in node.input[1:]:
-            init = g.initializers.get(t) or _constant_value(g, t)
+            init = g.initializers.get(t)
+            if init is None:
+                init = _constant_value(g, t)
             if init is None or init.data_type not in _FLOATS or init.data_location == init.EXTERNAL:
                 continue
             values = to_array(init)
