@@ -218,6 +218,27 @@ def test_keras3_baked_flag_marks_downstream_batchnorm_as_batch_statistics(tmp_pa
     np.testing.assert_allclose(np.asarray(model(x1))[0], beta, atol=1e-6)
 
 
+def test_keras3_explicit_training_none_after_a_baked_flag_runs_in_inference(tmp_path):
+    # a builder that passes training=None on: Keras 3 takes the explicit None over the context a baked True set,
+    # so b normalizes with its moving statistics (bncheck called it a collapse and a train-mode error)
+    keras.utils.set_random_seed(0)  # the Dense weights
+    inp = keras.Input((4,))
+    a = layers.BatchNormalization(name="a", beta_initializer=keras.initializers.Constant(0.5))(inp, training=True)
+    b_norm = layers.BatchNormalization(name="b", beta_initializer=keras.initializers.Constant(0.25))
+    model = keras.Model(inp, b_norm(layers.Dense(4, name="d")(a), training=None))
+    path = str(tmp_path / "none.keras")
+    model.save(path)
+    b_layer = KerasBackend().load(path).layer("b")
+    assert not b_layer.training and not b_layer.batch_statistics and b_layer.uses_running_stats
+    # Keras itself: at batch 1, a's one-element sets give its beta, d a constant; b in training mode would give its
+    # beta 0.25, and gives d's constant through its moving statistics instead
+    x1 = np.random.default_rng(0).normal(size=(1, 4)).astype("float32")
+    d = np.asarray(keras.Model(inp, model.get_layer("d").output)(x1))[0]
+    out = np.asarray(model(x1))[0]
+    np.testing.assert_allclose(out, d / np.sqrt(1 + b_norm.epsilon) + 0.25, rtol=1e-5)
+    assert not np.allclose(out, 0.25, atol=1e-3)
+
+
 def test_nested_model_called_with_training_true_bakes_its_layers(tmp_path):
     f_in = keras.Input((4,))
     inner = keras.Model(f_in, layers.BatchNormalization(name="bn")(f_in), name="inner")

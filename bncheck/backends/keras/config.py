@@ -143,6 +143,10 @@ def node_calls(entry: dict[str, Any]) -> list[tuple[bool | None, tuple[Dim, ...]
         if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
             kwargs = node.get("kwargs") or {}
             training = kwargs.get("training") if isinstance(kwargs, dict) else None
+            if isinstance(kwargs, dict) and "training" in kwargs and training is None:
+                # passed as None: Keras 3 takes it over the context a baked True set (the layer runs in inference)
+                # and sets the context to it for the layers after, as an explicit False does
+                training = False
             for tensor in _keras_tensors(node.get("args")):
                 conf = tensor.get("config") or {}
                 history = conf.get("keras_history")
