@@ -873,6 +873,8 @@ def _output_dependence(
     for name in names:
         if not all(_per_sample(outs[name], 1) for outs in solo.values()):
             continue
+        if len({outs[name].shape[1:] for outs in solo.values()}) > 1:
+            continue  # each sample alone gives its own length (a TTS model's audio): no element to compare
         usable = [
             (b, run, outs[name])
             for b, run, outs in groups
@@ -1297,6 +1299,8 @@ def joined_samples(chunks: Iterable[np.ndarray], rows: Iterable[int], real: Iter
         if axis is None:
             return None
         kept.append(np.moveaxis(np.asarray(chunk), axis, 0)[:count])
+    if len({k.shape[1:] for k in kept}) > 1:
+        return None  # a sample's length depends on its batch (a TTS model's audio, padded to the longest)
     return np.concatenate(kept) if kept else None
 
 

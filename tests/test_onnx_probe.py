@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+import bncheck
 from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
@@ -1277,6 +1278,62 @@ def test_a_run_failing_on_synthetic_lengths_names_them_in_the_error(tmp_path):
     assert "onnxruntime failed" in message and "'lengths' 1 or 2 per sample" in message and "--data" in message
     data = {"x": np.ones((2, 5), np.float32), "lengths": np.array([4, 3], np.int64)}
     assert engine.probe(path, ProbeSettings(batch_sizes=(2,), data=data, data_source="d.npz")).exit_code == 0
+
+
+def _ragged_output_model(path: Path) -> str:
+    """x [N, 4] -> BatchNormalization "bn" (never updated: 0/1) -> y [N, 4]; and "audio" [N, L] with L = 4 * the
+    batch's largest value rounded down, plus 8: as a TTS model's waveform, each sample alone has its own length and
+    a batch is padded to its longest."""
+    inits = [
+        numpy_helper.from_array(np.ones(4, np.float32), "bn.scale"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "bn.bias"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "bn.mean"),
+        numpy_helper.from_array(np.ones(4, np.float32), "bn.var"),
+        numpy_helper.from_array(np.array(4.0, np.float32), "four"),
+        numpy_helper.from_array(np.array(8.0, np.float32), "eight"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero_i"),
+        numpy_helper.from_array(np.array([1], np.int64), "one_i"),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["y"], name="bn"),
+        helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0, name="top"),
+        helper.make_node("Mul", ["top", "four"], ["scaled"], name="scaled"),
+        helper.make_node("Floor", ["scaled"], ["floored"], name="floored"),
+        helper.make_node("Add", ["floored", "eight"], ["length_f"], name="length_f"),
+        helper.make_node("Cast", ["length_f"], ["length"], to=TensorProto.INT64, name="length"),
+        helper.make_node("Unsqueeze", ["length", "zero_i"], ["length_1"], name="length_1"),
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Slice", ["shape", "zero_i", "one_i"], ["rows"], name="rows"),
+        helper.make_node("Concat", ["rows", "length_1"], ["audio_shape"], axis=0, name="audio_shape"),
+        helper.make_node("ReduceMean", ["y", "one_i"], ["level"], keepdims=1, name="level"),
+        helper.make_node("Expand", ["level", "audio_shape"], ["audio"], name="audio"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 4])],
+        [helper.make_tensor_value_info("y", F32, ["N", 4]), helper.make_tensor_value_info("audio", F32, ["N", "L"])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return str(path)
+
+
+def test_an_output_whose_length_depends_on_the_sample_is_probed_and_fixed_with_data(tmp_path):
+    # Piper's TTS voices: `probe --data` and `fix --data` stopped with an internal error (numpy could not join
+    # outputs of 32768 and 35328 samples)
+    path = _ragged_output_model(tmp_path / "ragged.onnx")
+    x = np.random.default_rng(3).normal(size=(16, 4)).astype(np.float32)
+    x[np.arange(16), np.arange(16) % 4] = np.arange(16) / 4.0  # each sample's largest value differs
+    lengths = {int(np.floor(4 * row.max()) + 8) for row in x}
+    assert len(lengths) > 4  # alone, the samples' audio lengths differ
+    np.save(tmp_path / "data.npy", x)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8), data={"x": x}, data_source="data.npy"))
+    # the run complete: the 0/1 statistics, and the batch maximum that sets every sample's length (a reduction over
+    # the batch axis: a sample's output length does depend on its companions)
+    assert sorted((f.code, f.layer) for f in report.findings) == [("BN002", "top"), ("BN003", "bn")]
+    fixed = bncheck.fix(path, str(tmp_path / "fixed.onnx"), data=str(tmp_path / "data.npy"))
+    assert [e.action for e in fixed.fix.outcome.layers] == ["recalibrated"]
 
 
 def _spec_train_bn(x: np.ndarray, scale, bias, eps: float) -> np.ndarray:
