@@ -157,3 +157,47 @@ def test_large_finite_float16_weights_whose_sum_overflows_are_no_finding(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nor does numpy's overflow warning reach the user
         assert [f.code for f in bncheck.inspect(str(path)).findings] == []
+
+
+def test_nan_in_a_folded_per_channel_scale_is_an_error_and_an_infinite_constant_is_not(tmp_path):
+    # Keras 3's ONNX export on torch writes a BatchNormalization as (x - mean) * (gamma / sqrt(var + eps)) + beta, the
+    # variance folded into the scale: a NaN variance was a warning on the outputs (synthetic inputs), exit 0
+    scale = np.ones((1, 4, 1, 1), np.float32)
+    scale[0, 2] = np.nan
+    inits = [
+        numpy_helper.from_array(np.full((1, 4, 1, 1), 0.1, np.float32), "mean"),
+        numpy_helper.from_array(scale, "scale"),
+        numpy_helper.from_array(np.zeros((1, 4, 1, 1), np.float32), "beta"),
+        numpy_helper.from_array(np.full((1, 4, 1, 1), -np.inf, np.float32), "floor"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["centred"], name="/bn/Sub"),
+        helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="/bn/Mul"),
+        helper.make_node("Add", ["scaled", "beta"], ["shifted"], name="/bn/Add"),
+        helper.make_node("Max", ["shifted", "floor"], ["y"], name="/clip/Max"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", F32, ["N", 4, 8, 8])],
+        inits,
+    )
+    path = tmp_path / "folded_scale.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    (finding,) = [f for f in bncheck.inspect(str(path)).findings if f.code == "BN005"]
+    assert finding.evidence["weights"] == {"scale": {"nan": 1, "inf": 0, "values": 4}}
+    assert finding.evidence["node"] == "/bn/Mul" and "constant operands" in finding.message
+    inf_add = [
+        helper.make_node("Add", ["x", "floor"], ["y"], name="/mask/Add"),
+    ]
+    graph = helper.make_graph(
+        inf_add,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", F32, ["N", 4, 8, 8])],
+        [inits[3]],
+    )
+    masked = tmp_path / "inf_add.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(masked))
+    assert bncheck.inspect(str(masked)).findings == []

@@ -117,6 +117,9 @@ def _constant_value(g: GraphIndex, tensor: str):
 #: ops whose constant operands are learned weights, where NaN or Inf is never meant (an Add's or a Where's
 #: constant may be a -inf attention mask): the convolution a batch norm with NaN statistics was folded into
 _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: elementwise ops whose constant operand NaN, not Inf, is never meant either: a batch norm folded into a per-channel
+#: scale and shift (Keras 3's ONNX export on torch: x - mean, times gamma / sqrt(var + eps), plus beta)
+_ELEMENTWISE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 _FLOATS = frozenset({1, 10, 11})  # TensorProto's FLOAT, FLOAT16, DOUBLE (onnx is not imported here)
 
 
@@ -125,10 +128,11 @@ def _broken_weights(g: GraphIndex) -> list[BrokenWeights]:
     in external files) hold NaN or Inf."""
     found = []
     for idx, node in enumerate(g.nodes):
-        if node.op_type not in _WEIGHTED_OPS or node.domain not in ONNX_DOMAINS:
+        elementwise = node.op_type in _ELEMENTWISE_OPS
+        if (node.op_type not in _WEIGHTED_OPS and not elementwise) or node.domain not in ONNX_DOMAINS:
             continue
         bad = {}
-        for t in node.input[1:]:
+        for t in node.input if elementwise else node.input[1:]:
             init = g.initializers.get(t)
             if init is None:
                 init = _constant_value(g, t)
@@ -140,7 +144,7 @@ def _broken_weights(g: GraphIndex) -> list[BrokenWeights]:
                 total = values.sum()
             if np.isfinite(total):
                 continue
-            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            nan, inf = int(np.isnan(values).sum()), 0 if elementwise else int(np.isinf(values).sum())
             if nan or inf:
                 bad[t] = (nan, inf, int(values.size))
         if bad:
