@@ -138,6 +138,8 @@ def _broken_weights(g: GraphIndex) -> list[BrokenWeights]:
                 init = _constant_value(g, t)
             if init is None or init.data_type not in _FLOATS or init.data_location == init.EXTERNAL:
                 continue
+            if elementwise and all(d == 1 for d in init.dims):
+                continue  # a scalar: a folded scale and shift holds one value per channel
             values = to_array(init)
             # one sum reaches NaN or Inf wherever an element holds one (a float16 sum may overflow: then counted)
             with np.errstate(over="ignore", invalid="ignore"):
