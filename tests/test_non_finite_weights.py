@@ -164,10 +164,12 @@ def test_nan_in_a_folded_per_channel_scale_is_an_error_and_an_infinite_constant_
     # variance folded into the scale: a NaN variance was a warning on the outputs (synthetic inputs), exit 0
     scale = np.ones((1, 4, 1, 1), np.float32)
     scale[0, 2] = np.nan
+    beta = np.zeros((1, 4, 1, 1), np.float32)
+    beta[0, 2] = np.nan  # an exporter that folds the mean into the shift carries the NaN there too: one finding
     inits = [
         numpy_helper.from_array(np.full((1, 4, 1, 1), 0.1, np.float32), "mean"),
         numpy_helper.from_array(scale, "scale"),
-        numpy_helper.from_array(np.zeros((1, 4, 1, 1), np.float32), "beta"),
+        numpy_helper.from_array(beta, "beta"),
         numpy_helper.from_array(np.full((1, 4, 1, 1), -np.inf, np.float32), "floor"),
     ]
     nodes = [
@@ -201,3 +203,37 @@ def test_nan_in_a_folded_per_channel_scale_is_an_error_and_an_infinite_constant_
     masked = tmp_path / "inf_add.onnx"
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(masked))
     assert bncheck.inspect(str(masked)).findings == []
+
+
+def test_a_nan_gamma_applied_after_a_layer_is_found_once(tmp_path):
+    # a normalization of ones and zeros, reshaped back, then gamma's Mul and beta's Add (as tf2onnx writes Keras's
+    # LayerNormalization): the NaN gamma is found, once, on the Mul where the layer does not read it as its own
+    gamma = np.ones((1, 1, 8), np.float32)
+    gamma[0, 0, 3] = np.nan
+    inits = [
+        numpy_helper.from_array(np.ones(8, np.float32), "ones"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "zeros"),
+        numpy_helper.from_array(np.array([0, 0, 8], np.int64), "back"),
+        numpy_helper.from_array(gamma, "model/ln/gamma"),
+        numpy_helper.from_array(np.zeros((1, 1, 8), np.float32), "model/ln/beta"),
+    ]
+    nodes = [
+        helper.make_node(
+            "LayerNormalization", ["x", "ones", "zeros"], ["normed"], axis=-1, epsilon=1e-3, name="model/ln/norm"
+        ),
+        helper.make_node("Reshape", ["normed", "back"], ["relaid"], name="model/ln/Reshape_1"),
+        helper.make_node("Mul", ["relaid", "model/ln/gamma"], ["scaled"], name="model/ln/mul"),
+        helper.make_node("Add", ["scaled", "model/ln/beta"], ["y"], name="model/ln/add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 5, 8])],
+        [helper.make_tensor_value_info("y", F32, ["N", 5, 8])],
+        inits,
+    )
+    path = tmp_path / "ln_after.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert [(f.evidence["kind"], f.layer) for f in bncheck.inspect(str(path)).findings if f.code == "BN005"] == [
+        ("weights", "model/ln")
+    ]
