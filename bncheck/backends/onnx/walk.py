@@ -92,12 +92,9 @@ def walk_all(
     # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
     # DeBERTa's LayerNorm of its relative position embeddings)
     # (one whose stored parameters hold NaN or Inf stays, outside training mode: every output it makes is broken)
-    # their parameters are judged with their layer's: the layers' nodes, and the affine applied after a layer whose
-    # parameters (read from it: tf2onnx's LayerNormalization) are non-finite
-    in_layers = set().union(*(nodes for _, _, nodes in spans))
-    for _, layer, _ in spans:
-        if non_finite_parameters(layer):
-            in_layers.update(_affine_readers(g, layer.output))
+    # a layer's non-finite parameters are BN005 of their own: the elementwise constants that spell them (gamma's Mul,
+    # inside the layer, after it or computing its scale) would be the same NaN again
+    elementwise = not any(non_finite_parameters(layer) for _, layer, _ in spans)
     free = [(first, layer) for first, layer, _ in spans if g.data_free(layer.input) and not _broken_constant(layer)]
     constant = readable_names(g, free) if free else []  # (names read over the whole graph: only where needed)
     dropped = {id(layer) for _, layer in free}
@@ -109,29 +106,7 @@ def walk_all(
     notes = _model_notes(g, layers, batch_ops)
     if constant:
         notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
-    return layers, notes, batch_ops, relaxed_ops, _broken_weights(g, in_layers)
-
-
-_RELAYS = frozenset({"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze"})
-
-
-def _affine_readers(g: GraphIndex, tensor: str) -> list[int]:
-    """The Mul and Add that apply an affine to a layer's output ``tensor``, past the copies that relay it back to
-    its layout (tf2onnx's LayerNormalization reshapes a fused BatchNormalization's output, then scales it)."""
-    found: list[int] = []
-    for _ in range(6):
-        users = g.users(tensor) if tensor else []
-        if len(users) != 1:
-            return found
-        node = g.nodes[users[0]]
-        if node.op_type in ("Mul", "Add"):
-            found.append(users[0])
-        elif node.op_type not in _RELAYS:
-            return found
-        if not node.output:
-            return found
-        tensor = node.output[0]
-    return found
+    return layers, notes, batch_ops, relaxed_ops, _broken_weights(g, elementwise)
 
 
 def _constant_value(g: GraphIndex, tensor: str):
@@ -151,17 +126,16 @@ _ELEMENTWISE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 _FLOATS = frozenset({1, 10, 11})  # TensorProto's FLOAT, FLOAT16, DOUBLE (onnx is not imported here)
 
 
-def _broken_weights(g: GraphIndex, in_layers: set[int]) -> list[BrokenWeights]:
+def _broken_weights(g: GraphIndex, with_elementwise: bool) -> list[BrokenWeights]:
     """Each weighted op whose stored weights (the initializers it reads, as the loader holds them: not those left
-    in external files) hold NaN or Inf; not the elementwise ops of a layer (``in_layers``: a layer's affine Mul
-    reads its gamma, which BN005 judges as the layer's)."""
+    in external files) hold NaN or Inf; the elementwise ops' constants only ``with_elementwise``."""
     found = []
     broken_outputs: set[str] = set()
     for idx, node in enumerate(g.nodes):
         elementwise = node.op_type in _ELEMENTWISE_OPS
-        if (node.op_type not in _WEIGHTED_OPS and not elementwise) or node.domain not in ONNX_DOMAINS:
+        if elementwise and not with_elementwise:
             continue
-        if elementwise and idx in in_layers:
+        if (node.op_type not in _WEIGHTED_OPS and not elementwise) or node.domain not in ONNX_DOMAINS:
             continue
         bad = {}
         for t in node.input if elementwise else node.input[1:]:
