@@ -119,12 +119,14 @@ class BatchOp:
 class BrokenWeights:
     """An op outside the normalization layers whose stored weights hold NaN or Inf (a batch norm with a NaN or
     negative variance folded into the convolution before it leaves them there). ``name``: the layer the op
-    belongs to as the file names it; ``tensors``: each bad weight's name -> (NaN count, Inf count, values)."""
+    belongs to as the file names it; ``tensors``: each bad weight's name -> (NaN count, Inf count, values);
+    ``what``: what those tensors are to the op ("weights", or the "constant operands" of an elementwise op)."""
 
     name: str
     node: str
     op_type: str
     tensors: dict[str, tuple[int, int, int]]
+    what: str = "weights"
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             SLUG,
             SEVERITY,
             broken.name,
-            f"{broken.op_type} {broken.node!r} has non-finite {_operands(broken.op_type)}: {listed}; every output it "
+            f"{broken.op_type} {broken.node!r} has non-finite {broken.what}: {listed}; every output it "
             "reaches may be NaN, or wrong where a later op hides the NaN",
             HINT_WEIGHTS,
             {
@@ -138,12 +138,6 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     severity, hint = Severity.WARNING, HINT_SYNTHETIC
                     message += "; with synthetic inputs, which may hold values the model never gets"
             yield Finding(CODE, SLUG, severity, layer.name, message, hint, evidence)
-
-
-def _operands(op_type: str) -> str:
-    """What a weighted op's stored operands are called: a convolution's weights, an elementwise op's constants
-    (a batch norm folded into a per-channel scale and shift)."""
-    return "constant operands" if op_type in ("Mul", "Add", "Sub", "Div") else "weights"
 
 
 def _outputs_finding(view: ModelView, probe: ProbeResult) -> Finding:

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import tensors
-from bncheck.backends.onnx.graph import VALUE_PRESERVING, copied, node_reads, outer_reads
+from bncheck.backends.onnx.graph import TRANSPARENT, VALUE_PRESERVING, copied, node_reads, outer_reads
 from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
@@ -981,10 +981,8 @@ def _edit_replace_chain(
     return Edit(edit, ("chain", tuple(keys), output, x, eps, name, _digest(*(params[k] for k in labels)), dtype, opset))
 
 
-#: nodes that only copy, reshape or cast what they read: one whose output an edit left unread goes with it
-_COPIES = frozenset(
-    {"Constant", "Identity", "Cast", "CastLike", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"}
-)
+#: nodes that only hold, copy, reshape or cast what they read: one whose output an edit left unread goes with it
+_COPIES = TRANSPARENT | {"Constant", "CastLike", "Expand"}
 
 
 def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:

@@ -92,9 +92,6 @@ def walk_all(
     # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
     # DeBERTa's LayerNorm of its relative position embeddings)
     # (one whose stored parameters hold NaN or Inf stays, outside training mode: every output it makes is broken)
-    # a layer's non-finite parameters are BN005 of their own: the elementwise constants that spell them (gamma's Mul,
-    # inside the layer, after it or computing its scale) would be the same NaN again
-    elementwise = not any(non_finite_parameters(layer) for _, layer, _ in spans)
     free = [(first, layer) for first, layer, _ in spans if g.data_free(layer.input) and not _broken_constant(layer)]
     constant = readable_names(g, free) if free else []  # (names read over the whole graph: only where needed)
     dropped = {id(layer) for _, layer in free}
@@ -106,6 +103,9 @@ def walk_all(
     notes = _model_notes(g, layers, batch_ops)
     if constant:
         notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
+    # a layer's non-finite parameters are BN005 of their own: the elementwise constants that spell them (gamma's Mul,
+    # inside the layer, after it or computing its scale) would be the same NaN again
+    elementwise = not any(non_finite_parameters(layer) for _, layer, _ in spans)
     return layers, notes, batch_ops, relaxed_ops, _broken_weights(g, elementwise)
 
 
@@ -156,7 +156,8 @@ def _broken_weights(g: GraphIndex, with_elementwise: bool) -> list[BrokenWeights
             if nan or inf:
                 bad[t] = (nan, inf, int(values.size))
         if bad and not (elementwise and any(t in broken_outputs for t in node.input)):
-            found.append(BrokenWeights(op_name(g, idx, list(bad)), g.node_name(idx), node.op_type, bad))
+            what = "constant operands" if elementwise else "weights"
+            found.append(BrokenWeights(op_name(g, idx, list(bad)), g.node_name(idx), node.op_type, bad, what))
         if bad:  # a folded scale's NaN reaches its shift: one finding for the two
             broken_outputs.update(node.output)
     return found
