@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -529,6 +529,14 @@ def _refuse_other_format(path: str) -> None:
         )
 
 
+def described_inputs(inputs: Sequence[InputSpec]) -> str:
+    """The inputs by name and declared shape, for a message: 'image' [3, 128, 128], 'state' [46136]."""
+    return ", ".join(
+        f"{spec.name!r}" + ("" if spec.shape is None else f" [{', '.join(str(d) for d in spec.shape)}]")
+        for spec in inputs
+    )
+
+
 def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     """Read ``--data``: ``.npy`` for a single-input model, ``.npz`` keyed by input name; first axis = samples
     (an input without a batch axis, such as a scalar sample rate, takes its one tensor as fed).
@@ -538,6 +546,14 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     unpickles (``allow_pickle=False``).
     """
     refuse_unshared_batch(inputs)  # no data can hold their samples on one axis
+    if inputs and not any(spec.batched for spec in inputs):
+        # a stack of samples has nowhere to go, and one sample's own first axis (an image's colour planes) is no
+        # batch to measure statistics over
+        raise ProbeDataError(
+            f"no input of this model has a batch axis ({described_inputs(inputs)}): each run is one sample, and "
+            "--data feeds samples along a batch axis; probe without --data, or export the model with a batch "
+            "dimension to check its statistics on data"
+        )
     if not os.path.exists(path):
         raise ProbeDataError(f"{path}: no such data file")
     if os.path.isdir(path):

@@ -29,7 +29,7 @@ import contextlib
 import math
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
@@ -39,6 +39,7 @@ from bncheck.errors import BncheckError, ErrorKind, few, one_line
 from bncheck.model import (
     BatchDependence,
     Dim,
+    InputSpec,
     LayerProbe,
     LocatedDependence,
     ModelView,
@@ -54,6 +55,7 @@ from bncheck.probe_data import (
     MAX_BATCH_SIZE,
     ProbeDataError,
     check_sizes,
+    described_inputs,
     made_up_settings,
     refuse_unshared_batch,
     release_mapped,
@@ -429,6 +431,14 @@ def _inside_a_batch(
     if first[:k] != tuple(range(k)) or len(spare) < len(first) - k:
         return None
     return first, first[:k] + tuple(spare), k
+
+
+def one_sample_note(inputs: Sequence[InputSpec]) -> str:
+    """The note for a model none of whose inputs has a batch axis: every run is one sample."""
+    return (
+        f"no input has a batch axis ({described_inputs(inputs)}): each run holds one sample, so the probe ran once "
+        "and batch dependence between samples cannot be tested"
+    )
 
 
 def batch_axes(view: ModelView) -> dict[str, int | None]:
@@ -1000,6 +1010,10 @@ def run_plan(
             notes.append("the model's batch dimension is fixed to 1: batch dependence cannot be tested")
         batch_sizes = (fixed,)
         test_dependence = fixed != 1
+    elif view.inputs and not any(spec.batched for spec in view.inputs):
+        notes.append(one_sample_note(view.inputs))
+        batch_sizes = (1,)
+        test_dependence = False
     if settings.data is not None:
         pool = dict(settings.data)
         samples = _pool_samples(pool, axes)

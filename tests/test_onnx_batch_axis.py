@@ -452,3 +452,82 @@ def test_fix_and_the_output_effect_feed_unbatched_inputs_whole_and_states_on_the
     result = CliRunner().invoke(main, ["fix", path, "--data", str(tmp_path / "data.npz"), "-o", str(fixed)])
     assert result.exit_code == 0, result.output
     assert "0 errors" in result.stdout.split("after:")[1]
+
+
+def _single_image_detector(path: Path, *, hw: int | str = 16) -> str:
+    """image [3, H, W] -> Unsqueeze -> Conv -> BN -> Relu -> a score per spatial position [K], as torchvision's
+    detectors take one image and make it a batch of 1 inside (``hw``: a fixed size or a symbolic name)."""
+    rng = np.random.default_rng(2)
+    c = 4
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "conv.weight"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "bn.weight"),
+        numpy_helper.from_array(rng.uniform(-0.2, 0.2, c).astype(np.float32), "bn.bias"),
+        numpy_helper.from_array(rng.uniform(-0.2, 0.2, c).astype(np.float32), "bn.running_mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "bn.running_var"),
+        numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", ["image", "axis0"], ["batch"], name="batch_images"),
+        helper.make_node("Conv", ["batch", "conv.weight"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"], ["b"], name="bn"
+        ),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("ReduceMax", ["r"], ["m"], name="best", axes=[1], keepdims=0),
+        helper.make_node("Reshape", ["m", "flat"], ["scores"], name="scores"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info("image", F32, [3, hw, hw])],
+        [helper.make_tensor_value_info("scores", F32, ["K"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_an_image_the_graph_makes_a_batch_of_1_has_no_batch_axis():
+    # torchvision's detectors: image [3, H, W], every conv and norm sees [1, ...]; their colour planes were taken
+    # for a batch of 3
+    assert batch_axes([(3, 128, 128)], outputs=[("K", 4)], sample_dims=[1, 1]) == [None]
+    assert batch_axes([(3, "H", "W")], outputs=[("K", 4), ("K",)], sample_dims=[1]) == [None]
+    # a batch of 3 the layers see, or an output carries, stays a batch
+    assert batch_axes([(3, 128, 128)], outputs=[("K", 4)], sample_dims=[3, 3]) == [0]
+    assert batch_axes([(3, 128, 128)], outputs=[(3, 10)], sample_dims=[1]) == [0]
+    assert batch_axes([(3, 128, 128)], outputs=[("K", 4)]) == [0]  # nothing known of the layers: unchanged
+
+
+@pytest.mark.parametrize("hw", [16, "H"])
+def test_a_single_image_model_is_probed_once_as_one_sample(tmp_path, hw):
+    """The probe said "batch dimension fixed to 3 in the file", tested batch dependence by swapping colour
+    planes, and sized the BN's sets as three images' (n=768 where each run normalizes 256 values)."""
+    path = _single_image_detector(tmp_path / "detector.onnx", hw=hw)
+    assert [s.batch_axis for s in OnnxBackend().load(path).inputs] == [None]
+    args = ["--input-shape", "image:3x16x16"] if hw == "H" else []
+    code, doc = _probe(path, "--all-layers", *args)
+    run = doc["probe"]["runs"][0]
+    assert code == 0 and doc["findings"] == []
+    assert run["batch_sizes"] == [1] and run["batch_handling"] is None
+    assert any(n.startswith("no input has a batch axis ('image' [3,") and "ran once" in n for n in run["notes"])
+    assert not any("fixed batch" in n or "fixed to 3" in n for n in run["notes"])
+    assert run["layers"]["bn"]["by_batch_size"]["1"]["normalized_set_size"] == 256
+
+
+def test_data_for_a_single_image_model_is_refused_naming_the_input(tmp_path):
+    """A stack of images was refused as "3 dims after the sample axis", and one image was read as three
+    samples (its colour planes), whose statistics BN003 then judged."""
+    path = _single_image_detector(tmp_path / "detector.onnx")
+    for shape in [(8, 3, 16, 16), (3, 16, 16)]:
+        data = tmp_path / f"data{len(shape)}.npy"
+        np.save(data, np.zeros(shape, np.float32))
+        for command in (["probe"], ["fix", "-o", str(tmp_path / "fixed.onnx")]):
+            result = CliRunner().invoke(main, [*command, path, "--data", str(data)])
+            assert result.exit_code == 2
+            assert (
+                "no input of this model has a batch axis ('image' [3, 16, 16]): each run is one sample" in result.stderr
+            )

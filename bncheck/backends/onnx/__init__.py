@@ -103,7 +103,9 @@ def graph_inputs(handle) -> list[InputSpec]:
     states = recurrent_states(graph.node)
     outputs = [handle.value_shapes.get(value.name) for value in graph.output]
     specs = []
-    for value, shape, axis in zip(values, shapes, batch_axes(shapes, [v.name in states for v in values], outputs)):
+    firsts = sample_leading_dims(graph.node, handle.value_shapes.get)
+    axes = batch_axes(shapes, [v.name in states for v in values], outputs, firsts)
+    for value, shape, axis in zip(values, shapes, axes):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
             dtype = np_dtype(elem).name if elem else "unknown"
@@ -137,10 +139,32 @@ def recurrent_states(nodes: Iterable[Any]) -> set[str]:
     return found
 
 
+#: ops whose data input carries the batch on axis 0 as the graph runs it (:func:`sample_leading_dims`)
+_BATCH_FIRST_OPS = frozenset(
+    {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
+)
+
+
+def sample_leading_dims(nodes: Iterable[Any], shape_of: Any) -> list[Dim]:
+    """Axis 0 of each convolution's or norm op's data input whose shape ``shape_of`` (a tensor name -> shape or
+    None) knows, except where a Reshape writes that input: a lowered instance or group norm folds the batch into
+    [1, N*C, ...]."""
+    nodes = list(nodes)
+    reshaped = {name for node in nodes if node.op_type == "Reshape" for name in node.output}
+    dims: list[Dim] = []
+    for node in nodes:
+        if node.op_type in _BATCH_FIRST_OPS and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
+            shape = shape_of(node.input[0])
+            if shape and node.input[0] not in reshaped:
+                dims.append(shape[0])
+    return dims
+
+
 def batch_axes(
     shapes: list[tuple[Dim, ...] | None],
     recurrent: Sequence[bool] = (),
     outputs: Sequence[tuple[Dim, ...] | None] = (),
+    sample_dims: Sequence[Dim] = (),
 ) -> list[int | None]:
     """Each input's batch axis, from the dims the inputs declare (None: fed as is, the same in every batch),
     and, where ``recurrent`` (one flag per input) says an input is an RNN's initial state
@@ -155,7 +179,10 @@ def batch_axes(
     (GTCRN's caches). Where the inputs name different dims on axis 0 and the graph's ``outputs`` (their
     shapes) carry exactly one of those names on axis 0, that one is the batch, and an input whose axis 0 is
     another of them, which no output carries, has none: a single image [height, width, 3] beside the face
-    boxes [batch_size, 4] cut from it. Anything else keeps axis 0.
+    boxes [batch_size, 4] cut from it. Where the convolutions' and norm ops' inputs all hold 1 on axis 0
+    (``sample_dims``, :func:`sample_leading_dims`), an input whose axis 0 is a fixed size above 1 that no
+    output carries on axis 0 has none: one image [3, H, W] that the graph makes a batch of 1 (torchvision's
+    detectors). Anything else keeps axis 0.
     """
     firsts = [s[0] for s in shapes if s and isinstance(s[0], str)]
     name = Counter(firsts).most_common(1)[0][0] if firsts else None
@@ -196,6 +223,14 @@ def batch_axes(
         leading = [s[0] for s, axis in zip(shapes, axes) if s and axis == 0]
         if len(set(leading)) > 1:
             axes = [None if s and axis == 0 and s[0] != leading[0] else axis for s, axis in zip(shapes, axes)]
+    if sample_dims and set(sample_dims) == {1}:
+        # the layers see one sample per run: a fixed axis 0 that reaches neither them nor the outputs' axis 0
+        # is a sample's own (an image's colour planes), which a probe of "batch 3" would swap between runs
+        output_firsts = {s[0] for s in outputs if s}
+        axes = [
+            None if axis == 0 and s and isinstance(s[0], int) and s[0] > 1 and s[0] not in output_firsts else axis
+            for s, axis in zip(shapes, axes)
+        ]
     if any(recurrent):
         # a recurrent state [directions or layers, batch, hidden] carries the batch on axis 1, which its shape
         # alone cannot say: livekit's hush GRUs take h [1, 1, 256] beside features [1, 1, S, 32], and the
