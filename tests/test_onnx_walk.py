@@ -2327,6 +2327,55 @@ def test_a_flax_layer_norm_after_global_pooling_is_found(tmp_path, over_one):
         assert np.ptp(run_ort(path, RNG.normal(size=(2, 4, 4, 16)).astype(np.float32))) == 0.0
 
 
+def chained_keras_layer_norms(tmp_path, nan_in_second: bool = False) -> str:
+    """Two Keras 3 LayerNormalizations over the last axis of x [N, 5, 8], the second fed straight by the first, as
+    jax2onnx writes them: k = gamma / sqrt(ReduceSumSquare(x - mean) / 8 + eps), y = x * k + (-mean * k + beta);
+    ``nan_in_second``: a NaN in the second one's gamma."""
+    nodes, inits = [], [const("last", [-1], np.int64), const("count", 8.0), const("one", 1.0)]
+    source = "x"
+    for i, name in enumerate(("ln_a", "ln_b")):
+        gamma = RNG.uniform(0.5, 1.5, 8)
+        if nan_in_second and i == 1:
+            gamma[3] = np.nan
+        inits += [const(f"{name}.gamma", gamma), const(f"{name}.beta", RNG.uniform(-0.2, 0.2, 8))]
+        inits.append(const(f"{name}.eps", 1e-3 if i == 0 else 1e-6))
+        t = lambda s, name=name: f"{name}/{s}"
+        nodes += [
+            helper.make_node("ReduceMean", [source, "last"], [t("mean")], keepdims=1, name=t("ReduceMean")),
+            helper.make_node("Sub", [source, t("mean")], [t("dev")], name=t("Sub")),
+            helper.make_node("ReduceSumSquare", [t("dev"), "last"], [t("ss")], keepdims=1, name=t("ReduceSumSquare")),
+            helper.make_node("Div", [t("ss"), "count"], [t("var")], name=t("Div")),
+            helper.make_node("Add", [t("var"), f"{name}.eps"], [t("ve")], name=t("AddEps")),
+            helper.make_node("Sqrt", [t("ve")], [t("sd")], name=t("Sqrt")),
+            helper.make_node("Div", ["one", t("sd")], [t("inv")], name=t("Inv")),
+            helper.make_node("Mul", [t("inv"), f"{name}.gamma"], [t("k")], name=t("MulGamma")),
+            helper.make_node("Neg", [t("mean")], [t("nmean")], name=t("Neg")),
+            helper.make_node("Mul", [t("nmean"), t("k")], [t("nmk")], name=t("MulMean")),
+            helper.make_node("Add", [t("nmk"), f"{name}.beta"], [t("shift")], name=t("AddBeta")),
+            helper.make_node("Mul", [source, t("k")], [t("xk")], name=t("MulX")),
+            helper.make_node("Add", [t("xk"), t("shift")], [t("y")], name=t("Add")),
+        ]
+        source = t("y")
+    nodes.append(helper.make_node("Identity", [source], ["y"], name="out"))
+    name = f"ln_chain_{nan_in_second}"
+    return save(tmp_path, nodes, [vinfo("x", ["N", 5, 8])], [vinfo("y", ["N", 5, 8])], inits, opset=18, name=name)
+
+
+def test_a_layer_norm_fed_straight_by_another_is_found(tmp_path):
+    # a norm's output was not read as data by the next norm's moments: MiT's stages through jax2onnx showed 8 of 10
+    # LayerNorms, and a NaN gamma in the second of a pair passed inspect with exit 0
+    layers, _ = load_layers(chained_keras_layer_norms(tmp_path))
+    assert [(layer.kind, layer.axes, layer.epsilon) for layer in layers] == [
+        (Kind.LAYER, (2,), pytest.approx(1e-3)),
+        (Kind.LAYER, (2,), pytest.approx(1e-6)),
+    ]
+    assert layers[1].input == "ln_a/y" and layers[1].scale is not None
+    path = chained_keras_layer_norms(tmp_path, nan_in_second=True)
+    assert np.isnan(run_ort(path, RNG.normal(size=(2, 5, 8)).astype(np.float32))).any()
+    findings = bncheck.inspect(path).findings
+    assert [(f.code, f.severity.label, f.layer) for f in findings] == [("BN005", "error", layers[1].name)]
+
+
 # ---------------------------------------------------------------------------- batch norms written as an affine map
 
 

@@ -271,7 +271,7 @@ class _Flow:
         return None
 
     def _square(self, t: str, f: Form | None, idx: int) -> Form | None:
-        if f is None:
+        if f is None or f.what == "norm":  # a norm's output squared is data squared (an RMS norm after it)
             return Form("sq", self.source(t), (), frozenset({idx}))
         if f.what == "dev" and f.scale is None:
             return replace(f, what="sqdev", nodes=f.nodes | {idx})
@@ -433,8 +433,9 @@ def _joins(xk: Form, other: Form | None) -> bool:
 
 
 def _raw(f: Form | None) -> bool:
-    """A tensor an op may read as data: no form, or statistics of an earlier tensor (a global pool's mean)."""
-    return f is None or f.what in _STATS
+    """A tensor an op may read as data: no form, statistics of an earlier tensor (a global pool's mean), or a
+    whole norm's output (a LayerNorm straight after another, as MiT's stages write them)."""
+    return f is None or f.what in _STATS or f.what == "norm"
 
 
 def _same_stats(a: Form, b: Form) -> bool:
