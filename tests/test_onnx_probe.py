@@ -1577,3 +1577,38 @@ def test_an_integer_axis_input_is_fed_0_and_named(tmp_path):
     assert any(
         "'axis' have no batch axis" in n and "feed them 0 (an axis a node takes)" in n for n in report.probes[0].notes
     )
+
+
+@pytest.mark.parametrize("op", ["InstanceNormalization", "BatchNormalization"])
+def test_norms_on_rank_6_maps_are_measured_without_global_pools(tmp_path, op):
+    """onnxruntime's GlobalAveragePool takes at most 3 spatial dims ("Unsupported pooling size"): MobileViTV2's
+    unoptimized dynamo export has a norm over [N, C, 2, 2, H, W], and its probe stopped with exit 2."""
+    c, shape = 8, ["N", 8, 6, 6, 6, 6]
+    rng = np.random.default_rng(0)
+    params = [numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "gamma")]
+    params.append(numpy_helper.from_array(rng.uniform(-0.2, 0.2, c).astype(np.float32), "beta"))
+    inputs = ["x", "gamma", "beta"]
+    attrs = {}
+    if op == "BatchNormalization":  # in training mode: the spec's decomposition normalizes it
+        params += [numpy_helper.from_array(np.zeros(c, np.float32), "mean")]
+        params += [numpy_helper.from_array(np.ones(c, np.float32), "var")]
+        inputs += ["mean", "var"]
+        attrs["training_mode"] = 1
+    outputs = ["y", "running_mean", "running_var"] if attrs else ["y"]
+    node = helper.make_node(op, inputs, outputs, name="norm", epsilon=1e-5, **attrs)
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node], "rank6", [value("x", TensorProto.FLOAT, shape)], [value("y", TensorProto.FLOAT, shape)], params
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    path = tmp_path / "rank6.onnx"
+    onnx.save(model, str(path))
+    x = rng.normal(2.0, 3.0, size=(2, *shape[1:])).astype(np.float32)
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})  # the file runs
+    report = bncheck.probe(str(path), batch_sizes=(1, 2), all_layers=True, data=x)
+    [stats] = report.probes[0].layers[2].values()
+    assert stats.input is not None and stats.input.sample_mean.shape == (2, c)
+    np.testing.assert_allclose(stats.input.sample_mean, x.mean(axis=(2, 3, 4, 5)), rtol=1e-4)
+    codes = sorted({f.code for f in report.findings})
+    assert codes == (["BN002"] if op == "BatchNormalization" else [])

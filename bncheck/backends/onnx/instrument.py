@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 #: elements per sample up to which a measured tensor is fetched whole (exact statistics in numpy).
 SMALL_SAMPLE = 4096
+#: ranks onnxruntime's GlobalAveragePool and GlobalMaxPool take (1 to 3 spatial dims: "Unsupported pooling size"
+#: at rank 6, which MobileViTV2's unoptimized dynamo export measures)
+POOLED_RANKS = range(3, 6)
 #: An inference BN's output whose mean square is expected to exceed its variance by more than this factor on a
 #: live channel (beta large against gamma) is not where its input's statistics are derived from: in float32
 #: its mean of squares keeps too few digits of that variance (a shipped recognizer's channel with gamma -0.006
@@ -475,7 +478,7 @@ class Augmenter:
         elif (
             not self.exact
             and elem == 1
-            and rank >= 3
+            and rank in POOLED_RANKS
             and batch_axis == 0
             and channel_axis == 1
             and shape is not None
@@ -730,7 +733,7 @@ class Augmenter:
         per_channel = all(self.shapes.get(name) == (c,) for name in node.input[1:3])  # scale and bias
         # (BatchNormalization-6 would need is_test: an opset the probe copy converts before it runs)
         one_kernel = spatial_mode == 1 and c is not None and per_channel and not self.keep_runtime and self.opset >= 7
-        pooled = spatial_mode == 1 and rank >= 3
+        pooled = spatial_mode == 1 and rank in POOLED_RANKS
         if pooled:
             # the mean over (0, 2, ...) as the batch mean of per-sample GlobalAveragePools: onnxruntime keeps
             # those in its NCHWc layout, where a ReduceMean over (0, 2, 3) reorders the whole tensor first
