@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size, observed_set_size
-from bncheck.verdicts import dependence_verdict, is_collapsed, outputs_cleared
+from bncheck.verdicts import dependence_verdict, is_collapsed, one_element_sets, outputs_cleared
 
 if TYPE_CHECKING:  # named in annotations only: probe and inspect never load the fix result types
     from bncheck.fix_result import FixResult
@@ -225,5 +225,7 @@ def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:
     if any(s is not None and s.total_nonfinite for s in (seen.input, seen.output)):
         return "nan/inf"
     if is_collapsed(seen.input, seen.output, layer.bias if layer.computes_statistics else None):
+        return "constant"
+    if one_element_sets(layer, seen):  # as BN001 says it: constant whatever the input (dead upstream too)
         return "constant"
     return "ok"

@@ -11,7 +11,17 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from bncheck.model import BatchDependence, Kind, NormLayer, OutputComparison, ProbeResult, TensorStats, median
+from bncheck.model import (
+    BatchDependence,
+    Kind,
+    LayerProbe,
+    NormLayer,
+    OutputComparison,
+    ProbeResult,
+    TensorStats,
+    median,
+    observed_set_size,
+)
 
 #: Relative spread (max - min over batch and spatial positions, over max(1, |value|)) below which a channel
 #: counts as constant. The ONNX reference gives exactly the bias on a one-element set; onnxruntime's kernels
@@ -108,6 +118,13 @@ def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndar
         np.all(np.abs(out.max - beta) <= CONSTANT_TOLERANCE * scale)
         and np.all(np.abs(out.min - beta) <= CONSTANT_TOLERANCE * scale)
     )
+
+
+def one_element_sets(layer: NormLayer, seen: LayerProbe | None) -> bool:
+    """The layer centres on its own statistics and the probe measured sets of one element: its output is its
+    bias whatever the input (x - mean(x) = 0 exactly), also where the input was already constant upstream."""
+    one_element = layer.computes_statistics and layer.centered and layer.kind is not Kind.UNIT
+    return one_element and observed_set_size(layer, seen) == 1
 
 
 #: A sample's per-channel mean or mean of squares that moves by more than this many per-channel standard

@@ -179,3 +179,44 @@ def test_the_layer_grid_prints_as_richs_table_of_the_same_columns(reports, width
         ours = _printed(table._lines(columns), width, color)
         assert ours == _printed(table._rich_table(columns), width, color), name
     assert laid_out >= 2, "too few reports laid out at this width to compare"
+
+
+def test_a_one_element_set_after_a_collapse_upstream_reads_constant_as_bn001_says(tmp_path):
+    """Two train-mode BNs on 1x1 maps with a bias-free 1x1 Conv between: at batch size 1 the first outputs its beta
+    of 0, so the second's input is all zero and "ok" was shown in its cell beside its own BN001 error (a
+    one-element set is constant whatever the input)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = 4
+    params = []
+    nodes = []
+    source = "x"
+    for i in range(2):
+        names = [f"bn{i}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
+        values = [np.ones(c), np.zeros(c), np.zeros(c), np.ones(c)]
+        params += [numpy_helper.from_array(v.astype(np.float32), n) for n, v in zip(names, values)]
+        outs = [f"y{i}", f"rm{i}", f"rv{i}"]
+        nodes.append(helper.make_node("BatchNormalization", [source, *names], outs, name=f"bn{i}", training_mode=1))
+        source = f"y{i}"
+        if i == 0:
+            weight = np.random.default_rng(0).normal(size=(c, c, 1, 1)).astype(np.float32)
+            params.append(numpy_helper.from_array(weight, "conv.weight"))
+            nodes.append(helper.make_node("Conv", ["y0", "conv.weight"], ["c0"], name="conv"))
+            source = "c0"
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "chain", [value("x", TensorProto.FLOAT, ["N", c, 1, 1])], [value("y1", TensorProto.FLOAT, None)], params
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, str(path))
+    report = _probe(str(path))
+    assert [(f.code, f.layer) for f in report.findings if f.code == "BN001"] == [("BN001", "bn0"), ("BN001", "bn1")]
+    doc = json.loads(json_render.render(report))
+    cells = {name: doc["probe"]["runs"][0]["layers"][name]["by_batch_size"]["1"]["status"] for name in ("bn0", "bn1")}
+    assert cells == {"bn0": "constant", "bn1": "constant"}
+    text = table.render(report, width=120)
+    assert sum("n=1 constant" in line for line in text.splitlines()) == 2

@@ -54,6 +54,7 @@ from bncheck.verdicts import (
     collapse_is_certain,
     equal_sets,
     is_collapsed,
+    one_element_sets,
 )
 
 CODE = "BN001"
@@ -288,13 +289,11 @@ def _observed_batch_sizes(layer: NormLayer, probe: ProbeResult | None, sizes: di
         # an inference-mode batch norm is an affine map per channel: a constant output there is a gamma of 0
         # (torchvision's zero_init_residual) or an epsilon far above the variance (BN004), not a collapse
         return []
-    one_element = layer.centered and layer.kind is not Kind.UNIT
     found = []
     for batch_size in probe.batch_sizes:
         seen = probe.at(batch_size, layer.name)
-        bias = layer.bias if layer.computes_statistics else None
         if seen is None:
             continue
-        if is_collapsed(seen.input, seen.output, bias) or (one_element and sizes.get(batch_size) == 1):
+        if is_collapsed(seen.input, seen.output, layer.bias) or one_element_sets(layer, seen):
             found.append(batch_size)
     return found
