@@ -23,6 +23,7 @@ os.environ.setdefault("KERAS_BACKEND", "numpy")
 keras = pytest.importorskip("keras")
 from keras import layers
 
+import bncheck
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras import KerasBackend
 from bncheck.backends.keras.archive import MAX_RATIO, read
@@ -620,9 +621,11 @@ def test_norm_variables_inside_a_layer_the_config_does_not_describe_are_warned_a
     assert note.message.startswith("layer 'inner_bn' (ResidualStack) holds the variables of 1 normalization layer(s)")
 
 
-def _encoder_with_inner_norms(path):
+def _encoder_with_inner_norms(path, training=None, nan=False):
     """A subclassed layer holding a Sequential of Dense + BatchNormalization as an attribute, as
-    neutrophils-classifier's SimCLREncoder holds 12 (Keras 3 stores them under the attribute's name)."""
+    neutrophils-classifier's SimCLREncoder holds 12 and KerasHub's backbones hold theirs (Keras 3 stores them
+    under the attribute's name). ``training``: the encoder's call's flag; ``nan``: a NaN in the second
+    BatchNormalization's moving variance."""
 
     @keras.saving.register_keras_serializable(package="bncheck_tests")
     class Encoder(layers.Layer):
@@ -632,25 +635,57 @@ def _encoder_with_inner_norms(path):
                 [layers.Dense(4), layers.BatchNormalization(), layers.Dense(4), layers.BatchNormalization()]
             )
 
-        def call(self, x):
-            return self.feature_extractor(x)
+        def call(self, x, training=None):
+            return self.feature_extractor(x, training=training)
 
     inp = keras.Input((6,))
-    model = keras.Model(inp, layers.Dense(2, name="head")(Encoder(name="encoder")(inp)))
+    encoder = Encoder(name="encoder")
+    hidden = encoder(inp) if training is None else encoder(inp, training=training)
+    model = keras.Model(inp, layers.Dense(2, name="head")(hidden))
     model(np.zeros((1, 6), np.float32))
+    if nan:
+        bn = encoder.feature_extractor.layers[3]
+        bn.moving_variance.assign(np.array([1.0, np.nan, 1.0, 1.0], np.float32))
     model.save(path)
     return model
 
 
-def test_norms_inside_a_custom_layer_of_a_keras_3_file_are_warned_about(tmp_path):
-    """The same warning as a Keras 2 file's, for a .keras archive: it said "no normalization layer" and passed."""
+def _inner_norm_names(model) -> list[str]:
+    """The encoder's BatchNormalizations by their Keras paths (the names Keras gave them when built)."""
+    inner = model.get_layer("encoder").feature_extractor
+    return [f"encoder/{inner.name}/{layer.name}" for layer in inner.layers if "normalization" in layer.name]
+
+
+def test_norms_inside_a_custom_layer_of_a_keras_3_file_are_checked_from_their_variables(tmp_path):
+    """A class outside Keras describes no layers in the config, and bncheck refuses to load it: its norms went
+    unchecked (a warning), and KerasHub backbones never updated or holding NaN passed with exit 0."""
     path = tmp_path / "encoder.keras"
-    _encoder_with_inner_norms(path)
+    names = _inner_norm_names(_encoder_with_inner_norms(path))
     view = KerasBackend().load(str(path))
-    assert view.layers == []
+    assert [layer.name for layer in view.layers] == names and len(names) == 2
     [note] = [n for n in view.notes if "holds the variables" in n.message]
-    assert note.level == "warning" and "of 2 normalization layer(s)" in note.message
-    assert note.message.startswith("layer 'encoder' (Encoder)")
+    assert note.level == "warning" and note.message.startswith("layer 'encoder' (Encoder) holds the variables of 2")
+    assert "their stored statistics are checked" in note.message
+    findings = bncheck.inspect(str(path)).findings  # never trained: the moving averages are 0 and 1
+    assert [(f.code, f.severity.label) for f in findings] == [("BN003", "error")] * 2
+    assert all("bncheck does not load this file" in f.hint for f in findings)
+
+    path = tmp_path / "nan.keras"
+    names = _inner_norm_names(_encoder_with_inner_norms(path, nan=True))
+    findings = bncheck.inspect(str(path)).findings
+    assert ("BN005", "error", names[1]) in [(f.code, f.severity.label, f.layer) for f in findings]
+
+
+def test_a_custom_layer_called_with_training_true_runs_its_hidden_norms_on_batch_statistics(tmp_path):
+    path = tmp_path / "baked.keras"
+    model = _encoder_with_inner_norms(path, training=True)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    # what the finding says: in model(x) a sample's output depends on its companions
+    assert not np.allclose(np.asarray(model(x[:1])), np.asarray(model(x))[:1], atol=1e-4)
+    findings = bncheck.inspect(str(path)).findings
+    bn002 = [f for f in findings if f.code == "BN002"]
+    assert [f.layer for f in bn002] == _inner_norm_names(model)
+    assert all(f.severity.label == "error" and "which the model calls with training=True" in f.message for f in bn002)
 
 
 def test_a_keras_3_weights_file_finds_the_norms_a_custom_layer_keeps_under_an_attribute(tmp_path):

@@ -19,6 +19,12 @@ def is_keras(layer: NormLayer) -> bool:
     return layer.domain == "keras"
 
 
+def keras_unloadable(layer: NormLayer) -> bool:
+    """A layer of a Keras file that bncheck does not load (its config names code from outside Keras): `bncheck
+    fix` refuses it, so a hint points at Keras instead."""
+    return is_keras(layer) and bool(layer.extra.get("unloadable"))
+
+
 def _moved(c: OutputComparison) -> str:
     """How far an output moved: in its standard deviations, or for labels, ids and masks the share of values
     that changed (a label's numeric distance means nothing)."""

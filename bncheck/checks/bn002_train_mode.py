@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bncheck.checks._util import batch_effect, describe, is_keras
+from bncheck.checks._util import batch_effect, describe, is_keras, keras_unloadable
 from bncheck.errors import few
 from bncheck.findings import Finding, Severity, shape_json
 from bncheck.model import (
@@ -68,6 +68,12 @@ HINT_KERAS = (
     "Call the layer without training=True and save the model again (`bncheck fix MODEL -o FIXED` removes the "
     "flag; with --data CALIB it also recomputes the moving statistics); meanwhile Keras 3's model.predict(x) and "
     "model(x, training=False) use the moving statistics (check them: BN003, `bncheck probe --data`)."
+)
+#: the same where bncheck does not load the file (its config names code from outside Keras), so cannot fix it
+HINT_KERAS_UNLOADABLE = (
+    "Call the layer (or the model holding it) without training=True and save the model again (bncheck does not "
+    "load this file, whose config names code from outside Keras, so `bncheck fix` cannot); meanwhile Keras 3's "
+    "model.predict(x) and model(x, training=False) use the moving statistics."
 )
 HINT_MOMENTS = (
     "Compute moments over the batch axis only in training; at inference use moving averages "
@@ -406,7 +412,15 @@ def _finding(
             f"; onnxruntime's own output for this node differs from the ONNX spec by up to "
             f"{runtime_note:.3g} (onnxruntime issue #29790): verdicts follow the spec"
         )
-    hint = HINT_KERAS if is_keras(layer) else HINT_MOMENTS if decomposed else HINT
+    hint = (
+        HINT_KERAS_UNLOADABLE
+        if keras_unloadable(layer)
+        else HINT_KERAS
+        if is_keras(layer)
+        else HINT_MOMENTS
+        if decomposed
+        else HINT
+    )
     # what fix rewrites: BatchNormalization, and batch moments written out (fix._plan)
     fixable = layer.op_type == "BatchNormalization" or (
         decomposed and layer.kind is Kind.BATCH and not layer.extra.get("eps_after_sqrt")

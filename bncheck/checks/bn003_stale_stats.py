@@ -42,7 +42,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from bncheck.checks._util import describe, is_keras, recalibration_effect
+from bncheck.checks._util import describe, is_keras, keras_unloadable, recalibration_effect
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, OutputComparison, ProbeResult, Recalibration
 from bncheck.verdicts import (
@@ -102,6 +102,15 @@ HINT_KERAS = (
 )
 
 
+#: the same where bncheck does not load the file (its config names code from outside Keras), so cannot fix it
+HINT_KERAS_UNLOADABLE = (
+    "Recompute the moving statistics in Keras (bncheck does not load this file, whose config names code from "
+    "outside Keras, so `bncheck fix` cannot): run model(x, training=True) over representative batches with each "
+    "BatchNormalization's momentum lowered (0.0 for one large batch, or enough batches for the default 0.99 to "
+    "converge: a few hundred), then save."
+)
+
+
 def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
     for layer in view.layers:
         if not judged_running_stats(layer):
@@ -141,7 +150,7 @@ def _defaults_finding(layer: NormLayer) -> Finding:
         layer.name,
         f"{describe(layer)} running mean is exactly 0 and running variance exactly 1 in all {channels} channels"
         f"{_used_by(layer)}: the moving averages were never updated{effect}",
-        HINT_KERAS if is_keras(layer) else HINT_DEFAULTS,
+        HINT_KERAS_UNLOADABLE if keras_unloadable(layer) else HINT_KERAS if is_keras(layer) else HINT_DEFAULTS,
         evidence,
     )
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, expected_vars, layer_entries
+from bncheck.backends.keras.weights_only import nested_batch_norms
 from bncheck.errors import few, one_line
 from bncheck.model import NO_LAYERS_NOTE, Dim, InputSpec, Kind, NormLayer, Note
 
@@ -306,11 +307,14 @@ def build(
         ) from None
     if ctx.unsafe:
         ctx.notes.append(Note("warning", "probe refused, nothing will be executed: " + few_reasons(ctx.unsafe)))
+    hidden: list[NormLayer] = []
     if isinstance(ctx.weights, (LegacyWeights, KerasWeights)) and cls in MODEL_CLASSES:
-        ctx.notes.extend(_hidden_norms(config, ctx))
+        hidden = _hidden_norms(config, ctx)
     saved = f"keras {version}" if version else "an unknown Keras version"
     ctx.notes.insert(0, Note("info", f"saved by {saved}" + (f" (backend {backend})" if backend else "")))
-    layers = _apply_leak(ctx) if not keras2 else ctx.layers
+    layers = (_apply_leak(ctx) if not keras2 else ctx.layers) + hidden
+    if ctx.unsafe:  # the probe and fix refuse the file: the checks' hints point at Keras instead of `bncheck fix`
+        layers = [replace(layer, extra={**layer.extra, "unloadable": True}) for layer in layers]
     if not layers and cls in MODEL_CLASSES:  # as the ONNX walk says it: an empty report is not a silent one
         ctx.notes.append(Note("info", NO_LAYERS_NOTE.format(where="model")))
     baked_layers = sorted({source for source, _ in ctx.baked_calls})
@@ -319,16 +323,18 @@ def build(
     return found
 
 
-def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[Note]:
+def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
     """A warning per top-level layer that holds no normalization layer the walk found but whose variables in
     the file are named as a normalization layer's: a layer class the config does not describe layer by layer
     (dgad's TCN, a class outside Keras, builds 10 LayerNormalizations inside itself; neutrophils-classifier's
-    SimCLREncoder 12 BatchNormalizations in a .keras file), whose norms go unchecked."""
+    SimCLREncoder 12 BatchNormalizations in a .keras file), whose norms go unchecked. In a .keras file whose probe
+    is refused anyway, the BatchNormalizations among them are returned, read from their stored variables as a
+    weights-only file's are (KerasHub's backbones: never-updated and NaN statistics were passed in silence)."""
     weights = ctx.weights
     assert isinstance(weights, (LegacyWeights, KerasWeights))
     claimed = {layer.name.split("/")[0] for layer in ctx.layers}
     groups = weights.child_groups(config, "") if isinstance(weights, KerasWeights) else {}
-    notes = []
+    read: list[NormLayer] = []
     for index, entry in enumerate(layer_entries(config)):
         name = _entry_name(entry)
         if not name or name in claimed:
@@ -337,16 +343,55 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[Note]:
             scopes = weights.norm_scopes(groups[index]) if index in groups else []
         else:
             scopes = weights.norm_scopes(name)
-        if scopes:
-            shown = ", ".join(scopes[:3]) + (f" and {len(scopes) - 3} more" if len(scopes) > 3 else "")
-            notes.append(
-                Note(
-                    "warning",
-                    f"layer {name!r} ({entry.get('class_name')}) holds the variables of {len(scopes)} normalization "
-                    f"layer(s) that its config does not describe ({shown}): bncheck does not check them",
+        if not scopes:
+            continue
+        what = f"layer {name!r} ({entry.get('class_name')}) holds the variables of"
+        if isinstance(weights, KerasWeights) and ctx.unsafe:
+            found, others = nested_batch_norms(weights.h5.get(groups[index]), name)
+            if found:
+                # a call with training=True runs every BatchNormalization inside in training mode in model(x), unless
+                # the layer is frozen (trainable=False: Keras 3 runs a frozen BatchNormalization in inference)
+                baked = any(training for training, _, _ in node_calls(entry))
+                if baked and entry.get("config", {}).get("trainable", True) is not False:
+                    note = f"inside {name!r}, which the model calls with training=True"
+                    found = [
+                        replace(
+                            layer,
+                            training=True,
+                            batch_statistics=True,
+                            uses_running_stats=False,
+                            running_stats_used_by=KERAS3_OVERRIDES,
+                            notes=layer.notes + (note,),
+                        )
+                        for layer in found
+                    ]
+                read += found
+                unchecked = (
+                    f"; {len(others)} other normalization layer(s) ({few(others)}) cannot be checked" if others else ""
                 )
+                ctx.notes.append(
+                    Note(
+                        "warning",
+                        f"{what} {len(found)} BatchNormalization layer(s) that its config does not describe: their "
+                        "stored statistics are checked (never updated, non-finite or negative), their epsilon and "
+                        f"calls are unknown{unchecked}"
+                        + (
+                            "; it is called with training=True, so model(x) normalizes them with batch statistics"
+                            if baked
+                            else ""
+                        ),
+                    )
+                )
+                continue
+        shown = ", ".join(scopes[:3]) + (f" and {len(scopes) - 3} more" if len(scopes) > 3 else "")
+        ctx.notes.append(
+            Note(
+                "warning",
+                f"{what} {len(scopes)} normalization layer(s) that its config does not describe ({shown}): bncheck "
+                "does not check them",
             )
-    return notes
+        )
+    return read
 
 
 def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:

@@ -10,6 +10,7 @@ can check: never updated (BN003) and non-finite or negative (BN005).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,33 @@ def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]
         if attributes:
             found.extend(_keras3_layers(attributes, prefix + (name,), others))
     return found
+
+
+def nested_batch_norms(group: Any, name: str) -> tuple[list[NormLayer], list[str]]:
+    """The BatchNormalizations stored under ``group``, the weights of a layer named ``name`` whose config does not
+    describe its own layers (a class from outside Keras: KerasHub's backbones), read from their variables as a
+    weights-only file's are and named under ``name``; and the paths of the other normalization layers there."""
+    others: list[str] = []
+    try:
+        found = _keras3_layers({name: group}, (), others)
+    except (OSError, KeyError, ValueError, TypeError):  # h5py on a damaged group
+        return [], []
+    # the config's name is what the user wrote (the group's own vars may name the layer otherwise)
+    return [_nested(layer, name) for layer in found], others
+
+
+def _nested(layer: NormLayer, name: str) -> NormLayer:
+    """``layer`` of a weights-only read, as a layer of ``name`` in a file with a config."""
+    path = f"{name}/{layer.name.partition('/')[2]}" if "/" in layer.name else name
+    return replace(
+        layer,
+        name=path,
+        nodes=(path,),
+        input=f"{path}:input",
+        output=f"{path}:output",
+        notes=(f"read from its stored variables: {name!r} does not describe its layers in the config",),
+        extra={**layer.extra, "path": [path]},
+    )
 
 
 def _counter_order(group_name: str) -> tuple[str, int]:
