@@ -226,7 +226,9 @@ def test_group_normalization_18_and_21(tmp_path):
     assert normalized_set_size(layer) == (2 * 16, ())
 
 
-def torch_group_norm(tmp_path, groups, inner=(1.0, 0.0), shape=("N", 6, "H", "W"), name="gn_export") -> str:
+def torch_group_norm(
+    tmp_path, groups, inner=(1.0, 0.0), shape=("N", 6, "H", "W"), name="gn_export", nan_gamma=False
+) -> str:
     """What torch.onnx.export (both exporters) writes for nn.GroupNorm: x reshaped to [N, G, -1], an
     InstanceNormalization with per-group ``inner`` scale and bias (torch: ones and zeros), reshaped back to
     x's shape, then the per-channel affine as Mul and Add."""
@@ -243,10 +245,17 @@ def torch_group_norm(tmp_path, groups, inner=(1.0, 0.0), shape=("N", 6, "H", "W"
         const("groups_shape", [0, groups, -1], np.int64),
         const("s_g", np.full(groups, inner[0])),
         const("b_g", np.full(groups, inner[1])),
-        const("gamma", np.linspace(0.5, 1.5, c).reshape(c, 1, 1)),
+        const("gamma", np.where((np.arange(c) == 0) & nan_gamma, np.nan, np.linspace(0.5, 1.5, c)).reshape(c, 1, 1)),
         const("beta", np.linspace(-0.2, 0.2, c).reshape(c, 1, 1)),
     ]
     return save(tmp_path, nodes, [vinfo("x", list(shape))], [vinfo("y", list(shape))], inits, opset=17, name=name)
+
+
+def test_a_nan_gamma_of_a_torch_group_norm_export_is_its_scale_alone(tmp_path):
+    # the per-group bias of 0 times the NaN gamma made a NaN bias: "scale (1 NaN), bias (1 NaN)" for one NaN
+    findings = bncheck.inspect(torch_group_norm(tmp_path, 3, nan_gamma=True)).findings
+    assert [(f.code, f.severity.label, f.layer) for f in findings] == [("BN005", "error", "gn")]
+    assert "scale (1 NaN, 0 Inf)" in findings[0].message and "bias" not in findings[0].message
 
 
 @pytest.mark.parametrize("inner", [(1.0, 0.0), (2.0, 0.5)])

@@ -862,7 +862,9 @@ def _group_affine(
     per_channel = channels // groups
     with np.errstate(invalid="ignore", over="ignore"):  # a NaN or Inf gamma stays in them for BN005, unannounced
         scale = np.repeat(s_g, per_channel) * gamma
-        bias = np.repeat(b_g, per_channel) * gamma + beta
+        shift = np.repeat(b_g, per_channel)
+        # a zero per-group bias adds nothing: 0 * a NaN gamma is no NaN of the layer's bias (BN005 counts them)
+        bias = np.where(shift == 0, beta, shift * gamma + beta)
     return scale.astype(np.float32), bias.astype(np.float32), False
 
 
