@@ -464,3 +464,31 @@ def test_a_paddle_layer_norm_chain_is_named_after_its_layer(
     collapses = int(features == 1)  # BN001: the layer's name is what the error names
     [layer] = _inspected_layers(path, nodes, inits, ["N", 16, features], opset=11, ir_version=7, exit_code=collapses)
     assert layer["name"] == expected
+
+
+@pytest.mark.parametrize("keras3", [True, False], ids=["keras3-scopes", "tf-keras-scopes"])
+def test_keras_3_exports_through_tensorflow_are_named_without_the_scopes_1(tmp_path: Path, keras3: bool) -> None:
+    """Keras 3's model.export(format="onnx") on TensorFlow scopes layer ``head_bn`` of model ``plain`` as
+    ``plain_1/head_bn_1``: every layer was named with TensorFlow's "_1". tf.keras's own scopes (``model_1`` beside
+    ``model_1/dense``) keep theirs."""
+    c = 8
+    top, bn, dense = ("plain_1", "head_bn_1", "d1_1") if keras3 else ("model_1", "head_bn_1", "dense")
+    constant = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)
+    inits = [
+        constant(f"{top}/{bn}/gamma:0", RNG.uniform(0.5, 1.5, c)),
+        constant(f"{top}/{bn}/beta:0", RNG.uniform(-0.5, 0.5, c)),
+        constant(f"{top}/{bn}/mean:0", RNG.uniform(-0.5, 0.5, c)),
+        constant(f"{top}/{bn}/var:0", RNG.uniform(0.5, 1.5, c)),
+        constant(f"{top}/{dense}/kernel:0", RNG.normal(size=(c, c))),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", f"{top}/{dense}/kernel:0"], ["h"], name=f"{top}/{dense}/MatMul"),
+        helper.make_node(
+            "BatchNormalization",
+            ["h", *(f"{top}/{bn}/{p}:0" for p in ("gamma", "beta", "mean", "var"))],
+            ["y"],
+            name=f"{top}/{bn}/FusedBatchNormV3",
+        ),
+    ]
+    layers = _inspected_layers(tmp_path / "k.onnx", nodes, inits, ["N", c], opset=13, ir_version=8)
+    assert [layer["name"] for layer in layers] == (["plain/head_bn"] if keras3 else ["model_1/head_bn_1"])

@@ -44,6 +44,8 @@ def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> lis
     by_name = {g.node_name(i): i for i in range(len(g.nodes))}
     scopes: list[Counter[str]] = []  # nodes per name scope, counted at the first chain that asks
     names = [_readable(g, idx, layer, by_name, scopes) for idx, layer in pairs]
+    if _keras3_scoped(g):
+        names = [_without_keras3_suffixes(name) for name in names]
     unique = _unique(names)
     return [layer if name == layer.name else replace(layer, name=name) for (_, layer), name in zip(pairs, unique)]
 
@@ -93,7 +95,28 @@ def op_name(g: GraphIndex, idx: int, weights: list[str]) -> str:
         return _torch_module(scope, weights)
     name = weight_prefix(weights) or _tf_op_scope(g.node_name(idx))
     # TFLite names a fused op, and its weights, by every op it fused, the op itself last: "relu;bn/...;conv"
-    return name.rsplit(";", 1)[-1]
+    name = name.rsplit(";", 1)[-1]
+    return _without_keras3_suffixes(name) if _keras3_scoped(g) else name
+
+
+def _keras3_scoped(g: GraphIndex) -> bool:
+    """Keras 3 on TensorFlow (``model.export(format="onnx")``, a SavedModel through tf2onnx) names every layer's
+    scope with a "_1" that TensorFlow appends (``plain_1/ln_a_1/moments/mean`` for layer ``ln_a`` of model
+    ``plain``): every scoped node name's first component, and its second where it has three, ends in "_1"."""
+    cached = g.derived.get("keras3_scoped")
+    if cached is None:
+        scoped = [_without_function_scope(node.name).split("/") for node in g.nodes if "/" in node.name]
+        cached = bool(scoped) and all(
+            parts[0].endswith("_1") and (len(parts) < 3 or parts[1].endswith("_1")) for parts in scoped
+        )
+        g.derived["keras3_scoped"] = cached
+    return bool(cached)
+
+
+def _without_keras3_suffixes(name: str) -> str:
+    """``plain_1/ln_a_1`` -> ``plain/ln_a``: each scope's "_1" that TensorFlow appended (a layer named ``x_1``
+    is scoped ``x_1_1``)."""
+    return "/".join(part[:-2] if part.endswith("_1") and len(part) > 2 else part for part in name.split("/"))
 
 
 def _torch_scope(name: str, op_type: str) -> list[str] | None:
