@@ -2336,6 +2336,29 @@ def test_a_flax_layer_norm_after_global_pooling_is_found(tmp_path, over_one):
         assert np.ptp(run_ort(path, RNG.normal(size=(2, 4, 4, 16)).astype(np.float32))) == 0.0
 
 
+def test_a_hand_written_layer_norm_over_an_open_dim_takes_its_size_from_its_scale(tmp_path):
+    # SEW's encoder LayerNorm at opset 14: a runtime Reshape leaves its last dim open, and a BN001 info said its set
+    # had one element "only at axis 2 = 1", where its [8] scale (onnxruntime refuses any other size) makes it 8
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], name="/ln/ReduceMean"),
+        helper.make_node("Sub", ["x", "m"], ["d"], name="/ln/Sub"),
+        helper.make_node("Pow", ["d", "two"], ["d2"], name="/ln/Pow"),
+        helper.make_node("ReduceMean", ["d2"], ["v"], axes=[-1], name="/ln/ReduceMean_1"),
+        helper.make_node("Add", ["v", "eps"], ["ve"], name="/ln/Add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name="/ln/Sqrt"),
+        helper.make_node("Div", ["d", "sd"], ["n"], name="/ln/Div"),
+        helper.make_node("Mul", ["n", "ln.weight"], ["s"], name="/ln/Mul"),
+        helper.make_node("Add", ["s", "ln.bias"], ["y"], name="/ln/Add_1"),
+    ]
+    inits = [const("two", 2.0), const("eps", 1e-5), const("ln.weight", RNG.uniform(0.5, 1.5, 8))]
+    inits.append(const("ln.bias", RNG.uniform(-0.2, 0.2, 8)))
+    shape = ["N", "T", "D"]
+    path = save(tmp_path, nodes, [vinfo("x", shape)], [vinfo("y", shape)], inits, opset=13, name="open_ln")
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.LAYER and layer.axes == (2,) and layer.input_shape == ("N", "T", 8)
+    assert bncheck.inspect(path).findings == []
+
+
 def chained_keras_layer_norms(tmp_path, nan_in_second: bool = False) -> str:
     """Two Keras 3 LayerNormalizations over the last axis of x [N, 5, 8], the second fed straight by the first, as
     jax2onnx writes them: k = gamma / sqrt(ReduceSumSquare(x - mean) / 8 + eps), y = x * k + (-mean * k + beta);
@@ -2576,3 +2599,36 @@ def test_fix_gives_each_affine_batch_norm_its_own_statistics_where_they_share_th
     for layer, mean, var in zip(layers, (mean1, mean2), (var1, var2)):
         np.testing.assert_allclose(layer.mean, mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(layer.var, var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scopes", ["tensorflow", "hand-written"])
+def test_a_keras_batch_norm_traced_in_training_mode_is_called_so(tmp_path, scopes):
+    # Keras 3's model.export of BatchNormalization(...)(x, training=True), tf2onnx's tf.nn.moments and
+    # tf.nn.batch_normalization: it read "Hand-written batch norm (11 nodes)" and asked to compute moments over the
+    # batch axis only in training, where the user's fix is the flag
+    moments, norm = ("model/bn/moments", "model/bn/batchnorm") if scopes == "tensorflow" else ("bn/m", "bn/n")
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1, name=f"{moments}/mean"),
+        helper.make_node("Sub", ["x", "mean"], ["d"], name=f"{moments}/SquaredDifference"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name=f"{moments}/SquaredDifference__1"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], axes=[0], keepdims=1, name=f"{moments}/variance"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name=f"{norm}/add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=f"{norm}/Sqrt"),
+        helper.make_node("Reciprocal", ["sd"], ["inv"], name=f"{norm}/Rsqrt"),
+        helper.make_node("Mul", ["inv", "gamma"], ["k"], name=f"{norm}/mul"),
+        helper.make_node("Mul", ["x", "k"], ["xk"], name=f"{norm}/mul_1"),
+        helper.make_node("Mul", ["mean", "k"], ["mk"], name=f"{norm}/mul_2"),
+        helper.make_node("Sub", ["beta", "mk"], ["shift"], name=f"{norm}/sub"),
+        helper.make_node("Add", ["xk", "shift"], ["y"], name=f"{norm}/add_1"),
+    ]
+    inits = [const("eps", 1e-3), const("gamma", RNG.uniform(0.5, 1.5, 8)), const("beta", RNG.uniform(-0.2, 0.2, 8))]
+    path = save(tmp_path, nodes, [vinfo("x", ["N", 8])], [vinfo("y", ["N", 8])], inits, opset=13, name="tf_bn")
+    (layer,), _ = load_layers(path)
+    assert layer.kind is Kind.BATCH and layer.batch_statistics and layer.axes == (0,)
+    [finding] = [f for f in bncheck.inspect(path).findings if f.code == "BN002"]
+    if scopes == "tensorflow":
+        assert layer.name == "model/bn"
+        assert finding.message.startswith("BatchNormalization written out by TensorFlow in training mode")
+        assert "call it without training=True" in finding.hint
+    else:
+        assert finding.message.startswith("Hand-written batch norm") and "training=True" not in finding.hint

@@ -9,6 +9,8 @@ from bncheck.model import NormLayer, OutputComparison, Recalibration
 
 def describe(layer: NormLayer) -> str:
     """'BatchNormalization (batch norm)' style label for messages."""
+    if layer.op_type == "decomposed" and layer.extra.get("tf_training"):
+        return f"BatchNormalization written out by TensorFlow in training mode ({len(layer.nodes)} nodes)"
     if layer.op_type == "decomposed":
         return f"Hand-written {layer.kind.value} norm ({len(layer.nodes)} nodes)"
     return f"{layer.op_type} ({layer.kind.value} norm)"

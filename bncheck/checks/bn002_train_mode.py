@@ -75,6 +75,12 @@ HINT_KERAS_UNLOADABLE = (
     "load this file, whose config names code from outside Keras, so `bncheck fix` cannot); meanwhile Keras 3's "
     "model.predict(x) and model(x, training=False) use the moving statistics."
 )
+#: a Keras BatchNormalization that TensorFlow traced in training mode (tf2onnx writes out its moments)
+HINT_TF_TRAINING = (
+    "Export with the layer in inference mode: call it without training=True (Keras 3's model.export traces "
+    "model(x), which keeps a baked flag; tf.keras: training=False), or run `bncheck fix MODEL --data CALIB -o "
+    "FIXED`, which replaces its batch moments with statistics computed from the data."
+)
 HINT_MOMENTS = (
     "Compute moments over the batch axis only in training; at inference use moving averages "
     "(a BatchNormalization layer does both), or run `bncheck fix MODEL --data CALIB -o FIXED`."
@@ -417,6 +423,8 @@ def _finding(
         if keras_unloadable(layer)
         else HINT_KERAS
         if is_keras(layer)
+        else HINT_TF_TRAINING
+        if layer.extra.get("tf_training")
         else HINT_MOMENTS
         if decomposed
         else HINT

@@ -17,7 +17,7 @@ from bncheck.backends.onnx.graph import (
     other_input,
     shape_dim,
 )
-from bncheck.model import Kind, NormLayer
+from bncheck.model import Dim, Kind, NormLayer
 
 # ====================================================================== decomposed chains
 
@@ -687,6 +687,10 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
     elif passed:  # traced back through reshapes: include the copies back to the source shape
         output, hop = _back_to_shape(g, output, shape)
         names = tuple(g.node_name(i) for i in sorted(set(nodes) | set(passed) | set(hop)))
+    by_element = kind in (Kind.LAYER, Kind.RMS)
+    if kind is Kind.BATCH and {part for name in names for part in name.split("/")} >= _TF_BATCH_NORM_OPS:
+        # tf.nn.moments and tf.nn.batch_normalization: a Keras BatchNormalization traced in training mode
+        extra["tf_training"] = True
     return NormLayer(
         name=g.node_name(first),
         kind=kind,
@@ -707,11 +711,32 @@ def _chain_layer(g: GraphIndex, chain: _Chain, nodes: list[int]) -> NormLayer:
         centered=chain.centered,
         scale=scale,
         bias=bias,
-        input_shape=shape,
+        # a layer norm's scale multiplies the normalized elements: its stored shape fixes their open dims
+        input_shape=pinned_by_affine(shape, axes, scale if scale is not None else bias) if by_element else shape,
         batch_axis=batch_axis,
         notes=tuple(notes),
         extra=extra,
     )
+
+
+def pinned_by_affine(
+    shape: tuple[Dim, ...] | None, axes: tuple[int, ...] | None, affine: np.ndarray | None
+) -> tuple[Dim, ...] | None:
+    """``shape`` with the open dims of the normalized axes that a stored scale (or bias) fixes: it multiplies
+    the normalized tensor and the output keeps the input's shape, so a [80] scale means a last axis of 80
+    (onnxruntime refuses another; tesseranet's q_norm over a head dim the file leaves open)."""
+    if shape is None or axes is None or affine is None or affine.ndim > len(axes):
+        return shape
+    aligned = (1,) * (len(axes) - affine.ndim) + tuple(affine.shape)
+    pinned = list(shape)
+    for axis, size in zip(axes, aligned):
+        if axis < len(pinned) and size > 1 and not isinstance(pinned[axis], int):
+            pinned[axis] = int(size)
+    return tuple(pinned)
+
+
+#: the scopes TensorFlow's BatchNormalization in training mode writes its ops in (tf.nn.moments, batch_normalization)
+_TF_BATCH_NORM_OPS = frozenset({"moments", "batchnorm"})
 
 
 def _group_size_filled(g: GraphIndex, chain: _Chain, x: str, shape: tuple, groups: int) -> tuple:

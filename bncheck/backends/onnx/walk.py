@@ -38,7 +38,7 @@ from bncheck.backends.onnx.graph import (
 )
 from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import op_name, readable_names
-from bncheck.backends.onnx.patterns import affine_after, decomposed, reshaped_group_norm
+from bncheck.backends.onnx.patterns import affine_after, decomposed, pinned_by_affine, reshaped_group_norm
 from bncheck.backends.onnx.tensors import to_array
 from bncheck.model import NO_LAYERS_NOTE, BatchOp, BrokenWeights, Dim, Kind, NormLayer, Note
 from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values, non_finite_parameters
@@ -450,26 +450,10 @@ def _trailing_norm(
         notes=notes,
         extra={"axis": raw_axis},
     )
-    pinned = _pinned_by_affine(layer.input_shape, axes, scale if scale is not None else bias)
+    pinned = pinned_by_affine(layer.input_shape, axes, scale if scale is not None else bias)
     if pinned != layer.input_shape:
         layer = replace(layer, input_shape=pinned)
     return layer, [idx]
-
-
-def _pinned_by_affine(
-    shape: tuple[Dim, ...] | None, axes: tuple[int, ...] | None, affine: np.ndarray | None
-) -> tuple[Dim, ...] | None:
-    """``shape`` with the open dims of the normalized axes that a stored scale (or bias) fixes: it multiplies
-    the normalized tensor and the output keeps the input's shape, so a [80] scale means a last axis of 80
-    (onnxruntime refuses another; tesseranet's q_norm over a head dim the file leaves open)."""
-    if shape is None or axes is None or affine is None or affine.ndim > len(axes):
-        return shape
-    aligned = (1,) * (len(axes) - affine.ndim) + tuple(affine.shape)
-    pinned = list(shape)
-    for axis, size in zip(axes, aligned):
-        if axis < len(pinned) and size > 1 and not isinstance(pinned[axis], int):
-            pinned[axis] = int(size)
-    return tuple(pinned)
 
 
 def _layer_norm(g, idx):
