@@ -117,7 +117,10 @@ def merge_findings(
     """
     static = list(static)
     per_probe = [(style, list(findings)) for style, findings in per_probe]
-    static_keys = {(f.code, f.layer, f.message) for f in static}
+    # whether each static finding carries the measured effect on the outputs: a probe's finding with the same
+    # message that adds it is no repeat (a BN002 on a layer the probe could not measure reads the same, and only
+    # the probe knows what the batch did to the outputs)
+    static_effect = {(f.code, f.layer, f.message): "output_effect" in f.evidence for f in static}
     repeated = {(f.code, f.layer, f.message) for _, findings in per_probe for f in findings}
     if per_probe:
         static = [
@@ -127,7 +130,8 @@ def merge_findings(
     styles: dict[tuple[str, str, str], list[str]] = {}
     for call_style, findings in per_probe:
         for finding in findings:
-            if (finding.code, finding.layer, finding.message) in static_keys:
+            key3 = (finding.code, finding.layer, finding.message)
+            if key3 in static_effect and (static_effect[key3] or "output_effect" not in finding.evidence):
                 continue
             key = (finding.code, finding.layer, str(finding.evidence.get("kind")))
             dynamic.setdefault(key, finding)

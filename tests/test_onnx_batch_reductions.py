@@ -464,6 +464,10 @@ def test_a_tf2onnx_train_mode_batch_norm_with_its_affine_on_a_transposed_input_i
     )
     [train_mode] = [f for f in report.findings if f.code == "BN002"]
     assert "fix` cannot rewrite" in train_mode.hint
+    assert train_mode.message.startswith("BatchNormalization written out by TensorFlow in training mode")
+    # the probe cannot measure the layer, but measured what the batch did to the outputs: the static finding had
+    # kept the same message without that effect
+    assert train_mode.effect and "output_effect" in train_mode.evidence
     assert (("BN001", layer.name, "error") in codes) == (hw == 1)
     from bncheck.fixing import fix
 
