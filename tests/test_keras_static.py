@@ -694,3 +694,32 @@ def test_a_keras_3_weights_file_finds_the_norms_a_custom_layer_keeps_under_an_at
     model.save_weights(path)
     view = KerasBackend().load(str(path))
     assert len(view.layers) == 2 and all(layer.var is not None for layer in view.layers)
+
+
+def test_norms_a_custom_layer_keeps_as_attributes_are_found_by_their_own_names(tmp_path):
+    """KerasHub's MiT keeps its LayerNormalizations as attributes (``norm1``), stored under the attribute's name
+    with the generated name in their vars: the note counted 2 of 10, and a BatchNormalization kept so went
+    unread."""
+
+    @keras.saving.register_keras_serializable(package="bncheck_tests")
+    class Block(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.proj = layers.Dense(4)
+            self.norm1 = layers.LayerNormalization()
+            self.bn = layers.BatchNormalization()
+
+        def call(self, x):
+            return self.bn(self.norm1(self.proj(x)))
+
+    inp = keras.Input((6,))
+    block = Block(name="block")
+    model = keras.Model(inp, layers.Dense(2, name="head")(block(inp)))
+    model(np.zeros((1, 6), np.float32))
+    path = tmp_path / "block.keras"
+    model.save(path)
+    view = KerasBackend().load(str(path))
+    assert [layer.name for layer in view.layers] == [f"block/{block.bn.name}"]
+    [note] = [n for n in view.notes if "holds the variables" in n.message]
+    assert "1 other normalization layer(s)" in note.message  # the LayerNormalization: no config to check it by
+    assert [(f.code, f.layer) for f in bncheck.inspect(str(path)).findings] == [("BN003", f"block/{block.bn.name}")]

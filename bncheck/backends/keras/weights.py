@@ -61,7 +61,12 @@ class KerasWeights:
 
         def visit(name: str, item: Any) -> None:
             last = name.rsplit("/", 1)[-1]
-            if last.startswith(NORM_GROUPS) and hasattr(item, "keys") and "vars" in item:
+            if not hasattr(item, "keys") or "vars" not in item:
+                return
+            # a sub-layer kept as an attribute is stored under the attribute's name (MiT's norm1): its own
+            # name, in its vars' attribute, is the class's where Keras generated it (layer_normalization_18)
+            own = attr_str(item["vars"].attrs.get("name")) or ""
+            if last.startswith(NORM_GROUPS) or own.startswith(NORM_GROUPS):
                 found.append(name)
 
         try:

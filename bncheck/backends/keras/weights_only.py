@@ -65,7 +65,8 @@ def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]
     for group_name, group in sorted(layers_group.items(), key=lambda item: _counter_order(item[0])):
         variables = group.get("vars")
         name = (attr_str(variables.attrs.get("name")) if variables is not None else None) or group_name
-        if group_name.startswith("batch_normalization") and variables is not None:
+        # a sub-layer kept as an attribute is stored under the attribute's name, its own (generated) in its vars
+        if (group_name.startswith("batch_normalization") or name.startswith("batch_normalization")) and variables:
             count = sum(1 for key in variables if key.isdigit())
             if count >= 2:
                 values = {
@@ -75,7 +76,7 @@ def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]
                 if count == 4:
                     values |= {"gamma": read_dataset(variables["0"]), "beta": read_dataset(variables["1"])}
                 found.append(_layer("/".join(prefix + (name,)), values))
-        elif group_name.startswith(_OTHER_NORMS):
+        elif group_name.startswith(_OTHER_NORMS) or name.startswith(_OTHER_NORMS):
             others.append("/".join(prefix + (name,)))
         inner = group.get("layers")
         if inner is not None and hasattr(inner, "items"):
