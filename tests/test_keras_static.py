@@ -723,3 +723,33 @@ def test_norms_a_custom_layer_keeps_as_attributes_are_found_by_their_own_names(t
     [note] = [n for n in view.notes if "holds the variables" in n.message]
     assert "1 other normalization layer(s)" in note.message  # the LayerNormalization: no config to check it by
     assert [(f.code, f.layer) for f in bncheck.inspect(str(path)).findings] == [("BN003", f"block/{block.bn.name}")]
+
+
+def test_a_nan_in_a_norm_that_no_config_describes_is_an_error_in_the_file_and_its_weights(tmp_path):
+    """KerasHub's MiT with a NaN LayerNormalization gamma passed inspect with exit 0 in its .keras and its
+    .weights.h5: the layer's variables alone cannot say its axes or epsilon, but they can say NaN."""
+
+    @keras.saving.register_keras_serializable(package="bncheck_tests")
+    class NormBlock(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.proj = layers.Dense(4)
+            self.norm1 = layers.LayerNormalization()
+
+        def call(self, x):
+            return self.norm1(self.proj(x))
+
+    inp = keras.Input((6,))
+    block = NormBlock(name="block")
+    model = keras.Model(inp, layers.Dense(2, name="head")(block(inp)))
+    model(np.zeros((1, 6), np.float32))
+    block.norm1.gamma.assign(np.array([1.0, np.nan, 1.0, 1.0], np.float32))
+    model.save(tmp_path / "block.keras")
+    model.save_weights(tmp_path / "block.weights.h5")
+    for name in ("block.keras", "block.weights.h5"):
+        findings = bncheck.inspect(str(tmp_path / name)).findings
+        assert [(f.code, f.severity.label, f.layer) for f in findings] == [
+            ("BN005", "error", f"block/{block.norm1.name}")
+        ], name
+        assert findings[0].message.startswith(f"LayerNormalization 'block/{block.norm1.name}' has non-finite variables")
+        assert "(1 NaN, 0 Inf of 4)" in findings[0].message

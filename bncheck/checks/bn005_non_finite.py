@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bncheck.checks._util import describe
+from bncheck.checks._util import describe, keras_unloadable
 from bncheck.findings import Finding, Severity, number
 from bncheck.model import ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import non_finite_parameters
@@ -40,9 +40,19 @@ HINT_PARAMS = (
     "Restore the parameters from a healthy checkpoint, or recompute the running statistics from data "
     "(`bncheck fix MODEL --data CALIB -o FIXED`)."
 )
+#: the same where bncheck does not load the file (its config names code from outside Keras), so cannot fix it
+HINT_PARAMS_KERAS = (
+    "Restore the parameters from a healthy checkpoint, or recompute the running statistics in Keras (bncheck does "
+    "not load this file, whose config names code from outside Keras, so `bncheck fix` cannot)."
+)
 HINT_WEIGHTS = (
     "Restore the weights from a healthy checkpoint and export again; a batch norm with a NaN or negative running "
     "variance folded into this op by the exporter puts NaN there (check its statistics before exporting)."
+)
+#: a Keras norm layer read from its stored variables alone (no config describes it): only NaN and Inf are known
+HINT_VARIABLES = (
+    "Restore the weights from a healthy checkpoint (a NaN or Inf gamma or beta comes from training that diverged "
+    "or from an edit of the weights); its config is not in the file, so bncheck checks nothing else of it."
 )
 HINT_SYNTHETIC = (
     "Probe with inputs the model is meant to get (`--data`): if NaN/Inf appear there too, follow the tensor "
@@ -77,7 +87,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                 SEVERITY,
                 layer.name,
                 f"{describe(layer)} has non-finite parameters: {listed}",
-                HINT_PARAMS,
+                HINT_PARAMS_KERAS if keras_unloadable(layer) else HINT_PARAMS,
                 {"kind": "parameters", "parameters": params},
             )
         if layer.var is not None and layer.uses_running_stats:
@@ -92,7 +102,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
                     layer.name,
                     f"{describe(layer)} has a negative running variance in {negative.size} channel(s) (min "
                     f"{negative.min():.3g}): sqrt(var + eps) is NaN at inference",
-                    HINT_PARAMS,
+                    HINT_PARAMS_KERAS if keras_unloadable(layer) else HINT_PARAMS,
                     {"kind": "negative-variance", "channels": int(negative.size), "min": number(negative.min())},
                 )
     for broken in view.broken_weights:
@@ -104,7 +114,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             broken.name,
             f"{broken.op_type} {broken.node!r} has non-finite {broken.what}: {listed}; every output it "
             "reaches may be NaN, or wrong where a later op hides the NaN",
-            HINT_WEIGHTS,
+            HINT_VARIABLES if broken.what == "variables" else HINT_WEIGHTS,
             {
                 "kind": "weights",
                 "op_type": broken.op_type,

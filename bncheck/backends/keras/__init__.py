@@ -33,7 +33,14 @@ class KerasBackend(Backend):
             producer="keras",
             framework_version=static.keras_version,
         )
-        return ModelView(info=info, layers=static.layers, inputs=static.inputs, notes=static.notes, handle=static)
+        return ModelView(
+            info=info,
+            layers=static.layers,
+            inputs=static.inputs,
+            notes=static.notes,
+            handle=static,
+            broken_weights=static.broken_weights,
+        )
 
     def probe(self, view: ModelView, settings: ProbeSettings) -> list[ProbeResult]:
         """One ProbeResult per call style: "as-written" and "predict" when a training flag is baked, else

@@ -164,12 +164,14 @@ def _read_h5(path: str) -> KerasFile:
                         f"{path}: no model_config in this HDF5 file (a weights-only file?): save the whole model "
                         "with model.save()"
                     )
-                layers, others = found
+                layers, others, broken = found
                 version = attr_str(handle.attrs.get("keras_version"))
                 backend = attr_str(handle.attrs.get("backend"))
                 saved = f"saved by keras {version}" if version else "saved by an unknown Keras version"
                 notes = [Note("info", saved), *weights_only_notes(len(layers), others)]
-                return KerasFile(path, "h5", version, backend, {}, layers, [], notes, weights_only=True)
+                found_file = KerasFile(path, "h5", version, backend, {}, layers, [], notes, weights_only=True)
+                found_file.broken_weights = broken
+                return found_file
             if isinstance(raw, bytes):
                 raw = raw.decode("utf-8")
             if len(raw) > MAX_JSON_BYTES:

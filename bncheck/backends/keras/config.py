@@ -16,7 +16,7 @@ from bncheck.backends.base import BackendError
 from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, expected_vars, layer_entries
 from bncheck.backends.keras.weights_only import nested_batch_norms
 from bncheck.errors import few, one_line
-from bncheck.model import NO_LAYERS_NOTE, Dim, InputSpec, Kind, NormLayer, Note
+from bncheck.model import NO_LAYERS_NOTE, BrokenWeights, Dim, InputSpec, Kind, NormLayer, Note
 
 NORM_KINDS: dict[str, Kind] = {
     "BatchNormalization": Kind.BATCH,
@@ -249,6 +249,7 @@ class _Ctx:
     code_layers: set[str] = field(default_factory=set)  # layers already said to carry code (once each)
     legacy: bool = False  # a .h5 file, which Keras 3 reads with its legacy loader
     tf_ops: dict[str, list[str]] = field(default_factory=dict)  # TF_OP_CLASSES class -> its layers
+    broken: list[BrokenWeights] = field(default_factory=list)  # hidden norms' NaN/Inf variables (_hidden_norms)
 
 
 def _sequential_as_dict(config: Any) -> Any:
@@ -320,6 +321,7 @@ def build(
     baked_layers = sorted({source for source, _ in ctx.baked_calls})
     found = KerasFile(path, fmt, version, backend, config, layers, inputs, ctx.notes, ctx.unsafe, baked_layers)
     found.bare_list = bare_list
+    found.broken_weights = ctx.broken
     return found
 
 
@@ -347,7 +349,8 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
             continue
         what = f"layer {name!r} ({entry.get('class_name')}) holds the variables of"
         if isinstance(weights, KerasWeights) and ctx.unsafe:
-            found, others = nested_batch_norms(weights.h5.get(groups[index]), name)
+            found, others, broken = nested_batch_norms(weights.h5.get(groups[index]), name)
+            ctx.broken += broken
             if found:
                 # a call with training=True runs every BatchNormalization inside in training mode in model(x), unless
                 # the layer is frozen (trainable=False: Keras 3 runs a frozen BatchNormalization in inference)
@@ -1045,6 +1048,8 @@ class KerasFile:
     unsafe: list[str] = field(default_factory=list)
     baked_layers: list[str] = field(default_factory=list)  # layers (any kind) called with training=True
     weights_only: bool = False  # model.save_weights: layers found by their variable names, nothing to run
+    # norm layers read from their variables alone (no config describes them) whose variables hold NaN or Inf
+    broken_weights: list[BrokenWeights] = field(default_factory=list)
     bare_list: bool = False  # the file's top-level config is a bare list of layers (``config`` holds the dict form)
     # the probe's loaded model (a KerasRunner), kept so that `fix` runs the same model instead of loading it again
     runner: Any = field(default=None, repr=False, compare=False)

@@ -17,22 +17,24 @@ import numpy as np
 
 from bncheck.backends.keras.weights import NORM_GROUPS, attr_str, read_dataset
 from bncheck.errors import few
-from bncheck.model import Kind, NormLayer, Note
+from bncheck.model import BrokenWeights, Kind, NormLayer, Note
 
 #: the variables a BatchNormalization keeps, in the order it creates them (gamma and beta are optional)
 _BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
-def weights_only_layers(root: Any) -> tuple[list[NormLayer], list[str]] | None:
-    """The BatchNormalization layers of a weights-only file's root group, and the names of the layers that
-    hold a gamma (a LayerNormalization or GroupNormalization, which the variables alone cannot tell apart or
-    check); None where the root lists no layers (not a Keras weights file)."""
+def weights_only_layers(root: Any) -> tuple[list[NormLayer], list[str], list[BrokenWeights]] | None:
+    """The BatchNormalization layers of a weights-only file's root group, the names of the layers that hold a
+    gamma (a LayerNormalization or GroupNormalization, which the variables alone cannot tell apart or check but
+    for NaN and Inf), and those of them whose variables hold NaN or Inf; None where the root lists no layers
+    (not a Keras weights file)."""
     if "layer_names" not in root.attrs:
         layers_group = root.get("layers")
         if layers_group is None:
             return None
         others: list[str] = []
-        return _keras3_layers(layers_group, (), others), others
+        broken: list[BrokenWeights] = []
+        return _keras3_layers(layers_group, (), others, broken), others, broken
     names = [attr_str(n) or "" for n in root.attrs.get("layer_names", [])]
     layers, gammas = [], []
     for group_name in names:
@@ -51,16 +53,34 @@ def weights_only_layers(root: Any) -> tuple[list[NormLayer], list[str]] | None:
         gammas += [
             scope or group_name for scope, held in scopes.items() if "gamma" in held and "moving_mean" not in held
         ]
-    return layers, gammas
+    return layers, gammas, []
 
 
 #: Keras 3's group names of the other normalization classes (their variables carry no names to check them by)
 _OTHER_NORMS = NORM_GROUPS[1:]
+_CLASSES = dict(
+    zip(_OTHER_NORMS, ("LayerNormalization", "GroupNormalization", "RMSNormalization", "UnitNormalization"))
+)
 
 
-def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]) -> list[NormLayer]:
+def _nonfinite_variables(variables: Any, path: str) -> dict[str, tuple[int, int, int]]:
+    """Each variable of ``variables`` (a layer's vars group) that holds NaN or Inf: its path -> (NaN, Inf, values)."""
+    bad = {}
+    for key in sorted((k for k in variables if k.isdigit()), key=int):
+        values = read_dataset(variables[key])
+        if values.dtype.kind == "f":
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            if nan or inf:
+                bad[f"{path}/vars/{key}"] = (nan, inf, int(values.size))
+    return bad
+
+
+def _keras3_layers(
+    layers_group: Any, prefix: tuple[str, ...], others: list[str], broken: list[BrokenWeights]
+) -> list[NormLayer]:
     """The BatchNormalizations under a Keras 3 weights file's ``layers`` group, nested models' included; the
-    paths of the other normalization layers are added to ``others``."""
+    paths of the other normalization layers are added to ``others``, and those whose variables hold NaN or Inf
+    to ``broken``."""
     found = []
     for group_name, group in sorted(layers_group.items(), key=lambda item: _counter_order(item[0])):
         variables = group.get("vars")
@@ -77,29 +97,35 @@ def _keras3_layers(layers_group: Any, prefix: tuple[str, ...], others: list[str]
                     values |= {"gamma": read_dataset(variables["0"]), "beta": read_dataset(variables["1"])}
                 found.append(_layer("/".join(prefix + (name,)), values))
         elif group_name.startswith(_OTHER_NORMS) or name.startswith(_OTHER_NORMS):
-            others.append("/".join(prefix + (name,)))
+            path = "/".join(prefix + (name,))
+            others.append(path)
+            bad = _nonfinite_variables(variables, path) if variables is not None else {}
+            if bad:
+                kind = next(c for c in _OTHER_NORMS if group_name.startswith(c) or name.startswith(c))
+                broken.append(BrokenWeights(path, path, _CLASSES[kind], bad, "variables"))
         inner = group.get("layers")
         if inner is not None and hasattr(inner, "items"):
-            found.extend(_keras3_layers(inner, prefix + (name,), others))
+            found.extend(_keras3_layers(inner, prefix + (name,), others, broken))
         # a subclassed layer's own sub-layers are stored under their attribute names, beside its vars
         # (neutrophils-classifier's sim_clr_encoder/feature_extractor/layers/batch_normalization...)
         attributes = {k: v for k, v in group.items() if k not in ("vars", "layers") and hasattr(v, "items")}
         if attributes:
-            found.extend(_keras3_layers(attributes, prefix + (name,), others))
+            found.extend(_keras3_layers(attributes, prefix + (name,), others, broken))
     return found
 
 
-def nested_batch_norms(group: Any, name: str) -> tuple[list[NormLayer], list[str]]:
+def nested_batch_norms(group: Any, name: str) -> tuple[list[NormLayer], list[str], list[BrokenWeights]]:
     """The BatchNormalizations stored under ``group``, the weights of a layer named ``name`` whose config does not
     describe its own layers (a class from outside Keras: KerasHub's backbones), read from their variables as a
     weights-only file's are and named under ``name``; and the paths of the other normalization layers there."""
     others: list[str] = []
+    broken: list[BrokenWeights] = []
     try:
-        found = _keras3_layers({name: group}, (), others)
+        found = _keras3_layers({name: group}, (), others, broken)
     except (OSError, KeyError, ValueError, TypeError):  # h5py on a damaged group
-        return [], []
+        return [], [], []
     # the config's name is what the user wrote (the group's own vars may name the layer otherwise)
-    return [_nested(layer, name) for layer in found], others
+    return [_nested(layer, name) for layer in found], others, broken
 
 
 def _nested(layer: NormLayer, name: str) -> NormLayer:
