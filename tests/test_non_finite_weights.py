@@ -140,6 +140,31 @@ def test_nan_weights_of_a_tflite_fused_convolution_are_named_after_the_convoluti
     assert _bn005(bncheck.inspect(path)) == [("error", "model/conv", "weights")]
 
 
+@pytest.mark.parametrize("keras3", [False, True])
+def test_nan_weights_of_a_keras_batch_norm_tf2onnx_folded_are_named_after_that_batch_norm(tmp_path, keras3):
+    # tf2onnx folds a Keras BatchNormalization into the convolution before it: the kernel keeps the conv layer's
+    # scope, the shift is TensorFlow's batchnorm/sub in the BN layer's. The finding named their common scope (the
+    # backbone: "resnet_clf_1/resnet_1"), where the NaN or negative variance is the batch norm's
+    import onnx
+
+    path = _folded_nan_model(tmp_path / "tf.onnx", bn_after=False)
+    model = onnx.load(path)
+    s = "_1" if keras3 else ""  # Keras 3 exports through TensorFlow add "_1" to every scope
+    renamed = {
+        "conv.weight": f"clf{s}/net{s}/block_conv{s}/convolution/merged_input:0",
+        "conv.bias": f"clf{s}/net{s}/block_bn{s}/batchnorm/sub:0",
+    }
+    for tensor in model.graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    conv = model.graph.node[0]
+    conv.input[1:] = [renamed[t] for t in conv.input[1:]]
+    conv.name = "Conv__411"
+    for node in model.graph.node[1:]:  # scoped as the exporter scopes them
+        node.name = f"clf{s}/net{s}/{node.op_type.lower()}{s}/{node.op_type}"
+    onnx.save(model, path)
+    assert _bn005(bncheck.inspect(path)) == [("error", "clf/net/block_bn", "weights")]
+
+
 def test_large_finite_float16_weights_whose_sum_overflows_are_no_finding(tmp_path):
     # the scan sums each weight first: 108 float16 values of 60000 sum to Inf, yet none is
     weight = np.full((4, 3, 3, 3), 60000.0, np.float16)

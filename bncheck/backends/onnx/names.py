@@ -93,7 +93,10 @@ def op_name(g: GraphIndex, idx: int, weights: list[str]) -> str:
     scope = _torch_scope(node.name, node.op_type)
     if scope is not None:
         return _torch_module(scope, weights)
-    name = weight_prefix(weights) or _tf_op_scope(g.node_name(idx))
+    # a Keras BatchNormalization that tf2onnx folded into this op: its shift is TensorFlow's batchnorm/sub, named
+    # in the layer's scope, and that layer is where a NaN or negative variance came from
+    folded = [w.split("/batchnorm/")[0] for w in weights if "/batchnorm/" in w]
+    name = _without_function_scope(folded[0]) if folded else weight_prefix(weights) or _tf_op_scope(g.node_name(idx))
     # TFLite names a fused op, and its weights, by every op it fused, the op itself last: "relu;bn/...;conv"
     name = name.rsplit(";", 1)[-1]
     return _without_keras3_suffixes(name) if _keras3_scoped(g) else name
