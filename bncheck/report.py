@@ -128,16 +128,23 @@ def merge_findings(
         ]
     dynamic: dict[tuple[str, str, str], Finding] = {}
     styles: dict[tuple[str, str, str], list[str]] = {}
+    with_effect: set[tuple[str, str, str]] = set()  # static findings a probe repeated with the effect added
     for call_style, findings in per_probe:
         for finding in findings:
             key3 = (finding.code, finding.layer, finding.message)
             if key3 in static_effect and (static_effect[key3] or "output_effect" not in finding.evidence):
                 continue
             key = (finding.code, finding.layer, str(finding.evidence.get("kind")))
+            if key3 in static_effect:
+                with_effect.add(key)
             dynamic.setdefault(key, finding)
             styles.setdefault(key, [])
             if call_style is not None and call_style not in styles[key]:
                 styles[key].append(call_style)
+    # a finding the probe made of its own on the same layer (a located reduction) replaces the static one anyway
+    for key in with_effect:
+        if any(other[:2] == key[:2] for other in dynamic if other not in with_effect):
+            del dynamic[key]
     replaced = {(code, layer) for code, layer, _ in dynamic}
     merged = [f for f in static if (f.code, f.layer) not in replaced]
     for key, finding in dynamic.items():
