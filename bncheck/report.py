@@ -141,10 +141,17 @@ def merge_findings(
             styles.setdefault(key, [])
             if call_style is not None and call_style not in styles[key]:
                 styles[key].append(call_style)
-    # a finding the probe made of its own on the same layer (a located reduction) replaces the static one anyway
-    for key in with_effect:
-        if any(other[:2] == key[:2] for other in dynamic if other not in with_effect):
+    # the effect is the model's, said once per check: on the first such repeat, where no finding the probe made of
+    # its own carries it already; and a finding of its own on the same layer (a located reduction) replaces the
+    # static one anyway
+    said = {
+        key[0] for key, finding in dynamic.items() if key not in with_effect and "output_effect" in finding.evidence
+    }
+    for key in [k for k in dynamic if k in with_effect]:
+        if key[0] in said or any(other[:2] == key[:2] for other in dynamic if other not in with_effect):
             del dynamic[key]
+        else:
+            said.add(key[0])
     replaced = {(code, layer) for code, layer, _ in dynamic}
     merged = [f for f in static if (f.code, f.layer) not in replaced]
     for key, finding in dynamic.items():

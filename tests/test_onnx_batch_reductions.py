@@ -475,6 +475,28 @@ def test_a_tf2onnx_train_mode_batch_norm_with_its_affine_on_a_transposed_input_i
     assert entry.action == "not-fixed" and "another layout" in entry.reason
 
 
+def test_a_chain_of_train_mode_batch_norms_gives_the_outputs_effect_once(tmp_path):
+    # the effect on the outputs is the model's: said on the layer the probe measured as the culprit, not repeated
+    # on each layer after it whose finding the probe could only repeat (a train-mode twin of 94 BNs got 94 lines)
+    g = _Graph()
+    source = "x"
+    for i in range(3):
+        # scale and bias other than the running variance and mean: onnxruntime's kernel follows the spec (no note)
+        values = (("w", 1.5), ("b", 0.1), ("m", 0.2), ("v", 0.7))
+        params = [g.const(f"bn{i}.{p}", np.full(3, v, np.float32)) for p, v in values]
+        g.nodes.append(
+            helper.make_node(
+                "BatchNormalization", [source, *params], [f"y{i}", f"m{i}", f"v{i}"], name=f"bn{i}", training_mode=1
+            )
+        )
+        source = g.op("Relu", [f"y{i}"], "y" if i == 2 else f"r{i}")
+    path = g.save(tmp_path / "chain.onnx", ["N", 3, 4, 4], ["N", 3, 4, 4], opset=15)
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    bn002 = [f for f in report.findings if f.code == "BN002"]
+    assert sorted(f.layer for f in bn002) == ["bn0", "bn1", "bn2"]
+    assert [f.layer for f in bn002 if "output_effect" in f.evidence] == ["bn0"]
+
+
 def _frames_model(g: _Graph, conv: bool, padded: bool = False) -> None:
     """x[T, 8]: one recording's frames on axis 0, as madmom's exported key and beat models take them. With
     ``conv``, the model adds its own batch of one and convolves along the frames ([1, 1, T, 8]) before pooling
