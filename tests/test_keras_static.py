@@ -746,6 +746,8 @@ def test_a_nan_in_a_norm_that_no_config_describes_is_an_error_in_the_file_and_it
     block.norm1.gamma.assign(np.array([1.0, np.nan, 1.0, 1.0], np.float32))
     model.save(tmp_path / "block.keras")
     model.save_weights(tmp_path / "block.weights.h5")
+    [note] = [n for n in KerasBackend().load(str(tmp_path / "block.keras")).notes if "holds the variables" in n.message]
+    assert note.message.endswith("only NaN and Inf in their variables are checked (their axes and epsilon are unknown)")
     for name in ("block.keras", "block.weights.h5"):
         findings = bncheck.inspect(str(tmp_path / name)).findings
         assert [(f.code, f.severity.label, f.layer) for f in findings] == [

@@ -52,7 +52,8 @@ HINT_WEIGHTS = (
 #: a Keras norm layer read from its stored variables alone (no config describes it): only NaN and Inf are known
 HINT_VARIABLES = (
     "Restore the weights from a healthy checkpoint (a NaN or Inf gamma or beta comes from training that diverged "
-    "or from an edit of the weights); its config is not in the file, so bncheck checks nothing else of it."
+    "or from an edit of the weights); no config in the file describes the layer, so bncheck checks nothing else "
+    "of it."
 )
 HINT_SYNTHETIC = (
     "Probe with inputs the model is meant to get (`--data`): if NaN/Inf appear there too, follow the tensor "

@@ -348,6 +348,7 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
         if not scopes:
             continue
         what = f"layer {name!r} ({entry.get('class_name')}) holds the variables of"
+        unchecked = "bncheck does not check them"
         if isinstance(weights, KerasWeights) and ctx.unsafe:
             found, others, broken = nested_batch_norms(weights.h5.get(groups[index]), name)
             ctx.broken += broken
@@ -369,15 +370,18 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
                         for layer in found
                     ]
                 read += found
-                unchecked = (
-                    f"; {len(others)} other normalization layer(s) ({few(others)}) cannot be checked" if others else ""
+                rest = (
+                    f"; {len(others)} other normalization layer(s) ({few(others)}): only NaN and Inf in their "
+                    "variables are checked"
+                    if others
+                    else ""
                 )
                 ctx.notes.append(
                     Note(
                         "warning",
                         f"{what} {len(found)} BatchNormalization layer(s) that its config does not describe: their "
                         "stored statistics are checked (never updated, non-finite or negative), their epsilon and "
-                        f"calls are unknown{unchecked}"
+                        f"calls are unknown{rest}"
                         + (
                             "; it is called with training=True, so model(x) normalizes them with batch statistics"
                             if baked
@@ -386,12 +390,12 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
                     )
                 )
                 continue
+            unchecked = "only NaN and Inf in their variables are checked (their axes and epsilon are unknown)"
         shown = ", ".join(scopes[:3]) + (f" and {len(scopes) - 3} more" if len(scopes) > 3 else "")
         ctx.notes.append(
             Note(
                 "warning",
-                f"{what} {len(scopes)} normalization layer(s) that its config does not describe ({shown}): bncheck "
-                "does not check them",
+                f"{what} {len(scopes)} normalization layer(s) that its config does not describe ({shown}): {unchecked}",
             )
         )
     return read
