@@ -442,9 +442,15 @@ def made_up_settings(inputs: list[InputSpec], int_high: Mapping[str, int] | None
         )
         if names
     )
+    # --data is refused where no input has a batch axis (load_data): there is nothing to point to then
+    way_out = (
+        "give the values the model is meant to get with --data"
+        if any(s.batched for s in inputs)
+        else "a model without a batch axis takes no --data"
+    )
     return (
         f"input(s) {few(floats + ints + axes)} have no batch axis (a setting, the same for every sample): synthetic "
-        f"inputs feed them {fed}; give the values the model is meant to get with --data"
+        f"inputs feed them {fed}; {way_out}"
     )
 
 

@@ -531,3 +531,32 @@ def test_data_for_a_single_image_model_is_refused_naming_the_input(tmp_path):
             assert (
                 "no input of this model has a batch axis ('image' [3, 16, 16]): each run is one sample" in result.stderr
             )
+
+
+def test_a_model_without_a_batch_axis_runs_once_and_its_settings_note_does_not_send_to_data(tmp_path):
+    """dfnstream's denoiser: a frame [512], a flat state and a scalar setting, no batch axis anywhere. It ran three
+    identical "batches", and the settings' note sent the user to --data, which such a model cannot take."""
+    nodes = [
+        helper.make_node("Mul", ["frame", "gain"], ["scaled"], name="gain"),
+        helper.make_node("Add", ["scaled", "state"], ["y"], name="mix"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "frame",
+        [
+            helper.make_tensor_value_info("frame", F32, [512]),
+            helper.make_tensor_value_info("state", F32, [512]),
+            helper.make_tensor_value_info("gain", F32, []),
+        ],
+        [helper.make_tensor_value_info("y", F32, [512])],
+    )
+    path = tmp_path / "frame.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    code, doc = _probe(str(path))
+    run = doc["probe"]["runs"][0]
+    assert code == 0 and run["batch_sizes"] == [1]
+    assert any(
+        n.startswith("no input has a batch axis ('frame' [512], 'state' [512], 'gain' [])") for n in run["notes"]
+    )
+    [setting] = [n for n in run["notes"] if n.startswith("input(s) 'gain' have no batch axis")]
+    assert setting.endswith("a model without a batch axis takes no --data")
