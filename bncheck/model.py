@@ -117,10 +117,11 @@ class BatchOp:
 
 @dataclass(frozen=True)
 class BrokenWeights:
-    """An op outside the normalization layers whose stored weights hold NaN or Inf (a batch norm with a NaN or
-    negative variance folded into the convolution before it leaves them there). ``name``: the layer the op
-    belongs to as the file names it; ``tensors``: each bad weight's name -> (NaN count, Inf count, values);
-    ``what``: what those tensors are to the op ("weights", or the "constant operands" of an elementwise op)."""
+    """Stored weights holding NaN or Inf outside the layers the view describes: an op's (a batch norm with a NaN or
+    negative variance folded into the convolution before it leaves them there), or a Keras norm layer's that no
+    config describes. ``name``: the layer they belong to as the file names it; ``tensors``: each bad weight's name
+    -> (NaN count, Inf count, values); ``what``: what those tensors are ("weights", the "constant operands" of an
+    elementwise op, a Keras layer's "variables")."""
 
     name: str
     node: str
@@ -247,6 +248,11 @@ def fixed_batch(inputs: list[InputSpec]) -> int | None:
     fixed = {spec.batch_dim for spec in batched if isinstance(spec.batch_dim, int) and spec.batch_dim > 0}
     free = any(not isinstance(spec.batch_dim, int) or spec.batch_dim < 1 for spec in batched)
     return int(fixed.pop()) if len(fixed) == 1 and not free else None
+
+
+def without_batch_axis(inputs: list[InputSpec]) -> bool:
+    """The model takes inputs and none of them has a batch axis: each run is one sample."""
+    return bool(inputs) and not any(spec.batched for spec in inputs)
 
 
 def largest_batch(inputs: list[InputSpec], batch_sizes: Iterable[int]) -> int:

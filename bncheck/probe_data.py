@@ -32,7 +32,7 @@ import numpy as np
 
 from bncheck import budget
 from bncheck.errors import DataError, few
-from bncheck.model import Dim, InputSpec
+from bncheck.model import Dim, InputSpec, without_batch_axis
 
 #: exclusive upper bound of synthetic integer inputs that feed no Gather (token ids, class ids, flags).
 DEFAULT_INT_HIGH = 2
@@ -445,7 +445,7 @@ def made_up_settings(inputs: list[InputSpec], int_high: Mapping[str, int] | None
     # --data is refused where no input has a batch axis (load_data): there is nothing to point to then
     way_out = (
         "give the values the model is meant to get with --data"
-        if any(s.batched for s in inputs)
+        if not without_batch_axis(inputs)
         else "a model without a batch axis takes no --data"
     )
     return (
@@ -552,7 +552,7 @@ def load_data(path: str, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     unpickles (``allow_pickle=False``).
     """
     refuse_unshared_batch(inputs)  # no data can hold their samples on one axis
-    if inputs and not any(spec.batched for spec in inputs):
+    if without_batch_axis(inputs):
         # a stack of samples has nowhere to go, and one sample's own first axis (an image's colour planes) is no
         # batch to measure statistics over
         raise ProbeDataError(

@@ -50,6 +50,7 @@ from bncheck.model import (
     Recalibration,
     TensorStats,
     fixed_batch,
+    without_batch_axis,
 )
 from bncheck.probe_data import (
     MAX_BATCH_SIZE,
@@ -1010,7 +1011,7 @@ def run_plan(
             notes.append("the model's batch dimension is fixed to 1: batch dependence cannot be tested")
         batch_sizes = (fixed,)
         test_dependence = fixed != 1
-    elif view.inputs and not any(spec.batched for spec in view.inputs):
+    elif without_batch_axis(view.inputs):
         notes.append(one_sample_note(view.inputs))
         batch_sizes = (1,)
         test_dependence = False

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size, observed_set_size
-from bncheck.verdicts import dependence_verdict, is_collapsed, one_element_sets, outputs_cleared
+from bncheck.verdicts import dependence_verdict, outputs_cleared, seen_constant
 
 if TYPE_CHECKING:  # named in annotations only: probe and inspect never load the fix result types
     from bncheck.fix_result import FixResult
@@ -117,10 +117,9 @@ def merge_findings(
     """
     static = list(static)
     per_probe = [(style, list(findings)) for style, findings in per_probe]
-    # whether each static finding carries the measured effect on the outputs: a probe's finding with the same
-    # message that adds it is no repeat (a BN002 on a layer the probe could not measure reads the same, and only
-    # the probe knows what the batch did to the outputs)
-    static_effect = {(f.code, f.layer, f.message): "output_effect" in f.evidence for f in static}
+    # a probe's finding with a static one's message that adds the measured effect on the outputs is no repeat (a
+    # BN002 on a layer the probe could not measure reads the same; only the probe knows what the batch did)
+    static_keys = {(f.code, f.layer, f.message) for f in static}
     repeated = {(f.code, f.layer, f.message) for _, findings in per_probe for f in findings}
     if per_probe:
         static = [
@@ -132,10 +131,10 @@ def merge_findings(
     for call_style, findings in per_probe:
         for finding in findings:
             key3 = (finding.code, finding.layer, finding.message)
-            if key3 in static_effect and (static_effect[key3] or "output_effect" not in finding.evidence):
+            if key3 in static_keys and "output_effect" not in finding.evidence:
                 continue
             key = (finding.code, finding.layer, str(finding.evidence.get("kind")))
-            if key3 in static_effect:
+            if key3 in static_keys:
                 with_effect.add(key)
             dynamic.setdefault(key, finding)
             styles.setdefault(key, [])
@@ -242,8 +241,4 @@ def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:
         return "-"
     if any(s is not None and s.total_nonfinite for s in (seen.input, seen.output)):
         return "nan/inf"
-    if is_collapsed(seen.input, seen.output, layer.bias if layer.computes_statistics else None):
-        return "constant"
-    if one_element_sets(layer, seen):  # as BN001 says it: constant whatever the input (dead upstream too)
-        return "constant"
-    return "ok"
+    return "constant" if seen_constant(layer, seen) else "ok"

@@ -120,9 +120,12 @@ def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndar
     )
 
 
-def one_element_sets(layer: NormLayer, seen: LayerProbe | None) -> bool:
-    """The layer centres on its own statistics and the probe measured sets of one element: its output is its
-    bias whatever the input (x - mean(x) = 0 exactly), also where the input was already constant upstream."""
+def seen_constant(layer: NormLayer, seen: LayerProbe) -> bool:
+    """The layer's output at one probe batch is constant whatever its input: seen so (:func:`is_collapsed`), or
+    its measured sets hold one element in a layer that centres on its own statistics (x - mean(x) = 0 exactly,
+    also where the input was already constant upstream). The table's cell and BN001 both read it."""
+    if is_collapsed(seen.input, seen.output, layer.bias if layer.computes_statistics else None):
+        return True
     one_element = layer.computes_statistics and layer.centered and layer.kind is not Kind.UNIT
     return one_element and observed_set_size(layer, seen) == 1
 

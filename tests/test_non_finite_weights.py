@@ -18,6 +18,35 @@ RNG = np.random.default_rng(5)
 F32 = TensorProto.FLOAT
 
 
+def _saved(path: Path, nodes, inits, x_shape, y_shape, elem=F32) -> str:
+    """x -> ``nodes`` -> y at opset 17, saved to ``path``."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", elem, x_shape)],
+        [helper.make_tensor_value_info("y", elem, y_shape)],
+        inits,
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def _renamed_conv(path: str, renamed: dict[str, str], conv_name: str, others=None) -> None:
+    """``path``'s first node (its convolution) and the weights it reads renamed as an exporter names them;
+    ``others``: a name for each later node (by op type)."""
+    import onnx
+
+    model = onnx.load(path)
+    for tensor in model.graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    conv = model.graph.node[0]
+    conv.input[1:] = [renamed[t] for t in conv.input[1:]]
+    conv.name = conv_name
+    for node in model.graph.node[1:] if others else ():
+        node.name = others(node.op_type)
+    onnx.save(model, path)
+
+
 def _folded_nan_model(path: Path, *, bn_after: bool, nan: bool = True, constant: bool = False) -> str:
     """x [N, 3, 8, 8] -> Conv "conv" (weights conv.weight, conv.bias: one output channel NaN, as a BN with a NaN
     running variance folded into it leaves them; ``constant``: the weight a Constant node's, as older exporters
@@ -57,14 +86,7 @@ def _folded_nan_model(path: Path, *, bn_after: bool, nan: bool = True, constant:
         helper.make_node("Flatten", ["p"], ["f"], name="/Flatten"),
         helper.make_node("Gemm", ["f", "head.weight", "head.bias"], ["y"], name="/head/Gemm"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", F32, ["N", 5])],
-        inits,
-    )
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _saved(path, nodes, inits, ["N", 3, 8, 8], ["N", 5])
     return str(path)
 
 
@@ -111,32 +133,16 @@ def test_finite_weights_and_an_infinite_attention_mask_are_no_finding(tmp_path):
         numpy_helper.from_array(mask, "mask"),
     ]
     nodes[0].input[1] = "attn.w"
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 4, 4])],
-        [helper.make_tensor_value_info("y", F32, ["N", 4, 4])],
-        inits,
-    )
     masked = tmp_path / "masked.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(masked))
+    _saved(masked, nodes, inits, ["N", 4, 4], ["N", 4, 4])
     assert [f.code for f in bncheck.inspect(str(masked)).findings] == []
 
 
 def test_nan_weights_of_a_tflite_fused_convolution_are_named_after_the_convolution(tmp_path):
     # tf2onnx from a .tflite file: the op and its weights named by every op TFLite fused ("relu;bn;...;conv")
-    import onnx
-
     path = _folded_nan_model(tmp_path / "tflite.onnx", bn_after=False)
-    model = onnx.load(path)
     fused = "model/re_lu/Relu;model/bn/FusedBatchNormV3;model/conv/BiasAdd;model/conv"
-    renamed = {"conv.weight": f"{fused}/Conv2D", "conv.bias": f"{fused}/BiasAdd"}
-    for tensor in model.graph.initializer:
-        tensor.name = renamed.get(tensor.name, tensor.name)
-    conv = model.graph.node[0]
-    conv.input[1:] = [renamed[t] for t in conv.input[1:]]
-    conv.name = f"{fused}/Conv2D1"
-    onnx.save(model, path)
+    _renamed_conv(path, {"conv.weight": f"{fused}/Conv2D", "conv.bias": f"{fused}/BiasAdd"}, f"{fused}/Conv2D1")
     assert _bn005(bncheck.inspect(path)) == [("error", "model/conv", "weights")]
 
 
@@ -145,38 +151,29 @@ def test_nan_weights_of_a_keras_batch_norm_tf2onnx_folded_are_named_after_that_b
     # tf2onnx folds a Keras BatchNormalization into the convolution before it: the kernel keeps the conv layer's
     # scope, the shift is TensorFlow's batchnorm/sub in the BN layer's. The finding named their common scope (the
     # backbone: "resnet_clf_1/resnet_1"), where the NaN or negative variance is the batch norm's
-    import onnx
-
     path = _folded_nan_model(tmp_path / "tf.onnx", bn_after=False)
-    model = onnx.load(path)
     s = "_1" if keras3 else ""  # Keras 3 exports through TensorFlow add "_1" to every scope
     renamed = {
         "conv.weight": f"clf{s}/net{s}/block_conv{s}/convolution/merged_input:0",
         "conv.bias": f"clf{s}/net{s}/block_bn{s}/batchnorm/sub:0",
     }
-    for tensor in model.graph.initializer:
-        tensor.name = renamed.get(tensor.name, tensor.name)
-    conv = model.graph.node[0]
-    conv.input[1:] = [renamed[t] for t in conv.input[1:]]
-    conv.name = "Conv__411"
-    for node in model.graph.node[1:]:  # scoped as the exporter scopes them
-        node.name = f"clf{s}/net{s}/{node.op_type.lower()}{s}/{node.op_type}"
-    onnx.save(model, path)
+    # the later nodes scoped as the exporter scopes them
+    _renamed_conv(path, renamed, "Conv__411", lambda op: f"clf{s}/net{s}/{op.lower()}{s}/{op}")
     assert _bn005(bncheck.inspect(path)) == [("error", "clf/net/block_bn", "weights")]
 
 
 def test_large_finite_float16_weights_whose_sum_overflows_are_no_finding(tmp_path):
     # the scan sums each weight first: 108 float16 values of 60000 sum to Inf, yet none is
     weight = np.full((4, 3, 3, 3), 60000.0, np.float16)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "conv.weight"], ["y"], pads=[1, 1, 1, 1], name="/conv/Conv")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4, 8, 8])],
-        [numpy_helper.from_array(weight, "conv.weight")],
-    )
     path = tmp_path / "fp16.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _saved(
+        path,
+        [helper.make_node("Conv", ["x", "conv.weight"], ["y"], pads=[1, 1, 1, 1], name="/conv/Conv")],
+        [numpy_helper.from_array(weight, "conv.weight")],
+        ["N", 3, 8, 8],
+        ["N", 4, 8, 8],
+        elem=TensorProto.FLOAT16,
+    )
     with np.errstate(over="ignore"):
         assert not np.isfinite(weight.sum())
     with warnings.catch_warnings():
@@ -203,30 +200,16 @@ def test_nan_in_a_folded_per_channel_scale_is_an_error_and_an_infinite_constant_
         helper.make_node("Add", ["scaled", "beta"], ["shifted"], name="/bn/Add"),
         helper.make_node("Max", ["shifted", "floor"], ["y"], name="/clip/Max"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", F32, ["N", 4, 8, 8])],
-        inits,
-    )
     path = tmp_path / "folded_scale.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _saved(path, nodes, inits, ["N", 4, 8, 8], ["N", 4, 8, 8])
     (finding,) = [f for f in bncheck.inspect(str(path)).findings if f.code == "BN005"]
     assert finding.evidence["weights"] == {"scale": {"nan": 1, "inf": 0, "values": 4}}
     assert finding.evidence["node"] == "/bn/Mul" and "constant operands" in finding.message
     inf_add = [
         helper.make_node("Add", ["x", "floor"], ["y"], name="/mask/Add"),
     ]
-    graph = helper.make_graph(
-        inf_add,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", F32, ["N", 4, 8, 8])],
-        [inits[3]],
-    )
     masked = tmp_path / "inf_add.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(masked))
+    _saved(masked, inf_add, [inits[3]], ["N", 4, 8, 8], ["N", 4, 8, 8])
     assert bncheck.inspect(str(masked)).findings == []
 
 
@@ -250,15 +233,8 @@ def test_a_nan_gamma_applied_after_a_layer_is_found_once(tmp_path):
         helper.make_node("Mul", ["relaid", "model/ln/gamma"], ["scaled"], name="model/ln/mul"),
         helper.make_node("Add", ["scaled", "model/ln/beta"], ["y"], name="model/ln/add"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 5, 8])],
-        [helper.make_tensor_value_info("y", F32, ["N", 5, 8])],
-        inits,
-    )
     path = tmp_path / "ln_after.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _saved(path, nodes, inits, ["N", 5, 8], ["N", 5, 8])
     assert [(f.evidence["kind"], f.layer) for f in bncheck.inspect(str(path)).findings if f.code == "BN005"] == [
         ("weights", "model/ln")
     ]

@@ -21,6 +21,10 @@ def is_keras(layer: NormLayer) -> bool:
     return layer.domain == "keras"
 
 
+#: why the hints of such a layer point at Keras (:func:`keras_unloadable`)
+NOT_LOADED = "bncheck does not load this file, whose config names code from outside Keras, so `bncheck fix` cannot"
+
+
 def keras_unloadable(layer: NormLayer) -> bool:
     """A layer of a Keras file that bncheck does not load (its config names code from outside Keras): `bncheck
     fix` refuses it, so a hint points at Keras instead."""

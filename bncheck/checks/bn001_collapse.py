@@ -53,8 +53,7 @@ from bncheck.verdicts import (
     collapse_condition,
     collapse_is_certain,
     equal_sets,
-    is_collapsed,
-    one_element_sets,
+    seen_constant,
 )
 
 CODE = "BN001"
@@ -294,6 +293,6 @@ def _observed_batch_sizes(layer: NormLayer, probe: ProbeResult | None, sizes: di
         seen = probe.at(batch_size, layer.name)
         if seen is None:
             continue
-        if is_collapsed(seen.input, seen.output, layer.bias) or one_element_sets(layer, seen):
+        if seen_constant(layer, seen):
             found.append(batch_size)
     return found

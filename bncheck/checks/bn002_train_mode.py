@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bncheck.checks._util import batch_effect, describe, is_keras, keras_unloadable
+from bncheck.checks._util import NOT_LOADED, batch_effect, describe, is_keras, keras_unloadable
 from bncheck.errors import few
 from bncheck.findings import Finding, Severity, shape_json
 from bncheck.model import (
@@ -71,9 +71,8 @@ HINT_KERAS = (
 )
 #: the same where bncheck does not load the file (its config names code from outside Keras), so cannot fix it
 HINT_KERAS_UNLOADABLE = (
-    "Call the layer (or the model holding it) without training=True and save the model again (bncheck does not "
-    "load this file, whose config names code from outside Keras, so `bncheck fix` cannot); meanwhile Keras 3's "
-    "model.predict(x) and model(x, training=False) use the moving statistics."
+    f"Call the layer (or the model holding it) without training=True and save the model again ({NOT_LOADED}); "
+    "meanwhile Keras 3's model.predict(x) and model(x, training=False) use the moving statistics."
 )
 #: a Keras BatchNormalization that TensorFlow traced in training mode (tf2onnx writes out its moments)
 HINT_TF_TRAINING = (

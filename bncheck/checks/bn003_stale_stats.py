@@ -42,7 +42,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from bncheck.checks._util import describe, is_keras, keras_unloadable, recalibration_effect
+from bncheck.checks._util import NOT_LOADED, describe, is_keras, keras_unloadable, recalibration_effect
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, OutputComparison, ProbeResult, Recalibration
 from bncheck.verdicts import (
@@ -104,10 +104,9 @@ HINT_KERAS = (
 
 #: the same where bncheck does not load the file (its config names code from outside Keras), so cannot fix it
 HINT_KERAS_UNLOADABLE = (
-    "Recompute the moving statistics in Keras (bncheck does not load this file, whose config names code from "
-    "outside Keras, so `bncheck fix` cannot): run model(x, training=True) over representative batches with each "
-    "BatchNormalization's momentum lowered (0.0 for one large batch, or enough batches for the default 0.99 to "
-    "converge: a few hundred), then save."
+    f"Recompute the moving statistics in Keras ({NOT_LOADED}): run model(x, training=True) over representative "
+    "batches with each BatchNormalization's momentum lowered (0.0 for one large batch, or enough batches for the "
+    "default 0.99 to converge: a few hundred), then save."
 )
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bncheck.checks._util import describe, keras_unloadable
+from bncheck.checks._util import NOT_LOADED, describe, keras_unloadable
 from bncheck.findings import Finding, Severity, number
 from bncheck.model import ModelView, NormLayer, ProbeResult
 from bncheck.verdicts import non_finite_parameters
@@ -42,8 +42,7 @@ HINT_PARAMS = (
 )
 #: the same where bncheck does not load the file (its config names code from outside Keras), so cannot fix it
 HINT_PARAMS_KERAS = (
-    "Restore the parameters from a healthy checkpoint, or recompute the running statistics in Keras (bncheck does "
-    "not load this file, whose config names code from outside Keras, so `bncheck fix` cannot)."
+    f"Restore the parameters from a healthy checkpoint, or recompute the running statistics in Keras ({NOT_LOADED})."
 )
 HINT_WEIGHTS = (
     "Restore the weights from a healthy checkpoint and export again; a batch norm with a NaN or negative running "

@@ -355,21 +355,9 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
             if found:
                 # a call with training=True runs every BatchNormalization inside in training mode in model(x), unless
                 # the layer is frozen (trainable=False: Keras 3 runs a frozen BatchNormalization in inference)
-                baked = any(training for training, _, _ in node_calls(entry))
-                if baked and entry.get("config", {}).get("trainable", True) is not False:
-                    note = f"inside {name!r}, which the model calls with training=True"
-                    found = [
-                        replace(
-                            layer,
-                            training=True,
-                            batch_statistics=True,
-                            uses_running_stats=False,
-                            running_stats_used_by=KERAS3_OVERRIDES,
-                            notes=layer.notes + (note,),
-                        )
-                        for layer in found
-                    ]
-                read += found
+                trainable = entry.get("config", {}).get("trainable", True) is not False
+                in_training = trainable and any(training for training, _, _ in node_calls(entry))
+                read += [_called_in_training(layer, name) for layer in found] if in_training else found
                 rest = (
                     f"; {len(others)} other normalization layer(s) ({few(others)}): only NaN and Inf in their "
                     "variables are checked"
@@ -384,7 +372,7 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
                         f"calls are unknown{rest}"
                         + (
                             "; it is called with training=True, so model(x) normalizes them with batch statistics"
-                            if baked
+                            if in_training
                             else ""
                         ),
                     )
@@ -399,6 +387,20 @@ def _hidden_norms(config: dict[str, Any], ctx: _Ctx) -> list[NormLayer]:
             )
         )
     return read
+
+
+def _called_in_training(layer: NormLayer, holder: str) -> NormLayer:
+    """``layer``, a BatchNormalization inside ``holder``, which the model calls with training=True: Keras 3 keeps the
+    flag in model(x), and predict() overrides it."""
+    note = f"inside {holder!r}, which the model calls with training=True"
+    return replace(
+        layer,
+        training=True,
+        batch_statistics=True,
+        uses_running_stats=False,
+        running_stats_used_by=KERAS3_OVERRIDES,
+        notes=layer.notes + (note,),
+    )
 
 
 def _scan_unsafe(obj: Any, where: str, ctx: _Ctx) -> None:

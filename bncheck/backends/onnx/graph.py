@@ -363,6 +363,17 @@ class GraphIndex:
 
     # ------------------------------------------------------------------ constants
 
+    def stored_tensor(self, tensor: str) -> Any:
+        """The TensorProto stored as ``tensor``: its initializer, or the value of the Constant node that writes it
+        (older exporters keep weights so); None for anything else."""
+        init = self.initializers.get(tensor)
+        if init is not None:
+            return init
+        idx = self.producer.get(tensor)
+        if idx is None or self.nodes[idx].op_type != "Constant" or self.nodes[idx].domain not in ("", "ai.onnx"):
+            return None
+        return self.attrs(idx).get("value")
+
     def param(self, tensor: str) -> np.ndarray | None:
         """The stored value of ``tensor`` if it is a constant reachable through Identity/Constant/Cast and
         shape-only ops; None when it is a graph input or computed (unknown, never guessed)."""

@@ -109,14 +109,6 @@ def walk_all(
     return layers, notes, batch_ops, relaxed_ops, _broken_weights(g, elementwise)
 
 
-def _constant_value(g: GraphIndex, tensor: str):
-    """The tensor a Constant node writes as ``tensor`` (older exporters store weights so), or None."""
-    idx = g.producer.get(tensor)
-    if idx is None or g.nodes[idx].op_type != "Constant" or g.nodes[idx].domain not in ONNX_DOMAINS:
-        return None
-    return g.attrs(idx).get("value")
-
-
 #: ops whose constant operands are learned weights, where NaN or Inf is never meant (an Add's or a Where's
 #: constant may be a -inf attention mask): the convolution a batch norm with NaN statistics was folded into
 _WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -139,9 +131,7 @@ def _broken_weights(g: GraphIndex, with_elementwise: bool) -> list[BrokenWeights
             continue
         bad = {}
         for t in node.input if elementwise else node.input[1:]:
-            init = g.initializers.get(t)
-            if init is None:
-                init = _constant_value(g, t)
+            init = g.stored_tensor(t)
             if init is None or init.data_type not in _FLOATS or init.data_location == init.EXTERNAL:
                 continue
             if elementwise and all(d == 1 for d in init.dims):
