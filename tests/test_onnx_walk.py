@@ -874,7 +874,9 @@ def test_walk_and_walk_with_notes_agree(tmp_path):
     assert notes == []
 
 
-def test_norm_ops_in_subgraphs_and_local_functions_are_noted(tmp_path):
+def test_norm_ops_in_subgraphs_are_noted_and_in_local_functions_found(tmp_path):
+    """A BatchNormalization inside an If's branch is not walked: it is counted in a warning. The LayerNorm of a
+    model-local function is found, the call inlined (functions.inline_calls)."""
     s, b, m, v = channel_params(3)
     inner_bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["then_y"], name="inner_bn")
     then_graph = helper.make_graph([inner_bn], "then", [], [vinfo("then_y", ["N", 3, 2, 2])])
@@ -914,15 +916,15 @@ def test_norm_ops_in_subgraphs_and_local_functions_are_noted(tmp_path):
     path = tmp_path / "hidden.onnx"
     onnx.save(model, str(path))
     layers, view = load_layers(str(path))
-    assert layers == []
-    assert any(n.level == "warning" and n.message.startswith("2 normalization layer(s)") for n in view.notes)
+    assert [(layer.op_type, layer.input) for layer in layers] == [("LayerNormalization", "y1")]
+    assert any(n.level == "warning" and n.message.startswith("1 normalization layer(s)") for n in view.notes)
 
 
-def test_chains_written_out_in_nested_bodies_and_local_functions_are_noted(tmp_path):
+def test_chains_written_out_in_nested_bodies_are_noted_and_in_local_functions_found(tmp_path):
     """A LayerNorm written out op by op inside an If's branch (as openwakeword's hey_jarvis model carries two)
-    or a model-local function is not walked either, and is counted as a named op is: its epsilon and scale
-    read by name from the scopes around it (the enclosing body's initializers, the main graph's). A body's
-    reduction that is no norm (a ReduceSum) is not counted."""
+    is not walked, and is counted as a named op is: its epsilon and scale read by name from the scopes around
+    it (the enclosing body's initializers, the main graph's). A body's reduction that is no norm (a ReduceSum)
+    is not counted. The chain of a model-local function is found, the call inlined."""
     chain, params = moments_chain((-1,), 17)
     eps, two = params
     inner = helper.make_graph(chain, "inner", [], [vinfo("y", ["N", 6])])
@@ -966,10 +968,10 @@ def test_chains_written_out_in_nested_bodies_and_local_functions_are_noted(tmp_p
     np.testing.assert_allclose(branch, numpy_norm(x, (1,), F32_EPS, gamma, beta), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(y_fn, numpy_norm(x, (1,), F32_EPS), rtol=1e-4, atol=1e-5)
     layers, view = load_layers(str(path))
-    assert layers == []
+    assert [(layer.op_type, layer.kind, layer.input) for layer in layers] == [("decomposed", Kind.LAYER, "x")]
     hidden = [n.message for n in view.notes if n.level == "warning"]
     assert hidden == [
-        "2 normalization layer(s) inside control-flow subgraphs or model-local functions were not inspected "
+        "1 normalization layer(s) inside control-flow subgraphs or model-local functions were not inspected "
         "(ops, or chains written out op by op)"
     ]
 

@@ -53,6 +53,22 @@ def copy_messages(target: Any, messages: Iterable[Any]) -> None:
         add().CopyFrom(message)
 
 
+def copy_fields(source: Any, target: Any, skip: set[str]) -> None:
+    """Copy every set field of a protobuf message but those named in ``skip`` (CopyFrom would copy the weights
+    too)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name in skip:
+            continue
+        if descriptor.is_repeated and descriptor.message_type is not None:
+            copy_messages(getattr(target, descriptor.name), value)
+        elif descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
 @functools.cache  # thousands of tensors of a few types, and onnx's lookup builds a numpy dtype each time
 def element_size(data_type: int) -> int | None:
     """Bytes per element of an ONNX tensor type (8 for strings: numpy's object pointers), None for a type numpy

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import BackendError, sha256_of
-from bncheck.backends.onnx.graph import copy_messages, tensor_nbytes, topological_order
+from bncheck.backends.onnx.graph import copy_fields, copy_messages, tensor_nbytes, topological_order
 from bncheck.errors import few, one_line
 from bncheck.model import Dim, ModelInfo, Note
 
@@ -550,9 +550,9 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     if not constants and not nested and all(tensor_nbytes(t) <= SKELETON_KEEP_BYTES for t in graph.initializer):
         return model
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip={"graph"})
+    copy_fields(model, skeleton, skip={"graph"})
     out = skeleton.graph
-    _copy_fields(graph, out, skip={"initializer", "node"} if constants or nested else {"initializer"})
+    copy_fields(graph, out, skip={"initializer", "node"} if constants or nested else {"initializer"})
     declared = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if tensor_nbytes(tensor) <= SKELETON_KEEP_BYTES:
@@ -597,14 +597,14 @@ def _copy_nodes_without(graph: Any, constants: set[int], nested: Nested, target:
         if subgraphs is None:
             copy.CopyFrom(node)
             continue
-        _copy_fields(node, copy, skip={"attribute"})
+        copy_fields(node, copy, skip={"attribute"})
         for j, attribute in enumerate(node.attribute):
             if j not in subgraphs:
                 copy.attribute.add().CopyFrom(attribute)
                 continue
             attr = copy.attribute.add()
-            _copy_fields(attribute, attr, skip={"g"})
-            _copy_fields(attribute.g, attr.g, skip={"node"})
+            copy_fields(attribute, attr, skip={"g"})
+            copy_fields(attribute.g, attr.g, skip={"node"})
             _copy_nodes_without(attribute.g, *subgraphs[j], attr.g.node, hoisted)
 
 
@@ -636,22 +636,6 @@ def _large_constants(graph: Any) -> tuple[set[int], Nested]:
 #: the ONNX ops whose attributes hold subgraphs; tested by op name, not graph.has_subgraphs, which reads every
 #: node's attributes (2.3 against 0.5 ms a scan of layout_cdla's 1,493 nodes)
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
-
-
-def _copy_fields(source: Any, target: Any, skip: set[str]) -> None:
-    """Copy every set field of a protobuf message but those named in ``skip`` (CopyFrom would copy the weights
-    too)."""
-    for descriptor, value in source.ListFields():
-        if descriptor.name in skip:
-            continue
-        if descriptor.is_repeated and descriptor.message_type is not None:
-            copy_messages(getattr(target, descriptor.name), value)
-        elif descriptor.is_repeated:
-            getattr(target, descriptor.name).extend(value)
-        elif descriptor.message_type is not None:
-            getattr(target, descriptor.name).CopyFrom(value)
-        else:
-            setattr(target, descriptor.name, value)
 
 
 #: the name a batch dim written as -1 or 0 gets (axis 0 of a graph input).
@@ -1021,6 +1005,7 @@ def _load_onnx(path: str, weights: bool) -> OnnxHandle:
     total = size + external_size
     large = total > PROTOBUF_LIMIT
     weight_notes = _unknown_key_notes(model) + _load_view_weights(path, model) if external else []
+    weight_notes += _inlined(model)
     inferred, notes = _check_and_infer(path, model, large)
     notes = weight_notes + notes
     shapes, types = _collect_shapes(inferred, model)
@@ -1039,6 +1024,22 @@ def _load_onnx(path: str, weights: bool) -> OnnxHandle:
     if pending is not None:
         handle.pending_sha256 = _completing(handle, pending)
     return handle
+
+
+def _inlined(model: onnx.ModelProto) -> list[Note]:
+    """Inline the calls of ``model``'s local functions (:mod:`functions`), with the note that says so."""
+    from bncheck.backends.onnx.functions import inline_calls
+
+    count = len(model.functions)
+    if not inline_calls(model):
+        return []
+    return [
+        Note(
+            "info",
+            f"the file's {count} model-local function(s) are inlined, as onnxruntime runs them (onnx.inliner): "
+            "the norm layers inside them are checked, and a model `fix` writes keeps them inlined",
+        )
+    ]
 
 
 def _completing(handle: OnnxHandle, hashing: Callable[[], str]) -> Callable[[], str]:

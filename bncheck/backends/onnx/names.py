@@ -320,7 +320,7 @@ def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
             continue
         source = g.stored_source(tensor)
         stored = source in g.initializers or g.produced_by(source, "Constant") is not None
-        if stored and lowered:
+        if stored and (lowered or g.produced_by(tensor, "Identity") is not None):
             source = _named_copy(g, tensor, source)
         value = g.param(source) if stored else None
         if value is None or (lowered and (value.dtype.kind != "f" or value.size <= 1)):

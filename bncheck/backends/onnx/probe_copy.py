@@ -35,6 +35,7 @@ import numpy as np
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import memory
 from bncheck.backends.onnx.cancel import run_options
+from bncheck.backends.onnx.functions import undefined_function_op
 from bncheck.backends.onnx.graph import copied, copy_messages, has_subgraphs, topological_order
 from bncheck.backends.onnx.instrument import _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes, own_skeleton
@@ -162,26 +163,6 @@ def _fixed_feeds(graph: Any, names: dict[str, float]) -> dict[str, np.ndarray]:
         dtype = np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
         feeds[info.name] = np.full(dims, names[info.name], dtype=dtype)
     return feeds
-
-
-def undefined_function_op(model: onnx.ModelProto) -> str | None:
-    """Why onnxruntime cannot build a session, when a model-local function calls a standard op its opset
-    does not define (None otherwise): onnxruntime crashes the process on those instead of raising."""
-    from onnx import defs
-
-    model_versions = {(o.domain or ""): int(o.version) for o in model.opset_import}
-    for function in model.functions:
-        versions = {**model_versions, **{(o.domain or ""): int(o.version) for o in function.opset_import}}
-        for node in function.node:
-            domain = "" if node.domain in ("", "ai.onnx") else node.domain
-            if domain not in ("", "ai.onnx.ml") or domain not in versions:
-                continue  # other domains are local functions or custom ops: onnxruntime reports those itself
-            if not defs.has(node.op_type, versions[domain], domain):
-                return (
-                    f"model-local function {function.name[:80]!r} calls {node.op_type[:80]!r}, "
-                    f"which {domain or 'ai.onnx'} opset {versions[domain]} does not define"
-                )
-    return None
 
 
 def _upgrade(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:

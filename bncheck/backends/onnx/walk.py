@@ -686,11 +686,15 @@ def _hidden_norm_ops(g: GraphIndex) -> int:
         count += _norms_in(graph.node, list(graph.initializer), outer, g.model.opset_import)
         scope = {**outer, **{init.name: init for init in graph.initializer}}
         stack.extend((body, scope) for node in graph.node for body in _bodies(node))
+    # the functions load could not inline (functions.inline_calls), each once, with those they call in turn
     functions = {(f.domain, f.name): f for f in g.model.functions}
-    if functions:
-        called = {(n.domain, n.op_type) for n in g.nodes}
-        for key in called & set(functions):
-            count += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
+    called = {(n.domain, n.op_type) for n in g.nodes} & set(functions)
+    reached: set[tuple[str, str]] = set()
+    while called:
+        key = called.pop()
+        reached.add(key)
+        count += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
+        called |= {(n.domain, n.op_type) for n in functions[key].node} & set(functions) - reached
     return count
 
 
