@@ -320,8 +320,10 @@ def _weights(g: GraphIndex, layer: NormLayer, indices: list[int]) -> list[str]:
             continue
         source = g.stored_source(tensor)
         stored = source in g.initializers or g.produced_by(source, "Constant") is not None
-        if stored and (lowered or g.produced_by(tensor, "Identity") is not None):
+        if stored and lowered:
             source = _named_copy(g, tensor, source)
+        elif stored and _module_copy(g, tensor, source):
+            source = tensor
         value = g.param(source) if stored else None
         if value is None or (lowered and (value.dtype.kind != "f" or value.size <= 1)):
             continue
@@ -344,6 +346,15 @@ def _named_copy(g: GraphIndex, tensor: str, source: str) -> str:
             return source
         tensor = g.nodes[idx].input[0]
     return source
+
+
+def _module_copy(g: GraphIndex, tensor: str, source: str) -> bool:
+    """Whether ``tensor`` is torch's copy of another module's equal weight under its own module's name, read
+    through an Identity (an untrained model's ``b2.bn.weight = Identity(b1.bn.weight)``)."""
+    idx = g.produced_by(tensor, "Identity")
+    return (
+        idx is not None and g.nodes[idx].input[0] == source and tensor.rpartition(".")[2] == source.rpartition(".")[2]
+    )
 
 
 #: onnxruntime's fused norms whose inputs are (input, skip, gamma, beta, bias)
