@@ -48,7 +48,8 @@ def module_functions_model(
 ) -> str:
     """x[N, 3, 8, 8] -> b1 -> b2 -> GlobalAveragePool -> y, each block a call of function ``Block`` (Conv,
     a call of ``BatchNorm2d``, Relu). ``training``: the BatchNormalization is exported in training mode;
-    ``trained=False``: an untrained model's statistics (0/1), b2's read through Identity copies of b1's.
+    ``trained=False``: an untrained model's statistics (0/1), stored once as b1's weight (ones) and bias
+    (zeros) and read through an Identity per other parameter, as torch exports them.
     ``eps`` reaches the BatchNormalization through two calls' attributes (Block's ``bn_eps``, BatchNorm2d's
     ``eps``); each Block call also carries its conv weight as an attribute no node reads, as torch's record.
     ``bn_opset``: the opset BatchNorm2d imports (onnx.checker refuses one other than the model's 15)."""
@@ -86,10 +87,11 @@ def module_functions_model(
         values = _bn_values(rng, 3, trained)
         for name in params:
             tensor = f"{block}.bn.{name}"
-            if trained or block == "b1":
+            stored = f"b1.bn.{'bias' if name in ('bias', 'running_mean') else 'weight'}"  # b1's zeros or ones
+            if trained or tensor == stored:
                 inits.append(numpy_helper.from_array(values[name].astype(np.float32), tensor))
-            else:  # torch stores equal weights once and reads each module's through an Identity
-                nodes.append(helper.make_node("Identity", [f"b1.bn.{name}"], [tensor], name=f"Identity_{len(nodes)}"))
+            else:  # torch stores equal weights once and reads every other copy through an Identity
+                nodes.append(helper.make_node("Identity", [stored], [tensor], name=f"Identity_{len(nodes)}"))
     weights = {t.name: t for t in inits}
     for block, (source, out) in {"b1": ("x", "h1"), "b2": ("h1", "h2")}.items():
         reads = [source, f"{block}.conv.weight", *(f"{block}.bn.{p}" for p in params)]

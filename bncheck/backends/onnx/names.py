@@ -349,12 +349,12 @@ def _named_copy(g: GraphIndex, tensor: str, source: str) -> str:
 
 
 def _module_copy(g: GraphIndex, tensor: str, source: str) -> bool:
-    """Whether ``tensor`` is torch's copy of another module's equal weight under its own module's name, read
-    through an Identity (an untrained model's ``b2.bn.weight = Identity(b1.bn.weight)``)."""
+    """Whether ``tensor`` is torch's copy of a stored weight under its own module's name: the exporter keeps one
+    copy of equal weights (an untrained model's ones and zeros) and reads it through an Identity per module
+    (``layer1.0.bn1.running_mean = Identity(bn1.bias)``), while the module it is named after reads it directly.
+    A stored tensor only an Identity reads is the graph index's dequantized constant, named as stored."""
     idx = g.produced_by(tensor, "Identity")
-    return (
-        idx is not None and g.nodes[idx].input[0] == source and tensor.rpartition(".")[2] == source.rpartition(".")[2]
-    )
+    return idx is not None and g.nodes[idx].input[0] == source and len(g.users(source)) > 1
 
 
 #: onnxruntime's fused norms whose inputs are (input, skip, gamma, beta, bias)
