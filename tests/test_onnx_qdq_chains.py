@@ -18,11 +18,13 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantiz
 from bncheck.cli import main
 
 
-def _layer_norm_model(path: Path, width: int) -> str:
+def _layer_norm_model(path: Path, width: int, module: str | None = None) -> str:
     """x[N, 4] -> MatMul -> [N, 8 / width, width] -> LayerNorm over the last axis written op by op
     (ReduceMean, Sub, Pow, ReduceMean, Add eps, Sqrt, Div, Mul ln.weight, Add ln.bias; nodes unnamed, so the
     layer is named after its weights) -> MatMul -> y[N, 3].
-    ``width`` 1: the normalized set has one element, so the layer outputs ln.bias whatever x is (BN001)."""
+    ``width`` 1: the normalized set has one element, so the layer outputs ln.bias whatever x is (BN001).
+    ``module``: the chain's nodes are named as the dynamo exporter names them (node_...), and its first two
+    carry the module path in its metadata."""
     rng = np.random.default_rng(0)
     groups = 8 // width
     inits = [
@@ -50,6 +52,12 @@ def _layer_norm_model(path: Path, width: int) -> str:
         helper.make_node("Reshape", ["ln_out", "flat"], ["f"], name="to_flat"),
         helper.make_node("MatMul", ["f", "w_out"], ["y"], name="head"),
     ]
+    if module is not None:
+        for node in nodes[2:11]:
+            node.name = f"node_{node.op_type.lower()}_{node.output[0]}"
+        for node in nodes[2:4]:  # those that read the reshaped input, which quantize_static rounds in a pair
+            scopes = repr(["", module, f"aten_{node.op_type.lower()}"])
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes)
     graph = helper.make_graph(
         nodes,
         "hand_written_layer_norm",
@@ -93,6 +101,15 @@ def test_a_quantized_hand_written_layer_norm_keeps_its_name_and_parameters(tmp_p
     (layer,) = after["layers"]
     assert layer["kind"] == "layer" and layer["channels"] == 8
     assert layer["epsilon"] == pytest.approx(1e-5, rel=0.01)  # read through its DequantizeLinear
+
+
+def test_a_quantized_chain_keeps_the_module_path_its_nodes_carry(tmp_path: Path) -> None:
+    """quantize_static's pairs are read through by copies of the chain's nodes: those keep the metadata the
+    dynamo exporter names the module by."""
+    source = _layer_norm_model(tmp_path / "ln.onnx", width=8, module="encoder.norm")
+    quantized = _quantized(source, tmp_path / "ln.qdq.onnx")
+    names = [[layer["name"] for layer in _report("inspect", model)[1]["layers"]] for model in (source, quantized)]
+    assert names == [["encoder.norm"], ["encoder.norm"]]
 
 
 @pytest.mark.parametrize("command", ["inspect", "probe"])

@@ -236,6 +236,7 @@ class GraphIndex:
                         domain=node.domain,
                     )
                     copy.attribute.extend(node.attribute)
+                    copy.metadata_props.extend(node.metadata_props)  # the dynamo exporter's module path
                     nodes[idx] = copy
         return nodes
 
