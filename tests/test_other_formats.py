@@ -1,6 +1,6 @@
 """Other frameworks' files given as models: each named for what it is, with the way to a file bncheck reads, in
-one line (exit 2), never "truncated or corrupt". The files are real ones, written by PyTorch and TensorFlow
-(tests/other_formats/make_other_formats.py) and committed."""
+one line (exit 2), never "truncated or corrupt". The files are real ones, written by PyTorch, TensorFlow
+and onnxruntime (tests/other_formats/make_other_formats.py) and committed."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ CASES = [
     ("torchscript.pt", "is a TorchScript archive", "torch.onnx.export"),
     ("weights.safetensors", "holds safetensors weights", "torch.onnx.export"),
     ("model.tflite", "is a TensorFlow Lite model", "tf2onnx.convert --tflite"),
+    ("model.ort", "is an onnxruntime model in its ORT format", "the .onnx file the .ort was converted from"),
     ("saved_model/saved_model.pb", "is the graph of a TensorFlow SavedModel", "--saved-model"),
     ("saved_model/variables/variables.index", "is part of a TensorFlow checkpoint", "model.save('model.keras')"),
     ("tf_checkpoint/ckpt-1.data-00000-of-00001", "is part of a TensorFlow checkpoint", "model.save('model.keras')"),

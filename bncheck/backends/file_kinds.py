@@ -1,5 +1,5 @@
 """What a file or folder given as a model is, when it is neither ONNX nor a Keras model: the formats people pass
-by mistake (PyTorch, TensorFlow, TensorFlow Lite, safetensors), named with the way to a file bncheck reads.
+by mistake (PyTorch, TensorFlow, TensorFlow Lite, onnxruntime's ORT format, safetensors), named with the way to a file bncheck reads.
 
 From names and leading bytes only: nothing is imported or unpickled.
 """
@@ -38,6 +38,11 @@ def describe(path: str, head: bytes) -> str | None:
         return (
             "is a TensorFlow Lite model, which bncheck does not read: convert it to ONNX with python -m "
             f"tf2onnx.convert --tflite {path} --output model.onnx"
+        )
+    if head[4:8] == b"ORTM":
+        return (
+            "is an onnxruntime model in its ORT format, which bncheck does not read: give it the .onnx file the "
+            ".ort was converted from (python -m onnxruntime.tools.convert_onnx_models_to_ort)"
         )
     if head.startswith(_HDF5_MAGIC):
         if b"model_config" in _leading(path):  # the root's attributes sit in its first object header

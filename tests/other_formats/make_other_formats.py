@@ -2,6 +2,7 @@
 
     /work/venvs/torch/bin/python tests/other_formats/make_other_formats.py torch   # torch and safetensors
     /work/venvs/tf/bin/python tests/other_formats/make_other_formats.py tf         # tensorflow
+    python tests/other_formats/make_other_formats.py ort                            # onnxruntime's ORT format
 
 Each framework writes its own files from a tiny model with fixed seeds, into this folder (committed: a few kB
 each, so that the tests need neither framework).
@@ -52,5 +53,18 @@ def tf_files() -> None:
     os.replace(HERE / "keras_model.keras", HERE / "keras_archive.zip")  # a Keras archive under another suffix
 
 
+def ort_files() -> None:
+    """A sample model converted by onnxruntime's own tool to its ORT format, which onnxruntime runs."""
+    import subprocess
+    import tempfile
+
+    source = HERE.parent.parent / "sample_models" / "clean_bn_convnet.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(source, Path(tmp) / "model.onnx")
+        tool = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", "--output_dir", tmp]
+        subprocess.run([*tool, str(Path(tmp) / "model.onnx")], check=True, capture_output=True)
+        shutil.copy(Path(tmp) / "model.ort", HERE / "model.ort")
+
+
 if __name__ == "__main__":
-    {"torch": torch_files, "tf": tf_files}[sys.argv[1]]()
+    {"torch": torch_files, "tf": tf_files, "ort": ort_files}[sys.argv[1]]()
