@@ -164,6 +164,54 @@ def test_torchscript_scoped_nodes_take_the_module_path_their_weights_name(tmp_pa
     ]
 
 
+def _torchscript_like(tmp_path: Path) -> str:
+    inits: list = []
+    nodes = [
+        _bn("/layer1/layer1.0/bn1/BatchNormalization", "x", "a", "layer1.0.bn1", inits),
+        _bn("/head/bn/BatchNormalization", "a", "y", "head.bn", inits, stale=True),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "torchscript_like.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_models_merged_by_onnx_compose_keep_their_prefixes_and_module_paths(tmp_path: Path) -> None:
+    """onnx.compose.merge_models prefixes each model's names (m1/, m2/): a TorchScript node name becomes
+    m1//layer1/layer1.0/bn1/BatchNormalization, a dynamo one m2/node_...; each layer is its module path under its
+    model's prefix, and the same module of the two models is not a second call of one (#2)."""
+    from onnx import compose
+
+    first = compose.add_prefix(onnx.load(_torchscript_like(tmp_path)), "m1/")
+    second = compose.add_prefix(onnx.load(_dynamo_like(tmp_path)), "m2/")
+    merged = compose.merge_models(first, second, io_map=[("m1/y", "m2/x")])
+    path = tmp_path / "merged.onnx"
+    onnx.save(merged, str(path))
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert [layer["name"] for layer in doc["layers"]] == [
+        "m1/layer1.0.bn1",
+        "m1/head.bn",
+        "m2/bn",
+        "m2/bn#2",
+        "m2/head.head_bn",
+        "m2/my_bn",
+    ]
+    assert sorted((f["code"], f["layer"]) for f in doc["findings"]) == [
+        ("BN003", "m1/head.bn"),
+        ("BN003", "m2/head.head_bn"),
+    ]
+
+
 def test_torchscript_scoped_nodes_sharing_another_layers_weights_take_their_own_scope(tmp_path: Path) -> None:
     """The exporter keeps one copy of equal initializers (a fresh BN's ones and zeros, never-updated 0/1
     statistics): a BN under /layer1/layer1.0/bn2/ reads layer1.0.bn1's tensors. Each is named after its own

@@ -52,14 +52,16 @@ def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> lis
 
 def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int], scopes: list[Counter[str]]) -> str:
     indices = [idx] + [by_name[n] for n in layer.nodes if n in by_name and by_name[n] != idx]
+    composed = _compose_prefix(g.nodes[idx].name)
     for i in indices:
         path = module_path(g.nodes[i])
         if path:
-            return path
-    scope = _torch_scope(g.nodes[idx].name, g.nodes[idx].op_type)
+            return composed + path
+    scope = _torch_scope(g.nodes[idx].name.removeprefix(composed), g.nodes[idx].op_type)
     if scope is not None:
-        return _torch_module(scope, _weights(g, layer, indices))
-    if not is_generated(g.nodes[idx].name, g.nodes[idx].op_type):
+        weights = [w.removeprefix(composed) for w in _weights(g, layer, indices)]
+        return composed + _torch_module(scope, weights)
+    if not is_generated(g.nodes[idx].name.removeprefix(composed), g.nodes[idx].op_type):
         if layer.op_type != "decomposed":
             return _tf_op_scope(layer.name)
         scoped = _tf_layer_scope(_tf_op_scope(layer.name))  # a fused BN tf2onnx wrote out: named after it
@@ -87,12 +89,13 @@ def op_name(g: GraphIndex, idx: int, weights: list[str]) -> str:
     """The name the user wrote for the module of node ``idx`` (a convolution, say), which reads ``weights``: the
     dynamo exporter's module path, TorchScript's scopes, the weights' common prefix, else the node's name."""
     node = g.nodes[idx]
+    composed = _compose_prefix(node.name)
     path = module_path(node)
     if path:
-        return path
-    scope = _torch_scope(node.name, node.op_type)
+        return composed + path
+    scope = _torch_scope(node.name.removeprefix(composed), node.op_type)
     if scope is not None:
-        return _torch_module(scope, weights)
+        return composed + _torch_module(scope, [w.removeprefix(composed) for w in weights])
     # a Keras BatchNormalization that tf2onnx folded into this op: its shift is TensorFlow's batchnorm/sub, named
     # in the layer's scope, and that layer is where a NaN or negative variance came from
     folded = [w.split("/batchnorm/")[0] for w in weights if "/batchnorm/" in w]
@@ -100,6 +103,17 @@ def op_name(g: GraphIndex, idx: int, weights: list[str]) -> str:
     # TFLite names a fused op, and its weights, by every op it fused, the op itself last: "relu;bn/...;conv"
     name = name.rsplit(";", 1)[-1]
     return _without_keras3_suffixes(name) if _keras3_scoped(g) else name
+
+
+#: the prefix onnx.compose.add_prefix (and merge_models, one per model) puts before every name: before the "/"
+#: a TorchScript node name starts with (m1//layer1/bn1/BatchNormalization) or a dynamo one's "node_"
+_COMPOSED = re.compile(r"(.+?/)(?=/|node_)")
+
+
+def _compose_prefix(name: str) -> str:
+    """The prefix onnx.compose put before a torch exporter's node name ``name`` ("" for none)."""
+    match = _COMPOSED.match(name)
+    return match.group(1) if match else ""
 
 
 def _keras3_scoped(g: GraphIndex) -> bool:
