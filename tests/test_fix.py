@@ -300,6 +300,56 @@ def test_removed_training_output_still_read_is_not_fixed(tmp_path: Path, calib: 
     assert actions(report)["bn2"] == "to-inference"
 
 
+def _reading_training_outputs(model: onnx.ModelProto, live: bool) -> onnx.ModelProto:
+    """``model`` (train mode) with bn1's running mean read as tools leave it: a Cast and a QuantizeLinear ->
+    DequantizeLinear pair that lead nowhere (onnxconverter-common's mixed precision, quantize_static), and,
+    where ``live``, an Add of that into the logits."""
+    graph = model.graph
+    graph.initializer.extend(
+        [numpy_helper.from_array(np.float32(0.01), "q.scale"), numpy_helper.from_array(np.uint8(128), "q.zero")]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Cast", ["bn1.running_mean"], ["rm16"], to=TensorProto.FLOAT16, name="to_half"),
+            helper.make_node("QuantizeLinear", ["bn1.running_mean", "q.scale", "q.zero"], ["rm_q"], name="q"),
+            helper.make_node("DequantizeLinear", ["rm_q", "q.scale", "q.zero"], ["rm_dq"], name="dq"),
+        ]
+    )
+    if live:
+        logits = next(n for n in graph.node if n.op_type == "Gemm")
+        logits.output[0] = "fc_out"
+        graph.node.extend(
+            [
+                helper.make_node("ReduceMean", ["rm_dq"], ["rm_mean"], keepdims=0, name="rm_mean"),
+                helper.make_node("Add", ["fc_out", "rm_mean"], ["logits"], name="plus_rm"),
+            ]
+        )
+    return model
+
+
+def test_training_outputs_read_only_by_nodes_that_reach_no_output_are_removed_with_them(
+    train_fixed, calib: str, tmp_path: Path
+) -> None:
+    src = save(_reading_training_outputs(convnet(training=True), live=False), tmp_path / "m.onnx")
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, calib)
+    assert actions(report) == {"bn1": "to-inference", "bn2": "to-inference"}
+    model = onnx.load(out)
+    assert {n.name for n in model.graph.node}.isdisjoint({"to_half", "q", "dq"})
+    assert {"q.scale", "q.zero"}.isdisjoint(t.name for t in model.graph.initializer)
+    onnx.checker.check_model(out, full_check=True)
+    x = samples(8, seed=21)  # the same model without the dead nodes: the same fixed model
+    np.testing.assert_allclose(run(out, x), run(train_fixed[1], x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_output_that_reaches_an_output_through_other_nodes_is_not_fixed(tmp_path: Path, calib: str) -> None:
+    src = save(_reading_training_outputs(convnet(training=True), live=True), tmp_path / "m.onnx")
+    report = fix(src, str(tmp_path / "f.onnx"), calib)
+    entry = entry_of(report, "bn1")
+    assert entry.action == "not-fixed" and "'bn1.running_mean' is read by" in entry.reason
+    assert actions(report)["bn2"] == "to-inference"
+
+
 # ---------------------------------------------------------------------------- stale statistics
 
 

@@ -352,6 +352,30 @@ class _GraphFacts:
         self.by_name: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
             self.by_name.setdefault(node.name or (node.output[0] if node.output else ""), []).append(node)
+        self._nodes = graph.node
+        self._live: set[str] | None = None
+
+    def live(self, tensor: str) -> bool:
+        """Whether ``tensor`` reaches a graph output through the nodes that read it."""
+        if self._live is None:
+            self._live = live_tensors(self._nodes, self.graph_outputs)
+        return tensor in self._live
+
+
+def live_tensors(nodes: Iterable[onnx.NodeProto], outputs: Iterable[str]) -> set[str]:
+    """The tensors a graph output depends on (subgraphs' outer reads included)."""
+    nodes = list(nodes)
+    live = set(outputs)
+    grew = True
+    while grew:  # one pass in reverse when the nodes are sorted, as ONNX requires
+        grew = False
+        for node in reversed(nodes):
+            if any(out in live for out in node.output):
+                reads = set(node_reads(node)) - live
+                if reads:
+                    live |= reads
+                    grew = True
+    return live
 
 
 def _node_key(node: onnx.NodeProto) -> str:
@@ -453,7 +477,7 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
                     TRAIN_MODE,
                     old=old,
                 )
-            if readers:
+            if readers and graph.live(out):  # nodes that lead to no output go with it (_edit_to_inference)
                 return LayerFix(
                     name,
                     "not-fixed",
@@ -925,9 +949,30 @@ def _edit_to_inference(node_key: str, opset: int) -> Edit:
                 attr.i = 1
         if opset < 7 and not any(a.name == "is_test" for a in node.attribute):
             node.attribute.append(helper.make_attribute("is_test", 1))
+        # the nodes below the training outputs lead to no graph output (the plan refuses otherwise): a
+        # quantizer's or a Cast's that a tool hung there
+        below = _nodes_below(model.graph.node, removed)
+        if below:
+            read = {name for n in below for name in node_reads(n)}
+            removed |= {o for n in below for o in n.output}
+            gone = {_node_key(n) for n in below}
+            _delete_where(model.graph.node, lambda n: _node_key(n) in gone)
+            _drop_dead_constants(model, read - removed)
+            index.reset()
         _delete_where(model.graph.value_info, lambda v: v.name in removed)
 
     return Edit(edit, ("inference", node_key, opset))
+
+
+def _nodes_below(nodes: Iterable[onnx.NodeProto], tensors: set[str]) -> list[onnx.NodeProto]:
+    """The nodes that read ``tensors``, directly or through each other (``nodes`` sorted)."""
+    reached = set(tensors)
+    below = []
+    for node in nodes:
+        if any(name in reached for name in node_reads(node)):
+            below.append(node)
+            reached.update(o for o in node.output if o)
+    return below
 
 
 def _edit_replace_chain(
