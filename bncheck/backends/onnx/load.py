@@ -799,14 +799,29 @@ def _through_ort_layouts(inferred: onnx.ModelProto, large: bool) -> onnx.ModelPr
 
     graph = inferred.graph
     if large or not any(
-        (node.domain == "com.microsoft" and node.op_type == "FusedConv") or node.domain == _NCHWC for node in graph.node
+        (node.domain == "com.microsoft" and node.op_type in ("FusedConv", *_QLINEAR_AS_ONNX)) or node.domain == _NCHWC
+        for node in graph.node
     ):
         return inferred
     stand_in = onnx.ModelProto()
     stand_in.CopyFrom(inferred)
+    # inferred afresh: a shape the file's inference guessed past an op it does not know ("unk__3") is no
+    # shape to keep
+    del stand_in.graph.value_info[:]
     extra = []
     for node in stand_in.graph.node:
-        if (node.domain == "com.microsoft" and node.op_type == "FusedConv") or (
+        if node.domain == "com.microsoft" and node.op_type in _QLINEAR_AS_ONNX:
+            op, operands = _QLINEAR_AS_ONNX[node.op_type]
+            inputs = list(node.input)[operands]
+            kept = [a for a in node.attribute if a.name != "channels_last"]
+            if len(kept) < len(node.attribute):
+                continue  # NHWC: no ONNX op of that layout
+            del node.input[:]
+            node.input.extend(inputs)
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.op_type, node.domain = op, ""
+        elif (node.domain == "com.microsoft" and node.op_type == "FusedConv") or (
             node.domain == _NCHWC and node.op_type in _NCHWC_AS_ONNX
         ):
             kept = [a for a in node.attribute if a.name not in ("activation", "activation_params")]
@@ -838,13 +853,44 @@ def _through_ort_layouts(inferred: onnx.ModelProto, large: bool) -> onnx.ModelPr
         shaped = onnx.shape_inference.infer_shapes(stand_in, strict_mode=False, data_prop=True)
     except Exception:
         return inferred
-    known = {v.name for v in list(graph.input) + list(graph.value_info) + list(graph.output) if _ranked(v)}
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output) if _ranked(v)}
     produced = {out for node in graph.node for out in node.output if out}
-    # the stand-in's inference went through the whole graph: what it found for the rest is the file's too
-    graph.value_info.extend(
-        info for info in shaped.graph.value_info if info.name in produced and info.name not in known and _ranked(info)
-    )
+    # the stand-in's inference went through the whole graph: what it found for the rest is the file's too,
+    # and where the file's has dims onnx made up, the stand-in's known ones replace them
+    better = [
+        info
+        for info in shaped.graph.value_info
+        if info.name in produced
+        and _ranked(info)
+        and (info.name not in known or _made_up_dims(info) < _made_up_dims(known[info.name]))
+    ]
+    replaced = {info.name for info in better}
+    kept = [v for v in graph.value_info if v.name not in replaced]
+    del graph.value_info[:]
+    copy_messages(graph.value_info, [*kept, *better])
     return inferred
+
+
+#: onnxruntime's quantized ops (QOperator format, com.microsoft) as the ONNX op of the same shapes, and the
+#: slice of their inputs that op takes: QLinearAdd(A, A_scale, A_zero, B, ...) adds A and B, QLinearConcat's
+#: inputs after its scale and zero point are (tensor, scale, zero) triples, QGemm multiplies A and B
+_QLINEAR_AS_ONNX: dict[str, tuple[str, slice]] = {
+    "QLinearAdd": ("Add", slice(0, 4, 3)),
+    "QLinearMul": ("Mul", slice(0, 4, 3)),
+    "QLinearConcat": ("Concat", slice(2, None, 3)),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", slice(0, 1)),
+    "QLinearAveragePool": ("AveragePool", slice(0, 1)),
+    "QLinearLeakyRelu": ("Identity", slice(0, 1)),
+    "QLinearSigmoid": ("Identity", slice(0, 1)),
+    "QLinearSoftmax": ("Identity", slice(0, 1)),
+    "QGemm": ("Gemm", slice(0, 4, 3)),
+}
+
+
+def _made_up_dims(info: Any) -> int:
+    """The dims of a value's shape that onnx's inference named itself (unk__N) or left blank."""
+    dims = info.type.tensor_type.shape.dim
+    return sum(1 for d in dims if not d.HasField("dim_value") and (not d.dim_param or d.dim_param.startswith("unk__")))
 
 
 #: onnxruntime contrib ops onnx cannot infer, whose first output has the shape of their first input.
