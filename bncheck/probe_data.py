@@ -404,6 +404,8 @@ def synthetic_inputs(
             feeds[spec.name] = _sentences(rng, shape)
         else:
             raise ProbeDataError(f"input {spec.name!r} has dtype {spec.dtype!r}, which bncheck cannot synthesize")
+        # numpy draws a scalar, not an array, for a rank-0 shape (an If's flag), which onnxruntime refuses
+        feeds[spec.name] = np.asarray(feeds[spec.name])
     return feeds
 
 

@@ -1065,3 +1065,27 @@ def test_a_runtime_error_of_an_unnamed_node_says_unnamed_instead_of_empty_quotes
         session.run(None, {"a": np.zeros((1, 2), np.float32), "b": np.zeros((2, 2), np.float32)})
     message = runtime_message(info.value)
     assert message.startswith("an unnamed Concat node: ") and "''" not in message
+
+
+def test_a_model_with_a_scalar_flag_input_is_probed(tmp_path):
+    """torch.jit.script exports an `if flag:` as an If on a rank-0 bool input, fed the same in every batch."""
+
+    def branch(op: str, out: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node(op, ["x"], [out])], op, [], [helper.make_tensor_value_info(out, F32, ["N", 4])]
+        )
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("Relu", "r"), else_branch=branch("Neg", "n"))],
+        "flagged",
+        [
+            helper.make_tensor_value_info("x", F32, ["N", 4]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", F32, ["N", 4])],
+    )
+    path = tmp_path / "flag.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    code, doc = _probe_json(str(path))
+    assert code == 0 and doc["findings"] == []
+    assert doc["probe"]["batch_sizes"] == [1, 2, 32]

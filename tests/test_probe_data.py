@@ -85,6 +85,13 @@ def test_synthetic_inputs_are_seeded_and_typed():
     assert a["mask"].dtype == np.bool_
 
 
+@pytest.mark.parametrize("dtype", ["bool", "float32", "int64"])
+def test_a_scalar_input_is_drawn_as_a_rank_0_array(dtype):
+    """numpy draws a scalar for shape (), which onnxruntime refuses for a flag (an If's condition)."""
+    (value,) = synthetic_inputs([InputSpec("flag", (), dtype, batch_axis=None)], 4, 0, {}).values()
+    assert isinstance(value, np.ndarray) and value.shape == () and value.dtype == np.dtype(dtype)
+
+
 def test_synthetic_floats_are_standard_normal():
     x = synthetic_inputs([InputSpec("x", ("N", 1000), "float32")], 50, 0, {})["x"]
     assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1.0) < 0.02
