@@ -145,6 +145,19 @@ def test_unnamed_and_paddle_nodes_take_their_weight_prefix(tmp_path: Path) -> No
     ]
 
 
+def test_nodes_of_a_scripted_module_without_scopes_take_their_weight_prefix(tmp_path: Path) -> None:
+    """torch.jit.script'ed modules export without scopes (/BatchNormalization, /BatchNormalization_1): the
+    weights name the module, and a module called in a loop is a module called again."""
+    inits: list = []
+    nodes = [
+        _bn("/BatchNormalization", "x", "a", "bn0", inits),
+        _bn("/BatchNormalization_1", "a", "b", "bn_loop", inits),
+        _bn("/BatchNormalization_2", "b", "y", "bn_loop", inits),
+    ]
+    layers = _inspected_layers(tmp_path / "scripted.onnx", nodes, inits, ["N", 4, 3, 3], opset=17, ir_version=8)
+    assert [layer["name"] for layer in layers] == ["bn0", "bn_loop", "bn_loop#2"]
+
+
 def test_torchscript_scoped_nodes_take_the_module_path_their_weights_name(tmp_path: Path) -> None:
     """torch >= 1.13's exporter names a node ``/<scopes>/<op>[_N]``; a Sequential's child is scoped by its full
     path (``/features/features.1/``), a module called again ``norm_1``: the weights say the module path."""
@@ -414,6 +427,7 @@ def test_generated_names_and_weight_prefixes() -> None:
         "p2o.BatchNormalization.3",
         "BatchNormalization@0",
         "batchnormalization__7",
+        "/BatchNormalization_1",  # TorchScript, in a scripted module: no scope
     ):
         assert is_generated(name, "BatchNormalization"), name
     for name in ("bn1", "/layer1/bn1/BatchNormalization", "model/bn/FusedBatchNormV3", "stem_bn"):

@@ -27,8 +27,9 @@ NAMESPACE = "namespace"
 #: characters that separate the components of a module path or a weight name
 _SEPARATORS = "./:"
 #: exporter prefixes and suffixes around an op type in generated node names (p2o.BatchNormalization.3,
-#: BatchNormalization_12, BatchNormalization@0, BatchNormalization__7)
-_DECOR = r"(?:p2o\.)?{op}(?:_token)?(?:[._@#:-]*\d+)*"
+#: BatchNormalization_12, BatchNormalization@0, BatchNormalization__7; TorchScript's /BatchNormalization_1 for
+#: a torch.jit.script'ed module, which keeps no scope)
+_DECOR = r"/?(?:p2o\.)?{op}(?:_token)?(?:[._@#:-]*\d+)*"
 #: weight names that exporters invent themselves (they say nothing about the user's module)
 #: (paddle2onnx 2.x names the tensors it makes, folded weights too, after their op: ``Reshape.2``)
 _GENERATED_WEIGHT = re.compile(
