@@ -2634,3 +2634,48 @@ def test_a_keras_batch_norm_traced_in_training_mode_is_called_so(tmp_path, scope
         assert "call it without training=True" in finding.hint
     else:
         assert finding.message.startswith("Hand-written batch norm") and "training=True" not in finding.hint
+
+
+def _torch_group_norm(x: str, y: str, tag: str, groups: int, channels: int) -> tuple[list, list]:
+    """torch's TorchScript export of nn.GroupNorm: Reshape to [N, groups, -1], an InstanceNormalization of ones and
+    zeros, Reshape back to Shape(x), then the affine Mul and Add."""
+    inits = [
+        const(f"{tag}.grouped", [0, groups, -1], np.int64),
+        const(f"{tag}.ones", np.ones(groups)),
+        const(f"{tag}.zeros", np.zeros(groups)),
+        const(f"{tag}.weight", RNG.uniform(0.5, 1.5, (channels, 1, 1))),
+        const(f"{tag}.bias", RNG.uniform(-0.5, 0.5, (channels, 1, 1))),
+    ]
+    nodes = [
+        helper.make_node("Reshape", [x, f"{tag}.grouped"], [f"{tag}.r"]),
+        helper.make_node("InstanceNormalization", [f"{tag}.r", f"{tag}.ones", f"{tag}.zeros"], [f"{tag}.n"]),
+        helper.make_node("Shape", [x], [f"{tag}.shape"]),
+        helper.make_node("Reshape", [f"{tag}.n", f"{tag}.shape"], [f"{tag}.back"]),
+        helper.make_node("Mul", [f"{tag}.back", f"{tag}.weight"], [f"{tag}.m"]),
+        helper.make_node("Add", [f"{tag}.m", f"{tag}.bias"], [y]),
+    ]
+    return nodes, inits
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_a_group_norm_after_another_at_an_old_opset_is_sized_as_at_a_newer_one(tmp_path, opset):
+    """Below opset 17 onnx's inference gives the first GroupNorm's Reshape back to Shape(x) no shape, so the
+    second's input has dims onnx made up: it was read as an instance norm of 2 channels whose set "the model does
+    not fix" (a BN001 info). Its shapes come from inference at opset 17, as a reduction's do."""
+    first, first_inits = _torch_group_norm("x", "a", "gn1", 2, 8)
+    second, second_inits = _torch_group_norm("p", "y", "gn2", 2, 8)
+    pool = helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2])
+    path = save(
+        tmp_path,
+        [*first, pool, *second],
+        [vinfo("x", ["N", 8, 4, 4])],
+        [vinfo("y", ["N", 8, 2, 2])],
+        first_inits + second_inits,
+        opset=opset,
+    )
+    layers, view = load_layers(path)
+    assert [(layer.kind, normalized_set_size(layer)) for layer in layers] == [
+        (Kind.GROUP, (64, ())),
+        (Kind.GROUP, (16, ())),
+    ]
+    assert bncheck.inspect(path).findings == []

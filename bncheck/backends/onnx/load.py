@@ -949,7 +949,8 @@ _INFERENCE_OPSET = 17
 
 
 def _through_newer_opset(inferred: onnx.ModelProto, skeleton: onnx.ModelProto, large: bool) -> onnx.ModelProto:
-    """Shapes onnx infers only at a newer opset, added where a reduction's input has none.
+    """Shapes onnx infers only at a newer opset, added where a reduction's input has none or a norm's has dims
+    onnx made up.
 
     At opsets below 13 onnx's data propagation does not follow Shape -> Gather -> Concat into a Reshape's
     target, so a transformer that splits its heads so leaves every later tensor without even a rank, and the
@@ -961,7 +962,7 @@ def _through_newer_opset(inferred: onnx.ModelProto, skeleton: onnx.ModelProto, l
     from onnx import version_converter
 
     opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if large or opset >= _INFERENCE_OPSET or not _rankless_reductions(inferred):
+    if large or opset >= _INFERENCE_OPSET or not (_rankless_reductions(inferred) or _norms_of_guessed_shape(inferred)):
         return inferred
     try:
         # the converter, as inference, follows the file's node order: a misplaced node loses every shape after it
@@ -969,10 +970,15 @@ def _through_newer_opset(inferred: onnx.ModelProto, skeleton: onnx.ModelProto, l
         newer = onnx.shape_inference.infer_shapes(converted, strict_mode=False, data_prop=True)
     except Exception:  # the converter has no adapter for many ops and versions: the shapes as they were
         return inferred
-    known = {v.name for v in list(inferred.graph.input) + list(inferred.graph.value_info) if _ranked(v)}
-    for value in newer.graph.value_info:
-        if value.name not in known and _ranked(value):
-            inferred.graph.value_info.append(value)
+    known = {v.name: v for v in list(inferred.graph.input) + list(inferred.graph.value_info) if _ranked(v)}
+    better = {
+        value.name: value
+        for value in newer.graph.value_info
+        if _ranked(value) and (value.name not in known or _made_up_dims(value) < _made_up_dims(known[value.name]))
+    }
+    kept = [v for v in inferred.graph.value_info if v.name not in better]
+    del inferred.graph.value_info[:]
+    copy_messages(inferred.graph.value_info, [*kept, *better.values()])
     return inferred
 
 
@@ -987,6 +993,22 @@ def _rankless_reductions(model: onnx.ModelProto) -> bool:
     ranked |= {init.name for init in model.graph.initializer}
     return any(
         node.op_type in ("ReduceMean", "ReduceSum", "GlobalAveragePool") and node.input and node.input[0] not in ranked
+        for node in model.graph.node
+    )
+
+
+#: the norm ops whose input's dims size the set they normalize (BN001 reads them)
+_NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
+
+
+def _norms_of_guessed_shape(model: onnx.ModelProto) -> bool:
+    """Some norm op reads a tensor whose shape onnx's inference made up dims of (unk__N) or did not find: a
+    lowered GroupNorm's Reshape back to the input's Shape at opsets below 13 leaves every later map so."""
+    shaped = {v.name: v for v in list(model.graph.input) + list(model.graph.value_info) if _ranked(v)}
+    return any(
+        node.op_type in _NORM_OPS
+        and node.input
+        and (node.input[0] not in shaped or _made_up_dims(shaped[node.input[0]]) > 0)
         for node in model.graph.node
     )
 
