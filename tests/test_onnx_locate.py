@@ -79,6 +79,42 @@ def test_a_dynamic_quantizer_after_a_merge_of_the_batch_is_located_there_not_at_
     assert finding.layer == "quantize" and "dynamic quantization" in finding.message
 
 
+def test_a_dependence_that_only_an_if_body_reads_is_located_where_it_starts_not_at_the_if(tmp_path):
+    """A softmax over the batch (the samples moved to axis 1) whose result only an If's branch reads, by name
+    from the outer scope: the dependence starts at the softmax, and the If passes it on."""
+    from bncheck import engine
+    from bncheck.backends import ProbeSettings
+
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["mixed"], ["out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
+    )
+    # per-sample work between the softmax and the If: the bisection's first cuts fall there
+    side = [helper.make_node("Relu" if i % 2 else "Neg", [f"s{i}"], [f"s{i + 1}"], name=f"side{i}") for i in range(8)]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["samples_last"], name="to_columns", perm=[1, 0]),
+        helper.make_node("Softmax", ["samples_last"], ["weights"], name="over_the_batch", axis=1),
+        helper.make_node("Transpose", ["weights"], ["mixed"], name="to_rows", perm=[1, 0]),
+        helper.make_node("Identity", ["x"], ["s0"], name="side_start"),
+        *side,
+        helper.make_node("If", ["always"], ["picked"], name="branch", then_branch=branch, else_branch=branch),
+        helper.make_node("Add", ["picked", "s8"], ["y"], name="plus_side"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor("always", TensorProto.BOOL, [], [True])],
+    )
+    path = str(tmp_path / "branch.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    [finding] = [f for f in engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8))).findings if f.code == "BN002"]
+    assert finding.layer == "over_the_batch"
+
+
 def test_an_output_follows_the_batch_on_the_axis_that_is_1_alone():
     assert output_sample_axis((8, 5), (1, 5), 8) == 0
     assert output_sample_axis((32, 8, 100), (32, 1, 100), 8) == 1  # a CTC head's [T, N, C]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.backends.onnx.cancel import run_options
-from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, upstream_nodes
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, TRANSPARENT, node_reads, upstream_nodes
 from bncheck.backends.onnx.instrument import keep_only, stub
 from bncheck.backends.onnx.tensors import to_array
 from bncheck.model import DYNAMIC_QUANT_OPS, LocatedDependence
@@ -188,7 +188,7 @@ def locate_dependence(
         return None
     last_read: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        for name in node.input:
+        for name in node_reads(node):  # an If/Loop body reads outer tensors by name
             last_read[name] = i
     graph_outputs = {o.name for o in graph.output}
     produced_at = {out: i for i, node in enumerate(nodes) for out in node.output if out}
