@@ -1002,15 +1002,25 @@ _NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNorm
 
 
 def _norms_of_guessed_shape(model: onnx.ModelProto) -> bool:
-    """Some norm op reads a tensor whose shape onnx's inference made up dims of (unk__N) or did not find: a
-    lowered GroupNorm's Reshape back to the input's Shape at opsets below 13 leaves every later map so."""
+    """Some norm op reads a tensor whose rank onnx's inference did not find, or, in a model whose inputs fix
+    every dim but the batch, one whose other dims it made up (unk__N): a lowered GroupNorm's Reshape back to
+    the input's Shape below opset 13 leaves every later map so. (Where an input leaves its height open, made-up
+    dims downstream are the file's own.)"""
     shaped = {v.name: v for v in list(model.graph.input) + list(model.graph.value_info) if _ranked(v)}
-    return any(
-        node.op_type in _NORM_OPS
-        and node.input
-        and (node.input[0] not in shaped or _made_up_dims(shaped[node.input[0]]) > 0)
-        for node in model.graph.node
+    stored = {t.name for t in model.graph.initializer}
+    inputs = [shaped.get(v.name) for v in model.graph.input if v.name not in stored]
+    fixed = all(
+        v is not None and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:]) for v in inputs
     )
+    for node in model.graph.node:
+        if node.op_type not in _NORM_OPS or not node.input:
+            continue
+        value = shaped.get(node.input[0])
+        if value is None:
+            return True
+        if fixed and any(not d.HasField("dim_value") for d in value.type.tensor_type.shape.dim[1:]):
+            return True
+    return False
 
 
 def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
