@@ -106,6 +106,20 @@ def test_every_norm_kind_reads_the_parameters_keras_holds_including_scale_and_ce
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_norm_without_beta_over_one_element_is_a_collapse_to_zero(tmp_path, suffix):
+    """center=False only drops beta: x - mean(x) over one element is still 0, whatever x (Keras's own output)."""
+    inp = keras.Input((6, 1), name="x")
+    out = layers.LayerNormalization(axis=-1, center=False, name="ln1")(layers.Dense(1, name="proj")(inp))
+    model = keras.Model(inp, layers.Flatten(name="flat")(out))
+    x = np.random.default_rng(0).normal(size=(4, 6, 1)).astype("float32")
+    assert np.all(np.asarray(model(x)) == 0)
+    path = str(tmp_path / f"ln{suffix}")
+    model.save(path)
+    report = bncheck.inspect(path)
+    assert [(f.code, f.severity.label, f.layer) for f in report.findings] == [("BN001", "error", "ln1")]
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_model_without_norm_layers_says_so_instead_of_an_empty_report(tmp_path, suffix):
     inp = keras.Input((8,), name="x")
     model = keras.Model(inp, layers.Dense(2, name="head")(layers.Dense(4, activation="relu")(inp)))

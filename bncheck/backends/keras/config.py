@@ -782,7 +782,8 @@ def _norm_layer(
         uses_running_stats=kind is Kind.BATCH and not batch_statistics,
         # Keras 3's predict() and training=False override a baked flag: the moving statistics still count
         running_stats_used_by=(KERAS2_AFTER_FIX if ctx.keras2 else KERAS3_OVERRIDES) if batch_statistics else (),
-        centered=kind in (Kind.BATCH, Kind.LAYER, Kind.GROUP) and bool(cfg.get("center", True)),
+        # the layer subtracts its mean whatever `center` says (which only adds beta): x - mean is 0 over one element
+        centered=kind in (Kind.BATCH, Kind.LAYER, Kind.GROUP),
         scale=params.get("gamma", params.get("scale")),
         bias=params.get("beta"),
         mean=params.get("moving_mean"),

@@ -184,7 +184,6 @@ def _layer(name: str, values: dict[str, np.ndarray]) -> NormLayer:
         channel_axis=None,
         channels=int(mean.size) if mean.ndim == 1 else None,
         uses_running_stats=True,
-        centered="beta" in values,
         scale=values.get("gamma"),
         bias=values.get("beta"),
         mean=mean,
