@@ -119,6 +119,51 @@ def test_a_norm_without_beta_over_one_element_is_a_collapse_to_zero(tmp_path, su
     assert [(f.code, f.severity.label, f.layer) for f in report.findings] == [("BN001", "error", "ln1")]
 
 
+def _renorm_model(clipping: dict | None = None, baked: bool = False) -> keras.Model:
+    """Dense -> BatchNormalization(renorm=True): three variables more (moving_stddev, renorm_mean,
+    renorm_stddev) after the moving statistics; each variable distinct."""
+    inp = keras.Input((6,), name="x")
+    bn = layers.BatchNormalization(renorm=True, renorm_clipping=clipping, name="bn")
+    out = bn(layers.Dense(4, name="d")(inp), training=True) if baked else bn(layers.Dense(4, name="d")(inp))
+    model = keras.Model(inp, out)
+    _randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5", ".weights.h5"])
+def test_a_batch_renormalization_reads_its_own_statistics_not_the_renorm_ones(tmp_path, suffix):
+    model = _renorm_model()
+    path = str(tmp_path / f"renorm{suffix}")
+    model.save_weights(path) if suffix == ".weights.h5" else model.save(path)
+    (layer,) = KerasBackend().load(path).layers
+    bn = model.get_layer("bn")
+    assert layer.unreadable is None
+    np.testing.assert_array_equal(layer.mean, np.asarray(bn.moving_mean))
+    np.testing.assert_array_equal(layer.var, np.asarray(bn.moving_variance))
+    np.testing.assert_array_equal(layer.scale, np.asarray(bn.gamma))
+
+
+def test_a_training_call_of_a_batch_renormalization_without_clipping_does_not_depend_on_the_batch(tmp_path):
+    """r and d bring the batch's moments back to the renorm statistics: Keras's own outputs of a sample alone
+    and in a batch agree, and the baked flag is an info, not BN002 (nor BN001). With clipping they bind: errors."""
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    results = {}
+    for clipping in (None, {"rmax": 1.5, "rmin": 0.7, "dmax": 0.2}):
+        model = _renorm_model(clipping, baked=True)
+        state = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+        together = np.asarray(model.stateless_call(*state, x)[0])
+        alone = np.asarray(model.stateless_call(*state, x[:1])[0])
+        path = str(tmp_path / f"renorm_{clipping is None}.keras")
+        model.save(path)
+        results[clipping is None] = (
+            float(np.abs(together[:1] - alone).max()),
+            [(f.code, f.severity.label) for f in bncheck.inspect(path).findings],
+        )
+    assert results[True][0] < 1e-5 and results[True][1] == [("BN002", "info")]
+    # clipped, a sample alone is a set of one element: (x - mean) / std is 0, and the output the clipped d
+    assert results[False][0] > 1e-3 and sorted(results[False][1]) == [("BN001", "error"), ("BN002", "error")]
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_model_without_norm_layers_says_so_instead_of_an_empty_report(tmp_path, suffix):
     inp = keras.Input((8,), name="x")

@@ -752,11 +752,19 @@ def _norm_layer(
     counts = [c.count for c in calls]
     baked = any(v is True for v in effective)
     trainable = cfg.get("trainable", True) is not False
-    batch_statistics = kind is Kind.BATCH and baked and trainable
+    # batch renormalization without clipping corrects the batch's moments by r and d back to its renorm
+    # statistics: (x - mean) / std * r + d = (x - renorm_mean) / renorm_std, the same whatever the batch
+    unclipped_renorm = bool(cfg.get("renorm")) and not cfg.get("renorm_clipping")
+    batch_statistics = kind is Kind.BATCH and baked and trainable and not unclipped_renorm
     if kind is Kind.BATCH and baked:
         notes.append(_baked_note(ctx.keras2, effective, counts, trainable))
     if kind is Kind.BATCH and cfg.get("renorm"):
-        notes.append("batch renormalization")
+        notes.append(
+            "batch renormalization without clipping: a training=True call normalizes by its renorm statistics, "
+            "not the batch's"
+            if baked and unclipped_renorm
+            else "batch renormalization"
+        )
     if cls == "SyncBatchNormalization" or cfg.get("synchronized"):
         notes.append("synchronized across replicas in training")
     eps = cfg.get("epsilon")

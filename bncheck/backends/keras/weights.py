@@ -24,11 +24,16 @@ _VAR_NAMES = {
 }
 
 
+#: the variables a BatchNormalization(renorm=True) creates after its moving statistics (Keras 3 and tf_keras)
+RENORM_VARS = ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+
 def expected_vars(kind: Kind, cls: str, cfg: dict[str, Any]) -> tuple[str, ...]:
     """Variable names in the order the layer creates them (absent ones dropped, so indices shift)."""
     scale, center = bool(cfg.get("scale", True)), bool(cfg.get("center", True))
     if kind is Kind.BATCH:
-        return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale, center, True, True)) if keep)
+        own = tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale, center, True, True)) if keep)
+        return own + (RENORM_VARS if cfg.get("renorm") else ())
     if kind is Kind.LAYER:
         rms = bool(cfg.get("rms_scaling", False))
         return tuple(v for v, keep in zip(_VAR_NAMES[kind], (scale or rms, center and not rms)) if keep)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.backends.keras.weights import NORM_GROUPS, attr_str, read_dataset
+from bncheck.backends.keras.weights import NORM_GROUPS, RENORM_VARS, attr_str, read_dataset
 from bncheck.errors import few
 from bncheck.model import BrokenWeights, Kind, NormLayer, Note
 
@@ -88,12 +88,14 @@ def _keras3_layers(
         # a sub-layer kept as an attribute is stored under the attribute's name, its own (generated) in its vars
         if (group_name.startswith("batch_normalization") or name.startswith("batch_normalization")) and variables:
             count = sum(1 for key in variables if key.isdigit())
-            if count >= 2:
+            # 2 to 4 variables (gamma and beta optional), 3 more after them with renorm=True (RENORM_VARS)
+            own = count - len(RENORM_VARS) if count > 4 else count
+            if own >= 2:
                 values = {
-                    "moving_mean": read_dataset(variables[str(count - 2)]),
-                    "moving_variance": read_dataset(variables[str(count - 1)]),
+                    "moving_mean": read_dataset(variables[str(own - 2)]),
+                    "moving_variance": read_dataset(variables[str(own - 1)]),
                 }
-                if count == 4:
+                if own == 4:
                     values |= {"gamma": read_dataset(variables["0"]), "beta": read_dataset(variables["1"])}
                 found.append(_layer("/".join(prefix + (name,)), values))
         elif group_name.startswith(_OTHER_NORMS) or name.startswith(_OTHER_NORMS):
