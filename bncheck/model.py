@@ -96,6 +96,11 @@ class NormLayer:
         return not self.uses_running_stats
 
 
+#: the call style of Keras 3's predict(), named in ``NormLayer.running_stats_used_by`` where it overrides a baked
+#: training=True, and the probe's run of it (``ProbeResult.call_style`` "predict")
+PREDICT_CALL = "model.predict(x)"
+
+
 #: ops that quantize with a scale taken from the min and max of the whole tensor, every sample included
 #: (onnxruntime's dynamic quantization: the standard op and the com.microsoft kernels that fuse it)
 DYNAMIC_QUANT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul"})

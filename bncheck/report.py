@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelInfo, NormLayer, Note, ProbeResult, normalized_set_size, observed_set_size
-from bncheck.verdicts import dependence_verdict, outputs_cleared, seen_constant
+from bncheck.verdicts import dependence_verdict, outputs_cleared, ran_on_own_statistics, seen_constant
 
 if TYPE_CHECKING:  # named in annotations only: probe and inspect never load the fix result types
     from bncheck.fix_result import FixResult
@@ -241,4 +241,4 @@ def probe_cell(probe: ProbeResult, layer: NormLayer, batch_size: int) -> str:
         return "-"
     if any(s is not None and s.total_nonfinite for s in (seen.input, seen.output)):
         return "nan/inf"
-    return "constant" if seen_constant(layer, seen) else "ok"
+    return "constant" if seen_constant(layer, seen, ran_on_own_statistics(layer, probe)) else "ok"

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from bncheck.model import (
+    PREDICT_CALL,
     BatchDependence,
     Kind,
     LayerProbe,
@@ -120,14 +121,23 @@ def is_collapsed(inp: TensorStats | None, out: TensorStats | None, bias: np.ndar
     )
 
 
-def seen_constant(layer: NormLayer, seen: LayerProbe) -> bool:
+def seen_constant(layer: NormLayer, seen: LayerProbe, statistics: bool) -> bool:
     """The layer's output at one probe batch is constant whatever its input: seen so (:func:`is_collapsed`), or
     its measured sets hold one element in a layer that centres on its own statistics (x - mean(x) = 0 exactly,
-    also where the input was already constant upstream). The table's cell and BN001 both read it."""
-    if is_collapsed(seen.input, seen.output, layer.bias if layer.computes_statistics else None):
+    also where the input was already constant upstream); ``statistics``: the layer computed them in that run
+    (:func:`ran_on_own_statistics`). The table's cell and BN001 both read it."""
+    if is_collapsed(seen.input, seen.output, layer.bias if statistics else None):
         return True
-    one_element = layer.computes_statistics and layer.centered and layer.kind is not Kind.UNIT
+    one_element = statistics and layer.centered and layer.kind is not Kind.UNIT
     return one_element and observed_set_size(layer, seen) == 1
+
+
+def ran_on_own_statistics(layer: NormLayer, probe: ProbeResult) -> bool:
+    """Whether the layer normalized by statistics of its input in ``probe``'s runs: not where the call style
+    overrides a baked training=True (Keras 3's predict uses the moving statistics)."""
+    if not layer.computes_statistics:
+        return False
+    return not (probe.call_style == "predict" and PREDICT_CALL in layer.running_stats_used_by)
 
 
 #: A sample's per-channel mean or mean of squares that moves by more than this many per-channel standard

@@ -21,12 +21,14 @@ os.environ.setdefault("KERAS_BACKEND", "numpy")
 keras = pytest.importorskip("keras")
 from keras import layers
 
+import bncheck
 from bncheck import engine
 from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import KerasBackend
 from bncheck.backends.keras.probe import AS_WRITTEN, PREDICT, KerasRunner, pool
 from bncheck.cli import main
 from bncheck.probe_plan import NOT_NEEDED, tensor_stats
+from bncheck.report import probe_cell
 from tests.keras_files import bn_model_with_config_field
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -250,6 +252,12 @@ def test_baked_flag_model_runs_both_call_styles_and_collapses_to_beta_only_as_wr
     assert not np.allclose(predict.mean, beta, atol=1e-3)
     assert results[0].dependence["logits_bn"].output_change > 0.1
     assert results[1].dependence["logits_bn"].output_change < 1e-4
+    # the verdicts say so: constant at batch 1 as written only (predict runs on the moving statistics)
+    layer = view.layer("logits_bn")
+    assert [probe_cell(r, layer, 1) for r in results] == ["constant", "ok"]
+    report = bncheck.probe(str(SAMPLES / "keras_baked_training_1d.keras"), batch_sizes=(1, 2))
+    (collapse,) = [f for f in report.findings if f.code == "BN001"]
+    assert collapse.evidence["call_styles"] == [AS_WRITTEN]
 
 
 def test_model_without_a_baked_flag_is_probed_in_predict_style_only():

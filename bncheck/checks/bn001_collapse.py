@@ -53,6 +53,7 @@ from bncheck.verdicts import (
     collapse_condition,
     collapse_is_certain,
     equal_sets,
+    ran_on_own_statistics,
     seen_constant,
 )
 
@@ -284,7 +285,7 @@ def _observed_sizes(layer: NormLayer, probe: ProbeResult | None) -> dict[int, in
 def _observed_batch_sizes(layer: NormLayer, probe: ProbeResult | None, sizes: dict[int, int]) -> list[int]:
     """Batch sizes at which the output was seen constant, or the measured set had one element in a layer
     that centres on its own statistics (x - mean(x) = 0 exactly, whatever the input)."""
-    if probe is None or not layer.computes_statistics:
+    if probe is None or not ran_on_own_statistics(layer, probe):
         # an inference-mode batch norm is an affine map per channel: a constant output there is a gamma of 0
         # (torchvision's zero_init_residual) or an epsilon far above the variance (BN004), not a collapse
         return []
@@ -293,6 +294,6 @@ def _observed_batch_sizes(layer: NormLayer, probe: ProbeResult | None, sizes: di
         seen = probe.at(batch_size, layer.name)
         if seen is None:
             continue
-        if seen_constant(layer, seen):
+        if seen_constant(layer, seen, statistics=True):
             found.append(batch_size)
     return found

@@ -16,7 +16,7 @@ from bncheck.backends.base import BackendError
 from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, expected_vars, layer_entries
 from bncheck.backends.keras.weights_only import nested_batch_norms
 from bncheck.errors import few, one_line
-from bncheck.model import NO_LAYERS_NOTE, BrokenWeights, Dim, InputSpec, Kind, NormLayer, Note
+from bncheck.model import NO_LAYERS_NOTE, PREDICT_CALL, BrokenWeights, Dim, InputSpec, Kind, NormLayer, Note
 
 NORM_KINDS: dict[str, Kind] = {
     "BatchNormalization": Kind.BATCH,
@@ -27,7 +27,7 @@ NORM_KINDS: dict[str, Kind] = {
     "RMSNormalization": Kind.RMS,
 }
 #: Keras 3 call styles that use the moving statistics even where a baked training=True is in force.
-KERAS3_OVERRIDES = ("model.predict(x)", "model(x, training=False)")
+KERAS3_OVERRIDES = (PREDICT_CALL, "model(x, training=False)")
 #: Keras 2 / tf_keras: the baked flag wins in every call style; the statistics count once it is removed.
 KERAS2_AFTER_FIX = ("model(x) once the baked training=True is removed",)
 MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
