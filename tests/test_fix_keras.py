@@ -128,6 +128,39 @@ def test_baked_training_call_becomes_an_inference_call_without_data(tmp_path: Pa
     assert doc["fix"]["reprobe"]["findings"] == []
 
 
+@pytest.mark.parametrize("wrapped", ["time_distributed", "nested_model"])
+def test_a_baked_training_call_of_a_wrapper_or_nested_model_is_removed(tmp_path: Path, wrapped: str) -> None:
+    """The flag sits on the call of the TimeDistributed or of the nested model, which bakes it into the
+    BatchNormalization inside: that call is the one fix edits."""
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    if wrapped == "time_distributed":
+        inp = keras.Input((5, 3), name="x")
+        out = layers.TimeDistributed(layers.BatchNormalization(name="frame_bn"), name="td")(inp, training=True)
+    else:
+        inner_in = keras.Input((3,))
+        encoder = keras.Model(
+            inner_in, layers.BatchNormalization(name="enc_bn")(layers.Dense(3)(inner_in)), name="encoder"
+        )
+        inp = keras.Input((3,), name="x")
+        out = encoder(inp, training=True)
+    model = keras.Model(inp, layers.Dense(2, name="head")(out))
+    for var in model.non_trainable_variables:  # trained-looking moving statistics
+        var.assign(np.random.default_rng(1).uniform(0.5, 1.5, tuple(var.shape)).astype("float32"))
+    src, out_path = str(tmp_path / "baked.keras"), str(tmp_path / "fixed.keras")
+    model.save(src)
+    result = CliRunner().invoke(main, ["fix", src, "-o", out_path, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["fix"]["reprobe"]["findings"] == []
+    with zipfile.ZipFile(out_path) as archive:
+        assert training_flags(json.loads(archive.read("config.json"))) == []
+    fixed = load_safe(out_path)
+    x = np.random.default_rng(3).normal(size=(8, *model.input_shape[1:])).astype(np.float32)
+    alone = np.concatenate([np.asarray(fixed(x[i : i + 1])) for i in range(len(x))])
+    np.testing.assert_allclose(alone, np.asarray(fixed(x)), rtol=1e-5, atol=1e-6)
+
+
 def test_stale_keras_statistics_without_data_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match=r"bn_Conv1, .* need calibration data \(--data CALIB\)"):
         fix(str(SAMPLES / "keras_mobilenetv2_untrained.keras"), str(tmp_path / "f.keras"), None)

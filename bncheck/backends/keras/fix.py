@@ -442,7 +442,9 @@ def _save(runner: Any, baked: list[str], output: str) -> None:
     loaded model itself is not saved: it carries the measuring call wrappers."""
     model = runner.model
     config = model.get_config()
-    _drop_training(config, {name.rsplit("/", 1)[-1] for name in baked})
+    # the flag may sit on the call of a wrapper or a nested model on the layer's path (TimeDistributed(bn)(x,
+    # training=True), encoder(x, training=True)), which bakes it into the layers inside
+    _drop_training(config, {part for name in baked for part in name.split("/")})
     tmp = _temp_name(output)
     # Keras's deprecation notes (legacy .h5: a Python warning and an absl log line) would litter stderr
     absl = logging.getLogger("absl")
