@@ -120,6 +120,24 @@ def test_object_from_outside_keras_probe_is_refused(tmp_path):
         KerasBackend().probe(KerasBackend().load(path), FAST)
 
 
+def test_a_synchronized_batch_norm_off_tensorflow_is_refused_with_the_backend_it_needs(tmp_path):
+    """Keras 3 builds BatchNormalization(synchronized=True) on its TensorFlow backend only; the file (written
+    here as Keras on TensorFlow writes it: the flag in the layer's config) is refused naming layer and backend."""
+    path = _save(keras.Sequential([keras.Input((3,)), layers.BatchNormalization(name="bn")]), tmp_path / "sync.keras")
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    config = json.loads(members["config.json"])
+    config["config"]["layers"][1]["config"]["synchronized"] = True
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    # read statically whatever the backend (a fresh model: never-updated statistics)
+    assert [f.code for f in bncheck.inspect(path).findings] == ["BN003"]
+    with pytest.raises(BackendError, match=r"synchronized=True\) \('bn'\) loads only on Keras's TensorFlow backend"):
+        KerasBackend().probe(KerasBackend().load(path), FAST)
+
+
 def _subprocess(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 

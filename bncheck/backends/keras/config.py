@@ -808,6 +808,7 @@ def _norm_layer(
             "trainable": trainable,
             "inbound": [list(r) for c in calls for r in c.inbound],
             "leak_from": next((c.context for c, v in zip(calls, effective) if c.context and v is not True), None),
+            "synchronized": bool(cls == "SyncBatchNormalization" or cfg.get("synchronized")),
         },
     )
 

@@ -139,6 +139,19 @@ def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
         raise refusal(keras, path, saved_by, exc) from None
 
 
+def _with_backend_hint(exc: BackendError, static: KerasFile, keras: Any) -> BackendError:
+    """``exc``, saying why where the file holds a synchronized BatchNormalization, which Keras 3 builds only on
+    its TensorFlow backend (its refusal on the others names neither the layer nor the backend)."""
+    backend = keras.backend.backend()
+    synchronized = [layer.name for layer in static.layers if layer.extra.get("synchronized")]
+    if not synchronized or backend == "tensorflow":
+        return exc
+    return BackendError(
+        f"{exc}; its BatchNormalization(synchronized=True) ({few(synchronized)}) loads only on Keras's TensorFlow "
+        f"backend, not {backend}: run bncheck with KERAS_BACKEND=tensorflow (bncheck inspect reads it on any)"
+    )
+
+
 def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
     """Keras layer objects by bncheck path ("inner/bn1"), recursing into nested models."""
     found: dict[str, Any] = {}
@@ -257,7 +270,10 @@ class KerasRunner:
         patched = load_patched(self.keras, static)
         # how Keras 3 loads and computes this file differently from the Keras that wrote it
         self.loaded_notes: list[str] = ([patched[1]] if patched else []) + semantic_notes(self.keras, static)
-        self.model = patched[0] if patched else load(self.keras, static.path, static.keras_version)
+        try:
+            self.model = patched[0] if patched else load(self.keras, static.path, static.keras_version)
+        except BackendError as exc:
+            raise _with_backend_hint(exc, static, self.keras) from None
         names = [layer.name for layer in view.layers]
         self.layers = find_layers(self.model, names)
         missing = [n for n in names if n not in self.layers]
