@@ -210,6 +210,7 @@ def test_norms_in_functions_that_cannot_be_inlined_are_counted_in_the_warning(tm
     warnings = [note["message"] for note in doc["notes"] if note["level"] == "warning"]
     assert any(
         m.startswith("1 normalization layer(s) inside control-flow subgraphs or model-local functions")
+        and m.endswith(": in function 'BatchNorm2d'")
         for m in warnings
     ), warnings
 

@@ -972,7 +972,7 @@ def test_chains_written_out_in_nested_bodies_are_noted_and_in_local_functions_fo
     hidden = [n.message for n in view.notes if n.level == "warning"]
     assert hidden == [
         "1 normalization layer(s) inside control-flow subgraphs or model-local functions were not inspected "
-        "(ops, or chains written out op by op)"
+        "(ops, or chains written out op by op): in If 'outer_if'"
     ]
 
 

@@ -19,6 +19,7 @@ and is not; it is reported as an INSTANCE layer with a note.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -650,13 +651,14 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
                 "be checked",
             )
         )
-    hidden = _hidden_norm_ops(g)
+    hidden, holders = _hidden_norm_ops(g)
     if hidden:
         notes.append(
             Note(
                 "warning",
                 f"{hidden} normalization layer(s) inside control-flow subgraphs or model-local functions "
-                "were not inspected (ops, or chains written out op by op)",
+                f"were not inspected (ops, or chains written out op by op): in {', '.join(holders[:3])}"
+                + (f" and {len(holders) - 3:,} more" if len(holders) > 3 else ""),
             )
         )
     return notes
@@ -675,17 +677,22 @@ def _per_channel_users(g: GraphIndex, tensor: str, op_type: str) -> list[int]:
     return found
 
 
-def _hidden_norm_ops(g: GraphIndex) -> int:
+def _hidden_norm_ops(g: GraphIndex) -> tuple[int, list[str]]:
     """Norm layers the walk does not reach, ops or chains written out op by op: inside If/Loop/Scan bodies
-    and model-local functions called."""
-    count = 0
-    # each body with the initializers of the scopes around it, which its nodes may read by name
-    stack = [(body, g.initializers) for node in g.nodes for body in _bodies(node)]
+    and model-local functions called; and the main-graph nodes and functions that hold them ("Loop 'name'")."""
+    counts: Counter[str] = Counter()
+    # each body with the initializers of the scopes around it, which its nodes may read by name, and the
+    # main-graph node that holds it
+    stack = [
+        (body, g.initializers, f"{node.op_type} {g.node_name(i)!r}")
+        for i, node in enumerate(g.nodes)
+        for body in _bodies(node)
+    ]
     while stack:
-        graph, outer = stack.pop()
-        count += _norms_in(graph.node, list(graph.initializer), outer, g.model.opset_import)
+        graph, outer, holder = stack.pop()
+        counts[holder] += _norms_in(graph.node, list(graph.initializer), outer, g.model.opset_import)
         scope = {**outer, **{init.name: init for init in graph.initializer}}
-        stack.extend((body, scope) for node in graph.node for body in _bodies(node))
+        stack.extend((body, scope, holder) for node in graph.node for body in _bodies(node))
     # the functions load could not inline (functions.inline_calls), each once, with those they call in turn
     functions = {(f.domain, f.name): f for f in g.model.functions}
     called = {(n.domain, n.op_type) for n in g.nodes} & set(functions)
@@ -693,9 +700,10 @@ def _hidden_norm_ops(g: GraphIndex) -> int:
     while called:
         key = called.pop()
         reached.add(key)
-        count += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
+        counts[f"function {key[1]!r}"] += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
         called |= {(n.domain, n.op_type) for n in functions[key].node} & set(functions) - reached
-    return count
+    holders = [holder for holder in dict.fromkeys(counts) if counts[holder]]
+    return sum(counts.values()), sorted(holders)
 
 
 #: onnx.AttributeProto.GRAPH and GRAPHS, the protobuf's enum values: the walk imports onnx lazily, not per node
