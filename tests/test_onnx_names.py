@@ -43,6 +43,21 @@ def _bn(name: str, x: str, y: str, prefix: str, inits: list, stale: bool = False
     return node
 
 
+def _saved_chain(path: Path, nodes: list, inits: list) -> str:
+    """x[N, 4] -> ``nodes`` -> y[N, 4], saved at opset 17."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
 def _dynamo_like(tmp_path: Path) -> str:
     inits: list = []
     nodes = [
@@ -68,18 +83,7 @@ def _dynamo_like(tmp_path: Path) -> str:
         # a name the user gave stays
         _bn("my_bn", "c", "y", "other", inits),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "dynamo_like.onnx"
-    onnx.save(model, str(path))
-    return str(path)
+    return _saved_chain(tmp_path / "dynamo_like.onnx", nodes, inits)
 
 
 def test_layers_are_named_after_module_paths_and_keep_node_names(tmp_path: Path) -> None:
@@ -183,18 +187,7 @@ def _torchscript_like(tmp_path: Path) -> str:
         _bn("/layer1/layer1.0/bn1/BatchNormalization", "x", "a", "layer1.0.bn1", inits),
         _bn("/head/bn/BatchNormalization", "a", "y", "head.bn", inits, stale=True),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = tmp_path / "torchscript_like.onnx"
-    onnx.save(model, str(path))
-    return str(path)
+    return _saved_chain(tmp_path / "torchscript_like.onnx", nodes, inits)
 
 
 def test_models_merged_by_onnx_compose_keep_their_prefixes_and_module_paths(tmp_path: Path) -> None:
