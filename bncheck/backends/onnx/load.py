@@ -805,9 +805,11 @@ def _through_ort_layouts(inferred: onnx.ModelProto, large: bool) -> onnx.ModelPr
         return inferred
     stand_in = onnx.ModelProto()
     stand_in.CopyFrom(inferred)
-    # inferred afresh: a shape the file's inference guessed past an op it does not know ("unk__3") is no
-    # shape to keep
+    # inferred afresh where the file's inference made dims up past an op it does not know ("unk__3"); the
+    # shapes it found whole, and those the exporter declared, stay for the ops the stand-in does not know either
+    whole = [v for v in stand_in.graph.value_info if _made_up_dims(v) == 0]
     del stand_in.graph.value_info[:]
+    copy_messages(stand_in.graph.value_info, whole)
     extra = []
     for node in stand_in.graph.node:
         if node.domain == "com.microsoft" and node.op_type in _QLINEAR_AS_ONNX:
