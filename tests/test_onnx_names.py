@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from bncheck.backends.onnx.names import is_generated, weight_prefix
+from bncheck.backends.onnx.names import _compose_prefix, is_generated, weight_prefix
 from bncheck.cli import main
 
 RNG = np.random.default_rng(7)
@@ -426,6 +426,11 @@ def test_generated_names_and_weight_prefixes() -> None:
     for name in ("bn1", "/layer1/bn1/BatchNormalization", "model/bn/FusedBatchNormV3", "stem_bn"):
         assert not is_generated(name, "BatchNormalization"), name
     assert weight_prefix(["head_bn.weight", "head_bn.running_mean"]) == "head_bn"
+    # onnx.compose's prefixes, and TorchScript scopes that only look like one
+    assert _compose_prefix("m1//layer1/layer1.0/bn1/BatchNormalization") == "m1/"
+    assert _compose_prefix("a/b/node_layer_norm_1") == "a/b/"
+    assert _compose_prefix("/encoder/node_mlp/bn/BatchNormalization") == ""
+    assert _compose_prefix("node_layer_norm") == _compose_prefix("model/bn/FusedBatchNormV3") == ""
     assert weight_prefix(["ln.weight"]) == "ln"
     assert weight_prefix(["model/bn/gamma:0", "model/bn/beta:0"]) == "model/bn"
     assert weight_prefix(["conv1_bn_scale", "conv1_bn_offset"]) == "conv1_bn"

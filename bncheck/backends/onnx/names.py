@@ -106,15 +106,16 @@ def op_name(g: GraphIndex, idx: int, weights: list[str]) -> str:
     return _without_keras3_suffixes(name) if _keras3_scoped(g) else name
 
 
-#: the prefix onnx.compose.add_prefix (and merge_models, one per model) puts before every name: before the "/"
-#: a TorchScript node name starts with (m1//layer1/bn1/BatchNormalization) or a dynamo one's "node_"
-_COMPOSED = re.compile(r"(.+?/)(?=/|node_)")
-
-
 def _compose_prefix(name: str) -> str:
-    """The prefix onnx.compose put before a torch exporter's node name ``name`` ("" for none)."""
-    match = _COMPOSED.match(name)
-    return match.group(1) if match else ""
+    """The prefix onnx.compose.add_prefix (merge_models: one per model) put before a torch exporter's node name
+    ``name``, "" for none: before the "/" a TorchScript name starts with (m1//layer1/bn1/BatchNormalization), or
+    before a dynamo name, which holds no "/" (m1/node_layer_norm)."""
+    if name.startswith("/"):
+        return ""  # TorchScript's own
+    if "//" in name:
+        return name[: name.index("//") + 1]
+    head, _, last = name.rpartition("/")
+    return head + "/" if head and last.startswith("node_") else ""
 
 
 def _keras3_scoped(g: GraphIndex) -> bool:
