@@ -1,5 +1,6 @@
 """What a file or folder given as a model is, when it is neither ONNX nor a Keras model: the formats people pass
-by mistake (PyTorch, TensorFlow, TensorFlow Lite, onnxruntime's ORT format, safetensors), named with the way to a file bncheck reads.
+by mistake (PyTorch, TensorFlow, TensorFlow Lite, onnxruntime's ORT format, safetensors), named with the way to
+a file bncheck reads.
 
 From names and leading bytes only: nothing is imported or unpickled.
 """

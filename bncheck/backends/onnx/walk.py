@@ -702,8 +702,7 @@ def _hidden_norm_ops(g: GraphIndex) -> tuple[int, list[str]]:
         reached.add(key)
         counts[f"function {key[1]!r}"] += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
         called |= {(n.domain, n.op_type) for n in functions[key].node} & set(functions) - reached
-    holders = [holder for holder in dict.fromkeys(counts) if counts[holder]]
-    return sum(counts.values()), sorted(holders)
+    return sum(counts.values()), sorted(holder for holder, count in counts.items() if count)
 
 
 #: onnx.AttributeProto.GRAPH and GRAPHS, the protobuf's enum values: the walk imports onnx lazily, not per node
