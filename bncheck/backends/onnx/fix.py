@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import tensors
-from bncheck.backends.onnx.graph import TRANSPARENT, VALUE_PRESERVING, copied, node_reads, outer_reads
+from bncheck.backends.onnx.graph import TRANSPARENT, VALUE_PRESERVING, copied, node_reads, outer_reads, upstream_nodes
 from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
@@ -362,20 +362,9 @@ class _GraphFacts:
         return tensor in self._live
 
 
-def live_tensors(nodes: Iterable[onnx.NodeProto], outputs: Iterable[str]) -> set[str]:
+def live_tensors(nodes: Sequence[onnx.NodeProto], outputs: set[str]) -> set[str]:
     """The tensors a graph output depends on (subgraphs' outer reads included)."""
-    nodes = list(nodes)
-    live = set(outputs)
-    grew = True
-    while grew:  # one pass in reverse when the nodes are sorted, as ONNX requires
-        grew = False
-        for node in reversed(nodes):
-            if any(out in live for out in node.output):
-                reads = set(node_reads(node)) - live
-                if reads:
-                    live |= reads
-                    grew = True
-    return live
+    return outputs | {name for i in upstream_nodes(nodes, outputs) for name in node_reads(nodes[i])}
 
 
 def _node_key(node: onnx.NodeProto) -> str:

@@ -11,13 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from bncheck.backends.onnx.graph import copy_fields, copy_messages
+from bncheck.backends.onnx.graph import bodies, copy_fields, copy_messages
 
 if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
     import onnx
-
-#: onnx.AttributeProto.GRAPH and GRAPHS, the protobuf's enum values
-_GRAPH, _GRAPHS = 5, 10
 
 
 def inline_calls(model: onnx.ModelProto) -> bool:
@@ -82,11 +79,10 @@ def _attributes_read(functions: Iterable[onnx.FunctionProto]) -> dict[tuple[str,
 
 def _node_attributes(node: onnx.NodeProto) -> Iterator[onnx.AttributeProto]:
     """``node``'s attributes and those of the nodes of its If/Loop/Scan bodies (read as ``node``'s own)."""
-    for attr in node.attribute:
-        yield attr
-        for body in _bodies(attr):
-            for inner in _all_nodes(body):
-                yield from inner.attribute
+    yield from node.attribute
+    for body in bodies(node):
+        for inner in _all_nodes(body):
+            yield from inner.attribute
 
 
 def _copy_nodes(nodes: Iterable[onnx.NodeProto], target: Any, read: dict[tuple[str, str], set[str]]) -> None:
@@ -105,15 +101,8 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """The nodes of ``graph`` and of the If/Loop/Scan bodies inside it."""
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            for body in _bodies(attr):
-                yield from _all_nodes(body)
-
-
-def _bodies(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == _GRAPH:
-        return [attr.g]
-    return list(attr.graphs) if attr.type == _GRAPHS else []
+        for body in bodies(node):
+            yield from _all_nodes(body)
 
 
 def undefined_function_op(model: onnx.ModelProto) -> str | None:

@@ -649,6 +649,17 @@ def has_subgraphs(node: onnx.NodeProto) -> bool:
     return any(attr.type in (5, 10) for attr in node.attribute)  # AttributeProto.GRAPH, GRAPHS
 
 
+def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The If/Loop/Scan bodies ``node`` holds (its GRAPH and GRAPHS attributes)."""
+    found: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == 5:  # AttributeProto.GRAPH
+            found.append(attr.g)
+        elif attr.type == 10:  # GRAPHS
+            found.extend(attr.graphs)
+    return found
+
+
 def node_reads(node: onnx.NodeProto) -> Iterator[str]:
     """Every tensor a node reads: its inputs and the outer-scope names its subgraphs (If/Loop/Scan) use."""
     for name in node.input:

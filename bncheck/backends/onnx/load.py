@@ -855,22 +855,24 @@ def _through_ort_layouts(inferred: onnx.ModelProto, large: bool) -> onnx.ModelPr
         shaped = onnx.shape_inference.infer_shapes(stand_in, strict_mode=False, data_prop=True)
     except Exception:
         return inferred
-    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output) if _ranked(v)}
+    # the stand-in's inference went through the whole graph: what it found for the rest is the file's too
     produced = {out for node in graph.node for out in node.output if out}
-    # the stand-in's inference went through the whole graph: what it found for the rest is the file's too,
-    # and where the file's has dims onnx made up, the stand-in's known ones replace them
-    better = [
-        info
-        for info in shaped.graph.value_info
-        if info.name in produced
-        and _ranked(info)
-        and (info.name not in known or _made_up_dims(info) < _made_up_dims(known[info.name]))
-    ]
-    replaced = {info.name for info in better}
-    kept = [v for v in graph.value_info if v.name not in replaced]
-    del graph.value_info[:]
-    copy_messages(graph.value_info, [*kept, *better])
+    _adopt_shapes(graph, [info for info in shaped.graph.value_info if info.name in produced])
     return inferred
+
+
+def _adopt_shapes(graph: Any, found: list[Any]) -> None:
+    """Add to ``graph``'s value_info the shapes of ``found`` (another inference's value infos) for the values it
+    has none of, and for those whose dims it has fewer of than onnx made up there (``unk__N``)."""
+    known = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output] if _ranked(v)}
+    better = {
+        info.name: info
+        for info in found
+        if _ranked(info) and (info.name not in known or _made_up_dims(info) < _made_up_dims(known[info.name]))
+    }
+    kept = [v for v in graph.value_info if v.name not in better]
+    del graph.value_info[:]
+    copy_messages(graph.value_info, [*kept, *better.values()])
 
 
 #: onnxruntime's quantized ops (QOperator format, com.microsoft) as the ONNX op of the same shapes, and the
@@ -972,15 +974,7 @@ def _through_newer_opset(inferred: onnx.ModelProto, skeleton: onnx.ModelProto, l
         newer = onnx.shape_inference.infer_shapes(converted, strict_mode=False, data_prop=True)
     except Exception:  # the converter has no adapter for many ops and versions: the shapes as they were
         return inferred
-    known = {v.name: v for v in list(inferred.graph.input) + list(inferred.graph.value_info) if _ranked(v)}
-    better = {
-        value.name: value
-        for value in newer.graph.value_info
-        if _ranked(value) and (value.name not in known or _made_up_dims(value) < _made_up_dims(known[value.name]))
-    }
-    kept = [v for v in inferred.graph.value_info if v.name not in better]
-    del inferred.graph.value_info[:]
-    copy_messages(inferred.graph.value_info, [*kept, *better.values()])
+    _adopt_shapes(inferred.graph, list(newer.graph.value_info))
     return inferred
 
 
@@ -1000,7 +994,7 @@ def _rankless_reductions(model: onnx.ModelProto) -> bool:
 
 
 #: the norm ops whose input's dims size the set they normalize (BN001 reads them)
-_NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
+_SIZED_NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
 
 
 def _norms_of_guessed_shape(model: onnx.ModelProto) -> bool:
@@ -1015,7 +1009,7 @@ def _norms_of_guessed_shape(model: onnx.ModelProto) -> bool:
         v is not None and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:]) for v in inputs
     )
     for node in model.graph.node:
-        if node.op_type not in _NORM_OPS or not node.input:
+        if node.op_type not in _SIZED_NORM_OPS or not node.input:
             continue
         value = shaped.get(node.input[0])
         if value is None:

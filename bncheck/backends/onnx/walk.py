@@ -32,6 +32,7 @@ from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
     as_float_array,
+    bodies,
     node_input,
     norm_axis,
     other_input,
@@ -686,13 +687,13 @@ def _hidden_norm_ops(g: GraphIndex) -> tuple[int, list[str]]:
     stack = [
         (body, g.initializers, f"{node.op_type} {g.node_name(i)!r}")
         for i, node in enumerate(g.nodes)
-        for body in _bodies(node)
+        for body in bodies(node)
     ]
     while stack:
         graph, outer, holder = stack.pop()
         counts[holder] += _norms_in(graph.node, list(graph.initializer), outer, g.model.opset_import)
         scope = {**outer, **{init.name: init for init in graph.initializer}}
-        stack.extend((body, scope, holder) for node in graph.node for body in _bodies(node))
+        stack.extend((body, scope, holder) for node in graph.node for body in bodies(node))
     # the functions load could not inline (functions.inline_calls), each once, with those they call in turn
     functions = {(f.domain, f.name): f for f in g.model.functions}
     called = {(n.domain, n.op_type) for n in g.nodes} & set(functions)
@@ -703,20 +704,6 @@ def _hidden_norm_ops(g: GraphIndex) -> tuple[int, list[str]]:
         counts[f"function {key[1]!r}"] += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
         called |= {(n.domain, n.op_type) for n in functions[key].node} & set(functions) - reached
     return sum(counts.values()), sorted(holder for holder, count in counts.items() if count)
-
-
-#: onnx.AttributeProto.GRAPH and GRAPHS, the protobuf's enum values: the walk imports onnx lazily, not per node
-_GRAPH, _GRAPHS = 5, 10
-
-
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    bodies = []
-    for attr in node.attribute:
-        if attr.type == _GRAPH:
-            bodies.append(attr.g)
-        elif attr.type == _GRAPHS:
-            bodies.extend(attr.graphs)
-    return bodies
 
 
 def _norms_in(
