@@ -875,8 +875,9 @@ def test_walk_and_walk_with_notes_agree(tmp_path):
 
 
 def test_norm_ops_in_subgraphs_are_noted_and_in_local_functions_found(tmp_path):
-    """A BatchNormalization inside an If's branch is not walked: it is counted in a warning. The LayerNorm of a
-    model-local function is found, the call inlined (functions.inline_calls)."""
+    """A BatchNormalization inside an If's branch is read from its body (control_flow.py), placed before the
+    layers after the If and marked as such, with no warning left. The LayerNorm of a model-local function is
+    found, the call inlined (functions.inline_calls)."""
     s, b, m, v = channel_params(3)
     inner_bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["then_y"], name="inner_bn")
     then_graph = helper.make_graph([inner_bn], "then", [], [vinfo("then_y", ["N", 3, 2, 2])])
@@ -916,13 +917,18 @@ def test_norm_ops_in_subgraphs_are_noted_and_in_local_functions_found(tmp_path):
     path = tmp_path / "hidden.onnx"
     onnx.save(model, str(path))
     layers, view = load_layers(str(path))
-    assert [(layer.op_type, layer.input) for layer in layers] == [("LayerNormalization", "y1")]
-    assert any(n.level == "warning" and n.message.startswith("1 normalization layer(s)") for n in view.notes)
+    assert [(layer.op_type, layer.input) for layer in layers] == [
+        ("BatchNormalization", "x"),
+        ("LayerNormalization", "y1"),
+    ]
+    assert layers[0].name == "inner_bn" and layers[0].extra["in_body"] == "If 'branch'"
+    np.testing.assert_array_equal(layers[0].var, v)
+    assert not [n for n in view.notes if n.level == "warning"]
 
 
 def test_chains_written_out_in_nested_bodies_are_noted_and_in_local_functions_found(tmp_path):
     """A LayerNorm written out op by op inside an If's branch (as openwakeword's hey_jarvis model carries two)
-    is not walked, and is counted as a named op is: its epsilon and scale read by name from the scopes around
+    is not walked, and is counted in the warning: its epsilon and scale read by name from the scopes around
     it (the enclosing body's initializers, the main graph's). A body's reduction that is no norm (a ReduceSum)
     is not counted. The chain of a model-local function is found, the call inlined."""
     chain, params = moments_chain((-1,), 17)

@@ -27,7 +27,15 @@ from onnx import TensorProto, helper
 from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import tensors
-from bncheck.backends.onnx.graph import TRANSPARENT, VALUE_PRESERVING, copied, node_reads, outer_reads, upstream_nodes
+from bncheck.backends.onnx.graph import (
+    TRANSPARENT,
+    VALUE_PRESERVING,
+    bodies,
+    copied,
+    node_reads,
+    outer_reads,
+    upstream_nodes,
+)
 from bncheck.backends.onnx.load import OnnxHandle, relocate
 from bncheck.backends.onnx.replay import PassLog, PassStats
 from bncheck.fix_result import (
@@ -129,7 +137,10 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
     data = request.data
     results = plan.results
     for layer in plan.stored:  # train-mode layers switched to inference with their own statistics
-        fixer.record(_edit_to_inference("out:" + layer.output, fixer.opset))
+        if layer.extra.get("in_body"):
+            fixer.record(_edit_body_to_inference(layer.output, fixer.opset))
+        else:
+            fixer.record(_edit_to_inference("out:" + layer.output, fixer.opset))
     pending = plan.pending
     if data is None:
         for p in pending:
@@ -353,6 +364,7 @@ class _GraphFacts:
         for node in graph.node:
             self.by_name.setdefault(node.name or (node.output[0] if node.output else ""), []).append(node)
         self._nodes = graph.node
+        self.graph = graph
         self._live: set[str] | None = None
 
     def live(self, tensor: str) -> bool:
@@ -381,6 +393,8 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
     name = layer.name
     repair = request.repair
     old = StatsSummary.stored(layer)
+    if layer.extra.get("in_body"):
+        return _plan_in_body(layer, graph, request)
     if layer.extra.get("lowered_instance_norm"):
         return LayerFix(
             name,
@@ -527,6 +541,63 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
     if request.stats == "stored":
         return LayerFix(name, "unchanged", "--stats stored: running statistics kept as stored", old=old)
     return _Pending(i, layer, "stale", STALE, "running statistics compared with the data")
+
+
+def _plan_in_body(layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> LayerFix:
+    """A layer inside a control-flow body (control_flow.py): a train-mode BatchNormalization switches to its
+    stored statistics where they are sound; nothing is recomputed (the probe measures the main graph only)."""
+    name, where, old = layer.name, layer.extra["in_body"], StatsSummary.stored(layer)
+    problem = verdicts.stored_stats_problem(layer) if layer.kind is Kind.BATCH else None
+    if not layer.batch_statistics:
+        if problem and layer.uses_running_stats:
+            return LayerFix(name, "not-fixed", f"{problem}: inside {where}, not recomputed from data", STALE, old=old)
+        return LayerFix(name, "unchanged", f"inside {where}: nothing to switch", old=old)
+    why = None
+    if TRAIN_MODE not in request.repair:
+        why = "BN002 not selected by --only"
+    elif layer.op_type != "BatchNormalization" or layer.domain not in ("", "ai.onnx") or layer.kind is not Kind.BATCH:
+        why = f"{layer.domain or 'ai.onnx'}.{layer.op_type} is not rewritten by bncheck"
+    elif problem is not None or request.stats == "data":
+        why = f"stored statistics unusable ({problem})" if problem else "--stats data"
+        why += f", and inside {where} none are recomputed from data"
+    else:
+        why = _body_outputs_read(graph.graph, layer.output)
+    if why is not None:
+        return LayerFix(name, "not-fixed", f"train-mode BatchNormalization inside {where}: {why}", TRAIN_MODE, old=old)
+    return LayerFix(
+        name,
+        "to-inference",
+        f"inside {where}: switched to inference with its stored running statistics (sound: not 0/1, finite, "
+        "variance >= 0)",
+        TRAIN_MODE,
+        source="stored",
+        old=old,
+    )
+
+
+def _in_bodies(graph: onnx.GraphProto, output: str) -> tuple[onnx.GraphProto, onnx.NodeProto] | None:
+    """The body (however deep) holding the node whose first output is ``output``, and the node."""
+    stack = [body for node in graph.node for body in bodies(node)]
+    while stack:
+        body = stack.pop()
+        for node in body.node:
+            if node.output and node.output[0] == output:
+                return body, node
+            stack.extend(bodies(node))
+    return None
+
+
+def _body_outputs_read(graph: onnx.GraphProto, output: str) -> str | None:
+    """Why the body node writing ``output`` cannot lose its training outputs (read in its body, or outputs of
+    the body), or None."""
+    found = _in_bodies(graph, output)
+    if found is None:
+        return "the node could not be found by its output"
+    body, node = found
+    extra = {o for o in node.output[1:] if o}
+    read = {o.name for o in body.output} | {name for n in body.node for name in node_reads(n)}
+    taken = sorted(extra & read)
+    return f"its training output {taken[0]!r} is read in the body" if taken else None
 
 
 def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
@@ -931,13 +1002,7 @@ def _edit_to_inference(node_key: str, opset: int) -> Edit:
         removed = {o for o in node.output[1:] if o}
         index.names_dropped(list(node.output[1:]))
         del node.output[1:]
-        for attr in node.attribute:
-            if attr.name == "training_mode":
-                attr.i = 0
-            if attr.name == "is_test":
-                attr.i = 1
-        if opset < 7 and not any(a.name == "is_test" for a in node.attribute):
-            node.attribute.append(helper.make_attribute("is_test", 1))
+        _switch_to_inference(node, opset)
         # the nodes below the training outputs lead to no graph output (the plan refuses otherwise): a
         # quantizer's or a Cast's that a tool hung there
         below = _nodes_below(model.graph.node, removed)
@@ -951,6 +1016,33 @@ def _edit_to_inference(node_key: str, opset: int) -> Edit:
         _delete_where(model.graph.value_info, lambda v: v.name in removed)
 
     return Edit(edit, ("inference", node_key, opset))
+
+
+def _edit_body_to_inference(output: str, opset: int) -> Edit:
+    """A body's train-mode BatchNormalization switched to inference; its training outputs, which nothing
+    reads (the plan checked), dropped."""
+
+    def edit(model: onnx.ModelProto, sink: _Sink) -> None:
+        found = _in_bodies(model.graph, output)
+        if found is None:
+            raise BackendError(f"internal: node of {output!r} vanished while editing")  # pragma: no cover
+        body, node = found
+        removed = {o for o in node.output[1:] if o}
+        del node.output[1:]
+        _switch_to_inference(node, opset)
+        _delete_where(body.value_info, lambda v: v.name in removed)
+
+    return Edit(edit, ("body-inference", output, opset))
+
+
+def _switch_to_inference(node: onnx.NodeProto, opset: int) -> None:
+    for attr in node.attribute:
+        if attr.name == "training_mode":
+            attr.i = 0
+        if attr.name == "is_test":
+            attr.i = 1
+    if opset < 7 and not any(a.name == "is_test" for a in node.attribute):
+        node.attribute.append(helper.make_attribute("is_test", 1))
 
 
 def _nodes_below(nodes: Iterable[onnx.NodeProto], tensors: set[str]) -> list[onnx.NodeProto]:

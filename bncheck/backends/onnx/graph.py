@@ -151,9 +151,16 @@ class GraphSource(Protocol):
 class GraphIndex:
     """Producers, consumers and topological positions of one graph's nodes."""
 
-    def __init__(self, handle: GraphSource, dequantized: bool = False) -> None:
+    def __init__(
+        self,
+        handle: GraphSource,
+        dequantized: bool = False,
+        initializers: Mapping[str, onnx.TensorProto] | None = None,
+    ) -> None:
         """``dequantized``: read fake quantization as the float values it rounds (:meth:`_dequantized_nodes`),
-        for the walk's pattern matching; the nodes keep their positions and names."""
+        for the walk's pattern matching; the nodes keep their positions and names. ``initializers``: those the
+        graph reads, where they are not its own (a control-flow body's, with the enclosing scopes': not copied
+        into a model of the body)."""
         from onnx import helper
 
         self._helper = helper
@@ -165,7 +172,9 @@ class GraphIndex:
         self.opset = {(op.domain or ""): int(op.version) for op in model.opset_import}
         if "ai.onnx" in self.opset:
             self.opset.setdefault("", self.opset["ai.onnx"])
-        self.initializers = {init.name: init for init in graph.initializer}
+        self.initializers = (
+            {init.name: init for init in graph.initializer} if initializers is None else dict(initializers)
+        )
         self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
         self.graph_input_set = set(self.graph_inputs)
         self.graph_outputs = {o.name for o in graph.output}

@@ -652,8 +652,10 @@ class Augmenter:
             # non-finite element makes its sample's mean non-finite (see _needs_exact).
             plan.affine = affine
             # one side measured, the other derived: the output (Conv+BN fusion survives) unless deriving from
-            # it loses the input's variance; measured before the BN runs, the input then costs no more memory
-            side = layer.input if _output_ill_conditioned(layer) else layer.output
+            # it loses the input's variance, or where the output is no tensor of the main graph (a layer inside a
+            # control-flow body that reads an outer tensor); measured before the BN runs, the input then costs no
+            # more memory
+            side = layer.input if _output_ill_conditioned(layer) or layer.output not in self.known else layer.output
             measured = self.measure(side, layer.batch_axis, layer.channel_axis, minmax=False)
             if side == layer.input:
                 plan.input = measured

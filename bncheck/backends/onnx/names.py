@@ -47,7 +47,7 @@ def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> lis
     names = [_readable(g, idx, layer, by_name, scopes) for idx, layer in pairs]
     if _keras3_scoped(g):
         names = [_without_keras3_suffixes(name) for name in names]
-    unique = _unique(names)
+    unique = unique_names(names)
     return [layer if name == layer.name else replace(layer, name=name) for (_, layer), name in zip(pairs, unique)]
 
 
@@ -377,7 +377,7 @@ def _module_copy(g: GraphIndex, tensor: str, source: str) -> bool:
 _SKIP_NORMS = frozenset({"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
 
 
-def _unique(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
     """Later layers that share a name (a module called twice) get ``#2``, ``#3``... in graph order."""
     taken = set(names)
     seen: set[str] = set()

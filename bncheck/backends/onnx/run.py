@@ -74,6 +74,13 @@ UNMEASURABLE = (
     "(a flattened view cannot keep it)"
 )
 
+
+def unmeasurable(layer: NormLayer) -> str:
+    """Why neither of ``layer``'s tensors could be instrumented."""
+    where = layer.extra.get("in_body")
+    return f"its tensors are inside {where}, a control-flow body, not in the main graph" if where else UNMEASURABLE
+
+
 #: The statistics-first session (see _session_statistics_first) lowers the peak by about one activation of
 #: the largest batch and costs a second session build, writing the weights and reading them back: used where
 #: that activation is at least this share of the weights (ResNet-50 at batch 32: 1.5; a 2.6 GB MLP: 0.0004).
@@ -674,7 +681,7 @@ class _Engine:
         self.exact = exact
         for plan in self.plans:
             if plan.input is None and plan.output is None:
-                plan.note = f"{plan.layer.name}: not measured ({UNMEASURABLE})"
+                plan.note = f"{plan.layer.name}: not measured ({unmeasurable(plan.layer)})"
             if plan.note and plan.note not in self.notes:
                 self.notes.append(plan.note)
 
@@ -1050,7 +1057,7 @@ def run_probe(view: ModelView, settings: ProbeSettings, release_weights: bool = 
             result.notes.append(_default_sizes_note(settings.batch_sizes, fixed))
         for plan in engines[0].plans:
             if plan.input is None and plan.output is None:
-                result.unmeasured[plan.layer.name] = UNMEASURABLE
+                result.unmeasured[plan.layer.name] = unmeasurable(plan.layer)
         leave_unmeasured(result, [layer.name for layer in engines[0].deferred])
     finally:
         discard(tmp, last=True)

@@ -19,34 +19,29 @@ and is not; it is reported as an INSTANCE layer with a note.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bncheck.backends.onnx.affine_bn import affine_batch_norms
+from bncheck.backends.onnx.control_flow import Bodies, body_layers, hidden_norm_ops
 from bncheck.backends.onnx.dataflow import axis0_is_batch, batch_reductions, dataflow_norms, fixed_to_one, own_moments
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
     as_float_array,
-    bodies,
     node_input,
     norm_axis,
     other_input,
     shape_dim,
 )
 from bncheck.backends.onnx.load import OnnxHandle
-from bncheck.backends.onnx.names import op_name, readable_names
+from bncheck.backends.onnx.names import op_name, readable_names, unique_names
 from bncheck.backends.onnx.patterns import affine_after, decomposed, pinned_by_affine, reshaped_group_norm
 from bncheck.backends.onnx.tensors import to_array
-from bncheck.model import NO_LAYERS_NOTE, BatchOp, BrokenWeights, Dim, Kind, NormLayer, Note
+from bncheck.model import NO_LAYERS_NOTE, BatchOp, BrokenWeights, Kind, NormLayer, Note
 from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values, non_finite_parameters
-
-if TYPE_CHECKING:
-    import onnx
 
 _MS = ("com.microsoft",)
 _NHWC = ("com.ms.internal.nhwc",)
@@ -54,7 +49,7 @@ MVN_SPEC_EPSILON = 1e-9
 
 
 def walk(handle: OnnxHandle) -> list[NormLayer]:
-    """Every normalization layer of ``handle``'s main graph, in topological order."""
+    """Every normalization layer of ``handle``'s main graph and its control-flow bodies, in topological order."""
     return walk_with_notes(handle)[0]
 
 
@@ -101,14 +96,35 @@ def walk_all(
     batch_ops = batch_reductions(g, spans)
     relaxed_ops = batch_reductions(g, spans, relaxed=True) if fixed_to_one(g) else []
     found = sorted(((first, layer) for first, layer, _ in spans), key=lambda item: item[0])
-    layers = readable_names(g, found)
-    notes = _model_notes(g, layers, batch_ops)
+    in_bodies = Bodies(g)
+    layers = _with_body_layers(in_bodies, found, readable_names(g, found))
+    notes = _model_notes(g, layers, in_bodies, batch_ops)
     if constant:
         notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
     # a layer's non-finite parameters are BN005 of their own: the elementwise constants that spell them (gamma's Mul,
     # inside the layer, after it or computing its scale) would be the same NaN again
-    elementwise = not any(non_finite_parameters(layer) for _, layer, _ in spans)
-    return layers, notes, batch_ops, relaxed_ops, _broken_weights(g, elementwise)
+    elementwise = not any(non_finite_parameters(layer) for layer in layers)
+    broken = _broken_weights(g, elementwise)
+    # a batch norm with a NaN variance that torch's exporter folded into a Conv inside a Loop's body
+    for k, (_, graph, _) in enumerate(in_bodies.found):
+        if any(node.op_type in _WEIGHTED_OPS for node in graph.node):
+            broken += _broken_weights(in_bodies.index(k), elementwise)
+    return layers, notes, batch_ops, relaxed_ops, broken
+
+
+def _with_body_layers(in_bodies: Bodies, found: list[tuple[int, NormLayer]], named: list[NormLayer]) -> list[NormLayer]:
+    """The main graph's layers with those of the bodies (control_flow.py), each after the layers before the
+    node holding it; names unique over all of them (a module called in the graph and in a Loop)."""
+    inside = body_layers(in_bodies, _OP_HANDLERS)
+    if not inside:
+        return named
+    order = sorted(
+        [(first, 0, layer) for (first, _), layer in zip(found, named)] + [(at, 1, layer) for at, layer in inside],
+        key=lambda item: item[:2],
+    )
+    layers = [layer for _, _, layer in order]
+    names = unique_names([layer.name for layer in layers])
+    return [layer if name == layer.name else replace(layer, name=name) for layer, name in zip(layers, names)]
 
 
 #: ops whose constant operands are learned weights, where NaN or Inf is never meant (an Add's or a Where's
@@ -619,7 +635,9 @@ _OP_HANDLERS: dict[str, tuple[tuple[str, ...], Callable[[GraphIndex, int], tuple
 _NORM_OPS = frozenset(_OP_HANDLERS)
 
 
-def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[BatchOp] = ()) -> list[Note]:
+def _model_notes(
+    g: GraphIndex, layers: list[NormLayer], in_bodies: Bodies, batch_ops: Sequence[BatchOp] = ()
+) -> list[Note]:
     notes: list[Note] = []
     folded = []
     for idx, node in enumerate(g.nodes):
@@ -652,7 +670,7 @@ def _model_notes(g: GraphIndex, layers: list[NormLayer], batch_ops: Sequence[Bat
                 "be checked",
             )
         )
-    hidden, holders = _hidden_norm_ops(g)
+    hidden, holders = hidden_norm_ops(in_bodies, _OP_HANDLERS)
     if hidden:
         notes.append(
             Note(
@@ -676,66 +694,3 @@ def _per_channel_users(g: GraphIndex, tensor: str, op_type: str) -> list[int]:
         if value is not None and np.size(value) > 1 and g.nodes[user].output:
             found.append(user)
     return found
-
-
-def _hidden_norm_ops(g: GraphIndex) -> tuple[int, list[str]]:
-    """Norm layers the walk does not reach, ops or chains written out op by op: inside If/Loop/Scan bodies
-    and model-local functions called; and the main-graph nodes and functions that hold them ("Loop 'name'")."""
-    counts: Counter[str] = Counter()
-    # each body with the initializers of the scopes around it, which its nodes may read by name, and the
-    # main-graph node that holds it
-    stack = [
-        (body, g.initializers, f"{node.op_type} {g.node_name(i)!r}")
-        for i, node in enumerate(g.nodes)
-        for body in bodies(node)
-    ]
-    while stack:
-        graph, outer, holder = stack.pop()
-        counts[holder] += _norms_in(graph.node, list(graph.initializer), outer, g.model.opset_import)
-        scope = {**outer, **{init.name: init for init in graph.initializer}}
-        stack.extend((body, scope, holder) for node in graph.node for body in bodies(node))
-    # the functions load could not inline (functions.inline_calls), each once, with those they call in turn
-    functions = {(f.domain, f.name): f for f in g.model.functions}
-    called = {(n.domain, n.op_type) for n in g.nodes} & set(functions)
-    reached: set[tuple[str, str]] = set()
-    while called:
-        key = called.pop()
-        reached.add(key)
-        counts[f"function {key[1]!r}"] += _norms_in(functions[key].node, [], {}, functions[key].opset_import)
-        called |= {(n.domain, n.op_type) for n in functions[key].node} & set(functions) - reached
-    return sum(counts.values()), sorted(holder for holder, count in counts.items() if count)
-
-
-def _norms_in(
-    nodes: Sequence[onnx.NodeProto],
-    initializers: list[onnx.TensorProto],
-    outer: dict[str, onnx.TensorProto],
-    opsets: Sequence[onnx.OperatorSetIdProto],
-) -> int:
-    """Norm ops among ``nodes`` and the chains the walk's matchers find there, on an index of their own; the
-    chains read epsilon and affine parameters from the body's initializers or the scopes' around it."""
-    from onnx import helper
-
-    named = sum(node.op_type in _NORM_OPS for node in nodes)
-    if not any(node.op_type.startswith("Reduce") or node.op_type == "GlobalAveragePool" for node in nodes):
-        return named
-    read = {name for node in nodes for name in node.input}
-    own = {init.name for init in initializers}
-    visible = initializers + [init for name, init in outer.items() if name in read and name not in own]
-    body = helper.make_model(helper.make_graph(nodes, "body", [], [], initializer=visible), opset_imports=opsets)
-    index = GraphIndex(_Body(body))
-    used: set[int] = set()
-    found = decomposed(index, used)
-    for _, chain in found:
-        used.update(chain)
-    return named + len(found) + len(dataflow_norms(index, used))
-
-
-class _Body:
-    """A control-flow body or function as a model of its own, for GraphIndex (no shapes: the loader's are the
-    main graph's)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.value_shapes: dict[str, tuple[Dim, ...]] = {}
-        self.value_types: dict[str, int] = {}

@@ -1,0 +1,166 @@
+"""Normalization layers inside If/Loop/Scan bodies and model-local functions the loader could not inline.
+
+The walk matches the main graph. A norm op inside a body is read here on an index of its body, with the
+initializers of the scopes around it (which its nodes may read by name), the constants the main graph computes
+and it reads, and the main graph's shapes (a body often normalizes an outer tensor directly): its stored
+parameters and attributes serve the static checks, and the probe measures what of it the main graph holds.
+Chains written out op by op in a body, and every norm of a function, are only counted, for the walk's warning.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap, Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from bncheck.backends.onnx.dataflow import dataflow_norms
+from bncheck.backends.onnx.graph import GraphIndex, bodies
+from bncheck.backends.onnx.names import readable_names
+from bncheck.backends.onnx.patterns import decomposed
+from bncheck.backends.onnx.tensors import from_array
+from bncheck.model import Dim, NormLayer
+
+if TYPE_CHECKING:
+    import onnx
+
+Scope = Mapping[str, "onnx.TensorProto"]
+Handlers = Mapping[str, tuple[tuple[str, ...], Callable[[GraphIndex, int], tuple[NormLayer, list[int]]]]]
+
+#: the note of a layer read from a body (NormLayer.extra["in_body"] names the main-graph node holding it)
+IN_BODY_NOTE = (
+    "inside {holder} (a control-flow body): its stored parameters are checked; the probe measures only those of its "
+    "tensors the main graph holds"
+)
+
+
+class Bodies:
+    """The bodies of a main graph's nodes, however deep, each with the node holding it and the initializers of
+    the scopes around it; found once, each body's index made once, on first use."""
+
+    def __init__(self, g: GraphIndex) -> None:
+        self.g = g
+        self.found: list[tuple[int, onnx.GraphProto, Scope]] = []
+        stack: list[tuple[int, onnx.GraphProto, Scope]] = [
+            (i, body, g.initializers) for i, node in enumerate(g.nodes) for body in bodies(node)
+        ]
+        while stack:
+            holder, graph, outer = stack.pop()
+            self.found.append((holder, graph, outer))
+            inner = [body for node in graph.node for body in bodies(node)]
+            if inner:
+                scope = ChainMap({init.name: init for init in graph.initializer}, dict(outer))
+                stack.extend((holder, body, scope) for body in inner)
+        self._indexes: dict[int, GraphIndex] = {}
+
+    def holder(self, k: int) -> str:
+        """The main-graph node holding body ``k``, as the notes name it ("Loop '/Loop'")."""
+        holder = self.found[k][0]
+        return f"{self.g.nodes[holder].op_type} {self.g.node_name(holder)!r}"
+
+    def index(self, k: int) -> GraphIndex:
+        if k not in self._indexes:
+            _, graph, outer = self.found[k]
+            self._indexes[k] = _body_index(self.g, graph, outer)
+        return self._indexes[k]
+
+
+def body_layers(found: Bodies, handlers: Handlers) -> list[tuple[int, NormLayer]]:
+    """Each norm op of every body as a layer, with the main-graph index of the node holding it; named as the
+    walk names layers, on its body's index."""
+    layers: list[tuple[int, NormLayer]] = []
+    for k, (holder, graph, _) in enumerate(found.found):
+        if not any(_handled(node, handlers) for node in graph.node):
+            continue
+        index, where = found.index(k), found.holder(k)
+        read = [(i, handlers[n.op_type][1](index, i)[0]) for i, n in enumerate(index.nodes) if _handled(n, handlers)]
+        for layer in readable_names(index, read):
+            notes = (*layer.notes, IN_BODY_NOTE.format(holder=where))
+            layers.append((holder, replace(layer, notes=notes, extra={**layer.extra, "in_body": where})))
+    return layers
+
+
+def hidden_norm_ops(found: Bodies, handlers: Handlers) -> tuple[int, list[str]]:
+    """Norm layers neither the walk nor :func:`body_layers` reads: chains written out op by op inside bodies
+    (and norm ops of a domain the walk does not know), and everything in the model-local functions called; and
+    the main-graph nodes and functions that hold them ("Loop 'name'")."""
+    counts: Counter[str] = Counter()
+    for k, (_, graph, _) in enumerate(found.found):
+        unknown = sum(node.op_type in handlers and not _handled(node, handlers) for node in graph.node)
+        # the bodies without a reduction, where no chain can start, need no index
+        counts[found.holder(k)] += unknown + (_chains_in(found.index(k)) if _reduces(graph.node) else 0)
+    # the functions load could not inline (functions.inline_calls), each once, with those they call in turn
+    g = found.g
+    functions = {(f.domain, f.name): f for f in g.model.functions}
+    called = {(n.domain, n.op_type) for n in g.nodes} & set(functions)
+    reached: set[tuple[str, str]] = set()
+    while called:
+        key = called.pop()
+        reached.add(key)
+        function = functions[key]
+        counts[f"function {key[1]!r}"] += sum(node.op_type in handlers for node in function.node)
+        if _reduces(function.node):
+            counts[f"function {key[1]!r}"] += _chains_in(_index(function.node, {}, function.opset_import, {}, {}))
+        called |= {(n.domain, n.op_type) for n in function.node} & set(functions) - reached
+    return sum(counts.values()), sorted(holder for holder, count in counts.items() if count)
+
+
+def _handled(node: onnx.NodeProto, handlers: Handlers) -> bool:
+    return node.op_type in handlers and node.domain in handlers[node.op_type][0]
+
+
+def _reduces(nodes: Sequence[onnx.NodeProto]) -> bool:
+    """Whether a chain can start among ``nodes`` (the matchers begin at a reduction)."""
+    return any(node.op_type.startswith("Reduce") or node.op_type == "GlobalAveragePool" for node in nodes)
+
+
+def _body_index(g: GraphIndex, graph: onnx.GraphProto, outer: Mapping[str, onnx.TensorProto]) -> GraphIndex:
+    written = {out for node in graph.node for out in node.output}
+    visible = {name: outer[name] for node in graph.node for name in node.input if name in outer}
+    visible.update((init.name, init) for init in graph.initializer)
+    # the constants the main graph computes and the body reads, as initializers: torch's exporter writes a
+    # parameter equal to another (a never-trained layer's) as an Identity of that one
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in written and name not in visible and (value := g.param(name)) is not None:
+                visible[name] = from_array(value, name)
+    return _index(graph.node, visible, g.model.opset_import, g.shapes, g.types)
+
+
+def _chains_in(index: GraphIndex) -> int:
+    """The chains the walk's matchers find on ``index``."""
+    used: set[int] = set()
+    found = decomposed(index, used)
+    for _, chain in found:
+        used.update(chain)
+    return len(found) + len(dataflow_norms(index, used))
+
+
+def _index(
+    nodes: Sequence[onnx.NodeProto],
+    initializers: Mapping[str, onnx.TensorProto],
+    opsets: Sequence[onnx.OperatorSetIdProto],
+    shapes: dict[str, tuple[Dim, ...]],
+    types: dict[str, int],
+) -> GraphIndex:
+    """A body or function as a graph of its own, with the initializers its nodes read."""
+    return GraphIndex(_Body(nodes, opsets, shapes, types), initializers=initializers)
+
+
+class _Body:
+    """A control-flow body or function as the model GraphIndex reads, its nodes and initializers not copied (a
+    ModelProto of them would copy silero_vad's If branches, which hold its weights, at every load); the main
+    graph's shapes (names are unique across scopes)."""
+
+    def __init__(
+        self,
+        nodes: Sequence[onnx.NodeProto],
+        opsets: Sequence[onnx.OperatorSetIdProto],
+        shapes: dict[str, tuple[Dim, ...]],
+        types: dict[str, int],
+    ) -> None:
+        graph = SimpleNamespace(node=nodes, initializer=(), input=(), output=(), name="body")
+        self.model: Any = SimpleNamespace(graph=graph, opset_import=opsets, functions=(), producer_name="")
+        self.value_shapes = shapes
+        self.value_types = types
