@@ -350,6 +350,44 @@ def test_a_training_output_that_reaches_an_output_through_other_nodes_is_not_fix
     assert actions(report)["bn2"] == "to-inference"
 
 
+def _quantized_after_bn1(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with bn1's output rounded by a QuantizeLinear -> DequantizeLinear pair of stored scale, as
+    quantize_static's QDQ format writes it (the scale calibrated on the statistics as stored)."""
+    graph = model.graph
+    bn1 = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    y = bn1.output[0]
+    for node in graph.node:
+        node.input[:] = ["bn1_dq" if name == y else name for name in node.input]
+    graph.initializer.extend(
+        [numpy_helper.from_array(np.float32(0.05), "bn1.scale_q"), numpy_helper.from_array(np.uint8(128), "bn1.zero_q")]
+    )
+    position = list(graph.node).index(bn1) + 1
+    for offset, node in enumerate(
+        [
+            helper.make_node("QuantizeLinear", [y, "bn1.scale_q", "bn1.zero_q"], ["bn1_q"], name="bn1_quant"),
+            helper.make_node(
+                "DequantizeLinear", ["bn1_q", "bn1.scale_q", "bn1.zero_q"], ["bn1_dq"], name="bn1_dequant"
+            ),
+        ]
+    ):
+        graph.node.insert(position + offset, node)
+    return model
+
+
+def test_a_repair_above_stored_quantization_scales_says_they_need_calibrating_again(calib: str, tmp_path: Path) -> None:
+    src = save(_quantized_after_bn1(convnet(training=True)), tmp_path / "qdq.onnx")
+    report = fix(src, str(tmp_path / "fixed.onnx"), calib)
+    assert actions(report) == {"bn1": "to-inference", "bn2": "to-inference"}
+    (note,) = [n for n in report.fix.outcome.notes if "quantization node" in n]
+    assert note.startswith("1 quantization node(s) below the repaired layers (first: 'bn1_quant')")
+
+
+def test_a_repair_in_a_model_without_quantization_says_nothing_of_scales(train_fixed) -> None:
+    report = train_fixed[2]
+    assert actions(report) == {"bn1": "to-inference", "bn2": "to-inference"}
+    assert not [n for n in report.fix.outcome.notes if "quantization" in n]
+
+
 # ---------------------------------------------------------------------------- stale statistics
 
 

@@ -34,6 +34,7 @@ from bncheck.backends.onnx.graph import (
     copied,
     node_reads,
     outer_reads,
+    topological_order,
     upstream_nodes,
 )
 from bncheck.backends.onnx.load import OnnxHandle, relocate
@@ -199,6 +200,13 @@ def _repair(view: ModelView, request: FixRequest, plan: _Plan, fixer: _Fixer) ->
     written = [] if request.dry_run else fixer.write(request.output)  # type: ignore[arg-type]
     layers = [results[i] for i in range(len(view.layers))]
     notes = list(plan.notes)
+    quantizers = _quantizers_below(handle.model.graph, [v for v, e in zip(view.layers, layers) if e.changed])
+    if quantizers:
+        notes.append(
+            f"{len(quantizers)} quantization node(s) below the repaired layers (first: {quantizers[0]!r}) keep the "
+            "scales calibrated on the old statistics: quantize the repaired float model again (or recalibrate those "
+            "scales) for the accuracy quantization had"
+        )
     notes += [
         f"{e.layer}: the new statistics are uncertain ({e.uncertainty.text()}); more calibration samples would pin them"
         for e in layers
@@ -1043,6 +1051,22 @@ def _switch_to_inference(node: onnx.NodeProto, opset: int) -> None:
             attr.i = 1
     if opset < 7 and not any(a.name == "is_test" for a in node.attribute):
         node.attribute.append(helper.make_attribute("is_test", 1))
+
+
+def _quantizers_below(graph: onnx.GraphProto, changed: list[NormLayer]) -> list[str]:
+    """The static quantizers (QuantizeLinear, com.microsoft's QLinear ops: stored scales) that read what a
+    changed layer computes, directly or through other nodes; their names."""
+    if not changed or not any(_static_quantizer(node) for node in graph.node):
+        return []
+    nodes = [graph.node[i] for i in topological_order(list(graph.node))]
+    outputs = {layer.output for layer in changed if layer.output}
+    return [node.name or node.output[0] for node in _nodes_below(nodes, outputs) if _static_quantizer(node)]
+
+
+def _static_quantizer(node: onnx.NodeProto) -> bool:
+    return (node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx", "com.microsoft")) or (
+        node.op_type.startswith("QLinear") and node.domain in ("", "ai.onnx", "com.microsoft")
+    )
 
 
 def _nodes_below(nodes: Iterable[onnx.NodeProto], tensors: set[str]) -> list[onnx.NodeProto]:
