@@ -664,33 +664,53 @@ def test_decomposed_batch_moments_are_batch_statistics(tmp_path):
     assert normalized_set_size(layer, batch=1) == (9, ())
 
 
-def tf_batch_norm(tmp_path, opset=13) -> tuple[str, list]:
+def tf_batch_norm(tmp_path, opset=13, scope="", moments="moments/", mean_name=None) -> tuple[str, list]:
     """tf.nn.moments(x, [0, 1, 2]) + tf.nn.batch_normalization, NHWC, as tf2onnx writes it: squared
-    difference, squeezed moments, inv = Reciprocal(Sqrt(var + eps)) * gamma, y = x * inv + (beta - mean * inv)."""
+    difference, squeezed moments, inv = Reciprocal(Sqrt(var + eps)) * gamma, y = x * inv + (beta - mean * inv).
+    Node names under ``scope`` (a Keras layer's, "model/bn1/"), the moments' under ``moments`` within it
+    (TimeDistributed's later calls: "moments_2/"); ``mean_name``: the mean's own name within the scope where
+    it is not the moments' (a synchronized BN's "Sum")."""
     c = 4
+    m, b = scope + moments, scope + "batchnorm/"
     nodes = [
-        helper.make_node("ReduceMean", ["x"], ["mu"], name="moments/mean", axes=[0, 1, 2], keepdims=1),
-        helper.make_node("Sub", ["x", "mu"], ["d"], name="moments/SquaredDifference/sub"),
-        helper.make_node("Mul", ["d", "d"], ["d2"], name="moments/SquaredDifference"),
-        helper.make_node("ReduceMean", ["d2"], ["var"], name="moments/variance", axes=[0, 1, 2], keepdims=1),
-        helper.make_node("Squeeze", ["mu", "sq_axes"], ["mean_s"], name="moments/Squeeze"),
-        helper.make_node("Squeeze", ["var", "sq_axes"], ["var_s"], name="moments/Squeeze_1"),
-        helper.make_node("Add", ["var_s", "eps"], ["ve"], name="batchnorm/add"),
-        helper.make_node("Sqrt", ["ve"], ["std"], name="batchnorm/Sqrt"),
-        helper.make_node("Reciprocal", ["std"], ["inv"], name="batchnorm/Rsqrt"),
-        helper.make_node("Mul", ["inv", "gamma"], ["inv_g"], name="batchnorm/mul"),
-        helper.make_node("Mul", ["x", "inv_g"], ["x_inv"], name="batchnorm/mul_1"),
-        helper.make_node("Mul", ["mean_s", "inv_g"], ["m_inv"], name="batchnorm/mul_2"),
-        helper.make_node("Sub", ["beta", "m_inv"], ["shift"], name="batchnorm/sub"),
-        helper.make_node("Add", ["x_inv", "shift"], ["y"], name="batchnorm/add_1"),
+        helper.make_node("ReduceMean", ["x"], ["mu"], name=scope + (mean_name or moments + "mean"), axes=[0, 1, 2]),
+        helper.make_node("Sub", ["x", "mu"], ["d"], name=m + "SquaredDifference/sub"),
+        helper.make_node("Mul", ["d", "d"], ["d2"], name=m + "SquaredDifference"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], name=m + "variance", axes=[0, 1, 2], keepdims=1),
+        helper.make_node("Squeeze", ["mu", "sq_axes"], ["mean_s"], name=m + "Squeeze"),
+        helper.make_node("Squeeze", ["var", "sq_axes"], ["var_s"], name=m + "Squeeze_1"),
+        helper.make_node("Add", ["var_s", "eps"], ["ve"], name=b + "add"),
+        helper.make_node("Sqrt", ["ve"], ["std"], name=b + "Sqrt"),
+        helper.make_node("Reciprocal", ["std"], ["inv"], name=b + "Rsqrt"),
+        helper.make_node("Mul", ["inv", "gamma"], ["inv_g"], name=b + "mul"),
+        helper.make_node("Mul", ["x", "inv_g"], ["x_inv"], name=b + "mul_1"),
+        helper.make_node("Mul", ["mean_s", "inv_g"], ["m_inv"], name=b + "mul_2"),
+        helper.make_node("Sub", ["beta", "m_inv"], ["shift"], name=b + "sub"),
+        helper.make_node("Add", ["x_inv", "shift"], ["y"], name=b + "add_1"),
     ]
+    nodes.append(helper.make_node("Identity", ["y"], ["y_out"], name=scope + "Cast_5"))  # another node in the scope
     gamma = np.linspace(0.5, 2, c, dtype=np.float32)
     beta = np.linspace(-1, 1, c, dtype=np.float32)
     inits = [const("eps", 1e-3), const("gamma", gamma), const("beta", beta), const("sq_axes", [0, 1, 2], np.int64)]
     path = save(
-        tmp_path, nodes, [vinfo("x", ["N", 3, 3, c])], [vinfo("y", ["N", 3, 3, c])], inits, opset=opset, name="tfbn"
+        tmp_path, nodes, [vinfo("x", ["N", 3, 3, c])], [vinfo("y_out", ["N", 3, 3, c])], inits, opset=opset, name="tfbn"
     )
     return path, [gamma, beta]
+
+
+@pytest.mark.parametrize(
+    ("moments", "mean_name"),
+    [("moments/", None), ("moments_3/", None), ("moments/", "Sum")],
+    ids=["moments", "a later call's moments", "a mean outside the moments"],
+)
+def test_a_keras_batch_norm_written_out_by_tf2onnx_is_named_after_its_layer(tmp_path, moments, mean_name):
+    """Keras 3's ONNX export of a BatchNormalization in training mode: the chain's first node may be a later call's
+    mean (TimeDistributed), or no moments' at all (synchronized: Sum); the layer is named by its Keras scope, which
+    holds other nodes as well (a mixed-precision layer's Casts)."""
+    path, _ = tf_batch_norm(tmp_path, scope="model/bn1/", moments=moments, mean_name=mean_name)
+    (layer,), _ = load_layers(path)
+    assert layer.op_type == "decomposed" and layer.batch_statistics
+    assert layer.name == "model/bn1"
 
 
 def test_tf_nn_batch_normalization_form(tmp_path):

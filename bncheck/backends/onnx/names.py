@@ -66,6 +66,8 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         if layer.op_type != "decomposed":
             return _tf_op_scope(layer.name)
         scoped = _tf_layer_scope(_tf_op_scope(layer.name))  # a fused BN tf2onnx wrote out: named after it
+        if scoped == layer.name:
+            scoped = _tf_chain_scope(layer) or scoped
         return scoped if scoped != layer.name else _own_scope(layer, by_name, scopes) or layer.name
     prefix = weight_prefix(_weights(g, layer, indices))
     if prefix:
@@ -78,7 +80,10 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
 
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
 _TF_FUNCTION_SCOPE = "StatefulPartitionedCall/"
-_TF_MOMENTS = re.compile(r"/(?:moments/(?:mean|Mean)|weighted_moments/weighted_input_sum)(?:_\d+)?$")
+# (a layer called again in one scope, as TimeDistributed calls its norm per frame, gets moments_2, moments_3...)
+_TF_MOMENTS = re.compile(r"/(?:moments(?:_\d+)?/(?:mean|Mean)|weighted_moments(?:_\d+)?/weighted_input_sum)(?:_\d+)?$")
+#: the nodes of tf.nn.batch_normalization's scope inside a Keras layer's (its normalization after the moments)
+_TF_BATCHNORM_OPS = re.compile(r"/batchnorm(?:_\d+)?/[^/]+$")
 _TF_FUSED_BN = re.compile(r"/FusedBatchNorm(?:V2|V3)?(?:_?\d+)?$")  # tflite's: FusedBatchNormV35
 #: onnxruntime's fused node named after the node the fusion started from: "<that node>/LayerNormFusion/"
 _ORT_FUSION = re.compile(r"(.*/([A-Za-z]+)(?:_\d+)?)/\w+Fusion/?")
@@ -200,6 +205,17 @@ def _tf_layer_scope(name: str) -> str:
             parts.pop()
         return "/".join(parts)
     return _cut(name, _TF_MOMENTS)
+
+
+def _tf_chain_scope(layer: NormLayer) -> str | None:
+    """The Keras layer's path of a chain whose first node is no moments' mean (a mixed-precision layer's input
+    Cast, a synchronized one's Square): the first of its nodes in TensorFlow's moments or batchnorm scope, cut
+    there; None where none is."""
+    for node in layer.nodes:
+        for scope in (_TF_MOMENTS, _TF_BATCHNORM_OPS):
+            if scope.search(node):
+                return _cut(node, scope)
+    return None
 
 
 def _tf_op_scope(name: str) -> str:
