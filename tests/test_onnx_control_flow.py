@@ -239,3 +239,11 @@ def test_fix_leaves_a_body_batch_norm_whose_running_mean_output_the_body_hands_o
 def test_a_module_called_in_the_main_graph_and_in_a_body_is_named_apart(tmp_path):
     _, document = _run("inspect", control_flow_model(tmp_path / "m.onnx", if_layer="bn0"))
     assert [layer["name"] for layer in document["layers"]] == ["bn0", "bn_loop", "bn0#2"]
+
+
+def test_a_nan_variance_inside_a_loop_body_is_the_one_bn005_of_a_probe(tmp_path):
+    """The NaN it puts into the Loop's output reaches bn_if's input, which the probe measures: bn_loop, unmeasured
+    but first in graph order, is where it starts, not bn_if."""
+    code, document = _run("probe", control_flow_model(tmp_path / "m.onnx", loop_state="nan"), "--all-layers")
+    assert code == 1
+    assert _findings(document) == [("BN005", "error", "bn_loop")]

@@ -126,7 +126,7 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
         )
     if view.broken_weights:
         return  # NaN/Inf met downstream come from those weights first: the layers they reach are not the source
-    first = _first_observed(view, probe)
+    first = _first_observed(view, probe, flagged)
     if first is None and not flagged and probe is not None and probe.nonfinite_outputs:
         yield _outputs_finding(view, probe)
     if first is not None and probe is not None:
@@ -177,12 +177,17 @@ def _outputs_finding(view: ModelView, probe: ProbeResult) -> Finding:
     return Finding(CODE, SLUG, Severity.WARNING if synthetic else SEVERITY, name, message, hint, evidence)
 
 
-def _first_observed(view: ModelView, probe: ProbeResult | None) -> tuple[NormLayer, str, dict[int, int]] | None:
+def _first_observed(
+    view: ModelView, probe: ProbeResult | None, flagged: set[str]
+) -> tuple[NormLayer, str, dict[int, int]] | None:
     """The first layer in graph order whose input or output holds NaN/Inf in some probe batch, and how many
-    samples of each such batch hold them."""
+    samples of each such batch hold them; None where a layer ``flagged`` for its parameters that the probe
+    could not measure (inside a Loop's body) comes first: what the layers after it hold may be its NaN."""
     if probe is None:
         return None
     for layer in view.layers:
+        if layer.name in flagged and all(probe.at(b, layer.name) is None for b in probe.batch_sizes):
+            return None
         for where in ("input", "output"):
             samples: dict[int, int] = {}
             for batch_size in probe.batch_sizes:
