@@ -247,3 +247,88 @@ def test_a_nan_variance_inside_a_loop_body_is_the_one_bn005_of_a_probe(tmp_path)
     code, document = _run("probe", control_flow_model(tmp_path / "m.onnx", loop_state="nan"), "--all-layers")
     assert code == 1
     assert _findings(document) == [("BN005", "error", "bn_loop")]
+
+
+def tf_while_model(path: Path, *, never_trained: bool) -> str:
+    """A Keras BatchNormalization called inside tf.while_loop, as tf2onnx writes it: a Loop whose body computes
+    tf.nn.batch_normalization's x * k + (beta - mean * k), k = gamma / sqrt(var + eps), from the layer's
+    variables, which the Loop carries from the main graph's initializers and passes on unchanged (an
+    Identity each iteration). NHWC maps of 8 channels."""
+    rng = np.random.default_rng(3)
+    c = 8
+    stats = {
+        "gamma": np.ones(c) if never_trained else rng.uniform(0.5, 1.5, c),
+        "beta": np.zeros(c) if never_trained else rng.uniform(-0.2, 0.2, c),
+        "mean": np.zeros(c) if never_trained else rng.uniform(-0.2, 0.2, c),
+        "var": np.ones(c) if never_trained else rng.uniform(0.5, 1.5, c),
+    }
+    carried = [f"while_bn_loop_1_{k}_readvariableop_resource_0:0" for k in stats]
+    b = "while/bn_loop_1/batchnorm/"
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", [carried[3], "eps"], ["ve"], name=b + "add"),
+            helper.make_node("Sqrt", ["ve"], ["std"], name=b + "Rsqrt"),
+            helper.make_node("Reciprocal", ["std"], ["inv"], name=b + "Rsqrt__27"),
+            helper.make_node("Mul", ["inv", carried[0]], ["k"], name=b + "mul"),
+            helper.make_node("Mul", [carried[2], "k"], ["mk"], name=b + "mul_2"),
+            helper.make_node("Sub", [carried[1], "mk"], ["shift"], name=b + "sub"),
+            helper.make_node("Mul", ["h", "k"], ["hk"], name=b + "mul_1"),
+            helper.make_node("Add", ["hk", "shift"], ["h_out"], name=b + "add_1"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="while/Identity"),
+            *[
+                helper.make_node("Identity", [v], [v + "_next"], name=f"while/Identity_{i}")
+                for i, v in enumerate(carried)
+            ],
+        ],
+        "while_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            _vinfo("h", ["N", 6, 6, c]),
+            *[_vinfo(v, [c]) for v in carried],
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            _vinfo("h_out", ["N", 6, 6, c]),
+            *[_vinfo(v + "_next", [c]) for v in carried],
+        ],
+        initializer=[numpy_helper.from_array(np.float32(1e-3), "eps")],
+    )
+    inits = [numpy_helper.from_array(v.astype(np.float32), f"bn_loop/{k}:0") for k, v in stats.items()]
+    inits += [numpy_helper.from_array(np.array(2, np.int64), "trips"), numpy_helper.from_array(np.array(True), "true")]
+    loop_out = ["while_loop:1", *[f"while_loop:{i + 2}" for i in range(4)]]
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Loop",
+                ["trips", "true", "x", *[f"bn_loop/{k}:0" for k in stats]],
+                loop_out,
+                name="while_loop",
+                body=body,
+            ),
+            helper.make_node("ReduceMean", ["while_loop:1"], ["y"], name="Mean", axes=[1, 2], keepdims=0),
+        ],
+        "tf_function",
+        [_vinfo("x", ["N", 6, 6, c])],
+        [_vinfo("y", ["N", c])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tf2onnx")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("never_trained", [True, False])
+def test_a_batch_norm_written_out_in_a_tf_while_loop_is_read_from_the_variables_the_loop_carries(
+    tmp_path, never_trained
+):
+    path = tf_while_model(tmp_path / "m.onnx", never_trained=never_trained)
+    x = np.random.default_rng(4).normal(size=(2, 6, 6, 8)).astype(np.float32)
+    ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})  # a model onnxruntime runs
+    code, document = _run("inspect", path)
+    (layer,) = document["layers"]
+    assert layer["name"] == "while/bn_loop_1" and layer["channels"] == 8 and layer["epsilon"] == pytest.approx(1e-3)
+    assert _findings(document) == ([("BN003", "error", "while/bn_loop_1")] if never_trained else [])
+    assert code == (1 if never_trained else 0)

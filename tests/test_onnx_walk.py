@@ -946,11 +946,11 @@ def test_norm_ops_in_subgraphs_are_noted_and_in_local_functions_found(tmp_path):
     assert not [n for n in view.notes if n.level == "warning"]
 
 
-def test_chains_written_out_in_nested_bodies_are_noted_and_in_local_functions_found(tmp_path):
-    """A LayerNorm written out op by op inside an If's branch (as openwakeword's hey_jarvis model carries two)
-    is not walked, and is counted in the warning: its epsilon and scale read by name from the scopes around
-    it (the enclosing body's initializers, the main graph's). A body's reduction that is no norm (a ReduceSum)
-    is not counted. The chain of a model-local function is found, the call inlined."""
+def test_chains_written_out_in_nested_bodies_and_in_local_functions_are_found(tmp_path):
+    """A LayerNorm written out op by op inside an If's branch nested in another (as openwakeword's hey_jarvis
+    model carries two) is read as a layer of that body: its epsilon and scale read by name from the scopes
+    around it (the enclosing body's initializers, the main graph's). A body's reduction that is no norm (a
+    ReduceSum) is no layer. The chain of a model-local function is found, the call inlined."""
     chain, params = moments_chain((-1,), 17)
     eps, two = params
     inner = helper.make_graph(chain, "inner", [], [vinfo("y", ["N", 6])])
@@ -994,12 +994,15 @@ def test_chains_written_out_in_nested_bodies_are_noted_and_in_local_functions_fo
     np.testing.assert_allclose(branch, numpy_norm(x, (1,), F32_EPS, gamma, beta), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(y_fn, numpy_norm(x, (1,), F32_EPS), rtol=1e-4, atol=1e-5)
     layers, view = load_layers(str(path))
-    assert [(layer.op_type, layer.kind, layer.input) for layer in layers] == [("decomposed", Kind.LAYER, "x")]
-    hidden = [n.message for n in view.notes if n.level == "warning"]
-    assert hidden == [
-        "1 normalization layer(s) inside control-flow subgraphs or model-local functions were not inspected "
-        "(ops, or chains written out op by op): in If 'outer_if'"
+    assert [(layer.op_type, layer.kind, layer.input) for layer in layers] == [
+        ("decomposed", Kind.LAYER, "x"),
+        ("decomposed", Kind.LAYER, "x"),
     ]
+    in_body, in_function = layers
+    assert in_body.extra["in_body"] == "If 'outer_if'" and "in_body" not in in_function.extra
+    assert in_body.epsilon == pytest.approx(F32_EPS) and in_body.axes == (1,)
+    np.testing.assert_array_equal(in_body.scale, gamma)
+    assert not [n.message for n in view.notes if n.level == "warning"]
 
 
 def test_decomposed_chain_with_unknown_axes_is_moments(tmp_path):

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 
 Scope = Mapping[str, "onnx.TensorProto"]
 Handlers = Mapping[str, tuple[tuple[str, ...], Callable[[GraphIndex, int], tuple[NormLayer, list[int]]]]]
+SpanFinder = Callable[[GraphIndex], list[tuple[int, NormLayer, list[int]]]]
+
+#: the ops that start some layer's pattern besides the norm ops (``_NORM_OPS``): a chain's reduction, an affine
+#: batch norm's 1 / sqrt
+_MAY_HOLD_NORM = frozenset(
+    {"ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool", "Sqrt", "Rsqrt", "Reciprocal", "Div", "Pow"}
+)
+_NORM_OPS = ("Normalization", "GroupNorm")
 
 #: the note of a layer read from a body (NormLayer.extra["in_body"] names the main-graph node holding it)
 IN_BODY_NOTE = (
@@ -45,8 +53,12 @@ class Bodies:
         stack: list[tuple[int, onnx.GraphProto, Scope]] = [
             (i, body, g.initializers) for i, node in enumerate(g.nodes) for body in bodies(node)
         ]
+        top = {id(graph) for _, graph, _ in stack}  # the bodies of main-graph nodes, whose inputs they bind
+        self._top: set[int] = set()
         while stack:
             holder, graph, outer = stack.pop()
+            if id(graph) in top:
+                self._top.add(len(self.found))
             self.found.append((holder, graph, outer))
             inner = [body for node in graph.node for body in bodies(node)]
             if inner:
@@ -61,20 +73,22 @@ class Bodies:
 
     def index(self, k: int) -> GraphIndex:
         if k not in self._indexes:
-            _, graph, outer = self.found[k]
-            self._indexes[k] = _body_index(self.g, graph, outer)
+            holder, graph, outer = self.found[k]
+            carried = _loop_constants(self.g, self.g.nodes[holder], graph) if k in self._top else {}
+            self._indexes[k] = _body_index(self.g, graph, outer, carried)
         return self._indexes[k]
 
 
-def body_layers(found: Bodies, handlers: Handlers) -> list[tuple[int, NormLayer]]:
-    """Each norm op of every body as a layer, with the main-graph index of the node holding it; named as the
-    walk names layers, on its body's index."""
+def body_layers(found: Bodies, spans: SpanFinder) -> list[tuple[int, NormLayer]]:
+    """Every norm layer of every body, as the walk finds them in the main graph (``spans``: ops, chains, batch
+    norms left as their affine map), with the main-graph index of the node holding it; named as the walk names
+    layers, on its body's index."""
     layers: list[tuple[int, NormLayer]] = []
     for k, (holder, graph, _) in enumerate(found.found):
-        if not any(_handled(node, handlers) for node in graph.node):
-            continue
+        if not any(node.op_type in _MAY_HOLD_NORM or node.op_type.endswith(_NORM_OPS) for node in graph.node):
+            continue  # no op that starts any layer's pattern: no index (silero_vad's STFT bodies)
         index, where = found.index(k), found.holder(k)
-        read = [(i, handlers[n.op_type][1](index, i)[0]) for i, n in enumerate(index.nodes) if _handled(n, handlers)]
+        read = sorted(((first, layer) for first, layer, _ in spans(index)), key=lambda item: item[0])
         for layer in readable_names(index, read):
             notes = (*layer.notes, IN_BODY_NOTE.format(holder=where))
             layers.append((holder, replace(layer, notes=notes, extra={**layer.extra, "in_body": where})))
@@ -82,14 +96,11 @@ def body_layers(found: Bodies, handlers: Handlers) -> list[tuple[int, NormLayer]
 
 
 def hidden_norm_ops(found: Bodies, handlers: Handlers) -> tuple[int, list[str]]:
-    """Norm layers neither the walk nor :func:`body_layers` reads: chains written out op by op inside bodies
-    (and norm ops of a domain the walk does not know), and everything in the model-local functions called; and
-    the main-graph nodes and functions that hold them ("Loop 'name'")."""
+    """Norm layers the walk does not read: norm ops of a domain it does not know inside bodies, and everything
+    in the model-local functions called; and the main-graph nodes and functions that hold them ("Loop 'name'")."""
     counts: Counter[str] = Counter()
     for k, (_, graph, _) in enumerate(found.found):
-        unknown = sum(node.op_type in handlers and not _handled(node, handlers) for node in graph.node)
-        # the bodies without a reduction, where no chain can start, need no index
-        counts[found.holder(k)] += unknown + (_chains_in(found.index(k)) if _reduces(graph.node) else 0)
+        counts[found.holder(k)] += sum(node.op_type in handlers and not _handled(node, handlers) for node in graph.node)
     # the functions load could not inline (functions.inline_calls), each once, with those they call in turn
     g = found.g
     functions = {(f.domain, f.name): f for f in g.model.functions}
@@ -115,10 +126,30 @@ def _reduces(nodes: Sequence[onnx.NodeProto]) -> bool:
     return any(node.op_type.startswith("Reduce") or node.op_type == "GlobalAveragePool" for node in nodes)
 
 
-def _body_index(g: GraphIndex, graph: onnx.GraphProto, outer: Mapping[str, onnx.TensorProto]) -> GraphIndex:
+def _loop_constants(g: GraphIndex, loop: onnx.NodeProto, body: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The Loop body's carried values that every iteration passes on unchanged (tf2onnx carries a while loop's
+    captured variables so: a Keras layer's weights), as the constants the Loop starts them from."""
+    if loop.op_type != "Loop" or loop.domain not in ("", "ai.onnx"):
+        return {}
+    passed = {node.output[0]: node.input[0] for node in body.node if node.op_type == "Identity" and node.output}
+    found: dict[str, onnx.TensorProto] = {}
+    # body inputs: iteration, condition, carried...; outputs: condition, carried..., scan outputs
+    for start, carried, out in zip(loop.input[2:], body.input[2:], body.output[1:]):
+        if carried.name in (out.name, passed.get(out.name)) and (value := g.param(start)) is not None:
+            found[carried.name] = from_array(value, carried.name)
+    return found
+
+
+def _body_index(
+    g: GraphIndex,
+    graph: onnx.GraphProto,
+    outer: Mapping[str, onnx.TensorProto],
+    carried: Mapping[str, onnx.TensorProto],
+) -> GraphIndex:
     written = {out for node in graph.node for out in node.output}
     visible = {name: outer[name] for node in graph.node for name in node.input if name in outer}
     visible.update((init.name, init) for init in graph.initializer)
+    visible.update(carried)
     # the constants the main graph computes and the body reads, as initializers: torch's exporter writes a
     # parameter equal to another (a never-trained layer's) as an Identity of that one
     for node in graph.node:

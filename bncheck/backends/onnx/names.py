@@ -63,6 +63,8 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
         weights = [w.removeprefix(composed) for w in _weights(g, layer, indices)]
         return composed + _torch_module(scope, weights)
     if not is_generated(g.nodes[idx].name.removeprefix(composed), g.nodes[idx].op_type):
+        if layer.extra.get("affine_batch_norm"):  # tf.nn.batch_normalization's nodes: named by the layer's scope
+            return _tf_chain_scope(layer) or layer.name
         if layer.op_type != "decomposed":
             return _tf_op_scope(layer.name)
         scoped = _tf_layer_scope(_tf_op_scope(layer.name))  # a fused BN tf2onnx wrote out: named after it

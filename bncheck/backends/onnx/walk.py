@@ -66,25 +66,7 @@ def walk_all(
     that fixes the batch to 1 those a relaxed batch would reach (ModelView.relaxed_batch_ops), and the weighted
     ops whose weights hold NaN or Inf."""
     g = GraphIndex(handle, dequantized=True)
-    found: list[tuple[int, NormLayer]] = []
-    spans: list[tuple[int, NormLayer, list[int]]] = []
-    used: set[int] = set()
-    for idx, node in enumerate(g.nodes):
-        handler = _OP_HANDLERS.get(node.op_type)
-        if handler is None:
-            continue
-        domains, fn = handler
-        if node.domain not in domains:
-            continue
-        layer, nodes = fn(g, idx)
-        used.update(nodes)
-        spans.append((min(nodes), layer, nodes))
-    for layer, nodes in decomposed(g, used):
-        used.update(nodes)
-        spans.append((min(nodes), layer, nodes))
-    spans.extend((min(nodes), layer, nodes) for layer, nodes in dataflow_norms(g, used))
-    taken = used.union(*(nodes for _, _, nodes in spans))
-    spans.extend((min(nodes), layer, nodes) for layer, nodes in affine_batch_norms(g, taken))
+    spans = _spans(g)
     # a norm of a constant is no layer of the data: timm's weight standardization, F.batch_norm(weight, training=True)
     # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
     # DeBERTa's LayerNorm of its relative position embeddings)
@@ -112,10 +94,34 @@ def walk_all(
     return layers, notes, batch_ops, relaxed_ops, broken
 
 
+def _spans(g: GraphIndex) -> list[tuple[int, NormLayer, list[int]]]:
+    """Every norm layer of ``g``'s nodes: ops, chains the fixed patterns and the data flow find, and batch norms
+    left as their affine map; each with its first node's position and its nodes'."""
+    spans: list[tuple[int, NormLayer, list[int]]] = []
+    used: set[int] = set()
+    for idx, node in enumerate(g.nodes):
+        handler = _OP_HANDLERS.get(node.op_type)
+        if handler is None:
+            continue
+        domains, fn = handler
+        if node.domain not in domains:
+            continue
+        layer, nodes = fn(g, idx)
+        used.update(nodes)
+        spans.append((min(nodes), layer, nodes))
+    for layer, nodes in decomposed(g, used):
+        used.update(nodes)
+        spans.append((min(nodes), layer, nodes))
+    spans.extend((min(nodes), layer, nodes) for layer, nodes in dataflow_norms(g, used))
+    taken = used.union(*(nodes for _, _, nodes in spans))
+    spans.extend((min(nodes), layer, nodes) for layer, nodes in affine_batch_norms(g, taken))
+    return spans
+
+
 def _with_body_layers(in_bodies: Bodies, found: list[tuple[int, NormLayer]], named: list[NormLayer]) -> list[NormLayer]:
     """The main graph's layers with those of the bodies (control_flow.py), each after the layers before the
     node holding it; names unique over all of them (a module called in the graph and in a Loop)."""
-    inside = body_layers(in_bodies, _OP_HANDLERS)
+    inside = body_layers(in_bodies, _spans)
     if not inside:
         return named
     order = sorted(
