@@ -332,3 +332,41 @@ def test_a_batch_norm_written_out_in_a_tf_while_loop_is_read_from_the_variables_
     assert layer["name"] == "while/bn_loop_1" and layer["channels"] == 8 and layer["epsilon"] == pytest.approx(1e-3)
     assert _findings(document) == ([("BN003", "error", "while/bn_loop_1")] if never_trained else [])
     assert code == (1 if never_trained else 0)
+
+
+def test_a_norm_of_a_constant_inside_a_branch_is_no_layer(tmp_path):
+    """As in the main graph (timm's weight standardization): a LayerNormalization of a stored weight inside an
+    If branch depends on no sample."""
+    w = numpy_helper.from_array(np.random.default_rng(5).normal(size=(4, 6)).astype(np.float32), "w")
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("LayerNormalization", ["w", "g", "b"], ["w_std"], name="/std/LayerNormalization"),
+            helper.make_node("MatMul", ["x", "w_std"], ["y_then"], name="/MatMul"),
+        ],
+        "then",
+        [],
+        [_vinfo("y_then", ["N", 6])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y_else"], name="/MatMul_1")], "else", [], [_vinfo("y_else", ["N", 6])]
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="/If", then_branch=then_branch, else_branch=else_branch)],
+        "g",
+        [_vinfo("x", ["N", 4]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [_vinfo("y", ["N", 6])],
+        initializer=[
+            w,
+            numpy_helper.from_array(np.ones(6, np.float32), "g"),
+            numpy_helper.from_array(np.zeros(6, np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    x = np.ones((2, 4), np.float32)
+    ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x, "flag": np.array(True)})
+    code, document = _run("inspect", path)
+    assert code == 0 and document["layers"] == [] and document["findings"] == []

@@ -1,10 +1,10 @@
 """Normalization layers inside If/Loop/Scan bodies and model-local functions the loader could not inline.
 
-The walk matches the main graph. A norm op inside a body is read here on an index of its body, with the
-initializers of the scopes around it (which its nodes may read by name), the constants the main graph computes
-and it reads, and the main graph's shapes (a body often normalizes an outer tensor directly): its stored
-parameters and attributes serve the static checks, and the probe measures what of it the main graph holds.
-Chains written out op by op in a body, and every norm of a function, are only counted, for the walk's warning.
+The walk matches the main graph. The norm layers inside a body are found here as the walk finds the main
+graph's, on an index of the body with the initializers of the scopes around it (which its nodes may read by
+name), the constants the main graph computes and it reads, the values a Loop carries unchanged, and the shapes
+onnx inferred: their stored parameters and attributes serve the static checks, and the probe measures what of
+them the main graph holds. The norms of a function are only counted, for the walk's warning.
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ def _index(
 
 class _Body:
     """A control-flow body or function as the model GraphIndex reads, its nodes and initializers not copied (a
-    ModelProto of them would copy silero_vad's If branches, which hold its weights, at every load); the main
-    graph's shapes (names are unique across scopes)."""
+    ModelProto of them would copy silero_vad's If branches, which hold its weights, at every load); the shapes
+    the loader kept, the main graph's and the bodies' (names are unique across scopes)."""
 
     def __init__(
         self,

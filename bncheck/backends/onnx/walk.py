@@ -118,10 +118,15 @@ def _spans(g: GraphIndex) -> list[tuple[int, NormLayer, list[int]]]:
     return spans
 
 
+def _data_spans(g: GraphIndex) -> list[tuple[int, NormLayer, list[int]]]:
+    """:func:`_spans` without the norms of constants (as walk_all leaves them out of the main graph's layers)."""
+    return [span for span in _spans(g) if not g.data_free(span[1].input) or _broken_constant(span[1])]
+
+
 def _with_body_layers(in_bodies: Bodies, found: list[tuple[int, NormLayer]], named: list[NormLayer]) -> list[NormLayer]:
     """The main graph's layers with those of the bodies (control_flow.py), each after the layers before the
     node holding it; names unique over all of them (a module called in the graph and in a Loop)."""
-    inside = body_layers(in_bodies, _spans)
+    inside = body_layers(in_bodies, _data_spans)
     if not inside:
         return named
     order = sorted(
