@@ -148,7 +148,12 @@ def control_flow_model(
         [_vinfo("y", ["N", C])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], producer_name="pytorch")
+    return _save(graph, path, 15, "pytorch")
+
+
+def _save(graph: onnx.GraphProto, path: Path, opset: int, producer: str) -> str:
+    """The model of ``graph`` at ``opset``, IR 8, checked by onnx.checker, written to ``path``."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=producer)
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -313,11 +318,7 @@ def tf_while_model(path: Path, *, never_trained: bool) -> str:
         [_vinfo("y", ["N", c])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tf2onnx")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    return _save(graph, path, 17, "tf2onnx")
 
 
 @pytest.mark.parametrize("never_trained", [True, False])
@@ -361,11 +362,7 @@ def test_a_norm_of_a_constant_inside_a_branch_is_no_layer(tmp_path):
             numpy_helper.from_array(np.zeros(6, np.float32), "b"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = str(tmp_path / "m.onnx")
-    onnx.save(model, path)
+    path = _save(graph, tmp_path / "m.onnx", 17, "")
     x = np.ones((2, 4), np.float32)
     ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x, "flag": np.array(True)})
     code, document = _run("inspect", path)
