@@ -308,6 +308,36 @@ def test_a_lowered_group_norm_called_again_is_named_after_its_module_with_a_coun
     ]
 
 
+def test_a_group_norm_inlined_from_a_module_function_is_named_by_the_call_it_came_from(tmp_path: Path) -> None:
+    """torch.onnx.export(export_modules_as_functions={nn.GroupNorm}): the loader inlines the call
+    /enc1/enc1.1/GroupNorm; onnx's inliner names the nodes and tensors it copies (Reshape_4__3), the call's output
+    keeps its name, and gamma and beta are exporter-generated (onnx::Mul_77). It was named after that output."""
+    inits = [
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32), "onnx::Mul_77"),
+        numpy_helper.from_array(RNG.uniform(-0.5, 0.5, (4, 1, 1)).astype(np.float32), "onnx::Add_78"),
+        numpy_helper.from_array(np.array([0, 2, -1], np.int64), "onnx::Reshape_58"),
+        numpy_helper.from_array(np.ones(2, np.float32), "onnx::InstanceNormalization_60"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "onnx::InstanceNormalization_61"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "onnx::Reshape_58"], ["r__3"], name="Reshape_4__3"),
+        helper.make_node(
+            "InstanceNormalization",
+            ["r__3", "onnx::InstanceNormalization_60", "onnx::InstanceNormalization_61"],
+            ["in__3"],
+            name="InstanceNormalization_7__3",
+            epsilon=1e-5,
+        ),
+        helper.make_node("Shape", ["x"], ["s__3"], name="Shape_8__3"),
+        helper.make_node("Reshape", ["in__3", "s__3"], ["back__3"], name="Reshape_9__3"),
+        helper.make_node("Mul", ["back__3", "onnx::Mul_77"], ["m__3"], name="Mul_10__3"),
+        helper.make_node("Add", ["m__3", "onnx::Add_78"], ["/enc1/enc1.1/GroupNorm_output_0"], name="Add_11__3"),
+        helper.make_node("Relu", ["/enc1/enc1.1/GroupNorm_output_0"], ["y"], name="/enc1/enc1.2/Relu"),
+    ]
+    layers = _inspected_layers(tmp_path / "gn.onnx", nodes, inits, ["N", 4, 3, 3], opset=17, ir_version=8)
+    assert [(layer["name"], layer["kind"]) for layer in layers] == [("enc1.1", "group")]
+
+
 def _layer_norm_chain(names: list[str], weight: str, bias: str, square: str, out: str = "y") -> tuple[list, list]:
     """A LayerNorm over the last axis of x written out op by op, its nine nodes named ``names`` in order (mean,
     shift, square by ``square``, variance, epsilon, root, divide, scale, bias), its output ``out``."""

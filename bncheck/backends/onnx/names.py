@@ -37,6 +37,8 @@ _GENERATED_WEIGHT = re.compile(
 )
 #: paddle's name for a layer's intermediate result (``group_norm_0.tmp_2``; its weights ``group_norm_0.w_0``)
 _PADDLE_TEMP = re.compile(r"\.tmp_\d+$")
+#: a tensor torch's TorchScript exporter names after its node (``/enc1/enc1.1/GroupNorm_output_0``)
+_TORCH_OUTPUT = re.compile(r"(/(?:[^/]+/)+([A-Za-z]\w*?))_output_\d+")
 
 
 def readable_names(g: GraphIndex, found: Iterable[tuple[int, NormLayer]]) -> list[NormLayer]:
@@ -77,7 +79,13 @@ def _readable(g: GraphIndex, idx: int, layer: NormLayer, by_name: dict[str, int]
     # paddle2onnx names a hand-written chain's nodes after their op types and its weights helper.reshape.N,
     # but the chain's result after the layer op it came from (p2o.pd_op.layer_norm.0.0): the last such name
     named = [t for i in indices for t in g.nodes[i].output if "norm" in t.lower() and not _generated_tensor(g, i, t)]
-    return _PADDLE_TEMP.sub("", named[-1]) if named else layer.name
+    if not named:
+        return layer.name
+    # a call of a module torch exported as a function, inlined at load: its nodes' names are the inliner's, its
+    # output the call's (/enc1/enc1.1/GroupNorm_output_0)
+    called = _TORCH_OUTPUT.fullmatch(named[-1])
+    scope = _torch_scope(called.group(1), called.group(2)) if called else None
+    return (_scope_path(scope) if scope else None) or _PADDLE_TEMP.sub("", named[-1])
 
 
 #: TensorFlow's scopes around a Keras layer's own: the traced function's, and tf.nn.moments' inside the layer
