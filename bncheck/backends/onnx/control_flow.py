@@ -35,6 +35,8 @@ _MAY_HOLD_NORM = frozenset(
     {"ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool", "Sqrt", "Rsqrt", "Reciprocal", "Div", "Pow"}
 )
 _NORM_OPS = ("Normalization", "GroupNorm")
+#: the largest computed constant copied into a body's index: a norm's parameters are per channel
+_COPIED_CONSTANT_BYTES = 1 << 20
 
 #: the note of a layer read from a body (NormLayer.extra["in_body"] names the main-graph node holding it)
 IN_BODY_NOTE = (
@@ -135,9 +137,21 @@ def _loop_constants(g: GraphIndex, loop: onnx.NodeProto, body: onnx.GraphProto) 
     found: dict[str, onnx.TensorProto] = {}
     # body inputs: iteration, condition, carried...; outputs: condition, carried..., scan outputs
     for start, carried, out in zip(loop.input[2:], body.input[2:], body.output[1:]):
-        if carried.name in (out.name, passed.get(out.name)) and (value := g.param(start)) is not None:
-            found[carried.name] = from_array(value, carried.name)
+        if carried.name in (out.name, passed.get(out.name)):
+            value = _constant(g, start)
+            if value is not None:
+                found[carried.name] = value
     return found
+
+
+def _constant(g: GraphIndex, name: str) -> onnx.TensorProto | None:
+    """The main graph's constant ``name`` as a tensor: its initializer itself (not copied: tf2onnx carries every
+    captured weight through a loop), else a small one the main graph computes (through Identity, Cast...)."""
+    init = g.initializers.get(name)
+    if init is not None:
+        return init
+    value = g.param(name)
+    return from_array(value, name) if value is not None and value.nbytes <= _COPIED_CONSTANT_BYTES else None
 
 
 def _body_index(
@@ -154,8 +168,8 @@ def _body_index(
     # parameter equal to another (a never-trained layer's) as an Identity of that one
     for node in graph.node:
         for name in node.input:
-            if name and name not in written and name not in visible and (value := g.param(name)) is not None:
-                visible[name] = from_array(value, name)
+            if name and name not in written and name not in visible and (value := _constant(g, name)) is not None:
+                visible[name] = value
     return _index(graph.node, visible, g.model.opset_import, g.shapes, g.types)
 
 
