@@ -30,8 +30,8 @@ from bncheck.backends.onnx import tensors
 from bncheck.backends.onnx.graph import (
     TRANSPARENT,
     VALUE_PRESERVING,
-    bodies,
     copied,
+    nested_bodies,
     node_reads,
     outer_reads,
     topological_order,
@@ -371,14 +371,13 @@ class _GraphFacts:
         self.by_name: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
             self.by_name.setdefault(node.name or (node.output[0] if node.output else ""), []).append(node)
-        self._nodes = graph.node
         self.graph = graph
         self._live: set[str] | None = None
 
     def live(self, tensor: str) -> bool:
         """Whether ``tensor`` reaches a graph output through the nodes that read it."""
         if self._live is None:
-            self._live = live_tensors(self._nodes, self.graph_outputs)
+            self._live = live_tensors(self.graph.node, self.graph_outputs)
         return tensor in self._live
 
 
@@ -585,13 +584,10 @@ def _plan_in_body(layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
 
 def _in_bodies(graph: onnx.GraphProto, output: str) -> tuple[onnx.GraphProto, onnx.NodeProto] | None:
     """The body (however deep) holding the node whose first output is ``output``, and the node."""
-    stack = [body for node in graph.node for body in bodies(node)]
-    while stack:
-        body = stack.pop()
+    for body in nested_bodies(graph):
         for node in body.node:
             if node.output and node.output[0] == output:
                 return body, node
-            stack.extend(bodies(node))
     return None
 
 
@@ -1064,8 +1060,8 @@ def _quantizers_below(graph: onnx.GraphProto, changed: list[NormLayer]) -> list[
 
 
 def _static_quantizer(node: onnx.NodeProto) -> bool:
-    return (node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx", "com.microsoft")) or (
-        node.op_type.startswith("QLinear") and node.domain in ("", "ai.onnx", "com.microsoft")
+    return node.domain in ("", "ai.onnx", "com.microsoft") and (
+        node.op_type == "QuantizeLinear" or node.op_type.startswith("QLinear")
     )
 
 

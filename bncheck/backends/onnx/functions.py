@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from bncheck.backends.onnx.graph import bodies, copy_fields, copy_messages
+from bncheck.backends.onnx.graph import bodies, copy_fields, copy_messages, nested_bodies
 
 if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
     import onnx
@@ -99,10 +99,9 @@ def _copy_nodes(nodes: Iterable[onnx.NodeProto], target: Any, read: dict[tuple[s
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """The nodes of ``graph`` and of the If/Loop/Scan bodies inside it."""
-    for node in graph.node:
-        yield node
-        for body in bodies(node):
-            yield from _all_nodes(body)
+    yield from graph.node
+    for body in nested_bodies(graph):
+        yield from body.node
 
 
 def undefined_function_op(model: onnx.ModelProto) -> str | None:

@@ -669,6 +669,14 @@ def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return found
 
 
+def nested_bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Every If/Loop/Scan body inside ``graph``, however deep."""
+    for node in graph.node:
+        for body in bodies(node):
+            yield body
+            yield from nested_bodies(body)
+
+
 def node_reads(node: onnx.NodeProto) -> Iterator[str]:
     """Every tensor a node reads: its inputs and the outer-scope names its subgraphs (If/Loop/Scan) use."""
     for name in node.input:

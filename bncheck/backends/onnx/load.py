@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bncheck.backends.base import BackendError, sha256_of
-from bncheck.backends.onnx.graph import bodies, copy_fields, copy_messages, tensor_nbytes, topological_order
+from bncheck.backends.onnx.graph import copy_fields, copy_messages, nested_bodies, tensor_nbytes, topological_order
 from bncheck.errors import few, one_line
 from bncheck.model import Dim, ModelInfo, Note
 
@@ -513,11 +513,7 @@ def _collect_shapes(
     # the bodies' values too (names are unique across scopes): control_flow.py reads the norms inside them
     scopes = [graph.input, graph.value_info, graph.output]
     if any(node.op_type in _CONTROL_FLOW for node in graph.node):
-        inner = [body for node in graph.node for body in bodies(node)]
-        while inner:
-            body = inner.pop()
-            scopes += [body.input, body.value_info, body.output]
-            inner += [nested for node in body.node for nested in bodies(node)]
+        scopes += [values for body in nested_bodies(graph) for values in (body.input, body.value_info, body.output)]
     for values in scopes:
         for info in values:
             name = info.name
