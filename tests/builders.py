@@ -497,3 +497,96 @@ def tied_recurrence_model(path: Path, *, steps: int = 4, features: int = 16, tie
         initializer=inits if tied else inits[1:],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _f32(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def batch_moments_bn_model(path: Path, *, form: str = "dynamo", batch: int = 4, channels: int = 4, hw: int = 6) -> str:
+    """input[batch, 3, hw, hw] -> conv -> BatchNormalization fed its input's own batch moments -> relu -> GAP ->
+    flatten -> gemm -> logits: torch's BatchNorm2d(track_running_stats=False) as torch 2.13's exporters write it
+    (the batch fixed: with a free one neither exports it). ``form`` "dynamo": ReduceMean over [0, 2, 3] of the
+    input (kept dims for the centring, not for the statistics), an inference-mode node (torch.onnx.export's
+    default). "torchscript" (``dynamo=False``): the input reshaped to [N, C, -1] and transposed to [N, -1, C],
+    ReduceMean over [0, 1], a training-mode node with the running-statistic outputs. Node names as torch's.
+    ``hw`` 0: BatchNorm1d on [batch, channels] after a Linear (input [batch, 3]), no pooling."""
+    rng = np.random.default_rng(5)
+    c_in, classes = 3, 5
+    first = (channels, c_in, 3, 3) if hw else (c_in, channels)
+    inits = [
+        numpy_helper.from_array(_f32(rng.normal(0, 0.3, first)), "0.weight"),
+        numpy_helper.from_array(_f32(rng.normal(0, 0.1, channels)), "0.bias"),
+        numpy_helper.from_array(_f32(rng.uniform(0.5, 1.5, channels)), "1.weight"),
+        numpy_helper.from_array(_f32(rng.uniform(-0.5, 0.5, channels)), "1.bias"),
+        numpy_helper.from_array(_f32(rng.normal(0, 0.5, (channels, classes))), "fc.weight"),
+        numpy_helper.from_array(_f32(np.zeros(classes)), "fc.bias"),
+    ]
+    if hw:
+        first_op = helper.make_node(
+            "Conv", ["input", "0.weight", "0.bias"], ["conv"], name="/0/Conv", pads=[1, 1, 1, 1]
+        )
+    else:
+        first_op = helper.make_node("Gemm", ["input", "0.weight", "0.bias"], ["conv"], name="/0/Gemm")
+    nodes = [first_op]
+    if form == "dynamo":
+        inits.append(numpy_helper.from_array(np.array([0, 2, 3] if hw else [0], np.int64), "val_0"))
+        nodes += [
+            helper.make_node("ReduceMean", ["conv", "val_0"], ["val_1"], keepdims=0, name="node_ReduceMean_1"),
+            helper.make_node("ReduceMean", ["conv", "val_0"], ["val_2"], keepdims=1, name="node_ReduceMean_2"),
+            helper.make_node("Sub", ["conv", "val_2"], ["val_3"], name="node_Sub_3"),
+            helper.make_node("Mul", ["val_3", "val_3"], ["val_4"], name="node_Mul_4"),
+            helper.make_node("ReduceMean", ["val_4", "val_0"], ["val_5"], keepdims=0, name="node_ReduceMean_5"),
+            helper.make_node(
+                "BatchNormalization",
+                ["conv", "1.weight", "1.bias", "val_1", "val_5"],
+                ["bn"],
+                epsilon=1e-5,
+                name="node__native_batch_norm_legit__0",
+            ),
+        ]
+    else:
+        inits += [
+            numpy_helper.from_array(np.array([batch, channels, -1], np.int64), "/1/Constant_output_0"),
+            numpy_helper.from_array(np.array([0, 1], np.int64), "/1/Constant_1_output_0"),
+        ]
+        axes = "/1/Constant_1_output_0"
+        nodes += [
+            helper.make_node("Reshape", ["conv", "/1/Constant_output_0"], ["flat_hw"], name="/1/Reshape"),
+            helper.make_node("Transpose", ["flat_hw"], ["nhwc"], perm=[0, 2, 1], name="/1/Transpose"),
+            helper.make_node("ReduceMean", ["nhwc", axes], ["mean"], keepdims=0, name="/1/ReduceMean"),
+            helper.make_node("ReduceMean", ["nhwc", axes], ["mean_k"], keepdims=1, name="/1/ReduceMean_1"),
+            helper.make_node("Sub", ["nhwc", "mean_k"], ["dev"], name="/1/Sub"),
+            helper.make_node("Mul", ["dev", "dev"], ["dev2"], name="/1/Mul"),
+            helper.make_node("ReduceMean", ["dev2", axes], ["var"], keepdims=0, name="/1/ReduceMean_2"),
+            helper.make_node(
+                "BatchNormalization",
+                ["conv", "1.weight", "1.bias", "mean", "var"],
+                ["bn", "running_mean", "running_var"],
+                epsilon=1e-5,
+                momentum=0.9,
+                training_mode=1,
+                name="/1/BatchNormalization",
+            ),
+        ]
+    nodes += [
+        helper.make_node("Relu", ["bn"], ["relu"], name="/2/Relu"),
+        helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="/3/GlobalAveragePool"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="/4/Flatten"),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="/5/Gemm"),
+    ]
+    if not hw:
+        nodes[-3:] = [helper.make_node("Gemm", ["relu", "fc.weight", "fc.bias"], ["logits"], name="/3/Gemm")]
+    if form == "dynamo":  # the module path torch's dynamo exporter records on every node of the norm
+        for node in nodes[1:7]:
+            helper.set_metadata_props(node, {"pkg.torch.onnx.name_scopes": "['', '1', '_native_batch_norm_legit']"})
+    graph = helper.make_graph(
+        nodes,
+        "batch_moments_bn",
+        [helper.make_tensor_value_info("input", F32, [batch, c_in, hw, hw] if hw else [batch, c_in])],
+        [helper.make_tensor_value_info("logits", F32, [batch, classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="pytorch")
+    model.ir_version = 8
+    return _save(model, path)

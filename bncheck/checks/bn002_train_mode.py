@@ -85,6 +85,14 @@ HINT_MOMENTS = (
     "(a BatchNormalization layer does both), or run `bncheck fix MODEL --data CALIB -o FIXED`."
 )
 
+#: a BatchNormalization that reads its own input's batch moments and stores no statistics (torch's BatchNorm with
+#: track_running_stats=False, either exporter): nothing stored to switch to
+HINT_BATCH_MOMENTS = (
+    "The layer keeps no running statistics (PyTorch: BatchNorm with track_running_stats=False): train it with "
+    "track_running_stats=True and export in eval mode, or run `bncheck fix MODEL --data CALIB -o FIXED`, which "
+    "replaces the batch moments with statistics computed from the data."
+)
+
 #: a batch norm written out with its affine on a transposed copy of its input (tf2onnx of a training-mode
 #: TensorFlow BN): `fix` replaces chains with one BatchNormalization, which cannot express the layout change
 HINT_RELAID = (
@@ -426,6 +434,8 @@ def _finding(
         if layer.extra.get("tf_training")
         else HINT_MOMENTS
         if decomposed
+        else HINT_BATCH_MOMENTS
+        if layer.extra.get("batch_moments")
         else HINT
     )
     # what fix rewrites: BatchNormalization, and batch moments written out (fix._plan)

@@ -488,6 +488,68 @@ def own_moments(g: GraphIndex, idx: int) -> bool:
     return mean.x == var.x == g.root(x)[0] and mean.axes == var.axes == axes
 
 
+def batch_moments(g: GraphIndex, idx: int) -> list[int] | None:
+    """The nodes computing a BatchNormalization's mean and variance inputs where these are the per-channel moments
+    of its own input over the batch and spatial axes (axis 0 a batch), or None. torch writes BatchNorm with
+    track_running_stats=False (and F.batch_norm without running statistics) so: its dynamo exporter as ReduceMeans
+    of the input, its TorchScript exporter as ReduceMeans over [0, 1] of the input reshaped to [N, C, -1] and
+    transposed to [N, -1, C], feeding a training-mode node's running-statistics inputs."""
+    node = g.nodes[idx]
+    x = node_input(node, 0)
+    rank = g.rank(x)
+    if rank is None or rank < 2 or len(node.input) < 5 or not axis0_is_batch(g, x):
+        return None
+    forms, _ = _forms(g)
+    mean, var = forms.get(node.input[3]), forms.get(node.input[4])
+    if mean is None or var is None or mean.what != "mean" or var.what != "var" or var.rescaled or mean.x != var.x:
+        return None
+    if mean.axes != var.axes:
+        return None
+    source = mean.x
+    relayout: list[int] = []
+    if source != g.root(x)[0]:
+        found = _channels_last_flat(g, source, x)
+        if found is None:
+            return None
+        relayout, source_axes = found
+        axes = tuple(sorted(a for axis in mean.axes for a in source_axes[axis]))
+    else:
+        axes = mean.axes
+    if axes != (0,) + tuple(range(2, rank)):
+        return None
+    nodes = set(mean.nodes | var.nodes)
+    if all(set(g.users(out)) <= nodes | set(relayout) for i in relayout for out in g.nodes[i].output):
+        nodes |= set(relayout)  # the reshape and transpose only the moments read
+    return sorted(nodes)
+
+
+def _channels_last_flat(g: GraphIndex, tensor: str, x: str) -> tuple[list[int], list[tuple[int, ...]]] | None:
+    """``tensor`` = Transpose(Reshape(x, [N, C, -1]), [0, 2, 1]) (or the Reshape alone): its nodes and, for each of
+    its axes, the axes of ``x`` it holds; None otherwise. Checked on the inferred shapes (torch's TorchScript exporter
+    writes this form only for a fixed batch)."""
+    nodes: list[int] = []
+    perm = [0, 1, 2]
+    transpose = g.produced_by(tensor, "Transpose")
+    if transpose is not None:
+        perm = list(g.attrs(transpose).get("perm", [2, 1, 0]))
+        nodes.append(transpose)
+        tensor = node_input(g.nodes[transpose], 0)
+    reshape = g.produced_by(tensor, "Reshape")
+    if reshape is None or node_input(g.nodes[reshape], 0) != x or sorted(perm) != [0, 1, 2]:
+        return None
+    nodes.append(reshape)
+    flat, shape = g.shape(tensor), g.shape(x)
+    if flat is None or shape is None or len(flat) != 3 or len(shape) < 2:
+        return None
+    spatial = [d for d in shape[2:] if isinstance(d, int)]
+    if len(spatial) != len(shape) - 2 or not isinstance(flat[2], int) or math.prod(spatial) != flat[2]:
+        return None
+    if flat[0] != shape[0] or flat[1] != shape[1]:
+        return None
+    held = [(0,), (1,), tuple(range(2, len(shape)))]
+    return nodes, [held[p] for p in perm]
+
+
 def dataflow_norms(g: GraphIndex, used: set[int]) -> list[tuple[NormLayer, list[int]]]:
     """Decomposed norms the fixed-sequence matcher missed (none of their nodes in ``used``), as (layer, node
     positions)."""

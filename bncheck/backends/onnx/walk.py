@@ -26,7 +26,14 @@ import numpy as np
 
 from bncheck.backends.onnx.affine_bn import affine_batch_norms
 from bncheck.backends.onnx.control_flow import Bodies, body_layers, hidden_norm_ops
-from bncheck.backends.onnx.dataflow import axis0_is_batch, batch_reductions, dataflow_norms, fixed_to_one, own_moments
+from bncheck.backends.onnx.dataflow import (
+    axis0_is_batch,
+    batch_moments,
+    batch_reductions,
+    dataflow_norms,
+    fixed_to_one,
+    own_moments,
+)
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -308,6 +315,11 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
     computed = not training and (mean is None or var is None)
     if computed and own_moments(g, idx) and not axis0_is_batch(g, x):  # moments of no batch: no other layer's
         return _per_sample_moments(g, idx, axes, notes, extra, common), [idx]
+    # moments of the batch as its statistics: no stored ones (None above), and no reduction of its own to report
+    moments = batch_moments(g, idx) if mean is None and var is None else None
+    if moments is not None:
+        extra["batch_moments"] = True
+        notes.append(BATCH_MOMENTS_NOTE)
     if not training and mean is not None and var is not None and folded_values(mean, var):
         notes.append(FOLDED_NOTE)
     elif (
@@ -327,18 +339,21 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
         kind=Kind.BATCH,
         axes=axes,
         training=training,
-        batch_statistics=training,
-        uses_running_stats=not training,
+        batch_statistics=training or moments is not None,
+        uses_running_stats=not training and moments is None,
         mean=mean,
         var=var,
         notes=tuple(notes),
         extra=extra,
         unreadable=None
-        if training or (mean is not None and var is not None)
+        if training or moments is not None or (mean is not None and var is not None)
         else "running statistics not stored in the file (graph inputs or computed)",
         **common,
     )
-    return layer, [idx]
+    if moments is None:
+        return layer, [idx]
+    held = sorted([idx, *moments])
+    return replace(layer, nodes=tuple(g.node_name(i) for i in held)), held
 
 
 def _per_sample(
@@ -392,6 +407,13 @@ def _per_sample_moments(g: GraphIndex, idx: int, axes, notes: list[str], extra: 
         layer = replace(layer, input_shape=(*shape[:2], int(k), *shape[3:]))
     return layer
 
+
+#: a BatchNormalization fed the moments of its own input over the batch (dataflow.batch_moments)
+BATCH_MOMENTS_NOTE = (
+    "mean and variance computed in the graph as the moments of its own input over the batch and spatial axes, "
+    "as torch writes BatchNorm with track_running_stats=False: it normalizes with the current batch's "
+    "statistics and stores none"
+)
 
 #: why a keras2onnx layer's 0 and 1 are not statistics (see _batch_norm)
 KERAS2ONNX_FOLDED_NOTE = (

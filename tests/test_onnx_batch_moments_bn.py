@@ -1,0 +1,70 @@
+"""A BatchNormalization fed its own input's batch moments: torch's BatchNorm2d(track_running_stats=False), as its
+exporters write it (tests.builders.batch_moments_bn_model). One layer using batch statistics, one BN002 on it (not
+on its ReduceMeans)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import bncheck
+from tests.builders import batch_moments_bn_model
+
+FORMS = ("dynamo", "torchscript")
+
+
+def _data(n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, 3, 6, 6)) * 1.5 + 0.5).astype(np.float32)
+
+
+def _run(path: str, x: np.ndarray, output: str = "logits") -> np.ndarray:
+    """``output`` for ``x``, in the file's fixed batches of 4."""
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([output], {"input": x[i : i + 4]})[0] for i in range(0, len(x), 4)])
+
+
+@pytest.mark.parametrize("hw", [6, 0], ids=["2d", "1d"])
+@pytest.mark.parametrize("form", FORMS)
+def test_batch_norm_fed_its_batch_moments_is_one_layer_with_one_train_mode_error(
+    tmp_path: Path, form: str, hw: int
+) -> None:
+    path = batch_moments_bn_model(tmp_path / f"{form}.onnx", form=form, hw=hw)
+    report = bncheck.inspect(path)
+    (layer,) = report.layers
+    assert layer.name == "1" and layer.batch_statistics and not layer.uses_running_stats
+    moments = {"node_ReduceMean_1", "node_ReduceMean_5"} if form == "dynamo" else {"/1/ReduceMean", "/1/ReduceMean_2"}
+    assert moments <= set(layer.nodes)
+    # a BatchNorm1d on [N, C]: one value per channel at batch 1, the collapse's info beside the error
+    expected = [("BN002", "1", "error")] + ([("BN001", "1", "info")] if not hw else [])
+    assert [(f.code, f.layer, f.severity.label) for f in report.findings] == expected
+    finding = report.findings[0]
+    assert "track_running_stats" in finding.hint and "--data" in finding.hint
+    assert report.exit_code == 1
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_probe_measures_the_batch_moments_layer_as_the_batch_dependence(tmp_path: Path, form: str) -> None:
+    path = batch_moments_bn_model(tmp_path / f"{form}.onnx", form=form)
+    report = bncheck.probe(path, batch_sizes=[1, 2, 4])
+    assert [(f.code, f.layer) for f in report.findings] == [("BN002", "1")]
+    assert report.findings[0].evidence["kind"] == "batch-dependence"
+
+
+def test_moments_of_another_tensor_are_no_batch_moments_of_the_layer(tmp_path: Path) -> None:
+    """The BN reads the moments of -x, not of its input x: statistics it does not own, computed at run time; the
+    ReduceMeans over the batch are reductions of their own, reported apart as before."""
+    path = batch_moments_bn_model(tmp_path / "m.onnx", form="dynamo")
+    model = onnx.load(path)
+    for node in model.graph.node:
+        if node.name in ("node_ReduceMean_1", "node_ReduceMean_2", "node_Sub_3"):
+            node.input[0] = "negconv"
+    model.graph.node.insert(1, onnx.helper.make_node("Neg", ["conv"], ["negconv"], name="/0/Neg"))
+    onnx.save(model, path)
+    report = bncheck.inspect(path)
+    (layer,) = report.layers
+    assert not layer.batch_statistics and layer.nodes == ("node__native_batch_norm_legit__0",)
+    assert "node_ReduceMean_1" in {f.layer for f in report.findings if f.code == "BN002"}
