@@ -1,6 +1,7 @@
 """A BatchNormalization fed its own input's batch moments: torch's BatchNorm2d(track_running_stats=False), as its
 exporters write it (tests.builders.batch_moments_bn_model). One layer using batch statistics, one BN002 on it (not
-on its ReduceMeans)."""
+on its ReduceMeans), and `fix --data` writes an inference BatchNormalization of the data's statistics in place
+of the moments."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 import bncheck
+from bncheck.fixing import fix
 from tests.builders import batch_moments_bn_model
 
 FORMS = ("dynamo", "torchscript")
@@ -68,3 +70,45 @@ def test_moments_of_another_tensor_are_no_batch_moments_of_the_layer(tmp_path: P
     (layer,) = report.layers
     assert not layer.batch_statistics and layer.nodes == ("node__native_batch_norm_legit__0",)
     assert "node_ReduceMean_1" in {f.layer for f in report.findings if f.code == "BN002"}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_fix_with_data_writes_the_data_statistics_in_place_of_the_batch_moments(tmp_path: Path, form: str) -> None:
+    """The written model's outputs are the BN formula with the calibration data's moments of the BN's input (the
+    truth, from the Conv's output over the data), at every batch composition; no batch reduction is left."""
+    path = batch_moments_bn_model(tmp_path / f"{form}.onnx", form=form)
+    calib = _data(64, seed=1)
+    np.savez(tmp_path / "calib.npz", input=calib)
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(path, out, str(tmp_path / "calib.npz"))
+    expected = "replaced-moments" if form == "dynamo" else "to-inference"
+    assert [(e.layer, e.action) for e in report.fix.outcome.layers] == [("1", expected)]
+    fixed = onnx.load(out)
+    onnx.checker.check_model(fixed, full_check=True)
+    ops = [n.op_type for n in fixed.graph.node]
+    assert "ReduceMean" not in ops and "Transpose" not in ops and ops.count("BatchNormalization") == 1, ops
+    # the truth: the original graph's BN input over the data, and the formula with its moments
+    src = onnx.load(path)
+    src.graph.output.append(onnx.helper.make_tensor_value_info("conv", onnx.TensorProto.FLOAT, None))
+    probe_path = str(tmp_path / "conv_out.onnx")
+    onnx.save(src, probe_path)
+    conv = _run(probe_path, calib, "conv").astype(np.float64)
+    mean, var = conv.mean(axis=(0, 2, 3)), conv.var(axis=(0, 2, 3))
+    test = _data(4, seed=9)
+    h = _run(probe_path, test, "conv").astype(np.float64)
+    params = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in src.graph.initializer}
+    shape = (1, -1, 1, 1)
+    bn = (h - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5) * params["1.weight"].reshape(shape) + params[
+        "1.bias"
+    ].reshape(shape)
+    want = np.maximum(bn, 0).mean(axis=(2, 3)) @ params["fc.weight"] + params["fc.bias"]
+    got = _run(out, test)
+    assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert report.fix.after is not None and not [f for f in report.fix.after.findings if f.code == "BN002"]
+
+
+def test_fix_without_data_leaves_the_batch_moments_and_asks_for_data(tmp_path: Path) -> None:
+    path = batch_moments_bn_model(tmp_path / "m.onnx", form="dynamo")
+    report = fix(path, None, None, dry_run=True)
+    (entry,) = report.fix.outcome.layers
+    assert entry.layer == "1" and entry.action == "replaced-moments" and "without --data" in entry.reason

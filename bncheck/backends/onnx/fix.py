@@ -28,7 +28,6 @@ from bncheck import verdicts
 from bncheck.backends.base import BackendError
 from bncheck.backends.onnx import tensors
 from bncheck.backends.onnx.graph import (
-    TRANSPARENT,
     VALUE_PRESERVING,
     copied,
     nested_bodies,
@@ -430,19 +429,21 @@ def _plan(i: int, layer: NormLayer, graph: _GraphFacts, request: FixRequest) -> 
                 "BN001",
             )
         return LayerFix(name, "unchanged", f"{layer.kind.value} norm: statistics per sample, nothing to recalibrate")
-    if layer.op_type == "decomposed":
+    # an inference BatchNormalization that reads its own input's batch moments (walk: torch's BatchNorm without
+    # running statistics) is replaced with them, as hand-written moments are
+    if layer.op_type == "decomposed" or (layer.extra.get("batch_moments") and not layer.training):
+        what = _moments_what(layer)
         if TRAIN_MODE not in repair:
-            return LayerFix(name, "not-fixed", "hand-written batch moments: BN002 not selected by --only", TRAIN_MODE)
+            return LayerFix(name, "not-fixed", f"{what}: BN002 not selected by --only", TRAIN_MODE)
         why = _moments_unsafe(layer, graph)
         if why:
-            return LayerFix(name, "not-fixed", f"hand-written batch moments left as is: {why}", TRAIN_MODE)
+            return LayerFix(name, "not-fixed", f"{what} left as is: {why}", TRAIN_MODE)
         return _Pending(
             i,
             layer,
             "moments",
             TRAIN_MODE,
-            "hand-written batch moments over axes "
-            f"{list(layer.axes or [])} replaced by an inference BatchNormalization",
+            f"{what} over axes {list(layer.axes or [])} replaced by an inference BatchNormalization",
         )
     affine = bool(layer.extra.get("affine_batch_norm"))  # its statistics are inputs of its chain: see affine_bn
     if not affine and (layer.op_type != "BatchNormalization" or layer.domain not in ("", "ai.onnx")):
@@ -602,6 +603,10 @@ def _body_outputs_read(graph: onnx.GraphProto, output: str) -> str | None:
     read = {o.name for o in body.output} | {name for n in body.node for name in node_reads(n)}
     taken = sorted(extra & read)
     return f"its training output {taken[0]!r} is read in the body" if taken else None
+
+
+def _moments_what(layer: NormLayer) -> str:
+    return "hand-written batch moments" if layer.op_type == "decomposed" else "batch moments as its statistics"
 
 
 def _moments_unsafe(layer: NormLayer, graph: _GraphFacts) -> str | None:
@@ -1015,7 +1020,7 @@ def _edit_to_inference(node_key: str, opset: int) -> Edit:
             removed |= {o for n in below for o in n.output}
             gone = {_node_key(n) for n in below}
             _delete_where(model.graph.node, lambda n: _node_key(n) in gone)
-            _drop_dead_constants(model, read - removed)
+            _drop_dead_sources(model, read - removed)
             index.reset()
         _delete_where(model.graph.value_info, lambda v: v.name in removed)
 
@@ -1118,7 +1123,7 @@ def _edit_replace_chain(
         read = {name for pos in drop for name in node_reads(old[pos])}
         del graph.node[:]
         graph.node.extend(new_nodes)
-        _drop_dead_constants(model, read)
+        _drop_dead_sources(model, read)
         index.reset()  # nodes moved, names and reads dropped
         removed_values = {o for pos in drop for o in old[pos].output if o and o != output}
         _delete_where(graph.value_info, lambda v: v.name in removed_values)
@@ -1127,14 +1132,11 @@ def _edit_replace_chain(
     return Edit(edit, ("chain", tuple(keys), output, x, eps, name, _digest(*(params[k] for k in labels)), dtype, opset))
 
 
-#: nodes that only hold, copy, reshape or cast what they read: one whose output an edit left unread goes with it
-_COPIES = TRANSPARENT | {"Constant", "CastLike", "Expand"}
-
-
-def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:
-    """Drop the initializers, Constant nodes and copies of them among ``read`` that nothing reads any more (a
-    removed chain's epsilon, axes, gamma, beta; statistics an edit replaced, and the Reshape that read them);
-    anything else, used or not, stays as it was."""
+def _drop_dead_sources(model: onnx.ModelProto, read: set[str]) -> None:
+    """Drop the initializers among ``read`` that nothing reads any more, and the nodes that wrote them once none
+    of their outputs is read, then what those read, and so on (a removed chain's epsilon, axes, gamma, beta;
+    statistics an edit replaced, with the Reshape that read them or the moments that computed them); anything
+    else, used or not, stays as it was."""
     graph = model.graph
     while read:
         facts = _GraphFacts(model)
@@ -1145,16 +1147,26 @@ def _drop_dead_constants(model: onnx.ModelProto, read: set[str]) -> None:
         }
         if not dead:
             return
-        copies = [n for n in graph.node if _copy_of_dead(n, dead)]
-        read = {name for n in copies for name in n.input if name}
-        _delete_where(graph.node, partial(_copy_of_dead, dead=dead))
+        writers = [n for n in graph.node if _writer_of_dead(n, dead, facts)]
+        read = {name for n in writers for name in node_reads(n)}
+        gone = {o for n in writers for o in n.output if o}
+        _delete_where(graph.node, partial(_keyed_in, keys={_node_key(n) for n in writers}))
         _delete_where(graph.initializer, partial(_named_in, names=dead))
+        _delete_where(graph.value_info, partial(_named_in, names=gone))
 
 
-def _copy_of_dead(node: onnx.NodeProto, dead: set[str]) -> bool:
+def _writer_of_dead(node: onnx.NodeProto, dead: set[str], facts: _GraphFacts) -> bool:
+    """``node`` writes a dead value and nothing reads any of its outputs (an ONNX op: no custom op's side effects)."""
+    outputs = [o for o in node.output if o]
     return (
-        node.op_type in _COPIES and node.domain in ("", "ai.onnx") and len(node.output) == 1 and node.output[0] in dead
+        node.domain in ("", "ai.onnx")
+        and any(o in dead for o in outputs)
+        and all(not facts.uses[o] and o not in facts.graph_outputs for o in outputs)
     )
+
+
+def _keyed_in(node: onnx.NodeProto, keys: set[str]) -> bool:
+    return _node_key(node) in keys
 
 
 def _named_in(tensor: TensorProto, names: set[str]) -> bool:
@@ -1494,7 +1506,7 @@ class _Fixer:
                 return LayerFix(
                     layer.name,
                     "not-fixed",
-                    f"hand-written batch moments left as is: {built}",
+                    f"{_moments_what(layer)} left as is: {built}",
                     p.code,
                     evidence=evidence,
                 )
@@ -1527,8 +1539,10 @@ class _Fixer:
         if in_type not in _FLOAT_TYPES or (out_type is not None and out_type != in_type):
             return "input and output types differ or are not floating point"
         c = mean.size
-        scale = _per_channel(layer.scale, c, len(layer.input_shape or ()), 1.0)
-        bias = _per_channel(layer.bias, c, len(layer.input_shape or ()), 0.0)
+        # a BatchNormalization's own scale and bias are [C] vectors: per channel as a rank-2 broadcast reads them
+        rank = 2 if layer.op_type == "BatchNormalization" else len(layer.input_shape or ())
+        scale = _per_channel(layer.scale, c, rank, 1.0)
+        bias = _per_channel(layer.bias, c, rank, 0.0)
         if isinstance(scale, str) or isinstance(bias, str):
             return scale if isinstance(scale, str) else bias  # type: ignore[return-value]
         external = _external_inputs(nodes, layer.input)
@@ -1562,7 +1576,7 @@ class _Fixer:
         offsets) and patched where a repaired tensor lives.
         """
         if not self.handle.external_data:
-            _drop_dead_constants(self.handle.model, self.replaced)
+            _drop_dead_sources(self.handle.model, self.replaced)
             replace_with(output, self.handle.model.SerializeToString())
             return [output]
         src = self.handle.path
@@ -1584,7 +1598,7 @@ class _Fixer:
         sink = _Sink(sink_targets)
         for edit in self.edits:
             edit.apply(model, sink)
-        _drop_dead_constants(model, self.replaced)
+        _drop_dead_sources(model, self.replaced)
         replace_with(output, model.SerializeToString())
         return [output] + written
 
