@@ -56,6 +56,18 @@ def test_probe_measures_the_batch_moments_layer_as_the_batch_dependence(tmp_path
     assert report.findings[0].evidence["kind"] == "batch-dependence"
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_a_file_fixed_to_batch_one_reads_the_same_layer_from_both_exporters(tmp_path: Path, form: str) -> None:
+    """At a fixed batch of 1 axis 0 is no batch as shipped, but it is the batch a re-export (and the probe's relaxed
+    copy) feeds: the layer is the same batch-statistics layer as at batch 4, not a per-sample norm of the dynamo
+    form (which read so, its ReduceMean a separate warning) beside a train-mode error for the TorchScript form."""
+    path = batch_moments_bn_model(tmp_path / f"{form}.onnx", form=form, batch=1)
+    report = bncheck.inspect(path)
+    (layer,) = report.layers
+    assert layer.kind.value == "batch" and layer.batch_statistics
+    assert [(f.code, f.layer, f.severity.label) for f in report.findings] == [("BN002", "1", "error")]
+
+
 def test_moments_of_another_tensor_are_no_batch_moments_of_the_layer(tmp_path: Path) -> None:
     """The BN reads the moments of -x, not of its input x: statistics it does not own, computed at run time; the
     ReduceMeans over the batch are reductions of their own, reported apart as before."""

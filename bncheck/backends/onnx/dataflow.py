@@ -497,7 +497,12 @@ def batch_moments(g: GraphIndex, idx: int) -> list[int] | None:
     node = g.nodes[idx]
     x = node_input(node, 0)
     rank = g.rank(x)
-    if rank is None or rank < 2 or len(node.input) < 5 or not axis0_is_batch(g, x):
+    if rank is None or rank < 2 or len(node.input) < 5:
+        return None
+    # in a file fixed to batch 1, the batch a relaxed copy feeds; not a reshape to [1, M, ...] (tf2onnx's fused
+    # LayerNormalization folds the batch into M: own_moments' per-sample rows)
+    relaxed = fixed_to_one(g) and g.produced_by(x, "Reshape") is None
+    if not axis0_is_batch(g, x, relaxed=relaxed):
         return None
     forms, _ = _forms(g)
     mean, var = forms.get(node.input[3]), forms.get(node.input[4])

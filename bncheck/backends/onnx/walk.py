@@ -312,11 +312,11 @@ def _batch_norm(g: GraphIndex, idx: int) -> tuple[NormLayer, list[int]]:
             "the running-statistic outputs are unused; not batch statistics"
         )
         return _per_sample(g, idx, Kind.INSTANCE, axes, True, notes + [note], extra, common), [idx]
-    computed = not training and (mean is None or var is None)
-    if computed and own_moments(g, idx) and not axis0_is_batch(g, x):  # moments of no batch: no other layer's
-        return _per_sample_moments(g, idx, axes, notes, extra, common), [idx]
     # moments of the batch as its statistics: no stored ones (None above), and no reduction of its own to report
     moments = batch_moments(g, idx) if mean is None and var is None else None
+    computed = not training and (mean is None or var is None)
+    if moments is None and computed and own_moments(g, idx) and not axis0_is_batch(g, x):
+        return _per_sample_moments(g, idx, axes, notes, extra, common), [idx]  # moments of no batch
     if moments is not None:
         extra["batch_moments"] = True
         notes.append(BATCH_MOMENTS_NOTE)
