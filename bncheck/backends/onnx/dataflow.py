@@ -471,21 +471,30 @@ def _forms(g: GraphIndex) -> tuple[dict[str, Form], set[str]]:
     return cached
 
 
-def own_moments(g: GraphIndex, idx: int) -> bool:
-    """A BatchNormalization's mean and variance inputs are the moments of its own input over every axis but 1
-    (tf2onnx's fused Keras LayerNormalization: X reshaped to [1, M, K, 1], its moments computed beside it): the
-    node normalizes with the statistics of its input, not stored ones."""
+def _moment_forms(g: GraphIndex, idx: int) -> tuple[str, int, Form, Form] | None:
+    """A BatchNormalization's input, its rank, and the forms of its mean and variance inputs where these are
+    a mean and a variance of one tensor over the same axes; else None."""
     node = g.nodes[idx]
     x = node_input(node, 0)
     rank = g.rank(x)
     if rank is None or rank < 2 or len(node.input) < 5:
-        return False
+        return None
     forms, _ = _forms(g)
     mean, var = forms.get(node.input[3]), forms.get(node.input[4])
-    axes = (0,) + tuple(range(2, rank))
     if mean is None or var is None or mean.what != "mean" or var.what != "var" or var.rescaled:
+        return None
+    return (x, rank, mean, var) if mean.x == var.x and mean.axes == var.axes else None
+
+
+def own_moments(g: GraphIndex, idx: int) -> bool:
+    """A BatchNormalization's mean and variance inputs are the moments of its own input over every axis but 1
+    (tf2onnx's fused Keras LayerNormalization: X reshaped to [1, M, K, 1], its moments computed beside it): the
+    node normalizes with the statistics of its input, not stored ones."""
+    found = _moment_forms(g, idx)
+    if found is None:
         return False
-    return mean.x == var.x == g.root(x)[0] and mean.axes == var.axes == axes
+    x, rank, mean, _ = found
+    return mean.x == g.root(x)[0] and mean.axes == (0,) + tuple(range(2, rank))
 
 
 def batch_moments(g: GraphIndex, idx: int) -> list[int] | None:
@@ -494,29 +503,21 @@ def batch_moments(g: GraphIndex, idx: int) -> list[int] | None:
     track_running_stats=False (and F.batch_norm without running statistics) so: its dynamo exporter as ReduceMeans
     of the input, its TorchScript exporter as ReduceMeans over [0, 1] of the input reshaped to [N, C, -1] and
     transposed to [N, -1, C], feeding a training-mode node's running-statistics inputs."""
-    node = g.nodes[idx]
-    x = node_input(node, 0)
-    rank = g.rank(x)
-    if rank is None or rank < 2 or len(node.input) < 5:
+    found = _moment_forms(g, idx)
+    if found is None:
         return None
+    x, rank, mean, var = found
     # in a file fixed to batch 1, the batch a relaxed copy feeds; not a reshape to [1, M, ...] (tf2onnx's fused
     # LayerNormalization folds the batch into M: own_moments' per-sample rows)
     relaxed = fixed_to_one(g) and g.produced_by(x, "Reshape") is None
     if not axis0_is_batch(g, x, relaxed=relaxed):
         return None
-    forms, _ = _forms(g)
-    mean, var = forms.get(node.input[3]), forms.get(node.input[4])
-    if mean is None or var is None or mean.what != "mean" or var.what != "var" or var.rescaled or mean.x != var.x:
-        return None
-    if mean.axes != var.axes:
-        return None
-    source = mean.x
     relayout: list[int] = []
-    if source != g.root(x)[0]:
-        found = _channels_last_flat(g, source, x)
-        if found is None:
+    if mean.x != g.root(x)[0]:
+        relaid = _channels_last_flat(g, mean.x, x)
+        if relaid is None:
             return None
-        relayout, source_axes = found
+        relayout, source_axes = relaid
         axes = tuple(sorted(a for axis in mean.axes for a in source_axes[axis]))
     else:
         axes = mean.axes

@@ -1138,31 +1138,38 @@ def _drop_dead_sources(model: onnx.ModelProto, read: set[str]) -> None:
     statistics an edit replaced, with the Reshape that read them or the moments that computed them); anything
     else, used or not, stays as it was."""
     graph = model.graph
+    facts = _GraphFacts(model)  # read once: each dropped writer's reads are counted off as it goes
+    uses, kept = facts.uses, facts.graph_outputs | facts.graph_inputs
+    writer = {out: node for node in graph.node for out in node.output if out}
+    dead_values: set[str] = set()
+    dropped: set[str] = set()
     while read:
-        facts = _GraphFacts(model)
-        dead = {
-            name
-            for name in read
-            if not facts.uses[name] and name not in facts.graph_outputs and name not in facts.graph_inputs
+        dead = {name for name in read if not uses[name] and name not in kept}
+        dead_values |= dead
+        writers = {
+            _node_key(node): node
+            for name in dead
+            if (node := writer.get(name)) is not None
+            and _node_key(node) not in dropped
+            and _writer_of_dead(node, uses, facts.graph_outputs)
         }
-        if not dead:
-            return
-        writers = [n for n in graph.node if _writer_of_dead(n, dead, facts)]
-        read = {name for n in writers for name in node_reads(n)}
-        gone = {o for n in writers for o in n.output if o}
-        _delete_where(graph.node, partial(_keyed_in, keys={_node_key(n) for n in writers}))
-        _delete_where(graph.initializer, partial(_named_in, names=dead))
-        _delete_where(graph.value_info, partial(_named_in, names=gone))
+        dropped.update(writers)
+        read = set()
+        for node in writers.values():
+            for name in node_reads(node):
+                uses[name] -= 1
+                read.add(name)
+    if not dead_values:
+        return
+    gone = {out for node in graph.node if _node_key(node) in dropped for out in node.output if out}
+    _delete_where(graph.node, partial(_keyed_in, keys=dropped))
+    _delete_where(graph.initializer, partial(_named_in, names=dead_values))
+    _delete_where(graph.value_info, partial(_named_in, names=gone))
 
 
-def _writer_of_dead(node: onnx.NodeProto, dead: set[str], facts: _GraphFacts) -> bool:
-    """``node`` writes a dead value and nothing reads any of its outputs (an ONNX op: no custom op's side effects)."""
-    outputs = [o for o in node.output if o]
-    return (
-        node.domain in ("", "ai.onnx")
-        and any(o in dead for o in outputs)
-        and all(not facts.uses[o] and o not in facts.graph_outputs for o in outputs)
-    )
+def _writer_of_dead(node: onnx.NodeProto, uses: Counter[str], outputs: set[str]) -> bool:
+    """Nothing reads any of ``node``'s outputs (an ONNX op: no custom op's side effects)."""
+    return node.domain in ("", "ai.onnx") and all(not uses[o] and o not in outputs for o in node.output if o)
 
 
 def _keyed_in(node: onnx.NodeProto, keys: set[str]) -> bool:

@@ -78,7 +78,7 @@ def walk_all(
     # folded by the exporter into a train-mode BatchNormalization of the weight, depends on no sample (nor does
     # DeBERTa's LayerNorm of its relative position embeddings)
     # (one whose stored parameters hold NaN or Inf stays, outside training mode: every output it makes is broken)
-    free = [(first, layer) for first, layer, _ in spans if g.data_free(layer.input) and not _broken_constant(layer)]
+    free = [(first, layer) for first, layer, _ in spans if _of_constant(g, layer)]
     constant = readable_names(g, free) if free else []  # (names read over the whole graph: only where needed)
     dropped = {id(layer) for _, layer in free}
     spans = [span for span in spans if id(span[1]) not in dropped]
@@ -127,7 +127,12 @@ def _spans(g: GraphIndex) -> list[tuple[int, NormLayer, list[int]]]:
 
 def _data_spans(g: GraphIndex) -> list[tuple[int, NormLayer, list[int]]]:
     """:func:`_spans` without the norms of constants (as walk_all leaves them out of the main graph's layers)."""
-    return [span for span in _spans(g) if not g.data_free(span[1].input) or _broken_constant(span[1])]
+    return [span for span in _spans(g) if not _of_constant(g, span[1])]
+
+
+def _of_constant(g: GraphIndex, layer: NormLayer) -> bool:
+    """A norm of a constant, no layer of the data (see walk_all), unless its stored parameters are broken."""
+    return g.data_free(layer.input) and not _broken_constant(layer)
 
 
 def _with_body_layers(in_bodies: Bodies, found: list[tuple[int, NormLayer]], named: list[NormLayer]) -> list[NormLayer]:
