@@ -5,6 +5,7 @@ Deterministic: every array comes from the arguments or a fixed seed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -589,4 +590,107 @@ def batch_moments_bn_model(path: Path, *, form: str = "dynamo", batch: int = 4, 
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="pytorch")
     model.ir_version = 8
+    return _save(model, path)
+
+
+def folded_conv_bn_model(
+    path: Path,
+    *,
+    folded: bool = True,
+    stale: bool = False,
+    opset: int = 17,
+    conv_bias: bool = True,
+    shared_weight: bool = False,
+    hw: int = 8,
+) -> str:
+    """input[N, 3, hw, hw] -> conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu -> GAP -> flatten -> gemm -> logits, with
+    torch's TorchScript node names. ``folded``: each BatchNormalization folded into its Conv as onnxoptimizer's
+    ``fuse_bn_into_conv`` (0.4.2) writes it, the arithmetic left as ops for a later constant folding:
+    ``W' = W * Unsqueeze(gamma / Sqrt(var + Cast(eps)))``, ``b' = (Cast(b) - mean) * k + beta`` (a zero bias where
+    the Conv had none; the parameters renamed to numbers; Unsqueeze's axes an input from opset 13, an attribute
+    before). Else the Conv -> BatchNormalization pairs as exported. ``stale``: bn2's statistics the never-updated
+    0 and 1. ``shared_weight``: conv2's folded weight also read by a second convolution beside it."""
+    rng = np.random.default_rng(11)
+    widths = (3, 8, 16)
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    x = "input"
+    eps_name, axes_name = "_v_41", "_v_50"
+    if folded:
+        inits.append(numpy_helper.from_array(np.array(1e-5, np.float32), eps_name))
+        if opset >= 13:
+            inits.append(numpy_helper.from_array(np.array([1, 2, 3], np.int64), axes_name))
+    serial = iter(range(30, 1000))
+    for block, (c_in, c_out) in enumerate(itertools.pairwise(widths), start=1):
+        w = _f32(rng.normal(0, 0.4, (c_out, c_in, 3, 3)))
+        b = _f32(rng.normal(0, 0.1, c_out)) if conv_bias else None
+        gamma, beta = _f32(rng.uniform(0.6, 1.4, c_out)), _f32(rng.normal(0, 0.2, c_out))
+        mean, var = _f32(rng.normal(0, 0.3, c_out)), _f32(rng.uniform(0.5, 2.0, c_out))
+        if stale and block == 2:
+            mean, var = np.zeros(c_out, np.float32), np.ones(c_out, np.float32)
+        conv_out = f"/conv{block}/Conv_output_0"
+        if not folded:
+            params = [("weight", w), ("bias", b)] if b is not None else [("weight", w)]
+            inits += [numpy_helper.from_array(v, f"conv{block}.{k}") for k, v in params]
+            stats = {"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var}
+            inits += [numpy_helper.from_array(v, f"bn{block}.{k}") for k, v in stats.items()]
+            conv_in = [x, f"conv{block}.weight"] + ([f"conv{block}.bias"] if b is not None else [])
+            bn_in = [conv_out] + [f"bn{block}.{k}" for k in stats]
+            bn_out = f"/bn{block}/BatchNormalization_output_0"
+            nodes += [
+                helper.make_node("Conv", conv_in, [conv_out], name=f"/conv{block}/Conv", pads=[1, 1, 1, 1]),
+                helper.make_node("BatchNormalization", bn_in, [bn_out], name=f"/bn{block}/BatchNormalization"),
+            ]
+            relu_in = bn_out
+        else:
+            n = {k: str(next(serial)) for k in ("gamma", "beta", "mean", "var", "w", "b")}
+            bias = b if b is not None else np.zeros(c_out, np.float32)
+            for key, value in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var), ("w", w), ("b", bias)):
+                inits.append(numpy_helper.from_array(value, n[key]))
+            t = {k: f"_v_{block}_{k}" for k in ("eps", "sum", "root", "k", "k4", "w", "b", "centred", "scaled", "bias")}
+            unsqueeze = (
+                helper.make_node("Unsqueeze", [t["k"], axes_name], [t["k4"]])
+                if opset >= 13
+                else helper.make_node("Unsqueeze", [t["k"]], [t["k4"]], axes=[1, 2, 3])
+            )
+            nodes += [
+                helper.make_node("Cast", [eps_name], [t["eps"]], to=F32),
+                helper.make_node("Add", [n["var"], t["eps"]], [t["sum"]]),
+                helper.make_node("Sqrt", [t["sum"]], [t["root"]]),
+                helper.make_node("Div", [n["gamma"], t["root"]], [t["k"]]),
+                unsqueeze,
+                helper.make_node("Mul", [n["w"], t["k4"]], [t["w"]]),
+                helper.make_node("Cast", [n["b"]], [t["b"]], to=F32),
+                helper.make_node("Sub", [t["b"], n["mean"]], [t["centred"]]),
+                helper.make_node("Mul", [t["centred"], t["k"]], [t["scaled"]]),
+                helper.make_node("Add", [t["scaled"], n["beta"]], [t["bias"]]),
+                helper.make_node(
+                    "Conv", [x, t["w"], t["bias"]], [conv_out], name=f"/conv{block}/Conv", pads=[1, 1, 1, 1]
+                ),
+            ]
+            if shared_weight and block == 2:
+                side = helper.make_node("Conv", [x, t["w"]], ["side"], name="/side/Conv", pads=[1, 1, 1, 1])
+                nodes += [side, helper.make_node("Add", [conv_out, "side"], ["with_side"], name="/Add")]
+                conv_out = "with_side"
+            relu_in = conv_out
+        x = f"/Relu_{block}_output_0"
+        nodes.append(helper.make_node("Relu", [relu_in], [x], name=f"/Relu_{block}"))
+    inits += [
+        numpy_helper.from_array(_f32(rng.normal(0, 0.5, (5, widths[-1]))), "fc.weight"),
+        numpy_helper.from_array(_f32(np.zeros(5)), "fc.bias"),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["gap"], name="/GlobalAveragePool"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="/Flatten"),
+        helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="/fc/Gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "folded_conv_bn",
+        [helper.make_tensor_value_info("input", F32, ["N", 3, hw, hw])],
+        [helper.make_tensor_value_info("logits", F32, ["N", 5])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
+    model.ir_version = 8 if opset >= 13 else 6
     return _save(model, path)

@@ -1083,7 +1083,7 @@ def _load_onnx(path: str, weights: bool) -> OnnxHandle:
     total = size + external_size
     large = total > PROTOBUF_LIMIT
     weight_notes = _unknown_key_notes(model) + _load_view_weights(path, model) if external else []
-    weight_notes += _inlined(model)
+    weight_notes += _inlined(model) + _unfolded(model)
     inferred, notes = _check_and_infer(path, model, large)
     notes = weight_notes + notes
     shapes, types = _collect_shapes(inferred, model)
@@ -1116,6 +1116,25 @@ def _inlined(model: onnx.ModelProto) -> list[Note]:
             "info",
             f"the file's {count} model-local function(s) are inlined, as onnxruntime runs them (onnx.inliner): "
             "the norm layers inside them are checked, and a model `fix` writes keeps them inlined",
+        )
+    ]
+
+
+def _unfolded(model: onnx.ModelProto) -> list[Note]:
+    """Read back the batch norms onnxoptimizer folded into convolutions as ops (:mod:`folded_bn`), with the note
+    that says so."""
+    from bncheck.backends.onnx.folded_bn import unfold_conv_batch_norms
+
+    convs = unfold_conv_batch_norms(model)
+    if not convs:
+        return []
+    shown = ", ".join(convs[:3]) + (f" and {len(convs) - 3} more" if len(convs) > 3 else "")
+    return [
+        Note(
+            "info",
+            f"{len(convs)} batch norm(s) folded into convolutions as ops (onnxoptimizer's fuse_bn_into_conv: "
+            f"{shown}) are read as a BatchNormalization after each convolution, the same function: their stored "
+            "statistics are checked, and a model `fix` writes keeps them as BatchNormalization nodes",
         )
     ]
 

@@ -1,0 +1,287 @@
+"""Batch norms that onnxoptimizer's ``fuse_bn_into_conv`` folded into a convolution as ops, read back at load.
+
+onnxoptimizer's pass (among its default passes) replaces Conv -> BatchNormalization by one Conv whose weight and
+bias the graph computes from the batch norm's stored parameters, and leaves the arithmetic to a later constant
+folding::
+
+    k = gamma / Sqrt(var + Cast(eps));  W' = W * Unsqueeze(k);  b' = (Cast(b) - mean) * k + beta
+
+The statistics stay in the file, but no node normalizes, so nothing would be checked. Each such convolution gets
+W and b back, with a BatchNormalization after it that computes what the fold computes, so that the walk, the probe
+and ``fix`` read it as any other inference batch norm. onnxsim and torch's constant folding compute the fold
+instead: there the statistics are gone and nothing is left to read.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, copied, copy_messages, nested_bodies, outer_reads
+
+if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
+    import onnx
+
+#: op types every fold needs (a file without them all holds no fold: most files)
+_FOLD_OPS = frozenset({"Conv", "Sqrt", "Unsqueeze"})
+
+
+@dataclass
+class _Fold:
+    conv: int
+    weight: str
+    bias: str
+    gamma: str
+    beta: str
+    mean: str
+    var: str
+    epsilon: float
+    nodes: list[int]  # the fold's arithmetic, dropped where nothing else reads it
+
+
+def unfold_conv_batch_norms(model: onnx.ModelProto) -> list[str]:
+    """Rewrite, in ``model``'s main graph, each convolution that onnxoptimizer's fold feeds as the convolution
+    and an inference BatchNormalization after it (the same function); the convolutions' names, in graph order."""
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 0)
+    if opset < 7 or not _FOLD_OPS.issubset(node.op_type for node in graph.node):
+        return []  # before opset 7 the fold's Mul cannot broadcast: no such file runs
+    facts = _Facts(graph)
+    folds = [f for i, node in enumerate(graph.node) if node.op_type == "Conv" for f in [_match(facts, i)] if f]
+    if not folds:
+        return []
+    from onnx import helper
+
+    taken = facts.names()
+    dropped: set[int] = set()
+    after: dict[int, onnx.NodeProto] = {}
+    convs: list[str] = []
+    for fold in folds:
+        conv = graph.node[fold.conv]
+        convs.append(conv.name or conv.output[0])
+        out = conv.output[0]
+        raw = _fresh(f"{out}_before_batch_norm", taken)
+        for tensor in (conv.input[1], conv.input[2]):
+            facts.uses[tensor] -= 1
+        conv.input[1], conv.input[2] = fold.weight, fold.bias
+        facts.uses.update((fold.weight, fold.bias, fold.gamma, fold.beta, fold.mean, fold.var))
+        conv.output[0] = raw
+        bn = helper.make_node(
+            "BatchNormalization",
+            [raw, fold.gamma, fold.beta, fold.mean, fold.var],
+            [out],
+            name=_fresh(_bn_name(conv), taken) if conv.name else "",
+            epsilon=fold.epsilon,
+        )
+        for prop in conv.metadata_props:  # torch's module path: the layer is named after the module it sits in
+            bn.metadata_props.add(key=prop.key, value=prop.value)
+        after[fold.conv] = bn
+        dropped |= _unread(graph, facts, fold.nodes)
+    read_by_dropped = {t for i in dropped for t in graph.node[i].input}
+    nodes = []
+    for i, node in enumerate(graph.node):
+        if i not in dropped:
+            nodes.append(copied(node))
+        if i in after:
+            nodes.append(after[i])
+    del graph.node[:]
+    copy_messages(graph.node, nodes)
+    _drop_unread_initializers(graph, facts, read_by_dropped)
+    return convs
+
+
+class _Facts:
+    """Who writes and how many read each tensor of the main graph (a read from a body counts, as any other)."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+        self.uses: Counter[str] = Counter(t for node in graph.node for t in node.input if t)
+        for node in graph.node:
+            self.uses.update(outer_reads(node))
+        self.uses.update(o.name for o in graph.output)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+
+    def names(self) -> set[str]:
+        found = set(self.producer) | set(self.initializers) | self.inputs
+        for body in nested_bodies(self.graph):
+            found.update(o for node in body.node for o in node.output)
+        found.update(node.name for node in self.graph.node)
+        return found
+
+    def op(self, tensor: str, op_type: str) -> int | None:
+        """The node of ``op_type`` (ONNX domain) writing ``tensor``."""
+        idx = self.producer.get(tensor)
+        if idx is None:
+            return None
+        node = self.graph.node[idx]
+        return idx if node.op_type == op_type and node.domain in ONNX_DOMAINS else None
+
+    def stored(self, tensor: str) -> bool:
+        """``tensor`` is an initializer no graph input overrides."""
+        return tensor in self.initializers and tensor not in self.inputs
+
+    def channels(self, tensor: str) -> int | None:
+        dims = self.initializers[tensor].dims
+        return int(dims[0]) if len(dims) == 1 else None
+
+
+def _match(f: _Facts, conv: int) -> _Fold | None:
+    node = f.graph.node[conv]
+    if node.domain not in ONNX_DOMAINS or len(node.input) != 3 or len(node.output) != 1:
+        return None
+    w_in, b_in = node.input[1], node.input[2]
+    if f.uses[w_in] != 1 or f.uses[b_in] != 1:
+        return None  # another reader needs the folded weights as they are
+    weight = _scaled_weight(f, w_in)
+    bias = _shifted_bias(f, b_in)
+    if weight is None or bias is None or weight[1] != bias[1]:
+        return None
+    w, k, w_nodes = weight
+    conv_bias, _, beta, mean, b_nodes = bias
+    scale = _scale(f, k)
+    if scale is None:
+        return None
+    gamma, var, epsilon, k_nodes = scale
+    dims = f.initializers[w].dims
+    params = (gamma, beta, mean, var)
+    if len(dims) < 3 or any(f.channels(p) != dims[0] for p in params):
+        return None
+    if not _same_type(f, w, *params) or (f.stored(conv_bias) and not _same_type(f, w, conv_bias)):
+        return None
+    return _Fold(conv, w, conv_bias, gamma, beta, mean, var, epsilon, sorted({*w_nodes, *b_nodes, *k_nodes}))
+
+
+def _scaled_weight(f: _Facts, tensor: str) -> tuple[str, str, list[int]] | None:
+    """``tensor`` as Mul(W, Unsqueeze(k, axes 1..rank-1)): (W, k, nodes)."""
+    mul = f.op(tensor, "Mul")
+    if mul is None:
+        return None
+    for w, u in (f.graph.node[mul].input, f.graph.node[mul].input[::-1]):
+        unsq = f.op(u, "Unsqueeze") if f.stored(w) else None
+        if unsq is not None and _axes(f, unsq) == list(range(1, len(f.initializers[w].dims))):
+            return w, f.graph.node[unsq].input[0], [mul, unsq]
+    return None
+
+
+def _shifted_bias(f: _Facts, tensor: str) -> tuple[str, str, str, str, list[int]] | None:
+    """``tensor`` as Add(Mul(Sub(Cast(b), mean), k), beta): (b or its Cast's output, k, beta, mean, nodes)."""
+    add = f.op(tensor, "Add")
+    if add is None:
+        return None
+    for scaled, beta in (f.graph.node[add].input, f.graph.node[add].input[::-1]):
+        mul = f.op(scaled, "Mul") if f.stored(beta) else None
+        sub = None if mul is None else f.op(f.graph.node[mul].input[0], "Sub")
+        if mul is None or sub is None:
+            continue
+        b, mean = f.graph.node[sub].input
+        if not f.stored(mean):
+            continue
+        cast = f.op(b, "Cast")
+        nodes = [add, mul, sub]
+        if cast is not None and f.stored(f.graph.node[cast].input[0]):
+            # onnxoptimizer's Cast to the statistics' type: the stored bias itself where it has that type already
+            source = f.graph.node[cast].input[0]
+            if _same_type(f, source, mean):
+                b = source
+                nodes.append(cast)
+        elif not f.stored(b):
+            continue
+        return b, f.graph.node[mul].input[1], beta, mean, nodes
+    return None
+
+
+def _scale(f: _Facts, k: str) -> tuple[str, str, float, list[int]] | None:
+    """``k`` as Div(gamma, Sqrt(Add(var, Cast(eps)))): (gamma, var, eps, nodes)."""
+    div = f.op(k, "Div")
+    if div is None:
+        return None
+    gamma, root = f.graph.node[div].input
+    sqrt = f.op(root, "Sqrt")
+    add = None if sqrt is None else f.op(f.graph.node[sqrt].input[0], "Add")
+    if not f.stored(gamma) or sqrt is None or add is None:
+        return None
+    for var, e in (f.graph.node[add].input, f.graph.node[add].input[::-1]):
+        cast = f.op(e, "Cast")
+        source = f.graph.node[cast].input[0] if cast is not None else e
+        epsilon = _scalar(f, source)
+        if f.stored(var) and epsilon is not None:
+            return gamma, var, epsilon, [div, sqrt, add, *([cast] if cast is not None else [])]
+    return None
+
+
+def _axes(f: _Facts, unsq: int) -> list[int] | None:
+    node = f.graph.node[unsq]
+    if len(node.input) > 1:
+        if not f.stored(node.input[1]):
+            return None
+        from onnx import numpy_helper
+
+        return [int(a) for a in numpy_helper.to_array(f.initializers[node.input[1]]).ravel()]
+    attr = next((a for a in node.attribute if a.name == "axes"), None)
+    return None if attr is None else list(attr.ints)
+
+
+def _scalar(f: _Facts, tensor: str) -> float | None:
+    """The one value an initializer held in the file holds (None: not one, or in external data)."""
+    if not f.stored(tensor):
+        return None
+    t = f.initializers[tensor]
+    if t.data_location == 1 or any(d != 1 for d in t.dims):  # TensorProto.EXTERNAL
+        return None
+    from onnx import numpy_helper
+
+    try:
+        values = numpy_helper.to_array(t)
+    except Exception:  # a tensor onnx cannot decode is no epsilon bncheck can read
+        return None
+    return float(values.ravel()[0]) if values.size == 1 else None
+
+
+def _same_type(f: _Facts, *tensors: str) -> bool:
+    return len({f.initializers[t].data_type for t in tensors}) == 1
+
+
+def _unread(graph: onnx.GraphProto, f: _Facts, nodes: list[int]) -> set[int]:
+    """Of the fold's ``nodes``, those nothing reads any more (their reads counted off, so that a node read only by
+    dropped ones goes too)."""
+    dropped: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for i in nodes:
+            if i not in dropped and all(f.uses[o] == 0 for o in graph.node[i].output if o):
+                dropped.add(i)
+                changed = True
+                for t in graph.node[i].input:
+                    if t:
+                        f.uses[t] -= 1
+    return dropped
+
+
+def _drop_unread_initializers(graph: onnx.GraphProto, f: _Facts, candidates: set[str]) -> None:
+    """Of ``candidates`` (what the dropped arithmetic read), the initializers nothing reads any more: the fold's
+    epsilon and axes (onnxruntime warns of unread initializers)."""
+    unread = {name for name in candidates if name in f.initializers and f.uses[name] <= 0 and name not in f.inputs}
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in unread]):
+        del graph.initializer[i]  # by position: the weights are not copied
+
+
+def _bn_name(conv: onnx.NodeProto) -> str:
+    """TorchScript's ``/conv1/Conv`` -> ``/conv1/BatchNormalization`` (its scope names the layer); else the
+    convolution's name with a suffix."""
+    head, sep, tail = conv.name.rpartition("/")
+    if sep and tail.startswith("Conv"):
+        return f"{head}/BatchNormalization{tail[len('Conv') :]}"
+    return f"{conv.name}/BatchNormalization"
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate

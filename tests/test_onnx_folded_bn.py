@@ -1,0 +1,104 @@
+"""Batch norms onnxoptimizer's ``fuse_bn_into_conv`` folded into convolutions as ops (tests.builders.folded_conv_bn_model,
+the form onnxoptimizer 0.4.2 writes): read back at load as a BatchNormalization after each convolution, so that
+their stored statistics are checked and repaired as the unprocessed file's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+import bncheck
+from bncheck.backends.onnx.load import load_onnx
+from bncheck.cli import main
+from tests.builders import folded_conv_bn_model
+
+
+def _data(n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, 3, 8, 8)) * 1.5 + 0.5).astype(np.float32)
+
+
+def _run(model: str | bytes, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input": x})[0]
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"opset": 11}, {"conv_bias": False}], ids=["opset17", "opset11-axes-attribute", "no-conv-bias"]
+)
+def test_folded_batch_norms_are_layers_named_after_their_convolutions(tmp_path: Path, options: dict) -> None:
+    path = folded_conv_bn_model(tmp_path / "folded.onnx", **options)
+    report = bncheck.inspect(path)
+    assert [(layer.name, layer.op_type, layer.uses_running_stats) for layer in report.layers] == [
+        ("conv1", "BatchNormalization", True),
+        ("conv2", "BatchNormalization", True),
+    ]
+    assert any("fuse_bn_into_conv" in note.message for note in report.notes)
+    assert report.findings == [] and report.exit_code == 0
+
+
+def test_never_updated_statistics_in_a_fold_fail_the_gate(tmp_path: Path) -> None:
+    path = folded_conv_bn_model(tmp_path / "stale.onnx", stale=True)
+    result = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
+    assert result.exit_code == 1
+    findings = json.loads(result.output)["findings"]
+    assert [(f["code"], f["layer"], f["severity"]) for f in findings] == [("BN003", "conv2", "error")]
+
+
+def test_the_fold_gets_the_findings_of_the_file_before_it(tmp_path: Path) -> None:
+    data = tmp_path / "calib.npy"
+    np.save(data, _data(64, 1))
+    reports = [
+        bncheck.probe(folded_conv_bn_model(tmp_path / f"{folded}.onnx", stale=True, folded=folded), data=str(data))
+        for folded in (False, True)
+    ]
+    before, after = ([(f.code, f.severity.label, f.message) for f in r.findings] for r in reports)
+    assert before and [code for code, _, _ in before] == ["BN003", "BN003"]
+    assert after == before
+
+
+@pytest.mark.parametrize("opset", [17, 11])
+def test_the_graph_read_back_computes_what_the_fold_computes(tmp_path: Path, opset: int) -> None:
+    path = folded_conv_bn_model(tmp_path / "folded.onnx", opset=opset)
+    handle = load_onnx(path)
+    ops = [node.op_type for node in handle.model.graph.node]
+    assert ops[:3] == ["Conv", "BatchNormalization", "Relu"] and "Sqrt" not in ops
+    # the fold's epsilon and axes go with the arithmetic that read them: no initializer is left unread
+    read = {t for node in handle.model.graph.node for t in node.input}
+    assert {t.name for t in handle.model.graph.initializer} <= read
+    x = _data(6, 2)
+    expected = _run(path, x)
+    got = _run(handle.model.SerializeToString(), x)
+    assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+def test_fix_repairs_the_fold_as_it_repairs_the_file_before_it(tmp_path: Path) -> None:
+    data = tmp_path / "calib.npy"
+    np.save(data, _data(64, 1))
+    outputs = []
+    for folded in (False, True):
+        path = folded_conv_bn_model(tmp_path / f"{folded}.onnx", stale=True, folded=folded)
+        fixed = str(tmp_path / f"{folded}_fixed.onnx")
+        report = bncheck.fix(path, fixed, data=str(data))
+        assert report.exit_code == 0 and Path(fixed).exists()
+        onnx.checker.check_model(onnx.load(fixed))
+        outputs.append(_run(fixed, _data(8, 3)))
+    unprocessed, fold = outputs
+    assert np.max(np.abs(fold - unprocessed)) <= 1e-5 * np.max(np.abs(unprocessed))
+    # and the repaired fold passes the probe it failed
+    assert bncheck.probe(str(tmp_path / "True_fixed.onnx"), data=str(data)).exit_code == 0
+
+
+def test_a_fold_whose_weights_another_node_reads_stays_as_written(tmp_path: Path) -> None:
+    path = folded_conv_bn_model(tmp_path / "shared.onnx", shared_weight=True)
+    report = bncheck.inspect(path)
+    # conv2's folded weight also feeds /side/Conv: that fold is left, conv1's is read back
+    assert [layer.name for layer in report.layers] == ["conv1"]
+    x = _data(4, 2)
+    handle = load_onnx(path)
+    assert np.allclose(_run(handle.model.SerializeToString(), x), _run(path, x), rtol=1e-5, atol=1e-6)
