@@ -602,6 +602,7 @@ def folded_conv_bn_model(
     conv_bias: bool = True,
     shared_weight: bool = False,
     hw: int = 8,
+    ir3: bool = False,
 ) -> str:
     """input[N, 3, hw, hw] -> conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu -> GAP -> flatten -> gemm -> logits, with
     torch's TorchScript node names. ``folded``: each BatchNormalization folded into its Conv as onnxoptimizer's
@@ -609,7 +610,8 @@ def folded_conv_bn_model(
     ``W' = W * Unsqueeze(gamma / Sqrt(var + Cast(eps)))``, ``b' = (Cast(b) - mean) * k + beta`` (a zero bias where
     the Conv had none; the parameters renamed to numbers; Unsqueeze's axes an input from opset 13, an attribute
     before). Else the Conv -> BatchNormalization pairs as exported. ``stale``: bn2's statistics the never-updated
-    0 and 1. ``shared_weight``: conv2's folded weight also read by a second convolution beside it."""
+    0 and 1. ``shared_weight``: conv2's folded weight also read by a second convolution beside it. ``ir3``: IR version 3,
+    every initializer listed among the graph's inputs too (as IR 3 requires)."""
     rng = np.random.default_rng(11)
     widths = (3, 8, 16)
     inits: list[TensorProto] = []
@@ -691,6 +693,8 @@ def folded_conv_bn_model(
         [helper.make_tensor_value_info("logits", F32, ["N", 5])],
         initializer=inits,
     )
+    if ir3:
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
-    model.ir_version = 8 if opset >= 13 else 6
+    model.ir_version = 3 if ir3 else 8 if opset >= 13 else 6
     return _save(model, path)

@@ -29,7 +29,9 @@ def _run(model: str | bytes, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"opset": 11}, {"conv_bias": False}], ids=["opset17", "opset11-axes-attribute", "no-conv-bias"]
+    "options",
+    [{}, {"opset": 11}, {"conv_bias": False}, {"opset": 7, "ir3": True}],
+    ids=["opset17", "opset11-axes-attribute", "no-conv-bias", "ir3-initializers-as-inputs"],
 )
 def test_folded_batch_norms_are_layers_named_after_their_convolutions(tmp_path: Path, options: dict) -> None:
     path = folded_conv_bn_model(tmp_path / "folded.onnx", **options)

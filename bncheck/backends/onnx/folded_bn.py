@@ -14,13 +14,15 @@ instead: there the statistics are gone and nothing is left to read.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, copied, copy_messages, nested_bodies, outer_reads
 
-if TYPE_CHECKING:  # onnx is imported lazily: `bncheck --help` must not pay for it
+if TYPE_CHECKING:  # onnx and numpy are imported lazily: `bncheck --help` must not pay for them
+    import numpy as np
     import onnx
 
 #: op types every fold needs (a file without them all holds no fold: most files)
@@ -111,17 +113,18 @@ class _Facts:
         found.update(node.name for node in self.graph.node)
         return found
 
-    def op(self, tensor: str, op_type: str) -> int | None:
-        """The node of ``op_type`` (ONNX domain) writing ``tensor``."""
+    def op(self, tensor: str, op_type: str, inputs: tuple[int, ...] = (2,)) -> int | None:
+        """The node of ``op_type`` (ONNX domain) with one of ``inputs`` input counts writing ``tensor``."""
         idx = self.producer.get(tensor)
         if idx is None:
             return None
         node = self.graph.node[idx]
-        return idx if node.op_type == op_type and node.domain in ONNX_DOMAINS else None
+        ours = node.op_type == op_type and node.domain in ONNX_DOMAINS and len(node.input) in inputs
+        return idx if ours else None
 
     def stored(self, tensor: str) -> bool:
-        """``tensor`` is an initializer no graph input overrides."""
-        return tensor in self.initializers and tensor not in self.inputs
+        """``tensor`` is an initializer (also where IR 3 lists it among the inputs, as GraphIndex reads it)."""
+        return tensor in self.initializers
 
     def channels(self, tensor: str) -> int | None:
         dims = self.initializers[tensor].dims
@@ -160,7 +163,7 @@ def _scaled_weight(f: _Facts, tensor: str) -> tuple[str, str, list[int]] | None:
     if mul is None:
         return None
     for w, u in (f.graph.node[mul].input, f.graph.node[mul].input[::-1]):
-        unsq = f.op(u, "Unsqueeze") if f.stored(w) else None
+        unsq = f.op(u, "Unsqueeze", (1, 2)) if f.stored(w) else None
         if unsq is not None and _axes(f, unsq) == list(range(1, len(f.initializers[w].dims))):
             return w, f.graph.node[unsq].input[0], [mul, unsq]
     return None
@@ -179,7 +182,7 @@ def _shifted_bias(f: _Facts, tensor: str) -> tuple[str, str, str, str, list[int]
         b, mean = f.graph.node[sub].input
         if not f.stored(mean):
             continue
-        cast = f.op(b, "Cast")
+        cast = f.op(b, "Cast", (1,))
         nodes = [add, mul, sub]
         if cast is not None and f.stored(f.graph.node[cast].input[0]):
             # onnxoptimizer's Cast to the statistics' type: the stored bias itself where it has that type already
@@ -199,12 +202,12 @@ def _scale(f: _Facts, k: str) -> tuple[str, str, float, list[int]] | None:
     if div is None:
         return None
     gamma, root = f.graph.node[div].input
-    sqrt = f.op(root, "Sqrt")
+    sqrt = f.op(root, "Sqrt", (1,))
     add = None if sqrt is None else f.op(f.graph.node[sqrt].input[0], "Add")
     if not f.stored(gamma) or sqrt is None or add is None:
         return None
     for var, e in (f.graph.node[add].input, f.graph.node[add].input[::-1]):
-        cast = f.op(e, "Cast")
+        cast = f.op(e, "Cast", (1,))
         source = f.graph.node[cast].input[0] if cast is not None else e
         epsilon = _scalar(f, source)
         if f.stored(var) and epsilon is not None:
@@ -215,29 +218,29 @@ def _scale(f: _Facts, k: str) -> tuple[str, str, float, list[int]] | None:
 def _axes(f: _Facts, unsq: int) -> list[int] | None:
     node = f.graph.node[unsq]
     if len(node.input) > 1:
-        if not f.stored(node.input[1]):
-            return None
-        from onnx import numpy_helper
-
-        return [int(a) for a in numpy_helper.to_array(f.initializers[node.input[1]]).ravel()]
+        values = _stored_values(f, node.input[1])
+        return None if values is None else [int(a) for a in values.ravel()]
     attr = next((a for a in node.attribute if a.name == "axes"), None)
     return None if attr is None else list(attr.ints)
 
 
 def _scalar(f: _Facts, tensor: str) -> float | None:
     """The one value an initializer held in the file holds (None: not one, or in external data)."""
-    if not f.stored(tensor):
-        return None
-    t = f.initializers[tensor]
-    if t.data_location == 1 or any(d != 1 for d in t.dims):  # TensorProto.EXTERNAL
+    values = _stored_values(f, tensor)
+    return float(values.ravel()[0]) if values is not None and values.size == 1 else None
+
+
+def _stored_values(f: _Facts, tensor: str) -> np.ndarray | None:
+    """A small initializer's values (None: not an initializer, in external data, or over 64 elements)."""
+    t = f.initializers.get(tensor)
+    if t is None or t.data_location == 1 or math.prod(t.dims) > 64:  # 1: TensorProto.EXTERNAL
         return None
     from onnx import numpy_helper
 
     try:
-        values = numpy_helper.to_array(t)
-    except Exception:  # a tensor onnx cannot decode is no epsilon bncheck can read
+        return numpy_helper.to_array(t)
+    except Exception:  # a tensor onnx cannot decode is no epsilon or axes bncheck can read
         return None
-    return float(values.ravel()[0]) if values.size == 1 else None
 
 
 def _same_type(f: _Facts, *tensors: str) -> bool:
