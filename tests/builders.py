@@ -698,3 +698,57 @@ def folded_conv_bn_model(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch")
     model.ir_version = 3 if ir3 else 8 if opset >= 13 else 6
     return _save(model, path)
+
+
+def torch_folded_model(path: Path, *, exporter: str = "dynamo") -> str:
+    """input[N, 3, 8, 8] -> conv -> relu -> flatten -> gemm -> logits as torch 2.13's exporters write a Sequential(
+    Conv2d, BatchNorm2d, ReLU, Flatten, Linear, BatchNorm1d) in eval mode, each BatchNorm folded into the layer
+    before it, its statistics gone. ``exporter`` "dynamo" (the default, optimize=True): the fused nodes carry
+    onnxscript's rule names and the BatchNorms' module paths in their metadata. "torchscript" (dynamo=False,
+    constant folding on, which folds the Conv's BatchNorm only): the Conv reads weights named ``onnx::Conv_N``,
+    the BatchNorm1d stays. "plain": the same graph without a fold (weights named after their modules)."""
+    rng = np.random.default_rng(2)
+    ts = exporter == "torchscript"
+    w, b = ("onnx::Conv_22", "onnx::Conv_23") if ts else ("0.weight", "0.bias")
+    inits = [
+        numpy_helper.from_array(_f32(rng.normal(0, 0.3, (8, 3, 3, 3))), w),
+        numpy_helper.from_array(_f32(rng.normal(0, 0.1, 8)), b),
+        numpy_helper.from_array(_f32(rng.normal(0, 0.1, (16, 512))), "4.weight"),
+        numpy_helper.from_array(_f32(rng.normal(0, 0.1, 16)), "4.bias"),
+    ]
+    names = (
+        ("/0/Conv", "/2/Relu", "/3/Flatten", "/4/Gemm")
+        if ts
+        else ("node_Conv_18", "node_relu", "node_view", "node_Gemm_19")
+    )
+    nodes = [
+        helper.make_node("Conv", ["input", w, b], ["conv"], name=names[0], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"], name=names[1]),
+        helper.make_node("Flatten", ["relu"], ["flat"], name=names[2]),
+        helper.make_node("Gemm", ["flat", "4.weight", "4.bias"], ["logits"], name=names[3], transB=1),
+    ]
+    if exporter == "dynamo":
+        helper.set_metadata_props(
+            nodes[0],
+            {
+                "pkg.onnxscript.rewriter.rule_name": "FuseBatchNormIntoConv, RemoveOptionalBiasFromConv",
+                "pkg.torch.onnx.name_scopes": "['', '1', '_native_batch_norm_legit_no_training']",
+            },
+        )
+        helper.set_metadata_props(
+            nodes[3],
+            {
+                "pkg.onnxscript.rewriter.rule_name": "FuseBatchNormIntoGemm",
+                "pkg.torch.onnx.name_scopes": "['', '5', '_native_batch_norm_legit_no_training_1']",
+            },
+        )
+    graph = helper.make_graph(
+        nodes,
+        "torch_folded",
+        [helper.make_tensor_value_info("input", F32, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", F32, ["N", 16])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="pytorch")
+    model.ir_version = 8
+    return _save(model, path)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import bncheck
 from bncheck.backends.onnx.load import load_onnx
 from bncheck.cli import main
-from tests.builders import folded_conv_bn_model
+from tests.builders import folded_conv_bn_model, torch_folded_model
 
 
 def _data(n: int, seed: int) -> np.ndarray:
@@ -104,3 +104,22 @@ def test_a_fold_whose_weights_another_node_reads_stays_as_written(tmp_path: Path
     x = _data(4, 2)
     handle = load_onnx(path)
     assert np.allclose(_run(handle.model.SerializeToString(), x), _run(path, x), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norms_torchs_optimizer_folded_are_named_in_a_warning(tmp_path: Path) -> None:
+    report = bncheck.inspect(torch_folded_model(tmp_path / "dynamo.onnx", exporter="dynamo"))
+    assert report.layers == [] and report.exit_code == 0
+    (note,) = [n for n in report.notes if "folded" in n.message]
+    assert note.level == "warning"
+    assert "2 BatchNorm(s) ('1', '5')" in note.message and "optimize=False" in note.message
+
+
+def test_a_convolution_of_weights_constant_folding_computed_gets_the_export_option(tmp_path: Path) -> None:
+    report = bncheck.inspect(torch_folded_model(tmp_path / "ts.onnx", exporter="torchscript"))
+    (note,) = [n for n in report.notes if "constant folding" in n.message]
+    assert note.level == "info" and "'/0/Conv'" in note.message and "do_constant_folding=False" in note.message
+
+
+def test_a_plain_export_gets_no_fold_note(tmp_path: Path) -> None:
+    report = bncheck.inspect(torch_folded_model(tmp_path / "plain.onnx", exporter="plain"))
+    assert not [n for n in report.notes if "fold" in n.message]

@@ -11,7 +11,12 @@ import os
 import re
 import zipfile
 
-_TORCH_EXPORT = "export the model to ONNX with torch.onnx.export(model.eval(), example_input, 'model.onnx')"
+#: optimize=False: the default (dynamo's rewriter) folds each BatchNorm after a Conv or Linear into it, statistics and all
+_TORCH_EXPORT = (
+    "export the model to ONNX with torch.onnx.export(model.eval(), (example_input,), 'model.onnx', optimize=False), "
+    "which keeps the BatchNorms the default folds into the layers before them (the TorchScript exporter, "
+    "dynamo=False, folds them unless do_constant_folding=False)"
+)
 _KERAS_SAVE = "save the Keras model whole with model.save('model.keras')"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 #: a TensorFlow checkpoint's files: prefix.index, prefix.data-00000-of-00001, prefix.meta (TF1), and the text

@@ -15,11 +15,13 @@ instead: there the statistics are gone and nothing is left to read.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bncheck.backends.onnx.graph import ONNX_DOMAINS, copied, copy_messages, nested_bodies, outer_reads
+from bncheck.backends.onnx.graph import ONNX_DOMAINS, GraphIndex, copied, copy_messages, nested_bodies, outer_reads
+from bncheck.backends.onnx.names import module_path
 
 if TYPE_CHECKING:  # onnx and numpy are imported lazily: `bncheck --help` must not pay for them
     import numpy as np
@@ -288,3 +290,34 @@ def _fresh(name: str, taken: set[str]) -> str:
         candidate = f"{name}_{n}"
     taken.add(candidate)
     return candidate
+
+
+#: the metadata key onnxscript's rewriter (torch's dynamo exporter, ``optimize=True`` by default) stamps on the node a
+#: rule made, and the rules that fold an eval-mode BatchNorm into the Conv, ConvTranspose or Gemm before it
+_RULE_NAME = "pkg.onnxscript.rewriter.rule_name"
+_TORCH_FUSIONS = ("FuseBatchNormIntoConv", "FuseBatchNormIntoConvTranspose", "FuseBatchNormIntoGemm")
+#: a tensor TorchScript's exporter computed by constant folding (a parameter keeps its module's name)
+_TORCH_FOLDED_WEIGHT = re.compile(r"onnx::(?:Conv|ConvTranspose)_\d+")
+
+
+def torch_folds(g: GraphIndex) -> tuple[list[str], list[str]]:
+    """Batch norms torch's exporters folded into the op before them, their statistics gone from the file:
+    (the modules the dynamo exporter's rewriter folded, by the module path it records on the fused node; the
+    TorchScript-named convolutions whose weight and bias constant folding computed, as it does folding a BatchNorm)."""
+    dynamo: list[str] = []
+    computed: list[str] = []
+    for i, node in enumerate(g.nodes):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.domain not in ONNX_DOMAINS:
+            continue
+        rules = next((p.value for p in node.metadata_props if p.key == _RULE_NAME), "")
+        if any(rule.strip() in _TORCH_FUSIONS for rule in rules.split(",")):  # one entry per rule that touched it
+            dynamo.append(module_path(node) or g.node_name(i))
+        elif node.name.startswith("/") and len(node.input) == 3 and all(_computed(g, t) for t in node.input[1:]):
+            # both computed: a folded BatchNorm writes a new bias too (weight_norm and weight standardization
+            # compute the weight alone)
+            computed.append(node.name)
+    return dynamo, computed
+
+
+def _computed(g: GraphIndex, tensor: str) -> bool:
+    return tensor in g.initializers and _TORCH_FOLDED_WEIGHT.fullmatch(tensor) is not None

@@ -34,6 +34,7 @@ from bncheck.backends.onnx.dataflow import (
     fixed_to_one,
     own_moments,
 )
+from bncheck.backends.onnx.folded_bn import torch_folds
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -708,6 +709,7 @@ def _model_notes(
                 "be checked",
             )
         )
+    notes += _torch_fold_notes(g)
     hidden, holders = hidden_norm_ops(in_bodies, _OP_HANDLERS)
     if hidden:
         notes.append(
@@ -719,6 +721,39 @@ def _model_notes(
             )
         )
     return notes
+
+
+def _torch_fold_notes(g: GraphIndex) -> list[Note]:
+    """What torch's exporters folded away: eval-mode BatchNorms merged into the Conv or Gemm before them, whose
+    statistics no check can read, and the export option that keeps them."""
+    dynamo, computed = torch_folds(g)
+    notes = []
+    if dynamo:
+        notes.append(
+            Note(
+                "warning",
+                f"{len(dynamo)} BatchNorm(s) ({_few(dynamo)}) were folded into the convolution or linear layer before "
+                "them by torch.onnx.export's optimizer (onnxscript's FuseBatchNormInto* rules, its default "
+                "optimize=True): their statistics are not in the file and are not checked; export with "
+                "optimize=False to check them",
+            )
+        )
+    if computed:
+        notes.append(
+            Note(
+                "info",
+                f"{len(computed)} convolution(s) ({_few(computed)}) read a weight and bias that torch.onnx.export "
+                "computed by constant folding, as it does when it folds an eval-mode BatchNorm into the convolution "
+                "before it: "
+                "folded statistics cannot be checked; export with do_constant_folding=False to keep the BatchNorms",
+            )
+        )
+    return notes
+
+
+def _few(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
 
 
 def _per_channel_users(g: GraphIndex, tensor: str, op_type: str) -> list[int]:
