@@ -752,3 +752,63 @@ def torch_folded_model(path: Path, *, exporter: str = "dynamo") -> str:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="pytorch")
     model.ir_version = 8
     return _save(model, path)
+
+
+def tf2onnx_folded_model(path: Path, *, found: bool = False) -> str:
+    """x[N, 8, 8, 3] -> transpose -> conv -> relu -> GAP -> flatten -> matmul -> mul -> logits, as tf2onnx writes a
+    Keras Sequential(Conv2D, BatchNormalization, ReLU, GlobalAveragePooling2D, Dense, BatchNormalization) in
+    inference: the first BatchNormalization merged into the Conv (the node named in its ``batchnorm`` scope, the
+    bias its ``batchnorm/sub``), the second left as a per-channel Mul by its ``batchnorm/mul`` constant. ``found``:
+    the first kept as a BatchNormalization node of its statistics instead (named in its scope), the walk's layer."""
+    rng = np.random.default_rng(4)
+    scope = "functional_1/bn_c1_1/batchnorm"
+    inits = [
+        numpy_helper.from_array(_f32(rng.normal(0, 0.3, (8, 3, 3, 3))), "functional_1/c1_1/convolution/merged_input:0"),
+        numpy_helper.from_array(_f32(rng.normal(0, 0.1, 8)), f"{scope}/sub:0"),
+        numpy_helper.from_array(_f32(rng.normal(0, 0.3, (8, 4))), "functional_1/fc_1/Cast/ReadVariableOp:0"),
+        numpy_helper.from_array(_f32(rng.uniform(0.5, 1.5, 4)), "functional_1/bn_fc_1/batchnorm/mul:0"),
+    ]
+    conv_out = "conv" if found else "relu_in"
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2], name=f"{scope}/mul_1__6"),
+        helper.make_node(
+            "Conv",
+            ["nchw", "functional_1/c1_1/convolution/merged_input:0", f"{scope}/sub:0"],
+            [conv_out],
+            pads=[1, 1, 1, 1],
+            name="functional_1/c1_1/convolution" if found else f"{scope}/mul_1",
+        ),
+    ]
+    if found:
+        stats = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.1, "moving_variance": 2.0}
+        names = [f"functional_1/bn_c1_1/{k}:0" for k in stats]
+        inits += [numpy_helper.from_array(np.full(8, v, np.float32), n) for (k, v), n in zip(stats.items(), names)]
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization", ["conv", *names], ["relu_in"], epsilon=1e-3, name=f"{scope}/FusedBatchNormV3"
+            )
+        )
+    nodes += [
+        helper.make_node("Relu", ["relu_in"], ["relu"], name="functional_1/re_lu_1/Relu"),
+        helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="functional_1/gap_1/Mean"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="functional_1/gap_1/Flatten"),
+        helper.make_node(
+            "MatMul", ["flat", "functional_1/fc_1/Cast/ReadVariableOp:0"], ["fc"], name="functional_1/fc_1/MatMul"
+        ),
+        helper.make_node(
+            "Mul",
+            ["fc", "functional_1/bn_fc_1/batchnorm/mul:0"],
+            ["logits"],
+            name="functional_1/bn_fc_1/batchnorm/mul_1",
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tf2onnx",
+        [helper.make_tensor_value_info("x", F32, ["unk__1", 8, 8, 3])],
+        [helper.make_tensor_value_info("logits", F32, ["unk__1", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tf2onnx")
+    model.ir_version = 8
+    return _save(model, path)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import bncheck
 from bncheck.backends.onnx.load import load_onnx
 from bncheck.cli import main
-from tests.builders import folded_conv_bn_model, torch_folded_model
+from tests.builders import folded_conv_bn_model, tf2onnx_folded_model, torch_folded_model
 
 
 def _data(n: int, seed: int) -> np.ndarray:
@@ -123,3 +123,19 @@ def test_a_convolution_of_weights_constant_folding_computed_gets_the_export_opti
 def test_a_plain_export_gets_no_fold_note(tmp_path: Path) -> None:
     report = bncheck.inspect(torch_folded_model(tmp_path / "plain.onnx", exporter="plain"))
     assert not [n for n in report.notes if "fold" in n.message]
+
+
+def test_keras_batch_norms_tf2onnx_folded_are_named_in_a_warning(tmp_path: Path) -> None:
+    report = bncheck.inspect(tf2onnx_folded_model(tmp_path / "tf.onnx"))
+    assert report.layers == [] and report.exit_code == 0
+    (note,) = [n for n in report.notes if "tf2onnx" in n.message]
+    assert note.level == "warning"
+    assert "2 Keras BatchNormalization layer(s) ('functional/bn_c1', 'functional/bn_fc')" in note.message
+    assert "Keras file" in note.message
+
+
+def test_a_keras_batch_norm_the_walk_found_is_not_called_folded(tmp_path: Path) -> None:
+    report = bncheck.inspect(tf2onnx_folded_model(tmp_path / "tf.onnx", found=True))
+    assert len(report.layers) == 1
+    (note,) = [n for n in report.notes if "tf2onnx" in n.message]
+    assert "1 Keras BatchNormalization layer(s) ('functional/bn_fc')" in note.message

@@ -8,8 +8,11 @@ folding::
 
 The statistics stay in the file, but no node normalizes, so nothing would be checked. Each such convolution gets
 W and b back, with a BatchNormalization after it that computes what the fold computes, so that the walk, the probe
-and ``fix`` read it as any other inference batch norm. onnxsim and torch's constant folding compute the fold
-instead: there the statistics are gone and nothing is left to read.
+and ``fix`` read it as any other inference batch norm.
+
+torch's exporters, tf2onnx and onnxsim compute the fold instead: there the statistics are gone and nothing is left
+to check. What the file still tells of such folds (:func:`torch_folds`, :func:`tf_folds`) is named in the walk's
+model notes, with the way to a file that keeps the batch norms.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bncheck.backends.onnx.graph import ONNX_DOMAINS, GraphIndex, copied, copy_messages, nested_bodies, outer_reads
-from bncheck.backends.onnx.names import module_path
+from bncheck.backends.onnx.names import module_path, op_name
+from bncheck.model import NormLayer
 
 if TYPE_CHECKING:  # onnx and numpy are imported lazily: `bncheck --help` must not pay for them
     import numpy as np
@@ -317,6 +321,30 @@ def torch_folds(g: GraphIndex) -> tuple[list[str], list[str]]:
             # compute the weight alone)
             computed.append(node.name)
     return dynamo, computed
+
+
+#: the scope of TensorFlow's ``tf.nn.batch_normalization`` inside a Keras BatchNormalization layer's
+_TF_BATCHNORM = "/batchnorm/"
+
+
+def tf_folds(g: GraphIndex, layers: list[NormLayer]) -> list[str]:
+    """Keras BatchNormalization layers tf2onnx folded away, by the layer's scope (as the walk names tf2onnx's
+    layers): a node or constant of its ``batchnorm`` scope is left, merged into the convolution's weights and bias
+    or a per-channel multiply, its statistics gone. In graph order, each once; none of ``layers`` (a batch norm
+    the walk found, through the nodes of that scope or by name)."""
+    if not any(_TF_BATCHNORM in node.name for node in g.nodes) and not any(_TF_BATCHNORM in t for t in g.initializers):
+        return []  # most files: no TensorFlow scope at all
+    read = {n.split(_TF_BATCHNORM)[0] for layer in layers for n in layer.nodes if _TF_BATCHNORM in n}
+    read |= {layer.name for layer in layers}
+    found: dict[str, None] = {}
+    for i, node in enumerate(g.nodes):
+        for name in (node.name, *node.input):
+            if _TF_BATCHNORM not in name or (name != node.name and name not in g.initializers):
+                continue
+            shown = op_name(g, i, [name])
+            if name.split(_TF_BATCHNORM)[0] not in read and shown not in read:
+                found.setdefault(shown, None)
+    return list(found)
 
 
 def _computed(g: GraphIndex, tensor: str) -> bool:

@@ -34,7 +34,7 @@ from bncheck.backends.onnx.dataflow import (
     fixed_to_one,
     own_moments,
 )
-from bncheck.backends.onnx.folded_bn import torch_folds
+from bncheck.backends.onnx.folded_bn import tf_folds, torch_folds
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -709,7 +709,7 @@ def _model_notes(
                 "be checked",
             )
         )
-    notes += _torch_fold_notes(g)
+    notes += _torch_fold_notes(g) + _tf_fold_notes(g, layers)
     hidden, holders = hidden_norm_ops(in_bodies, _OP_HANDLERS)
     if hidden:
         notes.append(
@@ -749,6 +749,21 @@ def _torch_fold_notes(g: GraphIndex) -> list[Note]:
             )
         )
     return notes
+
+
+def _tf_fold_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
+    """Keras BatchNormalization layers tf2onnx merged into the ops before them (those not found as layers)."""
+    folded = tf_folds(g, layers)
+    if not folded:
+        return []
+    return [
+        Note(
+            "warning",
+            f"{len(folded)} Keras BatchNormalization layer(s) ({_few(folded)}) were folded into the ops before "
+            "them by the conversion (tf2onnx): their statistics are not in the file and are not checked; check "
+            "the Keras file itself (bncheck reads .keras and .h5 files)",
+        )
+    ]
 
 
 def _few(names: Sequence[str]) -> str:
