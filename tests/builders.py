@@ -742,16 +742,8 @@ def torch_folded_model(path: Path, *, exporter: str = "dynamo") -> str:
                 "pkg.torch.onnx.name_scopes": "['', '5', '_native_batch_norm_legit_no_training_1']",
             },
         )
-    graph = helper.make_graph(
-        nodes,
-        "torch_folded",
-        [helper.make_tensor_value_info("input", F32, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", F32, ["N", 16])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="pytorch")
-    model.ir_version = 8
-    return _save(model, path)
+    io = (("input", ["N", 3, 8, 8]), ("logits", ["N", 16]))
+    return _graph_file(path, nodes, inits, io, opset=18, producer="pytorch")
 
 
 def tf2onnx_folded_model(path: Path, *, found: bool = False) -> str:
@@ -802,13 +794,29 @@ def tf2onnx_folded_model(path: Path, *, found: bool = False) -> str:
             name="functional_1/bn_fc_1/batchnorm/mul_1",
         ),
     ]
+    io = (("x", ["unk__1", 8, 8, 3]), ("logits", ["unk__1", 4]))
+    return _graph_file(path, nodes, inits, io, opset=17, producer="tf2onnx")
+
+
+def _graph_file(
+    path: Path,
+    nodes: list[onnx.NodeProto],
+    inits: list[TensorProto],
+    io: tuple[tuple[str, list], tuple[str, list]],
+    *,
+    opset: int,
+    producer: str,
+    ir_version: int = 8,
+) -> str:
+    """One float32 input and output (``io``: name and dims of each) around ``nodes``, saved as a checked model."""
+    (x, x_dims), (y, y_dims) = io
     graph = helper.make_graph(
         nodes,
-        "tf2onnx",
-        [helper.make_tensor_value_info("x", F32, ["unk__1", 8, 8, 3])],
-        [helper.make_tensor_value_info("logits", F32, ["unk__1", 4])],
+        path.stem,
+        [helper.make_tensor_value_info(x, F32, x_dims)],
+        [helper.make_tensor_value_info(y, F32, y_dims)],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tf2onnx")
-    model.ir_version = 8
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=producer)
+    model.ir_version = ir_version
     return _save(model, path)
