@@ -67,12 +67,17 @@ def test_the_fold_gets_the_findings_of_the_file_before_it(tmp_path: Path) -> Non
 @pytest.mark.parametrize("opset", [17, 11])
 def test_the_graph_read_back_computes_what_the_fold_computes(tmp_path: Path, opset: int) -> None:
     path = folded_conv_bn_model(tmp_path / "folded.onnx", opset=opset)
+    # with the shapes a tool records (onnxsim, shape inference) for the fold's results too
+    onnx.save(onnx.shape_inference.infer_shapes(onnx.load(path)), path)
     handle = load_onnx(path)
     ops = [node.op_type for node in handle.model.graph.node]
     assert ops[:3] == ["Conv", "BatchNormalization", "Relu"] and "Sqrt" not in ops
     # the fold's epsilon and axes go with the arithmetic that read them: no initializer is left unread
     read = {t for node in handle.model.graph.node for t in node.input}
     assert {t.name for t in handle.model.graph.initializer} <= read
+    # and no recorded shape names a tensor no node writes any more
+    written = {t for node in handle.model.graph.node for t in node.output}
+    assert {v.name for v in handle.model.graph.value_info} <= written
     x = _data(6, 2)
     expected = _run(path, x)
     got = _run(handle.model.SerializeToString(), x)

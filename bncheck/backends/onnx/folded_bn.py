@@ -87,6 +87,7 @@ def unfold_conv_batch_norms(model: onnx.ModelProto) -> list[str]:
         after[fold.conv] = bn
         dropped |= _unread(graph, facts, fold.nodes)
     read_by_dropped = {t for i in dropped for t in graph.node[i].input}
+    written_by_dropped = {t for i in dropped for t in graph.node[i].output}
     nodes = []
     for i, node in enumerate(graph.node):
         if i not in dropped:
@@ -96,6 +97,10 @@ def unfold_conv_batch_norms(model: onnx.ModelProto) -> list[str]:
     del graph.node[:]
     copy_messages(graph.node, nodes)
     _drop_unread_initializers(graph, facts, read_by_dropped)
+    # shapes a tool recorded for the dropped arithmetic's results (onnxsim, shape inference) would name tensors
+    # no node writes any more
+    for i in reversed([i for i, v in enumerate(graph.value_info) if v.name in written_by_dropped]):
+        del graph.value_info[i]
     return convs
 
 
