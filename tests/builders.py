@@ -700,13 +700,14 @@ def folded_conv_bn_model(
     return _save(model, path)
 
 
-def torch_folded_model(path: Path, *, exporter: str = "dynamo") -> str:
+def torch_folded_model(path: Path, *, exporter: str = "dynamo", metadata: dict[str, str] | None = None) -> str:
     """input[N, 3, 8, 8] -> conv -> relu -> flatten -> gemm -> logits as torch 2.13's exporters write a Sequential(
     Conv2d, BatchNorm2d, ReLU, Flatten, Linear, BatchNorm1d) in eval mode, each BatchNorm folded into the layer
     before it, its statistics gone. ``exporter`` "dynamo" (the default, optimize=True): the fused nodes carry
     onnxscript's rule names and the BatchNorms' module paths in their metadata. "torchscript" (dynamo=False,
     constant folding on, which folds the Conv's BatchNorm only): the Conv reads weights named ``onnx::Conv_N``,
-    the BatchNorm1d stays. "plain": the same graph without a fold (weights named after their modules)."""
+    the BatchNorm1d stays. "plain": the same graph without a fold (weights named after their modules).
+    ``metadata``: the model's metadata_props (Ultralytics writes its author and version there)."""
     rng = np.random.default_rng(2)
     ts = exporter == "torchscript"
     w, b = ("onnx::Conv_22", "onnx::Conv_23") if ts else ("0.weight", "0.bias")
@@ -743,7 +744,7 @@ def torch_folded_model(path: Path, *, exporter: str = "dynamo") -> str:
             },
         )
     io = (("input", ["N", 3, 8, 8]), ("logits", ["N", 16]))
-    return _graph_file(path, nodes, inits, io, opset=18, producer="pytorch")
+    return _graph_file(path, nodes, inits, io, opset=18, producer="pytorch", metadata=metadata)
 
 
 def tf2onnx_folded_model(path: Path, *, found: bool = False) -> str:
@@ -807,8 +808,10 @@ def _graph_file(
     opset: int,
     producer: str,
     ir_version: int = 8,
+    metadata: dict[str, str] | None = None,
 ) -> str:
-    """One float32 input and output (``io``: name and dims of each) around ``nodes``, saved as a checked model."""
+    """One float32 input and output (``io``: name and dims of each) around ``nodes``, saved as a checked model
+    (``metadata``: its metadata_props)."""
     (x, x_dims), (y, y_dims) = io
     graph = helper.make_graph(
         nodes,
@@ -819,4 +822,6 @@ def _graph_file(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=producer)
     model.ir_version = ir_version
+    if metadata:
+        helper.set_model_props(model, metadata)
     return _save(model, path)

@@ -127,7 +127,14 @@ def test_a_convolution_of_weights_constant_folding_computed_gets_the_export_opti
 
 def test_a_plain_export_gets_no_fold_note(tmp_path: Path) -> None:
     report = bncheck.inspect(torch_folded_model(tmp_path / "plain.onnx", exporter="plain"))
-    assert not [n for n in report.notes if "fold" in n.message]
+    assert not [n for n in report.notes if "fold" in n.message or "fuse" in n.message]
+
+
+def test_an_ultralytics_export_says_its_batch_norms_were_fused_before_the_export(tmp_path: Path) -> None:
+    metadata = {"author": "Ultralytics", "version": "8.2.46", "task": "detect", "stride": "32"}
+    path = torch_folded_model(tmp_path / "yolo.onnx", exporter="plain", metadata=metadata)
+    (note,) = [n for n in bncheck.inspect(path).notes if "Ultralytics" in n.message]
+    assert note.level == "info" and "Ultralytics 8.2.46" in note.message and "model.fuse()" in note.message
 
 
 def test_keras_batch_norms_tf2onnx_folded_are_named_in_a_warning(tmp_path: Path) -> None:

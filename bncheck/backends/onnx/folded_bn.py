@@ -352,5 +352,13 @@ def tf_folds(g: GraphIndex, layers: list[NormLayer]) -> list[str]:
     return list(found)
 
 
+def ultralytics_export(model: onnx.ModelProto) -> str | None:
+    """The Ultralytics version that exported ``model`` (its metadata's author and version), "" where it gives none;
+    None for a file Ultralytics did not write. Its exporter fuses every Conv's BatchNorm into the Conv in torch
+    before the export (``model.fuse()``): the file keeps no statistics and no trace of the fold."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return props.get("version", "") if props.get("author") == "Ultralytics" else None
+
+
 def _computed(g: GraphIndex, tensor: str) -> bool:
     return tensor in g.initializers and _TORCH_FOLDED_WEIGHT.fullmatch(tensor) is not None

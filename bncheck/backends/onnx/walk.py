@@ -34,7 +34,7 @@ from bncheck.backends.onnx.dataflow import (
     fixed_to_one,
     own_moments,
 )
-from bncheck.backends.onnx.folded_bn import tf_folds, torch_folds
+from bncheck.backends.onnx.folded_bn import tf_folds, torch_folds, ultralytics_export
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -88,7 +88,7 @@ def walk_all(
     found = sorted(((first, layer) for first, layer, _ in spans), key=lambda item: item[0])
     in_bodies = Bodies(g)
     layers = _with_body_layers(in_bodies, found, readable_names(g, found))
-    notes = _model_notes(g, layers, in_bodies, batch_ops)
+    notes = _model_notes(g, layers, in_bodies, batch_ops) + _ultralytics_note(handle)
     if constant:
         notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
     # a layer's non-finite parameters are BN005 of their own: the elementwise constants that spell them (gamma's Mul,
@@ -762,6 +762,20 @@ def _tf_fold_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
             f"{len(folded)} Keras BatchNormalization layer(s) ({_few(folded)}) were folded into the ops before "
             "them by the conversion (tf2onnx): their statistics are not in the file and are not checked; check "
             "the Keras file itself (bncheck reads .keras and .h5 files)",
+        )
+    ]
+
+
+def _ultralytics_note(handle: OnnxHandle) -> list[Note]:
+    version = ultralytics_export(handle.model)
+    if version is None:
+        return []
+    by = f"Ultralytics {version}" if version else "Ultralytics"
+    return [
+        Note(
+            "info",
+            f"exported by {by}, whose export fuses each convolution's BatchNorm into it before writing the file "
+            "(model.fuse()): those statistics are not in the file and are not checked",
         )
     ]
 
