@@ -1128,12 +1128,11 @@ def _unfolded(model: onnx.ModelProto) -> list[Note]:
     convs = unfold_conv_batch_norms(model)
     if not convs:
         return []
-    shown = ", ".join(convs[:3]) + (f" and {len(convs) - 3} more" if len(convs) > 3 else "")
     return [
         Note(
             "info",
             f"{len(convs)} batch norm(s) folded into convolutions as ops (onnxoptimizer's fuse_bn_into_conv: "
-            f"{shown}) are read as a BatchNormalization after each convolution, the same function: their stored "
+            f"{few(convs)}) are read as a BatchNormalization after each convolution, the same function: their stored "
             "statistics are checked, and a model `fix` writes keeps them as BatchNormalization nodes",
         )
     ]

@@ -48,6 +48,7 @@ from bncheck.backends.onnx.load import OnnxHandle
 from bncheck.backends.onnx.names import op_name, readable_names, unique_names
 from bncheck.backends.onnx.patterns import affine_after, decomposed, pinned_by_affine, reshaped_group_norm
 from bncheck.backends.onnx.tensors import to_array
+from bncheck.errors import few
 from bncheck.model import NO_LAYERS_NOTE, BatchOp, BrokenWeights, Kind, NormLayer, Note
 from bncheck.verdicts import FOLDED_NOTE, folded_values, neutral_values, non_finite_parameters
 
@@ -88,7 +89,7 @@ def walk_all(
     found = sorted(((first, layer) for first, layer, _ in spans), key=lambda item: item[0])
     in_bodies = Bodies(g)
     layers = _with_body_layers(in_bodies, found, readable_names(g, found))
-    notes = _model_notes(g, layers, in_bodies, batch_ops) + _ultralytics_note(handle)
+    notes = _model_notes(g, layers, in_bodies, batch_ops)
     if constant:
         notes.append(Note("info", _CONSTANT_NOTE.format(count=len(constant), first=constant[0].name)))
     # a layer's non-finite parameters are BN005 of their own: the elementwise constants that spell them (gamma's Mul,
@@ -709,7 +710,7 @@ def _model_notes(
                 "be checked",
             )
         )
-    notes += _torch_fold_notes(g) + _tf_fold_notes(g, layers)
+    notes += _torch_fold_notes(g) + _tf_fold_notes(g, layers) + _ultralytics_note(g)
     hidden, holders = hidden_norm_ops(in_bodies, _OP_HANDLERS)
     if hidden:
         notes.append(
@@ -732,7 +733,7 @@ def _torch_fold_notes(g: GraphIndex) -> list[Note]:
         notes.append(
             Note(
                 "warning",
-                f"{len(dynamo)} BatchNorm(s) ({_few(dynamo)}) were folded into the convolution or linear layer before "
+                f"{len(dynamo)} BatchNorm(s) ({few(dynamo)}) were folded into the convolution or linear layer before "
                 "them by torch.onnx.export's optimizer (onnxscript's FuseBatchNormInto* rules, its default "
                 "optimize=True): their statistics are not in the file and are not checked; export with "
                 "optimize=False to check them",
@@ -742,10 +743,10 @@ def _torch_fold_notes(g: GraphIndex) -> list[Note]:
         notes.append(
             Note(
                 "info",
-                f"{len(computed)} convolution(s) ({_few(computed)}) read a weight and bias that torch.onnx.export "
+                f"{len(computed)} convolution(s) ({few(computed)}) read a weight and bias that torch.onnx.export "
                 "computed by constant folding, as it does when it folds an eval-mode BatchNorm into the convolution "
-                "before it: "
-                "folded statistics cannot be checked; export with do_constant_folding=False to keep the BatchNorms",
+                "before it: folded statistics cannot be checked; export with do_constant_folding=False to keep the "
+                "BatchNorms",
             )
         )
     return notes
@@ -759,15 +760,15 @@ def _tf_fold_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
     return [
         Note(
             "warning",
-            f"{len(folded)} Keras BatchNormalization layer(s) ({_few(folded)}) were folded into the ops before "
+            f"{len(folded)} Keras BatchNormalization layer(s) ({few(folded)}) were folded into the ops before "
             "them by the conversion (tf2onnx): their statistics are not in the file and are not checked; check "
             "the Keras file itself (bncheck reads .keras and .h5 files)",
         )
     ]
 
 
-def _ultralytics_note(handle: OnnxHandle) -> list[Note]:
-    version = ultralytics_export(handle.model)
+def _ultralytics_note(g: GraphIndex) -> list[Note]:
+    version = ultralytics_export(g.model)
     if version is None:
         return []
     by = f"Ultralytics {version}" if version else "Ultralytics"
@@ -778,11 +779,6 @@ def _ultralytics_note(handle: OnnxHandle) -> list[Note]:
             "(model.fuse()): those statistics are not in the file and are not checked",
         )
     ]
-
-
-def _few(names: Sequence[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:3])
-    return shown + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
 
 
 def _per_channel_users(g: GraphIndex, tensor: str, op_type: str) -> list[int]:
