@@ -16,7 +16,7 @@ import numpy as np
 
 from bncheck.model import InputSpec, NormLayer, TensorStats, median, summarize
 from bncheck.probe_data import release_mapped, sample_count
-from bncheck.verdicts import drift_text
+from bncheck.verdicts import Drift, drift_text
 
 if TYPE_CHECKING:
     from bncheck.findings import Finding
@@ -285,8 +285,5 @@ def drift_once_repaired(now: str, original: dict[str, Any] | None) -> str:
 
 
 def _drift_text(evidence: dict[str, Any]) -> str:
-    shift = evidence.get("median_mean_shift")
-    ratio = evidence.get("median_log_var_ratio")
-    if isinstance(shift, (int, float)) and isinstance(ratio, (int, float)):
-        return drift_text(shift, ratio)
-    return "reported by the probe"
+    found = Drift.from_evidence(evidence)
+    return "reported by the probe" if found is None else drift_text(found)

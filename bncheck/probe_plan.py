@@ -845,12 +845,12 @@ def first_outputs(outputs: Mapping[str, np.ndarray] | None, samples: int) -> dic
     return {name: value[:samples] for name, value in outputs.items()}
 
 
-def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str, float]]:
+def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str, float | int]]:
     """Layers whose running statistics BN003 finds never updated or far from the data's (with --data):
     name -> drift numbers. These are what `fix` recomputes."""
     from bncheck.verdicts import drift, drifts, folded_stats, has_default_stats, judged_running_stats
 
-    found: dict[str, dict[str, float]] = {}
+    found: dict[str, dict[str, float | int]] = {}
     if result.data is None:
         return found
     for layer in view.layers:
@@ -859,9 +859,9 @@ def drifting_layers(view: ModelView, result: ProbeResult) -> dict[str, dict[str,
             continue
         if folded_stats(layer) or seen.total_nonfinite or seen.channels != layer.mean.size:
             continue
-        shift, log_ratio = drift(layer, seen.mean, seen.var)
-        if has_default_stats(layer) or drifts(shift, log_ratio):
-            found[layer.name] = {"median_mean_shift": shift, "median_log_var_ratio": log_ratio}
+        found_drift = drift(layer, seen.mean, seen.var)
+        if has_default_stats(layer) or drifts(found_drift):
+            found[layer.name] = found_drift.evidence()
     return found
 
 

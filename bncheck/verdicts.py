@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -232,6 +233,12 @@ def dependence_verdict(dep: BatchDependence, outputs_cleared: bool = False, laye
 #: Drift thresholds (medians over channels): a mean off by half a standard deviation, a variance off by 2x.
 MEAN_SHIFT_THRESHOLD = 0.5
 LOG_VAR_RATIO_THRESHOLD = math.log(2.0)
+#: One channel the medians outvote (a running variance edited to 1e-7 where the data's is 0.55): on the data the
+#: channel's normalized output (x - mean) / sqrt(var + eps) has a root mean square above this, where statistics
+#: that fit give about 1. Trained models on inputs like their training data reach at most 3.3 in any channel
+#: (eight shipped OCR, layout, orientation and splice-site models); data narrower than the training inputs shrink
+#: channels instead. The other way (a channel squashed by a huge variance) cannot be told from narrower data.
+CHANNEL_RMS_THRESHOLD = 10.0
 
 
 def judged_running_stats(layer: NormLayer) -> bool:
@@ -300,16 +307,57 @@ def stored_stats_problem(layer: NormLayer) -> str | None:
     return None
 
 
-def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[float, float]:
-    """(median standardized mean shift, median |log variance ratio|) over the channels that carry a signal
-    (:func:`silent_in_both`'s left out)."""
+class ChannelDrift(NamedTuple):
+    """The channel of a layer furthest from its normalized scale on the data (see CHANNEL_RMS_THRESHOLD)."""
+
+    channel: int
+    rms: float  # of (x - mean) / sqrt(var + eps) over the data, about 1 where the statistics fit
+    past: int  # channels of the layer past the threshold
+
+
+class Drift(NamedTuple):
+    """How far a layer's running statistics are from the data's: medians over the channels that carry a signal
+    (:func:`silent_in_both`'s left out), and the one channel past CHANNEL_RMS_THRESHOLD, if any."""
+
+    shift: float  # median standardized mean shift
+    log_ratio: float  # median |log variance ratio|
+    worst: ChannelDrift | None = None
+
+    def evidence(self) -> dict[str, float | int]:
+        """The numbers as reports and `fix` record them (read back by :meth:`from_evidence`)."""
+        found: dict[str, float | int] = {"median_mean_shift": self.shift, "median_log_var_ratio": self.log_ratio}
+        if self.worst is not None:
+            found.update(channel=self.worst.channel, channel_rms=self.worst.rms, channels_past_rms=self.worst.past)
+        return found
+
+    @classmethod
+    def from_evidence(cls, evidence: Mapping[str, object]) -> Drift | None:
+        shift, ratio = evidence.get("median_mean_shift"), evidence.get("median_log_var_ratio")
+        if not isinstance(shift, (int, float)) or not isinstance(ratio, (int, float)):
+            return None
+        index, rms, past = (evidence.get(key) for key in ("channel", "channel_rms", "channels_past_rms"))
+        channel = None
+        if isinstance(index, int) and isinstance(rms, (int, float)) and isinstance(past, int):
+            channel = ChannelDrift(index, float(rms), past)
+        return cls(float(shift), float(ratio), channel)
+
+
+def drift(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> Drift:
+    """The layer's :class:`Drift` on the data's per-channel mean and variance."""
     eps, mu, var, m, v, ok = _judged_channels(layer, observed_mean, observed_var)
     if not np.any(ok):
-        return 0.0, 0.0
+        return Drift(0.0, 0.0)
     tiny = np.finfo(np.float32).tiny
     shift = np.abs(m[ok] - mu[ok]) / np.sqrt(var[ok] + eps)
     ratio = np.abs(np.log((v[ok] + eps + tiny) / (var[ok] + eps)))
-    return median(shift), median(ratio)
+    # E[((x - mu) / sqrt(var + eps))^2] = (v + (m - mu)^2) / (var + eps), the normalized output's square
+    rms = np.sqrt((v[ok] + (m[ok] - mu[ok]) ** 2) / (var[ok] + eps))
+    past = int(np.sum(rms > CHANNEL_RMS_THRESHOLD))
+    channel = None
+    if past:
+        worst = int(np.argmax(rms))
+        channel = ChannelDrift(int(np.flatnonzero(ok)[worst]), float(rms[worst]), past)
+    return Drift(median(shift), median(ratio), channel)
 
 
 def narrower(layer: NormLayer, observed_mean: np.ndarray, observed_var: np.ndarray) -> tuple[int, int]:
@@ -359,15 +407,30 @@ def shown(value: float, threshold: float) -> str:
     return text
 
 
-def drift_text(shift: float, log_ratio: float) -> str:
-    """A drift's two numbers as `fix` quotes them (:func:`shown` against BN003's thresholds)."""
-    ratio = shown(math.exp(log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))
-    return f"median mean shift {shown(shift, MEAN_SHIFT_THRESHOLD)} sd, variance ratio x{ratio}"
+def drift_text(d: Drift) -> str:
+    """A drift's numbers as `fix` quotes them (:func:`shown` against BN003's thresholds)."""
+    ratio = shown(math.exp(d.log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))
+    text = f"median mean shift {shown(d.shift, MEAN_SHIFT_THRESHOLD)} sd, variance ratio x{ratio}"
+    return text + (f"; {channel_text(d.worst)}" if d.worst is not None else "")
 
 
-def drifts(shift: float, log_ratio: float) -> bool:
-    """A layer's running statistics are far from the data's (the output of :func:`drift`)."""
-    return shift > MEAN_SHIFT_THRESHOLD or log_ratio > LOG_VAR_RATIO_THRESHOLD
+def channel_text(channel: ChannelDrift) -> str:
+    """The channel past CHANNEL_RMS_THRESHOLD, in words."""
+    others = f" ({channel.past} channels past {CHANNEL_RMS_THRESHOLD:g})" if channel.past > 1 else ""
+    return (
+        f"channel {channel.channel} normalized to an rms of {shown(channel.rms, CHANNEL_RMS_THRESHOLD)} on the data "
+        f"where its statistics would give about 1{others}"
+    )
+
+
+#: what `fix` quotes where a layer's statistics agree with the data
+DRIFT_THRESHOLDS = f"thresholds {MEAN_SHIFT_THRESHOLD} sd, x2, a channel's rms {CHANNEL_RMS_THRESHOLD:g}"
+
+
+def drifts(d: Drift) -> bool:
+    """A layer's running statistics are far from the data's: by the medians over its channels, or in one
+    channel by CHANNEL_RMS_THRESHOLD."""
+    return d.shift > MEAN_SHIFT_THRESHOLD or d.log_ratio > LOG_VAR_RATIO_THRESHOLD or d.worst is not None
 
 
 #: Drift changes predictions materially (BN003 error instead of warning) when, with the statistics

@@ -654,6 +654,57 @@ def test_a_layer_still_drifting_once_the_layers_upstream_are_repaired_says_its_n
     assert reasons["bn2"].endswith(" in the original model): recomputed from the data")
 
 
+def test_one_corrupted_variance_channel_is_recomputed_in_its_own_layer(tmp_path: Path) -> None:
+    """bn1's channel 3 stores variance 1e-7 where the data's is 1, its 7 other channels the data's: the medians
+    agree, and only bn2 below it (whose input that channel blows up through the MatMul) drifted by them, so
+    `fix` recomputed bn2 and left the channel as it was (on a trained classifier so corrupted the fixed model
+    stayed 1.4 output sd from the uncorrupted one). bn1 is recomputed, and the model written computes what
+    the model with the data's statistics computes."""
+    c = 8
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((512, c)).astype(np.float32)
+    w = (rng.standard_normal((c, c)) / np.sqrt(c)).astype(np.float32)
+
+    def chain(path: Path, bn1: tuple[np.ndarray, np.ndarray], bn2: tuple[np.ndarray, np.ndarray]) -> str:
+        inits = [numpy_helper.from_array(w, "w")]
+        for name, (mean, var) in (("bn1", bn1), ("bn2", bn2)):
+            values = {"s": np.ones(c), "b": np.zeros(c), "m": mean, "v": var}
+            inits += [numpy_helper.from_array(np.asarray(v, np.float32), f"{name}.{k}") for k, v in values.items()]
+        nodes = [
+            helper.make_node("BatchNormalization", ["input"] + [f"bn1.{k}" for k in "sbmv"], ["a"], name="bn1"),
+            helper.make_node("MatMul", ["a", "w"], ["h"], name="mix"),
+            helper.make_node("BatchNormalization", ["h"] + [f"bn2.{k}" for k in "sbmv"], ["logits"], name="bn2"),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "chain",
+            [helper.make_tensor_value_info("input", F32, ["N", c])],
+            [helper.make_tensor_value_info("logits", F32, ["N", c])],
+            inits,
+        )
+        return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+
+    exact1 = (x.mean(0), x.var(0))
+    h = ((x - exact1[0]) / np.sqrt(exact1[1] + 1e-5)) @ w
+    exact2 = (h.mean(0), h.var(0))
+    corrupted = exact1[1].copy()
+    corrupted[3] = 1e-7
+    src = chain(tmp_path / "corrupted.onnx", (exact1[0], corrupted), exact2)
+    data = tmp_path / "calib.npy"
+    np.save(data, x)
+    out = str(tmp_path / "fixed.onnx")
+    report = fix(src, out, str(data))
+    [bn1] = [f for f in report.findings if f.code == "BN003" and f.layer == "bn1"]
+    assert (bn1.evidence["channel"], bn1.evidence["channels_past_rms"]) == (3, 1)
+    entries = {e.layer: e for e in report.fix.outcome.layers}
+    assert entries["bn1"].action == "recalibrated"
+    assert "; channel 3 normalized to an rms of 3" in entries["bn1"].reason  # sqrt(1 / (1e-7 + 1e-5)) = 315
+    assert proof_findings(report) == []
+    reference = chain(tmp_path / "reference.onnx", exact1, exact2)
+    assert np.max(np.abs(run(out, x) - run(reference, x))) < 1e-3
+    assert np.max(np.abs(run(src, x) - run(reference, x))) > 10
+
+
 def test_model_with_good_statistics_takes_one_pass_and_is_copied_unchanged(tmp_path: Path) -> None:
     src = SAMPLES / "trained_matching.onnx"
     out = tmp_path / "fixed.onnx"

@@ -9,7 +9,9 @@ What it does
     mode) with the stored ones and reports a layer when the median over channels of the standardized mean
     shift ``|m - mu| / sqrt(var + eps)`` exceeds 0.5, or the median of ``|ln((v + eps) / (var + eps))|``
     exceeds ln 2 (variance off by a factor of 2); channels whose output is negligible both on the stored
-    statistics and on the data (dead, or gamma near 0) are left out of the medians. Its severity follows
+    statistics and on the data (dead, or gamma near 0) are left out of the medians. One channel the medians
+    outvote is reported too, when on the data its normalized output ``(x - mu) / sqrt(var + eps)`` has a root
+    mean square above 10 (about 1 where the statistics fit). Its severity follows
     the effect on the model's outputs: the probe runs the model with the statistics recomputed from the data
     (what `fix` computes) and compares outputs with the stored-statistics model; an error when, on the
     outputs the layer reaches, top-1 agrees on fewer than 95% of the samples or outputs move by more than 0.5
@@ -46,10 +48,12 @@ from bncheck.checks._util import NOT_LOADED, describe, is_keras, keras_unloadabl
 from bncheck.findings import Finding, Severity
 from bncheck.model import ModelView, NormLayer, OutputComparison, ProbeResult, Recalibration
 from bncheck.verdicts import (
+    CHANNEL_RMS_THRESHOLD,
     EFFECT_AGREEMENT_ERROR,
     EFFECT_SHIFT_ERROR,
     LOG_VAR_RATIO_THRESHOLD,
     MEAN_SHIFT_THRESHOLD,
+    Drift,
     changes_predictions,
     default_stats_output,
     drift,
@@ -124,6 +128,44 @@ def check(view: ModelView, probe: ProbeResult | None) -> Iterator[Finding]:
             yield finding
 
 
+def _channel_message(
+    layer: NormLayer,
+    found: Drift,
+    data_mean: np.ndarray,
+    data_var: np.ndarray,
+    medians: str,
+    evidence: dict[str, object],
+) -> str:
+    """The message of a layer with a channel past CHANNEL_RMS_THRESHOLD, with that channel's four numbers (the
+    medians may agree: one channel in many does not move them), and its evidence."""
+    channel = found.worst
+    assert channel is not None and layer.mean is not None and layer.var is not None
+    i = channel.channel
+    numbers = [float(np.ravel(a)[i]) for a in (layer.mean, layer.var, data_mean, data_var)]
+    evidence.update(found.evidence())
+    evidence.update(
+        channel_rms_threshold=CHANNEL_RMS_THRESHOLD,
+        channel_running_mean=numbers[0],
+        channel_running_var=numbers[1],
+        channel_data_mean=numbers[2],
+        channel_data_var=numbers[3],
+    )
+    stored, data = ", ".join(f"{x:.3g}" for x in numbers[:2]), ", ".join(f"{x:.3g}" for x in numbers[2:])
+    past = f"; {channel.past} channels past it" if channel.past > 1 else ""
+    detail = (
+        f"channel {i} (mean, variance {stored}; the data's {data}) is normalized on the data to an rms of "
+        f"{shown(channel.rms, CHANNEL_RMS_THRESHOLD)} where its statistics would give about 1 (threshold "
+        f"{CHANNEL_RMS_THRESHOLD:g}{past})"
+    )
+    if drifts(found._replace(worst=None)):
+        return f"{describe(layer)} moving statistics are far from the data's: {medians}; {detail}{_used_by(layer)}"
+    # one channel in many does not move the medians
+    return (
+        f"{describe(layer)} moving statistics are far from the data's in one channel: {detail}; the medians "
+        f"agree: {medians}{_used_by(layer)}"
+    )
+
+
 def _used_by(layer: NormLayer) -> str:
     if layer.uses_running_stats or not layer.running_stats_used_by:
         return ""
@@ -162,9 +204,10 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         return None
     if seen.channels != layer.mean.size:
         return None
-    shift, log_ratio = drift(layer, seen.mean, seen.var)
-    if not drifts(shift, log_ratio):
+    found = drift(layer, seen.mean, seen.var)
+    if not drifts(found):
         return None
+    shift, log_ratio = found.shift, found.log_ratio
     silent = int(np.sum(silent_in_both(layer, seen.var)))
     # BN004 counts the dead among its epsilon-dominated channels, from the stored statistics alone
     left_out = f"; {silent} channel(s) silent in the model and on the data left out" if silent else ""
@@ -176,11 +219,10 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
             "variance change (either way)",
             f"the data's larger in {judged - smaller}, smaller in {smaller}",
         )
-    message = (
-        f"{describe(layer)} moving statistics are far from the data's: median mean shift "
-        f"{shown(shift, MEAN_SHIFT_THRESHOLD)} standard deviations, median {ratio} "
+    medians = (
+        f"median mean shift {shown(shift, MEAN_SHIFT_THRESHOLD)} standard deviations, median {ratio} "
         f"x{shown(math.exp(log_ratio), math.exp(LOG_VAR_RATIO_THRESHOLD))} ({direction} of {judged} channels; "
-        f"thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}{left_out}){_used_by(layer)}"
+        f"thresholds {MEAN_SHIFT_THRESHOLD}, x{math.exp(LOG_VAR_RATIO_THRESHOLD):.0f}{left_out})"
     )
     evidence: dict[str, object] = {
         "kind": "drift",
@@ -193,6 +235,10 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         "channels_data_var_smaller": smaller,
         "channels_judged": judged,
     }
+    if found.worst is None:
+        message = f"{describe(layer)} moving statistics are far from the data's: {medians}{_used_by(layer)}"
+    else:
+        message = _channel_message(layer, found, seen.mean, seen.var, medians, evidence)
     if silent:  # dead in the model and on the data, or scaled away by gamma: not in the medians
         evidence["dead_channels"] = silent
     # severity follows the effect on the model's outputs, when the probe could measure it

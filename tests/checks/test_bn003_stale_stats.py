@@ -169,6 +169,41 @@ def test_channels_dead_in_the_model_and_on_the_data_are_left_out_of_the_drift(tm
     assert "12 channel(s) silent in the model and on the data left out" in finding.message
 
 
+@pytest.mark.parametrize(
+    ("what", "mean5", "var5", "rms"),
+    [("variance", 3.0, 1e-7, 2.0 / np.sqrt(1e-7 + 1e-5)), ("mean", 3.0 + 2.0 * 40, 4.0, np.sqrt(1 + 40**2))],
+)
+def test_one_channel_far_from_the_data_among_matching_ones_drifts(tmp_path, probe_findings, what, mean5, var5, rms):
+    """The medians over 16 channels agree; channel 5's stored variance (1e-7 where the data's is 4) or mean
+    (40 sd off) does not: on the data it is normalized to an rms of about 630 or 40, not about 1 (a trained
+    classifier with one variance so corrupted passed with --data, and `fix` repaired the layer below it)."""
+    mean, var = np.full(16, 3.0), np.full(16, 4.0)
+    mean[5], var[5] = mean5, var5
+    model = bn_model(tmp_path / "m.onnx", channels=16, mean=mean, var=var)
+    data = _calibration(tmp_path, mean=3.0, std=2.0, channels=16)
+    [finding] = probe_findings(model, "BN003", data_path=data, data_source=data)
+    evidence = finding.evidence
+    assert (evidence["channel"], evidence["channels_past_rms"]) == (5, 1), what
+    assert 0.8 * rms < evidence["channel_rms"] < 1.2 * rms
+    assert evidence["median_mean_shift"] < 0.5 and evidence["median_log_var_ratio"] < np.log(2)
+    assert (evidence["channel_running_mean"], evidence["channel_running_var"]) == pytest.approx((mean5, var5))
+    assert finding.message.startswith(
+        "BatchNormalization (batch norm) moving statistics are far from the data's in one channel: channel 5 ("
+    )
+    assert "where its statistics would give about 1 (threshold 10); the medians agree: median" in finding.message
+
+
+def test_a_channel_the_data_leave_far_below_its_stored_variance_is_left_to_the_medians(tmp_path, probe_findings):
+    """Channel 5 stored at variance 4e4 where the data's is 4 is normalized to an rms of 0.01 on the data: data
+    narrower than the training inputs quieten channels so (a shipped layout model's x121 on rendered pages),
+    so a channel alone is judged only the other way."""
+    var = np.full(16, 4.0)
+    var[5] = 4e4
+    model = bn_model(tmp_path / "m.onnx", channels=16, mean=[3.0] * 16, var=var)
+    data = _calibration(tmp_path, mean=3.0, std=2.0, channels=16)
+    assert probe_findings(model, "BN003", data_path=data, data_source=data) == []
+
+
 def test_statistics_matching_the_data_do_not_drift(tmp_path, probe_findings):
     model = bn_model(tmp_path / "m.onnx", mean=[3.0, 3.0, 3.0], var=[4.0, 4.0, 4.0])
     data = _calibration(tmp_path, mean=3.0, std=2.0)
@@ -200,11 +235,11 @@ def test_sample_drift_changes_predictions_and_the_matching_model_stays_clean():
 
 def test_a_drift_just_past_a_threshold_is_not_printed_as_the_threshold():
     # tempocnn's BN9: a variance ratio of 2.0006 read "x2.00 (thresholds 0.5, x2)", not past the line
-    from bncheck.verdicts import drift_text, shown
+    from bncheck.verdicts import Drift, drift_text, shown
 
     assert shown(2.0006, 2.0) == "2.001" and shown(1.9996, 2.0) == "1.9996" and shown(2.61, 2.0) == "2.61"
     assert shown(0.5004, 0.5) == "0.5004" and shown(2.0, 2.0) == "2.00"
-    assert drift_text(0.25, np.log(2.0006)) == "median mean shift 0.25 sd, variance ratio x2.001"
+    assert drift_text(Drift(0.25, np.log(2.0006))) == "median mean shift 0.25 sd, variance ratio x2.001"
 
 
 def test_an_effect_just_past_its_threshold_is_not_printed_as_the_threshold():

@@ -388,10 +388,10 @@ def _apply(p: _Pending, stats: TensorStats | None, live: Any, request: FixReques
             evidence=evidence,
         )
     if p.prefer_stored or p.check_drift:
-        shift, log_ratio = verdicts.drift(layer, mean, var)
-        evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-        now = verdicts.drift_text(shift, log_ratio)
-        drifts = verdicts.drifts(shift, log_ratio)
+        found = verdicts.drift(layer, mean, var)
+        evidence.update(found.evidence())
+        now = verdicts.drift_text(found)
+        drifts = verdicts.drifts(found)
         flagged = request.flagged.get(layer.name)
         if not drifts and flagged is None:
             if p.prefer_stored:
@@ -407,7 +407,7 @@ def _apply(p: _Pending, stats: TensorStats | None, live: Any, request: FixReques
             return LayerFix(
                 layer.name,
                 "unchanged",
-                f"moving statistics agree with the data ({now}; thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)",
+                f"moving statistics agree with the data ({now}; {verdicts.DRIFT_THRESHOLDS})",
                 old=old,
                 evidence=evidence,
             )

@@ -230,7 +230,7 @@ def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray, always: bool =
     wide = np.asarray(x, np.float64)
     mean, var = wide.mean(axis=others), wide.var(axis=others)
     stored = norm.mean is not None and np.size(norm.mean) == mean.size
-    if not always and not (stored and drifts(*drift(norm, mean, var))):
+    if not always and not (stored and drifts(drift(norm, mean, var))):
         return False
     for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
         variable.assign(value.astype(np.dtype(str(variable.dtype))))

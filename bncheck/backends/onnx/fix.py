@@ -1454,10 +1454,10 @@ class _Fixer:
         new = StatsSummary.of(mean, var)
         key = "out:" + layer.output
         if p.what == "train" and p.prefer_stored:
-            shift, log_ratio = verdicts.drift(layer, mean, var)
-            evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-            now = verdicts.drift_text(shift, log_ratio)
-            if not verdicts.drifts(shift, log_ratio):
+            found = verdicts.drift(layer, mean, var)
+            evidence.update(found.evidence())
+            now = verdicts.drift_text(found)
+            if not verdicts.drifts(found):
                 self.record(_edit_to_inference(key, self.opset))
                 return LayerFix(
                     layer.name,
@@ -1470,17 +1470,16 @@ class _Fixer:
                 )
             reason = f"{p.reason} with statistics from the data (the stored ones drift from it: {now})"
         elif p.what == "stale" and not p.defaults:
-            shift, log_ratio = verdicts.drift(layer, mean, var)
-            evidence.update(median_mean_shift=shift, median_log_var_ratio=log_ratio)
-            drifts = verdicts.drifts(shift, log_ratio)
+            found = verdicts.drift(layer, mean, var)
+            evidence.update(found.evidence())
+            drifts = verdicts.drifts(found)
             before = self.flagged.get(layer.name)
-            now = verdicts.drift_text(shift, log_ratio)
+            now = verdicts.drift_text(found)
             if not drifts and before is None:
                 return LayerFix(
                     layer.name,
                     "unchanged",
-                    f"running statistics agree with the data ({now}; "
-                    f"thresholds {verdicts.MEAN_SHIFT_THRESHOLD} sd, x2)",
+                    f"running statistics agree with the data ({now}; {verdicts.DRIFT_THRESHOLDS})",
                     old=old,
                     evidence=evidence,
                 )
