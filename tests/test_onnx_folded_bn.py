@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 import bncheck
 from bncheck.backends.onnx.load import load_onnx
@@ -151,3 +152,39 @@ def test_a_keras_batch_norm_the_walk_found_is_not_called_folded(tmp_path: Path) 
     assert len(report.layers) == 1
     (note,) = [n for n in report.notes if "tf2onnx" in n.message]
     assert "1 Keras BatchNormalization layer(s) ('functional/bn_fc')" in note.message
+
+
+@pytest.mark.parametrize("scope", ["functional_1/bn_dw_1/batchnorm/", "scale_"], ids=["keras-scope", "no-scope"])
+def test_a_per_channel_mul_of_a_keras_batch_norm_scope_is_named_once(tmp_path: Path, scope: str) -> None:
+    """tf2onnx leaves a depthwise convolution's BatchNormalization as a per-channel Mul and Add in the layer's
+    ``batchnorm`` scope: its note names the Keras layer, and the per-channel-Mul note did the same fold a
+    second time. A per-channel Mul outside such a scope keeps that note."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 1, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 4, 1, 1)).astype(np.float32), f"{scope}mul:0"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (1, 4, 1, 1)).astype(np.float32), f"{scope}sub:0"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Conv", ["input", "w"], ["dw"], group=4, pads=[1, 1, 1, 1], name="functional_1/dw_1/depthwise"
+        ),
+        helper.make_node("Mul", ["dw", f"{scope}mul:0"], ["scaled"], name=f"{scope}mul_1"),
+        helper.make_node("Add", ["scaled", f"{scope}sub:0"], ["logits"], name=f"{scope}add_1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dw",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
+    )
+    path = tmp_path / "dw.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    notes = [n.message for n in bncheck.inspect(str(path)).notes]
+    per_channel = [n for n in notes if "followed by a per-channel Mul" in n]
+    keras = [n for n in notes if "Keras BatchNormalization layer(s)" in n]
+    if scope == "scale_":
+        assert len(per_channel) == 1 and keras == []
+    else:
+        assert per_channel == [] and len(keras) == 1 and "'functional/bn_dw'" in keras[0]

@@ -332,6 +332,11 @@ def torch_folds(g: GraphIndex) -> tuple[list[str], list[str]]:
 _TF_BATCHNORM = "/batchnorm/"
 
 
+def in_tf_batchnorm_scope(name: str) -> bool:
+    """A node or tensor name inside a Keras BatchNormalization's ``batchnorm`` scope (TensorFlow's names)."""
+    return _TF_BATCHNORM in name
+
+
 def tf_folds(g: GraphIndex, layers: list[NormLayer]) -> list[str]:
     """Keras BatchNormalization layers tf2onnx folded away, by the layer's scope (as the walk names tf2onnx's
     layers): a node or constant of its ``batchnorm`` scope is left, merged into the convolution's weights and bias

@@ -34,7 +34,7 @@ from bncheck.backends.onnx.dataflow import (
     fixed_to_one,
     own_moments,
 )
-from bncheck.backends.onnx.folded_bn import tf_folds, torch_folds, ultralytics_export
+from bncheck.backends.onnx.folded_bn import in_tf_batchnorm_scope, tf_folds, torch_folds, ultralytics_export
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -686,7 +686,9 @@ def _model_notes(
         # a BatchNorm left as its affine map scales per channel: a per-channel Add alone is the conv's bias,
         # which exporters such as paddle2onnx write as its own node; the bias may come before the scale
         outputs = [node.output[0]] + [g.nodes[a].output[0] for a in _per_channel_users(g, node.output[0], "Add")]
-        if any(_per_channel_users(g, out, "Mul") for out in outputs):
+        muls = [g.nodes[m].name for out in outputs for m in _per_channel_users(g, out, "Mul")]
+        # a Mul of a Keras layer's batchnorm scope: tf2onnx's fold, which its own note names by the layer
+        if muls and not all(in_tf_batchnorm_scope(name) for name in muls):
             folded.append((g.node_name(idx), node.op_type))
     if not layers and batch_ops:
         count = len(batch_ops)
