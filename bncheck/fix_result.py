@@ -274,6 +274,13 @@ def drift_after_upstream(original: dict[str, Any], now: str) -> str:
     )
 
 
+def drift_found_by_probe(original: dict[str, Any], now: str) -> str:
+    """Why a layer the probe found drifting is recomputed where this pass, with nothing upstream repaired, puts
+    its drift (``now``) under the thresholds: the probe's numbers stand (the same data; a sum in another order,
+    or the first samples only where the probe's effect bounds them)."""
+    return f"BN003 drift in the original model ({_drift_text(original)}; {now} in this pass): recomputed from the data"
+
+
 def drift_once_repaired(now: str, original: dict[str, Any] | None) -> str:
     """Why a layer still drifting once the layers upstream are repaired is recomputed: ``now`` is measured
     after those repairs, so the reason says so and quotes the probe's numbers on the original beside it."""

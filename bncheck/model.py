@@ -443,6 +443,9 @@ class Recalibration:
     samples: int
     # layer name -> the model outputs it reaches (a two-headed model's branch reaches one); None: not known
     reaches: dict[str, frozenset[str]] | None = None
+    # layer name -> its drift numbers (verdicts.Drift.evidence) once the layers above it are recomputed, for the
+    # layers the probe found drifting that those bring within the thresholds (fix recomputes them all the same)
+    settled_by_upstream: dict[str, dict[str, float | int]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)

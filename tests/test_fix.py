@@ -694,8 +694,12 @@ def test_one_corrupted_variance_channel_is_recomputed_in_its_own_layer(tmp_path:
     np.save(data, x)
     out = str(tmp_path / "fixed.onnx")
     report = fix(src, out, str(data))
-    [bn1] = [f for f in report.findings if f.code == "BN003" and f.layer == "bn1"]
+    bn1, bn2 = (next(f for f in report.findings if f.code == "BN003" and f.layer == n) for n in ("bn1", "bn2"))
     assert (bn1.evidence["channel"], bn1.evidence["channels_past_rms"]) == (3, 1)
+    # the probe's findings say which drift starts the cascade: bn2's ends once bn1 is recomputed
+    assert "drift_after_upstream" not in bn1.evidence and "layers above" not in bn1.message
+    assert "; recomputing the layers above it brings it within the thresholds (median mean shift 0.0" in bn2.message
+    assert bn2.evidence["drift_after_upstream"]["median_log_var_ratio"] < 0.05
     entries = {e.layer: e for e in report.fix.outcome.layers}
     assert entries["bn1"].action == "recalibrated"
     assert "; channel 3 normalized to an rms of 3" in entries["bn1"].reason  # sqrt(1 / (1e-7 + 1e-5)) = 315

@@ -88,6 +88,10 @@ def test_a_layer_that_drifted_only_under_the_layer_before_it_says_so(tmp_path: P
     assert reasons["bn_1"].startswith("moving statistics drift from the data (median mean shift 4.9")
     assert reasons["bn_2"].startswith("BN003 drift in the original model (median mean shift 4.")
     assert "once the layers upstream are repaired" in reasons["bn_2"]
+    # the probe's findings say which drift starts the cascade
+    messages = {f.layer: f.message for f in report.findings if f.code == "BN003"}
+    assert "layers above" not in messages["bn_1"]
+    assert "; recomputing the layers above it brings it within the thresholds (median mean shift 0." in messages["bn_2"]
 
 
 def test_h5_file_fixed_with_data_loads_with_safe_mode(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ from bncheck.verdicts import (
     changes_predictions,
     default_stats_output,
     drift,
+    drift_text,
     drifts,
     folded_stats,
     frozen_with_stats,
@@ -159,9 +160,10 @@ def _channel_message(
     )
     if drifts(found._replace(worst=None)):
         return f"{describe(layer)} moving statistics are far from the data's: {medians}; {detail}{_used_by(layer)}"
-    # one channel in many does not move the medians
+    # a few channels in many do not move the medians
+    some = "one channel" if channel.past == 1 else f"{channel.past} channels, the furthest"
     return (
-        f"{describe(layer)} moving statistics are far from the data's in one channel: {detail}; the medians "
+        f"{describe(layer)} moving statistics are far from the data's in {some}: {detail}; the medians "
         f"agree: {medians}{_used_by(layer)}"
     )
 
@@ -241,6 +243,11 @@ def _drift_finding(layer: NormLayer, probe: ProbeResult | None) -> Finding | Non
         message = _channel_message(layer, found, seen.mean, seen.var, medians, evidence)
     if silent:  # dead in the model and on the data, or scaled away by gamma: not in the medians
         evidence["dead_channels"] = silent
+    settled = probe.recalibration.settled_by_upstream.get(layer.name) if probe.recalibration else None
+    after = Drift.from_evidence(settled) if settled else None
+    if after is not None:  # which of a cascade of drifting layers start it: those this clause leaves out
+        evidence["drift_after_upstream"] = settled
+        message += f"; recomputing the layers above it brings it within the thresholds ({drift_text(after)})"
     # severity follows the effect on the model's outputs, when the probe could measure it
     severity = Severity.WARNING
     recal = _reached(probe.recalibration, layer.name)

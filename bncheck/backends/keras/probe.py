@@ -23,6 +23,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ from bncheck.model import (
 )
 from bncheck.probe_data import probe_feeds, recalibration_data, sample_count
 from bncheck.probe_plan import Observed, Runner, leave_unmeasured, needs_statistics, outputs_clear
-from bncheck.verdicts import drift, drifts, folded_stats, frozen_with_stats
+from bncheck.verdicts import Drift, drift, drifts, folded_stats, frozen_with_stats
 
 #: Oldest Keras accepted for probing: every safe_mode bypass published so far is fixed in 3.11.3.
 MIN_KERAS = (3, 11, 3)
@@ -197,6 +198,9 @@ class _Capture:
         # (see recalibration): True always, False where those drift from the stored ones; and those set
         self.recompute: dict[str, bool] = {}
         self.recomputed: list[str] = []
+        # flagged layers set although their input, with layers recomputed before them in the pass, no longer
+        # drifts: their drift numbers then (the pass's order stands for "above": exact in a chain of layers)
+        self.settled: dict[str, dict[str, float | int]] = {}
         # layers not measured until the model's outputs hold NaN/Inf (probe_plan.needs_statistics): numpy
         # statistics of every call were half of a probe's time on spliceai's 32 BNs
         self.skip: set[str] = set()
@@ -207,8 +211,12 @@ class _Capture:
         capture = self
 
         def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            if name in capture.recompute and _set_moving_stats(layer, norm, to_numpy(inputs), capture.recompute[name]):
-                capture.recomputed.append(name)
+            if name in capture.recompute:
+                done, found = _set_moving_stats(layer, norm, to_numpy(inputs), capture.recompute[name])
+                if done:
+                    if found is not None and capture.recomputed and not drifts(found):
+                        capture.settled[name] = found.evidence()
+                    capture.recomputed.append(name)
             outputs = original(inputs, *args, **kwargs)
             if name in capture.skip:
                 return outputs
@@ -222,19 +230,21 @@ class _Capture:
         object.__setattr__(layer, "call", call)
 
 
-def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray, always: bool = True) -> bool:
+def _set_moving_stats(layer: Any, norm: NormLayer, x: np.ndarray, always: bool = True) -> tuple[bool, Drift | None]:
     """The layer's moving mean and variance := the population statistics of ``x`` per channel, ``always`` or
-    where those drift from the stored ones (``norm``'s; BN003's thresholds), as `fix` decides; whether set."""
+    where those drift from the stored ones (``norm``'s; BN003's thresholds), as `fix` decides. Returns whether
+    set, and the stored statistics' drift from ``x``'s (None where they cannot be compared)."""
     axis = channel_axis_of(norm, layer, x.ndim)
     others = tuple(a for a in range(x.ndim) if a != axis)
     wide = np.asarray(x, np.float64)
     mean, var = wide.mean(axis=others), wide.var(axis=others)
     stored = norm.mean is not None and np.size(norm.mean) == mean.size
-    if not always and not (stored and drifts(drift(norm, mean, var))):
-        return False
+    found = drift(norm, mean, var) if stored else None
+    if not always and not (found is not None and drifts(found)):
+        return False, found
     for variable, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
         variable.assign(value.astype(np.dtype(str(variable.dtype))))
-    return True
+    return True, found
 
 
 def pool(calls: list[TensorStats]) -> TensorStats:
@@ -543,18 +553,22 @@ def recalibration(
         stored = runner.observe(feeds, PREDICT, layers=False).outputs
     runner.capture.recompute = {n: n in flagged for n in names}
     runner.capture.recomputed = []
+    runner.capture.settled = {}
     try:
         recomputed = runner.observe(feeds, PREDICT, layers=False).outputs
         changed = tuple(dict.fromkeys(runner.capture.recomputed))  # a shared layer's calls: once
+        settled = {name: found for name, found in runner.capture.settled.items() if name in flagged}
     finally:
         runner.capture.recompute = {}
         runner.capture.recomputed = []
+        runner.capture.settled = {}
         for n, (mean, var) in saved.items():
             runner.layers[n].moving_mean.assign(mean)
             runner.layers[n].moving_variance.assign(var)
     if not changed:
         return Recalibration((), {}, 0)
-    return compare_recalibrated(changed, stored, recomputed, runner.view.output_shapes)
+    found = compare_recalibrated(changed, stored, recomputed, runner.view.output_shapes)
+    return replace(found, settled_by_upstream=settled)
 
 
 def embedding_bounds(config: dict[str, Any], inputs: list[str]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from bncheck.errors import one_line
 from bncheck.fix_result import calibration_batches
 from bncheck.model import ProbeResult, Recalibration, runnable_batch
 from bncheck.probe_plan import batch_axes, compare_recalibrated, first_outputs, joined_samples
+from bncheck.verdicts import Drift
 
 if TYPE_CHECKING:
     from bncheck.backends.onnx.fix import OutputsRun
@@ -124,6 +125,11 @@ def recalibration(
         changed = tuple(entry.layer for entry in outcome.layers if entry.action == "recalibrated")
         if not changed:
             return Recalibration((), {}, 0)
+        # fix's reason "drift_after_upstream": numbers measured with the layers above recomputed
+        settled = {
+            e.layer: Drift.from_evidence(e.evidence) for e in outcome.layers if "original_drift" in (e.evidence or {})
+        }
+        settled_by_upstream = {name: d.evidence() for name, d in settled.items() if d is not None}
         reaches = outputs_reached(view.handle.model.graph, {lay.name: lay.output or lay.input for lay in view.layers})
         axes = batch_axes(view)
         batch = outcome.batch_size
@@ -142,7 +148,8 @@ def recalibration(
                 after = _outputs(recomputed, _batches(data, batch, usable, axes))
             except BackendError as exc:
                 return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
-            return replace(compare_recalibrated(changed, before, after, declared), reaches=reaches)
+            found = compare_recalibrated(changed, before, after, declared)
+            return replace(found, reaches=reaches, settled_by_upstream=settled_by_upstream)
         # where fix's last passes ran from kept tensors (frontier.py), the nodes below them give the outputs
         recomputed_outputs = fixer.recomputed_outputs(usable)
     finally:
@@ -184,4 +191,5 @@ def recalibration(
             return f"onnxruntime could not run the model with recomputed statistics: {runtime_message(exc)}"
     finally:
         tmp.remove()
-    return replace(compare_recalibrated(changed, before, after, declared), reaches=reaches)
+    found = compare_recalibrated(changed, before, after, declared)
+    return replace(found, reaches=reaches, settled_by_upstream=settled_by_upstream)

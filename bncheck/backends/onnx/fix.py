@@ -48,6 +48,7 @@ from bncheck.fix_result import (
     calibration_batches,
     calibration_size,
     drift_after_upstream,
+    drift_found_by_probe,
     drift_once_repaired,
     listing,
     uncertainty,
@@ -1487,9 +1488,12 @@ class _Fixer:
                 reason = drift_once_repaired(now, before)
             elif drifts or before is None:
                 reason = f"running statistics drift from the data ({now}): recomputed from the data"
-            else:
+            elif p.after_repairs:
                 evidence["original_drift"] = before
                 reason = drift_after_upstream(before, now)
+            else:  # the same data, a pass summing them in another order: at the threshold
+                evidence["probe_drift"] = before
+                reason = drift_found_by_probe(before, now)
         else:
             reason = p.reason
         if p.layer.extra.get("affine_batch_norm"):
