@@ -198,8 +198,8 @@ class _Capture:
         # (see recalibration): True always, False where those drift from the stored ones; and those set
         self.recompute: dict[str, bool] = {}
         self.recomputed: list[str] = []
-        # flagged layers set although their input, with layers recomputed before them in the pass, no longer
-        # drifts: their drift numbers then (the pass's order stands for "above": exact in a chain of layers)
+        # layer -> its drift numbers, for a flagged layer whose input no longer drifts once layers set before it
+        # in the pass are recomputed (the pass's order stands for "above": exact in a chain of layers)
         self.settled: dict[str, dict[str, float | int]] = {}
         # layers not measured until the model's outputs hold NaN/Inf (probe_plan.needs_statistics): numpy
         # statistics of every call were half of a probe's time on spliceai's 32 BNs
@@ -557,7 +557,7 @@ def recalibration(
     try:
         recomputed = runner.observe(feeds, PREDICT, layers=False).outputs
         changed = tuple(dict.fromkeys(runner.capture.recomputed))  # a shared layer's calls: once
-        settled = {name: found for name, found in runner.capture.settled.items() if name in flagged}
+        settled = {name: numbers for name, numbers in runner.capture.settled.items() if name in flagged}
     finally:
         runner.capture.recompute = {}
         runner.capture.recomputed = []
