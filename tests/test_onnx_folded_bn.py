@@ -188,3 +188,47 @@ def test_a_per_channel_mul_of_a_keras_batch_norm_scope_is_named_once(tmp_path: P
         assert len(per_channel) == 1 and keras == []
     else:
         assert per_channel == [] and len(keras) == 1 and "'functional/bn_dw'" in keras[0]
+
+
+@pytest.mark.parametrize("with_add", [True, False], ids=["batch-norm-map", "input-normalization"])
+def test_a_batch_norm_whose_variance_torch_folded_is_named(tmp_path: Path, with_add: bool) -> None:
+    """Keras 3's ONNX export on the torch backend writes a BatchNormalization as ``(x - mean) * k + beta`` (its
+    ``batch_normalization``), k = gamma * rsqrt(var + eps) folded into one constant by torch's exporter, channels
+    last after the convolution (the form of such an export, names and all): a note names it, where the walk found
+    nothing and said only that. ``(x - mean) * k`` with no shift (an input's normalization) gets none."""
+    rng = np.random.default_rng(6)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "onnx::Conv_143"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (1, 1, 1, 8)).astype(np.float32), "onnx::Sub_169"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 1, 1, 8)).astype(np.float32), "onnx::Mul_178"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (1, 1, 1, 8)).astype(np.float32), "onnx::Add_172"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2], name="/Transpose"),
+        helper.make_node("Conv", ["nchw", "onnx::Conv_143"], ["conv"], pads=[1, 1, 1, 1], name="/Conv"),
+        helper.make_node("Transpose", ["conv"], ["nhwc"], perm=[0, 2, 3, 1], name="/Transpose_1"),
+        helper.make_node("Sub", ["nhwc", "onnx::Sub_169"], ["centred"], name="/Sub"),
+        helper.make_node("Mul", ["centred", "onnx::Mul_178"], ["scaled" if with_add else "logits"], name="/Mul"),
+    ]
+    if with_add:
+        nodes.append(helper.make_node("Add", ["scaled", "onnx::Add_172"], ["logits"], name="/Add_1"))
+    else:
+        inits.pop()
+    graph = helper.make_graph(
+        nodes,
+        "keras_torch",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8, 8, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        inits,
+    )
+    path = tmp_path / "kt.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    report = bncheck.inspect(str(path))
+    notes = [n for n in report.notes if "(x - c) * k + b" in n.message]
+    assert report.layers == [] and report.exit_code == 0
+    if with_add:
+        (note,) = notes
+        assert note.level == "info" and "1 per-channel map(s)" in note.message and "('/Sub')" in note.message
+        assert "Keras file" in note.message
+    else:
+        assert notes == []
