@@ -11,8 +11,8 @@ W and b back, with a BatchNormalization after it that computes what the fold com
 and ``fix`` read it as any other inference batch norm.
 
 torch's exporters, tf2onnx and onnxsim compute the fold instead: there the statistics are gone and nothing is left
-to check. What the file still tells of such folds (:func:`torch_folds`, :func:`tf_folds`) is named in the walk's
-model notes, with the way to a file that keeps the batch norms.
+to check. What the file still tells of such folds (:func:`torch_folds`, :func:`tf_folds`, :func:`keras_torch_folds`)
+is named in the walk's model notes, with the way to a file that keeps the batch norms.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bncheck.backends.onnx.graph import ONNX_DOMAINS, GraphIndex, copied, copy_messages, nested_bodies, outer_reads
+from bncheck.backends.onnx.graph import (
+    ONNX_DOMAINS,
+    GraphIndex,
+    copied,
+    copy_messages,
+    nested_bodies,
+    other_input,
+    outer_reads,
+)
 from bncheck.backends.onnx.names import module_path, op_name
 from bncheck.model import NormLayer
 
@@ -342,19 +350,47 @@ def tf_folds(g: GraphIndex, layers: list[NormLayer]) -> list[str]:
     layers): a node or constant of its ``batchnorm`` scope is left, merged into the convolution's weights and bias
     or a per-channel multiply, its statistics gone. In graph order, each once; none of ``layers`` (a batch norm
     the walk found, through the nodes of that scope or by name)."""
-    if not any(_TF_BATCHNORM in node.name for node in g.nodes) and not any(_TF_BATCHNORM in t for t in g.initializers):
+    if not any(in_tf_batchnorm_scope(node.name) for node in g.nodes) and not any(
+        in_tf_batchnorm_scope(t) for t in g.initializers
+    ):
         return []  # most files: no TensorFlow scope at all
-    read = {n.split(_TF_BATCHNORM)[0] for layer in layers for n in layer.nodes if _TF_BATCHNORM in n}
+    read = {n.split(_TF_BATCHNORM)[0] for layer in layers for n in layer.nodes if in_tf_batchnorm_scope(n)}
     read |= {layer.name for layer in layers}
     found: dict[str, None] = {}
     for i, node in enumerate(g.nodes):
         for name in (node.name, *node.input):
-            if _TF_BATCHNORM not in name or (name != node.name and name not in g.initializers):
+            if not in_tf_batchnorm_scope(name) or (name != node.name and name not in g.initializers):
                 continue
             shown = op_name(g, i, [name])
             if name.split(_TF_BATCHNORM)[0] not in read and shown not in read:
                 found.setdefault(shown, None)
     return list(found)
+
+
+def keras_torch_folds(g: GraphIndex, layers: list[NormLayer]) -> list[str]:
+    """The Subs of each ``Sub(x, c) -> Mul(k) -> Add(b)`` on data ``x`` with constants of one per-channel size: an
+    inference batch norm as Keras 3's torch backend computes it, ``(x - mean) * (gamma * rsqrt(var + eps)) + beta``,
+    whose middle factor torch's exporter folds into one constant. No node of ``layers``."""
+    taken = {name for layer in layers for name in layer.nodes}
+    found = []
+    for idx, node in enumerate(g.nodes):
+        if node.op_type != "Sub" or node.domain not in ONNX_DOMAINS or len(node.input) != 2 or not node.output:
+            continue
+        mean = g.param(node.input[1])
+        if mean is None or mean.size < 2 or g.node_name(idx) in taken:
+            continue
+        tensor = node.output[0]
+        for op in ("Mul", "Add"):  # each read by exactly one node of the chain, with a constant of the mean's size
+            users = g.users(tensor, op)
+            other = other_input(g.nodes[users[0]], tensor) if len(users) == 1 else None
+            value = g.param(other) if other is not None else None
+            if value is None or value.size != mean.size or not g.nodes[users[0]].output:
+                break
+            tensor = g.nodes[users[0]].output[0]
+        else:
+            if not g.data_free(node.input[0]):
+                found.append(g.node_name(idx))
+    return found
 
 
 def ultralytics_export(model: onnx.ModelProto) -> str | None:

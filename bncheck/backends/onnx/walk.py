@@ -34,7 +34,13 @@ from bncheck.backends.onnx.dataflow import (
     fixed_to_one,
     own_moments,
 )
-from bncheck.backends.onnx.folded_bn import in_tf_batchnorm_scope, tf_folds, torch_folds, ultralytics_export
+from bncheck.backends.onnx.folded_bn import (
+    in_tf_batchnorm_scope,
+    keras_torch_folds,
+    tf_folds,
+    torch_folds,
+    ultralytics_export,
+)
 from bncheck.backends.onnx.graph import (
     ONNX_DOMAINS,
     GraphIndex,
@@ -713,17 +719,7 @@ def _model_notes(
             )
         )
     notes += _torch_fold_notes(g) + _tf_fold_notes(g, layers) + _ultralytics_note(g)
-    shifted = _variance_folded_maps(g, layers)
-    if shifted:
-        notes.append(
-            Note(
-                "info",
-                f"{len(shifted)} per-channel map(s) (x - c) * k + b of constant c, k and b ({few(shifted)}) look like "
-                "batch norms whose variance an exporter folded into k (Keras 3's ONNX export on the torch backend "
-                "writes BatchNormalization so): not checked; check the Keras file itself (bncheck reads .keras and "
-                ".h5 files)",
-            )
-        )
+    notes += _keras_torch_fold_note(g, layers)
     hidden, holders = hidden_norm_ops(in_bodies, _OP_HANDLERS)
     if hidden:
         notes.append(
@@ -735,32 +731,6 @@ def _model_notes(
             )
         )
     return notes
-
-
-def _variance_folded_maps(g: GraphIndex, layers: list[NormLayer]) -> list[str]:
-    """The Subs of each ``Sub(x, c) -> Mul(k) -> Add(b)`` on data ``x`` with constants of one per-channel size: an
-    inference batch norm as Keras 3's torch backend computes it, ``(x - mean) * (gamma * rsqrt(var + eps)) + beta``,
-    whose middle factor torch's exporter folds into one constant. No node of ``layers``."""
-    taken = {name for layer in layers for name in layer.nodes}
-    found = []
-    for idx, node in enumerate(g.nodes):
-        if node.op_type != "Sub" or node.domain not in ONNX_DOMAINS or len(node.input) != 2 or not node.output:
-            continue
-        mean = g.param(node.input[1])
-        if mean is None or np.size(mean) < 2 or g.node_name(idx) in taken:
-            continue
-        tensor, ok = node.output[0], True
-        for op in ("Mul", "Add"):  # each read by exactly one node of the chain, with a constant of the mean's size
-            users = g.users(tensor, op)
-            other = other_input(g.nodes[users[0]], tensor) if len(users) == 1 else None
-            value = g.param(other) if other is not None else None
-            if value is None or np.size(value) != np.size(mean) or not g.nodes[users[0]].output:
-                ok = False
-                break
-            tensor = g.nodes[users[0]].output[0]
-        if ok and not g.data_free(node.input[0]):
-            found.append(g.node_name(idx))
-    return found
 
 
 def _torch_fold_notes(g: GraphIndex) -> list[Note]:
@@ -802,6 +772,21 @@ def _tf_fold_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
             f"{len(folded)} Keras BatchNormalization layer(s) ({few(folded)}) were folded into the ops before "
             "them by the conversion (tf2onnx): their statistics are not in the file and are not checked; check "
             "the Keras file itself (bncheck reads .keras and .h5 files)",
+        )
+    ]
+
+
+def _keras_torch_fold_note(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
+    """Batch norms Keras 3's torch backend wrote as ``(x - mean) * k + beta``, their variance folded into k."""
+    maps = keras_torch_folds(g, layers)
+    if not maps:
+        return []
+    return [
+        Note(
+            "info",
+            f"{len(maps)} per-channel map(s) (x - c) * k + b of constant c, k and b ({few(maps)}) look like batch "
+            "norms whose variance an exporter folded into k (Keras 3's ONNX export on the torch backend writes "
+            "BatchNormalization so): not checked; check the Keras file itself (bncheck reads .keras and .h5 files)",
         )
     ]
 
