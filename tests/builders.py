@@ -744,7 +744,7 @@ def torch_folded_model(path: Path, *, exporter: str = "dynamo", metadata: dict[s
             },
         )
     io = (("input", ["N", 3, 8, 8]), ("logits", ["N", 16]))
-    return _graph_file(path, nodes, inits, io, opset=18, producer="pytorch", metadata=metadata)
+    return graph_file(path, nodes, inits, io, opset=18, producer="pytorch", metadata=metadata)
 
 
 def tf2onnx_folded_model(path: Path, *, found: bool = False) -> str:
@@ -796,10 +796,10 @@ def tf2onnx_folded_model(path: Path, *, found: bool = False) -> str:
         ),
     ]
     io = (("x", ["unk__1", 8, 8, 3]), ("logits", ["unk__1", 4]))
-    return _graph_file(path, nodes, inits, io, opset=17, producer="tf2onnx")
+    return graph_file(path, nodes, inits, io, opset=17, producer="tf2onnx")
 
 
-def _graph_file(
+def graph_file(
     path: Path,
     nodes: list[onnx.NodeProto],
     inits: list[TensorProto],

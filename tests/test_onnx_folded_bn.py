@@ -12,13 +12,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import bncheck
 from bncheck.backends.onnx.load import load_onnx
 from bncheck.cli import main
-from bncheck.report import Report
-from tests.builders import folded_conv_bn_model, tf2onnx_folded_model, torch_folded_model
+from tests.builders import folded_conv_bn_model, graph_file, tf2onnx_folded_model, torch_folded_model
 
 
 def _data(n: int, seed: int) -> np.ndarray:
@@ -155,22 +154,6 @@ def test_a_keras_batch_norm_the_walk_found_is_not_called_folded(tmp_path: Path) 
     assert "1 Keras BatchNormalization layer(s) ('functional/bn_fc')" in note.message
 
 
-def _inspect_graph(
-    tmp_path: Path, nodes: list, inits: list, input_shape: list, output_shape: list, opset: int
-) -> Report:
-    """`inspect` of a graph of ``nodes`` from "input" to "logits" (float32), saved under ``tmp_path``."""
-    graph = helper.make_graph(
-        nodes,
-        "graph",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, output_shape)],
-        inits,
-    )
-    path = tmp_path / "graph.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
-    return bncheck.inspect(str(path))
-
-
 @pytest.mark.parametrize("scope", ["functional_1/bn_dw_1/batchnorm/", "scale_"], ids=["keras-scope", "no-scope"])
 def test_a_per_channel_mul_of_a_keras_batch_norm_scope_is_named_once(tmp_path: Path, scope: str) -> None:
     """tf2onnx leaves a depthwise convolution's BatchNormalization as a per-channel Mul and Add in the layer's
@@ -189,7 +172,8 @@ def test_a_per_channel_mul_of_a_keras_batch_norm_scope_is_named_once(tmp_path: P
         helper.make_node("Mul", ["dw", f"{scope}mul:0"], ["scaled"], name=f"{scope}mul_1"),
         helper.make_node("Add", ["scaled", f"{scope}sub:0"], ["logits"], name=f"{scope}add_1"),
     ]
-    report = _inspect_graph(tmp_path, nodes, inits, ["N", 4, 8, 8], ["N", 4, 8, 8], opset=13)
+    io = (("input", ["N", 4, 8, 8]), ("logits", ["N", 4, 8, 8]))
+    report = bncheck.inspect(graph_file(tmp_path / "dw.onnx", nodes, inits, io, opset=13, producer="tf2onnx"))
     notes = [n.message for n in report.notes]
     per_channel = [n for n in notes if "followed by a per-channel Mul" in n]
     keras = [n for n in notes if "Keras BatchNormalization layer(s)" in n]
@@ -223,7 +207,8 @@ def test_a_batch_norm_whose_variance_torch_folded_is_named(tmp_path: Path, with_
         nodes.append(helper.make_node("Add", ["scaled", "onnx::Add_172"], ["logits"], name="/Add_1"))
     else:
         inits.pop()
-    report = _inspect_graph(tmp_path, nodes, inits, ["N", 8, 8, 3], ["N", 8, 8, 8], opset=17)
+    io = (("input", ["N", 8, 8, 3]), ("logits", ["N", 8, 8, 8]))
+    report = bncheck.inspect(graph_file(tmp_path / "kt.onnx", nodes, inits, io, opset=17, producer="pytorch"))
     notes = [n for n in report.notes if "(x - c) * k + b" in n.message]
     assert report.layers == [] and report.exit_code == 0
     if with_add:
