@@ -53,15 +53,25 @@ def copy_messages(target: Any, messages: Iterable[Any]) -> None:
         add().CopyFrom(message)
 
 
+def is_repeated(descriptor: Any) -> bool:
+    """Whether a protobuf field is repeated, under every protobuf onnx admits: releases before 6.31 have only
+    ``label``, 7.x only ``is_repeated``."""
+    repeated = getattr(descriptor, "is_repeated", None)
+    if repeated is None:
+        return bool(descriptor.label == descriptor.LABEL_REPEATED)
+    return bool(repeated)
+
+
 def copy_fields(source: Any, target: Any, skip: set[str]) -> None:
     """Copy every set field of a protobuf message but those named in ``skip`` (CopyFrom would copy the weights
     too)."""
     for descriptor, value in source.ListFields():
         if descriptor.name in skip:
             continue
-        if descriptor.is_repeated and descriptor.message_type is not None:
+        repeated = is_repeated(descriptor)
+        if repeated and descriptor.message_type is not None:
             copy_messages(getattr(target, descriptor.name), value)
-        elif descriptor.is_repeated:
+        elif repeated:
             getattr(target, descriptor.name).extend(value)
         elif descriptor.message_type is not None:
             getattr(target, descriptor.name).CopyFrom(value)
