@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -195,11 +194,7 @@ def _bytes(path: Path) -> bytes:
 
 
 def _parse(path: Path, raw: bytes) -> dict[str, Any]:
-    # imported here: most runs find no configuration file and never parse TOML
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10 only
-        import tomli as tomllib
+    import tomllib  # imported here: most runs find no configuration file and never parse TOML
 
     try:
         return tomllib.loads(raw.decode("utf-8"))

@@ -472,9 +472,10 @@ class GraphIndex:
             lead = int(np.prod(src.shape[:axis])) if axis else 1
             return src.reshape(lead, -1)
         shape = self.shape(tensor)
-        if shape is not None and all(isinstance(d, int) for d in shape):
+        dims = [d for d in shape if isinstance(d, int)] if shape is not None else []
+        if shape is not None and len(dims) == len(shape):
             try:
-                return src.reshape(shape)
+                return src.reshape(dims)
             except ValueError:
                 return None
         return src  # reshape target unknown: the values are still the stored ones
