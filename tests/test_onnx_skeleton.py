@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bncheck.backends.base import ProbeSettings
 from bncheck.backends.onnx import OnnxBackend
+from bncheck.backends.onnx.graph import copy_fields, is_repeated
 from bncheck.backends.onnx.load import SKELETON_KEEP_BYTES, _skeleton, concrete_shapes, inferred_shapes, own_skeleton
 from bncheck.backends.onnx.run import run_probe
 
@@ -242,3 +243,15 @@ def test_branch_weights_named_alike_stay_in_their_branches(tmp_path):
     assert [i.name for i in skeleton.graph.input] == ["x", "flag"]
     branches = [[n.op_type for n in a.g.node] for a in skeleton.graph.node[0].attribute]
     assert branches == [["Constant", "Conv"], ["Constant", "Conv"]]
+
+
+def test_copy_fields_copies_repeated_and_single_fields_under_the_installed_protobuf():
+    # protobuf before 6.31 tells a repeated field by its label, 7.x by is_repeated (.ci/lowest runs the former)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", kernel_shape=[3, 3])
+    copy = onnx.NodeProto()
+    copy_fields(node, copy, skip={"name"})
+    assert list(copy.input) == ["x", "w"] and list(copy.output) == ["y"]
+    assert [(a.name, list(a.ints)) for a in copy.attribute] == [("kernel_shape", [3, 3])]
+    assert copy.op_type == "Conv" and copy.name == ""
+    fields = onnx.NodeProto.DESCRIPTOR.fields_by_name
+    assert is_repeated(fields["input"]) and is_repeated(fields["attribute"]) and not is_repeated(fields["op_type"])
