@@ -9,10 +9,12 @@ runs the CLI and asserts what the user sees: exit code, findings, notes, the bat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -368,6 +370,55 @@ def test_fix_with_data_recalibrates_a_model_that_takes_one_sample_at_a_time(tmp_
 
 
 # --------------------------------------------------------------------------- old opsets and IR versions
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def _newest_ir_read() -> int:
+    """The newest IR version the installed onnxruntime reads, as it says when refusing a file from far ahead."""
+    model = onnx.load(str(SAMPLES / "stale_drift.onnx"))
+    model.ir_version = 99
+    with pytest.raises(Exception, match="max supported IR version") as refused:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return int(re.search(r"max supported IR version: (\d+)", str(refused.value))[1])
+
+
+def _drift_sample_at_ir(tmp_path: Path, ir_version: int) -> str:
+    model = onnx.load(str(SAMPLES / "stale_drift.onnx"))
+    model.ir_version = ir_version
+    path = tmp_path / f"ir{ir_version}.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_a_file_newer_than_onnxruntime_reads_is_probed_at_the_newest_ir_it_reads_and_says_so(tmp_path):
+    newest = _newest_ir_read()
+    ahead, readable = (_drift_sample_at_ir(tmp_path, ir) for ir in (newest + 1, newest))
+    with pytest.raises(Exception, match="Unsupported model IR version"):
+        ort.InferenceSession(ahead, providers=["CPUExecutionProvider"])
+    code, doc = _probe_json(ahead)
+    assert any(
+        note.startswith(f"IR version {newest + 1} lowered to {newest} for the probe") for note in _run(doc)["notes"]
+    )
+    readable_code, readable_doc = _probe_json(readable)
+    assert (code, doc["findings"], doc["layers"]) == (readable_code, readable_doc["findings"], readable_doc["layers"])
+
+
+def test_fix_with_data_of_a_file_newer_than_onnxruntime_reads_keeps_its_ir_and_writes_the_same_statistics(tmp_path):
+    newest = _newest_ir_read()
+    written = {}
+    for ir in (newest + 1, newest):
+        out = str(tmp_path / f"fixed{ir}.onnx")
+        args = ["fix", _drift_sample_at_ir(tmp_path, ir), "--data", str(SAMPLES / "calib_drift.npz"), "-o", out]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        fixed = onnx.load(out)
+        assert fixed.ir_version == ir
+        written[ir] = {t.name: numpy_helper.to_array(t) for t in fixed.graph.initializer}
+    assert written[newest + 1].keys() == written[newest].keys()
+    for name, values in written[newest].items():
+        np.testing.assert_array_equal(written[newest + 1][name], values)
 
 
 def _opset6_bn(path: Path, extra: list | None = None) -> str:

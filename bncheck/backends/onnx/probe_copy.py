@@ -7,6 +7,7 @@ change harmless:
 - an opset below 7 (onnxruntime has no kernel for BatchNormalization-6) is upgraded with
   ``onnx.version_converter``;
 - IR < 4 lists every initializer among the graph inputs: those are weights, dropped from the copy's inputs;
+- an IR version newer than the installed onnxruntime reads is lowered to the newest it reads (``runtime_ir``);
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
 - a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
   shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the
@@ -40,6 +41,7 @@ from bncheck.backends.onnx.graph import copied, copy_messages, has_subgraphs, to
 from bncheck.backends.onnx.instrument import _opset, stub
 from bncheck.backends.onnx.load import free_unset_dims, inferred_shapes, own_skeleton
 from bncheck.backends.onnx.runtime_errors import runtime_message
+from bncheck.backends.onnx.runtime_ir import runnable_ir_version
 from bncheck.backends.onnx.tensors import from_array, np_dtype, to_array
 from bncheck.errors import one_line
 from bncheck.model import Dim, InputSpec, ModelView, ProbeSettings, fixed_batch
@@ -748,6 +750,13 @@ def prepare(
     if model.ir_version < 4:
         _drop_initializer_inputs(model)
         changed = True
+    runnable = runnable_ir_version(int(model.ir_version))
+    if runnable < model.ir_version:  # the shapes do not change
+        copy.notes.append(
+            f"IR version {model.ir_version} lowered to {runnable} for the probe: this onnxruntime reads up to "
+            f"{runnable} and refuses the file as written (its graph and opsets unchanged)"
+        )
+        model.ir_version = runnable
     undefined = undefined_function_op(model)
     if undefined is not None:
         raise BackendError(f"cannot run the model: {undefined}")
