@@ -421,6 +421,31 @@ def test_fix_with_data_of_a_file_newer_than_onnxruntime_reads_keeps_its_ir_and_w
         np.testing.assert_array_equal(written[newest + 1][name], values)
 
 
+def test_a_file_newer_than_onnxruntime_reads_that_fails_at_the_newest_ir_it_reads_names_the_graphs_own_failure(
+    tmp_path,
+):
+    # the IR version alone would refuse the file as written: the error names what the lowered graph fails on
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
+    nodes = [
+        helper.make_node("Quant", ["x"], ["q"], name="quant", domain="qonnx.custom_op.general"),
+        helper.make_node("BatchNormalization", ["q", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", F32, None)],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)]
+    path = str(tmp_path / "custom.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=_newest_ir_read() + 1), path)
+    result = CliRunner().invoke(main, ["probe", path, "--batch-sizes", "1,2"])
+    assert result.exit_code == 2
+    assert "onnxruntime cannot run the model (the file as written fails too): " in result.stderr
+    assert "Quant" in result.stderr and "IR version" not in result.stderr
+
+
 def _opset6_bn(path: Path, extra: list | None = None) -> str:
     """What pytorch 0.3 wrote: IR 3, opset 6, BatchNormalization-6 (is_test=1), every initializer also listed
     among the graph inputs, input batch fixed to 2."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from bncheck.backends.onnx.cancel import run_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
+from bncheck.backends.onnx.runtime_ir import runnable_ir_version
 from bncheck.backends.onnx.tensors import from_array
 from bncheck.model import NormLayer
 from bncheck.share import runtime_threads
@@ -86,7 +87,8 @@ def _model(entries: list[tuple[int, RuntimeNode, list[np.ndarray], tuple[int, ..
     graph = helper.make_graph(nodes, "bncheck_conformance", inputs, outputs, inits)
     first = entries[0][1]
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", first.opset)])
-    model.ir_version = max(first.ir_version, 4)  # IR 3 would want every initializer as a graph input
+    # IR 3 would want every initializer as a graph input; one newer than the runtime reads is refused
+    model.ir_version = runnable_ir_version(max(first.ir_version, 4))
     return model
 
 

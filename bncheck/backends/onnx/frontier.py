@@ -25,7 +25,6 @@ from bncheck.backends.onnx.graph import copied, has_subgraphs, node_reads, walk_
 from bncheck.backends.onnx.instrument import _opset, is_train_batch_norm, stub
 from bncheck.backends.onnx.run import _without_extremes, new_session, prepacks, session_options
 from bncheck.backends.onnx.runtime_errors import runtime_message
-from bncheck.backends.onnx.runtime_ir import runnable_ir_version
 from bncheck.backends.onnx.scratch import Scratch
 from bncheck.backends.onnx.tensors import element_type
 from bncheck.model import NormLayer, TensorStats
@@ -211,8 +210,7 @@ class Frontier:
             initializer=self._initializers({name for node in nodes for name in node_reads(node)} & stored),
         )
         segment = helper.make_model(graph, opset_imports=list(model.opset_import))
-        # IR < 4 would want the weights listed as inputs; one newer than the runtime reads, as the probe's copy
-        segment.ir_version = runnable_ir_version(max(int(model.ir_version), 4))
+        segment.ir_version = max(int(model.ir_version), 4)  # IR < 4 would want the weights listed as inputs
         level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options = session_options(level, self._folder or "", prepacks(segment.graph, self.handle.value_shapes))
         # no arena: a session per pass, each with its own arena beside the kept tensors, raised the peak

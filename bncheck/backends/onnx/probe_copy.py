@@ -7,7 +7,8 @@ change harmless:
 - an opset below 7 (onnxruntime has no kernel for BatchNormalization-6) is upgraded with
   ``onnx.version_converter``;
 - IR < 4 lists every initializer among the graph inputs: those are weights, dropped from the copy's inputs;
-- an IR version newer than the installed onnxruntime reads is lowered to the newest it reads (``runtime_ir``);
+- an IR version newer than the installed onnxruntime reads is lowered to the newest it reads (``runtime_ir``),
+  with a note (``run.new_session`` gives every session such bytes);
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
 - a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
   shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the

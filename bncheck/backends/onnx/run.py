@@ -26,6 +26,7 @@ from bncheck.backends.onnx.instrument import (
 from bncheck.backends.onnx.probe_copy import OutputsRefuse, keep_fixed_batch, prepare, relaxes
 from bncheck.backends.onnx.providers import CPU, fallback_note, ran_note, resolve
 from bncheck.backends.onnx.runtime_errors import runtime_message
+from bncheck.backends.onnx.runtime_ir import runnable_ir_version
 from bncheck.backends.onnx.scratch import Scratch
 from bncheck.backends.onnx.splice import Decomposition, Splice
 from bncheck.errors import one_line
@@ -168,8 +169,22 @@ def new_session(
     if libraries is None:
         libraries = () if isinstance(model, str) else custom_ops.libraries(model)
     custom_ops.register(so, libraries)
-    source = model if isinstance(model, str) else model.SerializeToString()
+    source = model if isinstance(model, str) else _serialized_runnable(model)
     return ort.InferenceSession(source, so, providers=providers or [CPU], disabled_optimizers=SKIPPED_REWRITES)
+
+
+def _serialized_runnable(model: onnx.ModelProto) -> bytes:
+    """``model``'s bytes at an IR version the installed onnxruntime reads (runtime_ir); ``model`` itself is left
+    as it was (it may be the file's, which fix writes)."""
+    written = int(model.ir_version)
+    runnable = runnable_ir_version(written)
+    if runnable == written:
+        return model.SerializeToString()
+    model.ir_version = runnable  # not a copy: the weights may be gigabytes
+    try:
+        return model.SerializeToString()
+    finally:
+        model.ir_version = written
 
 
 def _file_refused(path: str, model: onnx.ModelProto) -> str | None:
@@ -180,8 +195,14 @@ def _file_refused(path: str, model: onnx.ModelProto) -> str | None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     custom_ops.register(options, custom_ops.libraries(model))
+    source: str | bytes = path
+    if runnable_ir_version(int(model.ir_version)) < model.ir_version:
+        # the IR version alone would answer, which the probe's copy lowers: ask about the graph
+        folder = os.path.dirname(os.path.abspath(path))
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        source = _serialized_runnable(model)
     try:
-        ort.InferenceSession(path, options, providers=[CPU])
+        ort.InferenceSession(source, options, providers=[CPU])
     except Exception as exc:
         message = runtime_message(exc)
         if custom_ops.imports_extensions(model) and not custom_ops.extensions_library():
