@@ -825,3 +825,24 @@ def graph_file(
     if metadata:
         helper.set_model_props(model, metadata)
     return _save(model, path)
+
+
+def plain_session(model: onnx.ModelProto | str | Path, options=None):
+    """A plain onnxruntime session of ``model`` (a ModelProto or a file's path) at an IR version the installed
+    onnxruntime reads: onnx's helpers write their own newest, which an older onnxruntime refuses
+    (bncheck.backends.onnx.runtime_ir)."""
+    import onnxruntime as ort
+
+    from bncheck.backends.onnx.runtime_ir import runnable_ir_version
+
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, onnx.ModelProto):
+        written = onnx.load(str(model), load_external_data=False).ir_version
+        if runnable_ir_version(written) == written:
+            return ort.InferenceSession(str(model), options, providers=providers)
+        model = onnx.load(str(model))
+    runnable = runnable_ir_version(model.ir_version)
+    if runnable < model.ir_version:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        model.ir_version = runnable
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)

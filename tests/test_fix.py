@@ -32,7 +32,7 @@ from bncheck.backends.onnx import OnnxBackend
 from bncheck.cli import main
 from bncheck.errors import BncheckError
 from bncheck.fixing import fix
-from tests.builders import bn_model, mostly_dead_bn
+from tests.builders import bn_model, mostly_dead_bn, plain_session
 
 F32 = TensorProto.FLOAT
 C_IN, C1, C2, HW, CLASSES = 3, 8, 6, 8, 4
@@ -133,7 +133,7 @@ def calib(tmp_path_factory: pytest.TempPathFactory) -> str:
 def run(path: str, x: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = plain_session(path, options)
     return session.run(["logits"], {"input": x})[0]
 
 

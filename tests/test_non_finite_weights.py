@@ -8,11 +8,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper, save
 
 import bncheck
+from tests.builders import plain_session
 
 RNG = np.random.default_rng(5)
 F32 = TensorProto.FLOAT
@@ -98,7 +98,7 @@ def _bn005(report) -> list[tuple[str, str, str]]:
 def test_nan_weights_of_a_convolution_are_an_error_of_inspect_and_probe(tmp_path, constant):
     # before: inspect exit 0; probe a warning on the outputs (synthetic inputs) blaming no layer
     path = _folded_nan_model(tmp_path / "folded.onnx", bn_after=False, constant=constant)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = plain_session(path)
     assert np.isnan(session.run(None, {"x": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)})[0]).all()
     inspected = bncheck.inspect(path)
     assert _bn005(inspected) == [("error", "conv", "weights")] and inspected.exit_code == 1

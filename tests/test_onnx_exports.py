@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from bncheck.cli import main
+from tests.builders import plain_session
 
 F32 = TensorProto.FLOAT
 
@@ -943,14 +944,13 @@ def test_a_vector_computed_from_the_input_and_reshaped_to_1_is_not_taken_for_the
 def test_a_relaxed_copy_computes_the_files_outputs_at_the_files_batch_size(tmp_path, fixed):
     """Why the proof needs no run of the original: at the file's batch size the relaxed copy, its batch-baking
     Reshape target rewritten, is the file's graph and gives the file's outputs."""
-    import onnxruntime as ort
 
     path = _convnet(tmp_path / "m.onnx", fixed)
     view, copy, folder = _prepared(path)
     assert copy.proof is not None and "1 shape constant(s)" in str(copy.batch)
     fed, relaxed = copy.proof.runs[0]
     assert len(fed["x"]) == fixed
-    original = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["y"], fed)[0]
+    original = plain_session(path).run(["y"], fed)[0]
     np.testing.assert_allclose(relaxed["y"], original, rtol=1e-5, atol=1e-6)
     copy.proof.session = None
 
@@ -1125,7 +1125,6 @@ def test_a_relaxation_that_fails_after_its_rewrites_names_the_node_the_rewrites_
 
 def test_a_runtime_error_of_an_unnamed_node_says_unnamed_instead_of_empty_quotes():
     # tf2onnx leaves nodes unnamed: the relaxation's note read "Concat node '': ..."
-    import onnxruntime as ort
 
     from bncheck.backends.onnx.runtime_errors import runtime_message
 
@@ -1136,7 +1135,7 @@ def test_a_runtime_error_of_an_unnamed_node_says_unnamed_instead_of_empty_quotes
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = plain_session(model)
     with pytest.raises(Exception) as info:
         session.run(None, {"a": np.zeros((1, 2), np.float32), "b": np.zeros((2, 2), np.float32)})
     message = runtime_message(info.value)

@@ -21,6 +21,7 @@ from bncheck.backends.onnx import load as onnx_load
 from bncheck.backends.onnx.load import load_onnx
 from bncheck.cli import main
 from bncheck.model import Kind
+from tests.builders import plain_session
 
 F32 = TensorProto.FLOAT
 C = 64  # channels: 256-byte parameters, large enough for onnx to store them externally
@@ -433,7 +434,7 @@ def test_shapes_pass_the_convolutions_onnxruntime_fused_so_inspect_sees_a_collap
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    plain_session(source, options)
     domains = {node.domain for node in onnx.load(options.optimized_model_filepath).graph.node}
     assert domains & {"com.microsoft", "com.microsoft.nchwc"}, domains  # the file the test is about
     for path in (str(source), options.optimized_model_filepath):

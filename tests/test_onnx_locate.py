@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from bncheck.backends.onnx.locate import copies_axis, prefix, relative_change, tensor_change
 from bncheck.probe_plan import sample_axis as output_sample_axis
+from tests.builders import plain_session
 
 
 def _runs(axis: int, batch: int = 4, row: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +151,7 @@ def test_a_localisation_step_runs_only_the_nodes_its_cut_needs_and_leaves_the_mo
     assert [value.name for value in step.graph.output] == ["b"]
     assert model.SerializeToString() == before
     x = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
-    session = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = plain_session(step)
     np.testing.assert_array_equal(session.run(["b"], {"x": x})[0], -np.maximum(x, 0))
 
 

@@ -44,6 +44,7 @@ from tests.builders import (
     bn_model,
     layernorm_model,
     moments_model,
+    plain_session,
     score_head_model,
     tied_recurrence_model,
     train_bn_stack_model,
@@ -72,7 +73,7 @@ def _plain(path: str, names: list[str], feeds: dict[str, np.ndarray]) -> dict[st
             model.graph.output.append(helper.make_empty_tensor_value_info(name))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = plain_session(model, so)
     return dict(zip(names, sess.run(names, feeds)))
 
 

@@ -16,7 +16,7 @@ from bncheck.backends.onnx.instrument import Augmenter
 from bncheck.backends.onnx.run import _Engine, _session_statistics_first
 from bncheck.backends.onnx.scratch import Scratch
 from bncheck.backends.onnx.splice import Splice
-from tests.builders import bn_model, train_bn_stack_model
+from tests.builders import bn_model, plain_session, train_bn_stack_model
 
 #: bias == running mean and scale == running variance: onnxruntime's optimizer shares the equal constants, so
 #: the BN node it writes reads other names than the model's
@@ -126,7 +126,7 @@ def test_the_spliced_graph_lists_every_node_after_the_nodes_it_reads(tmp_path, s
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    plain_session(model, options)
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     assert splice.apply(graph)
     available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}

@@ -21,7 +21,7 @@ from bncheck.backends.onnx import OnnxBackend
 from bncheck.backends.onnx.load import load_onnx
 from bncheck.backends.onnx.walk import walk, walk_with_notes
 from bncheck.model import Kind, normalized_set_size
-from tests.builders import bn_model
+from tests.builders import bn_model, plain_session
 
 F32 = TensorProto.FLOAT
 RNG = np.random.default_rng(1234)
@@ -1351,7 +1351,7 @@ def test_a_conditional_instance_norm_whose_gamma_and_beta_are_computed_is_found(
     onnx.save(model, path)
     x = RNG.normal(size=(1, c, 16, 16)).astype(np.float32)
     style = RNG.normal(size=(1, 4, 1, 1)).astype(np.float32)
-    (got,) = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x, "style": style})
+    (got,) = plain_session(path).run(None, {"x": x, "style": style})
     gamma = np.einsum("ok,k->o", wg[:, :, 0, 0], style[0, :, 0, 0]).reshape(1, c, 1, 1)
     beta = np.einsum("ok,k->o", wb[:, :, 0, 0], style[0, :, 0, 0]).reshape(1, c, 1, 1)
     np.testing.assert_allclose(got, numpy_norm(x, (2, 3), 1e-5, gamma, beta), rtol=1e-4, atol=1e-4)
