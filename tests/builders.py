@@ -846,3 +846,26 @@ def plain_session(model: onnx.ModelProto | str | Path, options=None):
         model = onnx.ModelProto.FromString(model.SerializeToString())
         model.ir_version = runnable
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def custom_op_bn_model(path: Path, ir_version: int | None = None) -> str:
+    """A BatchNormalization after qonnx's Quant, a custom op onnxruntime has no kernel for (hls4ml's qonnx
+    models): onnxruntime refuses the file as written. ``ir_version``: the file's, else onnx's own."""
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
+    nodes = [
+        helper.make_node("Quant", ["x"], ["q"], name="quant", domain="qonnx.custom_op.general"),
+        helper.make_node("BatchNormalization", ["q", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", F32, None)],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    if ir_version is not None:
+        model.ir_version = ir_version
+    onnx.save(model, str(path))
+    return str(path)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from bncheck.cli import main
-from tests.builders import plain_session
+from tests.builders import custom_op_bn_model, plain_session
 
 F32 = TensorProto.FLOAT
 
@@ -426,21 +426,7 @@ def test_a_file_newer_than_onnxruntime_reads_that_fails_at_the_newest_ir_it_read
     tmp_path,
 ):
     # the IR version alone would refuse the file as written: the error names what the lowered graph fails on
-    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
-    nodes = [
-        helper.make_node("Quant", ["x"], ["q"], name="quant", domain="qonnx.custom_op.general"),
-        helper.make_node("BatchNormalization", ["q", "s", "b", "m", "v"], ["y"], name="bn"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("y", F32, None)],
-        inits,
-    )
-    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)]
-    path = str(tmp_path / "custom.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=_newest_ir_read() + 1), path)
+    path = custom_op_bn_model(tmp_path / "custom.onnx", ir_version=_newest_ir_read() + 1)
     result = CliRunner().invoke(main, ["probe", path, "--batch-sizes", "1,2"])
     assert result.exit_code == 2
     assert "onnxruntime cannot run the model (the file as written fails too): " in result.stderr

