@@ -7,8 +7,8 @@ change harmless:
 - an opset below 7 (onnxruntime has no kernel for BatchNormalization-6) is upgraded with
   ``onnx.version_converter``;
 - IR < 4 lists every initializer among the graph inputs: those are weights, dropped from the copy's inputs;
-- an IR version newer than the installed onnxruntime reads is lowered to the newest it reads (``runtime_ir``),
-  with a note (``run.new_session`` gives every session such bytes);
+- an IR version newer than the installed onnxruntime reads gets a note: ``run.new_session`` gives every
+  session's bytes the newest it reads (``runtime_ir``);
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
 - a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
   shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the
@@ -752,12 +752,11 @@ def prepare(
         _drop_initializer_inputs(model)
         changed = True
     runnable = runnable_ir_version(int(model.ir_version))
-    if runnable < model.ir_version:  # the shapes do not change
+    if runnable < model.ir_version:  # run.new_session gives every session's bytes that version
         copy.notes.append(
             f"IR version {model.ir_version} lowered to {runnable} for the probe: this onnxruntime reads up to "
             f"{runnable} and refuses the file as written (its graph and opsets unchanged)"
         )
-        model.ir_version = runnable
     undefined = undefined_function_op(model)
     if undefined is not None:
         raise BackendError(f"cannot run the model: {undefined}")

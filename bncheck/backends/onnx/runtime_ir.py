@@ -2,8 +2,9 @@
 
 onnx's helpers write their own newest IR version (14 from onnx 1.23), which onnxruntime reads only from a later
 release (1.32): a file saved by a newer onnx than the onnxruntime beside it is refused as a whole, although its
-graph and opsets are ones that onnxruntime runs. The probe's copy, and the bytes of every session bncheck builds
-(``run.new_session``), get the newest IR version the runtime reads instead; the file itself is never changed.
+graph and opsets are ones that onnxruntime runs. The bytes of every session bncheck builds (``run.new_session``,
+and the conformance model's) get the newest IR version the runtime reads instead; the file itself, and the
+models bncheck builds from it, keep theirs.
 """
 
 from __future__ import annotations
