@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from bncheck.backends.onnx import OnnxBackend, batch_axes
+from bncheck.backends.onnx import OnnxBackend, batch_axes, recurrent_sequences
 from bncheck.cli import main
 
 F32 = TensorProto.FLOAT
@@ -560,3 +560,109 @@ def test_a_model_without_a_batch_axis_runs_once_and_its_settings_note_does_not_s
     )
     [setting] = [n for n in run["notes"] if n.startswith("input(s) 'gain' have no batch axis")]
     assert setting.endswith("a model without a batch axis takes no --data")
+
+
+def test_an_input_an_rnn_reads_as_its_sequence_carries_the_batch_where_the_layout_puts_it():
+    """torch's LSTM without batch_first reads x [seq, batch, features]: axis 0 is the sequence, named or fixed."""
+    assert batch_axes([(5, 2, 4)], sequences=[1]) == [1]
+    assert batch_axes([("seq", "batch", 4), (1, "batch", 8)], [False, True], sequences=[1, None]) == [1, 1]
+    assert batch_axes([(5, 2, 4), (1, 2, 8)], [False, True], sequences=[1, None]) == [1, 1]
+    assert batch_axes([("batch", "seq", 4)], sequences=[0]) == [0]  # layout 1
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["p"]),
+        helper.make_node("Relu", ["p"], ["r"]),
+        helper.make_node("LSTM", ["r", "W", "R", "", "", "h0"], ["y"], hidden_size=8),
+        helper.make_node("GRU", ["z", "W2", "R2"], ["y2"], hidden_size=8, layout=1),
+    ]
+    assert recurrent_sequences(nodes) == {"x": 1, "z": 0}
+
+
+def _sequence_first_lstm(path: Path, *, state: str, centre: int | None = None, batch: int = 2) -> str:
+    """A torch-like export of Linear -> LSTM (no batch_first) -> Linear at a fixed batch, x [5, batch, 4]. The
+    zero initial state as the TorchScript exporter writes it (``state="expand"``: a constant [1, batch, 8]
+    expanded to [1, Shape(x)[1], 8]) or the dynamo exporter (``"initializer"``: [1, batch, 8] read directly);
+    LSTM's Y [5, 1, batch, 8] reshaped to [5, batch, 8] by a constant target. ``centre`` subtracts the outputs'
+    mean over that axis: 1, the batch (a real batch dependence), or 0, the time steps (a sample's own)."""
+    rng = np.random.default_rng(3)
+    hidden = 8
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "proj"),
+        numpy_helper.from_array(rng.normal(size=(1, 4 * hidden, 6)).astype(np.float32) * 0.3, "W"),
+        numpy_helper.from_array(rng.normal(size=(1, 4 * hidden, hidden)).astype(np.float32) * 0.3, "R"),
+        numpy_helper.from_array(rng.normal(size=(hidden, 3)).astype(np.float32), "head"),
+        numpy_helper.from_array(np.array([5, batch, hidden], np.int64), "target"),
+        numpy_helper.from_array(np.zeros((1, batch, hidden), np.float32), "zeros"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "proj"], ["p"], name="proj"),
+        helper.make_node("Relu", ["p"], ["r"], name="relu"),
+    ]
+    if state == "expand":
+        inits += [
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array(1, np.int64), "axis1"),
+            numpy_helper.from_array(np.array([hidden], np.int64), "hidden"),
+            numpy_helper.from_array(np.array([0], np.int64), "first"),
+        ]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["x_shape"], name="x_shape"),
+            helper.make_node("Gather", ["x_shape", "axis1"], ["b"], name="b"),
+            helper.make_node("Unsqueeze", ["b", "first"], ["b1"], name="b1"),
+            helper.make_node("Concat", ["one", "b1", "hidden"], ["h_shape"], name="h_shape", axis=0),
+            helper.make_node("Expand", ["zeros", "h_shape"], ["h0"], name="h0"),
+        ]
+    lstm_state = "h0" if state == "expand" else "zeros"
+    nodes += [
+        helper.make_node(
+            "LSTM", ["r", "W", "R", "", "", lstm_state, lstm_state], ["Y"], hidden_size=hidden, name="lstm"
+        ),
+        helper.make_node("Reshape", ["Y", "target"], ["seq"], name="seq"),
+    ]
+    if centre is not None:
+        nodes += [
+            helper.make_node("ReduceMean", ["seq"], ["seq_mean"], name="mean", axes=[centre]),
+            helper.make_node("Sub", ["seq", "seq_mean"], ["seq_c"], name="centre"),
+        ]
+    nodes.append(helper.make_node("MatMul", ["seq" if centre is None else "seq_c", "head"], ["y"], name="head"))
+    graph = helper.make_graph(
+        nodes,
+        "lstm",
+        [helper.make_tensor_value_info("x", F32, [5, batch, 4])],
+        [helper.make_tensor_value_info("y", F32, [5, batch, 3])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("state", ["expand", "initializer"])
+def test_a_sequence_first_lstm_at_a_fixed_batch_relaxes_on_axis_1_and_passes(tmp_path, state):
+    """Taken on axis 0, the sequence's time steps were the samples: every step's output depends on the steps
+    before it, and the LSTM got a BN002 error on every such torch export (the fixed batch then could not relax
+    either: the zero state and the Reshape target hold it on axis 1)."""
+    path = _sequence_first_lstm(tmp_path / "lstm.onnx", state=state)
+    assert [(s.name, s.batch_axis) for s in OnnxBackend().load(path).inputs] == [("x", 1)]
+    code, doc = _probe(path)
+    run = doc["probe"]["runs"][0]
+    assert code == 0 and doc["findings"] == []
+    assert run["batch_sizes"] == [1, 2, 32]
+    # the state and the Reshape's target now follow the fed batch: 2 constants in either export
+    assert run["batch_handling"].startswith("fixed to 2 in the file; relaxed to symbolic, validated (2 ")
+
+
+def test_a_dependence_along_the_batch_axis_of_a_sequence_first_lstm_is_found(tmp_path):
+    code, doc = _probe(_sequence_first_lstm(tmp_path / "lstm.onnx", state="expand", centre=1))
+    assert doc["probe"]["runs"][0]["batch_sizes"] == [1, 2, 32]
+    assert code == 1 and [(f["code"], f["layer"]) for f in doc["findings"]] == [("BN002", "mean")]
+
+
+def test_a_mean_over_the_time_steps_of_a_sequence_first_lstm_is_no_batch_statistic(tmp_path):
+    """Axis 0 of [seq, batch, hidden] is the sequence: its mean was read as a batch reduction (a BN002 error
+    from inspect and probe alike) where it is a sample's own pooling over time."""
+    path = _sequence_first_lstm(tmp_path / "lstm.onnx", state="expand", centre=0)
+    inspected = CliRunner().invoke(main, ["inspect", path, "--format", "json"])
+    assert inspected.exit_code == 0 and json.loads(inspected.stdout)["findings"] == []
+    code, doc = _probe(path)
+    assert code == 0 and doc["findings"] == []

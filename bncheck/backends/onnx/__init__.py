@@ -101,10 +101,13 @@ def graph_inputs(handle) -> list[InputSpec]:
     values = [value for value in graph.input if value.name not in stored]
     shapes = [handle.value_shapes.get(value.name) for value in values]
     states = recurrent_states(graph.node)
+    sequences = recurrent_sequences(graph.node)
     outputs = [handle.value_shapes.get(value.name) for value in graph.output]
     specs = []
     firsts = sample_leading_dims(graph.node, handle.value_shapes.get)
-    axes = batch_axes(shapes, [v.name in states for v in values], outputs, firsts)
+    axes = batch_axes(
+        shapes, [v.name in states for v in values], outputs, firsts, [sequences.get(v.name) for v in values]
+    )
     for value, shape, axis in zip(values, shapes, axes):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
@@ -139,6 +142,40 @@ def recurrent_states(nodes: Iterable[Any]) -> set[str]:
     return found
 
 
+#: ops that leave every axis of their data input where it was: a sequence's way to an RNN (a projection, a scale)
+_AXES_KEPT = frozenset(
+    {"Identity", "Cast", "Dropout", "LayerNormalization", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu"}
+    | {"Tanh", "Sigmoid", "Elu", "Selu", "Softsign", "Softplus", "HardSigmoid", "Clip", "Abs", "Neg", "Exp", "Log"}
+)
+#: of those, the ops whose other inputs are parameters (a weight, a ratio), not data
+_DATA_FIRST = frozenset({"Dropout", "LayerNormalization", "MatMul", "Clip"})
+
+
+def recurrent_sequences(nodes: Iterable[Any]) -> dict[str, int]:
+    """Graph inputs read as an RNN/GRU/LSTM's sequence X, directly or through ops that keep its axes, and the
+    axis that holds the batch there: 1 in the default layout [seq, batch, features] (torch's LSTM without
+    batch_first), 0 in layout 1."""
+    nodes = list(nodes)
+    producer = {out: node for node in nodes for out in node.output if out}
+    found: dict[str, int] = {}
+    for node in nodes:
+        if node.op_type not in ("RNN", "GRU", "LSTM") or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        todo, seen = [node.input[0]], set()
+        while todo:
+            name = todo.pop()
+            if not name or name in seen:
+                continue
+            seen.add(name)
+            source = producer.get(name)
+            if source is None:
+                found.setdefault(name, 0 if layout == 1 else 1)
+            elif source.op_type in _AXES_KEPT and source.domain in ("", "ai.onnx") and source.input:
+                todo.extend(source.input[:1] if source.op_type in _DATA_FIRST else source.input)
+    return found
+
+
 #: ops whose data input carries the batch on axis 0 as the graph runs it (:func:`sample_leading_dims`)
 _BATCH_FIRST_OPS = frozenset(
     {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
@@ -165,6 +202,7 @@ def batch_axes(
     recurrent: Sequence[bool] = (),
     outputs: Sequence[tuple[Dim, ...] | None] = (),
     sample_dims: Sequence[Dim] = (),
+    sequences: Sequence[int | None] = (),
 ) -> list[int | None]:
     """Each input's batch axis, from the dims the inputs declare (None: fed as is, the same in every batch),
     and, where ``recurrent`` (one flag per input) says an input is an RNN's initial state
@@ -182,7 +220,9 @@ def batch_axes(
     boxes [batch_size, 4] cut from it. Where the convolutions' and norm ops' inputs all hold 1 on axis 0
     (``sample_dims``, :func:`sample_leading_dims`), an input whose axis 0 is a fixed size above 1 that no
     output carries on axis 0 has none: one image [3, H, W] that the graph makes a batch of 1 (torchvision's
-    detectors). Anything else keeps axis 0.
+    detectors). An input that an RNN reads as its sequence (``sequences``, one batch axis or None per input,
+    :func:`recurrent_sequences`) carries the batch where the RNN's layout puts it, and its dim there names the
+    batch: [seq, batch, features] for torch's LSTM without batch_first. Anything else keeps axis 0.
     """
     firsts = [s[0] for s in shapes if s and isinstance(s[0], str)]
     name = Counter(firsts).most_common(1)[0][0] if firsts else None
@@ -192,10 +232,17 @@ def batch_axes(
         name = carried.pop()
         # a name the outputs carry on another axis keeps its batch (a gallery's [faces, templates] scores)
         shared = set(firsts) - {name} - {d for s in outputs if s for d in s}
+    # an RNN's sequence input is read off the op, not guessed from the dims: its batch is where the layout says
+    sequence = [a if a is not None and s and len(s) == 3 else None for s, a in zip(shapes, sequences)]
+    named = [d for s, a in zip(shapes, sequence) if s and a is not None for d in [s[a]] if isinstance(d, str)]
+    if named:
+        name = named[0]
     batch_free = any(s is None or (s and not isinstance(s[0], int)) for s in shapes)
     axes: list[int | None] = []
-    for shape in shapes:
-        if shape is None:
+    for shape, read in zip(shapes, sequence + [None] * (len(shapes) - len(sequence))):
+        if read is not None:
+            axes.append(read)
+        elif shape is None:
             axes.append(0)
         elif not shape:
             axes.append(None)

@@ -285,11 +285,17 @@ def _rewrite_batch_constants(
     constants = _constant_values(graph)
     fed = _batch_fed(graph, batched)
 
+    # where the first batched input holds the batch: 0, or 1 for a sequence [seq, batch, ...] that an RNN reads,
+    # whose tensors keep that layout up to the RNN's outputs (torch's Reshape of them to [seq, batch, hidden])
+    source, axis = next(iter(batched.items()))
+
     def may_hold_batch(name: str) -> bool:
         # a quantized model's bias [24], reshaped to [1, -1, 1, 1], is computed from the batch (its scale is
         # dynamic) but holds none: rewriting it fails the proof and costs a session (ddddocr_old_quant)
-        first = (shapes.get(name) or (None,))[0]
-        return not isinstance(first, int) or first == fixed or name in rows
+        shape = shapes.get(name) or (None,)
+        if axis:
+            return fixed in shape or not all(isinstance(d, int) for d in shape)
+        return not isinstance(shape[0], int) or shape[0] == fixed or name in rows
 
     # the input holding the output's shape: Resize's sizes (its fourth input, from opset 11) as Reshape's target
     where = {"Reshape": 1, "Expand": 1, "Resize": 3}
@@ -302,8 +308,8 @@ def _rewrite_batch_constants(
         and node.input[0] in fed
         and _rows_target(node, constants, fed, rows) is None
         and node.input[where[node.op_type]] in constants
-        and constants[node.input[where[node.op_type]]][0].size >= 1
-        and int(constants[node.input[where[node.op_type]]][0][0]) == fixed
+        and constants[node.input[where[node.op_type]]][0].size > axis
+        and int(constants[node.input[where[node.op_type]]][0][axis]) == fixed
         and may_hold_batch(node.input[0])
     ]
     meets = {name for node in graph.node if any(i in fed for i in node.input) for name in node.input}
@@ -315,14 +321,15 @@ def _rewrite_batch_constants(
         and node.input
         and node.output[0] in meets
         and node.input[0] in constants
-        and constants[node.input[0]][0].size >= 2  # a rank-1 fill is a vector, not a batch of anything
-        and int(constants[node.input[0]][0][0]) == fixed
+        and constants[node.input[0]][0].size >= max(2, axis + 1)  # a rank-1 fill is a vector, not a batch
+        and int(constants[node.input[0]][0][axis]) == fixed
     ]
     sites.sort(key=lambda site: site[0])  # the Concats are inserted before their nodes in this order
+    states = _uniform_states(graph, fed, fixed)
     if not sites:
-        return _fold_batch_into_rows(graph, constants, fed, rows)
+        states += _uniform_initial_states(graph, batched, fixed)  # last: it rebuilds the node list
+        return states + _fold_batch_into_rows(graph, constants, fed, rows)
     prefix = "__bncheck_batch"
-    source, axis = next(iter(batched.items()))
     zero = from_array(np.array([axis], np.int64), f"{prefix}_index")
     graph.initializer.append(zero)
     source_shape = helper.make_node("Shape", [source], [f"{prefix}_shape"], name=f"{prefix}_shape")
@@ -331,9 +338,14 @@ def _rewrite_batch_constants(
     )
     added: list[tuple[int, Any]] = []
     for count, (i, node, k) in enumerate(sites):
-        rest = constants[node.input[k]][0][1:]
+        value = constants[node.input[k]][0]
         target = f"{prefix}_target_{count}"
         parts = [batch.output[0]]
+        if axis:
+            head = from_array(value[:axis].astype(np.int64), f"{prefix}_head_{count}")
+            graph.initializer.append(head)
+            parts.insert(0, head.name)
+        rest = value[axis + 1 :]
         if rest.size:
             tail = from_array(rest.astype(np.int64), f"{prefix}_rest_{count}")
             graph.initializer.append(tail)
@@ -345,7 +357,95 @@ def _rewrite_batch_constants(
         nodes.insert(i, concat)
     del graph.node[:]
     copy_messages(graph.node, [source_shape, batch, *nodes])
-    return len(sites) + _fold_batch_into_rows(graph, constants, fed, rows)
+    states += _uniform_initial_states(graph, batched, fixed)  # after the sites: it rebuilds the node list
+    return len(sites) + states + _fold_batch_into_rows(graph, constants, fed, rows)
+
+
+def _uniform_initial_states(graph: Any, batched: dict[str, int], fixed: int) -> int:
+    """An RNN/GRU/LSTM's initial_h or initial_c that is a constant of one value holding the fixed batch where
+    the layout puts it (torch's dynamo exporter folds the zero state to [layers, batch, hidden]): it becomes
+    that value expanded to the same dims with the fed batch's size. Returns how many."""
+    from onnx import helper
+
+    initializers = {t.name: t for t in graph.initializer if not t.data_location}
+    source, axis = next(iter(batched.items()))
+    nodes: list[Any] = []
+    done: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type in ("RNN", "GRU", "LSTM") and node.domain in ("", "ai.onnx"):
+            where = 0 if next((a.i for a in node.attribute if a.name == "layout"), 0) == 1 else 1
+            for k in (5, 6):
+                name = node.input[k] if len(node.input) > k else ""
+                tensor = initializers.get(name)
+                if name in done:
+                    node.input[k] = done[name]
+                    continue
+                if tensor is None or len(tensor.dims) != 3 or tensor.dims[where] != fixed or fixed < 2:
+                    continue
+                try:
+                    array = to_array(tensor)
+                except ValueError:
+                    continue
+                if not (array == array.flat[0]).all():
+                    continue
+                prefix = f"__bncheck_initial_{len(done)}"
+                dims = [from_array(np.array([d], np.int64), f"{prefix}_dim{j}") for j, d in enumerate(tensor.dims)]
+                graph.initializer.extend(
+                    [
+                        from_array(array.reshape(-1)[:1].reshape(1, 1, 1), f"{prefix}_value"),
+                        from_array(np.array([axis], np.int64), f"{prefix}_axis"),
+                        *(d for j, d in enumerate(dims) if j != where),
+                    ]
+                )
+                parts = [f"{prefix}_batch" if j == where else d.name for j, d in enumerate(dims)]
+                nodes += [
+                    helper.make_node("Shape", [source], [f"{prefix}_shape"], name=f"{prefix}_shape"),
+                    helper.make_node(
+                        "Gather",
+                        [f"{prefix}_shape", f"{prefix}_axis"],
+                        parts[where : where + 1],
+                        name=f"{prefix}_batch",
+                        axis=0,
+                    ),
+                    helper.make_node("Concat", parts, [f"{prefix}_target"], name=f"{prefix}_target", axis=0),
+                    helper.make_node("Expand", [f"{prefix}_value", f"{prefix}_target"], [prefix], name=prefix),
+                ]
+                done[name] = node.input[k] = prefix
+    if nodes:
+        kept = [copied(n) for n in graph.node]
+        del graph.node[:]
+        copy_messages(graph.node, [*nodes, *kept])
+    return len(done)
+
+
+def _uniform_states(graph: Any, fed: set[str], fixed: int) -> int:
+    """Expands of a constant of one value whose dims hold the fixed batch, to a target that follows the fed
+    batch: torch's zero initial state of an RNN, [layers, batch, hidden], folded at the file's batch, which an
+    Expand to [layers, Shape(x)[1], hidden] keeps at that batch whatever is fed. The constant becomes a single
+    element of the same rank, which the Expand broadcasts to the target. Returns how many."""
+    initializers = {t.name: t for t in graph.initializer if not t.data_location}  # in-file: a stub holds no values
+    values: dict[str, Any] = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            values.update((node.output[0], a.t) for a in node.attribute if a.name == "value")
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Expand" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        tensor = values.get(node.input[0], initializers.get(node.input[0]))
+        if tensor is None or node.input[1] not in fed or fixed not in tensor.dims or fixed < 2:
+            continue
+        try:
+            array = to_array(tensor)
+        except ValueError:  # raw_data of the wrong length: left for onnxruntime to report
+            continue
+        if array.size < 2 or not (array == array.flat[0]).all():
+            continue
+        name = f"__bncheck_state_{count}"
+        graph.initializer.append(from_array(array.reshape(-1)[:1].reshape((1,) * array.ndim), name))
+        node.input[0] = name
+        count += 1
+    return count
 
 
 def _rows_target(
