@@ -429,3 +429,27 @@ def test_outputs_moved_by_random_numbers_are_a_warning_naming_the_source_not_bat
     assert finding.evidence["random_sources"] == ["RandomUniformLike 'dropout_noise'"]
     assert "draws random numbers at inference" in finding.message and finding.hint == HINT_RANDOM
     assert report.exit_code == 0
+
+
+def test_a_dropout_op_in_training_mode_is_named_as_random_numbers_not_batch_dependence(tmp_path):
+    """torch writes a Dropout exported in training mode as the Dropout op with training_mode true (opset 12+);
+    where onnxruntime keeps it (its output is a model output), each run draws a new mask. The located
+    Dropout is the noise's source: a warning, not a batch dependence error."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "training"], ["y"], name="drop")]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4, 6])
+    inits = [
+        numpy_helper.from_array(np.array(0.3, np.float32), "ratio"),
+        numpy_helper.from_array(np.array(True), "training"),
+    ]
+    graph = helper.make_graph(nodes, "g", [value("x")], [value("y")], inits)
+    path = str(tmp_path / "drop.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+    report = engine.probe(path, ProbeSettings(batch_sizes=(1, 2, 8)))
+    [finding] = [f for f in report.findings if f.code == "BN002"]
+    assert finding.severity.label == "warning" and finding.evidence["random_sources"] == ["Dropout 'drop'"]
+    assert report.exit_code == 0

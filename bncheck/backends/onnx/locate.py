@@ -133,7 +133,7 @@ def _constants(graph: Any) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
     with contextlib.suppress(ValueError):  # raw_data of the wrong length: onnxruntime reports that tensor
         for tensor in graph.initializer:
-            if tensor.data_type in (6, 7) and not tensor.external_data:
+            if tensor.data_type in (6, 7, 9) and not tensor.external_data:  # INT32, INT64, BOOL
                 found[tensor.name] = to_array(tensor)
         for node in graph.node:
             if node.op_type == "Constant" and node.output:
@@ -273,17 +273,18 @@ def locate_dependence(
     change, tensor = max(moved)
     if not change > COMPANION_TOLERANCE:
         return None
+    constants = _constants(graph)
     return LocatedDependence(
         node=node.name or node.output[0],
         op_type=node.op_type,
         tensor=tensor,
-        axes=_axes(node, _constants(graph)),
+        axes=_axes(node, constants),
         change=change if math.isfinite(change) else math.inf,
         runs=runs,
         batch_size=size,
         relative_change=relative.get(tensor),
         upstream_quantizers=_upstream_quantizers(nodes, lo),
-        random_sources=_random_sources(nodes, lo),
+        random_sources=_random_sources(nodes, lo, constants),
         moved_integer_inputs=tuple(moved_inputs),
         integer_origin=origin,
     )
@@ -317,15 +318,23 @@ RANDOM_OPS = frozenset(
 )
 
 
-def _random_sources(nodes: list[Any], index: int) -> tuple[str, ...]:
+def _random_sources(nodes: list[Any], index: int, constants: dict[str, np.ndarray]) -> tuple[str, ...]:
     """The ops drawing random numbers at node ``index`` or upstream of it, "RandomUniformLike 'n1'", in graph
-    order."""
+    order; a Dropout whose training_mode is true among them (exported from a model in training mode)."""
     reached = upstream_nodes(nodes, nodes[index].input) | {index}
     return tuple(
         f"{nodes[i].op_type} {(nodes[i].name or nodes[i].output[0])!r}"
         for i in sorted(reached)
-        if nodes[i].op_type in RANDOM_OPS and nodes[i].domain in ONNX_DOMAINS
+        if (nodes[i].op_type in RANDOM_OPS or _dropout_training(nodes[i], constants))
+        and nodes[i].domain in ONNX_DOMAINS
     )
+
+
+def _dropout_training(node: Any, constants: dict[str, np.ndarray]) -> bool:
+    """A Dropout (opset 12+) whose training_mode input is a constant true: it drops units at every run."""
+    if node.op_type != "Dropout" or len(node.input) < 3 or node.input[2] not in constants:
+        return False
+    return bool(np.asarray(constants[node.input[2]]).any())
 
 
 def _upstream_quantizers(nodes: list[Any], index: int) -> tuple[str, ...]:
