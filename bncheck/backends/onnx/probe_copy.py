@@ -12,7 +12,7 @@ change harmless:
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
 - a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
   shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the
-  batch in are computed from the fed batch instead. At the file's size the copy is the file's graph (declared shapes aside, a
+  batch in (and an RNN's zero initial state folded at it) are computed from the fed batch instead. At the file's size the copy is the file's graph (declared shapes aside, a
   rewritten constant computes the file's value there), so no run of the original is needed; the relaxation
   is kept only when runs of the copy prove it: it runs at the file's size, and at another size every output
   dim that held the batch follows the fed batch and no other changes. Otherwise the probe runs at the fixed
@@ -272,13 +272,16 @@ def _rewrite_batch_constants(
     shapes: dict[str, tuple[Dim, ...]],
     rows: frozenset[str] = frozenset(),
 ) -> int:
-    """Reshape/Expand targets and Resize sizes whose first element is the fixed batch, on a batch-fed tensor
-    whose first dim (in the file's ``shapes``) is that batch or unknown, and the shapes of ConstantOfShape
+    """Reshape/Expand targets and Resize sizes whose element at the batch's axis (the first batched input's: 0,
+    or 1 for a sequence an RNN reads) is the fixed batch, on a batch-fed tensor whose dim there (in the file's
+    ``shapes``; any dim, where the axis is 1) is that batch or unknown, and the shapes of ConstantOfShape
     whose output meets a batch-fed tensor in a node (tf2onnx pads channels by a Concat with zeros shaped
     [1, C, H, W]), become ``Concat(Shape(input)[axis:axis+1], rest)``: the fed batch instead of the baked
     one. ``rows`` are a norm's input and output whose axis 0 is a fixed 1 and no batch (the batch is folded into
     their rows, as in tf's fused LayerNormalization): a Reshape making one to ``[1, M, ...]`` becomes ``[1, -1,
-    ...]`` instead, and a Reshape of one back to the fixed batch holds the batch. Returns how many."""
+    ...]`` instead, and a Reshape of one back to the fixed batch holds the batch. An RNN's zero initial state
+    that holds the fixed batch follows the fed one (:func:`_uniform_states`, :func:`_uniform_initial_states`).
+    Returns how many."""
     from onnx import helper
 
     graph = model.graph
