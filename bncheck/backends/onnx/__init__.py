@@ -156,11 +156,12 @@ def recurrent_sequences(nodes: Iterable[Any]) -> dict[str, int]:
     axis that holds the batch there: 1 in the default layout [seq, batch, features] (torch's LSTM without
     batch_first), 0 in layout 1."""
     nodes = list(nodes)
+    rnns = [n for n in nodes if n.op_type in ("RNN", "GRU", "LSTM") and n.domain in ("", "ai.onnx") and n.input]
+    if not rnns:
+        return {}  # most graphs: no map of producers to build
     producer = {out: node for node in nodes for out in node.output if out}
     found: dict[str, int] = {}
-    for node in nodes:
-        if node.op_type not in ("RNN", "GRU", "LSTM") or node.domain not in ("", "ai.onnx") or not node.input:
-            continue
+    for node in rnns:
         layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
         todo, seen = [node.input[0]], set()
         while todo:
