@@ -666,3 +666,35 @@ def test_a_mean_over_the_time_steps_of_a_sequence_first_lstm_is_no_batch_statist
     assert inspected.exit_code == 0 and json.loads(inspected.stdout)["findings"] == []
     code, doc = _probe(path)
     assert code == 0 and doc["findings"] == []
+
+
+def test_an_lstm_fed_the_batch_on_the_axis_the_file_names_batch_recurs_across_the_samples(tmp_path):
+    """torch's LSTM without batch_first fed [batch, seq, features], the file naming axis 0 "batch": the op
+    runs along the samples. The file's name wins over the op's layout, and the probe finds the dependence at
+    the LSTM with what to do about it."""
+    from bncheck.checks.bn002_train_mode import HINT_RECURRENT
+
+    rng = np.random.default_rng(5)
+    hidden = 8
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(1, 4 * hidden, 4)).astype(np.float32) * 0.5, "W"),
+        numpy_helper.from_array(rng.normal(size=(1, 4 * hidden, hidden)).astype(np.float32) * 0.5, "R"),
+        numpy_helper.from_array(np.array([1], np.int64), "directions"),
+    ]
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R"], ["Y"], hidden_size=hidden, name="lstm"),
+        helper.make_node("Squeeze", ["Y", "directions"], ["y"], name="squeeze"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lstm",
+        [helper.make_tensor_value_info("x", F32, ["batch", "seq", 4])],
+        [helper.make_tensor_value_info("y", F32, ["batch", "seq", hidden])],
+        initializer=inits,
+    )
+    path = str(tmp_path / "lstm.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    assert [(s.name, s.batch_axis) for s in OnnxBackend().load(path).inputs] == [("x", 0)]
+    code, doc = _probe(path, "--input-shape", "x:5x4")
+    assert code == 1 and [(f["code"], f["layer"]) for f in doc["findings"]] == [("BN002", "lstm")]
+    assert doc["findings"][0]["hint"] == HINT_RECURRENT

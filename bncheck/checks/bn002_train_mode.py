@@ -119,6 +119,14 @@ HINT_RANDOM = (
     "training=False); if the model samples on purpose (a TTS or VAE's noise), fix its seed or noise scale to "
     "compare runs, or --ignore BN002."
 )
+#: ops that recur along the axis their layout calls the sequence
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+HINT_RECURRENT = (
+    "The recurrent op reads its input as [seq, batch, features] (ONNX's default layout): fed [batch, seq, "
+    "features], it runs along the samples, so each depends on the ones before it. Export the model with "
+    "batch_first=True (torch); if it is meant to be fed sequence first, name its dims so ([seq, batch, ...]) "
+    "or ignore BN002 for this model (--ignore BN002)."
+)
 HINT_REDUCTION = (
     "Reduce over the sample's own axes at inference (leave axis 0 out), or use statistics stored at training "
     "time (a batch norm's moments exported in training mode: export it with training off); if mixing the "
@@ -281,6 +289,8 @@ def _unexplained(
     hint = HINT_DYNAMIC_QUANT if dynamic else HINT_REDUCTION
     if found.moved_integer_inputs:
         hint = HINT_INTEGER_INPUTS
+    elif found.op_type in RECURRENT_OPS:
+        hint = HINT_RECURRENT
     elif not dynamic and found.axes is not None and 0 not in found.axes:
         hint = HINT_MOVED_BATCH  # its axes hold the batch only because a reshape before it moved it there
     # no normalization layer explains it, so `fix` has nothing to switch or recalibrate here

@@ -177,6 +177,12 @@ def recurrent_sequences(nodes: Iterable[Any]) -> dict[str, int]:
     return found
 
 
+def _names_batch_elsewhere(shape: tuple[Dim, ...], axis: int) -> bool:
+    """Whether ``shape`` names a dim other than ``axis`` the batch ("batch", "batch_size", ...) and not that one."""
+    named = [k for k, d in enumerate(shape) if isinstance(d, str) and "batch" in d.lower()]
+    return bool(named) and axis not in named
+
+
 #: ops whose data input carries the batch on axis 0 as the graph runs it (:func:`sample_leading_dims`)
 _BATCH_FIRST_OPS = frozenset(
     {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
@@ -223,7 +229,9 @@ def batch_axes(
     output carries on axis 0 has none: one image [3, H, W] that the graph makes a batch of 1 (torchvision's
     detectors). An input that an RNN reads as its sequence (``sequences``, one batch axis or None per input,
     :func:`recurrent_sequences`) carries the batch where the RNN's layout puts it, and its dim there names the
-    batch: [seq, batch, features] for torch's LSTM without batch_first. Anything else keeps axis 0.
+    batch: [seq, batch, features] for torch's LSTM without batch_first; not where the file names another of its
+    dims the batch ([batch, seq, features] fed to such an LSTM, which recurs across the samples). Anything else
+    keeps axis 0.
     """
     firsts = [s[0] for s in shapes if s and isinstance(s[0], str)]
     name = Counter(firsts).most_common(1)[0][0] if firsts else None
@@ -233,8 +241,13 @@ def batch_axes(
         name = carried.pop()
         # a name the outputs carry on another axis keeps its batch (a gallery's [faces, templates] scores)
         shared = set(firsts) - {name} - {d for s in outputs if s for d in s}
-    # an RNN's sequence input is read off the op, not guessed from the dims: its batch is where the layout says
-    sequence = [a if a is not None and s and len(s) == 3 else None for s, a in zip(shapes, sequences)]
+    # an RNN's sequence input is read off the op, not guessed from the dims: its batch is where the layout says,
+    # unless the file names another of its dims the batch (torch's LSTM without batch_first, fed [batch, seq,
+    # features]: it recurs across the samples, which the probe is to see)
+    sequence = [
+        a if a is not None and s and len(s) == 3 and not _names_batch_elsewhere(s, a) else None
+        for s, a in zip(shapes, sequences)
+    ]
     named = [d for s, a in zip(shapes, sequence) if s and a is not None for d in [s[a]] if isinstance(d, str)]
     if named:
         name = named[0]
