@@ -637,19 +637,22 @@ def _sequence_first_lstm(path: Path, *, state: str, centre: int | None = None, b
     return str(path)
 
 
-@pytest.mark.parametrize("state", ["expand", "initializer"])
-def test_a_sequence_first_lstm_at_a_fixed_batch_relaxes_on_axis_1_and_passes(tmp_path, state):
+@pytest.mark.parametrize(
+    ("state", "batch", "rewritten"), [("expand", 2, 2), ("initializer", 2, 2), ("initializer", 1, 2)]
+)
+def test_a_sequence_first_lstm_at_a_fixed_batch_relaxes_on_axis_1_and_passes(tmp_path, state, batch, rewritten):
     """Taken on axis 0, the sequence's time steps were the samples: every step's output depends on the steps
     before it, and the LSTM got a BN002 error on every such torch export (the fixed batch then could not relax
     either: the zero state and the Reshape target hold it on axis 1)."""
-    path = _sequence_first_lstm(tmp_path / "lstm.onnx", state=state)
+    path = _sequence_first_lstm(tmp_path / "lstm.onnx", state=state, batch=batch)
     assert [(s.name, s.batch_axis) for s in OnnxBackend().load(path).inputs] == [("x", 1)]
     code, doc = _probe(path)
     run = doc["probe"]["runs"][0]
     assert code == 0 and doc["findings"] == []
     assert run["batch_sizes"] == [1, 2, 32]
-    # the state and the Reshape's target now follow the fed batch: 2 constants in either export
-    assert run["batch_handling"].startswith("fixed to 2 in the file; relaxed to symbolic, validated (2 ")
+    # the state and the Reshape's target now follow the fed batch (a state read directly at batch 1 too)
+    fixed = f"fixed to {batch} in the file; relaxed to symbolic, validated ({rewritten} "
+    assert run["batch_handling"].startswith(fixed)
 
 
 def test_a_dependence_along_the_batch_axis_of_a_sequence_first_lstm_is_found(tmp_path):

@@ -383,7 +383,7 @@ def _uniform_initial_states(graph: Any, batched: dict[str, int], fixed: int) -> 
                 if name in done:
                     node.input[k] = done[name]
                     continue
-                if tensor is None or len(tensor.dims) != 3 or tensor.dims[where] != fixed or fixed < 2:
+                if tensor is None or len(tensor.dims) != 3 or tensor.dims[where] != fixed:
                     continue
                 try:
                     array = to_array(tensor)
@@ -426,6 +426,8 @@ def _uniform_states(graph: Any, fed: set[str], fixed: int) -> int:
     batch: torch's zero initial state of an RNN, [layers, batch, hidden], folded at the file's batch, which an
     Expand to [layers, Shape(x)[1], hidden] keeps at that batch whatever is fed. The constant becomes a single
     element of the same rank, which the Expand broadcasts to the target. Returns how many."""
+    if fixed < 2:
+        return 0  # an Expand broadcasts a dim of 1 to the fed batch already
     initializers = {t.name: t for t in graph.initializer if not t.data_location}  # in-file: a stub holds no values
     values: dict[str, Any] = {}
     for node in graph.node:
@@ -436,7 +438,7 @@ def _uniform_states(graph: Any, fed: set[str], fixed: int) -> int:
         if node.op_type != "Expand" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         tensor = values.get(node.input[0], initializers.get(node.input[0]))
-        if tensor is None or node.input[1] not in fed or fixed not in tensor.dims or fixed < 2:
+        if tensor is None or node.input[1] not in fed or fixed not in tensor.dims:
             continue
         try:
             array = to_array(tensor)
