@@ -10,20 +10,20 @@ change harmless:
 - an IR version newer than the installed onnxruntime reads gets a note: ``run.new_session`` gives every
   session's bytes the newest it reads (``runtime_ir``);
 - graph inputs that only feed a norm's parameters get fixed tensors (:func:`parameter_inputs`);
-- a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate
-  shapes are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the
-  batch in (and an RNN's zero initial state folded at it) are computed from the fed batch instead. At the file's size the copy is the file's graph (declared shapes aside, a
-  rewritten constant computes the file's value there), so no run of the original is needed; the relaxation
-  is kept only when runs of the copy prove it: it runs at the file's size, and at another size every output
-  dim that held the batch follows the fed batch and no other changes. Otherwise the probe runs at the fixed
-  size. The proof's session and runs are kept for the probe (:class:`Proof`), which takes them over when it
-  adds nothing to this graph; so are the session and its run at the file's size where the outputs refuse the
-  relaxation, since the copy computes the file's graph there. A probe that adds to the graph (a measured
-  layer, a train-mode BN replaced) proves the relaxation on its own graph instead (:attr:`ProbeCopy.pending`):
-  its first runs are the proof's, and a session of the copy alone would be built and run only to be dropped.
-  Where those runs' outputs refuse the relaxation and nothing was rewritten, the probe's graph keeps running
-  at the file's size (:func:`keep_fixed_batch`). Where the relaxed copy's inferred shapes give an If node one
-  condition per sample (:func:`branch_per_sample`), no run could prove it: it is refused before any session.
+- a fixed batch dim (``torch.onnx.export`` without dynamic axes) is relaxed to symbolic, stale intermediate shapes
+  are cleared and re-inferred, and Reshape/Expand/Resize/ConstantOfShape shape constants that bake the batch in (and
+  an RNN's zero initial state folded at it) are computed from the fed batch instead. At the file's size the copy is
+  the file's graph (declared shapes aside, a rewritten constant computes the file's value there), so no run of the
+  original is needed; the relaxation is kept only when runs of the copy prove it: it runs at the file's size, and at
+  another size every output dim that held the batch follows the fed batch and no other changes. Otherwise the probe
+  runs at the fixed size. The proof's session and runs are kept for the probe (:class:`Proof`), which takes them over
+  when it adds nothing to this graph; so are the session and its run at the file's size where the outputs refuse the
+  relaxation, since the copy computes the file's graph there. A probe that adds to the graph (a measured layer, a
+  train-mode BN replaced) proves the relaxation on its own graph instead (:attr:`ProbeCopy.pending`): its first runs
+  are the proof's, and a session of the copy alone would be built and run only to be dropped. Where those runs'
+  outputs refuse the relaxation and nothing was rewritten, the probe's graph keeps running at the file's size
+  (:func:`keep_fixed_batch`). Where the relaxed copy's inferred shapes give an If node one condition per sample
+  (:func:`branch_per_sample`), no run could prove it: it is refused before any session.
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def _uniform_initial_states(graph: Any, batched: dict[str, int], fixed: int) -> 
                     continue
                 try:
                     array = to_array(tensor)
-                except ValueError:
+                except ValueError:  # raw_data of the wrong length: left for onnxruntime to report
                     continue
                 if not (array == array.flat[0]).all():
                     continue
