@@ -701,3 +701,12 @@ def test_an_lstm_fed_the_batch_on_the_axis_the_file_names_batch_recurs_across_th
     code, doc = _probe(path, "--input-shape", "x:5x4")
     assert code == 1 and [(f["code"], f["layer"]) for f in doc["findings"]] == [("BN002", "lstm")]
     assert doc["findings"][0]["hint"] == HINT_RECURRENT
+
+
+def test_the_relaxed_copy_follows_the_batch_on_axis_0_where_an_input_holds_it_there():
+    """Where one input is batched on axis 0, the shape constants hold the batch there, whichever input comes
+    first (a state [layers, batch, hidden] before x): only a sequence-first graph's inputs move it to axis 1."""
+    from bncheck.backends.onnx.probe_copy import _batch_source
+
+    assert _batch_source({"h": 1, "x": 0}) == ("x", 0)
+    assert _batch_source({"x": 1, "h": 1}) == ("x", 1)

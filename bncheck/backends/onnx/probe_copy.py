@@ -288,9 +288,9 @@ def _rewrite_batch_constants(
     constants = _constant_values(graph)
     fed = _batch_fed(graph, batched)
 
-    # where the first batched input holds the batch: 0, or 1 for a sequence [seq, batch, ...] that an RNN reads,
+    # where the inputs hold the batch: 0 if one does, else 1 for a sequence [seq, batch, ...] that an RNN reads,
     # whose tensors keep that layout up to the RNN's outputs (torch's Reshape of them to [seq, batch, hidden])
-    source, axis = next(iter(batched.items()))
+    source, axis = _batch_source(batched)
 
     def may_hold_batch(name: str) -> bool:
         # a quantized model's bias [24], reshaped to [1, -1, 1, 1], is computed from the batch (its scale is
@@ -364,6 +364,12 @@ def _rewrite_batch_constants(
     return len(sites) + states + _fold_batch_into_rows(graph, constants, fed, rows)
 
 
+def _batch_source(batched: dict[str, int]) -> tuple[str, int]:
+    """The input whose Shape gives the fed batch, and its batch axis: one batched on axis 0 where there is one
+    (a recurrent state's axis 1 beside it says nothing of the graph's other tensors)."""
+    return min(batched.items(), key=lambda item: item[1])
+
+
 def _uniform_initial_states(graph: Any, batched: dict[str, int], fixed: int) -> int:
     """An RNN/GRU/LSTM's initial_h or initial_c that is a constant of one value holding the fixed batch where
     the layout puts it (torch's dynamo exporter folds the zero state to [layers, batch, hidden]): it becomes
@@ -371,7 +377,7 @@ def _uniform_initial_states(graph: Any, batched: dict[str, int], fixed: int) -> 
     from onnx import helper
 
     initializers = {t.name: t for t in graph.initializer if not t.data_location}
-    source, axis = next(iter(batched.items()))
+    source, axis = _batch_source(batched)
     nodes: list[Any] = []
     done: dict[str, str] = {}
     for node in graph.node:
