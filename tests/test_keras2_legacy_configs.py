@@ -431,3 +431,45 @@ def test_a_keras_2_file_that_fails_at_its_first_call_says_which_keras_wrote_it(t
     result = CliRunner().invoke(main, ["probe", path])
     assert result.exit_code == 2 and "keras failed to run the model" in result.stderr
     assert "the file was saved by Keras 2.4.0, whose configs Keras 3." in result.stderr
+
+
+def _keras2_nested(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """Teachable Machine's image model in small: Sequential[Sequential[a functional base (Conv2D ->
+    BatchNormalization -> ReLU), pooling], Sequential[Dense]], its base's single output written as tf.keras 2.4
+    wrote one, a list of one (``[["relu", 0, 0]]``), with inputs and Keras 3's outputs for them."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2), name="image")
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    base = keras.Model(inputs, keras.layers.ReLU(name="relu")(x), name="base")
+    features = keras.Sequential([keras.Input((6, 6, 2)), base, keras.layers.GlobalAveragePooling2D()], name="features")
+    head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="scores")], name="head")
+    model = keras.Sequential([keras.Input((6, 6, 2)), features, head], name="classifier")
+    x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+
+    def edit(config: dict) -> None:
+        body = config["config"]["layers"][1]["config"]["layers"][1]["config"]
+        body["output_layers"] = [body["output_layers"]]
+
+    _save_as(model, path, "2.4.0", edit)
+    return str(path), x, expected
+
+
+def test_keras3_itself_cannot_run_a_nested_model_whose_single_output_is_a_list(tmp_path: Path) -> None:
+    path, _, _ = _keras2_nested(tmp_path / "m.h5")
+    with pytest.raises(Exception, match="received 2 input tensors"):
+        keras.saving.load_model(path, compile=False)
+
+
+def test_probe_loads_a_teachable_machine_style_model_and_computes_what_it_computed(tmp_path: Path) -> None:
+    path, x, expected = _keras2_nested(tmp_path / "m.h5")
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    model, note = patched
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    assert "writes as a list of one, in 1 model(s) nested in a Sequential (first: 'base')" in note, note
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
+    document = json.loads(result.stdout)
+    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "features/base/bn")]

@@ -28,6 +28,11 @@ only read.
 - A layer wrapped by TimeDistributed or Bidirectional is written without the ``module`` a Keras 3 config
   carries, and Keras 3's legacy loader then cannot find even a built-in class ("Could not locate class
   'Dense'"): the copy names ``keras.layers`` for a wrapped layer (not a wrapped model, which loads no better).
+- Keras 2 wrote a model's single output as a list of one, ``output_layers: [["out_relu", 0, 0]]``. Keras 3
+  then builds a model nested in a Sequential with a list for its output, which the Sequential hands on as
+  two tensors ("expects 1 named input(s) ... but it received 2 input tensors": Teachable Machine's image
+  models, a MobileNetV2 and a Dense head each in a Sequential, tf.keras 2.4): the copy writes such an output
+  as Keras 3 writes one, ``["out_relu", 0, 0]``.
 
 And what Keras 3 computes differently from the Keras 1/2 that wrote a file it loads, said in a note:
 ``hard_sigmoid`` (Keras 2.0-2.2's default recurrent activation of LSTM and GRU) is clip(0.2 x + 0.5) in
@@ -240,6 +245,23 @@ def _unplaced_wrapped(config: dict) -> list[tuple[str, dict]]:
     return found
 
 
+def _listed_single_outputs(config: Any) -> list[tuple[str, dict]]:
+    """The configs of the models in a Sequential's layers whose one output is written as a list of one."""
+    from bncheck.backends.keras.config import MODEL_CLASSES
+
+    found = []
+    for cls, body in _class_configs(config):
+        layers = body.get("layers") if cls == "Sequential" else None
+        for entry in layers if isinstance(layers, list) else ():
+            inner = entry.get("config") if isinstance(entry, dict) else None
+            if not isinstance(inner, dict) or entry.get("class_name") not in MODEL_CLASSES:
+                continue
+            outputs = inner.get("output_layers")
+            if isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], list):
+                found.append((_named(inner), inner))
+    return found
+
+
 def _classes(config: Any, wanted: Callable[[str, dict], bool]) -> list[tuple[str, dict]]:
     """The configs of the layers (wrapped ones too) of the classes ``wanted`` takes."""
     return [(_named(c), c) for cls, c in _class_configs(config) if wanted(cls, c)]
@@ -351,6 +373,13 @@ _MENDS = (
         "Keras {ours} passes on as written the tensors that this Keras {theirs} file names among the keyword "
         "arguments of {count} layer call(s) (first: {first!r}, a mask, say); bncheck loaded it with them "
         "written as Keras {ours} writes a tensor",
+    ),
+    _Mend(
+        _listed_single_outputs,
+        lambda c: c.update(output_layers=c["output_layers"][0]),
+        "Keras {ours} takes the single output that this Keras {theirs} file writes as a list of one, in {count} "
+        "model(s) nested in a Sequential (first: {first!r}), for a list the Sequential passes on as two tensors; "
+        "bncheck loaded it with that output written as Keras {ours} writes one",
     ),
     _Mend(
         _unplaced_wrapped,
