@@ -72,12 +72,17 @@ def test_keras3_itself_refuses_the_time_major_key(tmp_path: Path) -> None:
         keras.saving.load_model(path, compile=False)
 
 
-def test_the_copy_without_the_key_computes_what_the_model_computed(tmp_path: Path) -> None:
-    path, x, expected = _keras2_recurrent(tmp_path / "m.h5")
+def _copy_computes(path: str, x: np.ndarray, expected: np.ndarray) -> str:
+    """The note of the copy bncheck loads ``path`` from, asserting that it computes ``expected`` on ``x``."""
     patched = load_patched(keras, read(path))
     assert patched is not None
     model, note = patched
     np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    return note
+
+
+def test_the_copy_without_the_key_computes_what_the_model_computed(tmp_path: Path) -> None:
+    note = _copy_computes(*_keras2_recurrent(tmp_path / "m.h5"))
     assert "refuses the time_major=False that Keras 2.4.0 wrote in 2 recurrent layer(s)" in note, note
 
 
@@ -464,10 +469,7 @@ def test_keras3_itself_cannot_run_a_nested_model_whose_single_output_is_a_list(t
 
 def test_probe_loads_a_teachable_machine_style_model_and_computes_what_it_computed(tmp_path: Path) -> None:
     path, x, expected = _keras2_nested(tmp_path / "m.h5")
-    patched = load_patched(keras, read(path))
-    assert patched is not None
-    model, note = patched
-    np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    note = _copy_computes(path, x, expected)
     assert "writes as a list of one, in 1 model(s) nested in a Sequential (first: 'base')" in note, note
     result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
     assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
