@@ -475,3 +475,19 @@ def test_probe_loads_a_teachable_machine_style_model_and_computes_what_it_comput
     assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
     document = json.loads(result.stdout)
     assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "features/base/bn")]
+
+
+def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_path: Path) -> None:
+    """tf.keras 2 saved HDF5 where asked whatever the name (two repositories of the round's sweep hold a
+    ``model.keras`` that is one): read as a .keras archive it was refused ("not a readable zip archive"), and
+    Keras 3 picks its loader by the name alone."""
+    model, _, _ = _conv_bn()
+    h5 = tmp_path / "m.h5"
+    model.save(h5)
+    path = str(h5.rename(tmp_path / "model.keras"))
+    for command in ("inspect", "probe"):
+        result = CliRunner().invoke(main, [command, path, "--format", "json"])
+        assert result.exit_code == 1, result.output  # exit 2 before: not a zip archive
+        document = json.loads(result.stdout)
+        assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "bn")]  # never updated
+        assert any("despite its .keras name" in n["message"] for n in document["notes"])

@@ -48,10 +48,29 @@ def read(path: str) -> KerasFile:
     return _read_in_child(path, limit)
 
 
+#: the first bytes of an HDF5 file (its superblock at offset 0, as h5py and Keras write it)
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: what a .keras file that is an HDF5 file says (tf.keras 2 saved HDF5 where asked, whatever the name)
+HDF5_NAMED_KERAS = "an HDF5 file (Keras 2's format) despite its .keras name: read, and loaded for a probe, as one"
+
+
+def is_hdf5(path: str) -> bool:
+    """Whether ``path`` starts with the HDF5 signature (False where it cannot be read: the reader says why)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
 def _read(path: str) -> KerasFile:
-    if path.lower().endswith(".keras"):
+    if not path.lower().endswith(".keras"):
+        return _read_h5(path)
+    if not is_hdf5(path):
         return _read_keras(path)
-    return _read_h5(path)
+    found = _read_h5(path)
+    found.notes.insert(0, Note("info", HDF5_NAMED_KERAS))
+    return found
 
 
 def _read_in_child(path: str, limit: float) -> KerasFile:

@@ -126,18 +126,31 @@ def refuse_foreign(static: KerasFile, command: str = "probe") -> Any:
     return keras
 
 
-def load(keras: Any, path: str, saved_by: str | None = None) -> Any:
+def load(keras: Any, path: str, saved_by: str | None = None, h5: bool = False) -> Any:
     """The model, by Keras's safe loader; ``saved_by``: the file's Keras version, named in a refusal where it
     is older than 3 (Keras 3 reads Keras 1/2 files only in part: a Sequential config stored as a list, legacy
-    layer classes)."""
-    try:
-        # safe_mode=True only: a lambda or any object outside Keras fails to load instead of running.
-        # Keras's deprecation warnings would litter stderr, which the CLI keeps for one-line errors.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
-        raise refusal(keras, path, saved_by, exc) from None
+    layer classes). ``h5``: the file is HDF5, which Keras 3 picks its loader for by the name alone."""
+    import contextlib
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        source = path
+        if h5 and not path.lower().endswith((".h5", ".hdf5")):
+            source = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="bncheck-keras-")), "model.h5")
+            try:
+                os.symlink(os.path.abspath(path), source)
+            except OSError:  # no symlinks here (Windows without the privilege): a copy
+                import shutil
+
+                shutil.copyfile(path, source)
+        try:
+            # safe_mode=True only: a lambda or any object outside Keras fails to load instead of running.
+            # Keras's deprecation warnings would litter stderr, which the CLI keeps for one-line errors.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return keras.saving.load_model(source, compile=False, safe_mode=True)
+        except Exception as exc:  # keras raises ValueError/TypeError/KeyError/OSError on what it cannot load
+            raise refusal(keras, path, saved_by, exc) from None
 
 
 def _with_backend_hint(exc: BackendError, static: KerasFile, keras: Any) -> BackendError:
@@ -281,7 +294,8 @@ class KerasRunner:
         # how Keras 3 loads and computes this file differently from the Keras that wrote it
         self.loaded_notes: list[str] = ([patched[1]] if patched else []) + semantic_notes(self.keras, static)
         try:
-            self.model = patched[0] if patched else load(self.keras, static.path, static.keras_version)
+            h5 = static.format == "h5"
+            self.model = patched[0] if patched else load(self.keras, static.path, static.keras_version, h5)
         except BackendError as exc:
             raise _with_backend_hint(exc, static, self.keras) from None
         names = [layer.name for layer in view.layers]
