@@ -100,14 +100,9 @@ def graph_inputs(handle) -> list[InputSpec]:
     stored |= set(parameter_inputs(graph))  # fed as fixed tensors by the probe, not batched (probe_copy)
     values = [value for value in graph.input if value.name not in stored]
     shapes = [handle.value_shapes.get(value.name) for value in values]
-    states = recurrent_states(graph.node)
-    sequences = recurrent_sequences(graph.node)
     outputs = [handle.value_shapes.get(value.name) for value in graph.output]
     specs = []
-    firsts = sample_leading_dims(graph.node, handle.value_shapes.get)
-    axes = batch_axes(
-        shapes, [v.name in states for v in values], outputs, firsts, [sequences.get(v.name) for v in values]
-    )
+    axes = input_batch_axes(graph.node, [v.name for v in values], shapes, outputs, handle.value_shapes.get)
     for value, shape, axis in zip(values, shapes, axes):
         elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
         try:
@@ -120,6 +115,23 @@ def graph_inputs(handle) -> list[InputSpec]:
             fill = 0.0 if made_up else _compared_constant(graph, value.name)
         specs.append(InputSpec(value.name, shape, dtype, batch_axis=axis, fill=fill, fill_made_up=made_up))
     return specs
+
+
+def input_batch_axes(
+    nodes: Iterable[Any],
+    names: Sequence[str],
+    shapes: list[tuple[Dim, ...] | None],
+    outputs: Sequence[tuple[Dim, ...] | None],
+    shape_of: Any,
+) -> list[int | None]:
+    """:func:`batch_axes` of the graph inputs ``names`` (their ``shapes``), with what the graph's ``nodes`` tell of
+    them: the RNN states and sequences they are, and the data the convolutions and norm ops see (``shape_of``: a
+    tensor name -> its shape or None)."""
+    nodes = list(nodes)
+    states, sequences = recurrent_states(nodes), recurrent_sequences(nodes)
+    recurrent = [name in states for name in names]
+    firsts = sample_leading_dims(nodes, shape_of)
+    return batch_axes(shapes, recurrent, outputs, firsts, [sequences.get(name) for name in names])
 
 
 def recurrent_states(nodes: Iterable[Any]) -> set[str]:

@@ -722,19 +722,12 @@ def fixed_to_one(g: GraphIndex) -> bool:
 def _input_axes(g: GraphIndex) -> tuple[list, list[int | None]]:
     """The graph inputs' shapes and batch axes, as the probe feeds them (onnx.batch_axes)."""
     # that module imports the walk, which imports this
-    from bncheck.backends.onnx import batch_axes, recurrent_sequences, recurrent_states, sample_leading_dims
+    from bncheck.backends.onnx import input_batch_axes
 
     if g.input_axes is None:
         inputs = [g.shape(i) for i in g.graph_inputs]
-        states = recurrent_states(g.nodes)
-        sequences = recurrent_sequences(g.nodes)
         outputs = [g.shape(o) for o in g.graph_outputs]
-        firsts = sample_leading_dims(g.nodes, g.shape)
-        recurrent = [name in states for name in g.graph_inputs]
-        g.input_axes = (
-            inputs,
-            batch_axes(inputs, recurrent, outputs, firsts, [sequences.get(name) for name in g.graph_inputs]),
-        )
+        g.input_axes = inputs, input_batch_axes(g.nodes, g.graph_inputs, inputs, outputs, g.shape)
     return g.input_axes
 
 
