@@ -328,10 +328,10 @@ def _rewrite_batch_constants(
         and int(constants[node.input[0]][0][axis]) == fixed
     ]
     sites.sort(key=lambda site: site[0])  # the Concats are inserted before their nodes in this order
-    states = _uniform_states(graph, fed, fixed)
-    if not sites:
-        states += _uniform_initial_states(graph, batched, fixed)  # last: it rebuilds the node list
-        return states + _fold_batch_into_rows(graph, constants, fed, rows)
+    count = _uniform_states(graph, fed, fixed)
+    states = _uniform_initial_states(graph, fixed)
+    if not sites and not states:
+        return count + _fold_batch_into_rows(graph, constants, fed, rows)
     prefix = "__bncheck_batch"
     zero = from_array(np.array([axis], np.int64), f"{prefix}_index")
     graph.initializer.append(zero)
@@ -339,29 +339,39 @@ def _rewrite_batch_constants(
     batch = helper.make_node(
         "Gather", [f"{prefix}_shape", zero.name], [f"{prefix}_size"], name=f"{prefix}_size", axis=0
     )
-    added: list[tuple[int, Any]] = []
-    for count, (i, node, k) in enumerate(sites):
-        value = constants[node.input[k]][0]
-        target = f"{prefix}_target_{count}"
-        parts = [batch.output[0]]
-        if axis:
-            head = from_array(value[:axis].astype(np.int64), f"{prefix}_head_{count}")
-            graph.initializer.append(head)
-            parts.insert(0, head.name)
-        rest = value[axis + 1 :]
-        if rest.size:
-            tail = from_array(rest.astype(np.int64), f"{prefix}_rest_{count}")
-            graph.initializer.append(tail)
-            parts.append(tail.name)
-        added.append((i, helper.make_node("Concat", parts, [target], name=target, axis=0)))
-        node.input[k] = target
-    nodes = list(graph.node)
-    for i, concat in reversed(added):
-        nodes.insert(i, concat)
+
+    def following(value: np.ndarray, position: int, name: str) -> Any:
+        """A Concat of ``value`` (a shape) with the fed batch in place of its element at ``position``."""
+
+        def constant(piece: np.ndarray, end: str) -> list[str]:
+            if not piece.size:
+                return []
+            graph.initializer.append(from_array(piece.astype(np.int64), f"{name}_{end}"))
+            return [f"{name}_{end}"]
+
+        parts = [*constant(value[:position], "head"), batch.output[0], *constant(value[position + 1 :], "rest")]
+        return helper.make_node("Concat", parts, [name], name=name, axis=0)
+
+    before: dict[int, list[Any]] = {}  # the nodes added before the node at each index, in order
+    for n, (i, node, k) in enumerate(sites):
+        before.setdefault(i, []).append(following(constants[node.input[k]][0], axis, f"{prefix}_target_{n}"))
+        node.input[k] = before[i][-1].output[0]
+    for n, (i, readers, array, position) in enumerate(states):
+        name = f"__bncheck_initial_{n}"
+        one = from_array(array.reshape(-1)[:1].reshape((1,) * array.ndim), f"{name}_value")
+        graph.initializer.append(one)
+        before.setdefault(i, []).extend(
+            [
+                following(np.array(array.shape, np.int64), position, f"{name}_shape"),
+                helper.make_node("Expand", [one.name, f"{name}_shape"], [name], name=name),
+            ]
+        )
+        for node, k in readers:
+            node.input[k] = name
+    nodes = [new for i, node in enumerate(graph.node) for new in (*before.get(i, ()), node)]
     del graph.node[:]
     copy_messages(graph.node, [source_shape, batch, *nodes])
-    states += _uniform_initial_states(graph, batched, fixed)  # after the sites: it rebuilds the node list
-    return len(sites) + states + _fold_batch_into_rows(graph, constants, fed, rows)
+    return len(sites) + count + len(states) + _fold_batch_into_rows(graph, constants, fed, rows)
 
 
 def _batch_source(batched: dict[str, int]) -> tuple[str, int]:
@@ -370,61 +380,31 @@ def _batch_source(batched: dict[str, int]) -> tuple[str, int]:
     return min(batched.items(), key=lambda item: item[1])
 
 
-def _uniform_initial_states(graph: Any, batched: dict[str, int], fixed: int) -> int:
-    """An RNN/GRU/LSTM's initial_h or initial_c that is a constant of one value holding the fixed batch where
-    the layout puts it (torch's dynamo exporter folds the zero state to [layers, batch, hidden]): it becomes
-    that value expanded to the same dims with the fed batch's size. Returns how many."""
-    from onnx import helper
-
+def _uniform_initial_states(graph: Any, fixed: int) -> list[tuple[int, list[tuple[Any, int]], np.ndarray, int]]:
+    """The RNN/GRU/LSTM initial_h and initial_c that are a constant of one value holding the fixed batch where
+    the layout puts it (torch's dynamo exporter folds the zero state to [layers, batch, hidden]), each once: the
+    index of its first reader, its readers (node, input position), its values and the batch's position."""
     initializers = {t.name: t for t in graph.initializer if not t.data_location}
-    source, axis = _batch_source(batched)
-    nodes: list[Any] = []
-    done: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type in ("RNN", "GRU", "LSTM") and node.domain in ("", "ai.onnx"):
-            where = 0 if next((a.i for a in node.attribute if a.name == "layout"), 0) == 1 else 1
-            for k in (5, 6):
-                name = node.input[k] if len(node.input) > k else ""
-                tensor = initializers.get(name)
-                if name in done:
-                    node.input[k] = done[name]
-                    continue
-                if tensor is None or len(tensor.dims) != 3 or tensor.dims[where] != fixed:
-                    continue
-                try:
-                    array = to_array(tensor)
-                except ValueError:  # raw_data of the wrong length: left for onnxruntime to report
-                    continue
-                if not (array == array.flat[0]).all():
-                    continue
-                prefix = f"__bncheck_initial_{len(done)}"
-                dims = [from_array(np.array([d], np.int64), f"{prefix}_dim{j}") for j, d in enumerate(tensor.dims)]
-                graph.initializer.extend(
-                    [
-                        from_array(array.reshape(-1)[:1].reshape(1, 1, 1), f"{prefix}_value"),
-                        from_array(np.array([axis], np.int64), f"{prefix}_axis"),
-                        *(d for j, d in enumerate(dims) if j != where),
-                    ]
-                )
-                parts = [f"{prefix}_batch" if j == where else d.name for j, d in enumerate(dims)]
-                nodes += [
-                    helper.make_node("Shape", [source], [f"{prefix}_shape"], name=f"{prefix}_shape"),
-                    helper.make_node(
-                        "Gather",
-                        [f"{prefix}_shape", f"{prefix}_axis"],
-                        parts[where : where + 1],
-                        name=f"{prefix}_batch",
-                        axis=0,
-                    ),
-                    helper.make_node("Concat", parts, [f"{prefix}_target"], name=f"{prefix}_target", axis=0),
-                    helper.make_node("Expand", [f"{prefix}_value", f"{prefix}_target"], [prefix], name=prefix),
-                ]
-                done[name] = node.input[k] = prefix
-    if nodes:
-        kept = [copied(n) for n in graph.node]
-        del graph.node[:]
-        copy_messages(graph.node, [*nodes, *kept])
-    return len(done)
+    found: dict[str, tuple[int, list[tuple[Any, int]], np.ndarray, int]] = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type not in ("RNN", "GRU", "LSTM") or node.domain not in ("", "ai.onnx"):
+            continue
+        where = 0 if next((a.i for a in node.attribute if a.name == "layout"), 0) == 1 else 1
+        for k in (5, 6):
+            name = node.input[k] if len(node.input) > k else ""
+            if name in found:
+                found[name][1].append((node, k))
+                continue
+            tensor = initializers.get(name)
+            if tensor is None or len(tensor.dims) != 3 or tensor.dims[where] != fixed:
+                continue
+            try:
+                array = to_array(tensor)
+            except ValueError:  # raw_data of the wrong length: left for onnxruntime to report
+                continue
+            if (array == array.flat[0]).all():
+                found[name] = (i, [(node, k)], array, where)
+    return list(found.values())
 
 
 def _uniform_states(graph: Any, fed: set[str], fixed: int) -> int:
