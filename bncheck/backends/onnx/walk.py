@@ -761,34 +761,31 @@ def _torch_fold_notes(g: GraphIndex) -> list[Note]:
     return notes
 
 
+def _named_note(level: str, names: list[str], text: str) -> list[Note]:
+    """A note on ``names`` (``text`` with their {count} and a few of their {names}), none where there are none."""
+    return [Note(level, text.format(count=len(names), names=few(names)))] if names else []
+
+
 def _tf_fold_notes(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
     """Keras BatchNormalization layers tf2onnx merged into the ops before them (those not found as layers)."""
-    folded = tf_folds(g, layers)
-    if not folded:
-        return []
-    return [
-        Note(
-            "warning",
-            f"{len(folded)} Keras BatchNormalization layer(s) ({few(folded)}) were folded into the ops before "
-            "them by the conversion (tf2onnx): their statistics are not in the file and are not checked; check "
-            "the Keras file itself (bncheck reads .keras and .h5 files)",
-        )
-    ]
+    return _named_note(
+        "warning",
+        tf_folds(g, layers),
+        "{count} Keras BatchNormalization layer(s) ({names}) were folded into the ops before them by the "
+        "conversion (tf2onnx): their statistics are not in the file and are not checked; check the Keras file "
+        "itself (bncheck reads .keras and .h5 files)",
+    )
 
 
 def _keras_torch_fold_note(g: GraphIndex, layers: list[NormLayer]) -> list[Note]:
     """Batch norms Keras 3's torch backend wrote as ``(x - mean) * k + beta``, their variance folded into k."""
-    maps = keras_torch_folds(g, layers)
-    if not maps:
-        return []
-    return [
-        Note(
-            "info",
-            f"{len(maps)} per-channel map(s) (x - c) * k + b of constant c, k and b ({few(maps)}) look like batch "
-            "norms whose variance an exporter folded into k (Keras 3's ONNX export on the torch backend writes "
-            "BatchNormalization so): not checked; check the Keras file itself (bncheck reads .keras and .h5 files)",
-        )
-    ]
+    return _named_note(
+        "info",
+        keras_torch_folds(g, layers),
+        "{count} per-channel map(s) (x - c) * k + b of constant c, k and b ({names}) look like batch norms whose "
+        "variance an exporter folded into k (Keras 3's ONNX export on the torch backend writes BatchNormalization "
+        "so): not checked; check the Keras file itself (bncheck reads .keras and .h5 files)",
+    )
 
 
 def _ultralytics_note(g: GraphIndex) -> list[Note]:
