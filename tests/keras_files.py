@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def bn_model_with_config_field(tmp_path: Path, field: str, value: str) -> str:
@@ -15,12 +18,52 @@ def bn_model_with_config_field(tmp_path: Path, field: str, value: str) -> str:
     model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="bn")])
     path = tmp_path / "foreign.keras"
     model.save(path)
-    with zipfile.ZipFile(path) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
+    members = archive_members(path)
     config = json.loads(members["config.json"])
     config["config"]["layers"][1][field] = value
     members["config.json"] = json.dumps(config).encode()
+    write_archive(path, members)
+    return str(path)
+
+
+def archive_members(path: Path | str) -> dict[str, bytes]:
+    """Every member of a .keras archive by name."""
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def write_archive(path: Path | str, members: dict[str, bytes]) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-    return str(path)
+
+
+def keras2_calls(entry: dict, counted_from_1: set[str]) -> None:
+    """A Keras 3 layer entry's calls rewritten as Keras 2 wrote them, ``[[layer, node, tensor, kwargs], ...]``,
+    the calls of the nested models ``counted_from_1`` counted from 1 as Keras 2 counted them."""
+    calls = []
+    for call in entry["inbound_nodes"]:
+        args = call["args"][0]
+        tensors = args if isinstance(args, list) else [args]
+        histories = [t["config"]["keras_history"] for t in tensors]
+        calls.append([[name, node + (name in counted_from_1), index, {}] for name, node, index in histories])
+    entry["inbound_nodes"] = calls
+
+
+def keras2_transfer(calls: int = 1) -> tuple[Any, list[np.ndarray], np.ndarray]:
+    """A functional base (Conv2D -> BatchNormalization, never updated -> ReLU) nested in a model that calls it
+    on its input and pools and scores what it returns, as transfer learning builds one (``calls=2``: on two
+    inputs, a siamese model); with inputs and Keras 3's outputs for them."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2), name="image")
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(4, 3, name="conv")(inputs))
+    base = keras.Model(inputs, keras.layers.ReLU(name="relu")(x), name="base")
+    images = [keras.Input((6, 6, 2), name=f"image{i}") for i in range(calls)]
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"pool{i}")(base(image)) for i, image in enumerate(images)]
+    joined = pooled[0] if calls == 1 else keras.layers.Concatenate(name="join")(pooled)
+    model = keras.Model(images, keras.layers.Dense(3, name="scores")(joined), name="transfer")
+    rng = np.random.default_rng(1)
+    feeds = [rng.standard_normal((8, 6, 6, 2)).astype(np.float32) for _ in range(calls)]
+    return model, feeds, np.asarray(model(feeds, training=False))

@@ -23,6 +23,7 @@ from bncheck.backends.keras.archive import read
 from bncheck.backends.keras.legacy import load_patched
 from bncheck.cli import main
 from bncheck.errors import one_line
+from tests.keras_files import keras2_calls, keras2_transfer
 
 STEPS, FEATURES = 5, 4
 
@@ -65,7 +66,7 @@ def _keras2_recurrent(path: Path, time_major: bool = False) -> tuple[str, np.nda
     return str(path), x, expected
 
 
-def _copy_computes(path: str, x: np.ndarray, expected: np.ndarray) -> str:
+def _copy_computes(path: str, x: np.ndarray | list[np.ndarray], expected: np.ndarray) -> str:
     """The note of the copy bncheck loads ``path`` from, asserting that it computes ``expected`` on ``x``."""
     patched = load_patched(keras, read(path))
     assert patched is not None
@@ -446,6 +447,33 @@ def test_probe_loads_a_teachable_machine_style_model_and_computes_what_it_comput
     assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "features/base/bn")]
 
 
+def _keras2_transfer(path: Path, calls: int = 1) -> tuple[str, list[np.ndarray], np.ndarray]:
+    """keras2_transfer's model saved as tf.keras 2.15 wrote it: its calls in Keras 2's form, the base's from 1."""
+    model, feeds, expected = keras2_transfer(calls)
+
+    def edit(config: dict) -> None:
+        for entry in config["config"]["layers"]:
+            keras2_calls(entry, {"base"})
+
+    _save_as(model, path, "2.15.0", edit)
+    return str(path), feeds, expected
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_probe_loads_a_keras_2_model_that_calls_a_nested_base_model(tmp_path: Path, calls: int) -> None:
+    """Keras 2 counted a nested model's calls from 1 (its node 0 linked its own input to its output), Keras 3
+    from 0, so every tf.keras 2 .h5 file whose nested model feeds a layer was refused (the transfer-learning
+    pattern: ``x = base(inputs, training=False)`` then a head)."""
+    path, feeds, expected = _keras2_transfer(tmp_path / "m.h5", calls)
+    note = _copy_computes(path, feeds, expected)
+    assert "counts the calls of a nested model from 0, this Keras 2.15.0 file from 1" in note, note
+    assert "in 1 nested model(s) (first: 'base')" in note, note
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
+    document = json.loads(result.stdout)
+    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "base/bn")]
+
+
 def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_path: Path) -> None:
     """tf.keras 2 saved HDF5 where asked whatever the name (two repositories of the round's sweep hold a
     ``model.keras`` that is one): read as a .keras archive it was refused ("not a readable zip archive"), and
@@ -470,6 +498,7 @@ def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_
         (_keras2_wrapped, Exception, "Could not locate class"),
         (_keras20_gru, TypeError, "pop expected at most 1 argument"),
         (_keras2_nested, Exception, "received 2 input tensors"),
+        (_keras2_transfer, Exception, "failed to be resolved"),
     ],
 )
 def test_keras3_itself_refuses_what_each_mend_works_around(

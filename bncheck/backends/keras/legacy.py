@@ -33,6 +33,11 @@ only read.
   two tensors ("expects 1 named input(s) ... but it received 2 input tensors": Teachable Machine's image
   models, a MobileNetV2 and a Dense head each in a Sequential, tf.keras 2.4): the copy writes such an output
   as Keras 3 writes one, ``["out_relu", 0, 0]``.
+- Keras 2 counted a nested model's calls from 1 (its node 0 linked the nested model's own input to its output),
+  Keras 3 from 0, and Keras 3 reads a Keras 2 call's reference to a nested model's output as written: every
+  model whose nested model feeds another layer (transfer learning's ``x = base(inputs)`` and a head, a siamese
+  tower) was refused ("nodes failed to be resolved"). The copy counts those references from 0 (a Sequential's
+  at the model's outputs too: there Keras 3 shifts a Functional's itself).
 
 And what Keras 3 computes differently from the Keras 1/2 that wrote a file it loads, said in a note:
 ``hard_sigmoid`` (Keras 2.0-2.2's default recurrent activation of LSTM and GRU) is clip(0.2 x + 0.5) in
@@ -262,6 +267,47 @@ def _listed_single_outputs(config: Any) -> list[tuple[str, dict]]:
     return found
 
 
+def _nested_model_refs(config: Any) -> list[tuple[str, list[list]]]:
+    """(nested model name, the references to its outputs) in every model of the config that counts the nested
+    model's calls from 1, as Keras 2 did (its node 0 linked the nested model's own input to its output)."""
+    from bncheck.backends.keras.config import MODEL_CLASSES
+
+    found: list[tuple[str, list[list]]] = []
+    for _, body in _class_configs(config):
+        entries = body.get("layers")
+        if not isinstance(entries, list):
+            continue
+        entries = [e for e in entries if isinstance(e, dict)]
+        for nested in entries:
+            name, calls = nested.get("name"), len(_legacy_calls(nested))
+            if nested.get("class_name") not in MODEL_CLASSES or not calls:
+                continue
+            refs = [ref for entry in entries for call in _legacy_calls(entry) for ref in _call_refs(call, name)]
+            if nested.get("class_name") == "Sequential":  # at the outputs Keras 3 counts a Functional's from 1 itself
+                refs += [ref for ref in _output_refs(body) if ref[0] == name]
+            if refs and all(isinstance(ref[1], int) and 1 <= ref[1] <= calls for ref in refs):
+                found.append((str(name), refs))
+    return found
+
+
+def _call_refs(call: list, name: Any) -> list[list]:
+    """The references to ``name``'s outputs in a Keras 2 call: its inputs and its keyword arguments' tensors."""
+    found = []
+    for item in call:
+        if _tensor_ref(item[:3], {name}):
+            found.append(item)
+        kwargs = item[3] if len(item) > 3 and isinstance(item[3], dict) else {}
+        found += [value for value in kwargs.values() if _tensor_ref(value, {name})]
+    return found
+
+
+def _output_refs(body: dict) -> list[list]:
+    outputs = body.get("output_layers")
+    if not isinstance(outputs, list) or not outputs:
+        return []
+    return [outputs] if not isinstance(outputs[0], list) else [o for o in outputs if isinstance(o, list)]
+
+
 def _classes(config: Any, wanted: Callable[[str, dict], bool]) -> list[tuple[str, dict]]:
     """The configs of the layers (wrapped ones too) of the classes ``wanted`` takes."""
     return [(_named(c), c) for cls, c in _class_configs(config) if wanted(cls, c)]
@@ -366,6 +412,13 @@ _MENDS = (
         "Keras {ours} refuses the groups=1 this Keras {theirs} file wrote into {count} transposed or depthwise "
         "convolution(s) (tf.keras MobileNetV2, EfficientNet); bncheck loaded it without that key (1 is the only "
         "value they compute)",
+    ),
+    _Mend(
+        _nested_model_refs,
+        lambda refs: [ref.__setitem__(1, ref[1] - 1) for ref in refs],
+        "Keras {ours} counts the calls of a nested model from 0, this Keras {theirs} file from 1 (its node 0 "
+        "linked the nested model's own input to its output), in {count} nested model(s) (first: {first!r}); "
+        "bncheck loaded it with those calls counted from 0",
     ),
     _Mend(
         _tensor_kwargs,
