@@ -67,3 +67,38 @@ def keras2_transfer(calls: int = 1) -> tuple[Any, list[np.ndarray], np.ndarray]:
     rng = np.random.default_rng(1)
     feeds = [rng.standard_normal((8, 6, 6, 2)).astype(np.float32) for _ in range(calls)]
     return model, feeds, np.asarray(model(feeds, training=False))
+
+
+def as_tf_keras_213_weights(path: Path | str) -> None:
+    """A model.weights.h5 Keras 3 wrote, rewritten in place into tf.keras 2.13's layout: each model's layers under
+    ``_layer_checkpoint_dependencies``, a layer holding variables counted twice (conv2d, conv2d_2; re_lu, re_lu_1)."""
+    import h5py
+
+    with h5py.File(path, "r+") as h5:
+        models = [h5]
+        while models:
+            model = models.pop()
+            if "layers" not in model:
+                continue
+            model.create_group("_layer_checkpoint_dependencies")
+            used: dict[str, int] = {}
+            for snake, _, name in sorted(_counted(name) for name in model["layers"]):
+                count = used.get(snake, 0)
+                used[snake] = count + (2 if len(model["layers"][name].get("vars", {})) else 1)
+                model.move(
+                    f"layers/{name}",
+                    f"_layer_checkpoint_dependencies/{snake}_{count}"
+                    if count
+                    else f"_layer_checkpoint_dependencies/{snake}",
+                )
+            del model["layers"]
+            models += [model["_layer_checkpoint_dependencies"][n] for n in model["_layer_checkpoint_dependencies"]]
+
+
+def _counted(name: str) -> tuple[str, int, str]:
+    """(class snake, counter, name) of a group Keras named by its class counter: conv2d_2 -> conv2d, 2."""
+    import re
+
+    found = re.fullmatch(r"(.+?)(?:_(\d+))?", name)
+    assert found is not None
+    return found.group(1), int(found.group(2) or 0), name

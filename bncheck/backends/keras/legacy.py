@@ -39,6 +39,12 @@ only read.
   tower) was refused ("nodes failed to be resolved"). The copy counts those references from 0 (a Sequential's
   at the model's outputs too: there Keras 3 shifts a Functional's itself).
 
+A .keras archive that tf.keras 2.13-2.15 or tf_keras wrote is refused by Keras 3, whose loader cannot import its
+classes' modules (``keras.src.engine.functional``). Its model is built from the config without the keys that make
+Keras 3 read an entry as its own, through the path Keras 3 takes for a Keras 2 .h5 file's (with the mends above),
+and given the archive's weights, whose layout Keras 3 kept but for tf.keras 2.13's and 2.14's
+(weights.TF_KERAS_213_LAYERS), which the copy of the weights is given first.
+
 And what Keras 3 computes differently from the Keras 1/2 that wrote a file it loads, said in a note:
 ``hard_sigmoid`` (Keras 2.0-2.2's default recurrent activation of LSTM and GRU) is clip(0.2 x + 0.5) in
 Keras 1/2 and tf.keras 2, clip(x / 6 + 0.5) in Keras 3.
@@ -77,9 +83,12 @@ def refusal(keras: Any, path: str, saved_by: str | None, exc: BaseException, men
 
 
 def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
-    """The model of a Keras 1/2 .h5 file loaded from a copy with the patches above, and a note saying what
-    was patched; None where the file needs none or the copy cannot be written (the file is then loaded as it
-    is). Raises the refusal, with Keras's reason, where the copy does not load either."""
+    """The model of a Keras 1/2 .h5 file loaded from a copy with the patches above (of a tf.keras 2 .keras
+    archive: see _load_keras2_archive), and a note saying what was patched; None where the file needs none or
+    the copy cannot be written (the file is then loaded as it is). Raises the refusal, with Keras's reason,
+    where the copy does not load either."""
+    if static.format == "keras" and static.keras2:
+        return _load_keras2_archive(keras, static)
     if static.format != "h5" or not static.keras2:
         return None
     import h5py
@@ -134,6 +143,108 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         )
     done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
     return model, "; ".join(done) + ", the file unchanged"
+
+
+#: what marks a config entry as Keras 3's (its module and registered name send Keras 3 down the new path, which
+#: tf.keras 2's modules, keras.src.engine.*, fail), and what only that path reads
+_KERAS3_KEYS = ("module", "registered_name", "build_config", "compile_config")
+
+
+def _without_keras3_keys(node: Any) -> None:
+    if isinstance(node, dict):
+        for key in _KERAS3_KEYS:
+            node.pop(key, None)
+        node = list(node.values())
+    if isinstance(node, list):
+        for value in node:
+            _without_keras3_keys(value)
+
+
+def _load_keras2_archive(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
+    """The model of a .keras archive that tf.keras 2.13-2.15 or tf_keras wrote, which Keras 3 refuses (its
+    classes' modules are tf.keras's): built from its config as Keras 3 builds a Keras 2 .h5 file's (the entries
+    without the keys that make Keras 3 read them as its own, the mends above applied), its weights loaded from a
+    copy of the archive's model.weights.h5 in Keras 3's layout. None where the config is not a model's (Keras
+    loads the file as it is). Raises the refusal where that fails and Keras 3 cannot read the file as it is
+    either."""
+    import zipfile
+
+    from bncheck.backends.keras.config import MODEL_CLASSES
+
+    if static.config.get("class_name") not in MODEL_CLASSES:
+        return None
+    config = copy.deepcopy(static.config)
+    _without_keras3_keys(config)
+    found = [(mend, sites) for mend in _MENDS if (sites := mend.find(config))]
+    for mend, sites in found:
+        for _, site in sites:
+            mend.apply(site)
+    failed: Exception | None = None
+    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
+        weights = os.path.join(folder, "model.weights.h5")  # Keras loads weights from a path of this ending
+        try:
+            with (
+                zipfile.ZipFile(static.path) as archive,
+                archive.open("model.weights.h5") as source,
+                open(weights, "wb") as target,
+            ):
+                shutil.copyfileobj(source, target)
+            relaid = _as_keras3_layout(weights)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # the model's own class by its public name: Keras 3 finds no class of an entry without a module
+                model = (keras.Sequential if config["class_name"] == "Sequential" else keras.Model).from_config(
+                    config["config"]
+                )
+                model.load_weights(weights)
+        except Exception as exc:  # zipfile, json and Keras raise many kinds: the refusal says which
+            failed = exc
+    if failed is not None:
+        try:  # a file Keras 3 reads as it is stays read so
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                keras.saving.load_model(static.path, compile=False, safe_mode=True)
+        except Exception:
+            raise refusal(keras, static.path, static.keras_version, failed, mended=True) from None
+        return None
+    ours, theirs = keras.__version__, static.keras_version
+    done = [
+        f"Keras {ours} cannot read the config of this .keras archive that Keras {theirs} wrote (its classes' "
+        f"modules are tf.keras's); bncheck built the model from it as Keras {ours} builds a Keras 2 .h5 file's "
+        "and loaded the archive's weights into it"
+    ]
+    if relaid:
+        done.append(
+            f"its weights are laid out as Keras {theirs} wrote them, each layer holding variables counted twice; "
+            f"bncheck loaded them by their order within each class, as Keras {ours} names them"
+        )
+    done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
+    return model, "; ".join(done) + ", the file unchanged"
+
+
+def _as_keras3_layout(path: str) -> bool:
+    """Rewrites a model.weights.h5 in tf.keras 2.13's and 2.14's layout (weights.TF_KERAS_213_LAYERS) into Keras
+    3's, in place: each model's groups renamed by their order within a class (snake, snake_1, ...) under
+    ``layers``. Whether it was in that layout. Keras 3 reads that layout only where its names are Keras 3's too."""
+    import h5py
+
+    from bncheck.backends.keras.weights import TF_KERAS_213_LAYERS, by_class_order, counted_class
+
+    with h5py.File(path, "r+") as h5:
+        if "layers" in h5 or TF_KERAS_213_LAYERS not in h5:
+            return False
+        models = [h5]
+        while models:
+            model = models.pop()
+            if TF_KERAS_213_LAYERS not in model or "layers" in model:
+                continue
+            names = list(model[TF_KERAS_213_LAYERS].keys())
+            model.create_group("layers")
+            for snake in {counted_class(name) for name in names}:
+                for k, name in enumerate(by_class_order(names, snake)):
+                    model.move(f"{TF_KERAS_213_LAYERS}/{name}", f"layers/{snake}_{k}" if k else f"layers/{snake}")
+            models += [model["layers"][name] for name in model["layers"]]
+    return True
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,34 @@ NORM_GROUPS = (
 )
 
 
+#: Where tf.keras 2.13 and 2.14 wrote a model's layers in model.weights.h5 (later Keras: ``layers``). They counted
+#: a layer holding variables twice (conv2d, conv2d_2, conv2d_4, beside re_lu, re_lu_1), so its groups are matched
+#: to the config's layers by their order within a class, not by the names later Keras gives them.
+TF_KERAS_213_LAYERS = "_layer_checkpoint_dependencies"
+
+
+def by_class_order(names: list[str], snake: str) -> list[str]:
+    """The ``names`` of a class's counted groups (``snake``, ``snake_1``, ``snake_2``, ...), by their counter."""
+    counted = [(0, n) if n == snake else (int(n[len(snake) + 1 :]), n) for n in names if _counts(n, snake)]
+    return [n for _, n in sorted(counted)]
+
+
+def _counts(name: str, snake: str) -> bool:
+    return name == snake or (name.startswith(snake + "_") and name[len(snake) + 1 :].isdigit())
+
+
+def counted_class(name: str) -> str:
+    """The class part of a group's name that Keras gave it by a class counter: conv2d_2 -> conv2d."""
+    head, _, counter = name.rpartition("_")
+    return head if head and counter.isdigit() else name
+
+
 class KerasWeights:
     """Variables of a .keras archive, addressed by the class-counter group paths Keras writes."""
 
     def __init__(self, h5: Any) -> None:
         self.h5 = h5
+        self.layers_key = TF_KERAS_213_LAYERS if "layers" not in h5 and TF_KERAS_213_LAYERS in h5 else "layers"
 
     def norm_scopes(self, group: str) -> list[str]:
         """The groups under ``group`` that hold a normalization layer's variables (named by its class counter,
@@ -85,20 +108,29 @@ class KerasWeights:
     def child_groups(self, model_cfg: dict[str, Any], base: str) -> dict[int, str]:
         """Group path of each entry of ``model_cfg``'s layer list (by index), computed the way Keras names them."""
         sequential = model_cfg.get("class_name") == "Sequential"
+        parent = f"{base}/{self.layers_key}" if base else self.layers_key
+        stored = self._children(parent) if self.layers_key != "layers" else []
         used: dict[str, int] = {}
         groups: dict[int, str] = {}
         for index, entry in enumerate(layer_entries(model_cfg)):
             if sequential and entry.get("class_name") == "InputLayer":
                 continue  # Sequential.layers hides its InputLayer, so it takes no counter
             snake = _snake_case(str(entry.get("class_name", "")))
-            if snake in used:
-                used[snake] += 1
-                name = f"{snake}_{used[snake]}"
-            else:
-                used[snake] = 0
-                name = snake
-            groups[index] = f"{base}/layers/{name}" if base else f"layers/{name}"
+            used[snake] = used.get(snake, -1) + 1
+            if self.layers_key == "layers":
+                groups[index] = f"{parent}/{snake}_{used[snake]}" if used[snake] else f"{parent}/{snake}"
+                continue
+            ordered = by_class_order(stored, snake)
+            if used[snake] < len(ordered):
+                groups[index] = f"{parent}/{ordered[used[snake]]}"
         return groups
+
+    def _children(self, path: str) -> list[str]:
+        try:
+            group = self.h5.get(path)
+            return list(group.keys()) if group is not None and hasattr(group, "keys") else []
+        except (OSError, KeyError, ValueError, TypeError):  # h5py on a damaged group
+            return []
 
     def lookup(self, group: str, layer_name: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str | None]:
         try:
