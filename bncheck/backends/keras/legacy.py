@@ -228,7 +228,7 @@ def _as_keras3_layout(path: str) -> bool:
     ``layers``. Whether it was in that layout. Keras 3 reads that layout only where its names are Keras 3's too."""
     import h5py
 
-    from bncheck.backends.keras.weights import TF_KERAS_213_LAYERS, by_class_order, counted_class
+    from bncheck.backends.keras.weights import TF_KERAS_213_LAYERS, by_class_order, counter_order
 
     with h5py.File(path, "r+") as h5:
         if "layers" in h5 or TF_KERAS_213_LAYERS not in h5:
@@ -240,7 +240,7 @@ def _as_keras3_layout(path: str) -> bool:
                 continue
             names = list(model[TF_KERAS_213_LAYERS].keys())
             model.create_group("layers")
-            for snake in {counted_class(name) for name in names}:
+            for snake in {counter_order(name)[0] for name in names}:
                 for k, name in enumerate(by_class_order(names, snake)):
                     model.move(f"{TF_KERAS_213_LAYERS}/{name}", f"layers/{snake}_{k}" if k else f"layers/{snake}")
             models += [model["layers"][name] for name in model["layers"]]

@@ -58,20 +58,16 @@ NORM_GROUPS = (
 TF_KERAS_213_LAYERS = "_layer_checkpoint_dependencies"
 
 
+def counter_order(group_name: str) -> tuple[str, int]:
+    """A group Keras named by its class counter as (class, counter), which sorts in creation order:
+    batch_normalization, _1, _2, ..., _10 (not _1, _10, _2)."""
+    stem, _, number = group_name.rpartition("_")
+    return (stem, int(number)) if stem and number.isdigit() else (group_name, -1)
+
+
 def by_class_order(names: list[str], snake: str) -> list[str]:
-    """The ``names`` of a class's counted groups (``snake``, ``snake_1``, ``snake_2``, ...), by their counter."""
-    counted = [(0, n) if n == snake else (int(n[len(snake) + 1 :]), n) for n in names if _counts(n, snake)]
-    return [n for _, n in sorted(counted)]
-
-
-def _counts(name: str, snake: str) -> bool:
-    return name == snake or (name.startswith(snake + "_") and name[len(snake) + 1 :].isdigit())
-
-
-def counted_class(name: str) -> str:
-    """The class part of a group's name that Keras gave it by a class counter: conv2d_2 -> conv2d."""
-    head, _, counter = name.rpartition("_")
-    return head if head and counter.isdigit() else name
+    """The ``names`` of a class's counted groups (``snake``, ``snake_1``, ...), in creation order."""
+    return sorted((n for n in names if counter_order(n)[0] == snake), key=counter_order)
 
 
 class KerasWeights:

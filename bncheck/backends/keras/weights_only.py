@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.backends.keras.weights import NORM_GROUPS, RENORM_VARS, attr_str, read_dataset
+from bncheck.backends.keras.weights import NORM_GROUPS, RENORM_VARS, attr_str, counter_order, read_dataset
 from bncheck.errors import few
 from bncheck.model import BrokenWeights, Kind, NormLayer, Note
 
@@ -82,7 +82,7 @@ def _keras3_layers(
     paths of the other normalization layers are added to ``others``, and those whose variables hold NaN or Inf
     to ``broken``."""
     found = []
-    for group_name, group in sorted(layers_group.items(), key=lambda item: _counter_order(item[0])):
+    for group_name, group in sorted(layers_group.items(), key=lambda item: counter_order(item[0])):
         variables = group.get("vars")
         name = (attr_str(variables.attrs.get("name")) if variables is not None else None) or group_name
         # a sub-layer kept as an attribute is stored under the attribute's name, its own (generated) in its vars
@@ -142,12 +142,6 @@ def _nested(layer: NormLayer, name: str) -> NormLayer:
         notes=(f"read from its stored variables: {name!r} does not describe its layers in the config",),
         extra={**layer.extra, "path": [path]},
     )
-
-
-def _counter_order(group_name: str) -> tuple[str, int]:
-    """Keras's class counters in creation order: batch_normalization, _1, _2, ..., _10 (not _1, _10, _2)."""
-    stem, _, number = group_name.rpartition("_")
-    return (stem, int(number)) if number.isdigit() else (group_name, -1)
 
 
 def weights_only_notes(count: int, others: list[str]) -> list[Note]:
