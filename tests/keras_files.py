@@ -102,3 +102,17 @@ def _counted(name: str) -> tuple[str, int, str]:
     found = re.fullmatch(r"(.+?)(?:_(\d+))?", name)
     assert found is not None
     return found.group(1), int(found.group(2) or 0), name
+
+
+def as_windows_paths(path: Path | str) -> None:
+    """A model.weights.h5 Keras 3 wrote, rewritten in place as tf.keras 2.13-2.15 wrote one on Windows: each group
+    holding ``vars`` moved to the root under its path joined with backslashes (``layers\\functional\\layers\\conv2d``)."""
+    import h5py
+
+    with h5py.File(path, "r+") as h5:
+        holders: list[str] = []
+        h5.visititems(lambda name, item: holders.append(name) if hasattr(item, "keys") and "vars" in item else None)
+        for name in sorted(holders, key=lambda name: -name.count("/")):  # the deepest first: their parents stay
+            h5.move(name, name.replace("/", "\\"))
+        for name in [n for n in h5 if "\\" not in n and n not in ("vars", "optimizer", "metrics")]:
+            del h5[name]  # the emptied containers (layers/...)

@@ -8,8 +8,11 @@ tf.keras 2.15 wrote too (``layers/<class>/vars/<i>``, nested models' under ``lay
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from bncheck.cli import main
 from tests.keras_files import (
     archive_members,
     as_tf_keras_213_weights,
+    as_windows_paths,
     keras2_calls,
     keras2_transfer,
     write_archive,
@@ -114,12 +118,7 @@ def test_a_tf_keras_2_13_archive_is_read_and_probed_with_its_layers_weights(tmp_
     whose names it gives the same."""
     model, x, expected = _three_blocks()
     path = _tf_keras_archive(tmp_path / "m.keras", model)
-    members = archive_members(path)
-    weights = tmp_path / "w.h5"
-    weights.write_bytes(members["model.weights.h5"])
-    as_tf_keras_213_weights(weights)
-    members["model.weights.h5"] = weights.read_bytes()
-    write_archive(path, members)
+    _with_weights(path, as_tf_keras_213_weights, tmp_path)
 
     static = read(path)
     stored = {layer.name: (layer.mean, layer.var) for layer in static.layers}
@@ -138,6 +137,36 @@ def test_a_tf_keras_2_13_archive_is_read_and_probed_with_its_layers_weights(tmp_
     assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["base/bn0", "base/bn1", "base/bn2"]
 
 
+def _with_weights(path: str, edit: Callable[[Path], None], folder: Path) -> None:
+    """The archive at ``path`` with its model.weights.h5 edited in place by ``edit``."""
+    members = archive_members(path)
+    weights = folder / "w.h5"
+    weights.write_bytes(members["model.weights.h5"])
+    edit(weights)
+    members["model.weights.h5"] = weights.read_bytes()
+    write_archive(path, members)
+
+
+def test_a_tf_keras_2_archive_written_on_windows_is_read_and_probed(tmp_path: Path) -> None:
+    """tf.keras 2.13-2.15 on Windows joined each layer's path with backslashes into one group name at the root
+    of model.weights.h5 (keras-team/keras#18528; 10 of 16 such files in a sweep of public repositories):
+    `inspect` found no BN's variables, and the probe, like TensorFlow itself on Linux, refused the file."""
+    model, feeds, expected = keras2_transfer()
+    path = _tf_keras_archive(tmp_path / "m.keras", model)
+    _with_weights(path, as_windows_paths, tmp_path)
+    with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as h5:
+        assert "layers\\functional\\layers\\batch_normalization" in h5  # as Windows wrote it
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    np.testing.assert_allclose(np.asarray(patched[0](feeds, training=False)), expected, rtol=1e-6, atol=1e-6)
+    for command in ("inspect", "probe"):
+        result = CliRunner().invoke(main, [command, path, "--format", "json"])
+        assert result.exit_code == 1, result.output  # inspect: the BN's parameters unknown before; probe: exit 2
+        document = json.loads(result.stdout)
+        assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "base/bn")]
+        assert any("written on Windows" in note["message"] for note in document["notes"])
+
+
 def test_a_tf_keras_2_archive_whose_weights_do_not_fit_its_config_is_refused_with_keras_reason(
     tmp_path: Path,
 ) -> None:
@@ -145,13 +174,12 @@ def test_a_tf_keras_2_archive_whose_weights_do_not_fit_its_config_is_refused_wit
     reason, instead of running a layer whose weights were never loaded."""
     model, _, _ = keras2_transfer()
     path = _tf_keras_archive(tmp_path / "m.keras", model)
-    members = archive_members(path)
-    weights = tmp_path / "w.h5"
-    weights.write_bytes(members["model.weights.h5"])
-    with h5py.File(weights, "r+") as h5:
-        del h5["layers/dense/vars/1"]  # the head's bias
-    members["model.weights.h5"] = weights.read_bytes()
-    write_archive(path, members)
+
+    def without_the_heads_bias(weights: Path) -> None:
+        with h5py.File(weights, "r+") as h5:
+            del h5["layers/dense/vars/1"]
+
+    _with_weights(path, without_the_heads_bias, tmp_path)
     result = CliRunner().invoke(main, ["probe", path])
     assert result.exit_code == 2, result.output
     assert "could not load the model saved by Keras 2.15.0" in result.stderr

@@ -13,7 +13,14 @@ from typing import Any
 
 from bncheck.backends.base import BackendError
 from bncheck.backends.keras.config import KerasFile, build
-from bncheck.backends.keras.weights import KerasWeights, LegacyWeights, attr_str
+from bncheck.backends.keras.weights import (
+    WINDOWS_PATHS,
+    KerasWeights,
+    LegacyWeights,
+    as_slash_paths,
+    attr_str,
+    has_backslash_paths,
+)
 from bncheck.backends.keras.weights_only import weights_only_layers, weights_only_notes
 from bncheck.errors import BncheckError, one_line
 from bncheck.model import Note
@@ -162,7 +169,27 @@ def _read_keras(path: str) -> KerasFile:
                     raise
                 except Exception as exc:  # h5py on a damaged link table or object header
                     raise BackendError(f"{path}: damaged model.weights.h5 ({one_line(exc)})") from None
+                if has_backslash_paths(weights):
+                    notes.append(Note("info", WINDOWS_PATHS))
+                    return _read_with_slash_paths(path, config, version, notes, raw)
                 return build(path, "keras", config, KerasWeights(weights), version, None, notes)
+
+
+def _read_with_slash_paths(path: str, config: Any, version: str | None, notes: list[Note], raw: Any) -> KerasFile:
+    """The archive read from a writable copy of its model.weights.h5 given the paths its Windows names spell."""
+    import shutil
+
+    import h5py
+
+    raw.seek(0)
+    with tempfile.TemporaryFile() as copy:
+        shutil.copyfileobj(raw, copy)
+        with h5py.File(copy, "r+") as weights:
+            try:
+                as_slash_paths(weights)
+            except Exception as exc:  # h5py on names that collide or a damaged group
+                raise BackendError(f"{path}: damaged model.weights.h5 ({one_line(exc)})") from None
+            return build(path, "keras", config, KerasWeights(weights), version, None, notes)
 
 
 def _read_h5(path: str) -> KerasFile:

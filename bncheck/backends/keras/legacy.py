@@ -189,6 +189,7 @@ def _load_keras2_archive(keras: Any, static: KerasFile) -> tuple[Any, str] | Non
                 open(weights, "wb") as target,
             ):
                 shutil.copyfileobj(source, target)
+            _with_slash_paths(weights)
             relaid = _as_keras3_layout(weights)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -220,6 +221,17 @@ def _load_keras2_archive(keras: Any, static: KerasFile) -> tuple[Any, str] | Non
         )
     done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
     return model, "; ".join(done) + ", the file unchanged"
+
+
+def _with_slash_paths(path: str) -> None:
+    """A model.weights.h5 written on Windows (weights.WINDOWS_PATHS) given, in place, the paths its names spell."""
+    import h5py
+
+    from bncheck.backends.keras.weights import as_slash_paths, has_backslash_paths
+
+    with h5py.File(path, "r+") as h5:
+        if has_backslash_paths(h5):
+            as_slash_paths(h5)
 
 
 def _as_keras3_layout(path: str) -> bool:

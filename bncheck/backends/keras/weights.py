@@ -70,6 +70,28 @@ def by_class_order(names: list[str], snake: str) -> list[str]:
     return sorted((n for n in names if counter_order(n)[0] == snake), key=counter_order)
 
 
+#: What a .keras archive written on Windows by tf.keras 2.13-2.15 says about its weights (keras-team/keras#18528)
+WINDOWS_PATHS = (
+    "its model.weights.h5 was written on Windows, each layer's path joined with backslashes into one name "
+    "('layers\\conv2d'; tf.keras 2.13-2.15): read, and loaded for a probe, as the paths those names spell"
+)
+
+
+def has_backslash_paths(h5: Any) -> bool:
+    """Whether a model.weights.h5 names its layers' groups as Windows paths at its root (WINDOWS_PATHS)."""
+    return any("\\" in name for name in h5)
+
+
+def as_slash_paths(h5: Any) -> None:
+    """Rewrites such a file, open for writing, into the groups its names spell: ``layers\\conv2d`` becomes
+    ``layers/conv2d`` (links moved, no data copied)."""
+    # a nested model's own group before its layers', whose paths pass through it
+    for name in sorted((name for name in h5 if "\\" in name), key=lambda name: name.count("\\")):
+        target = name.replace("\\", "/")
+        h5.require_group(target.rsplit("/", 1)[0])
+        h5.move(name, target)
+
+
 class KerasWeights:
     """Variables of a .keras archive, addressed by the class-counter group paths Keras writes."""
 
