@@ -474,6 +474,68 @@ def test_probe_loads_a_keras_2_model_that_calls_a_nested_base_model(tmp_path: Pa
     assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "base/bn")]
 
 
+def _keras2_separable(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """SeparableConv2D -> BatchNormalization (never updated) -> pooling, an Xception block in small, its
+    separable convolution's config given what tf.keras 2.15 wrote into it from the Conv class it derives from."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.SeparableConv2D(4, 3, name="sep"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.GlobalAveragePooling2D(name="pool"),
+        ]
+    )
+    x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+
+    def edit(config: dict) -> None:
+        glorot = {"class_name": "GlorotUniform", "config": {"seed": None}}
+        (sep,) = [entry["config"] for entry in config["config"]["layers"] if entry["config"]["name"] == "sep"]
+        sep.update(groups=1, kernel_initializer=glorot, kernel_regularizer=None, kernel_constraint=None)
+
+    _save_as(model, path, "2.15.0", edit)
+    return str(path), x, expected
+
+
+def test_probe_loads_a_tf_keras_2_separable_convolution(tmp_path: Path) -> None:
+    path, x, expected = _keras2_separable(tmp_path / "m.h5")
+    note = _copy_computes(path, x, expected)
+    assert "kernel_constraint that this Keras 2.15.0 file wrote into 1 separable convolution(s)" in note, note
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
+    assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]
+
+
+def test_a_layer_whose_name_holds_a_slash_has_its_weights_read_from_a_keras_2_h5_file(tmp_path: Path) -> None:
+    """tf.keras's applications name layers with '/' (MobileNetV3's ``Conv/BatchNorm`` beside ``Conv``, DenseNet's
+    ``conv1/bn``), whose weights the nested model's group lists as ``Conv/BatchNorm/gamma:0``: read as a layer
+    ``BatchNorm`` in a scope ``Conv``, every such BN's parameters were unknown and nothing was checked."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, name="Conv")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.0, name="Conv_BatchNorm")(x)
+    base = keras.Model(inputs, x, name="base")
+    image = keras.Input((6, 6, 2))
+    model = keras.Model(image, keras.layers.GlobalAveragePooling2D()(base(image)))
+    model(np.random.default_rng(1).standard_normal((16, 6, 6, 2)).astype(np.float32), training=True)
+    path = tmp_path / "m.h5"
+    model.save(path)
+    with h5py.File(path, "r+") as h5:  # the BN named as tf.keras's applications name it
+        h5.attrs["model_config"] = h5.attrs["model_config"].replace('"Conv_BatchNorm"', '"Conv/BatchNorm"')
+        h5.attrs["keras_version"] = "2.15.0"
+        group = h5["model_weights/base"]
+        group.attrs["weight_names"] = [
+            n.replace("Conv_BatchNorm/", "Conv/BatchNorm/") for n in group.attrs["weight_names"]
+        ]
+        group.move("Conv_BatchNorm", "Conv/BatchNorm")
+    (layer,) = read(str(path)).layers
+    bn = base.get_layer("Conv_BatchNorm")
+    assert layer.mean is not None and layer.var is not None, layer.notes
+    np.testing.assert_array_equal(layer.mean, np.asarray(bn.moving_mean))
+    np.testing.assert_array_equal(layer.var, np.asarray(bn.moving_variance))
+
+
 def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_path: Path) -> None:
     """tf.keras 2 saved HDF5 where asked whatever the name (two repositories of the round's sweep hold a
     ``model.keras`` that is one): read as a .keras archive it was refused ("not a readable zip archive"), and
@@ -499,6 +561,7 @@ def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_
         (_keras20_gru, TypeError, "pop expected at most 1 argument"),
         (_keras2_nested, Exception, "received 2 input tensors"),
         (_keras2_transfer, Exception, "failed to be resolved"),
+        (_keras2_separable, Exception, "Unrecognized keyword arguments passed to SeparableConv2D"),
     ],
 )
 def test_keras3_itself_refuses_what_each_mend_works_around(

@@ -33,6 +33,10 @@ only read.
   two tensors ("expects 1 named input(s) ... but it received 2 input tensors": Teachable Machine's image
   models, a MobileNetV2 and a Dense head each in a Sequential, tf.keras 2.4): the copy writes such an output
   as Keras 3 writes one, ``["out_relu", 0, 0]``.
+- tf.keras 2 wrote ``groups`` and ``kernel_initializer``/``_regularizer``/``_constraint`` into every
+  SeparableConv1D/2D config (from the Conv class it derives from), keywords Keras 3's separable convolutions
+  refuse: they have no kernel of that name (their depthwise and pointwise kernels have keys of their own), so the
+  copy drops them (Xception, tf.keras 2.13-2.15 and tf_keras: no such file loaded).
 - Keras 2 counted a nested model's calls from 1 (its node 0 linked the nested model's own input to its output),
   Keras 3 from 0, and Keras 3 reads a Keras 2 call's reference to a nested model's output as written: every
   model whose nested model feeds another layer (transfer learning's ``x = base(inputs)`` and a head, a siamese
@@ -495,6 +499,10 @@ def _as_keras3_calls(site: tuple[dict, set[str]]) -> None:
     entry["inbound_nodes"] = calls
 
 
+#: what tf.keras wrote into a SeparableConv's config from the Conv it derives from, and Keras 3 refuses
+SEPARABLE_KEYS = frozenset({"groups", "kernel_initializer", "kernel_regularizer", "kernel_constraint"})
+
+
 #: the mends, in the order their notes are said
 _MENDS = (
     _Mend(
@@ -535,6 +543,18 @@ _MENDS = (
         "Keras {ours} refuses the groups=1 this Keras {theirs} file wrote into {count} transposed or depthwise "
         "convolution(s) (tf.keras MobileNetV2, EfficientNet); bncheck loaded it without that key (1 is the only "
         "value they compute)",
+    ),
+    _Mend(
+        lambda config: _classes(
+            config,
+            lambda cls, c: (
+                cls.startswith("SeparableConv") and c.get("groups", 1) == 1 and bool(SEPARABLE_KEYS & set(c))
+            ),
+        ),
+        lambda c: [c.pop(key, None) for key in SEPARABLE_KEYS],
+        "Keras {ours} refuses the groups=1 and kernel_initializer, kernel_regularizer and kernel_constraint that this "
+        "Keras {theirs} file wrote into {count} separable convolution(s) (tf.keras Xception), which have no kernel "
+        "of that name (their depthwise and pointwise kernels are their own keys); bncheck loaded it without them",
     ),
     _Mend(
         _nested_model_refs,

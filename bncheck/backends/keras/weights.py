@@ -251,15 +251,19 @@ def _by_position(
 
 
 def _named(weight_names: list[str], var: str, layer: str, renamed: bool = False) -> list[list[str]]:
-    """Weight names ``.../<layer>/<var>:0`` split at '/'; ``renamed`` also accepts ``<layer>_<k>`` scopes."""
+    """Weight names ``.../<layer>/<var>:0`` as [scope parts..., layer, var]; ``layer`` may hold '/' itself
+    (tf.keras applications: MobileNetV3's ``Conv/BatchNorm``, DenseNet's ``conv1/bn``); ``renamed`` also accepts
+    ``<layer>_<k>`` scopes."""
     found = []
     for weight_name in weight_names:
-        parts = weight_name.split("/")
-        if len(parts) < 2 or parts[-1].split(":")[0] != var:
+        head, _, last = weight_name.rpartition("/")
+        if not head or last.split(":")[0] != var:
             continue
-        scope = parts[-2]
-        if scope == layer or (renamed and re.fullmatch(re.escape(layer) + r"_\d+", scope)):
-            found.append(parts)
+        if head == layer or head.endswith("/" + layer):
+            scope = head[: -len(layer)].rstrip("/")
+            found.append([*(scope.split("/") if scope else []), layer, last])
+        elif renamed and re.fullmatch(re.escape(layer) + r"_\d+", head.rpartition("/")[2]):
+            found.append(weight_name.split("/"))
     return found
 
 
