@@ -507,10 +507,10 @@ def test_probe_loads_a_tf_keras_2_separable_convolution(tmp_path: Path) -> None:
     assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]
 
 
-def test_a_layer_whose_name_holds_a_slash_has_its_weights_read_from_a_keras_2_h5_file(tmp_path: Path) -> None:
-    """tf.keras's applications name layers with '/' (MobileNetV3's ``Conv/BatchNorm`` beside ``Conv``, DenseNet's
-    ``conv1/bn``), whose weights the nested model's group lists as ``Conv/BatchNorm/gamma:0``: read as a layer
-    ``BatchNorm`` in a scope ``Conv``, every such BN's parameters were unknown and nothing was checked."""
+def _keras2_slashed(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """A nested base Conv2D -> BatchNormalization (its statistics one batch's) whose BN is named as tf.keras's
+    applications name layers, ``Conv/BatchNorm`` beside ``Conv`` (MobileNetV3; DenseNet's ``conv1/bn``), its
+    weights listed in the base's group as ``Conv/BatchNorm/gamma:0``; with inputs and the model's outputs."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 6, 2))
     x = keras.layers.Conv2D(4, 3, name="Conv")(inputs)
@@ -518,10 +518,10 @@ def test_a_layer_whose_name_holds_a_slash_has_its_weights_read_from_a_keras_2_h5
     base = keras.Model(inputs, x, name="base")
     image = keras.Input((6, 6, 2))
     model = keras.Model(image, keras.layers.GlobalAveragePooling2D()(base(image)))
-    model(np.random.default_rng(1).standard_normal((16, 6, 6, 2)).astype(np.float32), training=True)
-    path = tmp_path / "m.h5"
+    x = np.random.default_rng(1).standard_normal((16, 6, 6, 2)).astype(np.float32)
+    model(x, training=True)  # momentum 0: the moving statistics become this batch's
     model.save(path)
-    with h5py.File(path, "r+") as h5:  # the BN named as tf.keras's applications name it
+    with h5py.File(path, "r+") as h5:
         h5.attrs["model_config"] = h5.attrs["model_config"].replace('"Conv_BatchNorm"', '"Conv/BatchNorm"')
         h5.attrs["keras_version"] = "2.15.0"
         group = h5["model_weights/base"]
@@ -529,11 +529,27 @@ def test_a_layer_whose_name_holds_a_slash_has_its_weights_read_from_a_keras_2_h5
             n.replace("Conv_BatchNorm/", "Conv/BatchNorm/") for n in group.attrs["weight_names"]
         ]
         group.move("Conv_BatchNorm", "Conv/BatchNorm")
-    (layer,) = read(str(path)).layers
-    bn = base.get_layer("Conv_BatchNorm")
-    assert layer.mean is not None and layer.var is not None, layer.notes
-    np.testing.assert_array_equal(layer.mean, np.asarray(bn.moving_mean))
-    np.testing.assert_array_equal(layer.var, np.asarray(bn.moving_variance))
+    return str(path), x, np.asarray(model(x, training=False))
+
+
+def test_a_layer_whose_name_holds_a_slash_is_read_and_probed_in_a_keras_2_h5_file(tmp_path: Path) -> None:
+    """Read as a layer ``BatchNorm`` in a scope ``Conv``, every such BN's parameters were unknown and nothing was
+    checked; and Keras 3 refuses a '/' in a layer's name, so no such model loaded for a probe."""
+    path, x, expected = _keras2_slashed(tmp_path / "m.h5")
+    (layer,) = read(path).layers
+    assert layer.name == "base/Conv/BatchNorm" and layer.mean is not None and layer.var is not None, layer.notes
+    note = _copy_computes(path, x, expected)
+    assert "refuses a '/' in a layer's name, which this Keras 2.15.0 file holds in 1 name(s)" in note, note
+    patched = load_patched(keras, read(path))
+    assert patched is not None
+    loaded = patched[0].layers[1].layers[2]  # Keras's own load of the weights, by their order in the file
+    np.testing.assert_array_equal(layer.mean, np.asarray(loaded.moving_mean))
+    np.testing.assert_array_equal(layer.var, np.asarray(loaded.moving_variance))
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json", "--all-layers"])
+    assert result.exit_code == 0, result.output  # exit 2 before: Keras refused the name
+    (run,) = json.loads(result.stdout)["probe"]["runs"]
+    assert list(run["layers"]) == ["base/Conv/BatchNorm"]  # measured, under the file's own name
+    assert run["layers"]["base/Conv/BatchNorm"]["by_batch_size"]["32"]["input"]["count_per_channel"] == 32 * 16
 
 
 def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_path: Path) -> None:
@@ -562,6 +578,7 @@ def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_
         (_keras2_nested, Exception, "received 2 input tensors"),
         (_keras2_transfer, Exception, "failed to be resolved"),
         (_keras2_separable, Exception, "Unrecognized keyword arguments passed to SeparableConv2D"),
+        (_keras2_slashed, Exception, "cannot contain character `/`"),
     ],
 )
 def test_keras3_itself_refuses_what_each_mend_works_around(

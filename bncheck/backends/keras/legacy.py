@@ -37,6 +37,9 @@ only read.
   SeparableConv1D/2D config (from the Conv class it derives from), keywords Keras 3's separable convolutions
   refuse: they have no kernel of that name (their depthwise and pointwise kernels have keys of their own), so the
   copy drops them (Xception, tf.keras 2.13-2.15 and tf_keras: no such file loaded).
+- tf.keras's applications name layers with '/' (DenseNet's ``conv1/bn``, MobileNetV3's ``Conv/BatchNorm``),
+  which Keras 3 refuses in a name: the copy writes a division slash (NAME_SLASH) there and in every reference to
+  the layer, and ``probe.find_layers`` reads it as '/' again, so findings name the layers as the file does.
 - Keras 2 counted a nested model's calls from 1 (its node 0 linked the nested model's own input to its output),
   Keras 3 from 0, and Keras 3 reads a Keras 2 call's reference to a nested model's output as written: every
   model whose nested model feeds another layer (transfer learning's ``x = base(inputs)`` and a head, a siamese
@@ -417,6 +420,42 @@ def _nested_model_refs(config: Any) -> list[tuple[str, list[list]]]:
     return found
 
 
+#: What '/' in a layer's name becomes in the copy: Keras 3 refuses it in a name (tf.keras applications'
+#: DenseNet ``conv1/bn``, MobileNetV3's ``Conv/BatchNorm``); a division slash looks the same and maps back exactly.
+NAME_SLASH = "\u2215"
+
+
+def _slashed_names(config: Any) -> list[tuple[str, tuple[dict, dict]]]:
+    """(name, (its entry, its model's config)) of every layer whose name holds '/'."""
+    found = []
+    for _, body in _class_configs(config):
+        entries = body.get("layers")
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and "/" in entry["name"]:
+                found.append((entry["name"], (entry, body)))
+    return found
+
+
+def _without_slash(site: tuple[dict, dict]) -> None:
+    """The layer renamed with NAME_SLASH for '/', and every reference to it in its model."""
+    entry, body = site
+    old = entry["name"]
+    new = old.replace("/", NAME_SLASH)
+    entry["name"] = new
+    if isinstance(entry.get("config"), dict) and entry["config"].get("name") == old:
+        entry["config"]["name"] = new
+    stack: list[Any] = [e.get("inbound_nodes") for e in body["layers"] if isinstance(e, dict)]
+    stack += [body.get("input_layers"), body.get("output_layers")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            if len(node) >= 3 and node[0] == old and isinstance(node[1], int) and isinstance(node[2], int):
+                node[0] = new  # [layer, node, tensor]: a call's input, a keras_history, a model's input or output
+            stack.extend(node)
+
+
 def _call_refs(call: list, name: Any) -> list[list]:
     """The references to ``name``'s outputs in a Keras 2 call: its inputs and its keyword arguments' tensors."""
     found = []
@@ -576,6 +615,13 @@ _MENDS = (
         "Keras {ours} takes the single output that this Keras {theirs} file writes as a list of one, in {count} "
         "model(s) nested in a Sequential (first: {first!r}), for a list the Sequential passes on as two tensors; "
         "bncheck loaded it with that output written as Keras {ours} writes one",
+    ),
+    _Mend(
+        _slashed_names,
+        _without_slash,
+        "Keras {ours} refuses a '/' in a layer's name, which this Keras {theirs} file holds in {count} name(s) "
+        "(first: {first!r}; tf.keras applications' DenseNet and MobileNetV3); bncheck loaded it with a division "
+        "slash (\u2215) there, which its findings write as '/' again",
     ),
     _Mend(
         _unplaced_wrapped,

@@ -33,7 +33,7 @@ from bncheck.backends.base import BackendError, ProbeSettings
 from bncheck.backends.keras import memory
 from bncheck.backends.keras.archive import KerasFile
 from bncheck.backends.keras.config import few_reasons
-from bncheck.backends.keras.legacy import foreign_classes, load_patched, refusal, semantic_notes
+from bncheck.backends.keras.legacy import NAME_SLASH, foreign_classes, load_patched, refusal, semantic_notes
 from bncheck.budget import OverBudgetError, format_size
 from bncheck.errors import few, one_line
 from bncheck.model import (
@@ -172,7 +172,8 @@ def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
 
     def walk(container: Any, prefix: str) -> None:
         for layer in getattr(container, "layers", []):
-            path = f"{prefix}/{layer.name}" if prefix else layer.name
+            name = layer.name.replace(NAME_SLASH, "/")  # the file's own name (legacy._without_slash)
+            path = f"{prefix}/{name}" if prefix else name
             if path in names and path not in found:
                 found[path] = layer
             if hasattr(layer, "layers"):
