@@ -507,10 +507,11 @@ def test_probe_loads_a_tf_keras_2_separable_convolution(tmp_path: Path) -> None:
     assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]
 
 
-def _keras2_slashed(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
+def _keras2_slashed(path: Path, updated: bool = True) -> tuple[str, np.ndarray, np.ndarray]:
     """A nested base Conv2D -> BatchNormalization (its statistics one batch's) whose BN is named as tf.keras's
     applications name layers, ``Conv/BatchNorm`` beside ``Conv`` (MobileNetV3; DenseNet's ``conv1/bn``), its
-    weights listed in the base's group as ``Conv/BatchNorm/gamma:0``; with inputs and the model's outputs."""
+    weights listed in the base's group as ``Conv/BatchNorm/gamma:0``; with inputs and the model's outputs.
+    ``updated=False``: the BN's moving statistics as initialized (BN003)."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 6, 2))
     x = keras.layers.Conv2D(4, 3, name="Conv")(inputs)
@@ -519,7 +520,8 @@ def _keras2_slashed(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     image = keras.Input((6, 6, 2))
     model = keras.Model(image, keras.layers.GlobalAveragePooling2D()(base(image)))
     x = np.random.default_rng(1).standard_normal((16, 6, 6, 2)).astype(np.float32)
-    model(x, training=True)  # momentum 0: the moving statistics become this batch's
+    if updated:
+        model(x, training=True)  # momentum 0: the moving statistics become this batch's
     model.save(path)
     with h5py.File(path, "r+") as h5:
         h5.attrs["model_config"] = h5.attrs["model_config"].replace('"Conv_BatchNorm"', '"Conv/BatchNorm"')
@@ -550,6 +552,21 @@ def test_a_layer_whose_name_holds_a_slash_is_read_and_probed_in_a_keras_2_h5_fil
     (run,) = json.loads(result.stdout)["probe"]["runs"]
     assert list(run["layers"]) == ["base/Conv/BatchNorm"]  # measured, under the file's own name
     assert run["layers"]["base/Conv/BatchNorm"]["by_batch_size"]["32"]["input"]["count_per_channel"] == 32 * 16
+
+
+def test_fix_writes_a_model_with_a_slash_named_layer_that_bncheck_reads_back(tmp_path: Path) -> None:
+    """Keras 3 cannot hold '/' in the name, so the written model keeps the division slash its copy loaded; the
+    model `fix` writes is then probed under that name (it was refused: "loaded the model without layer(s)")."""
+    path, x, _ = _keras2_slashed(tmp_path / "m.h5", updated=False)
+    data = tmp_path / "x.npy"
+    np.save(data, x)
+    fixed = tmp_path / "fixed.keras"
+    result = CliRunner().invoke(main, ["fix", path, "--data", str(data), "-o", str(fixed)])
+    assert result.exit_code == 0, result.output
+    assert "after: 0 errors" in result.output, result.output
+    result = CliRunner().invoke(main, ["probe", str(fixed), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["base/Conv\u2215BatchNorm"]
 
 
 def test_an_hdf5_file_named_keras_is_read_and_probed_as_the_hdf5_file_it_is(tmp_path: Path) -> None:

@@ -169,11 +169,17 @@ def _with_backend_hint(exc: BackendError, static: KerasFile, keras: Any) -> Back
 def find_layers(model: Any, names: list[str]) -> dict[str, Any]:
     """Keras layer objects by bncheck path ("inner/bn1"), recursing into nested models."""
     found: dict[str, Any] = {}
+    wanted = set(names)
 
     def walk(container: Any, prefix: str) -> None:
         for layer in getattr(container, "layers", []):
-            name = layer.name.replace(NAME_SLASH, "/")  # the file's own name (legacy._without_slash)
+            name = layer.name
             path = f"{prefix}/{name}" if prefix else name
+            # a name the loaded copy holds with a division slash for the file's '/' (legacy._without_slash); a
+            # Keras 3 file can hold that character itself (a model `fix` wrote from such a copy)
+            if NAME_SLASH in name and path not in wanted and not any(n.startswith(path + "/") for n in wanted):
+                name = name.replace(NAME_SLASH, "/")
+                path = f"{prefix}/{name}" if prefix else name
             if path in names and path not in found:
                 found[path] = layer
             if hasattr(layer, "layers"):
