@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from click.testing import CliRunner
+
+from bncheck.cli import main
 
 
 def bn_model_with_config_field(tmp_path: Path, field: str, value: str) -> str:
@@ -116,3 +119,10 @@ def as_windows_paths(path: Path | str) -> None:
             h5.move(name, name.replace("/", "\\"))
         for name in [n for n in h5 if "\\" not in n and n not in ("vars", "optimizer", "metrics")]:
             del h5[name]  # the emptied containers (layers/...)
+
+
+def probed_findings(path: str, exit_code: int = 1) -> list[tuple[str, str]]:
+    """(code, layer) of each finding of ``bncheck probe PATH --format json``, asserting its exit code."""
+    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
+    assert result.exit_code == exit_code, result.output
+    return [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]]

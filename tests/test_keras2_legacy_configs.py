@@ -23,7 +23,7 @@ from bncheck.backends.keras.archive import read
 from bncheck.backends.keras.legacy import load_patched
 from bncheck.cli import main
 from bncheck.errors import one_line
-from tests.keras_files import keras2_calls, keras2_transfer
+from tests.keras_files import keras2_calls, keras2_transfer, probed_findings
 
 STEPS, FEATURES = 5, 4
 
@@ -99,13 +99,14 @@ def test_a_time_major_true_layer_is_still_refused_with_keras_own_reason(tmp_path
     assert "could not load the model saved by Keras 2.4.0" in result.stderr and "time_major" in result.stderr
 
 
-def _conv_bn() -> tuple[keras.Model, np.ndarray, np.ndarray]:
-    """Conv2D -> BatchNormalization (never updated) -> pooling -> Dense, with inputs and its outputs for them."""
+def _conv_bn(separable: bool = False) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """Conv2D (``separable``: SeparableConv2D "sep") -> BatchNormalization (never updated) -> pooling -> Dense,
+    with inputs and its outputs for them."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
             keras.Input((6, 6, 2)),
-            keras.layers.Conv2D(4, 3, name="conv"),
+            keras.layers.SeparableConv2D(4, 3, name="sep") if separable else keras.layers.Conv2D(4, 3, name="conv"),
             keras.layers.BatchNormalization(name="bn"),
             keras.layers.GlobalAveragePooling2D(name="pool"),
             keras.layers.Dense(3, name="out"),
@@ -437,16 +438,6 @@ def _keras2_nested(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     return str(path), x, expected
 
 
-def test_probe_loads_a_teachable_machine_style_model_and_computes_what_it_computed(tmp_path: Path) -> None:
-    path, x, expected = _keras2_nested(tmp_path / "m.h5")
-    note = _copy_computes(path, x, expected)
-    assert "writes as a list of one, in 1 model(s) nested in a Sequential (first: 'base')" in note, note
-    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
-    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
-    document = json.loads(result.stdout)
-    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "features/base/bn")]
-
-
 def _keras2_transfer(path: Path, calls: int = 1) -> tuple[str, list[np.ndarray], np.ndarray]:
     """keras2_transfer's model saved as tf.keras 2.15 wrote it: its calls in Keras 2's form, the base's from 1."""
     model, feeds, expected = keras2_transfer(calls)
@@ -468,26 +459,13 @@ def test_probe_loads_a_keras_2_model_that_calls_a_nested_base_model(tmp_path: Pa
     note = _copy_computes(path, feeds, expected)
     assert "counts the calls of a nested model from 0, this Keras 2.15.0 file from 1" in note, note
     assert "in 1 nested model(s) (first: 'base')" in note, note
-    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
-    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
-    document = json.loads(result.stdout)
-    assert [(f["code"], f["layer"]) for f in document["findings"]] == [("BN003", "base/bn")]
+    assert probed_findings(path) == [("BN003", "base/bn")]  # exit 2 before: Keras refused the file
 
 
 def _keras2_separable(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
-    """SeparableConv2D -> BatchNormalization (never updated) -> pooling, an Xception block in small, its
-    separable convolution's config given what tf.keras 2.15 wrote into it from the Conv class it derives from."""
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 2)),
-            keras.layers.SeparableConv2D(4, 3, name="sep"),
-            keras.layers.BatchNormalization(name="bn"),
-            keras.layers.GlobalAveragePooling2D(name="pool"),
-        ]
-    )
-    x = np.random.default_rng(1).standard_normal((8, 6, 6, 2)).astype(np.float32)
-    expected = np.asarray(model(x, training=False))
+    """_conv_bn's model with a SeparableConv2D, an Xception block in small, its separable convolution's config
+    given what tf.keras 2.15 wrote into it from the Conv class it derives from."""
+    model, x, expected = _conv_bn(separable=True)
 
     def edit(config: dict) -> None:
         glorot = {"class_name": "GlorotUniform", "config": {"seed": None}}
@@ -498,13 +476,30 @@ def _keras2_separable(path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     return str(path), x, expected
 
 
-def test_probe_loads_a_tf_keras_2_separable_convolution(tmp_path: Path) -> None:
-    path, x, expected = _keras2_separable(tmp_path / "m.h5")
+@pytest.mark.parametrize(
+    ("builder", "said", "findings"),
+    [
+        # Teachable Machine's image models (tf.keras 2.4)
+        (
+            _keras2_nested,
+            "writes as a list of one, in 1 model(s) nested in a Sequential (first: 'base')",
+            "features/base/bn",
+        ),
+        # Xception (tf.keras 2.13-2.15, tf_keras)
+        (
+            _keras2_separable,
+            "kernel_constraint that this Keras 2.15.0 file wrote into 1 separable convolution(s)",
+            "bn",
+        ),
+    ],
+)
+def test_probe_loads_the_mended_copy_which_computes_what_the_model_computed(
+    tmp_path: Path, builder: Callable[[Path], tuple[str, np.ndarray, np.ndarray]], said: str, findings: str
+) -> None:
+    path, x, expected = builder(tmp_path / "m.h5")
     note = _copy_computes(path, x, expected)
-    assert "kernel_constraint that this Keras 2.15.0 file wrote into 1 separable convolution(s)" in note, note
-    result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
-    assert result.exit_code == 1, result.output  # exit 2 before: Keras refused the file
-    assert [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]] == [("BN003", "bn")]
+    assert said in note, note
+    assert probed_findings(path) == [("BN003", findings)]  # exit 2 before: Keras refused the file
 
 
 def _keras2_slashed(path: Path, updated: bool = True) -> tuple[str, np.ndarray, np.ndarray]:

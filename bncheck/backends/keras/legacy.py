@@ -127,12 +127,7 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         except Exception as exc:  # what is left once the mended parts load: the file's real obstacle
             mended = exc
     if mended is not None:
-        try:  # a mend that made matters worse must not refuse a file Keras reads as it is
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                keras.saving.load_model(static.path, compile=False, safe_mode=True)
-        except Exception:
-            raise refusal(keras, static.path, static.keras_version, mended, mended=True) from None
+        _refuse_unless_keras_reads(keras, static, mended)
         return None
     ours, theirs = keras.__version__, static.keras_version
     done = []
@@ -150,6 +145,17 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         )
     done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
     return model, "; ".join(done) + ", the file unchanged"
+
+
+def _refuse_unless_keras_reads(keras: Any, static: KerasFile, failed: Exception) -> None:
+    """Raises the refusal with ``failed``, what stopped the mended copy, unless Keras reads the file as it is:
+    a mend that made matters worse must not refuse such a file (it is then loaded as it is)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            keras.saving.load_model(static.path, compile=False, safe_mode=True)
+    except Exception:
+        raise refusal(keras, static.path, static.keras_version, failed, mended=True) from None
 
 
 #: what marks a config entry as Keras 3's (its module and registered name send Keras 3 down the new path, which
@@ -208,12 +214,7 @@ def _load_keras2_archive(keras: Any, static: KerasFile) -> tuple[Any, str] | Non
         except Exception as exc:  # zipfile, json and Keras raise many kinds: the refusal says which
             failed = exc
     if failed is not None:
-        try:  # a file Keras 3 reads as it is stays read so
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                keras.saving.load_model(static.path, compile=False, safe_mode=True)
-        except Exception:
-            raise refusal(keras, static.path, static.keras_version, failed, mended=True) from None
+        _refuse_unless_keras_reads(keras, static, failed)
         return None
     ours, theirs = keras.__version__, static.keras_version
     done = [
