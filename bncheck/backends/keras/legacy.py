@@ -1,5 +1,5 @@
-"""Keras 1/2 .h5 files that Keras 3 misreads, loaded from a patched copy of their config; the user's file is
-only read.
+"""Keras 1/2 .h5 files (and the archives below) that Keras 3 misreads, loaded from a patched copy of their config;
+the user's file is only read.
 
 - A Sequential file whose first layer carries ``batch_input_shape`` (Keras 2.2-2.3 saved
   ``Sequential([Dense(..., input_shape=...)])`` so, with no InputLayer): Keras 3's legacy loader passes that
@@ -52,6 +52,10 @@ Keras 3 read an entry as its own, through the path Keras 3 takes for a Keras 2 .
 and given the archive's weights, whose layout Keras 3 kept but for tf.keras 2.13's and 2.14's
 (weights.TF_KERAS_213_LAYERS), which the copy of the weights is given first.
 
+A Keras 3 archive whose augmentation layers hold keys an older Keras 3 wrote and the installed one refuses (Keras
+3.4-3.5's RandomRotation ``value_range``) is loaded from a copy without them: those layers are the identity at
+inference (AUGMENTATION).
+
 And what Keras 3 computes differently from the Keras 1/2 that wrote a file it loads, said in a note:
 ``hard_sigmoid`` (Keras 2.0-2.2's default recurrent activation of LSTM and GRU) is clip(0.2 x + 0.5) in
 Keras 1/2 and tf.keras 2, clip(x / 6 + 0.5) in Keras 3.
@@ -96,6 +100,8 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
     where the copy does not load either."""
     if static.format == "keras" and static.keras2:
         return _load_keras2_archive(keras, static)
+    if static.format == "keras":
+        return _load_without_inactive_keys(keras, static)
     if static.format != "h5" or not static.keras2:
         return None
     import h5py
@@ -145,6 +151,72 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
         )
     done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
     return model, "; ".join(done) + ", the file unchanged"
+
+
+#: Augmentation layers, the identity at inference: a key an older Keras 3 wrote into one and the installed Keras
+#: refuses (Keras 3.4-3.5's RandomRotation ``value_range``) cannot change what a probe computes. RandomCrop, which
+#: crops at inference too, is not among them.
+AUGMENTATION = frozenset(
+    {"RandomBrightness", "RandomContrast", "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom"}
+    | {"RandomColorDegeneration", "RandomColorJitter", "RandomElasticTransform", "RandomErasing"}
+    | {"RandomGaussianBlur", "RandomGrayscale", "RandomHue", "RandomInvert", "RandomPerspective"}
+    | {"RandomPosterization", "RandomSaturation", "RandomSharpness", "RandomShear"}
+)
+
+
+def _refused_keys(keras: Any, config: Any) -> list[tuple[str, tuple[dict, list[str]]]]:
+    """(layer name, (its config, the keys its class refuses)) of each augmentation layer whose config holds keys
+    that neither its class nor Keras's Layer takes."""
+    import inspect
+
+    base = set(inspect.signature(keras.layers.Layer.__init__).parameters)
+    found = []
+    for cls, body in _class_configs(config):
+        layer = getattr(keras.layers, cls, None) if cls in AUGMENTATION else None
+        if layer is not None:
+            refused = sorted(set(body) - base - set(inspect.signature(layer.__init__).parameters))
+            if refused:
+                found.append((_named(body), (body, refused)))
+    return found
+
+
+def _load_without_inactive_keys(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
+    """The model of a Keras 3 archive whose augmentation layers hold keys the installed Keras refuses (see
+    AUGMENTATION), loaded from a copy without them; None where none does."""
+    import zipfile
+
+    config = copy.deepcopy(static.config)
+    sites = _refused_keys(keras, config)
+    if not sites:
+        return None
+    for _, (body, refused) in sites:
+        for key in refused:
+            body.pop(key)
+    failed: Exception | None = None
+    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
+        copied = os.path.join(folder, "model.keras")
+        try:
+            with zipfile.ZipFile(static.path) as source, zipfile.ZipFile(copied, "w") as target:
+                for info in source.infolist():
+                    if info.filename == "config.json":
+                        target.writestr(info, json.dumps(config))
+                    else:
+                        with source.open(info) as data, target.open(info, "w") as out:
+                            shutil.copyfileobj(data, out)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = keras.saving.load_model(copied, compile=False, safe_mode=True)
+        except Exception as exc:  # zipfile and Keras raise many kinds: the refusal says which
+            failed = exc
+    if failed is not None:
+        _refuse_unless_keras_reads(keras, static, failed)
+        return None
+    keys = sorted({key for _, (_, refused) in sites for key in refused})
+    return model, (
+        f"Keras {keras.__version__} refuses the {', '.join(keys)} that Keras {static.keras_version} wrote into "
+        f"{len(sites)} augmentation layer(s) (first: {sites[0][0]!r}), which do nothing at inference; bncheck "
+        "loaded it without them, the file unchanged"
+    )
 
 
 def _refuse_unless_keras_reads(keras: Any, static: KerasFile, failed: Exception) -> None:
