@@ -74,9 +74,11 @@ def keras2_transfer(calls: int = 1) -> tuple[Any, list[np.ndarray], np.ndarray]:
 
 def as_tf_keras_213_weights(path: Path | str) -> None:
     """A model.weights.h5 Keras 3 wrote, rewritten in place into tf.keras 2.13's layout: each model's layers under
-    ``_layer_checkpoint_dependencies``, a layer holding variables counted twice (conv2d, conv2d_2; re_lu, re_lu_1)."""
+    ``_layer_checkpoint_dependencies``, a layer holding variables counted twice (conv2d, conv2d_2; re_lu, re_lu_1),
+    its vars naming no layer (tf.keras 2 wrote no ``name`` attribute there)."""
     import h5py
 
+    _without_vars_names(path)
     with h5py.File(path, "r+") as h5:
         models = [h5]
         while models:
@@ -109,9 +111,11 @@ def _counted(name: str) -> tuple[str, int, str]:
 
 def as_windows_paths(path: Path | str) -> None:
     """A model.weights.h5 Keras 3 wrote, rewritten in place as tf.keras 2.13-2.15 wrote one on Windows: each group
-    holding ``vars`` moved to the root under its path joined with backslashes (``layers\\functional\\layers\\conv2d``)."""
+    holding ``vars`` moved to the root under its path joined with backslashes (``layers\\functional\\layers\\conv2d``),
+    its vars naming no layer."""
     import h5py
 
+    _without_vars_names(path)
     with h5py.File(path, "r+") as h5:
         holders: list[str] = []
         h5.visititems(lambda name, item: holders.append(name) if hasattr(item, "keys") and "vars" in item else None)
@@ -126,3 +130,14 @@ def probed_findings(path: str, exit_code: int = 1) -> list[tuple[str, str]]:
     result = CliRunner().invoke(main, ["probe", path, "--format", "json"])
     assert result.exit_code == exit_code, result.output
     return [(f["code"], f["layer"]) for f in json.loads(result.stdout)["findings"]]
+
+
+def _without_vars_names(path: Path | str) -> None:
+    """Every ``vars`` group of a weights file without the layer's ``name``, which Keras 3 writes and tf.keras 2 did not."""
+    import h5py
+
+    with h5py.File(path, "r+") as h5:
+        named: list[str] = []
+        h5.visititems(lambda name, item: named.append(name) if name.endswith("vars") and "name" in item.attrs else None)
+        for name in named:
+            del h5[name].attrs["name"]

@@ -165,6 +165,29 @@ def test_a_tf_keras_2_archive_written_on_windows_is_read_and_probed(tmp_path: Pa
         assert any("written on Windows" in note["message"] for note in document["notes"])
 
 
+@pytest.mark.parametrize("layout", [as_tf_keras_213_weights, as_windows_paths])
+def test_a_tf_keras_2_weights_only_file_is_read_in_the_layouts_it_was_written_in(
+    tmp_path: Path, layout: Callable[[Path], None]
+) -> None:
+    """``save_weights`` of tf.keras 2.13-2.14 wrote the archives' weights layout, and on Windows the backslashed
+    one: `inspect` refused both ("no model_config ... a weights-only file?"). Their BNs are now found and named as
+    Keras 3 names them (by their order within their class), their statistics the model's."""
+    model, _, _ = _three_blocks()
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)
+    layout(path)
+    static = read(str(path))
+    assert [layer.name for layer in static.layers] == [
+        "functional/batch_normalization",
+        "functional/batch_normalization_1",
+        "functional/batch_normalization_2",
+    ]
+    for i, layer in enumerate(static.layers):
+        np.testing.assert_array_equal(layer.mean, np.asarray(model.get_layer("base").get_layer(f"bn{i}").moving_mean))
+    result = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+
+
 def test_a_tf_keras_2_archive_whose_weights_do_not_fit_its_config_is_refused_with_keras_reason(
     tmp_path: Path,
 ) -> None:

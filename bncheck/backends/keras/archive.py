@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import struct
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 from bncheck.backends.base import BackendError
@@ -170,13 +172,18 @@ def _read_keras(path: str) -> KerasFile:
                 except Exception as exc:  # h5py on a damaged link table or object header
                     raise BackendError(f"{path}: damaged model.weights.h5 ({one_line(exc)})") from None
                 if has_backslash_paths(weights):
-                    notes.append(Note("info", WINDOWS_PATHS))
-                    return _read_with_slash_paths(path, config, version, notes, raw)
+                    notes.append(
+                        Note("info", f"{WINDOWS_PATHS}: read, and loaded for a probe, as the paths they spell")
+                    )
+                    with _with_slash_paths(path, raw) as fixed:
+                        return build(path, "keras", config, KerasWeights(fixed), version, None, notes)
                 return build(path, "keras", config, KerasWeights(weights), version, None, notes)
 
 
-def _read_with_slash_paths(path: str, config: Any, version: str | None, notes: list[Note], raw: Any) -> KerasFile:
-    """The archive read from a writable copy of its model.weights.h5 given the paths its Windows names spell."""
+@contextlib.contextmanager
+def _with_slash_paths(path: str, raw: Any) -> Iterator[Any]:
+    """A writable copy of the HDF5 file ``raw`` holds, its Windows names (WINDOWS_PATHS) given the paths they
+    spell, open."""
     import shutil
 
     import h5py
@@ -184,12 +191,12 @@ def _read_with_slash_paths(path: str, config: Any, version: str | None, notes: l
     raw.seek(0)
     with tempfile.TemporaryFile() as copy:
         shutil.copyfileobj(raw, copy)
-        with h5py.File(copy, "r+") as weights:
+        with h5py.File(copy, "r+") as h5:
             try:
-                as_slash_paths(weights)
+                as_slash_paths(h5)
             except Exception as exc:  # h5py on names that collide or a damaged group
-                raise BackendError(f"{path}: damaged model.weights.h5 ({one_line(exc)})") from None
-            return build(path, "keras", config, KerasWeights(weights), version, None, notes)
+                raise BackendError(f"{path}: damaged weights file ({one_line(exc)})") from None
+            yield h5
 
 
 def _read_h5(path: str) -> KerasFile:
@@ -204,7 +211,12 @@ def _read_h5(path: str) -> KerasFile:
             guard_hdf5(path, handle)
             raw = handle.attrs.get("model_config")
             if raw is None:
-                found = weights_only_layers(handle)
+                windows = has_backslash_paths(handle)
+                if windows:
+                    with open(path, "rb") as source, _with_slash_paths(path, source) as fixed:
+                        found = weights_only_layers(fixed)
+                else:
+                    found = weights_only_layers(handle)
                 if found is None:
                     raise BackendError(
                         f"{path}: no model_config in this HDF5 file (a weights-only file?): save the whole model "
@@ -215,6 +227,8 @@ def _read_h5(path: str) -> KerasFile:
                 backend = attr_str(handle.attrs.get("backend"))
                 saved = f"saved by keras {version}" if version else "saved by an unknown Keras version"
                 notes = [Note("info", saved), *weights_only_notes(len(layers), others)]
+                if windows:
+                    notes.append(Note("info", f"{WINDOWS_PATHS}: read as the paths they spell"))
                 found_file = KerasFile(path, "h5", version, backend, {}, layers, [], notes, weights_only=True)
                 found_file.broken_weights = broken
                 return found_file

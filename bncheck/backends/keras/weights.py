@@ -70,10 +70,10 @@ def by_class_order(names: list[str], snake: str) -> list[str]:
     return sorted((n for n in names if counter_order(n)[0] == snake), key=counter_order)
 
 
-#: What a .keras archive written on Windows by tf.keras 2.13-2.15 says about its weights (keras-team/keras#18528)
+#: What a weights file written on Windows by tf.keras 2.13-2.15 says (keras-team/keras#18528)
 WINDOWS_PATHS = (
-    "its model.weights.h5 was written on Windows, each layer's path joined with backslashes into one name "
-    "('layers\\conv2d'; tf.keras 2.13-2.15): read, and loaded for a probe, as the paths those names spell"
+    "its weights were written on Windows, each layer's path joined with backslashes into one name "
+    "('layers\\conv2d'; tf.keras 2.13-2.15)"
 )
 
 

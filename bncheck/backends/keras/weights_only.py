@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.backends.keras.weights import NORM_GROUPS, RENORM_VARS, attr_str, counter_order, read_dataset
+from bncheck.backends.keras.weights import (
+    NORM_GROUPS,
+    RENORM_VARS,
+    TF_KERAS_213_LAYERS,
+    attr_str,
+    by_class_order,
+    counter_order,
+    read_dataset,
+)
 from bncheck.errors import few
 from bncheck.model import BrokenWeights, Kind, NormLayer, Note
 
@@ -29,7 +37,7 @@ def weights_only_layers(root: Any) -> tuple[list[NormLayer], list[str], list[Bro
     for NaN and Inf), and those of them whose variables hold NaN or Inf; None where the root lists no layers
     (not a Keras weights file)."""
     if "layer_names" not in root.attrs:
-        layers_group = root.get("layers")
+        layers_group = _layers_of(root)
         if layers_group is None:
             return None
         others: list[str] = []
@@ -82,9 +90,13 @@ def _keras3_layers(
     paths of the other normalization layers are added to ``others``, and those whose variables hold NaN or Inf
     to ``broken``."""
     found = []
+    # tf.keras 2.13/2.14 counted a layer holding variables twice: named by its order as later Keras names it
+    counted = str(getattr(layers_group, "name", "")).rsplit("/", 1)[-1] == TF_KERAS_213_LAYERS  # an h5py group
+    names = list(layers_group)
+    label = {n: _by_order(n, names) if counted else n for n in names}
     for group_name, group in sorted(layers_group.items(), key=lambda item: counter_order(item[0])):
         variables = group.get("vars")
-        name = (attr_str(variables.attrs.get("name")) if variables is not None else None) or group_name
+        name = (attr_str(variables.attrs.get("name")) if variables is not None else None) or label[group_name]
         # a sub-layer kept as an attribute is stored under the attribute's name, its own (generated) in its vars
         if (group_name.startswith("batch_normalization") or name.startswith("batch_normalization")) and variables:
             count = sum(1 for key in variables if key.isdigit())
@@ -105,12 +117,13 @@ def _keras3_layers(
             if bad:
                 kind = next(c for c in _OTHER_NORMS if group_name.startswith(c) or name.startswith(c))
                 broken.append(BrokenWeights(path, path, _CLASSES[kind], bad, "variables"))
-        inner = group.get("layers")
+        inner = _layers_of(group)
         if inner is not None and hasattr(inner, "items"):
             found.extend(_keras3_layers(inner, prefix + (name,), others, broken))
         # a subclassed layer's own sub-layers are stored under their attribute names, beside its vars
         # (neutrophils-classifier's sim_clr_encoder/feature_extractor/layers/batch_normalization...)
-        attributes = {k: v for k, v in group.items() if k not in ("vars", "layers") and hasattr(v, "items")}
+        kept = ("vars", "layers", TF_KERAS_213_LAYERS)
+        attributes = {k: v for k, v in group.items() if k not in kept and hasattr(v, "items")}
         if attributes:
             found.extend(_keras3_layers(attributes, prefix + (name,), others, broken))
     return found
@@ -142,6 +155,19 @@ def _nested(layer: NormLayer, name: str) -> NormLayer:
         notes=(f"read from its stored variables: {name!r} does not describe its layers in the config",),
         extra={**layer.extra, "path": [path]},
     )
+
+
+def _layers_of(group: Any) -> Any:
+    """A weights file's group of a model's layers: ``layers``, or tf.keras 2.13/2.14's TF_KERAS_213_LAYERS."""
+    found = group.get("layers")
+    return found if found is not None else group.get(TF_KERAS_213_LAYERS)
+
+
+def _by_order(name: str, names: list[str]) -> str:
+    """``name``'s group as later Keras names it: by its order among the groups of its class."""
+    snake = counter_order(name)[0]
+    rank = by_class_order(names, snake).index(name)
+    return f"{snake}_{rank}" if rank else snake
 
 
 def weights_only_notes(count: int, others: list[str]) -> list[Note]:
