@@ -50,7 +50,7 @@ A .keras archive that tf.keras 2.13-2.15 or tf_keras wrote is refused by Keras 3
 classes' modules (``keras.src.engine.functional``). Its model is built from the config without the keys that make
 Keras 3 read an entry as its own, through the path Keras 3 takes for a Keras 2 .h5 file's (with the mends above),
 and given the archive's weights, whose layout Keras 3 kept but for tf.keras 2.13's and 2.14's
-(weights.TF_KERAS_213_LAYERS), which the copy of the weights is given first.
+(weights.TF_KERAS_213_LAYERS), which a copy of the weights is given first (weights.as_keras3_layout).
 
 A Keras 3 archive whose augmentation layers hold keys an older Keras 3 wrote and the installed one refuses (Keras
 3.4-3.5's RandomRotation ``value_range``) is loaded from a copy without them: those layers are the identity at
@@ -108,32 +108,24 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
 
     config = copy.deepcopy(static.config)  # the static read's: bare lists already in dict form
     declared = _declared_shape(static)
-    found = [(mend, mend.find(config)) for mend in _MENDS]
-    found = [(mend, sites) for mend, sites in found if sites]
+    found = _mended(config)
     if not (static.bare_list or declared is not None or found):
         return None
-    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
-        copied = os.path.join(folder, "model.h5")
+
+    def copied(folder: str) -> Any:
+        path = os.path.join(folder, "model.h5")
         try:
             if declared is not None:
                 _insert_input_layer(config, declared, static.inputs[0].name)
-            for mend, sites in found:
-                for _, site in sites:
-                    mend.apply(site)
-            shutil.copyfile(static.path, copied)
-            with h5py.File(copied, "r+") as h5:
+            shutil.copyfile(static.path, path)
+            with h5py.File(path, "r+") as h5:
                 h5.attrs["model_config"] = json.dumps(config)
         except Exception:  # h5py and json raise many kinds on what they cannot read: the file as it is
             return None
-        mended: Exception | None = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = keras.saving.load_model(copied, compile=False, safe_mode=True)
-        except Exception as exc:  # what is left once the mended parts load: the file's real obstacle
-            mended = exc
-    if mended is not None:
-        _refuse_unless_keras_reads(keras, static, mended)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+    model = _load_copy(keras, static, copied)
+    if model is None:
         return None
     ours, theirs = keras.__version__, static.keras_version
     done = []
@@ -149,8 +141,7 @@ def load_patched(keras: Any, static: KerasFile) -> tuple[Any, str] | None:
             "as one sample's shape (an extra input axis, or a layer that refuses it); bncheck loaded it with an "
             f"input layer of {shape} in front"
         )
-    done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
-    return model, "; ".join(done) + ", the file unchanged"
+    return model, "; ".join(done + _mend_notes(found, ours, theirs)) + ", the file unchanged"
 
 
 #: Augmentation layers, the identity at inference: a key an older Keras 3 wrote into one and the installed Keras
@@ -185,31 +176,27 @@ def _load_without_inactive_keys(keras: Any, static: KerasFile) -> tuple[Any, str
     AUGMENTATION), loaded from a copy without them; None where none does."""
     import zipfile
 
+    if not _refused_keys(keras, static.config):
+        return None  # the config is copied only where it is to be changed
     config = copy.deepcopy(static.config)
     sites = _refused_keys(keras, config)
-    if not sites:
-        return None
     for _, (body, refused) in sites:
         for key in refused:
             body.pop(key)
-    failed: Exception | None = None
-    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
-        copied = os.path.join(folder, "model.keras")
-        try:
-            with zipfile.ZipFile(static.path) as source, zipfile.ZipFile(copied, "w") as target:
-                for info in source.infolist():
-                    if info.filename == "config.json":
-                        target.writestr(info, json.dumps(config))
-                    else:
-                        with source.open(info) as data, target.open(info, "w") as out:
-                            shutil.copyfileobj(data, out)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = keras.saving.load_model(copied, compile=False, safe_mode=True)
-        except Exception as exc:  # zipfile and Keras raise many kinds: the refusal says which
-            failed = exc
-    if failed is not None:
-        _refuse_unless_keras_reads(keras, static, failed)
+
+    def copied(folder: str) -> Any:
+        path = os.path.join(folder, "model.keras")
+        with zipfile.ZipFile(static.path) as source, zipfile.ZipFile(path, "w") as target:
+            for info in source.infolist():
+                if info.filename == "config.json":
+                    target.writestr(info, json.dumps(config))
+                else:
+                    with source.open(info) as data, target.open(info, "w") as out:
+                        shutil.copyfileobj(data, out)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+    model = _load_copy(keras, static, copied)
+    if model is None:
         return None
     keys = sorted({key for _, (_, refused) in sites for key in refused})
     return model, (
@@ -219,15 +206,37 @@ def _load_without_inactive_keys(keras: Any, static: KerasFile) -> tuple[Any, str
     )
 
 
-def _refuse_unless_keras_reads(keras: Any, static: KerasFile, failed: Exception) -> None:
-    """Raises the refusal with ``failed``, what stopped the mended copy, unless Keras reads the file as it is:
-    a mend that made matters worse must not refuse such a file (it is then loaded as it is)."""
+def _load_copy(keras: Any, static: KerasFile, load: Callable[[str], Any]) -> Any:
+    """What ``load`` returns, given a temporary folder for the mended copy it writes and loads (None: no copy,
+    the file is loaded as it is). Where it fails, the refusal with what stopped it is raised, unless Keras reads
+    the file as it is: a mend that made matters worse must not refuse such a file (None, then)."""
+    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
+        try:
+            with warnings.catch_warnings():  # Keras's deprecation warnings belong to no one line
+                warnings.simplefilter("ignore")
+                return load(folder)
+        except Exception as exc:  # zipfile, h5py, json and Keras raise many kinds: the refusal says which
+            failed = exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             keras.saving.load_model(static.path, compile=False, safe_mode=True)
     except Exception:
         raise refusal(keras, static.path, static.keras_version, failed, mended=True) from None
+    return None
+
+
+def _mended(config: Any) -> list[tuple[_Mend, list[tuple[str, Any]]]]:
+    """Every mend ``config`` needs, applied to it in place, with its sites."""
+    found = [(mend, sites) for mend in _MENDS if (sites := mend.find(config))]
+    for mend, sites in found:
+        for _, site in sites:
+            mend.apply(site)
+    return found
+
+
+def _mend_notes(found: list[tuple[_Mend, list[tuple[str, Any]]]], ours: str, theirs: str | None) -> list[str]:
+    return [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
 
 
 #: what marks a config entry as Keras 3's (its module and registered name send Keras 3 down the new path, which
@@ -254,40 +263,40 @@ def _load_keras2_archive(keras: Any, static: KerasFile) -> tuple[Any, str] | Non
     either."""
     import zipfile
 
+    import h5py
+
     from bncheck.backends.keras.config import MODEL_CLASSES
+    from bncheck.backends.keras.weights import as_keras3_layout, as_slash_paths, has_backslash_paths
 
     if static.config.get("class_name") not in MODEL_CLASSES:
         return None
     config = copy.deepcopy(static.config)
     _without_keras3_keys(config)
-    found = [(mend, sites) for mend in _MENDS if (sites := mend.find(config))]
-    for mend, sites in found:
-        for _, site in sites:
-            mend.apply(site)
-    failed: Exception | None = None
-    with tempfile.TemporaryDirectory(prefix="bncheck-keras-") as folder:
+    found = _mended(config)
+
+    def built(folder: str) -> tuple[Any, bool]:
         weights = os.path.join(folder, "model.weights.h5")  # Keras loads weights from a path of this ending
-        try:
-            with (
-                zipfile.ZipFile(static.path) as archive,
-                archive.open("model.weights.h5") as source,
-                open(weights, "wb") as target,
-            ):
-                shutil.copyfileobj(source, target)
-            _with_slash_paths(weights)
-            relaid = _as_keras3_layout(weights)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # the model's own class by its public name: Keras 3 finds no class of an entry without a module
-                model = (keras.Sequential if config["class_name"] == "Sequential" else keras.Model).from_config(
-                    config["config"]
-                )
-                model.load_weights(weights)
-        except Exception as exc:  # zipfile, json and Keras raise many kinds: the refusal says which
-            failed = exc
-    if failed is not None:
-        _refuse_unless_keras_reads(keras, static, failed)
+        with (
+            zipfile.ZipFile(static.path) as archive,
+            archive.open("model.weights.h5") as source,
+            open(weights, "wb") as target,
+        ):
+            shutil.copyfileobj(source, target)
+        with h5py.File(weights, "r+") as h5:  # in Keras 3's layout: Windows paths spelled, 2.13's relaid
+            if has_backslash_paths(h5):
+                as_slash_paths(h5)
+            relaid = as_keras3_layout(h5)
+        # the model's own class by its public name: Keras 3 finds no class of an entry without a module
+        model = (keras.Sequential if config["class_name"] == "Sequential" else keras.Model).from_config(
+            config["config"]
+        )
+        model.load_weights(weights)
+        return model, relaid
+
+    loaded = _load_copy(keras, static, built)
+    if loaded is None:
         return None
+    model, relaid = loaded
     ours, theirs = keras.__version__, static.keras_version
     done = [
         f"Keras {ours} cannot read the config of this .keras archive that Keras {theirs} wrote (its classes' "
@@ -299,44 +308,7 @@ def _load_keras2_archive(keras: Any, static: KerasFile) -> tuple[Any, str] | Non
             f"its weights are laid out as Keras {theirs} wrote them, each layer holding variables counted twice; "
             f"bncheck loaded them by their order within each class, as Keras {ours} names them"
         )
-    done += [mend.note.format(ours=ours, theirs=theirs, count=len(sites), first=sites[0][0]) for mend, sites in found]
-    return model, "; ".join(done) + ", the file unchanged"
-
-
-def _with_slash_paths(path: str) -> None:
-    """A model.weights.h5 written on Windows (weights.WINDOWS_PATHS) given, in place, the paths its names spell."""
-    import h5py
-
-    from bncheck.backends.keras.weights import as_slash_paths, has_backslash_paths
-
-    with h5py.File(path, "r+") as h5:
-        if has_backslash_paths(h5):
-            as_slash_paths(h5)
-
-
-def _as_keras3_layout(path: str) -> bool:
-    """Rewrites a model.weights.h5 in tf.keras 2.13's and 2.14's layout (weights.TF_KERAS_213_LAYERS) into Keras
-    3's, in place: each model's groups renamed by their order within a class (snake, snake_1, ...) under
-    ``layers``. Whether it was in that layout. Keras 3 reads that layout only where its names are Keras 3's too."""
-    import h5py
-
-    from bncheck.backends.keras.weights import TF_KERAS_213_LAYERS, by_class_order, counter_order
-
-    with h5py.File(path, "r+") as h5:
-        if "layers" in h5 or TF_KERAS_213_LAYERS not in h5:
-            return False
-        models = [h5]
-        while models:
-            model = models.pop()
-            if TF_KERAS_213_LAYERS not in model or "layers" in model:
-                continue
-            names = list(model[TF_KERAS_213_LAYERS].keys())
-            model.create_group("layers")
-            for snake in {counter_order(name)[0] for name in names}:
-                for k, name in enumerate(by_class_order(names, snake)):
-                    model.move(f"{TF_KERAS_213_LAYERS}/{name}", f"layers/{snake}_{k}" if k else f"layers/{snake}")
-            models += [model["layers"][name] for name in model["layers"]]
-    return True
+    return model, "; ".join(done + _mend_notes(found, ours, theirs)) + ", the file unchanged"
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,31 @@ def by_class_order(names: list[str], snake: str) -> list[str]:
     return sorted((n for n in names if counter_order(n)[0] == snake), key=counter_order)
 
 
+def counted_name(snake: str, count: int) -> str:
+    """The name Keras gives the ``count``-th layer of a class (from 0): ``snake``, ``snake_1``, ``snake_2``, ..."""
+    return f"{snake}_{count}" if count else snake
+
+
+def as_keras3_layout(h5: Any) -> bool:
+    """Rewrites a weights file in TF_KERAS_213_LAYERS's layout, open for writing, into Keras 3's: each model's
+    groups under ``layers``, renamed by their order within a class (links moved, no data copied). Whether it was
+    in that layout. Keras 3 reads that layout itself only where its names are Keras 3's too."""
+    if "layers" in h5 or TF_KERAS_213_LAYERS not in h5:
+        return False
+    models = [h5]
+    while models:
+        model = models.pop()
+        if TF_KERAS_213_LAYERS not in model or "layers" in model:
+            continue
+        names = list(model[TF_KERAS_213_LAYERS])
+        model.create_group("layers")
+        for snake in {counter_order(name)[0] for name in names}:
+            for k, name in enumerate(by_class_order(names, snake)):
+                model.move(f"{TF_KERAS_213_LAYERS}/{name}", f"layers/{counted_name(snake, k)}")
+        models += [model["layers"][name] for name in model["layers"]]
+    return True
+
+
 #: What a weights file written on Windows by tf.keras 2.13-2.15 says (keras-team/keras#18528)
 WINDOWS_PATHS = (
     "its weights were written on Windows, each layer's path joined with backslashes into one name "
@@ -136,7 +161,7 @@ class KerasWeights:
             snake = _snake_case(str(entry.get("class_name", "")))
             used[snake] = used.get(snake, -1) + 1
             if self.layers_key == "layers":
-                groups[index] = f"{parent}/{snake}_{used[snake]}" if used[snake] else f"{parent}/{snake}"
+                groups[index] = f"{parent}/{counted_name(snake, used[snake])}"
                 continue
             ordered = by_class_order(stored, snake)
             if used[snake] < len(ordered):

@@ -21,6 +21,7 @@ from bncheck.backends.keras.weights import (
     TF_KERAS_213_LAYERS,
     attr_str,
     by_class_order,
+    counted_name,
     counter_order,
     read_dataset,
 )
@@ -166,8 +167,7 @@ def _layers_of(group: Any) -> Any:
 def _by_order(name: str, names: list[str]) -> str:
     """``name``'s group as later Keras names it: by its order among the groups of its class."""
     snake = counter_order(name)[0]
-    rank = by_class_order(names, snake).index(name)
-    return f"{snake}_{rank}" if rank else snake
+    return counted_name(snake, by_class_order(names, snake).index(name))
 
 
 def weights_only_notes(count: int, others: list[str]) -> list[Note]:
