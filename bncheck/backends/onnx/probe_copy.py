@@ -356,14 +356,13 @@ def _rewrite_batch_constants(
     for n, (i, node, k) in enumerate(sites):
         before.setdefault(i, []).append(following(constants[node.input[k]][0], axis, f"{prefix}_target_{n}"))
         node.input[k] = before[i][-1].output[0]
-    for n, (i, readers, array, position) in enumerate(states):
+    for n, (i, readers, dims, value, position) in enumerate(states):
         name = f"__bncheck_initial_{n}"
-        one = from_array(array.reshape(-1)[:1].reshape((1,) * array.ndim), f"{name}_value")
-        graph.initializer.append(one)
+        graph.initializer.append(from_array(value, f"{name}_value"))
         before.setdefault(i, []).extend(
             [
-                following(np.array(array.shape, np.int64), position, f"{name}_shape"),
-                helper.make_node("Expand", [one.name, f"{name}_shape"], [name], name=name),
+                following(np.array(dims, np.int64), position, f"{name}_shape"),
+                helper.make_node("Expand", [f"{name}_value", f"{name}_shape"], [name], name=name),
             ]
         )
         for node, k in readers:
@@ -380,12 +379,15 @@ def _batch_source(batched: dict[str, int]) -> tuple[str, int]:
     return min(batched.items(), key=lambda item: item[1])
 
 
-def _uniform_initial_states(graph: Any, fixed: int) -> list[tuple[int, list[tuple[Any, int]], np.ndarray, int]]:
+def _uniform_initial_states(
+    graph: Any, fixed: int
+) -> list[tuple[int, list[tuple[Any, int]], tuple[int, ...], np.ndarray, int]]:
     """The RNN/GRU/LSTM initial_h and initial_c that are a constant of one value holding the fixed batch where
     the layout puts it (torch's dynamo exporter folds the zero state to [layers, batch, hidden]), each once: the
-    index of its first reader, its readers (node, input position), its values and the batch's position."""
+    index of its first reader, its readers (node, input position), its dims, its value (:func:`_one_value`)
+    and the batch's position."""
     initializers = {t.name: t for t in graph.initializer if not t.data_location}
-    found: dict[str, tuple[int, list[tuple[Any, int]], np.ndarray, int]] = {}
+    found: dict[str, tuple[int, list[tuple[Any, int]], tuple[int, ...], np.ndarray, int]] = {}
     for i, node in enumerate(graph.node):
         if node.op_type not in ("RNN", "GRU", "LSTM") or node.domain not in ("", "ai.onnx"):
             continue
@@ -398,13 +400,22 @@ def _uniform_initial_states(graph: Any, fixed: int) -> list[tuple[int, list[tupl
             tensor = initializers.get(name)
             if tensor is None or len(tensor.dims) != 3 or tensor.dims[where] != fixed:
                 continue
-            try:
-                array = to_array(tensor)
-            except ValueError:  # raw_data of the wrong length: left for onnxruntime to report
-                continue
-            if (array == array.flat[0]).all():
-                found[name] = (i, [(node, k)], array, where)
+            one = _one_value(tensor)
+            if one is not None:
+                found[name] = (i, [(node, k)], tuple(tensor.dims), one, where)
     return list(found.values())
+
+
+def _one_value(tensor: Any) -> np.ndarray | None:
+    """A constant whose elements all hold one value, as that one element at the constant's rank (an Expand
+    broadcasts it back); None where they differ or the tensor cannot be read (left for onnxruntime to report)."""
+    try:
+        array = to_array(tensor)
+    except ValueError:  # raw_data of the wrong length
+        return None
+    if not array.size or not (array == array.flat[0]).all():
+        return None
+    return array.reshape(-1)[:1].reshape((1,) * array.ndim)
 
 
 def _uniform_states(graph: Any, fed: set[str], fixed: int) -> int:
@@ -426,14 +437,11 @@ def _uniform_states(graph: Any, fed: set[str], fixed: int) -> int:
         tensor = values.get(node.input[0], initializers.get(node.input[0]))
         if tensor is None or node.input[1] not in fed or fixed not in tensor.dims:
             continue
-        try:
-            array = to_array(tensor)
-        except ValueError:  # raw_data of the wrong length: left for onnxruntime to report
-            continue
-        if array.size < 2 or not (array == array.flat[0]).all():
+        one = _one_value(tensor)
+        if one is None:  # one element already broadcasts: fixed >= 2 is among its dims, so it has more
             continue
         name = f"__bncheck_state_{count}"
-        graph.initializer.append(from_array(array.reshape(-1)[:1].reshape((1,) * array.ndim), name))
+        graph.initializer.append(from_array(one, name))
         node.input[0] = name
         count += 1
     return count
